@@ -1,0 +1,54 @@
+# The repo's vocabulary: `make demo` on a fresh clone sets everything up and shows the whole path working.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+VENV := .venv
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+UV_VERSION := 0.13.9
+# Remade when the lock or the project changes, or when the venv is removed.
+SETUP_STAMP := $(VENV)/.setup-stamp
+LINTED := services shared deploy tests bench
+# mypy refuses a folder that holds no Python file, so it gets only those that do.
+TYPED := $(foreach folder,$(LINTED),$(if $(shell find $(folder) -name '*.py' -print -quit 2>/dev/null),$(folder)))
+
+.PHONY: help setup demo up down status test lint clean
+
+help:
+	@echo "make setup | demo | up | down | status | test | lint | clean"
+
+setup: $(SETUP_STAMP)
+
+$(UV):
+	python3 -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+# Bytecode is compiled once here: without it every process of the stack recompiles its imports at each start.
+$(SETUP_STAMP): pyproject.toml uv.lock | $(UV)
+	UV_PYTHON_DOWNLOADS=never $(UV) sync --frozen --compile-bytecode --python python3.11
+	touch $@
+
+demo: setup
+	$(VENV)/bin/kiln demo
+
+up: setup
+	$(VENV)/bin/kiln up
+
+down: setup
+	$(VENV)/bin/kiln down
+
+status: setup
+	$(VENV)/bin/kiln status
+
+test: setup
+	tests/ensure_services.sh
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+	$(VENV)/bin/mypy $(TYPED)
+
+clean:
+	if [ -x $(VENV)/bin/kiln ]; then $(VENV)/bin/kiln down; fi
+	rm -rf .kiln

@@ -1,0 +1,137 @@
+"""The `kiln` command: run the whole stack locally as processes (`up`, `down`, `status`, `demo`) and `migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from pydantic import ValidationError
+
+from deploy.local import demo, stack
+from deploy.local.processes import StackError, pid_alive
+from shared.db import migrate
+from shared.settings import Settings, build_settings
+
+Command = Callable[[Settings, argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    command: Command = args.command
+    try:
+        settings = build_settings()
+        code = command(settings, args)
+    except (StackError, demo.DemoError, ValidationError) as error:
+        print(f"kiln {args.name}: {error}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
+
+
+def up(settings: Settings, args: argparse.Namespace) -> int:
+    running = stack.find_running(settings.data_dir)
+    if running is not None:
+        print(f"the stack is already up (api {running.api}); `kiln status` shows it, `kiln down` stops it")
+        return 0
+    started = stack.start(settings, ports=_ports(args), timeout_s=args.timeout, grace_s=args.grace)
+    print_urls(started)
+    print(f"logs in {started.logs}; stop it with `kiln down`")
+    return 0
+
+
+def down(settings: Settings, args: argparse.Namespace) -> int:
+    stopped = stack.stop(settings.data_dir, grace_s=args.grace)
+    print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
+
+
+def status(settings: Settings, _args: argparse.Namespace) -> int:
+    running = stack.find_running(settings.data_dir)
+    if running is None:
+        print("the stack is not running")
+        return 0
+    print_urls(running)
+    for name, pid in running.pids.items():
+        print(f"  {name:<10} pid {pid:<8} {'running' if pid_alive(pid) else 'NOT RUNNING'}")
+    return 0
+
+
+def run_demo(settings: Settings, args: argparse.Namespace) -> int:
+    options = demo.DemoOptions(rows=args.rows, seed=args.seed, keep=args.keep)
+    return demo.run(settings, options, ports=_ports(args), timeout_s=args.timeout, grace_s=args.grace)
+
+
+def run_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+    migrate.ensure_sqlite_folder(settings)
+    migrate.upgrade(settings.resolved_database_url)
+    print(f"database at the newest schema: {settings.resolved_database_url.split('@')[-1]}")
+    return 0
+
+
+def print_urls(running: stack.Stack) -> None:
+    print(f"api        {running.api}  (docs {running.api}/docs)")
+    print(f"predictor  {running.predictor}")
+    print(f"flower     {running.flower}  (user {running.flower_user}, password {running.flower_password})")
+    print(f"redis      {running.redis}")
+    print(f"admin token  {running.admin_token}")
+
+
+def _ports(args: argparse.Namespace) -> dict[str, int]:
+    return {"api": args.api_port, "predictor": args.predictor_port, "flower": args.flower_port}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    commands = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
+    starting = _starting_options()
+    stopping = _stopping_options()
+    _add(commands, "up", up, "start the stack in the background", parents=[starting, stopping])
+    _add(commands, "down", down, "stop the stack", parents=[stopping])
+    _add(commands, "status", status, "show the stack's URLs and processes")
+    demo_help = "start the stack, train, deploy and predict over HTTP"
+    demo_parser = _add(commands, "demo", run_demo, demo_help, parents=[starting, stopping])
+    demo_parser.add_argument("--rows", type=int, default=demo.DEFAULT_ROWS, help="rows of generated data")
+    demo_parser.add_argument("--seed", type=int, default=demo.DEFAULT_SEED, help="seed of the generated data")
+    demo_parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
+    _add(commands, "migrate", run_migrate, "bring the database (KILN_DATABASE_URL) to the newest schema")
+    return parser
+
+
+def _add(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    command: Command,
+    help_text: str,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        parents=list(parents),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.set_defaults(command=command)
+    return parser
+
+
+def _starting_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    for name, default in stack.DEFAULT_PORTS.items():
+        options.add_argument(
+            f"--{name}-port", type=int, default=default, help="preferred port, another if taken (0: any)"
+        )
+    options.add_argument("--timeout", type=float, default=90.0, help="seconds each process may take to answer")
+    return options
+
+
+def _stopping_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    return options
+
+
+if __name__ == "__main__":
+    main()

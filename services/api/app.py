@@ -1,0 +1,43 @@
+"""The api's composition root: `uvicorn --factory services.api.app:create_app`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from services.api.errors import install_error_handlers
+from services.api.outbox_relay import sweep_until
+from services.api.resources import Resources
+from services.api.routers import datasets, deployments, health, models, orgs, trainings
+from shared.settings import Settings, build_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or build_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        resources = Resources.open(settings)
+        app.state.resources = resources
+        stop = asyncio.Event()
+        sweeper = asyncio.create_task(sweep_until(stop, resources))
+        try:
+            yield
+        finally:
+            stop.set()
+            await sweeper
+            resources.close()
+
+    app = FastAPI(
+        title="Kiln",
+        summary="Per-organization LightGBM training, validation, versioning and deployment.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    for module in (health, orgs, datasets, trainings, models, deployments):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,95 @@
+"""Request dependencies: resources from app.state, one database session per request, and who is calling."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.orm import Session
+
+from services.api.resources import Resources
+from shared.db.models import Organization
+from shared.errors import Forbidden, NotFound, Unauthorized
+from shared.keys import ROLES, Principal, find_principal
+
+
+def get_resources(request: Request) -> Resources:
+    resources: Resources = request.app.state.resources
+    return resources
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+
+def get_session(resources: ResourcesDep) -> Iterator[Session]:
+    session = resources.sessions()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_principal(
+    resources: ResourcesDep, session: SessionDep, authorization: Annotated[str | None, Header()] = None
+) -> Principal:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("send `Authorization: Bearer <key>`", field="Authorization")
+    admin_token = resources.settings.admin_token.get_secret_value()
+    principal = find_principal(session, token=token.strip(), admin_token=admin_token)
+    if principal is None:
+        raise Unauthorized("the key is not valid", field="Authorization")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require_platform_admin(principal: PrincipalDep) -> Principal:
+    if not principal.is_platform_admin:
+        raise Forbidden("this needs the admin token")
+    return principal
+
+
+PlatformAdmin = Annotated[Principal, Depends(require_platform_admin)]
+
+
+@dataclass(frozen=True)
+class OrgAccess:
+    """A request allowed to act on one org: its id and the caller."""
+
+    org_id: str
+    principal: Principal
+
+
+def org_access(minimum_role: str) -> Callable[[str, Principal, Session], OrgAccess]:
+    """A dependency admitting callers of the org (or the admin token) holding at least `minimum_role`.
+
+    Another org's key gets the same 404 as a missing org, so ids of other orgs cannot be probed.
+    """
+    rank = ROLES.index(minimum_role)
+
+    def check(org: str, principal: PrincipalDep, session: SessionDep) -> OrgAccess:
+        if not principal.is_platform_admin and principal.org_id != org:
+            raise NotFound(f"organization {org!r} not found")
+        if session.get(Organization, org) is None:
+            raise NotFound(f"organization {org!r} not found")
+        if ROLES.index(principal.role) > rank:
+            raise Forbidden(f"this needs an org key with role {minimum_role!r} or higher, not {principal.role!r}")
+        return OrgAccess(org_id=org, principal=principal)
+
+    return check
+
+
+OrgViewer = Annotated[OrgAccess, Depends(org_access("viewer"))]
+OrgTrainer = Annotated[OrgAccess, Depends(org_access("trainer"))]
+OrgAdmin = Annotated[OrgAccess, Depends(org_access("admin"))]

@@ -1,0 +1,57 @@
+"""The one place where errors become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from shared.errors import KilnError
+
+log = logging.getLogger(__name__)
+
+REQUEST_PARTS = {"body", "query", "path", "header", "form", "cookie"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(KilnError, _kiln_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+
+
+async def _kiln_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, KilnError)
+    return JSONResponse(error.to_payload(), status_code=int(error.status))
+
+
+async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = [_describe(item) for item in error.errors()]
+    first = problems[0]
+    payload = {"error": first["message"], "field": first["field"], "status": 422, "problems": problems}
+    return JSONResponse(payload, status_code=422)
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+    return JSONResponse({"error": "internal error", "status": 500}, status_code=500)
+
+
+def _describe(item: Any) -> dict[str, str]:
+    """One pydantic error as `{field, message}` with the field spelled as the client sent it."""
+    location = [str(part) for part in item.get("loc", ()) if str(part) not in REQUEST_PARTS]
+    field = ".".join(location) or "body"
+    kind = item.get("type", "")
+    if kind == "extra_forbidden":
+        noun = "hyperparameter" if location[:1] == ["hyperparameters"] else "field"
+        message = f"unknown {noun} {location[-1]!r}"
+    elif kind == "json_invalid":
+        field, message = "body", "the request body is not valid JSON"
+    elif kind == "missing":
+        message = f"{field} is required"
+    else:
+        message = f"{field}: {str(item.get('msg', 'invalid value')).removeprefix('Value error, ')}"
+    return {"field": field, "message": message}

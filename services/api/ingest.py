@@ -1,0 +1,93 @@
+"""Turning an uploaded CSV or Parquet file into a checked Parquet dataset, or a clear reason why not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from shared.errors import InvalidInput
+
+PARQUET_MAGIC = b"PAR1"
+
+
+@dataclass(frozen=True)
+class IngestedDataset:
+    path: Path
+    rows: int
+    columns: list[dict[str, Any]]
+
+
+def ingest(upload: Path, output: Path, *, timestamp_column: str | None) -> IngestedDataset:
+    """Read the upload, check it, normalise the timestamp column to UTC and write it as Parquet."""
+    if upload.stat().st_size == 0:
+        raise InvalidInput("the uploaded file is empty", field="file")
+    table = _read(upload)
+    if table.num_columns == 0:
+        raise InvalidInput("the uploaded file has no columns", field="file")
+    if table.num_rows == 0:
+        raise InvalidInput("the uploaded file has a header but no rows", field="file")
+    _refuse_repeated_names(table.column_names)
+    if timestamp_column is not None:
+        table = _with_utc_timestamps(table, timestamp_column)
+    pq.write_table(table, output, compression="zstd")
+    columns = [{"name": f.name, "type": str(f.type), "numeric": _is_numeric(f.type)} for f in table.schema]
+    return IngestedDataset(path=output, rows=table.num_rows, columns=columns)
+
+
+def _read(upload: Path) -> pa.Table:
+    with upload.open("rb") as handle:
+        is_parquet = handle.read(4) == PARQUET_MAGIC
+    try:
+        return pq.read_table(upload) if is_parquet else pacsv.read_csv(upload)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+        kind = "Parquet" if is_parquet else "CSV"
+        raise InvalidInput(f"the file is not readable {kind}: {error}", field="file") from None
+
+
+def _refuse_repeated_names(names: list[str]) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InvalidInput(f"column names appear more than once: {', '.join(repeated)}", field="file")
+
+
+def _with_utc_timestamps(table: pa.Table, name: str) -> pa.Table:
+    if name not in table.column_names:
+        raise InvalidInput(f"timestampColumn {name!r} is not a column of the file", field="timestampColumn")
+    column = table.column(name)
+    try:
+        stamps = _to_utc(column)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise InvalidInput(
+            f"timestampColumn {name!r} holds values that are not timestamps (e.g. 2024-01-31T12:00:00Z)",
+            field="timestampColumn",
+        ) from None
+    if stamps.null_count:
+        raise InvalidInput(f"timestampColumn {name!r} has {stamps.null_count} empty values", field="timestampColumn")
+    return table.set_column(table.column_names.index(name), name, stamps)
+
+
+def _to_utc(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Timestamps in UTC; text and values without a zone are read as UTC."""
+    kind = column.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        try:
+            return pc.cast(column, pa.timestamp("us", tz="UTC"))
+        except pa.ArrowInvalid:
+            column = pc.cast(column, pa.timestamp("us"))
+    elif pa.types.is_date(kind):
+        column = pc.cast(column, pa.timestamp("us"))
+    elif not pa.types.is_timestamp(kind):
+        raise pa.ArrowInvalid(f"{kind} is not a timestamp type")
+    if column.type.tz is None:
+        column = pc.assume_timezone(column, "UTC")
+    return pc.cast(column, pa.timestamp("us", tz="UTC"))
+
+
+def _is_numeric(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind))

@@ -1,0 +1,98 @@
+"""The model registry's rules: what may be deployed, what a rollback returns to, and the pointer + event write."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.api.lookups import get_owned
+from shared.db.models import CurrentDeployment, Deployment, ModelVersion, Organization, OutboxMessage
+from shared.errors import Conflict, NotFound
+from shared.outbox import KIND_DEPLOY_EVENT, add_message
+
+DEPLOYABLE = "validated"
+
+
+def deployable_version(session: Session, *, org_id: str, version: str) -> ModelVersion:
+    """The org's version, if it passed every gate; a rejected one is refused with the gates it failed."""
+    row = get_owned(session, ModelVersion, version, org_id=org_id, field="version")
+    if row.status != DEPLOYABLE:
+        failed = list(row.validation.get("failed", []))
+        raise Conflict(
+            f"version {version} was rejected by validation (failed gates: {', '.join(failed) or 'unknown'}) "
+            "and can never be deployed",
+            field="version",
+            detail={"failedGates": failed},
+        )
+    return row
+
+
+def current_deployment(session: Session, *, org_id: str) -> CurrentDeployment:
+    current = session.get(CurrentDeployment, org_id)
+    if current is None:
+        raise NotFound(f"organization {org_id!r} has no deployed version")
+    return current
+
+
+def earlier_deployable(session: Session, *, org_id: str, version: str) -> str | None:
+    """The newest validated version created before `version`: where a rollback without a version goes."""
+    reference = session.get(ModelVersion, version)
+    if reference is None:
+        return None
+    return session.scalar(
+        select(ModelVersion.version)
+        .where(
+            ModelVersion.org_id == org_id,
+            ModelVersion.status == DEPLOYABLE,
+            ModelVersion.created_at <= reference.created_at,
+            ModelVersion.version != version,
+        )
+        .order_by(ModelVersion.created_at.desc(), ModelVersion.version.desc())
+        .limit(1)
+    )
+
+
+def record_deployment(
+    session: Session, *, org_id: str, version: str, action: str, actor: str
+) -> tuple[CurrentDeployment, OutboxMessage | None]:
+    """Point the org at `version`, keep the history row, and write the deploy event to the outbox.
+
+    Deploying the version already deployed changes nothing and sends nothing.
+    """
+    # Locking the org row serialises deploys of one org, so the pointer and the history agree.
+    session.get(Organization, org_id, with_for_update=True)
+    current = session.get(CurrentDeployment, org_id)
+    if current is not None and current.version == version:
+        return current, None
+    history = Deployment(
+        org_id=org_id,
+        version=version,
+        previous_version=current.version if current is not None else None,
+        action=action,
+        actor=actor,
+    )
+    session.add(history)
+    session.flush()
+    if current is None:
+        current = CurrentDeployment(
+            org_id=org_id, version=version, deployment_id=history.id, deployed_at=history.created_at
+        )
+        session.add(current)
+    else:
+        current.version, current.deployment_id, current.deployed_at = version, history.id, history.created_at
+    message = add_message(
+        session, kind=KIND_DEPLOY_EVENT, payload={"org_id": org_id, "version": version, "deployment_id": history.id}
+    )
+    return current, message
+
+
+def rollback_target(session: Session, *, org_id: str, requested: str | None) -> str:
+    current = current_deployment(session, org_id=org_id)
+    if requested is not None:
+        if requested == current.version:
+            raise Conflict(f"version {requested} is already deployed", field="version")
+        return deployable_version(session, org_id=org_id, version=requested).version
+    target = earlier_deployable(session, org_id=org_id, version=current.version)
+    if target is None:
+        raise Conflict(f"no validated version older than {current.version} to roll back to")
+    return target

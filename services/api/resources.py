@@ -1,0 +1,65 @@
+"""What the api holds open for its lifetime: database, Redis, the Celery producer and the object store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery
+from sqlalchemy import Engine
+
+from shared.db.session import SessionFactory, make_engine, make_session_factory
+from shared.events import DeployEvent, publish_deploy_event
+from shared.outbox import KIND_DEPLOY_EVENT, KIND_ORG_CREATED, KIND_TRAIN_TASK, Sender
+from shared.queues import TRAIN_TASK, celery_config, train_queue
+from shared.settings import Settings
+from shared.storage import ObjectStore, open_object_store
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    engine: Engine
+    sessions: SessionFactory
+    redis: redis.Redis
+    celery: Celery
+    store: ObjectStore
+
+    @classmethod
+    def open(cls, settings: Settings) -> Resources:
+        engine = make_engine(settings.resolved_database_url)
+        celery = Celery("kiln-api")
+        celery.conf.update(celery_config(settings.redis_url))
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=make_session_factory(engine),
+            redis=redis.Redis.from_url(settings.redis_url),
+            celery=celery,
+            store=open_object_store(settings),
+        )
+
+    def close(self) -> None:
+        self.redis.close()
+        self.engine.dispose()
+
+    def outbox_senders(self) -> dict[str, Sender]:
+        return {
+            KIND_DEPLOY_EVENT: self._send_deploy_event,
+            KIND_TRAIN_TASK: self._send_train_task,
+            KIND_ORG_CREATED: self._send_org_created,
+        }
+
+    def _send_deploy_event(self, payload: dict[str, Any]) -> None:
+        event = DeployEvent(
+            org_id=payload["org_id"], version=payload["version"], deployment_id=payload["deployment_id"]
+        )
+        publish_deploy_event(self.redis, self.settings.deploy_channel, event)
+
+    def _send_train_task(self, payload: dict[str, Any]) -> None:
+        self.celery.send_task(TRAIN_TASK, args=[payload["run_id"]], queue=train_queue(payload["org_id"]))
+
+    def _send_org_created(self, payload: dict[str, Any]) -> None:
+        # Running workers start consuming the new org's queue now; any that miss this find it on their own sweep.
+        self.celery.control.add_consumer(train_queue(payload["org_id"]), reply=False)

@@ -1,0 +1,39 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from services.api.deps import ResourcesDep
+from services.api.resources import Resources
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(resources: ResourcesDep) -> JSONResponse:
+    """Ready when the database, Redis and the object store all answer; the body names any that does not."""
+    checks = {name: _probe(resources, name) for name in ("database", "redis", "objectStore")}
+    ready = all(result == "ok" for result in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+def _probe(resources: Resources, name: str) -> str:
+    try:
+        if name == "database":
+            with resources.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        elif name == "redis":
+            resources.redis.ping()
+        else:
+            resources.store.check()
+    except Exception as error:
+        return f"unavailable: {type(error).__name__}: {error}"
+    return "ok"

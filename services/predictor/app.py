@@ -1,0 +1,39 @@
+"""The predictor's composition root: `uvicorn --factory services.predictor.app:create_app`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from services.predictor import v1, v2
+from services.predictor.state import PredictorState
+from shared.errors import KilnError
+from shared.settings import Settings, build_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or build_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = PredictorState.open(settings)
+        app.state.predictor = state
+        state.listener.start()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(title="Kiln predictor", version="0.1.0", lifespan=lifespan)
+    app.add_exception_handler(KilnError, _kiln_error)
+    app.include_router(v2.router)
+    app.include_router(v1.router)
+    return app
+
+
+async def _kiln_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, KilnError)
+    return JSONResponse(error.to_payload(), status_code=int(error.status))

@@ -1,0 +1,52 @@
+"""Org keys on the predictor: checked like the api does, remembered for a short while to keep the hot path free
+of database round trips."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from shared.db.session import SessionFactory
+from shared.errors import NotFound, Unauthorized
+from shared.keys import Principal, find_principal
+
+MAX_ENTRIES = 10_000
+
+
+class KeyCache:
+    def __init__(self, sessions: SessionFactory, admin_token: str, ttl_s: float) -> None:
+        self.sessions = sessions
+        self.admin_token = admin_token
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, Principal | None]] = {}
+        self._lock = threading.Lock()
+
+    def cached(self, token: str) -> tuple[bool, Principal | None]:
+        """(hit, principal) without touching the database."""
+        entry = self._entries.get(token)
+        if entry is None or entry[0] < time.monotonic():
+            return False, None
+        return True, entry[1]
+
+    def lookup(self, token: str) -> Principal | None:
+        with self.sessions() as session:
+            principal = find_principal(session, token=token, admin_token=self.admin_token)
+        with self._lock:
+            if len(self._entries) >= MAX_ENTRIES:
+                self._entries.clear()  # bounded: a flood of made-up keys cannot grow it without end
+            self._entries[token] = (time.monotonic() + self.ttl_s, principal)
+        return principal
+
+
+def bearer_token(authorization: str | None) -> str:
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send `Authorization: Bearer <key>`", field="Authorization")
+    return token.strip()
+
+
+def check_org(principal: Principal | None, org_id: str) -> None:
+    if principal is None:
+        raise Unauthorized("the key is not valid", field="Authorization")
+    if not principal.is_platform_admin and principal.org_id != org_id:
+        raise NotFound(f"model {org_id!r} not found")

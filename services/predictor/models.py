@@ -1,0 +1,122 @@
+"""Loaded models and the slots that hold them: load, verify, warm, then swap in one assignment."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from shared.errors import ArtifactIntegrityError
+from shared.layout import MODEL_FILE
+from shared.storage import ObjectStore, get_verified_bytes
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+LABEL_OUTPUT = "label"
+PROBABILITIES_OUTPUT = "probabilities"
+
+
+@dataclass(frozen=True)
+class DeployedVersion:
+    """What the deployments table says an org should serve."""
+
+    org_id: str
+    version: str
+    sha256: str
+    artifact_prefix: str
+    feature_columns: list[str]
+    classes: list[Any]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A warmed onnxruntime session for one org's version. Immutable: a swap replaces the whole object."""
+
+    deployed: DeployedVersion
+    session: ort.InferenceSession
+    size_bytes: int
+
+    @property
+    def version(self) -> str:
+        return self.deployed.version
+
+    @property
+    def n_features(self) -> int:
+        return len(self.deployed.feature_columns)
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape [rows, classes], for float32 features of shape [rows, n_features]."""
+        result = self.session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: features})
+        return np.asarray(result[0])
+
+
+def load_model(store: ObjectStore, deployed: DeployedVersion) -> LoadedModel:
+    """Fetch, check the sha256, open and warm a version; raise rather than return something that cannot serve."""
+    data = get_verified_bytes(store, deployed.artifact_prefix + MODEL_FILE, deployed.sha256)
+    session = ort.InferenceSession(data, _session_options(), providers=["CPUExecutionProvider"])
+    model = LoadedModel(deployed=deployed, session=session, size_bytes=len(data))
+    _check_signature(model)
+    _warm_up(model)
+    return model
+
+
+def _session_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    # Requests are served concurrently by several processes; one thread per session avoids oversubscription.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return options
+
+
+def _check_signature(model: LoadedModel) -> None:
+    inputs = model.session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].shape[-1] != model.n_features:
+        raise ArtifactIntegrityError(
+            f"{model.version}: expected one input {INPUT_NAME!r} with {model.n_features} features, "
+            f"found {[(i.name, i.shape) for i in inputs]}"
+        )
+    outputs = {output.name for output in model.session.get_outputs()}
+    if PROBABILITIES_OUTPUT not in outputs:
+        raise ArtifactIntegrityError(f"{model.version}: no {PROBABILITIES_OUTPUT!r} output in {sorted(outputs)}")
+
+
+def _warm_up(model: LoadedModel) -> None:
+    """One real inference before the model takes traffic; a model that answers NaN is refused."""
+    probabilities = model.probabilities(np.zeros((1, model.n_features), dtype=np.float32))
+    if probabilities.shape != (1, len(model.deployed.classes)) or not np.all(np.isfinite(probabilities)):
+        raise ArtifactIntegrityError(f"{model.version}: warm-up gave {probabilities.tolist()}")
+
+
+class ModelSlots:
+    """One slot per org. Readers take the current object without a lock; a swap is a single dict assignment, so a
+    request in flight finishes on the model it started with."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, LoadedModel] = {}
+        self._swap_lock = threading.Lock()
+
+    def get(self, org_id: str) -> LoadedModel | None:
+        return self._models.get(org_id)
+
+    def versions(self) -> dict[str, str]:
+        return {org_id: model.version for org_id, model in list(self._models.items())}
+
+    def install(self, model: LoadedModel) -> LoadedModel | None:
+        """Put a loaded model in its org's slot and return the one it replaced."""
+        with self._swap_lock:
+            previous = self._models.get(model.deployed.org_id)
+            self._models[model.deployed.org_id] = model
+        log.info(
+            "org %s now serves %s (was %s)",
+            model.deployed.org_id,
+            model.version,
+            previous.version if previous else None,
+        )
+        return previous

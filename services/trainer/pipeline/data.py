@@ -1,0 +1,196 @@
+"""From a dataset file to the arrays a model is trained and checked on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from sklearn.model_selection import train_test_split
+
+from shared.errors import InvalidInput
+
+ClassValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Rows ready for LightGBM and ONNX alike.
+
+    `features` is float32 because that is what the ONNX model is fed: training on the very values it
+    will see is what lets the exported model decide exactly as the booster does. `labels` index into
+    `classes`, the target's original values in sorted order.
+    """
+
+    features: np.ndarray
+    labels: np.ndarray
+    classes: list[ClassValue]
+    feature_columns: list[str]
+
+
+def load_training_data(
+    path: Path,
+    *,
+    feature_columns: list[str],
+    target_column: str,
+    timestamp_column: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> TrainingData:
+    """Read only the named columns of a Parquet file, keeping rows with start <= timestamp <= end.
+
+    Naive start and end are taken as UTC, and so are the values of a timestamp column without a zone.
+    Missing feature values become NaN, which LightGBM and ONNX both treat as missing.
+    """
+    schema = pq.read_schema(path)
+    _check_columns(schema, feature_columns, target_column)
+    row_filter = None
+    if start is not None or end is not None:
+        if timestamp_column is None:
+            raise InvalidInput("a date range needs a timestamp column, and this dataset has none", field="dataRange")
+        row_filter = _in_range(_timestamp_type(schema, timestamp_column), timestamp_column, start, end)
+    table = pq.read_table(path, columns=[*feature_columns, target_column], filters=row_filter)
+    if table.num_rows == 0:
+        where = "" if row_filter is None else " in the requested range"
+        raise InvalidInput(f"the dataset has no rows{where}", field="dataRange")
+    labels, classes = _encode_target(table[target_column], target_column)
+    return TrainingData(
+        features=_feature_matrix(table, feature_columns),
+        labels=labels,
+        classes=classes,
+        feature_columns=list(feature_columns),
+    )
+
+
+def split_holdout(data: TrainingData, fraction: float, *, seed: int = 0) -> tuple[TrainingData, TrainingData]:
+    """(train, holdout), stratified by class so a rare class lands on both sides when it can."""
+    n_rows = data.labels.shape[0]
+    n_holdout = math.ceil(fraction * n_rows)
+    if not 0 < fraction < 1 or n_holdout >= n_rows:
+        raise InvalidInput(
+            f"cannot hold out {fraction:g} of {n_rows} rows and keep rows to train on", field="validationSplit"
+        )
+    train_rows, holdout_rows = train_test_split(
+        np.arange(n_rows),
+        test_size=n_holdout,
+        random_state=seed,
+        stratify=data.labels if _can_stratify(data.labels, n_holdout) else None,
+    )
+    return _subset(data, train_rows), _subset(data, holdout_rows)
+
+
+def _check_columns(schema: pa.Schema, feature_columns: list[str], target_column: str) -> None:
+    for name in feature_columns:
+        column_type = _column_type(schema, name, field="featureColumns")
+        if not _is_numeric(column_type):
+            raise _column_error(f"feature column {name!r} is {column_type}, not numeric", name, "featureColumns")
+    target_type = _column_type(schema, target_column, field="targetColumn")
+    if not _is_categorical(target_type):
+        raise _column_error(
+            f"target column {target_column!r} is {target_type}; use integers, strings or booleans",
+            target_column,
+            "targetColumn",
+        )
+
+
+def _column_type(schema: pa.Schema, name: str, *, field: str) -> pa.DataType:
+    if name not in schema.names:
+        raise _column_error(f"column {name!r} is not in the dataset", name, field)
+    return schema.field(name).type
+
+
+def _column_error(message: str, column: str, field: str) -> InvalidInput:
+    return InvalidInput(message, field=field, detail={"column": column})
+
+
+def _is_numeric(column_type: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_integer(column_type)
+        or pa.types.is_floating(column_type)
+        or pa.types.is_boolean(column_type)
+        or pa.types.is_decimal(column_type)
+    )
+
+
+def _is_categorical(column_type: pa.DataType) -> bool:
+    if pa.types.is_dictionary(column_type):
+        return _is_categorical(column_type.value_type)
+    return bool(
+        pa.types.is_integer(column_type)
+        or pa.types.is_floating(column_type)
+        or pa.types.is_boolean(column_type)
+        or pa.types.is_string(column_type)
+        or pa.types.is_large_string(column_type)
+    )
+
+
+def _timestamp_type(schema: pa.Schema, name: str) -> pa.TimestampType:
+    column_type = _column_type(schema, name, field="dataRange")
+    if not pa.types.is_timestamp(column_type):
+        raise _column_error(f"timestamp column {name!r} is {column_type}, not a timestamp", name, "dataRange")
+    return column_type
+
+
+def _in_range(
+    column_type: pa.TimestampType, column: str, start: datetime | None, end: datetime | None
+) -> pc.Expression:
+    """start <= column <= end, compared at microseconds or finer so that no bound is truncated."""
+    exact = pa.timestamp("ns" if column_type.unit == "ns" else "us", tz=column_type.tz)
+    value = pc.field(column).cast(exact)
+    bounds = []
+    if start is not None:
+        bounds.append(value >= pa.scalar(_as_utc(start), type=exact))
+    if end is not None:
+        bounds.append(value <= pa.scalar(_as_utc(end), type=exact))
+    condition: pc.Expression = bounds[0] if len(bounds) == 1 else bounds[0] & bounds[1]
+    return condition
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _encode_target(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, list[ClassValue]]:
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    missing = column.null_count
+    if pa.types.is_floating(column.type):
+        missing += pc.sum(pc.is_nan(column)).as_py() or 0
+    if missing:
+        raise _column_error(f"target column {name!r} has {missing} missing values", name, "targetColumn")
+    classes = pc.unique(column)
+    classes = classes.take(pc.sort_indices(classes))
+    if len(classes) < 2:
+        raise _column_error(
+            f"target column {name!r} needs at least 2 distinct values, found {len(classes)}", name, "targetColumn"
+        )
+    labels = pc.index_in(column, value_set=classes).to_numpy().astype(np.int64)
+    return labels, classes.to_pylist()
+
+
+def _feature_matrix(table: pa.Table, feature_columns: list[str]) -> np.ndarray:
+    """Each column via float64, so float32 rounding happens once, in numpy, as it will at serving time."""
+    matrix = np.empty((table.num_rows, len(feature_columns)), dtype=np.float32)
+    for index, name in enumerate(feature_columns):
+        matrix[:, index] = pc.cast(table[name], pa.float64(), safe=False).to_numpy()
+    return matrix
+
+
+def _can_stratify(labels: np.ndarray, n_holdout: int) -> bool:
+    """sklearn refuses a stratified split unless every class has 2 rows and fits on both sides."""
+    counts = np.unique(labels, return_counts=True)[1]
+    return bool(counts.min() >= 2 and counts.size <= min(n_holdout, labels.shape[0] - n_holdout))
+
+
+def _subset(data: TrainingData, rows: np.ndarray) -> TrainingData:
+    return TrainingData(
+        features=data.features[rows],
+        labels=data.labels[rows],
+        classes=data.classes,
+        feature_columns=data.feature_columns,
+    )

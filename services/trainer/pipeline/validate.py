@@ -1,0 +1,235 @@
+"""What a trained model is judged on before it may be deployed: holdout metrics, ONNX parity with the
+booster, serving cost, and the gates those figures must clear."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import TypedDict
+
+import lightgbm
+import numpy as np
+import onnxruntime
+from sklearn.metrics import accuracy_score, precision_score, recall_score, roc_auc_score
+
+from services.trainer.pipeline.export import INPUT_NAME, PROBABILITIES_OUTPUT, onnx_session
+from services.trainer.pipeline.train import predict_proba
+from shared.errors import InvalidInput
+
+MB = 1024 * 1024
+_PARITY_CHUNK_ROWS = 100_000
+_WARMUP_CALLS = 20
+_TIMED_CALLS = 200
+_BATCH_ROWS = 1000
+_TIMED_BATCHES = 20
+_PROBE_TIMEOUT_S = 60
+
+# Runs in a fresh interpreter that imports only onnxruntime, so it starts in a fraction of a second. The
+# session options mirror export.onnx_session; the first session absorbs onnxruntime's one-off start-up.
+_FOOTPRINT_PROBE = """
+import os, sys
+import numpy as np
+import onnxruntime
+
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def load(model, n_features):
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    session.run(None, {input_name: np.zeros((1, n_features), np.float32)})
+    return session
+
+model, n_features, input_name = sys.stdin.buffer.read(), int(sys.argv[1]), sys.argv[2]
+first = load(model, n_features)
+before = resident()
+second = load(model, n_features)
+print(resident() - before)
+"""
+
+
+def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    """Accuracy, precision, recall and AUC of [n, c] probabilities against class-index labels.
+
+    Two classes: class 1 is the positive one, predicted when its probability exceeds 0.5. More classes:
+    precision and recall are macro averages and AUC is one-vs-rest. AUC is NaN when the labels lack a
+    class, since it is undefined there.
+    """
+    predicted = probabilities.argmax(axis=1)
+    average = "binary" if probabilities.shape[1] == 2 else "macro"
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "precision": float(precision_score(labels, predicted, average=average, zero_division=0)),
+        "recall": float(recall_score(labels, predicted, average=average, zero_division=0)),
+        "auc": _auc(labels, probabilities),
+        "rows": float(labels.shape[0]),
+    }
+
+
+def parity(booster: lightgbm.Booster, model_bytes: bytes, features: np.ndarray) -> float:
+    """The largest absolute difference between the booster's and the ONNX model's probabilities."""
+    session = onnx_session(model_bytes)
+    worst = 0.0
+    for start in range(0, features.shape[0], _PARITY_CHUNK_ROWS):
+        chunk = features[start : start + _PARITY_CHUNK_ROWS]
+        served = session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: chunk})[0]
+        worst = max(worst, float(np.abs(predict_proba(booster, chunk) - served).max()))
+    return worst
+
+
+def measure_serving(model_bytes: bytes, features: np.ndarray) -> dict[str, float]:
+    """Single-row latency, 1000-row batch throughput and memory of one session, as the predictor runs it.
+
+    Memory ("memory_mb_rss_growth") is the resident-set growth from loading the model into a fresh
+    interpreter that already holds one session, so it is this model's own cost, not onnxruntime's start-up;
+    in this process freed memory gets reused and the growth reads near zero. Without /proc, the model's
+    size stands in ("memory_mb_model_size").
+    """
+    if features.shape[0] == 0:
+        raise ValueError("serving cost needs at least one row to send")
+    session = onnx_session(model_bytes)
+    latencies_ms = _single_row_latencies_ms(session, features)
+    footprint = _session_footprint_bytes(model_bytes, features.shape[1])
+    if footprint is None:
+        memory = {"memory_mb_model_size": len(model_bytes) / MB}
+    else:
+        memory = {"memory_mb_rss_growth": max(footprint, 0) / MB}
+    return {
+        "latency_p50_ms": float(np.percentile(latencies_ms, 50)),
+        "latency_p99_ms": float(np.percentile(latencies_ms, 99)),
+        "batch_rows_per_s": _batch_rows_per_s(session, features),
+        **memory,
+    }
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Thresholds a model must meet to be deployable; overridable per training run."""
+
+    min_accuracy: float = 0.70
+    min_precision: float = 0.70
+    min_recall: float = 0.70
+    max_model_mb: float = 100.0
+    max_parity_diff: float = 1e-5
+
+    def with_overrides(self, overrides: Mapping[str, float]) -> Gates:
+        """These gates with some thresholds replaced, named in camelCase as clients send them."""
+        names = {_camel_case(field.name): field.name for field in fields(self)}
+        changes: dict[str, float] = {}
+        for key, value in overrides.items():
+            if key not in names:
+                raise InvalidInput(f"unknown gate {key!r}; known gates are {', '.join(sorted(names))}", field="gates")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise InvalidInput(f"gate {key!r} needs a finite number, not {value!r}", field="gates")
+            changes[names[key]] = float(value)
+        return replace(self, **changes)
+
+
+class GateCheck(TypedDict):
+    name: str
+    value: float | bool | None
+    threshold: float | bool
+    passed: bool
+
+
+class GateReport(TypedDict):
+    passed: bool
+    gates: list[GateCheck]
+    failed: list[str]
+
+
+def apply_gates(
+    *,
+    metrics: Mapping[str, float],
+    model_size_bytes: int,
+    parity_diff: float | None,
+    onnx_loads: bool,
+    gates: Gates,
+) -> GateReport:
+    """Every gate's verdict, JSON-ready. `parity_diff` is None when it could not be measured, which fails."""
+    checks = [
+        _at_least("accuracy", metrics["accuracy"], gates.min_accuracy),
+        _at_least("precision", metrics["precision"], gates.min_precision),
+        _at_least("recall", metrics["recall"], gates.min_recall),
+        _at_most("model_size_mb", model_size_bytes / MB, gates.max_model_mb),
+        GateCheck(name="onnx_health", value=onnx_loads, threshold=True, passed=onnx_loads),
+        _at_most("parity", parity_diff, gates.max_parity_diff),
+    ]
+    failed = [check["name"] for check in checks if not check["passed"]]
+    return GateReport(passed=not failed, gates=checks, failed=failed)
+
+
+def _auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    n_classes = probabilities.shape[1]
+    if np.unique(labels).size < n_classes:
+        return math.nan
+    if n_classes == 2:
+        return float(roc_auc_score(labels, probabilities[:, 1]))
+    return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
+
+
+def _session_footprint_bytes(model_bytes: bytes, n_features: int) -> int | None:
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", _FOOTPRINT_PROBE, str(n_features), INPUT_NAME],
+            input=model_bytes,
+            capture_output=True,
+            check=True,
+            timeout=_PROBE_TIMEOUT_S,
+        )
+        return int(probe.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def _run(session: onnxruntime.InferenceSession, rows: np.ndarray) -> None:
+    session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: rows})
+
+
+def _single_row_latencies_ms(session: onnxruntime.InferenceSession, features: np.ndarray) -> np.ndarray:
+    n_rows = features.shape[0]
+    for call in range(_WARMUP_CALLS):
+        _run(session, features[call % n_rows : call % n_rows + 1])
+    latencies_ns = np.empty(_TIMED_CALLS)
+    for call in range(_TIMED_CALLS):
+        row = features[call % n_rows : call % n_rows + 1]
+        started = time.perf_counter_ns()
+        _run(session, row)
+        latencies_ns[call] = time.perf_counter_ns() - started
+    return latencies_ns / 1e6
+
+
+def _batch_rows_per_s(session: onnxruntime.InferenceSession, features: np.ndarray) -> float:
+    # A holdout smaller than a batch is repeated to fill it, so every figure is for the same batch size.
+    batch = np.ascontiguousarray(np.resize(features[:_BATCH_ROWS], (_BATCH_ROWS, features.shape[1])))
+    _run(session, batch)
+    started = time.perf_counter()
+    for _ in range(_TIMED_BATCHES):
+        _run(session, batch)
+    return _BATCH_ROWS * _TIMED_BATCHES / (time.perf_counter() - started)
+
+
+def _camel_case(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _at_least(name: str, value: float, threshold: float) -> GateCheck:
+    return GateCheck(name=name, value=_finite_or_none(value), threshold=threshold, passed=value >= threshold)
+
+
+def _at_most(name: str, value: float | None, threshold: float) -> GateCheck:
+    passed = value is not None and value <= threshold
+    return GateCheck(name=name, value=_finite_or_none(value), threshold=threshold, passed=passed)

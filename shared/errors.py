@@ -1,0 +1,63 @@
+"""Kiln's domain errors. Each carries the HTTP status it maps to; the services turn them into responses."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
+
+
+class KilnError(Exception):
+    """Base of every error a client may see. `field` names the input at fault, when there is one."""
+
+    status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init__(self, message: str, *, field: str | None = None, detail: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.detail = detail or {}
+
+    def to_payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {"error": self.message, "status": int(self.status)}
+        if self.field is not None:
+            payload["field"] = self.field
+        payload.update(self.detail)
+        return payload
+
+
+class InvalidInput(KilnError):
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+
+
+class BadRequest(KilnError):
+    status = HTTPStatus.BAD_REQUEST
+
+
+class PayloadTooLarge(KilnError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class Unauthorized(KilnError):
+    status = HTTPStatus.UNAUTHORIZED
+
+
+class Forbidden(KilnError):
+    status = HTTPStatus.FORBIDDEN
+
+
+class NotFound(KilnError):
+    status = HTTPStatus.NOT_FOUND
+
+
+class Conflict(KilnError):
+    status = HTTPStatus.CONFLICT
+
+
+class Unavailable(KilnError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class ArtifactIntegrityError(KilnError):
+    """A stored artifact does not match the sha256 recorded for it."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR

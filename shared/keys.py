@@ -1,0 +1,57 @@
+"""API keys: random secrets shown once, stored as sha256 digests and looked up by digest."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.db.models import ApiKey
+
+ROLES = ("admin", "trainer", "viewer")
+KEY_PREFIX = "kiln_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: the platform admin (org_id None) or a key of one org with one role."""
+
+    key_id: str
+    org_id: str | None
+    role: str
+
+    @property
+    def is_platform_admin(self) -> bool:
+        return self.org_id is None
+
+
+PLATFORM_ADMIN = Principal(key_id="admin-token", org_id=None, role="admin")
+
+
+def new_key() -> str:
+    # 256 random bits: an unsalted digest is enough, there is nothing to guess from it.
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(8)
+
+
+def find_principal(session: Session, *, token: str, admin_token: str) -> Principal | None:
+    """The principal a bearer token stands for, or None when it is no live key."""
+    if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):
+        return PLATFORM_ADMIN
+    if not token.startswith(KEY_PREFIX):
+        return None
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(token), ApiKey.revoked_at.is_(None)))
+    if row is None:
+        return None
+    return Principal(key_id=row.id, org_id=row.org_id, role=row.role)

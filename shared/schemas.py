@@ -1,0 +1,112 @@
+"""The TrainingConfig clients send (DESIGN §4), validated the same way by the api and by the trainer."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class CamelModel(BaseModel):
+    """camelCase on the wire, snake_case in Python; unknown fields and non-finite numbers are refused."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False, frozen=True
+    )
+
+
+class Hyperparameters(CamelModel):
+    """LightGBM parameters under the names seed clients use; each is range-checked before a run is queued."""
+
+    num_leaves: int = Field(31, ge=2, le=131072)
+    learning_rate: float = Field(0.1, gt=0, le=1)
+    feature_fraction: float = Field(1.0, gt=0, le=1)
+    bagging_fraction: float = Field(1.0, gt=0, le=1)
+    bagging_freq: int = Field(0, ge=0, le=1000)
+    min_data_in_leaf: int = Field(20, ge=0, le=1_000_000)
+    max_depth: int = Field(-1, ge=-1, le=256)
+    num_iterations: int = Field(100, ge=1, le=10_000)
+    objective: Literal["binary"] = "binary"
+    metric: Literal["binary_logloss", "binary_error", "auc"] = "binary_logloss"
+    verbosity: int = Field(-1, ge=-1, le=2)
+
+    @field_validator("max_depth")
+    @classmethod
+    def _depth_is_unlimited_or_positive(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("maxDepth is -1 (no limit) or at least 1")
+        return value
+
+    def to_lightgbm(self) -> dict[str, Any]:
+        """The same settings under LightGBM's own parameter names."""
+        return {
+            "num_leaves": self.num_leaves,
+            "learning_rate": self.learning_rate,
+            "feature_fraction": self.feature_fraction,
+            "bagging_fraction": self.bagging_fraction,
+            "bagging_freq": self.bagging_freq,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "max_depth": self.max_depth,
+            "num_iterations": self.num_iterations,
+            "objective": self.objective,
+            "metric": self.metric,
+            "verbosity": self.verbosity,
+        }
+
+
+class DataRange(CamelModel):
+    start_date: datetime
+    end_date: datetime
+
+    @field_validator("start_date", "end_date")
+    @classmethod
+    def _as_utc(cls, value: datetime) -> datetime:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _end_not_before_start(self) -> DataRange:
+        if self.end_date < self.start_date:
+            raise ValueError("endDate is before startDate")
+        return self
+
+
+class TrainingConfig(CamelModel):
+    data_range: DataRange | None = None
+    dataset_id: str | None = None
+    hyperparameters: Hyperparameters = Hyperparameters()
+    validation_split: float = Field(0.2, gt=0, lt=1)
+    target_column: str = Field(min_length=1)
+    feature_columns: list[str] = Field(min_length=1)
+
+    @field_validator("feature_columns")
+    @classmethod
+    def _features_unique(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"feature columns named more than once: {', '.join(repeated)}")
+        return value
+
+    @model_validator(mode="after")
+    def _target_is_not_a_feature(self) -> TrainingConfig:
+        if self.target_column in self.feature_columns:
+            raise ValueError(f"targetColumn {self.target_column!r} is also in featureColumns")
+        return self
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+class GateOverrides(CamelModel):
+    """An org's own thresholds for the DESIGN §8 gates; unset ones keep the defaults."""
+
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    min_precision: float | None = Field(None, ge=0, le=1)
+    min_recall: float | None = Field(None, ge=0, le=1)
+    max_model_mb: float | None = Field(None, gt=0)
+    max_parity_diff: float | None = Field(None, gt=0, le=1)
+
+
+class OrgConfig(CamelModel):
+    gates: GateOverrides = GateOverrides()

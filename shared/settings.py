@@ -1,0 +1,80 @@
+"""Kiln's one configuration object, read from KILN_* variables once per process and passed down."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of every Kiln process. Defaults are the embedded ones, so a fresh checkout runs as is."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+
+    env: Literal["dev", "prod"] = Field("dev", description="prod refuses embedded defaults for secrets.")
+    data_dir: Path = Field(Path(".kiln"), description="Where the embedded stack keeps its files.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means a SQLite file under data_dir.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, pub/sub and caches.")
+    object_store: str = Field("", description="file://PATH or s3://BUCKET; empty means data_dir/objects.")
+    s3_endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 server (MinIO).")
+    s3_access_key: str = ""
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 server.")
+    s3_region: str = "us-east-1"
+    admin_token: SecretStr = Field(SecretStr(""), description="Manages orgs; generated in dev when unset.")
+    deploy_channel: str = Field("kiln:deployments", description="Redis pub/sub channel of deploy events.")
+    max_upload_mb: int = Field(512, gt=0, description="Largest dataset upload accepted by the api.")
+    outbox_interval_s: float = Field(1.0, gt=0, description="How often the api republishes pending events.")
+    predictor_reconcile_s: float = Field(30.0, gt=0, description="Predictor's sweep of the deployments table.")
+    predictor_key_cache_s: float = Field(30.0, ge=0, description="How long the predictor trusts a key lookup.")
+    predictor_max_body_mb: float = Field(32.0, gt=0, description="Largest inference request body.")
+
+    @model_validator(mode="after")
+    def _refuse_embedded_secrets_in_prod(self) -> Settings:
+        if self.env == "prod":
+            if not self.admin_token.get_secret_value():
+                raise ValueError("KILN_ADMIN_TOKEN must be set when KILN_ENV=prod")
+            if not self.database_url:
+                raise ValueError("KILN_DATABASE_URL must be set when KILN_ENV=prod")
+        return self
+
+    def as_env(self) -> dict[str, str]:
+        """The explicitly chosen settings as KILN_* variables, for starting child processes with the same ones."""
+        return {f"KILN_{name.upper()}": _env_value(getattr(self, name)) for name in sorted(self.model_fields_set)}
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'kiln.db').resolve()}"
+
+    @property
+    def resolved_object_store(self) -> str:
+        return self.object_store or f"file://{(self.data_dir / 'objects').resolve()}"
+
+
+def _env_value(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def build_settings(**overrides: object) -> Settings:
+    """Read the environment once; in dev, a missing admin token is generated into data_dir and reused."""
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    if settings.admin_token.get_secret_value():
+        return settings
+    return settings.model_copy(update={"admin_token": SecretStr(_dev_admin_token(settings.data_dir))})
+
+
+def _dev_admin_token(data_dir: Path) -> str:
+    path = data_dir / "admin_token"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token

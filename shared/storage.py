@@ -1,0 +1,194 @@
+"""Object storage as a few primitives, with two backends: S3 (MinIO, through the `minio` SDK) and a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Protocol
+from urllib.parse import urlparse
+
+from minio import Minio
+from minio.error import S3Error
+
+from shared.errors import ArtifactIntegrityError, NotFound
+from shared.settings import Settings
+
+CHUNK = 1024 * 1024
+
+
+class ObjectStore(Protocol):
+    """Keys are `/`-separated paths such as `orgs/acme/models/v…/model.onnx`."""
+
+    def put_file(self, key: str, path: Path) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def get_file(self, key: str, path: Path) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+    def check(self) -> None:
+        """Raise if the store cannot be reached; readiness probes call it."""
+
+
+class LocalObjectStore:
+    """A folder. Writes go to a temporary file and are renamed into place, so a reader never sees half a file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ValueError(f"object key escapes the store: {key!r}")
+        return path
+
+    def put_file(self, key: str, path: Path) -> None:
+        with path.open("rb") as source:
+            self._write(key, source)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write(key, io.BytesIO(data))
+
+    def _write(self, key: str, source: BinaryIO) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        try:
+            with os.fdopen(handle, "wb") as sink:
+                shutil.copyfileobj(source, sink, CHUNK)
+            os.replace(temp, target)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no object at {key}") from None
+
+    def get_file(self, key: str, path: Path) -> None:
+        try:
+            shutil.copyfile(self._path(key), path)
+        except FileNotFoundError:
+            raise NotFound(f"no object at {key}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self.root / prefix
+        folder = base if base.is_dir() else base.parent
+        if not folder.is_dir():
+            return []
+        keys = (p.relative_to(self.root).as_posix() for p in folder.rglob("*") if p.is_file())
+        return sorted(k for k in keys if k.startswith(prefix) and not Path(k).name.startswith(".incoming-"))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise OSError(f"object store folder is not writable: {self.root}")
+
+
+class S3ObjectStore:
+    """One bucket on an S3 server, reached through the `minio` SDK (MinIO in production, SeaweedFS in tests)."""
+
+    def __init__(self, client: Minio, bucket: str) -> None:
+        self.client = client
+        self.bucket = bucket
+
+    def ensure_bucket(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            self.client.make_bucket(self.bucket)
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.client.fput_object(self.bucket, key, str(path))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            response = self.client.get_object(self.bucket, key)
+        except S3Error as error:
+            raise _not_found_or(error, key) from error
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def get_file(self, key: str, path: Path) -> None:
+        try:
+            self.client.fget_object(self.bucket, key, str(path))
+        except S3Error as error:
+            raise _not_found_or(error, key) from error
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, key)
+        except S3Error as error:
+            if error.code in {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}:
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        objects = self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+        return sorted(str(o.object_name) for o in objects)
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, key)
+
+    def check(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            raise OSError(f"bucket {self.bucket!r} does not exist")
+
+
+def _not_found_or(error: S3Error, key: str) -> Exception:
+    if error.code in {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}:
+        return NotFound(f"no object at {key}")
+    return error
+
+
+def open_object_store(settings: Settings) -> ObjectStore:
+    """The store named by KILN_OBJECT_STORE: `file://PATH` or `s3://BUCKET`."""
+    url = urlparse(settings.resolved_object_store)
+    if url.scheme == "file":
+        return LocalObjectStore(Path(url.netloc + url.path))
+    if url.scheme == "s3":
+        client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+        )
+        store = S3ObjectStore(client, url.netloc)
+        store.ensure_bucket()
+        return store
+    raise ValueError(f"KILN_OBJECT_STORE must be file://PATH or s3://BUCKET, not {settings.resolved_object_store!r}")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        for block in iter(lambda: source.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def get_verified_bytes(store: ObjectStore, key: str, sha256: str) -> bytes:
+    """Fetch an artifact and refuse it unless its sha256 matches the one recorded when it was written."""
+    data = store.get_bytes(key)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise ArtifactIntegrityError(f"{key}: sha256 {actual} does not match the recorded {sha256}")
+    return data

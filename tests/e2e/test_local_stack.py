@@ -1,0 +1,80 @@
+"""`kiln up` / `kiln down` as a user runs them: every process answers, and afterwards none is left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deploy.local.processes import group_alive
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# Unset, so the launcher runs its embedded defaults: private Redis, SQLite and a local object folder.
+REAL_SERVER_VARIABLES = ("KILN_REDIS_URL", "KILN_DATABASE_URL", "KILN_OBJECT_STORE", "KILN_ADMIN_TOKEN")
+ANY_FREE_PORTS = ("--api-port", "0", "--predictor-port", "0", "--flower-port", "0")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "kiln"
+
+
+@pytest.fixture
+def kiln_env(data_dir: Path) -> dict[str, str]:
+    env = {name: value for name, value in os.environ.items() if name not in REAL_SERVER_VARIABLES}
+    return {**env, "KILN_DATA_DIR": str(data_dir)}
+
+
+def kiln(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "deploy.local.cli", *args]
+    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False)
+
+
+def test_up_starts_every_process_and_down_stops_them_all(kiln_env: dict[str, str], data_dir: Path) -> None:
+    up = kiln(kiln_env, "up", *ANY_FREE_PORTS)
+    try:
+        assert up.returncode == 0, up.stderr
+        stack = json.loads((data_dir / "stack.json").read_text())
+        check_stack_file(stack, data_dir)
+        check_services_answer(stack)
+        again = kiln(kiln_env, "up", *ANY_FREE_PORTS)
+        assert again.returncode == 0, again.stderr
+        assert f"already up (api {stack['api']})" in again.stdout
+    finally:
+        down = kiln(kiln_env, "down")
+    assert down.returncode == 0, down.stderr
+    assert not (data_dir / "stack.json").exists()
+    assert [name for name, pid in stack["pids"].items() if group_alive(pid)] == []
+
+
+def test_down_with_nothing_running_says_so(kiln_env: dict[str, str]) -> None:
+    down = kiln(kiln_env, "down")
+    assert down.returncode == 0, down.stderr
+    assert "nothing was running" in down.stdout
+
+
+def check_stack_file(stack: dict[str, Any], data_dir: Path) -> None:
+    for name in ("api", "predictor", "flower", "redis"):
+        assert stack[name].startswith(("http://127.0.0.1:", "redis://")), stack[name]
+    assert stack["adminToken"] == (data_dir / "admin_token").read_text().strip()
+    assert set(stack["pids"]) == {"redis", "api", "trainer", "predictor", "flower"}
+    # It holds the admin token and the Flower password: nobody else may read it.
+    assert stat.S_IMODE((data_dir / "stack.json").stat().st_mode) == 0o600
+
+
+def check_services_answer(stack: dict[str, Any]) -> None:
+    ready = httpx.get(stack["api"] + "/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert httpx.get(stack["predictor"] + "/v2/health/live", timeout=10).status_code == 200
+    auth = (stack["flowerUser"], stack["flowerPassword"])
+    assert httpx.get(stack["flower"] + "/", auth=auth, timeout=10).status_code == 200
+    assert httpx.get(stack["flower"] + "/", timeout=10).status_code == 401

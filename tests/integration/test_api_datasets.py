@@ -1,0 +1,99 @@
+"""Dataset uploads: CSV and Parquet in, clear 4xx for bad files, nothing stored for a refused upload."""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fastapi.testclient import TestClient
+
+from shared.layout import dataset_key
+from shared.settings import Settings
+from shared.storage import open_object_store
+from tests.integration.conftest import OrgKeys
+
+CSV = b"timestamp,temperature,pressure,failed\n2024-01-01T00:00:00Z,70.5,1.2,0\n2024-01-02T00:00:00Z,71.0,1.3,1\n"
+
+
+def upload(api: TestClient, org: OrgKeys, content: bytes, name: str = "data.csv", **form: str):  # type: ignore[no-untyped-def]
+    return api.post(f"/v1/orgs/{org.org_id}/datasets", files={"file": (name, content)}, data=form, headers=org.trainer)
+
+
+def test_a_csv_upload_reports_rows_and_typed_columns_and_is_stored_as_parquet(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    response = upload(api, org, CSV, timestampColumn="timestamp")
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["rows"] == 2
+    assert [c["name"] for c in body["columns"]] == ["timestamp", "temperature", "pressure", "failed"]
+    assert [c["numeric"] for c in body["columns"]] == [False, True, True, True]
+    assert body["timestampColumn"] == "timestamp"
+    stored = open_object_store(settings).get_bytes(dataset_key(org.org_id, body["datasetId"]))
+    table = pq.read_table(io.BytesIO(stored))
+    assert table.num_rows == 2 and str(table.schema.field("timestamp").type) == "timestamp[us, tz=UTC]"
+
+
+def test_a_parquet_upload_is_accepted(api: TestClient, org: OrgKeys) -> None:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"a": [1.0, 2.0, 3.0], "y": [0, 1, 0]}), sink)
+    response = upload(api, org, sink.getvalue(), name="data.parquet")
+    assert response.status_code == 201, response.text
+    assert response.json()["rows"] == 3
+
+
+def test_an_empty_file_is_refused_and_nothing_is_stored(api: TestClient, org: OrgKeys, settings: Settings) -> None:
+    response = upload(api, org, b"")
+    assert response.status_code == 422
+    assert response.json() == {"error": "the uploaded file is empty", "field": "file", "status": 422}
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+
+
+def test_a_header_without_rows_is_refused(api: TestClient, org: OrgKeys) -> None:
+    response = upload(api, org, b"a,b,y\n")
+    assert response.status_code == 422
+    assert "no rows" in response.json()["error"]
+
+
+def test_ragged_csv_is_refused_with_the_parser_reason(api: TestClient, org: OrgKeys) -> None:
+    response = upload(api, org, b"a,b\n1,2\n3,4,5\n")
+    assert response.status_code == 422
+    assert response.json()["field"] == "file" and "CSV" in response.json()["error"]
+
+
+def test_a_timestamp_column_that_is_not_a_column_is_named(api: TestClient, org: OrgKeys) -> None:
+    response = upload(api, org, CSV, timestampColumn="time")
+    assert response.status_code == 422
+    assert response.json()["field"] == "timestampColumn"
+
+
+def test_a_timestamp_column_that_holds_no_timestamps_is_named(api: TestClient, org: OrgKeys) -> None:
+    response = upload(api, org, CSV, timestampColumn="temperature")
+    assert response.status_code == 422
+    assert response.json()["field"] == "timestampColumn"
+    assert "not timestamps" in response.json()["error"]
+
+
+def test_a_missing_file_field_is_named(api: TestClient, org: OrgKeys) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", data={"x": "1"}, headers=org.trainer)
+    assert response.status_code == 422
+    assert response.json()["field"] == "file"
+
+
+def test_an_upload_over_the_size_limit_is_refused_with_413(settings: Settings, org_id: str) -> None:
+    from services.api.app import create_app
+    from tests.integration.conftest import create_org_with_keys
+
+    small = settings.model_copy(update={"max_upload_mb": 1})
+    with TestClient(create_app(small)) as api:
+        org = create_org_with_keys(api, org_id)
+        response = upload(api, org, b"a,y\n" + b"1.0,0\n" * 300_000)
+    assert response.status_code == 413
+    assert response.json()["field"] == "file"
+
+
+def test_a_viewer_cannot_upload(api: TestClient, org: OrgKeys) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", files={"file": ("d.csv", CSV)}, headers=org.viewer)
+    assert response.status_code == 403

@@ -1,0 +1,118 @@
+"""Submitting training: a valid TrainingConfig is queued; every kind of bad config gets a 422 naming the problem
+and leaves no run behind."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from shared.queues import train_queue
+from shared.settings import Settings
+from tests.integration.conftest import OrgKeys
+from tests.integration.test_api_datasets import upload
+
+CSV = (
+    b"timestamp,temperature,pressure,site,failed\n"
+    b"2024-01-01T00:00:00Z,70.5,1.2,north,0\n"
+    b"2024-01-02T00:00:00Z,71.0,1.3,south,1\n"
+)
+
+
+@pytest.fixture
+def dataset_id(api: TestClient, org: OrgKeys) -> str:
+    response = upload(api, org, CSV, timestampColumn="timestamp")
+    assert response.status_code == 201
+    return str(response.json()["datasetId"])
+
+
+def config(dataset_id: str, **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "datasetId": dataset_id,
+        "targetColumn": "failed",
+        "featureColumns": ["temperature", "pressure"],
+        "validationSplit": 0.2,
+        "hyperparameters": {"numLeaves": 31, "learningRate": 0.05, "numIterations": 100, "objective": "binary"},
+    }
+    body.update(changes)
+    return body
+
+
+def runs(api: TestClient, org: OrgKeys) -> list[dict[str, Any]]:
+    response = api.get(f"/v1/orgs/{org.org_id}/trainings", headers=org.viewer)
+    assert response.status_code == 200
+    return list(response.json())
+
+
+def test_a_valid_config_is_queued_on_the_orgs_queue(
+    api: TestClient, org: OrgKeys, dataset_id: str, settings: Settings
+) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=org.trainer)
+    assert response.status_code == 202, response.text
+    run_id = response.json()["runId"]
+    assert response.json()["status"] == "queued"
+    run = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}", headers=org.viewer).json()
+    assert run["status"] == "queued" and run["config"]["hyperparameters"]["numLeaves"] == 31
+    broker = redis.Redis.from_url(settings.redis_url)
+    assert broker.llen(train_queue(org.org_id)) == 1
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"hyperparameters": {"numLeaves": 31, "leafCount": 4}}, "hyperparameters.leafCount", "unknown hyperparameter"),
+        ({"hyperparameters": {"numLeaves": 1}}, "hyperparameters.numLeaves", "greater than or equal to 2"),
+        ({"validationSplit": 0}, "validationSplit", "greater than 0"),
+        ({"validationSplit": 1}, "validationSplit", "less than 1"),
+        ({"dataRange": {"startDate": "2024-02-01", "endDate": "2024-01-01"}}, "dataRange", "endDate is before"),
+        ({"targetColumn": "broken"}, "targetColumn", "not a column"),
+        ({"featureColumns": ["temperature", "vibration"]}, "featureColumns", "vibration"),
+        ({"featureColumns": ["temperature", "site"]}, "featureColumns", "non-numeric values: site"),
+        ({"featureColumns": []}, "featureColumns", "at least 1"),
+        ({"featureColumns": ["failed"]}, "body", "also in featureColumns"),
+        ({"datasetId": None}, "datasetId", "required"),
+    ],
+)
+def test_a_bad_config_is_refused_naming_the_problem_and_queues_nothing(
+    api: TestClient, org: OrgKeys, dataset_id: str, changes: dict[str, Any], field: str, words: str
+) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id, **changes), headers=org.trainer)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert words in response.json()["error"]
+    assert runs(api, org) == []
+
+
+def test_a_data_range_on_a_dataset_without_timestamps_is_refused(api: TestClient, org: OrgKeys) -> None:
+    plain = upload(api, org, b"a,y\n1,0\n2,1\n").json()["datasetId"]
+    body = config(
+        plain, featureColumns=["a"], targetColumn="y", dataRange={"startDate": "2024-01-01", "endDate": "2024-02-01"}
+    )
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert response.status_code == 422
+    assert response.json()["field"] == "dataRange"
+
+
+def test_an_unknown_dataset_is_not_found(api: TestClient, org: OrgKeys) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config("ds_missing"), headers=org.trainer)
+    assert response.status_code == 404
+    assert response.json()["field"] == "datasetId"
+
+
+def test_non_finite_numbers_are_refused(api: TestClient, org: OrgKeys, dataset_id: str) -> None:
+    body = config(dataset_id, hyperparameters={"learningRate": "NaN"})
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert response.status_code == 422
+    assert response.json()["field"] == "hyperparameters.learningRate"
+
+
+def test_a_body_that_is_not_json_is_refused(api: TestClient, org: OrgKeys) -> None:
+    response = api.post(
+        f"/v1/orgs/{org.org_id}/trainings",
+        content=b"{not json",
+        headers={**org.trainer, "content-type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert "not valid JSON" in response.json()["error"]

@@ -1,0 +1,81 @@
+"""Every org-scoped route, called with another org's key or with another org's ids, answers 404."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine
+
+from shared.settings import Settings
+from tests.integration.conftest import OrgKeys, create_org_with_keys
+from tests.integration.test_api_datasets import CSV, upload
+from tests.support.seed import seed_versions
+
+BODIES: dict[str, dict[str, Any]] = {
+    "POST /v1/orgs/{org}/keys": {"role": "viewer"},
+    "POST /v1/orgs/{org}/trainings": {"targetColumn": "failed", "featureColumns": ["temperature"]},
+    "POST /v1/orgs/{org}/deployments": {"version": "{version}"},
+    "POST /v1/orgs/{org}/rollback": {},
+}
+
+
+def org_routes(api: TestClient) -> list[tuple[str, str]]:
+    """Every (method, path) under an org, as the OpenAPI document publishes them."""
+    paths = api.get("/openapi.json").json()["paths"]
+    return sorted((method.upper(), path) for path, item in paths.items() if "{org}" in path for method in item)
+
+
+@pytest.fixture
+def victim(api: TestClient, org_id: str, settings: Settings) -> tuple[OrgKeys, dict[str, str]]:
+    """An org with one of everything: a dataset, a queued run, a deployed version."""
+    org = create_org_with_keys(api, org_id)
+    dataset_id = upload(api, org, CSV, timestampColumn="timestamp").json()["datasetId"]
+    run = api.post(
+        f"/v1/orgs/{org_id}/trainings",
+        json={"datasetId": dataset_id, "targetColumn": "failed", "featureColumns": ["temperature"]},
+        headers=org.trainer,
+    ).json()
+    engine = create_engine(settings.database_url)
+    first, second = seed_versions(engine, org_id, 2)
+    engine.dispose()
+    assert api.post(f"/v1/orgs/{org_id}/deployments", json={"version": second}, headers=org.admin).status_code == 201
+    return org, {"dataset_id": dataset_id, "run_id": run["runId"], "version": first}
+
+
+def call(api: TestClient, method: str, path: str, org: str, ids: dict[str, str], headers: dict[str, str]) -> int:
+    url = re.sub(r"\{(\w+)\}", lambda m: org if m.group(1) == "org" else ids[m.group(1)], path)
+    body = BODIES.get(f"{method} {path}")
+    if body is not None:
+        body = {k: v.format(**ids) if isinstance(v, str) else v for k, v in body.items()}
+    if path.endswith("/datasets") and method == "POST":
+        return api.post(url, files={"file": ("d.csv", CSV)}, headers=headers).status_code
+    return api.request(method, url, json=body, headers=headers).status_code
+
+
+def test_the_sweep_covers_every_org_route(api: TestClient) -> None:
+    assert len(org_routes(api)) >= 12
+
+
+def test_another_orgs_key_gets_404_on_every_route(
+    api: TestClient, victim: tuple[OrgKeys, dict[str, str]], org_id: str
+) -> None:
+    org, ids = victim
+    intruder = create_org_with_keys(api, "x" + org_id)
+    answers = {
+        (method, path): call(api, method, path, org.org_id, ids, intruder.admin) for method, path in org_routes(api)
+    }
+    assert {route: status for route, status in answers.items() if status != 404} == {}
+
+
+def test_another_orgs_ids_are_404_under_ones_own_org(
+    api: TestClient, victim: tuple[OrgKeys, dict[str, str]], org_id: str
+) -> None:
+    _org, ids = victim
+    intruder = create_org_with_keys(api, "x" + org_id)
+    routes_with_ids = [(m, p) for m, p in org_routes(api) if re.search(r"\{(dataset_id|run_id|version)\}", p)]
+    routes_with_ids += [("POST", "/v1/orgs/{org}/deployments")]
+    answers = {(m, p): call(api, m, p, intruder.org_id, ids, intruder.admin) for m, p in routes_with_ids}
+    assert {route: status for route, status in answers.items() if status != 404} == {}

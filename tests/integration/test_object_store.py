@@ -1,0 +1,84 @@
+"""The ObjectStore contract, held by both backends: S3 through the minio SDK (SeaweedFS here) and a local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+
+import pytest
+from minio import Minio
+from pydantic import SecretStr
+
+from shared.errors import ArtifactIntegrityError, NotFound
+from shared.settings import Settings
+from shared.storage import LocalObjectStore, ObjectStore, S3ObjectStore, get_verified_bytes, open_object_store
+from tests.support.servers import S3Server
+
+
+@pytest.fixture(params=["s3", "local"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    if request.param == "local":
+        return open_object_store(Settings(object_store=f"file://{tmp_path / 'objects'}"))
+    server: S3Server = request.getfixturevalue("s3_server")
+    settings = Settings(
+        object_store="s3://kiln-" + secrets.token_hex(4),
+        s3_endpoint=server.endpoint,
+        s3_access_key=server.access_key,
+        s3_secret_key=SecretStr(server.secret_key),
+    )
+    return open_object_store(settings)
+
+
+def test_the_url_picks_the_backend(store: ObjectStore, request: pytest.FixtureRequest) -> None:
+    expected = S3ObjectStore if "s3" in request.node.callspec.id else LocalObjectStore
+    assert isinstance(store, expected)
+
+
+def test_bytes_and_files_round_trip(store: ObjectStore, tmp_path: Path) -> None:
+    store.put_bytes("orgs/a/models/v1/metrics.json", b'{"accuracy": 0.9}')
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"\x08\x01" * 1000)
+    store.put_file("orgs/a/models/v1/model.onnx", source)
+    assert store.get_bytes("orgs/a/models/v1/metrics.json") == b'{"accuracy": 0.9}'
+    target = tmp_path / "copy.onnx"
+    store.get_file("orgs/a/models/v1/model.onnx", target)
+    assert target.read_bytes() == source.read_bytes()
+
+
+def test_list_exists_and_delete(store: ObjectStore) -> None:
+    for name in ("orgs/a/x.json", "orgs/a/y/z.json", "orgs/ab/other.json"):
+        store.put_bytes(name, b"{}")
+    assert store.list("orgs/a/") == ["orgs/a/x.json", "orgs/a/y/z.json"]
+    assert store.exists("orgs/a/x.json") and not store.exists("orgs/a/missing.json")
+    store.delete("orgs/a/x.json")
+    assert store.list("orgs/a/") == ["orgs/a/y/z.json"]
+
+
+def test_a_missing_object_is_not_found(store: ObjectStore, tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        store.get_bytes("orgs/a/nothing")
+    with pytest.raises(NotFound):
+        store.get_file("orgs/a/nothing", tmp_path / "nothing")
+
+
+def test_a_verified_read_refuses_bytes_whose_digest_changed(store: ObjectStore) -> None:
+    store.put_bytes("orgs/a/model.onnx", b"original")
+    digest = hashlib.sha256(b"original").hexdigest()
+    assert get_verified_bytes(store, "orgs/a/model.onnx", digest) == b"original"
+    store.put_bytes("orgs/a/model.onnx", b"tampered")
+    with pytest.raises(ArtifactIntegrityError):
+        get_verified_bytes(store, "orgs/a/model.onnx", digest)
+
+
+def test_a_local_key_cannot_escape_the_folder(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path / "objects")
+    with pytest.raises(ValueError, match="escapes"):
+        store.put_bytes("../outside.txt", b"x")
+
+
+def test_s3_refuses_a_wrong_secret(s3_server: S3Server) -> None:
+    client = Minio(s3_server.endpoint, access_key=s3_server.access_key, secret_key="wrong", secure=False)
+    store = S3ObjectStore(client, "kiln-test")
+    with pytest.raises(Exception, match=r"SignatureDoesNotMatch|AccessDenied"):
+        store.check()

