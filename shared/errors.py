@@ -61,3 +61,9 @@ class ArtifactIntegrityError(KilnError):
     """A stored artifact does not match the sha256 recorded for it."""
 
     status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
+class TransientError(KilnError):
+    """Something this needs is unreachable for now (object store, an org's database): trying again may work."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE

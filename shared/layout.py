@@ -6,6 +6,8 @@ MODEL_FILE = "model.onnx"
 METRICS_FILE = "metrics.json"
 TRAINING_CONFIG_FILE = "training_config.json"
 VALIDATION_FILE = "validation.json"
+NATIVE_MODEL_FILE = "model.txt"
+HOLDOUT_FILE = "holdout.parquet"
 
 
 def dataset_key(org_id: str, dataset_id: str) -> str:

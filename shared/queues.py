@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 TRAIN_TASK = "kiln.train"
+VALIDATE_TASK = "kiln.validate"
 ORG_QUEUE_PREFIX = "train."
 
 
 def train_queue(org_id: str) -> str:
     return f"{ORG_QUEUE_PREFIX}{org_id}"
+
+
+class TaskSender(Protocol):
+    def send_task(self, name: str, args: list[Any], queue: str, countdown: float | None = None) -> object: ...
+
+
+def send_train_task(sender: TaskSender, payload: dict[str, Any]) -> None:
+    """The message behind an outbox row of kind train_task: run `run_id` on its org's queue, maybe later."""
+    sender.send_task(
+        TRAIN_TASK, args=[payload["run_id"]], queue=train_queue(payload["org_id"]), countdown=payload.get("countdown")
+    )
+
+
+def send_validate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
+    """Judge a stored version again, on its org's queue (where the org's workers, and its data, are)."""
+    sender.send_task(VALIDATE_TASK, args=[payload["org_id"], payload["version"]], queue=train_queue(payload["org_id"]))
 
 
 def celery_config(broker_url: str) -> dict[str, Any]:

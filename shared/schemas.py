@@ -17,6 +17,10 @@ class CamelModel(BaseModel):
     )
 
 
+BINARY_METRICS = ("binary_logloss", "binary_error", "auc")
+MULTICLASS_METRICS = ("multi_logloss", "multi_error", "auc_mu")
+
+
 class Hyperparameters(CamelModel):
     """LightGBM parameters under the names seed clients use; each is range-checked before a run is queued."""
 
@@ -28,9 +32,15 @@ class Hyperparameters(CamelModel):
     min_data_in_leaf: int = Field(20, ge=0, le=1_000_000)
     max_depth: int = Field(-1, ge=-1, le=256)
     num_iterations: int = Field(100, ge=1, le=10_000)
-    objective: Literal["binary"] = "binary"
-    metric: Literal["binary_logloss", "binary_error", "auc"] = "binary_logloss"
+    objective: Literal["binary", "multiclass"] = "binary"
+    metric: Literal["binary_logloss", "binary_error", "auc", "multi_logloss", "multi_error", "auc_mu"] | None = None
     verbosity: int = Field(-1, ge=-1, le=2)
+    early_stopping_rounds: int | None = Field(None, ge=1, le=10_000)
+    is_unbalance: bool = False
+    scale_pos_weight: float | None = Field(None, gt=0, le=1_000_000)
+    lambda_l1: float = Field(0.0, ge=0, le=1_000_000)
+    lambda_l2: float = Field(0.0, ge=0, le=1_000_000)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
     @field_validator("max_depth")
     @classmethod
@@ -39,9 +49,22 @@ class Hyperparameters(CamelModel):
             raise ValueError("maxDepth is -1 (no limit) or at least 1")
         return value
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Hyperparameters:
+        allowed = BINARY_METRICS if self.objective == "binary" else MULTICLASS_METRICS
+        if self.metric is not None and self.metric not in allowed:
+            raise ValueError(
+                f"metric {self.metric!r} does not go with objective {self.objective!r}: use one of {', '.join(allowed)}"
+            )
+        if self.is_unbalance and self.scale_pos_weight is not None:
+            raise ValueError("isUnbalance and scalePosWeight both reweigh the classes: give one of them")
+        if self.objective != "binary" and (self.is_unbalance or self.scale_pos_weight is not None):
+            raise ValueError("isUnbalance and scalePosWeight apply to the binary objective only")
+        return self
+
     def to_lightgbm(self) -> dict[str, Any]:
-        """The same settings under LightGBM's own parameter names."""
-        return {
+        """The same settings under LightGBM's own parameter names; unset options are left to LightGBM."""
+        params: dict[str, Any] = {
             "num_leaves": self.num_leaves,
             "learning_rate": self.learning_rate,
             "feature_fraction": self.feature_fraction,
@@ -51,9 +74,19 @@ class Hyperparameters(CamelModel):
             "max_depth": self.max_depth,
             "num_iterations": self.num_iterations,
             "objective": self.objective,
-            "metric": self.metric,
+            "metric": self.metric or ("binary_logloss" if self.objective == "binary" else "multi_logloss"),
             "verbosity": self.verbosity,
+            "lambda_l1": self.lambda_l1,
+            "lambda_l2": self.lambda_l2,
         }
+        optional = {
+            "early_stopping_round": self.early_stopping_rounds,
+            "scale_pos_weight": self.scale_pos_weight,
+            "seed": self.seed,
+            "is_unbalance": self.is_unbalance or None,
+        }
+        params.update({name: value for name, value in optional.items() if value is not None})
+        return params
 
 
 class DataRange(CamelModel):
@@ -108,5 +141,20 @@ class GateOverrides(CamelModel):
     max_parity_diff: float | None = Field(None, gt=0, le=1)
 
 
+class TrainingPolicy(CamelModel):
+    """How an org's runs execute: an operator-installed script instead of the built-in one, and the limits."""
+
+    script_path: str | None = Field(None, description="a script under the workers' KILN_TRAINING_SCRIPTS_DIR")
+    timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    cpu_s: int | None = Field(None, gt=0)
+    memory_mb: int | None = Field(None, gt=0)
+    max_file_mb: int | None = Field(None, gt=0)
+    max_open_files: int | None = Field(None, ge=16)
+
+    def limit_overrides(self) -> dict[str, float]:
+        return self.model_dump(by_alias=True, exclude_none=True, exclude={"script_path"})
+
+
 class OrgConfig(CamelModel):
     gates: GateOverrides = GateOverrides()
+    training: TrainingPolicy = TrainingPolicy()

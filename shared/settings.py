@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -26,9 +28,23 @@ class Settings(BaseSettings):
     s3_secure: bool = Field(False, description="Use HTTPS to reach the S3 server.")
     s3_region: str = "us-east-1"
     admin_token: SecretStr = Field(SecretStr(""), description="Manages orgs; generated in dev when unset.")
+    secret_key: SecretStr = Field(
+        SecretStr(""), description="Base64 of 32 bytes that encrypt stored secrets; generated in dev when unset."
+    )
     deploy_channel: str = Field("kiln:deployments", description="Redis pub/sub channel of deploy events.")
     max_upload_mb: int = Field(512, gt=0, description="Largest dataset upload accepted by the api.")
     outbox_interval_s: float = Field(1.0, gt=0, description="How often the api republishes pending events.")
+    run_lease_s: float = Field(30.0, gt=0, description="How long a worker holds a run without renewing it.")
+    run_max_attempts: int = Field(3, ge=1, description="Attempts of a run: the first and its automatic retries.")
+    run_retry_backoff_s: float = Field(5.0, ge=0, description="Wait before the first retry; doubled each time.")
+    training_scripts_dir: Path = Field(
+        Path("/etc/kiln/scripts"), description="The only folder an org's own training script may live in."
+    )
+    training_timeout_s: float = Field(3600.0, gt=0, description="Wall-clock limit of a training script.")
+    training_cpu_s: int = Field(14400, gt=0, description="CPU-time limit of a training script.")
+    training_memory_mb: int = Field(8192, gt=0, description="Address-space limit of a training script.")
+    training_max_file_mb: int = Field(4096, gt=0, description="Largest file a training script may write.")
+    training_max_open_files: int = Field(1024, gt=0, description="Open files a training script may hold.")
     predictor_reconcile_s: float = Field(30.0, gt=0, description="Predictor's sweep of the deployments table.")
     predictor_key_cache_s: float = Field(30.0, ge=0, description="How long the predictor trusts a key lookup.")
     predictor_max_body_mb: float = Field(32.0, gt=0, description="Largest inference request body.")
@@ -40,6 +56,8 @@ class Settings(BaseSettings):
                 raise ValueError("KILN_ADMIN_TOKEN must be set when KILN_ENV=prod")
             if not self.database_url:
                 raise ValueError("KILN_DATABASE_URL must be set when KILN_ENV=prod")
+            if not self.secret_key.get_secret_value():
+                raise ValueError("KILN_SECRET_KEY must be set when KILN_ENV=prod")
         return self
 
     def as_env(self) -> dict[str, str]:
@@ -62,19 +80,31 @@ def _env_value(value: object) -> str:
 
 
 def build_settings(**overrides: object) -> Settings:
-    """Read the environment once; in dev, a missing admin token is generated into data_dir and reused."""
+    """Read the environment once; in dev, a missing admin token or secret key is generated into data_dir."""
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    if settings.admin_token.get_secret_value():
-        return settings
-    return settings.model_copy(update={"admin_token": SecretStr(_dev_admin_token(settings.data_dir))})
+    generated = {
+        name: SecretStr(_dev_secret(settings.data_dir, name, make))
+        for name, make in (("admin_token", _new_token), ("secret_key", _new_key))
+        if not getattr(settings, name).get_secret_value()
+    }
+    return settings.model_copy(update=generated) if generated else settings
 
 
-def _dev_admin_token(data_dir: Path) -> str:
-    path = data_dir / "admin_token"
+def _new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def _new_key() -> str:
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def _dev_secret(data_dir: Path, name: str, make: Callable[[], str]) -> str:
+    """The secret kept in data_dir/name, made on first use, readable by its owner only."""
+    path = data_dir / name
     if path.exists():
         return path.read_text().strip()
     data_dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    path.write_text(token + "\n")
+    value = make()
+    path.write_text(value + "\n")
     path.chmod(0o600)
-    return token
+    return value

@@ -7,14 +7,17 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
+import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from shared.errors import ArtifactIntegrityError, NotFound
+from shared.errors import ArtifactIntegrityError, NotFound, TransientError
 from shared.settings import Settings
 
 CHUNK = 1024 * 1024
@@ -98,64 +101,84 @@ class LocalObjectStore:
 
 
 class S3ObjectStore:
-    """One bucket on an S3 server, reached through the `minio` SDK (MinIO in production, SeaweedFS in tests)."""
+    """One bucket on an S3 server, reached through the `minio` SDK (MinIO in production, SeaweedFS in tests).
 
-    def __init__(self, client: Minio, bucket: str) -> None:
+    An unreachable server raises TransientError, so a training run can tell an outage from a missing object.
+    """
+
+    def __init__(self, client: Minio, bucket: str, *, endpoint: str) -> None:
         self.client = client
         self.bucket = bucket
+        self.endpoint = endpoint
 
     def ensure_bucket(self) -> None:
-        if not self.client.bucket_exists(self.bucket):
-            self.client.make_bucket(self.bucket)
+        with _reachable(self.endpoint):
+            if not self.client.bucket_exists(self.bucket):
+                self.client.make_bucket(self.bucket)
 
     def put_file(self, key: str, path: Path) -> None:
-        self.client.fput_object(self.bucket, key, str(path))
+        with _reachable(self.endpoint):
+            self.client.fput_object(self.bucket, key, str(path))
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
+        with _reachable(self.endpoint):
+            self.client.put_object(self.bucket, key, io.BytesIO(data), len(data))
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        with _reachable(self.endpoint), _missing_as_not_found(key):
             response = self.client.get_object(self.bucket, key)
-        except S3Error as error:
-            raise _not_found_or(error, key) from error
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
 
     def get_file(self, key: str, path: Path) -> None:
-        try:
+        with _reachable(self.endpoint), _missing_as_not_found(key):
             self.client.fget_object(self.bucket, key, str(path))
-        except S3Error as error:
-            raise _not_found_or(error, key) from error
 
     def exists(self, key: str) -> bool:
         try:
-            self.client.stat_object(self.bucket, key)
-        except S3Error as error:
-            if error.code in {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}:
-                return False
-            raise
+            with _reachable(self.endpoint), _missing_as_not_found(key):
+                self.client.stat_object(self.bucket, key)
+        except NotFound:
+            return False
         return True
 
     def list(self, prefix: str) -> list[str]:
-        objects = self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
-        return sorted(str(o.object_name) for o in objects)
+        with _reachable(self.endpoint):
+            objects = self.client.list_objects(self.bucket, prefix=prefix, recursive=True)
+            return sorted(str(o.object_name) for o in objects)
 
     def delete(self, key: str) -> None:
-        self.client.remove_object(self.bucket, key)
+        with _reachable(self.endpoint):
+            self.client.remove_object(self.bucket, key)
 
     def check(self) -> None:
-        if not self.client.bucket_exists(self.bucket):
-            raise OSError(f"bucket {self.bucket!r} does not exist")
+        with _reachable(self.endpoint):
+            if not self.client.bucket_exists(self.bucket):
+                raise OSError(f"bucket {self.bucket!r} does not exist")
 
 
-def _not_found_or(error: S3Error, key: str) -> Exception:
-    if error.code in {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}:
-        return NotFound(f"no object at {key}")
-    return error
+MISSING_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
+
+
+@contextmanager
+def _missing_as_not_found(key: str) -> Iterator[None]:
+    try:
+        yield
+    except S3Error as error:
+        if error.code in MISSING_CODES:
+            raise NotFound(f"no object at {key}") from None
+        raise
+
+
+@contextmanager
+def _reachable(endpoint: str) -> Iterator[None]:
+    try:
+        yield
+    except (urllib3.exceptions.HTTPError, ConnectionError) as error:
+        raise TransientError(f"the object store at {endpoint} is unreachable: {error}") from error
 
 
 def open_object_store(settings: Settings) -> ObjectStore:
@@ -170,11 +193,21 @@ def open_object_store(settings: Settings) -> ObjectStore:
             secret_key=settings.s3_secret_key.get_secret_value(),
             secure=settings.s3_secure,
             region=settings.s3_region,
+            http_client=_http_client(),
         )
-        store = S3ObjectStore(client, url.netloc)
+        store = S3ObjectStore(client, url.netloc, endpoint=settings.s3_endpoint)
         store.ensure_bucket()
         return store
     raise ValueError(f"KILN_OBJECT_STORE must be file://PATH or s3://BUCKET, not {settings.resolved_object_store!r}")
+
+
+def _http_client() -> urllib3.PoolManager:
+    """The SDK's defaults wait five minutes on a server that does not answer; an outage should surface quickly."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=5, read=60),
+        maxsize=10,
+        retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
 
 
 def sha256_file(path: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from tests.support.servers import S3Server, fresh_postgres_database, seaweedfs_s
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
+SECRET_KEY = base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 @pytest.fixture(scope="session")
@@ -59,5 +61,6 @@ def settings(postgres_url: str, redis_url: str, s3_server: S3Server, tmp_path: P
         s3_access_key=s3_server.access_key,
         s3_secret_key=SecretStr(s3_server.secret_key),
         admin_token=SecretStr(ADMIN_TOKEN),
+        secret_key=SecretStr(SECRET_KEY),
         deploy_channel="kiln-test:deployments:" + secrets.token_hex(4),
     )

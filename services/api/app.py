@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from services.api.errors import install_error_handlers
 from services.api.outbox_relay import sweep_until
 from services.api.resources import Resources
-from services.api.routers import datasets, deployments, health, models, orgs, trainings
+from services.api.routers import datasets, datasource, deployments, health, models, orgs, trainings
 from shared.settings import Settings, build_settings
 
 
@@ -38,6 +38,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, orgs, datasets, trainings, models, deployments):
+    for module in (health, orgs, datasource, datasets, trainings, models, deployments):
         app.include_router(module.router)
     return app

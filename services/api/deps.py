@@ -90,6 +90,18 @@ def org_access(minimum_role: str) -> Callable[[str, Principal, Session], OrgAcce
     return check
 
 
+def platform_admin_of_org(org: str, principal: PrincipalDep, session: SessionDep) -> str:
+    """Operators only; an org key learns no more about another org than a 404."""
+    if not principal.is_platform_admin:
+        if principal.org_id != org:
+            raise NotFound(f"organization {org!r} not found")
+        raise Forbidden("this needs the admin token")
+    if session.get(Organization, org) is None:
+        raise NotFound(f"organization {org!r} not found")
+    return org
+
+
+OrgOperator = Annotated[str, Depends(platform_admin_of_org)]
 OrgViewer = Annotated[OrgAccess, Depends(org_access("viewer"))]
 OrgTrainer = Annotated[OrgAccess, Depends(org_access("trainer"))]
 OrgAdmin = Annotated[OrgAccess, Depends(org_access("admin"))]

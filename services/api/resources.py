@@ -9,10 +9,11 @@ import redis
 from celery import Celery
 from sqlalchemy import Engine
 
+from shared.crypto import SecretBox
 from shared.db.session import SessionFactory, make_engine, make_session_factory
 from shared.events import DeployEvent, publish_deploy_event
-from shared.outbox import KIND_DEPLOY_EVENT, KIND_ORG_CREATED, KIND_TRAIN_TASK, Sender
-from shared.queues import TRAIN_TASK, celery_config, train_queue
+from shared.outbox import KIND_DEPLOY_EVENT, KIND_ORG_CREATED, KIND_TRAIN_TASK, KIND_VALIDATE_TASK, Sender
+from shared.queues import celery_config, send_train_task, send_validate_task, train_queue
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
 
@@ -25,6 +26,7 @@ class Resources:
     redis: redis.Redis
     celery: Celery
     store: ObjectStore
+    secrets: SecretBox
 
     @classmethod
     def open(cls, settings: Settings) -> Resources:
@@ -38,6 +40,7 @@ class Resources:
             redis=redis.Redis.from_url(settings.redis_url),
             celery=celery,
             store=open_object_store(settings),
+            secrets=SecretBox(settings.secret_key.get_secret_value()),
         )
 
     def close(self) -> None:
@@ -49,6 +52,7 @@ class Resources:
             KIND_DEPLOY_EVENT: self._send_deploy_event,
             KIND_TRAIN_TASK: self._send_train_task,
             KIND_ORG_CREATED: self._send_org_created,
+            KIND_VALIDATE_TASK: self._send_validate_task,
         }
 
     def _send_deploy_event(self, payload: dict[str, Any]) -> None:
@@ -58,7 +62,10 @@ class Resources:
         publish_deploy_event(self.redis, self.settings.deploy_channel, event)
 
     def _send_train_task(self, payload: dict[str, Any]) -> None:
-        self.celery.send_task(TRAIN_TASK, args=[payload["run_id"]], queue=train_queue(payload["org_id"]))
+        send_train_task(self.celery, payload)
+
+    def _send_validate_task(self, payload: dict[str, Any]) -> None:
+        send_validate_task(self.celery, payload)
 
     def _send_org_created(self, payload: dict[str, Any]) -> None:
         # Running workers start consuming the new org's queue now; any that miss this find it on their own sweep.

@@ -69,6 +69,7 @@ class RunOut(CamelOut):
     metrics: dict[str, Any] | None
     error: str | None
     attempts: int
+    cancel_requested: bool
     progress: dict[str, Any]
     config: dict[str, Any]
     created_at: datetime
@@ -88,6 +89,40 @@ class ModelOut(CamelOut):
     metrics: dict[str, Any]
     validation: dict[str, Any]
     created_at: datetime
+
+
+class DataSourceIn(CamelModel):
+    url: str = Field(min_length=1, description="SQLAlchemy URL; its password is stored encrypted")
+    table: str = Field(min_length=1, max_length=200)
+    timestamp_column: str | None = Field(None, min_length=1, max_length=200)
+    column_map: dict[str, str] = Field(default_factory=dict, description="source column -> name used in trainings")
+
+
+class DataSourceOut(CamelOut):
+    url: str
+    table: str
+    timestamp_column: str | None
+    column_map: dict[str, str]
+    has_password: bool
+    updated_at: datetime
+
+
+class RunLogOut(CamelOut):
+    at: datetime
+    attempt: int
+    level: str
+    stage: str
+    message: str
+
+
+class ValidationAccepted(CamelOut):
+    version: str
+    status: str
+
+
+class OrgUpdate(CamelModel):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    config: OrgConfig | None = None
 
 
 class DeployRequest(CamelModel):

@@ -1,4 +1,5 @@
-"""What a worker process holds open: settings, database and object store, built once per process on first use.
+"""What a worker process holds open: settings, database, object store, the training sandbox and a Celery
+producer, built once per process on first use.
 
 Built lazily because Celery forks its pool after importing the app: connections made before the fork would be
 shared by every child.
@@ -8,10 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
+from celery import Celery
 from sqlalchemy import Engine
 
+from services.trainer.sandbox import Sandbox
 from shared.db.session import SessionFactory, make_engine, make_session_factory
+from shared.outbox import KIND_TRAIN_TASK, Sender
+from shared.queues import celery_config, send_train_task
 from shared.settings import Settings, build_settings
 from shared.storage import ObjectStore, open_object_store
 
@@ -22,13 +28,32 @@ class WorkerContext:
     engine: Engine
     sessions: SessionFactory
     store: ObjectStore
+    sandbox: Sandbox
+    producer: Celery
 
     @classmethod
     def open(cls, settings: Settings) -> WorkerContext:
         engine = make_engine(settings.resolved_database_url)
+        producer = Celery("kiln-trainer-producer")
+        producer.conf.update(celery_config(settings.redis_url))
         return cls(
-            settings=settings, engine=engine, sessions=make_session_factory(engine), store=open_object_store(settings)
+            settings=settings,
+            engine=engine,
+            sessions=make_session_factory(engine),
+            store=open_object_store(settings),
+            sandbox=Sandbox(),
+            producer=producer,
         )
+
+    def close(self) -> None:
+        self.sandbox.close()
+        self.engine.dispose()
+
+    def outbox_senders(self) -> dict[str, Sender]:
+        def send(payload: dict[str, Any]) -> None:
+            send_train_task(self.producer, payload)
+
+        return {KIND_TRAIN_TASK: send}
 
 
 @cache

@@ -1,74 +1,186 @@
-"""A training run's row: claimed once, progress while it works, and its end with or without a version."""
+"""A training run's row through one attempt: claimed with a lease and a fencing token, progress and log lines
+while it works, and one end. Every write of an attempt names its token, so an attempt whose lease was taken over
+(its worker presumed dead) can no longer change the run."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from shared.db.models import Dataset, ModelVersion, Organization, TrainingRun
+from shared.db.models import Dataset, DataSource, ModelVersion, Organization, RunLog, TrainingRun
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
+from shared.errors import KilnError
+from shared.outbox import KIND_TRAIN_TASK, add_message
 from shared.schemas import OrgConfig, TrainingConfig
+
+TERMINAL = ("succeeded", "rejected", "failed", "cancelled")
+
+
+class LeaseLost(KilnError):
+    """Another attempt holds the run now: this one must stop without writing."""
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """Everything the pipeline needs about a claimed run, detached from the database."""
-
-    run_id: str
-    org_id: str
-    config: TrainingConfig
-    org_config: OrgConfig
-    dataset_key: str
+class DatasetSource:
+    object_key: str
     timestamp_column: str | None
 
 
-def claim_run(sessions: SessionFactory, run_id: str) -> RunSpec | None:
-    """Move a queued run to running; None when it is not queued (a repeated message, or a cancelled run)."""
+@dataclass(frozen=True)
+class DatabaseSource:
+    url: str
+    password_encrypted: str | None
+    table: str
+    timestamp_column: str | None
+    column_map: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """A claimed run, detached from the database: what the pipeline needs, and the token its writes carry."""
+
+    run_id: str
+    org_id: str
+    number: int
+    token: int
+    config: TrainingConfig
+    org_config: OrgConfig
+    source: DatasetSource | DatabaseSource
+
+
+def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: float) -> Attempt | None:
+    """Take a queued run for this worker; None when it is not queued (a repeated message, a cancelled run)."""
     with session_scope(sessions) as session:
         claimed = session.execute(
             update(TrainingRun)
-            .where(TrainingRun.id == run_id, TrainingRun.status == "queued")
+            .where(TrainingRun.id == run_id, TrainingRun.status == "queued", TrainingRun.cancel_requested.is_(False))
             .values(
                 status="running",
                 attempts=TrainingRun.attempts + 1,
+                claim_token=TrainingRun.claim_token + 1,
+                lease_expires_at=utcnow() + timedelta(seconds=lease_s),
+                worker=worker,
                 started_at=utcnow(),
+                error=None,
                 progress={"stage": "starting", "percent": 0},
             )
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             return None
         run = session.get_one(TrainingRun, run_id)
-        org = session.get_one(Organization, run.org_id)
-        dataset = session.get_one(Dataset, run.dataset_id)
-        return RunSpec(
+        return Attempt(
             run_id=run.id,
             org_id=run.org_id,
+            number=run.attempts,
+            token=run.claim_token,
             config=TrainingConfig.model_validate(run.config),
-            org_config=OrgConfig.model_validate(org.config),
-            dataset_key=dataset.object_key,
-            timestamp_column=dataset.timestamp_column,
+            org_config=OrgConfig.model_validate(session.get_one(Organization, run.org_id).config),
+            source=_source(session, run),
         )
 
 
-def set_progress(sessions: SessionFactory, run_id: str, stage: str, percent: int) -> None:
+def _source(session: Session, run: TrainingRun) -> DatasetSource | DatabaseSource:
+    if run.dataset_id is not None:
+        dataset = session.get_one(Dataset, run.dataset_id)
+        return DatasetSource(object_key=dataset.object_key, timestamp_column=dataset.timestamp_column)
+    datasource = session.get(DataSource, run.org_id)
+    if datasource is None:
+        raise KilnError("the organization's datasource was removed after the run was queued")
+    return DatabaseSource(
+        url=datasource.url,
+        password_encrypted=datasource.password_encrypted,
+        table=datasource.table_name,
+        timestamp_column=datasource.timestamp_column,
+        column_map=dict(datasource.column_map),
+    )
+
+
+def _fenced(attempt: Attempt, **values: Any) -> Any:
+    return (
+        update(TrainingRun)
+        .where(
+            TrainingRun.id == attempt.run_id, TrainingRun.claim_token == attempt.token, TrainingRun.status == "running"
+        )
+        .values(**values)
+    )
+
+
+def _write_fenced(session: Session, attempt: Attempt, **values: Any) -> None:
+    if session.execute(_fenced(attempt, **values)).rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLost(f"run {attempt.run_id}: attempt {attempt.number} no longer holds it")
+
+
+def renew_lease(sessions: SessionFactory, attempt: Attempt, *, lease_s: float) -> bool:
+    """Extend the lease; returns whether a cancel was asked for. Raises LeaseLost when the run was taken over."""
     with session_scope(sessions) as session:
-        session.execute(
-            update(TrainingRun)
-            .where(TrainingRun.id == run_id, TrainingRun.status == "running")
-            .values(progress={"stage": stage, "percent": percent})
-        )
+        _write_fenced(session, attempt, lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        return bool(session.get_one(TrainingRun, attempt.run_id).cancel_requested)
 
 
-def fail_run(sessions: SessionFactory, run_id: str, reason: str) -> None:
+def set_progress(sessions: SessionFactory, attempt: Attempt, stage: str, percent: int) -> None:
     with session_scope(sessions) as session:
-        session.execute(
-            update(TrainingRun)
-            .where(TrainingRun.id == run_id, TrainingRun.status == "running")
-            .values(status="failed", error=reason, finished_at=utcnow(), progress={"stage": "failed", "percent": 100})
+        _write_fenced(session, attempt, progress={"stage": stage, "percent": percent})
+
+
+def log(sessions: SessionFactory, attempt: Attempt, stage: str, message: str, *, level: str = "info") -> None:
+    with session_scope(sessions) as session:
+        session.add(RunLog(run_id=attempt.run_id, attempt=attempt.number, level=level, stage=stage, message=message))
+
+
+def finish(sessions: SessionFactory, attempt: Attempt, status: str, reason: str | None) -> None:
+    """End the run as failed or cancelled, with the reason."""
+    with session_scope(sessions) as session:
+        _write_fenced(
+            session,
+            attempt,
+            status=status,
+            error=reason,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            progress={"stage": status, "percent": 100},
         )
+        session.add(
+            RunLog(
+                run_id=attempt.run_id,
+                attempt=attempt.number,
+                level="error" if status == "failed" else "info",
+                stage=status,
+                message=reason or status,
+            )
+        )
+
+
+def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdown_s: float) -> int:
+    """Put the run back in the queue for another attempt after `countdown_s`; returns the outbox message id."""
+    with session_scope(sessions) as session:
+        _write_fenced(
+            session,
+            attempt,
+            status="queued",
+            error=reason,
+            lease_expires_at=None,
+            progress={"stage": "retrying", "percent": 0},
+        )
+        session.add(
+            RunLog(
+                run_id=attempt.run_id,
+                attempt=attempt.number,
+                level="warning",
+                stage="retrying",
+                message=f"{reason}; retrying in {countdown_s:g} s",
+            )
+        )
+        message = add_message(
+            session,
+            kind=KIND_TRAIN_TASK,
+            payload={"run_id": attempt.run_id, "org_id": attempt.org_id, "countdown": countdown_s},
+        )
+        return message.id
 
 
 @dataclass(frozen=True)
@@ -88,16 +200,26 @@ class TrainedVersion:
         return bool(self.validation["passed"])
 
 
-def register_version(sessions: SessionFactory, spec: RunSpec, trained: TrainedVersion) -> str:
+def register_version(sessions: SessionFactory, attempt: Attempt, trained: TrainedVersion) -> str:
     """Record the version and end the run in one transaction: succeeded when every gate passed, else rejected."""
     status = "succeeded" if trained.passed else "rejected"
     error = None if trained.passed else "validation failed: " + ", ".join(trained.validation["failed"])
     with session_scope(sessions) as session:
+        _write_fenced(
+            session,
+            attempt,
+            status=status,
+            version=trained.version,
+            error=error,
+            finished_at=utcnow(),
+            lease_expires_at=None,
+            progress={"stage": status, "percent": 100},
+        )
         session.add(
             ModelVersion(
                 version=trained.version,
-                org_id=spec.org_id,
-                run_id=spec.run_id,
+                org_id=attempt.org_id,
+                run_id=attempt.run_id,
                 status="validated" if trained.passed else "rejected",
                 sha256=trained.sha256,
                 size_bytes=trained.size_bytes,
@@ -107,18 +229,52 @@ def register_version(sessions: SessionFactory, spec: RunSpec, trained: TrainedVe
                 classes=trained.classes,
                 metrics=trained.metrics,
                 validation=trained.validation,
-            )
-        )
-        session.flush()
-        session.execute(
-            update(TrainingRun)
-            .where(TrainingRun.id == spec.run_id)
-            .values(
-                status=status,
-                version=trained.version,
-                error=error,
-                finished_at=utcnow(),
-                progress={"stage": status, "percent": 100},
+                validated_at=utcnow(),
             )
         )
     return status
+
+
+def reap_expired(sessions: SessionFactory, *, max_attempts: int) -> list[int]:
+    """Runs whose worker stopped renewing its lease: back to the queue (returns the outbox message ids), failed
+    once out of attempts, or cancelled when a cancel was asked for."""
+    messages = []
+    with session_scope(sessions) as session:
+        expired = session.scalars(
+            select(TrainingRun)
+            .where(TrainingRun.status == "running", TrainingRun.lease_expires_at < utcnow())
+            .with_for_update(skip_locked=True)
+        ).all()
+        for run in expired:
+            status, reason = _after_lost_worker(run, max_attempts)
+            taken = session.execute(
+                update(TrainingRun)
+                .where(
+                    TrainingRun.id == run.id,
+                    TrainingRun.claim_token == run.claim_token,
+                    TrainingRun.status == "running",
+                )
+                .values(
+                    status=status,
+                    error=reason,
+                    lease_expires_at=None,
+                    finished_at=None if status == "queued" else utcnow(),
+                    progress={"stage": "retrying" if status == "queued" else status, "percent": 0},
+                )
+            )
+            if taken.rowcount != 1:  # type: ignore[attr-defined]
+                continue
+            session.add(RunLog(run_id=run.id, attempt=run.attempts, level="warning", stage=status, message=reason))
+            if status == "queued":
+                payload = {"run_id": run.id, "org_id": run.org_id}
+                messages.append(add_message(session, kind=KIND_TRAIN_TASK, payload=payload).id)
+    return messages
+
+
+def _after_lost_worker(run: TrainingRun, max_attempts: int) -> tuple[str, str]:
+    lost = f"attempt {run.attempts} stopped renewing its lease (worker {run.worker} lost)"
+    if run.cancel_requested:
+        return "cancelled", f"cancelled; {lost}"
+    if run.attempts >= max_attempts:
+        return "failed", f"{lost}; gave up after {run.attempts} attempts"
+    return "queued", lost

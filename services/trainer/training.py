@@ -1,133 +1,298 @@
-"""One training run from claim to registered version: extract, train, export, validate, store, register."""
+"""One attempt at a training run: extract the rows, train in the sandboxed script, judge the stored model, and
+register the version; or end the run with the reason, or put it back in the queue when the fault may pass."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import tempfile
+import socket
 import traceback
 from pathlib import Path
 from typing import Any
 
-import lightgbm
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+import services.trainer.scripts
+from services.trainer import artifacts, runs
 from services.trainer.context import WorkerContext
+from services.trainer.extract import extract_database, extract_dataset
+from services.trainer.heartbeat import Heartbeat
 from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout
-from services.trainer.pipeline.export import booster_to_onnx
-from services.trainer.pipeline.train import fit_booster, predict_proba
-from services.trainer.pipeline.validate import Gates, apply_gates, classification_metrics, measure_serving, parity
-from services.trainer.runs import RunSpec, TrainedVersion, claim_run, fail_run, register_version, set_progress
-from shared.errors import KilnError
-from shared.layout import METRICS_FILE, MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE, model_prefix
-from shared.storage import ObjectStore
+from services.trainer.pipeline.validate import Gates
+from services.trainer.progress import ScriptProgress
+from services.trainer.runs import Attempt, DatabaseSource, LeaseLost, TrainedVersion
+from services.trainer.sandbox import Limits
+from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large
+from shared.crypto import SecretBox
+from shared.errors import InvalidInput, KilnError, TransientError
+from shared.layout import MODEL_FILE, model_prefix
+from shared.outbox import relay
 from shared.versions import new_version
 
 log = logging.getLogger(__name__)
 
+BUILT_IN_SCRIPT = Path(services.trainer.scripts.__file__).parent / "train_lightgbm.py"
+
+
+class Cancelled(KilnError):
+    """A cancel was asked for while the attempt ran."""
+
 
 def run_training(run_id: str, context: WorkerContext) -> str:
-    """Carry out a queued run and return its final status; a run that is not queued is left alone."""
-    spec = claim_run(context.sessions, run_id)
-    if spec is None:
+    """Carry out one attempt of a queued run and return what became of it; a run not queued is left alone."""
+    settings = context.settings
+    attempt = runs.claim_run(context.sessions, run_id, worker=socket.gethostname(), lease_s=settings.run_lease_s)
+    if attempt is None:
         log.info("run %s is not queued; nothing to do", run_id)
         return "skipped"
-    try:
-        trained = train_version(spec, context)
-        return register_version(context.sessions, spec, trained)
-    except KilnError as error:
-        fail_run(context.sessions, run_id, error.message)
-    except Exception as error:
-        log.exception("run %s failed", run_id)
-        fail_run(context.sessions, run_id, _short_reason(error))
+    with Heartbeat(context.sessions, attempt, lease_s=settings.run_lease_s) as heartbeat:
+        try:
+            trained = _train(attempt, context, heartbeat)
+            return _register(attempt, context, trained)
+        except LeaseLost:
+            log.warning("run %s: attempt %s lost its lease; another attempt owns the run", run_id, attempt.number)
+            return "lost"
+        except Cancelled:
+            runs.finish(context.sessions, attempt, "cancelled", "cancelled on request")
+            return "cancelled"
+        except TransientError as error:
+            return _retry_or_fail(attempt, context, error.message)
+        except KilnError as error:
+            runs.finish(context.sessions, attempt, "failed", error.message)
+        except Exception as error:
+            log.exception("run %s failed", run_id)
+            runs.finish(context.sessions, attempt, "failed", _short_reason(error))
     return "failed"
 
 
-def train_version(spec: RunSpec, context: WorkerContext) -> TrainedVersion:
-    config = spec.config
-    with tempfile.TemporaryDirectory(prefix="kiln-run-") as folder:
-        set_progress(context.sessions, spec.run_id, "extracting", 5)
-        local = Path(folder) / "dataset.parquet"
-        context.store.get_file(spec.dataset_key, local)
-        data = load_training_data(
-            local,
+def _register(attempt: Attempt, context: WorkerContext, trained: TrainedVersion) -> str:
+    try:
+        status = runs.register_version(context.sessions, attempt, trained)
+    except LeaseLost:
+        artifacts.remove_version(context.store, trained.artifact_prefix)
+        raise
+    runs.log(context.sessions, attempt, status, f"registered version {trained.version}: {status}")
+    return status
+
+
+def _retry_or_fail(attempt: Attempt, context: WorkerContext, reason: str) -> str:
+    settings = context.settings
+    if attempt.number >= settings.run_max_attempts:
+        runs.finish(context.sessions, attempt, "failed", f"{reason}; gave up after {attempt.number} attempts")
+        return "failed"
+    backoff = settings.run_retry_backoff_s * 2 ** (attempt.number - 1)
+    message_id = runs.requeue(context.sessions, attempt, f"attempt {attempt.number}: {reason}", countdown_s=backoff)
+    relay(context.sessions, context.outbox_senders(), ids=[message_id])
+    return "retrying"
+
+
+def _train(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> TrainedVersion:
+    step = _Steps(attempt, context, heartbeat)
+    with context.sandbox.workspace() as workdir:
+        step.log("started", f"attempt {attempt.number} on {socket.gethostname()}")
+        data = step.extract(workdir)
+        train, holdout = split_holdout(data, attempt.config.validation_split)
+        step.log(
+            "extracted",
+            f"{len(data.labels)} rows in range: {len(train.labels)} to train on, "
+            f"{len(holdout.labels)} held out; classes {data.classes}",
+        )
+        outputs = step.run_script(workdir, train)
+        return step.judge_and_store(workdir, outputs, data, holdout)
+
+
+class _Steps:
+    """The stages of one attempt, each reporting its progress and log lines, each stopping on a cancel."""
+
+    def __init__(self, attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> None:
+        self.attempt = attempt
+        self.context = context
+        self.heartbeat = heartbeat
+
+    def log(self, stage: str, message: str, *, level: str = "info") -> None:
+        runs.log(self.context.sessions, self.attempt, stage, message, level=level)
+
+    def enter(self, stage: str, percent: int) -> None:
+        if self.heartbeat.lost.is_set():
+            raise LeaseLost(f"run {self.attempt.run_id} was taken over")
+        if self.heartbeat.cancelled.is_set():
+            raise Cancelled("cancelled")
+        runs.set_progress(self.context.sessions, self.attempt, stage, percent)
+
+    def extract(self, workdir: Path) -> TrainingData:
+        self.enter("extracting", 5)
+        config, source = self.attempt.config, self.attempt.source
+        target = workdir / "source.parquet"
+        columns = [*config.feature_columns, config.target_column]
+        start = config.data_range.start_date if config.data_range else None
+        end = config.data_range.end_date if config.data_range else None
+        if isinstance(source, DatabaseSource):
+            rows = extract_database(
+                source, self._password(source), columns=columns, start=start, end=end, target=target
+            )
+            self.log("extracted", f"read {rows} rows from table {source.table}")
+            return load_training_data(
+                target, feature_columns=config.feature_columns, target_column=config.target_column
+            )
+        extract_dataset(self.context.store, source.object_key, target)
+        return load_training_data(
+            target,
             feature_columns=config.feature_columns,
             target_column=config.target_column,
-            timestamp_column=spec.timestamp_column,
-            start=config.data_range.start_date if config.data_range else None,
-            end=config.data_range.end_date if config.data_range else None,
+            timestamp_column=source.timestamp_column,
+            start=start,
+            end=end,
         )
-    train, holdout = split_holdout(data, config.validation_split)
-    set_progress(context.sessions, spec.run_id, "training", 20)
-    booster = fit_booster(train, config.hyperparameters.to_lightgbm())
-    set_progress(context.sessions, spec.run_id, "exporting", 70)
-    model = booster_to_onnx(booster, len(config.feature_columns))
-    set_progress(context.sessions, spec.run_id, "validating", 80)
-    metrics, validation = _validate(booster, model, train, holdout, Gates().with_overrides(_gate_overrides(spec)))
-    set_progress(context.sessions, spec.run_id, "storing", 95)
-    version = new_version()
-    trained = TrainedVersion(
-        version=version,
-        sha256=hashlib.sha256(model).hexdigest(),
-        size_bytes=len(model),
-        artifact_prefix=model_prefix(spec.org_id, version),
-        feature_columns=list(config.feature_columns),
-        target_column=config.target_column,
-        classes=data.classes,
-        metrics=metrics,
-        validation=validation,
-    )
-    _store_artifacts(context.store, trained, model, _training_config(spec, booster))
-    return trained
+
+    def _password(self, source: DatabaseSource) -> str | None:
+        if source.password_encrypted is None:
+            return None
+        box = SecretBox(self.context.settings.secret_key.get_secret_value())
+        return box.decrypt(source.password_encrypted, context=f"datasource:{self.attempt.org_id}")
+
+    def run_script(self, workdir: Path, train: TrainingData) -> Path:
+        self.enter("training", 20)
+        outputs = workdir / "outputs"
+        outputs.mkdir()
+        train_file = workdir / "train.parquet"
+        _write_train_file(train, self.attempt.config.target_column, train_file)
+        config_file = workdir / "config.json"
+        config_file.write_bytes(orjson.dumps(self._script_config(train, train_file, outputs)))
+        script = self._script()
+        limits = Limits.from_settings(self.context.settings).with_overrides(
+            self.attempt.org_config.training.limit_overrides()
+        )
+        progress = ScriptProgress(lambda stage, percent, line: self._script_progress(stage, percent, line))
+        result = self.context.sandbox.run(
+            script, config_file, workdir, limits, should_stop=self.heartbeat.should_stop, on_output=progress.feed
+        )
+        if result.cancelled:
+            raise LeaseLost("taken over") if self.heartbeat.lost.is_set() else Cancelled("cancelled")
+        if not result.ok:
+            raise InvalidInput(f"the training script failed: {result.reason()}", field="trainingScript")
+        if not (outputs / MODEL_FILE).exists():
+            raise InvalidInput(f"the training script wrote no {MODEL_FILE} into outputPath", field="trainingScript")
+        self.log(
+            "exported",
+            f"{MODEL_FILE}: {(outputs / MODEL_FILE).stat().st_size} bytes; script used "
+            f"{result.cpu_s:.1f} s CPU, {result.max_rss_mb:.0f} MB, {result.duration_s:.1f} s",
+        )
+        return outputs
+
+    def _script_progress(self, stage: str, percent: int, message: str) -> None:
+        # Called from inside the sandbox's wait: it must not raise; a cancel or a lost lease stops the script
+        # through should_stop instead.
+        try:
+            runs.set_progress(self.context.sessions, self.attempt, stage, percent)
+            self.log(stage, message)
+        except LeaseLost:
+            self.heartbeat.lost.set()
+
+    def _script(self) -> Path:
+        configured = self.attempt.org_config.training.script_path
+        if configured is None:
+            return BUILT_IN_SCRIPT
+        allowed = self.context.settings.training_scripts_dir.resolve()
+        script = Path(configured).resolve()
+        if not script.is_relative_to(allowed) or not script.is_file():
+            raise InvalidInput(f"training script {configured} is not a file under {allowed}", field="trainingScript")
+        return script
+
+    def _script_config(self, train: TrainingData, train_file: Path, outputs: Path) -> dict[str, Any]:
+        config = self.attempt.config
+        return {
+            "organizationId": self.attempt.org_id,
+            "runId": self.attempt.run_id,
+            "featureColumns": config.feature_columns,
+            "targetColumn": config.target_column,
+            "classes": train.classes,
+            "hyperparameters": config.hyperparameters.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "data": {"train": str(train_file), "format": "parquet"},
+            "outputPath": str(outputs),
+        }
+
+    def judge_and_store(
+        self, workdir: Path, outputs: Path, data: TrainingData, holdout: TrainingData
+    ) -> TrainedVersion:
+        self.enter("validating", 75)
+        gates = gates_for(self.attempt.org_config)
+        model_file = outputs / MODEL_FILE
+        size = model_file.stat().st_size
+        version = new_version()
+        prefix = model_prefix(self.attempt.org_id, version)
+        holdout_file = workdir / "holdout.parquet"
+        artifacts.save_holdout(holdout, holdout_file)
+        sha256 = hashlib.sha256(model_file.read_bytes()).hexdigest()
+        store = self.context.store
+        try:
+            fits = not too_large(size, gates)
+            if not fits:
+                self.log(
+                    "validating", f"{MODEL_FILE} is {size} bytes, over the size gate: not uploaded", level="warning"
+                )
+            artifacts.upload_candidate(store, prefix, outputs=outputs, holdout=holdout_file, with_model=fits)
+            verdict = self._judge(prefix, sha256, holdout, gates) if fits else size_rejection(size, gates)
+            self.enter("storing", 95)
+            metrics = {
+                **verdict.metrics,
+                "trainRows": len(data.labels) - len(holdout.labels),
+                "training": _script_metrics(outputs),
+            }
+            artifacts.upload_reports(
+                store, prefix, metrics=metrics, config=self._stored_config(), validation=verdict.report
+            )
+            self.log("stored", f"artifacts of {version} stored under {prefix}")
+        except BaseException:
+            artifacts.remove_version(store, prefix)
+            raise
+        return TrainedVersion(
+            version=version,
+            sha256=sha256,
+            size_bytes=size,
+            artifact_prefix=prefix,
+            feature_columns=list(self.attempt.config.feature_columns),
+            target_column=self.attempt.config.target_column,
+            classes=list(data.classes),
+            metrics=metrics,
+            validation=verdict.report,
+        )
+
+    def _judge(self, prefix: str, sha256: str, holdout: TrainingData, gates: Gates) -> Verdict:
+        stored = artifacts.read_model(self.context.store, prefix, sha256)
+        verdict = judge(stored, artifacts.read_native_model(self.context.store, prefix), holdout, gates)
+        for gate in verdict.report["gates"]:
+            outcome = "passed" if gate["passed"] else "FAILED"
+            self.log(
+                "validating",
+                f"gate {gate['name']}: {gate['value']} against {gate['threshold']}: {outcome}",
+                level="info" if gate["passed"] else "warning",
+            )
+        return verdict
+
+    def _stored_config(self) -> dict[str, Any]:
+        config = self.attempt.config
+        return {
+            "organizationId": self.attempt.org_id,
+            "runId": self.attempt.run_id,
+            **config.to_wire(),
+            "lightgbm": config.hyperparameters.to_lightgbm(),
+        }
 
 
-def _validate(
-    booster: lightgbm.Booster, model: bytes, train: TrainingData, holdout: TrainingData, gates: Gates
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    measured = classification_metrics(holdout.labels, predict_proba(booster, holdout.features))
-    # JSON has no NaN (an AUC on a one-class holdout): it is stored as null.
-    metrics: dict[str, Any] = {name: value if math.isfinite(value) else None for name, value in measured.items()}
-    metrics["trainRows"] = len(train.labels)
-    parity_diff = parity(booster, model, holdout.features)
-    report = apply_gates(
-        metrics=metrics, model_size_bytes=len(model), parity_diff=parity_diff, onnx_loads=True, gates=gates
-    )
-    return metrics, {**report, "serving": measure_serving(model, holdout.features)}
+def _write_train_file(train: TrainingData, target_column: str, path: Path) -> None:
+    columns = {name: train.features[:, i] for i, name in enumerate(train.feature_columns)}
+    # Read once, right away, by the script on this machine: compressing it would only cost time.
+    pq.write_table(pa.table({**columns, target_column: train.labels}), path, compression="none", use_dictionary=False)
 
 
-def _gate_overrides(spec: RunSpec) -> dict[str, float]:
-    return spec.org_config.gates.model_dump(by_alias=True, exclude_none=True)
-
-
-def _training_config(spec: RunSpec, booster: lightgbm.Booster) -> dict[str, Any]:
-    return {
-        "organizationId": spec.org_id,
-        "runId": spec.run_id,
-        **spec.config.to_wire(),
-        "lightgbm": spec.config.hyperparameters.to_lightgbm(),
-        "trees": booster.num_trees(),
-    }
-
-
-def _store_artifacts(store: ObjectStore, trained: TrainedVersion, model: bytes, config: dict[str, Any]) -> None:
-    """Write the version's files; the model goes last, and a failure removes what was written."""
-    files = {
-        METRICS_FILE: orjson.dumps(trained.metrics, option=orjson.OPT_INDENT_2),
-        TRAINING_CONFIG_FILE: orjson.dumps(config, option=orjson.OPT_INDENT_2),
-        VALIDATION_FILE: orjson.dumps(trained.validation, option=orjson.OPT_INDENT_2),
-        MODEL_FILE: model,
-    }
-    written: list[str] = []
+def _script_metrics(outputs: Path) -> dict[str, Any]:
+    path = outputs / "metrics.json"
     try:
-        for name, data in files.items():
-            key = trained.artifact_prefix + name
-            store.put_bytes(key, data)
-            written.append(key)
-    except BaseException:
-        for key in written:
-            store.delete(key)
-        raise
+        return dict(orjson.loads(path.read_bytes())) if path.exists() else {}
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return {"unreadable": "the script's metrics.json is not a JSON object"}
 
 
 def _short_reason(error: Exception) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, MetaData, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db.types import JsonType, UTCDateTime, utcnow
@@ -78,8 +78,45 @@ class TrainingRun(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Fencing: each claim takes the next token, and an attempt's writes only land while the token is still its own.
+    claim_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
-    __table_args__ = (Index("ix_training_runs_org_created", "org_id", "created_at"),)
+    __table_args__ = (
+        Index("ix_training_runs_org_created", "org_id", "created_at"),
+        Index("ix_training_runs_status_lease", "status", "lease_expires_at"),
+    )
+
+
+class RunLog(Base):
+    """The training log of a run (the seed's TrainingLog): one line per step, error or gate."""
+
+    __tablename__ = "run_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(8))
+    stage: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class DataSource(Base):
+    """An org's own database to train from (the seed's scadaDbConfig + schemaConfig). The URL is kept without its
+    password, which is stored encrypted."""
+
+    __tablename__ = "datasources"
+
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), primary_key=True)
+    url: Mapped[str] = mapped_column(Text)
+    password_encrypted: Mapped[str | None] = mapped_column(Text, default=None)
+    table_name: Mapped[str] = mapped_column(String(200))
+    timestamp_column: Mapped[str | None] = mapped_column(String(200), default=None)
+    column_map: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ModelVersion(Base):
@@ -98,6 +135,7 @@ class ModelVersion(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column()
     validation: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    validated_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_model_versions_org_created", "org_id", "created_at"),)
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import httpx2
+import pyarrow as pa
 import pytest
 from fastapi.testclient import TestClient
 
+from deploy.local import ai4i
 from services.api.app import create_app
+from services.trainer.context import WorkerContext
 from shared.settings import Settings
 from tests.conftest import ADMIN_TOKEN
 
@@ -43,3 +49,73 @@ def create_org_with_keys(api: TestClient, org_id: str) -> OrgKeys:
 @pytest.fixture
 def org(api: TestClient, org_id: str) -> OrgKeys:
     return create_org_with_keys(api, org_id)
+
+
+def upload(api: TestClient, org: OrgKeys, content: bytes, name: str = "data.csv", **form: str) -> httpx2.Response:
+    return api.post(f"/v1/orgs/{org.org_id}/datasets", files={"file": (name, content)}, data=form, headers=org.trainer)
+
+
+TRAINING_CSV = (
+    b"timestamp,temperature,pressure,site,failed\n"
+    b"2024-01-01T00:00:00Z,70.5,1.2,north,0\n"
+    b"2024-01-02T00:00:00Z,71.0,1.3,south,1\n"
+)
+
+
+@pytest.fixture
+def dataset_id(api: TestClient, org: OrgKeys) -> str:
+    response = upload(api, org, TRAINING_CSV, timestampColumn="timestamp")
+    assert response.status_code == 201
+    return str(response.json()["datasetId"])
+
+
+def config(dataset_id: str, **changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "datasetId": dataset_id,
+        "targetColumn": "failed",
+        "featureColumns": ["temperature", "pressure"],
+        "validationSplit": 0.2,
+        "hyperparameters": {"numLeaves": 31, "learningRate": 0.05, "numIterations": 100, "objective": "binary"},
+    }
+    body.update(changes)
+    return body
+
+
+def upload_table(
+    api: TestClient, org: OrgKeys, table: pa.Table, tmp_path: Path, timestamp_column: str | None = "timestamp"
+) -> str:
+    path = tmp_path / "upload.csv"
+    ai4i.write_csv(table, path)
+    response = api.post(
+        f"/v1/orgs/{org.org_id}/datasets",
+        files={"file": ("upload.csv", path.read_bytes())},
+        data={"timestampColumn": timestamp_column} if timestamp_column else {},
+        headers=org.trainer,
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["datasetId"])
+
+
+def submit(api: TestClient, org: OrgKeys, dataset_id: str | None, **changes: Any) -> str:
+    body = {
+        "datasetId": dataset_id,
+        "targetColumn": ai4i.TARGET,
+        "featureColumns": list(ai4i.FEATURES),
+        "validationSplit": 0.2,
+        "hyperparameters": {"numLeaves": 31, "learningRate": 0.1, "numIterations": 100},
+        **changes,
+    }
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert response.status_code == 202, response.text
+    return str(response.json()["runId"])
+
+
+@pytest.fixture
+def worker(settings: Settings) -> Iterator[WorkerContext]:
+    context = WorkerContext.open(settings)
+    yield context
+    context.close()
+
+
+def run_of(api: TestClient, org: OrgKeys, run_id: str) -> dict[str, Any]:
+    return dict(api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}", headers=org.viewer).json())

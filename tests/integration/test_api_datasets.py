@@ -11,13 +11,9 @@ from fastapi.testclient import TestClient
 from shared.layout import dataset_key
 from shared.settings import Settings
 from shared.storage import open_object_store
-from tests.integration.conftest import OrgKeys
+from tests.integration.conftest import OrgKeys, upload
 
 CSV = b"timestamp,temperature,pressure,failed\n2024-01-01T00:00:00Z,70.5,1.2,0\n2024-01-02T00:00:00Z,71.0,1.3,1\n"
-
-
-def upload(api: TestClient, org: OrgKeys, content: bytes, name: str = "data.csv", **form: str):  # type: ignore[no-untyped-def]
-    return api.post(f"/v1/orgs/{org.org_id}/datasets", files={"file": (name, content)}, data=form, headers=org.trainer)
 
 
 def test_a_csv_upload_reports_rows_and_typed_columns_and_is_stored_as_parquet(

@@ -11,33 +11,7 @@ from fastapi.testclient import TestClient
 
 from shared.queues import train_queue
 from shared.settings import Settings
-from tests.integration.conftest import OrgKeys
-from tests.integration.test_api_datasets import upload
-
-CSV = (
-    b"timestamp,temperature,pressure,site,failed\n"
-    b"2024-01-01T00:00:00Z,70.5,1.2,north,0\n"
-    b"2024-01-02T00:00:00Z,71.0,1.3,south,1\n"
-)
-
-
-@pytest.fixture
-def dataset_id(api: TestClient, org: OrgKeys) -> str:
-    response = upload(api, org, CSV, timestampColumn="timestamp")
-    assert response.status_code == 201
-    return str(response.json()["datasetId"])
-
-
-def config(dataset_id: str, **changes: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "datasetId": dataset_id,
-        "targetColumn": "failed",
-        "featureColumns": ["temperature", "pressure"],
-        "validationSplit": 0.2,
-        "hyperparameters": {"numLeaves": 31, "learningRate": 0.05, "numIterations": 100, "objective": "binary"},
-    }
-    body.update(changes)
-    return body
+from tests.integration.conftest import OrgKeys, config, upload
 
 
 def runs(api: TestClient, org: OrgKeys) -> list[dict[str, Any]]:

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 
 from shared.settings import Settings
-from tests.integration.conftest import OrgKeys, create_org_with_keys
-from tests.integration.test_api_datasets import CSV, upload
+from tests.integration.conftest import OrgKeys, create_org_with_keys, upload
+from tests.integration.test_api_datasets import CSV
 from tests.support.seed import seed_versions
 
 BODIES: dict[str, dict[str, Any]] = {

@@ -10,10 +10,10 @@ import pytest
 from minio import Minio
 from pydantic import SecretStr
 
-from shared.errors import ArtifactIntegrityError, NotFound
+from shared.errors import ArtifactIntegrityError, NotFound, TransientError
 from shared.settings import Settings
 from shared.storage import LocalObjectStore, ObjectStore, S3ObjectStore, get_verified_bytes, open_object_store
-from tests.support.servers import S3Server
+from tests.support.servers import S3Server, free_port
 
 
 @pytest.fixture(params=["s3", "local"])
@@ -79,6 +79,17 @@ def test_a_local_key_cannot_escape_the_folder(tmp_path: Path) -> None:
 
 def test_s3_refuses_a_wrong_secret(s3_server: S3Server) -> None:
     client = Minio(s3_server.endpoint, access_key=s3_server.access_key, secret_key="wrong", secure=False)
-    store = S3ObjectStore(client, "kiln-test")
+    store = S3ObjectStore(client, "kiln-test", endpoint=s3_server.endpoint)
     with pytest.raises(Exception, match=r"SignatureDoesNotMatch|AccessDenied"):
         store.check()
+
+
+def test_an_unreachable_s3_server_is_a_transient_error_not_a_missing_object() -> None:
+    settings = Settings(
+        object_store="s3://kiln",
+        s3_endpoint=f"127.0.0.1:{free_port()}",
+        s3_access_key="k",
+        s3_secret_key=SecretStr("s"),
+    )
+    with pytest.raises(TransientError, match="unreachable"):
+        open_object_store(settings)

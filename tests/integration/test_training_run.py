@@ -5,58 +5,29 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pytest
 from fastapi.testclient import TestClient
 
 from deploy.local import ai4i
 from services.trainer.context import WorkerContext
 from services.trainer.training import run_training
-from shared.layout import METRICS_FILE, MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE, model_key, model_prefix
+from shared.layout import (
+    HOLDOUT_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    NATIVE_MODEL_FILE,
+    TRAINING_CONFIG_FILE,
+    VALIDATION_FILE,
+    model_key,
+    model_prefix,
+)
 from shared.settings import Settings
 from shared.storage import open_object_store
-from tests.integration.conftest import OrgKeys
+from tests.integration.conftest import OrgKeys, run_of, submit, upload_table
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
-
-
-def upload_table(api: TestClient, org: OrgKeys, table: pa.Table, tmp_path: Path) -> str:
-    path = tmp_path / "upload.csv"
-    ai4i.write_csv(table, path)
-    response = api.post(
-        f"/v1/orgs/{org.org_id}/datasets",
-        files={"file": ("ai4i.csv", path.read_bytes())},
-        data={"timestampColumn": "timestamp"},
-        headers=org.trainer,
-    )
-    assert response.status_code == 201, response.text
-    return str(response.json()["datasetId"])
-
-
-def submit(api: TestClient, org: OrgKeys, dataset_id: str, **changes: Any) -> str:
-    body = {
-        "datasetId": dataset_id,
-        "targetColumn": ai4i.TARGET,
-        "featureColumns": list(ai4i.FEATURES),
-        "validationSplit": 0.2,
-        "hyperparameters": {"numLeaves": 31, "learningRate": 0.1, "numIterations": 100},
-        **changes,
-    }
-    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
-    assert response.status_code == 202, response.text
-    return str(response.json()["runId"])
-
-
-@pytest.fixture
-def worker(settings: Settings) -> WorkerContext:
-    return WorkerContext.open(settings)
-
-
-def run_of(api: TestClient, org: OrgKeys, run_id: str) -> dict[str, Any]:
-    return dict(api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}", headers=org.viewer).json())
 
 
 def test_a_run_trains_validates_stores_and_registers_a_version(
@@ -73,9 +44,8 @@ def test_a_run_trains_validates_stores_and_registers_a_version(
     assert {g["name"] for g in version["validation"]["gates"]} >= {"accuracy", "precision", "recall", "parity"}
     store = open_object_store(settings)
     prefix = model_prefix(org.org_id, run["version"])
-    assert store.list(prefix) == sorted(
-        prefix + f for f in (METRICS_FILE, MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE)
-    )
+    stored = (METRICS_FILE, MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE, NATIVE_MODEL_FILE, HOLDOUT_FILE)
+    assert store.list(prefix) == sorted(prefix + name for name in stored)
     assert hashlib.sha256(store.get_bytes(model_key(org.org_id, run["version"]))).hexdigest() == version["sha256"]
 
 

@@ -45,6 +45,8 @@ def test_the_seed_clients_example_is_accepted_and_maps_to_lightgbm_names() -> No
         "objective": "binary",
         "metric": "binary_logloss",
         "verbosity": -1,
+        "lambda_l1": 0.0,
+        "lambda_l2": 0.0,
     }
     assert TrainingConfig.model_validate(config.to_wire()) == config
 
@@ -92,3 +94,34 @@ def test_a_feature_named_twice_or_used_as_target_is_refused() -> None:
         TrainingConfig.model_validate({**SEED_EXAMPLE, "featureColumns": ["pressure", "pressure"]})
     with pytest.raises(ValidationError, match="also in featureColumns"):
         TrainingConfig.model_validate({**SEED_EXAMPLE, "featureColumns": ["failure_indicator"]})
+
+
+def test_the_options_beyond_the_seed_map_to_lightgbm_names() -> None:
+    hyperparameters = Hyperparameters.model_validate(
+        {"earlyStoppingRounds": 20, "scalePosWeight": 25.0, "lambdaL1": 0.5, "lambdaL2": 1.0, "seed": 7}
+    )
+    params = hyperparameters.to_lightgbm()
+    assert params["early_stopping_round"] == 20 and params["scale_pos_weight"] == 25.0
+    assert (params["lambda_l1"], params["lambda_l2"], params["seed"]) == (0.5, 1.0, 7)
+    assert "is_unbalance" not in params
+
+
+def test_multiclass_takes_multiclass_metrics_and_defaults_to_multi_logloss() -> None:
+    assert Hyperparameters(objective="multiclass").to_lightgbm()["metric"] == "multi_logloss"
+    with pytest.raises(ValidationError, match="does not go with objective"):
+        Hyperparameters.model_validate({"objective": "multiclass", "metric": "auc"})
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        ({"isUnbalance": True, "scalePosWeight": 3.0}, "give one of them"),
+        ({"objective": "multiclass", "isUnbalance": True}, "binary objective only"),
+        ({"scalePosWeight": 0}, "greater than 0"),
+        ({"lambdaL2": -1}, "greater than or equal to 0"),
+        ({"earlyStoppingRounds": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_inconsistent_or_out_of_range_options_are_refused(given: dict[str, object], words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        Hyperparameters.model_validate(given)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, status
 from sqlalchemy import select
 
-from services.api.deps import OrgViewer, SessionDep
+from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.lookups import get_owned
-from services.api.schemas import ModelOut
+from services.api.outbox_relay import commit_and_send
+from services.api.schemas import ModelOut, ValidationAccepted
 from shared.db.models import ModelVersion
+from shared.outbox import KIND_VALIDATE_TASK, add_message
 
 router = APIRouter(prefix="/v1/orgs/{org}/models", tags=["models"])
 
@@ -28,6 +30,17 @@ def get_model(version: str, access: OrgViewer, session: SessionDep) -> ModelOut:
     return _model_out(get_owned(session, ModelVersion, version, org_id=access.org_id))
 
 
+@router.post("/{version}/validate", status_code=status.HTTP_202_ACCEPTED, response_model=ValidationAccepted)
+def validate_model(
+    version: str, access: OrgTrainer, session: SessionDep, resources: ResourcesDep
+) -> ValidationAccepted:
+    """Run every gate again on the stored artifact, on the org's workers; the report replaces the version's."""
+    row = get_owned(session, ModelVersion, version, org_id=access.org_id)
+    message = add_message(session, kind=KIND_VALIDATE_TASK, payload={"org_id": access.org_id, "version": row.version})
+    commit_and_send(session, resources, message)
+    return ValidationAccepted(version=row.version, status="validating")
+
+
 def _model_out(row: ModelVersion) -> ModelOut:
     return ModelOut(
         version=row.version,
@@ -41,4 +54,5 @@ def _model_out(row: ModelVersion) -> ModelOut:
         metrics=row.metrics,
         validation=row.validation,
         created_at=row.created_at,
+        validated_at=row.validated_at,
     )

@@ -5,15 +5,16 @@ from __future__ import annotations
 import secrets
 
 from fastapi import APIRouter, status
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.lookups import get_owned
 from services.api.outbox_relay import commit_and_send
-from services.api.schemas import RunAccepted, RunOut
-from shared.db.models import Dataset, ModelVersion, TrainingRun
-from shared.errors import InvalidInput
+from services.api.schemas import RunAccepted, RunLogOut, RunOut
+from shared.db.models import Dataset, DataSource, ModelVersion, RunLog, TrainingRun
+from shared.db.types import utcnow
+from shared.errors import Conflict, InvalidInput
 from shared.outbox import KIND_TRAIN_TASK, add_message
 from shared.schemas import TrainingConfig
 
@@ -24,13 +25,13 @@ router = APIRouter(prefix="/v1/orgs/{org}/trainings", tags=["trainings"])
 def submit_training(
     config: TrainingConfig, access: OrgTrainer, session: SessionDep, resources: ResourcesDep
 ) -> RunAccepted:
-    dataset = _dataset_for(session, config, org_id=access.org_id)
+    dataset_id = _check_source(session, config, org_id=access.org_id)
     run = TrainingRun(
         id="run_" + secrets.token_hex(8),
         org_id=access.org_id,
         status="queued",
         config=config.to_wire(),
-        dataset_id=dataset.id,
+        dataset_id=dataset_id,
         progress={"stage": "queued", "percent": 0},
     )
     session.add(run)
@@ -60,10 +61,55 @@ def get_training(run_id: str, access: OrgViewer, session: SessionDep) -> RunOut:
     return _run_out(run, version)
 
 
+@router.post("/{run_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=RunOut)
+def cancel_training(run_id: str, access: OrgTrainer, session: SessionDep) -> RunOut:
+    """A queued run is cancelled at once and never starts; a running one is stopped by its worker within seconds."""
+    run = get_owned(session, TrainingRun, run_id, org_id=access.org_id)
+    for status_now, changes in (
+        (
+            "queued",
+            {
+                "status": "cancelled",
+                "finished_at": utcnow(),
+                "progress": {"stage": "cancelled", "percent": 100},
+                "error": "cancelled before it started",
+            },
+        ),
+        ("running", {}),
+    ):
+        updated = session.execute(
+            update(TrainingRun)
+            .where(TrainingRun.id == run_id, TrainingRun.status == status_now)
+            .values(cancel_requested=True, **changes)
+        )
+        if updated.rowcount == 1:  # type: ignore[attr-defined]
+            session.commit()
+            session.refresh(run)
+            return _run_out(run, None)
+    session.refresh(run)
+    raise Conflict(f"run {run_id} is already {run.status}", field="runId")
+
+
+@router.get("/{run_id}/logs", response_model=list[RunLogOut])
+def training_logs(run_id: str, access: OrgViewer, session: SessionDep) -> list[RunLog]:
+    get_owned(session, TrainingRun, run_id, org_id=access.org_id)
+    return list(session.scalars(select(RunLog).where(RunLog.run_id == run_id).order_by(RunLog.id)))
+
+
+def _check_source(session: Session, config: TrainingConfig, *, org_id: str) -> str | None:
+    """The dataset the run reads (None: the org's datasource), checked so a bad run is refused before queueing."""
+    if config.dataset_id is not None:
+        return _dataset_for(session, config, org_id=org_id).id
+    datasource = session.get(DataSource, org_id)
+    if datasource is None:
+        raise InvalidInput("datasetId is required: upload a dataset or configure the datasource", field="datasetId")
+    if config.data_range is not None and datasource.timestamp_column is None:
+        raise InvalidInput("dataRange needs the datasource's timestampColumn, and none is set", field="dataRange")
+    return None
+
+
 def _dataset_for(session: Session, config: TrainingConfig, *, org_id: str) -> Dataset:
-    """The dataset the run will read, checked against the config so a bad run is refused before it is queued."""
-    if config.dataset_id is None:
-        raise InvalidInput("datasetId is required: upload a dataset first", field="datasetId")
+    assert config.dataset_id is not None
     dataset = get_owned(session, Dataset, config.dataset_id, org_id=org_id, field="datasetId")
     columns = {column["name"]: column for column in dataset.columns}
     if config.target_column not in columns:
@@ -94,6 +140,7 @@ def _run_out(run: TrainingRun, version: ModelVersion | None) -> RunOut:
         metrics=version.metrics if version is not None else None,
         error=run.error,
         attempts=run.attempts,
+        cancel_requested=run.cancel_requested,
         progress=run.progress,
         config=run.config,
         created_at=run.created_at,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightgbm
@@ -16,8 +16,18 @@ _THREAD_ALIASES = frozenset({"num_threads", "num_thread", "nthread", "nthreads",
 _MULTICLASS_OBJECTIVES = frozenset({"multiclass", "softmax", "multiclassova", "multiclass_ova", "ova", "ovr"})
 
 
-def fit_booster(train: TrainingData, params: Mapping[str, Any]) -> lightgbm.Booster:
-    """Train with LightGBM-named `params`; threads default to every core, and LightGBM's logging to off."""
+def fit_booster(
+    train: TrainingData,
+    params: Mapping[str, Any],
+    *,
+    valid: TrainingData | None = None,
+    callbacks: Sequence[Callable[[Any], None]] = (),
+) -> lightgbm.Booster:
+    """Train with LightGBM-named `params`; threads default to every core, and LightGBM's logging to off.
+
+    `valid` is the set that early stopping (params' early_stopping_round) watches; `callbacks` are LightGBM's,
+    called after each boosting round with a lightgbm.callback.CallbackEnv.
+    """
     settings: dict[str, Any] = {"verbosity": -1, **params}
     if not _THREAD_ALIASES & settings.keys():
         settings["num_threads"] = os.cpu_count() or 1
@@ -30,7 +40,8 @@ def fit_booster(train: TrainingData, params: Mapping[str, Any]) -> lightgbm.Boos
             field="targetColumn",
         )
     dataset = lightgbm.Dataset(train.features, label=train.labels, free_raw_data=True)
-    return lightgbm.train(settings, dataset)
+    valid_sets = [] if valid is None else [lightgbm.Dataset(valid.features, label=valid.labels, reference=dataset)]
+    return lightgbm.train(settings, dataset, valid_sets=valid_sets, callbacks=list(callbacks))
 
 
 def predict_proba(booster: lightgbm.Booster, features: np.ndarray) -> np.ndarray:

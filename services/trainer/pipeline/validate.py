@@ -74,6 +74,22 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     }
 
 
+def per_class_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[object]) -> dict[str, object]:
+    """Precision, recall and support of each class, keyed by the class as the target column holds it."""
+    predicted = probabilities.argmax(axis=1)
+    indices = list(range(len(classes)))
+    precision = precision_score(labels, predicted, labels=indices, average=None, zero_division=0)
+    recall = recall_score(labels, predicted, labels=indices, average=None, zero_division=0)
+    return {
+        str(value): {"precision": float(precision[i]), "recall": float(recall[i]), "support": int((labels == i).sum())}
+        for i, value in enumerate(classes)
+    }
+
+
+def max_abs_difference(native: np.ndarray, served: np.ndarray) -> float:
+    return float(np.abs(native - served).max()) if native.size else 0.0
+
+
 def parity(booster: lightgbm.Booster, model_bytes: bytes, features: np.ndarray) -> float:
     """The largest absolute difference between the booster's and the ONNX model's probabilities."""
     session = onnx_session(model_bytes)

@@ -1,0 +1,134 @@
+"""Getting a run's rows onto the worker as one Parquet file: an uploaded dataset from the object store, or the
+org's own database read in chunks, only the columns and the date range the run needs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sqlalchemy import Column, ColumnElement, MetaData, Table, create_engine, select, sql, types
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from services.trainer.runs import DatabaseSource
+from shared.errors import InvalidInput, TransientError
+from shared.storage import ObjectStore
+
+CHUNK_ROWS = 50_000
+CONNECT_TIMEOUT_S = 10
+
+
+def extract_dataset(store: ObjectStore, object_key: str, target: Path) -> None:
+    store.get_file(object_key, target)
+
+
+def extract_database(
+    source: DatabaseSource,
+    password: str | None,
+    *,
+    columns: list[str],
+    start: datetime | None,
+    end: datetime | None,
+    target: Path,
+) -> int:
+    """Write the named columns (Kiln's names, after columnMap) of the rows in [start, end] to `target`; returns
+    how many rows. Unreachable: TransientError. A missing table or column: InvalidInput naming it."""
+    url = make_url(source.url).set(password=password) if password is not None else make_url(source.url)
+    engine = create_engine(url, poolclass=NullPool, connect_args=_connect_args(url.get_backend_name()))
+    try:
+        with _connect(engine, where=_describe(source.url)) as connection:
+            query = _query(connection, source, columns, start, end)
+            return _stream_to_parquet(connection, query, target)
+    finally:
+        engine.dispose()
+
+
+def _connect_args(backend: str) -> dict[str, int]:
+    return {"connect_timeout": CONNECT_TIMEOUT_S} if backend == "postgresql" else {}
+
+
+def _connect(engine: Engine, *, where: str) -> Connection:
+    try:
+        return engine.connect()
+    except OperationalError as error:
+        raise TransientError(f"the data source {where} is unreachable: {_first_line(error)}") from error
+
+
+def _query(
+    connection: Connection, source: DatabaseSource, columns: list[str], start: datetime | None, end: datetime | None
+) -> sql.Select[tuple[object, ...]]:
+    try:
+        table = Table(source.table, MetaData(), autoload_with=connection)
+    except NoSuchTableError:
+        raise InvalidInput(f"table {source.table!r} does not exist in the data source", field="datasource") from None
+    source_names = {kiln: original for original, kiln in source.column_map.items()}
+    wanted = {name: source_names.get(name, name) for name in columns}
+    missing = sorted(
+        f"{original} (for {name})" if original != name else name
+        for name, original in wanted.items()
+        if original not in table.c
+    )
+    if missing:
+        raise InvalidInput(f"table {source.table!r} has no column {', '.join(missing)}", field="datasource")
+    query = select(*(table.c[original].label(name) for name, original in wanted.items()))
+    if start is not None or end is not None:
+        query = query.where(*_in_range(table, source, start, end))
+    return query
+
+
+def _in_range(
+    table: Table, source: DatabaseSource, start: datetime | None, end: datetime | None
+) -> list[ColumnElement[bool]]:
+    if source.timestamp_column is None:
+        raise InvalidInput("dataRange needs the datasource's timestampColumn, and none is set", field="dataRange")
+    if source.timestamp_column not in table.c:
+        raise InvalidInput(
+            f"table {source.table!r} has no timestamp column {source.timestamp_column!r}", field="datasource"
+        )
+    stamp: Column[object] = table.c[source.timestamp_column]
+    aware = isinstance(stamp.type, types.DateTime) and bool(stamp.type.timezone)
+    # A column without a zone holds UTC by Kiln's convention, so it is compared with naive UTC bounds.
+    bounds = [(start, stamp >= _as_column_time(start, aware)), (end, stamp <= _as_column_time(end, aware))]
+    return [condition for bound, condition in bounds if bound is not None]
+
+
+def _as_column_time(moment: datetime | None, aware: bool) -> datetime | None:
+    if moment is None or aware:
+        return moment
+    return moment.replace(tzinfo=None)
+
+
+def _stream_to_parquet(connection: Connection, query: sql.Select[tuple[object, ...]], target: Path) -> int:
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        result = connection.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(query)
+        names = list(result.keys())
+        for chunk in result.partitions():
+            table = pa.table({name: pa.array([row[i] for row in chunk]) for i, name in enumerate(names)})
+            if writer is None:
+                writer = pq.ParquetWriter(target, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            rows += table.num_rows
+    except OperationalError as error:
+        raise TransientError(f"the data source failed while reading: {_first_line(error)}") from error
+    except SQLAlchemyError as error:
+        raise InvalidInput(f"the data source refused the query: {_first_line(error)}", field="datasource") from None
+    finally:
+        if writer is not None:
+            writer.close()
+    if rows == 0:
+        raise InvalidInput("the data source has no rows in the requested range", field="dataRange")
+    return rows
+
+
+def _describe(url: str) -> str:
+    parsed = make_url(url)
+    return f"{parsed.get_backend_name()}://{parsed.host or ''}{'/' if parsed.host else ''}{parsed.database or ''}"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,102 @@
+"""Judging a model as it will be served: the stored ONNX artifact run on the held-out rows, against the booster
+and the gates. Used when a run finishes and again when an operator asks (`POST .../models/{version}/validate`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import lightgbm
+import numpy as np
+
+from services.trainer.pipeline.data import TrainingData
+from services.trainer.pipeline.export import INPUT_NAME, PROBABILITIES_OUTPUT, onnx_session
+from services.trainer.pipeline.train import predict_proba
+from services.trainer.pipeline.validate import (
+    MB,
+    Gates,
+    apply_gates,
+    classification_metrics,
+    max_abs_difference,
+    measure_serving,
+    per_class_metrics,
+)
+from shared.schemas import OrgConfig
+
+CHUNK_ROWS = 100_000
+UNMEASURED = {"accuracy": math.nan, "precision": math.nan, "recall": math.nan}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    metrics: dict[str, Any]
+    report: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report["passed"])
+
+
+def gates_for(org_config: OrgConfig) -> Gates:
+    """The default gates with the org's own thresholds in place."""
+    return Gates().with_overrides(org_config.gates.model_dump(by_alias=True, exclude_none=True))
+
+
+def too_large(model_size_bytes: int, gates: Gates) -> bool:
+    """The size gate, checked before anything is uploaded."""
+    return model_size_bytes / MB > gates.max_model_mb
+
+
+def judge(model: bytes, native_model: str | None, holdout: TrainingData, gates: Gates) -> Verdict:
+    """Every gate on `model` (bytes read back from the store): health, holdout metrics, parity, size, cost."""
+    try:
+        served = _served_probabilities(model, holdout.features)
+    except Exception as error:
+        return unhealthy(len(model), gates, f"does not run in onnxruntime: {type(error).__name__}: {error}")
+    metrics = _finite(classification_metrics(holdout.labels, served))
+    if len(holdout.classes) > 2:
+        metrics["perClass"] = per_class_metrics(holdout.labels, served, list(holdout.classes))
+    parity_diff = None
+    if native_model is not None:
+        booster = lightgbm.Booster(model_str=native_model)
+        parity_diff = max_abs_difference(predict_proba(booster, holdout.features), served)
+    report: dict[str, Any] = dict(
+        apply_gates(metrics=metrics, model_size_bytes=len(model), parity_diff=parity_diff, onnx_loads=True, gates=gates)
+    )
+    report["serving"] = measure_serving(model, holdout.features)
+    return Verdict(metrics=metrics, report=report)
+
+
+def size_rejection(model_size_bytes: int, gates: Gates) -> Verdict:
+    """The verdict on a model too large to upload: nothing else about it is measured."""
+    return _unmeasured(
+        model_size_bytes, gates, "model.onnx is over the size gate, so it was neither uploaded nor measured"
+    )
+
+
+def unhealthy(model_size_bytes: int, gates: Gates, reason: str) -> Verdict:
+    """The verdict on a stored model that cannot be run: every gate that needs it fails, with the reason."""
+    return _unmeasured(model_size_bytes, gates, f"the stored model.onnx {reason}")
+
+
+def _unmeasured(model_size_bytes: int, gates: Gates, note: str) -> Verdict:
+    unmeasured = {"accuracy": math.nan, "precision": math.nan, "recall": math.nan}
+    checks = apply_gates(
+        metrics=unmeasured, model_size_bytes=model_size_bytes, parity_diff=None, onnx_loads=False, gates=gates
+    )
+    return Verdict(metrics={}, report={**checks, "note": note})
+
+
+def _served_probabilities(model: bytes, features: np.ndarray) -> np.ndarray:
+    session = onnx_session(model)
+    parts = [
+        session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: features[start : start + CHUNK_ROWS]})[0]
+        for start in range(0, features.shape[0], CHUNK_ROWS)
+    ]
+    return np.concatenate(parts)
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, Any]:
+    """JSON has no NaN (an AUC on a one-class holdout): such a figure is stored as null."""
+    return {name: value if math.isfinite(value) else None for name, value in metrics.items()}

@@ -1,0 +1,85 @@
+"""The org's own database as a data source: the password is stored encrypted and never shown or returned."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, select
+
+from shared.crypto import SecretBox
+from shared.db.models import DataSource
+from shared.settings import Settings
+from tests.integration.conftest import OrgKeys
+
+SOURCE: dict[str, object] = {
+    "url": "postgresql+psycopg2://historian:s3cret-pa55@scada.plant.local:5432/historian",
+    "table": "readings",
+    "timestampColumn": "recorded_at",
+    "columnMap": {"TT_101": "temperature", "PT_7": "pressure"},
+}
+
+
+def put(api: TestClient, org: OrgKeys, body: dict[str, object], headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return api.put(f"/v1/orgs/{org.org_id}/datasource", json=body, headers=headers or org.admin)
+
+
+def test_the_password_is_stored_encrypted_and_never_returned(api: TestClient, org: OrgKeys, settings: Settings) -> None:
+    response = put(api, org, SOURCE)
+    assert response.status_code == 200, response.text
+    shown = api.get(f"/v1/orgs/{org.org_id}/datasource", headers=org.viewer)
+    for body in (response.json(), shown.json()):
+        assert "s3cret-pa55" not in str(body)
+        assert body["url"] == "postgresql+psycopg2://historian:***@scada.plant.local:5432/historian"
+        assert body["hasPassword"] is True and body["columnMap"] == SOURCE["columnMap"]
+    engine = create_engine(settings.database_url)
+    with engine.connect() as connection:
+        row = connection.execute(select(DataSource).where(DataSource.org_id == org.org_id)).one()
+    engine.dispose()
+    assert "s3cret-pa55" not in row.url and "s3cret-pa55" not in (row.password_encrypted or "")
+    box = SecretBox(settings.secret_key.get_secret_value())
+    assert box.decrypt(row.password_encrypted, context=f"datasource:{org.org_id}") == "s3cret-pa55"
+
+
+def test_a_datasource_can_be_replaced(api: TestClient, org: OrgKeys) -> None:
+    put(api, org, SOURCE)
+    replaced = put(api, org, {"url": "sqlite:////srv/plant/scada.db", "table": "tags"})
+    assert replaced.status_code == 200
+    assert replaced.json()["hasPassword"] is False and replaced.json()["table"] == "tags"
+
+
+def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> None:
+    for url, words in [
+        ("not a url", "not a database URL"),
+        ("mysql://u:p@db/x", "'mysql' databases are not supported"),
+        ("sqlite:///relative.db", "absolute path"),
+    ]:
+        response = put(api, org, {**SOURCE, "url": url})
+        assert response.status_code == 422, url
+        assert response.json()["field"] == "url" and words in response.json()["error"]
+
+
+def test_only_an_org_admin_sets_the_datasource(api: TestClient, org: OrgKeys) -> None:
+    assert put(api, org, SOURCE, headers=org.trainer).status_code == 403
+
+
+def test_a_training_without_a_dataset_reads_the_datasource(api: TestClient, org: OrgKeys) -> None:
+    body = {
+        "targetColumn": "failed",
+        "featureColumns": ["temperature", "pressure"],
+        "dataRange": {"startDate": "2024-01-01", "endDate": "2024-02-01"},
+    }
+    before = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert before.status_code == 422 and before.json()["field"] == "datasetId"
+    put(api, org, SOURCE)
+    assert api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer).status_code == 202
+    put(api, org, {**SOURCE, "timestampColumn": None})
+    no_stamp = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert no_stamp.status_code == 422 and no_stamp.json()["field"] == "dataRange"
+
+
+def test_the_secret_is_bound_to_its_org(settings: Settings) -> None:
+    box = SecretBox(settings.secret_key.get_secret_value())
+    sealed = box.encrypt("pw", context="datasource:acme")
+    assert box.decrypt(sealed, context="datasource:acme") == "pw"
+    with pytest.raises(ValueError, match="does not decrypt"):
+        box.decrypt(sealed, context="datasource:other")

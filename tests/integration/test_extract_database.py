@@ -1,0 +1,152 @@
+"""Reading a plant's own database: only the columns and rows a run needs, renamed by columnMap, in chunks; a
+clear reason when the database, the table or a column is not there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table, create_engine, insert
+
+from services.trainer import extract
+from services.trainer.extract import extract_database
+from services.trainer.runs import DatabaseSource
+from shared.errors import InvalidInput, TransientError
+from tests.support.servers import free_port, fresh_postgres_database
+
+START = datetime(2024, 1, 1, tzinfo=UTC)
+COLUMN_MAP = {"TT_101": "temperature", "PT_7": "pressure"}
+
+
+def fill_scada_table(url: str, rows: int, *, aware: bool) -> None:
+    """A SCADA historian's table: tag-named columns, one reading per minute, and a column Kiln never asks for."""
+    engine = create_engine(url)
+    table = Table(
+        "readings",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("recorded_at", DateTime(timezone=aware)),
+        Column("TT_101", Float),
+        Column("PT_7", Float),
+        Column("operator_note", String(200)),
+        Column("failed", Integer),
+    )
+    table.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            insert(table),
+            [
+                {
+                    "recorded_at": (START + timedelta(minutes=i))
+                    if aware
+                    else (START + timedelta(minutes=i)).replace(tzinfo=None),
+                    "TT_101": 70 + i % 10,
+                    "PT_7": 1 + (i % 7) / 10,
+                    "operator_note": "x" * 100,
+                    "failed": int(i % 13 == 0),
+                }
+                for i in range(rows)
+            ],
+        )
+    engine.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def scada_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'plant.db'}"
+        fill_scada_table(url, 3_000, aware=False)
+        yield url
+        return
+    with fresh_postgres_database() as url:
+        fill_scada_table(url, 3_000, aware=True)
+        yield url
+
+
+def source(url: str, **changes: object) -> DatabaseSource:
+    fields: dict[str, object] = {
+        "url": url,
+        "password_encrypted": None,
+        "table": "readings",
+        "timestamp_column": "recorded_at",
+        "column_map": COLUMN_MAP,
+    }
+    return DatabaseSource(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+def test_the_rows_in_range_are_read_with_the_columns_renamed(
+    scada_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extract, "CHUNK_ROWS", 500)
+    target = tmp_path / "out.parquet"
+    rows = extract_database(
+        source(scada_url),
+        None,
+        columns=["temperature", "pressure", "failed"],
+        start=START + timedelta(minutes=1000),
+        end=START + timedelta(minutes=1999),
+        target=target,
+    )
+    table = pq.read_table(target)
+    assert rows == table.num_rows == 1000
+    assert table.column_names == ["temperature", "pressure", "failed"]
+    assert table.column("temperature").to_pylist()[:3] == [70.0, 71.0, 72.0]
+    assert pq.ParquetFile(target).metadata.num_row_groups == 2
+
+
+def test_without_a_range_every_row_is_read(scada_url: str, tmp_path: Path) -> None:
+    target = tmp_path / "out.parquet"
+    assert (
+        extract_database(
+            source(scada_url), None, columns=["temperature", "failed"], start=None, end=None, target=target
+        )
+        == 3_000
+    )
+
+
+def test_a_missing_table_is_named(scada_url: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="table 'historian' does not exist"):
+        extract_database(
+            source(scada_url, table="historian"),
+            None,
+            columns=["temperature"],
+            start=None,
+            end=None,
+            target=tmp_path / "out.parquet",
+        )
+
+
+def test_a_missing_column_is_named_with_its_source_name(scada_url: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match=r"no column FT_3 \(for flow\), vibration"):
+        extract_database(
+            source(scada_url, column_map={**COLUMN_MAP, "FT_3": "flow"}),
+            None,
+            columns=["temperature", "flow", "vibration"],
+            start=None,
+            end=None,
+            target=tmp_path / "out.parquet",
+        )
+
+
+def test_an_empty_range_is_refused(scada_url: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="no rows in the requested range"):
+        extract_database(
+            source(scada_url),
+            None,
+            columns=["temperature"],
+            start=START - timedelta(days=9),
+            end=START - timedelta(days=8),
+            target=tmp_path / "out.parquet",
+        )
+
+
+def test_an_unreachable_database_is_a_transient_error(tmp_path: Path) -> None:
+    url = f"postgresql+psycopg2://kiln:secret@127.0.0.1:{free_port()}/plant"
+    with pytest.raises(TransientError, match=r"postgresql://127.0.0.1/plant is unreachable") as raised:
+        extract_database(
+            source(url), "secret", columns=["temperature"], start=None, end=None, target=tmp_path / "out.parquet"
+        )
+    assert "secret" not in str(raised.value)

@@ -1,0 +1,134 @@
+"""A run's row through its attempts: claimed once, fenced, handed back when its worker dies, cancelled on request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, update
+
+from services.trainer import runs
+from shared.db.models import TrainingRun
+from shared.db.session import SessionFactory, make_session_factory, session_scope
+from shared.db.types import utcnow
+from shared.settings import Settings
+from tests.integration.conftest import OrgKeys, config
+
+
+@pytest.fixture
+def sessions(settings: Settings) -> Iterator[SessionFactory]:
+    engine = create_engine(settings.database_url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def run_id(api: TestClient, org: OrgKeys, dataset_id: str) -> str:
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=org.trainer)
+    return str(response.json()["runId"])
+
+
+def run_of(api: TestClient, org: OrgKeys, run_id: str) -> dict[str, Any]:
+    return dict(api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}", headers=org.viewer).json())
+
+
+def expire_lease(sessions: SessionFactory, run_id: str) -> None:
+    with session_scope(sessions) as session:
+        session.execute(
+            update(TrainingRun).where(TrainingRun.id == run_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def test_a_run_is_claimed_once(sessions: SessionFactory, run_id: str) -> None:
+    first = runs.claim_run(sessions, run_id, worker="w1", lease_s=30)
+    assert first is not None and (first.number, first.token) == (1, 1)
+    assert runs.claim_run(sessions, run_id, worker="w2", lease_s=30) is None
+
+
+def test_an_attempt_whose_lease_was_taken_over_can_write_nothing(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
+) -> None:
+    stale = runs.claim_run(sessions, run_id, worker="w1", lease_s=30)
+    assert stale is not None
+    expire_lease(sessions, run_id)
+    assert runs.reap_expired(sessions, max_attempts=3)
+    fresh = runs.claim_run(sessions, run_id, worker="w2", lease_s=30)
+    assert fresh is not None and fresh.token == stale.token + 1 and fresh.number == 2
+    for write in (
+        lambda: runs.set_progress(sessions, stale, "training", 50),
+        lambda: runs.finish(sessions, stale, "failed", "stale"),
+        lambda: runs.renew_lease(sessions, stale, lease_s=30),
+    ):
+        with pytest.raises(runs.LeaseLost):
+            write()
+    assert run_of(api, org, run_id)["status"] == "running"
+
+
+def test_a_lost_worker_hands_the_run_back_until_the_attempts_run_out(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
+) -> None:
+    for attempt in (1, 2):
+        assert runs.claim_run(sessions, run_id, worker=f"w{attempt}", lease_s=30) is not None
+        expire_lease(sessions, run_id)
+        assert len(runs.reap_expired(sessions, max_attempts=3)) == 1
+        run = run_of(api, org, run_id)
+        assert run["status"] == "queued" and f"attempt {attempt} stopped renewing" in run["error"]
+    assert runs.claim_run(sessions, run_id, worker="w3", lease_s=30) is not None
+    expire_lease(sessions, run_id)
+    assert runs.reap_expired(sessions, max_attempts=3) == []
+    run = run_of(api, org, run_id)
+    assert run["status"] == "failed" and run["attempts"] == 3 and "gave up after 3 attempts" in run["error"]
+
+
+def test_a_live_lease_is_not_reaped(sessions: SessionFactory, run_id: str) -> None:
+    assert runs.claim_run(sessions, run_id, worker="w1", lease_s=30) is not None
+    assert runs.reap_expired(sessions, max_attempts=3) == []
+
+
+def test_cancelling_a_queued_run_means_it_never_starts(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
+) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer)
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+    assert runs.claim_run(sessions, run_id, worker="w1", lease_s=30) is None
+    again = api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer)
+    assert again.status_code == 409 and "already cancelled" in again.json()["error"]
+
+
+def test_cancelling_a_running_run_asks_its_worker_to_stop(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
+) -> None:
+    attempt = runs.claim_run(sessions, run_id, worker="w1", lease_s=30)
+    assert attempt is not None
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer)
+    assert response.status_code == 202
+    assert response.json()["status"] == "running" and response.json()["cancelRequested"] is True
+    assert runs.renew_lease(sessions, attempt, lease_s=30) is True
+
+
+def test_a_dead_workers_run_that_was_asked_to_cancel_ends_cancelled(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
+) -> None:
+    assert runs.claim_run(sessions, run_id, worker="w1", lease_s=30) is not None
+    api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer)
+    expire_lease(sessions, run_id)
+    assert runs.reap_expired(sessions, max_attempts=3) == []
+    assert run_of(api, org, run_id)["status"] == "cancelled"
+
+
+def test_the_log_keeps_every_line_in_order(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
+) -> None:
+    attempt = runs.claim_run(sessions, run_id, worker="w1", lease_s=30)
+    assert attempt is not None
+    runs.log(sessions, attempt, "started", "attempt 1 on w1")
+    runs.finish(sessions, attempt, "failed", "the data source is gone")
+    lines = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json()
+    assert [(line["stage"], line["level"], line["message"]) for line in lines] == [
+        ("started", "info", "attempt 1 on w1"),
+        ("failed", "error", "the data source is gone"),
+    ]

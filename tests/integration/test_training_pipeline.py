@@ -1,0 +1,307 @@
+"""The training service's contract on real PostgreSQL and S3: data from an org's own database, the script
+interface and its sandbox, retries, cancellation, the training log, validation again on demand."""
+
+from __future__ import annotations
+
+import os
+import signal
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from fastapi.testclient import TestClient
+from sklearn.datasets import load_breast_cancer
+from sqlalchemy import Column, DateTime, Float, Integer, MetaData, Table, create_engine, insert
+
+from deploy.local import ai4i
+from services.trainer.context import WorkerContext
+from services.trainer.training import run_training
+from shared.layout import model_key
+from shared.settings import Settings
+from shared.storage import open_object_store
+from tests.integration.conftest import ADMIN, OrgKeys, run_of, submit, upload_table
+from tests.support.servers import free_port, fresh_postgres_database
+
+START = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def logs(api: TestClient, org: OrgKeys, run_id: str) -> list[dict[str, Any]]:
+    return list(api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json())
+
+
+def set_org_config(api: TestClient, org: OrgKeys, config: dict[str, Any]) -> None:
+    response = api.patch(f"/v1/orgs/{org.org_id}", json={"config": config}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+
+
+def write_scada_table(url: str, table: pa.Table) -> None:
+    """AI4I rows as a plant's historian keeps them: tag names, and a timestamp column."""
+    engine = create_engine(url)
+    readings = Table(
+        "readings",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("recorded_at", DateTime(timezone=url.startswith("postgresql"))),
+        *(Column(f"TAG_{name.upper()}", Float) for name in ai4i.FEATURES),
+        Column("failure", Integer),
+    )
+    readings.metadata.create_all(engine)
+    naive = not url.startswith("postgresql")
+    rows = [
+        {
+            "recorded_at": row["timestamp"].replace(tzinfo=None) if naive else row["timestamp"],
+            **{f"TAG_{name.upper()}": row[name] for name in ai4i.FEATURES},
+            "failure": row[ai4i.TARGET],
+        }
+        for row in table.to_pylist()
+    ]
+    with engine.begin() as connection:
+        connection.execute(insert(readings), rows)
+    engine.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def plant_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    table = ai4i.generate(30_000, seed=3, start=START, interval=timedelta(minutes=1))
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'historian.db'}"
+        write_scada_table(url, table)
+        yield url
+        return
+    with fresh_postgres_database() as url:
+        write_scada_table(url, table)
+        yield url
+
+
+def test_a_run_reads_the_orgs_own_database(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, plant_database: str
+) -> None:
+    column_map = {f"TAG_{name.upper()}": name for name in ai4i.FEATURES} | {"failure": ai4i.TARGET}
+    response = api.put(
+        f"/v1/orgs/{org.org_id}/datasource",
+        headers=org.admin,
+        json={"url": plant_database, "table": "readings", "timestampColumn": "recorded_at", "columnMap": column_map},
+    )
+    assert response.status_code == 200, response.text
+    end = START + timedelta(minutes=19_999)
+    run_id = submit(
+        api,
+        org,
+        None,
+        dataRange={"startDate": START.isoformat(), "endDate": end.isoformat()},
+        hyperparameters={"numIterations": 50},
+    )
+    assert run_training(run_id, worker) in {"succeeded", "rejected"}
+    run = run_of(api, org, run_id)
+    assert run["metrics"]["trainRows"] + run["metrics"]["rows"] == 20_000
+    assert any("read 20000 rows from table readings" in line["message"] for line in logs(api, org, run_id))
+
+
+def test_an_unreachable_database_is_retried_then_fails_with_every_attempt_recorded(
+    api: TestClient, org: OrgKeys, worker: WorkerContext
+) -> None:
+    url = f"postgresql+psycopg2://historian:pw@127.0.0.1:{free_port()}/plant"
+    api.put(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin, json={"url": url, "table": "readings"})
+    run_id = submit(api, org, None)
+    assert run_training(run_id, worker) == "retrying"
+    assert run_of(api, org, run_id)["status"] == "queued"
+    assert run_training(run_id, worker) == "retrying"
+    assert run_training(run_id, worker) == "failed"
+    run = run_of(api, org, run_id)
+    assert run["attempts"] == 3
+    assert "unreachable" in run["error"] and "gave up after 3 attempts" in run["error"]
+    assert [line["stage"] for line in logs(api, org, run_id)].count("retrying") == 2
+
+
+def test_a_missing_column_fails_at_once_without_a_retry(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, plant_database: str
+) -> None:
+    api.put(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin, json={"url": plant_database, "table": "readings"})
+    run_id = submit(api, org, None)
+    assert run_training(run_id, worker) == "failed"
+    run = run_of(api, org, run_id)
+    assert run["attempts"] == 1 and "has no column" in run["error"]
+
+
+def test_a_hospital_trains_on_real_clinical_measurements(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    """scikit-learn's bundled Wisconsin breast-cancer data: 569 patients, 30 measurements, no download."""
+    cancer = load_breast_cancer()
+    names = [name.replace(" ", "_") for name in cancer.feature_names]
+    table = pa.table({**{n: cancer.data[:, i] for i, n in enumerate(names)}, "diagnosis": cancer.target})
+    run_id = submit(
+        api,
+        org,
+        upload_table(api, org, table, tmp_path, timestamp_column=None),
+        targetColumn="diagnosis",
+        featureColumns=names,
+        hyperparameters={"numLeaves": 15, "numIterations": 200, "learningRate": 0.05, "seed": 1},
+    )
+    assert run_training(run_id, worker) == "succeeded"
+    metrics = run_of(api, org, run_id)["metrics"]
+    assert metrics["accuracy"] >= 0.9 and metrics["recall"] >= 0.9 and metrics["auc"] >= 0.95
+
+
+def test_failure_types_train_as_multiclass_with_figures_per_class(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    set_org_config(api, org, {"gates": {"minPrecision": 0.3, "minRecall": 0.3}})
+    dataset = upload_table(api, org, ai4i.generate(60_000, seed=5), tmp_path)
+    run_id = submit(
+        api, org, dataset, targetColumn="failure_type", hyperparameters={"objective": "multiclass", "numIterations": 60}
+    )
+    assert run_training(run_id, worker) == "succeeded"
+    run = run_of(api, org, run_id)
+    per_class = run["metrics"]["perClass"]
+    assert set(per_class) == {"HDF", "OSF", "PWF", "RNF", "TWF", "none"}
+    assert per_class["HDF"]["recall"] > 0.8 and per_class["none"]["support"] > 10_000
+    version = api.get(f"/v1/orgs/{org.org_id}/models/{run['version']}", headers=org.viewer).json()
+    assert version["classes"] == ["HDF", "OSF", "PWF", "RNF", "TWF", "none"]
+    parity = next(gate for gate in version["validation"]["gates"] if gate["name"] == "parity")
+    assert parity["passed"] and parity["value"] <= 1e-5
+
+
+def test_the_training_log_tells_the_story_of_a_run(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(50_000, seed=1), tmp_path))
+    run_training(run_id, worker)
+    lines = logs(api, org, run_id)
+    stages = [line["stage"] for line in lines]
+    for stage in ("started", "extracted", "training", "exported", "validating", "stored", "succeeded"):
+        assert stage in stages, stage
+    assert any(line["message"].startswith("boosting round") for line in lines)
+    assert any(line["message"].startswith("gate parity:") for line in lines)
+    assert stages.index("training") < stages.index("exported") < stages.index("stored")
+
+
+def test_a_model_over_the_size_gate_is_rejected_before_it_is_uploaded(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, settings: Settings, tmp_path: Path
+) -> None:
+    set_org_config(api, org, {"gates": {"maxModelMb": 0.001}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(50_000, seed=1), tmp_path))
+    assert run_training(run_id, worker) == "rejected"
+    run = run_of(api, org, run_id)
+    assert "model_size_mb" in run["error"]
+    assert not open_object_store(settings).exists(model_key(org.org_id, run["version"]))
+
+
+def test_validating_again_reads_the_stored_artifact_and_rejects_a_tampered_one(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, settings: Settings, tmp_path: Path
+) -> None:
+    from services.trainer.revalidate import revalidate
+
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(50_000, seed=1), tmp_path))
+    run_training(run_id, worker)
+    version = run_of(api, org, run_id)["version"]
+    accepted = api.post(f"/v1/orgs/{org.org_id}/models/{version}/validate", headers=org.trainer)
+    assert accepted.status_code == 202 and accepted.json() == {"version": version, "status": "validating"}
+    assert revalidate(org.org_id, version, worker) == "validated"
+    open_object_store(settings).put_bytes(model_key(org.org_id, version), b"not an onnx model")
+    assert revalidate(org.org_id, version, worker) == "rejected"
+    model = api.get(f"/v1/orgs/{org.org_id}/models/{version}", headers=org.viewer).json()
+    assert model["status"] == "rejected" and "onnx_health" in model["validation"]["failed"]
+    assert "sha256" in model["validation"]["note"]
+    deploy = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
+    assert deploy.status_code == 409
+
+
+@pytest.fixture
+def scripts_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "scripts"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def script_worker(settings: Settings, scripts_dir: Path) -> Iterator[WorkerContext]:
+    context = WorkerContext.open(settings.model_copy(update={"training_scripts_dir": scripts_dir}))
+    yield context
+    context.close()
+
+
+def install_script(scripts_dir: Path, name: str, body: str) -> str:
+    path = scripts_dir / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def test_an_org_runs_its_operators_script_and_a_crash_fails_the_run_with_its_traceback(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    script = install_script(
+        scripts_dir,
+        "broken.py",
+        """
+        import json, sys
+        config = json.load(open(sys.argv[1]))
+        raise RuntimeError(f"no model for {config['organizationId']} today")
+    """,
+    )
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    dataset = upload_table(api, org, ai4i.generate(5_000, seed=1), tmp_path)
+    run_id = submit(api, org, dataset)
+    assert run_training(run_id, script_worker) == "failed"
+    assert f"RuntimeError: no model for {org.org_id} today" in run_of(api, org, run_id)["error"]
+    set_org_config(api, org, {})
+    assert run_training(submit(api, org, dataset), script_worker) in {"succeeded", "rejected"}
+
+
+def test_a_script_outside_the_operators_folder_is_refused(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, tmp_path: Path
+) -> None:
+    set_org_config(api, org, {"training": {"scriptPath": "/bin/sh"}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    assert run_training(run_id, script_worker) == "failed"
+    assert "is not a file under" in run_of(api, org, run_id)["error"]
+
+
+def test_a_script_that_loops_is_stopped_at_the_orgs_timeout(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    script = install_script(scripts_dir, "loops.py", "while True:\n    pass\n")
+    set_org_config(api, org, {"training": {"scriptPath": script, "timeoutS": 2}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    started = time.monotonic()
+    assert run_training(run_id, script_worker) == "failed"
+    assert time.monotonic() - started < 15
+    assert "timed out after 2 s" in run_of(api, org, run_id)["error"]
+
+
+def test_cancelling_a_running_run_kills_its_script_within_five_seconds(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "script.pid"
+    script = install_script(
+        scripts_dir,
+        "sleeps.py",
+        f"""
+        import os, time
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        print('{{"stage": "training", "iteration": 1, "of": 100}}', flush=True)
+        time.sleep(600)
+    """,
+    )
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(run_training(run_id, script_worker)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert run_of(api, org, run_id)["status"] == "running"
+    cancelled_at = time.monotonic()
+    assert api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer).status_code == 202
+    worker.join(timeout=10)
+    assert outcome == ["cancelled"] and time.monotonic() - cancelled_at < 5
+    assert run_of(api, org, run_id)["status"] == "cancelled"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(int(pid_file.read_text()), signal.SIG_DFL)

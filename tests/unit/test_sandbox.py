@@ -1,0 +1,342 @@
+"""The sandbox contains what a training script does: each misbehaviour ends its run with the reason, and the same
+Sandbox then runs a good script. Real processes throughout: a zygote, and one child per script."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from services.trainer.sandbox import Limits, Sandbox, ScriptResult
+from shared.errors import InvalidInput
+from shared.settings import Settings
+
+LIMITS = Limits(timeout_s=30, cpu_s=30, memory_mb=2048, max_file_mb=10, max_open_files=64)
+SECRET = "KILN_SECRET_KEY"
+# A cancelled run must stop its script well within this.
+STOP_WITHIN_S = 5.0
+RAISES = """
+    def train():
+        raise ValueError("no rows to train on")
+
+    train()
+"""
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    # The worker's environment holds Kiln's settings and secrets: no script may see them.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(SECRET, "not-for-scripts")
+        with Sandbox() as sandbox:
+            yield sandbox
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: ScriptResult
+    lines: list[str]
+    workdir: Path
+
+
+def run(
+    sandbox: Sandbox,
+    folder: Path,
+    source: str,
+    *,
+    limits: Limits = LIMITS,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_output: Callable[[str, Path], None] = lambda line, workdir: None,
+) -> Outcome:
+    script = folder / "script.py"
+    script.write_text(textwrap.dedent(source))
+    lines: list[str] = []
+    with sandbox.workspace() as workdir:
+        config = workdir / "config.json"
+        config.write_text("{}")
+
+        def collect(line: str) -> None:
+            lines.append(line)
+            on_output(line, workdir)
+
+        result = sandbox.run(script, config, workdir, limits, should_stop=should_stop, on_output=collect)
+    return Outcome(result, lines, workdir)
+
+
+def assert_runs_a_good_script(sandbox: Sandbox, folder: Path) -> None:
+    outcome = run(sandbox, folder, 'print("trained")')
+    assert outcome.result.ok, outcome.result.reason()
+    assert outcome.lines == ["trained"]
+
+
+MISBEHAVIOURS = {
+    "loops": ("while True: pass", replace(LIMITS, timeout_s=1), "timed out after 1 s (the org's limit)"),
+    "burns CPU": (
+        "while True: pass",
+        replace(LIMITS, cpu_s=1),
+        "killed by SIGXCPU: used its 1 s of CPU time",
+    ),
+    "allocates without bound": (
+        """
+        hoard = []
+        while True:
+            hoard.append(bytearray(64 * 2**20))
+        """,
+        replace(LIMITS, memory_mb=1024),
+        "ran out of memory (limit 1024 MB)",
+    ),
+    "writes too big a file": (
+        """
+        with open("big.bin", "wb") as file:
+            while True:
+                file.write(bytes(2**20))
+        """,
+        replace(LIMITS, max_file_mb=3),
+        "wrote a file over 3 MB (SIGXFSZ)",
+    ),
+    "segfaults": ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", LIMITS, "killed by SIGSEGV"),
+    "raises": (RAISES, LIMITS, "exited with 1: "),
+    "exits with a message": ("import sys\nsys.exit('bad config')", LIMITS, "exited with 1: bad config"),
+}
+
+
+@pytest.mark.parametrize(("source", "limits", "reason"), MISBEHAVIOURS.values(), ids=MISBEHAVIOURS.keys())
+def test_a_misbehaving_script_fails_its_run_with_the_reason(
+    sandbox: Sandbox, tmp_path: Path, source: str, limits: Limits, reason: str
+) -> None:
+    outcome = run(sandbox, tmp_path, source, limits=limits)
+
+    assert not outcome.result.ok
+    assert outcome.result.reason().startswith(reason)
+    assert_runs_a_good_script(sandbox, tmp_path)
+
+
+def test_a_traceback_is_the_scripts_own(sandbox: Sandbox, tmp_path: Path) -> None:
+    result = run(sandbox, tmp_path, RAISES).result
+
+    assert result.stderr_tail.startswith(f'Traceback (most recent call last):\n  File "{tmp_path / "script.py"}"')
+    assert "zygote" not in result.stderr_tail
+    assert "runpy" not in result.stderr_tail
+    last_frame = 'in train\nraise ValueError("no rows to train on")\nValueError: no rows to train on'
+    assert result.reason().endswith(last_frame)
+
+
+def test_a_script_sees_only_the_variables_it_is_given(sandbox: Sandbox, tmp_path: Path) -> None:
+    assert os.environ[SECRET]
+    source = """
+        import json, os, tempfile
+        print(json.dumps({"env": dict(os.environ), "tmp": tempfile.gettempdir()}))
+    """
+    outcome = run(sandbox, tmp_path, source)
+    seen = json.loads(outcome.lines[0])
+    private_tmp = str(outcome.workdir / "tmp")
+
+    assert not [name for name in seen["env"] if name.startswith("KILN_")]
+    assert seen["env"] == {
+        "PATH": seen["env"]["PATH"],
+        "HOME": private_tmp,
+        "TMPDIR": private_tmp,
+        "LANG": "C.UTF-8",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "PYTHONHASHSEED": "0",
+    }
+    assert seen["tmp"] == private_tmp
+
+
+def test_a_script_runs_alone_in_its_session_with_its_limits_and_no_inherited_files(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    source = """
+        import json, os, resource, sys
+        print(json.dumps({
+            "group_leader": os.getpgid(0) == os.getpid(),
+            "session_leader": os.getsid(0) == os.getpid(),
+            "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+            "stdin": os.readlink("/proc/self/fd/0"),
+            "argv": sys.argv,
+            "cwd": os.getcwd(),
+            "limits": {name: resource.getrlimit(getattr(resource, name))
+                       for name in ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_CORE")},
+        }))
+    """
+    outcome = run(sandbox, tmp_path, source)
+    seen = json.loads(outcome.lines[0])
+    mb = 2**20
+
+    assert seen["group_leader"]
+    assert seen["session_leader"]
+    assert seen["fds"] == [0, 1, 2, 3]  # 3: the listing of /proc/self/fd itself
+    assert seen["stdin"] == os.devnull
+    assert seen["argv"] == [str(tmp_path / "script.py"), str(outcome.workdir / "config.json")]
+    assert seen["cwd"] == str(outcome.workdir)
+    assert seen["limits"] == {
+        "RLIMIT_CPU": [LIMITS.cpu_s, LIMITS.cpu_s + 5],
+        "RLIMIT_AS": [LIMITS.memory_mb * mb] * 2,
+        "RLIMIT_FSIZE": [LIMITS.max_file_mb * mb] * 2,
+        "RLIMIT_NOFILE": [LIMITS.max_open_files] * 2,
+        "RLIMIT_CORE": [0, 0],
+    }
+
+
+def test_progress_lines_arrive_while_the_script_runs(sandbox: Sandbox, tmp_path: Path) -> None:
+    # The script goes on only once the test has seen its first line.
+    source = """
+        import os, time
+        print("waiting", flush=True)
+        while not os.path.exists("seen"):
+            time.sleep(0.05)
+        print("done", end="")
+    """
+
+    def answer(line: str, workdir: Path) -> None:
+        if line == "waiting":
+            (workdir / "seen").touch()
+
+    outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, timeout_s=10), on_output=answer)
+
+    assert outcome.result.ok, outcome.result.reason()
+    assert outcome.lines == ["waiting", "done"]
+
+
+def test_should_stop_kills_a_running_script_and_all_it_started(sandbox: Sandbox, tmp_path: Path) -> None:
+    source = """
+        import subprocess, time
+        helper = subprocess.Popen(["sleep", "600"])
+        print(helper.pid, flush=True)
+        time.sleep(600)
+    """
+    helpers: list[int] = []
+    asked_at: list[float] = []
+
+    def stop() -> bool:
+        if helpers and not asked_at:
+            asked_at.append(time.monotonic())
+        return bool(asked_at)
+
+    outcome = run(sandbox, tmp_path, source, should_stop=stop, on_output=lambda line, _: helpers.append(int(line)))
+
+    assert outcome.result.cancelled
+    assert outcome.result.reason() == "cancelled"
+    assert time.monotonic() - asked_at[0] < STOP_WITHIN_S
+    assert _gone(helpers[0])
+    assert_runs_a_good_script(sandbox, tmp_path)
+
+
+def test_nothing_a_script_started_outlives_its_run(sandbox: Sandbox, tmp_path: Path) -> None:
+    source = """
+        import subprocess
+        print(subprocess.Popen(["sleep", "600"]).pid)
+    """
+    outcome = run(sandbox, tmp_path, source)
+
+    assert outcome.result.ok
+    assert _gone(int(outcome.lines[0]))
+
+
+def test_the_workspace_is_removed_however_the_run_ended(sandbox: Sandbox, tmp_path: Path) -> None:
+    source = """
+        import os
+        os.makedirs("locked/inner")
+        open("locked/inner/model.txt", "w").close()
+        os.chmod("locked", 0)
+        os.symlink("/", "root")
+        raise SystemExit(3)
+    """
+    outcome = run(sandbox, tmp_path, source)
+
+    assert outcome.result.reason().startswith("exited with 3")
+    assert not outcome.workdir.exists()
+
+
+def test_start_launches_the_one_zygote_that_runs_the_scripts(tmp_path: Path) -> None:
+    before = _zygotes_of_this_process()
+    with Sandbox() as fresh:
+        fresh.start()
+        fresh.start()
+        started = _zygotes_of_this_process() - before
+        outcome = run(fresh, tmp_path, "import os\nprint(os.getppid())")
+
+    assert started == {int(outcome.lines[0])}
+
+
+def test_a_killed_zygote_is_replaced(sandbox: Sandbox, tmp_path: Path) -> None:
+    source = "import os\nprint(os.getppid())"
+    first = int(run(sandbox, tmp_path, source).lines[0])
+    os.kill(first, signal.SIGKILL)
+
+    second = run(sandbox, tmp_path, source)
+
+    assert second.result.ok
+    assert int(second.lines[0]) != first
+
+
+def test_a_script_that_kills_its_zygote_fails_and_the_next_run_works(sandbox: Sandbox, tmp_path: Path) -> None:
+    source = """
+        import os, signal, time
+        print(os.getpid(), flush=True)
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(600)
+    """
+    outcome = run(sandbox, tmp_path, source)
+
+    assert not outcome.result.ok
+    assert outcome.result.reason().startswith("lost: the sandbox's zygote ended during the run")
+    assert _gone(int(outcome.lines[0]))
+    assert_runs_a_good_script(sandbox, tmp_path)
+
+
+def test_limits_come_from_settings_and_take_an_orgs_overrides() -> None:
+    limits = Limits.from_settings(Settings(training_timeout_s=60, training_memory_mb=1024))
+
+    overridden = limits.with_overrides({"timeoutS": 30, "memoryMb": 512.0, "maxOpenFiles": 128})
+
+    assert (limits.timeout_s, limits.memory_mb) == (60, 1024)
+    assert (overridden.timeout_s, overridden.memory_mb, overridden.max_open_files) == (30, 512, 128)
+    assert isinstance(overridden.memory_mb, int)
+    assert overridden.cpu_s == limits.cpu_s
+
+
+@pytest.mark.parametrize("overrides", [{"timeout": 30}, {"memoryMb": 0}, {"cpuS": 1.5}, {"maxFileMb": True}])
+def test_a_bad_override_is_refused(overrides: dict[str, object]) -> None:
+    with pytest.raises(InvalidInput):
+        LIMITS.with_overrides(overrides)
+
+
+def _zygotes_of_this_process() -> set[int]:
+    zygotes = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with suppress(FileNotFoundError, ProcessLookupError):
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == os.getpid() and b"services.trainer.zygote" in (entry / "cmdline").read_bytes():
+                zygotes.add(int(entry.name))
+    return zygotes
+
+
+def _gone(pid: int) -> bool:
+    """Whether the process ends within a moment: SIGKILL takes effect when the process is next scheduled."""
+    deadline = time.monotonic() + 2.0
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    # A killed process whose parent is gone shows as a zombie until init reaps it.
+    return state != "Z"
