@@ -7,7 +7,7 @@ import threading
 import time
 from types import TracebackType
 
-from services.trainer.runs import Attempt, LeaseLost, renew_lease
+from services.trainer.runs import Attempt, LeaseLost, cancel_requested, renew_lease
 from shared.db.session import SessionFactory
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,8 @@ CHECK_S = 0.5
 
 
 class Heartbeat:
-    """A thread that renews the attempt's lease (and reads its cancel flag) every CHECK_S seconds."""
+    """A thread that reads the attempt's cancel flag every CHECK_S seconds and renews its lease every third of
+    the lease: a write only every few seconds, a cancel noticed within one check."""
 
     def __init__(self, sessions: SessionFactory, attempt: Attempt, *, lease_s: float) -> None:
         self.sessions = sessions
@@ -39,9 +40,15 @@ class Heartbeat:
         return self.cancelled.is_set() or self.lost.is_set()
 
     def _beat(self) -> None:
+        renewed = time.monotonic()
         while not self._done.wait(CHECK_S):
             try:
-                if renew_lease(self.sessions, self.attempt, lease_s=self.lease_s):
+                if time.monotonic() - renewed >= self.lease_s / 3:
+                    cancel = renew_lease(self.sessions, self.attempt, lease_s=self.lease_s)
+                    renewed = time.monotonic()
+                else:
+                    cancel = cancel_requested(self.sessions, self.attempt)
+                if cancel:
                     self.cancelled.set()
             except LeaseLost:
                 self.lost.set()

@@ -122,6 +122,15 @@ def renew_lease(sessions: SessionFactory, attempt: Attempt, *, lease_s: float) -
         return bool(session.get_one(TrainingRun, attempt.run_id).cancel_requested)
 
 
+def cancel_requested(sessions: SessionFactory, attempt: Attempt) -> bool:
+    """A read-only look at the run: was a cancel asked for? Raises LeaseLost when the run was taken over."""
+    with sessions() as session:
+        row = session.get_one(TrainingRun, attempt.run_id)
+        if row.claim_token != attempt.token or row.status != "running":
+            raise LeaseLost(f"run {attempt.run_id}: attempt {attempt.number} no longer holds it")
+        return bool(row.cancel_requested)
+
+
 def set_progress(sessions: SessionFactory, attempt: Attempt, stage: str, percent: int) -> None:
     with session_scope(sessions) as session:
         _write_fenced(session, attempt, progress={"stage": stage, "percent": percent})

@@ -4,17 +4,20 @@ and the gates. Used when a run finishes and again when an operator asks (`POST .
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import lightgbm
 import numpy as np
+import onnxruntime
 
 from services.trainer.pipeline.data import TrainingData
-from services.trainer.pipeline.export import INPUT_NAME, PROBABILITIES_OUTPUT, onnx_session
+from services.trainer.pipeline.export import INPUT_NAME, PROBABILITIES_OUTPUT
 from services.trainer.pipeline.train import predict_proba
 from services.trainer.pipeline.validate import (
     MB,
+    FootprintProbe,
     Gates,
     apply_gates,
     classification_metrics,
@@ -50,9 +53,12 @@ def too_large(model_size_bytes: int, gates: Gates) -> bool:
 
 def judge(model: bytes, native_model: str | None, holdout: TrainingData, gates: Gates) -> Verdict:
     """Every gate on `model` (bytes read back from the store): health, holdout metrics, parity, size, cost."""
+    # The memory probe is a fresh interpreter: it starts now and loads while this process does the rest.
+    footprint = FootprintProbe.start(model, holdout.features.shape[1])
     try:
         served = _served_probabilities(model, holdout.features)
     except Exception as error:
+        footprint.result()
         return unhealthy(len(model), gates, f"does not run in onnxruntime: {type(error).__name__}: {error}")
     metrics = _finite(classification_metrics(holdout.labels, served))
     if len(holdout.classes) > 2:
@@ -64,7 +70,7 @@ def judge(model: bytes, native_model: str | None, holdout: TrainingData, gates: 
     report: dict[str, Any] = dict(
         apply_gates(metrics=metrics, model_size_bytes=len(model), parity_diff=parity_diff, onnx_loads=True, gates=gates)
     )
-    report["serving"] = measure_serving(model, holdout.features)
+    report["serving"] = measure_serving(model, holdout.features, footprint=footprint)
     return Verdict(metrics=metrics, report=report)
 
 
@@ -89,7 +95,10 @@ def _unmeasured(model_size_bytes: int, gates: Gates, note: str) -> Verdict:
 
 
 def _served_probabilities(model: bytes, features: np.ndarray) -> np.ndarray:
-    session = onnx_session(model)
+    """The model's answers on every held-out row, on as many threads as the machine has: this is a batch job."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     parts = [
         session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: features[start : start + CHUNK_ROWS]})[0]
         for start in range(0, features.shape[0], CHUNK_ROWS)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from sklearn.metrics import accuracy_score, precision_score, recall_score
 
 from services.trainer.pipeline.data import TrainingData, split_holdout
 from services.trainer.pipeline.export import booster_to_onnx, onnx_session
@@ -162,3 +163,17 @@ def test_serving_figures_describe_one_single_threaded_session(ai4i_data: AI4IDat
     assert figures["batch_rows_per_s"] > 1000
     # A 100-tree model costs about 1.2 MB here; onnxruntime's own start-up (~13 MB) must not be counted.
     assert 0.1 < figures["memory_mb_rss_growth"] < 10
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_metrics_from_the_confusion_matrix_agree_with_scikit_learn(n_classes: int) -> None:
+    rng = np.random.default_rng(n_classes)
+    labels = rng.integers(0, n_classes - 1 if n_classes > 2 else n_classes, 5000)  # one class never occurs
+    probabilities = rng.random((5000, n_classes))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    predicted = probabilities.argmax(axis=1)
+    average = "binary" if n_classes == 2 else "macro"
+    metrics = classification_metrics(labels, probabilities)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert metrics["precision"] == pytest.approx(precision_score(labels, predicted, average=average, zero_division=0))
+    assert metrics["recall"] == pytest.approx(recall_score(labels, predicted, average=average, zero_division=0))

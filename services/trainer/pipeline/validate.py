@@ -4,17 +4,20 @@ booster, serving cost, and the gates those figures must clear."""
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import TypedDict
 
 import lightgbm
 import numpy as np
 import onnxruntime
-from sklearn.metrics import accuracy_score, precision_score, recall_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 from services.trainer.pipeline.export import INPUT_NAME, PROBABILITIES_OUTPUT, onnx_session
 from services.trainer.pipeline.train import predict_proba
@@ -48,7 +51,9 @@ def load(model, n_features):
     session.run(None, {input_name: np.zeros((1, n_features), np.float32)})
     return session
 
-model, n_features, input_name = sys.stdin.buffer.read(), int(sys.argv[1]), sys.argv[2]
+n_features, input_name = int(sys.argv[1]), sys.argv[2]
+with open(sys.argv[3], "rb") as model_file:
+    model = model_file.read()
 first = load(model, n_features)
 before = resident()
 second = load(model, n_features)
@@ -60,15 +65,20 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     """Accuracy, precision, recall and AUC of [n, c] probabilities against class-index labels.
 
     Two classes: class 1 is the positive one, predicted when its probability exceeds 0.5. More classes:
-    precision and recall are macro averages and AUC is one-vs-rest. AUC is NaN when the labels lack a
-    class, since it is undefined there.
+    precision and recall are macro averages over the classes that occur, and AUC is one-vs-rest. AUC is NaN
+    when the labels lack a class, since it is undefined there.
     """
-    predicted = probabilities.argmax(axis=1)
-    average = "binary" if probabilities.shape[1] == 2 else "macro"
+    confusion = _confusion(labels, probabilities)
+    precision, recall = _precision_recall(confusion)
+    if probabilities.shape[1] == 2:
+        summary_precision, summary_recall = precision[1], recall[1]
+    else:
+        occurring = (confusion.sum(axis=0) + confusion.sum(axis=1)) > 0
+        summary_precision, summary_recall = precision[occurring].mean(), recall[occurring].mean()
     return {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "precision": float(precision_score(labels, predicted, average=average, zero_division=0)),
-        "recall": float(recall_score(labels, predicted, average=average, zero_division=0)),
+        "accuracy": float(np.trace(confusion) / max(labels.shape[0], 1)),
+        "precision": float(summary_precision),
+        "recall": float(summary_recall),
         "auc": _auc(labels, probabilities),
         "rows": float(labels.shape[0]),
     }
@@ -76,14 +86,31 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
 
 def per_class_metrics(labels: np.ndarray, probabilities: np.ndarray, classes: list[object]) -> dict[str, object]:
     """Precision, recall and support of each class, keyed by the class as the target column holds it."""
-    predicted = probabilities.argmax(axis=1)
-    indices = list(range(len(classes)))
-    precision = precision_score(labels, predicted, labels=indices, average=None, zero_division=0)
-    recall = recall_score(labels, predicted, labels=indices, average=None, zero_division=0)
+    confusion = _confusion(labels, probabilities)
+    precision, recall = _precision_recall(confusion)
+    support = confusion.sum(axis=1)
     return {
-        str(value): {"precision": float(precision[i]), "recall": float(recall[i]), "support": int((labels == i).sum())}
+        str(value): {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}
         for i, value in enumerate(classes)
     }
+
+
+def _confusion(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """Counts by [true class, predicted class]: one pass of bincount, where sklearn's scorers take several."""
+    n_classes = probabilities.shape[1]
+    predicted = probabilities.argmax(axis=1)
+    cells = np.bincount(labels.astype(np.int64) * n_classes + predicted, minlength=n_classes * n_classes)
+    return cells.reshape(n_classes, n_classes)
+
+
+def _precision_recall(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class; 0 where a class was never predicted (precision) or never occurs (recall), as sklearn's
+    zero_division=0 has it."""
+    hits = np.diag(confusion).astype(np.float64)
+    predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.zeros_like(hits), where=actual > 0)
+    return precision, recall
 
 
 def max_abs_difference(native: np.ndarray, served: np.ndarray) -> float:
@@ -101,29 +128,69 @@ def parity(booster: lightgbm.Booster, model_bytes: bytes, features: np.ndarray) 
     return worst
 
 
-def measure_serving(model_bytes: bytes, features: np.ndarray) -> dict[str, float]:
+def measure_serving(
+    model_bytes: bytes, features: np.ndarray, *, footprint: FootprintProbe | None = None
+) -> dict[str, float]:
     """Single-row latency, 1000-row batch throughput and memory of one session, as the predictor runs it.
 
     Memory ("memory_mb_rss_growth") is the resident-set growth from loading the model into a fresh
     interpreter that already holds one session, so it is this model's own cost, not onnxruntime's start-up;
     in this process freed memory gets reused and the growth reads near zero. Without /proc, the model's
-    size stands in ("memory_mb_model_size").
+    size stands in ("memory_mb_model_size"). A probe started earlier may be passed in, so that its interpreter
+    starts while other work runs.
     """
     if features.shape[0] == 0:
         raise ValueError("serving cost needs at least one row to send")
+    probe = footprint or FootprintProbe.start(model_bytes, features.shape[1])
     session = onnx_session(model_bytes)
     latencies_ms = _single_row_latencies_ms(session, features)
-    footprint = _session_footprint_bytes(model_bytes, features.shape[1])
-    if footprint is None:
+    growth = probe.result()
+    if growth is None:
         memory = {"memory_mb_model_size": len(model_bytes) / MB}
     else:
-        memory = {"memory_mb_rss_growth": max(footprint, 0) / MB}
+        memory = {"memory_mb_rss_growth": max(growth, 0) / MB}
     return {
         "latency_p50_ms": float(np.percentile(latencies_ms, 50)),
         "latency_p99_ms": float(np.percentile(latencies_ms, 99)),
         "batch_rows_per_s": _batch_rows_per_s(session, features),
         **memory,
     }
+
+
+class FootprintProbe:
+    """The memory one more session of a model takes, measured in a fresh interpreter (see measure_serving)."""
+
+    def __init__(self, process: subprocess.Popen[bytes] | None, model_file: Path | None) -> None:
+        self._process = process
+        self._model_file = model_file
+
+    @classmethod
+    def start(cls, model_bytes: bytes, n_features: int) -> FootprintProbe:
+        handle, name = tempfile.mkstemp(prefix="kiln-footprint-", suffix=".onnx")
+        with os.fdopen(handle, "wb") as model_file:
+            model_file.write(model_bytes)
+        command = [sys.executable, "-c", _FOOTPRINT_PROBE, str(n_features), INPUT_NAME, name]
+        try:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError:
+            Path(name).unlink(missing_ok=True)
+            return cls(None, None)
+        return cls(process, Path(name))
+
+    def result(self) -> int | None:
+        """Bytes of resident-set growth, or None when the probe could not measure it."""
+        if self._process is None:
+            return None
+        try:
+            output, _ = self._process.communicate(timeout=_PROBE_TIMEOUT_S)
+            return int(output) if self._process.returncode == 0 else None
+        except (subprocess.SubprocessError, ValueError):
+            self._process.kill()
+            self._process.wait()
+            return None
+        finally:
+            if self._model_file is not None:
+                self._model_file.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -190,20 +257,6 @@ def _auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     if n_classes == 2:
         return float(roc_auc_score(labels, probabilities[:, 1]))
     return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
-
-
-def _session_footprint_bytes(model_bytes: bytes, n_features: int) -> int | None:
-    try:
-        probe = subprocess.run(
-            [sys.executable, "-c", _FOOTPRINT_PROBE, str(n_features), INPUT_NAME],
-            input=model_bytes,
-            capture_output=True,
-            check=True,
-            timeout=_PROBE_TIMEOUT_S,
-        )
-        return int(probe.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
 
 
 def _run(session: onnxruntime.InferenceSession, rows: np.ndarray) -> None:
