@@ -52,3 +52,12 @@ lint: setup
 clean:
 	if [ -x $(VENV)/bin/kiln ]; then $(VENV)/bin/kiln down; fi
 	rm -rf .kiln
+
+# Serving, then training benchmarks; each prints its figures (README, "What serving costs" and "What the platform
+# costs"). wrk, the load generator of bench/serve.py, is a Debian package: installed here when missing (as root).
+# Pass options through, e.g. `make bench SERVE_ARGS="--json serve.json"`.
+.PHONY: bench
+bench: setup
+	command -v wrk >/dev/null || apt-get install -y wrk || (apt-get update && apt-get install -y wrk)
+	$(VENV)/bin/python bench/serve.py $(SERVE_ARGS)
+	$(VENV)/bin/python bench/train.py

@@ -11,11 +11,19 @@ class KilnError(Exception):
 
     status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
 
-    def __init__(self, message: str, *, field: str | None = None, detail: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        detail: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.field = field
         self.detail = detail or {}
+        self.headers = headers or {}
 
     def to_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {"error": self.message, "status": int(self.status)}
@@ -51,6 +59,10 @@ class NotFound(KilnError):
 
 class Conflict(KilnError):
     status = HTTPStatus.CONFLICT
+
+
+class TooManyRequests(KilnError):
+    status = HTTPStatus.TOO_MANY_REQUESTS
 
 
 class Unavailable(KilnError):

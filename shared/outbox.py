@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 KIND_DEPLOY_EVENT = "deploy_event"
 KIND_TRAIN_TASK = "train_task"
-KIND_ORG_CREATED = "org_created"
+KIND_ORGS_CHANGED = "orgs_changed"
 KIND_VALIDATE_TASK = "validate_task"
 
 Sender = Callable[[dict[str, Any]], None]

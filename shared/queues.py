@@ -7,6 +7,7 @@ from typing import Any, Protocol
 TRAIN_TASK = "kiln.train"
 VALIDATE_TASK = "kiln.validate"
 ORG_QUEUE_PREFIX = "train."
+SYNC_QUEUES_COMMAND = "kiln_sync_queues"
 
 
 def train_queue(org_id: str) -> str:
@@ -19,8 +20,12 @@ class TaskSender(Protocol):
 
 def send_train_task(sender: TaskSender, payload: dict[str, Any]) -> None:
     """The message behind an outbox row of kind train_task: run `run_id` on its org's queue, maybe later."""
+    # The org rides along in the arguments so that operators see it beside each task in Flower.
     sender.send_task(
-        TRAIN_TASK, args=[payload["run_id"]], queue=train_queue(payload["org_id"]), countdown=payload.get("countdown")
+        TRAIN_TASK,
+        args=[payload["run_id"], payload["org_id"]],
+        queue=train_queue(payload["org_id"]),
+        countdown=payload.get("countdown"),
     )
 
 
@@ -29,7 +34,7 @@ def send_validate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
     sender.send_task(VALIDATE_TASK, args=[payload["org_id"], payload["version"]], queue=train_queue(payload["org_id"]))
 
 
-def celery_config(broker_url: str) -> dict[str, Any]:
+def celery_config(broker_url: str, *, longest_training_s: float) -> dict[str, Any]:
     """Celery settings every Kiln Celery app shares, so producers and consumers agree on the broker."""
     return {
         "broker_url": broker_url,
@@ -43,5 +48,24 @@ def celery_config(broker_url: str) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_track_started": True,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         "result_backend": None,
+        "broker_transport_options": broker_transport_options(longest_training_s),
+    }
+
+
+def broker_transport_options(longest_training_s: float) -> dict[str, float]:
+    """Redis keeps a fetched message in its "unacked" set until the task returns; after visibility_timeout it
+    gives the message to another worker. With acks_late, a training is unacked for as long as it runs, so the
+    timeout must outlast the longest allowed training (the wall-clock limit, plus queueing and judging), or a
+    healthy long run's message would be handed out again. Redelivery is never what saves a run whose worker died:
+    the run's lease runs out within KILN_RUN_LEASE_S and a worker's reaper hands it back; a repeated message is a
+    no-op, since a run is claimed once. The restore check runs every 10 s (the default, 60 s, let a 15 s timeout
+    come back after 93 s here), so a message lost before its run was claimed returns soon after the timeout.
+    """
+    return {
+        "visibility_timeout": longest_training_s + 600,
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
     }

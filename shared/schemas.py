@@ -155,6 +155,29 @@ class TrainingPolicy(CamelModel):
         return self.model_dump(by_alias=True, exclude_none=True, exclude={"script_path"})
 
 
+class PredictionPolicy(CamelModel):
+    """Whether the predictor keeps a record of every answered row, and where the risk levels begin."""
+
+    record: bool = False
+    risk_bands: tuple[float, float] = Field(
+        (0.3, 0.7), description="a score below the first is low, below the second medium, else high"
+    )
+
+    @field_validator("risk_bands")
+    @classmethod
+    def _ascending_inside_zero_one(cls, bands: tuple[float, float]) -> tuple[float, float]:
+        low, high = bands
+        if not 0 < low < high < 1:
+            raise ValueError("riskBands must be two scores with 0 < low < high < 1")
+        return bands
+
+
 class OrgConfig(CamelModel):
+    data_residency: Literal["central", "local"] = Field(
+        "central", description="local: only workers started for this org (KILN_WORKER_ORGS) take its runs"
+    )
+    max_concurrent_trainings: int = Field(1, ge=1, le=1000, description="runs at once, across every worker")
+    submissions_per_minute: int = Field(60, ge=1, le=100_000, description="training submissions accepted a minute")
     gates: GateOverrides = GateOverrides()
     training: TrainingPolicy = TrainingPolicy()
+    predictions: PredictionPolicy = PredictionPolicy()

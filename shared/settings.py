@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
 
     env: Literal["dev", "prod"] = Field("dev", description="prod refuses embedded defaults for secrets.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of Kiln's own logs.")
     data_dir: Path = Field(Path(".kiln"), description="Where the embedded stack keeps its files.")
     database_url: str = Field("", description="SQLAlchemy URL; empty means a SQLite file under data_dir.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, pub/sub and caches.")
@@ -37,6 +38,12 @@ class Settings(BaseSettings):
     run_lease_s: float = Field(30.0, gt=0, description="How long a worker holds a run without renewing it.")
     run_max_attempts: int = Field(3, ge=1, description="Attempts of a run: the first and its automatic retries.")
     run_retry_backoff_s: float = Field(5.0, ge=0, description="Wait before the first retry; doubled each time.")
+    worker_orgs: str = Field(
+        "", description="Comma-separated orgs a worker is for; empty: every org that keeps no data on its premises."
+    )
+    beat_tick_s: float = Field(5.0, gt=0, description="How often beat looks for schedules that are due.")
+    flower_user: str = Field("kiln", description="Flower's basic-auth user.")
+    flower_password: SecretStr = Field(SecretStr(""), description="Flower's basic-auth password; generated in dev.")
     training_scripts_dir: Path = Field(
         Path("/etc/kiln/scripts"), description="The only folder an org's own training script may live in."
     )
@@ -47,6 +54,8 @@ class Settings(BaseSettings):
     training_max_open_files: int = Field(1024, gt=0, description="Open files a training script may hold.")
     predictor_reconcile_s: float = Field(30.0, gt=0, description="Predictor's sweep of the deployments table.")
     predictor_key_cache_s: float = Field(30.0, ge=0, description="How long the predictor trusts a key lookup.")
+    predictor_memory_mb: float = Field(1024.0, gt=0, description="Budget of loaded models per predictor process.")
+    predictor_record_flush_s: float = Field(1.0, gt=0, description="How often prediction records are written.")
     predictor_max_body_mb: float = Field(32.0, gt=0, description="Largest inference request body.")
 
     @model_validator(mode="after")
@@ -58,11 +67,17 @@ class Settings(BaseSettings):
                 raise ValueError("KILN_DATABASE_URL must be set when KILN_ENV=prod")
             if not self.secret_key.get_secret_value():
                 raise ValueError("KILN_SECRET_KEY must be set when KILN_ENV=prod")
+            if not self.flower_password.get_secret_value():
+                raise ValueError("KILN_FLOWER_PASSWORD must be set when KILN_ENV=prod")
         return self
 
     def as_env(self) -> dict[str, str]:
         """The explicitly chosen settings as KILN_* variables, for starting child processes with the same ones."""
         return {f"KILN_{name.upper()}": _env_value(getattr(self, name)) for name in sorted(self.model_fields_set)}
+
+    @property
+    def worker_org_ids(self) -> frozenset[str]:
+        return frozenset(org.strip() for org in self.worker_orgs.split(",") if org.strip())
 
     @property
     def resolved_database_url(self) -> str:
@@ -84,7 +99,7 @@ def build_settings(**overrides: object) -> Settings:
     settings = Settings(**overrides)  # type: ignore[arg-type]
     generated = {
         name: SecretStr(_dev_secret(settings.data_dir, name, make))
-        for name, make in (("admin_token", _new_token), ("secret_key", _new_key))
+        for name, make in (("admin_token", _new_token), ("secret_key", _new_key), ("flower_password", _new_token))
         if not getattr(settings, name).get_secret_value()
     }
     return settings.model_copy(update=generated) if generated else settings

@@ -13,7 +13,7 @@ from pydantic import SecretStr
 
 from shared.db.migrate import upgrade
 from shared.settings import Settings
-from tests.support.servers import S3Server, fresh_postgres_database, seaweedfs_s3, test_redis_url
+from tests.support.servers import S3Server, fresh_postgres_database, redis_for_tests, seaweedfs_s3
 
 # With OpenMP's default spin-waiting, LightGBM fits here ran 20-60x slower whenever another process kept a
 # core busy (the unit suite: 24 s alone, 300 s beside one other LightGBM job); threads that sleep avoid it.
@@ -34,7 +34,7 @@ def postgres_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    return test_redis_url()
+    return redis_for_tests()
 
 
 @pytest.fixture(scope="session")

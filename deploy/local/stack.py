@@ -23,7 +23,6 @@ from shared.db.migrate import ensure_sqlite_folder, upgrade
 from shared.schemas import CamelModel
 from shared.settings import Settings
 
-FLOWER_USER = "kiln"
 TRAINER_NAME = "trainer1"
 DEFAULT_PORTS = {"api": 8000, "predictor": 8001, "flower": 5555}
 # Stopped after everything else, so that workers shutting down can still reach their broker.
@@ -110,21 +109,24 @@ def _start_services(settings: Settings, launch: Launch, preferred: dict[str, int
     upgrade(settings.resolved_database_url)
     env = _child_env(settings, launch.files.data_dir, redis_url)
     urls = _pick_urls(preferred, taken=launch.ports)
-    flower_password = secrets.token_urlsafe(18)
+    flower_user, flower_password = settings.flower_user, settings.flower_password.get_secret_value()
     launch.spawn("api", _uvicorn("services.api.app:create_app", urls["api"]), env)
     worker = f"worker --loglevel INFO --concurrency 1 --hostname {TRAINER_NAME}@%h"
     trainer = launch.spawn("trainer", _celery(worker), env)
-    launch.spawn("predictor", _uvicorn("services.predictor.app:create_app", urls["predictor"], "--workers", "2"), env)
+    # No access log on the hot path: at thousands of requests a second it costs more than the inference.
+    predictor = _uvicorn("services.predictor.app:create_app", urls["predictor"], "--workers", "2", "--no-access-log")
+    launch.spawn("predictor", predictor, env)
+    launch.spawn("beat", _celery("beat --loglevel INFO"), env)
     # The password goes through Flower's environment rather than --basic-auth, so that it stays out of `ps`.
-    flower_env = {**env, "FLOWER_BASIC_AUTH": f"{FLOWER_USER}:{flower_password}"}
+    flower_env = {**env, "FLOWER_BASIC_AUTH": f"{flower_user}:{flower_password}"}
     launch.spawn("flower", _celery(f"flower --address=127.0.0.1 --port={_port_of(urls['flower'])}"), flower_env)
     launch.wait("api", http_ok(urls["api"] + "/healthz"))
     launch.wait("trainer", worker_ready(redis_url, f"{TRAINER_NAME}@{socket.gethostname()}", trainer.pid))
     launch.wait("predictor", http_ok(urls["predictor"] + "/v2/health/live"))
-    launch.wait("flower", http_ok(urls["flower"] + "/", auth=httpx.BasicAuth(FLOWER_USER, flower_password)))
+    launch.wait("flower", http_ok(urls["flower"] + "/", auth=httpx.BasicAuth(flower_user, flower_password)))
     return Stack(
         **urls,
-        flower_user=FLOWER_USER,
+        flower_user=flower_user,
         flower_password=flower_password,
         admin_token=settings.admin_token.get_secret_value(),
         redis=redis_url,

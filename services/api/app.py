@@ -11,12 +11,26 @@ from fastapi import FastAPI
 from services.api.errors import install_error_handlers
 from services.api.outbox_relay import sweep_until
 from services.api.resources import Resources
-from services.api.routers import datasets, datasource, deployments, health, models, orgs, trainings
+from services.api.routers import (
+    audit,
+    datasets,
+    datasource,
+    deployments,
+    health,
+    models,
+    orgs,
+    predictions,
+    queue,
+    schedule,
+    trainings,
+)
+from shared.logs import configure_logging
 from shared.settings import Settings, build_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or build_settings()
+    configure_logging(settings.log_level)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,6 +52,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, orgs, datasource, datasets, trainings, models, deployments):
+    for module in (
+        health,
+        orgs,
+        datasource,
+        datasets,
+        trainings,
+        queue,
+        schedule,
+        models,
+        deployments,
+        predictions,
+        audit,
+    ):
         app.include_router(module.router)
     return app

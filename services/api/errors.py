@@ -24,7 +24,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def _kiln_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, KilnError)
-    return JSONResponse(error.to_payload(), status_code=int(error.status))
+    return JSONResponse(error.to_payload(), status_code=int(error.status), headers=error.headers)
 
 
 async def _validation_error(_request: Request, error: Exception) -> JSONResponse:

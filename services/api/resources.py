@@ -12,8 +12,8 @@ from sqlalchemy import Engine
 from shared.crypto import SecretBox
 from shared.db.session import SessionFactory, make_engine, make_session_factory
 from shared.events import DeployEvent, publish_deploy_event
-from shared.outbox import KIND_DEPLOY_EVENT, KIND_ORG_CREATED, KIND_TRAIN_TASK, KIND_VALIDATE_TASK, Sender
-from shared.queues import celery_config, send_train_task, send_validate_task, train_queue
+from shared.outbox import KIND_DEPLOY_EVENT, KIND_ORGS_CHANGED, KIND_TRAIN_TASK, KIND_VALIDATE_TASK, Sender
+from shared.queues import SYNC_QUEUES_COMMAND, celery_config, send_train_task, send_validate_task
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
 
@@ -32,7 +32,7 @@ class Resources:
     def open(cls, settings: Settings) -> Resources:
         engine = make_engine(settings.resolved_database_url)
         celery = Celery("kiln-api")
-        celery.conf.update(celery_config(settings.redis_url))
+        celery.conf.update(celery_config(settings.redis_url, longest_training_s=settings.training_timeout_s))
         return cls(
             settings=settings,
             engine=engine,
@@ -51,7 +51,7 @@ class Resources:
         return {
             KIND_DEPLOY_EVENT: self._send_deploy_event,
             KIND_TRAIN_TASK: self._send_train_task,
-            KIND_ORG_CREATED: self._send_org_created,
+            KIND_ORGS_CHANGED: self._send_orgs_changed,
             KIND_VALIDATE_TASK: self._send_validate_task,
         }
 
@@ -67,6 +67,7 @@ class Resources:
     def _send_validate_task(self, payload: dict[str, Any]) -> None:
         send_validate_task(self.celery, payload)
 
-    def _send_org_created(self, payload: dict[str, Any]) -> None:
-        # Running workers start consuming the new org's queue now; any that miss this find it on their own sweep.
-        self.celery.control.add_consumer(train_queue(payload["org_id"]), reply=False)
+    def _send_orgs_changed(self, _payload: dict[str, Any]) -> None:
+        # Running workers look at the orgs now (a new queue, a residency change); any that miss this broadcast
+        # find the change on their own sweep.
+        self.celery.control.broadcast(SYNC_QUEUES_COMMAND, reply=False)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from shared.schemas import CamelModel, OrgConfig
+from shared.schemas import CamelModel, OrgConfig, TrainingConfig
 
 ORG_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
 
@@ -70,6 +70,9 @@ class RunOut(CamelOut):
     error: str | None
     attempts: int
     cancel_requested: bool
+    waiting_for_slot: bool
+    trigger: str
+    worker: str | None
     progress: dict[str, Any]
     config: dict[str, Any]
     created_at: datetime
@@ -137,3 +140,62 @@ class DeploymentOut(CamelOut):
     version: str
     deployed_at: datetime
     rollback_available: bool
+    deployment_id: int
+    status: str = Field(description="deployed, or failed when a predictor refused the version (see error)")
+    error: str | None
+
+
+class DeploymentRecord(CamelOut):
+    deployment_id: int
+    action: str
+    version: str
+    previous_version: str | None
+    actor: str
+    status: str
+    error: str | None
+    created_at: datetime
+
+
+class PredictionRecord(CamelOut):
+    id: int
+    version: str
+    score: float
+    label: str
+    risk_level: str
+    latency_ms: float
+    at: datetime
+
+
+class ScheduleIn(CamelModel):
+    pattern: str = Field(description="5-field cron pattern, e.g. '0 2 * * 0' for Sundays at 02:00")
+    timezone: str = Field("UTC", description="IANA timezone the pattern is read in, e.g. 'America/New_York'")
+    enabled: bool = True
+    training_config: TrainingConfig
+
+
+class ScheduleOut(CamelOut):
+    pattern: str
+    timezone: str
+    enabled: bool
+    training_config: dict[str, Any]
+    next_fire_times: list[datetime]
+    last_fired_at: datetime | None
+    dst_policy: str
+
+
+class AuditOut(CamelOut):
+    id: int
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+    at: datetime
+
+
+class QueueOut(CamelOut):
+    queued: int
+    waiting_for_slot: int
+    running: int
+    max_concurrent_trainings: int
+    oldest_queued_at: datetime | None
+    oldest_wait_s: float | None

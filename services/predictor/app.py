@@ -11,17 +11,19 @@ from fastapi.responses import JSONResponse
 from services.predictor import v1, v2
 from services.predictor.state import PredictorState
 from shared.errors import KilnError
+from shared.logs import configure_logging
 from shared.settings import Settings, build_settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or build_settings()
+    configure_logging(settings.log_level)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = PredictorState.open(settings)
         app.state.predictor = state
-        state.listener.start()
+        state.start()
         try:
             yield
         finally:
@@ -36,4 +38,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 async def _kiln_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, KilnError)
-    return JSONResponse(error.to_payload(), status_code=int(error.status))
+    return JSONResponse(error.to_payload(), status_code=int(error.status), headers=error.headers)

@@ -6,11 +6,10 @@ import math
 from typing import Any
 
 import numpy as np
+import orjson
 
 from services.predictor.models import LoadedModel
-from shared.errors import InvalidInput
-
-DEFAULT_RISK_BANDS = (0.3, 0.7)  # score below the first is low, below the second medium, else high
+from shared.errors import BadRequest, InvalidInput
 
 
 def rows_to_features(model: LoadedModel, rows: Any) -> np.ndarray:
@@ -61,3 +60,12 @@ def predictions(model: LoadedModel, probabilities: np.ndarray, bands: tuple[floa
 def risk_level(score: float, bands: tuple[float, float]) -> str:
     low, high = bands
     return "low" if score < low else "medium" if score < high else "high"
+
+
+def parse_json(body: bytes) -> object:
+    if not body:
+        raise BadRequest("the request body is empty; send JSON", field="body")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as error:
+        raise BadRequest(f"the request body is not valid JSON: {error}", field="body") from None

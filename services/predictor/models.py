@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +24,18 @@ PROBABILITIES_OUTPUT = "probabilities"
 
 @dataclass(frozen=True)
 class DeployedVersion:
-    """What the deployments table says an org should serve."""
+    """What the deployments table says an org should serve, and how (its prediction policy)."""
 
     org_id: str
+    deployment_id: int
     version: str
     sha256: str
     artifact_prefix: str
     feature_columns: list[str]
     classes: list[Any]
+    memory_mb: float
+    risk_bands: tuple[float, float]
+    record_predictions: bool
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class LoadedModel:
     @property
     def n_features(self) -> int:
         return len(self.deployed.feature_columns)
+
+    def with_policy(self, deployed: DeployedVersion) -> LoadedModel:
+        """The same session under a newer description of the same version (the org's policy changed)."""
+        return LoadedModel(deployed=deployed, session=self.session, size_bytes=self.size_bytes)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities, shape [rows, classes], for float32 features of shape [rows, n_features]."""
@@ -94,29 +103,64 @@ def _warm_up(model: LoadedModel) -> None:
         raise ArtifactIntegrityError(f"{model.version}: warm-up gave {probabilities.tolist()}")
 
 
-class ModelSlots:
-    """One slot per org. Readers take the current object without a lock; a swap is a single dict assignment, so a
-    request in flight finishes on the model it started with."""
+class ModelCache:
+    """The loaded models of one process, one per org, within a memory budget.
 
-    def __init__(self) -> None:
+    Readers take an org's model without a lock: a swap is one dict assignment, so a request in flight finishes on
+    the model it started with. Installs are ordered by deployment id, so a slow load of an older deployment can
+    never replace a newer one. When the budget is exceeded the least recently used orgs are unloaded; their next
+    request loads them again.
+    """
+
+    def __init__(self, budget_mb: float) -> None:
+        self.budget_mb = budget_mb
         self._models: dict[str, LoadedModel] = {}
-        self._swap_lock = threading.Lock()
+        self._last_used: dict[str, float] = {}
+        self._lock = threading.Lock()
 
     def get(self, org_id: str) -> LoadedModel | None:
+        model = self._models.get(org_id)
+        if model is not None:
+            self._last_used[org_id] = time.monotonic()
+        return model
+
+    def peek(self, org_id: str) -> LoadedModel | None:
+        """The org's model without counting it as used."""
         return self._models.get(org_id)
 
     def versions(self) -> dict[str, str]:
         return {org_id: model.version for org_id, model in list(self._models.items())}
 
-    def install(self, model: LoadedModel) -> LoadedModel | None:
-        """Put a loaded model in its org's slot and return the one it replaced."""
-        with self._swap_lock:
-            previous = self._models.get(model.deployed.org_id)
-            self._models[model.deployed.org_id] = model
+    def used_mb(self) -> float:
+        return sum(model.deployed.memory_mb for model in list(self._models.values()))
+
+    def install(self, model: LoadedModel) -> bool:
+        """Put a loaded model in its org's slot unless a newer deployment is already there; evict to the budget."""
+        org_id = model.deployed.org_id
+        with self._lock:
+            current = self._models.get(org_id)
+            if current is not None and current.deployed.deployment_id > model.deployed.deployment_id:
+                return False
+            self._models[org_id] = model
+            self._last_used[org_id] = time.monotonic()
+            evicted = self._evict_beyond_budget(keep=org_id)
         log.info(
-            "org %s now serves %s (was %s)",
-            model.deployed.org_id,
+            "org %s now serves %s (deployment %s, was %s); unloaded %s",
+            org_id,
             model.version,
-            previous.version if previous else None,
+            model.deployed.deployment_id,
+            current.version if current else None,
+            evicted or "none",
         )
-        return previous
+        return True
+
+    def _evict_beyond_budget(self, *, keep: str) -> list[str]:
+        evicted = []
+        by_age = sorted((self._last_used.get(org, 0.0), org) for org in self._models if org != keep)
+        for _, org_id in by_age:
+            if self.used_mb() <= self.budget_mb:
+                break
+            del self._models[org_id]
+            self._last_used.pop(org_id, None)
+            evicted.append(org_id)
+        return evicted

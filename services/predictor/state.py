@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 from fastapi import Request
@@ -12,7 +16,8 @@ from starlette.concurrency import run_in_threadpool
 from services.predictor.auth import KeyCache, bearer_token, check_org
 from services.predictor.deployments import Synchronizer
 from services.predictor.listener import DeployListener
-from services.predictor.models import LoadedModel, ModelSlots
+from services.predictor.models import LoadedModel, ModelCache
+from services.predictor.records import PredictionRecorder
 from shared.db.session import make_engine, make_session_factory
 from shared.errors import NotFound, PayloadTooLarge
 from shared.settings import Settings
@@ -23,17 +28,19 @@ from shared.storage import open_object_store
 class PredictorState:
     settings: Settings
     engine: Engine
-    slots: ModelSlots
+    cache: ModelCache
     synchronizer: Synchronizer
     keys: KeyCache
     listener: DeployListener
+    recorder: PredictionRecorder
+    replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     @classmethod
     def open(cls, settings: Settings) -> PredictorState:
         engine = make_engine(settings.resolved_database_url)
         sessions = make_session_factory(engine)
-        slots = ModelSlots()
-        synchronizer = Synchronizer(sessions, open_object_store(settings), slots)
+        cache = ModelCache(settings.predictor_memory_mb)
+        synchronizer = Synchronizer(sessions, open_object_store(settings), cache)
         listener = DeployListener(
             redis.Redis.from_url(settings.redis_url),
             settings.deploy_channel,
@@ -41,12 +48,24 @@ class PredictorState:
             settings.predictor_reconcile_s,
         )
         keys = KeyCache(sessions, settings.admin_token.get_secret_value(), settings.predictor_key_cache_s)
+        recorder = PredictionRecorder(sessions, settings.predictor_record_flush_s)
         return cls(
-            settings=settings, engine=engine, slots=slots, synchronizer=synchronizer, keys=keys, listener=listener
+            settings=settings,
+            engine=engine,
+            cache=cache,
+            synchronizer=synchronizer,
+            keys=keys,
+            listener=listener,
+            recorder=recorder,
         )
+
+    def start(self) -> None:
+        self.listener.start()
+        self.recorder.start()
 
     def close(self) -> None:
         self.listener.stop()
+        self.recorder.stop()
         self.engine.dispose()
 
     @property
@@ -71,10 +90,10 @@ async def authorize(request: Request, org_id: str) -> None:
 async def model_for(request: Request, org_id: str) -> LoadedModel:
     """The org's serving model; an org not loaded yet is loaded now, from its deployment row."""
     state = state_of(request)
-    model = state.slots.get(org_id)
+    model = state.cache.get(org_id)
     if model is None:
         await run_in_threadpool(state.synchronizer.sync_org, org_id)
-        model = state.slots.get(org_id)
+        model = state.cache.get(org_id)
     if model is None:
         raise NotFound(f"model {org_id!r} not found: the organization has no deployed version")
     return model
@@ -85,12 +104,30 @@ async def read_body(request: Request) -> bytes:
     limit_mb = state_of(request).settings.predictor_max_body_mb
     limit = int(limit_mb * 1024 * 1024)
     if int(request.headers.get("content-length") or 0) > limit:
-        raise PayloadTooLarge(f"the request body is over {limit_mb} MB")
+        raise PayloadTooLarge(f"the request body is over {limit_mb} MB", field="body")
     parts: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"the request body is over {limit_mb} MB")
+            raise PayloadTooLarge(f"the request body is over {limit_mb} MB", field="body")
         parts.append(chunk)
     return b"".join(parts)
+
+
+def keep_record(request: Request, model: LoadedModel, answers: list[dict[str, Any]], started: float) -> None:
+    """Queue the answers for the org's prediction records, if it keeps them; costs the request one append."""
+    if model.deployed.record_predictions:
+        latency_ms = (time.perf_counter() - started) * 1000
+        state_of(request).recorder.add(
+            org_id=model.deployed.org_id, version=model.version, answers=answers, latency_ms=latency_ms
+        )
+
+
+def served_by(request: Request, model: LoadedModel) -> dict[str, str]:
+    """Response headers naming what answered: the version, the deployment that put it there, and the replica."""
+    return {
+        "X-Model-Version": model.version,
+        "X-Deployment-Id": str(model.deployed.deployment_id),
+        "X-Replica": state_of(request).replica,
+    }

@@ -44,14 +44,17 @@ def load_holdout(path: Path) -> TrainingData:
     )
 
 
-def upload_candidate(store: ObjectStore, prefix: str, *, outputs: Path, holdout: Path, with_model: bool) -> None:
-    """The files judged from the store: the model (unless over the size gate), its native twin, the holdout."""
+def upload_candidate(
+    store: ObjectStore, prefix: str, *, outputs: Path, holdout: Path, holdout_store: ObjectStore, with_model: bool
+) -> None:
+    """The files judged from the store: the model (unless over the size gate), its native twin, and the held-out
+    rows, which go to `holdout_store`: the central store, or the worker's own for an org whose data stays home."""
     if with_model:
         store.put_file(prefix + MODEL_FILE, outputs / MODEL_FILE)
     native = outputs / NATIVE_MODEL_FILE
     if native.exists():
         store.put_file(prefix + NATIVE_MODEL_FILE, native)
-    store.put_file(prefix + HOLDOUT_FILE, holdout)
+    holdout_store.put_file(prefix + HOLDOUT_FILE, holdout)
 
 
 def upload_reports(
@@ -70,6 +73,7 @@ def read_native_model(store: ObjectStore, prefix: str) -> str | None:
     return store.get_bytes(key).decode() if store.exists(key) else None
 
 
-def remove_version(store: ObjectStore, prefix: str) -> None:
-    for key in store.list(prefix):
-        store.delete(key)
+def remove_version(prefix: str, *stores: ObjectStore) -> None:
+    for store in stores:
+        for key in store.list(prefix):
+            store.delete(key)

@@ -6,13 +6,13 @@ import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import task_revoked, worker_init, worker_process_init
 
 from services.trainer.context import worker_context
 from services.trainer.org_queues import OrgQueues
 from services.trainer.protection import refuse_inspection
-from services.trainer.reaper import RunReaper
-from shared.queues import celery_config
+from services.trainer.reaper import RunReaper, cancel_revoked
+from shared.queues import TRAIN_TASK, celery_config
 from shared.settings import build_settings
 
 # LightGBM's OpenMP threads spin while they wait by default; beside any other busy process that made fits 20-60x
@@ -26,12 +26,23 @@ app.steps["consumer"].add(RunReaper)
 
 @app.on_configure.connect  # type: ignore[untyped-decorator]
 def _configure(sender: Celery, **_kwargs: Any) -> None:
-    sender.conf.update(celery_config(build_settings().redis_url))
+    settings = build_settings()
+    sender.conf.update(celery_config(settings.redis_url, longest_training_s=settings.training_timeout_s))
+    sender.conf.beat_scheduler = "services.trainer.beat:DatabaseScheduler"
+    sender.conf.beat_max_loop_interval = settings.beat_tick_s
 
 
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _protect_secrets(**_kwargs: Any) -> None:
     refuse_inspection()
+
+
+@task_revoked.connect  # type: ignore[untyped-decorator]
+def _cancel_revoked_run(sender: Any, request: Any, **_kwargs: Any) -> None:
+    """An operator revoked a training in Flower: the run reads cancelled, however far it had gone."""
+    # The sender is the task; the request is its execution context, which carries the arguments but not the name.
+    if sender.name == TRAIN_TASK and request.args:
+        cancel_revoked(str(request.args[0]))
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]

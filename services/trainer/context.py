@@ -18,8 +18,9 @@ from services.trainer.sandbox import Sandbox
 from shared.db.session import SessionFactory, make_engine, make_session_factory
 from shared.outbox import KIND_TRAIN_TASK, Sender
 from shared.queues import celery_config, send_train_task
+from shared.schemas import OrgConfig
 from shared.settings import Settings, build_settings
-from shared.storage import ObjectStore, open_object_store
+from shared.storage import LocalObjectStore, ObjectStore, open_object_store
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,13 @@ class WorkerContext:
     store: ObjectStore
     sandbox: Sandbox
     producer: Celery
+    premises: ObjectStore
 
     @classmethod
     def open(cls, settings: Settings) -> WorkerContext:
         engine = make_engine(settings.resolved_database_url)
         producer = Celery("kiln-trainer-producer")
-        producer.conf.update(celery_config(settings.redis_url))
+        producer.conf.update(celery_config(settings.redis_url, longest_training_s=settings.training_timeout_s))
         return cls(
             settings=settings,
             engine=engine,
@@ -43,11 +45,17 @@ class WorkerContext:
             store=open_object_store(settings),
             sandbox=Sandbox(),
             producer=producer,
+            premises=LocalObjectStore(settings.data_dir / "premises"),
         )
 
     def close(self) -> None:
         self.sandbox.close()
         self.engine.dispose()
+
+    def holdout_store(self, org_config: OrgConfig) -> ObjectStore:
+        """Where held-out rows are kept: a folder on this worker when the org's data stays on its premises (only
+        the model and its metrics leave), else the central store beside the version."""
+        return self.premises if org_config.data_residency == "local" else self.store
 
     def outbox_senders(self) -> dict[str, Sender]:
         def send(payload: dict[str, Any]) -> None:

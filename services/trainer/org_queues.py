@@ -1,6 +1,8 @@
-"""A consumer step that keeps a worker consuming one `train.<org>` queue per organization.
+"""A consumer step that keeps a worker consuming exactly the `train.<org>` queues it is for.
 
-New orgs are announced by a broadcast from the api; this sweep catches a worker that was down or missed it.
+A worker started with KILN_WORKER_ORGS takes only those orgs (how a hospital trains on its own machine); any other
+worker takes every org that keeps no data on its premises (config dataResidency "central"). The api broadcasts
+`kiln_sync_queues` when orgs change; this sweep, every few seconds, catches a worker that was down or missed it.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.worker.control import control_command
 from sqlalchemy import Engine, select
 from sqlalchemy.pool import NullPool
 
 from shared.db.models import Organization
 from shared.db.session import make_engine
-from shared.queues import train_queue
+from shared.queues import ORG_QUEUE_PREFIX, SYNC_QUEUES_COMMAND, train_queue
+from shared.schemas import OrgConfig
 from shared.settings import build_settings
 
 log = logging.getLogger(__name__)
@@ -29,10 +33,13 @@ class OrgQueues(bootsteps.StartStopStep):  # type: ignore[misc]
         super().__init__(parent, **kwargs)
         self.timer_ref: Any = None
         self.engine: Engine | None = None
+        self.only_orgs: frozenset[str] = frozenset()
 
     def start(self, consumer: Any) -> None:
+        settings = build_settings()
+        self.only_orgs = settings.worker_org_ids
         # Its own engine, in the worker's main process: the pool's children never inherit its connections.
-        self.engine = make_engine(build_settings().resolved_database_url, poolclass=NullPool)
+        self.engine = make_engine(settings.resolved_database_url, poolclass=NullPool)
         self.sweep(consumer)
         self.timer_ref = consumer.timer.call_repeatedly(SWEEP_SECONDS, self.sweep, (consumer,), priority=10)
 
@@ -48,12 +55,28 @@ class OrgQueues(bootsteps.StartStopStep):  # type: ignore[misc]
         except Exception:
             log.warning("cannot list organizations; keeping the current queues", exc_info=True)
             return
-        consuming = {queue.name for queue in consumer.task_consumer.queues}
+        consuming = {queue.name for queue in consumer.task_consumer.queues if queue.name.startswith(ORG_QUEUE_PREFIX)}
         for queue in sorted(wanted - consuming):
             log.info("consuming %s", queue)
             consumer.add_task_queue(queue)
+        for queue in sorted(consuming - wanted):
+            log.info("no longer consuming %s", queue)
+            consumer.cancel_task_queue(queue)
 
     def org_ids(self) -> list[str]:
+        """The orgs this worker is for."""
         assert self.engine is not None
         with self.engine.connect() as connection:
-            return list(connection.scalars(select(Organization.id)))
+            orgs = connection.execute(select(Organization.id, Organization.config)).all()
+        if self.only_orgs:
+            return [org_id for org_id, _config in orgs if org_id in self.only_orgs]
+        return [org_id for org_id, config in orgs if OrgConfig.model_validate(config).data_residency == "central"]
+
+
+@control_command(name=SYNC_QUEUES_COMMAND)  # type: ignore[untyped-decorator]
+def sync_queues(state: Any) -> dict[str, str]:
+    """The api's broadcast when orgs change: sweep now instead of at the next tick."""
+    for step in state.consumer.steps:
+        if isinstance(step, OrgQueues):
+            step.sweep(state.consumer)
+    return {"ok": "queues synced"}

@@ -1,5 +1,6 @@
-"""A consumer step that hands back runs whose worker died: their lease ran out, so another worker takes them
-(or they fail once out of attempts). Every worker runs it; the conditional update lets only one win a run."""
+"""A consumer step that hands back runs whose worker died (their lease ran out, so another worker takes them, or
+they fail once out of attempts) and wakes runs waiting for a slot that is free. Every worker runs it; conditional
+updates let only one win a run."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 from celery import bootsteps
 from sqlalchemy.pool import NullPool
 
-from services.trainer.runs import reap_expired
-from shared.db.session import make_engine, make_session_factory
+from services.trainer.runs import reap_expired, wake_all_waiting
+from shared.cancellation import request_cancel
+from shared.db.session import make_engine, make_session_factory, session_scope
 from shared.outbox import KIND_TRAIN_TASK, relay
 from shared.queues import send_train_task
 from shared.settings import build_settings
@@ -42,13 +44,24 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def sweep(self, consumer: Any) -> None:
         try:
-            message_ids = reap_expired(self.sessions, max_attempts=self.max_attempts)
-            if message_ids:
-                log.warning("handing back %d run(s) whose worker was lost", len(message_ids))
-                relay(
-                    self.sessions,
-                    {KIND_TRAIN_TASK: lambda payload: send_train_task(consumer.app, payload)},
-                    ids=message_ids,
-                )
+            handed_back = reap_expired(self.sessions, max_attempts=self.max_attempts)
+            if handed_back:
+                log.warning("handing back %d run(s) whose worker was lost", len(handed_back))
+            woken = wake_all_waiting(self.sessions)
+            if handed_back or woken:
+                senders = {KIND_TRAIN_TASK: lambda payload: send_train_task(consumer.app, payload)}
+                relay(self.sessions, senders, ids=[*handed_back, *woken])
         except Exception:
             log.warning("run reaper pass failed; trying again in %.0f s", SWEEP_SECONDS, exc_info=True)
+
+
+def cancel_revoked(run_id: str) -> None:
+    """Cancel the run of a revoked task: at once if queued; a running one is stopped by its own worker's heartbeat
+    (or, if a terminate killed that worker, ends cancelled when the reaper finds its lease gone)."""
+    settings = build_settings()
+    engine = make_engine(settings.resolved_database_url, poolclass=NullPool)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            request_cancel(session, run_id)
+    finally:
+        engine.dispose()

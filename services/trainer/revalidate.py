@@ -32,7 +32,9 @@ def revalidate(org_id: str, version: str, context: WorkerContext) -> str:
         org_config = OrgConfig.model_validate(session.get_one(Organization, org_id).config)
     gates = gates_for(org_config)
     verdict = (
-        size_rejection(size, gates) if too_large(size, gates) else _judge_stored(context, prefix, sha256, size, gates)
+        size_rejection(size, gates)
+        if too_large(size, gates)
+        else _judge_stored(context, org_config, prefix, sha256, size, gates)
     )
     status = "validated" if verdict.passed else "rejected"
     with session_scope(context.sessions) as session:
@@ -45,10 +47,12 @@ def revalidate(org_id: str, version: str, context: WorkerContext) -> str:
     return status
 
 
-def _judge_stored(context: WorkerContext, prefix: str, sha256: str, size: int, gates: Gates) -> Verdict:
+def _judge_stored(
+    context: WorkerContext, org_config: OrgConfig, prefix: str, sha256: str, size: int, gates: Gates
+) -> Verdict:
     with tempfile.TemporaryDirectory(prefix="kiln-validate-") as folder:
         holdout_file = Path(folder) / HOLDOUT_FILE
-        context.store.get_file(prefix + HOLDOUT_FILE, holdout_file)
+        context.holdout_store(org_config).get_file(prefix + HOLDOUT_FILE, holdout_file)
         holdout = artifacts.load_holdout(holdout_file)
     try:
         model = artifacts.read_model(context.store, prefix, sha256)

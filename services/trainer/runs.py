@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import Dataset, DataSource, ModelVersion, Organization, RunLog, TrainingRun
@@ -53,25 +53,50 @@ class Attempt:
     source: DatasetSource | DatabaseSource
 
 
+class NoSlot(KilnError):
+    """The org already runs as many trainings as it may; the run waits, marked, until a slot frees."""
+
+
 def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: float) -> Attempt | None:
-    """Take a queued run for this worker; None when it is not queued (a repeated message, a cancelled run)."""
+    """Take a queued run for this worker; None when it is not queued (a repeated message, a cancelled run).
+
+    Raises NoSlot when the org's maxConcurrentTrainings are all taken across the workers: the run is marked as
+    waiting, and whoever frees a slot sends it a message again.
+    """
     with session_scope(sessions) as session:
-        claimed = session.execute(
-            update(TrainingRun)
-            .where(TrainingRun.id == run_id, TrainingRun.status == "queued", TrainingRun.cancel_requested.is_(False))
-            .values(
-                status="running",
-                attempts=TrainingRun.attempts + 1,
-                claim_token=TrainingRun.claim_token + 1,
-                lease_expires_at=utcnow() + timedelta(seconds=lease_s),
-                worker=worker,
-                started_at=utcnow(),
-                error=None,
-                progress={"stage": "starting", "percent": 0},
-            )
-        )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        run = session.get(TrainingRun, run_id)
+        if run is None or run.status != "queued" or run.cancel_requested:
             return None
+        # Locking the org's row makes claims of one org take turns, so the count below cannot go stale.
+        org = session.get_one(Organization, run.org_id, with_for_update=True)
+        org_config = OrgConfig.model_validate(org.config)
+        if running_count(session, run.org_id) >= org_config.max_concurrent_trainings:
+            run.waiting_for_slot = True
+            raise_after_commit = NoSlot(f"organization {run.org_id} has no free training slot")
+        else:
+            raise_after_commit = None
+            claimed = session.execute(
+                update(TrainingRun)
+                .where(
+                    TrainingRun.id == run_id, TrainingRun.status == "queued", TrainingRun.cancel_requested.is_(False)
+                )
+                .values(
+                    status="running",
+                    attempts=TrainingRun.attempts + 1,
+                    claim_token=TrainingRun.claim_token + 1,
+                    lease_expires_at=utcnow() + timedelta(seconds=lease_s),
+                    worker=worker,
+                    started_at=utcnow(),
+                    error=None,
+                    waiting_for_slot=False,
+                    progress={"stage": "starting", "percent": 0},
+                )
+            )
+            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+    if raise_after_commit is not None:
+        raise raise_after_commit
+    with sessions() as session:
         run = session.get_one(TrainingRun, run_id)
         return Attempt(
             run_id=run.id,
@@ -82,6 +107,51 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
             org_config=OrgConfig.model_validate(session.get_one(Organization, run.org_id).config),
             source=_source(session, run),
         )
+
+
+def running_count(session: Session, org_id: str) -> int:
+    """Runs holding a slot: running with a live lease. A dead worker's run stops counting when its lease ends."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(TrainingRun)
+            .where(
+                TrainingRun.org_id == org_id, TrainingRun.status == "running", TrainingRun.lease_expires_at > utcnow()
+            )
+        )
+        or 0
+    )
+
+
+def wake_waiting(session: Session, org_id: str) -> list[int]:
+    """Send a message to as many of the org's runs waiting for a slot as there are free slots; oldest first."""
+    org = session.get_one(Organization, org_id, with_for_update=True)
+    free = OrgConfig.model_validate(org.config).max_concurrent_trainings - running_count(session, org_id)
+    if free <= 0:
+        return []
+    waiting = session.scalars(
+        select(TrainingRun)
+        .where(TrainingRun.org_id == org_id, TrainingRun.status == "queued", TrainingRun.waiting_for_slot.is_(True))
+        .order_by(TrainingRun.created_at)
+        .limit(free)
+        .with_for_update(skip_locked=True)
+    ).all()
+    messages = []
+    for run in waiting:
+        run.waiting_for_slot = False
+        messages.append(add_message(session, kind=KIND_TRAIN_TASK, payload={"run_id": run.id, "org_id": org_id}).id)
+    return messages
+
+
+def wake_all_waiting(sessions: SessionFactory) -> list[int]:
+    """The safety net, run by every worker's sweep: any org with waiting runs and a free slot gets messages."""
+    with session_scope(sessions) as session:
+        orgs = session.scalars(
+            select(TrainingRun.org_id)
+            .where(TrainingRun.status == "queued", TrainingRun.waiting_for_slot.is_(True))
+            .distinct()
+        ).all()
+        return [message for org_id in orgs for message in wake_waiting(session, org_id)]
 
 
 def _source(session: Session, run: TrainingRun) -> DatasetSource | DatabaseSource:
@@ -162,10 +232,11 @@ def finish(sessions: SessionFactory, attempt: Attempt, status: str, reason: str 
                 message=reason or status,
             )
         )
+        wake_waiting(session, attempt.org_id)
 
 
-def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdown_s: float) -> int:
-    """Put the run back in the queue for another attempt after `countdown_s`; returns the outbox message id."""
+def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdown_s: float) -> None:
+    """Put the run back in the queue for another attempt after `countdown_s` (its message waits in the outbox)."""
     with session_scope(sessions) as session:
         _write_fenced(
             session,
@@ -184,12 +255,12 @@ def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdow
                 message=f"{reason}; retrying in {countdown_s:g} s",
             )
         )
-        message = add_message(
+        wake_waiting(session, attempt.org_id)
+        add_message(
             session,
             kind=KIND_TRAIN_TASK,
             payload={"run_id": attempt.run_id, "org_id": attempt.org_id, "countdown": countdown_s},
         )
-        return message.id
 
 
 @dataclass(frozen=True)
@@ -241,6 +312,7 @@ def register_version(sessions: SessionFactory, attempt: Attempt, trained: Traine
                 validated_at=utcnow(),
             )
         )
+        wake_waiting(session, attempt.org_id)
     return status
 
 

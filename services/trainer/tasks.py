@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from celery import Task
+
 from services.trainer.celery_app import app
 from services.trainer.context import worker_context
 from services.trainer.revalidate import revalidate
@@ -9,9 +11,10 @@ from services.trainer.training import run_training
 from shared.queues import TRAIN_TASK, VALIDATE_TASK
 
 
-@app.task(name=TRAIN_TASK)  # type: ignore[untyped-decorator]
-def train(run_id: str) -> str:
-    return run_training(run_id, worker_context())
+@app.task(name=TRAIN_TASK, bind=True)  # type: ignore[untyped-decorator]
+def train(self: Task, run_id: str, org_id: str | None = None) -> str:
+    """`org_id` is only there for operators: Flower shows it beside each task."""
+    return run_training(run_id, worker_context(), worker=self.request.hostname)
 
 
 @app.task(name=VALIDATE_TASK)  # type: ignore[untyped-decorator]

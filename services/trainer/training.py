@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 import traceback
 from pathlib import Path
@@ -40,10 +41,23 @@ class Cancelled(KilnError):
     """A cancel was asked for while the attempt ran."""
 
 
-def run_training(run_id: str, context: WorkerContext) -> str:
-    """Carry out one attempt of a queued run and return what became of it; a run not queued is left alone."""
+def run_training(run_id: str, context: WorkerContext, *, worker: str | None = None) -> str:
+    """Carry out one attempt of a queued run and return what became of it; a run not queued is left alone, and a
+    run whose org has no free slot waits for one."""
+    try:
+        return _attempt(run_id, context, worker or socket.gethostname())
+    finally:
+        # Ending a run may have freed a slot and woken runs waiting for it: send their messages now.
+        relay(context.sessions, context.outbox_senders())
+
+
+def _attempt(run_id: str, context: WorkerContext, worker: str) -> str:
     settings = context.settings
-    attempt = runs.claim_run(context.sessions, run_id, worker=socket.gethostname(), lease_s=settings.run_lease_s)
+    try:
+        attempt = runs.claim_run(context.sessions, run_id, worker=worker, lease_s=settings.run_lease_s)
+    except runs.NoSlot:
+        log.info("run %s waits: its organization has no free training slot", run_id)
+        return "waiting"
     if attempt is None:
         log.info("run %s is not queued; nothing to do", run_id)
         return "skipped"
@@ -71,7 +85,7 @@ def _register(attempt: Attempt, context: WorkerContext, trained: TrainedVersion)
     try:
         status = runs.register_version(context.sessions, attempt, trained)
     except LeaseLost:
-        artifacts.remove_version(context.store, trained.artifact_prefix)
+        artifacts.remove_version(trained.artifact_prefix, context.store, context.holdout_store(attempt.org_config))
         raise
     runs.log(context.sessions, attempt, status, f"registered version {trained.version}: {status}")
     return status
@@ -83,15 +97,14 @@ def _retry_or_fail(attempt: Attempt, context: WorkerContext, reason: str) -> str
         runs.finish(context.sessions, attempt, "failed", f"{reason}; gave up after {attempt.number} attempts")
         return "failed"
     backoff = settings.run_retry_backoff_s * 2 ** (attempt.number - 1)
-    message_id = runs.requeue(context.sessions, attempt, f"attempt {attempt.number}: {reason}", countdown_s=backoff)
-    relay(context.sessions, context.outbox_senders(), ids=[message_id])
+    runs.requeue(context.sessions, attempt, f"attempt {attempt.number}: {reason}", countdown_s=backoff)
     return "retrying"
 
 
 def _train(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> TrainedVersion:
     step = _Steps(attempt, context, heartbeat)
     with context.sandbox.workspace() as workdir:
-        step.log("started", f"attempt {attempt.number} on {socket.gethostname()}")
+        step.log("started", f"attempt {attempt.number} on {socket.gethostname()} (pid {os.getpid()})")
         data = step.extract(workdir)
         train, holdout = split_holdout(data, attempt.config.validation_split)
         step.log(
@@ -232,7 +245,14 @@ class _Steps:
                 self.log(
                     "validating", f"{MODEL_FILE} is {size} bytes, over the size gate: not uploaded", level="warning"
                 )
-            artifacts.upload_candidate(store, prefix, outputs=outputs, holdout=holdout_file, with_model=fits)
+            artifacts.upload_candidate(
+                store,
+                prefix,
+                outputs=outputs,
+                holdout=holdout_file,
+                holdout_store=self.context.holdout_store(self.attempt.org_config),
+                with_model=fits,
+            )
             verdict = self._judge(prefix, sha256, holdout, gates) if fits else size_rejection(size, gates)
             self.enter("storing", 95)
             metrics = {
@@ -245,7 +265,7 @@ class _Steps:
             )
             self.log("stored", f"artifacts of {version} stored under {prefix}")
         except BaseException:
-            artifacts.remove_version(store, prefix)
+            artifacts.remove_version(prefix, store, self.context.holdout_store(self.attempt.org_config))
             raise
         return TrainedVersion(
             version=version,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Integer, MetaData, String, Text, false
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db.types import JsonType, UTCDateTime, utcnow
@@ -80,6 +80,12 @@ class TrainingRun(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     # Fencing: each claim takes the next token, and an attempt's writes only land while the token is still its own.
     claim_token: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Set when the org had no free slot at claim time: the run waits for a slot without a message in the queue,
+    # and whoever frees a slot sends it one.
+    waiting_for_slot: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    trigger: Mapped[str] = mapped_column(String(16), default="api", server_default="api")
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    request_hash: Mapped[str | None] = mapped_column(String(64), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -87,6 +93,8 @@ class TrainingRun(Base):
     __table_args__ = (
         Index("ix_training_runs_org_created", "org_id", "created_at"),
         Index("ix_training_runs_status_lease", "status", "lease_expires_at"),
+        Index("ix_training_runs_org_status", "org_id", "status"),
+        Index("uq_training_runs_org_idempotency", "org_id", "idempotency_key", unique=True),
     )
 
 
@@ -152,6 +160,9 @@ class Deployment(Base):
     action: Mapped[str] = mapped_column(String(16))
     actor: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # "deployed", or "failed" when a predictor refused the version (corrupt, wrong signature, NaN) and kept the old.
+    status: Mapped[str] = mapped_column(String(16), default="deployed", server_default="deployed")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class CurrentDeployment(Base):
@@ -173,3 +184,51 @@ class OutboxMessage(Base):
     payload: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+
+
+class Prediction(Base):
+    """One answered row, for orgs that keep prediction records (the seed's Prediction table)."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    version: Mapped[str] = mapped_column(String(48))
+    score: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(200))
+    risk_level: Mapped[str] = mapped_column(String(16))
+    latency_ms: Mapped[float] = mapped_column(Float)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_predictions_org_id_id", "org_id", "id"),)
+
+
+class Schedule(Base):
+    """An org's recurring training: a 5-field cron pattern in its timezone, and the TrainingConfig it runs."""
+
+    __tablename__ = "schedules"
+
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), primary_key=True)
+    pattern: Mapped[str] = mapped_column(String(100))
+    timezone: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    training_config: Mapped[dict[str, Any]] = mapped_column()
+    next_fire_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    last_fired_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """Append-only: who changed what in an org, and when. Nothing updates or deletes these rows."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(String(63))
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(300))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_audit_log_org_id_id", "org_id", "id"),)

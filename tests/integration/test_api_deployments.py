@@ -75,7 +75,7 @@ def test_rollback_walks_back_through_older_validated_versions(api: TestClient, o
     assert back.status_code == 200
     assert back.json()["version"] == second
     back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
-    assert back.json() | {"deployedAt": None} == {"version": first, "deployedAt": None, "rollbackAvailable": False}
+    assert (back.json()["version"], back.json()["rollbackAvailable"]) == (first, False)
     nothing_older = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
     assert nothing_older.status_code == 409
 

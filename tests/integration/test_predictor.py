@@ -180,7 +180,7 @@ def test_a_body_that_is_not_json_or_too_large_is_refused(serving: OrgKeys, predi
     garbage = predictor.post(url, content=b"{rows:", headers=serving.viewer)
     assert garbage.status_code == 400 and garbage.json()["field"] == "body"
     huge = predictor.post(url, json={"rows": [ai4i_row()] * 10_000}, headers=serving.viewer)
-    assert huge.status_code == 413
+    assert huge.status_code == 413 and huge.json()["field"] == "body"
     assert served_version(predictor, serving) is not None
 
 

@@ -20,14 +20,16 @@ FEATURES = list(ai4i.FEATURES)
 
 
 @functools.cache
-def tiny_model(seed: int = 0, trees: int = 10) -> bytes:
-    """ONNX bytes of a 10-tree model on 2,000 AI4I rows; cached per seed, so each is trained once per session."""
+def tiny_model(seed: int = 0, trees: int = 10, n_features: int = len(FEATURES)) -> bytes:
+    """ONNX bytes of a small model on 2,000 AI4I rows and the first n_features features; cached, so each is trained
+    once per session."""
+    features = FEATURES[:n_features]
     with TemporaryDirectory() as folder:
         path = Path(folder) / "ai4i.parquet"
         ai4i.write_parquet(ai4i.generate(2_000, seed=seed), path)
-        data = load_training_data(path, feature_columns=FEATURES, target_column=ai4i.TARGET)
+        data = load_training_data(path, feature_columns=features, target_column=ai4i.TARGET)
     booster = fit_booster(data, {"objective": "binary", "num_iterations": trees, "num_leaves": 7, "verbosity": -1})
-    return booster_to_onnx(booster, len(FEATURES))
+    return booster_to_onnx(booster, len(features))
 
 
 def register_model(engine: Engine, store: ObjectStore, org_id: str, model: bytes, **kwargs: object) -> str:
@@ -40,3 +42,31 @@ def register_model(engine: Engine, store: ObjectStore, org_id: str, model: bytes
 def ai4i_row(index: int = 0) -> dict[str, float]:
     table = ai4i.generate(index + 1, seed=99).slice(index, 1)
     return {name: float(table.column(name)[0].as_py()) for name in FEATURES}
+
+
+def nan_model(n_features: int = len(FEATURES)) -> bytes:
+    """A well-formed ONNX model with Kiln's signature whose probabilities are NaN: it loads, and fails warm-up."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("ReduceSum", ["input", "axes"], ["total"], keepdims=1),
+        helper.make_node("Mul", ["total", "nan"], ["not_a_number"]),
+        helper.make_node("Concat", ["not_a_number", "not_a_number"], ["probabilities"], axis=1),
+        helper.make_node("ArgMax", ["probabilities"], ["label"], axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "nan",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, n_features])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2]),
+        ],
+        initializer=[
+            helper.make_tensor("axes", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())

@@ -63,7 +63,7 @@ def fresh_postgres_database() -> Iterator[str]:
         admin.dispose()
 
 
-def test_redis_url() -> str:
+def redis_for_tests() -> str:
     url = os.environ.get("KILN_TEST_REDIS_URL", DEFAULT_REDIS_URL)
     redis.Redis.from_url(url).ping()
     return url

@@ -14,9 +14,10 @@ from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.ingest import ingest
 from services.api.lookups import get_owned
 from services.api.schemas import DatasetOut
-from shared.db.models import Dataset
-from shared.errors import PayloadTooLarge
+from shared.db.models import Dataset, Organization
+from shared.errors import Conflict, PayloadTooLarge
 from shared.layout import dataset_key
+from shared.schemas import OrgConfig
 from shared.storage import CHUNK, sha256_file
 
 router = APIRouter(prefix="/v1/orgs/{org}/datasets", tags=["datasets"])
@@ -31,6 +32,12 @@ def upload_dataset(
     file: Annotated[UploadFile, File(description="CSV with a header row, or Parquet")],
     timestamp_column: Annotated[str | None, Form(alias="timestampColumn")] = None,
 ) -> DatasetOut:
+    if OrgConfig.model_validate(session.get_one(Organization, access.org_id).config).data_residency == "local":
+        raise Conflict(
+            f"organization {access.org_id} keeps its data on its premises (dataResidency local): train from its "
+            "datasource on a worker of its own instead of uploading",
+            field="file",
+        )
     limit = resources.settings.max_upload_mb * 1024 * 1024
     if int(request.headers.get("content-length") or 0) > limit:
         raise PayloadTooLarge(f"the upload is over {resources.settings.max_upload_mb} MB", field="file")

@@ -8,6 +8,7 @@ from sqlalchemy.exc import ArgumentError
 
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
 from services.api.schemas import DataSourceIn, DataSourceOut
+from shared.audit import record_change
 from shared.db.models import DataSource
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, NotFound
@@ -33,6 +34,14 @@ def put_datasource(body: DataSourceIn, access: OrgAdmin, session: SessionDep, re
     row.updated_at = utcnow()
     session.add(row)
     session.flush()
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=access.principal.key_id,
+        action="datasource.set",
+        target=row.table_name,
+        detail={"url": _datasource_out(row).url, "columnMap": row.column_map},
+    )
     return _datasource_out(row)
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.api import registry
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
-from services.api.schemas import DeploymentOut, DeployRequest, RollbackRequest
-from shared.db.models import CurrentDeployment
+from services.api.schemas import DeploymentOut, DeploymentRecord, DeployRequest, RollbackRequest
+from shared.audit import record_change
+from shared.db.models import CurrentDeployment, Deployment
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["deployments"])
 
@@ -19,6 +23,9 @@ def deploy(body: DeployRequest, access: OrgAdmin, session: SessionDep, resources
     version = registry.deployable_version(session, org_id=access.org_id, version=body.version)
     current, message = registry.record_deployment(
         session, org_id=access.org_id, version=version.version, action="deploy", actor=access.principal.key_id
+    )
+    record_change(
+        session, org_id=access.org_id, actor=access.principal.key_id, action="model.deployed", target=version.version
     )
     if message is not None:
         commit_and_send(session, resources, message)
@@ -31,6 +38,9 @@ def rollback(body: RollbackRequest, access: OrgAdmin, session: SessionDep, resou
     current, message = registry.record_deployment(
         session, org_id=access.org_id, version=target, action="rollback", actor=access.principal.key_id
     )
+    record_change(
+        session, org_id=access.org_id, actor=access.principal.key_id, action="model.rolled_back", target=target
+    )
     if message is not None:
         commit_and_send(session, resources, message)
     return _deployment_out(session, current)
@@ -41,8 +51,37 @@ def current_deployment(access: OrgViewer, session: SessionDep) -> DeploymentOut:
     return _deployment_out(session, registry.current_deployment(session, org_id=access.org_id))
 
 
+@router.get("/deployments", response_model=list[DeploymentRecord])
+def deployment_history(
+    access: OrgViewer, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[DeploymentRecord]:
+    """Every deploy and rollback, newest first: who, when, from which version to which, and how it went."""
+    rows = session.scalars(
+        select(Deployment).where(Deployment.org_id == access.org_id).order_by(Deployment.id.desc()).limit(limit)
+    )
+    return [
+        DeploymentRecord(
+            deployment_id=row.id,
+            action=row.action,
+            version=row.version,
+            previous_version=row.previous_version,
+            actor=row.actor,
+            status=row.status,
+            error=row.error,
+            created_at=row.created_at,
+        )
+        for row in rows
+    ]
+
+
 def _deployment_out(session: Session, current: CurrentDeployment) -> DeploymentOut:
     earlier = registry.earlier_deployable(session, org_id=current.org_id, version=current.version)
+    history = session.get_one(Deployment, current.deployment_id)
     return DeploymentOut(
-        version=current.version, deployed_at=current.deployed_at, rollback_available=earlier is not None
+        version=current.version,
+        deployed_at=current.deployed_at,
+        rollback_available=earlier is not None,
+        deployment_id=history.id,
+        status=history.status,
+        error=history.error,
     )

@@ -8,22 +8,32 @@ from sqlalchemy.exc import IntegrityError
 from services.api.deps import OrgAdmin, OrgOperator, OrgViewer, PlatformAdmin, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
 from services.api.schemas import KeyCreate, KeyCreated, OrgCreate, OrgOut, OrgUpdate
+from shared.audit import record_change
 from shared.db.models import ApiKey, Organization
 from shared.errors import Conflict
-from shared.keys import hash_key, new_key, new_key_id
-from shared.outbox import KIND_ORG_CREATED, add_message
+from shared.keys import PLATFORM_ADMIN, hash_key, new_key, new_key_id
+from shared.outbox import KIND_ORGS_CHANGED, add_message
 
 router = APIRouter(prefix="/v1/orgs", tags=["organizations"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=OrgOut)
-def create_org(body: OrgCreate, _admin: PlatformAdmin, session: SessionDep, resources: ResourcesDep) -> Organization:
+def create_org(body: OrgCreate, admin: PlatformAdmin, session: SessionDep, resources: ResourcesDep) -> Organization:
     if session.get(Organization, body.id) is not None:
         raise Conflict(f"organization {body.id!r} already exists", field="id")
     org = Organization(id=body.id, name=body.name, config=body.config.model_dump(by_alias=True, exclude_none=True))
     try:
         session.add(org)
-        message = add_message(session, kind=KIND_ORG_CREATED, payload={"org_id": org.id})
+        session.flush()
+        record_change(
+            session,
+            org_id=org.id,
+            actor=admin.key_id,
+            action="org.created",
+            target=org.id,
+            detail={"name": org.name, "config": org.config},
+        )
+        message = add_message(session, kind=KIND_ORGS_CHANGED, payload={"org_id": org.id})
         commit_and_send(session, resources, message)
     except IntegrityError:
         raise Conflict(f"organization {body.id!r} already exists", field="id") from None
@@ -36,14 +46,23 @@ def get_org(access: OrgViewer, session: SessionDep) -> Organization:
 
 
 @router.patch("/{org}", response_model=OrgOut)
-def update_org(org: OrgOperator, body: OrgUpdate, session: SessionDep) -> Organization:
-    """Rename an org or replace its config (gates, training script and limits): operators only."""
+def update_org(org: OrgOperator, body: OrgUpdate, session: SessionDep, resources: ResourcesDep) -> Organization:
+    """Rename an org or replace its config (residency, limits, gates, training script, records): operators only."""
     row = session.get_one(Organization, org)
     if body.name is not None:
         row.name = body.name
     if body.config is not None:
         row.config = body.config.model_dump(by_alias=True, exclude_none=True)
-    session.flush()
+    record_change(
+        session,
+        org_id=org,
+        actor=PLATFORM_ADMIN.key_id,
+        action="org.updated",
+        target=org,
+        detail=body.model_dump(by_alias=True, exclude_none=True),
+    )
+    # Residency decides which workers consume the org's queue: they look again now.
+    commit_and_send(session, resources, add_message(session, kind=KIND_ORGS_CHANGED, payload={"org_id": org}))
     return row
 
 
@@ -53,4 +72,12 @@ def create_key(body: KeyCreate, access: OrgAdmin, session: SessionDep) -> KeyCre
     row = ApiKey(id=new_key_id(), org_id=access.org_id, role=body.role, key_hash=hash_key(key))
     session.add(row)
     session.flush()
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=access.principal.key_id,
+        action="key.created",
+        target=row.id,
+        detail={"role": row.role},
+    )
     return KeyCreated(key_id=row.id, role=row.role, key=key, created_at=row.created_at)

@@ -2,42 +2,73 @@
 
 from __future__ import annotations
 
-import secrets
+import hashlib
+from typing import Annotated
 
-from fastapi import APIRouter, status
-from sqlalchemy import select, update
+import orjson
+from fastapi import APIRouter, Header, status
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.lookups import get_owned
 from services.api.outbox_relay import commit_and_send
+from services.api.ratelimit import take_submission
 from services.api.schemas import RunAccepted, RunLogOut, RunOut
-from shared.db.models import Dataset, DataSource, ModelVersion, RunLog, TrainingRun
-from shared.db.types import utcnow
-from shared.errors import Conflict, InvalidInput
-from shared.outbox import KIND_TRAIN_TASK, add_message
-from shared.schemas import TrainingConfig
+from services.api.training_checks import check_source
+from shared.audit import record_change
+from shared.cancellation import request_cancel
+from shared.db.models import ModelVersion, Organization, RunLog, TrainingRun
+from shared.errors import Conflict
+from shared.schemas import OrgConfig, TrainingConfig
+from shared.submissions import queue_run
 
 router = APIRouter(prefix="/v1/orgs/{org}/trainings", tags=["trainings"])
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=RunAccepted)
 def submit_training(
-    config: TrainingConfig, access: OrgTrainer, session: SessionDep, resources: ResourcesDep
+    config: TrainingConfig,
+    access: OrgTrainer,
+    session: SessionDep,
+    resources: ResourcesDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> RunAccepted:
-    dataset_id = _check_source(session, config, org_id=access.org_id)
-    run = TrainingRun(
-        id="run_" + secrets.token_hex(8),
+    """Queue a run. With an Idempotency-Key, the same key and body return the same run; another body is a 409."""
+    body_hash = hashlib.sha256(orjson.dumps(config.to_wire(), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    if idempotency_key is not None and (earlier := _by_key(session, access.org_id, idempotency_key, body_hash)):
+        return RunAccepted(run_id=earlier.id, status=earlier.status)
+    org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
+    dataset_id = check_source(session, config, org_id=access.org_id)
+    take_submission(resources.redis, access.org_id, org_config.submissions_per_minute)
+    run, message = queue_run(
+        session,
         org_id=access.org_id,
-        status="queued",
-        config=config.to_wire(),
+        config=config,
         dataset_id=dataset_id,
-        progress={"stage": "queued", "percent": 0},
+        actor=access.principal.key_id,
+        trigger="api",
+        idempotency_key=idempotency_key,
+        request_hash=body_hash,
     )
-    session.add(run)
-    message = add_message(session, kind=KIND_TRAIN_TASK, payload={"run_id": run.id, "org_id": access.org_id})
-    commit_and_send(session, resources, message)
+    try:
+        commit_and_send(session, resources, message)
+    except IntegrityError:  # the same key, submitted at the same moment by another request
+        session.rollback()
+        if idempotency_key is None or not (earlier := _by_key(session, access.org_id, idempotency_key, body_hash)):
+            raise
+        return RunAccepted(run_id=earlier.id, status=earlier.status)
     return RunAccepted(run_id=run.id, status=run.status)
+
+
+def _by_key(session: Session, org_id: str, key: str, body_hash: str) -> TrainingRun | None:
+    earlier = session.scalar(
+        select(TrainingRun).where(TrainingRun.org_id == org_id, TrainingRun.idempotency_key == key)
+    )
+    if earlier is not None and earlier.request_hash != body_hash:
+        raise Conflict(f"Idempotency-Key {key!r} was used for another request body", field="Idempotency-Key")
+    return earlier
 
 
 @router.get("", response_model=list[RunOut])
@@ -65,71 +96,20 @@ def get_training(run_id: str, access: OrgViewer, session: SessionDep) -> RunOut:
 def cancel_training(run_id: str, access: OrgTrainer, session: SessionDep) -> RunOut:
     """A queued run is cancelled at once and never starts; a running one is stopped by its worker within seconds."""
     run = get_owned(session, TrainingRun, run_id, org_id=access.org_id)
-    for status_now, changes in (
-        (
-            "queued",
-            {
-                "status": "cancelled",
-                "finished_at": utcnow(),
-                "progress": {"stage": "cancelled", "percent": 100},
-                "error": "cancelled before it started",
-            },
-        ),
-        ("running", {}),
-    ):
-        updated = session.execute(
-            update(TrainingRun)
-            .where(TrainingRun.id == run_id, TrainingRun.status == status_now)
-            .values(cancel_requested=True, **changes)
-        )
-        if updated.rowcount == 1:  # type: ignore[attr-defined]
-            session.commit()
-            session.refresh(run)
-            return _run_out(run, None)
+    if request_cancel(session, run_id) is None:
+        raise Conflict(f"run {run_id} is already {run.status}", field="runId")
+    record_change(
+        session, org_id=access.org_id, actor=access.principal.key_id, action="training.cancelled", target=run_id
+    )
+    session.commit()
     session.refresh(run)
-    raise Conflict(f"run {run_id} is already {run.status}", field="runId")
+    return _run_out(run, None)
 
 
 @router.get("/{run_id}/logs", response_model=list[RunLogOut])
 def training_logs(run_id: str, access: OrgViewer, session: SessionDep) -> list[RunLog]:
     get_owned(session, TrainingRun, run_id, org_id=access.org_id)
     return list(session.scalars(select(RunLog).where(RunLog.run_id == run_id).order_by(RunLog.id)))
-
-
-def _check_source(session: Session, config: TrainingConfig, *, org_id: str) -> str | None:
-    """The dataset the run reads (None: the org's datasource), checked so a bad run is refused before queueing."""
-    if config.dataset_id is not None:
-        return _dataset_for(session, config, org_id=org_id).id
-    datasource = session.get(DataSource, org_id)
-    if datasource is None:
-        raise InvalidInput("datasetId is required: upload a dataset or configure the datasource", field="datasetId")
-    if config.data_range is not None and datasource.timestamp_column is None:
-        raise InvalidInput("dataRange needs the datasource's timestampColumn, and none is set", field="dataRange")
-    return None
-
-
-def _dataset_for(session: Session, config: TrainingConfig, *, org_id: str) -> Dataset:
-    assert config.dataset_id is not None
-    dataset = get_owned(session, Dataset, config.dataset_id, org_id=org_id, field="datasetId")
-    columns = {column["name"]: column for column in dataset.columns}
-    if config.target_column not in columns:
-        raise InvalidInput(
-            f"targetColumn {config.target_column!r} is not a column of dataset {dataset.id}", field="targetColumn"
-        )
-    missing = [name for name in config.feature_columns if name not in columns]
-    if missing:
-        raise InvalidInput(f"featureColumns not in dataset {dataset.id}: {', '.join(missing)}", field="featureColumns")
-    non_numeric = [
-        f"{name} ({columns[name]['type']})" for name in config.feature_columns if not columns[name]["numeric"]
-    ]
-    if non_numeric:
-        raise InvalidInput(f"featureColumns hold non-numeric values: {', '.join(non_numeric)}", field="featureColumns")
-    if config.data_range is not None and dataset.timestamp_column is None:
-        raise InvalidInput(
-            f"dataRange needs a timestamp column, and dataset {dataset.id} was uploaded without timestampColumn",
-            field="dataRange",
-        )
-    return dataset
 
 
 def _run_out(run: TrainingRun, version: ModelVersion | None) -> RunOut:
@@ -141,6 +121,9 @@ def _run_out(run: TrainingRun, version: ModelVersion | None) -> RunOut:
         error=run.error,
         attempts=run.attempts,
         cancel_requested=run.cancel_requested,
+        waiting_for_slot=run.waiting_for_slot,
+        trigger=run.trigger,
+        worker=run.worker,
         progress=run.progress,
         config=run.config,
         created_at=run.created_at,

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures: `bench/train.py` (training), `bench/serve.py` (serving)."""

@@ -1,0 +1,29 @@
+"""Limits at the door: each org's training submissions per minute, counted in Redis across every api replica."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+from shared.errors import TooManyRequests
+
+WINDOW_S = 60
+
+
+def take_submission(client: redis.Redis, org_id: str, per_minute: int) -> None:
+    """Count one submission in the current minute; refuse with the seconds until the next one when over."""
+    now = time.time()
+    window = int(now // WINDOW_S)
+    key = f"kiln:submissions:{org_id}:{window}"
+    with client.pipeline() as pipeline:
+        pipeline.incr(key)
+        pipeline.expire(key, WINDOW_S * 2)
+        count, _ = pipeline.execute()
+    if int(count) > per_minute:
+        retry_after = max(1, int((window + 1) * WINDOW_S - now) + 1)
+        raise TooManyRequests(
+            f"organization {org_id} may submit {per_minute} trainings a minute; try again in {retry_after} s",
+            detail={"retryAfter": retry_after},
+            headers={"Retry-After": str(retry_after)},
+        )

@@ -1,0 +1,88 @@
+"""An org's recurring training: a cron pattern in its timezone, fired by Celery beat from the database."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, Response, status
+
+from services.api.deps import OrgAdmin, OrgViewer, SessionDep
+from services.api.schemas import ScheduleIn, ScheduleOut
+from services.api.training_checks import check_source
+from shared.audit import record_change
+from shared.db.models import Schedule
+from shared.db.types import utcnow
+from shared.errors import InvalidInput, NotFound
+from shared.schedules import DST_POLICY, ScheduleError, check_pattern, next_fire_times, zone
+
+router = APIRouter(prefix="/v1/orgs/{org}/schedule", tags=["schedule"])
+
+SHOWN_FIRES = 5
+
+
+@router.put("", response_model=ScheduleOut)
+def put_schedule(body: ScheduleIn, access: OrgAdmin, session: SessionDep) -> ScheduleOut:
+    """Set the schedule; beat picks the change up at its next tick, without a restart."""
+    try:
+        check_pattern(body.pattern)
+    except ScheduleError as error:
+        raise InvalidInput(str(error), field="pattern") from None
+    try:
+        zone(body.timezone)
+    except ScheduleError as error:
+        raise InvalidInput(str(error), field="timezone") from None
+    check_source(session, body.training_config, org_id=access.org_id)
+    row = session.get(Schedule, access.org_id) or Schedule(org_id=access.org_id)
+    row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
+    row.training_config = body.training_config.to_wire()
+    row.next_fire_at = _upcoming(row, utcnow(), 1)[0] if body.enabled else None
+    row.updated_at = utcnow()
+    session.add(row)
+    session.flush()
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=access.principal.key_id,
+        action="schedule.set",
+        target=body.pattern,
+        detail={"timezone": body.timezone, "enabled": body.enabled},
+    )
+    return _schedule_out(row)
+
+
+@router.get("", response_model=ScheduleOut)
+def get_schedule(access: OrgViewer, session: SessionDep) -> ScheduleOut:
+    return _schedule_out(_existing(session, access.org_id))
+
+
+@router.delete("", status_code=status.HTTP_204_NO_CONTENT)
+def delete_schedule(access: OrgAdmin, session: SessionDep) -> Response:
+    row = _existing(session, access.org_id)
+    session.delete(row)
+    record_change(
+        session, org_id=access.org_id, actor=access.principal.key_id, action="schedule.deleted", target=row.pattern
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _existing(session: SessionDep, org_id: str) -> Schedule:
+    row = session.get(Schedule, org_id)
+    if row is None:
+        raise NotFound(f"organization {org_id!r} has no schedule")
+    return row
+
+
+def _upcoming(row: Schedule, after: datetime, count: int) -> list[datetime]:
+    return next_fire_times(row.pattern, row.timezone, after=after, count=count)
+
+
+def _schedule_out(row: Schedule) -> ScheduleOut:
+    return ScheduleOut(
+        pattern=row.pattern,
+        timezone=row.timezone,
+        enabled=row.enabled,
+        training_config=row.training_config,
+        next_fire_times=_upcoming(row, utcnow(), SHOWN_FIRES) if row.enabled else [],
+        last_fired_at=row.last_fired_at,
+        dst_policy=DST_POLICY,
+    )

@@ -1,0 +1,46 @@
+"""Checks a TrainingConfig must pass against what the org has, before a run is queued (by a POST or a schedule)."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from services.api.lookups import get_owned
+from shared.db.models import Dataset, DataSource
+from shared.errors import InvalidInput
+from shared.schemas import TrainingConfig
+
+
+def check_source(session: Session, config: TrainingConfig, *, org_id: str) -> str | None:
+    """The dataset the run reads (None: the org's datasource), checked so a bad run is refused before queueing."""
+    if config.dataset_id is not None:
+        return _dataset_for(session, config, org_id=org_id).id
+    datasource = session.get(DataSource, org_id)
+    if datasource is None:
+        raise InvalidInput("datasetId is required: upload a dataset or configure the datasource", field="datasetId")
+    if config.data_range is not None and datasource.timestamp_column is None:
+        raise InvalidInput("dataRange needs the datasource's timestampColumn, and none is set", field="dataRange")
+    return None
+
+
+def _dataset_for(session: Session, config: TrainingConfig, *, org_id: str) -> Dataset:
+    assert config.dataset_id is not None
+    dataset = get_owned(session, Dataset, config.dataset_id, org_id=org_id, field="datasetId")
+    columns = {column["name"]: column for column in dataset.columns}
+    if config.target_column not in columns:
+        raise InvalidInput(
+            f"targetColumn {config.target_column!r} is not a column of dataset {dataset.id}", field="targetColumn"
+        )
+    missing = [name for name in config.feature_columns if name not in columns]
+    if missing:
+        raise InvalidInput(f"featureColumns not in dataset {dataset.id}: {', '.join(missing)}", field="featureColumns")
+    non_numeric = [
+        f"{name} ({columns[name]['type']})" for name in config.feature_columns if not columns[name]["numeric"]
+    ]
+    if non_numeric:
+        raise InvalidInput(f"featureColumns hold non-numeric values: {', '.join(non_numeric)}", field="featureColumns")
+    if config.data_range is not None and dataset.timestamp_column is None:
+        raise InvalidInput(
+            f"dataRange needs a timestamp column, and dataset {dataset.id} was uploaded without timestampColumn",
+            field="dataRange",
+        )
+    return dataset

@@ -1,0 +1,61 @@
+"""When a weekly (or any 5-field cron) schedule fires, in an org's own timezone, across daylight-saving changes.
+
+The policy is cron's own (ISC cron / cronie): a time the spring-forward change skips fires once, at the moment
+the clocks jump (02:30 on that night fires at 03:00); a time the fall-back change repeats fires once, at its first
+occurrence. Several skipped times of one night fire once between them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
+
+MINUTE = timedelta(minutes=1)
+DST_POLICY = (
+    "a time skipped by a daylight-saving change fires once, when the clocks jump; a time repeated by one fires once, "
+    "at its first occurrence"
+)
+
+
+class ScheduleError(ValueError):
+    """A pattern or timezone that cannot be scheduled; the message says which."""
+
+
+def check_pattern(pattern: str) -> str:
+    if len(pattern.split()) != 5 or not croniter.is_valid(pattern):
+        raise ScheduleError(f"pattern {pattern!r} is not a 5-field cron pattern such as '0 2 * * 0'")
+    return pattern
+
+
+def zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ScheduleError(f"timezone {name!r} is not an IANA timezone such as 'America/New_York'") from None
+
+
+def next_fire_times(pattern: str, timezone: str, *, after: datetime, count: int = 1) -> list[datetime]:
+    """The next `count` UTC instants strictly after `after` at which the schedule fires."""
+    tz = zone(timezone)
+    local_start = after.astimezone(tz).replace(tzinfo=None) - timedelta(hours=3)  # covers a repeated hour
+    walk = croniter(check_pattern(pattern), local_start)
+    fires: list[datetime] = []
+    while len(fires) < count:
+        instant = _instant(walk.get_next(datetime), tz)
+        if instant > after and (not fires or instant > fires[-1]):
+            fires.append(instant)
+    return fires
+
+
+def _instant(wall_clock: datetime, tz: ZoneInfo) -> datetime:
+    """The UTC instant of a local wall-clock time: its first occurrence, or the end of the gap it falls in."""
+    first = wall_clock.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    if first.astimezone(tz).replace(tzinfo=None) == wall_clock:
+        return first
+    # Skipped by a spring-forward change: walk to the first minute whose wall clock is past it.
+    instant = wall_clock.replace(tzinfo=tz, fold=1).astimezone(UTC).replace(second=0, microsecond=0)
+    while instant.astimezone(tz).replace(tzinfo=None) <= wall_clock:
+        instant += MINUTE
+    return instant

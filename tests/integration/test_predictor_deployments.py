@@ -1,0 +1,144 @@
+"""What an operator relies on when deploying: broken versions are refused while the old one keeps serving, many
+orgs share a process within a memory budget, and orgs that ask for it get a record of every answer."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine
+
+from services.predictor.app import create_app
+from shared.layout import model_key
+from shared.settings import Settings
+from shared.storage import ObjectStore, open_object_store
+from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
+from tests.integration.test_predictor import deploy_quietly, eventually, served_version
+from tests.support.models import ai4i_row, nan_model, register_model, tiny_model
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = create_engine(settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(settings: Settings) -> ObjectStore:
+    return open_object_store(settings)
+
+
+def start_predictor(settings: Settings, **changes: object) -> TestClient:
+    tuned = settings.model_copy(update={"predictor_reconcile_s": 0.5, "predictor_record_flush_s": 0.2, **changes})
+    return TestClient(create_app(tuned), raise_server_exceptions=False)
+
+
+def current_deployment(api: TestClient, org: OrgKeys) -> dict[str, Any]:
+    return dict(api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json())
+
+
+def records_of(api: TestClient, org: OrgKeys) -> list[dict[str, Any]]:
+    return list(api.get(f"/v1/orgs/{org.org_id}/predictions", headers=org.viewer).json())
+
+
+def tampered(engine: Engine, store: ObjectStore, org_id: str) -> str:
+    version = register_model(engine, store, org_id, tiny_model(seed=2))
+    store.put_bytes(model_key(org_id, version), tiny_model(seed=3))
+    return version
+
+
+BROKEN: dict[str, Callable[[Engine, ObjectStore, str], str]] = {
+    "corrupt ONNX": lambda engine, store, org_id: register_model(engine, store, org_id, b"\x08\x07 not a model"),
+    "wrong input signature": lambda engine, store, org_id: register_model(
+        engine, store, org_id, tiny_model(n_features=5)
+    ),
+    "sha256 mismatch": tampered,
+    "NaN on warm-up": lambda engine, store, org_id: register_model(engine, store, org_id, nan_model()),
+}
+REASONS = {
+    "corrupt ONNX": "InvalidProtobuf|INVALID_PROTOBUF|Failed to load",
+    "wrong input signature": "expected one input",
+    "sha256 mismatch": "does not match the recorded",
+    "NaN on warm-up": "warm-up gave",
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_a_broken_candidate_is_refused_the_old_version_serves_on_and_the_deployment_reads_failed(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings, kind: str
+) -> None:
+    good = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    broken = BROKEN[kind](engine, store, org.org_id)
+    with start_predictor(settings) as predictor:
+        api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": good}, headers=org.admin)
+        assert eventually(lambda: served_version(predictor, org) == good)
+        assert (
+            api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": broken}, headers=org.admin).status_code
+            == 201
+        )
+        assert eventually(lambda: current_deployment(api, org)["status"] == "failed")
+        current = current_deployment(api, org)
+        assert current["version"] == broken
+        assert re.search(REASONS[kind], current["error"]), current["error"]
+        for _ in range(20):
+            assert served_version(predictor, org) == good
+            assert predictor.get("/v2/health/ready").status_code == 200
+        history = api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()
+        assert [(row["version"], row["status"]) for row in history] == [(broken, "failed"), (good, "deployed")]
+
+
+def test_fifty_orgs_share_one_process_within_its_memory_budget(
+    api: TestClient, engine: Engine, store: ObjectStore, settings: Settings, org_id: str
+) -> None:
+    orgs = [create_org_with_keys(api, f"{org_id}-{i:02d}") for i in range(50)]
+    for i, org in enumerate(orgs):
+        deploy_quietly(engine, org.org_id, register_model(engine, store, org.org_id, tiny_model(seed=i % 4)))
+    with start_predictor(settings, predictor_memory_mb=10) as predictor:
+        assert eventually(lambda: predictor.get("/v2/health/ready").status_code == 200)
+        state = predictor.app.state.predictor  # type: ignore[attr-defined]
+        for _ in range(2):
+            for org in orgs:
+                assert served_version(predictor, org) is not None
+                assert len(state.cache.versions()) <= 10
+        assert state.cache.used_mb() <= 10
+
+
+def test_an_org_that_keeps_records_can_read_every_answer(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    config = {"predictions": {"record": True, "riskBands": [0.01, 0.02]}}
+    assert api.patch(f"/v1/orgs/{org.org_id}", json={"config": config}, headers=ADMIN).status_code == 200
+    version = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy_quietly(engine, org.org_id, version)
+    rows = [ai4i_row(i) for i in range(5)]
+    with start_predictor(settings) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == version)
+        answer = predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": rows}, headers=org.viewer).json()
+        assert eventually(lambda: len(records_of(api, org)) >= 6)
+    records = records_of(api, org)
+    assert len(records) == 6 and {record["version"] for record in records} == {version}
+    newest = records[:5][::-1]
+    assert [r["score"] for r in newest] == pytest.approx([p["score"] for p in answer["predictions"]])
+    assert [r["riskLevel"] for r in newest] == [p["riskLevel"] for p in answer["predictions"]]
+    expected = [
+        "low" if p["score"] < 0.01 else "medium" if p["score"] < 0.02 else "high" for p in answer["predictions"]
+    ]
+    assert [p["riskLevel"] for p in answer["predictions"]] == expected
+    assert all(record["latencyMs"] > 0 for record in records)
+    page = api.get(f"/v1/orgs/{org.org_id}/predictions?limit=2&before={records[1]['id']}", headers=org.viewer).json()
+    assert [record["id"] for record in page] == [records[2]["id"], records[3]["id"]]
+
+
+def test_an_org_that_keeps_no_records_leaves_none(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    deploy_quietly(engine, org.org_id, register_model(engine, store, org.org_id, tiny_model(seed=1)))
+    with start_predictor(settings) as predictor:
+        assert eventually(lambda: served_version(predictor, org) is not None)
+        time.sleep(0.5)
+    assert records_of(api, org) == []

@@ -1,0 +1,480 @@
+"""Infer payloads, good and bad, on the predictor in-process over real PostgreSQL, Redis and S3: a bad one is refused
+with a 4xx whose JSON names the problem and the field, never a 5xx, and the next valid request still succeeds.
+Named cases first, then hypothesis properties over arbitrary payloads and mutations of valid ones."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, event, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, create_engine
+from tritonclient.http import InferResult
+
+from services.predictor.app import create_app
+from shared.settings import Settings
+from shared.storage import ObjectStore, open_object_store
+from tests.integration.conftest import OrgKeys
+from tests.integration.test_predictor import deploy_quietly, eventually
+from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INDEX = re.compile(r"\[\d+\]")
+RAW = "__raw__"  # where a draft keeps a binary input's bytes, next to the JSON that describes them
+MAX_BODY_MB = 0.5
+AI4I = np.array([[row[name] for name in FEATURES] for row in (ai4i_row(i) for i in range(4))], dtype=np.float32)
+# The served org and client are only read by the examples (nothing a request sends changes what is served), so one
+# function-scoped pair can be shared by all of a test's examples.
+PROPERTY = hypothesis_settings(
+    max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = create_engine(settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(settings: Settings) -> ObjectStore:
+    return open_object_store(settings)
+
+
+@pytest.fixture
+def predictor(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings.model_copy(update={"predictor_max_body_mb": MAX_BODY_MB}))) as client:
+        yield client
+
+
+@dataclass(frozen=True)
+class Served:
+    predictor: TestClient
+    org: OrgKeys
+
+    @property
+    def url(self) -> str:
+        return f"/v2/models/{self.org.org_id}/infer"
+
+    def post(self, body: bytes, headers: dict[str, str] | None = None) -> httpx2.Response:
+        return self.predictor.post(self.url, content=body, headers={**self.org.viewer, **(headers or {})})
+
+
+@pytest.fixture
+def served(org: OrgKeys, engine: Engine, store: ObjectStore, predictor: TestClient) -> Served:
+    deploy_quietly(engine, org.org_id, register_model(engine, store, org.org_id, tiny_model()))
+    served = Served(predictor, org)
+    assert eventually(lambda: served.post(valid_body()).status_code == 200)
+    return served
+
+
+def valid_body(rows: int = 2) -> bytes:
+    tensor = {"name": "input", "shape": [rows, len(FEATURES)], "datatype": "FP32", "data": AI4I[:rows].tolist()}
+    return orjson.dumps({"inputs": [tensor]})
+
+
+def assert_clean(response: httpx2.Response) -> None:
+    """A refusal is a 4xx with a JSON error naming the field; a success is a response tritonclient can read."""
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        body = response.json()
+        assert isinstance(body["error"], str) and body["error"], body
+        assert isinstance(body["field"], str) and body["field"], body
+        # the spread of cases, for --hypothesis-show-statistics
+        event(f"{response.status_code} {re.sub(INDEX, '[i]', body['field'])}")
+        return
+    event("200")
+    result = read(response)
+    for output in result.get_response()["outputs"]:
+        assert result.as_numpy(output["name"]).shape[0] == output["shape"][0]
+
+
+def assert_still_serving(served: Served) -> None:
+    assert served.post(valid_body()).status_code == 200
+
+
+# Drafts: infer requests as data, so that tests can break them in chosen or arbitrary ways before encoding them
+
+
+@dataclass
+class Draft:
+    header: Any
+    length_change: int = 0
+    length_text: str | None = None
+    splice: tuple[int, bytes] | None = None  # bytes inserted into the JSON text at a position
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+    def encode(self) -> tuple[bytes, dict[str, str]]:
+        """The body (JSON, then each binary input's bytes in input order) and the headers it needs."""
+        header = copy.deepcopy(self.header)
+        inputs = header.get("inputs") if isinstance(header, dict) else None
+        tensors = [t for t in inputs if isinstance(t, dict)] if isinstance(inputs, list) else []
+        blobs = [bytes(tensor.pop(RAW)) for tensor in tensors if RAW in tensor]
+        text = orjson.dumps(header)
+        if self.splice is not None:
+            position, inserted = self.splice
+            text = text[:position] + inserted + text[position:]
+        headers = dict(self.extra_headers)
+        if blobs or self.length_text is not None or self.length_change:
+            headers[HEADER_LENGTH] = self.length_text or str(len(text) + self.length_change)
+        return text + b"".join(blobs), headers
+
+
+def tensor(name: str, values: np.ndarray, *, binary: bool, nested: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name, "shape": list(values.shape), "datatype": "FP32"}
+    if binary:
+        spec["parameters"] = {"binary_data_size": values.nbytes}
+        spec[RAW] = bytearray(values.astype("<f4").tobytes())
+    else:
+        spec["data"] = values.tolist() if nested else values.ravel().tolist()
+    return spec
+
+
+def draft_of(values: np.ndarray, *, binary: bool = False, per_feature: bool = False, nested: bool = True) -> Draft:
+    if per_feature:
+        columns = [tensor(name, values[:, i], binary=binary, nested=nested) for i, name in enumerate(FEATURES)]
+        return Draft({"inputs": columns})
+    return Draft({"inputs": [tensor("input", values, binary=binary, nested=nested)]})
+
+
+def valid_draft(rows: int = 2, **form: bool) -> Draft:
+    return draft_of(AI4I[:rows], **form)
+
+
+def changed(draft: Draft, change: Callable[[Draft], object]) -> Draft:
+    change(draft)
+    return draft
+
+
+def set_input(index: int, **changes: Any) -> Callable[[Draft], None]:
+    return lambda draft: draft.header["inputs"][index].update(changes)
+
+
+def copy_input(index: int, **changes: Any) -> Callable[[Draft], None]:
+    return lambda draft: draft.header["inputs"].append({**copy.deepcopy(draft.header["inputs"][index]), **changes})
+
+
+def binary_value(value: float, position: int) -> Callable[[Draft], None]:
+    def change(draft: Draft) -> None:
+        draft.header["inputs"][0][RAW][position * 4 : position * 4 + 4] = np.float32(value).tobytes()
+
+    return change
+
+
+REFUSALS: list[tuple[str, Draft, int, str]] = [
+    ("not JSON", Draft(valid_draft().header, splice=(0, b"{")), 400, "body"),
+    ("JSON array", Draft([1, 2]), 400, "body"),
+    ("no inputs", Draft({"outputs": []}), 422, "inputs"),
+    ("input not an object", Draft({"inputs": [7]}), 422, "inputs[0]"),
+    ("wrong columns", changed(valid_draft(), set_input(0, shape=[2, 5], data=[1.0] * 10)), 422, "inputs[0].shape"),
+    (
+        "three dimensions",
+        changed(valid_draft(), set_input(0, shape=[2, 6, 1], data=[1.0] * 12)),
+        422,
+        "inputs[0].shape",
+    ),
+    ("negative dimension", changed(valid_draft(), set_input(0, shape=[-1, 6])), 422, "inputs[0].shape"),
+    ("BYTES", changed(valid_draft(), set_input(0, datatype="BYTES")), 422, "inputs[0].datatype"),
+    ("BOOL", changed(valid_draft(), set_input(0, datatype="BOOL")), 422, "inputs[0].datatype"),
+    ("BF16", changed(valid_draft(binary=True), set_input(0, datatype="BF16")), 422, "inputs[0].datatype"),
+    ("size against shape", changed(valid_draft(), set_input(0, shape=[3, 6])), 422, "inputs[0].data"),
+    ("strings", changed(valid_draft(1), set_input(0, data=["1"] * 6)), 422, "inputs[0].data"),
+    ("ragged", changed(valid_draft(), set_input(0, data=[[1.0] * 6, [1.0] * 5])), 422, "inputs[0].data"),
+    ("INT32 fractions", changed(valid_draft(), set_input(0, datatype="INT32")), 422, "inputs[0].data"),
+    ("INT8 overflow", changed(valid_draft(1), set_input(0, datatype="INT8", data=[1000] * 6)), 422, "inputs[0].data"),
+    ("beyond FP32", changed(valid_draft(1), set_input(0, datatype="FP64", data=[1e39] * 6)), 422, "inputs[0].data"),
+    ("NaN", changed(valid_draft(binary=True), binary_value(float("nan"), 3)), 422, "inputs[0].data"),
+    ("+Inf", changed(valid_draft(binary=True), binary_value(float("inf"), 0)), 422, "inputs[0].data"),
+    ("-Inf", changed(valid_draft(binary=True), binary_value(float("-inf"), 11)), 422, "inputs[0].data"),
+    ("empty batch", valid_draft(0), 422, "inputs[0].shape"),
+    ("empty batch per feature", valid_draft(0, per_feature=True), 422, "inputs[0].shape"),
+    (
+        "missing feature",
+        changed(valid_draft(per_feature=True), lambda d: d.header["inputs"].pop(4)),
+        422,
+        "inputs.torque",
+    ),
+    ("unknown feature", changed(valid_draft(per_feature=True), copy_input(0, name="humidity")), 422, "inputs[6].name"),
+    ("no known name", changed(valid_draft(), set_input(0, name="features")), 422, "inputs"),
+    ("matrix and a feature", changed(valid_draft(), copy_input(0, name="torque")), 422, "inputs[1].name"),
+    ("a feature twice", changed(valid_draft(per_feature=True), copy_input(0)), 422, "inputs[6].name"),
+    (
+        "rows differ",
+        changed(valid_draft(per_feature=True), set_input(2, shape=[1], data=[1.0])),
+        422,
+        "inputs[2].shape",
+    ),
+    ("data and binary", changed(valid_draft(binary=True), set_input(0, data=[0.0] * 12)), 422, "inputs[0].data"),
+    (
+        "binary cut short",
+        changed(valid_draft(binary=True), lambda d: d.header["inputs"][0][RAW].__delitem__(slice(-5, None))),
+        400,
+        "inputs[0].parameters.binary_data_size",
+    ),
+    (
+        "bytes after the tensors",
+        changed(valid_draft(binary=True), lambda d: d.header["inputs"][0][RAW].extend(b"\0\0\0\0")),
+        400,
+        "body",
+    ),
+    (
+        "binary size against shape",
+        changed(valid_draft(binary=True), set_input(0, shape=[1, 6])),
+        422,
+        "inputs[0].parameters.binary_data_size",
+    ),
+    ("header length not a number", Draft(valid_draft().header, length_text="twelve"), 400, HEADER_LENGTH),
+    ("header length past the body", Draft(valid_draft(binary=True).header, length_change=10**6), 400, HEADER_LENGTH),
+    ("header length short", Draft(valid_draft(binary=True).header, length_change=-3), 400, "body"),
+    (
+        "shared memory",
+        changed(valid_draft(), set_input(0, parameters={"shared_memory_region": "r"})),
+        422,
+        "inputs[0].parameters.shared_memory_region",
+    ),
+    ("unknown output", Draft({**valid_draft().header, "outputs": [{"name": "score"}]}), 422, "outputs[0].name"),
+    (
+        "classification",
+        Draft({**valid_draft().header, "outputs": [{"name": "label", "parameters": {"classification": 2}}]}),
+        422,
+        "outputs[0].parameters.classification",
+    ),
+    (
+        "binary_data not a flag",
+        Draft({**valid_draft().header, "outputs": [{"name": "label", "parameters": {"binary_data": "yes"}}]}),
+        422,
+        "outputs[0].parameters.binary_data",
+    ),
+    (
+        "binary_data_output not a flag",
+        Draft({**valid_draft().header, "parameters": {"binary_data_output": 1}}),
+        422,
+        "parameters.binary_data_output",
+    ),
+    ("id not a string", Draft({**valid_draft().header, "id": 42}), 422, "id"),
+    ("compressed", Draft(valid_draft().header, extra_headers={"Content-Encoding": "gzip"}), 415, "Content-Encoding"),
+]
+
+
+def test_each_bad_request_is_refused_naming_the_field(served: Served) -> None:
+    """All cases against one served org (setting one up costs more than the cases), each followed by a valid
+    request; the mismatches are reported together."""
+    mismatches = {}
+    for name, draft, status, named in REFUSALS:
+        response = served.post(*draft.encode())
+        if (response.status_code, response.json().get("field")) != (status, named):
+            mismatches[name] = (response.status_code, response.text)
+        assert_still_serving(served)
+    assert mismatches == {}
+
+
+def test_a_body_over_the_limit_is_refused(served: Served) -> None:
+    rows = int(MAX_BODY_MB * 1024 * 1024 / (4 * len(FEATURES))) + 1
+    response = served.post(*draft_of(np.ones((rows, len(FEATURES)), np.float32), binary=True).encode())
+    assert response.status_code == 413 and "MB" in response.json()["error"]
+    assert response.json()["field"] == "body"
+    assert_still_serving(served)
+
+
+def test_every_input_form_gives_the_same_answer(served: Served) -> None:
+    reference = served.post(valid_body(3)).json()
+    expected = next(o for o in reference["outputs"] if o["name"] == "probabilities")["data"]
+    for form in ({"binary": True}, {"per_feature": True}, {"binary": True, "per_feature": True}, {"nested": False}):
+        response = served.post(*valid_draft(3, **form).encode())
+        assert response.status_code == 200, (form, response.text)
+        probabilities = read(response).as_numpy("probabilities")
+        np.testing.assert_array_equal(probabilities.ravel(), np.array(expected, np.float32), err_msg=str(form))
+
+
+# Properties
+
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)  # the range JSON encoders (orjson here) can write
+    | st.floats(allow_nan=False, allow_infinity=False)  # JSON has no NaN or Infinity; binary inputs carry those
+    | st.text(max_size=6)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=10,
+)
+NUMBERS = (
+    st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.sampled_from([True, None, "1.5", 1e39, -1e39])
+)
+TENSOR_FIELDS = {
+    "name": st.sampled_from([*FEATURES, "input", "label", ""]) | JSON_VALUES,
+    "shape": st.lists(st.integers(-2, 8), max_size=3) | JSON_VALUES,
+    "datatype": st.sampled_from(["FP32", "FP64", "FP16", "INT8", "INT64", "UINT64", "BOOL", "BYTES", "BF16", "fp32"])
+    | JSON_VALUES,
+    "data": st.lists(NUMBERS, max_size=24) | JSON_VALUES,
+    "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-4, 64)}) | JSON_VALUES,
+}
+OUTPUT_SPECS = st.lists(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "name": st.sampled_from(["label", "probabilities", "score"]) | JSON_VALUES,
+            "parameters": st.fixed_dictionaries(
+                {}, optional={"binary_data": st.booleans() | JSON_VALUES, "classification": st.integers(0, 3)}
+            )
+            | JSON_VALUES,
+        },
+    ),
+    max_size=3,
+)
+REQUEST_FIELDS = {
+    "inputs": st.lists(st.fixed_dictionaries({}, optional=TENSOR_FIELDS), max_size=7) | JSON_VALUES,
+    "outputs": OUTPUT_SPECS | JSON_VALUES,
+    "parameters": st.fixed_dictionaries({}, optional={"binary_data_output": st.booleans() | JSON_VALUES}) | JSON_VALUES,
+    "id": st.text(max_size=4) | JSON_VALUES,
+}
+
+
+@st.composite
+def valid_drafts(draw: st.DrawFn) -> Draft:
+    rows = draw(st.integers(1, 4))
+    cells = draw(st.lists(st.floats(-1e4, 1e4, width=32), min_size=rows * len(FEATURES), max_size=rows * len(FEATURES)))
+    values = np.array(cells, dtype=np.float32).reshape(rows, len(FEATURES))
+    form = {key: draw(st.booleans()) for key in ("binary", "per_feature", "nested")}
+    draft = draft_of(values, **form)
+    draft.header["outputs"] = draw(st.none() | st.sampled_from([[{"name": "label"}], [{"name": "probabilities"}]]))
+    if draw(st.booleans()):
+        draft.header["parameters"] = {"binary_data_output": draw(st.booleans())}
+    return draft
+
+
+def read(response: httpx2.Response) -> InferResult:
+    """The response as tritonclient reads it: a check on the binary framing as much as on the values."""
+    length = response.headers.get(HEADER_LENGTH)
+    return InferResult.from_response_body(response.content, header_length=int(length) if length else None)
+
+
+def some_input(draft: Draft, data: st.DataObject) -> dict[str, Any] | None:
+    inputs = draft.header.get("inputs") if isinstance(draft.header, dict) else None
+    candidates = [t for t in inputs if isinstance(t, dict)] if isinstance(inputs, list) else []
+    return data.draw(st.sampled_from(candidates)) if candidates else None
+
+
+def replace_input_field(draft: Draft, data: st.DataObject) -> None:
+    if (spec := some_input(draft, data)) is not None:
+        key = data.draw(st.sampled_from(sorted(TENSOR_FIELDS)))
+        spec[key] = data.draw(TENSOR_FIELDS[key])
+
+
+def drop_input_field(draft: Draft, data: st.DataObject) -> None:
+    if (spec := some_input(draft, data)) is not None:
+        spec.pop(data.draw(st.sampled_from([*TENSOR_FIELDS, RAW])), None)
+
+
+def drop_or_repeat_input(draft: Draft, data: st.DataObject) -> None:
+    inputs = draft.header.get("inputs") if isinstance(draft.header, dict) else None
+    if isinstance(inputs, list) and inputs:
+        index = data.draw(st.integers(0, len(inputs) - 1))
+        if data.draw(st.booleans()):
+            inputs.pop(index)
+        else:
+            inputs.insert(data.draw(st.integers(0, len(inputs))), copy.deepcopy(inputs[index]))
+
+
+def poke_value(draft: Draft, data: st.DataObject) -> None:
+    """One value made NaN, ±Inf, huge or not a number, in the JSON data or in the binary bytes."""
+    spec = some_input(draft, data)
+    if spec is not None and isinstance(spec.get(RAW), bytearray) and len(spec[RAW]) >= 4:
+        at = 4 * data.draw(st.integers(0, len(spec[RAW]) // 4 - 1))
+        special = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 3.4e38, -0.0]))
+        spec[RAW][at : at + 4] = np.float32(special).tobytes()
+    elif spec is not None and isinstance(spec.get("data"), list) and spec["data"]:
+        values = spec["data"]
+        index = data.draw(st.integers(0, len(values) - 1))
+        while isinstance(values[index], list) and values[index]:
+            values, index = values[index], data.draw(st.integers(0, len(values[index]) - 1))
+        values[index] = data.draw(NUMBERS)
+
+
+def resize_binary(draft: Draft, data: st.DataObject) -> None:
+    spec = some_input(draft, data)
+    if spec is not None and isinstance(spec.get(RAW), bytearray):
+        if data.draw(st.booleans()):
+            del spec[RAW][data.draw(st.integers(0, len(spec[RAW]))) :]
+        else:
+            spec[RAW].extend(data.draw(st.binary(min_size=1, max_size=9)))
+
+
+def skew_header_length(draft: Draft, data: st.DataObject) -> None:
+    if data.draw(st.booleans()):
+        draft.length_change = data.draw(st.integers(-6, 6))
+    else:
+        draft.length_text = data.draw(st.text(alphabet="0123456789+-_ x.", min_size=1, max_size=6))
+
+
+def splice_text(draft: Draft, data: st.DataObject) -> None:
+    inserted = data.draw(st.sampled_from([b"NaN", b"Infinity", b"-", b"]", b"{", b",", b"\xff", b"\x00"]))
+    draft.splice = (data.draw(st.integers(0, 80)), inserted)
+
+
+def replace_request_field(draft: Draft, data: st.DataObject) -> None:
+    if isinstance(draft.header, dict):
+        key = data.draw(st.sampled_from(sorted(REQUEST_FIELDS)))
+        draft.header[key] = data.draw(REQUEST_FIELDS[key])
+
+
+MUTATIONS = [
+    replace_input_field,
+    drop_input_field,
+    drop_or_repeat_input,
+    poke_value,
+    resize_binary,
+    skew_header_length,
+    splice_text,
+    replace_request_field,
+]
+
+
+@PROPERTY
+@given(draft=valid_drafts())
+def test_a_valid_request_in_any_form_succeeds(served: Served, draft: Draft) -> None:
+    response = served.post(*draft.encode())
+    assert response.status_code == 200, response.text
+    probabilities = read(response).as_numpy("probabilities")
+    assert probabilities is None or (np.isfinite(probabilities).all() and probabilities.shape[1] == 2)
+
+
+@PROPERTY
+@given(draft=valid_drafts(), data=st.data())
+def test_a_broken_valid_request_is_refused_cleanly(served: Served, draft: Draft, data: st.DataObject) -> None:
+    for mutate in data.draw(st.lists(st.sampled_from(MUTATIONS), min_size=1, max_size=3)):
+        mutate(draft, data)
+    assert_clean(served.post(*draft.encode()))
+    assert_still_serving(served)
+
+
+@PROPERTY
+@given(payload=JSON_VALUES | st.fixed_dictionaries({}, optional=REQUEST_FIELDS))
+def test_an_arbitrary_json_payload_is_refused_cleanly(served: Served, payload: Any) -> None:
+    assert_clean(served.post(orjson.dumps(payload)))
+    assert_still_serving(served)
+
+
+@PROPERTY
+@given(
+    body=st.binary(max_size=200),
+    length=st.none() | st.integers(-2, 250).map(str) | st.text(alphabet="0123456789+-_ x.", max_size=6),
+)
+def test_arbitrary_bytes_are_refused_cleanly(served: Served, body: bytes, length: str | None) -> None:
+    assert_clean(served.post(body, {HEADER_LENGTH: length} if length is not None else None))
+    assert_still_serving(served)

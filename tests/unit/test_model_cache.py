@@ -1,0 +1,52 @@
+"""The predictor's model cache: newer deployments win whatever order loads finish in; the budget evicts the
+least recently used org."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+
+from services.predictor.models import DeployedVersion, LoadedModel, ModelCache
+from tests.support.models import FEATURES, tiny_model
+
+
+def loaded(org_id: str, deployment_id: int, *, memory_mb: float = 1.0) -> LoadedModel:
+    deployed = DeployedVersion(
+        org_id=org_id,
+        deployment_id=deployment_id,
+        version=f"v{deployment_id}",
+        sha256="",
+        artifact_prefix="",
+        feature_columns=FEATURES,
+        classes=[0, 1],
+        memory_mb=memory_mb,
+        risk_bands=(0.3, 0.7),
+        record_predictions=False,
+    )
+    session = ort.InferenceSession(tiny_model(), providers=["CPUExecutionProvider"])
+    return LoadedModel(deployed=deployed, session=session, size_bytes=0)
+
+
+def test_a_late_load_of_an_older_deployment_never_replaces_a_newer_one() -> None:
+    cache = ModelCache(budget_mb=100)
+    assert cache.install(loaded("acme", 7))
+    assert not cache.install(loaded("acme", 6))
+    assert cache.versions() == {"acme": "v7"}
+    assert cache.install(loaded("acme", 8))
+    assert cache.versions() == {"acme": "v8"}
+
+
+def test_the_least_recently_used_org_is_unloaded_when_the_budget_is_exceeded() -> None:
+    cache = ModelCache(budget_mb=3)
+    for org in ("a", "b", "c"):
+        cache.install(loaded(org, 1))
+    assert cache.get("a") is not None  # "a" is used again, so "b" is now the oldest
+    cache.install(loaded("d", 1))
+    assert sorted(cache.versions()) == ["a", "c", "d"]
+    assert cache.used_mb() == 3
+
+
+def test_a_model_larger_than_the_budget_still_serves_alone() -> None:
+    cache = ModelCache(budget_mb=2)
+    cache.install(loaded("a", 1))
+    cache.install(loaded("big", 1, memory_mb=5))
+    assert list(cache.versions()) == ["big"]

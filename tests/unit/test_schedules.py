@@ -1,0 +1,62 @@
+"""Schedule fire times in an org's timezone, and the daylight-saving policy (cron's): a skipped time fires once
+when the clocks jump, a repeated time fires once, at its first occurrence."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from shared.schedules import ScheduleError, next_fire_times
+
+NEW_YORK = "America/New_York"
+
+
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
+
+
+def test_the_seeds_weekly_schedule_fires_sundays_at_two_local_time() -> None:
+    fires = next_fire_times("0 2 * * 0", NEW_YORK, after=utc(2026, 1, 1), count=3)
+    assert fires == [utc(2026, 1, 4, 7), utc(2026, 1, 11, 7), utc(2026, 1, 18, 7)]  # 02:00 EST = 07:00 UTC
+
+
+def test_a_time_skipped_in_march_fires_once_when_the_clocks_jump() -> None:
+    # 8 March 2026, a Sunday: 02:00 EST jumps to 03:00 EDT; 02:00 and 02:30 never happen.
+    assert next_fire_times("0 2 * * 0", NEW_YORK, after=utc(2026, 3, 7))[0] == utc(2026, 3, 8, 7)  # 03:00 EDT
+    assert next_fire_times("30 2 * * *", NEW_YORK, after=utc(2026, 3, 7, 12), count=2) == [
+        utc(2026, 3, 8, 7),  # at the jump, 03:00 EDT
+        utc(2026, 3, 9, 6, 30),  # back to 02:30, now EDT
+    ]
+
+
+def test_several_skipped_times_of_one_night_fire_once() -> None:
+    fires = next_fire_times("*/15 2 * * *", NEW_YORK, after=utc(2026, 3, 8, 5), count=2)
+    assert fires == [utc(2026, 3, 8, 7), utc(2026, 3, 9, 6)]
+
+
+def test_a_time_repeated_in_november_fires_once_at_its_first_occurrence() -> None:
+    # 1 November 2026: 02:00 EDT falls back to 01:00 EST, so 01:30 happens twice.
+    fires = next_fire_times("30 1 * * *", NEW_YORK, after=utc(2026, 10, 31, 12), count=2)
+    assert fires == [utc(2026, 11, 1, 5, 30), utc(2026, 11, 2, 6, 30)]  # 01:30 EDT, then 01:30 EST next day
+
+
+def test_asking_during_the_repeated_hour_does_not_fire_its_second_occurrence() -> None:
+    fires = next_fire_times("30 1 * * *", NEW_YORK, after=utc(2026, 11, 1, 6, 10))  # 01:10 EST, second pass
+    assert fires == [utc(2026, 11, 2, 6, 30)]
+
+
+def test_the_weekly_schedule_on_the_fall_back_sunday_fires_once() -> None:
+    assert next_fire_times("0 2 * * 0", NEW_YORK, after=utc(2026, 10, 31), count=2) == [
+        utc(2026, 11, 1, 7),  # 02:00 EST, once
+        utc(2026, 11, 8, 7),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "timezone", "words"),
+    [("0 2 * *", "UTC", "5-field"), ("61 2 * * *", "UTC", "5-field"), ("0 2 * * 0", "Mars/Olympus", "IANA")],
+)
+def test_bad_patterns_and_zones_are_named(pattern: str, timezone: str, words: str) -> None:
+    with pytest.raises(ScheduleError, match=words):
+        next_fire_times(pattern, timezone, after=utc(2026, 1, 1))
