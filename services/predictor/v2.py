@@ -92,7 +92,8 @@ async def _infer(org: str, version: str | None, request: Request) -> Response:
     model = await _served(request, org, version)
     features = oip.request_features(model, inference.tensors)
     probabilities = model.probabilities(features)
-    keep_record(request, model, predictions(model, probabilities, model.deployed.risk_bands), started)
+    if model.deployed.record_predictions:  # the answers V2 sends are tensors: scores are made only for records
+        keep_record(request, model, predictions(model, probabilities, model.deployed.risk_bands), started)
     body, media_type, headers = oip.encode_answer(org, model, probabilities, inference)
     return Response(body, media_type=media_type, headers={**headers, **served_by(request, model)})
 
