@@ -78,8 +78,7 @@ def state_of(request: Request) -> PredictorState:
     return state
 
 
-async def authorize(request: Request, org_id: str) -> None:
-    state = state_of(request)
+async def authorize(state: PredictorState, request: Request, org_id: str) -> None:
     token = bearer_token(request.headers.get("authorization"))
     hit, principal = state.keys.cached(token)
     if not hit:
@@ -87,9 +86,8 @@ async def authorize(request: Request, org_id: str) -> None:
     check_org(principal, org_id)
 
 
-async def model_for(request: Request, org_id: str) -> LoadedModel:
+async def model_for(state: PredictorState, org_id: str) -> LoadedModel:
     """The org's serving model; an org not loaded yet is loaded now, from its deployment row."""
-    state = state_of(request)
     model = state.cache.get(org_id)
     if model is None:
         await run_in_threadpool(state.synchronizer.sync_org, org_id)
@@ -99,9 +97,9 @@ async def model_for(request: Request, org_id: str) -> LoadedModel:
     return model
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(state: PredictorState, request: Request) -> bytes:
     """The body, refused with 413 as soon as it passes KILN_PREDICTOR_MAX_BODY_MB, before it is all in memory."""
-    limit_mb = state_of(request).settings.predictor_max_body_mb
+    limit_mb = state.settings.predictor_max_body_mb
     limit = int(limit_mb * 1024 * 1024)
     if int(request.headers.get("content-length") or 0) > limit:
         raise PayloadTooLarge(f"the request body is over {limit_mb} MB", field="body")
@@ -115,19 +113,17 @@ async def read_body(request: Request) -> bytes:
     return b"".join(parts)
 
 
-def keep_record(request: Request, model: LoadedModel, answers: list[dict[str, Any]], started: float) -> None:
+def keep_record(state: PredictorState, model: LoadedModel, answers: list[dict[str, Any]], started: float) -> None:
     """Queue the answers for the org's prediction records, if it keeps them; costs the request one append."""
     if model.deployed.record_predictions:
         latency_ms = (time.perf_counter() - started) * 1000
-        state_of(request).recorder.add(
-            org_id=model.deployed.org_id, version=model.version, answers=answers, latency_ms=latency_ms
-        )
+        state.recorder.add(org_id=model.deployed.org_id, version=model.version, answers=answers, latency_ms=latency_ms)
 
 
-def served_by(request: Request, model: LoadedModel) -> dict[str, str]:
+def served_by(state: PredictorState, model: LoadedModel) -> dict[str, str]:
     """Response headers naming what answered: the version, the deployment that put it there, and the replica."""
     return {
         "X-Model-Version": model.version,
         "X-Deployment-Id": str(model.deployed.deployment_id),
-        "X-Replica": state_of(request).replica,
+        "X-Replica": state.replica,
     }

@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 
 from services.predictor.inference import parse_json, predictions, rows_to_features
-from services.predictor.state import authorize, keep_record, model_for, read_body, served_by
+from services.predictor.state import authorize, keep_record, model_for, read_body, served_by, state_of
 
 router = APIRouter(tags=["predict"])
 
@@ -16,12 +16,13 @@ router = APIRouter(tags=["predict"])
 @router.post("/v1/orgs/{org}/predict")
 async def predict(org: str, request: Request) -> Response:
     started = time.perf_counter()
-    await authorize(request, org)
-    payload = parse_json(await read_body(request))
-    model = await model_for(request, org)
+    state = state_of(request)
+    await authorize(state, request, org)
+    payload = parse_json(await read_body(state, request))
+    model = await model_for(state, org)
     rows = payload.get("rows") if isinstance(payload, dict) else None
     features = rows_to_features(model, rows)
     answers = predictions(model, model.probabilities(features), model.deployed.risk_bands)
-    keep_record(request, model, answers, started)
+    keep_record(state, model, answers, started)
     body = orjson.dumps({"version": model.version, "predictions": answers})
-    return Response(body, media_type="application/json", headers=served_by(request, model))
+    return Response(body, media_type="application/json", headers=served_by(state, model))

@@ -14,7 +14,15 @@ from fastapi import APIRouter, Request, Response
 from services.predictor import oip
 from services.predictor.inference import predictions
 from services.predictor.models import LoadedModel
-from services.predictor.state import authorize, keep_record, model_for, read_body, served_by, state_of
+from services.predictor.state import (
+    PredictorState,
+    authorize,
+    keep_record,
+    model_for,
+    read_body,
+    served_by,
+    state_of,
+)
 from shared.errors import KilnError, NotFound
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
@@ -25,6 +33,17 @@ EXTENSIONS = ["binary_tensor_data"]
 
 def _json(content: Any, status_code: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status_code, media_type="application/json")
+
+
+# The infer routes come first: requests are matched against the routes in order, and nearly all are infers.
+@router.post("/models/{org}/infer")
+async def infer(org: str, request: Request) -> Response:
+    return await _infer(org, None, request)
+
+
+@router.post("/models/{org}/versions/{version}/infer")
+async def infer_version(org: str, version: str, request: Request) -> Response:
+    return await _infer(org, version, request)
 
 
 @router.get("")
@@ -63,44 +82,37 @@ async def version_ready(org: str, version: str, request: Request) -> Response:
     return await _ready(org, version, request)
 
 
-@router.post("/models/{org}/infer")
-async def infer(org: str, request: Request) -> Response:
-    return await _infer(org, None, request)
-
-
-@router.post("/models/{org}/versions/{version}/infer")
-async def infer_version(org: str, version: str, request: Request) -> Response:
-    return await _infer(org, version, request)
-
-
 async def _metadata_of(org: str, version: str | None, request: Request) -> Response:
-    await authorize(request, org)
-    return _json(oip.model_metadata(org, await _served(request, org, version)))
+    state = state_of(request)
+    await authorize(state, request, org)
+    return _json(oip.model_metadata(org, await _served(state, org, version)))
 
 
 async def _ready(org: str, version: str | None, request: Request) -> Response:
     """200 while that version serves, 404 otherwise: tritonclient's is_model_ready reads the status alone."""
-    await authorize(request, org)
-    model = await _served(request, org, version)
+    state = state_of(request)
+    await authorize(state, request, org)
+    model = await _served(state, org, version)
     return _json({"name": org, "version": model.version, "ready": True})
 
 
 async def _infer(org: str, version: str | None, request: Request) -> Response:
     started = time.perf_counter()
-    await authorize(request, org)
-    inference = oip.parse_request(await _request_body(request), request.headers.get(oip.HEADER_LENGTH))
-    model = await _served(request, org, version)
+    state = state_of(request)
+    await authorize(state, request, org)
+    inference = oip.parse_request(await _request_body(state, request), request.headers.get(oip.HEADER_LENGTH))
+    model = await _served(state, org, version)
     features = oip.request_features(model, inference.tensors)
     probabilities = model.probabilities(features)
     if model.deployed.record_predictions:  # the answers V2 sends are tensors: scores are made only for records
-        keep_record(request, model, predictions(model, probabilities, model.deployed.risk_bands), started)
+        keep_record(state, model, predictions(model, probabilities, model.deployed.risk_bands), started)
     body, media_type, headers = oip.encode_answer(org, model, probabilities, inference)
-    return Response(body, media_type=media_type, headers={**headers, **served_by(request, model)})
+    return Response(body, media_type=media_type, headers={**headers, **served_by(state, model)})
 
 
-async def _served(request: Request, org: str, version: str | None) -> LoadedModel:
+async def _served(state: PredictorState, org: str, version: str | None) -> LoadedModel:
     """The org's serving model; with a version in the path, only if that is the version being served."""
-    model = await model_for(request, org)
+    model = await model_for(state, org)
     if version is not None and version != model.version:
         raise NotFound(f"version {version!r} of model {org!r} is not served; {model.version!r} is")
     return model
@@ -110,7 +122,7 @@ class UnsupportedEncoding(KilnError):
     status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 
 
-async def _request_body(request: Request) -> bytes:
+async def _request_body(state: PredictorState, request: Request) -> bytes:
     # Decompressing would let a small body grow past KILN_PREDICTOR_MAX_BODY_MB; tritonclient only compresses when
     # asked to, so compressed bodies are refused rather than misread as broken JSON.
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -118,4 +130,4 @@ async def _request_body(request: Request) -> bytes:
         raise UnsupportedEncoding(
             f"Content-Encoding {encoding!r} is not supported; send the body uncompressed", field="Content-Encoding"
         )
-    return await read_body(request)
+    return await read_body(state, request)
