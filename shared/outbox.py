@@ -24,6 +24,7 @@ KIND_DEPLOY_EVENT = "deploy_event"
 KIND_TRAIN_TASK = "train_task"
 KIND_ORGS_CHANGED = "orgs_changed"
 KIND_VALIDATE_TASK = "validate_task"
+KIND_SYNC_TASK = "sync_task"
 
 Sender = Callable[[dict[str, Any]], None]
 

@@ -6,12 +6,20 @@ from typing import Any, Protocol
 
 TRAIN_TASK = "kiln.train"
 VALIDATE_TASK = "kiln.validate"
+SYNC_TASK = "kiln.sync"
+SYNC_PURGE_TASK = "kiln.sync.purge"
 ORG_QUEUE_PREFIX = "train."
+SYNC_QUEUE_PREFIX = "sync."
+# The broadcast that makes workers look at the orgs again; it names queues, not the sync service.
 SYNC_QUEUES_COMMAND = "kiln_sync_queues"
 
 
 def train_queue(org_id: str) -> str:
     return f"{ORG_QUEUE_PREFIX}{org_id}"
+
+
+def sync_queue(org_id: str) -> str:
+    return f"{SYNC_QUEUE_PREFIX}{org_id}"
 
 
 class TaskSender(Protocol):
@@ -32,6 +40,15 @@ def send_train_task(sender: TaskSender, payload: dict[str, Any]) -> None:
 def send_validate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
     """Judge a stored version again, on its org's queue (where the org's workers, and its data, are)."""
     sender.send_task(VALIDATE_TASK, args=[payload["org_id"], payload["version"]], queue=train_queue(payload["org_id"]))
+
+
+def send_sync_task(sender: TaskSender, payload: dict[str, Any]) -> None:
+    """The message behind an outbox row of kind sync_task: run sync job `job_id` on its org's sync queue."""
+    sender.send_task(SYNC_TASK, args=[payload["job_id"], payload["org_id"]], queue=sync_queue(payload["org_id"]))
+
+
+def send_purge_task(sender: TaskSender, org_id: str) -> None:
+    sender.send_task(SYNC_PURGE_TASK, args=[org_id], queue=sync_queue(org_id))
 
 
 def celery_config(broker_url: str, *, longest_training_s: float) -> dict[str, Any]:

@@ -181,3 +181,6 @@ class OrgConfig(CamelModel):
     gates: GateOverrides = GateOverrides()
     training: TrainingPolicy = TrainingPolicy()
     predictions: PredictionPolicy = PredictionPolicy()
+    retention_days: int = Field(
+        2555, ge=1, le=36_500, description="days a synced record is kept after its last change (medical: 7 years)"
+    )

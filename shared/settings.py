@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     training_memory_mb: int = Field(8192, gt=0, description="Address-space limit of a training script.")
     training_max_file_mb: int = Field(4096, gt=0, description="Largest file a training script may write.")
     training_max_open_files: int = Field(1024, gt=0, description="Open files a training script may hold.")
+    sync_batch_size: int = Field(2000, gt=0, le=100_000, description="Records a sync job moves per transaction.")
+    sync_purge_interval_s: float = Field(
+        3600.0, gt=0, description="How often the sync beat purges synced records past their org's retention."
+    )
     predictor_reconcile_s: float = Field(30.0, gt=0, description="Predictor's sweep of the deployments table.")
     predictor_key_cache_s: float = Field(30.0, ge=0, description="How long the predictor trusts a key lookup.")
     predictor_memory_mb: float = Field(1024.0, gt=0, description="Budget of loaded models per predictor process.")

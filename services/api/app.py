@@ -22,6 +22,8 @@ from services.api.routers import (
     predictions,
     queue,
     schedule,
+    sync_jobs,
+    sync_sources,
     trainings,
 )
 from shared.logs import configure_logging
@@ -63,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models,
         deployments,
         predictions,
+        sync_sources,
+        sync_jobs,
         audit,
     ):
         app.include_router(module.router)

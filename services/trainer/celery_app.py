@@ -9,9 +9,9 @@ from celery import Celery
 from celery.signals import task_revoked, worker_init, worker_process_init
 
 from services.trainer.context import worker_context
-from services.trainer.org_queues import OrgQueues
 from services.trainer.protection import refuse_inspection
 from services.trainer.reaper import RunReaper, cancel_revoked
+from shared.org_queues import TrainQueues
 from shared.queues import TRAIN_TASK, celery_config
 from shared.settings import build_settings
 
@@ -20,7 +20,7 @@ from shared.settings import build_settings
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = Celery("kiln-trainer", include=["services.trainer.tasks"])
-app.steps["consumer"].add(OrgQueues)
+app.steps["consumer"].add(TrainQueues)
 app.steps["consumer"].add(RunReaper)
 
 

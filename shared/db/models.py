@@ -232,3 +232,141 @@ class AuditEntry(Base):
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_audit_log_org_id_id", "org_id", "id"),)
+
+
+class SyncSource(Base):
+    """An org's local store (a SQLite file or a PostgreSQL database on its premises) and the tables synced with
+    the central store. The URL is kept without its password, which is stored encrypted."""
+
+    __tablename__ = "sync_sources"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    password_encrypted: Mapped[str | None] = mapped_column(Text, default=None)
+    tables: Mapped[list[Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SyncJob(Base):
+    """One run of a source's sync: what it moved each way, the conflicts it met and the errors it hit."""
+
+    __tablename__ = "sync_jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    source_id: Mapped[str] = mapped_column(ForeignKey("sync_sources.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(16), default="api")
+    pushed: Mapped[int] = mapped_column(BigInteger, default=0)
+    pulled: Mapped[int] = mapped_column(BigInteger, default=0)
+    conflicts: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[Any]] = mapped_column(default=list)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_sync_jobs_org_created", "org_id", "created_at"),)
+
+
+class SyncWatermark(Base):
+    """The last change-log position acknowledged for (source, table, direction): up reads the local store's log,
+    down the central one. A job starts from here, so a rerun moves only what is not acknowledged yet."""
+
+    __tablename__ = "sync_watermarks"
+
+    source_id: Mapped[str] = mapped_column(ForeignKey("sync_sources.id"), primary_key=True)
+    table_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    direction: Mapped[str] = mapped_column(String(8), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SyncConflict(Base):
+    """A record both sides changed since the last sync: both versions as they were, and what became of them.
+    Sensitive columns are kept as ciphertext. Status is resolved (by the table's policy) or open (manual review)."""
+
+    __tablename__ = "sync_conflicts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    source_id: Mapped[str] = mapped_column(ForeignKey("sync_sources.id"))
+    job_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    table_name: Mapped[str] = mapped_column(String(64))
+    record_key: Mapped[str] = mapped_column(String(200))
+    policy: Mapped[str] = mapped_column(String(24))
+    status: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(32))
+    local_version: Mapped[dict[str, Any]] = mapped_column()
+    central_version: Mapped[dict[str, Any]] = mapped_column()
+    kept: Mapped[dict[str, Any] | None] = mapped_column(JsonType, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None)
+    resolved_by: Mapped[str | None] = mapped_column(String(64), default=None)
+
+    __table_args__ = (Index("ix_sync_conflicts_org_status", "org_id", "status", "id"),)
+
+
+class SyncKey(Base):
+    """An org's envelope key for sensitive columns, wrapped under the platform key. One is active; retired ones
+    still decrypt until a rotation has re-encrypted everything, after which they can be destroyed."""
+
+    __tablename__ = "sync_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16))
+    wrapped: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    retired_at: Mapped[datetime | None] = mapped_column(default=None)
+    destroyed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class SyncSchedule(Base):
+    """A source's recurring sync: a 5-field cron pattern in the org's timezone, fired by the sync beat."""
+
+    __tablename__ = "sync_schedules"
+
+    source_id: Mapped[str] = mapped_column(ForeignKey("sync_sources.id"), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    pattern: Mapped[str] = mapped_column(String(100))
+    timezone: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    next_fire_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    last_fired_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SyncBase(Base):
+    """A field-merge record as both sides last agreed on it: what tells whose fields changed since."""
+
+    __tablename__ = "sync_bases"
+
+    source_id: Mapped[str] = mapped_column(ForeignKey("sync_sources.id"), primary_key=True)
+    table_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    record_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    row: Mapped[dict[str, Any]] = mapped_column()
+
+
+class SyncChange(Base):
+    """The central store's change log, filled by triggers on the synced tables: one row per write by anyone but
+    the sync service itself (origin "app"), and per merged record the service must still send down ("merge")."""
+
+    __tablename__ = "sync_changes"
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    tbl: Mapped[str] = mapped_column(String(64))
+    pk: Mapped[str] = mapped_column(String(200))
+    origin: Mapped[str] = mapped_column(String(8))
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (Index("ix_sync_changes_tbl_seq", "tbl", "seq"), Index("ix_sync_changes_tbl_pk", "tbl", "pk"))
+
+
+class SyncApplying(Base):
+    """Holds a row only inside the sync service's own transactions, so the capture triggers skip its writes."""
+
+    __tablename__ = "sync_applying"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)

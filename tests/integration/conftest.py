@@ -14,9 +14,12 @@ from fastapi.testclient import TestClient
 
 from deploy.local import ai4i
 from services.api.app import create_app
+from services.sync.context import SyncContext
 from services.trainer.context import WorkerContext
+from shared.db.migrate import upgrade
 from shared.settings import Settings
 from tests.conftest import ADMIN_TOKEN
+from tests.support.servers import fresh_postgres_database
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -119,3 +122,24 @@ def worker(settings: Settings) -> Iterator[WorkerContext]:
 
 def run_of(api: TestClient, org: OrgKeys, run_id: str) -> dict[str, Any]:
     return dict(api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}", headers=org.viewer).json())
+
+
+@pytest.fixture
+def central_settings(settings: Settings) -> Iterator[Settings]:
+    """The settings of the other tests, on a fresh central database of this test's own."""
+    with fresh_postgres_database() as url:
+        upgrade(url)
+        yield settings.model_copy(update={"database_url": url, "sync_batch_size": 500})
+
+
+@pytest.fixture
+def sync_context(central_settings: Settings) -> Iterator[SyncContext]:
+    context = SyncContext.open(central_settings)
+    yield context
+    context.close()
+
+
+@pytest.fixture
+def sync_api(central_settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(central_settings), raise_server_exceptions=False) as client:
+        yield client

@@ -21,7 +21,7 @@ MASK = "***"
 
 @router.put("", response_model=DataSourceOut)
 def put_datasource(body: DataSourceIn, access: OrgAdmin, session: SessionDep, resources: ResourcesDep) -> DataSourceOut:
-    url = _checked_url(body.url)
+    url = checked_url(body.url)
     context = f"datasource:{access.org_id}"
     password = None if url.password is None else resources.secrets.encrypt(str(url.password), context=context)
     row = session.get(DataSource, access.org_id) or DataSource(org_id=access.org_id)
@@ -53,7 +53,7 @@ def get_datasource(access: OrgViewer, session: SessionDep) -> DataSourceOut:
     return _datasource_out(row)
 
 
-def _checked_url(text: str) -> URL:
+def checked_url(text: str) -> URL:
     try:
         url = make_url(text)
     except ArgumentError:

@@ -1,4 +1,4 @@
-"""A consumer step that keeps a worker consuming exactly the `train.<org>` queues it is for.
+"""A consumer step that keeps a worker consuming exactly the per-org queues (`train.<org>`, `sync.<org>`) it is for.
 
 A worker started with KILN_WORKER_ORGS takes only those orgs (how a hospital trains on its own machine); any other
 worker takes every org that keeps no data on its premises (config dataResidency "central"). The api broadcasts
@@ -17,7 +17,7 @@ from sqlalchemy.pool import NullPool
 
 from shared.db.models import Organization
 from shared.db.session import make_engine
-from shared.queues import ORG_QUEUE_PREFIX, SYNC_QUEUES_COMMAND, train_queue
+from shared.queues import ORG_QUEUE_PREFIX, SYNC_QUEUE_PREFIX, SYNC_QUEUES_COMMAND
 from shared.schemas import OrgConfig
 from shared.settings import build_settings
 
@@ -27,7 +27,10 @@ SWEEP_SECONDS = 5.0
 
 
 class OrgQueues(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Subclasses name their queues' prefix (the queue of an org is the prefix then the org's id)."""
+
     requires = ("celery.worker.consumer.tasks:Tasks",)
+    prefix: str = ""
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         super().__init__(parent, **kwargs)
@@ -51,11 +54,11 @@ class OrgQueues(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def sweep(self, consumer: Any) -> None:
         try:
-            wanted = {train_queue(org_id) for org_id in self.org_ids()}
+            wanted = {self.prefix + org_id for org_id in self.org_ids()}
         except Exception:
             log.warning("cannot list organizations; keeping the current queues", exc_info=True)
             return
-        consuming = {queue.name for queue in consumer.task_consumer.queues if queue.name.startswith(ORG_QUEUE_PREFIX)}
+        consuming = {queue.name for queue in consumer.task_consumer.queues if queue.name.startswith(self.prefix)}
         for queue in sorted(wanted - consuming):
             log.info("consuming %s", queue)
             consumer.add_task_queue(queue)
@@ -71,6 +74,14 @@ class OrgQueues(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.only_orgs:
             return [org_id for org_id, _config in orgs if org_id in self.only_orgs]
         return [org_id for org_id, config in orgs if OrgConfig.model_validate(config).data_residency == "central"]
+
+
+class TrainQueues(OrgQueues):
+    prefix = ORG_QUEUE_PREFIX
+
+
+class SyncQueues(OrgQueues):
+    prefix = SYNC_QUEUE_PREFIX
 
 
 @control_command(name=SYNC_QUEUES_COMMAND)  # type: ignore[untyped-decorator]

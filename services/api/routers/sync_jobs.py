@@ -1,0 +1,130 @@
+"""Sync jobs (queued on `sync.<org>`, run by the sync workers) and the conflicts they met, with the review queue
+of those held for a person to decide."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, status
+from sqlalchemy import select
+
+from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, SessionDep
+from services.api.outbox_relay import commit_and_send
+from services.api.routers.sync_sources import owned_source
+from services.api.sync_schemas import ConflictOut, ConflictResolution, SyncJobIn, SyncJobOut
+from shared.audit import record_change
+from shared.db.models import Organization, SyncConflict, SyncJob
+from shared.db.types import utcnow
+from shared.errors import Conflict, NotFound
+from shared.schemas import OrgConfig
+from shared.sync_jobs import queue_sync_job, residency_refusal
+
+router = APIRouter(prefix="/v1/orgs/{org}", tags=["sync"])
+
+# A conflict a person decided, waiting for the next job to write the choice to both sides.
+CHOSEN = "chosen"
+
+
+@router.post("/sync-jobs", status_code=status.HTTP_202_ACCEPTED, response_model=SyncJobOut)
+def submit_job(body: SyncJobIn, access: OrgTrainer, session: SessionDep, resources: ResourcesDep) -> SyncJobOut:
+    source = owned_source(session, body.source_id, org_id=access.org_id, field="sourceId")
+    org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
+    refusal = residency_refusal(org_config, source)
+    if refusal is not None:
+        raise Conflict(refusal, field="sourceId")
+    job, message = queue_sync_job(session, source=source, actor=access.principal.key_id, trigger="api")
+    commit_and_send(session, resources, message)
+    return _job_out(job)
+
+
+@router.get("/sync-jobs", response_model=list[SyncJobOut])
+def list_jobs(access: OrgViewer, session: SessionDep) -> list[SyncJobOut]:
+    rows = session.scalars(
+        select(SyncJob).where(SyncJob.org_id == access.org_id).order_by(SyncJob.created_at.desc()).limit(200)
+    )
+    return [_job_out(row) for row in rows]
+
+
+@router.get("/sync-jobs/{job_id}", response_model=SyncJobOut)
+def get_job(job_id: str, access: OrgViewer, session: SessionDep) -> SyncJobOut:
+    row = session.get(SyncJob, job_id)
+    if row is None or row.org_id != access.org_id:
+        raise NotFound(f"sync job {job_id!r} not found")
+    return _job_out(row)
+
+
+@router.get("/conflicts", response_model=list[ConflictOut])
+def list_conflicts(
+    access: OrgViewer,
+    session: SessionDep,
+    state: Annotated[Literal["open", "chosen", "resolved"] | None, Query(alias="status")] = None,
+) -> list[ConflictOut]:
+    """Every conflict met, newest first; `?status=open` is the manual review queue."""
+    query = select(SyncConflict).where(SyncConflict.org_id == access.org_id)
+    if state is not None:
+        query = query.where(SyncConflict.status == state)
+    return [_conflict_out(row) for row in session.scalars(query.order_by(SyncConflict.id.desc()).limit(500))]
+
+
+@router.post("/conflicts/{conflict_id}", response_model=ConflictOut)
+def resolve_conflict(
+    conflict_id: int, body: ConflictResolution, access: OrgAdmin, session: SessionDep, resources: ResourcesDep
+) -> ConflictOut:
+    """Decide a held conflict. The choice is written to both sides by a sync job, queued here."""
+    row = session.get(SyncConflict, conflict_id)
+    if row is None or row.org_id != access.org_id:
+        raise NotFound(f"conflict {conflict_id} not found")
+    if row.status != "open":
+        raise Conflict(f"conflict {conflict_id} is {row.status}, not open", field="conflictId")
+    row.status, row.outcome = CHOSEN, f"kept-{body.keep}"
+    row.kept = dict(row.local_version if body.keep == "local" else row.central_version)
+    row.resolved_by = access.principal.key_id
+    row.resolved_at = utcnow()
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=access.principal.key_id,
+        action="sync.conflict.resolved",
+        target=f"{row.table_name}/{row.record_key}",
+        detail={"conflictId": row.id, "keep": body.keep},
+    )
+    source = owned_source(session, row.source_id, org_id=access.org_id)
+    _job, message = queue_sync_job(session, source=source, actor=access.principal.key_id, trigger="review")
+    commit_and_send(session, resources, message)
+    return _conflict_out(row)
+
+
+def _job_out(row: SyncJob) -> SyncJobOut:
+    return SyncJobOut(
+        job_id=row.id,
+        source_id=row.source_id,
+        status=row.status,
+        trigger=row.trigger,
+        pushed=row.pushed,
+        pulled=row.pulled,
+        conflicts=row.conflicts,
+        errors=row.errors,
+        attempts=row.attempts,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _conflict_out(row: SyncConflict) -> ConflictOut:
+    return ConflictOut(
+        conflict_id=row.id,
+        source_id=row.source_id,
+        job_id=row.job_id,
+        table=row.table_name,
+        record_key=row.record_key,
+        policy=row.policy,
+        status=row.status,
+        outcome=row.outcome,
+        local_version=row.local_version,
+        central_version=row.central_version,
+        kept=row.kept,
+        created_at=row.created_at,
+        resolved_at=row.resolved_at,
+        resolved_by=row.resolved_by,
+    )

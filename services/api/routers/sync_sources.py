@@ -1,0 +1,150 @@
+"""An org's local stores to sync with the central store, and their schedules. A store's password is stored
+encrypted and never shown again."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+from fastapi import APIRouter, Response, status
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
+from services.api.routers.datasource import checked_url
+from services.api.sync_schemas import SyncScheduleIn, SyncScheduleOut, SyncSourceOut
+from shared.audit import record_change
+from shared.db.models import SyncSchedule, SyncSource
+from shared.db.types import utcnow
+from shared.errors import InvalidInput, NotFound
+from shared.schedules import ScheduleError, check_pattern, next_fire_times, zone
+from shared.sync_tables import SyncSourceSpec, central_table_name
+
+router = APIRouter(prefix="/v1/orgs/{org}/sync-sources", tags=["sync"])
+
+SHOWN_FIRES = 5
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SyncSourceOut)
+def create_source(
+    body: SyncSourceSpec, access: OrgAdmin, session: SessionDep, resources: ResourcesDep
+) -> SyncSourceOut:
+    url = checked_url(body.url)
+    source = SyncSource(id="src" + secrets.token_hex(5), org_id=access.org_id, tables=[])
+    if url.password is not None:
+        source.password_encrypted = resources.secrets.encrypt(str(url.password), context=f"sync-source:{source.id}")
+    # URL.set(password=None) keeps the password; the NamedTuple's _replace is what removes it.
+    source.url = url._replace(password=None).render_as_string(hide_password=False)
+    source.tables = [table.model_dump(mode="json", by_alias=True) for table in body.tables]
+    session.add(source)
+    session.flush()
+    shown = _source_out(source)
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=access.principal.key_id,
+        action="sync.source.created",
+        target=source.id,
+        detail={"url": shown.url, "tables": source.tables},
+    )
+    return shown
+
+
+@router.get("", response_model=list[SyncSourceOut])
+def list_sources(access: OrgViewer, session: SessionDep) -> list[SyncSourceOut]:
+    rows = session.scalars(select(SyncSource).where(SyncSource.org_id == access.org_id).order_by(SyncSource.created_at))
+    return [_source_out(row) for row in rows]
+
+
+@router.get("/{source_id}", response_model=SyncSourceOut)
+def get_source(source_id: str, access: OrgViewer, session: SessionDep) -> SyncSourceOut:
+    return _source_out(owned_source(session, source_id, org_id=access.org_id))
+
+
+@router.put("/{source_id}/schedule", response_model=SyncScheduleOut)
+def put_schedule(source_id: str, body: SyncScheduleIn, access: OrgAdmin, session: SessionDep) -> SyncScheduleOut:
+    """Set the source's schedule; the sync beat picks the change up at its next tick."""
+    source = owned_source(session, source_id, org_id=access.org_id)
+    try:
+        check_pattern(body.pattern)
+    except ScheduleError as error:
+        raise InvalidInput(str(error), field="pattern") from None
+    try:
+        zone(body.timezone)
+    except ScheduleError as error:
+        raise InvalidInput(str(error), field="timezone") from None
+    row = session.get(SyncSchedule, source.id) or SyncSchedule(source_id=source.id, org_id=access.org_id)
+    row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
+    row.next_fire_at = _upcoming(row, utcnow(), 1)[0] if body.enabled else None
+    row.updated_at = utcnow()
+    session.add(row)
+    session.flush()
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=access.principal.key_id,
+        action="sync.schedule.set",
+        target=source.id,
+        detail={"pattern": body.pattern, "timezone": body.timezone, "enabled": body.enabled},
+    )
+    return _schedule_out(row)
+
+
+@router.get("/{source_id}/schedule", response_model=SyncScheduleOut)
+def get_schedule(source_id: str, access: OrgViewer, session: SessionDep) -> SyncScheduleOut:
+    return _schedule_out(_existing_schedule(session, source_id, access.org_id))
+
+
+@router.delete("/{source_id}/schedule", status_code=status.HTTP_204_NO_CONTENT)
+def delete_schedule(source_id: str, access: OrgAdmin, session: SessionDep) -> Response:
+    row = _existing_schedule(session, source_id, access.org_id)
+    session.delete(row)
+    record_change(
+        session, org_id=access.org_id, actor=access.principal.key_id, action="sync.schedule.deleted", target=source_id
+    )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def owned_source(session: Session, source_id: str, *, org_id: str, field: str | None = None) -> SyncSource:
+    """Another org's source is as absent as a missing one."""
+    row = session.get(SyncSource, source_id)
+    if row is None or row.org_id != org_id:
+        raise NotFound(f"sync source {source_id!r} not found", field=field)
+    return row
+
+
+def _existing_schedule(session: Session, source_id: str, org_id: str) -> SyncSchedule:
+    source = owned_source(session, source_id, org_id=org_id)
+    row = session.get(SyncSchedule, source.id)
+    if row is None:
+        raise NotFound(f"sync source {source_id!r} has no schedule")
+    return row
+
+
+def _upcoming(row: SyncSchedule, after: datetime, count: int) -> list[datetime]:
+    return next_fire_times(row.pattern, row.timezone, after=after, count=count)
+
+
+def _schedule_out(row: SyncSchedule) -> SyncScheduleOut:
+    return SyncScheduleOut(
+        source_id=row.source_id,
+        pattern=row.pattern,
+        timezone=row.timezone,
+        enabled=row.enabled,
+        next_fire_times=_upcoming(row, utcnow(), SHOWN_FIRES) if row.enabled else [],
+        last_fired_at=row.last_fired_at,
+    )
+
+
+def _source_out(row: SyncSource) -> SyncSourceOut:
+    url = make_url(row.url)
+    shown = url.set(password="stored") if row.password_encrypted is not None else url  # noqa: S106 - hidden below
+    return SyncSourceOut(
+        source_id=row.id,
+        url=shown.render_as_string(hide_password=True),
+        has_password=row.password_encrypted is not None,
+        tables=row.tables,
+        central_tables={table["name"]: central_table_name(row.id, table["name"]) for table in row.tables},
+        created_at=row.created_at,
+    )

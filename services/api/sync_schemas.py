@@ -1,0 +1,75 @@
+"""Request and response bodies of the sync routes, camelCase on the wire."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from services.api.schemas import CamelOut
+from shared.schemas import CamelModel
+
+
+class SyncSourceOut(CamelOut):
+    source_id: str
+    url: str
+    has_password: bool
+    tables: list[dict[str, Any]]
+    central_tables: dict[str, str] = Field(description="where each table's central copy lives")
+    created_at: datetime
+
+
+class SyncJobIn(CamelModel):
+    source_id: str = Field(min_length=1, max_length=40)
+
+
+class SyncJobOut(CamelOut):
+    job_id: str
+    source_id: str
+    status: str
+    trigger: str
+    pushed: int = Field(description="records sent up, local to central")
+    pulled: int = Field(description="records brought down, central to local")
+    conflicts: int
+    errors: list[dict[str, Any]]
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ConflictOut(CamelOut):
+    conflict_id: int
+    source_id: str
+    job_id: str | None
+    table: str
+    record_key: str
+    policy: str
+    status: str
+    outcome: str
+    local_version: dict[str, Any] = Field(description="sensitive columns as stored: sealed")
+    central_version: dict[str, Any]
+    kept: dict[str, Any] | None
+    created_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None
+
+
+class ConflictResolution(CamelModel):
+    keep: Literal["local", "central"] = Field(description="which version the record becomes on both sides")
+
+
+class SyncScheduleIn(CamelModel):
+    pattern: str = Field(description="5-field cron pattern, e.g. '*/15 * * * *'")
+    timezone: str = Field("UTC", description="IANA timezone the pattern is read in")
+    enabled: bool = True
+
+
+class SyncScheduleOut(CamelOut):
+    source_id: str
+    pattern: str
+    timezone: str
+    enabled: bool
+    next_fire_times: list[datetime]
+    last_fired_at: datetime | None

@@ -1,0 +1,95 @@
+"""The sync beat: `celery -A services.sync.celery_app beat`. Each tick queues the sync jobs whose schedules are due,
+and every KILN_SYNC_PURGE_INTERVAL_S sends each org with sources a retention purge.
+
+A schedule's next fire time is taken with a conditional update, so two beats never queue the same moment twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from typing import Any
+
+from celery.beat import Scheduler
+from sqlalchemy import distinct, select, update
+from sqlalchemy.orm import Session
+
+from shared.db.models import SyncSchedule, SyncSource
+from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
+from shared.db.types import utcnow
+from shared.outbox import KIND_SYNC_TASK, relay
+from shared.queues import send_purge_task, send_sync_task
+from shared.schedules import next_fire_times
+from shared.settings import build_settings
+from shared.sync_jobs import queue_sync_job
+
+log = logging.getLogger(__name__)
+
+
+def fire_due_sync_schedules(sessions: SessionFactory, *, now: datetime) -> list[int]:
+    """Queue a job for every sync schedule due at `now`; returns the outbox message ids to send."""
+    messages = []
+    with session_scope(sessions) as session:
+        due = session.scalars(
+            select(SyncSchedule)
+            .where(SyncSchedule.enabled.is_(True), SyncSchedule.next_fire_at <= now)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for schedule in due:
+            message = _fire(session, schedule, now)
+            if message is not None:
+                messages.append(message)
+    return messages
+
+
+def _fire(session: Session, schedule: SyncSchedule, now: datetime) -> int | None:
+    following = next_fire_times(schedule.pattern, schedule.timezone, after=now)[0]
+    taken = session.execute(
+        update(SyncSchedule)
+        .where(SyncSchedule.source_id == schedule.source_id, SyncSchedule.next_fire_at == schedule.next_fire_at)
+        .values(next_fire_at=following, last_fired_at=schedule.next_fire_at)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        return None  # another beat fired it
+    source = session.get_one(SyncSource, schedule.source_id)
+    _job, message = queue_sync_job(session, source=source, actor="schedule", trigger="schedule")
+    return message.id
+
+
+def orgs_with_sources(sessions: SessionFactory) -> list[str]:
+    with session_scope(sessions) as session:
+        return list(session.scalars(select(distinct(SyncSource.org_id))))
+
+
+class SyncScheduler(Scheduler):  # type: ignore[misc]
+    """A beat scheduler whose entries are the sources' schedules, in the database, and the retention purge."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = build_settings()
+        self.tick_s = settings.beat_tick_s
+        self.purge_interval_s = settings.sync_purge_interval_s
+        self.next_purge = time.monotonic()
+        self.engine = make_engine(settings.resolved_database_url)
+        self.sessions = make_session_factory(self.engine)
+        super().__init__(*args, **kwargs)
+
+    def setup_schedule(self) -> None:
+        """Nothing static: every tick reads the database."""
+
+    def tick(self, *_args: Any, **_kwargs: Any) -> float:
+        try:
+            messages = fire_due_sync_schedules(self.sessions, now=utcnow())
+            if messages:
+                relay(self.sessions, {KIND_SYNC_TASK: lambda payload: send_sync_task(self.app, payload)}, ids=messages)
+            if time.monotonic() >= self.next_purge:
+                for org_id in orgs_with_sources(self.sessions):
+                    send_purge_task(self.app, org_id)
+                self.next_purge = time.monotonic() + self.purge_interval_s
+        except Exception:
+            log.warning("sync schedules not fired this tick; trying again", exc_info=True)
+        return self.tick_s
+
+    def close(self) -> None:
+        super().close()
+        self.engine.dispose()

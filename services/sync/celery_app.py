@@ -1,0 +1,26 @@
+"""The sync service's Celery app: `celery -A services.sync.celery_app worker` consumes the `sync.<org>` queues,
+`... beat` fires sync schedules and retention purges. Configured lazily, at first use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from shared.org_queues import SyncQueues
+from shared.queues import celery_config
+from shared.settings import build_settings
+
+# A sync job holds its message (acks_late) while it runs; an hour is far beyond any batch loop seen here.
+LONGEST_JOB_S = 3600.0
+
+app = Celery("kiln-sync", include=["services.sync.tasks"])
+app.steps["consumer"].add(SyncQueues)
+
+
+@app.on_configure.connect  # type: ignore[untyped-decorator]
+def _configure(sender: Celery, **_kwargs: Any) -> None:
+    settings = build_settings()
+    sender.conf.update(celery_config(settings.redis_url, longest_training_s=LONGEST_JOB_S))
+    sender.conf.beat_scheduler = "services.sync.beat:SyncScheduler"
+    sender.conf.beat_max_loop_interval = settings.beat_tick_s

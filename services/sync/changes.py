@@ -1,0 +1,194 @@
+"""Change capture: triggers that log every write to a synced table into the store's change log.
+
+Both stores keep one: the local store's `_kiln_changes` (made here), the central one's `sync_changes` (a migration).
+A log row says which record changed and when by that store's clock; the sync service's own writes are not
+logged (SQLite: the triggers skip while the `applying` table holds a row inside its transaction; PostgreSQL: while
+its transaction sets `kiln.applying`), so what it copies over is never sent back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, text
+
+ORIGIN_APP = "app"
+# A record the sync service merged or restored in the central store and must still send down.
+ORIGIN_MERGE = "merge"
+
+
+@dataclass(frozen=True)
+class ChangeLog:
+    log: str
+    applying: str
+
+
+LOCAL_LOG = ChangeLog(log="_kiln_changes", applying="_kiln_applying")
+CENTRAL_LOG = ChangeLog(log="sync_changes", applying="sync_applying")
+
+
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    key: str
+    origin: str
+    at_ms: int
+
+
+def now_ms_sql(dialect: str) -> str:
+    if dialect == "postgresql":
+        return "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+    return "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)"
+
+
+def now_ms(connection: Connection) -> int:
+    """This store's clock: what its triggers stamp changes with."""
+    return int(connection.execute(text(f"SELECT {now_ms_sql(connection.dialect.name)}")).scalar_one())
+
+
+def create_log(connection: Connection, log: ChangeLog) -> None:
+    """The local store's change log and its `applying` marker, made on the first sync."""
+    serial = "BIGSERIAL" if connection.dialect.name == "postgresql" else "INTEGER"
+    statements = [
+        f"CREATE TABLE IF NOT EXISTS {log.log} (seq {serial} PRIMARY KEY, tbl VARCHAR(64) NOT NULL, "
+        "pk VARCHAR(200) NOT NULL, origin VARCHAR(8) NOT NULL, at_ms BIGINT NOT NULL)",
+        f"CREATE INDEX IF NOT EXISTS ix{log.log}_tbl_seq ON {log.log} (tbl, seq)",
+        f"CREATE INDEX IF NOT EXISTS ix{log.log}_tbl_pk ON {log.log} (tbl, pk)",
+        f"CREATE TABLE IF NOT EXISTS {log.applying} (id INTEGER PRIMARY KEY)",
+    ]
+    for statement in statements:
+        connection.execute(text(statement))
+
+
+def install_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
+    """Log every insert, update and delete of `table` under the name `logged_as`; safe to run again."""
+    if connection.dialect.name == "postgresql":
+        _postgresql_triggers(connection, log, table=table, key=key, logged_as=logged_as)
+    else:
+        _sqlite_triggers(connection, log, table=table, key=key, logged_as=logged_as)
+
+
+def has_triggers(connection: Connection, table: str) -> bool:
+    if connection.dialect.name == "postgresql":
+        query = "SELECT 1 FROM pg_trigger WHERE tgname = '_kiln_capture' AND tgrelid = CAST(:t AS regclass)"
+    else:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = '_kiln_' || :t || '_insert'"
+    return connection.execute(text(query), {"t": table}).first() is not None
+
+
+def log_existing(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
+    """Records written before the triggers were installed: logged once, as if just written, so they go too."""
+    connection.execute(
+        text(
+            f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) SELECT :t, CAST({key} AS TEXT), '{ORIGIN_APP}', "
+            f"{now_ms_sql(connection.dialect.name)} FROM {table}"
+        ),
+        {"t": logged_as},
+    )
+
+
+def _sqlite_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
+    for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):
+        connection.execute(
+            text(
+                f"CREATE TRIGGER IF NOT EXISTS _kiln_{table}_{event.lower()} AFTER {event} ON {table} "
+                f"WHEN NOT EXISTS (SELECT 1 FROM {log.applying}) BEGIN "
+                f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) "
+                f"VALUES ('{logged_as}', CAST({row}.{key} AS TEXT), '{ORIGIN_APP}', {now_ms_sql('sqlite')}); END"
+            )
+        )
+
+
+def _postgresql_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
+    connection.execute(
+        text(
+            f"""
+            CREATE OR REPLACE FUNCTION {log.log}_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+            DECLARE record_key text;
+            BEGIN
+                IF TG_OP = 'DELETE' THEN
+                    EXECUTE format('SELECT ($1).%I::text', TG_ARGV[1]) INTO record_key USING OLD;
+                ELSE
+                    EXECUTE format('SELECT ($1).%I::text', TG_ARGV[1]) INTO record_key USING NEW;
+                END IF;
+                INSERT INTO {log.log} (tbl, pk, origin, at_ms)
+                VALUES (TG_ARGV[0], record_key, '{ORIGIN_APP}', {now_ms_sql("postgresql")});
+                RETURN NULL;
+            END $$
+            """
+        )
+    )
+    connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_capture ON {table}"))
+    connection.execute(
+        text(
+            f"CREATE TRIGGER _kiln_capture AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW "
+            "WHEN (current_setting('kiln.applying', true) IS DISTINCT FROM 'on') "
+            f"EXECUTE FUNCTION {log.log}_capture('{logged_as}', '{key}')"
+        )
+    )
+
+
+def begin_applying(connection: Connection, log: ChangeLog) -> None:
+    """From here to the end of the transaction, this connection's writes are not logged."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SET LOCAL kiln.applying = 'on'"))
+    else:
+        connection.execute(text(f"INSERT OR IGNORE INTO {log.applying} (id) VALUES (1)"))
+
+
+def end_applying(connection: Connection, log: ChangeLog) -> None:
+    """Before the commit, so that no other connection ever sees the marker."""
+    if connection.dialect.name != "postgresql":
+        connection.execute(text(f"DELETE FROM {log.applying}"))
+
+
+def changes_after(connection: Connection, log: ChangeLog, *, table: str, after: int, limit: int) -> list[Change]:
+    rows = connection.execute(
+        text(f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t AND seq > :after ORDER BY seq LIMIT :n"),
+        {"t": table, "after": after, "n": limit},
+    )
+    return [Change(seq=seq, key=key, origin=origin, at_ms=at_ms) for seq, key, origin, at_ms in rows]
+
+
+def pending(
+    connection: Connection, log: ChangeLog, *, table: str, keys: Iterable[str], after: int
+) -> dict[str, Change]:
+    """The latest change after `after` of each of `keys` that has one: records changed since that position."""
+    found: dict[str, Change] = {}
+    key_list = list(keys)
+    for start in range(0, len(key_list), 500):
+        rows = connection.execute(
+            text(
+                f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t AND seq > :after "
+                f"AND pk IN ({_placeholders(len(key_list[start : start + 500]))}) ORDER BY seq"
+            ),
+            {"t": table, "after": after, **_bind(key_list[start : start + 500])},
+        )
+        for seq, key, origin, at_ms in rows:
+            found[key] = Change(seq=seq, key=key, origin=origin, at_ms=at_ms)
+    return found
+
+
+def forget(connection: Connection, log: ChangeLog, *, table: str, keys: Iterable[str], after: int) -> None:
+    """Drop the pending changes of records whose conflict was just resolved: they are folded into the result."""
+    key_list = list(keys)
+    if key_list:
+        connection.execute(
+            text(f"DELETE FROM {log.log} WHERE tbl = :t AND seq > :after AND pk IN ({_placeholders(len(key_list))})"),
+            {"t": table, "after": after, **_bind(key_list)},
+        )
+
+
+def log_merges(connection: Connection, log: ChangeLog, *, table: str, keys: Iterable[str], at_ms: int) -> None:
+    rows = [{"t": table, "k": key, "o": ORIGIN_MERGE, "at": at_ms} for key in keys]
+    if rows:
+        connection.execute(text(f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) VALUES (:t, :k, :o, :at)"), rows)
+
+
+def _placeholders(count: int) -> str:
+    return ", ".join(f":k{index}" for index in range(count))
+
+
+def _bind(keys: list[str]) -> dict[str, str]:
+    return {f"k{index}": key for index, key in enumerate(keys)}

@@ -1,0 +1,120 @@
+"""Per-org envelope keys for sensitive columns: AES-256-GCM data keys, wrapped under the platform key.
+
+A sealed value reads `<key id>:<base64 of nonce, ciphertext and tag>`, its column (`org:table:column`) bound in as
+associated data, so a value copied into another org's or column's cell does not decrypt there. One key per org is
+active; rotation makes a new one active, re-encrypts every value sealed under the older ones, and marks those
+`drained`: only then may they be destroyed, after which nothing can ever decrypt under them again.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.crypto import NONCE_BYTES, SecretBox
+from shared.db.models import SyncKey
+from shared.db.types import utcnow
+from shared.errors import Conflict, NotFound
+
+ACTIVE, RETIRED, DRAINED, DESTROYED = "active", "retired", "drained", "destroyed"
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """The org's keys that can still decrypt, and the one new values are sealed under."""
+
+    org_id: str
+    active_id: str
+    keys: dict[str, AESGCM]
+
+    def seal(self, value: Any, *, column: str) -> str | None:
+        if value is None:
+            return None
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        sealed = self.keys[self.active_id].encrypt(nonce, orjson.dumps(value), self._aad(column))
+        return f"{self.active_id}:{base64.b64encode(nonce + sealed).decode()}"
+
+    def open(self, token: str | None, *, column: str) -> Any:
+        if token is None:
+            return None
+        key_id, _, body = token.partition(":")
+        if key_id not in self.keys:
+            raise ValueError(f"{column} was sealed under key {key_id!r}, which this org no longer has")
+        raw = base64.b64decode(body)
+        try:
+            return orjson.loads(self.keys[key_id].decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(column)))
+        except InvalidTag:
+            raise ValueError(f"a value of {column} does not decrypt under key {key_id!r}") from None
+
+    def is_current(self, token: str | None) -> bool:
+        return token is None or token.startswith(self.active_id + ":")
+
+    def _aad(self, column: str) -> bytes:
+        return f"{self.org_id}:{column}".encode()
+
+
+def load_keyring(session: Session, box: SecretBox, org_id: str) -> Keyring:
+    """The org's keyring; its first key is made on first use."""
+    rows = session.scalars(
+        select(SyncKey).where(SyncKey.org_id == org_id, SyncKey.status != DESTROYED).with_for_update()
+    ).all()
+    active = [row for row in rows if row.status == ACTIVE]
+    if not active:
+        active = [_new_key(session, box, org_id)]
+        rows = [*rows, active[0]]
+    keys = {row.id: AESGCM(_unwrap(box, row)) for row in rows}
+    return Keyring(org_id=org_id, active_id=active[0].id, keys=keys)
+
+
+def start_rotation(session: Session, box: SecretBox, org_id: str) -> Keyring:
+    """Retire the active key and make a new one; values under the old key still open until re-encrypted."""
+    for row in session.scalars(select(SyncKey).where(SyncKey.org_id == org_id, SyncKey.status == ACTIVE)):
+        row.status, row.retired_at = RETIRED, utcnow()
+    _new_key(session, box, org_id)
+    session.flush()
+    return load_keyring(session, box, org_id)
+
+
+def mark_drained(session: Session, org_id: str) -> list[str]:
+    """After re-encryption: the retired keys seal nothing any more, and may be destroyed."""
+    retired = session.scalars(select(SyncKey).where(SyncKey.org_id == org_id, SyncKey.status == RETIRED)).all()
+    for row in retired:
+        row.status = DRAINED
+    return [row.id for row in retired]
+
+
+def destroy_key(session: Session, org_id: str, key_id: str) -> None:
+    row = session.get(SyncKey, key_id)
+    if row is None or row.org_id != org_id or row.status == DESTROYED:
+        raise NotFound(f"key {key_id!r} not found", field="keyId")
+    if row.status != DRAINED:
+        raise Conflict(f"key {key_id!r} is {row.status}: only a key drained by a rotation can be destroyed")
+    row.status, row.wrapped, row.destroyed_at = DESTROYED, None, utcnow()
+
+
+def _new_key(session: Session, box: SecretBox, org_id: str) -> SyncKey:
+    key_id = "ek" + secrets.token_hex(6)
+    material = base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()
+    row = SyncKey(
+        id=key_id, org_id=org_id, status=ACTIVE, wrapped=box.encrypt(material, context=_context(org_id, key_id))
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _unwrap(box: SecretBox, row: SyncKey) -> bytes:
+    assert row.wrapped is not None
+    return base64.b64decode(box.decrypt(row.wrapped, context=_context(row.org_id, row.id)))
+
+
+def _context(org_id: str, key_id: str) -> str:
+    return f"sync-key:{org_id}:{key_id}"

@@ -1,0 +1,167 @@
+"""Running one sync job: every table of its source, both ways as declared, from the acknowledged watermarks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from services.sync.changes import (
+    CENTRAL_LOG,
+    LOCAL_LOG,
+    create_log,
+    has_triggers,
+    install_triggers,
+    log_existing,
+    now_ms,
+)
+from services.sync.context import SyncContext
+from services.sync.envelope import Keyring, load_keyring
+from services.sync.stores import check_key, ensure_central_table, open_local, reflect
+from services.sync.transfer import TablePair, Tally, sync_table
+from shared.audit import record_change
+from shared.db.models import Organization, SyncJob, SyncSource
+from shared.db.session import session_scope
+from shared.db.types import utcnow
+from shared.errors import KilnError, TransientError
+from shared.schemas import OrgConfig
+from shared.sync_jobs import FAILED, FINISHED, REFUSED, RETRYING, RUNNING, SUCCEEDED, residency_refusal, source_tables
+from shared.sync_tables import SyncTable, central_table_name
+
+log = logging.getLogger(__name__)
+
+AfterBatch = Callable[[Tally], None]
+
+
+def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None = None) -> str:
+    """Run the job and return its status. The central store unreachable: TransientError, to be retried; the job
+    then starts again from the watermarks its acknowledged batches left."""
+    source = _start(context, job_id)
+    if source is None:
+        return _status(context, job_id)
+    password = None
+    if source.password_encrypted is not None:
+        password = context.secrets.decrypt(source.password_encrypted, context=f"sync-source:{source.id}")
+    local = open_local(source.url, password)
+    try:
+        _sync_tables(context, local, source, job_id, after_batch)
+    except OperationalError as error:
+        _finish(context, job_id, RETRYING, f"a store was unreachable, retrying: {_first_line(error)}")
+        raise TransientError(f"sync job {job_id}: a store is unreachable") from error
+    except (KilnError, ValueError) as error:
+        return _finish(context, job_id, FAILED, str(error))
+    finally:
+        local.dispose()
+    return _finish(context, job_id, SUCCEEDED, None)
+
+
+def _start(context: SyncContext, job_id: str) -> SyncSource | None:
+    """Mark the job running and return its source; None if it is finished already or refused now."""
+    with session_scope(context.sessions) as session:
+        job = session.get(SyncJob, job_id)
+        if job is None or job.status in FINISHED:
+            return None
+        source = session.get_one(SyncSource, job.source_id)
+        org_config = OrgConfig.model_validate(session.get_one(Organization, job.org_id).config)
+        refusal = residency_refusal(org_config, source)
+        if refusal is not None:
+            _close(session, job, REFUSED, refusal)
+            return None
+        job.status, job.attempts = RUNNING, job.attempts + 1
+        job.started_at = job.started_at or utcnow()
+        session.expunge(source)
+        return source
+
+
+def _sync_tables(
+    context: SyncContext, local: Engine, source: SyncSource, job_id: str, after_batch: AfterBatch | None
+) -> None:
+    with session_scope(context.sessions) as session:
+        keyring = load_keyring(session, context.secrets, source.org_id)
+    offset_ms = _clock_offset(local, context.engine)
+    for spec in source_tables(source):
+        pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
+        pair.after_batch = after_batch
+        sync_table(pair)
+
+
+def open_pair(
+    context: SyncContext,
+    local: Engine,
+    source: SyncSource,
+    spec: SyncTable,
+    *,
+    keyring: Keyring,
+    offset_ms: int,
+    job_id: str | None,
+) -> TablePair:
+    """Both sides of a table, with change capture installed; the central copy made on its first sync."""
+    central_name = central_table_name(source.id, spec.name)
+    with local.begin() as connection:
+        create_log(connection, LOCAL_LOG)
+        local_table = reflect(connection, spec.name)
+        check_key(local_table, spec)
+        if not has_triggers(connection, spec.name):
+            install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
+            log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
+    with context.engine.begin() as connection:
+        central_table = ensure_central_table(connection, local_table, spec, central_name)
+        if not has_triggers(connection, central_name):
+            install_triggers(connection, CENTRAL_LOG, table=central_name, key=spec.primary_key, logged_as=central_name)
+    return TablePair(
+        spec=spec,
+        org_id=source.org_id,
+        source_id=source.id,
+        job_id=job_id,
+        local=local,
+        central=context.engine,
+        local_table=local_table,
+        central_table=central_table,
+        central_name=central_name,
+        keyring=keyring,
+        offset_ms=offset_ms,
+        batch_size=context.settings.sync_batch_size,
+    )
+
+
+def _clock_offset(local: Engine, central: Engine) -> int:
+    """How far the local store's clock runs ahead of the central one, in ms; local edits are stamped net of it."""
+    with local.connect() as connection:
+        local_ms = now_ms(connection)
+    with central.connect() as connection:
+        central_ms = now_ms(connection)
+    return local_ms - central_ms
+
+
+def _finish(context: SyncContext, job_id: str, status: str, error: str | None) -> str:
+    try:
+        with session_scope(context.sessions) as session:
+            _close(session, session.get_one(SyncJob, job_id), status, error)
+    except OperationalError:
+        log.warning("sync job %s: cannot record status %s now", job_id, status, exc_info=True)
+    return status
+
+
+def _close(session: Session, job: SyncJob, status: str, error: str | None) -> None:
+    job.status = status
+    if error is not None:
+        job.errors = [*job.errors, {"at": utcnow().isoformat(), "error": error}]
+    if status in FINISHED:
+        job.finished_at = utcnow()
+    detail = {"status": status, "pushed": job.pushed, "pulled": job.pulled, "conflicts": job.conflicts}
+    if error is not None:
+        detail["error"] = error
+    record_change(session, org_id=job.org_id, actor="sync", action=f"sync.job.{status}", target=job.id, detail=detail)
+
+
+def _status(context: SyncContext, job_id: str) -> str:
+    with session_scope(context.sessions) as session:
+        job = session.get(SyncJob, job_id)
+        return job.status if job is not None else "missing"
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,95 @@
+"""Key rotation: a new envelope key for the org, every sealed value re-encrypted under it, the old keys drained.
+
+Runs on the org's sync queue (or `kiln sync-keys rotate`), between jobs. Re-encryption is not a change of the
+record: the writes are not logged, so nothing is sent down again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy.orm import Session
+
+from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying
+from services.sync.context import SyncContext
+from services.sync.envelope import Keyring, mark_drained, start_rotation
+from services.sync.stores import reflect
+from shared.audit import record_change
+from shared.db.models import SyncBase, SyncConflict, SyncSource
+from shared.db.session import session_scope
+from shared.sync_jobs import source_tables
+from shared.sync_tables import central_table_name
+
+
+def rotate_org_key(context: SyncContext, org_id: str) -> dict[str, Any]:
+    """Rotate in one transaction: either every value moves to the new key, or none does."""
+    with session_scope(context.sessions) as session:
+        keyring = start_rotation(session, context.secrets, org_id)
+        connection = session.connection()
+        begin_applying(connection, CENTRAL_LOG)
+        resealed = 0
+        for source in session.scalars(select(SyncSource).where(SyncSource.org_id == org_id)).all():
+            for spec in source_tables(source):
+                if not spec.sensitive_columns:
+                    continue
+                name = central_table_name(source.id, spec.name)
+                if connection.dialect.has_table(connection, name):
+                    table = reflect(connection, name)
+                    resealed += _reseal_table(
+                        connection, table, spec.primary_key, spec.name, spec.sensitive_columns, keyring
+                    )
+                resealed += _reseal_documents(session, source.id, spec.name, spec.sensitive_columns, keyring)
+        end_applying(connection, CENTRAL_LOG)
+        drained = mark_drained(session, org_id)
+        summary = {"activeKey": keyring.active_id, "drainedKeys": drained, "resealedValues": resealed}
+        record_change(
+            session, org_id=org_id, actor="sync", action="sync.key.rotated", target=keyring.active_id, detail=summary
+        )
+    return summary
+
+
+def _reseal_table(
+    connection: Connection, table: Table, key: str, name: str, columns: list[str], keyring: Keyring
+) -> int:
+    rows = connection.execute(select(table.c[key], *(table.c[column] for column in columns))).mappings().all()
+    changed = [row for row in (_resealed(dict(found), name, columns, keyring) for found in rows) if row is not None]
+    if changed:
+        statement = (
+            update(table)
+            .where(table.c[key] == bindparam("record_key"))
+            .values({column: bindparam(f"new_{column}") for column in columns})
+        )
+        connection.execute(
+            statement,
+            [{"record_key": row[key], **{f"new_{c}": row[c] for c in columns}} for row in changed],
+        )
+    return len(changed)
+
+
+def _reseal_documents(session: Session, source_id: str, name: str, columns: list[str], keyring: Keyring) -> int:
+    """Conflicts and field-merge bases keep sealed copies of records too."""
+    count = 0
+    for base in session.scalars(select(SyncBase).where(SyncBase.source_id == source_id, SyncBase.table_name == name)):
+        if (row := _resealed(dict(base.row), name, columns, keyring)) is not None:
+            base.row, count = row, count + 1
+    for conflict in session.scalars(
+        select(SyncConflict).where(SyncConflict.source_id == source_id, SyncConflict.table_name == name)
+    ):
+        for attribute in ("local_version", "central_version", "kept"):
+            document = getattr(conflict, attribute)
+            if document is not None and (row := _resealed(dict(document), name, columns, keyring)) is not None:
+                setattr(conflict, attribute, row)
+                count += 1
+    return count
+
+
+def _resealed(row: dict[str, Any], name: str, columns: list[str], keyring: Keyring) -> dict[str, Any] | None:
+    """The row with its sealed values under the active key; None when they all are already."""
+    stale = [column for column in columns if column in row and not keyring.is_current(row[column])]
+    if not stale:
+        return None
+    for column in stale:
+        value = keyring.open(row[column], column=f"{name}.{column}")
+        row[column] = keyring.seal(value, column=f"{name}.{column}")
+    return row

@@ -1,0 +1,29 @@
+"""Celery tasks: thin wrappers that take ids and call plain functions."""
+
+from __future__ import annotations
+
+from services.sync.celery_app import app
+from services.sync.context import worker_context
+from services.sync.jobs import run_job
+from services.sync.retention import purge_expired
+from shared.errors import TransientError
+from shared.queues import SYNC_PURGE_TASK, SYNC_TASK
+
+RETRY_BACKOFF_S = 5
+MAX_RETRIES = 8
+
+
+@app.task(
+    name=SYNC_TASK,
+    autoretry_for=(TransientError,),
+    retry_backoff=RETRY_BACKOFF_S,
+    max_retries=MAX_RETRIES,
+)  # type: ignore[untyped-decorator]
+def sync(job_id: str, org_id: str | None = None) -> str:
+    """`org_id` is only there for operators: Flower shows it beside each task."""
+    return run_job(worker_context(), job_id)
+
+
+@app.task(name=SYNC_PURGE_TASK)  # type: ignore[untyped-decorator]
+def purge(org_id: str) -> int:
+    return purge_expired(worker_context(), org_id)

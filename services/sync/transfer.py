@@ -1,0 +1,419 @@
+"""Moving one table's changes between the local and the central store, in batches, from acknowledged watermarks.
+
+Up (push): the local change log after the `up` watermark. Each batch is written to the central store in one
+transaction with its conflicts, the job's counters and the new watermark, so a batch is acknowledged exactly when
+it has landed. Down (pull): the central change log after the `down` watermark, written to the local store first
+and acknowledged after; a batch replayed after a crash writes the same records again, by key, and so changes
+nothing. A record changed on both sides since its last sync goes to the table's policy (services/sync/merge.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, bindparam, select, update
+from sqlalchemy.orm import Session
+
+from services.sync.changes import (
+    CENTRAL_LOG,
+    LOCAL_LOG,
+    ORIGIN_APP,
+    Change,
+    begin_applying,
+    changes_after,
+    end_applying,
+    forget,
+    log_merges,
+    pending,
+)
+from services.sync.envelope import Keyring
+from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit
+from services.sync.merge import Resolution, Version, resolve
+from services.sync.stores import STAMP, VERSION, key_text, key_value, read, upsert
+from shared.audit import record_change
+from shared.db.models import SyncBase, SyncConflict, SyncJob, SyncWatermark
+from shared.db.types import utcnow
+from shared.sync_tables import SyncTable
+
+log = logging.getLogger(__name__)
+
+UP, DOWN = "up", "down"
+OPEN, CHOSEN, RESOLVED = "open", "chosen", "resolved"
+
+
+@dataclass
+class Tally:
+    pushed: int = 0
+    pulled: int = 0
+    conflicts: int = 0
+
+
+@dataclass
+class TablePair:
+    """One table of a source, open on both sides for one job."""
+
+    spec: SyncTable
+    org_id: str
+    source_id: str
+    job_id: str | None
+    local: Engine
+    central: Engine
+    local_table: Table
+    central_table: Table
+    central_name: str
+    keyring: Keyring
+    offset_ms: int
+    batch_size: int
+    after_batch: Callable[[Tally], None] | None = None
+    tally: Tally = field(default_factory=Tally)
+
+    @property
+    def key(self) -> str:
+        return self.spec.primary_key
+
+    def sealed(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A local row as the central store holds it: sensitive columns encrypted."""
+        return {
+            name: self.keyring.seal(value, column=self._column(name)) if name in self.spec.sensitive_columns else value
+            for name, value in row.items()
+        }
+
+    def plain(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A central row as the local store holds it: without the sync columns, sensitive columns decrypted."""
+        return {
+            name: self.keyring.open(value, column=self._column(name)) if name in self.spec.sensitive_columns else value
+            for name, value in row.items()
+            if name not in (VERSION, STAMP)
+        }
+
+    def _column(self, name: str) -> str:
+        return f"{self.spec.name}.{name}"
+
+
+def sync_table(pair: TablePair) -> Tally:
+    """Push and pull until neither side has anything left that was there when the job looked."""
+    if pair.spec.policy == "manual":
+        apply_choices(pair)
+    while True:
+        pushed = push_batch(pair) if pair.spec.sends_up else False
+        pulled = pull_batch(pair) if pair.spec.sends_down else False
+        if not (pushed or pulled):
+            return pair.tally
+
+
+def apply_choices(pair: TablePair) -> None:
+    """Write the versions people chose in the review queue to the central store, and log them to go down."""
+    with Session(pair.central) as session, session.begin():
+        chosen = session.scalars(
+            select(SyncConflict).where(
+                SyncConflict.source_id == pair.source_id,
+                SyncConflict.table_name == pair.spec.name,
+                SyncConflict.status == CHOSEN,
+            )
+        ).all()
+        if not chosen:
+            return
+        connection = session.connection()
+        begin_applying(connection, CENTRAL_LOG)
+        keys = [conflict.record_key for conflict in chosen]
+        current = read(connection, pair.central_table, pair.key, keys)
+        writes = []
+        for conflict in chosen:
+            kept = dict(conflict.kept or {})
+            kept_stamp = Stamp.parse(kept.pop(STAMP)) if kept.get(STAMP) else ORIGIN
+            existing = current.get(conflict.record_key)
+            stamp = after_both(kept_stamp, _stamp_of(existing) or ORIGIN, node="central")
+            number = (existing[VERSION] or 0) + 1 if existing is not None else 1
+            writes.append({**kept, VERSION: number, STAMP: stamp.encode()})
+            conflict.status = RESOLVED
+        upsert(connection, pair.central_table, pair.key, writes)
+        forget(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, after=watermark(session, pair, DOWN))
+        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, at_ms=utcnow_ms())
+        end_applying(connection, CENTRAL_LOG)
+
+
+def push_batch(pair: TablePair) -> bool:
+    """One batch of local changes into the central store; False when there was none."""
+    with Session(pair.central) as session:
+        after = watermark(session, pair, UP)
+    with pair.local.connect() as local:
+        changes = changes_after(local, LOCAL_LOG, table=pair.spec.name, after=after, limit=pair.batch_size)
+        if not changes:
+            return False
+        latest = {change.key: change for change in changes}
+        rows = read(local, pair.local_table, pair.key, latest)
+    with Session(pair.central) as session, session.begin():
+        connection = session.connection()
+        begin_applying(connection, CENTRAL_LOG)
+        pushed, conflicts = _push(session, connection, pair, latest, rows)
+        set_watermark(session, pair, UP, changes[-1].seq)
+        _count(session, pair, pushed=pushed, conflicts=conflicts)
+        end_applying(connection, CENTRAL_LOG)
+    _after_batch(pair, pushed=pushed, conflicts=conflicts)
+    return True
+
+
+def _push(
+    session: Session,
+    connection: Connection,
+    pair: TablePair,
+    latest: dict[str, Change],
+    rows: dict[str, dict[str, Any]],
+) -> tuple[int, int]:
+    current = read(connection, pair.central_table, pair.key, latest)
+    down_after = watermark(session, pair, DOWN)
+    changed_centrally = (
+        pending(connection, CENTRAL_LOG, table=pair.central_name, keys=latest, after=down_after)
+        if pair.spec.sends_down
+        else {}
+    )
+    held = open_conflicts(session, pair, latest)
+    writes: list[dict[str, Any]] = []
+    plain_copies = conflicts = 0
+    for key, change in latest.items():
+        row = rows.get(key)
+        if row is None:
+            continue  # deleted locally: deletions are not synced; expired records go by retention
+        existing = current.get(key)
+        replaced = _stamp_of(existing)
+        mine = Version(
+            row, stamp_edit(physical_ms=change.at_ms, offset_ms=pair.offset_ms, replaced=replaced, node="local")
+        )
+        if key in held:
+            held[key].local_version = pair.sealed(row)  # the review sees the newest local version
+            continue
+        refused_update = pair.spec.policy == "append-only" and existing is not None
+        if existing is None or (key not in changed_centrally and not refused_update):
+            writes.append(_central_row(pair, mine, existing))
+            plain_copies += 1
+            continue
+        theirs = Version(pair.plain(existing), _central_stamp(changed_centrally.get(key), replaced))
+        resolution = resolve(pair.spec.policy, local=mine, central=theirs, base=_base(session, pair, key))
+        _record_conflict(session, pair, key, mine, theirs, resolution)
+        conflicts += 1
+        if resolution.kept is not None:
+            writes.append(_central_row(pair, resolution.kept, existing))
+            forget(connection, CENTRAL_LOG, table=pair.central_name, keys=[key], after=down_after)
+            if resolution.kept.row != row and pair.spec.sends_down:
+                log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=[key], at_ms=utcnow_ms())
+    upsert(connection, pair.central_table, pair.key, writes)
+    _save_bases(session, pair, writes)
+    return plain_copies, conflicts
+
+
+def pull_batch(pair: TablePair) -> bool:
+    """One batch of central changes into the local store; False when there was none, or a local edit came first."""
+    with Session(pair.central) as session, session.begin():
+        after = watermark(session, pair, DOWN)
+        local_after = watermark(session, pair, UP)
+        changes = changes_after(
+            session.connection(), CENTRAL_LOG, table=pair.central_name, after=after, limit=pair.batch_size
+        )
+        if not changes:
+            return False
+        current = read(session.connection(), pair.central_table, pair.key, {change.key for change in changes})
+        held = set(open_conflicts(session, pair, {change.key for change in changes}))
+    with pair.local.begin() as local:
+        if pair.spec.sends_up:
+            changes = _before_local_edits(local, pair, changes, local_after)
+            if not changes:
+                return False  # a local edit of one of these records goes up first, through the policy
+        latest = {change.key: change for change in changes if change.key not in held and change.key in current}
+        begin_applying(local, LOCAL_LOG)
+        restamped, refused = _pull(local, pair, latest, current)
+        end_applying(local, LOCAL_LOG)
+    with Session(pair.central) as session, session.begin():
+        connection = session.connection()
+        begin_applying(connection, CENTRAL_LOG)
+        _restamp(connection, pair, restamped)
+        for key, (local_row, central_row) in refused.items():
+            upsert(
+                connection, pair.central_table, pair.key, [{**pair.sealed(local_row), VERSION: central_row[VERSION]}]
+            )
+            _record_refused_central_update(session, pair, key, local_row, central_row)
+        _save_bases(session, pair, [current[key] | restamped.get(key, {}) for key in latest if key not in refused])
+        set_watermark(session, pair, DOWN, changes[-1].seq)
+        pulled = len(latest) - len(refused)
+        _count(session, pair, pulled=pulled, conflicts=len(refused))
+        end_applying(connection, CENTRAL_LOG)
+    _after_batch(pair, pulled=pulled, conflicts=len(refused))
+    return True
+
+
+def _before_local_edits(local: Connection, pair: TablePair, changes: list[Change], local_after: int) -> list[Change]:
+    """The changes up to the first record also edited locally since the last push."""
+    edited = pending(local, LOCAL_LOG, table=pair.spec.name, keys={c.key for c in changes}, after=local_after)
+    for index, change in enumerate(changes):
+        if change.key in edited:
+            return changes[:index]
+    return changes
+
+
+def _pull(
+    local: Connection, pair: TablePair, latest: dict[str, Change], current: dict[str, dict[str, Any]]
+) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[dict[str, Any], dict[str, Any]]]]:
+    """Write the records down; returns the new version and stamp of those edited centrally, and the refused ones."""
+    restamped: dict[str, dict[str, Any]] = {}
+    refused: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+    app_edited = [key for key, change in latest.items() if change.origin == ORIGIN_APP]
+    if pair.spec.policy == "append-only" and pair.spec.sends_up:
+        originals = read(local, pair.local_table, pair.key, [k for k in app_edited if current[k][VERSION]])
+        refused = {key: (row, current[key]) for key, row in originals.items()}
+    for key in app_edited:
+        if key not in refused:
+            existing = current[key]
+            stamp = stamp_edit(physical_ms=latest[key].at_ms, offset_ms=0, replaced=_stamp_of(existing), node="central")
+            restamped[key] = {VERSION: (existing[VERSION] or 0) + 1, STAMP: stamp.encode()}
+    upsert(local, pair.local_table, pair.key, [pair.plain(current[key]) for key in latest if key not in refused])
+    return restamped, refused
+
+
+def _restamp(connection: Connection, pair: TablePair, restamped: dict[str, dict[str, Any]]) -> None:
+    if not restamped:
+        return
+    table = pair.central_table
+    statement = (
+        update(table)
+        .where(table.c[pair.key] == bindparam("record_key"))
+        .values({VERSION: bindparam("new_version"), STAMP: bindparam("new_stamp")})
+    )
+    connection.execute(
+        statement,
+        [
+            {"record_key": key_value(table, key, pair.key), "new_version": meta[VERSION], "new_stamp": meta[STAMP]}
+            for key, meta in restamped.items()
+        ],
+    )
+
+
+def _central_row(pair: TablePair, version: Version, existing: dict[str, Any] | None) -> dict[str, Any]:
+    number = (existing[VERSION] or 0) + 1 if existing is not None else 1
+    return {**pair.sealed(version.row), VERSION: number, STAMP: version.stamp.encode()}
+
+
+def _stamp_of(row: dict[str, Any] | None) -> Stamp | None:
+    return Stamp.parse(row[STAMP]) if row is not None and row[STAMP] else None
+
+
+def _central_stamp(change: Change | None, replaced: Stamp | None) -> Stamp:
+    """The stamp of the central version in a conflict: of its own edit, or the stamp it already carries."""
+    if change is not None and change.origin == ORIGIN_APP:
+        return stamp_edit(physical_ms=change.at_ms, offset_ms=0, replaced=replaced, node="central")
+    return replaced or stamp_edit(physical_ms=0, offset_ms=0, replaced=None, node="central")
+
+
+def _base(session: Session, pair: TablePair, key: str) -> dict[str, Any] | None:
+    if pair.spec.policy != "field-merge":
+        return None
+    row = session.get(SyncBase, (pair.source_id, pair.spec.name, key))
+    return pair.plain(row.row) if row is not None else None
+
+
+def _save_bases(session: Session, pair: TablePair, rows: list[dict[str, Any]]) -> None:
+    """Field-merge needs each record as both sides last agreed on it; other policies keep no base."""
+    if pair.spec.policy != "field-merge":
+        return
+    for row in rows:
+        key = key_text(row[pair.key])
+        session.merge(SyncBase(source_id=pair.source_id, table_name=pair.spec.name, record_key=key, row=_jsonable(row)))
+
+
+def _record_conflict(
+    session: Session, pair: TablePair, key: str, mine: Version, theirs: Version, resolution: Resolution
+) -> None:
+    conflict = SyncConflict(
+        org_id=pair.org_id,
+        source_id=pair.source_id,
+        job_id=pair.job_id,
+        table_name=pair.spec.name,
+        record_key=key,
+        policy=pair.spec.policy,
+        status=OPEN if resolution.held else RESOLVED,
+        outcome=resolution.outcome,
+        local_version=_jsonable({**pair.sealed(mine.row), STAMP: mine.stamp.encode()}),
+        central_version=_jsonable({**pair.sealed(theirs.row), STAMP: theirs.stamp.encode()}),
+        kept=None if resolution.kept is None else _jsonable(pair.sealed(resolution.kept.row)),
+        resolved_at=None if resolution.held else utcnow(),
+        resolved_by=None if resolution.held else "policy",
+    )
+    session.add(conflict)
+    session.flush()
+    detail = {"policy": pair.spec.policy, "outcome": resolution.outcome, "conflictId": conflict.id}
+    if resolution.overlapping:
+        detail["overlappingFields"] = resolution.overlapping
+    record_change(
+        session,
+        org_id=pair.org_id,
+        actor="sync",
+        action="sync.conflict",
+        target=f"{pair.spec.name}/{key}",
+        detail=detail,
+    )
+
+
+def _record_refused_central_update(
+    session: Session, pair: TablePair, key: str, original: dict[str, Any], refused: dict[str, Any]
+) -> None:
+    stamp = _stamp_of(refused) or stamp_edit(physical_ms=0, offset_ms=0, replaced=None, node="central")
+    resolution = Resolution("update-refused", Version(original, stamp))
+    _record_conflict(session, pair, key, Version(original, stamp), Version(pair.plain(refused), stamp), resolution)
+
+
+def open_conflicts(session: Session, pair: TablePair, keys: Any) -> dict[str, SyncConflict]:
+    """Records held for manual review: neither side's version moves until someone resolves them."""
+    if pair.spec.policy != "manual":
+        return {}
+    rows = session.scalars(
+        select(SyncConflict).where(
+            SyncConflict.source_id == pair.source_id,
+            SyncConflict.table_name == pair.spec.name,
+            SyncConflict.status == OPEN,
+            SyncConflict.record_key.in_(list(keys)),
+        )
+    )
+    return {row.record_key: row for row in rows}
+
+
+def watermark(session: Session, pair: TablePair, direction: str) -> int:
+    row = session.get(SyncWatermark, (pair.source_id, pair.spec.name, direction))
+    return row.seq if row is not None else 0
+
+
+def set_watermark(session: Session, pair: TablePair, direction: str, seq: int) -> None:
+    session.merge(
+        SyncWatermark(
+            source_id=pair.source_id, table_name=pair.spec.name, direction=direction, seq=seq, updated_at=utcnow()
+        )
+    )
+
+
+def _count(session: Session, pair: TablePair, *, pushed: int = 0, pulled: int = 0, conflicts: int = 0) -> None:
+    """The job's counters move in the batch's own transaction, so a replayed batch is never counted twice."""
+    pair.tally.pushed += pushed
+    pair.tally.pulled += pulled
+    pair.tally.conflicts += conflicts
+    if pair.job_id is not None:
+        session.execute(
+            update(SyncJob)
+            .where(SyncJob.id == pair.job_id)
+            .values(
+                pushed=SyncJob.pushed + pushed, pulled=SyncJob.pulled + pulled, conflicts=SyncJob.conflicts + conflicts
+            )
+        )
+
+
+def _after_batch(pair: TablePair, **moved: int) -> None:
+    log.debug("source %s table %s: batch acknowledged %s", pair.source_id, pair.spec.name, moved)
+    if pair.after_batch is not None:
+        pair.after_batch(pair.tally)
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    return {name: value.isoformat() if hasattr(value, "isoformat") else value for name, value in row.items()}
+
+
+def utcnow_ms() -> int:
+    return int(utcnow().timestamp() * 1000)

@@ -1,0 +1,58 @@
+"""Queueing a sync job, the same way from the api and from the sync beat: the row and its outbox message together."""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy.orm import Session
+
+from shared.audit import record_change
+from shared.db.models import OutboxMessage, SyncJob, SyncSource
+from shared.outbox import KIND_SYNC_TASK, add_message
+from shared.schemas import OrgConfig
+from shared.sync_tables import SyncTable
+
+QUEUED, RUNNING, RETRYING, SUCCEEDED, FAILED, REFUSED = (
+    "queued",
+    "running",
+    "retrying",
+    "succeeded",
+    "failed",
+    "refused",
+)
+FINISHED = (SUCCEEDED, FAILED, REFUSED)
+
+
+def residency_refusal(org_config: OrgConfig, source: SyncSource) -> str | None:
+    """Why an org's job may not run, or None: an org keeping its data on its premises never sends records up."""
+    if org_config.data_residency != "local":
+        return None
+    upward = [table.name for table in source_tables(source) if table.sends_up]
+    if not upward:
+        return None
+    return (
+        f"organization {source.org_id!r} keeps its data on its premises (dataResidency 'local'): records never "
+        f"leave the local store, so tables {', '.join(upward)} cannot sync up (direction 'down' is allowed)"
+    )
+
+
+def source_tables(source: SyncSource) -> list[SyncTable]:
+    return [SyncTable.model_validate(table) for table in source.tables]
+
+
+def queue_sync_job(session: Session, *, source: SyncSource, actor: str, trigger: str) -> tuple[SyncJob, OutboxMessage]:
+    job = SyncJob(
+        id="sj" + secrets.token_hex(8), org_id=source.org_id, source_id=source.id, status=QUEUED, trigger=trigger
+    )
+    session.add(job)
+    session.flush()
+    record_change(
+        session,
+        org_id=source.org_id,
+        actor=actor,
+        action="sync.job.queued",
+        target=job.id,
+        detail={"sourceId": source.id, "trigger": trigger},
+    )
+    message = add_message(session, kind=KIND_SYNC_TASK, payload={"job_id": job.id, "org_id": source.org_id})
+    return job, message

@@ -1,0 +1,72 @@
+"""What a sync source declares about each table, validated the same way by the api and by the sync workers."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from shared.schemas import CamelModel
+
+# Lowercase SQL identifiers only: they are spliced into DDL and into the central table's name.
+IDENTIFIER = r"^[a-z_][a-z0-9_]{0,39}$"
+Policy = Literal["append-only", "last-writer-wins", "field-merge", "manual"]
+Direction = Literal["up", "down", "both"]
+
+
+class SyncTable(CamelModel):
+    name: str = Field(pattern=IDENTIFIER, description="the table in the local store")
+    primary_key: str = Field(pattern=IDENTIFIER, description="its one-column primary key")
+    policy: Policy = Field("last-writer-wins", description="what decides when both sides changed a record")
+    direction: Direction = Field("both", description="up: local to central; down: central to local; or both")
+    sensitive_columns: list[str] = Field(
+        default_factory=list, description="encrypted before they leave the local store"
+    )
+
+    @field_validator("sensitive_columns")
+    @classmethod
+    def _identifiers(cls, columns: list[str]) -> list[str]:
+        bad = [name for name in columns if not _is_identifier(name)]
+        if bad:
+            raise ValueError(f"not lowercase column names: {', '.join(bad)}")
+        return columns
+
+    @model_validator(mode="after")
+    def _key_is_not_sensitive(self) -> SyncTable:
+        if self.primary_key in self.sensitive_columns:
+            raise ValueError(
+                f"the primary key {self.primary_key!r} cannot be a sensitive column: records are found by it"
+            )
+        return self
+
+    @property
+    def sends_up(self) -> bool:
+        return self.direction in ("up", "both")
+
+    @property
+    def sends_down(self) -> bool:
+        return self.direction in ("down", "both")
+
+
+class SyncSourceSpec(CamelModel):
+    url: str = Field(min_length=1, description="SQLAlchemy URL of the local store; its password is stored encrypted")
+    tables: list[SyncTable] = Field(min_length=1, max_length=100)
+
+    @field_validator("tables")
+    @classmethod
+    def _names_unique(cls, tables: list[SyncTable]) -> list[SyncTable]:
+        names = [table.name for table in tables]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"tables named more than once: {', '.join(repeated)}")
+        return tables
+
+
+def _is_identifier(name: str) -> bool:
+    return re.fullmatch(IDENTIFIER, name) is not None
+
+
+def central_table_name(source_id: str, table: str) -> str:
+    """Where a source's table lives in the central database: one table per (source, table), so orgs never share."""
+    return f"sync_{source_id}_{table}"

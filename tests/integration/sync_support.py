@@ -1,0 +1,105 @@
+"""A SQLite local store, the central PostgreSQL in a fresh database, and the api, for the sync tests."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from services.sync.context import SyncContext
+from services.sync.jobs import run_job
+from tests.integration.conftest import OrgKeys, create_org_with_keys
+
+TWO_READINGS = [(1, "pump-1", 1.0, "Ada Lovelace"), (2, "pump-2", 2.0, "Alan Turing")]
+READINGS = "CREATE TABLE readings (id INTEGER PRIMARY KEY, device TEXT, value REAL, patient TEXT)"
+
+
+@dataclass
+class Sync:
+    """An org with a registered local store, and what a test needs to drive and inspect both sides."""
+
+    api: TestClient
+    context: SyncContext
+    org: OrgKeys
+    local_path: Path
+    source_id: str
+    central_url: str
+
+    @property
+    def central_table(self) -> str:
+        return f"sync_{self.source_id}_readings"
+
+    def local(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with sqlite3.connect(self.local_path) as connection:
+            return connection.execute(sql, params).fetchall()
+
+    def central(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        engine = create_engine(self.central_url)
+        try:
+            with engine.begin() as connection:
+                result = connection.execute(text(sql), params or {})
+                return [tuple(row) for row in result] if result.returns_rows else []
+        finally:
+            engine.dispose()
+
+    def submit(self) -> str:
+        response = self.api.post(
+            f"/v1/orgs/{self.org.org_id}/sync-jobs", json={"sourceId": self.source_id}, headers=self.org.trainer
+        )
+        assert response.status_code == 202, response.text
+        return str(response.json()["jobId"])
+
+    def run(self) -> dict[str, Any]:
+        """Queue a job over HTTP, run it here, and return the job as the api shows it."""
+        job_id = self.submit()
+        run_job(self.context, job_id)
+        return self.job(job_id)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self.api.get(f"/v1/orgs/{self.org.org_id}/sync-jobs/{job_id}", headers=self.org.viewer).json())
+
+    def conflicts(self, status: str | None = None) -> list[dict[str, Any]]:
+        query = f"?status={status}" if status else ""
+        response = self.api.get(f"/v1/orgs/{self.org.org_id}/conflicts{query}", headers=self.org.viewer)
+        return list(response.json())
+
+    def audit_actions(self) -> list[str]:
+        entries = self.api.get(f"/v1/orgs/{self.org.org_id}/audit", headers=self.org.admin).json()
+        return [entry["action"] for entry in entries]
+
+
+def make_local_store(path: Path, rows: list[tuple[int, str, float, str]]) -> None:
+    with sqlite3.connect(path) as connection:
+        connection.execute(READINGS)
+        connection.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)", rows)
+
+
+def register(api: TestClient, org: OrgKeys, path: Path, policy: str, **table: Any) -> str:
+    spec = {"name": "readings", "primaryKey": "id", "policy": policy, "sensitiveColumns": ["patient"], **table}
+    response = api.post(
+        f"/v1/orgs/{org.org_id}/sync-sources", json={"url": f"sqlite:///{path}", "tables": [spec]}, headers=org.admin
+    )
+    assert response.status_code == 201, response.text
+    return str(response.json()["sourceId"])
+
+
+def open_sync(
+    api: TestClient,
+    context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    policy: str = "last-writer-wins",
+    rows: list[tuple[int, str, float, str]] | None = None,
+    **table: Any,
+) -> Sync:
+    org = create_org_with_keys(api, org_id)
+    path = tmp_path / "plant.db"
+    make_local_store(
+        path, rows if rows is not None else [(1, "pump-1", 1.0, "Ada Lovelace"), (2, "pump-2", 2.0, "Alan Turing")]
+    )
+    source_id = register(api, org, path, policy, **table)
+    return Sync(api, context, org, path, source_id, context.settings.resolved_database_url)

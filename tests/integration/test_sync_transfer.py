@@ -1,0 +1,146 @@
+"""Records between a SQLite local store and the central PostgreSQL: up, down, incrementally, encrypted, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from services.sync.context import SyncContext
+from services.sync.jobs import run_job
+from services.sync.transfer import Tally
+from shared.errors import TransientError
+from tests.integration.sync_support import open_sync
+from tests.support.servers import DEFAULT_ADMIN_URL
+
+
+def test_local_records_go_up_with_sensitive_columns_sealed(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+
+    job = sync.run()
+
+    assert (job["status"], job["pushed"], job["pulled"], job["conflicts"]) == ("succeeded", 2, 0, 0)
+    rows = sync.central(f"SELECT id, device, value, patient, _kiln_version FROM {sync.central_table} ORDER BY id")
+    assert [(row[0], row[1], row[2], row[4]) for row in rows] == [(1, "pump-1", 1.0, 1), (2, "pump-2", 2.0, 1)]
+    assert all(row[3].startswith("ek") and "Ada" not in row[3] and "Alan" not in row[3] for row in rows)
+    dumped = sync.central(f"SELECT CAST(t AS text) FROM {sync.central_table} t")
+    assert not any("Lovelace" in row[0] or "Turing" in row[0] for row in dumped)
+
+
+def test_each_run_moves_only_what_changed_since_the_last(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+
+    sync.local("INSERT INTO readings VALUES (3, 'pump-3', 3.0, 'Grace Hopper')")
+    sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
+    second = sync.run()
+    third = sync.run()
+
+    assert (second["pushed"], second["pulled"]) == (1, 1)
+    assert (third["pushed"], third["pulled"]) == (0, 0)
+    assert sync.local("SELECT id, device, value, patient FROM readings ORDER BY id") == [
+        (1, "pump-1", 1.0, "Ada Lovelace"),
+        (2, "pump-2", 20.0, "Alan Turing"),
+        (3, "pump-3", 3.0, "Grace Hopper"),
+    ]
+    assert sync.central(f"SELECT _kiln_version FROM {sync.central_table} WHERE id = 2") == [(2,)]
+
+
+def test_a_job_cut_off_from_the_central_store_resumes_from_its_watermark(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    rows = [(n, f"pump-{n % 7}", float(n), f"patient {n}") for n in range(1, 5001)]
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=rows)
+    job_id = sync.submit()
+    database = make_url(sync.central_url).database
+
+    def cut_after_two_batches(tally: Tally) -> None:
+        if tally.pushed == 1000:
+            _allow_connections(database, allowed=False)
+
+    with pytest.raises(TransientError):
+        run_job(sync_context, job_id, after_batch=cut_after_two_batches)
+    _allow_connections(database, allowed=True)
+    # Its status could not be written while the central store was away: it reads as still running.
+    assert sync.job(job_id)["status"] == "running"
+    assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(1000,)]
+
+    assert run_job(sync_context, job_id) == "succeeded"
+
+    job = sync.job(job_id)
+    assert (job["pushed"], job["attempts"]) == (5000, 2)
+    assert sync.central(f"SELECT count(*), count(DISTINCT id), max(_kiln_version) FROM {sync.central_table}") == [
+        (5000, 5000, 1)
+    ]
+
+
+def _allow_connections(database: str | None, *, allowed: bool) -> None:
+    """The central server refusing this database's connections and dropping the open ones: unreachable."""
+    admin = create_engine(DEFAULT_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
+        if not allowed:
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": database}
+            )
+    admin.dispose()
+
+
+def test_an_org_keeping_its_data_local_is_refused_with_the_reason(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    from tests.integration.conftest import ADMIN
+
+    sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN)
+
+    response = sync_api.post(
+        f"/v1/orgs/{org_id}/sync-jobs", json={"sourceId": sync.source_id}, headers=sync.org.trainer
+    )
+
+    assert response.status_code == 409
+    assert "dataResidency 'local'" in response.json()["error"]
+    assert response.json()["field"] == "sourceId"
+
+
+def test_bad_sources_are_refused_naming_the_field(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    url = f"/v1/orgs/{org_id}/sync-sources"
+    bad_policy = {"url": "sqlite:////tmp/x.db", "tables": [{"name": "t", "primaryKey": "id", "policy": "newest"}]}
+    bad_name = {"url": "sqlite:////tmp/x.db", "tables": [{"name": "Drop Table", "primaryKey": "id"}]}
+    bad_url = {"url": "mysql://h/db", "tables": [{"name": "t", "primaryKey": "id"}]}
+
+    answers = [sync_api.post(url, json=body, headers=sync.org.admin) for body in (bad_policy, bad_name, bad_url)]
+
+    assert [a.status_code for a in answers] == [422, 422, 422]
+    assert [a.json()["field"] for a in answers] == ["tables.0.policy", "tables.0.name", "url"]
+    missing = sync_api.post(f"/v1/orgs/{org_id}/sync-jobs", json={"sourceId": "nope"}, headers=sync.org.trainer)
+    assert (missing.status_code, missing.json()["field"]) == (404, "sourceId")
+
+
+def test_source_password_is_stored_encrypted_and_never_shown(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    body = {
+        "url": "postgresql+psycopg2://plant:s3cret-pw@10.0.0.5/records",
+        "tables": [{"name": "visits", "primaryKey": "id"}],
+    }
+
+    created = sync_api.post(f"/v1/orgs/{org_id}/sync-sources", json=body, headers=sync.org.admin)
+
+    assert created.status_code == 201
+    assert "s3cret-pw" not in created.text and created.json()["hasPassword"] is True
+    stored = sync.central(
+        "SELECT url, password_encrypted FROM sync_sources WHERE id = :i", {"i": created.json()["sourceId"]}
+    )
+    assert "s3cret-pw" not in stored[0][0] and "s3cret-pw" not in stored[0][1]
