@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
 
+from shared.db.models import SyncConflict
 from shared.settings import Settings
 from tests.integration.conftest import OrgKeys, create_org_with_keys, upload
 from tests.integration.test_api_datasets import CSV
@@ -19,6 +21,13 @@ BODIES: dict[str, dict[str, Any]] = {
     "POST /v1/orgs/{org}/trainings": {"targetColumn": "failed", "featureColumns": ["temperature"]},
     "POST /v1/orgs/{org}/deployments": {"version": "{version}"},
     "POST /v1/orgs/{org}/rollback": {},
+    "POST /v1/orgs/{org}/sync-sources": {
+        "url": "sqlite:////tmp/plant.db",
+        "tables": [{"name": "t", "primaryKey": "id"}],
+    },
+    "POST /v1/orgs/{org}/sync-jobs": {"sourceId": "{source_id}"},
+    "PUT /v1/orgs/{org}/sync-sources/{source_id}/schedule": {"pattern": "0 * * * *"},
+    "POST /v1/orgs/{org}/conflicts/{conflict_id}": {"keep": "local"},
 }
 
 
@@ -30,7 +39,7 @@ def org_routes(api: TestClient) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def victim(api: TestClient, org_id: str, settings: Settings) -> tuple[OrgKeys, dict[str, str]]:
-    """An org with one of everything: a dataset, a queued run, a deployed version."""
+    """An org with one of everything: a dataset, a queued run, a deployed version, a sync source, job and conflict."""
     org = create_org_with_keys(api, org_id)
     dataset_id = upload(api, org, CSV, timestampColumn="timestamp").json()["datasetId"]
     run = api.post(
@@ -42,7 +51,35 @@ def victim(api: TestClient, org_id: str, settings: Settings) -> tuple[OrgKeys, d
     first, second = seed_versions(engine, org_id, 2)
     engine.dispose()
     assert api.post(f"/v1/orgs/{org_id}/deployments", json={"version": second}, headers=org.admin).status_code == 201
-    return org, {"dataset_id": dataset_id, "run_id": run["runId"], "version": first}
+    sync_ids = _sync_ids(api, org, settings)
+    return org, {"dataset_id": dataset_id, "run_id": run["runId"], "version": first, **sync_ids}
+
+
+def _sync_ids(api: TestClient, org: OrgKeys, settings: Settings) -> dict[str, str]:
+    """A sync source with a schedule, a queued job and a conflict held for review."""
+    body = BODIES["POST /v1/orgs/{org}/sync-sources"]
+    source_id = api.post(f"/v1/orgs/{org.org_id}/sync-sources", json=body, headers=org.admin).json()["sourceId"]
+    schedule = {"pattern": "0 * * * *"}
+    api.put(f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule", json=schedule, headers=org.admin)
+    job = api.post(f"/v1/orgs/{org.org_id}/sync-jobs", json={"sourceId": source_id}, headers=org.trainer).json()
+    engine = create_engine(settings.database_url)
+    with Session(engine) as session, session.begin():
+        conflict = SyncConflict(
+            org_id=org.org_id,
+            source_id=source_id,
+            table_name="t",
+            record_key="1",
+            policy="manual",
+            status="open",
+            outcome="held",
+            local_version={"id": 1},
+            central_version={"id": 1},
+        )
+        session.add(conflict)
+        session.flush()
+        conflict_id = str(conflict.id)
+    engine.dispose()
+    return {"source_id": source_id, "job_id": job["jobId"], "conflict_id": conflict_id}
 
 
 def call(api: TestClient, method: str, path: str, org: str, ids: dict[str, str], headers: dict[str, str]) -> int:
@@ -75,7 +112,8 @@ def test_another_orgs_ids_are_404_under_ones_own_org(
 ) -> None:
     _org, ids = victim
     intruder = create_org_with_keys(api, "x" + org_id)
-    routes_with_ids = [(m, p) for m, p in org_routes(api) if re.search(r"\{(dataset_id|run_id|version)\}", p)]
-    routes_with_ids += [("POST", "/v1/orgs/{org}/deployments")]
+    named = r"\{(dataset_id|run_id|version|source_id|job_id|conflict_id)\}"
+    routes_with_ids = [(m, p) for m, p in org_routes(api) if re.search(named, p)]
+    routes_with_ids += [("POST", "/v1/orgs/{org}/deployments"), ("POST", "/v1/orgs/{org}/sync-jobs")]
     answers = {(m, p): call(api, m, p, intruder.org_id, ids, intruder.admin) for m, p in routes_with_ids}
     assert {route: status for route, status in answers.items() if status != 404} == {}

@@ -1,0 +1,201 @@
+"""Both sides edit the same record between two syncs: each policy's outcome, the loser kept, both sides converged."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event
+
+from services.sync.context import SyncContext
+from services.sync.envelope import destroy_key
+from services.sync.retention import purge_expired
+from services.sync.rotation import rotate_org_key
+from shared.db.session import session_scope
+from shared.db.types import utcnow
+from tests.integration.conftest import ADMIN
+from tests.integration.sync_support import Sync, open_sync
+
+
+def edit_both(sync: Sync, *, local: str, central: str) -> None:
+    """The local edit first, the central one a moment later."""
+    sync.local(f"UPDATE readings SET {local} WHERE id = 1")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET {central} WHERE id = 1")
+
+
+def both_sides(sync: Sync) -> tuple[Any, Any]:
+    local = sync.local("SELECT device, value, patient FROM readings WHERE id = 1")[0]
+    sync.run()  # whatever the first run left to send down
+    central = sync.local("SELECT device, value, patient FROM readings WHERE id = 1")[0]
+    return local, central
+
+
+def test_last_writer_wins_keeps_the_later_edit_and_the_loser(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "last-writer-wins")
+    sync.run()
+    edit_both(sync, local="value = 10.0", central="value = 99.0")
+
+    job = sync.run()
+
+    assert job["conflicts"] == 1
+    assert sync.local("SELECT value FROM readings WHERE id = 1") == [(99.0,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 1") == [(99.0,)]
+    [conflict] = sync.conflicts()
+    assert (conflict["outcome"], conflict["localVersion"]["value"]) == ("central-won", 10.0)
+    assert "sync.conflict" in sync.audit_actions()
+
+
+@pytest.fixture
+def local_clock_an_hour_fast(tmp_path: Path) -> Iterator[None]:
+    """Every connection to the local store reads a clock one hour ahead, as on a machine whose clock runs fast."""
+
+    def fast_julianday(_value: str) -> float:
+        return (time.time() + 3600) / 86400 + 2440587.5
+
+    def skew(connection: Any, _record: Any) -> None:
+        if isinstance(connection, sqlite3.Connection) and str(tmp_path) in _database_of(connection):
+            connection.create_function("julianday", 1, fast_julianday)
+
+    event.listen(Engine, "connect", skew)
+    yield
+    event.remove(Engine, "connect", skew)
+
+
+def _database_of(connection: sqlite3.Connection) -> str:
+    return str(connection.execute("PRAGMA database_list").fetchone()[2])
+
+
+def test_a_local_clock_an_hour_fast_does_not_win_by_that_alone(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, local_clock_an_hour_fast: None
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "last-writer-wins")
+    sync.run()
+    with sqlite3.connect(sync.local_path) as connection:
+        connection.create_function("julianday", 1, lambda _v: (time.time() + 3600) / 86400 + 2440587.5)
+        connection.execute("UPDATE readings SET value = 10.0 WHERE id = 1")  # stamped an hour ahead
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+
+    sync.run()
+
+    assert sync.local("SELECT value FROM readings WHERE id = 1") == [(99.0,)]
+    assert [c["outcome"] for c in sync.conflicts()] == ["central-won"]
+
+
+def test_field_merge_keeps_both_sides_changes_to_different_fields(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "field-merge")
+    sync.run()
+    edit_both(sync, local="patient = 'Ada King'", central="device = 'pump-9'")
+
+    sync.run()
+    sync.run()
+
+    assert sync.local("SELECT device, value, patient FROM readings WHERE id = 1") == [("pump-9", 1.0, "Ada King")]
+    assert sync.central(f"SELECT device FROM {sync.central_table} WHERE id = 1") == [("pump-9",)]
+    [conflict] = sync.conflicts()
+    assert conflict["outcome"] == "merged"
+
+
+def test_manual_holds_the_conflict_for_review_until_someone_decides(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    sync.run()
+    edit_both(sync, local="value = 10.0", central="value = 99.0")
+
+    sync.run()
+    sync.run()
+    held = sync.conflicts("open")
+
+    assert [c["recordKey"] for c in held] == ["1"]
+    assert sync.local("SELECT value FROM readings WHERE id = 1") == [(10.0,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 1") == [(99.0,)]
+
+    decided = sync_api.post(
+        f"/v1/orgs/{org_id}/conflicts/{held[0]['conflictId']}", json={"keep": "local"}, headers=sync.org.admin
+    )
+    assert decided.status_code == 200, decided.text
+    sync.run()
+
+    assert sync.local("SELECT value FROM readings WHERE id = 1") == [(10.0,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 1") == [(10.0,)]
+    assert sync.conflicts("open") == []
+    again = sync_api.post(
+        f"/v1/orgs/{org_id}/conflicts/{held[0]['conflictId']}", json={"keep": "central"}, headers=sync.org.admin
+    )
+    assert again.status_code == 409
+
+
+def test_append_only_refuses_updates_on_either_side_and_keeps_them(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "append-only")
+    sync.run()
+    sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
+    sync.central(f"UPDATE {sync.central_table} SET value = 77.0 WHERE id = 2")
+    sync.local("INSERT INTO readings VALUES (3, 'pump-3', 3.0, 'Grace Hopper')")
+
+    sync.run()
+    sync.run()
+
+    assert sync.local("SELECT id, value FROM readings ORDER BY id") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert sync.central(f"SELECT id, value FROM {sync.central_table} ORDER BY id") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    refused = {c["recordKey"]: c for c in sync.conflicts()}
+    assert {key: c["outcome"] for key, c in refused.items()} == {"1": "update-refused", "2": "update-refused"}
+    assert refused["1"]["localVersion"]["value"] == 10.0
+    assert refused["2"]["centralVersion"]["value"] == 77.0
+
+
+def test_retention_purges_expired_records_on_both_sides_with_an_audit_row(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    assert (
+        sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"retentionDays": 30}}, headers=ADMIN).status_code == 200
+    )
+
+    kept = purge_expired(sync_context, org_id, now=utcnow() + timedelta(days=29))
+    purged = purge_expired(sync_context, org_id, now=utcnow() + timedelta(days=31))
+
+    assert (kept, purged) == (0, 2)
+    assert sync.local("SELECT count(*) FROM readings") == [(0,)]
+    assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(0,)]
+    entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=sync.org.admin).json()
+    purges = [entry for entry in entries if entry["action"] == "sync.purge"]
+    assert [(p["detail"]["records"], p["detail"]["retentionDays"]) for p in purges] == [(2, 30)]
+
+
+def test_after_a_key_rotation_every_record_decrypts_and_the_old_key_can_be_destroyed(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    old_key = sync.central(f"SELECT patient FROM {sync.central_table} WHERE id = 1")[0][0].split(":")[0]
+
+    summary = rotate_org_key(sync_context, org_id)
+    with session_scope(sync_context.sessions) as session:
+        destroy_key(session, org_id, old_key)
+    sync.central(f"UPDATE {sync.central_table} SET value = 5.0")
+    sync.local("DELETE FROM readings")
+    sync.run()
+
+    assert summary["drainedKeys"] == [old_key] and summary["resealedValues"] == 2
+    assert sync.local("SELECT id, value, patient FROM readings ORDER BY id") == [
+        (1, 5.0, "Ada Lovelace"),
+        (2, 5.0, "Alan Turing"),
+    ]
+    sealed = [row[0] for row in sync.central(f"SELECT patient FROM {sync.central_table}")]
+    assert all(value.startswith(summary["activeKey"] + ":") for value in sealed)
+    assert sync.central("SELECT status, wrapped FROM sync_keys WHERE id = :k", {"k": old_key}) == [("destroyed", None)]
