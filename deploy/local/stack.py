@@ -24,6 +24,9 @@ from shared.schemas import CamelModel
 from shared.settings import Settings
 
 TRAINER_NAME = "trainer1"
+SYNC_NAME = "sync1"
+TRAINER_APP = "services.trainer.celery_app"
+SYNC_APP = "services.sync.celery_app"
 DEFAULT_PORTS = {"api": 8000, "predictor": 8001, "flower": 5555}
 # Stopped after everything else, so that workers shutting down can still reach their broker.
 LAST_TO_STOP = "redis"
@@ -117,11 +120,15 @@ def _start_services(settings: Settings, launch: Launch, preferred: dict[str, int
     predictor = _uvicorn("services.predictor.app:create_app", urls["predictor"], "--workers", "2", "--no-access-log")
     launch.spawn("predictor", predictor, env)
     launch.spawn("beat", _celery("beat --loglevel INFO"), env)
+    sync_worker = f"worker --loglevel INFO --concurrency 1 --hostname {SYNC_NAME}@%h"
+    sync = launch.spawn("sync", _celery(sync_worker, app=SYNC_APP), env)
+    launch.spawn("sync-beat", _celery("beat --loglevel INFO", app=SYNC_APP), env)
     # The password goes through Flower's environment rather than --basic-auth, so that it stays out of `ps`.
     flower_env = {**env, "FLOWER_BASIC_AUTH": f"{flower_user}:{flower_password}"}
     launch.spawn("flower", _celery(f"flower --address=127.0.0.1 --port={_port_of(urls['flower'])}"), flower_env)
     launch.wait("api", http_ok(urls["api"] + "/healthz"))
     launch.wait("trainer", worker_ready(redis_url, f"{TRAINER_NAME}@{socket.gethostname()}", trainer.pid))
+    launch.wait("sync", worker_ready(redis_url, f"{SYNC_NAME}@{socket.gethostname()}", sync.pid))
     launch.wait("predictor", http_ok(urls["predictor"] + "/v2/health/live"))
     launch.wait("flower", http_ok(urls["flower"] + "/", auth=httpx.BasicAuth(flower_user, flower_password)))
     return Stack(
@@ -174,8 +181,8 @@ def _pick_urls(preferred: dict[str, int], *, taken: set[int]) -> dict[str, str]:
     return urls
 
 
-def _celery(arguments: str) -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "services.trainer.celery_app", *arguments.split()]
+def _celery(arguments: str, app: str = TRAINER_APP) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", app, *arguments.split()]
 
 
 def _uvicorn(factory: str, url: str, *options: str) -> list[str]:

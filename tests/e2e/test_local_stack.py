@@ -66,7 +66,7 @@ def check_stack_file(stack: dict[str, Any], data_dir: Path) -> None:
     for name in ("api", "predictor", "flower", "redis"):
         assert stack[name].startswith(("http://127.0.0.1:", "redis://")), stack[name]
     assert stack["adminToken"] == (data_dir / "admin_token").read_text().strip()
-    assert set(stack["pids"]) == {"redis", "api", "trainer", "predictor", "beat", "flower"}
+    assert set(stack["pids"]) == {"redis", "api", "trainer", "predictor", "beat", "sync", "sync-beat", "flower"}
     # It holds the admin token and the Flower password: nobody else may read it.
     assert stat.S_IMODE((data_dir / "stack.json").stat().st_mode) == 0o600
 
