@@ -1,16 +1,24 @@
-"""The `kiln` command: run the whole stack locally as processes (`up`, `down`, `status`, `demo`) and `migrate`."""
+"""The `kiln` command: run the whole stack locally as processes (`up`, `down`, `status`, `demo`), `migrate`, and
+the sync service's operator commands (`backup`, `restore`, `sync-keys`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from deploy.local import demo, stack
 from deploy.local.processes import StackError, pid_alive
+from services.sync.backup import backup_sqlite, restore_sqlite
+from services.sync.context import SyncContext
+from services.sync.envelope import destroy_key
+from services.sync.rotation import rotate_org_key
 from shared.db import migrate
+from shared.db.session import session_scope
+from shared.errors import KilnError
 from shared.settings import Settings, build_settings
 
 Command = Callable[[Settings, argparse.Namespace], int]
@@ -22,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = build_settings()
         code = command(settings, args)
-    except (StackError, demo.DemoError, ValidationError) as error:
+    except (StackError, demo.DemoError, ValidationError, KilnError) as error:
         print(f"kiln {args.name}: {error}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
@@ -70,6 +78,46 @@ def run_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+def run_backup(settings: Settings, args: argparse.Namespace) -> int:
+    context = SyncContext.open(settings)
+    try:
+        manifest = backup_sqlite(context.store, context.secrets, org_id=args.org, path=args.path.resolve())
+    finally:
+        context.close()
+    print(f"backup {manifest.backup_id}: {manifest.size_bytes} bytes, sha256 {manifest.sha256}")
+    return 0
+
+
+def run_restore(settings: Settings, args: argparse.Namespace) -> int:
+    context = SyncContext.open(settings)
+    try:
+        manifest = restore_sqlite(
+            context.store, context.secrets, org_id=args.org, backup_id=args.backup_id, target=args.target.resolve()
+        )
+    finally:
+        context.close()
+    print(f"restored {manifest.backup_id} to {args.target}: sha256 {manifest.sha256} verified")
+    return 0
+
+
+def run_sync_keys(settings: Settings, args: argparse.Namespace) -> int:
+    context = SyncContext.open(settings)
+    try:
+        if args.action == "rotate":
+            summary = rotate_org_key(context, args.org)
+            print(
+                f"active key {summary['activeKey']}; {summary['resealedValues']} values re-encrypted; "
+                f"drained (may be destroyed): {', '.join(summary['drainedKeys']) or 'none'}"
+            )
+        else:
+            with session_scope(context.sessions) as session:
+                destroy_key(session, args.org, args.key_id)
+            print(f"key {args.key_id} destroyed")
+    finally:
+        context.close()
+    return 0
+
+
 def print_urls(running: stack.Stack) -> None:
     print(f"api        {running.api}  (docs {running.api}/docs)")
     print(f"predictor  {running.predictor}")
@@ -96,6 +144,17 @@ def _parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--seed", type=int, default=demo.DEFAULT_SEED, help="seed of the generated data")
     demo_parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     _add(commands, "migrate", run_migrate, "bring the database (KILN_DATABASE_URL) to the newest schema")
+    backup = _add(commands, "backup", run_backup, "snapshot a local SQLite store to the object store, encrypted")
+    backup.add_argument("org")
+    backup.add_argument("path", type=Path)
+    restore = _add(commands, "restore", run_restore, "restore a backup into a new file, verified by its checksum")
+    restore.add_argument("org")
+    restore.add_argument("backup_id")
+    restore.add_argument("target", type=Path)
+    keys = _add(commands, "sync-keys", run_sync_keys, "rotate an org's envelope key, or destroy a drained one")
+    keys.add_argument("action", choices=["rotate", "destroy"])
+    keys.add_argument("org")
+    keys.add_argument("key_id", nargs="?", default="")
     return parser
 
 
