@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from services.sync.changes import (
@@ -272,20 +272,30 @@ def _pull(
 
 
 def _restamp(connection: Connection, pair: TablePair, restamped: dict[str, dict[str, Any]]) -> None:
+    """Set the new version and stamp of records edited centrally, in one statement on PostgreSQL."""
     if not restamped:
         return
     table = pair.central_table
+    rows = [(key_value(table, key, pair.key), meta[VERSION], meta[STAMP]) for key, meta in restamped.items()]
+    if connection.dialect.name == "postgresql":
+        # One UPDATE over unnest()ed arrays instead of a round trip per record: most of a pull's time otherwise.
+        keys, numbers, stamps = (list(part) for part in zip(*rows, strict=True))
+        connection.execute(
+            text(
+                f"UPDATE {table.name} SET {VERSION} = incoming.number, {STAMP} = incoming.stamp "
+                "FROM unnest(:keys, :numbers, :stamps) AS incoming(record_key, number, stamp) "
+                f"WHERE {table.name}.{pair.key} = incoming.record_key"
+            ),
+            {"keys": keys, "numbers": numbers, "stamps": stamps},
+        )
+        return
     statement = (
         update(table)
         .where(table.c[pair.key] == bindparam("record_key"))
         .values({VERSION: bindparam("new_version"), STAMP: bindparam("new_stamp")})
     )
     connection.execute(
-        statement,
-        [
-            {"record_key": key_value(table, key, pair.key), "new_version": meta[VERSION], "new_stamp": meta[STAMP]}
-            for key, meta in restamped.items()
-        ],
+        statement, [{"record_key": key, "new_version": number, "new_stamp": stamp} for key, number, stamp in rows]
     )
 
 
