@@ -12,6 +12,8 @@ from sqlalchemy.engine import make_url
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.transfer import Tally
+from services.trainer.extract import extract_database
+from services.trainer.runs import DatabaseSource
 from shared.errors import TransientError
 from tests.integration.sync_support import open_sync
 from tests.support.servers import DEFAULT_ADMIN_URL
@@ -144,3 +146,30 @@ def test_source_password_is_stored_encrypted_and_never_shown(
         "SELECT url, password_encrypted FROM sync_sources WHERE id = :i", {"i": created.json()["sourceId"]}
     )
     assert "s3cret-pw" not in stored[0][0] and "s3cret-pw" not in stored[0][1]
+
+
+def test_a_synced_central_table_can_be_the_orgs_training_datasource(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    body = {"url": sync.central_url, "table": sync.central_table}
+
+    answer = sync_api.put(f"/v1/orgs/{org_id}/datasource", json=body, headers=sync.org.admin)
+    rows = extract_database(
+        DatabaseSource(
+            url=sync.central_url,
+            password_encrypted=None,
+            table=sync.central_table,
+            timestamp_column=None,
+            column_map={},
+        ),
+        None,
+        columns=["device", "value"],
+        start=None,
+        end=None,
+        target=tmp_path / "training.parquet",
+    )
+
+    assert answer.status_code == 200, answer.text
+    assert rows == 2
