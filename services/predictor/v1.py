@@ -6,11 +6,21 @@ import time
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from starlette.routing import Route
 
 from services.predictor.inference import parse_json, predictions, rows_to_features
 from services.predictor.state import authorize, keep_record, model_for, read_body, served_by, state_of
 
 router = APIRouter(tags=["predict"])
+
+
+def serving_routes() -> list[Route]:
+    """Predict as a plain Starlette route, matched first: see v2.serving_routes for why."""
+    return [Route("/v1/orgs/{org}/predict", _serve_predict, methods=["POST"])]
+
+
+async def _serve_predict(request: Request) -> Response:
+    return await predict(request.path_params["org"], request)
 
 
 @router.post("/v1/orgs/{org}/predict")
