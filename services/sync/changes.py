@@ -4,14 +4,22 @@ Both stores keep one: the local store's `_kiln_changes` (made here), the central
 A log row says which record changed and when by that store's clock; the sync service's own writes are not
 logged (SQLite: the triggers skip while the `applying` table holds a row inside its transaction; PostgreSQL: while
 its transaction sets `kiln.applying`), so what it copies over is never sent back.
+
+The central copies also carry each record's version and stamp, and their triggers set both at the edit itself:
+the version goes up by one and the stamp orders after the one it replaced (services/sync/hlc.py, in SQL). The
+change row keeps the replaced stamp, what a concurrent local edit was made against. Stamping at capture is what
+lets a pull send central edits down as they are, without writing anything back to the central store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Table, text
+
+from services.sync.stores import key_text
 
 ORIGIN_APP = "app"
 # A record the sync service merged or restored in the central store and must still send down.
@@ -22,18 +30,23 @@ ORIGIN_MERGE = "merge"
 class ChangeLog:
     log: str
     applying: str
+    # The logged tables carry `_kiln_version` and `_kiln_hlc`, set by a trigger at each edit.
+    stamps: bool = False
 
 
 LOCAL_LOG = ChangeLog(log="_kiln_changes", applying="_kiln_applying")
-CENTRAL_LOG = ChangeLog(log="sync_changes", applying="sync_applying")
+CENTRAL_LOG = ChangeLog(log="sync_changes", applying="sync_applying", stamps=True)
 
 
-@dataclass(frozen=True)
-class Change:
+class Change(NamedTuple):
+    """One log row. A tuple rather than a dataclass: a pull makes one per change, and a tuple is made the fastest."""
+
     seq: int
     key: str
     origin: str
     at_ms: int
+    # Of a central update: the stamp the record carried before it.
+    replaced: str | None = None
 
 
 def now_ms_sql(dialect: str) -> str:
@@ -69,12 +82,14 @@ def install_triggers(connection: Connection, log: ChangeLog, *, table: str, key:
         _sqlite_triggers(connection, log, table=table, key=key, logged_as=logged_as)
 
 
-def has_triggers(connection: Connection, table: str) -> bool:
-    if connection.dialect.name == "postgresql":
-        query = "SELECT 1 FROM pg_trigger WHERE tgname = '_kiln_capture' AND tgrelid = CAST(:t AS regclass)"
-    else:
+def has_triggers(connection: Connection, log: ChangeLog, table: str) -> bool:
+    """Whether `table` has every trigger `log` needs; a central copy made before stamping at capture has not."""
+    if connection.dialect.name != "postgresql":
         query = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = '_kiln_' || :t || '_insert'"
-    return connection.execute(text(query), {"t": table}).first() is not None
+        return connection.execute(text(query), {"t": table}).first() is not None
+    names = ["_kiln_capture", "_kiln_stamp"] if log.stamps else ["_kiln_capture"]
+    query = "SELECT count(*) FROM pg_trigger WHERE tgname = ANY(:names) AND tgrelid = CAST(:t AS regclass)"
+    return int(connection.execute(text(query), {"t": table, "names": names}).scalar_one()) == len(names)
 
 
 def log_existing(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
@@ -101,32 +116,71 @@ def _sqlite_triggers(connection: Connection, log: ChangeLog, *, table: str, key:
 
 
 def _postgresql_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
-    connection.execute(
-        text(
-            f"""
-            CREATE OR REPLACE FUNCTION {log.log}_capture() RETURNS trigger LANGUAGE plpgsql AS $$
-            DECLARE record_key text;
-            BEGIN
-                IF TG_OP = 'DELETE' THEN
-                    EXECUTE format('SELECT ($1).%I::text', TG_ARGV[1]) INTO record_key USING OLD;
-                ELSE
-                    EXECUTE format('SELECT ($1).%I::text', TG_ARGV[1]) INTO record_key USING NEW;
-                END IF;
-                INSERT INTO {log.log} (tbl, pk, origin, at_ms)
-                VALUES (TG_ARGV[0], record_key, '{ORIGIN_APP}', {now_ms_sql("postgresql")});
-                RETURN NULL;
-            END $$
-            """
-        )
-    )
+    not_applying = "WHEN (current_setting('kiln.applying', true) IS DISTINCT FROM 'on')"
+    connection.execute(text(_capture_function(log)))
     connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_capture ON {table}"))
     connection.execute(
         text(
-            f"CREATE TRIGGER _kiln_capture AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW "
-            "WHEN (current_setting('kiln.applying', true) IS DISTINCT FROM 'on') "
+            f"CREATE TRIGGER _kiln_capture AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW {not_applying} "
             f"EXECUTE FUNCTION {log.log}_capture('{logged_as}', '{key}')"
         )
     )
+    if log.stamps:
+        connection.execute(text(_STAMP_FUNCTION))
+        connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_stamp ON {table}"))
+        connection.execute(
+            text(
+                f"CREATE TRIGGER _kiln_stamp BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW {not_applying} "
+                "EXECUTE FUNCTION kiln_stamp_edit()"
+            )
+        )
+
+
+def _capture_function(log: ChangeLog) -> str:
+    """The logging trigger's function; on stamped tables it also keeps the stamp an update replaced."""
+    columns, values = "tbl, pk, origin, at_ms", f"TG_ARGV[0], record_key, '{ORIGIN_APP}', {now_ms_sql('postgresql')}"
+    keep_replaced = ""
+    if log.stamps:
+        columns, values = columns + ", replaced", values + ", replaced"
+        keep_replaced = "IF TG_OP = 'UPDATE' THEN replaced := OLD._kiln_hlc; END IF;"
+    return f"""
+        CREATE OR REPLACE FUNCTION {log.log}_capture() RETURNS trigger LANGUAGE plpgsql AS $$
+        DECLARE record_key text; replaced text;
+        BEGIN
+            IF TG_OP = 'DELETE' THEN
+                EXECUTE format('SELECT ($1).%I::text', TG_ARGV[1]) INTO record_key USING OLD;
+            ELSE
+                EXECUTE format('SELECT ($1).%I::text', TG_ARGV[1]) INTO record_key USING NEW;
+            END IF;
+            {keep_replaced}
+            INSERT INTO {log.log} ({columns}) VALUES ({values});
+            RETURN NULL;
+        END $$
+        """
+
+
+# hlc.stamp_edit in SQL, for an edit on the central clock: the edit's wall time, or the replaced stamp's with its
+# counter one up when the clock has not moved past it; the version one up from the replaced one.
+_STAMP_FUNCTION = f"""
+    CREATE OR REPLACE FUNCTION kiln_stamp_edit() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        wall bigint := {now_ms_sql("postgresql")};
+        counter integer := 0;
+        previous text;
+    BEGIN
+        NEW._kiln_version := 1;
+        IF TG_OP = 'UPDATE' THEN
+            previous := OLD._kiln_hlc;
+            NEW._kiln_version := coalesce(OLD._kiln_version, 0) + 1;
+        END IF;
+        IF previous IS NOT NULL AND split_part(previous, '.', 1)::bigint >= wall THEN
+            wall := split_part(previous, '.', 1)::bigint;
+            counter := split_part(previous, '.', 2)::integer + 1;
+        END IF;
+        NEW._kiln_hlc := lpad(wall::text, 15, '0') || '.' || lpad(counter::text, 5, '0') || '.central';
+        RETURN NEW;
+    END $$
+    """
 
 
 def begin_applying(connection: Connection, log: ChangeLog) -> None:
@@ -148,7 +202,38 @@ def changes_after(connection: Connection, log: ChangeLog, *, table: str, after: 
         text(f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t AND seq > :after ORDER BY seq LIMIT :n"),
         {"t": table, "after": after, "n": limit},
     )
-    return [Change(seq=seq, key=key, origin=origin, at_ms=at_ms) for seq, key, origin, at_ms in rows]
+    return [Change(*row) for row in rows.all()]
+
+
+def changed_records(
+    connection: Connection, log: ChangeLog, *, table: Table, key: str, logged_as: str, after: int, last: int
+) -> dict[str, dict[str, Any]]:
+    """The records logged as changed in (after, last], by key text: one query over the log range, where a list of
+    keys would cost a bound parameter per key. A deleted record is absent."""
+    quote = connection.dialect.identifier_preparer.quote
+    key_type = table.c[key].type.compile(dialect=connection.dialect)
+    logged = f"SELECT CAST(pk AS {key_type}) FROM {log.log} WHERE tbl = :t AND seq > :after AND seq <= :last"
+    # PostgreSQL plans `IN (subquery)` as a hash join over the whole table; over an array it probes the key's index.
+    among = f"= ANY(ARRAY({logged}))" if connection.dialect.name == "postgresql" else f"IN ({logged})"
+    names = [column.name for column in table.columns]
+    query = text(
+        f"SELECT {', '.join(quote(name) for name in names)} FROM {quote(table.name)} WHERE {quote(key)} {among}"
+    ).columns(*table.columns)
+    rows = connection.execute(query, {"t": logged_as, "after": after, "last": last}).all()
+    at = names.index(key)
+    return {key_text(row[at]): dict(zip(names, row, strict=True)) for row in rows}
+
+
+def first_change(connection: Connection, log: ChangeLog, *, table: str, key: str, after: int) -> Change | None:
+    """The earliest change of one record after `after`, with the stamp it replaced."""
+    row = connection.execute(
+        text(
+            f"SELECT seq, pk, origin, at_ms, replaced FROM {log.log} WHERE tbl = :t AND pk = :k AND seq > :after "
+            "ORDER BY seq LIMIT 1"
+        ),
+        {"t": table, "k": key, "after": after},
+    ).first()
+    return None if row is None else Change(*row)
 
 
 def pending(
@@ -166,7 +251,7 @@ def pending(
             {"t": table, "after": after, **_bind(key_list[start : start + 500])},
         )
         for seq, key, origin, at_ms in rows:
-            found[key] = Change(seq=seq, key=key, origin=origin, at_ms=at_ms)
+            found[key] = Change(seq, key, origin, at_ms)
     return found
 
 

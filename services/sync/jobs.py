@@ -104,12 +104,12 @@ def open_pair(
         create_log(connection, LOCAL_LOG)
         local_table = reflect(connection, spec.name)
         check_key(local_table, spec)
-        if not has_triggers(connection, spec.name):
+        if not has_triggers(connection, LOCAL_LOG, spec.name):
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
             log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
     with context.engine.begin() as connection:
         central_table = ensure_central_table(connection, local_table, spec, central_name)
-        if not has_triggers(connection, central_name):
+        if not has_triggers(connection, CENTRAL_LOG, central_name):
             install_triggers(connection, CENTRAL_LOG, table=central_name, key=spec.primary_key, logged_as=central_name)
     return TablePair(
         spec=spec,

@@ -4,7 +4,9 @@ Up (push): the local change log after the `up` watermark. Each batch is written 
 transaction with its conflicts, the job's counters and the new watermark, so a batch is acknowledged exactly when
 it has landed. Down (pull): the central change log after the `down` watermark, written to the local store first
 and acknowledged after; a batch replayed after a crash writes the same records again, by key, and so changes
-nothing. A record changed on both sides since its last sync goes to the table's policy (services/sync/merge.py).
+nothing. Central edits carry their version and stamp from the moment they are made (services/sync/changes.py),
+so a pull only reads the central store, except to restore an append-only record. A record changed on both sides
+since its last sync goes to the table's policy (services/sync/merge.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, bindparam, select, text, update
+from sqlalchemy import Connection, Engine, Table, select, update
 from sqlalchemy.orm import Session
 
 from services.sync.changes import (
@@ -23,8 +25,10 @@ from services.sync.changes import (
     ORIGIN_APP,
     Change,
     begin_applying,
+    changed_records,
     changes_after,
     end_applying,
+    first_change,
     forget,
     log_merges,
     pending,
@@ -32,7 +36,7 @@ from services.sync.changes import (
 from services.sync.envelope import Keyring
 from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit
 from services.sync.merge import Resolution, Version, resolve
-from services.sync.stores import STAMP, VERSION, key_text, key_value, read, upsert
+from services.sync.stores import META_COLUMNS, STAMP, VERSION, key_text, read, upsert
 from shared.audit import record_change
 from shared.db.models import SyncBase, SyncConflict, SyncJob, SyncWatermark
 from shared.db.types import utcnow
@@ -83,11 +87,11 @@ class TablePair:
 
     def plain(self, row: dict[str, Any]) -> dict[str, Any]:
         """A central row as the local store holds it: without the sync columns, sensitive columns decrypted."""
-        return {
-            name: self.keyring.open(value, column=self._column(name)) if name in self.spec.sensitive_columns else value
-            for name, value in row.items()
-            if name not in (VERSION, STAMP)
-        }
+        opened = {name: value for name, value in row.items() if name not in META_COLUMNS}
+        for name in self.spec.sensitive_columns:
+            if name in opened:
+                opened[name] = self.keyring.open(opened[name], column=self._column(name))
+        return opened
 
     def _column(self, name: str) -> str:
         return f"{self.spec.name}.{name}"
@@ -178,19 +182,17 @@ def _push(
         if row is None:
             continue  # deleted locally: deletions are not synced; expired records go by retention
         existing = current.get(key)
-        replaced = _stamp_of(existing)
-        mine = Version(
-            row, stamp_edit(physical_ms=change.at_ms, offset_ms=pair.offset_ms, replaced=replaced, node="local")
-        )
         if key in held:
             held[key].local_version = pair.sealed(row)  # the review sees the newest local version
             continue
         refused_update = pair.spec.policy == "append-only" and existing is not None
         if existing is None or (key not in changed_centrally and not refused_update):
-            writes.append(_central_row(pair, mine, existing))
+            writes.append(_central_row(pair, _local_version(pair, row, change, _stamp_of(existing)), existing))
             plain_copies += 1
             continue
-        theirs = Version(pair.plain(existing), _central_stamp(changed_centrally.get(key), replaced))
+        against = _stamp_before_central_edits(connection, pair, key, existing, down_after)
+        mine = _local_version(pair, row, change, against)
+        theirs = Version(pair.plain(existing), _stamp_of(existing) or ORIGIN)
         resolution = resolve(pair.spec.policy, local=mine, central=theirs, base=_base(session, pair, key))
         _record_conflict(session, pair, key, mine, theirs, resolution)
         conflicts += 1
@@ -204,17 +206,41 @@ def _push(
     return plain_copies, conflicts
 
 
+def _local_version(pair: TablePair, row: dict[str, Any], change: Change, replaced: Stamp | None) -> Version:
+    stamp = stamp_edit(physical_ms=change.at_ms, offset_ms=pair.offset_ms, replaced=replaced, node="local")
+    return Version(row, stamp)
+
+
+def _stamp_before_central_edits(
+    connection: Connection, pair: TablePair, key: str, existing: dict[str, Any], after: int
+) -> Stamp | None:
+    """The stamp of the version a local edit was made against: the one the central edits since `after` replaced.
+    The central record's own stamp is already that of its latest edit (set at capture)."""
+    first = first_change(connection, CENTRAL_LOG, table=pair.central_name, key=key, after=after)
+    if first is not None and first.origin == ORIGIN_APP:
+        return Stamp.parse(first.replaced) if first.replaced else None
+    return _stamp_of(existing)
+
+
 def pull_batch(pair: TablePair) -> bool:
     """One batch of central changes into the local store; False when there was none, or a local edit came first."""
-    with Session(pair.central) as session, session.begin():
+    with Session(pair.central) as session:
         after = watermark(session, pair, DOWN)
         local_after = watermark(session, pair, UP)
-        changes = changes_after(
-            session.connection(), CENTRAL_LOG, table=pair.central_name, after=after, limit=pair.batch_size
-        )
+        connection = session.connection()
+        changes = changes_after(connection, CENTRAL_LOG, table=pair.central_name, after=after, limit=pair.batch_size)
         if not changes:
             return False
-        current = read(session.connection(), pair.central_table, pair.key, {change.key for change in changes})
+        # Read only: central edits were versioned and stamped as they were made, nothing here to lock or write.
+        current = changed_records(
+            connection,
+            CENTRAL_LOG,
+            table=pair.central_table,
+            key=pair.key,
+            logged_as=pair.central_name,
+            after=after,
+            last=changes[-1].seq,
+        )
         held = set(open_conflicts(session, pair, {change.key for change in changes}))
     with pair.local.begin() as local:
         if pair.spec.sends_up:
@@ -223,18 +249,14 @@ def pull_batch(pair: TablePair) -> bool:
                 return False  # a local edit of one of these records goes up first, through the policy
         latest = {change.key: change for change in changes if change.key not in held and change.key in current}
         begin_applying(local, LOCAL_LOG)
-        restamped, refused = _pull(local, pair, latest, current)
+        refused = _pull(local, pair, latest, current)
         end_applying(local, LOCAL_LOG)
     with Session(pair.central) as session, session.begin():
         connection = session.connection()
         begin_applying(connection, CENTRAL_LOG)
-        _restamp(connection, pair, restamped)
         for key, (local_row, central_row) in refused.items():
-            upsert(
-                connection, pair.central_table, pair.key, [{**pair.sealed(local_row), VERSION: central_row[VERSION]}]
-            )
-            _record_refused_central_update(session, pair, key, local_row, central_row)
-        _save_bases(session, pair, [current[key] | restamped.get(key, {}) for key in latest if key not in refused])
+            _restore_refused(session, connection, pair, key, local_row, central_row)
+        _save_bases(session, pair, [current[key] for key in latest if key not in refused])
         set_watermark(session, pair, DOWN, changes[-1].seq)
         pulled = len(latest) - len(refused)
         _count(session, pair, pulled=pulled, conflicts=len(refused))
@@ -254,49 +276,37 @@ def _before_local_edits(local: Connection, pair: TablePair, changes: list[Change
 
 def _pull(
     local: Connection, pair: TablePair, latest: dict[str, Change], current: dict[str, dict[str, Any]]
-) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[dict[str, Any], dict[str, Any]]]]:
-    """Write the records down; returns the new version and stamp of those edited centrally, and the refused ones."""
-    restamped: dict[str, dict[str, Any]] = {}
-    refused: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-    app_edited = [key for key, change in latest.items() if change.origin == ORIGIN_APP]
-    if pair.spec.policy == "append-only" and pair.spec.sends_up:
-        originals = read(local, pair.local_table, pair.key, [k for k in app_edited if current[k][VERSION]])
-        refused = {key: (row, current[key]) for key, row in originals.items()}
-    for key in app_edited:
-        if key not in refused:
-            existing = current[key]
-            stamp = stamp_edit(physical_ms=latest[key].at_ms, offset_ms=0, replaced=_stamp_of(existing), node="central")
-            restamped[key] = {VERSION: (existing[VERSION] or 0) + 1, STAMP: stamp.encode()}
+) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Write the records down; returns the refused ones, each as the local store has it and as the central one."""
+    refused = _refused_updates(local, pair, latest, current)
     upsert(local, pair.local_table, pair.key, [pair.plain(current[key]) for key in latest if key not in refused])
-    return restamped, refused
+    return refused
 
 
-def _restamp(connection: Connection, pair: TablePair, restamped: dict[str, dict[str, Any]]) -> None:
-    """Set the new version and stamp of records edited centrally, in one statement on PostgreSQL."""
-    if not restamped:
-        return
-    table = pair.central_table
-    rows = [(key_value(table, key, pair.key), meta[VERSION], meta[STAMP]) for key, meta in restamped.items()]
-    if connection.dialect.name == "postgresql":
-        # One UPDATE over unnest()ed arrays instead of a round trip per record: most of a pull's time otherwise.
-        keys, numbers, stamps = (list(part) for part in zip(*rows, strict=True))
-        connection.execute(
-            text(
-                f"UPDATE {table.name} SET {VERSION} = incoming.number, {STAMP} = incoming.stamp "
-                "FROM unnest(:keys, :numbers, :stamps) AS incoming(record_key, number, stamp) "
-                f"WHERE {table.name}.{pair.key} = incoming.record_key"
-            ),
-            {"keys": keys, "numbers": numbers, "stamps": stamps},
-        )
-        return
-    statement = (
-        update(table)
-        .where(table.c[pair.key] == bindparam("record_key"))
-        .values({VERSION: bindparam("new_version"), STAMP: bindparam("new_stamp")})
-    )
-    connection.execute(
-        statement, [{"record_key": key, "new_version": number, "new_stamp": stamp} for key, number, stamp in rows]
-    )
+def _refused_updates(
+    local: Connection, pair: TablePair, latest: dict[str, Change], current: dict[str, dict[str, Any]]
+) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Append-only records the central store changed after the local store had them: their update is refused."""
+    if pair.spec.policy != "append-only" or not pair.spec.sends_up:
+        return {}
+    app_edited = [key for key, change in latest.items() if change.origin == ORIGIN_APP]
+    originals = read(local, pair.local_table, pair.key, app_edited)
+    return {key: (row, current[key]) for key, row in originals.items()}
+
+
+def _restore_refused(
+    session: Session,
+    connection: Connection,
+    pair: TablePair,
+    key: str,
+    original: dict[str, Any],
+    refused: dict[str, Any],
+) -> None:
+    """Put the original back centrally, as a version after the refused one, and keep the refused one audited."""
+    stamp = stamp_edit(physical_ms=utcnow_ms(), offset_ms=0, replaced=_stamp_of(refused), node="central")
+    restored = {**pair.sealed(original), VERSION: refused[VERSION] + 1, STAMP: stamp.encode()}
+    upsert(connection, pair.central_table, pair.key, [restored])
+    _record_refused_central_update(session, pair, key, original, refused)
 
 
 def _central_row(pair: TablePair, version: Version, existing: dict[str, Any] | None) -> dict[str, Any]:
@@ -306,13 +316,6 @@ def _central_row(pair: TablePair, version: Version, existing: dict[str, Any] | N
 
 def _stamp_of(row: dict[str, Any] | None) -> Stamp | None:
     return Stamp.parse(row[STAMP]) if row is not None and row[STAMP] else None
-
-
-def _central_stamp(change: Change | None, replaced: Stamp | None) -> Stamp:
-    """The stamp of the central version in a conflict: of its own edit, or the stamp it already carries."""
-    if change is not None and change.origin == ORIGIN_APP:
-        return stamp_edit(physical_ms=change.at_ms, offset_ms=0, replaced=replaced, node="central")
-    return replaced or stamp_edit(physical_ms=0, offset_ms=0, replaced=None, node="central")
 
 
 def _base(session: Session, pair: TablePair, key: str) -> dict[str, Any] | None:

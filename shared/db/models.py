@@ -351,7 +351,8 @@ class SyncBase(Base):
 
 class SyncChange(Base):
     """The central store's change log, filled by triggers on the synced tables: one row per write by anyone but
-    the sync service itself (origin "app"), and per merged record the service must still send down ("merge")."""
+    the sync service itself (origin "app"), and per merged record the service must still send down ("merge").
+    `replaced` is the stamp an edited record carried before the edit: what a local edit of it was made against."""
 
     __tablename__ = "sync_changes"
 
@@ -360,6 +361,7 @@ class SyncChange(Base):
     pk: Mapped[str] = mapped_column(String(200))
     origin: Mapped[str] = mapped_column(String(8))
     at_ms: Mapped[int] = mapped_column(BigInteger)
+    replaced: Mapped[str | None] = mapped_column(String(40))
 
     __table_args__ = (Index("ix_sync_changes_tbl_seq", "tbl", "seq"), Index("ix_sync_changes_tbl_pk", "tbl", "pk"))
 
