@@ -9,6 +9,7 @@ active; rotation makes a new one active, re-encrypts every value sealed under th
 from __future__ import annotations
 
 import base64
+import binascii
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ class Keyring:
         key_id, _, body = token.partition(":")
         if key_id not in self.keys:
             raise ValueError(f"{column} was sealed under key {key_id!r}, which this org no longer has")
-        raw = base64.b64decode(body)
+        raw = binascii.a2b_base64(body)  # base64.b64decode's checks of its argument cost more than the decoding
         try:
             return orjson.loads(self.keys[key_id].decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(column)))
         except InvalidTag:
