@@ -87,7 +87,9 @@ class TablePair:
 
     def plain(self, row: dict[str, Any]) -> dict[str, Any]:
         """A central row as the local store holds it: without the sync columns, sensitive columns decrypted."""
-        opened = {name: value for name, value in row.items() if name not in META_COLUMNS}
+        opened = dict(row)
+        for name in META_COLUMNS:
+            opened.pop(name, None)
         for name in self.spec.sensitive_columns:
             if name in opened:
                 opened[name] = self.keyring.open(opened[name], column=self._column(name))
@@ -223,46 +225,65 @@ def _stamp_before_central_edits(
 
 
 def pull_batch(pair: TablePair) -> bool:
-    """One batch of central changes into the local store; False when there was none, or a local edit came first."""
+    """One batch of central changes into the local store; False when there was none, or a local edit came first.
+
+    One central transaction reads the batch and, once the local store has committed it, acknowledges it. Until
+    then it only reads (central edits were versioned and stamped as they were made), so it locks nothing while
+    the local store writes."""
     with Session(pair.central) as session:
-        after = watermark(session, pair, DOWN)
-        local_after = watermark(session, pair, UP)
-        connection = session.connection()
-        changes = changes_after(connection, CENTRAL_LOG, table=pair.central_name, after=after, limit=pair.batch_size)
+        after, local_after = watermark(session, pair, DOWN), watermark(session, pair, UP)
+        changes = changes_after(
+            session.connection(), CENTRAL_LOG, table=pair.central_name, after=after, limit=pair.batch_size
+        )
         if not changes:
             return False
-        # Read only: central edits were versioned and stamped as they were made, nothing here to lock or write.
-        current = changed_records(
-            connection,
-            CENTRAL_LOG,
-            table=pair.central_table,
-            key=pair.key,
-            logged_as=pair.central_name,
-            after=after,
-            last=changes[-1].seq,
-        )
-        held = set(open_conflicts(session, pair, {change.key for change in changes}))
-    with pair.local.begin() as local:
-        if pair.spec.sends_up:
-            changes = _before_local_edits(local, pair, changes, local_after)
-            if not changes:
-                return False  # a local edit of one of these records goes up first, through the policy
-        latest = {change.key: change for change in changes if change.key not in held and change.key in current}
-        begin_applying(local, LOCAL_LOG)
-        refused = _pull(local, pair, latest, current)
-        end_applying(local, LOCAL_LOG)
-    with Session(pair.central) as session, session.begin():
-        connection = session.connection()
-        begin_applying(connection, CENTRAL_LOG)
-        for key, (local_row, central_row) in refused.items():
-            _restore_refused(session, connection, pair, key, local_row, central_row)
-        _save_bases(session, pair, [current[key] for key in latest if key not in refused])
-        set_watermark(session, pair, DOWN, changes[-1].seq)
-        pulled = len(latest) - len(refused)
-        _count(session, pair, pulled=pulled, conflicts=len(refused))
-        end_applying(connection, CENTRAL_LOG)
-    _after_batch(pair, pulled=pulled, conflicts=len(refused))
+        current = _changed_records(session, pair, after=after, last=changes[-1].seq)
+        held = open_conflicts(session, pair, (change.key for change in changes))
+        with pair.local.begin() as local:
+            if pair.spec.sends_up:
+                changes = _before_local_edits(local, pair, changes, local_after)
+                if not changes:
+                    return False  # a local edit of one of these records goes up first, through the policy
+            latest = {change.key: change for change in changes if change.key not in held and change.key in current}
+            begin_applying(local, LOCAL_LOG)
+            refused = _pull(local, pair, latest, current)
+            end_applying(local, LOCAL_LOG)
+        _acknowledge_pull(session, pair, changes[-1].seq, [current[key] for key in latest if key not in refused])
+        _restore_all_refused(session, pair, refused)
+        session.commit()
+    _after_batch(pair, pulled=len(latest) - len(refused), conflicts=len(refused))
     return True
+
+
+def _changed_records(session: Session, pair: TablePair, *, after: int, last: int) -> dict[str, dict[str, Any]]:
+    return changed_records(
+        session.connection(),
+        CENTRAL_LOG,
+        table=pair.central_table,
+        key=pair.key,
+        logged_as=pair.central_name,
+        after=after,
+        last=last,
+    )
+
+
+def _acknowledge_pull(session: Session, pair: TablePair, seq: int, pulled: list[dict[str, Any]]) -> None:
+    _save_bases(session, pair, pulled)
+    set_watermark(session, pair, DOWN, seq)
+    _count(session, pair, pulled=len(pulled))
+
+
+def _restore_all_refused(
+    session: Session, pair: TablePair, refused: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+) -> None:
+    if not refused:
+        return
+    connection = session.connection()
+    begin_applying(connection, CENTRAL_LOG)
+    for key, (local_row, central_row) in refused.items():
+        _restore_refused(session, connection, pair, key, local_row, central_row)
+    _count(session, pair, conflicts=len(refused))
+    end_applying(connection, CENTRAL_LOG)
 
 
 def _before_local_edits(local: Connection, pair: TablePair, changes: list[Change], local_after: int) -> list[Change]:
