@@ -7,6 +7,8 @@ versions as they were in the conflict record, so the losing one is never lost.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date, time
+from decimal import Decimal
 from typing import Any
 
 from services.sync.hlc import Stamp, after_both
@@ -49,16 +51,26 @@ def last_writer_wins(*, local: Version, central: Version) -> Resolution:
     return Resolution(CENTRAL_WON, central)
 
 
+def as_json(value: Any) -> Any:
+    """A value as a base keeps it (JSON): times and decimals as text. Fields are compared in this form, so that a
+    field read back from its base compares equal to the value it was saved from."""
+    if isinstance(value, Decimal):
+        return str(value)
+    return value.isoformat() if isinstance(value, date | time) else value
+
+
 def merge_fields(*, local: Version, central: Version, base: dict[str, Any]) -> Resolution:
-    """Each field from the side that changed it; a field both changed differently goes to the later stamp."""
+    """Each field from the side that changed it; a field both changed differently goes to the later stamp. `base`
+    is in JSON form (as_json)."""
     newer = local if local.stamp > central.stamp else central
     merged: dict[str, Any] = {}
     overlapping = []
     for name in local.row.keys() | central.row.keys():
-        mine, theirs, before = local.row.get(name), central.row.get(name), base.get(name)
-        if mine == theirs or theirs == before:
+        mine, theirs = local.row.get(name), central.row.get(name)
+        before = base.get(name)
+        if as_json(mine) == as_json(theirs) or as_json(theirs) == before:
             merged[name] = mine
-        elif mine == before:
+        elif as_json(mine) == before:
             merged[name] = theirs
         else:
             overlapping.append(name)

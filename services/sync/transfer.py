@@ -35,7 +35,7 @@ from services.sync.changes import (
 )
 from services.sync.envelope import Keyring
 from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit
-from services.sync.merge import Resolution, Version, resolve
+from services.sync.merge import Resolution, Version, as_json, resolve
 from services.sync.stores import META_COLUMNS, STAMP, VERSION, key_text, read, upsert
 from shared.audit import record_change
 from shared.db.models import SyncBase, SyncConflict, SyncJob, SyncWatermark
@@ -446,7 +446,7 @@ def _after_batch(pair: TablePair, **moved: int) -> None:
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {name: value.isoformat() if hasattr(value, "isoformat") else value for name, value in row.items()}
+    return {name: as_json(value) for name, value in row.items()}
 
 
 def utcnow_ms() -> int:

@@ -1,4 +1,5 @@
-"""A SQLite local store, the central PostgreSQL in a fresh database, and the api, for the sync tests."""
+"""A local store (a SQLite file, or a PostgreSQL database), the central PostgreSQL in a fresh database, and the api,
+for the sync tests."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
@@ -25,7 +28,7 @@ class Sync:
     api: TestClient
     context: SyncContext
     org: OrgKeys
-    local_path: Path
+    local_url: str
     source_id: str
     central_url: str
 
@@ -33,18 +36,16 @@ class Sync:
     def central_table(self) -> str:
         return f"sync_{self.source_id}_readings"
 
-    def local(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        with sqlite3.connect(self.local_path) as connection:
-            return connection.execute(sql, params).fetchall()
+    @property
+    def local_path(self) -> Path:
+        """The local store's file, when it is a SQLite one."""
+        return Path(str(make_url(self.local_url).database))
+
+    def local(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+        return run_sql(self.local_url, sql, params)
 
     def central(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        engine = create_engine(self.central_url)
-        try:
-            with engine.begin() as connection:
-                result = connection.execute(text(sql), params or {})
-                return [tuple(row) for row in result] if result.returns_rows else []
-        finally:
-            engine.dispose()
+        return run_sql(self.central_url, sql, params)
 
     def submit(self) -> str:
         response = self.api.post(
@@ -72,17 +73,26 @@ class Sync:
         return [entry["action"] for entry in entries]
 
 
+def run_sql(url: str, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    """One statement in its own transaction, on a connection of its own, as another application would."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            result = connection.execute(text(sql), params or {})
+            return [tuple(row) for row in result] if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
 def make_local_store(path: Path, rows: list[tuple[int, str, float, str]]) -> None:
     with sqlite3.connect(path) as connection:
         connection.execute(READINGS)
         connection.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)", rows)
 
 
-def register(api: TestClient, org: OrgKeys, path: Path, policy: str, **table: Any) -> str:
+def register(api: TestClient, org: OrgKeys, url: str, policy: str, **table: Any) -> str:
     spec = {"name": "readings", "primaryKey": "id", "policy": policy, "sensitiveColumns": ["patient"], **table}
-    response = api.post(
-        f"/v1/orgs/{org.org_id}/sync-sources", json={"url": f"sqlite:///{path}", "tables": [spec]}, headers=org.admin
-    )
+    response = api.post(f"/v1/orgs/{org.org_id}/sync-sources", json={"url": url, "tables": [spec]}, headers=org.admin)
     assert response.status_code == 201, response.text
     return str(response.json()["sourceId"])
 
@@ -101,5 +111,6 @@ def open_sync(
     make_local_store(
         path, rows if rows is not None else [(1, "pump-1", 1.0, "Ada Lovelace"), (2, "pump-2", 2.0, "Alan Turing")]
     )
-    source_id = register(api, org, path, policy, **table)
-    return Sync(api, context, org, path, source_id, context.settings.resolved_database_url)
+    url = f"sqlite:///{path}"
+    source_id = register(api, org, url, policy, **table)
+    return Sync(api, context, org, url, source_id, context.settings.resolved_database_url)

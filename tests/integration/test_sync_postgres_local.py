@@ -1,0 +1,115 @@
+"""A PostgreSQL database as the local store: records both ways with the central PostgreSQL, and conflicts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from decimal import Decimal
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.sync.context import SyncContext
+from tests.integration.conftest import create_org_with_keys
+from tests.integration.sync_support import Sync, register, run_sql
+from tests.support.servers import fresh_postgres_database
+
+READINGS = "CREATE TABLE readings (id integer PRIMARY KEY, device text, value double precision, patient text)"
+TWO_READINGS = "INSERT INTO readings VALUES (1, 'pump-1', 1.0, 'Ada Lovelace'), (2, 'pump-2', 2.0, 'Alan Turing')"
+
+
+@pytest.fixture
+def local_url() -> Iterator[str]:
+    """The local store: a second, fresh PostgreSQL database beside the central one."""
+    with fresh_postgres_database() as url:
+        yield url
+
+
+def open_postgres_sync(
+    api: TestClient, context: SyncContext, org_id: str, local_url: str, policy: str, *statements: str
+) -> Sync:
+    for statement in statements:
+        run_sql(local_url, statement)
+    org = create_org_with_keys(api, org_id)
+    source_id = register(api, org, local_url, policy)
+    return Sync(api, context, org, local_url, source_id, context.settings.resolved_database_url)
+
+
+def test_records_go_both_ways_between_a_postgresql_local_store_and_the_central_one(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", READINGS, TWO_READINGS)
+
+    first = sync.run()
+    sync.local("INSERT INTO readings VALUES (3, 'pump-3', 3.0, 'Grace Hopper')")
+    sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
+    second = sync.run()
+    third = sync.run()
+
+    assert [(job["status"], job["pushed"], job["pulled"]) for job in (first, second, third)] == [
+        ("succeeded", 2, 0),
+        ("succeeded", 1, 1),
+        ("succeeded", 0, 0),
+    ]
+    assert sync.local("SELECT id, device, value, patient FROM readings ORDER BY id") == [
+        (1, "pump-1", 1.0, "Ada Lovelace"),
+        (2, "pump-2", 20.0, "Alan Turing"),
+        (3, "pump-3", 3.0, "Grace Hopper"),
+    ]
+    # The local log holds the application's writes only: the record pulled down is not sent back up.
+    assert sync.local("SELECT pk FROM _kiln_changes ORDER BY seq") == [("1",), ("2",), ("3",)]
+    central = sync.central(f"SELECT id, value, patient, _kiln_version FROM {sync.central_table} ORDER BY id")
+    assert [(row[0], row[1], row[3]) for row in central] == [(1, 1.0, 1), (2, 20.0, 2), (3, 3.0, 1)]
+    assert not any("Hopper" in row[2] or "Turing" in row[2] for row in central)
+
+
+def test_last_writer_wins_between_a_postgresql_local_store_and_the_central_one(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", READINGS, TWO_READINGS)
+    sync.run()
+    sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+    sync.central(f"UPDATE {sync.central_table} SET value = 77.0 WHERE id = 2")
+    time.sleep(0.05)
+    sync.local("UPDATE readings SET value = 22.0 WHERE id = 2")
+
+    job = sync.run()
+    sync.run()
+
+    assert job["conflicts"] == 2
+    assert sync.local("SELECT id, value FROM readings ORDER BY id") == [(1, 99.0), (2, 22.0)]
+    assert sync.central(f"SELECT id, value FROM {sync.central_table} ORDER BY id") == [(1, 99.0), (2, 22.0)]
+    outcomes = {
+        c["recordKey"]: (c["outcome"], c["localVersion"]["value"], c["centralVersion"]["value"])
+        for c in sync.conflicts()
+    }
+    assert outcomes == {"1": ("central-won", 10.0, 99.0), "2": ("local-won", 22.0, 77.0)}
+
+
+def test_field_merge_compares_timestamp_and_numeric_fields_with_their_base(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    sync = open_postgres_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        local_url,
+        "field-merge",
+        "CREATE TABLE readings (id text PRIMARY KEY, taken timestamptz, dose numeric(6, 2), note text, patient text)",
+        "INSERT INTO readings VALUES ('r-1', '2026-01-02T03:04:05Z', 1.50, 'first', 'Ada Lovelace')",
+    )
+    sync.run()
+    sync.local("UPDATE readings SET note = 'checked' WHERE id = 'r-1'")
+    sync.central(f"UPDATE {sync.central_table} SET dose = 2.25 WHERE id = 'r-1'")
+
+    sync.run()
+    sync.run()
+
+    [(taken, dose, note)] = sync.local("SELECT taken, dose, note FROM readings")
+    assert (taken.isoformat(), dose, note) == ("2026-01-02T03:04:05+00:00", Decimal("2.25"), "checked")
+    assert sync.central(f"SELECT dose, note FROM {sync.central_table}") == [(Decimal("2.25"), "checked")]
+    [conflict] = sync.conflicts()
+    assert (conflict["outcome"], datetime.fromisoformat(conflict["localVersion"]["taken"]).year) == ("merged", 2026)
