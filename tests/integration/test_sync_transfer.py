@@ -55,6 +55,27 @@ def test_each_run_moves_only_what_changed_since_the_last(
     assert sync.central(f"SELECT _kiln_version FROM {sync.central_table} WHERE id = 2") == [(2,)]
 
 
+def test_a_central_edit_is_versioned_and_stamped_as_it_is_made_and_the_pull_leaves_it_so(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    [(pushed_stamp,)] = sync.central(f"SELECT _kiln_hlc FROM {sync.central_table} WHERE id = 2")
+
+    sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
+    sync.central(f"UPDATE {sync.central_table} SET value = 30.0 WHERE id = 2")
+    edited = sync.central(f"SELECT _kiln_version, _kiln_hlc, xmin::text FROM {sync.central_table} WHERE id = 2")
+    logged = sync.central("SELECT replaced FROM sync_changes WHERE tbl = :t ORDER BY seq", {"t": sync.central_table})
+    job = sync.run()
+
+    [(version, stamp, _)] = edited
+    assert version == 3 and stamp.endswith(".central") and stamp > pushed_stamp
+    assert logged[0] == (pushed_stamp,) and logged[1][0] < stamp
+    assert job["pulled"] == 1 and sync.local("SELECT value FROM readings WHERE id = 2") == [(30.0,)]
+    # xmin unchanged: the pull did not write the central record.
+    assert sync.central(f"SELECT _kiln_version, _kiln_hlc, xmin::text FROM {sync.central_table} WHERE id = 2") == edited
+
+
 def test_a_job_cut_off_from_the_central_store_resumes_from_its_watermark(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
