@@ -99,8 +99,33 @@ def upsert(connection: Connection, table: Table, column: str, rows: Sequence[dic
     if not rows:
         return
     if connection.dialect.name == "sqlite":
-        _upsert_sqlite(connection, table, column, rows)
+        names = list(rows[0])
+        take = values_of(names)
+        _upsert_sqlite(connection, table, column, names, [take(row) for row in rows])
         return
+    _upsert_postgresql(connection, table, column, rows)
+
+
+def upsert_values(
+    connection: Connection, table: Table, column: str, names: list[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """upsert() of records given as their values in `names` order: the shape SQLite's driver takes as it is."""
+    if not rows:
+        return
+    if connection.dialect.name == "sqlite":
+        _upsert_sqlite(connection, table, column, names, rows)
+        return
+    _upsert_postgresql(connection, table, column, [dict(zip(names, row, strict=True)) for row in rows])
+
+
+def values_of(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """A row's values in `names` order (itemgetter, but always a tuple)."""
+    if len(names) == 1:
+        return lambda row: (row[names[0]],)
+    return itemgetter(*names)
+
+
+def _upsert_postgresql(connection: Connection, table: Table, column: str, rows: Sequence[dict[str, Any]]) -> None:
     statement = postgresql.insert(table)
     names = [name for name in rows[0] if name != column]
     statement = statement.on_conflict_do_update(
@@ -109,10 +134,11 @@ def upsert(connection: Connection, table: Table, column: str, rows: Sequence[dic
     connection.execute(statement, list(rows))
 
 
-def _upsert_sqlite(connection: Connection, table: Table, column: str, rows: Sequence[dict[str, Any]]) -> None:
+def _upsert_sqlite(
+    connection: Connection, table: Table, column: str, names: list[str], rows: Sequence[Sequence[Any]]
+) -> None:
     """Straight to the driver's executemany, each value through its column type's bind processor as SQLAlchemy
     would: SQLAlchemy's own handling of each row's parameters is otherwise most of a pull's local write."""
-    names = list(rows[0])
     quote = connection.dialect.identifier_preparer.quote
     updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in names if name != column)
     statement = (
@@ -124,27 +150,20 @@ def _upsert_sqlite(connection: Connection, table: Table, column: str, rows: Sequ
 
 
 def _driver_values(
-    connection: Connection, table: Table, names: list[str], rows: Sequence[dict[str, Any]]
+    connection: Connection, table: Table, names: list[str], rows: Sequence[Sequence[Any]]
 ) -> list[tuple[Any, ...]]:
     """Each row as the driver takes it; only the columns whose type converts values pay for a conversion."""
-    take = _values_of(names)
     processors = [(index, table.c[name].type.bind_processor(connection.dialect)) for index, name in enumerate(names)]
     converting = [(index, process) for index, process in processors if process is not None]
     if not converting:
-        return [take(row) for row in rows]
+        return [tuple(row) for row in rows]
     values = []
     for row in rows:
-        value = list(take(row))
+        value = list(row)
         for index, process in converting:
             value[index] = process(value[index])
         values.append(tuple(value))
     return values
-
-
-def _values_of(names: list[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
-    if len(names) == 1:
-        return lambda row: (row[names[0]],)
-    return itemgetter(*names)
 
 
 def delete(connection: Connection, table: Table, column: str, keys: Iterable[str]) -> int:

@@ -12,7 +12,7 @@ since its last sync goes to the table's policy (services/sync/merge.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from services.sync.changes import (
 from services.sync.envelope import Keyring
 from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit
 from services.sync.merge import Resolution, Version, as_json, resolve
-from services.sync.stores import META_COLUMNS, STAMP, VERSION, key_text, read, upsert
+from services.sync.stores import META_COLUMNS, STAMP, VERSION, key_text, read, upsert, upsert_values, values_of
 from shared.audit import record_change
 from shared.db.models import SyncBase, SyncConflict, SyncJob, SyncWatermark
 from shared.db.types import utcnow
@@ -93,6 +93,19 @@ class TablePair:
         for name in self.spec.sensitive_columns:
             if name in opened:
                 opened[name] = self.keyring.open(opened[name], column=self._column(name))
+        return opened
+
+    def plain_values(self, rows: Iterable[dict[str, Any]], names: list[str]) -> list[list[Any]]:
+        """plain() of many central rows, each as its values in `names` order: a pull's rows go to the local store
+        in that shape, with no dict made per row on the way."""
+        take = values_of(names)
+        sensitive = [(names.index(name), self._column(name)) for name in self.spec.sensitive_columns if name in names]
+        opened = []
+        for row in rows:
+            values = list(take(row))
+            for index, column in sensitive:
+                values[index] = self.keyring.open(values[index], column=column)
+            opened.append(values)
         return opened
 
     def _column(self, name: str) -> str:
@@ -300,7 +313,9 @@ def _pull(
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """Write the records down; returns the refused ones, each as the local store has it and as the central one."""
     refused = _refused_updates(local, pair, latest, current)
-    upsert(local, pair.local_table, pair.key, [pair.plain(current[key]) for key in latest if key not in refused])
+    names = [column.name for column in pair.local_table.columns]
+    rows = pair.plain_values((current[key] for key in latest if key not in refused), names)
+    upsert_values(local, pair.local_table, pair.key, names, rows)
     return refused
 
 
