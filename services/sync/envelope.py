@@ -48,11 +48,12 @@ class Keyring:
         if token is None:
             return None
         key_id, _, body = token.partition(":")
-        if key_id not in self.keys:
+        key = self.keys.get(key_id)
+        if key is None:
             raise ValueError(f"{column} was sealed under key {key_id!r}, which this org no longer has")
         raw = binascii.a2b_base64(body)  # base64.b64decode's checks of its argument cost more than the decoding
         try:
-            return orjson.loads(self.keys[key_id].decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(column)))
+            return orjson.loads(key.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(column)))
         except InvalidTag:
             raise ValueError(f"a value of {column} does not decrypt under key {key_id!r}") from None
 

@@ -244,7 +244,8 @@ def pull_batch(pair: TablePair) -> bool:
     then it only reads (central edits were versioned and stamped as they were made), so it locks nothing while
     the local store writes."""
     with Session(pair.central) as session:
-        after, local_after = watermark(session, pair, DOWN), watermark(session, pair, UP)
+        positions = watermarks(session, pair)
+        after, local_after = positions.get(DOWN, 0), positions.get(UP, 0)
         changes = changes_after(
             session.connection(), CENTRAL_LOG, table=pair.central_name, after=after, limit=pair.batch_size
         )
@@ -427,16 +428,35 @@ def open_conflicts(session: Session, pair: TablePair, keys: Any) -> dict[str, Sy
 
 
 def watermark(session: Session, pair: TablePair, direction: str) -> int:
-    row = session.get(SyncWatermark, (pair.source_id, pair.spec.name, direction))
-    return row.seq if row is not None else 0
+    return watermarks(session, pair).get(direction, 0)
+
+
+def watermarks(session: Session, pair: TablePair) -> dict[str, int]:
+    """Both directions' acknowledged positions, in one plain query: an ORM load per batch cost more than it."""
+    rows = session.execute(
+        select(SyncWatermark.direction, SyncWatermark.seq).where(
+            SyncWatermark.source_id == pair.source_id, SyncWatermark.table_name == pair.spec.name
+        )
+    )
+    return {direction: seq for direction, seq in rows}
 
 
 def set_watermark(session: Session, pair: TablePair, direction: str, seq: int) -> None:
-    session.merge(
-        SyncWatermark(
-            source_id=pair.source_id, table_name=pair.spec.name, direction=direction, seq=seq, updated_at=utcnow()
+    moved = session.execute(
+        update(SyncWatermark)
+        .where(
+            SyncWatermark.source_id == pair.source_id,
+            SyncWatermark.table_name == pair.spec.name,
+            SyncWatermark.direction == direction,
         )
+        .values(seq=seq, updated_at=utcnow())
     )
+    if moved.rowcount == 0:  # type: ignore[attr-defined]
+        session.add(
+            SyncWatermark(
+                source_id=pair.source_id, table_name=pair.spec.name, direction=direction, seq=seq, updated_at=utcnow()
+            )
+        )
 
 
 def _count(session: Session, pair: TablePair, *, pushed: int = 0, pulled: int = 0, conflicts: int = 0) -> None:
