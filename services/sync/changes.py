@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Table, text
 
-from services.sync.stores import key_text
+from services.sync.stores import STAMP, VERSION, key_text
 
 ORIGIN_APP = "app"
 # A record the sync service merged or restored in the central store and must still send down.
@@ -61,11 +61,13 @@ def now_ms(connection: Connection) -> int:
 
 
 def create_log(connection: Connection, log: ChangeLog) -> None:
-    """The local store's change log and its `applying` marker, made on the first sync."""
+    """A change log and its `applying` marker: the local store's, made on the first sync (the central one's is a
+    migration's)."""
     serial = "BIGSERIAL" if connection.dialect.name == "postgresql" else "INTEGER"
+    replaced = ", replaced VARCHAR(40)" if log.stamps else ""
     statements = [
         f"CREATE TABLE IF NOT EXISTS {log.log} (seq {serial} PRIMARY KEY, tbl VARCHAR(64) NOT NULL, "
-        "pk VARCHAR(200) NOT NULL, origin VARCHAR(8) NOT NULL, at_ms BIGINT NOT NULL)",
+        f"pk VARCHAR(200) NOT NULL, origin VARCHAR(8) NOT NULL, at_ms BIGINT NOT NULL{replaced})",
         f"CREATE INDEX IF NOT EXISTS ix{log.log}_tbl_seq ON {log.log} (tbl, seq)",
         f"CREATE INDEX IF NOT EXISTS ix{log.log}_tbl_pk ON {log.log} (tbl, pk)",
         f"CREATE TABLE IF NOT EXISTS {log.applying} (id INTEGER PRIMARY KEY)",
@@ -85,7 +87,8 @@ def install_triggers(connection: Connection, log: ChangeLog, *, table: str, key:
 def has_triggers(connection: Connection, log: ChangeLog, table: str) -> bool:
     """Whether `table` has every trigger `log` needs; a central copy made before stamping at capture has not."""
     if connection.dialect.name != "postgresql":
-        query = "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = '_kiln_' || :t || '_insert'"
+        name = "_kiln_' || :t || '_insert_stamped" if log.stamps else "_kiln_' || :t || '_insert"
+        query = f"SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = '{name}'"
         return connection.execute(text(query), {"t": table}).first() is not None
     names = ["_kiln_capture", "_kiln_stamp"] if log.stamps else ["_kiln_capture"]
     query = "SELECT count(*) FROM pg_trigger WHERE tgname = ANY(:names) AND tgrelid = CAST(:t AS regclass)"
@@ -104,6 +107,9 @@ def log_existing(connection: Connection, log: ChangeLog, *, table: str, key: str
 
 
 def _sqlite_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
+    if log.stamps:
+        _sqlite_stamping_triggers(connection, log, table=table, key=key, logged_as=logged_as)
+        return
     for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):
         connection.execute(
             text(
@@ -113,6 +119,44 @@ def _sqlite_triggers(connection: Connection, log: ChangeLog, *, table: str, key:
                 f"VALUES ('{logged_as}', CAST({row}.{key} AS TEXT), '{ORIGIN_APP}', {now_ms_sql('sqlite')}); END"
             )
         )
+
+
+def _sqlite_stamping_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
+    """SQLite's triggers cannot change NEW: each logs the edit, then versions and stamps the record with an UPDATE
+    of the sync columns alone, which no trigger watches (the update trigger is on the other columns only)."""
+    columns = [row[1] for row in connection.execute(text(f"PRAGMA table_info({table})"))]
+    watched = ", ".join(name for name in columns if name not in (VERSION, STAMP))
+    when = f"WHEN NOT EXISTS (SELECT 1 FROM {log.applying})"
+
+    def logged(row: str, replaced: str) -> str:
+        return (
+            f"INSERT INTO {log.log} (tbl, pk, origin, at_ms, replaced) VALUES "
+            f"('{logged_as}', CAST({row}.{key} AS TEXT), '{ORIGIN_APP}', {now_ms_sql('sqlite')}, {replaced});"
+        )
+
+    def stamped(version: str, replaced: str) -> str:
+        return f"UPDATE {table} SET {VERSION} = {version}, {STAMP} = {_sqlite_stamp(replaced)} WHERE {key} = NEW.{key};"
+
+    triggers = {
+        "insert": f"AFTER INSERT ON {table} {when} BEGIN {logged('NEW', 'NULL')} {stamped('1', 'NULL')} END",
+        "update": f"AFTER UPDATE OF {watched} ON {table} {when} BEGIN {logged('NEW', f'OLD.{STAMP}')} "
+        f"{stamped(f'coalesce(OLD.{VERSION}, 0) + 1', f'OLD.{STAMP}')} END",
+        "delete": f"AFTER DELETE ON {table} {when} BEGIN {logged('OLD', 'NULL')} END",
+    }
+    for event, body in triggers.items():
+        connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_{table}_{event}"))  # made before stamping at capture
+        connection.execute(text(f"CREATE TRIGGER IF NOT EXISTS _kiln_{table}_{event}_stamped {body}"))
+
+
+def _sqlite_stamp(replaced: str) -> str:
+    """hlc.stamp_edit in SQLite's SQL, for an edit on this store's clock (see _STAMP_FUNCTION)."""
+    now, wall = now_ms_sql("sqlite"), f"CAST(substr({replaced}, 1, 15) AS INTEGER)"
+    counter = f"CAST(substr({replaced}, 17, 5) AS INTEGER)"
+    encoded = "printf('%015d.%05d.central', {}, {})"
+    return (
+        f"(CASE WHEN {replaced} IS NOT NULL AND {wall} >= {now} THEN {encoded.format(wall, counter + ' + 1')} "
+        f"ELSE {encoded.format(now, 0)} END)"
+    )
 
 
 def _postgresql_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
