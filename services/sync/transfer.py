@@ -323,11 +323,13 @@ def _pull(
 def _refused_updates(
     local: Connection, pair: TablePair, latest: dict[str, Change], current: dict[str, dict[str, Any]]
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """Append-only records the central store changed after the local store had them: their update is refused."""
+    """Append-only records the central store changed after the local store had them: their update is refused.
+    An update is a central edit of a record past its first version (the one its insert got, here or by a push): a
+    replayed batch finds the records it inserted locally the first time, and must still take them for inserts."""
     if pair.spec.policy != "append-only" or not pair.spec.sends_up:
         return {}
-    app_edited = [key for key, change in latest.items() if change.origin == ORIGIN_APP]
-    originals = read(local, pair.local_table, pair.key, app_edited)
+    updated = [key for key, change in latest.items() if change.origin == ORIGIN_APP and current[key][VERSION] > 1]
+    originals = read(local, pair.local_table, pair.key, updated)
     return {key: (row, current[key]) for key, row in originals.items()}
 
 

@@ -157,6 +157,25 @@ def test_append_only_refuses_updates_on_either_side_and_keeps_them(
     assert refused["2"]["centralVersion"]["value"] == 77.0
 
 
+def test_a_replayed_pull_takes_central_inserts_for_inserts_under_append_only(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "append-only")
+    sync.run()
+    sync.central(f"INSERT INTO {sync.central_table} (id, device, value) VALUES (3, 'pump-3', 3.0)")
+    sync.run()
+    # As if the job had died after the local commit and before the acknowledgement: the batch comes again.
+    sync.central(
+        "UPDATE sync_watermarks SET seq = 0 WHERE source_id = :s AND direction = 'down'", {"s": sync.source_id}
+    )
+
+    replayed = sync.run()
+
+    assert (replayed["pulled"], replayed["conflicts"]) == (1, 0)
+    assert sync.local("SELECT id, value FROM readings ORDER BY id") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    assert sync.conflicts() == []
+
+
 def test_retention_purges_expired_records_on_both_sides_with_an_audit_row(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
