@@ -161,6 +161,7 @@ def _sqlite_stamp(replaced: str) -> str:
 
 def _postgresql_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
     not_applying = "WHEN (current_setting('kiln.applying', true) IS DISTINCT FROM 'on')"
+    _number_in_commit_order(connection, log)
     connection.execute(text(_capture_function(log)))
     connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_capture ON {table}"))
     connection.execute(
@@ -178,6 +179,34 @@ def _postgresql_triggers(connection: Connection, log: ChangeLog, *, table: str, 
                 "EXECUTE FUNCTION kiln_stamp_edit()"
             )
         )
+
+
+def _number_in_commit_order(connection: Connection, log: ChangeLog) -> None:
+    """Number the log's rows in the order their transactions commit (SQLite's single writer does so already).
+
+    A sequence hands out numbers in call order, and two transactions may commit in the other order: a job reading
+    in between would see the later number alone, move its watermark past the earlier one, and never read it. Each
+    transaction writing to the log takes the log's lock before its number and holds it until it commits.
+    """
+    connection.execute(
+        text(
+            f"""
+            CREATE OR REPLACE FUNCTION {log.log}_in_commit_order() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_advisory_xact_lock(hashtext('{log.log}'));
+                NEW.seq := nextval(pg_get_serial_sequence('{log.log}', 'seq'));
+                RETURN NEW;
+            END $$
+            """
+        )
+    )
+    connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_in_commit_order ON {log.log}"))
+    connection.execute(
+        text(
+            f"CREATE TRIGGER _kiln_in_commit_order BEFORE INSERT ON {log.log} FOR EACH ROW "
+            f"EXECUTE FUNCTION {log.log}_in_commit_order()"
+        )
+    )
 
 
 def _capture_function(log: ChangeLog) -> str:
@@ -225,6 +254,19 @@ _STAMP_FUNCTION = f"""
         RETURN NEW;
     END $$
     """
+
+
+def shut_out_writers(connection: Connection, log: ChangeLog) -> None:
+    """Until this transaction ends, no other can write to the store (SQLite) or log a change (PostgreSQL).
+
+    A pull looks for local edits of its records and then writes them; an edit committed in between would be
+    overwritten. SQLite takes its write lock only at a transaction's first write, so a write that changes nothing
+    takes it now; on PostgreSQL, edits log under the lock that keeps the log in commit order.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:log))"), {"log": log.log})
+    else:
+        connection.execute(text(f"DELETE FROM {log.applying} WHERE 0 = 1"))
 
 
 def begin_applying(connection: Connection, log: ChangeLog) -> None:

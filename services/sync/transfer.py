@@ -32,6 +32,7 @@ from services.sync.changes import (
     forget,
     log_merges,
     pending,
+    shut_out_writers,
 )
 from services.sync.envelope import Keyring
 from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit
@@ -166,6 +167,7 @@ def push_batch(pair: TablePair) -> bool:
         rows = read(local, pair.local_table, pair.key, latest)
     with Session(pair.central) as session, session.begin():
         connection = session.connection()
+        shut_out_writers(connection, CENTRAL_LOG)
         begin_applying(connection, CENTRAL_LOG)
         pushed, conflicts = _push(session, connection, pair, latest, rows)
         set_watermark(session, pair, UP, changes[-1].seq)
@@ -254,6 +256,7 @@ def pull_batch(pair: TablePair) -> bool:
         current = _changed_records(session, pair, after=after, last=changes[-1].seq)
         held = open_conflicts(session, pair, (change.key for change in changes))
         with pair.local.begin() as local:
+            shut_out_writers(local, LOCAL_LOG)
             if pair.spec.sends_up:
                 changes = _before_local_edits(local, pair, changes, local_after)
                 if not changes:

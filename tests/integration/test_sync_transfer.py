@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
@@ -74,6 +77,53 @@ def test_a_central_edit_is_versioned_and_stamped_as_it_is_made_and_the_pull_leav
     assert job["pulled"] == 1 and sync.local("SELECT value FROM readings WHERE id = 2") == [(30.0,)]
     # xmin unchanged: the pull did not write the central record.
     assert sync.central(f"SELECT _kiln_version, _kiln_hlc, xmin::text FROM {sync.central_table} WHERE id = 2") == edited
+
+
+def test_central_edits_committed_out_of_order_all_go_down(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """An edit that logs first but commits last must still go down, after a pull that ran in between."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    central = create_engine(sync.central_url, poolclass=NullPool)
+    slow = central.connect()
+    slow_edit = slow.begin()
+    slow.execute(text(f"UPDATE {sync.central_table} SET value = 10.0 WHERE id = 1"))
+    quick = threading.Thread(target=sync.central, args=(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2",))
+    quick.start()
+    quick.join(timeout=1)  # without ordering, the second edit commits here, ahead of the first
+
+    between = sync.run()
+    slow_edit.commit()
+    slow.close()
+    quick.join()
+    after = sync.run()
+    central.dispose()
+
+    assert between["pulled"] + after["pulled"] == 2
+    assert sync.local("SELECT id, value FROM readings ORDER BY id") == [(1, 10.0), (2, 20.0)]
+
+
+def test_a_local_edit_committed_while_a_pull_runs_is_not_overwritten(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """An application holding a local write while a pull starts: the pull waits for it, and its edit survives."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
+    application = sqlite3.connect(sync.local_path)
+    application.execute("UPDATE readings SET value = 99.0 WHERE id = 2")  # holds the store's write lock
+    pulling = threading.Thread(target=sync.run)
+    pulling.start()
+    pulling.join(timeout=0.5)
+
+    application.commit()
+    application.close()
+    pulling.join()
+    sync.run()
+
+    assert sync.local("SELECT value FROM readings WHERE id = 2") == [(99.0,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 2") == [(99.0,)]
 
 
 def test_a_job_cut_off_from_the_central_store_resumes_from_its_watermark(
