@@ -1,0 +1,52 @@
+"""Sync on the embedded default, where the central store is a SQLite file too (`make demo`, `make up`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.api.app import create_app
+from services.sync.context import SyncContext
+from shared.db.migrate import upgrade
+from shared.settings import Settings
+from tests.integration.sync_support import Sync, open_sync
+
+
+@pytest.fixture
+def embedded_sync(settings: Settings, org_id: str, tmp_path: Path) -> Iterator[Sync]:
+    central_url = f"sqlite:///{tmp_path / 'kiln.db'}"
+    upgrade(central_url)
+    embedded = settings.model_copy(update={"database_url": central_url, "sync_batch_size": 500})
+    context = SyncContext.open(embedded)
+    with TestClient(create_app(embedded), raise_server_exceptions=False) as api:
+        yield open_sync(api, context, org_id, tmp_path)
+    context.close()
+
+
+def test_records_go_up_sealed_and_central_edits_come_down(embedded_sync: Sync) -> None:
+    sync = embedded_sync
+    first = sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
+    sync.local("INSERT INTO readings VALUES (3, 'pump-3', 3.0, 'Grace Hopper')")
+    second = sync.run()
+
+    assert (first["status"], first["pushed"], second["pushed"], second["pulled"]) == ("succeeded", 2, 1, 1)
+    assert sync.local("SELECT id, value FROM readings ORDER BY id") == [(1, 1.0), (2, 20.0), (3, 3.0)]
+    sealed = sync.central(f"SELECT patient FROM {sync.central_table} ORDER BY id")
+    assert all(value.startswith("ek") and "Hopper" not in value for (value,) in sealed)
+
+
+def test_the_later_of_two_concurrent_edits_wins_on_both_sides(embedded_sync: Sync) -> None:
+    sync = embedded_sync
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
+    sync.local("UPDATE readings SET value = 99.0 WHERE id = 2")
+
+    job = sync.run()
+
+    assert job["conflicts"] == 1
+    assert sync.local("SELECT value FROM readings WHERE id = 2") == [(99.0,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 2") == [(99.0,)]
