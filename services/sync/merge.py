@@ -15,12 +15,21 @@ from services.sync.hlc import Stamp, after_both
 from shared.sync_tables import Policy
 
 LOCAL_WON, CENTRAL_WON, MERGED, HELD, REFUSED = "local-won", "central-won", "merged", "held", "update-refused"
+DELETE_REFUSED = "delete-refused"
+# Marks a deletion where a version is kept as JSON (conflicts, the review queue's choice).
+DELETED = "_kiln_deleted"
 
 
 @dataclass(frozen=True)
 class Version:
     row: dict[str, Any]
     stamp: Stamp
+    # A deletion, stamped like an edit; its row is empty.
+    deleted: bool = False
+
+
+def deletion(stamp: Stamp) -> Version:
+    return Version({}, stamp, deleted=True)
 
 
 @dataclass(frozen=True)
@@ -37,11 +46,21 @@ class Resolution:
 def resolve(policy: Policy, *, local: Version, central: Version, base: dict[str, Any] | None) -> Resolution:
     if policy == "manual":
         return Resolution(HELD, None)
+    if local.deleted or central.deleted:
+        return resolve_deletion(policy, local=local, central=central)
     if policy == "append-only":
         # Telemetry is written once: the version the central store accepted first stays, the update is refused.
         return Resolution(REFUSED, central)
     if policy == "field-merge" and base is not None:
         return merge_fields(local=local, central=central, base=base)
+    return last_writer_wins(local=local, central=central)
+
+
+def resolve_deletion(policy: Policy, *, local: Version, central: Version) -> Resolution:
+    """A deletion against an edit. Append-only refuses the deletion: the record as written stays. Every other
+    policy lets the later stamp win, field-merge too: a deleted record has no fields to merge."""
+    if policy == "append-only":
+        return Resolution(DELETE_REFUSED, central if local.deleted else local)
     return last_writer_wins(local=local, central=central)
 
 

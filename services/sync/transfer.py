@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import Connection, Engine, Table, select, update
 from sqlalchemy.orm import Session
@@ -34,9 +34,10 @@ from services.sync.changes import (
     pending,
     shut_out_writers,
 )
+from services.sync.deletions import audit_deletion, delete_centrally, delete_locally, restore_locally
 from services.sync.envelope import Keyring
 from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit
-from services.sync.merge import Resolution, Version, as_json, resolve
+from services.sync.merge import DELETE_REFUSED, DELETED, REFUSED, Resolution, Version, as_json, deletion, resolve
 from services.sync.stores import META_COLUMNS, STAMP, VERSION, key_text, read, upsert, upsert_values, values_of
 from shared.audit import record_change
 from shared.db.models import SyncBase, SyncConflict, SyncJob, SyncWatermark
@@ -45,7 +46,8 @@ from shared.sync_tables import SyncTable
 
 log = logging.getLogger(__name__)
 
-UP, DOWN = "up", "down"
+UP: Final = "up"
+DOWN: Final = "down"
 OPEN, CHOSEN, RESOLVED = "open", "chosen", "resolved"
 
 
@@ -140,19 +142,29 @@ def apply_choices(pair: TablePair) -> None:
         begin_applying(connection, CENTRAL_LOG)
         keys = [conflict.record_key for conflict in chosen]
         current = read(connection, pair.central_table, pair.key, keys)
-        writes = []
+        writes, deletes = [], {}
         for conflict in chosen:
             kept = dict(conflict.kept or {})
-            kept_stamp = Stamp.parse(kept.pop(STAMP)) if kept.get(STAMP) else ORIGIN
             existing = current.get(conflict.record_key)
-            stamp = after_both(kept_stamp, _stamp_of(existing) or ORIGIN, node="central")
-            number = (existing[VERSION] or 0) + 1 if existing is not None else 1
-            writes.append({**kept, VERSION: number, STAMP: stamp.encode()})
+            if kept.get(DELETED):
+                if existing is not None:
+                    deletes[conflict.record_key] = existing
+            else:
+                writes.append(_chosen_row(kept, existing))
             conflict.status = RESOLVED
         upsert(connection, pair.central_table, pair.key, writes)
+        delete_centrally(session, connection, pair, deletes)
         forget(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, after=watermark(session, pair, DOWN))
         log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, at_ms=utcnow_ms())
         end_applying(connection, CENTRAL_LOG)
+
+
+def _chosen_row(kept: dict[str, Any], existing: dict[str, Any] | None) -> dict[str, Any]:
+    """The version chosen in review as the central store's next version of the record."""
+    kept_stamp = Stamp.parse(kept.pop(STAMP)) if kept.get(STAMP) else ORIGIN
+    stamp = after_both(kept_stamp, _stamp_of(existing) or ORIGIN, node="central")
+    number = (existing[VERSION] or 0) + 1 if existing is not None else 1
+    return {**kept, VERSION: number, STAMP: stamp.encode()}
 
 
 def push_batch(pair: TablePair) -> bool:
@@ -169,11 +181,13 @@ def push_batch(pair: TablePair) -> bool:
         connection = session.connection()
         shut_out_writers(connection, CENTRAL_LOG)
         begin_applying(connection, CENTRAL_LOG)
-        pushed, conflicts = _push(session, connection, pair, latest, rows)
+        moves = _push(session, connection, pair, latest, rows)
         set_watermark(session, pair, UP, changes[-1].seq)
-        _count(session, pair, pushed=pushed, conflicts=conflicts)
+        _count(session, pair, pushed=moves.copies, conflicts=moves.conflicts)
         end_applying(connection, CENTRAL_LOG)
-    _after_batch(pair, pushed=pushed, conflicts=conflicts)
+        # Before the central commit: a batch replayed after this one was cut off finds the records back, as edits.
+        restore_locally(pair, moves.restores)
+    _after_batch(pair, pushed=moves.copies, conflicts=moves.conflicts)
     return True
 
 
@@ -183,7 +197,7 @@ def _push(
     pair: TablePair,
     latest: dict[str, Change],
     rows: dict[str, dict[str, Any]],
-) -> tuple[int, int]:
+) -> _Moves:
     current = read(connection, pair.central_table, pair.key, latest)
     down_after = watermark(session, pair, DOWN)
     changed_centrally = (
@@ -192,44 +206,89 @@ def _push(
         else {}
     )
     held = open_conflicts(session, pair, latest)
-    writes: list[dict[str, Any]] = []
-    plain_copies = conflicts = 0
+    moves = _Moves()
     for key, change in latest.items():
-        row = rows.get(key)
-        if row is None:
-            continue  # deleted locally: deletions are not synced; expired records go by retention
-        existing = current.get(key)
+        row, existing = rows.get(key), current.get(key)
         if key in held:
-            held[key].local_version = pair.sealed(row)  # the review sees the newest local version
+            held[key].local_version = _version_json(pair, _local_version(pair, row, change, None))  # the newest
             continue
-        refused_update = pair.spec.policy == "append-only" and existing is not None
-        if existing is None or (key not in changed_centrally and not refused_update):
-            writes.append(_central_row(pair, _local_version(pair, row, change, _stamp_of(existing)), existing))
-            plain_copies += 1
+        if row is None and existing is None:
+            continue  # deleted on both sides, or a deletion already pushed by a batch now replayed
+        if key not in changed_centrally and not (pair.spec.policy == "append-only" and existing is not None):
+            moves.copy(pair, key, _local_version(pair, row, change, _stamp_of(existing)), existing)
             continue
         against = _stamp_before_central_edits(connection, pair, key, existing, down_after)
         mine = _local_version(pair, row, change, against)
-        theirs = Version(pair.plain(existing), _stamp_of(existing) or ORIGIN)
+        theirs = _central_version(pair, existing, changed_centrally.get(key))
         resolution = resolve(pair.spec.policy, local=mine, central=theirs, base=_base(session, pair, key))
         _record_conflict(session, pair, key, mine, theirs, resolution)
-        conflicts += 1
+        moves.conflicts += 1
         if resolution.kept is not None:
-            writes.append(_central_row(pair, resolution.kept, existing))
             forget(connection, CENTRAL_LOG, table=pair.central_name, keys=[key], after=down_after)
-            if resolution.kept.row != row and pair.spec.sends_down:
-                log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=[key], at_ms=utcnow_ms())
-    upsert(connection, pair.central_table, pair.key, writes)
-    _save_bases(session, pair, writes)
-    return plain_copies, conflicts
+            moves.settle(pair, key, resolution.kept, row, existing)
+    upsert(connection, pair.central_table, pair.key, moves.writes)
+    _save_bases(session, pair, moves.writes)
+    delete_centrally(session, connection, pair, moves.deletes)
+    if pair.spec.sends_down:
+        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=moves.merged, at_ms=utcnow_ms())
+    return moves
 
 
-def _local_version(pair: TablePair, row: dict[str, Any], change: Change, replaced: Stamp | None) -> Version:
+@dataclass
+class _Moves:
+    """What one pushed batch does to each store."""
+
+    writes: list[dict[str, Any]] = field(default_factory=list)
+    # Central records to delete, as they were: the audit keeps them.
+    deletes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Central records to put back in the local store, which deleted them and lost.
+    restores: list[dict[str, Any]] = field(default_factory=list)
+    # Records whose central version differs from the local one after the batch: they go down.
+    merged: list[str] = field(default_factory=list)
+    copies: int = 0
+    conflicts: int = 0
+
+    def copy(self, pair: TablePair, key: str, version: Version, existing: dict[str, Any] | None) -> None:
+        """A record changed on the local side only: its new version, or its deletion, goes up as it is."""
+        if version.deleted:
+            self.deletes[key] = existing or {}
+        else:
+            self.writes.append(_central_row(pair, version, existing))
+        self.copies += 1
+
+    def settle(
+        self, pair: TablePair, key: str, kept: Version, row: dict[str, Any] | None, existing: dict[str, Any] | None
+    ) -> None:
+        """A conflict's outcome, written where it is not yet: the deleting side restored, if its deletion lost."""
+        if kept.deleted:
+            if existing is not None:
+                self.deletes[key] = existing
+            if row is not None:
+                self.merged.append(key)  # deleted centrally, and that won: the pull deletes it locally
+        elif row is None:
+            self.restores.append(pair.plain(existing or {}))
+        else:
+            self.writes.append(_central_row(pair, kept, existing))
+            if kept.row != row:
+                self.merged.append(key)
+
+
+def _local_version(pair: TablePair, row: dict[str, Any] | None, change: Change, replaced: Stamp | None) -> Version:
+    """The local record as its last change left it; a deletion is stamped from its log row like an edit."""
     stamp = stamp_edit(physical_ms=change.at_ms, offset_ms=pair.offset_ms, replaced=replaced, node="local")
-    return Version(row, stamp)
+    return deletion(stamp) if row is None else Version(row, stamp)
+
+
+def _central_version(pair: TablePair, existing: dict[str, Any] | None, change: Change | None) -> Version:
+    """The central record, or its deletion stamped from the central log row that recorded it."""
+    if existing is not None:
+        return Version(pair.plain(existing), _stamp_of(existing) or ORIGIN)
+    at_ms = change.at_ms if change is not None else 0
+    return deletion(stamp_edit(physical_ms=at_ms, offset_ms=0, replaced=None, node="central"))
 
 
 def _stamp_before_central_edits(
-    connection: Connection, pair: TablePair, key: str, existing: dict[str, Any], after: int
+    connection: Connection, pair: TablePair, key: str, existing: dict[str, Any] | None, after: int
 ) -> Stamp | None:
     """The stamp of the version a local edit was made against: the one the central edits since `after` replaced.
     The central record's own stamp is already that of its latest edit (set at capture)."""
@@ -262,13 +321,16 @@ def pull_batch(pair: TablePair) -> bool:
                 if not changes:
                     return False  # a local edit of one of these records goes up first, through the policy
             latest = {change.key: change for change in changes if change.key not in held and change.key in current}
+            gone = {change.key for change in changes if change.key not in held and change.key not in current}
             begin_applying(local, LOCAL_LOG)
             refused = _pull(local, pair, latest, current)
+            deleted, kept = _pull_deletions(local, pair, gone)
             end_applying(local, LOCAL_LOG)
-        _acknowledge_pull(session, pair, changes[-1].seq, [current[key] for key in latest if key not in refused])
-        _restore_all_refused(session, pair, refused)
+        pulled = [current[key] for key in latest if key not in refused]
+        _acknowledge_pull(session, pair, changes[-1].seq, pulled, deleted)
+        _restore_all_refused(session, pair, {**refused, **kept})
         session.commit()
-    _after_batch(pair, pulled=len(latest) - len(refused), conflicts=len(refused))
+    _after_batch(pair, pulled=len(pulled) + len(deleted), conflicts=len(refused) + len(kept))
     return True
 
 
@@ -284,15 +346,17 @@ def _changed_records(session: Session, pair: TablePair, *, after: int, last: int
     )
 
 
-def _acknowledge_pull(session: Session, pair: TablePair, seq: int, pulled: list[dict[str, Any]]) -> None:
-    _save_bases(session, pair, pulled)
-    set_watermark(session, pair, DOWN, seq)
-    _count(session, pair, pulled=len(pulled))
-
-
-def _restore_all_refused(
-    session: Session, pair: TablePair, refused: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+def _acknowledge_pull(
+    session: Session, pair: TablePair, seq: int, pulled: list[dict[str, Any]], deleted: dict[str, dict[str, Any]]
 ) -> None:
+    _save_bases(session, pair, pulled)
+    for key, row in deleted.items():
+        audit_deletion(session, pair, key, pair.sealed(row), direction=DOWN)
+    set_watermark(session, pair, DOWN, seq)
+    _count(session, pair, pulled=len(pulled) + len(deleted))
+
+
+def _restore_all_refused(session: Session, pair: TablePair, refused: Refused) -> None:
     if not refused:
         return
     connection = session.connection()
@@ -323,6 +387,17 @@ def _pull(
     return refused
 
 
+Refused = dict[str, tuple[dict[str, Any], dict[str, Any] | None]]
+
+
+def _pull_deletions(local: Connection, pair: TablePair, keys: set[str]) -> tuple[dict[str, dict[str, Any]], Refused]:
+    """Delete locally the records deleted centrally; returns those deleted and, under append-only, those whose
+    deletion is refused (the local version, to be restored centrally), each as the local store has it."""
+    if pair.spec.policy == "append-only" and pair.spec.sends_up:
+        return {}, {key: (row, None) for key, row in read(local, pair.local_table, pair.key, keys).items()}
+    return delete_locally(local, pair, keys), {}
+
+
 def _refused_updates(
     local: Connection, pair: TablePair, latest: dict[str, Change], current: dict[str, dict[str, Any]]
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -342,11 +417,13 @@ def _restore_refused(
     pair: TablePair,
     key: str,
     original: dict[str, Any],
-    refused: dict[str, Any],
+    refused: dict[str, Any] | None,
 ) -> None:
-    """Put the original back centrally, as a version after the refused one, and keep the refused one audited."""
+    """Put the original back centrally, as a version after the refused one (or the deleted one), and keep the
+    refused one audited."""
     stamp = stamp_edit(physical_ms=utcnow_ms(), offset_ms=0, replaced=_stamp_of(refused), node="central")
-    restored = {**pair.sealed(original), VERSION: refused[VERSION] + 1, STAMP: stamp.encode()}
+    number = refused[VERSION] + 1 if refused is not None else 1
+    restored = {**pair.sealed(original), VERSION: number, STAMP: stamp.encode()}
     upsert(connection, pair.central_table, pair.key, [restored])
     _record_refused_central_update(session, pair, key, original, refused)
 
@@ -388,9 +465,9 @@ def _record_conflict(
         policy=pair.spec.policy,
         status=OPEN if resolution.held else RESOLVED,
         outcome=resolution.outcome,
-        local_version=_jsonable({**pair.sealed(mine.row), STAMP: mine.stamp.encode()}),
-        central_version=_jsonable({**pair.sealed(theirs.row), STAMP: theirs.stamp.encode()}),
-        kept=None if resolution.kept is None else _jsonable(pair.sealed(resolution.kept.row)),
+        local_version=_version_json(pair, mine),
+        central_version=_version_json(pair, theirs),
+        kept=None if resolution.kept is None else _kept_json(pair, resolution.kept),
         resolved_at=None if resolution.held else utcnow(),
         resolved_by=None if resolution.held else "policy",
     )
@@ -410,11 +487,21 @@ def _record_conflict(
 
 
 def _record_refused_central_update(
-    session: Session, pair: TablePair, key: str, original: dict[str, Any], refused: dict[str, Any]
+    session: Session, pair: TablePair, key: str, original: dict[str, Any], refused: dict[str, Any] | None
 ) -> None:
-    stamp = _stamp_of(refused) or stamp_edit(physical_ms=0, offset_ms=0, replaced=None, node="central")
-    resolution = Resolution("update-refused", Version(original, stamp))
-    _record_conflict(session, pair, key, Version(original, stamp), Version(pair.plain(refused), stamp), resolution)
+    stamp = _stamp_of(refused) or stamp_edit(physical_ms=utcnow_ms(), offset_ms=0, replaced=None, node="central")
+    theirs = deletion(stamp) if refused is None else Version(pair.plain(refused), stamp)
+    resolution = Resolution(REFUSED if refused is not None else DELETE_REFUSED, Version(original, stamp))
+    _record_conflict(session, pair, key, Version(original, stamp), theirs, resolution)
+
+
+def _version_json(pair: TablePair, version: Version) -> dict[str, Any]:
+    """A version as a conflict keeps it: sealed, with its stamp; a deletion as a marker."""
+    return {**_kept_json(pair, version), STAMP: version.stamp.encode()}
+
+
+def _kept_json(pair: TablePair, version: Version) -> dict[str, Any]:
+    return {DELETED: True} if version.deleted else _jsonable(pair.sealed(version.row))
 
 
 def open_conflicts(session: Session, pair: TablePair, keys: Any) -> dict[str, SyncConflict]:

@@ -1,0 +1,77 @@
+"""Deletions carried from one store to the other, each audited with the version it removed.
+
+A deletion is logged like an edit (services/sync/changes.py) and goes through the table's policy like one
+(services/sync/merge.py); here are the writes it comes to. The stores are written with their triggers quiet, as
+every write of the service is, so a deletion carried over is not sent back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import Connection
+from sqlalchemy.orm import Session
+
+from services.sync.changes import LOCAL_LOG, begin_applying, end_applying
+from services.sync.merge import as_json
+from services.sync.stores import delete, read, upsert
+from shared.audit import record_change
+from shared.db.models import SyncBase
+
+if TYPE_CHECKING:
+    from services.sync.transfer import TablePair
+
+
+def delete_centrally(
+    session: Session, connection: Connection, pair: TablePair, rows: dict[str, dict[str, Any]]
+) -> None:
+    """Delete the central records `rows` holds by key, as they were (sealed): the audit keeps each."""
+    if not rows:
+        return
+    delete(connection, pair.central_table, pair.key, rows)
+    _forget_bases(session, pair, rows)
+    for key, row in rows.items():
+        audit_deletion(session, pair, key, row, direction="up")
+
+
+def delete_locally(local: Connection, pair: TablePair, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Delete these local records; returns those there were, as they were. A replayed batch finds none left, so
+    it neither deletes nor counts anything twice."""
+    found = read(local, pair.local_table, pair.key, keys)
+    delete(local, pair.local_table, pair.key, found)
+    return found
+
+
+def restore_locally(pair: TablePair, rows: list[dict[str, Any]]) -> None:
+    """Put back local records whose deletion lost to the central version (or was refused), without logging them."""
+    if not rows:
+        return
+    with pair.local.begin() as local:
+        begin_applying(local, LOCAL_LOG)
+        upsert(local, pair.local_table, pair.key, rows)
+        end_applying(local, LOCAL_LOG)
+
+
+def audit_deletion(
+    session: Session, pair: TablePair, key: str, row: dict[str, Any], *, direction: Literal["up", "down"]
+) -> None:
+    """`row` as the central store holds it (sensitive columns sealed)."""
+    record_change(
+        session,
+        org_id=pair.org_id,
+        actor="sync",
+        action="sync.delete",
+        target=f"{pair.spec.name}/{key}",
+        detail={"direction": direction, "deleted": {name: as_json(value) for name, value in row.items()}},
+    )
+
+
+def _forget_bases(session: Session, pair: TablePair, keys: Iterable[str]) -> None:
+    """A deleted record has no agreed version left for field-merge to start from."""
+    if pair.spec.policy != "field-merge":
+        return
+    for key in keys:
+        base = session.get(SyncBase, (pair.source_id, pair.spec.name, key))
+        if base is not None:
+            session.delete(base)

@@ -1,0 +1,223 @@
+"""Deletions between a SQLite local store and the central PostgreSQL: carried both ways, through the table's policy,
+audited with the version they removed, and replayed batches change nothing."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.sync.context import SyncContext
+from services.sync.jobs import run_job
+from services.sync.transfer import Tally
+from shared.errors import TransientError
+from tests.integration.sync_support import Sync, open_sync
+from tests.integration.test_sync_transfer import _allow_connections
+
+
+def deletions_audited(sync: Sync) -> list[tuple[str, str]]:
+    """Each sync.delete audit row as (record, direction), oldest first."""
+    rows = sync.central(
+        "SELECT target, detail FROM audit_log WHERE org_id = :o AND action = 'sync.delete' ORDER BY id",
+        {"o": sync.org.org_id},
+    )
+    return [(target, detail["direction"]) for target, detail in rows]
+
+
+def both_sides(sync: Sync, record: int = 1) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    local = sync.local("SELECT value FROM readings WHERE id = :i", {"i": record})
+    central = sync.central(f"SELECT value FROM {sync.central_table} WHERE id = :i", {"i": record})
+    return local, central
+
+
+def test_a_local_deletion_goes_up_and_is_audited_with_the_record_it_removed(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.local("DELETE FROM readings WHERE id = 1")
+
+    job = sync.run()
+
+    assert (job["pushed"], job["pulled"], job["conflicts"]) == (1, 0, 0)
+    assert sync.central(f"SELECT id FROM {sync.central_table}") == [(2,)]
+    assert deletions_audited(sync) == [("readings/1", "up")]
+    [(deleted,)] = sync.central(
+        "SELECT detail FROM audit_log WHERE action = 'sync.delete' AND org_id = :o", {"o": sync.org.org_id}
+    )
+    assert deleted["deleted"]["device"] == "pump-1"
+    assert not deleted["deleted"]["patient"].startswith("Ada")  # kept sealed, as the central store holds it
+
+
+def test_a_central_deletion_comes_down(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+
+    job = sync.run()
+
+    assert (job["pushed"], job["pulled"], job["conflicts"]) == (0, 1, 0)
+    assert sync.local("SELECT id FROM readings") == [(1,)]
+    assert deletions_audited(sync) == [("readings/2", "down")]
+    assert sync.run()["pushed"] == 0  # the deletion carried down is not sent back up
+
+
+def test_a_local_deletion_after_a_central_edit_wins_under_last_writer_wins(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "last-writer-wins")
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+    time.sleep(0.05)
+    sync.local("DELETE FROM readings WHERE id = 1")
+
+    job = sync.run()
+    sync.run()
+
+    assert job["conflicts"] == 1
+    assert both_sides(sync) == ([], [])
+    [conflict] = sync.conflicts()
+    assert conflict["outcome"] == "local-won"
+    assert conflict["localVersion"]["_kiln_deleted"] is True
+    assert conflict["centralVersion"]["value"] == 99.0  # the edit that lost is kept
+    assert deletions_audited(sync) == [("readings/1", "up")]
+
+
+def test_a_central_edit_after_a_local_deletion_wins_and_the_record_comes_back(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "last-writer-wins")
+    sync.run()
+    sync.local("DELETE FROM readings WHERE id = 1")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+
+    sync.run()
+    sync.run()
+
+    assert both_sides(sync) == ([(99.0,)], [(99.0,)])
+    assert sync.local("SELECT patient FROM readings WHERE id = 1") == [("Ada Lovelace",)]
+    [conflict] = sync.conflicts()
+    assert (conflict["outcome"], conflict["localVersion"]["_kiln_deleted"]) == ("central-won", True)
+
+
+def test_a_central_deletion_against_a_local_edit_goes_to_the_later_stamp(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "last-writer-wins")
+    sync.run()
+    sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
+    sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
+    time.sleep(0.05)
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 1")
+    sync.local("DELETE FROM readings WHERE id = 2")
+
+    sync.run()
+    sync.run()
+
+    assert sync.local("SELECT id FROM readings") == []
+    assert sync.central(f"SELECT id FROM {sync.central_table}") == []
+    outcomes = {c["recordKey"]: (c["outcome"], c["centralVersion"], c["localVersion"]) for c in sync.conflicts()}
+    assert outcomes["1"][0] == "central-won" and outcomes["1"][1]["_kiln_deleted"] is True
+    assert outcomes["1"][2]["value"] == 10.0  # the local edit that lost is kept
+    assert outcomes["2"][0] == "local-won" and outcomes["2"][1]["value"] == 20.0
+
+
+def test_manual_holds_a_deletion_against_an_edit_until_someone_decides(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+    sync.local("DELETE FROM readings WHERE id = 1")
+
+    sync.run()
+    sync.run()
+    [held] = sync.conflicts("open")
+
+    assert held["localVersion"]["_kiln_deleted"] is True
+    assert both_sides(sync) == ([], [(99.0,)])
+
+    decided = sync_api.post(
+        f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "local"}, headers=sync.org.admin
+    )
+    assert decided.status_code == 200, decided.text
+    sync.run()
+
+    assert both_sides(sync) == ([], [])
+    assert sync.conflicts("open") == []
+    assert deletions_audited(sync) == [("readings/1", "up")]
+
+
+def test_append_only_refuses_a_deletion_on_either_side_and_restores_the_record(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "append-only")
+    sync.run()
+    sync.local("DELETE FROM readings WHERE id = 1")
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+
+    sync.run()
+    sync.run()
+
+    assert sync.local("SELECT id, value, patient FROM readings ORDER BY id") == [
+        (1, 1.0, "Ada Lovelace"),
+        (2, 2.0, "Alan Turing"),
+    ]
+    assert sync.central(f"SELECT id, value FROM {sync.central_table} ORDER BY id") == [(1, 1.0), (2, 2.0)]
+    refused = {c["recordKey"]: c for c in sync.conflicts()}
+    assert {key: c["outcome"] for key, c in refused.items()} == {"1": "delete-refused", "2": "delete-refused"}
+    assert refused["1"]["localVersion"]["_kiln_deleted"] is True
+    assert refused["2"]["centralVersion"]["_kiln_deleted"] is True
+    assert deletions_audited(sync) == []
+
+
+def test_a_replayed_pull_of_deletions_neither_resurrects_nor_counts_twice(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 1")
+    sync.run()
+    # As if the job had died after the local commit and before the acknowledgement: the batch comes again.
+    sync.central(
+        "UPDATE sync_watermarks SET seq = 0 WHERE source_id = :s AND direction = 'down'", {"s": sync.source_id}
+    )
+
+    replayed = sync.run()
+
+    assert (replayed["pulled"], replayed["conflicts"]) == (0, 0)
+    assert sync.local("SELECT id FROM readings") == [(2,)]
+    assert deletions_audited(sync) == [("readings/1", "down")]
+
+
+def test_deletions_cut_off_from_the_central_store_resume_from_the_watermark(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    rows = [(n, f"pump-{n % 7}", float(n), f"patient {n}") for n in range(1, 2001)]
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=rows)
+    sync.run()
+    sync.local("DELETE FROM readings WHERE id <= 1500")
+    job_id = sync.submit()
+    database = sync.central_url.rsplit("/", 1)[-1]
+
+    def cut_after_two_batches(tally: Tally) -> None:
+        if tally.pushed == 1000:
+            _allow_connections(database, allowed=False)
+
+    with pytest.raises(TransientError):
+        run_job(sync_context, job_id, after_batch=cut_after_two_batches)
+    _allow_connections(database, allowed=True)
+    assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(1000,)]
+
+    assert run_job(sync_context, job_id) == "succeeded"
+
+    assert sync.job(job_id)["pushed"] == 1500
+    assert sync.central(f"SELECT count(*), min(id) FROM {sync.central_table}") == [(500, 1501)]
+    assert sync.local("SELECT count(*), min(id) FROM readings") == [(500, 1501)]
+    assert len(deletions_audited(sync)) == 1500
