@@ -154,6 +154,27 @@ def test_manual_holds_a_deletion_against_an_edit_until_someone_decides(
     assert deletions_audited(sync) == [("readings/1", "up")]
 
 
+def test_manual_review_can_keep_a_central_deletion_over_a_local_edit(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    sync.run()
+    sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 1")
+    sync.run()
+    [held] = sync.conflicts("open")
+    assert both_sides(sync) == ([(10.0,)], [])
+
+    decided = sync_api.post(
+        f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "central"}, headers=sync.org.admin
+    )
+    assert decided.status_code == 200, decided.text
+    sync.run()
+
+    assert both_sides(sync) == ([], [])
+    assert deletions_audited(sync) == [("readings/1", "down")]
+
+
 def test_append_only_refuses_a_deletion_on_either_side_and_restores_the_record(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
