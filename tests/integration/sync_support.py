@@ -16,6 +16,7 @@ from sqlalchemy.pool import NullPool
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from tests.integration.conftest import OrgKeys, create_org_with_keys
+from tests.support.servers import DEFAULT_ADMIN_URL
 
 TWO_READINGS = [(1, "pump-1", 1.0, "Ada Lovelace"), (2, "pump-2", 2.0, "Alan Turing")]
 READINGS = "CREATE TABLE readings (id INTEGER PRIMARY KEY, device TEXT, value REAL, patient TEXT)"
@@ -114,3 +115,15 @@ def open_sync(
     url = f"sqlite:///{path}"
     source_id = register(api, org, url, policy, **table)
     return Sync(api, context, org, url, source_id, context.settings.resolved_database_url)
+
+
+def allow_connections(database: str | None, *, allowed: bool) -> None:
+    """The central server refusing this database's connections and dropping the open ones: unreachable."""
+    admin = create_engine(DEFAULT_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
+        if not allowed:
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": database}
+            )
+    admin.dispose()

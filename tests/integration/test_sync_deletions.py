@@ -14,8 +14,7 @@ from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.transfer import Tally
 from shared.errors import TransientError
-from tests.integration.sync_support import Sync, open_sync
-from tests.integration.test_sync_transfer import _allow_connections
+from tests.integration.sync_support import Sync, allow_connections, open_sync
 
 
 def deletions_audited(sync: Sync) -> list[tuple[str, str]]:
@@ -229,11 +228,11 @@ def test_deletions_cut_off_from_the_central_store_resume_from_the_watermark(
 
     def cut_after_two_batches(tally: Tally) -> None:
         if tally.pushed == 1000:
-            _allow_connections(database, allowed=False)
+            allow_connections(database, allowed=False)
 
     with pytest.raises(TransientError):
         run_job(sync_context, job_id, after_batch=cut_after_two_batches)
-    _allow_connections(database, allowed=True)
+    allow_connections(database, allowed=True)
     assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(1000,)]
 
     assert run_job(sync_context, job_id) == "succeeded"

@@ -18,8 +18,7 @@ from services.sync.transfer import Tally
 from services.trainer.extract import extract_database
 from services.trainer.runs import DatabaseSource
 from shared.errors import TransientError
-from tests.integration.sync_support import open_sync
-from tests.support.servers import DEFAULT_ADMIN_URL
+from tests.integration.sync_support import allow_connections, open_sync
 
 
 def test_local_records_go_up_with_sensitive_columns_sealed(
@@ -136,11 +135,11 @@ def test_a_job_cut_off_from_the_central_store_resumes_from_its_watermark(
 
     def cut_after_two_batches(tally: Tally) -> None:
         if tally.pushed == 1000:
-            _allow_connections(database, allowed=False)
+            allow_connections(database, allowed=False)
 
     with pytest.raises(TransientError):
         run_job(sync_context, job_id, after_batch=cut_after_two_batches)
-    _allow_connections(database, allowed=True)
+    allow_connections(database, allowed=True)
     # Its status could not be written while the central store was away: it reads as still running.
     assert sync.job(job_id)["status"] == "running"
     assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(1000,)]
@@ -152,18 +151,6 @@ def test_a_job_cut_off_from_the_central_store_resumes_from_its_watermark(
     assert sync.central(f"SELECT count(*), count(DISTINCT id), max(_kiln_version) FROM {sync.central_table}") == [
         (5000, 5000, 1)
     ]
-
-
-def _allow_connections(database: str | None, *, allowed: bool) -> None:
-    """The central server refusing this database's connections and dropping the open ones: unreachable."""
-    admin = create_engine(DEFAULT_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}'))
-        if not allowed:
-            connection.execute(
-                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": database}
-            )
-    admin.dispose()
 
 
 def test_an_org_keeping_its_data_local_is_refused_with_the_reason(
