@@ -11,6 +11,7 @@ import httpx2
 import pyarrow as pa
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine
 
 from deploy.local import ai4i
 from services.api.app import create_app
@@ -18,10 +19,24 @@ from services.sync.context import SyncContext
 from services.trainer.context import WorkerContext
 from shared.db.migrate import upgrade
 from shared.settings import Settings
+from shared.storage import ObjectStore, open_object_store
 from tests.conftest import ADMIN_TOKEN
 from tests.support.servers import fresh_postgres_database
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    """The tests' shared database, for seeding and inspecting it directly."""
+    engine = create_engine(settings.database_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(settings: Settings) -> ObjectStore:
+    return open_object_store(settings)
 
 
 @pytest.fixture

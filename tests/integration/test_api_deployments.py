@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, select
+from sqlalchemy import Engine, select
 
 from shared.db.models import Deployment, OutboxMessage
 from shared.settings import Settings
 from tests.integration.conftest import OrgKeys
 from tests.support.events import ChannelListener
 from tests.support.seed import seed_version, seed_versions
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    engine = create_engine(settings.database_url)
-    yield engine
-    engine.dispose()
 
 
 def deploy(api: TestClient, org: OrgKeys, version: str):  # type: ignore[no-untyped-def]

@@ -8,27 +8,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 
 from services.api import registry
 from services.predictor.app import create_app
 from shared.db.session import make_session_factory, session_scope
 from shared.settings import Settings
-from shared.storage import ObjectStore, open_object_store
+from shared.storage import ObjectStore
 from tests.integration.conftest import OrgKeys, create_org_with_keys
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    engine = create_engine(settings.database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(settings: Settings) -> ObjectStore:
-    return open_object_store(settings)
 
 
 @pytest.fixture

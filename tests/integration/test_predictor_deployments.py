@@ -5,32 +5,20 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 
 from services.predictor.app import create_app
 from shared.layout import model_key
 from shared.settings import Settings
-from shared.storage import ObjectStore, open_object_store
+from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.integration.test_predictor import deploy_quietly, eventually, served_version
 from tests.support.models import ai4i_row, nan_model, register_model, tiny_model
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    engine = create_engine(settings.database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(settings: Settings) -> ObjectStore:
-    return open_object_store(settings)
 
 
 def start_predictor(settings: Settings, **changes: object) -> TestClient:

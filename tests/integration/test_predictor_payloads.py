@@ -18,12 +18,12 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from tritonclient.http import InferResult
 
 from services.predictor.app import create_app
 from shared.settings import Settings
-from shared.storage import ObjectStore, open_object_store
+from shared.storage import ObjectStore
 from tests.integration.conftest import OrgKeys
 from tests.integration.test_predictor import deploy_quietly, eventually
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
@@ -38,18 +38,6 @@ AI4I = np.array([[row[name] for name in FEATURES] for row in (ai4i_row(i) for i 
 PROPERTY = hypothesis_settings(
     max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    engine = create_engine(settings.database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(settings: Settings) -> ObjectStore:
-    return open_object_store(settings)
 
 
 @pytest.fixture

@@ -10,30 +10,18 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine
 from tritonclient.utils import InferenceServerException
 
 from services.predictor.app import create_app
 from shared.settings import Settings
-from shared.storage import ObjectStore, open_object_store
+from shared.storage import ObjectStore
 from tests.integration.conftest import OrgKeys
 from tests.integration.test_predictor import deploy_quietly, eventually
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
 from tests.support.threaded_server import serving_in_thread
 
 ROWS = [ai4i_row(i) for i in range(5)]
-
-
-@pytest.fixture
-def engine(settings: Settings) -> Iterator[Engine]:
-    engine = create_engine(settings.database_url)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(settings: Settings) -> ObjectStore:
-    return open_object_store(settings)
 
 
 @pytest.fixture
