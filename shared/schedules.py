@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
+from shared.errors import InvalidInput
+
 MINUTE = timedelta(minutes=1)
 DST_POLICY = (
     "a time skipped by a daylight-saving change fires once, when the clocks jump; a time repeated by one fires once, "
@@ -34,6 +36,18 @@ def zone(name: str) -> ZoneInfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise ScheduleError(f"timezone {name!r} is not an IANA timezone such as 'America/New_York'") from None
+
+
+def check_schedule(pattern: str, timezone: str) -> None:
+    """A schedule as a request gives it: a 4xx naming `pattern` or `timezone` when either cannot be scheduled."""
+    try:
+        check_pattern(pattern)
+    except ScheduleError as error:
+        raise InvalidInput(str(error), field="pattern") from None
+    try:
+        zone(timezone)
+    except ScheduleError as error:
+        raise InvalidInput(str(error), field="timezone") from None
 
 
 def next_fire_times(pattern: str, timezone: str, *, after: datetime, count: int = 1) -> list[datetime]:

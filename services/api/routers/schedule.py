@@ -12,8 +12,8 @@ from services.api.training_checks import check_source
 from shared.audit import record_change
 from shared.db.models import Schedule
 from shared.db.types import utcnow
-from shared.errors import InvalidInput, NotFound
-from shared.schedules import DST_POLICY, ScheduleError, check_pattern, next_fire_times, zone
+from shared.errors import NotFound
+from shared.schedules import DST_POLICY, check_schedule, next_fire_times
 
 router = APIRouter(prefix="/v1/orgs/{org}/schedule", tags=["schedule"])
 
@@ -23,14 +23,7 @@ SHOWN_FIRES = 5
 @router.put("", response_model=ScheduleOut)
 def put_schedule(body: ScheduleIn, access: OrgAdmin, session: SessionDep) -> ScheduleOut:
     """Set the schedule; beat picks the change up at its next tick, without a restart."""
-    try:
-        check_pattern(body.pattern)
-    except ScheduleError as error:
-        raise InvalidInput(str(error), field="pattern") from None
-    try:
-        zone(body.timezone)
-    except ScheduleError as error:
-        raise InvalidInput(str(error), field="timezone") from None
+    check_schedule(body.pattern, body.timezone)
     check_source(session, body.training_config, org_id=access.org_id)
     row = session.get(Schedule, access.org_id) or Schedule(org_id=access.org_id)
     row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled

@@ -17,8 +17,8 @@ from services.api.sync_schemas import SyncScheduleIn, SyncScheduleOut, SyncSourc
 from shared.audit import record_change
 from shared.db.models import SyncSchedule, SyncSource
 from shared.db.types import utcnow
-from shared.errors import InvalidInput, NotFound
-from shared.schedules import ScheduleError, check_pattern, next_fire_times, zone
+from shared.errors import NotFound
+from shared.schedules import check_schedule, next_fire_times
 from shared.sync_tables import SyncSourceSpec, central_table_name
 
 router = APIRouter(prefix="/v1/orgs/{org}/sync-sources", tags=["sync"])
@@ -66,14 +66,7 @@ def get_source(source_id: str, access: OrgViewer, session: SessionDep) -> SyncSo
 def put_schedule(source_id: str, body: SyncScheduleIn, access: OrgAdmin, session: SessionDep) -> SyncScheduleOut:
     """Set the source's schedule; the sync beat picks the change up at its next tick."""
     source = owned_source(session, source_id, org_id=access.org_id)
-    try:
-        check_pattern(body.pattern)
-    except ScheduleError as error:
-        raise InvalidInput(str(error), field="pattern") from None
-    try:
-        zone(body.timezone)
-    except ScheduleError as error:
-        raise InvalidInput(str(error), field="timezone") from None
+    check_schedule(body.pattern, body.timezone)
     row = session.get(SyncSchedule, source.id) or SyncSchedule(source_id=source.id, org_id=access.org_id)
     row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
     row.next_fire_at = _upcoming(row, utcnow(), 1)[0] if body.enabled else None
