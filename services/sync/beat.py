@@ -11,17 +11,16 @@ import time
 from datetime import datetime
 from typing import Any
 
-from celery.beat import Scheduler
 from sqlalchemy import distinct, select, update
 from sqlalchemy.orm import Session
 
+from shared.beat import DatabaseBeat
 from shared.db.models import SyncSchedule, SyncSource
-from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
+from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
 from shared.outbox import KIND_SYNC_TASK, relay
 from shared.queues import send_purge_task, send_sync_task
 from shared.schedules import next_fire_times
-from shared.settings import build_settings
 from shared.sync_jobs import queue_sync_job
 
 log = logging.getLogger(__name__)
@@ -62,34 +61,18 @@ def orgs_with_sources(sessions: SessionFactory) -> list[str]:
         return list(session.scalars(select(distinct(SyncSource.org_id))))
 
 
-class SyncScheduler(Scheduler):  # type: ignore[misc]
+class SyncScheduler(DatabaseBeat):
     """A beat scheduler whose entries are the sources' schedules, in the database, and the retention purge."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        settings = build_settings()
-        self.tick_s = settings.beat_tick_s
-        self.purge_interval_s = settings.sync_purge_interval_s
-        self.next_purge = time.monotonic()
-        self.engine = make_engine(settings.resolved_database_url)
-        self.sessions = make_session_factory(self.engine)
         super().__init__(*args, **kwargs)
+        self.next_purge = time.monotonic()
 
-    def setup_schedule(self) -> None:
-        """Nothing static: every tick reads the database."""
-
-    def tick(self, *_args: Any, **_kwargs: Any) -> float:
-        try:
-            messages = fire_due_sync_schedules(self.sessions, now=utcnow())
-            if messages:
-                relay(self.sessions, {KIND_SYNC_TASK: lambda payload: send_sync_task(self.app, payload)}, ids=messages)
-            if time.monotonic() >= self.next_purge:
-                for org_id in orgs_with_sources(self.sessions):
-                    send_purge_task(self.app, org_id)
-                self.next_purge = time.monotonic() + self.purge_interval_s
-        except Exception:
-            log.warning("sync schedules not fired this tick; trying again", exc_info=True)
-        return self.tick_s
-
-    def close(self) -> None:
-        super().close()
-        self.engine.dispose()
+    def fire_due(self) -> None:
+        messages = fire_due_sync_schedules(self.sessions, now=utcnow())
+        if messages:
+            relay(self.sessions, {KIND_SYNC_TASK: lambda payload: send_sync_task(self.app, payload)}, ids=messages)
+        if time.monotonic() >= self.next_purge:
+            for org_id in orgs_with_sources(self.sessions):
+                send_purge_task(self.app, org_id)
+            self.next_purge = time.monotonic() + self.settings.sync_purge_interval_s

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
-from celery.beat import Scheduler
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.audit import record_change
+from shared.beat import DatabaseBeat
 from shared.db.models import Schedule
-from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
+from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
 from shared.outbox import KIND_TRAIN_TASK, relay
 from shared.queues import send_train_task
 from shared.schedules import next_fire_times
 from shared.schemas import TrainingConfig
-from shared.settings import build_settings
 from shared.submissions import queue_run
 
 log = logging.getLogger(__name__)
@@ -77,30 +75,10 @@ def _fire(session: Session, schedule: Schedule, now: datetime) -> int | None:
     return message.id
 
 
-class DatabaseScheduler(Scheduler):  # type: ignore[misc]
+class DatabaseScheduler(DatabaseBeat):
     """A beat scheduler whose only entries are the orgs' schedules, in the database."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        settings = build_settings()
-        self.tick_s = settings.beat_tick_s
-        self.engine = make_engine(settings.resolved_database_url)
-        self.sessions = make_session_factory(self.engine)
-        super().__init__(*args, **kwargs)
-
-    def setup_schedule(self) -> None:
-        """Nothing static: every tick reads the database."""
-
-    def tick(self, *_args: Any, **_kwargs: Any) -> float:
-        try:
-            messages = fire_due_schedules(self.sessions, now=utcnow())
-            if messages:
-                relay(
-                    self.sessions, {KIND_TRAIN_TASK: lambda payload: send_train_task(self.app, payload)}, ids=messages
-                )
-        except Exception:
-            log.warning("schedules not fired this tick; trying again", exc_info=True)
-        return self.tick_s
-
-    def close(self) -> None:
-        super().close()
-        self.engine.dispose()
+    def fire_due(self) -> None:
+        messages = fire_due_schedules(self.sessions, now=utcnow())
+        if messages:
+            relay(self.sessions, {KIND_TRAIN_TASK: lambda payload: send_train_task(self.app, payload)}, ids=messages)

@@ -1,0 +1,42 @@
+"""The base of Kiln's Celery beat schedulers: nothing static, every tick reads the database and fires what is due.
+
+Subclasses say what firing means (services/trainer/beat.py: trainings; services/sync/beat.py: sync jobs and
+retention purges). A failing tick is logged and tried again at the next one; beat itself never stops.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.beat import Scheduler
+
+from shared.db.session import make_engine, make_session_factory
+from shared.settings import Settings, build_settings
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseBeat(Scheduler):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.settings: Settings = build_settings()
+        self.engine = make_engine(self.settings.resolved_database_url)
+        self.sessions = make_session_factory(self.engine)
+        super().__init__(*args, **kwargs)
+
+    def setup_schedule(self) -> None:
+        """Nothing static: every tick reads the database."""
+
+    def tick(self, *_args: Any, **_kwargs: Any) -> float:
+        try:
+            self.fire_due()
+        except Exception:
+            log.warning("%s: nothing fired this tick; trying again", type(self).__name__, exc_info=True)
+        return self.settings.beat_tick_s
+
+    def fire_due(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        super().close()
+        self.engine.dispose()
