@@ -35,6 +35,7 @@ class DatabaseBeat(Scheduler):  # type: ignore[misc]
         return self.settings.beat_tick_s
 
     def fire_due(self) -> None:
+        """Fire what is due now; each beat says what that means."""
         raise NotImplementedError
 
     def close(self) -> None:
