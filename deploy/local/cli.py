@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from pydantic import ValidationError
 
 from deploy.local import demo, stack
 from deploy.local.processes import StackError, pid_alive
-from services.sync.backup import backup_sqlite, restore_sqlite
+from services.sync.backup import backup_store, restore_store
 from services.sync.context import SyncContext
 from services.sync.envelope import destroy_key
 from services.sync.rotation import rotate_org_key
@@ -81,22 +80,22 @@ def run_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 def run_backup(settings: Settings, args: argparse.Namespace) -> int:
     context = SyncContext.open(settings)
     try:
-        manifest = backup_sqlite(context.store, context.secrets, org_id=args.org, path=args.path.resolve())
+        manifest = backup_store(context.store, context.secrets, org_id=args.org, source=args.source)
     finally:
         context.close()
-    print(f"backup {manifest.backup_id}: {manifest.size_bytes} bytes, sha256 {manifest.sha256}")
+    print(f"backup {manifest.backup_id}: {manifest.kind} store, {manifest.size_bytes} bytes, sha256 {manifest.sha256}")
     return 0
 
 
 def run_restore(settings: Settings, args: argparse.Namespace) -> int:
     context = SyncContext.open(settings)
     try:
-        manifest = restore_sqlite(
-            context.store, context.secrets, org_id=args.org, backup_id=args.backup_id, target=args.target.resolve()
+        manifest = restore_store(
+            context.store, context.secrets, org_id=args.org, backup_id=args.backup_id, target=args.target
         )
     finally:
         context.close()
-    print(f"restored {manifest.backup_id} to {args.target}: sha256 {manifest.sha256} verified")
+    print(f"restored {manifest.backup_id} ({manifest.kind} store): sha256 {manifest.sha256} verified")
     return 0
 
 
@@ -144,13 +143,14 @@ def _parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--seed", type=int, default=demo.DEFAULT_SEED, help="seed of the generated data")
     demo_parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     _add(commands, "migrate", run_migrate, "bring the database (KILN_DATABASE_URL) to the newest schema")
-    backup = _add(commands, "backup", run_backup, "snapshot a local SQLite store to the object store, encrypted")
+    backup = _add(commands, "backup", run_backup, "snapshot a local store to the object store, encrypted")
     backup.add_argument("org")
-    backup.add_argument("path", type=Path)
-    restore = _add(commands, "restore", run_restore, "restore a backup into a new file, verified by its checksum")
+    backup.add_argument("source", help="a SQLite file's path, or a PostgreSQL database's URL")
+    restore_help = "restore a backup, verified by its checksum, into a new SQLite file or an empty PostgreSQL database"
+    restore = _add(commands, "restore", run_restore, restore_help)
     restore.add_argument("org")
     restore.add_argument("backup_id")
-    restore.add_argument("target", type=Path)
+    restore.add_argument("target", help="a new SQLite file's path, or an empty PostgreSQL database's URL")
     keys = _add(commands, "sync-keys", run_sync_keys, "rotate an org's envelope key, or destroy a drained one")
     keys.add_argument("action", choices=["rotate", "destroy"])
     keys.add_argument("org")

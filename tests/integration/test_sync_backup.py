@@ -1,4 +1,5 @@
-"""`kiln backup` / `kiln restore` of a local store, through the S3 object store (SeaweedFS), sealed and verified."""
+"""`kiln backup` / `kiln restore` of a local store (a SQLite file, a PostgreSQL database), through the S3 object store
+(SeaweedFS), sealed and verified."""
 
 from __future__ import annotations
 
@@ -6,16 +7,21 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
 
-from services.sync.backup import restore_sqlite
+from services.sync.backup import restore_store
+from services.sync.changes import LOCAL_LOG, create_log, install_triggers
 from services.sync.context import SyncContext
 from shared.errors import ArtifactIntegrityError
 from shared.settings import Settings
-from tests.integration.sync_support import TWO_READINGS, make_local_store
+from tests.integration.sync_support import READINGS, TWO_READINGS, make_local_store, run_sql
+from tests.support.servers import fresh_postgres_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +63,83 @@ def test_a_tampered_backup_is_not_restored(
     sync_context.store.put_bytes(manifest_key, manifest.replace(b'"sha256":"', b'"sha256":"0'))
 
     with pytest.raises(ArtifactIntegrityError):
-        restore_sqlite(
-            sync_context.store, sync_context.secrets, org_id=org_id, backup_id=backup_id, target=tmp_path / "r.db"
+        restore_store(
+            sync_context.store, sync_context.secrets, org_id=org_id, backup_id=backup_id, target=str(tmp_path / "r.db")
         )
+    assert not (tmp_path / "r.db").exists()
+
+
+@pytest.fixture
+def plant_database() -> Iterator[str]:
+    """A PostgreSQL local store as the sync service leaves it: two readings, the change log and its triggers."""
+    with fresh_postgres_database() as url:
+        run_sql(url, READINGS)
+        run_sql(url, "INSERT INTO readings VALUES (1, 'pump-1', 1, 'Ada Lovelace'), (2, 'pump-2', 2, 'Alan Turing')")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            create_log(connection, LOCAL_LOG)
+            install_triggers(connection, LOCAL_LOG, table="readings", key="id", logged_as="readings")
+        engine.dispose()
+        yield url
+
+
+@pytest.fixture
+def empty_database() -> Iterator[str]:
+    with fresh_postgres_database() as url:
+        yield url
+
+
+def test_a_postgresql_store_restores_into_an_empty_database_with_its_change_capture(
+    central_settings: Settings, sync_context: SyncContext, org_id: str, plant_database: str, empty_database: str
+) -> None:
+    backup = kiln(central_settings, "backup", org_id, plant_database)
+    assert backup.returncode == 0, backup.stderr
+    assert "postgresql store" in backup.stdout
+    backup_id = backup.stdout.split()[1].rstrip(":")
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, empty_database)
+
+    assert restore.returncode == 0, restore.stderr
+    assert "verified" in restore.stdout
+    assert run_sql(empty_database, "SELECT * FROM readings ORDER BY id") == TWO_READINGS
+    run_sql(empty_database, "UPDATE readings SET value = 5.0 WHERE id = 2")
+    assert run_sql(empty_database, "SELECT pk FROM _kiln_changes") == [("2",)]  # the triggers came back too
+    sealed = sync_context.store.get_bytes(f"orgs/{org_id}/backups/{backup_id}.dump.sealed")
+    assert b"Lovelace" not in sealed and b"PGDMP" not in sealed
+
+
+def test_a_restore_never_writes_into_a_database_that_holds_tables(
+    central_settings: Settings, org_id: str, plant_database: str
+) -> None:
+    backup_id = kiln(central_settings, "backup", org_id, plant_database).stdout.split()[1].rstrip(":")
+    run_sql(plant_database, "UPDATE readings SET value = 7.0 WHERE id = 1")
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, plant_database)
+
+    assert restore.returncode == 1
+    assert "restore into an empty database" in restore.stderr
+    assert run_sql(plant_database, "SELECT value FROM readings WHERE id = 1") == [(7.0,)]
+
+
+def test_an_unreachable_store_is_named_without_its_password(
+    central_settings: Settings, org_id: str, plant_database: str
+) -> None:
+    unreachable = make_url(plant_database).set(password="s3cret", port=1).render_as_string(hide_password=False)
+
+    backup = kiln(central_settings, "backup", org_id, unreachable)
+
+    assert backup.returncode == 1
+    assert "kiln backup: pg_dump failed" in backup.stderr
+    assert "s3cret" not in backup.stderr + backup.stdout
+
+
+def test_a_postgresql_backup_is_not_restored_as_a_sqlite_file(
+    central_settings: Settings, org_id: str, plant_database: str, tmp_path: Path
+) -> None:
+    backup_id = kiln(central_settings, "backup", org_id, plant_database).stdout.split()[1].rstrip(":")
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "r.db"))
+
+    assert restore.returncode == 1
+    assert f"backup {backup_id} is of a postgresql store, not sqlite" in restore.stderr
     assert not (tmp_path / "r.db").exists()
