@@ -26,8 +26,9 @@ from sqlalchemy.engine import make_url
 from services.sync.context import SyncContext
 from services.sync.envelope import load_keyring
 from services.sync.jobs import open_pair
+from services.sync.pair import TablePair
 from services.sync.stores import open_local
-from services.sync.transfer import TablePair, sync_table
+from services.sync.transfer import sync_table
 from shared.db.migrate import upgrade
 from shared.db.models import Organization, SyncSource
 from shared.db.session import session_scope

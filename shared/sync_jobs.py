@@ -21,6 +21,8 @@ QUEUED, RUNNING, RETRYING, SUCCEEDED, FAILED, REFUSED = (
     "refused",
 )
 FINISHED = (SUCCEEDED, FAILED, REFUSED)
+# A conflict: held for review, a version chosen there (the next job writes it), or settled.
+CONFLICT_OPEN, CONFLICT_CHOSEN, CONFLICT_RESOLVED = "open", "chosen", "resolved"
 
 
 def residency_refusal(org_config: OrgConfig, source: SyncSource) -> str | None:

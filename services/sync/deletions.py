@@ -20,7 +20,7 @@ from shared.audit import record_change
 from shared.db.models import SyncBase
 
 if TYPE_CHECKING:
-    from services.sync.transfer import TablePair
+    from services.sync.pair import TablePair
 
 
 def delete_centrally(

@@ -8,6 +8,7 @@ fast does not make its edits look an hour later than they were.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 NODES = ("central", "local")
@@ -45,3 +46,8 @@ def after_both(first: Stamp, second: Stamp, *, node: str) -> Stamp:
     """A stamp that orders after both: the stamp of a version merged from the two."""
     latest = max(first, second)
     return Stamp(latest.wall_ms, latest.counter + 1, node)
+
+
+def now_ms() -> int:
+    """This process's wall clock in milliseconds: the physical time of an edit the sync service makes centrally."""
+    return time.time_ns() // 1_000_000

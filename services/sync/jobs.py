@@ -20,8 +20,9 @@ from services.sync.changes import (
 )
 from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, load_keyring
+from services.sync.pair import TablePair, Tally
 from services.sync.stores import check_key, ensure_central_table, open_local, reflect
-from services.sync.transfer import TablePair, Tally, sync_table
+from services.sync.transfer import sync_table
 from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
 from shared.db.session import session_scope

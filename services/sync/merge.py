@@ -96,3 +96,8 @@ def merge_fields(*, local: Version, central: Version, base: dict[str, Any]) -> R
             merged[name] = newer.row.get(name)
     stamp = after_both(local.stamp, central.stamp, node="central")
     return Resolution(MERGED, Version(merged, stamp), sorted(overlapping))
+
+
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as JSON keeps it (a conflict's versions, a field-merge base)."""
+    return {name: as_json(value) for name, value in row.items()}

@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchTableError
 
+from services.sync.hlc import Stamp
 from shared.db.session import make_engine
 from shared.errors import InvalidInput
 from shared.sync_tables import SyncTable
@@ -173,3 +174,8 @@ def delete(connection: Connection, table: Table, column: str, keys: Iterable[str
         result = connection.execute(table.delete().where(table.c[column].in_(values[start : start + READ_CHUNK])))
         removed += result.rowcount
     return removed
+
+
+def stamp_of(row: dict[str, Any] | None) -> Stamp | None:
+    """A central record's stamp; None for no record, or one stamped before stamps were kept."""
+    return Stamp.parse(row[STAMP]) if row is not None and row[STAMP] else None

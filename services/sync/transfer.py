@@ -6,17 +6,17 @@ it has landed. Down (pull): the central change log after the `down` watermark, w
 and acknowledged after; a batch replayed after a crash writes the same records again, by key, and so changes
 nothing. Central edits carry their version and stamp from the moment they are made (services/sync/changes.py),
 so a pull only reads the central store, except to restore an append-only record. A record changed on both sides
-since its last sync goes to the table's policy (services/sync/merge.py).
+since its last sync goes to the table's policy (services/sync/merge.py) and is recorded with both versions
+(services/sync/conflicts.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, select, update
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from services.sync.changes import (
@@ -34,85 +34,22 @@ from services.sync.changes import (
     pending,
     shut_out_writers,
 )
+from services.sync.conflicts import (
+    apply_choices,
+    open_conflicts,
+    record_conflict,
+    record_refused_central_update,
+    version_json,
+)
 from services.sync.deletions import audit_deletion, delete_centrally, delete_locally, restore_locally
-from services.sync.envelope import Keyring
-from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit
-from services.sync.merge import DELETE_REFUSED, DELETED, REFUSED, Resolution, Version, as_json, deletion, resolve
-from services.sync.stores import META_COLUMNS, STAMP, VERSION, key_text, read, upsert, upsert_values, values_of
-from shared.audit import record_change
-from shared.db.models import SyncBase, SyncConflict, SyncJob, SyncWatermark
-from shared.db.types import utcnow
-from shared.sync_tables import SyncTable
+from services.sync.hlc import ORIGIN, Stamp, now_ms, stamp_edit
+from services.sync.merge import Version, deletion, jsonable, resolve
+from services.sync.pair import TablePair, Tally
+from services.sync.stores import STAMP, VERSION, key_text, read, stamp_of, upsert, upsert_values
+from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, watermark, watermarks
+from shared.db.models import SyncBase
 
 log = logging.getLogger(__name__)
-
-UP: Final = "up"
-DOWN: Final = "down"
-OPEN, CHOSEN, RESOLVED = "open", "chosen", "resolved"
-
-
-@dataclass
-class Tally:
-    pushed: int = 0
-    pulled: int = 0
-    conflicts: int = 0
-
-
-@dataclass
-class TablePair:
-    """One table of a source, open on both sides for one job."""
-
-    spec: SyncTable
-    org_id: str
-    source_id: str
-    job_id: str | None
-    local: Engine
-    central: Engine
-    local_table: Table
-    central_table: Table
-    central_name: str
-    keyring: Keyring
-    offset_ms: int
-    batch_size: int
-    after_batch: Callable[[Tally], None] | None = None
-    tally: Tally = field(default_factory=Tally)
-
-    @property
-    def key(self) -> str:
-        return self.spec.primary_key
-
-    def sealed(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A local row as the central store holds it: sensitive columns encrypted."""
-        return {
-            name: self.keyring.seal(value, column=self._column(name)) if name in self.spec.sensitive_columns else value
-            for name, value in row.items()
-        }
-
-    def plain(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A central row as the local store holds it: without the sync columns, sensitive columns decrypted."""
-        opened = dict(row)
-        for name in META_COLUMNS:
-            opened.pop(name, None)
-        for name in self.spec.sensitive_columns:
-            if name in opened:
-                opened[name] = self.keyring.open(opened[name], column=self._column(name))
-        return opened
-
-    def plain_values(self, rows: Iterable[dict[str, Any]], names: list[str]) -> list[list[Any]]:
-        """plain() of many central rows, each as its values in `names` order: a pull's rows go to the local store
-        in that shape, with no dict made per row on the way."""
-        take = values_of(names)
-        sensitive = [(names.index(name), self._column(name)) for name in self.spec.sensitive_columns if name in names]
-        opened = []
-        for row in rows:
-            values = list(take(row))
-            for index, column in sensitive:
-                values[index] = self.keyring.open(values[index], column=column)
-            opened.append(values)
-        return opened
-
-    def _column(self, name: str) -> str:
-        return f"{self.spec.name}.{name}"
 
 
 def sync_table(pair: TablePair) -> Tally:
@@ -124,47 +61,6 @@ def sync_table(pair: TablePair) -> Tally:
         pulled = pull_batch(pair) if pair.spec.sends_down else False
         if not (pushed or pulled):
             return pair.tally
-
-
-def apply_choices(pair: TablePair) -> None:
-    """Write the versions people chose in the review queue to the central store, and log them to go down."""
-    with Session(pair.central) as session, session.begin():
-        chosen = session.scalars(
-            select(SyncConflict).where(
-                SyncConflict.source_id == pair.source_id,
-                SyncConflict.table_name == pair.spec.name,
-                SyncConflict.status == CHOSEN,
-            )
-        ).all()
-        if not chosen:
-            return
-        connection = session.connection()
-        begin_applying(connection, CENTRAL_LOG)
-        keys = [conflict.record_key for conflict in chosen]
-        current = read(connection, pair.central_table, pair.key, keys)
-        writes, deletes = [], {}
-        for conflict in chosen:
-            kept = dict(conflict.kept or {})
-            existing = current.get(conflict.record_key)
-            if kept.get(DELETED):
-                if existing is not None:
-                    deletes[conflict.record_key] = existing
-            else:
-                writes.append(_chosen_row(kept, existing))
-            conflict.status = RESOLVED
-        upsert(connection, pair.central_table, pair.key, writes)
-        delete_centrally(session, connection, pair, deletes)
-        forget(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, after=watermark(session, pair, DOWN))
-        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, at_ms=utcnow_ms())
-        end_applying(connection, CENTRAL_LOG)
-
-
-def _chosen_row(kept: dict[str, Any], existing: dict[str, Any] | None) -> dict[str, Any]:
-    """The version chosen in review as the central store's next version of the record."""
-    kept_stamp = Stamp.parse(kept.pop(STAMP)) if kept.get(STAMP) else ORIGIN
-    stamp = after_both(kept_stamp, _stamp_of(existing) or ORIGIN, node="central")
-    number = (existing[VERSION] or 0) + 1 if existing is not None else 1
-    return {**kept, VERSION: number, STAMP: stamp.encode()}
 
 
 def push_batch(pair: TablePair) -> bool:
@@ -183,7 +79,7 @@ def push_batch(pair: TablePair) -> bool:
         begin_applying(connection, CENTRAL_LOG)
         moves = _push(session, connection, pair, latest, rows)
         set_watermark(session, pair, UP, changes[-1].seq)
-        _count(session, pair, pushed=moves.copies, conflicts=moves.conflicts)
+        count_moves(session, pair, pushed=moves.copies, conflicts=moves.conflicts)
         end_applying(connection, CENTRAL_LOG)
         # Before the central commit: a batch replayed after this one was cut off finds the records back, as edits.
         restore_locally(pair, moves.restores)
@@ -210,18 +106,18 @@ def _push(
     for key, change in latest.items():
         row, existing = rows.get(key), current.get(key)
         if key in held:
-            held[key].local_version = _version_json(pair, _local_version(pair, row, change, None))  # the newest
+            held[key].local_version = version_json(pair, _local_version(pair, row, change, None))  # the newest
             continue
         if row is None and existing is None:
             continue  # deleted on both sides, or a deletion already pushed by a batch now replayed
         if key not in changed_centrally and not (pair.spec.policy == "append-only" and existing is not None):
-            moves.copy(pair, key, _local_version(pair, row, change, _stamp_of(existing)), existing)
+            moves.copy(pair, key, _local_version(pair, row, change, stamp_of(existing)), existing)
             continue
         against = _stamp_before_central_edits(connection, pair, key, existing, down_after)
         mine = _local_version(pair, row, change, against)
         theirs = _central_version(pair, existing, changed_centrally.get(key))
         resolution = resolve(pair.spec.policy, local=mine, central=theirs, base=_base(session, pair, key))
-        _record_conflict(session, pair, key, mine, theirs, resolution)
+        record_conflict(session, pair, key, mine, theirs, resolution)
         moves.conflicts += 1
         if resolution.kept is not None:
             forget(connection, CENTRAL_LOG, table=pair.central_name, keys=[key], after=down_after)
@@ -230,7 +126,7 @@ def _push(
     _save_bases(session, pair, moves.writes)
     delete_centrally(session, connection, pair, moves.deletes)
     if pair.spec.sends_down:
-        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=moves.merged, at_ms=utcnow_ms())
+        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=moves.merged, at_ms=now_ms())
     return moves
 
 
@@ -282,7 +178,7 @@ def _local_version(pair: TablePair, row: dict[str, Any] | None, change: Change, 
 def _central_version(pair: TablePair, existing: dict[str, Any] | None, change: Change | None) -> Version:
     """The central record, or its deletion stamped from the central log row that recorded it."""
     if existing is not None:
-        return Version(pair.plain(existing), _stamp_of(existing) or ORIGIN)
+        return Version(pair.plain(existing), stamp_of(existing) or ORIGIN)
     at_ms = change.at_ms if change is not None else 0
     return deletion(stamp_edit(physical_ms=at_ms, offset_ms=0, replaced=None, node="central"))
 
@@ -295,7 +191,7 @@ def _stamp_before_central_edits(
     first = first_change(connection, CENTRAL_LOG, table=pair.central_name, key=key, after=after)
     if first is not None and first.origin == ORIGIN_APP:
         return Stamp.parse(first.replaced) if first.replaced else None
-    return _stamp_of(existing)
+    return stamp_of(existing)
 
 
 def pull_batch(pair: TablePair) -> bool:
@@ -353,7 +249,7 @@ def _acknowledge_pull(
     for key, row in deleted.items():
         audit_deletion(session, pair, key, pair.sealed(row), direction=DOWN)
     set_watermark(session, pair, DOWN, seq)
-    _count(session, pair, pulled=len(pulled) + len(deleted))
+    count_moves(session, pair, pulled=len(pulled) + len(deleted))
 
 
 def _restore_all_refused(session: Session, pair: TablePair, refused: Refused) -> None:
@@ -363,7 +259,7 @@ def _restore_all_refused(session: Session, pair: TablePair, refused: Refused) ->
     begin_applying(connection, CENTRAL_LOG)
     for key, (local_row, central_row) in refused.items():
         _restore_refused(session, connection, pair, key, local_row, central_row)
-    _count(session, pair, conflicts=len(refused))
+    count_moves(session, pair, conflicts=len(refused))
     end_applying(connection, CENTRAL_LOG)
 
 
@@ -421,20 +317,16 @@ def _restore_refused(
 ) -> None:
     """Put the original back centrally, as a version after the refused one (or the deleted one), and keep the
     refused one audited."""
-    stamp = stamp_edit(physical_ms=utcnow_ms(), offset_ms=0, replaced=_stamp_of(refused), node="central")
+    stamp = stamp_edit(physical_ms=now_ms(), offset_ms=0, replaced=stamp_of(refused), node="central")
     number = refused[VERSION] + 1 if refused is not None else 1
     restored = {**pair.sealed(original), VERSION: number, STAMP: stamp.encode()}
     upsert(connection, pair.central_table, pair.key, [restored])
-    _record_refused_central_update(session, pair, key, original, refused)
+    record_refused_central_update(session, pair, key, original, refused)
 
 
 def _central_row(pair: TablePair, version: Version, existing: dict[str, Any] | None) -> dict[str, Any]:
     number = (existing[VERSION] or 0) + 1 if existing is not None else 1
     return {**pair.sealed(version.row), VERSION: number, STAMP: version.stamp.encode()}
-
-
-def _stamp_of(row: dict[str, Any] | None) -> Stamp | None:
-    return Stamp.parse(row[STAMP]) if row is not None and row[STAMP] else None
 
 
 def _base(session: Session, pair: TablePair, key: str) -> dict[str, Any] | None:
@@ -450,131 +342,10 @@ def _save_bases(session: Session, pair: TablePair, rows: list[dict[str, Any]]) -
         return
     for row in rows:
         key = key_text(row[pair.key])
-        session.merge(SyncBase(source_id=pair.source_id, table_name=pair.spec.name, record_key=key, row=_jsonable(row)))
-
-
-def _record_conflict(
-    session: Session, pair: TablePair, key: str, mine: Version, theirs: Version, resolution: Resolution
-) -> None:
-    conflict = SyncConflict(
-        org_id=pair.org_id,
-        source_id=pair.source_id,
-        job_id=pair.job_id,
-        table_name=pair.spec.name,
-        record_key=key,
-        policy=pair.spec.policy,
-        status=OPEN if resolution.held else RESOLVED,
-        outcome=resolution.outcome,
-        local_version=_version_json(pair, mine),
-        central_version=_version_json(pair, theirs),
-        kept=None if resolution.kept is None else _kept_json(pair, resolution.kept),
-        resolved_at=None if resolution.held else utcnow(),
-        resolved_by=None if resolution.held else "policy",
-    )
-    session.add(conflict)
-    session.flush()
-    detail = {"policy": pair.spec.policy, "outcome": resolution.outcome, "conflictId": conflict.id}
-    if resolution.overlapping:
-        detail["overlappingFields"] = resolution.overlapping
-    record_change(
-        session,
-        org_id=pair.org_id,
-        actor="sync",
-        action="sync.conflict",
-        target=f"{pair.spec.name}/{key}",
-        detail=detail,
-    )
-
-
-def _record_refused_central_update(
-    session: Session, pair: TablePair, key: str, original: dict[str, Any], refused: dict[str, Any] | None
-) -> None:
-    stamp = _stamp_of(refused) or stamp_edit(physical_ms=utcnow_ms(), offset_ms=0, replaced=None, node="central")
-    theirs = deletion(stamp) if refused is None else Version(pair.plain(refused), stamp)
-    resolution = Resolution(REFUSED if refused is not None else DELETE_REFUSED, Version(original, stamp))
-    _record_conflict(session, pair, key, Version(original, stamp), theirs, resolution)
-
-
-def _version_json(pair: TablePair, version: Version) -> dict[str, Any]:
-    """A version as a conflict keeps it: sealed, with its stamp; a deletion as a marker."""
-    return {**_kept_json(pair, version), STAMP: version.stamp.encode()}
-
-
-def _kept_json(pair: TablePair, version: Version) -> dict[str, Any]:
-    return {DELETED: True} if version.deleted else _jsonable(pair.sealed(version.row))
-
-
-def open_conflicts(session: Session, pair: TablePair, keys: Any) -> dict[str, SyncConflict]:
-    """Records held for manual review: neither side's version moves until someone resolves them."""
-    if pair.spec.policy != "manual":
-        return {}
-    rows = session.scalars(
-        select(SyncConflict).where(
-            SyncConflict.source_id == pair.source_id,
-            SyncConflict.table_name == pair.spec.name,
-            SyncConflict.status == OPEN,
-            SyncConflict.record_key.in_(list(keys)),
-        )
-    )
-    return {row.record_key: row for row in rows}
-
-
-def watermark(session: Session, pair: TablePair, direction: str) -> int:
-    return watermarks(session, pair).get(direction, 0)
-
-
-def watermarks(session: Session, pair: TablePair) -> dict[str, int]:
-    """Both directions' acknowledged positions, in one plain query: an ORM load per batch cost more than it."""
-    rows = session.execute(
-        select(SyncWatermark.direction, SyncWatermark.seq).where(
-            SyncWatermark.source_id == pair.source_id, SyncWatermark.table_name == pair.spec.name
-        )
-    )
-    return {direction: seq for direction, seq in rows}
-
-
-def set_watermark(session: Session, pair: TablePair, direction: str, seq: int) -> None:
-    moved = session.execute(
-        update(SyncWatermark)
-        .where(
-            SyncWatermark.source_id == pair.source_id,
-            SyncWatermark.table_name == pair.spec.name,
-            SyncWatermark.direction == direction,
-        )
-        .values(seq=seq, updated_at=utcnow())
-    )
-    if moved.rowcount == 0:  # type: ignore[attr-defined]
-        session.add(
-            SyncWatermark(
-                source_id=pair.source_id, table_name=pair.spec.name, direction=direction, seq=seq, updated_at=utcnow()
-            )
-        )
-
-
-def _count(session: Session, pair: TablePair, *, pushed: int = 0, pulled: int = 0, conflicts: int = 0) -> None:
-    """The job's counters move in the batch's own transaction, so a replayed batch is never counted twice."""
-    pair.tally.pushed += pushed
-    pair.tally.pulled += pulled
-    pair.tally.conflicts += conflicts
-    if pair.job_id is not None:
-        session.execute(
-            update(SyncJob)
-            .where(SyncJob.id == pair.job_id)
-            .values(
-                pushed=SyncJob.pushed + pushed, pulled=SyncJob.pulled + pulled, conflicts=SyncJob.conflicts + conflicts
-            )
-        )
+        session.merge(SyncBase(source_id=pair.source_id, table_name=pair.spec.name, record_key=key, row=jsonable(row)))
 
 
 def _after_batch(pair: TablePair, **moved: int) -> None:
     log.debug("source %s table %s: batch acknowledged %s", pair.source_id, pair.spec.name, moved)
     if pair.after_batch is not None:
         pair.after_batch(pair.tally)
-
-
-def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {name: as_json(value) for name, value in row.items()}
-
-
-def utcnow_ms() -> int:
-    return int(utcnow().timestamp() * 1000)

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
-from services.sync.transfer import Tally
+from services.sync.pair import Tally
 from shared.errors import TransientError
 from tests.integration.sync_support import Sync, allow_connections, open_sync
 

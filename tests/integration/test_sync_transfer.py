@@ -14,7 +14,7 @@ from sqlalchemy.pool import NullPool
 
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
-from services.sync.transfer import Tally
+from services.sync.pair import Tally
 from services.trainer.extract import extract_database
 from services.trainer.runs import DatabaseSource
 from shared.errors import TransientError

@@ -17,12 +17,9 @@ from shared.db.models import Organization, SyncConflict, SyncJob
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 from shared.schemas import OrgConfig
-from shared.sync_jobs import queue_sync_job, residency_refusal
+from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, queue_sync_job, residency_refusal
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["sync"])
-
-# A conflict a person decided, waiting for the next job to write the choice to both sides.
-CHOSEN = "chosen"
 
 
 @router.post("/sync-jobs", status_code=status.HTTP_202_ACCEPTED, response_model=SyncJobOut)
@@ -74,9 +71,9 @@ def resolve_conflict(
     row = session.get(SyncConflict, conflict_id)
     if row is None or row.org_id != access.org_id:
         raise NotFound(f"conflict {conflict_id} not found")
-    if row.status != "open":
+    if row.status != CONFLICT_OPEN:
         raise Conflict(f"conflict {conflict_id} is {row.status}, not open", field="conflictId")
-    row.status, row.outcome = CHOSEN, f"kept-{body.keep}"
+    row.status, row.outcome = CONFLICT_CHOSEN, f"kept-{body.keep}"
     row.kept = dict(row.local_version if body.keep == "local" else row.central_version)
     row.resolved_by = access.principal.key_id
     row.resolved_at = utcnow()

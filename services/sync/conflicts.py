@@ -1,0 +1,128 @@
+"""Conflicts: each one recorded with both versions and audited, whatever the policy decided; the review queue of
+a `manual` table (records held until someone chooses), and the choices written back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying, forget, log_merges
+from services.sync.deletions import delete_centrally
+from services.sync.hlc import ORIGIN, Stamp, after_both, now_ms, stamp_edit
+from services.sync.merge import DELETE_REFUSED, DELETED, REFUSED, Resolution, Version, deletion, jsonable
+from services.sync.pair import TablePair
+from services.sync.stores import STAMP, VERSION, read, stamp_of, upsert
+from services.sync.watermarks import DOWN, watermark
+from shared.audit import record_change
+from shared.db.models import SyncConflict
+from shared.db.types import utcnow
+from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, CONFLICT_RESOLVED
+
+
+def apply_choices(pair: TablePair) -> None:
+    """Write the versions people chose in the review queue to the central store, and log them to go down."""
+    with Session(pair.central) as session, session.begin():
+        chosen = session.scalars(
+            select(SyncConflict).where(
+                SyncConflict.source_id == pair.source_id,
+                SyncConflict.table_name == pair.spec.name,
+                SyncConflict.status == CONFLICT_CHOSEN,
+            )
+        ).all()
+        if not chosen:
+            return
+        connection = session.connection()
+        begin_applying(connection, CENTRAL_LOG)
+        keys = [conflict.record_key for conflict in chosen]
+        current = read(connection, pair.central_table, pair.key, keys)
+        writes, deletes = [], {}
+        for conflict in chosen:
+            kept = dict(conflict.kept or {})
+            existing = current.get(conflict.record_key)
+            if kept.get(DELETED):
+                if existing is not None:
+                    deletes[conflict.record_key] = existing
+            else:
+                writes.append(_chosen_row(kept, existing))
+            conflict.status = CONFLICT_RESOLVED
+        upsert(connection, pair.central_table, pair.key, writes)
+        delete_centrally(session, connection, pair, deletes)
+        forget(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, after=watermark(session, pair, DOWN))
+        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, at_ms=now_ms())
+        end_applying(connection, CENTRAL_LOG)
+
+
+def _chosen_row(kept: dict[str, Any], existing: dict[str, Any] | None) -> dict[str, Any]:
+    """The version chosen in review as the central store's next version of the record."""
+    kept_stamp = Stamp.parse(kept.pop(STAMP)) if kept.get(STAMP) else ORIGIN
+    stamp = after_both(kept_stamp, stamp_of(existing) or ORIGIN, node="central")
+    number = (existing[VERSION] or 0) + 1 if existing is not None else 1
+    return {**kept, VERSION: number, STAMP: stamp.encode()}
+
+
+def open_conflicts(session: Session, pair: TablePair, keys: Any) -> dict[str, SyncConflict]:
+    """Records held for manual review: neither side's version moves until someone resolves them."""
+    if pair.spec.policy != "manual":
+        return {}
+    rows = session.scalars(
+        select(SyncConflict).where(
+            SyncConflict.source_id == pair.source_id,
+            SyncConflict.table_name == pair.spec.name,
+            SyncConflict.status == CONFLICT_OPEN,
+            SyncConflict.record_key.in_(list(keys)),
+        )
+    )
+    return {row.record_key: row for row in rows}
+
+
+def record_conflict(
+    session: Session, pair: TablePair, key: str, mine: Version, theirs: Version, resolution: Resolution
+) -> None:
+    conflict = SyncConflict(
+        org_id=pair.org_id,
+        source_id=pair.source_id,
+        job_id=pair.job_id,
+        table_name=pair.spec.name,
+        record_key=key,
+        policy=pair.spec.policy,
+        status=CONFLICT_OPEN if resolution.held else CONFLICT_RESOLVED,
+        outcome=resolution.outcome,
+        local_version=version_json(pair, mine),
+        central_version=version_json(pair, theirs),
+        kept=None if resolution.kept is None else kept_json(pair, resolution.kept),
+        resolved_at=None if resolution.held else utcnow(),
+        resolved_by=None if resolution.held else "policy",
+    )
+    session.add(conflict)
+    session.flush()
+    detail = {"policy": pair.spec.policy, "outcome": resolution.outcome, "conflictId": conflict.id}
+    if resolution.overlapping:
+        detail["overlappingFields"] = resolution.overlapping
+    record_change(
+        session,
+        org_id=pair.org_id,
+        actor="sync",
+        action="sync.conflict",
+        target=f"{pair.spec.name}/{key}",
+        detail=detail,
+    )
+
+
+def record_refused_central_update(
+    session: Session, pair: TablePair, key: str, original: dict[str, Any], refused: dict[str, Any] | None
+) -> None:
+    stamp = stamp_of(refused) or stamp_edit(physical_ms=now_ms(), offset_ms=0, replaced=None, node="central")
+    theirs = deletion(stamp) if refused is None else Version(pair.plain(refused), stamp)
+    resolution = Resolution(REFUSED if refused is not None else DELETE_REFUSED, Version(original, stamp))
+    record_conflict(session, pair, key, Version(original, stamp), theirs, resolution)
+
+
+def version_json(pair: TablePair, version: Version) -> dict[str, Any]:
+    """A version as a conflict keeps it: sealed, with its stamp; a deletion as a marker."""
+    return {**kept_json(pair, version), STAMP: version.stamp.encode()}
+
+
+def kept_json(pair: TablePair, version: Version) -> dict[str, Any]:
+    return {DELETED: True} if version.deleted else jsonable(pair.sealed(version.row))

@@ -1,0 +1,78 @@
+"""One table of a sync source, open on both sides for one job: its two stores, its spec and the org's keyring,
+and how a row looks on each side (sensitive columns sealed centrally, plain locally)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, Table
+
+from services.sync.envelope import Keyring
+from services.sync.stores import META_COLUMNS, values_of
+from shared.sync_tables import SyncTable
+
+
+@dataclass
+class Tally:
+    pushed: int = 0
+    pulled: int = 0
+    conflicts: int = 0
+
+
+@dataclass
+class TablePair:
+    """One table of a source, open on both sides for one job."""
+
+    spec: SyncTable
+    org_id: str
+    source_id: str
+    job_id: str | None
+    local: Engine
+    central: Engine
+    local_table: Table
+    central_table: Table
+    central_name: str
+    keyring: Keyring
+    offset_ms: int
+    batch_size: int
+    after_batch: Callable[[Tally], None] | None = None
+    tally: Tally = field(default_factory=Tally)
+
+    @property
+    def key(self) -> str:
+        return self.spec.primary_key
+
+    def sealed(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A local row as the central store holds it: sensitive columns encrypted."""
+        return {
+            name: self.keyring.seal(value, column=self._column(name)) if name in self.spec.sensitive_columns else value
+            for name, value in row.items()
+        }
+
+    def plain(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A central row as the local store holds it: without the sync columns, sensitive columns decrypted."""
+        opened = dict(row)
+        for name in META_COLUMNS:
+            opened.pop(name, None)
+        for name in self.spec.sensitive_columns:
+            if name in opened:
+                opened[name] = self.keyring.open(opened[name], column=self._column(name))
+        return opened
+
+    def plain_values(self, rows: Iterable[dict[str, Any]], names: list[str]) -> list[list[Any]]:
+        """plain() of many central rows, each as its values in `names` order: a pull's rows go to the local store
+        in that shape, with no dict made per row on the way."""
+        take = values_of(names)
+        sensitive = [(names.index(name), self._column(name)) for name in self.spec.sensitive_columns if name in names]
+        opened = []
+        for row in rows:
+            values = list(take(row))
+            for index, column in sensitive:
+                values[index] = self.keyring.open(values[index], column=column)
+            opened.append(values)
+        return opened
+
+    def _column(self, name: str) -> str:
+        return f"{self.spec.name}.{name}"
