@@ -12,7 +12,10 @@ import base64
 import binascii
 import functools
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import date, datetime, time
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -41,7 +44,7 @@ class Keyring:
         if value is None:
             return None
         nonce = secrets.token_bytes(NONCE_BYTES)
-        sealed = self.keys[self.active_id].encrypt(nonce, orjson.dumps(value), self._aad(column))
+        sealed = self.keys[self.active_id].encrypt(nonce, _plaintext(value), self._aad(column))
         return f"{self.active_id}:{base64.b64encode(nonce + sealed).decode()}"
 
     def open(self, token: str | None, *, column: str) -> Any:
@@ -53,15 +56,50 @@ class Keyring:
             raise ValueError(f"{column} was sealed under key {key_id!r}, which this org no longer has")
         raw = binascii.a2b_base64(body)  # base64.b64decode's checks of its argument cost more than the decoding
         try:
-            return orjson.loads(key.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(column)))
+            plaintext = key.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(column))
         except InvalidTag:
             raise ValueError(f"a value of {column} does not decrypt under key {key_id!r}") from None
+        return _value(plaintext)
 
     def is_current(self, token: str | None) -> bool:
         return token is None or token.startswith(self.active_id + ":")
 
     def _aad(self, column: str) -> bytes:
         return _associated_data(self.org_id, column)
+
+
+# A sealed value is its JSON, or, for a type JSON would turn into a string, this marker (never JSON's first byte),
+# the type's letter and its text: so a NUMERIC, a timestamp or a BYTEA column opens as the type it was sealed from.
+_TYPED = b"\x00"
+_DECODERS: dict[bytes, Callable[[str], Any]] = {
+    b"N": Decimal,
+    b"T": datetime.fromisoformat,
+    b"D": date.fromisoformat,
+    b"t": time.fromisoformat,
+}
+
+
+def _plaintext(value: Any) -> bytes:
+    if isinstance(value, (str, int, float)):
+        return orjson.dumps(value)
+    if isinstance(value, Decimal):
+        return _TYPED + b"N" + str(value).encode()
+    if isinstance(value, datetime):  # before date: a datetime is a date too
+        return _TYPED + b"T" + value.isoformat().encode()
+    if isinstance(value, date):
+        return _TYPED + b"D" + value.isoformat().encode()
+    if isinstance(value, time):
+        return _TYPED + b"t" + value.isoformat().encode()
+    if isinstance(value, (bytes, memoryview)):
+        return _TYPED + b"B" + bytes(value)
+    return orjson.dumps(value)
+
+
+def _value(plaintext: bytes) -> Any:
+    if not plaintext.startswith(_TYPED):
+        return orjson.loads(plaintext)
+    letter, body = plaintext[1:2], plaintext[2:]
+    return body if letter == b"B" else _DECODERS[letter](body.decode())
 
 
 @functools.lru_cache(maxsize=4096)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
 import pytest
@@ -113,3 +113,31 @@ def test_field_merge_compares_timestamp_and_numeric_fields_with_their_base(
     assert sync.central(f"SELECT dose, note FROM {sync.central_table}") == [(Decimal("2.25"), "checked")]
     [conflict] = sync.conflicts()
     assert (conflict["outcome"], datetime.fromisoformat(conflict["localVersion"]["taken"]).year) == ("merged", 2026)
+
+
+def test_sensitive_numeric_timestamp_date_and_bytea_columns_come_back_as_they_were_sealed(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    run_sql(
+        local_url,
+        "CREATE TABLE labs (id integer PRIMARY KEY, dose numeric(6, 2), taken timestamptz, born date, scan bytea, "
+        "ward text)",
+    )
+    run_sql(local_url, "INSERT INTO labs VALUES (1, 12.50, '2026-01-02T03:04:05Z', '1815-12-10', '\\x00ff', 'A')")
+    org = create_org_with_keys(sync_api, org_id)
+    sensitive = ["dose", "taken", "born", "scan"]
+    source_id = register(sync_api, org, local_url, "last-writer-wins", name="labs", sensitiveColumns=sensitive)
+    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url)
+    before = sync.local("SELECT * FROM labs")
+
+    pushed = sync.run()
+    central_table = f"sync_{source_id}_labs"
+    sync.central(f"UPDATE {central_table} SET ward = 'B' WHERE id = 1")
+    pulled = sync.run()
+
+    assert (pushed["status"], pushed["pushed"], pulled["status"], pulled["pulled"]) == ("succeeded", 1, "succeeded", 1)
+    [(_, dose, taken, born, scan, ward)] = sync.local("SELECT * FROM labs")
+    assert (dose, taken, born, bytes(scan), ward) == (*before[0][1:4], bytes(before[0][4]), "B")
+    assert (type(dose), type(taken), type(born)) == (Decimal, datetime, date)
+    [sealed] = sync.central(f"SELECT dose, taken, born, scan FROM {central_table}")
+    assert not any(plain in value for value in sealed for plain in ("12.5", "2026", "1815"))

@@ -1,0 +1,45 @@
+"""Sealed values open as the value, and the type, they were sealed from."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.sync.envelope import Keyring
+
+KEYRING = Keyring(org_id="acme", active_id="k1", keys={"k1": AESGCM(secrets.token_bytes(32))})
+
+column_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.datetimes(timezones=st.one_of(st.none(), st.timezones())),
+    st.dates(),
+    st.times(),
+    st.binary(),
+    st.lists(st.integers(min_value=-1000, max_value=1000)),
+    st.dictionaries(st.text(), st.text()),
+)
+
+
+@given(column_values)
+def test_a_sealed_value_opens_as_the_same_value_of_the_same_type(value: Any) -> None:
+    opened = KEYRING.open(KEYRING.seal(value, column="readings.patient"), column="readings.patient")
+
+    assert type(opened) is type(value)
+    assert opened == value
+
+
+def test_a_value_sealed_for_one_column_does_not_open_in_another() -> None:
+    sealed = KEYRING.seal("Ada Lovelace", column="readings.patient")
+
+    with pytest.raises(ValueError, match=r"readings\.note"):
+        KEYRING.open(sealed, column="readings.note")
