@@ -12,7 +12,7 @@ from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying, for
 from services.sync.deletions import delete_centrally
 from services.sync.hlc import ORIGIN, Stamp, after_both, now_ms, stamp_edit
 from services.sync.merge import DELETE_REFUSED, DELETED, REFUSED, Resolution, Version, deletion, jsonable
-from services.sync.pair import TablePair
+from services.sync.pair import TablePair, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, read, stamp_of, upsert
 from services.sync.watermarks import DOWN, watermark
 from shared.audit import record_change
@@ -33,6 +33,7 @@ def apply_choices(pair: TablePair) -> None:
         ).all()
         if not chosen:
             return
+        hold_sealing_key(session, pair)
         connection = session.connection()
         begin_applying(connection, CENTRAL_LOG)
         keys = [conflict.record_key for conflict in chosen]

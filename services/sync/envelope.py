@@ -32,6 +32,11 @@ from shared.errors import Conflict, NotFound
 ACTIVE, RETIRED, DRAINED, DESTROYED = "active", "retired", "drained", "destroyed"
 
 
+class KeyRotated(Exception):
+    """The org's key was rotated since this keyring was loaded: what it would seal now would stay under a key that
+    may be destroyed. The transaction is rolled back and redone with the new keyring."""
+
+
 @dataclass(frozen=True)
 class Keyring:
     """The org's keys that can still decrypt, and the one new values are sealed under."""
@@ -119,6 +124,17 @@ def load_keyring(session: Session, box: SecretBox, org_id: str) -> Keyring:
         rows = [*rows, active[0]]
     keys = {row.id: AESGCM(_unwrap(box, row)) for row in rows}
     return Keyring(org_id=org_id, active_id=active[0].id, keys=keys)
+
+
+def hold_active_key(session: Session, keyring: Keyring) -> None:
+    """Until this transaction ends, the keyring's active key cannot be retired: a rotation waits for it, so
+    everything the transaction seals is there for the rotation to re-encrypt. KeyRotated if it was retired already.
+    (SQLite has no row locks; there the transaction already holds the database's one write lock.)"""
+    active = session.scalar(
+        select(SyncKey.id).where(SyncKey.org_id == keyring.org_id, SyncKey.status == ACTIVE).with_for_update(read=True)
+    )
+    if active != keyring.active_id:
+        raise KeyRotated(f"the key of {keyring.org_id!r} was rotated: {keyring.active_id} is no longer active")
 
 
 def start_rotation(session: Session, box: SecretBox, org_id: str) -> Keyring:

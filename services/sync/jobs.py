@@ -19,7 +19,7 @@ from services.sync.changes import (
     now_ms,
 )
 from services.sync.context import SyncContext
-from services.sync.envelope import Keyring, load_keyring
+from services.sync.envelope import Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
 from services.sync.stores import check_key, ensure_central_table, open_local, reflect
 from services.sync.transfer import sync_table
@@ -80,13 +80,34 @@ def _start(context: SyncContext, job_id: str) -> SyncSource | None:
 def _sync_tables(
     context: SyncContext, local: Engine, source: SyncSource, job_id: str, after_batch: AfterBatch | None
 ) -> None:
-    with session_scope(context.sessions) as session:
-        keyring = load_keyring(session, context.secrets, source.org_id)
     offset_ms = _clock_offset(local, context.engine)
     for spec in source_tables(source):
-        pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
+        pair = open_pair(
+            context, local, source, spec, keyring=_keyring(context, source.org_id), offset_ms=offset_ms, job_id=job_id
+        )
         pair.after_batch = after_batch
-        sync_table(pair)
+        _sync_through_rotations(context, pair)
+
+
+def _sync_through_rotations(context: SyncContext, pair: TablePair) -> None:
+    """A key rotated while the table syncs rolls back the batch that would have sealed under the old key; the
+    table goes on from its watermarks under the new one."""
+    while True:
+        try:
+            sync_table(pair)
+            return
+        except KeyRotated:
+            log.info(
+                "source %s table %s: the org's key was rotated, going on under the new one",
+                pair.source_id,
+                pair.spec.name,
+            )
+            pair.keyring = _keyring(context, pair.org_id)
+
+
+def _keyring(context: SyncContext, org_id: str) -> Keyring:
+    with session_scope(context.sessions) as session:
+        return load_keyring(session, context.secrets, org_id)
 
 
 def open_pair(

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Engine, Table
+from sqlalchemy.orm import Session
 
-from services.sync.envelope import Keyring
+from services.sync.envelope import Keyring, hold_active_key
 from services.sync.stores import META_COLUMNS, values_of
 from shared.sync_tables import SyncTable
 
@@ -76,3 +77,10 @@ class TablePair:
 
     def _column(self, name: str) -> str:
         return f"{self.spec.name}.{name}"
+
+
+def hold_sealing_key(session: Session, pair: TablePair) -> None:
+    """Before a transaction writes sealed values centrally: its key stays active until the commit, or KeyRotated
+    (services/sync/envelope.py). A table without sensitive columns seals nothing."""
+    if pair.spec.sensitive_columns:
+        hold_active_key(session, pair.keyring)

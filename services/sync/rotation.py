@@ -1,7 +1,9 @@
 """Key rotation: a new envelope key for the org, every sealed value re-encrypted under it, the old keys drained.
 
-Runs on the org's sync queue (or `kiln sync-keys rotate`), between jobs. Re-encryption is not a change of the
-record: the writes are not logged, so nothing is sent down again.
+Run by `kiln sync-keys rotate`, at any time: a job that is running holds the key it seals under for each batch
+(services/sync/pair.py, hold_sealing_key), so the rotation waits for that batch, re-encrypts what it wrote, and
+the job's next batch goes on under the new key. Re-encryption is not a change of the record: the writes are not
+logged, so nothing is sent down again.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from services.sync.conflicts import (
 from services.sync.deletions import audit_deletion, delete_centrally, delete_locally, restore_locally
 from services.sync.hlc import ORIGIN, Stamp, now_ms, stamp_edit
 from services.sync.merge import Version, deletion, jsonable, resolve
-from services.sync.pair import TablePair, Tally
+from services.sync.pair import TablePair, Tally, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, key_text, read, stamp_of, upsert, upsert_values
 from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, watermark, watermarks
 from shared.db.models import SyncBase
@@ -76,6 +76,7 @@ def push_batch(pair: TablePair) -> bool:
     with Session(pair.central) as session, session.begin():
         connection = session.connection()
         shut_out_writers(connection, CENTRAL_LOG)
+        hold_sealing_key(session, pair)
         begin_applying(connection, CENTRAL_LOG)
         moves = _push(session, connection, pair, latest, rows)
         set_watermark(session, pair, UP, changes[-1].seq)
@@ -223,6 +224,7 @@ def pull_batch(pair: TablePair) -> bool:
             deleted, kept = _pull_deletions(local, pair, gone)
             end_applying(local, LOCAL_LOG)
         pulled = [current[key] for key in latest if key not in refused]
+        hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
         _acknowledge_pull(session, pair, changes[-1].seq, pulled, deleted)
         _restore_all_refused(session, pair, {**refused, **kept})
         session.commit()

@@ -15,6 +15,8 @@ from sqlalchemy import Engine, event
 
 from services.sync.context import SyncContext
 from services.sync.envelope import destroy_key
+from services.sync.jobs import run_job
+from services.sync.pair import Tally
 from services.sync.retention import purge_expired
 from services.sync.rotation import rotate_org_key
 from shared.db.session import session_scope
@@ -217,3 +219,27 @@ def test_after_a_key_rotation_every_record_decrypts_and_the_old_key_can_be_destr
     sealed = [row[0] for row in sync.central(f"SELECT patient FROM {sync.central_table}")]
     assert all(value.startswith(summary["activeKey"] + ":") for value in sealed)
     assert sync.central("SELECT status, wrapped FROM sync_keys WHERE id = :k", {"k": old_key}) == [("destroyed", None)]
+
+
+def test_a_key_rotated_while_a_job_runs_leaves_nothing_sealed_under_the_old_key(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    rows = [(n, f"pump-{n % 7}", float(n), f"patient {n}") for n in range(1, 2001)]
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=rows)
+    rotations: list[dict[str, Any]] = []
+
+    def rotate_and_destroy_after_the_first_batch(_tally: Tally) -> None:
+        if not rotations:
+            rotations.append(rotate_org_key(sync_context, org_id))
+            with session_scope(sync_context.sessions) as session:
+                for key_id in rotations[0]["drainedKeys"]:
+                    destroy_key(session, org_id, key_id)
+
+    status = run_job(sync_context, sync.submit(), after_batch=rotate_and_destroy_after_the_first_batch)
+    sync.central(f"UPDATE {sync.central_table} SET value = value + 1")  # every record comes down again, opened
+    sync.run()
+
+    assert status == "succeeded"
+    sealed = [row[0] for row in sync.central(f"SELECT patient FROM {sync.central_table}")]
+    assert len(sealed) == 2000 and all(value.startswith(rotations[0]["activeKey"] + ":") for value in sealed)
+    assert sync.local("SELECT count(*) FROM readings WHERE patient = 'patient ' || id AND value = id + 1") == [(2000,)]
