@@ -30,7 +30,7 @@ def delete_centrally(
     if not rows:
         return
     delete(connection, pair.central_table, pair.key, rows)
-    _forget_bases(session, pair, rows)
+    forget_bases(session, pair, rows)
     for key, row in rows.items():
         audit_deletion(session, pair, key, row, direction="up")
 
@@ -67,7 +67,7 @@ def audit_deletion(
     )
 
 
-def _forget_bases(session: Session, pair: TablePair, keys: Iterable[str]) -> None:
+def forget_bases(session: Session, pair: TablePair, keys: Iterable[str]) -> None:
     """A deleted record has no agreed version left for field-merge to start from."""
     if pair.spec.policy != "field-merge":
         return

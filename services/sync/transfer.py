@@ -41,7 +41,7 @@ from services.sync.conflicts import (
     record_refused_central_update,
     version_json,
 )
-from services.sync.deletions import audit_deletion, delete_centrally, delete_locally, restore_locally
+from services.sync.deletions import audit_deletion, delete_centrally, delete_locally, forget_bases, restore_locally
 from services.sync.hlc import ORIGIN, Stamp, now_ms, stamp_edit
 from services.sync.merge import Version, deletion, jsonable, resolve
 from services.sync.pair import TablePair, Tally, hold_sealing_key
@@ -248,6 +248,7 @@ def _acknowledge_pull(
     session: Session, pair: TablePair, seq: int, pulled: list[dict[str, Any]], deleted: dict[str, dict[str, Any]]
 ) -> None:
     _save_bases(session, pair, pulled)
+    forget_bases(session, pair, deleted)
     for key, row in deleted.items():
         audit_deletion(session, pair, key, pair.sealed(row), direction=DOWN)
     set_watermark(session, pair, DOWN, seq)

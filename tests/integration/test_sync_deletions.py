@@ -66,6 +66,23 @@ def test_a_central_deletion_comes_down(
     assert sync.run()["pushed"] == 0  # the deletion carried down is not sent back up
 
 
+def test_a_deletion_either_way_leaves_no_field_merge_base_behind(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "field-merge")
+    sync.run()
+    bases_before = sync.central(
+        "SELECT record_key FROM sync_bases WHERE source_id = :s ORDER BY 1", {"s": sync.source_id}
+    )
+    sync.local("DELETE FROM readings WHERE id = 1")
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+
+    sync.run()
+
+    assert bases_before == [("1",), ("2",)]
+    assert sync.central("SELECT record_key FROM sync_bases WHERE source_id = :s", {"s": sync.source_id}) == []
+
+
 def test_a_local_deletion_after_a_central_edit_wins_under_last_writer_wins(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
