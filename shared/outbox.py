@@ -25,6 +25,7 @@ KIND_TRAIN_TASK = "train_task"
 KIND_ORGS_CHANGED = "orgs_changed"
 KIND_VALIDATE_TASK = "validate_task"
 KIND_SYNC_TASK = "sync_task"
+KIND_ROTATE_TASK = "rotate_task"
 
 Sender = Callable[[dict[str, Any]], None]
 

@@ -8,6 +8,7 @@ TRAIN_TASK = "kiln.train"
 VALIDATE_TASK = "kiln.validate"
 SYNC_TASK = "kiln.sync"
 SYNC_PURGE_TASK = "kiln.sync.purge"
+SYNC_ROTATE_TASK = "kiln.sync.rotate"
 ORG_QUEUE_PREFIX = "train."
 SYNC_QUEUE_PREFIX = "sync."
 # The broadcast that makes workers look at the orgs again; it names queues, not the sync service.
@@ -45,6 +46,11 @@ def send_validate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
 def send_sync_task(sender: TaskSender, payload: dict[str, Any]) -> None:
     """The message behind an outbox row of kind sync_task: run sync job `job_id` on its org's sync queue."""
     sender.send_task(SYNC_TASK, args=[payload["job_id"], payload["org_id"]], queue=sync_queue(payload["org_id"]))
+
+
+def send_rotate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
+    """The message behind an outbox row of kind rotate_task: rotate the org's key, on its sync queue."""
+    sender.send_task(SYNC_ROTATE_TASK, args=[payload["org_id"], payload["actor"]], queue=sync_queue(payload["org_id"]))
 
 
 def send_purge_task(sender: TaskSender, org_id: str) -> None:

@@ -13,14 +13,16 @@ from deploy.local import demo, stack
 from deploy.local.processes import StackError, pid_alive
 from services.sync.backup import backup_store, restore_store
 from services.sync.context import SyncContext
-from services.sync.envelope import destroy_key
 from services.sync.rotation import rotate_org_key
 from shared.db import migrate
 from shared.db.session import session_scope
 from shared.errors import KilnError
 from shared.settings import Settings, build_settings
+from shared.sync_keys import destroy_key
 
 Command = Callable[[Settings, argparse.Namespace], int]
+# Who the audit trail names for what an operator does here.
+CLI_ACTOR = "cli"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -103,14 +105,14 @@ def run_sync_keys(settings: Settings, args: argparse.Namespace) -> int:
     context = SyncContext.open(settings)
     try:
         if args.action == "rotate":
-            summary = rotate_org_key(context, args.org)
+            summary = rotate_org_key(context, args.org, actor=CLI_ACTOR)
             print(
                 f"active key {summary['activeKey']}; {summary['resealedValues']} values re-encrypted; "
                 f"drained (may be destroyed): {', '.join(summary['drainedKeys']) or 'none'}"
             )
         else:
             with session_scope(context.sessions) as session:
-                destroy_key(session, args.org, args.key_id)
+                destroy_key(session, args.org, args.key_id, actor=CLI_ACTOR)
             print(f"key {args.key_id} destroyed")
     finally:
         context.close()

@@ -23,6 +23,7 @@ from services.api.routers import (
     queue,
     schedule,
     sync_jobs,
+    sync_keys,
     sync_sources,
     trainings,
 )
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         predictions,
         sync_sources,
         sync_jobs,
+        sync_keys,
         audit,
     ):
         app.include_router(module.router)

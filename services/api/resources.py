@@ -15,12 +15,20 @@ from shared.events import DeployEvent, publish_deploy_event
 from shared.outbox import (
     KIND_DEPLOY_EVENT,
     KIND_ORGS_CHANGED,
+    KIND_ROTATE_TASK,
     KIND_SYNC_TASK,
     KIND_TRAIN_TASK,
     KIND_VALIDATE_TASK,
     Sender,
 )
-from shared.queues import SYNC_QUEUES_COMMAND, celery_config, send_sync_task, send_train_task, send_validate_task
+from shared.queues import (
+    SYNC_QUEUES_COMMAND,
+    celery_config,
+    send_rotate_task,
+    send_sync_task,
+    send_train_task,
+    send_validate_task,
+)
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
 
@@ -61,6 +69,7 @@ class Resources:
             KIND_ORGS_CHANGED: self._send_orgs_changed,
             KIND_VALIDATE_TASK: self._send_validate_task,
             KIND_SYNC_TASK: self._send_sync_task,
+            KIND_ROTATE_TASK: self._send_rotate_task,
         }
 
     def _send_deploy_event(self, payload: dict[str, Any]) -> None:
@@ -74,6 +83,9 @@ class Resources:
 
     def _send_sync_task(self, payload: dict[str, Any]) -> None:
         send_sync_task(self.celery, payload)
+
+    def _send_rotate_task(self, payload: dict[str, Any]) -> None:
+        send_rotate_task(self.celery, payload)
 
     def _send_validate_task(self, payload: dict[str, Any]) -> None:
         send_validate_task(self.celery, payload)

@@ -73,3 +73,16 @@ class SyncScheduleOut(CamelOut):
     enabled: bool
     next_fire_times: list[datetime]
     last_fired_at: datetime | None
+
+
+class SyncKeyOut(CamelOut):
+    key_id: str
+    status: str = Field(description="active, retired, drained (may be destroyed) or destroyed")
+    created_at: datetime
+    retired_at: datetime | None
+    destroyed_at: datetime | None
+
+
+class RotationOut(CamelOut):
+    status: Literal["queued"]
+    queue: str = Field(description="the org's sync queue, where the rotation runs between its jobs' batches")

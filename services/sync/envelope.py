@@ -27,9 +27,7 @@ from sqlalchemy.orm import Session
 from shared.crypto import NONCE_BYTES, SecretBox
 from shared.db.models import SyncKey
 from shared.db.types import utcnow
-from shared.errors import Conflict, NotFound
-
-ACTIVE, RETIRED, DRAINED, DESTROYED = "active", "retired", "drained", "destroyed"
+from shared.sync_keys import ACTIVE, DESTROYED, DRAINED, RETIRED
 
 
 class KeyRotated(Exception):
@@ -152,15 +150,6 @@ def mark_drained(session: Session, org_id: str) -> list[str]:
     for row in retired:
         row.status = DRAINED
     return [row.id for row in retired]
-
-
-def destroy_key(session: Session, org_id: str, key_id: str) -> None:
-    row = session.get(SyncKey, key_id)
-    if row is None or row.org_id != org_id or row.status == DESTROYED:
-        raise NotFound(f"key {key_id!r} not found", field="keyId")
-    if row.status != DRAINED:
-        raise Conflict(f"key {key_id!r} is {row.status}: only a key drained by a rotation can be destroyed")
-    row.status, row.wrapped, row.destroyed_at = DESTROYED, None, utcnow()
 
 
 def _new_key(session: Session, box: SecretBox, org_id: str) -> SyncKey:

@@ -1,9 +1,9 @@
 """Key rotation: a new envelope key for the org, every sealed value re-encrypted under it, the old keys drained.
 
-Run by `kiln sync-keys rotate`, at any time: a job that is running holds the key it seals under for each batch
-(services/sync/pair.py, hold_sealing_key), so the rotation waits for that batch, re-encrypts what it wrote, and
-the job's next batch goes on under the new key. Re-encryption is not a change of the record: the writes are not
-logged, so nothing is sent down again.
+Run by `kiln sync-keys rotate`, or by a sync worker for POST /v1/orgs/{org}/sync-keys/rotate, at any time: a job
+that is running holds the key it seals under for each batch (services/sync/pair.py, hold_sealing_key), so the
+rotation waits for that batch, re-encrypts what it wrote, and the job's next batch goes on under the new key.
+Re-encryption is not a change of the record: the writes are not logged, so nothing is sent down again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from shared.sync_jobs import source_tables
 from shared.sync_tables import central_table_name
 
 
-def rotate_org_key(context: SyncContext, org_id: str) -> dict[str, Any]:
+def rotate_org_key(context: SyncContext, org_id: str, *, actor: str) -> dict[str, Any]:
     """Rotate in one transaction: either every value moves to the new key, or none does."""
     with session_scope(context.sessions) as session:
         keyring = start_rotation(session, context.secrets, org_id)
@@ -46,7 +46,7 @@ def rotate_org_key(context: SyncContext, org_id: str) -> dict[str, Any]:
         drained = mark_drained(session, org_id)
         summary = {"activeKey": keyring.active_id, "drainedKeys": drained, "resealedValues": resealed}
         record_change(
-            session, org_id=org_id, actor="sync", action="sync.key.rotated", target=keyring.active_id, detail=summary
+            session, org_id=org_id, actor=actor, action="sync.key.rotated", target=keyring.active_id, detail=summary
         )
     return summary
 

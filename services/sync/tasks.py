@@ -6,8 +6,9 @@ from services.sync.celery_app import app
 from services.sync.context import worker_context
 from services.sync.jobs import run_job
 from services.sync.retention import purge_expired
+from services.sync.rotation import rotate_org_key
 from shared.errors import TransientError
-from shared.queues import SYNC_PURGE_TASK, SYNC_TASK
+from shared.queues import SYNC_PURGE_TASK, SYNC_ROTATE_TASK, SYNC_TASK
 
 RETRY_BACKOFF_S = 5
 MAX_RETRIES = 8
@@ -27,3 +28,10 @@ def sync(job_id: str, org_id: str | None = None) -> str:
 @app.task(name=SYNC_PURGE_TASK)  # type: ignore[untyped-decorator]
 def purge(org_id: str) -> int:
     return purge_expired(worker_context(), org_id)
+
+
+@app.task(name=SYNC_ROTATE_TASK)  # type: ignore[untyped-decorator]
+def rotate(org_id: str, actor: str) -> dict[str, object]:
+    """Rotate the org's key (asked for over the api by `actor`); the new key and the drained ones are in the audit
+    trail and at GET /v1/orgs/{org}/sync-keys."""
+    return rotate_org_key(worker_context(), org_id, actor=actor)

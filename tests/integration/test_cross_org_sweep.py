@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
-from shared.db.models import SyncConflict
+from shared.db.models import SyncConflict, SyncKey
 from shared.settings import Settings
 from tests.integration.conftest import OrgKeys, create_org_with_keys, upload
 from tests.integration.test_api_datasets import CSV
@@ -56,7 +56,7 @@ def victim(api: TestClient, org_id: str, settings: Settings) -> tuple[OrgKeys, d
 
 
 def _sync_ids(api: TestClient, org: OrgKeys, settings: Settings) -> dict[str, str]:
-    """A sync source with a schedule, a queued job and a conflict held for review."""
+    """A sync source with a schedule, a queued job, a conflict held for review and a drained key."""
     body = BODIES["POST /v1/orgs/{org}/sync-sources"]
     source_id = api.post(f"/v1/orgs/{org.org_id}/sync-sources", json=body, headers=org.admin).json()["sourceId"]
     schedule = {"pattern": "0 * * * *"}
@@ -76,10 +76,18 @@ def _sync_ids(api: TestClient, org: OrgKeys, settings: Settings) -> dict[str, st
             central_version={"id": 1},
         )
         session.add(conflict)
+        # Drained: the one state an admin of its own org may destroy.
+        key_id = "ek" + org.org_id[-10:]
+        session.add(SyncKey(id=key_id, org_id=org.org_id, status="drained", wrapped="unused"))
         session.flush()
         conflict_id = str(conflict.id)
     engine.dispose()
-    return {"source_id": source_id, "job_id": job["jobId"], "conflict_id": conflict_id}
+    return {
+        "source_id": source_id,
+        "job_id": job["jobId"],
+        "conflict_id": conflict_id,
+        "key_id": "ek" + org.org_id[-10:],
+    }
 
 
 def call(api: TestClient, method: str, path: str, org: str, ids: dict[str, str], headers: dict[str, str]) -> int:
@@ -112,7 +120,7 @@ def test_another_orgs_ids_are_404_under_ones_own_org(
 ) -> None:
     _org, ids = victim
     intruder = create_org_with_keys(api, "x" + org_id)
-    named = r"\{(dataset_id|run_id|version|source_id|job_id|conflict_id)\}"
+    named = r"\{(dataset_id|run_id|version|source_id|job_id|conflict_id|key_id)\}"
     routes_with_ids = [(m, p) for m, p in org_routes(api) if re.search(named, p)]
     routes_with_ids += [("POST", "/v1/orgs/{org}/deployments"), ("POST", "/v1/orgs/{org}/sync-jobs")]
     answers = {(m, p): call(api, m, p, intruder.org_id, ids, intruder.admin) for m, p in routes_with_ids}

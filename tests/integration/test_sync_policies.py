@@ -14,13 +14,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 
 from services.sync.context import SyncContext
-from services.sync.envelope import destroy_key
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from services.sync.retention import purge_expired
 from services.sync.rotation import rotate_org_key
 from shared.db.session import session_scope
 from shared.db.types import utcnow
+from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN
 from tests.integration.sync_support import Sync, open_sync
 
@@ -205,9 +205,9 @@ def test_after_a_key_rotation_every_record_decrypts_and_the_old_key_can_be_destr
     sync.run()
     old_key = sync.central(f"SELECT patient FROM {sync.central_table} WHERE id = 1")[0][0].split(":")[0]
 
-    summary = rotate_org_key(sync_context, org_id)
+    summary = rotate_org_key(sync_context, org_id, actor="operator")
     with session_scope(sync_context.sessions) as session:
-        destroy_key(session, org_id, old_key)
+        destroy_key(session, org_id, old_key, actor="operator")
     sync.central(f"UPDATE {sync.central_table} SET value = 5.0")  # every record comes down again, opened
     sync.run()
 
@@ -230,10 +230,10 @@ def test_a_key_rotated_while_a_job_runs_leaves_nothing_sealed_under_the_old_key(
 
     def rotate_and_destroy_after_the_first_batch(_tally: Tally) -> None:
         if not rotations:
-            rotations.append(rotate_org_key(sync_context, org_id))
+            rotations.append(rotate_org_key(sync_context, org_id, actor="operator"))
             with session_scope(sync_context.sessions) as session:
                 for key_id in rotations[0]["drainedKeys"]:
-                    destroy_key(session, org_id, key_id)
+                    destroy_key(session, org_id, key_id, actor="operator")
 
     status = run_job(sync_context, sync.submit(), after_batch=rotate_and_destroy_after_the_first_batch)
     sync.central(f"UPDATE {sync.central_table} SET value = value + 1")  # every record comes down again, opened
