@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -39,7 +40,21 @@ AfterBatch = Callable[[Tally], None]
 
 def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None = None) -> str:
     """Run the job and return its status. The central store unreachable: TransientError, to be retried; the job
-    then starts again from the watermarks its acknowledged batches left."""
+    then starts again from the watermarks its acknowledged batches left.
+
+    One job of a source runs at a time: a second run of this one (its message delivered twice) or another job of
+    the same source waits for the first to end, then finds the job finished or little left to move."""
+    try:
+        source_id = _source_id(context, job_id)
+        if source_id is None:
+            return "missing"
+        with _one_job_per_source(context.engine, source_id):
+            return _run(context, job_id, after_batch)
+    except OperationalError as error:
+        raise TransientError(f"sync job {job_id}: the central store is unreachable") from error
+
+
+def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None) -> str:
     source = _start(context, job_id)
     if source is None:
         return _status(context, job_id)
@@ -57,6 +72,30 @@ def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None
     finally:
         local.dispose()
     return _finish(context, job_id, SUCCEEDED, None)
+
+
+def _source_id(context: SyncContext, job_id: str) -> str | None:
+    with session_scope(context.sessions) as session:
+        job = session.get(SyncJob, job_id)
+        return job.source_id if job is not None else None
+
+
+@contextmanager
+def _one_job_per_source(central: Engine, source_id: str) -> Iterator[None]:
+    """A PostgreSQL advisory lock on the source for the job's length, on a connection of its own (released with
+    it, should the worker die). SQLite has none: the embedded default runs one sync worker, one job at a time."""
+    if central.dialect.name != "postgresql":
+        yield
+        return
+    key = {"k": f"sync-source:{source_id}"}
+    with central.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(hashtext(:k))"), key)
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), key)
+            connection.commit()
 
 
 def _start(context: SyncContext, job_id: str) -> SyncSource | None:

@@ -85,6 +85,11 @@ def run_sql(url: str, sql: str, params: dict[str, Any] | None = None) -> list[tu
         engine.dispose()
 
 
+def many_readings(count: int) -> list[tuple[int, str, float, str]]:
+    """Readings 1..count, enough for a job to take several batches (the tests' batch size is 500)."""
+    return [(n, f"pump-{n % 7}", float(n), f"patient {n}") for n in range(1, count + 1)]
+
+
 def make_local_store(path: Path, rows: list[tuple[int, str, float, str]]) -> None:
     with sqlite3.connect(path) as connection:
         connection.execute(READINGS)

@@ -14,7 +14,7 @@ from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from shared.errors import TransientError
-from tests.integration.sync_support import Sync, allow_connections, open_sync
+from tests.integration.sync_support import Sync, allow_connections, many_readings, open_sync
 
 
 def deletions_audited(sync: Sync) -> list[tuple[str, str]]:
@@ -236,8 +236,7 @@ def test_a_replayed_pull_of_deletions_neither_resurrects_nor_counts_twice(
 def test_deletions_cut_off_from_the_central_store_resume_from_the_watermark(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
-    rows = [(n, f"pump-{n % 7}", float(n), f"patient {n}") for n in range(1, 2001)]
-    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=rows)
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(2000))
     sync.run()
     sync.local("DELETE FROM readings WHERE id <= 1500")
     job_id = sync.submit()

@@ -22,7 +22,7 @@ from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN
-from tests.integration.sync_support import Sync, open_sync
+from tests.integration.sync_support import Sync, many_readings, open_sync
 
 
 def edit_both(sync: Sync, *, local: str, central: str) -> None:
@@ -224,8 +224,7 @@ def test_after_a_key_rotation_every_record_decrypts_and_the_old_key_can_be_destr
 def test_a_key_rotated_while_a_job_runs_leaves_nothing_sealed_under_the_old_key(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
-    rows = [(n, f"pump-{n % 7}", float(n), f"patient {n}") for n in range(1, 2001)]
-    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=rows)
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(2000))
     rotations: list[dict[str, Any]] = []
 
     def rotate_and_destroy_after_the_first_batch(_tally: Tally) -> None:

@@ -18,7 +18,7 @@ from services.sync.pair import Tally
 from services.trainer.extract import extract_database
 from services.trainer.runs import DatabaseSource
 from shared.errors import TransientError
-from tests.integration.sync_support import allow_connections, open_sync
+from tests.integration.sync_support import allow_connections, many_readings, open_sync
 
 
 def test_local_records_go_up_with_sensitive_columns_sealed(
@@ -128,8 +128,7 @@ def test_a_local_edit_committed_while_a_pull_runs_is_not_overwritten(
 def test_a_job_cut_off_from_the_central_store_resumes_from_its_watermark(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
-    rows = [(n, f"pump-{n % 7}", float(n), f"patient {n}") for n in range(1, 5001)]
-    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=rows)
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(5000))
     job_id = sync.submit()
     database = make_url(sync.central_url).database
 
@@ -231,3 +230,28 @@ def test_a_synced_central_table_can_be_the_orgs_training_datasource(
 
     assert answer.status_code == 200, answer.text
     assert rows == 2
+
+
+def test_a_job_run_twice_at_once_runs_once_and_moves_each_record_once(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Its message delivered twice, say: the second run waits for the first to end, then finds the job finished."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(2000))
+    job_id = sync.submit()
+    second_run: list[str] = []
+    twin = threading.Thread(target=lambda: second_run.append(run_job(sync_context, job_id)))
+    twin_waited: list[bool] = []
+
+    def start_the_twin_after_the_first_batch(_tally: Tally) -> None:
+        if not twin_waited:
+            twin.start()
+            twin.join(timeout=2)
+            twin_waited.append(twin.is_alive())
+
+    first_run = run_job(sync_context, job_id, after_batch=start_the_twin_after_the_first_batch)
+    twin.join(timeout=60)
+
+    assert (first_run, second_run, twin_waited) == ("succeeded", ["succeeded"], [True])
+    job = sync.job(job_id)
+    assert (job["pushed"], job["attempts"]) == (2000, 1)
+    assert sync.central(f"SELECT count(*), max(_kiln_version) FROM {sync.central_table}") == [(2000, 1)]
