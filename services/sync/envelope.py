@@ -127,7 +127,7 @@ def load_keyring(session: Session, box: SecretBox, org_id: str) -> Keyring:
 def hold_active_key(session: Session, keyring: Keyring) -> None:
     """Until this transaction ends, the keyring's active key cannot be retired: a rotation waits for it, so
     everything the transaction seals is there for the rotation to re-encrypt. KeyRotated if it was retired already.
-    (SQLite has no row locks; there the transaction already holds the database's one write lock.)"""
+    (SQLite ignores FOR SHARE: there the caller takes the database's write lock first.)"""
     active = session.scalar(
         select(SyncKey.id).where(SyncKey.org_id == keyring.org_id, SyncKey.status == ACTIVE).with_for_update(read=True)
     )

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, Table
 from sqlalchemy.orm import Session
 
+from services.sync.changes import CENTRAL_LOG, shut_out_writers
 from services.sync.envelope import Keyring, hold_active_key
 from services.sync.stores import META_COLUMNS, values_of
 from shared.sync_tables import SyncTable
@@ -82,5 +83,9 @@ class TablePair:
 def hold_sealing_key(session: Session, pair: TablePair) -> None:
     """Before a transaction writes sealed values centrally: its key stays active until the commit, or KeyRotated
     (services/sync/envelope.py). A table without sensitive columns seals nothing."""
-    if pair.spec.sensitive_columns:
-        hold_active_key(session, pair.keyring)
+    if not pair.spec.sensitive_columns:
+        return
+    if session.connection().dialect.name == "sqlite":
+        # No row locks: the database's one write lock, taken before the check, keeps a rotation out instead.
+        shut_out_writers(session.connection(), CENTRAL_LOG)
+    hold_active_key(session, pair.keyring)

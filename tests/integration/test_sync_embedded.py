@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from services.api.app import create_app
 from services.sync.context import SyncContext
+from services.sync.jobs import run_job
+from services.sync.pair import Tally
+from services.sync.rotation import rotate_org_key
 from shared.db.migrate import upgrade
 from shared.settings import Settings
-from tests.integration.sync_support import Sync, open_sync
+from tests.integration.sync_support import Sync, many_readings, open_sync
 
 
-@pytest.fixture
-def embedded_sync(settings: Settings, org_id: str, tmp_path: Path) -> Iterator[Sync]:
+@contextmanager
+def embedded(settings: Settings, org_id: str, tmp_path: Path, **options: Any) -> Iterator[Sync]:
     central_url = f"sqlite:///{tmp_path / 'kiln.db'}"
     upgrade(central_url)
     embedded = settings.model_copy(update={"database_url": central_url, "sync_batch_size": 500})
     context = SyncContext.open(embedded)
     with TestClient(create_app(embedded), raise_server_exceptions=False) as api:
-        yield open_sync(api, context, org_id, tmp_path)
+        yield open_sync(api, context, org_id, tmp_path, **options)
     context.close()
+
+
+@pytest.fixture
+def embedded_sync(settings: Settings, org_id: str, tmp_path: Path) -> Iterator[Sync]:
+    with embedded(settings, org_id, tmp_path) as sync:
+        yield sync
 
 
 def test_records_go_up_sealed_and_central_edits_come_down(embedded_sync: Sync) -> None:
@@ -50,3 +61,20 @@ def test_the_later_of_two_concurrent_edits_wins_on_both_sides(embedded_sync: Syn
     assert job["conflicts"] == 1
     assert sync.local("SELECT value FROM readings WHERE id = 2") == [(99.0,)]
     assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 2") == [(99.0,)]
+
+
+def test_a_key_rotated_mid_job_leaves_nothing_sealed_under_the_old_key(
+    settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    with embedded(settings, org_id, tmp_path, rows=many_readings(2000)) as sync:
+        rotations: list[dict[str, Any]] = []
+
+        def rotate_after_the_first_batch(_tally: Tally) -> None:
+            if not rotations:
+                rotations.append(rotate_org_key(sync.context, org_id, actor="operator"))
+
+        status = run_job(sync.context, sync.submit(), after_batch=rotate_after_the_first_batch)
+        sealed = [row[0] for row in sync.central(f"SELECT patient FROM {sync.central_table}")]
+
+    assert status == "succeeded"
+    assert len(sealed) == 2000 and all(value.startswith(rotations[0]["activeKey"] + ":") for value in sealed)
