@@ -26,7 +26,7 @@ import services.trainer.scripts
 from deploy.local import ai4i, stack
 from deploy.local.launch import worker_ready
 from deploy.local.processes import spawn, stop_groups
-from shared.db.models import Schedule
+from shared.db.models import Organization, Schedule
 from shared.db.session import make_session_factory, session_scope
 from shared.db.types import utcnow
 from shared.settings import Settings
@@ -153,12 +153,17 @@ def wait(condition: Callable[[], Any], *, seconds: float, every: float = 0.1) ->
     pytest.fail(f"not within {seconds} s: {condition}")
 
 
-class Org:
-    def __init__(self, cluster: stack.Stack, org_id: str, config: dict[str, Any]) -> None:
-        admin = {"Authorization": f"Bearer {cluster.admin_token}"}
-        with httpx.Client(base_url=cluster.api, headers=admin, timeout=30) as client:
+def admin_key(cluster: stack.Stack, org_id: str, *, config: dict[str, Any] | None = None) -> str:
+    """An admin key of the org, which is created first when `config` is given."""
+    admin = {"Authorization": f"Bearer {cluster.admin_token}"}
+    with httpx.Client(base_url=cluster.api, headers=admin, timeout=30) as client:
+        if config is not None:
             client.post("/v1/orgs", json={"id": org_id, "name": org_id, "config": config}).raise_for_status()
-            key = client.post(f"/v1/orgs/{org_id}/keys", json={"role": "admin"}).json()["key"]
+        return str(client.post(f"/v1/orgs/{org_id}/keys", json={"role": "admin"}).json()["key"])
+
+
+class Org:
+    def __init__(self, cluster: stack.Stack, org_id: str, key: str) -> None:
         self.id = org_id
         self.api = httpx.Client(base_url=cluster.api, headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
@@ -198,7 +203,8 @@ def new_org(cluster: stack.Stack, org_id: str) -> Iterator[Callable[..., Org]]:
     made: list[Org] = []
 
     def make(suffix: str, **config: Any) -> Org:
-        org = Org(cluster, f"{org_id}-{suffix}", config)
+        name = f"{org_id}-{suffix}"
+        org = Org(cluster, name, admin_key(cluster, name, config=config))
         made.append(org)
         return org
 
@@ -287,6 +293,26 @@ def write_historian(path: Path) -> None:
         rows = zip(*(table.column(name).to_pylist() for name in columns), strict=True)
         placeholders = ", ".join("?" * len(columns))
         connection.executemany(f"INSERT INTO readings VALUES ({placeholders})", rows)
+
+
+def test_a_worker_that_missed_the_new_org_broadcast_consumes_its_queue_after_a_sweep(
+    cluster: stack.Stack, cluster_settings: Settings, org_id: str
+) -> None:
+    """An org written straight to the database, so no broadcast told the running worker: its own sweep (every
+    5 s) finds the org's queue, and a run submitted there finishes."""
+    quiet = f"{org_id}-quiet"
+    engine = create_engine(cluster_settings.database_url)
+    with make_session_factory(engine)() as session, session.begin():
+        session.add(Organization(id=quiet, name=quiet, config={}))
+    engine.dispose()
+    org = Org(cluster, quiet, admin_key(cluster, quiet))
+
+    with org.api:
+        run_id = org.submit(org.upload(2000))
+        run = wait(lambda: (r := org.run(run_id))["status"] in TERMINAL and r, seconds=60, every=0.5)
+
+    assert run["status"] in {"succeeded", "rejected"}  # trained and judged: which, 2000 rows and 10 trees decide
+    assert run["worker"] == f"{stack.TRAINER_NAME}@{os.uname().nodename}"
 
 
 def test_a_hospitals_data_stays_on_its_own_worker(
