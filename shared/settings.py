@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     training_memory_mb: int = Field(8192, gt=0, description="Address-space limit of a training script.")
     training_max_file_mb: int = Field(4096, gt=0, description="Largest file a training script may write.")
     training_max_open_files: int = Field(1024, gt=0, description="Open files a training script may hold.")
+    training_network: Literal["none", "host"] = Field(
+        "none",
+        description="none: a training script runs in a network namespace of its own and reaches nothing; "
+        "host: it shares the machine's network.",
+    )
     sync_batch_size: int = Field(2000, gt=0, le=100_000, description="Records a sync job moves per transaction.")
     sync_purge_interval_s: float = Field(
         3600.0, gt=0, description="How often the sync beat purges synced records past their org's retention."

@@ -5,7 +5,9 @@ script starts in milliseconds, not 1.7 s) and gets:
 - its own session and process group, all of which is killed when the run ends, however it ends;
 - an environment of a few variables chosen here, never the worker's (so no KILN_* setting or secret);
 - limits on CPU time, address space, file size and open files, and a wall-clock timeout kept from here;
-- a private folder from `workspace()`, with its own tmp/ as HOME and TMPDIR, removed afterwards.
+- a private folder from `workspace()`, with its own tmp/ as HOME and TMPDIR, removed afterwards;
+- unless the worker is told otherwise (KILN_TRAINING_NETWORK=host), a network namespace of its own with no way
+  out: a script cannot send the rows it reads anywhere, nor reach the databases and brokers beside it.
 
 A script that loops, allocates without bound, crashes or is cancelled ends its run with a ScriptResult saying
 why; `run` raises only when the zygote itself cannot run a script.
@@ -31,7 +33,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from pydantic.alias_generators import to_camel
 
@@ -176,8 +178,11 @@ class Sandbox:
     The zygote starts at `start()` or the first run, and again whenever it has died.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, network: Literal["none", "host"] = "none") -> None:
+        """`network`: "none" runs each script cut off every network (KILN_TRAINING_NETWORK), "host" on the
+        machine's."""
         self._zygote: _Zygote | None = None
+        self._network = network
 
     def run(
         self,
@@ -200,6 +205,7 @@ class Sandbox:
             "workdir": str(workdir),
             "env": {**_BASE_ENVIRONMENT, "HOME": tmp, "TMPDIR": tmp, **(env or {})},
             "limits": limits.for_zygote(),
+            "network": self._network,
         }
         output = _OutputTail(workdir / STDOUT_LOG, on_output)
         try:

@@ -18,7 +18,7 @@ atexit handlers or waiting for non-daemon threads; and SIGXFSZ kills it at the f
 that signal, which turns an oversize write into an error that a script or a C library may drop).
 
 Protocol, one JSON object per line. On stdin, a run request
-    {"script": str, "config": str, "workdir": str, "env": {str: str},
+    {"script": str, "config": str, "workdir": str, "env": {str: str}, "network": "none" | "host",
      "limits": {"cpu_s": int, "memory_mb": int, "max_file_mb": int, "max_open_files": int}}
 or {"stop": true}, which kills the running script's process group. On stdout, {"started": pid} as soon as the
 child exists, then {"exited": pid, "returncode": int | null, "signal": str | null, "cpu_s": float,
@@ -28,6 +28,7 @@ child exists, then {"exited": pid, "returncode": int | null, "signal": str | nul
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib
 import json
@@ -66,6 +67,9 @@ _MB = 1024 * 1024
 # Past its CPU-time limit a script gets SIGXCPU, which it may catch; this much later, SIGKILL.
 _CPU_GRACE_S = 5
 _READ_BYTES = 65536
+# unshare(2) flags (os.unshare arrives with Python 3.12).
+_CLONE_NEWNET = 0x40000000
+_CLONE_NEWUSER = 0x10000000
 
 Message = dict[str, Any]
 
@@ -190,6 +194,8 @@ def _become_script(request: Message) -> NoReturn:
     try:
         os.setsid()
         _redirect_files(request["workdir"])
+        if request["network"] == "none":
+            _leave_the_network()
         os.chdir(request["workdir"])
         _replace_environment(request["env"])
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
@@ -214,6 +220,21 @@ def _redirect_files(workdir: str) -> None:
         os.dup2(opened, fd)
         os.close(opened)
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+
+
+def _leave_the_network() -> None:
+    """A network namespace of the child's own, whose only interface is a loopback that is down: no connection
+    leaves it, not even to this machine's databases. That takes CAP_SYS_ADMIN; without it, a user namespace of the
+    child's own grants it there (where the kernel lets unprivileged users make one)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(_CLONE_NEWNET) == 0 or libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
+        return
+    error = ctypes.get_errno()
+    raise OSError(
+        error,
+        f"cannot cut the training script off the network ({os.strerror(error)}): this machine allows no network "
+        "namespace here; KILN_TRAINING_NETWORK=host lets scripts share the machine's network instead",
+    )
 
 
 def _replace_environment(env: Mapping[str, str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -184,6 +185,30 @@ def test_a_script_runs_alone_in_its_session_with_its_limits_and_no_inherited_fil
         "RLIMIT_NOFILE": [LIMITS.max_open_files] * 2,
         "RLIMIT_CORE": [0, 0],
     }
+
+
+CONNECT = """
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", PORT), timeout=2).close()
+        print("connected")
+    except OSError as error:
+        print(f"refused: {error}")
+"""
+
+
+def test_a_script_reaches_no_network_unless_the_worker_allows_it(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A listener on this machine's loopback, as a database beside the worker would be: the default sandbox's
+    script cannot connect to it, one with network "host" can."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        connect = CONNECT.replace("PORT", str(listener.getsockname()[1]))
+        cut_off = run(sandbox, tmp_path, connect)
+        with Sandbox(network="host") as on_the_host:
+            connected = run(on_the_host, tmp_path, connect)
+
+    assert cut_off.result.ok and connected.result.ok, cut_off.result.reason() + connected.result.reason()
+    assert cut_off.lines[0].startswith("refused:") and "unreachable" in cut_off.lines[0]
+    assert connected.lines == ["connected"]
 
 
 def test_progress_lines_arrive_while_the_script_runs(sandbox: Sandbox, tmp_path: Path) -> None:
