@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from deploy.local import demo, stack
 from deploy.local.processes import StackError, pid_alive
@@ -33,6 +34,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = command(settings, args)
     except (StackError, demo.DemoError, ValidationError, KilnError) as error:
         print(f"kiln {args.name}: {error}", file=sys.stderr)
+        code = 1
+    except SQLAlchemyError as error:
+        reason = str(error.orig if isinstance(error, DBAPIError) else error).strip().splitlines()[0]
+        print(
+            f"kiln {args.name}: the database (KILN_DATABASE_URL) refused: {reason}; `kiln migrate` brings a new "
+            "one to the newest schema",
+            file=sys.stderr,
+        )
         code = 1
     except KeyboardInterrupt:
         code = 130

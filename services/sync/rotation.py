@@ -18,8 +18,9 @@ from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, mark_drained, start_rotation
 from services.sync.stores import reflect
 from shared.audit import record_change
-from shared.db.models import SyncBase, SyncConflict, SyncSource
+from shared.db.models import Organization, SyncBase, SyncConflict, SyncSource
 from shared.db.session import session_scope
+from shared.errors import NotFound
 from shared.sync_jobs import source_tables
 from shared.sync_tables import central_table_name
 
@@ -27,6 +28,8 @@ from shared.sync_tables import central_table_name
 def rotate_org_key(context: SyncContext, org_id: str, *, actor: str) -> dict[str, Any]:
     """Rotate in one transaction: either every value moves to the new key, or none does."""
     with session_scope(context.sessions) as session:
+        if session.get(Organization, org_id) is None:
+            raise NotFound(f"organization {org_id!r} not found", field="org")
         keyring = start_rotation(session, context.secrets, org_id)
         connection = session.connection()
         begin_applying(connection, CENTRAL_LOG)

@@ -1,5 +1,5 @@
-"""`kiln backup` / `kiln restore` of a local store (a SQLite file, a PostgreSQL database), through the S3 object store
-(SeaweedFS), sealed and verified."""
+"""The sync service's operator commands: `kiln backup` / `kiln restore` of a local store (a SQLite file, a
+PostgreSQL database) through the S3 object store (SeaweedFS), sealed and verified, and `kiln sync-keys`."""
 
 from __future__ import annotations
 
@@ -143,3 +143,21 @@ def test_a_postgresql_backup_is_not_restored_as_a_sqlite_file(
     assert restore.returncode == 1
     assert f"backup {backup_id} is of a postgresql store, not sqlite" in restore.stderr
     assert not (tmp_path / "r.db").exists()
+
+
+def test_sync_keys_name_an_unknown_org_or_key_without_a_traceback(central_settings: Settings, org_id: str) -> None:
+    rotate = kiln(central_settings, "sync-keys", "rotate", "no-such-org")
+    destroy = kiln(central_settings, "sync-keys", "destroy", org_id, "ek000000000000")
+
+    assert (rotate.returncode, rotate.stderr.strip()) == (1, "kiln sync-keys: organization 'no-such-org' not found")
+    assert (destroy.returncode, destroy.stderr.strip()) == (1, "kiln sync-keys: key 'ek000000000000' not found")
+
+
+def test_a_database_without_the_schema_is_named_with_the_way_out(settings: Settings, tmp_path: Path) -> None:
+    unmigrated = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'empty.db'}"})
+
+    destroy = kiln(unmigrated, "sync-keys", "destroy", "acme", "ek000000000000")
+
+    assert destroy.returncode == 1
+    assert "no such table: sync_keys" in destroy.stderr and "`kiln migrate`" in destroy.stderr
+    assert "Traceback" not in destroy.stderr
