@@ -333,10 +333,12 @@ def _central_row(pair: TablePair, version: Version, existing: dict[str, Any] | N
 
 
 def _base(session: Session, pair: TablePair, key: str) -> dict[str, Any] | None:
+    """The record as both sides last agreed on it, in the JSON form merge_fields compares in: its sealed columns
+    open as their types, which as_json turns back to text like every other field of the base."""
     if pair.spec.policy != "field-merge":
         return None
     row = session.get(SyncBase, (pair.source_id, pair.spec.name, key))
-    return pair.plain(row.row) if row is not None else None
+    return jsonable(pair.plain(row.row)) if row is not None else None
 
 
 def _save_bases(session: Session, pair: TablePair, rows: list[dict[str, Any]]) -> None:

@@ -115,6 +115,35 @@ def test_field_merge_compares_timestamp_and_numeric_fields_with_their_base(
     assert (conflict["outcome"], datetime.fromisoformat(conflict["localVersion"]["taken"]).year) == ("merged", 2026)
 
 
+def test_field_merge_keeps_a_local_change_to_a_sensitive_timestamp_beside_a_later_central_one(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    """The base holds the sealed timestamp; opened, it is compared in the same form as both sides' values."""
+    run_sql(local_url, "CREATE TABLE readings (id text PRIMARY KEY, taken timestamptz, note text, patient text)")
+    run_sql(local_url, "INSERT INTO readings VALUES ('r-1', '2026-01-02T03:04:05Z', 'first', 'Ada Lovelace')")
+    org = create_org_with_keys(sync_api, org_id)
+    source_id = register(sync_api, org, local_url, "field-merge", sensitiveColumns=["taken", "patient"])
+    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url)
+    sync.run()
+    sync.local("UPDATE readings SET taken = '2026-03-04T05:06:07Z' WHERE id = 'r-1'")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET note = 'checked' WHERE id = 'r-1'")  # the later edit
+
+    sync.run()
+    sync.run()
+
+    [(taken, note)] = sync.local("SELECT taken, note FROM readings")
+    assert (taken.isoformat(), note) == ("2026-03-04T05:06:07+00:00", "checked")
+    [conflict] = sync.conflicts()
+    assert conflict["outcome"] == "merged"
+    assert (
+        "overlappingFields"
+        not in sync.central(
+            "SELECT detail FROM audit_log WHERE action = 'sync.conflict' AND org_id = :o", {"o": org_id}
+        )[0][0]
+    )
+
+
 def test_sensitive_numeric_timestamp_date_and_bytea_columns_come_back_as_they_were_sealed(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
 ) -> None:
