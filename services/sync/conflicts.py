@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying, forget, log_merges
 from services.sync.deletions import delete_centrally
-from services.sync.hlc import ORIGIN, Stamp, after_both, now_ms, stamp_edit
+from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit, wall_clock_ms
 from services.sync.merge import DELETE_REFUSED, DELETED, REFUSED, Resolution, Version, deletion, jsonable
 from services.sync.pair import TablePair, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, read, stamp_of, upsert
@@ -51,7 +51,7 @@ def apply_choices(pair: TablePair) -> None:
         upsert(connection, pair.central_table, pair.key, writes)
         delete_centrally(session, connection, pair, deletes)
         forget(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, after=watermark(session, pair, DOWN))
-        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, at_ms=now_ms())
+        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, at_ms=wall_clock_ms())
         end_applying(connection, CENTRAL_LOG)
 
 
@@ -114,7 +114,7 @@ def record_conflict(
 def record_refused_central_update(
     session: Session, pair: TablePair, key: str, original: dict[str, Any], refused: dict[str, Any] | None
 ) -> None:
-    stamp = stamp_of(refused) or stamp_edit(physical_ms=now_ms(), offset_ms=0, replaced=None, node="central")
+    stamp = stamp_of(refused) or stamp_edit(physical_ms=wall_clock_ms(), offset_ms=0, replaced=None, node="central")
     theirs = deletion(stamp) if refused is None else Version(pair.plain(refused), stamp)
     resolution = Resolution(REFUSED if refused is not None else DELETE_REFUSED, Version(original, stamp))
     record_conflict(session, pair, key, Version(original, stamp), theirs, resolution)

@@ -8,19 +8,17 @@ every write of the service is, so a deletion carried over is not sent back.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from services.sync.changes import LOCAL_LOG, begin_applying, end_applying
-from services.sync.merge import as_json
+from services.sync.merge import jsonable
+from services.sync.pair import TablePair
 from services.sync.stores import delete, read, upsert
 from shared.audit import record_change
 from shared.db.models import SyncBase
-
-if TYPE_CHECKING:
-    from services.sync.pair import TablePair
 
 
 def delete_centrally(
@@ -63,7 +61,7 @@ def audit_deletion(
         actor="sync",
         action="sync.delete",
         target=f"{pair.spec.name}/{key}",
-        detail={"direction": direction, "deleted": {name: as_json(value) for name, value in row.items()}},
+        detail={"direction": direction, "deleted": jsonable(row)},
     )
 
 

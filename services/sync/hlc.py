@@ -48,6 +48,6 @@ def after_both(first: Stamp, second: Stamp, *, node: str) -> Stamp:
     return Stamp(latest.wall_ms, latest.counter + 1, node)
 
 
-def now_ms() -> int:
+def wall_clock_ms() -> int:
     """This process's wall clock in milliseconds: the physical time of an edit the sync service makes centrally."""
     return time.time_ns() // 1_000_000

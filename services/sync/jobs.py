@@ -120,12 +120,12 @@ def _sync_tables(
     context: SyncContext, local: Engine, source: SyncSource, job_id: str, after_batch: AfterBatch | None
 ) -> None:
     offset_ms = _clock_offset(local, context.engine)
+    keyring = _keyring(context, source.org_id)
     for spec in source_tables(source):
-        pair = open_pair(
-            context, local, source, spec, keyring=_keyring(context, source.org_id), offset_ms=offset_ms, job_id=job_id
-        )
+        pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
         pair.after_batch = after_batch
         _sync_through_rotations(context, pair)
+        keyring = pair.keyring  # the new one, if a rotation came meanwhile
 
 
 def _sync_through_rotations(context: SyncContext, pair: TablePair) -> None:

@@ -42,7 +42,7 @@ from services.sync.conflicts import (
     version_json,
 )
 from services.sync.deletions import audit_deletion, delete_centrally, delete_locally, forget_bases, restore_locally
-from services.sync.hlc import ORIGIN, Stamp, now_ms, stamp_edit
+from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
 from services.sync.merge import Version, deletion, jsonable, resolve
 from services.sync.pair import TablePair, Tally, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, key_text, read, stamp_of, upsert, upsert_values
@@ -127,7 +127,7 @@ def _push(
     _save_bases(session, pair, moves.writes)
     delete_centrally(session, connection, pair, moves.deletes)
     if pair.spec.sends_down:
-        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=moves.merged, at_ms=now_ms())
+        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=moves.merged, at_ms=wall_clock_ms())
     return moves
 
 
@@ -320,7 +320,7 @@ def _restore_refused(
 ) -> None:
     """Put the original back centrally, as a version after the refused one (or the deleted one), and keep the
     refused one audited."""
-    stamp = stamp_edit(physical_ms=now_ms(), offset_ms=0, replaced=stamp_of(refused), node="central")
+    stamp = stamp_edit(physical_ms=wall_clock_ms(), offset_ms=0, replaced=stamp_of(refused), node="central")
     number = refused[VERSION] + 1 if refused is not None else 1
     restored = {**pair.sealed(original), VERSION: number, STAMP: stamp.encode()}
     upsert(connection, pair.central_table, pair.key, [restored])
