@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -12,8 +13,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session
 
 from services.sync.context import SyncContext
+from services.sync.envelope import hold_active_key, load_keyring
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from services.sync.retention import purge_expired
@@ -242,3 +245,25 @@ def test_a_key_rotated_while_a_job_runs_leaves_nothing_sealed_under_the_old_key(
     sealed = [row[0] for row in sync.central(f"SELECT patient FROM {sync.central_table}")]
     assert len(sealed) == 2000 and all(value.startswith(rotations[0]["activeKey"] + ":") for value in sealed)
     assert sync.local("SELECT count(*) FROM readings WHERE patient = 'patient ' || id AND value = id + 1") == [(2000,)]
+
+
+def test_a_rotation_waits_for_a_transaction_sealing_under_the_active_key(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """A batch holds the key it seals under until it commits: a rotation asked for meanwhile starts after it, so it
+    re-encrypts what the batch wrote."""
+    open_sync(sync_api, sync_context, org_id, tmp_path).run()  # the org's first key
+    with session_scope(sync_context.sessions) as session:
+        keyring = load_keyring(session, sync_context.secrets, org_id)
+    rotations: list[dict[str, Any]] = []
+    rotation = threading.Thread(target=lambda: rotations.append(rotate_org_key(sync_context, org_id, actor="operator")))
+
+    with Session(sync_context.engine) as batch, batch.begin():
+        hold_active_key(batch, keyring)
+        rotation.start()
+        rotation.join(timeout=1)
+        rotated_while_held = not rotation.is_alive()
+    rotation.join(timeout=30)
+
+    assert not rotated_while_held
+    assert [summary["drainedKeys"] for summary in rotations] == [[keyring.active_id]]
