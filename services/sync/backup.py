@@ -2,16 +2,17 @@
 back.
 
 A SQLite store's snapshot is SQLite's online backup; a PostgreSQL store's is pg_dump's custom format, taken in one
-transaction: both are consistent while the store is in use. The snapshot is sealed with AES-GCM under the platform
-key with the org and backup id bound in, at `orgs/{org}/backups/{id}.db.sealed` (SQLite) or `{id}.dump.sealed`
-(PostgreSQL); beside it a manifest holds the sha256 of the snapshot itself. A restore goes ahead only when the
-opened snapshot's sha256 matches, and only into a new SQLite file or an empty PostgreSQL database (pg_restore in
-one transaction), so it never overwrites a store and never leaves a half-restored one.
+transaction: both are consistent while the store is in use. The snapshot is sealed with AES-GCM as a stream of
+1 MiB chunks (shared/crypto.py, seal_stream), under a key derived from the platform key with the org and backup id
+bound in, at `orgs/{org}/backups/{id}.db.sealed` (SQLite) or `{id}.dump.sealed` (PostgreSQL); beside it a manifest
+holds the sha256 of the snapshot itself. Backup and restore go through temporary files, one chunk at a time, so a
+store of any size passes through bounded memory. A restore goes ahead only when the opened snapshot's sha256
+matches, and only into a new SQLite file or an empty PostgreSQL database (pg_restore in one transaction), so it
+never overwrites a store and never leaves a half-restored one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import shutil
@@ -31,12 +32,15 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from shared.crypto import SecretBox
 from shared.db.types import utcnow
 from shared.errors import ArtifactIntegrityError, InvalidInput
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, sha256_file
 
 Kind = Literal["sqlite", "postgresql"]
 SQLITE: Final = "sqlite"
 POSTGRESQL: Final = "postgresql"
 _SUFFIXES: Final = {SQLITE: "db", POSTGRESQL: "dump"}
+Sealing = Literal["whole", "stream"]
+WHOLE: Final = "whole"
+STREAM: Final = "stream"
 _TOOL_TIMEOUT_S = 3600
 # Relations a database holds once anything was made in it: a restore goes only into a database without any.
 _USER_RELATIONS = (
@@ -52,39 +56,49 @@ class BackupManifest(BaseModel):
     source: str
     # Manifests written before PostgreSQL stores could be backed up have no kind: they are SQLite's.
     kind: Kind = SQLITE
+    # And those written before backups were sealed as streams were sealed whole.
+    sealing: Sealing = WHOLE
     sha256: str
     size_bytes: int
     created_at: str
 
 
 def backup_store(store: ObjectStore, box: SecretBox, *, org_id: str, source: str) -> BackupManifest:
-    """Snapshot `source` (a SQLite file's path or sqlite:/// URL, or a PostgreSQL URL) into the object store."""
+    """Snapshot `source` (a SQLite file's path or sqlite:/// URL, or a PostgreSQL URL) into the object store. The
+    snapshot goes through temporary files (TMPDIR needs room for it twice), never whole through memory."""
     location = store_location(source, field="source")
-    if isinstance(location, URL):
-        kind: Kind = POSTGRESQL
-        snapshot, shown = _dump_postgresql(location), location.render_as_string(hide_password=True)
-    else:
-        if not location.is_file():
-            raise InvalidInput(f"{location} is not a SQLite file", field="source")
-        kind, snapshot, shown = SQLITE, _snapshot_sqlite(location), str(location)
-    backup_id = utcnow().strftime("%Y%m%dT%H%M%SZ") + "_" + secrets.token_hex(4)
-    manifest = BackupManifest(
-        backup_id=backup_id,
-        org_id=org_id,
-        source=shown,
-        kind=kind,
-        sha256=hashlib.sha256(snapshot).hexdigest(),
-        size_bytes=len(snapshot),
-        created_at=utcnow().isoformat(),
-    )
-    store.put_bytes(_sealed_key(manifest), box.seal(snapshot, context=_context(org_id, backup_id)))
+    if not isinstance(location, URL) and not location.is_file():
+        raise InvalidInput(f"{location} is not a SQLite file", field="source")
+    with tempfile.TemporaryDirectory(prefix="kiln-backup-") as folder:
+        snapshot, sealed = Path(folder) / "snapshot", Path(folder) / "sealed"
+        if isinstance(location, URL):
+            kind: Kind = POSTGRESQL
+            shown = location.render_as_string(hide_password=True)
+            _dump_postgresql(location, snapshot)
+        else:
+            kind, shown = SQLITE, str(location)
+            _snapshot_sqlite(location, snapshot)
+        backup_id = utcnow().strftime("%Y%m%dT%H%M%SZ") + "_" + secrets.token_hex(4)
+        manifest = BackupManifest(
+            backup_id=backup_id,
+            org_id=org_id,
+            source=shown,
+            kind=kind,
+            sealing=STREAM,
+            sha256=sha256_file(snapshot),
+            size_bytes=snapshot.stat().st_size,
+            created_at=utcnow().isoformat(),
+        )
+        with snapshot.open("rb") as plain, sealed.open("wb") as out:
+            box.seal_stream(plain, out, context=_context(org_id, backup_id))
+        store.put_file(_sealed_key(manifest), sealed)
     store.put_bytes(_manifest_key(org_id, backup_id), orjson.dumps(manifest.model_dump()))
     return manifest
 
 
 def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id: str, target: str) -> BackupManifest:
     """Restore a backup into `target`: a new SQLite file for a SQLite backup, an empty PostgreSQL database for a
-    PostgreSQL one."""
+    PostgreSQL one. The snapshot is opened and checked in temporary files before anything is written there."""
     manifest = BackupManifest.model_validate(orjson.loads(store.get_bytes(_manifest_key(org_id, backup_id))))
     location = store_location(target, field="target")
     kind = POSTGRESQL if isinstance(location, URL) else SQLITE
@@ -94,16 +108,33 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
         _refuse_unless_empty(location)
     elif location.exists():
         raise InvalidInput(f"{location} exists; restore into a new path", field="target")
-    snapshot = box.unseal(store.get_bytes(_sealed_key(manifest)), context=_context(org_id, backup_id))
-    if hashlib.sha256(snapshot).hexdigest() != manifest.sha256:
-        raise ArtifactIntegrityError(f"backup {backup_id} does not match its checksum; nothing was restored")
-    if isinstance(location, URL):
-        _restore_postgresql(snapshot, location)
-    else:
-        partial = location.with_name(location.name + ".partial")
-        partial.write_bytes(snapshot)
-        partial.rename(location)
+    with tempfile.TemporaryDirectory(prefix="kiln-restore-") as folder:
+        sealed, snapshot = Path(folder) / "sealed", Path(folder) / "snapshot"
+        store.get_file(_sealed_key(manifest), sealed)
+        _open_snapshot(box, manifest, sealed, snapshot)
+        if sha256_file(snapshot) != manifest.sha256:
+            raise ArtifactIntegrityError(f"backup {backup_id} does not match its checksum; nothing was restored")
+        if isinstance(location, URL):
+            _restore_postgresql(snapshot, location)
+        else:
+            partial = location.with_name(location.name + ".partial")
+            shutil.move(snapshot, partial)
+            partial.rename(location)
     return manifest
+
+
+def _open_snapshot(box: SecretBox, manifest: BackupManifest, sealed: Path, snapshot: Path) -> None:
+    context = _context(manifest.org_id, manifest.backup_id)
+    try:
+        if manifest.sealing == WHOLE:
+            snapshot.write_bytes(box.unseal(sealed.read_bytes(), context=context))
+            return
+        with sealed.open("rb") as source, snapshot.open("wb") as out:
+            box.unseal_stream(source, out, context=context)
+    except ValueError as error:
+        raise ArtifactIntegrityError(
+            f"backup {manifest.backup_id} does not open: {error}; nothing was restored"
+        ) from None
 
 
 def store_location(given: str, *, field: str) -> URL | Path:
@@ -121,33 +152,27 @@ def store_location(given: str, *, field: str) -> URL | Path:
     raise InvalidInput(f"{field}: only SQLite files and PostgreSQL databases can be backed up", field=field)
 
 
-def _snapshot_sqlite(path: Path) -> bytes:
-    with tempfile.TemporaryDirectory() as folder:
-        copy = Path(folder) / "snapshot.db"
-        with closing(sqlite3.connect(path)) as source, closing(sqlite3.connect(copy)) as target:
-            source.backup(target)
-        return copy.read_bytes()
+def _snapshot_sqlite(path: Path, snapshot: Path) -> None:
+    with closing(sqlite3.connect(path)) as source, closing(sqlite3.connect(snapshot)) as target:
+        source.backup(target)
 
 
-def _dump_postgresql(url: URL) -> bytes:
-    command = [_tool("pg_dump", "source"), "--format=custom", "--no-owner", "--no-privileges"]
-    return _run_tool(command, url, field="source")
+def _dump_postgresql(url: URL, snapshot: Path) -> None:
+    command = [_tool("pg_dump", "source"), "--format=custom", "--no-owner", "--no-privileges", f"--file={snapshot}"]
+    _run_tool(command, url, field="source")
 
 
-def _restore_postgresql(snapshot: bytes, url: URL) -> None:
-    with tempfile.TemporaryDirectory() as folder:
-        dump = Path(folder) / "store.dump"
-        dump.write_bytes(snapshot)
-        command = [
-            _tool("pg_restore", "target"),
-            "--no-owner",
-            "--no-privileges",
-            "--single-transaction",
-            "--exit-on-error",
-            f"--dbname={url.database}",
-            str(dump),
-        ]
-        _run_tool(command, url, field="target")
+def _restore_postgresql(snapshot: Path, url: URL) -> None:
+    command = [
+        _tool("pg_restore", "target"),
+        "--no-owner",
+        "--no-privileges",
+        "--single-transaction",
+        "--exit-on-error",
+        f"--dbname={url.database}",
+        str(snapshot),
+    ]
+    _run_tool(command, url, field="target")
 
 
 def _refuse_unless_empty(url: URL) -> None:
@@ -178,18 +203,22 @@ def _tool(name: str, field: str) -> str:
     return found
 
 
-def _run_tool(command: list[str], url: URL, *, field: str) -> bytes:
+def _run_tool(command: list[str], url: URL, *, field: str) -> None:
     """Run a PostgreSQL client tool against `url`; the connection goes in libpq's variables, so that the
     password never shows on a command line."""
     result = subprocess.run(
-        command, env=_libpq_environment(url), capture_output=True, timeout=_TOOL_TIMEOUT_S, check=False
+        command,
+        env=_libpq_environment(url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=_TOOL_TIMEOUT_S,
+        check=False,
     )
     if result.returncode != 0:
         reason = result.stderr.decode(errors="replace").strip().splitlines()
         raise InvalidInput(
             f"{Path(command[0]).name} failed: {reason[-1] if reason else f'exit {result.returncode}'}", field=field
         )
-    return result.stdout
 
 
 def _libpq_environment(url: URL) -> dict[str, str]:

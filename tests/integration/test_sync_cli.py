@@ -3,6 +3,9 @@ PostgreSQL database) through the S3 object store (SeaweedFS), sealed and verifie
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -12,12 +15,14 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
-from services.sync.backup import restore_store
+from services.sync.backup import backup_store, restore_store
 from services.sync.changes import LOCAL_LOG, create_log, install_triggers
 from services.sync.context import SyncContext
+from shared.crypto import STREAM_CHUNK_BYTES
 from shared.errors import ArtifactIntegrityError
 from shared.settings import Settings
 from tests.integration.sync_support import READINGS, TWO_READINGS, make_local_store, run_sql
@@ -32,6 +37,17 @@ def kiln(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
 
 
+def backed_up(settings: Settings, org_id: str, source: str) -> str:
+    """`kiln backup`, and the id it names."""
+    backup = kiln(settings, "backup", org_id, source)
+    assert backup.returncode == 0, backup.stderr
+    return backup_id_in(backup.stdout)
+
+
+def backup_id_in(output: str) -> str:
+    return output.split()[1].rstrip(":")
+
+
 def test_a_backup_restores_to_the_same_records_and_is_stored_sealed(
     central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
@@ -40,7 +56,7 @@ def test_a_backup_restores_to_the_same_records_and_is_stored_sealed(
 
     backup = kiln(central_settings, "backup", org_id, str(store))
     assert backup.returncode == 0, backup.stderr
-    backup_id = backup.stdout.split()[1].rstrip(":")
+    backup_id = backup_id_in(backup.stdout)
     restored = tmp_path / "restored.db"
     restore = kiln(central_settings, "restore", org_id, backup_id, str(restored))
 
@@ -57,7 +73,7 @@ def test_a_tampered_backup_is_not_restored(
 ) -> None:
     store = tmp_path / "plant.db"
     make_local_store(store, TWO_READINGS)
-    backup_id = kiln(central_settings, "backup", org_id, str(store)).stdout.split()[1].rstrip(":")
+    backup_id = backed_up(central_settings, org_id, str(store))
     manifest_key = f"orgs/{org_id}/backups/{backup_id}.json"
     manifest = sync_context.store.get_bytes(manifest_key)
     sync_context.store.put_bytes(manifest_key, manifest.replace(b'"sha256":"', b'"sha256":"0'))
@@ -67,6 +83,75 @@ def test_a_tampered_backup_is_not_restored(
             sync_context.store, sync_context.secrets, org_id=org_id, backup_id=backup_id, target=str(tmp_path / "r.db")
         )
     assert not (tmp_path / "r.db").exists()
+
+
+def test_a_store_of_many_chunks_restores_byte_for_byte(
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "plant.db"
+    make_local_store(store, TWO_READINGS)
+    with closing(sqlite3.connect(store)) as connection:
+        connection.execute("CREATE TABLE waveforms (id INTEGER PRIMARY KEY, samples BLOB)")
+        connection.executemany("INSERT INTO waveforms VALUES (?, ?)", ((n, os.urandom(64_000)) for n in range(60)))
+        connection.commit()
+    manifest = backup_store(sync_context.store, sync_context.secrets, org_id=org_id, source=str(store))
+    assert manifest.size_bytes > 3 * STREAM_CHUNK_BYTES
+
+    restored = tmp_path / "restored.db"
+    restore_store(
+        sync_context.store, sync_context.secrets, org_id=org_id, backup_id=manifest.backup_id, target=str(restored)
+    )
+
+    with closing(sqlite3.connect(store)) as original, closing(sqlite3.connect(restored)) as copy:
+        query = "SELECT id, samples FROM waveforms ORDER BY id"
+        assert copy.execute(query).fetchall() == original.execute(query).fetchall()
+
+
+def test_an_altered_chunk_of_a_backup_is_refused_and_nothing_is_written(
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "plant.db"
+    make_local_store(store, TWO_READINGS)
+    backup_id = backed_up(central_settings, org_id, str(store))
+    sealed_key = f"orgs/{org_id}/backups/{backup_id}.db.sealed"
+    sealed = bytearray(sync_context.store.get_bytes(sealed_key))
+    sealed[-40] ^= 1
+    sync_context.store.put_bytes(sealed_key, bytes(sealed))
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "r.db"))
+
+    assert restore.returncode == 1
+    assert f"backup {backup_id} does not open" in restore.stderr and "Traceback" not in restore.stderr
+    assert not (tmp_path / "r.db").exists() and not (tmp_path / "r.db.partial").exists()
+
+
+def test_a_backup_sealed_whole_by_an_earlier_kiln_still_restores(
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Backups made before they were sealed as streams: one AES-GCM message under the platform key, and a manifest
+    that names no sealing."""
+    store = tmp_path / "plant.db"
+    make_local_store(store, TWO_READINGS)
+    snapshot, backup_id = store.read_bytes(), "20261101T000000Z_0a1b2c3d"
+    nonce = os.urandom(12)
+    platform_key = AESGCM(base64.b64decode(central_settings.secret_key.get_secret_value()))
+    sealed = nonce + platform_key.encrypt(nonce, snapshot, f"backup:{org_id}:{backup_id}".encode())
+    manifest = {
+        "backup_id": backup_id,
+        "org_id": org_id,
+        "source": str(store),
+        "sha256": hashlib.sha256(snapshot).hexdigest(),
+        "size_bytes": len(snapshot),
+        "created_at": "2026-11-01T00:00:00+00:00",
+    }
+    sync_context.store.put_bytes(f"orgs/{org_id}/backups/{backup_id}.db.sealed", sealed)
+    sync_context.store.put_bytes(f"orgs/{org_id}/backups/{backup_id}.json", json.dumps(manifest).encode())
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "r.db"))
+
+    assert restore.returncode == 0, restore.stderr
+    with closing(sqlite3.connect(tmp_path / "r.db")) as connection:
+        assert connection.execute("SELECT * FROM readings ORDER BY id").fetchall() == TWO_READINGS
 
 
 @pytest.fixture
@@ -95,7 +180,7 @@ def test_a_postgresql_store_restores_into_an_empty_database_with_its_change_capt
     backup = kiln(central_settings, "backup", org_id, plant_database)
     assert backup.returncode == 0, backup.stderr
     assert "postgresql store" in backup.stdout
-    backup_id = backup.stdout.split()[1].rstrip(":")
+    backup_id = backup_id_in(backup.stdout)
 
     restore = kiln(central_settings, "restore", org_id, backup_id, empty_database)
 
@@ -111,7 +196,7 @@ def test_a_postgresql_store_restores_into_an_empty_database_with_its_change_capt
 def test_a_restore_never_writes_into_a_database_that_holds_tables(
     central_settings: Settings, org_id: str, plant_database: str
 ) -> None:
-    backup_id = kiln(central_settings, "backup", org_id, plant_database).stdout.split()[1].rstrip(":")
+    backup_id = backed_up(central_settings, org_id, plant_database)
     run_sql(plant_database, "UPDATE readings SET value = 7.0 WHERE id = 1")
 
     restore = kiln(central_settings, "restore", org_id, backup_id, plant_database)
@@ -136,7 +221,7 @@ def test_an_unreachable_store_is_named_without_its_password(
 def test_a_postgresql_backup_is_not_restored_as_a_sqlite_file(
     central_settings: Settings, org_id: str, plant_database: str, tmp_path: Path
 ) -> None:
-    backup_id = kiln(central_settings, "backup", org_id, plant_database).stdout.split()[1].rstrip(":")
+    backup_id = backed_up(central_settings, org_id, plant_database)
 
     restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "r.db"))
 
