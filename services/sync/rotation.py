@@ -24,9 +24,12 @@ from shared.errors import NotFound
 from shared.sync_jobs import source_tables
 from shared.sync_tables import central_table_name
 
+PAGE_ROWS = 500
+
 
 def rotate_org_key(context: SyncContext, org_id: str, *, actor: str) -> dict[str, Any]:
-    """Rotate in one transaction: either every value moves to the new key, or none does."""
+    """Rotate in one transaction: either every value moves to the new key, or none does. Tables are read a page at
+    a time, so memory does not grow with them."""
     with session_scope(context.sessions) as session:
         if session.get(Organization, org_id) is None:
             raise NotFound(f"organization {org_id!r} not found", field="org")
@@ -57,27 +60,28 @@ def rotate_org_key(context: SyncContext, org_id: str, *, actor: str) -> dict[str
 def _reseal_table(
     connection: Connection, table: Table, key: str, name: str, columns: list[str], keyring: Keyring
 ) -> int:
-    rows = connection.execute(select(table.c[key], *(table.c[column] for column in columns))).mappings().all()
-    changed = [row for row in (_resealed(dict(found), name, columns, keyring) for found in rows) if row is not None]
-    if changed:
-        statement = (
-            update(table)
-            .where(table.c[key] == bindparam("record_key"))
-            .values({column: bindparam(f"new_{column}") for column in columns})
-        )
-        connection.execute(
-            statement,
-            [{"record_key": row[key], **{f"new_{c}": row[c] for c in columns}} for row in changed],
-        )
-    return len(changed)
+    """Page by page in key order, so that memory holds one page of a table of any size."""
+    resealed, last = 0, None
+    read = select(table.c[key], *(table.c[column] for column in columns)).order_by(table.c[key]).limit(PAGE_ROWS)
+    write = (
+        update(table)
+        .where(table.c[key] == bindparam("record_key"))
+        .values({column: bindparam(f"new_{column}") for column in columns})
+    )
+    while page := connection.execute(read if last is None else read.where(table.c[key] > last)).mappings().all():
+        last = page[-1][key]
+        changed = [row for row in (_resealed(dict(found), name, columns, keyring) for found in page) if row]
+        if changed:
+            connection.execute(
+                write, [{"record_key": row[key], **{f"new_{c}": row[c] for c in columns}} for row in changed]
+            )
+        resealed += len(changed)
+    return resealed
 
 
 def _reseal_documents(session: Session, source_id: str, name: str, columns: list[str], keyring: Keyring) -> int:
     """Conflicts and field-merge bases keep sealed copies of records too."""
-    count = 0
-    for base in session.scalars(select(SyncBase).where(SyncBase.source_id == source_id, SyncBase.table_name == name)):
-        if (row := _resealed(dict(base.row), name, columns, keyring)) is not None:
-            base.row, count = row, count + 1
+    count = _reseal_bases(session.connection(), source_id, name, columns, keyring)
     for conflict in session.scalars(
         select(SyncConflict).where(SyncConflict.source_id == source_id, SyncConflict.table_name == name)
     ):
@@ -87,6 +91,21 @@ def _reseal_documents(session: Session, source_id: str, name: str, columns: list
                 setattr(conflict, attribute, row)
                 count += 1
     return count
+
+
+def _reseal_bases(connection: Connection, source_id: str, name: str, columns: list[str], keyring: Keyring) -> int:
+    """A field-merge table has a base per record: paged like the table itself."""
+    resealed, last = 0, ""
+    of_table = (SyncBase.source_id == source_id, SyncBase.table_name == name)
+    read = select(SyncBase.record_key, SyncBase.row).where(*of_table).order_by(SyncBase.record_key).limit(PAGE_ROWS)
+    write = update(SyncBase).where(*of_table, SyncBase.record_key == bindparam("key")).values(row=bindparam("new_row"))
+    while page := connection.execute(read.where(SyncBase.record_key > last)).all():
+        last = page[-1].record_key
+        changed = [(key, row) for key, found in page if (row := _resealed(dict(found), name, columns, keyring))]
+        if changed:
+            connection.execute(write, [{"key": key, "new_row": row} for key, row in changed])
+        resealed += len(changed)
+    return resealed
 
 
 def _resealed(row: dict[str, Any], name: str, columns: list[str], keyring: Keyring) -> dict[str, Any] | None:

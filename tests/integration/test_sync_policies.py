@@ -20,7 +20,7 @@ from services.sync.envelope import hold_active_key, load_keyring
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from services.sync.retention import purge_expired
-from services.sync.rotation import rotate_org_key
+from services.sync.rotation import PAGE_ROWS, rotate_org_key
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.sync_keys import destroy_key
@@ -222,6 +222,23 @@ def test_after_a_key_rotation_every_record_decrypts_and_the_old_key_can_be_destr
     sealed = [row[0] for row in sync.central(f"SELECT patient FROM {sync.central_table}")]
     assert all(value.startswith(summary["activeKey"] + ":") for value in sealed)
     assert sync.central("SELECT status, wrapped FROM sync_keys WHERE id = :k", {"k": old_key}) == [("destroyed", None)]
+
+
+def test_a_rotation_reseals_tables_and_field_merge_bases_larger_than_a_page(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    count = 2 * PAGE_ROWS + 7
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, policy="field-merge", rows=many_readings(count))
+    sync.run()
+
+    summary = rotate_org_key(sync_context, org_id, actor="operator")
+
+    assert summary["resealedValues"] == 2 * count  # each record, and its base
+    new_key = summary["activeKey"] + ":"
+    sealed = [row[0] for row in sync.central(f"SELECT patient FROM {sync.central_table}")]
+    assert len(sealed) == count and all(value.startswith(new_key) for value in sealed)
+    bases = [row[0] for row in sync.central("SELECT row FROM sync_bases")]
+    assert len(bases) == count and all(base["patient"].startswith(new_key) for base in bases)
 
 
 def test_a_key_rotated_while_a_job_runs_leaves_nothing_sealed_under_the_old_key(
