@@ -57,6 +57,11 @@ class Settings(BaseSettings):
         description="none: a training script runs in a network namespace of its own and reaches nothing; "
         "host: it shares the machine's network.",
     )
+    training_filesystem: Literal["private", "host"] = Field(
+        "private",
+        description="private: a training script reads only the system's libraries, Python, Kiln's code and its own "
+        "folder, and writes only in its workspace (Landlock); host: it reaches what the worker's user can.",
+    )
     sync_batch_size: int = Field(2000, gt=0, le=100_000, description="Records a sync job moves per transaction.")
     sync_purge_interval_s: float = Field(
         3600.0, gt=0, description="How often the sync beat purges synced records past their org's retention."

@@ -43,7 +43,7 @@ class WorkerContext:
             engine=engine,
             sessions=make_session_factory(engine),
             store=open_object_store(settings),
-            sandbox=Sandbox(network=settings.training_network),
+            sandbox=Sandbox(network=settings.training_network, filesystem=settings.training_filesystem),
             producer=producer,
             premises=LocalObjectStore(settings.data_dir / "premises"),
         )

@@ -7,15 +7,19 @@ script starts in milliseconds, not 1.7 s) and gets:
 - limits on CPU time, address space, file size and open files, and a wall-clock timeout kept from here;
 - a private folder from `workspace()`, with its own tmp/ as HOME and TMPDIR, removed afterwards;
 - unless the worker is told otherwise (KILN_TRAINING_NETWORK=host), a network namespace of its own with no way
-  out: a script cannot send the rows it reads anywhere, nor reach the databases and brokers beside it.
+  out: a script cannot send the rows it reads anywhere, nor reach the databases and brokers beside it;
+- unless told otherwise (KILN_TRAINING_FILESYSTEM=host), a Landlock confinement (confinement.py): it reads only
+  the system's libraries, Python and its packages, Kiln's code and its own script's folder, writes only in its
+  workspace, and cannot signal or trace the worker or another run. The embedded stack's database and object
+  folder, other runs' workspaces and the worker's /proc entries (its environment) are out of its reach.
 
 A script that loops, allocates without bound, crashes or is cancelled ends its run with a ScriptResult saying
 why; `run` raises only when the zygote itself cannot run a script.
 
-Not covered: a script runs as the worker's user, so it can read what that user can read (files, and
-/proc/<pid>/environ of the worker's processes unless they are made non-dumpable); a process that leaves the
-script's session (setsid) is not killed with it. Where scripts are not trusted, give them their own user or
-container as well.
+Not covered: a script runs as the worker's user, and with KILN_TRAINING_FILESYSTEM=host it can read what that
+user can read (files, and /proc/<pid>/environ of the worker's processes unless they are made non-dumpable); a
+process that leaves the script's session (setsid) is not killed with it. Where scripts are not trusted, give them
+their own user or container as well.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -47,6 +52,37 @@ _SEARCH_PATH = f"{Path(sys.executable).parent}:/usr/bin:/bin"
 # What both the zygote and every script see. libgomp reads OMP_WAIT_POLICY once, when the zygote loads it: its
 # default spin-waiting made fits 20-60x slower beside any other busy process on a 2-core machine.
 _BASE_ENVIRONMENT = {"PATH": _SEARCH_PATH, "LANG": "C.UTF-8", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONHASHSEED": "0"}
+
+# What a confined script may read besides Python, its packages, Kiln's code and its own folder: what a process
+# needs of the system (libraries, the loader's cache, users, time zones, CPU and memory figures, its own /proc
+# entry), and no more of /etc, where a deployment may keep Kiln's own configuration.
+_SYSTEM_READABLE = (
+    "/usr",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/bin",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/ssl",
+    "/proc/cpuinfo",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/proc/self",  # opened in the script's process: its own entry, not the worker's
+    "/sys/devices/system/cpu",
+    "/sys/fs/cgroup",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/zero",
+)
+_SYSTEM_WRITABLE = ("/dev/null",)
 
 _POLL_S = 0.1
 # The zygote imports LightGBM and friends before it reads its first request: ~1.7 s here, more on a busy machine.
@@ -178,11 +214,15 @@ class Sandbox:
     The zygote starts at `start()` or the first run, and again whenever it has died.
     """
 
-    def __init__(self, *, network: Literal["none", "host"] = "none") -> None:
+    def __init__(
+        self, *, network: Literal["none", "host"] = "none", filesystem: Literal["private", "host"] = "private"
+    ) -> None:
         """`network`: "none" runs each script cut off every network (KILN_TRAINING_NETWORK), "host" on the
-        machine's."""
+        machine's. `filesystem`: "private" confines each script to the files it needs (KILN_TRAINING_FILESYSTEM),
+        "host" lets it reach what the worker's user can."""
         self._zygote: _Zygote | None = None
         self._network = network
+        self._filesystem = filesystem
 
     def run(
         self,
@@ -206,6 +246,7 @@ class Sandbox:
             "env": {**_BASE_ENVIRONMENT, "HOME": tmp, "TMPDIR": tmp, **(env or {})},
             "limits": limits.for_zygote(),
             "network": self._network,
+            "filesystem": _confinement(script, workdir) if self._filesystem == "private" else None,
         }
         output = _OutputTail(workdir / STDOUT_LOG, on_output)
         try:
@@ -440,6 +481,15 @@ def _file_tail(path: Path) -> str:
         text = file.read().decode(errors="replace")
         return text if size <= _STDERR_TAIL_BYTES else text.partition("\n")[2]
     return ""
+
+
+def _confinement(script: Path, workdir: Path) -> dict[str, list[str]]:
+    """What a confined script may read and write. Kiln's packages are named one by one, not the folder holding
+    them, where the embedded stack keeps its data (.kiln/) by default."""
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sysconfig.get_paths().values()}
+    kiln = {str(_IMPORT_ROOT / "services"), str(_IMPORT_ROOT / "shared")}
+    readable = [*_SYSTEM_READABLE, *sorted(python), *sorted(kiln), str(script.resolve().parent)]
+    return {"read": readable, "write": [*_SYSTEM_WRITABLE, str(workdir)]}
 
 
 def _private_tmp(workdir: Path) -> Path:

@@ -19,6 +19,7 @@ that signal, which turns an oversize write into an error that a script or a C li
 
 Protocol, one JSON object per line. On stdin, a run request
     {"script": str, "config": str, "workdir": str, "env": {str: str}, "network": "none" | "host",
+     "filesystem": {"read": [str], "write": [str]} | null,
      "limits": {"cpu_s": int, "memory_mb": int, "max_file_mb": int, "max_open_files": int}}
 or {"stop": true}, which kills the running script's process group. On stdout, {"started": pid} as soon as the
 child exists, then {"exited": pid, "returncode": int | null, "signal": str | null, "cpu_s": float,
@@ -46,6 +47,8 @@ from contextlib import suppress
 from typing import IO, Any, NoReturn
 
 import numpy
+
+from services.trainer.confinement import confine_files
 
 PRELOADED = (
     "numpy",
@@ -200,6 +203,8 @@ def _become_script(request: Message) -> NoReturn:
         _replace_environment(request["env"])
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
         _apply_limits(request["limits"])
+        if request["filesystem"] is not None:
+            confine_files(request["filesystem"]["read"], request["filesystem"]["write"])
         status = _run_script(request["script"], request["config"])
     except BaseException:
         # A failure to set up the child: it reaches the run's stderr.log, or the worker's log if it came first.

@@ -75,6 +75,8 @@ def cluster_settings(s3_server: S3Server, tmp_path_factory: pytest.TempPathFacto
             run_lease_s=LEASE_S,
             beat_tick_s=0.5,
             training_scripts_dir=scripts,
+            # kills_worker.py stands for a worker lost mid-run; a script confined to its files may not signal it.
+            training_filesystem="host",
             flower_password=SecretStr("flower-test-password"),
         )
 

@@ -4,7 +4,9 @@ interface and its sandbox, retries, cancellation, the training log, validation a
 from __future__ import annotations
 
 import os
+import secrets
 import signal
+import tempfile
 import textwrap
 import threading
 import time
@@ -275,16 +277,28 @@ def test_a_script_that_loops_is_stopped_at_the_orgs_timeout(
     assert "timed out after 2 s" in run_of(api, org, run_id)["error"]
 
 
+def pid_written_in_a_workspace(name: str, *, within_s: float = 30) -> int:
+    """The pid a script wrote to `name` in its workspace: a fresh kiln-script-* folder in the temporary folder, the
+    one place a confined script may write."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        for path in Path(tempfile.gettempdir()).glob(f"kiln-script-*/{name}"):
+            if text := path.read_text():
+                return int(text)
+        time.sleep(0.1)
+    raise AssertionError(f"no script wrote {name} within {within_s} s")
+
+
 def test_cancelling_a_running_run_kills_its_script_within_five_seconds(
     api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
 ) -> None:
-    pid_file = tmp_path / "script.pid"
+    pid_name = f"sleeps-{secrets.token_hex(4)}.pid"
     script = install_script(
         scripts_dir,
         "sleeps.py",
         f"""
         import os, time
-        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        open({pid_name!r}, "w").write(str(os.getpid()))
         print('{{"stage": "training", "iteration": 1, "of": 100}}', flush=True)
         time.sleep(600)
     """,
@@ -294,9 +308,7 @@ def test_cancelling_a_running_run_kills_its_script_within_five_seconds(
     outcome: list[str] = []
     worker = threading.Thread(target=lambda: outcome.append(run_training(run_id, script_worker)))
     worker.start()
-    deadline = time.monotonic() + 30
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    script_pid = pid_written_in_a_workspace(pid_name)
     assert run_of(api, org, run_id)["status"] == "running"
     cancelled_at = time.monotonic()
     assert api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer).status_code == 202
@@ -304,4 +316,4 @@ def test_cancelling_a_running_run_kills_its_script_within_five_seconds(
     assert outcome == ["cancelled"] and time.monotonic() - cancelled_at < 5
     assert run_of(api, org, run_id)["status"] == "cancelled"
     with pytest.raises(ProcessLookupError):
-        os.killpg(int(pid_file.read_text()), signal.SIG_DFL)
+        os.killpg(script_pid, signal.SIG_DFL)

@@ -211,6 +211,53 @@ def test_a_script_reaches_no_network_unless_the_worker_allows_it(sandbox: Sandbo
     assert connected.lines == ["connected"]
 
 
+REACH = """
+    import json, os, signal
+    def attempt(action):
+        try:
+            action()
+            return "allowed"
+        except OSError as error:
+            return type(error).__name__
+    print(json.dumps({
+        "data": attempt(lambda: open("DATA", "rb").read()),
+        "worker environment": attempt(lambda: open("/proc/WORKER/environ", "rb").read()),
+        "signal the zygote": attempt(lambda: os.kill(os.getppid(), 0)),
+        "signal the worker": attempt(lambda: os.kill(WORKER, 0)),
+        "own /proc entry": attempt(lambda: open("/proc/self/status", "rb").read()),
+        "write the workspace": attempt(lambda: open("model.txt", "w").write("trees")),
+        "write its tmp": attempt(lambda: open(os.path.join(os.environ["TMPDIR"], "scratch"), "w").write("x")),
+    }))
+"""
+
+
+def test_a_script_reaches_only_its_own_files_unless_the_worker_allows_more(
+    sandbox: Sandbox, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The embedded stack's database (here a file beside the script's folder, as .kiln/kiln.db sits beside
+    Kiln's code), the worker's environment under /proc, and signals to the zygote or the worker are out of a
+    confined script's reach; with filesystem "host" all of them are reachable."""
+    data = tmp_path_factory.mktemp("kiln-data") / "kiln.db"
+    data.write_bytes(b"SQLite format 3\x00 every org's records")
+    reach = REACH.replace("DATA", str(data)).replace("WORKER", str(os.getpid()))
+
+    confined = run(sandbox, tmp_path, reach)
+    with Sandbox(filesystem="host") as on_the_host:
+        unconfined = run(on_the_host, tmp_path, reach)
+
+    assert confined.result.ok and unconfined.result.ok, confined.result.reason() + unconfined.result.reason()
+    assert json.loads(confined.lines[0]) == {
+        "data": "PermissionError",
+        "worker environment": "PermissionError",
+        "signal the zygote": "PermissionError",
+        "signal the worker": "PermissionError",
+        "own /proc entry": "allowed",
+        "write the workspace": "allowed",
+        "write its tmp": "allowed",
+    }
+    assert set(json.loads(unconfined.lines[0]).values()) == {"allowed"}
+
+
 def test_progress_lines_arrive_while_the_script_runs(sandbox: Sandbox, tmp_path: Path) -> None:
     # The script goes on only once the test has seen its first line.
     source = """
@@ -303,19 +350,21 @@ def test_a_killed_zygote_is_replaced(sandbox: Sandbox, tmp_path: Path) -> None:
     assert int(second.lines[0]) != first
 
 
-def test_a_script_that_kills_its_zygote_fails_and_the_next_run_works(sandbox: Sandbox, tmp_path: Path) -> None:
+def test_a_script_that_kills_its_zygote_fails_and_the_next_run_works(tmp_path: Path) -> None:
+    """Only an unconfined script can signal its zygote (a confined one is refused, above)."""
     source = """
         import os, signal, time
         print(os.getpid(), flush=True)
         os.kill(os.getppid(), signal.SIGKILL)
         time.sleep(600)
     """
-    outcome = run(sandbox, tmp_path, source)
+    with Sandbox(filesystem="host") as unconfined:
+        outcome = run(unconfined, tmp_path, source)
 
-    assert not outcome.result.ok
-    assert outcome.result.reason().startswith("lost: the sandbox's zygote ended during the run")
-    assert _gone(int(outcome.lines[0]))
-    assert_runs_a_good_script(sandbox, tmp_path)
+        assert not outcome.result.ok
+        assert outcome.result.reason().startswith("lost: the sandbox's zygote ended during the run")
+        assert _gone(int(outcome.lines[0]))
+        assert_runs_a_good_script(unconfined, tmp_path)
 
 
 def test_limits_come_from_settings_and_take_an_orgs_overrides() -> None:

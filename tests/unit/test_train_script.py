@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -59,12 +60,13 @@ def train_in_sandbox(
 
     def train(hyperparameters: dict[str, Any]) -> Trained:
         data = ai4i_data(ROWS)
-        outputs = tmp_path / "outputs"
         lines: list[str] = []
         with sandbox.workspace() as workdir:
-            config = write_run_files(workdir, data, hyperparameters, outputs)
+            # Inside the workspace, the one folder a confined script may write in; kept once it is removed.
+            config = write_run_files(workdir, data, hyperparameters, workdir / "outputs")
             result = sandbox.run(SCRIPT, config, workdir, LIMITS, should_stop=lambda: False, on_output=lines.append)
-        assert result.ok, result.reason()
+            assert result.ok, result.reason()
+            outputs = Path(shutil.copytree(workdir / "outputs", tmp_path / "outputs"))
         return Trained(data, outputs, lines)
 
     return train
