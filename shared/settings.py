@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     predictor_memory_mb: float = Field(1024.0, gt=0, description="Budget of loaded models per predictor process.")
     predictor_record_flush_s: float = Field(1.0, gt=0, description="How often prediction records are written.")
     predictor_max_body_mb: float = Field(32.0, gt=0, description="Largest inference request body.")
+    predictor_metrics_dir: Path | None = Field(
+        None,
+        description="A folder of the predictor's own, empty at its start, where its worker processes share their "
+        "metrics; unset, /metrics shows the answering process's only.",
+    )
+    predictor_metrics_flush_s: float = Field(1.0, gt=0, description="How often a predictor worker shares its metrics.")
 
     @model_validator(mode="after")
     def _refuse_embedded_secrets_in_prod(self) -> Settings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def _start_services(settings: Settings, launch: Launch, preferred: dict[str, int
     trainer = launch.spawn("trainer", _celery(worker), env)
     # No access log on the hot path: at thousands of requests a second it costs more than the inference.
     predictor = _uvicorn("services.predictor.app:create_app", urls["predictor"], "--workers", "2", "--no-access-log")
-    launch.spawn("predictor", predictor, env)
+    launch.spawn("predictor", predictor, {**env, "KILN_PREDICTOR_METRICS_DIR": str(_fresh_metrics_dir(settings))})
     launch.spawn("beat", _celery("beat --loglevel INFO"), env)
     sync_worker = f"worker --loglevel INFO --concurrency 1 --hostname {SYNC_NAME}@%h"
     sync = launch.spawn("sync", _celery(sync_worker, app=SYNC_APP), env)
@@ -158,6 +159,16 @@ def _start_redis(launch: Launch) -> str:
     url = f"redis://:{password}@127.0.0.1:{port}/0"
     launch.wait("redis", redis_answers(url))
     return url
+
+
+def _fresh_metrics_dir(settings: Settings) -> Path:
+    """Where the predictor's two workers share their metrics: its own folder, emptied, unless one is configured."""
+    if settings.predictor_metrics_dir is not None:
+        return settings.predictor_metrics_dir
+    folder = settings.data_dir.resolve() / "predictor-metrics"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def _child_env(settings: Settings, data_dir: Path, redis_url: str) -> dict[str, str]:

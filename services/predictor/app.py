@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from services.predictor import v1, v2
+from services.predictor import monitoring, v1, v2
 from services.predictor.state import PredictorState
 from shared.errors import KilnError
 from shared.logs import configure_logging
@@ -27,6 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await state.metrics.stop()
             state.close()
 
     app = FastAPI(title="Kiln predictor", version="0.1.0", lifespan=lifespan)
@@ -36,7 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # direct ASGI loop). The routes already carry their full paths and tags. Infer and predict are matched first,
     # ahead of FastAPI's own /docs routes too.
     app.router.routes[0:0] = [*v2.serving_routes(), *v1.serving_routes()]
-    app.router.routes.extend([*v2.router.routes, *v1.router.routes])
+    app.router.routes.extend([*v2.router.routes, *v1.router.routes, *monitoring.router.routes])
     return app
 
 

@@ -16,10 +16,12 @@ from starlette.concurrency import run_in_threadpool
 from services.predictor.auth import KeyCache, bearer_token, check_org
 from services.predictor.deployments import Synchronizer
 from services.predictor.listener import DeployListener
+from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, ServingMetrics
 from services.predictor.models import LoadedModel, ModelCache
 from services.predictor.records import PredictionRecorder
 from shared.db.session import make_engine, make_session_factory
-from shared.errors import NotFound, PayloadTooLarge
+from shared.errors import KilnError, NotFound, PayloadTooLarge
+from shared.keys import Principal
 from shared.settings import Settings
 from shared.storage import open_object_store
 
@@ -33,7 +35,8 @@ class PredictorState:
     keys: KeyCache
     listener: DeployListener
     recorder: PredictionRecorder
-    replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    metrics: ServingMetrics
+    replica: str = field(default_factory=lambda: _replica())
 
     @classmethod
     def open(cls, settings: Settings) -> PredictorState:
@@ -49,6 +52,9 @@ class PredictorState:
         )
         keys = KeyCache(sessions, settings.admin_token.get_secret_value(), settings.predictor_key_cache_s)
         recorder = PredictionRecorder(sessions, settings.predictor_record_flush_s)
+        metrics = ServingMetrics(
+            settings.predictor_metrics_dir, _replica(), settings.predictor_metrics_flush_s, cache, recorder
+        )
         return cls(
             settings=settings,
             engine=engine,
@@ -57,11 +63,14 @@ class PredictorState:
             keys=keys,
             listener=listener,
             recorder=recorder,
+            metrics=metrics,
         )
 
     def start(self) -> None:
+        """Called in the event loop, which the metrics' flushing runs in."""
         self.listener.start()
         self.recorder.start()
+        self.metrics.start()
 
     def close(self) -> None:
         self.listener.stop()
@@ -73,17 +82,26 @@ class PredictorState:
         return self.synchronizer.synced_once.is_set()
 
 
+def _replica() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def state_of(request: Request) -> PredictorState:
     state: PredictorState = request.app.state.predictor
     return state
 
 
 async def authorize(state: PredictorState, request: Request, org_id: str) -> None:
+    check_org(await principal_of(state, request), org_id)
+
+
+async def principal_of(state: PredictorState, request: Request) -> Principal | None:
+    """Who the request's bearer key belongs to; None for a key that is not valid."""
     token = bearer_token(request.headers.get("authorization"))
     hit, principal = state.keys.cached(token)
     if not hit:
         principal = await run_in_threadpool(state.keys.lookup, token)
-    check_org(principal, org_id)
+    return principal
 
 
 async def model_for(state: PredictorState, org_id: str) -> LoadedModel:
@@ -118,6 +136,18 @@ def keep_record(state: PredictorState, model: LoadedModel, answers: list[dict[st
     if model.deployed.record_predictions:
         latency_ms = (time.perf_counter() - started) * 1000
         state.recorder.add(org_id=model.deployed.org_id, version=model.version, answers=answers, latency_ms=latency_ms)
+
+
+def count_answer(state: PredictorState, model: LoadedModel, rows: int, started: float) -> None:
+    state.metrics.count(model.deployed.org_id, model.version, SUCCESS, rows, time.perf_counter() - started)
+
+
+def count_refusal(state: PredictorState, model: LoadedModel | None, error: Exception, started: float) -> None:
+    """A request that ended in an error: refused (4xx) or failed (5xx). Counted under its org only once its model
+    was found, so that made-up org names in URLs cannot add series."""
+    outcome = REFUSED if isinstance(error, KilnError) and error.status < 500 else FAILURE
+    org, version = (model.deployed.org_id, model.version) if model is not None else ("", "")
+    state.metrics.count(org, version, outcome, 0, time.perf_counter() - started)
 
 
 def served_by(state: PredictorState, model: LoadedModel) -> dict[str, str]:

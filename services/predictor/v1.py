@@ -9,7 +9,17 @@ from fastapi import APIRouter, Request, Response
 from starlette.routing import Route
 
 from services.predictor.inference import parse_json, predictions, rows_to_features
-from services.predictor.state import authorize, keep_record, model_for, read_body, served_by, state_of
+from services.predictor.models import LoadedModel
+from services.predictor.state import (
+    authorize,
+    count_answer,
+    count_refusal,
+    keep_record,
+    model_for,
+    read_body,
+    served_by,
+    state_of,
+)
 
 router = APIRouter(tags=["predict"])
 
@@ -27,12 +37,18 @@ async def _serve_predict(request: Request) -> Response:
 async def predict(org: str, request: Request) -> Response:
     started = time.perf_counter()
     state = state_of(request)
-    await authorize(state, request, org)
-    payload = parse_json(await read_body(state, request))
-    model = await model_for(state, org)
-    rows = payload.get("rows") if isinstance(payload, dict) else None
-    features = rows_to_features(model, rows)
-    answers = predictions(model, model.probabilities(features), model.deployed.risk_bands)
-    keep_record(state, model, answers, started)
-    body = orjson.dumps({"version": model.version, "predictions": answers})
-    return Response(body, media_type="application/json", headers=served_by(state, model))
+    model: LoadedModel | None = None
+    try:
+        await authorize(state, request, org)
+        model = served = await model_for(state, org)
+        payload = parse_json(await read_body(state, request))
+        rows = payload.get("rows") if isinstance(payload, dict) else None
+        features = rows_to_features(served, rows)
+        answers = predictions(served, served.probabilities(features), served.deployed.risk_bands)
+        keep_record(state, served, answers, started)
+        body = orjson.dumps({"version": served.version, "predictions": answers})
+    except Exception as error:
+        count_refusal(state, model, error, started)
+        raise
+    count_answer(state, served, len(answers), started)
+    return Response(body, media_type="application/json", headers=served_by(state, served))

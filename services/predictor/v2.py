@@ -18,6 +18,8 @@ from services.predictor.models import LoadedModel
 from services.predictor.state import (
     PredictorState,
     authorize,
+    count_answer,
+    count_refusal,
     keep_record,
     model_for,
     read_body,
@@ -116,15 +118,21 @@ async def _ready(org: str, version: str | None, request: Request) -> Response:
 async def _infer(org: str, version: str | None, request: Request) -> Response:
     started = time.perf_counter()
     state = state_of(request)
-    await authorize(state, request, org)
-    inference = oip.parse_request(await _request_body(state, request), request.headers.get(oip.HEADER_LENGTH))
-    model = await _served(state, org, version)
-    features = oip.request_features(model, inference.tensors)
-    probabilities = model.probabilities(features)
-    if model.deployed.record_predictions:  # the answers V2 sends are tensors: scores are made only for records
-        keep_record(state, model, predictions(model, probabilities, model.deployed.risk_bands), started)
-    body, media_type, headers = oip.encode_answer(org, model, probabilities, inference)
-    return Response(body, media_type=media_type, headers={**headers, **served_by(state, model)})
+    model: LoadedModel | None = None
+    try:
+        await authorize(state, request, org)
+        model = served = await _served(state, org, version)
+        inference = oip.parse_request(await _request_body(state, request), request.headers.get(oip.HEADER_LENGTH))
+        features = oip.request_features(served, inference.tensors)
+        probabilities = served.probabilities(features)
+        if served.deployed.record_predictions:  # the answers V2 sends are tensors: scores are made only for records
+            keep_record(state, served, predictions(served, probabilities, served.deployed.risk_bands), started)
+        body, media_type, headers = oip.encode_answer(org, served, probabilities, inference)
+    except Exception as error:
+        count_refusal(state, model, error, started)
+        raise
+    count_answer(state, served, len(features), started)
+    return Response(body, media_type=media_type, headers={**headers, **served_by(state, served)})
 
 
 async def _served(state: PredictorState, org: str, version: str | None) -> LoadedModel:

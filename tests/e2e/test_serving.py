@@ -21,12 +21,14 @@ from deploy.local.processes import spawn, stop_groups
 from shared.settings import Settings
 from shared.storage import open_object_store
 from tests.e2e.conftest import REPO_ROOT
+from tests.support.metrics import Samples, parse_samples, sample
 from tests.support.models import ai4i_row, register_model, tiny_model
 from tests.support.servers import free_port, wait_for_http
 
 pytestmark = pytest.mark.e2e
 
 RECONCILE_S = 3.0
+FLUSH_S = Settings.model_fields["predictor_metrics_flush_s"].default
 
 
 @pytest.fixture
@@ -228,3 +230,51 @@ def test_ready_means_the_deployed_model_answers(
             time.sleep(0.01)
         answer: Any = fresh.post(f"/v1/orgs/{org_id}/predict", json={"rows": [ai4i_row()]})
     assert answer.status_code == 200 and answer.headers["x-model-version"] == versions[2]
+
+
+def test_what_both_workers_of_the_stacks_predictor_counted_adds_up_at_metrics(
+    running: stack.Stack, org: tuple[str, str], versions: list[str]
+) -> None:
+    org_id, key = org
+    with client(running.api, running.admin_token) as api:
+        api.post(f"/v1/orgs/{org_id}/deployments", json={"version": versions[0]}).raise_for_status()
+    with Watcher([running.predictor], org_id, key) as watcher:
+        watcher.until_everywhere(versions[0])
+    time.sleep(FLUSH_S + 0.5)  # what the watcher's requests counted has been shared
+    before = scrape(running)
+    replicas: set[str] = set()
+    answered = 0
+    while len(replicas) < 2:  # a fresh connection each time, so that both workers answer some
+        assert answered < 400, f"only {replicas} answered"
+        with client(running.predictor, key) as fresh:
+            response = fresh.post(f"/v1/orgs/{org_id}/predict", json={"rows": [ai4i_row()] * 3})
+        assert response.status_code == 200
+        replicas.add(response.headers["x-replica"])
+        answered += 1
+    for _ in range(2):
+        with client(running.predictor, key) as fresh:
+            assert fresh.post(f"/v1/orgs/{org_id}/predict", json={"rows": []}).status_code == 422
+
+    def grown() -> tuple[float, float, float]:
+        after = scrape(running)
+        labels = {"org": org_id, "version": versions[0]}
+        return (
+            sample(after, "kiln_inference_requests_total", **labels, outcome="success")
+            - sample(before, "kiln_inference_requests_total", **labels, outcome="success"),
+            sample(after, "kiln_inference_rows_total", **labels)
+            - sample(before, "kiln_inference_rows_total", **labels),
+            sample(after, "kiln_inference_requests_total", **labels, outcome="refused")
+            - sample(before, "kiln_inference_requests_total", **labels, outcome="refused"),
+        )
+
+    deadline = time.monotonic() + 10
+    while grown() != (answered, 3 * answered, 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert grown() == (answered, 3 * answered, 2)
+
+
+def scrape(running: stack.Stack) -> Samples:
+    with client(running.predictor, running.admin_token) as admin:
+        response = admin.get("/metrics")
+    response.raise_for_status()
+    return parse_samples(response.text)

@@ -15,7 +15,8 @@ from services.predictor.app import create_app
 from shared.db.session import make_session_factory, session_scope
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.integration.conftest import OrgKeys, create_org_with_keys
+from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
+from tests.support.metrics import parse_samples, sample
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
 
 
@@ -203,3 +204,36 @@ def test_model_metadata_names_the_features(serving: OrgKeys, predictor: TestClie
         {"name": "input", "datatype": "FP32", "shape": [-1, 6], "parameters": {"features": FEATURES}}
     ]
     assert [o["name"] for o in metadata["outputs"]] == ["label", "probabilities"]
+
+
+def test_metrics_count_each_orgs_answers_rows_and_refusals_for_the_admin_only(
+    serving: OrgKeys, predictor: TestClient
+) -> None:
+    version = served_version(predictor, serving)
+    before = parse_samples(predictor.get("/metrics", headers=ADMIN).text)
+    for rows in (1, 2, 5):
+        assert predictor.post(
+            f"/v1/orgs/{serving.org_id}/predict", json={"rows": [ai4i_row()] * rows}, headers=serving.viewer
+        ).is_success
+    tensor = {"name": "input", "shape": [2, len(FEATURES)], "datatype": "FP32", "data": [1.0] * 2 * len(FEATURES)}
+    assert predictor.post(f"/v2/models/{serving.org_id}/infer", json={"inputs": [tensor]}, headers=serving.viewer)
+    assert predictor.post(f"/v1/orgs/{serving.org_id}/predict", json={"rows": []}, headers=serving.viewer).is_error
+    assert predictor.post("/v1/orgs/made-up-org/predict", json={"rows": [ai4i_row()]}, headers=ADMIN).is_error
+
+    scraped = predictor.get("/metrics", headers=ADMIN)
+    after = parse_samples(scraped.text)
+
+    assert scraped.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+
+    def grew(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    mine = {"org": serving.org_id, "version": str(version)}
+    assert grew("kiln_inference_requests_total", **mine, outcome="success") == 4
+    assert grew("kiln_inference_rows_total", **mine) == 10
+    assert grew("kiln_inference_requests_total", **mine, outcome="refused") == 1
+    assert grew("kiln_inference_request_duration_seconds_count", org=serving.org_id) == 4
+    assert grew("kiln_inference_requests_total", org="", version="", outcome="refused") == 1
+    assert not any(("org", "made-up-org") in labels for _name, labels in after)
+    assert predictor.get("/metrics").status_code == 401
+    assert predictor.get("/metrics", headers=serving.admin).status_code == 403

@@ -1,0 +1,57 @@
+"""/metrics adds up what every worker process of a predictor counted, as Prometheus reads it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, Latency, ServingMetrics, WorkerTotals
+from services.predictor.models import ModelCache
+from services.predictor.records import PredictionRecorder
+from shared.db.session import make_engine, make_session_factory
+from tests.support.metrics import parse_samples, sample
+
+
+def metrics_in(folder: Path | None) -> ServingMetrics:
+    recorder = PredictionRecorder(make_session_factory(make_engine("sqlite://")), flush_s=1.0)  # never started here
+    return ServingMetrics(folder, "host:1", 1.0, ModelCache(budget_mb=64), recorder)
+
+
+def test_one_worker_counts_requests_rows_and_latency_by_org_and_version() -> None:
+    metrics = metrics_in(None)
+    metrics.count("acme", "v1", SUCCESS, 3, 0.0004)
+    metrics.count("acme", "v1", SUCCESS, 1000, 0.003)
+    metrics.count("acme", "v1", REFUSED, 0, 0.0001)
+    metrics.count("", "", FAILURE, 0, 0.0001)
+
+    samples = parse_samples(generate_latest(metrics.registry()).decode())
+
+    assert sample(samples, "kiln_inference_requests_total", org="acme", version="v1", outcome="success") == 2
+    assert sample(samples, "kiln_inference_requests_total", org="acme", version="v1", outcome="refused") == 1
+    assert sample(samples, "kiln_inference_requests_total", org="", version="", outcome="failure") == 1
+    assert sample(samples, "kiln_inference_rows_total", org="acme", version="v1") == 1003
+    assert sample(samples, "kiln_inference_request_duration_seconds_bucket", org="acme", le="0.0005") == 1
+    assert sample(samples, "kiln_inference_request_duration_seconds_bucket", org="acme", le="0.005") == 2
+    assert sample(samples, "kiln_inference_request_duration_seconds_count", org="acme") == 2
+    assert abs(sample(samples, "kiln_inference_request_duration_seconds_sum", org="acme") - 0.0034) < 1e-9
+
+
+def test_every_worker_file_in_the_folder_is_added_to_the_live_totals(tmp_path: Path) -> None:
+    metrics = metrics_in(tmp_path)
+    metrics.count("acme", "v1", SUCCESS, 2, 0.001)
+    metrics.flush()  # this worker's own file is read live, never twice
+    metrics.count("acme", "v1", SUCCESS, 2, 0.001)
+    other = WorkerTotals(worker="host:2", requests={("acme", "v1", SUCCESS): [5, 50]})
+    other.latency["acme"] = Latency(buckets=[0, 0, 0, 5, *[0] * 11], sum_s=0.004)
+    (tmp_path / f"{os.getpid() + 1}.json").write_bytes(other.to_json())
+    (tmp_path / "half-written.json").write_bytes(b'{"worker": ')
+
+    samples = parse_samples(generate_latest(metrics.registry()).decode())
+
+    assert sample(samples, "kiln_inference_requests_total", org="acme", version="v1", outcome="success") == 7
+    assert sample(samples, "kiln_inference_rows_total", org="acme", version="v1") == 54
+    assert sample(samples, "kiln_inference_request_duration_seconds_count", org="acme") == 7
+    assert sample(samples, "kiln_models_loaded", worker="host:1") == 0
+    assert ("kiln_models_loaded", frozenset({("worker", "host:2")})) in samples
