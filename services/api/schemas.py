@@ -80,6 +80,12 @@ class RunOut(CamelOut):
     finished_at: datetime | None
 
 
+class ArtifactOut(CamelOut):
+    name: str
+    path: str = Field(description="where to download it, on this api")
+    sha256: str | None = Field(None, description="the model's, as registered; checked on every download")
+
+
 class ModelOut(CamelOut):
     version: str
     status: str

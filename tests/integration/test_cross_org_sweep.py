@@ -39,7 +39,8 @@ def org_routes(api: TestClient) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def victim(api: TestClient, org_id: str, settings: Settings) -> tuple[OrgKeys, dict[str, str]]:
-    """An org with one of everything: a dataset, a queued run, a deployed version, a sync source, job and conflict."""
+    """An org with one of everything: a dataset, a queued run, a deployed version (and its model artifact's name),
+    a sync source, job and conflict."""
     org = create_org_with_keys(api, org_id)
     dataset_id = upload(api, org, CSV, timestampColumn="timestamp").json()["datasetId"]
     run = api.post(
@@ -52,7 +53,8 @@ def victim(api: TestClient, org_id: str, settings: Settings) -> tuple[OrgKeys, d
     engine.dispose()
     assert api.post(f"/v1/orgs/{org_id}/deployments", json={"version": second}, headers=org.admin).status_code == 201
     sync_ids = _sync_ids(api, org, settings)
-    return org, {"dataset_id": dataset_id, "run_id": run["runId"], "version": first, **sync_ids}
+    ids = {"dataset_id": dataset_id, "run_id": run["runId"], "version": first, "name": "model.onnx", **sync_ids}
+    return org, ids
 
 
 def _sync_ids(api: TestClient, org: OrgKeys, settings: Settings) -> dict[str, str]:

@@ -47,6 +47,14 @@ def test_a_run_trains_validates_stores_and_registers_a_version(
     stored = (METRICS_FILE, MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE, NATIVE_MODEL_FILE, HOLDOUT_FILE)
     assert store.list(prefix) == sorted(prefix + name for name in stored)
     assert hashlib.sha256(store.get_bytes(model_key(org.org_id, run["version"]))).hexdigest() == version["sha256"]
+    artifacts = api.get(f"/v1/orgs/{org.org_id}/models/{run['version']}/artifacts", headers=org.trainer).json()
+    assert [artifact["name"] for artifact in artifacts] == [
+        MODEL_FILE,
+        NATIVE_MODEL_FILE,
+        METRICS_FILE,
+        TRAINING_CONFIG_FILE,
+        VALIDATION_FILE,
+    ]
 
 
 def test_a_repeated_message_for_a_finished_run_changes_nothing(

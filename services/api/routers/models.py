@@ -1,16 +1,31 @@
-"""Model versions with their metrics and validation reports."""
+"""Model versions with their metrics and validation reports, and their artifacts to download."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 from sqlalchemy import select
 
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.lookups import get_owned
 from services.api.outbox_relay import commit_and_send
-from services.api.schemas import ModelOut, ValidationAccepted
+from services.api.schemas import ArtifactOut, ModelOut, ValidationAccepted
+from shared.audit import record_change
 from shared.db.models import ModelVersion
+from shared.errors import NotFound
+from shared.layout import METRICS_FILE, MODEL_FILE, NATIVE_MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE
 from shared.outbox import KIND_VALIDATE_TASK, add_message
+from shared.storage import get_verified_bytes
+
+# What may be downloaded of a version, with its media type: the model in both forms, and its reports. Not the
+# held-out rows stored beside them: those are the org's records (and, for an org whose data stays home, were never
+# in this store).
+DOWNLOADABLE = {
+    MODEL_FILE: "application/octet-stream",
+    NATIVE_MODEL_FILE: "text/plain; charset=utf-8",
+    METRICS_FILE: "application/json",
+    TRAINING_CONFIG_FILE: "application/json",
+    VALIDATION_FILE: "application/json",
+}
 
 router = APIRouter(prefix="/v1/orgs/{org}/models", tags=["models"])
 
@@ -39,6 +54,55 @@ def validate_model(
     message = add_message(session, kind=KIND_VALIDATE_TASK, payload={"org_id": access.org_id, "version": row.version})
     commit_and_send(session, resources, message)
     return ValidationAccepted(version=row.version, status="validating")
+
+
+@router.get("/{version}/artifacts", response_model=list[ArtifactOut])
+def list_artifacts(version: str, access: OrgTrainer, session: SessionDep, resources: ResourcesDep) -> list[ArtifactOut]:
+    """The version's files that can be downloaded (a model over the size gate was never stored)."""
+    row = get_owned(session, ModelVersion, version, org_id=access.org_id)
+    stored = {key.removeprefix(row.artifact_prefix) for key in resources.store.list(row.artifact_prefix)}
+    return [
+        ArtifactOut(
+            name=name,
+            path=f"/v1/orgs/{access.org_id}/models/{row.version}/artifacts/{name}",
+            sha256=row.sha256 if name == MODEL_FILE else None,
+        )
+        for name in DOWNLOADABLE
+        if name in stored
+    ]
+
+
+@router.get("/{version}/artifacts/{name}", response_class=Response)
+def download_artifact(
+    version: str, name: str, access: OrgTrainer, session: SessionDep, resources: ResourcesDep
+) -> Response:
+    """One artifact. The model is checked against its registered sha256 on the way out, and sent with it in
+    X-Checksum-Sha256; every download is audited."""
+    row = get_owned(session, ModelVersion, version, org_id=access.org_id)
+    if name not in DOWNLOADABLE:
+        raise NotFound(f"no artifact {name!r}; a version has {', '.join(DOWNLOADABLE)}", field="name")
+    key = row.artifact_prefix + name
+    try:
+        data = (
+            get_verified_bytes(resources.store, key, row.sha256)
+            if name == MODEL_FILE
+            else resources.store.get_bytes(key)
+        )
+    except NotFound:
+        raise NotFound(f"version {row.version} has no {name}: a model over the size gate is never stored") from None
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=access.principal.key_id,
+        action="model.downloaded",
+        target=row.version,
+        detail={"artifact": name},
+    )
+    session.commit()
+    headers = {"Content-Disposition": f'attachment; filename="{row.version}-{name}"'}
+    if name == MODEL_FILE:
+        headers["X-Checksum-Sha256"] = row.sha256
+    return Response(data, media_type=DOWNLOADABLE[name], headers=headers)
 
 
 def _model_out(row: ModelVersion) -> ModelOut:
