@@ -2,11 +2,14 @@
 nv_inference_* metrics count them), and what each worker process has loaded.
 
 A request pays a few additions to plain dicts in its own worker process: no lock, no write. Every
-KILN_PREDICTOR_METRICS_FLUSH_S each worker writes its totals to a file of its own in KILN_PREDICTOR_METRICS_DIR,
-and /metrics, whichever worker answers it, adds up the files of all the predictor's workers (the answering worker's
-own totals taken live). Files of workers that have ended stay, so totals never go back; the folder must be the
-predictor's own and empty at its start (`kiln up` and the container image see to that). Without a folder, /metrics
-shows the answering process's totals only, which is right for a predictor of one worker process.
+KILN_PREDICTOR_METRICS_FLUSH_S each worker writes its totals to a file of its own in KILN_PREDICTOR_METRICS_DIR.
+/metrics, whichever worker answers it, writes its own file first and then adds up every file there: all the
+predictor's workers, the answering one up to the moment, the others at most one flush behind. Reading only the
+files keeps each counter from ever going back from one scrape to the next, whichever worker answers each (a worker
+adding its live totals to the others' files would not: Prometheus takes a counter that goes back for a restart).
+Files of workers that have ended stay, so totals never go back either; the folder must be the predictor's own and
+empty at its start (`kiln up` and docker-compose see to that). Without a folder, /metrics shows the answering
+process's totals only, which is right for a predictor of one worker process.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,14 +126,17 @@ class ServingMetrics:
     def flush(self) -> None:
         if self._folder is None:
             return
-        path = self._folder / f"{os.getpid()}.json"
+        path = self._folder / (re.sub(r"[^\w.-]", "_", self.totals.worker) + ".json")
         partial = path.with_suffix(".partial")
         partial.write_bytes(self._current().to_json())
         partial.replace(path)
 
     def exposition(self) -> Iterable[Metric]:
         """Every worker's totals, added up, as Prometheus metric families."""
-        return _families([self._current(), *self._other_workers()])
+        if self._folder is None:
+            return _families([self._current()])
+        self.flush()
+        return _families(list(self._flushed()))
 
     def _current(self) -> WorkerTotals:
         self.totals.models_loaded = len(self._cache.versions())
@@ -143,14 +149,11 @@ class ServingMetrics:
         registry.register(_Exposed(self))
         return registry
 
-    def _other_workers(self) -> Iterator[WorkerTotals]:
-        if self._folder is None:
-            return
-        own = f"{os.getpid()}.json"
+    def _flushed(self) -> Iterator[WorkerTotals]:
+        assert self._folder is not None
         for path in sorted(self._folder.glob("*.json")):
-            if path.name != own:
-                with contextlib.suppress(FileNotFoundError, orjson.JSONDecodeError, KeyError, ValueError):
-                    yield WorkerTotals.from_json(path.read_bytes())
+            with contextlib.suppress(FileNotFoundError, orjson.JSONDecodeError, KeyError, ValueError):
+                yield WorkerTotals.from_json(path.read_bytes())
 
     async def _flush_forever(self) -> None:
         while True:

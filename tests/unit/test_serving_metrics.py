@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -11,12 +10,16 @@ from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, Latency, Servi
 from services.predictor.models import ModelCache
 from services.predictor.records import PredictionRecorder
 from shared.db.session import make_engine, make_session_factory
-from tests.support.metrics import parse_samples, sample
+from tests.support.metrics import Samples, parse_samples, sample
 
 
-def metrics_in(folder: Path | None) -> ServingMetrics:
+def metrics_in(folder: Path | None, worker: str = "host:1") -> ServingMetrics:
     recorder = PredictionRecorder(make_session_factory(make_engine("sqlite://")), flush_s=1.0)  # never started here
-    return ServingMetrics(folder, "host:1", 1.0, ModelCache(budget_mb=64), recorder)
+    return ServingMetrics(folder, worker, 1.0, ModelCache(budget_mb=64), recorder)
+
+
+def scrape(metrics: ServingMetrics) -> Samples:
+    return parse_samples(generate_latest(metrics.registry()).decode())
 
 
 def test_one_worker_counts_requests_rows_and_latency_by_org_and_version() -> None:
@@ -38,14 +41,14 @@ def test_one_worker_counts_requests_rows_and_latency_by_org_and_version() -> Non
     assert abs(sample(samples, "kiln_inference_request_duration_seconds_sum", org="acme") - 0.0034) < 1e-9
 
 
-def test_every_worker_file_in_the_folder_is_added_to_the_live_totals(tmp_path: Path) -> None:
+def test_every_worker_file_in_the_folder_is_added_up_the_answering_workers_to_the_moment(tmp_path: Path) -> None:
     metrics = metrics_in(tmp_path)
     metrics.count("acme", "v1", SUCCESS, 2, 0.001)
-    metrics.flush()  # this worker's own file is read live, never twice
-    metrics.count("acme", "v1", SUCCESS, 2, 0.001)
+    metrics.flush()
+    metrics.count("acme", "v1", SUCCESS, 2, 0.001)  # not flushed yet: /metrics writes it before it reads
     other = WorkerTotals(worker="host:2", requests={("acme", "v1", SUCCESS): [5, 50]})
     other.latency["acme"] = Latency(buckets=[0, 0, 0, 5, *[0] * 11], sum_s=0.004)
-    (tmp_path / f"{os.getpid() + 1}.json").write_bytes(other.to_json())
+    (tmp_path / "host_2.json").write_bytes(other.to_json())
     (tmp_path / "half-written.json").write_bytes(b'{"worker": ')
 
     samples = parse_samples(generate_latest(metrics.registry()).decode())
@@ -55,3 +58,15 @@ def test_every_worker_file_in_the_folder_is_added_to_the_live_totals(tmp_path: P
     assert sample(samples, "kiln_inference_request_duration_seconds_count", org="acme") == 7
     assert sample(samples, "kiln_models_loaded", worker="host:1") == 0
     assert ("kiln_models_loaded", frozenset({("worker", "host:2")})) in samples
+
+
+def test_a_counter_never_goes_back_whichever_worker_answers_the_next_scrape(tmp_path: Path) -> None:
+    """Prometheus takes a counter that goes back for a restarted process, and counts it all again."""
+    first, second = metrics_in(tmp_path, "host:1"), metrics_in(tmp_path, "host:2")
+    labels = {"org": "acme", "version": "v1", "outcome": "success"}
+    first.count("acme", "v1", SUCCESS, 1, 0.001)
+    first.count("acme", "v1", SUCCESS, 1, 0.001)  # neither flushed by the first worker's timer yet
+
+    seen = [sample(scrape(worker), "kiln_inference_requests_total", **labels) for worker in (first, second, first)]
+
+    assert seen == [2, 2, 2]
