@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
@@ -82,20 +84,40 @@ def _source_id(context: SyncContext, job_id: str) -> str | None:
 
 @contextmanager
 def _one_job_per_source(central: Engine, source_id: str) -> Iterator[None]:
-    """A PostgreSQL advisory lock on the source for the job's length, on a connection of its own (released with
-    it, should the worker die). SQLite has none: the embedded default runs one sync worker, one job at a time."""
-    if central.dialect.name != "postgresql":
+    """One job of a source at a time, for the job's length, released should the worker die: an advisory lock on a
+    PostgreSQL connection of its own, or, for the embedded default's SQLite file, a file lock beside it (any sync
+    worker of the embedded stack runs on the machine that holds that file)."""
+    if central.dialect.name == "postgresql":
+        with _advisory_lock(central, f"sync-source:{source_id}"):
+            yield
+    elif central.url.database and central.url.database != ":memory:":
+        with _file_lock(Path(f"{central.url.database}.sync-{source_id}.lock")):
+            yield
+    else:
         yield
-        return
-    key = {"k": f"sync-source:{source_id}"}
+
+
+@contextmanager
+def _advisory_lock(central: Engine, name: str) -> Iterator[None]:
     with central.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_lock(hashtext(:k))"), key)
+        connection.execute(text("SELECT pg_advisory_lock(hashtext(:k))"), {"k": name})
         connection.commit()
         try:
             yield
         finally:
-            connection.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), key)
+            connection.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
             connection.commit()
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """flock: held by this open file, so it also keeps out another thread of this process."""
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _start(context: SyncContext, job_id: str) -> SyncSource | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,3 +79,28 @@ def test_a_key_rotated_mid_job_leaves_nothing_sealed_under_the_old_key(
 
     assert status == "succeeded"
     assert len(sealed) == 2000 and all(value.startswith(rotations[0]["activeKey"] + ":") for value in sealed)
+
+
+def test_a_job_run_twice_at_once_runs_once_on_the_embedded_default_too(
+    settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    """Two sync workers of the embedded stack given the same job (its message delivered twice): the second run
+    waits for the first, then finds the job finished."""
+    with embedded(settings, org_id, tmp_path, rows=many_readings(2000)) as sync:
+        job_id = sync.submit()
+        second_run: list[str] = []
+        twin = threading.Thread(target=lambda: second_run.append(run_job(sync.context, job_id)))
+        twin_waited: list[bool] = []
+
+        def start_the_twin_after_the_first_batch(_tally: Tally) -> None:
+            if not twin_waited:
+                twin.start()
+                twin.join(timeout=2)
+                twin_waited.append(twin.is_alive())
+
+        first_run = run_job(sync.context, job_id, after_batch=start_the_twin_after_the_first_batch)
+        twin.join(timeout=60)
+
+        assert (first_run, second_run, twin_waited) == ("succeeded", ["succeeded"], [True])
+        assert sync.job(job_id)["pushed"] == 2000
+        assert sync.central(f"SELECT count(*), max(_kiln_version) FROM {sync.central_table}") == [(2000, 1)]
