@@ -2,7 +2,8 @@
 
 Each script runs in a child of a zygote (zygote.py: a fork server that has LightGBM and friends imported, so a
 script starts in milliseconds, not 1.7 s) and gets:
-- its own session and process group, all of which is killed when the run ends, however it ends;
+- its own session and process group, all of which is killed when the run ends, however it ends, with whatever
+  left them (setsid): orphans come to the zygote, a subreaper, which kills them;
 - an environment of a few variables chosen here, never the worker's (so no KILN_* setting or secret);
 - limits on CPU time, address space, file size and open files, and a wall-clock timeout kept from here;
 - a private folder from `workspace()`, with its own tmp/ as HOME and TMPDIR, removed afterwards;
@@ -17,9 +18,8 @@ A script that loops, allocates without bound, crashes or is cancelled ends its r
 why; `run` raises only when the zygote itself cannot run a script.
 
 Not covered: a script runs as the worker's user, and with KILN_TRAINING_FILESYSTEM=host it can read what that
-user can read (files, and /proc/<pid>/environ of the worker's processes unless they are made non-dumpable); a
-process that leaves the script's session (setsid) is not killed with it. Where scripts are not trusted, give them
-their own user or container as well.
+user can read (files, and /proc/<pid>/environ of the worker's processes unless they are made non-dumpable). Where
+scripts are not trusted, give them their own user or container as well.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Starting `python SCRIPT` costs ~1.7 s here, nearly all of it importing LightGBM and the libraries around it. The
 zygote pays that once: it imports them, then forks one child per run, and the child becomes what
 `python SCRIPT CONFIG.json` would be, with those modules already loaded. The child gets its own session and
-process group, the run's environment and nothing else, resource limits, its output in the run's folder, and no
-file descriptor of the zygote's but 0, 1 and 2.
+process group, the run's environment and nothing else, resource limits, its output in the run's folder, no
+file descriptor of the zygote's but 0, 1 and 2, and (unless the run says otherwise) no network and only its own
+files. The zygote is a subreaper: when a run ends, whatever the script left behind, in its group or not, is
+killed.
 
 Three rules keep this safe:
 - The zygote only imports. Running OpenMP code here (any LightGBM training) would start libgomp's thread pool,
@@ -73,6 +75,7 @@ _READ_BYTES = 65536
 # unshare(2) flags (os.unshare arrives with Python 3.12).
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
+_PR_SET_CHILD_SUBREAPER = 36
 
 Message = dict[str, Any]
 
@@ -108,6 +111,7 @@ def send(stream: IO[bytes], message: Message) -> None:
 
 
 def main() -> None:
+    _become_subreaper()
     replies = os.fdopen(os.dup(1), "wb")
     # Anything a library prints goes to stderr, so that stdout carries replies only.
     os.dup2(2, 1)
@@ -163,6 +167,7 @@ def _reap(child: int) -> Message:
     # its group is killed now, so that nothing of a run outlives it.
     _kill_group(child)
     _, status, usage = os.wait4(child, 0)
+    _kill_strays()
     killed_by = signal.Signals(os.WTERMSIG(status)).name if os.WIFSIGNALED(status) else None
     return {
         "exited": child,
@@ -171,6 +176,39 @@ def _reap(child: int) -> Message:
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "max_rss_mb": usage.ru_maxrss / 1024,
     }
+
+
+def _become_subreaper() -> None:
+    """Processes a script leaves behind come to the zygote when their parent ends, rather than to init: even one
+    that left the script's group and session (setsid), which killing the group misses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"the zygote cannot become a subreaper: {os.strerror(error)}")
+
+
+def _kill_strays() -> None:
+    """Kill and reap every child the zygote has once a run's script has ended: one run at a time, so each is
+    something that run left behind. Killing one hands its own children to the zygote, so this goes on until none
+    is left."""
+    while strays := _children():
+        for pid in strays:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in strays:
+            with suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _children() -> list[int]:
+    me, found = os.getpid(), []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with suppress(OSError, IndexError, ValueError), open(f"/proc/{entry.name}/stat", "rb") as stat:
+                # After the command's closing parenthesis (the command may hold any character): state, ppid.
+                if int(stat.read().rsplit(b")", 1)[1].split()[1]) == me:
+                    found.append(int(entry.name))
+    return found
 
 
 def _kill_group(child: int) -> None:

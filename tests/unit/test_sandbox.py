@@ -313,6 +313,26 @@ def test_nothing_a_script_started_outlives_its_run(sandbox: Sandbox, tmp_path: P
     assert _gone(int(outcome.lines[0]))
 
 
+def test_what_a_script_started_in_a_session_of_its_own_does_not_outlive_the_run_either(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """setsid() takes a process out of the script's group, which killing the group misses; its parent ending hands
+    it to the zygote (a subreaper), which kills it."""
+    source = """
+        import os, subprocess, sys, time
+        escaped = subprocess.Popen([sys.executable, "-c", "import os, time; os.setsid(); time.sleep(600)"])
+        time.sleep(0.3)  # time to leave
+        print(escaped.pid, os.getsid(escaped.pid) != os.getsid(0), flush=True)
+    """
+    outcome = run(sandbox, tmp_path, source)
+
+    assert outcome.result.ok, outcome.result.reason()
+    pid, escaped = outcome.lines[0].split()
+    assert escaped == "True"
+    assert _gone(int(pid))
+    assert_runs_a_good_script(sandbox, tmp_path)
+
+
 def test_the_workspace_is_removed_however_the_run_ended(sandbox: Sandbox, tmp_path: Path) -> None:
     source = """
         import os
