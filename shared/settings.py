@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         "metrics; unset, /metrics shows the answering process's only.",
     )
     predictor_metrics_flush_s: float = Field(1.0, gt=0, description="How often a predictor worker shares its metrics.")
+    metrics_token: SecretStr = Field(
+        SecretStr(""),
+        description="A bearer token that reads the predictor's /metrics and nothing else, for Prometheus; "
+        "unset, only the admin token does.",
+    )
 
     @model_validator(mode="after")
     def _refuse_embedded_secrets_in_prod(self) -> Settings:

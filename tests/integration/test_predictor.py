@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import Engine
 
 from services.api import registry
@@ -19,10 +20,19 @@ from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.support.metrics import parse_samples, sample
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
 
+METRICS_TOKEN = "kiln-metrics-for-prometheus"
+SCRAPER = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+
 
 @pytest.fixture
 def fast(settings: Settings) -> Settings:
-    return settings.model_copy(update={"predictor_reconcile_s": 0.5, "predictor_max_body_mb": 0.5})
+    return settings.model_copy(
+        update={
+            "predictor_reconcile_s": 0.5,
+            "predictor_max_body_mb": 0.5,
+            "metrics_token": SecretStr(METRICS_TOKEN),
+        }
+    )
 
 
 @pytest.fixture
@@ -237,3 +247,12 @@ def test_metrics_count_each_orgs_answers_rows_and_refusals_for_the_admin_only(
     assert not any(("org", "made-up-org") in labels for _name, labels in after)
     assert predictor.get("/metrics").status_code == 401
     assert predictor.get("/metrics", headers=serving.admin).status_code == 403
+
+
+def test_the_metrics_token_reads_metrics_and_nothing_else(serving: OrgKeys, predictor: TestClient) -> None:
+    scraped = predictor.get("/metrics", headers=SCRAPER)
+
+    assert scraped.status_code == 200 and "kiln_inference_requests_total" in scraped.text
+    predict = predictor.post(f"/v1/orgs/{serving.org_id}/predict", json={"rows": [ai4i_row()]}, headers=SCRAPER)
+    assert predict.status_code == 401
+    assert predictor.get(f"/v2/models/{serving.org_id}", headers=SCRAPER).status_code == 401
