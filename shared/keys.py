@@ -45,6 +45,11 @@ def new_key_id() -> str:
     return "key_" + secrets.token_hex(8)
 
 
+def is_metrics_token(token: str, metrics_token: str) -> bool:
+    """Whether `token` is KILN_METRICS_TOKEN, which reads /metrics and nothing else (never when it is unset)."""
+    return bool(metrics_token) and hmac.compare_digest(token.encode(), metrics_token.encode())
+
+
 def find_principal(session: Session, *, token: str, admin_token: str) -> Principal | None:
     """The principal a bearer token stands for, or None when it is no live key."""
     if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):

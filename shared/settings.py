@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     predictor_metrics_flush_s: float = Field(1.0, gt=0, description="How often a predictor worker shares its metrics.")
     metrics_token: SecretStr = Field(
         SecretStr(""),
-        description="A bearer token that reads the predictor's /metrics and nothing else, for Prometheus; "
+        description="A bearer token that reads the api's and the predictor's /metrics and nothing else (Prometheus); "
         "unset, only the admin token does.",
     )
 

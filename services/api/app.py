@@ -18,6 +18,7 @@ from services.api.routers import (
     deployments,
     health,
     models,
+    monitoring,
     orgs,
     predictions,
     queue,
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sync_jobs,
         sync_keys,
         audit,
+        monitoring,
     ):
         app.include_router(module.router)
     return app

@@ -4,14 +4,13 @@ not the admin token), or for the platform admin."""
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import APIRouter, Request, Response
 from prometheus_client.exposition import choose_encoder
 
 from services.predictor.auth import bearer_token
 from services.predictor.state import PredictorState, principal_of, state_of
 from shared.errors import Forbidden, Unauthorized
+from shared.keys import is_metrics_token
 
 router = APIRouter(tags=["monitoring"])
 
@@ -31,6 +30,5 @@ async def metrics(request: Request) -> Response:
 
 
 def _is_metrics_token(state: PredictorState, request: Request) -> bool:
-    expected = state.settings.metrics_token.get_secret_value()
     token = bearer_token(request.headers.get("authorization"))
-    return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
+    return is_metrics_token(token, state.settings.metrics_token.get_secret_value())
