@@ -182,5 +182,8 @@ class OrgConfig(CamelModel):
     training: TrainingPolicy = TrainingPolicy()
     predictions: PredictionPolicy = PredictionPolicy()
     retention_days: int = Field(
-        2555, ge=1, le=36_500, description="days a synced record is kept after its last change (medical: 7 years)"
+        2555,
+        ge=1,
+        le=36_500,
+        description="days a synced record is kept after its last change, and a prediction record (medical: 7 years)",
     )

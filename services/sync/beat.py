@@ -1,5 +1,5 @@
 """The sync beat: `celery -A services.sync.celery_app beat`. Each tick queues the sync jobs whose schedules are due,
-and every KILN_SYNC_PURGE_INTERVAL_S sends each org with sources a retention purge.
+and every KILN_SYNC_PURGE_INTERVAL_S sends a retention purge to each org with sources or prediction records.
 
 A schedule's next fire time is taken with a conditional update, so two beats never queue the same moment twice.
 """
@@ -11,16 +11,17 @@ import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import distinct, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from shared.beat import DatabaseBeat
-from shared.db.models import SyncSchedule, SyncSource
+from shared.db.models import Organization, SyncSchedule, SyncSource
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
 from shared.outbox import KIND_SYNC_TASK, relay
 from shared.queues import send_purge_task, send_sync_task
 from shared.schedules import next_fire_times
+from shared.schemas import OrgConfig
 from shared.sync_jobs import queue_sync_job
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,20 @@ def _fire(session: Session, schedule: SyncSchedule, now: datetime) -> int | None
     return message.id
 
 
-def orgs_with_sources(sessions: SessionFactory) -> list[str]:
+def orgs_to_purge(sessions: SessionFactory) -> list[str]:
+    """The orgs with records to keep within their retention period: synced ones, or prediction records."""
     with session_scope(sessions) as session:
-        return list(session.scalars(select(distinct(SyncSource.org_id))))
+        with_sources = set(session.scalars(select(SyncSource.org_id).distinct()))
+        recording = {
+            org.id
+            for org in session.scalars(select(Organization))
+            if OrgConfig.model_validate(org.config).predictions.record
+        }
+    return sorted(with_sources | recording)
 
 
 class SyncScheduler(DatabaseBeat):
-    """A beat scheduler whose entries are the sources' schedules, in the database, and the retention purge."""
+    """A beat scheduler whose entries are the sources' schedules, in the database, and the retention purges."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -73,6 +81,6 @@ class SyncScheduler(DatabaseBeat):
         if messages:
             relay(self.sessions, {KIND_SYNC_TASK: lambda payload: send_sync_task(self.app, payload)}, ids=messages)
         if time.monotonic() >= self.next_purge:
-            for org_id in orgs_with_sources(self.sessions):
+            for org_id in orgs_to_purge(self.sessions):
                 send_purge_task(self.app, org_id)
             self.next_purge = time.monotonic() + self.settings.sync_purge_interval_s

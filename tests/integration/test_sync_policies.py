@@ -15,16 +15,18 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
 
+from services.sync.beat import orgs_to_purge
 from services.sync.context import SyncContext
 from services.sync.envelope import hold_active_key, load_keyring
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from services.sync.retention import purge_expired
 from services.sync.rotation import PAGE_ROWS, rotate_org_key
+from shared.db.models import Prediction
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.sync_keys import destroy_key
-from tests.integration.conftest import ADMIN
+from tests.integration.conftest import ADMIN, create_org_with_keys
 from tests.integration.sync_support import Sync, many_readings, open_sync
 
 
@@ -199,6 +201,39 @@ def test_retention_purges_expired_records_on_both_sides_with_an_audit_row(
     entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=sync.org.admin).json()
     purges = [entry for entry in entries if entry["action"] == "sync.purge"]
     assert [(p["detail"]["records"], p["detail"]["retentionDays"]) for p in purges] == [(2, 30)]
+
+
+def test_retention_purges_prediction_records_older_than_it_with_an_audit_row(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str
+) -> None:
+    """Scores and risk levels of an org's rows are its records too, kept as long as its synced ones."""
+    org = create_org_with_keys(sync_api, org_id)
+    config = {"retentionDays": 30, "predictions": {"record": True}}
+    assert sync_api.patch(f"/v1/orgs/{org_id}", json={"config": config}, headers=ADMIN).status_code == 200
+    now = utcnow()
+    with session_scope(sync_context.sessions) as session:
+        for age_days in (45, 31, 29, 1):
+            session.add(
+                Prediction(
+                    org_id=org_id,
+                    version="v1",
+                    score=0.9,
+                    label="1",
+                    risk_level="high",
+                    latency_ms=0.2,
+                    at=now - timedelta(days=age_days),
+                )
+            )
+
+    purged = purge_expired(sync_context, org_id, now=now)
+
+    assert purged == 2
+    kept = sync_api.get(f"/v1/orgs/{org_id}/predictions", headers=org.viewer).json()
+    assert len(kept) == 2
+    entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=org.admin).json()
+    purges = [entry["detail"] for entry in entries if entry["action"] == "predictions.purge"]
+    assert [(detail["records"], detail["retentionDays"]) for detail in purges] == [(2, 30)]
+    assert org_id in orgs_to_purge(sync_context.sessions)  # the beat purges it, though it has no sync source
 
 
 def test_after_a_key_rotation_every_record_decrypts_and_the_old_key_can_be_destroyed(
