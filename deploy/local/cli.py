@@ -12,7 +12,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from deploy.local import demo, stack
 from deploy.local.processes import StackError, pid_alive
-from services.sync.backup import backup_store, restore_store
+from services.sync.backup import backup_store, list_backups, restore_store
 from services.sync.context import SyncContext
 from services.sync.rotation import rotate_org_key
 from shared.db import migrate
@@ -98,6 +98,22 @@ def run_backup(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_backups(settings: Settings, args: argparse.Namespace) -> int:
+    context = SyncContext.open(settings)
+    try:
+        manifests = list_backups(context.store, args.org)
+    finally:
+        context.close()
+    if not manifests:
+        print(f"no backups of {args.org}")
+    for manifest in manifests:
+        print(
+            f"{manifest.backup_id}  {manifest.created_at}  {manifest.kind:<10}  {manifest.size_bytes:>14,} bytes  "
+            f"{manifest.source}"
+        )
+    return 0
+
+
 def run_restore(settings: Settings, args: argparse.Namespace) -> int:
     context = SyncContext.open(settings)
     try:
@@ -157,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     backup = _add(commands, "backup", run_backup, "snapshot a local store to the object store, encrypted")
     backup.add_argument("org")
     backup.add_argument("source", help="a SQLite file's path, or a PostgreSQL database's URL")
+    backups = _add(commands, "backups", run_backups, "list an org's backups, newest first")
+    backups.add_argument("org")
     restore_help = "restore a backup, verified by its checksum, into a new SQLite file or an empty PostgreSQL database"
     restore = _add(commands, "restore", run_restore, restore_help)
     restore.add_argument("org")

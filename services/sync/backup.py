@@ -20,6 +20,7 @@ import sqlite3
 import subprocess
 import tempfile
 from contextlib import closing
+from datetime import datetime
 from pathlib import Path
 from typing import Final, Literal
 
@@ -135,6 +136,13 @@ def _open_snapshot(box: SecretBox, manifest: BackupManifest, sealed: Path, snaps
         raise ArtifactIntegrityError(
             f"backup {manifest.backup_id} does not open: {error}; nothing was restored"
         ) from None
+
+
+def list_backups(store: ObjectStore, org_id: str) -> list[BackupManifest]:
+    """The org's backups, newest first."""
+    keys = [key for key in store.list(f"orgs/{org_id}/backups/") if key.endswith(".json")]
+    manifests = [BackupManifest.model_validate(orjson.loads(store.get_bytes(key))) for key in keys]
+    return sorted(manifests, key=lambda manifest: datetime.fromisoformat(manifest.created_at), reverse=True)
 
 
 def store_location(given: str, *, field: str) -> URL | Path:

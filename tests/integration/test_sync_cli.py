@@ -68,6 +68,24 @@ def test_a_backup_restores_to_the_same_records_and_is_stored_sealed(
     assert b"Lovelace" not in sealed and b"SQLite format" not in sealed
 
 
+def test_an_orgs_backups_are_listed_newest_first_to_find_the_one_to_restore(
+    central_settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "plant.db"
+    make_local_store(store, TWO_READINGS)
+    first = backed_up(central_settings, org_id, str(store))
+    second = backed_up(central_settings, org_id, str(store))
+
+    listed = kiln(central_settings, "backups", org_id)
+    none = kiln(central_settings, "backups", "x" + org_id)
+
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [second, first]
+    assert all("sqlite" in line and str(store) in line for line in lines)
+    assert none.stdout.strip() == f"no backups of x{org_id}"
+
+
 def test_a_tampered_backup_is_not_restored(
     central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
