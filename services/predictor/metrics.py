@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from services.predictor.models import ModelCache
 from services.predictor.records import PredictionRecorder
+
+log = logging.getLogger(__name__)
 
 SUCCESS = "success"
 REFUSED = "refused"  # the request was wrong: a 4xx answer
@@ -158,7 +161,11 @@ class ServingMetrics:
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(self._flush_s)
-            self.flush()
+            try:
+                self.flush()
+            except OSError:
+                # A full disk, say: the next flush tries again, rather than this worker's counts freezing for good.
+                log.warning("could not write this worker's metrics to %s", self._folder, exc_info=True)
 
 
 class _Exposed(Collector):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -13,9 +15,12 @@ from shared.db.session import make_engine, make_session_factory
 from tests.support.metrics import Samples, parse_samples, sample
 
 
+def recorder() -> PredictionRecorder:
+    return PredictionRecorder(make_session_factory(make_engine("sqlite://")), flush_s=1.0)  # never started here
+
+
 def metrics_in(folder: Path | None, worker: str = "host:1") -> ServingMetrics:
-    recorder = PredictionRecorder(make_session_factory(make_engine("sqlite://")), flush_s=1.0)  # never started here
-    return ServingMetrics(folder, worker, 1.0, ModelCache(budget_mb=64), recorder)
+    return ServingMetrics(folder, worker, 1.0, ModelCache(budget_mb=64), recorder())
 
 
 def scrape(metrics: ServingMetrics) -> Samples:
@@ -70,3 +75,25 @@ def test_a_counter_never_goes_back_whichever_worker_answers_the_next_scrape(tmp_
     seen = [sample(scrape(worker), "kiln_inference_requests_total", **labels) for worker in (first, second, first)]
 
     assert seen == [2, 2, 2]
+
+
+def test_a_worker_that_could_not_write_its_totals_once_writes_them_at_the_next_flush(tmp_path: Path) -> None:
+    folder = tmp_path / "metrics"
+
+    async def count_through_a_failed_flush() -> bytes:
+        metrics = ServingMetrics(folder, "host:1", 0.05, ModelCache(budget_mb=64), recorder())
+        metrics.start()
+        shutil.rmtree(folder)
+        folder.write_text("not a folder")  # every write into it fails
+        metrics.count("acme", "v1", SUCCESS, 1, 0.001)
+        await asyncio.sleep(0.2)
+        folder.unlink()
+        folder.mkdir()
+        await asyncio.sleep(0.2)
+        written = (folder / "host_1.json").read_bytes()  # by the timer, before stop() writes a last time
+        await metrics.stop()
+        return written
+
+    written = WorkerTotals.from_json(asyncio.run(count_through_a_failed_flush()))
+
+    assert written.requests == {("acme", "v1", SUCCESS): [1, 1]}
