@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 from services.sync.backup import backup_store, restore_store
 from shared.crypto import SecretBox
@@ -41,9 +42,9 @@ def main() -> None:
         folder = Path(name)
         store = make_store(folder / "plant.db", args.megabytes)
         size = store.stat().st_size
-        copy_s, copy_rise = in_fresh_process(copy_file, store, folder / "copy.db")
+        copy_s, copy_rise, _ = in_fresh_process(copy_file, store, folder / "copy.db")
         backup_s, backup_rise, backup_id = in_fresh_process(back_up, key, folder, store)
-        restore_s, restore_rise = in_fresh_process(restore, key, folder, backup_id, folder / "restored.db")
+        restore_s, restore_rise, _ = in_fresh_process(restore, key, folder, backup_id, folder / "restored.db")
     mb = size / 1e6
     print(f"store {mb:,.0f} MB")
     for label, seconds, rise in (
@@ -81,12 +82,11 @@ def restore(key: str, folder: Path, backup_id: str, target: Path) -> None:
     )
 
 
-def in_fresh_process(work: Callable[..., object], *args: object) -> tuple:  # type: ignore[type-arg]
-    """Time `work` in a new process, and how far its peak resident memory rose while it ran."""
+def in_fresh_process(work: Callable[..., Any], *args: object) -> tuple[float, int, Any]:
+    """Time `work` in a new process, how far its peak resident memory rose while it ran, and what it returned."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        seconds, rise, result = pool.apply(_measured, (work, *args))
-    return (seconds, rise) if result is None else (seconds, rise, result)
+        return pool.apply(_measured, (work, *args))
 
 
 def _measured(work: Callable[..., object], *args: object) -> tuple[float, int, object]:

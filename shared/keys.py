@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shared.db.models import ApiKey
+from shared.errors import Unauthorized
 
 ROLES = ("admin", "trainer", "viewer")
 KEY_PREFIX = "kiln_"
@@ -43,6 +44,14 @@ def hash_key(key: str) -> str:
 
 def new_key_id() -> str:
     return "key_" + secrets.token_hex(8)
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The key of an `Authorization: Bearer <key>` header; Unauthorized for any other header, or none."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send `Authorization: Bearer <key>`", field="Authorization")
+    return token.strip()
 
 
 def is_metrics_token(token: str, metrics_token: str) -> bool:

@@ -1,11 +1,12 @@
 """The `kiln` command: run the whole stack locally as processes (`up`, `down`, `status`, `demo`), `migrate`, and
-the sync service's operator commands (`backup`, `restore`, `sync-keys`)."""
+the sync service's operator commands (`backup`, `backups`, `restore`, `sync-keys`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import closing
 
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -89,21 +90,15 @@ def run_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def run_backup(settings: Settings, args: argparse.Namespace) -> int:
-    context = SyncContext.open(settings)
-    try:
+    with closing(SyncContext.open(settings)) as context:
         manifest = backup_store(context.store, context.secrets, org_id=args.org, source=args.source)
-    finally:
-        context.close()
     print(f"backup {manifest.backup_id}: {manifest.kind} store, {manifest.size_bytes} bytes, sha256 {manifest.sha256}")
     return 0
 
 
 def run_backups(settings: Settings, args: argparse.Namespace) -> int:
-    context = SyncContext.open(settings)
-    try:
+    with closing(SyncContext.open(settings)) as context:
         manifests = list_backups(context.store, args.org)
-    finally:
-        context.close()
     if not manifests:
         print(f"no backups of {args.org}")
     for manifest in manifests:
@@ -115,20 +110,16 @@ def run_backups(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_restore(settings: Settings, args: argparse.Namespace) -> int:
-    context = SyncContext.open(settings)
-    try:
+    with closing(SyncContext.open(settings)) as context:
         manifest = restore_store(
             context.store, context.secrets, org_id=args.org, backup_id=args.backup_id, target=args.target
         )
-    finally:
-        context.close()
     print(f"restored {manifest.backup_id} ({manifest.kind} store): sha256 {manifest.sha256} verified")
     return 0
 
 
 def run_sync_keys(settings: Settings, args: argparse.Namespace) -> int:
-    context = SyncContext.open(settings)
-    try:
+    with closing(SyncContext.open(settings)) as context:
         if args.action == "rotate":
             summary = rotate_org_key(context, args.org, actor=CLI_ACTOR)
             print(
@@ -139,8 +130,6 @@ def run_sync_keys(settings: Settings, args: argparse.Namespace) -> int:
             with session_scope(context.sessions) as session:
                 destroy_key(session, args.org, args.key_id, actor=CLI_ACTOR)
             print(f"key {args.key_id} destroyed")
-    finally:
-        context.close()
     return 0
 
 

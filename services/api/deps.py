@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from services.api.resources import Resources
 from shared.db.models import Organization
 from shared.errors import Forbidden, NotFound, Unauthorized
-from shared.keys import ROLES, Principal, find_principal
+from shared.keys import ROLES, Principal, bearer_token, find_principal
 
 
 def get_resources(request: Request) -> Resources:
@@ -41,11 +41,9 @@ SessionDep = Annotated[Session, Depends(get_session)]
 def get_principal(
     resources: ResourcesDep, session: SessionDep, authorization: Annotated[str | None, Header()] = None
 ) -> Principal:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("send `Authorization: Bearer <key>`", field="Authorization")
+    token = bearer_token(authorization)
     admin_token = resources.settings.admin_token.get_secret_value()
-    principal = find_principal(session, token=token.strip(), admin_token=admin_token)
+    principal = find_principal(session, token=token, admin_token=admin_token)
     if principal is None:
         raise Unauthorized("the key is not valid", field="Authorization")
     return principal

@@ -38,13 +38,6 @@ class KeyCache:
         return principal
 
 
-def bearer_token(authorization: str | None) -> str:
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("send `Authorization: Bearer <key>`", field="Authorization")
-    return token.strip()
-
-
 def check_org(principal: Principal | None, org_id: str) -> None:
     if principal is None:
         raise Unauthorized("the key is not valid", field="Authorization")

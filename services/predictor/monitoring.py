@@ -7,10 +7,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client.exposition import choose_encoder
 
-from services.predictor.auth import bearer_token
 from services.predictor.state import PredictorState, principal_of, state_of
 from shared.errors import Forbidden, Unauthorized
-from shared.keys import is_metrics_token
+from shared.keys import bearer_token, is_metrics_token
 
 router = APIRouter(tags=["monitoring"])
 

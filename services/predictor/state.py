@@ -13,7 +13,7 @@ from fastapi import Request
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
-from services.predictor.auth import KeyCache, bearer_token, check_org
+from services.predictor.auth import KeyCache, check_org
 from services.predictor.deployments import Synchronizer
 from services.predictor.listener import DeployListener
 from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, ServingMetrics
@@ -21,7 +21,7 @@ from services.predictor.models import LoadedModel, ModelCache
 from services.predictor.records import PredictionRecorder
 from shared.db.session import make_engine, make_session_factory
 from shared.errors import KilnError, NotFound, PayloadTooLarge
-from shared.keys import Principal
+from shared.keys import Principal, bearer_token
 from shared.settings import Settings
 from shared.storage import open_object_store
 

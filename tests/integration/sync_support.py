@@ -4,6 +4,7 @@ for the sync tests."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from sqlalchemy.pool import NullPool
 
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
+from services.sync.pair import Tally
 from tests.integration.conftest import OrgKeys, create_org_with_keys
 from tests.support.servers import DEFAULT_ADMIN_URL
 
@@ -132,3 +134,21 @@ def allow_connections(database: str | None, *, allowed: bool) -> None:
                 text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"), {"d": database}
             )
     admin.dispose()
+
+
+def run_twice_at_once(context: SyncContext, job_id: str) -> tuple[str, list[str], list[bool]]:
+    """Run a job, and, after its first batch, the same job again in a thread (its message delivered twice, say):
+    the first run's status, the second's, and whether the second was still waiting 2 s after it started."""
+    second_run: list[str] = []
+    twin = threading.Thread(target=lambda: second_run.append(run_job(context, job_id)))
+    twin_waited: list[bool] = []
+
+    def start_the_twin_after_the_first_batch(_tally: Tally) -> None:
+        if not twin_waited:
+            twin.start()
+            twin.join(timeout=2)
+            twin_waited.append(twin.is_alive())
+
+    first_run = run_job(context, job_id, after_batch=start_the_twin_after_the_first_batch)
+    twin.join(timeout=60)
+    return first_run, second_run, twin_waited

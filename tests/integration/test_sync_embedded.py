@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +17,7 @@ from services.sync.pair import Tally
 from services.sync.rotation import rotate_org_key
 from shared.db.migrate import upgrade
 from shared.settings import Settings
-from tests.integration.sync_support import Sync, many_readings, open_sync
+from tests.integration.sync_support import Sync, many_readings, open_sync, run_twice_at_once
 
 
 @contextmanager
@@ -88,18 +87,8 @@ def test_a_job_run_twice_at_once_runs_once_on_the_embedded_default_too(
     waits for the first, then finds the job finished."""
     with embedded(settings, org_id, tmp_path, rows=many_readings(2000)) as sync:
         job_id = sync.submit()
-        second_run: list[str] = []
-        twin = threading.Thread(target=lambda: second_run.append(run_job(sync.context, job_id)))
-        twin_waited: list[bool] = []
 
-        def start_the_twin_after_the_first_batch(_tally: Tally) -> None:
-            if not twin_waited:
-                twin.start()
-                twin.join(timeout=2)
-                twin_waited.append(twin.is_alive())
-
-        first_run = run_job(sync.context, job_id, after_batch=start_the_twin_after_the_first_batch)
-        twin.join(timeout=60)
+        first_run, second_run, twin_waited = run_twice_at_once(sync.context, job_id)
 
         assert (first_run, second_run, twin_waited) == ("succeeded", ["succeeded"], [True])
         assert sync.job(job_id)["pushed"] == 2000

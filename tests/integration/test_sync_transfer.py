@@ -18,7 +18,7 @@ from services.sync.pair import Tally
 from services.trainer.extract import extract_database
 from services.trainer.runs import DatabaseSource
 from shared.errors import TransientError
-from tests.integration.sync_support import allow_connections, many_readings, open_sync
+from tests.integration.sync_support import allow_connections, many_readings, open_sync, run_twice_at_once
 
 
 def test_local_records_go_up_with_sensitive_columns_sealed(
@@ -238,18 +238,8 @@ def test_a_job_run_twice_at_once_runs_once_and_moves_each_record_once(
     """Its message delivered twice, say: the second run waits for the first to end, then finds the job finished."""
     sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(2000))
     job_id = sync.submit()
-    second_run: list[str] = []
-    twin = threading.Thread(target=lambda: second_run.append(run_job(sync_context, job_id)))
-    twin_waited: list[bool] = []
 
-    def start_the_twin_after_the_first_batch(_tally: Tally) -> None:
-        if not twin_waited:
-            twin.start()
-            twin.join(timeout=2)
-            twin_waited.append(twin.is_alive())
-
-    first_run = run_job(sync_context, job_id, after_batch=start_the_twin_after_the_first_batch)
-    twin.join(timeout=60)
+    first_run, second_run, twin_waited = run_twice_at_once(sync_context, job_id)
 
     assert (first_run, second_run, twin_waited) == ("succeeded", ["succeeded"], [True])
     job = sync.job(job_id)

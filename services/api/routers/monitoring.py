@@ -20,7 +20,7 @@ from services.api.deps import ResourcesDep, SessionDep, get_principal
 from shared.db.models import Deployment, ModelVersion, OutboxMessage, SyncConflict, SyncJob, TrainingRun
 from shared.db.types import utcnow
 from shared.errors import Forbidden
-from shared.keys import is_metrics_token
+from shared.keys import bearer_token, is_metrics_token
 
 router = APIRouter(tags=["monitoring"])
 
@@ -41,8 +41,7 @@ def metrics(
     session: SessionDep,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Response:
-    _, _, token = (authorization or "").partition(" ")
-    scraper = is_metrics_token(token.strip(), resources.settings.metrics_token.get_secret_value())
+    scraper = is_metrics_token(bearer_token(authorization), resources.settings.metrics_token.get_secret_value())
     if not scraper and not get_principal(resources, session, authorization).is_platform_admin:
         raise Forbidden("metrics are for KILN_METRICS_TOKEN or the platform admin's token", field="Authorization")
     registry = CollectorRegistry(auto_describe=False)
