@@ -35,7 +35,9 @@ def get_session(resources: ResourcesDep) -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function" commits before the response is sent. FastAPI's default ("request") runs the code after `yield`
+# once the client already has its 2xx: a failed commit went unseen, and the client's next request could miss the change.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_principal(

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 
 from shared.errors import KilnError
 
@@ -19,6 +20,7 @@ REQUEST_PARTS = {"body", "query", "path", "header", "form", "cookie"}
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(KilnError, _kiln_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)
 
 
@@ -33,6 +35,12 @@ async def _validation_error(_request: Request, error: Exception) -> JSONResponse
     first = problems[0]
     payload = {"error": first["message"], "field": first["field"], "status": 422, "problems": problems}
     return JSONResponse(payload, status_code=422)
+
+
+async def _database_unavailable(request: Request, error: Exception) -> JSONResponse:
+    log.error("database unavailable on %s %s", request.method, request.url.path, exc_info=error)
+    payload = {"error": "the database is unavailable, try again", "status": 503}
+    return JSONResponse(payload, status_code=503, headers={"Retry-After": "1"})
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
