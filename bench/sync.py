@@ -56,7 +56,9 @@ def main() -> None:
 
 
 def measure(folder: Path, url: str, rows: int) -> dict[str, tuple[float, float]]:
-    local_path = folder / "plant.db"
+    # Where the sync worker lets the org's SQLite files be (bench_settings: data_dir/stores/<org>/).
+    local_path = folder / "kiln" / "stores" / ORG / "plant.db"
+    local_path.parent.mkdir(parents=True)
     with closing(sqlite3.connect(local_path)) as connection:
         connection.execute(SCHEMA)
         connection.executemany("INSERT INTO readings VALUES (?, ?, ?, ?)", generate(rows))
@@ -125,7 +127,7 @@ def prepare(context: SyncContext, local_path: Path, direction: str, reuse: str |
     source = register(context, local_path, spec, reuse=reuse)
     with session_scope(context.sessions) as session:
         keyring = load_keyring(session, context.secrets, ORG)
-    local = open_local(source.url, None)
+    local = open_local(source.url, None, context.store_rules(ORG))
     return open_pair(context, local, source, spec, keyring=keyring, offset_ms=0, job_id=None)
 
 

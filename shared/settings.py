@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         description="private: a training script reads only the system's libraries, Python, Kiln's code and its own "
         "folder, and writes only in its workspace (Landlock); host: it reaches what the worker's user can.",
     )
+    local_stores_dir: Path | None = Field(
+        None,
+        description="The folder of the orgs' SQLite files (data sources and sync stores), one sub-folder per org: "
+        "an org's SQLite URL must name an existing file in <dir>/<org>/. Unset: data_dir/stores.",
+    )
     sync_batch_size: int = Field(2000, gt=0, le=100_000, description="Records a sync job moves per transaction.")
     sync_purge_interval_s: float = Field(
         3600.0, gt=0, description="How often the sync beat purges synced records past their org's retention."
@@ -107,6 +112,10 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'kiln.db').resolve()}"
+
+    @property
+    def resolved_local_stores_dir(self) -> Path:
+        return (self.local_stores_dir or self.data_dir / "stores").resolve()
 
     @property
     def resolved_object_store(self) -> str:

@@ -54,6 +54,7 @@ def settings(postgres_url: str, redis_url: str, s3_server: S3Server, tmp_path: P
     """Settings pointing at the real PostgreSQL, Redis and S3, with a private deploy channel."""
     return Settings(
         data_dir=tmp_path / "kiln",
+        local_stores_dir=tmp_path,  # an org's SQLite stores: tmp_path / org_id / *.db
         database_url=postgres_url,
         redis_url=redis_url,
         object_store="s3://kiln-test",

@@ -11,6 +11,7 @@ from shared.crypto import SecretBox
 from shared.db.session import SessionFactory, make_engine, make_session_factory
 from shared.settings import Settings, build_settings
 from shared.storage import ObjectStore, open_object_store
+from shared.store_access import StoreRules
 
 
 @dataclass
@@ -31,6 +32,10 @@ class SyncContext:
             secrets=SecretBox(settings.secret_key.get_secret_value()),
             store=open_object_store(settings),
         )
+
+    def store_rules(self, org_id: str) -> StoreRules:
+        """Which local stores the org's sync may open on this worker."""
+        return StoreRules.for_sync(self.settings, org_id)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -24,7 +24,7 @@ from services.sync.changes import (
 from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
-from services.sync.stores import check_key, ensure_central_table, open_local, reflect
+from services.sync.stores import check_key, ensure_central_table, open_local, reflect, refuse_kiln_database
 from services.sync.transfer import sync_table
 from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
@@ -63,7 +63,10 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None) -> s
     password = None
     if source.password_encrypted is not None:
         password = context.secrets.decrypt(source.password_encrypted, context=f"sync-source:{source.id}")
-    local = open_local(source.url, password)
+    try:
+        local = open_local(source.url, password, context.store_rules(source.org_id))
+    except KilnError as error:
+        return _finish(context, job_id, FAILED, str(error))
     try:
         _sync_tables(context, local, source, job_id, after_batch)
     except OperationalError as error:
@@ -141,6 +144,7 @@ def _start(context: SyncContext, job_id: str) -> SyncSource | None:
 def _sync_tables(
     context: SyncContext, local: Engine, source: SyncSource, job_id: str, after_batch: AfterBatch | None
 ) -> None:
+    refuse_kiln_database(local, context.store_rules(source.org_id))
     offset_ms = _clock_offset(local, context.engine)
     keyring = _keyring(context, source.org_id)
     for spec in source_tables(source):

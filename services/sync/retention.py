@@ -101,7 +101,7 @@ def _purge_local(context: SyncContext, source: SyncSource, spec: SyncTable, keys
     password = None
     if source.password_encrypted is not None:
         password = context.secrets.decrypt(source.password_encrypted, context=f"sync-source:{source.id}")
-    local = open_local(source.url, password)
+    local = open_local(source.url, password, context.store_rules(source.org_id))
     try:
         with local.begin() as connection:
             begin_applying(connection, LOCAL_LOG)

@@ -18,6 +18,7 @@ from sqlalchemy.exc import NoSuchTableError
 from services.sync.hlc import Stamp
 from shared.db.session import make_engine
 from shared.errors import InvalidInput
+from shared.store_access import StoreRules
 from shared.sync_tables import SyncTable
 
 VERSION = "_kiln_version"
@@ -26,11 +27,19 @@ META_COLUMNS = (VERSION, STAMP)
 READ_CHUNK = 500
 
 
-def open_local(url: str, password: str | None) -> Engine:
+def open_local(url: str, password: str | None, rules: StoreRules) -> Engine:
     """The local store, for one job's length: the caller disposes of it. One pooled connection, reused by every
-    batch: a new connection per batch was a tenth of a pull's time."""
+    batch: a new connection per batch was a tenth of a pull's time. A SQLite file outside the org's folder is
+    refused before it is opened."""
     full = make_url(url).set(password=password) if password is not None else make_url(url)
+    rules.check_before_opening(full, field="url")
     return make_engine(full.render_as_string(hide_password=False), pool_size=1, max_overflow=1)
+
+
+def refuse_kiln_database(local: Engine, rules: StoreRules) -> None:
+    """Kiln's own database, however its URL is spelled, is never a local store."""
+    with local.connect() as connection:
+        rules.check_opened(connection, table=None, field="url")
 
 
 def reflect(connection: Connection, name: str, *, field: str = "tables") -> Table:

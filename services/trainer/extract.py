@@ -16,6 +16,7 @@ from sqlalchemy.pool import NullPool
 from services.trainer.runs import DatabaseSource
 from shared.errors import InvalidInput, TransientError
 from shared.storage import ObjectStore
+from shared.store_access import StoreRules
 
 CHUNK_ROWS = 50_000
 CONNECT_TIMEOUT_S = 10
@@ -33,13 +34,17 @@ def extract_database(
     start: datetime | None,
     end: datetime | None,
     target: Path,
+    rules: StoreRules,
 ) -> int:
     """Write the named columns (Kiln's names, after columnMap) of the rows in [start, end] to `target`; returns
-    how many rows. Unreachable: TransientError. A missing table or column: InvalidInput naming it."""
+    how many rows. Unreachable: TransientError. A missing table or column, or a database the org may not read:
+    InvalidInput naming it."""
     url = make_url(source.url).set(password=password) if password is not None else make_url(source.url)
+    rules.check_before_opening(url, field="datasource")
     engine = create_engine(url, poolclass=NullPool, connect_args=_connect_args(url.get_backend_name()))
     try:
         with _connect(engine, where=_describe(source.url)) as connection:
+            rules.check_opened(connection, table=source.table, field="datasource")
             query = _query(connection, source, columns, start, end)
             return _stream_to_parquet(connection, query, target)
     finally:

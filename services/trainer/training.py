@@ -27,9 +27,11 @@ from services.trainer.runs import Attempt, DatabaseSource, LeaseLost, TrainedVer
 from services.trainer.sandbox import Limits
 from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large
 from shared.crypto import SecretBox
+from shared.db.session import session_scope
 from shared.errors import InvalidInput, KilnError, TransientError
 from shared.layout import MODEL_FILE, model_prefix
 from shared.outbox import relay
+from shared.store_access import StoreRules
 from shared.versions import new_version
 
 log = logging.getLogger(__name__)
@@ -143,7 +145,13 @@ class _Steps:
         end = config.data_range.end_date if config.data_range else None
         if isinstance(source, DatabaseSource):
             rows = extract_database(
-                source, self._password(source), columns=columns, start=start, end=end, target=target
+                source,
+                self._password(source),
+                columns=columns,
+                start=start,
+                end=end,
+                target=target,
+                rules=self._store_rules(),
             )
             self.log("extracted", f"read {rows} rows from table {source.table}")
             return load_training_data(
@@ -158,6 +166,10 @@ class _Steps:
             start=start,
             end=end,
         )
+
+    def _store_rules(self) -> StoreRules:
+        with session_scope(self.context.sessions) as session:
+            return StoreRules.for_training(session, self.context.settings, self.attempt.org_id)
 
     def _password(self, source: DatabaseSource) -> str | None:
         if source.password_encrypted is None:

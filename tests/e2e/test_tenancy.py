@@ -322,11 +322,11 @@ def test_a_hospitals_data_stays_on_its_own_worker(
     processes: Processes,
     new_org: Callable[..., Org],
     cluster_settings: Settings,
-    tmp_path: Path,
 ) -> None:
     hospital = new_org("hospital", dataResidency="local")
     local = processes.worker("on-premises", orgs=hospital.id)
-    historian = tmp_path / "ehr.db"
+    historian = cluster_settings.resolved_local_stores_dir / hospital.id / "ehr.db"
+    historian.parent.mkdir(parents=True)
     write_historian(historian)
     hospital.api.put(
         f"/v1/orgs/{hospital.id}/datasource", json={"url": f"sqlite:///{historian}", "table": "readings"}

@@ -115,7 +115,8 @@ def open_sync(
     **table: Any,
 ) -> Sync:
     org = create_org_with_keys(api, org_id)
-    path = tmp_path / "plant.db"
+    path = tmp_path / org_id / "plant.db"  # the org's folder of SQLite files (the settings' local_stores_dir)
+    path.parent.mkdir()
     make_local_store(
         path, rows if rows is not None else [(1, "pump-1", 1.0, "Ada Lovelace"), (2, "pump-2", 2.0, "Alan Turing")]
     )

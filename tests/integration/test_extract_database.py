@@ -14,11 +14,14 @@ from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table
 from services.trainer import extract
 from services.trainer.extract import extract_database
 from services.trainer.runs import DatabaseSource
+from shared.db.migrate import upgrade
 from shared.errors import InvalidInput, TransientError
+from shared.store_access import StoreRules
 from tests.support.servers import free_port, fresh_postgres_database
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
 COLUMN_MAP = {"TT_101": "temperature", "PT_7": "pressure"}
+ORG = "plant-org"
 
 
 def fill_scada_table(url: str, rows: int, *, aware: bool) -> None:
@@ -57,7 +60,8 @@ def fill_scada_table(url: str, rows: int, *, aware: bool) -> None:
 @pytest.fixture(params=["postgresql", "sqlite"])
 def scada_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'plant.db'}"
+        (tmp_path / ORG).mkdir()
+        url = f"sqlite:///{tmp_path / ORG / 'plant.db'}"
         fill_scada_table(url, 3_000, aware=False)
         yield url
         return
@@ -77,6 +81,11 @@ def source(url: str, **changes: object) -> DatabaseSource:
     return DatabaseSource(**{**fields, **changes})  # type: ignore[arg-type]
 
 
+def rules(tmp_path: Path, *, kiln_database_url: str = "sqlite:////nonexistent/kiln.db") -> StoreRules:
+    """The org's SQLite files in tmp_path / ORG; Kiln's own database elsewhere, offering no table."""
+    return StoreRules(ORG, tmp_path, kiln_database_url)
+
+
 def test_the_rows_in_range_are_read_with_the_columns_renamed(
     scada_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,6 +98,7 @@ def test_the_rows_in_range_are_read_with_the_columns_renamed(
         start=START + timedelta(minutes=1000),
         end=START + timedelta(minutes=1999),
         target=target,
+        rules=rules(tmp_path),
     )
     table = pq.read_table(target)
     assert rows == table.num_rows == 1000
@@ -101,7 +111,13 @@ def test_without_a_range_every_row_is_read(scada_url: str, tmp_path: Path) -> No
     target = tmp_path / "out.parquet"
     assert (
         extract_database(
-            source(scada_url), None, columns=["temperature", "failed"], start=None, end=None, target=target
+            source(scada_url),
+            None,
+            columns=["temperature", "failed"],
+            start=None,
+            end=None,
+            target=target,
+            rules=rules(tmp_path),
         )
         == 3_000
     )
@@ -116,6 +132,7 @@ def test_a_missing_table_is_named(scada_url: str, tmp_path: Path) -> None:
             start=None,
             end=None,
             target=tmp_path / "out.parquet",
+            rules=rules(tmp_path),
         )
 
 
@@ -128,6 +145,7 @@ def test_a_missing_column_is_named_with_its_source_name(scada_url: str, tmp_path
             start=None,
             end=None,
             target=tmp_path / "out.parquet",
+            rules=rules(tmp_path),
         )
 
 
@@ -140,6 +158,7 @@ def test_an_empty_range_is_refused(scada_url: str, tmp_path: Path) -> None:
             start=START - timedelta(days=9),
             end=START - timedelta(days=8),
             target=tmp_path / "out.parquet",
+            rules=rules(tmp_path),
         )
 
 
@@ -147,6 +166,63 @@ def test_an_unreachable_database_is_a_transient_error(tmp_path: Path) -> None:
     url = f"postgresql+psycopg2://kiln:secret@127.0.0.1:{free_port()}/plant"
     with pytest.raises(TransientError, match=r"postgresql://127.0.0.1/plant is unreachable") as raised:
         extract_database(
-            source(url), "secret", columns=["temperature"], start=None, end=None, target=tmp_path / "out.parquet"
+            source(url),
+            "secret",
+            columns=["temperature"],
+            start=None,
+            end=None,
+            target=tmp_path / "out.parquet",
+            rules=rules(tmp_path),
         )
     assert "secret" not in str(raised.value)
+
+
+def read_all(url: str, tmp_path: Path, store_rules: StoreRules, table: str = "readings") -> int:
+    return extract_database(
+        source(url, table=table, column_map={}, timestamp_column=None),
+        None,
+        columns=["id"],
+        start=None,
+        end=None,
+        target=tmp_path / "out.parquet",
+        rules=store_rules,
+    )
+
+
+def test_a_sqlite_file_outside_the_orgs_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "other-org").mkdir()
+    fill_scada_table(f"sqlite:///{tmp_path / 'other-org' / 'plant.db'}", 10, aware=False)
+    with pytest.raises(InvalidInput, match=f"is not in {tmp_path / ORG}/"):
+        read_all(f"sqlite:///{tmp_path / 'other-org' / 'plant.db'}", tmp_path, rules(tmp_path))
+    with pytest.raises(InvalidInput, match="is not in"):
+        read_all(f"sqlite:///{tmp_path / ORG / '..' / 'other-org' / 'plant.db'}", tmp_path, rules(tmp_path))
+
+
+def test_a_link_from_the_orgs_folder_to_a_file_outside_it_is_refused(tmp_path: Path) -> None:
+    fill_scada_table(f"sqlite:///{tmp_path / 'elsewhere.db'}", 10, aware=False)
+    (tmp_path / ORG).mkdir()
+    (tmp_path / ORG / "plant.db").symlink_to(tmp_path / "elsewhere.db")
+    with pytest.raises(InvalidInput, match="is not in"):
+        read_all(f"sqlite:///{tmp_path / ORG / 'plant.db'}", tmp_path, rules(tmp_path))
+
+
+def test_a_missing_sqlite_file_is_refused_not_created(tmp_path: Path) -> None:
+    (tmp_path / ORG).mkdir()
+    with pytest.raises(InvalidInput, match="does not exist"):
+        read_all(f"sqlite:///{tmp_path / ORG / 'typo.db'}", tmp_path, rules(tmp_path))
+    assert not (tmp_path / ORG / "typo.db").exists()
+
+
+def test_kilns_own_sqlite_database_offers_none_of_its_own_tables(tmp_path: Path) -> None:
+    kiln_url = f"sqlite:///{tmp_path / 'kiln' / 'kiln.db'}"
+    (tmp_path / "kiln").mkdir()
+    upgrade(kiln_url)
+    with pytest.raises(InvalidInput, match="Kiln's own"):
+        read_all(kiln_url, tmp_path, rules(tmp_path, kiln_database_url=kiln_url), table="api_keys")
+
+
+def test_kilns_own_postgresql_database_is_recognised_by_its_tables_whatever_the_url(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    with pytest.raises(InvalidInput, match="Kiln's own"):
+        read_all(postgres_url, tmp_path, rules(tmp_path), table="training_runs")

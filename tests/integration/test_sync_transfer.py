@@ -17,8 +17,18 @@ from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from services.trainer.extract import extract_database
 from services.trainer.runs import DatabaseSource
-from shared.errors import TransientError
-from tests.integration.sync_support import allow_connections, many_readings, open_sync, run_twice_at_once
+from shared.db.session import session_scope
+from shared.errors import InvalidInput, TransientError
+from shared.store_access import StoreRules
+from tests.integration.conftest import create_org_with_keys
+from tests.integration.sync_support import (
+    allow_connections,
+    make_local_store,
+    many_readings,
+    open_sync,
+    register,
+    run_twice_at_once,
+)
 
 
 def test_local_records_go_up_with_sensitive_columns_sealed(
@@ -213,23 +223,38 @@ def test_a_synced_central_table_can_be_the_orgs_training_datasource(
     body = {"url": sync.central_url, "table": sync.central_table}
 
     answer = sync_api.put(f"/v1/orgs/{org_id}/datasource", json=body, headers=sync.org.admin)
-    rows = extract_database(
-        DatabaseSource(
-            url=sync.central_url,
-            password_encrypted=None,
-            table=sync.central_table,
-            timestamp_column=None,
-            column_map={},
-        ),
-        None,
-        columns=["device", "value"],
-        start=None,
-        end=None,
-        target=tmp_path / "training.parquet",
-    )
+    rows = read_central_table(sync_context, org_id, sync.central_url, sync.central_table, tmp_path)
 
     assert answer.status_code == 200, answer.text
     assert rows == 2
+
+
+def test_another_orgs_synced_table_and_kilns_own_tables_are_no_training_datasource(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    theirs = open_sync(sync_api, sync_context, org_id, tmp_path)
+    theirs.run()
+    intruder = create_org_with_keys(sync_api, "intruder-" + org_id).org_id
+
+    for table in (theirs.central_table, "api_keys"):
+        with pytest.raises(InvalidInput, match="Kiln's own") as refused:
+            read_central_table(sync_context, intruder, theirs.central_url, table, tmp_path)
+        assert refused.value.field == "datasource"
+
+
+def read_central_table(context: SyncContext, org_id: str, url: str, table: str, tmp_path: Path) -> int:
+    """What the org's training run reads from `table` of the central database, as its worker checks it."""
+    with session_scope(context.sessions) as session:
+        rules = StoreRules.for_training(session, context.settings, org_id)
+    return extract_database(
+        DatabaseSource(url=url, password_encrypted=None, table=table, timestamp_column=None, column_map={}),
+        None,
+        columns=["id"],
+        start=None,
+        end=None,
+        target=tmp_path / "training.parquet",
+        rules=rules,
+    )
 
 
 def test_a_job_run_twice_at_once_runs_once_and_moves_each_record_once(
@@ -245,3 +270,25 @@ def test_a_job_run_twice_at_once_runs_once_and_moves_each_record_once(
     job = sync.job(job_id)
     assert (job["pushed"], job["attempts"]) == (2000, 1)
     assert sync.central(f"SELECT count(*), max(_kiln_version) FROM {sync.central_table}") == [(2000, 1)]
+
+
+def test_a_sync_store_must_be_a_file_in_the_orgs_folder_and_never_kilns_database(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    org = create_org_with_keys(sync_api, org_id)
+    make_local_store(tmp_path / "elsewhere.db", [(1, "pump-1", 1.0, "Ada Lovelace")])
+    stores = {
+        f"sqlite:///{tmp_path / 'elsewhere.db'}": f"is not in {tmp_path / org_id}/",
+        f"sqlite:///{tmp_path / org_id / 'typo.db'}": "does not exist",
+        sync_context.settings.resolved_database_url: "Kiln's own",
+    }
+    for url, reason in stores.items():
+        source_id = register(sync_api, org, url, "last-writer-wins")
+        job_id = sync_api.post(f"/v1/orgs/{org_id}/sync-jobs", json={"sourceId": source_id}, headers=org.admin).json()[
+            "jobId"
+        ]
+
+        assert run_job(sync_context, job_id) == "failed"
+        job = sync_api.get(f"/v1/orgs/{org_id}/sync-jobs/{job_id}", headers=org.admin).json()
+        assert reason in job["errors"][-1]["error"], job
+    assert not (tmp_path / org_id / "typo.db").exists()

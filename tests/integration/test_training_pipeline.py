@@ -69,10 +69,11 @@ def write_scada_table(url: str, table: pa.Table) -> None:
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-def plant_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def plant_database(request: pytest.FixtureRequest, tmp_path: Path, org_id: str) -> Iterator[str]:
     table = ai4i.generate(30_000, seed=3, start=START, interval=timedelta(minutes=1))
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'historian.db'}"
+        (tmp_path / org_id).mkdir()  # the org's folder of SQLite files (the settings' local_stores_dir)
+        url = f"sqlite:///{tmp_path / org_id / 'historian.db'}"
         write_scada_table(url, table)
         yield url
         return

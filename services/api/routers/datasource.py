@@ -56,7 +56,7 @@ def get_datasource(access: OrgViewer, session: SessionDep) -> DataSourceOut:
 def checked_url(text: str) -> URL:
     try:
         url = make_url(text)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number, an unclosed bracket
         raise InvalidInput(
             "url is not a database URL such as postgresql+psycopg2://user:pass@host/db", field="url"
         ) from None

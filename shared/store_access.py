@@ -1,0 +1,86 @@
+"""Which databases an org may name as its training data source or its sync store.
+
+An org's SQLite files live in a folder of its own, `<KILN_LOCAL_STORES_DIR>/<org>/`: an org admin names no other
+file on the machine a worker runs on (another org's store, Kiln's own database, the worker's secrets). A database
+that holds Kiln's own tables is never a sync store; as a data source it offers only the org's own synced tables.
+These rules are checked by the worker that opens the database, on its own filesystem, not by the api.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Connection, inspect, select
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session
+
+from shared.db.models import ApiKey, Organization, SyncSource, TrainingRun
+from shared.errors import InvalidInput
+from shared.settings import Settings
+from shared.sync_tables import central_table_name
+
+KILN_TABLES = frozenset({Organization.__tablename__, ApiKey.__tablename__, TrainingRun.__tablename__})
+
+
+@dataclass(frozen=True)
+class StoreRules:
+    """What one org's worker may open. `kiln_tables` are the tables of Kiln's own database it may read."""
+
+    org_id: str
+    stores_dir: Path
+    kiln_database_url: str
+    kiln_tables: frozenset[str] = frozenset()
+
+    @classmethod
+    def for_sync(cls, settings: Settings, org_id: str) -> StoreRules:
+        """A sync store: a file in the org's folder or a server of its own, never Kiln's database."""
+        return cls(org_id, settings.resolved_local_stores_dir, settings.resolved_database_url)
+
+    @classmethod
+    def for_training(cls, session: Session, settings: Settings, org_id: str) -> StoreRules:
+        """A data source: as a sync store, or Kiln's own database for the org's own synced tables."""
+        synced = synced_tables_of(session, org_id)
+        return cls(org_id, settings.resolved_local_stores_dir, settings.resolved_database_url, synced)
+
+    @property
+    def org_folder(self) -> Path:
+        return (self.stores_dir / self.org_id).resolve()
+
+    def check_before_opening(self, url: URL, *, field: str) -> None:
+        """A SQLite store must be an existing file in the org's folder (after links are followed): opening a
+        missing one would create it."""
+        if url.get_backend_name() != "sqlite" or self._is_kiln_database_file(url):
+            return
+        path = Path(url.database or "").resolve()
+        if not path.is_relative_to(self.org_folder):
+            raise InvalidInput(
+                f"the SQLite file {url.database} is not in {self.org_folder}/, where organization {self.org_id}'s "
+                "SQLite files must be (KILN_LOCAL_STORES_DIR)",
+                field=field,
+            )
+        if not path.is_file():
+            raise InvalidInput(f"the SQLite file {path} does not exist", field=field)
+
+    def check_opened(self, connection: Connection, *, table: str | None, field: str) -> None:
+        """Kiln's own database, reached by any URL, gives up only the tables in `kiln_tables`."""
+        if not set(inspect(connection).get_table_names()) >= KILN_TABLES:
+            return
+        if table is None or table not in self.kiln_tables:
+            raise InvalidInput(
+                "the database is Kiln's own: an organization may read only its own synced tables there "
+                "(sync_<sourceId>_<table>), and may not sync with it",
+                field=field,
+            )
+
+    def _is_kiln_database_file(self, url: URL) -> bool:
+        kiln = make_url(self.kiln_database_url)
+        if kiln.get_backend_name() != "sqlite" or not kiln.database or not url.database:
+            return False
+        return Path(url.database).resolve() == Path(kiln.database).resolve()
+
+
+def synced_tables_of(session: Session, org_id: str) -> frozenset[str]:
+    """The central copies of the org's synced tables: what it may train on in Kiln's own database."""
+    sources = session.scalars(select(SyncSource).where(SyncSource.org_id == org_id)).all()
+    return frozenset(central_table_name(source.id, table["name"]) for source in sources for table in source.tables)
