@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from shared.crypto import SecretBox
+from shared.db.session import with_shipped_driver
 from shared.db.types import utcnow
 from shared.errors import ArtifactIntegrityError, InvalidInput
 from shared.storage import ObjectStore, sha256_file
@@ -184,7 +185,7 @@ def _restore_postgresql(snapshot: Path, url: URL) -> None:
 
 
 def _refuse_unless_empty(url: URL) -> None:
-    engine = create_engine(url)
+    engine = create_engine(with_shipped_driver(url))
     try:
         with engine.connect() as connection:
             relations = int(connection.execute(text(_USER_RELATIONS)).scalar_one())

@@ -14,6 +14,7 @@ from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from services.trainer.runs import DatabaseSource
+from shared.db.session import with_shipped_driver
 from shared.errors import InvalidInput, TransientError
 from shared.storage import ObjectStore
 from shared.store_access import StoreRules
@@ -39,7 +40,8 @@ def extract_database(
     """Write the named columns (Kiln's names, after columnMap) of the rows in [start, end] to `target`; returns
     how many rows. Unreachable: TransientError. A missing table or column, or a database the org may not read:
     InvalidInput naming it."""
-    url = make_url(source.url).set(password=password) if password is not None else make_url(source.url)
+    url = with_shipped_driver(source.url)
+    url = url.set(password=password) if password is not None else url
     rules.check_before_opening(url, field="datasource")
     engine = create_engine(url, poolclass=NullPool, connect_args=_connect_args(url.get_backend_name()))
     try:

@@ -7,14 +7,23 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SessionFactory = sessionmaker[Session]
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def with_shipped_driver(url: str | URL) -> URL:
+    """`postgresql://` names no driver, and SQLAlchemy 2.1 then picks psycopg 3, which Kiln does not ship: such a
+    URL gets psycopg2, the driver Kiln does ship, wherever a user gives one."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql+psycopg2") if parsed.drivername == "postgresql" else parsed
+
+
+def make_engine(url: str | URL, **kwargs: Any) -> Engine:
     """An engine with the settings each backend needs to share one database between processes."""
-    if url.startswith("sqlite"):
+    url = with_shipped_driver(url)
+    if url.get_backend_name() == "sqlite":
         # The api, workers and predictor all open the same file: WAL lets readers run beside one writer,
         # and the busy timeout makes a second writer wait instead of failing.
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)

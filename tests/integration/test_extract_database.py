@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table, create_engine, insert
+from sqlalchemy.engine import make_url
 
 from services.trainer import extract
 from services.trainer.extract import extract_database
@@ -226,3 +227,11 @@ def test_kilns_own_postgresql_database_is_recognised_by_its_tables_whatever_the_
 ) -> None:
     with pytest.raises(InvalidInput, match="Kiln's own"):
         read_all(postgres_url, tmp_path, rules(tmp_path), table="training_runs")
+
+
+def test_a_postgresql_url_without_a_driver_is_read_with_the_shipped_one(tmp_path: Path) -> None:
+    with fresh_postgres_database() as url:
+        fill_scada_table(url, 10, aware=True)
+        plain = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        assert plain.startswith("postgresql://")
+        assert read_all(plain, tmp_path, rules(tmp_path)) == 10
