@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from services.sync.beat import orgs_to_purge
 from services.sync.context import SyncContext
 from services.sync.envelope import hold_active_key, load_keyring
+from services.sync.hlc import Stamp
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from services.sync.retention import purge_expired
@@ -201,6 +202,31 @@ def test_retention_purges_expired_records_on_both_sides_with_an_audit_row(
     entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=sync.org.admin).json()
     purges = [entry for entry in entries if entry["action"] == "sync.purge"]
     assert [(p["detail"]["records"], p["detail"]["retentionDays"]) for p in purges] == [(2, 30)]
+
+
+def test_retention_keeps_a_record_edited_locally_since_its_last_sync(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Its last change is the local edit, not the central stamp: it is kept on both sides, and the edit goes up."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    assert (
+        sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"retentionDays": 30}}, headers=ADMIN).status_code == 200
+    )
+    synced_40_days_ago = Stamp(int((utcnow() - timedelta(days=40)).timestamp() * 1000), 0, "local").encode()
+    sync.central(
+        f"SET LOCAL kiln.applying = 'on'; UPDATE {sync.central_table} SET _kiln_hlc = :s", {"s": synced_40_days_ago}
+    )
+    sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
+
+    purged = purge_expired(sync_context, org_id)
+    job = sync.run()
+
+    assert (purged, job["pushed"]) == (1, 1)
+    assert sync.local("SELECT id, value FROM readings") == [(1, 10.0)]
+    assert sync.central(f"SELECT id, value FROM {sync.central_table}") == [(1, 10.0)]
+    entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=sync.org.admin).json()
+    assert [e["detail"]["records"] for e in entries if e["action"] == "sync.purge"] == [1]
 
 
 def test_retention_purges_prediction_records_older_than_it_with_an_audit_row(
