@@ -47,7 +47,7 @@ from services.sync.merge import Version, deletion, jsonable, resolve
 from services.sync.pair import TablePair, Tally, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, key_text, read, stamp_of, upsert, upsert_values
 from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, watermark, watermarks
-from shared.db.models import SyncBase
+from shared.db.models import SyncBase, SyncConflict
 
 log = logging.getLogger(__name__)
 
@@ -225,11 +225,23 @@ def pull_batch(pair: TablePair) -> bool:
             end_applying(local, LOCAL_LOG)
         pulled = [current[key] for key in latest if key not in refused]
         hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
+        _hold_central_edits(pair, held, changes, current)
         _acknowledge_pull(session, pair, changes[-1].seq, pulled, deleted)
         _restore_all_refused(session, pair, {**refused, **kept})
         session.commit()
     _after_batch(pair, pulled=len(pulled) + len(deleted), conflicts=len(refused) + len(kept))
     return True
+
+
+def _hold_central_edits(
+    pair: TablePair, held: dict[str, SyncConflict], changes: list[Change], current: dict[str, dict[str, Any]]
+) -> None:
+    """A central edit of a record held for review joins its conflict, as a local one does in a push: the batch is
+    acknowledged past it, and the review queue shows (and a choice of `central` keeps) the central record as it is."""
+    for change in changes:
+        if change.key in held:
+            version = _central_version(pair, current.get(change.key), change)
+            held[change.key].central_version = version_json(pair, version)
 
 
 def _changed_records(session: Session, pair: TablePair, *, after: int, last: int) -> dict[str, dict[str, Any]]:

@@ -145,6 +145,63 @@ def test_manual_holds_the_conflict_for_review_until_someone_decides(
     assert again.status_code == 409
 
 
+def choose(sync: Sync, conflict_id: int, keep: str) -> None:
+    decided = sync.api.post(
+        f"/v1/orgs/{sync.org.org_id}/conflicts/{conflict_id}", json={"keep": keep}, headers=sync.org.admin
+    )
+    assert decided.status_code == 200, decided.text
+
+
+def test_manual_keeping_central_keeps_the_central_edits_made_while_the_conflict_was_held(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    sync.run()
+    edit_both(sync, local="value = 10.0", central="value = 99.0")
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET device = 'pump-9' WHERE id = 1")
+    sync.run()
+    [held] = sync.conflicts("open")
+    assert (held["centralVersion"]["device"], held["centralVersion"]["value"]) == ("pump-9", 99.0)
+
+    choose(sync, held["conflictId"], "central")
+    sync.run()
+
+    assert sync.local("SELECT device, value FROM readings WHERE id = 1") == [("pump-9", 99.0)]
+    assert sync.central(f"SELECT device, value FROM {sync.central_table} WHERE id = 1") == [("pump-9", 99.0)]
+    [resolved] = sync.conflicts()
+    assert (resolved["status"], resolved["localVersion"]["value"]) == ("resolved", 10.0)
+
+
+def test_manual_reopens_a_conflict_whose_central_record_changed_after_the_choice_of_local(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """The reviewer never saw that central edit: it joins the conflict, which waits for a new choice."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    sync.run()
+    edit_both(sync, local="value = 10.0", central="value = 99.0")
+    sync.run()
+    [held] = sync.conflicts("open")
+    choose(sync, held["conflictId"], "local")
+    sync.central(f"UPDATE {sync.central_table} SET device = 'pump-9' WHERE id = 1")
+
+    sync.run()
+
+    [reopened] = sync.conflicts("open")
+    assert reopened["conflictId"] == held["conflictId"] and reopened["centralVersion"]["device"] == "pump-9"
+    assert sync.local("SELECT device, value FROM readings WHERE id = 1") == [("pump-1", 10.0)]
+    assert sync.central(f"SELECT device, value FROM {sync.central_table} WHERE id = 1") == [("pump-9", 99.0)]
+    assert "sync.conflict.reopened" in sync.audit_actions()
+
+    choose(sync, held["conflictId"], "local")
+    sync.run()
+
+    assert sync.local("SELECT device, value FROM readings WHERE id = 1") == [("pump-1", 10.0)]
+    assert sync.central(f"SELECT device, value FROM {sync.central_table} WHERE id = 1") == [("pump-1", 10.0)]
+    [resolved] = sync.conflicts()
+    assert (resolved["status"], resolved["centralVersion"]["device"]) == ("resolved", "pump-9")
+
+
 def test_append_only_refuses_updates_on_either_side_and_keeps_them(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
