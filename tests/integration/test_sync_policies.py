@@ -222,6 +222,69 @@ def test_append_only_refuses_updates_on_either_side_and_keeps_them(
     assert refused["2"]["centralVersion"]["value"] == 77.0
 
 
+@pytest.mark.parametrize(
+    ("local_edit", "central_edit", "outcome", "refused"),
+    [
+        (
+            "UPDATE readings SET value = 10.0 WHERE id = 1",
+            "UPDATE {t} SET value = 99.0 WHERE id = 1",
+            "update-refused",
+            (10.0, 99.0),
+        ),
+        (
+            "DELETE FROM readings WHERE id = 1",
+            "UPDATE {t} SET value = 99.0 WHERE id = 1",
+            "delete-refused",
+            (None, 99.0),
+        ),
+        (
+            "UPDATE readings SET value = 10.0 WHERE id = 1",
+            "DELETE FROM {t} WHERE id = 1",
+            "delete-refused",
+            (10.0, None),
+        ),
+        ("DELETE FROM readings WHERE id = 1", "DELETE FROM {t} WHERE id = 1", "delete-refused", (None, None)),
+        (
+            None,
+            "DELETE FROM {t} WHERE id = 1; INSERT INTO {t} (id, device, value) VALUES (1, 'pump-5', 5.0)",
+            "update-refused",
+            (1.0, 5.0),
+        ),
+    ],
+    ids=["update-update", "delete-update", "update-delete", "delete-delete", "central-delete-reinsert"],
+)
+def test_append_only_restores_the_first_version_when_both_sides_change_a_record(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    local_edit: str | None,
+    central_edit: str,
+    outcome: str,
+    refused: tuple[float | None, float | None],
+) -> None:
+    """Neither change stands: both sides go back to the version first synced, kept as the conflict's choice, and
+    the refused versions are kept in the conflict record."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "append-only")
+    sync.run()
+    if local_edit is not None:
+        sync.local(local_edit)
+    time.sleep(0.05)
+    for statement in central_edit.format(t=sync.central_table).split("; "):
+        sync.central(statement)
+
+    sync.run()
+    sync.run()
+
+    first = [(1, "pump-1", 1.0, "Ada Lovelace"), (2, "pump-2", 2.0, "Alan Turing")]
+    assert sync.local("SELECT id, device, value, patient FROM readings ORDER BY id") == first
+    assert sync.central(f"SELECT id, device, value FROM {sync.central_table} ORDER BY id") == [row[:3] for row in first]
+    [conflict] = sync.conflicts()
+    assert (conflict["recordKey"], conflict["outcome"], conflict["kept"]["value"]) == ("1", outcome, 1.0)
+    versions = (conflict["localVersion"], conflict["centralVersion"])
+    assert tuple(None if v.get("_kiln_deleted") else v["value"] for v in versions) == refused
+
+
 def test_a_replayed_pull_takes_central_inserts_for_inserts_under_append_only(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
