@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying, forget, log_merges
 from services.sync.deletions import delete_centrally
 from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit, wall_clock_ms
-from services.sync.merge import DELETE_REFUSED, DELETED, REFUSED, Resolution, Version, deletion, jsonable
+from services.sync.merge import DELETE_REFUSED, DELETED, HELD, REFUSED, Resolution, Version, deletion, jsonable
 from services.sync.pair import TablePair, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, read, stamp_of, upsert
 from services.sync.watermarks import DOWN, watermark
@@ -20,9 +20,16 @@ from shared.db.models import SyncConflict
 from shared.db.types import utcnow
 from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, CONFLICT_RESOLVED
 
+# What the review queue's choice sets a conflict's outcome to (services/api/routers/sync_jobs.py).
+KEPT_CENTRAL = "kept-central"
+
 
 def apply_choices(pair: TablePair) -> None:
-    """Write the versions people chose in the review queue to the central store, and log them to go down."""
+    """Write the versions people chose in the review queue to the central store, and log them to go down.
+
+    `central` keeps the central record as it is now, edits made since the conflict opened included. `local` keeps
+    the local version chosen, unless the central record changed after the choice: the reviewer never saw that edit,
+    so it joins the conflict, which is open again for a new choice."""
     with Session(pair.central) as session, session.begin():
         chosen = session.scalars(
             select(SyncConflict).where(
@@ -36,23 +43,68 @@ def apply_choices(pair: TablePair) -> None:
         hold_sealing_key(session, pair)
         connection = session.connection()
         begin_applying(connection, CENTRAL_LOG)
-        keys = [conflict.record_key for conflict in chosen]
-        current = read(connection, pair.central_table, pair.key, keys)
-        writes, deletes = [], {}
+        current = read(connection, pair.central_table, pair.key, [conflict.record_key for conflict in chosen])
+        writes, deletes, keys = [], {}, []
         for conflict in chosen:
-            kept = dict(conflict.kept or {})
             existing = current.get(conflict.record_key)
-            if kept.get(DELETED):
+            if conflict.outcome == KEPT_CENTRAL:
+                _keep_central_as_it_is(pair, conflict, existing)
+            elif _central_moved(conflict, existing):
+                _reopen(session, pair, conflict, existing)
+                continue
+            elif conflict.kept and conflict.kept.get(DELETED):
                 if existing is not None:
                     deletes[conflict.record_key] = existing
             else:
-                writes.append(_chosen_row(kept, existing))
+                writes.append(_chosen_row(dict(conflict.kept or {}), existing))
             conflict.status = CONFLICT_RESOLVED
+            keys.append(conflict.record_key)
         upsert(connection, pair.central_table, pair.key, writes)
         delete_centrally(session, connection, pair, deletes)
         forget(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, after=watermark(session, pair, DOWN))
         log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, at_ms=wall_clock_ms())
         end_applying(connection, CENTRAL_LOG)
+
+
+def _keep_central_as_it_is(pair: TablePair, conflict: SyncConflict, existing: dict[str, Any] | None) -> None:
+    """The central record stays, and goes down as it is: the conflict names it as the version kept."""
+    current = version_json(pair, _as_version(pair, conflict, existing))
+    conflict.central_version = current
+    conflict.kept = current
+
+
+def _central_moved(conflict: SyncConflict, existing: dict[str, Any] | None) -> bool:
+    """Whether the central record is not the version the conflict holds: edited, deleted or written since."""
+    held = conflict.central_version
+    if existing is None:
+        return not held.get(DELETED)
+    return bool(held.get(DELETED)) or held.get(STAMP) != (stamp_of(existing) or ORIGIN).encode()
+
+
+def _reopen(session: Session, pair: TablePair, conflict: SyncConflict, existing: dict[str, Any] | None) -> None:
+    conflict.central_version = version_json(pair, _as_version(pair, conflict, existing))
+    conflict.status, conflict.outcome, conflict.kept = CONFLICT_OPEN, HELD, None
+    conflict.resolved_at = conflict.resolved_by = None
+    record_change(
+        session,
+        org_id=pair.org_id,
+        actor="sync",
+        action="sync.conflict.reopened",
+        target=f"{pair.spec.name}/{conflict.record_key}",
+        detail={"conflictId": conflict.id, "reason": "the central record changed after the choice"},
+    )
+
+
+def _as_version(pair: TablePair, conflict: SyncConflict, existing: dict[str, Any] | None) -> Version:
+    """The central record as a conflict version; its deletion keeps the stamp the conflict knew it by, or now."""
+    if existing is not None:
+        return Version(pair.plain(existing), stamp_of(existing) or ORIGIN)
+    known = conflict.central_version.get(STAMP) if conflict.central_version.get(DELETED) else None
+    return deletion(Stamp.parse(known) if known else _now())
+
+
+def _now() -> Stamp:
+    return stamp_edit(physical_ms=wall_clock_ms(), offset_ms=0, replaced=None, node="central")
 
 
 def _chosen_row(kept: dict[str, Any], existing: dict[str, Any] | None) -> dict[str, Any]:
@@ -114,7 +166,7 @@ def record_conflict(
 def record_refused_central_update(
     session: Session, pair: TablePair, key: str, original: dict[str, Any], refused: dict[str, Any] | None
 ) -> None:
-    stamp = stamp_of(refused) or stamp_edit(physical_ms=wall_clock_ms(), offset_ms=0, replaced=None, node="central")
+    stamp = stamp_of(refused) or _now()
     theirs = deletion(stamp) if refused is None else Version(pair.plain(refused), stamp)
     resolution = Resolution(REFUSED if refused is not None else DELETE_REFUSED, Version(original, stamp))
     record_conflict(session, pair, key, Version(original, stamp), theirs, resolution)

@@ -50,7 +50,7 @@ def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None
         source_id = _source_id(context, job_id)
         if source_id is None:
             return "missing"
-        with _one_job_per_source(context.engine, source_id):
+        with one_job_per_source(context.engine, source_id):
             return _run(context, job_id, after_batch)
     except OperationalError as error:
         raise TransientError(f"sync job {job_id}: the central store is unreachable") from error
@@ -86,7 +86,7 @@ def _source_id(context: SyncContext, job_id: str) -> str | None:
 
 
 @contextmanager
-def _one_job_per_source(central: Engine, source_id: str) -> Iterator[None]:
+def one_job_per_source(central: Engine, source_id: str) -> Iterator[None]:
     """One job of a source at a time, for the job's length, released should the worker die: an advisory lock on a
     PostgreSQL connection of its own, or, for the embedded default's SQLite file, a file lock beside it (any sync
     worker of the embedded stack runs on the machine that holds that file)."""

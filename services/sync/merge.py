@@ -6,10 +6,13 @@ versions as they were in the conflict record, so the losing one is never lost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, time
+from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any
+
+from sqlalchemy import Table
 
 from services.sync.hlc import Stamp, after_both
 from shared.sync_tables import Policy
@@ -43,25 +46,30 @@ class Resolution:
         return self.kept is None
 
 
-def resolve(policy: Policy, *, local: Version, central: Version, base: dict[str, Any] | None) -> Resolution:
+def resolve(
+    policy: Policy, *, local: Version, central: Version, base: dict[str, Any] | None, first: Version | None = None
+) -> Resolution:
+    """`base` is a field-merge record as both sides last agreed on it (JSON form); `first` an append-only record's
+    first synced version."""
     if policy == "manual":
         return Resolution(HELD, None)
-    if local.deleted or central.deleted:
-        return resolve_deletion(policy, local=local, central=central)
     if policy == "append-only":
-        # Telemetry is written once: the version the central store accepted first stays, the update is refused.
-        return Resolution(REFUSED, central)
+        return refuse(local=local, central=central, first=first)
+    if local.deleted or central.deleted:
+        # A deleted record has no fields to merge: field-merge lets the later stamp win too.
+        return last_writer_wins(local=local, central=central)
     if policy == "field-merge" and base is not None:
         return merge_fields(local=local, central=central, base=base)
     return last_writer_wins(local=local, central=central)
 
 
-def resolve_deletion(policy: Policy, *, local: Version, central: Version) -> Resolution:
-    """A deletion against an edit. Append-only refuses the deletion: the record as written stays. Every other
-    policy lets the later stamp win, field-merge too: a deleted record has no fields to merge."""
-    if policy == "append-only":
-        return Resolution(DELETE_REFUSED, central if local.deleted else local)
-    return last_writer_wins(local=local, central=central)
+def refuse(*, local: Version, central: Version, first: Version | None) -> Resolution:
+    """Append-only: a record is written once, so neither side's update or deletion stands; the first version goes
+    back to both sides, stamped after both refused ones. A record synced before first versions were kept has none:
+    the side that did not delete it, the central one if neither did, stays."""
+    outcome = DELETE_REFUSED if local.deleted or central.deleted else REFUSED
+    kept = first if first is not None else (local if central.deleted else central)
+    return Resolution(outcome, Version(kept.row, after_both(local.stamp, central.stamp, node="central"), kept.deleted))
 
 
 def last_writer_wins(*, local: Version, central: Version) -> Resolution:
@@ -76,6 +84,29 @@ def as_json(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     return value.isoformat() if isinstance(value, date | time) else value
+
+
+_FROM_TEXT: dict[type, Callable[[str], Any]] = {
+    datetime: datetime.fromisoformat,
+    date: date.fromisoformat,
+    time: time.fromisoformat,
+    Decimal: Decimal,
+}
+
+
+def from_json(table: Table, row: dict[str, Any]) -> dict[str, Any]:
+    """A row as JSON kept it, with the values as_json made text read back as their column's type."""
+    return {name: _typed(table, name, value) for name, value in row.items()}
+
+
+def _typed(table: Table, name: str, value: Any) -> Any:
+    if not isinstance(value, str) or name not in table.c:
+        return value
+    try:
+        parse = _FROM_TEXT.get(table.c[name].type.python_type)
+    except NotImplementedError:
+        return value
+    return parse(value) if parse is not None else value
 
 
 def merge_fields(*, local: Version, central: Version, base: dict[str, Any]) -> Resolution:

@@ -1,24 +1,30 @@
 """Retention: synced records whose last change is older than the org's retention period are purged, on both sides,
 and so are the org's prediction records (scores and risk levels of its patients' or machines' rows) older than it.
 
-One audit row per purge (per table), naming how many records went and the cutoff. The local copy goes first: if
-the central store is unreachable then, the next purge finds the same records again. Prediction records go in
-batches, each with its audit row in its own transaction, so none goes unaudited.
+A record's last change is the newer of its central stamp and its local edits not yet pushed: one edited locally
+since its last sync is judged by that edit, so a fresh edit is never purged before it is synced. The purge of a
+source holds its job lock, so no job moves a record between the two looks; the local store's writers are shut
+out while its side is judged and deleted, and the central delete checks each stamp again, so a central edit made
+meanwhile stays (and goes down). One audit row per purge (per table), naming how many records went and the cutoff.
+The local copy goes first: if the central store is unreachable then, the next purge finds the same records again.
+Prediction records go in batches, each with its audit row in its own transaction, so none goes unaudited.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, Connection, Table, select
 from sqlalchemy.orm import Session
 
-from services.sync.changes import CENTRAL_LOG, LOCAL_LOG, begin_applying, end_applying
+from services.sync.changes import CENTRAL_LOG, LOCAL_LOG, begin_applying, end_applying, pending, shut_out_writers
 from services.sync.context import SyncContext
 from services.sync.hlc import Stamp
-from services.sync.stores import STAMP, delete, key_text, open_local, reflect
+from services.sync.jobs import one_job_per_source
+from services.sync.stores import STAMP, delete, key_text, key_value, open_local, reflect
+from services.sync.watermarks import UP
 from shared.audit import record_change
-from shared.db.models import Organization, Prediction, SyncBase, SyncSource
+from shared.db.models import Organization, Prediction, SyncBase, SyncSource, SyncWatermark
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.schemas import OrgConfig
@@ -68,22 +74,29 @@ def _purge_predictions(context: SyncContext, org_id: str, cutoff: datetime, days
 
 
 def _purge_table(context: SyncContext, source: SyncSource, spec: SyncTable, cutoff: datetime, days: int) -> int:
+    with one_job_per_source(context.engine, source.id):
+        return _purge_table_between_jobs(context, source, spec, cutoff, days)
+
+
+def _purge_table_between_jobs(
+    context: SyncContext, source: SyncSource, spec: SyncTable, cutoff: datetime, days: int
+) -> int:
+    """The purge of one table, while no job of its source runs."""
     name = central_table_name(source.id, spec.name)
     with context.engine.connect() as connection:
         if not connection.dialect.has_table(connection, name):
             return 0
         central = reflect(connection, name)
-        # Stamps are fixed-width text, so "older than the cutoff" is a text comparison on the stamp column.
-        oldest = Stamp(int(cutoff.timestamp() * 1000), 0, "").encode()
-        rows = connection.execute(select(central.c[spec.primary_key]).where(central.c[STAMP] < oldest))
+        rows = connection.execute(select(central.c[spec.primary_key]).where(_expired(central, cutoff)))
         keys = [key_text(value) for (value,) in rows]
+        up_watermark = _up_watermark(connection, source.id, spec.name)
     if not keys:
         return 0
-    _purge_local(context, source, spec, keys)
+    keys = _purge_local(context, source, spec, keys, after=up_watermark, cutoff=cutoff)
     with session_scope(context.sessions) as session:
         connection = session.connection()
         begin_applying(connection, CENTRAL_LOG)
-        removed = delete(connection, central, spec.primary_key, keys)
+        removed = _delete_expired(connection, central, spec.primary_key, keys, cutoff)
         _forget_bases(session, source.id, spec.name, keys)
         end_applying(connection, CENTRAL_LOG)
         record_change(
@@ -97,18 +110,56 @@ def _purge_table(context: SyncContext, source: SyncSource, spec: SyncTable, cuto
     return removed
 
 
-def _purge_local(context: SyncContext, source: SyncSource, spec: SyncTable, keys: list[str]) -> None:
+def _expired(central: Table, cutoff: datetime) -> ColumnElement[bool]:
+    # Stamps are fixed-width text, so "older than the cutoff" is a text comparison on the stamp column.
+    return central.c[STAMP] < Stamp(_ms(cutoff), 0, "").encode()
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _up_watermark(connection: Connection, source_id: str, table: str) -> int:
+    """Where the last push stopped in the local change log: local edits after it have not reached the central store."""
+    seq = connection.execute(
+        select(SyncWatermark.seq).where(
+            SyncWatermark.source_id == source_id, SyncWatermark.table_name == table, SyncWatermark.direction == UP
+        )
+    ).scalar()
+    return seq or 0
+
+
+def _purge_local(
+    context: SyncContext, source: SyncSource, spec: SyncTable, keys: list[str], *, after: int, cutoff: datetime
+) -> list[str]:
+    """Delete locally the records expired centrally and not edited locally since; returns the keys deleted."""
     password = None
     if source.password_encrypted is not None:
         password = context.secrets.decrypt(source.password_encrypted, context=f"sync-source:{source.id}")
     local = open_local(source.url, password, context.store_rules(source.org_id))
     try:
         with local.begin() as connection:
+            shut_out_writers(connection, LOCAL_LOG)  # no local edit lands between the look and the delete
+            edited = pending(connection, LOCAL_LOG, table=spec.name, keys=keys, after=after)
+            expired = [key for key in keys if key not in edited or edited[key].at_ms < _ms(cutoff)]
             begin_applying(connection, LOCAL_LOG)
-            delete(connection, reflect(connection, spec.name), spec.primary_key, keys)
+            delete(connection, reflect(connection, spec.name), spec.primary_key, expired)
             end_applying(connection, LOCAL_LOG)
+        return expired
     finally:
         local.dispose()
+
+
+def _delete_expired(connection: Connection, central: Table, column: str, keys: list[str], cutoff: datetime) -> int:
+    """Delete the central records among `keys` still expired: one edited since the purge looked stays, and the
+    change log sends it down to the local store, which has just deleted its copy."""
+    values = [key_value(central, key, column) for key in keys]
+    removed = 0
+    for start in range(0, len(values), 500):
+        chunk = values[start : start + 500]
+        result = connection.execute(central.delete().where(central.c[column].in_(chunk), _expired(central, cutoff)))
+        removed += result.rowcount
+    return removed
 
 
 def _forget_bases(session: Session, source_id: str, table: str, keys: list[str]) -> None:

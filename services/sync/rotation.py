@@ -3,7 +3,9 @@
 Run by `kiln sync-keys rotate`, or by a sync worker for POST /v1/orgs/{org}/sync-keys/rotate, at any time: a job
 that is running holds the key it seals under for each batch (services/sync/pair.py, hold_sealing_key), so the
 rotation waits for that batch, re-encrypts what it wrote, and the job's next batch goes on under the new key.
-Re-encryption is not a change of the record: the writes are not logged, so nothing is sent down again.
+Re-encryption is not a change of the record: the writes are not logged, so nothing is sent down again. Nor is it
+a change of the audit trail: the `sync.delete` rows, which hold the only copy of a deleted record, get their
+sealed values re-encrypted in place, as everything else does, or destroying the old key would shred them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, mark_drained, start_rotation
 from services.sync.stores import reflect
 from shared.audit import record_change
-from shared.db.models import Organization, SyncBase, SyncConflict, SyncSource
+from shared.db.models import AuditEntry, Organization, SyncBase, SyncConflict, SyncSource
 from shared.db.session import session_scope
 from shared.errors import NotFound
 from shared.sync_jobs import source_tables
@@ -48,6 +50,7 @@ def rotate_org_key(context: SyncContext, org_id: str, *, actor: str) -> dict[str
                         connection, table, spec.primary_key, spec.name, spec.sensitive_columns, keyring
                     )
                 resealed += _reseal_documents(session, source.id, spec.name, spec.sensitive_columns, keyring)
+                resealed += _reseal_deletion_audits(connection, org_id, spec.name, spec.sensitive_columns, keyring)
         end_applying(connection, CENTRAL_LOG)
         drained = mark_drained(session, org_id)
         summary = {"activeKey": keyring.active_id, "drainedKeys": drained, "resealedValues": resealed}
@@ -104,6 +107,31 @@ def _reseal_bases(connection: Connection, source_id: str, name: str, columns: li
         changed = [(key, row) for key, found in page if (row := _resealed(dict(found), name, columns, keyring))]
         if changed:
             connection.execute(write, [{"key": key, "new_row": row} for key, row in changed])
+        resealed += len(changed)
+    return resealed
+
+
+def _reseal_deletion_audits(
+    connection: Connection, org_id: str, name: str, columns: list[str], keyring: Keyring
+) -> int:
+    """The org's `sync.delete` rows of this table, paged by id: each keeps the deleted record sealed."""
+    resealed, last = 0, 0
+    of_table = (
+        AuditEntry.org_id == org_id,
+        AuditEntry.action == "sync.delete",
+        AuditEntry.target.startswith(f"{name}/", autoescape=True),
+    )
+    read = select(AuditEntry.id, AuditEntry.detail).where(*of_table).order_by(AuditEntry.id).limit(PAGE_ROWS)
+    write = update(AuditEntry).where(AuditEntry.id == bindparam("entry")).values(detail=bindparam("new_detail"))
+    while page := connection.execute(read.where(AuditEntry.id > last)).all():
+        last = page[-1].id
+        changed = [
+            (entry, {**detail, "deleted": row})
+            for entry, detail in page
+            if (row := _resealed(dict(detail.get("deleted") or {}), name, columns, keyring))
+        ]
+        if changed:
+            connection.execute(write, [{"entry": entry, "new_detail": detail} for entry, detail in changed])
         resealed += len(changed)
     return resealed
 

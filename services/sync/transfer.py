@@ -13,10 +13,11 @@ since its last sync goes to the table's policy (services/sync/merge.py) and is r
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from services.sync.changes import (
@@ -43,11 +44,11 @@ from services.sync.conflicts import (
 )
 from services.sync.deletions import audit_deletion, delete_centrally, delete_locally, forget_bases, restore_locally
 from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
-from services.sync.merge import Version, deletion, jsonable, resolve
+from services.sync.merge import Version, deletion, from_json, jsonable, resolve
 from services.sync.pair import TablePair, Tally, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, key_text, read, stamp_of, upsert, upsert_values
 from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, watermark, watermarks
-from shared.db.models import SyncBase
+from shared.db.models import SyncBase, SyncConflict
 
 log = logging.getLogger(__name__)
 
@@ -103,21 +104,25 @@ def _push(
         else {}
     )
     held = open_conflicts(session, pair, latest)
+    firsts = _first_versions(session, pair, latest)
     moves = _Moves()
     for key, change in latest.items():
         row, existing = rows.get(key), current.get(key)
         if key in held:
             held[key].local_version = version_json(pair, _local_version(pair, row, change, None))  # the newest
             continue
-        if row is None and existing is None:
+        first = firsts.get(key)
+        # Append-only: a record written before, on either side, takes no change; the policy restores it.
+        written_once = pair.spec.policy == "append-only" and (existing is not None or first is not None)
+        if row is None and existing is None and not written_once:
             continue  # deleted on both sides, or a deletion already pushed by a batch now replayed
-        if key not in changed_centrally and not (pair.spec.policy == "append-only" and existing is not None):
+        if key not in changed_centrally and not written_once:
             moves.copy(pair, key, _local_version(pair, row, change, stamp_of(existing)), existing)
             continue
         against = _stamp_before_central_edits(connection, pair, key, existing, down_after)
         mine = _local_version(pair, row, change, against)
         theirs = _central_version(pair, existing, changed_centrally.get(key))
-        resolution = resolve(pair.spec.policy, local=mine, central=theirs, base=_base(session, pair, key))
+        resolution = resolve(pair.spec.policy, local=mine, central=theirs, base=_base(session, pair, key), first=first)
         record_conflict(session, pair, key, mine, theirs, resolution)
         moves.conflicts += 1
         if resolution.kept is not None:
@@ -163,7 +168,9 @@ class _Moves:
             if row is not None:
                 self.merged.append(key)  # deleted centrally, and that won: the pull deletes it locally
         elif row is None:
-            self.restores.append(pair.plain(existing or {}))
+            self.restores.append(kept.row)
+            if existing is None or pair.plain(existing) != kept.row:
+                self.writes.append(_central_row(pair, kept, existing))  # append-only: the first version, back
         else:
             self.writes.append(_central_row(pair, kept, existing))
             if kept.row != row:
@@ -220,16 +227,28 @@ def pull_batch(pair: TablePair) -> bool:
             latest = {change.key: change for change in changes if change.key not in held and change.key in current}
             gone = {change.key for change in changes if change.key not in held and change.key not in current}
             begin_applying(local, LOCAL_LOG)
-            refused = _pull(local, pair, latest, current)
+            refused = _pull(local, pair, latest, current, _first_versions(session, pair, latest))
             deleted, kept = _pull_deletions(local, pair, gone)
             end_applying(local, LOCAL_LOG)
         pulled = [current[key] for key in latest if key not in refused]
         hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
+        _hold_central_edits(pair, held, changes, current)
         _acknowledge_pull(session, pair, changes[-1].seq, pulled, deleted)
         _restore_all_refused(session, pair, {**refused, **kept})
         session.commit()
     _after_batch(pair, pulled=len(pulled) + len(deleted), conflicts=len(refused) + len(kept))
     return True
+
+
+def _hold_central_edits(
+    pair: TablePair, held: dict[str, SyncConflict], changes: list[Change], current: dict[str, dict[str, Any]]
+) -> None:
+    """A central edit of a record held for review joins its conflict, as a local one does in a push: the batch is
+    acknowledged past it, and the review queue shows (and a choice of `central` keeps) the central record as it is."""
+    for change in changes:
+        if change.key in held:
+            version = _central_version(pair, current.get(change.key), change)
+            held[change.key].central_version = version_json(pair, version)
 
 
 def _changed_records(session: Session, pair: TablePair, *, after: int, last: int) -> dict[str, dict[str, Any]]:
@@ -276,10 +295,14 @@ def _before_local_edits(local: Connection, pair: TablePair, changes: list[Change
 
 
 def _pull(
-    local: Connection, pair: TablePair, latest: dict[str, Change], current: dict[str, dict[str, Any]]
+    local: Connection,
+    pair: TablePair,
+    latest: dict[str, Change],
+    current: dict[str, dict[str, Any]],
+    firsts: dict[str, Version],
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """Write the records down; returns the refused ones, each as the local store has it and as the central one."""
-    refused = _refused_updates(local, pair, latest, current)
+    refused = _refused_updates(local, pair, latest, current, firsts)
     names = [column.name for column in pair.local_table.columns]
     rows = pair.plain_values((current[key] for key in latest if key not in refused), names)
     upsert_values(local, pair.local_table, pair.key, names, rows)
@@ -298,16 +321,34 @@ def _pull_deletions(local: Connection, pair: TablePair, keys: set[str]) -> tuple
 
 
 def _refused_updates(
-    local: Connection, pair: TablePair, latest: dict[str, Change], current: dict[str, dict[str, Any]]
+    local: Connection,
+    pair: TablePair,
+    latest: dict[str, Change],
+    current: dict[str, dict[str, Any]],
+    firsts: dict[str, Version],
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """Append-only records the central store changed after the local store had them: their update is refused.
-    An update is a central edit of a record past its first version (the one its insert got, here or by a push): a
+    An update is a central edit that leaves a record synced before other than its first version (deleted and
+    inserted again too), or, for one synced before first versions were kept, past the version its insert got: a
     replayed batch finds the records it inserted locally the first time, and must still take them for inserts."""
     if pair.spec.policy != "append-only" or not pair.spec.sends_up:
         return {}
-    updated = [key for key, change in latest.items() if change.origin == ORIGIN_APP and current[key][VERSION] > 1]
-    originals = read(local, pair.local_table, pair.key, updated)
+    updated = {
+        key
+        for key, change in latest.items()
+        if change.origin == ORIGIN_APP and _not_as_first_written(pair, current[key], firsts.get(key))
+    }
+    originals = {key: firsts[key].row for key in updated if key in firsts}
+    originals |= read(local, pair.local_table, pair.key, updated - originals.keys())
     return {key: (row, current[key]) for key, row in originals.items()}
+
+
+def _not_as_first_written(pair: TablePair, row: dict[str, Any], first: Version | None) -> bool:
+    """Whether an append-only central record is other than its first version: compared in JSON form, as a base
+    keeps it; without a first version, whether it is past the version its insert got."""
+    if first is None:
+        return bool(row[VERSION] > 1)
+    return jsonable(pair.plain(row)) != jsonable(first.row)
 
 
 def _restore_refused(
@@ -341,9 +382,29 @@ def _base(session: Session, pair: TablePair, key: str) -> dict[str, Any] | None:
     return jsonable(pair.plain(row.row)) if row is not None else None
 
 
+def _first_versions(session: Session, pair: TablePair, keys: Iterable[str]) -> dict[str, Version]:
+    """Append-only records' first synced versions (their bases), by key, in one query per 500; other policies and
+    records synced before first versions were kept have none."""
+    if pair.spec.policy != "append-only":
+        return {}
+    key_list, found = list(keys), {}
+    for start in range(0, len(key_list), 500):
+        rows = session.execute(
+            select(SyncBase.record_key, SyncBase.row).where(
+                SyncBase.source_id == pair.source_id,
+                SyncBase.table_name == pair.spec.name,
+                SyncBase.record_key.in_(key_list[start : start + 500]),
+            )
+        )
+        for key, row in rows:
+            found[key] = Version(pair.plain(from_json(pair.central_table, row)), ORIGIN)
+    return found
+
+
 def _save_bases(session: Session, pair: TablePair, rows: list[dict[str, Any]]) -> None:
-    """Field-merge needs each record as both sides last agreed on it; other policies keep no base."""
-    if pair.spec.policy != "field-merge":
+    """Field-merge needs each record as both sides last agreed on it, append-only the version first synced (the
+    only one either side ever writes); other policies keep no base."""
+    if pair.spec.policy not in ("field-merge", "append-only"):
         return
     for row in rows:
         key = key_text(row[pair.key])

@@ -219,7 +219,8 @@ class Schedule(Base):
 
 
 class AuditEntry(Base):
-    """Append-only: who changed what in an org, and when. Nothing updates or deletes these rows."""
+    """Append-only: who changed what in an org, and when. Nothing updates or deletes these rows, but for a key
+    rotation re-encrypting the sealed values a `sync.delete` row keeps (services/sync/rotation.py)."""
 
     __tablename__ = "audit_log"
 

@@ -11,9 +11,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.sync.context import SyncContext
+from services.sync.envelope import load_keyring
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
+from services.sync.rotation import rotate_org_key
+from shared.db.session import session_scope
 from shared.errors import TransientError
+from shared.sync_keys import destroy_key
 from tests.integration.sync_support import Sync, allow_connections, many_readings, open_sync
 
 
@@ -49,6 +53,30 @@ def test_a_local_deletion_goes_up_and_is_audited_with_the_record_it_removed(
     )
     assert deleted["deleted"]["device"] == "pump-1"
     assert not deleted["deleted"]["patient"].startswith("Ada")  # kept sealed, as the central store holds it
+
+
+def test_a_deleted_records_audit_copy_still_opens_after_its_key_is_rotated_and_destroyed(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """The sync.delete audit row holds the only copy of a deleted record: a rotation re-encrypts it too."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.local("DELETE FROM readings WHERE id = 1")
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+    sync.run()
+
+    summary = rotate_org_key(sync_context, org_id, actor="operator")
+    with session_scope(sync_context.sessions) as session:
+        for key_id in summary["drainedKeys"]:
+            destroy_key(session, org_id, key_id, actor="operator")
+
+    entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=sync.org.admin).json()
+    copies = {e["target"]: e["detail"]["deleted"] for e in entries if e["action"] == "sync.delete"}
+    with session_scope(sync_context.sessions) as session:
+        keyring = load_keyring(session, sync_context.secrets, org_id)
+        opened = {target: keyring.open(row["patient"], column="readings.patient") for target, row in copies.items()}
+    assert opened == {"readings/1": "Ada Lovelace", "readings/2": "Alan Turing"}
+    assert summary["resealedValues"] == 2
 
 
 def test_a_central_deletion_comes_down(

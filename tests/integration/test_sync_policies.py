@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from services.sync.beat import orgs_to_purge
 from services.sync.context import SyncContext
 from services.sync.envelope import hold_active_key, load_keyring
+from services.sync.hlc import Stamp
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from services.sync.retention import purge_expired
@@ -144,6 +145,63 @@ def test_manual_holds_the_conflict_for_review_until_someone_decides(
     assert again.status_code == 409
 
 
+def choose(sync: Sync, conflict_id: int, keep: str) -> None:
+    decided = sync.api.post(
+        f"/v1/orgs/{sync.org.org_id}/conflicts/{conflict_id}", json={"keep": keep}, headers=sync.org.admin
+    )
+    assert decided.status_code == 200, decided.text
+
+
+def test_manual_keeping_central_keeps_the_central_edits_made_while_the_conflict_was_held(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    sync.run()
+    edit_both(sync, local="value = 10.0", central="value = 99.0")
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET device = 'pump-9' WHERE id = 1")
+    sync.run()
+    [held] = sync.conflicts("open")
+    assert (held["centralVersion"]["device"], held["centralVersion"]["value"]) == ("pump-9", 99.0)
+
+    choose(sync, held["conflictId"], "central")
+    sync.run()
+
+    assert sync.local("SELECT device, value FROM readings WHERE id = 1") == [("pump-9", 99.0)]
+    assert sync.central(f"SELECT device, value FROM {sync.central_table} WHERE id = 1") == [("pump-9", 99.0)]
+    [resolved] = sync.conflicts()
+    assert (resolved["status"], resolved["localVersion"]["value"]) == ("resolved", 10.0)
+
+
+def test_manual_reopens_a_conflict_whose_central_record_changed_after_the_choice_of_local(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """The reviewer never saw that central edit: it joins the conflict, which waits for a new choice."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    sync.run()
+    edit_both(sync, local="value = 10.0", central="value = 99.0")
+    sync.run()
+    [held] = sync.conflicts("open")
+    choose(sync, held["conflictId"], "local")
+    sync.central(f"UPDATE {sync.central_table} SET device = 'pump-9' WHERE id = 1")
+
+    sync.run()
+
+    [reopened] = sync.conflicts("open")
+    assert reopened["conflictId"] == held["conflictId"] and reopened["centralVersion"]["device"] == "pump-9"
+    assert sync.local("SELECT device, value FROM readings WHERE id = 1") == [("pump-1", 10.0)]
+    assert sync.central(f"SELECT device, value FROM {sync.central_table} WHERE id = 1") == [("pump-9", 99.0)]
+    assert "sync.conflict.reopened" in sync.audit_actions()
+
+    choose(sync, held["conflictId"], "local")
+    sync.run()
+
+    assert sync.local("SELECT device, value FROM readings WHERE id = 1") == [("pump-1", 10.0)]
+    assert sync.central(f"SELECT device, value FROM {sync.central_table} WHERE id = 1") == [("pump-1", 10.0)]
+    [resolved] = sync.conflicts()
+    assert (resolved["status"], resolved["centralVersion"]["device"]) == ("resolved", "pump-9")
+
+
 def test_append_only_refuses_updates_on_either_side_and_keeps_them(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
@@ -162,6 +220,69 @@ def test_append_only_refuses_updates_on_either_side_and_keeps_them(
     assert {key: c["outcome"] for key, c in refused.items()} == {"1": "update-refused", "2": "update-refused"}
     assert refused["1"]["localVersion"]["value"] == 10.0
     assert refused["2"]["centralVersion"]["value"] == 77.0
+
+
+@pytest.mark.parametrize(
+    ("local_edit", "central_edit", "outcome", "refused"),
+    [
+        (
+            "UPDATE readings SET value = 10.0 WHERE id = 1",
+            "UPDATE {t} SET value = 99.0 WHERE id = 1",
+            "update-refused",
+            (10.0, 99.0),
+        ),
+        (
+            "DELETE FROM readings WHERE id = 1",
+            "UPDATE {t} SET value = 99.0 WHERE id = 1",
+            "delete-refused",
+            (None, 99.0),
+        ),
+        (
+            "UPDATE readings SET value = 10.0 WHERE id = 1",
+            "DELETE FROM {t} WHERE id = 1",
+            "delete-refused",
+            (10.0, None),
+        ),
+        ("DELETE FROM readings WHERE id = 1", "DELETE FROM {t} WHERE id = 1", "delete-refused", (None, None)),
+        (
+            None,
+            "DELETE FROM {t} WHERE id = 1; INSERT INTO {t} (id, device, value) VALUES (1, 'pump-5', 5.0)",
+            "update-refused",
+            (1.0, 5.0),
+        ),
+    ],
+    ids=["update-update", "delete-update", "update-delete", "delete-delete", "central-delete-reinsert"],
+)
+def test_append_only_restores_the_first_version_when_both_sides_change_a_record(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    local_edit: str | None,
+    central_edit: str,
+    outcome: str,
+    refused: tuple[float | None, float | None],
+) -> None:
+    """Neither change stands: both sides go back to the version first synced, kept as the conflict's choice, and
+    the refused versions are kept in the conflict record."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "append-only")
+    sync.run()
+    if local_edit is not None:
+        sync.local(local_edit)
+    time.sleep(0.05)
+    for statement in central_edit.format(t=sync.central_table).split("; "):
+        sync.central(statement)
+
+    sync.run()
+    sync.run()
+
+    first = [(1, "pump-1", 1.0, "Ada Lovelace"), (2, "pump-2", 2.0, "Alan Turing")]
+    assert sync.local("SELECT id, device, value, patient FROM readings ORDER BY id") == first
+    assert sync.central(f"SELECT id, device, value FROM {sync.central_table} ORDER BY id") == [row[:3] for row in first]
+    [conflict] = sync.conflicts()
+    assert (conflict["recordKey"], conflict["outcome"], conflict["kept"]["value"]) == ("1", outcome, 1.0)
+    versions = (conflict["localVersion"], conflict["centralVersion"])
+    assert tuple(None if v.get("_kiln_deleted") else v["value"] for v in versions) == refused
 
 
 def test_a_replayed_pull_takes_central_inserts_for_inserts_under_append_only(
@@ -201,6 +322,31 @@ def test_retention_purges_expired_records_on_both_sides_with_an_audit_row(
     entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=sync.org.admin).json()
     purges = [entry for entry in entries if entry["action"] == "sync.purge"]
     assert [(p["detail"]["records"], p["detail"]["retentionDays"]) for p in purges] == [(2, 30)]
+
+
+def test_retention_keeps_a_record_edited_locally_since_its_last_sync(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Its last change is the local edit, not the central stamp: it is kept on both sides, and the edit goes up."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    assert (
+        sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"retentionDays": 30}}, headers=ADMIN).status_code == 200
+    )
+    synced_40_days_ago = Stamp(int((utcnow() - timedelta(days=40)).timestamp() * 1000), 0, "local").encode()
+    sync.central(
+        f"SET LOCAL kiln.applying = 'on'; UPDATE {sync.central_table} SET _kiln_hlc = :s", {"s": synced_40_days_ago}
+    )
+    sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
+
+    purged = purge_expired(sync_context, org_id)
+    job = sync.run()
+
+    assert (purged, job["pushed"]) == (1, 1)
+    assert sync.local("SELECT id, value FROM readings") == [(1, 10.0)]
+    assert sync.central(f"SELECT id, value FROM {sync.central_table}") == [(1, 10.0)]
+    entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=sync.org.admin).json()
+    assert [e["detail"]["records"] for e in entries if e["action"] == "sync.purge"] == [1]
 
 
 def test_retention_purges_prediction_records_older_than_it_with_an_audit_row(
