@@ -11,6 +11,8 @@ from pydantic.alias_generators import to_camel
 from shared.schemas import CamelModel, OrgConfig, TrainingConfig
 
 ORG_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
+# Row ids are BIGINT on PostgreSQL and INTEGER on SQLite: a larger number is no row, and the drivers refuse it.
+MAX_ROW_ID = 2**63 - 1
 
 
 class CamelOut(BaseModel):
