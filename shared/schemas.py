@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -95,8 +95,13 @@ class DataRange(CamelModel):
 
     @field_validator("start_date", "end_date")
     @classmethod
-    def _as_utc(cls, value: datetime) -> datetime:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    def _as_utc(cls, value: datetime, info: ValidationInfo) -> datetime:
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:
+            # pydantic turns only ValueError into a validation error; an OverflowError escaped as a 500.
+            name = to_camel(info.field_name or "date")
+            raise ValueError(f"{name} is outside the years 1 to 9999 in UTC") from None
 
     @model_validator(mode="after")
     def _end_not_before_start(self) -> DataRange:

@@ -41,6 +41,16 @@ def test_a_valid_config_is_queued_on_the_orgs_queue(
         ({"validationSplit": 0}, "validationSplit", "greater than 0"),
         ({"validationSplit": 1}, "validationSplit", "less than 1"),
         ({"dataRange": {"startDate": "2024-02-01", "endDate": "2024-01-01"}}, "dataRange", "endDate is before"),
+        (
+            {"dataRange": {"startDate": "0001-01-01T00:00:00+01:00", "endDate": "2024-01-01"}},
+            "dataRange.startDate",
+            "outside the years 1 to 9999 in UTC",
+        ),
+        (
+            {"dataRange": {"startDate": "2024-01-01", "endDate": "9999-12-31T23:59:59-05:00"}},
+            "dataRange.endDate",
+            "outside the years 1 to 9999 in UTC",
+        ),
         ({"targetColumn": "broken"}, "targetColumn", "not a column"),
         ({"featureColumns": ["temperature", "vibration"]}, "featureColumns", "vibration"),
         ({"featureColumns": ["temperature", "site"]}, "featureColumns", "non-numeric values: site"),
