@@ -93,3 +93,14 @@ def test_an_upload_over_the_size_limit_is_refused_with_413(settings: Settings, o
 def test_a_viewer_cannot_upload(api: TestClient, org: OrgKeys) -> None:
     response = api.post(f"/v1/orgs/{org.org_id}/datasets", files={"file": ("d.csv", CSV)}, headers=org.viewer)
     assert response.status_code == 403
+
+
+def test_a_csv_whose_header_is_not_utf8_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    response = upload(api, org, b"a,\xe9\n1,2\n")
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "file"
+    assert "not UTF-8" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
