@@ -133,7 +133,11 @@ class ValidationAccepted(CamelOut):
 
 class OrgUpdate(CamelModel):
     name: str | None = Field(None, min_length=1, max_length=200)
-    config: OrgConfig | None = None
+    config: dict[str, Any] | None = Field(
+        None,
+        description="a JSON merge patch (RFC 7396) of the config: objects merge, any other value (a list too) "
+        "replaces, null puts a setting back to its default; the result is validated as a whole",
+    )
 
 
 class DeployRequest(CamelModel):
