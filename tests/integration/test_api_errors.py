@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import OrgKeys
+from tests.integration.conftest import ADMIN, OrgKeys
 
 BEYOND_INT64 = str(2**63)
 
@@ -33,3 +33,36 @@ def test_a_conflict_id_beyond_int64_is_refused_naming_it(api: TestClient, org: O
     assert response.status_code == 422, response.text
     assert response.json()["field"] == "conflictId"
     assert "less than or equal to 9223372036854775807" in response.json()["error"]
+
+
+def test_an_unknown_route_is_a_404_in_kilns_format(api: TestClient, org: OrgKeys) -> None:
+    response = api.get("/v1/nope", headers=org.viewer)
+    assert response.status_code == 404
+    assert response.json() == {"error": "Not Found", "status": 404}
+
+
+def test_a_method_a_route_lacks_is_a_405_in_kilns_format_with_allow(api: TestClient, org: OrgKeys) -> None:
+    response = api.delete(f"/v1/orgs/{org.org_id}", headers=org.admin)
+    assert response.status_code == 405
+    assert response.json() == {"error": "Method Not Allowed", "status": 405}
+    assert "GET" in response.headers["allow"].split(", ")
+
+
+@pytest.mark.parametrize(
+    ("route", "content_type", "content", "words"),
+    [
+        ("", "application/json", b'{"id": "abce", "name": "\xff\xfe"}', "error parsing the body"),
+        ("/datasets", "multipart/form-data; boundary=zzz", b"garbage", "multipart"),
+        ("/datasets", "multipart/form-data", b"garbage", "boundary"),
+    ],
+)
+def test_a_body_that_cannot_be_parsed_is_a_400_in_kilns_format(
+    api: TestClient, org: OrgKeys, route: str, content_type: str, content: bytes, words: str
+) -> None:
+    url = f"/v1/orgs{route and '/' + org.org_id + route}"
+    response = api.post(url, content=content, headers={**ADMIN, "content-type": content_type})
+    assert response.status_code == 400, response.text
+    assert set(response.json()) == {"error", "status"} and response.json()["status"] == 400
+    assert words in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert api.get("/v1/orgs/abce", headers=ADMIN).status_code == 404
