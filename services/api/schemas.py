@@ -100,6 +100,7 @@ class ModelOut(CamelOut):
     metrics: dict[str, Any]
     validation: dict[str, Any]
     created_at: datetime
+    validated_at: datetime | None = Field(description="when the validation report was last written")
 
 
 class DataSourceIn(CamelModel):
