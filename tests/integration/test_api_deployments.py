@@ -160,3 +160,17 @@ def test_concurrent_deploys_leave_one_unbroken_history(
     assert links == [(earlier["version"], later["version"]) for earlier, later in pairwise(history)]
     assert all(previous != version for previous, version in links)
     assert api.get(f"/v1/orgs/{org_id}/deployment", headers=org.viewer).json()["version"] == history[-1]["version"]
+
+
+def test_deploying_the_version_already_deployed_changes_and_audits_nothing(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    (version,) = seed_versions(engine, org.org_id, 1)
+    first = deploy(api, org, version)
+    again = deploy(api, org, version)
+
+    assert again.status_code == 201
+    assert again.json()["deploymentId"] == first.json()["deploymentId"]
+    assert len(api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()) == 1
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+    assert [entry["target"] for entry in audit if entry["action"] == "model.deployed"] == [version]
