@@ -100,3 +100,15 @@ def test_a_body_that_is_not_json_is_refused(api: TestClient, org: OrgKeys) -> No
     )
     assert response.status_code == 422
     assert "not valid JSON" in response.json()["error"]
+
+
+@pytest.mark.parametrize(("key", "words"), [("", "at least 1 character"), ("k" * 201, "at most 200 characters")])
+def test_an_idempotency_key_that_is_empty_or_too_long_is_refused_naming_it(
+    api: TestClient, org: OrgKeys, dataset_id: str, key: str, words: str
+) -> None:
+    headers = {**org.trainer, "Idempotency-Key": key}
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "Idempotency-Key"
+    assert words in response.json()["error"]
+    assert runs(api, org) == []
