@@ -180,8 +180,10 @@ class PredictionRecord(CamelOut):
 
 
 class ScheduleIn(CamelModel):
-    pattern: str = Field(description="5-field cron pattern, e.g. '0 2 * * 0' for Sundays at 02:00")
-    timezone: str = Field("UTC", description="IANA timezone the pattern is read in, e.g. 'America/New_York'")
+    pattern: str = Field(max_length=100, description="5-field cron pattern, e.g. '0 2 * * 0' for Sundays at 02:00")
+    timezone: str = Field(
+        "UTC", max_length=64, description="IANA timezone the pattern is read in, e.g. 'America/New_York'"
+    )
     enabled: bool = True
     training_config: TrainingConfig
 

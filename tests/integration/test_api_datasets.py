@@ -104,3 +104,15 @@ def test_a_csv_whose_header_is_not_utf8_is_refused_and_nothing_is_stored(
     assert "not UTF-8" in response.json()["error"]
     assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
     assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+
+
+def test_a_timestamp_column_name_longer_than_200_characters_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    name = "t" * 201
+    response = upload(api, org, CSV.replace(b"timestamp", name.encode(), 1), timestampColumn=name)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "timestampColumn"
+    assert "at most 200 characters" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []

@@ -52,3 +52,33 @@ def test_a_pattern_that_fires_only_in_leap_years_is_kept(api: TestClient, org: O
     response = put_training_schedule(api, org, dataset_id, pattern="0 0 29 2 *")
     assert response.status_code == 200, response.text
     assert [fire[4:10] for fire in response.json()["nextFireTimes"]] == ["-02-29"] * 5
+
+
+# Each fires hourly; PostgreSQL keeps at most 100 characters of a pattern and 64 of a timezone.
+TOO_LONG = [
+    ({"pattern": "0" * 97 + " * * * *"}, "pattern", "at most 100 characters"),
+    ({"pattern": "0 * * * *", "timezone": "Etc/" + "U" * 61}, "timezone", "at most 64 characters"),
+]
+
+
+@pytest.mark.parametrize(("schedule", "field", "words"), TOO_LONG)
+def test_a_training_schedule_longer_than_its_columns_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, dataset_id: str, schedule: dict[str, str], field: str, words: str
+) -> None:
+    response = put_training_schedule(api, org, dataset_id, **schedule)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert words in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404
+
+
+@pytest.mark.parametrize(("schedule", "field", "words"), TOO_LONG)
+def test_a_sync_schedule_longer_than_its_columns_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, schedule: dict[str, str], field: str, words: str
+) -> None:
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{sync_source(api, org)}/schedule"
+    response = api.put(url, json=schedule, headers=org.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert words in response.json()["error"]
+    assert api.get(url, headers=org.viewer).status_code == 404

@@ -30,7 +30,7 @@ def upload_dataset(
     session: SessionDep,
     resources: ResourcesDep,
     file: Annotated[UploadFile, File(description="CSV with a header row, or Parquet")],
-    timestamp_column: Annotated[str | None, Form(alias="timestampColumn")] = None,
+    timestamp_column: Annotated[str | None, Form(alias="timestampColumn", max_length=200)] = None,
 ) -> DatasetOut:
     if OrgConfig.model_validate(session.get_one(Organization, access.org_id).config).data_residency == "local":
         raise Conflict(
