@@ -16,6 +16,28 @@ class CamelModel(BaseModel):
         alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False, frozen=True
     )
 
+    @field_validator("*")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        # PostgreSQL stores no NUL in text or JSONB: such a value failed at the INSERT, as a 500.
+        if holds_nul(value):
+            raise ValueError(f"must not contain the NUL character {NUL!r}")
+        return value
+
+
+NUL = "\x00"
+
+
+def holds_nul(value: Any) -> bool:
+    """Whether a NUL character is in the text, or in any key or value of the lists and mappings, it holds."""
+    if isinstance(value, str):
+        return NUL in value
+    if isinstance(value, dict):
+        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(holds_nul(item) for item in value)
+    return False
+
 
 BINARY_METRICS = ("binary_logloss", "binary_error", "auc")
 MULTICLASS_METRICS = ("multi_logloss", "multi_error", "auc_mu")

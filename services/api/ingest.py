@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from shared.errors import InvalidInput
+from shared.schemas import NUL, holds_nul
 
 PARQUET_MAGIC = b"PAR1"
 
@@ -52,10 +53,13 @@ def _read(upload: Path) -> pa.Table:
 
 def _column_names(table: pa.Table) -> list[str]:
     try:
-        return list(table.column_names)
+        names = list(table.column_names)
     except UnicodeDecodeError:
         # Arrow keeps a CSV header as bytes until the names are asked for, so the reader did not refuse it.
         raise InvalidInput("the file's column names are not UTF-8 text", field="file") from None
+    if holds_nul(names):  # the names are stored in the dataset's row, and PostgreSQL refuses NUL in JSONB
+        raise InvalidInput(f"the file's column names must not contain the NUL character {NUL!r}", field="file")
+    return names
 
 
 def _refuse_repeated_names(names: list[str]) -> None:

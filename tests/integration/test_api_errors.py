@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -66,3 +68,38 @@ def test_a_body_that_cannot_be_parsed_is_a_400_in_kilns_format(
     assert words in response.json()["error"]
     assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
     assert api.get("/v1/orgs/abce", headers=ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/orgs/acme%00", "org"),
+        ("/v1/orgs/{org}/models/v%00", "version"),
+        ("/v1/orgs/{org}/trainings/run_%00/logs", "run_id"),
+        ("/v1/orgs/{org}/sync-sources/src%00/schedule", "source_id"),
+    ],
+)
+def test_an_id_in_the_path_with_a_nul_character_is_refused_naming_it(
+    api: TestClient, org: OrgKeys, path: str, field: str
+) -> None:
+    response = api.get(path.replace("{org}", org.org_id), headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "NUL character" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"url": "sqlite:////srv/plant\u0000.db", "table": "readings"}, "url"),
+        ({"url": "sqlite:////srv/plant.db", "table": "readings", "columnMap": {"TT\u0000": "t"}}, "columnMap"),
+    ],
+)
+def test_a_datasource_with_a_nul_character_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, body: dict[str, Any], field: str
+) -> None:
+    response = api.put(f"/v1/orgs/{org.org_id}/datasource", json=body, headers=org.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "NUL character" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin).status_code == 404

@@ -127,3 +127,26 @@ def test_a_patch_that_leaves_an_invalid_config_is_refused_and_changes_nothing(
     assert response.json()["field"] == field
     assert words in response.json()["error"]
     assert stored_config(api, org) == before
+
+
+def test_an_org_name_with_a_nul_character_is_refused_and_not_stored(api: TestClient, org_id: str) -> None:
+    response = api.post("/v1/orgs", json={"id": org_id, "name": "Acme\u0000Plant"}, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "name"
+    assert "NUL character" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org_id}", headers=ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"name": "Acme\u0000"}, "name"), ({"config": {"training": {"scriptPath": "/srv/a\u0000.py"}}}, "config")],
+)
+def test_a_patch_with_a_nul_character_is_refused_and_changes_nothing(
+    api: TestClient, org: OrgKeys, body: dict[str, Any], field: str
+) -> None:
+    before = api.get(f"/v1/orgs/{org.org_id}", headers=org.viewer).json()
+    response = api.patch(f"/v1/orgs/{org.org_id}", json=body, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "NUL character" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}", headers=org.viewer).json() == before

@@ -112,3 +112,21 @@ def test_an_idempotency_key_that_is_empty_or_too_long_is_refused_naming_it(
     assert response.json()["field"] == "Idempotency-Key"
     assert words in response.json()["error"]
     assert runs(api, org) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"targetColumn": "fail\u0000ed"}, "targetColumn"),
+        ({"featureColumns": ["temperature", "pres\u0000sure"]}, "featureColumns"),
+        ({"datasetId": "ds_\u0000"}, "datasetId"),
+    ],
+)
+def test_text_with_a_nul_character_is_refused_naming_it_and_queues_nothing(
+    api: TestClient, org: OrgKeys, dataset_id: str, changes: dict[str, Any], field: str
+) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id, **changes), headers=org.trainer)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "NUL character" in response.json()["error"]
+    assert runs(api, org) == []
