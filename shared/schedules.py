@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from shared.errors import InvalidInput
 
@@ -28,7 +28,18 @@ class ScheduleError(ValueError):
 def check_pattern(pattern: str) -> str:
     if len(pattern.split()) != 5 or not croniter.is_valid(pattern):
         raise ScheduleError(f"pattern {pattern!r} is not a 5-field cron pattern such as '0 2 * * 0'")
+    if not _ever_fires(pattern):
+        raise ScheduleError(f"pattern {pattern!r} never fires: no date has that day in that month")
     return pattern
+
+
+def _ever_fires(pattern: str) -> bool:
+    """False for a valid pattern naming a day its months never have, such as 31 February."""
+    try:
+        croniter(pattern, datetime(2000, 1, 1)).get_next(datetime)
+    except CroniterBadDateError:
+        return False
+    return True
 
 
 def zone(name: str) -> ZoneInfo:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -15,6 +15,28 @@ class CamelModel(BaseModel):
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False, frozen=True
     )
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        # PostgreSQL stores no NUL in text or JSONB: such a value failed at the INSERT, as a 500.
+        if holds_nul(value):
+            raise ValueError(f"must not contain the NUL character {NUL!r}")
+        return value
+
+
+NUL = "\x00"
+
+
+def holds_nul(value: Any) -> bool:
+    """Whether a NUL character is in the text, or in any key or value of the lists and mappings, it holds."""
+    if isinstance(value, str):
+        return NUL in value
+    if isinstance(value, dict):
+        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(holds_nul(item) for item in value)
+    return False
 
 
 BINARY_METRICS = ("binary_logloss", "binary_error", "auc")
@@ -95,8 +117,13 @@ class DataRange(CamelModel):
 
     @field_validator("start_date", "end_date")
     @classmethod
-    def _as_utc(cls, value: datetime) -> datetime:
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    def _as_utc(cls, value: datetime, info: ValidationInfo) -> datetime:
+        try:
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:
+            # pydantic turns only ValueError into a validation error; an OverflowError escaped as a 500.
+            name = to_camel(info.field_name or "date")
+            raise ValueError(f"{name} is outside the years 1 to 9999 in UTC") from None
 
     @model_validator(mode="after")
     def _end_not_before_start(self) -> DataRange:

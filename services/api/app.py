@@ -6,8 +6,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from services.api.deps import refuse_nul_in_path
 from services.api.errors import install_error_handlers
 from services.api.outbox_relay import sweep_until
 from services.api.resources import Resources
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Per-organization LightGBM training, validation, versioning and deployment.",
         version="0.1.0",
         lifespan=lifespan,
+        dependencies=[Depends(refuse_nul_in_path)],
     )
     install_error_handlers(app)
     for module in (

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException
 
 from shared.errors import KilnError
 
@@ -19,6 +20,7 @@ REQUEST_PARTS = {"body", "query", "path", "header", "form", "cookie"}
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(KilnError, _kiln_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)
@@ -27,6 +29,13 @@ def install_error_handlers(app: FastAPI) -> None:
 async def _kiln_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, KilnError)
     return JSONResponse(error.to_payload(), status_code=int(error.status), headers=error.headers)
+
+
+async def _http_error(_request: Request, error: Exception) -> JSONResponse:
+    """Starlette's and FastAPI's own 4xx: an unknown route or method, a body they could not parse."""
+    assert isinstance(error, HTTPException)
+    payload = {"error": str(error.detail), "status": error.status_code}
+    return JSONResponse(payload, status_code=error.status_code, headers=error.headers)
 
 
 async def _validation_error(_request: Request, error: Exception) -> JSONResponse:

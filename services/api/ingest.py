@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from shared.errors import InvalidInput
+from shared.schemas import NUL, holds_nul
 
 PARQUET_MAGIC = b"PAR1"
 
@@ -32,7 +33,7 @@ def ingest(upload: Path, output: Path, *, timestamp_column: str | None) -> Inges
         raise InvalidInput("the uploaded file has no columns", field="file")
     if table.num_rows == 0:
         raise InvalidInput("the uploaded file has a header but no rows", field="file")
-    _refuse_repeated_names(table.column_names)
+    _refuse_repeated_names(_column_names(table))
     if timestamp_column is not None:
         table = _with_utc_timestamps(table, timestamp_column)
     pq.write_table(table, output, compression="zstd")
@@ -48,6 +49,17 @@ def _read(upload: Path) -> pa.Table:
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
         kind = "Parquet" if is_parquet else "CSV"
         raise InvalidInput(f"the file is not readable {kind}: {error}", field="file") from None
+
+
+def _column_names(table: pa.Table) -> list[str]:
+    try:
+        names = list(table.column_names)
+    except UnicodeDecodeError:
+        # Arrow keeps a CSV header as bytes until the names are asked for, so the reader did not refuse it.
+        raise InvalidInput("the file's column names are not UTF-8 text", field="file") from None
+    if holds_nul(names):  # the names are stored in the dataset's row, and PostgreSQL refuses NUL in JSONB
+        raise InvalidInput(f"the file's column names must not contain the NUL character {NUL!r}", field="file")
+    return names
 
 
 def _refuse_repeated_names(names: list[str]) -> None:

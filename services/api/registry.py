@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from services.api.lookups import get_owned
@@ -59,9 +59,9 @@ def record_deployment(
 
     Deploying the version already deployed changes nothing and sends nothing.
     """
-    # Locking the org row serialises deploys of one org, so the pointer and the history agree.
-    session.get(Organization, org_id, with_for_update=True)
-    current = session.get(CurrentDeployment, org_id)
+    _lock_org(session, org_id)
+    # populate_existing: a rollback read the pointer before it held the lock, and that copy may be stale now.
+    current = session.get(CurrentDeployment, org_id, populate_existing=True)
     if current is not None and current.version == version:
         return current, None
     history = Deployment(
@@ -84,6 +84,21 @@ def record_deployment(
         session, kind=KIND_DEPLOY_EVENT, payload={"org_id": org_id, "version": version, "deployment_id": history.id}
     )
     return current, message
+
+
+def _lock_org(session: Session, org_id: str) -> None:
+    """Serialise deploys of one org, so the pointer and the history agree.
+
+    SELECT ... FOR UPDATE would do on PostgreSQL, but SQLite ignores it, and pysqlite sends BEGIN only before the
+    first write: a write to the org row takes SQLite's database write lock (and PostgreSQL's row lock) before the
+    current deployment is read, and holds it until the commit.
+    """
+    session.execute(
+        update(Organization)
+        .where(Organization.id == org_id)
+        .values(name=Organization.name)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def rollback_target(session: Session, *, org_id: str, requested: str | None) -> str:

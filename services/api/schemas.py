@@ -11,6 +11,8 @@ from pydantic.alias_generators import to_camel
 from shared.schemas import CamelModel, OrgConfig, TrainingConfig
 
 ORG_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
+# Row ids are BIGINT on PostgreSQL and INTEGER on SQLite: a larger number is no row, and the drivers refuse it.
+MAX_ROW_ID = 2**63 - 1
 
 
 class CamelOut(BaseModel):
@@ -98,6 +100,7 @@ class ModelOut(CamelOut):
     metrics: dict[str, Any]
     validation: dict[str, Any]
     created_at: datetime
+    validated_at: datetime | None = Field(description="when the validation report was last written")
 
 
 class DataSourceIn(CamelModel):
@@ -131,7 +134,11 @@ class ValidationAccepted(CamelOut):
 
 class OrgUpdate(CamelModel):
     name: str | None = Field(None, min_length=1, max_length=200)
-    config: OrgConfig | None = None
+    config: dict[str, Any] | None = Field(
+        None,
+        description="a JSON merge patch (RFC 7396) of the config: objects merge, any other value (a list too) "
+        "replaces, null puts a setting back to its default; the result is validated as a whole",
+    )
 
 
 class DeployRequest(CamelModel):
@@ -173,8 +180,10 @@ class PredictionRecord(CamelOut):
 
 
 class ScheduleIn(CamelModel):
-    pattern: str = Field(description="5-field cron pattern, e.g. '0 2 * * 0' for Sundays at 02:00")
-    timezone: str = Field("UTC", description="IANA timezone the pattern is read in, e.g. 'America/New_York'")
+    pattern: str = Field(max_length=100, description="5-field cron pattern, e.g. '0 2 * * 0' for Sundays at 02:00")
+    timezone: str = Field(
+        "UTC", max_length=64, description="IANA timezone the pattern is read in, e.g. 'America/New_York'"
+    )
     enabled: bool = True
     training_config: TrainingConfig
 

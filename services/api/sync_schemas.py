@@ -61,8 +61,8 @@ class ConflictResolution(CamelModel):
 
 
 class SyncScheduleIn(CamelModel):
-    pattern: str = Field(description="5-field cron pattern, e.g. '*/15 * * * *'")
-    timezone: str = Field("UTC", description="IANA timezone the pattern is read in")
+    pattern: str = Field(max_length=100, description="5-field cron pattern, e.g. '*/15 * * * *'")
+    timezone: str = Field("UTC", max_length=64, description="IANA timezone the pattern is read in")
     enabled: bool = True
 
 

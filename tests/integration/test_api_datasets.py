@@ -93,3 +93,51 @@ def test_an_upload_over_the_size_limit_is_refused_with_413(settings: Settings, o
 def test_a_viewer_cannot_upload(api: TestClient, org: OrgKeys) -> None:
     response = api.post(f"/v1/orgs/{org.org_id}/datasets", files={"file": ("d.csv", CSV)}, headers=org.viewer)
     assert response.status_code == 403
+
+
+def test_a_csv_whose_header_is_not_utf8_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    response = upload(api, org, b"a,\xe9\n1,2\n")
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "file"
+    assert "not UTF-8" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+
+
+def test_a_timestamp_column_name_longer_than_200_characters_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    name = "t" * 201
+    response = upload(api, org, CSV.replace(b"timestamp", name.encode(), 1), timestampColumn=name)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "timestampColumn"
+    assert "at most 200 characters" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+
+
+def test_a_column_name_with_a_nul_character_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    response = upload(api, org, b"a,b\x00c\n1,2\n")
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "file"
+    assert "NUL character" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+
+
+def test_a_file_name_with_a_nul_character_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    part = b'Content-Disposition: form-data; name="file"; filename="a\x00b.csv"\r\nContent-Type: text/csv\r\n\r\n'
+    body = b"--zzz\r\n" + part + CSV + b"\r\n--zzz--\r\n"
+    headers = {**org.trainer, "content-type": "multipart/form-data; boundary=zzz"}
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", content=body, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "file"
+    assert "NUL character" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []

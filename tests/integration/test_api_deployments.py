@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
+
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
+from services.api.app import create_app
+from shared.db.migrate import upgrade
 from shared.db.models import Deployment, OutboxMessage
+from shared.db.session import make_engine
 from shared.settings import Settings
-from tests.integration.conftest import OrgKeys
+from tests.integration.conftest import OrgKeys, create_org_with_keys
 from tests.support.events import ChannelListener
 from tests.support.seed import seed_version, seed_versions
 
@@ -109,3 +117,60 @@ def test_a_trainer_key_cannot_deploy(api: TestClient, org: OrgKeys, engine: Engi
     (version,) = seed_versions(engine, org.org_id, 1)
     response = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.trainer)
     assert response.status_code == 403
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The settings of `make up` (a SQLite file in the data folder), or of a deployment on PostgreSQL."""
+    if request.param == "postgresql":
+        return settings
+    embedded = settings.model_copy(update={"database_url": ""})
+    embedded.data_dir.mkdir(parents=True)
+    upgrade(embedded.resolved_database_url)
+    return embedded
+
+
+@pytest.fixture
+def backend_api(backend: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(backend), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def backend_engine(backend: Settings) -> Iterator[Engine]:
+    engine = make_engine(backend.resolved_database_url)
+    yield engine
+    engine.dispose()
+
+
+def test_concurrent_deploys_leave_one_unbroken_history(
+    backend_api: TestClient, backend_engine: Engine, org_id: str
+) -> None:
+    api = backend_api
+    org = create_org_with_keys(api, org_id)
+    first, second = seed_versions(backend_engine, org_id, 2)
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(lambda version: deploy(api, org, version).status_code, [first, second] * 20))
+
+    assert statuses == [201] * 40
+    history = api.get(f"/v1/orgs/{org_id}/deployments?limit=1000", headers=org.viewer).json()[::-1]
+    assert history[0]["previousVersion"] is None
+    links = [(later["previousVersion"], later["version"]) for later in history[1:]]
+    assert links == [(earlier["version"], later["version"]) for earlier, later in pairwise(history)]
+    assert all(previous != version for previous, version in links)
+    assert api.get(f"/v1/orgs/{org_id}/deployment", headers=org.viewer).json()["version"] == history[-1]["version"]
+
+
+def test_deploying_the_version_already_deployed_changes_and_audits_nothing(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    (version,) = seed_versions(engine, org.org_id, 1)
+    first = deploy(api, org, version)
+    again = deploy(api, org, version)
+
+    assert again.status_code == 201
+    assert again.json()["deploymentId"] == first.json()["deploymentId"]
+    assert len(api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()) == 1
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+    assert [entry["target"] for entry in audit if entry["action"] == "model.deployed"] == [version]

@@ -4,12 +4,15 @@ sha256, the reports beside it, never the held-out rows; for the org's trainers, 
 from __future__ import annotations
 
 import hashlib
+from datetime import UTC, datetime
 
 import numpy as np
 import onnxruntime as ort
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session
 
+from shared.db.models import ModelVersion
 from shared.layout import HOLDOUT_FILE, METRICS_FILE, model_key, model_prefix
 from shared.storage import ObjectStore
 from tests.integration.conftest import OrgKeys, create_org_with_keys
@@ -74,3 +77,21 @@ def test_artifacts_are_for_the_orgs_trainers_and_a_missing_model_is_named(
     assert missing.status_code == 404
     assert "a model over the size gate is never stored" in missing.json()["error"]
     assert api.get(f"/v1/orgs/{org.org_id}/models/{version}/artifacts", headers=org.trainer).json() == []
+
+
+def test_a_version_shows_when_it_was_last_validated(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore
+) -> None:
+    version = register_model(engine, store, org.org_id, tiny_model())
+    url = f"/v1/orgs/{org.org_id}/models/{version}"
+    before = api.get(url, headers=org.viewer).json()
+    judged_at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    with Session(engine) as session, session.begin():
+        session.execute(update(ModelVersion).where(ModelVersion.version == version).values(validated_at=judged_at))
+
+    after = api.get(url, headers=org.viewer).json()
+
+    assert before["validatedAt"] is None
+    assert datetime.fromisoformat(after["validatedAt"]) == judged_at
+    assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json()[0]["validatedAt"] == after["validatedAt"]
+    assert "validatedAt" in api.get("/openapi.json").json()["components"]["schemas"]["ModelOut"]["properties"]

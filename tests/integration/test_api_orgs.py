@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 
@@ -54,3 +57,96 @@ def test_an_unknown_role_is_refused_naming_the_field(api: TestClient, org: OrgKe
     response = api.post(f"/v1/orgs/{org.org_id}/keys", json={"role": "owner"}, headers=org.admin)
     assert response.status_code == 422
     assert response.json()["field"] == "role"
+
+
+def patch_config(api: TestClient, org: OrgKeys, config: Any) -> Any:
+    return api.patch(f"/v1/orgs/{org.org_id}", json={"config": config}, headers=ADMIN)
+
+
+def stored_config(api: TestClient, org: OrgKeys) -> dict[str, Any]:
+    return dict(api.get(f"/v1/orgs/{org.org_id}", headers=org.viewer).json()["config"])
+
+
+def test_a_config_patch_changes_only_what_it_names(api: TestClient, org: OrgKeys) -> None:
+    first = patch_config(api, org, {"gates": {"minRecall": 0.75}, "training": {"timeoutS": 900, "memoryMb": 4096}})
+    second = patch_config(api, org, {"predictions": {"record": True, "riskBands": [0.2, 0.6]}})
+    third = patch_config(api, org, {"gates": {"minAccuracy": 0.8}, "training": {"memoryMb": 2048}})
+
+    assert [first.status_code, second.status_code, third.status_code] == [200, 200, 200], third.text
+    config = stored_config(api, org)
+    assert config == third.json()["config"]
+    assert config["gates"] == {"minRecall": 0.75, "minAccuracy": 0.8}
+    assert config["training"] == {"timeoutS": 900, "memoryMb": 2048}
+    assert config["predictions"] == {"record": True, "riskBands": [0.2, 0.6]}
+    assert config["maxConcurrentTrainings"] == 1
+
+
+def test_a_list_replaces_the_stored_one_and_null_puts_the_default_back(api: TestClient, org: OrgKeys) -> None:
+    patch_config(api, org, {"gates": {"minRecall": 0.75, "minAccuracy": 0.8}, "maxConcurrentTrainings": 3})
+    patch_config(api, org, {"predictions": {"record": True, "riskBands": [0.2, 0.6]}})
+
+    response = patch_config(
+        api,
+        org,
+        {"gates": {"minRecall": None}, "maxConcurrentTrainings": None, "predictions": {"riskBands": [0.1, 0.9]}},
+    )
+
+    assert response.status_code == 200, response.text
+    config = stored_config(api, org)
+    assert config["gates"] == {"minAccuracy": 0.8}
+    assert config["maxConcurrentTrainings"] == 1
+    assert config["predictions"] == {"record": True, "riskBands": [0.1, 0.9]}
+    assert patch_config(api, org, {"predictions": None}).status_code == 200
+    assert stored_config(api, org)["predictions"] == {"record": False, "riskBands": [0.3, 0.7]}
+    assert api.patch(f"/v1/orgs/{org.org_id}", json={"config": None}, headers=ADMIN).status_code == 200
+    assert (
+        stored_config(api, org)
+        == api.post("/v1/orgs", json={"id": "x" + org.org_id, "name": "x"}, headers=ADMIN).json()["config"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "words"),
+    [
+        ({"gates": {"minRecall": 2}}, "config.gates.minRecall", "less than or equal to 1"),
+        ({"gates": {"minRecal": 0.5}}, "config.gates.minRecal", "unknown field"),
+        ({"predictions": {"riskBands": [0.9, 0.1]}}, "config.predictions.riskBands", "0 < low < high < 1"),
+        ({"gates": 5}, "config.gates", "valid dictionary"),
+        ([1], "config", "valid dictionary"),
+    ],
+)
+def test_a_patch_that_leaves_an_invalid_config_is_refused_and_changes_nothing(
+    api: TestClient, org: OrgKeys, patch: Any, field: str, words: str
+) -> None:
+    patch_config(api, org, {"gates": {"minRecall": 0.75}})
+    before = stored_config(api, org)
+
+    response = patch_config(api, org, patch)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert words in response.json()["error"]
+    assert stored_config(api, org) == before
+
+
+def test_an_org_name_with_a_nul_character_is_refused_and_not_stored(api: TestClient, org_id: str) -> None:
+    response = api.post("/v1/orgs", json={"id": org_id, "name": "Acme\u0000Plant"}, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "name"
+    assert "NUL character" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org_id}", headers=ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"name": "Acme\u0000"}, "name"), ({"config": {"training": {"scriptPath": "/srv/a\u0000.py"}}}, "config")],
+)
+def test_a_patch_with_a_nul_character_is_refused_and_changes_nothing(
+    api: TestClient, org: OrgKeys, body: dict[str, Any], field: str
+) -> None:
+    before = api.get(f"/v1/orgs/{org.org_id}", headers=org.viewer).json()
+    response = api.patch(f"/v1/orgs/{org.org_id}", json=body, headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "NUL character" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}", headers=org.viewer).json() == before

@@ -41,6 +41,16 @@ def test_a_valid_config_is_queued_on_the_orgs_queue(
         ({"validationSplit": 0}, "validationSplit", "greater than 0"),
         ({"validationSplit": 1}, "validationSplit", "less than 1"),
         ({"dataRange": {"startDate": "2024-02-01", "endDate": "2024-01-01"}}, "dataRange", "endDate is before"),
+        (
+            {"dataRange": {"startDate": "0001-01-01T00:00:00+01:00", "endDate": "2024-01-01"}},
+            "dataRange.startDate",
+            "outside the years 1 to 9999 in UTC",
+        ),
+        (
+            {"dataRange": {"startDate": "2024-01-01", "endDate": "9999-12-31T23:59:59-05:00"}},
+            "dataRange.endDate",
+            "outside the years 1 to 9999 in UTC",
+        ),
         ({"targetColumn": "broken"}, "targetColumn", "not a column"),
         ({"featureColumns": ["temperature", "vibration"]}, "featureColumns", "vibration"),
         ({"featureColumns": ["temperature", "site"]}, "featureColumns", "non-numeric values: site"),
@@ -90,3 +100,33 @@ def test_a_body_that_is_not_json_is_refused(api: TestClient, org: OrgKeys) -> No
     )
     assert response.status_code == 422
     assert "not valid JSON" in response.json()["error"]
+
+
+@pytest.mark.parametrize(("key", "words"), [("", "at least 1 character"), ("k" * 201, "at most 200 characters")])
+def test_an_idempotency_key_that_is_empty_or_too_long_is_refused_naming_it(
+    api: TestClient, org: OrgKeys, dataset_id: str, key: str, words: str
+) -> None:
+    headers = {**org.trainer, "Idempotency-Key": key}
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "Idempotency-Key"
+    assert words in response.json()["error"]
+    assert runs(api, org) == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"targetColumn": "fail\u0000ed"}, "targetColumn"),
+        ({"featureColumns": ["temperature", "pres\u0000sure"]}, "featureColumns"),
+        ({"datasetId": "ds_\u0000"}, "datasetId"),
+    ],
+)
+def test_text_with_a_nul_character_is_refused_naming_it_and_queues_nothing(
+    api: TestClient, org: OrgKeys, dataset_id: str, changes: dict[str, Any], field: str
+) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id, **changes), headers=org.trainer)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "NUL character" in response.json()["error"]
+    assert runs(api, org) == []

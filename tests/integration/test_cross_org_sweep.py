@@ -27,7 +27,7 @@ BODIES: dict[str, dict[str, Any]] = {
     },
     "POST /v1/orgs/{org}/sync-jobs": {"sourceId": "{source_id}"},
     "PUT /v1/orgs/{org}/sync-sources/{source_id}/schedule": {"pattern": "0 * * * *"},
-    "POST /v1/orgs/{org}/conflicts/{conflict_id}": {"keep": "local"},
+    "POST /v1/orgs/{org}/conflicts/{conflictId}": {"keep": "local"},
 }
 
 
@@ -87,7 +87,7 @@ def _sync_ids(api: TestClient, org: OrgKeys, settings: Settings) -> dict[str, st
     return {
         "source_id": source_id,
         "job_id": job["jobId"],
-        "conflict_id": conflict_id,
+        "conflictId": conflict_id,
         "key_id": "ek" + org.org_id[-10:],
     }
 
@@ -122,7 +122,7 @@ def test_another_orgs_ids_are_404_under_ones_own_org(
 ) -> None:
     _org, ids = victim
     intruder = create_org_with_keys(api, "x" + org_id)
-    named = r"\{(dataset_id|run_id|version|source_id|job_id|conflict_id|key_id)\}"
+    named = r"\{(dataset_id|run_id|version|source_id|job_id|conflictId|key_id)\}"
     routes_with_ids = [(m, p) for m, p in org_routes(api) if re.search(named, p)]
     routes_with_ids += [("POST", "/v1/orgs/{org}/deployments"), ("POST", "/v1/orgs/{org}/sync-jobs")]
     answers = {(m, p): call(api, m, p, intruder.org_id, ids, intruder.admin) for m, p in routes_with_ids}

@@ -253,7 +253,7 @@ def test_an_org_runs_its_operators_script_and_a_crash_fails_the_run_with_its_tra
     run_id = submit(api, org, dataset)
     assert run_training(run_id, script_worker) == "failed"
     assert f"RuntimeError: no model for {org.org_id} today" in run_of(api, org, run_id)["error"]
-    set_org_config(api, org, {})
+    set_org_config(api, org, {"training": {"scriptPath": None}})
     assert run_training(submit(api, org, dataset), script_worker) in {"succeeded", "rejected"}
 
 

@@ -60,3 +60,9 @@ def test_the_weekly_schedule_on_the_fall_back_sunday_fires_once() -> None:
 def test_bad_patterns_and_zones_are_named(pattern: str, timezone: str, words: str) -> None:
     with pytest.raises(ScheduleError, match=words):
         next_fire_times(pattern, timezone, after=utc(2026, 1, 1))
+
+
+@pytest.mark.parametrize("pattern", ["0 0 31 2 *", "0 0 30 2 *", "15 3 31 4,6,9,11 *"])
+def test_a_pattern_naming_a_day_its_months_never_have_never_fires(pattern: str) -> None:
+    with pytest.raises(ScheduleError, match="never fires"):
+        next_fire_times(pattern, NEW_YORK, after=utc(2026, 1, 1))

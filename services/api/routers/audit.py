@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from services.api.deps import OrgViewer, SessionDep
-from services.api.schemas import AuditOut
+from services.api.schemas import MAX_ROW_ID, AuditOut
 from shared.db.models import AuditEntry
 
 router = APIRouter(prefix="/v1/orgs/{org}/audit", tags=["audit"])
@@ -19,7 +19,9 @@ def audit_trail(
     access: OrgViewer,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    before: Annotated[int | None, Query(description="only entries older than this id, to page back")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_ROW_ID, description="only entries older than this id, to page back")
+    ] = None,
 ) -> list[AuditOut]:
     query = select(AuditEntry).where(AuditEntry.org_id == access.org_id)
     if before is not None:

@@ -15,9 +15,9 @@ from services.api.ingest import ingest
 from services.api.lookups import get_owned
 from services.api.schemas import DatasetOut
 from shared.db.models import Dataset, Organization
-from shared.errors import Conflict, PayloadTooLarge
+from shared.errors import Conflict, InvalidInput, PayloadTooLarge
 from shared.layout import dataset_key
-from shared.schemas import OrgConfig
+from shared.schemas import NUL, OrgConfig
 from shared.storage import CHUNK, sha256_file
 
 router = APIRouter(prefix="/v1/orgs/{org}/datasets", tags=["datasets"])
@@ -30,7 +30,7 @@ def upload_dataset(
     session: SessionDep,
     resources: ResourcesDep,
     file: Annotated[UploadFile, File(description="CSV with a header row, or Parquet")],
-    timestamp_column: Annotated[str | None, Form(alias="timestampColumn")] = None,
+    timestamp_column: Annotated[str | None, Form(alias="timestampColumn", max_length=200)] = None,
 ) -> DatasetOut:
     if OrgConfig.model_validate(session.get_one(Organization, access.org_id).config).data_residency == "local":
         raise Conflict(
@@ -38,6 +38,7 @@ def upload_dataset(
             "datasource on a worker of its own instead of uploading",
             field="file",
         )
+    filename = _stored_filename(file)
     limit = resources.settings.max_upload_mb * 1024 * 1024
     if int(request.headers.get("content-length") or 0) > limit:
         raise PayloadTooLarge(f"the upload is over {resources.settings.max_upload_mb} MB", field="file")
@@ -48,7 +49,7 @@ def upload_dataset(
         row = Dataset(
             id="ds_" + secrets.token_hex(8),
             org_id=access.org_id,
-            filename=(file.filename or "upload")[:300],
+            filename=filename,
             row_count=dataset.rows,
             columns=dataset.columns,
             timestamp_column=timestamp_column or None,
@@ -76,6 +77,13 @@ def list_datasets(access: OrgViewer, session: SessionDep) -> list[DatasetOut]:
 @router.get("/{dataset_id}", response_model=DatasetOut)
 def get_dataset(dataset_id: str, access: OrgViewer, session: SessionDep) -> DatasetOut:
     return _dataset_out(get_owned(session, Dataset, dataset_id, org_id=access.org_id))
+
+
+def _stored_filename(file: UploadFile) -> str:
+    name = file.filename or "upload"
+    if NUL in name:  # PostgreSQL stores no NUL in text
+        raise InvalidInput(f"the file's name must not contain the NUL character {NUL!r}", field="file")
+    return name[:300]
 
 
 def _copy_limited(source: BinaryIO, target: Path, limit: int) -> None:

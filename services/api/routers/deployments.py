@@ -24,10 +24,14 @@ def deploy(body: DeployRequest, access: OrgAdmin, session: SessionDep, resources
     current, message = registry.record_deployment(
         session, org_id=access.org_id, version=version.version, action="deploy", actor=access.principal.key_id
     )
-    record_change(
-        session, org_id=access.org_id, actor=access.principal.key_id, action="model.deployed", target=version.version
-    )
-    if message is not None:
+    if message is not None:  # the version already deployed: nothing changed, so nothing to audit
+        record_change(
+            session,
+            org_id=access.org_id,
+            actor=access.principal.key_id,
+            action="model.deployed",
+            target=version.version,
+        )
         commit_and_send(session, resources, message)
     return _deployment_out(session, current)
 
@@ -38,10 +42,10 @@ def rollback(body: RollbackRequest, access: OrgAdmin, session: SessionDep, resou
     current, message = registry.record_deployment(
         session, org_id=access.org_id, version=target, action="rollback", actor=access.principal.key_id
     )
-    record_change(
-        session, org_id=access.org_id, actor=access.principal.key_id, action="model.rolled_back", target=target
-    )
-    if message is not None:
+    if message is not None:  # a concurrent request got there first: nothing changed, so nothing to audit
+        record_change(
+            session, org_id=access.org_id, actor=access.principal.key_id, action="model.rolled_back", target=target
+        )
         commit_and_send(session, resources, message)
     return _deployment_out(session, current)
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from services.api.deps import OrgAdmin, OrgOperator, OrgViewer, PlatformAdmin, ResourcesDep, SessionDep
@@ -13,6 +17,7 @@ from shared.db.models import ApiKey, Organization
 from shared.errors import Conflict
 from shared.keys import PLATFORM_ADMIN, hash_key, new_key, new_key_id
 from shared.outbox import KIND_ORGS_CHANGED, add_message
+from shared.schemas import OrgConfig
 
 router = APIRouter(prefix="/v1/orgs", tags=["organizations"])
 
@@ -47,19 +52,19 @@ def get_org(access: OrgViewer, session: SessionDep) -> Organization:
 
 @router.patch("/{org}", response_model=OrgOut)
 def update_org(org: OrgOperator, body: OrgUpdate, session: SessionDep, resources: ResourcesDep) -> Organization:
-    """Rename an org or replace its config (residency, limits, gates, training script, records): operators only."""
+    """Rename an org or change its config (residency, limits, gates, training script, records): operators only."""
     row = session.get_one(Organization, org)
     if body.name is not None:
         row.name = body.name
-    if body.config is not None:
-        row.config = body.config.model_dump(by_alias=True, exclude_none=True)
+    if "config" in body.model_fields_set:
+        row.config = _patched_config(row.config, body.config)
     record_change(
         session,
         org_id=org,
         actor=PLATFORM_ADMIN.key_id,
         action="org.updated",
         target=org,
-        detail=body.model_dump(by_alias=True, exclude_none=True),
+        detail=body.model_dump(by_alias=True, exclude_unset=True),
     )
     # Residency decides which workers consume the org's queue: they look again now.
     commit_and_send(session, resources, add_message(session, kind=KIND_ORGS_CHANGED, payload={"org_id": org}))
@@ -81,3 +86,28 @@ def create_key(body: KeyCreate, access: OrgAdmin, session: SessionDep) -> KeyCre
         detail={"role": row.role},
     )
     return KeyCreated(key_id=row.id, role=row.role, key=key, created_at=row.created_at)
+
+
+def _patched_config(current: dict[str, Any], patch: dict[str, Any] | None) -> dict[str, Any]:
+    """The stored config with the patch merged in, checked as a whole; `"config": null` puts every default back."""
+    merged = {} if patch is None else merge_patch(current, patch)
+    try:
+        config = OrgConfig.model_validate(merged)
+    except ValidationError as error:
+        raise RequestValidationError(
+            [{**problem, "loc": ("body", "config", *problem["loc"])} for problem in error.errors()]
+        ) from None
+    return config.model_dump(by_alias=True, exclude_none=True)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396: an object merges member by member, a null member is removed, any other value replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for name, value in patch.items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = merge_patch(merged.get(name), value)
+    return merged

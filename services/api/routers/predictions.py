@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from services.api.deps import OrgViewer, SessionDep
-from services.api.schemas import PredictionRecord
+from services.api.schemas import MAX_ROW_ID, PredictionRecord
 from shared.db.models import Prediction
 
 router = APIRouter(prefix="/v1/orgs/{org}/predictions", tags=["predictions"])
@@ -19,7 +19,9 @@ def list_predictions(
     access: OrgViewer,
     session: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    before: Annotated[int | None, Query(description="only records older than this id, to page back")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_ROW_ID, description="only records older than this id, to page back")
+    ] = None,
 ) -> list[PredictionRecord]:
     query = select(Prediction).where(Prediction.org_id == access.org_id)
     if before is not None:

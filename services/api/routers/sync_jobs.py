@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Path, Query, status
 from sqlalchemy import select
 
 from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
 from services.api.routers.sync_sources import owned_source
+from services.api.schemas import MAX_ROW_ID
 from services.api.sync_schemas import ConflictOut, ConflictResolution, SyncJobIn, SyncJobOut
 from shared.audit import record_change
 from shared.db.models import Organization, SyncConflict, SyncJob
@@ -63,9 +64,13 @@ def list_conflicts(
     return [_conflict_out(row) for row in session.scalars(query.order_by(SyncConflict.id.desc()).limit(500))]
 
 
-@router.post("/conflicts/{conflict_id}", response_model=ConflictOut)
+@router.post("/conflicts/{conflictId}", response_model=ConflictOut)
 def resolve_conflict(
-    conflict_id: int, body: ConflictResolution, access: OrgAdmin, session: SessionDep, resources: ResourcesDep
+    conflict_id: Annotated[int, Path(alias="conflictId", ge=1, le=MAX_ROW_ID)],
+    body: ConflictResolution,
+    access: OrgAdmin,
+    session: SessionDep,
+    resources: ResourcesDep,
 ) -> ConflictOut:
     """Decide a held conflict. The choice is written to both sides by a sync job, queued here."""
     row = session.get(SyncConflict, conflict_id)

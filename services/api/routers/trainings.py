@@ -33,7 +33,7 @@ def submit_training(
     access: OrgTrainer,
     session: SessionDep,
     resources: ResourcesDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)] = None,
 ) -> RunAccepted:
     """Queue a run. With an Idempotency-Key, the same key and body return the same run; another body is a 409."""
     body_hash = hashlib.sha256(orjson.dumps(config.to_wire(), option=orjson.OPT_SORT_KEYS)).hexdigest()

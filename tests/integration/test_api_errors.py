@@ -1,0 +1,105 @@
+"""Requests the api cannot take are answered in Kiln's error format, naming the field, and never with a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.integration.conftest import ADMIN, OrgKeys
+
+BEYOND_INT64 = str(2**63)
+
+
+@pytest.mark.parametrize("listing", ["predictions", "audit"])
+@pytest.mark.parametrize(
+    ("before", "words"),
+    [
+        (BEYOND_INT64, "less than or equal to 9223372036854775807"),
+        ("-" + BEYOND_INT64, "greater than or equal to 1"),
+        ("0", "greater than or equal to 1"),
+    ],
+)
+def test_a_before_outside_the_ids_a_row_can_have_is_refused_naming_it(
+    api: TestClient, org: OrgKeys, listing: str, before: str, words: str
+) -> None:
+    response = api.get(f"/v1/orgs/{org.org_id}/{listing}", params={"before": before}, headers=org.viewer)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "before"
+    assert words in response.json()["error"]
+
+
+def test_a_conflict_id_beyond_int64_is_refused_naming_it(api: TestClient, org: OrgKeys) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/conflicts/{BEYOND_INT64}", json={"keep": "local"}, headers=org.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "conflictId"
+    assert "less than or equal to 9223372036854775807" in response.json()["error"]
+
+
+def test_an_unknown_route_is_a_404_in_kilns_format(api: TestClient, org: OrgKeys) -> None:
+    response = api.get("/v1/nope", headers=org.viewer)
+    assert response.status_code == 404
+    assert response.json() == {"error": "Not Found", "status": 404}
+
+
+def test_a_method_a_route_lacks_is_a_405_in_kilns_format_with_allow(api: TestClient, org: OrgKeys) -> None:
+    response = api.delete(f"/v1/orgs/{org.org_id}", headers=org.admin)
+    assert response.status_code == 405
+    assert response.json() == {"error": "Method Not Allowed", "status": 405}
+    assert "GET" in response.headers["allow"].split(", ")
+
+
+@pytest.mark.parametrize(
+    ("route", "content_type", "content", "words"),
+    [
+        ("", "application/json", b'{"id": "abce", "name": "\xff\xfe"}', "error parsing the body"),
+        ("/datasets", "multipart/form-data; boundary=zzz", b"garbage", "multipart"),
+        ("/datasets", "multipart/form-data", b"garbage", "boundary"),
+    ],
+)
+def test_a_body_that_cannot_be_parsed_is_a_400_in_kilns_format(
+    api: TestClient, org: OrgKeys, route: str, content_type: str, content: bytes, words: str
+) -> None:
+    url = f"/v1/orgs{route and '/' + org.org_id + route}"
+    response = api.post(url, content=content, headers={**ADMIN, "content-type": content_type})
+    assert response.status_code == 400, response.text
+    assert set(response.json()) == {"error", "status"} and response.json()["status"] == 400
+    assert words in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert api.get("/v1/orgs/abce", headers=ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/orgs/acme%00", "org"),
+        ("/v1/orgs/{org}/models/v%00", "version"),
+        ("/v1/orgs/{org}/trainings/run_%00/logs", "run_id"),
+        ("/v1/orgs/{org}/sync-sources/src%00/schedule", "source_id"),
+    ],
+)
+def test_an_id_in_the_path_with_a_nul_character_is_refused_naming_it(
+    api: TestClient, org: OrgKeys, path: str, field: str
+) -> None:
+    response = api.get(path.replace("{org}", org.org_id), headers=ADMIN)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "NUL character" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"url": "sqlite:////srv/plant\u0000.db", "table": "readings"}, "url"),
+        ({"url": "sqlite:////srv/plant.db", "table": "readings", "columnMap": {"TT\u0000": "t"}}, "columnMap"),
+    ],
+)
+def test_a_datasource_with_a_nul_character_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, body: dict[str, Any], field: str
+) -> None:
+    response = api.put(f"/v1/orgs/{org.org_id}/datasource", json=body, headers=org.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "NUL character" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin).status_code == 404

@@ -1,0 +1,84 @@
+"""Training and sync schedules: a pattern or timezone that cannot be scheduled is a 422 naming it, and nothing
+is stored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.integration.conftest import OrgKeys, config
+
+SOURCE = {"url": "sqlite:////srv/plant.db", "tables": [{"name": "readings", "primaryKey": "id"}]}
+NEVER_FIRES = ["0 0 31 2 *", "0 0 30 2 *", "15 3 31 4,6,9,11 *"]
+
+
+def put_training_schedule(api: TestClient, org: OrgKeys, dataset_id: str, **schedule: Any) -> Any:
+    body = {"trainingConfig": config(dataset_id), **schedule}
+    return api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin)
+
+
+def sync_source(api: TestClient, org: OrgKeys) -> str:
+    created = api.post(f"/v1/orgs/{org.org_id}/sync-sources", json=SOURCE, headers=org.admin)
+    assert created.status_code == 201, created.text
+    return str(created.json()["sourceId"])
+
+
+@pytest.mark.parametrize("pattern", NEVER_FIRES)
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_training_pattern_that_never_fires_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, dataset_id: str, pattern: str, enabled: bool
+) -> None:
+    response = put_training_schedule(api, org, dataset_id, pattern=pattern, enabled=enabled)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "pattern"
+    assert "never fires" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404
+
+
+@pytest.mark.parametrize("pattern", NEVER_FIRES)
+def test_a_sync_pattern_that_never_fires_is_refused_and_not_stored(api: TestClient, org: OrgKeys, pattern: str) -> None:
+    source_id = sync_source(api, org)
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule"
+    response = api.put(url, json={"pattern": pattern}, headers=org.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "pattern"
+    assert "never fires" in response.json()["error"]
+    assert api.get(url, headers=org.viewer).status_code == 404
+
+
+def test_a_pattern_that_fires_only_in_leap_years_is_kept(api: TestClient, org: OrgKeys, dataset_id: str) -> None:
+    response = put_training_schedule(api, org, dataset_id, pattern="0 0 29 2 *")
+    assert response.status_code == 200, response.text
+    assert [fire[4:10] for fire in response.json()["nextFireTimes"]] == ["-02-29"] * 5
+
+
+# Each fires hourly; PostgreSQL keeps at most 100 characters of a pattern and 64 of a timezone.
+TOO_LONG = [
+    ({"pattern": "0" * 97 + " * * * *"}, "pattern", "at most 100 characters"),
+    ({"pattern": "0 * * * *", "timezone": "Etc/" + "U" * 61}, "timezone", "at most 64 characters"),
+]
+
+
+@pytest.mark.parametrize(("schedule", "field", "words"), TOO_LONG)
+def test_a_training_schedule_longer_than_its_columns_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, dataset_id: str, schedule: dict[str, str], field: str, words: str
+) -> None:
+    response = put_training_schedule(api, org, dataset_id, **schedule)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert words in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404
+
+
+@pytest.mark.parametrize(("schedule", "field", "words"), TOO_LONG)
+def test_a_sync_schedule_longer_than_its_columns_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, schedule: dict[str, str], field: str, words: str
+) -> None:
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{sync_source(api, org)}/schedule"
+    response = api.put(url, json=schedule, headers=org.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert words in response.json()["error"]
+    assert api.get(url, headers=org.viewer).status_code == 404
