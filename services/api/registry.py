@@ -6,7 +6,14 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from services.api.lookups import get_owned
-from shared.db.models import CurrentDeployment, Deployment, ModelVersion, Organization, OutboxMessage
+from shared.db.models import (
+    DEPLOYMENT_FAILED,
+    CurrentDeployment,
+    Deployment,
+    ModelVersion,
+    Organization,
+    OutboxMessage,
+)
 from shared.errors import Conflict, NotFound
 from shared.outbox import KIND_DEPLOY_EVENT, add_message
 
@@ -57,12 +64,13 @@ def record_deployment(
 ) -> tuple[CurrentDeployment, OutboxMessage | None]:
     """Point the org at `version`, keep the history row, and write the deploy event to the outbox.
 
-    Deploying the version already deployed changes nothing and sends nothing.
+    Deploying the version already deployed changes nothing and sends nothing, unless its deployment failed: then it
+    is a new attempt, which the predictors try afresh (the cause, a store down say, may have passed).
     """
     _lock_org(session, org_id)
     # populate_existing: a rollback read the pointer before it held the lock, and that copy may be stale now.
     current = session.get(CurrentDeployment, org_id, populate_existing=True)
-    if current is not None and current.version == version:
+    if current is not None and current.version == version and not _failed(session, current.deployment_id):
         return current, None
     history = Deployment(
         org_id=org_id,
@@ -84,6 +92,10 @@ def record_deployment(
         session, kind=KIND_DEPLOY_EVENT, payload={"org_id": org_id, "version": version, "deployment_id": history.id}
     )
     return current, message
+
+
+def _failed(session: Session, deployment_id: int) -> bool:
+    return session.get_one(Deployment, deployment_id).status == DEPLOYMENT_FAILED
 
 
 def _lock_org(session: Session, org_id: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from services.predictor.models import DeployedVersion, ModelCache, load_model
-from shared.db.models import CurrentDeployment, Deployment, ModelVersion, Organization
+from shared.db.models import DEPLOYMENT_FAILED, CurrentDeployment, Deployment, ModelVersion, Organization
 from shared.db.session import SessionFactory, session_scope
 from shared.schemas import PredictionPolicy
 from shared.storage import ObjectStore
@@ -64,8 +64,8 @@ def record_refusal(sessions: SessionFactory, deployment_id: int, reason: str) ->
     with session_scope(sessions) as session:
         session.execute(
             update(Deployment)
-            .where(Deployment.id == deployment_id, Deployment.status != "failed")
-            .values(status="failed", error=reason[:2000])
+            .where(Deployment.id == deployment_id, Deployment.status != DEPLOYMENT_FAILED)
+            .values(status=DEPLOYMENT_FAILED, error=reason[:2000])
         )
 
 

@@ -165,6 +165,9 @@ class Deployment(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
+DEPLOYMENT_FAILED = "failed"
+
+
 class CurrentDeployment(Base):
     __tablename__ = "current_deployments"
 

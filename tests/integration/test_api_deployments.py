@@ -8,7 +8,7 @@ from itertools import pairwise
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from services.api.app import create_app
 from shared.db.migrate import upgrade
@@ -174,3 +174,23 @@ def test_deploying_the_version_already_deployed_changes_and_audits_nothing(
     assert len(api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()) == 1
     audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
     assert [entry["target"] for entry in audit if entry["action"] == "model.deployed"] == [version]
+
+
+def test_deploying_again_a_version_whose_deployment_failed_is_a_new_attempt(
+    api: TestClient, org: OrgKeys, engine: Engine, settings: Settings
+) -> None:
+    (version,) = seed_versions(engine, org.org_id, 1)
+    first = deploy(api, org, version).json()["deploymentId"]
+    with engine.begin() as connection:  # as a predictor records a version it refused
+        connection.execute(update(Deployment).where(Deployment.id == first).values(status="failed", error="store down"))
+    listener = ChannelListener(settings.redis_url, settings.deploy_channel)
+
+    again = deploy(api, org, version)
+
+    assert again.status_code == 201
+    assert again.json()["deploymentId"] != first and again.json()["status"] == "deployed"
+    history = api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()
+    assert [row["status"] for row in history] == ["deployed", "failed"]
+    event = listener.next_event(seconds=5)
+    assert event is not None and event.deployment_id == again.json()["deploymentId"]
+    listener.close()
