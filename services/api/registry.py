@@ -88,10 +88,13 @@ def record_deployment(
         session.add(current)
     else:
         current.version, current.deployment_id, current.deployed_at = version, history.id, history.created_at
-    message = add_message(
-        session, kind=KIND_DEPLOY_EVENT, payload={"org_id": org_id, "version": version, "deployment_id": history.id}
-    )
-    return current, message
+    return current, deploy_event(session, current)
+
+
+def deploy_event(session: Session, current: CurrentDeployment) -> OutboxMessage:
+    """The outbox message that sends predictors to re-read the org's deployment: its version and serving policy."""
+    payload = {"org_id": current.org_id, "version": current.version, "deployment_id": current.deployment_id}
+    return add_message(session, kind=KIND_DEPLOY_EVENT, payload=payload)
 
 
 def _failed(session: Session, deployment_id: int) -> bool:

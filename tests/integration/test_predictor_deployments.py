@@ -130,3 +130,21 @@ def test_an_org_that_keeps_no_records_leaves_none(
         assert eventually(lambda: served_version(predictor, org) is not None)
         time.sleep(0.5)
     assert records_of(api, org) == []
+
+
+def test_a_change_of_the_orgs_record_config_reaches_the_predictor_before_its_reconcile(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    version = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    # Through the api, whose event goes out now: none is left in the outbox for its sweep to send later.
+    assert api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin).is_success
+    with start_predictor(settings, predictor_reconcile_s=600) as predictor:
+        assert eventually(lambda: served_version(predictor, org) is not None)
+        config = {"predictions": {"record": True}}
+        assert api.patch(f"/v1/orgs/{org.org_id}", json={"config": config}, headers=ADMIN).status_code == 200
+
+        def recorded() -> bool:
+            predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row(0)]}, headers=org.viewer)
+            return bool(records_of(api, org))
+
+        assert eventually(recorded)

@@ -11,9 +11,10 @@ from sqlalchemy.exc import IntegrityError
 
 from services.api.deps import OrgAdmin, OrgOperator, OrgViewer, PlatformAdmin, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
+from services.api.registry import deploy_event
 from services.api.schemas import KeyCreate, KeyCreated, OrgCreate, OrgOut, OrgUpdate
 from shared.audit import record_change
-from shared.db.models import ApiKey, Organization
+from shared.db.models import ApiKey, CurrentDeployment, Organization
 from shared.errors import Conflict
 from shared.keys import PLATFORM_ADMIN, hash_key, new_key, new_key_id
 from shared.outbox import KIND_ORGS_CHANGED, add_message
@@ -67,7 +68,12 @@ def update_org(org: OrgOperator, body: OrgUpdate, session: SessionDep, resources
         detail=body.model_dump(by_alias=True, exclude_unset=True),
     )
     # Residency decides which workers consume the org's queue: they look again now.
-    commit_and_send(session, resources, add_message(session, kind=KIND_ORGS_CHANGED, payload={"org_id": org}))
+    messages = [add_message(session, kind=KIND_ORGS_CHANGED, payload={"org_id": org})]
+    if (current := session.get(CurrentDeployment, org)) is not None:
+        # Prediction records and risk bands are applied by the predictors: they re-read them now, not at the next
+        # reconcile, so the next request follows the new config.
+        messages.append(deploy_event(session, current))
+    commit_and_send(session, resources, *messages)
     return row
 
 
