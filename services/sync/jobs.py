@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from services.sync.changes import (
@@ -69,11 +69,48 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None) -> s
     except OperationalError as error:
         _finish(context, job_id, RETRYING, f"a store was unreachable, retrying: {_first_line(error)}")
         raise TransientError(f"sync job {job_id}: a store is unreachable") from error
-    except (KilnError, ValueError) as error:
-        return _finish(context, job_id, FAILED, str(error))
+    except Exception as error:
+        # Anything else would fail again on the same batch: the job ends, and says why, rather than stay running.
+        reason = _reason(error)
+        log.exception("sync job %s failed: %s", job_id, reason)
+        return _finish(context, job_id, FAILED, reason)
     finally:
         local.dispose()
     return _finish(context, job_id, SUCCEEDED, None)
+
+
+class TableFailed(KilnError):
+    """A table stopped on an error no refusal foresaw; its message names the table, its cause is the error."""
+
+
+@contextmanager
+def _naming_the_table(table: str) -> Iterator[None]:
+    """Errors while `table` syncs name it, except a store out of reach (retried) and Kiln's own refusals (which
+    name what they refuse already)."""
+    try:
+        yield
+    except OperationalError as error:
+        if _unreachable(error):
+            raise
+        raise TableFailed(f"table {table!r}: {_reason(error)}") from error
+    except KilnError:
+        raise
+    except Exception as error:
+        raise TableFailed(f"table {table!r}: {_reason(error)}") from error
+
+
+def _unreachable(error: OperationalError) -> bool:
+    """SQLite reports a statement it cannot run (SQLITE_ERROR: a syntax error, a missing table or column) as an
+    OperationalError too; that one fails the same way on every retry. Any other is a store out of reach or busy."""
+    return getattr(error.orig, "sqlite_errorname", None) != "SQLITE_ERROR"
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, KilnError):
+        return error.message
+    if isinstance(error, DBAPIError) and isinstance(error.orig, Exception):
+        error = error.orig  # the driver's words, without SQLAlchemy's wrapping and the statement
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _source_id(context: SyncContext, job_id: str) -> str | None:
@@ -144,9 +181,10 @@ def _sync_tables(
     offset_ms = _clock_offset(local, context.engine)
     keyring = _keyring(context, source.org_id)
     for spec in source_tables(source):
-        pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
-        pair.after_batch = after_batch
-        _sync_through_rotations(context, pair)
+        with _naming_the_table(spec.name):
+            pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
+            pair.after_batch = after_batch
+            _sync_through_rotations(context, pair)
         keyring = pair.keyring  # the new one, if a rotation came meanwhile
 
 

@@ -18,7 +18,14 @@ from services.sync.pair import Tally
 from services.trainer.extract import extract_database
 from services.trainer.runs import DatabaseSource
 from shared.errors import TransientError
-from tests.integration.sync_support import allow_connections, many_readings, open_sync, run_twice_at_once
+from tests.integration.sync_support import (
+    allow_connections,
+    error_of,
+    many_readings,
+    open_sync,
+    open_table_sync,
+    run_twice_at_once,
+)
 
 
 def test_local_records_go_up_with_sensitive_columns_sealed(
@@ -245,3 +252,27 @@ def test_a_job_run_twice_at_once_runs_once_and_moves_each_record_once(
     job = sync.job(job_id)
     assert (job["pushed"], job["attempts"]) == (2000, 1)
     assert sync.central(f"SELECT count(*), max(_kiln_version) FROM {sync.central_table}") == [(2000, 1)]
+
+
+def test_an_unexpected_error_fails_the_job_naming_the_table_and_logs_its_traceback(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)",
+        "INSERT INTO t VALUES (1, 'a')",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET v = NULL WHERE id = 1")  # the local store refuses a NULL v
+
+    first, again = sync.run(), sync.run()
+
+    assert (first["status"], again["status"]) == ("failed", "failed")
+    assert error_of(first).startswith("table 't': IntegrityError: ")
+    assert "NOT NULL constraint failed: t.v" in error_of(first)
+    assert first["finishedAt"] is not None
+    assert sync.local("SELECT id, v FROM t") == [(1, "a")]
+    assert any(record.exc_info and "table 't'" in record.getMessage() for record in caplog.records)
