@@ -21,6 +21,7 @@ from services.sync.changes import (
     log_existing,
     now_ms,
 )
+from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
@@ -221,15 +222,16 @@ def open_pair(
 ) -> TablePair:
     """Both sides of a table, with change capture installed; the central copy made on its first sync."""
     central_name = central_table_name(source.id, spec.name)
+    local_dialect = local.dialect.name
     with local.begin() as connection:
         create_log(connection, LOCAL_LOG)
-        local_table = reflect(connection, spec.name)
-        check_key(local_table, spec)
+        reflected = reflect(connection, spec.name)
+        check_key(reflected, spec)
         if not has_triggers(connection, LOCAL_LOG, spec.name):
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
             log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
     with context.engine.begin() as connection:
-        central_table = ensure_central_table(connection, local_table, spec, central_name)
+        central_table = ensure_central_table(connection, reflected, spec, central_name, local_dialect=local_dialect)
         if not has_triggers(connection, CENTRAL_LOG, central_name):
             install_triggers(connection, CENTRAL_LOG, table=central_name, key=spec.primary_key, logged_as=central_name)
     return TablePair(
@@ -239,12 +241,13 @@ def open_pair(
         job_id=job_id,
         local=local,
         central=context.engine,
-        local_table=local_table,
+        local_table=as_stored(reflected) if local_dialect == "sqlite" else reflected,
         central_table=central_table,
         central_name=central_name,
         keyring=keyring,
         offset_ms=offset_ms,
         batch_size=context.settings.sync_batch_size,
+        checks=value_checks(reflected, spec, local_dialect=local_dialect, central_dialect=context.engine.dialect.name),
     )
 
 

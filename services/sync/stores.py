@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchTableError
 
+from services.sync.column_types import central_type
 from services.sync.hlc import Stamp
 from shared.db.session import make_engine
 from shared.errors import InvalidInput
@@ -52,23 +53,26 @@ def check_key(table: Table, spec: SyncTable) -> None:
         raise InvalidInput(f"table {spec.name!r} has no columns {', '.join(missing)}", field="sensitiveColumns")
 
 
-def ensure_central_table(connection: Connection, local: Table, spec: SyncTable, name: str) -> Table:
-    """The central copy of `local`, made on the first sync; sensitive columns become text for their ciphertext."""
-    if inspect(connection).has_table(name):
-        return reflect(connection, name)
-    columns = [
-        Column(
-            column.name,
-            Text() if column.name in spec.sensitive_columns else column.type.as_generic(),
-            primary_key=column.name == spec.primary_key,
-            autoincrement=False,
-        )
-        for column in local.columns
-    ]
-    columns += [Column(VERSION, BigInteger, nullable=False, default=0), Column(STAMP, String(40))]
-    table = Table(name, MetaData(), *columns)
-    table.create(connection)
-    return table
+def ensure_central_table(
+    connection: Connection, local: Table, spec: SyncTable, name: str, *, local_dialect: str
+) -> Table:
+    """The central copy of `local` (as reflected), made on the first sync; sensitive columns become text for their
+    ciphertext, the others take the type that holds the local values as they are (services/sync/column_types.py)."""
+    if not inspect(connection).has_table(name):
+        columns = [
+            Column(
+                column.name,
+                Text()
+                if column.name in spec.sensitive_columns
+                else central_type(spec.name, column, local_dialect=local_dialect),
+                primary_key=column.name == spec.primary_key,
+                autoincrement=False,
+            )
+            for column in local.columns
+        ]
+        columns += [Column(VERSION, BigInteger, nullable=False, default=0), Column(STAMP, String(40))]
+        Table(name, MetaData(), *columns).create(connection)
+    return reflect(connection, name)
 
 
 def key_text(value: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,84 @@ def test_an_unexpected_error_fails_the_job_naming_the_table_and_logs_its_traceba
     assert first["finishedAt"] is not None
     assert sync.local("SELECT id, v FROM t") == [(1, "a")]
     assert any(record.exc_info and "table 't'" in record.getMessage() for record in caplog.records)
+
+
+WIDE = (
+    "CREATE TABLE t (id INTEGER PRIMARY KEY, at_ms INTEGER, big BIGINT, flag BOOLEAN, at DATETIME, "
+    "amount NUMERIC(10,2), code VARCHAR(5), ratio REAL, doc JSON, note TEXT)"
+)
+WIDE_ROWS = [
+    (1, 1714550400123, 2**63 - 1, 1, "2024-05-01T10:00:00+02:00", 12.345, "longer than five", 0.1, '{"a": 1}', "x"),
+    (2, 2**31, -(2**63), 0, "2024-05-01T10:00:00Z", 7, "ab", -2.5, "[1, 2]", "y"),
+]
+
+
+def test_values_sqlite_holds_come_back_down_as_they_were(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(sync_api, sync_context, org_id, tmp_path, WIDE)
+    with sqlite3.connect(sync.local_path) as connection:
+        connection.executemany(f"INSERT INTO t VALUES ({', '.join('?' * 10)})", WIDE_ROWS)
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET note = note || '!'")  # both records come down again
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"]) == ("succeeded", 2), job
+    expected = [(*row[:-1], row[-1] + "!") for row in WIDE_ROWS]
+    assert sync.local("SELECT * FROM t ORDER BY id") == expected
+    assert sync.local("SELECT typeof(amount) FROM t ORDER BY id") == [("real",), ("integer",)]
+    central = sync.central(f"SELECT at_ms, big, amount, code FROM {sync.central_table} ORDER BY id")
+    assert central == [(1714550400123, 2**63 - 1, Decimal("12.345"), "longer than five"), (2**31, -(2**63), 7, "ab")]
+
+
+@pytest.mark.parametrize(
+    ("create", "insert", "reason"),
+    [
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER)",
+            "INSERT INTO t VALUES (1, 'abc')",
+            "table 't' column 'n' record 1: 'abc' cannot be stored centrally as it is: the central copy of an INTEGER "
+            "column holds integers",
+        ),
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, r REAL)",
+            "INSERT INTO t VALUES (1, 'n/a')",
+            "table 't' column 'r' record 1: 'n/a' cannot be stored centrally as it is: the central copy of a REAL "
+            "column holds numbers",
+        ),
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, ok BOOLEAN)",
+            "INSERT INTO t VALUES (1, 'false')",
+            "table 't' column 'ok' record 1: 'false' cannot be stored centrally as it is: the central copy of a "
+            "BOOLEAN column holds 0 and 1",
+        ),
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, note TEXT)",
+            "INSERT INTO t VALUES (1, 'a' || char(0) || 'b')",
+            "table 't' column 'note' record 1: 'a\\x00b' cannot be stored centrally as it is: PostgreSQL text "
+            "cannot hold a NUL character",
+        ),
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, anything)",
+            "INSERT INTO t VALUES (1, 2)",
+            "table 't' column 'anything' has no declared type: SQLite lets it hold any value, which no one central "
+            "type holds as it is; declare its type",
+        ),
+    ],
+    ids=["text-in-integer", "text-in-real", "text-in-boolean", "nul-in-text", "untyped"],
+)
+def test_a_value_the_central_copy_cannot_hold_fails_the_job_naming_table_column_and_record(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    create: str,
+    insert: str,
+    reason: str,
+) -> None:
+    sync = open_table_sync(sync_api, sync_context, org_id, tmp_path, create, insert, "INSERT INTO t (id) VALUES (2)")
+
+    job = sync.run()
+
+    assert (job["status"], error_of(job)) == ("failed", reason)
