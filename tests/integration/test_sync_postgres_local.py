@@ -170,3 +170,28 @@ def test_sensitive_numeric_timestamp_date_and_bytea_columns_come_back_as_they_we
     assert (type(dose), type(taken), type(born)) == (Decimal, datetime, date)
     [sealed] = sync.central(f"SELECT dose, taken, born, scan FROM {central_table}")
     assert not any(plain in value for value in sealed for plain in ("12.5", "2026", "1815"))
+
+
+def test_sensitive_nan_and_infinities_come_back_as_they_were_sealed(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    sync = open_postgres_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        local_url,
+        "last-writer-wins",
+        "CREATE TABLE readings (id integer PRIMARY KEY, device text, value double precision, patient float8)",
+        "INSERT INTO readings VALUES (1, 'a', 1, 'NaN'), (2, 'b', 2, 'Infinity'), (3, 'c', 3, '-Infinity')",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET device = device || '!'")  # all three come down again
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"]) == ("succeeded", 3)
+    assert sync.local("SELECT id, device, patient::text FROM readings ORDER BY id") == [
+        (1, "a!", "NaN"),
+        (2, "b!", "Infinity"),
+        (3, "c!", "-Infinity"),
+    ]
