@@ -48,6 +48,12 @@ def check_key(table: Table, spec: SyncTable) -> None:
             f"table {spec.name!r}: primaryKey {spec.primary_key!r} is not its one-column primary key ({keys})",
             field="tables",
         )
+    taken = [name for name in META_COLUMNS if name in table.c]
+    if taken:
+        raise InvalidInput(
+            f"table {spec.name!r} has columns {', '.join(taken)}, which are the sync service's own in its central copy",
+            field="tables",
+        )
     missing = [name for name in spec.sensitive_columns if name not in table.c]
     if missing:
         raise InvalidInput(f"table {spec.name!r} has no columns {', '.join(missing)}", field="sensitiveColumns")

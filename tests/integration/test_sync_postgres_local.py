@@ -195,3 +195,25 @@ def test_sensitive_nan_and_infinities_come_back_as_they_were_sealed(
         (2, "b!", "Infinity"),
         (3, "c!", "-Infinity"),
     ]
+
+
+def test_a_postgresql_local_table_and_key_named_by_reserved_words_sync_both_ways(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    run_sql(local_url, 'CREATE TABLE "user" ("order" integer PRIMARY KEY, "my col" text)')
+    run_sql(local_url, """INSERT INTO "user" VALUES (1, 'a')""")
+    org = create_org_with_keys(sync_api, org_id)
+    source_id = register(
+        sync_api, org, local_url, "last-writer-wins", name="user", primaryKey="order", sensitiveColumns=[]
+    )
+    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url, "user")
+    assert sync.run()["status"] == "succeeded"
+    sync.local("""INSERT INTO "user" VALUES (2, 'b')""")
+    sync.run()
+    sync.central(f"""UPDATE {sync.central_table} SET "my col" = 'central' WHERE "order" = 1""")
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"]) == ("succeeded", 1)
+    assert sync.local('SELECT * FROM "user" ORDER BY 1') == [(1, "central"), (2, "b")]
+    assert sync.central(f'SELECT "order", "my col" FROM {sync.central_table} ORDER BY 1') == [(1, "central"), (2, "b")]

@@ -6,6 +6,7 @@ import sqlite3
 import threading
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,6 +20,7 @@ from services.sync.pair import Tally
 from services.trainer.extract import extract_database
 from services.trainer.runs import DatabaseSource
 from shared.errors import TransientError
+from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import (
     allow_connections,
     error_of,
@@ -358,3 +360,77 @@ def test_a_value_the_central_copy_cannot_hold_fails_the_job_naming_table_column_
     job = sync.run()
 
     assert (job["status"], error_of(job)) == ("failed", reason)
+
+
+@pytest.mark.parametrize(
+    ("table", "field", "words"),
+    [
+        ({"name": "_kiln_changes", "primaryKey": "id"}, "tables.0.name", "'_kiln_changes': names starting '_kiln_'"),
+        ({"name": "t", "primaryKey": "_kiln_hlc"}, "tables.0.primaryKey", "'_kiln_hlc': names starting '_kiln_'"),
+        (
+            {"name": "t", "primaryKey": "id", "sensitiveColumns": ["_kiln_version"]},
+            "tables.0.sensitiveColumns",
+            "names starting '_kiln_' are the sync service's own: _kiln_version",
+        ),
+        (
+            {"name": "t", "primaryKey": "id", "sensitiveColumns": ["patient", "patient"]},
+            "tables.0.sensitiveColumns",
+            "columns named more than once: patient",
+        ),
+    ],
+    ids=["reserved-table", "reserved-key", "reserved-sensitive", "repeated-sensitive"],
+)
+def test_reserved_and_repeated_names_are_refused_naming_the_field(
+    sync_api: TestClient, org_id: str, table: dict[str, Any], field: str, words: str
+) -> None:
+    org = create_org_with_keys(sync_api, org_id)
+    body = {"url": "sqlite:////tmp/plant.db", "tables": [table]}
+
+    answer = sync_api.post(f"/v1/orgs/{org_id}/sync-sources", json=body, headers=org.admin)
+
+    assert (answer.status_code, answer.json()["field"]) == (422, field), answer.text
+    assert words in answer.json()["error"]
+
+
+def test_reserved_words_and_names_that_need_quotes_sync_both_ways(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        'CREATE TABLE "order" ("group" INTEGER PRIMARY KEY, "my col" TEXT, "select" TEXT, "q""uote" TEXT)',
+        """INSERT INTO "order" VALUES (1, 'a', 'b', 'c')""",
+        name="order",
+        key="group",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.local("""UPDATE "order" SET "my col" = 'local' WHERE "group" = 1""")
+    sync.local("""INSERT INTO "order" VALUES (2, 'd', 'e', 'f')""")
+    pushed = sync.run()
+    sync.central(f"""UPDATE {sync.central_table} SET "select" = 'central', "q""uote" = 'q' WHERE "group" = 2""")
+
+    pulled = sync.run()
+
+    assert (pushed["status"], pushed["pushed"], pulled["status"], pulled["pulled"]) == ("succeeded", 2, "succeeded", 1)
+    records = [(1, "local", "b", "c"), (2, "d", "central", "q")]
+    assert sync.local('SELECT * FROM "order" ORDER BY "group"') == records
+    assert (
+        sync.central(f'SELECT "group", "my col", "select", "q""uote" FROM {sync.central_table} ORDER BY 1') == records
+    )
+
+
+def test_a_local_column_named_like_the_sync_columns_is_refused_naming_it(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api, sync_context, org_id, tmp_path, "CREATE TABLE t (id INTEGER PRIMARY KEY, _kiln_version INTEGER)"
+    )
+
+    job = sync.run()
+
+    assert (job["status"], error_of(job)) == (
+        "failed",
+        "table 't' has columns _kiln_version, which are the sync service's own in its central copy",
+    )
