@@ -153,7 +153,8 @@ def _sqlite_stamping_triggers(connection: Connection, log: ChangeLog, *, table: 
     }
     for event, body in triggers.items():
         connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_{table}_{event}"))  # made before stamping at capture
-        connection.execute(text(f"CREATE TRIGGER IF NOT EXISTS _kiln_{table}_{event}_stamped {body}"))
+        connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_{table}_{event}_stamped"))  # its columns may be new
+        connection.execute(text(f"CREATE TRIGGER _kiln_{table}_{event}_stamped {body}"))
 
 
 def _sqlite_stamp(replaced: str) -> str:

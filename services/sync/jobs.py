@@ -25,7 +25,7 @@ from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
-from services.sync.stores import check_key, ensure_central_table, open_local, reflect
+from services.sync.stores import add_new_columns, check_key, ensure_central_table, open_local, reflect
 from services.sync.transfer import sync_table
 from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
@@ -232,7 +232,11 @@ def open_pair(
             log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
     with context.engine.begin() as connection:
         central_table = ensure_central_table(connection, reflected, spec, central_name, local_dialect=local_dialect)
-        if not has_triggers(connection, CENTRAL_LOG, central_name):
+        added = add_new_columns(connection, reflected, central_table, spec, local_dialect=local_dialect)
+        if added:
+            central_table = reflect(connection, central_name)
+        # An embedded central store's triggers name the columns they watch: a column added needs them made again.
+        if added or not has_triggers(connection, CENTRAL_LOG, central_name):
             install_triggers(connection, CENTRAL_LOG, table=central_name, key=spec.primary_key, logged_as=central_name)
     return TablePair(
         spec=spec,

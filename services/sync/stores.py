@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterable, Sequence
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table, Text, inspect, select
+from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table, Text, inspect, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchTableError
+from sqlalchemy.types import TypeEngine
 
 from services.sync.column_types import central_type
 from services.sync.hlc import Stamp
@@ -68,9 +69,7 @@ def ensure_central_table(
         columns = [
             Column(
                 column.name,
-                Text()
-                if column.name in spec.sensitive_columns
-                else central_type(spec.name, column, local_dialect=local_dialect),
+                _central_type(spec, column, local_dialect),
                 primary_key=column.name == spec.primary_key,
                 autoincrement=False,
             )
@@ -79,6 +78,27 @@ def ensure_central_table(
         columns += [Column(VERSION, BigInteger, nullable=False, default=0), Column(STAMP, String(40))]
         Table(name, MetaData(), *columns).create(connection)
     return reflect(connection, name)
+
+
+def add_new_columns(
+    connection: Connection, local: Table, central: Table, spec: SyncTable, *, local_dialect: str
+) -> list[str]:
+    """Columns added to the local table since its central copy was made, added to the copy too (empty in the records
+    there until each is next edited); returns their names."""
+    quote = connection.dialect.identifier_preparer.quote
+    added = []
+    for column in local.columns:
+        if column.name not in central.c:
+            kind = _central_type(spec, column, local_dialect).compile(dialect=connection.dialect)
+            connection.execute(text(f"ALTER TABLE {quote(central.name)} ADD COLUMN {quote(column.name)} {kind}"))
+            added.append(column.name)
+    return added
+
+
+def _central_type(spec: SyncTable, column: Column[Any], local_dialect: str) -> TypeEngine[Any]:
+    if column.name in spec.sensitive_columns:
+        return Text()
+    return central_type(spec.name, column, local_dialect=local_dialect)
 
 
 def key_text(value: Any) -> str:

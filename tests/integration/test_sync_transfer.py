@@ -434,3 +434,28 @@ def test_a_local_column_named_like_the_sync_columns_is_refused_naming_it(
         "failed",
         "table 't' has columns _kiln_version, which are the sync service's own in its central copy",
     )
+
+
+def test_a_column_added_to_the_local_table_after_its_first_sync_is_added_centrally(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+        "INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.local("ALTER TABLE t ADD COLUMN unit TEXT")
+    sync.local("UPDATE t SET unit = 'kg' WHERE id = 1")
+
+    pushed = sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET unit = 'g' WHERE id = 2")
+    pulled = sync.run()
+
+    assert (pushed["status"], pushed["pushed"], pulled["status"], pulled["pulled"]) == ("succeeded", 1, "succeeded", 1)
+    records = [(1, "a", "kg"), (2, "b", "g")]
+    assert sync.local("SELECT id, v, unit FROM t ORDER BY id") == records
+    assert sync.central(f"SELECT id, v, unit FROM {sync.central_table} ORDER BY id") == records
