@@ -459,3 +459,21 @@ def test_a_column_added_to_the_local_table_after_its_first_sync_is_added_central
     records = [(1, "a", "kg"), (2, "b", "g")]
     assert sync.local("SELECT id, v, unit FROM t ORDER BY id") == records
     assert sync.central(f"SELECT id, v, unit FROM {sync.central_table} ORDER BY id") == records
+
+
+def test_a_second_source_naming_a_table_of_the_same_store_is_refused_naming_it(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    tables = [{"name": "visits", "primaryKey": "id"}, {"name": "readings", "primaryKey": "id"}]
+
+    again = sync_api.post(
+        f"/v1/orgs/{org_id}/sync-sources", json={"url": sync.local_url, "tables": tables}, headers=sync.org.admin
+    )
+
+    assert (again.status_code, again.json()["field"]) == (409, "tables"), again.text
+    assert again.json()["error"] == (
+        f"table 'readings' of this store is synced by source {sync.source_id} already: two sources of one table "
+        "would each miss what the other brings down"
+    )
+    assert len(sync_api.get(f"/v1/orgs/{org_id}/sync-sources", headers=sync.org.viewer).json()) == 1
