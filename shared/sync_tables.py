@@ -9,8 +9,10 @@ from pydantic import Field, field_validator, model_validator
 
 from shared.schemas import CamelModel
 
-# Lowercase SQL identifiers only: they are spliced into DDL and into the central table's name.
+# Lowercase SQL identifiers only: they go into the central table's name (and, quoted, into the service's SQL).
 IDENTIFIER = r"^[a-z_][a-z0-9_]{0,39}$"
+# The sync service's own names (its change log, its columns `_kiln_version` and `_kiln_hlc`) start so.
+RESERVED_PREFIX = "_kiln_"
 Policy = Literal["append-only", "last-writer-wins", "field-merge", "manual"]
 Direction = Literal["up", "down", "both"]
 
@@ -24,12 +26,25 @@ class SyncTable(CamelModel):
         default_factory=list, description="encrypted before they leave the local store"
     )
 
+    @field_validator("name", "primary_key")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if name.startswith(RESERVED_PREFIX):
+            raise ValueError(f"{name!r}: names starting {RESERVED_PREFIX!r} are the sync service's own")
+        return name
+
     @field_validator("sensitive_columns")
     @classmethod
     def _identifiers(cls, columns: list[str]) -> list[str]:
         bad = [name for name in columns if not _is_identifier(name)]
         if bad:
             raise ValueError(f"not lowercase column names: {', '.join(bad)}")
+        reserved = [name for name in columns if name.startswith(RESERVED_PREFIX)]
+        if reserved:
+            raise ValueError(f"names starting {RESERVED_PREFIX!r} are the sync service's own: {', '.join(reserved)}")
+        repeated = sorted({name for name in columns if columns.count(name) > 1})
+        if repeated:
+            raise ValueError(f"columns named more than once: {', '.join(repeated)}")
         return columns
 
     @model_validator(mode="after")

@@ -163,7 +163,11 @@ def store_location(given: str, *, field: str) -> URL | Path:
 
 def _snapshot_sqlite(path: Path, snapshot: Path) -> None:
     with closing(sqlite3.connect(path)) as source, closing(sqlite3.connect(snapshot)) as target:
-        source.backup(target)
+        try:
+            source.backup(target)
+        except sqlite3.DatabaseError as error:  # SQLite finds out only as it reads the file
+            what = "is not a SQLite database" if error.sqlite_errorname == "SQLITE_NOTADB" else "cannot be read"
+            raise InvalidInput(f"{path} {what} ({error})", field="source") from None
 
 
 def _dump_postgresql(url: URL, snapshot: Path) -> None:

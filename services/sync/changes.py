@@ -13,6 +13,7 @@ lets a pull send central edits down as they are, without writing anything back t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -92,15 +93,17 @@ def has_triggers(connection: Connection, log: ChangeLog, table: str) -> bool:
         return connection.execute(text(query), {"t": table}).first() is not None
     names = ["_kiln_capture", "_kiln_stamp"] if log.stamps else ["_kiln_capture"]
     query = "SELECT count(*) FROM pg_trigger WHERE tgname = ANY(:names) AND tgrelid = CAST(:t AS regclass)"
-    return int(connection.execute(text(query), {"t": table, "names": names}).scalar_one()) == len(names)
+    found = connection.execute(text(query), {"t": _quoted(connection, table), "names": names}).scalar_one()
+    return int(found) == len(names)
 
 
 def log_existing(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
     """Records written before the triggers were installed: logged once, as if just written, so they go too."""
+    quote = functools.partial(_quoted, connection)
     connection.execute(
         text(
-            f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) SELECT :t, CAST({key} AS TEXT), '{ORIGIN_APP}', "
-            f"{now_ms_sql(connection.dialect.name)} FROM {table}"
+            f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) SELECT :t, CAST({quote(key)} AS TEXT), '{ORIGIN_APP}', "
+            f"{now_ms_sql(connection.dialect.name)} FROM {quote(table)}"
         ),
         {"t": logged_as},
     )
@@ -110,13 +113,14 @@ def _sqlite_triggers(connection: Connection, log: ChangeLog, *, table: str, key:
     if log.stamps:
         _sqlite_stamping_triggers(connection, log, table=table, key=key, logged_as=logged_as)
         return
+    quote = functools.partial(_quoted, connection)
     for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):
         connection.execute(
             text(
-                f"CREATE TRIGGER IF NOT EXISTS _kiln_{table}_{event.lower()} AFTER {event} ON {table} "
+                f"CREATE TRIGGER IF NOT EXISTS _kiln_{table}_{event.lower()} AFTER {event} ON {quote(table)} "
                 f"WHEN NOT EXISTS (SELECT 1 FROM {log.applying}) BEGIN "
-                f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) "
-                f"VALUES ('{logged_as}', CAST({row}.{key} AS TEXT), '{ORIGIN_APP}', {now_ms_sql('sqlite')}); END"
+                f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) VALUES "
+                f"('{logged_as}', CAST({row}.{quote(key)} AS TEXT), '{ORIGIN_APP}', {now_ms_sql('sqlite')}); END"
             )
         )
 
@@ -124,28 +128,33 @@ def _sqlite_triggers(connection: Connection, log: ChangeLog, *, table: str, key:
 def _sqlite_stamping_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
     """SQLite's triggers cannot change NEW: each logs the edit, then versions and stamps the record with an UPDATE
     of the sync columns alone, which no trigger watches (the update trigger is on the other columns only)."""
-    columns = [row[1] for row in connection.execute(text(f"PRAGMA table_info({table})"))]
-    watched = ", ".join(name for name in columns if name not in (VERSION, STAMP))
+    quote = functools.partial(_quoted, connection)
+    columns = [row[1] for row in connection.execute(text(f"PRAGMA table_info({quote(table)})"))]
+    watched = ", ".join(quote(name) for name in columns if name not in (VERSION, STAMP))
     when = f"WHEN NOT EXISTS (SELECT 1 FROM {log.applying})"
+    on, record = quote(table), quote(key)
 
     def logged(row: str, replaced: str) -> str:
         return (
             f"INSERT INTO {log.log} (tbl, pk, origin, at_ms, replaced) VALUES "
-            f"('{logged_as}', CAST({row}.{key} AS TEXT), '{ORIGIN_APP}', {now_ms_sql('sqlite')}, {replaced});"
+            f"('{logged_as}', CAST({row}.{record} AS TEXT), '{ORIGIN_APP}', {now_ms_sql('sqlite')}, {replaced});"
         )
 
     def stamped(version: str, replaced: str) -> str:
-        return f"UPDATE {table} SET {VERSION} = {version}, {STAMP} = {_sqlite_stamp(replaced)} WHERE {key} = NEW.{key};"
+        return (
+            f"UPDATE {on} SET {VERSION} = {version}, {STAMP} = {_sqlite_stamp(replaced)} WHERE {record} = NEW.{record};"
+        )
 
     triggers = {
-        "insert": f"AFTER INSERT ON {table} {when} BEGIN {logged('NEW', 'NULL')} {stamped('1', 'NULL')} END",
-        "update": f"AFTER UPDATE OF {watched} ON {table} {when} BEGIN {logged('NEW', f'OLD.{STAMP}')} "
+        "insert": f"AFTER INSERT ON {on} {when} BEGIN {logged('NEW', 'NULL')} {stamped('1', 'NULL')} END",
+        "update": f"AFTER UPDATE OF {watched} ON {on} {when} BEGIN {logged('NEW', f'OLD.{STAMP}')} "
         f"{stamped(f'coalesce(OLD.{VERSION}, 0) + 1', f'OLD.{STAMP}')} END",
-        "delete": f"AFTER DELETE ON {table} {when} BEGIN {logged('OLD', 'NULL')} END",
+        "delete": f"AFTER DELETE ON {on} {when} BEGIN {logged('OLD', 'NULL')} END",
     }
     for event, body in triggers.items():
         connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_{table}_{event}"))  # made before stamping at capture
-        connection.execute(text(f"CREATE TRIGGER IF NOT EXISTS _kiln_{table}_{event}_stamped {body}"))
+        connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_{table}_{event}_stamped"))  # its columns may be new
+        connection.execute(text(f"CREATE TRIGGER _kiln_{table}_{event}_stamped {body}"))
 
 
 def _sqlite_stamp(replaced: str) -> str:
@@ -161,21 +170,22 @@ def _sqlite_stamp(replaced: str) -> str:
 
 def _postgresql_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
     not_applying = "WHEN (current_setting('kiln.applying', true) IS DISTINCT FROM 'on')"
+    on = _quoted(connection, table)
     _number_in_commit_order(connection, log)
     connection.execute(text(_capture_function(log)))
-    connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_capture ON {table}"))
+    connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_capture ON {on}"))
     connection.execute(
         text(
-            f"CREATE TRIGGER _kiln_capture AFTER INSERT OR UPDATE OR DELETE ON {table} FOR EACH ROW {not_applying} "
+            f"CREATE TRIGGER _kiln_capture AFTER INSERT OR UPDATE OR DELETE ON {on} FOR EACH ROW {not_applying} "
             f"EXECUTE FUNCTION {log.log}_capture('{logged_as}', '{key}')"
         )
     )
     if log.stamps:
         connection.execute(text(_STAMP_FUNCTION))
-        connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_stamp ON {table}"))
+        connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_stamp ON {on}"))
         connection.execute(
             text(
-                f"CREATE TRIGGER _kiln_stamp BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW {not_applying} "
+                f"CREATE TRIGGER _kiln_stamp BEFORE INSERT OR UPDATE ON {on} FOR EACH ROW {not_applying} "
                 "EXECUTE FUNCTION kiln_stamp_edit()"
             )
         )
@@ -296,7 +306,7 @@ def changed_records(
 ) -> dict[str, dict[str, Any]]:
     """The records logged as changed in (after, last], by key text: one query over the log range, where a list of
     keys would cost a bound parameter per key. A deleted record is absent."""
-    quote = connection.dialect.identifier_preparer.quote
+    quote = functools.partial(_quoted, connection)
     key_type = table.c[key].type.compile(dialect=connection.dialect)
     logged = f"SELECT CAST(pk AS {key_type}) FROM {log.log} WHERE tbl = :t AND seq > :after AND seq <= :last"
     # PostgreSQL plans `IN (subquery)` as a hash join over the whole table; over an array it probes the key's index.
@@ -355,6 +365,11 @@ def log_merges(connection: Connection, log: ChangeLog, *, table: str, keys: Iter
     rows = [{"t": table, "k": key, "o": ORIGIN_MERGE, "at": at_ms} for key in keys]
     if rows:
         connection.execute(text(f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) VALUES (:t, :k, :o, :at)"), rows)
+
+
+def _quoted(connection: Connection, name: str) -> str:
+    """A table or column name as this store's SQL takes it: quoted where it is a reserved word or needs it."""
+    return str(connection.dialect.identifier_preparer.quote(name))
 
 
 def _placeholders(count: int) -> str:

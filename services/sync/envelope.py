@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,9 +73,11 @@ class Keyring:
 
 
 # A sealed value is its JSON, or, for a type JSON would turn into a string, this marker (never JSON's first byte),
-# the type's letter and its text: so a NUMERIC, a timestamp or a BYTEA column opens as the type it was sealed from.
+# the type's letter and its text: so a NUMERIC, a timestamp or a BYTEA column opens as the type it was sealed from,
+# and NaN or an infinity (which JSON has no word for: orjson writes null) opens as that float.
 _TYPED = b"\x00"
 _DECODERS: dict[bytes, Callable[[str], Any]] = {
+    b"F": float,
     b"N": Decimal,
     b"T": datetime.fromisoformat,
     b"D": date.fromisoformat,
@@ -83,6 +86,8 @@ _DECODERS: dict[bytes, Callable[[str], Any]] = {
 
 
 def _plaintext(value: Any) -> bytes:
+    if isinstance(value, float) and not math.isfinite(value):
+        return _TYPED + b"F" + repr(value).encode()
     if isinstance(value, (str, int, float)):
         return orjson.dumps(value)
     if isinstance(value, Decimal):

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from services.sync.changes import (
@@ -21,10 +21,18 @@ from services.sync.changes import (
     log_existing,
     now_ms,
 )
+from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
-from services.sync.stores import check_key, ensure_central_table, open_local, reflect, refuse_kiln_database
+from services.sync.stores import (
+    add_new_columns,
+    check_key,
+    ensure_central_table,
+    open_local,
+    reflect,
+    refuse_kiln_database,
+)
 from services.sync.transfer import sync_table
 from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
@@ -72,11 +80,48 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None) -> s
     except OperationalError as error:
         _finish(context, job_id, RETRYING, f"a store was unreachable, retrying: {_first_line(error)}")
         raise TransientError(f"sync job {job_id}: a store is unreachable") from error
-    except (KilnError, ValueError) as error:
-        return _finish(context, job_id, FAILED, str(error))
+    except Exception as error:
+        # Anything else would fail again on the same batch: the job ends, and says why, rather than stay running.
+        reason = _reason(error)
+        log.exception("sync job %s failed: %s", job_id, reason)
+        return _finish(context, job_id, FAILED, reason)
     finally:
         local.dispose()
     return _finish(context, job_id, SUCCEEDED, None)
+
+
+class TableFailed(KilnError):
+    """A table stopped on an error no refusal foresaw; its message names the table, its cause is the error."""
+
+
+@contextmanager
+def _naming_the_table(table: str) -> Iterator[None]:
+    """Errors while `table` syncs name it, except a store out of reach (retried) and Kiln's own refusals (which
+    name what they refuse already)."""
+    try:
+        yield
+    except OperationalError as error:
+        if _unreachable(error):
+            raise
+        raise TableFailed(f"table {table!r}: {_reason(error)}") from error
+    except KilnError:
+        raise
+    except Exception as error:
+        raise TableFailed(f"table {table!r}: {_reason(error)}") from error
+
+
+def _unreachable(error: OperationalError) -> bool:
+    """SQLite reports a statement it cannot run (SQLITE_ERROR: a syntax error, a missing table or column) as an
+    OperationalError too; that one fails the same way on every retry. Any other is a store out of reach or busy."""
+    return getattr(error.orig, "sqlite_errorname", None) != "SQLITE_ERROR"
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, KilnError):
+        return error.message
+    if isinstance(error, DBAPIError) and isinstance(error.orig, Exception):
+        error = error.orig  # the driver's words, without SQLAlchemy's wrapping and the statement
+    return f"{type(error).__name__}: {_first_line(error)}"
 
 
 def _source_id(context: SyncContext, job_id: str) -> str | None:
@@ -148,9 +193,10 @@ def _sync_tables(
     offset_ms = _clock_offset(local, context.engine)
     keyring = _keyring(context, source.org_id)
     for spec in source_tables(source):
-        pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
-        pair.after_batch = after_batch
-        _sync_through_rotations(context, pair)
+        with _naming_the_table(spec.name):
+            pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
+            pair.after_batch = after_batch
+            _sync_through_rotations(context, pair)
         keyring = pair.keyring  # the new one, if a rotation came meanwhile
 
 
@@ -187,16 +233,21 @@ def open_pair(
 ) -> TablePair:
     """Both sides of a table, with change capture installed; the central copy made on its first sync."""
     central_name = central_table_name(source.id, spec.name)
+    local_dialect = local.dialect.name
     with local.begin() as connection:
         create_log(connection, LOCAL_LOG)
-        local_table = reflect(connection, spec.name)
-        check_key(local_table, spec)
+        reflected = reflect(connection, spec.name)
+        check_key(reflected, spec)
         if not has_triggers(connection, LOCAL_LOG, spec.name):
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
             log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
     with context.engine.begin() as connection:
-        central_table = ensure_central_table(connection, local_table, spec, central_name)
-        if not has_triggers(connection, CENTRAL_LOG, central_name):
+        central_table = ensure_central_table(connection, reflected, spec, central_name, local_dialect=local_dialect)
+        added = add_new_columns(connection, reflected, central_table, spec, local_dialect=local_dialect)
+        if added:
+            central_table = reflect(connection, central_name)
+        # An embedded central store's triggers name the columns they watch: a column added needs them made again.
+        if added or not has_triggers(connection, CENTRAL_LOG, central_name):
             install_triggers(connection, CENTRAL_LOG, table=central_name, key=spec.primary_key, logged_as=central_name)
     return TablePair(
         spec=spec,
@@ -205,12 +256,13 @@ def open_pair(
         job_id=job_id,
         local=local,
         central=context.engine,
-        local_table=local_table,
+        local_table=as_stored(reflected) if local_dialect == "sqlite" else reflected,
         central_table=central_table,
         central_name=central_name,
         keyring=keyring,
         offset_ms=offset_ms,
         batch_size=context.settings.sync_batch_size,
+        checks=value_checks(reflected, spec, local_dialect=local_dialect, central_dialect=context.engine.dialect.name),
     )
 
 

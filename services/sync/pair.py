@@ -11,6 +11,7 @@ from sqlalchemy import Engine, Table
 from sqlalchemy.orm import Session
 
 from services.sync.changes import CENTRAL_LOG, shut_out_writers
+from services.sync.column_types import Check, refuse_unstorable
 from services.sync.envelope import Keyring, hold_active_key
 from services.sync.stores import META_COLUMNS, values_of
 from shared.sync_tables import SyncTable
@@ -41,13 +42,17 @@ class TablePair:
     batch_size: int
     after_batch: Callable[[Tally], None] | None = None
     tally: Tally = field(default_factory=Tally)
+    # What each column's central copy cannot hold (services/sync/column_types.py); none for a PostgreSQL store.
+    checks: dict[str, Check] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
         return self.spec.primary_key
 
     def sealed(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A local row as the central store holds it: sensitive columns encrypted."""
+        """A local row as the central store holds it: sensitive columns encrypted. InvalidInput for a value the
+        central store cannot hold as it is."""
+        refuse_unstorable(self.spec.name, self.key, row, self.checks)
         return {
             name: self.keyring.seal(value, column=self._column(name)) if name in self.spec.sensitive_columns else value
             for name, value in row.items()

@@ -10,11 +10,13 @@ from collections.abc import Callable, Iterable, Sequence
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table, Text, inspect, select
+from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table, Text, inspect, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchTableError
+from sqlalchemy.types import TypeEngine
 
+from services.sync.column_types import central_type
 from services.sync.hlc import Stamp
 from shared.db.session import make_engine
 from shared.errors import InvalidInput
@@ -56,28 +58,56 @@ def check_key(table: Table, spec: SyncTable) -> None:
             f"table {spec.name!r}: primaryKey {spec.primary_key!r} is not its one-column primary key ({keys})",
             field="tables",
         )
+    taken = [name for name in META_COLUMNS if name in table.c]
+    if taken:
+        raise InvalidInput(
+            f"table {spec.name!r} has columns {', '.join(taken)}, which are the sync service's own in its central copy",
+            field="tables",
+        )
     missing = [name for name in spec.sensitive_columns if name not in table.c]
     if missing:
         raise InvalidInput(f"table {spec.name!r} has no columns {', '.join(missing)}", field="sensitiveColumns")
 
 
-def ensure_central_table(connection: Connection, local: Table, spec: SyncTable, name: str) -> Table:
-    """The central copy of `local`, made on the first sync; sensitive columns become text for their ciphertext."""
-    if inspect(connection).has_table(name):
-        return reflect(connection, name)
-    columns = [
-        Column(
-            column.name,
-            Text() if column.name in spec.sensitive_columns else column.type.as_generic(),
-            primary_key=column.name == spec.primary_key,
-            autoincrement=False,
-        )
-        for column in local.columns
-    ]
-    columns += [Column(VERSION, BigInteger, nullable=False, default=0), Column(STAMP, String(40))]
-    table = Table(name, MetaData(), *columns)
-    table.create(connection)
-    return table
+def ensure_central_table(
+    connection: Connection, local: Table, spec: SyncTable, name: str, *, local_dialect: str
+) -> Table:
+    """The central copy of `local` (as reflected), made on the first sync; sensitive columns become text for their
+    ciphertext, the others take the type that holds the local values as they are (services/sync/column_types.py)."""
+    if not inspect(connection).has_table(name):
+        columns = [
+            Column(
+                column.name,
+                _central_type(spec, column, local_dialect),
+                primary_key=column.name == spec.primary_key,
+                autoincrement=False,
+            )
+            for column in local.columns
+        ]
+        columns += [Column(VERSION, BigInteger, nullable=False, default=0), Column(STAMP, String(40))]
+        Table(name, MetaData(), *columns).create(connection)
+    return reflect(connection, name)
+
+
+def add_new_columns(
+    connection: Connection, local: Table, central: Table, spec: SyncTable, *, local_dialect: str
+) -> list[str]:
+    """Columns added to the local table since its central copy was made, added to the copy too (empty in the records
+    there until each is next edited); returns their names."""
+    quote = connection.dialect.identifier_preparer.quote
+    added = []
+    for column in local.columns:
+        if column.name not in central.c:
+            kind = _central_type(spec, column, local_dialect).compile(dialect=connection.dialect)
+            connection.execute(text(f"ALTER TABLE {quote(central.name)} ADD COLUMN {quote(column.name)} {kind}"))
+            added.append(column.name)
+    return added
+
+
+def _central_type(spec: SyncTable, column: Column[Any], local_dialect: str) -> TypeEngine[Any]:
+    if column.name in spec.sensitive_columns:
+        return Text()
+    return central_type(spec.name, column, local_dialect=local_dialect)
 
 
 def key_text(value: Any) -> str:

@@ -34,10 +34,11 @@ class Sync:
     local_url: str
     source_id: str
     central_url: str
+    table: str = "readings"
 
     @property
     def central_table(self) -> str:
-        return f"sync_{self.source_id}_readings"
+        return f"sync_{self.source_id}_{self.table}"
 
     @property
     def local_path(self) -> Path:
@@ -123,6 +124,37 @@ def open_sync(
     url = f"sqlite:///{path}"
     source_id = register(api, org, url, policy, **table)
     return Sync(api, context, org, url, source_id, context.settings.resolved_database_url)
+
+
+def open_table_sync(
+    api: TestClient,
+    context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    *statements: str,
+    name: str = "t",
+    key: str = "id",
+    **table: Any,
+) -> Sync:
+    """An org syncing one table of a SQLite file that `statements` make and fill, with no sensitive column unless
+    `table` names some."""
+    org = create_org_with_keys(api, org_id)
+    path = tmp_path / org_id / "plant.db"  # the org's folder of SQLite files (the settings' local_stores_dir)
+    path.parent.mkdir()
+    with sqlite3.connect(path) as connection:
+        for statement in statements:
+            connection.execute(statement)
+    url = f"sqlite:///{path}"
+    spec = {"name": name, "primaryKey": key, "sensitiveColumns": [], **table}
+    response = api.post(f"/v1/orgs/{org.org_id}/sync-sources", json={"url": url, "tables": [spec]}, headers=org.admin)
+    assert response.status_code == 201, response.text
+    source_id = str(response.json()["sourceId"])
+    return Sync(api, context, org, url, source_id, context.settings.resolved_database_url, name)
+
+
+def error_of(job: dict[str, Any]) -> str:
+    """The reason a finished job gives: its last error."""
+    return str(job["errors"][-1]["error"]) if job["errors"] else ""
 
 
 def allow_connections(database: str | None, *, allowed: bool) -> None:

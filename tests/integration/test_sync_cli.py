@@ -264,3 +264,15 @@ def test_a_database_without_the_schema_is_named_with_the_way_out(settings: Setti
     assert destroy.returncode == 1
     assert "no such table: sync_keys" in destroy.stderr and "`kiln migrate`" in destroy.stderr
     assert "Traceback" not in destroy.stderr
+
+
+def test_a_file_that_is_not_sqlite_is_named_in_one_line_without_a_traceback(
+    central_settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database, though long enough to look like one to a quick glance" * 4)
+
+    backup = kiln(central_settings, "backup", org_id, str(notes))
+
+    assert backup.returncode == 1
+    assert backup.stderr.strip() == f"kiln backup: {notes} is not a SQLite database (file is not a database)"

@@ -170,3 +170,50 @@ def test_sensitive_numeric_timestamp_date_and_bytea_columns_come_back_as_they_we
     assert (type(dose), type(taken), type(born)) == (Decimal, datetime, date)
     [sealed] = sync.central(f"SELECT dose, taken, born, scan FROM {central_table}")
     assert not any(plain in value for value in sealed for plain in ("12.5", "2026", "1815"))
+
+
+def test_sensitive_nan_and_infinities_come_back_as_they_were_sealed(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    sync = open_postgres_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        local_url,
+        "last-writer-wins",
+        "CREATE TABLE readings (id integer PRIMARY KEY, device text, value double precision, patient float8)",
+        "INSERT INTO readings VALUES (1, 'a', 1, 'NaN'), (2, 'b', 2, 'Infinity'), (3, 'c', 3, '-Infinity')",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET device = device || '!'")  # all three come down again
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"]) == ("succeeded", 3)
+    assert sync.local("SELECT id, device, patient::text FROM readings ORDER BY id") == [
+        (1, "a!", "NaN"),
+        (2, "b!", "Infinity"),
+        (3, "c!", "-Infinity"),
+    ]
+
+
+def test_a_postgresql_local_table_and_key_named_by_reserved_words_sync_both_ways(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    run_sql(local_url, 'CREATE TABLE "user" ("order" integer PRIMARY KEY, "my col" text)')
+    run_sql(local_url, """INSERT INTO "user" VALUES (1, 'a')""")
+    org = create_org_with_keys(sync_api, org_id)
+    source_id = register(
+        sync_api, org, local_url, "last-writer-wins", name="user", primaryKey="order", sensitiveColumns=[]
+    )
+    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url, "user")
+    assert sync.run()["status"] == "succeeded"
+    sync.local("""INSERT INTO "user" VALUES (2, 'b')""")
+    sync.run()
+    sync.central(f"""UPDATE {sync.central_table} SET "my col" = 'central' WHERE "order" = 1""")
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"]) == ("succeeded", 1)
+    assert sync.local('SELECT * FROM "user" ORDER BY 1') == [(1, "central"), (2, "b")]
+    assert sync.central(f'SELECT "order", "my col" FROM {sync.central_table} ORDER BY 1') == [(1, "central"), (2, "b")]

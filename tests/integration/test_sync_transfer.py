@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -23,9 +25,11 @@ from shared.store_access import StoreRules
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import (
     allow_connections,
+    error_of,
     make_local_store,
     many_readings,
     open_sync,
+    open_table_sync,
     register,
     run_twice_at_once,
 )
@@ -292,3 +296,225 @@ def test_a_sync_store_must_be_a_file_in_the_orgs_folder_and_never_kilns_database
         job = sync_api.get(f"/v1/orgs/{org_id}/sync-jobs/{job_id}", headers=org.admin).json()
         assert reason in job["errors"][-1]["error"], job
     assert not (tmp_path / org_id / "typo.db").exists()
+
+
+def test_an_unexpected_error_fails_the_job_naming_the_table_and_logs_its_traceback(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)",
+        "INSERT INTO t VALUES (1, 'a')",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET v = NULL WHERE id = 1")  # the local store refuses a NULL v
+
+    first, again = sync.run(), sync.run()
+
+    assert (first["status"], again["status"]) == ("failed", "failed")
+    assert error_of(first).startswith("table 't': IntegrityError: ")
+    assert "NOT NULL constraint failed: t.v" in error_of(first)
+    assert first["finishedAt"] is not None
+    assert sync.local("SELECT id, v FROM t") == [(1, "a")]
+    assert any(record.exc_info and "table 't'" in record.getMessage() for record in caplog.records)
+
+
+WIDE = (
+    "CREATE TABLE t (id INTEGER PRIMARY KEY, at_ms INTEGER, big BIGINT, flag BOOLEAN, at DATETIME, "
+    "amount NUMERIC(10,2), code VARCHAR(5), ratio REAL, doc JSON, note TEXT)"
+)
+WIDE_ROWS = [
+    (1, 1714550400123, 2**63 - 1, 1, "2024-05-01T10:00:00+02:00", 12.345, "longer than five", 0.1, '{"a": 1}', "x"),
+    (2, 2**31, -(2**63), 0, "2024-05-01T10:00:00Z", 7, "ab", -2.5, "[1, 2]", "y"),
+]
+
+
+def test_values_sqlite_holds_come_back_down_as_they_were(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(sync_api, sync_context, org_id, tmp_path, WIDE)
+    with sqlite3.connect(sync.local_path) as connection:
+        connection.executemany(f"INSERT INTO t VALUES ({', '.join('?' * 10)})", WIDE_ROWS)
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET note = note || '!'")  # both records come down again
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"]) == ("succeeded", 2), job
+    expected = [(*row[:-1], row[-1] + "!") for row in WIDE_ROWS]
+    assert sync.local("SELECT * FROM t ORDER BY id") == expected
+    assert sync.local("SELECT typeof(amount) FROM t ORDER BY id") == [("real",), ("integer",)]
+    central = sync.central(f"SELECT at_ms, big, amount, code FROM {sync.central_table} ORDER BY id")
+    assert central == [(1714550400123, 2**63 - 1, Decimal("12.345"), "longer than five"), (2**31, -(2**63), 7, "ab")]
+
+
+@pytest.mark.parametrize(
+    ("create", "insert", "reason"),
+    [
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER)",
+            "INSERT INTO t VALUES (1, 'abc')",
+            "table 't' column 'n' record 1: 'abc' cannot be stored centrally as it is: the central copy of an INTEGER "
+            "column holds integers",
+        ),
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, r REAL)",
+            "INSERT INTO t VALUES (1, 'n/a')",
+            "table 't' column 'r' record 1: 'n/a' cannot be stored centrally as it is: the central copy of a REAL "
+            "column holds numbers",
+        ),
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, ok BOOLEAN)",
+            "INSERT INTO t VALUES (1, 'false')",
+            "table 't' column 'ok' record 1: 'false' cannot be stored centrally as it is: the central copy of a "
+            "BOOLEAN column holds 0 and 1",
+        ),
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, note TEXT)",
+            "INSERT INTO t VALUES (1, 'a' || char(0) || 'b')",
+            "table 't' column 'note' record 1: 'a\\x00b' cannot be stored centrally as it is: PostgreSQL text "
+            "cannot hold a NUL character",
+        ),
+        (
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, anything)",
+            "INSERT INTO t VALUES (1, 2)",
+            "table 't' column 'anything' has no declared type: SQLite lets it hold any value, which no one central "
+            "type holds as it is; declare its type",
+        ),
+    ],
+    ids=["text-in-integer", "text-in-real", "text-in-boolean", "nul-in-text", "untyped"],
+)
+def test_a_value_the_central_copy_cannot_hold_fails_the_job_naming_table_column_and_record(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    create: str,
+    insert: str,
+    reason: str,
+) -> None:
+    sync = open_table_sync(sync_api, sync_context, org_id, tmp_path, create, insert, "INSERT INTO t (id) VALUES (2)")
+
+    job = sync.run()
+
+    assert (job["status"], error_of(job)) == ("failed", reason)
+
+
+@pytest.mark.parametrize(
+    ("table", "field", "words"),
+    [
+        ({"name": "_kiln_changes", "primaryKey": "id"}, "tables.0.name", "'_kiln_changes': names starting '_kiln_'"),
+        ({"name": "t", "primaryKey": "_kiln_hlc"}, "tables.0.primaryKey", "'_kiln_hlc': names starting '_kiln_'"),
+        (
+            {"name": "t", "primaryKey": "id", "sensitiveColumns": ["_kiln_version"]},
+            "tables.0.sensitiveColumns",
+            "names starting '_kiln_' are the sync service's own: _kiln_version",
+        ),
+        (
+            {"name": "t", "primaryKey": "id", "sensitiveColumns": ["patient", "patient"]},
+            "tables.0.sensitiveColumns",
+            "columns named more than once: patient",
+        ),
+    ],
+    ids=["reserved-table", "reserved-key", "reserved-sensitive", "repeated-sensitive"],
+)
+def test_reserved_and_repeated_names_are_refused_naming_the_field(
+    sync_api: TestClient, org_id: str, table: dict[str, Any], field: str, words: str
+) -> None:
+    org = create_org_with_keys(sync_api, org_id)
+    body = {"url": "sqlite:////tmp/plant.db", "tables": [table]}
+
+    answer = sync_api.post(f"/v1/orgs/{org_id}/sync-sources", json=body, headers=org.admin)
+
+    assert (answer.status_code, answer.json()["field"]) == (422, field), answer.text
+    assert words in answer.json()["error"]
+
+
+def test_reserved_words_and_names_that_need_quotes_sync_both_ways(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        'CREATE TABLE "order" ("group" INTEGER PRIMARY KEY, "my col" TEXT, "select" TEXT, "q""uote" TEXT)',
+        """INSERT INTO "order" VALUES (1, 'a', 'b', 'c')""",
+        name="order",
+        key="group",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.local("""UPDATE "order" SET "my col" = 'local' WHERE "group" = 1""")
+    sync.local("""INSERT INTO "order" VALUES (2, 'd', 'e', 'f')""")
+    pushed = sync.run()
+    sync.central(f"""UPDATE {sync.central_table} SET "select" = 'central', "q""uote" = 'q' WHERE "group" = 2""")
+
+    pulled = sync.run()
+
+    assert (pushed["status"], pushed["pushed"], pulled["status"], pulled["pulled"]) == ("succeeded", 2, "succeeded", 1)
+    records = [(1, "local", "b", "c"), (2, "d", "central", "q")]
+    assert sync.local('SELECT * FROM "order" ORDER BY "group"') == records
+    assert (
+        sync.central(f'SELECT "group", "my col", "select", "q""uote" FROM {sync.central_table} ORDER BY 1') == records
+    )
+
+
+def test_a_local_column_named_like_the_sync_columns_is_refused_naming_it(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api, sync_context, org_id, tmp_path, "CREATE TABLE t (id INTEGER PRIMARY KEY, _kiln_version INTEGER)"
+    )
+
+    job = sync.run()
+
+    assert (job["status"], error_of(job)) == (
+        "failed",
+        "table 't' has columns _kiln_version, which are the sync service's own in its central copy",
+    )
+
+
+def test_a_column_added_to_the_local_table_after_its_first_sync_is_added_centrally(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+        "INSERT INTO t VALUES (1, 'a'), (2, 'b')",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.local("ALTER TABLE t ADD COLUMN unit TEXT")
+    sync.local("UPDATE t SET unit = 'kg' WHERE id = 1")
+
+    pushed = sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET unit = 'g' WHERE id = 2")
+    pulled = sync.run()
+
+    assert (pushed["status"], pushed["pushed"], pulled["status"], pulled["pulled"]) == ("succeeded", 1, "succeeded", 1)
+    records = [(1, "a", "kg"), (2, "b", "g")]
+    assert sync.local("SELECT id, v, unit FROM t ORDER BY id") == records
+    assert sync.central(f"SELECT id, v, unit FROM {sync.central_table} ORDER BY id") == records
+
+
+def test_a_second_source_naming_a_table_of_the_same_store_is_refused_naming_it(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    tables = [{"name": "visits", "primaryKey": "id"}, {"name": "readings", "primaryKey": "id"}]
+
+    again = sync_api.post(
+        f"/v1/orgs/{org_id}/sync-sources", json={"url": sync.local_url, "tables": tables}, headers=sync.org.admin
+    )
+
+    assert (again.status_code, again.json()["field"]) == (409, "tables"), again.text
+    assert again.json()["error"] == (
+        f"table 'readings' of this store is synced by source {sync.source_id} already: two sources of one table "
+        "would each miss what the other brings down"
+    )
+    assert len(sync_api.get(f"/v1/orgs/{org_id}/sync-sources", headers=sync.org.viewer).json()) == 1

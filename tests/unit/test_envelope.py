@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from typing import Any
 
@@ -18,7 +19,7 @@ column_values = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(allow_nan=False),
     st.text(),
     st.decimals(allow_nan=False, allow_infinity=False),
     st.datetimes(timezones=st.one_of(st.none(), st.timezones())),
@@ -36,6 +37,12 @@ def test_a_sealed_value_opens_as_the_same_value_of_the_same_type(value: Any) -> 
 
     assert type(opened) is type(value)
     assert opened == value
+
+
+def test_nan_sealed_opens_as_nan() -> None:
+    opened = KEYRING.open(KEYRING.seal(math.nan, column="readings.value"), column="readings.value")
+
+    assert isinstance(opened, float) and math.isnan(opened)
 
 
 def test_a_value_sealed_for_one_column_does_not_open_in_another() -> None:

@@ -17,7 +17,7 @@ from services.api.sync_schemas import SyncScheduleIn, SyncScheduleOut, SyncSourc
 from shared.audit import record_change
 from shared.db.models import SyncSchedule, SyncSource
 from shared.db.types import utcnow
-from shared.errors import NotFound
+from shared.errors import Conflict, NotFound
 from shared.schedules import check_schedule, next_fire_times
 from shared.sync_tables import SyncSourceSpec, central_table_name
 
@@ -37,6 +37,7 @@ def create_source(
     # URL.set(password=None) keeps the password; the NamedTuple's _replace is what removes it.
     source.url = url._replace(password=None).render_as_string(hide_password=False)
     source.tables = [table.model_dump(mode="json", by_alias=True) for table in body.tables]
+    _refuse_tables_synced_already(session, source)
     session.add(source)
     session.flush()
     shown = _source_out(source)
@@ -105,6 +106,21 @@ def owned_source(session: Session, source_id: str, *, org_id: str, field: str | 
     if row is None or row.org_id != org_id:
         raise NotFound(f"sync source {source_id!r} not found", field=field)
     return row
+
+
+def _refuse_tables_synced_already(session: Session, source: SyncSource) -> None:
+    """Two sources of one local table share its triggers and change log, and neither sees what the other writes
+    down: their central copies would drift apart."""
+    names = {table["name"] for table in source.tables}
+    others = session.scalars(select(SyncSource).where(SyncSource.org_id == source.org_id, SyncSource.url == source.url))
+    for other in others:
+        for table in other.tables:
+            if table["name"] in names:
+                raise Conflict(
+                    f"table {table['name']!r} of this store is synced by source {other.id} already: two sources of "
+                    "one table would each miss what the other brings down",
+                    field="tables",
+                )
 
 
 def _existing_schedule(session: Session, source_id: str, org_id: str) -> SyncSchedule:
