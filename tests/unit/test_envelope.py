@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import secrets
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -36,7 +38,12 @@ def test_a_sealed_value_opens_as_the_same_value_of_the_same_type(value: Any) -> 
     opened = KEYRING.open(KEYRING.seal(value, column="readings.patient"), column="readings.patient")
 
     assert type(opened) is type(value)
-    assert opened == value
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        # The offset travels, the zone's name does not; and PEP 495 makes a time a zone repeats (fall back) unequal
+        # to any time of another zone, the same instant too: so the instant and the offset are what must match.
+        assert (opened.timestamp(), opened.utcoffset()) == (value.timestamp(), value.utcoffset())
+    else:
+        assert opened == value
 
 
 def test_nan_sealed_opens_as_nan() -> None:
@@ -50,3 +57,12 @@ def test_a_value_sealed_for_one_column_does_not_open_in_another() -> None:
 
     with pytest.raises(ValueError, match=r"readings\.note"):
         KEYRING.open(sealed, column="readings.note")
+
+
+def test_a_time_its_zone_repeats_opens_as_the_same_instant_and_offset() -> None:
+    for fold in (0, 1):
+        repeated = datetime(2000, 10, 29, 1, 30, tzinfo=ZoneInfo("America/Dawson"), fold=fold)
+
+        opened = KEYRING.open(KEYRING.seal(repeated, column="readings.at"), column="readings.at")
+
+        assert (opened.timestamp(), opened.utcoffset()) == (repeated.timestamp(), repeated.utcoffset())
