@@ -3,12 +3,13 @@ org's own database read in chunks, only the columns and the date range the run n
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import Column, ColumnElement, MetaData, Table, create_engine, select, sql, types
+from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, create_engine, func, select, sql, types
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
@@ -53,8 +54,9 @@ def extract_database(
         engine.dispose()
 
 
-def _connect_args(backend: str) -> dict[str, int]:
-    return {"connect_timeout": CONNECT_TIMEOUT_S} if backend == "postgresql" else {}
+def _connect_args(backend: str) -> dict[str, int | str]:
+    # In UTC, a timestamp kept as text without a zone reads as UTC, Kiln's convention (see _text_in_range).
+    return {"connect_timeout": CONNECT_TIMEOUT_S, "options": "-c timezone=UTC"} if backend == "postgresql" else {}
 
 
 def _connect(engine: Engine, *, where: str) -> Connection:
@@ -82,12 +84,12 @@ def _query(
         raise InvalidInput(f"table {source.table!r} has no column {', '.join(missing)}", field="datasource")
     query = select(*(table.c[original].label(name) for name, original in wanted.items()))
     if start is not None or end is not None:
-        query = query.where(*_in_range(table, source, start, end))
+        query = query.where(*_in_range(table, source, connection.dialect.name, start, end))
     return query
 
 
 def _in_range(
-    table: Table, source: DatabaseSource, start: datetime | None, end: datetime | None
+    table: Table, source: DatabaseSource, dialect: str, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
     if source.timestamp_column is None:
         raise InvalidInput("dataRange needs the datasource's timestampColumn, and none is set", field="dataRange")
@@ -96,10 +98,32 @@ def _in_range(
             f"table {source.table!r} has no timestamp column {source.timestamp_column!r}", field="datasource"
         )
     stamp: Column[object] = table.c[source.timestamp_column]
-    aware = isinstance(stamp.type, types.DateTime) and bool(stamp.type.timezone)
+    if not isinstance(stamp.type, types.DateTime):
+        return _text_in_range(stamp, dialect, start, end)
+    aware = bool(stamp.type.timezone)
     # A column without a zone holds UTC by Kiln's convention, so it is compared with naive UTC bounds.
     bounds = [(start, stamp >= _as_column_time(start, aware)), (end, stamp <= _as_column_time(end, aware))]
     return [condition for bound, condition in bounds if bound is not None]
+
+
+def _text_in_range(
+    stamp: Column[object], dialect: str, start: datetime | None, end: datetime | None
+) -> list[ColumnElement[bool]]:
+    """Timestamps kept as ISO 8601 text (a SQLite store's, or their synced central copy), compared as instants:
+    text with an offset at that offset, text without one as UTC (the connection's zone, see _connect_args)."""
+    conditions = []
+    for bound, later in ((start, True), (end, False)):
+        if bound is None:
+            continue
+        moment, limit = _comparable(stamp, bound, dialect)
+        conditions.append(moment >= limit if later else moment <= limit)
+    return conditions
+
+
+def _comparable(stamp: Column[object], bound: datetime, dialect: str) -> tuple[ColumnElement[Any], Any]:
+    if dialect == "sqlite":  # julianday reads ISO 8601 text, offset included, as a UTC day number
+        return func.julianday(stamp), func.julianday(bound.astimezone(UTC).isoformat(sep=" "))
+    return cast(stamp, types.DateTime(timezone=True)), bound
 
 
 def _as_column_time(moment: datetime | None, aware: bool) -> datetime | None:

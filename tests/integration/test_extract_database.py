@@ -3,7 +3,9 @@ clear reason when the database, the table or a column is not there."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -235,3 +237,30 @@ def test_a_postgresql_url_without_a_driver_is_read_with_the_shipped_one(tmp_path
         plain = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         assert plain.startswith("postgresql://")
         assert read_all(plain, tmp_path, rules(tmp_path)) == 10
+
+
+def test_timestamps_kept_as_text_in_sqlite_select_the_range_as_instants(tmp_path: Path) -> None:
+    (tmp_path / ORG).mkdir()
+    path = tmp_path / ORG / "plant.db"
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("CREATE TABLE readings (id INTEGER PRIMARY KEY, recorded_at TEXT)")
+        connection.executemany(
+            "INSERT INTO readings VALUES (?, ?)",
+            [
+                (1, "2024-01-01 23:30:00"),
+                (2, "2024-01-02T01:30:00+02:00"),  # the 1st in UTC
+                (3, "2024-01-02 12:00:00.5"),
+                (4, "2024-01-02 23:30:00-05:00"),  # the 3rd in UTC
+                (5, "2024-01-02T18:00:00Z"),
+            ],
+        )
+    rows = extract_database(
+        source(f"sqlite:///{path}", column_map={}),
+        None,
+        columns=["id"],
+        start=datetime(2024, 1, 2, tzinfo=UTC),
+        end=datetime(2024, 1, 2, 23, 59, tzinfo=UTC),
+        target=tmp_path / "out.parquet",
+        rules=rules(tmp_path),
+    )
+    assert rows == 2 and pq.read_table(tmp_path / "out.parquet").column("id").to_pylist() == [3, 5]

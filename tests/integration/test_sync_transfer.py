@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
@@ -518,3 +520,40 @@ def test_a_second_source_naming_a_table_of_the_same_store_is_refused_naming_it(
         "would each miss what the other brings down"
     )
     assert len(sync_api.get(f"/v1/orgs/{org_id}/sync-sources", headers=sync.org.viewer).json()) == 1
+
+
+def test_a_synced_sqlite_tables_text_timestamps_select_a_training_runs_date_range(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, at DATETIME, v REAL)",
+        "INSERT INTO t VALUES (1, '2024-01-01 23:30:00', 1.0), (2, '2024-01-02T01:30:00+02:00', 2.0),"
+        " (3, '2024-01-02 12:00:00', 3.0), (4, '2024-01-03T00:30:00+00:00', 4.0)",
+    )
+    assert sync.run()["status"] == "succeeded"
+    with session_scope(sync_context.sessions) as session:
+        rules = StoreRules.for_training(session, sync_context.settings, org_id)
+    target = tmp_path / "training.parquet"
+
+    rows = extract_database(
+        DatabaseSource(
+            url=sync.central_url,
+            password_encrypted=None,
+            table=sync.central_table,
+            timestamp_column="at",
+            column_map={},
+        ),
+        None,
+        columns=["id"],
+        start=datetime(2024, 1, 2, tzinfo=UTC),
+        end=datetime(2024, 1, 2, 23, 59, tzinfo=UTC),
+        target=target,
+        rules=rules,
+    )
+
+    assert rows == 1  # 01:30+02:00 is the 1st in UTC; text without a zone is UTC
+    assert pq.read_table(target).column("id").to_pylist() == [3]
