@@ -11,7 +11,17 @@ from sqlalchemy.orm import Session
 from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying, forget, log_merges
 from services.sync.deletions import delete_centrally
 from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit, wall_clock_ms
-from services.sync.merge import DELETE_REFUSED, DELETED, HELD, REFUSED, Resolution, Version, deletion, jsonable
+from services.sync.merge import (
+    DELETE_REFUSED,
+    DELETED,
+    HELD,
+    REFUSED,
+    Resolution,
+    Version,
+    deletion,
+    from_json,
+    jsonable,
+)
 from services.sync.pair import TablePair, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, read, stamp_of, upsert
 from services.sync.watermarks import DOWN, watermark
@@ -56,7 +66,7 @@ def apply_choices(pair: TablePair) -> None:
                 if existing is not None:
                     deletes[conflict.record_key] = existing
             else:
-                writes.append(_chosen_row(dict(conflict.kept or {}), existing))
+                writes.append(_chosen_row(from_json(pair.central_table, conflict.kept or {}), existing))
             conflict.status = CONFLICT_RESOLVED
             keys.append(conflict.record_key)
         upsert(connection, pair.central_table, pair.key, writes)

@@ -6,6 +6,8 @@ versions as they were in the conflict record, so the losing one is never lost.
 
 from __future__ import annotations
 
+import base64
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
@@ -79,10 +81,15 @@ def last_writer_wins(*, local: Version, central: Version) -> Resolution:
 
 
 def as_json(value: Any) -> Any:
-    """A value as a base keeps it (JSON): times and decimals as text. Fields are compared in this form, so that a
-    field read back from its base compares equal to the value it was saved from."""
+    """A value as a conflict record, an audit row or a base keeps it (JSON): times and decimals as text, bytes as
+    base64, and the floats JSON has no number for as their names. Fields are compared in this form, so that a field
+    read back from its base compares equal to the value it was saved from."""
     if isinstance(value, Decimal):
         return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "inf", "-inf", "nan": float() reads them back
     return value.isoformat() if isinstance(value, date | time) else value
 
 
@@ -91,6 +98,8 @@ _FROM_TEXT: dict[type, Callable[[str], Any]] = {
     date: date.fromisoformat,
     time: time.fromisoformat,
     Decimal: Decimal,
+    bytes: base64.b64decode,
+    float: float,
 }
 
 

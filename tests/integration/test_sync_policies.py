@@ -28,7 +28,7 @@ from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN, create_org_with_keys
-from tests.integration.sync_support import Sync, many_readings, open_sync
+from tests.integration.sync_support import Sync, many_readings, open_sync, open_table_sync
 
 
 def edit_both(sync: Sync, *, local: str, central: str) -> None:
@@ -465,3 +465,33 @@ def test_a_rotation_waits_for_a_transaction_sealing_under_the_active_key(
 
     assert not rotated_while_held
     assert [summary["drainedKeys"] for summary in rotations] == [[keyring.active_id]]
+
+
+BLOB_TABLE = "CREATE TABLE t (id INTEGER PRIMARY KEY, img BLOB, reading REAL, note TEXT)"
+PNG, INF = b"\x89PNG\r\n\x00\xff", float("inf")
+
+
+@pytest.mark.parametrize("policy", ["last-writer-wins", "field-merge", "manual"])
+def test_bytes_and_infinities_pass_through_deletions_conflicts_and_bases(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, policy: str
+) -> None:
+    rows = "INSERT INTO t VALUES (1, x'89504e470d0a00ff', 1e999, 'a'), (2, x'89504e470d0a00ff', -1e999, 'b')"
+    sync = open_table_sync(sync_api, sync_context, org_id, tmp_path, BLOB_TABLE, rows, policy=policy)
+    assert sync.run()["status"] == "succeeded"
+    sync.local("DELETE FROM t WHERE id = 2")
+    sync.local("UPDATE t SET note = 'local' WHERE id = 1")
+    time.sleep(0.01)
+    sync.central(f"UPDATE {sync.central_table} SET note = 'central' WHERE id = 1")
+
+    job = sync.run()
+    if policy == "manual":
+        [held] = sync.conflicts("open")
+        choose(sync, held["conflictId"], "local")
+        job = sync.run()
+
+    assert job["status"] == "succeeded", job
+    expected = [(1, PNG, INF, "local" if policy == "manual" else "central")]
+    assert sync.local("SELECT id, img, reading, note FROM t") == expected
+    central = sync.central(f"SELECT id, img, reading, note FROM {sync.central_table}")
+    assert [(key, bytes(img), reading, note) for key, img, reading, note in central] == expected
+    assert "sync.delete" in sync.audit_actions()
