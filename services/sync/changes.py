@@ -68,13 +68,24 @@ def create_log(connection: Connection, log: ChangeLog) -> None:
     replaced = ", replaced VARCHAR(40)" if log.stamps else ""
     statements = [
         f"CREATE TABLE IF NOT EXISTS {log.log} (seq {serial} PRIMARY KEY, tbl VARCHAR(64) NOT NULL, "
-        f"pk VARCHAR(200) NOT NULL, origin VARCHAR(8) NOT NULL, at_ms BIGINT NOT NULL{replaced})",
+        f"pk TEXT NOT NULL, origin VARCHAR(8) NOT NULL, at_ms BIGINT NOT NULL{replaced})",
         f"CREATE INDEX IF NOT EXISTS ix{log.log}_tbl_seq ON {log.log} (tbl, seq)",
         f"CREATE INDEX IF NOT EXISTS ix{log.log}_tbl_pk ON {log.log} (tbl, pk)",
         f"CREATE TABLE IF NOT EXISTS {log.applying} (id INTEGER PRIMARY KEY)",
     ]
     for statement in statements:
         connection.execute(text(statement))
+    _widen_keys(connection, log)
+
+
+def _widen_keys(connection: Connection, log: ChangeLog) -> None:
+    """A log made before keys were text holds at most 200 characters: a longer key failed its trigger, and with it
+    the application's own write. PostgreSQL enforces that length (SQLite does not): widen it once."""
+    if connection.dialect.name != "postgresql":
+        return
+    query = "SELECT data_type FROM information_schema.columns WHERE table_name = :t AND column_name = 'pk'"
+    if connection.execute(text(query), {"t": log.log}).scalar() == "character varying":
+        connection.execute(text(f"ALTER TABLE {log.log} ALTER COLUMN pk TYPE text"))
 
 
 def install_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:

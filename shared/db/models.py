@@ -231,7 +231,7 @@ class AuditEntry(Base):
     org_id: Mapped[str] = mapped_column(String(63))
     actor: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(64))
-    target: Mapped[str] = mapped_column(String(300))
+    target: Mapped[str] = mapped_column(Text)
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
     at: Mapped[datetime] = mapped_column(default=utcnow)
 
@@ -298,7 +298,7 @@ class SyncConflict(Base):
     source_id: Mapped[str] = mapped_column(ForeignKey("sync_sources.id"))
     job_id: Mapped[str | None] = mapped_column(String(40), default=None)
     table_name: Mapped[str] = mapped_column(String(64))
-    record_key: Mapped[str] = mapped_column(String(200))
+    record_key: Mapped[str] = mapped_column(Text)
     policy: Mapped[str] = mapped_column(String(24))
     status: Mapped[str] = mapped_column(String(16))
     outcome: Mapped[str] = mapped_column(String(32))
@@ -349,7 +349,7 @@ class SyncBase(Base):
 
     source_id: Mapped[str] = mapped_column(ForeignKey("sync_sources.id"), primary_key=True)
     table_name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    record_key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    record_key: Mapped[str] = mapped_column(Text, primary_key=True)
     row: Mapped[dict[str, Any]] = mapped_column()
 
 
@@ -362,7 +362,7 @@ class SyncChange(Base):
 
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     tbl: Mapped[str] = mapped_column(String(64))
-    pk: Mapped[str] = mapped_column(String(200))
+    pk: Mapped[str] = mapped_column(Text)
     origin: Mapped[str] = mapped_column(String(8))
     at_ms: Mapped[int] = mapped_column(BigInteger)
     replaced: Mapped[str | None] = mapped_column(String(40))

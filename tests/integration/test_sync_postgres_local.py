@@ -217,3 +217,52 @@ def test_a_postgresql_local_table_and_key_named_by_reserved_words_sync_both_ways
     assert (job["status"], job["pulled"]) == ("succeeded", 1)
     assert sync.local('SELECT * FROM "user" ORDER BY 1') == [(1, "central"), (2, "b")]
     assert sync.central(f'SELECT "order", "my col" FROM {sync.central_table} ORDER BY 1') == [(1, "central"), (2, "b")]
+
+
+@pytest.mark.parametrize("policy", ["last-writer-wins", "field-merge", "manual"])
+def test_text_keys_of_any_length_sync_and_the_applications_own_writes_still_land(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str, policy: str
+) -> None:
+    key = "device/" + "x" * 300
+    run_sql(local_url, "CREATE TABLE notes (id text PRIMARY KEY, body text)")
+    run_sql(local_url, "INSERT INTO notes VALUES (:k, 'first')", {"k": key})
+    org = create_org_with_keys(sync_api, org_id)
+    source_id = register(sync_api, org, local_url, policy, name="notes", primaryKey="id", sensitiveColumns=[])
+    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url, "notes")
+    assert sync.run()["status"] == "succeeded"
+
+    sync.local("UPDATE notes SET body = 'local' WHERE id = :k", {"k": key})  # the local application's write
+    sync.central(f"UPDATE {sync.central_table} SET body = 'central' WHERE id = :k", {"k": key})  # the central one's
+    job = sync.run()
+    if policy == "manual":
+        [held] = sync.conflicts("open")
+        assert held["recordKey"] == key
+        decided = sync_api.post(
+            f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "central"}, headers=org.admin
+        )
+        assert decided.status_code == 200, decided.text
+        job = sync.run()
+
+    assert job["status"] == "succeeded", job
+    assert sync.local("SELECT id, body FROM notes") == sync.central(f"SELECT id, body FROM {sync.central_table}")
+
+
+def test_a_change_log_an_earlier_version_made_takes_keys_of_any_length(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    run_sql(
+        local_url,
+        "CREATE TABLE _kiln_changes (seq BIGSERIAL PRIMARY KEY, tbl VARCHAR(64) NOT NULL, pk VARCHAR(200) NOT NULL,"
+        " origin VARCHAR(8) NOT NULL, at_ms BIGINT NOT NULL)",
+    )
+    run_sql(local_url, "CREATE TABLE notes (id text PRIMARY KEY, body text)")
+    org = create_org_with_keys(sync_api, org_id)
+    source_id = register(
+        sync_api, org, local_url, "last-writer-wins", name="notes", primaryKey="id", sensitiveColumns=[]
+    )
+    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url, "notes")
+    assert sync.run()["status"] == "succeeded"
+
+    sync.local("INSERT INTO notes VALUES (:k, 'long')", {"k": "k" * 500})  # refused by the old log's trigger
+
+    assert sync.run()["pushed"] == 1
