@@ -68,7 +68,7 @@ def measure(folder: Path, url: str, rows: int) -> dict[str, tuple[float, float]]
         bare_up = rate(rows, lambda: bare_copy_up(local_path, url))
         up = prepare(context, local_path, "up", reuse=None)
         service_up = rate(rows, lambda: sync_table(up))
-        down_path = folder / "branch.db"
+        down_path = local_path.parent / "branch.db"
         with closing(sqlite3.connect(down_path)) as connection:
             connection.execute(SCHEMA)
         bare_down = rate(rows, lambda: bare_copy_down(url, folder / "bare.db"))
