@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +89,37 @@ def _to_utc(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """Timestamps in UTC; text and values without a zone are read as UTC."""
     kind = column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        try:
-            return pc.cast(column, pa.timestamp("us", tz="UTC"))
-        except pa.ArrowInvalid:
-            column = pc.cast(column, pa.timestamp("us"))
-    elif pa.types.is_date(kind):
+        return _text_to_utc(column)
+    if pa.types.is_date(kind):
         column = pc.cast(column, pa.timestamp("us"))
     elif not pa.types.is_timestamp(kind):
         raise pa.ArrowInvalid(f"{kind} is not a timestamp type")
     if column.type.tz is None:
         column = pc.assume_timezone(column, "UTC")
     return pc.cast(column, pa.timestamp("us", tz="UTC"))
+
+
+def _text_to_utc(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """ISO 8601 text: all with zones, all without (UTC), or a mix, which no one cast takes: then value by value."""
+    utc = pa.timestamp("us", tz="UTC")
+    try:
+        return pc.cast(column, utc)
+    except pa.ArrowInvalid:
+        pass
+    try:
+        return pc.cast(pc.assume_timezone(pc.cast(column, pa.timestamp("us")), "UTC"), utc)
+    except pa.ArrowInvalid:
+        return pa.chunked_array([pa.array([_instant(text) for text in column.to_pylist()], type=utc)])
+
+
+def _instant(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise pa.ArrowInvalid(f"{text!r} is not a timestamp") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _is_numeric(kind: pa.DataType) -> bool:

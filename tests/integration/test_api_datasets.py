@@ -141,3 +141,18 @@ def test_a_file_name_with_a_nul_character_is_refused_and_nothing_is_stored(
     assert "NUL character" in response.json()["error"]
     assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
     assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+
+
+def test_a_timestamp_column_mixing_text_with_and_without_a_zone_is_read_with_the_zones_and_utc(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    mixed = b"t,temperature\n2024-01-01T00:00:00+05:00,1\n2024-01-01 12:30:00,2\n2024-01-02T00:00:00Z,3\n"
+    response = upload(api, org, mixed, timestampColumn="t")
+    assert response.status_code == 201, response.text
+    stored = open_object_store(settings).get_bytes(dataset_key(org.org_id, response.json()["datasetId"]))
+    stamps = pq.read_table(io.BytesIO(stored)).column("t").to_pylist()
+    assert [None if s is None else s.isoformat() for s in stamps] == [
+        "2023-12-31T19:00:00+00:00",
+        "2024-01-01T12:30:00+00:00",
+        "2024-01-02T00:00:00+00:00",
+    ]
