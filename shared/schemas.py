@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -71,18 +71,28 @@ class Hyperparameters(CamelModel):
             raise ValueError("maxDepth is -1 (no limit) or at least 1")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Hyperparameters:
-        allowed = BINARY_METRICS if self.objective == "binary" else MULTICLASS_METRICS
-        if self.metric is not None and self.metric not in allowed:
+    # The checks across fields sit on the later field of each pair, so that a refusal names it.
+    @field_validator("metric")
+    @classmethod
+    def _metric_goes_with_objective(cls, metric: str | None, info: ValidationInfo) -> str | None:
+        objective = info.data.get("objective", "binary")
+        allowed = BINARY_METRICS if objective == "binary" else MULTICLASS_METRICS
+        if metric is not None and metric not in allowed:
             raise ValueError(
-                f"metric {self.metric!r} does not go with objective {self.objective!r}: use one of {', '.join(allowed)}"
+                f"metric {metric!r} does not go with objective {objective!r}: use one of {', '.join(allowed)}"
             )
-        if self.is_unbalance and self.scale_pos_weight is not None:
-            raise ValueError("isUnbalance and scalePosWeight both reweigh the classes: give one of them")
-        if self.objective != "binary" and (self.is_unbalance or self.scale_pos_weight is not None):
+        return metric
+
+    @field_validator("is_unbalance", "scale_pos_weight")
+    @classmethod
+    def _reweighing_is_binary_and_single(cls, value: bool | float | None, info: ValidationInfo) -> bool | float | None:
+        if value in (None, False):
+            return value
+        if info.data.get("objective", "binary") != "binary":
             raise ValueError("isUnbalance and scalePosWeight apply to the binary objective only")
-        return self
+        if info.field_name == "scale_pos_weight" and info.data.get("is_unbalance"):
+            raise ValueError("isUnbalance and scalePosWeight both reweigh the classes: give one of them")
+        return value
 
     def to_lightgbm(self) -> dict[str, Any]:
         """The same settings under LightGBM's own parameter names; unset options are left to LightGBM."""
@@ -125,11 +135,13 @@ class DataRange(CamelModel):
             name = to_camel(info.field_name or "date")
             raise ValueError(f"{name} is outside the years 1 to 9999 in UTC") from None
 
-    @model_validator(mode="after")
-    def _end_not_before_start(self) -> DataRange:
-        if self.end_date < self.start_date:
+    @field_validator("end_date")
+    @classmethod
+    def _end_not_before_start(cls, end: datetime, info: ValidationInfo) -> datetime:
+        start = info.data.get("start_date")
+        if start is not None and end < start:
             raise ValueError("endDate is before startDate")
-        return self
+        return end
 
 
 class TrainingConfig(CamelModel):
@@ -142,17 +154,14 @@ class TrainingConfig(CamelModel):
 
     @field_validator("feature_columns")
     @classmethod
-    def _features_unique(cls, value: list[str]) -> list[str]:
+    def _features_unique_and_not_the_target(cls, value: list[str], info: ValidationInfo) -> list[str]:
         repeated = sorted({name for name in value if value.count(name) > 1})
         if repeated:
             raise ValueError(f"feature columns named more than once: {', '.join(repeated)}")
+        target = info.data.get("target_column")
+        if target in value:
+            raise ValueError(f"targetColumn {target!r} is also in featureColumns")
         return value
-
-    @model_validator(mode="after")
-    def _target_is_not_a_feature(self) -> TrainingConfig:
-        if self.target_column in self.feature_columns:
-            raise ValueError(f"targetColumn {self.target_column!r} is also in featureColumns")
-        return self
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)

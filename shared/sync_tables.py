@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from shared.schemas import CamelModel
 
@@ -47,13 +47,13 @@ class SyncTable(CamelModel):
             raise ValueError(f"columns named more than once: {', '.join(repeated)}")
         return columns
 
-    @model_validator(mode="after")
-    def _key_is_not_sensitive(self) -> SyncTable:
-        if self.primary_key in self.sensitive_columns:
-            raise ValueError(
-                f"the primary key {self.primary_key!r} cannot be a sensitive column: records are found by it"
-            )
-        return self
+    @field_validator("sensitive_columns")
+    @classmethod
+    def _key_is_not_sensitive(cls, columns: list[str], info: ValidationInfo) -> list[str]:
+        key = info.data.get("primary_key")
+        if key in columns:
+            raise ValueError(f"the primary key {key!r} cannot be a sensitive column: records are found by it")
+        return columns
 
     @property
     def sends_up(self) -> bool:

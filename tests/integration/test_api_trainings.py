@@ -40,7 +40,7 @@ def test_a_valid_config_is_queued_on_the_orgs_queue(
         ({"hyperparameters": {"numLeaves": 1}}, "hyperparameters.numLeaves", "greater than or equal to 2"),
         ({"validationSplit": 0}, "validationSplit", "greater than 0"),
         ({"validationSplit": 1}, "validationSplit", "less than 1"),
-        ({"dataRange": {"startDate": "2024-02-01", "endDate": "2024-01-01"}}, "dataRange", "endDate is before"),
+        ({"dataRange": {"startDate": "2024-02-01", "endDate": "2024-01-01"}}, "dataRange.endDate", "endDate is before"),
         (
             {"dataRange": {"startDate": "0001-01-01T00:00:00+01:00", "endDate": "2024-01-01"}},
             "dataRange.startDate",
@@ -55,7 +55,18 @@ def test_a_valid_config_is_queued_on_the_orgs_queue(
         ({"featureColumns": ["temperature", "vibration"]}, "featureColumns", "vibration"),
         ({"featureColumns": ["temperature", "site"]}, "featureColumns", "non-numeric values: site"),
         ({"featureColumns": []}, "featureColumns", "at least 1"),
-        ({"featureColumns": ["failed"]}, "body", "also in featureColumns"),
+        ({"featureColumns": ["failed"]}, "featureColumns", "also in featureColumns"),
+        ({"hyperparameters": {"objective": "multiclass", "metric": "auc"}}, "hyperparameters.metric", "objective"),
+        (
+            {"hyperparameters": {"isUnbalance": True, "scalePosWeight": 3.0}},
+            "hyperparameters.scalePosWeight",
+            "give one of them",
+        ),
+        (
+            {"hyperparameters": {"objective": "multiclass", "isUnbalance": True}},
+            "hyperparameters.isUnbalance",
+            "binary",
+        ),
         ({"datasetId": None}, "datasetId", "required"),
     ],
 )

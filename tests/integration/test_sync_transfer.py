@@ -193,11 +193,17 @@ def test_bad_sources_are_refused_naming_the_field(
     bad_policy = {"url": "sqlite:////tmp/x.db", "tables": [{"name": "t", "primaryKey": "id", "policy": "newest"}]}
     bad_name = {"url": "sqlite:////tmp/x.db", "tables": [{"name": "Drop Table", "primaryKey": "id"}]}
     bad_url = {"url": "mysql://h/db", "tables": [{"name": "t", "primaryKey": "id"}]}
+    sealed_key = {
+        "url": "sqlite:////tmp/x.db",
+        "tables": [{"name": "t", "primaryKey": "id", "sensitiveColumns": ["id"]}],
+    }
+    bodies = (bad_policy, bad_name, bad_url, sealed_key)
 
-    answers = [sync_api.post(url, json=body, headers=sync.org.admin) for body in (bad_policy, bad_name, bad_url)]
+    answers = [sync_api.post(url, json=body, headers=sync.org.admin) for body in bodies]
 
-    assert [a.status_code for a in answers] == [422, 422, 422]
-    assert [a.json()["field"] for a in answers] == ["tables.0.policy", "tables.0.name", "url"]
+    assert [a.status_code for a in answers] == [422, 422, 422, 422]
+    fields = ["tables.0.policy", "tables.0.name", "url", "tables.0.sensitiveColumns"]
+    assert [a.json()["field"] for a in answers] == fields
     missing = sync_api.post(f"/v1/orgs/{org_id}/sync-jobs", json={"sourceId": "nope"}, headers=sync.org.trainer)
     assert (missing.status_code, missing.json()["field"]) == (404, "sourceId")
 
