@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.sync.changes import (
@@ -49,6 +50,7 @@ from services.sync.pair import TablePair, Tally, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, key_text, read, stamp_of, upsert, upsert_values
 from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, watermark, watermarks
 from shared.db.models import SyncBase, SyncConflict
+from shared.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -300,13 +302,45 @@ def _pull(
     latest: dict[str, Change],
     current: dict[str, dict[str, Any]],
     firsts: dict[str, Version],
-) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+) -> Refused:
     """Write the records down; returns the refused ones, each as the local store has it and as the central one."""
     refused = _refused_updates(local, pair, latest, current, firsts)
+    records = {key: current[key] for key in latest if key not in refused}
+    return refused | _write_down(local, pair, records)
+
+
+def _write_down(local: Connection, pair: TablePair, records: dict[str, dict[str, Any]]) -> Refused:
+    """Write the central records locally, all at once, or, when the local store's own rules (NOT NULL, UNIQUE,
+    CHECK: the central copy does not carry them) refuse one, each on its own. A refused update is settled as an
+    append-only one is: the local version goes back up, the central one is kept in its conflict. A refused insert
+    has no local version to restore: it fails the job, naming the record."""
     names = [column.name for column in pair.local_table.columns]
-    rows = pair.plain_values((current[key] for key in latest if key not in refused), names)
-    upsert_values(local, pair.local_table, pair.key, names, rows)
-    return refused
+    rows = dict(zip(records, pair.plain_values(records.values(), names), strict=True))
+    try:
+        with local.begin_nested():
+            upsert_values(local, pair.local_table, pair.key, names, list(rows.values()))
+        return {}
+    except IntegrityError:
+        pass
+    refusals: dict[str, IntegrityError] = {}
+    for key, row in rows.items():
+        try:
+            with local.begin_nested():
+                upsert_values(local, pair.local_table, pair.key, names, [row])
+        except IntegrityError as error:
+            refusals[key] = error
+    originals = read(local, pair.local_table, pair.key, refusals)
+    for key, refusal in refusals.items():
+        if key not in originals:
+            raise InvalidInput(f"record {key!r}: the local store refuses the central insert: {refusal.orig}")
+        log.warning(
+            "source %s table %s record %s: the local store refuses the central update: %s",
+            pair.source_id,
+            pair.spec.name,
+            key,
+            refusal.orig,
+        )
+    return {key: (originals[key], records[key]) for key in refusals}
 
 
 Refused = dict[str, tuple[dict[str, Any], dict[str, Any] | None]]

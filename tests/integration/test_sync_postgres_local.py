@@ -266,3 +266,24 @@ def test_a_change_log_an_earlier_version_made_takes_keys_of_any_length(
     sync.local("INSERT INTO notes VALUES (:k, 'long')", {"k": "k" * 500})  # refused by the old log's trigger
 
     assert sync.run()["pushed"] == 1
+
+
+def test_a_central_edit_a_postgresql_local_store_refuses_is_kept_in_a_conflict_and_the_rest_goes_down(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    run_sql(local_url, "CREATE TABLE notes (id integer PRIMARY KEY, body text NOT NULL)")
+    run_sql(local_url, "INSERT INTO notes VALUES (1, 'a'), (2, 'b')")
+    org = create_org_with_keys(sync_api, org_id)
+    source_id = register(
+        sync_api, org, local_url, "last-writer-wins", name="notes", primaryKey="id", sensitiveColumns=[]
+    )
+    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url, "notes")
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET body = NULL WHERE id = 1")
+    sync.central(f"UPDATE {sync.central_table} SET body = 'central' WHERE id = 2")
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"], job["conflicts"]) == ("succeeded", 1, 1), job
+    assert sync.local("SELECT id, body FROM notes ORDER BY id") == [(1, "a"), (2, "central")]
+    assert sync.central(f"SELECT id, body FROM {sync.central_table} ORDER BY id") == [(1, "a"), (2, "central")]

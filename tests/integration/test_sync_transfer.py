@@ -563,3 +563,46 @@ def test_a_synced_sqlite_tables_text_timestamps_select_a_training_runs_date_rang
 
     assert rows == 1  # 01:30+02:00 is the 1st in UTC; text without a zone is UTC
     assert pq.read_table(target).column("id").to_pylist() == [3]
+
+
+@pytest.mark.parametrize("policy", ["last-writer-wins", "field-merge"])
+def test_a_central_edit_the_local_stores_rules_refuse_is_kept_in_a_conflict_and_the_rest_goes_down(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, policy: str
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER CHECK (n >= 0))",
+        "INSERT INTO t VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)",
+        policy=policy,
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET v = NULL WHERE id = 1")  # NOT NULL, locally
+    sync.central(f"UPDATE {sync.central_table} SET n = -5 WHERE id = 2")  # CHECK, locally
+    sync.central(f"UPDATE {sync.central_table} SET v = 'central' WHERE id = 3")
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"], job["conflicts"]) == ("succeeded", 1, 2), job
+    expected = [(1, "a", 1), (2, "b", 2), (3, "central", 3)]
+    assert sync.local("SELECT id, v, n FROM t ORDER BY id") == expected
+    assert sync.central(f"SELECT id, v, n FROM {sync.central_table} ORDER BY id") == expected
+    refused = sorted((c["recordKey"], c["outcome"], c["centralVersion"]["v"]) for c in sync.conflicts())
+    assert refused == [("1", "update-refused", None), ("2", "update-refused", "b")]
+
+
+def test_a_central_insert_the_local_store_refuses_fails_the_job_naming_the_record(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api, sync_context, org_id, tmp_path, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)"
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"INSERT INTO {sync.central_table} (id, v) VALUES (7, NULL)")
+
+    job = sync.run()
+
+    assert job["status"] == "failed"
+    assert "record '7': the local store refuses the central insert" in error_of(job)
