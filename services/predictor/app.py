@@ -5,12 +5,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from services.predictor import monitoring, v1, v2
 from services.predictor.state import PredictorState
-from shared.errors import KilnError
+from shared.http_errors import install_error_handlers
 from shared.logs import configure_logging
 from shared.settings import Settings, build_settings
 
@@ -31,7 +30,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             state.close()
 
     app = FastAPI(title="Kiln predictor", version="0.1.0", lifespan=lifespan)
-    app.add_exception_handler(KilnError, _kiln_error)
+    install_error_handlers(app)
     # The routes go straight into the app's own router: FastAPI 0.165's include_router wraps a router that adds
     # ~20 us to every request, half of what the framework costs a single-row infer (measured with py-spy and a
     # direct ASGI loop). The routes already carry their full paths and tags. Infer and predict are matched first,
@@ -39,8 +38,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.router.routes[0:0] = [*v2.serving_routes(), *v1.serving_routes()]
     app.router.routes.extend([*v2.router.routes, *v1.router.routes, *monitoring.router.routes])
     return app
-
-
-async def _kiln_error(_request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, KilnError)
-    return JSONResponse(error.to_payload(), status_code=int(error.status), headers=error.headers)

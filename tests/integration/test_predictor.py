@@ -256,3 +256,12 @@ def test_the_metrics_token_reads_metrics_and_nothing_else(serving: OrgKeys, pred
     predict = predictor.post(f"/v1/orgs/{serving.org_id}/predict", json={"rows": [ai4i_row()]}, headers=SCRAPER)
     assert predict.status_code == 401
     assert predictor.get(f"/v2/models/{serving.org_id}", headers=SCRAPER).status_code == 401
+
+
+def test_the_frameworks_own_refusals_answer_in_kilns_error_format(predictor: TestClient, serving: OrgKeys) -> None:
+    unknown = predictor.get("/v2/nothing-here", headers=serving.viewer)
+    wrong_method = predictor.delete(f"/v2/models/{serving.org_id}/infer", headers=serving.viewer)
+
+    assert (unknown.status_code, unknown.json()) == (404, {"error": "Not Found", "status": 404})
+    assert wrong_method.status_code == 405 and wrong_method.json()["status"] == 405
+    assert "POST" in wrong_method.headers["allow"]

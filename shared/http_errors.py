@@ -1,4 +1,4 @@
-"""The one place where errors become HTTP responses."""
+"""The one place where errors become HTTP responses, for both HTTP services: the api and the predictor."""
 
 from __future__ import annotations
 
