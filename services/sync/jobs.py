@@ -32,6 +32,7 @@ from services.sync.stores import (
     open_local,
     reflect,
     refuse_kiln_database,
+    widen_old_columns,
 )
 from services.sync.transfer import sync_table
 from shared.audit import record_change
@@ -244,7 +245,8 @@ def open_pair(
     with context.engine.begin() as connection:
         central_table = ensure_central_table(connection, reflected, spec, central_name, local_dialect=local_dialect)
         added = add_new_columns(connection, reflected, central_table, spec, local_dialect=local_dialect)
-        if added:
+        widened = widen_old_columns(connection, reflected, central_table, spec, local_dialect=local_dialect)
+        if added or widened:
             central_table = reflect(connection, central_name)
         # An embedded central store's triggers name the columns they watch: a column added needs them made again.
         if added or not has_triggers(connection, CENTRAL_LOG, central_name):

@@ -10,7 +10,22 @@ from collections.abc import Callable, Iterable, Sequence
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table, Text, inspect, select, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import NoSuchTableError
@@ -102,6 +117,37 @@ def add_new_columns(
             connection.execute(text(f"ALTER TABLE {quote(central.name)} ADD COLUMN {quote(column.name)} {kind}"))
             added.append(column.name)
     return added
+
+
+def widen_old_columns(
+    connection: Connection, local: Table, central: Table, spec: SyncTable, *, local_dialect: str
+) -> list[str]:
+    """Columns of a central copy made by an earlier Kiln narrower than the type it now takes: INTEGER where a
+    SQLite integer needs BIGINT, VARCHAR(n) or NUMERIC(p, s) where values may be longer or finer. Widened once, in
+    place (PostgreSQL rewrites the table for INTEGER to BIGINT); returns their names. SQLite enforces none of these."""
+    if connection.dialect.name != "postgresql":
+        return []
+    quote = connection.dialect.identifier_preparer.quote
+    widened = []
+    for column in local.columns:
+        if column.name not in central.c:
+            continue
+        wanted = _central_type(spec, column, local_dialect)
+        if _narrower(central.c[column.name].type, wanted):
+            kind = wanted.compile(dialect=connection.dialect)
+            connection.execute(text(f"ALTER TABLE {quote(central.name)} ALTER COLUMN {quote(column.name)} TYPE {kind}"))
+            widened.append(column.name)
+    return widened
+
+
+def _narrower(present: TypeEngine[Any], wanted: TypeEngine[Any]) -> bool:
+    if isinstance(wanted, BigInteger):
+        return isinstance(present, Integer) and not isinstance(present, BigInteger)
+    if isinstance(wanted, Text):
+        return isinstance(present, String) and not isinstance(present, Text) and present.length is not None
+    if isinstance(wanted, Numeric) and not isinstance(wanted, Float) and wanted.precision is None:
+        return isinstance(present, Numeric) and not isinstance(present, Float) and present.precision is not None
+    return False
 
 
 def _central_type(spec: SyncTable, column: Column[Any], local_dialect: str) -> TypeEngine[Any]:

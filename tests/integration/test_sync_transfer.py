@@ -606,3 +606,28 @@ def test_a_central_insert_the_local_store_refuses_fails_the_job_naming_the_recor
 
     assert job["status"] == "failed"
     assert "record '7': the local store refuses the central insert" in error_of(job)
+
+
+def test_a_central_copy_an_earlier_kiln_made_too_narrow_is_widened_at_the_next_sync(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER, label VARCHAR(5), amount NUMERIC(10, 2))",
+        "INSERT INTO t VALUES (1, 1, 'a', 1.5)",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.central(  # the types an earlier Kiln gave the copy
+        f"ALTER TABLE {sync.central_table} ALTER COLUMN n TYPE integer, ALTER COLUMN label TYPE varchar(5),"
+        " ALTER COLUMN amount TYPE numeric(10, 2)"
+    )
+    sync.local("INSERT INTO t VALUES (2, 3000000000, 'longer than five', 12.345)")
+
+    job = sync.run()
+
+    assert job["status"] == "succeeded", job
+    central = sync.central(f"SELECT id, n, label, amount FROM {sync.central_table} WHERE id = 2")
+    assert central == [(2, 3_000_000_000, "longer than five", Decimal("12.345"))]
