@@ -515,16 +515,18 @@ def test_a_second_source_naming_a_table_of_the_same_store_is_refused_naming_it(
 ) -> None:
     sync = open_sync(sync_api, sync_context, org_id, tmp_path)
     tables = [{"name": "visits", "primaryKey": "id"}, {"name": "readings", "primaryKey": "id"}]
+    spelled_otherwise = sync.local_url.replace("/plant.db", "/../" + org_id + "/./plant.db")
 
-    again = sync_api.post(
-        f"/v1/orgs/{org_id}/sync-sources", json={"url": sync.local_url, "tables": tables}, headers=sync.org.admin
-    )
+    for url in (sync.local_url, spelled_otherwise):
+        again = sync_api.post(
+            f"/v1/orgs/{org_id}/sync-sources", json={"url": url, "tables": tables}, headers=sync.org.admin
+        )
 
-    assert (again.status_code, again.json()["field"]) == (409, "tables"), again.text
-    assert again.json()["error"] == (
-        f"table 'readings' of this store is synced by source {sync.source_id} already: two sources of one table "
-        "would each miss what the other brings down"
-    )
+        assert (again.status_code, again.json()["field"]) == (409, "tables"), again.text
+        assert again.json()["error"] == (
+            f"table 'readings' of this store is synced by source {sync.source_id} already: two sources of one table "
+            "would each miss what the other brings down"
+        )
     assert len(sync_api.get(f"/v1/orgs/{org_id}/sync-sources", headers=sync.org.viewer).json()) == 1
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import posixpath
+
 from fastapi import APIRouter
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -67,7 +69,10 @@ def checked_url(text: str) -> URL:
         )
     if url.get_backend_name() == "sqlite" and not (url.database or "").startswith("/"):
         raise InvalidInput("url: a SQLite data source needs an absolute path: sqlite:////data/plant.db", field="url")
-    return url
+    # One spelling per store, so that two URLs of one store compare equal: a.db, ./a.db and x/../a.db are one file.
+    if url.get_backend_name() == "sqlite":
+        return url.set(database=posixpath.normpath(url.database or ""))
+    return url.set(host=url.host.lower()) if url.host else url
 
 
 def _datasource_out(row: DataSource) -> DataSourceOut:
