@@ -12,6 +12,7 @@ import base64
 import binascii
 import functools
 import math
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from shared.crypto import NONCE_BYTES, SecretBox
 from shared.db.models import SyncKey
 from shared.db.types import utcnow
 from shared.sync_keys import ACTIVE, DESTROYED, DRAINED, RETIRED
+
+# What _new_key makes: "ek" and 12 hex digits.
+KEY_ID = re.compile(r"ek[0-9a-f]{12}")
 
 
 class KeyRotated(Exception):
@@ -57,7 +61,7 @@ class Keyring:
         key_id, _, body = token.partition(":")
         key = self.keys.get(key_id)
         if key is None:
-            raise ValueError(f"{column} was sealed under key {key_id!r}, which this org no longer has")
+            raise ValueError(_not_openable(column, key_id))
         raw = binascii.a2b_base64(body)  # base64.b64decode's checks of its argument cost more than the decoding
         try:
             plaintext = key.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(column))
@@ -175,3 +179,11 @@ def _unwrap(box: SecretBox, row: SyncKey) -> bytes:
 
 def _context(org_id: str, key_id: str) -> str:
     return f"sync-key:{org_id}:{key_id}"
+
+
+def _not_openable(column: str, key_id: str) -> str:
+    """Why a value does not open, without echoing it: a value that is no sealed token may be plain text, a
+    patient's name written into the central copy by hand, and would otherwise reach the job's error and the logs."""
+    if KEY_ID.fullmatch(key_id):
+        return f"{column} was sealed under key {key_id!r}, which this org no longer has"
+    return f"a value of {column} is not sealed (plain text written into its central copy?)"

@@ -309,25 +309,19 @@ def test_a_sync_store_must_be_a_file_in_the_orgs_folder_and_never_kilns_database
 def test_an_unexpected_error_fails_the_job_naming_the_table_and_logs_its_traceback(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sync = open_table_sync(
-        sync_api,
-        sync_context,
-        org_id,
-        tmp_path,
-        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)",
-        "INSERT INTO t VALUES (1, 'a')",
-    )
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
     assert sync.run()["status"] == "succeeded"
-    sync.central(f"UPDATE {sync.central_table} SET v = NULL WHERE id = 1")  # the local store refuses a NULL v
+    # A central application writes plain text where the sealed value goes: nothing can open it.
+    sync.central(f"UPDATE {sync.central_table} SET patient = 'Grace Hopper' WHERE id = 1")
 
     first, again = sync.run(), sync.run()
 
     assert (first["status"], again["status"]) == ("failed", "failed")
-    assert error_of(first).startswith("table 't': IntegrityError: ")
-    assert "NOT NULL constraint failed: t.v" in error_of(first)
+    assert error_of(first).startswith("table 'readings': "), error_of(first)
+    assert "readings.patient is not sealed" in error_of(first) and "Grace" not in error_of(first)
     assert first["finishedAt"] is not None
-    assert sync.local("SELECT id, v FROM t") == [(1, "a")]
-    assert any(record.exc_info and "table 't'" in record.getMessage() for record in caplog.records)
+    assert sync.local("SELECT id, patient FROM readings ORDER BY id") == [(1, "Ada Lovelace"), (2, "Alan Turing")]
+    assert any(record.exc_info and "table 'readings'" in record.getMessage() for record in caplog.records)
 
 
 WIDE = (
