@@ -24,6 +24,8 @@ from shared.errors import BadRequest, InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUTS = (LABEL_OUTPUT, PROBABILITIES_OUTPUT)
+# Integer classes go back in the first of these that holds them all.
+INTEGER_LABELS: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "UINT64": np.dtype("<u8")}
 # Binary tensors are packed little-endian (the extension's layout); JSON numbers are checked against the same types.
 NUMERIC_TYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
@@ -377,8 +379,9 @@ def _output_values(model: LoadedModel, name: str, probabilities: np.ndarray) -> 
         return "FP32", np.ascontiguousarray(probabilities, dtype="<f4")
     classes = model.deployed.classes
     winners = probabilities.argmax(axis=1)
-    if _label_datatype(classes) == "INT64":
-        return "INT64", np.asarray(classes, dtype="<i8")[winners]
+    datatype = _label_datatype(classes)
+    if datatype in INTEGER_LABELS:
+        return datatype, np.asarray(classes, dtype=INTEGER_LABELS[datatype])[winners]
     return "BYTES", np.asarray([str(label) for label in classes], dtype=object)[winners]
 
 
@@ -389,7 +392,14 @@ def _bytes_tensor(values: np.ndarray) -> bytes:
 
 
 def _label_datatype(classes: list[Any]) -> str:
-    return "INT64" if all(type(label) is int for label in classes) else "BYTES"
+    """The first integer type that holds every class (a uint64 target can have classes of 2^63 and more), else
+    BYTES, which holds any label as text."""
+    if all(type(label) is int for label in classes):
+        for datatype, dtype in INTEGER_LABELS.items():
+            limits = np.iinfo(dtype)
+            if all(limits.min <= label <= limits.max for label in classes):
+                return datatype
+    return "BYTES"
 
 
 def model_metadata(org: str, model: LoadedModel) -> dict[str, Any]:

@@ -164,3 +164,22 @@ def test_a_refusal_reaches_the_client_with_its_reason(served: Served, client: tr
         client.infer(served.name, [matrix_input()])
     assert unauthorized.value.status() == "401"
     assert client.infer(served.name, [matrix_input()], headers=served.auth()).as_numpy("label") is not None
+
+
+def test_classes_beyond_int64_come_back_as_uint64_labels(
+    org: OrgKeys, engine: Engine, store: ObjectStore, client: triton.InferenceServerClient, address: str
+) -> None:
+    """Unsigned classes of 2^63 and more, as a uint64 target trains to, fit no INT64 label; V2 answers UINT64."""
+    classes = [3, 2**63 + 5]
+    version = register_model(engine, store, org.org_id, tiny_model(), classes=classes)
+    deploy_quietly(engine, org.org_id, version)
+    served = Served(org, version)
+    assert eventually(lambda: client.is_model_ready(org.org_id, version, headers=served.auth()))
+    metadata = client.get_model_metadata(served.name, headers=served.auth())
+    assert metadata["outputs"][0] == {"name": "label", "datatype": "UINT64", "shape": [-1]}
+    for binary in (True, False):
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("label", "probabilities")]
+        result = client.infer(served.name, [matrix_input()], outputs=outputs, headers=served.auth())
+        assert result.as_numpy("label").dtype == np.uint64
+        assert_same_as_v1(result, address, served)
+    assert {p["label"] for p in v1_predictions(address, served)} <= set(classes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -22,6 +23,7 @@ def seed_version(
     created_at: datetime | None = None,
     model: bytes = b"",
     feature_columns: list[str] | None = None,
+    classes: list[Any] | None = None,
 ) -> str:
     """A finished run and its version, as the trainer leaves them (without training anything)."""
     created_at = created_at or datetime.now(UTC)
@@ -61,7 +63,7 @@ def seed_version(
                 artifact_prefix=model_prefix(org_id, version),
                 feature_columns=feature_columns or ["a", "b"],
                 target_column="y",
-                classes=[0, 1],
+                classes=classes or [0, 1],
                 metrics={"accuracy": 0.9},
                 validation={"passed": passed, "failed": failed, "gates": []},
                 created_at=created_at,
