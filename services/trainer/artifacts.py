@@ -22,25 +22,39 @@ from shared.layout import (
 )
 from shared.storage import ObjectStore, get_verified_bytes
 
-LABEL_COLUMN = "__label__"
 CLASSES_KEY = b"kiln.classes"
+# Held-out rows are stored by position: columns named by index, the label last, the feature names in the schema's
+# metadata. Feature names are the client's, so no column name of ours can be kept apart from them.
+FEATURES_KEY = b"kiln.features"
+LABEL_COLUMN = "label"
+# Files written before FEATURES_KEY existed name their columns by feature, the label under this name.
+EARLIER_LABEL_COLUMN = "__label__"
 
 
 def save_holdout(holdout: TrainingData, path: Path) -> None:
-    columns = {name: holdout.features[:, i] for i, name in enumerate(holdout.feature_columns)}
+    columns = {f"feature_{i}": holdout.features[:, i] for i in range(len(holdout.feature_columns))}
     table = pa.table({**columns, LABEL_COLUMN: holdout.labels})
-    pq.write_table(table.replace_schema_metadata({CLASSES_KEY: orjson.dumps(holdout.classes)}), path)
+    metadata = {CLASSES_KEY: orjson.dumps(holdout.classes), FEATURES_KEY: orjson.dumps(holdout.feature_columns)}
+    pq.write_table(table.replace_schema_metadata(metadata), path)
 
 
 def load_holdout(path: Path) -> TrainingData:
     table = pq.read_table(path)
-    features = [name for name in table.column_names if name != LABEL_COLUMN]
-    matrix = np.column_stack([table.column(name).to_numpy() for name in features]).astype(np.float32, copy=False)
+    metadata = table.schema.metadata
+    if FEATURES_KEY in metadata:
+        names = orjson.loads(metadata[FEATURES_KEY])
+        features = table.drop_columns([LABEL_COLUMN])
+        labels = table.column(LABEL_COLUMN)
+    else:
+        names = [name for name in table.column_names if name != EARLIER_LABEL_COLUMN]
+        features = table.drop_columns([EARLIER_LABEL_COLUMN])
+        labels = table.column(EARLIER_LABEL_COLUMN)
+    matrix = np.column_stack([column.to_numpy() for column in features.columns]).astype(np.float32, copy=False)
     return TrainingData(
         features=np.ascontiguousarray(matrix),
-        labels=table.column(LABEL_COLUMN).to_numpy(),
-        classes=orjson.loads(table.schema.metadata[CLASSES_KEY]),
-        feature_columns=features,
+        labels=labels.to_numpy(),
+        classes=orjson.loads(metadata[CLASSES_KEY]),
+        feature_columns=names,
     )
 
 

@@ -15,16 +15,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 from sklearn.datasets import load_breast_cancer
 from sqlalchemy import Column, DateTime, Float, Integer, MetaData, Table, create_engine, insert
 
 from deploy.local import ai4i
+from services.trainer.artifacts import load_holdout
 from services.trainer.context import WorkerContext
 from services.trainer.training import run_training
-from shared.layout import model_key
+from shared.layout import HOLDOUT_FILE, model_key, model_prefix
 from shared.settings import Settings
 from shared.storage import open_object_store
 from tests.integration.conftest import ADMIN, OrgKeys, run_of, submit, upload_table
@@ -318,3 +321,40 @@ def test_cancelling_a_running_run_kills_its_script_within_five_seconds(
     assert run_of(api, org, run_id)["status"] == "cancelled"
     with pytest.raises(ProcessLookupError):
         os.killpg(script_pid, signal.SIG_DFL)
+
+
+def test_validating_again_keeps_a_feature_named_like_the_old_label_column(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    """Feature names are the client's: the stored held-out rows keep every feature, whatever it is called."""
+    from services.trainer.revalidate import revalidate
+
+    table = ai4i.generate(20_000, seed=1)
+    features = ["__label__" if name == "torque" else name for name in ai4i.FEATURES]
+    table = table.rename_columns(["__label__" if name == "torque" else name for name in table.column_names])
+    run_id = submit(api, org, upload_table(api, org, table, tmp_path), featureColumns=features)
+    assert run_training(run_id, worker) == "succeeded"
+    version = run_of(api, org, run_id)["version"]
+    assert revalidate(org.org_id, version, worker) == "validated"
+    model = api.get(f"/v1/orgs/{org.org_id}/models/{version}", headers=org.viewer).json()
+    assert model["status"] == "validated" and model["validation"]["failed"] == []
+
+
+def test_validating_again_reads_held_out_rows_stored_by_an_earlier_kiln(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, settings: Settings, tmp_path: Path
+) -> None:
+    """Versions trained before the held-out rows were stored by position keep their file: it must still be read."""
+    from services.trainer.revalidate import revalidate
+
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(20_000, seed=1), tmp_path))
+    assert run_training(run_id, worker) == "succeeded"
+    version = run_of(api, org, run_id)["version"]
+    store = open_object_store(settings)
+    key = model_prefix(org.org_id, version) + HOLDOUT_FILE
+    store.get_file(key, tmp_path / "holdout.parquet")
+    holdout = load_holdout(tmp_path / "holdout.parquet")
+    columns = {name: holdout.features[:, i] for i, name in enumerate(holdout.feature_columns)}
+    earlier = pa.table({**columns, "__label__": holdout.labels})
+    pq.write_table(earlier.replace_schema_metadata({b"kiln.classes": orjson.dumps(holdout.classes)}), tmp_path / "old")
+    store.put_file(key, tmp_path / "old")
+    assert revalidate(org.org_id, version, worker) == "validated"
