@@ -156,6 +156,22 @@ def test_bad_rows_are_refused_naming_the_field(
     assert served_version(predictor, serving) is not None
 
 
+@pytest.mark.parametrize("value", [1e300, -1e300, 3.5e38])
+def test_a_value_beyond_fp32_is_refused_by_both_protocols(
+    serving: OrgKeys, predictor: TestClient, value: float
+) -> None:
+    """The model runs on FP32, where these become ±Inf: both protocols refuse them rather than score an infinity."""
+    rows = [ai4i_row(), {**ai4i_row(1), "torque": value}]
+    v1 = predictor.post(f"/v1/orgs/{serving.org_id}/predict", json={"rows": rows}, headers=serving.viewer)
+    assert v1.status_code == 422, v1.text
+    assert v1.json()["field"] == "rows[1].torque" and "FP32" in v1.json()["error"]
+    data = [[row[name] for name in FEATURES] for row in rows]
+    tensor = {"name": "input", "shape": [2, len(FEATURES)], "datatype": "FP64", "data": data}
+    v2 = predictor.post(f"/v2/models/{serving.org_id}/infer", json={"inputs": [tensor]}, headers=serving.viewer)
+    assert v2.status_code == 422 and v2.json()["field"] == "inputs[0].data"
+    assert served_version(predictor, serving) is not None
+
+
 @pytest.mark.parametrize(
     ("tensor", "field"),
     [
