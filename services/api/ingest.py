@@ -96,12 +96,15 @@ def _to_utc(column: pa.ChunkedArray) -> pa.ChunkedArray:
         raise pa.ArrowInvalid(f"{kind} is not a timestamp type")
     if column.type.tz is None:
         column = pc.assume_timezone(column, "UTC")
+    if column.type.unit == "ns":  # what pandas writes; the cast below refuses to drop the nanoseconds itself
+        column = pc.floor_temporal(column, unit="microsecond")
     return pc.cast(column, pa.timestamp("us", tz="UTC"))
 
 
 def _text_to_utc(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """ISO 8601 text: all with zones, all without (UTC), or a mix, which no one cast takes: then value by value."""
     utc = pa.timestamp("us", tz="UTC")
+    column = _to_microseconds(column)
     try:
         return pc.cast(column, utc)
     except pa.ArrowInvalid:
@@ -110,6 +113,12 @@ def _text_to_utc(column: pa.ChunkedArray) -> pa.ChunkedArray:
         return pc.cast(pc.assume_timezone(pc.cast(column, pa.timestamp("us")), "UTC"), utc)
     except pa.ArrowInvalid:
         return pa.chunked_array([pa.array([_instant(text) for text in column.to_pylist()], type=utc)])
+
+
+def _to_microseconds(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Text cut after the sixth fractional digit: Kiln keeps timestamps to the microsecond, and Arrow's cast refuses
+    nanoseconds rather than drop them (cutting the text floors positive and negative instants alike)."""
+    return pc.replace_substring_regex(column, pattern=r"(\.\d{6})\d+", replacement=r"\1")
 
 
 def _instant(text: str | None) -> datetime | None:

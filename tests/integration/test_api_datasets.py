@@ -156,3 +156,44 @@ def test_a_timestamp_column_mixing_text_with_and_without_a_zone_is_read_with_the
         "2024-01-01T12:30:00+00:00",
         "2024-01-02T00:00:00+00:00",
     ]
+
+
+def stored_stamps(settings: Settings, org: OrgKeys, dataset_id: str, column: str) -> list[str]:
+    stored = open_object_store(settings).get_bytes(dataset_key(org.org_id, dataset_id))
+    return [stamp.isoformat() for stamp in pq.read_table(io.BytesIO(stored)).column(column).to_pylist()]
+
+
+def test_nanosecond_parquet_timestamps_are_kept_to_the_microsecond(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    """What pandas and time.time_ns() write: nanoseconds, which Kiln keeps to the microsecond, as it keeps all."""
+    nanoseconds = [1_704_067_200_123_456_789, -1_000_000_001, 1_704_067_200_000_000_000]
+    for zone in ("UTC", None):
+        sink = io.BytesIO()
+        stamps = pa.array(nanoseconds, type=pa.timestamp("ns", tz=zone))
+        pq.write_table(pa.table({"ts": stamps, "a": [1.0, 2.0, 3.0]}), sink)
+        response = upload(api, org, sink.getvalue(), name="data.parquet", timestampColumn="ts")
+        assert response.status_code == 201, response.text
+        assert response.json()["columns"][0]["type"] == "timestamp[us, tz=UTC]"
+        assert stored_stamps(settings, org, response.json()["datasetId"], "ts") == [
+            "2024-01-01T00:00:00.123456+00:00",
+            "1969-12-31T23:59:58.999999+00:00",
+            "2024-01-01T00:00:00+00:00",
+        ]
+
+
+def test_iso_text_with_nanoseconds_is_kept_to_the_microsecond(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    for texts in (
+        ["2024-01-01T00:00:00.123456789Z", "2024-01-01T05:30:00.000000999+05:30"],
+        ["2024-01-01T00:00:00.123456789", "2024-01-01T00:00:00.000000999"],
+        ["2024-01-01T00:00:00.123456789Z", "2024-01-01T00:00:00.000000999"],
+    ):
+        csv = "t,a\n" + "".join(f"{text},1\n" for text in texts)
+        response = upload(api, org, csv.encode(), timestampColumn="t")
+        assert response.status_code == 201, response.text
+        assert stored_stamps(settings, org, response.json()["datasetId"], "t") == [
+            "2024-01-01T00:00:00.123456+00:00",
+            "2024-01-01T00:00:00+00:00",
+        ]
