@@ -132,4 +132,10 @@ def _instant(text: str | None) -> datetime | None:
 
 
 def _is_numeric(kind: pa.DataType) -> bool:
-    return bool(pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind))
+    """What the worker can turn into model input (it reads decimals as floats): the two checks must agree."""
+    return bool(
+        pa.types.is_integer(kind)
+        or pa.types.is_floating(kind)
+        or pa.types.is_boolean(kind)
+        or pa.types.is_decimal(kind)
+    )

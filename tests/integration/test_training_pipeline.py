@@ -3,6 +3,7 @@ interface and its sandbox, retries, cancellation, the training log, validation a
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import signal
@@ -30,7 +31,7 @@ from services.trainer.training import run_training
 from shared.layout import HOLDOUT_FILE, model_key, model_prefix
 from shared.settings import Settings
 from shared.storage import open_object_store
-from tests.integration.conftest import ADMIN, OrgKeys, run_of, submit, upload_table
+from tests.integration.conftest import ADMIN, OrgKeys, run_of, submit, upload, upload_table
 from tests.support.servers import free_port, fresh_postgres_database
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -358,3 +359,18 @@ def test_validating_again_reads_held_out_rows_stored_by_an_earlier_kiln(
     pq.write_table(earlier.replace_schema_metadata({b"kiln.classes": orjson.dumps(holdout.classes)}), tmp_path / "old")
     store.put_file(key, tmp_path / "old")
     assert revalidate(org.org_id, version, worker) == "validated"
+
+
+def test_a_decimal_feature_is_numeric_and_trains(api: TestClient, org: OrgKeys, worker: WorkerContext) -> None:
+    """Databases export money and measurements as DECIMAL; a decimal is a number, to the api as to the worker."""
+    table = ai4i.generate(50_000, seed=1)
+    torque = table.column("torque").cast(pa.decimal128(10, 2), safe=False)
+    table = table.set_column(table.column_names.index("torque"), "torque", torque)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    uploaded = upload(api, org, sink.getvalue(), name="data.parquet")
+    assert uploaded.status_code == 201, uploaded.text
+    column = next(c for c in uploaded.json()["columns"] if c["name"] == "torque")
+    assert column == {"name": "torque", "type": "decimal128(10, 2)", "numeric": True}
+    run_id = submit(api, org, uploaded.json()["datasetId"])
+    assert run_training(run_id, worker) == "succeeded", run_of(api, org, run_id)["error"]
