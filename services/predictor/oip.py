@@ -4,7 +4,8 @@ checked, features built for a model, answers and metadata encoded, with Triton's
 A model takes its rows in either of two forms:
 - one tensor named `input` of shape [rows, n_features], columns in the order the model metadata lists under
   `inputs[0].parameters.features`;
-- one tensor per feature, named by the feature, each of shape [rows] or [rows, 1], the same rows for all.
+- one tensor per feature, named by the feature, each of shape [rows] or [rows, 1], the same rows for all
+  (for a model with a feature named `input`, a lone `input` of [rows, n_features] is the first form).
 Any numeric datatype is taken and converted to FP32 (FP32 is what the model runs on); values must be finite.
 """
 
@@ -250,9 +251,20 @@ def _finite_fp32(values: np.ndarray, shape: list[int], field: str) -> np.ndarray
 
 def request_features(model: LoadedModel, tensors: list[Tensor]) -> np.ndarray:
     """The FP32 [rows, n_features] matrix, from one `input` tensor or from one tensor per feature."""
-    if any(tensor.name == INPUT_NAME for tensor in tensors):
+    if _is_matrix_form(model, tensors):
         return _matrix(model, tensors)
     return _columns(model, tensors)
+
+
+def _is_matrix_form(model: LoadedModel, tensors: list[Tensor]) -> bool:
+    """A tensor named `input` holds every feature, unless the model has a feature of that name (feature names are
+    the client's): then only a lone `input` of shape [rows, n_features] is the matrix, and the rest is per feature."""
+    if not any(tensor.name == INPUT_NAME for tensor in tensors):
+        return False
+    if INPUT_NAME not in model.deployed.feature_columns:
+        return True
+    shape = tensors[0].values.shape
+    return len(tensors) == 1 and len(shape) == 2 and shape[1] == model.n_features
 
 
 def _matrix(model: LoadedModel, tensors: list[Tensor]) -> np.ndarray:

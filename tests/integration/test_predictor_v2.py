@@ -183,3 +183,26 @@ def test_classes_beyond_int64_come_back_as_uint64_labels(
         assert result.as_numpy("label").dtype == np.uint64
         assert_same_as_v1(result, address, served)
     assert {p["label"] for p in v1_predictions(address, served)} <= set(classes)
+
+
+def test_a_feature_named_input_still_takes_one_tensor_per_feature(
+    org: OrgKeys, engine: Engine, store: ObjectStore, client: triton.InferenceServerClient, address: str
+) -> None:
+    """`input` is also the matrix's name: a model with a feature of that name takes both forms the README promises."""
+    features = ["input", *FEATURES[1:]]
+    version = register_model(engine, store, org.org_id, tiny_model(), feature_columns=features)
+    deploy_quietly(engine, org.org_id, version)
+    served = Served(org, version)
+    assert eventually(lambda: client.is_model_ready(org.org_id, version, headers=served.auth()))
+    rows = [dict(zip(features, row.values(), strict=True)) for row in ROWS]
+    answer = httpx.post(f"http://{address}/v1/orgs/{org.org_id}/predict", json={"rows": rows}, headers=served.auth())
+    expected = np.array([p["score"] for p in answer.json()["predictions"]], dtype=np.float32)
+    per_feature = [
+        triton.InferInput(name, [len(ROWS)], "FP32").set_data_from_numpy(
+            np.array([row[name] for row in rows], dtype=np.float32)
+        )
+        for name in features
+    ]
+    for inputs in (per_feature, per_feature[::-1], [matrix_input()]):
+        result = client.infer(served.name, inputs, headers=served.auth())
+        np.testing.assert_array_equal(result.as_numpy("probabilities")[:, 1], expected)

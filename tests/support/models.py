@@ -34,7 +34,7 @@ def tiny_model(seed: int = 0, trees: int = 10, n_features: int = len(FEATURES)) 
 
 def register_model(engine: Engine, store: ObjectStore, org_id: str, model: bytes, **kwargs: object) -> str:
     """A validated version whose model.onnx is in the store, as a finished training run leaves it."""
-    version = seed_version(engine, org_id, model=model, feature_columns=FEATURES, **kwargs)  # type: ignore[arg-type]
+    version = seed_version(engine, org_id, model=model, **{"feature_columns": FEATURES, **kwargs})  # type: ignore[arg-type]
     store.put_bytes(model_key(org_id, version), model)
     return version
 
