@@ -99,6 +99,15 @@ def test_cancelling_a_queued_run_means_it_never_starts(
     assert again.status_code == 409 and "already cancelled" in again.json()["error"]
 
 
+def test_a_run_cancelled_while_queued_says_so_in_its_log(api: TestClient, org: OrgKeys, run_id: str) -> None:
+    """Every run keeps a training log, a run that never started too: its one line is the cancel."""
+    assert api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer).status_code == 202
+    lines = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json()
+    assert [(line["level"], line["stage"], line["message"]) for line in lines] == [
+        ("info", "cancelled", "cancelled before it started")
+    ]
+
+
 def test_cancelling_a_running_run_asks_its_worker_to_stop(
     api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
 ) -> None:
