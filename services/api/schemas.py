@@ -156,6 +156,11 @@ class DeploymentOut(CamelOut):
     deployment_id: int
     status: str = Field(description="deployed, or failed when a predictor refused the version (see error)")
     error: str | None
+    version_status: str = Field(
+        description="the version's own status now: validated, or rejected when judging it again failed it (it keeps "
+        "serving until the next deploy or rollback)"
+    )
+    failed_gates: list[str] = Field(description="the gates the version's latest judgement failed")
 
 
 class DeploymentRecord(CamelOut):

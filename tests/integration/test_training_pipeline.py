@@ -374,3 +374,22 @@ def test_a_decimal_feature_is_numeric_and_trains(api: TestClient, org: OrgKeys, 
     assert column == {"name": "torque", "type": "decimal128(10, 2)", "numeric": True}
     run_id = submit(api, org, uploaded.json()["datasetId"])
     assert run_training(run_id, worker) == "succeeded", run_of(api, org, run_id)["error"]
+
+
+def test_a_deployed_version_rejected_on_validating_again_keeps_serving_and_says_so(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    """Stricter gates can reject the version being served; it is not undeployed behind the admin's back, but the
+    deployment view shows the verdict and its failed gates."""
+    from services.trainer.revalidate import revalidate
+
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(50_000, seed=1), tmp_path))
+    assert run_training(run_id, worker) == "succeeded"
+    version = run_of(api, org, run_id)["version"]
+    deployed = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
+    assert deployed.json()["versionStatus"] == "validated" and deployed.json()["failedGates"] == []
+    set_org_config(api, org, {"gates": {"minAccuracy": 0.99999}})
+    assert revalidate(org.org_id, version, worker) == "rejected"
+    current = api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()
+    assert current["version"] == version and current["status"] == "deployed"
+    assert current["versionStatus"] == "rejected" and current["failedGates"] == ["accuracy"]

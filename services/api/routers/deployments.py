@@ -13,7 +13,7 @@ from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
 from services.api.schemas import DeploymentOut, DeploymentRecord, DeployRequest, RollbackRequest
 from shared.audit import record_change
-from shared.db.models import CurrentDeployment, Deployment
+from shared.db.models import CurrentDeployment, Deployment, ModelVersion
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["deployments"])
 
@@ -81,6 +81,8 @@ def deployment_history(
 def _deployment_out(session: Session, current: CurrentDeployment) -> DeploymentOut:
     earlier = registry.earlier_deployable(session, org_id=current.org_id, version=current.version)
     history = session.get_one(Deployment, current.deployment_id)
+    # Judging a version again never undeploys it (that is the admin's call), so the view carries the verdict.
+    version = session.get_one(ModelVersion, current.version)
     return DeploymentOut(
         version=current.version,
         deployed_at=current.deployed_at,
@@ -88,4 +90,6 @@ def _deployment_out(session: Session, current: CurrentDeployment) -> DeploymentO
         deployment_id=history.id,
         status=history.status,
         error=history.error,
+        version_status=version.status,
+        failed_gates=list(version.validation.get("failed", [])),
     )
