@@ -236,3 +236,34 @@ def test_a_holdout_that_leaves_nothing_to_train_on_is_refused(fraction: float) -
         split_holdout(_labelled([0, 1, 0, 1]), fraction)
 
     assert raised.value.field == "validationSplit"
+
+
+@pytest.mark.parametrize("rare", [0, 1])
+def test_a_rare_class_is_held_out_whether_it_sorts_first_or_last(rare: int) -> None:
+    data = _labelled([rare] * 3 + [1 - rare] * 997)
+
+    train, holdout = split_holdout(data, 0.2)
+
+    assert holdout.labels.size == 200
+    assert (holdout.labels == rare).sum() == 1 and (train.labels == rare).sum() == 2
+
+
+def test_each_class_gets_its_share_of_the_holdout_by_largest_remainder() -> None:
+    # Shares of 10 held-out rows: 4.5, 3.5 and 2.0; the two halves go to the first classes in class order.
+    data = TrainingData(
+        np.zeros((20, 1), np.float32), np.array([0] * 9 + [1] * 7 + [2] * 4, np.int64), [0, 1, 2], ["x"]
+    )
+
+    train, holdout = split_holdout(data, 0.5, seed=3)
+
+    assert np.bincount(holdout.labels, minlength=3).tolist() == [5, 3, 2]
+    assert np.bincount(train.labels, minlength=3).tolist() == [4, 4, 2]
+
+
+def test_a_class_of_two_rows_lands_on_both_sides_even_when_its_share_rounds_away() -> None:
+    data = TrainingData(np.zeros((12, 1), np.float32), np.array([0] * 2 + [1] * 10, np.int64), [0, 1], ["x"])
+
+    for fraction in (0.1, 0.8):
+        train, holdout = split_holdout(data, fraction)
+        assert (holdout.labels == 0).sum() == 1 and (train.labels == 0).sum() == 1
+        assert holdout.labels.size == int(np.ceil(fraction * 12))

@@ -67,21 +67,57 @@ def load_training_data(
 
 
 def split_holdout(data: TrainingData, fraction: float, *, seed: int = 0) -> tuple[TrainingData, TrainingData]:
-    """(train, holdout), stratified by class so a rare class lands on both sides when it can."""
+    """(train, holdout), stratified by class: exactly ceil(fraction * rows) held out, each class's share of them
+    by largest remainder, and a class of 2+ rows on both sides when the totals allow; the same for a seed."""
     n_rows = data.labels.shape[0]
     n_holdout = math.ceil(fraction * n_rows)
     if not 0 < fraction < 1 or n_holdout >= n_rows:
         raise InvalidInput(
             f"cannot hold out {fraction:g} of {n_rows} rows and keep rows to train on", field="validationSplit"
         )
-    # Systematic sampling over the shuffled rows grouped by class: exactly n_holdout rows, and each class's
-    # share within one row of its proportion (sklearn's stratified split takes ~1 s on 1M rows; this ~0.1 s).
+    counts = np.bincount(data.labels, minlength=len(data.classes))
+    # The rows shuffled, then grouped by class: each class's first rows in that order are the ones held out.
     order = np.random.default_rng(seed).permutation(n_rows)
     grouped = order[np.argsort(data.labels[order], kind="stable")]
-    taken = np.arange(n_rows + 1) * n_holdout // n_rows
+    grouped_labels = data.labels[grouped]
+    rank_in_class = np.arange(n_rows) - (np.cumsum(counts) - counts)[grouped_labels]
     held_out = np.zeros(n_rows, dtype=bool)
-    held_out[grouped[np.diff(taken).astype(bool)]] = True
+    held_out[grouped[rank_in_class < _holdout_counts(counts, n_holdout)[grouped_labels]]] = True
     return _subset(data, ~held_out), _subset(data, held_out)
+
+
+def _holdout_counts(counts: np.ndarray, n_holdout: int) -> np.ndarray:
+    """Rows of each class to hold out: its share of n_holdout by largest remainder (ties to the earlier class),
+    then moved a row at a time so that a class of 2+ rows keeps one on each side where another class can give."""
+    n_rows = int(counts.sum())
+    held = counts * n_holdout // n_rows
+    remainders = counts * n_holdout % n_rows
+    held[np.argsort(-remainders, kind="stable")[: n_holdout - int(held.sum())]] += 1
+    at_least = (counts >= 2).astype(np.int64)
+    at_most = np.where(counts >= 2, counts - 1, counts)
+    _raise_to(held, at_least)
+    _lower_to(held, at_most)
+    return held
+
+
+def _raise_to(held: np.ndarray, at_least: np.ndarray) -> None:
+    """Give each class under its minimum a row from the class with the most to spare, while one has some."""
+    for short in np.flatnonzero(held < at_least):
+        spare = held - at_least
+        if spare.max() <= 0:
+            return
+        held[np.argmax(spare)] -= 1
+        held[short] += 1
+
+
+def _lower_to(held: np.ndarray, at_most: np.ndarray) -> None:
+    """Pass a row of each class over its maximum to the class with the most room, while one has some."""
+    for over in np.flatnonzero(held > at_most):
+        room = at_most - held
+        if room.max() <= 0:
+            return
+        held[np.argmax(room)] += 1
+        held[over] -= 1
 
 
 def _check_columns(schema: pa.Schema, feature_columns: list[str], target_column: str) -> None:
