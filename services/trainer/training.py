@@ -20,7 +20,7 @@ from services.trainer import artifacts, runs
 from services.trainer.context import WorkerContext
 from services.trainer.extract import extract_database, extract_dataset
 from services.trainer.heartbeat import Heartbeat
-from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout
+from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout, with_positive_class
 from services.trainer.pipeline.validate import Gates
 from services.trainer.progress import ScriptProgress
 from services.trainer.runs import Attempt, DatabaseSource, LeaseLost, TrainedVersion
@@ -107,15 +107,21 @@ def _train(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> Tr
     step = _Steps(attempt, context, heartbeat)
     with context.sandbox.workspace() as workdir:
         step.log("started", f"attempt {attempt.number} on {socket.gethostname()} (pid {os.getpid()})")
+        config = attempt.config
         data = step.extract(workdir)
-        train, holdout = split_holdout(data, attempt.config.validation_split)
-        step.log(
-            "extracted",
-            f"{len(data.labels)} rows in range: {len(train.labels)} to train on, "
-            f"{len(holdout.labels)} held out; classes {data.classes}",
-        )
+        data = with_positive_class(data, config.positive_class)
+        train, holdout = split_holdout(data, config.validation_split)
+        step.log("extracted", _split_summary(data, train, holdout))
         outputs = step.run_script(workdir, train)
         return step.judge_and_store(workdir, outputs, data, holdout)
+
+
+def _split_summary(data: TrainingData, train: TrainingData, holdout: TrainingData) -> str:
+    positive = f", positive class {data.classes[1]!r}" if len(data.classes) == 2 else ""
+    return (
+        f"{len(data.labels)} rows in range: {len(train.labels)} to train on, "
+        f"{len(holdout.labels)} held out; classes {data.classes}{positive}"
+    )
 
 
 class _Steps:

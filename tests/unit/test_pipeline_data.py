@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deploy.local import ai4i
-from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout
+from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout, with_positive_class
 from shared.errors import InvalidInput
 
 
@@ -267,3 +267,29 @@ def test_a_class_of_two_rows_lands_on_both_sides_even_when_its_share_rounds_away
         train, holdout = split_holdout(data, fraction)
         assert (holdout.labels == 0).sum() == 1 and (train.labels == 0).sum() == 1
         assert holdout.labels.size == int(np.ceil(fraction * 12))
+
+
+def _two_classes(classes: list[Any]) -> TrainingData:
+    return TrainingData(np.zeros((3, 1), np.float32), np.array([0, 1, 1], np.int64), classes, ["x"])
+
+
+def test_a_named_positive_class_becomes_class_one_with_the_labels_following() -> None:
+    data = with_positive_class(_two_classes(["failure", "ok"]), "failure")
+
+    assert data.classes == ["ok", "failure"]
+    assert data.labels.tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize(("classes", "positive"), [(["failure", "ok"], "ok"), (["failure", "ok"], None)])
+def test_the_class_sorting_last_stays_positive_when_named_or_not_named(classes: list[Any], positive: Any) -> None:
+    data = with_positive_class(_two_classes(classes), positive)
+
+    assert data.classes == classes and data.labels.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize(("classes", "positive"), [([False, True], 1), ([0, 1], True), ([1, 2], "1")])
+def test_a_positive_class_is_matched_as_json_types_it_not_as_python_equality(classes: list[Any], positive: Any) -> None:
+    with pytest.raises(InvalidInput, match="is not a value of the target column") as raised:
+        with_positive_class(_two_classes(classes), positive)
+
+    assert raised.value.field == "positiveClass"

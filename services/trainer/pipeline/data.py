@@ -13,8 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shared.errors import InvalidInput
-
-ClassValue = str | int | float | bool
+from shared.schemas import ClassValue
 
 
 @dataclass(frozen=True)
@@ -23,7 +22,8 @@ class TrainingData:
 
     `features` is float32 because that is what the ONNX model is fed: training on the very values it
     will see is what lets the exported model decide exactly as the booster does. `labels` index into
-    `classes`, the target's original values in sorted order.
+    `classes`, the target's original values in sorted order, but for a binary target's named positive class,
+    which comes second (with_positive_class).
     """
 
     features: np.ndarray
@@ -70,7 +70,7 @@ def split_holdout(data: TrainingData, fraction: float, *, seed: int = 0) -> tupl
     """(train, holdout), stratified by class: exactly ceil(fraction * rows) held out, each class's share of them
     by largest remainder, and a class of 2+ rows on both sides when the totals allow; the same for a seed."""
     n_rows = data.labels.shape[0]
-    n_holdout = math.ceil(fraction * n_rows)
+    n_holdout = holdout_rows(fraction, n_rows)
     if not 0 < fraction < 1 or n_holdout >= n_rows:
         raise InvalidInput(
             f"cannot hold out {fraction:g} of {n_rows} rows and keep rows to train on", field="validationSplit"
@@ -84,6 +84,11 @@ def split_holdout(data: TrainingData, fraction: float, *, seed: int = 0) -> tupl
     held_out = np.zeros(n_rows, dtype=bool)
     held_out[grouped[rank_in_class < _holdout_counts(counts, n_holdout)[grouped_labels]]] = True
     return _subset(data, ~held_out), _subset(data, held_out)
+
+
+def holdout_rows(fraction: float, n_rows: int) -> int:
+    """How many of n_rows split_holdout holds out."""
+    return math.ceil(fraction * n_rows)
 
 
 def _holdout_counts(counts: np.ndarray, n_holdout: int) -> np.ndarray:
@@ -118,6 +123,33 @@ def _lower_to(held: np.ndarray, at_most: np.ndarray) -> None:
             return
         held[np.argmax(room)] += 1
         held[over] -= 1
+
+
+def with_positive_class(data: TrainingData, positive: ClassValue | None) -> TrainingData:
+    """The classes ordered so that `positive` is the second: class 1 is the one a binary model's score, precision
+    and recall are about. None keeps the sorted order, whose last class is then the positive one."""
+    if positive is None:
+        return data
+    matches = [index for index, value in enumerate(data.classes) if _same_value(value, positive)]
+    if not matches:
+        raise InvalidInput(
+            f"positiveClass {positive!r} is not a value of the target column; its values are {data.classes}",
+            field="positiveClass",
+        )
+    if len(data.classes) != 2 or matches[0] == 1:
+        return data
+    return TrainingData(
+        features=data.features,
+        labels=1 - data.labels,
+        classes=[data.classes[1], data.classes[0]],
+        feature_columns=data.feature_columns,
+    )
+
+
+def _same_value(value: ClassValue, given: ClassValue) -> bool:
+    """Equal as JSON values: Python's True == 1 would match a boolean class to a number, and back."""
+    same_kind = isinstance(value, bool) == isinstance(given, bool) and isinstance(value, str) == isinstance(given, str)
+    return same_kind and value == given
 
 
 def _check_columns(schema: pa.Schema, feature_columns: list[str], target_column: str) -> None:
