@@ -93,3 +93,56 @@ def test_a_positive_class_the_target_does_not_hold_fails_the_run_naming_it(
     assert run["status"] == "failed"
     assert run["error"] == "positiveClass 'fail' is not a value of the target column; its values are ['failure', 'ok']"
     assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
+
+
+def three_classes(rows: int = 300) -> dict[str, Any]:
+    return {"x": [float(i) for i in range(rows)], "y": [("a", "b", "c")[i % 3] for i in range(rows)]}
+
+
+@pytest.mark.parametrize(
+    ("columns", "changes", "reason"),
+    [
+        (
+            three_classes(),
+            {},
+            "objective binary needs a target with 2 classes; this one has 3: use multiclass",
+        ),
+        (
+            {"x": [0.0, 1.0, 2.0], "y": ["ok", "failure", "ok"]},
+            {"validationSplit": 0.5, "hyperparameters": {"earlyStoppingRounds": 5}},
+            "earlyStoppingRounds watches 10% of the rows trained on, and 1 row cannot be split: leave "
+            "earlyStoppingRounds out, or give more rows or a smaller validationSplit",
+        ),
+        (
+            failures_when_hot(100),
+            {"hyperparameters": {"baggingFraction": 1e-9, "baggingFreq": 1000}},
+            "baggingFraction 1e-09 of the 80 rows trained on is less than one row: make it 1/80 or more, or leave "
+            "bagging off (baggingFreq 0)",
+        ),
+    ],
+)
+def test_settings_the_data_cannot_take_fail_the_run_before_training_naming_the_setting(
+    api: TestClient,
+    org: OrgKeys,
+    worker: WorkerContext,
+    columns: dict[str, Any],
+    changes: dict[str, Any],
+    reason: str,
+) -> None:
+    run = train(api, org, worker, upload_parquet(api, org, columns), **changes)
+
+    assert run["status"] == "failed" and run["error"] == reason
+    logs = api.get(f"/v1/orgs/{org.org_id}/trainings/{run['runId']}/logs", headers=org.viewer).json()
+    assert not any(line["stage"] == "training" for line in logs)
+
+
+def test_with_early_stopping_the_rows_trained_on_leave_out_the_rows_it_watched(
+    api: TestClient, org: OrgKeys, worker: WorkerContext
+) -> None:
+    hyperparameters = {"numIterations": 200, "earlyStoppingRounds": 5}
+    run = train(api, org, worker, upload_parquet(api, org, failures_when_hot()), hyperparameters=hyperparameters)
+
+    assert run["status"] == "succeeded", run["error"]
+    metrics = run["metrics"]
+    assert (metrics["rows"], metrics["trainRows"], metrics["earlyStoppingRows"]) == (200, 720, 80)
+    assert (metrics["training"]["rows"], metrics["training"]["earlyStoppingRows"]) == (720, 80)
