@@ -146,3 +146,16 @@ def test_with_early_stopping_the_rows_trained_on_leave_out_the_rows_it_watched(
     metrics = run["metrics"]
     assert (metrics["rows"], metrics["trainRows"], metrics["earlyStoppingRows"]) == (200, 720, 80)
     assert (metrics["training"]["rows"], metrics["training"]["earlyStoppingRows"]) == (720, 80)
+
+
+def test_empty_cells_of_a_text_target_in_a_csv_fail_the_run_as_missing_values(
+    api: TestClient, org: OrgKeys, worker: WorkerContext
+) -> None:
+    rows = "".join(f"{i},{('ok', 'fail', '')[i % 3]}\n" for i in range(30))
+    uploaded = upload(api, org, f"x,y\n{rows}".encode())
+    assert uploaded.status_code == 201, uploaded.text
+
+    run = train(api, org, worker, str(uploaded.json()["datasetId"]))
+
+    assert run["status"] == "failed"
+    assert run["error"] == "target column 'y' has 10 missing values (empty text counts as missing)"

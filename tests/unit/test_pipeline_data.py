@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -293,3 +294,31 @@ def test_a_positive_class_is_matched_as_json_types_it_not_as_python_equality(cla
         with_positive_class(_two_classes(classes), positive)
 
     assert raised.value.field == "positiveClass"
+
+
+def test_minus_zero_and_zero_are_one_class(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"x": [1.0, 2.0, 3.0, 4.0], "y": [0.0, -0.0, 1.0, -0.0]})
+
+    data = load_training_data(path, feature_columns=["x"], target_column="y")
+
+    assert json.dumps(data.classes) == "[0.0, 1.0]"
+    assert data.labels.tolist() == [0, 0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ([0.0, float("inf"), 1.0, float("-inf")], "target column 'y' has 2 infinite values; classes must be finite"),
+        (["ok", "", "fail", ""], "target column 'y' has 2 missing values (empty text counts as missing)"),
+        (pa.array(["ok", "", "fail", None]).dictionary_encode(), "target column 'y' has 2 missing values"),
+    ],
+)
+def test_a_target_value_that_is_no_class_is_refused_naming_the_column(
+    tmp_path: Path, target: list[Any] | pa.Array, says: str
+) -> None:
+    path = _write(tmp_path, {"x": [1.0, 2.0, 3.0, 4.0], "y": target})
+
+    with pytest.raises(InvalidInput, match=re.escape(says)) as raised:
+        load_training_data(path, feature_columns=["x"], target_column="y")
+
+    assert raised.value.field == "targetColumn" and raised.value.detail == {"column": "y"}

@@ -226,11 +226,10 @@ def _as_utc(moment: datetime) -> datetime:
 def _encode_target(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, list[ClassValue]]:
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
-    missing = column.null_count
+    _check_target_values(column, name)
     if pa.types.is_floating(column.type):
-        missing += pc.sum(pc.is_nan(column)).as_py() or 0
-    if missing:
-        raise _column_error(f"target column {name!r} has {missing} missing values", name, "targetColumn")
+        # -0.0 == 0.0, yet unique() keeps both: they would be two classes of one value.
+        column = pc.if_else(pc.equal(column, 0), pa.scalar(0.0, column.type), column)
     classes = pc.unique(column)
     classes = classes.take(pc.sort_indices(classes))
     if len(classes) < 2:
@@ -239,6 +238,29 @@ def _encode_target(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, list
         )
     labels = pc.index_in(column, value_set=classes).to_numpy().astype(np.int64)
     return labels, classes.to_pylist()
+
+
+def _check_target_values(column: pa.ChunkedArray, name: str) -> None:
+    """Refuse values that would become classes no one meant: missing ones, infinities (a class that JSON stores as
+    null), and empty text, which is what a CSV's empty cell of a text column is read as."""
+    missing = column.null_count
+    text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    if pa.types.is_floating(column.type):
+        missing += _count(pc.is_nan(column))
+        infinite = _count(pc.is_inf(column))
+        if infinite:
+            raise _column_error(
+                f"target column {name!r} has {infinite} infinite values; classes must be finite", name, "targetColumn"
+            )
+    if text:
+        missing += _count(pc.equal(column, ""))
+    if missing:
+        empty = " (empty text counts as missing)" if text else ""
+        raise _column_error(f"target column {name!r} has {missing} missing values{empty}", name, "targetColumn")
+
+
+def _count(matches: pa.ChunkedArray) -> int:
+    return int(pc.sum(matches).as_py() or 0)
 
 
 def _feature_matrix(table: pa.Table, feature_columns: list[str]) -> np.ndarray:
