@@ -39,6 +39,9 @@ def holds_nul(value: Any) -> bool:
     return False
 
 
+ClassValue = str | int | float | bool
+"""A target value as JSON carries it, and so a class of a model."""
+
 BINARY_METRICS = ("binary_logloss", "binary_error", "auc")
 MULTICLASS_METRICS = ("multi_logloss", "multi_error", "auc_mu")
 
@@ -151,6 +154,10 @@ class TrainingConfig(CamelModel):
     validation_split: float = Field(0.2, gt=0, lt=1)
     target_column: str = Field(min_length=1)
     feature_columns: list[str] = Field(min_length=1)
+    positive_class: ClassValue | None = Field(
+        None,
+        description="binary: the target value score, precision and recall are about (default: the one sorting last)",
+    )
 
     @field_validator("feature_columns")
     @classmethod
@@ -161,6 +168,14 @@ class TrainingConfig(CamelModel):
         target = info.data.get("target_column")
         if target in value:
             raise ValueError(f"targetColumn {target!r} is also in featureColumns")
+        return value
+
+    @field_validator("positive_class")
+    @classmethod
+    def _positive_class_is_binary(cls, value: ClassValue | None, info: ValidationInfo) -> ClassValue | None:
+        hyperparameters = info.data.get("hyperparameters")
+        if value is not None and hyperparameters is not None and hyperparameters.objective != "binary":
+            raise ValueError("positiveClass applies to the binary objective only")
         return value
 
     def to_wire(self) -> dict[str, Any]:

@@ -20,7 +20,8 @@ from services.trainer import artifacts, runs
 from services.trainer.context import WorkerContext
 from services.trainer.extract import extract_database, extract_dataset
 from services.trainer.heartbeat import Heartbeat
-from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout
+from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout, with_positive_class
+from services.trainer.pipeline.train import check_objective, check_trainable, rows_fitted
 from services.trainer.pipeline.validate import Gates
 from services.trainer.progress import ScriptProgress
 from services.trainer.runs import Attempt, DatabaseSource, LeaseLost, TrainedVersion
@@ -107,15 +108,23 @@ def _train(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> Tr
     step = _Steps(attempt, context, heartbeat)
     with context.sandbox.workspace() as workdir:
         step.log("started", f"attempt {attempt.number} on {socket.gethostname()} (pid {os.getpid()})")
+        config = attempt.config
         data = step.extract(workdir)
-        train, holdout = split_holdout(data, attempt.config.validation_split)
-        step.log(
-            "extracted",
-            f"{len(data.labels)} rows in range: {len(train.labels)} to train on, "
-            f"{len(holdout.labels)} held out; classes {data.classes}",
-        )
+        check_objective(config.hyperparameters, len(data.classes))
+        data = with_positive_class(data, config.positive_class)
+        train, holdout = split_holdout(data, config.validation_split)
+        check_trainable(config.hyperparameters, len(train.labels))
+        step.log("extracted", _split_summary(data, train, holdout))
         outputs = step.run_script(workdir, train)
         return step.judge_and_store(workdir, outputs, data, holdout)
+
+
+def _split_summary(data: TrainingData, train: TrainingData, holdout: TrainingData) -> str:
+    positive = f", positive class {data.classes[1]!r}" if len(data.classes) == 2 else ""
+    return (
+        f"{len(data.labels)} rows in range: {len(train.labels)} to train on, "
+        f"{len(holdout.labels)} held out; classes {data.classes}{positive}"
+    )
 
 
 class _Steps:
@@ -269,7 +278,7 @@ class _Steps:
             self.enter("storing", 95)
             metrics = {
                 **verdict.metrics,
-                "trainRows": len(data.labels) - len(holdout.labels),
+                **self._train_rows(len(data.labels) - len(holdout.labels)),
                 "training": _script_metrics(outputs),
             }
             artifacts.upload_reports(
@@ -290,6 +299,11 @@ class _Steps:
             metrics=metrics,
             validation=verdict.report,
         )
+
+    def _train_rows(self, train_rows: int) -> dict[str, int]:
+        """The rows fitted on, apart from those early stopping watched instead."""
+        fitted, watched = rows_fitted(self.attempt.config.hyperparameters, train_rows)
+        return {"trainRows": fitted, "earlyStoppingRows": watched}
 
     def _judge(self, prefix: str, sha256: str, holdout: TrainingData, gates: Gates) -> Verdict:
         stored = artifacts.read_model(self.context.store, prefix, sha256)

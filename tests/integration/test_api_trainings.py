@@ -68,6 +68,11 @@ def test_a_valid_config_is_queued_on_the_orgs_queue(
             "binary",
         ),
         ({"datasetId": None}, "datasetId", "required"),
+        (
+            {"hyperparameters": {"objective": "multiclass"}, "positiveClass": "yes"},
+            "positiveClass",
+            "positiveClass applies to the binary objective only",
+        ),
     ],
 )
 def test_a_bad_config_is_refused_naming_the_problem_and_queues_nothing(

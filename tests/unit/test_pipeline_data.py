@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from deploy.local import ai4i
-from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout
+from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout, with_positive_class
 from shared.errors import InvalidInput
 
 
@@ -236,3 +237,88 @@ def test_a_holdout_that_leaves_nothing_to_train_on_is_refused(fraction: float) -
         split_holdout(_labelled([0, 1, 0, 1]), fraction)
 
     assert raised.value.field == "validationSplit"
+
+
+@pytest.mark.parametrize("rare", [0, 1])
+def test_a_rare_class_is_held_out_whether_it_sorts_first_or_last(rare: int) -> None:
+    data = _labelled([rare] * 3 + [1 - rare] * 997)
+
+    train, holdout = split_holdout(data, 0.2)
+
+    assert holdout.labels.size == 200
+    assert (holdout.labels == rare).sum() == 1 and (train.labels == rare).sum() == 2
+
+
+def test_each_class_gets_its_share_of_the_holdout_by_largest_remainder() -> None:
+    # Shares of 10 held-out rows: 4.5, 3.5 and 2.0; the two halves go to the first classes in class order.
+    data = TrainingData(
+        np.zeros((20, 1), np.float32), np.array([0] * 9 + [1] * 7 + [2] * 4, np.int64), [0, 1, 2], ["x"]
+    )
+
+    train, holdout = split_holdout(data, 0.5, seed=3)
+
+    assert np.bincount(holdout.labels, minlength=3).tolist() == [5, 3, 2]
+    assert np.bincount(train.labels, minlength=3).tolist() == [4, 4, 2]
+
+
+def test_a_class_of_two_rows_lands_on_both_sides_even_when_its_share_rounds_away() -> None:
+    data = TrainingData(np.zeros((12, 1), np.float32), np.array([0] * 2 + [1] * 10, np.int64), [0, 1], ["x"])
+
+    for fraction in (0.1, 0.8):
+        train, holdout = split_holdout(data, fraction)
+        assert (holdout.labels == 0).sum() == 1 and (train.labels == 0).sum() == 1
+        assert holdout.labels.size == int(np.ceil(fraction * 12))
+
+
+def _two_classes(classes: list[Any]) -> TrainingData:
+    return TrainingData(np.zeros((3, 1), np.float32), np.array([0, 1, 1], np.int64), classes, ["x"])
+
+
+def test_a_named_positive_class_becomes_class_one_with_the_labels_following() -> None:
+    data = with_positive_class(_two_classes(["failure", "ok"]), "failure")
+
+    assert data.classes == ["ok", "failure"]
+    assert data.labels.tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize(("classes", "positive"), [(["failure", "ok"], "ok"), (["failure", "ok"], None)])
+def test_the_class_sorting_last_stays_positive_when_named_or_not_named(classes: list[Any], positive: Any) -> None:
+    data = with_positive_class(_two_classes(classes), positive)
+
+    assert data.classes == classes and data.labels.tolist() == [0, 1, 1]
+
+
+@pytest.mark.parametrize(("classes", "positive"), [([False, True], 1), ([0, 1], True), ([1, 2], "1")])
+def test_a_positive_class_is_matched_as_json_types_it_not_as_python_equality(classes: list[Any], positive: Any) -> None:
+    with pytest.raises(InvalidInput, match="is not a value of the target column") as raised:
+        with_positive_class(_two_classes(classes), positive)
+
+    assert raised.value.field == "positiveClass"
+
+
+def test_minus_zero_and_zero_are_one_class(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"x": [1.0, 2.0, 3.0, 4.0], "y": [0.0, -0.0, 1.0, -0.0]})
+
+    data = load_training_data(path, feature_columns=["x"], target_column="y")
+
+    assert json.dumps(data.classes) == "[0.0, 1.0]"
+    assert data.labels.tolist() == [0, 0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ([0.0, float("inf"), 1.0, float("-inf")], "target column 'y' has 2 infinite values; classes must be finite"),
+        (["ok", "", "fail", ""], "target column 'y' has 2 missing values (empty text counts as missing)"),
+        (pa.array(["ok", "", "fail", None]).dictionary_encode(), "target column 'y' has 2 missing values"),
+    ],
+)
+def test_a_target_value_that_is_no_class_is_refused_naming_the_column(
+    tmp_path: Path, target: list[Any] | pa.Array, says: str
+) -> None:
+    path = _write(tmp_path, {"x": [1.0, 2.0, 3.0, 4.0], "y": target})
+
+    with pytest.raises(InvalidInput, match=re.escape(says)) as raised:
+        load_training_data(path, feature_columns=["x"], target_column="y")
+
+    assert raised.value.field == "targetColumn" and raised.value.detail == {"column": "y"}

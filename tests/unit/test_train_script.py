@@ -99,6 +99,7 @@ def test_it_leaves_a_model_that_decides_as_lightgbm_does(train_in_sandbox: Calla
     assert parity(trained.booster(), model, trained.data.features) <= MAX_PARITY_DIFF
     assert trained.metrics() == {
         "rows": ROWS,
+        "earlyStoppingRows": 0,
         "features": len(ai4i.FEATURES),
         "trees": 100,
         "best_iteration": 100,
@@ -122,6 +123,7 @@ def test_early_stopping_keeps_the_best_rounds_in_both_models(train_in_sandbox: C
     booster = trained.booster()
 
     assert trained.metrics()["best_iteration"] < 1000
+    assert (trained.metrics()["rows"], trained.metrics()["earlyStoppingRows"]) == (ROWS * 9 // 10, ROWS // 10)
     assert booster.num_trees() == trained.metrics()["trees"] == trained.metrics()["best_iteration"]
     assert parity(booster, model, trained.data.features) <= MAX_PARITY_DIFF
 

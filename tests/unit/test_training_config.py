@@ -125,3 +125,20 @@ def test_multiclass_takes_multiclass_metrics_and_defaults_to_multi_logloss() -> 
 def test_inconsistent_or_out_of_range_options_are_refused(given: dict[str, object], words: str) -> None:
     with pytest.raises(ValidationError, match=words):
         Hyperparameters.model_validate(given)
+
+
+@pytest.mark.parametrize("positive", ["failure", "1", 1, 2.5, True])
+def test_a_positive_class_keeps_its_json_type(positive: object) -> None:
+    config = TrainingConfig.model_validate({**SEED_EXAMPLE, "positiveClass": positive})
+
+    assert config.positive_class == positive and type(config.positive_class) is type(positive)
+    assert config.to_wire()["positiveClass"] == positive
+
+
+def test_a_positive_class_is_refused_for_a_multiclass_objective() -> None:
+    body = {**SEED_EXAMPLE, "hyperparameters": {"objective": "multiclass"}, "positiveClass": "failure"}
+
+    with pytest.raises(ValidationError, match="positiveClass applies to the binary objective only") as raised:
+        TrainingConfig.model_validate(body)
+
+    assert raised.value.errors()[0]["loc"] == ("positiveClass",)

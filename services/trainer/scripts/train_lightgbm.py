@@ -33,12 +33,11 @@ import lightgbm
 import numpy as np
 import pyarrow.parquet as pq
 
-from services.trainer.pipeline.data import TrainingData, split_holdout
+from services.trainer.pipeline.data import TrainingData
 from services.trainer.pipeline.export import booster_to_onnx
-from services.trainer.pipeline.train import fit_booster
+from services.trainer.pipeline.train import fit_booster, split_watched
 from shared.schemas import Hyperparameters
 
-EARLY_STOPPING_SHARE = 0.1
 PROGRESS_STEPS = 20
 
 
@@ -50,7 +49,8 @@ def main(config_path: str) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    booster = fit(train, params)
+    fitted, watched = split_watched(train, params)
+    booster = fit_booster(fitted, params, valid=watched, callbacks=[report_training])
     fit_seconds = time.perf_counter() - started
     report(stage="exporting")
     started = time.perf_counter()
@@ -61,7 +61,8 @@ def main(config_path: str) -> None:
     # With early stopping the booster holds the rounds past the best one too; both files hold up to the best.
     iterations = booster.best_iteration or booster.current_iteration()
     metrics = {
-        "rows": len(train.labels),
+        "rows": len(fitted.labels),
+        "earlyStoppingRows": 0 if watched is None else len(watched.labels),
         "features": len(train.feature_columns),
         "trees": iterations * booster.num_model_per_iteration(),
         "best_iteration": iterations,
@@ -79,14 +80,6 @@ def read_train_file(config: dict[str, Any]) -> TrainingData:
     features = np.column_stack([table[name].to_numpy() for name in columns]).astype(np.float32, copy=False)
     labels = table[target].to_numpy().astype(np.int64, copy=False)
     return TrainingData(features=features, labels=labels, classes=config["classes"], feature_columns=columns)
-
-
-def fit(train: TrainingData, params: dict[str, Any]) -> lightgbm.Booster:
-    """Early stopping, when asked for, watches a stratified tenth of the train rows, which are not trained on."""
-    watched = None
-    if params.get("early_stopping_round"):
-        train, watched = split_holdout(train, EARLY_STOPPING_SHARE)
-    return fit_booster(train, params, valid=watched, callbacks=[report_training])
 
 
 def report_training(env: lightgbm.callback.CallbackEnv) -> None:
