@@ -15,6 +15,7 @@ from services.sync.merge import (
     DELETE_REFUSED,
     DELETED,
     HELD,
+    INSERT_REFUSED,
     REFUSED,
     Resolution,
     Version,
@@ -180,6 +181,14 @@ def record_refused_central_update(
     theirs = deletion(stamp) if refused is None else Version(pair.plain(refused), stamp)
     resolution = Resolution(REFUSED if refused is not None else DELETE_REFUSED, Version(original, stamp))
     record_conflict(session, pair, key, Version(original, stamp), theirs, resolution)
+
+
+def record_refused_central_insert(session: Session, pair: TablePair, key: str, refused: dict[str, Any]) -> None:
+    """A central record the local store refused to take, and so deleted centrally too: the conflict keeps it."""
+    gone = deletion(stamp_of(refused) or _now())
+    record_conflict(
+        session, pair, key, gone, Version(pair.plain(refused), gone.stamp), Resolution(INSERT_REFUSED, gone)
+    )
 
 
 def version_json(pair: TablePair, version: Version) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from shared.sync_tables import Policy
 
 LOCAL_WON, CENTRAL_WON, MERGED, HELD, REFUSED = "local-won", "central-won", "merged", "held", "update-refused"
 DELETE_REFUSED = "delete-refused"
+INSERT_REFUSED = "insert-refused"
 # Marks a deletion where a version is kept as JSON (conflicts, the review queue's choice).
 DELETED = "_kiln_deleted"
 

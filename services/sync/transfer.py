@@ -40,6 +40,7 @@ from services.sync.conflicts import (
     apply_choices,
     open_conflicts,
     record_conflict,
+    record_refused_central_insert,
     record_refused_central_update,
     version_json,
 )
@@ -50,7 +51,6 @@ from services.sync.pair import TablePair, Tally, hold_sealing_key
 from services.sync.stores import STAMP, VERSION, key_text, read, stamp_of, upsert, upsert_values
 from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, watermark, watermarks
 from shared.db.models import SyncBase, SyncConflict
-from shared.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -229,16 +229,18 @@ def pull_batch(pair: TablePair) -> bool:
             latest = {change.key: change for change in changes if change.key not in held and change.key in current}
             gone = {change.key for change in changes if change.key not in held and change.key not in current}
             begin_applying(local, LOCAL_LOG)
-            refused = _pull(local, pair, latest, current, _first_versions(session, pair, latest))
+            refused, refused_inserts = _pull(local, pair, latest, current, _first_versions(session, pair, latest))
             deleted, kept = _pull_deletions(local, pair, gone)
             end_applying(local, LOCAL_LOG)
-        pulled = [current[key] for key in latest if key not in refused]
+        pulled = [current[key] for key in latest if key not in refused and key not in refused_inserts]
         hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
         _hold_central_edits(pair, held, changes, current)
         _acknowledge_pull(session, pair, changes[-1].seq, pulled, deleted)
         _restore_all_refused(session, pair, {**refused, **kept})
+        _drop_refused_inserts(session, pair, refused_inserts)
         session.commit()
-    _after_batch(pair, pulled=len(pulled) + len(deleted), conflicts=len(refused) + len(kept))
+    conflicts = len(refused) + len(kept) + len(refused_inserts)
+    _after_batch(pair, pulled=len(pulled) + len(deleted), conflicts=conflicts)
     return True
 
 
@@ -287,6 +289,20 @@ def _restore_all_refused(session: Session, pair: TablePair, refused: Refused) ->
     end_applying(connection, CENTRAL_LOG)
 
 
+def _drop_refused_inserts(session: Session, pair: TablePair, rows: dict[str, dict[str, Any]]) -> None:
+    """Central records the local store refused to take have no local version to go back up: they leave the central
+    store too, so both sides agree, and each is kept in its conflict and in the deletion's audit row."""
+    if not rows:
+        return
+    connection = session.connection()
+    begin_applying(connection, CENTRAL_LOG)
+    delete_centrally(session, connection, pair, rows)
+    for key, row in rows.items():
+        record_refused_central_insert(session, pair, key, row)
+    count_moves(session, pair, conflicts=len(rows))
+    end_applying(connection, CENTRAL_LOG)
+
+
 def _before_local_edits(local: Connection, pair: TablePair, changes: list[Change], local_after: int) -> list[Change]:
     """The changes up to the first record also edited locally since the last push."""
     edited = pending(local, LOCAL_LOG, table=pair.spec.name, keys={c.key for c in changes}, after=local_after)
@@ -302,24 +318,28 @@ def _pull(
     latest: dict[str, Change],
     current: dict[str, dict[str, Any]],
     firsts: dict[str, Version],
-) -> Refused:
-    """Write the records down; returns the refused ones, each as the local store has it and as the central one."""
+) -> tuple[Refused, dict[str, dict[str, Any]]]:
+    """Write the records down; returns the refused updates, each as the local store has it and as the central one,
+    and the refused inserts, as the central store has them."""
     refused = _refused_updates(local, pair, latest, current, firsts)
     records = {key: current[key] for key in latest if key not in refused}
-    return refused | _write_down(local, pair, records)
+    updates, inserts = _write_down(local, pair, records)
+    return refused | updates, inserts
 
 
-def _write_down(local: Connection, pair: TablePair, records: dict[str, dict[str, Any]]) -> Refused:
+def _write_down(
+    local: Connection, pair: TablePair, records: dict[str, dict[str, Any]]
+) -> tuple[Refused, dict[str, dict[str, Any]]]:
     """Write the central records locally, all at once, or, when the local store's own rules (NOT NULL, UNIQUE,
     CHECK: the central copy does not carry them) refuse one, each on its own. A refused update is settled as an
     append-only one is: the local version goes back up, the central one is kept in its conflict. A refused insert
-    has no local version to restore: it fails the job, naming the record."""
+    has no local version: it is returned apart, to leave the central store too."""
     names = [column.name for column in pair.local_table.columns]
     rows = dict(zip(records, pair.plain_values(records.values(), names), strict=True))
     try:
         with local.begin_nested():
             upsert_values(local, pair.local_table, pair.key, names, list(rows.values()))
-        return {}
+        return {}, {}
     except IntegrityError:
         pass
     refusals: dict[str, IntegrityError] = {}
@@ -331,16 +351,16 @@ def _write_down(local: Connection, pair: TablePair, records: dict[str, dict[str,
             refusals[key] = error
     originals = read(local, pair.local_table, pair.key, refusals)
     for key, refusal in refusals.items():
-        if key not in originals:
-            raise InvalidInput(f"record {key!r}: the local store refuses the central insert: {refusal.orig}")
         log.warning(
-            "source %s table %s record %s: the local store refuses the central update: %s",
+            "source %s table %s record %s: the local store refuses the central %s: %s",
             pair.source_id,
             pair.spec.name,
             key,
+            "update" if key in originals else "insert",
             refusal.orig,
         )
-    return {key: (originals[key], records[key]) for key in refusals}
+    updates: Refused = {key: (originals[key], records[key]) for key in refusals if key in originals}
+    return updates, {key: records[key] for key in refusals if key not in originals}
 
 
 Refused = dict[str, tuple[dict[str, Any], dict[str, Any] | None]]

@@ -589,19 +589,29 @@ def test_a_central_edit_the_local_stores_rules_refuse_is_kept_in_a_conflict_and_
     assert refused == [("1", "update-refused", None), ("2", "update-refused", "b")]
 
 
-def test_a_central_insert_the_local_store_refuses_fails_the_job_naming_the_record(
+def test_a_central_insert_the_local_store_refuses_leaves_both_stores_and_is_kept_in_a_conflict(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
     sync = open_table_sync(
-        sync_api, sync_context, org_id, tmp_path, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)"
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL UNIQUE)",
+        "INSERT INTO t VALUES (1, 'a')",
     )
     assert sync.run()["status"] == "succeeded"
-    sync.central(f"INSERT INTO {sync.central_table} (id, v) VALUES (7, NULL)")
+    sync.central(f"INSERT INTO {sync.central_table} (id, v) VALUES (7, NULL), (8, 'a'), (9, 'fine')")
 
     job = sync.run()
 
-    assert job["status"] == "failed"
-    assert "record '7': the local store refuses the central insert" in error_of(job)
+    assert (job["status"], job["pulled"], job["conflicts"]) == ("succeeded", 1, 2), job
+    assert sync.local("SELECT id, v FROM t ORDER BY id") == [(1, "a"), (9, "fine")]
+    assert sync.central(f"SELECT id, v FROM {sync.central_table} ORDER BY id") == [(1, "a"), (9, "fine")]
+    kept = sorted((c["recordKey"], c["outcome"], c["centralVersion"]["v"]) for c in sync.conflicts())
+    assert kept == [("7", "insert-refused", None), ("8", "insert-refused", "a")]
+    assert sync.audit_actions().count("sync.delete") == 2
+    assert sync.run()["status"] == "succeeded"  # nothing is left to go down again
 
 
 def test_a_central_copy_an_earlier_kiln_made_too_narrow_is_widened_at_the_next_sync(
