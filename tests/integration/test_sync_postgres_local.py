@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 from datetime import date, datetime
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -26,14 +27,20 @@ def local_url() -> Iterator[str]:
         yield url
 
 
+NOTES: dict[str, Any] = {"name": "notes", "primaryKey": "id", "sensitiveColumns": []}
+
+
 def open_postgres_sync(
-    api: TestClient, context: SyncContext, org_id: str, local_url: str, policy: str, *statements: str
+    api: TestClient, context: SyncContext, org_id: str, local_url: str, policy: str, *statements: str, **table: Any
 ) -> Sync:
+    """An org syncing a table of the local database that `statements` make (`readings`, unless `table` names
+    another, with its key and sensitive columns)."""
     for statement in statements:
         run_sql(local_url, statement)
     org = create_org_with_keys(api, org_id)
-    source_id = register(api, org, local_url, policy)
-    return Sync(api, context, org, local_url, source_id, context.settings.resolved_database_url)
+    source_id = register(api, org, local_url, policy, **table)
+    name = table.get("name", "readings")
+    return Sync(api, context, org, local_url, source_id, context.settings.resolved_database_url, name)
 
 
 def test_records_go_both_ways_between_a_postgresql_local_store_and_the_central_one(
@@ -202,11 +209,16 @@ def test_a_postgresql_local_table_and_key_named_by_reserved_words_sync_both_ways
 ) -> None:
     run_sql(local_url, 'CREATE TABLE "user" ("order" integer PRIMARY KEY, "my col" text)')
     run_sql(local_url, """INSERT INTO "user" VALUES (1, 'a')""")
-    org = create_org_with_keys(sync_api, org_id)
-    source_id = register(
-        sync_api, org, local_url, "last-writer-wins", name="user", primaryKey="order", sensitiveColumns=[]
+    sync = open_postgres_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        local_url,
+        "last-writer-wins",
+        name="user",
+        primaryKey="order",
+        sensitiveColumns=[],
     )
-    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url, "user")
     assert sync.run()["status"] == "succeeded"
     sync.local("""INSERT INTO "user" VALUES (2, 'b')""")
     sync.run()
@@ -226,9 +238,7 @@ def test_text_keys_of_any_length_sync_and_the_applications_own_writes_still_land
     key = "device/" + "x" * 300
     run_sql(local_url, "CREATE TABLE notes (id text PRIMARY KEY, body text)")
     run_sql(local_url, "INSERT INTO notes VALUES (:k, 'first')", {"k": key})
-    org = create_org_with_keys(sync_api, org_id)
-    source_id = register(sync_api, org, local_url, policy, name="notes", primaryKey="id", sensitiveColumns=[])
-    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url, "notes")
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, policy, **NOTES)
     assert sync.run()["status"] == "succeeded"
 
     sync.local("UPDATE notes SET body = 'local' WHERE id = :k", {"k": key})  # the local application's write
@@ -238,7 +248,7 @@ def test_text_keys_of_any_length_sync_and_the_applications_own_writes_still_land
         [held] = sync.conflicts("open")
         assert held["recordKey"] == key
         decided = sync_api.post(
-            f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "central"}, headers=org.admin
+            f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "central"}, headers=sync.org.admin
         )
         assert decided.status_code == 200, decided.text
         job = sync.run()
@@ -256,11 +266,7 @@ def test_a_change_log_an_earlier_version_made_takes_keys_of_any_length(
         " origin VARCHAR(8) NOT NULL, at_ms BIGINT NOT NULL)",
     )
     run_sql(local_url, "CREATE TABLE notes (id text PRIMARY KEY, body text)")
-    org = create_org_with_keys(sync_api, org_id)
-    source_id = register(
-        sync_api, org, local_url, "last-writer-wins", name="notes", primaryKey="id", sensitiveColumns=[]
-    )
-    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url, "notes")
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", **NOTES)
     assert sync.run()["status"] == "succeeded"
 
     sync.local("INSERT INTO notes VALUES (:k, 'long')", {"k": "k" * 500})  # refused by the old log's trigger
@@ -273,11 +279,7 @@ def test_a_central_edit_a_postgresql_local_store_refuses_is_kept_in_a_conflict_a
 ) -> None:
     run_sql(local_url, "CREATE TABLE notes (id integer PRIMARY KEY, body text NOT NULL)")
     run_sql(local_url, "INSERT INTO notes VALUES (1, 'a'), (2, 'b')")
-    org = create_org_with_keys(sync_api, org_id)
-    source_id = register(
-        sync_api, org, local_url, "last-writer-wins", name="notes", primaryKey="id", sensitiveColumns=[]
-    )
-    sync = Sync(sync_api, sync_context, org, local_url, source_id, sync_context.settings.resolved_database_url, "notes")
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", **NOTES)
     assert sync.run()["status"] == "succeeded"
     sync.central(f"UPDATE {sync.central_table} SET body = NULL WHERE id = 1")
     sync.central(f"UPDATE {sync.central_table} SET body = 'central' WHERE id = 2")
