@@ -11,6 +11,8 @@ import orjson
 from services.predictor.models import LoadedModel
 from shared.errors import BadRequest, InvalidInput
 
+FP32_MAX = float(np.finfo(np.float32).max)
+
 
 def rows_to_features(model: LoadedModel, rows: Any) -> np.ndarray:
     """`[{feature: number}, ...]` to a float32 matrix in the model's feature order."""
@@ -19,15 +21,13 @@ def rows_to_features(model: LoadedModel, rows: Any) -> np.ndarray:
     columns = model.deployed.feature_columns
     expected = set(columns)
     matrix = np.empty((len(rows), len(columns)), dtype=np.float32)
-    with np.errstate(over="ignore"):  # a number beyond FP32's range becomes ±Inf here, and is refused just below
-        for index, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise InvalidInput(f"rows[{index}] must be an object of feature values", field=f"rows[{index}]")
-            if row.keys() != expected:
-                _refuse_feature_names(row.keys(), expected, f"rows[{index}]")
-            for position, name in enumerate(columns):
-                matrix[index, position] = _finite_number(row[name], f"rows[{index}].{name}")
-    _refuse_beyond_fp32(matrix, rows, columns)
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InvalidInput(f"rows[{index}] must be an object of feature values", field=f"rows[{index}]")
+        if row.keys() != expected:
+            _refuse_feature_names(row.keys(), expected, f"rows[{index}]")
+        for position, name in enumerate(columns):
+            matrix[index, position] = _finite_number(row[name], f"rows[{index}].{name}")
     return matrix
 
 
@@ -45,20 +45,9 @@ def _finite_number(value: Any, field: str) -> float:
         raise InvalidInput(f"{field} must be a number, not {value!r}", field=field)
     if not math.isfinite(value):
         raise InvalidInput(f"{field} must be finite", field=field)
+    if abs(value) > FP32_MAX:  # the model runs on FP32, where it would be ±Inf: refused, as V2 refuses it
+        raise InvalidInput(f"{field} is {value!r}, beyond FP32's range (±3.4e38), which the model runs on", field=field)
     return float(value)
-
-
-def _refuse_beyond_fp32(matrix: np.ndarray, rows: list[Any], columns: list[str]) -> None:
-    """The model runs on FP32, where a finite number beyond its range is ±Inf: refused, as V2 refuses it, rather
-    than scored as an infinity the client never sent."""
-    overflowed = np.argwhere(~np.isfinite(matrix))
-    if overflowed.size:
-        index, position = (int(i) for i in overflowed[0])
-        field = f"rows[{index}].{columns[position]}"
-        raise InvalidInput(
-            f"{field} is {rows[index][columns[position]]!r}, beyond FP32's range (±3.4e38), which the model runs on",
-            field=field,
-        )
 
 
 def predictions(model: LoadedModel, probabilities: np.ndarray, bands: tuple[float, float]) -> list[dict[str, Any]]:

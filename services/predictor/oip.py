@@ -404,7 +404,7 @@ def _bytes_tensor(values: np.ndarray) -> bytes:
     return b"".join(len(item).to_bytes(4, "little") + item for item in encoded)
 
 
-@functools.lru_cache(maxsize=1024)  # asked on every answer: the scan over the classes cost 1.4 us a request
+@functools.lru_cache(maxsize=1024)  # asked on every answer: the scan over the classes is done once per class set
 def _label_datatype(classes: tuple[Any, ...]) -> str:
     """The first integer type that holds every class (a uint64 target can have classes of 2^63 and more), else
     BYTES, which holds any label as text."""
