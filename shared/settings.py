@@ -147,12 +147,17 @@ def _new_key() -> str:
     return base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+def make_private_folder(path: Path) -> None:
+    """A folder of Kiln's own files (secrets, the embedded database, objects) that only its owner can enter."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def _dev_secret(data_dir: Path, name: str, make: Callable[[], str]) -> str:
     """The secret kept in data_dir/name, made on first use, readable by its owner only."""
     path = data_dir / name
     if path.exists():
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_folder(data_dir)
     value = make()
     path.write_text(value + "\n")
     path.chmod(0o600)

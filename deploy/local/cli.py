@@ -83,7 +83,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_migrate(settings: Settings, _args: argparse.Namespace) -> int:
-    migrate.ensure_sqlite_folder(settings)
+    migrate.prepare_embedded_database(settings)
     migrate.upgrade(settings.resolved_database_url)
     print(f"database at the newest schema: {settings.resolved_database_url.split('@')[-1]}")
     return 0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
-from shared.settings import Settings, build_settings
+from shared.settings import Settings, build_settings, make_private_folder
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -23,14 +24,20 @@ def upgrade(database_url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url), revision)
 
 
-def ensure_sqlite_folder(settings: Settings) -> None:
-    if not settings.database_url:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+def prepare_embedded_database(settings: Settings) -> None:
+    """The embedded database's folder and file, readable by their owner only: the file holds every org's records,
+    and SQLite gives its -wal and -shm files the database file's permissions."""
+    if settings.database_url:
+        return
+    make_private_folder(settings.data_dir)
+    database = settings.data_dir / "kiln.db"
+    os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+    database.chmod(0o600)  # made by an earlier version with the default umask
 
 
 def main() -> None:
     settings = build_settings()
-    ensure_sqlite_folder(settings)
+    prepare_embedded_database(settings)
     upgrade(settings.resolved_database_url)
     print(f"database at head: {settings.resolved_database_url.split('@')[-1]}")
 

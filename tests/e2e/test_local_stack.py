@@ -69,6 +69,9 @@ def check_stack_file(stack: dict[str, Any], data_dir: Path) -> None:
     assert set(stack["pids"]) == {"redis", "api", "trainer", "predictor", "beat", "sync", "sync-beat", "flower"}
     # It holds the admin token and the Flower password: nobody else may read it.
     assert stat.S_IMODE((data_dir / "stack.json").stat().st_mode) == 0o600
+    # The embedded database holds every org's records; its folder holds the secrets and the objects.
+    assert stat.S_IMODE((data_dir / "kiln.db").stat().st_mode) == 0o600
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
 
 
 def check_services_answer(stack: dict[str, Any]) -> None:
