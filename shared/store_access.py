@@ -21,6 +21,48 @@ from shared.settings import Settings
 from shared.sync_tables import central_table_name
 
 KILN_TABLES = frozenset({Organization.__tablename__, ApiKey.__tablename__, TrainingRun.__tablename__})
+# The libpq parameters a store's URL may carry. The others name a secret (password, sslpassword: the URL's query is
+# stored and shown as it is, only its user part's password is sealed) or a file of the machine that opens the
+# store (sslkey, passfile, service: another org's key, the worker's own files).
+POSTGRESQL_PARAMETERS = frozenset(
+    {
+        "application_name",
+        "channel_binding",
+        "client_encoding",
+        "connect_timeout",
+        "gssencmode",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "sslmode",
+        "target_session_attrs",
+        "tcp_user_timeout",
+    }
+)
+
+
+def refuse_unsafe_parameters(url: URL, *, field: str) -> None:
+    """A SQLite URL takes no query (the driver would open another file, named with it); a PostgreSQL URL only the
+    parameters above."""
+    names = sorted(url.query)
+    if not names:
+        return
+    if url.get_backend_name() == "sqlite":
+        raise InvalidInput(f"{field}: a SQLite store's URL takes no query parameters ({', '.join(names)})", field=field)
+    if "password" in names:
+        raise InvalidInput(
+            f"{field}: give the password in the URL's user part (postgresql+psycopg2://user:password@host/db), where "
+            "it is stored encrypted, not as a query parameter",
+            field=field,
+        )
+    refused = [name for name in names if name not in POSTGRESQL_PARAMETERS]
+    if refused:
+        raise InvalidInput(
+            f"{field}: the query parameters {', '.join(refused)} are not accepted; a store's URL may set "
+            f"{', '.join(sorted(POSTGRESQL_PARAMETERS))}",
+            field=field,
+        )
 
 
 @dataclass(frozen=True)
@@ -49,7 +91,8 @@ class StoreRules:
 
     def check_before_opening(self, url: URL, *, field: str) -> None:
         """A SQLite store must be an existing file in the org's folder (after links are followed): opening a
-        missing one would create it."""
+        missing one would create it. Either kind: no query parameter that names a secret or a file."""
+        refuse_unsafe_parameters(url, field=field)
         if url.get_backend_name() != "sqlite" or self._is_kiln_database_file(url):
             return
         path = Path(url.database or "").resolve()

@@ -52,10 +52,22 @@ def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> Non
         ("not a url", "not a database URL"),
         ("mysql://u:p@db/x", "'mysql' databases are not supported"),
         ("sqlite:///relative.db", "absolute path"),
+        # The driver would open "records.db?mode=ro", a file the org's folder rule never checked.
+        ("sqlite:////srv/stores/records.db?uri=true&mode=ro", "takes no query parameters (mode, uri)"),
+        ("postgresql+psycopg2://historian@scada/historian?sslkey=/srv/kiln/other.key", "sslkey are not accepted"),
     ]:
         response = put(api, org, {**SOURCE, "url": url})
         assert response.status_code == 422, url
         assert response.json()["field"] == "url" and words in response.json()["error"]
+
+
+def test_a_password_given_as_a_query_parameter_is_refused_and_not_stored(api: TestClient, org: OrgKeys) -> None:
+    response = put(api, org, {**SOURCE, "url": "postgresql+psycopg2://historian@scada/historian?password=Pw0rd"})
+
+    assert response.status_code == 422
+    assert response.json()["field"] == "url" and "password in the URL's user part" in response.json()["error"]
+    assert "Pw0rd" not in response.text
+    assert api.get(f"/v1/orgs/{org.org_id}/datasource", headers=org.viewer).status_code == 404
 
 
 def test_only_an_org_admin_sets_the_datasource(api: TestClient, org: OrgKeys) -> None:

@@ -216,6 +216,14 @@ def test_a_missing_sqlite_file_is_refused_not_created(tmp_path: Path) -> None:
     assert not (tmp_path / ORG / "typo.db").exists()
 
 
+def test_a_sqlite_url_with_a_query_stored_before_the_api_refused_it_is_not_opened(tmp_path: Path) -> None:
+    (tmp_path / ORG).mkdir()
+    fill_scada_table(f"sqlite:///{tmp_path / ORG / 'plant.db'}", 10, aware=False)
+    with pytest.raises(InvalidInput, match="takes no query parameters"):
+        read_all(f"sqlite:///{tmp_path / ORG / 'plant.db'}?uri=true&mode=rwc", tmp_path, rules(tmp_path))
+    assert sorted(path.name for path in (tmp_path / ORG).iterdir()) == ["plant.db"]
+
+
 def test_kilns_own_sqlite_database_offers_none_of_its_own_tables(tmp_path: Path) -> None:
     kiln_url = f"sqlite:///{tmp_path / 'kiln' / 'kiln.db'}"
     (tmp_path / "kiln").mkdir()

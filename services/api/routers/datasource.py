@@ -14,6 +14,7 @@ from shared.audit import record_change
 from shared.db.models import DataSource
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, NotFound
+from shared.store_access import refuse_unsafe_parameters
 
 router = APIRouter(prefix="/v1/orgs/{org}/datasource", tags=["datasource"])
 
@@ -67,6 +68,7 @@ def checked_url(text: str) -> URL:
             f"url: {url.get_backend_name()!r} databases are not supported; use {' or '.join(SUPPORTED_BACKENDS)}",
             field="url",
         )
+    refuse_unsafe_parameters(url, field="url")
     if url.get_backend_name() == "sqlite" and not (url.database or "").startswith("/"):
         raise InvalidInput("url: a SQLite data source needs an absolute path: sqlite:////data/plant.db", field="url")
     # One spelling per store, so that two URLs of one store compare equal: a.db, ./a.db and x/../a.db are one file.
