@@ -3,6 +3,7 @@ org's own database read in chunks, only the columns and the date range the run n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, create_engine, func, select, sql, types
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Connection, Engine, Row, make_url
 from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
@@ -135,14 +136,14 @@ def _as_column_time(moment: datetime | None, aware: bool) -> datetime | None:
 def _stream_to_parquet(connection: Connection, query: sql.Select[tuple[object, ...]], target: Path) -> int:
     rows = 0
     writer: pq.ParquetWriter | None = None
+    columns = [(column.name, _arrow_type(column.type)) for column in query.selected_columns]
     try:
         result = connection.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(query)
-        names = list(result.keys())
         for chunk in result.partitions():
-            table = pa.table({name: pa.array([row[i] for row in chunk]) for i, name in enumerate(names)})
+            table = pa.table({name: _column(chunk, i, name, kind) for i, (name, kind) in enumerate(columns)})
             if writer is None:
                 writer = pq.ParquetWriter(target, table.schema)
-            writer.write_table(table.cast(writer.schema))
+            writer.write_table(_as_first_chunk(table, writer.schema))
             rows += table.num_rows
     except OperationalError as error:
         raise TransientError(f"the data source failed while reading: {_first_line(error)}") from error
@@ -154,6 +155,46 @@ def _stream_to_parquet(connection: Connection, query: sql.Select[tuple[object, .
     if rows == 0:
         raise InvalidInput("the data source has no rows in the requested range", field="dataRange")
     return rows
+
+
+def _arrow_type(column_type: types.TypeEngine[Any]) -> pa.DataType | None:
+    """The Arrow type a column's declared type reads as; None where the values decide (decimals, timestamps with or
+    without a zone, a SQLite column declared without a type)."""
+    if isinstance(column_type, types.Boolean):
+        return pa.bool_()
+    if isinstance(column_type, types.Integer):
+        return pa.int64()
+    if isinstance(column_type, types.Float):
+        return pa.float64()
+    if isinstance(column_type, types.String):
+        return pa.string()
+    return None
+
+
+def _column(chunk: Sequence[Row[Any]], index: int, name: str, kind: pa.DataType | None) -> pa.Array:
+    """One column of a chunk. Its values are the org's records (a patient's name in a mistyped cell): an error
+    names the column and never quotes one."""
+    try:
+        return pa.array([row[index] for row in chunk], type=kind)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        expected = f"its declared type ({kind})" if kind is not None else "one type"
+        raise InvalidInput(
+            f"column {name!r} of the data source holds values that do not all read as {expected}", field="datasource"
+        ) from None
+
+
+def _as_first_chunk(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A later chunk in the file's schema, which its first chunk set: a column whose values decide its type may
+    read as another (whole numbers first, fractions later), and is cast where that loses nothing."""
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        changed = [field.name for field in schema if table.schema.field(field.name).type != field.type]
+        raise InvalidInput(
+            f"column {', '.join(repr(name) for name in changed)} of the data source changes type within the range "
+            f"(first {', '.join(str(schema.field(name).type) for name in changed)}); declare its type in the store",
+            field="datasource",
+        ) from None
 
 
 def _describe(url: str) -> str:

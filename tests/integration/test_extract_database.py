@@ -4,7 +4,7 @@ clear reason when the database, the table or a column is not there."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -222,6 +222,73 @@ def test_a_sqlite_url_with_a_query_stored_before_the_api_refused_it_is_not_opene
     with pytest.raises(InvalidInput, match="takes no query parameters"):
         read_all(f"sqlite:///{tmp_path / ORG / 'plant.db'}?uri=true&mode=rwc", tmp_path, rules(tmp_path))
     assert sorted(path.name for path in (tmp_path / ORG).iterdir()) == ["plant.db"]
+
+
+def sqlite_store(tmp_path: Path, schema: str, rows: Sequence[tuple[object, ...]]) -> str:
+    (tmp_path / ORG).mkdir()
+    path = tmp_path / ORG / "plant.db"
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute(schema)
+        connection.executemany(f"INSERT INTO readings VALUES ({', '.join('?' * len(rows[0]))})", rows)
+        connection.commit()
+    return f"sqlite:///{path}"
+
+
+def read_columns(url: str, tmp_path: Path, columns: list[str]) -> dict[str, list[object]]:
+    target = tmp_path / "out.parquet"
+    extract_database(
+        source(url, column_map={}, timestamp_column=None),
+        None,
+        columns=columns,
+        start=None,
+        end=None,
+        target=target,
+        rules=rules(tmp_path),
+    )
+    columns_read: dict[str, list[object]] = pq.read_table(target).to_pydict()
+    return columns_read
+
+
+def test_a_mistyped_cell_fails_the_read_naming_its_column_without_quoting_it(tmp_path: Path) -> None:
+    """SQLite keeps whatever a row was given: a patient's name in a REAL column must not reach the run's error."""
+    rows = [(1, 36.6), (2, "MRN-778812 Jane Roe"), (3, 37.1)]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, temp REAL)", rows)
+
+    with pytest.raises(InvalidInput) as raised:
+        read_columns(url, tmp_path, ["temp"])
+
+    assert (
+        str(raised.value)
+        == "column 'temp' of the data source holds values that do not all read as its declared type (double)"
+    )
+    assert "MRN" not in str(raised.value)
+
+
+def test_a_column_empty_in_the_first_chunk_keeps_its_declared_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extract, "CHUNK_ROWS", 2)
+    rows = [(1, None, None), (2, None, None), (3, 7, 1.5), (4, 8, 2.5)]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, count INTEGER, temp REAL)", rows)
+
+    assert read_columns(url, tmp_path, ["count", "temp"]) == {
+        "count": [None, None, 7, 8],
+        "temp": [None, None, 1.5, 2.5],
+    }
+
+
+def test_a_column_without_a_declared_type_that_changes_type_fails_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extract, "CHUNK_ROWS", 2)
+    rows = [(1, 10), (2, 11), (3, "MRN-778812"), (4, "MRN-778813")]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, reading)", rows)
+
+    with pytest.raises(InvalidInput) as raised:
+        read_columns(url, tmp_path, ["reading"])
+
+    assert "column 'reading' of the data source changes type within the range (first int64)" in str(raised.value)
+    assert "MRN" not in str(raised.value)
 
 
 def test_kilns_own_sqlite_database_offers_none_of_its_own_tables(tmp_path: Path) -> None:
