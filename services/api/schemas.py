@@ -43,6 +43,13 @@ class KeyCreated(CamelOut):
     created_at: datetime
 
 
+class KeyOut(CamelOut):
+    key_id: str
+    role: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
 class ColumnOut(CamelOut):
     name: str
     type: str

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, select
 
 from shared.db.models import ApiKey
 from shared.keys import hash_key
-from tests.integration.conftest import ADMIN, OrgKeys
+from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 
 
 def test_admin_token_creates_an_org_and_a_second_create_is_a_conflict(api: TestClient, org_id: str) -> None:
@@ -57,6 +57,40 @@ def test_an_unknown_role_is_refused_naming_the_field(api: TestClient, org: OrgKe
     response = api.post(f"/v1/orgs/{org.org_id}/keys", json={"role": "owner"}, headers=org.admin)
     assert response.status_code == 422
     assert response.json()["field"] == "role"
+
+
+def test_a_revoked_key_is_refused_at_once_and_listed_as_revoked(api: TestClient, org: OrgKeys, org_id: str) -> None:
+    created = api.post(f"/v1/orgs/{org.org_id}/keys", json={"role": "viewer"}, headers=org.admin).json()
+    leaked = {"Authorization": f"Bearer {created['key']}"}
+    assert api.get(f"/v1/orgs/{org.org_id}", headers=leaked).status_code == 200
+
+    revoked = api.delete(f"/v1/orgs/{org.org_id}/keys/{created['keyId']}", headers=org.admin)
+
+    assert revoked.status_code == 204
+    assert api.get(f"/v1/orgs/{org.org_id}", headers=leaked).status_code == 401
+    listed = api.get(f"/v1/orgs/{org.org_id}/keys", headers=org.admin).json()
+    assert listed[0]["keyId"] == created["keyId"]  # newest first
+    assert listed[0]["revokedAt"] is not None and all(key["revokedAt"] is None for key in listed[1:])
+    assert {key["role"] for key in listed} == {"admin", "trainer", "viewer"}
+    assert all(set(key) == {"keyId", "role", "createdAt", "revokedAt"} for key in listed)
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.admin).json()
+    assert [row["target"] for row in audit if row["action"] == "key.revoked"] == [created["keyId"]]
+    again = api.delete(f"/v1/orgs/{org.org_id}/keys/{created['keyId']}", headers=org.admin)
+    assert again.status_code == 204
+
+
+def test_only_an_org_admin_revokes_and_only_the_orgs_own_keys(api: TestClient, org: OrgKeys, org_id: str) -> None:
+    own = api.post(f"/v1/orgs/{org.org_id}/keys", json={"role": "viewer"}, headers=org.admin).json()["keyId"]
+    other = create_org_with_keys(api, "other-" + org_id)
+    foreign = api.post(f"/v1/orgs/{other.org_id}/keys", json={"role": "viewer"}, headers=other.admin).json()["keyId"]
+
+    assert api.delete(f"/v1/orgs/{org.org_id}/keys/{own}", headers=org.trainer).status_code == 403
+    assert api.get(f"/v1/orgs/{org.org_id}/keys", headers=org.viewer).status_code == 403
+    refused = api.delete(f"/v1/orgs/{org.org_id}/keys/{foreign}", headers=org.admin)
+    assert refused.status_code == 404 and refused.json()["error"] == f"key {foreign!r} not found"
+    assert [key["revokedAt"] for key in api.get(f"/v1/orgs/{other.org_id}/keys", headers=other.admin).json()] == [
+        None
+    ] * 4
 
 
 def patch_config(api: TestClient, org: OrgKeys, config: Any) -> Any:

@@ -40,7 +40,7 @@ def org_routes(api: TestClient) -> list[tuple[str, str]]:
 @pytest.fixture
 def victim(api: TestClient, org_id: str, settings: Settings) -> tuple[OrgKeys, dict[str, str]]:
     """An org with one of everything: a dataset, a queued run, a deployed version (and its model artifact's name),
-    a sync source, job and conflict."""
+    an api key, a sync source, job and conflict."""
     org = create_org_with_keys(api, org_id)
     dataset_id = upload(api, org, CSV, timestampColumn="timestamp").json()["datasetId"]
     run = api.post(
@@ -53,7 +53,15 @@ def victim(api: TestClient, org_id: str, settings: Settings) -> tuple[OrgKeys, d
     engine.dispose()
     assert api.post(f"/v1/orgs/{org_id}/deployments", json={"version": second}, headers=org.admin).status_code == 201
     sync_ids = _sync_ids(api, org, settings)
-    ids = {"dataset_id": dataset_id, "run_id": run["runId"], "version": first, "name": "model.onnx", **sync_ids}
+    api_key_id = api.get(f"/v1/orgs/{org_id}/keys", headers=org.admin).json()[0]["keyId"]
+    ids = {
+        "dataset_id": dataset_id,
+        "run_id": run["runId"],
+        "version": first,
+        "name": "model.onnx",
+        "api_key_id": api_key_id,
+        **sync_ids,
+    }
     return org, ids
 
 
@@ -122,7 +130,7 @@ def test_another_orgs_ids_are_404_under_ones_own_org(
 ) -> None:
     _org, ids = victim
     intruder = create_org_with_keys(api, "x" + org_id)
-    named = r"\{(dataset_id|run_id|version|source_id|job_id|conflictId|key_id)\}"
+    named = r"\{(dataset_id|run_id|version|api_key_id|source_id|job_id|conflictId|key_id)\}"
     routes_with_ids = [(m, p) for m, p in org_routes(api) if re.search(named, p)]
     routes_with_ids += [("POST", "/v1/orgs/{org}/deployments"), ("POST", "/v1/orgs/{org}/sync-jobs")]
     answers = {(m, p): call(api, m, p, intruder.org_id, ids, intruder.admin) for m, p in routes_with_ids}

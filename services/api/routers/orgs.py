@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from services.api.deps import OrgAdmin, OrgOperator, OrgViewer, PlatformAdmin, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
 from services.api.registry import deploy_event
-from services.api.schemas import KeyCreate, KeyCreated, OrgCreate, OrgOut, OrgUpdate
+from services.api.schemas import KeyCreate, KeyCreated, KeyOut, OrgCreate, OrgOut, OrgUpdate
 from shared.audit import record_change
 from shared.db.models import ApiKey, CurrentDeployment, Organization
-from shared.errors import Conflict
+from shared.db.types import utcnow
+from shared.errors import Conflict, NotFound
 from shared.keys import PLATFORM_ADMIN, hash_key, new_key, new_key_id
 from shared.outbox import KIND_ORGS_CHANGED, add_message
 from shared.schemas import OrgConfig
@@ -92,6 +94,36 @@ def create_key(body: KeyCreate, access: OrgAdmin, session: SessionDep) -> KeyCre
         detail={"role": row.role},
     )
     return KeyCreated(key_id=row.id, role=row.role, key=key, created_at=row.created_at)
+
+
+@router.get("/{org}/keys", response_model=list[KeyOut])
+def list_keys(access: OrgAdmin, session: SessionDep) -> list[KeyOut]:
+    """The org's keys, newest first, revoked ones included: ids, roles and dates, never a key or its digest."""
+    query = select(ApiKey).where(ApiKey.org_id == access.org_id).order_by(ApiKey.created_at.desc(), ApiKey.id)
+    return [
+        KeyOut(key_id=row.id, role=row.role, created_at=row.created_at, revoked_at=row.revoked_at)
+        for row in session.scalars(query)
+    ]
+
+
+@router.delete("/{org}/keys/{api_key_id}", status_code=status.HTTP_204_NO_CONTENT)
+def revoke_key(api_key_id: str, access: OrgAdmin, session: SessionDep) -> Response:
+    """Refuse the key from now on (the api at once; a predictor once its lookup expires,
+    KILN_PREDICTOR_KEY_CACHE_S). Revoking a revoked key changes nothing."""
+    row = session.get(ApiKey, api_key_id)
+    if row is None or row.org_id != access.org_id:
+        raise NotFound(f"key {api_key_id!r} not found")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        record_change(
+            session,
+            org_id=access.org_id,
+            actor=access.principal.key_id,
+            action="key.revoked",
+            target=row.id,
+            detail={"role": row.role},
+        )
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 def _patched_config(current: dict[str, Any], patch: dict[str, Any] | None) -> dict[str, Any]:
