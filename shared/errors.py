@@ -79,3 +79,7 @@ class TransientError(KilnError):
     """Something this needs is unreachable for now (object store, an org's database): trying again may work."""
 
     status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class ConfigurationError(KilnError):
+    """The process's KILN_* settings are not usable; the message names each variable, never its value."""

@@ -8,8 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigurationError
 
 
 class Settings(BaseSettings):
@@ -130,13 +132,27 @@ def _env_value(value: object) -> str:
 
 def build_settings(**overrides: object) -> Settings:
     """Read the environment once; in dev, a missing admin token or secret key is generated into data_dir."""
-    settings = Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        raise ConfigurationError(settings_problems(error)) from None
     generated = {
         name: SecretStr(_dev_secret(settings.data_dir, name, make))
         for name, make in (("admin_token", _new_token), ("secret_key", _new_key), ("flower_password", _new_token))
         if not getattr(settings, name).get_secret_value()
     }
     return settings.model_copy(update=generated) if generated else settings
+
+
+def settings_problems(error: ValidationError) -> str:
+    """What is wrong with the settings, each problem naming its variable. pydantic's own text quotes the input,
+    which holds every setting read: secrets included."""
+    problems = []
+    for problem in error.errors(include_url=False, include_input=False, include_context=False):
+        names = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        problems.append(f"KILN_{names.upper()}: {message}" if names else message)
+    return "; ".join(problems)
 
 
 def _new_token() -> str:

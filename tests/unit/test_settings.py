@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from shared.errors import ConfigurationError
 from shared.settings import Settings, build_settings
 
 
@@ -31,6 +32,25 @@ def test_dev_generates_an_admin_token_once_and_reuses_it(tmp_path: Path) -> None
     second = build_settings(data_dir=tmp_path).admin_token.get_secret_value()
     assert len(first) >= 32 and first == second
     assert (tmp_path / "admin_token").stat().st_mode & 0o077 == 0
+
+
+def test_a_settings_error_names_the_variable_and_never_quotes_a_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic's own message quotes every setting read, the secret key's characters among them."""
+    monkeypatch.delenv("KILN_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("KILN_ENV", "prod")
+    monkeypatch.setenv("KILN_DATABASE_URL", "postgresql+psycopg2://kiln:db-Pa55@db/kiln")
+    monkeypatch.setenv("KILN_SECRET_KEY", "q1w2e3r4t5y6u7i8o9p0a1s2d3f4g5h6j7k8l9z0x1c=")
+    monkeypatch.setenv("KILN_METRICS_TOKEN", "PSECRETMETRICSTOKEN123")
+    monkeypatch.setenv("KILN_SYNC_BATCH_SIZE", "-3")
+
+    with pytest.raises(ConfigurationError) as raised:
+        build_settings()
+
+    assert str(raised.value) == "KILN_SYNC_BATCH_SIZE: Input should be greater than 0"
+    monkeypatch.delenv("KILN_SYNC_BATCH_SIZE")
+    with pytest.raises(ConfigurationError) as raised:
+        build_settings()
+    assert str(raised.value) == "KILN_ADMIN_TOKEN must be set when KILN_ENV=prod"
 
 
 def test_prod_refuses_to_start_without_a_real_admin_token_and_database() -> None:
