@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigurationError
@@ -69,6 +70,11 @@ class Settings(BaseSettings):
         description="The folder of the orgs' SQLite files (data sources and sync stores), one sub-folder per org: "
         "an org's SQLite URL must name an existing file in <dir>/<org>/. Unset: data_dir/stores.",
     )
+    store_networks: str = Field(
+        "",
+        description="Comma-separated networks (CIDR, 10.20.0.0/16) and host names an org's database server (data "
+        "source, sync store) may be on; empty: anywhere, this machine included.",
+    )
     sync_batch_size: int = Field(2000, gt=0, le=100_000, description="Records a sync job moves per transaction.")
     sync_purge_interval_s: float = Field(
         3600.0, gt=0, description="How often the sync beat purges synced records past their org's retention."
@@ -89,6 +95,17 @@ class Settings(BaseSettings):
         description="A bearer token that reads the api's and the predictor's /metrics and nothing else (Prometheus); "
         "unset, only the admin token does.",
     )
+
+    @field_validator("store_networks")
+    @classmethod
+    def _networks_are_networks(cls, value: str) -> str:
+        for entry in (part.strip() for part in value.split(",")):
+            if "/" in entry:
+                try:
+                    ipaddress.ip_network(entry)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not a network such as 10.20.0.0/16") from None
+        return value
 
     @model_validator(mode="after")
     def _refuse_embedded_secrets_in_prod(self) -> Settings:

@@ -8,6 +8,8 @@ These rules are checked by the worker that opens the database, on its own filesy
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
 from shared.db.models import ApiKey, Organization, SyncSource, TrainingRun
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, TransientError
 from shared.settings import Settings
 from shared.sync_tables import central_table_name
 
@@ -73,28 +75,44 @@ class StoreRules:
     stores_dir: Path
     kiln_database_url: str
     kiln_tables: frozenset[str] = frozenset()
+    # KILN_STORE_NETWORKS: where a database server may be; empty, anywhere.
+    networks: tuple[str, ...] = ()
 
     @classmethod
     def for_sync(cls, settings: Settings, org_id: str) -> StoreRules:
         """A sync store: a file in the org's folder or a server of its own, never Kiln's database."""
-        return cls(org_id, settings.resolved_local_stores_dir, settings.resolved_database_url)
+        return cls(
+            org_id,
+            settings.resolved_local_stores_dir,
+            settings.resolved_database_url,
+            networks=_networks(settings.store_networks),
+        )
 
     @classmethod
     def for_training(cls, session: Session, settings: Settings, org_id: str) -> StoreRules:
         """A data source: as a sync store, or Kiln's own database for the org's own synced tables."""
         synced = synced_tables_of(session, org_id)
-        return cls(org_id, settings.resolved_local_stores_dir, settings.resolved_database_url, synced)
+        return cls(
+            org_id,
+            settings.resolved_local_stores_dir,
+            settings.resolved_database_url,
+            synced,
+            networks=_networks(settings.store_networks),
+        )
 
     @property
     def org_folder(self) -> Path:
         return (self.stores_dir / self.org_id).resolve()
 
-    def check_before_opening(self, url: URL, *, field: str) -> None:
-        """A SQLite store must be an existing file in the org's folder (after links are followed): opening a
-        missing one would create it. Either kind: no query parameter that names a secret or a file."""
+    def check_before_opening(self, url: URL, *, field: str) -> URL:
+        """The URL to open. A SQLite store must be an existing file in the org's folder (after links are followed):
+        opening a missing one would create it. A server must be on one of `networks`, when they are set. Either
+        kind: no query parameter that names a secret or a file."""
         refuse_unsafe_parameters(url, field=field)
-        if url.get_backend_name() != "sqlite" or self._is_kiln_database_file(url):
-            return
+        if url.get_backend_name() != "sqlite":
+            return self._on_allowed_network(url, field=field)
+        if self._is_kiln_database_file(url):
+            return url
         path = Path(url.database or "").resolve()
         if not path.is_relative_to(self.org_folder):
             raise InvalidInput(
@@ -104,6 +122,22 @@ class StoreRules:
             )
         if not path.is_file():
             raise InvalidInput(f"the SQLite file {path} does not exist", field=field)
+        return url
+
+    def _on_allowed_network(self, url: URL, *, field: str) -> URL:
+        """A server named by a listed host name as it is; any other by the address it resolves to now, pinned
+        (libpq's hostaddr) so that the connection goes where the check looked, whatever DNS answers next."""
+        if not self.networks or (url.host or "").lower() in self.networks:
+            return url
+        networks = [ipaddress.ip_network(entry) for entry in self.networks if "/" in entry]
+        addresses = _addresses(url)
+        if not addresses or not all(any(address in network for network in networks) for address in addresses):
+            raise InvalidInput(
+                f"{field}: the database server {url.host or '(this machine, by socket)'} is not on the networks "
+                "organizations' databases may be on (KILN_STORE_NETWORKS)",
+                field=field,
+            )
+        return url.update_query_dict({"hostaddr": str(addresses[0])})
 
     def check_opened(self, connection: Connection, *, table: str | None, field: str) -> None:
         """Kiln's own database, reached by any URL, gives up only the tables in `kiln_tables`."""
@@ -121,6 +155,21 @@ class StoreRules:
         if kiln.get_backend_name() != "sqlite" or not kiln.database or not url.database:
             return False
         return Path(url.database).resolve() == Path(kiln.database).resolve()
+
+
+def _networks(setting: str) -> tuple[str, ...]:
+    return tuple(entry.strip().lower() for entry in setting.split(",") if entry.strip())
+
+
+def _addresses(url: URL) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """What the server's name resolves to; none for a server reached by a socket of this machine."""
+    if not url.host:
+        return []
+    try:
+        found = socket.getaddrinfo(url.host, url.port or 5432, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as error:
+        raise TransientError(f"the database server {url.host} does not resolve: {error.strerror}") from None
+    return [ipaddress.ip_address(info[4][0]) for info in found]
 
 
 def synced_tables_of(session: Session, org_id: str) -> frozenset[str]:

@@ -49,7 +49,7 @@ def open_local(url: str, password: str | None, rules: StoreRules) -> Engine:
     batch: a new connection per batch was a tenth of a pull's time. A SQLite file outside the org's folder is
     refused before it is opened."""
     full = make_url(url).set(password=password) if password is not None else make_url(url)
-    rules.check_before_opening(full, field="url")
+    full = rules.check_before_opening(full, field="url")
     return make_engine(full.render_as_string(hide_password=False), pool_size=1, max_overflow=1)
 
 

@@ -44,7 +44,7 @@ def extract_database(
     InvalidInput naming it."""
     url = with_shipped_driver(source.url)
     url = url.set(password=password) if password is not None else url
-    rules.check_before_opening(url, field="datasource")
+    url = rules.check_before_opening(url, field="datasource")
     engine = create_engine(url, poolclass=NullPool, connect_args=_connect_args(url.get_backend_name()))
     try:
         with _connect(engine, where=_describe(source.url)) as connection:

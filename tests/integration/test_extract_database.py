@@ -291,6 +291,31 @@ def test_a_column_without_a_declared_type_that_changes_type_fails_naming_it(
     assert "MRN" not in str(raised.value)
 
 
+def test_a_server_outside_the_store_networks_is_refused_before_connecting(tmp_path: Path) -> None:
+    """The platform's own servers (here PostgreSQL on 127.0.0.1) are out of reach once KILN_STORE_NETWORKS is set."""
+    plant_only = StoreRules(ORG, tmp_path, "sqlite:////nonexistent/kiln.db", networks=("10.20.0.0/16",))
+    for url in ("postgresql+psycopg2://postgres@127.0.0.1:5432/postgres", "postgresql+psycopg2://postgres@/postgres"):
+        with pytest.raises(InvalidInput, match="not on the networks organizations' databases may be on"):
+            read_all(url, tmp_path, plant_only)
+
+
+def test_a_server_on_the_store_networks_is_reached_at_the_address_checked(tmp_path: Path) -> None:
+    with fresh_postgres_database() as url:
+        fill_scada_table(url, 10, aware=True)
+        loopback = StoreRules(ORG, tmp_path, "sqlite:////nonexistent/kiln.db", networks=("127.0.0.0/8",))
+        pinned = loopback.check_before_opening(make_url(url), field="datasource")
+
+        assert pinned.query["hostaddr"] == "127.0.0.1"
+        assert read_all(url, tmp_path, loopback) == 10
+
+
+def test_a_server_named_on_the_store_networks_is_taken_by_its_name(tmp_path: Path) -> None:
+    named = StoreRules(ORG, tmp_path, "sqlite:////nonexistent/kiln.db", networks=("db.plant.local",))
+    url = make_url("postgresql+psycopg2://historian@DB.plant.local/historian")
+
+    assert named.check_before_opening(url, field="datasource") == url
+
+
 def test_kilns_own_sqlite_database_offers_none_of_its_own_tables(tmp_path: Path) -> None:
     kiln_url = f"sqlite:///{tmp_path / 'kiln' / 'kiln.db'}"
     (tmp_path / "kiln").mkdir()

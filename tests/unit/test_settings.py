@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,9 @@ def test_prod_refuses_to_start_without_a_real_admin_token_and_database() -> None
         Settings(env="prod", database_url="postgresql+psycopg2://kiln@db/kiln")
     with pytest.raises(ValidationError, match="KILN_DATABASE_URL"):
         Settings(env="prod", admin_token="s3cret")
+
+
+def test_store_networks_that_are_no_networks_are_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_STORE_NETWORKS", "10.20.0.0/16, 10.0.0.0/33")
+    with pytest.raises(ConfigurationError, match=re.escape("KILN_STORE_NETWORKS: '10.0.0.0/33' is not a network")):
+        build_settings()
