@@ -20,6 +20,7 @@ from services.trainer import artifacts, runs
 from services.trainer.context import WorkerContext
 from services.trainer.extract import extract_database, extract_dataset
 from services.trainer.heartbeat import Heartbeat
+from services.trainer.outputs import SCRIPT_METRICS_FILE, collect_outputs
 from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout, with_positive_class
 from services.trainer.pipeline.train import check_objective, check_trainable, rows_fitted
 from services.trainer.pipeline.validate import Gates
@@ -116,7 +117,7 @@ def _train(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> Tr
         check_trainable(config.hyperparameters, len(train.labels))
         step.log("extracted", _split_summary(data, train, holdout))
         outputs = step.run_script(workdir, train)
-        return step.judge_and_store(workdir, outputs, data, holdout)
+        return step.judge_and_store(outputs, data, holdout)
 
 
 def _split_summary(data: TrainingData, train: TrainingData, holdout: TrainingData) -> str:
@@ -206,6 +207,7 @@ class _Steps:
             raise LeaseLost("taken over") if self.heartbeat.lost.is_set() else Cancelled("cancelled")
         if not result.ok:
             raise InvalidInput(f"the training script failed: {result.reason()}", field="trainingScript")
+        outputs = collect_outputs(outputs, workdir)
         if not (outputs / MODEL_FILE).exists():
             raise InvalidInput(f"the training script wrote no {MODEL_FILE} into outputPath", field="trainingScript")
         self.log(
@@ -247,16 +249,15 @@ class _Steps:
             "outputPath": str(outputs),
         }
 
-    def judge_and_store(
-        self, workdir: Path, outputs: Path, data: TrainingData, holdout: TrainingData
-    ) -> TrainedVersion:
+    def judge_and_store(self, outputs: Path, data: TrainingData, holdout: TrainingData) -> TrainedVersion:
+        """Judge and store the model in `outputs`, the worker's own copies of what the script wrote."""
         self.enter("validating", 75)
         gates = gates_for(self.attempt.org_config)
         model_file = outputs / MODEL_FILE
         size = model_file.stat().st_size
         version = new_version()
         prefix = model_prefix(self.attempt.org_id, version)
-        holdout_file = workdir / "holdout.parquet"
+        holdout_file = outputs / "holdout.parquet"
         artifacts.save_holdout(holdout, holdout_file)
         sha256 = hashlib.sha256(model_file.read_bytes()).hexdigest()
         store = self.context.store
@@ -334,7 +335,7 @@ def _write_train_file(train: TrainingData, target_column: str, path: Path) -> No
 
 
 def _script_metrics(outputs: Path) -> dict[str, Any]:
-    path = outputs / "metrics.json"
+    path = outputs / SCRIPT_METRICS_FILE
     try:
         return dict(orjson.loads(path.read_bytes())) if path.exists() else {}
     except (orjson.JSONDecodeError, TypeError, ValueError):

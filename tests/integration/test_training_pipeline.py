@@ -27,7 +27,7 @@ from sqlalchemy import Column, DateTime, Float, Integer, MetaData, Table, create
 from deploy.local import ai4i
 from services.trainer.artifacts import load_holdout
 from services.trainer.context import WorkerContext
-from services.trainer.training import run_training
+from services.trainer.training import BUILT_IN_SCRIPT, run_training
 from shared.layout import HOLDOUT_FILE, model_key, model_prefix
 from shared.settings import Settings
 from shared.storage import open_object_store
@@ -280,6 +280,63 @@ def test_a_script_that_loops_is_stopped_at_the_orgs_timeout(
     assert run_training(run_id, script_worker) == "failed"
     assert time.monotonic() - started < 15
     assert "timed out after 2 s" in run_of(api, org, run_id)["error"]
+
+
+def then(action: str) -> str:
+    """A script that trains as the built-in one does, then does `action` with `out`, its outputPath."""
+    return f"""
+        import json, os, runpy, sys
+        runpy.run_path({str(BUILT_IN_SCRIPT)!r}, run_name="__main__")
+        out = json.load(open(sys.argv[1]))["outputPath"]
+        {action}
+    """
+
+
+@pytest.mark.parametrize(
+    ("action", "reason"),
+    [
+        ('os.remove(out + "/model.onnx"); os.symlink(SECRET, out + "/model.onnx")', "model.onnx is a link"),
+        ('os.remove(out + "/metrics.json"); os.symlink(SECRET, out + "/metrics.json")', "metrics.json is a link"),
+        ('os.remove(out + "/model.onnx"); os.mkfifo(out + "/model.onnx")', "model.onnx is not a regular file"),
+    ],
+)
+def test_an_output_that_is_no_regular_file_fails_the_run_and_is_never_read(
+    api: TestClient,
+    org: OrgKeys,
+    script_worker: WorkerContext,
+    scripts_dir: Path,
+    tmp_path: Path,
+    action: str,
+    reason: str,
+) -> None:
+    """Read by the worker, a link out of the workspace would upload the worker's secrets as the model, and a FIFO
+    would block it for good."""
+    secret = tmp_path / "secret_key"
+    secret.write_text("the worker's secret\n")
+    script = install_script(scripts_dir, "sly.py", then(action).replace("SECRET", repr(str(secret))))
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+
+    assert run_training(run_id, script_worker) == "failed"
+
+    run = run_of(api, org, run_id)
+    assert f"the training script's {reason}; outputPath must hold regular files" in run["error"]
+    assert run["version"] is None
+
+
+def test_a_link_planted_where_the_worker_writes_the_held_out_rows_is_never_followed(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    victim = tmp_path / "another-orgs-dataset.parquet"
+    victim.write_bytes(b"another org's rows")
+    plant = 'os.symlink(VICTIM, os.path.join(os.path.dirname(out), "holdout.parquet"))'
+    script = install_script(scripts_dir, "planter.py", then(plant).replace("VICTIM", repr(str(victim))))
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+
+    assert run_training(run_id, script_worker) in {"succeeded", "rejected"}
+
+    assert victim.read_bytes() == b"another org's rows"
 
 
 def pid_written_in_a_workspace(name: str, *, within_s: float = 30) -> int:

@@ -1,0 +1,63 @@
+"""The training script's output files, taken out of its reach before the worker reads any of them.
+
+A script may leave anything in outputPath: a link to the worker's secrets or to another org's objects (which the
+worker, reading as itself, would upload as the model), or a FIFO that blocks whoever opens it. Each file the
+worker uses is opened inside the outputs folder (not followed if that is a link), without following a link and
+without blocking, must be a regular file, and is copied into a folder the worker makes after the script is gone;
+only those copies are read, judged and uploaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from shared.errors import InvalidInput
+from shared.layout import MODEL_FILE, NATIVE_MODEL_FILE
+
+SCRIPT_METRICS_FILE = "metrics.json"
+COLLECTED = (MODEL_FILE, NATIVE_MODEL_FILE, SCRIPT_METRICS_FILE)
+
+
+def collect_outputs(outputs: Path, workdir: Path) -> Path:
+    """A new folder under `workdir`, named at random so that the script cannot have made it, holding copies of the
+    script's output files that exist. InvalidInput naming a file that is a link or not a regular file."""
+    collected = Path(tempfile.mkdtemp(prefix="collected-", dir=workdir))
+    try:
+        folder = os.open(outputs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        raise InvalidInput(
+            "the training script replaced its outputPath folder (by a link, or removed it)", field="trainingScript"
+        ) from None
+    try:
+        for name in COLLECTED:
+            _copy_regular_file(folder, name, collected / name)
+    finally:
+        os.close(folder)
+    return collected
+
+
+def _copy_regular_file(folder: int, name: str, target: Path) -> None:
+    try:
+        source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        kind = "a link" if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
+        raise InvalidInput(
+            f"the training script's {name} is {kind}; outputPath must hold regular files", field="trainingScript"
+        ) from None
+    try:
+        if not stat.S_ISREG(os.fstat(source).st_mode):
+            raise InvalidInput(
+                f"the training script's {name} is not a regular file; outputPath must hold regular files",
+                field="trainingScript",
+            )
+        with open(source, "rb", closefd=False) as reader, target.open("xb") as writer:
+            shutil.copyfileobj(reader, writer)
+    finally:
+        os.close(source)
