@@ -51,17 +51,28 @@ def restore_locally(pair: TablePair, rows: list[dict[str, Any]]) -> None:
         end_applying(local, LOCAL_LOG)
 
 
+def audit_local_deletions(session: Session, pair: TablePair, deleted: dict[str, dict[str, Any]]) -> None:
+    """Audit the local records a pull deleted. A table that sends up keeps each as the central store would hold it;
+    one that does not never puts a local record centrally (it may never have gone up: a central insert and delete
+    of a key the local store held apart deletes it), so its audit rows name the key and direction alone."""
+    for key, row in deleted.items():
+        audit_deletion(session, pair, key, pair.sealed(row) if pair.spec.sends_up else None, direction="down")
+
+
 def audit_deletion(
-    session: Session, pair: TablePair, key: str, row: dict[str, Any], *, direction: Literal["up", "down"]
+    session: Session, pair: TablePair, key: str, row: dict[str, Any] | None, *, direction: Literal["up", "down"]
 ) -> None:
-    """`row` as the central store holds it (sensitive columns sealed)."""
+    """`row` as the central store holds it (sensitive columns sealed), or None to audit the key alone."""
+    detail: dict[str, Any] = {"direction": direction}
+    if row is not None:
+        detail["deleted"] = jsonable(row)
     record_change(
         session,
         org_id=pair.org_id,
         actor="sync",
         action="sync.delete",
         target=f"{pair.spec.name}/{key}",
-        detail={"direction": direction, "deleted": jsonable(row)},
+        detail=detail,
     )
 
 

@@ -44,7 +44,13 @@ from services.sync.conflicts import (
     record_refused_central_update,
     version_json,
 )
-from services.sync.deletions import audit_deletion, delete_centrally, delete_locally, forget_bases, restore_locally
+from services.sync.deletions import (
+    audit_local_deletions,
+    delete_centrally,
+    delete_locally,
+    forget_bases,
+    restore_locally,
+)
 from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
 from services.sync.merge import Version, deletion, from_json, jsonable, resolve
 from services.sync.pair import TablePair, Tally, hold_sealing_key
@@ -272,8 +278,7 @@ def _acknowledge_pull(
 ) -> None:
     _save_bases(session, pair, pulled)
     forget_bases(session, pair, deleted)
-    for key, row in deleted.items():
-        audit_deletion(session, pair, key, pair.sealed(row), direction=DOWN)
+    audit_local_deletions(session, pair, deleted)
     set_watermark(session, pair, DOWN, seq)
     count_moves(session, pair, pulled=len(pulled) + len(deleted))
 

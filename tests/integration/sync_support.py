@@ -17,11 +17,13 @@ from sqlalchemy.pool import NullPool
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
-from tests.integration.conftest import OrgKeys, create_org_with_keys
+from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.support.servers import DEFAULT_ADMIN_URL
 
 TWO_READINGS = [(1, "pump-1", 1.0, "Ada Lovelace"), (2, "pump-2", 2.0, "Alan Turing")]
 READINGS = "CREATE TABLE readings (id INTEGER PRIMARY KEY, device TEXT, value REAL, patient TEXT)"
+# What only a hospital's own store holds: the central store must never see it.
+LOCAL_ONLY = "hosp-local-only-diagnosis"
 
 
 @dataclass
@@ -150,6 +152,39 @@ def open_table_sync(
     assert response.status_code == 201, response.text
     source_id = str(response.json()["sourceId"])
     return Sync(api, context, org, url, source_id, context.settings.resolved_database_url, name)
+
+
+def open_down_only_vitals(api: TestClient, context: SyncContext, org_id: str, tmp_path: Path) -> Sync:
+    """An org keeping its data on its premises, syncing `vitals` down only, whose two records the central store never
+    saw; the local store refuses a temperature of 50 or more."""
+    sync = open_table_sync(
+        api,
+        context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE vitals (id INTEGER PRIMARY KEY, diagnosis TEXT, temperature REAL CHECK (temperature < 50))",
+        f"INSERT INTO vitals VALUES (1, '{LOCAL_ONLY}-AAA', 37.0), (2, '{LOCAL_ONLY}-BBB', 36.5)",
+        name="vitals",
+        direction="down",
+    )
+    response = api.patch(f"/v1/orgs/{org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return sync
+
+
+def central_copies(sync: Sync) -> str:
+    """Everything the central store keeps of the org's records, as text: the synced table, the bases, the conflicts,
+    the audit trail and the jobs' errors."""
+    of_org, of_source = {"o": sync.org.org_id}, {"s": sync.source_id}
+    return repr(
+        [
+            sync.central(f"SELECT * FROM {sync.central_table}"),
+            sync.central("SELECT * FROM sync_bases WHERE source_id = :s", of_source),
+            sync.central("SELECT * FROM sync_conflicts WHERE org_id = :o", of_org),
+            sync.central("SELECT * FROM audit_log WHERE org_id = :o", of_org),
+            sync.central("SELECT errors FROM sync_jobs WHERE org_id = :o", of_org),
+        ]
+    )
 
 
 def error_of(job: dict[str, Any]) -> str:

@@ -18,7 +18,15 @@ from services.sync.rotation import rotate_org_key
 from shared.db.session import session_scope
 from shared.errors import TransientError
 from shared.sync_keys import destroy_key
-from tests.integration.sync_support import Sync, allow_connections, many_readings, open_sync
+from tests.integration.sync_support import (
+    LOCAL_ONLY,
+    Sync,
+    allow_connections,
+    central_copies,
+    many_readings,
+    open_down_only_vitals,
+    open_sync,
+)
 
 
 def deletions_audited(sync: Sync) -> list[tuple[str, str]]:
@@ -92,6 +100,26 @@ def test_a_central_deletion_comes_down(
     assert sync.local("SELECT id FROM readings") == [(1,)]
     assert deletions_audited(sync) == [("readings/2", "down")]
     assert sync.run()["pushed"] == 0  # the deletion carried down is not sent back up
+
+
+def test_a_central_deletion_on_a_down_only_table_is_audited_without_the_local_record(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """The record deleted locally was never sent up, and its audit row does not send it: key and direction only."""
+    sync = open_down_only_vitals(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"INSERT INTO {sync.central_table} (id, diagnosis, temperature) VALUES (2, 'central', 36.0)")
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"], job["conflicts"]) == ("succeeded", 1, 0), job
+    assert sync.local("SELECT id FROM vitals") == [(1,)]
+    [(detail,)] = sync.central(
+        "SELECT detail FROM audit_log WHERE org_id = :o AND action = 'sync.delete'", {"o": sync.org.org_id}
+    )
+    assert detail == {"direction": "down"}
+    assert LOCAL_ONLY not in central_copies(sync)
 
 
 def test_a_deletion_either_way_leaves_no_field_merge_base_behind(
