@@ -23,6 +23,9 @@ QUEUED, RUNNING, RETRYING, SUCCEEDED, FAILED, REFUSED = (
 FINISHED = (SUCCEEDED, FAILED, REFUSED)
 # A conflict: held for review, a version chosen there (the next job writes it), or settled.
 CONFLICT_OPEN, CONFLICT_CHOSEN, CONFLICT_RESOLVED = "open", "chosen", "resolved"
+# A conflict's local version when its table syncs down only: the local record never reaches the central store, so the
+# conflict holds this marker in its place, with the local store's reason for refusing the central version.
+WITHHELD, REFUSAL = "_kiln_withheld", "_kiln_refusal"
 
 
 def residency_refusal(org_config: OrgConfig, source: SyncSource) -> str | None:

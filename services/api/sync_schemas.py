@@ -48,7 +48,10 @@ class ConflictOut(CamelOut):
     policy: str
     status: str
     outcome: str
-    local_version: dict[str, Any] = Field(description="sensitive columns as stored: sealed")
+    local_version: dict[str, Any] = Field(
+        description="sensitive columns as stored: sealed; a down-only table's is withheld: "
+        '{"_kiln_withheld": true, "_kiln_refusal": <the local store\'s reason>}'
+    )
     central_version: dict[str, Any]
     kept: dict[str, Any] | None
     created_at: datetime

@@ -29,7 +29,7 @@ from services.sync.watermarks import DOWN, watermark
 from shared.audit import record_change
 from shared.db.models import SyncConflict
 from shared.db.types import utcnow
-from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, CONFLICT_RESOLVED
+from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, CONFLICT_RESOLVED, REFUSAL, WITHHELD
 
 # What the review queue's choice sets a conflict's outcome to (services/api/routers/sync_jobs.py).
 KEPT_CENTRAL = "kept-central"
@@ -126,9 +126,15 @@ def _chosen_row(kept: dict[str, Any], existing: dict[str, Any] | None) -> dict[s
     return {**kept, VERSION: number, STAMP: stamp.encode()}
 
 
+def holds_for_review(pair: TablePair) -> bool:
+    """Whether conflicts of the table wait in the review queue: all of a manual table's, and the central updates a
+    down-only table's local store refuses (its local version, which would settle them, never goes up)."""
+    return pair.spec.policy == "manual" or not pair.spec.sends_up
+
+
 def open_conflicts(session: Session, pair: TablePair, keys: Any) -> dict[str, SyncConflict]:
-    """Records held for manual review: neither side's version moves until someone resolves them."""
-    if pair.spec.policy != "manual":
+    """Records held for review: neither side's version moves until someone resolves them."""
+    if not holds_for_review(pair):
         return {}
     rows = session.scalars(
         select(SyncConflict).where(
@@ -144,6 +150,18 @@ def open_conflicts(session: Session, pair: TablePair, keys: Any) -> dict[str, Sy
 def record_conflict(
     session: Session, pair: TablePair, key: str, mine: Version, theirs: Version, resolution: Resolution
 ) -> None:
+    _record(session, pair, key, version_json(pair, mine), version_json(pair, theirs), resolution)
+
+
+def _record(
+    session: Session,
+    pair: TablePair,
+    key: str,
+    mine: dict[str, Any],
+    theirs: dict[str, Any],
+    resolution: Resolution,
+) -> None:
+    """The conflict with both versions as it keeps them, and its audit row (which holds neither)."""
     conflict = SyncConflict(
         org_id=pair.org_id,
         source_id=pair.source_id,
@@ -153,8 +171,8 @@ def record_conflict(
         policy=pair.spec.policy,
         status=CONFLICT_OPEN if resolution.held else CONFLICT_RESOLVED,
         outcome=resolution.outcome,
-        local_version=version_json(pair, mine),
-        central_version=version_json(pair, theirs),
+        local_version=mine,
+        central_version=theirs,
         kept=None if resolution.kept is None else kept_json(pair, resolution.kept),
         resolved_at=None if resolution.held else utcnow(),
         resolved_by=None if resolution.held else "policy",
@@ -181,6 +199,18 @@ def record_refused_central_update(
     theirs = deletion(stamp) if refused is None else Version(pair.plain(refused), stamp)
     resolution = Resolution(REFUSED if refused is not None else DELETE_REFUSED, Version(original, stamp))
     record_conflict(session, pair, key, Version(original, stamp), theirs, resolution)
+
+
+def hold_refused_central_update(
+    session: Session, pair: TablePair, key: str, refused: dict[str, Any], reason: str
+) -> None:
+    """A central update a down-only table's local store refused: held for review with its central version. The local
+    version never reaches the central store: the conflict keeps the local store's reason in its place. Kept as it is,
+    the central version goes down again (apply_choices); the local one cannot be kept."""
+    theirs = Version(pair.plain(refused), stamp_of(refused) or ORIGIN)
+    _record(
+        session, pair, key, {WITHHELD: True, REFUSAL: reason}, version_json(pair, theirs), Resolution(REFUSED, None)
+    )
 
 
 def record_refused_central_insert(session: Session, pair: TablePair, key: str, refused: dict[str, Any]) -> None:

@@ -38,6 +38,8 @@ from services.sync.changes import (
 )
 from services.sync.conflicts import (
     apply_choices,
+    hold_refused_central_update,
+    holds_for_review,
     open_conflicts,
     record_conflict,
     record_refused_central_insert,
@@ -63,7 +65,7 @@ log = logging.getLogger(__name__)
 
 def sync_table(pair: TablePair) -> Tally:
     """Push and pull until neither side has anything left that was there when the job looked."""
-    if pair.spec.policy == "manual":
+    if holds_for_review(pair):
         apply_choices(pair)
     while True:
         pushed = push_batch(pair) if pair.spec.sends_up else False
@@ -235,18 +237,18 @@ def pull_batch(pair: TablePair) -> bool:
             latest = {change.key: change for change in changes if change.key not in held and change.key in current}
             gone = {change.key for change in changes if change.key not in held and change.key not in current}
             begin_applying(local, LOCAL_LOG)
-            refused, refused_inserts = _pull(local, pair, latest, current, _first_versions(session, pair, latest))
+            refusals = _pull(local, pair, latest, current, _first_versions(session, pair, latest))
             deleted, kept = _pull_deletions(local, pair, gone)
             end_applying(local, LOCAL_LOG)
-        pulled = [current[key] for key in latest if key not in refused and key not in refused_inserts]
+        pulled = [current[key] for key in latest if key not in refusals]
         hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
         _hold_central_edits(pair, held, changes, current)
         _acknowledge_pull(session, pair, changes[-1].seq, pulled, deleted)
-        _restore_all_refused(session, pair, {**refused, **kept})
-        _drop_refused_inserts(session, pair, refused_inserts)
+        _restore_all_refused(session, pair, {**refusals.restore, **kept})
+        _hold_refused(session, pair, refusals.hold)
+        _drop_refused_inserts(session, pair, refusals.inserts)
         session.commit()
-    conflicts = len(refused) + len(kept) + len(refused_inserts)
-    _after_batch(pair, pulled=len(pulled) + len(deleted), conflicts=conflicts)
+    _after_batch(pair, pulled=len(pulled) + len(deleted), conflicts=len(refusals) + len(kept))
     return True
 
 
@@ -294,6 +296,16 @@ def _restore_all_refused(session: Session, pair: TablePair, refused: Refused) ->
     end_applying(connection, CENTRAL_LOG)
 
 
+def _hold_refused(session: Session, pair: TablePair, held: Held) -> None:
+    """A table that does not send up never puts a local record centrally, not even to settle a refusal: the central
+    record the local store refused stays as it is, held for review with the local store's reason."""
+    if not held:
+        return
+    for key, (refused, reason) in held.items():
+        hold_refused_central_update(session, pair, key, refused, reason)
+    count_moves(session, pair, conflicts=len(held))
+
+
 def _drop_refused_inserts(session: Session, pair: TablePair, rows: dict[str, dict[str, Any]]) -> None:
     """Central records the local store refused to take have no local version to go back up: they leave the central
     store too, so both sides agree, and each is kept in its conflict and in the deletion's audit row."""
@@ -323,28 +335,48 @@ def _pull(
     latest: dict[str, Change],
     current: dict[str, dict[str, Any]],
     firsts: dict[str, Version],
-) -> tuple[Refused, dict[str, dict[str, Any]]]:
-    """Write the records down; returns the refused updates, each as the local store has it and as the central one,
-    and the refused inserts, as the central store has them."""
+) -> _Refusals:
+    """Write the records down; returns those refused: append-only updates, and those the local store's rules
+    refuse."""
     refused = _refused_updates(local, pair, latest, current, firsts)
     records = {key: current[key] for key in latest if key not in refused}
-    updates, inserts = _write_down(local, pair, records)
-    return refused | updates, inserts
+    refusals = _write_down(local, pair, records)
+    refusals.restore = refused | refusals.restore
+    return refusals
 
 
-def _write_down(
-    local: Connection, pair: TablePair, records: dict[str, dict[str, Any]]
-) -> tuple[Refused, dict[str, dict[str, Any]]]:
+Refused = dict[str, tuple[dict[str, Any], dict[str, Any] | None]]
+# A down-only table's refused central updates: each central record, and the local store's reason.
+Held = dict[str, tuple[dict[str, Any], str]]
+
+
+@dataclass
+class _Refusals:
+    """The records of a pulled batch the local store did not take, by how each is settled."""
+
+    # Updates put back centrally as the local store has them: the local version, and the central one refused.
+    restore: Refused = field(default_factory=dict)
+    # Updates of a table that does not send up: its local versions never go up, so they are held for review.
+    hold: Held = field(default_factory=dict)
+    # Inserts, as the central store has them: with no local version to go back up, they leave the central store.
+    inserts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.restore or key in self.hold or key in self.inserts
+
+    def __len__(self) -> int:
+        return len(self.restore) + len(self.hold) + len(self.inserts)
+
+
+def _write_down(local: Connection, pair: TablePair, records: dict[str, dict[str, Any]]) -> _Refusals:
     """Write the central records locally, all at once, or, when the local store's own rules (NOT NULL, UNIQUE,
-    CHECK: the central copy does not carry them) refuse one, each on its own. A refused update is settled as an
-    append-only one is: the local version goes back up, the central one is kept in its conflict. A refused insert
-    has no local version: it is returned apart, to leave the central store too."""
+    CHECK: the central copy does not carry them) refuse one, each on its own."""
     names = [column.name for column in pair.local_table.columns]
     rows = dict(zip(records, pair.plain_values(records.values(), names), strict=True))
     try:
         with local.begin_nested():
             upsert_values(local, pair.local_table, pair.key, names, list(rows.values()))
-        return {}, {}
+        return _Refusals()
     except IntegrityError:
         pass
     refusals: dict[str, IntegrityError] = {}
@@ -354,6 +386,15 @@ def _write_down(
                 upsert_values(local, pair.local_table, pair.key, names, [row])
         except IntegrityError as error:
             refusals[key] = error
+    return _settle_refusals(local, pair, records, refusals)
+
+
+def _settle_refusals(
+    local: Connection, pair: TablePair, records: dict[str, dict[str, Any]], refusals: dict[str, IntegrityError]
+) -> _Refusals:
+    """A refused insert has no local version: it leaves the central store too. A refused update is settled as an
+    append-only one is, the local version back up and the central one kept in its conflict, when the table sends
+    up; one that does not never puts a local version centrally, so the central one is held for review instead."""
     originals = read(local, pair.local_table, pair.key, refusals)
     for key, refusal in refusals.items():
         log.warning(
@@ -364,11 +405,19 @@ def _write_down(
             "update" if key in originals else "insert",
             refusal.orig,
         )
-    updates: Refused = {key: (originals[key], records[key]) for key in refusals if key in originals}
-    return updates, {key: records[key] for key in refusals if key not in originals}
+    settled = _Refusals(inserts={key: records[key] for key in refusals if key not in originals})
+    updated = [key for key in refusals if key in originals]
+    if pair.spec.sends_up:
+        settled.restore = {key: (originals[key], records[key]) for key in updated}
+    else:
+        settled.hold = {key: (records[key], _reason(refusals[key])) for key in updated}
+    return settled
 
 
-Refused = dict[str, tuple[dict[str, Any], dict[str, Any] | None]]
+def _reason(refusal: IntegrityError) -> str:
+    """The local store's words, first line only: PostgreSQL's DETAIL line quotes the values of the row it refused."""
+    lines = str(refusal.orig).strip().splitlines()
+    return lines[0] if lines else type(refusal.orig).__name__
 
 
 def _pull_deletions(local: Connection, pair: TablePair, keys: set[str]) -> tuple[dict[str, dict[str, Any]], Refused]:

@@ -28,7 +28,15 @@ from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN, create_org_with_keys
-from tests.integration.sync_support import Sync, many_readings, open_sync, open_table_sync
+from tests.integration.sync_support import (
+    LOCAL_ONLY,
+    Sync,
+    central_copies,
+    many_readings,
+    open_down_only_vitals,
+    open_sync,
+    open_table_sync,
+)
 
 
 def edit_both(sync: Sync, *, local: str, central: str) -> None:
@@ -200,6 +208,40 @@ def test_manual_reopens_a_conflict_whose_central_record_changed_after_the_choice
     assert sync.central(f"SELECT device, value FROM {sync.central_table} WHERE id = 1") == [("pump-1", 10.0)]
     [resolved] = sync.conflicts()
     assert (resolved["status"], resolved["centralVersion"]["device"]) == ("resolved", "pump-9")
+
+
+def test_a_down_only_tables_refusal_is_settled_by_keeping_central_and_never_by_keeping_local(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Its local version was withheld, so there is none to keep. Keeping central tries the central record again;
+    a central correction made while it waits joins the conflict, and keeping central then brings it down."""
+    sync = open_down_only_vitals(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"INSERT INTO {sync.central_table} (id, diagnosis, temperature) VALUES (1, 'central', 99.0)")
+    sync.run()
+    [held] = sync.conflicts("open")
+
+    keep_local = sync_api.post(
+        f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "local"}, headers=sync.org.admin
+    )
+    assert keep_local.status_code == 409 and "withheld" in keep_local.json()["error"], keep_local.text
+    choose(sync, held["conflictId"], "central")
+    assert sync.run()["conflicts"] == 1  # refused again: a new conflict waits
+    [again] = sync.conflicts("open")
+    assert again["conflictId"] != held["conflictId"]
+    sync.central(f"UPDATE {sync.central_table} SET temperature = 38.5 WHERE id = 1")
+    sync.run()
+    [joined] = sync.conflicts("open")
+    assert (joined["conflictId"], joined["centralVersion"]["temperature"]) == (again["conflictId"], 38.5)
+    assert sync.local("SELECT diagnosis, temperature FROM vitals WHERE id = 1") == [(f"{LOCAL_ONLY}-AAA", 37.0)]
+
+    choose(sync, joined["conflictId"], "central")
+    sync.run()
+
+    assert sync.conflicts("open") == []
+    assert sync.local("SELECT diagnosis, temperature FROM vitals WHERE id = 1") == [("central", 38.5)]
+    assert sync.central(f"SELECT diagnosis, temperature FROM {sync.central_table}") == [("central", 38.5)]
+    assert LOCAL_ONLY not in central_copies(sync)
 
 
 def test_append_only_refuses_updates_on_either_side_and_keeps_them(

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from services.sync.context import SyncContext
 from tests.integration.conftest import create_org_with_keys
-from tests.integration.sync_support import Sync, register, run_sql
+from tests.integration.sync_support import LOCAL_ONLY, Sync, central_copies, register, run_sql
 from tests.support.servers import fresh_postgres_database
 
 READINGS = "CREATE TABLE readings (id integer PRIMARY KEY, device text, value double precision, patient text)"
@@ -289,3 +289,26 @@ def test_a_central_edit_a_postgresql_local_store_refuses_is_kept_in_a_conflict_a
     assert (job["status"], job["pulled"], job["conflicts"]) == ("succeeded", 1, 1), job
     assert sync.local("SELECT id, body FROM notes ORDER BY id") == [(1, "a"), (2, "central")]
     assert sync.central(f"SELECT id, body FROM {sync.central_table} ORDER BY id") == [(1, "a"), (2, "central")]
+
+
+def test_a_down_only_table_holds_a_refused_central_edit_with_postgresqls_reason_and_no_local_values(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    """The reason is PostgreSQL's message without its DETAIL line, which quotes the row refused."""
+    run_sql(local_url, "CREATE TABLE notes (id integer PRIMARY KEY, body text, n integer CHECK (n < 10))")
+    run_sql(local_url, f"INSERT INTO notes VALUES (1, '{LOCAL_ONLY}', 5)")
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", **NOTES, direction="down")
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"INSERT INTO {sync.central_table} (id, body, n) VALUES (1, 'central', 99)")
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"], job["conflicts"]) == ("succeeded", 0, 1), job
+    assert sync.central(f"SELECT id, body, n FROM {sync.central_table}") == [(1, "central", 99)]
+    assert sync.local("SELECT id, body, n FROM notes") == [(1, LOCAL_ONLY, 5)]
+    [held] = sync.conflicts("open")
+    assert held["localVersion"] == {
+        "_kiln_withheld": True,
+        "_kiln_refusal": 'new row for relation "notes" violates check constraint "notes_n_check"',
+    }
+    assert LOCAL_ONLY not in central_copies(sync)

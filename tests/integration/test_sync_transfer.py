@@ -26,10 +26,13 @@ from shared.errors import InvalidInput, TransientError
 from shared.store_access import StoreRules
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import (
+    LOCAL_ONLY,
     allow_connections,
+    central_copies,
     error_of,
     make_local_store,
     many_readings,
+    open_down_only_vitals,
     open_sync,
     open_table_sync,
     register,
@@ -612,6 +615,30 @@ def test_a_central_insert_the_local_store_refuses_leaves_both_stores_and_is_kept
     assert kept == [("7", "insert-refused", None), ("8", "insert-refused", "a")]
     assert sync.audit_actions().count("sync.delete") == 2
     assert sync.run()["status"] == "succeeded"  # nothing is left to go down again
+
+
+def test_a_down_only_table_holds_a_central_edit_its_local_store_refuses_without_sending_the_local_record(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """A table that does not send up puts no local record centrally, not even to settle a refusal: both records stay
+    as they are, and the review queue holds the central one with the local store's reason, the local one withheld."""
+    sync = open_down_only_vitals(sync_api, sync_context, org_id, tmp_path)
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"INSERT INTO {sync.central_table} (id, diagnosis, temperature) VALUES (1, 'central', 99.0)")
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"], job["conflicts"]) == ("succeeded", 0, 1), job
+    assert sync.central(f"SELECT id, diagnosis, temperature FROM {sync.central_table}") == [(1, "central", 99.0)]
+    assert sync.local("SELECT id, diagnosis, temperature FROM vitals WHERE id = 1") == [(1, f"{LOCAL_ONLY}-AAA", 37.0)]
+    [held] = sync.conflicts("open")
+    assert (held["recordKey"], held["outcome"], held["kept"]) == ("1", "update-refused", None)
+    assert (held["centralVersion"]["diagnosis"], held["centralVersion"]["temperature"]) == ("central", 99.0)
+    assert held["localVersion"] == {
+        "_kiln_withheld": True,
+        "_kiln_refusal": "CHECK constraint failed: temperature < 50",
+    }
+    assert LOCAL_ONLY not in central_copies(sync)
 
 
 def test_a_central_copy_an_earlier_kiln_made_too_narrow_is_widened_at_the_next_sync(

@@ -18,7 +18,7 @@ from shared.db.models import Organization, SyncConflict, SyncJob
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 from shared.schemas import OrgConfig
-from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, queue_sync_job, residency_refusal
+from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, WITHHELD, queue_sync_job, residency_refusal
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["sync"])
 
@@ -78,6 +78,12 @@ def resolve_conflict(
         raise NotFound(f"conflict {conflict_id} not found")
     if row.status != CONFLICT_OPEN:
         raise Conflict(f"conflict {conflict_id} is {row.status}, not open", field="conflictId")
+    if body.keep == "local" and row.local_version.get(WITHHELD):
+        raise Conflict(
+            f"conflict {conflict_id}: its local version was withheld (table {row.table_name!r} syncs down only, so its "
+            "local records never reach the central store); keep central, after a central edit the local store takes",
+            field="keep",
+        )
     row.status, row.outcome = CONFLICT_CHOSEN, f"kept-{body.keep}"
     row.kept = dict(row.local_version if body.keep == "local" else row.central_version)
     row.resolved_by = access.principal.key_id
