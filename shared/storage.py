@@ -18,6 +18,7 @@ from minio import Minio
 from minio.error import S3Error
 
 from shared.errors import ArtifactIntegrityError, NotFound, TransientError
+from shared.schemas import OrgConfig
 from shared.settings import Settings
 
 CHUNK = 1024 * 1024
@@ -199,6 +200,15 @@ def open_object_store(settings: Settings) -> ObjectStore:
         store.ensure_bucket()
         return store
     raise ValueError(f"KILN_OBJECT_STORE must be file://PATH or s3://BUCKET, not {settings.resolved_object_store!r}")
+
+
+def org_data_store(settings: Settings, org_config: OrgConfig, *, central: ObjectStore) -> ObjectStore:
+    """The object store that may hold an org's data (held-out rows, backups of its local stores): for an org that
+    keeps its data on its premises (dataResidency "local"), a folder on this machine, `data_dir/premises`, since the
+    machine that works with that data is on the premises too; for any other, the central one."""
+    if org_config.data_residency == "local":
+        return LocalObjectStore(settings.data_dir / "premises")
+    return central
 
 
 def _http_client() -> urllib3.PoolManager:

@@ -20,7 +20,7 @@ from shared.outbox import KIND_TRAIN_TASK, Sender
 from shared.queues import celery_config, send_train_task
 from shared.schemas import OrgConfig
 from shared.settings import Settings, build_settings
-from shared.storage import LocalObjectStore, ObjectStore, open_object_store
+from shared.storage import ObjectStore, open_object_store, org_data_store
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,6 @@ class WorkerContext:
     store: ObjectStore
     sandbox: Sandbox
     producer: Celery
-    premises: ObjectStore
 
     @classmethod
     def open(cls, settings: Settings) -> WorkerContext:
@@ -45,7 +44,6 @@ class WorkerContext:
             store=open_object_store(settings),
             sandbox=Sandbox(network=settings.training_network, filesystem=settings.training_filesystem),
             producer=producer,
-            premises=LocalObjectStore(settings.data_dir / "premises"),
         )
 
     def close(self) -> None:
@@ -55,7 +53,7 @@ class WorkerContext:
     def holdout_store(self, org_config: OrgConfig) -> ObjectStore:
         """Where held-out rows are kept: a folder on this worker when the org's data stays on its premises (only
         the model and its metrics leave), else the central store beside the version."""
-        return self.premises if org_config.data_residency == "local" else self.store
+        return org_data_store(self.settings, org_config, central=self.store)
 
     def outbox_senders(self) -> dict[str, Sender]:
         def send(payload: dict[str, Any]) -> None:
