@@ -37,6 +37,10 @@ class ObjectStore(Protocol):
     def check(self) -> None:
         """Raise if the store cannot be reached; readiness probes call it."""
 
+    def url(self, key: str) -> str:
+        """Where the object is, for a person to find it: `file:///PATH` or `s3://BUCKET/KEY`."""
+        ...
+
 
 class LocalObjectStore:
     """A folder. Writes go to a temporary file and are renamed into place, so a reader never sees half a file."""
@@ -100,6 +104,9 @@ class LocalObjectStore:
         if not os.access(self.root, os.W_OK):
             raise OSError(f"object store folder is not writable: {self.root}")
 
+    def url(self, key: str) -> str:
+        return self._path(key).as_uri()
+
 
 class S3ObjectStore:
     """One bucket on an S3 server, reached through the `minio` SDK (MinIO in production, SeaweedFS in tests).
@@ -159,6 +166,9 @@ class S3ObjectStore:
         with _reachable(self.endpoint):
             if not self.client.bucket_exists(self.bucket):
                 raise OSError(f"bucket {self.bucket!r} does not exist")
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
 
 
 MISSING_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from deploy.local import demo, stack
 from deploy.local.processes import StackError, pid_alive
-from services.sync.backup import backup_store, list_backups, restore_store
+from services.sync.backup import backup_store, list_backups, restore_store, sealed_key
 from services.sync.context import SyncContext
 from services.sync.rotation import rotate_org_key
 from shared.db import migrate
@@ -91,14 +91,16 @@ def run_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 
 def run_backup(settings: Settings, args: argparse.Namespace) -> int:
     with closing(SyncContext.open(settings)) as context:
-        manifest = backup_store(context.store, context.secrets, org_id=args.org, source=args.source)
+        store = context.org_data_store(args.org)
+        manifest = backup_store(store, context.secrets, org_id=args.org, source=args.source)
     print(f"backup {manifest.backup_id}: {manifest.kind} store, {manifest.size_bytes} bytes, sha256 {manifest.sha256}")
+    print(f"stored at {store.url(sealed_key(manifest))}")
     return 0
 
 
 def run_backups(settings: Settings, args: argparse.Namespace) -> int:
     with closing(SyncContext.open(settings)) as context:
-        manifests = list_backups(context.store, args.org)
+        manifests = list_backups(context.org_data_store(args.org), args.org)
     if not manifests:
         print(f"no backups of {args.org}")
     for manifest in manifests:
@@ -112,7 +114,11 @@ def run_backups(settings: Settings, args: argparse.Namespace) -> int:
 def run_restore(settings: Settings, args: argparse.Namespace) -> int:
     with closing(SyncContext.open(settings)) as context:
         manifest = restore_store(
-            context.store, context.secrets, org_id=args.org, backup_id=args.backup_id, target=args.target
+            context.org_data_store(args.org),
+            context.secrets,
+            org_id=args.org,
+            backup_id=args.backup_id,
+            target=args.target,
         )
     print(f"restored {manifest.backup_id} ({manifest.kind} store): sha256 {manifest.sha256} verified")
     return 0
@@ -159,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--seed", type=int, default=demo.DEFAULT_SEED, help="seed of the generated data")
     demo_parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     _add(commands, "migrate", run_migrate, "bring the database (KILN_DATABASE_URL) to the newest schema")
-    backup = _add(commands, "backup", run_backup, "snapshot a local store to the object store, encrypted")
+    backup_help = "snapshot a local store, encrypted, to the object store (this machine's, for dataResidency local)"
+    backup = _add(commands, "backup", run_backup, backup_help)
     backup.add_argument("org")
     backup.add_argument("source", help="a SQLite file's path, or a PostgreSQL database's URL")
     backups = _add(commands, "backups", run_backups, "list an org's backups, newest first")

@@ -93,7 +93,7 @@ def backup_store(store: ObjectStore, box: SecretBox, *, org_id: str, source: str
         )
         with snapshot.open("rb") as plain, sealed.open("wb") as out:
             box.seal_stream(plain, out, context=_context(org_id, backup_id))
-        store.put_file(_sealed_key(manifest), sealed)
+        store.put_file(sealed_key(manifest), sealed)
     store.put_bytes(_manifest_key(org_id, backup_id), orjson.dumps(manifest.model_dump()))
     return manifest
 
@@ -112,7 +112,7 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
         raise InvalidInput(f"{location} exists; restore into a new path", field="target")
     with tempfile.TemporaryDirectory(prefix="kiln-restore-") as folder:
         sealed, snapshot = Path(folder) / "sealed", Path(folder) / "snapshot"
-        store.get_file(_sealed_key(manifest), sealed)
+        store.get_file(sealed_key(manifest), sealed)
         _open_snapshot(box, manifest, sealed, snapshot)
         if sha256_file(snapshot) != manifest.sha256:
             raise ArtifactIntegrityError(f"backup {backup_id} does not match its checksum; nothing was restored")
@@ -246,7 +246,7 @@ def _libpq_environment(url: URL) -> dict[str, str]:
     return {**os.environ, **{name: str(value) for name, value in parts.items() if value is not None}}
 
 
-def _sealed_key(manifest: BackupManifest) -> str:
+def sealed_key(manifest: BackupManifest) -> str:
     return f"orgs/{manifest.org_id}/backups/{manifest.backup_id}.{_SUFFIXES[manifest.kind]}.sealed"
 
 

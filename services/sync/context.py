@@ -8,9 +8,12 @@ from functools import cache
 from sqlalchemy import Engine
 
 from shared.crypto import SecretBox
-from shared.db.session import SessionFactory, make_engine, make_session_factory
+from shared.db.models import Organization
+from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
+from shared.errors import NotFound
+from shared.schemas import OrgConfig
 from shared.settings import Settings, build_settings
-from shared.storage import ObjectStore, open_object_store
+from shared.storage import ObjectStore, open_object_store, org_data_store
 from shared.store_access import StoreRules
 
 
@@ -32,6 +35,17 @@ class SyncContext:
             secrets=SecretBox(settings.secret_key.get_secret_value()),
             store=open_object_store(settings),
         )
+
+    def org_data_store(self, org_id: str) -> ObjectStore:
+        """Where the org's data may be kept, its local stores' backups among it: read from its dataResidency in the
+        central database (shared/storage.py, org_data_store). NotFound for an org that database does not know, as
+        where its data may go is not known either."""
+        with session_scope(self.sessions) as session:
+            org = session.get(Organization, org_id)
+            if org is None:
+                raise NotFound(f"organization {org_id!r} not found", field="org")
+            org_config = OrgConfig.model_validate(org.config)
+        return org_data_store(self.settings, org_config, central=self.store)
 
     def store_rules(self, org_id: str) -> StoreRules:
         """Which local stores the org's sync may open on this worker."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 
@@ -25,10 +26,24 @@ from services.sync.context import SyncContext
 from shared.crypto import STREAM_CHUNK_BYTES
 from shared.errors import ArtifactIntegrityError
 from shared.settings import Settings
+from tests.integration.conftest import ADMIN
 from tests.integration.sync_support import READINGS, TWO_READINGS, make_local_store, run_sql
 from tests.support.servers import fresh_postgres_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def known_org(api: TestClient, org_id: str) -> str:
+    """An org the central database knows, where the commands read where its data may be kept."""
+    response = api.post("/v1/orgs", json={"id": org_id, "name": f"Org {org_id}"}, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return org_id
+
+
+@pytest.fixture
+def org_id(org_id: str, sync_api: TestClient) -> str:
+    """The test's org, known to the central database."""
+    return known_org(sync_api, org_id)
 
 
 def kiln(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -69,7 +84,7 @@ def test_a_backup_restores_to_the_same_records_and_is_stored_sealed(
 
 
 def test_an_orgs_backups_are_listed_newest_first_to_find_the_one_to_restore(
-    central_settings: Settings, org_id: str, tmp_path: Path
+    central_settings: Settings, sync_api: TestClient, org_id: str, tmp_path: Path
 ) -> None:
     store = tmp_path / "plant.db"
     make_local_store(store, TWO_READINGS)
@@ -77,13 +92,51 @@ def test_an_orgs_backups_are_listed_newest_first_to_find_the_one_to_restore(
     second = backed_up(central_settings, org_id, str(store))
 
     listed = kiln(central_settings, "backups", org_id)
-    none = kiln(central_settings, "backups", "x" + org_id)
+    none = kiln(central_settings, "backups", known_org(sync_api, "x" + org_id))
 
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert [line.split()[0] for line in lines] == [second, first]
     assert all("sqlite" in line and str(store) in line for line in lines)
     assert none.stdout.strip() == f"no backups of x{org_id}"
+
+
+def test_an_org_keeping_its_data_local_is_backed_up_on_this_machine_and_never_centrally(
+    central_settings: Settings, sync_context: SyncContext, sync_api: TestClient, org_id: str, tmp_path: Path
+) -> None:
+    """Its snapshot goes where the trainer keeps its held-out rows: this machine's premises folder."""
+    sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN)
+    store = tmp_path / "plant.db"
+    make_local_store(store, TWO_READINGS)
+
+    backup = kiln(central_settings, "backup", org_id, str(store))
+    assert backup.returncode == 0, backup.stderr
+    backup_id = backup_id_in(backup.stdout)
+    listed = kiln(central_settings, "backups", org_id)
+    restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "restored.db"))
+
+    sealed = (central_settings.data_dir / "premises" / f"orgs/{org_id}/backups/{backup_id}.db.sealed").resolve()
+    assert sealed.is_file() and f"stored at {sealed.as_uri()}" in backup.stdout
+    assert sync_context.store.list(f"orgs/{org_id}/") == []
+    assert listed.stdout.split()[0] == backup_id
+    assert restore.returncode == 0, restore.stderr
+    with closing(sqlite3.connect(tmp_path / "restored.db")) as connection:
+        assert connection.execute("SELECT * FROM readings ORDER BY id").fetchall() == TWO_READINGS
+
+
+def test_a_backup_says_where_it_went_and_an_org_the_central_database_does_not_know_is_refused(
+    central_settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "plant.db"
+    make_local_store(store, TWO_READINGS)
+
+    backup = kiln(central_settings, "backup", org_id, str(store))
+    unknown = kiln(central_settings, "backup", "no-such-org", str(store))
+
+    assert backup.returncode == 0, backup.stderr
+    sealed = f"orgs/{org_id}/backups/{backup_id_in(backup.stdout)}.db.sealed"
+    assert f"stored at {central_settings.object_store}/{sealed}" in backup.stdout  # s3://BUCKET/KEY
+    assert (unknown.returncode, unknown.stderr.strip()) == (1, "kiln backup: organization 'no-such-org' not found")
 
 
 def test_a_tampered_backup_is_not_restored(
