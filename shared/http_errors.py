@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import exc
 from starlette.exceptions import HTTPException
 
 from shared.errors import KilnError
@@ -22,7 +22,9 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(KilnError, _kiln_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(exc.OperationalError, _database_unavailable)
+    # No pooled connection came free in time: the database is too slow to answer, which a client should wait out too.
+    app.add_exception_handler(exc.TimeoutError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)
 
 

@@ -12,6 +12,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 SessionFactory = sessionmaker[Session]
 
+# A database that accepts connections but never answers held a request (and its thread) until it gave up, and
+# held every other request behind it waiting for the pool: these bound both waits, after which the services answer
+# 503 with Retry-After and workers retry as for any database error.
+CONNECT_TIMEOUT_S = 5
+POOL_TIMEOUT_S = 5
+
 
 def with_shipped_driver(url: str | URL) -> URL:
     """`postgresql://` names no driver, and SQLAlchemy 2.1 then picks psycopg 3, which Kiln does not ship: such a
@@ -29,7 +35,16 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
         event.listen(engine, "connect", _configure_sqlite)
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    if "poolclass" not in kwargs:  # NullPool has no checkout to wait for, and refuses the argument
+        kwargs.setdefault("pool_timeout", POOL_TIMEOUT_S)
+    return create_engine(url, pool_pre_ping=True, connect_args=_connect_args(url), **kwargs)
+
+
+def _connect_args(url: URL) -> dict[str, Any]:
+    """libpq's connect_timeout, unless the URL sets its own (an org's store across a slow link may)."""
+    if url.get_backend_name() != "postgresql" or "connect_timeout" in url.query:
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT_S}
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from services.api.app import create_app
+from shared.db.session import CONNECT_TIMEOUT_S
+from shared.settings import Settings
 from tests.integration.conftest import ADMIN, OrgKeys
+from tests.support.servers import silent_server
 
 BEYOND_INT64 = str(2**63)
 
@@ -103,3 +108,17 @@ def test_a_datasource_with_a_nul_character_is_refused_and_not_stored(
     assert response.json()["field"] == field
     assert "NUL character" in response.json()["error"]
     assert api.get(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin).status_code == 404
+
+
+def test_a_database_that_never_answers_costs_a_bounded_wait_then_a_503(settings: Settings, org_id: str) -> None:
+    with silent_server() as database:
+        hung = settings.model_copy(update={"database_url": f"postgresql+psycopg2://kiln@{database}/kiln"})
+        with TestClient(create_app(hung), raise_server_exceptions=False) as api:
+            started = time.monotonic()
+            org = api.get(f"/v1/orgs/{org_id}", headers=ADMIN)
+            ready = api.get("/readyz")
+            waited = time.monotonic() - started
+
+    assert (org.status_code, org.headers["retry-after"]) == (503, "1")
+    assert ready.status_code == 503 and "timeout expired" in ready.json()["checks"]["database"]
+    assert waited < 2 * CONNECT_TIMEOUT_S + 3  # hung, each took 30 s: until the server hung up

@@ -1,4 +1,5 @@
-"""Real servers for the tests: a fresh PostgreSQL database, the local Redis, and a SeaweedFS S3 server."""
+"""Real servers for the tests: a fresh PostgreSQL database, the local Redis, a SeaweedFS S3 server, and a
+listener that never answers."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,3 +147,33 @@ def wait_for_http(
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@contextmanager
+def silent_server(hang_up_after_s: float = 30) -> Iterator[str]:
+    """A TCP listener that accepts every connection and never says a word, like a database that has hung; each
+    connection is closed after `hang_up_after_s`, so a client without a timeout of its own ends too. Yields
+    "127.0.0.1:port"."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+    listener.settimeout(0.1)
+    stopping = threading.Event()
+    thread = threading.Thread(target=_accept_silently, args=(listener, stopping, hang_up_after_s), daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stopping.set()
+        thread.join()
+        listener.close()
+
+
+def _accept_silently(listener: socket.socket, stopping: threading.Event, hang_up_after_s: float) -> None:
+    held: list[tuple[float, socket.socket]] = []
+    while not stopping.is_set():
+        with suppress(TimeoutError):
+            held.append((time.monotonic() + hang_up_after_s, listener.accept()[0]))
+        for ending in [one for one in held if one[0] < time.monotonic()]:
+            ending[1].close()
+            held.remove(ending)
+    for _, connection in held:
+        connection.close()
