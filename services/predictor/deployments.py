@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from services.predictor.models import DeployedVersion, ModelCache, load_model
+from services.predictor.models import DeployedVersion, LoadedModel, ModelCache, load_model
 from shared.db.models import DEPLOYMENT_FAILED, CurrentDeployment, Deployment, ModelVersion, Organization
 from shared.db.session import SessionFactory, session_scope
 from shared.schemas import PredictionPolicy
@@ -93,19 +93,25 @@ class Synchronizer:
                 self._apply(deployed)
         self.synced_once.set()
 
-    def sync_org(self, org_id: str) -> None:
+    def sync_org(self, org_id: str) -> LoadedModel | None:
+        """Follow the org's deployment row; the model it serves then, or None when it has none. A request uses that
+        model itself: another org's install may already have evicted it from the cache."""
         for deployed in read_deployments(self.sessions, org_id):
-            self._apply(deployed)
+            return self._apply(deployed)
+        return None
 
-    def _apply(self, deployed: DeployedVersion) -> None:
+    def _apply(self, deployed: DeployedVersion) -> LoadedModel | None:
         with self._org_locks[deployed.org_id]:
             current = self.cache.peek(deployed.org_id)
+            if current is not None and current.deployed.deployment_id > deployed.deployment_id:
+                return current  # read before a newer deployment was loaded: the request gets the newer one
             if current is not None and current.version == deployed.version:
                 if current.deployed != deployed:
-                    self.cache.install(current.with_policy(deployed))
-                return
+                    current = current.with_policy(deployed)
+                    self.cache.install(current)
+                return current
             if deployed.deployment_id in self._refused:
-                return
+                return current
             try:
                 model = load_model(self.store, deployed)
             except Exception as error:
@@ -119,5 +125,6 @@ class Synchronizer:
                 )
                 record_refusal(self.sessions, deployed.deployment_id, reason)
                 self._refused.add(deployed.deployment_id)
-                return
+                return current
             self.cache.install(model)
+            return model

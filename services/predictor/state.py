@@ -108,8 +108,7 @@ async def model_for(state: PredictorState, org_id: str) -> LoadedModel:
     """The org's serving model; an org not loaded yet is loaded now, from its deployment row."""
     model = state.cache.get(org_id)
     if model is None:
-        await run_in_threadpool(state.synchronizer.sync_org, org_id)
-        model = state.cache.get(org_id)
+        model = await run_in_threadpool(state.synchronizer.sync_org, org_id)
     if model is None:
         raise NotFound(f"model {org_id!r} not found: the organization has no deployed version")
     return model

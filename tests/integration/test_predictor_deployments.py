@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -19,6 +21,7 @@ from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.integration.test_predictor import deploy_quietly, eventually, served_version
 from tests.support.models import ai4i_row, nan_model, register_model, tiny_model
+from tests.support.threaded_server import serving_in_thread
 
 
 def start_predictor(settings: Settings, **changes: object) -> TestClient:
@@ -94,6 +97,31 @@ def test_fifty_orgs_share_one_process_within_its_memory_budget(
                 assert served_version(predictor, org) is not None
                 assert len(state.cache.versions()) <= 10
         assert state.cache.used_mb() <= 10
+
+
+def test_more_orgs_at_once_than_the_budget_holds_are_all_answered(
+    api: TestClient, engine: Engine, store: ObjectStore, settings: Settings, org_id: str
+) -> None:
+    """An org's model loaded for a request serves that request, even if other orgs' loads evict it at once."""
+    orgs = [create_org_with_keys(api, f"{org_id}-{i:02d}") for i in range(20)]
+    for i, org in enumerate(orgs):
+        deploy_quietly(engine, org.org_id, register_model(engine, store, org.org_id, tiny_model(seed=i % 4)))
+
+    def answers(address: str, first: int) -> list[int]:
+        """One client's 15 requests, each to the next org."""
+        turn = [orgs[(first + i) % len(orgs)] for i in range(15)]
+        with httpx.Client(base_url=f"http://{address}", timeout=60) as client:
+            body = {"rows": [ai4i_row()]}
+            return [
+                client.post(f"/v1/orgs/{org.org_id}/predict", json=body, headers=org.viewer).status_code for org in turn
+            ]
+
+    tuned = settings.model_copy(update={"predictor_memory_mb": 5})
+    with serving_in_thread(create_app(tuned)) as address, ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = [status for batch in pool.map(lambda first: answers(address, first), range(20)) for status in batch]
+
+    assert len(statuses) == 300
+    assert [status for status in statuses if status != 200] == []
 
 
 def test_an_org_that_keeps_records_can_read_every_answer(
