@@ -83,6 +83,70 @@ def test_a_broken_candidate_is_refused_the_old_version_serves_on_and_the_deploym
         assert [(row["version"], row["status"]) for row in history] == [(broken, "failed"), (good, "deployed")]
 
 
+def deploy(api: TestClient, org: OrgKeys, version: str) -> None:
+    response = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
+    assert response.status_code == 201, response.text
+
+
+def refuse(api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, kind: str) -> str:
+    """Deploy a broken candidate and wait until a predictor has refused it."""
+    broken = BROKEN[kind](engine, store, org.org_id)
+    deploy(api, org, broken)
+    assert eventually(lambda: current_deployment(api, org)["status"] == "failed")
+    return broken
+
+
+def test_while_deploys_are_refused_every_worker_serves_the_last_good_one_at_start_and_after_eviction(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings, org_id: str
+) -> None:
+    other = create_org_with_keys(api, "x" + org_id)
+    deploy_quietly(engine, other.org_id, register_model(engine, store, other.org_id, tiny_model(seed=2)))
+    good = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, good)
+    # Room for one org's model: a request for the other org unloads it.
+    with start_predictor(settings, predictor_memory_mb=1.5) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == good)
+        broken = [refuse(api, org, engine, store, kind) for kind in ("corrupt ONNX", "NaN on warm-up")]
+        assert served_version(predictor, other) is not None
+        assert served_version(predictor, org) == good
+        with start_predictor(settings) as restarted:  # a worker that starts after the refusals
+            assert eventually(lambda: restarted.get("/v2/health/ready").status_code == 200)
+            assert served_version(restarted, org) == good
+    history = api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()
+    assert [(row["version"], row["status"]) for row in history] == [
+        (broken[1], "failed"),
+        (broken[0], "failed"),
+        (good, "deployed"),
+    ]
+
+
+def risk_level(predictor: TestClient, org: OrgKeys) -> str | None:
+    response = predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
+    return str(response.json()["predictions"][0]["riskLevel"]) if response.status_code == 200 else None
+
+
+def test_while_a_deploy_is_refused_changes_to_the_orgs_prediction_settings_apply_at_once(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    recording = {"predictions": {"record": True, "riskBands": [0.98, 0.99]}}
+    assert api.patch(f"/v1/orgs/{org.org_id}", json={"config": recording}, headers=ADMIN).status_code == 200
+    deploy(api, org, register_model(engine, store, org.org_id, tiny_model(seed=1)))
+    # No reconcile during the test: the settings must arrive with the org's change event.
+    with start_predictor(settings, predictor_reconcile_s=600) as predictor:
+        assert eventually(lambda: risk_level(predictor, org) == "low")
+        refuse(api, org, engine, store, "corrupt ONNX")
+        private = {"predictions": {"record": False, "riskBands": [0.000001, 0.000002]}}
+        assert api.patch(f"/v1/orgs/{org.org_id}", json={"config": private}, headers=ADMIN).status_code == 200
+        # Both settings travel together: once the new bands answer, records have stopped.
+        assert eventually(lambda: risk_level(predictor, org) == "high")
+        time.sleep(0.5)  # the records of answers before the change are written
+        kept = len(records_of(api, org))
+        for _ in range(5):
+            assert risk_level(predictor, org) == "high"
+        time.sleep(0.5)  # two record flushes
+    assert kept > 0 and len(records_of(api, org)) == kept
+
+
 def test_fifty_orgs_share_one_process_within_its_memory_budget(
     api: TestClient, engine: Engine, store: ObjectStore, settings: Settings, org_id: str
 ) -> None:
