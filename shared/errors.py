@@ -70,7 +70,7 @@ class Unavailable(KilnError):
 
 
 class ArtifactIntegrityError(KilnError):
-    """A stored artifact does not match the sha256 recorded for it."""
+    """A stored artifact is not what was recorded: its sha256 differs, or the model in it cannot serve."""
 
     status = HTTPStatus.INTERNAL_SERVER_ERROR
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
+from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import ScalarSelect, func, select, update
@@ -13,6 +16,8 @@ from sqlalchemy.orm import aliased
 from services.predictor.models import DeployedVersion, LoadedModel, ModelCache, load_model
 from shared.db.models import DEPLOYMENT_FAILED, CurrentDeployment, Deployment, ModelVersion, Organization
 from shared.db.session import SessionFactory, session_scope
+from shared.db.types import utcnow
+from shared.errors import ArtifactIntegrityError, KilnError, TransientError
 from shared.schemas import PredictionPolicy
 from shared.storage import ObjectStore
 
@@ -21,14 +26,25 @@ log = logging.getLogger(__name__)
 # Without a measurement from validation, a session is taken to need this many times its file, plus a floor.
 MEMORY_PER_MODEL_BYTE = 6
 MEMORY_FLOOR_MB = 1.0
+# After a load fails for a passing cause, the org's requests are answered 503 for this long without another try:
+# a store outage costs each process one attempt per org in that time, not one per request.
+LOAD_RETRY_S = 2
 
 
-def read_deployments(sessions: SessionFactory, org_id: str | None = None) -> list[DeployedVersion]:
+@dataclass(frozen=True)
+class Wanted:
+    """A deployment an org should serve, and whether a predictor has ever loaded it (then it has shown it serves)."""
+
+    deployed: DeployedVersion
+    loaded_before: bool
+
+
+def read_deployments(sessions: SessionFactory, org_id: str | None = None) -> list[Wanted]:
     """What each org should serve, most recently deployed first: its current deployment or, while that one is
     refused, its last good one (the newest before it that is not failed). Every process reads the same, at its
     start and after an eviction too, and an org whose every deployment was refused has nothing to serve."""
     query = (
-        select(Deployment.org_id, Deployment.id, ModelVersion, Organization.config)
+        select(Deployment.org_id, Deployment.id, Deployment.loaded_at, ModelVersion, Organization.config)
         .select_from(CurrentDeployment)
         .join(Deployment, Deployment.id == _serving_deployment_id())
         .join(ModelVersion, Deployment.version == ModelVersion.version)
@@ -39,7 +55,10 @@ def read_deployments(sessions: SessionFactory, org_id: str | None = None) -> lis
         query = query.where(CurrentDeployment.org_id == org_id)
     with sessions() as session:
         rows = session.execute(query).all()
-    return [_deployed(row.org_id, row.id, row.ModelVersion, row.config) for row in rows]
+    return [
+        Wanted(_deployed(row.org_id, row.id, row.ModelVersion, row.config), loaded_before=row.loaded_at is not None)
+        for row in rows
+    ]
 
 
 def _serving_deployment_id() -> ScalarSelect[int]:
@@ -80,7 +99,7 @@ def _memory_mb(version: ModelVersion) -> float:
 
 
 def record_refusal(sessions: SessionFactory, deployment_id: int, reason: str) -> None:
-    """Mark the deployment failed with the first replica's reason; the old version keeps serving."""
+    """Mark the deployment failed with the first replica's reason; the org's last good deployment serves."""
     with session_scope(sessions) as session:
         session.execute(
             update(Deployment)
@@ -89,9 +108,26 @@ def record_refusal(sessions: SessionFactory, deployment_id: int, reason: str) ->
         )
 
 
+def record_loaded(sessions: SessionFactory, deployment_id: int) -> None:
+    """The deployment's first load by any process: from now on no failure to load it is a refusal."""
+    with session_scope(sessions) as session:
+        session.execute(
+            update(Deployment)
+            .where(Deployment.id == deployment_id, Deployment.loaded_at.is_(None))
+            .values(loaded_at=utcnow())
+        )
+
+
 class Synchronizer:
-    """Loads what the database says each org should serve. A version that fails to load is refused: its deployment
-    is marked failed, and every process serves the org's last good deployment instead."""
+    """Loads what the database says each org should serve.
+
+    Only a candidate that never loaded anywhere and whose file is at fault (corrupt, wrong signature, sha256
+    mismatch, NaN on warm-up) is refused: its deployment is marked failed, and every process serves the org's last
+    good deployment instead. Any other failure passes: the store out of reach, no object at the key (for a new
+    candidate too: that is the store's state, not the version's), or any failure to load again a deployment that
+    has loaded before. The org keeps what it serves; with nothing loaded, its requests get 503 with Retry-After
+    naming the cause, and the next request after that, the next event or the next reconcile tries again.
+    """
 
     def __init__(self, sessions: SessionFactory, store: ObjectStore, cache: ModelCache) -> None:
         self.sessions = sessions
@@ -99,33 +135,37 @@ class Synchronizer:
         self.cache = cache
         self.synced_once = threading.Event()
         self._org_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        # Per org: the deployment whose load last failed for a passing cause, when to try again, and the cause.
+        self._failed_loads: dict[str, tuple[int, float, str]] = {}
 
     def sync_all(self) -> None:
         """Every org already loaded follows the database; others are loaded while the budget lasts."""
         room = self.cache.budget_mb - self.cache.used_mb()
-        for deployed in read_deployments(self.sessions):
-            if self.cache.peek(deployed.org_id) is not None:
-                self._follow(deployed)
-            elif deployed.memory_mb <= room:
-                room -= deployed.memory_mb
-                self._follow(deployed)
+        for wanted in read_deployments(self.sessions):
+            if self.cache.peek(wanted.deployed.org_id) is None:
+                if wanted.deployed.memory_mb > room:
+                    continue
+                room -= wanted.deployed.memory_mb
+            with suppress(TransientError):  # logged where it failed; one org's outage stops no other
+                self._follow(wanted)
         self.synced_once.set()
 
     def sync_org(self, org_id: str) -> LoadedModel | None:
         """Follow the org's deployment row; the model it serves then, or None when it has none. A request uses that
         model itself: another org's install may already have evicted it from the cache."""
-        for deployed in read_deployments(self.sessions, org_id):
-            return self._follow(deployed)
+        for wanted in read_deployments(self.sessions, org_id):
+            return self._follow(wanted)
         return None
 
-    def _follow(self, deployed: DeployedVersion) -> LoadedModel | None:
-        model = self._apply(deployed)
+    def _follow(self, wanted: Wanted) -> LoadedModel | None:
+        model = self._apply(wanted)
         if model is None:  # refused, with nothing loaded: the database now names the deployment before it
-            return self.sync_org(deployed.org_id)
+            return self.sync_org(wanted.deployed.org_id)
         return model
 
-    def _apply(self, deployed: DeployedVersion) -> LoadedModel | None:
-        """The org's model once `deployed` serves; None when `deployed` was refused and the org has nothing loaded."""
+    def _apply(self, wanted: Wanted) -> LoadedModel | None:
+        """The org's model once `wanted` serves; None when `wanted` was refused and the org has nothing loaded."""
+        deployed = wanted.deployed
         with self._org_locks[deployed.org_id]:
             current = self.cache.peek(deployed.org_id)
             if current is not None and current.deployed.deployment_id > deployed.deployment_id:
@@ -136,17 +176,58 @@ class Synchronizer:
                     self.cache.install(current)
                 return current
             try:
-                model = load_model(self.store, deployed)
-            except Exception as error:
-                reason = f"{type(error).__name__}: {error}"
-                log.error(
-                    "org %s: version %s refused (%s); still serving %s",
-                    deployed.org_id,
-                    deployed.version,
-                    reason,
-                    current.version if current else None,
-                )
-                record_refusal(self.sessions, deployed.deployment_id, reason)
+                model = self._load(wanted)
+            except TransientError:
+                if current is None:
+                    raise
+                return current
+            if model is None:  # refused: what the org had serves on
                 return current
             self.cache.install(model)
             return model
+
+    def _load(self, wanted: Wanted) -> LoadedModel | None:
+        """`wanted` loaded and warmed, or None once it is refused; TransientError when it failed for a passing cause."""
+        deployed = wanted.deployed
+        self._raise_recent_failure(deployed)
+        try:
+            model = load_model(self.store, deployed)
+        except Exception as error:
+            if isinstance(error, ArtifactIntegrityError) and not wanted.loaded_before:
+                self._refuse(deployed, error)
+                return None
+            raise self._passing_failure(deployed, error) from error
+        self._failed_loads.pop(deployed.org_id, None)
+        if not wanted.loaded_before:
+            record_loaded(self.sessions, deployed.deployment_id)
+        return model
+
+    def _refuse(self, deployed: DeployedVersion, error: ArtifactIntegrityError) -> None:
+        log.error("org %s: version %s refused (%s)", deployed.org_id, deployed.version, error.message)
+        record_refusal(self.sessions, deployed.deployment_id, error.message)
+
+    def _passing_failure(self, deployed: DeployedVersion, error: Exception) -> TransientError:
+        log.warning(
+            "org %s: version %s could not be loaded, trying again in %s s: %s: %s",
+            deployed.org_id,
+            deployed.version,
+            LOAD_RETRY_S,
+            type(error).__name__,
+            error,
+        )
+        # A Kiln error's message is written for clients; another's may carry anything, so it is named only.
+        cause = error.message if isinstance(error, KilnError) else type(error).__name__
+        self._failed_loads[deployed.org_id] = (deployed.deployment_id, time.monotonic() + LOAD_RETRY_S, cause)
+        return _unavailable(deployed, cause)
+
+    def _raise_recent_failure(self, deployed: DeployedVersion) -> None:
+        failed = self._failed_loads.get(deployed.org_id)
+        if failed is not None and failed[0] == deployed.deployment_id and time.monotonic() < failed[1]:
+            raise _unavailable(deployed, failed[2])
+
+
+def _unavailable(deployed: DeployedVersion, cause: str) -> TransientError:
+    return TransientError(
+        f"the model of {deployed.org_id!r} (version {deployed.version}) cannot be loaded for now: {cause}",
+        headers={"Retry-After": str(LOAD_RETRY_S)},
+    )

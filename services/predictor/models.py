@@ -10,12 +10,24 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from shared.errors import ArtifactIntegrityError
 from shared.layout import MODEL_FILE
 from shared.storage import ObjectStore, get_verified_bytes
 
 log = logging.getLogger(__name__)
+
+# What onnxruntime raises for a file that is no model it can open or run; its other errors (out of memory, say)
+# are no verdict on the version.
+ONNXRUNTIME_REFUSALS = (
+    ort_errors.Fail,
+    ort_errors.InvalidArgument,
+    ort_errors.InvalidGraph,
+    ort_errors.InvalidProtobuf,
+    ort_errors.NoModel,
+    ort_errors.NotImplemented,
+)
 
 INPUT_NAME = "input"
 LABEL_OUTPUT = "label"
@@ -65,12 +77,19 @@ class LoadedModel:
 
 
 def load_model(store: ObjectStore, deployed: DeployedVersion) -> LoadedModel:
-    """Fetch, check the sha256, open and warm a version; raise rather than return something that cannot serve."""
+    """Fetch, check the sha256, open and warm a version; raise rather than return something that cannot serve.
+
+    ArtifactIntegrityError says the file is at fault: its sha256, or a model onnxruntime cannot open or run, or one
+    that answers wrong. Anything else (the store out of reach, no object at the key) is no verdict on the version.
+    """
     data = get_verified_bytes(store, deployed.artifact_prefix + MODEL_FILE, deployed.sha256)
-    session = ort.InferenceSession(data, _session_options(), providers=["CPUExecutionProvider"])
-    model = LoadedModel(deployed=deployed, session=session, size_bytes=len(data))
-    _check_signature(model)
-    _warm_up(model)
+    try:
+        session = ort.InferenceSession(data, _session_options(), providers=["CPUExecutionProvider"])
+        model = LoadedModel(deployed=deployed, session=session, size_bytes=len(data))
+        _check_signature(model)
+        _warm_up(model)
+    except ONNXRUNTIME_REFUSALS as error:
+        raise ArtifactIntegrityError(f"{deployed.version}: onnxruntime cannot serve it: {error}") from error
     return model
 
 

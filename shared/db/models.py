@@ -163,6 +163,9 @@ class Deployment(Base):
     # "deployed", or "failed" when a predictor refused the version (corrupt, wrong signature, NaN) and kept the old.
     status: Mapped[str] = mapped_column(String(16), default="deployed", server_default="deployed")
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    # When a predictor first loaded and warmed it: from then on the version has shown it serves, and a later failure
+    # to load it again (the store out, its file gone or changed) is a passing error, never a refusal.
+    loaded_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 DEPLOYMENT_FAILED = "failed"

@@ -6,15 +6,96 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import httpx2
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
 from services.predictor.app import create_app
+from services.predictor.deployments import LOAD_RETRY_S
 from shared.db.session import CONNECT_TIMEOUT_S, POOL_TIMEOUT_S
 from shared.keys import new_key
+from shared.layout import model_key
 from shared.settings import Settings
-from tests.integration.conftest import ADMIN
-from tests.support.models import ai4i_row
+from shared.storage import ObjectStore
+from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
+from tests.integration.test_predictor import deploy_quietly, eventually, served_version
+from tests.integration.test_predictor_deployments import current_deployment, deploy, start_predictor
+from tests.support.models import ai4i_row, register_model, tiny_model
 from tests.support.servers import silent_server
 from tests.support.threaded_server import serving_in_thread
+
+
+def history(api: TestClient, org: OrgKeys) -> list[tuple[str, str]]:
+    rows = api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()
+    return [(row["version"], row["status"]) for row in rows]
+
+
+def predict(predictor: TestClient, org: OrgKeys) -> httpx2.Response:
+    return predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
+
+
+def test_a_deployment_that_served_answers_503_while_the_store_has_lost_its_file_and_serves_once_it_is_back(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings, org_id: str
+) -> None:
+    other = create_org_with_keys(api, "x" + org_id)
+    deploy_quietly(engine, other.org_id, register_model(engine, store, other.org_id, tiny_model(seed=2)))
+    version = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, version)
+    key = model_key(org.org_id, version)
+    # Room for one org's model: a request for the other org unloads it.
+    with start_predictor(settings, predictor_memory_mb=1.5) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == version)
+        model_file = store.get_bytes(key)
+        store.delete(key)
+        assert served_version(predictor, other) is not None
+
+        during = predict(predictor, org)
+        assert during.status_code == 503, during.text
+        assert during.headers["retry-after"] == str(LOAD_RETRY_S)
+        assert f"no object at {key}" in during.json()["error"]
+        assert predictor.get("/v2/health/ready").status_code == 200
+        assert current_deployment(api, org)["status"] == "deployed"
+
+        store.put_bytes(key, model_file)
+        assert eventually(lambda: served_version(predictor, org) == version)
+    assert history(api, org) == [(version, "deployed")]
+
+
+def test_a_new_candidate_the_store_cannot_give_is_tried_again_not_refused(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    old = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    new = register_model(engine, store, org.org_id, tiny_model(seed=2))
+    key = model_key(org.org_id, new)
+    model_file = store.get_bytes(key)
+    store.delete(key)
+    deploy(api, org, old)
+    with start_predictor(settings) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == old)
+        deploy(api, org, new)
+        time.sleep(1.5)  # the deploy event and a few reconciles have found no object
+        assert served_version(predictor, org) == old
+        assert current_deployment(api, org)["status"] == "deployed"
+
+        store.put_bytes(key, model_file)
+        assert eventually(lambda: served_version(predictor, org) == new)
+    assert history(api, org) == [(new, "deployed"), (old, "deployed")]
+
+
+def test_a_worker_started_after_a_served_versions_file_changed_answers_503_and_refuses_nothing(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    """Whether a deployment has loaded is known to every process, not only to those that loaded it."""
+    version = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, version)
+    with start_predictor(settings) as first:
+        assert eventually(lambda: served_version(first, org) == version)
+    store.put_bytes(model_key(org.org_id, version), tiny_model(seed=3))
+    with start_predictor(settings) as restarted:
+        assert eventually(lambda: restarted.get("/v2/health/ready").status_code == 200)
+        answer = predict(restarted, org)
+    assert answer.status_code == 503 and "does not match the recorded" in answer.json()["error"]
+    assert history(api, org) == [(version, "deployed")]
 
 
 def test_a_database_that_never_answers_costs_a_bounded_wait_then_a_503_with_retry_after(
