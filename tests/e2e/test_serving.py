@@ -1,5 +1,5 @@
 """Serving under load on real processes (two predictors of two workers each, on PostgreSQL, Redis and S3): swaps
-that lose nothing and that every client sees in deploy order, and a replica that was down catching up."""
+that lose nothing and that every keep-alive client sees in deploy order, and a replica that was down catching up."""
 
 from __future__ import annotations
 
