@@ -20,6 +20,12 @@ class SyncSourceOut(CamelOut):
     created_at: datetime
 
 
+class SyncResyncOut(CamelOut):
+    source_id: str
+    tables: list[str] = Field(description="each brought back together with the restored local store by the job")
+    job_id: str = Field(description="the job queued to do it")
+
+
 class SyncJobIn(CamelModel):
     source_id: str = Field(min_length=1, max_length=40)
 

@@ -25,6 +25,8 @@ from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
+from services.sync.resync import resync_if_asked
+from services.sync.store_marks import check_positions, create_marks, recognize_store
 from services.sync.stores import (
     add_new_columns,
     check_key,
@@ -191,14 +193,19 @@ def _sync_tables(
     context: SyncContext, local: Engine, source: SyncSource, job_id: str, after_batch: AfterBatch | None
 ) -> None:
     refuse_kiln_database(local, context.store_rules(source.org_id))
+    recognize_store(context.engine, local, source)
     offset_ms = _clock_offset(local, context.engine)
     keyring = _keyring(context, source.org_id)
     for spec in source_tables(source):
         with _naming_the_table(spec.name):
             pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
+            if not resync_if_asked(pair):
+                check_positions(pair)
             pair.after_batch = after_batch
             _sync_through_rotations(context, pair)
         keyring = pair.keyring  # the new one, if a rotation came meanwhile
+    # A new token at the end too: a backup taken while this job ran holds the one it started with.
+    recognize_store(context.engine, local, source)
 
 
 def _sync_through_rotations(context: SyncContext, pair: TablePair) -> None:
@@ -237,6 +244,7 @@ def open_pair(
     local_dialect = local.dialect.name
     with local.begin() as connection:
         create_log(connection, LOCAL_LOG)
+        create_marks(connection)
         reflected = reflect(connection, spec.name)
         check_key(reflected, spec)
         if not has_triggers(connection, LOCAL_LOG, spec.name):

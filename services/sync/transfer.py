@@ -56,6 +56,7 @@ from services.sync.deletions import (
 from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
 from services.sync.merge import Version, deletion, from_json, jsonable, resolve
 from services.sync.pair import TablePair, Tally, hold_sealing_key
+from services.sync.store_marks import note_pulled
 from services.sync.stores import STAMP, VERSION, key_text, read, stamp_of, upsert, upsert_values
 from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, watermark, watermarks
 from shared.db.models import SyncBase, SyncConflict
@@ -90,7 +91,7 @@ def push_batch(pair: TablePair) -> bool:
         hold_sealing_key(session, pair)
         begin_applying(connection, CENTRAL_LOG)
         moves = _push(session, connection, pair, latest, rows)
-        set_watermark(session, pair, UP, changes[-1].seq)
+        set_watermark(session, pair, UP, changes[-1].seq, logged=changes[-1])
         count_moves(session, pair, pushed=moves.copies, conflicts=moves.conflicts)
         end_applying(connection, CENTRAL_LOG)
         # Before the central commit: a batch replayed after this one was cut off finds the records back, as edits.
@@ -240,6 +241,7 @@ def pull_batch(pair: TablePair) -> bool:
             refusals = _pull(local, pair, latest, current, _first_versions(session, pair, latest))
             deleted, kept = _pull_deletions(local, pair, gone)
             end_applying(local, LOCAL_LOG)
+            note_pulled(local, pair, changes[-1].seq)
         pulled = [current[key] for key in latest if key not in refusals]
         hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
         _hold_central_edits(pair, held, changes, current)

@@ -3,11 +3,12 @@ transaction of the batch they acknowledge, so a replayed batch is neither lost n
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from services.sync.changes import Change
 from services.sync.pair import TablePair
 from shared.db.models import SyncJob, SyncWatermark
 from shared.db.types import utcnow
@@ -30,7 +31,12 @@ def watermarks(session: Session, pair: TablePair) -> dict[str, int]:
     return {direction: seq for direction, seq in rows}
 
 
-def set_watermark(session: Session, pair: TablePair, direction: str, seq: int) -> None:
+def set_watermark(session: Session, pair: TablePair, direction: str, seq: int, *, logged: Change | None = None) -> None:
+    """`logged`, for `up`: the local log row at `seq`, kept beside it so that a job knows a store restored from a
+    backup, whose log lacks that row (services/sync/store_marks.py)."""
+    values: dict[str, Any] = {"seq": seq, "updated_at": utcnow()}
+    if logged is not None:
+        values.update(logged_key=logged.key, logged_at_ms=logged.at_ms)
     moved = session.execute(
         update(SyncWatermark)
         .where(
@@ -38,14 +44,10 @@ def set_watermark(session: Session, pair: TablePair, direction: str, seq: int) -
             SyncWatermark.table_name == pair.spec.name,
             SyncWatermark.direction == direction,
         )
-        .values(seq=seq, updated_at=utcnow())
+        .values(values)
     )
     if moved.rowcount == 0:  # type: ignore[attr-defined]
-        session.add(
-            SyncWatermark(
-                source_id=pair.source_id, table_name=pair.spec.name, direction=direction, seq=seq, updated_at=utcnow()
-            )
-        )
+        session.add(SyncWatermark(source_id=pair.source_id, table_name=pair.spec.name, direction=direction, **values))
 
 
 def count_moves(session: Session, pair: TablePair, *, pushed: int = 0, pulled: int = 0, conflicts: int = 0) -> None:

@@ -288,6 +288,35 @@ class SyncWatermark(Base):
     direction: Mapped[str] = mapped_column(String(8), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Of `up`: the local log row at `seq`, its record and time. A store restored from a backup lacks it, or logs
+    # another edit under that number (services/sync/store_marks.py).
+    logged_key: Mapped[str | None] = mapped_column(Text, default=None)
+    logged_at_ms: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+
+class SyncStoreMark(Base):
+    """The token a source's local store should hold (in its `_kiln_marks`), new at the start and the end of every
+    job: a store restored from a backup or replaced holds another. `previous_token` is the one the store held before
+    the last new one, accepted until the store is known to hold the new one; "" stands for a store that held none."""
+
+    __tablename__ = "sync_store_marks"
+
+    source_id: Mapped[str] = mapped_column(ForeignKey("sync_sources.id"), primary_key=True)
+    token: Mapped[str] = mapped_column(String(64))
+    previous_token: Mapped[str | None] = mapped_column(String(64), default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SyncResync(Base):
+    """A table whose local store was restored or replaced, to be brought back together with its central copy by
+    the source's next job (POST /v1/orgs/{org}/sync-sources/{id}/resync); the job deletes the row as it does so."""
+
+    __tablename__ = "sync_resyncs"
+
+    source_id: Mapped[str] = mapped_column(ForeignKey("sync_sources.id"), primary_key=True)
+    table_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    requested_by: Mapped[str] = mapped_column(String(64))
 
 
 class SyncConflict(Base):

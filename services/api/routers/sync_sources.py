@@ -12,13 +12,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
+from services.api.outbox_relay import commit_and_send
 from services.api.routers.datasource import checked_url
-from services.api.sync_schemas import SyncScheduleIn, SyncScheduleOut, SyncSourceOut
+from services.api.sync_schemas import SyncResyncOut, SyncScheduleIn, SyncScheduleOut, SyncSourceOut
 from shared.audit import record_change
-from shared.db.models import SyncSchedule, SyncSource
+from shared.db.models import Organization, SyncResync, SyncSchedule, SyncSource
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 from shared.schedules import check_schedule, next_fire_times
+from shared.schemas import OrgConfig
+from shared.sync_jobs import queue_sync_job, residency_refusal, source_tables
 from shared.sync_tables import SyncSourceSpec, central_table_name
 
 router = APIRouter(prefix="/v1/orgs/{org}/sync-sources", tags=["sync"])
@@ -61,6 +64,32 @@ def list_sources(access: OrgViewer, session: SessionDep) -> list[SyncSourceOut]:
 @router.get("/{source_id}", response_model=SyncSourceOut)
 def get_source(source_id: str, access: OrgViewer, session: SessionDep) -> SyncSourceOut:
     return _source_out(owned_source(session, source_id, org_id=access.org_id))
+
+
+@router.post("/{source_id}/resync", status_code=status.HTTP_202_ACCEPTED, response_model=SyncResyncOut)
+def resync(source_id: str, access: OrgAdmin, session: SessionDep, resources: ResourcesDep) -> SyncResyncOut:
+    """The source's local store was restored from a backup or replaced (its jobs fail saying so): the job queued
+    here brings both sides back together, keeping the edits made since the restore (README, "Restoring a store")."""
+    source = owned_source(session, source_id, org_id=access.org_id)
+    org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
+    refusal = residency_refusal(org_config, source)
+    if refusal is not None:
+        raise Conflict(refusal)
+    actor = access.principal.key_id
+    tables = [table.name for table in source_tables(source)]
+    for name in tables:
+        session.merge(SyncResync(source_id=source.id, table_name=name, requested_at=utcnow(), requested_by=actor))
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=actor,
+        action="sync.resync.requested",
+        target=source.id,
+        detail={"tables": tables},
+    )
+    job, message = queue_sync_job(session, source=source, actor=actor, trigger="resync")
+    commit_and_send(session, resources, message)
+    return SyncResyncOut(source_id=source.id, tables=tables, job_id=job.id)
 
 
 @router.put("/{source_id}/schedule", response_model=SyncScheduleOut)
