@@ -25,6 +25,7 @@ from shared.sync_keys import destroy_key
 Command = Callable[[Settings, argparse.Namespace], int]
 # Who the audit trail names for what an operator does here.
 CLI_ACTOR = "cli"
+MAX_PORT = 65535
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -161,8 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     _add(commands, "status", status, "show the stack's URLs and processes")
     demo_help = "start the stack, train, deploy and predict over HTTP"
     demo_parser = _add(commands, "demo", run_demo, demo_help, parents=[starting, stopping])
-    demo_parser.add_argument("--rows", type=int, default=demo.DEFAULT_ROWS, help="rows of generated data")
-    demo_parser.add_argument("--seed", type=int, default=demo.DEFAULT_SEED, help="seed of the generated data")
+    demo_parser.add_argument("--rows", type=_at_least(1), default=demo.DEFAULT_ROWS, help="rows of generated data")
+    demo_parser.add_argument("--seed", type=_at_least(0), default=demo.DEFAULT_SEED, help="seed of the generated data")
     demo_parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     _add(commands, "migrate", run_migrate, "bring the database (KILN_DATABASE_URL) to the newest schema")
     backup_help = "snapshot a local store, encrypted, to the object store (this machine's, for dataResidency local)"
@@ -205,10 +206,37 @@ def _starting_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
     for name, default in stack.DEFAULT_PORTS.items():
         options.add_argument(
-            f"--{name}-port", type=int, default=default, help="preferred port, another if taken (0: any)"
+            f"--{name}-port", type=_port, default=default, help="preferred port, another if taken (0: any)"
         )
     options.add_argument("--timeout", type=float, default=90.0, help="seconds each process may take to answer")
     return options
+
+
+def _at_least(lowest: int) -> Callable[[str], int]:
+    """A whole number of at least `lowest`: anything else is refused while parsing, with the usage, rather than
+    failing half-way through the command."""
+
+    def parse(given: str) -> int:
+        value = _whole_number(given)
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, not {value}")
+        return value
+
+    return parse
+
+
+def _port(given: str) -> int:
+    value = _whole_number(given)
+    if not 0 <= value <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"a port is 0 to {MAX_PORT} (0: any free one), not {value}")
+    return value
+
+
+def _whole_number(given: str) -> int:
+    try:
+        return int(given)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{given!r} is not a whole number") from None
 
 
 def _stopping_options() -> argparse.ArgumentParser:
