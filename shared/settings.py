@@ -11,8 +11,13 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from shared.errors import ConfigurationError
+
+# The database drivers Kiln ships: `postgresql://` gets psycopg2 too (shared.db.session, with_shipped_driver).
+SHIPPED_DRIVERS = frozenset({"postgresql", "postgresql+psycopg2", "sqlite", "sqlite+pysqlite"})
 
 
 class Settings(BaseSettings):
@@ -106,6 +111,26 @@ class Settings(BaseSettings):
                 except ValueError:
                     raise ValueError(f"{entry!r} is not a network such as 10.20.0.0/16") from None
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _a_database_kiln_can_open(cls, url: str) -> str:
+        """Checked here, once, rather than failing in each process as it connects (with a traceback naming a
+        driver module); the value itself is never quoted, as it may hold a password."""
+        if not url:
+            return url
+        try:
+            driver = make_url(url).drivername
+        except (ArgumentError, ValueError):
+            raise ValueError(
+                "is not a database URL such as postgresql+psycopg2://user:password@host:5432/kiln (the port a number, "
+                "and any of @ : / ? # in the password %-quoted)"
+            ) from None
+        if driver not in SHIPPED_DRIVERS:
+            raise ValueError(
+                f"Kiln runs on PostgreSQL (postgresql+psycopg2://) or SQLite (sqlite:///PATH), not {driver}"
+            )
+        return url
 
     @model_validator(mode="after")
     def _refuse_embedded_secrets_in_prod(self) -> Settings:

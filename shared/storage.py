@@ -17,7 +17,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
-from shared.errors import ArtifactIntegrityError, NotFound, TransientError
+from shared.errors import ArtifactIntegrityError, ConfigurationError, NotFound, TransientError
 from shared.schemas import OrgConfig
 from shared.settings import Settings
 
@@ -209,7 +209,8 @@ def open_object_store(settings: Settings) -> ObjectStore:
         store = S3ObjectStore(client, url.netloc, endpoint=settings.s3_endpoint)
         store.ensure_bucket()
         return store
-    raise ValueError(f"KILN_OBJECT_STORE must be file://PATH or s3://BUCKET, not {settings.resolved_object_store!r}")
+    given = f"{url.scheme}://…" if url.scheme else "a path without file://"
+    raise ConfigurationError(f"KILN_OBJECT_STORE must be file://PATH or s3://BUCKET, not {given}")
 
 
 def org_data_store(settings: Settings, org_config: OrgConfig, *, central: ObjectStore) -> ObjectStore:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,8 @@ from sqlalchemy import create_engine, inspect
 from shared.db.migrate import alembic_config, upgrade
 from shared.db.models import Base
 from tests.support.servers import fresh_postgres_database
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def tables_and_columns(url: str) -> dict[str, list[str]]:
@@ -59,3 +64,31 @@ def test_migrations_downgrade_to_nothing_and_back(tmp_path: Path) -> None:
     assert tables_and_columns(url) == {}
     upgrade(url)
     assert "model_versions" in tables_and_columns(url)
+
+
+def kiln_migrate(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
+    """`kiln migrate` as an operator runs it, with only the KILN_* variables given (the data dir in tmp_path)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KILN_")}
+    env |= {"KILN_DATA_DIR": str(tmp_path / "kiln"), **variables}
+    command = [sys.executable, "-m", "deploy.local.cli", "migrate"]
+    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize(
+    ("url", "refusal"),
+    [
+        (
+            "mysql://kiln:s3cret@db/kiln",
+            "Kiln runs on PostgreSQL (postgresql+psycopg2://) or SQLite (sqlite:///PATH), not mysql",
+        ),
+        (
+            "postgresql://kiln:s3cret@db:abc/kiln",
+            "is not a database URL such as postgresql+psycopg2://user:password@host:5432/kiln (the port a number, "
+            "and any of @ : / ? # in the password %-quoted)",
+        ),
+    ],
+)
+def test_a_database_url_kiln_cannot_open_is_refused_in_one_line(tmp_path: Path, url: str, refusal: str) -> None:
+    migrate = kiln_migrate(tmp_path, KILN_DATABASE_URL=url)
+
+    assert (migrate.returncode, migrate.stderr.strip()) == (1, f"kiln migrate: KILN_DATABASE_URL: {refusal}")

@@ -39,3 +39,14 @@ def test_a_number_out_of_range_is_refused_before_anything_starts(
     assert exit_code_of(*args) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"kiln {args[0]}: error: {refusal}"
     assert not (tmp_path / "kiln").exists()  # nothing was started, not even the dev secrets made
+
+
+def test_an_object_store_kiln_cannot_open_is_named_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KILN_OBJECT_STORE", "ftp://objects.example")
+
+    assert exit_code_of("backups", "acme") == 1
+    assert (
+        capsys.readouterr().err == "kiln backups: KILN_OBJECT_STORE must be file://PATH or s3://BUCKET, not ftp://…\n"
+    )
