@@ -83,3 +83,7 @@ class TransientError(KilnError):
 
 class ConfigurationError(KilnError):
     """The process's KILN_* settings are not usable; the message names each variable, never its value."""
+
+
+class MigrationError(KilnError):
+    """The database could not be brought to the newest schema; the message says why, and nothing was applied."""

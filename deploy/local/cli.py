@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from deploy.local import demo, stack
 from deploy.local.processes import StackError, pid_alive
@@ -17,7 +17,7 @@ from services.sync.backup import backup_store, list_backups, restore_store, seal
 from services.sync.context import SyncContext
 from services.sync.rotation import rotate_org_key
 from shared.db import migrate
-from shared.db.session import session_scope
+from shared.db.session import driver_message, session_scope
 from shared.errors import KilnError
 from shared.settings import Settings, build_settings
 from shared.sync_keys import destroy_key
@@ -38,10 +38,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"kiln {args.name}: {error}", file=sys.stderr)
         code = 1
     except SQLAlchemyError as error:
-        reason = str(error.orig if isinstance(error, DBAPIError) else error).strip().splitlines()[0]
         print(
-            f"kiln {args.name}: the database (KILN_DATABASE_URL) refused: {reason}; `kiln migrate` brings a new "
-            "one to the newest schema",
+            f"kiln {args.name}: the database (KILN_DATABASE_URL) refused: {driver_message(error)}; `kiln migrate` "
+            "brings a new one to the newest schema",
             file=sys.stderr,
         )
         code = 1

@@ -7,7 +7,11 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
+from sqlalchemy.exc import SQLAlchemyError
 
+from shared.db.session import driver_message
+from shared.errors import MigrationError
 from shared.settings import Settings, build_settings, make_private_folder
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -21,7 +25,20 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+    """Bring the database to `revision` in one transaction (migrations/env.py): all of it, or, raising
+    MigrationError, none of it."""
+    try:
+        command.upgrade(alembic_config(database_url), revision)
+    except CommandError as error:  # alembic_version names a revision this Kiln has no migration for
+        raise MigrationError(
+            f"the database (KILN_DATABASE_URL) holds a schema this Kiln does not know ({error}): a newer Kiln "
+            "migrated it, or it is another application's; run that Kiln, or give this one a database of its own"
+        ) from None
+    except SQLAlchemyError as error:
+        raise MigrationError(
+            "migrating the database (KILN_DATABASE_URL) failed, and none of it was applied (it must be reachable, "
+            f"and Kiln's own, where Kiln may create tables): {driver_message(error)}"
+        ) from None
 
 
 def prepare_embedded_database(settings: Settings) -> None:

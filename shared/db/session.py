@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 SessionFactory = sessionmaker[Session]
@@ -53,6 +54,13 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def driver_message(error: SQLAlchemyError) -> str:
+    """What the database or its driver said, in one line: SQLAlchemy's own text adds the statement, its
+    parameters (which may hold records) and a link."""
+    said = error.orig if isinstance(error, DBAPIError) else error
+    return " ".join(line.strip() for line in str(said).splitlines() if line.strip())
 
 
 def make_session_factory(engine: Engine) -> SessionFactory:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,50 @@ def kiln_migrate(tmp_path: Path, **variables: str) -> subprocess.CompletedProces
     env |= {"KILN_DATA_DIR": str(tmp_path / "kiln"), **variables}
     command = [sys.executable, "-m", "deploy.local.cli", "migrate"]
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def dump(path: Path) -> list[str]:
+    with closing(sqlite3.connect(path)) as connection:
+        return list(connection.iterdump())
+
+
+def test_a_migration_failing_half_way_leaves_a_sqlite_database_as_it_was(tmp_path: Path) -> None:
+    """Another application's file, with a table of a name Kiln's fifth migration makes: the first four applied
+    and half the fifth stayed, alembic_version saying nothing of it, and every later run failed."""
+    other = tmp_path / "other.db"
+    with closing(sqlite3.connect(other)) as connection:
+        connection.execute("CREATE TABLE sync_sources (id INTEGER PRIMARY KEY, name TEXT)")
+        connection.execute("INSERT INTO sync_sources VALUES (1, 'theirs')")
+        connection.commit()
+    before = dump(other)
+
+    first = kiln_migrate(tmp_path, KILN_DATABASE_URL=f"sqlite:///{other}")
+    again = kiln_migrate(tmp_path, KILN_DATABASE_URL=f"sqlite:///{other}")
+
+    assert first.returncode == 1
+    assert first.stderr.strip() == (
+        "kiln migrate: migrating the database (KILN_DATABASE_URL) failed, and none of it was applied (it must be "
+        "reachable, and Kiln's own, where Kiln may create tables): table sync_sources already exists"
+    )
+    assert (again.returncode, again.stderr) == (first.returncode, first.stderr)
+    assert dump(other) == before
+
+
+def test_a_database_migrated_by_a_kiln_unknown_to_this_one_is_named_without_a_traceback(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.db"
+    with closing(sqlite3.connect(newer)) as connection:
+        connection.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
+        connection.execute("INSERT INTO alembic_version VALUES ('ffff0000beef')")
+        connection.commit()
+
+    migrate = kiln_migrate(tmp_path, KILN_DATABASE_URL=f"sqlite:///{newer}")
+
+    assert migrate.returncode == 1
+    assert migrate.stderr.strip() == (
+        "kiln migrate: the database (KILN_DATABASE_URL) holds a schema this Kiln does not know (Can't locate "
+        "revision identified by 'ffff0000beef'): a newer Kiln migrated it, or it is another application's; run "
+        "that Kiln, or give this one a database of its own"
+    )
 
 
 @pytest.mark.parametrize(
