@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -37,6 +38,17 @@ def holds_nul(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return any(holds_nul(item) for item in value)
     return False
+
+
+def problems(error: ValidationError, *, named: Callable[[str], str] = str) -> str:
+    """What is wrong, in one line, each problem naming its field (as `named` spells it). pydantic's own text runs
+    over several lines and quotes the input, which may hold secrets."""
+    found = []
+    for problem in error.errors(include_url=False, include_input=False, include_context=False):
+        field = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        found.append(f"{named(field)}: {message}" if field else message)
+    return "; ".join(found)
 
 
 ClassValue = str | int | float | bool

@@ -100,15 +100,17 @@ def run_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_backups(settings: Settings, args: argparse.Namespace) -> int:
     with closing(SyncContext.open(settings)) as context:
-        manifests = list_backups(context.org_data_store(args.org), args.org)
-    if not manifests:
+        manifests, damaged = list_backups(context.org_data_store(args.org), args.org)
+    if not manifests and not damaged:
         print(f"no backups of {args.org}")
     for manifest in manifests:
         print(
             f"{manifest.backup_id}  {manifest.created_at}  {manifest.kind:<10}  {manifest.size_bytes:>14,} bytes  "
             f"{manifest.source}"
         )
-    return 0
+    for problem in damaged:
+        print(f"kiln {args.name}: {problem}", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 def run_restore(settings: Settings, args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ never overwrites a store and never leaves a half-restored one.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import sqlite3
@@ -22,10 +23,10 @@ import tempfile
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError, field_validator
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -33,7 +34,8 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from shared.crypto import SecretBox
 from shared.db.session import with_shipped_driver
 from shared.db.types import utcnow
-from shared.errors import ArtifactIntegrityError, InvalidInput
+from shared.errors import ArtifactIntegrityError, InvalidInput, NotFound
+from shared.schemas import problems
 from shared.storage import ObjectStore, sha256_file
 
 Kind = Literal["sqlite", "postgresql"]
@@ -44,6 +46,8 @@ Sealing = Literal["whole", "stream"]
 WHOLE: Final = "whole"
 STREAM: Final = "stream"
 _TOOL_TIMEOUT_S = 3600
+# What backup_store names a backup: its time, then 8 random hex digits.
+_BACKUP_ID = re.compile(r"\d{8}T\d{6}Z_[0-9a-f]{8}")
 # Relations a database holds once anything was made in it: a restore goes only into a database without any.
 _USER_RELATIONS = (
     "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -63,6 +67,19 @@ class BackupManifest(BaseModel):
     sha256: str
     size_bytes: int
     created_at: str
+
+    @field_validator("created_at")
+    @classmethod
+    def _an_iso_time(cls, value: str) -> str:
+        datetime.fromisoformat(value)  # backups are listed in its order
+        return value
+
+
+class Backups(NamedTuple):
+    """An org's backups, newest first, and why each of those whose manifest is damaged cannot be restored."""
+
+    manifests: list[BackupManifest]
+    damaged: list[str]
 
 
 def backup_store(store: ObjectStore, box: SecretBox, *, org_id: str, source: str) -> BackupManifest:
@@ -101,7 +118,12 @@ def backup_store(store: ObjectStore, box: SecretBox, *, org_id: str, source: str
 def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id: str, target: str) -> BackupManifest:
     """Restore a backup into `target`: a new SQLite file for a SQLite backup, an empty PostgreSQL database for a
     PostgreSQL one. The snapshot is opened and checked in temporary files before anything is written there."""
-    manifest = BackupManifest.model_validate(orjson.loads(store.get_bytes(_manifest_key(org_id, backup_id))))
+    if not _BACKUP_ID.fullmatch(backup_id):
+        raise InvalidInput(
+            f"{backup_id!r} is not a backup id such as 20261101T000000Z_0a1b2c3d: `kiln backups {org_id}` lists them",
+            field="backup_id",
+        )
+    manifest = _read_manifest(store, org_id, backup_id)
     location = store_location(target, field="target")
     kind = POSTGRESQL if isinstance(location, URL) else SQLITE
     if kind != manifest.kind:
@@ -110,6 +132,8 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
         _refuse_unless_empty(location)
     elif location.exists():
         raise InvalidInput(f"{location} exists; restore into a new path", field="target")
+    elif not location.parent.is_dir():  # found out before the download, not after
+        raise InvalidInput(f"{location.parent} is not a folder: make it, or restore into one that is", field="target")
     with tempfile.TemporaryDirectory(prefix="kiln-restore-") as folder:
         sealed, snapshot = Path(folder) / "sealed", Path(folder) / "snapshot"
         store.get_file(sealed_key(manifest), sealed)
@@ -139,11 +163,30 @@ def _open_snapshot(box: SecretBox, manifest: BackupManifest, sealed: Path, snaps
         ) from None
 
 
-def list_backups(store: ObjectStore, org_id: str) -> list[BackupManifest]:
-    """The org's backups, newest first."""
-    keys = [key for key in store.list(f"orgs/{org_id}/backups/") if key.endswith(".json")]
-    manifests = [BackupManifest.model_validate(orjson.loads(store.get_bytes(key))) for key in keys]
-    return sorted(manifests, key=lambda manifest: datetime.fromisoformat(manifest.created_at), reverse=True)
+def list_backups(store: ObjectStore, org_id: str) -> Backups:
+    """The org's backups, newest first; a damaged manifest is named, and hides none of the others."""
+    manifests, damaged = [], []
+    for key in store.list(f"orgs/{org_id}/backups/"):
+        if key.endswith(".json"):
+            try:
+                manifests.append(_read_manifest(store, org_id, Path(key).stem))
+            except ArtifactIntegrityError as error:
+                damaged.append(str(error))
+    manifests.sort(key=lambda manifest: datetime.fromisoformat(manifest.created_at), reverse=True)
+    return Backups(manifests, damaged)
+
+
+def _read_manifest(store: ObjectStore, org_id: str, backup_id: str) -> BackupManifest:
+    key = _manifest_key(org_id, backup_id)
+    try:
+        return BackupManifest.model_validate(orjson.loads(store.get_bytes(key)))
+    except NotFound:
+        raise NotFound(f"{org_id} has no backup {backup_id}: `kiln backups {org_id}` lists them") from None
+    except orjson.JSONDecodeError as error:
+        why = f"not JSON: {error}"
+    except ValidationError as error:
+        why = problems(error)
+    raise ArtifactIntegrityError(f"backup {backup_id} cannot be restored: its manifest {key} is damaged ({why})")
 
 
 def store_location(given: str, *, field: str) -> URL | Path:
@@ -152,7 +195,7 @@ def store_location(given: str, *, field: str) -> URL | Path:
         return Path(given).resolve()
     try:
         url = make_url(given)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise InvalidInput(f"{field} is not a database URL", field=field) from None
     if url.get_backend_name() == POSTGRESQL:
         return url

@@ -329,3 +329,68 @@ def test_a_file_that_is_not_sqlite_is_named_in_one_line_without_a_traceback(
 
     assert backup.returncode == 1
     assert backup.stderr.strip() == f"kiln backup: {notes} is not a SQLite database (file is not a database)"
+
+
+def test_a_damaged_manifest_is_named_and_hides_none_of_the_other_backups(
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "plant.db"
+    make_local_store(store, TWO_READINGS)
+    empty, partial, good = (backed_up(central_settings, org_id, str(store)) for _ in range(3))
+    sync_context.store.put_bytes(f"orgs/{org_id}/backups/{empty}.json", b"")
+    manifest = json.loads(sync_context.store.get_bytes(f"orgs/{org_id}/backups/{partial}.json"))
+    del manifest["sha256"], manifest["size_bytes"]
+    sync_context.store.put_bytes(f"orgs/{org_id}/backups/{partial}.json", json.dumps(manifest).encode())
+    undated = "20261101T000000Z_0a1b2c3d"
+    manifest = json.loads(sync_context.store.get_bytes(f"orgs/{org_id}/backups/{good}.json"))
+    manifest |= {"backup_id": undated, "created_at": "yesterday"}
+    sync_context.store.put_bytes(f"orgs/{org_id}/backups/{undated}.json", json.dumps(manifest).encode())
+
+    listed = kiln(central_settings, "backups", org_id)
+    restore = kiln(central_settings, "restore", org_id, partial, str(tmp_path / "r.db"))
+
+    assert listed.returncode == 1
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == [good]
+    damaged = f"cannot be restored: its manifest orgs/{org_id}/backups"
+    assert listed.stderr.splitlines() == [
+        f"kiln backups: backup {undated} {damaged}/{undated}.json is damaged (created_at: Invalid isoformat string: "
+        "'yesterday')",
+        f"kiln backups: backup {empty} {damaged}/{empty}.json is damaged (not JSON: Input is a zero-length, empty "
+        "document: line 1 column 1 (char 0))",
+        f"kiln backups: backup {partial} {damaged}/{partial}.json is damaged (sha256: Field required; size_bytes: "
+        "Field required)",
+    ]
+    assert restore.returncode == 1
+    assert restore.stderr == listed.stderr.splitlines()[2].replace("backups", "restore", 1) + "\n"
+
+
+def test_a_restore_refuses_a_backup_id_that_is_no_backup_id(central_settings: Settings, org_id: str) -> None:
+    restore = kiln(central_settings, "restore", org_id, "../../../../etc/passwd", "x.db")
+
+    assert restore.returncode == 1
+    assert restore.stderr == (
+        "kiln restore: '../../../../etc/passwd' is not a backup id such as 20261101T000000Z_0a1b2c3d: "
+        f"`kiln backups {org_id}` lists them\n"
+    )
+
+
+def test_a_restore_into_a_folder_that_does_not_exist_is_refused_in_one_line(
+    central_settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "plant.db"
+    make_local_store(store, TWO_READINGS)
+    backup_id = backed_up(central_settings, org_id, str(store))
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "some/missing/dir/r.db"))
+
+    assert restore.returncode == 1
+    assert restore.stderr == (
+        f"kiln restore: {tmp_path / 'some/missing/dir'} is not a folder: make it, or restore into one that is\n"
+    )
+    assert not (tmp_path / "some").exists()
+
+
+def test_a_source_url_that_does_not_parse_is_named_in_one_line(central_settings: Settings, org_id: str) -> None:
+    backup = kiln(central_settings, "backup", org_id, "postgresql://::::")
+
+    assert (backup.returncode, backup.stderr) == (1, "kiln backup: source is not a database URL\n")
