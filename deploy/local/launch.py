@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from celery import Celery
 from deploy.local.processes import spawn, start_time, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A line of the pid file: `name pid start-time`, the start time `-` where unknown (Launch.spawn writes them).
+PID_LINE = re.compile(r"(\S+) (\d+) (\d+|-)")
 
 
 class Recorded(NamedTuple):
@@ -56,8 +59,11 @@ class StackFiles:
                 found.update({name: Recorded(int(pid), None) for name, pid in pids.items()})
         if self.pid_file.exists():
             for line in self.pid_file.read_text().splitlines():
-                name, pid, started = line.split()
-                found[name] = Recorded(int(pid), None if started == "-" else int(started))
+                # A line cut short (the launcher stopped, or the disk full, mid-write) is passed over: its pid may
+                # be cut short too, and stopping that group could stop someone else's processes.
+                if parsed := PID_LINE.fullmatch(line):
+                    name, pid, started = parsed.groups()
+                    found[name] = Recorded(int(pid), None if started == "-" else int(started))
         return found
 
     def reset(self) -> None:

@@ -7,13 +7,14 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from deploy.local.processes import group_alive
+from deploy.local.processes import group_alive, start_time
 
 pytestmark = pytest.mark.e2e
 
@@ -60,6 +61,36 @@ def test_down_with_nothing_running_says_so(kiln_env: dict[str, str]) -> None:
     down = kiln(kiln_env, "down")
     assert down.returncode == 0, down.stderr
     assert "nothing was running" in down.stdout
+
+
+@pytest.fixture
+def stray(data_dir: Path) -> Iterator[int]:
+    """A process an unfinished `kiln up` left running, in the pid file as the launcher records one."""
+    data_dir.mkdir(parents=True)
+    process = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    (data_dir / "stack.pid").write_text(f"trainer {process.pid} {start_time(process.pid)}\n")
+    yield process.pid
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+def test_a_pid_file_line_cut_short_is_passed_over_and_down_still_stops_the_rest(
+    kiln_env: dict[str, str], data_dir: Path, stray: int
+) -> None:
+    with (data_dir / "stack.pid").open("a") as pid_file:
+        pid_file.write("api 12")  # the launcher stopped mid-write: the pid may be cut short too
+
+    status = kiln(kiln_env, "status")
+    down = kiln(kiln_env, "down")
+
+    assert status.returncode == 1
+    assert status.stderr.strip() == (
+        f"kiln status: processes [{stray}] of an unfinished `kiln up` are still running "
+        f"(see {data_dir / 'stack.pid'}): run `kiln down` first"
+    )
+    assert (down.returncode, down.stdout.strip()) == (0, "stopped trainer"), down.stderr
+    assert not group_alive(stray) and not (data_dir / "stack.pid").exists()
 
 
 def check_stack_file(stack: dict[str, Any], data_dir: Path) -> None:
