@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from shared.errors import ConfigurationError
+from shared.schemas import problems
 
 # The database drivers Kiln ships: `postgresql://` gets psycopg2 too (shared.db.session, with_shipped_driver).
 SHIPPED_DRIVERS = frozenset({"postgresql", "postgresql+psycopg2", "sqlite", "sqlite+pysqlite"})
@@ -187,14 +188,8 @@ def build_settings(**overrides: object) -> Settings:
 
 
 def settings_problems(error: ValidationError) -> str:
-    """What is wrong with the settings, each problem naming its variable. pydantic's own text quotes the input,
-    which holds every setting read: secrets included."""
-    problems = []
-    for problem in error.errors(include_url=False, include_input=False, include_context=False):
-        names = ".".join(str(part) for part in problem["loc"])
-        message = problem["msg"].removeprefix("Value error, ")
-        problems.append(f"KILN_{names.upper()}: {message}" if names else message)
-    return "; ".join(problems)
+    """What is wrong with the settings, each problem naming its variable, never quoting a setting read."""
+    return problems(error, named=lambda field: f"KILN_{field.upper()}")
 
 
 def _new_token() -> str:

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import closing
 
-from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from deploy.local import demo, stack
@@ -34,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = build_settings()
         code = command(settings, args)
-    except (StackError, demo.DemoError, ValidationError, KilnError) as error:
+    except (StackError, demo.DemoError, KilnError) as error:
         print(f"kiln {args.name}: {error}", file=sys.stderr)
         code = 1
     except SQLAlchemyError as error:

