@@ -26,10 +26,12 @@ def org_keys(session: Session, org_id: str) -> Sequence[SyncKey]:
 
 
 def destroy_key(session: Session, org_id: str, key_id: str, *, actor: str) -> None:
-    """Remove a drained key's material for good; any other state is refused (409)."""
+    """Remove a drained key's material for good; any other state is refused (409), a destroyed key as not found."""
     row = session.get(SyncKey, key_id)
-    if row is None or row.org_id != org_id or row.status == DESTROYED:
+    if row is None or row.org_id != org_id:
         raise NotFound(f"key {key_id!r} not found", field="keyId")
+    if row.status == DESTROYED:  # still 404, as before: the key, as something to destroy, is gone
+        raise NotFound(f"key {key_id!r} was destroyed already; nothing is left of it to destroy", field="keyId")
     if row.status != DRAINED:
         raise Conflict(
             f"key {key_id!r} is {row.status}: only a key drained by a rotation can be destroyed", field="keyId"

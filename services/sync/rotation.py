@@ -22,7 +22,7 @@ from services.sync.stores import reflect
 from shared.audit import record_change
 from shared.db.models import AuditEntry, Organization, SyncBase, SyncConflict, SyncSource
 from shared.db.session import session_scope
-from shared.errors import NotFound
+from shared.errors import Conflict, NotFound
 from shared.sync_jobs import source_tables
 from shared.sync_tables import central_table_name
 
@@ -142,6 +142,12 @@ def _resealed(row: dict[str, Any], name: str, columns: list[str], keyring: Keyri
     if not stale:
         return None
     for column in stale:
-        value = keyring.open(row[column], column=f"{name}.{column}")
+        try:
+            value = keyring.open(row[column], column=f"{name}.{column}")
+        except ValueError as error:  # no key of the org opens it: re-encrypting cannot carry it over
+            raise Conflict(
+                f"{error}: the rotation was rolled back and nothing changed; correct that value in the central "
+                "copy, then rotate again"
+            ) from None
         row[column] = keyring.seal(value, column=f"{name}.{column}")
     return row

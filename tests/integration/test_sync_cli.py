@@ -7,6 +7,7 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import sys
@@ -23,11 +24,14 @@ from sqlalchemy.engine import make_url
 from services.sync.backup import backup_store, restore_store
 from services.sync.changes import LOCAL_LOG, create_log, install_triggers
 from services.sync.context import SyncContext
+from services.sync.rotation import rotate_org_key
 from shared.crypto import STREAM_CHUNK_BYTES
+from shared.db.session import session_scope
 from shared.errors import ArtifactIntegrityError
 from shared.settings import Settings
+from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN
-from tests.integration.sync_support import READINGS, TWO_READINGS, make_local_store, run_sql
+from tests.integration.sync_support import READINGS, TWO_READINGS, make_local_store, open_sync, run_sql
 from tests.support.servers import fresh_postgres_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,6 +48,12 @@ def known_org(api: TestClient, org_id: str) -> str:
 def org_id(org_id: str, sync_api: TestClient) -> str:
     """The test's org, known to the central database."""
     return known_org(sync_api, org_id)
+
+
+@pytest.fixture
+def new_org_id() -> str:
+    """An org id the central database does not know yet: open_sync makes the org, with its keys and a store."""
+    return "org-" + secrets.token_hex(4)
 
 
 def kiln(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -307,6 +317,43 @@ def test_sync_keys_name_an_unknown_org_or_key_without_a_traceback(central_settin
 
     assert (rotate.returncode, rotate.stderr.strip()) == (1, "kiln sync-keys: organization 'no-such-org' not found")
     assert (destroy.returncode, destroy.stderr.strip()) == (1, "kiln sync-keys: key 'ek000000000000' not found")
+
+
+def test_destroying_a_destroyed_key_says_it_was_destroyed_already(
+    central_settings: Settings, sync_api: TestClient, sync_context: SyncContext, new_org_id: str, tmp_path: Path
+) -> None:
+    open_sync(sync_api, sync_context, new_org_id, tmp_path).run()  # the org's first key
+    [drained] = rotate_org_key(sync_context, new_org_id, actor="operator")["drainedKeys"]
+    with session_scope(sync_context.sessions) as session:
+        destroy_key(session, new_org_id, drained, actor="operator")
+
+    again = kiln(central_settings, "sync-keys", "destroy", new_org_id, drained)
+
+    assert (again.returncode, again.stderr) == (
+        1,
+        f"kiln sync-keys: key {drained!r} was destroyed already; nothing is left of it to destroy\n",
+    )
+
+
+def test_a_rotation_meeting_a_value_that_is_not_sealed_says_so_in_one_line_and_changes_nothing(
+    central_settings: Settings, sync_api: TestClient, sync_context: SyncContext, new_org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, new_org_id, tmp_path)
+    assert sync.run()["status"] == "succeeded"
+    # A central application writes plain text where the sealed value goes: no key opens it.
+    sync.central(f"UPDATE {sync.central_table} SET patient = 'Grace Hopper' WHERE id = 1")
+    keys = sync_api.get(f"/v1/orgs/{new_org_id}/sync-keys", headers=sync.org.viewer).json()
+
+    rotate = kiln(central_settings, "sync-keys", "rotate", new_org_id)
+
+    assert (rotate.returncode, rotate.stderr) == (
+        1,
+        "kiln sync-keys: a value of readings.patient is not sealed (plain text written into its central copy?): "
+        "the rotation was rolled back and nothing changed; correct that value in the central copy, then rotate "
+        "again\n",
+    )
+    assert sync_api.get(f"/v1/orgs/{new_org_id}/sync-keys", headers=sync.org.viewer).json() == keys
+    assert sync.central(f"SELECT patient FROM {sync.central_table} WHERE id = 1") == [("Grace Hopper",)]
 
 
 def test_a_database_without_the_schema_is_named_with_the_way_out(settings: Settings, tmp_path: Path) -> None:
