@@ -4,9 +4,11 @@ the sync service's operator commands (`backup`, `backups`, `restore`, `sync-keys
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from types import FrameType
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -25,14 +27,18 @@ Command = Callable[[Settings, argparse.Namespace], int]
 # Who the audit trail names for what an operator does here.
 CLI_ACTOR = "cli"
 MAX_PORT = 65535
+# Asking the CLI to stop: the process exits as on an error, so that `with` blocks clean up on the way out (backup
+# and restore hold a plain snapshot in a temporary folder) instead of dying in place and leaving it behind.
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     command: Command = args.command
     try:
-        settings = build_settings()
-        code = command(settings, args)
+        with _stopping_signals_as_exit():
+            settings = build_settings()
+            code = command(settings, args)
     except (StackError, demo.DemoError, KilnError) as error:
         print(f"kiln {args.name}: {error}", file=sys.stderr)
         code = 1
@@ -46,6 +52,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         code = 130
     raise SystemExit(code)
+
+
+@contextmanager
+def _stopping_signals_as_exit() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise SystemExit(128 + signal) while the command runs, as Ctrl-C raises
+    KeyboardInterrupt; a signal the caller ignores (`nohup kiln backup …`) stays ignored."""
+    previous = {number: signal.getsignal(number) for number in STOPPING_SIGNALS}
+    for number, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(number, _exit_on_signal)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _exit_on_signal(number: int, _frame: FrameType | None) -> None:
+    raise SystemExit(128 + number)
 
 
 def up(settings: Settings, args: argparse.Namespace) -> int:

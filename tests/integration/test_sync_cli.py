@@ -8,9 +8,11 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -204,6 +206,64 @@ def test_an_altered_chunk_of_a_backup_is_refused_and_nothing_is_written(
     assert restore.returncode == 1
     assert f"backup {backup_id} does not open" in restore.stderr and "Traceback" not in restore.stderr
     assert not (tmp_path / "r.db").exists() and not (tmp_path / "r.db.partial").exists()
+
+
+def make_large_store(path: Path, megabytes: int) -> None:
+    """A SQLite store of `megabytes` MB, made in a second or two: long enough to back up to be stopped half-way."""
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE waveforms (samples BLOB)")
+        connection.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+            "INSERT INTO waveforms SELECT zeroblob(1048576) FROM n",
+            (megabytes,),
+        )
+        connection.commit()
+
+
+def stopped_half_way(settings: Settings, scratch: Path, number: signal.Signals, *args: str) -> int:
+    """Run `kiln *args` with TMPDIR=scratch, send it `number` once its temporary folder holds a file, and return
+    its exit code."""
+    env = {**os.environ, **settings.as_env(), "TMPDIR": str(scratch)}
+    command = [sys.executable, "-m", "deploy.local.cli", *args]
+    with subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as cli:
+        deadline = time.monotonic() + 60
+        while not any(scratch.glob("kiln-*/*")):
+            assert cli.poll() is None and time.monotonic() < deadline, "the command ended before it could be stopped"
+            time.sleep(0.005)
+        cli.send_signal(number)
+        _, stderr = cli.communicate(timeout=60)
+    assert b"Traceback" not in stderr, stderr
+    return cli.returncode
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
+def test_a_backup_stopped_by_a_signal_leaves_no_snapshot_behind(
+    central_settings: Settings, org_id: str, tmp_path: Path, number: signal.Signals
+) -> None:
+    store, scratch = tmp_path / "plant.db", tmp_path / "tmp"
+    make_large_store(store, 200)
+    scratch.mkdir()
+
+    code = stopped_half_way(central_settings, scratch, number, "backup", org_id, str(store))
+
+    assert code == 128 + number
+    assert list(scratch.glob("kiln-backup-*")) == []
+
+
+def test_a_restore_stopped_by_a_signal_leaves_no_snapshot_behind(
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    store, scratch = tmp_path / "plant.db", tmp_path / "tmp"
+    make_large_store(store, 200)
+    scratch.mkdir()
+    manifest = backup_store(sync_context.store, sync_context.secrets, org_id=org_id, source=str(store))
+
+    restored = str(tmp_path / "restored.db")
+    code = stopped_half_way(central_settings, scratch, signal.SIGTERM, "restore", org_id, manifest.backup_id, restored)
+
+    assert code == 128 + signal.SIGTERM
+    assert list(scratch.glob("kiln-restore-*")) == []
+    assert not Path(restored).exists()
 
 
 def test_a_backup_sealed_whole_by_an_earlier_kiln_still_restores(
