@@ -19,6 +19,7 @@ from shared.schemas import problems
 
 # The database drivers Kiln ships: `postgresql://` gets psycopg2 too (shared.db.session, with_shipped_driver).
 SHIPPED_DRIVERS = frozenset({"postgresql", "postgresql+psycopg2", "sqlite", "sqlite+pysqlite"})
+FILE_STORE = "file://"
 
 
 class Settings(BaseSettings):
@@ -146,6 +147,16 @@ class Settings(BaseSettings):
                 raise ValueError("KILN_FLOWER_PASSWORD must be set when KILN_ENV=prod")
         return self
 
+    def with_absolute_paths(self) -> Settings:
+        """These settings with every path in them absolute, against the current folder: a process started in
+        another folder (the stack's children run in the repository) then finds the same files."""
+        update: dict[str, object] = {name: value.resolve() for name, value in self if isinstance(value, Path)}
+        if self.database_url:
+            update["database_url"] = _absolute_sqlite_url(self.database_url)
+        if self.object_store.startswith(FILE_STORE):
+            update["object_store"] = FILE_STORE + str(Path(self.object_store.removeprefix(FILE_STORE)).resolve())
+        return self.model_copy(update=update)
+
     def as_env(self) -> dict[str, str]:
         """The explicitly chosen settings as KILN_* variables, for starting child processes with the same ones."""
         return {f"KILN_{name.upper()}": _env_value(getattr(self, name)) for name in sorted(self.model_fields_set)}
@@ -165,6 +176,14 @@ class Settings(BaseSettings):
     @property
     def resolved_object_store(self) -> str:
         return self.object_store or f"file://{(self.data_dir / 'objects').resolve()}"
+
+
+def _absolute_sqlite_url(url: str) -> str:
+    """A SQLite URL naming its file by an absolute path; any other URL as it is."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in {None, "", ":memory:"} or parsed.query:
+        return url  # no file, or a URI filename (?uri=true): left to SQLite
+    return parsed.set(database=str(Path(str(parsed.database)).resolve())).render_as_string(hide_password=False)
 
 
 def _env_value(value: object) -> str:

@@ -111,7 +111,7 @@ def _start_services(settings: Settings, launch: Launch, preferred: dict[str, int
     redis_url = settings.redis_url if external_redis else _start_redis(launch)
     prepare_embedded_database(settings)
     upgrade(settings.resolved_database_url)
-    env = _child_env(settings, launch.files.data_dir, redis_url)
+    env = _child_env(settings, redis_url)
     urls = _pick_urls(preferred, taken=launch.ports)
     flower_user, flower_password = settings.flower_user, settings.flower_password.get_secret_value()
     launch.spawn("api", _uvicorn("services.api.app:create_app", urls["api"]), env)
@@ -171,12 +171,12 @@ def _fresh_metrics_dir(settings: Settings) -> Path:
     return folder
 
 
-def _child_env(settings: Settings, data_dir: Path, redis_url: str) -> dict[str, str]:
-    """The launcher's environment plus its settings as KILN_* variables, so every child runs with the same ones."""
+def _child_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    """The launcher's environment plus its settings as KILN_* variables, so every child runs with the same ones;
+    their paths made absolute, as the children run in the repository, not in the operator's folder."""
     return {
         **os.environ,
-        **settings.as_env(),
-        "KILN_DATA_DIR": str(data_dir),
+        **settings.with_absolute_paths().as_env(),
         "KILN_REDIS_URL": redis_url,
         "KILN_ADMIN_TOKEN": settings.admin_token.get_secret_value(),
         "PYTHONUNBUFFERED": "1",

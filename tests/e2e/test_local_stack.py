@@ -35,9 +35,9 @@ def kiln_env(data_dir: Path) -> dict[str, str]:
     return {**env, "KILN_DATA_DIR": str(data_dir)}
 
 
-def kiln(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+def kiln(env: dict[str, str], *args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "deploy.local.cli", *args]
-    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False)
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=240, check=False)
 
 
 def test_up_starts_every_process_and_down_stops_them_all(kiln_env: dict[str, str], data_dir: Path) -> None:
@@ -55,6 +55,37 @@ def test_up_starts_every_process_and_down_stops_them_all(kiln_env: dict[str, str
     assert down.returncode == 0, down.stderr
     assert not (data_dir / "stack.json").exists()
     assert [name for name, pid in stack["pids"].items() if group_alive(pid)] == []
+
+
+def test_relative_paths_name_the_operators_folder_in_every_process_of_the_stack(
+    kiln_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The stack's processes run in the repository: a relative path handed down as it was named a folder there."""
+    here = tmp_path / "operator"
+    here.mkdir()
+    relative = {"KILN_DATA_DIR": "kiln", "KILN_LOCAL_STORES_DIR": "stores", "KILN_OBJECT_STORE": "file://objects"}
+    env = {**kiln_env, **relative}
+
+    up = kiln(env, "up", *ANY_FREE_PORTS, cwd=here)
+    try:
+        assert up.returncode == 0, up.stderr
+        api = json.loads((here / "kiln" / "stack.json").read_text())["pids"]["api"]
+        seen = environment_of(api)
+    finally:
+        down = kiln(env, "down", cwd=here)
+
+    assert down.returncode == 0, down.stderr
+    assert {name: seen[name] for name in relative} == {
+        "KILN_DATA_DIR": str(here / "kiln"),
+        "KILN_LOCAL_STORES_DIR": str(here / "stores"),
+        "KILN_OBJECT_STORE": f"file://{here / 'objects'}",
+    }
+    assert (here / "objects").is_dir()  # made by the api as it opened its object store
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
 def test_down_with_nothing_running_says_so(kiln_env: dict[str, str]) -> None:

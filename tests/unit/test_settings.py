@@ -65,3 +65,27 @@ def test_store_networks_that_are_no_networks_are_refused_naming_the_variable(mon
     monkeypatch.setenv("KILN_STORE_NETWORKS", "10.20.0.0/16, 10.0.0.0/33")
     with pytest.raises(ConfigurationError, match=re.escape("KILN_STORE_NETWORKS: '10.0.0.0/33' is not a network")):
         build_settings()
+
+
+def test_every_path_is_made_absolute_for_processes_started_in_another_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = Settings(
+        data_dir=Path("kiln"),
+        local_stores_dir=Path("stores"),
+        database_url="sqlite:///db/kiln.db",
+        object_store="file://objects",
+    )
+    remote = Settings(database_url="postgresql+psycopg2://kiln@db/kiln", object_store="s3://models")
+
+    env = relative.with_absolute_paths().as_env()
+
+    assert {name: env[name] for name in ("KILN_DATA_DIR", "KILN_LOCAL_STORES_DIR", "KILN_OBJECT_STORE")} == {
+        "KILN_DATA_DIR": str(tmp_path / "kiln"),
+        "KILN_LOCAL_STORES_DIR": str(tmp_path / "stores"),
+        "KILN_OBJECT_STORE": f"file://{tmp_path / 'objects'}",
+    }
+    assert env["KILN_DATABASE_URL"] == f"sqlite:///{tmp_path / 'db/kiln.db'}"
+    assert remote.with_absolute_paths().as_env()["KILN_DATABASE_URL"] == remote.database_url
+    assert remote.with_absolute_paths().as_env()["KILN_OBJECT_STORE"] == "s3://models"
