@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from shared.errors import ConfigurationError
@@ -167,7 +167,12 @@ class Settings(BaseSettings):
 
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'kiln.db').resolve()}"
+        """KILN_DATABASE_URL, or the embedded file's URL: its path quoted, so that a ? # or % in it is the file's
+        name, not the URL's query, fragment or an escape."""
+        if self.database_url:
+            return self.database_url
+        embedded = URL.create("sqlite", database=str((self.data_dir / "kiln.db").resolve()))
+        return embedded.render_as_string(hide_password=False)
 
     @property
     def resolved_local_stores_dir(self) -> Path:
@@ -175,7 +180,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_object_store(self) -> str:
-        return self.object_store or f"file://{(self.data_dir / 'objects').resolve()}"
+        return self.object_store or f"{FILE_STORE}{(self.data_dir / 'objects').resolve()}"
 
 
 def _absolute_sqlite_url(url: str) -> str:

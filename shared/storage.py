@@ -19,7 +19,7 @@ from minio.error import S3Error
 
 from shared.errors import ArtifactIntegrityError, ConfigurationError, NotFound, TransientError
 from shared.schemas import OrgConfig
-from shared.settings import Settings
+from shared.settings import FILE_STORE, Settings
 
 CHUNK = 1024 * 1024
 
@@ -196,7 +196,8 @@ def open_object_store(settings: Settings) -> ObjectStore:
     """The store named by KILN_OBJECT_STORE: `file://PATH` or `s3://BUCKET`."""
     url = urlparse(settings.resolved_object_store)
     if url.scheme == "file":
-        return LocalObjectStore(Path(url.netloc + url.path))
+        # What follows file:// is a path as it stands: a ? # or % in a folder's name is no query, fragment or escape.
+        return LocalObjectStore(Path(settings.resolved_object_store.removeprefix(FILE_STORE)))
     if url.scheme == "s3":
         client = Minio(
             settings.s3_endpoint,

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from types import FrameType
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from deploy.local import demo, stack
@@ -111,7 +112,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
 def run_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     migrate.prepare_embedded_database(settings)
     migrate.upgrade(settings.resolved_database_url)
-    print(f"database at the newest schema: {settings.resolved_database_url.split('@')[-1]}")
+    print(f"database at the newest schema: {shown_database(settings.resolved_database_url)}")
     return 0
 
 
@@ -165,6 +166,12 @@ def run_sync_keys(settings: Settings, args: argparse.Namespace) -> int:
                 destroy_key(session, args.org, args.key_id, actor=CLI_ACTOR)
             print(f"key {args.key_id} destroyed")
     return 0
+
+
+def shown_database(url: str) -> str:
+    """A SQLite database by its file's path, as the operator named it; any other by its URL, password hidden."""
+    parsed = make_url(url)
+    return str(parsed.database) if parsed.get_backend_name() == "sqlite" else parsed.render_as_string()
 
 
 def print_urls(running: stack.Stack) -> None:

@@ -138,3 +138,15 @@ def test_a_database_url_kiln_cannot_open_is_refused_in_one_line(tmp_path: Path, 
     migrate = kiln_migrate(tmp_path, KILN_DATABASE_URL=url)
 
     assert (migrate.returncode, migrate.stderr.strip()) == (1, f"kiln migrate: KILN_DATABASE_URL: {refusal}")
+
+
+@pytest.mark.parametrize("folder", ["why?", "hash#tag", "percent%41"])
+def test_a_data_dir_whose_path_holds_url_characters_keeps_its_database_there(tmp_path: Path, folder: str) -> None:
+    data_dir = tmp_path / folder / "kiln"
+
+    migrate = kiln_migrate(tmp_path, KILN_DATA_DIR=str(data_dir))
+
+    assert (migrate.returncode, migrate.stdout) == (0, f"database at the newest schema: {data_dir / 'kiln.db'}\n")
+    with closing(sqlite3.connect(data_dir / "kiln.db")) as connection:
+        assert connection.execute("SELECT count(*) FROM alembic_version").fetchall() == [(1,)]
+    assert [path.name for path in tmp_path.iterdir()] == [folder]  # no database made anywhere else

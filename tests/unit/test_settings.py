@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from shared.errors import ConfigurationError
 from shared.settings import Settings, build_settings
+from shared.storage import open_object_store
 
 
 def test_a_fresh_checkout_uses_sqlite_and_a_folder_under_the_data_dir(tmp_path: Path) -> None:
@@ -89,3 +90,13 @@ def test_every_path_is_made_absolute_for_processes_started_in_another_folder(
     assert env["KILN_DATABASE_URL"] == f"sqlite:///{tmp_path / 'db/kiln.db'}"
     assert remote.with_absolute_paths().as_env()["KILN_DATABASE_URL"] == remote.database_url
     assert remote.with_absolute_paths().as_env()["KILN_OBJECT_STORE"] == "s3://models"
+
+
+@pytest.mark.parametrize("folder", ["why?", "hash#tag", "percent%41"])
+def test_a_data_dir_whose_path_holds_url_characters_keeps_its_objects_there(tmp_path: Path, folder: str) -> None:
+    store = open_object_store(Settings(data_dir=tmp_path / folder))
+
+    store.put_bytes("orgs/acme/note", b"kept")
+
+    assert (tmp_path / folder / "objects" / "orgs" / "acme" / "note").read_bytes() == b"kept"
+    assert [path.name for path in tmp_path.iterdir()] == [folder]
