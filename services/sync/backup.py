@@ -32,7 +32,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from shared.crypto import SecretBox
-from shared.db.session import with_shipped_driver
+from shared.db.session import driver_message, with_shipped_driver
 from shared.db.types import utcnow
 from shared.errors import ArtifactIntegrityError, InvalidInput, NotFound
 from shared.schemas import problems
@@ -237,7 +237,9 @@ def _refuse_unless_empty(url: URL) -> None:
         with engine.connect() as connection:
             relations = int(connection.execute(text(_USER_RELATIONS)).scalar_one())
     except SQLAlchemyError as error:
-        raise InvalidInput(f"target database cannot be reached: {type(error).__name__}", field="target") from None
+        raise InvalidInput(
+            f"target database {url.database} cannot be reached: {driver_message(error)}", field="target"
+        ) from None
     finally:
         engine.dispose()
     if relations:
@@ -271,10 +273,11 @@ def _run_tool(command: list[str], url: URL, *, field: str) -> None:
         check=False,
     )
     if result.returncode != 0:
-        reason = result.stderr.decode(errors="replace").strip().splitlines()
-        raise InvalidInput(
-            f"{Path(command[0]).name} failed: {reason[-1] if reason else f'exit {result.returncode}'}", field=field
-        )
+        tool = Path(command[0]).name
+        # All of it, on one line: libpq names the host and port on one line and the likely cause on the next.
+        said = [line.strip().removeprefix(f"{tool}: ") for line in result.stderr.decode(errors="replace").splitlines()]
+        reason = " ".join(line for line in said if line) or f"exit {result.returncode}"
+        raise InvalidInput(f"{tool} failed: {reason}", field=field)
 
 
 def _libpq_environment(url: URL) -> dict[str, str]:

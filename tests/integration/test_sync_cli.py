@@ -355,8 +355,24 @@ def test_an_unreachable_store_is_named_without_its_password(
     backup = kiln(central_settings, "backup", org_id, unreachable)
 
     assert backup.returncode == 1
-    assert "kiln backup: pg_dump failed" in backup.stderr
+    [line] = backup.stderr.splitlines()
+    assert line.startswith("kiln backup: pg_dump failed: error: connection to server at ")
+    assert "port 1 failed: Connection refused Is the server running on that host" in line
     assert "s3cret" not in backup.stderr + backup.stdout
+
+
+def test_a_restore_into_a_database_that_does_not_exist_says_so(
+    central_settings: Settings, org_id: str, plant_database: str
+) -> None:
+    backup_id = backed_up(central_settings, org_id, plant_database)
+    missing = make_url(plant_database).set(database="kiln_no_such_database").render_as_string(hide_password=False)
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, missing)
+
+    assert restore.returncode == 1
+    [line] = restore.stderr.splitlines()
+    assert line.startswith("kiln restore: target database kiln_no_such_database cannot be reached: ")
+    assert line.endswith('database "kiln_no_such_database" does not exist')
 
 
 def test_a_postgresql_backup_is_not_restored_as_a_sqlite_file(
