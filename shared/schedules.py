@@ -7,6 +7,7 @@ occurrence. Several skipped times of one night fire once between them.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -15,6 +16,8 @@ from croniter import CroniterBadDateError, croniter
 from shared.errors import InvalidInput
 
 MINUTE = timedelta(minutes=1)
+# croniter's "R" (or "R(1-5)"), a random value in the field's range, drawn anew at every reading of the pattern.
+_RANDOM = re.compile(r"R(\(|$)", re.IGNORECASE)
 DST_POLICY = (
     "a time skipped by a daylight-saving change fires once, when the clocks jump; a time repeated by one fires once, "
     "at its first occurrence"
@@ -49,10 +52,21 @@ def zone(name: str) -> ZoneInfo:
         raise ScheduleError(f"timezone {name!r} is not an IANA timezone such as 'America/New_York'") from None
 
 
+def _refuse_random(pattern: str) -> str:
+    """A random field would give another fire time at each reading: beat and the schedule's view would disagree."""
+    atoms = (atom for field in pattern.split() for atom in re.split(r"[,/-]", field))
+    if any(_RANDOM.match(atom) for atom in atoms):
+        raise ScheduleError(f"pattern {pattern!r} picks a random time (R): name the minute, hour and days instead")
+    return pattern
+
+
 def check_schedule(pattern: str, timezone: str) -> None:
-    """A schedule as a request gives it: a 4xx naming `pattern` or `timezone` when either cannot be scheduled."""
+    """A schedule as a request gives it: a 4xx naming `pattern` or `timezone` when either cannot be scheduled.
+
+    Random fields are refused here, where a schedule is stored, and not in `check_pattern`: a schedule stored
+    before they were refused still fires (at random) rather than stopping every other schedule's tick."""
     try:
-        check_pattern(pattern)
+        _refuse_random(check_pattern(pattern))
     except ScheduleError as error:
         raise InvalidInput(str(error), field="pattern") from None
     try:

@@ -48,6 +48,21 @@ def test_a_sync_pattern_that_never_fires_is_refused_and_not_stored(api: TestClie
     assert api.get(url, headers=org.viewer).status_code == 404
 
 
+@pytest.mark.parametrize("pattern", ["R R * * *", "0 2 * * R"])
+def test_a_random_pattern_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, dataset_id: str, pattern: str
+) -> None:
+    """croniter reads R as a time drawn anew at each reading: each look at the schedule would show other times."""
+    response = put_training_schedule(api, org, dataset_id, pattern=pattern)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "pattern"
+    assert "random" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{sync_source(api, org)}/schedule"
+    assert api.put(url, json={"pattern": pattern}, headers=org.admin).status_code == 422
+    assert api.get(url, headers=org.viewer).status_code == 404
+
+
 def test_a_pattern_that_fires_only_in_leap_years_is_kept(api: TestClient, org: OrgKeys, dataset_id: str) -> None:
     response = put_training_schedule(api, org, dataset_id, pattern="0 0 29 2 *")
     assert response.status_code == 200, response.text

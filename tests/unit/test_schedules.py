@@ -7,7 +7,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared.schedules import ScheduleError, next_fire_times
+from shared.errors import InvalidInput
+from shared.schedules import ScheduleError, check_schedule, next_fire_times
 
 NEW_YORK = "America/New_York"
 
@@ -66,3 +67,15 @@ def test_bad_patterns_and_zones_are_named(pattern: str, timezone: str, words: st
 def test_a_pattern_naming_a_day_its_months_never_have_never_fires(pattern: str) -> None:
     with pytest.raises(ScheduleError, match="never fires"):
         next_fire_times(pattern, NEW_YORK, after=utc(2026, 1, 1))
+
+
+@pytest.mark.parametrize("pattern", ["R R * * *", "0 2 * * R", "0 r * * *", "R(1-5) 2 * * *"])
+def test_a_random_pattern_is_refused_naming_the_pattern(pattern: str) -> None:
+    """croniter takes R as a time drawn anew at each reading: the schedule would fire at no time it ever showed."""
+    with pytest.raises(InvalidInput, match="random") as refused:
+        check_schedule(pattern, "UTC")
+    assert refused.value.field == "pattern"
+
+
+def test_month_and_day_names_holding_an_r_are_no_random_pattern() -> None:
+    check_schedule("0 2 * MAR,APR FRI", "UTC")
