@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import Dataset, DataSource, ModelVersion, Organization, RunLog, TrainingRun
@@ -64,6 +64,7 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
     waiting, and whoever frees a slot sends it a message again.
     """
     with session_scope(sessions) as session:
+        _take_sqlite_write_lock(session)
         run = session.get(TrainingRun, run_id)
         if run is None or run.status != "queued" or run.cancel_requested:
             return None
@@ -107,6 +108,13 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
             org_config=OrgConfig.model_validate(session.get_one(Organization, run.org_id).config),
             source=_source(session, run),
         )
+
+
+def _take_sqlite_write_lock(session: Session) -> None:
+    """SQLite ignores FOR UPDATE and takes its write lock only at a transaction's first write: a write that changes
+    nothing takes it now, so claims take turns there too (all the database's writers wait, for a few reads)."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(text("UPDATE organizations SET id = id WHERE 0 = 1"))
 
 
 def running_count(session: Session, org_id: str) -> int:

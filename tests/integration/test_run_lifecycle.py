@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, update
+from sqlalchemy import Engine, create_engine, update
 
 from services.trainer import runs
-from shared.db.models import TrainingRun
-from shared.db.session import SessionFactory, make_session_factory, session_scope
+from shared.db.migrate import upgrade
+from shared.db.models import Dataset, Organization, TrainingRun
+from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
 from shared.db.types import utcnow
+from shared.schemas import TrainingConfig
 from shared.settings import Settings
+from shared.submissions import queue_run
 from tests.integration.conftest import OrgKeys, config
 
 
@@ -141,3 +147,67 @@ def test_the_log_keeps_every_line_in_order(
         ("started", "info", "attempt 1 on w1"),
         ("failed", "error", "the data source is gone"),
     ]
+
+
+@pytest.fixture
+def sqlite_sessions(tmp_path: Path) -> Iterator[Callable[[], SessionFactory]]:
+    """The embedded stack's database: a SQLite file, each worker with an engine of its own."""
+    url = f"sqlite:///{tmp_path / 'kiln.db'}"
+    upgrade(url)
+    engines: list[Engine] = []
+
+    def worker_sessions() -> SessionFactory:
+        engines.append(make_engine(url))
+        return make_session_factory(engines[-1])
+
+    yield worker_sessions
+    for engine in engines:
+        engine.dispose()
+
+
+def queue_runs(sessions: SessionFactory, org_id: str, count: int) -> list[str]:
+    with session_scope(sessions) as session:
+        session.add(Organization(id=org_id, name=org_id, config={"maxConcurrentTrainings": 1}))
+        session.flush()
+        dataset = Dataset(
+            id=f"ds_{org_id}",
+            org_id=org_id,
+            object_key="k",
+            filename="f",
+            row_count=1,
+            columns=[],
+            size_bytes=1,
+            sha256="-",
+        )
+        session.add(dataset)
+        session.flush()
+        config = TrainingConfig(dataset_id=dataset.id, target_column="failed", feature_columns=["temperature"])
+        return [
+            queue_run(session, org_id=org_id, config=config, dataset_id=dataset.id, actor="test", trigger="api")[0].id
+            for _ in range(count)
+        ]
+
+
+def claim_together(workers: list[SessionFactory], run_ids: list[str]) -> list[runs.Attempt]:
+    """Each worker claims one of the runs, all at the same moment; the attempts of those that got one."""
+    start = threading.Barrier(len(workers))
+
+    def claim(sessions: SessionFactory, run_id: str) -> runs.Attempt | None:
+        start.wait()
+        try:
+            return runs.claim_run(sessions, run_id, worker="w", lease_s=30)
+        except runs.NoSlot:
+            return None
+
+    with ThreadPoolExecutor(len(workers)) as pool:
+        return [attempt for attempt in pool.map(claim, workers, run_ids) if attempt is not None]
+
+
+def test_workers_on_sqlite_claim_no_more_runs_than_the_orgs_limit(
+    sqlite_sessions: Callable[[], SessionFactory], org_id: str
+) -> None:
+    """SQLite ignores FOR UPDATE: each claim must take the database's write lock before it counts the org's runs."""
+    workers = [sqlite_sessions() for _ in range(4)]
+    for trial in range(10):
+        claimed = claim_together(workers, queue_runs(workers[0], f"{org_id}-{trial}", len(workers)))
+        assert len(claimed) == 1, f"trial {trial}: {len(claimed)} runs of an org with a limit of 1 claimed"
