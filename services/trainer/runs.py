@@ -25,6 +25,10 @@ class LeaseLost(KilnError):
     """Another attempt holds the run now: this one must stop without writing."""
 
 
+class Cancelled(KilnError):
+    """A cancel was asked for while the attempt ran."""
+
+
 @dataclass(frozen=True)
 class DatasetSource:
     object_key: str
@@ -200,13 +204,27 @@ def renew_lease(sessions: SessionFactory, attempt: Attempt, *, lease_s: float) -
         return bool(session.get_one(TrainingRun, attempt.run_id).cancel_requested)
 
 
+def _write_uncancelled(session: Session, attempt: Attempt, **values: Any) -> None:
+    """A fenced write that lands only while no cancel was asked for. A cancel accepted first wins: the update
+    waits for its row lock and then finds the flag set. Raises Cancelled, or LeaseLost when the run was taken over."""
+    written = session.execute(_fenced(attempt, **values).where(TrainingRun.cancel_requested.is_(False)))
+    if written.rowcount == 1:  # type: ignore[attr-defined]
+        return
+    if _held(session.get_one(TrainingRun, attempt.run_id), attempt).cancel_requested:
+        raise Cancelled(f"run {attempt.run_id} was cancelled")
+    raise LeaseLost(f"run {attempt.run_id}: attempt {attempt.number} no longer holds it")
+
+
+def _held(row: TrainingRun, attempt: Attempt) -> TrainingRun:
+    if row.claim_token != attempt.token or row.status != "running":
+        raise LeaseLost(f"run {attempt.run_id}: attempt {attempt.number} no longer holds it")
+    return row
+
+
 def cancel_requested(sessions: SessionFactory, attempt: Attempt) -> bool:
     """A read-only look at the run: was a cancel asked for? Raises LeaseLost when the run was taken over."""
     with sessions() as session:
-        row = session.get_one(TrainingRun, attempt.run_id)
-        if row.claim_token != attempt.token or row.status != "running":
-            raise LeaseLost(f"run {attempt.run_id}: attempt {attempt.number} no longer holds it")
-        return bool(row.cancel_requested)
+        return bool(_held(session.get_one(TrainingRun, attempt.run_id), attempt).cancel_requested)
 
 
 def set_progress(sessions: SessionFactory, attempt: Attempt, stage: str, percent: int) -> None:
@@ -244,9 +262,11 @@ def finish(sessions: SessionFactory, attempt: Attempt, status: str, reason: str 
 
 
 def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdown_s: float) -> None:
-    """Put the run back in the queue for another attempt after `countdown_s` (its message waits in the outbox)."""
+    """Put the run back in the queue for another attempt after `countdown_s` (its message waits in the outbox).
+
+    Raises Cancelled when a cancel was asked for: no worker would claim the run again, and it would stay queued."""
     with session_scope(sessions) as session:
-        _write_fenced(
+        _write_uncancelled(
             session,
             attempt,
             status="queued",
@@ -289,11 +309,13 @@ class TrainedVersion:
 
 
 def register_version(sessions: SessionFactory, attempt: Attempt, trained: TrainedVersion) -> str:
-    """Record the version and end the run in one transaction: succeeded when every gate passed, else rejected."""
+    """Record the version and end the run in one transaction: succeeded when every gate passed, else rejected.
+
+    Raises Cancelled, recording nothing, when a cancel was accepted first: the caller removes the artifacts."""
     status = "succeeded" if trained.passed else "rejected"
     error = None if trained.passed else "validation failed: " + ", ".join(trained.validation["failed"])
     with session_scope(sessions) as session:
-        _write_fenced(
+        _write_uncancelled(
             session,
             attempt,
             status=status,

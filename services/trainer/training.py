@@ -25,7 +25,7 @@ from services.trainer.pipeline.data import TrainingData, load_training_data, spl
 from services.trainer.pipeline.train import check_objective, check_trainable, rows_fitted
 from services.trainer.pipeline.validate import Gates
 from services.trainer.progress import ScriptProgress
-from services.trainer.runs import Attempt, DatabaseSource, LeaseLost, TrainedVersion
+from services.trainer.runs import Attempt, Cancelled, DatabaseSource, LeaseLost, TrainedVersion
 from services.trainer.sandbox import Limits
 from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large
 from shared.crypto import SecretBox
@@ -39,10 +39,6 @@ from shared.versions import new_version
 log = logging.getLogger(__name__)
 
 BUILT_IN_SCRIPT = Path(services.trainer.scripts.__file__).parent / "train_lightgbm.py"
-
-
-class Cancelled(KilnError):
-    """A cancel was asked for while the attempt ran."""
 
 
 def run_training(run_id: str, context: WorkerContext, *, worker: str | None = None) -> str:
@@ -73,8 +69,7 @@ def _attempt(run_id: str, context: WorkerContext, worker: str) -> str:
             log.warning("run %s: attempt %s lost its lease; another attempt owns the run", run_id, attempt.number)
             return "lost"
         except Cancelled:
-            runs.finish(context.sessions, attempt, "cancelled", "cancelled on request")
-            return "cancelled"
+            return _cancel(attempt, context)
         except TransientError as error:
             return _retry_or_fail(attempt, context, error.message)
         except KilnError as error:
@@ -85,10 +80,16 @@ def _attempt(run_id: str, context: WorkerContext, worker: str) -> str:
     return "failed"
 
 
+def _cancel(attempt: Attempt, context: WorkerContext) -> str:
+    runs.finish(context.sessions, attempt, "cancelled", "cancelled on request")
+    return "cancelled"
+
+
 def _register(attempt: Attempt, context: WorkerContext, trained: TrainedVersion) -> str:
     try:
         status = runs.register_version(context.sessions, attempt, trained)
-    except LeaseLost:
+    except (LeaseLost, Cancelled):
+        # Not registered: nothing may refer to these artifacts, and nothing ever will.
         artifacts.remove_version(trained.artifact_prefix, context.store, context.holdout_store(attempt.org_config))
         raise
     runs.log(context.sessions, attempt, status, f"registered version {trained.version}: {status}")
@@ -101,7 +102,10 @@ def _retry_or_fail(attempt: Attempt, context: WorkerContext, reason: str) -> str
         runs.finish(context.sessions, attempt, "failed", f"{reason}; gave up after {attempt.number} attempts")
         return "failed"
     backoff = settings.run_retry_backoff_s * 2 ** (attempt.number - 1)
-    runs.requeue(context.sessions, attempt, f"attempt {attempt.number}: {reason}", countdown_s=backoff)
+    try:
+        runs.requeue(context.sessions, attempt, f"attempt {attempt.number}: {reason}", countdown_s=backoff)
+    except Cancelled:
+        return _cancel(attempt, context)
     return "retrying"
 
 

@@ -16,8 +16,10 @@ from sqlalchemy import Engine, create_engine
 from deploy.local import ai4i
 from services.api.app import create_app
 from services.sync.context import SyncContext
+from services.trainer import runs
 from services.trainer.context import WorkerContext
 from shared.db.migrate import upgrade
+from shared.db.session import SessionFactory
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
 from tests.conftest import ADMIN_TOKEN
@@ -137,6 +139,18 @@ def worker(settings: Settings) -> Iterator[WorkerContext]:
 
 def run_of(api: TestClient, org: OrgKeys, run_id: str) -> dict[str, Any]:
     return dict(api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}", headers=org.viewer).json())
+
+
+def cancel_just_before(monkeypatch: pytest.MonkeyPatch, write: str, api: TestClient, org: OrgKeys) -> None:
+    """Have a cancel accepted over the api at the last moment: just before the attempt's `runs.<write>`."""
+    original = getattr(runs, write)
+
+    def cancelled_first(sessions: SessionFactory, attempt: runs.Attempt, *args: Any, **kwargs: Any) -> Any:
+        answer = api.post(f"/v1/orgs/{org.org_id}/trainings/{attempt.run_id}/cancel", headers=org.trainer)
+        assert answer.status_code == 202 and answer.json()["cancelRequested"] is True, answer.text
+        return original(sessions, attempt, *args, **kwargs)
+
+    monkeypatch.setattr(runs, write, cancelled_first)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from services.trainer.training import BUILT_IN_SCRIPT, run_training
 from shared.layout import HOLDOUT_FILE, model_key, model_prefix
 from shared.settings import Settings
 from shared.storage import open_object_store
-from tests.integration.conftest import ADMIN, OrgKeys, run_of, submit, upload, upload_table
+from tests.integration.conftest import ADMIN, OrgKeys, cancel_just_before, run_of, submit, upload, upload_table
 from tests.support.servers import free_port, fresh_postgres_database
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -124,6 +124,19 @@ def test_an_unreachable_database_is_retried_then_fails_with_every_attempt_record
     assert run["attempts"] == 3
     assert "unreachable" in run["error"] and "gave up after 3 attempts" in run["error"]
     assert [line["stage"] for line in logs(api, org, run_id)].count("retrying") == 2
+
+
+def test_a_cancel_accepted_before_a_retry_is_queued_ends_the_run_cancelled(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No worker claims a queued run that was asked to cancel: put back in the queue, it would read queued for good."""
+    url = f"postgresql+psycopg2://historian:pw@127.0.0.1:{free_port()}/plant"
+    api.put(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin, json={"url": url, "table": "readings"})
+    run_id = submit(api, org, None)
+    cancel_just_before(monkeypatch, "requeue", api, org)
+    assert run_training(run_id, worker) == "cancelled"
+    run = run_of(api, org, run_id)
+    assert (run["status"], run["error"], run["attempts"]) == ("cancelled", "cancelled on request", 1)
 
 
 def test_a_missing_column_fails_at_once_without_a_retry(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 from fastapi.testclient import TestClient
 
 from deploy.local import ai4i
@@ -25,7 +26,7 @@ from shared.layout import (
 )
 from shared.settings import Settings
 from shared.storage import open_object_store
-from tests.integration.conftest import OrgKeys, run_of, submit, upload_table
+from tests.integration.conftest import OrgKeys, cancel_just_before, run_of, submit, upload_table
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -122,3 +123,23 @@ def test_a_range_with_no_rows_fails_with_the_reason(
     run_id = submit(api, org, dataset_id, dataRange={"startDate": "2030-01-01", "endDate": "2030-02-01"})
     assert run_training(run_id, worker) == "failed"
     assert "no rows" in run_of(api, org, run_id)["error"]
+
+
+def test_a_cancel_accepted_before_the_version_is_registered_leaves_no_version(
+    api: TestClient,
+    org: OrgKeys,
+    worker: WorkerContext,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cancel's 202 said the run would stop: it must not end succeeded with a version one could deploy."""
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(20_000, seed=1), tmp_path))
+    cancel_just_before(monkeypatch, "register_version", api, org)
+    assert run_training(run_id, worker) == "cancelled"
+    run = run_of(api, org, run_id)
+    assert (run["status"], run["version"], run["metrics"]) == ("cancelled", None, None)
+    assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/models/") == []
+    lines = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json()
+    assert lines[-1]["stage"] == "cancelled" and not any("registered" in line["message"] for line in lines)
