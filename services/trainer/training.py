@@ -39,6 +39,8 @@ from shared.versions import new_version
 log = logging.getLogger(__name__)
 
 BUILT_IN_SCRIPT = Path(services.trainer.scripts.__file__).parent / "train_lightgbm.py"
+MAX_METRICS_BYTES = 1024 * 1024
+MAX_METRICS_DEPTH = 8
 
 
 def run_training(run_id: str, context: WorkerContext, *, worker: str | None = None) -> str:
@@ -340,10 +342,38 @@ def _write_train_file(train: TrainingData, target_column: str, path: Path) -> No
 
 def _script_metrics(outputs: Path) -> dict[str, Any]:
     path = outputs / SCRIPT_METRICS_FILE
+    if not path.exists():
+        return {}
+    with path.open("rb") as metrics:
+        return _parse_metrics(metrics.read(MAX_METRICS_BYTES + 1))  # enough to tell one over the limit
+
+
+def _parse_metrics(raw: bytes) -> dict[str, Any]:
+    """The script's own figures, kept in the version's row and shown with every run and model listed: a few KB is
+    what a script has to say, so a file over MAX_METRICS_BYTES fails the run rather than every listing after it."""
+    if len(raw) > MAX_METRICS_BYTES:
+        raise InvalidInput(
+            f"the training script's metrics.json is {len(raw)} bytes, over the limit of {MAX_METRICS_BYTES}",
+            field="trainingScript",
+        )
     try:
-        return dict(orjson.loads(path.read_bytes())) if path.exists() else {}
-    except (orjson.JSONDecodeError, TypeError, ValueError):
-        return {"unreadable": "the script's metrics.json is not a JSON object"}
+        metrics = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        metrics = None
+    if not isinstance(metrics, dict) or _nested_deeper(metrics, MAX_METRICS_DEPTH):
+        raise InvalidInput(
+            f"the training script's metrics.json is not a JSON object nested at most {MAX_METRICS_DEPTH} deep",
+            field="trainingScript",
+        )
+    return metrics
+
+
+def _nested_deeper(value: object, levels: int) -> bool:
+    """Whether objects and lists nest more than `levels` deep; it looks no deeper, so no recursion limit is met."""
+    if not isinstance(value, dict | list):
+        return False
+    children = value.values() if isinstance(value, dict) else value
+    return levels == 0 or any(_nested_deeper(child, levels - 1) for child in children)
 
 
 def _short_reason(error: Exception) -> str:

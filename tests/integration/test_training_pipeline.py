@@ -274,6 +274,46 @@ def test_an_org_runs_its_operators_script_and_a_crash_fails_the_run_with_its_tra
     assert run_training(submit(api, org, dataset), script_worker) in {"succeeded", "rejected"}
 
 
+@pytest.mark.parametrize(
+    ("metrics", "words"),
+    [
+        ('{"padding": "' + "x" * 2_000_000 + '"}', "metrics.json is 2000015 bytes, over the limit of 1048576"),
+        ("[0.98, 0.97]", "metrics.json is not a JSON object"),
+        ('{"a": ' * 9 + "1" + "}" * 9, "nested at most 8 deep"),
+    ],
+    ids=["2 MB", "a list", "9 deep"],
+)
+def test_a_scripts_metrics_too_big_or_of_the_wrong_shape_fail_the_run(
+    api: TestClient,
+    org: OrgKeys,
+    script_worker: WorkerContext,
+    settings: Settings,
+    scripts_dir: Path,
+    tmp_path: Path,
+    metrics: str,
+    words: str,
+) -> None:
+    """A script's metrics are stored with its version and shown in every listing of runs and models."""
+    script = install_script(
+        scripts_dir,
+        "big_metrics.py",
+        f"""
+        import json, sys
+        from services.trainer.scripts.train_lightgbm import main
+        main(sys.argv[1])
+        with open(json.load(open(sys.argv[1]))["outputPath"] + "/metrics.json", "w") as metrics:
+            metrics.write({metrics!r})
+    """,
+    )
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(5_000, seed=1), tmp_path))
+    assert run_training(run_id, script_worker) == "failed"
+    assert words in run_of(api, org, run_id)["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
+    assert len(api.get(f"/v1/orgs/{org.org_id}/trainings", headers=org.viewer).content) < 10_000
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/models/") == []
+
+
 def test_a_script_outside_the_operators_folder_is_refused(
     api: TestClient, org: OrgKeys, script_worker: WorkerContext, tmp_path: Path
 ) -> None:

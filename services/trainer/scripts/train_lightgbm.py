@@ -16,9 +16,10 @@ class indices 0..len(classes)-1 (int64). Hyperparameters are named as the API ta
 What a script must leave in outputPath: model.onnx, a classifier with float input "input" [N, features] and
 outputs "label" [N] and "probabilities" [N, classes]; model.txt, the LightGBM model that Kiln checks model.onnx
 against (leave it out and that check fails); and metrics.json, figures of the script's own, kept with the
-version. While it works it may print progress to stdout, one JSON object a line, flushed:
-{"stage": "training", "iteration": i, "of": n}, then {"stage": "exporting"} and {"stage": "done"}; other lines are
-logged. It exits 0 on success: any other end fails the run, with the end of stderr (the traceback) as the reason.
+version: a JSON object of at most 1 MB, nested at most 8 deep. While it works it may print progress to stdout, one
+JSON object a line, flushed: {"stage": "training", "iteration": i, "of": n}, then {"stage": "exporting"} and
+{"stage": "done"}; other lines are logged. It exits 0 on success: any other end fails the run, with the end of
+stderr (the traceback) as the reason.
 """
 
 from __future__ import annotations
