@@ -127,6 +127,7 @@ class DataSourceOut(CamelOut):
 
 
 class RunLogOut(CamelOut):
+    id: int
     at: datetime
     attempt: int
     level: str

@@ -146,3 +146,28 @@ def test_text_with_a_nul_character_is_refused_naming_it_and_queues_nothing(
     assert response.json()["field"] == field
     assert "NUL character" in response.json()["error"]
     assert runs(api, org) == []
+
+
+def test_runs_are_listed_newest_first_in_pages_and_by_status(api: TestClient, org: OrgKeys, dataset_id: str) -> None:
+    url = f"/v1/orgs/{org.org_id}/trainings"
+    submitted = [api.post(url, json=config(dataset_id), headers=org.trainer).json()["runId"] for _ in range(3)]
+    assert api.post(f"{url}/{submitted[1]}/cancel", headers=org.trainer).status_code == 202
+
+    first = api.get(url, params={"limit": 2}, headers=org.viewer).json()
+    rest = api.get(url, params={"limit": 2, "before": first[-1]["runId"]}, headers=org.viewer).json()
+    cancelled = api.get(url, params={"status": "cancelled"}, headers=org.viewer).json()
+
+    assert [run["runId"] for run in first + rest] == submitted[::-1]
+    assert [run["runId"] for run in cancelled] == [submitted[1]]
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "field"),
+    [({"status": "done"}, 422, "status"), ({"limit": 0}, 422, "limit"), ({"before": "run_unknown"}, 404, "before")],
+)
+def test_a_bad_page_of_runs_is_refused_naming_the_parameter(
+    api: TestClient, org: OrgKeys, params: dict[str, Any], status: int, field: str
+) -> None:
+    response = api.get(f"/v1/orgs/{org.org_id}/trainings", params=params, headers=org.viewer)
+    assert response.status_code == status, response.text
+    assert response.json()["field"] == field

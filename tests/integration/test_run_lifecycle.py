@@ -149,6 +149,25 @@ def test_the_log_keeps_every_line_in_order(
     ]
 
 
+def test_the_log_is_read_in_pages_oldest_first(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
+) -> None:
+    attempt = runs.claim_run(sessions, run_id, worker="w1", lease_s=30)
+    assert attempt is not None
+    for line in range(5):
+        runs.log(sessions, attempt, "training", f"line {line}")
+    url = f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs"
+    pages = [api.get(url, params={"limit": 2}, headers=org.viewer).json()]
+    while pages[-1]:
+        pages.append(api.get(url, params={"limit": 2, "after": pages[-1][-1]["id"]}, headers=org.viewer).json())
+    assert [[line["message"] for line in page] for page in pages] == [
+        ["line 0", "line 1"],
+        ["line 2", "line 3"],
+        ["line 4"],
+        [],
+    ]
+
+
 @pytest.fixture
 def sqlite_sessions(tmp_path: Path) -> Iterator[Callable[[], SessionFactory]]:
     """The embedded stack's database: a SQLite file, each worker with an engine of its own."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated
+from typing import Annotated, Literal
 
 import orjson
-from fastapi import APIRouter, Header, status
-from sqlalchemy import select
+from fastapi import APIRouter, Header, Query, status
+from sqlalchemy import select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -15,7 +15,7 @@ from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.lookups import get_owned
 from services.api.outbox_relay import commit_and_send
 from services.api.ratelimit import take_submission
-from services.api.schemas import RunAccepted, RunLogOut, RunOut
+from services.api.schemas import MAX_ROW_ID, RunAccepted, RunLogOut, RunOut
 from services.api.training_checks import check_source
 from shared.audit import record_change
 from shared.cancellation import request_cancel
@@ -25,6 +25,8 @@ from shared.schemas import OrgConfig, TrainingConfig
 from shared.submissions import queue_run
 
 router = APIRouter(prefix="/v1/orgs/{org}/trainings", tags=["trainings"])
+
+RunStatus = Literal["queued", "running", "succeeded", "rejected", "failed", "cancelled"]
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=RunAccepted)
@@ -72,10 +74,24 @@ def _by_key(session: Session, org_id: str, key: str, body_hash: str) -> Training
 
 
 @router.get("", response_model=list[RunOut])
-def list_trainings(access: OrgViewer, session: SessionDep) -> list[RunOut]:
-    runs = session.scalars(
-        select(TrainingRun).where(TrainingRun.org_id == access.org_id).order_by(TrainingRun.created_at.desc())
-    ).all()
+def list_trainings(
+    access: OrgViewer,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[
+        str | None, Query(min_length=1, max_length=40, description="only runs submitted before this run, to page back")
+    ] = None,
+    state: Annotated[RunStatus | None, Query(alias="status")] = None,
+) -> list[RunOut]:
+    """The org's runs, newest first."""
+    query = select(TrainingRun).where(TrainingRun.org_id == access.org_id)
+    if state is not None:
+        query = query.where(TrainingRun.status == state)
+    if before is not None:
+        cursor = get_owned(session, TrainingRun, before, org_id=access.org_id, field="before")
+        query = query.where(tuple_(TrainingRun.created_at, TrainingRun.id) < tuple_(cursor.created_at, cursor.id))
+    newest_first = (TrainingRun.created_at.desc(), TrainingRun.id.desc())
+    runs = session.scalars(query.order_by(*newest_first).limit(limit)).all()
     versions = {
         v.version: v
         for v in session.scalars(
@@ -107,9 +123,22 @@ def cancel_training(run_id: str, access: OrgTrainer, session: SessionDep) -> Run
 
 
 @router.get("/{run_id}/logs", response_model=list[RunLogOut])
-def training_logs(run_id: str, access: OrgViewer, session: SessionDep) -> list[RunLog]:
+def training_logs(
+    run_id: str,
+    access: OrgViewer,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+    after: Annotated[
+        int | None, Query(ge=0, le=MAX_ROW_ID, description="only lines after this id, to page on or follow the run")
+    ] = None,
+) -> list[RunLog]:
+    """The run's log, oldest line first. A run's log is bounded (its script's progress is logged a few times a
+    second, 200 times at most, per attempt), so the default page holds a whole log."""
     get_owned(session, TrainingRun, run_id, org_id=access.org_id)
-    return list(session.scalars(select(RunLog).where(RunLog.run_id == run_id).order_by(RunLog.id)))
+    query = select(RunLog).where(RunLog.run_id == run_id)
+    if after is not None:
+        query = query.where(RunLog.id > after)
+    return list(session.scalars(query.order_by(RunLog.id).limit(limit)))
 
 
 def _run_out(run: TrainingRun, version: ModelVersion | None) -> RunOut:
