@@ -227,9 +227,14 @@ def cancel_requested(sessions: SessionFactory, attempt: Attempt) -> bool:
         return bool(_held(session.get_one(TrainingRun, attempt.run_id), attempt).cancel_requested)
 
 
-def set_progress(sessions: SessionFactory, attempt: Attempt, stage: str, percent: int) -> None:
+def set_progress(
+    sessions: SessionFactory, attempt: Attempt, stage: str, percent: int, *, log: str | None = None
+) -> None:
+    """The run's stage and percent done; with `log`, a log line of that stage in the same transaction."""
     with session_scope(sessions) as session:
         _write_fenced(session, attempt, progress={"stage": stage, "percent": percent})
+        if log is not None:
+            session.add(RunLog(run_id=attempt.run_id, attempt=attempt.number, level="info", stage=stage, message=log))
 
 
 def log(sessions: SessionFactory, attempt: Attempt, stage: str, message: str, *, level: str = "info") -> None:

@@ -33,6 +33,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
@@ -95,6 +96,8 @@ _REASON_LINES = 4
 _MAX_REASON_LINES = 12
 _MAX_LINE_BYTES = 64 * 1024
 _CHUNK_BYTES = 1024 * 1024
+# After the script ended, what it printed and was not read yet is read for this long at most: the rest is dropped.
+_LAST_READ_S = 1.0
 _MEMORY_ERRORS = ("MemoryError", "std::bad_alloc", "Cannot allocate memory")
 # A script killed outright with its peak memory this close to the limit is taken to have run out of memory.
 _NEAR_LIMIT = 0.9
@@ -236,8 +239,10 @@ class Sandbox:
         env: Mapping[str, str] | None = None,
     ) -> ScriptResult:
         """Run `python script config` in `workdir` and wait for it to end, calling `on_output` with each line it
-        prints to stdout. It is killed at `limits.timeout_s` of wall-clock time (counted from its start, not the
-        zygote's), or soon after `should_stop()` turns true. `env` adds to the script's few variables."""
+        prints to stdout, between looks at whether to stop it: each call must be quick. It is killed at
+        `limits.timeout_s` of wall-clock time (counted from its start, not the zygote's), or soon after
+        `should_stop()` turns true, however much it prints; lines still unread a second after it ended, or once
+        it was stopped, are dropped. `env` adds to the script's few variables."""
         tmp = str(_private_tmp(workdir))
         request = {
             "script": str(script),
@@ -258,7 +263,8 @@ class Sandbox:
             # Whatever went wrong here, the script must not outlive the run: the zygote kills it on EOF.
             self._discard()
             raise
-        output.read(final=True)
+        if stop.stopped_at is None:  # a stopped script's last words are of no use, and would hold up its end
+            output.read(_LAST_READ_S, final=True)
         return ScriptResult(
             returncode=report.get("returncode"),
             signal=report.get("signal"),
@@ -335,7 +341,7 @@ class Sandbox:
                 return {}
             if message is not None and "exited" in message:
                 return message
-            output.read()
+            output.read(_POLL_S)
             if stop.due():
                 zygote.send({"stop": True})
             elif stop.overdue():
@@ -440,18 +446,30 @@ class _OutputTail:
         self._on_line = on_line
         self._offset = 0
         self._partial = b""
+        self._lines: deque[bytes] = deque()
 
-    def read(self, *, final: bool = False) -> None:
-        """Pass on what was written since the last read, a chunk at a time so that a flood of output cannot fill
-        the worker's memory. `final`: the script has ended, so read to the end, and a last line without a
-        newline is complete too."""
-        while chunk := self._next_chunk():
-            self._pass_on(chunk)
-            if not final:
+    def read(self, budget_s: float, *, final: bool = False) -> None:
+        """Pass on what was written since the last read, for about `budget_s` at most: however much a script
+        prints, the worker goes on watching it. It holds a chunk of the file at a time, so that a flood of output
+        cannot fill the worker's memory either. `final`: the script has ended, so a last line without a newline
+        is complete too."""
+        until = time.monotonic() + budget_s
+        while self._has_line():
+            self._on_line(self._lines.popleft().decode(errors="replace"))
+            if time.monotonic() >= until:
                 return
         if final and self._partial:
             self._on_line(self._partial.decode(errors="replace"))
             self._partial = b""
+
+    def _has_line(self) -> bool:
+        """Whether a complete line waits, reading on in the file while none does."""
+        while not self._lines:
+            chunk = self._next_chunk()
+            if not chunk:
+                return False
+            self._split(chunk)
+        return True
 
     def _next_chunk(self) -> bytes:
         try:
@@ -463,14 +481,13 @@ class _OutputTail:
         self._offset += len(chunk)
         return chunk
 
-    def _pass_on(self, chunk: bytes) -> None:
+    def _split(self, chunk: bytes) -> None:
         *lines, self._partial = (self._partial + chunk).split(b"\n")
         # A script that never ends its line is still heard, in pieces, without this holding all it wrote.
         if len(self._partial) >= _MAX_LINE_BYTES:
             lines.append(self._partial)
             self._partial = b""
-        for line in lines:
-            self._on_line(line.decode(errors="replace"))
+        self._lines.extend(lines)
 
 
 def _file_tail(path: Path) -> str:

@@ -24,7 +24,7 @@ from services.trainer.outputs import SCRIPT_METRICS_FILE, collect_outputs
 from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout, with_positive_class
 from services.trainer.pipeline.train import check_objective, check_trainable, rows_fitted
 from services.trainer.pipeline.validate import Gates
-from services.trainer.progress import ScriptProgress
+from services.trainer.progress import ProgressWriter
 from services.trainer.runs import Attempt, Cancelled, DatabaseSource, LeaseLost, TrainedVersion
 from services.trainer.sandbox import Limits
 from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large
@@ -205,10 +205,10 @@ class _Steps:
         limits = Limits.from_settings(self.context.settings).with_overrides(
             self.attempt.org_config.training.limit_overrides()
         )
-        progress = ScriptProgress(lambda stage, percent, line: self._script_progress(stage, percent, line))
-        result = self.context.sandbox.run(
-            script, config_file, workdir, limits, should_stop=self.heartbeat.should_stop, on_output=progress.feed
-        )
+        with ProgressWriter(self._script_progress) as progress:
+            result = self.context.sandbox.run(
+                script, config_file, workdir, limits, should_stop=self.heartbeat.should_stop, on_output=progress.feed
+            )
         if result.cancelled:
             raise LeaseLost("taken over") if self.heartbeat.lost.is_set() else Cancelled("cancelled")
         if not result.ok:
@@ -223,12 +223,10 @@ class _Steps:
         )
         return outputs
 
-    def _script_progress(self, stage: str, percent: int, message: str) -> None:
-        # Called from inside the sandbox's wait: it must not raise; a cancel or a lost lease stops the script
-        # through should_stop instead.
+    def _script_progress(self, stage: str, percent: int, message: str | None) -> None:
+        # Called from the progress writer's thread: a lost lease stops the script through should_stop.
         try:
-            runs.set_progress(self.context.sessions, self.attempt, stage, percent)
-            self.log(stage, message)
+            runs.set_progress(self.context.sessions, self.attempt, stage, percent, log=message)
         except LeaseLost:
             self.heartbeat.lost.set()
 

@@ -434,6 +434,64 @@ def test_cancelling_a_running_run_kills_its_script_within_five_seconds(
         os.killpg(script_pid, signal.SIG_DFL)
 
 
+def flood(lines: int) -> str:
+    """A script that prints `lines` progress lines, each naming a stage of its own, as fast as it can, then waits."""
+    return f"""
+        import sys, time
+        for i in range({lines}):
+            sys.stdout.write('{{"stage": "s%d"}}\\n' % i)
+        sys.stdout.flush()
+        time.sleep(600)
+    """
+
+
+def wait_for_stage(api: TestClient, org: OrgKeys, run_id: str, prefix: str, *, within_s: float = 60) -> None:
+    deadline = time.monotonic() + within_s
+    while not run_of(api, org, run_id)["progress"]["stage"].startswith(prefix):
+        assert time.monotonic() < deadline, f"the run never reached a stage {prefix}…"
+        time.sleep(0.05)
+
+
+def all_logs(api: TestClient, org: OrgKeys, run_id: str) -> list[dict[str, Any]]:
+    url = f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs"
+    pages = [api.get(url, params={"limit": 100}, headers=org.viewer).json()]
+    while len(pages[-1]) == 100:
+        pages.append(api.get(url, params={"limit": 100, "after": pages[-1][-1]["id"]}, headers=org.viewer).json())
+    return [line for page in pages for line in page]
+
+
+def test_a_flood_of_progress_lines_neither_holds_up_a_cancel_nor_floods_the_log(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    set_org_config(api, org, {"training": {"scriptPath": install_script(scripts_dir, "flood.py", flood(200_000))}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(run_training(run_id, script_worker)))
+    worker.start()
+    wait_for_stage(api, org, run_id, "s")
+    time.sleep(1)
+    cancelled_at = time.monotonic()
+    assert api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer).status_code == 202
+    worker.join(timeout=30)
+    assert outcome == ["cancelled"] and time.monotonic() - cancelled_at < 5
+    assert run_of(api, org, run_id)["status"] == "cancelled"
+    lines = all_logs(api, org, run_id)
+    assert len(lines) < 50
+    assert any(line["message"].startswith("the script printed") for line in lines)
+
+
+def test_a_flood_of_progress_lines_does_not_hold_a_script_past_its_timeout(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    script = install_script(scripts_dir, "flood.py", flood(100_000))
+    set_org_config(api, org, {"training": {"scriptPath": script, "timeoutS": 5}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    started = time.monotonic()
+    assert run_training(run_id, script_worker) == "failed"
+    assert time.monotonic() - started < 5 + 10
+    assert "timed out after 5 s" in run_of(api, org, run_id)["error"]
+
+
 def test_validating_again_keeps_a_feature_named_like_the_old_label_column(
     api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
 ) -> None:

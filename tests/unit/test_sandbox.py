@@ -302,6 +302,50 @@ def test_should_stop_kills_a_running_script_and_all_it_started(sandbox: Sandbox,
     assert_runs_a_good_script(sandbox, tmp_path)
 
 
+FLOOD = """
+    import sys, time
+    for i in range(200_000):
+        sys.stdout.write('{"stage": "s%d"}\\n' % i)
+    sys.stdout.flush()
+    time.sleep(600)
+"""
+
+
+def slow_reader(lines: list[str]) -> Callable[[str, Path], None]:
+    """A caller that takes a millisecond over each line, as one writing each to a database would."""
+
+    def read(line: str, _workdir: Path) -> None:
+        lines.append(line)
+        time.sleep(0.001)
+
+    return read
+
+
+def test_a_flood_of_output_does_not_keep_a_script_from_being_stopped(sandbox: Sandbox, tmp_path: Path) -> None:
+    lines: list[str] = []
+    asked_at: list[float] = []
+
+    def stop() -> bool:
+        if lines and not asked_at:
+            asked_at.append(time.monotonic())
+        return bool(asked_at)
+
+    outcome = run(sandbox, tmp_path, FLOOD, should_stop=stop, on_output=slow_reader(lines))
+
+    assert outcome.result.cancelled
+    assert time.monotonic() - asked_at[0] < STOP_WITHIN_S
+    assert_runs_a_good_script(sandbox, tmp_path)
+
+
+def test_a_flood_of_output_does_not_keep_a_script_past_its_timeout(sandbox: Sandbox, tmp_path: Path) -> None:
+    started = time.monotonic()
+
+    outcome = run(sandbox, tmp_path, FLOOD, limits=replace(LIMITS, timeout_s=2), on_output=slow_reader([]))
+
+    assert outcome.result.reason() == "timed out after 2 s (the org's limit)"
+    assert time.monotonic() - started < 2 + STOP_WITHIN_S
+
+
 def test_nothing_a_script_started_outlives_its_run(sandbox: Sandbox, tmp_path: Path) -> None:
     source = """
         import subprocess

@@ -18,7 +18,8 @@ outputs "label" [N] and "probabilities" [N, classes]; model.txt, the LightGBM mo
 against (leave it out and that check fails); and metrics.json, figures of the script's own, kept with the
 version: a JSON object of at most 1 MB, nested at most 8 deep. While it works it may print progress to stdout, one
 JSON object a line, flushed: {"stage": "training", "iteration": i, "of": n}, then {"stage": "exporting"} and
-{"stage": "done"}; other lines are logged. It exits 0 on success: any other end fails the run, with the end of
+{"stage": "done"}; the latest is written every 0.5 s, a stage is cut to 32 characters, one naming a run status is
+not taken, and other lines are not read. It exits 0 on success: any other end fails the run, with the end of
 stderr (the traceback) as the reason.
 """
 
