@@ -7,6 +7,7 @@ shared by every child.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -21,6 +22,8 @@ from shared.queues import celery_config, send_train_task
 from shared.schemas import OrgConfig
 from shared.settings import Settings, build_settings
 from shared.storage import ObjectStore, open_object_store, org_data_store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class WorkerContext:
             engine=engine,
             sessions=make_session_factory(engine),
             store=open_object_store(settings),
-            sandbox=Sandbox(network=settings.training_network, filesystem=settings.training_filesystem),
+            sandbox=_swept(Sandbox(network=settings.training_network, filesystem=settings.training_filesystem)),
             producer=producer,
         )
 
@@ -60,6 +63,13 @@ class WorkerContext:
             send_train_task(self.producer, payload)
 
         return {KIND_TRAIN_TASK: send}
+
+
+def _swept(sandbox: Sandbox) -> Sandbox:
+    """A worker killed mid-run left its run's workspace, with an org's rows in it: the next to start removes it."""
+    for path in sandbox.sweep_workspaces():
+        log.warning("removed %s, the workspace of a run whose worker ended before removing it", path)
+    return sandbox
 
 
 @cache

@@ -6,7 +6,8 @@ script starts in milliseconds, not 1.7 s) and gets:
   left them (setsid): orphans come to the zygote, a subreaper, which kills them;
 - an environment of a few variables chosen here, never the worker's (so no KILN_* setting or secret);
 - limits on CPU time, address space, file size and open files, and a wall-clock timeout kept from here;
-- a private folder from `workspace()`, with its own tmp/ as HOME and TMPDIR, removed afterwards;
+- a private folder from `workspace()`, with its own tmp/ as HOME and TMPDIR, removed afterwards (or, when the
+  worker was killed, by the sweep at the next worker's start: workspaces.py);
 - unless the worker is told otherwise (KILN_TRAINING_NETWORK=host), a network namespace of its own with no way
   out: a script cannot send the rows it reads anywhere, nor reach the databases and brokers beside it;
 - unless told otherwise (KILN_TRAINING_FILESYSTEM=host), a Landlock confinement (confinement.py): it reads only
@@ -26,12 +27,10 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -43,6 +42,7 @@ from typing import IO, Any, Literal
 
 from pydantic.alias_generators import to_camel
 
+from services.trainer import workspaces
 from services.trainer.zygote import STDERR_LOG, STDOUT_LOG, Message, MessageReader, send
 from shared.errors import InvalidInput, TransientError
 from shared.settings import Settings
@@ -218,14 +218,20 @@ class Sandbox:
     """
 
     def __init__(
-        self, *, network: Literal["none", "host"] = "none", filesystem: Literal["private", "host"] = "private"
+        self,
+        *,
+        network: Literal["none", "host"] = "none",
+        filesystem: Literal["private", "host"] = "private",
+        workspaces_root: Path | None = None,
     ) -> None:
         """`network`: "none" runs each script cut off every network (KILN_TRAINING_NETWORK), "host" on the
         machine's. `filesystem`: "private" confines each script to the files it needs (KILN_TRAINING_FILESYSTEM),
-        "host" lets it reach what the worker's user can."""
+        "host" lets it reach what the worker's user can. `workspaces_root`: the folder of the scripts' workspaces,
+        by default the user's own in the temporary folder (workspaces.default_root)."""
         self._zygote: _Zygote | None = None
         self._network = network
         self._filesystem = filesystem
+        self._workspaces = workspaces_root or workspaces.default_root()
 
     def run(
         self,
@@ -282,16 +288,18 @@ class Sandbox:
         the caller prepares the run, instead of while the run waits."""
         self._live_zygote()
 
-    @staticmethod
     @contextmanager
-    def workspace() -> Iterator[Path]:
-        """A fresh folder only this user can enter, with a tmp/ inside; removed afterwards, however the run ended."""
-        path = Path(tempfile.mkdtemp(prefix="kiln-script-"))
-        try:
+    def workspace(self) -> Iterator[Path]:
+        """A fresh folder only this user can enter, with a tmp/ inside; removed afterwards, however the run ended
+        (and by `sweep_workspaces` when this process was killed first)."""
+        with workspaces.workspace(self._workspaces) as path:
             _private_tmp(path)
             yield path
-        finally:
-            _remove_tree(path)
+
+    def sweep_workspaces(self) -> list[Path]:
+        """Remove the workspaces that no live process holds any more, left by workers killed mid-run: they hold
+        orgs' rows. Those of the other workers running here are left alone. Returns the ones removed."""
+        return workspaces.sweep(self._workspaces)
 
     def close(self) -> None:
         """Stop the zygote, and with it any script still running."""
@@ -518,21 +526,3 @@ def _private_tmp(workdir: Path) -> Path:
 def _kill_group(pid: int) -> None:
     with suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    if path.exists():
-        # The script took away its own permissions on some folder in there.
-        _make_folders_writable(path)
-        shutil.rmtree(path)
-
-
-def _make_folders_writable(root: Path) -> None:
-    root.chmod(0o700)
-    for folder, subfolders, _ in os.walk(root):
-        for name in subfolders:
-            subfolder = os.path.join(folder, name)
-            # A link may point out of the workspace: it is removed, never followed.
-            if not os.path.islink(subfolder):
-                os.chmod(subfolder, 0o700)

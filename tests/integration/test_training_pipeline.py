@@ -7,7 +7,6 @@ import io
 import os
 import secrets
 import signal
-import tempfile
 import textwrap
 import threading
 import time
@@ -28,11 +27,13 @@ from deploy.local import ai4i
 from services.trainer.artifacts import load_holdout
 from services.trainer.context import WorkerContext
 from services.trainer.training import BUILT_IN_SCRIPT, run_training
+from services.trainer.workspaces import default_root
 from shared.layout import HOLDOUT_FILE, model_key, model_prefix
 from shared.settings import Settings
 from shared.storage import open_object_store
 from tests.integration.conftest import ADMIN, OrgKeys, cancel_just_before, run_of, submit, upload, upload_table
 from tests.support.servers import free_port, fresh_postgres_database
+from tests.support.workspaces import workspace_holder
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -393,11 +394,11 @@ def test_a_link_planted_where_the_worker_writes_the_held_out_rows_is_never_follo
 
 
 def pid_written_in_a_workspace(name: str, *, within_s: float = 30) -> int:
-    """The pid a script wrote to `name` in its workspace: a fresh kiln-script-* folder in the temporary folder, the
-    one place a confined script may write."""
+    """The pid a script wrote to `name` in its workspace: a fresh folder in the workers' own folder of workspaces,
+    the one place a confined script may write."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        for path in Path(tempfile.gettempdir()).glob(f"kiln-script-*/{name}"):
+        for path in default_root().glob(f"*/{name}"):
             if text := path.read_text():
                 return int(text)
         time.sleep(0.1)
@@ -490,6 +491,16 @@ def test_a_flood_of_progress_lines_does_not_hold_a_script_past_its_timeout(
     assert run_training(run_id, script_worker) == "failed"
     assert time.monotonic() - started < 5 + 10
     assert "timed out after 5 s" in run_of(api, org, run_id)["error"]
+
+
+def test_a_worker_starting_removes_the_workspaces_killed_workers_left_and_no_other(settings: Settings) -> None:
+    """A worker killed mid-run leaves its run's workspace, the org's rows in it, where no one would remove it."""
+    with workspace_holder() as (killed, left), workspace_holder() as (_live, held):
+        killed.kill()
+        killed.wait()
+        WorkerContext.open(settings).close()
+        assert not left.exists()
+        assert (held / "source.parquet").exists()
 
 
 def test_validating_again_keeps_a_feature_named_like_the_old_label_column(

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from services.trainer.sandbox import Limits, Sandbox, ScriptResult
+from services.trainer.workspaces import WorkspaceError
 from shared.errors import InvalidInput
 from shared.settings import Settings
+from tests.support.workspaces import workspace_holder
 
 LIMITS = Limits(timeout_s=30, cpu_s=30, memory_mb=2048, max_file_mb=10, max_open_files=64)
 SECRET = "KILN_SECRET_KEY"
@@ -390,6 +392,32 @@ def test_the_workspace_is_removed_however_the_run_ended(sandbox: Sandbox, tmp_pa
 
     assert outcome.result.reason().startswith("exited with 3")
     assert not outcome.workdir.exists()
+
+
+def test_the_workspaces_a_killed_worker_left_are_swept_and_a_live_workers_kept(tmp_path: Path) -> None:
+    """A worker killed mid-run cannot remove its run's workspace; a sweep does, leaving the others' runs alone."""
+    root = tmp_path / "workspaces"
+    with workspace_holder(root) as (killed, left), workspace_holder(root) as (_live, held):
+        killed.kill()
+        killed.wait()
+        assert (left / "source.parquet").exists()
+
+        swept = Sandbox(workspaces_root=root).sweep_workspaces()
+
+        assert swept == [left] and not left.exists()
+        assert (held / "source.parquet").exists()
+    assert Sandbox(workspaces_root=root).sweep_workspaces() == []
+    assert list(root.iterdir()) == []
+
+
+def test_a_folder_of_workspaces_others_may_enter_is_refused(tmp_path: Path) -> None:
+    """In a shared temporary folder another user could make it first, to read the rows runs put there."""
+    root = tmp_path / "workspaces"
+    root.mkdir()
+    root.chmod(0o777)
+
+    with pytest.raises(WorkspaceError, match="only this user can enter"), Sandbox(workspaces_root=root).workspace():
+        pass
 
 
 def test_start_launches_the_one_zygote_that_runs_the_scripts(tmp_path: Path) -> None:

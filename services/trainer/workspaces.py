@@ -1,0 +1,123 @@
+"""The folders training scripts run in, which hold an org's rows while a run uses them.
+
+Each is made under one folder of the worker's user (`default_root()`), with a lock file beside it that its worker
+process holds (flock) for as long as the run uses it. A worker that ends normally removes both; one that was killed
+leaves them, and its lock with it: the sweep at the next worker's start removes every workspace whose lock no
+live process holds, and leaves those of the other workers running on the machine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from shared.errors import KilnError
+
+LOCK_SUFFIX = ".lock"
+
+
+class WorkspaceError(KilnError):
+    """The folder of workspaces cannot be trusted with the rows a run puts there."""
+
+
+def default_root() -> Path:
+    """One folder per user of the machine, so that workers of different users never sweep each other's."""
+    return Path(tempfile.gettempdir()) / f"kiln-workspaces-{os.getuid()}"
+
+
+@contextmanager
+def workspace(root: Path) -> Iterator[Path]:
+    """A fresh folder in `root` only this user can enter; removed afterwards, however the run ended."""
+    with _held_lock(_own_folder(root)) as lock:
+        path = lock.with_suffix("")
+        path.mkdir(mode=0o700)
+        try:
+            yield path
+        finally:
+            _remove_tree(path)
+
+
+def sweep(root: Path) -> list[Path]:
+    """Remove the workspaces in `root` that no live process holds, and return them."""
+    if not root.exists():
+        return []
+    return [lock.with_suffix("") for lock in sorted(_own_folder(root).glob("*" + LOCK_SUFFIX)) if _swept(lock)]
+
+
+def _own_folder(root: Path) -> Path:
+    """`root`, made if need be. In a shared temporary folder another user could have made it first, to read the
+    rows put there: it must be this user's folder, which no one else may enter."""
+    with suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    status = root.lstat()
+    if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.getuid() or status.st_mode & 0o077:
+        raise WorkspaceError(f"{root} is not a folder of this user's that only this user can enter")
+    return root
+
+
+@contextmanager
+def _held_lock(root: Path) -> Iterator[Path]:
+    """A new lock file in `root`, locked by this process until the block ends, and then removed."""
+    while True:
+        handle, name = tempfile.mkstemp(prefix="run-", suffix=LOCK_SUFFIX, dir=root)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if _still_there(handle):
+            break
+        os.close(handle)  # a sweep found it between its making and its locking, and removed it
+    try:
+        yield Path(name)
+    finally:
+        os.unlink(name)  # before the lock is let go: no sweep may find it free
+        os.close(handle)
+
+
+def _swept(lock: Path) -> bool:
+    """Remove the workspace of `lock` when no process holds the lock; whether it did."""
+    try:
+        handle = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False  # its run has just ended
+    try:
+        if not _lock_if_free(handle):
+            return False
+        _remove_tree(lock.with_suffix(""))
+        lock.unlink()
+        return True
+    finally:
+        os.close(handle)
+
+
+def _lock_if_free(handle: int) -> bool:
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a live worker's run
+    return _still_there(handle)  # else its run ended between the look and the lock
+
+
+def _still_there(handle: int) -> bool:
+    return os.fstat(handle).st_nlink > 0
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if path.exists():
+        # The script took away its own permissions on some folder in there.
+        _make_folders_writable(path)
+        shutil.rmtree(path)
+
+
+def _make_folders_writable(root: Path) -> None:
+    root.chmod(0o700)
+    for folder, subfolders, _ in os.walk(root):
+        for name in subfolders:
+            subfolder = os.path.join(folder, name)
+            # A link may point out of the workspace: it is removed, never followed.
+            if not os.path.islink(subfolder):
+                os.chmod(subfolder, 0o700)
