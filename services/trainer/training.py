@@ -351,7 +351,7 @@ def _parse_metrics(raw: bytes) -> dict[str, Any]:
     what a script has to say, so a file over MAX_METRICS_BYTES fails the run rather than every listing after it."""
     if len(raw) > MAX_METRICS_BYTES:
         raise InvalidInput(
-            f"the training script's metrics.json is {len(raw)} bytes, over the limit of {MAX_METRICS_BYTES}",
+            f"the training script's metrics.json is over the limit of {MAX_METRICS_BYTES} bytes",
             field="trainingScript",
         )
     try:
