@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from shared.crypto import NONCE_BYTES, SecretBox
@@ -144,8 +144,21 @@ def hold_active_key(session: Session, keyring: Keyring) -> None:
         raise KeyRotated(f"the key of {keyring.org_id!r} was rotated: {keyring.active_id} is no longer active")
 
 
+def one_key_change_at_a_time(session: Session, org_id: str) -> None:
+    """Until this transaction ends, no other rotation of the org's keys starts: it waits, then rotates again from
+    the keys this one leaves. Unlocked, two rotations both read the same active key, and each retired it and made
+    one of its own: two active keys. Take it before reading the keys. SQLite takes its one writer's lock at a
+    transaction's first write, so a write that changes nothing takes it now."""
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"sync-keys:{org_id}"})
+    else:
+        connection.execute(text("DELETE FROM sync_keys WHERE 0 = 1"))
+
+
 def start_rotation(session: Session, box: SecretBox, org_id: str) -> Keyring:
-    """Retire the active key and make a new one; values under the old key still open until re-encrypted."""
+    """Retire the active key and make a new one; values under the old key still open until re-encrypted. The
+    caller holds one_key_change_at_a_time."""
     for row in session.scalars(select(SyncKey).where(SyncKey.org_id == org_id, SyncKey.status == ACTIVE)):
         row.status, row.retired_at = RETIRED, utcnow()
     _new_key(session, box, org_id)

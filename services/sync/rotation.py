@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying
 from services.sync.context import SyncContext
-from services.sync.envelope import Keyring, mark_drained, start_rotation
+from services.sync.envelope import Keyring, mark_drained, one_key_change_at_a_time, start_rotation
 from services.sync.stores import reflect
 from shared.audit import record_change
 from shared.db.models import AuditEntry, Organization, SyncBase, SyncConflict, SyncSource
@@ -31,8 +31,11 @@ PAGE_ROWS = 500
 
 def rotate_org_key(context: SyncContext, org_id: str, *, actor: str) -> dict[str, Any]:
     """Rotate in one transaction: either every value moves to the new key, or none does. Tables are read a page at
-    a time, so memory does not grow with them."""
+    a time, so memory does not grow with them. A second rotation of the org asked for meanwhile waits for this one,
+    then rotates again, so its caller too gets a key made after asking (refused, a rotation queued over the api
+    would fail where only the worker's log shows it)."""
     with session_scope(context.sessions) as session:
+        one_key_change_at_a_time(session, org_id)
         if session.get(Organization, org_id) is None:
             raise NotFound(f"organization {org_id!r} not found", field="org")
         keyring = start_rotation(session, context.secrets, org_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -507,6 +507,53 @@ def test_a_rotation_waits_for_a_transaction_sealing_under_the_active_key(
 
     assert not rotated_while_held
     assert [summary["drainedKeys"] for summary in rotations] == [[keyring.active_id]]
+
+
+def test_two_rotations_at_once_leave_one_active_key_and_every_value_opening(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Two rotations asked for together (the CLI twice, or the CLI and the api): the second waits for the first,
+    then rotates again from the key the first made, so each reports a key of its own and one stays active."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()  # the org's first key, sealing both patients
+    with session_scope(sync_context.sessions) as session:
+        first = load_keyring(session, sync_context.secrets, org_id)
+    rotations: list[dict[str, Any]] = []
+    both = [
+        threading.Thread(target=lambda: rotations.append(rotate_org_key(sync_context, org_id, actor="operator")))
+        for _ in range(2)
+    ]
+
+    with Session(sync_context.engine) as batch, batch.begin():
+        hold_active_key(batch, first)  # both rotations start while a batch seals, and wait for it
+        for rotation in both:
+            rotation.start()
+        wait_until(lambda: waiting_for_locks(sync) == 2)
+    for rotation in both:
+        rotation.join(timeout=30)
+
+    keys = sync_api.get(f"/v1/orgs/{org_id}/sync-keys", headers=sync.org.admin).json()
+    assert [key["keyId"] for key in keys if key["status"] == "active"] == [rotations[1]["activeKey"]]
+    assert rotations[0]["activeKey"] != rotations[1]["activeKey"]
+    assert rotations[1]["drainedKeys"] == [rotations[0]["activeKey"]]
+    assert {key["keyId"]: key["status"] for key in keys}[first.active_id] == "drained"
+    with session_scope(sync_context.sessions) as session:
+        keyring = load_keyring(session, sync_context.secrets, org_id)
+    sealed = [row[0] for row in sync.central(f"SELECT patient FROM {sync.central_table} ORDER BY id")]
+    assert [keyring.open(value, column="readings.patient") for value in sealed] == ["Ada Lovelace", "Alan Turing"]
+
+
+def waiting_for_locks(sync: Sync) -> int:
+    """How many connections to the central database wait for a lock."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    return int(sync.central(query)[0][0])
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 BLOB_TABLE = "CREATE TABLE t (id INTEGER PRIMARY KEY, img BLOB, reading REAL, note TEXT)"
