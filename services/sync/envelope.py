@@ -14,7 +14,7 @@ import functools
 import math
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
@@ -122,15 +122,23 @@ def _associated_data(org_id: str, column: str) -> bytes:
 
 def load_keyring(session: Session, box: SecretBox, org_id: str) -> Keyring:
     """The org's keyring; its first key is made on first use."""
-    rows = session.scalars(
+    rows = _usable_keys(session, org_id)
+    if not any(row.status == ACTIVE for row in rows):
+        # Two jobs of a new org would each make a first key (there is no row yet to lock): the second waits for
+        # the first's to commit, and finds it.
+        one_key_change_at_a_time(session, org_id)
+        rows = _usable_keys(session, org_id)
+        if not any(row.status == ACTIVE for row in rows):
+            rows = [*rows, _new_key(session, box, org_id)]
+    keys = {row.id: AESGCM(_unwrap(box, row)) for row in rows}
+    active = next(row for row in rows if row.status == ACTIVE)
+    return Keyring(org_id=org_id, active_id=active.id, keys=keys)
+
+
+def _usable_keys(session: Session, org_id: str) -> Sequence[SyncKey]:
+    return session.scalars(
         select(SyncKey).where(SyncKey.org_id == org_id, SyncKey.status != DESTROYED).with_for_update()
     ).all()
-    active = [row for row in rows if row.status == ACTIVE]
-    if not active:
-        active = [_new_key(session, box, org_id)]
-        rows = [*rows, active[0]]
-    keys = {row.id: AESGCM(_unwrap(box, row)) for row in rows}
-    return Keyring(org_id=org_id, active_id=active[0].id, keys=keys)
 
 
 def hold_active_key(session: Session, keyring: Keyring) -> None:
@@ -145,10 +153,11 @@ def hold_active_key(session: Session, keyring: Keyring) -> None:
 
 
 def one_key_change_at_a_time(session: Session, org_id: str) -> None:
-    """Until this transaction ends, no other rotation of the org's keys starts: it waits, then rotates again from
-    the keys this one leaves. Unlocked, two rotations both read the same active key, and each retired it and made
-    one of its own: two active keys. Take it before reading the keys. SQLite takes its one writer's lock at a
-    transaction's first write, so a write that changes nothing takes it now."""
+    """Until this transaction ends, no other rotation of the org's keys starts, nor the making of its first key:
+    a rotation waits, then rotates again from the keys this one leaves. Unlocked, two rotations both read the same
+    active key, and each retired it and made one of its own: two active keys. Take it before reading the keys.
+    SQLite takes its one writer's lock at a transaction's first write, so a write that changes nothing takes it
+    now."""
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": f"sync-keys:{org_id}"})

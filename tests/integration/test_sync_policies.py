@@ -543,6 +543,29 @@ def test_two_rotations_at_once_leave_one_active_key_and_every_value_opening(
     assert [keyring.open(value, column="readings.patient") for value in sealed] == ["Ada Lovelace", "Alan Turing"]
 
 
+def test_two_jobs_of_a_new_org_seal_under_one_first_key(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str
+) -> None:
+    """The first job to seal makes the org's key; another starting meanwhile waits for it and seals under it too."""
+    org = create_org_with_keys(sync_api, org_id)
+    second: list[str] = []
+
+    def load() -> None:
+        with session_scope(sync_context.sessions) as session:
+            second.append(load_keyring(session, sync_context.secrets, org_id).active_id)
+
+    other_job = threading.Thread(target=load)
+    with Session(sync_context.engine) as batch, batch.begin():
+        first = load_keyring(batch, sync_context.secrets, org_id).active_id
+        other_job.start()
+        other_job.join(timeout=1)
+    other_job.join(timeout=30)
+
+    keys = sync_api.get(f"/v1/orgs/{org_id}/sync-keys", headers=org.admin).json()
+    assert [(key["keyId"], key["status"]) for key in keys] == [(first, "active")]
+    assert second == [first]
+
+
 def waiting_for_locks(sync: Sync) -> int:
     """How many connections to the central database wait for a lock."""
     query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
