@@ -85,7 +85,7 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None) -> s
         raise TransientError(f"sync job {job_id}: a store is unreachable") from error
     except Exception as error:
         # Anything else would fail again on the same batch: the job ends, and says why, rather than stay running.
-        reason = _reason(error)
+        reason = failure_reason(error)
         log.exception("sync job %s failed: %s", job_id, reason)
         return _finish(context, job_id, FAILED, reason)
     finally:
@@ -106,11 +106,11 @@ def _naming_the_table(table: str) -> Iterator[None]:
     except OperationalError as error:
         if _unreachable(error):
             raise
-        raise TableFailed(f"table {table!r}: {_reason(error)}") from error
+        raise TableFailed(f"table {table!r}: {failure_reason(error)}") from error
     except KilnError:
         raise
     except Exception as error:
-        raise TableFailed(f"table {table!r}: {_reason(error)}") from error
+        raise TableFailed(f"table {table!r}: {failure_reason(error)}") from error
 
 
 def _unreachable(error: OperationalError) -> bool:
@@ -119,7 +119,8 @@ def _unreachable(error: OperationalError) -> bool:
     return getattr(error.orig, "sqlite_errorname", None) != "SQLITE_ERROR"
 
 
-def _reason(error: Exception) -> str:
+def failure_reason(error: Exception) -> str:
+    """Why `error` stopped the work, in one line for a job's record or an audit row."""
     if isinstance(error, KilnError):
         return error.message
     if isinstance(error, DBAPIError) and isinstance(error.orig, Exception):

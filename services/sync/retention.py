@@ -8,11 +8,16 @@ out while its side is judged and deleted, and the central delete checks each sta
 meanwhile stays (and goes down). One audit row per purge (per table), naming how many records went and the cutoff.
 The local copy goes first: if the central store is unreachable then, the next purge finds the same records again.
 Prediction records go in batches, each with its audit row in its own transaction, so none goes unaudited.
+Each table, and the prediction records, is purged on its own: one that fails (its local store out of reach, its
+file moved) is logged and audited as `sync.purge.failed`, where the org's operators look, and the rest still goes.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 
 from sqlalchemy import ColumnElement, Connection, Table, select
 from sqlalchemy.orm import Session
@@ -20,7 +25,7 @@ from sqlalchemy.orm import Session
 from services.sync.changes import CENTRAL_LOG, LOCAL_LOG, begin_applying, end_applying, pending, shut_out_writers
 from services.sync.context import SyncContext
 from services.sync.hlc import Stamp
-from services.sync.jobs import one_job_per_source
+from services.sync.jobs import failure_reason, one_job_per_source
 from services.sync.stores import STAMP, delete, key_text, key_value, open_local, reflect
 from services.sync.watermarks import UP
 from shared.audit import record_change
@@ -33,6 +38,8 @@ from shared.sync_tables import SyncTable, central_table_name
 
 PREDICTIONS_PER_BATCH = 10_000
 
+log = logging.getLogger(__name__)
+
 
 def purge_expired(context: SyncContext, org_id: str, *, now: datetime | None = None) -> int:
     """Purge every source of the org, and its prediction records; returns how many records went."""
@@ -40,13 +47,38 @@ def purge_expired(context: SyncContext, org_id: str, *, now: datetime | None = N
         config = OrgConfig.model_validate(session.get_one(Organization, org_id).config)
         sources = session.scalars(select(SyncSource).where(SyncSource.org_id == org_id)).all()
         session.expunge_all()
-    cutoff = (now or utcnow()) - timedelta(days=config.retention_days)
-    synced = sum(
-        _purge_table(context, source, spec, cutoff, config.retention_days)
+    days = config.retention_days
+    cutoff = (now or utcnow()) - timedelta(days=days)
+    purges = [
+        (f"{source.id}/{spec.name}", partial(_purge_table, context, source, spec, cutoff, days))
         for source in sources
         for spec in source_tables(source)
-    )
-    return synced + _purge_predictions(context, org_id, cutoff, config.retention_days)
+    ]
+    purges.append(("predictions", partial(_purge_predictions, context, org_id, cutoff, days)))
+    return sum(_on_its_own(context, org_id, target, purge, cutoff, days) for target, purge in purges)
+
+
+def _on_its_own(
+    context: SyncContext, org_id: str, target: str, purge: Callable[[], int], cutoff: datetime, days: int
+) -> int:
+    """Run one purge. Should it fail, it is logged and audited, and the next one runs all the same: a store out of
+    reach must not keep the org's other records past their time. (The central store out of reach fails the
+    audit too, and so the whole purge, which the next one does again.)"""
+    try:
+        return purge()
+    except Exception as error:
+        reason = failure_reason(error)
+        log.exception("retention purge of %s (org %s) failed: %s", target, org_id, reason)
+        with session_scope(context.sessions) as session:
+            record_change(
+                session,
+                org_id=org_id,
+                actor="retention",
+                action="sync.purge.failed",
+                target=target,
+                detail={"error": reason, "cutoff": cutoff.isoformat(), "retentionDays": days},
+            )
+        return 0
 
 
 def _purge_predictions(context: SyncContext, org_id: str, cutoff: datetime, days: int) -> int:

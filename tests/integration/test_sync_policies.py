@@ -27,15 +27,18 @@ from shared.db.models import Prediction
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.sync_keys import destroy_key
-from tests.integration.conftest import ADMIN, create_org_with_keys
+from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.integration.sync_support import (
     LOCAL_ONLY,
+    TWO_READINGS,
     Sync,
     central_copies,
+    make_local_store,
     many_readings,
     open_down_only_vitals,
     open_sync,
     open_table_sync,
+    register,
 )
 
 
@@ -422,6 +425,47 @@ def test_retention_purges_prediction_records_older_than_it_with_an_audit_row(
     purges = [entry["detail"] for entry in entries if entry["action"] == "predictions.purge"]
     assert [(detail["records"], detail["retentionDays"]) for detail in purges] == [(2, 30)]
     assert org_id in orgs_to_purge(sync_context.sessions)  # the beat purges it, though it has no sync source
+
+
+def test_a_store_out_of_reach_is_audited_and_the_orgs_other_records_are_purged(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    org = create_org_with_keys(sync_api, org_id)
+    config = {"retentionDays": 1, "predictions": {"record": True}}
+    assert sync_api.patch(f"/v1/orgs/{org_id}", json={"config": config}, headers=ADMIN).status_code == 200
+    (tmp_path / org_id).mkdir()
+    a, b = (registered_store(sync_api, sync_context, org, tmp_path / org_id / f"{name}.db") for name in "ab")
+    a.run(), b.run()
+    with session_scope(sync_context.sessions) as session:
+        session.add(
+            Prediction(
+                org_id=org_id, version="v1", score=0.9, label="1", risk_level="high", latency_ms=0.2, at=utcnow()
+            )
+        )
+    a.local_path.rename(tmp_path / "a-moved.db")
+
+    purged = purge_expired(sync_context, org_id, now=utcnow() + timedelta(days=10))
+
+    assert purged == 3  # b's two records and the prediction record
+    assert b.local("SELECT count(*) FROM readings") == [(0,)]
+    assert b.central(f"SELECT count(*) FROM {b.central_table}") == [(0,)]
+    assert a.central(f"SELECT count(*) FROM {a.central_table}") == [(2,)]
+    assert sync_api.get(f"/v1/orgs/{org_id}/predictions", headers=org.viewer).json() == []
+    entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=org.admin).json()
+    [failed] = [entry for entry in entries if entry["action"] == "sync.purge.failed"]
+    assert failed["target"] == f"{a.source_id}/readings"
+    assert failed["detail"]["error"] == f"the SQLite file {a.local_path} does not exist"
+    assert {entry["target"] for entry in entries if entry["action"] == "sync.purge"} == {f"{b.source_id}/readings"}
+    assert [entry["detail"]["records"] for entry in entries if entry["action"] == "predictions.purge"] == [1]
+    assert any(a.source_id in record.getMessage() for record in caplog.records if record.levelname == "ERROR")
+
+
+def registered_store(api: TestClient, context: SyncContext, org: OrgKeys, path: Path) -> Sync:
+    """A SQLite store of two readings at `path`, registered as a source of the org."""
+    make_local_store(path, TWO_READINGS)
+    url = f"sqlite:///{path}"
+    source_id = register(api, org, url, "last-writer-wins")
+    return Sync(api, context, org, url, source_id, context.settings.resolved_database_url)
 
 
 def test_after_a_key_rotation_every_record_decrypts_and_the_old_key_can_be_destroyed(
