@@ -131,7 +131,7 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
     if isinstance(location, URL):
         _refuse_unless_empty(location)
     elif location.exists():
-        raise InvalidInput(f"{location} exists; restore into a new path", field="target")
+        raise _exists(location)
     elif not location.parent.is_dir():  # found out before the download, not after
         raise InvalidInput(f"{location.parent} is not a folder: make it, or restore into one that is", field="target")
     with tempfile.TemporaryDirectory(prefix="kiln-restore-") as folder:
@@ -143,10 +143,28 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
         if isinstance(location, URL):
             _restore_postgresql(snapshot, location)
         else:
-            partial = location.with_name(location.name + ".partial")
-            shutil.move(snapshot, partial)
-            partial.rename(location)
+            _place_new_file(snapshot, location)
     return manifest
+
+
+def _place_new_file(snapshot: Path, target: Path) -> None:
+    """Put the snapshot at `target` only if nothing is there, even a file made since the restore began. It is
+    staged in the target's folder under a name made for it (never an operator's file's), then linked to `target`:
+    a link fails where the path exists, which a rename would replace."""
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".restoring")
+    os.close(handle)
+    staged = Path(name)
+    try:
+        shutil.move(snapshot, staged)
+        os.link(staged, target)
+    except FileExistsError:
+        raise _exists(target) from None
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def _exists(target: Path) -> InvalidInput:
+    return InvalidInput(f"{target} exists; restore into a new path", field="target")
 
 
 def _open_snapshot(box: SecretBox, manifest: BackupManifest, sealed: Path, snapshot: Path) -> None:

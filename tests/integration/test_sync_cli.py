@@ -29,7 +29,7 @@ from services.sync.context import SyncContext
 from services.sync.rotation import rotate_org_key
 from shared.crypto import STREAM_CHUNK_BYTES
 from shared.db.session import session_scope
-from shared.errors import ArtifactIntegrityError
+from shared.errors import ArtifactIntegrityError, InvalidInput
 from shared.settings import Settings
 from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN
@@ -73,6 +73,22 @@ def backed_up(settings: Settings, org_id: str, source: str) -> str:
 
 def backup_id_in(output: str) -> str:
     return output.split()[1].rstrip(":")
+
+
+@pytest.fixture
+def org_folder(org_id: str, tmp_path: Path) -> Path:
+    """The org's folder of SQLite stores (the settings' local_stores_dir), where a backup's source must be."""
+    folder = tmp_path / org_id
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def plant_store(org_folder: Path) -> Path:
+    """A SQLite store of two readings in the org's folder."""
+    store = org_folder / "plant.db"
+    make_local_store(store, TWO_READINGS)
+    return store
 
 
 def test_a_backup_restores_to_the_same_records_and_is_stored_sealed(
@@ -293,6 +309,46 @@ def test_a_backup_sealed_whole_by_an_earlier_kiln_still_restores(
     assert restore.returncode == 0, restore.stderr
     with closing(sqlite3.connect(tmp_path / "r.db")) as connection:
         assert connection.execute("SELECT * FROM readings ORDER BY id").fetchall() == TWO_READINGS
+
+
+def test_a_restore_never_replaces_a_file_made_while_it_downloads(
+    sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = backup_store(sync_context.store, sync_context.secrets, org_id=org_id, source=str(plant_store))
+    target = tmp_path / "restore" / "race.db"
+    target.parent.mkdir()
+    download = sync_context.store.get_file
+
+    def download_while_the_operator_writes_the_target(key: str, path: Path) -> None:
+        download(key, path)
+        target.write_text("the operator's notes")
+
+    monkeypatch.setattr(sync_context.store, "get_file", download_while_the_operator_writes_the_target)
+
+    with pytest.raises(InvalidInput, match=f"{target} exists; restore into a new path"):
+        restore_store(
+            sync_context.store, sync_context.secrets, org_id=org_id, backup_id=manifest.backup_id, target=str(target)
+        )
+    assert target.read_text() == "the operator's notes"
+    assert [path.name for path in target.parent.iterdir()] == ["race.db"]  # nothing left beside it
+
+
+def test_a_restore_leaves_an_operators_file_beside_its_target_alone(
+    central_settings: Settings, org_id: str, tmp_path: Path, plant_store: Path
+) -> None:
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
+    target = tmp_path / "restore" / "p.db"
+    target.parent.mkdir()
+    notes = target.with_name("p.db.partial")
+    notes.write_text("notes\n")
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, str(target))
+
+    assert restore.returncode == 0, restore.stderr
+    assert notes.read_text() == "notes\n"
+    with closing(sqlite3.connect(target)) as connection:
+        assert connection.execute("SELECT * FROM readings ORDER BY id").fetchall() == TWO_READINGS
+    assert sorted(path.name for path in target.parent.iterdir()) == ["p.db", "p.db.partial"]
 
 
 @pytest.fixture
