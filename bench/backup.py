@@ -28,6 +28,7 @@ from typing import Any
 from services.sync.backup import backup_store, restore_store
 from shared.crypto import SecretBox
 from shared.storage import LocalObjectStore
+from shared.store_access import StoreRules
 
 ORG = "bench-backup"
 ROW_BYTES = 64_000
@@ -40,7 +41,7 @@ def main() -> None:
     key = base64.b64encode(secrets.token_bytes(32)).decode()
     with tempfile.TemporaryDirectory(prefix="kiln-bench-backup-") as name:
         folder = Path(name)
-        store = make_store(folder / "plant.db", args.megabytes)
+        store = make_store(folder / ORG / "plant.db", args.megabytes)  # in the org's folder, as a backup needs
         size = store.stat().st_size
         copy_s, copy_rise, _ = in_fresh_process(copy_file, store, folder / "copy.db")
         backup_s, backup_rise, backup_id = in_fresh_process(back_up, key, folder, store)
@@ -59,6 +60,7 @@ def main() -> None:
 
 
 def make_store(path: Path, megabytes: int) -> Path:
+    path.parent.mkdir()
     with closing(sqlite3.connect(path)) as connection:
         connection.execute("CREATE TABLE waveforms (id INTEGER PRIMARY KEY, samples BLOB)")
         rows = megabytes * 1_000_000 // ROW_BYTES
@@ -72,7 +74,8 @@ def copy_file(source: Path, target: Path) -> None:
 
 
 def back_up(key: str, folder: Path, store: Path) -> str:
-    manifest = backup_store(LocalObjectStore(folder / "objects"), SecretBox(key), org_id=ORG, source=str(store))
+    rules = StoreRules(ORG, stores_dir=folder, kiln_database_url=f"sqlite:///{folder / 'kiln.db'}")
+    manifest = backup_store(LocalObjectStore(folder / "objects"), SecretBox(key), rules=rules, source=str(store))
     return manifest.backup_id
 
 

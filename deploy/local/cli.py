@@ -119,7 +119,8 @@ def run_migrate(settings: Settings, _args: argparse.Namespace) -> int:
 def run_backup(settings: Settings, args: argparse.Namespace) -> int:
     with closing(SyncContext.open(settings)) as context:
         store = context.org_data_store(args.org)
-        manifest = backup_store(store, context.secrets, org_id=args.org, source=args.source)
+        rules = context.store_rules(args.org)
+        manifest = backup_store(store, context.secrets, rules=rules, source=args.source)
     print(f"backup {manifest.backup_id}: {manifest.kind} store, {manifest.size_bytes} bytes, sha256 {manifest.sha256}")
     print(f"stored at {store.url(sealed_key(manifest))}")
     return 0

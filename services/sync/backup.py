@@ -9,6 +9,10 @@ holds the sha256 of the snapshot itself. Backup and restore go through temporary
 store of any size passes through bounded memory. A restore goes ahead only when the opened snapshot's sha256
 matches, and only into a new SQLite file or an empty PostgreSQL database (pg_restore in one transaction), so it
 never overwrites a store and never leaves a half-restored one.
+
+A backup is of a store the org's sync may open (shared/store_access.py): a SQLite file in the org's folder, or a
+PostgreSQL server, and never Kiln's own database, which holds every org's data. A restore restores only a backup
+whose manifest names the org asked for: the manifest says which sealed object to open, and under which org's key.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from shared.crypto import SecretBox
 from shared.db.session import driver_message, with_shipped_driver
 from shared.db.types import utcnow
-from shared.errors import ArtifactIntegrityError, InvalidInput, NotFound
+from shared.errors import ArtifactIntegrityError, Forbidden, InvalidInput, NotFound
 from shared.schemas import problems
 from shared.storage import ObjectStore, sha256_file
+from shared.store_access import StoreRules
 
 Kind = Literal["sqlite", "postgresql"]
 SQLITE: Final = "sqlite"
@@ -82,12 +87,13 @@ class Backups(NamedTuple):
     damaged: list[str]
 
 
-def backup_store(store: ObjectStore, box: SecretBox, *, org_id: str, source: str) -> BackupManifest:
-    """Snapshot `source` (a SQLite file's path or sqlite:/// URL, or a PostgreSQL URL) into the object store. The
-    snapshot goes through temporary files (TMPDIR needs room for it twice), never whole through memory."""
+def backup_store(store: ObjectStore, box: SecretBox, *, rules: StoreRules, source: str) -> BackupManifest:
+    """Snapshot `source` (a SQLite file's path or sqlite:/// URL, or a PostgreSQL URL), a store of the org of
+    `rules` (the org's sync rules, SyncContext.store_rules), into the object store under that org. The snapshot goes
+    through temporary files (TMPDIR needs room for it twice), never whole through memory."""
+    org_id = rules.org_id
     location = store_location(source, field="source")
-    if not isinstance(location, URL) and not location.is_file():
-        raise InvalidInput(f"{location} is not a SQLite file", field="source")
+    rules.check_before_opening(_url_of(location), field="source")
     with tempfile.TemporaryDirectory(prefix="kiln-backup-") as folder:
         snapshot, sealed = Path(folder) / "snapshot", Path(folder) / "sealed"
         if isinstance(location, URL):
@@ -97,6 +103,9 @@ def backup_store(store: ObjectStore, box: SecretBox, *, org_id: str, source: str
         else:
             kind, shown = SQLITE, str(location)
             _snapshot_sqlite(location, snapshot)
+        # Checked once the snapshot is taken, which says best why a server is out of reach (pg_dump) or a file is
+        # no database; the snapshot has not left this temporary folder yet.
+        _refuse_kiln_database(location if isinstance(location, URL) else _url_of(snapshot), rules)
         backup_id = utcnow().strftime("%Y%m%dT%H%M%SZ") + "_" + secrets.token_hex(4)
         manifest = BackupManifest(
             backup_id=backup_id,
@@ -124,6 +133,12 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
             field="backup_id",
         )
     manifest = _read_manifest(store, org_id, backup_id)
+    if manifest.org_id != org_id:
+        raise Forbidden(
+            f"backup {backup_id} among {org_id}'s backups was made for organization {manifest.org_id!r}: nothing "
+            "was restored",
+            field="backup_id",
+        )
     location = store_location(target, field="target")
     kind = POSTGRESQL if isinstance(location, URL) else SQLITE
     if kind != manifest.kind:
@@ -220,6 +235,22 @@ def store_location(given: str, *, field: str) -> URL | Path:
     if url.get_backend_name() == SQLITE and url.database:
         return Path(url.database).resolve()
     raise InvalidInput(f"{field}: only SQLite files and PostgreSQL databases can be backed up", field=field)
+
+
+def _url_of(location: URL | Path) -> URL:
+    return location if isinstance(location, URL) else URL.create(SQLITE, database=str(location))
+
+
+def _refuse_kiln_database(url: URL, rules: StoreRules) -> None:
+    """Kiln's own database, however it is named (its file, a copy of it, its server by any URL), is no org's store."""
+    engine = create_engine(with_shipped_driver(url))
+    try:
+        with engine.connect() as connection:
+            rules.check_opened(connection, table=None, field="source")
+    except SQLAlchemyError as error:
+        raise InvalidInput(f"source database cannot be reached: {type(error).__name__}", field="source") from None
+    finally:
+        engine.dispose()
 
 
 def _snapshot_sqlite(path: Path, snapshot: Path) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,6 +29,8 @@ from services.sync.changes import LOCAL_LOG, create_log, install_triggers
 from services.sync.context import SyncContext
 from services.sync.rotation import rotate_org_key
 from shared.crypto import STREAM_CHUNK_BYTES
+from shared.db.migrate import upgrade
+from shared.db.models import Organization
 from shared.db.session import session_scope
 from shared.errors import ArtifactIntegrityError, InvalidInput
 from shared.settings import Settings
@@ -92,12 +95,9 @@ def plant_store(org_folder: Path) -> Path:
 
 
 def test_a_backup_restores_to_the_same_records_and_is_stored_sealed(
-    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path
 ) -> None:
-    store = tmp_path / "plant.db"
-    make_local_store(store, TWO_READINGS)
-
-    backup = kiln(central_settings, "backup", org_id, str(store))
+    backup = kiln(central_settings, "backup", org_id, str(plant_store))
     assert backup.returncode == 0, backup.stderr
     backup_id = backup_id_in(backup.stdout)
     restored = tmp_path / "restored.db"
@@ -112,12 +112,10 @@ def test_a_backup_restores_to_the_same_records_and_is_stored_sealed(
 
 
 def test_an_orgs_backups_are_listed_newest_first_to_find_the_one_to_restore(
-    central_settings: Settings, sync_api: TestClient, org_id: str, tmp_path: Path
+    central_settings: Settings, sync_api: TestClient, org_id: str, plant_store: Path
 ) -> None:
-    store = tmp_path / "plant.db"
-    make_local_store(store, TWO_READINGS)
-    first = backed_up(central_settings, org_id, str(store))
-    second = backed_up(central_settings, org_id, str(store))
+    first = backed_up(central_settings, org_id, str(plant_store))
+    second = backed_up(central_settings, org_id, str(plant_store))
 
     listed = kiln(central_settings, "backups", org_id)
     none = kiln(central_settings, "backups", known_org(sync_api, "x" + org_id))
@@ -125,19 +123,22 @@ def test_an_orgs_backups_are_listed_newest_first_to_find_the_one_to_restore(
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert [line.split()[0] for line in lines] == [second, first]
-    assert all("sqlite" in line and str(store) in line for line in lines)
+    assert all("sqlite" in line and str(plant_store) in line for line in lines)
     assert none.stdout.strip() == f"no backups of x{org_id}"
 
 
 def test_an_org_keeping_its_data_local_is_backed_up_on_this_machine_and_never_centrally(
-    central_settings: Settings, sync_context: SyncContext, sync_api: TestClient, org_id: str, tmp_path: Path
+    central_settings: Settings,
+    sync_context: SyncContext,
+    sync_api: TestClient,
+    org_id: str,
+    tmp_path: Path,
+    plant_store: Path,
 ) -> None:
     """Its snapshot goes where the trainer keeps its held-out rows: this machine's premises folder."""
     sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN)
-    store = tmp_path / "plant.db"
-    make_local_store(store, TWO_READINGS)
 
-    backup = kiln(central_settings, "backup", org_id, str(store))
+    backup = kiln(central_settings, "backup", org_id, str(plant_store))
     assert backup.returncode == 0, backup.stderr
     backup_id = backup_id_in(backup.stdout)
     listed = kiln(central_settings, "backups", org_id)
@@ -153,13 +154,10 @@ def test_an_org_keeping_its_data_local_is_backed_up_on_this_machine_and_never_ce
 
 
 def test_a_backup_says_where_it_went_and_an_org_the_central_database_does_not_know_is_refused(
-    central_settings: Settings, org_id: str, tmp_path: Path
+    central_settings: Settings, org_id: str, plant_store: Path
 ) -> None:
-    store = tmp_path / "plant.db"
-    make_local_store(store, TWO_READINGS)
-
-    backup = kiln(central_settings, "backup", org_id, str(store))
-    unknown = kiln(central_settings, "backup", "no-such-org", str(store))
+    backup = kiln(central_settings, "backup", org_id, str(plant_store))
+    unknown = kiln(central_settings, "backup", "no-such-org", str(plant_store))
 
     assert backup.returncode == 0, backup.stderr
     sealed = f"orgs/{org_id}/backups/{backup_id_in(backup.stdout)}.db.sealed"
@@ -168,11 +166,9 @@ def test_a_backup_says_where_it_went_and_an_org_the_central_database_does_not_kn
 
 
 def test_a_tampered_backup_is_not_restored(
-    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path
 ) -> None:
-    store = tmp_path / "plant.db"
-    make_local_store(store, TWO_READINGS)
-    backup_id = backed_up(central_settings, org_id, str(store))
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
     manifest_key = f"orgs/{org_id}/backups/{backup_id}.json"
     manifest = sync_context.store.get_bytes(manifest_key)
     sync_context.store.put_bytes(manifest_key, manifest.replace(b'"sha256":"', b'"sha256":"0'))
@@ -185,15 +181,14 @@ def test_a_tampered_backup_is_not_restored(
 
 
 def test_a_store_of_many_chunks_restores_byte_for_byte(
-    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path
 ) -> None:
-    store = tmp_path / "plant.db"
-    make_local_store(store, TWO_READINGS)
-    with closing(sqlite3.connect(store)) as connection:
+    with closing(sqlite3.connect(plant_store)) as connection:
         connection.execute("CREATE TABLE waveforms (id INTEGER PRIMARY KEY, samples BLOB)")
         connection.executemany("INSERT INTO waveforms VALUES (?, ?)", ((n, os.urandom(64_000)) for n in range(60)))
         connection.commit()
-    manifest = backup_store(sync_context.store, sync_context.secrets, org_id=org_id, source=str(store))
+    rules = sync_context.store_rules(org_id)
+    manifest = backup_store(sync_context.store, sync_context.secrets, rules=rules, source=str(plant_store))
     assert manifest.size_bytes > 3 * STREAM_CHUNK_BYTES
 
     restored = tmp_path / "restored.db"
@@ -201,17 +196,15 @@ def test_a_store_of_many_chunks_restores_byte_for_byte(
         sync_context.store, sync_context.secrets, org_id=org_id, backup_id=manifest.backup_id, target=str(restored)
     )
 
-    with closing(sqlite3.connect(store)) as original, closing(sqlite3.connect(restored)) as copy:
+    with closing(sqlite3.connect(plant_store)) as original, closing(sqlite3.connect(restored)) as copy:
         query = "SELECT id, samples FROM waveforms ORDER BY id"
         assert copy.execute(query).fetchall() == original.execute(query).fetchall()
 
 
 def test_an_altered_chunk_of_a_backup_is_refused_and_nothing_is_written(
-    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path
 ) -> None:
-    store = tmp_path / "plant.db"
-    make_local_store(store, TWO_READINGS)
-    backup_id = backed_up(central_settings, org_id, str(store))
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
     sealed_key = f"orgs/{org_id}/backups/{backup_id}.db.sealed"
     sealed = bytearray(sync_context.store.get_bytes(sealed_key))
     sealed[-40] ^= 1
@@ -254,9 +247,9 @@ def stopped_half_way(settings: Settings, scratch: Path, number: signal.Signals, 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
 def test_a_backup_stopped_by_a_signal_leaves_no_snapshot_behind(
-    central_settings: Settings, org_id: str, tmp_path: Path, number: signal.Signals
+    central_settings: Settings, org_id: str, org_folder: Path, tmp_path: Path, number: signal.Signals
 ) -> None:
-    store, scratch = tmp_path / "plant.db", tmp_path / "tmp"
+    store, scratch = org_folder / "plant.db", tmp_path / "tmp"
     make_large_store(store, 200)
     scratch.mkdir()
 
@@ -267,12 +260,13 @@ def test_a_backup_stopped_by_a_signal_leaves_no_snapshot_behind(
 
 
 def test_a_restore_stopped_by_a_signal_leaves_no_snapshot_behind(
-    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+    central_settings: Settings, sync_context: SyncContext, org_id: str, org_folder: Path, tmp_path: Path
 ) -> None:
-    store, scratch = tmp_path / "plant.db", tmp_path / "tmp"
+    store, scratch = org_folder / "plant.db", tmp_path / "tmp"
     make_large_store(store, 200)
     scratch.mkdir()
-    manifest = backup_store(sync_context.store, sync_context.secrets, org_id=org_id, source=str(store))
+    rules = sync_context.store_rules(org_id)
+    manifest = backup_store(sync_context.store, sync_context.secrets, rules=rules, source=str(store))
 
     restored = str(tmp_path / "restored.db")
     code = stopped_half_way(central_settings, scratch, signal.SIGTERM, "restore", org_id, manifest.backup_id, restored)
@@ -314,7 +308,8 @@ def test_a_backup_sealed_whole_by_an_earlier_kiln_still_restores(
 def test_a_restore_never_replaces_a_file_made_while_it_downloads(
     sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    manifest = backup_store(sync_context.store, sync_context.secrets, org_id=org_id, source=str(plant_store))
+    rules = sync_context.store_rules(org_id)
+    manifest = backup_store(sync_context.store, sync_context.secrets, rules=rules, source=str(plant_store))
     target = tmp_path / "restore" / "race.db"
     target.parent.mkdir()
     download = sync_context.store.get_file
@@ -349,6 +344,70 @@ def test_a_restore_leaves_an_operators_file_beside_its_target_alone(
     with closing(sqlite3.connect(target)) as connection:
         assert connection.execute("SELECT * FROM readings ORDER BY id").fetchall() == TWO_READINGS
     assert sorted(path.name for path in target.parent.iterdir()) == ["p.db", "p.db.partial"]
+
+
+def test_kilns_own_sqlite_database_is_never_backed_up_as_an_orgs_store(
+    central_settings: Settings, org_id: str, org_folder: Path, tmp_path: Path
+) -> None:
+    """Kiln's own database holds every org's records: neither its file nor a copy of it in the org's folder."""
+    kiln_database = tmp_path / "kiln" / "kiln.db"
+    kiln_database.parent.mkdir()
+    embedded = central_settings.model_copy(update={"database_url": f"sqlite:///{kiln_database}"})
+    upgrade(embedded.database_url)
+    with closing(SyncContext.open(embedded)) as context, session_scope(context.sessions) as session:
+        session.add(Organization(id=org_id, name=f"Org {org_id}"))
+    copy = Path(shutil.copy(kiln_database, org_folder / "records.db"))
+
+    backups = [kiln(embedded, "backup", org_id, str(source)) for source in (kiln_database, copy)]
+
+    assert [backup.returncode for backup in backups] == [1, 1]
+    assert all("the database is Kiln's own" in backup.stderr for backup in backups)
+    assert kiln(embedded, "backups", org_id).stdout.strip() == f"no backups of {org_id}"
+
+
+def test_kilns_own_postgresql_database_is_never_backed_up_as_an_orgs_store(
+    central_settings: Settings, org_id: str
+) -> None:
+    backup = kiln(central_settings, "backup", org_id, str(central_settings.database_url))
+
+    assert backup.returncode == 1
+    assert "the database is Kiln's own" in backup.stderr
+    assert kiln(central_settings, "backups", org_id).stdout.strip() == f"no backups of {org_id}"
+
+
+def test_another_orgs_store_is_not_backed_up_as_this_orgs(
+    central_settings: Settings, org_id: str, org_folder: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "beta" / "b.db"
+    other.parent.mkdir()
+    make_local_store(other, TWO_READINGS)
+    (org_folder / "b.db").symlink_to(other)
+
+    backups = [kiln(central_settings, "backup", org_id, str(source)) for source in (other, org_folder / "b.db")]
+
+    assert [backup.returncode for backup in backups] == [1, 1]
+    assert all(f"is not in {org_folder}/" in backup.stderr for backup in backups)
+    assert kiln(central_settings, "backups", org_id).stdout.strip() == f"no backups of {org_id}"
+
+
+def test_a_manifest_copied_from_another_orgs_backups_is_not_restored(
+    central_settings: Settings,
+    sync_context: SyncContext,
+    sync_api: TestClient,
+    org_id: str,
+    plant_store: Path,
+    tmp_path: Path,
+) -> None:
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
+    beta = known_org(sync_api, "x" + org_id)
+    manifest = sync_context.store.get_bytes(f"orgs/{org_id}/backups/{backup_id}.json")
+    sync_context.store.put_bytes(f"orgs/{beta}/backups/{backup_id}.json", manifest)
+
+    restore = kiln(central_settings, "restore", beta, backup_id, str(tmp_path / "x.db"))
+
+    assert restore.returncode == 1
+    assert f"backup {backup_id} among {beta}'s backups was made for organization {org_id!r}" in restore.stderr
+    assert not (tmp_path / "x.db").exists()
 
 
 @pytest.fixture
@@ -499,9 +558,9 @@ def test_a_database_without_the_schema_is_named_with_the_way_out(settings: Setti
 
 
 def test_a_file_that_is_not_sqlite_is_named_in_one_line_without_a_traceback(
-    central_settings: Settings, org_id: str, tmp_path: Path
+    central_settings: Settings, org_id: str, org_folder: Path
 ) -> None:
-    notes = tmp_path / "notes.txt"
+    notes = org_folder / "notes.txt"
     notes.write_text("not a database, though long enough to look like one to a quick glance" * 4)
 
     backup = kiln(central_settings, "backup", org_id, str(notes))
@@ -511,11 +570,9 @@ def test_a_file_that_is_not_sqlite_is_named_in_one_line_without_a_traceback(
 
 
 def test_a_damaged_manifest_is_named_and_hides_none_of_the_other_backups(
-    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path
 ) -> None:
-    store = tmp_path / "plant.db"
-    make_local_store(store, TWO_READINGS)
-    empty, partial, good = (backed_up(central_settings, org_id, str(store)) for _ in range(3))
+    empty, partial, good = (backed_up(central_settings, org_id, str(plant_store)) for _ in range(3))
     sync_context.store.put_bytes(f"orgs/{org_id}/backups/{empty}.json", b"")
     manifest = json.loads(sync_context.store.get_bytes(f"orgs/{org_id}/backups/{partial}.json"))
     del manifest["sha256"], manifest["size_bytes"]
@@ -554,11 +611,9 @@ def test_a_restore_refuses_a_backup_id_that_is_no_backup_id(central_settings: Se
 
 
 def test_a_restore_into_a_folder_that_does_not_exist_is_refused_in_one_line(
-    central_settings: Settings, org_id: str, tmp_path: Path
+    central_settings: Settings, org_id: str, tmp_path: Path, plant_store: Path
 ) -> None:
-    store = tmp_path / "plant.db"
-    make_local_store(store, TWO_READINGS)
-    backup_id = backed_up(central_settings, org_id, str(store))
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
 
     restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "some/missing/dir/r.db"))
 

@@ -129,7 +129,9 @@ def test_a_store_put_back_by_kiln_restore_is_known_and_resynced(
 ) -> None:
     sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(60))
     sync.run()
-    backup = backup_store(sync_context.store, sync_context.secrets, org_id=org_id, source=str(sync.local_path))
+    backup = backup_store(
+        sync_context.store, sync_context.secrets, rules=sync_context.store_rules(org_id), source=str(sync.local_path)
+    )
     sync.local("UPDATE readings SET value = value + 1000 WHERE id BETWEEN 10 AND 19")
     sync.run()
     for lost in sync.local_path.parent.glob("plant.db*"):
@@ -336,7 +338,9 @@ def test_a_postgresql_store_put_back_by_pg_restore_is_known_and_resynced(
             "INSERT INTO readings SELECT n, 'pump-' || n, n, 'patient ' || n FROM generate_series(1, 60) n",
         )
         sync.run()
-        backup = backup_store(sync_context.store, sync_context.secrets, org_id=org_id, source=local_url)
+        backup = backup_store(
+            sync_context.store, sync_context.secrets, rules=sync_context.store_rules(org_id), source=local_url
+        )
         sync.local("UPDATE readings SET value = value + 1000 WHERE id BETWEEN 10 AND 19")
         sync.run()
         sync.local("DROP SCHEMA public CASCADE; CREATE SCHEMA public")  # the database lost, made again empty
