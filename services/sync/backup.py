@@ -93,19 +93,20 @@ def backup_store(store: ObjectStore, box: SecretBox, *, rules: StoreRules, sourc
     through temporary files (TMPDIR needs room for it twice), never whole through memory."""
     org_id = rules.org_id
     location = store_location(source, field="source")
-    rules.check_before_opening(_url_of(location), field="source")
+    # A server is reached as the rules return it: pinned to the address they checked (KILN_STORE_NETWORKS).
+    checked = rules.check_before_opening(_url_of(location), field="source")
     with tempfile.TemporaryDirectory(prefix="kiln-backup-") as folder:
         snapshot, sealed = Path(folder) / "snapshot", Path(folder) / "sealed"
         if isinstance(location, URL):
             kind: Kind = POSTGRESQL
             shown = location.render_as_string(hide_password=True)
-            _dump_postgresql(location, snapshot)
+            _dump_postgresql(checked, snapshot)
         else:
             kind, shown = SQLITE, str(location)
             _snapshot_sqlite(location, snapshot)
         # Checked once the snapshot is taken, which says best why a server is out of reach (pg_dump) or a file is
         # no database; the snapshot has not left this temporary folder yet.
-        _refuse_kiln_database(location if isinstance(location, URL) else _url_of(snapshot), rules)
+        _refuse_kiln_database(checked if isinstance(location, URL) else _url_of(snapshot), rules)
         backup_id = utcnow().strftime("%Y%m%dT%H%M%SZ") + "_" + secrets.token_hex(4)
         manifest = BackupManifest(
             backup_id=backup_id,
@@ -332,6 +333,7 @@ def _run_tool(command: list[str], url: URL, *, field: str) -> None:
 def _libpq_environment(url: URL) -> dict[str, str]:
     parts = {
         "PGHOST": url.host,
+        "PGHOSTADDR": url.query.get("hostaddr"),
         "PGPORT": url.port,
         "PGUSER": url.username,
         "PGPASSWORD": url.password,

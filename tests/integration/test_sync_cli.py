@@ -390,6 +390,24 @@ def test_another_orgs_store_is_not_backed_up_as_this_orgs(
     assert kiln(central_settings, "backups", org_id).stdout.strip() == f"no backups of {org_id}"
 
 
+def test_a_postgresql_store_is_backed_up_only_on_the_store_networks(
+    central_settings: Settings, org_id: str, plant_database: str
+) -> None:
+    """As a sync store: a server off KILN_STORE_NETWORKS is refused; one on them is dumped at the address checked."""
+    plants_only = central_settings.model_copy(update={"store_networks": "10.20.0.0/16"})
+    loopback = central_settings.model_copy(update={"store_networks": "127.0.0.0/8"})
+
+    refused = kiln(plants_only, "backup", org_id, plant_database)
+    pinned = kiln(loopback, "backup", org_id, plant_database)
+
+    assert refused.returncode == 1
+    assert "is not on the networks organizations' databases may be on (KILN_STORE_NETWORKS)" in refused.stderr
+    assert pinned.returncode == 0, pinned.stderr
+    assert [line.split()[0] for line in kiln(loopback, "backups", org_id).stdout.splitlines()] == [
+        backup_id_in(pinned.stdout)
+    ]
+
+
 def test_a_manifest_copied_from_another_orgs_backups_is_not_restored(
     central_settings: Settings,
     sync_context: SyncContext,
