@@ -7,7 +7,9 @@ KILN_PREDICTOR_METRICS_FLUSH_S each worker writes its totals to a file of its ow
 predictor's workers, the answering one up to the moment, the others at most one flush behind. Reading only the
 files keeps each counter from ever going back from one scrape to the next, whichever worker answers each (a worker
 adding its live totals to the others' files would not: Prometheus takes a counter that goes back for a restart).
-Files of workers that have ended stay, so totals never go back either; the folder must be the predictor's own and
+Files of workers that have ended stay, so totals never go back either, but their gauges (the models a worker holds)
+are left out once their file has gone STALE_FLUSHES flush intervals without being rewritten: the sums over workers
+would otherwise count the models of a process that no longer holds any. The folder must be the predictor's own and
 empty at its start (`kiln up` and docker-compose see to that). Without a folder, /metrics shows the answering
 process's totals only, which is right for a predictor of one worker process.
 """
@@ -19,6 +21,7 @@ import bisect
 import contextlib
 import logging
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,10 @@ REFUSED = "refused"  # the request was wrong: a 4xx answer
 FAILURE = "failure"  # the predictor failed it: a 5xx answer
 # Upper bounds of the latency buckets, in seconds: a single row takes ~0.1 ms in process, a 1000-row batch ~1.5 ms.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A live worker rewrites its file every flush interval, from its event loop; one left alone this many intervals is
+# a worker that has ended (killed, or stopped and replaced). Several intervals, so that a loop kept busy for a
+# moment does not take a live worker's gauges out.
+STALE_FLUSHES = 5
 
 
 @dataclass
@@ -137,9 +144,11 @@ class ServingMetrics:
     def exposition(self) -> Iterable[Metric]:
         """Every worker's totals, added up, as Prometheus metric families."""
         if self._folder is None:
-            return _families([self._current()])
+            current = self._current()
+            return _families([current], live=[current])
         self.flush()
-        return _families(list(self._flushed()))
+        flushed = list(self._flushed())
+        return _families([totals for totals, _ in flushed], live=[totals for totals, live in flushed if live])
 
     def _current(self) -> WorkerTotals:
         self.totals.models_loaded = len(self._cache.versions())
@@ -152,11 +161,13 @@ class ServingMetrics:
         registry.register(_Exposed(self))
         return registry
 
-    def _flushed(self) -> Iterator[WorkerTotals]:
+    def _flushed(self) -> Iterator[tuple[WorkerTotals, bool]]:
+        """Every worker's totals, each with whether the worker still rewrites them (is alive)."""
         assert self._folder is not None
+        written_since = time.time() - STALE_FLUSHES * self._flush_s
         for path in sorted(self._folder.glob("*.json")):
             with contextlib.suppress(FileNotFoundError, orjson.JSONDecodeError, KeyError, ValueError):
-                yield WorkerTotals.from_json(path.read_bytes())
+                yield WorkerTotals.from_json(path.read_bytes()), path.stat().st_mtime >= written_since
 
     async def _flush_forever(self) -> None:
         while True:
@@ -176,7 +187,9 @@ class _Exposed(Collector):
         return self._metrics.exposition()
 
 
-def _families(workers: list[WorkerTotals]) -> list[Metric]:
+def _families(workers: list[WorkerTotals], *, live: list[WorkerTotals]) -> list[Metric]:
+    """Counters summed over every worker that ever counted, ended ones included (a counter never goes back);
+    gauges for the live workers only."""
     requests = CounterMetricFamily(
         "kiln_inference_requests",
         "Inference requests answered, by org, version and outcome.",
@@ -208,6 +221,7 @@ def _families(workers: list[WorkerTotals]) -> list[Metric]:
             summed = summed_latency.setdefault(org, Latency())
             summed.buckets = [a + b for a, b in zip(summed.buckets, times.buckets, strict=True)]
             summed.sum_s += times.sum_s
+    for worker in live:
         loaded.add_metric([worker.worker], worker.models_loaded)
         memory.add_metric([worker.worker], worker.models_mb)
     for (org, version, outcome), (count, row_count) in sorted(summed_requests.items()):

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import time
 from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, Latency, ServingMetrics, WorkerTotals
+from services.predictor.metrics import (
+    FAILURE,
+    REFUSED,
+    STALE_FLUSHES,
+    SUCCESS,
+    Latency,
+    ServingMetrics,
+    WorkerTotals,
+)
 from services.predictor.models import ModelCache
 from services.predictor.records import PredictionRecorder
 from shared.db.session import make_engine, make_session_factory
@@ -97,3 +107,23 @@ def test_a_worker_that_could_not_write_its_totals_once_writes_them_at_the_next_f
     written = WorkerTotals.from_json(asyncio.run(count_through_a_failed_flush()))
 
     assert written.requests == {("acme", "v1", SUCCESS): [1, 1]}
+
+
+def test_a_worker_that_has_ended_still_counts_in_the_counters_but_no_longer_in_the_gauges(tmp_path: Path) -> None:
+    """Sums of the gauges over workers must not count the models of a killed worker; its answers did happen."""
+    metrics = metrics_in(tmp_path, "host:1")  # flushes every second
+    ended = WorkerTotals(worker="host:2", requests={("acme", "v1", SUCCESS): [5, 50]}, models_loaded=3, models_mb=12.0)
+    path = tmp_path / "host_2.json"
+    path.write_bytes(ended.to_json())
+    last_written = time.time() - STALE_FLUSHES * 1.0 - 1
+    os.utime(path, (last_written, last_written))
+
+    samples = scrape(metrics)
+
+    assert sample(samples, "kiln_inference_requests_total", org="acme", version="v1", outcome="success") == 5
+    assert sample(samples, "kiln_inference_rows_total", org="acme", version="v1") == 50
+    gauges = {(name, labels) for name, labels in samples if name.startswith("kiln_models_")}
+    assert gauges == {
+        ("kiln_models_loaded", frozenset({("worker", "host:1")})),
+        ("kiln_models_memory_mb", frozenset({("worker", "host:1")})),
+    }
