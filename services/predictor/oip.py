@@ -194,7 +194,8 @@ def _binary_data_size(parameters: dict[str, Any], field: str) -> int | None:
 
 
 def _json_values(data: Any, datatype: str, shape: list[int], field: str) -> np.ndarray:
-    """Numbers, flat or nested, row-major; whole numbers within range for the integer datatypes."""
+    """Numbers, flat or nested, row-major; whole numbers within range for the integer datatypes, numbers within
+    range for FP16."""
     values = None
     if isinstance(data, list):
         try:
@@ -203,18 +204,37 @@ def _json_values(data: Any, datatype: str, shape: list[int], field: str) -> np.n
             values = None  # ragged nesting, or deeper than numpy goes
     if values is None or values.dtype.kind not in "iuf":
         raise InvalidInput(f"{field}.data must be a list of numbers, flat or nested row-major", field=f"{field}.data")
-    if not _fits(values, NUMERIC_TYPES[datatype]):
-        raise InvalidInput(f"{field}.data must be whole numbers within the range of {datatype}", field=f"{field}.data")
+    dtype = NUMERIC_TYPES[datatype]
+    if not _fits(values, dtype):
+        numbers = "numbers" if dtype.kind == "f" else "whole numbers"
+        raise InvalidInput(
+            f"{field}.data must be {numbers} within the range of {datatype} ({_range_of(dtype)})", field=f"{field}.data"
+        )
     return _finite_fp32(values, shape, field)
 
 
 def _fits(values: np.ndarray, dtype: np.dtype) -> bool:
-    if dtype.kind == "f" or values.size == 0:
+    """Whether the datatype holds the values. FP32 and FP64 always do here: every request becomes FP32, which
+    refuses what it cannot hold, and JSON carries no number beyond FP64. A float narrower than FP32 holds what does
+    not become ±Inf in it, as FP32 does."""
+    if values.size == 0:
         return True
+    if dtype.kind == "f":
+        if dtype.itemsize >= NUMERIC_TYPES["FP32"].itemsize:
+            return True
+        with np.errstate(over="ignore"):
+            return bool(np.isfinite(values.astype(dtype)).all())
     if values.dtype.kind == "f":
         return False
     limits = np.iinfo(dtype)
     return bool(values.min() >= limits.min and values.max() <= limits.max)
+
+
+def _range_of(dtype: np.dtype) -> str:
+    if dtype.kind == "f":
+        return f"±{np.finfo(dtype).max:g}"
+    limits = np.iinfo(dtype)
+    return f"{limits.min} to {limits.max}"
 
 
 def _binary_values(raw: memoryview, datatype: str, shape: list[int], field: str) -> np.ndarray:

@@ -181,6 +181,12 @@ REFUSALS: list[tuple[str, Draft, int, str]] = [
     ("ragged", changed(valid_draft(), set_input(0, data=[[1.0] * 6, [1.0] * 5])), 422, "inputs[0].data"),
     ("INT32 fractions", changed(valid_draft(), set_input(0, datatype="INT32")), 422, "inputs[0].data"),
     ("INT8 overflow", changed(valid_draft(1), set_input(0, datatype="INT8", data=[1000] * 6)), 422, "inputs[0].data"),
+    (
+        "FP16 overflow",
+        changed(valid_draft(1), set_input(0, datatype="FP16", data=[0, 300, 310, 1500, 40, 1e6])),
+        422,
+        "inputs[0].data",
+    ),
     ("beyond FP32", changed(valid_draft(1), set_input(0, datatype="FP64", data=[1e39] * 6)), 422, "inputs[0].data"),
     ("NaN", changed(valid_draft(binary=True), binary_value(float("nan"), 3)), 422, "inputs[0].data"),
     ("+Inf", changed(valid_draft(binary=True), binary_value(float("inf"), 0)), 422, "inputs[0].data"),
@@ -466,3 +472,23 @@ def test_an_arbitrary_json_payload_is_refused_cleanly(served: Served, payload: A
 def test_arbitrary_bytes_are_refused_cleanly(served: Served, body: bytes, length: str | None) -> None:
     assert_clean(served.post(body, {HEADER_LENGTH: length} if length is not None else None))
     assert_still_serving(served)
+
+
+FP16_EDGES = st.sampled_from([65504.0, 65519.0, 65520.0, -65520.0, 1e6, -1e6, 6e-8])
+
+
+@PROPERTY
+@given(cells=st.lists(st.floats(-7e4, 7e4) | st.integers(-70_000, 70_000) | FP16_EDGES, min_size=6, max_size=6))
+def test_fp16_data_is_refused_exactly_when_fp16_cannot_hold_it(served: Served, cells: list[float]) -> None:
+    """As for FP32: a number that FP16 would make ±Inf is refused rather than scored as something it is not."""
+    tensor = {"name": "input", "shape": [1, len(FEATURES)], "datatype": "FP16", "data": cells}
+    with np.errstate(over="ignore"):
+        held = bool(np.isfinite(np.asarray(cells, dtype=np.float64).astype(np.float16)).all())
+
+    response = served.post(orjson.dumps({"inputs": [tensor]}))
+
+    if held:
+        assert response.status_code == 200, response.text
+    else:
+        assert (response.status_code, response.json().get("field")) == (422, "inputs[0].data"), response.text
+        assert "FP16 (±65504)" in response.json()["error"]
