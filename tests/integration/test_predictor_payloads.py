@@ -187,6 +187,18 @@ REFUSALS: list[tuple[str, Draft, int, str]] = [
         422,
         "inputs[0].data",
     ),
+    (
+        "a boolean among integers",
+        changed(valid_draft(1), set_input(0, data=[True, 1, 2, 3, 4, 5])),
+        422,
+        "inputs[0].data",
+    ),
+    (
+        "a boolean among nested floats",
+        changed(valid_draft(2), set_input(0, data=[[0.5] * 6, [0.5, 0.5, False, 0.5, 0.5, 0.5]])),
+        422,
+        "inputs[0].data",
+    ),
     ("beyond FP32", changed(valid_draft(1), set_input(0, datatype="FP64", data=[1e39] * 6)), 422, "inputs[0].data"),
     ("NaN", changed(valid_draft(binary=True), binary_value(float("nan"), 3)), 422, "inputs[0].data"),
     ("+Inf", changed(valid_draft(binary=True), binary_value(float("inf"), 0)), 422, "inputs[0].data"),
@@ -340,11 +352,13 @@ REQUEST_FIELDS = {
 
 
 @st.composite
-def valid_drafts(draw: st.DrawFn) -> Draft:
+def valid_drafts(draw: st.DrawFn, binary: bool | None = None) -> Draft:
+    """A valid request in any form; `binary` chooses JSON (False) or binary (True) tensors rather than either."""
     rows = draw(st.integers(1, 4))
     cells = draw(st.lists(st.floats(-1e4, 1e4, width=32), min_size=rows * len(FEATURES), max_size=rows * len(FEATURES)))
     values = np.array(cells, dtype=np.float32).reshape(rows, len(FEATURES))
-    form = {key: draw(st.booleans()) for key in ("binary", "per_feature", "nested")}
+    form = {key: draw(st.booleans()) for key in ("per_feature", "nested")}
+    form["binary"] = draw(st.booleans()) if binary is None else binary
     draft = draft_of(values, **form)
     draft.header["outputs"] = draw(st.none() | st.sampled_from([[{"name": "label"}], [{"name": "probabilities"}]]))
     if draw(st.booleans()):
@@ -393,11 +407,16 @@ def poke_value(draft: Draft, data: st.DataObject) -> None:
         special = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 3.4e38, -0.0]))
         spec[RAW][at : at + 4] = np.float32(special).tobytes()
     elif spec is not None and isinstance(spec.get("data"), list) and spec["data"]:
-        values = spec["data"]
-        index = data.draw(st.integers(0, len(values) - 1))
-        while isinstance(values[index], list) and values[index]:
-            values, index = values[index], data.draw(st.integers(0, len(values[index]) - 1))
+        values, index = some_value(spec["data"], data)
         values[index] = data.draw(NUMBERS)
+
+
+def some_value(values: list[Any], data: st.DataObject) -> tuple[list[Any], int]:
+    """A leaf of nested lists, as the list that holds it and its index there."""
+    index = data.draw(st.integers(0, len(values) - 1))
+    while isinstance(values[index], list) and values[index]:
+        values, index = values[index], data.draw(st.integers(0, len(values[index]) - 1))
+    return values, index
 
 
 def resize_binary(draft: Draft, data: st.DataObject) -> None:
@@ -472,6 +491,19 @@ def test_an_arbitrary_json_payload_is_refused_cleanly(served: Served, payload: A
 def test_arbitrary_bytes_are_refused_cleanly(served: Served, body: bytes, length: str | None) -> None:
     assert_clean(served.post(body, {HEADER_LENGTH: length} if length is not None else None))
     assert_still_serving(served)
+
+
+@PROPERTY
+@given(draft=valid_drafts(binary=False), data=st.data())
+def test_a_boolean_among_the_numbers_is_refused(served: Served, draft: Draft, data: st.DataObject) -> None:
+    """numpy reads true as 1 among numbers: it must be refused as an all-boolean list is, and as V1 refuses it."""
+    position = data.draw(st.integers(0, len(draft.header["inputs"]) - 1))
+    values, index = some_value(draft.header["inputs"][position]["data"], data)
+    values[index] = data.draw(st.booleans())
+
+    response = served.post(*draft.encode())
+
+    assert (response.status_code, response.json().get("field")) == (422, f"inputs[{position}].data"), response.text
 
 
 FP16_EDGES = st.sampled_from([65504.0, 65519.0, 65520.0, -65520.0, 1e6, -1e6, 6e-8])
