@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -14,7 +16,17 @@ from shared.errors import BadRequest, InvalidInput
 FP32_MAX = float(np.finfo(np.float32).max)
 
 
-def rows_to_features(model: LoadedModel, rows: Any) -> np.ndarray:
+def v1_features(model: LoadedModel, body: bytes) -> np.ndarray:
+    """The float32 matrix of a V1 body, `{"rows": [{feature: number}, ...]}`."""
+    payload = parse_json(body)
+    rows = payload.get("rows") if isinstance(payload, dict) else None
+    features = _rows_to_features(model, rows)
+    assert isinstance(payload, dict)  # it holds the rows just read
+    _refuse_repeated_keys(body, payload, len(features), model.deployed.feature_columns)
+    return features
+
+
+def _rows_to_features(model: LoadedModel, rows: Any) -> np.ndarray:
     """`[{feature: number}, ...]` to a float32 matrix in the model's feature order."""
     if not isinstance(rows, list) or not rows:
         raise InvalidInput("rows must be a non-empty list of {feature: value} objects", field="rows")
@@ -29,6 +41,71 @@ def rows_to_features(model: LoadedModel, rows: Any) -> np.ndarray:
         for position, name in enumerate(columns):
             matrix[index, position] = _finite_number(row[name], f"rows[{index}].{name}")
     return matrix
+
+
+def _refuse_repeated_keys(body: bytes, payload: dict[str, Any], rows: int, columns: list[str]) -> None:
+    """orjson keeps the last value of a repeated key, so `{"torque": 1, "torque": 99}` would be scored as 99: refused,
+    as V2 refuses an input given twice. Outside strings, a colon follows each key and nothing else; so when the body
+    holds no more colons than the keys parsed (and the colons of the feature names in them), no key was repeated, at
+    the cost of one count of a byte. Only another body (a key repeated, or a string holding a colon) is parsed again,
+    keeping every key."""
+    keys = len(payload) + rows * (len(columns) + "".join(columns).count(":"))
+    if len(payload) > 1:  # members beside the rows, and the keys within them
+        keys += _keys_within(value for name, value in payload.items() if name != "rows")
+    if body.count(b":") == keys:
+        return
+    repeated = _first_repeated_key(body)
+    if repeated is not None:
+        raise InvalidInput(f"{repeated} is given more than once in its object", field=repeated)
+
+
+def _keys_within(values: Iterable[Any]) -> int:
+    """How many keys the objects within these JSON values hold."""
+    count, pending = 0, list(values)
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            count += len(value)
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return count
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its (key, value) pairs, every one of them, in order."""
+
+
+def _first_repeated_key(body: bytes) -> str | None:
+    """The field (`rows[0].torque`) of a key that appears twice in one object, if any: in an object, the first to
+    repeat one before it; outer objects before those they hold."""
+    try:
+        pending: list[tuple[str, Any]] = [("", json.loads(body, object_pairs_hook=_Pairs))]
+    except RecursionError:  # deeper than the standard library's parser goes; no V1 request comes near
+        raise BadRequest("the request body is nested too deeply", field="body") from None
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, _Pairs):
+            repeated = _repeated(name for name, _ in value)
+            if repeated is not None:
+                return _field(path, repeated)
+            pending.extend((_field(path, name), item) for name, item in reversed(value))
+        elif isinstance(value, list):
+            pending.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _repeated(names: Iterable[str]) -> str | None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
+def _field(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 def _refuse_feature_names(given: Any, expected: set[str], field: str) -> None:

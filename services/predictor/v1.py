@@ -8,7 +8,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.routing import Route
 
-from services.predictor.inference import parse_json, predictions, rows_to_features
+from services.predictor.inference import predictions, v1_features
 from services.predictor.models import LoadedModel
 from services.predictor.state import (
     authorize,
@@ -41,9 +41,7 @@ async def predict(org: str, request: Request) -> Response:
     try:
         await authorize(state, request, org)
         model = served = await model_for(state, org)
-        payload = parse_json(await read_body(state, request))
-        rows = payload.get("rows") if isinstance(payload, dict) else None
-        features = rows_to_features(served, rows)
+        features = v1_features(served, await read_body(state, request))
         answers = predictions(served, served.probabilities(features), served.deployed.risk_bands)
         keep_record(state, served, answers, started)
         body = orjson.dumps({"version": served.version, "predictions": answers})

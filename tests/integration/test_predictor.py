@@ -156,6 +156,50 @@ def test_bad_rows_are_refused_naming_the_field(
     assert served_version(predictor, serving) is not None
 
 
+def row_text(row: dict[str, float], *members: str) -> str:
+    """A row as JSON text, with `"name": value` members appended as given: a repeated key, say."""
+    return "{" + ", ".join([*(f'"{name}": {value}' for name, value in row.items()), *members]) + "}"
+
+
+def rows_text(rows: list[str], *members: str) -> str:
+    """A V1 body as JSON text, its rows given as text, with members after `rows` as given."""
+    return "{" + ", ".join(['"rows": [' + ", ".join(rows) + "]", *members]) + "}"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (rows_text([row_text(ai4i_row(0)), row_text(ai4i_row(1), '"torque": 99')]), "rows[1].torque"),
+        (rows_text([row_text(ai4i_row(0), '"tool_wear"  :\n 7')]), "rows[0].tool_wear"),
+        (rows_text([row_text(ai4i_row(0))], f'"rows": [{row_text(ai4i_row(1))}]'), "rows"),
+        (rows_text([row_text(ai4i_row(0))], '"meta": {"at": "12:00", "at": "13:00"}'), "meta.at"),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_it(serving: OrgKeys, predictor: TestClient, text: str, field: str) -> None:
+    """JSON parsers keep the last of a repeated key: the row would be scored with a value the client may not mean.
+    V2 refuses an input given twice; V1 refuses a feature given twice."""
+    response = predictor.post(f"/v1/orgs/{serving.org_id}/predict", content=text, headers=serving.viewer)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field and "more than once" in response.json()["error"]
+
+
+def test_colons_in_strings_and_feature_names_are_no_repeated_keys(
+    org: OrgKeys, engine: Engine, store: ObjectStore, predictor: TestClient
+) -> None:
+    """The check for repeated keys counts colons: those inside strings must not make it refuse a good body."""
+    named = [f"plc:{name}" for name in FEATURES]
+    deploy_quietly(engine, org.org_id, register_model(engine, store, org.org_id, tiny_model(), feature_columns=named))
+    row = {f"plc:{name}": value for name, value in ai4i_row().items()}
+    body = {"rows": [row, row], "meta": {"sent": "2026-11-26T12:00:00Z", "by": {"line": "a:1"}}}
+    assert eventually(
+        lambda: predictor.post(f"/v1/orgs/{org.org_id}/predict", json=body, headers=org.viewer).status_code == 200
+    )
+    repeated = rows_text([row_text(row, '"plc:torque": 1')])
+    response = predictor.post(f"/v1/orgs/{org.org_id}/predict", content=repeated, headers=org.viewer)
+    assert (response.status_code, response.json()["field"]) == (422, "rows[0].plc:torque")
+
+
 @pytest.mark.parametrize("value", [1e300, -1e300, 3.5e38])
 def test_a_value_beyond_fp32_is_refused_by_both_protocols(
     serving: OrgKeys, predictor: TestClient, value: float

@@ -58,6 +58,10 @@ class Served:
     def post(self, body: bytes, headers: dict[str, str] | None = None) -> httpx2.Response:
         return self.predictor.post(self.url, content=body, headers={**self.org.viewer, **(headers or {})})
 
+    def predict(self, body: bytes) -> httpx2.Response:
+        """The same org over V1."""
+        return self.predictor.post(f"/v1/orgs/{self.org.org_id}/predict", content=body, headers=self.org.viewer)
+
 
 @pytest.fixture
 def served(org: OrgKeys, engine: Engine, store: ObjectStore, predictor: TestClient) -> Served:
@@ -524,3 +528,66 @@ def test_fp16_data_is_refused_exactly_when_fp16_cannot_hold_it(served: Served, c
     else:
         assert (response.status_code, response.json().get("field")) == (422, "inputs[0].data"), response.text
         assert "FP16 (±65504)" in response.json()["error"]
+
+
+# V1 bodies written as text, where a key can be given twice (JSON parsers keep the last one)
+
+Member = tuple[str, str]  # a key and its value, as JSON text
+
+
+@st.composite
+def members_of(
+    draw: st.DrawFn, members: list[Member], value_of: Callable[[str], st.SearchStrategy[str]]
+) -> list[Member]:
+    """The members in any order, one key maybe given a second time with a value of its own."""
+    chosen = list(draw(st.permutations(members)))
+    if draw(st.booleans()):
+        name = draw(st.sampled_from([name for name, _ in members]))
+        chosen.insert(draw(st.integers(0, len(chosen))), (name, draw(value_of(name))))
+    return chosen
+
+
+def first_repeated(members: list[Member]) -> str | None:
+    names = [name for name, _ in members]
+    return next((name for index, name in enumerate(names) if name in names[:index]), None)
+
+
+@st.composite
+def v1_texts(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    """A V1 body as text, keys maybe repeated in the rows or the body, maybe colons in strings; with the field its
+    refusal must name, or None for a body to answer."""
+    spacing = draw(st.sampled_from(["", " ", "\n\t "]))
+    number = st.floats(-1e4, 1e4).map(repr)
+
+    def text_of(members: list[Member]) -> str:
+        return (
+            "{" + ",".join(f"{orjson.dumps(name).decode()}{spacing}:{spacing}{value}" for name, value in members) + "}"
+        )
+
+    rows = [
+        draw(members_of([(name, draw(number)) for name in FEATURES], lambda _: number))
+        for _ in range(draw(st.integers(1, 3)))
+    ]
+    rows_value = "[" + ",".join(text_of(row) for row in rows) + "]"
+    note = st.text(alphabet='ab:{}",\\', max_size=8).map(lambda text: orjson.dumps(text).decode())
+    body = [("rows", rows_value), *([("note", draw(note))] if draw(st.booleans()) else [])]
+    # A second `rows` holds the same rows, so that the body is refused for the repeated key and nothing else.
+    body = draw(members_of(body, lambda name: st.just(rows_value) if name == "rows" else note))
+    repeated = first_repeated(body)
+    if repeated is None:
+        in_rows = ((index, first_repeated(row)) for index, row in enumerate(rows))
+        repeated = next((f"rows[{index}].{name}" for index, name in in_rows if name is not None), None)
+    return text_of(body).encode(), repeated
+
+
+@PROPERTY
+@given(body=v1_texts())
+def test_v1_refuses_a_key_given_twice_and_only_that(served: Served, body: tuple[bytes, str | None]) -> None:
+    text, repeated = body
+
+    response = served.predict(text)
+
+    if repeated is None:
+        assert response.status_code == 200, response.text
+    else:
+        assert (response.status_code, response.json().get("field")) == (422, repeated), response.text
