@@ -54,6 +54,12 @@ def problems(error: ValidationError, *, named: Callable[[str], str] = str) -> st
 ClassValue = str | int | float | bool
 """A target value as JSON carries it, and so a class of a model."""
 
+
+def same_class(value: ClassValue, given: ClassValue) -> bool:
+    """Equal as JSON values: Python's True == 1 would match a boolean class to a number, and back."""
+    same_kind = isinstance(value, bool) == isinstance(given, bool) and isinstance(value, str) == isinstance(given, str)
+    return same_kind and value == given
+
 BINARY_METRICS = ("binary_logloss", "binary_error", "auc")
 MULTICLASS_METRICS = ("multi_logloss", "multi_error", "auc_mu")
 

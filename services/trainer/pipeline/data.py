@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shared.errors import InvalidInput
-from shared.schemas import ClassValue
+from shared.schemas import ClassValue, same_class
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def with_positive_class(data: TrainingData, positive: ClassValue | None) -> Trai
     and recall are about. None keeps the sorted order, whose last class is then the positive one."""
     if positive is None:
         return data
-    matches = [index for index, value in enumerate(data.classes) if _same_value(value, positive)]
+    matches = [index for index, value in enumerate(data.classes) if same_class(value, positive)]
     if not matches:
         raise InvalidInput(
             f"positiveClass {positive!r} is not a value of the target column; its values are {data.classes}",
@@ -144,12 +144,6 @@ def with_positive_class(data: TrainingData, positive: ClassValue | None) -> Trai
         classes=[data.classes[1], data.classes[0]],
         feature_columns=data.feature_columns,
     )
-
-
-def _same_value(value: ClassValue, given: ClassValue) -> bool:
-    """Equal as JSON values: Python's True == 1 would match a boolean class to a number, and back."""
-    same_kind = isinstance(value, bool) == isinstance(given, bool) and isinstance(value, str) == isinstance(given, str)
-    return same_kind and value == given
 
 
 def _check_columns(schema: pa.Schema, feature_columns: list[str], target_column: str) -> None:
