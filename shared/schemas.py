@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -59,6 +60,7 @@ def same_class(value: ClassValue, given: ClassValue) -> bool:
     """Equal as JSON values: Python's True == 1 would match a boolean class to a number, and back."""
     same_kind = isinstance(value, bool) == isinstance(given, bool) and isinstance(value, str) == isinstance(given, str)
     return same_kind and value == given
+
 
 BINARY_METRICS = ("binary_logloss", "binary_error", "auc")
 MULTICLASS_METRICS = ("multi_logloss", "multi_error", "auc_mu")
@@ -225,12 +227,25 @@ class TrainingPolicy(CamelModel):
 
 
 class PredictionPolicy(CamelModel):
-    """Whether the predictor keeps a record of every answered row, and where the risk levels begin."""
+    """Whether the predictor keeps a record of every answered row, and how it grades risk."""
 
     record: bool = False
     risk_bands: tuple[float, float] = Field(
-        (0.3, 0.7), description="a score below the first is low, below the second medium, else high"
+        (0.3, 0.7), description="a risk below the first is low, below the second medium, else high"
     )
+    normal_class: ClassValue | None = Field(
+        None,
+        description="multiclass: the class that means all is well (e.g. 'none'); risk = 1 - its probability. "
+        "Without it a multiclass answer has no riskLevel; a binary model's risk is its positive class's probability",
+    )
+
+    @field_validator("normal_class", mode="before")
+    @classmethod
+    def _one_class_value(cls, value: Any) -> Any:
+        # Checked before the union is, which would otherwise name each of its types as a field of its own.
+        if value is None or isinstance(value, str | int) or (isinstance(value, float) and math.isfinite(value)):
+            return value
+        raise ValueError("normalClass must be one class value, as the data holds it: a string, number or boolean")
 
     @field_validator("risk_bands")
     @classmethod

@@ -187,7 +187,7 @@ class PredictionRecord(CamelOut):
     version: str
     score: float
     label: str
-    risk_level: str
+    risk_level: str | None
     latency_ms: float
     at: datetime
 

@@ -89,6 +89,7 @@ def _deployed(org_id: str, deployment_id: int, version: ModelVersion, config: di
         memory_mb=_memory_mb(version),
         risk_bands=policy.risk_bands,
         record_predictions=policy.record,
+        normal_class=policy.normal_class,
     )
 
 

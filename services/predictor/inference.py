@@ -128,19 +128,34 @@ def _finite_number(value: Any, field: str) -> float:
 
 
 def predictions(model: LoadedModel, probabilities: np.ndarray, bands: tuple[float, float]) -> list[dict[str, Any]]:
-    """score = probability of the positive class (binary) or of the predicted class (multiclass)."""
+    """score = probability of the positive class (binary) or of the predicted class (multiclass); riskLevel grades
+    the risk, the probability that something is wrong (see _risks), or is None where there is no telling it."""
     classes = model.deployed.classes
-    winners = probabilities.argmax(axis=1)
-    scores = probabilities[:, 1] if len(classes) == 2 else probabilities.max(axis=1)
+    winners = probabilities.argmax(axis=1).tolist()  # Python numbers: cheaper to read one by one than numpy's
+    binary = len(classes) == 2
+    scores = (probabilities[:, 1] if binary else probabilities.max(axis=1)).tolist()
+    risks = scores if binary else _multiclass_risks(model, probabilities)
+    if risks is None:
+        return [
+            {"score": score, "label": classes[winner], "riskLevel": None}
+            for score, winner in zip(scores, winners, strict=True)
+        ]
     return [
-        {"score": float(score), "label": classes[int(winner)], "riskLevel": risk_level(float(score), bands)}
-        for score, winner in zip(scores, winners, strict=True)
+        {"score": score, "label": classes[winner], "riskLevel": risk_level(risk, bands)}
+        for score, winner, risk in zip(scores, winners, risks, strict=True)
     ]
 
 
-def risk_level(score: float, bands: tuple[float, float]) -> str:
+def _multiclass_risks(model: LoadedModel, probabilities: np.ndarray) -> list[float] | None:
+    """1 - the probability of the org's normal class. The winning class's probability would read backwards: a
+    confident "none" (no failure) is a high probability, which is no high risk. None without a normal class."""
+    column = model.deployed.normal_column
+    return None if column is None else (1 - probabilities[:, column]).tolist()
+
+
+def risk_level(risk: float, bands: tuple[float, float]) -> str:
     low, high = bands
-    return "low" if score < low else "medium" if score < high else "high"
+    return "low" if risk < low else "medium" if risk < high else "high"
 
 
 def parse_json(body: bytes) -> object:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -14,6 +15,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from shared.errors import ArtifactIntegrityError
 from shared.layout import MODEL_FILE
+from shared.schemas import ClassValue, same_class
 from shared.storage import ObjectStore, get_verified_bytes
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,24 @@ class DeployedVersion:
     memory_mb: float
     risk_bands: tuple[float, float]
     record_predictions: bool
+    normal_class: ClassValue | None = None
+
+    @functools.cached_property  # computed once per version and policy a process serves
+    def normal_column(self) -> int | None:
+        """A multiclass model's column of the probabilities for the org's normal class, if it names one the model
+        has. Told at serving time only: the org's config names a class for every version to come."""
+        if len(self.classes) == 2 or self.normal_class is None:
+            return None
+        column = next((i for i, value in enumerate(self.classes) if same_class(value, self.normal_class)), None)
+        if column is None:
+            log.warning(
+                "org %s: normalClass %r is not a class of %s %s: its answers have no riskLevel",
+                self.org_id,
+                self.normal_class,
+                self.version,
+                self.classes,
+            )
+        return column
 
 
 @dataclass(frozen=True)

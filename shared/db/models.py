@@ -202,7 +202,7 @@ class Prediction(Base):
     version: Mapped[str] = mapped_column(String(48))
     score: Mapped[float] = mapped_column(Float)
     label: Mapped[str] = mapped_column(String(200))
-    risk_level: Mapped[str] = mapped_column(String(16))
+    risk_level: Mapped[str | None] = mapped_column(String(16))  # None: a multiclass model without a normal class
     latency_ms: Mapped[float] = mapped_column(Float)
     at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -145,6 +145,7 @@ def test_a_list_replaces_the_stored_one_and_null_puts_the_default_back(api: Test
         ({"gates": {"minRecall": 2}}, "config.gates.minRecall", "less than or equal to 1"),
         ({"gates": {"minRecal": 0.5}}, "config.gates.minRecal", "unknown field"),
         ({"predictions": {"riskBands": [0.9, 0.1]}}, "config.predictions.riskBands", "0 < low < high < 1"),
+        ({"predictions": {"normalClass": ["none"]}}, "config.predictions.normalClass", "one class value"),
         ({"gates": 5}, "config.gates", "valid dictionary"),
         ([1], "config", "valid dictionary"),
     ],
