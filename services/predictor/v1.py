@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -10,6 +11,7 @@ from starlette.routing import Route
 
 from services.predictor.inference import predictions, v1_features
 from services.predictor.models import LoadedModel
+from services.predictor.offload import run_sized
 from services.predictor.state import (
     authorize,
     count_answer,
@@ -41,12 +43,21 @@ async def predict(org: str, request: Request) -> Response:
     try:
         await authorize(state, request, org)
         model = served = await model_for(state, org)
-        features = v1_features(served, await read_body(state, request))
-        answers = predictions(served, served.probabilities(features), served.deployed.risk_bands)
-        keep_record(state, served, answers, started)
-        body = orjson.dumps({"version": served.version, "predictions": answers})
+        body = await read_body(state, request)
+        rows, content, records = await run_sized(len(body), lambda: _answer(served, body))
+        if records is not None:
+            keep_record(state, served, records, started)
     except Exception as error:
         count_refusal(state, model, error, started)
         raise
-    count_answer(state, served, len(answers), started)
-    return Response(body, media_type="application/json", headers=served_by(state, served))
+    count_answer(state, served, rows, started)
+    return Response(content, media_type="application/json", headers=served_by(state, served))
+
+
+def _answer(model: LoadedModel, body: bytes) -> tuple[int, bytes, list[dict[str, Any]] | None]:
+    """All the work of a request that is not HTTP: the rows answered, the response's content, and the answers for
+    an org that keeps records. Others' answers are dropped here: a large batch's take a while to free, which is
+    better done off the event loop too."""
+    answers = predictions(model, model.probabilities(v1_features(model, body)), model.deployed.risk_bands)
+    content = orjson.dumps({"version": model.version, "predictions": answers})
+    return len(answers), content, answers if model.deployed.record_predictions else None

@@ -5,6 +5,7 @@ The messages themselves are decoded and encoded in oip.py."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -15,6 +16,7 @@ from starlette.routing import Route
 from services.predictor import oip
 from services.predictor.inference import predictions
 from services.predictor.models import LoadedModel
+from services.predictor.offload import run_sized
 from services.predictor.state import (
     PredictorState,
     authorize,
@@ -122,17 +124,38 @@ async def _infer(org: str, version: str | None, request: Request) -> Response:
     try:
         await authorize(state, request, org)
         model = served = await _served(state, org, version)
-        inference = oip.parse_request(await _request_body(state, request), request.headers.get(oip.HEADER_LENGTH))
-        features = oip.request_features(served, inference.tensors)
-        probabilities = served.probabilities(features)
-        if served.deployed.record_predictions:  # the answers V2 sends are tensors: scores are made only for records
-            keep_record(state, served, predictions(served, probabilities, served.deployed.risk_bands), started)
-        body, media_type, headers = oip.encode_answer(org, served, probabilities, inference)
+        body = await _request_body(state, request)
+        header_length = request.headers.get(oip.HEADER_LENGTH)
+        answer = await run_sized(len(body), lambda: _answer(org, served, body, header_length))
+        if answer.records is not None:
+            keep_record(state, served, answer.records, started)
     except Exception as error:
         count_refusal(state, model, error, started)
         raise
-    count_answer(state, served, len(features), started)
-    return Response(body, media_type=media_type, headers={**headers, **served_by(state, served)})
+    count_answer(state, served, answer.rows, started)
+    headers = {**answer.headers, **served_by(state, served)}
+    return Response(answer.content, media_type=answer.media_type, headers=headers)
+
+
+@dataclass(slots=True)  # not frozen: its __init__ would cost twice as much, on every request
+class _Answer:
+    rows: int
+    content: bytes
+    media_type: str
+    headers: dict[str, str]
+    records: list[dict[str, Any]] | None  # each row's score, label and risk level, for an org that keeps records
+
+
+def _answer(org: str, model: LoadedModel, body: bytes, header_length: str | None) -> _Answer:
+    """All the work of an infer request that is not HTTP."""
+    inference = oip.parse_request(body, header_length)
+    features = oip.request_features(model, inference.tensors)
+    probabilities = model.probabilities(features)
+    records = None
+    if model.deployed.record_predictions:  # the answers V2 sends are tensors: scores are made only for records
+        records = predictions(model, probabilities, model.deployed.risk_bands)
+    content, media_type, headers = oip.encode_answer(org, model, probabilities, inference)
+    return _Answer(len(features), content, media_type, headers, records)
 
 
 async def _served(state: PredictorState, org: str, version: str | None) -> LoadedModel:
