@@ -11,12 +11,12 @@ threshold at about 500 rows. Above it, handing the work to a thread and back (35
 most to the work it moves.
 
 In a thread the work still needs the GIL, except inside onnxruntime's run; the event loop gets it back at least
-every switch interval (5 ms), but not during one C call that holds it: orjson parsing the body (0.15 s for 31 MB
-of V1 rows) or the parsed rows being freed is what other requests can still wait for. Large requests of one
-process run one at a time: with k of them in threads the loop gets the GIL about 1 / (k + 1) of the time. Three
-31 MB batches sent at once to a one-worker predictor took 8 s in all so, against 6 s with all three in threads,
-while another org's single rows were answered 3 to 4 times as often meanwhile, waiting at worst 0.3 to 0.4 s rather
-than up to 0.9 s.
+every switch interval (5 ms), but not during one C call that holds it: orjson parsing the body (0.12 s for 31 MB
+of V1 rows) or the parsed rows being freed (0.02 s) is what other requests can still wait for. Large requests of
+one process run one at a time: with k of them in threads the loop gets the GIL about 1 / (k + 1) of the time.
+Three 31 MB batches sent at once to a one-worker predictor (on a busy machine) took 8 s in all so, against 6 s with
+all three in threads, while another org's single rows were answered 3 to 4 times as often meanwhile, waiting at
+worst 0.3 to 0.4 s rather than up to 0.9 s.
 """
 
 from __future__ import annotations
