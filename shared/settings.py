@@ -106,13 +106,17 @@ class Settings(BaseSettings):
     @field_validator("store_networks")
     @classmethod
     def _networks_are_networks(cls, value: str) -> str:
-        for entry in (part.strip() for part in value.split(",")):
+        for entry in network_entries(value):
             if "/" in entry:
                 try:
                     ipaddress.ip_network(entry)
                 except ValueError:
                     raise ValueError(f"{entry!r} is not a network such as 10.20.0.0/16") from None
         return value
+
+    @property
+    def store_network_entries(self) -> tuple[str, ...]:
+        return network_entries(self.store_networks)
 
     @field_validator("database_url")
     @classmethod
@@ -209,6 +213,11 @@ def build_settings(**overrides: object) -> Settings:
         if not getattr(settings, name).get_secret_value()
     }
     return settings.model_copy(update=generated) if generated else settings
+
+
+def network_entries(setting: str) -> tuple[str, ...]:
+    """KILN_STORE_NETWORKS as its entries: networks and host names, lower case."""
+    return tuple(entry.strip().lower() for entry in setting.split(",") if entry.strip())
 
 
 def settings_problems(error: ValidationError) -> str:

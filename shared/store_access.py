@@ -85,7 +85,7 @@ class StoreRules:
             org_id,
             settings.resolved_local_stores_dir,
             settings.resolved_database_url,
-            networks=_networks(settings.store_networks),
+            networks=settings.store_network_entries,
         )
 
     @classmethod
@@ -97,7 +97,7 @@ class StoreRules:
             settings.resolved_local_stores_dir,
             settings.resolved_database_url,
             synced,
-            networks=_networks(settings.store_networks),
+            networks=settings.store_network_entries,
         )
 
     @property
@@ -155,10 +155,6 @@ class StoreRules:
         if kiln.get_backend_name() != "sqlite" or not kiln.database or not url.database:
             return False
         return Path(url.database).resolve() == Path(kiln.database).resolve()
-
-
-def _networks(setting: str) -> tuple[str, ...]:
-    return tuple(entry.strip().lower() for entry in setting.split(",") if entry.strip())
 
 
 def _addresses(url: URL) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
