@@ -235,16 +235,27 @@ def _new_key() -> str:
 
 def make_private_folder(path: Path) -> None:
     """A folder of Kiln's own files (secrets, the embedded database, objects) that only its owner can enter."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unusable_data_dir(path, error) from None
 
 
 def _dev_secret(data_dir: Path, name: str, make: Callable[[], str]) -> str:
     """The secret kept in data_dir/name, made on first use, readable by its owner only."""
     path = data_dir / name
-    if path.exists():
-        return path.read_text().strip()
     make_private_folder(data_dir)
-    value = make()
-    path.write_text(value + "\n")
-    path.chmod(0o600)
+    try:
+        if path.exists():
+            return path.read_text().strip()
+        value = make()
+        path.write_text(value + "\n")
+        path.chmod(0o600)
+    except OSError as error:
+        raise _unusable_data_dir(path, error) from None
     return value
+
+
+def _unusable_data_dir(path: Path, error: OSError) -> ConfigurationError:
+    reason = "a file is in the way" if isinstance(error, FileExistsError | NotADirectoryError) else error.strerror
+    return ConfigurationError(f"KILN_DATA_DIR: Kiln cannot keep its files at {path}: {reason}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, false
+from sqlalchemy import BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text, false, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from shared.db.types import JsonType, UTCDateTime, utcnow
@@ -357,6 +357,17 @@ class SyncKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     retired_at: Mapped[datetime | None] = mapped_column(default=None)
     destroyed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    # Two active keys would seal under either, and a rotation reads one of them: the database refuses a second.
+    __table_args__ = (
+        Index(
+            "uq_sync_keys_one_active_per_org",
+            "org_id",
+            unique=True,
+            postgresql_where=text("status = 'active'"),
+            sqlite_where=text("status = 'active'"),
+        ),
+    )
 
 
 class SyncSchedule(Base):

@@ -100,3 +100,12 @@ def test_a_data_dir_whose_path_holds_url_characters_keeps_its_objects_there(tmp_
 
     assert (tmp_path / folder / "objects" / "orgs" / "acme" / "note").read_bytes() == b"kept"
     assert [path.name for path in tmp_path.iterdir()] == [folder]
+
+
+@pytest.mark.parametrize("under", ["", "kiln"])
+def test_a_data_dir_that_is_a_file_is_refused_naming_the_variable(tmp_path: Path, under: str) -> None:
+    in_the_way = tmp_path / "kiln.txt"
+    in_the_way.write_text("notes\n")
+    with pytest.raises(ConfigurationError, match=r"^KILN_DATA_DIR: .*kiln\.txt.*a file is in the way$"):
+        build_settings(data_dir=in_the_way / under)
+    assert in_the_way.read_text() == "notes\n"
