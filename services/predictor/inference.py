@@ -44,14 +44,19 @@ def _rows_to_features(model: LoadedModel, rows: Any) -> np.ndarray:
 
 
 def _refuse_repeated_keys(body: bytes, payload: dict[str, Any], rows: int, columns: list[str]) -> None:
-    """orjson keeps the last value of a repeated key, so `{"torque": 1, "torque": 99}` would be scored as 99: refused,
-    as V2 refuses an input given twice. Outside strings, a colon follows each key and nothing else; so when the body
-    holds no more colons than the keys parsed (and the colons of the feature names in them), no key was repeated, at
-    the cost of one count of a byte. Only another body (a key repeated, or a string holding a colon) is parsed again,
-    keeping every key."""
+    """The V1 body's keys: those of the rows counted from the model's features, the rest walked."""
     keys = len(payload) + rows * (len(columns) + "".join(columns).count(":"))
     if len(payload) > 1:  # members beside the rows, and the keys within them
-        keys += _keys_within(value for name, value in payload.items() if name != "rows")
+        keys += keys_within(value for name, value in payload.items() if name != "rows")
+    refuse_repeated_keys(body, keys)
+
+
+def refuse_repeated_keys(body: bytes, keys: int) -> None:
+    """orjson keeps the last value of a repeated key, so `{"torque": 1, "torque": 99}` would be scored as 99: refused.
+    Outside strings, a colon follows each key and nothing else; so when the body holds no more colons than `keys`,
+    the keys parsed (or fewer: a count that skips some only sends the body the slow way), no key was repeated, at the
+    cost of one count of a byte. Only another body (a key repeated, or a string holding a colon) is parsed again,
+    keeping every key."""
     if body.count(b":") == keys:
         return
     repeated = _first_repeated_key(body)
@@ -59,7 +64,7 @@ def _refuse_repeated_keys(body: bytes, payload: dict[str, Any], rows: int, colum
         raise InvalidInput(f"{repeated} is given more than once in its object", field=repeated)
 
 
-def _keys_within(values: Iterable[Any]) -> int:
+def keys_within(values: Iterable[Any]) -> int:
     """How many keys the objects within these JSON values hold."""
     count, pending = 0, list(values)
     while pending:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from services.predictor.inference import parse_json
+from services.predictor.inference import keys_within, parse_json, refuse_repeated_keys
 from services.predictor.models import INPUT_NAME, LABEL_OUTPUT, PROBABILITIES_OUTPUT, LoadedModel
 from shared.errors import BadRequest, InvalidInput
 
@@ -75,6 +75,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     payload = parse_json(header)
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object with `inputs`", field="body")
+    refuse_repeated_keys(header, _keys_of(payload))
     parameters = _parameters(payload.get("parameters"), "parameters")
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -83,6 +84,19 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         id=request_id,
         tensors=_tensors(payload.get("inputs"), binary, _may_hold_booleans(header)),
         outputs=_requested_outputs(payload.get("outputs"), _flag(parameters, "binary_data_output", "parameters")),
+    )
+
+
+def _keys_of(payload: dict[str, Any]) -> int:
+    """The keys of a request, but for any within the inputs' data lists: walking those would cost more than the
+    request's parsing. Data holding an object is refused later; until then the count is short, and the body is
+    checked the slow way."""
+    inputs = payload.get("inputs")
+    tensors = [spec for spec in inputs if isinstance(spec, dict)] if isinstance(inputs, list) else []
+    return (
+        len(payload)
+        + keys_within(value for name, value in payload.items() if name != "inputs")
+        + sum(len(spec) + keys_within(value for name, value in spec.items() if name != "data") for spec in tensors)
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -198,6 +199,42 @@ def test_colons_in_strings_and_feature_names_are_no_repeated_keys(
     repeated = rows_text([row_text(row, '"plc:torque": 1')])
     response = predictor.post(f"/v1/orgs/{org.org_id}/predict", content=repeated, headers=org.viewer)
     assert (response.status_code, response.json()["field"]) == (422, "rows[0].plc:torque")
+
+
+def tensor_text(*members: str) -> str:
+    """A V2 body as JSON text: one `input` tensor of one row, with members appended to the tensor as given."""
+    data = json.dumps([ai4i_row()[name] for name in FEATURES])
+    tensor = f'"name": "input", "shape": [1, {len(FEATURES)}], "datatype": "FP32", "data": {data}'
+    return '{"inputs": [{' + ", ".join([tensor, *members]) + "}]"
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        (tensor_text(f'"data": {json.dumps([0.0] * len(FEATURES))}') + "}", "inputs[0].data"),
+        (tensor_text('"shape" : [1, 6]') + "}", "inputs[0].shape"),
+        (tensor_text() + ', "inputs": []}', "inputs"),
+        (
+            tensor_text() + ', "parameters": {"binary_data_output": false, "binary_data_output": true}}',
+            "parameters.binary_data_output",
+        ),
+    ],
+)
+def test_a_v2_key_given_twice_is_refused_naming_it(
+    serving: OrgKeys, predictor: TestClient, text: str, field: str
+) -> None:
+    """As V1: the tensor would be read with the last of its repeated members, which the client may not mean."""
+    response = predictor.post(f"/v2/models/{serving.org_id}/infer", content=text, headers=serving.viewer)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field and "more than once" in response.json()["error"]
+
+
+def test_a_v2_request_with_colons_in_its_strings_is_answered(serving: OrgKeys, predictor: TestClient) -> None:
+    text = tensor_text('"parameters": {"note": "line:4"}') + ', "id": "req:2026-11-26T12:00:00Z"}'
+    response = predictor.post(f"/v2/models/{serving.org_id}/infer", content=text, headers=serving.viewer)
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == "req:2026-11-26T12:00:00Z"
 
 
 @pytest.mark.parametrize("value", [1e300, -1e300, 3.5e38])
