@@ -11,11 +11,19 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc
 from starlette.exceptions import HTTPException
 
-from shared.errors import KilnError
+from shared.errors import InvalidInput, KilnError
+from shared.schemas import NUL
 
 log = logging.getLogger(__name__)
 
 REQUEST_PARTS = {"body", "query", "path", "header", "form", "cookie"}
+
+
+def refuse_nul_in_path(request: Request) -> None:
+    """PostgreSQL cannot compare text holding a NUL character: an id with one failed its lookup with a 500."""
+    for name, value in request.path_params.items():
+        if NUL in str(value):
+            raise InvalidInput(f"{name} must not contain the NUL character {NUL!r}", field=name)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
-from services.api.deps import refuse_nul_in_path
 from services.api.outbox_relay import sweep_until
 from services.api.resources import Resources
 from services.api.routers import (
@@ -28,7 +27,7 @@ from services.api.routers import (
     sync_sources,
     trainings,
 )
-from shared.http_errors import install_error_handlers
+from shared.http_errors import install_error_handlers, refuse_nul_in_path
 from shared.logs import configure_logging
 from shared.settings import Settings, build_settings
 

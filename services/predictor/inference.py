@@ -55,9 +55,9 @@ def refuse_repeated_keys(body: bytes, keys: int) -> None:
     """orjson keeps the last value of a repeated key, so `{"torque": 1, "torque": 99}` would be scored as 99: refused.
     Outside strings, a colon follows each key and nothing else; so when the body holds no more colons than `keys`,
     the keys parsed (or fewer: a count that skips some only sends the body the slow way), no key was repeated, at the
-    cost of one count of a byte. Only another body (a key repeated, or a string holding a colon) is parsed again,
-    keeping every key."""
-    if body.count(b":") == keys:
+    cost of one count of a byte. Only another body (a key repeated, a string holding a colon, or any escape, since
+    `\\u003a` is a colon once parsed and none before) is parsed again, keeping every key."""
+    if b"\\" not in body and body.count(b":") == keys:
         return
     repeated = _first_repeated_key(body)
     if repeated is not None:
