@@ -42,6 +42,7 @@ from shared.db.models import Organization, SyncJob, SyncSource
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.errors import KilnError, TransientError
+from shared.retries import gave_up
 from shared.schemas import OrgConfig
 from shared.sync_jobs import FAILED, FINISHED, REFUSED, RETRYING, RUNNING, SUCCEEDED, residency_refusal, source_tables
 from shared.sync_tables import SyncTable, central_table_name
@@ -50,10 +51,16 @@ log = logging.getLogger(__name__)
 
 AfterBatch = Callable[[Tally], None]
 
+# A job's attempts: its first and the worker's automatic retries (services/sync/tasks.py). A message delivered again
+# after its worker died starts an attempt too, so a job whose worker keeps dying also ends.
+MAX_ATTEMPTS = 9
 
-def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None = None) -> str:
-    """Run the job and return its status. The central store unreachable: TransientError, to be retried; the job
-    then starts again from the watermarks its acknowledged batches left.
+
+def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None = None, last_try: bool = False) -> str:
+    """Run the job and return its status. A store unreachable: the job reads `retrying` and TransientError is
+    raised, to be retried; the job then starts again from the watermarks its acknowledged batches left. Its last
+    attempt (the MAX_ATTEMPTS-th, or `last_try`: the worker retries no more) ends it `failed` instead, with the
+    error and the number of attempts; so does starting a job whose MAX_ATTEMPTS-th attempt never ended.
 
     One job of a source runs at a time: a second run of this one (its message delivered twice) or another job of
     the same source waits for the first to end, then finds the job finished or little left to move."""
@@ -62,15 +69,16 @@ def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None
         if source_id is None:
             return "missing"
         with one_job_per_source(context.engine, source_id):
-            return _run(context, job_id, after_batch)
+            return _run(context, job_id, after_batch, last_try=last_try)
     except OperationalError as error:
         raise TransientError(f"sync job {job_id}: the central store is unreachable") from error
 
 
-def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None) -> str:
-    source = _start(context, job_id)
-    if source is None:
+def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None, *, last_try: bool) -> str:
+    started = _start(context, job_id)
+    if started is None:
         return _status(context, job_id)
+    source, attempt = started
     password = None
     if source.password_encrypted is not None:
         password = context.secrets.decrypt(source.password_encrypted, context=f"sync-source:{source.id}")
@@ -81,6 +89,8 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None) -> s
     try:
         _sync_tables(context, local, source, job_id, after_batch)
     except OperationalError as error:
+        if last_try or attempt >= MAX_ATTEMPTS:
+            return _finish(context, job_id, FAILED, gave_up(f"a store was unreachable: {_first_line(error)}", attempt))
         _finish(context, job_id, RETRYING, f"a store was unreachable, retrying: {_first_line(error)}")
         raise TransientError(f"sync job {job_id}: a store is unreachable") from error
     except Exception as error:
@@ -172,11 +182,15 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _start(context: SyncContext, job_id: str) -> SyncSource | None:
-    """Mark the job running and return its source; None if it is finished already or refused now."""
+def _start(context: SyncContext, job_id: str) -> tuple[SyncSource, int] | None:
+    """Mark the job running and return its source and the attempt's number; None if it is finished already,
+    refused now, or out of attempts (failed now)."""
     with session_scope(context.sessions) as session:
         job = session.get(SyncJob, job_id)
         if job is None or job.status in FINISHED:
+            return None
+        if job.attempts >= MAX_ATTEMPTS:
+            _close(session, job, FAILED, gave_up(_last_attempt(job), job.attempts))
             return None
         source = session.get_one(SyncSource, job.source_id)
         org_config = OrgConfig.model_validate(session.get_one(Organization, job.org_id).config)
@@ -187,7 +201,15 @@ def _start(context: SyncContext, job_id: str) -> SyncSource | None:
         job.status, job.attempts = RUNNING, job.attempts + 1
         job.started_at = job.started_at or utcnow()
         session.expunge(source)
-        return source
+        return source, job.attempts
+
+
+def _last_attempt(job: SyncJob) -> str:
+    """What became of the job's last attempt. Still `running` under the job's lock, it never ended: its worker died
+    mid-run (the message came again), or the central store was out of reach when it would have said so."""
+    if job.status == RUNNING or not job.errors:
+        return f"attempt {job.attempts} never ended (its worker was lost, or the central store out of reach)"
+    return str(job.errors[-1]["error"])
 
 
 def _sync_tables(

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+from celery import Task
+
 from services.sync.celery_app import app
 from services.sync.context import worker_context
-from services.sync.jobs import run_job
+from services.sync.jobs import MAX_ATTEMPTS, run_job
 from services.sync.retention import purge_expired
 from services.sync.rotation import rotate_org_key
 from shared.errors import TransientError
 from shared.queues import SYNC_PURGE_TASK, SYNC_ROTATE_TASK, SYNC_TASK
 
 RETRY_BACKOFF_S = 5
-MAX_RETRIES = 8
+MAX_RETRIES = MAX_ATTEMPTS - 1
 
 
 @app.task(
     name=SYNC_TASK,
+    bind=True,
     autoretry_for=(TransientError,),
     retry_backoff=RETRY_BACKOFF_S,
     max_retries=MAX_RETRIES,
 )  # type: ignore[untyped-decorator]
-def sync(job_id: str, org_id: str | None = None) -> str:
-    """`org_id` is only there for operators: Flower shows it beside each task."""
-    return run_job(worker_context(), job_id)
+def sync(self: Task, job_id: str, org_id: str | None = None) -> str:
+    """`org_id` is only there for operators: Flower shows it beside each task.
+
+    The job counts its attempts itself (a message delivered again after its worker died is one more), but a try
+    cut off from the central store before it started counts no attempt: on Celery's last retry the job ends
+    `failed` whatever its count, rather than read `retrying` with nothing left to retry it."""
+    return run_job(worker_context(), job_id, last_try=self.request.retries >= self.max_retries)
 
 
 @app.task(name=SYNC_PURGE_TASK)  # type: ignore[untyped-decorator]

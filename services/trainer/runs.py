@@ -16,6 +16,7 @@ from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
 from shared.errors import KilnError
 from shared.outbox import KIND_TRAIN_TASK, add_message
+from shared.retries import gave_up
 from shared.schemas import OrgConfig, TrainingConfig
 
 TERMINAL = ("succeeded", "rejected", "failed", "cancelled")
@@ -392,5 +393,5 @@ def _after_lost_worker(run: TrainingRun, max_attempts: int) -> tuple[str, str]:
     if run.cancel_requested:
         return "cancelled", f"cancelled; {lost}"
     if run.attempts >= max_attempts:
-        return "failed", f"{lost}; gave up after {run.attempts} attempts"
+        return "failed", gave_up(lost, run.attempts)
     return "queued", lost

@@ -33,6 +33,7 @@ from shared.db.session import session_scope
 from shared.errors import InvalidInput, KilnError, TransientError
 from shared.layout import MODEL_FILE, model_prefix
 from shared.outbox import relay
+from shared.retries import gave_up
 from shared.store_access import StoreRules
 from shared.versions import new_version
 
@@ -101,7 +102,7 @@ def _register(attempt: Attempt, context: WorkerContext, trained: TrainedVersion)
 def _retry_or_fail(attempt: Attempt, context: WorkerContext, reason: str) -> str:
     settings = context.settings
     if attempt.number >= settings.run_max_attempts:
-        runs.finish(context.sessions, attempt, "failed", f"{reason}; gave up after {attempt.number} attempts")
+        runs.finish(context.sessions, attempt, "failed", gave_up(reason, attempt.number))
         return "failed"
     backoff = settings.run_retry_backoff_s * 2 ** (attempt.number - 1)
     try:

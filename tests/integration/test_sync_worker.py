@@ -1,4 +1,5 @@
-"""A real sync worker process (`celery -A services.sync.celery_app worker`) on real Redis runs an HTTP-queued job."""
+"""A real sync worker process (`celery -A services.sync.celery_app worker`) on real Redis runs an HTTP-queued job;
+the sync task run here, eagerly (its retries at once, not over half an hour), ends a job its retries cannot save."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from services.sync import tasks
 from services.sync.context import SyncContext
 from shared.settings import Settings
-from tests.integration.sync_support import Sync, open_sync
+from tests.integration.conftest import create_org_with_keys
+from tests.integration.sync_support import Sync, error_of, open_sync
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,3 +104,85 @@ def test_a_key_rotation_asked_over_http_is_run_by_a_sync_worker_and_the_old_key_
     assert [action for action, _ in audited] == ["sync.key.rotation.queued", "sync.key.rotated", "sync.key.destroyed"]
     [actor] = {actor for _, actor in audited}  # the admin key that asked, carried through to the worker's rotation
     assert actor not in ("sync", "cli")
+
+
+# A job's attempts: its first and the worker's retries.
+MAX_ATTEMPTS = tasks.MAX_RETRIES + 1
+# A plant's PostgreSQL that is down: nothing listens on port 1.
+DOWN_STORE = "postgresql+psycopg2://plant@127.0.0.1:1/records"
+
+
+@pytest.fixture
+def unreachable_store(sync_api: TestClient, sync_context: SyncContext, org_id: str) -> Sync:
+    org = create_org_with_keys(sync_api, org_id)
+    body = {"url": DOWN_STORE, "tables": [{"name": "readings", "primaryKey": "id"}]}
+    created = sync_api.post(f"/v1/orgs/{org_id}/sync-sources", json=body, headers=org.admin)
+    assert created.status_code == 201, created.text
+    return Sync(
+        sync_api, sync_context, org, DOWN_STORE, created.json()["sourceId"], sync_context.settings.resolved_database_url
+    )
+
+
+@pytest.fixture
+def sync_task_here(sync_context: SyncContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's task, run in this process on the test's central store."""
+    monkeypatch.setattr(tasks, "worker_context", lambda: sync_context)
+
+
+def test_a_job_whose_store_stays_unreachable_fails_once_its_retries_run_out(
+    unreachable_store: Sync, sync_task_here: None
+) -> None:
+    sync = unreachable_store
+    job_id = sync.submit()
+
+    outcome = tasks.sync.apply(args=[job_id, sync.org.org_id])
+
+    job = sync.job(job_id)
+    assert (job["status"], job["attempts"], len(job["errors"])) == ("failed", MAX_ATTEMPTS, MAX_ATTEMPTS)
+    assert (outcome.state, outcome.result) == ("SUCCESS", "failed")  # the worker retries it no more
+    assert job["finishedAt"] is not None
+    assert error_of(job).startswith("a store was unreachable: ") and "port 1 failed" in error_of(job)
+    assert error_of(job).endswith(f"; gave up after {MAX_ATTEMPTS} attempts")
+    assert all("retrying" in error["error"] for error in job["errors"][:-1])
+    assert sync.audit_actions()[:2] == ["sync.job.failed", "sync.job.retrying"]  # newest first
+
+
+def test_a_job_whose_worker_died_fails_when_its_redelivered_last_try_fails(
+    unreachable_store: Sync, sync_task_here: None
+) -> None:
+    """A worker that dies mid-job leaves it `running`; its message comes again (acks_late) with the retry count
+    Celery had given it: on the last one, the job's store still out of reach, the job ends `failed`."""
+    sync = unreachable_store
+    job_id = sync.submit()
+    sync.central("UPDATE sync_jobs SET status = 'running', attempts = 3 WHERE id = :j", {"j": job_id})
+
+    outcome = tasks.sync.apply(args=[job_id, sync.org.org_id], retries=tasks.MAX_RETRIES)
+
+    job = sync.job(job_id)
+    assert (job["status"], job["attempts"]) == ("failed", 4)
+    assert (outcome.state, outcome.result) == ("SUCCESS", "failed")
+    assert error_of(job).startswith("a store was unreachable: ")
+    assert error_of(job).endswith("; gave up after 4 attempts")
+
+
+def test_a_job_whose_worker_died_in_its_last_attempt_fails_when_its_message_comes_again(
+    unreachable_store: Sync, sync_task_here: None
+) -> None:
+    """Redelivered messages keep Celery's retry count: the job's own count of attempts is what ends a job whose
+    worker keeps dying."""
+    sync = unreachable_store
+    job_id = sync.submit()
+    sync.central(
+        "UPDATE sync_jobs SET status = 'running', attempts = :n WHERE id = :j", {"j": job_id, "n": MAX_ATTEMPTS}
+    )
+
+    outcome = tasks.sync.apply(args=[job_id, sync.org.org_id], retries=2)
+
+    job = sync.job(job_id)
+    assert (job["status"], job["attempts"]) == ("failed", MAX_ATTEMPTS)
+    assert (outcome.state, outcome.result) == ("SUCCESS", "failed")
+    assert job["finishedAt"] is not None
+    assert error_of(job) == (
+        f"attempt {MAX_ATTEMPTS} never ended (its worker was lost, or the central store out of reach); "
+        f"gave up after {MAX_ATTEMPTS} attempts"
+    )
