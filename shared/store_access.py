@@ -9,6 +9,7 @@ These rules are checked by the worker that opens the database, on its own filesy
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,37 @@ def refuse_unsafe_parameters(url: URL, *, field: str) -> None:
             f"{', '.join(sorted(POSTGRESQL_PARAMETERS))}",
             field=field,
         )
+
+
+# What a PostgreSQL URL without a port reaches; and the host of a server on the machine that opens the store.
+POSTGRESQL_PORT = 5432
+THIS_MACHINE = "localhost"
+
+
+def store_identity(url: URL) -> tuple[str, ...]:
+    """What two URLs of one store have in common, however they are spelled: they name the same store when these are
+    equal. A SQLite file: its real path, links followed (as far as this machine sees it), whatever the driver. A
+    PostgreSQL database: its server (host name lowercased; localhost, a loopback address or a socket of this machine
+    are all this machine; the port, 5432 when none is given) and its name (the user's, as libpq takes it, when none
+    is given); neither the driver, nor the user, nor the parameters. Other host names are compared as written, not
+    resolved: two names of one server are two stores here."""
+    if url.get_backend_name() == "sqlite":
+        return ("sqlite", os.path.realpath(url.database or ""))
+    return (
+        url.get_backend_name(),
+        _server_host(url.host),
+        str(url.port or POSTGRESQL_PORT),
+        url.database or url.username or "",
+    )
+
+
+def _server_host(host: str | None) -> str:
+    name = (host or THIS_MACHINE).lower().rstrip(".")
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return name
+    return THIS_MACHINE if address.is_loopback else str(address)
 
 
 @dataclass(frozen=True)

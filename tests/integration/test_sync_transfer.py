@@ -527,6 +527,71 @@ def test_a_second_source_naming_a_table_of_the_same_store_is_refused_naming_it(
     assert len(sync_api.get(f"/v1/orgs/{org_id}/sync-sources", headers=sync.org.viewer).json()) == 1
 
 
+def test_a_second_source_of_the_same_sqlite_file_is_refused_whatever_its_urls_spelling(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    (tmp_path / "linked-folder").symlink_to(sync.local_path.parent)
+    (tmp_path / "linked.db").symlink_to(sync.local_path)
+    spellings = [
+        f"sqlite+pysqlite:///{sync.local_path}",
+        f"sqlite:///{tmp_path}/linked-folder/plant.db",
+        f"sqlite+pysqlite:///{tmp_path}/linked.db",
+    ]
+
+    answers = [
+        sync_api.post(
+            f"/v1/orgs/{org_id}/sync-sources",
+            json={"url": url, "tables": [{"name": "readings", "primaryKey": "id"}]},
+            headers=sync.org.admin,
+        )
+        for url in spellings
+    ]
+
+    assert [answer.status_code for answer in answers] == [409, 409, 409], [answer.text for answer in answers]
+    assert {answer.json()["error"] for answer in answers} == {
+        f"table 'readings' of this store is synced by source {sync.source_id} already: two sources of one table "
+        "would each miss what the other brings down"
+    }
+    assert len(sync_api.get(f"/v1/orgs/{org_id}/sync-sources", headers=sync.org.viewer).json()) == 1
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "status"),
+    [
+        ("postgresql+psycopg2://plant@DB.example.org:5432/records", "postgresql://plant@db.example.org/records", 409),
+        ("postgresql://plant@db.example.org/records", "postgresql+psycopg://reader@Db.Example.Org/records", 409),
+        ("postgresql://plant@localhost/records", "postgresql+psycopg2://plant@127.0.0.1:5432/records", 409),
+        ("postgresql://plant@[::1]/records", "postgresql://plant@localhost:5432/records?sslmode=disable", 409),
+        ("postgresql://plant@db.example.org/records", "postgresql://plant@db.example.org/records2", 201),
+        ("postgresql://plant@db.example.org/records", "postgresql://plant@db.example.org:5433/records", 201),
+        ("postgresql://plant@db.example.org/records", "postgresql://plant@db2.example.org/records", 201),
+    ],
+    ids=["driver-port-case", "user-driver-case", "loopback-v4", "loopback-v6", "database", "port", "host"],
+)
+def test_a_second_source_of_the_same_postgresql_database_is_refused_whatever_its_urls_spelling(
+    sync_api: TestClient, org_id: str, first: str, second: str, status: int
+) -> None:
+    org = create_org_with_keys(sync_api, org_id)
+    tables = [{"name": "readings", "primaryKey": "id"}]
+    url = f"/v1/orgs/{org_id}/sync-sources"
+    created = sync_api.post(url, json={"url": first, "tables": tables}, headers=org.admin)
+    assert created.status_code == 201, created.text
+
+    again = sync_api.post(url, json={"url": second, "tables": tables}, headers=org.admin)
+
+    assert again.status_code == status, again.text
+    if status == 409:
+        assert (again.json()["field"], again.json()["error"]) == (
+            "tables",
+            f"table 'readings' of this store is synced by source {created.json()['sourceId']} already: two sources "
+            "of one table would each miss what the other brings down",
+        )
+        assert created.json()["url"] == first.replace(
+            "DB.example.org", "db.example.org"
+        )  # kept as given, host lowercased as before
+
+
 def test_a_synced_sqlite_tables_text_timestamps_select_a_training_runs_date_range(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:

@@ -21,6 +21,7 @@ from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 from shared.schedules import check_schedule, next_fire_times
 from shared.schemas import OrgConfig
+from shared.store_access import store_identity
 from shared.sync_jobs import queue_sync_job, residency_refusal, source_tables
 from shared.sync_tables import SyncSourceSpec, central_table_name
 
@@ -139,10 +140,14 @@ def owned_source(session: Session, source_id: str, *, org_id: str, field: str | 
 
 def _refuse_tables_synced_already(session: Session, source: SyncSource) -> None:
     """Two sources of one local table share its triggers and change log, and neither sees what the other writes
-    down: their central copies would drift apart."""
+    down: their central copies would drift apart. One store is one store whatever its URL's spelling (driver,
+    default port, host's case, a linked path: store_identity)."""
     names = {table["name"] for table in source.tables}
-    others = session.scalars(select(SyncSource).where(SyncSource.org_id == source.org_id, SyncSource.url == source.url))
+    store = store_identity(make_url(source.url))
+    others = session.scalars(select(SyncSource).where(SyncSource.org_id == source.org_id))
     for other in others:
+        if store_identity(make_url(other.url)) != store:
+            continue
         for table in other.tables:
             if table["name"] in names:
                 raise Conflict(
