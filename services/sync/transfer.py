@@ -140,7 +140,7 @@ def _push(
             forget(connection, CENTRAL_LOG, table=pair.central_name, keys=[key], after=down_after)
             moves.settle(pair, key, resolution.kept, row, existing)
     upsert(connection, pair.central_table, pair.key, moves.writes)
-    _save_bases(session, pair, moves.writes)
+    _save_bases(session, pair, moves.bases)
     delete_centrally(session, connection, pair, moves.deletes)
     if pair.spec.sends_down:
         log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=moves.merged, at_ms=wall_clock_ms())
@@ -158,6 +158,8 @@ class _Moves:
     restores: list[dict[str, Any]] = field(default_factory=list)
     # Records whose central version differs from the local one after the batch: they go down.
     merged: list[str] = field(default_factory=list)
+    # The bases to save (services/sync/merge.py), as the central store holds a record: sealed.
+    bases: list[dict[str, Any]] = field(default_factory=list)
     copies: int = 0
     conflicts: int = 0
 
@@ -166,8 +168,15 @@ class _Moves:
         if version.deleted:
             self.deletes[key] = existing or {}
         else:
-            self.writes.append(_central_row(pair, version, existing))
+            self.write(_central_row(pair, version, existing), base=True)
         self.copies += 1
+
+    def write(self, row: dict[str, Any], *, base: bool) -> None:
+        """A central row to write, and whether it is also the record's base: for field-merge, the version both
+        stores hold once the batch commits; for append-only, the first version (the only one either side keeps)."""
+        self.writes.append(row)
+        if base:
+            self.bases.append(row)
 
     def settle(
         self, pair: TablePair, key: str, kept: Version, row: dict[str, Any] | None, existing: dict[str, Any] | None
@@ -179,13 +188,24 @@ class _Moves:
             if row is not None:
                 self.merged.append(key)  # deleted centrally, and that won: the pull deletes it locally
         elif row is None:
-            self.restores.append(kept.row)
+            self.restores.append(kept.row)  # before the central commit: both stores hold it once the batch has
             if existing is None or pair.plain(existing) != kept.row:
-                self.writes.append(_central_row(pair, kept, existing))  # append-only: the first version, back
+                self.write(_central_row(pair, kept, existing), base=True)  # append-only: the first version, back
+            elif pair.spec.policy == "field-merge":
+                self.bases.append(existing)
+        elif kept.row == row:
+            self.write(_central_row(pair, kept, existing), base=True)
         else:
-            self.writes.append(_central_row(pair, kept, existing))
-            if kept.row != row:
-                self.merged.append(key)
+            self.merged.append(key)
+            # Until the pull brings the kept version down, the local store still holds `row`: the version the
+            # kept one was made from, so the one both sides agree on. Were the kept one the base, a local edit
+            # made before that pull (or after a job cut off between the two) would find the local store's values
+            # changed from it, take them all for local edits, and put them back over the central ones. The pull
+            # saves the kept version as the base once the local store has it. Append-only saves what it writes, as
+            # before: the first version.
+            self.write(_central_row(pair, kept, existing), base=pair.spec.policy != "field-merge")
+            if pair.spec.policy == "field-merge":
+                self.bases.append(pair.sealed(row))
 
 
 def _local_version(pair: TablePair, row: dict[str, Any] | None, change: Change, replaced: Stamp | None) -> Version:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from services.sync.beat import orgs_to_purge
@@ -26,12 +27,14 @@ from services.sync.rotation import PAGE_ROWS, rotate_org_key
 from shared.db.models import Prediction
 from shared.db.session import session_scope
 from shared.db.types import utcnow
+from shared.errors import TransientError
 from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.integration.sync_support import (
     LOCAL_ONLY,
     TWO_READINGS,
     Sync,
+    allow_connections,
     central_copies,
     make_local_store,
     many_readings,
@@ -124,6 +127,71 @@ def test_field_merge_keeps_both_sides_changes_to_different_fields(
     assert sync.central(f"SELECT device FROM {sync.central_table} WHERE id = 1") == [("pump-9",)]
     [conflict] = sync.conflicts()
     assert conflict["outcome"] == "merged"
+
+
+def edit_patient_locally_after_the_first_batch(sync: Sync, job_id: str) -> None:
+    """The plant's application edits the record right after the job's push merged it centrally, before its pull."""
+    batches: list[Tally] = []
+
+    def edit_after_the_push(tally: Tally) -> None:
+        if not batches:
+            batches.append(tally)
+            sync.local("UPDATE readings SET patient = 'Ada King' WHERE id = 1")
+
+    assert run_job(sync.context, job_id, after_batch=edit_after_the_push) == "succeeded"
+
+
+def cut_off_after_the_first_batch_then_edit_patient_locally(sync: Sync, job_id: str) -> None:
+    """The job is cut off from the central store after its push, the application edits the record, the job is
+    retried."""
+    database = make_url(sync.central_url).database
+    batches: list[Tally] = []
+
+    def cut_after_the_push(tally: Tally) -> None:
+        if not batches:
+            batches.append(tally)
+            allow_connections(database, allowed=False)
+
+    try:
+        with pytest.raises(TransientError):
+            run_job(sync.context, job_id, after_batch=cut_after_the_push)
+    finally:
+        allow_connections(database, allowed=True)
+    sync.local("UPDATE readings SET patient = 'Ada King' WHERE id = 1")
+    assert run_job(sync.context, job_id) == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "edit_between_push_and_pull",
+    [edit_patient_locally_after_the_first_batch, cut_off_after_the_first_batch_then_edit_patient_locally],
+    ids=["during-the-job", "job-cut-off-and-retried"],
+)
+def test_field_merge_keeps_central_changes_when_a_local_edit_lands_between_the_push_and_the_pull(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    edit_between_push_and_pull: Callable[[Sync, str], None],
+) -> None:
+    """The push merges centrally, but the local store holds its own version until the pull brings the merge down:
+    a local edit in between must not send the central side's changes back as local ones."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "field-merge")
+    sync.run()
+    # device changed centrally only; value changed on both sides, the later central edit wins it.
+    edit_both(sync, local="value = 10.0", central="device = 'pump-9', value = 99.0")
+
+    edit_between_push_and_pull(sync, sync.submit())
+    sync.run()
+
+    expected = [("pump-9", 99.0, "Ada King")]
+    assert sync.local("SELECT device, value, patient FROM readings WHERE id = 1") == expected
+    with session_scope(sync_context.sessions) as session:
+        keyring = load_keyring(session, sync_context.secrets, org_id)
+    central = sync.central(f"SELECT device, value, patient FROM {sync.central_table} WHERE id = 1")
+    assert [(device, value, keyring.open(sealed, column="readings.patient")) for device, value, sealed in central] == (
+        expected
+    )
+    assert [conflict["outcome"] for conflict in sync.conflicts()] == ["merged", "merged"]
 
 
 def test_manual_holds_the_conflict_for_review_until_someone_decides(
