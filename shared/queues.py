@@ -40,7 +40,9 @@ def send_train_task(sender: TaskSender, payload: dict[str, Any]) -> None:
 
 def send_validate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
     """Judge a stored version again, on its org's queue (where the org's workers, and its data, are)."""
-    sender.send_task(VALIDATE_TASK, args=[payload["org_id"], payload["version"]], queue=train_queue(payload["org_id"]))
+    # The key that asked rides along, for the audit row of the judgement.
+    args = [payload["org_id"], payload["version"], payload.get("actor")]
+    sender.send_task(VALIDATE_TASK, args=args, queue=train_queue(payload["org_id"]))
 
 
 def send_sync_task(sender: TaskSender, payload: dict[str, Any]) -> None:

@@ -16,15 +16,17 @@ from shared.db.models import (
 )
 from shared.errors import Conflict, NotFound
 from shared.outbox import KIND_DEPLOY_EVENT, add_message
+from shared.verdicts import VALIDATED, rejected_gates
 
-DEPLOYABLE = "validated"
+DEPLOYABLE = VALIDATED
 
 
 def deployable_version(session: Session, *, org_id: str, version: str) -> ModelVersion:
-    """The org's version, if it passed every gate; a rejected one is refused with the gates it failed."""
+    """The org's version, if it passed every gate; a rejected one is refused with the gates it was rejected for (a
+    rejection is final: a later judgement that passes, under relaxed gates say, does not make it deployable)."""
     row = get_owned(session, ModelVersion, version, org_id=org_id, field="version")
     if row.status != DEPLOYABLE:
-        failed = list(row.validation.get("failed", []))
+        failed = failed_gates(row)
         raise Conflict(
             f"version {version} was rejected by validation (failed gates: {', '.join(failed) or 'unknown'}) "
             "and can never be deployed",
@@ -32,6 +34,11 @@ def deployable_version(session: Session, *, org_id: str, version: str) -> ModelV
             detail={"failedGates": failed},
         )
     return row
+
+
+def failed_gates(row: ModelVersion) -> list[str]:
+    """The gates that rejected the version; none for a validated one."""
+    return [] if row.status == DEPLOYABLE else rejected_gates(row.validation)
 
 
 def current_deployment(session: Session, *, org_id: str) -> CurrentDeployment:

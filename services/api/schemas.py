@@ -137,7 +137,13 @@ class RunLogOut(CamelOut):
 
 class ValidationAccepted(CamelOut):
     version: str
-    status: str
+    status: str = Field(description="`validating`: the judgement is queued on the org's workers")
+    version_status: str = Field(
+        description="the version's status now; a rejected version stays rejected whatever the new judgement says"
+    )
+    note: str | None = Field(
+        None, description="for a rejected version: the gates it was rejected for, and that it stays rejected"
+    )
 
 
 class OrgUpdate(CamelModel):

@@ -1,29 +1,43 @@
-"""`POST .../models/{version}/validate`: the gates again, on the artifacts as they are stored now."""
+"""`POST .../models/{version}/validate`: the gates again, on the artifacts as they are stored now.
+
+A rejection is final: a rejected version is judged and reported like any other, but stays rejected. Every judgement
+is audited with the key that asked for it, whether it changed the version's status or not.
+"""
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.orm import Session
 
 from services.trainer import artifacts
 from services.trainer.context import WorkerContext
 from services.trainer.pipeline.validate import Gates
 from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large, unhealthy
+from shared.audit import record_change
 from shared.db.models import ModelVersion, Organization
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.errors import ArtifactIntegrityError, NotFound
 from shared.layout import HOLDOUT_FILE
 from shared.schemas import OrgConfig
+from shared.verdicts import REJECTED, VALIDATED, rejected_gates
 
 log = logging.getLogger(__name__)
 
+# The actor of a judgement queued by an api that did not pass the key along (one older than this worker).
+UNKNOWN_ACTOR = "unknown"
 
-def revalidate(org_id: str, version: str, context: WorkerContext) -> str:
-    """Judge the stored version again and record the report; a version that now fails becomes rejected."""
+
+def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | None = None) -> str:
+    """Judge the stored version again and record the report and the judgement's audit row. A validated version
+    that now fails a gate becomes rejected; a rejected one stays rejected, whatever its new report says."""
+    actor = actor or UNKNOWN_ACTOR
     with context.sessions() as session:
         row = session.get(ModelVersion, version)
         if row is None or row.org_id != org_id:
@@ -31,20 +45,75 @@ def revalidate(org_id: str, version: str, context: WorkerContext) -> str:
         prefix, sha256, size = row.artifact_prefix, row.sha256, row.size_bytes
         org_config = OrgConfig.model_validate(session.get_one(Organization, org_id).config)
     gates = gates_for(org_config)
-    verdict = (
-        size_rejection(size, gates)
-        if too_large(size, gates)
-        else _judge_stored(context, org_config, prefix, sha256, size, gates)
-    )
-    status = "validated" if verdict.passed else "rejected"
-    with session_scope(context.sessions) as session:
-        session.execute(
-            update(ModelVersion)
-            .where(ModelVersion.version == version)
-            .values(status=status, validation=verdict.report, validated_at=utcnow())
+    try:
+        verdict = (
+            size_rejection(size, gates)
+            if too_large(size, gates)
+            else _judge_stored(context, org_config, prefix, sha256, size, gates)
         )
-    log.info("org %s version %s judged again: %s", org_id, version, status)
+    except Exception as error:
+        with session_scope(context.sessions) as session:
+            record_change(
+                session,
+                org_id=org_id,
+                actor=actor,
+                action="model.validation.errored",
+                target=version,
+                detail={"error": f"{type(error).__name__}: {error}"[:1000]},
+            )
+        raise
+    with session_scope(context.sessions) as session:
+        row = _locked(session, version)
+        before = row.status
+        now = utcnow()
+        status, report = judged(before, row.validation, row.validated_at or row.created_at, verdict, now)
+        row.status, row.validation, row.validated_at = status, report, now
+        record_change(
+            session,
+            org_id=org_id,
+            actor=actor,
+            action="model.validation.judged",
+            target=version,
+            detail={"from": before, "to": status, "passed": verdict.passed, "failed": list(verdict.report["failed"])},
+        )
+    log.info("org %s version %s judged again: %s (was %s)", org_id, version, status, before)
     return status
+
+
+def judged(
+    before: str, previous: dict[str, Any], previous_at: datetime, verdict: Verdict, now: datetime
+) -> tuple[str, dict[str, Any]]:
+    """The version's status and report after `verdict`: rejected for good once it has failed a gate, with the gates
+    it failed then (under `rejection`) beside the new report of every gate."""
+    report = dict(verdict.report)
+    if before == REJECTED:
+        earlier = previous.get("rejection")
+        failed = rejected_gates(previous)
+        at = earlier["at"] if isinstance(earlier, dict) and "at" in earlier else previous_at.isoformat()
+    elif not verdict.passed:
+        failed, at = list(verdict.report["failed"]), now.isoformat()
+    else:
+        return VALIDATED, report
+    report["rejection"] = {
+        "failed": failed,
+        "at": at,
+        "note": f"rejected for failing {', '.join(failed) or 'a gate'}, and a rejection is final: this version can "
+        "never be deployed, whatever a later judgement (this report's `passed`) says",
+    }
+    return REJECTED, report
+
+
+def _locked(session: Session, version: str) -> ModelVersion:
+    """The version's row, read after taking its write lock: two judgements of one version at once are applied one
+    after the other, so neither can bring back a version the other rejected. (A no-op UPDATE: SQLite ignores
+    SELECT ... FOR UPDATE, and pysqlite begins the transaction only at the first write.)"""
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.version == version)
+        .values(status=ModelVersion.status)
+        .execution_options(synchronize_session=False)
+    )
+    return session.get_one(ModelVersion, version, populate_existing=True)
 
 
 def _judge_stored(

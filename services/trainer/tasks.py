@@ -18,5 +18,6 @@ def train(self: Task, run_id: str, org_id: str | None = None) -> str:
 
 
 @app.task(name=VALIDATE_TASK)  # type: ignore[untyped-decorator]
-def validate(org_id: str, version: str) -> str:
-    return revalidate(org_id, version, worker_context())
+def validate(org_id: str, version: str, actor: str | None = None) -> str:
+    """`actor` is the key that asked, for the audit row (absent from a task an older api queued)."""
+    return revalidate(org_id, version, worker_context(), actor=actor)

@@ -11,12 +11,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, update
 
 from services.api.app import create_app
+from services.trainer.context import WorkerContext
 from shared.db.migrate import upgrade
 from shared.db.models import Deployment, OutboxMessage
 from shared.db.session import make_engine
 from shared.settings import Settings
-from tests.integration.conftest import OrgKeys, create_org_with_keys
+from shared.storage import ObjectStore
+from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.support.events import ChannelListener
+from tests.support.judgements import judge_queued
+from tests.support.models import register_judgeable
 from tests.support.seed import seed_version, seed_versions
 
 
@@ -93,6 +97,28 @@ def test_rollback_skips_rejected_versions(api: TestClient, org: OrgKeys, engine:
     deploy(api, org, latest)
     response = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
     assert response.json()["version"] == first
+
+
+def test_a_version_rejected_for_good_is_never_a_rollback_target(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext
+) -> None:
+    """An older version rejected when its run finished, judged again under relaxed gates: it passes them now, but
+    stays rejected, so there is nothing to roll back to, by default or by name."""
+    older = register_judgeable(engine, store, org.org_id, {"minRecall": 0.9})
+    relaxed = api.patch(f"/v1/orgs/{org.org_id}", json={"config": {"gates": {"minRecall": 0.1}}}, headers=ADMIN)
+    assert relaxed.status_code == 200, relaxed.text
+    assert api.post(f"/v1/orgs/{org.org_id}/models/{older}/validate", headers=org.trainer).status_code == 202
+    assert judge_queued(engine, worker, org.org_id, older) == "rejected"
+    (latest,) = seed_versions(engine, org.org_id, 1)
+
+    deployed = deploy(api, org, latest)
+    back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+    named = api.post(f"/v1/orgs/{org.org_id}/rollback", json={"version": older}, headers=org.admin)
+
+    assert deployed.status_code == 201 and deployed.json()["rollbackAvailable"] is False
+    assert back.status_code == 409
+    assert named.status_code == 409 and named.json()["failedGates"] == ["recall"]
+    assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["version"] == latest
 
 
 def test_every_deploy_and_rollback_is_kept_in_the_history(api: TestClient, org: OrgKeys, engine: Engine) -> None:

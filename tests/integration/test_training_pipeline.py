@@ -223,7 +223,8 @@ def test_validating_again_reads_the_stored_artifact_and_rejects_a_tampered_one(
     run_training(run_id, worker)
     version = run_of(api, org, run_id)["version"]
     accepted = api.post(f"/v1/orgs/{org.org_id}/models/{version}/validate", headers=org.trainer)
-    assert accepted.status_code == 202 and accepted.json() == {"version": version, "status": "validating"}
+    assert accepted.status_code == 202
+    assert accepted.json() == {"version": version, "status": "validating", "versionStatus": "validated", "note": None}
     assert revalidate(org.org_id, version, worker) == "validated"
     open_object_store(settings).put_bytes(model_key(org.org_id, version), b"not an onnx model")
     assert revalidate(org.org_id, version, worker) == "rejected"
@@ -232,6 +233,31 @@ def test_validating_again_reads_the_stored_artifact_and_rejects_a_tampered_one(
     assert "sha256" in model["validation"]["note"]
     deploy = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
     assert deploy.status_code == 409
+
+
+def test_a_version_rejected_when_its_run_finished_is_never_deployed_after_the_gates_are_relaxed(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    """The reviewer's reproduction: rejected for precision and recall, the org's gates relaxed, the version judged
+    again. It now passes every gate, and its report says so, but it stays rejected: the deploy is a 409."""
+    from services.trainer.revalidate import revalidate
+
+    set_org_config(api, org, {"gates": {"minPrecision": 0.9999, "minRecall": 0.9999}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(50_000, seed=1), tmp_path))
+    assert run_training(run_id, worker) == "rejected"
+    version = run_of(api, org, run_id)["version"]
+    set_org_config(api, org, {"gates": {"minPrecision": 0.3, "minRecall": 0.3}})
+
+    assert revalidate(org.org_id, version, worker) == "rejected"
+
+    model = api.get(f"/v1/orgs/{org.org_id}/models/{version}", headers=org.viewer).json()
+    assert model["status"] == "rejected" and model["validation"]["passed"] is True
+    assert model["validation"]["rejection"]["failed"] == ["precision", "recall"]
+    assert run_of(api, org, run_id)["status"] == "rejected"
+    deploy = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
+    assert deploy.status_code == 409, deploy.text
+    assert deploy.json()["failedGates"] == ["precision", "recall"]
+    assert "failed gates: precision, recall" in deploy.json()["error"]
 
 
 @pytest.fixture

@@ -6,13 +6,19 @@ import functools
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from sqlalchemy import Engine
+import lightgbm
+from sqlalchemy import Engine, update
+from sqlalchemy.orm import Session
 
 from deploy.local import ai4i
-from services.trainer.pipeline.data import load_training_data
+from services.trainer.artifacts import save_holdout
+from services.trainer.pipeline.data import TrainingData, load_training_data
 from services.trainer.pipeline.export import booster_to_onnx
 from services.trainer.pipeline.train import fit_booster
-from shared.layout import model_key
+from services.trainer.pipeline.validate import Gates
+from services.trainer.validation import judge
+from shared.db.models import ModelVersion
+from shared.layout import HOLDOUT_FILE, NATIVE_MODEL_FILE, model_key, model_prefix
 from shared.storage import ObjectStore
 from tests.support.seed import seed_version
 
@@ -48,6 +54,35 @@ def register_model(engine: Engine, store: ObjectStore, org_id: str, model: bytes
     """A validated version whose model.onnx is in the store, as a finished training run leaves it."""
     version = seed_version(engine, org_id, model=model, **{"feature_columns": FEATURES, **kwargs})  # type: ignore[arg-type]
     store.put_bytes(model_key(org_id, version), model)
+    return version
+
+
+@functools.cache
+def _judgeable() -> tuple[lightgbm.Booster, bytes, TrainingData]:
+    """A tiny booster, its ONNX and held-out rows to judge it on: accuracy 0.96, precision 0.75, recall 0.21 (so
+    the default gates reject it for recall alone)."""
+    with TemporaryDirectory() as folder:
+        for name, rows, seed in (("train", 2_000, 0), ("holdout", 1_000, 1)):
+            ai4i.write_parquet(ai4i.generate(rows, seed=seed), Path(folder) / name)
+        data = load_training_data(Path(folder) / "train", feature_columns=FEATURES, target_column=ai4i.TARGET)
+        holdout = load_training_data(Path(folder) / "holdout", feature_columns=FEATURES, target_column=ai4i.TARGET)
+    booster = fit_booster(data, {"objective": "binary", "num_iterations": 10, "num_leaves": 7, "verbosity": -1})
+    return booster, booster_to_onnx(booster, len(FEATURES)), holdout
+
+
+def register_judgeable(engine: Engine, store: ObjectStore, org_id: str, gates: dict[str, float]) -> str:
+    """A version as a finished run leaves it, judged under `gates` (validated or rejected, with that report), with
+    everything a later judgement reads in the store: model.onnx, model.txt and the held-out rows."""
+    booster, model, holdout = _judgeable()
+    verdict = judge(model, booster.model_to_string(), holdout, Gates().with_overrides(gates))
+    version = register_model(engine, store, org_id, model, passed=verdict.passed)
+    prefix = model_prefix(org_id, version)
+    store.put_bytes(prefix + NATIVE_MODEL_FILE, booster.model_to_string().encode())
+    with TemporaryDirectory() as folder:
+        save_holdout(holdout, Path(folder) / HOLDOUT_FILE)
+        store.put_file(prefix + HOLDOUT_FILE, Path(folder) / HOLDOUT_FILE)
+    with Session(engine) as session, session.begin():
+        session.execute(update(ModelVersion).where(ModelVersion.version == version).values(validation=verdict.report))
     return version
 
 

@@ -91,5 +91,5 @@ def _deployment_out(session: Session, current: CurrentDeployment) -> DeploymentO
         status=history.status,
         error=history.error,
         version_status=version.status,
-        failed_gates=list(version.validation.get("failed", [])),
+        failed_gates=registry.failed_gates(version),
     )

@@ -8,6 +8,7 @@ from sqlalchemy import select
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.lookups import get_owned
 from services.api.outbox_relay import commit_and_send
+from services.api.registry import failed_gates
 from services.api.schemas import ArtifactOut, ModelOut, ValidationAccepted
 from shared.audit import record_change
 from shared.db.models import ModelVersion
@@ -15,6 +16,7 @@ from shared.errors import NotFound
 from shared.layout import METRICS_FILE, MODEL_FILE, NATIVE_MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE
 from shared.outbox import KIND_VALIDATE_TASK, add_message
 from shared.storage import get_verified_bytes
+from shared.verdicts import REJECTED
 
 # What may be downloaded of a version, with its media type: the model in both forms, and its reports. Not the
 # held-out rows stored beside them: those are the org's records (and, for an org whose data stays home, were never
@@ -49,11 +51,30 @@ def get_model(version: str, access: OrgViewer, session: SessionDep) -> ModelOut:
 def validate_model(
     version: str, access: OrgTrainer, session: SessionDep, resources: ResourcesDep
 ) -> ValidationAccepted:
-    """Run every gate again on the stored artifact, on the org's workers; the report replaces the version's."""
+    """Run every gate again on the stored artifact, on the org's workers; the report replaces the version's. A
+    validated version that fails a gate is rejected; a rejected one stays rejected, and can never be deployed,
+    whatever its new report says. The request is audited here, its outcome by the worker, both with the key."""
     row = get_owned(session, ModelVersion, version, org_id=access.org_id)
-    message = add_message(session, kind=KIND_VALIDATE_TASK, payload={"org_id": access.org_id, "version": row.version})
+    actor = access.principal.key_id
+    payload = {"org_id": access.org_id, "version": row.version, "actor": actor}
+    message = add_message(session, kind=KIND_VALIDATE_TASK, payload=payload)
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=actor,
+        action="model.validation.requested",
+        target=row.version,
+        detail={"status": row.status},
+    )
     commit_and_send(session, resources, message)
-    return ValidationAccepted(version=row.version, status="validating")
+    note = None
+    if row.status == REJECTED:
+        gates = ", ".join(failed_gates(row)) or "unknown"
+        note = (
+            f"version {row.version} was rejected (failed gates: {gates}) and a rejection is final: it is judged and "
+            "reported again, but stays rejected and can never be deployed"
+        )
+    return ValidationAccepted(version=row.version, status="validating", version_status=row.status, note=note)
 
 
 @router.get("/{version}/artifacts", response_model=list[ArtifactOut])

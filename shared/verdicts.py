@@ -1,0 +1,22 @@
+"""A version's standing: `validated` (deployable) or `rejected`, and a rejection is final.
+
+A version judged again (`POST .../models/{version}/validate`) gets a fresh report of every gate, but once it has
+failed a gate it stays rejected whatever later judgements say (gates relaxed since, say): its report keeps, under
+`rejection`, the gates it failed when it was rejected, which is what a refused deploy names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+VALIDATED = "validated"
+REJECTED = "rejected"
+
+
+def rejected_gates(validation: dict[str, Any]) -> list[str]:
+    """The gates a rejected version failed when it was rejected: those of its `rejection` when a later judgement
+    wrote one, else (a version rejected when its run finished, and never judged since) those its report failed."""
+    rejection = validation.get("rejection")
+    if isinstance(rejection, dict):
+        return [str(name) for name in rejection.get("failed", [])]
+    return [str(name) for name in validation.get("failed", [])]

@@ -1,0 +1,35 @@
+"""Judging a version again as a worker does it: the task the api queued, with the arguments it sends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from services.trainer.context import WorkerContext
+from services.trainer.revalidate import revalidate
+from shared.db.models import OutboxMessage
+from shared.outbox import KIND_VALIDATE_TASK
+from shared.queues import send_validate_task
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.args: list[Any] = []
+
+    def send_task(self, name: str, args: list[Any], queue: str, countdown: float | None = None) -> object:
+        self.args = args
+        return None
+
+
+def judge_queued(engine: Engine, worker: WorkerContext, org_id: str, version: str) -> str:
+    """Run the newest judgement of `version` queued over the api (`POST .../validate`), as the task sent for it."""
+    with engine.connect() as connection:
+        payloads = connection.scalars(
+            select(OutboxMessage.payload).where(OutboxMessage.kind == KIND_VALIDATE_TASK).order_by(OutboxMessage.id)
+        ).all()
+    payload = [p for p in payloads if (p["org_id"], p["version"]) == (org_id, version)][-1]
+    sent = _Sent()
+    send_validate_task(sent, payload)
+    queued_org, queued_version, *actor = sent.args  # the key that asked, after the org and the version
+    return revalidate(queued_org, queued_version, worker, *actor)
