@@ -121,6 +121,24 @@ def test_a_version_rejected_for_good_is_never_a_rollback_target(
     assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["version"] == latest
 
 
+def test_every_deploy_and_rollback_is_audited_from_which_version_to_which(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    first, second = seed_versions(engine, org.org_id, 2)
+    deploy(api, org, first)
+    deploy(api, org, second)
+    api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()[::-1]
+    moves = [entry for entry in audit if entry["action"] in ("model.deployed", "model.rolled_back")]
+
+    assert [(entry["action"], entry["target"], entry["detail"]) for entry in moves] == [
+        ("model.deployed", first, {"from": None, "to": first}),
+        ("model.deployed", second, {"from": first, "to": second}),
+        ("model.rolled_back", first, {"from": second, "to": first}),
+    ]
+
+
 def test_every_deploy_and_rollback_is_kept_in_the_history(api: TestClient, org: OrgKeys, engine: Engine) -> None:
     first, second = seed_versions(engine, org.org_id, 2)
     deploy(api, org, first)

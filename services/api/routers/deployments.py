@@ -31,6 +31,7 @@ def deploy(body: DeployRequest, access: OrgAdmin, session: SessionDep, resources
             actor=access.principal.key_id,
             action="model.deployed",
             target=version.version,
+            detail=_from_to(session, current),
         )
         commit_and_send(session, resources, message)
     return _deployment_out(session, current)
@@ -44,7 +45,12 @@ def rollback(body: RollbackRequest, access: OrgAdmin, session: SessionDep, resou
     )
     if message is not None:  # a concurrent request got there first: nothing changed, so nothing to audit
         record_change(
-            session, org_id=access.org_id, actor=access.principal.key_id, action="model.rolled_back", target=target
+            session,
+            org_id=access.org_id,
+            actor=access.principal.key_id,
+            action="model.rolled_back",
+            target=target,
+            detail=_from_to(session, current),
         )
         commit_and_send(session, resources, message)
     return _deployment_out(session, current)
@@ -93,3 +99,9 @@ def _deployment_out(session: Session, current: CurrentDeployment) -> DeploymentO
         version_status=version.status,
         failed_gates=registry.failed_gates(version),
     )
+
+
+def _from_to(session: Session, current: CurrentDeployment) -> dict[str, str | None]:
+    """The audit detail of a deploy or rollback: the version deployed before it (null for the org's first), and now."""
+    history = session.get_one(Deployment, current.deployment_id)
+    return {"from": history.previous_version, "to": history.version}
