@@ -1,11 +1,11 @@
 """A version's artifacts, downloaded over the api from the S3 store: the model checked against its registered
-sha256, the reports beside it, never the held-out rows; for the org's trainers, and audited. The versions judged
-again: a rejection is final, and every judgement is audited."""
+sha256, the reports beside it, never the held-out rows; for the org's trainers, and audited. The versions listed in
+pages, and judged again: a rejection is final, and every judgement is audited."""
 
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.support.judgements import judge_queued
 from tests.support.models import FEATURES, register_judgeable, register_model, tiny_model
+from tests.support.seed import seed_version, seed_versions
 
 
 def test_the_model_and_its_reports_download_and_the_held_out_rows_do_not(
@@ -226,3 +227,26 @@ def test_a_judgement_that_cannot_be_made_is_audited_and_changes_nothing(
     errored = [entry for entry in audit if entry["action"] == "model.validation.errored"]
     assert [(entry["actor"], entry["target"]) for entry in errored] == [(key_id(api, org, "trainer"), version)]
     assert "holdout" in errored[0]["detail"]["error"]
+
+
+def test_versions_come_in_pages_newest_first(api: TestClient, org: OrgKeys, engine: Engine) -> None:
+    oldest, older, newer = seed_versions(engine, org.org_id, 3)
+    rejected = seed_version(engine, org.org_id, passed=False, created_at=datetime.now(UTC) + timedelta(minutes=1))
+    url = f"/v1/orgs/{org.org_id}/models"
+
+    def versions(**params: str | int) -> list[str]:
+        response = api.get(url, params=params, headers=org.viewer)
+        assert response.status_code == 200, response.text
+        return [model["version"] for model in response.json()]
+
+    assert versions() == [rejected, newer, older, oldest]
+    assert versions(limit=1) == [rejected]
+    assert versions(limit=2, before=rejected) == [newer, older]
+    assert versions(limit=2, before=older) == [oldest]
+    assert versions(status="validated", limit=2) == [newer, older]
+    assert versions(status="rejected") == [rejected]
+    assert api.get(url, params={"limit": 0}, headers=org.viewer).status_code == 422
+    assert api.get(url, params={"limit": 1001}, headers=org.viewer).status_code == 422
+    assert api.get(url, params={"status": "deployed"}, headers=org.viewer).status_code == 422
+    unknown = api.get(url, params={"before": "v2024-01-15T10-30-00-000Z_a1b2c3d4"}, headers=org.viewer)
+    assert unknown.status_code == 404 and unknown.json()["field"] == "before"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
-from sqlalchemy import select
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Response, status
+from sqlalchemy import select, tuple_
 
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.lookups import get_owned
@@ -32,14 +34,31 @@ DOWNLOADABLE = {
 router = APIRouter(prefix="/v1/orgs/{org}/models", tags=["models"])
 
 
+VersionStatus = Literal["validated", "rejected"]
+
+
 @router.get("", response_model=list[ModelOut])
-def list_models(access: OrgViewer, session: SessionDep) -> list[ModelOut]:
-    rows = session.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.org_id == access.org_id)
-        .order_by(ModelVersion.created_at.desc(), ModelVersion.version.desc())
-    )
-    return [_model_out(row) for row in rows]
+def list_models(
+    access: OrgViewer,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[
+        str | None,
+        Query(min_length=1, max_length=48, description="only versions created before this version, to page back"),
+    ] = None,
+    state: Annotated[VersionStatus | None, Query(alias="status")] = None,
+) -> list[ModelOut]:
+    """The org's versions, newest first, in pages as its runs are."""
+    query = select(ModelVersion).where(ModelVersion.org_id == access.org_id)
+    if state is not None:
+        query = query.where(ModelVersion.status == state)
+    if before is not None:
+        cursor = get_owned(session, ModelVersion, before, org_id=access.org_id, field="before")
+        query = query.where(
+            tuple_(ModelVersion.created_at, ModelVersion.version) < tuple_(cursor.created_at, cursor.version)
+        )
+    newest_first = (ModelVersion.created_at.desc(), ModelVersion.version.desc())
+    return [_model_out(row) for row in session.scalars(query.order_by(*newest_first).limit(limit))]
 
 
 @router.get("/{version}", response_model=ModelOut)
