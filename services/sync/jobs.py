@@ -269,7 +269,7 @@ def open_pair(
         create_log(connection, LOCAL_LOG)
         create_marks(connection)
         reflected = reflect(connection, spec.name)
-        check_key(reflected, spec)
+        check_key(reflected, spec, local=connection.dialect, central_dialect=context.engine.dialect.name)
         if not has_triggers(connection, LOCAL_LOG, spec.name):
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
             log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)

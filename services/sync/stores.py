@@ -11,10 +11,12 @@ from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
+    CHAR,
     BigInteger,
     Column,
     Connection,
     Engine,
+    Enum,
     Float,
     Integer,
     MetaData,
@@ -22,14 +24,15 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    Uuid,
     inspect,
     select,
     text,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import NoSuchTableError
-from sqlalchemy.types import TypeEngine
+from sqlalchemy.types import NullType, TypeEngine
 
 from services.sync.column_types import central_type
 from services.sync.hlc import Stamp
@@ -66,11 +69,19 @@ def reflect(connection: Connection, name: str, *, field: str = "tables") -> Tabl
         raise InvalidInput(f"table {name!r} is not in the store", field=field) from None
 
 
-def check_key(table: Table, spec: SyncTable) -> None:
+def check_key(table: Table, spec: SyncTable, *, local: Dialect, central_dialect: str) -> None:
     keys = [column.name for column in table.primary_key.columns]
     if keys != [spec.primary_key]:
         raise InvalidInput(
             f"table {spec.name!r}: primaryKey {spec.primary_key!r} is not its one-column primary key ({keys})",
+            field="tables",
+        )
+    key = table.c[spec.primary_key]
+    if not _exact_key_type(key.type, local_dialect=local.name, central_dialect=central_dialect):
+        raise InvalidInput(
+            f"table {spec.name!r}: its primary key {key.name!r} is {_type_name(key.type, local)}, a type whose values "
+            "the sync service cannot name exactly (two records could be taken for one, or a record for none); a "
+            f"synced table's key is an integer or text column{_UUID_TOO if central_dialect == 'postgresql' else ''}",
             field="tables",
         )
     taken = [name for name in META_COLUMNS if name in table.c]
@@ -82,6 +93,29 @@ def check_key(table: Table, spec: SyncTable) -> None:
     missing = [name for name in spec.sensitive_columns if name not in table.c]
     if missing:
         raise InvalidInput(f"table {spec.name!r} has no columns {', '.join(missing)}", field="sensitiveColumns")
+
+
+# The change log holds each key as SQL's CAST to text; the service names a record by its key's Python str(). Only
+# types whose two texts agree, value for value, can key a synced table: integers, and text (as a PostgreSQL store
+# keeps it: its char(n) pads values with spaces that its text form drops). SQLite's REAL gives '1.0e+20' where
+# Python gives '1e+20', and two distinct floats the same '0.3'; PostgreSQL's timestamptz, numeric or date name a
+# value by the session's settings or otherwise than Python does. A uuid's text is the same on both sides, as long
+# as the central store is PostgreSQL too (SQLite keeps it as 32 hex digits).
+_UUID_TOO = " (or a uuid, between PostgreSQL stores)"
+
+
+def _exact_key_type(declared: TypeEngine[Any], *, local_dialect: str, central_dialect: str) -> bool:
+    if isinstance(declared, Integer):
+        return True
+    if isinstance(declared, String):
+        return not isinstance(declared, Enum) and not (local_dialect == "postgresql" and isinstance(declared, CHAR))
+    return isinstance(declared, Uuid) and local_dialect == central_dialect == "postgresql"
+
+
+def _type_name(declared: TypeEngine[Any], dialect: Dialect) -> str:
+    if isinstance(declared, NullType):
+        return "of no declared type"
+    return str(declared.compile(dialect=dialect))
 
 
 def ensure_central_table(
@@ -157,13 +191,25 @@ def _central_type(spec: SyncTable, column: Column[Any], local_dialect: str) -> T
 
 
 def key_text(value: Any) -> str:
-    """A record's key as the change log holds it (SQL's CAST to text): integers without a decimal point."""
+    """A record's key as the change log holds it (SQL's CAST to text), for the key types check_key lets through:
+    integers without a decimal point, text as it is, a uuid in its hyphenated lowercase form."""
     return str(value)
 
 
 def key_value(table: Table, key: str, column: str) -> Any:
-    python_type = table.c[column].type.python_type
-    return int(key) if python_type is int else key
+    """A key from the change log as the key column's values compare: an integer for an integer column. SQLite lets
+    an INTEGER column hold other values (1.5, 'abc'): such a key fails the job naming it, rather than its record be
+    taken for one deleted."""
+    if table.c[column].type.python_type is not int:
+        return key
+    try:
+        return int(key)
+    except ValueError:
+        raise InvalidInput(
+            f"table {table.name!r} column {column!r} record {key}: {key!r} cannot be synced: the key of an integer "
+            "column is an integer",
+            field="tables",
+        ) from None
 
 
 def read(connection: Connection, table: Table, column: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:

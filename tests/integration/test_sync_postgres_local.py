@@ -7,13 +7,14 @@ from collections.abc import Iterator
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import pytest
 from fastapi.testclient import TestClient
 
 from services.sync.context import SyncContext
 from tests.integration.conftest import create_org_with_keys
-from tests.integration.sync_support import LOCAL_ONLY, Sync, central_copies, register, run_sql
+from tests.integration.sync_support import LOCAL_ONLY, Sync, central_copies, error_of, register, run_sql
 from tests.support.servers import fresh_postgres_database
 
 READINGS = "CREATE TABLE readings (id integer PRIMARY KEY, device text, value double precision, patient text)"
@@ -255,6 +256,66 @@ def test_text_keys_of_any_length_sync_and_the_applications_own_writes_still_land
 
     assert job["status"] == "succeeded", job
     assert sync.local("SELECT id, body FROM notes") == sync.central(f"SELECT id, body FROM {sync.central_table}")
+
+
+@pytest.mark.parametrize(
+    ("declared", "keys", "shown"),
+    [
+        ("timestamptz", "('2024-01-01 00:00:00+00'), ('2024-01-02 10:00:00.5+00')", "TIMESTAMP WITH TIME ZONE"),
+        ("numeric", "(0.0000001), (1.50)", "NUMERIC"),
+        ("double precision", "(0.30000000000000004), (1e15)", "DOUBLE PRECISION"),
+        ("char(5)", "('ab'), ('abcde')", "CHAR(5)"),
+    ],
+    ids=["timestamptz", "numeric", "float8", "char"],
+)
+def test_a_postgresql_table_keyed_by_a_type_the_change_log_cannot_name_exactly_fails_its_job_and_installs_nothing(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str, declared: str, keys: str, shown: str
+) -> None:
+    """The trigger logs key::text ('2024-01-01 00:00:00+00', '1e-07', 'ab' for char(5)'s 'ab   ') where the service
+    names a record by Python's str(): those records were taken for deleted on both sides and never synced, while
+    the job succeeded."""
+    run_sql(local_url, f"CREATE TABLE notes (id {declared} PRIMARY KEY, body text)")
+    run_sql(local_url, f"INSERT INTO notes (id) VALUES {keys}")
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", **NOTES)
+
+    job = sync.run()
+
+    assert (job["status"], job["pushed"], error_of(job)) == (
+        "failed",
+        0,
+        f"table 'notes': its primary key 'id' is {shown}, a type whose values the sync service cannot name exactly "
+        "(two records could be taken for one, or a record for none); a synced table's key is an integer or text "
+        "column (or a uuid, between PostgreSQL stores)",
+    )
+    assert sync.local("SELECT tgname FROM pg_trigger WHERE tgrelid = 'notes'::regclass") == []
+    assert sync.central("SELECT to_regclass(:t) IS NULL", {"t": sync.central_table}) == [(True,)]
+
+
+def test_uuid_keys_sync_both_ways_between_postgresql_stores(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    first, second = UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), UUID("b1eebc99-9c0b-4ef8-bb6d-6bb9bd380a12")
+    run_sql(local_url, "CREATE TABLE notes (id uuid PRIMARY KEY, body text)")
+    # Spelled otherwise, as PostgreSQL takes a uuid: its text in the change log is its one canonical form.
+    spelled = {"a": str(first).upper(), "b": "{" + str(second) + "}"}
+    run_sql(local_url, "INSERT INTO notes VALUES (CAST(:a AS uuid), 'a'), (CAST(:b AS uuid), 'b')", spelled)
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", **NOTES)
+    pushed = sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET body = 'central' WHERE id = :k", {"k": second})
+    sync.local("UPDATE notes SET body = 'local' WHERE id = :k", {"k": first})
+
+    both = sync.run()
+
+    assert (pushed["status"], pushed["pushed"], both["status"], both["pushed"], both["pulled"]) == (
+        "succeeded",
+        2,
+        "succeeded",
+        1,
+        1,
+    )
+    records = [(first, "local"), (second, "central")]
+    assert sync.local("SELECT id, body FROM notes ORDER BY id") == records
+    assert sync.central(f"SELECT id, body FROM {sync.central_table} ORDER BY id") == records
 
 
 def test_a_change_log_an_earlier_version_made_takes_keys_of_any_length(

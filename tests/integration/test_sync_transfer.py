@@ -408,6 +408,93 @@ def test_a_value_the_central_copy_cannot_hold_fails_the_job_naming_table_column_
     assert (job["status"], error_of(job)) == ("failed", reason)
 
 
+KEY_TYPE_REFUSED = (
+    "a type whose values the sync service cannot name exactly (two records could be taken for one, or a record for "
+    "none); a synced table's key is an integer or text column (or a uuid, between PostgreSQL stores)"
+)
+
+
+@pytest.mark.parametrize(
+    ("declared", "keys"),
+    [
+        ("REAL", "(1.5), (1e20), (0.3), (0.30000000000000004)"),
+        ("NUMERIC(10, 2)", "(1.5), (2)"),
+        ("DATETIME", "('2024-01-01 00:00:00'), ('2024-01-02 10:00:00.5')"),
+    ],
+    ids=["real", "numeric", "datetime"],
+)
+def test_a_table_keyed_by_a_type_the_change_log_cannot_name_exactly_fails_its_job_and_installs_nothing(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, declared: str, keys: str
+) -> None:
+    """SQLite logs CAST(key AS TEXT) ('1.0e+20', and '0.3' for two distinct floats) where the service names a record
+    by Python's str() ('1e+20'): those records were taken for deleted on both sides and never synced, while the job
+    succeeded."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        f"CREATE TABLE t (id {declared} PRIMARY KEY, v TEXT)",
+        f"INSERT INTO t (id) VALUES {keys}",
+    )
+
+    job = sync.run()
+
+    assert (job["status"], job["pushed"], error_of(job)) == (
+        "failed",
+        0,
+        f"table 't': its primary key 'id' is {declared}, {KEY_TYPE_REFUSED}",
+    )
+    # Refused before anything was installed: no trigger logs the table's writes, and it has no central copy.
+    assert sync.local("SELECT name FROM sqlite_master WHERE type = 'trigger'") == []
+    assert sync.central("SELECT to_regclass(:t) IS NULL", {"t": sync.central_table}) == [(True,)]
+
+
+def test_a_key_an_integer_column_holds_otherwise_fails_the_job_naming_the_record(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """SQLite lets a BIGINT key column hold 1.5: its record is not taken for deleted and skipped."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id BIGINT PRIMARY KEY, v TEXT)",
+        "INSERT INTO t VALUES (1, 'a'), (1.5, 'b')",
+    )
+
+    job = sync.run()
+
+    assert (job["status"], error_of(job)) == (
+        "failed",
+        "table 't' column 'id' record 1.5: '1.5' cannot be synced: the key of an integer column is an integer",
+    )
+
+
+@pytest.mark.parametrize("declared", ["TEXT", "VARCHAR(20)", "CHAR(5)", "BIGINT"])
+def test_integer_and_text_keys_of_any_declared_type_sync_both_ways(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, declared: str
+) -> None:
+    keys = (10, 20) if declared == "BIGINT" else ("ab", "1e20")
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        f"CREATE TABLE t (id {declared} PRIMARY KEY, v TEXT)",
+        f"INSERT INTO t VALUES ('{keys[0]}', 'a'), ('{keys[1]}', 'b')",
+    )
+    pushed = sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET v = 'central' WHERE id = :k", {"k": keys[1]})
+
+    pulled = sync.run()
+
+    assert (pushed["status"], pushed["pushed"], pulled["status"], pulled["pulled"]) == ("succeeded", 2, "succeeded", 1)
+    records = [(keys[0], "a"), (keys[1], "central")]
+    assert sync.local("SELECT id, v FROM t ORDER BY v") == records
+    assert sync.central(f"SELECT id, v FROM {sync.central_table} ORDER BY v") == records
+
+
 @pytest.mark.parametrize(
     ("table", "field", "words"),
     [
