@@ -9,7 +9,8 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from shared.schemas import CamelModel
 
-# Lowercase SQL identifiers only: they go into the central table's name (and, quoted, into the service's SQL).
+# Lowercase SQL identifiers only, of 40 characters at most: they go into the central table's name, which then fits
+# PostgreSQL's 63-byte identifiers (`sync_` + a 13-character source id + `_` + 40), and, quoted, into the service's SQL.
 IDENTIFIER = r"^[a-z_][a-z0-9_]{0,39}$"
 # The sync service's own names (its change log, its columns `_kiln_version` and `_kiln_hlc`) start so.
 RESERVED_PREFIX = "_kiln_"

@@ -29,6 +29,7 @@ from services.sync.resync import resync_if_asked
 from services.sync.store_marks import check_positions, create_marks, recognize_store
 from services.sync.stores import (
     add_new_columns,
+    check_central_copy,
     check_key,
     ensure_central_table,
     open_local,
@@ -269,7 +270,9 @@ def open_pair(
         create_log(connection, LOCAL_LOG)
         create_marks(connection)
         reflected = reflect(connection, spec.name)
-        check_key(reflected, spec, local=connection.dialect, central_dialect=context.engine.dialect.name)
+        central_dialect = context.engine.dialect.name
+        check_key(reflected, spec, local=connection.dialect, central_dialect=central_dialect)
+        check_central_copy(reflected, spec, local_dialect=local_dialect, central_dialect=central_dialect)
         if not has_triggers(connection, LOCAL_LOG, spec.name):
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
             log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)

@@ -118,6 +118,29 @@ def _type_name(declared: TypeEngine[Any], dialect: Dialect) -> str:
     return str(declared.compile(dialect=dialect))
 
 
+# PostgreSQL cuts a longer name to its first 63 bytes: the central copy would not have the column it was given.
+POSTGRESQL_NAME_BYTES = 63
+
+
+def check_central_copy(table: Table, spec: SyncTable, *, local_dialect: str, central_dialect: str) -> None:
+    """Refuse, before anything is installed, a table whose central copy cannot be made as it is: a column of no type
+    the central store takes, or, on PostgreSQL, a column name longer than its identifiers may be. (The copy's own
+    name, `sync_<sourceId>_<table>`, fits: a table's name is 40 characters at most, shared/sync_tables.py.)"""
+    for column in table.columns:
+        _central_type(spec, column, local_dialect)
+    if central_dialect != "postgresql":
+        return
+    for column in table.columns:
+        size = len(column.name.encode())
+        if size > POSTGRESQL_NAME_BYTES:
+            raise InvalidInput(
+                f"table {spec.name!r} column {column.name!r}: its name is {size} bytes long (UTF-8), longer than the "
+                f"{POSTGRESQL_NAME_BYTES} bytes of a PostgreSQL identifier, which the central copy's column would be "
+                "cut to; rename the column",
+                field="tables",
+            )
+
+
 def ensure_central_table(
     connection: Connection, local: Table, spec: SyncTable, name: str, *, local_dialect: str
 ) -> Table:

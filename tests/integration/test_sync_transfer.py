@@ -569,6 +569,90 @@ def test_a_local_column_named_like_the_sync_columns_is_refused_naming_it(
     )
 
 
+@pytest.mark.parametrize(
+    ("column", "size"),
+    [("measurement_" + "x" * 60, 72), ("é" * 32, 64)],
+    ids=["72-ascii-characters", "32-two-byte-characters"],
+)
+def test_a_local_column_name_longer_than_postgresqls_63_bytes_fails_the_job_naming_it(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, column: str, size: int
+) -> None:
+    """PostgreSQL cut the central copy's column to 63 bytes; the job then added the column again, failing every run
+    with `DuplicateColumn`."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        f'CREATE TABLE t (id INTEGER PRIMARY KEY, "{column}" REAL)',
+        "INSERT INTO t VALUES (1, 1.5)",
+    )
+
+    jobs = [sync.run(), sync.run()]
+
+    reason = (
+        f"table 't' column {column!r}: its name is {size} bytes long (UTF-8), longer than the 63 bytes of a "
+        "PostgreSQL identifier, which the central copy's column would be cut to; rename the column"
+    )
+    assert [(job["status"], job["pushed"], error_of(job)) for job in jobs] == [("failed", 0, reason)] * 2
+    assert sync.local("SELECT name FROM sqlite_master WHERE type = 'trigger'") == []
+    assert sync.central("SELECT to_regclass(:t) IS NULL", {"t": sync.central_table}) == [(True,)]
+
+
+def test_a_column_named_in_63_bytes_syncs_and_one_added_with_a_longer_name_waits_for_its_renaming(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    fits, longer = "é" * 31 + "x", "measurement_" + "x" * 60
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        f'CREATE TABLE t (id INTEGER PRIMARY KEY, "{fits}" TEXT)',
+        "INSERT INTO t VALUES (1, 'a')",
+    )
+    first = sync.run()
+    sync.local(f'ALTER TABLE t ADD COLUMN "{longer}" REAL')
+    sync.local(f'UPDATE t SET "{longer}" = 1.5')
+    refused = sync.run()
+    sync.local(f'ALTER TABLE t RENAME COLUMN "{longer}" TO measurement')
+
+    renamed = sync.run()
+
+    assert (first["status"], refused["status"], renamed["status"], renamed["pushed"]) == (
+        "succeeded",
+        "failed",
+        "succeeded",
+        1,
+    )
+    assert f"table 't' column {longer!r}: its name is 72 bytes long" in error_of(refused)
+    assert sync.central(f'SELECT id, "{fits}", measurement FROM {sync.central_table}') == [(1, "a", 1.5)]
+
+
+def test_the_longest_table_name_a_source_takes_fits_its_central_copys_name(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """A table's name is 40 characters at most, so that `sync_<sourceId>_<table>` fits PostgreSQL's 63 bytes."""
+    longest = "t" * 40
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        f"CREATE TABLE {longest} (id INTEGER PRIMARY KEY, v TEXT)",
+        f"INSERT INTO {longest} VALUES (1, 'a')",
+        name=longest,
+    )
+    longer = {"url": sync.local_url, "tables": [{"name": longest + "t", "primaryKey": "id"}]}
+
+    job = sync.run()
+    refused = sync_api.post(f"/v1/orgs/{org_id}/sync-sources", json=longer, headers=sync.org.admin)
+
+    assert (job["status"], job["pushed"], len(sync.central_table)) == ("succeeded", 1, 59)
+    assert sync.central(f"SELECT id, v FROM {sync.central_table}") == [(1, "a")]
+    assert (refused.status_code, refused.json()["field"]) == (422, "tables.0.name"), refused.text
+
+
 def test_a_column_added_to_the_local_table_after_its_first_sync_is_added_centrally(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
