@@ -65,9 +65,14 @@ def central_type(table: str, column: Column[Any], *, local_dialect: str) -> Type
     return Text()
 
 
+# SQLite's INTEGER: a whole number outside it is a REAL in a NUMERIC column (1e20, or '100000000000000000000').
+_INT64 = range(-(2**63), 2**63)
+
+
 class _StoredNumber(TypeDecorator[Any]):
     """A SQLite NUMERIC value as the file holds it, as a Decimal (12.345 stays 12.345, not its declared scale's
-    12.35), so that it compares with the central copy's; written back as the integer or real SQLite keeps."""
+    12.35), so that it compares with the central copy's; written back as the integer or real SQLite keeps: an
+    integer when it is whole and fits SQLite's 64 bits, a real otherwise (1e20 stays the REAL 1e20)."""
 
     impl = NullType
     cache_ok = True
@@ -78,8 +83,11 @@ class _StoredNumber(TypeDecorator[Any]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if not isinstance(value, Decimal):
             return value
-        if value.is_finite() and value == value.to_integral_value():
-            return int(value)
+        # adjusted() first: int() of a Decimal such as 1E+999999 would build its million digits.
+        if value.is_finite() and value == value.to_integral_value() and value.adjusted() < 19:
+            whole = int(value)
+            if whole in _INT64:
+                return whole
         return float(value)
 
 

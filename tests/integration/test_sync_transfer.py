@@ -356,6 +356,40 @@ def test_values_sqlite_holds_come_back_down_as_they_were(
     assert central == [(1714550400123, 2**63 - 1, Decimal("12.345"), "longer than five"), (2**31, -(2**63), 7, "ab")]
 
 
+def test_numbers_beyond_64_bits_in_a_numeric_column_come_back_down_as_the_reals_sqlite_held(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """SQLite keeps a whole number beyond 64 bits in a NUMERIC column as a REAL. It went up as NUMERIC
+    100000000000000000000; written back down as a Python int, SQLite's driver refused it (OverflowError) and every
+    job after a central edit of the record failed."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, amount NUMERIC(30, 2), note TEXT)",
+        "INSERT INTO t VALUES (1, 1e20, 'a'), (2, '-100000000000000000000', 'b'), (3, 9223372036854775807, 'c'),"
+        " (4, '9223372036854775808', 'd'), (5, -9223372036854775808, 'e'), (6, 123456789012345678901234, 'f')",
+    )
+    held = sync.local("SELECT id, amount, typeof(amount) FROM t ORDER BY id")
+    assert [kind for _, _, kind in held] == ["real", "real", "integer", "real", "integer", "real"]
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET note = note || '!'")  # every record comes down again
+
+    jobs = [sync.run(), sync.run()]
+
+    assert [(job["status"], job["pulled"], error_of(job)) for job in jobs] == [
+        ("succeeded", 6, ""),
+        ("succeeded", 0, ""),
+    ]
+    assert sync.local("SELECT id, amount, typeof(amount) FROM t ORDER BY id") == held
+    assert sync.local("SELECT note FROM t ORDER BY id") == [(note + "!",) for note in "abcdef"]
+    assert sync.central(f"SELECT amount FROM {sync.central_table} WHERE id IN (1, 3) ORDER BY id") == [
+        (Decimal("100000000000000000000"),),
+        (Decimal(2**63 - 1),),
+    ]
+
+
 @pytest.mark.parametrize(
     ("create", "insert", "reason"),
     [
