@@ -42,7 +42,7 @@ from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
 from shared.db.session import session_scope
 from shared.db.types import utcnow
-from shared.errors import KilnError, TransientError
+from shared.errors import InvalidInput, KilnError, TransientError
 from shared.retries import gave_up
 from shared.schemas import OrgConfig
 from shared.sync_jobs import FAILED, FINISHED, REFUSED, RETRYING, RUNNING, SUCCEEDED, residency_refusal, source_tables
@@ -220,9 +220,16 @@ def _sync_tables(
     recognize_store(context.engine, local, source)
     offset_ms = _clock_offset(local, context.engine)
     keyring = _keyring(context, source.org_id)
+    refusals = []
     for spec in source_tables(source):
         with _naming_the_table(spec.name):
-            pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
+            try:
+                pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
+            except InvalidInput as refusal:
+                # Refused before anything was installed for it (its key's type, a column's name or type): the
+                # source's tables cannot be changed, so the others sync on, and the job fails naming it at the end.
+                refusals.append(refusal.message)
+                continue
             if not resync_if_asked(pair):
                 check_positions(pair)
             pair.after_batch = after_batch
@@ -230,6 +237,8 @@ def _sync_tables(
         keyring = pair.keyring  # the new one, if a rotation came meanwhile
     # A new token at the end too: a backup taken while this job ran holds the one it started with.
     recognize_store(context.engine, local, source)
+    if refusals:
+        raise InvalidInput("; ".join(refusals), field="tables")
 
 
 def _sync_through_rotations(context: SyncContext, pair: TablePair) -> None:

@@ -27,6 +27,7 @@ from shared.store_access import StoreRules
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import (
     LOCAL_ONLY,
+    Sync,
     allow_connections,
     central_copies,
     error_of,
@@ -482,6 +483,48 @@ def test_a_table_keyed_by_a_type_the_change_log_cannot_name_exactly_fails_its_jo
     # Refused before anything was installed: no trigger logs the table's writes, and it has no central copy.
     assert sync.local("SELECT name FROM sqlite_master WHERE type = 'trigger'") == []
     assert sync.central("SELECT to_regclass(:t) IS NULL", {"t": sync.central_table}) == [(True,)]
+
+
+def test_a_table_refused_up_front_fails_the_job_naming_it_while_the_sources_other_tables_sync(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """A source's tables cannot be changed once registered: a refused table listed first stopped the job before the
+    others, on every run."""
+    org = create_org_with_keys(sync_api, org_id)
+    path = tmp_path / org_id / "plant.db"
+    path.parent.mkdir()
+    wide = "x" * 64
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE floats (id REAL PRIMARY KEY, v TEXT)")
+        connection.execute("CREATE TABLE readings (id INTEGER PRIMARY KEY, v TEXT)")
+        connection.execute(f'CREATE TABLE wide (id INTEGER PRIMARY KEY, "{wide}" TEXT)')
+        for table in ("floats", "readings", "wide"):
+            connection.execute(f"INSERT INTO {table} VALUES (1, 'a')")
+    url = f"sqlite:///{path}"
+    tables = [{"name": name, "primaryKey": "id"} for name in ("floats", "readings", "wide")]
+    response = sync_api.post(f"/v1/orgs/{org_id}/sync-sources", json={"url": url, "tables": tables}, headers=org.admin)
+    assert response.status_code == 201, response.text
+    sync = Sync(
+        sync_api, sync_context, org, url, response.json()["sourceId"], sync_context.settings.resolved_database_url
+    )
+
+    first = sync.run()
+    sync.local("INSERT INTO readings VALUES (2, 'b')")
+    second = sync.run()
+
+    reason = (
+        f"table 'floats': its primary key 'id' is REAL, {KEY_TYPE_REFUSED}; table 'wide' column {wide!r}: its name "
+        "is 64 bytes long (UTF-8), longer than the 63 bytes of a PostgreSQL identifier, which the central copy's "
+        "column would be cut to; rename the column"
+    )
+    assert [(job["status"], job["pushed"], error_of(job)) for job in (first, second)] == [
+        ("failed", 1, reason),
+        ("failed", 1, reason),
+    ]
+    assert sync.central(f"SELECT id, v FROM {sync.central_table} ORDER BY id") == [(1, "a"), (2, "b")]
+    assert sync.local("SELECT DISTINCT tbl_name FROM sqlite_master WHERE type = 'trigger'") == [("readings",)]
+    refused_copies = {name: f"sync_{sync.source_id}_{name}" for name in ("floats", "wide")}
+    assert sync.central("SELECT to_regclass(:floats), to_regclass(:wide)", refused_copies) == [(None, None)]
 
 
 def test_a_key_an_integer_column_holds_otherwise_fails_the_job_naming_the_record(
