@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -12,7 +13,8 @@ from pydantic.alias_generators import to_camel
 
 
 class CamelModel(BaseModel):
-    """camelCase on the wire, snake_case in Python; unknown fields and non-finite numbers are refused."""
+    """camelCase on the wire, snake_case in Python; unknown fields, non-finite numbers and text no store or answer
+    can hold (unfit_text) are refused."""
 
     model_config = ConfigDict(
         alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False, frozen=True
@@ -20,14 +22,55 @@ class CamelModel(BaseModel):
 
     @field_validator("*")
     @classmethod
-    def _no_nul_characters(cls, value: Any) -> Any:
-        # PostgreSQL stores no NUL in text or JSONB: such a value failed at the INSERT, as a 500.
-        if holds_nul(value):
-            raise ValueError(f"must not contain the NUL character {NUL!r}")
+    def _storable_text(cls, value: Any) -> Any:
+        # Runs on every field after its own type is checked: list items, mapping keys and values and the members of
+        # union-typed fields too, which no str constraint of pydantic's reaches.
+        problem = unfit_text(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
 
 NUL = "\x00"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def unfit_text(value: Any) -> str | None:
+    """Why `value` (text, or lists and mappings of it, keys included) cannot be stored and answered as JSON, or None.
+
+    - a NUL character: PostgreSQL stores none in text or JSONB, and the INSERT failed as a 500;
+    - a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair): it is no character and UTF-8 has no
+      bytes for it, so SQLite stored it and every answer holding it failed as a 500, the audit trail's for good.
+
+    The reason says where inside `value` the text is.
+    """
+    pending: list[tuple[Any, str]] = [(value, "")]
+    while pending:
+        item, where = pending.pop()
+        if isinstance(item, str):
+            problem = _unfit_characters(item)
+            if problem is not None:
+                return f"{problem} (at {where})" if where else problem
+        elif isinstance(item, dict):
+            for key, member in item.items():
+                named = f"{where}.{_printable(key)}" if where else _printable(key)
+                pending.extend([(key, f"the name {named}"), (member, named)])
+        elif isinstance(item, list | tuple):
+            pending.extend((member, f"{where}[{index}]") for index, member in enumerate(item))
+    return None
+
+
+def _unfit_characters(text: str) -> str | None:
+    if NUL in text:
+        return f"must not contain the NUL character {NUL!r}"
+    if not text.isascii() and _SURROGATE.search(text):
+        return "must not contain a lone surrogate (\\ud800 to \\udfff, not half of a pair): it is no character"
+    return None
+
+
+def _printable(key: Any) -> str:
+    """A mapping key as a reason may quote it: a lone surrogate in it as its escape, which UTF-8 can carry."""
+    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def holds_nul(value: Any) -> bool:

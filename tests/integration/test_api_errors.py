@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 from services.api.app import create_app
 from shared.db.session import CONNECT_TIMEOUT_S
 from shared.settings import Settings
-from tests.integration.conftest import ADMIN, OrgKeys
+from tests.integration.conftest import ADMIN, OrgKeys, config
 from tests.support.servers import silent_server
 
 BEYOND_INT64 = str(2**63)
@@ -122,3 +123,74 @@ def test_a_database_that_never_answers_costs_a_bounded_wait_then_a_503(settings:
     assert (org.status_code, org.headers["retry-after"]) == (503, "1")
     assert ready.status_code == 503 and "timeout expired" in ready.json()["checks"]["database"]
     assert waited < 2 * CONNECT_TIMEOUT_S + 3  # hung, each took 30 s: until the server hung up
+
+
+LONE = "\ud800"  # a UTF-16 surrogate without its pair: JSON can escape it, no UTF-8 text can hold it
+
+
+def send_json(api: TestClient, method: str, url: str, body: Any, headers: dict[str, str]) -> Any:
+    """`body` as JSON with every non-ASCII character escaped, as clients that send a lone surrogate write it."""
+    content = json.dumps(body).encode()
+    return api.request(method, url, content=content, headers={**headers, "content-type": "application/json"})
+
+
+SURROGATE_BODIES = [
+    ("POST", "trainings", lambda ds: config(ds, featureColumns=["temperature", LONE]), "featureColumns", "[1]"),
+    ("POST", "trainings", lambda ds: config(LONE), "datasetId", ""),
+    ("POST", "trainings", lambda ds: config(ds, positiveClass=LONE), "positiveClass", ""),
+    (
+        "PUT",
+        "schedule",
+        lambda ds: {"pattern": "0 2 * * 0", "trainingConfig": config(ds, featureColumns=[LONE])},
+        "trainingConfig.featureColumns",
+        "[0]",
+    ),
+    (
+        "PUT",
+        "datasource",
+        lambda ds: {"url": "sqlite:////srv/plant.db", "table": "t", "columnMap": {"TT_101": LONE}},
+        "columnMap",
+        "TT_101",
+    ),
+    (
+        "PUT",
+        "datasource",
+        lambda ds: {"url": "sqlite:////srv/plant.db", "table": "t", "columnMap": {f"TT{LONE}": "t"}},
+        "columnMap",
+        "the name TT\\ud800",
+    ),
+    (
+        "POST",
+        "sync-sources",
+        lambda ds: {
+            "url": "sqlite:////srv/plant.db",
+            "tables": [{"name": "readings", "primaryKey": "id", "sensitiveColumns": [LONE]}],
+        },
+        "tables.0.sensitiveColumns",
+        "[0]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "route", "body", "field", "where"), SURROGATE_BODIES)
+def test_a_lone_surrogate_in_a_list_item_mapping_or_union_field_is_refused_naming_it_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, dataset_id: str, method: str, route: str, body: Any, field: str, where: str
+) -> None:
+    url = f"/v1/orgs/{org.org_id}/{route}"
+    before = api.get(url, headers=org.admin)
+
+    response = send_json(api, method, url, body(dataset_id), org.admin)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert "lone surrogate" in response.json()["error"]
+    assert where in response.json()["error"]
+    after = api.get(url, headers=org.admin)
+    assert (after.status_code, after.json()) == (before.status_code, before.json())
+
+
+def test_a_surrogate_pair_is_one_character_and_is_kept(api: TestClient, org: OrgKeys) -> None:
+    body = {"url": "sqlite:////srv/plant.db", "table": "t", "columnMap": {"TT_101": "\ud83d\ude00"}}
+    response = send_json(api, "PUT", f"/v1/orgs/{org.org_id}/datasource", body, org.admin)
+    assert response.status_code == 200, response.text
+    assert response.json()["columnMap"] == {"TT_101": "\U0001f600"}

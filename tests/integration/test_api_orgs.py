@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 
+from services.api.app import create_app
+from shared.db.migrate import upgrade
 from shared.db.models import ApiKey
 from shared.keys import hash_key
+from shared.settings import Settings
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 
 
@@ -185,3 +191,52 @@ def test_a_patch_with_a_nul_character_is_refused_and_changes_nothing(
     assert response.json()["field"] == field
     assert "NUL character" in response.json()["error"]
     assert api.get(f"/v1/orgs/{org.org_id}", headers=org.viewer).json() == before
+
+
+LONE = "\ud800"  # a UTF-16 surrogate without its pair: JSON can escape it, no UTF-8 text can hold it
+
+
+@pytest.fixture
+def sqlite_api(settings: Settings, tmp_path: Path) -> Iterator[TestClient]:
+    """The api on the embedded SQLite database, which stores whatever JSON text it is given (PostgreSQL refuses a
+    lone surrogate at the INSERT)."""
+    url = f"sqlite:///{tmp_path / 'kiln.db'}"
+    upgrade(url)
+    with TestClient(
+        create_app(settings.model_copy(update={"database_url": url})), raise_server_exceptions=False
+    ) as api:
+        yield api
+
+
+def send_json(api: TestClient, method: str, url: str, body: Any) -> Any:
+    """`body` as JSON with every non-ASCII character escaped, as clients that send a lone surrogate write it."""
+    return api.request(
+        method, url, content=json.dumps(body).encode(), headers={**ADMIN, "content-type": "application/json"}
+    )
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_a_lone_surrogate_in_a_config_is_refused_naming_it_and_the_org_its_audit_and_answers_are_unchanged(
+    request: pytest.FixtureRequest, database: str, org_id: str
+) -> None:
+    api: TestClient = request.getfixturevalue("api" if database == "postgresql" else "sqlite_api")
+    org = create_org_with_keys(api, org_id)
+    url = f"/v1/orgs/{org.org_id}"
+    before = (api.get(url, headers=ADMIN).json(), api.get(f"{url}/audit", headers=ADMIN).json())
+
+    patched = send_json(api, "PATCH", url, {"config": {"predictions": {"normalClass": LONE}}})
+    created = send_json(
+        api, "POST", "/v1/orgs", {"id": "x" + org_id, "name": "x", "config": {"predictions": {"normalClass": LONE}}}
+    )
+
+    assert patched.status_code == 422, patched.text
+    assert patched.json()["field"] == "config"
+    assert "lone surrogate (\\ud800 to \\udfff" in patched.json()["error"]
+    assert "at predictions.normalClass" in patched.json()["error"]
+    assert created.status_code == 422, created.text
+    assert created.json()["field"] == "config.predictions.normalClass"
+    assert "lone surrogate" in created.json()["error"]
+    after = (api.get(url, headers=ADMIN), api.get(f"{url}/audit", headers=ADMIN))
+    assert [answer.status_code for answer in after] == [200, 200]
+    assert (after[0].json(), after[1].json()) == before
+    assert api.get(f"/v1/orgs/x{org_id}", headers=ADMIN).status_code == 404
