@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 
 from services.api.app import create_app
+from shared import schemas
 from shared.db.migrate import upgrade
 from shared.db.models import ApiKey
 from shared.keys import hash_key
@@ -240,3 +241,24 @@ def test_a_lone_surrogate_in_a_config_is_refused_naming_it_and_the_org_its_audit
     assert [answer.status_code for answer in after] == [200, 200]
     assert (after[0].json(), after[1].json()) == before
     assert api.get(f"/v1/orgs/x{org_id}", headers=ADMIN).status_code == 404
+
+
+def test_an_org_change_the_api_cannot_answer_is_not_committed(
+    sqlite_api: TestClient, org_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating and updating an org commit in the handler (its outbox message is sent after the commit), before
+    FastAPI serialises the answer: the answer is made first, so a change it cannot answer is never stored."""
+    org = create_org_with_keys(sqlite_api, org_id)
+    url = f"/v1/orgs/{org.org_id}"
+    before = (sqlite_api.get(url, headers=ADMIN).json(), sqlite_api.get(f"{url}/audit", headers=ADMIN).json())
+    with monkeypatch.context() as unchecked:  # input the checks let through, as a lone surrogate was before
+        unchecked.setattr(schemas, "unfit_text", lambda _value, **_limits: None)
+        unanswerable = {"predictions": {"normalClass": LONE}}
+        patched = send_json(sqlite_api, "PATCH", url, {"config": unanswerable})
+        created = send_json(sqlite_api, "POST", "/v1/orgs", {"id": "x" + org_id, "name": "x", "config": unanswerable})
+
+    assert (patched.status_code, created.status_code) == (500, 500)
+    after = (sqlite_api.get(url, headers=ADMIN), sqlite_api.get(f"{url}/audit", headers=ADMIN))
+    assert [answer.status_code for answer in after] == [200, 200]
+    assert (after[0].json(), after[1].json()) == before
+    assert sqlite_api.get(f"/v1/orgs/x{org_id}", headers=ADMIN).status_code == 404

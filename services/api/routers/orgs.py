@@ -26,7 +26,7 @@ router = APIRouter(prefix="/v1/orgs", tags=["organizations"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=OrgOut)
-def create_org(body: OrgCreate, admin: PlatformAdmin, session: SessionDep, resources: ResourcesDep) -> Organization:
+def create_org(body: OrgCreate, admin: PlatformAdmin, session: SessionDep, resources: ResourcesDep) -> OrgOut:
     if session.get(Organization, body.id) is not None:
         raise Conflict(f"organization {body.id!r} already exists", field="id")
     org = Organization(id=body.id, name=body.name, config=body.config.model_dump(by_alias=True, exclude_none=True))
@@ -42,10 +42,11 @@ def create_org(body: OrgCreate, admin: PlatformAdmin, session: SessionDep, resou
             detail={"name": org.name, "config": org.config},
         )
         message = add_message(session, kind=KIND_ORGS_CHANGED, payload={"org_id": org.id})
+        answer = _answer(org)
         commit_and_send(session, resources, message)
     except IntegrityError:
         raise Conflict(f"organization {body.id!r} already exists", field="id") from None
-    return org
+    return answer
 
 
 @router.get("/{org}", response_model=OrgOut)
@@ -54,7 +55,7 @@ def get_org(access: OrgViewer, session: SessionDep) -> Organization:
 
 
 @router.patch("/{org}", response_model=OrgOut)
-def update_org(org: OrgOperator, body: OrgUpdate, session: SessionDep, resources: ResourcesDep) -> Organization:
+def update_org(org: OrgOperator, body: OrgUpdate, session: SessionDep, resources: ResourcesDep) -> OrgOut:
     """Rename an org or change its config (residency, limits, gates, training script, records): operators only."""
     row = session.get_one(Organization, org)
     if body.name is not None:
@@ -75,8 +76,9 @@ def update_org(org: OrgOperator, body: OrgUpdate, session: SessionDep, resources
         # Prediction records and risk bands are applied by the predictors: they re-read them now, not at the next
         # reconcile, so the next request follows the new config.
         messages.append(deploy_event(session, current))
+    answer = _answer(row)
     commit_and_send(session, resources, *messages)
-    return row
+    return answer
 
 
 @router.post("/{org}/keys", status_code=status.HTTP_201_CREATED, response_model=KeyCreated)
@@ -124,6 +126,14 @@ def revoke_key(api_key_id: str, access: OrgAdmin, session: SessionDep) -> Respon
             detail={"role": row.role},
         )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _answer(row: Organization) -> OrgOut:
+    """The answer to a create or update, serialised once before the commit: these handlers commit themselves (the
+    outbox message goes after it), so an org FastAPI then failed to answer was stored all the same, as a 500."""
+    answer = OrgOut.model_validate(row, from_attributes=True)
+    answer.model_dump_json()
+    return answer
 
 
 def _patched_config(current: dict[str, Any], patch: dict[str, Any] | None) -> dict[str, Any]:
