@@ -32,31 +32,38 @@ class CamelModel(BaseModel):
 
 
 NUL = "\x00"
+MAX_NESTING = 32
+"""How deep the lists and objects in a field may nest (an org's config is three deep): deeper is refused unwalked."""
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def unfit_text(value: Any) -> str | None:
+def unfit_text(value: Any, *, max_nesting: int = MAX_NESTING) -> str | None:
     """Why `value` (text, or lists and mappings of it, keys included) cannot be stored and answered as JSON, or None.
 
     - a NUL character: PostgreSQL stores none in text or JSONB, and the INSERT failed as a 500;
     - a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its pair): it is no character and UTF-8 has no
-      bytes for it, so SQLite stored it and every answer holding it failed as a 500, the audit trail's for good.
+      bytes for it, so SQLite stored it and every answer holding it failed as a 500, the audit trail's for good;
+    - lists and objects nested deeper than `max_nesting`: walking them (here, merging a config patch) recursively
+      exhausted the stack, a RecursionError and a 500 from about 400 levels on.
 
-    The reason says where inside `value` the text is.
+    The reason says where inside `value` the text is. The walk keeps a stack of its own, so that no nesting the JSON
+    parser takes can exhaust Python's.
     """
-    pending: list[tuple[Any, str]] = [(value, "")]
+    pending: list[tuple[Any, int, str]] = [(value, 0, "")]
     while pending:
-        item, where = pending.pop()
+        item, depth, where = pending.pop()
         if isinstance(item, str):
             problem = _unfit_characters(item)
             if problem is not None:
                 return f"{problem} (at {where})" if where else problem
+        elif isinstance(item, dict | list | tuple) and depth >= max_nesting:
+            return f"must not nest lists and objects more than {max_nesting} deep"
         elif isinstance(item, dict):
             for key, member in item.items():
                 named = f"{where}.{_printable(key)}" if where else _printable(key)
-                pending.extend([(key, f"the name {named}"), (member, named)])
+                pending.extend([(key, depth + 1, f"the name {named}"), (member, depth + 1, named)])
         elif isinstance(item, list | tuple):
-            pending.extend((member, f"{where}[{index}]") for index, member in enumerate(item))
+            pending.extend((member, depth + 1, f"{where}[{index}]") for index, member in enumerate(item))
     return None
 
 
@@ -74,13 +81,17 @@ def _printable(key: Any) -> str:
 
 
 def holds_nul(value: Any) -> bool:
-    """Whether a NUL character is in the text, or in any key or value of the lists and mappings, it holds."""
-    if isinstance(value, str):
-        return NUL in value
-    if isinstance(value, dict):
-        return any(holds_nul(key) or holds_nul(item) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return any(holds_nul(item) for item in value)
+    """Whether a NUL character is in the text, or in any key or value of the lists and mappings, it holds (walked
+    with a stack of its own, as unfit_text is)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str) and NUL in item:
+            return True
+        if isinstance(item, dict):
+            pending.extend([*item.keys(), *item.values()])
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
     return False
 
 

@@ -262,3 +262,36 @@ def test_an_org_change_the_api_cannot_answer_is_not_committed(
     assert [answer.status_code for answer in after] == [200, 200]
     assert (after[0].json(), after[1].json()) == before
     assert sqlite_api.get(f"/v1/orgs/x{org_id}", headers=ADMIN).status_code == 404
+
+
+def nested(depth: int, leaf: Any = 1) -> Any:
+    """An object `depth` levels deep: {"a": {"a": ... leaf}}."""
+    value = leaf
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def test_a_config_nested_to_the_limit_is_read_and_refused_for_what_it_holds(api: TestClient, org: OrgKeys) -> None:
+    before = api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json()
+    response = patch_config(api, org, nested(schemas.MAX_NESTING))
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "config.a"
+    assert api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json() == before
+
+
+@pytest.mark.parametrize("depth", [33, 300, 400, 900])
+@pytest.mark.parametrize("kind", ["objects", "lists"])
+def test_a_config_nested_deeper_than_the_limit_is_refused_naming_it_and_changes_nothing(
+    api: TestClient, org: OrgKeys, depth: int, kind: str
+) -> None:
+    patch_config(api, org, {"gates": {"minRecall": 0.75}})
+    before = (stored_config(api, org), api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json())
+    config = nested(depth) if kind == "objects" else {"gates": json.loads("[" * (depth - 1) + "]" * (depth - 1))}
+
+    response = patch_config(api, org, config)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "config"
+    assert "more than 32 deep" in response.json()["error"]
+    assert (stored_config(api, org), api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json()) == before
