@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,14 +39,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def _kiln_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, KilnError)
-    return JSONResponse(error.to_payload(), status_code=int(error.status), headers=error.headers)
+    return _answer(error.to_payload(), status_code=int(error.status), headers=error.headers)
 
 
 async def _http_error(_request: Request, error: Exception) -> JSONResponse:
     """Starlette's and FastAPI's own 4xx: an unknown route or method, a body they could not parse."""
     assert isinstance(error, HTTPException)
-    payload = {"error": str(error.detail), "status": error.status_code}
-    return JSONResponse(payload, status_code=error.status_code, headers=error.headers)
+    payload: dict[str, Any] = {"error": str(error.detail), "status": error.status_code}
+    if error.status_code == 400:
+        # The only 400 they raise: a body they could not read (not UTF-8, nested past the JSON parser's limit, a
+        # broken multipart form). Kiln's own 400s are KilnErrors, which name their field themselves.
+        payload["field"] = "body"
+    return _answer(payload, status_code=error.status_code, headers=error.headers)
 
 
 async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
@@ -53,7 +58,7 @@ async def _validation_error(_request: Request, error: Exception) -> JSONResponse
     problems = [_describe(item) for item in error.errors()]
     first = problems[0]
     payload = {"error": first["message"], "field": first["field"], "status": 422, "problems": problems}
-    return JSONResponse(payload, status_code=422)
+    return _answer(payload, status_code=422)
 
 
 async def _database_unavailable(request: Request, error: Exception) -> JSONResponse:
@@ -65,6 +70,22 @@ async def _database_unavailable(request: Request, error: Exception) -> JSONRespo
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
     return JSONResponse({"error": "internal error", "status": 500}, status_code=500)
+
+
+def _answer(payload: dict[str, Any], *, status_code: int, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The error as JSON. A message may quote the input, and a lone surrogate in it (a \\ud800 escape without its
+    pair) has no UTF-8 bytes: rendering it failed, and the client got a 500 instead of the refusal."""
+    return JSONResponse(_encodable(payload), status_code=status_code, headers=headers)
+
+
+def _encodable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(key): _encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
+    return value
 
 
 def _describe(item: Any) -> dict[str, str]:
