@@ -75,14 +75,47 @@ def _with_utc_timestamps(table: pa.Table, name: str) -> pa.Table:
     column = table.column(name)
     try:
         stamps = _to_utc(column)
+        _refuse_outside_years(stamps)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         raise InvalidInput(
             f"timestampColumn {name!r} holds values that are not timestamps (e.g. 2024-01-31T12:00:00Z)",
             field="timestampColumn",
         ) from None
+    except OutsideYears as outside:
+        text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+        value = column[outside.index].as_py() if text else None
+        quoted = "" if value is None else f" ({value!r})"
+        raise InvalidInput(
+            f"timestampColumn {name!r}: the value in row {outside.index + 1}{quoted} is outside the years 1 to 9999 "
+            "in UTC",
+            field="timestampColumn",
+        ) from None
     if stamps.null_count:
         raise InvalidInput(f"timestampColumn {name!r} has {stamps.null_count} empty values", field="timestampColumn")
     return table.set_column(table.column_names.index(name), name, stamps)
+
+
+class OutsideYears(Exception):
+    """A timestamp whose instant in UTC is outside the years 1 to 9999: no datetime holds it, so reading the dataset
+    back (or converting the text, an OverflowError) fails. `index` is its row's, from 0."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+UTC_MICROSECONDS = pa.timestamp("us", tz="UTC")
+FIRST_INSTANT = pa.scalar(datetime.min.replace(tzinfo=UTC), type=UTC_MICROSECONDS)
+LAST_INSTANT = pa.scalar(datetime.max.replace(tzinfo=UTC), type=UTC_MICROSECONDS)
+
+
+def _refuse_outside_years(stamps: pa.ChunkedArray) -> None:
+    """Arrow's own casts take years 0 and 10000 (what 0001-01-01T00:00:00+05:00 and 9999-12-31T23:00:00-05:00 are in
+    UTC): those are refused here, as the value-by-value reading of mixed text refuses them."""
+    outside = pc.or_(pc.less(stamps, FIRST_INSTANT), pc.greater(stamps, LAST_INSTANT))
+    found = pc.indices_nonzero(pc.fill_null(outside, False))
+    if len(found):
+        raise OutsideYears(found[0].as_py())
 
 
 def _to_utc(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -112,7 +145,8 @@ def _text_to_utc(column: pa.ChunkedArray) -> pa.ChunkedArray:
     try:
         return pc.cast(pc.assume_timezone(pc.cast(column, pa.timestamp("us")), "UTC"), utc)
     except pa.ArrowInvalid:
-        return pa.chunked_array([pa.array([_instant(text) for text in column.to_pylist()], type=utc)])
+        instants = [_instant(text, index) for index, text in enumerate(column.to_pylist())]
+        return pa.chunked_array([pa.array(instants, type=utc)])
 
 
 def _to_microseconds(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -121,14 +155,17 @@ def _to_microseconds(column: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.replace_substring_regex(column, pattern=r"(\.\d{6})\d+", replacement=r"\1")
 
 
-def _instant(text: str | None) -> datetime | None:
+def _instant(text: str | None, index: int) -> datetime | None:
     if text is None:
         return None
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise pa.ArrowInvalid(f"{text!r} is not a timestamp") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # its zone takes it past year 1 or 9999 in UTC
+        raise OutsideYears(index) from None
 
 
 def _is_numeric(kind: pa.DataType) -> bool:

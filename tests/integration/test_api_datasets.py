@@ -6,6 +6,7 @@ import io
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from fastapi.testclient import TestClient
 
 from shared.layout import dataset_key
@@ -197,3 +198,54 @@ def test_iso_text_with_nanoseconds_is_kept_to_the_microsecond(
             "2024-01-01T00:00:00.123456+00:00",
             "2024-01-01T00:00:00+00:00",
         ]
+
+
+def parquet(column: pa.Array) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"ts": column, "a": pa.array([1.0] * len(column))}), sink)
+    return sink.getvalue()
+
+
+def csv(*stamps: str) -> bytes:
+    return ("ts,a\n" + "".join(f"{stamp},1\n" for stamp in stamps)).encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "row", "words"),
+    [
+        # Text with and without zones, read value by value: the zone takes the instant out of datetime's range.
+        ("mixed.csv", csv("2024-01-01T00:00:00", "0001-01-01T00:00:00+05:00"), 2, "('0001-01-01T00:00:00+05:00')"),
+        ("mixed.csv", csv("2024-01-01T00:00:00", "9999-12-31T23:59:59-05:00"), 2, "('9999-12-31T23:59:59-05:00')"),
+        ("mixed.parquet", parquet(pa.array(["2024-01-01T00:00:00", "0001-01-01T00:00:00+05:00"])), 2, "+05:00"),
+        # Timestamps Arrow converts itself (a CSV column all with zones is read as timestamps): into years 0 and
+        # 10000, which were stored, and failed whatever read them back as datetimes.
+        ("zoned.csv", csv("0001-01-01T00:00:00+05:00", "2024-01-01T00:00:00Z"), 1, "row 1 is outside"),
+        ("stamps.parquet", parquet(pa.array([0, 253402300800], pa.timestamp("s", "UTC"))), 2, "row 2 is outside"),
+    ],
+)
+def test_a_timestamp_outside_the_years_1_to_9999_in_utc_is_refused_naming_column_and_row_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings, name: str, content: bytes, row: int, words: str
+) -> None:
+    response = upload(api, org, content, name=name, timestampColumn="ts")
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "timestampColumn"
+    assert f"timestampColumn 'ts': the value in row {row}" in response.json()["error"]
+    assert "outside the years 1 to 9999 in UTC" in response.json()["error"]
+    assert words in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+
+
+def test_timestamps_at_the_first_and_last_instants_of_the_years_1_to_9999_are_kept(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    response = upload(
+        api, org, csv("0001-01-01T05:00:00+05:00", "9999-12-31T23:59:59.999999", "2024-01-01"), timestampColumn="ts"
+    )
+    assert response.status_code == 201, response.text
+    assert stored_stamps(settings, org, response.json()["datasetId"], "ts") == [
+        "0001-01-01T00:00:00+00:00",
+        "9999-12-31T23:59:59.999999+00:00",
+        "2024-01-01T00:00:00+00:00",
+    ]
