@@ -266,8 +266,20 @@ class GateOverrides(CamelModel):
     max_parity_diff: float | None = Field(None, gt=0, le=1)
 
 
+LIMIT_MAXIMA = {
+    "cpuS": 365 * 24 * 3600,  # a year of CPU time: the longest timeoutS, 7 days, on 52 cores
+    "memoryMb": 1_048_576,  # 1 TiB of address space
+    "maxFileMb": 1_048_576,  # 1 TiB
+    "maxOpenFiles": 1_048_576,  # Linux's default fs.nr_open: no process may open more
+}
+"""The largest per-org limits the api takes. Unbounded, a limit the trainer's setrlimit cannot hold (memoryMb
+10^24) was accepted, and every run of the org then failed with an OverflowError."""
+
+
 class TrainingPolicy(CamelModel):
-    """How an org's runs execute: an operator-installed script instead of the built-in one, and the limits."""
+    """How an org's runs execute: an operator-installed script instead of the built-in one, and the limits.
+
+    As stored: the api takes what TrainingPolicyInput does, whose limits have maxima (LIMIT_MAXIMA)."""
 
     script_path: str | None = Field(None, description="a script under the workers' KILN_TRAINING_SCRIPTS_DIR")
     timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
@@ -277,7 +289,18 @@ class TrainingPolicy(CamelModel):
     max_open_files: int | None = Field(None, ge=16)
 
     def limit_overrides(self) -> dict[str, float]:
-        return self.model_dump(by_alias=True, exclude_none=True, exclude={"script_path"})
+        """The limits set, each held at its maximum: one stored before the api refused larger ones still runs."""
+        limits: dict[str, float] = self.model_dump(by_alias=True, exclude_none=True, exclude={"script_path"})
+        return {name: min(value, LIMIT_MAXIMA.get(name, value)) for name, value in limits.items()}
+
+
+class TrainingPolicyInput(TrainingPolicy):
+    """A TrainingPolicy as the api takes it: each limit at most its LIMIT_MAXIMA."""
+
+    cpu_s: int | None = Field(None, gt=0, le=LIMIT_MAXIMA["cpuS"])
+    memory_mb: int | None = Field(None, gt=0, le=LIMIT_MAXIMA["memoryMb"])
+    max_file_mb: int | None = Field(None, gt=0, le=LIMIT_MAXIMA["maxFileMb"])
+    max_open_files: int | None = Field(None, ge=16, le=LIMIT_MAXIMA["maxOpenFiles"])
 
 
 class PredictionPolicy(CamelModel):
@@ -325,3 +348,10 @@ class OrgConfig(CamelModel):
         le=36_500,
         description="days a synced record is kept after its last change, and a prediction record (medical: 7 years)",
     )
+
+
+class OrgConfigInput(OrgConfig):
+    """An OrgConfig as the api takes it. OrgConfig reads what is stored, which may predate these checks: refusing it
+    there would stop the org, and every worker that lists the orgs, rather than one request."""
+
+    training: TrainingPolicyInput = TrainingPolicyInput()

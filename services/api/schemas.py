@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from shared.schemas import CamelModel, OrgConfig, TrainingConfig
+from shared.schemas import CamelModel, OrgConfigInput, TrainingConfig
 
 ORG_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
 # Row ids are BIGINT on PostgreSQL and INTEGER on SQLite: a larger number is no row, and the drivers refuse it.
@@ -22,7 +22,7 @@ class CamelOut(BaseModel):
 class OrgCreate(CamelModel):
     id: str = Field(pattern=ORG_ID_PATTERN, description="lowercase letters, digits and dashes, 3-63 long")
     name: str = Field(min_length=1, max_length=200)
-    config: OrgConfig = OrgConfig()
+    config: OrgConfigInput = OrgConfigInput()
 
 
 class OrgOut(CamelOut):

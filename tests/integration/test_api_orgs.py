@@ -295,3 +295,39 @@ def test_a_config_nested_deeper_than_the_limit_is_refused_naming_it_and_changes_
     assert response.json()["field"] == "config"
     assert "more than 32 deep" in response.json()["error"]
     assert (stored_config(api, org), api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json()) == before
+
+
+@pytest.mark.parametrize(
+    ("limit", "value"),
+    [
+        ("memoryMb", 10**24),
+        ("memoryMb", schemas.LIMIT_MAXIMA["memoryMb"] + 1),
+        ("cpuS", 10**24),
+        ("cpuS", schemas.LIMIT_MAXIMA["cpuS"] + 1),
+        ("maxFileMb", 10**24),
+        ("maxOpenFiles", 10**24),
+        ("maxOpenFiles", schemas.LIMIT_MAXIMA["maxOpenFiles"] + 1),
+    ],
+)
+def test_a_training_limit_over_its_maximum_is_refused_naming_it_and_changes_nothing(
+    api: TestClient, org: OrgKeys, org_id: str, limit: str, value: int
+) -> None:
+    """Unbounded, memoryMb 10^24 was taken, and every run of the org then failed: setrlimit cannot hold it."""
+    patch_config(api, org, {"training": {"timeoutS": 900}})
+    before = (stored_config(api, org), api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json())
+    patched = patch_config(api, org, {"training": {limit: value}})
+    created = api.post(
+        "/v1/orgs", json={"id": "x" + org_id, "name": "x", "config": {"training": {limit: value}}}, headers=ADMIN
+    )
+    for response in (patched, created):
+        assert response.status_code == 422, response.text
+        assert response.json()["field"] == f"config.training.{limit}"
+        assert f"less than or equal to {schemas.LIMIT_MAXIMA[limit]}" in response.json()["error"]
+    assert (stored_config(api, org), api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json()) == before
+    assert api.get(f"/v1/orgs/x{org_id}", headers=ADMIN).status_code == 404
+
+
+def test_each_training_limit_may_be_set_to_its_maximum(api: TestClient, org: OrgKeys) -> None:
+    response = patch_config(api, org, {"training": dict(schemas.LIMIT_MAXIMA)})
+    assert response.status_code == 200, response.text
+    assert stored_config(api, org)["training"] == schemas.LIMIT_MAXIMA

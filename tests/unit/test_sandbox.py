@@ -19,6 +19,7 @@ import pytest
 from services.trainer.sandbox import Limits, Sandbox, ScriptResult
 from services.trainer.workspaces import WorkspaceError
 from shared.errors import InvalidInput
+from shared.schemas import LIMIT_MAXIMA, OrgConfig, TrainingPolicyInput
 from shared.settings import Settings
 from tests.support.workspaces import workspace_holder
 
@@ -506,3 +507,19 @@ def _alive(pid: int) -> bool:
         return False
     # A killed process whose parent is gone shows as a zombie until init reaps it.
     return state != "Z"
+
+
+def test_a_script_runs_under_the_largest_limits_an_org_may_set(sandbox: Sandbox, tmp_path: Path) -> None:
+    limits = LIMITS.with_overrides(TrainingPolicyInput.model_validate(LIMIT_MAXIMA).limit_overrides())
+    outcome = run(sandbox, tmp_path, 'print("trained")', limits=limits)
+    assert outcome.result.ok, outcome.result.reason()
+
+
+def test_a_limit_stored_over_its_maximum_is_held_at_it_and_the_script_runs(sandbox: Sandbox, tmp_path: Path) -> None:
+    """Stored before the api refused such limits, memoryMb 10^24 failed every run of the org: setrlimit raised
+    OverflowError. The stored config still reads, and the limit is held at its maximum."""
+    stored = OrgConfig.model_validate({"training": {"memoryMb": 10**24, "cpuS": 10**24, "maxOpenFiles": 128}})
+    overrides = stored.training.limit_overrides()
+    assert overrides == {"memoryMb": LIMIT_MAXIMA["memoryMb"], "cpuS": LIMIT_MAXIMA["cpuS"], "maxOpenFiles": 128}
+    outcome = run(sandbox, tmp_path, 'print("trained")', limits=LIMITS.with_overrides(overrides))
+    assert outcome.result.ok, outcome.result.reason()

@@ -20,7 +20,7 @@ from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 from shared.keys import PLATFORM_ADMIN, hash_key, new_key, new_key_id
 from shared.outbox import KIND_ORGS_CHANGED, add_message
-from shared.schemas import OrgConfig
+from shared.schemas import OrgConfigInput
 
 router = APIRouter(prefix="/v1/orgs", tags=["organizations"])
 
@@ -140,7 +140,7 @@ def _patched_config(current: dict[str, Any], patch: dict[str, Any] | None) -> di
     """The stored config with the patch merged in, checked as a whole; `"config": null` puts every default back."""
     merged = {} if patch is None else merge_patch(current, patch)
     try:
-        config = OrgConfig.model_validate(merged)
+        config = OrgConfigInput.model_validate(merged)
     except ValidationError as error:
         raise RequestValidationError(
             [{**problem, "loc": ("body", "config", *problem["loc"])} for problem in error.errors()]
