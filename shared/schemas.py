@@ -109,6 +109,23 @@ def problems(error: ValidationError, *, named: Callable[[str], str] = str) -> st
 ClassValue = str | int | float | bool
 """A target value as JSON carries it, and so a class of a model."""
 
+CLASS_INTEGERS = (-(2**63), 2**64 - 1)
+"""The integers a class can be: a target column's integers are 64 bits, signed or unsigned (a uint64 column trains,
+and its classes of 2^63 and more are answered as UINT64), and JSON encoders (orjson) write no larger ones."""
+MAX_CLASS_LENGTH = 200
+"""The longest text class: a recorded prediction's label (predictions.label) is text of at most 200 characters."""
+MAX_COLUMN_NAME_LENGTH = 200
+"""The longest target column name: a model version records it (model_versions.target_column) in 200 characters."""
+
+
+def unfit_class(value: ClassValue | None) -> str | None:
+    """Why a class a client names (positiveClass, normalClass) is no class a model can have, or None."""
+    if isinstance(value, int) and not isinstance(value, bool) and not CLASS_INTEGERS[0] <= value <= CLASS_INTEGERS[1]:
+        return "an integer class is a 64-bit integer of the target column, signed or unsigned (-2^63 to 2^64-1)"
+    if isinstance(value, str) and len(value) > MAX_CLASS_LENGTH:
+        return f"a text class has at most {MAX_CLASS_LENGTH} characters, as a prediction records it as its label"
+    return None
+
 
 def same_class(value: ClassValue, given: ClassValue) -> bool:
     """Equal as JSON values: Python's True == 1 would match a boolean class to a number, and back."""
@@ -256,6 +273,21 @@ class TrainingConfig(CamelModel):
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+class TrainingConfigInput(TrainingConfig):
+    """A TrainingConfig as the api takes it (a submission, a schedule). TrainingConfig reads what is stored, which
+    may predate these checks: refusing it there would fail a queued run, or every schedule beat fires at once."""
+
+    target_column: str = Field(min_length=1, max_length=MAX_COLUMN_NAME_LENGTH)
+
+    @field_validator("positive_class")
+    @classmethod
+    def _a_class_a_model_can_have(cls, value: ClassValue | None) -> ClassValue | None:
+        problem = unfit_class(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
 class GateOverrides(CamelModel):
     """An org's own thresholds for the DESIGN §8 gates; unset ones keep the defaults."""
 
@@ -333,6 +365,18 @@ class PredictionPolicy(CamelModel):
         return bands
 
 
+class PredictionPolicyInput(PredictionPolicy):
+    """A PredictionPolicy as the api takes it: its normalClass is a class a model can have."""
+
+    @field_validator("normal_class")
+    @classmethod
+    def _a_class_a_model_can_have(cls, value: ClassValue | None) -> ClassValue | None:
+        problem = unfit_class(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+
 class OrgConfig(CamelModel):
     data_residency: Literal["central", "local"] = Field(
         "central", description="local: only workers started for this org (KILN_WORKER_ORGS) take its runs"
@@ -355,3 +399,4 @@ class OrgConfigInput(OrgConfig):
     there would stop the org, and every worker that lists the orgs, rather than one request."""
 
     training: TrainingPolicyInput = TrainingPolicyInput()
+    predictions: PredictionPolicyInput = PredictionPolicyInput()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from shared.schemas import CamelModel, OrgConfigInput, TrainingConfig
+from shared.schemas import CamelModel, OrgConfigInput, TrainingConfigInput
 
 ORG_ID_PATTERN = r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"
 # Row ids are BIGINT on PostgreSQL and INTEGER on SQLite: a larger number is no row, and the drivers refuse it.
@@ -204,7 +204,7 @@ class ScheduleIn(CamelModel):
         "UTC", max_length=64, description="IANA timezone the pattern is read in, e.g. 'America/New_York'"
     )
     enabled: bool = True
-    training_config: TrainingConfig
+    training_config: TrainingConfigInput
 
 
 class ScheduleOut(CamelOut):

@@ -298,6 +298,28 @@ def test_a_config_nested_deeper_than_the_limit_is_refused_naming_it_and_changes_
 
 
 @pytest.mark.parametrize(
+    ("normal", "words"),
+    [(10**20, "64-bit integer"), (-(2**63) - 1, "64-bit integer"), ("n" * 201, "at most 200 characters")],
+)
+def test_a_normal_class_no_model_can_have_is_refused_naming_it_and_changes_nothing(
+    api: TestClient, org: OrgKeys, org_id: str, normal: object, words: str
+) -> None:
+    before = (stored_config(api, org), api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json())
+    patched = patch_config(api, org, {"predictions": {"normalClass": normal}})
+    created = api.post(
+        "/v1/orgs",
+        json={"id": "x" + org_id, "name": "x", "config": {"predictions": {"normalClass": normal}}},
+        headers=ADMIN,
+    )
+    for response in (patched, created):
+        assert response.status_code == 422, response.text
+        assert response.json()["field"] == "config.predictions.normalClass"
+        assert words in response.json()["error"]
+    assert (stored_config(api, org), api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json()) == before
+    assert api.get(f"/v1/orgs/x{org_id}", headers=ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize(
     ("limit", "value"),
     [
         ("memoryMb", 10**24),

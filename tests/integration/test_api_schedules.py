@@ -97,3 +97,24 @@ def test_a_sync_schedule_longer_than_its_columns_is_refused_and_not_stored(
     assert response.json()["field"] == field
     assert words in response.json()["error"]
     assert api.get(url, headers=org.viewer).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"positiveClass": 10**20}, "trainingConfig.positiveClass", "64-bit integer"),
+        ({"positiveClass": -(2**63) - 1}, "trainingConfig.positiveClass", "64-bit integer"),
+        ({"positiveClass": "f" * 201}, "trainingConfig.positiveClass", "at most 200 characters"),
+        ({"targetColumn": "t" * 201}, "trainingConfig.targetColumn", "at most 200 characters"),
+    ],
+)
+def test_a_schedule_whose_config_a_submission_refuses_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, dataset_id: str, changes: dict[str, Any], field: str, words: str
+) -> None:
+    """A schedule's runs are submissions too: its config is checked as a POST's is."""
+    body = {"pattern": "0 2 * * 0", "trainingConfig": config(dataset_id, **changes)}
+    response = api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert words in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404

@@ -171,3 +171,68 @@ def test_a_bad_page_of_runs_is_refused_naming_the_parameter(
     response = api.get(f"/v1/orgs/{org.org_id}/trainings", params=params, headers=org.viewer)
     assert response.status_code == status, response.text
     assert response.json()["field"] == field
+
+
+BEYOND_64_BITS = [2**64, 10**20, -(2**63) - 1]
+
+
+@pytest.mark.parametrize("positive", BEYOND_64_BITS)
+def test_an_integer_positive_class_beyond_64_bits_is_refused_naming_it_and_queues_nothing(
+    api: TestClient, org: OrgKeys, dataset_id: str, positive: int
+) -> None:
+    """No target column holds such a class, and hashing the body for Idempotency-Key failed on it as a 500."""
+    body = config(dataset_id, positiveClass=positive)
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "positiveClass"
+    assert "64-bit integer" in response.json()["error"]
+    assert runs(api, org) == []
+
+
+@pytest.mark.parametrize("positive", [2**64 - 1, -(2**63)])
+def test_an_integer_positive_class_of_64_bits_signed_or_unsigned_is_queued(
+    api: TestClient, org: OrgKeys, dataset_id: str, positive: int
+) -> None:
+    """The largest uint64 and the smallest int64: a Parquet target column of either type trains with such classes."""
+    body = config(dataset_id, positiveClass=positive)
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert response.status_code == 202, response.text
+    assert [run["config"]["positiveClass"] for run in runs(api, org)] == [positive]
+
+
+def test_a_target_column_name_longer_than_a_model_version_holds_is_refused_and_queues_nothing(
+    api: TestClient, org: OrgKeys
+) -> None:
+    """model_versions.target_column holds 200 characters: a longer target trained to the end, then failed to be
+    registered (on PostgreSQL). Uploads keep longer column names; they cannot be the target."""
+    long, longest = "t" * 201, "t" * 200
+    csv = f"a,{long},{longest}\n1,0,0\n2,1,1\n".encode()
+    dataset = upload(api, org, csv).json()["datasetId"]
+
+    refused = api.post(
+        f"/v1/orgs/{org.org_id}/trainings",
+        json=config(dataset, targetColumn=long, featureColumns=["a"]),
+        headers=org.trainer,
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["field"] == "targetColumn"
+    assert "at most 200 characters" in refused.json()["error"]
+    assert runs(api, org) == []
+    accepted = api.post(
+        f"/v1/orgs/{org.org_id}/trainings",
+        json=config(dataset, targetColumn=longest, featureColumns=["a"]),
+        headers=org.trainer,
+    )
+    assert accepted.status_code == 202, accepted.text
+
+
+def test_a_text_positive_class_longer_than_a_prediction_label_is_refused_and_queues_nothing(
+    api: TestClient, org: OrgKeys, dataset_id: str
+) -> None:
+    """A prediction records its class as its label, of at most 200 characters (predictions.label)."""
+    body = config(dataset_id, positiveClass="f" * 201)
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "positiveClass"
+    assert "at most 200 characters" in response.json()["error"]
+    assert runs(api, org) == []

@@ -21,7 +21,7 @@ from shared.audit import record_change
 from shared.cancellation import request_cancel
 from shared.db.models import ModelVersion, Organization, RunLog, TrainingRun
 from shared.errors import Conflict
-from shared.schemas import OrgConfig, TrainingConfig
+from shared.schemas import OrgConfig, TrainingConfigInput
 from shared.submissions import queue_run
 
 router = APIRouter(prefix="/v1/orgs/{org}/trainings", tags=["trainings"])
@@ -31,7 +31,7 @@ RunStatus = Literal["queued", "running", "succeeded", "rejected", "failed", "can
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=RunAccepted)
 def submit_training(
-    config: TrainingConfig,
+    config: TrainingConfigInput,
     access: OrgTrainer,
     session: SessionDep,
     resources: ResourcesDep,
