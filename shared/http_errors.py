@@ -13,7 +13,7 @@ from sqlalchemy import exc
 from starlette.exceptions import HTTPException
 
 from shared.errors import InvalidInput, KilnError
-from shared.schemas import NUL
+from shared.schemas import NUL, printable
 
 log = logging.getLogger(__name__)
 
@@ -75,17 +75,7 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
 def _answer(payload: dict[str, Any], *, status_code: int, headers: Mapping[str, str] | None = None) -> JSONResponse:
     """The error as JSON. A message may quote the input, and a lone surrogate in it (a \\ud800 escape without its
     pair) has no UTF-8 bytes: rendering it failed, and the client got a 500 instead of the refusal."""
-    return JSONResponse(_encodable(payload), status_code=status_code, headers=headers)
-
-
-def _encodable(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_encodable(key): _encodable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_encodable(item) for item in value]
-    return value
+    return JSONResponse(printable(payload), status_code=status_code, headers=headers)
 
 
 def _describe(item: Any) -> dict[str, str]:

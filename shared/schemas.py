@@ -76,8 +76,21 @@ def _unfit_characters(text: str) -> str | None:
 
 
 def _printable(key: Any) -> str:
-    """A mapping key as a reason may quote it: a lone surrogate in it as its escape, which UTF-8 can carry."""
-    return str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+    """A mapping key as a reason may quote it."""
+    return str(printable(str(key)))
+
+
+def printable(value: Any) -> Any:
+    """`value` (text, or lists and mappings of it) with each lone surrogate written as its escape (the six characters
+    \\ud800), which UTF-8 can carry: for answers quoting what a client sent, or what was stored before such text
+    was refused. Other values are returned as they are."""
+    if isinstance(value, str):
+        return value if value.isascii() else value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {printable(key): printable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [printable(item) for item in value]
+    return value
 
 
 def holds_nul(value: Any) -> bool:

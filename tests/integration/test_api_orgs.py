@@ -13,8 +13,9 @@ from sqlalchemy import create_engine, select
 
 from services.api.app import create_app
 from shared import schemas
+from shared.audit import record_change
 from shared.db.migrate import upgrade
-from shared.db.models import ApiKey
+from shared.db.models import ApiKey, Organization
 from shared.keys import hash_key
 from shared.settings import Settings
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
@@ -353,3 +354,28 @@ def test_each_training_limit_may_be_set_to_its_maximum(api: TestClient, org: Org
     response = patch_config(api, org, {"training": dict(schemas.LIMIT_MAXIMA)})
     assert response.status_code == 200, response.text
     assert stored_config(api, org)["training"] == schemas.LIMIT_MAXIMA
+
+
+def test_a_config_and_audit_entry_stored_with_a_lone_surrogate_before_it_was_refused_read_escaped_and_mend(
+    sqlite_api: TestClient, org_id: str
+) -> None:
+    """SQLite stored them, and GET of the org and of every audit page holding the entry answered 500 for good."""
+    org = create_org_with_keys(sqlite_api, org_id)
+    url = f"/v1/orgs/{org.org_id}"
+    stored = {"predictions": {"record": False, "riskBands": [0.3, 0.7], "normalClass": LONE}}
+    with sqlite_api.app.state.resources.sessions() as session:  # type: ignore[attr-defined]
+        session.get_one(Organization, org_id).config = stored
+        detail = {"config": {"predictions": {"normalClass": LONE}}}
+        record_change(session, org_id=org_id, actor="admin-token", action="org.updated", target=org_id, detail=detail)
+        session.commit()
+
+    shown = sqlite_api.get(url, headers=org.viewer)
+    audit = sqlite_api.get(f"{url}/audit", headers=org.viewer)
+
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["config"]["predictions"]["normalClass"] == "\\ud800"
+    assert audit.status_code == 200, audit.text
+    assert audit.json()[0]["detail"] == {"config": {"predictions": {"normalClass": "\\ud800"}}}
+    mended = sqlite_api.patch(url, json={"config": {"predictions": {"normalClass": "none"}}}, headers=ADMIN)
+    assert mended.status_code == 200, mended.text
+    assert sqlite_api.get(url, headers=org.viewer).json()["config"]["predictions"]["normalClass"] == "none"

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from services.api.deps import OrgViewer, SessionDep
 from services.api.schemas import MAX_ROW_ID, AuditOut
 from shared.db.models import AuditEntry
+from shared.schemas import printable
 
 router = APIRouter(prefix="/v1/orgs/{org}/audit", tags=["audit"])
 
@@ -27,7 +28,16 @@ def audit_trail(
     if before is not None:
         query = query.where(AuditEntry.id < before)
     rows = session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit))
+    # printable: an entry written before lone surrogates were refused (SQLite stored them) made every page holding
+    # it answer 500, and the trail is append-only: such text is shown as its escape instead.
     return [
-        AuditOut(id=row.id, actor=row.actor, action=row.action, target=row.target, detail=row.detail, at=row.at)
+        AuditOut(
+            id=row.id,
+            actor=row.actor,
+            action=row.action,
+            target=printable(row.target),
+            detail=printable(row.detail),
+            at=row.at,
+        )
         for row in rows
     ]

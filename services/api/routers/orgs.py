@@ -20,7 +20,7 @@ from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 from shared.keys import PLATFORM_ADMIN, hash_key, new_key, new_key_id
 from shared.outbox import KIND_ORGS_CHANGED, add_message
-from shared.schemas import OrgConfigInput
+from shared.schemas import OrgConfigInput, printable
 
 router = APIRouter(prefix="/v1/orgs", tags=["organizations"])
 
@@ -50,8 +50,11 @@ def create_org(body: OrgCreate, admin: PlatformAdmin, session: SessionDep, resou
 
 
 @router.get("/{org}", response_model=OrgOut)
-def get_org(access: OrgViewer, session: SessionDep) -> Organization:
-    return session.get_one(Organization, access.org_id)
+def get_org(access: OrgViewer, session: SessionDep) -> OrgOut:
+    org = session.get_one(Organization, access.org_id)
+    # A config stored before lone surrogates were refused (SQLite took them) is shown with their escapes, not as a
+    # 500: a PATCH replacing the value mends it (what reads the config refuses it until then, as it refuses a NUL).
+    return OrgOut(id=org.id, name=printable(org.name), config=printable(org.config), created_at=org.created_at)
 
 
 @router.patch("/{org}", response_model=OrgOut)
