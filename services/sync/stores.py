@@ -156,7 +156,9 @@ def ensure_central_table(
             )
             for column in local.columns
         ]
-        columns += [Column(VERSION, BigInteger, nullable=False, default=0), Column(STAMP, String(40))]
+        # A default of the database's own: an INSERT that leaves the version out (a central edit) must pass NOT NULL
+        # before SQLite's capture trigger, which runs after the insert, versions the record.
+        columns += [Column(VERSION, BigInteger, nullable=False, server_default="0"), Column(STAMP, String(40))]
         Table(name, MetaData(), *columns).create(connection)
     return reflect(connection, name)
 

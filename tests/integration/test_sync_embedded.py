@@ -93,3 +93,18 @@ def test_a_job_run_twice_at_once_runs_once_on_the_embedded_default_too(
         assert (first_run, second_run, twin_waited) == ("succeeded", ["succeeded"], [True])
         assert sync.job(job_id)["pushed"] == 2000
         assert sync.central(f"SELECT count(*), max(_kiln_version) FROM {sync.central_table}") == [(2000, 1)]
+
+
+def test_a_record_inserted_into_a_central_copy_is_versioned_and_comes_down(embedded_sync: Sync) -> None:
+    """An application's plain INSERT into the central copy the service made, leaving the sync columns out: the
+    version must not be NULL before SQLite's capture trigger (which runs after the insert) sets it."""
+    sync = embedded_sync
+    sync.run()
+
+    sync.central(f"INSERT INTO {sync.central_table} (id, device, value) VALUES (3, 'pump-3', 3.0)")
+    [(version, stamp)] = sync.central(f"SELECT _kiln_version, _kiln_hlc FROM {sync.central_table} WHERE id = 3")
+    job = sync.run()
+
+    assert version == 1 and stamp.endswith(".central")
+    assert (job["status"], job["pulled"], job["errors"]) == ("succeeded", 1, [])
+    assert sync.local("SELECT id, device, value, patient FROM readings WHERE id = 3") == [(3, "pump-3", 3.0, None)]
