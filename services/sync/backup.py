@@ -172,6 +172,8 @@ def _place_new_file(snapshot: Path, target: Path) -> None:
     staged = Path(name)
     try:
         shutil.move(snapshot, staged)
+        # The store holds the org's records in the clear: its owner's alone, as its backups and Kiln's files are.
+        staged.chmod(0o600)
         os.link(staged, target)
     except FileExistsError:
         raise _exists(target) from None
@@ -185,6 +187,7 @@ def _exists(target: Path) -> InvalidInput:
 
 def _open_snapshot(box: SecretBox, manifest: BackupManifest, sealed: Path, snapshot: Path) -> None:
     context = _context(manifest.org_id, manifest.backup_id)
+    snapshot.touch(mode=0o600)  # the plain store, never readable by others, here or once moved into place
     try:
         if manifest.sealing == WHOLE:
             snapshot.write_bytes(box.unseal(sealed.read_bytes(), context=context))

@@ -11,6 +11,7 @@ import secrets
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -109,6 +110,22 @@ def test_a_backup_restores_to_the_same_records_and_is_stored_sealed(
         assert connection.execute("SELECT * FROM readings ORDER BY id").fetchall() == TWO_READINGS
     sealed = sync_context.store.get_bytes(f"orgs/{org_id}/backups/{backup_id}.db.sealed")
     assert b"Lovelace" not in sealed and b"SQLite format" not in sealed
+
+
+def test_a_restored_store_is_readable_by_its_owner_alone(
+    central_settings: Settings, org_id: str, tmp_path: Path, plant_store: Path
+) -> None:
+    """The restored file holds the org's records in the clear: 0600 like its backup, whatever the umask."""
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
+    restored = tmp_path / "restored.db"
+    previous = os.umask(0o022)  # the common default, which the command inherits
+    try:
+        restore = kiln(central_settings, "restore", org_id, backup_id, str(restored))
+    finally:
+        os.umask(previous)
+
+    assert restore.returncode == 0, restore.stderr
+    assert stat.S_IMODE(restored.stat().st_mode) == 0o600
 
 
 def test_an_orgs_backups_are_listed_newest_first_to_find_the_one_to_restore(
