@@ -208,7 +208,8 @@ def _families(workers: list[WorkerTotals], *, live: list[WorkerTotals]) -> list[
         "kiln_models_memory_mb", "Memory of the loaded models, by worker process.", labels=["worker"]
     )
     dropped = CounterMetricFamily(
-        "kiln_prediction_records_dropped", "Prediction records dropped because the database kept them waiting."
+        "kiln_prediction_records_dropped",
+        "Prediction records dropped because the database kept them waiting, or refused them.",
     )
     summed_requests: dict[tuple[str, str, str], list[int]] = {}
     summed_latency: dict[str, Latency] = {}

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError
 
 from shared.db.models import Prediction
 from shared.db.session import SessionFactory, session_scope
@@ -72,18 +73,45 @@ class PredictionRecorder(threading.Thread):
         self.join(timeout=10)
 
     def flush(self) -> int:
-        """Write what is waiting, in batches; the requests of a failed batch are kept for the next pass."""
+        """Write what is waiting, in batches. The database out of reach: the batch is kept for the next pass. A batch
+        the database refuses otherwise (a label longer than the column, say) is written request by request, and the
+        requests it refuses are dropped and counted: kept, one of them would hold back every record after it."""
         written = 0
         while batch := self._take():
             try:
-                with session_scope(self.sessions) as session:
-                    session.execute(insert(Prediction), [row for answered in batch for row in answered.rows()])
-            except Exception:
+                written += self._write(batch)
+            except (OperationalError, InterfaceError, TimeoutError):
                 log.warning("could not write prediction records; retrying later", exc_info=True)
                 for answered in batch:
                     self._queue.put(answered)
                 break
-            written += sum(len(answered.answers) for answered in batch)
+            except DBAPIError:
+                written += self._write_each(batch)
+        return written
+
+    def _write(self, batch: list[Answered]) -> int:
+        with session_scope(self.sessions) as session:
+            session.execute(insert(Prediction), [row for answered in batch for row in answered.rows()])
+        return sum(len(answered.answers) for answered in batch)
+
+    def _write_each(self, batch: list[Answered]) -> int:
+        written = 0
+        for index, answered in enumerate(batch):
+            try:
+                written += self._write([answered])
+            except (OperationalError, InterfaceError, TimeoutError):
+                for waiting in batch[index:]:
+                    self._queue.put(waiting)
+                break
+            except DBAPIError as error:
+                self.dropped += len(answered.answers)
+                log.error(
+                    "dropped %d prediction records of org %s version %s that the database refused: %s",
+                    len(answered.answers),
+                    answered.org_id,
+                    answered.version,
+                    error.orig,
+                )
         return written
 
     def _take(self) -> list[Answered]:

@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from services.predictor.app import create_app
+from services.predictor.records import PredictionRecorder
+from shared.db.session import make_session_factory
 from shared.layout import model_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -212,6 +214,21 @@ def test_an_org_that_keeps_records_can_read_every_answer(
     assert all(record["latencyMs"] > 0 for record in records)
     page = api.get(f"/v1/orgs/{org.org_id}/predictions?limit=2&before={records[1]['id']}", headers=org.viewer).json()
     assert [record["id"] for record in page] == [records[2]["id"], records[3]["id"]]
+
+
+def test_a_record_the_database_refuses_is_dropped_and_counted_and_holds_back_no_other(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    """A class from the data longer than the label column: retried as it was, its batch held back every record
+    after it, for good."""
+    recorder = PredictionRecorder(make_session_factory(engine), flush_s=60)  # flushed here, never started
+    answer = {"score": 0.9, "label": "failure", "riskLevel": "high"}
+    for label in ("failure", "x" * 300, "ok"):
+        recorder.add(org_id=org.org_id, version="v1", answers=[{**answer, "label": label}] * 2, latency_ms=1.0)
+
+    assert (recorder.flush(), recorder.dropped) == (4, 2)
+    assert sorted(record["label"] for record in records_of(api, org)) == ["failure", "failure", "ok", "ok"]
+    assert recorder.flush() == 0
 
 
 def test_an_org_that_keeps_no_records_leaves_none(
