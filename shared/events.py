@@ -10,10 +10,10 @@ import redis
 
 @dataclass(frozen=True)
 class DeployEvent:
-    """The org's current deployment changed; subscribers re-read it from the database."""
+    """The org's current deployment changed; subscribers re-read it from the database. No version: undeployed."""
 
     org_id: str
-    version: str
+    version: str | None
     deployment_id: int
 
     def encode(self) -> bytes:
@@ -22,8 +22,11 @@ class DeployEvent:
     @classmethod
     def decode(cls, data: bytes | str) -> DeployEvent:
         fields = orjson.loads(data)
+        version = fields["version"]
         return cls(
-            org_id=str(fields["org_id"]), version=str(fields["version"]), deployment_id=int(fields["deployment_id"])
+            org_id=str(fields["org_id"]),
+            version=None if version is None else str(version),
+            deployment_id=int(fields["deployment_id"]),
         )
 
 

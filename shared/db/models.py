@@ -149,18 +149,21 @@ class ModelVersion(Base):
 
 
 class Deployment(Base):
-    """One row per deploy or rollback: the history. CurrentDeployment is the pointer the predictor follows."""
+    """One row per deploy, rollback or undeploy: the history. CurrentDeployment is the pointer the predictor follows.
+
+    An undeploy's row has no version: from it on nothing serves the org (previous_version names what served)."""
 
     __tablename__ = "deployments"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
-    version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
     previous_version: Mapped[str | None] = mapped_column(String(48), default=None)
-    action: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(16))  # deploy, rollback or undeploy
     actor: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # "deployed", or "failed" when a predictor refused the version (corrupt, wrong signature, NaN) and kept the old.
+    # "deployed", or "failed" when a predictor refused the version (corrupt, wrong signature, NaN) and kept the old;
+    # "undeployed" for an undeploy.
     status: Mapped[str] = mapped_column(String(16), default="deployed", server_default="deployed")
     error: Mapped[str | None] = mapped_column(Text, default=None)
     # When a predictor first loaded and warmed it: from then on the version has shown it serves, and a later failure
@@ -169,13 +172,17 @@ class Deployment(Base):
 
 
 DEPLOYMENT_FAILED = "failed"
+DEPLOYMENT_UNDEPLOYED = "undeployed"
+ACTION_UNDEPLOY = "undeploy"
 
 
 class CurrentDeployment(Base):
+    """The org's pointer: its newest deployment. A null version: the org was undeployed, and nothing serves it."""
+
     __tablename__ = "current_deployments"
 
     org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), primary_key=True)
-    version: Mapped[str] = mapped_column(ForeignKey("model_versions.version"))
+    version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id"))
     deployed_at: Mapped[datetime] = mapped_column(default=utcnow)
 

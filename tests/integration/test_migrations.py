@@ -185,3 +185,64 @@ def test_an_org_holds_one_active_sync_key_and_an_older_extra_one_is_retired(back
         return
     with fresh_postgres_database() as url:
         check(url)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_deployments_and_org_pointers_outlive_the_undeploy_migration_both_ways(backend: str, tmp_path: Path) -> None:
+    """On SQLite the migration copies `deployments` to a new table under the org pointers' foreign key (on): the
+    pointers survive it, and going back, an undeployed org keeps serving nothing (it loses its pointer)."""
+    add = [
+        text("INSERT INTO organizations (id, name, config, created_at) VALUES ('h', 'H', '{}', :at)"),
+        text("INSERT INTO organizations (id, name, config, created_at) VALUES ('u', 'U', '{}', :at)"),
+        text(
+            "INSERT INTO training_runs (id, org_id, status, config, attempts, progress, created_at) "
+            "VALUES ('run_1', 'h', 'succeeded', '{}', 1, '{}', :at)"
+        ),
+        text(
+            "INSERT INTO model_versions (version, org_id, run_id, status, sha256, size_bytes, artifact_prefix, "
+            "feature_columns, target_column, classes, metrics, validation, created_at) "
+            "VALUES ('v1', 'h', 'run_1', 'validated', '0', 1, 'p/', '[]', 'y', '[0, 1]', '{}', '{}', :at)"
+        ),
+        text(
+            "INSERT INTO deployments (id, org_id, version, action, actor, created_at, status) "
+            "VALUES (1, 'h', 'v1', 'deploy', 'a', :at, 'deployed'), (2, 'u', 'v1', 'deploy', 'a', :at, 'deployed')"
+        ),
+        text(
+            "INSERT INTO current_deployments (org_id, version, deployment_id, deployed_at) "
+            "VALUES ('h', 'v1', 1, :at), ('u', 'v1', 2, :at)"
+        ),
+    ]
+    pointers = text("SELECT org_id, version, deployment_id FROM current_deployments ORDER BY org_id")
+
+    def check(url: str) -> None:
+        upgrade(url, "0012")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            for statement in add:
+                connection.execute(statement, {"at": EARLY})
+        upgrade(url)
+        with engine.begin() as connection:
+            assert connection.execute(pointers).all() == [("h", "v1", 1), ("u", "v1", 2)]
+            connection.execute(
+                text(
+                    "INSERT INTO deployments (id, org_id, version, previous_version, action, actor, created_at, "
+                    "status) VALUES (3, 'u', NULL, 'v1', 'undeploy', 'a', :at, 'undeployed')"
+                ),
+                {"at": LATER},
+            )
+            connection.execute(
+                text("UPDATE current_deployments SET version = NULL, deployment_id = 3 WHERE org_id = 'u'")
+            )
+        engine.dispose()
+        command.downgrade(alembic_config(url), "0012")
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            assert connection.execute(pointers).all() == [("h", "v1", 1)]
+            assert connection.execute(text("SELECT id FROM deployments ORDER BY id")).scalars().all() == [1, 2]
+        engine.dispose()
+
+    if backend == "sqlite":
+        check(f"sqlite:///{tmp_path / 'deployments.db'}")
+        return
+    with fresh_postgres_database() as url:
+        check(url)
