@@ -7,13 +7,16 @@ from sqlalchemy.orm import Session
 
 from services.api.lookups import get_owned
 from shared.db.models import (
+    ACTION_UNDEPLOY,
     DEPLOYMENT_FAILED,
+    DEPLOYMENT_UNDEPLOYED,
     CurrentDeployment,
     Deployment,
     ModelVersion,
     Organization,
     OutboxMessage,
 )
+from shared.deployments import serving_deployment
 from shared.errors import Conflict, NotFound
 from shared.outbox import KIND_DEPLOY_EVENT, add_message
 from shared.verdicts import VALIDATED, rejected_gates
@@ -46,6 +49,19 @@ def current_deployment(session: Session, *, org_id: str) -> CurrentDeployment:
     if current is None:
         raise NotFound(f"organization {org_id!r} has no deployed version")
     return current
+
+
+def rollback_default(session: Session, current: CurrentDeployment) -> str | None:
+    """Where `rollback {}` goes, if it may: while a version is deployed, the newest validated version older than
+    it; while the org is undeployed, the version that served until the undeploy, if it is validated still."""
+    if current.version is not None:
+        return earlier_deployable(session, org_id=current.org_id, version=current.version)
+    undeployed = session.get_one(Deployment, current.deployment_id).previous_version
+    if undeployed is None:
+        return None
+    return session.scalar(
+        select(ModelVersion.version).where(ModelVersion.version == undeployed, ModelVersion.status == DEPLOYABLE)
+    )
 
 
 def earlier_deployable(session: Session, *, org_id: str, version: str) -> str | None:
@@ -98,6 +114,33 @@ def record_deployment(
     return current, deploy_event(session, current)
 
 
+def record_undeployment(session: Session, *, org_id: str, actor: str) -> tuple[str, OutboxMessage] | None:
+    """Point the org at nothing: a history row without a version, from the version that was serving, and the event
+    that has the predictors drop the org's model. Returns the version undeployed and the event.
+
+    When nothing serves (the org never deployed, or was undeployed and has deployed nothing since that served), it
+    changes nothing, sends nothing and returns None. "Serving" is the predictors' rule: a deployment that was
+    refused never served, so an undeploy while one is refused stops the org's last good one, and names it.
+    """
+    _lock_org(session, org_id)
+    current = session.get(CurrentDeployment, org_id, populate_existing=True)
+    serving = serving_deployment(session, org_id)
+    if current is None or serving is None or serving.version is None:
+        return None
+    history = Deployment(
+        org_id=org_id,
+        version=None,
+        previous_version=serving.version,
+        action=ACTION_UNDEPLOY,
+        actor=actor,
+        status=DEPLOYMENT_UNDEPLOYED,
+    )
+    session.add(history)
+    session.flush()
+    current.version, current.deployment_id, current.deployed_at = None, history.id, history.created_at
+    return serving.version, deploy_event(session, current)
+
+
 def deploy_event(session: Session, current: CurrentDeployment) -> OutboxMessage:
     """The outbox message that sends predictors to re-read the org's deployment: its version and serving policy."""
     payload = {"org_id": current.org_id, "version": current.version, "deployment_id": current.deployment_id}
@@ -129,7 +172,13 @@ def rollback_target(session: Session, *, org_id: str, requested: str | None) -> 
         if requested == current.version:
             raise Conflict(f"version {requested} is already deployed", field="version")
         return deployable_version(session, org_id=org_id, version=requested).version
-    target = earlier_deployable(session, org_id=org_id, version=current.version)
-    if target is None:
+    target = rollback_default(session, current)
+    if target is not None:
+        return target
+    if current.version is not None:
         raise Conflict(f"no validated version older than {current.version} to roll back to")
-    return target
+    undeployed = session.get_one(Deployment, current.deployment_id).previous_version
+    raise Conflict(
+        f"the org was undeployed, and version {undeployed}, which served until then, was rejected by validation "
+        "since: deploy a validated version, or roll back to one by name"
+    )

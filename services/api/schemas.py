@@ -164,24 +164,30 @@ class RollbackRequest(CamelModel):
 
 
 class DeploymentOut(CamelOut):
-    version: str
-    deployed_at: datetime
-    rollback_available: bool
+    version: str | None = Field(description="the version deployed; null once the org was undeployed")
+    deployed_at: datetime = Field(description="when the org's deployment last changed (deploy, rollback, undeploy)")
+    rollback_available: bool = Field(
+        description="whether `rollback {}` has a version to go to: an older validated version, or once undeployed, "
+        "the version undeployed if it is validated still"
+    )
     deployment_id: int
-    status: str = Field(description="deployed, or failed when a predictor refused the version (see error)")
+    status: str = Field(
+        description="deployed; failed when a predictor refused the version (see error); undeployed when nothing "
+        "serves the org"
+    )
     error: str | None
-    version_status: str = Field(
+    version_status: str | None = Field(
         description="the version's own status now: validated, or rejected when judging it again failed it (it keeps "
-        "serving until the next deploy or rollback)"
+        "serving until the next deploy, rollback or undeploy); null once undeployed"
     )
     failed_gates: list[str] = Field(description="the gates the version's latest judgement failed")
 
 
 class DeploymentRecord(CamelOut):
     deployment_id: int
-    action: str
-    version: str
-    previous_version: str | None
+    action: str = Field(description="deploy, rollback or undeploy")
+    version: str | None = Field(description="the version it deployed; null for an undeploy")
+    previous_version: str | None = Field(description="the version before it; for an undeploy, the one it stopped")
     actor: str
     status: str
     error: str | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -13,7 +14,7 @@ from sqlalchemy import Engine, select, update
 from services.api.app import create_app
 from services.trainer.context import WorkerContext
 from shared.db.migrate import upgrade
-from shared.db.models import Deployment, OutboxMessage
+from shared.db.models import Deployment, ModelVersion, OutboxMessage
 from shared.db.session import make_engine
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -238,3 +239,221 @@ def test_deploying_again_a_version_whose_deployment_failed_is_a_new_attempt(
     event = listener.next_event(seconds=5)
     assert event is not None and event.deployment_id == again.json()["deploymentId"]
     listener.close()
+
+
+def undeploy(api: TestClient, org: OrgKeys, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return api.delete(f"/v1/orgs/{org.org_id}/deployment", headers=headers or org.admin)
+
+
+def history_of(api: TestClient, org: OrgKeys) -> list[dict[str, Any]]:
+    """The org's deployments, oldest first."""
+    return list(api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json())[::-1]
+
+
+def admin_key_id(api: TestClient, org: OrgKeys) -> str:
+    keys = api.get(f"/v1/orgs/{org.org_id}/keys", headers=org.admin).json()
+    return str(next(key["keyId"] for key in keys if key["role"] == "admin"))
+
+
+def test_undeploying_points_the_org_at_nothing_and_the_history_shows_who_when_and_from_which_version(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    first, second = seed_versions(engine, org.org_id, 2)
+    deploy(api, org, first)
+    deploy(api, org, second)
+
+    response = undeploy(api, org)
+
+    assert response.status_code == 204, response.text
+    current = api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer)
+    assert current.status_code == 200
+    history = history_of(api, org)
+    last = history[-1]
+    assert current.json() == {
+        "version": None,
+        "deployedAt": last["createdAt"],
+        "rollbackAvailable": True,  # to the version it stopped
+        "deploymentId": last["deploymentId"],
+        "status": "undeployed",
+        "error": None,
+        "versionStatus": None,
+        "failedGates": [],
+    }
+    assert [(row["action"], row["previousVersion"], row["version"], row["status"]) for row in history] == [
+        ("deploy", None, first, "deployed"),
+        ("deploy", first, second, "deployed"),
+        ("undeploy", second, None, "undeployed"),
+    ]
+    assert last["actor"] == admin_key_id(api, org)
+    assert last["deploymentId"] > history[-2]["deploymentId"]
+
+
+def test_an_undeploy_is_audited_from_the_version_it_stopped(api: TestClient, org: OrgKeys, engine: Engine) -> None:
+    (version,) = seed_versions(engine, org.org_id, 1)
+    deploy(api, org, version)
+
+    assert undeploy(api, org).status_code == 204
+
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+    undeploys = [entry for entry in audit if entry["action"] == "model.undeployed"]
+    assert [(entry["actor"], entry["target"], entry["detail"]) for entry in undeploys] == [
+        (admin_key_id(api, org), version, {"from": version, "to": None})
+    ]
+
+
+def test_an_undeploy_publishes_one_event_after_the_commit(
+    api: TestClient, org: OrgKeys, engine: Engine, settings: Settings
+) -> None:
+    (version,) = seed_versions(engine, org.org_id, 1)
+    deploy(api, org, version)
+    listener = ChannelListener(settings.redis_url, settings.deploy_channel)
+
+    assert undeploy(api, org).status_code == 204
+
+    event = listener.next_event(seconds=5)
+    current = api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()
+    assert event is not None
+    assert (event.org_id, event.version, event.deployment_id) == (org.org_id, None, current["deploymentId"])
+    assert listener.next_event(seconds=0.5) is None
+    with engine.connect() as connection:
+        pending = connection.execute(select(OutboxMessage).where(OutboxMessage.published_at.is_(None))).all()
+    assert [row for row in pending if row.payload.get("org_id") == org.org_id] == []
+    listener.close()
+
+
+def test_undeploying_when_nothing_serves_changes_audits_and_sends_nothing(
+    api: TestClient, org: OrgKeys, engine: Engine, settings: Settings
+) -> None:
+    (version,) = seed_versions(engine, org.org_id, 1)
+    never_deployed = undeploy(api, org)
+    deploy(api, org, version)
+    assert undeploy(api, org).status_code == 204
+    listener = ChannelListener(settings.redis_url, settings.deploy_channel)
+
+    again = undeploy(api, org)
+
+    assert (never_deployed.status_code, again.status_code) == (204, 204)
+    assert listener.next_event(seconds=1) is None
+    assert [row["action"] for row in history_of(api, org)] == ["deploy", "undeploy"]
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+    assert len([entry for entry in audit if entry["action"] == "model.undeployed"]) == 1
+    listener.close()
+
+
+def test_only_the_orgs_admins_can_undeploy(api: TestClient, org: OrgKeys, engine: Engine, org_id: str) -> None:
+    (version,) = seed_versions(engine, org.org_id, 1)
+    deploy(api, org, version)
+    other = create_org_with_keys(api, "x" + org_id)
+
+    assert undeploy(api, org, org.viewer).status_code == 403
+    assert undeploy(api, org, org.trainer).status_code == 403
+    assert undeploy(api, org, other.admin).status_code == 404
+    assert undeploy(api, org, {"Authorization": "Bearer kiln_nope"}).status_code == 401
+
+    assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["version"] == version
+    assert [row["action"] for row in history_of(api, org)] == ["deploy"]
+    assert undeploy(api, org, ADMIN).status_code == 204  # the platform's operators can too
+
+
+def test_deploying_after_an_undeploy_deploys_as_usual(api: TestClient, org: OrgKeys, engine: Engine) -> None:
+    (version,) = seed_versions(engine, org.org_id, 1)
+    first = deploy(api, org, version).json()
+    undeploy(api, org)
+
+    again = deploy(api, org, version)
+
+    assert again.status_code == 201, again.text
+    body = again.json()
+    assert (body["version"], body["status"], body["versionStatus"]) == (version, "deployed", "validated")
+    assert body["deploymentId"] > first["deploymentId"] + 1
+    assert [(row["action"], row["previousVersion"], row["version"]) for row in history_of(api, org)] == [
+        ("deploy", None, version),
+        ("undeploy", version, None),
+        ("deploy", None, version),
+    ]
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+    deploys = [entry["detail"] for entry in audit if entry["action"] == "model.deployed"]
+    assert deploys == [{"from": None, "to": version}] * 2  # nothing served before either
+
+
+def test_rollback_after_an_undeploy_returns_to_the_version_it_stopped_or_to_a_named_one(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    first, second = seed_versions(engine, org.org_id, 2)
+    deploy(api, org, first)
+    deploy(api, org, second)
+    undeploy(api, org)
+
+    back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+
+    assert back.status_code == 200, back.text
+    assert (back.json()["version"], back.json()["rollbackAvailable"]) == (second, True)
+    undeploy(api, org)
+    named = api.post(f"/v1/orgs/{org.org_id}/rollback", json={"version": first}, headers=org.admin)
+    assert named.status_code == 200 and named.json()["version"] == first
+    assert [(row["action"], row["previousVersion"], row["version"]) for row in history_of(api, org)][2:] == [
+        ("undeploy", second, None),
+        ("rollback", None, second),
+        ("undeploy", second, None),
+        ("rollback", None, first),
+    ]
+
+
+def test_after_an_undeploy_of_a_version_rejected_since_there_is_no_rollback_but_by_name(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    """The harmful model judged again and rejected, then undeployed: `rollback {}` does not bring it back."""
+    older, harmful = seed_versions(engine, org.org_id, 2)
+    deploy(api, org, harmful)
+    with engine.begin() as connection:  # as a worker records a judgement that rejects it
+        connection.execute(update(ModelVersion).where(ModelVersion.version == harmful).values(status="rejected"))
+    undeploy(api, org)
+
+    current = api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()
+    back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+    named = api.post(f"/v1/orgs/{org.org_id}/rollback", json={"version": older}, headers=org.admin)
+
+    assert (current["status"], current["rollbackAvailable"]) == ("undeployed", False)
+    assert back.status_code == 409 and harmful in back.json()["error"]
+    assert named.status_code == 200 and named.json()["version"] == older
+
+
+def test_an_undeploy_while_a_deploy_is_refused_stops_the_last_good_version_and_names_it(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    good, broken = seed_versions(engine, org.org_id, 2)
+    deploy(api, org, good)
+    refused = deploy(api, org, broken).json()["deploymentId"]
+    with engine.begin() as connection:  # as a predictor records a version it refused
+        connection.execute(update(Deployment).where(Deployment.id == refused).values(status="failed", error="NaN"))
+
+    assert undeploy(api, org).status_code == 204
+
+    assert history_of(api, org)[-1]["previousVersion"] == good
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+    assert [entry["detail"] for entry in audit if entry["action"] == "model.undeployed"] == [{"from": good, "to": None}]
+    back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+    assert back.json()["version"] == good
+
+
+def test_concurrent_deploys_and_undeploys_leave_one_unbroken_history(
+    backend_api: TestClient, backend_engine: Engine, org_id: str
+) -> None:
+    api = backend_api
+    org = create_org_with_keys(api, org_id)
+    first, second = seed_versions(backend_engine, org_id, 2)
+
+    def act(version: str | None) -> int:
+        return int((undeploy(api, org) if version is None else deploy(api, org, version)).status_code)
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = list(pool.map(act, [first, None, second, None] * 10))
+
+    assert statuses == [201, 204, 201, 204] * 10
+    history = api.get(f"/v1/orgs/{org_id}/deployments?limit=1000", headers=org.viewer).json()[::-1]
+    links = [(later["previousVersion"], later["version"]) for later in history[1:]]
+    assert links == [(earlier["version"], later["version"]) for earlier, later in pairwise(history)]
+    assert all(previous != version for previous, version in links)
+    assert all((row["action"] == "undeploy") == (row["version"] is None) for row in history)
+    current = api.get(f"/v1/orgs/{org_id}/deployment", headers=org.viewer).json()
+    assert (current["version"], current["deploymentId"]) == (history[-1]["version"], history[-1]["deploymentId"])

@@ -1,10 +1,10 @@
-"""Deploy, roll back, and read the current deployment."""
+"""Deploy, roll back, undeploy, and read the current deployment."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -56,6 +56,25 @@ def rollback(body: RollbackRequest, access: OrgAdmin, session: SessionDep, resou
     return _deployment_out(session, current)
 
 
+@router.delete("/deployment", status_code=status.HTTP_204_NO_CONTENT)
+def undeploy(access: OrgAdmin, session: SessionDep, resources: ResourcesDep) -> Response:
+    """Stop serving the org at once: every predictor drops its model (on the event, or at its next reconcile) and
+    answers 404 until a version is deployed or rolled back to. Undeploying when nothing serves changes nothing."""
+    undeployed = registry.record_undeployment(session, org_id=access.org_id, actor=access.principal.key_id)
+    if undeployed is not None:  # when nothing served, nothing changed, so nothing to audit
+        version, message = undeployed
+        record_change(
+            session,
+            org_id=access.org_id,
+            actor=access.principal.key_id,
+            action="model.undeployed",
+            target=version,
+            detail={"from": version, "to": None},
+        )
+        commit_and_send(session, resources, message)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get("/deployment", response_model=DeploymentOut)
 def current_deployment(access: OrgViewer, session: SessionDep) -> DeploymentOut:
     return _deployment_out(session, registry.current_deployment(session, org_id=access.org_id))
@@ -65,7 +84,8 @@ def current_deployment(access: OrgViewer, session: SessionDep) -> DeploymentOut:
 def deployment_history(
     access: OrgViewer, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[DeploymentRecord]:
-    """Every deploy and rollback, newest first: who, when, from which version to which, and how it went."""
+    """Every deploy, rollback and undeploy, newest first: who, when, from which version to which (none for an
+    undeploy), and how it went."""
     rows = session.scalars(
         select(Deployment).where(Deployment.org_id == access.org_id).order_by(Deployment.id.desc()).limit(limit)
     )
@@ -85,19 +105,18 @@ def deployment_history(
 
 
 def _deployment_out(session: Session, current: CurrentDeployment) -> DeploymentOut:
-    earlier = registry.earlier_deployable(session, org_id=current.org_id, version=current.version)
     history = session.get_one(Deployment, current.deployment_id)
     # Judging a version again never undeploys it (that is the admin's call), so the view carries the verdict.
-    version = session.get_one(ModelVersion, current.version)
+    version = session.get(ModelVersion, current.version) if current.version is not None else None
     return DeploymentOut(
         version=current.version,
         deployed_at=current.deployed_at,
-        rollback_available=earlier is not None,
+        rollback_available=registry.rollback_default(session, current) is not None,
         deployment_id=history.id,
         status=history.status,
         error=history.error,
-        version_status=version.status,
-        failed_gates=registry.failed_gates(version),
+        version_status=version.status if version is not None else None,
+        failed_gates=registry.failed_gates(version) if version is not None else [],
     )
 
 
