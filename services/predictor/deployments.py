@@ -8,15 +8,16 @@ import time
 from collections import defaultdict
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ScalarSelect, func, select, update
-from sqlalchemy.orm import aliased
+from sqlalchemy import select, update
 
 from services.predictor.models import DeployedVersion, LoadedModel, ModelCache, load_model
 from shared.db.models import DEPLOYMENT_FAILED, CurrentDeployment, Deployment, ModelVersion, Organization
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
+from shared.deployments import serving_deployment_id
 from shared.errors import ArtifactIntegrityError, KilnError, TransientError
 from shared.schemas import PredictionPolicy
 from shared.storage import ObjectStore
@@ -39,15 +40,24 @@ class Wanted:
     loaded_before: bool
 
 
-def read_deployments(sessions: SessionFactory, org_id: str | None = None) -> list[Wanted]:
+@dataclass(frozen=True)
+class Undeployed:
+    """An org whose serving deployment is an undeploy: nothing may serve it from that deployment on."""
+
+    org_id: str
+    deployment_id: int
+
+
+def read_deployments(sessions: SessionFactory, org_id: str | None = None) -> list[Wanted | Undeployed]:
     """What each org should serve, most recently deployed first: its current deployment or, while that one is
-    refused, its last good one (the newest before it that is not failed). Every process reads the same, at its
-    start and after an eviction too, and an org whose every deployment was refused has nothing to serve."""
+    refused, its last good one (the newest before it that is not failed), or nothing once that is an undeploy.
+    Every process reads the same, at its start and after an eviction too, and an org whose every deployment was
+    refused has nothing to serve."""
     query = (
         select(Deployment.org_id, Deployment.id, Deployment.loaded_at, ModelVersion, Organization.config)
         .select_from(CurrentDeployment)
-        .join(Deployment, Deployment.id == _serving_deployment_id())
-        .join(ModelVersion, Deployment.version == ModelVersion.version)
+        .join(Deployment, Deployment.id == serving_deployment_id())
+        .outerjoin(ModelVersion, Deployment.version == ModelVersion.version)
         .join(Organization, CurrentDeployment.org_id == Organization.id)
         .order_by(CurrentDeployment.deployed_at.desc())
     )
@@ -55,25 +65,15 @@ def read_deployments(sessions: SessionFactory, org_id: str | None = None) -> lis
         query = query.where(CurrentDeployment.org_id == org_id)
     with sessions() as session:
         rows = session.execute(query).all()
-    return [
-        Wanted(_deployed(row.org_id, row.id, row.ModelVersion, row.config), loaded_before=row.loaded_at is not None)
-        for row in rows
-    ]
+    return [_wanted(row.org_id, row.id, row.loaded_at, row.ModelVersion, row.config) for row in rows]
 
 
-def _serving_deployment_id() -> ScalarSelect[int]:
-    """For each org's pointer: the id of the newest of its deployments up to the pointer's that was not refused."""
-    candidate = aliased(Deployment)
-    return (
-        select(func.max(candidate.id))
-        .where(
-            candidate.org_id == CurrentDeployment.org_id,
-            candidate.id <= CurrentDeployment.deployment_id,
-            candidate.status != DEPLOYMENT_FAILED,
-        )
-        .correlate(CurrentDeployment)
-        .scalar_subquery()
-    )
+def _wanted(
+    org_id: str, deployment_id: int, loaded_at: datetime | None, version: ModelVersion | None, config: dict[str, Any]
+) -> Wanted | Undeployed:
+    if version is None:  # an undeploy's row names no version
+        return Undeployed(org_id, deployment_id)
+    return Wanted(_deployed(org_id, deployment_id, version, config), loaded_before=loaded_at is not None)
 
 
 def _deployed(org_id: str, deployment_id: int, version: ModelVersion, config: dict[str, Any]) -> DeployedVersion:
@@ -140,9 +140,13 @@ class Synchronizer:
         self._failed_loads: dict[str, tuple[int, float, str]] = {}
 
     def sync_all(self) -> None:
-        """Every org already loaded follows the database; others are loaded while the budget lasts."""
+        """Every org already loaded follows the database; others are loaded while the budget lasts. An undeployed
+        org's model is unloaded."""
         room = self.cache.budget_mb - self.cache.used_mb()
         for wanted in read_deployments(self.sessions):
+            if isinstance(wanted, Undeployed):
+                self._undeploy(wanted)
+                continue
             if self.cache.peek(wanted.deployed.org_id) is None:
                 if wanted.deployed.memory_mb > room:
                     continue
@@ -152,22 +156,36 @@ class Synchronizer:
         self.synced_once.set()
 
     def sync_org(self, org_id: str) -> LoadedModel | None:
-        """Follow the org's deployment row; the model it serves then, or None when it has none. A request uses that
-        model itself: another org's install may already have evicted it from the cache."""
+        """Follow the org's deployment row; the model it serves then, or None when it has none (the cache then says
+        whether it was undeployed). A request uses that model itself: another org's install may already have
+        evicted it from the cache."""
         for wanted in read_deployments(self.sessions, org_id):
+            if isinstance(wanted, Undeployed):
+                self._undeploy(wanted)
+                return None
             return self._follow(wanted)
         return None
 
     def _follow(self, wanted: Wanted) -> LoadedModel | None:
         model = self._apply(wanted)
-        if model is None:  # refused, with nothing loaded: the database now names the deployment before it
+        if model is None and self.cache.undeployed(wanted.deployed.org_id) is None:
+            # Refused, with nothing loaded: the database now names the deployment before it.
             return self.sync_org(wanted.deployed.org_id)
         return model
 
+    def _undeploy(self, undeployed: Undeployed) -> None:
+        with self._org_locks[undeployed.org_id]:
+            self._failed_loads.pop(undeployed.org_id, None)
+            self.cache.undeploy(undeployed.org_id, undeployed.deployment_id)
+
     def _apply(self, wanted: Wanted) -> LoadedModel | None:
-        """The org's model once `wanted` serves; None when `wanted` was refused and the org has nothing loaded."""
+        """The org's model once `wanted` serves; None when `wanted` was refused and the org has nothing loaded, or
+        the org was undeployed after `wanted`."""
         deployed = wanted.deployed
         with self._org_locks[deployed.org_id]:
+            undeployed = self.cache.undeployed(deployed.org_id)
+            if undeployed is not None and undeployed > deployed.deployment_id:
+                return None  # read before the org was undeployed: it serves nothing
             current = self.cache.peek(deployed.org_id)
             if current is not None and current.deployed.deployment_id > deployed.deployment_id:
                 return current  # read before a newer deployment was loaded: the request gets the newer one

@@ -148,13 +148,15 @@ class ModelCache:
     Readers take an org's model without a lock: a swap is one dict assignment, so a request in flight finishes on
     the model it started with. Installs are ordered by deployment id, so a slow load of an older deployment can
     never replace a newer one. When the budget is exceeded the least recently used orgs are unloaded; their next
-    request loads them again.
+    request loads them again. An undeployed org's model is unloaded, and the undeploy's deployment id kept: no
+    load of a deployment before it is installed after it.
     """
 
     def __init__(self, budget_mb: float) -> None:
         self.budget_mb = budget_mb
         self._models: dict[str, LoadedModel] = {}
         self._last_used: dict[str, float] = {}
+        self._undeployed: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def get(self, org_id: str) -> LoadedModel | None:
@@ -173,13 +175,40 @@ class ModelCache:
     def used_mb(self) -> float:
         return sum(model.deployed.memory_mb for model in list(self._models.values()))
 
+    def undeployed(self, org_id: str) -> int | None:
+        """The deployment id of the org's undeploy, while no deployment after it has been installed."""
+        return self._undeployed.get(org_id)
+
+    def undeploy(self, org_id: str, deployment_id: int) -> bool:
+        """Unload the org's model unless a newer deployment is already there; whether the org is undeployed now."""
+        with self._lock:
+            current = self._models.get(org_id)
+            if current is not None and current.deployed.deployment_id > deployment_id:
+                return False
+            known = self._undeployed.get(org_id)
+            self._undeployed[org_id] = max(deployment_id, known or 0)
+            self._models.pop(org_id, None)
+            self._last_used.pop(org_id, None)
+        if current is not None or known is None:
+            log.info(
+                "org %s undeployed (deployment %s): unloaded %s",
+                org_id,
+                deployment_id,
+                current.version if current else "nothing",
+            )
+        return True
+
     def install(self, model: LoadedModel) -> bool:
-        """Put a loaded model in its org's slot unless a newer deployment is already there; evict to the budget."""
+        """Put a loaded model in its org's slot unless a newer deployment (or undeploy) is already there; evict to
+        the budget."""
         org_id = model.deployed.org_id
         with self._lock:
             current = self._models.get(org_id)
             if current is not None and current.deployed.deployment_id > model.deployed.deployment_id:
                 return False
+            if self._undeployed.get(org_id, 0) > model.deployed.deployment_id:
+                return False
+            self._undeployed.pop(org_id, None)
             self._models[org_id] = model
             self._last_used[org_id] = time.monotonic()
             evicted = self._evict_beyond_budget(keep=org_id)

@@ -107,11 +107,18 @@ async def principal_of(state: PredictorState, request: Request) -> Principal | N
 
 
 async def model_for(state: PredictorState, org_id: str) -> LoadedModel:
-    """The org's serving model; an org not loaded yet is loaded now, from its deployment row."""
+    """The org's serving model; an org not loaded yet is loaded now, from its deployment row (which, once the org
+    was undeployed, names nothing to load)."""
     model = state.cache.get(org_id)
     if model is None:
         model = await run_in_threadpool(state.synchronizer.sync_org, org_id)
     if model is None:
+        undeployed = state.cache.undeployed(org_id)
+        if undeployed is not None:
+            raise NotFound(
+                f"model {org_id!r} not found: the organization's model was undeployed (deployment {undeployed}); "
+                "nothing serves it until a version is deployed again"
+            )
         raise NotFound(f"model {org_id!r} not found: the organization has no deployed version")
     return model
 

@@ -22,7 +22,7 @@ from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.integration.test_predictor import deploy_quietly, eventually, served_version
-from tests.support.models import ai4i_row, nan_model, register_model, tiny_model
+from tests.support.models import FEATURES, ai4i_row, nan_model, register_model, tiny_model
 from tests.support.threaded_server import serving_in_thread
 
 
@@ -257,3 +257,130 @@ def test_a_change_of_the_orgs_record_config_reaches_the_predictor_before_its_rec
             return bool(records_of(api, org))
 
         assert eventually(recorded)
+
+
+def undeploy(api: TestClient, org: OrgKeys) -> None:
+    response = api.delete(f"/v1/orgs/{org.org_id}/deployment", headers=org.admin)
+    assert response.status_code == 204, response.text
+
+
+def refusals(predictor: TestClient, org: OrgKeys) -> dict[str, tuple[int, str]]:
+    """What V1 predict, V2 infer and the V2 model endpoints answer the org: status and error."""
+    tensor = {"name": "input", "shape": [1, len(FEATURES)], "datatype": "FP32", "data": [[1.0] * len(FEATURES)]}
+    answers = {
+        "predict": predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer),
+        "infer": predictor.post(f"/v2/models/{org.org_id}/infer", json={"inputs": [tensor]}, headers=org.viewer),
+        "ready": predictor.get(f"/v2/models/{org.org_id}/ready", headers=org.viewer),
+        "metadata": predictor.get(f"/v2/models/{org.org_id}", headers=org.viewer),
+    }
+    return {name: (answer.status_code, answer.json().get("error", "")) for name, answer in answers.items()}
+
+
+def undeployed(predictor: TestClient, org: OrgKeys) -> bool:
+    answers = refusals(predictor, org)
+    return all(status == 404 and "was undeployed" in error for status, error in answers.values())
+
+
+def comes_to_serve(replica: TestClient, org: OrgKeys, version: str) -> bool:
+    return bool(eventually(lambda: served_version(replica, org) == version))
+
+
+def comes_to_stop(replica: TestClient, org: OrgKeys) -> bool:
+    return bool(eventually(lambda: undeployed(replica, org), seconds=5))
+
+
+def test_an_undeploy_stops_serving_on_a_replica_that_got_the_event_and_on_one_that_missed_it(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    version = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, version)
+    # One replica hears events and never reconciles during the test; the other hears none (another channel) and
+    # reconciles every 0.5 s, as a replica that was disconnected when the event went out.
+    with (
+        start_predictor(settings, predictor_reconcile_s=600) as listening,
+        start_predictor(settings, deploy_channel=settings.deploy_channel + ":missed") as deaf,
+    ):
+        for replica in (listening, deaf):
+            assert comes_to_serve(replica, org, version)
+
+        undeploy(api, org)
+
+        assert comes_to_stop(listening, org), refusals(listening, org)
+        assert comes_to_stop(deaf, org), refusals(deaf, org)
+        for replica in (listening, deaf):
+            assert replica.app.state.predictor.cache.peek(org.org_id) is None  # type: ignore[attr-defined]
+            assert replica.get("/v2/health/ready").status_code == 200
+        time.sleep(1)  # two more reconciles of the deaf replica: nothing loads the org's last version again
+        assert undeployed(listening, org) and undeployed(deaf, org)
+
+
+def test_an_undeployed_orgs_last_version_is_not_loaded_again_by_a_request_or_a_worker_started_since(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings, org_id: str
+) -> None:
+    other = create_org_with_keys(api, "x" + org_id)
+    deploy(api, other, register_model(engine, store, other.org_id, tiny_model(seed=2)))
+    version = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, version)
+    # Room for one org's model, no events and no reconcile: the org's next request, after the other org's unloaded
+    # its model, loads it from its deployment row, which is all the replica learns of the undeploy.
+    quiet = {"predictor_memory_mb": 1.5, "predictor_reconcile_s": 600, "deploy_channel": "kiln-test:nothing"}
+    with start_predictor(settings, **quiet) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == version)
+        assert served_version(predictor, other) is not None
+        assert predictor.app.state.predictor.cache.peek(org.org_id) is None  # type: ignore[attr-defined]
+
+        undeploy(api, org)
+
+        assert undeployed(predictor, org), refusals(predictor, org)
+        assert served_version(predictor, other) is not None
+    with start_predictor(settings) as started:  # a worker that starts after the undeploy
+        assert eventually(lambda: started.get("/v2/health/ready").status_code == 200)
+        assert undeployed(started, org), refusals(started, org)
+        assert served_version(started, other) is not None
+
+
+def test_deploying_or_rolling_back_after_an_undeploy_serves_again_on_every_replica(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    first = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    second = register_model(engine, store, org.org_id, tiny_model(seed=2))
+    deploy(api, org, first)
+    with (
+        start_predictor(settings, predictor_reconcile_s=600) as listening,
+        start_predictor(settings, deploy_channel=settings.deploy_channel + ":missed") as deaf,
+    ):
+        replicas = (listening, deaf)
+        for replica in replicas:
+            assert comes_to_serve(replica, org, first)
+        undeploy(api, org)
+        assert all(comes_to_stop(replica, org) for replica in replicas)
+
+        deploy(api, org, first)  # the very version undeployed
+        for replica in replicas:
+            assert comes_to_serve(replica, org, first)
+
+        deploy(api, org, second)
+        undeploy(api, org)
+        assert all(comes_to_stop(replica, org) for replica in replicas)
+        back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+        assert back.status_code == 200 and back.json()["version"] == second
+        for replica in replicas:
+            assert comes_to_serve(replica, org, second)
+            answer = replica.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
+            assert int(answer.headers["x-deployment-id"]) == back.json()["deploymentId"]
+
+
+def test_a_broken_deploy_after_an_undeploy_brings_back_nothing_from_before_it(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    """The org's last good deployment is the undeploy: a refused deploy does not revive the version it stopped."""
+    good = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, good)
+    with start_predictor(settings) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == good)
+        undeploy(api, org)
+        assert eventually(lambda: undeployed(predictor, org))
+        refuse(api, org, engine, store, "corrupt ONNX")
+        time.sleep(1)  # two reconciles
+        assert undeployed(predictor, org), refusals(predictor, org)
+        assert predictor.get("/v2/health/ready").status_code == 200

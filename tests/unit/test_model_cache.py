@@ -50,3 +50,19 @@ def test_a_model_larger_than_the_budget_still_serves_alone() -> None:
     cache.install(loaded("a", 1))
     cache.install(loaded("big", 1, memory_mb=5))
     assert list(cache.versions()) == ["big"]
+
+
+def test_an_undeploy_unloads_the_org_and_no_late_load_from_before_it_comes_back() -> None:
+    cache = ModelCache(budget_mb=100)
+    cache.install(loaded("acme", 5))
+    cache.install(loaded("other", 1))
+
+    assert cache.undeploy("acme", 6)
+
+    assert cache.peek("acme") is None and cache.undeployed("acme") == 6
+    assert not cache.install(loaded("acme", 5))  # a load of the deployment before it, finishing late
+    assert cache.versions() == {"other": "v1"} and cache.used_mb() == 1
+    assert cache.install(loaded("acme", 7))  # deployed again
+    assert cache.undeployed("acme") is None and cache.versions() == {"acme": "v7", "other": "v1"}
+    assert not cache.undeploy("acme", 6)  # an undeploy read before the deploy after it
+    assert cache.versions()["acme"] == "v7"
