@@ -61,6 +61,10 @@ class Conflict(KilnError):
     status = HTTPStatus.CONFLICT
 
 
+class SourceBeingDeleted(Conflict):
+    """A sync source whose deletion was asked for: it takes no new job, resync or schedule change."""
+
+
 class TooManyRequests(KilnError):
     status = HTTPStatus.TOO_MANY_REQUESTS
 

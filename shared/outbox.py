@@ -26,6 +26,7 @@ KIND_ORGS_CHANGED = "orgs_changed"
 KIND_VALIDATE_TASK = "validate_task"
 KIND_SYNC_TASK = "sync_task"
 KIND_ROTATE_TASK = "rotate_task"
+KIND_DELETE_SOURCE_TASK = "delete_source_task"
 
 Sender = Callable[[dict[str, Any]], None]
 

@@ -9,6 +9,7 @@ VALIDATE_TASK = "kiln.validate"
 SYNC_TASK = "kiln.sync"
 SYNC_PURGE_TASK = "kiln.sync.purge"
 SYNC_ROTATE_TASK = "kiln.sync.rotate"
+SYNC_DELETE_SOURCE_TASK = "kiln.sync.delete_source"
 ORG_QUEUE_PREFIX = "train."
 SYNC_QUEUE_PREFIX = "sync."
 # The broadcast that makes workers look at the orgs again; it names queues, not the sync service.
@@ -53,6 +54,14 @@ def send_sync_task(sender: TaskSender, payload: dict[str, Any]) -> None:
 def send_rotate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
     """The message behind an outbox row of kind rotate_task: rotate the org's key, on its sync queue."""
     sender.send_task(SYNC_ROTATE_TASK, args=[payload["org_id"], payload["actor"]], queue=sync_queue(payload["org_id"]))
+
+
+def send_delete_source_task(sender: TaskSender, payload: dict[str, Any]) -> None:
+    """The message behind an outbox row of kind delete_source_task: delete a sync source, on its org's sync queue
+    (a worker of the org's sync does it, between the source's jobs)."""
+    sender.send_task(
+        SYNC_DELETE_SOURCE_TASK, args=[payload["source_id"], payload["org_id"]], queue=sync_queue(payload["org_id"])
+    )
 
 
 def send_purge_task(sender: TaskSender, org_id: str) -> None:

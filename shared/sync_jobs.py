@@ -41,6 +41,20 @@ def residency_refusal(org_config: OrgConfig, source: SyncSource) -> str | None:
     )
 
 
+def deletion_refusal(source: SyncSource) -> str | None:
+    """Why nothing new may start for a source, or None: its deletion was asked for (DELETE
+    /v1/orgs/{org}/sync-sources/{id}), or done. Jobs, resyncs and schedule changes are refused with this reason."""
+    if source.deleted_at is not None:
+        return f"sync source {source.id} was deleted at {source.deleted_at.isoformat()}"
+    if source.deletion_requested_at is None:
+        return None
+    return (
+        f"sync source {source.id} is being deleted (asked at {source.deletion_requested_at.isoformat()}): it takes no "
+        "new job, resync or schedule change, and a sync worker removes its central copies and records; register "
+        "its tables again once GET on the source answers 404"
+    )
+
+
 def source_tables(source: SyncSource) -> list[SyncTable]:
     return [SyncTable.model_validate(table) for table in source.tables]
 

@@ -13,6 +13,7 @@ from shared.crypto import SecretBox
 from shared.db.session import SessionFactory, make_engine, make_session_factory
 from shared.events import DeployEvent, publish_deploy_event
 from shared.outbox import (
+    KIND_DELETE_SOURCE_TASK,
     KIND_DEPLOY_EVENT,
     KIND_ORGS_CHANGED,
     KIND_ROTATE_TASK,
@@ -24,6 +25,7 @@ from shared.outbox import (
 from shared.queues import (
     SYNC_QUEUES_COMMAND,
     celery_config,
+    send_delete_source_task,
     send_rotate_task,
     send_sync_task,
     send_train_task,
@@ -70,6 +72,7 @@ class Resources:
             KIND_VALIDATE_TASK: self._send_validate_task,
             KIND_SYNC_TASK: self._send_sync_task,
             KIND_ROTATE_TASK: self._send_rotate_task,
+            KIND_DELETE_SOURCE_TASK: self._send_delete_source_task,
         }
 
     def _send_deploy_event(self, payload: dict[str, Any]) -> None:
@@ -86,6 +89,9 @@ class Resources:
 
     def _send_rotate_task(self, payload: dict[str, Any]) -> None:
         send_rotate_task(self.celery, payload)
+
+    def _send_delete_source_task(self, payload: dict[str, Any]) -> None:
+        send_delete_source_task(self.celery, payload)
 
     def _send_validate_task(self, payload: dict[str, Any]) -> None:
         send_validate_task(self.celery, payload)

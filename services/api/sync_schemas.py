@@ -18,6 +18,15 @@ class SyncSourceOut(CamelOut):
     tables: list[dict[str, Any]]
     central_tables: dict[str, str] = Field(description="where each table's central copy lives")
     created_at: datetime
+    status: Literal["active", "deleting"] = Field(
+        "active", description="deleting: DELETE was asked for; a sync worker is removing it (then GET answers 404)"
+    )
+
+
+class SyncSourceDeletionOut(CamelOut):
+    source_id: str
+    status: Literal["deleting"]
+    queue: str = Field(description="the org's sync queue, where a sync worker deletes it once its running job ends")
 
 
 class SyncResyncOut(CamelOut):

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
-from services.api.routers.sync_sources import owned_source
+from services.api.routers.sync_sources import active_source
 from services.api.schemas import MAX_ROW_ID
 from services.api.sync_schemas import ConflictOut, ConflictResolution, SyncJobIn, SyncJobOut
 from shared.audit import record_change
@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1/orgs/{org}", tags=["sync"])
 
 @router.post("/sync-jobs", status_code=status.HTTP_202_ACCEPTED, response_model=SyncJobOut)
 def submit_job(body: SyncJobIn, access: OrgTrainer, session: SessionDep, resources: ResourcesDep) -> SyncJobOut:
-    source = owned_source(session, body.source_id, org_id=access.org_id, field="sourceId")
+    source = active_source(session, body.source_id, org_id=access.org_id, field="sourceId")
     org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
     refusal = residency_refusal(org_config, source)
     if refusal is not None:
@@ -78,6 +78,7 @@ def resolve_conflict(
         raise NotFound(f"conflict {conflict_id} not found")
     if row.status != CONFLICT_OPEN:
         raise Conflict(f"conflict {conflict_id} is {row.status}, not open", field="conflictId")
+    source = active_source(session, row.source_id, org_id=access.org_id)
     if body.keep == "local" and row.local_version.get(WITHHELD):
         raise Conflict(
             f"conflict {conflict_id}: its local version was withheld (table {row.table_name!r} syncs down only, so its "
@@ -96,7 +97,6 @@ def resolve_conflict(
         target=f"{row.table_name}/{row.record_key}",
         detail={"conflictId": row.id, "keep": body.keep},
     )
-    source = owned_source(session, row.source_id, org_id=access.org_id)
     _job, message = queue_sync_job(session, source=source, actor=access.principal.key_id, trigger="review")
     commit_and_send(session, resources, message)
     return _conflict_out(row)

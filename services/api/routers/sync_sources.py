@@ -1,5 +1,8 @@
 """An org's local stores to sync with the central store, and their schedules. A store's password is stored
-encrypted and never shown again."""
+encrypted and never shown again. A source is deleted in two steps: the api marks it (it then takes no new job,
+resync or schedule change) and queues the deletion on `sync.<org>`, where a sync worker removes its central copies
+and records once its running job ends (services/sync/source_deletion.py); the row stays as a tombstone, answering
+404, so that its jobs' history still names it."""
 
 from __future__ import annotations
 
@@ -14,15 +17,23 @@ from sqlalchemy.orm import Session
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
 from services.api.routers.datasource import checked_url
-from services.api.sync_schemas import SyncResyncOut, SyncScheduleIn, SyncScheduleOut, SyncSourceOut
+from services.api.sync_schemas import (
+    SyncResyncOut,
+    SyncScheduleIn,
+    SyncScheduleOut,
+    SyncSourceDeletionOut,
+    SyncSourceOut,
+)
 from shared.audit import record_change
 from shared.db.models import Organization, SyncResync, SyncSchedule, SyncSource
 from shared.db.types import utcnow
-from shared.errors import Conflict, NotFound
+from shared.errors import Conflict, NotFound, SourceBeingDeleted
+from shared.outbox import KIND_DELETE_SOURCE_TASK, add_message
+from shared.queues import sync_queue
 from shared.schedules import check_schedule, next_fire_times
 from shared.schemas import OrgConfig
 from shared.store_access import store_identity
-from shared.sync_jobs import queue_sync_job, residency_refusal, source_tables
+from shared.sync_jobs import deletion_refusal, queue_sync_job, residency_refusal, source_tables
 from shared.sync_tables import SyncSourceSpec, central_table_name
 
 router = APIRouter(prefix="/v1/orgs/{org}/sync-sources", tags=["sync"])
@@ -41,6 +52,11 @@ def create_source(
     # URL.set(password=None) keeps the password; the NamedTuple's _replace is what removes it.
     source.url = url._replace(password=None).render_as_string(hide_password=False)
     source.tables = [table.model_dump(mode="json", by_alias=True) for table in body.tables]
+    # A table that may never sync (its jobs would all be refused for the org's residency) is refused now, for the
+    # reason its jobs would give.
+    refusal = residency_refusal(OrgConfig.model_validate(session.get_one(Organization, access.org_id).config), source)
+    if refusal is not None:
+        raise Conflict(refusal, field="tables")
     _refuse_tables_synced_already(session, source)
     session.add(source)
     session.flush()
@@ -58,7 +74,11 @@ def create_source(
 
 @router.get("", response_model=list[SyncSourceOut])
 def list_sources(access: OrgViewer, session: SessionDep) -> list[SyncSourceOut]:
-    rows = session.scalars(select(SyncSource).where(SyncSource.org_id == access.org_id).order_by(SyncSource.created_at))
+    rows = session.scalars(
+        select(SyncSource)
+        .where(SyncSource.org_id == access.org_id, SyncSource.deleted_at.is_(None))
+        .order_by(SyncSource.created_at)
+    )
     return [_source_out(row) for row in rows]
 
 
@@ -67,11 +87,41 @@ def get_source(source_id: str, access: OrgViewer, session: SessionDep) -> SyncSo
     return _source_out(owned_source(session, source_id, org_id=access.org_id))
 
 
+@router.delete("/{source_id}", status_code=status.HTTP_202_ACCEPTED, response_model=SyncSourceDeletionOut)
+def delete_source(
+    source_id: str, access: OrgAdmin, session: SessionDep, resources: ResourcesDep
+) -> SyncSourceDeletionOut:
+    """Delete the source and everything Kiln holds centrally for it (its central copies, their change log rows,
+    watermarks, store marks, conflicts, field-merge bases, schedule and resyncs), so that its tables may be
+    registered again; the audit trail and its jobs' history stay, and its local store is left as it is. From now on
+    it takes no new job, resync or schedule change (409); a sync worker does the deletion on `sync.<org>` once the
+    source's running job ends, and audits it (`sync.source.deleted`). Asked again while that is pending, the
+    deletion is queued again (a message lost with Redis is sent anew)."""
+    source = owned_source(session, source_id, org_id=access.org_id)
+    actor = access.principal.key_id
+    again = source.deletion_requested_at is not None
+    if not again:
+        source.deletion_requested_at, source.deletion_requested_by = utcnow(), actor
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=actor,
+        action="sync.source.deletion.requested",
+        target=source.id,
+        detail={"tables": [table.name for table in source_tables(source)], "askedBefore": again},
+    )
+    message = add_message(
+        session, kind=KIND_DELETE_SOURCE_TASK, payload={"source_id": source.id, "org_id": access.org_id}
+    )
+    commit_and_send(session, resources, message)
+    return SyncSourceDeletionOut(source_id=source.id, status="deleting", queue=sync_queue(access.org_id))
+
+
 @router.post("/{source_id}/resync", status_code=status.HTTP_202_ACCEPTED, response_model=SyncResyncOut)
 def resync(source_id: str, access: OrgAdmin, session: SessionDep, resources: ResourcesDep) -> SyncResyncOut:
     """The source's local store was restored from a backup or replaced (its jobs fail saying so): the job queued
     here brings both sides back together, keeping the edits made since the restore (README, "Restoring a store")."""
-    source = owned_source(session, source_id, org_id=access.org_id)
+    source = active_source(session, source_id, org_id=access.org_id)
     org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
     refusal = residency_refusal(org_config, source)
     if refusal is not None:
@@ -96,7 +146,7 @@ def resync(source_id: str, access: OrgAdmin, session: SessionDep, resources: Res
 @router.put("/{source_id}/schedule", response_model=SyncScheduleOut)
 def put_schedule(source_id: str, body: SyncScheduleIn, access: OrgAdmin, session: SessionDep) -> SyncScheduleOut:
     """Set the source's schedule; the sync beat picks the change up at its next tick."""
-    source = owned_source(session, source_id, org_id=access.org_id)
+    source = active_source(session, source_id, org_id=access.org_id)
     check_schedule(body.pattern, body.timezone)
     row = session.get(SyncSchedule, source.id) or SyncSchedule(source_id=source.id, org_id=access.org_id)
     row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
@@ -122,6 +172,7 @@ def get_schedule(source_id: str, access: OrgViewer, session: SessionDep) -> Sync
 
 @router.delete("/{source_id}/schedule", status_code=status.HTTP_204_NO_CONTENT)
 def delete_schedule(source_id: str, access: OrgAdmin, session: SessionDep) -> Response:
+    active_source(session, source_id, org_id=access.org_id)
     row = _existing_schedule(session, source_id, access.org_id)
     session.delete(row)
     record_change(
@@ -131,30 +182,50 @@ def delete_schedule(source_id: str, access: OrgAdmin, session: SessionDep) -> Re
 
 
 def owned_source(session: Session, source_id: str, *, org_id: str, field: str | None = None) -> SyncSource:
-    """Another org's source is as absent as a missing one."""
+    """Another org's source is as absent as a missing one, and so is a deleted one (its tombstone only keeps its
+    jobs' history)."""
     row = session.get(SyncSource, source_id)
-    if row is None or row.org_id != org_id:
+    if row is None or row.org_id != org_id or row.deleted_at is not None:
         raise NotFound(f"sync source {source_id!r} not found", field=field)
+    return row
+
+
+def active_source(session: Session, source_id: str, *, org_id: str, field: str | None = None) -> SyncSource:
+    """The org's source, refused with a 409 if its deletion was asked for: nothing new starts for it."""
+    row = owned_source(session, source_id, org_id=org_id, field=field)
+    refusal = deletion_refusal(row)
+    if refusal is not None:
+        raise SourceBeingDeleted(refusal, field=field)
     return row
 
 
 def _refuse_tables_synced_already(session: Session, source: SyncSource) -> None:
     """Two sources of one local table share its triggers and change log, and neither sees what the other writes
     down: their central copies would drift apart. One store is one store whatever its URL's spelling (driver,
-    default port, host's case, a linked path: store_identity)."""
+    default port, host's case, a linked path: store_identity). A deleted source syncs nothing any more; one being
+    deleted still counts until a sync worker has removed it, as its running job may still write to the store."""
     names = {table["name"] for table in source.tables}
     store = store_identity(make_url(source.url))
-    others = session.scalars(select(SyncSource).where(SyncSource.org_id == source.org_id))
+    others = session.scalars(
+        select(SyncSource).where(SyncSource.org_id == source.org_id, SyncSource.deleted_at.is_(None))
+    )
     for other in others:
         if store_identity(make_url(other.url)) != store:
             continue
         for table in other.tables:
-            if table["name"] in names:
+            if table["name"] not in names:
+                continue
+            if other.deletion_requested_at is not None:
                 raise Conflict(
-                    f"table {table['name']!r} of this store is synced by source {other.id} already: two sources of "
-                    "one table would each miss what the other brings down",
+                    f"table {table['name']!r} of this store is synced by source {other.id}, which is being deleted: "
+                    f"register it again once GET /v1/orgs/{source.org_id}/sync-sources/{other.id} answers 404",
                     field="tables",
                 )
+            raise Conflict(
+                f"table {table['name']!r} of this store is synced by source {other.id} already: two sources of "
+                "one table would each miss what the other brings down",
+                field="tables",
+            )
 
 
 def _existing_schedule(session: Session, source_id: str, org_id: str) -> SyncSchedule:
@@ -190,4 +261,5 @@ def _source_out(row: SyncSource) -> SyncSourceOut:
         tables=row.tables,
         central_tables={table["name"]: central_table_name(row.id, table["name"]) for table in row.tables},
         created_at=row.created_at,
+        status="deleting" if row.deletion_requested_at is not None else "active",
     )
