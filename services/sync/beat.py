@@ -22,7 +22,7 @@ from shared.outbox import KIND_SYNC_TASK, relay
 from shared.queues import send_purge_task, send_sync_task
 from shared.schedules import next_fire_times
 from shared.schemas import OrgConfig
-from shared.sync_jobs import queue_sync_job
+from shared.sync_jobs import deletion_refusal, queue_sync_job
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ def _fire(session: Session, schedule: SyncSchedule, now: datetime) -> int | None
     if taken.rowcount != 1:  # type: ignore[attr-defined]
         return None  # another beat fired it
     source = session.get_one(SyncSource, schedule.source_id)
+    if deletion_refusal(source) is not None:
+        return None  # its deletion removes the schedule; until then it fires nothing
     _job, message = queue_sync_job(session, source=source, actor="schedule", trigger="schedule")
     return message.id
 
@@ -60,7 +62,9 @@ def _fire(session: Session, schedule: SyncSchedule, now: datetime) -> int | None
 def orgs_to_purge(sessions: SessionFactory) -> list[str]:
     """The orgs with records to keep within their retention period: synced ones, or prediction records."""
     with session_scope(sessions) as session:
-        with_sources = set(session.scalars(select(SyncSource.org_id).distinct()))
+        with_sources = set(
+            session.scalars(select(SyncSource.org_id).where(SyncSource.deletion_requested_at.is_(None)).distinct())
+        )
         recording = {
             org.id
             for org in session.scalars(select(Organization))

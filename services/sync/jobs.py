@@ -45,7 +45,17 @@ from shared.db.types import utcnow
 from shared.errors import InvalidInput, KilnError, TransientError
 from shared.retries import gave_up
 from shared.schemas import OrgConfig
-from shared.sync_jobs import FAILED, FINISHED, REFUSED, RETRYING, RUNNING, SUCCEEDED, residency_refusal, source_tables
+from shared.sync_jobs import (
+    FAILED,
+    FINISHED,
+    REFUSED,
+    RETRYING,
+    RUNNING,
+    SUCCEEDED,
+    deletion_refusal,
+    residency_refusal,
+    source_tables,
+)
 from shared.sync_tables import SyncTable, central_table_name
 
 log = logging.getLogger(__name__)
@@ -195,7 +205,8 @@ def _start(context: SyncContext, job_id: str) -> tuple[SyncSource, int] | None:
             return None
         source = session.get_one(SyncSource, job.source_id)
         org_config = OrgConfig.model_validate(session.get_one(Organization, job.org_id).config)
-        refusal = residency_refusal(org_config, source)
+        # A source being deleted runs nothing more: its deletion waits for this lock, then removes what a job uses.
+        refusal = deletion_refusal(source) or residency_refusal(org_config, source)
         if refusal is not None:
             _close(session, job, REFUSED, refusal)
             return None

@@ -45,7 +45,10 @@ def purge_expired(context: SyncContext, org_id: str, *, now: datetime | None = N
     """Purge every source of the org, and its prediction records; returns how many records went."""
     with session_scope(context.sessions) as session:
         config = OrgConfig.model_validate(session.get_one(Organization, org_id).config)
-        sources = session.scalars(select(SyncSource).where(SyncSource.org_id == org_id)).all()
+        # A source being deleted loses its central copies whole: nothing to purge one by one.
+        sources = session.scalars(
+            select(SyncSource).where(SyncSource.org_id == org_id, SyncSource.deletion_requested_at.is_(None))
+        ).all()
         session.expunge_all()
     days = config.retention_days
     cutoff = (now or utcnow()) - timedelta(days=days)

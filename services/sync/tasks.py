@@ -9,8 +9,9 @@ from services.sync.context import worker_context
 from services.sync.jobs import MAX_ATTEMPTS, run_job
 from services.sync.retention import purge_expired
 from services.sync.rotation import rotate_org_key
+from services.sync.source_deletion import delete_source
 from shared.errors import TransientError
-from shared.queues import SYNC_PURGE_TASK, SYNC_ROTATE_TASK, SYNC_TASK
+from shared.queues import SYNC_DELETE_SOURCE_TASK, SYNC_PURGE_TASK, SYNC_ROTATE_TASK, SYNC_TASK
 
 RETRY_BACKOFF_S = 5
 MAX_RETRIES = MAX_ATTEMPTS - 1
@@ -42,3 +43,10 @@ def rotate(org_id: str, actor: str) -> dict[str, object]:
     """Rotate the org's key (asked for over the api by `actor`); the new key and the drained ones are in the audit
     trail and at GET /v1/orgs/{org}/sync-keys."""
     return rotate_org_key(worker_context(), org_id, actor=actor)
+
+
+@app.task(name=SYNC_DELETE_SOURCE_TASK)  # type: ignore[untyped-decorator]
+def delete_sync_source(source_id: str, org_id: str) -> dict[str, object]:
+    """Delete a source asked for over the api, once its running job ends; what went is in the audit trail
+    (`sync.source.deleted`)."""
+    return delete_source(worker_context(), source_id, org_id=org_id)
