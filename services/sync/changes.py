@@ -120,6 +120,19 @@ def log_existing(connection: Connection, log: ChangeLog, *, table: str, key: str
     )
 
 
+def log_existing_again(connection: Connection, log: ChangeLog, *, table: str, key: str) -> Change | None:
+    """A table whose triggers were installed already (for a source since deleted, say) that a source starts
+    syncing anew: its records are logged once more, since the log holds only what was edited there (never what the
+    service wrote), and the table's last log row before them is returned, for the new source to start after it
+    (None if there was none). Writers are shut out until the caller's transaction ends, so no edit falls between."""
+    shut_out_writers(connection, log)
+    row = connection.execute(
+        text(f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t ORDER BY seq DESC LIMIT 1"), {"t": table}
+    ).first()
+    log_existing(connection, log, table=table, key=key, logged_as=table)
+    return None if row is None else Change(*row)
+
+
 def _sqlite_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
     if log.stamps:
         _sqlite_stamping_triggers(connection, log, table=table, key=key, logged_as=logged_as)

@@ -15,10 +15,12 @@ from sqlalchemy.orm import Session
 from services.sync.changes import (
     CENTRAL_LOG,
     LOCAL_LOG,
+    Change,
     create_log,
     has_triggers,
     install_triggers,
     log_existing,
+    log_existing_again,
     now_ms,
 )
 from services.sync.column_types import as_stored, value_checks
@@ -38,6 +40,7 @@ from services.sync.stores import (
     widen_old_columns,
 )
 from services.sync.transfer import sync_table
+from services.sync.watermarks import start_up_after
 from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
 from shared.db.session import session_scope
@@ -283,9 +286,17 @@ def open_pair(
     offset_ms: int,
     job_id: str | None,
 ) -> TablePair:
-    """Both sides of a table, with change capture installed; the central copy made on its first sync."""
+    """Both sides of a table, with change capture installed; the central copy made on its first sync.
+
+    A local table that has its triggers already but no central copy here (its source was deleted and it was
+    registered again, or its first job stopped between the two) has its records logged once more, and the source's
+    `up` position starts after the rows logged before: the log holds only the edits made there, never the records
+    the service wrote down, so read from its start it would leave those out of the new central copy."""
     central_name = central_table_name(source.id, spec.name)
     local_dialect = local.dialect.name
+    with context.engine.connect() as connection:
+        first_copy = not connection.dialect.has_table(connection, central_name)
+    logged_before: Change | None = None
     with local.begin() as connection:
         create_log(connection, LOCAL_LOG)
         create_marks(connection)
@@ -296,8 +307,12 @@ def open_pair(
         if not has_triggers(connection, LOCAL_LOG, spec.name):
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
             log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
+        elif first_copy and spec.sends_up:
+            logged_before = log_existing_again(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key)
     with context.engine.begin() as connection:
         central_table = ensure_central_table(connection, reflected, spec, central_name, local_dialect=local_dialect)
+        if logged_before is not None:
+            start_up_after(connection, source.id, spec.name, logged_before)
         added = add_new_columns(connection, reflected, central_table, spec, local_dialect=local_dialect)
         widened = widen_old_columns(connection, reflected, central_table, spec, local_dialect=local_dialect)
         if added or widened:

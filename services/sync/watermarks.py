@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.orm import Session
 
 from services.sync.changes import Change
@@ -63,3 +63,26 @@ def count_moves(session: Session, pair: TablePair, *, pushed: int = 0, pulled: i
                 pushed=SyncJob.pushed + pushed, pulled=SyncJob.pulled + pulled, conflicts=SyncJob.conflicts + conflicts
             )
         )
+
+
+def start_up_after(connection: Connection, source_id: str, table: str, logged: Change) -> None:
+    """A source's first `up` position for a table, after the local log row `logged`, kept with it as every `up`
+    watermark is; a position the source has already is left as it is."""
+    this = (
+        SyncWatermark.source_id == source_id,
+        SyncWatermark.table_name == table,
+        SyncWatermark.direction == UP,
+    )
+    if connection.execute(select(SyncWatermark.seq).where(*this)).first() is not None:
+        return
+    connection.execute(
+        insert(SyncWatermark).values(
+            source_id=source_id,
+            table_name=table,
+            direction=UP,
+            seq=logged.seq,
+            updated_at=utcnow(),
+            logged_key=logged.key,
+            logged_at_ms=logged.at_ms,
+        )
+    )
