@@ -35,6 +35,11 @@ from shared.sync_keys import ACTIVE, DESTROYED, DRAINED, RETIRED
 KEY_ID = re.compile(r"ek[0-9a-f]{12}")
 
 
+def looks_sealed(value: Any) -> bool:
+    """Whether `value` reads as a sealed token (`<key id>:...`), whichever key it names."""
+    return isinstance(value, str) and KEY_ID.fullmatch(value.partition(":")[0]) is not None
+
+
 class KeyRotated(Exception):
     """The org's key was rotated since this keyring was loaded: what it would seal now would stay under a key that
     may be destroyed. The transaction is rolled back and redone with the new keyring."""

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying
 from services.sync.context import SyncContext
-from services.sync.envelope import Keyring, mark_drained, one_key_change_at_a_time, start_rotation
+from services.sync.envelope import Keyring, looks_sealed, mark_drained, one_key_change_at_a_time, start_rotation
 from services.sync.stores import reflect
 from shared.audit import record_change
 from shared.db.models import AuditEntry, Organization, SyncBase, SyncConflict, SyncSource
@@ -42,6 +42,8 @@ def rotate_org_key(context: SyncContext, org_id: str, *, actor: str) -> dict[str
         connection = session.connection()
         begin_applying(connection, CENTRAL_LOG)
         resealed = 0
+        # Deleted sources too (their central copies are gone): the audit rows of their deletions stay.
+        audited: dict[str, set[str]] = {}
         for source in session.scalars(select(SyncSource).where(SyncSource.org_id == org_id)).all():
             for spec in source_tables(source):
                 if not spec.sensitive_columns:
@@ -53,7 +55,9 @@ def rotate_org_key(context: SyncContext, org_id: str, *, actor: str) -> dict[str
                         connection, table, spec.primary_key, spec.name, spec.sensitive_columns, keyring
                     )
                 resealed += _reseal_documents(session, source.id, spec.name, spec.sensitive_columns, keyring)
-                resealed += _reseal_deletion_audits(connection, org_id, spec.name, spec.sensitive_columns, keyring)
+                audited.setdefault(spec.name, set()).update(spec.sensitive_columns)
+        for name, columns in sorted(audited.items()):
+            resealed += _reseal_deletion_audits(connection, org_id, name, sorted(columns), keyring)
         end_applying(connection, CENTRAL_LOG)
         drained = mark_drained(session, org_id)
         summary = {"activeKey": keyring.active_id, "drainedKeys": drained, "resealedValues": resealed}
@@ -117,7 +121,9 @@ def _reseal_bases(connection: Connection, source_id: str, name: str, columns: li
 def _reseal_deletion_audits(
     connection: Connection, org_id: str, name: str, columns: list[str], keyring: Keyring
 ) -> int:
-    """The org's `sync.delete` rows of this table, paged by id: each keeps the deleted record sealed."""
+    """The org's `sync.delete` rows of this table, paged by id: each keeps the deleted record sealed. A row names
+    the table, not the source: a value audited in plain text, while its column was not sensitive (in a source since
+    deleted and registered again with it sensitive, or in another store's table of that name), stays as it was."""
     resealed, last = 0, 0
     of_table = (
         AuditEntry.org_id == org_id,
@@ -131,7 +137,7 @@ def _reseal_deletion_audits(
         changed = [
             (entry, {**detail, "deleted": row})
             for entry, detail in page
-            if (row := _resealed(dict(detail.get("deleted") or {}), name, columns, keyring))
+            if (row := _resealed(dict(detail.get("deleted") or {}), name, columns, keyring, sealed_only=True))
         ]
         if changed:
             connection.execute(write, [{"entry": entry, "new_detail": detail} for entry, detail in changed])
@@ -139,9 +145,16 @@ def _reseal_deletion_audits(
     return resealed
 
 
-def _resealed(row: dict[str, Any], name: str, columns: list[str], keyring: Keyring) -> dict[str, Any] | None:
-    """The row with its sealed values under the active key; None when they all are already."""
-    stale = [column for column in columns if column in row and not keyring.is_current(row[column])]
+def _resealed(
+    row: dict[str, Any], name: str, columns: list[str], keyring: Keyring, *, sealed_only: bool = False
+) -> dict[str, Any] | None:
+    """The row with its sealed values under the active key; None when they all are already. `sealed_only`: values
+    that are no sealed token are left as they are, rather than refused."""
+    stale = [
+        column
+        for column in columns
+        if column in row and not keyring.is_current(row[column]) and (not sealed_only or looks_sealed(row[column]))
+    ]
     if not stale:
         return None
     for column in stale:
