@@ -106,6 +106,26 @@ def test_a_key_rotation_asked_over_http_is_run_by_a_sync_worker_and_the_old_key_
     assert actor not in ("sync", "cli")
 
 
+def test_a_source_deletion_asked_over_http_is_done_by_a_sync_worker(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, sync_worker: None
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    finished(sync, sync.submit(), tmp_path / "worker.log")
+    source = f"/v1/orgs/{org_id}/sync-sources/{sync.source_id}"
+
+    deletion = sync_api.delete(source, headers=sync.org.admin)
+    deadline = time.monotonic() + 60
+    while sync_api.get(source, headers=sync.org.viewer).status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    assert (deletion.status_code, deletion.json()["queue"]) == (202, f"sync.{org_id}")
+    assert sync_api.get(source, headers=sync.org.viewer).status_code == 404, (tmp_path / "worker.log").read_text()
+    assert sync.central(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = :t", {"t": sync.central_table}
+    ) == [(0,)]
+    assert sync.audit_actions()[:2] == ["sync.source.deleted", "sync.source.deletion.requested"]  # newest first
+
+
 # A job's attempts: its first and the worker's retries.
 MAX_ATTEMPTS = tasks.MAX_RETRIES + 1
 # A plant's PostgreSQL that is down: nothing listens on port 1.
