@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from services.sync import source_deletion
 from services.sync.beat import fire_due_sync_schedules
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
@@ -404,6 +405,55 @@ def test_a_deletion_on_the_embedded_central_store_drops_the_copy_and_its_trigger
         again = register_again(sync, sensitiveColumns=["patient"])
         assert (again.run()["pushed"], again.local("SELECT value FROM readings WHERE id = 1")) == (2, [(1.0,)])
         assert again.central(f"SELECT count(*) FROM {again.central_table}") == [(2,)]
+
+
+def deletion_that_fails_at_its_end(sync: Sync, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ask for the deletion, and have the worker's fail at its very end (its audit row): all of it or nothing."""
+    ask_deletion(sync)
+
+    def failing(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("the central store went away")
+
+    monkeypatch.setattr(source_deletion, "record_change", failing)
+    with pytest.raises(RuntimeError):
+        delete_source(sync.context, sync.source_id, org_id=sync.org.org_id)
+    monkeypatch.undo()
+
+
+def test_a_deletion_that_fails_removes_nothing_and_can_be_done_again(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    kept = rows_kept_for(sync, sync.source_id)
+
+    deletion_that_fails_at_its_end(sync, monkeypatch)
+
+    assert central_tables_of(sync, sync.source_id) == [(sync.central_table,)]
+    assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(2,)]
+    assert rows_kept_for(sync, sync.source_id) == kept
+    assert (
+        sync_api.get(f"/v1/orgs/{org_id}/sync-sources/{sync.source_id}", headers=sync.org.viewer).json()["status"]
+        == "deleting"
+    )
+    assert delete_source(sync_context, sync.source_id, org_id=org_id)["tables"][0]["records"] == 2
+    assert central_tables_of(sync, sync.source_id) == []
+
+
+def test_a_deletion_that_fails_on_the_embedded_central_store_removes_nothing_either(
+    settings: Settings, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite runs DDL in the transaction only once it has begun: the deletion writes before it drops."""
+    with embedded(settings, org_id, tmp_path) as sync:
+        sync.run()
+
+        deletion_that_fails_at_its_end(sync, monkeypatch)
+
+        assert sync.central("SELECT count(*) FROM sqlite_master WHERE name = :t", {"t": sync.central_table}) == [(1,)]
+        assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(2,)]
+        assert sync.central("SELECT count(*) FROM sync_watermarks WHERE source_id = :s", {"s": sync.source_id}) != [
+            (0,)
+        ]
 
 
 def test_a_table_of_a_postgresql_local_store_registered_again_syncs_with_the_triggers_already_there(
