@@ -1,8 +1,8 @@
 """sync source deletion: when a source's deletion was asked for, by whom, and when a sync worker did it
 
-Revision ID: 0013
-Revises: 0012
-Create Date: 2026-11-28 10:00:00.000000
+Revision ID: 0014
+Revises: 0013
+Create Date: 2026-11-26 10:00:00.000000
 
 """
 from typing import Sequence, Union
@@ -13,8 +13,8 @@ import shared.db.types
 
 
 # revision identifiers, used by Alembic.
-revision: str = '0013'
-down_revision: Union[str, Sequence[str], None] = '0012'
+revision: str = '0014'
+down_revision: Union[str, Sequence[str], None] = '0013'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
