@@ -181,6 +181,10 @@ class DeploymentOut(CamelOut):
         "serving until the next deploy, rollback or undeploy); null once undeployed"
     )
     failed_gates: list[str] = Field(description="the gates the version's latest judgement failed")
+    serving_version: str | None = Field(
+        description="the version predictors serve: `version`, or while its deployment is failed the last good one "
+        "before it; null when nothing serves (undeployed, or every deployment refused)"
+    )
 
 
 class DeploymentRecord(CamelOut):

@@ -241,6 +241,23 @@ def test_deploying_again_a_version_whose_deployment_failed_is_a_new_attempt(
     listener.close()
 
 
+def test_the_deployment_view_names_the_version_predictors_serve_while_a_deploy_is_refused(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    good, broken = seed_versions(engine, org.org_id, 2)
+    deploy(api, org, good)
+    assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["servingVersion"] == good
+    refused = deploy(api, org, broken).json()["deploymentId"]
+    with engine.begin() as connection:  # as a predictor records a version it refused
+        connection.execute(update(Deployment).where(Deployment.id == refused).values(status="failed", error="NaN"))
+
+    current = api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()
+
+    assert (current["version"], current["status"], current["servingVersion"]) == (broken, "failed", good)
+    assert undeploy(api, org).status_code == 204
+    assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["servingVersion"] is None
+
+
 def undeploy(api: TestClient, org: OrgKeys, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     return api.delete(f"/v1/orgs/{org.org_id}/deployment", headers=headers or org.admin)
 

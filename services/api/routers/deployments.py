@@ -14,6 +14,7 @@ from services.api.outbox_relay import commit_and_send
 from services.api.schemas import DeploymentOut, DeploymentRecord, DeployRequest, RollbackRequest
 from shared.audit import record_change
 from shared.db.models import CurrentDeployment, Deployment, ModelVersion
+from shared.deployments import serving_deployment
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["deployments"])
 
@@ -117,6 +118,7 @@ def _deployment_out(session: Session, current: CurrentDeployment) -> DeploymentO
         error=history.error,
         version_status=version.status if version is not None else None,
         failed_gates=registry.failed_gates(version) if version is not None else [],
+        serving_version=serving.version if (serving := serving_deployment(session, current.org_id)) else None,
     )
 
 
