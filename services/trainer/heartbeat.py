@@ -1,4 +1,4 @@
-"""Keeping a run's lease while an attempt works, and noticing a cancel within a second."""
+"""Keeping a run's lease while an attempt works, and noticing a cancel, or a lease lost, within a second."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ CHECK_S = 0.5
 
 class Heartbeat:
     """A thread that reads the attempt's cancel flag every CHECK_S seconds and renews its lease every third of
-    the lease: a write only every few seconds, a cancel noticed within one check."""
+    the lease: a write only every few seconds, a cancel noticed within one check. A lease that ran out (the worker
+    stalled past it, or could not reach the database for that long) or was taken over sets `lost`, and the attempt
+    stops: its script is killed and it writes nothing more."""
 
     def __init__(self, sessions: SessionFactory, attempt: Attempt, *, lease_s: float) -> None:
         self.sessions = sessions

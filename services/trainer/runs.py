@@ -1,6 +1,9 @@
 """A training run's row through one attempt: claimed with a lease and a fencing token, progress and log lines
-while it works, and one end. Every write of an attempt names its token, so an attempt whose lease was taken over
-(its worker presumed dead) can no longer change the run."""
+while it works, and one end. Every write of an attempt names its token and needs its lease live, so an attempt
+whose lease ran out (its worker stalled, or presumed dead) or was taken over can no longer change the run.
+
+Leases are set and judged by one clock, the database's: workers whose clocks disagree still agree on whose lease
+is live, and a lease a claim counted as free is one its attempt can no longer renew."""
 
 from __future__ import annotations
 
@@ -8,12 +11,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import ColumnElement, Interval, func, literal, select, text, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import Dataset, DataSource, ModelVersion, Organization, RunLog, TrainingRun
 from shared.db.session import SessionFactory, session_scope
-from shared.db.types import utcnow
+from shared.db.types import UTCDateTime, utcnow
 from shared.errors import KilnError
 from shared.outbox import KIND_TRAIN_TASK, add_message
 from shared.retries import gave_up
@@ -90,7 +93,7 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
                     status="running",
                     attempts=TrainingRun.attempts + 1,
                     claim_token=TrainingRun.claim_token + 1,
-                    lease_expires_at=utcnow() + timedelta(seconds=lease_s),
+                    lease_expires_at=_clock(session, plus_s=lease_s),
                     worker=worker,
                     started_at=utcnow(),
                     error=None,
@@ -122,14 +125,26 @@ def _take_sqlite_write_lock(session: Session) -> None:
         session.execute(text("UPDATE organizations SET id = id WHERE 0 = 1"))
 
 
+def _clock(session: Session, *, plus_s: float = 0) -> ColumnElement[Any]:
+    """Now (plus `plus_s` seconds) by the database's clock. PostgreSQL's server keeps its own; a SQLite database is
+    a file on the machine of every process that opens it, whose clock is this one."""
+    if session.get_bind().dialect.name == "postgresql":
+        now = func.statement_timestamp(type_=UTCDateTime())
+        return now + literal(timedelta(seconds=plus_s), Interval()) if plus_s else now
+    return literal(utcnow() + timedelta(seconds=plus_s), UTCDateTime())
+
+
 def running_count(session: Session, org_id: str) -> int:
-    """Runs holding a slot: running with a live lease. A dead worker's run stops counting when its lease ends."""
+    """Runs holding a slot: running with a live lease. A dead worker's run stops counting when its lease ends, and
+    its attempt can renew that lease no more (see renew_lease)."""
     return int(
         session.scalar(
             select(func.count())
             .select_from(TrainingRun)
             .where(
-                TrainingRun.org_id == org_id, TrainingRun.status == "running", TrainingRun.lease_expires_at > utcnow()
+                TrainingRun.org_id == org_id,
+                TrainingRun.status == "running",
+                TrainingRun.lease_expires_at > _clock(session),
             )
         )
         or 0
@@ -183,49 +198,69 @@ def _source(session: Session, run: TrainingRun) -> DatasetSource | DatabaseSourc
     )
 
 
-def _fenced(attempt: Attempt, **values: Any) -> Any:
-    return (
-        update(TrainingRun)
-        .where(
-            TrainingRun.id == attempt.run_id, TrainingRun.claim_token == attempt.token, TrainingRun.status == "running"
-        )
-        .values(**values)
+def _holds(session: Session, attempt: Attempt) -> list[ColumnElement[bool]]:
+    """The attempt still holds its run: its token, still running, its lease not run out. A lease that ran out is
+    lost even before a sweep hands the run back: a claim may have counted its slot free already."""
+    return [
+        TrainingRun.id == attempt.run_id,
+        TrainingRun.claim_token == attempt.token,
+        TrainingRun.status == "running",
+        TrainingRun.lease_expires_at > _clock(session),
+    ]
+
+
+def _fenced(session: Session, attempt: Attempt, **values: Any) -> Any:
+    return update(TrainingRun).where(*_holds(session, attempt)).values(**values)
+
+
+def _lost(attempt: Attempt) -> LeaseLost:
+    return LeaseLost(
+        f"run {attempt.run_id}: attempt {attempt.number} no longer holds it (its lease ran out or was taken over)"
     )
 
 
 def _write_fenced(session: Session, attempt: Attempt, **values: Any) -> None:
-    if session.execute(_fenced(attempt, **values)).rowcount != 1:  # type: ignore[attr-defined]
-        raise LeaseLost(f"run {attempt.run_id}: attempt {attempt.number} no longer holds it")
+    if session.execute(_fenced(session, attempt, **values)).rowcount != 1:  # type: ignore[attr-defined]
+        raise _lost(attempt)
 
 
 def renew_lease(sessions: SessionFactory, attempt: Attempt, *, lease_s: float) -> bool:
-    """Extend the lease; returns whether a cancel was asked for. Raises LeaseLost when the run was taken over."""
+    """Extend a lease still live; returns whether a cancel was asked for. Raises LeaseLost when the lease ran out or
+    the run was taken over: the attempt must stop.
+
+    A renewal takes its turn with the org's claims (a share of the org's row lock; SQLite's write lock), so a claim
+    counting the org's live leases never sees this one expired and then live again."""
     with session_scope(sessions) as session:
-        _write_fenced(session, attempt, lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        _take_sqlite_write_lock(session)
+        session.execute(select(Organization.id).where(Organization.id == attempt.org_id).with_for_update(read=True))
+        _write_fenced(session, attempt, lease_expires_at=_clock(session, plus_s=lease_s))
         return bool(session.get_one(TrainingRun, attempt.run_id).cancel_requested)
 
 
 def _write_uncancelled(session: Session, attempt: Attempt, **values: Any) -> None:
     """A fenced write that lands only while no cancel was asked for. A cancel accepted first wins: the update
     waits for its row lock and then finds the flag set. Raises Cancelled, or LeaseLost when the run was taken over."""
-    written = session.execute(_fenced(attempt, **values).where(TrainingRun.cancel_requested.is_(False)))
+    written = session.execute(_fenced(session, attempt, **values).where(TrainingRun.cancel_requested.is_(False)))
     if written.rowcount == 1:  # type: ignore[attr-defined]
         return
-    if _held(session.get_one(TrainingRun, attempt.run_id), attempt).cancel_requested:
+    if _cancel_flag(session, attempt):
         raise Cancelled(f"run {attempt.run_id} was cancelled")
-    raise LeaseLost(f"run {attempt.run_id}: attempt {attempt.number} no longer holds it")
+    raise _lost(attempt)
 
 
-def _held(row: TrainingRun, attempt: Attempt) -> TrainingRun:
-    if row.claim_token != attempt.token or row.status != "running":
-        raise LeaseLost(f"run {attempt.run_id}: attempt {attempt.number} no longer holds it")
-    return row
+def _cancel_flag(session: Session, attempt: Attempt) -> bool:
+    """Whether a cancel was asked for; raises LeaseLost when the attempt no longer holds the run."""
+    flag = session.scalar(select(TrainingRun.cancel_requested).where(*_holds(session, attempt)))
+    if flag is None:
+        raise _lost(attempt)
+    return bool(flag)
 
 
 def cancel_requested(sessions: SessionFactory, attempt: Attempt) -> bool:
-    """A read-only look at the run: was a cancel asked for? Raises LeaseLost when the run was taken over."""
+    """A read-only look at the run: was a cancel asked for? Raises LeaseLost when the lease ran out or the run was
+    taken over, so the heartbeat's check every CHECK_S notices a lost lease as soon as a cancel."""
     with sessions() as session:
-        return bool(_held(session.get_one(TrainingRun, attempt.run_id), attempt).cancel_requested)
+        return _cancel_flag(session, attempt)
 
 
 def set_progress(
@@ -359,7 +394,7 @@ def reap_expired(sessions: SessionFactory, *, max_attempts: int) -> list[int]:
     with session_scope(sessions) as session:
         expired = session.scalars(
             select(TrainingRun)
-            .where(TrainingRun.status == "running", TrainingRun.lease_expires_at < utcnow())
+            .where(TrainingRun.status == "running", TrainingRun.lease_expires_at < _clock(session))
             .with_for_update(skip_locked=True)
         ).all()
         for run in expired:

@@ -66,20 +66,28 @@ def _attempt(run_id: str, context: WorkerContext, worker: str) -> str:
         return "skipped"
     with Heartbeat(context.sessions, attempt, lease_s=settings.run_lease_s) as heartbeat:
         try:
-            trained = _train(attempt, context, heartbeat)
-            return _register(attempt, context, trained)
+            return _carry_out(attempt, context, heartbeat)
         except LeaseLost:
-            log.warning("run %s: attempt %s lost its lease; another attempt owns the run", run_id, attempt.number)
+            # Also when ending the run found it so: the run is no longer this attempt's to end.
+            log.warning("run %s: attempt %s lost its lease; the run is not its own any more", run_id, attempt.number)
             return "lost"
-        except Cancelled:
-            return _cancel(attempt, context)
-        except TransientError as error:
-            return _retry_or_fail(attempt, context, error.message)
-        except KilnError as error:
-            runs.finish(context.sessions, attempt, "failed", error.message)
-        except Exception as error:
-            log.exception("run %s failed", run_id)
-            runs.finish(context.sessions, attempt, "failed", _short_reason(error))
+
+
+def _carry_out(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> str:
+    try:
+        trained = _train(attempt, context, heartbeat)
+        return _register(attempt, context, trained)
+    except LeaseLost:
+        raise
+    except Cancelled:
+        return _cancel(attempt, context)
+    except TransientError as error:
+        return _retry_or_fail(attempt, context, error.message)
+    except KilnError as error:
+        runs.finish(context.sessions, attempt, "failed", error.message)
+    except Exception as error:
+        log.exception("run %s failed", attempt.run_id)
+        runs.finish(context.sessions, attempt, "failed", _short_reason(error))
     return "failed"
 
 

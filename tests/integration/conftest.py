@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import httpx2
 import pyarrow as pa
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, update
 
 from deploy.local import ai4i
 from services.api.app import create_app
@@ -19,7 +20,9 @@ from services.sync.context import SyncContext
 from services.trainer import runs
 from services.trainer.context import WorkerContext
 from shared.db.migrate import upgrade
-from shared.db.session import SessionFactory
+from shared.db.models import TrainingRun
+from shared.db.session import SessionFactory, session_scope
+from shared.db.types import utcnow
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
 from tests.conftest import ADMIN_TOKEN
@@ -151,6 +154,26 @@ def cancel_just_before(monkeypatch: pytest.MonkeyPatch, write: str, api: TestCli
         return original(sessions, attempt, *args, **kwargs)
 
     monkeypatch.setattr(runs, write, cancelled_first)
+
+
+def stall_past_lease(sessions: SessionFactory, run_id: str) -> None:
+    """What a worker stalled past its lease (SIGSTOP, swap, a paused VM) finds when it wakes: its lease ran out, and
+    no sweep has handed the run back yet."""
+    with session_scope(sessions) as session:
+        session.execute(
+            update(TrainingRun).where(TrainingRun.id == run_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def stall_just_before(monkeypatch: pytest.MonkeyPatch, write: str) -> None:
+    """Have the attempt's lease run out at the last moment: just before its `runs.<write>`."""
+    original = getattr(runs, write)
+
+    def stalled_first(sessions: SessionFactory, attempt: runs.Attempt, *args: Any, **kwargs: Any) -> Any:
+        stall_past_lease(sessions, attempt.run_id)
+        return original(sessions, attempt, *args, **kwargs)
+
+    monkeypatch.setattr(runs, write, stalled_first)
 
 
 @pytest.fixture

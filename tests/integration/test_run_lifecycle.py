@@ -73,6 +73,37 @@ def test_an_attempt_whose_lease_was_taken_over_can_write_nothing(
     assert run_of(api, org, run_id)["status"] == "running"
 
 
+def test_an_attempt_whose_lease_ran_out_cannot_renew_it_once_its_slot_went_to_another_run(
+    api: TestClient, org: OrgKeys, dataset_id: str, sessions: SessionFactory
+) -> None:
+    """A worker stalled past its lease, not yet swept: the org's one slot counted free and another run claimed it.
+    When the stalled worker wakes, its renewal and every write of its attempt are refused: one run holds the slot."""
+    first, second = (
+        api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=org.trainer).json()["runId"]
+        for _ in range(2)
+    )
+    stalled = runs.claim_run(sessions, first, worker="w1", lease_s=30)
+    assert stalled is not None
+    expire_lease(sessions, first)
+    assert runs.claim_run(sessions, second, worker="w2", lease_s=30) is not None
+    for write in (
+        lambda: runs.renew_lease(sessions, stalled, lease_s=30),
+        lambda: runs.cancel_requested(sessions, stalled),
+        lambda: runs.set_progress(sessions, stalled, "training", 50),
+        lambda: runs.requeue(sessions, stalled, "a transient fault", countdown_s=5),
+        lambda: runs.finish(sessions, stalled, "failed", "stale"),
+    ):
+        with pytest.raises(runs.LeaseLost):
+            write()
+    with sessions() as session:
+        assert runs.running_count(session, org.org_id) == 1
+    assert run_of(api, org, first)["progress"] == {"stage": "starting", "percent": 0}
+    assert len(runs.reap_expired(sessions, max_attempts=3)) == 1
+    assert [run_of(api, org, run_id)["status"] for run_id in (first, second)] == ["queued", "running"]
+    queue = api.get(f"/v1/orgs/{org.org_id}/queue", headers=org.viewer).json()
+    assert (queue["running"], queue["maxConcurrentTrainings"]) == (1, 1)
+
+
 def test_a_lost_worker_hands_the_run_back_until_the_attempts_run_out(
     api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
 ) -> None:

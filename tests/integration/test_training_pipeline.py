@@ -24,6 +24,7 @@ from sklearn.datasets import load_breast_cancer
 from sqlalchemy import Column, DateTime, Float, Integer, MetaData, Table, create_engine, insert
 
 from deploy.local import ai4i
+from services.trainer import runs
 from services.trainer.artifacts import load_holdout
 from services.trainer.context import WorkerContext
 from services.trainer.training import BUILT_IN_SCRIPT, run_training
@@ -31,7 +32,16 @@ from services.trainer.workspaces import default_root
 from shared.layout import HOLDOUT_FILE, model_key, model_prefix
 from shared.settings import Settings
 from shared.storage import open_object_store
-from tests.integration.conftest import ADMIN, OrgKeys, cancel_just_before, run_of, submit, upload, upload_table
+from tests.integration.conftest import (
+    ADMIN,
+    OrgKeys,
+    cancel_just_before,
+    run_of,
+    stall_past_lease,
+    submit,
+    upload,
+    upload_table,
+)
 from tests.support.servers import free_port, fresh_postgres_database
 from tests.support.workspaces import workspace_holder
 
@@ -459,6 +469,43 @@ def test_cancelling_a_running_run_kills_its_script_within_five_seconds(
     assert run_of(api, org, run_id)["status"] == "cancelled"
     with pytest.raises(ProcessLookupError):
         os.killpg(script_pid, signal.SIG_DFL)
+
+
+def test_a_worker_that_stalled_past_its_lease_kills_its_script_and_registers_nothing(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    """Once its lease ran out the slot may be another run's: the attempt stops as soon as it wakes, and the run is
+    the sweep's to hand back."""
+    pid_name = f"sleeps-{secrets.token_hex(4)}.pid"
+    script = install_script(
+        scripts_dir,
+        "sleeps.py",
+        f"""
+        import os, time
+        open({pid_name!r}, "w").write(str(os.getpid()))
+        time.sleep(600)
+    """,
+    )
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    outcome: list[str] = []
+    worker = threading.Thread(target=lambda: outcome.append(run_training(run_id, script_worker)))
+    worker.start()
+    script_pid = pid_written_in_a_workspace(pid_name)
+    stall_past_lease(script_worker.sessions, run_id)
+    stalled_at = time.monotonic()
+    worker.join(timeout=10)
+    try:
+        assert outcome == ["lost"] and time.monotonic() - stalled_at < 5
+        with pytest.raises(ProcessLookupError):
+            os.killpg(script_pid, signal.SIG_DFL)
+        assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
+        assert runs.reap_expired(script_worker.sessions, max_attempts=3)
+        assert run_of(api, org, run_id)["status"] == "queued"
+    finally:
+        if worker.is_alive():  # the attempt went on: stop it, so the test ends
+            api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer)
+            worker.join(timeout=30)
 
 
 def flood(lines: int) -> str:

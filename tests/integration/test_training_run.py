@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deploy.local import ai4i
+from services.trainer import runs
 from services.trainer.context import WorkerContext
 from services.trainer.training import run_training
 from shared.layout import (
@@ -26,7 +27,7 @@ from shared.layout import (
 )
 from shared.settings import Settings
 from shared.storage import open_object_store
-from tests.integration.conftest import OrgKeys, cancel_just_before, run_of, submit, upload_table
+from tests.integration.conftest import OrgKeys, cancel_just_before, run_of, stall_just_before, submit, upload_table
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -143,3 +144,25 @@ def test_a_cancel_accepted_before_the_version_is_registered_leaves_no_version(
     assert open_object_store(settings).list(f"orgs/{org.org_id}/models/") == []
     lines = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json()
     assert lines[-1]["stage"] == "cancelled" and not any("registered" in line["message"] for line in lines)
+
+
+def test_an_attempt_whose_lease_ran_out_before_it_registered_leaves_no_version_and_the_run_is_handed_back(
+    api: TestClient,
+    org: OrgKeys,
+    worker: WorkerContext,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that stalled past its lease may have had its slot counted free and given to another run: it must
+    not end the run with a version; the run goes back to the queue instead."""
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(20_000, seed=1), tmp_path))
+    stall_just_before(monkeypatch, "register_version")
+    assert run_training(run_id, worker) == "lost"
+    assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/models/") == []
+    lines = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json()
+    assert not any("registered" in line["message"] for line in lines)
+    assert runs.reap_expired(worker.sessions, max_attempts=3)
+    run = run_of(api, org, run_id)
+    assert (run["status"], run["version"]) == ("queued", None) and "attempt 1 stopped renewing" in run["error"]
