@@ -3,15 +3,21 @@ and leaves no run behind."""
 
 from __future__ import annotations
 
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from services.api.routers import trainings
+from services.api.training_checks import check_source
 from shared.queues import train_queue
 from shared.settings import Settings
-from tests.integration.conftest import OrgKeys, config, upload
+from tests.integration.conftest import ADMIN, OrgKeys, config, upload
 
 
 def runs(api: TestClient, org: OrgKeys) -> list[dict[str, Any]]:
@@ -128,6 +134,49 @@ def test_an_idempotency_key_that_is_empty_or_too_long_is_refused_naming_it(
     assert response.json()["field"] == "Idempotency-Key"
     assert words in response.json()["error"]
     assert runs(api, org) == []
+
+
+def test_one_idempotency_key_sent_by_several_requests_at_once_answers_each_with_the_same_run(
+    api: TestClient, org: OrgKeys, dataset_id: str
+) -> None:
+    headers = {**org.trainer, "Idempotency-Key": "nightly-" + secrets.token_hex(4)}
+    start = threading.Barrier(6)
+
+    def send(_: int) -> tuple[int, str]:
+        start.wait()
+        response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=headers)
+        return response.status_code, response.text
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(send, range(6)))
+    assert [status for status, _ in answers] == [202] * 6, answers
+    assert len({orjson.loads(text)["runId"] for _, text in answers}) == 1
+    assert len(runs(api, org)) == 1
+
+
+def test_a_request_whose_twin_commits_its_idempotency_key_first_gets_that_run_and_takes_no_submission(
+    api: TestClient, org: OrgKeys, dataset_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The twin commits after this request looked for the key and before it queues its own run: this request's
+    insert meets the key. It answers the twin's run, and only the twin counts against the org's rate."""
+    patched = api.patch(f"/v1/orgs/{org.org_id}", json={"config": {"submissionsPerMinute": 2}}, headers=ADMIN)
+    assert patched.status_code == 200, patched.text
+    headers = {**org.trainer, "Idempotency-Key": "nightly-2026-11-26"}
+    url = f"/v1/orgs/{org.org_id}/trainings"
+    twin: list[Any] = []
+
+    def twin_commits_first(*args: Any, **kwargs: Any) -> Any:
+        if not twin:
+            twin.append(None)  # the twin itself goes straight through
+            twin[0] = api.post(url, json=config(dataset_id), headers=headers)
+        return check_source(*args, **kwargs)
+
+    monkeypatch.setattr(trainings, "check_source", twin_commits_first)
+    response = api.post(url, json=config(dataset_id), headers=headers)
+    assert twin[0].status_code == response.status_code == 202, response.text
+    assert response.json()["runId"] == twin[0].json()["runId"]
+    assert api.post(url, json=config(dataset_id), headers=org.trainer).status_code == 202  # the minute's second
+    assert len(runs(api, org)) == 2
 
 
 @pytest.mark.parametrize(

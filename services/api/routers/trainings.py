@@ -43,18 +43,20 @@ def submit_training(
         return RunAccepted(run_id=earlier.id, status=earlier.status)
     org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
     dataset_id = check_source(session, config, org_id=access.org_id)
-    take_submission(resources.redis, access.org_id, org_config.submissions_per_minute)
-    run, message = queue_run(
-        session,
-        org_id=access.org_id,
-        config=config,
-        dataset_id=dataset_id,
-        actor=access.principal.key_id,
-        trigger="api",
-        idempotency_key=idempotency_key,
-        request_hash=body_hash,
-    )
     try:
+        # The insert meets a twin request's committed key here (PostgreSQL waits for it to commit): only a
+        # submission that is not a duplicate takes one of the org's submissions for the minute.
+        run, message = queue_run(
+            session,
+            org_id=access.org_id,
+            config=config,
+            dataset_id=dataset_id,
+            actor=access.principal.key_id,
+            trigger="api",
+            idempotency_key=idempotency_key,
+            request_hash=body_hash,
+        )
+        take_submission(resources.redis, access.org_id, org_config.submissions_per_minute)
         commit_and_send(session, resources, message)
     except IntegrityError:  # the same key, submitted at the same moment by another request
         session.rollback()
