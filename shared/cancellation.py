@@ -2,36 +2,39 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import case, literal, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import RunLog, TrainingRun
-from shared.db.types import utcnow
+from shared.db.types import JsonType, UTCDateTime, utcnow
 
 CANCELLED_QUEUED = "cancelled before it started"
 
 
 def request_cancel(session: Session, run_id: str) -> str | None:
     """A queued run is cancelled at once and will never start; a running one is flagged, and its worker stops it
-    within a second. Returns the run's status after the request, or None when it had already ended."""
-    cancelled_now = {
-        "status": "cancelled",
-        "finished_at": utcnow(),
-        "progress": {"stage": "cancelled", "percent": 100},
-        "error": CANCELLED_QUEUED,
-    }
-    for status, changes in (("queued", cancelled_now), ("running", {})):
-        updated = session.execute(
-            update(TrainingRun)
-            .where(TrainingRun.id == run_id, TrainingRun.status == status)
-            .values(cancel_requested=True, **changes)
+    within a second. Returns the run's status after the request, or None when it had already ended.
+
+    One update decides between the two, on the row as it is when the update gets it: a run a sweep hands back to
+    the queue at that very moment (running, then queued) is cancelled either way, never missed."""
+    queued = TrainingRun.status == "queued"
+    status = session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id == run_id, TrainingRun.status.in_(("queued", "running")))
+        .values(
+            cancel_requested=True,
+            status=case((queued, "cancelled"), else_=TrainingRun.status),
+            finished_at=case((queued, literal(utcnow(), UTCDateTime())), else_=TrainingRun.finished_at),
+            error=case((queued, CANCELLED_QUEUED), else_=TrainingRun.error),
+            progress=case(
+                (queued, literal({"stage": "cancelled", "percent": 100}, JsonType)), else_=TrainingRun.progress
+            ),
         )
-        if updated.rowcount == 1:  # type: ignore[attr-defined]
-            if status == "queued":
-                _log_queued_cancel(session, run_id)
-                return "cancelled"
-            return "running"
-    return None
+        .returning(TrainingRun.status)
+    ).scalar_one_or_none()
+    if status == "cancelled":
+        _log_queued_cancel(session, run_id)
+    return status
 
 
 def _log_queued_cancel(session: Session, run_id: str) -> None:

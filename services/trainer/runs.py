@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Interval, func, literal, select, text, update
 from sqlalchemy.orm import Session
 
+from shared.cancellation import request_cancel
 from shared.db.models import Dataset, DataSource, ModelVersion, Organization, RunLog, TrainingRun
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import UTCDateTime, utcnow
@@ -74,7 +75,10 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
     with session_scope(sessions) as session:
         _take_sqlite_write_lock(session)
         run = session.get(TrainingRun, run_id)
-        if run is None or run.status != "queued" or run.cancel_requested:
+        if run is None or run.status != "queued":
+            return None
+        if run.cancel_requested:  # asked to cancel, yet left queued: no worker may start it, so it ends cancelled
+            request_cancel(session, run_id)
             return None
         # Locking the org's row makes claims of one org take turns, so the count below cannot go stale.
         org = session.get_one(Organization, run.org_id, with_for_update=True)
@@ -389,7 +393,8 @@ def register_version(sessions: SessionFactory, attempt: Attempt, trained: Traine
 
 def reap_expired(sessions: SessionFactory, *, max_attempts: int) -> list[int]:
     """Runs whose worker stopped renewing its lease: back to the queue (returns the outbox message ids), failed
-    once out of attempts, or cancelled when a cancel was asked for."""
+    once out of attempts, or cancelled when a cancel was asked for. Queued runs asked to cancel, which no worker
+    would claim, end cancelled too."""
     messages = []
     with session_scope(sessions) as session:
         expired = session.scalars(
@@ -398,35 +403,68 @@ def reap_expired(sessions: SessionFactory, *, max_attempts: int) -> list[int]:
             .with_for_update(skip_locked=True)
         ).all()
         for run in expired:
-            status, reason = _after_lost_worker(run, max_attempts)
-            taken = session.execute(
-                update(TrainingRun)
-                .where(
-                    TrainingRun.id == run.id,
-                    TrainingRun.claim_token == run.claim_token,
-                    TrainingRun.status == "running",
-                )
-                .values(
-                    status=status,
-                    error=reason,
-                    lease_expires_at=None,
-                    finished_at=None if status == "queued" else utcnow(),
-                    progress={"stage": "retrying" if status == "queued" else status, "percent": 0},
-                )
-            )
-            if taken.rowcount != 1:  # type: ignore[attr-defined]
-                continue
-            session.add(RunLog(run_id=run.id, attempt=run.attempts, level="warning", stage=status, message=reason))
+            status = _hand_back(session, run, max_attempts)
             if status == "queued":
                 payload = {"run_id": run.id, "org_id": run.org_id}
                 messages.append(add_message(session, kind=KIND_TRAIN_TASK, payload=payload).id)
+        _cancel_stranded(session)
     return messages
 
 
-def _after_lost_worker(run: TrainingRun, max_attempts: int) -> tuple[str, str]:
+def _hand_back(session: Session, run: TrainingRun, max_attempts: int) -> str | None:
+    """End a lost attempt: queued again, failed, or cancelled; None when the run is no longer that attempt's.
+
+    A cancel may land between the read above and this write (SQLite has no row lock to keep it out): the update
+    lands only on the cancel flag it was decided on, and is decided again when the flag changed."""
+    cancel = run.cancel_requested
+    while True:
+        status, reason = _after_lost_worker(run, max_attempts, cancel=cancel)
+        taken = session.execute(
+            update(TrainingRun)
+            .where(
+                TrainingRun.id == run.id,
+                TrainingRun.claim_token == run.claim_token,
+                TrainingRun.status == "running",
+                TrainingRun.cancel_requested.is_(cancel),
+            )
+            .values(
+                status=status,
+                error=reason,
+                lease_expires_at=None,
+                finished_at=None if status == "queued" else utcnow(),
+                progress={"stage": "retrying" if status == "queued" else status, "percent": 0},
+            )
+        )
+        if taken.rowcount == 1:  # type: ignore[attr-defined]
+            break
+        flag = session.scalar(
+            select(TrainingRun.cancel_requested).where(
+                TrainingRun.id == run.id, TrainingRun.claim_token == run.claim_token, TrainingRun.status == "running"
+            )
+        )
+        if flag is None or flag == cancel:
+            return None
+        cancel = flag
+    session.add(RunLog(run_id=run.id, attempt=run.attempts, level="warning", stage=status, message=reason))
+    return status
+
+
+def _after_lost_worker(run: TrainingRun, max_attempts: int, *, cancel: bool) -> tuple[str, str]:
     lost = f"attempt {run.attempts} stopped renewing its lease (worker {run.worker} lost)"
-    if run.cancel_requested:
+    if cancel:
         return "cancelled", f"cancelled; {lost}"
     if run.attempts >= max_attempts:
         return "failed", gave_up(lost, run.attempts)
     return "queued", lost
+
+
+def _cancel_stranded(session: Session) -> None:
+    """A queued run flagged to cancel is one no worker claims: it would read queued for good. None should be left
+    (a cancel ends a queued run at once, and nothing requeues a flagged one), but one that is ends cancelled."""
+    stranded = session.scalars(
+        select(TrainingRun.id)
+        .where(TrainingRun.status == "queued", TrainingRun.cancel_requested.is_(True))
+        .with_for_update(skip_locked=True)
+    ).all()
+    for run_id in stranded:
+        request_cancel(session, run_id)

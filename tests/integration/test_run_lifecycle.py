@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -11,9 +12,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, update
+from sqlalchemy import Engine, create_engine, event, text, update
 
 from services.trainer import runs
+from shared.cancellation import request_cancel
 from shared.db.migrate import upgrade
 from shared.db.models import Dataset, Organization, TrainingRun
 from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
@@ -164,6 +166,89 @@ def test_a_dead_workers_run_that_was_asked_to_cancel_ends_cancelled(
     expire_lease(sessions, run_id)
     assert runs.reap_expired(sessions, max_attempts=3) == []
     assert run_of(api, org, run_id)["status"] == "cancelled"
+
+
+def test_a_queued_run_left_flagged_to_cancel_ends_cancelled_when_claimed_or_swept(
+    api: TestClient, org: OrgKeys, dataset_id: str, sessions: SessionFactory
+) -> None:
+    """No worker claims a queued run asked to cancel: left so (as a cancel racing the sweep once left it), it
+    would read queued for good."""
+    claimed, swept = (
+        api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=org.trainer).json()["runId"]
+        for _ in range(2)
+    )
+    with session_scope(sessions) as session:
+        session.execute(update(TrainingRun).where(TrainingRun.id.in_([claimed, swept])).values(cancel_requested=True))
+    assert runs.claim_run(sessions, claimed, worker="w1", lease_s=30) is None
+    assert runs.reap_expired(sessions, max_attempts=3) == []
+    for run_id in (claimed, swept):
+        assert run_of(api, org, run_id)["status"] == "cancelled"
+        lines = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json()
+        assert [line["message"] for line in lines] == ["cancelled before it started"]
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'kiln.db'}"
+        upgrade(url)
+        return url
+    return str(request.getfixturevalue("settings").database_url)
+
+
+def waiting_for_a_row_lock(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        return bool(
+            connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND query LIKE 'UPDATE training_runs%'"
+                )
+            )
+        )
+
+
+def test_a_cancel_that_lands_while_the_sweep_hands_the_run_back_ends_the_run_cancelled(
+    database_url: str, org_id: str
+) -> None:
+    """The cancel commits after the sweep read the lost run and before it wrote it (on PostgreSQL the cancel waits
+    for the sweep's row lock). Its 202 holds: the run ends cancelled, and the message the sweep sent starts
+    nothing."""
+    sweeper_engine, api_engine = make_engine(database_url), make_engine(database_url)
+    sweeper, api = make_session_factory(sweeper_engine), make_session_factory(api_engine)
+    try:
+        [run_id] = queue_runs(api, org_id, 1)
+        assert runs.claim_run(api, run_id, worker="w1", lease_s=30) is not None
+        expire_lease(api, run_id)
+        answers: list[str | None] = []
+
+        def cancel() -> None:
+            with session_scope(api) as session:
+                answers.append(request_cancel(session, run_id))
+
+        cancelling = threading.Thread(target=cancel)
+
+        @event.listens_for(sweeper_engine, "before_cursor_execute")
+        def cancel_lands_now(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if statement.startswith("UPDATE training_runs") and not cancelling.is_alive() and not answers:
+                cancelling.start()
+                deadline = time.monotonic() + 10
+                while cancelling.is_alive() and not (
+                    database_url.startswith("postgresql") and waiting_for_a_row_lock(api_engine)
+                ):
+                    assert time.monotonic() < deadline, "the cancel neither ended nor waited for the row"
+                    time.sleep(0.01)
+
+        runs.reap_expired(sweeper, max_attempts=3)
+        cancelling.join(timeout=10)
+        assert answers and answers[0] in ("running", "cancelled")  # POST .../cancel answers 202
+        assert runs.claim_run(api, run_id, worker="w2", lease_s=30) is None
+        with api() as session:
+            run = session.get_one(TrainingRun, run_id)
+            assert (run.status, run.cancel_requested) == ("cancelled", True)
+    finally:
+        sweeper_engine.dispose()
+        api_engine.dispose()
 
 
 def test_the_log_keeps_every_line_in_order(
