@@ -1,7 +1,9 @@
 """The sync beat: `celery -A services.sync.celery_app beat`. Each tick queues the sync jobs whose schedules are due,
 and every KILN_SYNC_PURGE_INTERVAL_S sends a retention purge to each org with sources or prediction records.
 
-A schedule's next fire time is taken with a conditional update, so two beats never queue the same moment twice.
+A schedule's next fire time is taken with a conditional update, so two beats never queue the same moment twice. A
+fire time missed by more than shared.beat.GRACE (no sync beat was running) is skipped and audited, not made up, as
+the training beat does.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from shared.beat import DatabaseBeat
+from shared.beat import DatabaseBeat, missed
 from shared.db.models import Organization, SyncSchedule, SyncSource
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
@@ -44,14 +46,19 @@ def fire_due_sync_schedules(sessions: SessionFactory, *, now: datetime) -> list[
 
 
 def _fire(session: Session, schedule: SyncSchedule, now: datetime) -> int | None:
+    due_at = schedule.next_fire_at
+    assert due_at is not None
     following = next_fire_times(schedule.pattern, schedule.timezone, after=now)[0]
     taken = session.execute(
         update(SyncSchedule)
-        .where(SyncSchedule.source_id == schedule.source_id, SyncSchedule.next_fire_at == schedule.next_fire_at)
-        .values(next_fire_at=following, last_fired_at=schedule.next_fire_at)
+        .where(SyncSchedule.source_id == schedule.source_id, SyncSchedule.next_fire_at == due_at)
+        .values(next_fire_at=following, last_fired_at=due_at)
     )
     if taken.rowcount != 1:  # type: ignore[attr-defined]
         return None  # another beat fired it
+    detail = {"sourceId": schedule.source_id}
+    if missed(session, org_id=schedule.org_id, due_at=due_at, now=now, action="sync.schedule.missed", detail=detail):
+        return None
     source = session.get_one(SyncSource, schedule.source_id)
     if deletion_refusal(source) is not None:
         return None  # its deletion removes the schedule; until then it fires nothing

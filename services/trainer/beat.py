@@ -2,19 +2,19 @@
 
 Each tick fires the schedules that are due. A schedule's next fire time is taken with a conditional update, so
 two beats running at once never fire the same moment twice, and a change made over the API is seen at the next
-tick without a restart. A fire time missed by more than GRACE (no beat was running) is skipped, not made up.
+tick without a restart. A fire time missed by more than shared.beat.GRACE (no beat was running) is skipped, not
+made up.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from shared.audit import record_change
-from shared.beat import DatabaseBeat
+from shared.beat import DatabaseBeat, missed
 from shared.db.models import Schedule
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
@@ -25,8 +25,6 @@ from shared.schemas import TrainingConfig
 from shared.submissions import queue_run
 
 log = logging.getLogger(__name__)
-
-GRACE = timedelta(minutes=10)
 
 
 def fire_due_schedules(sessions: SessionFactory, *, now: datetime) -> list[int]:
@@ -56,11 +54,7 @@ def _fire(session: Session, schedule: Schedule, now: datetime) -> int | None:
     )
     if taken.rowcount != 1:  # type: ignore[attr-defined]
         return None  # another beat fired it
-    if now - due_at > GRACE:
-        log.warning("org %s: skipped the run due at %s, missed while no beat ran", schedule.org_id, due_at)
-        record_change(
-            session, org_id=schedule.org_id, actor="schedule", action="schedule.missed", target=due_at.isoformat()
-        )
+    if missed(session, org_id=schedule.org_id, due_at=due_at, now=now, action="schedule.missed"):
         return None
     config = TrainingConfig.model_validate(schedule.training_config)
     _run, message = queue_run(

@@ -1,13 +1,19 @@
 """Training and sync schedules: a pattern or timezone that cannot be scheduled is a 422 naming it, and nothing
-is stored."""
+is stored; the beats fire them alike."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, update
 
+from services.sync.beat import fire_due_sync_schedules
+from shared.db.models import SyncSchedule
+from shared.db.session import make_session_factory, session_scope
+from shared.db.types import utcnow
 from tests.integration.conftest import OrgKeys, config
 
 SOURCE = {"url": "sqlite:////srv/plant.db", "tables": [{"name": "readings", "primaryKey": "id"}]}
@@ -118,3 +124,36 @@ def test_a_schedule_whose_config_a_submission_refuses_is_refused_and_not_stored(
     assert response.json()["field"] == field
     assert words in response.json()["error"]
     assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404
+
+
+def make_sync_schedule_due(engine: Engine, source_id: str, *, minutes_ago: float) -> None:
+    with session_scope(make_session_factory(engine)) as session:
+        session.execute(
+            update(SyncSchedule)
+            .where(SyncSchedule.source_id == source_id)
+            .values(next_fire_at=utcnow() - timedelta(minutes=minutes_ago))
+        )
+
+
+def test_a_sync_fire_missed_while_no_sync_beat_ran_is_skipped_and_audited_like_a_training_one(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    """A sync beat back after a day starts no day-old job; it takes up the schedule at its next fire time."""
+    source_id = sync_source(api, org)
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule"
+    assert api.put(url, json={"pattern": "0 2 * * *"}, headers=org.admin).status_code == 200
+    make_sync_schedule_due(engine, source_id, minutes_ago=24 * 60)
+    assert fire_due_sync_schedules(make_session_factory(engine), now=utcnow()) == []
+    assert api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json() == []
+    missed = [
+        entry
+        for entry in api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+        if entry["action"] == "sync.schedule.missed"
+    ]
+    assert len(missed) == 1 and missed[0]["detail"] == {"sourceId": source_id}
+    assert api.get(url, headers=org.viewer).json()["nextFireTimes"][0] > utcnow().isoformat()
+    make_sync_schedule_due(engine, source_id, minutes_ago=0.1)  # a fire just due is no missed one
+    assert len(fire_due_sync_schedules(make_session_factory(engine), now=utcnow())) == 1
+    assert [job["trigger"] for job in api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json()] == [
+        "schedule"
+    ]
