@@ -1,26 +1,160 @@
 """The base of Kiln's Celery beat schedulers: nothing static, every tick reads the database and fires what is due.
 
 Subclasses say what firing means (services/trainer/beat.py: trainings; services/sync/beat.py: sync jobs and
-retention purges). A failing tick is logged and tried again at the next one; beat itself never stops. Both beats
-skip a fire time missed by more than GRACE (no beat was running), the same way.
+retention purges); `fire_each_due` fires their schedules the same way:
+
+- each due schedule in a transaction of its own, its fire time taken with a conditional update, so two beats
+  running at once never fire the same moment twice;
+- a fire time missed by more than GRACE (no beat was running) is skipped and audited (`<kind>.missed`), not made up;
+- a schedule that cannot fire (a stored config or pattern that no longer validates) is logged and audited
+  (`<kind>.failed`) and moved on to its next fire time, or disabled when its pattern gives none: it never holds
+  up the other orgs' schedules.
+
+A tick the database fails is logged and tried again at the next one; beat itself never stops.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from celery.beat import Scheduler
+from sqlalchemy import select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from shared.audit import record_change
-from shared.db.session import make_engine, make_session_factory
+from shared.db.models import Schedule, SyncSchedule
+from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
+from shared.schedules import next_fire_times
 from shared.settings import Settings, build_settings
 
 log = logging.getLogger(__name__)
 
 GRACE = timedelta(minutes=10)
+# The database, not a schedule, at fault: the schedule stays due and the next tick tries again.
+DATABASE_TROUBLE = (OperationalError, InterfaceError, PoolTimeout)
+MAX_REASON = 1000
+
+Row = TypeVar("Row", Schedule, SyncSchedule)
+
+
+def fire_each_due(
+    sessions: SessionFactory,
+    model: type[Row],
+    *,
+    now: datetime,
+    kind: str,
+    queue: Callable[[Session, Row], int | None],
+    detail: Callable[[Row], dict[str, Any]] = lambda _row: {},
+) -> list[int]:
+    """Fire every schedule in `model`'s table due at `now`: `queue` queues a fire's work and returns its outbox
+    message's id (None when the fire has nothing to queue). Returns the ids to send. `kind` names the audit rows;
+    `detail` adds to them."""
+    key = model.__mapper__.primary_key[0]
+    with sessions() as session:
+        due = session.scalars(select(key).where(model.enabled.is_(True), model.next_fire_at <= now)).all()
+    messages = []
+    for schedule_key in due:
+        try:
+            with session_scope(sessions) as session:
+                message = _fire(session, model, schedule_key, now=now, kind=kind, queue=queue, detail=detail)
+        except DATABASE_TROUBLE:
+            log.warning("%s %s: the database failed; the next tick tries again", kind, schedule_key, exc_info=True)
+            break
+        except Exception as error:
+            log.warning("%s %s could not fire", kind, schedule_key, exc_info=True)
+            with session_scope(sessions) as session:
+                _failed(session, model, schedule_key, now=now, kind=kind, detail=detail, error=error)
+            continue
+        if message is not None:
+            messages.append(message)
+    return messages
+
+
+def _due(session: Session, model: type[Row], schedule_key: str, now: datetime) -> Row | None:
+    """The schedule, locked, if still due: None once another beat took it (or it was changed meanwhile)."""
+    key = model.__mapper__.primary_key[0]
+    return session.scalar(
+        select(model)
+        .where(key == schedule_key, model.enabled.is_(True), model.next_fire_at <= now)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def _move_on(session: Session, model: type[Row], schedule_key: str, due_at: datetime, **values: Any) -> bool:
+    """Take the fire due at `due_at`: only one beat's update finds it still due then."""
+    key = model.__mapper__.primary_key[0]
+    taken = session.execute(update(model).where(key == schedule_key, model.next_fire_at == due_at).values(**values))
+    return bool(taken.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _fire(
+    session: Session,
+    model: type[Row],
+    schedule_key: str,
+    *,
+    now: datetime,
+    kind: str,
+    queue: Callable[[Session, Row], int | None],
+    detail: Callable[[Row], dict[str, Any]],
+) -> int | None:
+    schedule = _due(session, model, schedule_key, now)
+    if schedule is None or schedule.next_fire_at is None:
+        return None
+    due_at = schedule.next_fire_at
+    following = next_fire_times(schedule.pattern, schedule.timezone, after=now)[0]
+    if not _move_on(session, model, schedule_key, due_at, next_fire_at=following, last_fired_at=due_at):
+        return None  # another beat fired it
+    if missed(
+        session, org_id=schedule.org_id, due_at=due_at, now=now, action=f"{kind}.missed", detail=detail(schedule)
+    ):
+        return None
+    message = queue(session, schedule)
+    if message is not None:
+        log.info("%s %s: fired the time due at %s", kind, schedule_key, due_at)
+    return message
+
+
+def _failed(
+    session: Session,
+    model: type[Row],
+    schedule_key: str,
+    *,
+    now: datetime,
+    kind: str,
+    detail: Callable[[Row], dict[str, Any]],
+    error: Exception,
+) -> None:
+    """Record why the schedule could not fire, and move it on to its next fire time: it fails alone, once per fire
+    time. A pattern that gives no next fire time disables the schedule until it is set again."""
+    schedule = _due(session, model, schedule_key, now)
+    if schedule is None or schedule.next_fire_at is None:
+        return
+    due_at = schedule.next_fire_at
+    try:
+        following: datetime | None = next_fire_times(schedule.pattern, schedule.timezone, after=now)[0]
+    except Exception:
+        following = None
+    values: dict[str, Any] = {"next_fire_at": following} if following else {"next_fire_at": None, "enabled": False}
+    if not _move_on(session, model, schedule_key, due_at, **values):
+        return
+    record_change(
+        session,
+        org_id=schedule.org_id,
+        actor="schedule",
+        action=f"{kind}.failed",
+        target=due_at.isoformat(),
+        detail={
+            **detail(schedule),
+            "error": f"{type(error).__name__}: {error}"[:MAX_REASON],
+            "nextFireAt": following.isoformat() if following else None,
+            "enabled": following is not None,
+        },
+    )
 
 
 def missed(
@@ -47,6 +181,7 @@ class DatabaseBeat(Scheduler):  # type: ignore[misc]
         """Nothing static: every tick reads the database."""
 
     def tick(self, *_args: Any, **_kwargs: Any) -> float:
+        """Fire what is due; a failure is logged, and the next tick tries again."""
         try:
             self.fire_due()
         except Exception:

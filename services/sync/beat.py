@@ -1,9 +1,9 @@
 """The sync beat: `celery -A services.sync.celery_app beat`. Each tick queues the sync jobs whose schedules are due,
 and every KILN_SYNC_PURGE_INTERVAL_S sends a retention purge to each org with sources or prediction records.
 
-A schedule's next fire time is taken with a conditional update, so two beats never queue the same moment twice. A
-fire time missed by more than shared.beat.GRACE (no sync beat was running) is skipped and audited, not made up, as
-the training beat does.
+Schedules fire as training ones do (shared/beat.py): each due time once across beats, a fire time missed by more
+than shared.beat.GRACE (no sync beat was running) skipped and audited, not made up, and a schedule that cannot
+fire recorded without holding up the others.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from shared.beat import DatabaseBeat, missed
+from shared.beat import DatabaseBeat, fire_each_due
 from shared.db.models import Organization, SyncSchedule, SyncSource
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
 from shared.outbox import KIND_SYNC_TASK, relay
 from shared.queues import send_purge_task, send_sync_task
-from shared.schedules import next_fire_times
 from shared.schemas import OrgConfig
 from shared.sync_jobs import deletion_refusal, queue_sync_job
 
@@ -31,34 +30,17 @@ log = logging.getLogger(__name__)
 
 def fire_due_sync_schedules(sessions: SessionFactory, *, now: datetime) -> list[int]:
     """Queue a job for every sync schedule due at `now`; returns the outbox message ids to send."""
-    messages = []
-    with session_scope(sessions) as session:
-        due = session.scalars(
-            select(SyncSchedule)
-            .where(SyncSchedule.enabled.is_(True), SyncSchedule.next_fire_at <= now)
-            .with_for_update(skip_locked=True)
-        ).all()
-        for schedule in due:
-            message = _fire(session, schedule, now)
-            if message is not None:
-                messages.append(message)
-    return messages
-
-
-def _fire(session: Session, schedule: SyncSchedule, now: datetime) -> int | None:
-    due_at = schedule.next_fire_at
-    assert due_at is not None
-    following = next_fire_times(schedule.pattern, schedule.timezone, after=now)[0]
-    taken = session.execute(
-        update(SyncSchedule)
-        .where(SyncSchedule.source_id == schedule.source_id, SyncSchedule.next_fire_at == due_at)
-        .values(next_fire_at=following, last_fired_at=due_at)
+    return fire_each_due(
+        sessions,
+        SyncSchedule,
+        now=now,
+        kind="sync.schedule",
+        queue=_queue_job,
+        detail=lambda schedule: {"sourceId": schedule.source_id},
     )
-    if taken.rowcount != 1:  # type: ignore[attr-defined]
-        return None  # another beat fired it
-    detail = {"sourceId": schedule.source_id}
-    if missed(session, org_id=schedule.org_id, due_at=due_at, now=now, action="sync.schedule.missed", detail=detail):
-        return None
+
+
+def _queue_job(session: Session, schedule: SyncSchedule) -> int | None:
     source = session.get_one(SyncSource, schedule.source_id)
     if deletion_refusal(source) is not None:
         return None  # its deletion removes the schedule; until then it fires nothing

@@ -11,12 +11,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, update
 
 from services.sync.beat import fire_due_sync_schedules
-from shared.db.models import SyncSchedule
+from services.trainer.beat import fire_due_schedules
+from shared.db.models import Schedule, SyncSchedule
 from shared.db.session import make_session_factory, session_scope
 from shared.db.types import utcnow
-from tests.integration.conftest import OrgKeys, config
+from tests.integration.conftest import TRAINING_CSV, OrgKeys, config, create_org_with_keys, upload
 
-SOURCE = {"url": "sqlite:////srv/plant.db", "tables": [{"name": "readings", "primaryKey": "id"}]}
+SOURCE: dict[str, Any] = {"url": "sqlite:////srv/plant.db", "tables": [{"name": "readings", "primaryKey": "id"}]}
 NEVER_FIRES = ["0 0 31 2 *", "0 0 30 2 *", "15 3 31 4,6,9,11 *"]
 
 
@@ -25,8 +26,8 @@ def put_training_schedule(api: TestClient, org: OrgKeys, dataset_id: str, **sche
     return api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin)
 
 
-def sync_source(api: TestClient, org: OrgKeys) -> str:
-    created = api.post(f"/v1/orgs/{org.org_id}/sync-sources", json=SOURCE, headers=org.admin)
+def sync_source(api: TestClient, org: OrgKeys, url: str = "sqlite:////srv/plant.db") -> str:
+    created = api.post(f"/v1/orgs/{org.org_id}/sync-sources", json={**SOURCE, "url": url}, headers=org.admin)
     assert created.status_code == 201, created.text
     return str(created.json()["sourceId"])
 
@@ -157,3 +158,88 @@ def test_a_sync_fire_missed_while_no_sync_beat_ran_is_skipped_and_audited_like_a
     assert [job["trigger"] for job in api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json()] == [
         "schedule"
     ]
+
+
+def audited(api: TestClient, org: OrgKeys, action: str) -> list[dict[str, Any]]:
+    return [
+        entry
+        for entry in api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+        if entry["action"] == action
+    ]
+
+
+def scheduled_runs(api: TestClient, org: OrgKeys) -> list[str]:
+    runs = api.get(f"/v1/orgs/{org.org_id}/trainings", headers=org.viewer).json()
+    return [run["runId"] for run in runs if run["trigger"] == "schedule"]
+
+
+def break_and_make_due(engine: Engine, org: OrgKeys, **stored: Any) -> None:
+    """A schedule stored before a rule it now breaks (or edited in the database): the api would refuse it today."""
+    with session_scope(make_session_factory(engine)) as session:
+        session.execute(
+            update(Schedule)
+            .where(Schedule.org_id == org.org_id)
+            .values(next_fire_at=utcnow() - timedelta(minutes=0.1), **stored)
+        )
+
+
+@pytest.fixture
+def other_org(api: TestClient, org_id: str) -> OrgKeys:
+    return create_org_with_keys(api, org_id + "-other")
+
+
+@pytest.mark.parametrize(
+    ("stored", "words", "still_enabled"),
+    [
+        ({"training_config": {"targetColumn": "failed"}}, "featureColumns", True),
+        ({"pattern": "every sunday"}, "every sunday", False),
+    ],
+    ids=["config", "pattern"],
+)
+def test_a_stored_schedule_that_no_longer_validates_fails_alone_recorded_and_moved_on(
+    api: TestClient,
+    org: OrgKeys,
+    other_org: OrgKeys,
+    dataset_id: str,
+    engine: Engine,
+    stored: dict[str, Any],
+    words: str,
+    still_enabled: bool,
+) -> None:
+    """Every due schedule used to fire in one transaction: one that raised rolled back every org's, at every tick."""
+    assert put_training_schedule(api, org, dataset_id, pattern="0 2 * * *").status_code == 200
+    other_dataset = upload(api, other_org, TRAINING_CSV).json()["datasetId"]
+    assert put_training_schedule(api, other_org, other_dataset, pattern="0 2 * * *").status_code == 200
+    break_and_make_due(engine, org, **stored)
+    break_and_make_due(engine, other_org)
+    fire_due_schedules(make_session_factory(engine), now=utcnow())
+    assert len(scheduled_runs(api, other_org)) == 1
+    assert scheduled_runs(api, org) == []
+    [failed] = audited(api, org, "schedule.failed")
+    assert words in failed["detail"]["error"] and failed["detail"]["enabled"] is still_enabled
+    shown = api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).json()
+    assert shown["enabled"] is still_enabled
+    if still_enabled:  # its next fire time comes round as usual: it fails again then, and is recorded again
+        assert shown["nextFireTimes"][0] > utcnow().isoformat()
+    fire_due_schedules(make_session_factory(engine), now=utcnow())  # the next tick: recorded once, nothing more fired
+    assert len(audited(api, org, "schedule.failed")) == 1 and len(scheduled_runs(api, other_org)) == 1
+
+
+def test_a_stored_sync_schedule_that_no_longer_validates_fails_alone_and_is_disabled(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    broken, sound = sync_source(api, org, "sqlite:////srv/line-1.db"), sync_source(api, org, "sqlite:////srv/line-2.db")
+    for source_id in (broken, sound):
+        url = f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule"
+        assert api.put(url, json={"pattern": "*/15 * * * *"}, headers=org.admin).status_code == 200
+    with session_scope(make_session_factory(engine)) as session:
+        session.execute(update(SyncSchedule).where(SyncSchedule.source_id == broken).values(pattern="*/15 * *"))
+    for source_id in (broken, sound):
+        make_sync_schedule_due(engine, source_id, minutes_ago=0.1)
+    assert len(fire_due_sync_schedules(make_session_factory(engine), now=utcnow())) == 1
+    jobs = api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json()
+    assert [job["sourceId"] for job in jobs] == [sound]
+    [failed] = audited(api, org, "sync.schedule.failed")
+    assert failed["detail"]["sourceId"] == broken and "5-field" in failed["detail"]["error"]
+    shown = api.get(f"/v1/orgs/{org.org_id}/sync-sources/{broken}/schedule", headers=org.viewer).json()
+    assert shown["enabled"] is False
