@@ -28,12 +28,45 @@ class ScheduleError(ValueError):
     """A pattern or timezone that cannot be scheduled; the message says which."""
 
 
+_MONTHS = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+_DAYS = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
+# Each field's name, its lowest and highest value, and the names it takes (croniter's and cron's).
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day-of-month", 1, 31, {}),
+    ("month", 1, 12, {name: n for n, name in enumerate(_MONTHS, 1)}),
+    ("day-of-week", 0, 7, {name: n for n, name in enumerate(_DAYS)}),
+)
+
+
 def check_pattern(pattern: str) -> str:
     if len(pattern.split()) != 5 or not croniter.is_valid(pattern):
         raise ScheduleError(f"pattern {pattern!r} is not a 5-field cron pattern such as '0 2 * * 0'")
+    _refuse_backward_ranges(pattern)
     if not _ever_fires(pattern):
         raise ScheduleError(f"pattern {pattern!r} never fires: no date has that day in that month")
     return pattern
+
+
+def _refuse_backward_ranges(pattern: str) -> None:
+    """A range from high to low (`1-0`, `22-2`, `fri-mon`) is refused, as cron refuses it: croniter reads it as
+    wrapping round, so `1-0 * * * *` fires every minute."""
+    for field, (name, lowest, highest, names) in zip(pattern.split(), _FIELDS, strict=True):
+        for atom in field.split(","):
+            span, slash, step = atom.partition("/")
+            ends = span.split("-")
+            if len(ends) != 2:
+                continue
+            low, high = (int(end) if end.isdigit() else names.get(end.lower()) for end in ends)
+            if low is None or high is None or low <= high:
+                continue  # `L` and the like are croniter's to judge
+            top = highest - 1 if name == "day-of-week" else highest  # 7 is Sunday again
+            wrapped = ",".join(f"{a}-{b}{slash}{step}" if a < b else str(a) for a, b in ((low, top), (lowest, high)))
+            raise ScheduleError(
+                f"pattern {pattern!r}: the range {span} in its {name} field runs backwards; a cron range "
+                f"goes from low to high (for {low} round to {high}, write {wrapped})"
+            )
 
 
 def _ever_fires(pattern: str) -> bool:
@@ -64,7 +97,8 @@ def check_schedule(pattern: str, timezone: str) -> None:
     """A schedule as a request gives it: a 4xx naming `pattern` or `timezone` when either cannot be scheduled.
 
     Random fields are refused here, where a schedule is stored, and not in `check_pattern`: a schedule stored
-    before they were refused still fires (at random) rather than stopping every other schedule's tick."""
+    before they were refused still fires (at random). A range running backwards is refused in `check_pattern`, so
+    a schedule stored with one before fails at its next fire and is disabled, recorded (shared/beat.py)."""
     try:
         _refuse_random(check_pattern(pattern))
     except ScheduleError as error:

@@ -243,3 +243,33 @@ def test_a_stored_sync_schedule_that_no_longer_validates_fails_alone_and_is_disa
     assert failed["detail"]["sourceId"] == broken and "5-field" in failed["detail"]["error"]
     shown = api.get(f"/v1/orgs/{org.org_id}/sync-sources/{broken}/schedule", headers=org.viewer).json()
     assert shown["enabled"] is False
+
+
+def test_a_backward_range_is_refused_naming_the_pattern_and_not_stored(
+    api: TestClient, org: OrgKeys, dataset_id: str
+) -> None:
+    response = put_training_schedule(api, org, dataset_id, pattern="1-0 * * * *")
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "pattern" and "runs backwards" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{sync_source(api, org)}/schedule"
+    response = api.put(url, json={"pattern": "0 22-2 * * *"}, headers=org.admin)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "pattern" and "write 22-23,0-2" in response.json()["error"]
+    assert api.get(url, headers=org.viewer).status_code == 404
+
+
+def test_a_schedule_stored_with_a_backward_range_is_shown_then_disabled_at_its_next_fire_not_fired_every_minute(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine
+) -> None:
+    assert put_training_schedule(api, org, dataset_id, pattern="0 2 * * *").status_code == 200
+    with session_scope(make_session_factory(engine)) as session:  # stored before such ranges were refused
+        session.execute(update(Schedule).where(Schedule.org_id == org.org_id).values(pattern="1-0 * * * *"))
+    shown = api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer)
+    assert shown.status_code == 200 and shown.json()["nextFireTimes"] == []
+    break_and_make_due(engine, org)
+    fire_due_schedules(make_session_factory(engine), now=utcnow())
+    assert scheduled_runs(api, org) == []
+    [failed] = audited(api, org, "schedule.failed")
+    assert "runs backwards" in failed["detail"]["error"] and failed["detail"]["enabled"] is False
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).json()["enabled"] is False

@@ -79,3 +79,34 @@ def test_a_random_pattern_is_refused_naming_the_pattern(pattern: str) -> None:
 
 def test_month_and_day_names_holding_an_r_are_no_random_pattern() -> None:
     check_schedule("0 2 * MAR,APR FRI", "UTC")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "span", "field", "wrapped"),
+    [
+        ("1-0 * * * *", "1-0", "minute", "1-59,0"),
+        ("0 22-2 * * *", "22-2", "hour", "22-23,0-2"),
+        ("0 0 31-1 * *", "31-1", "day-of-month", "31,1"),
+        ("0 0 * dec-jan *", "dec-jan", "month", "12,1"),
+        ("0 0 * * fri-mon", "fri-mon", "day-of-week", "5-6,0-1"),
+        ("10-5/2 * * * *", "10-5", "minute", "10-59/2,0-5/2"),
+    ],
+)
+def test_a_range_running_backwards_is_refused_naming_it_and_how_to_write_it(
+    pattern: str, span: str, field: str, wrapped: str
+) -> None:
+    """cron refuses such a range; croniter wraps it round, so `1-0 * * * *` would fire every minute."""
+    with pytest.raises(InvalidInput) as refused:
+        check_schedule(pattern, "UTC")
+    assert refused.value.field == "pattern"
+    assert f"the range {span} in its {field} field runs backwards" in refused.value.message
+    assert f"write {wrapped}" in refused.value.message
+    with pytest.raises(ScheduleError, match="runs backwards"):
+        next_fire_times(pattern, "UTC", after=utc(2026, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "pattern", ["0 0 * * 6-7", "0 0 * * 0-7", "*/5 1-3/2 * * *", "0 2 * mar-apr mon-fri", "0 0 15-L * *"]
+)
+def test_ranges_going_up_are_kept(pattern: str) -> None:
+    check_schedule(pattern, "UTC")

@@ -13,7 +13,7 @@ from shared.audit import record_change
 from shared.db.models import Schedule
 from shared.db.types import utcnow
 from shared.errors import NotFound
-from shared.schedules import DST_POLICY, check_schedule, next_fire_times
+from shared.schedules import DST_POLICY, ScheduleError, check_schedule, next_fire_times
 
 router = APIRouter(prefix="/v1/orgs/{org}/schedule", tags=["schedule"])
 
@@ -69,13 +69,22 @@ def _upcoming(row: Schedule, after: datetime, count: int) -> list[datetime]:
     return next_fire_times(row.pattern, row.timezone, after=after, count=count)
 
 
+def _shown(row: Schedule) -> list[datetime]:
+    """The next fire times; none for a schedule stored before a rule its pattern breaks (beat disables it at its
+    next fire, recording why), which can still be read and set again."""
+    try:
+        return _upcoming(row, utcnow(), SHOWN_FIRES) if row.enabled else []
+    except ScheduleError:
+        return []
+
+
 def _schedule_out(row: Schedule) -> ScheduleOut:
     return ScheduleOut(
         pattern=row.pattern,
         timezone=row.timezone,
         enabled=row.enabled,
         training_config=row.training_config,
-        next_fire_times=_upcoming(row, utcnow(), SHOWN_FIRES) if row.enabled else [],
+        next_fire_times=_shown(row),
         last_fired_at=row.last_fired_at,
         dst_policy=DST_POLICY,
     )

@@ -30,7 +30,7 @@ from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound, SourceBeingDeleted
 from shared.outbox import KIND_DELETE_SOURCE_TASK, add_message
 from shared.queues import sync_queue
-from shared.schedules import check_schedule, next_fire_times
+from shared.schedules import ScheduleError, check_schedule, next_fire_times
 from shared.schemas import OrgConfig
 from shared.store_access import store_identity
 from shared.sync_jobs import deletion_refusal, queue_sync_job, residency_refusal, source_tables
@@ -240,13 +240,22 @@ def _upcoming(row: SyncSchedule, after: datetime, count: int) -> list[datetime]:
     return next_fire_times(row.pattern, row.timezone, after=after, count=count)
 
 
+def _shown(row: SyncSchedule) -> list[datetime]:
+    """The next fire times; none for a schedule stored before a rule its pattern breaks (the sync beat disables it
+    at its next fire, recording why), which can still be read and set again."""
+    try:
+        return _upcoming(row, utcnow(), SHOWN_FIRES) if row.enabled else []
+    except ScheduleError:
+        return []
+
+
 def _schedule_out(row: SyncSchedule) -> SyncScheduleOut:
     return SyncScheduleOut(
         source_id=row.source_id,
         pattern=row.pattern,
         timezone=row.timezone,
         enabled=row.enabled,
-        next_fire_times=_upcoming(row, utcnow(), SHOWN_FIRES) if row.enabled else [],
+        next_fire_times=_shown(row),
         last_fired_at=row.last_fired_at,
     )
 
