@@ -295,6 +295,7 @@ def test_undeploying_points_the_org_at_nothing_and_the_history_shows_who_when_an
         "error": None,
         "versionStatus": None,
         "failedGates": [],
+        "servingVersion": None,
     }
     assert [(row["action"], row["previousVersion"], row["version"], row["status"]) for row in history] == [
         ("deploy", None, first, "deployed"),
