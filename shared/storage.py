@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from shared.errors import ArtifactIntegrityError, ConfigurationError, NotFound, TransientError
@@ -34,6 +35,11 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
+    def delete_prefix(self, prefix: str) -> list[str]:
+        """Remove every object whose key starts with `prefix` (a folder: non-empty, ending in `/`) and return the
+        keys removed, sorted. Raises TransientError, having removed what it could, if any object is left."""
+        ...
+
     def check(self) -> None:
         """Raise if the store cannot be reached; readiness probes call it."""
 
@@ -100,6 +106,29 @@ class LocalObjectStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def delete_prefix(self, prefix: str) -> list[str]:
+        """The folder goes whole: its objects, a write's leftover temporary file, the folders under it. Links are
+        removed as links, never followed."""
+        self._path(_folder_prefix(prefix))  # refuses a prefix that leaves the store
+        folder = self.root / prefix.rstrip("/")
+        if folder.is_symlink():
+            folder.unlink()
+            return []
+        if not folder.is_dir():
+            return []
+        removed = self.list(prefix)
+        for parent, folders, files in os.walk(folder, topdown=False):
+            for name in files:
+                os.unlink(os.path.join(parent, name))
+            for name in folders:
+                path = os.path.join(parent, name)
+                if os.path.islink(path):
+                    os.unlink(path)
+                else:
+                    os.rmdir(path)
+        folder.rmdir()
+        return removed
+
     def check(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise OSError(f"object store folder is not writable: {self.root}")
@@ -162,6 +191,21 @@ class S3ObjectStore:
         with _reachable(self.endpoint):
             self.client.remove_object(self.bucket, key)
 
+    def delete_prefix(self, prefix: str) -> list[str]:
+        """One multi-object delete per 1000 keys. The SDK's remove_objects is lazy: it sends nothing until its
+        result, the objects it could not remove, is read; then the prefix is listed again to be sure."""
+        keys = self.list(_folder_prefix(prefix))
+        with _reachable(self.endpoint):
+            errors = list(self.client.remove_objects(self.bucket, [DeleteObject(key) for key in keys]))
+        left = self.list(prefix)
+        if errors or left:
+            reasons = "; ".join(f"{error.name}: {error.code} {error.message or ''}".strip() for error in errors[:5])
+            raise TransientError(
+                f"the object store at {self.endpoint} kept {len(left)} object(s) under {prefix}"
+                + (f" ({reasons})" if reasons else "")
+            )
+        return keys
+
     def check(self) -> None:
         with _reachable(self.endpoint):
             if not self.client.bucket_exists(self.bucket):
@@ -172,6 +216,14 @@ class S3ObjectStore:
 
 
 MISSING_CODES = {"NoSuchKey", "NoSuchObject", "ResourceNotFound"}
+
+
+def _folder_prefix(prefix: str) -> str:
+    """A prefix that may be removed whole: a folder's, so that `orgs/a/models/v1/` never takes `…/v10/` along, and
+    never the empty one, which is the whole store."""
+    if not prefix.endswith("/") or not prefix.strip("/"):
+        raise ValueError(f"a prefix to remove must name a folder, ending in '/': {prefix!r}")
+    return prefix
 
 
 @contextmanager

@@ -93,3 +93,59 @@ def test_an_unreachable_s3_server_is_a_transient_error_not_a_missing_object() ->
     )
     with pytest.raises(TransientError, match="unreachable"):
         open_object_store(settings)
+
+
+def test_deleting_a_prefix_removes_every_object_under_it_and_nothing_beside_it(store: ObjectStore) -> None:
+    inside = ["orgs/a/models/v1/holdout.parquet", "orgs/a/models/v1/model.onnx", "orgs/a/models/v1/deep/x.json"]
+    beside = ["orgs/a/models/v10/model.onnx", "orgs/a/models/v1.json", "orgs/b/models/v1/model.onnx"]
+    for key in inside + beside:
+        store.put_bytes(key, b"x")
+
+    removed = store.delete_prefix("orgs/a/models/v1/")
+
+    assert removed == sorted(inside)
+    assert store.list("orgs/a/models/v1/") == []
+    assert not any(store.exists(key) for key in inside)
+    assert all(store.exists(key) for key in beside)
+    assert store.delete_prefix("orgs/a/models/v1/") == []  # again: nothing left, and no error
+
+
+def test_deleting_a_prefix_of_more_than_one_request_removes_them_all(store: ObjectStore) -> None:
+    """remove_objects sends 1000 keys a request, and only as its result is read."""
+    keys = [f"orgs/a/models/v1/part-{i:04d}" for i in range(1005)]
+    for key in keys:
+        store.put_bytes(key, b"")
+
+    assert store.delete_prefix("orgs/a/models/v1/") == keys
+    assert store.list("orgs/a/") == []
+
+
+@pytest.mark.parametrize("prefix", ["", "/", "orgs/a/models/v1", "orgs/a/models/v1/model.onnx"])
+def test_a_prefix_that_is_no_folder_is_refused_and_nothing_is_removed(store: ObjectStore, prefix: str) -> None:
+    store.put_bytes("orgs/a/models/v1/model.onnx", b"x")
+    store.put_bytes("orgs/a/models/v10/model.onnx", b"x")
+
+    with pytest.raises(ValueError, match="must name a folder"):
+        store.delete_prefix(prefix)
+
+    assert store.list("orgs/") == ["orgs/a/models/v1/model.onnx", "orgs/a/models/v10/model.onnx"]
+
+
+def test_a_folder_store_removes_a_prefix_folder_whole(tmp_path: Path) -> None:
+    """A write cut off leaves a temporary file, which holds the same bytes: it goes too, and so does the folder."""
+    store = LocalObjectStore(tmp_path / "objects")
+    store.put_bytes("orgs/a/models/v1/holdout.parquet", b"rows")
+    leftover = tmp_path / "objects/orgs/a/models/v1/.incoming-abc"
+    leftover.write_bytes(b"rows")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_bytes(b"keep")
+    (tmp_path / "objects/orgs/a/models/v1/link").symlink_to(outside)
+
+    assert store.delete_prefix("orgs/a/models/v1/") == ["orgs/a/models/v1/holdout.parquet"]
+
+    assert not (tmp_path / "objects/orgs/a/models/v1").exists()
+    assert (tmp_path / "objects/orgs/a/models").is_dir()
+    assert (outside / "keep.txt").read_bytes() == b"keep"
+    with pytest.raises(ValueError, match="escapes"):
+        store.delete_prefix("../")
