@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import os
@@ -35,7 +36,7 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
-    def delete_prefix(self, prefix: str) -> list[str]:
+    def delete_prefix(self, prefix: str) -> builtins.list[str]:
         """Remove every object whose key starts with `prefix` (a folder: non-empty, ending in `/`) and return the
         keys removed, sorted. Raises TransientError, having removed what it could, if any object is left."""
         ...
@@ -106,7 +107,7 @@ class LocalObjectStore:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
-    def delete_prefix(self, prefix: str) -> list[str]:
+    def delete_prefix(self, prefix: str) -> builtins.list[str]:
         """The folder goes whole: its objects, a write's leftover temporary file, the folders under it. Links are
         removed as links, never followed."""
         self._path(_folder_prefix(prefix))  # refuses a prefix that leaves the store
@@ -191,7 +192,7 @@ class S3ObjectStore:
         with _reachable(self.endpoint):
             self.client.remove_object(self.bucket, key)
 
-    def delete_prefix(self, prefix: str) -> list[str]:
+    def delete_prefix(self, prefix: str) -> builtins.list[str]:
         """One multi-object delete per 1000 keys. The SDK's remove_objects is lazy: it sends nothing until its
         result, the objects it could not remove, is read; then the prefix is listed again to be sure."""
         keys = self.list(_folder_prefix(prefix))
