@@ -61,6 +61,9 @@ class Dataset(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # DELETE /v1/orgs/{org}/datasets/{id}: its object is removed from the store, and the row stays as a tombstone
+    # (runs name it), which no submission, schedule or run may read from again.
+    erased_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class TrainingRun(Base):
@@ -144,6 +147,9 @@ class ModelVersion(Base):
     validation: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     validated_at: Mapped[datetime | None] = mapped_column(default=None)
+    # DELETE /v1/orgs/{org}/models/{version}/artifacts: status "erased", every stored artifact removed; the row, its
+    # metrics and report stay, as the deployment history and the audit trail name it.
+    erased_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_model_versions_org_created", "org_id", "created_at"),)
 
