@@ -1,4 +1,5 @@
-"""A version's standing: `validated` (deployable) or `rejected`, and a rejection is final.
+"""A version's standing: `validated` (deployable) or `rejected`, and a rejection is final; either may become
+`erased` (DELETE .../models/{version}/artifacts: its stored files removed), which is final too.
 
 A version judged again (`POST .../models/{version}/validate`) gets a fresh report of every gate, but once it has
 failed a gate it stays rejected whatever later judgements say (gates relaxed since, say): its report keeps, under
@@ -11,6 +12,7 @@ from typing import Any
 
 VALIDATED = "validated"
 REJECTED = "rejected"
+ERASED = "erased"
 
 
 def rejected_gates(validation: dict[str, Any]) -> list[str]:

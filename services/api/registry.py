@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.api.lookups import get_owned
+from services.api.lookups import get_owned, lock_org
 from shared.db.models import (
     ACTION_UNDEPLOY,
     DEPLOYMENT_FAILED,
@@ -13,7 +13,6 @@ from shared.db.models import (
     CurrentDeployment,
     Deployment,
     ModelVersion,
-    Organization,
     OutboxMessage,
 )
 from shared.deployments import serving_deployment
@@ -90,7 +89,7 @@ def record_deployment(
     Deploying the version already deployed changes nothing and sends nothing, unless its deployment failed: then it
     is a new attempt, which the predictors try afresh (the cause, a store down say, may have passed).
     """
-    _lock_org(session, org_id)
+    lock_org(session, org_id)
     # populate_existing: a rollback read the pointer before it held the lock, and that copy may be stale now.
     current = session.get(CurrentDeployment, org_id, populate_existing=True)
     if current is not None and current.version == version and not _failed(session, current.deployment_id):
@@ -122,7 +121,7 @@ def record_undeployment(session: Session, *, org_id: str, actor: str) -> tuple[s
     changes nothing, sends nothing and returns None. "Serving" is the predictors' rule: a deployment that was
     refused never served, so an undeploy while one is refused stops the org's last good one, and names it.
     """
-    _lock_org(session, org_id)
+    lock_org(session, org_id)
     current = session.get(CurrentDeployment, org_id, populate_existing=True)
     serving = serving_deployment(session, org_id)
     if current is None or serving is None or serving.version is None:
@@ -149,21 +148,6 @@ def deploy_event(session: Session, current: CurrentDeployment) -> OutboxMessage:
 
 def _failed(session: Session, deployment_id: int) -> bool:
     return session.get_one(Deployment, deployment_id).status == DEPLOYMENT_FAILED
-
-
-def _lock_org(session: Session, org_id: str) -> None:
-    """Serialise deploys of one org, so the pointer and the history agree.
-
-    SELECT ... FOR UPDATE would do on PostgreSQL, but SQLite ignores it, and pysqlite sends BEGIN only before the
-    first write: a write to the org row takes SQLite's database write lock (and PostgreSQL's row lock) before the
-    current deployment is read, and holds it until the commit.
-    """
-    session.execute(
-        update(Organization)
-        .where(Organization.id == org_id)
-        .values(name=Organization.name)
-        .execution_options(synchronize_session=False)
-    )
 
 
 def rollback_target(session: Session, *, org_id: str, requested: str | None) -> str:

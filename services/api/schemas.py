@@ -64,6 +64,16 @@ class DatasetOut(CamelOut):
     timestamp_column: str | None
     size_bytes: int
     created_at: datetime
+    erased_at: datetime | None = Field(
+        None, description="when its rows were erased (DELETE): the row stays so runs still name it, nothing reads it"
+    )
+
+
+class DatasetErased(DatasetOut):
+    versions_keeping_rows: list[str] = Field(
+        description="versions trained on it and not erased: each keeps a share of its rows as held-out rows, "
+        "which DELETE /v1/orgs/{org}/models/{version}/artifacts erases"
+    )
 
 
 class RunAccepted(CamelOut):

@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from services.api.lookups import get_owned
 from shared.db.models import Dataset, DataSource
-from shared.errors import InvalidInput
+from shared.errors import Conflict, InvalidInput
 from shared.schemas import TrainingConfig
 
 
@@ -25,6 +25,12 @@ def check_source(session: Session, config: TrainingConfig, *, org_id: str) -> st
 def _dataset_for(session: Session, config: TrainingConfig, *, org_id: str) -> Dataset:
     assert config.dataset_id is not None
     dataset = get_owned(session, Dataset, config.dataset_id, org_id=org_id, field="datasetId")
+    if dataset.erased_at is not None:
+        raise Conflict(
+            f"dataset {dataset.id} was erased at {dataset.erased_at.isoformat()}: its rows are gone; upload them "
+            "again, or name another dataset",
+            field="datasetId",
+        )
     columns = {column["name"]: column for column in dataset.columns}
     if config.target_column not in columns:
         raise InvalidInput(

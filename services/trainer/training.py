@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sqlalchemy import select
 
 import services.trainer.scripts
 from services.trainer import artifacts, runs
@@ -29,6 +30,7 @@ from services.trainer.runs import Attempt, Cancelled, DatabaseSource, LeaseLost,
 from services.trainer.sandbox import Limits
 from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large
 from shared.crypto import SecretBox
+from shared.db.models import Dataset, TrainingRun
 from shared.db.session import session_scope
 from shared.errors import InvalidInput, KilnError, TransientError
 from shared.layout import MODEL_FILE, model_prefix
@@ -182,6 +184,7 @@ class _Steps:
             return load_training_data(
                 target, feature_columns=config.feature_columns, target_column=config.target_column
             )
+        self._refuse_erased_dataset()
         extract_dataset(self.context.store, source.object_key, target)
         return load_training_data(
             target,
@@ -191,6 +194,22 @@ class _Steps:
             start=start,
             end=end,
         )
+
+    def _refuse_erased_dataset(self) -> None:
+        """A run queued before its dataset was erased fails here, saying so. An erasure waits for claims (the org's
+        lock) and refuses a running run's dataset, so one committed after this claim cannot happen."""
+        with self.context.sessions() as session:
+            dataset = session.execute(
+                select(Dataset.id, Dataset.erased_at)
+                .join(TrainingRun, TrainingRun.dataset_id == Dataset.id)
+                .where(TrainingRun.id == self.attempt.run_id)
+            ).one()
+        if dataset.erased_at is not None:
+            raise InvalidInput(
+                f"dataset {dataset.id} was erased at {dataset.erased_at.isoformat()}, after this run was queued: "
+                "its rows are gone, so the run cannot train on them",
+                field="datasetId",
+            )
 
     def _store_rules(self) -> StoreRules:
         with session_scope(self.context.sessions) as session:

@@ -1,18 +1,38 @@
-"""Dataset uploads: CSV and Parquet in, clear 4xx for bad files, nothing stored for a refused upload."""
+"""Dataset uploads: CSV and Parquet in, clear 4xx for bad files, nothing stored for a refused upload; every
+upload audited. Erasure: the object leaves the store, the row stays as a tombstone nothing reads from again."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
+from deploy.local import ai4i
+from services.trainer import runs
+from services.trainer.context import WorkerContext
+from services.trainer.training import run_training
+from shared.db.session import make_session_factory
 from shared.layout import dataset_key
 from shared.settings import Settings
-from shared.storage import open_object_store
-from tests.integration.conftest import OrgKeys, upload
+from shared.storage import ObjectStore, open_object_store
+from tests.integration.conftest import (
+    ADMIN,
+    OrgKeys,
+    config,
+    create_org_with_keys,
+    run_of,
+    submit,
+    upload,
+    upload_table,
+)
+from tests.support.seed import seed_version
 
 CSV = b"timestamp,temperature,pressure,failed\n2024-01-01T00:00:00Z,70.5,1.2,0\n2024-01-02T00:00:00Z,71.0,1.3,1\n"
 
@@ -249,3 +269,136 @@ def test_timestamps_at_the_first_and_last_instants_of_the_years_1_to_9999_are_ke
         "9999-12-31T23:59:59.999999+00:00",
         "2024-01-01T00:00:00+00:00",
     ]
+
+
+def audit_of(api: TestClient, org: OrgKeys, action: str) -> list[dict[str, Any]]:
+    entries = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+    return [entry for entry in entries if entry["action"] == action]
+
+
+def key_id(api: TestClient, org: OrgKeys, role: str) -> str:
+    keys = api.get(f"/v1/orgs/{org.org_id}/keys", headers=org.admin).json()
+    return str(next(key["keyId"] for key in keys if key["role"] == role))
+
+
+def test_an_upload_is_audited_with_the_key_its_rows_size_and_sha256(
+    api: TestClient, org: OrgKeys, store: ObjectStore
+) -> None:
+    body = upload(api, org, CSV, timestampColumn="timestamp").json()
+
+    [entry] = audit_of(api, org, "dataset.uploaded")
+    stored = store.get_bytes(dataset_key(org.org_id, body["datasetId"]))
+    assert (entry["actor"], entry["target"]) == (key_id(api, org, "trainer"), body["datasetId"])
+    assert entry["detail"] == {"rows": 2, "sizeBytes": len(stored), "sha256": hashlib.sha256(stored).hexdigest()}
+
+
+def test_erasing_a_dataset_removes_its_object_and_keeps_its_row_as_a_tombstone(
+    api: TestClient, org: OrgKeys, store: ObjectStore, engine: Engine
+) -> None:
+    dataset_id = upload(api, org, CSV, timestampColumn="timestamp").json()["datasetId"]
+    key = dataset_key(org.org_id, dataset_id)
+    stored = store.get_bytes(key)
+    trained = seed_version(engine, org.org_id, dataset_id=dataset_id)
+    url = f"/v1/orgs/{org.org_id}/datasets/{dataset_id}"
+
+    erased = api.delete(url, headers=org.trainer)
+
+    assert erased.status_code == 200, erased.text
+    assert not store.exists(key) and store.list(f"orgs/{org.org_id}/datasets/") == []
+    body = erased.json()
+    assert body["datasetId"] == dataset_id and body["erasedAt"] is not None
+    assert body["versionsKeepingRows"] == [trained]  # its held-out rows are a share of the dataset's
+    tombstone = api.get(url, headers=org.viewer).json()
+    assert tombstone["erasedAt"] == body["erasedAt"] and tombstone["rows"] == 2
+    assert [d["erasedAt"] for d in api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json()] == [
+        body["erasedAt"]
+    ]
+    [entry] = audit_of(api, org, "dataset.erased")
+    assert (entry["actor"], entry["target"]) == (key_id(api, org, "trainer"), dataset_id)
+    assert entry["detail"] == {
+        "rows": 2,
+        "sizeBytes": len(stored),
+        "sha256": hashlib.sha256(stored).hexdigest(),
+        "versionsKeepingRows": [trained],
+    }
+    again = api.delete(url, headers=org.admin)  # finishes what a store outage cut short; changes nothing else
+    assert again.status_code == 200 and again.json()["erasedAt"] == body["erasedAt"]
+    assert len(audit_of(api, org, "dataset.erased")) == 1
+
+
+def test_a_submission_or_schedule_naming_an_erased_dataset_is_refused_naming_it(
+    api: TestClient, org: OrgKeys, dataset_id: str
+) -> None:
+    assert api.delete(f"/v1/orgs/{org.org_id}/datasets/{dataset_id}", headers=org.trainer).status_code == 200
+
+    submitted = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=org.trainer)
+    body = {"pattern": "0 2 * * 0", "trainingConfig": config(dataset_id)}
+    scheduled = api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin)
+
+    for refused in (submitted, scheduled):
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["field"] == "datasetId"
+        assert f"dataset {dataset_id} was erased" in refused.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/trainings", headers=org.viewer).json() == []
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404
+
+
+def test_a_run_queued_before_its_dataset_was_erased_fails_saying_so_when_it_starts(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, tmp_path: Path
+) -> None:
+    dataset_id = upload_table(api, org, ai4i.generate(500, seed=5), tmp_path)
+    run_id = submit(api, org, dataset_id)
+    assert api.delete(f"/v1/orgs/{org.org_id}/datasets/{dataset_id}", headers=org.trainer).status_code == 200
+
+    assert run_training(run_id, worker) == "failed"
+
+    run = run_of(api, org, run_id)
+    assert run["status"] == "failed" and run["attempts"] == 1
+    assert run["error"].startswith(f"dataset {dataset_id} was erased at ")
+    assert "Traceback" not in run["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
+
+
+def test_a_dataset_a_running_run_reads_is_not_erased(
+    api: TestClient, org: OrgKeys, dataset_id: str, store: ObjectStore, engine: Engine
+) -> None:
+    """Its rows would go on into the run's version (its held-out rows): the erasure waits for the run."""
+    run_id = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=org.trainer).json()["runId"]
+    assert runs.claim_run(make_session_factory(engine), run_id, worker="test", lease_s=30) is not None
+
+    refused = api.delete(f"/v1/orgs/{org.org_id}/datasets/{dataset_id}", headers=org.trainer)
+
+    assert refused.status_code == 409, refused.text
+    assert run_id in refused.json()["error"] and "cancel" in refused.json()["error"]
+    assert store.exists(dataset_key(org.org_id, dataset_id))
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets/{dataset_id}", headers=org.viewer).json()["erasedAt"] is None
+    assert audit_of(api, org, "dataset.erased") == []
+
+
+def test_a_dataset_the_schedule_trains_on_is_not_erased(
+    api: TestClient, org: OrgKeys, dataset_id: str, store: ObjectStore
+) -> None:
+    body = {"pattern": "0 2 * * 0", "trainingConfig": config(dataset_id)}
+    assert api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin).status_code == 200
+
+    refused = api.delete(f"/v1/orgs/{org.org_id}/datasets/{dataset_id}", headers=org.trainer)
+
+    assert refused.status_code == 409, refused.text
+    assert "schedule" in refused.json()["error"]
+    assert store.exists(dataset_key(org.org_id, dataset_id))
+    assert api.delete(f"/v1/orgs/{org.org_id}/schedule", headers=org.admin).status_code == 204
+    assert api.delete(f"/v1/orgs/{org.org_id}/datasets/{dataset_id}", headers=org.trainer).status_code == 200
+
+
+def test_a_dataset_is_erased_by_the_orgs_trainers_and_admins_only(
+    api: TestClient, org: OrgKeys, dataset_id: str, store: ObjectStore, org_id: str
+) -> None:
+    url = f"/v1/orgs/{org.org_id}/datasets/{dataset_id}"
+    other = create_org_with_keys(api, "x" + org_id)
+
+    assert api.delete(url, headers=org.viewer).status_code == 403
+    assert api.delete(url, headers=other.admin).status_code == 404
+    assert api.delete(f"/v1/orgs/{other.org_id}/datasets/{dataset_id}", headers=other.admin).status_code == 404
+    assert store.exists(dataset_key(org.org_id, dataset_id))
+    assert api.delete(url, headers=ADMIN).status_code == 200
+    assert not store.exists(dataset_key(org.org_id, dataset_id))

@@ -197,6 +197,7 @@ def test_every_change_leaves_an_audit_row(api: TestClient, org: OrgKeys, dataset
         "key.created",
         "key.created",
         "key.created",
+        "dataset.uploaded",
         "training.submitted",
         "training.cancelled",
         "datasource.set",

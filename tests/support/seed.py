@@ -24,33 +24,39 @@ def seed_version(
     model: bytes = b"",
     feature_columns: list[str] | None = None,
     classes: list[Any] | None = None,
+    dataset_id: str | None = None,
 ) -> str:
-    """A finished run and its version, as the trainer leaves them (without training anything)."""
+    """A finished run and its version, as the trainer leaves them (without training anything); the run reads
+    `dataset_id`, or a dataset of its own."""
     created_at = created_at or datetime.now(UTC)
     version = new_version(created_at)
     failed = [] if passed else ["accuracy", "recall"]
     with Session(engine) as session, session.begin():
-        dataset = Dataset(
-            id="ds_" + secrets.token_hex(8),
-            org_id=org_id,
-            object_key=dataset_key(org_id, "seed"),
-            filename="seed",
-            row_count=1,
-            columns=[],
-            size_bytes=1,
-            sha256="0" * 64,
-            created_at=created_at,
-        )
+        if dataset_id is None:
+            dataset_id = "ds_" + secrets.token_hex(8)
+            session.add(
+                Dataset(
+                    id=dataset_id,
+                    org_id=org_id,
+                    object_key=dataset_key(org_id, "seed"),
+                    filename="seed",
+                    row_count=1,
+                    columns=[],
+                    size_bytes=1,
+                    sha256="0" * 64,
+                    created_at=created_at,
+                )
+            )
         run = TrainingRun(
             id="run_" + secrets.token_hex(8),
             org_id=org_id,
             status="succeeded" if passed else "rejected",
             config={},
-            dataset_id=dataset.id,
+            dataset_id=dataset_id,
             version=version,
             created_at=created_at,
         )
-        session.add_all([dataset, run])
+        session.add(run)
         session.flush()
         session.add(
             ModelVersion(

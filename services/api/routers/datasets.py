@@ -9,16 +9,20 @@ from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, File, Form, Request, UploadFile, status
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.ingest import ingest
-from services.api.lookups import get_owned
-from services.api.schemas import DatasetOut
-from shared.db.models import Dataset, Organization
-from shared.errors import Conflict, InvalidInput, PayloadTooLarge
+from services.api.lookups import get_owned, lock_org
+from services.api.schemas import DatasetErased, DatasetOut
+from shared.audit import record_change
+from shared.db.models import Dataset, ModelVersion, Organization, Schedule, TrainingRun
+from shared.db.types import utcnow
+from shared.errors import Conflict, InvalidInput, PayloadTooLarge, TransientError
 from shared.layout import dataset_key
 from shared.schemas import NUL, OrgConfig
 from shared.storage import CHUNK, sha256_file
+from shared.verdicts import ERASED
 
 router = APIRouter(prefix="/v1/orgs/{org}/datasets", tags=["datasets"])
 
@@ -61,6 +65,15 @@ def upload_dataset(
         resources.store.put_file(row.object_key, dataset.path)
     try:
         session.add(row)
+        session.flush()
+        record_change(
+            session,
+            org_id=access.org_id,
+            actor=access.principal.key_id,
+            action="dataset.uploaded",
+            target=row.id,
+            detail={"rows": row.row_count, "sizeBytes": row.size_bytes, "sha256": row.sha256},
+        )
         session.commit()
     except BaseException:
         resources.store.delete(row.object_key)
@@ -77,6 +90,82 @@ def list_datasets(access: OrgViewer, session: SessionDep) -> list[DatasetOut]:
 @router.get("/{dataset_id}", response_model=DatasetOut)
 def get_dataset(dataset_id: str, access: OrgViewer, session: SessionDep) -> DatasetOut:
     return _dataset_out(get_owned(session, Dataset, dataset_id, org_id=access.org_id))
+
+
+@router.delete("/{dataset_id}", response_model=DatasetErased)
+def erase_dataset(dataset_id: str, access: OrgTrainer, session: SessionDep, resources: ResourcesDep) -> DatasetErased:
+    """Erase the dataset's rows: its object leaves the store, and its row stays as a tombstone (runs name it) that
+    no submission, schedule or queued run reads from again. Refused (409) while a running run reads it or the org's
+    schedule trains on it. Asking again finishes an erasure the object store cut short, and changes nothing else."""
+    get_owned(session, Dataset, dataset_id, org_id=access.org_id)
+    lock_org(session, access.org_id)  # a worker claiming a run of it waits for this commit, and then finds it erased
+    row = session.get_one(Dataset, dataset_id, populate_existing=True)
+    keeping = _versions_keeping_rows(session, row.id)
+    if row.erased_at is None:
+        _refuse_in_use(session, row)
+        row.erased_at = utcnow()
+        record_change(
+            session,
+            org_id=access.org_id,
+            actor=access.principal.key_id,
+            action="dataset.erased",
+            target=row.id,
+            detail={
+                "rows": row.row_count,
+                "sizeBytes": row.size_bytes,
+                "sha256": row.sha256,
+                "versionsKeepingRows": keeping,
+            },
+        )
+    # Marked first: from this commit on nothing reads the dataset, whatever the store does.
+    session.commit()
+    try:
+        resources.store.delete(row.object_key)
+        left = resources.store.exists(row.object_key)
+    except TransientError as error:
+        left, reason = True, error.message
+    else:
+        reason = "the store still holds it"
+    if left:
+        raise TransientError(
+            f"dataset {row.id} is erased (nothing will read it again), but its object could not be removed yet: "
+            f"{reason}; DELETE it again to finish",
+            headers={"Retry-After": "5"},
+        )
+    return DatasetErased(**_dataset_out(row).model_dump(), versions_keeping_rows=keeping)
+
+
+def _refuse_in_use(session: Session, row: Dataset) -> None:
+    """A run reading the dataset would carry its rows on into a new version's held-out rows; a schedule naming it
+    would fail every run it queues."""
+    running = session.scalars(
+        select(TrainingRun.id)
+        .where(TrainingRun.dataset_id == row.id, TrainingRun.status == "running")
+        .order_by(TrainingRun.created_at)
+    ).all()
+    if running:
+        raise Conflict(
+            f"dataset {row.id} is being read by running run {', '.join(running)}: cancel it "
+            f"(POST /v1/orgs/{row.org_id}/trainings/{{runId}}/cancel) or let it end, then erase the dataset"
+        )
+    schedule = session.get(Schedule, row.org_id)
+    if schedule is not None and schedule.training_config.get("datasetId") == row.id:
+        raise Conflict(
+            f"the organization's schedule trains on dataset {row.id}: point its trainingConfig at another dataset "
+            f"(PUT /v1/orgs/{row.org_id}/schedule) or delete it, then erase the dataset"
+        )
+
+
+def _versions_keeping_rows(session: Session, dataset_id: str) -> list[str]:
+    """The versions trained on the dataset that still hold their held-out rows, a share of its own."""
+    return list(
+        session.scalars(
+            select(ModelVersion.version)
+            .join(TrainingRun, TrainingRun.id == ModelVersion.run_id)
+            .where(TrainingRun.dataset_id == dataset_id, ModelVersion.status != ERASED)
+            .order_by(ModelVersion.created_at, ModelVersion.version)
+        )
+    )
 
 
 def _stored_filename(file: UploadFile) -> str:
@@ -105,4 +194,5 @@ def _dataset_out(row: Dataset) -> DatasetOut:
         timestamp_column=row.timestamp_column,
         size_bytes=row.size_bytes,
         created_at=row.created_at,
+        erased_at=row.erased_at,
     )
