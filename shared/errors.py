@@ -61,6 +61,12 @@ class Conflict(KilnError):
     status = HTTPStatus.CONFLICT
 
 
+class Gone(KilnError):
+    """What was asked for existed and was erased on purpose: a model version's artifacts, say."""
+
+    status = HTTPStatus.GONE
+
+
 class SourceBeingDeleted(Conflict):
     """A sync source whose deletion was asked for: it takes no new job, resync or schedule change."""
 

@@ -6,6 +6,7 @@ from typing import Any, Protocol
 
 TRAIN_TASK = "kiln.train"
 VALIDATE_TASK = "kiln.validate"
+ERASE_TASK = "kiln.erase_premises"
 SYNC_TASK = "kiln.sync"
 SYNC_PURGE_TASK = "kiln.sync.purge"
 SYNC_ROTATE_TASK = "kiln.sync.rotate"
@@ -44,6 +45,13 @@ def send_validate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
     # The key that asked rides along, for the audit row of the judgement.
     args = [payload["org_id"], payload["version"], payload.get("actor")]
     sender.send_task(VALIDATE_TASK, args=args, queue=train_queue(payload["org_id"]))
+
+
+def send_erase_task(sender: TaskSender, payload: dict[str, Any]) -> None:
+    """Remove an erased version's files from the org's premises folder, on its org's queue: only the org's own
+    workers, on its premises, reach that folder."""
+    args = [payload["org_id"], payload["version"], payload.get("actor")]
+    sender.send_task(ERASE_TASK, args=args, queue=train_queue(payload["org_id"]))
 
 
 def send_sync_task(sender: TaskSender, payload: dict[str, Any]) -> None:

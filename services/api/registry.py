@@ -18,7 +18,7 @@ from shared.db.models import (
 from shared.deployments import serving_deployment
 from shared.errors import Conflict, NotFound
 from shared.outbox import KIND_DEPLOY_EVENT, add_message
-from shared.verdicts import VALIDATED, rejected_gates
+from shared.verdicts import ERASED, VALIDATED, rejected_gates
 
 DEPLOYABLE = VALIDATED
 
@@ -27,6 +27,7 @@ def deployable_version(session: Session, *, org_id: str, version: str) -> ModelV
     """The org's version, if it passed every gate; a rejected one is refused with the gates it was rejected for (a
     rejection is final: a later judgement that passes, under relaxed gates say, does not make it deployable)."""
     row = get_owned(session, ModelVersion, version, org_id=org_id, field="version")
+    refuse_erased(row, "deployed or rolled back to", field="version")
     if row.status != DEPLOYABLE:
         failed = failed_gates(row)
         raise Conflict(
@@ -36,6 +37,47 @@ def deployable_version(session: Session, *, org_id: str, version: str) -> ModelV
             detail={"failedGates": failed},
         )
     return row
+
+
+def refuse_erased(row: ModelVersion, never: str, *, field: str | None = None) -> None:
+    """A 409 for an erased version: its artifacts are gone, for good."""
+    if row.status == ERASED:
+        erased_at = row.erased_at.isoformat() if row.erased_at is not None else "an earlier time"
+        raise Conflict(
+            f"version {row.version} was erased at {erased_at} (its artifacts are gone): it can never be {never}",
+            field=field,
+            detail={"erasedAt": erased_at},
+        )
+
+
+def refuse_in_service(session: Session, *, org_id: str, version: str) -> None:
+    """A 409 while predictors serve `version`, or may: the org's deployed version (the pointer's, even while its
+    deployment is refused), the version serving in its place meanwhile, and the one that serves until a new
+    deployment has loaded on a predictor. Call it holding the org's lock (lock_org)."""
+    current = session.get(CurrentDeployment, org_id, populate_existing=True)
+    if current is None:
+        return
+    serving = serving_deployment(session, org_id)
+    if version in (current.version, serving.version if serving is not None else None):
+        raise Conflict(
+            f"version {version} is deployed for organization {org_id}: deploy another version or undeploy "
+            f"(DELETE /v1/orgs/{org_id}/deployment) first"
+        )
+    pointer = session.get_one(Deployment, current.deployment_id)
+    if pointer.version is None or pointer.status == DEPLOYMENT_FAILED or pointer.loaded_at is not None:
+        return
+    before = session.scalar(
+        select(Deployment)
+        .where(Deployment.org_id == org_id, Deployment.id < pointer.id, Deployment.status != DEPLOYMENT_FAILED)
+        .order_by(Deployment.id.desc())
+        .limit(1)
+    )
+    if before is not None and before.version == version:
+        raise Conflict(
+            f"version {version} still serves organization {org_id} until deployment {pointer.id} of version "
+            f"{pointer.version} has loaded on a predictor (and again if a predictor refuses it): try again once it "
+            f"has, or undeploy (DELETE /v1/orgs/{org_id}/deployment) first"
+        )
 
 
 def failed_gates(row: ModelVersion) -> list[str]:
@@ -90,6 +132,8 @@ def record_deployment(
     is a new attempt, which the predictors try afresh (the cause, a store down say, may have passed).
     """
     lock_org(session, org_id)
+    # The version was read before the lock: an erasure may have committed since.
+    refuse_erased(session.get_one(ModelVersion, version, populate_existing=True), "deployed or rolled back to")
     # populate_existing: a rollback read the pointer before it held the lock, and that copy may be stale now.
     current = session.get(CurrentDeployment, org_id, populate_existing=True)
     if current is not None and current.version == version and not _failed(session, current.deployment_id):
@@ -162,7 +206,12 @@ def rollback_target(session: Session, *, org_id: str, requested: str | None) -> 
     if current.version is not None:
         raise Conflict(f"no validated version older than {current.version} to roll back to")
     undeployed = session.get_one(Deployment, current.deployment_id).previous_version
+    since = "erased" if undeployed is not None and _status(session, undeployed) == ERASED else "rejected by validation"
     raise Conflict(
-        f"the org was undeployed, and version {undeployed}, which served until then, was rejected by validation "
-        "since: deploy a validated version, or roll back to one by name"
+        f"the org was undeployed, and version {undeployed}, which served until then, was {since} since: deploy a "
+        "validated version, or roll back to one by name"
     )
+
+
+def _status(session: Session, version: str) -> str | None:
+    return session.scalar(select(ModelVersion.status).where(ModelVersion.version == version))

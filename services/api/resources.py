@@ -15,6 +15,7 @@ from shared.events import DeployEvent, publish_deploy_event
 from shared.outbox import (
     KIND_DELETE_SOURCE_TASK,
     KIND_DEPLOY_EVENT,
+    KIND_ERASE_TASK,
     KIND_ORGS_CHANGED,
     KIND_ROTATE_TASK,
     KIND_SYNC_TASK,
@@ -26,6 +27,7 @@ from shared.queues import (
     SYNC_QUEUES_COMMAND,
     celery_config,
     send_delete_source_task,
+    send_erase_task,
     send_rotate_task,
     send_sync_task,
     send_train_task,
@@ -70,6 +72,7 @@ class Resources:
             KIND_TRAIN_TASK: self._send_train_task,
             KIND_ORGS_CHANGED: self._send_orgs_changed,
             KIND_VALIDATE_TASK: self._send_validate_task,
+            KIND_ERASE_TASK: self._send_erase_task,
             KIND_SYNC_TASK: self._send_sync_task,
             KIND_ROTATE_TASK: self._send_rotate_task,
             KIND_DELETE_SOURCE_TASK: self._send_delete_source_task,
@@ -95,6 +98,9 @@ class Resources:
 
     def _send_validate_task(self, payload: dict[str, Any]) -> None:
         send_validate_task(self.celery, payload)
+
+    def _send_erase_task(self, payload: dict[str, Any]) -> None:
+        send_erase_task(self.celery, payload)
 
     def _send_orgs_changed(self, _payload: dict[str, Any]) -> None:
         # Running workers look at the orgs now (a new queue, a residency change); any that miss this broadcast

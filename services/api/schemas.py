@@ -118,6 +118,19 @@ class ModelOut(CamelOut):
     validation: dict[str, Any]
     created_at: datetime
     validated_at: datetime | None = Field(description="when the validation report was last written")
+    erased_at: datetime | None = Field(None, description="when its artifacts were erased (status `erased`)")
+
+
+class ModelErased(CamelOut):
+    version: str
+    status: str = Field(description="`erased`: it can never be deployed, rolled back to, judged or downloaded")
+    erased_at: datetime
+    removed: list[str] = Field(description="the artifacts this request removed from the object store")
+    premises: str | None = Field(
+        None,
+        description="for an org keeping its data on its premises: `queued`, its own worker removes the held-out rows "
+        "kept there and audits `model.erased.premises`",
+    )
 
 
 class DataSourceIn(CamelModel):

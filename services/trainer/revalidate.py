@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from services.trainer import artifacts
@@ -26,7 +26,7 @@ from shared.db.types import utcnow
 from shared.errors import ArtifactIntegrityError, NotFound
 from shared.layout import HOLDOUT_FILE
 from shared.schemas import OrgConfig
-from shared.verdicts import REJECTED, VALIDATED, rejected_gates
+from shared.verdicts import ERASED, REJECTED, VALIDATED, rejected_gates
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | N
         row = session.get(ModelVersion, version)
         if row is None or row.org_id != org_id:
             raise NotFound(f"model version {version!r} not found")
-        prefix, sha256, size = row.artifact_prefix, row.sha256, row.size_bytes
+        prefix, sha256, size, erased = row.artifact_prefix, row.sha256, row.size_bytes, row.status == ERASED
         org_config = OrgConfig.model_validate(session.get_one(Organization, org_id).config)
+    if erased:  # asked for before the erasure, run after it: nothing is left to judge
+        return _not_judged_erased(context, org_id, version, actor)
     gates = gates_for(org_config)
     try:
         verdict = (
@@ -52,6 +54,8 @@ def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | N
             else _judge_stored(context, org_config, prefix, sha256, size, gates)
         )
     except Exception as error:
+        if _erased_since(context, version):  # its files went while it was judged
+            return _not_judged_erased(context, org_id, version, actor)
         with session_scope(context.sessions) as session:
             record_change(
                 session,
@@ -65,6 +69,9 @@ def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | N
     with session_scope(context.sessions) as session:
         row = _locked(session, version)
         before = row.status
+        if before == ERASED:  # erased while it was judged: the report of files now gone is not kept
+            _record_erased(session, org_id, version, actor)
+            return ERASED
         now = utcnow()
         status, report = judged(before, row.validation, row.validated_at or row.created_at, verdict, now)
         row.status, row.validation, row.validated_at = status, report, now
@@ -78,6 +85,29 @@ def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | N
         )
     log.info("org %s version %s judged again: %s (was %s)", org_id, version, status, before)
     return status
+
+
+def _erased_since(context: WorkerContext, version: str) -> bool:
+    with context.sessions() as session:
+        return session.scalar(select(ModelVersion.status).where(ModelVersion.version == version)) == ERASED
+
+
+def _not_judged_erased(context: WorkerContext, org_id: str, version: str, actor: str) -> str:
+    with session_scope(context.sessions) as session:
+        _record_erased(session, org_id, version, actor)
+    log.info("org %s version %s was erased: not judged", org_id, version)
+    return ERASED
+
+
+def _record_erased(session: Session, org_id: str, version: str, actor: str) -> None:
+    record_change(
+        session,
+        org_id=org_id,
+        actor=actor,
+        action="model.validation.errored",
+        target=version,
+        detail={"error": f"version {version} was erased: its artifacts are gone, so it was not judged"},
+    )
 
 
 def judged(

@@ -6,9 +6,10 @@ from celery import Task
 
 from services.trainer.celery_app import app
 from services.trainer.context import worker_context
+from services.trainer.erasure import erase_on_premises
 from services.trainer.revalidate import revalidate
 from services.trainer.training import run_training
-from shared.queues import TRAIN_TASK, VALIDATE_TASK
+from shared.queues import ERASE_TASK, TRAIN_TASK, VALIDATE_TASK
 
 
 @app.task(name=TRAIN_TASK, bind=True)  # type: ignore[untyped-decorator]
@@ -21,3 +22,9 @@ def train(self: Task, run_id: str, org_id: str | None = None) -> str:
 def validate(org_id: str, version: str, actor: str | None = None) -> str:
     """`actor` is the key that asked, for the audit row (absent from a task an older api queued)."""
     return revalidate(org_id, version, worker_context(), actor=actor)
+
+
+@app.task(name=ERASE_TASK)  # type: ignore[untyped-decorator]
+def erase_premises(org_id: str, version: str, actor: str | None = None) -> int:
+    """An erased version's files on the org's premises; returns how many were removed."""
+    return len(erase_on_premises(org_id, version, worker_context(), actor=actor))

@@ -1,24 +1,41 @@
 """A version's artifacts, downloaded over the api from the S3 store: the model checked against its registered
 sha256, the reports beside it, never the held-out rows; for the org's trainers, and audited. The versions listed in
-pages, and judged again: a rejection is final, and every judgement is audited."""
+pages, and judged again: a rejection is final, and every judgement is audited. A version's artifacts erased (from S3
+or a folder store, and from an org's premises): never deployed, judged or downloaded again; never while it serves."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from services.api.app import create_app
 from services.trainer.context import WorkerContext
-from shared.db.models import ModelVersion
-from shared.layout import HOLDOUT_FILE, METRICS_FILE, model_key, model_prefix
-from shared.storage import ObjectStore
+from services.trainer.erasure import erase_on_premises
+from shared.db.models import Deployment, ModelVersion, OutboxMessage
+from shared.layout import (
+    HOLDOUT_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    NATIVE_MODEL_FILE,
+    TRAINING_CONFIG_FILE,
+    VALIDATION_FILE,
+    model_key,
+    model_prefix,
+)
+from shared.outbox import KIND_ERASE_TASK
+from shared.queues import ERASE_TASK, send_erase_task, train_queue
+from shared.settings import Settings
+from shared.storage import LocalObjectStore, ObjectStore, open_object_store
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.support.judgements import judge_queued
 from tests.support.models import FEATURES, register_judgeable, register_model, tiny_model
@@ -250,3 +267,238 @@ def test_versions_come_in_pages_newest_first(api: TestClient, org: OrgKeys, engi
     assert api.get(url, params={"status": "deployed"}, headers=org.viewer).status_code == 422
     unknown = api.get(url, params={"before": "v2024-01-15T10-30-00-000Z_a1b2c3d4"}, headers=org.viewer)
     assert unknown.status_code == 404 and unknown.json()["field"] == "before"
+
+
+ARTIFACTS = [HOLDOUT_FILE, METRICS_FILE, MODEL_FILE, NATIVE_MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE]
+
+
+def erase(api: TestClient, org: OrgKeys, version: str, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return api.delete(f"/v1/orgs/{org.org_id}/models/{version}/artifacts", headers=headers or org.admin)
+
+
+def stored_version(engine: Engine, store: ObjectStore, org_id: str) -> str:
+    """A validated version with every artifact a run stores, the held-out rows among them."""
+    version = register_judgeable(engine, store, org_id, {"minRecall": 0.1})
+    prefix = model_prefix(org_id, version)
+    for name in (METRICS_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE):
+        store.put_bytes(prefix + name, b"{}")
+    assert store.list(prefix) == [prefix + name for name in ARTIFACTS]
+    return version
+
+
+def audit_of(api: TestClient, org: OrgKeys, action: str) -> list[dict[str, Any]]:
+    return [
+        entry
+        for entry in api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.admin).json()
+        if entry["action"] == action
+    ]
+
+
+@pytest.fixture(params=["s3", "folder"])
+def any_store(
+    request: pytest.FixtureRequest, settings: Settings, tmp_path: Path
+) -> Iterator[tuple[TestClient, ObjectStore]]:
+    """The api on S3 (SeaweedFS) or on a folder store, and that store."""
+    if request.param == "folder":
+        settings = settings.model_copy(update={"object_store": f"file://{tmp_path / 'objects'}"})
+    with TestClient(create_app(settings), raise_server_exceptions=False) as api:
+        yield api, open_object_store(settings)
+
+
+def test_erasing_a_version_removes_every_artifact_and_it_is_never_deployed_judged_or_downloaded_again(
+    any_store: tuple[TestClient, ObjectStore], org_id: str, engine: Engine
+) -> None:
+    api, store = any_store
+    org = create_org_with_keys(api, org_id)
+    version, serving = stored_version(engine, store, org.org_id), stored_version(engine, store, org.org_id)
+    assert (
+        api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": serving}, headers=org.admin).status_code == 201
+    )
+    before = model_of(api, org, version)
+    base = f"/v1/orgs/{org.org_id}/models/{version}"
+
+    erased = erase(api, org, version)
+
+    assert erased.status_code == 200, erased.text
+    assert store.list(model_prefix(org.org_id, version)) == []
+    body = erased.json()
+    assert body["removed"] == ARTIFACTS and body["status"] == "erased" and body["premises"] is None
+    model = model_of(api, org, version)
+    assert model["status"] == "erased" and model["erasedAt"] == body["erasedAt"]
+    assert (model["metrics"], model["validation"], model["sha256"]) == (
+        before["metrics"],
+        before["validation"],
+        before["sha256"],
+    )
+    deploy = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
+    rollback = api.post(f"/v1/orgs/{org.org_id}/rollback", json={"version": version}, headers=org.admin)
+    for refused in (deploy, rollback):
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["field"] == "version"
+        assert f"version {version} was erased at" in refused.json()["error"]
+    validate = api.post(f"{base}/validate", headers=org.trainer)
+    assert validate.status_code == 409 and "was erased" in validate.json()["error"]
+    for path in ("artifacts", f"artifacts/{MODEL_FILE}", f"artifacts/{METRICS_FILE}"):
+        gone = api.get(f"{base}/{path}", headers=org.trainer)
+        assert gone.status_code == 410, (path, gone.text)
+        assert "erased" in gone.json()["error"]
+    assert [
+        m["version"] for m in api.get(f"/v1/orgs/{org.org_id}/models?status=erased", headers=org.viewer).json()
+    ] == [version]
+    [entry] = audit_of(api, org, "model.erased")
+    assert (entry["actor"], entry["target"]) == (key_id(api, org, "admin"), version)
+    assert entry["detail"] == {
+        "from": "validated",
+        "sha256": before["sha256"],
+        "prefix": model_prefix(org.org_id, version),
+        "premises": False,
+    }
+    again = erase(api, org, version)  # finishes what a store outage cut short; changes nothing else
+    assert again.status_code == 200 and again.json()["removed"] == []
+    assert again.json()["erasedAt"] == body["erasedAt"] and len(audit_of(api, org, "model.erased")) == 1
+
+
+def test_a_rejected_version_is_erased_too(api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore) -> None:
+    """Its held-out rows are kept like any version's."""
+    version = register_judgeable(engine, store, org.org_id, {"minRecall": 0.9})
+    assert model_of(api, org, version)["status"] == "rejected"
+
+    assert erase(api, org, version).status_code == 200
+
+    assert store.list(model_prefix(org.org_id, version)) == []
+    assert audit_of(api, org, "model.erased")[0]["detail"]["from"] == "rejected"
+
+
+def test_erasing_the_serving_version_is_refused_and_removes_nothing(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore
+) -> None:
+    version = stored_version(engine, store, org.org_id)
+    assert (
+        api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin).status_code == 201
+    )
+
+    refused = erase(api, org, version)
+
+    assert refused.status_code == 409, refused.text
+    assert "is deployed" in refused.json()["error"] and "undeploy" in refused.json()["error"]
+    assert store.list(model_prefix(org.org_id, version)) == [model_prefix(org.org_id, version) + n for n in ARTIFACTS]
+    assert model_of(api, org, version)["status"] == "validated"
+    assert audit_of(api, org, "model.erased") == []
+    assert api.delete(f"/v1/orgs/{org.org_id}/deployment", headers=org.admin).status_code == 204
+    assert erase(api, org, version).status_code == 200
+    assert store.list(model_prefix(org.org_id, version)) == []
+    rollback = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+    assert rollback.status_code == 409 and f"version {version}" in rollback.json()["error"]
+    assert "erased since" in rollback.json()["error"]
+
+
+def test_the_version_serving_until_a_new_deployment_loads_is_not_erased(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore
+) -> None:
+    """Predictors serve the old version until the new one has loaded, and again if they refuse the new one."""
+    old, new = stored_version(engine, store, org.org_id), stored_version(engine, store, org.org_id)
+    for version in (old, new):
+        deployed = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
+        assert deployed.status_code == 201
+
+    refused = erase(api, org, old)
+
+    assert refused.status_code == 409, refused.text
+    assert "still serves" in refused.json()["error"]
+    assert store.list(model_prefix(org.org_id, old)) != []
+    with Session(engine) as session, session.begin():  # as a predictor records its first load of the new one
+        session.execute(update(Deployment).where(Deployment.version == new).values(loaded_at=datetime.now(UTC)))
+    assert erase(api, org, old).status_code == 200
+    assert store.list(model_prefix(org.org_id, old)) == []
+    assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["rollbackAvailable"] is False
+
+
+def test_a_version_is_erased_by_the_orgs_admins_only(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, org_id: str
+) -> None:
+    version = stored_version(engine, store, org.org_id)
+    other = create_org_with_keys(api, "x" + org_id)
+
+    assert erase(api, org, version, org.viewer).status_code == 403
+    assert erase(api, org, version, org.trainer).status_code == 403
+    assert erase(api, org, version, other.admin).status_code == 404
+    intruding = api.delete(f"/v1/orgs/{other.org_id}/models/{version}/artifacts", headers=other.admin)
+    assert intruding.status_code == 404
+    assert len(store.list(model_prefix(org.org_id, version))) == len(ARTIFACTS)
+    assert erase(api, org, version, ADMIN).status_code == 200
+
+
+def test_a_judgement_asked_for_before_an_erasure_judges_nothing_and_says_so(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext
+) -> None:
+    version = stored_version(engine, store, org.org_id)
+    assert api.post(f"/v1/orgs/{org.org_id}/models/{version}/validate", headers=org.trainer).status_code == 202
+    assert erase(api, org, version).status_code == 200
+
+    assert judge_queued(engine, worker, org.org_id, version) == "erased"
+
+    assert model_of(api, org, version)["status"] == "erased"
+    [errored] = audit_of(api, org, "model.validation.errored")
+    assert "was erased" in errored["detail"]["error"]
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[Any], str]] = []
+
+    def send_task(self, name: str, args: list[Any], queue: str, countdown: float | None = None) -> object:
+        self.calls.append((name, args, queue))
+        return None
+
+
+def test_an_org_keeping_its_data_on_its_premises_has_its_held_out_rows_erased_there_by_its_own_worker(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext, settings: Settings
+) -> None:
+    """The api cannot reach the premises folder (it is on the org's own worker): it erases the central artifacts
+    and queues the rest on the org's queue, which only the org's own workers consume."""
+    assert (
+        api.patch(f"/v1/orgs/{org.org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN).status_code
+        == 200
+    )
+    version = register_model(engine, store, org.org_id, tiny_model())
+    prefix = model_prefix(org.org_id, version)
+    store.put_bytes(prefix + METRICS_FILE, b"{}")
+    premises = LocalObjectStore(settings.data_dir / "premises")  # the worker's own folder for the org's data
+    premises.put_bytes(prefix + HOLDOUT_FILE, b"PAR1 the hospital's own records")
+
+    erased = erase(api, org, version)
+
+    assert erased.status_code == 202, erased.text
+    assert erased.json()["removed"] == [METRICS_FILE, MODEL_FILE] and erased.json()["premises"] == "queued"
+    assert store.list(prefix) == []
+    with Session(engine) as session:
+        payloads = session.scalars(select(OutboxMessage.payload).where(OutboxMessage.kind == KIND_ERASE_TASK)).all()
+    payload = next(p for p in payloads if p["org_id"] == org.org_id)
+    sent = _Sent()
+    send_erase_task(sent, payload)
+    [(name, args, queue)] = sent.calls
+    assert (name, queue) == (ERASE_TASK, train_queue(org.org_id))
+
+    queued_org, queued_version, actor = args
+    assert erase_on_premises(queued_org, queued_version, worker, actor=actor) == [prefix + HOLDOUT_FILE]
+
+    assert premises.list(prefix) == [] and not (settings.data_dir / "premises" / prefix).exists()
+    [entry] = audit_of(api, org, "model.erased.premises")
+    assert (entry["actor"], entry["target"], entry["detail"]) == (
+        key_id(api, org, "admin"),
+        version,
+        {"removed": [HOLDOUT_FILE]},
+    )
+    assert audit_of(api, org, "model.erased")[0]["detail"]["premises"] is True
+
+
+def test_the_premises_erasure_leaves_a_version_that_was_not_erased_alone(
+    org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext, settings: Settings
+) -> None:
+    version = register_model(engine, store, org.org_id, tiny_model())
+    premises = LocalObjectStore(settings.data_dir / "premises")
+    premises.put_bytes(model_prefix(org.org_id, version) + HOLDOUT_FILE, b"rows")
+
+    assert erase_on_premises(org.org_id, version, worker, actor="someone") == []
+
+    assert premises.exists(model_prefix(org.org_id, version) + HOLDOUT_FILE)

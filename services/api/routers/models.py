@@ -7,18 +7,20 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select, tuple_
 
-from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
-from services.api.lookups import get_owned
+from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, SessionDep
+from services.api.lookups import get_owned, lock_org
 from services.api.outbox_relay import commit_and_send
-from services.api.registry import failed_gates
-from services.api.schemas import ArtifactOut, ModelOut, ValidationAccepted
+from services.api.registry import failed_gates, refuse_erased, refuse_in_service
+from services.api.schemas import ArtifactOut, ModelErased, ModelOut, ValidationAccepted
 from shared.audit import record_change
-from shared.db.models import ModelVersion
-from shared.errors import NotFound
+from shared.db.models import ModelVersion, Organization, OutboxMessage
+from shared.db.types import utcnow
+from shared.errors import Gone, NotFound, TransientError
 from shared.layout import METRICS_FILE, MODEL_FILE, NATIVE_MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE
-from shared.outbox import KIND_VALIDATE_TASK, add_message
+from shared.outbox import KIND_ERASE_TASK, KIND_VALIDATE_TASK, add_message
+from shared.schemas import OrgConfig
 from shared.storage import get_verified_bytes
-from shared.verdicts import REJECTED
+from shared.verdicts import ERASED, REJECTED
 
 # What may be downloaded of a version, with its media type: the model in both forms, and its reports. Not the
 # held-out rows stored beside them: those are the org's records (and, for an org whose data stays home, were never
@@ -34,7 +36,7 @@ DOWNLOADABLE = {
 router = APIRouter(prefix="/v1/orgs/{org}/models", tags=["models"])
 
 
-VersionStatus = Literal["validated", "rejected"]
+VersionStatus = Literal["validated", "rejected", "erased"]
 
 
 @router.get("", response_model=list[ModelOut])
@@ -74,6 +76,7 @@ def validate_model(
     validated version that fails a gate is rejected; a rejected one stays rejected, and can never be deployed,
     whatever its new report says. The request is audited here, its outcome by the worker, both with the key."""
     row = get_owned(session, ModelVersion, version, org_id=access.org_id)
+    refuse_erased(row, "judged again")
     actor = access.principal.key_id
     payload = {"org_id": access.org_id, "version": row.version, "actor": actor}
     message = add_message(session, kind=KIND_VALIDATE_TASK, payload=payload)
@@ -99,7 +102,7 @@ def validate_model(
 @router.get("/{version}/artifacts", response_model=list[ArtifactOut])
 def list_artifacts(version: str, access: OrgTrainer, session: SessionDep, resources: ResourcesDep) -> list[ArtifactOut]:
     """The version's files that can be downloaded (a model over the size gate was never stored)."""
-    row = get_owned(session, ModelVersion, version, org_id=access.org_id)
+    row = _not_erased(get_owned(session, ModelVersion, version, org_id=access.org_id))
     stored = {key.removeprefix(row.artifact_prefix) for key in resources.store.list(row.artifact_prefix)}
     return [
         ArtifactOut(
@@ -118,7 +121,7 @@ def download_artifact(
 ) -> Response:
     """One artifact. The model is checked against its registered sha256 on the way out, and sent with it in
     X-Checksum-Sha256; every download is audited."""
-    row = get_owned(session, ModelVersion, version, org_id=access.org_id)
+    row = _not_erased(get_owned(session, ModelVersion, version, org_id=access.org_id))
     if name not in DOWNLOADABLE:
         raise NotFound(f"no artifact {name!r}; a version has {', '.join(DOWNLOADABLE)}", field="name")
     key = row.artifact_prefix + name
@@ -145,6 +148,73 @@ def download_artifact(
     return Response(data, media_type=DOWNLOADABLE[name], headers=headers)
 
 
+@router.delete(
+    "/{version}/artifacts",
+    response_model=ModelErased,
+    responses={202: {"model": ModelErased, "description": "erased here; the org's premises folder is queued"}},
+)
+def erase_artifacts(
+    version: str, access: OrgAdmin, session: SessionDep, resources: ResourcesDep, response: Response
+) -> ModelErased:
+    """Erase the version's stored artifacts: every object under its prefix, the held-out rows included (for an org
+    keeping its data on its premises, those are removed there by its own worker: 202). The version reads `erased`
+    and can never be deployed, rolled back to, judged or downloaded again; its row, metrics and report stay.
+    Refused (409) while it serves. Asking again finishes an erasure the object store cut short, and changes nothing
+    else."""
+    get_owned(session, ModelVersion, version, org_id=access.org_id)
+    lock_org(session, access.org_id)  # a deploy of it, or of another version, waits for this one's commit
+    row = session.get_one(ModelVersion, version, populate_existing=True)
+    org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
+    on_premises = org_config.data_residency == "local"
+    actor = access.principal.key_id
+    if row.status != ERASED:
+        refuse_in_service(session, org_id=access.org_id, version=row.version)
+        before = row.status
+        row.status, row.erased_at = ERASED, utcnow()
+        record_change(
+            session,
+            org_id=access.org_id,
+            actor=actor,
+            action="model.erased",
+            target=row.version,
+            detail={"from": before, "sha256": row.sha256, "prefix": row.artifact_prefix, "premises": on_premises},
+        )
+    messages: list[OutboxMessage] = []
+    if on_premises:  # again on every request: a message lost with Redis is sent anew, and removing is idempotent
+        payload = {"org_id": access.org_id, "version": row.version, "actor": actor}
+        messages.append(add_message(session, kind=KIND_ERASE_TASK, payload=payload))
+    # Marked first: from this commit on nothing deploys, judges or hands out the version, whatever the store does.
+    if messages:
+        commit_and_send(session, resources, *messages)
+    else:
+        session.commit()
+    try:
+        removed = resources.store.delete_prefix(row.artifact_prefix)
+    except TransientError as error:
+        raise TransientError(
+            f"version {row.version} is erased (it can never be deployed or downloaded again), but its artifacts "
+            f"could not all be removed yet: {error.message}; DELETE it again to finish",
+            headers={"Retry-After": "5"},
+        ) from error
+    if on_premises:
+        response.status_code = status.HTTP_202_ACCEPTED
+    assert row.erased_at is not None
+    return ModelErased(
+        version=row.version,
+        status=row.status,
+        erased_at=row.erased_at,
+        removed=[key.removeprefix(row.artifact_prefix) for key in removed],
+        premises="queued" if on_premises else None,
+    )
+
+
+def _not_erased(row: ModelVersion) -> ModelVersion:
+    if row.status == ERASED:
+        erased_at = row.erased_at.isoformat() if row.erased_at is not None else "an earlier time"
+        raise Gone(f"version {row.version} was erased at {erased_at}: its artifacts are gone for good")
+    return row
+
+
 def _model_out(row: ModelVersion) -> ModelOut:
     return ModelOut(
         version=row.version,
@@ -159,4 +229,5 @@ def _model_out(row: ModelVersion) -> ModelOut:
         validation=row.validation,
         created_at=row.created_at,
         validated_at=row.validated_at,
+        erased_at=row.erased_at,
     )

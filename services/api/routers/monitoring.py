@@ -27,7 +27,7 @@ router = APIRouter(tags=["monitoring"])
 # Gauges of rows by org and status: (name, help, table).
 _BY_STATUS: tuple[tuple[str, str, Any], ...] = (
     ("kiln_training_runs", "Training runs by org and status.", TrainingRun),
-    ("kiln_model_versions", "Model versions by org and status (validated, rejected).", ModelVersion),
+    ("kiln_model_versions", "Model versions by org and status (validated, rejected, erased).", ModelVersion),
     ("kiln_deployments", "Deployments by org and status (deployed, failed, undeployed).", Deployment),
     ("kiln_sync_jobs", "Sync jobs by org and status.", SyncJob),
     ("kiln_sync_conflicts", "Sync conflicts by org and status (open ones wait for review).", SyncConflict),
