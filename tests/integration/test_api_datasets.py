@@ -19,6 +19,7 @@ from services.trainer import runs
 from services.trainer.context import WorkerContext
 from services.trainer.training import run_training
 from shared.db.session import make_session_factory
+from shared.errors import TransientError
 from shared.layout import dataset_key
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
@@ -402,3 +403,27 @@ def test_a_dataset_is_erased_by_the_orgs_trainers_and_admins_only(
     assert store.exists(dataset_key(org.org_id, dataset_id))
     assert api.delete(url, headers=ADMIN).status_code == 200
     assert not store.exists(dataset_key(org.org_id, dataset_id))
+
+
+def test_an_erasure_the_object_store_cuts_short_leaves_the_dataset_erased_and_a_second_one_finishes_it(
+    api: TestClient, org: OrgKeys, dataset_id: str, store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: ObjectStore = api.app.state.resources.store  # type: ignore[attr-defined]
+    url = f"/v1/orgs/{org.org_id}/datasets/{dataset_id}"
+
+    def unreachable(key: str) -> None:
+        raise TransientError("the object store at s3 is unreachable: connection refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(served, "delete", unreachable)
+        cut_short = api.delete(url, headers=org.trainer)
+
+    assert cut_short.status_code == 503, cut_short.text
+    assert "is erased" in cut_short.json()["error"] and "DELETE it again to finish" in cut_short.json()["error"]
+    assert api.get(url, headers=org.viewer).json()["erasedAt"] is not None
+    refused = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=org.trainer)
+    assert refused.status_code == 409  # nothing reads it meanwhile
+    assert store.exists(dataset_key(org.org_id, dataset_id))
+    assert api.delete(url, headers=org.trainer).status_code == 200
+    assert not store.exists(dataset_key(org.org_id, dataset_id))
+    assert len(audit_of(api, org, "dataset.erased")) == 1

@@ -22,6 +22,7 @@ from services.api.app import create_app
 from services.trainer.context import WorkerContext
 from services.trainer.erasure import erase_on_premises
 from shared.db.models import Deployment, ModelVersion, OutboxMessage
+from shared.errors import TransientError
 from shared.layout import (
     HOLDOUT_FILE,
     METRICS_FILE,
@@ -502,3 +503,28 @@ def test_the_premises_erasure_leaves_a_version_that_was_not_erased_alone(
     assert erase_on_premises(org.org_id, version, worker, actor="someone") == []
 
     assert premises.exists(model_prefix(org.org_id, version) + HOLDOUT_FILE)
+
+
+def test_an_erasure_the_object_store_cuts_short_leaves_the_version_erased_and_a_second_one_finishes_it(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = stored_version(engine, store, org.org_id)
+    served: ObjectStore = api.app.state.resources.store  # type: ignore[attr-defined]
+
+    def unreachable(prefix: str) -> list[str]:
+        raise TransientError("the object store at s3 is unreachable: connection refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(served, "delete_prefix", unreachable)
+        cut_short = erase(api, org, version)
+
+    assert cut_short.status_code == 503, cut_short.text
+    assert "is erased" in cut_short.json()["error"] and "DELETE it again to finish" in cut_short.json()["error"]
+    assert model_of(api, org, version)["status"] == "erased"  # nothing deploys or hands it out meanwhile
+    deploy = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
+    assert deploy.status_code == 409
+    assert len(store.list(model_prefix(org.org_id, version))) == len(ARTIFACTS)
+    finished = erase(api, org, version)
+    assert finished.status_code == 200 and finished.json()["removed"] == ARTIFACTS
+    assert store.list(model_prefix(org.org_id, version)) == []
+    assert len(audit_of(api, org, "model.erased")) == 1

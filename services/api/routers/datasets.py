@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import tempfile
 from pathlib import Path
@@ -18,11 +19,13 @@ from services.api.schemas import DatasetErased, DatasetOut
 from shared.audit import record_change
 from shared.db.models import Dataset, ModelVersion, Organization, Schedule, TrainingRun
 from shared.db.types import utcnow
-from shared.errors import Conflict, InvalidInput, PayloadTooLarge, TransientError
+from shared.errors import Conflict, InvalidInput, KilnError, PayloadTooLarge, TransientError
 from shared.layout import dataset_key
 from shared.schemas import NUL, OrgConfig
 from shared.storage import CHUNK, sha256_file
 from shared.verdicts import ERASED
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/orgs/{org}/datasets", tags=["datasets"])
 
@@ -122,8 +125,9 @@ def erase_dataset(dataset_id: str, access: OrgTrainer, session: SessionDep, reso
     try:
         resources.store.delete(row.object_key)
         left = resources.store.exists(row.object_key)
-    except TransientError as error:
-        left, reason = True, error.message
+    except Exception as error:  # an outage, a refusal: the dataset stays erased, and a DELETE again finishes it
+        log.warning("dataset %s: its object was not removed", row.id, exc_info=True)
+        left, reason = True, error.message if isinstance(error, KilnError) else f"{type(error).__name__}: {error}"
     else:
         reason = "the store still holds it"
     if left:

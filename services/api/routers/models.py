@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response, status
@@ -15,7 +16,7 @@ from services.api.schemas import ArtifactOut, ModelErased, ModelOut, ValidationA
 from shared.audit import record_change
 from shared.db.models import ModelVersion, Organization, OutboxMessage
 from shared.db.types import utcnow
-from shared.errors import Gone, NotFound, TransientError
+from shared.errors import Gone, KilnError, NotFound, TransientError
 from shared.layout import METRICS_FILE, MODEL_FILE, NATIVE_MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE
 from shared.outbox import KIND_ERASE_TASK, KIND_VALIDATE_TASK, add_message
 from shared.schemas import OrgConfig
@@ -32,6 +33,8 @@ DOWNLOADABLE = {
     TRAINING_CONFIG_FILE: "application/json",
     VALIDATION_FILE: "application/json",
 }
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/orgs/{org}/models", tags=["models"])
 
@@ -190,10 +193,12 @@ def erase_artifacts(
         session.commit()
     try:
         removed = resources.store.delete_prefix(row.artifact_prefix)
-    except TransientError as error:
+    except Exception as error:  # an outage, a refusal: the version stays erased, and a DELETE again finishes it
+        log.warning("version %s: its artifacts were not all removed", row.version, exc_info=True)
+        reason = error.message if isinstance(error, KilnError) else f"{type(error).__name__}: {error}"
         raise TransientError(
             f"version {row.version} is erased (it can never be deployed or downloaded again), but its artifacts "
-            f"could not all be removed yet: {error.message}; DELETE it again to finish",
+            f"could not all be removed yet: {reason}; DELETE it again to finish",
             headers={"Retry-After": "5"},
         ) from error
     if on_premises:
