@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from services.api.lookups import get_owned, lock_org
@@ -25,8 +25,14 @@ DEPLOYABLE = VALIDATED
 
 def deployable_version(session: Session, *, org_id: str, version: str) -> ModelVersion:
     """The org's version, if it passed every gate; a rejected one is refused with the gates it was rejected for (a
-    rejection is final: a later judgement that passes, under relaxed gates say, does not make it deployable)."""
-    row = get_owned(session, ModelVersion, version, org_id=org_id, field="version")
+    rejection is final: a later judgement that passes, under relaxed gates say, does not make it deployable).
+
+    Judged under the org's lock and the version's, which the deploy holds until its commit: a judgement that rejects
+    the version (which takes the version's lock) lands either before, and the deploy is refused, or after it, and
+    the version deployed is then one judged again since, which keeps serving as any deployed version does."""
+    get_owned(session, ModelVersion, version, org_id=org_id, field="version")
+    lock_org(session, org_id)
+    row = _lock_version(session, version)
     refuse_erased(row, "deployed or rolled back to", field="version")
     if row.status != DEPLOYABLE:
         failed = failed_gates(row)
@@ -131,6 +137,8 @@ def record_deployment(
     Deploying the version already deployed changes nothing and sends nothing, unless its deployment failed: then it
     is a new attempt, which the predictors try afresh (the cause, a store down say, may have passed).
     """
+    # The api's deploy and rollback chose the version under this lock already (taking it again changes nothing);
+    # a caller that did not takes it here.
     lock_org(session, org_id)
     # The version was read before the lock: an erasure may have committed since.
     refuse_erased(session.get_one(ModelVersion, version, populate_existing=True), "deployed or rolled back to")
@@ -194,15 +202,37 @@ def _failed(session: Session, deployment_id: int) -> bool:
     return session.get_one(Deployment, deployment_id).status == DEPLOYMENT_FAILED
 
 
+def _lock_version(session: Session, version: str) -> ModelVersion:
+    """The version's row, read again after taking its write lock, as a judgement of it does (lookups.lock_org says
+    why a no-op UPDATE): a judgement's verdict waits for this transaction to commit, and one committed already is
+    read.
+    Always taken after the org's lock, in every deploy and rollback, so two of them never wait on each other."""
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.version == version)
+        .values(status=ModelVersion.status)
+        .execution_options(synchronize_session=False)
+    )
+    return session.get_one(ModelVersion, version, populate_existing=True)
+
+
 def rollback_target(session: Session, *, org_id: str, requested: str | None) -> str:
-    current = current_deployment(session, org_id=org_id)
+    """Where a rollback goes: the version named, or `rollback_default`'s. Chosen under the org's lock, and the
+    target's, held until the rollback commits, so that a judgement rejecting the target lands before (then the
+    target is refused by name, or `rollback {}` goes to the next validated version) or after the rollback."""
+    lock_org(session, org_id)
+    current = session.get(CurrentDeployment, org_id, populate_existing=True)
+    if current is None:
+        raise NotFound(f"organization {org_id!r} has no deployed version")
     if requested is not None:
         if requested == current.version:
             raise Conflict(f"version {requested} is already deployed", field="version")
         return deployable_version(session, org_id=org_id, version=requested).version
-    target = rollback_default(session, current)
-    if target is not None:
-        return target
+    while (target := rollback_default(session, current)) is not None:
+        if _lock_version(session, target).status == DEPLOYABLE:
+            return target
+        # Rejected after the query read it validated and before the lock: rejected for good, so it is not found
+        # again, and the next query picks the next target.
     if current.version is not None:
         raise Conflict(f"no validated version older than {current.version} to roll back to")
     undeployed = session.get_one(Deployment, current.deployment_id).previous_version

@@ -10,11 +10,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, update
+from sqlalchemy.orm import Session
 
+from services.api import registry
 from services.api.app import create_app
+from services.api.lookups import get_owned
 from services.trainer.context import WorkerContext
 from shared.db.migrate import upgrade
-from shared.db.models import Deployment, ModelVersion, OutboxMessage
+from shared.db.models import CurrentDeployment, Deployment, ModelVersion, OutboxMessage
 from shared.db.session import make_engine
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -256,6 +259,84 @@ def test_the_deployment_view_names_the_version_predictors_serve_while_a_deploy_i
     assert (current["version"], current["status"], current["servingVersion"]) == (broken, "failed", good)
     assert undeploy(api, org).status_code == 204
     assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["servingVersion"] is None
+
+
+def reject(engine: Engine, version: str) -> None:
+    """Commit a judgement that rejects the version, as the worker's final transaction of a re-validation does."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(ModelVersion)
+            .where(ModelVersion.version == version)
+            .values(status="rejected", validation={"passed": False, "failed": ["recall"], "gates": []})
+        )
+
+
+def rejected_once_the_api_has_read_it(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> None:
+    """A judgement rejecting the version commits just after the api has read it, validated, for a deploy or a
+    rollback by name, and before that deploy or rollback commits."""
+
+    def read_then_rejected(session: Session, model: type[ModelVersion], key: str, **kwargs: Any) -> ModelVersion:
+        row = get_owned(session, model, key, **kwargs)
+        reject(engine, key)
+        return row
+
+    monkeypatch.setattr(registry, "get_owned", read_then_rejected)
+
+
+def test_a_version_rejected_while_it_is_being_deployed_is_refused(
+    backend_api: TestClient, backend_engine: Engine, org_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = backend_api
+    org = create_org_with_keys(api, org_id)
+    (version,) = seed_versions(backend_engine, org_id, 1)
+    rejected_once_the_api_has_read_it(monkeypatch, backend_engine)
+
+    response = deploy(api, org, version)
+
+    assert response.status_code == 409, response.text
+    assert response.json()["failedGates"] == ["recall"]
+    assert api.get(f"/v1/orgs/{org_id}/deployment", headers=org.viewer).status_code == 404
+    assert api.get(f"/v1/orgs/{org_id}/deployments", headers=org.viewer).json() == []
+
+
+def test_a_version_rejected_while_it_is_being_rolled_back_to_by_name_is_refused(
+    api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    older, latest = seed_versions(engine, org.org_id, 2)
+    deploy(api, org, latest)
+    rejected_once_the_api_has_read_it(monkeypatch, engine)
+
+    back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={"version": older}, headers=org.admin)
+
+    assert back.status_code == 409, back.text
+    assert back.json()["failedGates"] == ["recall"]
+    current = api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()
+    assert (current["version"], current["versionStatus"]) == (latest, "validated")
+
+
+def test_a_rollback_whose_target_is_rejected_while_it_is_chosen_goes_to_the_next_validated_version(
+    api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second, third = seed_versions(engine, org.org_id, 3)
+    deploy(api, org, third)
+    original = registry.rollback_default
+    rejected: list[str] = []
+
+    def chosen_then_rejected(session: Session, current: CurrentDeployment) -> str | None:
+        target = original(session, current)
+        if target is not None and not rejected:  # the first target chosen is rejected once chosen
+            reject(engine, target)
+            rejected.append(target)
+        return target
+
+    monkeypatch.setattr(registry, "rollback_default", chosen_then_rejected)
+
+    back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+
+    assert rejected == [second]
+    assert back.status_code == 200, back.text
+    assert (back.json()["version"], back.json()["versionStatus"]) == (first, "validated")
+    assert [row["version"] for row in history_of(api, org)] == [third, first]
 
 
 def undeploy(api: TestClient, org: OrgKeys, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
