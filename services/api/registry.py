@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from services.api.lookups import get_owned, lock_org
 from shared.db.models import (
     ACTION_UNDEPLOY,
     DEPLOYMENT_FAILED,
+    DEPLOYMENT_SUPERSEDED,
     DEPLOYMENT_UNDEPLOYED,
     CurrentDeployment,
     Deployment,
@@ -166,30 +167,85 @@ def record_deployment(
 
 
 def record_undeployment(session: Session, *, org_id: str, actor: str) -> tuple[str, OutboxMessage] | None:
-    """Point the org at nothing: a history row without a version, from the version that was serving, and the event
-    that has the predictors drop the org's model. Returns the version undeployed and the event.
+    """Point the org at nothing: a history row without a version, from the version it stops, and the event that has
+    the predictors drop the org's model. Returns the version undeployed (where `rollback {}` then goes) and the event.
 
     When nothing serves (the org never deployed, or was undeployed and has deployed nothing since that served), it
     changes nothing, sends nothing and returns None. "Serving" is the predictors' rule: a deployment that was
     refused never served, so an undeploy while one is refused stops the org's last good one, and names it.
+
+    A deployment no predictor has loaded yet may be broken and about to be refused: until one has, what serves is
+    the org's last deployment that did load. So the undeploy names the newest deployment since the org's last
+    undeploy that a predictor has loaded and that was not refused, and settles the deployments after it, never
+    loaded, as superseded (they will not be tried now). When none has loaded, it names the deployment it stops.
     """
     lock_org(session, org_id)
     current = session.get(CurrentDeployment, org_id, populate_existing=True)
-    serving = serving_deployment(session, org_id)
-    if current is None or serving is None or serving.version is None:
+    if current is None:
         return None
+    since = _last_undeploy(session, org_id)
+    # Hold the deployments not loaded yet, as a predictor's first load or refusal of them would write: what it wrote
+    # before is read below, and what it writes after lands on a deployment settled already.
+    session.execute(
+        select(Deployment.id)
+        .where(*_since(org_id, since), Deployment.loaded_at.is_(None), Deployment.status != DEPLOYMENT_FAILED)
+        .order_by(Deployment.id)
+        .with_for_update(key_share=True)
+    )
+    serving = serving_deployment(session, org_id)
+    if serving is None or serving.version is None:
+        return None
+    loaded = session.scalar(
+        select(Deployment)
+        .where(
+            *_since(org_id, since),
+            Deployment.id <= serving.id,
+            Deployment.status != DEPLOYMENT_FAILED,
+            Deployment.loaded_at.is_not(None),
+        )
+        .order_by(Deployment.id.desc())
+        .limit(1)
+    )
+    stopped = loaded or serving
     history = Deployment(
         org_id=org_id,
         version=None,
-        previous_version=serving.version,
+        previous_version=stopped.version,
         action=ACTION_UNDEPLOY,
         actor=actor,
         status=DEPLOYMENT_UNDEPLOYED,
     )
     session.add(history)
     session.flush()
+    session.execute(
+        update(Deployment)
+        .where(
+            *_since(org_id, stopped.id),
+            Deployment.id < history.id,
+            Deployment.loaded_at.is_(None),
+            Deployment.status != DEPLOYMENT_FAILED,
+        )
+        .values(
+            status=DEPLOYMENT_SUPERSEDED,
+            error=f"undeployed (deployment {history.id}) before any predictor had loaded it",
+        )
+        .execution_options(synchronize_session=False)
+    )
     current.version, current.deployment_id, current.deployed_at = None, history.id, history.created_at
-    return serving.version, deploy_event(session, current)
+    assert stopped.version is not None  # only an undeploy has none, and none comes after the last one
+    return stopped.version, deploy_event(session, current)
+
+
+def _last_undeploy(session: Session, org_id: str) -> int:
+    """The id of the org's last undeploy (0 for none): nothing deployed before it ever serves again."""
+    last = session.scalar(
+        select(func.max(Deployment.id)).where(Deployment.org_id == org_id, Deployment.action == ACTION_UNDEPLOY)
+    )
+    return last or 0
+
+
+def _since(org_id: str, after: int) -> tuple[ColumnElement[bool], ColumnElement[bool]]:
+    return Deployment.org_id == org_id, Deployment.id > after
 
 
 def deploy_event(session: Session, current: CurrentDeployment) -> OutboxMessage:

@@ -214,9 +214,15 @@ class DeploymentRecord(CamelOut):
     deployment_id: int
     action: str = Field(description="deploy, rollback or undeploy")
     version: str | None = Field(description="the version it deployed; null for an undeploy")
-    previous_version: str | None = Field(description="the version before it; for an undeploy, the one it stopped")
+    previous_version: str | None = Field(
+        description="the version before it; for an undeploy, the one it stopped: the newest a predictor had loaded, "
+        "and `rollback {}` goes back to it"
+    )
     actor: str
-    status: str
+    status: str = Field(
+        description="deployed; failed when a predictor refused the version (see error); undeployed for an undeploy; "
+        "superseded when an undeploy came before any predictor had loaded it (it never served)"
+    )
     error: str | None
     created_at: datetime
 

@@ -169,7 +169,7 @@ class Deployment(Base):
     actor: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # "deployed", or "failed" when a predictor refused the version (corrupt, wrong signature, NaN) and kept the old;
-    # "undeployed" for an undeploy.
+    # "undeployed" for an undeploy; "superseded" when an undeploy came before any predictor had loaded it.
     status: Mapped[str] = mapped_column(String(16), default="deployed", server_default="deployed")
     error: Mapped[str | None] = mapped_column(Text, default=None)
     # When a predictor first loaded and warmed it: from then on the version has shown it serves, and a later failure
@@ -179,6 +179,7 @@ class Deployment(Base):
 
 DEPLOYMENT_FAILED = "failed"
 DEPLOYMENT_UNDEPLOYED = "undeployed"
+DEPLOYMENT_SUPERSEDED = "superseded"
 ACTION_UNDEPLOY = "undeploy"
 
 

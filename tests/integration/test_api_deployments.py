@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from itertools import pairwise
 from typing import Any
 
@@ -533,6 +534,67 @@ def test_an_undeploy_while_a_deploy_is_refused_stops_the_last_good_version_and_n
     assert [entry["detail"] for entry in audit if entry["action"] == "model.undeployed"] == [{"from": good, "to": None}]
     back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
     assert back.json()["version"] == good
+
+
+def loaded(engine: Engine, deployment_id: int) -> None:
+    """Record that a predictor has loaded and warmed the deployment, as its first load of it does."""
+    with engine.begin() as connection:
+        connection.execute(update(Deployment).where(Deployment.id == deployment_id).values(loaded_at=datetime.now(UTC)))
+
+
+def test_an_undeploy_before_any_predictor_loaded_a_deploy_stops_the_version_that_served_and_rollback_returns_to_it(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    """A deploy undeployed before any predictor has tried it (it may be broken, and about to be refused): what
+    served was the version before it, so the undeploy names that one, `rollback {}` goes back to it, and the deploy
+    that never served is settled as superseded rather than left `deployed` for good."""
+    older, served = seed_versions(engine, org.org_id, 2)
+    serving = deploy(api, org, served).json()["deploymentId"]
+    loaded(engine, serving)
+    deploy(api, org, older)  # say broken: no predictor has loaded or refused it when the undeploy comes
+
+    assert undeploy(api, org).status_code == 204
+
+    history = history_of(api, org)
+    assert [(row["action"], row["version"], row["previousVersion"], row["status"]) for row in history] == [
+        ("deploy", served, None, "deployed"),
+        ("deploy", older, served, "superseded"),
+        ("undeploy", None, served, "undeployed"),
+    ]
+    assert (
+        history[1]["error"]
+        == f"undeployed (deployment {history[2]['deploymentId']}) before any predictor had loaded it"
+    )
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
+    assert [(entry["target"], entry["detail"]) for entry in audit if entry["action"] == "model.undeployed"] == [
+        (served, {"from": served, "to": None})
+    ]
+    assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["rollbackAvailable"] is True
+    back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+    assert back.status_code == 200, back.text
+    assert (back.json()["version"], back.json()["servingVersion"]) == (served, served)
+
+
+def test_an_undeploy_names_the_newest_deploy_a_predictor_loaded_and_else_the_one_it_stops(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    """Loaded: the deploy served, and is named. Nothing loaded since the org's last undeploy: the deploy stopped is
+    all the org had, and is named (an undeploy before it is never looked past)."""
+    first, second = seed_versions(engine, org.org_id, 2)
+    loaded(engine, deploy(api, org, first).json()["deploymentId"])
+    loaded(engine, deploy(api, org, second).json()["deploymentId"])
+    undeploy(api, org)
+    deploy(api, org, first)  # never loaded
+
+    undeploy(api, org)
+
+    assert [(row["action"], row["previousVersion"], row["status"]) for row in history_of(api, org)][2:] == [
+        ("undeploy", second, "undeployed"),
+        ("deploy", None, "deployed"),
+        ("undeploy", first, "undeployed"),
+    ]
+    back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+    assert back.status_code == 200 and back.json()["version"] == first
 
 
 def test_concurrent_deploys_and_undeploys_leave_one_unbroken_history(

@@ -360,6 +360,8 @@ def test_deploying_or_rolling_back_after_an_undeploy_serves_again_on_every_repli
             assert comes_to_serve(replica, org, first)
 
         deploy(api, org, second)
+        for replica in replicas:  # it served: an undeploy before any predictor loads a deploy names the one before
+            assert comes_to_serve(replica, org, second)
         undeploy(api, org)
         assert all(comes_to_stop(replica, org) for replica in replicas)
         back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
@@ -384,3 +386,33 @@ def test_a_broken_deploy_after_an_undeploy_brings_back_nothing_from_before_it(
         time.sleep(1)  # two reconciles
         assert undeployed(predictor, org), refusals(predictor, org)
         assert predictor.get("/v2/health/ready").status_code == 200
+
+
+def test_an_undeploy_before_any_predictor_tried_a_broken_deploy_names_and_rolls_back_to_the_version_that_served(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    """A broken version is deployed and undeployed while no predictor runs (or before any has reacted): it never
+    served, is never refused, and `rollback {}` must not go to it, or the org would end up serving nothing."""
+    good = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    broken = BROKEN["corrupt ONNX"](engine, store, org.org_id)
+    deploy(api, org, good)
+    with start_predictor(settings) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == good)
+    deploy(api, org, broken)
+    undeploy(api, org)
+
+    history = api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()
+    assert [(row["action"], row["version"], row["previousVersion"], row["status"]) for row in history] == [
+        ("undeploy", None, good, "undeployed"),
+        ("deploy", broken, good, "superseded"),
+        ("deploy", good, None, "deployed"),
+    ]
+    assert current_deployment(api, org)["rollbackAvailable"] is True
+    back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+    assert back.status_code == 200 and back.json()["version"] == good
+    with start_predictor(settings) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == good)
+        time.sleep(1)  # two reconciles: the version rolled back to is not refused
+        assert served_version(predictor, org) == good
+    current = current_deployment(api, org)
+    assert (current["status"], current["servingVersion"]) == ("deployed", good)
