@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,9 @@ THIS_MACHINE = "localhost"
 def store_identity(url: URL) -> tuple[str, ...]:
     """What two URLs of one store have in common, however they are spelled: they name the same store when these are
     equal. A SQLite file: its real path, links followed (as far as this machine sees it), whatever the driver. A
-    PostgreSQL database: its server (host name lowercased; localhost, a loopback address or a socket of this machine
-    are all this machine; the port, 5432 when none is given) and its name (the user's, as libpq takes it, when none
+    PostgreSQL database: its server (host name lowercased; an address however written, `127.1` or
+    `::ffff:127.0.0.1`; localhost, a loopback or unspecified address or a socket of this machine are all this
+    machine; the port, 5432 when none is given) and its name (the user's, as libpq takes it, when none
     is given); neither the driver, nor the user, nor the parameters. Other host names are compared as written, not
     resolved: two names of one server are two stores here."""
     if url.get_backend_name() == "sqlite":
@@ -90,13 +92,35 @@ def store_identity(url: URL) -> tuple[str, ...]:
     )
 
 
+# A host libpq reads as an IPv4 address although it is not dotted-quad: inet_aton's shorter forms (`127.1`,
+# `2130706433`, `0x7f.1`, `0177.0.0.1`), which getaddrinfo takes as numbers, never as names to look up.
+_INET_ATON_FORM = re.compile(r"[0-9a-fx.]+")
+
+
 def _server_host(host: str | None) -> str:
+    """The server's host as one spelling: an address as its shortest text, an IPv4 address written as IPv6
+    (`::ffff:127.0.0.1`) as IPv4, and this machine's (a loopback address; the unspecified `0.0.0.0` and `::`, which
+    a connection takes to this machine) as THIS_MACHINE. A name is lowercased, its trailing dot dropped."""
     name = (host or THIS_MACHINE).lower().rstrip(".")
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
+    address = _address(name)
+    if address is None:
         return name
-    return THIS_MACHINE if address.is_loopback else str(address)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return THIS_MACHINE if address.is_loopback or address.is_unspecified else str(address)
+
+
+def _address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    if not _INET_ATON_FORM.fullmatch(name):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(name))
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)
