@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 REQUEST_PARTS = {"body", "query", "path", "header", "form", "cookie"}
 
 
-def refuse_nul_in_path(request: Request) -> None:
-    """PostgreSQL cannot compare text holding a NUL character: an id with one failed its lookup with a 500."""
-    for name, value in request.path_params.items():
+def refuse_nul_in_url(request: Request) -> None:
+    """PostgreSQL cannot compare text holding a NUL character: an id with one, in the path or the query (a list's
+    `before`), failed its lookup with a 500. Refused with a 422 naming the parameter."""
+    for name, value in [*request.path_params.items(), *request.query_params.multi_items()]:
         if NUL in str(value):
             raise InvalidInput(f"{name} must not contain the NUL character {NUL!r}", field=name)
 

@@ -27,7 +27,7 @@ from services.api.routers import (
     sync_sources,
     trainings,
 )
-from shared.http_errors import install_error_handlers, refuse_nul_in_path
+from shared.http_errors import install_error_handlers, refuse_nul_in_url
 from shared.logs import configure_logging
 from shared.settings import Settings, build_settings
 
@@ -54,7 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Per-organization LightGBM training, validation, versioning and deployment.",
         version="0.1.0",
         lifespan=lifespan,
-        dependencies=[Depends(refuse_nul_in_path)],
+        dependencies=[Depends(refuse_nul_in_url)],
     )
     install_error_handlers(app)
     for module in (

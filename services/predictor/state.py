@@ -21,7 +21,7 @@ from services.predictor.models import LoadedModel, ModelCache
 from services.predictor.records import PredictionRecorder
 from shared.db.session import make_engine, make_session_factory
 from shared.errors import KilnError, NotFound, PayloadTooLarge
-from shared.http_errors import refuse_nul_in_path
+from shared.http_errors import refuse_nul_in_url
 from shared.keys import Principal, bearer_token
 from shared.settings import Settings
 from shared.storage import open_object_store
@@ -94,7 +94,7 @@ def state_of(request: Request) -> PredictorState:
 
 async def authorize(state: PredictorState, request: Request, org_id: str) -> None:
     check_org(await principal_of(state, request), org_id)
-    refuse_nul_in_path(request)  # the admin token reaches the database with any org
+    refuse_nul_in_url(request)  # the admin token reaches the database with any org
 
 
 async def principal_of(state: PredictorState, request: Request) -> Principal | None:

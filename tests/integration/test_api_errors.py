@@ -103,6 +103,25 @@ def test_an_id_in_the_path_with_a_nul_character_is_refused_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("path", "field"),
+    [
+        ("/v1/orgs/{org}/models?before=%00", "before"),
+        ("/v1/orgs/{org}/models?limit=5&before=v1%00", "before"),
+        ("/v1/orgs/{org}/trainings?before=run_%00", "before"),
+        ("/v1/orgs/{org}/trainings?status=queued&before=%00", "before"),
+    ],
+)
+def test_a_query_parameter_with_a_nul_character_is_refused_naming_it(
+    api: TestClient, org: OrgKeys, path: str, field: str
+) -> None:
+    """PostgreSQL cannot compare text holding a NUL: a list's `before` holding one failed its lookup with a 500."""
+    response = api.get(path.replace("{org}", org.org_id), headers=org.viewer)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert response.json()["error"] == f"{field} must not contain the NUL character '\\x00'"
+
+
+@pytest.mark.parametrize(
     ("body", "field"),
     [
         ({"url": "sqlite:////srv/plant\u0000.db", "table": "readings"}, "url"),
