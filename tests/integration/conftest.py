@@ -21,7 +21,7 @@ from services.trainer import runs
 from services.trainer.context import WorkerContext
 from shared.db.migrate import upgrade
 from shared.db.models import TrainingRun
-from shared.db.session import SessionFactory, session_scope
+from shared.db.session import SessionFactory, make_engine, session_scope
 from shared.db.types import utcnow
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
@@ -195,3 +195,27 @@ def sync_context(central_settings: Settings) -> Iterator[SyncContext]:
 def sync_api(central_settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(central_settings), raise_server_exceptions=False) as client:
         yield client
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The settings of `make up` (a SQLite file in the data folder), or of a deployment on PostgreSQL."""
+    if request.param == "postgresql":
+        return settings
+    embedded = settings.model_copy(update={"database_url": ""})
+    embedded.data_dir.mkdir(parents=True)
+    upgrade(embedded.resolved_database_url)
+    return embedded
+
+
+@pytest.fixture
+def backend_api(backend: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(backend), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def backend_engine(backend: Settings) -> Iterator[Engine]:
+    engine = make_engine(backend.resolved_database_url)
+    yield engine
+    engine.dispose()

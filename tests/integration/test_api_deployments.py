@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from itertools import pairwise
@@ -14,12 +13,9 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from services.api import registry
-from services.api.app import create_app
 from services.api.lookups import get_owned
 from services.trainer.context import WorkerContext
-from shared.db.migrate import upgrade
 from shared.db.models import CurrentDeployment, Deployment, ModelVersion, OutboxMessage
-from shared.db.session import make_engine
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
@@ -166,30 +162,6 @@ def test_a_trainer_key_cannot_deploy(api: TestClient, org: OrgKeys, engine: Engi
     (version,) = seed_versions(engine, org.org_id, 1)
     response = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.trainer)
     assert response.status_code == 403
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, settings: Settings) -> Settings:
-    """The settings of `make up` (a SQLite file in the data folder), or of a deployment on PostgreSQL."""
-    if request.param == "postgresql":
-        return settings
-    embedded = settings.model_copy(update={"database_url": ""})
-    embedded.data_dir.mkdir(parents=True)
-    upgrade(embedded.resolved_database_url)
-    return embedded
-
-
-@pytest.fixture
-def backend_api(backend: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(backend), raise_server_exceptions=False) as client:
-        yield client
-
-
-@pytest.fixture
-def backend_engine(backend: Settings) -> Iterator[Engine]:
-    engine = make_engine(backend.resolved_database_url)
-    yield engine
-    engine.dispose()
 
 
 def test_concurrent_deploys_leave_one_unbroken_history(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -860,6 +861,34 @@ def test_a_second_source_of_the_same_postgresql_database_is_refused_whatever_its
         assert created.json()["url"] == first.replace(
             "DB.example.org", "db.example.org"
         )  # kept as given, host lowercased as before
+
+
+def test_one_table_registered_by_several_requests_at_once_makes_one_source_and_the_others_are_refused(
+    backend_api: TestClient, org_id: str
+) -> None:
+    """Each registration looked for another source of the table, found none, and was created: 4 to 8 sources of
+    one table out of 8 requests, on PostgreSQL and on SQLite. They take turns now: one 201, then 409s naming it."""
+    org = create_org_with_keys(backend_api, org_id)
+    spellings = ["postgresql://plant@db.example.org/records", "postgresql+psycopg2://plant@DB.example.org:5432/records"]
+    start = threading.Barrier(8)
+
+    def register_at_once(attempt: int) -> tuple[int, dict[str, Any]]:
+        body = {"url": spellings[attempt % 2], "tables": [{"name": "readings", "primaryKey": "id"}]}
+        start.wait()
+        response = backend_api.post(f"/v1/orgs/{org_id}/sync-sources", json=body, headers=org.admin)
+        return response.status_code, response.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(register_at_once, range(8)))
+
+    assert sorted(status for status, _ in answers) == [201] + [409] * 7, answers
+    created = next(body for status, body in answers if status == 201)
+    assert {body["error"] for status, body in answers if status == 409} == {
+        f"table 'readings' of this store is synced by source {created['sourceId']} already: two sources of one "
+        "table would each miss what the other brings down"
+    }
+    sources = backend_api.get(f"/v1/orgs/{org_id}/sync-sources", headers=org.viewer).json()
+    assert [source["sourceId"] for source in sources] == [created["sourceId"]]
 
 
 def test_a_synced_sqlite_tables_text_timestamps_select_a_training_runs_date_range(

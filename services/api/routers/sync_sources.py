@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
+from services.api.lookups import lock_org
 from services.api.outbox_relay import commit_and_send
 from services.api.routers.datasource import checked_url
 from services.api.sync_schemas import (
@@ -52,9 +53,13 @@ def create_source(
     # URL.set(password=None) keeps the password; the NamedTuple's _replace is what removes it.
     source.url = url._replace(password=None).render_as_string(hide_password=False)
     source.tables = [table.model_dump(mode="json", by_alias=True) for table in body.tables]
+    # The org's registrations take turns: two of one table at once each found no other source of it, and both were
+    # created.
+    lock_org(session, access.org_id)
     # A table that may never sync (its jobs would all be refused for the org's residency) is refused now, for the
     # reason its jobs would give.
-    refusal = residency_refusal(OrgConfig.model_validate(session.get_one(Organization, access.org_id).config), source)
+    org = session.get_one(Organization, access.org_id, populate_existing=True)  # as it is now the lock is held
+    refusal = residency_refusal(OrgConfig.model_validate(org.config), source)
     if refusal is not None:
         raise Conflict(refusal, field="tables")
     _refuse_tables_synced_already(session, source)
@@ -203,7 +208,8 @@ def _refuse_tables_synced_already(session: Session, source: SyncSource) -> None:
     """Two sources of one local table share its triggers and change log, and neither sees what the other writes
     down: their central copies would drift apart. One store is one store whatever its URL's spelling (driver,
     default port, host's case, a linked path: store_identity). A deleted source syncs nothing any more; one being
-    deleted still counts until a sync worker has removed it, as its running job may still write to the store."""
+    deleted still counts until a sync worker has removed it, as its running job may still write to the store. The
+    caller holds lock_org, so that no other registration of the org comes between this check and its insert."""
     names = {table["name"] for table in source.tables}
     store = store_identity(make_url(source.url))
     others = session.scalars(
