@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
 
 from services.sync import source_deletion
 from services.sync.beat import fire_due_sync_schedules
@@ -302,6 +304,36 @@ def test_a_source_being_deleted_takes_no_job_resync_schedule_change_nor_a_second
         f"/v1/orgs/{org_id}/sync-sources", json={"url": sync.local_url, "tables": [spec]}, headers=sync.org.admin
     )
     assert again.status_code == 201, again.text
+
+
+def test_deletions_asked_at_once_are_recorded_as_one_first_request_by_its_key_and_the_others_as_asked_again(
+    backend_api: TestClient, backend_engine: Engine, org_id: str
+) -> None:
+    """Each deletion read the source unmarked, so each was audited as the first (`askedBefore` false) and the last
+    to commit wrote its key as the one that asked. They take turns now, on PostgreSQL and on SQLite."""
+    org = create_org_with_keys(backend_api, org_id)
+    other_admin = backend_api.post(f"/v1/orgs/{org_id}/keys", json={"role": "admin"}, headers=ADMIN).json()
+    admins = [org.admin, {"Authorization": f"Bearer {other_admin['key']}"}]
+    body = {"url": "postgresql://plant@db.example.org/records", "tables": [{"name": "readings", "primaryKey": "id"}]}
+    created = backend_api.post(f"/v1/orgs/{org_id}/sync-sources", json=body, headers=org.admin)
+    assert created.status_code == 201, created.text
+    source_id = created.json()["sourceId"]
+    start = threading.Barrier(8)
+
+    def delete_at_once(attempt: int) -> int:
+        start.wait()
+        url = f"/v1/orgs/{org_id}/sync-sources/{source_id}"
+        return backend_api.delete(url, headers=admins[attempt % 2]).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(delete_at_once, range(8))) == [202] * 8
+
+    trail = backend_api.get(f"/v1/orgs/{org_id}/audit?limit=100", headers=org.admin).json()[::-1]
+    asked = [entry for entry in trail if entry["action"] == "sync.source.deletion.requested"]
+    assert [entry["detail"]["askedBefore"] for entry in asked] == [False] + [True] * 7
+    with backend_engine.connect() as connection:
+        marked_by = connection.scalar(select(SyncSource.deletion_requested_by).where(SyncSource.id == source_id))
+    assert marked_by == asked[0]["actor"]
 
 
 def test_only_an_admin_of_the_sources_own_org_may_delete_it(

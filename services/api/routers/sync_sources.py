@@ -102,6 +102,9 @@ def delete_source(
     it takes no new job, resync or schedule change (409); a sync worker does the deletion on `sync.<org>` once the
     source's running job ends, and audits it (`sync.source.deleted`). Asked again while that is pending, the
     deletion is queued again (a message lost with Redis is sent anew)."""
+    # The org's deletions take turns with each other and with its registrations: two deletions at once each read
+    # the source unmarked, and both were audited as the first request, the last to commit naming the asker.
+    lock_org(session, access.org_id)
     source = owned_source(session, source_id, org_id=access.org_id)
     actor = access.principal.key_id
     again = source.deletion_requested_at is not None
