@@ -246,3 +246,99 @@ def test_deployments_and_org_pointers_outlive_the_undeploy_migration_both_ways(b
         return
     with fresh_postgres_database() as url:
         check(url)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_downgrading_source_deletion_keeps_live_sources_and_their_jobs_and_drops_deleted_ones_with_theirs(
+    backend: str, tmp_path: Path
+) -> None:
+    """On SQLite the downgrade failed once a source had a job (its table was copied and the old one dropped under
+    the jobs' foreign key). And the older schema cannot tell a deleted source from a live one: a tombstone kept
+    would be synced again, its tables copied up anew beside the source registered again in its place. So a
+    deleted source goes, with its jobs' history (the audit trail keeps them); a live one stays with its jobs."""
+    add = [
+        text("INSERT INTO organizations (id, name, config, created_at) VALUES ('h', 'H', '{}', :at)"),
+        text(
+            "INSERT INTO sync_sources (id, org_id, url, password_encrypted, tables, created_at, "
+            "deletion_requested_at, deletion_requested_by, deleted_at) VALUES "
+            "('src_live', 'h', 'sqlite:////s/h/a.db', 'sealed', '[]', :at, NULL, NULL, NULL), "
+            "('src_gone', 'h', 'sqlite:////s/h/a.db', NULL, '[]', :at, :at, 'k1', :at)"
+        ),
+        text(
+            'INSERT INTO sync_jobs (id, org_id, source_id, status, "trigger", pushed, pulled, conflicts, errors, '
+            "attempts, created_at) VALUES ('sj_live', 'h', 'src_live', 'succeeded', 'api', 1, 0, 0, '[]', 1, :at), "
+            "('sj_gone', 'h', 'src_gone', 'refused', 'api', 0, 0, 0, '[]', 0, :at)"
+        ),
+        text(
+            "INSERT INTO sync_schedules (source_id, org_id, pattern, timezone, enabled, updated_at) "
+            "VALUES ('src_live', 'h', '0 * * * *', 'UTC', true, :at)"
+        ),
+    ]
+
+    def check(url: str) -> None:
+        upgrade(url, "0014")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            for statement in add:
+                connection.execute(statement, {"at": EARLY})
+        engine.dispose()
+        command.downgrade(alembic_config(url), "0013")
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT id, password_encrypted FROM sync_sources")).all() == [
+                ("src_live", "sealed")
+            ]
+            assert connection.execute(text("SELECT id, source_id FROM sync_jobs")).all() == [("sj_live", "src_live")]
+            assert connection.execute(text("SELECT source_id FROM sync_schedules")).scalars().all() == ["src_live"]
+        engine.dispose()
+        assert "deleted_at" not in tables_and_columns(url)["sync_sources"]
+        upgrade(url)
+
+    if backend == "sqlite":
+        check(f"sqlite:///{tmp_path / 'sources.db'}")
+        return
+    with fresh_postgres_database() as url:
+        check(url)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_downgrading_source_deletion_is_refused_while_a_source_is_being_deleted(backend: str, tmp_path: Path) -> None:
+    """Its central copies are still there, and the older schema would make it a live source again, syncing what its
+    admin asked to delete: the downgrade waits for a sync worker to finish the deletion, and says so."""
+
+    def check(url: str) -> None:
+        upgrade(url, "0014")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO organizations (id, name, config, created_at) VALUES ('h', 'H', '{}', :at)"),
+                {"at": EARLY},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO sync_sources (id, org_id, url, tables, created_at, deletion_requested_at, "
+                    "deletion_requested_by) VALUES ('src_going', 'h', 'sqlite:////s/h/a.db', '[]', :at, :at, 'k1')"
+                ),
+                {"at": EARLY},
+            )
+        engine.dispose()
+        with pytest.raises(RuntimeError) as refused:
+            command.downgrade(alembic_config(url), "0013")
+        assert str(refused.value) == (
+            "sync sources are being deleted: src_going of organization h. The schema before revision 0014 would "
+            "make them live sources again, syncing what their admins asked to delete: run a sync worker until GET "
+            "/v1/orgs/{org}/sync-sources/{id} answers 404 for each, then downgrade"
+        )
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0014"]
+            assert connection.execute(text("SELECT id, deletion_requested_by FROM sync_sources")).all() == [
+                ("src_going", "k1")
+            ]
+        engine.dispose()
+
+    if backend == "sqlite":
+        check(f"sqlite:///{tmp_path / 'sources.db'}")
+        return
+    with fresh_postgres_database() as url:
+        check(url)
