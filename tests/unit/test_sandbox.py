@@ -426,8 +426,9 @@ def test_start_launches_the_one_zygote_that_runs_the_scripts(tmp_path: Path) -> 
     with Sandbox() as fresh:
         fresh.start()
         fresh.start()
-        started = _zygotes_of_this_process() - before
         outcome = run(fresh, tmp_path, "import os\nprint(os.getppid())")
+        # Read once a script has run: until the child has exec'd, its command line is still this process's.
+        started = _zygotes_of_this_process() - before
 
     assert started == {int(outcome.lines[0])}
 
