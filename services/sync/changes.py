@@ -89,7 +89,9 @@ def _widen_keys(connection: Connection, log: ChangeLog) -> None:
 
 
 def install_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
-    """Log every insert, update and delete of `table` under the name `logged_as`; safe to run again."""
+    """Log every insert, update and delete of `table` under the name `logged_as`, each record by its `key`. Safe to
+    run again: triggers there already (made for another key, or for the key column under its old name) are made
+    anew for this one, in the caller's transaction, so that no write to the table falls between the two."""
     if connection.dialect.name == "postgresql":
         _postgresql_triggers(connection, log, table=table, key=key, logged_as=logged_as)
     else:
@@ -121,10 +123,11 @@ def log_existing(connection: Connection, log: ChangeLog, *, table: str, key: str
 
 
 def log_existing_again(connection: Connection, log: ChangeLog, *, table: str, key: str) -> Change | None:
-    """A table whose triggers were installed already (for a source since deleted, say) that a source starts
-    syncing anew: its records are logged once more, since the log holds only what was edited there (never what the
-    service wrote), and the table's last log row before them is returned, for the new source to start after it
-    (None if there was none). Writers are shut out until the caller's transaction ends, so no edit falls between."""
+    """A table a source starts syncing anew whose log may hold rows already (its triggers installed for a source
+    since deleted, say, or left behind by a SQLite table made anew): its records are logged once more, since the
+    log holds only what was edited there (never what the service wrote), and the table's last log row before them
+    is returned, for the new source to start after it (None if there was none): those rows may name records by
+    another key. Writers are shut out until the caller's transaction ends, so no edit falls between."""
     shut_out_writers(connection, log)
     row = connection.execute(
         text(f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t ORDER BY seq DESC LIMIT 1"), {"t": table}
@@ -138,10 +141,12 @@ def _sqlite_triggers(connection: Connection, log: ChangeLog, *, table: str, key:
         _sqlite_stamping_triggers(connection, log, table=table, key=key, logged_as=logged_as)
         return
     quote = functools.partial(_quoted, connection)
+    _begin_before_ddl(connection, log)
     for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD")):
+        connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_{table}_{event.lower()}"))
         connection.execute(
             text(
-                f"CREATE TRIGGER IF NOT EXISTS _kiln_{table}_{event.lower()} AFTER {event} ON {quote(table)} "
+                f"CREATE TRIGGER _kiln_{table}_{event.lower()} AFTER {event} ON {quote(table)} "
                 f"WHEN NOT EXISTS (SELECT 1 FROM {log.applying}) BEGIN "
                 f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) VALUES "
                 f"('{logged_as}', CAST({row}.{quote(key)} AS TEXT), '{ORIGIN_APP}', {now_ms_sql('sqlite')}); END"
@@ -169,6 +174,7 @@ def _sqlite_stamping_triggers(connection: Connection, log: ChangeLog, *, table: 
             f"UPDATE {on} SET {VERSION} = {version}, {STAMP} = {_sqlite_stamp(replaced)} WHERE {record} = NEW.{record};"
         )
 
+    _begin_before_ddl(connection, log)
     triggers = {
         "insert": f"AFTER INSERT ON {on} {when} BEGIN {logged('NEW', 'NULL')} {stamped('1', 'NULL')} END",
         "update": f"AFTER UPDATE OF {watched} ON {on} {when} BEGIN {logged('NEW', f'OLD.{STAMP}')} "
@@ -179,6 +185,12 @@ def _sqlite_stamping_triggers(connection: Connection, log: ChangeLog, *, table: 
         connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_{table}_{event}"))  # made before stamping at capture
         connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_{table}_{event}_stamped"))  # its columns may be new
         connection.execute(text(f"CREATE TRIGGER _kiln_{table}_{event}_stamped {body}"))
+
+
+def _begin_before_ddl(connection: Connection, log: ChangeLog) -> None:
+    """Python's sqlite3 begins a transaction at the first write, not at DDL, which it otherwise runs on its own: a
+    write first, so that triggers dropped and made anew are one change, and no other writer's edit comes between."""
+    shut_out_writers(connection, log)
 
 
 def _sqlite_stamp(replaced: str) -> str:

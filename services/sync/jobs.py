@@ -288,10 +288,13 @@ def open_pair(
 ) -> TablePair:
     """Both sides of a table, with change capture installed; the central copy made on its first sync.
 
-    A local table that has its triggers already but no central copy here (its source was deleted and it was
-    registered again, or its first job stopped between the two) has its records logged once more, and the source's
-    `up` position starts after the rows logged before: the log holds only the edits made there, never the records
-    the service wrote down, so read from its start it would leave those out of the new central copy."""
+    A local table with no central copy here (its source was deleted and it was registered again, or its first job
+    stopped between the two) has its capture made anew for this registration's key: the triggers left by the one
+    before logged each record by that one's key (another column, or the same one under its old name, which a
+    PostgreSQL store's writes then fail on). Its records are logged once more, and the source's `up` position
+    starts after the rows logged before: those name records by the old key, and the log holds only the edits made
+    there, never the records the service wrote down, so read from its start it would leave those out of the new
+    central copy."""
     central_name = central_table_name(source.id, spec.name)
     local_dialect = local.dialect.name
     with context.engine.connect() as connection:
@@ -304,11 +307,13 @@ def open_pair(
         central_dialect = context.engine.dialect.name
         check_key(reflected, spec, local=connection.dialect, central_dialect=central_dialect)
         check_central_copy(reflected, spec, local_dialect=local_dialect, central_dialect=central_dialect)
-        if not has_triggers(connection, LOCAL_LOG, spec.name):
+        installed = has_triggers(connection, LOCAL_LOG, spec.name)
+        if first_copy or not installed:
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
-            log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
-        elif first_copy and spec.sends_up:
+        if first_copy and spec.sends_up:
             logged_before = log_existing_again(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key)
+        elif not installed:
+            log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
     with context.engine.begin() as connection:
         central_table = ensure_central_table(connection, reflected, spec, central_name, local_dialect=local_dialect)
         if logged_before is not None:

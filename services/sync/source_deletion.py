@@ -9,7 +9,8 @@ same tables may be registered again, under a new source, with a new policy or ne
 What stays: the audit trail (append-only: its `sync.delete` rows keep the records deleted then, as they were
 stored), the jobs' history, and the source's row as a tombstone (password removed) that the api answers 404 for.
 The local store is the org's own and is not touched: its triggers and change log stay, and a source registered
-again on it logs its records once more (services/sync/jobs.py, open_pair), so that all of them go up again.
+again on it has its first job make the triggers anew for its own key and log the records once more
+(services/sync/jobs.py, open_pair), so that all of them go up again.
 """
 
 from __future__ import annotations

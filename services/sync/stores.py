@@ -71,6 +71,8 @@ def reflect(connection: Connection, name: str, *, field: str = "tables") -> Tabl
 
 def check_key(table: Table, spec: SyncTable, *, local: Dialect, central_dialect: str) -> None:
     keys = [column.name for column in table.primary_key.columns]
+    if spec.primary_key not in table.c:
+        raise InvalidInput(_key_column_gone(spec, keys, local_dialect=local.name), field="tables")
     if keys != [spec.primary_key]:
         raise InvalidInput(
             f"table {spec.name!r}: primaryKey {spec.primary_key!r} is not its one-column primary key ({keys})",
@@ -93,6 +95,22 @@ def check_key(table: Table, spec: SyncTable, *, local: Dialect, central_dialect:
     missing = [name for name in spec.sensitive_columns if name not in table.c]
     if missing:
         raise InvalidInput(f"table {spec.name!r} has no columns {', '.join(missing)}", field="sensitiveColumns")
+
+
+def _key_column_gone(spec: SyncTable, keys: list[str], *, local_dialect: str) -> str:
+    """A key column renamed or dropped under its source: the table cannot sync by it. A PostgreSQL store's capture
+    names the column it was made for, so the table's own writes fail until a registration of the table as it is
+    now has its first job make the capture anew (SQLite renames the column in its triggers too)."""
+    capture = (
+        f"; until then the change capture made for {spec.primary_key!r} makes the store's writes to the table fail"
+        if local_dialect == "postgresql"
+        else ""
+    )
+    return (
+        f"table {spec.name!r}: its primaryKey {spec.primary_key!r} is no longer a column of the table (its primary "
+        f"key is {keys}), renamed or dropped since the source was registered: delete the source and register the "
+        f"table again by its key as it is now, and run a job{capture}"
+    )
 
 
 # The change log holds each key as SQL's CAST to text; the service names a record by its key's Python str(). Only

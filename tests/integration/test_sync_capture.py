@@ -1,5 +1,6 @@
 """The central store's capture triggers, on PostgreSQL and on SQLite: each edit by anyone but the sync service is
-logged with the stamp it replaced, and versioned and stamped as it is made."""
+logged with the stamp it replaced, and versioned and stamped as it is made. And a local store's, made anew for
+another key."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Connection, Engine, create_engine, text
 
-from services.sync.changes import CENTRAL_LOG, begin_applying, create_log, end_applying, has_triggers, install_triggers
+from services.sync.changes import (
+    CENTRAL_LOG,
+    LOCAL_LOG,
+    begin_applying,
+    create_log,
+    end_applying,
+    has_triggers,
+    install_triggers,
+)
 from tests.support.servers import fresh_postgres_database
 
 TABLE = "sync_src_readings"
@@ -87,3 +96,36 @@ def test_the_sync_services_own_writes_are_neither_logged_nor_restamped(central: 
     with central.begin() as connection:
         assert _run(connection, f"SELECT _kiln_version, _kiln_hlc FROM {TABLE}") == [(7, "000000000000001.00000.local")]
         assert _run(connection, "SELECT count(*) FROM sync_changes") == [(0,)]
+
+
+class _Failed(Exception):
+    pass
+
+
+def test_a_local_capture_made_anew_for_another_key_logs_by_it_and_is_one_change_with_its_transaction(
+    central: Engine,
+) -> None:
+    """A table registered again by another key: its capture is made anew, and, rolled back, left as it was (SQLite
+    runs DDL outside the transaction unless a write began one)."""
+    with central.begin() as connection:
+        _run(connection, "CREATE TABLE t (id INTEGER PRIMARY KEY, code TEXT NOT NULL UNIQUE)")
+        create_log(connection, LOCAL_LOG)
+        install_triggers(connection, LOCAL_LOG, table="t", key="id", logged_as="t")
+        _run(connection, "INSERT INTO t VALUES (1, 'a')")
+    try:
+        with central.begin() as connection:
+            install_triggers(connection, LOCAL_LOG, table="t", key="code", logged_as="t")
+            raise _Failed
+    except _Failed:
+        pass
+    with central.begin() as connection:
+        _run(connection, "INSERT INTO t VALUES (2, 'b')")
+        install_triggers(connection, LOCAL_LOG, table="t", key="code", logged_as="t")
+        assert has_triggers(connection, LOCAL_LOG, "t")
+    with central.begin() as connection:
+        _run(connection, "INSERT INTO t VALUES (3, 'c')")
+        _run(connection, "UPDATE t SET id = 4 WHERE code = 'a'")
+        _run(connection, "DELETE FROM t WHERE code = 'b'")
+        logged = _run(connection, "SELECT pk FROM _kiln_changes ORDER BY seq")
+
+    assert logged == [("1",), ("2",), ("c",), ("a",), ("b",)]

@@ -34,6 +34,7 @@ from tests.integration.sync_support import (
     error_of,
     many_readings,
     open_sync,
+    open_table_sync,
     register,
     run_sql,
 )
@@ -509,3 +510,163 @@ def test_a_table_of_a_postgresql_local_store_registered_again_syncs_with_the_tri
     assert [(row[0], row[1]) for row in rows] == [(1, 1.0), (2, 2.0), (3, 5.0)]
     assert not any(name in json.dumps([row[2] for row in rows]) for name in ("Ada", "Alan", "Grace"))
     assert run_sql(local_url, "SELECT count(*) FROM pg_trigger WHERE tgname = '_kiln_capture'") == [(1,)]
+
+
+T_BY_ID: dict[str, Any] = {"name": "t", "primaryKey": "id", "sensitiveColumns": []}
+T_BY_CODE: dict[str, Any] = {"name": "t", "primaryKey": "code", "sensitiveColumns": []}
+# A table whose key is `id` until its source is deleted and `code` once it is registered again.
+KEYED_TWICE = (
+    "CREATE TABLE t (id integer PRIMARY KEY, code text NOT NULL UNIQUE, v text)",
+    "INSERT INTO t VALUES (1, 'a', 'one'), (2, 'b', 'two')",
+)
+
+
+def test_a_postgresql_table_registered_again_under_another_key_logs_later_edits_under_the_new_one(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    """The registration being undone keyed the table by `id`; the capture made for it logged later edits by their
+    `id`, which the new source (keyed by `code`) took for records deleted on both sides: never sent, and the job
+    said succeeded."""
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", *KEYED_TWICE, **T_BY_ID)
+    assert sync.run()["pushed"] == 2
+    deleted(sync)
+    sync.local("ALTER TABLE t DROP CONSTRAINT t_pkey")
+    sync.local("ALTER TABLE t ADD PRIMARY KEY (code)")
+
+    again = register_again(sync, **T_BY_CODE)
+    first = again.run()
+    again.local("UPDATE t SET v = 'one, edited' WHERE code = 'a'")
+    again.local("INSERT INTO t VALUES (3, 'c', 'three')")
+    second = again.run()
+
+    assert [(job["status"], job["pushed"]) for job in (first, second)] == [("succeeded", 2), ("succeeded", 2)]
+    records = [("a", 1, "one, edited"), ("b", 2, "two"), ("c", 3, "three")]
+    assert again.central(f"SELECT code, id, v FROM {again.central_table} ORDER BY code") == records
+    assert again.local("SELECT pk FROM _kiln_changes ORDER BY seq DESC LIMIT 2") == [("c",), ("a",)]
+    assert run_sql(local_url, "SELECT count(*) FROM pg_trigger WHERE tgname = '_kiln_capture'") == [(1,)]
+
+
+def test_a_postgresql_table_whose_key_column_was_renamed_takes_writes_again_once_registered_again(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    """The capture made for `id` named the column: once renamed, the store's own inserts failed (`column "id" not
+    found`), and still did after the table was registered again under `record_id`, while its jobs succeeded."""
+    sync = open_postgres_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        local_url,
+        "last-writer-wins",
+        "CREATE TABLE t (id integer PRIMARY KEY, v text)",
+        "INSERT INTO t VALUES (1, 'one')",
+        **T_BY_ID,
+    )
+    sync.run()
+    deleted(sync)
+    sync.local("ALTER TABLE t RENAME COLUMN id TO record_id")
+
+    again = register_again(sync, name="t", primaryKey="record_id", sensitiveColumns=[])
+    first = again.run()
+    again.local("INSERT INTO t VALUES (2, 'two')")
+    again.local("UPDATE t SET v = 'one, edited' WHERE record_id = 1")
+    second = again.run()
+
+    assert [(job["status"], job["pushed"]) for job in (first, second)] == [("succeeded", 1), ("succeeded", 2)]
+    records = [(1, "one, edited"), (2, "two")]
+    assert again.central(f"SELECT record_id, v FROM {again.central_table} ORDER BY 1") == records
+
+
+def test_a_sqlite_table_registered_again_under_another_key_syncs_its_later_edits(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """SQLite changes a primary key by making the table anew, which drops its triggers but not its log: the new
+    source read the old registration's log rows, text keys that an integer key is not, and failed every job."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER NOT NULL UNIQUE, code TEXT PRIMARY KEY, v TEXT)",
+        "INSERT INTO t VALUES (1, 'a', 'one'), (2, 'b', 'two')",
+        key="code",
+    )
+    assert sync.run()["pushed"] == 2
+    sync.local("UPDATE t SET v = 'one, edited once' WHERE code = 'a'")
+    sync.run()
+    deleted(sync)
+    for statement in (
+        "CREATE TABLE t_new (id INTEGER PRIMARY KEY, code TEXT NOT NULL UNIQUE, v TEXT)",
+        "INSERT INTO t_new SELECT id, code, v FROM t",
+        "DROP TABLE t",
+        "ALTER TABLE t_new RENAME TO t",
+    ):
+        sync.local(statement)
+
+    again = register_again(sync, **T_BY_ID)
+    first = again.run()
+    again.local("UPDATE t SET v = 'one, edited' WHERE id = 1")
+    again.local("INSERT INTO t VALUES (3, 'c', 'three')")
+    second = again.run()
+
+    assert [(job["status"], job["pushed"], error_of(job)) for job in (first, second)] == [
+        ("succeeded", 2, ""),
+        ("succeeded", 2, ""),
+    ]
+    records = [(1, "a", "one, edited"), (2, "b", "two"), (3, "c", "three")]
+    assert again.central(f"SELECT id, code, v FROM {again.central_table} ORDER BY id") == records
+
+
+def test_a_sqlite_table_whose_key_column_was_renamed_syncs_once_registered_again(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """SQLite renames the column in its triggers too: the store's writes go on, and are logged under the new
+    registration's key."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
+        "INSERT INTO t VALUES (1, 'one')",
+    )
+    sync.run()
+    deleted(sync)
+    sync.local("ALTER TABLE t RENAME COLUMN id TO record_id")
+
+    again = register_again(sync, name="t", primaryKey="record_id", sensitiveColumns=[])
+    first = again.run()
+    again.local("INSERT INTO t VALUES (2, 'two')")
+    again.local("UPDATE t SET v = 'one, edited' WHERE record_id = 1")
+    second = again.run()
+
+    assert [(job["status"], job["pushed"]) for job in (first, second)] == [("succeeded", 1), ("succeeded", 2)]
+    records = [(1, "one, edited"), (2, "two")]
+    assert again.central(f"SELECT record_id, v FROM {again.central_table} ORDER BY 1") == records
+
+
+@pytest.mark.parametrize("store", ["postgresql", "sqlite"])
+def test_a_job_whose_key_column_was_renamed_under_its_source_fails_naming_it_and_the_way_out(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, local_url: str, store: str
+) -> None:
+    """The source still registered, its key column renamed: the table cannot sync by it, and on PostgreSQL the
+    capture made for it fails the store's writes; the job fails saying so, and what to do."""
+    create, insert = "CREATE TABLE t (id integer PRIMARY KEY, v text)", "INSERT INTO t VALUES (1, 'one')"
+    if store == "postgresql":
+        sync = open_postgres_sync(
+            sync_api, sync_context, org_id, local_url, "last-writer-wins", create, insert, **T_BY_ID
+        )
+    else:
+        sync = open_table_sync(sync_api, sync_context, org_id, tmp_path, create, insert)
+    assert sync.run()["status"] == "succeeded"
+    sync.local("ALTER TABLE t RENAME COLUMN id TO record_id")
+
+    job = sync.run()
+
+    capture = "; until then the change capture made for 'id' makes the store's writes to the table fail"
+    assert (job["status"], job["pushed"], error_of(job)) == (
+        "failed",
+        0,
+        "table 't': its primaryKey 'id' is no longer a column of the table (its primary key is ['record_id']), "
+        "renamed or dropped since the source was registered: delete the source and register the table again by its "
+        f"key as it is now, and run a job{capture if store == 'postgresql' else ''}",
+    )
