@@ -14,13 +14,17 @@ lets a pull send central edits down as they are, without writing anything back t
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Table, text
+from sqlalchemy.exc import OperationalError
 
 from services.sync.stores import STAMP, VERSION, key_text
+
+logger = logging.getLogger(__name__)
 
 ORIGIN_APP = "app"
 # A record the sync service merged or restored in the central store and must still send down.
@@ -129,9 +133,17 @@ def log_existing_again(connection: Connection, log: ChangeLog, *, table: str, ke
     is returned, for the new source to start after it (None if there was none): those rows may name records by
     another key. Writers are shut out until the caller's transaction ends, so no edit falls between."""
     shut_out_writers(connection, log)
-    row = connection.execute(
-        text(f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t ORDER BY seq DESC LIMIT 1"), {"t": table}
-    ).first()
+    query = text(f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t ORDER BY seq DESC LIMIT 1")
+    try:
+        row = connection.execute(query, {"t": table}).first()
+    except OperationalError as error:
+        if log != LOCAL_LOG or not undecodable(error):
+            raise
+        # Rows of the registration before, which no one reads any more (see _drop_undecodable): dropped with this
+        # transaction, which has shut other writers out.
+        undecodable_rows = _undecodable_rows(connection, log, table=table, after=0, limit=None)
+        _drop_rows(connection, log, table=table, seqs=undecodable_rows)
+        row = connection.execute(query, {"t": table}).first()
     log_existing(connection, log, table=table, key=key, logged_as=table)
     return None if row is None else Change(*row)
 
@@ -330,11 +342,68 @@ def end_applying(connection: Connection, log: ChangeLog) -> None:
 
 
 def changes_after(connection: Connection, log: ChangeLog, *, table: str, after: int, limit: int) -> list[Change]:
+    query = text(f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t AND seq > :after ORDER BY seq LIMIT :n")
+    bound = {"t": table, "after": after, "n": limit}
+    try:
+        rows = connection.execute(query, bound).all()
+    except OperationalError as error:
+        if log != LOCAL_LOG or not undecodable(error):
+            raise
+        _drop_undecodable(connection, log, table=table, after=after, limit=limit)
+        rows = connection.execute(query, bound).all()
+    return [Change(*row) for row in rows]
+
+
+def undecodable(error: OperationalError) -> bool:
+    """Python's sqlite3 reading text that is not UTF-8, which SQLite holds as it was given: the same on every try."""
+    return str(error.orig).startswith("Could not decode to UTF-8")
+
+
+def _drop_undecodable(connection: Connection, log: ChangeLog, *, table: str, after: int, limit: int) -> None:
+    """A SQLite key held as a BLOB that is no UTF-8 (X'FF') is logged as text that is none either, which no read of
+    the log gets past. Such a row names no record the central store can hold: the record, while its key is a BLOB,
+    fails the job naming it (stores.refuse_unnamed_keys), and goes up once its key is text, logged anew by that edit.
+    So the row is dropped from the log, in a transaction of its own (the caller's connection only reads), and the
+    edits logged around it go on."""
+    dropped = _undecodable_rows(connection, log, table=table, after=after, limit=limit)
+    with connection.engine.begin() as writer:
+        _drop_rows(writer, log, table=table, seqs=dropped)
+
+
+def _undecodable_rows(
+    connection: Connection, log: ChangeLog, *, table: str, after: int, limit: int | None
+) -> list[int]:
     rows = connection.execute(
-        text(f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t AND seq > :after ORDER BY seq LIMIT :n"),
+        text(
+            f"SELECT seq, hex(pk) FROM {log.log} WHERE tbl = :t AND seq > :after ORDER BY seq"
+            + (" LIMIT :n" if limit is not None else "")
+        ),
         {"t": table, "after": after, "n": limit},
     )
-    return [Change(*row) for row in rows.all()]
+    return [seq for seq, hexed in rows if not _utf8(bytes.fromhex(hexed))]
+
+
+def _drop_rows(connection: Connection, log: ChangeLog, *, table: str, seqs: list[int]) -> None:
+    if not seqs:
+        return
+    for start in range(0, len(seqs), 500):
+        chunk = seqs[start : start + 500]
+        connection.execute(text(f"DELETE FROM {log.log} WHERE seq IN ({_placeholders(len(chunk))})"), _bind(chunk))
+    logger.warning(
+        "%s: dropped %d rows of table %s whose keys are no UTF-8 (BLOB keys), the first %s",
+        log.log,
+        len(seqs),
+        table,
+        seqs[:10],
+    )
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def changed_records(
@@ -412,5 +481,5 @@ def _placeholders(count: int) -> str:
     return ", ".join(f":k{index}" for index in range(count))
 
 
-def _bind(keys: list[str]) -> dict[str, str]:
+def _bind(keys: Sequence[str | int]) -> dict[str, str | int]:
     return {f"k{index}": key for index, key in enumerate(keys)}

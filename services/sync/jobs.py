@@ -22,6 +22,7 @@ from services.sync.changes import (
     log_existing,
     log_existing_again,
     now_ms,
+    undecodable,
 )
 from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
@@ -37,6 +38,7 @@ from services.sync.stores import (
     open_local,
     reflect,
     refuse_kiln_database,
+    refuse_unnamed_keys,
     widen_old_columns,
 )
 from services.sync.transfer import sync_table
@@ -139,8 +141,9 @@ def _naming_the_table(table: str) -> Iterator[None]:
 
 def _unreachable(error: OperationalError) -> bool:
     """SQLite reports a statement it cannot run (SQLITE_ERROR: a syntax error, a missing table or column) as an
-    OperationalError too; that one fails the same way on every retry. Any other is a store out of reach or busy."""
-    return getattr(error.orig, "sqlite_errorname", None) != "SQLITE_ERROR"
+    OperationalError too, and Python's sqlite3 text that is not UTF-8; those fail the same way on every retry. Any
+    other is a store out of reach or busy."""
+    return getattr(error.orig, "sqlite_errorname", None) != "SQLITE_ERROR" and not undecodable(error)
 
 
 def failure_reason(error: Exception) -> str:
@@ -307,6 +310,7 @@ def open_pair(
         central_dialect = context.engine.dialect.name
         check_key(reflected, spec, local=connection.dialect, central_dialect=central_dialect)
         check_central_copy(reflected, spec, local_dialect=local_dialect, central_dialect=central_dialect)
+        refuse_unnamed_keys(connection, reflected, spec.primary_key)
         installed = has_triggers(connection, LOCAL_LOG, spec.name)
         if first_copy or not installed:
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)

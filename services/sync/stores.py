@@ -255,6 +255,44 @@ def key_value(table: Table, key: str, column: str) -> Any:
         ) from None
 
 
+def refuse_unnamed_keys(connection: Connection, table: Table, column: str) -> None:
+    """SQLite lets a key column hold what its type is not: a BLOB in a TEXT or INTEGER key (kept as it is), text in
+    an INTEGER one, and NULL in any PRIMARY KEY but an INTEGER PRIMARY KEY. The change log names a record by
+    CAST(key AS TEXT), which names no such record: X'41424344' is logged as 'ABCD', which no text key is (the record
+    would be taken for deleted and skipped), X'FF' as no UTF-8 at all, NULL not at all. The first such key fails
+    the job naming its record, before anything is logged or moved; each of the two looks is one step of the key's
+    index: NULL sorts first, text after numbers and blobs last. (An integer key's REAL, 1.5, sorts among the
+    integers: key_value names it, as its record is read.)"""
+    if connection.dialect.name != "sqlite":
+        return
+    integer = isinstance(table.c[column].type, Integer)
+    quote = connection.dialect.identifier_preparer.quote
+    name, on = quote(column), quote(table.name)
+    for order in ("ASC", "DESC"):
+        row = connection.execute(text(f"SELECT typeof({name}), hex({name}) FROM {on} ORDER BY {name} {order} LIMIT 1"))
+        found = row.first()
+        if found is None:
+            return
+        refusal = _unnamed_key(found[0], found[1], integer=integer)
+        if refusal is not None:
+            raise InvalidInput(f"table {table.name!r} column {column!r} record {refusal}", field="tables")
+
+
+def _unnamed_key(kind: str, hexed: str, *, integer: bool) -> str | None:
+    """Why a key SQLite holds as `kind` (its typeof) cannot be synced, after the record's name; None if it can."""
+    if kind == "null":
+        return "NULL: NULL cannot be synced: a synced record's key is never NULL"
+    holds = "the key of an integer column is an integer" if integer else "the key of a text column is text"
+    if kind == "blob":
+        shown = hexed if len(hexed) <= 40 else hexed[:40] + "..."
+        return f"X'{shown}': a BLOB cannot be synced: {holds}"
+    if kind == ("integer" if integer else "text"):
+        return None
+    logged = bytes.fromhex(hexed).decode(errors="replace")  # SQLite's hex() of a number or text is its text's
+    shown = repr(logged) if len(repr(logged)) <= 60 else repr(logged)[:57] + "..."
+    return f"{logged}: {shown} cannot be synced: {holds}"
+
+
 def read(connection: Connection, table: Table, column: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The records with these keys, by key text; a key without a record is absent."""
     values = [key_value(table, key, column) for key in keys]

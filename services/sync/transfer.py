@@ -57,7 +57,16 @@ from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
 from services.sync.merge import Version, deletion, from_json, jsonable, resolve
 from services.sync.pair import TablePair, Tally, hold_sealing_key
 from services.sync.store_marks import note_pulled
-from services.sync.stores import STAMP, VERSION, key_text, read, stamp_of, upsert, upsert_values
+from services.sync.stores import (
+    STAMP,
+    VERSION,
+    key_text,
+    read,
+    refuse_unnamed_keys,
+    stamp_of,
+    upsert,
+    upsert_values,
+)
 from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, watermark, watermarks
 from shared.db.models import SyncBase, SyncConflict
 
@@ -83,6 +92,8 @@ def push_batch(pair: TablePair) -> bool:
         changes = changes_after(local, LOCAL_LOG, table=pair.spec.name, after=after, limit=pair.batch_size)
         if not changes:
             return False
+        # A key written since the job looked that the log cannot name (a SQLite BLOB) fails it, not taken for deleted.
+        refuse_unnamed_keys(local, pair.local_table, pair.key)
         latest = {change.key: change for change in changes}
         rows = read(local, pair.local_table, pair.key, latest)
     with Session(pair.central) as session, session.begin():

@@ -670,3 +670,34 @@ def test_a_job_whose_key_column_was_renamed_under_its_source_fails_naming_it_and
         "renamed or dropped since the source was registered: delete the source and register the table again by its "
         f"key as it is now, and run a job{capture if store == 'postgresql' else ''}",
     )
+
+
+def test_a_sqlite_table_whose_log_ends_with_a_blob_key_of_no_utf8_syncs_once_registered_again(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """A TEXT key held as the BLOB X'FF', written and deleted since the last job, is logged as text that is no UTF-8:
+    the source registered again starts after the table's last log row, which no read could get."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)",
+        "INSERT INTO t VALUES ('plain', 'a')",
+        key="k",
+    )
+    sync.run()
+    sync.local("INSERT INTO t VALUES (X'FF', 'b')")
+    sync.local("DELETE FROM t WHERE k = X'FF'")
+    deleted(sync)
+
+    again = register_again(sync, name="t", primaryKey="k", sensitiveColumns=[])
+    first = again.run()
+    again.local("INSERT INTO t VALUES ('later', 'c')")
+    second = again.run()
+
+    assert [(job["status"], job["pushed"], error_of(job)) for job in (first, second)] == [
+        ("succeeded", 1, ""),
+        ("succeeded", 1, ""),
+    ]
+    assert again.central(f"SELECT k, v FROM {again.central_table} ORDER BY k") == [("later", "c"), ("plain", "a")]

@@ -549,6 +549,98 @@ def test_a_key_an_integer_column_holds_otherwise_fails_the_job_naming_the_record
     )
 
 
+TEXT_KEY_IS_TEXT = "a BLOB cannot be synced: the key of a text column is text"
+INTEGER_KEY_IS_INTEGER = "cannot be synced: the key of an integer column is an integer"
+NULL_KEY = "NULL cannot be synced: a synced record's key is never NULL"
+
+
+@pytest.mark.parametrize(
+    ("declared", "odd", "reason"),
+    [
+        ("TEXT", "X'41424344'", f"record X'41424344': {TEXT_KEY_IS_TEXT}"),
+        ("TEXT", "X'FF'", f"record X'FF': {TEXT_KEY_IS_TEXT}"),
+        ("TEXT", "NULL", f"record NULL: {NULL_KEY}"),
+        ("BIGINT", "X'FF'", f"record X'FF': a BLOB {INTEGER_KEY_IS_INTEGER}"),
+        ("BIGINT", "'abc'", f"record abc: 'abc' {INTEGER_KEY_IS_INTEGER}"),
+        ("BIGINT", "NULL", f"record NULL: {NULL_KEY}"),
+    ],
+    ids=[
+        "blob-in-text",
+        "non-utf8-blob-in-text",
+        "null-in-text",
+        "blob-in-integer",
+        "text-in-integer",
+        "null-in-integer",
+    ],
+)
+def test_a_key_sqlite_holds_as_neither_text_nor_an_integer_fails_every_job_naming_the_record_until_it_is_one(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, declared: str, odd: str, reason: str
+) -> None:
+    """SQLite keeps a BLOB written to a TEXT key as it is, and lets a PRIMARY KEY other than an INTEGER PRIMARY KEY
+    hold NULL. The change log names a record by CAST(key AS TEXT): X'41424344' as 'ABCD', which no text key is (the
+    record was taken for deleted and skipped while the job succeeded), X'FF' as no UTF-8 at all (every job after
+    was retried as if the store were out of reach), NULL not at all (a bare NOT NULL error on every job)."""
+    plain, fixed = ("'plain'", "'fixed'") if declared == "TEXT" else ("1", "2")
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        f"CREATE TABLE t (k {declared} PRIMARY KEY, v TEXT)",
+        f"INSERT INTO t VALUES ({plain}, 'a'), ({odd}, 'b')",
+        key="k",
+    )
+
+    jobs = [sync.run(), sync.run()]
+    sync.local(f"UPDATE t SET k = {fixed} WHERE k IS {odd}")
+    jobs.append(sync.run())
+
+    failed = ("failed", 0, 1, f"table 't' column 'k' {reason}")
+    assert [(job["status"], job["pushed"], job["attempts"], error_of(job)) for job in jobs] == [
+        failed,
+        failed,
+        ("succeeded", 2, 1, ""),
+    ]
+    assert sync.central(f"SELECT CAST(k AS text), v FROM {sync.central_table} ORDER BY v") == [
+        (plain.strip("'"), "a"),
+        (fixed.strip("'"), "b"),
+    ]
+
+
+@pytest.mark.parametrize("blob", ["X'41424344'", "X'FF'"], ids=["utf8", "not-utf8"])
+def test_a_blob_key_written_to_a_synced_text_key_fails_the_job_naming_it_and_its_fix_goes_up(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, blob: str
+) -> None:
+    """Written once the table syncs, the blob is logged by its trigger: the job fails naming it, edited or not, and
+    once its key is text, the record goes up under it."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)",
+        "INSERT INTO t VALUES ('plain', 'a')",
+        key="k",
+    )
+    jobs = [sync.run()]
+    sync.local(f"INSERT INTO t VALUES ({blob}, 'b')")
+    jobs.append(sync.run())
+    sync.local(f"UPDATE t SET v = 'b, edited' WHERE k = {blob}")
+    jobs.append(sync.run())
+    sync.local(f"UPDATE t SET k = 'fixed' WHERE k = {blob}")
+    jobs.append(sync.run())
+
+    failed = ("failed", 0, 1, f"table 't' column 'k' record {blob}: {TEXT_KEY_IS_TEXT}")
+    assert [(job["status"], job["pushed"], job["attempts"], error_of(job)) for job in jobs] == [
+        ("succeeded", 1, 1, ""),
+        failed,
+        failed,
+        ("succeeded", 1, 1, ""),
+    ]
+    records = [("plain", "a"), ("fixed", "b, edited")]
+    assert sync.central(f"SELECT k, v FROM {sync.central_table} ORDER BY k DESC") == records
+
+
 @pytest.mark.parametrize("declared", ["TEXT", "VARCHAR(20)", "CHAR(5)", "BIGINT"])
 def test_integer_and_text_keys_of_any_declared_type_sync_both_ways(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, declared: str
