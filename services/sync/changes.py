@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, Table, text
 from sqlalchemy.exc import OperationalError
 
-from services.sync.stores import STAMP, VERSION, key_text
+from services.sync.stores import STAMP, VERSION, key_text, quote_in_text
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ def has_triggers(connection: Connection, log: ChangeLog, table: str) -> bool:
         return connection.execute(text(query), {"t": table}).first() is not None
     names = ["_kiln_capture", "_kiln_stamp"] if log.stamps else ["_kiln_capture"]
     query = "SELECT count(*) FROM pg_trigger WHERE tgname = ANY(:names) AND tgrelid = CAST(:t AS regclass)"
-    found = connection.execute(text(query), {"t": _quoted(connection, table), "names": names}).scalar_one()
+    regclass = connection.dialect.identifier_preparer.quote(table)
+    found = connection.execute(text(query), {"t": regclass, "names": names}).scalar_one()
     return int(found) == len(names)
 
 
@@ -473,8 +474,8 @@ def log_merges(connection: Connection, log: ChangeLog, *, table: str, keys: Iter
 
 
 def _quoted(connection: Connection, name: str) -> str:
-    """A table or column name as this store's SQL takes it: quoted where it is a reserved word or needs it."""
-    return str(connection.dialect.identifier_preparer.quote(name))
+    """A table or column name, quoted, for the text() statements here (stores.quote_in_text: a colon escaped)."""
+    return quote_in_text(connection, name)
 
 
 def _placeholders(count: int) -> str:

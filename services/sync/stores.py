@@ -6,6 +6,7 @@ record's version and hybrid-logical-clock stamp, `_kiln_version` and `_kiln_hlc`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from operator import itemgetter
 from typing import Any
@@ -181,12 +182,23 @@ def ensure_central_table(
     return reflect(connection, name)
 
 
+def quote_in_text(connection: Connection, name: str) -> str:
+    """A table or column name quoted as this store's SQL takes it, to be written into a statement made with text(),
+    which reads the statement itself: a colon escaped (or `":id"` would be taken for a bound parameter), and a `%`
+    left single, as text() doubles it for a driver that takes `%s` (the dialect's own quote() doubles it already,
+    and twice doubled, `"%s"` named a column `%%s`). A column's name may be any text; quoted always, it is taken as
+    it is."""
+    preparer = connection.dialect.identifier_preparer
+    escaped = name.replace(preparer.escape_quote, preparer.escape_to_quote)
+    return f"{preparer.initial_quote}{escaped}{preparer.final_quote}".replace(":", "\\:")
+
+
 def add_new_columns(
     connection: Connection, local: Table, central: Table, spec: SyncTable, *, local_dialect: str
 ) -> list[str]:
     """Columns added to the local table since its central copy was made, added to the copy too (empty in the records
     there until each is next edited); returns their names."""
-    quote = connection.dialect.identifier_preparer.quote
+    quote = functools.partial(quote_in_text, connection)
     added = []
     for column in local.columns:
         if column.name not in central.c:
@@ -204,7 +216,7 @@ def widen_old_columns(
     place (PostgreSQL rewrites the table for INTEGER to BIGINT); returns their names. SQLite enforces none of these."""
     if connection.dialect.name != "postgresql":
         return []
-    quote = connection.dialect.identifier_preparer.quote
+    quote = functools.partial(quote_in_text, connection)
     widened = []
     for column in local.columns:
         if column.name not in central.c:
@@ -266,8 +278,7 @@ def refuse_unnamed_keys(connection: Connection, table: Table, column: str) -> No
     if connection.dialect.name != "sqlite":
         return
     integer = isinstance(table.c[column].type, Integer)
-    quote = connection.dialect.identifier_preparer.quote
-    name, on = quote(column), quote(table.name)
+    name, on = quote_in_text(connection, column), quote_in_text(connection, table.name)
     for order in ("ASC", "DESC"):
         row = connection.execute(text(f"SELECT typeof({name}), hex({name}) FROM {on} ORDER BY {name} {order} LIMIT 1"))
         found = row.first()
@@ -351,7 +362,8 @@ def _upsert_sqlite(
     connection: Connection, table: Table, column: str, names: list[str], rows: Sequence[Sequence[Any]]
 ) -> None:
     """Straight to the driver's executemany, each value through its column type's bind processor as SQLAlchemy
-    would: SQLAlchemy's own handling of each row's parameters is otherwise most of a pull's local write."""
+    would: SQLAlchemy's own handling of each row's parameters is otherwise most of a pull's local write. (SQLite
+    itself reads the quoted names, so a colon in one is no parameter: not quote_in_text.)"""
     quote = connection.dialect.identifier_preparer.quote
     updates = ", ".join(f"{quote(name)} = excluded.{quote(name)}" for name in names if name != column)
     statement = (

@@ -220,3 +220,55 @@ def run_twice_at_once(context: SyncContext, job_id: str) -> tuple[str, list[str]
     first_run = run_job(context, job_id, after_batch=start_the_twin_after_the_first_batch)
     twin.join(timeout=60)
     return first_run, second_run, twin_waited
+
+
+# Column names text() took for bound parameters (`:id`) or that a driver taking `%s` could (`%s`, `%(x)s`), with
+# quotes, a backslash before a colon, and PostgreSQL's cast.
+ODD_COLUMNS = (":id", "a:b", '"q"', "%s", "%(x)s", "100%", "x::text", "a\\:b")
+
+
+def quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def in_text(name: str) -> str:
+    """A column name quoted for the tests' own SQL that goes through text() too (not the statements that make the
+    table, which sqlite3 runs as they are)."""
+    return quoted(name).replace(":", "\\:")
+
+
+def oddly_named(sync: Sync) -> dict[str, Any]:
+    """Sync a table whose columns are ODD_COLUMNS both ways, with one more added after its first sync; returns the
+    jobs and both stores' records."""
+    first = sync.run()
+    sync.local(f"ALTER TABLE t ADD COLUMN {in_text('b:c')} TEXT")
+    sync.local(f"ALTER TABLE t ADD COLUMN {in_text('50%')} TEXT")
+    sync.local(
+        f"UPDATE t SET {in_text(':id')} = 'local', {in_text('b:c')} = 'added', {in_text('50%')} = 'half' WHERE id = 1"
+    )
+    sync.local(f"INSERT INTO t (id, {in_text('a:b')}, {in_text('100%')}) VALUES (2, 'two', 2.5)")
+    second = sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET {in_text('a:b')} = 'central', {in_text('%s')} = 'p' WHERE id = 2")
+    third = sync.run()
+    fourth = sync.run()
+    names = ", ".join(in_text(name) for name in ("id", *ODD_COLUMNS, "b:c", "50%"))
+    return {
+        "jobs": [
+            (job["status"], job["pushed"], job["pulled"], error_of(job)) for job in (first, second, third, fourth)
+        ],
+        "local": sync.local(f"SELECT {names} FROM t ORDER BY id"),
+        "central": sync.central(f"SELECT {names} FROM {sync.central_table} ORDER BY id"),
+    }
+
+
+ODDLY_NAMED_TABLE = (
+    f"CREATE TABLE t (id INTEGER PRIMARY KEY, {', '.join(f'{quoted(name)} TEXT' for name in ODD_COLUMNS)})",
+    f"INSERT INTO t VALUES (1, {', '.join(repr(f'v{index}') for index in range(len(ODD_COLUMNS)))})",
+)
+ODDLY_NAMED_SYNCED = {
+    "jobs": [("succeeded", 1, 0, ""), ("succeeded", 2, 0, ""), ("succeeded", 0, 1, ""), ("succeeded", 0, 0, "")],
+    "local": [
+        (1, "local", "v1", "v2", "v3", "v4", "v5", "v6", "v7", "added", "half"),
+        (2, None, "central", None, "p", None, "2.5", None, None, None, None),
+    ],
+}

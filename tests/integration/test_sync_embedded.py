@@ -17,18 +17,34 @@ from services.sync.pair import Tally
 from services.sync.rotation import rotate_org_key
 from shared.db.migrate import upgrade
 from shared.settings import Settings
-from tests.integration.sync_support import Sync, many_readings, open_sync, run_twice_at_once
+from tests.integration.sync_support import (
+    ODDLY_NAMED_SYNCED,
+    ODDLY_NAMED_TABLE,
+    Sync,
+    many_readings,
+    oddly_named,
+    open_sync,
+    open_table_sync,
+    run_twice_at_once,
+)
 
 
 @contextmanager
-def embedded(settings: Settings, org_id: str, tmp_path: Path, **options: Any) -> Iterator[Sync]:
+def embedded_stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[TestClient, SyncContext]]:
+    """The api and a sync worker's context on the embedded default: a SQLite file as the central store."""
     central_url = f"sqlite:///{tmp_path / 'kiln.db'}"
     upgrade(central_url)
     embedded = settings.model_copy(update={"database_url": central_url, "sync_batch_size": 500})
     context = SyncContext.open(embedded)
     with TestClient(create_app(embedded), raise_server_exceptions=False) as api:
-        yield open_sync(api, context, org_id, tmp_path, **options)
+        yield api, context
     context.close()
+
+
+@contextmanager
+def embedded(settings: Settings, org_id: str, tmp_path: Path, **options: Any) -> Iterator[Sync]:
+    with embedded_stack(settings, tmp_path) as (api, context):
+        yield open_sync(api, context, org_id, tmp_path, **options)
 
 
 @pytest.fixture
@@ -108,3 +124,16 @@ def test_a_record_inserted_into_a_central_copy_is_versioned_and_comes_down(embed
     assert version == 1 and stamp.endswith(".central")
     assert (job["status"], job["pulled"], job["errors"]) == ("succeeded", 1, [])
     assert sync.local("SELECT id, device, value, patient FROM readings WHERE id = 3") == [(3, "pump-3", 3.0, None)]
+
+
+def test_columns_named_with_colons_percents_and_quotes_sync_both_ways_on_the_embedded_store(
+    settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    """The embedded central copy's triggers name the columns they watch, remade when one is added: as text() built
+    from names, a column named `:id` failed them."""
+    with embedded_stack(settings, tmp_path) as (api, context):
+        sync = open_table_sync(api, context, org_id, tmp_path, *ODDLY_NAMED_TABLE, policy="field-merge")
+
+        synced = oddly_named(sync)
+
+    assert synced == {**ODDLY_NAMED_SYNCED, "central": ODDLY_NAMED_SYNCED["local"]}

@@ -28,12 +28,15 @@ from shared.store_access import StoreRules
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import (
     LOCAL_ONLY,
+    ODDLY_NAMED_SYNCED,
+    ODDLY_NAMED_TABLE,
     Sync,
     allow_connections,
     central_copies,
     error_of,
     make_local_store,
     many_readings,
+    oddly_named,
     open_down_only_vitals,
     open_sync,
     open_table_sync,
@@ -722,6 +725,18 @@ def test_reserved_words_and_names_that_need_quotes_sync_both_ways(
     assert (
         sync.central(f'SELECT "group", "my col", "select", "q""uote" FROM {sync.central_table} ORDER BY 1') == records
     )
+
+
+def test_columns_named_with_colons_percents_and_quotes_sync_both_ways(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """A column named `:id` failed every job after the first with `A value is required for bind parameter 'id'`:
+    the statements reading a batch's records, and adding a new column centrally, were text() built from names."""
+    sync = open_table_sync(sync_api, sync_context, org_id, tmp_path, *ODDLY_NAMED_TABLE, policy="field-merge")
+
+    synced = oddly_named(sync)
+
+    assert synced == {**ODDLY_NAMED_SYNCED, "central": ODDLY_NAMED_SYNCED["local"]}
 
 
 def test_a_local_column_named_like_the_sync_columns_is_refused_naming_it(
