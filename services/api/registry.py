@@ -19,7 +19,7 @@ from shared.db.models import (
 from shared.deployments import serving_deployment
 from shared.errors import Conflict, NotFound
 from shared.outbox import KIND_DEPLOY_EVENT, add_message
-from shared.verdicts import ERASED, VALIDATED, rejected_gates
+from shared.verdicts import ERASED, VALIDATED, locked_version, rejected_gates
 
 DEPLOYABLE = VALIDATED
 
@@ -33,7 +33,7 @@ def deployable_version(session: Session, *, org_id: str, version: str) -> ModelV
     the version deployed is then one judged again since, which keeps serving as any deployed version does."""
     get_owned(session, ModelVersion, version, org_id=org_id, field="version")
     lock_org(session, org_id)
-    row = _lock_version(session, version)
+    row = locked_version(session, version)
     refuse_erased(row, "deployed or rolled back to", field="version")
     if row.status != DEPLOYABLE:
         failed = failed_gates(row)
@@ -258,20 +258,6 @@ def _failed(session: Session, deployment_id: int) -> bool:
     return session.get_one(Deployment, deployment_id).status == DEPLOYMENT_FAILED
 
 
-def _lock_version(session: Session, version: str) -> ModelVersion:
-    """The version's row, read again after taking its write lock, as a judgement of it does (lookups.lock_org says
-    why a no-op UPDATE): a judgement's verdict waits for this transaction to commit, and one committed already is
-    read.
-    Always taken after the org's lock, in every deploy and rollback, so two of them never wait on each other."""
-    session.execute(
-        update(ModelVersion)
-        .where(ModelVersion.version == version)
-        .values(status=ModelVersion.status)
-        .execution_options(synchronize_session=False)
-    )
-    return session.get_one(ModelVersion, version, populate_existing=True)
-
-
 def rollback_target(session: Session, *, org_id: str, requested: str | None) -> str:
     """Where a rollback goes: the version named, or `rollback_default`'s. Chosen under the org's lock, and the
     target's, held until the rollback commits, so that a judgement rejecting the target lands before (then the
@@ -285,7 +271,7 @@ def rollback_target(session: Session, *, org_id: str, requested: str | None) -> 
             raise Conflict(f"version {requested} is already deployed", field="version")
         return deployable_version(session, org_id=org_id, version=requested).version
     while (target := rollback_default(session, current)) is not None:
-        if _lock_version(session, target).status == DEPLOYABLE:
+        if locked_version(session, target).status == DEPLOYABLE:
             return target
         # Rejected after the query read it validated and before the lock: rejected for good, so it is not found
         # again, and the next query picks the next target.

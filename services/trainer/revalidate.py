@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.trainer import artifacts
@@ -26,7 +26,7 @@ from shared.db.types import utcnow
 from shared.errors import ArtifactIntegrityError, NotFound
 from shared.layout import HOLDOUT_FILE
 from shared.schemas import OrgConfig
-from shared.verdicts import ERASED, REJECTED, VALIDATED, rejected_gates
+from shared.verdicts import ERASED, REJECTED, VALIDATED, locked_version, rejected_gates
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | N
             )
         raise
     with session_scope(context.sessions) as session:
-        row = _locked(session, version)
+        row = locked_version(session, version)
         before = row.status
         if before == ERASED:  # erased while it was judged: the report of files now gone is not kept
             _record_erased(session, org_id, version, actor)
@@ -131,19 +131,6 @@ def judged(
         "never be deployed, whatever a later judgement (this report's `passed`) says",
     }
     return REJECTED, report
-
-
-def _locked(session: Session, version: str) -> ModelVersion:
-    """The version's row, read after taking its write lock: two judgements of one version at once are applied one
-    after the other, so neither can bring back a version the other rejected. (A no-op UPDATE: SQLite ignores
-    SELECT ... FOR UPDATE, and pysqlite begins the transaction only at the first write.)"""
-    session.execute(
-        update(ModelVersion)
-        .where(ModelVersion.version == version)
-        .values(status=ModelVersion.status)
-        .execution_options(synchronize_session=False)
-    )
-    return session.get_one(ModelVersion, version, populate_existing=True)
 
 
 def _judge_stored(
