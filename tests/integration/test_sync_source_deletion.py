@@ -546,6 +546,24 @@ def test_a_postgresql_table_registered_again_under_another_key_logs_later_edits_
     assert run_sql(local_url, "SELECT count(*) FROM pg_trigger WHERE tgname = '_kiln_capture'") == [(1,)]
 
 
+def renames_its_key_and_syncs_again(sync: Sync) -> None:
+    """Synced, the source deleted, the key column renamed, the table registered again under the new name: the
+    store's own writes work, and its later insert and edit reach the new central copy."""
+    sync.run()
+    deleted(sync)
+    sync.local("ALTER TABLE t RENAME COLUMN id TO record_id")
+
+    again = register_again(sync, name="t", primaryKey="record_id", sensitiveColumns=[])
+    first = again.run()
+    again.local("INSERT INTO t VALUES (2, 'two')")
+    again.local("UPDATE t SET v = 'one, edited' WHERE record_id = 1")
+    second = again.run()
+
+    assert [(job["status"], job["pushed"]) for job in (first, second)] == [("succeeded", 1), ("succeeded", 2)]
+    records = [(1, "one, edited"), (2, "two")]
+    assert again.central(f"SELECT record_id, v FROM {again.central_table} ORDER BY 1") == records
+
+
 def test_a_postgresql_table_whose_key_column_was_renamed_takes_writes_again_once_registered_again(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
 ) -> None:
@@ -561,19 +579,7 @@ def test_a_postgresql_table_whose_key_column_was_renamed_takes_writes_again_once
         "INSERT INTO t VALUES (1, 'one')",
         **T_BY_ID,
     )
-    sync.run()
-    deleted(sync)
-    sync.local("ALTER TABLE t RENAME COLUMN id TO record_id")
-
-    again = register_again(sync, name="t", primaryKey="record_id", sensitiveColumns=[])
-    first = again.run()
-    again.local("INSERT INTO t VALUES (2, 'two')")
-    again.local("UPDATE t SET v = 'one, edited' WHERE record_id = 1")
-    second = again.run()
-
-    assert [(job["status"], job["pushed"]) for job in (first, second)] == [("succeeded", 1), ("succeeded", 2)]
-    records = [(1, "one, edited"), (2, "two")]
-    assert again.central(f"SELECT record_id, v FROM {again.central_table} ORDER BY 1") == records
+    renames_its_key_and_syncs_again(sync)
 
 
 def test_a_sqlite_table_registered_again_under_another_key_syncs_its_later_edits(
@@ -629,19 +635,7 @@ def test_a_sqlite_table_whose_key_column_was_renamed_syncs_once_registered_again
         "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)",
         "INSERT INTO t VALUES (1, 'one')",
     )
-    sync.run()
-    deleted(sync)
-    sync.local("ALTER TABLE t RENAME COLUMN id TO record_id")
-
-    again = register_again(sync, name="t", primaryKey="record_id", sensitiveColumns=[])
-    first = again.run()
-    again.local("INSERT INTO t VALUES (2, 'two')")
-    again.local("UPDATE t SET v = 'one, edited' WHERE record_id = 1")
-    second = again.run()
-
-    assert [(job["status"], job["pushed"]) for job in (first, second)] == [("succeeded", 1), ("succeeded", 2)]
-    records = [(1, "one, edited"), (2, "two")]
-    assert again.central(f"SELECT record_id, v FROM {again.central_table} ORDER BY 1") == records
+    renames_its_key_and_syncs_again(sync)
 
 
 @pytest.mark.parametrize("store", ["postgresql", "sqlite"])
