@@ -3,7 +3,7 @@
     .venv/bin/python bench/train.py [--rows 100000 1000000] [--repeats 3]
 
 Both sides run in the same invocation, alternating, on the same AI4I-rule rows and the same hyperparameters
-(100 trees, 31 leaves), with the same OpenMP wait policy (PASSIVE, Kiln's default).
+(100 trees, 31 leaves), with the same OpenMP spin count (1000, Kiln's: services/trainer/sandbox.py).
 
 - platform: the real stack as processes (`kiln up` on the embedded default: SQLite, a folder object store, a
   private Redis, one Celery worker), timed from the POST that submits the run until GET shows the version
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import os
 
+from services.trainer.sandbox import OPENMP_SPINCOUNT
+
 # Before LightGBM loads, as the worker and the sandbox have it (services/trainer/celery_app.py, sandbox.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPINCOUNT)
 
 import argparse
 import statistics

@@ -11,13 +11,14 @@ from celery.signals import task_revoked, worker_init, worker_process_init
 from services.trainer.context import worker_context
 from services.trainer.protection import refuse_inspection
 from services.trainer.reaper import RunReaper, cancel_revoked
+from services.trainer.sandbox import OPENMP_SPINCOUNT
 from shared.org_queues import TrainQueues
 from shared.queues import TRAIN_TASK, celery_config
 from shared.settings import build_settings
 
-# LightGBM's OpenMP threads spin while they wait by default; beside any other busy process that made fits 20-60x
-# slower on a 2-core machine. libgomp reads this when LightGBM loads, which is after this module.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# For the worker's own LightGBM work (parity), as for scripts (sandbox.py says why). libgomp reads it when LightGBM
+# loads, which is after this module.
+os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPINCOUNT)
 
 app = Celery("kiln-trainer", include=["services.trainer.tasks"])
 app.steps["consumer"].add(TrainQueues)

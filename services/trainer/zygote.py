@@ -12,7 +12,7 @@ Three rules keep this safe:
 - The zygote only imports. Running OpenMP code here (any LightGBM training) would start libgomp's thread pool,
   which a forked child inherits as if alive but without its threads, and LightGBM then hangs in the child.
 - It holds no secrets: the Sandbox starts it with a small explicit environment, and it never reads Kiln's settings.
-- Libraries read their environment when loaded, which is here: OMP_WAIT_POLICY and PYTHONHASHSEED take effect
+- Libraries read their environment when loaded, which is here: GOMP_SPINCOUNT and PYTHONHASHSEED take effect
   from the zygote's environment, for every script, not from a run's.
 
 Where a script sees a difference from `python SCRIPT`: its process ends when the script does, without running

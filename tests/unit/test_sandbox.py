@@ -149,7 +149,7 @@ def test_a_script_sees_only_the_variables_it_is_given(sandbox: Sandbox, tmp_path
         "HOME": private_tmp,
         "TMPDIR": private_tmp,
         "LANG": "C.UTF-8",
-        "OMP_WAIT_POLICY": "PASSIVE",
+        "GOMP_SPINCOUNT": "1000",
         "PYTHONHASHSEED": "0",
     }
     assert seen["tmp"] == private_tmp
