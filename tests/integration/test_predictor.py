@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from services.api import registry
 from services.predictor.app import create_app
 from shared.db.session import make_session_factory, session_scope
+from shared.db.types import utcnow
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
@@ -43,9 +44,13 @@ def predictor(fast: Settings) -> Iterator[TestClient]:
 
 
 def deploy_quietly(engine: Engine, org_id: str, version: str) -> None:
-    """Write a deployment the way the api does, but send no event: as if pub/sub lost it."""
+    """Write a deployment the way the api does, its event sent as far as the outbox knows but heard by no one: as if
+    pub/sub lost it. (Left pending, the event would be sent later by any api's outbox sweep: into the deploy channel
+    of whichever test runs one next.)"""
     with session_scope(make_session_factory(engine)) as session:
-        registry.record_deployment(session, org_id=org_id, version=version, action="deploy", actor="test")
+        _, event = registry.record_deployment(session, org_id=org_id, version=version, action="deploy", actor="test")
+        if event is not None:
+            event.published_at = utcnow()
 
 
 def eventually(check: Callable[[], Any], seconds: float = 10) -> Any:
