@@ -48,7 +48,7 @@ def test_the_api_sweep_publishes_an_event_a_crashed_process_left_behind(settings
     listener = ChannelListener(settings.redis_url, settings.deploy_channel)
     fast = settings.model_copy(update={"outbox_interval_s": 0.2})
     with TestClient(create_app(fast)):
-        received = listener.next_event(seconds=10)
+        received = listener.next_event_of(org_id, seconds=10)
     # Leaving the block stops the api, which waits for the sweep that sent the event to mark it.
     assert received == DeployEvent(org_id=org_id, version="v-left", deployment_id=7)
     with sessions() as session:

@@ -25,6 +25,16 @@ class ChannelListener:
                 return DeployEvent.decode(message["data"])
         return None
 
+    def next_event_of(self, org_id: str, seconds: float) -> DeployEvent | None:
+        """The next event about `org_id`, passing over other orgs': the tests share one database, and an api's
+        outbox sweep sends whatever any of them left pending into the channel of the test that runs it."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            event = self.next_event(seconds=left)
+            if event is not None and event.org_id == org_id:
+                return event
+        return None
+
     def close(self) -> None:
         self._pubsub.close()
         self._client.close()
