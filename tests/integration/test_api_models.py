@@ -452,11 +452,11 @@ class _Sent:
         return None
 
 
-def test_an_org_keeping_its_data_on_its_premises_has_its_held_out_rows_erased_there_by_its_own_worker(
-    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext, settings: Settings
-) -> None:
-    """The api cannot reach the premises folder (it is on the org's own worker): it erases the central artifacts
-    and queues the rest on the org's queue, which only the org's own workers consume."""
+def premises_version(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> tuple[str, LocalObjectStore]:
+    """The org, made one that keeps its data on its premises, and a version of it: its model and metrics in the
+    central store, its held-out rows in the org's worker's own folder for the org's data (returned)."""
     assert (
         api.patch(f"/v1/orgs/{org.org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN).status_code
         == 200
@@ -464,8 +464,19 @@ def test_an_org_keeping_its_data_on_its_premises_has_its_held_out_rows_erased_th
     version = register_model(engine, store, org.org_id, tiny_model())
     prefix = model_prefix(org.org_id, version)
     store.put_bytes(prefix + METRICS_FILE, b"{}")
-    premises = LocalObjectStore(settings.data_dir / "premises")  # the worker's own folder for the org's data
+    premises = LocalObjectStore(settings.data_dir / "premises")
     premises.put_bytes(prefix + HOLDOUT_FILE, b"PAR1 the hospital's own records")
+    return version, premises
+
+
+def test_an_org_keeping_its_data_on_its_premises_has_its_held_out_rows_erased_there_by_its_own_worker(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext, settings: Settings
+) -> None:
+    """The api cannot reach the premises folder (it is on the org's own worker): it erases the central artifacts
+    and queues the rest on the org's queue, which only the org's own workers consume. (The same through a real
+    worker process: test_premises_worker.py.)"""
+    version, premises = premises_version(api, org, engine, store, settings)
+    prefix = model_prefix(org.org_id, version)
 
     erased = erase(api, org, version)
 
