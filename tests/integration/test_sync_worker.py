@@ -3,9 +3,6 @@ the sync task run here, eagerly (its retries at once, not over half an hour), en
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,37 +16,13 @@ from services.sync.context import SyncContext
 from shared.settings import Settings
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import Sync, error_of, open_sync
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.workers import celery_worker
 
 
 @pytest.fixture
 def sync_worker(central_settings: Settings, tmp_path: Path) -> Iterator[None]:
-    env = {**os.environ, **central_settings.as_env(), "KILN_DATA_DIR": str(tmp_path / "kiln")}
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "services.sync.celery_app",
-        "worker",
-        "--concurrency",
-        "1",
-        "--pool",
-        "solo",
-        "--loglevel",
-        "INFO",
-        "--hostname",
-        f"sync-test-{os.getpid()}@%h",
-    ]
-    log = (tmp_path / "worker.log").open("wb")
-    worker = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with celery_worker("services.sync.celery_app", central_settings, tmp_path / "worker.log"):
         yield
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-        log.close()
 
 
 def finished(sync: Sync, job_id: str, worker_log: Path) -> dict[str, Any]:
