@@ -91,6 +91,11 @@ class TransientError(KilnError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+class SecretUnreadable(KilnError):
+    """A stored secret (a password, a wrapped sync key, a backup) does not open: sealed under a platform key that is
+    no longer configured, altered, or copied from where it belongs. The message says which, never the secret."""
+
+
 class ConfigurationError(KilnError):
     """The process's KILN_* settings are not usable; the message names each variable, never its value."""
 

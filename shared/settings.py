@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from shared.crypto import platform_key
 from shared.errors import ConfigurationError
 from shared.schemas import problems
 
@@ -41,6 +42,11 @@ class Settings(BaseSettings):
     admin_token: SecretStr = Field(SecretStr(""), description="Manages orgs; generated in dev when unset.")
     secret_key: SecretStr = Field(
         SecretStr(""), description="Base64 of 32 bytes that encrypt stored secrets; generated in dev when unset."
+    )
+    secret_key_retired: SecretStr = Field(
+        SecretStr(""),
+        description="Comma-separated keys KILN_SECRET_KEY replaced (base64 of 32 bytes each): what is stored under "
+        "them still opens, until `kiln secrets rewrap` has moved it under KILN_SECRET_KEY.",
     )
     deploy_channel: str = Field("kiln:deployments", description="Redis pub/sub channel of deploy events.")
     max_upload_mb: int = Field(512, gt=0, description="Largest dataset upload accepted by the api.")
@@ -114,6 +120,24 @@ class Settings(BaseSettings):
                     raise ValueError(f"{entry!r} is not a network such as 10.20.0.0/16") from None
         return value
 
+    @field_validator("secret_key")
+    @classmethod
+    def _a_platform_key(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value():  # empty: generated in dev, refused in prod
+            platform_key(value.get_secret_value())
+        return value
+
+    @field_validator("secret_key_retired")
+    @classmethod
+    def _platform_keys(cls, value: SecretStr) -> SecretStr:
+        for number, key in enumerate(_comma_separated(value.get_secret_value()), start=1):
+            platform_key(key, variable=f"key {number}")
+        return value
+
+    @property
+    def retired_secret_keys(self) -> tuple[str, ...]:
+        return _comma_separated(self.secret_key_retired.get_secret_value())
+
     @property
     def store_network_entries(self) -> tuple[str, ...]:
         return network_entries(self.store_networks)
@@ -149,6 +173,12 @@ class Settings(BaseSettings):
                 raise ValueError("KILN_SECRET_KEY must be set when KILN_ENV=prod")
             if not self.flower_password.get_secret_value():
                 raise ValueError("KILN_FLOWER_PASSWORD must be set when KILN_ENV=prod")
+        return self
+
+    @model_validator(mode="after")
+    def _current_key_is_not_retired(self) -> Settings:
+        if self.secret_key.get_secret_value() in self.retired_secret_keys:
+            raise ValueError("KILN_SECRET_KEY_RETIRED holds KILN_SECRET_KEY itself: list only the keys it replaced")
         return self
 
     def with_absolute_paths(self) -> Settings:
@@ -213,6 +243,10 @@ def build_settings(**overrides: object) -> Settings:
         if not getattr(settings, name).get_secret_value()
     }
     return settings.model_copy(update=generated) if generated else settings
+
+
+def _comma_separated(setting: str) -> tuple[str, ...]:
+    return tuple(entry.strip() for entry in setting.split(",") if entry.strip())
 
 
 def network_entries(setting: str) -> tuple[str, ...]:

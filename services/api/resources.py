@@ -59,7 +59,7 @@ class Resources:
             redis=redis.Redis.from_url(settings.redis_url),
             celery=celery,
             store=open_object_store(settings),
-            secrets=SecretBox(settings.secret_key.get_secret_value()),
+            secrets=SecretBox.from_settings(settings),
         )
 
     def close(self) -> None:

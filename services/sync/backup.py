@@ -10,6 +10,10 @@ store of any size passes through bounded memory. A restore goes ahead only when 
 matches, and only into a new SQLite file or an empty PostgreSQL database (pg_restore in one transaction), so it
 never overwrites a store and never leaves a half-restored one.
 
+The manifest names the platform key the backup is sealed under (`sealed_under`, a key id; absent from manifests
+written before keys had ids). Once KILN_SECRET_KEY is rotated, `kiln secrets rewrap` re-seals each backup under the
+new key (rewrap_backup): the old sealed object is replaced only by a copy verified to open under the new key alone.
+
 A backup is of a store the org's sync may open (shared/store_access.py): a SQLite file in the org's folder, or a
 PostgreSQL server, and never Kiln's own database, which holds every org's data. A restore restores only a backup
 whose manifest names the org asked for: the manifest says which sealed object to open, and under which org's key.
@@ -35,10 +39,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from shared.crypto import SecretBox
+from shared.crypto import STREAM_MAGIC, SecretBox, is_sealed_stream
 from shared.db.session import driver_message, with_shipped_driver
 from shared.db.types import utcnow
-from shared.errors import ArtifactIntegrityError, Forbidden, InvalidInput, NotFound
+from shared.errors import ArtifactIntegrityError, Forbidden, InvalidInput, NotFound, SecretUnreadable
 from shared.schemas import problems
 from shared.storage import ObjectStore, sha256_file
 from shared.store_access import StoreRules
@@ -72,6 +76,8 @@ class BackupManifest(BaseModel):
     sha256: str
     size_bytes: int
     created_at: str
+    # The platform key's id (shared/crypto.py, key_id); None: sealed before keys had ids.
+    sealed_under: str | None = None
 
     @field_validator("created_at")
     @classmethod
@@ -114,6 +120,7 @@ def backup_store(store: ObjectStore, box: SecretBox, *, rules: StoreRules, sourc
             source=shown,
             kind=kind,
             sealing=STREAM,
+            sealed_under=box.current_id,
             sha256=sha256_file(snapshot),
             size_bytes=snapshot.stat().st_size,
             created_at=utcnow().isoformat(),
@@ -153,9 +160,7 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
     with tempfile.TemporaryDirectory(prefix="kiln-restore-") as folder:
         sealed, snapshot = Path(folder) / "sealed", Path(folder) / "snapshot"
         store.get_file(sealed_key(manifest), sealed)
-        _open_snapshot(box, manifest, sealed, snapshot)
-        if sha256_file(snapshot) != manifest.sha256:
-            raise ArtifactIntegrityError(f"backup {backup_id} does not match its checksum; nothing was restored")
+        _open_verified(box, manifest, sealed, snapshot, outcome="nothing was restored")
         if isinstance(location, URL):
             _restore_postgresql(snapshot, location)
         else:
@@ -185,19 +190,57 @@ def _exists(target: Path) -> InvalidInput:
     return InvalidInput(f"{target} exists; restore into a new path", field="target")
 
 
-def _open_snapshot(box: SecretBox, manifest: BackupManifest, sealed: Path, snapshot: Path) -> None:
+def rewrap_backup(store: ObjectStore, box: SecretBox, manifest: BackupManifest) -> BackupManifest:
+    """Re-seal a backup under the current platform key, and return its new manifest. The new sealed object is
+    uploaded beside the old one and verified there (it opens under the current key alone, to the snapshot's
+    checksum) before it replaces the old one; then the manifest is rewritten. Stopped at any point, the backup still
+    restores: the sealed object is replaced whole (one PUT, or a rename in a folder store), and a restore tells a
+    sealed stream from bytes sealed whole by the object itself, not by the manifest. TMPDIR needs room for the
+    store four times."""
+    key, context = sealed_key(manifest), _context(manifest.org_id, manifest.backup_id)
+    staged = f"{key}.rewrapping"
+    outcome = "the backup was left as it was"
+    with tempfile.TemporaryDirectory(prefix="kiln-rewrap-") as folder:
+        old, snapshot, new, copy = (Path(folder) / name for name in ("old", "snapshot", "new", "copy"))
+        store.get_file(key, old)
+        _open_verified(box, manifest, old, snapshot, outcome=outcome)
+        with snapshot.open("rb") as plain, new.open("wb") as out:
+            box.seal_stream(plain, out, context=context)
+        store.put_file(staged, new)
+        try:
+            store.get_file(staged, copy)
+            _open_verified(box.without_retired(), manifest, copy, Path(folder) / "reopened", outcome=outcome)
+            store.put_file(key, new)
+        finally:
+            store.delete(staged)
+    rewrapped = manifest.model_copy(update={"sealing": STREAM, "sealed_under": box.current_id})
+    store.put_bytes(_manifest_key(manifest.org_id, manifest.backup_id), orjson.dumps(rewrapped.model_dump()))
+    return rewrapped
+
+
+def _open_verified(box: SecretBox, manifest: BackupManifest, sealed: Path, snapshot: Path, *, outcome: str) -> None:
+    """Open a sealed backup into `snapshot` and check it against the manifest's sha256; ArtifactIntegrityError,
+    ending with `outcome`, when it does not open or does not match."""
+    _open_snapshot(box, manifest, sealed, snapshot, outcome=outcome)
+    if sha256_file(snapshot) != manifest.sha256:
+        raise ArtifactIntegrityError(f"backup {manifest.backup_id} does not match its checksum; {outcome}")
+
+
+def _open_snapshot(box: SecretBox, manifest: BackupManifest, sealed: Path, snapshot: Path, *, outcome: str) -> None:
     context = _context(manifest.org_id, manifest.backup_id)
     snapshot.touch(mode=0o600)  # the plain store, never readable by others, here or once moved into place
     try:
-        if manifest.sealing == WHOLE:
+        # Told by the object, not the manifest: a rewrap stopped between replacing the object and rewriting the
+        # manifest leaves a stream behind a manifest that says "whole". (Bytes sealed whole start with a random nonce.)
+        with sealed.open("rb") as source:
+            stream = is_sealed_stream(source.read(len(STREAM_MAGIC)))
+        if not stream:
             snapshot.write_bytes(box.unseal(sealed.read_bytes(), context=context))
             return
         with sealed.open("rb") as source, snapshot.open("wb") as out:
             box.unseal_stream(source, out, context=context)
-    except ValueError as error:
-        raise ArtifactIntegrityError(
-            f"backup {manifest.backup_id} does not open: {error}; nothing was restored"
-        ) from None
+    except SecretUnreadable as error:
+        raise ArtifactIntegrityError(f"backup {manifest.backup_id} does not open: {error.message}; {outcome}") from None
 
 
 def list_backups(store: ObjectStore, org_id: str) -> Backups:

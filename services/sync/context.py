@@ -8,13 +8,14 @@ from functools import cache
 from sqlalchemy import Engine
 
 from shared.crypto import SecretBox
-from shared.db.models import Organization
+from shared.db.models import Organization, SyncSource
 from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
 from shared.errors import NotFound
 from shared.schemas import OrgConfig
 from shared.settings import Settings, build_settings
 from shared.storage import ObjectStore, open_object_store, org_data_store
 from shared.store_access import StoreRules
+from shared.stored_secrets import sync_source_context
 
 
 @dataclass
@@ -32,7 +33,7 @@ class SyncContext:
             settings=settings,
             engine=engine,
             sessions=make_session_factory(engine),
-            secrets=SecretBox(settings.secret_key.get_secret_value()),
+            secrets=SecretBox.from_settings(settings),
             store=open_object_store(settings),
         )
 
@@ -46,6 +47,12 @@ class SyncContext:
                 raise NotFound(f"organization {org_id!r} not found", field="org")
             org_config = OrgConfig.model_validate(org.config)
         return org_data_store(self.settings, org_config, central=self.store)
+
+    def source_password(self, source: SyncSource) -> str | None:
+        """The source's password, opened; SecretUnreadable, saying why, when it does not open."""
+        if source.password_encrypted is None:
+            return None
+        return self.secrets.decrypt(source.password_encrypted, context=sync_source_context(source.id))
 
     def store_rules(self, org_id: str) -> StoreRules:
         """Which local stores the org's sync may open on this worker."""

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from shared.crypto import NONCE_BYTES, SecretBox
 from shared.db.models import SyncKey
 from shared.db.types import utcnow
+from shared.stored_secrets import sync_key_context
 from shared.sync_keys import ACTIVE, DESTROYED, DRAINED, RETIRED
 
 # What _new_key makes: "ek" and 12 hex digits.
@@ -192,7 +193,7 @@ def _new_key(session: Session, box: SecretBox, org_id: str) -> SyncKey:
     key_id = "ek" + secrets.token_hex(6)
     material = base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()
     row = SyncKey(
-        id=key_id, org_id=org_id, status=ACTIVE, wrapped=box.encrypt(material, context=_context(org_id, key_id))
+        id=key_id, org_id=org_id, status=ACTIVE, wrapped=box.encrypt(material, context=sync_key_context(org_id, key_id))
     )
     session.add(row)
     session.flush()
@@ -201,11 +202,7 @@ def _new_key(session: Session, box: SecretBox, org_id: str) -> SyncKey:
 
 def _unwrap(box: SecretBox, row: SyncKey) -> bytes:
     assert row.wrapped is not None
-    return base64.b64decode(box.decrypt(row.wrapped, context=_context(row.org_id, row.id)))
-
-
-def _context(org_id: str, key_id: str) -> str:
-    return f"sync-key:{org_id}:{key_id}"
+    return base64.b64decode(box.decrypt(row.wrapped, context=sync_key_context(row.org_id, row.id)))
 
 
 def _not_openable(column: str, key_id: str) -> str:

@@ -95,12 +95,9 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None, *, l
     if started is None:
         return _status(context, job_id)
     source, attempt = started
-    password = None
-    if source.password_encrypted is not None:
-        password = context.secrets.decrypt(source.password_encrypted, context=f"sync-source:{source.id}")
     try:
-        local = open_local(source.url, password, context.store_rules(source.org_id))
-    except KilnError as error:
+        local = open_local(source.url, context.source_password(source), context.store_rules(source.org_id))
+    except KilnError as error:  # the store refused by the rules, or its password sealed under a key not configured
         return _finish(context, job_id, FAILED, str(error))
     try:
         _sync_tables(context, local, source, job_id, after_batch)

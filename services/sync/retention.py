@@ -168,10 +168,7 @@ def _purge_local(
     context: SyncContext, source: SyncSource, spec: SyncTable, keys: list[str], *, after: int, cutoff: datetime
 ) -> list[str]:
     """Delete locally the records expired centrally and not edited locally since; returns the keys deleted."""
-    password = None
-    if source.password_encrypted is not None:
-        password = context.secrets.decrypt(source.password_encrypted, context=f"sync-source:{source.id}")
-    local = open_local(source.url, password, context.store_rules(source.org_id))
+    local = open_local(source.url, context.source_password(source), context.store_rules(source.org_id))
     try:
         with local.begin() as connection:
             shut_out_writers(connection, LOCAL_LOG)  # no local edit lands between the look and the delete

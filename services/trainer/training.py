@@ -37,6 +37,7 @@ from shared.layout import MODEL_FILE, model_prefix
 from shared.outbox import relay
 from shared.retries import gave_up
 from shared.store_access import StoreRules
+from shared.stored_secrets import datasource_context
 from shared.versions import new_version
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,8 @@ class _Steps:
     def _password(self, source: DatabaseSource) -> str | None:
         if source.password_encrypted is None:
             return None
-        box = SecretBox(self.context.settings.secret_key.get_secret_value())
-        return box.decrypt(source.password_encrypted, context=f"datasource:{self.attempt.org_id}")
+        box = SecretBox.from_settings(self.context.settings)
+        return box.decrypt(source.password_encrypted, context=datasource_context(self.attempt.org_id))
 
     def run_script(self, workdir: Path, train: TrainingData) -> Path:
         self.enter("training", 20)

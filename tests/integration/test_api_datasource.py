@@ -8,6 +8,7 @@ from sqlalchemy import create_engine, select
 
 from shared.crypto import SecretBox
 from shared.db.models import DataSource
+from shared.errors import SecretUnreadable
 from shared.settings import Settings
 from tests.integration.conftest import OrgKeys
 
@@ -93,5 +94,5 @@ def test_the_secret_is_bound_to_its_org(settings: Settings) -> None:
     box = SecretBox(settings.secret_key.get_secret_value())
     sealed = box.encrypt("pw", context="datasource:acme")
     assert box.decrypt(sealed, context="datasource:acme") == "pw"
-    with pytest.raises(ValueError, match="does not decrypt"):
+    with pytest.raises(SecretUnreadable, match="does not decrypt"):
         box.decrypt(sealed, context="datasource:other")

@@ -11,11 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.crypto import STREAM_MAGIC, TAG_BYTES, SecretBox
+from shared.crypto import KEY_ID_BYTES, STREAM_MAGIC, TAG_BYTES, SecretBox
+from shared.errors import SecretUnreadable
 
 BOX = SecretBox(base64.b64encode(secrets.token_bytes(32)).decode())
 CHUNK = 64
-HEADER = len(STREAM_MAGIC) + 16 + 7 + 4
+HEADER = len(STREAM_MAGIC) + KEY_ID_BYTES + 16 + 7 + 4
+SALT_AT = len(STREAM_MAGIC) + KEY_ID_BYTES
 
 
 def sealed(data: bytes, *, box: SecretBox = BOX, context: str = "backup:acme:b1") -> bytes:
@@ -54,7 +56,7 @@ def test_a_flipped_byte_in_a_middle_chunk_is_refused() -> None:
     stream = bytearray(sealed(bytes(range(256)) * 2))
     stream[HEADER + CHUNK + TAG_BYTES + 5] ^= 1
 
-    with pytest.raises(ValueError, match="chunk 1 does not open"):
+    with pytest.raises(SecretUnreadable, match="chunk 1 does not open"):
         opened(bytes(stream))
 
 
@@ -62,9 +64,9 @@ def test_a_stream_cut_at_a_chunk_boundary_is_refused() -> None:
     stream = sealed(b"z" * (4 * CHUNK))
     cut = stream[: HEADER + 2 * (CHUNK + TAG_BYTES)]  # two whole chunks, neither sealed as the last
 
-    with pytest.raises(ValueError, match="chunk 1 does not open"):
+    with pytest.raises(SecretUnreadable, match="chunk 1 does not open"):
         opened(cut)
-    with pytest.raises(ValueError, match="chunk 0 does not open"):
+    with pytest.raises(SecretUnreadable, match="chunk 0 does not open"):
         opened(stream[:HEADER])
 
 
@@ -72,9 +74,9 @@ def test_reordered_or_dropped_chunks_are_refused() -> None:
     stream = sealed(bytes(range(200)))
     header, chunks = stream[:HEADER], chunks_of(stream)
 
-    with pytest.raises(ValueError, match="chunk 0 does not open"):
+    with pytest.raises(SecretUnreadable, match="chunk 0 does not open"):
         opened(header + chunks[1] + chunks[0] + b"".join(chunks[2:]))
-    with pytest.raises(ValueError, match="chunk 1 does not open"):
+    with pytest.raises(SecretUnreadable, match="chunk 1 does not open"):
         opened(header + chunks[0] + b"".join(chunks[2:]))
 
 
@@ -82,20 +84,20 @@ def test_another_key_or_another_context_does_not_open_it() -> None:
     other = SecretBox(base64.b64encode(secrets.token_bytes(32)).decode())
     stream = sealed(b"readings")
 
-    with pytest.raises(ValueError, match="does not open"):
+    with pytest.raises(SecretUnreadable, match=f"sealed under platform key {BOX.current_id}, which is not configured"):
         opened(stream, box=other)
-    with pytest.raises(ValueError, match="does not open"):
+    with pytest.raises(SecretUnreadable, match="does not open"):
         opened(stream, context="backup:globex:b1")
 
 
 def test_an_altered_header_is_refused() -> None:
     stream = sealed(b"readings" * 20)
-    salt_changed = stream[: len(STREAM_MAGIC)] + bytes(16) + stream[len(STREAM_MAGIC) + 16 :]
+    salt_changed = stream[:SALT_AT] + bytes(16) + stream[SALT_AT + 16 :]
     huge_chunks = stream[: HEADER - 4] + (2**31).to_bytes(4, "big") + stream[HEADER:]
 
-    with pytest.raises(ValueError, match="chunk 0 does not open"):
+    with pytest.raises(SecretUnreadable, match="chunk 0 does not open"):
         opened(salt_changed)
-    with pytest.raises(ValueError, match="is not one seal_stream writes"):
+    with pytest.raises(SecretUnreadable, match="is not one seal_stream writes"):
         opened(huge_chunks)
-    with pytest.raises(ValueError, match="is not a sealed stream"):
+    with pytest.raises(SecretUnreadable, match="is not a sealed stream"):
         opened(b"SQLite format 3\x00")

@@ -15,6 +15,7 @@ from shared.db.models import DataSource
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, NotFound
 from shared.store_access import refuse_unsafe_parameters
+from shared.stored_secrets import datasource_context
 
 router = APIRouter(prefix="/v1/orgs/{org}/datasource", tags=["datasource"])
 
@@ -25,7 +26,7 @@ MASK = "***"
 @router.put("", response_model=DataSourceOut)
 def put_datasource(body: DataSourceIn, access: OrgAdmin, session: SessionDep, resources: ResourcesDep) -> DataSourceOut:
     url = checked_url(body.url)
-    context = f"datasource:{access.org_id}"
+    context = datasource_context(access.org_id)
     password = None if url.password is None else resources.secrets.encrypt(str(url.password), context=context)
     row = session.get(DataSource, access.org_id) or DataSource(org_id=access.org_id)
     # URL.set(password=None) keeps the password; the NamedTuple's _replace is what removes it.

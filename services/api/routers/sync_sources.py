@@ -34,6 +34,7 @@ from shared.queues import sync_queue
 from shared.schedules import ScheduleError, check_schedule, next_fire_times
 from shared.schemas import OrgConfig
 from shared.store_access import store_identity
+from shared.stored_secrets import sync_source_context
 from shared.sync_jobs import deletion_refusal, queue_sync_job, residency_refusal, source_tables
 from shared.sync_tables import SyncSourceSpec, central_table_name
 
@@ -49,7 +50,7 @@ def create_source(
     url = checked_url(body.url)
     source = SyncSource(id="src" + secrets.token_hex(5), org_id=access.org_id, tables=[])
     if url.password is not None:
-        source.password_encrypted = resources.secrets.encrypt(str(url.password), context=f"sync-source:{source.id}")
+        source.password_encrypted = resources.secrets.encrypt(str(url.password), context=sync_source_context(source.id))
     # URL.set(password=None) keeps the password; the NamedTuple's _replace is what removes it.
     source.url = url._replace(password=None).render_as_string(hide_password=False)
     source.tables = [table.model_dump(mode="json", by_alias=True) for table in body.tables]
