@@ -1,5 +1,6 @@
 """The `kiln` command: run the whole stack locally as processes (`up`, `down`, `status`, `demo`), `migrate`, and
-the sync service's operator commands (`backup`, `backups`, `restore`, `sync-keys`)."""
+the sync service's operator commands (`backup`, `backups`, `restore`, `sync-keys`), and `secrets` after a rotation
+of KILN_SECRET_KEY."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from types import FrameType
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from deploy.local import demo, stack
+from deploy.local import demo, secrets, stack
 from deploy.local.processes import StackError, pid_alive
 from services.sync.backup import backup_store, list_backups, restore_store, sealed_key
 from services.sync.context import SyncContext
@@ -169,6 +170,13 @@ def run_sync_keys(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_secrets(settings: Settings, args: argparse.Namespace) -> int:
+    with closing(SyncContext.open(settings)) as context:
+        if args.action == "status":
+            return secrets.print_status(context)
+        return secrets.rewrap(context, actor=CLI_ACTOR)
+
+
 def shown_database(url: str) -> str:
     """A SQLite database by its file's path, as the operator named it; any other by its URL, password hidden."""
     parsed = make_url(url)
@@ -216,6 +224,12 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("action", choices=["rotate", "destroy"])
     keys.add_argument("org")
     keys.add_argument("key_id", nargs="?", default="")
+    secrets_help = (
+        "after rotating KILN_SECRET_KEY: how many stored secrets and backups are under each key (status), or move "
+        "them all under the current one (rewrap)"
+    )
+    secrets_parser = _add(commands, "secrets", run_secrets, secrets_help)
+    secrets_parser.add_argument("action", choices=["status", "rewrap"])
     return parser
 
 

@@ -3,12 +3,19 @@ for the sync tests."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -17,6 +24,8 @@ from sqlalchemy.pool import NullPool
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
+from shared.settings import Settings
+from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.support.servers import DEFAULT_ADMIN_URL
 
@@ -24,6 +33,7 @@ TWO_READINGS = [(1, "pump-1", 1.0, "Ada Lovelace"), (2, "pump-2", 2.0, "Alan Tur
 READINGS = "CREATE TABLE readings (id INTEGER PRIMARY KEY, device TEXT, value REAL, patient TEXT)"
 # What only a hospital's own store holds: the central store must never see it.
 LOCAL_ONLY = "hosp-local-only-diagnosis"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -93,6 +103,32 @@ def run_sql(url: str, sql: str, params: dict[str, Any] | None = None) -> list[tu
 def many_readings(count: int) -> list[tuple[int, str, float, str]]:
     """Readings 1..count, enough for a job to take several batches (the tests' batch size is 500)."""
     return [(n, f"pump-{n % 7}", float(n), f"patient {n}") for n in range(1, count + 1)]
+
+
+def kiln(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `kiln` command in a process of its own, with these settings as its KILN_* variables."""
+    env = {**os.environ, **settings.as_env()}
+    command = [sys.executable, "-m", "deploy.local.cli", *args]
+    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def an_earlier_kilns_backup(store: ObjectStore, key_b64: str, org_id: str, source: Path) -> str:
+    """A backup of `source` as Kiln made them before they were sealed as streams: one AES-GCM message under the
+    platform key, and a manifest that names no sealing and no key. Returns its id."""
+    snapshot, backup_id = source.read_bytes(), "20261101T000000Z_0a1b2c3d"
+    nonce = os.urandom(12)
+    sealed = nonce + AESGCM(base64.b64decode(key_b64)).encrypt(nonce, snapshot, f"backup:{org_id}:{backup_id}".encode())
+    manifest = {
+        "backup_id": backup_id,
+        "org_id": org_id,
+        "source": str(source),
+        "sha256": hashlib.sha256(snapshot).hexdigest(),
+        "size_bytes": len(snapshot),
+        "created_at": "2026-11-01T00:00:00+00:00",
+    }
+    store.put_bytes(f"orgs/{org_id}/backups/{backup_id}.db.sealed", sealed)
+    store.put_bytes(f"orgs/{org_id}/backups/{backup_id}.json", json.dumps(manifest).encode())
+    return backup_id
 
 
 def make_local_store(path: Path, rows: list[tuple[int, str, float, str]]) -> None:

@@ -3,8 +3,6 @@ PostgreSQL database) through the S3 object store (SeaweedFS), sealed and verifie
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import secrets
@@ -20,7 +18,6 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
@@ -37,10 +34,17 @@ from shared.errors import ArtifactIntegrityError, InvalidInput
 from shared.settings import Settings
 from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN
-from tests.integration.sync_support import READINGS, TWO_READINGS, make_local_store, open_sync, run_sql
+from tests.integration.sync_support import (
+    READINGS,
+    REPO_ROOT,
+    TWO_READINGS,
+    an_earlier_kilns_backup,
+    kiln,
+    make_local_store,
+    open_sync,
+    run_sql,
+)
 from tests.support.servers import fresh_postgres_database
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def known_org(api: TestClient, org_id: str) -> str:
@@ -60,12 +64,6 @@ def org_id(org_id: str, sync_api: TestClient) -> str:
 def new_org_id() -> str:
     """An org id the central database does not know yet: open_sync makes the org, with its keys and a store."""
     return "org-" + secrets.token_hex(4)
-
-
-def kiln(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **settings.as_env()}
-    command = [sys.executable, "-m", "deploy.local.cli", *args]
-    return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
 
 
 def backed_up(settings: Settings, org_id: str, source: str) -> str:
@@ -296,24 +294,10 @@ def test_a_restore_stopped_by_a_signal_leaves_no_snapshot_behind(
 def test_a_backup_sealed_whole_by_an_earlier_kiln_still_restores(
     central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
-    """Backups made before they were sealed as streams: one AES-GCM message under the platform key, and a manifest
-    that names no sealing."""
     store = tmp_path / "plant.db"
     make_local_store(store, TWO_READINGS)
-    snapshot, backup_id = store.read_bytes(), "20261101T000000Z_0a1b2c3d"
-    nonce = os.urandom(12)
-    platform_key = AESGCM(base64.b64decode(central_settings.secret_key.get_secret_value()))
-    sealed = nonce + platform_key.encrypt(nonce, snapshot, f"backup:{org_id}:{backup_id}".encode())
-    manifest = {
-        "backup_id": backup_id,
-        "org_id": org_id,
-        "source": str(store),
-        "sha256": hashlib.sha256(snapshot).hexdigest(),
-        "size_bytes": len(snapshot),
-        "created_at": "2026-11-01T00:00:00+00:00",
-    }
-    sync_context.store.put_bytes(f"orgs/{org_id}/backups/{backup_id}.db.sealed", sealed)
-    sync_context.store.put_bytes(f"orgs/{org_id}/backups/{backup_id}.json", json.dumps(manifest).encode())
+    key = central_settings.secret_key.get_secret_value()
+    backup_id = an_earlier_kilns_backup(sync_context.store, key, org_id, store)
 
     restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "r.db"))
 

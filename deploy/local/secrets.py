@@ -1,0 +1,129 @@
+"""`kiln secrets status` and `kiln secrets rewrap`: which platform key each stored secret and backup is sealed under,
+and moving them all under KILN_SECRET_KEY once it was rotated, so that a retired key can be removed."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Iterator
+
+from sqlalchemy import select
+
+from services.sync.backup import BackupManifest, list_backups, rewrap_backup
+from services.sync.context import SyncContext
+from shared.audit import record_change
+from shared.crypto import SecretBox
+from shared.db.models import Organization
+from shared.db.session import session_scope
+from shared.errors import KilnError
+from shared.schemas import OrgConfig
+from shared.storage import ObjectStore, org_data_store
+from shared.stored_secrets import OLD_FORMAT, Rewrapped, count_by_key, rewrap_stored_secrets
+
+BACKUPS = "backups"
+BACKUP_REWRAPPED_ACTION = "backup.rewrapped"
+
+
+def print_status(context: SyncContext) -> int:
+    box = context.secrets
+    counts = count_by_key(context.sessions)
+    counts[BACKUPS], elsewhere = _backups_by_key(context)
+    retired = ", ".join(box.retired_ids) or "none"
+    print(f"KILN_SECRET_KEY {box.current_id} (current); KILN_SECRET_KEY_RETIRED: {retired}")
+    for kind, by_key in counts.items():
+        shown = ", ".join(f"{count} under {_label(box, key)}" for key, count in sorted(by_key.items())) or "none"
+        print(f"{kind}: {shown}")
+    total = sum(counts.values(), Counter[str]())
+    for key in box.retired_ids:
+        left = f"{total[key]} still under it: `kiln secrets rewrap` moves them" if total[key] else "nothing under it"
+        print(f"retired key {key}: {left}")
+    if total[OLD_FORMAT]:
+        print(f"{total[OLD_FORMAT]} in the old format name no key: keep every retired key until a rewrap moved them")
+    if elsewhere:
+        print(
+            f"not counted here: the backups of {', '.join(elsewhere)}, kept on their premises (dataResidency local): "
+            "run `kiln secrets status` there"
+        )
+    return 0
+
+
+def rewrap(context: SyncContext, *, actor: str) -> int:
+    """Move every stored secret and backup under the current key; 1 if any could not be opened."""
+    done = rewrap_stored_secrets(context.sessions, context.secrets, actor=actor)
+    done[BACKUPS] = _rewrap_backups(context, actor=actor)
+    current = context.secrets.current_id
+    for kind, rewrapped in done.items():
+        print(f"{kind}: {rewrapped.moved} moved under {current}, {rewrapped.current} under it already")
+        for reason in rewrapped.unreadable:
+            print(f"kiln secrets: {reason}", file=sys.stderr)
+    return 1 if any(rewrapped.unreadable for rewrapped in done.values()) else 0
+
+
+def _label(box: SecretBox, key: str) -> str:
+    if key == box.current_id:
+        return f"{key} (current)"
+    if key in box.retired_ids:
+        return f"{key} (retired)"
+    if key == OLD_FORMAT:
+        return "the old format (no key named)"
+    return f"{key} (not configured: they do not open)"
+
+
+def _backups_by_key(context: SyncContext) -> tuple[Counter[str], list[str]]:
+    """How many backups each key id (or OLD_FORMAT) holds, read from their manifests; and the orgs whose backups
+    are on premises other than this machine."""
+    by_key: Counter[str] = Counter()
+    elsewhere = []
+    for org_id, store in _backup_stores(context):
+        if store is None:
+            elsewhere.append(org_id)
+            continue
+        by_key.update(manifest.sealed_under or OLD_FORMAT for manifest in list_backups(store, org_id).manifests)
+    return by_key, elsewhere
+
+
+def _rewrap_backups(context: SyncContext, *, actor: str) -> Rewrapped:
+    done = Rewrapped()
+    for org_id, store in _backup_stores(context):
+        if store is None:  # on its premises, where a rewrap run there re-seals them
+            continue
+        for manifest in list_backups(store, org_id).manifests:
+            if manifest.sealed_under == context.secrets.current_id:
+                done.current += 1
+                continue
+            try:
+                rewrap_backup(store, context.secrets, manifest)
+            except KilnError as error:
+                done.unreadable.append(error.message)
+                continue
+            _audit_backup(context, manifest, actor=actor)
+            done.moved += 1
+    return done
+
+
+def _audit_backup(context: SyncContext, manifest: BackupManifest, *, actor: str) -> None:
+    detail = {"from": manifest.sealed_under or OLD_FORMAT, "to": context.secrets.current_id}
+    with session_scope(context.sessions) as session:
+        record_change(
+            session,
+            org_id=manifest.org_id,
+            actor=actor,
+            action=BACKUP_REWRAPPED_ACTION,
+            target=manifest.backup_id,
+            detail=detail,
+        )
+
+
+def _backup_stores(context: SyncContext) -> Iterator[tuple[str, ObjectStore | None]]:
+    """Each org and the store its backups are in, as this machine sees it: None for an org keeping its data on its
+    premises when this machine holds no premises folder (`kiln backup` keeps such an org's backups on the machine
+    that ran it)."""
+    premises_here = (context.settings.data_dir / "premises").is_dir()
+    with session_scope(context.sessions) as session:
+        orgs = session.execute(select(Organization.id, Organization.config).order_by(Organization.id)).all()
+    for org_id, config in orgs:
+        org_config = OrgConfig.model_validate(config)
+        if org_config.data_residency == "local" and not premises_here:
+            yield org_id, None
+        else:
+            yield org_id, org_data_store(context.settings, org_config, central=context.store)
