@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -50,6 +48,7 @@ from shared.db.types import utcnow
 from shared.errors import InvalidInput, KilnError, TransientError
 from shared.retries import gave_up
 from shared.schemas import OrgConfig
+from shared.source_lock import one_job_per_source
 from shared.sync_jobs import (
     FAILED,
     FINISHED,
@@ -156,44 +155,6 @@ def _source_id(context: SyncContext, job_id: str) -> str | None:
     with session_scope(context.sessions) as session:
         job = session.get(SyncJob, job_id)
         return job.source_id if job is not None else None
-
-
-@contextmanager
-def one_job_per_source(central: Engine, source_id: str) -> Iterator[None]:
-    """One job of a source at a time, for the job's length, released should the worker die: an advisory lock on a
-    PostgreSQL connection of its own, or, for the embedded default's SQLite file, a file lock beside it (any sync
-    worker of the embedded stack runs on the machine that holds that file)."""
-    if central.dialect.name == "postgresql":
-        with _advisory_lock(central, f"sync-source:{source_id}"):
-            yield
-    elif central.url.database and central.url.database != ":memory:":
-        with _file_lock(Path(f"{central.url.database}.sync-{source_id}.lock")):
-            yield
-    else:
-        yield
-
-
-@contextmanager
-def _advisory_lock(central: Engine, name: str) -> Iterator[None]:
-    with central.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_lock(hashtext(:k))"), {"k": name})
-        connection.commit()
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
-            connection.commit()
-
-
-@contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """flock: held by this open file, so it also keeps out another thread of this process."""
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _start(context: SyncContext, job_id: str) -> tuple[SyncSource, int] | None:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from services.sync.changes import CENTRAL_LOG, LOCAL_LOG, begin_applying, end_applying, pending, shut_out_writers
 from services.sync.context import SyncContext
 from services.sync.hlc import Stamp
-from services.sync.jobs import failure_reason, one_job_per_source
+from services.sync.jobs import failure_reason
 from services.sync.stores import STAMP, delete, key_text, key_value, open_local, reflect
 from services.sync.watermarks import UP
 from shared.audit import record_change
@@ -33,6 +33,7 @@ from shared.db.models import Organization, Prediction, SyncBase, SyncSource, Syn
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.schemas import OrgConfig
+from shared.source_lock import one_job_per_source
 from shared.sync_jobs import source_tables
 from shared.sync_tables import SyncTable, central_table_name
 

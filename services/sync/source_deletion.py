@@ -23,7 +23,6 @@ from sqlalchemy.orm import Session
 
 from services.sync.context import SyncContext
 from services.sync.envelope import one_key_change_at_a_time
-from services.sync.jobs import one_job_per_source
 from services.sync.watermarks import DOWN
 from shared.audit import record_change
 from shared.db.models import (
@@ -39,6 +38,7 @@ from shared.db.models import (
 )
 from shared.db.session import session_scope
 from shared.db.types import utcnow
+from shared.source_lock import one_job_per_source
 from shared.sync_jobs import FINISHED, REFUSED, source_tables
 from shared.sync_tables import SyncTable, central_table_name
 

@@ -1,0 +1,70 @@
+"""A sync source's job lock: one job of a source at a time, across workers, and whatever must not run beside one
+(its deletion, a retention purge, a change of its URL) waits for it or is refused. Here in shared/ because the api
+takes it too, to change a source's URL between its jobs."""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, text
+
+from shared.errors import Conflict
+
+
+class SourceBusy(Conflict):
+    """A job of the source holds its lock now."""
+
+
+@contextmanager
+def one_job_per_source(central: Engine, source_id: str, *, wait: bool = True) -> Iterator[None]:
+    """Hold the source's job lock, released should the process die: an advisory lock on a PostgreSQL connection of
+    its own, or, for the embedded default's SQLite file, a file lock beside it (the api and any sync worker of the
+    embedded stack run on the machine that holds that file). Without `wait`, SourceBusy is raised at once if a job
+    of the source holds it."""
+    if central.dialect.name == "postgresql":
+        with _advisory_lock(central, f"sync-source:{source_id}", source_id, wait=wait):
+            yield
+    elif central.url.database and central.url.database != ":memory:":
+        with _file_lock(Path(f"{central.url.database}.sync-{source_id}.lock"), source_id, wait=wait):
+            yield
+    else:
+        yield
+
+
+@contextmanager
+def _advisory_lock(central: Engine, name: str, source_id: str, *, wait: bool) -> Iterator[None]:
+    with central.connect() as connection:
+        function = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
+        taken = connection.execute(text(f"SELECT {function}(hashtext(:k))"), {"k": name}).scalar() is not False
+        connection.commit()
+        if not taken:
+            raise _busy(source_id)
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
+            connection.commit()
+
+
+@contextmanager
+def _file_lock(path: Path, source_id: str, *, wait: bool) -> Iterator[None]:
+    """flock: held by this open file, so it also keeps out another thread of this process."""
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(source_id) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _busy(source_id: str) -> SourceBusy:
+    return SourceBusy(
+        f"a job of sync source {source_id} is running: try again once it has ended (GET its job), as a job reads "
+        "the source's URL when it starts"
+    )
