@@ -27,7 +27,7 @@ from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
 from services.sync.resync import resync_if_asked
-from services.sync.store_marks import check_positions, create_marks, recognize_store
+from services.sync.store_marks import check_positions, check_same_store, create_marks, recognize_store
 from services.sync.stores import (
     add_new_columns,
     check_central_copy,
@@ -192,6 +192,7 @@ def _sync_tables(
     context: SyncContext, local: Engine, source: SyncSource, job_id: str, after_batch: AfterBatch | None
 ) -> None:
     refuse_kiln_database(local, context.store_rules(source.org_id))
+    check_same_store(context.engine, local, source)
     recognize_store(context.engine, local, source)
     offset_ms = _clock_offset(local, context.engine)
     keyring = _keyring(context, source.org_id)

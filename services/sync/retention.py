@@ -26,6 +26,7 @@ from services.sync.changes import CENTRAL_LOG, LOCAL_LOG, begin_applying, end_ap
 from services.sync.context import SyncContext
 from services.sync.hlc import Stamp
 from services.sync.jobs import failure_reason
+from services.sync.store_marks import check_same_store
 from services.sync.stores import STAMP, delete, key_text, key_value, open_local, reflect
 from services.sync.watermarks import UP
 from shared.audit import record_change
@@ -111,7 +112,15 @@ def _purge_predictions(context: SyncContext, org_id: str, cutoff: datetime, days
 
 def _purge_table(context: SyncContext, source: SyncSource, spec: SyncTable, cutoff: datetime, days: int) -> int:
     with one_job_per_source(context.engine, source.id):
-        return _purge_table_between_jobs(context, source, spec, cutoff, days)
+        return _purge_table_between_jobs(context, _as_it_is_now(context, source.id), spec, cutoff, days)
+
+
+def _as_it_is_now(context: SyncContext, source_id: str) -> SyncSource:
+    """The source read under its job lock: its URL may have been changed (PATCH) since the purge listed it."""
+    with session_scope(context.sessions) as session:
+        source = session.get_one(SyncSource, source_id)
+        session.expunge(source)
+        return source
 
 
 def _purge_table_between_jobs(
@@ -171,6 +180,7 @@ def _purge_local(
     """Delete locally the records expired centrally and not edited locally since; returns the keys deleted."""
     local = open_local(source.url, context.source_password(source), context.store_rules(source.org_id))
     try:
+        check_same_store(context.engine, local, source)  # never delete from a database a changed URL named by mistake
         with local.begin() as connection:
             shut_out_writers(connection, LOCAL_LOG)  # no local edit lands between the look and the delete
             edited = pending(connection, LOCAL_LOG, table=spec.name, keys=keys, after=after)

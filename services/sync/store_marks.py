@@ -78,9 +78,36 @@ class StoreNotRecognized(Conflict):
     """The local store is not the one its source last synced with: it was restored from a backup, or replaced."""
 
 
+class NotTheSourcesStore(Conflict):
+    """The source's URL was changed to a database that is not its store: another one, holding no mark of it."""
+
+
 def create_marks(connection: Connection) -> None:
     """The store's marks, made with its change log."""
     _MARKS.create_all(connection, checkfirst=True)
+
+
+def check_same_store(central: Engine, local: Engine, source: SyncSource) -> None:
+    """Once the source's URL was changed (PATCH), before anything reads or writes the store it names now: that must
+    be the source's own store, moved or reached otherwise, which holds the source's row in its `_kiln_marks`, its
+    token current or older (a backup of it put back is still its store, and recognize_store then asks for a
+    resync). A database without that row is another one: nothing is written to it, a resync does not let it
+    through, and the source keeps its watermarks for its own store. A source that has no token expected yet (it
+    never synced, or only before these marks) has nothing to compare with: its store is taken as at registration.
+    Found, the store stands confirmed, and later jobs skip this."""
+    if source.url_changed_at is None:
+        return
+    with Session(central) as session:
+        expected = session.get(SyncStoreMark, source.id) is not None
+    if expected and _token(local, source.id) == NO_TOKEN:
+        raise NotTheSourcesStore(
+            f"the store at {source.url} is not the one source {source.id} syncs with: its {MARKS.name} holds no "
+            f"marker of this source, so it is another database, and nothing was moved. Give the source its own "
+            f"store's URL (PATCH /v1/orgs/{source.org_id}/sync-sources/{source.id}), or register this store as a new "
+            f"source (POST /v1/orgs/{source.org_id}/sync-sources)"
+        )
+    with Session(central) as session, session.begin():
+        session.execute(update(SyncSource).where(SyncSource.id == source.id).values(url_changed_at=None))
 
 
 def recognize_store(central: Engine, local: Engine, source: SyncSource) -> None:
