@@ -21,6 +21,19 @@ class SyncSourceOut(CamelOut):
     status: Literal["active", "deleting"] = Field(
         "active", description="deleting: DELETE was asked for; a sync worker is removing it (then GET answers 404)"
     )
+    url_confirmed: bool = Field(
+        True,
+        description="false once the URL was changed (PATCH), until a job of the source finds its own store there; "
+        "a job that finds another database fails and moves nothing",
+    )
+
+
+class SyncSourceChange(CamelModel):
+    url: str = Field(
+        min_length=1,
+        description="the source's store reached anew (a new password, host, port or path); the whole URL, its "
+        "password included, replaces the old one",
+    )
 
 
 class SyncSourceDeletionOut(CamelOut):

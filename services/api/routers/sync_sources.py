@@ -1,8 +1,10 @@
 """An org's local stores to sync with the central store, and their schedules. A store's password is stored
-encrypted and never shown again. A source is deleted in two steps: the api marks it (it then takes no new job,
-resync or schedule change) and queues the deletion on `sync.<org>`, where a sync worker removes its central copies
-and records once its running job ends (services/sync/source_deletion.py); the row stays as a tombstone, answering
-404, so that its jobs' history still names it."""
+encrypted and never shown again. A source's URL may be changed (its store reached anew: a rotated password, a moved
+server or file), its tables may not; its next job checks that the store is still its own. A source is deleted in two
+steps: the api marks it (it then takes no new job, resync, URL or schedule change) and queues the deletion on
+`sync.<org>`, where a sync worker removes its central copies and records once its running job ends
+(services/sync/source_deletion.py); the row stays as a tombstone, answering 404, so that its jobs' history still
+names it."""
 
 from __future__ import annotations
 
@@ -11,17 +13,19 @@ from datetime import datetime
 
 from fastapi import APIRouter, Response, status
 from sqlalchemy import select
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
 from services.api.lookups import lock_org
 from services.api.outbox_relay import commit_and_send
+from services.api.resources import Resources
 from services.api.routers.datasource import checked_url
 from services.api.sync_schemas import (
     SyncResyncOut,
     SyncScheduleIn,
     SyncScheduleOut,
+    SyncSourceChange,
     SyncSourceDeletionOut,
     SyncSourceOut,
 )
@@ -33,6 +37,7 @@ from shared.outbox import KIND_DELETE_SOURCE_TASK, add_message
 from shared.queues import sync_queue
 from shared.schedules import ScheduleError, check_schedule, next_fire_times
 from shared.schemas import OrgConfig
+from shared.source_lock import one_job_per_source
 from shared.store_access import store_identity
 from shared.stored_secrets import sync_source_context
 from shared.sync_jobs import deletion_refusal, queue_sync_job, residency_refusal, source_tables
@@ -49,10 +54,7 @@ def create_source(
 ) -> SyncSourceOut:
     url = checked_url(body.url)
     source = SyncSource(id="src" + secrets.token_hex(5), org_id=access.org_id, tables=[])
-    if url.password is not None:
-        source.password_encrypted = resources.secrets.encrypt(str(url.password), context=sync_source_context(source.id))
-    # URL.set(password=None) keeps the password; the NamedTuple's _replace is what removes it.
-    source.url = url._replace(password=None).render_as_string(hide_password=False)
+    _keep_url(source, url, resources)
     source.tables = [table.model_dump(mode="json", by_alias=True) for table in body.tables]
     # The org's registrations take turns: two of one table at once each found no other source of it, and both were
     # created.
@@ -124,6 +126,39 @@ def delete_source(
     )
     commit_and_send(session, resources, message)
     return SyncSourceDeletionOut(source_id=source.id, status="deleting", queue=sync_queue(access.org_id))
+
+
+@router.patch("/{source_id}", response_model=SyncSourceOut)
+def change_source_url(
+    source_id: str, body: SyncSourceChange, access: OrgAdmin, session: SessionDep, resources: ResourcesDep
+) -> SyncSourceOut:
+    """Reach the source's store by a new URL (its password rotated, its server moved, its SQLite file's folder
+    renamed), keeping its watermarks, conflicts, bases and schedule: its next job moves only what changed since.
+    The api opens no org store (they are reachable from the sync workers, which check them, as at registration):
+    the next job first checks that the URL reaches the source's own store (its marks) and, if it does not, fails
+    and moves nothing. The change is made between the source's jobs: while one runs it is refused (409), and a job
+    started after it uses the new URL."""
+    url = checked_url(body.url)
+    # The org's registrations, deletions and URL changes take turns: the duplicate check below sees the others'.
+    lock_org(session, access.org_id)
+    source = active_source(session, source_id, org_id=access.org_id)
+    before = _source_out(source).url
+    _keep_url(source, url, resources)
+    _refuse_tables_synced_already(session, source)
+    source.url_changed_at = utcnow()
+    shown = _source_out(source)
+    record_change(
+        session,
+        org_id=access.org_id,
+        actor=access.principal.key_id,
+        action="sync.source.url.changed",
+        target=source.id,
+        detail={"url": shown.url, "previousUrl": before},
+    )
+    # A job reads the URL when it starts, under this lock: one running now would go on with the old one.
+    with one_job_per_source(resources.engine, source.id, wait=False):
+        session.commit()
+    return shown
 
 
 @router.post("/{source_id}/resync", status_code=status.HTTP_202_ACCEPTED, response_model=SyncResyncOut)
@@ -208,6 +243,17 @@ def active_source(session: Session, source_id: str, *, org_id: str, field: str |
     return row
 
 
+def _keep_url(source: SyncSource, url: URL, resources: Resources) -> None:
+    """The URL as given, without its password, which is stored encrypted for this source alone; a URL without one
+    leaves the source without one."""
+    password = url.password
+    source.password_encrypted = (
+        None if password is None else resources.secrets.encrypt(str(password), context=sync_source_context(source.id))
+    )
+    # URL.set(password=None) keeps the password; the NamedTuple's _replace is what removes it.
+    source.url = url._replace(password=None).render_as_string(hide_password=False)
+
+
 def _refuse_tables_synced_already(session: Session, source: SyncSource) -> None:
     """Two sources of one local table share its triggers and change log, and neither sees what the other writes
     down: their central copies would drift apart. One store is one store whatever its URL's spelling (driver,
@@ -217,7 +263,9 @@ def _refuse_tables_synced_already(session: Session, source: SyncSource) -> None:
     names = {table["name"] for table in source.tables}
     store = store_identity(make_url(source.url))
     others = session.scalars(
-        select(SyncSource).where(SyncSource.org_id == source.org_id, SyncSource.deleted_at.is_(None))
+        select(SyncSource).where(
+            SyncSource.org_id == source.org_id, SyncSource.id != source.id, SyncSource.deleted_at.is_(None)
+        )
     )
     for other in others:
         if store_identity(make_url(other.url)) != store:
@@ -281,4 +329,5 @@ def _source_out(row: SyncSource) -> SyncSourceOut:
         central_tables={table["name"]: central_table_name(row.id, table["name"]) for table in row.tables},
         created_at=row.created_at,
         status="deleting" if row.deletion_requested_at is not None else "active",
+        url_confirmed=row.url_changed_at is None,
     )
