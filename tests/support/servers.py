@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -63,6 +65,49 @@ def fresh_postgres_database() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@contextmanager
+def password_checking_postgres() -> Iterator[str]:
+    """A PostgreSQL server of the test's own that checks passwords (scram-sha-256), on a free port of 127.0.0.1;
+    yields its superuser's URL, password included. The shared test server trusts every connection from 127.0.0.1,
+    so a wrong password connects there. PostgreSQL refuses to run as root: run as root, the server runs as the
+    `postgres` user, in a folder of /tmp it can reach (pytest's tmp_path is root's alone)."""
+    password = secrets.token_hex(8)
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="kiln-pg-") as folder:
+        workdir = Path(folder)
+        (workdir / "password").write_text(password)
+        as_owner = _as_postgres_owner(workdir)
+        data = workdir / "data"
+        initdb = [_postgres_tool("initdb"), "-D", str(data), "-A", "scram-sha-256", "-U", "postgres", "-E", "UTF8"]
+        subprocess.run([*as_owner, *initdb, f"--pwfile={workdir / 'password'}", "-N"], check=True, capture_output=True)
+        options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        pg_ctl = [*as_owner, _postgres_tool("pg_ctl"), "-D", str(data)]
+        subprocess.run(
+            [*pg_ctl, "-o", options, "-w", "-l", str(workdir / "log"), "start"], check=True, capture_output=True
+        )
+        try:
+            yield f"postgresql+psycopg2://postgres:{password}@127.0.0.1:{port}/postgres"
+        finally:
+            subprocess.run([*pg_ctl, "-m", "immediate", "stop"], check=True, capture_output=True)
+
+
+def _as_postgres_owner(workdir: Path) -> list[str]:
+    if os.geteuid() != 0:
+        return []
+    for path in (workdir, *workdir.iterdir()):
+        shutil.chown(path, user="postgres")
+    return ["runuser", "-u", "postgres", "--"]
+
+
+def _postgres_tool(name: str) -> str:
+    """A PostgreSQL server program: on the PATH, or in pg_config's bindir (Debian keeps them off the PATH)."""
+    found = shutil.which(name)
+    if found is not None:
+        return found
+    bindir = subprocess.run(["pg_config", "--bindir"], check=True, capture_output=True, text=True).stdout.strip()
+    return str(Path(bindir) / name)
 
 
 def redis_for_tests() -> str:
