@@ -25,6 +25,7 @@ BODIES: dict[str, dict[str, Any]] = {
         "url": "sqlite:////tmp/plant.db",
         "tables": [{"name": "t", "primaryKey": "id"}],
     },
+    "PATCH /v1/orgs/{org}/sync-sources/{source_id}": {"url": "sqlite:////tmp/plant-moved.db"},
     "POST /v1/orgs/{org}/sync-jobs": {"sourceId": "{source_id}"},
     "PUT /v1/orgs/{org}/sync-sources/{source_id}/schedule": {"pattern": "0 * * * *"},
     "POST /v1/orgs/{org}/conflicts/{conflictId}": {"keep": "local"},

@@ -206,8 +206,15 @@ def test_a_url_naming_another_database_fails_every_job_and_purge_moving_nothing_
     sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(20))
     sync.run()
     sync.local("UPDATE readings SET value = -1.0 WHERE id = 5")
+    # The org's other store, which another source syncs (its `visits`): it holds that source's marks and change log.
     other = tmp_path / org_id / "other.db"
     make_local_store(other, [(1, "scale-1", 70.5, "Mary Somerville"), (99, "scale-9", 80.0, "Emmy Noether")])
+    run_sql(f"sqlite:///{other}", "CREATE TABLE visits (id INTEGER PRIMARY KEY, ward TEXT)")
+    visits_id = register(
+        sync_api, sync.org, f"sqlite:///{other}", "last-writer-wins", name="visits", sensitiveColumns=[]
+    )
+    visits = Sync(sync_api, sync_context, sync.org, f"sqlite:///{other}", visits_id, sync.central_url, "visits")
+    assert visits.run()["status"] == "succeeded"
     before = (store_shape(other), kept_for(sync), sync.central(f"SELECT * FROM {sync.central_table} ORDER BY id"))
     own_url = sync.local_url
 
