@@ -258,8 +258,9 @@ def _refuse_tables_synced_already(session: Session, source: SyncSource) -> None:
     """Two sources of one local table share its triggers and change log, and neither sees what the other writes
     down: their central copies would drift apart. One store is one store whatever its URL's spelling (driver,
     default port, host's case, a linked path: store_identity). A deleted source syncs nothing any more; one being
-    deleted still counts until a sync worker has removed it, as its running job may still write to the store. The
-    caller holds lock_org, so that no other registration of the org comes between this check and its insert."""
+    deleted still counts until a sync worker has removed it, as its running job may still write to the store; the
+    source itself does not (its URL being changed). The caller holds lock_org, so that no other registration or URL
+    change of the org comes between this check and its write."""
     names = {table["name"] for table in source.tables}
     store = store_identity(make_url(source.url))
     others = session.scalars(
