@@ -23,6 +23,7 @@ from services.sync.pair import Tally
 from services.sync.retention import purge_expired
 from shared.db.types import utcnow
 from shared.errors import TransientError
+from shared.settings import Settings
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import (
     Sync,
@@ -33,6 +34,7 @@ from tests.integration.sync_support import (
     register,
     run_sql,
 )
+from tests.integration.test_sync_embedded import embedded
 from tests.support.servers import password_checking_postgres
 
 OLD_PASSWORD, NEW_PASSWORD = "old-Pw-4f1c", "new-Pw-9b2e"
@@ -341,10 +343,8 @@ def test_only_an_admin_of_the_sources_org_changes_its_url_and_not_while_it_is_be
     assert audit_rows(sync, "sync.source.url.changed") == []
 
 
-def test_a_url_change_is_refused_while_a_job_of_the_source_runs_and_taken_once_it_has_ended(
-    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
-) -> None:
-    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(1200))
+def changed_during_and_after_a_job(sync: Sync) -> tuple[Any, Any]:
+    """The source's URL changed (to the same one) after the first batch of a job, and again once it has ended."""
     job_id = sync.submit()
     during: list[Any] = []
 
@@ -352,10 +352,27 @@ def test_a_url_change_is_refused_while_a_job_of_the_source_runs_and_taken_once_i
         if not during:
             during.append(change_url(sync, sync.local_url))
 
-    assert run_job(sync_context, job_id, after_batch=change_after_the_first_batch) == "succeeded"
-    after = change_url(sync, sync.local_url)
+    assert run_job(sync.context, job_id, after_batch=change_after_the_first_batch) == "succeeded"
+    return during[0], change_url(sync, sync.local_url)
 
-    assert during[0].status_code == 409
-    assert during[0].json()["error"].startswith(f"a job of sync source {sync.source_id} is running")
+
+def test_a_url_change_is_refused_while_a_job_of_the_source_runs_and_taken_once_it_has_ended(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(1200))
+
+    during, after = changed_during_and_after_a_job(sync)
+
+    assert during.status_code == 409
+    assert during.json()["error"].startswith(f"a job of sync source {sync.source_id} is running")
     assert after.status_code == 200, after.text
     assert [row["target"] for row in audit_rows(sync, "sync.source.url.changed")] == [sync.source_id]
+
+
+def test_on_the_embedded_default_a_url_change_is_refused_while_a_job_runs_too(
+    settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    with embedded(settings, org_id, tmp_path, rows=many_readings(1200)) as sync:
+        during, after = changed_during_and_after_a_job(sync)
+
+    assert (during.status_code, after.status_code) == (409, 200), (during.text, after.text)
