@@ -1,8 +1,8 @@
 """sync source url change: when a source's URL was last changed, until a sync worker finds the source's own store there
 
-Revision ID: 0017
+Revision ID: 0016
 Revises: 0015
-Create Date: 2026-11-28 10:00:00.000000
+Create Date: 2026-11-26 10:00:00.000000
 
 """
 from typing import Sequence, Union
@@ -13,7 +13,7 @@ import shared.db.types
 
 
 # revision identifiers, used by Alembic.
-revision: str = '0017'
+revision: str = '0016'
 down_revision: Union[str, Sequence[str], None] = '0015'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
