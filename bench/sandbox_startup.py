@@ -21,7 +21,7 @@ from pathlib import Path
 
 from services.trainer.sandbox import Limits, Sandbox
 
-LIMITS = Limits(timeout_s=60, cpu_s=60, memory_mb=8192, max_file_mb=64, max_open_files=256)
+LIMITS = Limits(timeout_s=60, cpu_s=60, memory_mb=8192, max_file_mb=64, max_open_files=256, disk_mb=4096)
 SCRIPTS = {
     "does nothing": "",
     "imports the training stack": (

@@ -316,6 +316,7 @@ LIMIT_MAXIMA = {
     "memoryMb": 1_048_576,  # 1 TiB of address space
     "maxFileMb": 1_048_576,  # 1 TiB
     "maxOpenFiles": 1_048_576,  # Linux's default fs.nr_open: no process may open more
+    "diskMb": 1_048_576,  # 1 TiB
 }
 """The largest per-org limits the api takes. Unbounded, a limit the trainer's setrlimit cannot hold (memoryMb
 10^24) was accepted, and every run of the org then failed with an OverflowError."""
@@ -332,6 +333,7 @@ class TrainingPolicy(CamelModel):
     memory_mb: int | None = Field(None, gt=0)
     max_file_mb: int | None = Field(None, gt=0)
     max_open_files: int | None = Field(None, ge=16)
+    disk_mb: int | None = Field(None, gt=0)
 
     def limit_overrides(self) -> dict[str, float]:
         """The limits set, each held at its maximum: one stored before the api refused larger ones still runs."""
@@ -346,6 +348,7 @@ class TrainingPolicyInput(TrainingPolicy):
     memory_mb: int | None = Field(None, gt=0, le=LIMIT_MAXIMA["memoryMb"])
     max_file_mb: int | None = Field(None, gt=0, le=LIMIT_MAXIMA["maxFileMb"])
     max_open_files: int | None = Field(None, ge=16, le=LIMIT_MAXIMA["maxOpenFiles"])
+    disk_mb: int | None = Field(None, gt=0, le=LIMIT_MAXIMA["diskMb"])
 
 
 class PredictionPolicy(CamelModel):

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     training_memory_mb: int = Field(8192, gt=0, description="Address-space limit of a training script.")
     training_max_file_mb: int = Field(4096, gt=0, description="Largest file a training script may write.")
     training_max_open_files: int = Field(1024, gt=0, description="Open files a training script may hold.")
+    training_disk_mb: int = Field(
+        10240,
+        gt=0,
+        description="What a training script may write in its workspace, all files together (RLIMIT_FSIZE caps each "
+        "one): measured while it runs, which stops it past this.",
+    )
     training_network: Literal["none", "host"] = Field(
         "none",
         description="none: a training script runs in a network namespace of its own and reaches nothing; "

@@ -6,6 +6,7 @@ script starts in milliseconds, not 1.7 s) and gets:
   left them (setsid): orphans come to the zygote, a subreaper, which kills them;
 - an environment of a few variables chosen here, never the worker's (so no KILN_* setting or secret);
 - limits on CPU time, address space, file size and open files, and a wall-clock timeout kept from here;
+- a disk quota on what it writes in its workspace, measured from here while it runs (`_DiskQuota`);
 - a private folder from `workspace()`, with its own tmp/ as HOME and TMPDIR, removed afterwards (or, when the
   worker was killed, by the sweep at the next worker's start: workspaces.py);
 - unless the worker is told otherwise (KILN_TRAINING_NETWORK=host), a network namespace of its own with no way
@@ -43,6 +44,7 @@ from typing import IO, Any, Literal
 from pydantic.alias_generators import to_camel
 
 from services.trainer import workspaces
+from services.trainer.disk_usage import DiskUsage, HiddenFiles
 from services.trainer.zygote import STDERR_LOG, STDOUT_LOG, Message, MessageReader, send
 from shared.errors import InvalidInput, TransientError
 from shared.settings import Settings
@@ -91,6 +93,10 @@ _SYSTEM_READABLE = (
 _SYSTEM_WRITABLE = ("/dev/null",)
 
 _POLL_S = 0.1
+_MB = 1024 * 1024
+# How many entries of a script's workspace one look reads to measure its disk use: ~5 ms here (2.4 us an entry), at
+# each look at the script (every 0.1-0.2 s). A workspace of more entries is measured over several looks.
+_DISK_ENTRIES_PER_CHECK = 2000
 # The zygote imports LightGBM and friends before it reads its first request: ~1.7 s here, more on a busy machine.
 _START_TIMEOUT_S = 60.0
 # After a stop, the zygote reports the exit within milliseconds; past this it is taken to be stuck.
@@ -121,6 +127,7 @@ class Limits:
     memory_mb: int
     max_file_mb: int
     max_open_files: int
+    disk_mb: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -130,6 +137,7 @@ class Limits:
             memory_mb=settings.training_memory_mb,
             max_file_mb=settings.training_max_file_mb,
             max_open_files=settings.training_max_open_files,
+            disk_mb=settings.training_disk_mb,
         )
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Limits:
@@ -169,6 +177,7 @@ class ScriptResult:
     signal: str | None
     timed_out: bool
     cancelled: bool
+    over_disk_quota: bool
     duration_s: float
     cpu_s: float
     max_rss_mb: float
@@ -177,7 +186,7 @@ class ScriptResult:
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out and not self.cancelled
+        return self.returncode == 0 and not (self.timed_out or self.cancelled or self.over_disk_quota)
 
     def reason(self) -> str:
         """What happened, in a sentence fit for the run's error; the last lines of stderr when the script failed."""
@@ -186,6 +195,8 @@ class ScriptResult:
             return "cancelled"
         if self.timed_out:
             return f"timed out after {limits.timeout_s:g} s (the org's limit)"
+        if self.over_disk_quota:
+            return f"wrote more than {limits.disk_mb} MB in its workspace (limit {limits.disk_mb} MB)"
         if self.ok:
             return "finished"
         if self.signal == "SIGXCPU" or (self.signal == "SIGKILL" and self.cpu_s >= limits.cpu_s):
@@ -265,15 +276,18 @@ class Sandbox:
             "filesystem": _confinement(script, workdir) if self._filesystem == "private" else None,
         }
         output = _OutputTail(workdir / STDOUT_LOG, on_output)
+        quota = _DiskQuota(workdir, limits.disk_mb)
         try:
             zygote, pid = self._start(request)
             started = time.monotonic()
-            stop = _StopRule(deadline=started + limits.timeout_s, should_stop=should_stop)
+            stop = _StopRule(deadline=started + limits.timeout_s, should_stop=should_stop, exceeds_quota=quota.exceeded)
             report = self._await_exit(zygote, pid, stop, output)
         except BaseException:
             # Whatever went wrong here, the script must not outlive the run: the zygote kills it on EOF.
             self._discard()
             raise
+        finally:
+            quota.close()
         if stop.stopped_at is None:  # a stopped script's last words are of no use, and would hold up its end
             output.read(_LAST_READ_S, final=True)
         return ScriptResult(
@@ -281,6 +295,7 @@ class Sandbox:
             signal=report.get("signal"),
             timed_out=stop.timed_out,
             cancelled=stop.cancelled,
+            over_disk_quota=stop.over_disk_quota,
             duration_s=time.monotonic() - started,
             cpu_s=report.get("cpu_s", 0.0),
             max_rss_mb=report.get("max_rss_mb", 0.0),
@@ -429,12 +444,15 @@ def _pipe(stream: IO[bytes] | None) -> IO[bytes]:
 
 @dataclass
 class _StopRule:
-    """When to stop a script: at its wall-clock deadline, or once the caller asks."""
+    """When to stop a script: at its wall-clock deadline, once the caller asks, or once its files take more than
+    its disk quota."""
 
     deadline: float
     should_stop: Callable[[], bool]
+    exceeds_quota: Callable[[], bool]
     timed_out: bool = False
     cancelled: bool = False
+    over_disk_quota: bool = False
     stopped_at: float | None = None
 
     def due(self) -> bool:
@@ -443,12 +461,36 @@ class _StopRule:
             return False
         self.timed_out = time.monotonic() >= self.deadline
         self.cancelled = not self.timed_out and self.should_stop()
-        if self.timed_out or self.cancelled:
+        self.over_disk_quota = not (self.timed_out or self.cancelled) and self.exceeds_quota()
+        if self.timed_out or self.cancelled or self.over_disk_quota:
             self.stopped_at = time.monotonic()
         return self.stopped_at is not None
 
     def overdue(self) -> bool:
         return self.stopped_at is not None and time.monotonic() - self.stopped_at > _STOP_GRACE_S
+
+
+class _DiskQuota:
+    """Whether a script's files take more than `limit_mb` in its workspace, beyond what the worker put there before
+    it started (its rows, its config). Checked at each look at the script, `_DISK_ENTRIES_PER_CHECK` entries at a
+    time (disk_usage.py says what counts). What it writes past the quota before it is stopped: whatever it writes
+    between two looks (0.1-0.2 s) or, in a workspace of more entries than a look reads, during one pass over them
+    (entries / 2,000 looks; each name counts 4 KiB at least, so a workspace within the quota holds at most
+    quota / 4 KiB of them); plus files it deleted but holds open, which no measure of the folder sees: at most
+    max_open_files x max_file_mb per process (RLIMIT_NOFILE, RLIMIT_FSIZE), freed when the run ends."""
+
+    def __init__(self, workdir: Path, limit_mb: int) -> None:
+        self._usage = DiskUsage(workdir, entries_per_step=_DISK_ENTRIES_PER_CHECK)
+        self._allowed = self._usage.measure() + limit_mb * _MB
+
+    def exceeded(self) -> bool:
+        try:
+            return self._usage.step() > self._allowed
+        except HiddenFiles:
+            return True  # a script that hides its files from the measure is taken to be over its quota
+
+    def close(self) -> None:
+        self._usage.close()
 
 
 class _OutputTail:

@@ -330,6 +330,8 @@ def test_a_normal_class_no_model_can_have_is_refused_naming_it_and_changes_nothi
         ("maxFileMb", 10**24),
         ("maxOpenFiles", 10**24),
         ("maxOpenFiles", schemas.LIMIT_MAXIMA["maxOpenFiles"] + 1),
+        ("diskMb", 10**24),
+        ("diskMb", schemas.LIMIT_MAXIMA["diskMb"] + 1),
     ],
 )
 def test_a_training_limit_over_its_maximum_is_refused_naming_it_and_changes_nothing(

@@ -372,6 +372,32 @@ def test_a_script_that_loops_is_stopped_at_the_orgs_timeout(
     assert "timed out after 2 s" in run_of(api, org, run_id)["error"]
 
 
+def test_a_script_that_fills_its_workspace_fails_at_the_orgs_disk_quota_without_a_retry(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    """Many files, each under the file-size limit, would fill the disk every org's runs share."""
+    script = install_script(
+        scripts_dir,
+        "fills.py",
+        """
+        import os, tempfile
+        for number in range(200):  # 200 MB: enough to be stopped, little enough to end if not
+            with open(os.path.join(tempfile.gettempdir(), f"part-{number}.bin"), "wb") as file:
+                file.write(os.urandom(2**20))
+    """,
+    )
+    set_org_config(api, org, {"training": {"scriptPath": script, "diskMb": 20, "maxFileMb": 2}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    before = set(default_root().iterdir())
+
+    assert run_training(run_id, script_worker) == "failed"
+
+    run = run_of(api, org, run_id)
+    assert "wrote more than 20 MB in its workspace (limit 20 MB)" in run["error"]
+    assert run["attempts"] == 1
+    assert set(default_root().iterdir()) <= before
+
+
 def then(action: str) -> str:
     """A script that trains as the built-in one does, then does `action` with `out`, its outputPath."""
     return f"""

@@ -23,7 +23,7 @@ from shared.schemas import LIMIT_MAXIMA, OrgConfig, TrainingPolicyInput
 from shared.settings import Settings
 from tests.support.workspaces import workspace_holder
 
-LIMITS = Limits(timeout_s=30, cpu_s=30, memory_mb=2048, max_file_mb=10, max_open_files=64)
+LIMITS = Limits(timeout_s=30, cpu_s=30, memory_mb=2048, max_file_mb=10, max_open_files=64, disk_mb=1024)
 SECRET = "KILN_SECRET_KEY"
 # A cancelled run must stop its script well within this.
 STOP_WITHIN_S = 5.0
@@ -60,19 +60,33 @@ def run(
     should_stop: Callable[[], bool] = lambda: False,
     on_output: Callable[[str, Path], None] = lambda line, workdir: None,
 ) -> Outcome:
-    script = folder / "script.py"
-    script.write_text(textwrap.dedent(source))
     lines: list[str] = []
     with sandbox.workspace() as workdir:
-        config = workdir / "config.json"
-        config.write_text("{}")
 
         def collect(line: str) -> None:
             lines.append(line)
             on_output(line, workdir)
 
-        result = sandbox.run(script, config, workdir, limits, should_stop=should_stop, on_output=collect)
+        result = run_in(sandbox, folder, workdir, source, limits=limits, should_stop=should_stop, on_output=collect)
     return Outcome(result, lines, workdir)
+
+
+def run_in(
+    sandbox: Sandbox,
+    folder: Path,
+    workdir: Path,
+    source: str,
+    *,
+    limits: Limits = LIMITS,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_output: Callable[[str], None] = lambda line: None,
+) -> ScriptResult:
+    """Run the script in a workspace the caller holds."""
+    script = folder / "script.py"
+    script.write_text(textwrap.dedent(source))
+    config = workdir / "config.json"
+    config.write_text("{}")
+    return sandbox.run(script, config, workdir, limits, should_stop=should_stop, on_output=on_output)
 
 
 def assert_runs_a_good_script(sandbox: Sandbox, folder: Path) -> None:
@@ -105,6 +119,16 @@ MISBEHAVIOURS = {
         """,
         replace(LIMITS, max_file_mb=3),
         "wrote a file over 3 MB (SIGXFSZ)",
+    ),
+    "writes too many files": (
+        """
+        import os, tempfile
+        for number in range(200):  # 200 MB: enough to be stopped, little enough to end if not
+            with open(os.path.join(tempfile.gettempdir(), f"part-{number}.bin"), "wb") as file:
+                file.write(os.urandom(2**20))
+        """,
+        replace(LIMITS, max_file_mb=2, disk_mb=20),
+        "wrote more than 20 MB in its workspace (limit 20 MB)",
     ),
     "segfaults": ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", LIMITS, "killed by SIGSEGV"),
     "raises": (RAISES, LIMITS, "exited with 1: "),
@@ -395,6 +419,98 @@ def test_the_workspace_is_removed_however_the_run_ended(sandbox: Sandbox, tmp_pa
     assert not outcome.workdir.exists()
 
 
+def test_a_script_that_fills_its_workspace_is_stopped_soon_and_the_workspace_removed(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Each file under the file-size limit, in its private tmp and its folder: only the quota stops it."""
+    source = """
+        import os
+        for number in range(200):  # 200 MB: enough to be stopped, little enough to end if not
+            folder = "tmp" if number % 2 else "."
+            with open(os.path.join(folder, f"part-{number}.bin"), "wb") as file:
+                file.write(os.urandom(2**20))
+    """
+    started = time.monotonic()
+    outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, max_file_mb=2, disk_mb=30))
+
+    assert outcome.result.reason() == "wrote more than 30 MB in its workspace (limit 30 MB)"
+    assert outcome.result.signal == "SIGKILL"
+    assert time.monotonic() - started < 10
+    assert not outcome.workdir.exists()
+    assert_runs_a_good_script(sandbox, tmp_path)
+
+
+# Long enough for the quota to be measured many times while the script waits.
+HOLD_ON = "\nimport time\ntime.sleep(1.5)\n"
+
+
+def test_a_script_that_writes_below_its_quota_succeeds_beside_the_workers_own_files(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """The rows the worker put in the workspace before the script started are not the script's to answer for."""
+    source = """
+        import os
+        for number in range(8):
+            with open(f"tmp/part-{number}.bin", "wb") as file:
+                file.write(os.urandom(2**20))
+    """
+    source = textwrap.dedent(source) + HOLD_ON
+    with sandbox.workspace() as workdir:
+        (workdir / "source.parquet").write_bytes(os.urandom(40 * 2**20))
+        result = run_in(sandbox, tmp_path, workdir, source, limits=replace(LIMITS, disk_mb=16))
+
+    assert result.ok, result.reason()
+
+
+def test_a_link_to_a_big_file_outside_the_workspace_is_not_counted(sandbox: Sandbox, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big.bin").write_bytes(os.urandom(40 * 2**20))
+    source = f"""
+        import os
+        os.symlink({str(outside / "big.bin")!r}, "big.bin")
+        os.symlink({str(outside)!r}, "tmp/outside")
+    """
+    source = textwrap.dedent(source) + HOLD_ON
+
+    outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, disk_mb=16))
+
+    assert outcome.result.ok, outcome.result.reason()
+
+
+def test_a_file_of_several_names_is_counted_once(sandbox: Sandbox, tmp_path: Path) -> None:
+    source = """
+        import os
+        with open("model.bin", "wb") as file:
+            file.write(os.urandom(8 * 2**20))
+        for name in ("a.bin", "b.bin", "tmp/c.bin"):
+            os.link("model.bin", name)
+    """
+    source = textwrap.dedent(source) + HOLD_ON
+
+    outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, disk_mb=16))
+
+    assert outcome.result.ok, outcome.result.reason()
+
+
+def test_a_folder_the_script_makes_unreadable_is_counted_all_the_same(sandbox: Sandbox, tmp_path: Path) -> None:
+    source = """
+        import os
+        os.makedirs("hidden/deeper")
+        for number in range(30):
+            with open(f"hidden/deeper/part-{number}.bin", "wb") as file:
+                file.write(os.urandom(2**20))
+        os.chmod("hidden/deeper", 0)
+        os.chmod("hidden", 0)
+    """
+    source = textwrap.dedent(source) + HOLD_ON
+
+    outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, max_file_mb=2, disk_mb=20))
+
+    assert outcome.result.reason() == "wrote more than 20 MB in its workspace (limit 20 MB)"
+    assert not outcome.workdir.exists()
+
+
 def test_the_workspaces_a_killed_worker_left_are_swept_and_a_live_workers_kept(tmp_path: Path) -> None:
     """A worker killed mid-run cannot remove its run's workspace; a sweep does, leaving the others' runs alone."""
     root = tmp_path / "workspaces"
@@ -461,18 +577,23 @@ def test_a_script_that_kills_its_zygote_fails_and_the_next_run_works(tmp_path: P
         assert_runs_a_good_script(unconfined, tmp_path)
 
 
-def test_limits_come_from_settings_and_take_an_orgs_overrides() -> None:
-    limits = Limits.from_settings(Settings(training_timeout_s=60, training_memory_mb=1024))
+def test_limits_come_from_settings_and_take_an_orgs_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The module's sandbox fixture, still set up, put a value in the worker's environment that is no secret key.
+    monkeypatch.delenv(SECRET)
+    limits = Limits.from_settings(Settings(training_timeout_s=60, training_memory_mb=1024, training_disk_mb=2048))
 
-    overridden = limits.with_overrides({"timeoutS": 30, "memoryMb": 512.0, "maxOpenFiles": 128})
+    overridden = limits.with_overrides({"timeoutS": 30, "memoryMb": 512.0, "maxOpenFiles": 128, "diskMb": 64})
 
-    assert (limits.timeout_s, limits.memory_mb) == (60, 1024)
+    assert (limits.timeout_s, limits.memory_mb, limits.disk_mb) == (60, 1024, 2048)
     assert (overridden.timeout_s, overridden.memory_mb, overridden.max_open_files) == (30, 512, 128)
+    assert overridden.disk_mb == 64
     assert isinstance(overridden.memory_mb, int)
     assert overridden.cpu_s == limits.cpu_s
 
 
-@pytest.mark.parametrize("overrides", [{"timeout": 30}, {"memoryMb": 0}, {"cpuS": 1.5}, {"maxFileMb": True}])
+@pytest.mark.parametrize(
+    "overrides", [{"timeout": 30}, {"memoryMb": 0}, {"cpuS": 1.5}, {"maxFileMb": True}, {"diskMb": -1}]
+)
 def test_a_bad_override_is_refused(overrides: dict[str, object]) -> None:
     with pytest.raises(InvalidInput):
         LIMITS.with_overrides(overrides)

@@ -24,7 +24,7 @@ from services.trainer.pipeline.validate import parity
 from services.trainer.sandbox import Limits, Sandbox
 
 SCRIPT = Path(services.trainer.scripts.__file__).parent / "train_lightgbm.py"
-LIMITS = Limits(timeout_s=300, cpu_s=600, memory_mb=8192, max_file_mb=512, max_open_files=256)
+LIMITS = Limits(timeout_s=300, cpu_s=600, memory_mb=8192, max_file_mb=512, max_open_files=256, disk_mb=4096)
 ROWS = 20_000
 MAX_PARITY_DIFF = 1e-5
 
