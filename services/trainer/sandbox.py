@@ -196,7 +196,7 @@ class ScriptResult:
         if self.timed_out:
             return f"timed out after {limits.timeout_s:g} s (the org's limit)"
         if self.over_disk_quota:
-            return f"wrote more than {limits.disk_mb} MB in its workspace (limit {limits.disk_mb} MB)"
+            return f"filled its workspace past the disk quota (limit {limits.disk_mb} MB)"
         if self.ok:
             return "finished"
         if self.signal == "SIGXCPU" or (self.signal == "SIGKILL" and self.cpu_s >= limits.cpu_s):

@@ -393,7 +393,7 @@ def test_a_script_that_fills_its_workspace_fails_at_the_orgs_disk_quota_without_
     assert run_training(run_id, script_worker) == "failed"
 
     run = run_of(api, org, run_id)
-    assert "wrote more than 20 MB in its workspace (limit 20 MB)" in run["error"]
+    assert "filled its workspace past the disk quota (limit 20 MB)" in run["error"]
     assert run["attempts"] == 1
     assert set(default_root().iterdir()) <= before
 

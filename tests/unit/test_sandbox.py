@@ -128,7 +128,7 @@ MISBEHAVIOURS = {
                 file.write(os.urandom(2**20))
         """,
         replace(LIMITS, max_file_mb=2, disk_mb=20),
-        "wrote more than 20 MB in its workspace (limit 20 MB)",
+        "filled its workspace past the disk quota (limit 20 MB)",
     ),
     "segfaults": ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", LIMITS, "killed by SIGSEGV"),
     "raises": (RAISES, LIMITS, "exited with 1: "),
@@ -433,7 +433,7 @@ def test_a_script_that_fills_its_workspace_is_stopped_soon_and_the_workspace_rem
     started = time.monotonic()
     outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, max_file_mb=2, disk_mb=30))
 
-    assert outcome.result.reason() == "wrote more than 30 MB in its workspace (limit 30 MB)"
+    assert outcome.result.reason() == "filled its workspace past the disk quota (limit 30 MB)"
     assert outcome.result.signal == "SIGKILL"
     assert time.monotonic() - started < 10
     assert not outcome.workdir.exists()
@@ -507,7 +507,7 @@ def test_a_folder_the_script_makes_unreadable_is_counted_all_the_same(sandbox: S
 
     outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, max_file_mb=2, disk_mb=20))
 
-    assert outcome.result.reason() == "wrote more than 20 MB in its workspace (limit 20 MB)"
+    assert outcome.result.reason() == "filled its workspace past the disk quota (limit 20 MB)"
     assert not outcome.workdir.exists()
 
 
