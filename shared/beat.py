@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from shared.audit import record_change
 from shared.db.models import Schedule, SyncSchedule
-from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
+from shared.db.session import SessionFactory, make_central_engine, make_session_factory, session_scope
 from shared.schedules import next_fire_times
 from shared.settings import Settings, build_settings
 
@@ -173,7 +173,7 @@ def missed(
 class DatabaseBeat(Scheduler):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.settings: Settings = build_settings()
-        self.engine = make_engine(self.settings.resolved_database_url)
+        self.engine = make_central_engine(self.settings, bound_answers=True)
         self.sessions = make_session_factory(self.engine)
         super().__init__(*args, **kwargs)
 

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.pool import NullPool
 
 from shared.db.models import Organization
-from shared.db.session import make_engine
+from shared.db.session import make_central_engine
 from shared.queues import ORG_QUEUE_PREFIX, SYNC_QUEUE_PREFIX, SYNC_QUEUES_COMMAND
 from shared.schemas import OrgConfig
 from shared.settings import build_settings
@@ -42,7 +42,7 @@ class OrgQueues(bootsteps.StartStopStep):  # type: ignore[misc]
         settings = build_settings()
         self.only_orgs = settings.worker_org_ids
         # Its own engine, in the worker's main process: the pool's children never inherit its connections.
-        self.engine = make_engine(settings.resolved_database_url, poolclass=NullPool)
+        self.engine = make_central_engine(settings, bound_answers=True, poolclass=NullPool)
         self.sweep(consumer)
         self.timer_ref = consumer.timer.call_repeatedly(SWEEP_SECONDS, self.sweep, (consumer,), priority=10)
 

@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from shared.crypto import platform_key
+from shared.db.session import DATABASE_TIMEOUT_S
 from shared.errors import ConfigurationError
 from shared.schemas import problems
 
@@ -32,6 +33,14 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of Kiln's own logs.")
     data_dir: Path = Field(Path(".kiln"), description="Where the embedded stack keeps its files.")
     database_url: str = Field("", description="SQLAlchemy URL; empty means a SQLite file under data_dir.")
+    database_timeout_s: float = Field(
+        DATABASE_TIMEOUT_S,
+        ge=1,
+        description="How long a process waits on a PostgreSQL server that stops answering: every process, for a peer "
+        "that stops acknowledging; the api, the predictor, the trainer and the beats, for any answer (their "
+        "statements are all short). Sync workers and migrations, whose statements may rightly run long, wait on a "
+        "server that still acknowledges.",
+    )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, pub/sub and caches.")
     object_store: str = Field("", description="file://PATH or s3://BUCKET; empty means data_dir/objects.")
     s3_endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 server (MinIO).")

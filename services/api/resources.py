@@ -10,7 +10,7 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from shared.crypto import SecretBox
-from shared.db.session import SessionFactory, make_engine, make_session_factory
+from shared.db.session import SessionFactory, make_central_engine, make_session_factory
 from shared.events import DeployEvent, publish_deploy_event
 from shared.outbox import (
     KIND_DELETE_SOURCE_TASK,
@@ -49,7 +49,7 @@ class Resources:
 
     @classmethod
     def open(cls, settings: Settings) -> Resources:
-        engine = make_engine(settings.resolved_database_url)
+        engine = make_central_engine(settings, bound_answers=True)
         celery = Celery("kiln-api")
         celery.conf.update(celery_config(settings.redis_url, longest_training_s=settings.training_timeout_s))
         return cls(

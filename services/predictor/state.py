@@ -19,7 +19,7 @@ from services.predictor.listener import DeployListener
 from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, ServingMetrics
 from services.predictor.models import LoadedModel, ModelCache
 from services.predictor.records import PredictionRecorder
-from shared.db.session import make_engine, make_session_factory
+from shared.db.session import make_central_engine, make_session_factory
 from shared.errors import KilnError, NotFound, PayloadTooLarge
 from shared.http_errors import refuse_nul_in_url
 from shared.keys import Principal, bearer_token
@@ -41,7 +41,7 @@ class PredictorState:
 
     @classmethod
     def open(cls, settings: Settings) -> PredictorState:
-        engine = make_engine(settings.resolved_database_url)
+        engine = make_central_engine(settings, bound_answers=True)
         sessions = make_session_factory(engine)
         cache = ModelCache(settings.predictor_memory_mb)
         synchronizer = Synchronizer(sessions, open_object_store(settings), cache)

@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 
 from shared.crypto import SecretBox
 from shared.db.models import Organization, SyncSource
-from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
+from shared.db.session import SessionFactory, make_central_engine, make_session_factory, session_scope
 from shared.errors import NotFound
 from shared.schemas import OrgConfig
 from shared.settings import Settings, build_settings
@@ -28,7 +28,7 @@ class SyncContext:
 
     @classmethod
     def open(cls, settings: Settings) -> SyncContext:
-        engine = make_engine(settings.resolved_database_url)
+        engine = make_central_engine(settings, bound_answers=False)
         return cls(
             settings=settings,
             engine=engine,

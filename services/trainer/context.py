@@ -16,7 +16,7 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from services.trainer.sandbox import Sandbox
-from shared.db.session import SessionFactory, make_engine, make_session_factory
+from shared.db.session import SessionFactory, make_central_engine, make_session_factory
 from shared.outbox import KIND_TRAIN_TASK, Sender
 from shared.queues import celery_config, send_train_task
 from shared.schemas import OrgConfig
@@ -37,7 +37,7 @@ class WorkerContext:
 
     @classmethod
     def open(cls, settings: Settings) -> WorkerContext:
-        engine = make_engine(settings.resolved_database_url)
+        engine = make_central_engine(settings, bound_answers=True)
         producer = Celery("kiln-trainer-producer")
         producer.conf.update(celery_config(settings.redis_url, longest_training_s=settings.training_timeout_s))
         return cls(

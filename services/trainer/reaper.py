@@ -12,7 +12,7 @@ from sqlalchemy.pool import NullPool
 
 from services.trainer.runs import reap_expired, wake_all_waiting
 from shared.cancellation import request_cancel
-from shared.db.session import make_engine, make_session_factory, session_scope
+from shared.db.session import make_central_engine, make_session_factory, session_scope
 from shared.outbox import KIND_TRAIN_TASK, relay
 from shared.queues import send_train_task
 from shared.settings import build_settings
@@ -32,7 +32,7 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, consumer: Any) -> None:
         settings = build_settings()
         # Its own engine, in the worker's main process: the pool's children never inherit its connections.
-        self.engine = make_engine(settings.resolved_database_url, poolclass=NullPool)
+        self.engine = make_central_engine(settings, bound_answers=True, poolclass=NullPool)
         self.sessions = make_session_factory(self.engine)
         self.max_attempts = settings.run_max_attempts
         self.timer_ref = consumer.timer.call_repeatedly(SWEEP_SECONDS, self.sweep, (consumer,), priority=10)
@@ -59,7 +59,7 @@ def cancel_revoked(run_id: str) -> None:
     """Cancel the run of a revoked task: at once if queued; a running one is stopped by its own worker's heartbeat
     (or, if a terminate killed that worker, ends cancelled when the reaper finds its lease gone)."""
     settings = build_settings()
-    engine = make_engine(settings.resolved_database_url, poolclass=NullPool)
+    engine = make_central_engine(settings, bound_answers=True, poolclass=NullPool)
     try:
         with session_scope(make_session_factory(engine)) as session:
             request_cancel(session, run_id)

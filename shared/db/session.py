@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+
+from shared.db.answers import bounded_connections
+
+if TYPE_CHECKING:  # settings import this module's default
+    from shared.settings import Settings
 
 SessionFactory = sessionmaker[Session]
 
@@ -18,6 +23,12 @@ SessionFactory = sessionmaker[Session]
 # 503 with Retry-After and workers retry as for any database error.
 CONNECT_TIMEOUT_S = 5
 POOL_TIMEOUT_S = 5
+# How long a connection waits on a server that stops answering (KILN_DATABASE_TIMEOUT_S), for callers without
+# settings (migrations, an org's sync store).
+DATABASE_TIMEOUT_S = 15.0
+# With bounded answers, the server cancels a statement at the bound (statement_timeout) and the client gives up on
+# the connection this much later: a server that runs answers with the cancel first, and the connection stays usable.
+ANSWER_GRACE_S = 2.0
 
 
 def with_shipped_driver(url: str | URL) -> URL:
@@ -27,8 +38,16 @@ def with_shipped_driver(url: str | URL) -> URL:
     return parsed.set(drivername="postgresql+psycopg2") if parsed.drivername == "postgresql" else parsed
 
 
-def make_engine(url: str | URL, **kwargs: Any) -> Engine:
-    """An engine with the settings each backend needs to share one database between processes."""
+def make_engine(
+    url: str | URL, *, timeout_s: float = DATABASE_TIMEOUT_S, bound_answers: bool = False, **kwargs: Any
+) -> Engine:
+    """An engine with the settings each backend needs to share one database between processes.
+
+    On PostgreSQL, a connection whose peer stops acknowledging packets ends within about `timeout_s`. With
+    `bound_answers`, for processes whose statements are all short (the api, the predictor, the trainer's leases),
+    so does any wait for an answer: the server cancels a statement at `timeout_s`, and the client gives up on a
+    server that does not answer at all ANSWER_GRACE_S later. Workers whose statements may rightly run long (sync
+    batches, key rotations, migrations) leave it off."""
     url = with_shipped_driver(url)
     if url.get_backend_name() == "sqlite":
         # The api, workers and predictor all open the same file: WAL lets readers run beside one writer,
@@ -38,14 +57,46 @@ def make_engine(url: str | URL, **kwargs: Any) -> Engine:
         return engine
     if "poolclass" not in kwargs:  # NullPool has no checkout to wait for, and refuses the argument
         kwargs.setdefault("pool_timeout", POOL_TIMEOUT_S)
-    return create_engine(url, pool_pre_ping=True, connect_args=_connect_args(url), **kwargs)
+    connect_args = _libpq_bounds(url, timeout_s)
+    if bound_answers:
+        connect_args |= _answer_bounds(url, timeout_s)
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
-def _connect_args(url: URL) -> dict[str, Any]:
-    """libpq's connect_timeout, unless the URL sets its own (an org's store across a slow link may)."""
-    if url.get_backend_name() != "postgresql" or "connect_timeout" in url.query:
-        return {}
-    return {"connect_timeout": CONNECT_TIMEOUT_S}
+def make_central_engine(settings: Settings, *, bound_answers: bool, **kwargs: Any) -> Engine:
+    """Kiln's own database, with the waits on it bounded by KILN_DATABASE_TIMEOUT_S (see make_engine)."""
+    return make_engine(
+        settings.resolved_database_url, timeout_s=settings.database_timeout_s, bound_answers=bound_answers, **kwargs
+    )
+
+
+def _libpq_bounds(url: URL, timeout_s: float) -> dict[str, Any]:
+    """libpq's bounds, each unless the URL sets its own (an org's store across a slow link may). connect_timeout
+    bounds connecting. A peer that stops acknowledging (its host gone, a partition) ends the connection within about
+    `timeout_s`: keepalives probe an idle one (idle + count * interval), and tcp_user_timeout (libpq >= 12) ends one
+    whose sent data stays unacknowledged, mid-query too. Neither notices a server whose machine still acknowledges
+    but never answers: shared/db/answers.py."""
+    probe_s = max(1, round(timeout_s / 3))
+    bounds = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "keepalives": 1,
+        "keepalives_idle": probe_s,
+        "keepalives_interval": probe_s,
+        "keepalives_count": 2,
+        "tcp_user_timeout": round(timeout_s * 1000),
+    }
+    return {name: value for name, value in bounds.items() if name not in url.query}
+
+
+def _answer_bounds(url: URL, timeout_s: float) -> dict[str, Any]:
+    """The server's statement_timeout at `timeout_s` (added to the URL's own server options), and connections whose
+    every wait for an answer the client cuts off ANSWER_GRACE_S later."""
+    statement_timeout = f"-c statement_timeout={round(timeout_s * 1000)}"
+    own = url.query.get("options")
+    return {
+        "options": f"{own} {statement_timeout}" if isinstance(own, str) else statement_timeout,
+        "connection_factory": bounded_connections(timeout_s + ANSWER_GRACE_S),
+    }
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
