@@ -3,12 +3,17 @@ of database round trips."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+
+from sqlalchemy.exc import OperationalError, TimeoutError
 
 from shared.db.session import SessionFactory
 from shared.errors import NotFound, Unauthorized
 from shared.keys import Principal, find_principal
+
+log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 10_000
 
@@ -29,8 +34,18 @@ class KeyCache:
         return True, entry[1]
 
     def lookup(self, token: str) -> Principal | None:
-        with self.sessions() as session:
-            principal = find_principal(session, token=token, admin_token=self.admin_token)
+        """The key's principal, from the database. While it cannot answer, a key looked up before keeps its last
+        answer, for another ttl_s before the next try: the models loaded go on serving their callers through an
+        outage, at the cost of a key revoked just before it working until the database is back."""
+        try:
+            with self.sessions() as session:
+                principal = find_principal(session, token=token, admin_token=self.admin_token)
+        except (OperationalError, TimeoutError):
+            known = self._entries.get(token)
+            if known is None:
+                raise
+            log.warning("the database cannot check a key; it keeps its last answer for %s s", self.ttl_s)
+            principal = known[1]
         with self._lock:
             if len(self._entries) >= MAX_ENTRIES:
                 self._entries.clear()  # bounded: a flood of made-up keys cannot grow it without end
