@@ -1,0 +1,161 @@
+"""A central PostgreSQL that stops answering, its machine still acknowledging every packet (a stopped server, a stuck
+link): a forwarder between a service and the real server is frozen. Each call that meets it is run with an outer
+timeout, so that a wait without end fails the test rather than hanging it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+
+from services.api.app import create_app
+from shared.db.session import ANSWER_GRACE_S, CONNECT_TIMEOUT_S, make_central_engine
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from tests.integration.conftest import ADMIN, OrgKeys
+from tests.integration.test_predictor import eventually
+from tests.integration.test_predictor_deployments import deploy
+from tests.support.models import ai4i_row, register_model, tiny_model
+from tests.support.proxy import FreezableLink, freezable_link_to, outcome_within
+from tests.support.servers import free_port, wait_for_http
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 1.0
+# Generous: a bounded wait ends well within it, one without end never does.
+OUTER_TIMEOUT_S = 60.0
+
+
+@contextmanager
+def through_link(settings: Settings) -> Iterator[tuple[FreezableLink, Settings]]:
+    """`settings` reaching the central database through a freezable link, with a short bound on waits."""
+    with freezable_link_to(settings.database_url) as (link, url):
+        yield link, settings.model_copy(update={"database_url": url, "database_timeout_s": TIMEOUT_S})
+
+
+def select_one(engine: Engine) -> object:
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT 1")).scalar()
+
+
+def test_a_statement_through_a_frozen_link_fails_within_the_bound_and_the_engine_recovers_once_it_thaws(
+    settings: Settings,
+) -> None:
+    with through_link(settings) as (link, linked):
+        engine = make_central_engine(linked, bound_answers=True)
+        try:
+            with engine.connect() as connection:
+                link.freeze()
+                error = outcome_within(OUTER_TIMEOUT_S, lambda: connection.execute(text("SELECT 1")))
+            assert isinstance(error, OperationalError)
+            assert f"did not answer within {TIMEOUT_S + ANSWER_GRACE_S:g} s" in str(error)
+
+            # A new checkout: the pool's ping is cut off too, and a new connection times out connecting.
+            assert isinstance(outcome_within(OUTER_TIMEOUT_S, lambda: select_one(engine)), OperationalError)
+
+            link.thaw()
+            assert select_one(engine) == 1
+        finally:
+            engine.dispose()
+
+
+def test_the_server_cancels_a_long_statement_of_a_bounded_engine_and_a_worker_engine_lets_it_run(
+    settings: Settings,
+) -> None:
+    bounded = make_central_engine(settings.model_copy(update={"database_timeout_s": TIMEOUT_S}), bound_answers=True)
+    worker = make_central_engine(settings.model_copy(update={"database_timeout_s": TIMEOUT_S}), bound_answers=False)
+    long_statement = text(f"SELECT pg_sleep({TIMEOUT_S + 0.5})")
+    try:
+        with bounded.connect() as connection:
+            error = outcome_within(OUTER_TIMEOUT_S, lambda: connection.execute(long_statement))
+            assert isinstance(error, OperationalError) and "statement timeout" in str(error)
+            connection.rollback()
+            assert connection.execute(text("SELECT 1")).scalar() == 1  # a cancel leaves the connection usable
+        with worker.connect() as connection:
+            connection.execute(long_statement)
+            assert connection.execute(text("SHOW statement_timeout")).scalar() == "0"
+            parameters = connection.connection.dbapi_connection.get_dsn_parameters()  # type: ignore[union-attr]
+        assert (parameters["keepalives"], parameters["tcp_user_timeout"]) == ("1", str(round(TIMEOUT_S * 1000)))
+    finally:
+        bounded.dispose()
+        worker.dispose()
+
+
+def test_the_api_answers_503_while_its_database_link_is_frozen_and_200_once_it_thaws(
+    settings: Settings, org: OrgKeys
+) -> None:
+    with through_link(settings) as (link, linked), TestClient(create_app(linked)) as api:
+        path = f"/v1/orgs/{org.org_id}"
+        assert api.get(path, headers=ADMIN).status_code == 200
+        link.freeze()
+
+        frozen = outcome_within(OUTER_TIMEOUT_S, lambda: api.get(path, headers=ADMIN))
+        assert not isinstance(frozen, Exception), frozen
+        assert (frozen.status_code, frozen.headers["retry-after"]) == (503, "1")
+        assert frozen.json() == {"error": "the database is unavailable, try again", "status": 503}
+
+        link.thaw()
+        assert eventually(lambda: api.get(path, headers=ADMIN).status_code == 200, seconds=OUTER_TIMEOUT_S)
+
+
+@contextmanager
+def predictor_process(settings: Settings, tmp_path: Path) -> Iterator[str]:
+    """The predictor as it runs in production, a process of its own under uvicorn; yields its base URL."""
+    port = free_port()
+    env = {**os.environ, **settings.as_env()}
+    command = [sys.executable, "-m", "uvicorn", "--factory", "services.predictor.app:create_app", "--port", str(port)]
+    with (tmp_path / "predictor.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for_http(f"{base}/v2/health/live", process)
+            yield base
+            assert process.poll() is None, (tmp_path / "predictor.log").read_text()
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def answered_version(base: str, org: OrgKeys) -> str | None:
+    response = httpx.post(
+        f"{base}/v1/orgs/{org.org_id}/predict",
+        json={"rows": [ai4i_row()]},
+        headers=org.viewer,
+        timeout=OUTER_TIMEOUT_S,
+    )
+    return response.headers.get("x-model-version") if response.status_code == 200 else None
+
+
+def test_a_predictor_serves_its_model_while_its_database_link_is_frozen_and_follows_a_deploy_made_meanwhile(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings, tmp_path: Path
+) -> None:
+    old = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    new = register_model(engine, store, org.org_id, tiny_model(seed=2))
+    deploy(api, org, old)
+    # Keys are looked up again every second, so that the outage outlasts what the predictor remembers of them.
+    tuned = {"predictor_reconcile_s": 0.5, "predictor_key_cache_s": 1.0}
+    with through_link(settings.model_copy(update=tuned)) as (link, linked), predictor_process(linked, tmp_path) as base:
+        assert eventually(lambda: answered_version(base, org) == old, seconds=OUTER_TIMEOUT_S)
+        link.freeze()
+
+        # Through several reconciles, key lookups and the deploy event's sync, each cut off in turn.
+        deploy(api, org, new)
+        answered: list[str | Exception | None] = []
+        until = time.monotonic() + 2 * (TIMEOUT_S + ANSWER_GRACE_S + CONNECT_TIMEOUT_S)
+        while time.monotonic() < until or len(answered) < 3:
+            answered.append(outcome_within(OUTER_TIMEOUT_S, lambda: answered_version(base, org)))
+            time.sleep(0.5)
+        assert answered == [old] * len(answered)
+        ready = outcome_within(OUTER_TIMEOUT_S, lambda: httpx.get(f"{base}/v2/health/ready", timeout=OUTER_TIMEOUT_S))
+        assert isinstance(ready, httpx.Response) and ready.status_code == 200
+
+        link.thaw()
+        assert eventually(lambda: answered_version(base, org) == new, seconds=OUTER_TIMEOUT_S)
