@@ -50,6 +50,25 @@ class FreezableLink:
         for sock in [self._listener, *self._sockets]:
             sock.close()
 
+    def outcome_within(self, seconds: float, call: Callable[[], T]) -> T | Exception:
+        """What `call` returns or raises, run in a thread of its own. Past `seconds` the link is closed, which ends
+        any wait on it, and the test fails: a wait without end fails the test instead of hanging it."""
+        outcome: list[T | Exception] = []
+
+        def run() -> None:
+            try:
+                outcome.append(call())
+            except Exception as error:
+                outcome.append(error)
+
+        thread = threading.Thread(target=run, name="call-on-link", daemon=True)
+        thread.start()
+        thread.join(seconds)
+        if not outcome:
+            self.close()
+            raise AssertionError(f"still waiting after {seconds} s")
+        return outcome[0]
+
     def _accept(self) -> None:
         while not self._closing.is_set():
             try:
@@ -89,21 +108,3 @@ def freezable_link_to(database_url: str) -> Iterator[tuple[FreezableLink, str]]:
         yield link, url.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
     finally:
         link.close()
-
-
-def outcome_within(seconds: float, call: Callable[[], T]) -> T | Exception:
-    """What `call` returns or raises, run in a thread of its own, so that a call that hangs fails the test after
-    `seconds` instead of hanging it; the thread is left to end when its link closes."""
-    outcome: list[T | Exception] = []
-
-    def run() -> None:
-        try:
-            outcome.append(call())
-        except Exception as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=run, name="bounded-call", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert outcome, f"still waiting after {seconds} s"
-    return outcome[0]
