@@ -6,10 +6,9 @@ import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response, status
-from sqlalchemy import select, tuple_
 
 from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, SessionDep
-from services.api.lookups import get_owned, lock_org
+from services.api.lookups import get_owned, lock_org, newest_first
 from services.api.outbox_relay import commit_and_send
 from services.api.registry import failed_gates, refuse_erased, refuse_in_service
 from services.api.schemas import ArtifactOut, ModelErased, ModelOut, ValidationAccepted
@@ -54,16 +53,8 @@ def list_models(
     state: Annotated[VersionStatus | None, Query(alias="status")] = None,
 ) -> list[ModelOut]:
     """The org's versions, newest first, in pages as its runs are."""
-    query = select(ModelVersion).where(ModelVersion.org_id == access.org_id)
-    if state is not None:
-        query = query.where(ModelVersion.status == state)
-    if before is not None:
-        cursor = get_owned(session, ModelVersion, before, org_id=access.org_id, field="before")
-        query = query.where(
-            tuple_(ModelVersion.created_at, ModelVersion.version) < tuple_(cursor.created_at, cursor.version)
-        )
-    newest_first = (ModelVersion.created_at.desc(), ModelVersion.version.desc())
-    return [_model_out(row) for row in session.scalars(query.order_by(*newest_first).limit(limit))]
+    page = newest_first(session, ModelVersion, org_id=access.org_id, limit=limit, before=before, status=state)
+    return [_model_out(row) for row in page]
 
 
 @router.get("/{version}", response_model=ModelOut)

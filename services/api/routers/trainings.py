@@ -7,12 +7,12 @@ from typing import Annotated, Literal
 
 import orjson
 from fastapi import APIRouter, Header, Query, status
-from sqlalchemy import select, tuple_
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
-from services.api.lookups import get_owned
+from services.api.lookups import get_owned, newest_first
 from services.api.outbox_relay import commit_and_send
 from services.api.ratelimit import take_submission
 from services.api.schemas import MAX_ROW_ID, RunAccepted, RunLogOut, RunOut
@@ -86,14 +86,7 @@ def list_trainings(
     state: Annotated[RunStatus | None, Query(alias="status")] = None,
 ) -> list[RunOut]:
     """The org's runs, newest first."""
-    query = select(TrainingRun).where(TrainingRun.org_id == access.org_id)
-    if state is not None:
-        query = query.where(TrainingRun.status == state)
-    if before is not None:
-        cursor = get_owned(session, TrainingRun, before, org_id=access.org_id, field="before")
-        query = query.where(tuple_(TrainingRun.created_at, TrainingRun.id) < tuple_(cursor.created_at, cursor.id))
-    newest_first = (TrainingRun.created_at.desc(), TrainingRun.id.desc())
-    runs = session.scalars(query.order_by(*newest_first).limit(limit)).all()
+    runs = newest_first(session, TrainingRun, org_id=access.org_id, limit=limit, before=before, status=state)
     versions = {
         v.version: v
         for v in session.scalars(
