@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from shared.db.models import Dataset, ModelVersion, Organization, TrainingRun
+from shared.db.models import Dataset, ModelVersion, TrainingRun
 from shared.errors import NotFound
 
 Owned = TypeVar("Owned", Dataset, TrainingRun, ModelVersion)
@@ -38,18 +38,3 @@ def newest_first(
         cursor = get_owned(session, model, before, org_id=org_id, field="before")
         query = query.where(tuple_(model.created_at, key) < tuple_(cursor.created_at, before))
     return session.scalars(query.order_by(model.created_at.desc(), key.desc()).limit(limit)).all()
-
-
-def lock_org(session: Session, org_id: str) -> None:
-    """Serialise the org's deploys, erasures and run claims until the commit, so each sees what the others did.
-
-    SELECT ... FOR UPDATE would do on PostgreSQL, but SQLite ignores it, and pysqlite sends BEGIN only before the
-    first write: a write to the org row takes SQLite's database write lock (and PostgreSQL's row lock, which a
-    worker's claim of a run takes too) before anything is read, and holds it until the commit.
-    """
-    session.execute(
-        update(Organization)
-        .where(Organization.id == org_id)
-        .values(name=Organization.name)
-        .execution_options(synchronize_session=False)
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
-from services.api.lookups import get_owned, lock_org
+from services.api.lookups import get_owned
 from shared.db.models import (
     ACTION_UNDEPLOY,
     DEPLOYMENT_FAILED,
@@ -18,6 +18,7 @@ from shared.db.models import (
 )
 from shared.deployments import serving_deployment
 from shared.errors import Conflict, NotFound
+from shared.org_lock import lock_org
 from shared.outbox import KIND_DEPLOY_EVENT, add_message
 from shared.verdicts import ERASED, VALIDATED, locked_version, rejected_gates
 

@@ -19,6 +19,7 @@ from shared.db.models import Dataset, DataSource, ModelVersion, Organization, Ru
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import UTCDateTime, utcnow
 from shared.errors import KilnError
+from shared.org_lock import lock_org
 from shared.outbox import KIND_TRAIN_TASK, add_message
 from shared.retries import gave_up
 from shared.schemas import OrgConfig, TrainingConfig
@@ -80,9 +81,7 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
         if run.cancel_requested:  # asked to cancel, yet left queued: no worker may start it, so it ends cancelled
             request_cancel(session, run_id)
             return None
-        # Locking the org's row makes claims of one org take turns, so the count below cannot go stale.
-        org = session.get_one(Organization, run.org_id, with_for_update=True)
-        org_config = OrgConfig.model_validate(org.config)
+        org_config = _locked_org_config(session, run.org_id)
         if running_count(session, run.org_id) >= org_config.max_concurrent_trainings:
             run.waiting_for_slot = True
             raise_after_commit = NoSlot(f"organization {run.org_id} has no free training slot")
@@ -123,10 +122,19 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
 
 
 def _take_sqlite_write_lock(session: Session) -> None:
-    """SQLite ignores FOR UPDATE and takes its write lock only at a transaction's first write: a write that changes
-    nothing takes it now, so claims take turns there too (all the database's writers wait, for a few reads)."""
+    """SQLite takes its write lock only at a transaction's first write, and a claim (or renewal) reads its run
+    before it writes: a write that changes nothing takes the lock now, so what it reads is read under the lock
+    (all the database's writers wait, for a few reads). The org's lock (lock_org) does that too, but names the org,
+    which a claim learns only from the run it reads."""
     if session.get_bind().dialect.name == "sqlite":
         session.execute(text("UPDATE organizations SET id = id WHERE 0 = 1"))
+
+
+def _locked_org_config(session: Session, org_id: str) -> OrgConfig:
+    """The org's config, read holding the org's lock (shared/org_lock.py) until the commit: the org's claims take
+    turns, so the running count each reads after this cannot go stale."""
+    lock_org(session, org_id)
+    return OrgConfig.model_validate(session.get_one(Organization, org_id, populate_existing=True).config)
 
 
 def _clock(session: Session, *, plus_s: float = 0) -> ColumnElement[Any]:
@@ -157,8 +165,7 @@ def running_count(session: Session, org_id: str) -> int:
 
 def wake_waiting(session: Session, org_id: str) -> list[int]:
     """Send a message to as many of the org's runs waiting for a slot as there are free slots; oldest first."""
-    org = session.get_one(Organization, org_id, with_for_update=True)
-    free = OrgConfig.model_validate(org.config).max_concurrent_trainings - running_count(session, org_id)
+    free = _locked_org_config(session, org_id).max_concurrent_trainings - running_count(session, org_id)
     if free <= 0:
         return []
     waiting = session.scalars(

@@ -17,7 +17,6 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
-from services.api.lookups import lock_org
 from services.api.outbox_relay import commit_and_send
 from services.api.resources import Resources
 from services.api.routers.datasource import checked_url
@@ -33,6 +32,7 @@ from shared.audit import record_change
 from shared.db.models import Organization, SyncResync, SyncSchedule, SyncSource
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound, SourceBeingDeleted
+from shared.org_lock import lock_org
 from shared.outbox import KIND_DELETE_SOURCE_TASK, add_message
 from shared.queues import sync_queue
 from shared.schedules import ScheduleError, check_schedule, next_fire_times
