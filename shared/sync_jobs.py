@@ -1,14 +1,16 @@
-"""Queueing a sync job, the same way from the api and from the sync beat: the row and its outbox message together."""
+"""Queueing a sync job or a source's deletion, the same way from the api and from the sync beat: the row and its
+outbox message together."""
 
 from __future__ import annotations
 
 import secrets
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
 from shared.audit import record_change
 from shared.db.models import OutboxMessage, SyncJob, SyncSource
-from shared.outbox import KIND_SYNC_TASK, add_message
+from shared.outbox import KIND_DELETE_SOURCE_TASK, KIND_SYNC_TASK, add_message
 from shared.schemas import OrgConfig
 from shared.sync_tables import SyncTable
 
@@ -75,3 +77,10 @@ def queue_sync_job(session: Session, *, source: SyncSource, actor: str, trigger:
     )
     message = add_message(session, kind=KIND_SYNC_TASK, payload={"job_id": job.id, "org_id": source.org_id})
     return job, message
+
+
+def queue_source_deletion(session: Session, *, source: SyncSource, at: datetime) -> OutboxMessage:
+    """Queue the source's deletion task (services/sync/source_deletion.py), noting when: the sync beat queues it
+    again when the source is still there long after, its message presumed lost."""
+    source.deletion_queued_at = at
+    return add_message(session, kind=KIND_DELETE_SOURCE_TASK, payload={"source_id": source.id, "org_id": source.org_id})

@@ -273,6 +273,9 @@ class SyncSource(Base):
     deletion_requested_at: Mapped[datetime | None] = mapped_column(default=None)
     deletion_requested_by: Mapped[str | None] = mapped_column(String(64), default=None)
     deleted_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When the deletion's task was last queued (shared/sync_jobs.py, queue_source_deletion): the sync beat queues it
+    # again when the source is still not deleted long after (services/sync/beat.py, resend_lost_deletions).
+    deletion_queued_at: Mapped[datetime | None] = mapped_column(default=None)
     # PATCH /v1/orgs/{org}/sync-sources/{id} changed the URL: until a sync worker has found the source's own store
     # there (its marks, services/sync/store_marks.py), a job on it moves nothing and a resync does not let it through.
     url_changed_at: Mapped[datetime | None] = mapped_column(default=None)

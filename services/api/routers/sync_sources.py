@@ -33,14 +33,13 @@ from shared.db.models import Organization, SyncResync, SyncSchedule, SyncSource
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound, SourceBeingDeleted
 from shared.org_lock import lock_org
-from shared.outbox import KIND_DELETE_SOURCE_TASK, add_message
 from shared.queues import sync_queue
 from shared.schedules import ScheduleError, check_schedule, next_fire_times
 from shared.schemas import OrgConfig
 from shared.source_lock import one_job_per_source
 from shared.store_access import store_identity
 from shared.stored_secrets import sync_source_context
-from shared.sync_jobs import deletion_refusal, queue_sync_job, residency_refusal, source_tables
+from shared.sync_jobs import deletion_refusal, queue_source_deletion, queue_sync_job, residency_refusal, source_tables
 from shared.sync_tables import SyncSourceSpec, central_table_name
 
 router = APIRouter(prefix="/v1/orgs/{org}/sync-sources", tags=["sync"])
@@ -104,7 +103,8 @@ def delete_source(
     registered again; the audit trail and its jobs' history stay, and its local store is left as it is. From now on
     it takes no new job, resync or schedule change (409); a sync worker does the deletion on `sync.<org>` once the
     source's running job ends, and audits it (`sync.source.deleted`). Asked again while that is pending, the
-    deletion is queued again (a message lost with Redis is sent anew)."""
+    deletion is queued again at once; the sync beat queues it again too when it is still pending long after (its
+    message lost with Redis)."""
     # The org's deletions take turns with each other and with its registrations: two deletions at once each read
     # the source unmarked, and both were audited as the first request, the last to commit naming the asker.
     lock_org(session, access.org_id)
@@ -121,9 +121,7 @@ def delete_source(
         target=source.id,
         detail={"tables": [table.name for table in source_tables(source)], "askedBefore": again},
     )
-    message = add_message(
-        session, kind=KIND_DELETE_SOURCE_TASK, payload={"source_id": source.id, "org_id": access.org_id}
-    )
+    message = queue_source_deletion(session, source=source, at=utcnow())
     commit_and_send(session, resources, message)
     return SyncSourceDeletionOut(source_id=source.id, status="deleting", queue=sync_queue(access.org_id))
 
