@@ -1,5 +1,6 @@
-"""The sync beat: `celery -A services.sync.celery_app beat`. Each tick queues the sync jobs whose schedules are due,
-and every KILN_SYNC_PURGE_INTERVAL_S sends a retention purge to each org with sources or prediction records.
+"""The sync beat: `celery -A services.sync.celery_app beat`. Each tick queues the sync jobs whose schedules are due
+and, again, the source deletions whose message was lost; every KILN_SYNC_PURGE_INTERVAL_S it sends a retention purge
+to each org with sources or prediction records.
 
 Schedules fire as training ones do (shared/beat.py): each due time once across beats, a fire time missed by more
 than shared.beat.GRACE (no sync beat was running) skipped and audited, not made up, and a schedule that cannot
@@ -10,22 +11,49 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from services.sync.celery_app import LONGEST_JOB_S
+from shared.audit import record_change
 from shared.beat import DatabaseBeat, fire_each_due
 from shared.db.models import Organization, SyncSchedule, SyncSource
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
-from shared.outbox import KIND_SYNC_TASK, relay
-from shared.queues import send_purge_task, send_sync_task
+from shared.outbox import KIND_DELETE_SOURCE_TASK, KIND_SYNC_TASK, relay
+from shared.queues import (
+    TaskSender,
+    broker_transport_options,
+    send_delete_source_task,
+    send_purge_task,
+    send_sync_task,
+)
 from shared.schemas import OrgConfig
-from shared.sync_jobs import deletion_refusal, queue_sync_job
+from shared.sync_jobs import deletion_refusal, queue_source_deletion, queue_sync_job
 
 log = logging.getLogger(__name__)
+
+# A deletion's message waits in the org's sync queue, then, fetched and unacknowledged, for the source's running job
+# to end (LONGEST_JOB_S at most). The broker hands a fetched message out again only after its visibility timeout:
+# a deletion still pending that long after it was queued is presumed lost (Redis restarted empty, the queue purged)
+# and queued again. Sooner, a copy could hold a second sync worker waiting on the same running job for nothing.
+DELETION_RESEND_AFTER = timedelta(seconds=broker_transport_options(LONGEST_JOB_S)["visibility_timeout"])
+
+
+def send_due(app: TaskSender, sessions: SessionFactory, *, now: datetime) -> int:
+    """Queue the jobs of the sync schedules due at `now` and, again, the deletions presumed lost; send their
+    messages (a send that fails is left in the outbox, for the api's sweep). Returns how many were sent."""
+    messages = [*fire_due_sync_schedules(sessions, now=now), *resend_lost_deletions(sessions, now=now)]
+    if not messages:
+        return 0
+    senders = {
+        KIND_SYNC_TASK: lambda payload: send_sync_task(app, payload),
+        KIND_DELETE_SOURCE_TASK: lambda payload: send_delete_source_task(app, payload),
+    }
+    return relay(sessions, senders, ids=messages)
 
 
 def fire_due_sync_schedules(sessions: SessionFactory, *, now: datetime) -> list[int]:
@@ -46,6 +74,34 @@ def _queue_job(session: Session, schedule: SyncSchedule) -> int | None:
         return None  # its deletion removes the schedule; until then it fires nothing
     _job, message = queue_sync_job(session, source=source, actor="schedule", trigger="schedule")
     return message.id
+
+
+def resend_lost_deletions(sessions: SessionFactory, *, now: datetime) -> list[int]:
+    """Queue again, through the outbox, each deletion still pending DELETION_RESEND_AFTER after it was last queued;
+    returns the outbox message ids to send. A deletion being done holds its source's row and is skipped, as is one
+    another beat is queueing; a copy that comes after the deletion was done finds it done and does nothing."""
+    with session_scope(sessions) as session:
+        lost = session.scalars(
+            select(SyncSource)
+            .where(SyncSource.deleted_at.is_(None), SyncSource.deletion_queued_at <= now - DELETION_RESEND_AFTER)
+            .order_by(SyncSource.deletion_queued_at)
+            .with_for_update(skip_locked=True)
+        ).all()
+        return [_queue_deletion_again(session, source, now=now) for source in lost]
+
+
+def _queue_deletion_again(session: Session, source: SyncSource, *, now: datetime) -> int:
+    queued_at = source.deletion_queued_at
+    log.warning("sync source %s: its deletion, queued at %s, is not done; queueing it again", source.id, queued_at)
+    record_change(
+        session,
+        org_id=source.org_id,
+        actor="sync",
+        action="sync.source.deletion.requeued",
+        target=source.id,
+        detail={"queuedAt": queued_at.isoformat() if queued_at else None},
+    )
+    return queue_source_deletion(session, source=source, at=now).id
 
 
 def orgs_to_purge(sessions: SessionFactory) -> list[str]:
@@ -70,9 +126,7 @@ class SyncScheduler(DatabaseBeat):
         self.next_purge = time.monotonic()
 
     def fire_due(self) -> None:
-        messages = fire_due_sync_schedules(self.sessions, now=utcnow())
-        if messages:
-            relay(self.sessions, {KIND_SYNC_TASK: lambda payload: send_sync_task(self.app, payload)}, ids=messages)
+        send_due(self.app, self.sessions, now=utcnow())
         if time.monotonic() >= self.next_purge:
             for org_id in orgs_to_purge(self.sessions):
                 send_purge_task(self.app, org_id)

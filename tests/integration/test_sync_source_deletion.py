@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from celery import Celery
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
 from services.sync import source_deletion
-from services.sync.beat import fire_due_sync_schedules
+from services.sync.beat import DELETION_RESEND_AFTER, fire_due_sync_schedules, send_due
+from services.sync.celery_app import LONGEST_JOB_S
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
@@ -25,6 +29,7 @@ from services.sync.rotation import rotate_org_key
 from services.sync.source_deletion import delete_source
 from shared.db.models import SyncSource
 from shared.db.types import utcnow
+from shared.queues import celery_config, sync_queue
 from shared.schemas import OrgConfig
 from shared.settings import Settings
 from shared.sync_jobs import residency_refusal
@@ -43,6 +48,7 @@ from tests.integration.test_sync_postgres_local import READINGS as PG_READINGS
 from tests.integration.test_sync_postgres_local import TWO_READINGS as PG_TWO_READINGS
 from tests.integration.test_sync_postgres_local import open_postgres_sync
 from tests.support.servers import fresh_postgres_database
+from tests.support.workers import celery_worker
 
 # Kiln's tables that keep rows for a source, and the column naming it.
 SHARED_TABLES = (
@@ -62,6 +68,22 @@ def local_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def producer(central_settings: Settings) -> Iterator[Celery]:
+    """What the sync beat sends its tasks with, on the tests' Redis."""
+    app = Celery("kiln-test-sync-beat", set_as_current=False)
+    app.conf.update(celery_config(central_settings.redis_url, longest_training_s=LONGEST_JOB_S))
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def broker(central_settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(central_settings.redis_url)
+    yield client
+    client.close()
+
+
 def ask_deletion(sync: Sync, source_id: str | None = None) -> dict[str, Any]:
     source_id = source_id or sync.source_id
     response = sync.api.delete(f"/v1/orgs/{sync.org.org_id}/sync-sources/{source_id}", headers=sync.org.admin)
@@ -73,6 +95,13 @@ def deleted(sync: Sync) -> dict[str, Any]:
     """Ask for the deletion over the api, and do it here as the sync worker would."""
     ask_deletion(sync)
     return delete_source(sync.context, sync.source_id, org_id=sync.org.org_id)
+
+
+def deletion_queued_at(sync: Sync) -> datetime:
+    with sync.context.sessions() as session:
+        queued_at = session.get_one(SyncSource, sync.source_id).deletion_queued_at
+    assert queued_at is not None
+    return queued_at
 
 
 def register_again(sync: Sync, **table: Any) -> Sync:
@@ -695,3 +724,83 @@ def test_a_sqlite_table_whose_log_ends_with_a_blob_key_of_no_utf8_syncs_once_reg
         ("succeeded", 1, ""),
     ]
     assert again.central(f"SELECT k, v FROM {again.central_table} ORDER BY k") == [("later", "c"), ("plain", "a")]
+
+
+def test_a_deletion_whose_message_was_lost_is_queued_again_by_the_sync_beat_and_done_by_a_sync_worker(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    central_settings: Settings,
+    org_id: str,
+    tmp_path: Path,
+    producer: Celery,
+    broker: redis.Redis,
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    assert sync.run()["status"] == "succeeded"
+    ask_deletion(sync)
+    broker.delete(sync_queue(org_id))  # the message lost: Redis restarted without persistence, the queue purged
+    worker_log = tmp_path / "worker.log"
+    source = f"/v1/orgs/{org_id}/sync-sources/{sync.source_id}"
+
+    with celery_worker("services.sync.celery_app", central_settings, worker_log):
+        assert sync_api.get(source, headers=sync.org.viewer).json()["status"] == "deleting"
+        sent = send_due(producer, sync_context.sessions, now=deletion_queued_at(sync) + DELETION_RESEND_AFTER)
+        deadline = time.monotonic() + 60
+        while sync_api.get(source, headers=sync.org.viewer).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    assert sent == 1
+    assert sync_api.get(source, headers=sync.org.viewer).status_code == 404, worker_log.read_text()
+    assert central_tables_of(sync, sync.source_id) == []
+    assert sync.audit_actions()[:3] == [  # newest first
+        "sync.source.deleted",
+        "sync.source.deletion.requeued",
+        "sync.source.deletion.requested",
+    ]
+
+
+def test_a_deletion_queued_recently_or_queued_again_already_is_not_queued_again(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, producer: Celery, broker: redis.Redis
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    ask_deletion(sync)
+    asked = deletion_queued_at(sync)
+    late = asked + DELETION_RESEND_AFTER
+
+    recent = [send_due(producer, sync_context.sessions, now=now) for now in (utcnow(), late - timedelta(seconds=1))]
+    queued_while_recent = broker.llen(sync_queue(org_id))
+    again = [send_due(producer, sync_context.sessions, now=now) for now in (late, late + timedelta(minutes=1))]
+
+    assert (recent, queued_while_recent) == ([0, 0], 1)
+    assert (again, broker.llen(sync_queue(org_id))) == ([1, 0], 2)  # once; the bound runs again from then
+    assert deletion_queued_at(sync) == late
+    first, second = (delete_source(sync_context, sync.source_id, org_id=org_id) for _ in range(2))  # both messages
+    assert (first["tables"][0]["table"], second) == ("readings", {"status": "deleted already"})
+
+
+def test_a_deletion_being_done_or_done_is_not_queued_again(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    producer: Celery,
+    broker: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    ask_deletion(sync)
+    much_later = deletion_queued_at(sync) + 3 * DELETION_RESEND_AFTER
+    drop_table = source_deletion._drop_table
+    sent_meanwhile: list[int] = []
+
+    def beat_ticks_first(session: Any, name: str) -> None:
+        sent_meanwhile.append(send_due(producer, sync_context.sessions, now=much_later))
+        drop_table(session, name)
+
+    monkeypatch.setattr(source_deletion, "_drop_table", beat_ticks_first)
+    delete_source(sync_context, sync.source_id, org_id=org_id)
+    sent_after = send_due(producer, sync_context.sessions, now=much_later)
+
+    assert (sent_meanwhile, sent_after) == ([0], 0)
+    assert broker.llen(sync_queue(org_id)) == 1  # the api's message only
+    assert "sync.source.deletion.requeued" not in sync.audit_actions()
