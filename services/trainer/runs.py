@@ -82,6 +82,10 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
             request_cancel(session, run_id)
             return None
         org_config = _locked_org_config(session, run.org_id)
+        # Another delivery of this run's message may have claimed it while this one waited for the lock.
+        session.refresh(run)
+        if run.status != "queued":
+            return None
         if running_count(session, run.org_id) >= org_config.max_concurrent_trainings:
             run.waiting_for_slot = True
             raise_after_commit = NoSlot(f"organization {run.org_id} has no free training slot")

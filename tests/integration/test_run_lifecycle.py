@@ -20,6 +20,7 @@ from shared.db.migrate import upgrade
 from shared.db.models import Dataset, Organization, TrainingRun
 from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
 from shared.db.types import utcnow
+from shared.org_lock import lock_org
 from shared.schemas import TrainingConfig
 from shared.settings import Settings
 from shared.submissions import queue_run
@@ -196,14 +197,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("settings").database_url)
 
 
-def waiting_for_a_row_lock(engine: Engine) -> bool:
+def waiting_for_a_row_lock(engine: Engine, statement: str = "UPDATE training_runs%") -> bool:
     with engine.connect() as connection:
         return bool(
             connection.scalar(
                 text(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock' AND query LIKE 'UPDATE training_runs%'"
-                )
+                    " AND wait_event_type = 'Lock' AND query LIKE :statement"
+                ),
+                {"statement": statement},
             )
         )
 
@@ -346,3 +348,44 @@ def test_workers_on_sqlite_claim_no_more_runs_than_the_orgs_limit(
     for trial in range(10):
         claimed = claim_together(workers, queue_runs(workers[0], f"{org_id}-{trial}", len(workers)))
         assert len(claimed) == 1, f"trial {trial}: {len(claimed)} runs of an org with a limit of 1 claimed"
+
+
+def test_a_message_delivered_twice_whose_second_claim_waited_for_the_first_leaves_the_run_claimed_once(
+    settings: Settings, org_id: str
+) -> None:
+    """PostgreSQL: the second claim read the run queued, then waited for the org's lock while the first claimed it.
+    It takes no attempt, and the run, running, is not marked as waiting for a slot (the org's one slot is its own)."""
+    first_engine, second_engine = make_engine(settings.database_url), make_engine(settings.database_url)
+    first, second = make_session_factory(first_engine), make_session_factory(second_engine)
+    try:
+        [run_id] = queue_runs(first, org_id, 1)
+        outcome: list[runs.Attempt | str | None] = []
+
+        def claim_again() -> None:
+            try:
+                outcome.append(runs.claim_run(second, run_id, worker="w2", lease_s=30))
+            except runs.NoSlot:
+                outcome.append("no slot")
+
+        waiting = threading.Thread(target=claim_again)
+        with session_scope(first) as session:
+            lock_org(session, org_id)  # the first claim holds the org's lock...
+            waiting.start()
+            deadline = time.monotonic() + 10
+            while not waiting_for_a_row_lock(first_engine, "UPDATE organizations%"):  # ...the second has read the run
+                assert time.monotonic() < deadline, "the second claim never waited for the org's lock"
+                time.sleep(0.01)
+            lease = utcnow() + timedelta(seconds=30)
+            session.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == run_id)
+                .values(status="running", worker="w1", lease_expires_at=lease)
+            )
+        waiting.join(timeout=10)
+        assert outcome == [None]
+        with first() as session:
+            run = session.get_one(TrainingRun, run_id)
+            assert (run.status, run.worker, run.waiting_for_slot) == ("running", "w1", False)
+    finally:
+        first_engine.dispose()
+        second_engine.dispose()
