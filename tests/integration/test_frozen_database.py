@@ -19,7 +19,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
 from services.api.app import create_app
-from shared.db.session import ANSWER_GRACE_S, CONNECT_TIMEOUT_S, make_central_engine
+from services.predictor.auth import KeyCache
+from shared.db.session import ANSWER_GRACE_S, CONNECT_TIMEOUT_S, make_central_engine, make_session_factory
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys
@@ -162,3 +163,25 @@ def test_a_predictor_serves_its_model_while_its_database_link_is_frozen_and_foll
 
         link.thaw()
         assert eventually(lambda: answered_version(base, org) == new, seconds=OUTER_TIMEOUT_S)
+
+
+def test_a_flood_of_made_up_keys_does_not_make_a_predictor_forget_the_keys_it_checked(
+    settings: Settings, org: OrgKeys
+) -> None:
+    """Made-up keys are anyone's to send, each answered 401 and remembered as such: once they filled the cache they
+    emptied it, keys of real callers with them, and those got 503 as soon as the database froze."""
+    token = org.viewer["Authorization"].removeprefix("Bearer ")
+    with through_link(settings) as (link, linked):
+        engine = make_central_engine(linked, bound_answers=True)
+        # ttl 0: every call asks the database, as each does once its entry ends
+        keys = KeyCache(make_session_factory(engine), settings.admin_token.get_secret_value(), 0.0, max_entries=10)
+        try:
+            assert keys.lookup(token) is not None
+            assert [keys.lookup(f"made-up-{n}") for n in range(25)] == [None] * 25
+            link.freeze()
+            answer = link.outcome_within(OUTER_TIMEOUT_S, lambda: keys.lookup(token))
+            assert not isinstance(answer, Exception), answer
+            assert answer is not None and answer.org_id == org.org_id
+        finally:
+            link.thaw()
+            engine.dispose()
