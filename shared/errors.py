@@ -68,7 +68,7 @@ class Gone(KilnError):
 
 
 class SourceBeingDeleted(Conflict):
-    """A sync source whose deletion was asked for: it takes no new job, resync or schedule change."""
+    """A sync source whose deletion was asked for: it takes no new job, resync, URL or schedule change."""
 
 
 class TooManyRequests(KilnError):

@@ -52,7 +52,7 @@ def deletion_refusal(source: SyncSource) -> str | None:
         return None
     return (
         f"sync source {source.id} is being deleted (asked at {source.deletion_requested_at.isoformat()}): it takes no "
-        "new job, resync or schedule change, and a sync worker removes its central copies and records; register "
+        "new job, resync, URL or schedule change, and a sync worker removes its central copies and records; register "
         "its tables again once GET on the source answers 404"
     )
 

@@ -267,7 +267,7 @@ class SyncSource(Base):
     password_encrypted: Mapped[str | None] = mapped_column(Text, default=None)
     tables: Mapped[list[Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # DELETE /v1/orgs/{org}/sync-sources/{id}: asked for (the source takes no new job, resync or schedule change),
+    # DELETE /v1/orgs/{org}/sync-sources/{id}: asked for (the source takes no new job, resync, URL or schedule change),
     # then done by a sync worker, which drops its central copies and everything else kept for it. The row stays as
     # a tombstone (its password gone), so that its jobs' history and the audit trail still name a source.
     deletion_requested_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -101,7 +101,7 @@ def delete_source(
     """Delete the source and everything Kiln holds centrally for it (its central copies, their change log rows,
     watermarks, store marks, conflicts, field-merge bases, schedule and resyncs), so that its tables may be
     registered again; the audit trail and its jobs' history stay, and its local store is left as it is. From now on
-    it takes no new job, resync or schedule change (409); a sync worker does the deletion on `sync.<org>` once the
+    it takes no new job, resync, URL or schedule change (409); a sync worker does the deletion on `sync.<org>` once the
     source's running job ends, and audits it (`sync.source.deleted`). Asked again while that is pending, the
     deletion is queued again at once; the sync beat queues it again too when it is still pending long after (its
     message lost with Redis)."""
