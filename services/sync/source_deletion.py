@@ -57,7 +57,7 @@ _KEPT_FOR_SOURCE: dict[str, Any] = {
 
 def delete_source(context: SyncContext, source_id: str, *, org_id: str) -> dict[str, Any]:
     """Delete the source if its deletion was asked for; returns what the audit row says was removed. A message
-    delivered twice finds the source deleted already and does nothing."""
+    delivered twice finds the source deleted already and does nothing. SourceBusy while a job of the source runs."""
     with session_scope(context.sessions) as session:
         source = session.get(SyncSource, source_id)
         if source is None or source.org_id != org_id:
@@ -68,8 +68,10 @@ def delete_source(context: SyncContext, source_id: str, *, org_id: str) -> dict[
         if source.deletion_requested_at is None:
             log.warning("sync source %s: its deletion was not asked for; left as it is", source_id)
             return {"status": "not asked for"}
-    # The source's job, if one runs, ends first: it would otherwise write to the tables dropped under it.
-    with one_job_per_source(context.engine, source_id):
+    # The source's job, if one runs, ends first: it would otherwise write to the tables dropped under it. Waiting
+    # for it here would hold one of the sync workers every org shares for as long as the job runs: SourceBusy
+    # instead, and the task tries again later (services/sync/tasks.py).
+    with one_job_per_source(context.engine, source_id, wait=False):
         return _delete_between_jobs(context, source_id)
 
 

@@ -12,9 +12,12 @@ from services.sync.rotation import rotate_org_key
 from services.sync.source_deletion import delete_source
 from shared.errors import TransientError
 from shared.queues import SYNC_DELETE_SOURCE_TASK, SYNC_PURGE_TASK, SYNC_ROTATE_TASK, SYNC_TASK
+from shared.source_lock import SourceBusy
 
 RETRY_BACKOFF_S = 5
 MAX_RETRIES = MAX_ATTEMPTS - 1
+# A deletion asked for while the source's job runs looks again at most this long after the last look.
+BUSY_RETRY_MAX_S = 60
 
 
 @app.task(
@@ -45,8 +48,14 @@ def rotate(org_id: str, actor: str) -> dict[str, object]:
     return rotate_org_key(worker_context(), org_id, actor=actor)
 
 
-@app.task(name=SYNC_DELETE_SOURCE_TASK)  # type: ignore[untyped-decorator]
+@app.task(
+    name=SYNC_DELETE_SOURCE_TASK,
+    autoretry_for=(SourceBusy,),
+    retry_backoff=RETRY_BACKOFF_S,
+    retry_backoff_max=BUSY_RETRY_MAX_S,
+    max_retries=None,
+)  # type: ignore[untyped-decorator]
 def delete_sync_source(source_id: str, org_id: str) -> dict[str, object]:
-    """Delete a source asked for over the api, once its running job ends; what went is in the audit trail
-    (`sync.source.deleted`)."""
+    """Delete a source asked for over the api, once its running job ends (tried again while it runs, at most
+    BUSY_RETRY_MAX_S apart); what went is in the audit trail (`sync.source.deleted`)."""
     return delete_source(worker_context(), source_id, org_id=org_id)

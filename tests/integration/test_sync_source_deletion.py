@@ -32,6 +32,7 @@ from shared.db.types import utcnow
 from shared.queues import celery_config, sync_queue
 from shared.schemas import OrgConfig
 from shared.settings import Settings
+from shared.source_lock import SourceBusy, one_job_per_source
 from shared.sync_jobs import residency_refusal
 from tests.integration.conftest import ADMIN, create_org_with_keys
 from tests.integration.sync_support import (
@@ -43,6 +44,7 @@ from tests.integration.sync_support import (
     register,
     run_sql,
 )
+from tests.integration.test_predictor import eventually
 from tests.integration.test_sync_embedded import embedded
 from tests.integration.test_sync_postgres_local import READINGS as PG_READINGS
 from tests.integration.test_sync_postgres_local import TWO_READINGS as PG_TWO_READINGS
@@ -269,30 +271,47 @@ def test_a_job_whose_message_comes_while_its_source_is_being_deleted_is_refused_
     assert delete_source(sync_context, sync.source_id, org_id=org_id)["jobsRefused"] == []
 
 
-def test_the_deletion_waits_for_the_running_job_then_removes_what_it_synced(
+def test_a_deletion_while_the_job_runs_holds_no_worker_and_removes_what_the_job_synced_once_it_ends(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
+    """Waiting for the job would hold one of the sync workers every org shares for the job's length: the deletion
+    is refused busy at once (its task tries again later), and done once the job has ended."""
     sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(1200))
     job_id = sync.submit()
-    deletion: list[dict[str, Any]] = []
-    worker = threading.Thread(
-        target=lambda: deletion.append(delete_source(sync_context, sync.source_id, org_id=org_id))
-    )
-    waited: list[bool] = []
+    while_running: list[Exception] = []
 
     def delete_after_the_first_batch(_tally: Tally) -> None:
-        if not waited:
+        if not while_running:
             ask_deletion(sync)
-            worker.start()
-            worker.join(timeout=2)
-            waited.append(worker.is_alive())
+            try:
+                delete_source(sync_context, sync.source_id, org_id=org_id)
+            except SourceBusy as busy:
+                while_running.append(busy)
 
     assert run_job(sync_context, job_id, after_batch=delete_after_the_first_batch) == "succeeded"
-    worker.join(timeout=60)
 
-    assert waited == [True]  # the deletion waited for the job's lock
+    assert [type(error) for error in while_running] == [SourceBusy]
     assert sync.job(job_id)["pushed"] == 1200
-    assert deletion[0]["tables"][0]["records"] == 1200
+    assert delete_source(sync_context, sync.source_id, org_id=org_id)["tables"][0]["records"] == 1200
+    assert central_tables_of(sync, sync.source_id) == []
+
+
+def test_a_sync_worker_takes_other_orgs_jobs_while_a_deletion_waits_for_its_sources_job_then_deletes(
+    sync_api: TestClient, sync_context: SyncContext, central_settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    """One worker process (the solo pool): had the deletion waited for the source's job, it would have held it."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    other = open_sync(sync_api, sync_context, f"{org_id}-other", tmp_path)
+    source = f"/v1/orgs/{org_id}/sync-sources/{sync.source_id}"
+
+    with celery_worker("services.sync.celery_app", central_settings, tmp_path / "worker.log"):
+        with one_job_per_source(sync_context.engine, sync.source_id):  # the source's job runs
+            ask_deletion(sync)
+            other_job = other.submit()
+            assert eventually(lambda: other.job(other_job)["status"] == "succeeded", seconds=60)
+            assert sync_api.get(source, headers=sync.org.viewer).json()["status"] == "deleting"
+        assert eventually(lambda: sync_api.get(source, headers=sync.org.viewer).status_code == 404, seconds=90)
+
     assert central_tables_of(sync, sync.source_id) == []
 
 
