@@ -2,8 +2,9 @@
 
 A sealed value reads `<key id>:<base64 of nonce, ciphertext and tag>`, its column (`org:table:column`) bound in as
 associated data, so a value copied into another org's or column's cell does not decrypt there. One key per org is
-active; rotation makes a new one active, re-encrypts every value sealed under the older ones, and marks those
-`drained`: only then may they be destroyed, after which nothing can ever decrypt under them again.
+active; rotation makes a new one active, re-encrypts every value sealed under the older ones (services/sync/
+rotation.py), and marks those `drained`: only then may they be destroyed, after which nothing can ever decrypt
+under them again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import select, text
+from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
 from shared.crypto import NONCE_BYTES, SecretBox
@@ -148,12 +149,26 @@ def _usable_keys(session: Session, org_id: str) -> Sequence[SyncKey]:
 
 
 def hold_active_key(session: Session, keyring: Keyring) -> None:
-    """Until this transaction ends, the keyring's active key cannot be retired: a rotation waits for it, so
-    everything the transaction seals is there for the rotation to re-encrypt. KeyRotated if it was retired already.
-    (SQLite ignores FOR SHARE: there the caller takes the database's write lock first.)"""
-    active = session.scalar(
-        select(SyncKey.id).where(SyncKey.org_id == keyring.org_id, SyncKey.status == ACTIVE).with_for_update(read=True)
-    )
+    """Until this transaction ends, the keyring's active key cannot be retired, and no batch of a rotation
+    re-encrypts (hold_active_key_alone): a rotation's switch waits for it, so everything the transaction seals is
+    there for the rotation to re-encrypt. KeyRotated if it was retired already. (SQLite ignores FOR SHARE: there
+    the caller takes the database's write lock first.)"""
+    _check_active(session.scalar(_active_key(keyring.org_id).with_for_update(read=True)), keyring)
+
+
+def hold_active_key_alone(session: Session, keyring: Keyring) -> None:
+    """Until this transaction ends, no batch seals: each waits in hold_active_key (its FOR SHARE against this FOR
+    UPDATE). A rotation re-encrypts a batch of values under it, so that no sync batch rewrites a record between the
+    rotation reading it and writing it back, nor copies values the rotation is about to find gone. KeyRotated if
+    the keyring's key is no longer active. (SQLite: the caller holds the database's write lock.)"""
+    _check_active(session.scalar(_active_key(keyring.org_id).with_for_update()), keyring)
+
+
+def _active_key(org_id: str) -> Select[str]:
+    return select(SyncKey.id).where(SyncKey.org_id == org_id, SyncKey.status == ACTIVE)
+
+
+def _check_active(active: str | None, keyring: Keyring) -> None:
     if active != keyring.active_id:
         raise KeyRotated(f"the key of {keyring.org_id!r} was rotated: {keyring.active_id} is no longer active")
 
@@ -173,7 +188,8 @@ def one_key_change_at_a_time(session: Session, org_id: str) -> None:
 
 def start_rotation(session: Session, box: SecretBox, org_id: str) -> Keyring:
     """Retire the active key and make a new one; values under the old key still open until re-encrypted. The
-    caller holds one_key_change_at_a_time."""
+    caller holds one_key_change_at_a_time. From its commit on, every batch that loaded the old keyring gets
+    KeyRotated from hold_active_key, so nothing is sealed under a retired key any more."""
     for row in session.scalars(select(SyncKey).where(SyncKey.org_id == org_id, SyncKey.status == ACTIVE)):
         row.status, row.retired_at = RETIRED, utcnow()
     _new_key(session, box, org_id)
@@ -181,8 +197,18 @@ def start_rotation(session: Session, box: SecretBox, org_id: str) -> Keyring:
     return load_keyring(session, box, org_id)
 
 
+def unfinished_rotation(session: Session, org_id: str) -> bool:
+    """Whether the org has retired keys: a rotation switched keys and has not drained them yet (stopped by an
+    error, its worker lost), or migration 0012 retired a second active key."""
+    return (
+        session.scalar(select(SyncKey.id).where(SyncKey.org_id == org_id, SyncKey.status == RETIRED).limit(1))
+        is not None
+    )
+
+
 def mark_drained(session: Session, org_id: str) -> list[str]:
-    """After re-encryption: the retired keys seal nothing any more, and may be destroyed."""
+    """After re-encryption, once the caller has found nothing left under them: the retired keys seal nothing any
+    more, and may be destroyed."""
     retired = session.scalars(select(SyncKey).where(SyncKey.org_id == org_id, SyncKey.status == RETIRED)).all()
     for row in retired:
         row.status = DRAINED
