@@ -42,6 +42,9 @@ def apply_choices(pair: TablePair) -> None:
     the local version chosen, unless the central record changed after the choice: the reviewer never saw that edit,
     so it joins the conflict, which is open again for a new choice."""
     with Session(pair.central) as session, session.begin():
+        # Held before the conflicts are read: their sealed versions, copied into the central copy, are then as a
+        # rotation has left them (it re-encrypts them while no batch holds the key).
+        hold_sealing_key(session, pair)
         chosen = session.scalars(
             select(SyncConflict).where(
                 SyncConflict.source_id == pair.source_id,
@@ -51,7 +54,6 @@ def apply_choices(pair: TablePair) -> None:
         ).all()
         if not chosen:
             return
-        hold_sealing_key(session, pair)
         connection = session.connection()
         begin_applying(connection, CENTRAL_LOG)
         current = read(connection, pair.central_table, pair.key, [conflict.record_key for conflict in chosen])

@@ -58,6 +58,18 @@ class TablePair:
             for name, value in row.items()
         }
 
+    def under_active_key(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A central row with any sensitive value still under an older key of the org sealed again under the
+        keyring's active one (the row itself when none is). A batch that copies central values into bases, conflicts
+        or the audit after reading them, while a rotation re-encrypts them, would otherwise write copies under a
+        key the rotation then drains, having found that place done; hold_sealing_key at the write checks that this
+        keyring's key is still the active one."""
+        stale = [name for name in self.spec.sensitive_columns if name in row and not self.keyring.is_current(row[name])]
+        if not stale:
+            return row
+        opened = {name: self.keyring.open(row[name], column=self._column(name)) for name in stale}
+        return {**row, **{name: self.keyring.seal(value, column=self._column(name)) for name, value in opened.items()}}
+
     def plain(self, row: dict[str, Any]) -> dict[str, Any]:
         """A central row as the local store holds it: without the sync columns, sensitive columns decrypted."""
         opened = dict(row)
