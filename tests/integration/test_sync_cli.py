@@ -545,24 +545,26 @@ def test_destroying_a_destroyed_key_says_it_was_destroyed_already(
     )
 
 
-def test_a_rotation_meeting_a_value_that_is_not_sealed_says_so_in_one_line_and_changes_nothing(
+def test_a_rotation_meeting_a_value_that_is_not_sealed_says_so_in_one_line_and_leaves_the_keys_usable(
     central_settings: Settings, sync_api: TestClient, sync_context: SyncContext, new_org_id: str, tmp_path: Path
 ) -> None:
     sync = open_sync(sync_api, sync_context, new_org_id, tmp_path)
     assert sync.run()["status"] == "succeeded"
     # A central application writes plain text where the sealed value goes: no key opens it.
     sync.central(f"UPDATE {sync.central_table} SET patient = 'Grace Hopper' WHERE id = 1")
-    keys = sync_api.get(f"/v1/orgs/{new_org_id}/sync-keys", headers=sync.org.viewer).json()
+    [old] = [key["keyId"] for key in sync_api.get(f"/v1/orgs/{new_org_id}/sync-keys", headers=sync.org.viewer).json()]
 
     rotate = kiln(central_settings, "sync-keys", "rotate", new_org_id)
 
     assert (rotate.returncode, rotate.stderr) == (
         1,
         "kiln sync-keys: a value of readings.patient is not sealed (plain text written into its central copy?): "
-        "the rotation was rolled back and nothing changed; correct that value in the central copy, then rotate "
-        "again\n",
+        "the rotation stopped there; what it re-encrypted before stays so, and the org's keys still open every "
+        "value; correct that value in the central copy, then rotate again to finish\n",
     )
-    assert sync_api.get(f"/v1/orgs/{new_org_id}/sync-keys", headers=sync.org.viewer).json() == keys
+    keys = sync_api.get(f"/v1/orgs/{new_org_id}/sync-keys", headers=sync.org.viewer).json()
+    assert sorted(key["status"] for key in keys) == ["active", "retired"]  # the old key still opens
+    assert {key["keyId"]: key["status"] for key in keys}[old] == "retired"
     assert sync.central(f"SELECT patient FROM {sync.central_table} WHERE id = 1") == [("Grace Hopper",)]
 
 

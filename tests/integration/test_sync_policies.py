@@ -23,7 +23,7 @@ from services.sync.hlc import Stamp
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from services.sync.retention import purge_expired
-from services.sync.rotation import PAGE_ROWS, rotate_org_key
+from services.sync.rotation import BATCH_ROWS, rotate_org_key
 from shared.db.models import Prediction
 from shared.db.session import session_scope
 from shared.db.types import utcnow
@@ -562,7 +562,7 @@ def test_after_a_key_rotation_every_record_decrypts_and_the_old_key_can_be_destr
 def test_a_rotation_reseals_tables_and_field_merge_bases_larger_than_a_page(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
-    count = 2 * PAGE_ROWS + 7
+    count = 2 * BATCH_ROWS + 7
     sync = open_sync(sync_api, sync_context, org_id, tmp_path, policy="field-merge", rows=many_readings(count))
     sync.run()
 
