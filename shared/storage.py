@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import fcntl
 import hashlib
 import io
 import os
@@ -24,6 +25,8 @@ from shared.schemas import OrgConfig
 from shared.settings import FILE_STORE, Settings
 
 CHUNK = 1024 * 1024
+# The temporary files a folder store's writes go through, renamed into place once whole.
+INCOMING = ".incoming-"
 
 
 class ObjectStore(Protocol):
@@ -50,7 +53,8 @@ class ObjectStore(Protocol):
 
 
 class LocalObjectStore:
-    """A folder. Writes go to a temporary file and are renamed into place, so a reader never sees half a file."""
+    """A folder. Writes go to a temporary file and are renamed into place, so a reader never sees half a file; the
+    temporary file of a writer killed half-way is removed by the next write into its folder."""
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -72,13 +76,14 @@ class LocalObjectStore:
     def _write(self, key: str, source: BinaryIO) -> None:
         target = self._path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        _remove_abandoned_writes(target.parent)
+        handle, temp = _locked_incoming_file(target.parent)
         try:
             with os.fdopen(handle, "wb") as sink:
                 shutil.copyfileobj(source, sink, CHUNK)
-            os.replace(temp, target)
+                os.replace(temp, target)  # while still locked: the file is never seen unlocked under its own name
         except BaseException:
-            Path(temp).unlink(missing_ok=True)
+            temp.unlink(missing_ok=True)
             raise
 
     def get_bytes(self, key: str) -> bytes:
@@ -102,7 +107,7 @@ class LocalObjectStore:
         if not folder.is_dir():
             return []
         keys = (p.relative_to(self.root).as_posix() for p in folder.rglob("*") if p.is_file())
-        return sorted(k for k in keys if k.startswith(prefix) and not Path(k).name.startswith(".incoming-"))
+        return sorted(k for k in keys if k.startswith(prefix) and not Path(k).name.startswith(INCOMING))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -136,6 +141,45 @@ class LocalObjectStore:
 
     def url(self, key: str) -> str:
         return self._path(key).as_uri()
+
+
+def _locked_incoming_file(folder: Path) -> tuple[int, Path]:
+    """A new temporary file in `folder` for a write, locked (flock) by this process until the write ends. The lock
+    goes with the process, however it ends (SIGKILL too): a file whose lock no one holds was abandoned."""
+    while True:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=INCOMING)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        # Another writer may have found it unlocked, in the moment before the lock, and removed it: make another.
+        if _same_file(handle, Path(name)):
+            return handle, Path(name)
+        os.close(handle)
+
+
+def _remove_abandoned_writes(folder: Path) -> None:
+    """Remove the temporary files in `folder` of writes whose process ended before finishing them (killed): a
+    partial object, which no listing shows, but which would otherwise stay on disk for good."""
+    for path in folder.glob(f"{INCOMING}*"):
+        try:
+            handle = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # finished (renamed into place) or removed meanwhile
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # being written
+            pass
+        else:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(handle)
+
+
+def _same_file(handle: int, path: Path) -> bool:
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(handle)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 class S3ObjectStore:

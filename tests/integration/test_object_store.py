@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import secrets
 from pathlib import Path
@@ -149,3 +150,23 @@ def test_a_folder_store_removes_a_prefix_folder_whole(tmp_path: Path) -> None:
     assert (outside / "keep.txt").read_bytes() == b"keep"
     with pytest.raises(ValueError, match="escapes"):
         store.delete_prefix("../")
+
+
+def test_a_folder_store_write_removes_what_a_killed_writer_left_and_leaves_a_running_one_alone(tmp_path: Path) -> None:
+    """A writer killed half-way leaves its temporary file, no longer locked: never listed, and removed by the next
+    write into its folder. One whose writer still runs holds its lock (flock), and stays."""
+    store = LocalObjectStore(tmp_path / "objects")
+    folder = tmp_path / "objects/orgs/a/backups"
+    folder.mkdir(parents=True)
+    (folder / ".incoming-killed").write_bytes(b"half a backup")
+    (folder / ".incoming-running").write_bytes(b"half a backup")
+
+    with (folder / ".incoming-running").open("rb") as running:
+        fcntl.flock(running, fcntl.LOCK_EX)
+        listed = store.list("orgs/a/")
+        store.put_bytes("orgs/a/backups/b.json", b"{}")
+        left = sorted(path.name for path in folder.iterdir())
+
+    assert listed == []
+    assert left == [".incoming-running", "b.json"]
+    assert store.list("orgs/a/") == ["orgs/a/backups/b.json"]
