@@ -226,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("key_id", nargs="?", default="")
     secrets_help = (
         "after rotating KILN_SECRET_KEY: how many stored secrets and backups are under each key (status), or move "
-        "them all under the current one (rewrap)"
+        "them all under the current one (rewrap); status exits 0 only when all are under the current one"
     )
     secrets_parser = _add(commands, "secrets", run_secrets, secrets_help)
     secrets_parser.add_argument("action", choices=["status", "rewrap"])

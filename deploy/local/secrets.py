@@ -22,9 +22,16 @@ from shared.stored_secrets import OLD_FORMAT, Rewrapped, count_by_key, rewrap_st
 
 BACKUPS = "backups"
 BACKUP_REWRAPPED_ACTION = "backup.rewrapped"
+# `kiln secrets status`'s exit codes, so that a script can gate a retired key's removal on it (1 is an error and 2
+# a command misused, as for every `kiln` command).
+ALL_UNDER_CURRENT_KEY = 0
+LEFT_TO_REWRAP = 3  # under a retired key or in the old format: `kiln secrets rewrap` moves them
+UNDER_A_KEY_NOT_CONFIGURED = 4  # they do not open: a rewrap cannot move them either
 
 
 def print_status(context: SyncContext) -> int:
+    """Print which key each kind of stored secret and backup is under; exit ALL_UNDER_CURRENT_KEY only when every one
+    counted is under KILN_SECRET_KEY, so that a retired key may go."""
     box = context.secrets
     counts = count_by_key(context.sessions)
     counts[BACKUPS], elsewhere = _backups_by_key(context)
@@ -44,7 +51,7 @@ def print_status(context: SyncContext) -> int:
             f"not counted here: the backups of {', '.join(elsewhere)}, kept on their premises (dataResidency local): "
             "run `kiln secrets status` there"
         )
-    return 0
+    return _status_code(box, total)
 
 
 def rewrap(context: SyncContext, *, actor: str) -> int:
@@ -57,6 +64,15 @@ def rewrap(context: SyncContext, *, actor: str) -> int:
         for reason in rewrapped.unreadable:
             print(f"kiln secrets: {reason}", file=sys.stderr)
     return 1 if any(rewrapped.unreadable for rewrapped in done.values()) else 0
+
+
+def _status_code(box: SecretBox, total: Counter[str]) -> int:
+    held = {key for key, count in total.items() if count}
+    if held - {box.current_id, *box.retired_ids, OLD_FORMAT}:
+        return UNDER_A_KEY_NOT_CONFIGURED
+    if held - {box.current_id}:
+        return LEFT_TO_REWRAP
+    return ALL_UNDER_CURRENT_KEY
 
 
 def _label(box: SecretBox, key: str) -> str:
