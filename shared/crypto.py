@@ -183,6 +183,12 @@ class SecretBox:
     def unseal_stream(self, source: BinaryIO, target: BinaryIO, *, context: str) -> None:
         """Open what seal_stream wrote, chunk by chunk; SecretUnreadable at the first chunk that does not open, with
         whatever was written before it to be thrown away by the caller."""
+        for chunk in self.unsealed_chunks(source, context=context):
+            target.write(chunk)
+
+    def unsealed_chunks(self, source: BinaryIO, *, context: str) -> Iterator[bytes]:
+        """What seal_stream wrote, opened one chunk at a time, for a caller that passes it on without writing it
+        anywhere (a rewrap seals it again); SecretUnreadable at the first chunk that does not open."""
         header = _read_stream_header(source, context)
         aead: AESGCM | None = None
         for number, sealed, last in _sealed_chunks(source, header.chunk_bytes + TAG_BYTES):
@@ -190,7 +196,7 @@ class SecretBox:
             if aead is None:
                 aead = self._stream_opener(header, context, nonce, sealed)
             try:
-                target.write(aead.decrypt(nonce, sealed, header.raw))
+                yield aead.decrypt(nonce, sealed, header.raw)
             except InvalidTag:
                 raise SecretUnreadable(
                     f"{context}: chunk {number} does not open: altered, cut short, or sealed under another key"

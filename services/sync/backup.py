@@ -12,7 +12,8 @@ never overwrites a store and never leaves a half-restored one.
 
 The manifest names the platform key the backup is sealed under (`sealed_under`, a key id; absent from manifests
 written before keys had ids). Once KILN_SECRET_KEY is rotated, `kiln secrets rewrap` re-seals each backup under the
-new key (rewrap_backup): the old sealed object is replaced only by a copy verified to open under the new key alone.
+new key (rewrap_backup), passing the snapshot from one sealing to the other in memory, never on disk in the clear:
+the old sealed object is replaced only by a copy verified to open under the new key alone.
 
 A backup is of a store the org's sync may open (shared/store_access.py): a SQLite file in the org's folder, or a
 PostgreSQL server, and never Kiln's own database, which holds every org's data. A restore restores only a backup
@@ -21,6 +22,8 @@ whose manifest names the org asked for: the manifest says which sealed object to
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
 import secrets
@@ -28,10 +31,11 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
-from typing import Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, Final, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ValidationError, field_validator
@@ -46,6 +50,9 @@ from shared.errors import ArtifactIntegrityError, Forbidden, InvalidInput, NotFo
 from shared.schemas import problems
 from shared.storage import ObjectStore, sha256_file
 from shared.store_access import StoreRules
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 Kind = Literal["sqlite", "postgresql"]
 SQLITE: Final = "sqlite"
@@ -191,25 +198,28 @@ def _exists(target: Path) -> InvalidInput:
 
 
 def rewrap_backup(store: ObjectStore, box: SecretBox, manifest: BackupManifest) -> BackupManifest:
-    """Re-seal a backup under the current platform key, and return its new manifest. The new sealed object is
-    uploaded beside the old one and verified there (it opens under the current key alone, to the snapshot's
-    checksum) before it replaces the old one; then the manifest is rewritten. Stopped at any point, the backup still
-    restores: the sealed object is replaced whole (one PUT, or a rename in a folder store), and a restore tells a
-    sealed stream from bytes sealed whole by the object itself, not by the manifest. TMPDIR needs room for the
-    store four times."""
-    key, context = sealed_key(manifest), _context(manifest.org_id, manifest.backup_id)
+    """Re-seal a backup under the current platform key, and return its new manifest. The snapshot passes from the
+    old sealed object into the new one a chunk at a time, in memory only: nothing of it is ever on disk in the
+    clear, so a rewrap killed at any point leaves no plain store behind. The new sealed object is uploaded beside the
+    old one and verified there (it opens under the current key alone, to the snapshot's checksum) before it replaces
+    the old one; then the manifest is rewritten. Stopped at any point, the backup still restores: the sealed object
+    is replaced whole (one PUT, or a rename in a folder store), and a restore tells a sealed stream from bytes sealed
+    whole by the object itself, not by the manifest. TMPDIR needs room for the sealed store twice."""
+    key = sealed_key(manifest)
     staged = f"{key}.rewrapping"
     outcome = "the backup was left as it was"
     with tempfile.TemporaryDirectory(prefix="kiln-rewrap-") as folder:
-        old, snapshot, new, copy = (Path(folder) / name for name in ("old", "snapshot", "new", "copy"))
+        old, new = Path(folder) / "old", Path(folder) / "new"
         store.get_file(key, old)
-        _open_verified(box, manifest, old, snapshot, outcome=outcome)
-        with snapshot.open("rb") as plain, new.open("wb") as out:
-            box.seal_stream(plain, out, context=context)
+        with old.open("rb") as sealed, new.open("wb") as out:
+            plain = io.BufferedReader(_ChunksReader(_opened_chunks(box, manifest, sealed, outcome=outcome)))
+            box.seal_stream(plain, out, context=_context(manifest.org_id, manifest.backup_id))
         store.put_file(staged, new)
         try:
-            store.get_file(staged, copy)
-            _open_verified(box.without_retired(), manifest, copy, Path(folder) / "reopened", outcome=outcome)
+            store.get_file(staged, old)  # the old object's copy is no longer needed: the uploaded one takes its place
+            with old.open("rb") as uploaded:
+                for _ in _opened_chunks(box.without_retired(), manifest, uploaded, outcome=outcome):
+                    pass  # opened and checked, chunk by chunk, and thrown away
             store.put_file(key, new)
         finally:
             store.delete(staged)
@@ -218,29 +228,61 @@ def rewrap_backup(store: ObjectStore, box: SecretBox, manifest: BackupManifest) 
     return rewrapped
 
 
+class _ChunksReader(io.RawIOBase):
+    """Chunks of bytes read as a file: seal_stream reads the snapshot a rewrap opens straight from memory."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._left = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        # Runs the chunks to their end, even past an empty last one: _opened_chunks checks the checksum there.
+        while not self._left:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._left = memoryview(chunk)
+        target = memoryview(buffer).cast("B")
+        size = min(len(target), len(self._left))
+        target[:size] = self._left[:size]
+        self._left = self._left[size:]
+        return size
+
+
 def _open_verified(box: SecretBox, manifest: BackupManifest, sealed: Path, snapshot: Path, *, outcome: str) -> None:
-    """Open a sealed backup into `snapshot` and check it against the manifest's sha256; ArtifactIntegrityError,
-    ending with `outcome`, when it does not open or does not match."""
-    _open_snapshot(box, manifest, sealed, snapshot, outcome=outcome)
-    if sha256_file(snapshot) != manifest.sha256:
-        raise ArtifactIntegrityError(f"backup {manifest.backup_id} does not match its checksum; {outcome}")
-
-
-def _open_snapshot(box: SecretBox, manifest: BackupManifest, sealed: Path, snapshot: Path, *, outcome: str) -> None:
-    context = _context(manifest.org_id, manifest.backup_id)
+    """Open a sealed backup into `snapshot`, checked against the manifest's sha256; ArtifactIntegrityError, ending
+    with `outcome`, when it does not open or does not match."""
     snapshot.touch(mode=0o600)  # the plain store, never readable by others, here or once moved into place
+    with sealed.open("rb") as source, snapshot.open("wb") as out:
+        for chunk in _opened_chunks(box, manifest, source, outcome=outcome):
+            out.write(chunk)
+
+
+def _opened_chunks(box: SecretBox, manifest: BackupManifest, sealed: BinaryIO, *, outcome: str) -> Iterator[bytes]:
+    """The snapshot a sealed backup holds, chunk by chunk; ArtifactIntegrityError, ending with `outcome`, when it
+    does not open, or, once the last chunk was taken, when it does not match the manifest's sha256."""
+    context = _context(manifest.org_id, manifest.backup_id)
+    digest = hashlib.sha256()
     try:
         # Told by the object, not the manifest: a rewrap stopped between replacing the object and rewriting the
         # manifest leaves a stream behind a manifest that says "whole". (Bytes sealed whole start with a random nonce.)
-        with sealed.open("rb") as source:
-            stream = is_sealed_stream(source.read(len(STREAM_MAGIC)))
-        if not stream:
-            snapshot.write_bytes(box.unseal(sealed.read_bytes(), context=context))
-            return
-        with sealed.open("rb") as source, snapshot.open("wb") as out:
-            box.unseal_stream(source, out, context=context)
+        stream = is_sealed_stream(sealed.read(len(STREAM_MAGIC)))
+        sealed.seek(0)
+        chunks = (
+            box.unsealed_chunks(sealed, context=context)
+            if stream
+            else iter([box.unseal(sealed.read(), context=context)])
+        )
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
     except SecretUnreadable as error:
         raise ArtifactIntegrityError(f"backup {manifest.backup_id} does not open: {error.message}; {outcome}") from None
+    if digest.hexdigest() != manifest.sha256:
+        raise ArtifactIntegrityError(f"backup {manifest.backup_id} does not match its checksum; {outcome}")
 
 
 def list_backups(store: ObjectStore, org_id: str) -> Backups:

@@ -7,10 +7,13 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,3 +311,32 @@ ODDLY_NAMED_SYNCED = {
         (2, None, "central", None, "p", None, "2.5", None, None, None, None),
     ],
 }
+
+
+def make_large_store(path: Path, megabytes: int) -> None:
+    """A SQLite store of `megabytes` MB, made in a second or two: long enough to back up to be stopped half-way."""
+    with closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE waveforms (samples BLOB)")
+        connection.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
+            "INSERT INTO waveforms SELECT zeroblob(1048576) FROM n",
+            (megabytes,),
+        )
+        connection.commit()
+
+
+def signalled_once_there(
+    settings: Settings, scratch: Path, number: signal.Signals, *args: str, watched: Path, pattern: str
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `kiln *args` with TMPDIR=scratch, send it `number` as soon as a file matching `pattern` is in the folder
+    `watched`, and return how it ended."""
+    env = {**os.environ, **settings.as_env(), "TMPDIR": str(scratch)}
+    command = [sys.executable, "-m", "deploy.local.cli", *args]
+    with subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as cli:
+        deadline = time.monotonic() + 60
+        while not any(watched.glob(pattern)):
+            assert cli.poll() is None and time.monotonic() < deadline, "the command ended before it could be stopped"
+            time.sleep(0.005)
+        cli.send_signal(number)
+        _, stderr = cli.communicate(timeout=60)
+    return subprocess.CompletedProcess(command, cli.returncode, stderr=stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import signal
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -40,9 +41,11 @@ from tests.integration.sync_support import (
     an_earlier_kilns_backup,
     error_of,
     kiln,
+    make_large_store,
     make_local_store,
     register,
     run_sql,
+    signalled_once_there,
 )
 from tests.integration.test_training_pipeline import START, write_scada_table
 from tests.support.servers import fresh_postgres_database
@@ -273,3 +276,49 @@ def test_secrets_under_a_key_no_longer_configured_fail_saying_so_without_a_trace
     assert rewrap.returncode == 1 and len(rewrap.stderr.splitlines()) == 4  # one line per secret or backup
     assert all(not_configured in line for line in rewrap.stderr.splitlines())
     assert f"datasource passwords: 1 under {A} (not configured: they do not open)" in status
+
+
+def a_plain_store(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.read(16) == b"SQLite format 3\0"
+
+
+def test_a_rewrap_killed_half_way_leaves_no_plain_store_and_run_again_no_partial_object(
+    central_settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    """Killed while it uploads a backup re-sealed under key B, into a folder object store: the org's store was never
+    on disk in the clear, and the run that finishes the rewrap removes the partial object the killed one left."""
+    objects, scratch, folder = tmp_path / "objects", tmp_path / "tmp", tmp_path / org_id
+    under_a = keyed(central_settings, KEY_A).model_copy(update={"object_store": f"file://{objects}"})
+    rotated, without_a = keyed(under_a, KEY_B, KEY_A), keyed(under_a, KEY_B)
+    with TestClient(create_app(under_a), raise_server_exceptions=False) as api:
+        create_org_with_keys(api, org_id)
+    folder.mkdir()
+    scratch.mkdir()
+    make_large_store(folder / "plant.db", 150)
+    with closing(SyncContext.open(under_a)) as context:
+        rules = context.store_rules(org_id)
+        backups = [
+            backup_store(context.store, context.secrets, rules=rules, source=str(folder / "plant.db")).backup_id
+            for _ in range(2)
+        ]
+    backups_folder = objects / "orgs" / org_id / "backups"
+
+    killed = signalled_once_there(
+        rotated, scratch, signal.SIGKILL, "secrets", "rewrap", watched=backups_folder, pattern=".incoming-*"
+    )
+    left_by_the_kill = sorted(path.name for path in backups_folder.glob(".incoming-*"))
+    rewrap = kiln(rotated, "secrets", "rewrap")
+
+    assert killed.returncode == -signal.SIGKILL
+    assert [path for path in scratch.rglob("*") if path.is_file() and a_plain_store(path)] == []
+    assert len(left_by_the_kill) == 1
+    assert rewrap.returncode == 0, rewrap.stderr
+    assert f"backups: 2 moved under {B}, 0 under it already" in rewrap.stdout.splitlines()
+    assert sorted(path.name for path in backups_folder.iterdir()) == sorted(
+        f"{backup_id}.{suffix}" for backup_id in backups for suffix in ("db.sealed", "json")
+    )
+    for backup_id in backups:
+        restore = kiln(without_a, "restore", org_id, backup_id, str(folder / f"{backup_id}.db"))
+        assert restore.returncode == 0, restore.stderr
+    assert status_lines(rotated, 0)[-1] == f"retired key {A}: nothing under it"

@@ -10,9 +10,6 @@ import shutil
 import signal
 import sqlite3
 import stat
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -36,13 +33,14 @@ from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN
 from tests.integration.sync_support import (
     READINGS,
-    REPO_ROOT,
     TWO_READINGS,
     an_earlier_kilns_backup,
     kiln,
+    make_large_store,
     make_local_store,
     open_sync,
     run_sql,
+    signalled_once_there,
 )
 from tests.support.servers import fresh_postgres_database
 
@@ -232,32 +230,12 @@ def test_an_altered_chunk_of_a_backup_is_refused_and_nothing_is_written(
     assert not (tmp_path / "r.db").exists() and not (tmp_path / "r.db.partial").exists()
 
 
-def make_large_store(path: Path, megabytes: int) -> None:
-    """A SQLite store of `megabytes` MB, made in a second or two: long enough to back up to be stopped half-way."""
-    with closing(sqlite3.connect(path)) as connection:
-        connection.execute("CREATE TABLE waveforms (samples BLOB)")
-        connection.execute(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?) "
-            "INSERT INTO waveforms SELECT zeroblob(1048576) FROM n",
-            (megabytes,),
-        )
-        connection.commit()
-
-
 def stopped_half_way(settings: Settings, scratch: Path, number: signal.Signals, *args: str) -> int:
     """Run `kiln *args` with TMPDIR=scratch, send it `number` once its temporary folder holds a file, and return
     its exit code."""
-    env = {**os.environ, **settings.as_env(), "TMPDIR": str(scratch)}
-    command = [sys.executable, "-m", "deploy.local.cli", *args]
-    with subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as cli:
-        deadline = time.monotonic() + 60
-        while not any(scratch.glob("kiln-*/*")):
-            assert cli.poll() is None and time.monotonic() < deadline, "the command ended before it could be stopped"
-            time.sleep(0.005)
-        cli.send_signal(number)
-        _, stderr = cli.communicate(timeout=60)
-    assert b"Traceback" not in stderr, stderr
-    return cli.returncode
+    ended = signalled_once_there(settings, scratch, number, *args, watched=scratch, pattern="kiln-*/*")
+    assert b"Traceback" not in ended.stderr, ended.stderr
+    return ended.returncode
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
