@@ -6,7 +6,9 @@ transaction: both are consistent while the store is in use. The snapshot is seal
 1 MiB chunks (shared/crypto.py, seal_stream), under a key derived from the platform key with the org and backup id
 bound in, at `orgs/{org}/backups/{id}.db.sealed` (SQLite) or `{id}.dump.sealed` (PostgreSQL); beside it a manifest
 holds the sha256 of the snapshot itself. Backup and restore go through temporary files, one chunk at a time, so a
-store of any size passes through bounded memory. A restore goes ahead only when the opened snapshot's sha256
+store of any size passes through bounded memory; the plain snapshot is in a workspace of the user's alone under
+TMPDIR (shared/workspaces.py), which the next backup, restore or rewrap removes when a process killed outright left
+it behind. A restore goes ahead only when the opened snapshot's sha256
 matches, and only into a new SQLite file or an empty PostgreSQL database (pg_restore in one transaction), so it
 never overwrites a store and never leaves a half-restored one.
 
@@ -32,7 +34,7 @@ import sqlite3
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final, Literal, NamedTuple
@@ -43,6 +45,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from shared import workspaces
 from shared.crypto import STREAM_MAGIC, SecretBox, is_sealed_stream
 from shared.db.session import driver_message, with_shipped_driver
 from shared.db.types import utcnow
@@ -108,7 +111,7 @@ def backup_store(store: ObjectStore, box: SecretBox, *, rules: StoreRules, sourc
     location = store_location(source, field="source")
     # A server is reached as the rules return it: pinned to the address they checked (KILN_STORE_NETWORKS).
     checked = rules.check_before_opening(_url_of(location), field="source")
-    with tempfile.TemporaryDirectory(prefix="kiln-backup-") as folder:
+    with _working_folder() as folder:
         snapshot, sealed = Path(folder) / "snapshot", Path(folder) / "sealed"
         if isinstance(location, URL):
             kind: Kind = POSTGRESQL
@@ -164,7 +167,7 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
         raise _exists(location)
     elif not location.parent.is_dir():  # found out before the download, not after
         raise InvalidInput(f"{location.parent} is not a folder: make it, or restore into one that is", field="target")
-    with tempfile.TemporaryDirectory(prefix="kiln-restore-") as folder:
+    with _working_folder() as folder:
         sealed, snapshot = Path(folder) / "sealed", Path(folder) / "snapshot"
         store.get_file(sealed_key(manifest), sealed)
         _open_verified(box, manifest, sealed, snapshot, outcome="nothing was restored")
@@ -173,6 +176,17 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
         else:
             _place_new_file(snapshot, location)
     return manifest
+
+
+@contextmanager
+def _working_folder() -> Iterator[Path]:
+    """A folder of this user's alone for a backup, restore or rewrap: a workspace (shared/workspaces.py), which
+    holds the plain snapshot of a backup or restore. One that a process killed outright (SIGKILL) left behind is
+    removed first, here or by a training worker's start."""
+    root = workspaces.default_root()
+    workspaces.sweep(root)
+    with workspaces.workspace(root) as folder:
+        yield folder
 
 
 def _place_new_file(snapshot: Path, target: Path) -> None:
@@ -208,7 +222,7 @@ def rewrap_backup(store: ObjectStore, box: SecretBox, manifest: BackupManifest) 
     key = sealed_key(manifest)
     staged = f"{key}.rewrapping"
     outcome = "the backup was left as it was"
-    with tempfile.TemporaryDirectory(prefix="kiln-rewrap-") as folder:
+    with _working_folder() as folder:
         old, new = Path(folder) / "old", Path(folder) / "new"
         store.get_file(key, old)
         with old.open("rb") as sealed, new.open("wb") as out:

@@ -43,9 +43,9 @@ from typing import IO, Any, Literal
 
 from pydantic.alias_generators import to_camel
 
-from services.trainer import workspaces
 from services.trainer.disk_usage import DiskUsage, HiddenFiles
 from services.trainer.zygote import STDERR_LOG, STDOUT_LOG, Message, MessageReader, send
+from shared import workspaces
 from shared.errors import InvalidInput, TransientError
 from shared.settings import Settings
 

@@ -108,9 +108,10 @@ def many_readings(count: int) -> list[tuple[int, str, float, str]]:
     return [(n, f"pump-{n % 7}", float(n), f"patient {n}") for n in range(1, count + 1)]
 
 
-def kiln(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """The `kiln` command in a process of its own, with these settings as its KILN_* variables."""
-    env = {**os.environ, **settings.as_env()}
+def kiln(settings: Settings, *args: str, tmpdir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The `kiln` command in a process of its own, with these settings as its KILN_* variables (and `tmpdir` as its
+    TMPDIR, when given)."""
+    env = {**os.environ, **settings.as_env(), **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
     command = [sys.executable, "-m", "deploy.local.cli", *args]
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
 

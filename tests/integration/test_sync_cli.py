@@ -44,6 +44,9 @@ from tests.integration.sync_support import (
 )
 from tests.support.servers import fresh_postgres_database
 
+# The plain snapshot of a backup or restore run with TMPDIR=scratch, in its workspace (shared/workspaces.py).
+SNAPSHOT = "**/snapshot"
+
 
 def known_org(api: TestClient, org_id: str) -> str:
     """An org the central database knows, where the commands read where its data may be kept."""
@@ -233,9 +236,13 @@ def test_an_altered_chunk_of_a_backup_is_refused_and_nothing_is_written(
 def stopped_half_way(settings: Settings, scratch: Path, number: signal.Signals, *args: str) -> int:
     """Run `kiln *args` with TMPDIR=scratch, send it `number` once its temporary folder holds a file, and return
     its exit code."""
-    ended = signalled_once_there(settings, scratch, number, *args, watched=scratch, pattern="kiln-*/*")
+    ended = signalled_once_there(settings, scratch, number, *args, watched=scratch, pattern=SNAPSHOT)
     assert b"Traceback" not in ended.stderr, ended.stderr
     return ended.returncode
+
+
+def files_in(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
 
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGHUP])
@@ -249,7 +256,27 @@ def test_a_backup_stopped_by_a_signal_leaves_no_snapshot_behind(
     code = stopped_half_way(central_settings, scratch, number, "backup", org_id, str(store))
 
     assert code == 128 + number
-    assert list(scratch.glob("kiln-backup-*")) == []
+    assert files_in(scratch) == []
+
+
+def test_the_snapshot_of_a_backup_killed_outright_is_removed_by_the_next_backup(
+    central_settings: Settings, org_id: str, org_folder: Path, tmp_path: Path
+) -> None:
+    """SIGKILL: nothing of the process runs on to remove its plain snapshot; the next backup, on the same machine
+    (TMPDIR), finds that no live process holds its workspace and removes it."""
+    store, scratch = org_folder / "plant.db", tmp_path / "tmp"
+    make_large_store(store, 200)
+    scratch.mkdir()
+
+    killed = signalled_once_there(
+        central_settings, scratch, signal.SIGKILL, "backup", org_id, str(store), watched=scratch, pattern=SNAPSHOT
+    )
+    left_by_the_kill = files_in(scratch)
+    again = kiln(central_settings, "backup", org_id, str(store), tmpdir=scratch)
+
+    assert killed.returncode == -signal.SIGKILL and left_by_the_kill != []
+    assert again.returncode == 0, again.stderr
+    assert files_in(scratch) == []
 
 
 def test_a_restore_stopped_by_a_signal_leaves_no_snapshot_behind(
@@ -265,7 +292,7 @@ def test_a_restore_stopped_by_a_signal_leaves_no_snapshot_behind(
     code = stopped_half_way(central_settings, scratch, signal.SIGTERM, "restore", org_id, manifest.backup_id, restored)
 
     assert code == 128 + signal.SIGTERM
-    assert list(scratch.glob("kiln-restore-*")) == []
+    assert files_in(scratch) == []
     assert not Path(restored).exists()
 
 

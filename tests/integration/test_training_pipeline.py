@@ -28,10 +28,10 @@ from services.trainer import runs
 from services.trainer.artifacts import load_holdout
 from services.trainer.context import WorkerContext
 from services.trainer.training import BUILT_IN_SCRIPT, run_training
-from services.trainer.workspaces import default_root
 from shared.layout import HOLDOUT_FILE, model_key, model_prefix
 from shared.settings import Settings
 from shared.storage import open_object_store
+from shared.workspaces import default_root
 from tests.integration.conftest import (
     ADMIN,
     OrgKeys,

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.trainer.workspaces import LOCK_SUFFIX
+from shared.workspaces import LOCK_SUFFIX
 
 HOLDER = """
 import sys, time

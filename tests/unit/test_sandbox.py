@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from services.trainer.sandbox import Limits, Sandbox, ScriptResult
-from services.trainer.workspaces import WorkspaceError
 from shared.errors import InvalidInput
 from shared.schemas import LIMIT_MAXIMA, OrgConfig, TrainingPolicyInput
 from shared.settings import Settings
+from shared.workspaces import WorkspaceError
 from tests.support.workspaces import workspace_holder
 
 LIMITS = Limits(timeout_s=30, cpu_s=30, memory_mb=2048, max_file_mb=10, max_open_files=64, disk_mb=1024)

@@ -1,9 +1,10 @@
-"""The folders training scripts run in, which hold an org's rows while a run uses them.
+"""Private folders that hold an org's data in the clear while a process works in them: the folders training scripts
+run in (an org's rows), and those a backup or restore opens a store's snapshot in.
 
-Each is made under one folder of the worker's user (`default_root()`), with a lock file beside it that its worker
-process holds (flock) for as long as the run uses it. A worker that ends normally removes both; one that was killed
-leaves them, and its lock with it: the sweep at the next worker's start removes every workspace whose lock no
-live process holds, and leaves those of the other workers running on the machine.
+Each is made under one folder of the process's user (`default_root()`), with a lock file beside it that its
+process holds (flock) for as long as it uses it. A process that ends normally removes both; one that was killed
+leaves them, and its lock with it: the sweep at the next worker's start, backup, restore or rewrap removes every
+workspace whose lock no live process holds, and leaves those of the processes still running on the machine.
 """
 
 from __future__ import annotations
