@@ -17,11 +17,12 @@ import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from sqlalchemy import Connection, Table, text
 from sqlalchemy.exc import OperationalError
 
+from services.sync.records import Records
 from services.sync.stores import STAMP, VERSION, key_text, quote_in_text
 
 logger = logging.getLogger(__name__)
@@ -409,7 +410,7 @@ def _utf8(raw: bytes) -> bool:
 
 def changed_records(
     connection: Connection, log: ChangeLog, *, table: Table, key: str, logged_as: str, after: int, last: int
-) -> dict[str, dict[str, Any]]:
+) -> Records:
     """The records logged as changed in (after, last], by key text: one query over the log range, where a list of
     keys would cost a bound parameter per key. A deleted record is absent."""
     quote = functools.partial(_quoted, connection)
@@ -423,7 +424,7 @@ def changed_records(
     ).columns(*table.columns)
     rows = connection.execute(query, {"t": logged_as, "after": after, "last": last}).all()
     at = names.index(key)
-    return {key_text(row[at]): dict(zip(names, row, strict=True)) for row in rows}
+    return Records(names, {key_text(row[at]): row for row in rows})
 
 
 def first_change(connection: Connection, log: ChangeLog, *, table: str, key: str, after: int) -> Change | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying, forget, log_merges
@@ -33,6 +33,17 @@ from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, CONFLICT_RESOLVED, 
 
 # What the review queue's choice sets a conflict's outcome to (services/api/routers/sync_jobs.py).
 KEPT_CENTRAL = "kept-central"
+# Asked by every batch of a table that holds conflicts for review: made once (services/sync/watermarks.py says why).
+_ANY_OPEN = (
+    select(SyncConflict.id)
+    .where(
+        SyncConflict.org_id == bindparam("org"),
+        SyncConflict.status == CONFLICT_OPEN,
+        SyncConflict.source_id == bindparam("source"),
+        SyncConflict.table_name == bindparam("table"),
+    )
+    .limit(1)
+)
 
 
 def apply_choices(pair: TablePair) -> None:
@@ -152,13 +163,8 @@ def open_conflicts(session: Session, pair: TablePair, keys: Any) -> dict[str, Sy
 def _any_open(session: Session, pair: TablePair) -> bool:
     """One cheap look first (the org's open conflicts are indexed): most batches meet none, and the look-up by key
     binds a parameter per record of the batch, which was a fifth of a down-only table's pull."""
-    query = select(SyncConflict.id).where(
-        SyncConflict.org_id == pair.org_id,
-        SyncConflict.status == CONFLICT_OPEN,
-        SyncConflict.source_id == pair.source_id,
-        SyncConflict.table_name == pair.spec.name,
-    )
-    return session.scalar(query.limit(1)) is not None
+    this_table = {"org": pair.org_id, "source": pair.source_id, "table": pair.spec.name}
+    return session.connection().scalar(_ANY_OPEN, this_table) is not None
 
 
 def record_conflict(

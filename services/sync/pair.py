@@ -3,7 +3,7 @@ and how a row looks on each side (sensitive columns sealed centrally, plain loca
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from services.sync.changes import CENTRAL_LOG, shut_out_writers
 from services.sync.column_types import Check, refuse_unstorable
 from services.sync.envelope import Keyring, hold_active_key
-from services.sync.stores import META_COLUMNS, values_of
+from services.sync.stores import META_COLUMNS
 from shared.sync_tables import SyncTable
 
 
@@ -80,18 +80,15 @@ class TablePair:
                 opened[name] = self.keyring.open(opened[name], column=self._column(name))
         return opened
 
-    def plain_values(self, rows: Iterable[dict[str, Any]], names: list[str]) -> list[list[Any]]:
-        """plain() of many central rows, each as its values in `names` order: a pull's rows go to the local store
-        in that shape, with no dict made per row on the way."""
-        take = values_of(names)
-        sensitive = [(names.index(name), self._column(name)) for name in self.spec.sensitive_columns if name in names]
-        opened = []
-        for row in rows:
-            values = list(take(row))
-            for index, column in sensitive:
-                values[index] = self.keyring.open(values[index], column=column)
-            opened.append(values)
-        return opened
+    def plain_values(self, rows: list[list[Any]], names: list[str]) -> list[list[Any]]:
+        """Central records' values in `names` order (columns of the local table), their sensitive columns opened in
+        place: a pull's rows go to the local store in that shape, with no dict made per row on the way."""
+        for name in self.spec.sensitive_columns:
+            if name in names:
+                index, column = names.index(name), self._column(name)
+                for values in rows:
+                    values[index] = self.keyring.open(values[index], column=column)
+        return rows
 
     def _column(self, name: str) -> str:
         return f"{self.spec.name}.{name}"

@@ -34,6 +34,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    bindparam,
     column,
     inspect,
     select,
@@ -66,6 +67,12 @@ PULLED = Table(
 )
 # The local change log (services/sync/changes.py makes it), as these marks read it.
 LOG = table(LOCAL_LOG.log, column("seq"), column("tbl"), column("pk"), column("at_ms"))
+# Written by every pulled batch: made once (services/sync/watermarks.py says why).
+_NOTE_PULLED = (
+    update(PULLED)
+    .where(PULLED.c.source_id == bindparam("source"), PULLED.c.tbl == bindparam("table"))
+    .values(seq=bindparam("taken"))
+)
 # The token of a store that holds none.
 NO_TOKEN: Final = ""
 RESTORED: Final = (
@@ -142,8 +149,8 @@ def check_positions(pair: TablePair) -> None:
 def note_pulled(local: Connection, pair: TablePair, seq: int) -> None:
     """The central log position the store has taken, written in the transaction that writes a pulled batch. Every
     path that moves the `down` watermark must write it first: a store behind that watermark is refused."""
-    this_table = (PULLED.c.source_id == pair.source_id) & (PULLED.c.tbl == pair.spec.name)
-    if local.execute(update(PULLED).where(this_table).values(seq=seq)).rowcount == 0:
+    noted = local.execute(_NOTE_PULLED, {"source": pair.source_id, "table": pair.spec.name, "taken": seq})
+    if noted.rowcount == 0:
         local.execute(PULLED.insert().values(source_id=pair.source_id, tbl=pair.spec.name, seq=seq))
 
 

@@ -56,6 +56,7 @@ from services.sync.deletions import (
 from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
 from services.sync.merge import Version, deletion, from_json, jsonable, resolve
 from services.sync.pair import TablePair, Tally, hold_sealing_key
+from services.sync.records import Records
 from services.sync.store_marks import note_pulled
 from services.sync.stores import (
     STAMP,
@@ -278,10 +279,10 @@ def pull_batch(pair: TablePair) -> bool:
             deleted, kept = _pull_deletions(local, pair, gone)
             end_applying(local, LOCAL_LOG)
             note_pulled(local, pair, changes[-1].seq)
-        pulled = [current[key] for key in latest if key not in refusals]
+        pulled = [key for key in latest if key not in refusals]
         hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
         _hold_central_edits(pair, held, changes, current)
-        _acknowledge_pull(session, pair, changes[-1].seq, pulled, deleted)
+        _acknowledge_pull(session, pair, changes[-1].seq, current, pulled, deleted)
         _restore_all_refused(session, pair, {**refusals.restore, **kept})
         _hold_refused(session, pair, refusals.hold)
         _drop_refused_inserts(session, pair, refusals.inserts)
@@ -291,7 +292,7 @@ def pull_batch(pair: TablePair) -> bool:
 
 
 def _hold_central_edits(
-    pair: TablePair, held: dict[str, SyncConflict], changes: list[Change], current: dict[str, dict[str, Any]]
+    pair: TablePair, held: dict[str, SyncConflict], changes: list[Change], current: Records
 ) -> None:
     """A central edit of a record held for review joins its conflict, as a local one does in a push: the batch is
     acknowledged past it, and the review queue shows (and a choice of `central` keeps) the central record as it is."""
@@ -301,7 +302,7 @@ def _hold_central_edits(
             held[change.key].central_version = version_json(pair, version)
 
 
-def _changed_records(session: Session, pair: TablePair, *, after: int, last: int) -> dict[str, dict[str, Any]]:
+def _changed_records(session: Session, pair: TablePair, *, after: int, last: int) -> Records:
     return changed_records(
         session.connection(),
         CENTRAL_LOG,
@@ -314,9 +315,10 @@ def _changed_records(session: Session, pair: TablePair, *, after: int, last: int
 
 
 def _acknowledge_pull(
-    session: Session, pair: TablePair, seq: int, pulled: list[dict[str, Any]], deleted: dict[str, dict[str, Any]]
+    session: Session, pair: TablePair, seq: int, current: Records, pulled: list[str], deleted: dict[str, dict[str, Any]]
 ) -> None:
-    _save_bases(session, pair, pulled)
+    if _keeps_bases(pair):
+        _save_bases(session, pair, [current[key] for key in pulled])
     forget_bases(session, pair, deleted)
     audit_local_deletions(session, pair, deleted)
     set_watermark(session, pair, DOWN, seq)
@@ -371,14 +373,13 @@ def _pull(
     local: Connection,
     pair: TablePair,
     latest: dict[str, Change],
-    current: dict[str, dict[str, Any]],
+    current: Records,
     firsts: dict[str, Version],
 ) -> _Refusals:
     """Write the records down; returns those refused: append-only updates, and those the local store's rules
     refuse."""
     refused = _refused_updates(local, pair, latest, current, firsts)
-    records = {key: current[key] for key in latest if key not in refused}
-    refusals = _write_down(local, pair, records)
+    refusals = _write_down(local, pair, current, [key for key in latest if key not in refused])
     refusals.restore = refused | refusals.restore
     return refusals
 
@@ -406,11 +407,11 @@ class _Refusals:
         return len(self.restore) + len(self.hold) + len(self.inserts)
 
 
-def _write_down(local: Connection, pair: TablePair, records: dict[str, dict[str, Any]]) -> _Refusals:
-    """Write the central records locally, all at once, or, when the local store's own rules (NOT NULL, UNIQUE,
+def _write_down(local: Connection, pair: TablePair, records: Records, keys: list[str]) -> _Refusals:
+    """Write these central records locally, all at once, or, when the local store's own rules (NOT NULL, UNIQUE,
     CHECK: the central copy does not carry them) refuse one, each on its own."""
     names = [column.name for column in pair.local_table.columns]
-    rows = dict(zip(records, pair.plain_values(records.values(), names), strict=True))
+    rows = dict(zip(keys, pair.plain_values(records.values_in(keys, names), names), strict=True))
     try:
         with local.begin_nested():
             upsert_values(local, pair.local_table, pair.key, names, list(rows.values()))
@@ -428,7 +429,7 @@ def _write_down(local: Connection, pair: TablePair, records: dict[str, dict[str,
 
 
 def _settle_refusals(
-    local: Connection, pair: TablePair, records: dict[str, dict[str, Any]], refusals: dict[str, IntegrityError]
+    local: Connection, pair: TablePair, records: Records, refusals: dict[str, IntegrityError]
 ) -> _Refusals:
     """A refused insert has no local version: it leaves the central store too. A refused update is settled as an
     append-only one is, the local version back up and the central one kept in its conflict, when the table sends
@@ -470,7 +471,7 @@ def _refused_updates(
     local: Connection,
     pair: TablePair,
     latest: dict[str, Change],
-    current: dict[str, dict[str, Any]],
+    current: Records,
     firsts: dict[str, Version],
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """Append-only records the central store changed after the local store had them: their update is refused.
@@ -528,6 +529,10 @@ def _base(session: Session, pair: TablePair, key: str) -> dict[str, Any] | None:
     return jsonable(pair.plain(row.row)) if row is not None else None
 
 
+def _keeps_bases(pair: TablePair) -> bool:
+    return pair.spec.policy in ("field-merge", "append-only")
+
+
 def _first_versions(session: Session, pair: TablePair, keys: Iterable[str]) -> dict[str, Version]:
     """Append-only records' first synced versions (their bases), by key, in one query per 500; other policies and
     records synced before first versions were kept have none."""
@@ -550,7 +555,7 @@ def _first_versions(session: Session, pair: TablePair, keys: Iterable[str]) -> d
 def _save_bases(session: Session, pair: TablePair, rows: list[dict[str, Any]]) -> None:
     """Field-merge needs each record as both sides last agreed on it, append-only the version first synced (the
     only one either side ever writes); other policies keep no base."""
-    if pair.spec.policy not in ("field-merge", "append-only"):
+    if not _keeps_bases(pair):
         return
     for row in rows:
         key = key_text(row[pair.key])

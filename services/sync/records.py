@@ -1,0 +1,37 @@
+"""Records read from a store by key, each kept as the row its query returned, for a pull's batch of 2,000."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from operator import itemgetter
+from typing import Any
+
+
+class Records(Mapping[str, dict[str, Any]]):
+    """Records by key text. A pull writes most of its records' values down as they are, and a dict made for each on
+    the way cost 0.75 µs a record (about a twentieth of the pull's CPU, measured): a record becomes a dict only when
+    one is looked up by key (a refusal, a base, a conflict)."""
+
+    def __init__(self, names: list[str], rows: dict[str, Sequence[Any]]) -> None:
+        self.names = names
+        self._rows = rows
+
+    def __getitem__(self, key: str) -> dict[str, Any]:
+        return dict(zip(self.names, self._rows[key], strict=True))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._rows  # Mapping's own would make the record a dict to say so
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def values_in(self, keys: Iterable[str], names: list[str]) -> list[list[Any]]:
+        """The values of these records in `names` order, each record's a list of its own, without a dict."""
+        at = [self.names.index(name) for name in names]
+        if len(at) == 1:
+            return [[self._rows[key][at[0]]] for key in keys]
+        take = itemgetter(*at)
+        return [list(take(self._rows[key])) for key in keys]
