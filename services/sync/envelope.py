@@ -42,6 +42,15 @@ def looks_sealed(value: Any) -> bool:
     return isinstance(value, str) and KEY_ID.fullmatch(value.partition(":")[0]) is not None
 
 
+class KeyNotHeld(ValueError):
+    """A value sealed under a key this keyring does not hold: one a rotation made since the keyring was loaded, or
+    one the org no longer has. A job loads the org's keys again to know which (services/sync/jobs.py)."""
+
+    def __init__(self, message: str, key_id: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+
 class KeyRotated(Exception):
     """The org's key was rotated since this keyring was loaded: what it would seal now would stay under a key that
     may be destroyed. The transaction is rolled back and redone with the new keyring."""
@@ -68,7 +77,7 @@ class Keyring:
         key_id, _, body = token.partition(":")
         key = self.keys.get(key_id)
         if key is None:
-            raise ValueError(_not_openable(column, key_id))
+            raise _not_openable(column, key_id)
         raw = binascii.a2b_base64(body)  # base64.b64decode's checks of its argument cost more than the decoding
         try:
             plaintext = key.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(column))
@@ -231,9 +240,9 @@ def _unwrap(box: SecretBox, row: SyncKey) -> bytes:
     return base64.b64decode(box.decrypt(row.wrapped, context=sync_key_context(row.org_id, row.id)))
 
 
-def _not_openable(column: str, key_id: str) -> str:
+def _not_openable(column: str, key_id: str) -> ValueError:
     """Why a value does not open, without echoing it: a value that is no sealed token may be plain text, a
     patient's name written into the central copy by hand, and would otherwise reach the job's error and the logs."""
     if KEY_ID.fullmatch(key_id):
-        return f"{column} was sealed under key {key_id!r}, which this org no longer has"
-    return f"a value of {column} is not sealed (plain text written into its central copy?)"
+        return KeyNotHeld(f"{column} was sealed under key {key_id!r}, which this org no longer has", key_id)
+    return ValueError(f"a value of {column} is not sealed (plain text written into its central copy?)")

@@ -24,7 +24,7 @@ from services.sync.changes import (
 )
 from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
-from services.sync.envelope import Keyring, KeyRotated, load_keyring
+from services.sync.envelope import KeyNotHeld, Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
 from services.sync.resync import resync_if_asked
 from services.sync.store_marks import check_positions, check_same_store, create_marks, recognize_store
@@ -218,19 +218,23 @@ def _sync_tables(
 
 
 def _sync_through_rotations(context: SyncContext, pair: TablePair) -> None:
-    """A key rotated while the table syncs rolls back the batch that would have sealed under the old key; the
-    table goes on from its watermarks under the new one."""
+    """A key rotated while the table syncs rolls back the batch that would have sealed under the old key, or that
+    met a central value resealed under the new one (a pull opens what it reads before it holds the key); the table
+    goes on from its watermarks under the new one."""
     while True:
         try:
             sync_table(pair)
             return
         except KeyRotated:
-            log.info(
-                "source %s table %s: the org's key was rotated, going on under the new one",
-                pair.source_id,
-                pair.spec.name,
-            )
-            pair.keyring = _keyring(context, pair.org_id)
+            keyring = _keyring(context, pair.org_id)
+        except KeyNotHeld as error:
+            keyring = _keyring(context, pair.org_id)
+            if error.key_id not in keyring.keys:
+                raise ValueError(str(error)) from error  # the org no longer has it: the job fails, as it always has
+        log.info(
+            "source %s table %s: the org's key was rotated, going on under the new one", pair.source_id, pair.spec.name
+        )
+        pair.keyring = keyring
 
 
 def _keyring(context: SyncContext, org_id: str) -> Keyring:

@@ -599,6 +599,47 @@ def test_a_key_rotated_while_a_job_runs_leaves_nothing_sealed_under_the_old_key(
     assert sync.local("SELECT count(*) FROM readings WHERE patient = 'patient ' || id AND value = id + 1") == [(2000,)]
 
 
+def test_a_key_rotated_while_a_job_pulls_leaves_the_job_opening_what_was_resealed(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """A rotation between two pulled batches reseals the central records the job has still to bring down under a key
+    the job's keyring does not hold: the job goes on under the new key, as it does when a batch seals."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(2000))
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET value = value + 1")  # every record comes down, 500 a batch
+    rotations: list[dict[str, Any]] = []
+
+    def rotate_after_the_first_batch(_tally: Tally) -> None:
+        if not rotations:
+            rotations.append(rotate_org_key(sync_context, org_id, actor="operator"))
+
+    status = run_job(sync_context, sync.submit(), after_batch=rotate_after_the_first_batch)
+
+    assert status == "succeeded"
+    assert sync.local("SELECT count(*) FROM readings WHERE patient = 'patient ' || id AND value = id + 1") == [(2000,)]
+
+
+def test_a_value_sealed_under_a_destroyed_key_fails_the_job_that_pulls_it(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Loading the org's keys again does not bring back a destroyed one: the job fails naming it, once."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    [(old_token,)] = sync.central(f"SELECT patient FROM {sync.central_table} WHERE id = 1")
+    rotation = rotate_org_key(sync_context, org_id, actor="operator")
+    with session_scope(sync_context.sessions) as session:
+        destroy_key(session, org_id, rotation["drainedKeys"][0], actor="operator")
+    sync.central(f"UPDATE {sync.central_table} SET patient = :token WHERE id = 1", {"token": old_token})
+
+    job = sync.run()
+
+    key_id = rotation["drainedKeys"][0]
+    assert (job["status"], job["errors"][-1]["error"]) == (
+        "failed",
+        f"table 'readings': ValueError: readings.patient was sealed under key {key_id!r}, which this org no longer has",
+    )
+
+
 def test_a_rotation_waits_for_a_transaction_sealing_under_the_active_key(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
