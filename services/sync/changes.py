@@ -424,7 +424,9 @@ def changed_records(
     ).columns(*table.columns)
     rows = connection.execute(query, {"t": logged_as, "after": after, "last": last}).all()
     at = names.index(key)
-    return Records(names, {key_text(row[at]): row for row in rows})
+    # Plain tuples, which the garbage collector stops tracking, where a batch of SQLAlchemy rows kept until the
+    # write stays tracked: 3 full collections rather than 4 per 100k records pulled, ~55 ms each (bench/sync.py).
+    return Records(names, {key_text(row[at]): tuple(row) for row in rows})
 
 
 def first_change(connection: Connection, log: ChangeLog, *, table: str, key: str, after: int) -> Change | None:
