@@ -259,12 +259,9 @@ def pull_batch(pair: TablePair) -> bool:
         )
         if not changes:
             return False
-        # Read before the key is held (so it locks nothing while the local store writes): under the active key,
-        # as the bases, conflicts and audit rows this batch copies them into must be.
-        current = {
-            key: pair.under_active_key(row)
-            for key, row in _changed_records(session, pair, after=after, last=changes[-1].seq).items()
-        }
+        # Read before the key is held (so it locks nothing while the local store writes); a record looked up is
+        # under the active key, as the bases, conflicts and audit rows this batch copies it into must be.
+        current = _changed_records(session, pair, after=after, last=changes[-1].seq).each_as(pair.under_active_key)
         held = open_conflicts(session, pair, (change.key for change in changes))
         with pair.local.begin() as local:
             shut_out_writers(local, LOCAL_LOG)
