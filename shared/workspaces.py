@@ -4,23 +4,30 @@ run in (an org's rows), and those a backup or restore opens a store's snapshot i
 Each is made under one folder of the process's user (`default_root()`), with a lock file beside it that its
 process holds (flock) for as long as it uses it. A process that ends normally removes both; one that was killed
 leaves them, and its lock with it: the sweep at the next worker's start, backup, restore or rewrap removes every
-workspace whose lock no live process holds, and leaves those of the processes still running on the machine.
+workspace whose lock no live process holds, and leaves those of the processes still running on the machine. A
+workspace that could not be removed keeps its lock file, for the next sweep to try again: a workspace's lock file
+is there whenever its folder is.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
-import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from services.trainer.folders import remove_tree
 from shared.errors import KilnError
 
+log = logging.getLogger(__name__)
+
 LOCK_SUFFIX = ".lock"
+# tempfile.mkstemp's names for the lock files, and so for the workspaces beside them.
+_PREFIX = "run-"
 
 
 class WorkspaceError(KilnError):
@@ -41,14 +48,36 @@ def workspace(root: Path) -> Iterator[Path]:
         try:
             yield path
         finally:
-            _remove_tree(path)
+            _remove_or_leave(path)  # never raises: the run's own error, if any, is what the caller sees
 
 
 def sweep(root: Path) -> list[Path]:
     """Remove the workspaces in `root` that no live process holds, and return them."""
     if not root.exists():
         return []
-    return [lock.with_suffix("") for lock in sorted(_own_folder(root).glob("*" + LOCK_SUFFIX)) if _swept(lock)]
+    folder = _own_folder(root)
+    locked = [lock.with_suffix("") for lock in sorted(folder.glob("*" + LOCK_SUFFIX)) if _swept(lock)]
+    return locked + [path for path in _lockless(folder) if _remove_or_leave(path)]
+
+
+def _remove_or_leave(path: Path) -> bool:
+    """Remove a workspace; whether it did. When it cannot, its lock file stays, for the next sweep to find."""
+    try:
+        remove_tree(path)
+    except OSError:
+        log.exception("could not remove the workspace %s; the next sweep will try again", path)
+        return False
+    return True
+
+
+def _lockless(root: Path) -> list[Path]:
+    """Workspaces without a lock file: no run holds them (a run's lock is made before its folder and removed
+    after it), and none but a worker before this one's could leave them so."""
+    return [
+        path
+        for path in sorted(root.glob(_PREFIX + "*"))
+        if path.is_dir() and not path.with_name(path.name + LOCK_SUFFIX).exists()
+    ]
 
 
 def _own_folder(root: Path) -> Path:
@@ -64,9 +93,10 @@ def _own_folder(root: Path) -> Path:
 
 @contextmanager
 def _held_lock(root: Path) -> Iterator[Path]:
-    """A new lock file in `root`, locked by this process until the block ends, and then removed."""
+    """A new lock file in `root`, locked by this process until the block ends, and then removed unless its
+    workspace is still there."""
     while True:
-        handle, name = tempfile.mkstemp(prefix="run-", suffix=LOCK_SUFFIX, dir=root)
+        handle, name = tempfile.mkstemp(prefix=_PREFIX, suffix=LOCK_SUFFIX, dir=root)
         fcntl.flock(handle, fcntl.LOCK_EX)
         if _still_there(handle):
             break
@@ -74,7 +104,8 @@ def _held_lock(root: Path) -> Iterator[Path]:
     try:
         yield Path(name)
     finally:
-        os.unlink(name)  # before the lock is let go: no sweep may find it free
+        if not os.path.lexists(Path(name).with_suffix("")):
+            os.unlink(name)  # before the lock is let go: no sweep may find it free
         os.close(handle)
 
 
@@ -85,9 +116,8 @@ def _swept(lock: Path) -> bool:
     except FileNotFoundError:
         return False  # its run has just ended
     try:
-        if not _lock_if_free(handle):
+        if not _lock_if_free(handle) or not _remove_or_leave(lock.with_suffix("")):
             return False
-        _remove_tree(lock.with_suffix(""))
         lock.unlink()
         return True
     finally:
@@ -104,21 +134,3 @@ def _lock_if_free(handle: int) -> bool:
 
 def _still_there(handle: int) -> bool:
     return os.fstat(handle).st_nlink > 0
-
-
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    if path.exists():
-        # The script took away its own permissions on some folder in there.
-        _make_folders_writable(path)
-        shutil.rmtree(path)
-
-
-def _make_folders_writable(root: Path) -> None:
-    root.chmod(0o700)
-    for folder, subfolders, _ in os.walk(root):
-        for name in subfolders:
-            subfolder = os.path.join(folder, name)
-            # A link may point out of the workspace: it is removed, never followed.
-            if not os.path.islink(subfolder):
-                os.chmod(subfolder, 0o700)
