@@ -26,6 +26,7 @@ scripts are not trusted, give them their own user or container as well.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -43,11 +44,13 @@ from typing import IO, Any, Literal
 
 from pydantic.alias_generators import to_camel
 
-from services.trainer.disk_usage import DiskUsage, HiddenFiles
+from services.trainer.disk_usage import DiskUsage, HiddenFiles, TooDeep
 from services.trainer.zygote import STDERR_LOG, STDOUT_LOG, Message, MessageReader, send
 from shared import workspaces
 from shared.errors import InvalidInput, TransientError
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Where `services` is imported from, from a checkout or installed: the zygote starts there.
 _IMPORT_ROOT = Path(__file__).resolve().parents[2]
@@ -480,14 +483,19 @@ class _DiskQuota:
     max_open_files x max_file_mb per process (RLIMIT_NOFILE, RLIMIT_FSIZE), freed when the run ends."""
 
     def __init__(self, workdir: Path, limit_mb: int) -> None:
+        self._workdir = workdir
         self._usage = DiskUsage(workdir, entries_per_step=_DISK_ENTRIES_PER_CHECK)
         self._allowed = self._usage.measure() + limit_mb * _MB
 
     def exceeded(self) -> bool:
         try:
             return self._usage.step() > self._allowed
-        except HiddenFiles:
-            return True  # a script that hides its files from the measure is taken to be over its quota
+        except (HiddenFiles, TooDeep, OSError):
+            # A script that hides its files from the measure, or nests them past what it reads, is taken to be
+            # over its quota; so is one whose files the file system fails to measure, rather than the worker
+            # failing the run (and its zygote) with an error of its own.
+            log.warning("the workspace %s could not be measured", self._workdir, exc_info=True)
+            return True
 
     def close(self) -> None:
         self._usage.close()

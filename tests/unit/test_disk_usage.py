@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
-from services.trainer.disk_usage import MIN_ENTRY_BYTES, DiskUsage
+import pytest
+
+from services.trainer.disk_usage import MAX_OPEN_FOLDERS, MIN_ENTRY_BYTES, DiskUsage, TooDeep
+from services.trainer.folders import remove_tree
+from tests.support.trees import nest
 
 
 def allocated(path: Path) -> int:
@@ -53,3 +58,50 @@ def test_a_folder_made_unreadable_is_counted(tmp_path: Path) -> None:
     hidden.chmod(0)
 
     assert DiskUsage(tmp_path, entries_per_step=100).measure() == before
+
+
+def make_chain(root: Path, name: str, depth: int) -> tuple[int, int]:
+    """Folders `name` nested `depth` deep in `root` with a file of 1 MiB at the bottom; returns what they take and
+    the length of the bottom's path."""
+    bottom, folders = nest(root, name, depth)
+    file = os.open("rows.bin", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=bottom)
+    os.write(file, os.urandom(2**20))
+    taken = sum(max(status.st_blocks * 512, MIN_ENTRY_BYTES) for status in [*folders, os.fstat(file)])
+    os.close(file)
+    os.close(bottom)
+    return taken, len(str(root)) + depth * (len(name) + 1)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[Path]:
+    """A folder removed after the test by the trainer's own removal: pytest's cannot remove a tree this deep."""
+    path = tmp_path / "workspace"
+    path.mkdir()
+    yield path
+    remove_tree(path)
+
+
+def test_a_tree_deeper_than_the_recursion_limit_with_paths_past_path_max_is_measured(workspace: Path) -> None:
+    taken, path_length = make_chain(workspace, "d" * 51, 2000)
+    usage = DiskUsage(workspace, entries_per_step=100)
+
+    passes = [usage.step() for _ in range(41)]  # 2,000 folders, 2,000 entries, a file: 41 steps
+
+    assert path_length > 4096 * 20
+    assert passes[-1] == allocated(workspace) + taken
+    assert usage.step() < passes[-1]  # a new pass has started
+    usage.close()
+
+
+def test_folders_nested_each_beside_another_past_what_a_pass_holds_open_are_too_deep(tmp_path: Path) -> None:
+    folder = tmp_path
+    for _ in range(2 * MAX_OPEN_FOLDERS):
+        # A leaf read after the folder beside it keeps their parent open meanwhile: with three leaves, at about
+        # three levels in four, whatever order the file system lists them in.
+        for leaf in ("a", "b", "c"):
+            (folder / leaf).mkdir()
+        folder = folder / "deeper"
+        folder.mkdir()
+
+    with pytest.raises(TooDeep):
+        DiskUsage(tmp_path, entries_per_step=100).measure()

@@ -419,6 +419,45 @@ def test_the_workspace_is_removed_however_the_run_ended(sandbox: Sandbox, tmp_pa
     assert not outcome.workdir.exists()
 
 
+# Folders nested 2,000 deep (past Python's recursion limit), named so that the path to the bottom outgrows PATH_MAX
+# (4,096 bytes) twenty times over; made one at a time from inside the last, as a script can.
+NESTS_DEEP = """
+    import os
+    for _ in range(2000):
+        os.mkdir("d" * 51)
+        os.chdir("d" * 51)
+"""
+
+
+def test_a_script_nesting_folders_past_path_max_ends_with_its_own_reason_and_its_workspace_removed(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    source = textwrap.dedent(NESTS_DEEP) + "open('rows.bin', 'wb').write(os.urandom(2**20))\n" + HOLD_ON
+    source += "raise SystemExit(4)\n"
+
+    outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, disk_mb=20))
+
+    assert outcome.result.reason() == "exited with 4: (nothing on stderr)"
+    assert not outcome.workdir.exists()
+
+
+def test_a_script_filling_its_quota_at_the_bottom_of_a_deep_tree_is_stopped_and_its_workspace_removed(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    source = """
+        for number in range(20):  # 40 MB: enough to be stopped, little enough to end if not
+            with open(f"part-{number}.bin", "wb") as file:
+                file.write(os.urandom(2 * 2**20))
+    """
+    source = textwrap.dedent(NESTS_DEEP) + textwrap.dedent(source) + HOLD_ON
+
+    outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, max_file_mb=2, disk_mb=20))
+
+    assert outcome.result.reason() == "filled its workspace past the disk quota (limit 20 MB)"
+    assert not outcome.workdir.exists()
+    assert_runs_a_good_script(sandbox, tmp_path)
+
+
 def test_a_script_that_fills_its_workspace_is_stopped_soon_and_the_workspace_removed(
     sandbox: Sandbox, tmp_path: Path
 ) -> None:
