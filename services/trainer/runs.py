@@ -25,6 +25,10 @@ from shared.retries import gave_up
 from shared.schemas import OrgConfig, TrainingConfig
 
 TERMINAL = ("succeeded", "rejected", "failed", "cancelled")
+# A run's error is stored, logged and returned by every listing of runs: whatever a reason quotes (a path a script
+# made, a traceback), it is cut to this many characters, its start and end kept.
+MAX_REASON_CHARS = 4000
+_CUT = " […] "
 
 
 class LeaseLost(KilnError):
@@ -295,6 +299,7 @@ def log(sessions: SessionFactory, attempt: Attempt, stage: str, message: str, *,
 
 def finish(sessions: SessionFactory, attempt: Attempt, status: str, reason: str | None) -> None:
     """End the run as failed or cancelled, with the reason."""
+    reason = reason and _bounded(reason)
     with session_scope(sessions) as session:
         _write_fenced(
             session,
@@ -321,6 +326,7 @@ def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdow
     """Put the run back in the queue for another attempt after `countdown_s` (its message waits in the outbox).
 
     Raises Cancelled when a cancel was asked for: no worker would claim the run again, and it would stay queued."""
+    reason = _bounded(reason)
     with session_scope(sessions) as session:
         _write_uncancelled(
             session,
@@ -458,6 +464,14 @@ def _hand_back(session: Session, run: TrainingRun, max_attempts: int) -> str | N
         cancel = flag
     session.add(RunLog(run_id=run.id, attempt=run.attempts, level="warning", stage=status, message=reason))
     return status
+
+
+def _bounded(reason: str) -> str:
+    """`reason`, cut to MAX_REASON_CHARS in its middle when longer."""
+    if len(reason) <= MAX_REASON_CHARS:
+        return reason
+    half = (MAX_REASON_CHARS - len(_CUT)) // 2
+    return reason[:half] + _CUT + reason[-half:]
 
 
 def _after_lost_worker(run: TrainingRun, max_attempts: int, *, cancel: bool) -> tuple[str, str]:

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 BUILT_IN_SCRIPT = Path(services.trainer.scripts.__file__).parent / "train_lightgbm.py"
 MAX_METRICS_BYTES = 1024 * 1024
 MAX_METRICS_DEPTH = 8
+_MAX_MESSAGE_CHARS = 1000
 
 
 def run_training(run_id: str, context: WorkerContext, *, worker: str | None = None) -> str:
@@ -404,5 +405,6 @@ def _nested_deeper(value: object, levels: int) -> bool:
 
 
 def _short_reason(error: Exception) -> str:
+    # An error's message may quote what a script made (a path of any length): both parts are cut.
     frames = traceback.format_exception(error, limit=-3)
-    return f"{type(error).__name__}: {error}\n" + "".join(frames)[-2000:]
+    return f"{type(error).__name__}: {error}"[:_MAX_MESSAGE_CHARS] + "\n" + "".join(frames)[-2000:]
