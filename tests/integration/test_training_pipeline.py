@@ -398,6 +398,35 @@ def test_a_script_that_fills_its_workspace_fails_at_the_orgs_disk_quota_without_
     assert set(default_root().iterdir()) <= before
 
 
+def test_a_script_nesting_folders_past_path_max_fails_with_its_own_reason_and_leaves_no_workspace(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    """Past Python's recursion limit and PATH_MAX: neither the quota's measure nor the workspace's removal fails."""
+    script = install_script(
+        scripts_dir,
+        "nests.py",
+        """
+        import os, sys, tempfile, time
+        os.chdir(tempfile.gettempdir())
+        for _ in range(2000):
+            os.mkdir("d" * 51)
+            os.chdir("d" * 51)
+        open("rows.bin", "wb").write(os.urandom(2**20))
+        time.sleep(1)  # measured meanwhile
+        sys.exit("no model today")
+    """,
+    )
+    set_org_config(api, org, {"training": {"scriptPath": script, "diskMb": 20}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    before = set(default_root().iterdir())
+
+    assert run_training(run_id, script_worker) == "failed"
+
+    run = run_of(api, org, run_id)
+    assert run["error"] == "the training script failed: exited with 1: no model today"
+    assert set(default_root().iterdir()) <= before
+
+
 def then(action: str) -> str:
     """A script that trains as the built-in one does, then does `action` with `out`, its outputPath."""
     return f"""
