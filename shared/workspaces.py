@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from services.trainer.folders import remove_tree
 from shared.errors import KilnError
+from shared.folders import remove_tree
 
 log = logging.getLogger(__name__)
 

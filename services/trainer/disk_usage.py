@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from services.trainer.folders import open_folder, restore_access
+from shared.folders import open_folder, restore_access
 
 # st_blocks counts 512-byte units, whatever the file system's block size.
 _BLOCK_BYTES = 512

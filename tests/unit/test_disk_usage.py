@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.trainer.disk_usage import MAX_OPEN_FOLDERS, MIN_ENTRY_BYTES, DiskUsage, TooDeep
-from services.trainer.folders import remove_tree
+from shared.folders import remove_tree
 from tests.support.trees import nest
 
 

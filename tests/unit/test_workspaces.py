@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from services.trainer import workspaces
-from services.trainer.workspaces import LOCK_SUFFIX, sweep, workspace
+from shared import workspaces
+from shared.workspaces import LOCK_SUFFIX, sweep, workspace
 from tests.support.trees import nest
 from tests.support.workspaces import workspace_holder
 
