@@ -39,7 +39,8 @@ class Settings(BaseSettings):
         description="How long a process waits on a PostgreSQL server that stops answering: every process, for a peer "
         "that stops acknowledging; the api, the predictor, the trainer and the beats, for any answer (their "
         "statements are all short). Sync workers and migrations, whose statements may rightly run long, wait on a "
-        "server that still acknowledges.",
+        "server that still acknowledges. An org's own databases: every wait of a training extraction; a sync "
+        "store's, once its server answers no new connection either.",
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Broker, pub/sub and caches.")
     object_store: str = Field("", description="file://PATH or s3://BUCKET; empty means data_dir/objects.")

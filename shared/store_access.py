@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
 
 from shared.db.models import ApiKey, Organization, SyncSource, TrainingRun
+from shared.db.session import DATABASE_TIMEOUT_S
 from shared.errors import InvalidInput, TransientError
 from shared.settings import Settings
 from shared.sync_tables import central_table_name
@@ -133,6 +134,8 @@ class StoreRules:
     kiln_tables: frozenset[str] = frozenset()
     # KILN_STORE_NETWORKS: where a database server may be; empty, anywhere.
     networks: tuple[str, ...] = ()
+    # KILN_DATABASE_TIMEOUT_S: how long the worker waits on a database server of the org's that stops answering.
+    timeout_s: float = DATABASE_TIMEOUT_S
 
     @classmethod
     def for_sync(cls, settings: Settings, org_id: str) -> StoreRules:
@@ -142,6 +145,7 @@ class StoreRules:
             settings.resolved_local_stores_dir,
             settings.resolved_database_url,
             networks=settings.store_network_entries,
+            timeout_s=settings.database_timeout_s,
         )
 
     @classmethod
@@ -154,6 +158,7 @@ class StoreRules:
             settings.resolved_database_url,
             synced,
             networks=settings.store_network_entries,
+            timeout_s=settings.database_timeout_s,
         )
 
     @property

@@ -6,16 +6,21 @@ them while postgres never answers: the server stopped or stuck, or a proxy betwe
 server's own statement_timeout cannot help a server that does not run. Here a watchdog shuts the connection's socket
 down once a wait passes its bound: libpq reads end-of-file, psycopg2 marks the connection closed (SQLAlchemy then
 throws it away as a disconnect), and the caller gets NoAnswer, an OperationalError naming the bound.
+
+An org's sync store runs statements that may rightly outlast any bound (a table's first capture logs every record,
+DDL waits for the org's own locks): its watchdog spares a wait past the bound while the server still answers a new
+connection's first message, and cuts it once the server does not (stopped, stuck, or its link frozen).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -26,10 +31,18 @@ import psycopg2.extensions
 # How often the watchdog looks for a wait past its deadline, and how long it stays up with nothing to watch.
 TICK_S = 0.2
 IDLE_S = 5.0
+# How long a live server takes at most to answer a new connection's SSLRequest: its postmaster answers it at once, one
+# byte, before any login or backend.
+PROBE_S = 2.0
+SSL_REQUEST = struct.pack("!II", 8, 80877103)
 
 
 class NoAnswer(psycopg2.OperationalError):  # type: ignore[misc]  # psycopg2 ships no type hints
-    """The server did not answer within the bound; the connection is closed."""
+    """The server did not answer within the bound (`bound_s`); the connection is closed."""
+
+    def __init__(self, bound_s: float) -> None:
+        super().__init__(f"the database did not answer within {bound_s:g} s")
+        self.bound_s = bound_s
 
 
 @dataclass(eq=False)  # each wait is itself, however alike two are
@@ -37,15 +50,19 @@ class _Wait:
     fd: int
     socket_id: int
     deadline: float
+    # The server's address, to probe it with a new connection; None when the watchdog spares no live server.
+    peer: Any = None
     cut: bool = False
 
 
 class Watchdog:
     """Cuts off a connection whose wait for its server's answer passed `bound_s`. One per engine; its thread runs
-    only while waits are armed (and IDLE_S after), so that none outlives its engine's use."""
+    only while waits are armed (and IDLE_S after), so that none outlives its engine's use. With
+    `spare_live_servers`, a wait past the bound goes on for another bound while the server answers a new connection."""
 
-    def __init__(self, bound_s: float) -> None:
+    def __init__(self, bound_s: float, *, spare_live_servers: bool = False) -> None:
         self.bound_s = bound_s
+        self.spare_live_servers = spare_live_servers
         self._lock = threading.Lock()
         self._waits: set[_Wait] = set()
         self._thread: threading.Thread | None = None
@@ -59,13 +76,15 @@ class Watchdog:
         except psycopg2.OperationalError as error:
             self._disarm(wait)  # first: the watchdog sets `cut` under the lock
             if wait.cut:
-                raise NoAnswer(f"the database did not answer within {self.bound_s:g} s") from error
+                raise NoAnswer(self.bound_s) from error
             raise
         finally:
             self._disarm(wait)
 
     def _arm(self, fd: int) -> _Wait:
         wait = _Wait(fd, os.fstat(fd).st_ino, time.monotonic() + self.bound_s)
+        if self.spare_live_servers:
+            wait.peer = _peer(fd)
         with self._lock:
             self._waits.add(wait)
             if self._thread is None:
@@ -81,10 +100,15 @@ class Watchdog:
         idle_since = time.monotonic()
         while True:
             time.sleep(TICK_S)
-            with self._lock:  # held while cutting: a disarmed wait's socket, maybe closed since, is never touched
+            with self._lock:
                 now = time.monotonic()
-                for wait in self._waits:
-                    if not wait.cut and wait.deadline <= now:
+                due = [wait for wait in self._waits if not wait.cut and wait.deadline <= now]
+            alive = [wait for wait in due if wait.peer is not None and _answers(wait.peer)]  # unlocked: a probe waits
+            with self._lock:  # held while cutting: a disarmed wait's socket, maybe closed since, is never touched
+                for wait in due:
+                    if wait in alive:
+                        wait.deadline = time.monotonic() + self.bound_s
+                    elif wait in self._waits:
                         wait.cut = True
                         _shut_down(wait)
                 if self._waits:
@@ -92,6 +116,25 @@ class Watchdog:
                 elif now - idle_since >= IDLE_S:
                     self._thread = None
                     return
+
+
+def _peer(fd: int) -> Any:
+    """The address the connection whose socket is `fd` reaches (its server's, or a proxy's in front of it)."""
+    with socket.socket(fileno=os.dup(fd)) as duplicate:
+        return duplicate.getpeername()
+
+
+def _answers(peer: Any) -> bool:
+    """Whether a PostgreSQL server at `peer` answers a new connection's SSLRequest ('S' or 'N') within PROBE_S."""
+    family = socket.AF_UNIX if isinstance(peer, str) else socket.AF_INET6 if len(peer) == 4 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(PROBE_S)
+            probe.connect(peer)
+            probe.sendall(SSL_REQUEST)
+            return probe.recv(1) in (b"S", b"N")
+    except OSError:
+        return False
 
 
 def _shut_down(wait: _Wait) -> None:
@@ -105,9 +148,8 @@ def _shut_down(wait: _Wait) -> None:
 
 
 class _BoundedConnection(psycopg2.extensions.connection):  # type: ignore[misc]
-    """A psycopg2 connection whose every wait on the server is bounded: statements (through its cursors, which
-    fetch their whole result as they execute: no bounded engine asks for server-side cursors), commits and
-    rollbacks. Connecting is bounded by libpq's connect_timeout."""
+    """A psycopg2 connection whose every wait on the server is bounded: statements, a server-side cursor's fetches,
+    commits and rollbacks. Connecting is bounded by libpq's connect_timeout."""
 
     def __init__(self, dsn: str, async_: int = 0, *, watchdog: Watchdog) -> None:
         super().__init__(dsn, async_)
@@ -135,7 +177,24 @@ class _BoundedCursor(psycopg2.extensions.cursor):  # type: ignore[misc]
         with self.connection.bounded():
             super().executemany(query, vars_list)
 
+    def fetchone(self) -> Any:
+        with self._fetching():
+            return super().fetchone()
 
-def bounded_connections(bound_s: float) -> Callable[..., Any]:
-    """A psycopg2 `connection_factory` whose connections wait at most `bound_s` for each answer."""
-    return partial(_BoundedConnection, watchdog=Watchdog(bound_s))
+    def fetchmany(self, size: int | None = None) -> Any:
+        with self._fetching():
+            return super().fetchmany(size)
+
+    def fetchall(self) -> Any:
+        with self._fetching():
+            return super().fetchall()
+
+    def _fetching(self) -> AbstractContextManager[None]:
+        """A server-side (named) cursor fetches each chunk from the server, a wait like a statement's; a client-side
+        one holds its whole result already."""
+        return self.connection.bounded() if self.name is not None else nullcontext()
+
+
+def bounded_connections(bound_s: float, *, spare_live_servers: bool = False) -> Callable[..., Any]:
+    """A psycopg2 `connection_factory` whose connections wait at most `bound_s` for each answer (see Watchdog)."""
+    return partial(_BoundedConnection, watchdog=Watchdog(bound_s, spare_live_servers=spare_live_servers))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from shared.db.answers import bounded_connections
 
@@ -24,7 +26,7 @@ SessionFactory = sessionmaker[Session]
 CONNECT_TIMEOUT_S = 5
 POOL_TIMEOUT_S = 5
 # How long a connection waits on a server that stops answering (KILN_DATABASE_TIMEOUT_S), for callers without
-# settings (migrations, an org's sync store).
+# settings (migrations).
 DATABASE_TIMEOUT_S = 15.0
 # With bounded answers, the server cancels a statement at the bound (statement_timeout) and the client gives up on
 # the connection this much later: a server that runs answers with the cancel first, and the connection stays usable.
@@ -38,16 +40,28 @@ def with_shipped_driver(url: str | URL) -> URL:
     return parsed.set(drivername="postgresql+psycopg2") if parsed.drivername == "postgresql" else parsed
 
 
+class Answers(Enum):
+    """How long a PostgreSQL connection waits for its server's answer, beyond the dead-peer bounds all have."""
+
+    # Until the peer stops acknowledging: Kiln's own database for workers whose statements may rightly run long
+    # (sync batches, key rotations, migrations).
+    UNBOUNDED = "unbounded"
+    # For statements all short (the api, the predictor, the trainer, a training run's extraction): the server
+    # cancels a statement at the bound, and the client gives up on a server that does not answer at all
+    # ANSWER_GRACE_S later.
+    BOUNDED = "bounded"
+    # For an org's sync store, whose statements may rightly run long: no statement is cancelled, and a wait past the
+    # bound is cut only once the server does not answer a new connection either (shared/db/answers.py).
+    WHILE_SERVER_ANSWERS = "while server answers"
+
+
 def make_engine(
-    url: str | URL, *, timeout_s: float = DATABASE_TIMEOUT_S, bound_answers: bool = False, **kwargs: Any
+    url: str | URL, *, timeout_s: float = DATABASE_TIMEOUT_S, answers: Answers = Answers.UNBOUNDED, **kwargs: Any
 ) -> Engine:
     """An engine with the settings each backend needs to share one database between processes.
 
-    On PostgreSQL, a connection whose peer stops acknowledging packets ends within about `timeout_s`. With
-    `bound_answers`, for processes whose statements are all short (the api, the predictor, the trainer's leases),
-    so does any wait for an answer: the server cancels a statement at `timeout_s`, and the client gives up on a
-    server that does not answer at all ANSWER_GRACE_S later. Workers whose statements may rightly run long (sync
-    batches, key rotations, migrations) leave it off."""
+    On PostgreSQL, a connection whose peer stops acknowledging packets ends within about `timeout_s`, and each wait
+    for an answer is bounded as `answers` says."""
     url = with_shipped_driver(url)
     if url.get_backend_name() == "sqlite":
         # The api, workers and predictor all open the same file: WAL lets readers run beside one writer,
@@ -57,20 +71,31 @@ def make_engine(
         return engine
     if "poolclass" not in kwargs:  # NullPool has no checkout to wait for, and refuses the argument
         kwargs.setdefault("pool_timeout", POOL_TIMEOUT_S)
-    connect_args = _libpq_bounds(url, timeout_s)
-    if bound_answers:
+    connect_args = libpq_bounds(url, timeout_s)
+    if answers is Answers.BOUNDED:
         connect_args |= _answer_bounds(url, timeout_s)
+    elif answers is Answers.WHILE_SERVER_ANSWERS:
+        connect_args["connection_factory"] = bounded_connections(timeout_s, spare_live_servers=True)
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+
+
+def make_org_engine(url: URL, *, timeout_s: float) -> Engine:
+    """An org's database (a training source, a store checked before a backup or restore), opened for a few short
+    statements, one connection at a time. A SQLite file as it is: make_engine's settings would change its journal
+    mode, a backup's snapshot among them. A PostgreSQL server with every wait on it bounded by `timeout_s`
+    (Answers.BOUNDED): one that stops answering fails the work instead of holding its worker for ever."""
+    if url.get_backend_name() == "sqlite":
+        return create_engine(url, poolclass=NullPool)
+    return make_engine(url, timeout_s=timeout_s, answers=Answers.BOUNDED, poolclass=NullPool)
 
 
 def make_central_engine(settings: Settings, *, bound_answers: bool, **kwargs: Any) -> Engine:
     """Kiln's own database, with the waits on it bounded by KILN_DATABASE_TIMEOUT_S (see make_engine)."""
-    return make_engine(
-        settings.resolved_database_url, timeout_s=settings.database_timeout_s, bound_answers=bound_answers, **kwargs
-    )
+    answers = Answers.BOUNDED if bound_answers else Answers.UNBOUNDED
+    return make_engine(settings.resolved_database_url, timeout_s=settings.database_timeout_s, answers=answers, **kwargs)
 
 
-def _libpq_bounds(url: URL, timeout_s: float) -> dict[str, Any]:
+def libpq_bounds(url: URL, timeout_s: float) -> dict[str, Any]:
     """libpq's bounds, each unless the URL sets its own (an org's store across a slow link may). connect_timeout
     bounds connecting. A peer that stops acknowledging (its host gone, a partition) ends the connection within about
     `timeout_s`: keepalives probe an idle one (idle + count * interval), and tcp_user_timeout (libpq >= 12) ends one
