@@ -10,19 +10,18 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, create_engine, func, select, sql, types
-from sqlalchemy.engine import Connection, Engine, Row, make_url
+from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, func, select, sql, types
+from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from services.trainer.runs import DatabaseSource
-from shared.db.session import with_shipped_driver
+from shared.db.answers import NoAnswer
+from shared.db.session import make_org_engine, with_shipped_driver
 from shared.errors import InvalidInput, TransientError
 from shared.storage import ObjectStore
 from shared.store_access import StoreRules
 
 CHUNK_ROWS = 50_000
-CONNECT_TIMEOUT_S = 10
 
 
 def extract_dataset(store: ObjectStore, object_key: str, target: Path) -> None:
@@ -40,24 +39,31 @@ def extract_database(
     rules: StoreRules,
 ) -> int:
     """Write the named columns (Kiln's names, after columnMap) of the rows in [start, end] to `target`; returns
-    how many rows. Unreachable: TransientError. A missing table or column, or a database the org may not read:
-    InvalidInput naming it."""
+    how many rows. Unreachable, or a wait for its answer past `rules.timeout_s` (a server stopped or stuck, a link
+    frozen: the run is not held for ever): TransientError. A missing table or column, or a database the org may not
+    read: InvalidInput naming it."""
     url = with_shipped_driver(source.url)
     url = url.set(password=password) if password is not None else url
     url = rules.check_before_opening(url, field="datasource")
-    engine = create_engine(url, poolclass=NullPool, connect_args=_connect_args(url.get_backend_name()))
+    engine = _open(url, rules.timeout_s)
     try:
         with _connect(engine, where=_describe(source.url)) as connection:
             rules.check_opened(connection, table=source.table, field="datasource")
             query = _query(connection, source, columns, start, end)
             return _stream_to_parquet(connection, query, target)
+    except OperationalError as error:
+        raise _failed_while_reading(error) from error
     finally:
         engine.dispose()
 
 
-def _connect_args(backend: str) -> dict[str, int | str]:
-    # In UTC, a timestamp kept as text without a zone reads as UTC, Kiln's convention (see _text_in_range).
-    return {"connect_timeout": CONNECT_TIMEOUT_S, "options": "-c timezone=UTC"} if backend == "postgresql" else {}
+def _open(url: URL, timeout_s: float) -> Engine:
+    """Every wait on a PostgreSQL source bounded by `timeout_s`, each chunk's fetch among them (make_org_engine)."""
+    if url.get_backend_name() == "postgresql":
+        # In UTC, a timestamp kept as text without a zone reads as UTC, Kiln's convention (see _text_in_range). A
+        # source's URL never sets options (shared/store_access.py refuses them), so none are replaced.
+        url = url.update_query_dict({"options": "-c timezone=UTC"})
+    return make_org_engine(url, timeout_s=timeout_s)
 
 
 def _connect(engine: Engine, *, where: str) -> Connection:
@@ -146,7 +152,7 @@ def _stream_to_parquet(connection: Connection, query: sql.Select[tuple[object, .
             writer.write_table(_as_first_chunk(table, writer.schema))
             rows += table.num_rows
     except OperationalError as error:
-        raise TransientError(f"the data source failed while reading: {_first_line(error)}") from error
+        raise _failed_while_reading(error) from error
     except SQLAlchemyError as error:
         raise InvalidInput(f"the data source refused the query: {_first_line(error)}", field="datasource") from None
     finally:
@@ -155,6 +161,13 @@ def _stream_to_parquet(connection: Connection, query: sql.Select[tuple[object, .
     if rows == 0:
         raise InvalidInput("the data source has no rows in the requested range", field="dataRange")
     return rows
+
+
+def _failed_while_reading(error: OperationalError) -> TransientError:
+    """A source that stopped answering says so with the bound it passed; the driver's first line says the rest."""
+    if isinstance(error.orig, NoAnswer):
+        return TransientError(f"the data source did not answer within {error.orig.bound_s:g} s")
+    return TransientError(f"the data source failed while reading: {_first_line(error)}")
 
 
 def _arrow_type(column_type: types.TypeEngine[Any]) -> pa.DataType | None:
