@@ -150,6 +150,7 @@ def run_restore(settings: Settings, args: argparse.Namespace) -> int:
             org_id=args.org,
             backup_id=args.backup_id,
             target=args.target,
+            timeout_s=settings.database_timeout_s,
         )
     print(f"restored {manifest.backup_id} ({manifest.kind} store): sha256 {manifest.sha256} verified")
     return 0

@@ -40,14 +40,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final, Literal, NamedTuple
 
 import orjson
+from psycopg2.extensions import make_dsn
 from pydantic import BaseModel, ValidationError, field_validator
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from shared import workspaces
 from shared.crypto import STREAM_MAGIC, SecretBox, is_sealed_stream
-from shared.db.session import driver_message, with_shipped_driver
+from shared.db.session import DATABASE_TIMEOUT_S, driver_message, libpq_bounds, make_org_engine, with_shipped_driver
 from shared.db.types import utcnow
 from shared.errors import ArtifactIntegrityError, Forbidden, InvalidInput, NotFound, SecretUnreadable
 from shared.schemas import problems
@@ -116,7 +117,7 @@ def backup_store(store: ObjectStore, box: SecretBox, *, rules: StoreRules, sourc
         if isinstance(location, URL):
             kind: Kind = POSTGRESQL
             shown = location.render_as_string(hide_password=True)
-            _dump_postgresql(checked, snapshot)
+            _dump_postgresql(checked, snapshot, rules.timeout_s)
         else:
             kind, shown = SQLITE, str(location)
             _snapshot_sqlite(location, snapshot)
@@ -142,9 +143,18 @@ def backup_store(store: ObjectStore, box: SecretBox, *, rules: StoreRules, sourc
     return manifest
 
 
-def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id: str, target: str) -> BackupManifest:
+def restore_store(
+    store: ObjectStore,
+    box: SecretBox,
+    *,
+    org_id: str,
+    backup_id: str,
+    target: str,
+    timeout_s: float = DATABASE_TIMEOUT_S,
+) -> BackupManifest:
     """Restore a backup into `target`: a new SQLite file for a SQLite backup, an empty PostgreSQL database for a
-    PostgreSQL one. The snapshot is opened and checked in temporary files before anything is written there."""
+    PostgreSQL one. The snapshot is opened and checked in temporary files before anything is written there. A
+    PostgreSQL target that stops answering is waited on about `timeout_s` (KILN_DATABASE_TIMEOUT_S)."""
     if not _BACKUP_ID.fullmatch(backup_id):
         raise InvalidInput(
             f"{backup_id!r} is not a backup id such as 20261101T000000Z_0a1b2c3d: `kiln backups {org_id}` lists them",
@@ -162,7 +172,7 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
     if kind != manifest.kind:
         raise InvalidInput(f"backup {backup_id} is of a {manifest.kind} store, not {kind}", field="target")
     if isinstance(location, URL):
-        _refuse_unless_empty(location)
+        _refuse_unless_empty(location, timeout_s)
     elif location.exists():
         raise _exists(location)
     elif not location.parent.is_dir():  # found out before the download, not after
@@ -172,7 +182,7 @@ def restore_store(store: ObjectStore, box: SecretBox, *, org_id: str, backup_id:
         store.get_file(sealed_key(manifest), sealed)
         _open_verified(box, manifest, sealed, snapshot, outcome="nothing was restored")
         if isinstance(location, URL):
-            _restore_postgresql(snapshot, location)
+            _restore_postgresql(snapshot, location, timeout_s)
         else:
             _place_new_file(snapshot, location)
     return manifest
@@ -346,7 +356,7 @@ def _url_of(location: URL | Path) -> URL:
 
 def _refuse_kiln_database(url: URL, rules: StoreRules) -> None:
     """Kiln's own database, however it is named (its file, a copy of it, its server by any URL), is no org's store."""
-    engine = create_engine(with_shipped_driver(url))
+    engine = make_org_engine(with_shipped_driver(url), timeout_s=rules.timeout_s)
     try:
         with engine.connect() as connection:
             rules.check_opened(connection, table=None, field="source")
@@ -365,26 +375,40 @@ def _snapshot_sqlite(path: Path, snapshot: Path) -> None:
             raise InvalidInput(f"{path} {what} ({error})", field="source") from None
 
 
-def _dump_postgresql(url: URL, snapshot: Path) -> None:
-    command = [_tool("pg_dump", "source"), "--format=custom", "--no-owner", "--no-privileges", f"--file={snapshot}"]
+def _dump_postgresql(url: URL, snapshot: Path, timeout_s: float) -> None:
+    command = [
+        _tool("pg_dump", "source"),
+        "--format=custom",
+        "--no-owner",
+        "--no-privileges",
+        f"--file={snapshot}",
+        f"--dbname={_connection_string(url, timeout_s)}",
+    ]
     _run_tool(command, url, field="source")
 
 
-def _restore_postgresql(snapshot: Path, url: URL) -> None:
+def _restore_postgresql(snapshot: Path, url: URL, timeout_s: float) -> None:
     command = [
         _tool("pg_restore", "target"),
         "--no-owner",
         "--no-privileges",
         "--single-transaction",
         "--exit-on-error",
-        f"--dbname={url.database}",
+        f"--dbname={_connection_string(url, timeout_s)}",
         str(snapshot),
     ]
     _run_tool(command, url, field="target")
 
 
-def _refuse_unless_empty(url: URL) -> None:
-    engine = create_engine(with_shipped_driver(url))
+def _connection_string(url: URL, timeout_s: float) -> str:
+    """What a tool connects with: the database, the URL's own libpq parameters (shared/store_access.py: none names
+    a secret), and make_engine's bounds on a server that stops answering where the URL sets none. A tool's
+    statements (a table's whole COPY) may rightly run long: only a peer that stops acknowledging ends them early."""
+    return str(make_dsn(dbname=url.database, **libpq_bounds(url, timeout_s), **url.query))
+
+
+def _refuse_unless_empty(url: URL, timeout_s: float) -> None:
+    engine = make_org_engine(with_shipped_driver(url), timeout_s=timeout_s)
     try:
         with engine.connect() as connection:
             relations = int(connection.execute(text(_USER_RELATIONS)).scalar_one())
@@ -435,12 +459,9 @@ def _run_tool(command: list[str], url: URL, *, field: str) -> None:
 def _libpq_environment(url: URL) -> dict[str, str]:
     parts = {
         "PGHOST": url.host,
-        "PGHOSTADDR": url.query.get("hostaddr"),
         "PGPORT": url.port,
         "PGUSER": url.username,
         "PGPASSWORD": url.password,
-        "PGDATABASE": url.database,
-        "PGSSLMODE": url.query.get("sslmode"),
     }
     return {**os.environ, **{name: str(value) for name, value in parts.items() if value is not None}}
 

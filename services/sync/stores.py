@@ -37,7 +37,7 @@ from sqlalchemy.types import NullType, TypeEngine
 
 from services.sync.column_types import central_type
 from services.sync.hlc import Stamp
-from shared.db.session import make_engine
+from shared.db.session import Answers, make_engine
 from shared.errors import InvalidInput
 from shared.store_access import StoreRules
 from shared.sync_tables import SyncTable
@@ -51,10 +51,18 @@ READ_CHUNK = 500
 def open_local(url: str, password: str | None, rules: StoreRules) -> Engine:
     """The local store, for one job's length: the caller disposes of it. One pooled connection, reused by every
     batch: a new connection per batch was a tenth of a pull's time. A SQLite file outside the org's folder is
-    refused before it is opened."""
+    refused before it is opened. A PostgreSQL store that stops answering fails the job (retried) once
+    `rules.timeout_s` passed and the server answers no new connection either: a statement of a live one may
+    rightly run long (a table's first capture logs every record, DDL waits for the org's own locks)."""
     full = make_url(url).set(password=password) if password is not None else make_url(url)
     full = rules.check_before_opening(full, field="url")
-    return make_engine(full.render_as_string(hide_password=False), pool_size=1, max_overflow=1)
+    return make_engine(
+        full.render_as_string(hide_password=False),
+        timeout_s=rules.timeout_s,
+        answers=Answers.WHILE_SERVER_ANSWERS,
+        pool_size=1,
+        max_overflow=1,
+    )
 
 
 def refuse_kiln_database(local: Engine, rules: StoreRules) -> None:
