@@ -1,6 +1,7 @@
 """A TCP forwarder between a service and a real server that can be frozen: it stops forwarding, in both directions,
 while every socket stays open. The client's kernel still has its packets acknowledged (by the forwarder's), so to the
-client it is a server that takes everything and never answers: a stopped postgres, or one behind a stuck link."""
+client it is a server that takes everything and never answers: a stopped postgres, or one behind a stuck link. A trap
+freezes each connection at one step of its conversation instead: where its client first sends given bytes."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class FreezableLink:
         self._flowing = threading.Event()
         self._flowing.set()
         self._closing = threading.Event()
+        self._trap: bytes | None = None
         self._sockets: list[socket.socket] = []
         self._pumps: list[threading.Thread] = []
         self._acceptor = threading.Thread(target=self._accept, name="link-accept", daemon=True)
@@ -39,6 +41,11 @@ class FreezableLink:
 
     def thaw(self) -> None:
         self._flowing.set()
+
+    def trap(self, marker: bytes) -> None:
+        """From now on, each connection whose client sends `marker` (in one message) freezes there for good, the
+        message unsent; the others flow."""
+        self._trap = marker
 
     def close(self) -> None:
         """Closing every socket also ends a client's wait on the link, however it was left."""
@@ -77,22 +84,32 @@ class FreezableLink:
                 continue
             server = socket.create_connection(self.target)
             self._sockets += [client, server]
+            trapped = threading.Event()
             for source, sink in ((client, server), (server, client)):
-                pump = threading.Thread(target=self._pump, args=(source, sink), name="link-pump", daemon=True)
+                pump = threading.Thread(
+                    target=self._pump, args=(source, sink, trapped, source is client), name="link-pump", daemon=True
+                )
                 self._pumps.append(pump)
                 pump.start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        """Forward what `source` sends while the link flows; frozen, read nothing, and leave it in the kernel."""
+    def _pump(self, source: socket.socket, sink: socket.socket, trapped: threading.Event, from_client: bool) -> None:
+        """Forward what `source` sends while the link flows; frozen or trapped, read nothing more, and leave it in
+        the kernel."""
         with suppress(OSError):
             while not self._closing.is_set():
                 self._flowing.wait()
+                if trapped.is_set():
+                    self._closing.wait(POLL_S)
+                    continue
                 readable, _, _ = select.select([source], [], [], POLL_S)
                 if not readable or not self._flowing.is_set():
                     continue
                 data = source.recv(65536)
                 if not data:
                     break
+                if from_client and self._trap is not None and self._trap in data:
+                    trapped.set()
+                    continue
                 sink.sendall(data)
         for end in (source, sink):  # one side hung up: so does the other, and its pump ends
             with suppress(OSError):
