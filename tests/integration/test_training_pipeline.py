@@ -484,6 +484,14 @@ def test_a_link_planted_where_the_worker_writes_the_held_out_rows_is_never_follo
     assert victim.read_bytes() == b"another org's rows"
 
 
+def attempt_in_background(run_id: str, worker: WorkerContext) -> tuple[threading.Thread, list[str]]:
+    """The run's attempt on a thread of its own, started; its outcome is in the list once the thread ends."""
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(run_training(run_id, worker)))
+    thread.start()
+    return thread, outcome
+
+
 def pid_written_in_a_workspace(name: str, *, within_s: float = 30) -> int:
     """The pid a script wrote to `name` in its workspace: a fresh folder in the workers' own folder of workspaces,
     the one place a confined script may write."""
@@ -512,9 +520,7 @@ def test_cancelling_a_running_run_kills_its_script_within_five_seconds(
     )
     set_org_config(api, org, {"training": {"scriptPath": script}})
     run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
-    outcome: list[str] = []
-    worker = threading.Thread(target=lambda: outcome.append(run_training(run_id, script_worker)))
-    worker.start()
+    worker, outcome = attempt_in_background(run_id, script_worker)
     script_pid = pid_written_in_a_workspace(pid_name)
     assert run_of(api, org, run_id)["status"] == "running"
     cancelled_at = time.monotonic()
@@ -543,9 +549,7 @@ def test_a_worker_that_stalled_past_its_lease_kills_its_script_and_registers_not
     )
     set_org_config(api, org, {"training": {"scriptPath": script}})
     run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
-    outcome: list[str] = []
-    worker = threading.Thread(target=lambda: outcome.append(run_training(run_id, script_worker)))
-    worker.start()
+    worker, outcome = attempt_in_background(run_id, script_worker)
     script_pid = pid_written_in_a_workspace(pid_name)
     stall_past_lease(script_worker.sessions, run_id)
     stalled_at = time.monotonic()
@@ -594,9 +598,7 @@ def test_a_flood_of_progress_lines_neither_holds_up_a_cancel_nor_floods_the_log(
 ) -> None:
     set_org_config(api, org, {"training": {"scriptPath": install_script(scripts_dir, "flood.py", flood(200_000))}})
     run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
-    outcome: list[str] = []
-    worker = threading.Thread(target=lambda: outcome.append(run_training(run_id, script_worker)))
-    worker.start()
+    worker, outcome = attempt_in_background(run_id, script_worker)
     wait_for_stage(api, org, run_id, "s")
     time.sleep(1)
     cancelled_at = time.monotonic()
