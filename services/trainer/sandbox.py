@@ -58,8 +58,8 @@ _SEARCH_PATH = f"{Path(sys.executable).parent}:/usr/bin:/bin"
 # How often an OpenMP thread with nothing to do spins before it sleeps. libgomp's default (300,000) made fits 20-60x
 # slower beside any other busy process on a 2-core machine. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) made a lone
 # 1M-row fit 1.5x slower than a short spin (3.05 s against 2.06 s): LightGBM's threads meet hundreds of times a
-# tree. 1,000 spins keep that speed and cost 10-20% beside a busy process (300 spins: 2.88 s alone; 4,000: 2.7x
-# slower beside one).
+# tree. 1,000 spins keep that speed and cost 10-20% beside a busy process (bench/openmp_spin.py; by hand, 300
+# spins: 2.88 s alone; 4,000: 2.7x slower beside one).
 OPENMP_SPINCOUNT = "1000"
 # What both the zygote and every script see. libgomp reads GOMP_SPINCOUNT once, when the zygote loads it.
 _BASE_ENVIRONMENT = {"PATH": _SEARCH_PATH, "LANG": "C.UTF-8", "GOMP_SPINCOUNT": OPENMP_SPINCOUNT, "PYTHONHASHSEED": "0"}
