@@ -146,6 +146,9 @@ def test_a_predictor_serves_its_model_while_its_database_link_is_frozen_and_foll
     tuned = {"predictor_reconcile_s": 0.5, "predictor_key_cache_s": 1.0}
     with through_link(settings.model_copy(update=tuned)) as (link, linked), predictor_process(linked, tmp_path) as base:
         assert eventually(lambda: answered_version(base, org) == old, seconds=OUTER_TIMEOUT_S)
+        # A request loads its org's model by itself; readiness waits for the first reconcile of every org, which in
+        # a database full of earlier tests' orgs can still be loading them when the link freezes.
+        assert eventually(lambda: httpx.get(f"{base}/v2/health/ready").status_code == 200, seconds=OUTER_TIMEOUT_S)
         link.freeze()
 
         # Through several reconciles, key lookups and the deploy event's sync, each cut off in turn.
