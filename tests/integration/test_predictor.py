@@ -62,6 +62,10 @@ def eventually(check: Callable[[], Any], seconds: float = 10) -> Any:
         time.sleep(0.05)
 
 
+def becomes_ready(predictor: TestClient) -> bool:
+    return bool(eventually(lambda: predictor.get("/v2/health/ready").status_code == 200))
+
+
 def served_version(predictor: TestClient, org: OrgKeys) -> str | None:
     response = predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
     return response.headers.get("x-model-version") if response.status_code == 200 else None
@@ -129,6 +133,7 @@ def test_a_model_whose_bytes_changed_is_refused_and_the_old_one_keeps_serving(
     store.put_bytes(f"orgs/{org.org_id}/models/{tampered}/model.onnx", tiny_model(seed=3))
     deploy_quietly(engine, org.org_id, good)
     assert eventually(lambda: served_version(predictor, org) == good)
+    assert becomes_ready(predictor)
     deploy_quietly(engine, org.org_id, tampered)
     time.sleep(1.5)  # three reconcile passes
     assert served_version(predictor, org) == good

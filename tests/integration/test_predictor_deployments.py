@@ -21,7 +21,7 @@ from shared.layout import model_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
-from tests.integration.test_predictor import deploy_quietly, eventually, served_version
+from tests.integration.test_predictor import becomes_ready, deploy_quietly, eventually, served_version
 from tests.support.models import FEATURES, ai4i_row, nan_model, register_model, tiny_model
 from tests.support.threaded_server import serving_in_thread
 
@@ -70,6 +70,7 @@ def test_a_broken_candidate_is_refused_the_old_version_serves_on_and_the_deploym
     with start_predictor(settings) as predictor:
         api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": good}, headers=org.admin)
         assert eventually(lambda: served_version(predictor, org) == good)
+        assert becomes_ready(predictor)
         assert (
             api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": broken}, headers=org.admin).status_code
             == 201
@@ -112,7 +113,7 @@ def test_while_deploys_are_refused_every_worker_serves_the_last_good_one_at_star
         assert served_version(predictor, other) is not None
         assert served_version(predictor, org) == good
         with start_predictor(settings) as restarted:  # a worker that starts after the refusals
-            assert eventually(lambda: restarted.get("/v2/health/ready").status_code == 200)
+            assert becomes_ready(restarted)
             assert served_version(restarted, org) == good
     history = api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()
     assert [(row["version"], row["status"]) for row in history] == [
@@ -156,7 +157,7 @@ def test_fifty_orgs_share_one_process_within_its_memory_budget(
     for i, org in enumerate(orgs):
         deploy_quietly(engine, org.org_id, register_model(engine, store, org.org_id, tiny_model(seed=i % 4)))
     with start_predictor(settings, predictor_memory_mb=10) as predictor:
-        assert eventually(lambda: predictor.get("/v2/health/ready").status_code == 200)
+        assert becomes_ready(predictor)
         state = predictor.app.state.predictor  # type: ignore[attr-defined]
         for _ in range(2):
             for org in orgs:
@@ -302,6 +303,7 @@ def test_an_undeploy_stops_serving_on_a_replica_that_got_the_event_and_on_one_th
     ):
         for replica in (listening, deaf):
             assert comes_to_serve(replica, org, version)
+            assert becomes_ready(replica)
 
         undeploy(api, org)
 
@@ -334,7 +336,7 @@ def test_an_undeployed_orgs_last_version_is_not_loaded_again_by_a_request_or_a_w
         assert undeployed(predictor, org), refusals(predictor, org)
         assert served_version(predictor, other) is not None
     with start_predictor(settings) as started:  # a worker that starts after the undeploy
-        assert eventually(lambda: started.get("/v2/health/ready").status_code == 200)
+        assert becomes_ready(started)
         assert undeployed(started, org), refusals(started, org)
         assert served_version(started, other) is not None
 
@@ -380,6 +382,7 @@ def test_a_broken_deploy_after_an_undeploy_brings_back_nothing_from_before_it(
     deploy(api, org, good)
     with start_predictor(settings) as predictor:
         assert eventually(lambda: served_version(predictor, org) == good)
+        assert becomes_ready(predictor)
         undeploy(api, org)
         assert eventually(lambda: undeployed(predictor, org))
         refuse(api, org, engine, store, "corrupt ONNX")

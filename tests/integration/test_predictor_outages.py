@@ -18,7 +18,7 @@ from shared.layout import model_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
-from tests.integration.test_predictor import deploy_quietly, eventually, served_version
+from tests.integration.test_predictor import becomes_ready, deploy_quietly, eventually, served_version
 from tests.integration.test_predictor_deployments import current_deployment, deploy, start_predictor
 from tests.support.models import ai4i_row, register_model, tiny_model
 from tests.support.servers import silent_server
@@ -92,7 +92,7 @@ def test_a_worker_started_after_a_served_versions_file_changed_answers_503_and_r
         assert eventually(lambda: served_version(first, org) == version)
     store.put_bytes(model_key(org.org_id, version), tiny_model(seed=3))
     with start_predictor(settings) as restarted:
-        assert eventually(lambda: restarted.get("/v2/health/ready").status_code == 200)
+        assert becomes_ready(restarted)
         answer = predict(restarted, org)
     assert answer.status_code == 503 and "does not match the recorded" in answer.json()["error"]
     assert history(api, org) == [(version, "deployed")]

@@ -14,7 +14,7 @@ from services.predictor.inference import risk_level
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys
-from tests.integration.test_predictor import deploy_quietly, eventually
+from tests.integration.test_predictor import becomes_ready, deploy_quietly, eventually
 from tests.integration.test_predictor_deployments import records_of, start_predictor
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model, tiny_multiclass_model
 
@@ -58,7 +58,7 @@ def test_a_healthy_row_of_a_multiclass_model_is_low_risk_when_the_org_names_its_
     """The winning class's probability read backwards: a confident "none" (no failure) was answered "high"."""
     configure(api, multiclass, {"record": True, "normalClass": "none"})
     with start_predictor(settings) as predictor:
-        assert eventually(lambda: predictor.get("/v2/health/ready").status_code == 200)
+        assert becomes_ready(predictor)
         healthy, overloaded = answered = answers(predictor, multiclass)
         assert eventually(lambda: len(records_of(api, multiclass)) == 2)
         records = records_of(api, multiclass)[::-1]
@@ -78,7 +78,7 @@ def test_a_multiclass_model_without_its_orgs_normal_class_answers_no_risk_level(
     """No telling a risk from the winning class: null, in the answer and in the record, rather than a guess."""
     configure(api, multiclass, {"record": True, "normalClass": normal})
     with start_predictor(settings) as predictor:
-        assert eventually(lambda: predictor.get("/v2/health/ready").status_code == 200)
+        assert becomes_ready(predictor)
         answered = answers(predictor, multiclass)
         assert eventually(lambda: len(records_of(api, multiclass)) == 2)
 
@@ -93,7 +93,7 @@ def test_a_binary_model_grades_its_positive_class_whatever_normal_class_is_named
     deploy_quietly(engine, org.org_id, register_model(engine, store, org.org_id, tiny_model()))
     configure(api, org, {"normalClass": 1, "riskBands": [0.01, 0.02]})
     with start_predictor(settings) as predictor:
-        assert eventually(lambda: predictor.get("/v2/health/ready").status_code == 200)
+        assert becomes_ready(predictor)
         answered = answers(predictor, org)
 
     assert [answer["riskLevel"] for answer in answered] == [risk_level(a["score"], (0.01, 0.02)) for a in answered]
