@@ -2,6 +2,12 @@
 
 A crash between the commit and the send leaves the row pending, and the next relay pass sends it. Consumers
 must therefore tolerate a repeat: deploy subscribers re-read the database, and a training run is claimed once.
+
+A message whose send fails waits before it is tried again (1 s, doubling up to a minute), its reason kept in
+`last_error`, and the pass stops there: the broker may be down. The next pass starts past it, so a message that
+can never be sent (a payload a newer or older Kiln wrote) holds back no other; it stays pending, in
+`kiln_outbox_failing`, until an operator looks. Messages are sent oldest first, but no consumer relies on their
+order: two relays running at once send them in any order already.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from shared.db.models import OutboxMessage
@@ -31,6 +37,9 @@ KIND_DELETE_SOURCE_TASK = "delete_source_task"
 
 Sender = Callable[[dict[str, Any]], None]
 
+FIRST_BACKOFF = timedelta(seconds=1)
+LONGEST_BACKOFF = timedelta(minutes=1)
+
 
 def add_message(session: Session, *, kind: str, payload: dict[str, Any]) -> OutboxMessage:
     message = OutboxMessage(kind=kind, payload=payload)
@@ -47,18 +56,20 @@ def relay(
     min_age: timedelta = timedelta(0),
     limit: int = 100,
 ) -> int:
-    """Send pending messages (all, or the given ids) in order; return how many were sent.
+    """Send pending messages (all, or the given ids) oldest first; return how many were sent.
 
     Rows are locked with SKIP LOCKED where the database has it, so two relays never send the same row at once.
-    A failing send stops the pass; what was sent before it stays marked, the rest waits for the next pass.
+    A failing send stops the pass and waits its backoff; what was sent before it stays marked.
     """
     sent = 0
+    now = utcnow()
     with session_scope(factory) as session:
         query = (
             select(OutboxMessage)
             .where(
                 OutboxMessage.published_at.is_(None),
-                OutboxMessage.created_at <= utcnow() - min_age,
+                OutboxMessage.created_at <= now - min_age,
+                or_(OutboxMessage.next_send_at.is_(None), OutboxMessage.next_send_at <= now),
                 OutboxMessage.kind.in_(list(senders)),
             )
             .order_by(OutboxMessage.id)
@@ -70,9 +81,24 @@ def relay(
         for message in session.scalars(query):
             try:
                 senders[message.kind](message.payload)
-            except Exception:
-                log.warning("outbox message %s (%s) not sent; will retry", message.id, message.kind, exc_info=True)
+            except Exception as error:
+                _back_off(message, error)
                 break
             message.published_at = utcnow()
             sent += 1
     return sent
+
+
+def _back_off(message: OutboxMessage, error: Exception) -> None:
+    message.failed_sends += 1
+    wait = min(FIRST_BACKOFF * 2 ** min(message.failed_sends - 1, 16), LONGEST_BACKOFF)  # 2**16 s: past the longest
+    message.next_send_at = utcnow() + wait
+    message.last_error = f"{type(error).__name__}: {error}"[:1000]
+    log.warning(
+        "outbox message %s (%s) not sent, failure %d; trying again in %.0f s",
+        message.id,
+        message.kind,
+        message.failed_sends,
+        wait.total_seconds(),
+        exc_info=True,
+    )

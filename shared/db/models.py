@@ -204,6 +204,10 @@ class OutboxMessage(Base):
     payload: Mapped[dict[str, Any]] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    # A failed send waits until next_send_at, longer after each failure; last_error says why it failed.
+    failed_sends: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_send_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class Prediction(Base):

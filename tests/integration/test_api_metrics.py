@@ -39,7 +39,9 @@ def test_runs_versions_deployments_and_the_outbox_are_counted_by_org_and_status(
     submit(api, org, upload_table(api, org, ai4i.generate(500, seed=1), tmp_path))
     versions = seed_versions(engine, org_id, 2)
     assert api.post(f"/v1/orgs/{org_id}/deployments", json={"version": versions[1]}, headers=org.admin).is_success
-    stuck = OutboxMessage(kind="kind-no-relay-sends", payload={}, created_at=utcnow() - timedelta(hours=1))
+    stuck = OutboxMessage(
+        kind="kind-no-relay-sends", payload={}, created_at=utcnow() - timedelta(hours=1), failed_sends=3
+    )
     with Session(engine, expire_on_commit=False) as session, session.begin():
         session.add(stuck)  # as a message whose relay stopped an hour ago
 
@@ -56,6 +58,7 @@ def test_runs_versions_deployments_and_the_outbox_are_counted_by_org_and_status(
     assert sample(samples, "kiln_deployments", org=org_id, status="deployed") == 1
     assert sample(samples, "kiln_outbox_unsent") >= 1
     assert sample(samples, "kiln_outbox_oldest_unsent_seconds") >= 3600
+    assert sample(samples, "kiln_outbox_failing") >= 1
 
 
 def test_metrics_are_for_the_metrics_token_or_the_admin_and_the_metrics_token_opens_nothing_else(

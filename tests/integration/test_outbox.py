@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -13,12 +14,12 @@ from shared.db.models import OutboxMessage
 from shared.db.session import make_session_factory, session_scope
 from shared.db.types import utcnow
 from shared.events import DeployEvent
-from shared.outbox import KIND_DEPLOY_EVENT, add_message, relay
+from shared.outbox import FIRST_BACKOFF, KIND_DEPLOY_EVENT, add_message, relay
 from shared.settings import Settings
 from tests.support.events import ChannelListener
 
 
-def test_a_failed_send_leaves_the_message_pending_and_the_next_pass_sends_it(settings: Settings) -> None:
+def test_a_failed_send_leaves_the_message_pending_and_a_pass_after_its_backoff_sends_it(settings: Settings) -> None:
     engine = create_engine(settings.database_url)
     sessions = make_session_factory(engine)
     with session_scope(sessions) as session:
@@ -29,11 +30,69 @@ def test_a_failed_send_leaves_the_message_pending_and_the_next_pass_sends_it(set
         raise ConnectionError("broker down")
 
     assert relay(sessions, {"test_kind": broken}, ids=[message_id]) == 0
+    with sessions() as session:
+        failed = session.get_one(OutboxMessage, message_id)
+        assert (failed.published_at, failed.failed_sends, failed.last_error) == (
+            None,
+            1,
+            "ConnectionError: broker down",
+        )
+    assert relay(sessions, {"test_kind": sent.append}, ids=[message_id]) == 0  # within its backoff
+    time.sleep(FIRST_BACKOFF.total_seconds())
     assert relay(sessions, {"test_kind": sent.append}, ids=[message_id]) == 1
     assert sent == [{"n": 1}]
     assert relay(sessions, {"test_kind": sent.append}, ids=[message_id]) == 0
     with sessions() as session:
         assert session.get_one(OutboxMessage, message_id).published_at is not None
+    engine.dispose()
+
+
+def test_a_message_that_can_never_be_sent_holds_back_no_message_after_it(settings: Settings) -> None:
+    """Once a payload no sender can take stopped every pass at itself, and nothing after it was ever sent."""
+    engine = create_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    with session_scope(sessions) as session:
+        ids = [add_message(session, kind="test_kind", payload=payload).id for payload in ({}, {"n": 1}, {"n": 2})]
+    sent: list[int] = []
+
+    def send(payload: dict[str, Any]) -> None:
+        sent.append(payload["n"])
+
+    assert relay(sessions, {"test_kind": send}, ids=ids) == 0
+    assert relay(sessions, {"test_kind": send}, ids=ids) == 2
+    assert sent == [1, 2]
+    with sessions() as session:
+        poison = session.get_one(OutboxMessage, ids[0])
+        assert (poison.published_at, poison.failed_sends, poison.last_error) == (None, 1, "KeyError: 'n'")
+    engine.dispose()
+
+
+def test_each_failure_doubles_a_message_s_wait_up_to_a_minute(settings: Settings) -> None:
+    engine = create_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    with session_scope(sessions) as session:
+        message_id = add_message(session, kind="test_kind", payload={}).id
+
+    def broken(_payload: dict[str, Any]) -> None:
+        raise ConnectionError("broker down")
+
+    waits = []
+    for _ in range(8):
+        with session_scope(sessions) as session:
+            session.get_one(OutboxMessage, message_id).next_send_at = None  # its wait is over
+        before = utcnow()
+        relay(sessions, {"test_kind": broken}, ids=[message_id])
+        with sessions() as session:
+            next_send_at = session.get_one(OutboxMessage, message_id).next_send_at
+        assert next_send_at is not None
+        waits.append(round((next_send_at - before).total_seconds()))
+    assert waits == [1, 2, 4, 8, 16, 32, 60, 60]
+    with session_scope(sessions) as session:
+        message = session.get_one(OutboxMessage, message_id)
+        message.failed_sends, message.next_send_at = 100_000, None  # days of an outage
+    relay(sessions, {"test_kind": broken}, ids=[message_id])
+    with sessions() as session:
+        assert session.get_one(OutboxMessage, message_id).failed_sends == 100_001
     engine.dispose()
 
 

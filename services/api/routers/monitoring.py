@@ -70,6 +70,14 @@ class _PlatformState(Collector):
             select(func.count(), func.min(OutboxMessage.created_at)).where(OutboxMessage.published_at.is_(None))
         ).one()
         yield GaugeMetricFamily("kiln_outbox_unsent", "Outbox messages not sent yet.", value=unsent)
+        failing = self._session.scalar(
+            select(func.count()).where(OutboxMessage.published_at.is_(None), OutboxMessage.failed_sends > 0)
+        )
+        yield GaugeMetricFamily(
+            "kiln_outbox_failing",
+            "Outbox messages not sent yet whose last send failed: each waits its backoff, its last_error says why.",
+            value=failing,
+        )
         behind = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         yield GaugeMetricFamily(
             "kiln_outbox_oldest_unsent_seconds",
