@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.exc import OperationalError, TimeoutError
+from sqlalchemy.orm import Session
 
-from shared.db.session import SessionFactory
-from shared.errors import NotFound, Unauthorized
-from shared.keys import Principal, find_principal
+from shared.errors import NotFound, Unauthorized, Unavailable
+from shared.keys import Principal, find_principal, principal_without_lookup
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,14 @@ MAX_ENTRIES = 10_000
 
 class KeyCache:
     """Each token's last answer, for ttl_s. Tokens that name a key and tokens that name none are kept apart: the
-    second kind is anyone's to make up, and a flood of them must not push out the keys of the org's callers."""
+    second kind is anyone's to make up, and a flood of them must not push out the keys of the org's callers.
+
+    Once a lookup finds the database out of reach, lookups answer from memory for the next ttl_s without trying it;
+    then one lookup tries it again while the others still answer from memory. So through an outage one request per
+    ttl_s waits out the database's bound, rather than one per key."""
 
     def __init__(
-        self, sessions: SessionFactory, admin_token: str, ttl_s: float, *, max_entries: int = MAX_ENTRIES
+        self, sessions: Callable[[], Session], admin_token: str, ttl_s: float, *, max_entries: int = MAX_ENTRIES
     ) -> None:
         self.sessions = sessions
         self.admin_token = admin_token
@@ -33,6 +38,9 @@ class KeyCache:
         self._keys: dict[str, tuple[float, Principal]] = {}
         self._refused: dict[str, float] = {}
         self._lock = threading.Lock()
+        # While the database is out of reach: until when no lookup tries it, and whether one is trying it now.
+        self._out_until: float | None = None
+        self._probing = False
 
     def cached(self, token: str) -> tuple[bool, Principal | None]:
         """(hit, principal) without touching the database."""
@@ -45,17 +53,49 @@ class KeyCache:
 
     def lookup(self, token: str) -> Principal | None:
         """The key's principal, from the database. While it cannot answer, a token looked up before keeps its last
-        answer, for another ttl_s before the next try: the models loaded go on serving their callers through an
-        outage, at the cost of a key revoked just before it working until the database is back."""
+        answer, for another ttl_s: the models loaded go on serving their callers through an outage, at the cost of
+        a key revoked just before it working until the database is back. A token never looked up gets 503."""
+        answered, principal = principal_without_lookup(token, self.admin_token)
+        if answered:
+            self._remember(token, principal)
+            return principal
+        if not self._may_try_database():
+            return self._last_answer(token)
         try:
             with self.sessions() as session:
                 principal = find_principal(session, token=token, admin_token=self.admin_token)
         except (OperationalError, TimeoutError):
-            if token not in self._keys and token not in self._refused:
-                raise
-            log.warning("the database cannot check a key; it keeps its last answer for %s s", self.ttl_s)
-            known = self._keys.get(token)
-            principal = None if known is None else known[1]
+            self._database_out()
+            log.warning(
+                "the database cannot check keys; they keep their last answers for %s s", self.ttl_s, exc_info=True
+            )
+            return self._last_answer(token)
+        finally:
+            with self._lock:
+                self._probing = False
+        with self._lock:
+            self._out_until = None
+        self._remember(token, principal)
+        return principal
+
+    def _may_try_database(self) -> bool:
+        with self._lock:
+            if self._out_until is None:
+                return True
+            if self._probing or time.monotonic() < self._out_until:
+                return False
+            self._probing = True
+            return True
+
+    def _database_out(self) -> None:
+        with self._lock:
+            self._out_until = time.monotonic() + self.ttl_s
+
+    def _last_answer(self, token: str) -> Principal | None:
+        known = self._keys.get(token)
+        if known is None and token not in self._refused:
+            raise Unavailable("the database is unavailable, try again", headers={"Retry-After": "1"})
+        principal = None if known is None else known[1]
         self._remember(token, principal)
         return principal
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,13 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from services.api.app import create_app
 from services.predictor.auth import KeyCache
 from shared.db.session import ANSWER_GRACE_S, CONNECT_TIMEOUT_S, make_central_engine, make_session_factory
+from shared.errors import Unavailable
+from shared.keys import KEY_PREFIX, PLATFORM_ADMIN
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys
@@ -185,6 +189,52 @@ def test_a_flood_of_made_up_keys_does_not_make_a_predictor_forget_the_keys_it_ch
             answer = link.outcome_within(OUTER_TIMEOUT_S, lambda: keys.lookup(token))
             assert not isinstance(answer, Exception), answer
             assert answer is not None and answer.org_id == org.org_id
+        finally:
+            link.thaw()
+            engine.dispose()
+
+
+def test_through_an_outage_one_key_lookup_a_period_waits_on_the_database_and_the_others_answer_from_memory(
+    settings: Settings, org: OrgKeys
+) -> None:
+    """Each key waited out the database's bound in turn, once a period: through an outage nearly every caller had a
+    request stall for seconds, again and again."""
+    ttl_s = 3.0
+    tokens = [headers["Authorization"].removeprefix("Bearer ") for headers in (org.admin, org.trainer, org.viewer)]
+    with through_link(settings) as (link, linked):
+        engine = make_central_engine(linked, bound_answers=True)
+        factory = make_session_factory(engine)
+        tries: list[float] = []
+
+        def sessions() -> Session:
+            tries.append(time.monotonic())
+            return factory()
+
+        keys = KeyCache(sessions, settings.admin_token.get_secret_value(), ttl_s)
+        try:
+            principals = [keys.lookup(token) for token in tokens]
+            link.freeze()
+            assert link.outcome_within(OUTER_TIMEOUT_S, lambda: keys.lookup(tokens[0])) == principals[0]
+            assert [keys.lookup(token) for token in tokens[1:]] == principals[1:]
+            with pytest.raises(Unavailable, match="the database is unavailable"):
+                keys.lookup(KEY_PREFIX + "never-checked")
+            assert keys.lookup(settings.admin_token.get_secret_value()) == PLATFORM_ADMIN  # no key of the table's
+            assert keys.lookup("no-key-has-this-shape") is None
+            assert len(tries) == 4  # three before the outage, one in it
+
+            time.sleep(ttl_s)  # the period is over: one lookup tries the database again, the others do not wait on it
+            probe = threading.Thread(target=keys.lookup, args=(tokens[0],), daemon=True)
+            probe.start()
+            assert eventually(lambda: len(tries) == 5)
+            assert probe.is_alive()  # the link is frozen: its wait lasts the database's bound
+            assert keys.lookup(tokens[1]) == principals[1]
+            assert len(tries) == 5
+            probe.join(OUTER_TIMEOUT_S)
+
+            link.thaw()
+            time.sleep(ttl_s)
+            assert [keys.lookup(token) for token in tokens] == principals
+            assert len(tries) == 8  # the database is back: every lookup asks it again
         finally:
             link.thaw()
             engine.dispose()
