@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.exc import OperationalError, TimeoutError
 from sqlalchemy.orm import Session
 
+from services.predictor.outage import DatabaseOutage
 from shared.errors import NotFound, Unauthorized, Unavailable
 from shared.keys import Principal, find_principal, principal_without_lookup
 
@@ -24,23 +25,25 @@ class KeyCache:
     """Each token's last answer, for ttl_s. Tokens that name a key and tokens that name none are kept apart: the
     second kind is anyone's to make up, and a flood of them must not push out the keys of the org's callers.
 
-    Once a lookup finds the database out of reach, lookups answer from memory for the next ttl_s without trying it;
-    then one lookup tries it again while the others still answer from memory. So through an outage one request per
-    ttl_s waits out the database's bound, rather than one per key."""
+    Through a database outage (services/predictor/outage.py) a key looked up before keeps its last answer."""
 
     def __init__(
-        self, sessions: Callable[[], Session], admin_token: str, ttl_s: float, *, max_entries: int = MAX_ENTRIES
+        self,
+        sessions: Callable[[], Session],
+        admin_token: str,
+        ttl_s: float,
+        *,
+        outage: DatabaseOutage,
+        max_entries: int = MAX_ENTRIES,
     ) -> None:
         self.sessions = sessions
         self.admin_token = admin_token
         self.ttl_s = ttl_s
+        self.outage = outage
         self.max_entries = max_entries
         self._keys: dict[str, tuple[float, Principal]] = {}
         self._refused: dict[str, float] = {}
         self._lock = threading.Lock()
-        # While the database is out of reach: until when no lookup tries it, and whether one is trying it now.
-        self._out_until: float | None = None
-        self._probing = False
 
     def cached(self, token: str) -> tuple[bool, Principal | None]:
         """(hit, principal) without touching the database."""
@@ -59,37 +62,16 @@ class KeyCache:
         if answered:
             self._remember(token, principal)
             return principal
-        if not self._may_try_database():
-            return self._last_answer(token)
         try:
-            with self.sessions() as session:
+            with self.outage.attempt(), self.sessions() as session:
                 principal = find_principal(session, token=token, admin_token=self.admin_token)
-        except (OperationalError, TimeoutError):
-            self._database_out()
-            log.warning(
-                "the database cannot check keys; they keep their last answers for %s s", self.ttl_s, exc_info=True
-            )
+        except Unavailable:
             return self._last_answer(token)
-        finally:
-            with self._lock:
-                self._probing = False
-        with self._lock:
-            self._out_until = None
+        except (OperationalError, TimeoutError):
+            log.warning("the database cannot check keys; they keep their last answers", exc_info=True)
+            return self._last_answer(token)
         self._remember(token, principal)
         return principal
-
-    def _may_try_database(self) -> bool:
-        with self._lock:
-            if self._out_until is None:
-                return True
-            if self._probing or time.monotonic() < self._out_until:
-                return False
-            self._probing = True
-            return True
-
-    def _database_out(self) -> None:
-        with self._lock:
-            self._out_until = time.monotonic() + self.ttl_s
 
     def _last_answer(self, token: str) -> Principal | None:
         known = self._keys.get(token)

@@ -18,6 +18,7 @@ from services.predictor.deployments import Synchronizer
 from services.predictor.listener import DeployListener
 from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, ServingMetrics
 from services.predictor.models import LoadedModel, ModelCache
+from services.predictor.outage import DatabaseOutage
 from services.predictor.records import PredictionRecorder
 from shared.db.session import make_central_engine, make_session_factory
 from shared.errors import KilnError, NotFound, PayloadTooLarge
@@ -34,6 +35,7 @@ class PredictorState:
     cache: ModelCache
     synchronizer: Synchronizer
     keys: KeyCache
+    outage: DatabaseOutage
     listener: DeployListener
     recorder: PredictionRecorder
     metrics: ServingMetrics
@@ -51,7 +53,11 @@ class PredictorState:
             synchronizer,
             settings.predictor_reconcile_s,
         )
-        keys = KeyCache(sessions, settings.admin_token.get_secret_value(), settings.predictor_key_cache_s)
+        # As long as a key is trusted from memory, requests go without a database found out of reach.
+        outage = DatabaseOutage(settings.predictor_key_cache_s)
+        keys = KeyCache(
+            sessions, settings.admin_token.get_secret_value(), settings.predictor_key_cache_s, outage=outage
+        )
         recorder = PredictionRecorder(sessions, settings.predictor_record_flush_s)
         metrics = ServingMetrics(
             settings.predictor_metrics_dir, _replica(), settings.predictor_metrics_flush_s, cache, recorder
@@ -62,6 +68,7 @@ class PredictorState:
             cache=cache,
             synchronizer=synchronizer,
             keys=keys,
+            outage=outage,
             listener=listener,
             recorder=recorder,
             metrics=metrics,
@@ -81,6 +88,11 @@ class PredictorState:
     @property
     def ready(self) -> bool:
         return self.synchronizer.synced_once.is_set()
+
+    def load_on_request(self, org_id: str) -> LoadedModel | None:
+        """An org not loaded yet, loaded for its request; Unavailable at once while the database is out of reach."""
+        with self.outage.attempt():
+            return self.synchronizer.sync_org(org_id)
 
 
 def _replica() -> str:
@@ -111,7 +123,7 @@ async def model_for(state: PredictorState, org_id: str) -> LoadedModel:
     was undeployed, names nothing to load)."""
     model = state.cache.get(org_id)
     if model is None:
-        model = await run_in_threadpool(state.synchronizer.sync_org, org_id)
+        model = await run_in_threadpool(state.load_on_request, org_id)
     if model is None:
         undeployed = state.cache.undeployed(org_id)
         if undeployed is not None:

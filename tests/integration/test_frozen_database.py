@@ -21,14 +21,17 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from services.api.app import create_app
+from services.predictor.app import create_app as create_predictor
 from services.predictor.auth import KeyCache
+from services.predictor.outage import DatabaseOutage
+from services.predictor.state import PredictorState
 from shared.db.session import ANSWER_GRACE_S, CONNECT_TIMEOUT_S, make_central_engine, make_session_factory
 from shared.errors import Unavailable
 from shared.keys import KEY_PREFIX, PLATFORM_ADMIN
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys
-from tests.integration.test_predictor import eventually
+from tests.integration.test_predictor import becomes_ready, deploy_quietly, eventually
 from tests.integration.test_predictor_deployments import deploy
 from tests.support.models import ai4i_row, register_model, tiny_model
 from tests.support.proxy import FreezableLink, freezable_link_to
@@ -181,7 +184,13 @@ def test_a_flood_of_made_up_keys_does_not_make_a_predictor_forget_the_keys_it_ch
     with through_link(settings) as (link, linked):
         engine = make_central_engine(linked, bound_answers=True)
         # ttl 0: every call asks the database, as each does once its entry ends
-        keys = KeyCache(make_session_factory(engine), settings.admin_token.get_secret_value(), 0.0, max_entries=10)
+        keys = KeyCache(
+            make_session_factory(engine),
+            settings.admin_token.get_secret_value(),
+            0.0,
+            outage=DatabaseOutage(0.0),
+            max_entries=10,
+        )
         try:
             assert keys.lookup(token) is not None
             assert [keys.lookup(f"made-up-{n}") for n in range(25)] == [None] * 25
@@ -210,7 +219,7 @@ def test_through_an_outage_one_key_lookup_a_period_waits_on_the_database_and_the
             tries.append(time.monotonic())
             return factory()
 
-        keys = KeyCache(sessions, settings.admin_token.get_secret_value(), ttl_s)
+        keys = KeyCache(sessions, settings.admin_token.get_secret_value(), ttl_s, outage=DatabaseOutage(ttl_s))
         try:
             principals = [keys.lookup(token) for token in tokens]
             link.freeze()
@@ -238,3 +247,35 @@ def test_through_an_outage_one_key_lookup_a_period_waits_on_the_database_and_the
         finally:
             link.thaw()
             engine.dispose()
+
+
+def test_through_an_outage_requests_for_an_org_not_loaded_answer_503_and_only_the_first_waits_on_the_database(
+    org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    """Each such request held a thread for the database's whole bound: a few dozen of them took every thread a
+    worker process has, and requests for the orgs it had loaded queued behind them."""
+    tuned = settings.model_copy(update={"predictor_reconcile_s": 600.0, "predictor_key_cache_s": 30.0})
+    with through_link(tuned) as (link, linked), TestClient(create_predictor(linked)) as predictor:
+        assert becomes_ready(predictor)
+        state: PredictorState = predictor.app.state.predictor  # type: ignore[attr-defined]
+        factory, tries = state.synchronizer.sessions, []
+
+        def sessions() -> Session:
+            tries.append(time.monotonic())
+            return factory()
+
+        state.synchronizer.sessions = sessions  # type: ignore[assignment]
+        path, row = f"/v1/orgs/{org.org_id}/predict", {"rows": [ai4i_row()]}
+        assert predictor.post(path, json=row, headers=org.viewer).status_code == 404  # nothing deployed; key checked
+        deploy_quietly(engine, org.org_id, register_model(engine, store, org.org_id, tiny_model(seed=1)))
+        link.freeze()
+
+        first = link.outcome_within(OUTER_TIMEOUT_S, lambda: predictor.post(path, json=row, headers=org.viewer))
+        assert not isinstance(first, Exception) and first.status_code == 503
+        answers = [predictor.post(path, json=row, headers=org.viewer) for _ in range(3)]
+        assert [(a.status_code, a.json()["error"]) for a in answers] == [
+            (503, "the database is unavailable, try again")
+        ] * 3
+        assert len(tries) == 2  # the 404's lookup, and the first request in the outage
+
+        link.thaw()
