@@ -4,10 +4,10 @@ A crash between the commit and the send leaves the row pending, and the next rel
 must therefore tolerate a repeat: deploy subscribers re-read the database, and a training run is claimed once.
 
 A message whose send fails waits before it is tried again (1 s, doubling up to a minute), its reason kept in
-`last_error`, and the pass stops there: the broker may be down. The next pass starts past it, so a message that
-can never be sent (a payload a newer or older Kiln wrote) holds back no other; it stays pending, in
-`kiln_outbox_failing`, until an operator looks. Messages are sent oldest first, but no consumer relies on their
-order: two relays running at once send them in any order already.
+`last_error`, and the pass stops there: the broker may be down. A pass sends the messages that failed fewest times
+first, oldest first among equals, so messages that can never be sent (payloads a newer or older Kiln wrote), however
+many, hold back no other: each failure sends one further back. They stay pending, in `kiln_outbox_failing`, until
+an operator looks. No consumer relies on the order: two relays running at once send in any order already.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import false, or_, select, update
 from sqlalchemy.orm import Session
 
 from shared.db.models import OutboxMessage
@@ -64,6 +64,11 @@ def relay(
     sent = 0
     now = utcnow()
     with session_scope(factory) as session:
+        if session.connection().dialect.name == "sqlite":
+            # SQLite ignores SKIP LOCKED and takes its write lock only at a transaction's first write: a write that
+            # changes nothing takes it now, so that a second relay waits for this one's marks instead of sending
+            # the same rows again.
+            session.execute(update(OutboxMessage).where(false()).values(kind=OutboxMessage.kind))
         query = (
             select(OutboxMessage)
             .where(
@@ -72,7 +77,7 @@ def relay(
                 or_(OutboxMessage.next_send_at.is_(None), OutboxMessage.next_send_at <= now),
                 OutboxMessage.kind.in_(list(senders)),
             )
-            .order_by(OutboxMessage.id)
+            .order_by(OutboxMessage.failed_sends, OutboxMessage.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
         )

@@ -39,25 +39,27 @@ def test_runs_versions_deployments_and_the_outbox_are_counted_by_org_and_status(
     submit(api, org, upload_table(api, org, ai4i.generate(500, seed=1), tmp_path))
     versions = seed_versions(engine, org_id, 2)
     assert api.post(f"/v1/orgs/{org_id}/deployments", json={"version": versions[1]}, headers=org.admin).is_success
-    stuck = OutboxMessage(
-        kind="kind-no-relay-sends", payload={}, created_at=utcnow() - timedelta(hours=1), failed_sends=3
+    stuck = OutboxMessage(kind="kind-no-relay-sends", payload={}, created_at=utcnow() - timedelta(hours=1))
+    # One that can never be sent, failing for two hours: it is counted as failing, not as a relay that stopped.
+    failing = OutboxMessage(
+        kind="kind-no-relay-sends", payload={}, created_at=utcnow() - timedelta(hours=2), failed_sends=50
     )
     with Session(engine, expire_on_commit=False) as session, session.begin():
-        session.add(stuck)  # as a message whose relay stopped an hour ago
+        session.add_all([stuck, failing])  # stuck: as a message whose relay stopped an hour ago
 
     try:
         scraped = api.get("/metrics", headers=SCRAPER)
     finally:
         with Session(engine) as session, session.begin():
-            session.execute(delete(OutboxMessage).where(OutboxMessage.id == stuck.id))
+            session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_([stuck.id, failing.id])))
 
     assert scraped.status_code == 200
     samples = parse_samples(scraped.text)
     assert sample(samples, "kiln_training_runs", org=org_id, status="queued") == 1
     assert sample(samples, "kiln_model_versions", org=org_id, status="validated") == 2
     assert sample(samples, "kiln_deployments", org=org_id, status="deployed") == 1
-    assert sample(samples, "kiln_outbox_unsent") >= 1
-    assert sample(samples, "kiln_outbox_oldest_unsent_seconds") >= 3600
+    assert sample(samples, "kiln_outbox_unsent") >= 2
+    assert 3600 <= sample(samples, "kiln_outbox_oldest_unsent_seconds") < 7200
     assert sample(samples, "kiln_outbox_failing") >= 1
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 
 from services.api.app import create_app
+from shared.db.migrate import upgrade
 from shared.db.models import OutboxMessage
-from shared.db.session import make_session_factory, session_scope
+from shared.db.session import make_engine, make_session_factory, session_scope
 from shared.db.types import utcnow
 from shared.events import DeployEvent
 from shared.outbox import FIRST_BACKOFF, KIND_DEPLOY_EVENT, add_message, relay
@@ -64,6 +67,57 @@ def test_a_message_that_can_never_be_sent_holds_back_no_message_after_it(setting
     with sessions() as session:
         poison = session.get_one(OutboxMessage, ids[0])
         assert (poison.published_at, poison.failed_sends, poison.last_error) == (None, 1, "KeyError: 'n'")
+    engine.dispose()
+
+
+def test_messages_that_failed_fewest_times_go_first_so_any_number_that_never_send_hold_back_none(
+    settings: Settings,
+) -> None:
+    """Oldest first, a few dozen messages that could never be sent, each back from its backoff in turn, stopped
+    every pass at one of them: a message whose first send had failed in a broker blip was never sent again."""
+    engine = create_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    with session_scope(sessions) as session:
+        never = [add_message(session, kind="test_kind", payload={}) for _ in range(3)]
+        for message in never:
+            message.failed_sends = 7
+        blip = add_message(session, kind="test_kind", payload={"n": 1})
+        blip.failed_sends = 1
+        fresh = add_message(session, kind="test_kind", payload={"n": 2})
+        ids = [message.id for message in (*never, blip, fresh)]
+    sent: list[int] = []
+
+    def send(payload: dict[str, Any]) -> None:
+        sent.append(payload["n"])
+
+    assert relay(sessions, {"test_kind": send}, ids=ids) == 2
+    assert sent == [2, 1]
+    engine.dispose()
+
+
+def test_two_relays_at_once_on_the_embedded_sqlite_database_send_a_message_once(tmp_path: Path) -> None:
+    """SQLite ignores SKIP LOCKED: a sweep running while another relay sent a message sent it again, and a key
+    rotation or a judgement ran twice."""
+    url = f"sqlite:///{tmp_path / 'kiln.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
+    with session_scope(sessions) as session:
+        message_id = add_message(session, kind="test_kind", payload={}).id
+    senders: list[str] = []
+    sending = threading.Event()
+
+    def send_slowly(_payload: dict[str, Any]) -> None:
+        senders.append("first")
+        sending.set()
+        time.sleep(0.5)  # a broker round trip, long enough for the second relay to start meanwhile
+
+    first = threading.Thread(target=relay, args=(sessions, {"test_kind": send_slowly}), kwargs={"ids": [message_id]})
+    first.start()
+    assert sending.wait(10)
+    assert relay(sessions, {"test_kind": lambda _payload: senders.append("second")}) == 0
+    first.join(10)
+    assert senders == ["first"]
     engine.dispose()
 
 

@@ -66,9 +66,7 @@ class _PlatformState(Collector):
         yield from self._outbox()
 
     def _outbox(self) -> Iterable[Metric]:
-        unsent, oldest = self._session.execute(
-            select(func.count(), func.min(OutboxMessage.created_at)).where(OutboxMessage.published_at.is_(None))
-        ).one()
+        unsent = self._session.scalar(select(func.count()).where(OutboxMessage.published_at.is_(None)))
         yield GaugeMetricFamily("kiln_outbox_unsent", "Outbox messages not sent yet.", value=unsent)
         failing = self._session.scalar(
             select(func.count()).where(OutboxMessage.published_at.is_(None), OutboxMessage.failed_sends > 0)
@@ -78,9 +76,15 @@ class _PlatformState(Collector):
             "Outbox messages not sent yet whose last send failed: each waits its backoff, its last_error says why.",
             value=failing,
         )
+        # Over messages never tried and failed: one that can never be sent would otherwise grow it for good.
+        oldest = self._session.scalar(
+            select(func.min(OutboxMessage.created_at)).where(
+                OutboxMessage.published_at.is_(None), OutboxMessage.failed_sends == 0
+            )
+        )
         behind = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
         yield GaugeMetricFamily(
             "kiln_outbox_oldest_unsent_seconds",
-            "Age of the oldest message not sent yet: a stuck relay grows it.",
+            "Age of the oldest message not sent yet and not failing: a stopped relay grows it.",
             value=behind,
         )
