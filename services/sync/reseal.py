@@ -170,7 +170,14 @@ class Bases(_OfSourceTable):
 
 @dataclass
 class Conflicts(_OfSourceTable):
-    """A table's conflicts, by id: each keeps up to three sealed copies of its record."""
+    """A table's conflicts, by id: each keeps up to three sealed copies of its record.
+
+    Read locked (FOR UPDATE), as the review queue's choice reads its conflict (services/api/routers/sync_jobs.py):
+    the api writes `kept` from the versions it read, and this batch writes all three back as it read them, so
+    whichever reads second waits for the other's commit and reads what it wrote. Neither would see the other's
+    write otherwise: the choice would be lost, or copied from a version under the key this rotation drains. On
+    SQLite, which ignores FOR UPDATE, the batch holds the database's write lock from its first statement
+    (one_key_change_at_a_time), and the api takes it before reading."""
 
     kind: ClassVar[str] = "conflicts"
 
@@ -185,6 +192,7 @@ class Conflicts(_OfSourceTable):
             )
             .order_by(SyncConflict.id)
             .limit(limit)
+            .with_for_update()
         )
         return connection.execute(query if after is None else query.where(SyncConflict.id > after)).all()
 

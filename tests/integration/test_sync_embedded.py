@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
 
 from services.api.app import create_app
+from services.api.routers import sync_jobs, sync_sources
+from services.sync import reseal
 from services.sync.context import SyncContext
+from services.sync.envelope import Keyring
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from services.sync.rotation import rotate_org_key
@@ -137,3 +143,53 @@ def test_columns_named_with_colons_percents_and_quotes_sync_both_ways_on_the_emb
         synced = oddly_named(sync)
 
     assert synced == {**ODDLY_NAMED_SYNCED, "central": ODDLY_NAMED_SYNCED["local"]}
+
+
+def test_a_choice_and_a_rotations_batch_of_conflicts_hold_the_write_lock_from_before_they_read_the_conflict(
+    settings: Settings, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite ignores FOR UPDATE: each of the two writers of a conflict's versions takes the database's one write
+    lock before it reads them, so the other waits for its commit (services/sync/reseal.py, Conflicts): no other
+    connection can begin writing while either holds what it read."""
+    with embedded(settings, org_id, tmp_path, policy="manual") as sync:
+        sync.run()
+        sync.local("UPDATE readings SET value = 10.0, patient = 'Local Name' WHERE id = 1")
+        time.sleep(0.05)  # the central edit is the later one
+        sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+        sync.run()
+        sync.run()
+        [held] = sync.conflicts("open")
+        locked_after_reading: dict[str, bool] = {}
+
+        def write_locked() -> bool:
+            database = str(make_url(sync.central_url).database)
+            with closing(sqlite3.connect(database, timeout=0, isolation_level=None)) as other:
+                try:
+                    other.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError:  # database is locked
+                    return True
+                other.execute("ROLLBACK")
+                return False
+
+        read_the_conflict, re_encrypt = sync_sources.active_source, reseal.Conflicts._resealed_rows
+
+        def look_after_the_choice_read(*args: Any, **kwargs: Any) -> Any:
+            locked_after_reading.setdefault("choice", write_locked())
+            return read_the_conflict(*args, **kwargs)
+
+        def look_after_the_batch_read(place: reseal.Conflicts, keyring: Keyring, rows: Any) -> Any:
+            locked_after_reading.setdefault("rotation", write_locked())
+            return re_encrypt(place, keyring, rows)
+
+        monkeypatch.setattr(sync_jobs, "active_source", look_after_the_choice_read)
+        monkeypatch.setattr(reseal.Conflicts, "_resealed_rows", look_after_the_batch_read)
+        decided = sync.api.post(
+            f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "local"}, headers=sync.org.admin
+        )
+        summary = rotate_org_key(sync.context, org_id, actor="operator")
+        job = sync.run()
+        [(value, patient)] = sync.central(f"SELECT value, patient FROM {sync.central_table} WHERE id = 1")
+
+    assert decided.status_code == 200, decided.text
+    assert locked_after_reading == {"choice": True, "rotation": True}
+    assert (job["status"], value, patient.startswith(summary["activeKey"] + ":")) == ("succeeded", 10.0, True)

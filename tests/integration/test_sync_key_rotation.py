@@ -4,12 +4,15 @@ the next (services/sync/rotation.py)."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from services.api.routers import sync_jobs, sync_sources
+from services.sync import reseal
 from services.sync.context import SyncContext
 from services.sync.envelope import Keyring, load_keyring
 from services.sync.reseal import Batch
@@ -187,3 +190,104 @@ def test_a_value_left_under_the_old_key_where_a_batch_was_done_is_found_before_t
     patients = sealed_patients(sync)
     assert under(summary["activeKey"], patients)
     assert keyring_of(sync).open(patients[0], column="readings.patient") == "patient 40"
+
+
+def hold_a_conflict(sync: Sync) -> dict[str, Any]:
+    """Record 1 edited on both sides of a manual table, its patient locally: held for review, the local version
+    sealed under the active key."""
+    sync.run()
+    sync.local("UPDATE readings SET value = 10.0, patient = 'Local Name' WHERE id = 1")
+    time.sleep(0.05)  # the central edit is the later one
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+    sync.run()
+    sync.run()
+    [held] = sync.conflicts("open")
+    return held
+
+
+def until_a_connection_waits_for_a_lock_or_ends(sync: Sync, writer: threading.Thread) -> None:
+    """Until the competing writer, started in `writer`, waits for a lock in the central database (it reached the row
+    this test's transaction holds), or has ended (it never waited). The deadline is a bound for a broken build, which
+    would wait forever: not a timing."""
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    deadline = time.monotonic() + 60
+    while writer.is_alive() and sync.central(waiting) == [(0,)]:
+        assert time.monotonic() < deadline, "the competing writer neither waited nor ended"
+        time.sleep(0.01)
+
+
+def central_record(sync: Sync) -> tuple[float, str]:
+    [(value, patient)] = sync.central(f"SELECT value, patient FROM {sync.central_table} WHERE id = 1")
+    return value, keyring_of(sync).open(patient, column="readings.patient")
+
+
+def test_a_rotation_reaching_a_conflict_being_decided_waits_and_the_choice_outlives_the_old_keys_destruction(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choice copies the local version into `kept` while a rotation runs: the rotation's batch of conflicts waits
+    for the choice's commit, then re-encrypts `kept` too, so none is left under the key it drains."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    held = hold_a_conflict(sync)
+    old = keyring_of(sync).active_id
+    summaries: list[dict[str, Any]] = []
+    rotation = threading.Thread(target=lambda: summaries.append(rotate_org_key(sync_context, org_id, actor="operator")))
+    read_the_conflict = sync_sources.active_source
+
+    def a_rotation_once_the_conflict_is_read(*args: Any, **kwargs: Any) -> Any:
+        if rotation.ident is None:  # the choice; not the jobs queued after it, which look their source up too
+            rotation.start()
+            until_a_connection_waits_for_a_lock_or_ends(sync, rotation)
+        return read_the_conflict(*args, **kwargs)
+
+    monkeypatch.setattr(sync_jobs, "active_source", a_rotation_once_the_conflict_is_read)
+    decided = sync_api.post(
+        f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "local"}, headers=sync.org.admin
+    )
+    rotation.join(timeout=60)
+
+    assert decided.status_code == 200, decided.text
+    assert not rotation.is_alive() and [summary["drainedKeys"] for summary in summaries] == [[old]]
+    destroyed = sync_api.delete(f"/v1/orgs/{org_id}/sync-keys/{old}", headers=sync.org.admin)
+    assert destroyed.status_code < 300, destroyed.text
+    job = sync.run()
+    assert (job["status"], job["errors"]) == ("succeeded", [])
+    assert central_record(sync) == (10.0, "Local Name")
+    assert sync.local("SELECT value, patient FROM readings WHERE id = 1") == [(10.0, "Local Name")]
+    assert [conflict["status"] for conflict in sync.conflicts()] == ["resolved"]
+
+
+def test_a_choice_made_while_the_rotation_re_encrypts_its_conflict_waits_and_survives(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rotation's batch reads the conflict, re-encrypts it and writes all three versions back: a choice made in
+    between waits for that batch's commit, then reads what it wrote, so neither loses the other's write."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    held = hold_a_conflict(sync)
+    answers: list[Any] = []
+    choice = threading.Thread(
+        target=lambda: answers.append(
+            sync_api.post(
+                f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "local"}, headers=sync.org.admin
+            )
+        )
+    )
+    re_encrypt = reseal.Conflicts._resealed_rows
+
+    def a_choice_once_the_batch_is_read(place: reseal.Conflicts, keyring: Keyring, rows: Any) -> Any:
+        if choice.ident is None:  # the batch; not the drain's look, which reads them again
+            choice.start()
+            until_a_connection_waits_for_a_lock_or_ends(sync, choice)
+        return re_encrypt(place, keyring, rows)
+
+    monkeypatch.setattr(reseal.Conflicts, "_resealed_rows", a_choice_once_the_batch_is_read)
+    summary = rotate_org_key(sync_context, org_id, actor="operator")
+    choice.join(timeout=60)
+
+    assert not choice.is_alive() and [answer.status_code for answer in answers] == [200]
+    [chosen] = sync.conflicts()
+    assert (chosen["status"], chosen["outcome"], chosen["kept"] is not None) == ("chosen", "kept-local", True)
+    assert under(summary["activeKey"], [chosen["kept"]["patient"], chosen["localVersion"]["patient"]])
+    job = sync.run()
+    assert (job["status"], job["errors"]) == ("succeeded", [])
+    assert central_record(sync) == (10.0, "Local Name")
+    assert [conflict["status"] for conflict in sync.conflicts()] == ["resolved"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, status
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
@@ -73,7 +74,7 @@ def resolve_conflict(
     resources: ResourcesDep,
 ) -> ConflictOut:
     """Decide a held conflict. The choice is written to both sides by a sync job, queued here."""
-    row = session.get(SyncConflict, conflict_id)
+    row = _locked_conflict(session, conflict_id)
     if row is None or row.org_id != access.org_id:
         raise NotFound(f"conflict {conflict_id} not found")
     if row.status != CONFLICT_OPEN:
@@ -100,6 +101,22 @@ def resolve_conflict(
     _job, message = queue_sync_job(session, source=source, actor=access.principal.key_id, trigger="review")
     commit_and_send(session, resources, message)
     return _conflict_out(row)
+
+
+def _locked_conflict(session: Session, conflict_id: int) -> SyncConflict | None:
+    """The conflict, read holding its row's lock until the commit. A key rotation re-encrypts a batch of conflicts
+    under the same lock (services/sync/reseal.py, Conflicts): the two take turns, so `kept` is copied from versions
+    as the rotation left them, never from ones under a key it then drains, and the rotation never writes back a
+    conflict as it was before the choice. SQLite ignores FOR UPDATE, and pysqlite begins a transaction only at its
+    first write: a write that changes nothing takes the database's write lock before the read."""
+    if session.get_bind().dialect.name == "sqlite":
+        session.execute(
+            update(SyncConflict)
+            .where(SyncConflict.id == conflict_id)
+            .values(status=SyncConflict.status)
+            .execution_options(synchronize_session=False)
+        )
+    return session.get(SyncConflict, conflict_id, with_for_update=True, populate_existing=True)
 
 
 def _job_out(row: SyncJob) -> SyncJobOut:
