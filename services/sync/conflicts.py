@@ -80,7 +80,10 @@ def apply_choices(pair: TablePair) -> None:
                 if existing is not None:
                     deletes[conflict.record_key] = existing
             else:
-                writes.append(_chosen_row(from_json(pair.central_table, conflict.kept or {}), existing))
+                # Under the active key: a choice copied from versions under a key a rotation has since retired
+                # or drained (but the org still holds) is not written centrally under it.
+                kept = pair.under_active_key(from_json(pair.central_table, conflict.kept or {}))
+                writes.append(_chosen_row(kept, existing))
             conflict.status = CONFLICT_RESOLVED
             keys.append(conflict.record_key)
         upsert(connection, pair.central_table, pair.key, writes)

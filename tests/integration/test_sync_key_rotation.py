@@ -291,3 +291,31 @@ def test_a_choice_made_while_the_rotation_re_encrypts_its_conflict_waits_and_sur
     assert (job["status"], job["errors"]) == ("succeeded", [])
     assert central_record(sync) == (10.0, "Local Name")
     assert [conflict["status"] for conflict in sync.conflicts()] == ["resolved"]
+
+
+def test_a_choice_left_under_a_drained_key_is_written_centrally_under_the_active_one(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """As a choice made during a rotation, before the two took turns, could be left: the job re-encrypts it as it
+    writes it, so destroying the drained key afterwards loses nothing."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    held = hold_a_conflict(sync)
+    old = keyring_of(sync).active_id
+    decided = sync_api.post(
+        f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "local"}, headers=sync.org.admin
+    )
+    assert decided.status_code == 200, decided.text
+    [kept_under_old] = sync.central("SELECT kept::text FROM sync_conflicts WHERE id = :i", {"i": held["conflictId"]})
+    summary = rotate_org_key(sync_context, org_id, actor="operator")
+    sync.central(
+        "UPDATE sync_conflicts SET kept = CAST(:k AS jsonb) WHERE id = :i",
+        {"k": kept_under_old[0], "i": held["conflictId"]},
+    )
+
+    assert sync.run()["status"] == "succeeded"
+
+    [(patient,)] = sync.central(f"SELECT patient FROM {sync.central_table} WHERE id = 1")
+    assert under(summary["activeKey"], [patient]) and summary["drainedKeys"] == [old]
+    assert sync_api.delete(f"/v1/orgs/{org_id}/sync-keys/{old}", headers=sync.org.admin).status_code < 300
+    assert sync.run()["status"] == "succeeded"
+    assert central_record(sync) == (10.0, "Local Name")
