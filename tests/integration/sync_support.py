@@ -267,6 +267,19 @@ def run_twice_at_once(context: SyncContext, job_id: str) -> tuple[str, list[str]
 ODD_COLUMNS = (":id", "a:b", '"q"', "%s", "%(x)s", "100%", "x::text", "a\\:b")
 
 
+def hold_a_conflict(sync: Sync) -> dict[str, Any]:
+    """Record 1 edited on both sides of a manual table, its patient locally: held for review, the local version
+    sealed under the active key."""
+    sync.run()
+    sync.local("UPDATE readings SET value = 10.0, patient = 'Local Name' WHERE id = 1")
+    time.sleep(0.05)  # the central edit is the later one
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+    sync.run()
+    sync.run()
+    [held] = sync.conflicts("open")
+    return held
+
+
 def quoted(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 

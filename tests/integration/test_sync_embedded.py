@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ from tests.integration.sync_support import (
     ODDLY_NAMED_SYNCED,
     ODDLY_NAMED_TABLE,
     Sync,
+    hold_a_conflict,
     many_readings,
     oddly_named,
     open_sync,
@@ -152,13 +152,7 @@ def test_a_choice_and_a_rotations_batch_of_conflicts_hold_the_write_lock_from_be
     lock before it reads them, so the other waits for its commit (services/sync/reseal.py, Conflicts): no other
     connection can begin writing while either holds what it read."""
     with embedded(settings, org_id, tmp_path, policy="manual") as sync:
-        sync.run()
-        sync.local("UPDATE readings SET value = 10.0, patient = 'Local Name' WHERE id = 1")
-        time.sleep(0.05)  # the central edit is the later one
-        sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
-        sync.run()
-        sync.run()
-        [held] = sync.conflicts("open")
+        held = hold_a_conflict(sync)
         locked_after_reading: dict[str, bool] = {}
 
         def write_locked() -> bool:

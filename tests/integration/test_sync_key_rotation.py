@@ -19,7 +19,7 @@ from services.sync.reseal import Batch
 from services.sync.rotation import rotate_org_key
 from shared.db.session import session_scope
 from shared.errors import Conflict
-from tests.integration.sync_support import Sync, many_readings, open_sync
+from tests.integration.sync_support import Sync, hold_a_conflict, many_readings, open_sync
 
 BATCH = 10  # rows per rotation transaction here: 40 records take several
 
@@ -190,19 +190,6 @@ def test_a_value_left_under_the_old_key_where_a_batch_was_done_is_found_before_t
     patients = sealed_patients(sync)
     assert under(summary["activeKey"], patients)
     assert keyring_of(sync).open(patients[0], column="readings.patient") == "patient 40"
-
-
-def hold_a_conflict(sync: Sync) -> dict[str, Any]:
-    """Record 1 edited on both sides of a manual table, its patient locally: held for review, the local version
-    sealed under the active key."""
-    sync.run()
-    sync.local("UPDATE readings SET value = 10.0, patient = 'Local Name' WHERE id = 1")
-    time.sleep(0.05)  # the central edit is the later one
-    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
-    sync.run()
-    sync.run()
-    [held] = sync.conflicts("open")
-    return held
 
 
 def until_a_connection_waits_for_a_lock_or_ends(sync: Sync, writer: threading.Thread) -> None:
