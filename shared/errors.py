@@ -79,6 +79,13 @@ class Unavailable(KilnError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+class DatabaseUnavailable(Unavailable):
+    """The central database does not answer for now: what a request that needed it gets, told to try again soon."""
+
+    def __init__(self) -> None:
+        super().__init__("the database is unavailable, try again", headers={"Retry-After": "1"})
+
+
 class ArtifactIntegrityError(KilnError):
     """A stored artifact is not what was recorded: its sha256 differs, or the model in it cannot serve."""
 

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc
 from starlette.exceptions import HTTPException
 
-from shared.errors import InvalidInput, KilnError
+from shared.errors import DatabaseUnavailable, InvalidInput, KilnError
 from shared.schemas import NUL, printable
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ async def _validation_error(_request: Request, error: Exception) -> JSONResponse
 
 async def _database_unavailable(request: Request, error: Exception) -> JSONResponse:
     log.error("database unavailable on %s %s", request.method, request.url.path, exc_info=error)
-    payload = {"error": "the database is unavailable, try again", "status": 503}
-    return JSONResponse(payload, status_code=503, headers={"Retry-After": "1"})
+    unavailable = DatabaseUnavailable()
+    return JSONResponse(unavailable.to_payload(), status_code=int(unavailable.status), headers=unavailable.headers)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:

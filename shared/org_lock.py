@@ -4,24 +4,17 @@ same way for the turns to hold."""
 
 from __future__ import annotations
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from shared.db.models import Organization
+from shared.db.row_locks import lock_row
 
 
 def lock_org(session: Session, org_id: str) -> None:
     """Serialise the org's deploys, erasures, run claims and sync-source changes until the commit.
 
-    A no-op UPDATE of the org's row, not SELECT ... FOR UPDATE: SQLite ignores FOR UPDATE, and pysqlite sends BEGIN
-    only before the first write, so a write is what takes SQLite's database write lock (and PostgreSQL's row lock)
-    before anything after it is read, holding it until the commit. On PostgreSQL the UPDATE's row lock (FOR NO KEY
-    UPDATE) conflicts with itself and with a run renewal's FOR SHARE, as FOR UPDATE would, but not with the key
-    share that an insert naming the org (a run, an audit row) takes: submissions never wait for a claim.
+    The org row's write lock (shared/db/row_locks.py). On PostgreSQL that lock (FOR NO KEY UPDATE) conflicts with
+    itself and with a run renewal's FOR SHARE, as FOR UPDATE would, but not with the key share that an insert naming
+    the org (a run, an audit row) takes: submissions never wait for a claim.
     """
-    session.execute(
-        update(Organization)
-        .where(Organization.id == org_id)
-        .values(name=Organization.name)
-        .execution_options(synchronize_session=False)
-    )
+    lock_row(session, Organization.id, org_id, unchanged=Organization.name)

@@ -56,7 +56,8 @@ def relay(
     min_age: timedelta = timedelta(0),
     limit: int = 100,
 ) -> int:
-    """Send pending messages (all, or the given ids) oldest first; return how many were sent.
+    """Send pending messages (all, or the given ids), those that failed fewest times first, oldest first among
+    equals; return how many were sent.
 
     Rows are locked with SKIP LOCKED where the database has it, so two relays never send the same row at once.
     A failing send stops the pass and waits its backoff; what was sent before it stays marked.

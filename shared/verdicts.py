@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from shared.db.models import ModelVersion
+from shared.db.row_locks import lock_row
 
 VALIDATED = "validated"
 REJECTED = "rejected"
@@ -32,12 +32,6 @@ def rejected_gates(validation: dict[str, Any]) -> list[str]:
 def locked_version(session: Session, version: str) -> ModelVersion:
     """The version's row, read after taking its write lock, held until the commit: a judgement of the version (the
     worker's) and a deploy or rollback to it (the api's) take turns, so neither acts on a status the other is
-    changing. A no-op UPDATE: SQLite ignores SELECT ... FOR UPDATE, and pysqlite begins the transaction only at the
-    first write."""
-    session.execute(
-        update(ModelVersion)
-        .where(ModelVersion.version == version)
-        .values(status=ModelVersion.status)
-        .execution_options(synchronize_session=False)
-    )
+    changing."""
+    lock_row(session, ModelVersion.version, version, unchanged=ModelVersion.status)
     return session.get_one(ModelVersion, version, populate_existing=True)

@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError, TimeoutError
 from sqlalchemy.orm import Session
 
 from services.predictor.outage import DatabaseOutage
-from shared.errors import NotFound, Unauthorized, Unavailable
+from shared.errors import DatabaseUnavailable, NotFound, Unauthorized
 from shared.keys import Principal, find_principal, principal_without_lookup
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class KeyCache:
         try:
             with self.outage.attempt(), self.sessions() as session:
                 principal = find_principal(session, token=token, admin_token=self.admin_token)
-        except Unavailable:
+        except DatabaseUnavailable:
             return self._last_answer(token)
         except (OperationalError, TimeoutError):
             log.warning("the database cannot check keys; they keep their last answers", exc_info=True)
@@ -76,7 +76,7 @@ class KeyCache:
     def _last_answer(self, token: str) -> Principal | None:
         known = self._keys.get(token)
         if known is None and token not in self._refused:
-            raise Unavailable("the database is unavailable, try again", headers={"Retry-After": "1"})
+            raise DatabaseUnavailable()
         principal = None if known is None else known[1]
         self._remember(token, principal)
         return principal

@@ -10,14 +10,14 @@ from contextlib import contextmanager
 
 from sqlalchemy.exc import OperationalError, TimeoutError
 
-from shared.errors import Unavailable
+from shared.errors import DatabaseUnavailable
 
 
 class DatabaseOutage:
     """Once a request's wait on the database fails, no request waits on it for the next `period_s`; then one
     request tries it again while the others still go without. The first answer ends the outage.
 
-    A request that goes without gets Unavailable (503), unless it has an answer from memory to give instead."""
+    A request that goes without gets DatabaseUnavailable (503), unless it has an answer from memory to give instead."""
 
     def __init__(self, period_s: float) -> None:
         self.period_s = period_s
@@ -27,7 +27,7 @@ class DatabaseOutage:
 
     @contextmanager
     def attempt(self) -> Iterator[None]:
-        """Around one request's use of the database: Unavailable at once while the outage says not to try it."""
+        """Around one request's use of the database: DatabaseUnavailable at once while the outage says not to try it."""
         trying_again = self._claim()
         try:
             yield
@@ -42,12 +42,12 @@ class DatabaseOutage:
                     self._trying = False
 
     def _claim(self) -> bool:
-        """Whether this request is the one trying the database again; Unavailable if it may not try it."""
+        """Whether this request is the one trying the database again; DatabaseUnavailable if it may not try it."""
         with self._lock:
             if self._out_until is None:
                 return False
             if self._trying or time.monotonic() < self._out_until:
-                raise Unavailable("the database is unavailable, try again", headers={"Retry-After": "1"})
+                raise DatabaseUnavailable()
             self._trying = True
             return True
 

@@ -90,7 +90,8 @@ class PredictorState:
         return self.synchronizer.synced_once.is_set()
 
     def load_on_request(self, org_id: str) -> LoadedModel | None:
-        """An org not loaded yet, loaded for its request; Unavailable at once while the database is out of reach."""
+        """An org not loaded yet, loaded for its request; DatabaseUnavailable at once while the database is out of
+        reach."""
         with self.outage.attempt():
             return self.synchronizer.sync_org(org_id)
 

@@ -172,7 +172,7 @@ class Bases(_OfSourceTable):
 class Conflicts(_OfSourceTable):
     """A table's conflicts, by id: each keeps up to three sealed copies of its record.
 
-    Read locked (FOR UPDATE), as the review queue's choice reads its conflict (services/api/routers/sync_jobs.py):
+    Read locked (FOR UPDATE), as the review queue's choice locks its conflict (services/api/routers/sync_jobs.py):
     the api writes `kept` from the versions it read, and this batch writes all three back as it read them, so
     whichever reads second waits for the other's commit and reads what it wrote. Neither would see the other's
     write otherwise: the choice would be lost, or copied from a version under the key this rotation drains. On

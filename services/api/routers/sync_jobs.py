@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, status
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, SessionDep
@@ -16,6 +16,7 @@ from services.api.schemas import MAX_ROW_ID
 from services.api.sync_schemas import ConflictOut, ConflictResolution, SyncJobIn, SyncJobOut
 from shared.audit import record_change
 from shared.db.models import Organization, SyncConflict, SyncJob
+from shared.db.row_locks import lock_row
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 from shared.schemas import OrgConfig
@@ -107,16 +108,9 @@ def _locked_conflict(session: Session, conflict_id: int) -> SyncConflict | None:
     """The conflict, read holding its row's lock until the commit. A key rotation re-encrypts a batch of conflicts
     under the same lock (services/sync/reseal.py, Conflicts): the two take turns, so `kept` is copied from versions
     as the rotation left them, never from ones under a key it then drains, and the rotation never writes back a
-    conflict as it was before the choice. SQLite ignores FOR UPDATE, and pysqlite begins a transaction only at its
-    first write: a write that changes nothing takes the database's write lock before the read."""
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(
-            update(SyncConflict)
-            .where(SyncConflict.id == conflict_id)
-            .values(status=SyncConflict.status)
-            .execution_options(synchronize_session=False)
-        )
-    return session.get(SyncConflict, conflict_id, with_for_update=True, populate_existing=True)
+    conflict as it was before the choice."""
+    lock_row(session, SyncConflict.id, conflict_id, unchanged=SyncConflict.status)
+    return session.get(SyncConflict, conflict_id, populate_existing=True)
 
 
 def _job_out(row: SyncJob) -> SyncJobOut:
