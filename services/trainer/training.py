@@ -24,7 +24,7 @@ from services.trainer.heartbeat import Heartbeat
 from services.trainer.outputs import SCRIPT_METRICS_FILE, collect_outputs
 from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout, with_positive_class
 from services.trainer.pipeline.train import check_objective, check_trainable, rows_fitted
-from services.trainer.pipeline.validate import Gates
+from services.trainer.pipeline.validate import FootprintProbe, Gates
 from services.trainer.progress import ProgressWriter
 from services.trainer.runs import Attempt, Cancelled, DatabaseSource, LeaseLost, TrainedVersion
 from services.trainer.sandbox import Limits
@@ -293,23 +293,22 @@ class _Steps:
         prefix = model_prefix(self.attempt.org_id, version)
         holdout_file = outputs / "holdout.parquet"
         artifacts.save_holdout(holdout, holdout_file)
-        sha256 = hashlib.sha256(model_file.read_bytes()).hexdigest()
+        model_bytes = model_file.read_bytes()
+        sha256 = hashlib.sha256(model_bytes).hexdigest()
         store = self.context.store
         try:
-            fits = not too_large(size, gates)
-            if not fits:
+            if too_large(size, gates):
                 self.log(
                     "validating", f"{MODEL_FILE} is {size} bytes, over the size gate: not uploaded", level="warning"
                 )
-            artifacts.upload_candidate(
-                store,
-                prefix,
-                outputs=outputs,
-                holdout=holdout_file,
-                holdout_store=self.context.holdout_store(self.attempt.org_config),
-                with_model=fits,
-            )
-            verdict = self._judge(prefix, sha256, holdout, gates) if fits else size_rejection(size, gates)
+                self._upload_candidate(prefix, outputs, holdout_file, with_model=False)
+                verdict = size_rejection(size, gates)
+            else:
+                # The memory probe's interpreter starts up (~0.3 s) while the artifacts upload and are read back,
+                # rather than wholly beside the holdout pass, which keeps every core busy.
+                with FootprintProbe.start(model_bytes, holdout.features.shape[1]) as footprint:
+                    self._upload_candidate(prefix, outputs, holdout_file, with_model=True)
+                    verdict = self._judge(prefix, sha256, holdout, gates, footprint)
             self.enter("storing", 95)
             metrics = {
                 **verdict.metrics,
@@ -340,9 +339,22 @@ class _Steps:
         fitted, watched = rows_fitted(self.attempt.config.hyperparameters, train_rows)
         return {"trainRows": fitted, "earlyStoppingRows": watched}
 
-    def _judge(self, prefix: str, sha256: str, holdout: TrainingData, gates: Gates) -> Verdict:
+    def _upload_candidate(self, prefix: str, outputs: Path, holdout_file: Path, *, with_model: bool) -> None:
+        artifacts.upload_candidate(
+            self.context.store,
+            prefix,
+            outputs=outputs,
+            holdout=holdout_file,
+            holdout_store=self.context.holdout_store(self.attempt.org_config),
+            with_model=with_model,
+        )
+
+    def _judge(
+        self, prefix: str, sha256: str, holdout: TrainingData, gates: Gates, footprint: FootprintProbe
+    ) -> Verdict:
         stored = artifacts.read_model(self.context.store, prefix, sha256)
-        verdict = judge(stored, artifacts.read_native_model(self.context.store, prefix), holdout, gates)
+        native = artifacts.read_native_model(self.context.store, prefix)
+        verdict = judge(stored, native, holdout, gates, footprint=footprint)
         for gate in verdict.report["gates"]:
             outcome = "passed" if gate["passed"] else "FAILED"
             self.log(

@@ -51,26 +51,36 @@ def too_large(model_size_bytes: int, gates: Gates) -> bool:
     return model_size_bytes / MB > gates.max_model_mb
 
 
-def judge(model: bytes, native_model: str | None, holdout: TrainingData, gates: Gates) -> Verdict:
-    """Every gate on `model` (bytes read back from the store): health, holdout metrics, parity, size, cost."""
-    # The memory probe is a fresh interpreter: it starts now and loads while this process does the rest.
-    footprint = FootprintProbe.start(model, holdout.features.shape[1])
-    try:
-        served = _served_probabilities(model, holdout.features)
-    except Exception as error:
-        footprint.result()
-        return unhealthy(len(model), gates, f"does not run in onnxruntime: {type(error).__name__}: {error}")
-    metrics = _finite(classification_metrics(holdout.labels, served))
-    if len(holdout.classes) > 2:
-        metrics["perClass"] = per_class_metrics(holdout.labels, served, list(holdout.classes))
-    parity_diff = None
-    if native_model is not None:
-        booster = lightgbm.Booster(model_str=native_model)
-        parity_diff = max_abs_difference(predict_proba(booster, holdout.features), served)
-    report: dict[str, Any] = dict(
-        apply_gates(metrics=metrics, model_size_bytes=len(model), parity_diff=parity_diff, onnx_loads=True, gates=gates)
-    )
-    report["serving"] = measure_serving(model, holdout.features, footprint=footprint)
+def judge(
+    model: bytes,
+    native_model: str | None,
+    holdout: TrainingData,
+    gates: Gates,
+    *,
+    footprint: FootprintProbe | None = None,
+) -> Verdict:
+    """Every gate on `model` (bytes read back from the store): health, holdout metrics, parity, size, cost.
+
+    `footprint` is a memory probe of these bytes started earlier, while the caller had a core to spare; without
+    one, the probe starts here and loads while this process does the rest."""
+    with footprint or FootprintProbe.start(model, holdout.features.shape[1]) as probe:
+        try:
+            served = _served_probabilities(model, holdout.features)
+        except Exception as error:
+            return unhealthy(len(model), gates, f"does not run in onnxruntime: {type(error).__name__}: {error}")
+        metrics = _finite(classification_metrics(holdout.labels, served))
+        if len(holdout.classes) > 2:
+            metrics["perClass"] = per_class_metrics(holdout.labels, served, list(holdout.classes))
+        parity_diff = None
+        if native_model is not None:
+            booster = lightgbm.Booster(model_str=native_model)
+            parity_diff = max_abs_difference(predict_proba(booster, holdout.features), served)
+        report: dict[str, Any] = dict(
+            apply_gates(
+                metrics=metrics, model_size_bytes=len(model), parity_diff=parity_diff, onnx_loads=True, gates=gates
+            )
+        )
+        report["serving"] = measure_serving(model, holdout.features, footprint=probe)
     return Verdict(metrics=metrics, report=report)
 
 

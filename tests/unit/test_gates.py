@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from services.trainer.pipeline.export import booster_to_onnx, onnx_session
 from services.trainer.pipeline.train import fit_booster
 from services.trainer.pipeline.validate import (
     MB,
+    FootprintProbe,
     GateReport,
     Gates,
     apply_gates,
@@ -22,6 +26,7 @@ from services.trainer.pipeline.validate import (
     measure_serving,
     parity,
 )
+from services.trainer.validation import judge
 from shared.errors import InvalidInput
 
 AI4IData = Callable[..., TrainingData]
@@ -177,3 +182,56 @@ def test_metrics_from_the_confusion_matrix_agree_with_scikit_learn(n_classes: in
     assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
     assert metrics["precision"] == pytest.approx(precision_score(labels, predicted, average=average, zero_division=0))
     assert metrics["recall"] == pytest.approx(recall_score(labels, predicted, average=average, zero_division=0))
+
+
+def _probes_running() -> list[int]:
+    """This process's children running the memory probe's interpreter."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_bytes()
+                command = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(b")", 1)[1].split()[1])
+            if parent == os.getpid() and b"resident()" in command:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def probe_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The temporary folder where memory probes put their copy of the model."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_a_memory_probe_whose_figure_is_not_wanted_is_stopped_and_leaves_no_file(
+    ai4i_data: AI4IData, probe_folder: Path
+) -> None:
+    data = ai4i_data(2000)
+    model_bytes = booster_to_onnx(fit_booster(data, DEFAULT_HYPERPARAMETERS), len(data.feature_columns))
+
+    with FootprintProbe.start(model_bytes, len(data.feature_columns)):
+        assert _probes_running()
+        assert list(probe_folder.iterdir())
+
+    assert _probes_running() == []
+    assert list(probe_folder.iterdir()) == []
+
+
+def test_judging_a_model_onnxruntime_cannot_run_stops_the_memory_probe_handed_to_it(
+    ai4i_data: AI4IData, probe_folder: Path
+) -> None:
+    data = ai4i_data(2000)
+    model_bytes = booster_to_onnx(fit_booster(data, DEFAULT_HYPERPARAMETERS), len(data.feature_columns))
+    probe = FootprintProbe.start(model_bytes, len(data.feature_columns))
+
+    verdict = judge(b"not an onnx model", None, data, Gates(), footprint=probe)
+
+    assert "does not run in onnxruntime" in verdict.report["note"]
+    assert _probes_running() == []
+    assert list(probe_folder.iterdir()) == []

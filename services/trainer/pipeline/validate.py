@@ -177,6 +177,23 @@ class FootprintProbe:
             return cls(None, None)
         return cls(process, Path(name))
 
+    def __enter__(self) -> FootprintProbe:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the probe if it still runs, its figure unwanted, and remove its copy of the model."""
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            if self._process.stdout is not None:
+                self._process.stdout.close()
+        if self._model_file is not None:
+            self._model_file.unlink(missing_ok=True)
+
     def result(self) -> int | None:
         """Bytes of resident-set growth, or None when the probe could not measure it."""
         if self._process is None:
@@ -185,12 +202,9 @@ class FootprintProbe:
             output, _ = self._process.communicate(timeout=_PROBE_TIMEOUT_S)
             return int(output) if self._process.returncode == 0 else None
         except (subprocess.SubprocessError, ValueError):
-            self._process.kill()
-            self._process.wait()
             return None
         finally:
-            if self._model_file is not None:
-                self._model_file.unlink(missing_ok=True)
+            self.close()
 
 
 @dataclass(frozen=True)
