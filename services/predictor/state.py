@@ -6,6 +6,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import redis
@@ -20,7 +21,7 @@ from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, ServingMetrics
 from services.predictor.models import LoadedModel, ModelCache
 from services.predictor.outage import DatabaseOutage
 from services.predictor.records import PredictionRecorder
-from shared.db.session import make_central_engine, make_session_factory
+from shared.db.session import check_answers, make_central_engine, make_session_factory
 from shared.errors import KilnError, NotFound, PayloadTooLarge
 from shared.http_errors import refuse_nul_in_url
 from shared.keys import Principal, bearer_token
@@ -53,8 +54,7 @@ class PredictorState:
             synchronizer,
             settings.predictor_reconcile_s,
         )
-        # As long as a key is trusted from memory, requests go without a database found out of reach.
-        outage = DatabaseOutage(settings.predictor_key_cache_s)
+        outage = DatabaseOutage(partial(check_answers, engine))
         keys = KeyCache(
             sessions, settings.admin_token.get_secret_value(), settings.predictor_key_cache_s, outage=outage
         )
@@ -81,6 +81,7 @@ class PredictorState:
         self.metrics.start()
 
     def close(self) -> None:
+        self.outage.close()
         self.listener.stop()
         self.recorder.stop()
         self.engine.dispose()

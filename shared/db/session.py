@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -137,6 +137,12 @@ def driver_message(error: SQLAlchemyError) -> str:
     parameters (which may hold records) and a link."""
     said = error.orig if isinstance(error, DBAPIError) else error
     return " ".join(line.strip() for line in str(said).splitlines() if line.strip())
+
+
+def check_answers(engine: Engine) -> None:
+    """Return when the database answers a statement; raise the driver's error, within the engine's bounds, if not."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
 
 
 def make_session_factory(engine: Engine) -> SessionFactory:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.support.metrics import parse_samples, sample
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
+from tests.support.polling import eventually
 
 METRICS_TOKEN = "kiln-metrics-for-prometheus"
 SCRAPER = {"Authorization": f"Bearer {METRICS_TOKEN}"}
@@ -51,15 +52,6 @@ def deploy_quietly(engine: Engine, org_id: str, version: str) -> None:
         _, event = registry.record_deployment(session, org_id=org_id, version=version, action="deploy", actor="test")
         if event is not None:
             event.published_at = utcnow()
-
-
-def eventually(check: Callable[[], Any], seconds: float = 10) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        result = check()
-        if result or time.monotonic() > deadline:
-            return result
-        time.sleep(0.05)
 
 
 def becomes_ready(predictor: TestClient) -> bool:

@@ -21,8 +21,9 @@ from shared.layout import model_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
-from tests.integration.test_predictor import becomes_ready, deploy_quietly, eventually, served_version
+from tests.integration.test_predictor import becomes_ready, deploy_quietly, served_version
 from tests.support.models import FEATURES, ai4i_row, nan_model, register_model, tiny_model
+from tests.support.polling import eventually
 from tests.support.threaded_server import serving_in_thread
 
 

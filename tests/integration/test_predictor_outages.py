@@ -18,9 +18,10 @@ from shared.layout import model_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
-from tests.integration.test_predictor import becomes_ready, deploy_quietly, eventually, served_version
+from tests.integration.test_predictor import becomes_ready, deploy_quietly, served_version
 from tests.integration.test_predictor_deployments import current_deployment, deploy, start_predictor
 from tests.support.models import ai4i_row, register_model, tiny_model
+from tests.support.polling import eventually
 from tests.support.servers import silent_server
 from tests.support.threaded_server import serving_in_thread
 

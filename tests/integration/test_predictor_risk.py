@@ -14,9 +14,10 @@ from services.predictor.inference import risk_level
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys
-from tests.integration.test_predictor import becomes_ready, deploy_quietly, eventually
+from tests.integration.test_predictor import becomes_ready, deploy_quietly
 from tests.integration.test_predictor_deployments import records_of, start_predictor
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model, tiny_multiclass_model
+from tests.support.polling import eventually
 
 HEALTHY = ai4i_row(0)  # the multiclass model reads it as "none" with a probability of 0.99
 OVERLOADED = {**ai4i_row(0), "torque": 80.0, "rotational_speed": 2500.0}  # far beyond the power failure's bounds

@@ -44,11 +44,11 @@ from tests.integration.sync_support import (
     register,
     run_sql,
 )
-from tests.integration.test_predictor import eventually
 from tests.integration.test_sync_embedded import embedded
 from tests.integration.test_sync_postgres_local import READINGS as PG_READINGS
 from tests.integration.test_sync_postgres_local import TWO_READINGS as PG_TWO_READINGS
 from tests.integration.test_sync_postgres_local import open_postgres_sync
+from tests.support.polling import eventually
 from tests.support.servers import fresh_postgres_database
 from tests.support.workers import celery_worker
 

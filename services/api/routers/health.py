@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from services.api.deps import ResourcesDep
 from services.api.resources import Resources
+from shared.db.session import check_answers
 
 router = APIRouter(tags=["health"])
 
@@ -28,8 +28,7 @@ def readyz(resources: ResourcesDep) -> JSONResponse:
 def _probe(resources: Resources, name: str) -> str:
     try:
         if name == "database":
-            with resources.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
+            check_answers(resources.engine)
         elif name == "redis":
             resources.redis.ping()
         else:
