@@ -54,7 +54,9 @@ class PredictorState:
             synchronizer,
             settings.predictor_reconcile_s,
         )
-        outage = DatabaseOutage(partial(check_answers, engine))
+        # A database that answers its probe but fails requests is tried by them at least once as long as a key is
+        # trusted from memory.
+        outage = DatabaseOutage(partial(check_answers, engine), longest_s=settings.predictor_key_cache_s)
         keys = KeyCache(
             sessions, settings.admin_token.get_secret_value(), settings.predictor_key_cache_s, outage=outage
         )

@@ -293,8 +293,7 @@ class _Steps:
         prefix = model_prefix(self.attempt.org_id, version)
         holdout_file = outputs / "holdout.parquet"
         artifacts.save_holdout(holdout, holdout_file)
-        model_bytes = model_file.read_bytes()
-        sha256 = hashlib.sha256(model_bytes).hexdigest()
+        sha256 = hashlib.sha256(model_file.read_bytes()).hexdigest()
         store = self.context.store
         try:
             if too_large(size, gates):
@@ -306,7 +305,7 @@ class _Steps:
             else:
                 # The memory probe's interpreter starts up (~0.3 s) while the artifacts upload and are read back,
                 # rather than wholly beside the holdout pass, which keeps every core busy.
-                with FootprintProbe.start(model_bytes, holdout.features.shape[1]) as footprint:
+                with FootprintProbe.start(model_file.read_bytes(), holdout.features.shape[1]) as footprint:
                     self._upload_candidate(prefix, outputs, holdout_file, with_model=True)
                     verdict = self._judge(prefix, sha256, holdout, gates, footprint)
             self.enter("storing", 95)

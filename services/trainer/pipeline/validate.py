@@ -141,10 +141,10 @@ def measure_serving(
     """
     if features.shape[0] == 0:
         raise ValueError("serving cost needs at least one row to send")
-    probe = footprint or FootprintProbe.start(model_bytes, features.shape[1])
-    session = onnx_session(model_bytes)
-    latencies_ms = _single_row_latencies_ms(session, features)
-    growth = probe.result()
+    with footprint or FootprintProbe.start(model_bytes, features.shape[1]) as probe:
+        session = onnx_session(model_bytes)
+        latencies_ms = _single_row_latencies_ms(session, features)
+        growth = probe.result()
     if growth is None:
         memory = {"memory_mb_model_size": len(model_bytes) / MB}
     else:
