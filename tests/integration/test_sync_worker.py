@@ -16,6 +16,7 @@ from services.sync.context import SyncContext
 from shared.settings import Settings
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import Sync, error_of, open_sync
+from tests.support.polling import eventually
 from tests.support.workers import celery_worker
 
 
@@ -55,9 +56,13 @@ def test_a_key_rotation_asked_over_http_is_run_by_a_sync_worker_and_the_old_key_
 
     by_a_trainer = sync_api.post(f"{keys}/rotate", headers=sync.org.trainer)
     rotation = sync_api.post(f"{keys}/rotate", headers=sync.org.admin)
-    deadline = time.monotonic() + 60
-    while len(sync_api.get(keys, headers=sync.org.viewer).json()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+
+    def rotation_finished() -> bool:
+        # The new key appears with the old one retired; the old one is drained only once its values are re-sealed.
+        listed = sync_api.get(keys, headers=sync.org.viewer).json()
+        return len(listed) == 2 and listed[1]["status"] != "retired"
+
+    eventually(rotation_finished, seconds=60)
     new, drained = sync_api.get(keys, headers=sync.org.viewer).json()
     destroy_active = sync_api.delete(f"{keys}/{new['keyId']}", headers=sync.org.admin)
     destroy_drained = sync_api.delete(f"{keys}/{old['keyId']}", headers=sync.org.admin)
