@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import false, or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from shared.db.models import OutboxMessage
+from shared.db.row_locks import hold_sqlite_write_lock
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
 
@@ -65,11 +66,8 @@ def relay(
     sent = 0
     now = utcnow()
     with session_scope(factory) as session:
-        if session.connection().dialect.name == "sqlite":
-            # SQLite ignores SKIP LOCKED and takes its write lock only at a transaction's first write: a write that
-            # changes nothing takes it now, so that a second relay waits for this one's marks instead of sending
-            # the same rows again.
-            session.execute(update(OutboxMessage).where(false()).values(kind=OutboxMessage.kind))
+        # So that on SQLite a second relay waits for this one's marks instead of sending the same rows again.
+        hold_sqlite_write_lock(session, OutboxMessage.kind)
         query = (
             select(OutboxMessage)
             .where(

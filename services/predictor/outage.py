@@ -40,7 +40,6 @@ class DatabaseOutage:
         self._ended = 0  # outages ended so far
         self._ended_at = -float("inf")
         self._least_s = probe_every_s
-        self._not_before = 0.0
         self._closed = threading.Event()
 
     @contextmanager
@@ -67,8 +66,9 @@ class DatabaseOutage:
             now = time.monotonic()
             again = now - self._ended_at < self.longest_s
             self._least_s = min(2 * self._least_s, self.longest_s) if again else self.probe_every_s
-            self._not_before = now + self._least_s
-            prober = threading.Thread(target=self._probe_until_answered, name="database-probe", daemon=True)
+            prober = threading.Thread(
+                target=self._probe_until_answered, args=(self._least_s,), name="database-probe", daemon=True
+            )
             try:
                 prober.start()
             except RuntimeError:
@@ -77,8 +77,10 @@ class DatabaseOutage:
             self._out = True
         log.warning("the database is out of reach: requests go without it for at least %.0f s", self._least_s)
 
-    def _probe_until_answered(self) -> None:
-        while not self._closed.wait(max(self.probe_every_s, self._not_before - time.monotonic())):
+    def _probe_until_answered(self, least_s: float) -> None:
+        wait_s = least_s
+        while not self._closed.wait(wait_s):
+            wait_s = self.probe_every_s
             try:
                 self._probe()
             except Exception as error:  # whatever it was, the database did not answer: the probing goes on

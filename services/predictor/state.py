@@ -54,8 +54,8 @@ class PredictorState:
             synchronizer,
             settings.predictor_reconcile_s,
         )
-        # A database that answers the probe but fails the requests' own statements is tried by requests at least
-        # once per period that a key is trusted from memory.
+        # A database that answers the probe but fails the requests' own statements is tried by requests once per
+        # period that a key is trusted from memory, not once a second.
         outage = DatabaseOutage(partial(check_answers, engine), longest_s=settings.predictor_key_cache_s)
         keys = KeyCache(
             sessions, settings.admin_token.get_secret_value(), settings.predictor_key_cache_s, outage=outage

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import false, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 
@@ -23,3 +23,11 @@ def lock_row(
         .values({unchanged.key: unchanged})
         .execution_options(synchronize_session=False)
     )
+
+
+def hold_sqlite_write_lock(session: Session, column: InstrumentedAttribute[Any]) -> None:
+    """On SQLite, take the database's write lock now, held until the commit, by a write to `column`'s table that
+    changes nothing (as lock_row does); elsewhere nothing. For a reader that marks the rows it reads, which SQLite
+    would otherwise let a second reader read alike: it ignores FOR UPDATE and SKIP LOCKED."""
+    if session.connection().dialect.name == "sqlite":
+        session.execute(update(column.class_).where(false()).values({column.key: column}))
