@@ -100,11 +100,13 @@ def celery_config(broker_url: str, *, longest_training_s: float) -> dict[str, An
 def broker_transport_options(longest_training_s: float) -> dict[str, float]:
     """Redis keeps a fetched message in its "unacked" set until the task returns; after visibility_timeout it
     gives the message to another worker. With acks_late, a training is unacked for as long as it runs, so the
-    timeout must outlast the longest allowed training (the wall-clock limit, plus queueing and judging), or a
-    healthy long run's message would be handed out again. Redelivery is never what saves a run whose worker died:
-    the run's lease runs out within KILN_RUN_LEASE_S and a worker's reaper hands it back; a repeated message is a
-    no-op, since a run is claimed once. The restore check runs every 10 s (the default, 60 s, let a 15 s timeout
-    come back after 93 s here), so a message lost before its run was claimed returns soon after the timeout.
+    timeout outlasts the worker's wall-clock limit (plus queueing and judging), or a healthy run's message would be
+    handed out again. An org allowed longer (its timeoutS, up to a week) still has it handed out once per timeout:
+    a timeout that long would leave a message lost before its claim as long. Redelivery is never what saves a run
+    whose worker died: the run's lease runs out within KILN_RUN_LEASE_S and a worker's reaper hands it back; a
+    repeated message is a no-op, since a run is claimed once. The restore check runs every 10 s (the default, 60 s,
+    let a 15 s timeout come back after 93 s here), so a message lost before its run was claimed returns soon after
+    the timeout.
     """
     return {
         "visibility_timeout": longest_training_s + 600,
