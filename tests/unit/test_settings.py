@@ -109,3 +109,37 @@ def test_a_data_dir_that_is_a_file_is_refused_naming_the_variable(tmp_path: Path
     with pytest.raises(ConfigurationError, match=r"^KILN_DATA_DIR: .*kiln\.txt.*a file is in the way$"):
         build_settings(data_dir=in_the_way / under)
     assert in_the_way.read_text() == "notes\n"
+
+
+def test_the_readme_names_every_setting_with_its_default() -> None:
+    rows = _readme_configuration_rows()
+    assert {f"KILN_{name.upper()}" for name in Settings.model_fields} <= {name for names, _ in rows for name in names}
+    compared = 0
+    for names, defaults in rows:
+        if len(defaults) != len(names):
+            continue  # a default told in words ("empty", "unset")
+        for name, written in zip(names, defaults, strict=True):
+            default = Settings.model_fields[name.removeprefix("KILN_").lower()].default
+            if written.startswith("$"):
+                continue  # generated into the data folder at first start
+            if isinstance(default, bool):
+                assert written == str(default).lower(), name
+            elif isinstance(default, int | float):
+                assert float(written) == default, name
+            else:
+                assert written == str(default), name
+            compared += 1
+    assert compared > 25
+
+
+def _readme_configuration_rows() -> list[tuple[list[str], list[str]]]:
+    """The README's Configuration table: each row's variables, and the defaults written in code spans."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("\n## Configuration\n") :]
+    section = section[: section.index("\n## ", 1)]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("| `KILN_"):
+            variables, defaults = line.strip("|").split("|")[:2]
+            rows.append((re.findall(r"`(KILN_\w+)`", variables), re.findall(r"`([^`]*)`", defaults)))
+    return rows
