@@ -14,6 +14,7 @@ from shared.audit import record_change
 from shared.db.models import DataSource
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, NotFound
+from shared.org_lock import lock_org
 from shared.store_access import refuse_unsafe_parameters
 from shared.stored_secrets import datasource_context
 
@@ -28,6 +29,7 @@ def put_datasource(body: DataSourceIn, access: OrgAdmin, session: SessionDep, re
     url = checked_url(body.url)
     context = datasource_context(access.org_id)
     password = None if url.password is None else resources.secrets.encrypt(str(url.password), context=context)
+    lock_org(session, access.org_id)  # the first two at once: the second finds the row the first made, and sets it
     row = session.get(DataSource, access.org_id) or DataSource(org_id=access.org_id)
     # URL.set(password=None) keeps the password; the NamedTuple's _replace is what removes it.
     row.url = url._replace(password=None).render_as_string(hide_password=False)

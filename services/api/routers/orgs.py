@@ -19,6 +19,7 @@ from shared.db.models import ApiKey, CurrentDeployment, Organization
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 from shared.keys import PLATFORM_ADMIN, hash_key, new_key, new_key_id
+from shared.org_lock import lock_org
 from shared.outbox import KIND_ORGS_CHANGED, add_message
 from shared.schemas import OrgConfigInput, printable
 
@@ -60,7 +61,8 @@ def get_org(access: OrgViewer, session: SessionDep) -> OrgOut:
 @router.patch("/{org}", response_model=OrgOut)
 def update_org(org: OrgOperator, body: OrgUpdate, session: SessionDep, resources: ResourcesDep) -> OrgOut:
     """Rename an org or change its config (residency, limits, gates, training script, records): operators only."""
-    row = session.get_one(Organization, org)
+    lock_org(session, org)  # two patches at once each merge into what the other committed: neither change is lost
+    row = session.get_one(Organization, org, populate_existing=True)
     if body.name is not None:
         row.name = body.name
     if "config" in body.model_fields_set:

@@ -13,6 +13,7 @@ from shared.audit import record_change
 from shared.db.models import Schedule
 from shared.db.types import utcnow
 from shared.errors import NotFound
+from shared.org_lock import lock_org
 from shared.schedules import DST_POLICY, ScheduleError, check_schedule, next_fire_times
 
 router = APIRouter(prefix="/v1/orgs/{org}/schedule", tags=["schedule"])
@@ -25,6 +26,7 @@ def put_schedule(body: ScheduleIn, access: OrgAdmin, session: SessionDep) -> Sch
     """Set the schedule; beat picks the change up at its next tick, without a restart."""
     check_schedule(body.pattern, body.timezone)
     check_source(session, body.training_config, org_id=access.org_id)
+    lock_org(session, access.org_id)  # the first two at once: the second finds the row the first made, and sets it
     row = session.get(Schedule, access.org_id) or Schedule(org_id=access.org_id)
     row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
     row.training_config = body.training_config.to_wire()

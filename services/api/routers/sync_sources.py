@@ -163,8 +163,9 @@ def change_source_url(
 def resync(source_id: str, access: OrgAdmin, session: SessionDep, resources: ResourcesDep) -> SyncResyncOut:
     """The source's local store was restored from a backup or replaced (its jobs fail saying so): the job queued
     here brings both sides back together, keeping the edits made since the restore (README, "Restoring a store")."""
+    lock_org(session, access.org_id)  # two at once: the second's merge finds the marks the first made, and renews them
     source = active_source(session, source_id, org_id=access.org_id)
-    org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
+    org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id, populate_existing=True).config)
     refusal = residency_refusal(org_config, source)
     if refusal is not None:
         raise Conflict(refusal)
@@ -188,8 +189,9 @@ def resync(source_id: str, access: OrgAdmin, session: SessionDep, resources: Res
 @router.put("/{source_id}/schedule", response_model=SyncScheduleOut)
 def put_schedule(source_id: str, body: SyncScheduleIn, access: OrgAdmin, session: SessionDep) -> SyncScheduleOut:
     """Set the source's schedule; the sync beat picks the change up at its next tick."""
-    source = active_source(session, source_id, org_id=access.org_id)
     check_schedule(body.pattern, body.timezone)
+    lock_org(session, access.org_id)  # the first two at once: the second finds the row the first made, and sets it
+    source = active_source(session, source_id, org_id=access.org_id)
     row = session.get(SyncSchedule, source.id) or SyncSchedule(source_id=source.id, org_id=access.org_id)
     row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
     row.next_fire_at = _upcoming(row, utcnow(), 1)[0] if body.enabled else None

@@ -1,0 +1,98 @@
+"""Requests that write the same org's settings at the same moment: each answers as it would alone, and no change
+one of them made is lost to another's. On PostgreSQL and on SQLite."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx2
+from fastapi.testclient import TestClient
+
+from tests.integration.conftest import ADMIN, TRAINING_CSV, config, create_org_with_keys, upload
+
+AT_ONCE = 6
+
+
+def at_once(send: Callable[[int], httpx2.Response]) -> list[httpx2.Response]:
+    start = threading.Barrier(AT_ONCE)
+
+    def when_all_are_ready(attempt: int) -> httpx2.Response:
+        start.wait()
+        return send(attempt)
+
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        return list(pool.map(when_all_are_ready, range(AT_ONCE)))
+
+
+def statuses(responses: list[httpx2.Response]) -> list[int]:
+    return [response.status_code for response in responses]
+
+
+def test_config_patches_sent_at_once_each_keep_their_change(backend_api: TestClient, org_id: str) -> None:
+    create_org_with_keys(backend_api, org_id)
+    patches: list[dict[str, Any]] = [
+        {"gates": {"minRecall": 0.55}},
+        {"training": {"timeoutS": 901}},
+        {"submissionsPerMinute": 7},
+        {"gates": {"minPrecision": 0.6}},
+        {"training": {"cpuS": 1801}},
+        {"maxConcurrentTrainings": 3},
+    ]
+    answers = at_once(
+        lambda attempt: backend_api.patch(f"/v1/orgs/{org_id}", json={"config": patches[attempt]}, headers=ADMIN)
+    )
+    assert statuses(answers) == [200] * AT_ONCE, [answer.text for answer in answers]
+    stored = backend_api.get(f"/v1/orgs/{org_id}", headers=ADMIN).json()["config"]
+    assert stored["gates"]["minRecall"] == 0.55 and stored["gates"]["minPrecision"] == 0.6
+    assert stored["training"]["timeoutS"] == 901 and stored["training"]["cpuS"] == 1801
+    assert stored["submissionsPerMinute"] == 7 and stored["maxConcurrentTrainings"] == 3
+
+
+def test_an_orgs_first_datasource_and_schedule_set_at_once_are_each_set(backend_api: TestClient, org_id: str) -> None:
+    org = create_org_with_keys(backend_api, org_id)
+    uploaded = upload(backend_api, org, TRAINING_CSV, timestampColumn="timestamp")
+    assert uploaded.status_code == 201, uploaded.text
+    dataset_id = uploaded.json()["datasetId"]
+    tables = [f"readings_{attempt}" for attempt in range(AT_ONCE)]
+    answers = at_once(
+        lambda attempt: backend_api.put(
+            f"/v1/orgs/{org_id}/datasource",
+            json={"url": "postgresql://plant@db.example.org/records", "table": tables[attempt]},
+            headers=org.admin,
+        )
+    )
+    assert statuses(answers) == [200] * AT_ONCE, [answer.text for answer in answers]
+    stored = backend_api.get(f"/v1/orgs/{org_id}/datasource", headers=org.admin).json()
+    assert stored["table"] in tables
+    patterns = [f"{attempt} 3 * * *" for attempt in range(AT_ONCE)]
+    answers = at_once(
+        lambda attempt: backend_api.put(
+            f"/v1/orgs/{org_id}/schedule",
+            json={"pattern": patterns[attempt], "trainingConfig": config(dataset_id)},
+            headers=org.admin,
+        )
+    )
+    assert statuses(answers) == [200] * AT_ONCE, [answer.text for answer in answers]
+    assert backend_api.get(f"/v1/orgs/{org_id}/schedule", headers=org.admin).json()["pattern"] in patterns
+
+
+def test_a_sources_first_schedule_and_resyncs_asked_at_once_are_each_taken(
+    backend_api: TestClient, org_id: str
+) -> None:
+    org = create_org_with_keys(backend_api, org_id)
+    body = {"url": "postgresql://plant@db.example.org/records", "tables": [{"name": "readings", "primaryKey": "id"}]}
+    created = backend_api.post(f"/v1/orgs/{org_id}/sync-sources", json=body, headers=org.admin)
+    assert created.status_code == 201, created.text
+    url = f"/v1/orgs/{org_id}/sync-sources/{created.json()['sourceId']}"
+    patterns = [f"{attempt} 4 * * *" for attempt in range(AT_ONCE)]
+    answers = at_once(
+        lambda attempt: backend_api.put(f"{url}/schedule", json={"pattern": patterns[attempt]}, headers=org.admin)
+    )
+    assert statuses(answers) == [200] * AT_ONCE, [answer.text for answer in answers]
+    assert backend_api.get(f"{url}/schedule", headers=org.admin).json()["pattern"] in patterns
+    answers = at_once(lambda _attempt: backend_api.post(f"{url}/resync", headers=org.admin))
+    assert statuses(answers) == [202] * AT_ONCE, [answer.text for answer in answers]
+    assert len({answer.json()["jobId"] for answer in answers}) == AT_ONCE
