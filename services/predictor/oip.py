@@ -28,6 +28,8 @@ from shared.errors import BadRequest, InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUTS = (LABEL_OUTPUT, PROBABILITIES_OUTPUT)
+# Past any batch a body within KILN_PREDICTOR_MAX_BODY_MB can carry, and within what numpy shapes an empty array to.
+_LARGEST_DIMENSION = 2**31 - 1
 # Integer classes go back in the first of these that holds them all.
 INTEGER_LABELS: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "UINT64": np.dtype("<u8")}
 # Binary tensors are packed little-endian (the extension's layout); JSON numbers are checked against the same types.
@@ -196,10 +198,16 @@ def _datatype(datatype: Any, field: str) -> str:
 
 
 def _shape(shape: Any, field: str) -> list[int]:
-    """[rows] or [rows, columns]: the only shapes rows of features take."""
-    if not (isinstance(shape, list) and 1 <= len(shape) <= 2 and all(type(dim) is int and dim >= 0 for dim in shape)):
+    """[rows] or [rows, columns]: the only shapes rows of features take. A dimension no body could fill is refused
+    here: beside a 0 it passes the element count, and numpy cannot even shape nothing that way."""
+    if not (
+        isinstance(shape, list)
+        and 1 <= len(shape) <= 2
+        and all(type(dim) is int and 0 <= dim <= _LARGEST_DIMENSION for dim in shape)
+    ):
         raise InvalidInput(
-            f"{field}.shape must be [rows] or [rows, columns] of non-negative integers, not {reprlib.repr(shape)}",
+            f"{field}.shape must be [rows] or [rows, columns] of integers from 0 to {_LARGEST_DIMENSION}, not "
+            f"{reprlib.repr(shape)}",
             field=f"{field}.shape",
         )
     return shape

@@ -56,6 +56,10 @@ def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> Non
         # The driver would open "records.db?mode=ro", a file the org's folder rule never checked.
         ("sqlite:////srv/stores/records.db?uri=true&mode=ro", "takes no query parameters (mode, uri)"),
         ("postgresql+psycopg2://historian@scada/historian?sslkey=/srv/kiln/other.key", "sslkey are not accepted"),
+        ("sqlite:////srv/plant/sca%00da.db", "NUL (%00)"),
+        ("postgresql+psycopg2://histo%00rian@scada/historian", "NUL (%00)"),
+        ("postgresql+psycopg2://historian:pw%00@scada/historian", "NUL (%00)"),
+        ("postgresql+psycopg2://historian@scada/histo%00rian", "NUL (%00)"),
     ]:
         response = put(api, org, {**SOURCE, "url": url})
         assert response.status_code == 422, url

@@ -211,6 +211,19 @@ REFUSALS: list[tuple[str, Draft, int, str]] = [
     ("empty batch", valid_draft(0), 422, "inputs[0].shape"),
     ("empty batch per feature", valid_draft(0, per_feature=True), 422, "inputs[0].shape"),
     (
+        "a dimension beside 0 past any batch",
+        changed(valid_draft(0), set_input(0, shape=[0, 2**62])),
+        422,
+        "inputs[0].shape",
+    ),
+    ("rows of nothing past any batch", changed(valid_draft(0), set_input(0, shape=[2**62, 0])), 422, "inputs[0].shape"),
+    (
+        "a feature's rows past any batch",
+        changed(valid_draft(0, per_feature=True), set_input(0, shape=[2**62])),
+        422,
+        "inputs[0].shape",
+    ),
+    (
         "missing feature",
         changed(valid_draft(per_feature=True), lambda d: d.header["inputs"].pop(4)),
         422,

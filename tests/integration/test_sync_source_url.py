@@ -277,9 +277,20 @@ def test_a_sqlite_file_outside_the_orgs_folder_fails_the_next_job_naming_the_rul
         "postgresql://plant@db.example.org/records?passfile=/root/.pgpass",
         "sqlite:///relative/plant.db",
         "sqlite:////srv/kiln/stores/acme/plant.db?mode=ro",
+        "sqlite:////srv/kiln/stores/acme/pl%00ant.db",
         "",
     ],
-    ids=["not-a-url", "mysql", "password-parameter", "sslkey", "passfile", "relative-sqlite", "sqlite-query", "empty"],
+    ids=[
+        "not-a-url",
+        "mysql",
+        "password-parameter",
+        "sslkey",
+        "passfile",
+        "relative-sqlite",
+        "sqlite-query",
+        "sqlite-nul",
+        "empty",
+    ],
 )
 def test_a_bad_url_is_refused_naming_url_and_nothing_changes(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, url: str

@@ -15,6 +15,7 @@ from shared.db.models import DataSource
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, NotFound
 from shared.org_lock import lock_org
+from shared.schemas import holds_nul
 from shared.store_access import refuse_unsafe_parameters
 from shared.stored_secrets import datasource_context
 
@@ -72,6 +73,9 @@ def checked_url(text: str) -> URL:
             field="url",
         )
     refuse_unsafe_parameters(url, field="url")
+    # %00 decodes to a NUL, which no file path, libpq parameter or PostgreSQL text may hold.
+    if holds_nul([url.username, str(url.password or ""), url.host, url.database, dict(url.query)]):
+        raise InvalidInput("url: no part of a database URL may hold a NUL (%00)", field="url")
     if url.get_backend_name() == "sqlite" and not (url.database or "").startswith("/"):
         raise InvalidInput("url: a SQLite data source needs an absolute path: sqlite:////data/plant.db", field="url")
     # One spelling per store, so that two URLs of one store compare equal: a.db, ./a.db and x/../a.db are one file.
