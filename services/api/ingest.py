@@ -37,8 +37,10 @@ def ingest(upload: Path, output: Path, *, timestamp_column: str | None) -> Inges
     _refuse_repeated_names(_column_names(table))
     if timestamp_column is not None:
         table = _with_utc_timestamps(table, timestamp_column)
-    pq.write_table(table, output, compression="zstd")
     columns = [{"name": f.name, "type": str(f.type), "numeric": _is_numeric(f.type)} for f in table.schema]
+    if holds_nul(columns):  # a nested field's name or a zone, in a type stored in the dataset's row as a name is
+        raise InvalidInput(f"the file's column types must not contain the NUL character {NUL!r}", field="file")
+    pq.write_table(table, output, compression="zstd")
     return IngestedDataset(path=output, rows=table.num_rows, columns=columns)
 
 
@@ -76,7 +78,8 @@ def _with_utc_timestamps(table: pa.Table, name: str) -> pa.Table:
     try:
         stamps = _to_utc(column)
         _refuse_outside_years(stamps)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+    # UnicodeDecodeError: Arrow's Parquet reader takes text that is not UTF-8 as it is, and fails only to read it.
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, UnicodeDecodeError):
         raise InvalidInput(
             f"timestampColumn {name!r} holds values that are not timestamps (e.g. 2024-01-31T12:00:00Z)",
             field="timestampColumn",

@@ -151,6 +151,43 @@ def test_a_column_name_with_a_nul_character_is_refused_and_nothing_is_stored(
     assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
 
 
+@pytest.mark.parametrize(
+    "column",
+    [
+        pa.array([{"x\x00y": 1}], type=pa.struct([("x\x00y", pa.int64())])),
+        pa.array([0], type=pa.timestamp("us", tz="UTC\x00x")),
+    ],
+    ids=["nested-field-name", "zone"],
+)
+def test_a_column_type_with_a_nul_character_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings, column: pa.Array
+) -> None:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"a": column, "b": [1]}), sink)
+    response = upload(api, org, sink.getvalue(), name="data.parquet")
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "file"
+    assert "column types must not contain the NUL character" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+
+
+def test_parquet_timestamp_text_that_is_not_utf8_is_refused_naming_the_column_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    """Arrow's Parquet reader takes such text as it is; mixed zones have it read value by value, which failed."""
+    sink = io.BytesIO()
+    stamps = pa.table({"ts": ["2024-01-01T00:00:00Z", "2024-01-02T00:00:00", "QQQQ"], "b": [1, 2, 3]})
+    pq.write_table(stamps, sink, compression="none", use_dictionary=False, store_schema=False)
+    content = sink.getvalue().replace(b"QQQQ", b"\xff\xfe\xff\xfe")
+    response = upload(api, org, content, name="data.parquet", timestampColumn="ts")
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "timestampColumn"
+    assert "holds values that are not timestamps" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+
+
 def test_a_file_name_with_a_nul_character_is_refused_and_nothing_is_stored(
     api: TestClient, org: OrgKeys, settings: Settings
 ) -> None:
