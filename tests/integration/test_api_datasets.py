@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -121,11 +122,7 @@ def test_a_csv_whose_header_is_not_utf8_is_refused_and_nothing_is_stored(
     api: TestClient, org: OrgKeys, settings: Settings
 ) -> None:
     response = upload(api, org, b"a,\xe9\n1,2\n")
-    assert response.status_code == 422, response.text
-    assert response.json()["field"] == "file"
-    assert "not UTF-8" in response.json()["error"]
-    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
-    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+    assert_refused_storing_nothing(api, org, settings, response, field="file", words="not UTF-8")
 
 
 def test_a_timestamp_column_name_longer_than_200_characters_is_refused_and_nothing_is_stored(
@@ -133,22 +130,16 @@ def test_a_timestamp_column_name_longer_than_200_characters_is_refused_and_nothi
 ) -> None:
     name = "t" * 201
     response = upload(api, org, CSV.replace(b"timestamp", name.encode(), 1), timestampColumn=name)
-    assert response.status_code == 422, response.text
-    assert response.json()["field"] == "timestampColumn"
-    assert "at most 200 characters" in response.json()["error"]
-    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
-    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+    assert_refused_storing_nothing(
+        api, org, settings, response, field="timestampColumn", words="at most 200 characters"
+    )
 
 
 def test_a_column_name_with_a_nul_character_is_refused_and_nothing_is_stored(
     api: TestClient, org: OrgKeys, settings: Settings
 ) -> None:
     response = upload(api, org, b"a,b\x00c\n1,2\n")
-    assert response.status_code == 422, response.text
-    assert response.json()["field"] == "file"
-    assert "NUL character" in response.json()["error"]
-    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
-    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+    assert_refused_storing_nothing(api, org, settings, response, field="file", words="NUL character")
 
 
 @pytest.mark.parametrize(
@@ -165,11 +156,9 @@ def test_a_column_type_with_a_nul_character_is_refused_and_nothing_is_stored(
     sink = io.BytesIO()
     pq.write_table(pa.table({"a": column, "b": [1]}), sink)
     response = upload(api, org, sink.getvalue(), name="data.parquet")
-    assert response.status_code == 422, response.text
-    assert response.json()["field"] == "file"
-    assert "column types must not contain the NUL character" in response.json()["error"]
-    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
-    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+    assert_refused_storing_nothing(
+        api, org, settings, response, field="file", words="column types must not contain the NUL character"
+    )
 
 
 def test_parquet_timestamp_text_that_is_not_utf8_is_refused_naming_the_column_and_nothing_is_stored(
@@ -181,11 +170,9 @@ def test_parquet_timestamp_text_that_is_not_utf8_is_refused_naming_the_column_an
     pq.write_table(stamps, sink, compression="none", use_dictionary=False, store_schema=False)
     content = sink.getvalue().replace(b"QQQQ", b"\xff\xfe\xff\xfe")
     response = upload(api, org, content, name="data.parquet", timestampColumn="ts")
-    assert response.status_code == 422, response.text
-    assert response.json()["field"] == "timestampColumn"
-    assert "holds values that are not timestamps" in response.json()["error"]
-    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
-    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+    assert_refused_storing_nothing(
+        api, org, settings, response, field="timestampColumn", words="holds values that are not timestamps"
+    )
 
 
 def test_a_file_name_with_a_nul_character_is_refused_and_nothing_is_stored(
@@ -195,11 +182,7 @@ def test_a_file_name_with_a_nul_character_is_refused_and_nothing_is_stored(
     body = b"--zzz\r\n" + part + CSV + b"\r\n--zzz--\r\n"
     headers = {**org.trainer, "content-type": "multipart/form-data; boundary=zzz"}
     response = api.post(f"/v1/orgs/{org.org_id}/datasets", content=body, headers=headers)
-    assert response.status_code == 422, response.text
-    assert response.json()["field"] == "file"
-    assert "NUL character" in response.json()["error"]
-    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
-    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+    assert_refused_storing_nothing(api, org, settings, response, field="file", words="NUL character")
 
 
 def test_a_timestamp_column_mixing_text_with_and_without_a_zone_is_read_with_the_zones_and_utc(
@@ -464,3 +447,13 @@ def test_an_erasure_the_object_store_cuts_short_leaves_the_dataset_erased_and_a_
     assert api.delete(url, headers=org.trainer).status_code == 200
     assert not store.exists(dataset_key(org.org_id, dataset_id))
     assert len(audit_of(api, org, "dataset.erased")) == 1
+
+
+def assert_refused_storing_nothing(
+    api: TestClient, org: OrgKeys, settings: Settings, response: httpx2.Response, *, field: str, words: str
+) -> None:
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert words in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
