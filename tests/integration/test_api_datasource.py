@@ -57,6 +57,8 @@ def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> Non
         ("sqlite:////srv/stores/records.db?uri=true&mode=ro", "takes no query parameters (mode, uri)"),
         ("postgresql+psycopg2://historian@scada/historian?sslkey=/srv/kiln/other.key", "sslkey are not accepted"),
         ("sqlite:////srv/plant/sca%00da.db", "NUL (%00)"),
+        ("postgresql+psycopg2://historian@scada:-1/historian", "port -1 is not a TCP port"),
+        ("postgresql+psycopg2://historian@scada:99999999999999999999/historian", "is not a TCP port (1 to 65535)"),
         ("postgresql+psycopg2://histo%00rian@scada/historian", "NUL (%00)"),
         ("postgresql+psycopg2://historian:pw%00@scada/historian", "NUL (%00)"),
         ("postgresql+psycopg2://historian@scada/histo%00rian", "NUL (%00)"),

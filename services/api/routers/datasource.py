@@ -73,6 +73,8 @@ def checked_url(text: str) -> URL:
             field="url",
         )
     refuse_unsafe_parameters(url, field="url")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise InvalidInput(f"url: port {url.port} is not a TCP port (1 to 65535)", field="url")
     # %00 decodes to a NUL, which no file path, libpq parameter or PostgreSQL text may hold.
     if holds_nul([url.username, str(url.password or ""), url.host, url.database, dict(url.query)]):
         raise InvalidInput("url: no part of a database URL may hold a NUL (%00)", field="url")
