@@ -28,7 +28,7 @@ from shared.errors import BadRequest, InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUTS = (LABEL_OUTPUT, PROBABILITIES_OUTPUT)
-# Past any batch a body within KILN_PREDICTOR_MAX_BODY_MB can carry, and within what numpy shapes an empty array to.
+# Past what a request carries in practice (2**31 one-byte values make a 2 GiB body); numpy shapes nothing that way.
 _LARGEST_DIMENSION = 2**31 - 1
 # Integer classes go back in the first of these that holds them all.
 INTEGER_LABELS: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "UINT64": np.dtype("<u8")}
