@@ -339,6 +339,13 @@ def make_large_store(path: Path, megabytes: int) -> None:
         connection.commit()
 
 
+def _stopping_signals_as_default() -> None:
+    """In the child, before `kiln` starts: a test run under nohup hands SIGHUP on ignored, and `kiln` rightly keeps
+    a signal its caller ignores (deploy/local/cli.py), so the signal sent would change nothing."""
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+
+
 def signalled_once_there(
     settings: Settings, scratch: Path, number: signal.Signals, *args: str, watched: Path, pattern: str
 ) -> subprocess.CompletedProcess[bytes]:
@@ -346,7 +353,14 @@ def signalled_once_there(
     `watched`, and return how it ended."""
     env = {**os.environ, **settings.as_env(), "TMPDIR": str(scratch)}
     command = [sys.executable, "-m", "deploy.local.cli", *args]
-    with subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as cli:
+    with subprocess.Popen(
+        command,
+        env=env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_stopping_signals_as_default,
+    ) as cli:
         deadline = time.monotonic() + 60
         while not any(watched.glob(pattern)):
             assert cli.poll() is None and time.monotonic() < deadline, "the command ended before it could be stopped"
