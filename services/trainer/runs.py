@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Interval, func, literal, select, text, update
+from sqlalchemy import ColumnElement, Interval, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from shared.cancellation import request_cancel
 from shared.db.models import Dataset, DataSource, ModelVersion, Organization, RunLog, TrainingRun
+from shared.db.row_locks import hold_sqlite_write_lock
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import UTCDateTime, utcnow
 from shared.errors import KilnError
@@ -78,7 +79,9 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
     waiting, and whoever frees a slot sends it a message again.
     """
     with session_scope(sessions) as session:
-        _take_sqlite_write_lock(session)
+        # On SQLite the run is read under the database's write lock (all its writers wait, for a few reads). The
+        # org's lock (lock_org) would do that too, but names the org, which a claim learns only from the run.
+        hold_sqlite_write_lock(session, Organization.id)
         run = session.get(TrainingRun, run_id)
         if run is None or run.status != "queued":
             return None
@@ -127,15 +130,6 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
             org_config=OrgConfig.model_validate(session.get_one(Organization, run.org_id).config),
             source=_source(session, run),
         )
-
-
-def _take_sqlite_write_lock(session: Session) -> None:
-    """SQLite takes its write lock only at a transaction's first write, and a claim (or renewal) reads its run
-    before it writes: a write that changes nothing takes the lock now, so what it reads is read under the lock
-    (all the database's writers wait, for a few reads). The org's lock (lock_org) does that too, but names the org,
-    which a claim learns only from the run it reads."""
-    if session.get_bind().dialect.name == "sqlite":
-        session.execute(text("UPDATE organizations SET id = id WHERE 0 = 1"))
 
 
 def _locked_org_config(session: Session, org_id: str) -> OrgConfig:
@@ -250,7 +244,7 @@ def renew_lease(sessions: SessionFactory, attempt: Attempt, *, lease_s: float) -
     A renewal takes its turn with the org's claims (a share of the org's row lock; SQLite's write lock), so a claim
     counting the org's live leases never sees this one expired and then live again."""
     with session_scope(sessions) as session:
-        _take_sqlite_write_lock(session)
+        hold_sqlite_write_lock(session, Organization.id)
         session.execute(select(Organization.id).where(Organization.id == attempt.org_id).with_for_update(read=True))
         _write_fenced(session, attempt, lease_expires_at=_clock(session, plus_s=lease_s))
         return bool(session.get_one(TrainingRun, attempt.run_id).cancel_requested)
