@@ -68,7 +68,7 @@ def _column_names(table: pa.Table) -> list[str]:
 def _refuse_repeated_names(names: list[str]) -> None:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise InvalidInput(f"column names appear more than once: {', '.join(repeated)}", field="file")
+        raise InvalidInput(f"column names appear more than once: {', '.join(map(repr, repeated))}", field="file")
 
 
 def _with_utc_timestamps(table: pa.Table, name: str) -> pa.Table:

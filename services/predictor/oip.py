@@ -115,10 +115,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """The JSON header and the binary tensor data after it; without the header the whole body is JSON."""
     if header_length is None:
         return body, memoryview(b"")
-    try:
-        length = int(header_length)
-    except ValueError:
-        length = -1
+    # Digits only, as a Content-Length: int() would also take "-0", "+5", " 5" and "1_0".
+    length = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
     if not 0 <= length <= len(body):
         raise BadRequest(
             f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most the body's {len(body)}, "
@@ -240,6 +238,12 @@ def _json_values(data: Any, datatype: str, shape: list[int], field: str, boolean
             values = None  # ragged nesting, or deeper than numpy goes
     if values is None or values.dtype.kind not in "iuf" or (booleans and _holds_boolean(data, values.ndim)):
         raise InvalidInput(f"{field}.data must be a list of numbers, flat or nested row-major", field=f"{field}.data")
+    if values.ndim > 1 and list(values.shape) != shape:
+        raise InvalidInput(
+            f"{field}.data is nested as {list(values.shape)}, not as its shape {shape}; nest it as the shape or send "
+            "it flat",
+            field=f"{field}.data",
+        )
     dtype = NUMERIC_TYPES[datatype]
     if not _fits(values, dtype):
         numbers = "numbers" if dtype.kind == "f" else "whole numbers"

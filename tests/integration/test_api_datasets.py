@@ -82,6 +82,40 @@ def test_ragged_csv_is_refused_with_the_parser_reason(api: TestClient, org: OrgK
     assert response.json()["field"] == "file" and "CSV" in response.json()["error"]
 
 
+@pytest.mark.parametrize(("header", "named"), [(b"a,b,a\n", "'a'"), (b",\n", "''")], ids=["a-twice", "unnamed-twice"])
+def test_repeated_column_names_are_refused_quoting_each_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings, header: bytes, named: str
+) -> None:
+    response = upload(api, org, header + b"1,2" + b",3" * (header.count(b",") - 1) + b"\n")
+    assert_refused_storing_nothing(api, org, settings, response, field="file", words=f"more than once: {named}")
+
+
+def test_a_form_with_two_file_parts_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    files = [("file", ("a.csv", CSV, "text/csv")), ("file", ("b.csv", CSV, "text/csv"))]
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", files=files, headers=org.trainer)
+    assert_refused_storing_nothing(api, org, settings, response, field="file", words="2 file parts")
+
+
+# Starlette closes a part's temporary file when the form is closed or its parsing fails, and neither reaches the
+# part that never ended: it is closed when collected, as the request ends, with a ResourceWarning.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_form_cut_off_inside_its_file_part_has_no_file_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    part = b'Content-Disposition: form-data; name="file"; filename="a.csv"\r\nContent-Type: text/csv\r\n\r\n'
+    headers = {**org.trainer, "content-type": "multipart/form-data; boundary=zzz"}
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", content=b"--zzz\r\n" + part + CSV, headers=headers)
+    assert_refused_storing_nothing(api, org, settings, response, field="file", words="required")
+
+
+def test_a_viewer_sending_two_file_parts_is_refused_for_the_role_first(api: TestClient, org: OrgKeys) -> None:
+    files = [("file", ("a.csv", CSV, "text/csv")), ("file", ("b.csv", CSV, "text/csv"))]
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", files=files, headers=org.viewer)
+    assert response.status_code == 403
+
+
 def test_a_timestamp_column_that_is_not_a_column_is_named(api: TestClient, org: OrgKeys) -> None:
     response = upload(api, org, CSV, timestampColumn="time")
     assert response.status_code == 422

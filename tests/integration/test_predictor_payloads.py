@@ -184,6 +184,8 @@ REFUSALS: list[tuple[str, Draft, int, str]] = [
     ("size against shape", changed(valid_draft(), set_input(0, shape=[3, 6])), 422, "inputs[0].data"),
     ("strings", changed(valid_draft(1), set_input(0, data=["1"] * 6)), 422, "inputs[0].data"),
     ("ragged", changed(valid_draft(), set_input(0, data=[[1.0] * 6, [1.0] * 5])), 422, "inputs[0].data"),
+    ("nested deeper than shape", changed(valid_draft(), set_input(0, data=[[[1.0] * 6]] * 2)), 422, "inputs[0].data"),
+    ("nested across the shape", changed(valid_draft(), set_input(0, data=[[1.0] * 4] * 3)), 422, "inputs[0].data"),
     ("INT32 fractions", changed(valid_draft(), set_input(0, datatype="INT32")), 422, "inputs[0].data"),
     ("INT8 overflow", changed(valid_draft(1), set_input(0, datatype="INT8", data=[1000] * 6)), 422, "inputs[0].data"),
     (
@@ -259,6 +261,7 @@ REFUSALS: list[tuple[str, Draft, int, str]] = [
         "inputs[0].parameters.binary_data_size",
     ),
     ("header length not a number", Draft(valid_draft().header, length_text="twelve"), 400, HEADER_LENGTH),
+    ("header length -0", Draft(valid_draft().header, length_text="-0"), 400, HEADER_LENGTH),
     ("header length past the body", Draft(valid_draft(binary=True).header, length_change=10**6), 400, HEADER_LENGTH),
     ("header length short", Draft(valid_draft(binary=True).header, length_change=-3), 400, "body"),
     (

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, File, Form, Request, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/orgs/{org}/datasets", tags=["datasets"])
 
 
+async def one_file_part(request: Request) -> None:
+    """FastAPI hands the handler the last of several `file` parts and drops the others unread."""
+    parts = (await request.form()).getlist("file")  # the form FastAPI already parsed, not read again
+    if len(parts) > 1:
+        raise InvalidInput(f"the form has {len(parts)} file parts; upload one file at a time", field="file")
+
+
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
 def upload_dataset(
     request: Request,
@@ -38,6 +45,7 @@ def upload_dataset(
     session: SessionDep,
     resources: ResourcesDep,
     file: Annotated[UploadFile, File(description="CSV with a header row, or Parquet")],
+    _one_file: Annotated[None, Depends(one_file_part)],
     timestamp_column: Annotated[str | None, Form(alias="timestampColumn", max_length=200)] = None,
 ) -> DatasetOut:
     if OrgConfig.model_validate(session.get_one(Organization, access.org_id).config).data_residency == "local":
