@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -17,7 +18,12 @@ class CamelModel(BaseModel):
     can hold (unfit_text) are refused."""
 
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", allow_inf_nan=False, frozen=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        allow_inf_nan=False,
+        frozen=True,
+        strict=True,
     )
 
     @field_validator("*")
@@ -29,6 +35,12 @@ class CamelModel(BaseModel):
         if problem is not None:
             raise ValueError(problem)
         return value
+
+
+def repeated(names: Iterable[str]) -> list[str]:
+    """The names given more than once, sorted. Counted once each: a list's count() per name took a request of
+    40,000 names 30 s."""
+    return sorted(name for name, times in Counter(names).items() if times > 1)
 
 
 NUL = "\x00"
@@ -229,8 +241,8 @@ class Hyperparameters(CamelModel):
 
 
 class DataRange(CamelModel):
-    start_date: datetime
-    end_date: datetime
+    start_date: datetime = Field(strict=False)
+    end_date: datetime = Field(strict=False)
 
     @field_validator("start_date", "end_date")
     @classmethod
@@ -266,9 +278,9 @@ class TrainingConfig(CamelModel):
     @field_validator("feature_columns")
     @classmethod
     def _features_unique_and_not_the_target(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        repeated = sorted({name for name in value if value.count(name) > 1})
-        if repeated:
-            raise ValueError(f"feature columns named more than once: {', '.join(repeated)}")
+        twice = repeated(value)
+        if twice:
+            raise ValueError(f"feature columns named more than once: {', '.join(twice)}")
         target = info.data.get("target_column")
         if target in value:
             raise ValueError(f"targetColumn {target!r} is also in featureColumns")
@@ -356,7 +368,7 @@ class PredictionPolicy(CamelModel):
 
     record: bool = False
     risk_bands: tuple[float, float] = Field(
-        (0.3, 0.7), description="a risk below the first is low, below the second medium, else high"
+        (0.3, 0.7), description="a risk below the first is low, below the second medium, else high", strict=False
     )
     normal_class: ClassValue | None = Field(
         None,

@@ -7,13 +7,15 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from shared.schemas import CamelModel
+from shared.schemas import CamelModel, repeated
 
 # Lowercase SQL identifiers only, of 40 characters at most: they go into the central table's name, which then fits
 # PostgreSQL's 63-byte identifiers (`sync_` + a 13-character source id + `_` + 40), and, quoted, into the service's SQL.
 IDENTIFIER = r"^[a-z_][a-z0-9_]{0,39}$"
 # The sync service's own names (its change log, its columns `_kiln_version` and `_kiln_hlc`) start so.
 RESERVED_PREFIX = "_kiln_"
+# PostgreSQL's most columns in a table: no table has more sensitive columns.
+MAX_COLUMNS = 1600
 Policy = Literal["append-only", "last-writer-wins", "field-merge", "manual"]
 Direction = Literal["up", "down", "both"]
 
@@ -24,7 +26,9 @@ class SyncTable(CamelModel):
     policy: Policy = Field("last-writer-wins", description="what decides when both sides changed a record")
     direction: Direction = Field("both", description="up: local to central; down: central to local; or both")
     sensitive_columns: list[str] = Field(
-        default_factory=list, description="encrypted before they leave the local store"
+        default_factory=list,
+        max_length=MAX_COLUMNS,
+        description="encrypted before they leave the local store",
     )
 
     @field_validator("name", "primary_key")
@@ -43,9 +47,9 @@ class SyncTable(CamelModel):
         reserved = [name for name in columns if name.startswith(RESERVED_PREFIX)]
         if reserved:
             raise ValueError(f"names starting {RESERVED_PREFIX!r} are the sync service's own: {', '.join(reserved)}")
-        repeated = sorted({name for name in columns if columns.count(name) > 1})
-        if repeated:
-            raise ValueError(f"columns named more than once: {', '.join(repeated)}")
+        twice = repeated(columns)
+        if twice:
+            raise ValueError(f"columns named more than once: {', '.join(twice)}")
         return columns
 
     @field_validator("sensitive_columns")
@@ -72,10 +76,9 @@ class SyncSourceSpec(CamelModel):
     @field_validator("tables")
     @classmethod
     def _names_unique(cls, tables: list[SyncTable]) -> list[SyncTable]:
-        names = [table.name for table in tables]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise ValueError(f"tables named more than once: {', '.join(repeated)}")
+        twice = repeated(table.name for table in tables)
+        if twice:
+            raise ValueError(f"tables named more than once: {', '.join(twice)}")
         return tables
 
 

@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from shared.errors import InvalidInput
-from shared.schemas import NUL, holds_nul
+from shared.schemas import NUL, holds_nul, repeated
 
 PARQUET_MAGIC = b"PAR1"
 
@@ -66,9 +66,9 @@ def _column_names(table: pa.Table) -> list[str]:
 
 
 def _refuse_repeated_names(names: list[str]) -> None:
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise InvalidInput(f"column names appear more than once: {', '.join(map(repr, repeated))}", field="file")
+    twice = repeated(names)
+    if twice:
+        raise InvalidInput(f"column names appear more than once: {', '.join(map(repr, twice))}", field="file")
 
 
 def _with_utc_timestamps(table: pa.Table, name: str) -> pa.Table:

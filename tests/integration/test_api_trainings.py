@@ -44,6 +44,9 @@ def test_a_valid_config_is_queued_on_the_orgs_queue(
     [
         ({"hyperparameters": {"numLeaves": 31, "leafCount": 4}}, "hyperparameters.leafCount", "unknown hyperparameter"),
         ({"hyperparameters": {"numLeaves": 1}}, "hyperparameters.numLeaves", "greater than or equal to 2"),
+        ({"hyperparameters": {"numLeaves": "31"}}, "hyperparameters.numLeaves", "valid integer"),
+        ({"hyperparameters": {"isUnbalance": "yes"}}, "hyperparameters.isUnbalance", "valid boolean"),
+        ({"validationSplit": "0.2"}, "validationSplit", "valid number"),
         ({"validationSplit": 0}, "validationSplit", "greater than 0"),
         ({"validationSplit": 1}, "validationSplit", "less than 1"),
         ({"dataRange": {"startDate": "2024-02-01", "endDate": "2024-01-01"}}, "dataRange.endDate", "endDate is before"),

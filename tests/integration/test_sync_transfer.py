@@ -683,8 +683,13 @@ def test_integer_and_text_keys_of_any_declared_type_sync_both_ways(
             "tables.0.sensitiveColumns",
             "columns named more than once: patient",
         ),
+        (
+            {"name": "t", "primaryKey": "id", "sensitiveColumns": [f"c{number}" for number in range(1601)]},
+            "tables.0.sensitiveColumns",
+            "at most 1600 items",
+        ),
     ],
-    ids=["reserved-table", "reserved-key", "reserved-sensitive", "repeated-sensitive"],
+    ids=["reserved-table", "reserved-key", "reserved-sensitive", "repeated-sensitive", "more-than-a-table-holds"],
 )
 def test_reserved_and_repeated_names_are_refused_naming_the_field(
     sync_api: TestClient, org_id: str, table: dict[str, Any], field: str, words: str

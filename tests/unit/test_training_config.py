@@ -70,12 +70,24 @@ def test_an_unknown_hyperparameter_is_named() -> None:
         ("numIterations", 0),
         ("objective", "regression"),
         ("verbosity", 3),
+        # another JSON type, refused rather than converted
+        ("numLeaves", "31"),
+        ("numLeaves", 31.0),
+        ("numLeaves", True),
+        ("learningRate", "0.1"),
+        ("learningRate", True),
+        ("isUnbalance", "yes"),
+        ("isUnbalance", 1),
     ],
 )
-def test_each_hyperparameter_is_range_checked(name: str, value: object) -> None:
+def test_each_hyperparameter_is_range_and_type_checked(name: str, value: object) -> None:
     with pytest.raises(ValidationError) as raised:
         Hyperparameters.model_validate({name: value})
     assert raised.value.errors()[0]["loc"] == (name,)
+
+
+def test_a_whole_number_is_taken_where_a_fraction_may_be_given() -> None:
+    assert Hyperparameters.model_validate({"learningRate": 1, "lambdaL1": 0}).learning_rate == 1.0
 
 
 def test_dates_without_a_zone_are_utc_and_an_end_before_the_start_is_refused() -> None:
