@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from shared.db.models import ApiKey, Organization, SyncSource, TrainingRun
 from shared.db.session import DATABASE_TIMEOUT_S
 from shared.errors import InvalidInput, TransientError
+from shared.schemas import holds_nul
 from shared.settings import Settings
 from shared.sync_tables import central_table_name
 
@@ -68,6 +69,12 @@ def refuse_unsafe_parameters(url: URL, *, field: str) -> None:
             f"{', '.join(sorted(POSTGRESQL_PARAMETERS))}",
             field=field,
         )
+
+
+def refuse_nul(url: URL, *, field: str) -> None:
+    """%00 decodes to a NUL, which no file path, libpq parameter or PostgreSQL text may hold."""
+    if holds_nul([url.username, str(url.password or ""), url.host, url.database, dict(url.query)]):
+        raise InvalidInput(f"{field}: no part of a database URL may hold a NUL (%00)", field=field)
 
 
 # What a PostgreSQL URL without a port reaches; and the host of a server on the machine that opens the store.

@@ -96,8 +96,8 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None, *, l
     source, attempt = started
     try:
         local = open_local(source.url, context.source_password(source), context.store_rules(source.org_id))
-    except KilnError as error:  # the store refused by the rules, or its password sealed under a key not configured
-        return _finish(context, job_id, FAILED, str(error))
+    except Exception as error:  # refused by the rules, a password under a key not configured, a driver not installed
+        return _finish(context, job_id, FAILED, failure_reason(error))
     try:
         _sync_tables(context, local, source, job_id, after_batch)
     except OperationalError as error:

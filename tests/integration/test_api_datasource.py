@@ -52,6 +52,8 @@ def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> Non
     for url, words in [
         ("not a url", "not a database URL"),
         ("mysql://u:p@db/x", "'mysql' databases are not supported"),
+        ("postgresql+asyncpg://u:p@db/x", "postgresql+asyncpg:// names a driver Kiln does not ship"),
+        ("sqlite+nosuch:////srv/plant/scada.db", "sqlite+nosuch:// names a driver Kiln does not ship"),
         ("sqlite:///relative.db", "absolute path"),
         # The driver would open "records.db?mode=ro", a file the org's folder rule never checked.
         ("sqlite:////srv/stores/records.db?uri=true&mode=ro", "takes no query parameters (mode, uri)"),

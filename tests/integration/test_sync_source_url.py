@@ -267,11 +267,29 @@ def test_a_sqlite_file_outside_the_orgs_folder_fails_the_next_job_naming_the_rul
     assert source_of(sync)["urlConfirmed"] is False
 
 
+def test_a_stored_url_naming_a_driver_not_installed_fails_the_job_saying_so(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """A source stored before such URLs were refused: its job ends failed with the reason, never left running."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    with sync_context.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE sync_sources SET url = :url WHERE id = :id"),
+            {"url": f"sqlite+nosuch:///{sync.local_path}", "id": sync.source_id},
+        )
+
+    job = sync.run()
+
+    assert job["status"] == "failed"
+    assert "sqlite.nosuch" in error_of(job)
+
+
 @pytest.mark.parametrize(
     "url",
     [
         "not a url",
         "mysql://plant@db.example.org/records",
+        "postgresql+asyncpg://plant@db.example.org/records",
         "postgresql://plant@db.example.org/records?password=s3cret-pw",
         "postgresql://plant@db.example.org/records?sslkey=/etc/kiln/other-org.key",
         "postgresql://plant@db.example.org/records?passfile=/root/.pgpass",
@@ -283,6 +301,7 @@ def test_a_sqlite_file_outside_the_orgs_folder_fails_the_next_job_naming_the_rul
     ids=[
         "not-a-url",
         "mysql",
+        "unshipped-driver",
         "password-parameter",
         "sslkey",
         "passfile",

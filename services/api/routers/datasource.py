@@ -15,8 +15,8 @@ from shared.db.models import DataSource
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, NotFound
 from shared.org_lock import lock_org
-from shared.schemas import holds_nul
-from shared.store_access import refuse_unsafe_parameters
+from shared.settings import SHIPPED_DRIVERS
+from shared.store_access import refuse_nul, refuse_unsafe_parameters
 from shared.stored_secrets import datasource_context
 
 router = APIRouter(prefix="/v1/orgs/{org}/datasource", tags=["datasource"])
@@ -72,12 +72,15 @@ def checked_url(text: str) -> URL:
             f"url: {url.get_backend_name()!r} databases are not supported; use {' or '.join(SUPPORTED_BACKENDS)}",
             field="url",
         )
+    if url.drivername not in SHIPPED_DRIVERS:  # another driver (postgresql+asyncpg://) would fail on every worker
+        raise InvalidInput(
+            f"url: {url.drivername}:// names a driver Kiln does not ship; use {', '.join(sorted(SHIPPED_DRIVERS))}",
+            field="url",
+        )
     refuse_unsafe_parameters(url, field="url")
     if url.port is not None and not 1 <= url.port <= 65535:
         raise InvalidInput(f"url: port {url.port} is not a TCP port (1 to 65535)", field="url")
-    # %00 decodes to a NUL, which no file path, libpq parameter or PostgreSQL text may hold.
-    if holds_nul([url.username, str(url.password or ""), url.host, url.database, dict(url.query)]):
-        raise InvalidInput("url: no part of a database URL may hold a NUL (%00)", field="url")
+    refuse_nul(url, field="url")
     if url.get_backend_name() == "sqlite" and not (url.database or "").startswith("/"):
         raise InvalidInput("url: a SQLite data source needs an absolute path: sqlite:////data/plant.db", field="url")
     # One spelling per store, so that two URLs of one store compare equal: a.db, ./a.db and x/../a.db are one file.
