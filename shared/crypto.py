@@ -148,6 +148,8 @@ class SecretBox:
     def unseal(self, sealed: bytes, *, context: str, what: str = "") -> bytes:
         """Bytes sealed without a key id (backups sealed whole, `v1:` tokens): nonce, then ciphertext and tag,
         opened under the first configured key that opens them."""
+        if len(sealed) < NONCE_BYTES + TAG_BYTES:  # AES-GCM would refuse the short nonce with a ValueError
+            raise SecretUnreadable(f"{what or context} is {len(sealed)} bytes: too short to be sealed, cut off")
         for key in self._keys.values():
             try:
                 return key.aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], context.encode())

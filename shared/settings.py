@@ -27,7 +27,7 @@ FILE_STORE = "file://"
 class Settings(BaseSettings):
     """Every knob of every Kiln process. Defaults are the embedded ones, so a fresh checkout runs as is."""
 
-    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", allow_inf_nan=False)
 
     env: Literal["dev", "prod"] = Field("dev", description="prod refuses embedded defaults for secrets.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of Kiln's own logs.")
@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     database_timeout_s: float = Field(
         DATABASE_TIMEOUT_S,
         ge=1,
+        le=86_400,
         description="How long a process waits on a PostgreSQL server that stops answering: every process, for a peer "
         "that stops acknowledging; the api, the predictor, the trainer and the beats, for any answer (their "
         "statements are all short). Sync workers and migrations, whose statements may rightly run long, wait on a "
@@ -258,7 +259,17 @@ def build_settings(**overrides: object) -> Settings:
         for name, make in (("admin_token", _new_token), ("secret_key", _new_key), ("flower_password", _new_token))
         if not getattr(settings, name).get_secret_value()
     }
+    if "secret_key" in generated:
+        _check_generated_key(settings.data_dir / "secret_key", generated["secret_key"])
     return settings.model_copy(update=generated) if generated else settings
+
+
+def _check_generated_key(path: Path, key: SecretStr) -> None:
+    """A key file altered since it was made: named, rather than failing the first secret sealed or opened."""
+    try:
+        platform_key(key.get_secret_value())
+    except ValueError as error:
+        raise ConfigurationError(f"{path} holds no platform key ({error}): put back the key it held") from None
 
 
 def _comma_separated(setting: str) -> tuple[str, ...]:
@@ -303,6 +314,8 @@ def _dev_secret(data_dir: Path, name: str, make: Callable[[], str]) -> str:
         path.chmod(0o600)
     except OSError as error:
         raise _unusable_data_dir(path, error) from None
+    except UnicodeDecodeError:
+        raise ConfigurationError(f"{path} is not text, so it holds no {name}: put back what it held") from None
     return value
 
 

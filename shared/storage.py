@@ -294,18 +294,29 @@ def open_object_store(settings: Settings) -> ObjectStore:
     url = urlparse(settings.resolved_object_store)
     if url.scheme == "file":
         # What follows file:// is a path as it stands: a ? # or % in a folder's name is no query, fragment or escape.
-        return LocalObjectStore(Path(settings.resolved_object_store.removeprefix(FILE_STORE)))
+        folder = Path(settings.resolved_object_store.removeprefix(FILE_STORE))
+        try:
+            return LocalObjectStore(folder)
+        except OSError as error:
+            reason = "a file is in the way" if isinstance(error, FileExistsError) else error.strerror
+            raise ConfigurationError(f"KILN_OBJECT_STORE: {folder} cannot be a folder of objects: {reason}") from None
     if url.scheme == "s3":
-        client = Minio(
-            settings.s3_endpoint,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key.get_secret_value(),
-            secure=settings.s3_secure,
-            region=settings.s3_region,
-            http_client=_http_client(),
-        )
+        try:
+            client = Minio(
+                settings.s3_endpoint,
+                access_key=settings.s3_access_key,
+                secret_key=settings.s3_secret_key.get_secret_value(),
+                secure=settings.s3_secure,
+                region=settings.s3_region,
+                http_client=_http_client(),
+            )
+        except ValueError as error:  # the minio SDK's own check of the endpoint: a path, a port that is no number
+            raise ConfigurationError(f"KILN_S3_ENDPOINT is not host[:port]: {error}") from None
         store = S3ObjectStore(client, url.netloc, endpoint=settings.s3_endpoint)
-        store.ensure_bucket()
+        try:
+            store.ensure_bucket()
+        except ValueError as error:  # the SDK checks the bucket's name before asking the server
+            raise ConfigurationError(f"KILN_OBJECT_STORE names no valid bucket ({url.netloc!r}): {error}") from None
         return store
     given = f"{url.scheme}://…" if url.scheme else "a path without file://"
     raise ConfigurationError(f"KILN_OBJECT_STORE must be file://PATH or s3://BUCKET, not {given}")

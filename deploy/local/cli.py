@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
         code = 1
+    except OSError as error:  # a file or folder the command reads or writes: missing, full, not its to write
+        print(f"kiln {args.name}: {error}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         code = 130
     raise SystemExit(code)

@@ -53,7 +53,7 @@ from shared.db.types import utcnow
 from shared.errors import ArtifactIntegrityError, Forbidden, InvalidInput, NotFound, SecretUnreadable
 from shared.schemas import problems
 from shared.storage import ObjectStore, sha256_file
-from shared.store_access import StoreRules
+from shared.store_access import StoreRules, refuse_nul, refuse_unsafe_parameters
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -90,10 +90,19 @@ class BackupManifest(BaseModel):
     # The platform key's id (shared/crypto.py, key_id); None: sealed before keys had ids.
     sealed_under: str | None = None
 
+    @field_validator("backup_id")
+    @classmethod
+    def _made_by_backup_store(cls, value: str) -> str:
+        # It names the sealed object's key: no other text, such as ../, may reach the store.
+        if not _BACKUP_ID.fullmatch(value):
+            raise ValueError(f"{value!r} is not a backup id such as 20260101T000000Z_0a1b2c3d")
+        return value
+
     @field_validator("created_at")
     @classmethod
     def _an_iso_time(cls, value: str) -> str:
-        datetime.fromisoformat(value)  # backups are listed in its order
+        if datetime.fromisoformat(value).tzinfo is None:  # backups are listed in its order, against aware times
+            raise ValueError(f"{value!r} names no time zone")
         return value
 
 
@@ -160,6 +169,7 @@ def restore_store(
             f"{backup_id!r} is not a backup id such as 20261101T000000Z_0a1b2c3d: `kiln backups {org_id}` lists them",
             field="backup_id",
         )
+    location = store_location(target, field="target")
     manifest = _read_manifest(store, org_id, backup_id)
     if manifest.org_id != org_id:
         raise Forbidden(
@@ -167,7 +177,6 @@ def restore_store(
             "was restored",
             field="backup_id",
         )
-    location = store_location(target, field="target")
     kind = POSTGRESQL if isinstance(location, URL) else SQLITE
     if kind != manifest.kind:
         raise InvalidInput(f"backup {backup_id} is of a {manifest.kind} store, not {kind}", field="target")
@@ -325,24 +334,32 @@ def list_backups(store: ObjectStore, org_id: str) -> Backups:
 def _read_manifest(store: ObjectStore, org_id: str, backup_id: str) -> BackupManifest:
     key = _manifest_key(org_id, backup_id)
     try:
-        return BackupManifest.model_validate(orjson.loads(store.get_bytes(key)))
+        manifest = BackupManifest.model_validate(orjson.loads(store.get_bytes(key)))
     except NotFound:
         raise NotFound(f"{org_id} has no backup {backup_id}: `kiln backups {org_id}` lists them") from None
     except orjson.JSONDecodeError as error:
         why = f"not JSON: {error}"
     except ValidationError as error:
         why = problems(error)
+    else:
+        if manifest.backup_id == backup_id:
+            return manifest
+        why = f"it names backup {manifest.backup_id}"
     raise ArtifactIntegrityError(f"backup {backup_id} cannot be restored: its manifest {key} is damaged ({why})")
 
 
 def store_location(given: str, *, field: str) -> URL | Path:
     """The store `given` names: a PostgreSQL database's URL, or a SQLite file's path."""
     if "://" not in given:
+        if "\0" in given:
+            raise InvalidInput(f"{field}: a path holds no NUL character", field=field)
         return Path(given).resolve()
     try:
         url = make_url(given)
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise InvalidInput(f"{field} is not a database URL", field=field) from None
+    refuse_nul(url, field=field)
+    refuse_unsafe_parameters(url, field=field)  # a restore's target too, which no store rules check
     if url.get_backend_name() == POSTGRESQL:
         return url
     if url.get_backend_name() == SQLITE and url.database:

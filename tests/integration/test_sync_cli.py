@@ -626,6 +626,76 @@ def test_a_damaged_manifest_is_named_and_hides_none_of_the_other_backups(
     assert restore.stderr == listed.stderr.splitlines()[2].replace("backups", "restore", 1) + "\n"
 
 
+def test_a_manifest_without_a_time_zone_or_naming_another_id_is_named_as_damaged(
+    central_settings: Settings, sync_context: SyncContext, org_id: str, plant_store: Path
+) -> None:
+    good = backed_up(central_settings, org_id, str(plant_store))
+    manifest = json.loads(sync_context.store.get_bytes(f"orgs/{org_id}/backups/{good}.json"))
+    naive, stray = "20261101T000000Z_0a1b2c3d", "20261102T000000Z_0a1b2c3d"
+    for backup_id, changes in [
+        (naive, {"backup_id": naive, "created_at": "2026-11-01T00:00:00"}),
+        (stray, {"backup_id": "../../../../etc/passwd"}),
+    ]:
+        sync_context.store.put_bytes(f"orgs/{org_id}/backups/{backup_id}.json", json.dumps(manifest | changes).encode())
+
+    listed = kiln(central_settings, "backups", org_id)
+    status = kiln(central_settings, "secrets", "status")
+
+    assert listed.returncode == 1
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == [good]
+    assert "Traceback" not in listed.stderr + status.stderr
+    assert f"backup {naive} cannot be restored" in listed.stderr and "names no time zone" in listed.stderr
+    assert f"backup {stray} cannot be restored" in listed.stderr and "is not a backup id" in listed.stderr
+
+
+def test_a_sealed_backup_cut_short_is_refused_and_nothing_is_restored(
+    central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path
+) -> None:
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
+    sync_context.store.put_bytes(f"orgs/{org_id}/backups/{backup_id}.db.sealed", b"abc")
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "r.db"))
+
+    assert restore.returncode == 1
+    assert (
+        restore.stderr.startswith(f"kiln restore: backup {backup_id} does not open") and "too short" in restore.stderr
+    )
+    assert not (tmp_path / "r.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "url", "words"),
+    [
+        ("backup", "postgresql://postgres@127.0.0.1/pl%00ant", "NUL (%00)"),
+        ("backup", "postgresql://postgres:pw%00@127.0.0.1/plant", "NUL (%00)"),
+        ("restore", "postgresql://postgres@127.0.0.1/plant?application_name=%00", "NUL (%00)"),
+        ("restore", "postgresql://postgres@127.0.0.1/plant?passfile=/root/.pgpass", "passfile are not accepted"),
+    ],
+)
+def test_a_database_url_with_a_nul_or_a_file_parameter_is_refused_in_one_line(
+    central_settings: Settings, org_id: str, command: str, url: str, words: str
+) -> None:
+    arguments = [org_id, url] if command == "backup" else [org_id, "20261101T000000Z_0a1b2c3d", url]
+
+    refused = kiln(central_settings, command, *arguments)
+
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"kiln {command}: ") and words in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_a_restore_into_a_folder_it_cannot_write_is_refused_in_one_line(
+    central_settings: Settings, org_id: str, plant_store: Path
+) -> None:
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, "/proc/kiln-restored.db")
+
+    assert restore.returncode == 1
+    assert restore.stderr.startswith("kiln restore: ") and "/proc" in restore.stderr
+    assert "Traceback" not in restore.stderr
+
+
 def test_a_restore_refuses_a_backup_id_that_is_no_backup_id(central_settings: Settings, org_id: str) -> None:
     restore = kiln(central_settings, "restore", org_id, "../../../../etc/passwd", "x.db")
 

@@ -111,6 +111,42 @@ def test_a_data_dir_that_is_a_file_is_refused_naming_the_variable(tmp_path: Path
     assert in_the_way.read_text() == "notes\n"
 
 
+@pytest.mark.parametrize("value", ["inf", "1e300"])
+def test_a_database_timeout_past_a_day_or_not_finite_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str
+) -> None:
+    monkeypatch.setenv("KILN_DATABASE_TIMEOUT_S", value)
+    with pytest.raises(ConfigurationError, match=r"^KILN_DATABASE_TIMEOUT_S: "):
+        build_settings(data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("held", "words"), [(b"garbage\n", "holds no platform key"), (b"\xff\xfe", "is not text")])
+def test_a_generated_secret_key_file_altered_since_is_named(tmp_path: Path, held: bytes, words: str) -> None:
+    build_settings(data_dir=tmp_path)
+    (tmp_path / "secret_key").write_bytes(held)
+    with pytest.raises(ConfigurationError, match=f"^{re.escape(str(tmp_path / 'secret_key'))} {words}"):
+        build_settings(data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"object_store": "s3://Bad_Bucket!"}, "KILN_OBJECT_STORE names no valid bucket"),
+        ({"object_store": "s3://models", "s3_endpoint": "http://127.0.0.1:9000"}, "KILN_S3_ENDPOINT is not host"),
+        ({"object_store": "s3://models", "s3_endpoint": "127.0.0.1:notaport"}, "KILN_S3_ENDPOINT is not host"),
+    ],
+)
+def test_an_object_store_setting_the_sdk_refuses_is_named(tmp_path: Path, settings: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{named}"):
+        open_object_store(build_settings(data_dir=tmp_path, **settings))
+
+
+def test_an_object_folder_that_is_a_file_is_refused_naming_the_variable(tmp_path: Path) -> None:
+    (tmp_path / "objects").write_text("notes\n")
+    with pytest.raises(ConfigurationError, match=r"^KILN_OBJECT_STORE: .*objects cannot be a folder.*in the way$"):
+        open_object_store(build_settings(data_dir=tmp_path, object_store=f"file://{tmp_path / 'objects'}"))
+
+
 def test_the_readme_names_every_setting_with_its_default() -> None:
     rows = _readme_configuration_rows()
     assert {f"KILN_{name.upper()}" for name in Settings.model_fields} <= {name for names, _ in rows for name in names}
