@@ -291,7 +291,7 @@ class TrainingConfig(CamelModel):
     def _positive_class_is_binary(cls, value: ClassValue | None, info: ValidationInfo) -> ClassValue | None:
         hyperparameters = info.data.get("hyperparameters")
         if value is not None and hyperparameters is not None and hyperparameters.objective != "binary":
-            raise ValueError("positiveClass applies to the binary objective only")
+            raise ValueError("a positive class applies to the binary objective only")
         return value
 
     def to_wire(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from services.sync.context import SyncContext
 from services.sync.rotation import rotate_org_key
 from shared.db import migrate
 from shared.db.session import driver_message, session_scope
-from shared.errors import KilnError
+from shared.errors import InvalidInput, KilnError
 from shared.settings import Settings, build_settings
 from shared.sync_keys import destroy_key
 
@@ -160,6 +160,10 @@ def run_restore(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_sync_keys(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "destroy" and not args.key_id:
+        raise InvalidInput(
+            "destroy needs the id of a drained key: `kiln sync-keys rotate ORG` names them", field="key_id"
+        )
     with closing(SyncContext.open(settings)) as context:
         if args.action == "rotate":
             summary = rotate_org_key(context, args.org, actor=CLI_ACTOR)

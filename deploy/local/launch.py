@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -50,13 +49,11 @@ class StackFiles:
         return self.logs / f"{name}.log"
 
     def recorded(self) -> dict[str, Recorded]:
-        """Every process group the last `up` spawned, by name: from stack.json, and from the pid file (`name pid
-        start-time` per line), which also holds those of an `up` that never got as far as writing stack.json."""
+        """Every process group the last `up` spawned, by name: from the pid file (`name pid start-time` per line),
+        written as each one starts, so it also holds those of an `up` that never got as far as writing stack.json.
+        The pids of stack.json are not read: they carry no start time, so a stack.json copied or left without its
+        pid file could name a reused pid, someone else's group."""
         found: dict[str, Recorded] = {}
-        if self.stack_json.exists():
-            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-                pids = json.loads(self.stack_json.read_text())["pids"]
-                found.update({name: Recorded(int(pid), None) for name, pid in pids.items()})
         if self.pid_file.exists():
             for line in self.pid_file.read_text().splitlines():
                 # A line cut short (the launcher stopped, or the disk full, mid-write) is passed over: its pid may

@@ -33,6 +33,7 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import datetime
@@ -50,7 +51,14 @@ from shared import workspaces
 from shared.crypto import STREAM_MAGIC, SecretBox, is_sealed_stream
 from shared.db.session import DATABASE_TIMEOUT_S, driver_message, libpq_bounds, make_org_engine, with_shipped_driver
 from shared.db.types import utcnow
-from shared.errors import ArtifactIntegrityError, Forbidden, InvalidInput, NotFound, SecretUnreadable
+from shared.errors import (
+    ArtifactIntegrityError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    SecretUnreadable,
+    TransientError,
+)
 from shared.schemas import problems
 from shared.storage import ObjectStore, sha256_file
 from shared.store_access import StoreRules, refuse_nul, refuse_unsafe_parameters
@@ -129,7 +137,7 @@ def backup_store(store: ObjectStore, box: SecretBox, *, rules: StoreRules, sourc
             _dump_postgresql(checked, snapshot, rules.timeout_s)
         else:
             kind, shown = SQLITE, str(location)
-            _snapshot_sqlite(location, snapshot)
+            _snapshot_sqlite(location, snapshot, rules.timeout_s)
         # Checked once the snapshot is taken, which says best why a server is out of reach (pg_dump) or a file is
         # no database; the snapshot has not left this temporary folder yet.
         _refuse_kiln_database(checked if isinstance(location, URL) else _url_of(snapshot), rules)
@@ -383,10 +391,27 @@ def _refuse_kiln_database(url: URL, rules: StoreRules) -> None:
         engine.dispose()
 
 
-def _snapshot_sqlite(path: Path, snapshot: Path) -> None:
-    with closing(sqlite3.connect(path)) as source, closing(sqlite3.connect(snapshot)) as target:
+class _StillLocked(Exception):
+    """The source stayed locked by a writer past the wait a backup gives it."""
+
+
+def _snapshot_sqlite(path: Path, snapshot: Path, timeout_s: float) -> None:
+    """A consistent copy of the file. SQLite's backup retries a source a writer holds locked for ever; this one
+    gives up `timeout_s` after it started (a busy wait of its own lasts a second)."""
+    deadline = time.monotonic() + timeout_s
+
+    def give_up_once_locked_past_the_deadline(status: int, _remaining: int, _pages: int) -> None:
+        if status in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) and time.monotonic() > deadline:
+            raise _StillLocked
+
+    with closing(sqlite3.connect(path, timeout=1)) as source, closing(sqlite3.connect(snapshot)) as target:
         try:
-            source.backup(target)
+            source.backup(target, progress=give_up_once_locked_past_the_deadline)
+        except _StillLocked:
+            raise TransientError(
+                f"{path} stayed locked by a writer for {timeout_s:g} s (KILN_DATABASE_TIMEOUT_S): back it up once the "
+                "writer commits"
+            ) from None
         except sqlite3.DatabaseError as error:  # SQLite finds out only as it reads the file
             what = "is not a SQLite database" if error.sqlite_errorname == "SQLITE_NOTADB" else "cannot be read"
             raise InvalidInput(f"{path} {what} ({error})", field="source") from None
@@ -437,7 +462,7 @@ def _refuse_unless_empty(url: URL, timeout_s: float) -> None:
         engine.dispose()
     if relations:
         raise InvalidInput(
-            f"target database {url.database} already holds {relations} tables or other relations; "
+            f"target database {url.database} is not empty (tables, views or sequences: {relations}); "
             "restore into an empty database",
             field="target",
         )

@@ -172,6 +172,25 @@ def test_a_stack_file_missing_fields_is_named_in_one_line_and_down_still_stops_t
     assert not group_alive(stray)
 
 
+def test_a_stack_file_without_its_pid_file_stops_no_process_group_it_names(
+    kiln_env: dict[str, str], data_dir: Path
+) -> None:
+    """A stack.json left or copied without its pid file: its pids carry no start time, and may be reused."""
+    data_dir.mkdir(parents=True)
+    someone_elses = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        (data_dir / "stack.json").write_text(json.dumps({"pids": {"api": someone_elses.pid}}))
+
+        down = kiln(kiln_env, "down")
+
+        assert down.returncode == 0, down.stderr
+        assert "nothing was running" in down.stdout
+        assert someone_elses.poll() is None
+    finally:
+        someone_elses.kill()
+        someone_elses.wait()
+
+
 def check_stack_file(stack: dict[str, Any], data_dir: Path) -> None:
     for name in ("api", "predictor", "flower", "redis"):
         assert stack[name].startswith(("http://127.0.0.1:", "redis://")), stack[name]

@@ -80,7 +80,7 @@ def test_a_valid_config_is_queued_on_the_orgs_queue(
         (
             {"hyperparameters": {"objective": "multiclass"}, "positiveClass": "yes"},
             "positiveClass",
-            "positiveClass applies to the binary objective only",
+            "positiveClass: a positive class applies to the binary objective only",
         ),
     ],
 )

@@ -573,6 +573,15 @@ def test_a_rotation_meeting_a_value_that_is_not_sealed_says_so_in_one_line_and_l
     assert sync.central(f"SELECT patient FROM {sync.central_table} WHERE id = 1") == [("Grace Hopper",)]
 
 
+def test_destroying_a_key_without_naming_it_is_refused_saying_where_ids_are(settings: Settings) -> None:
+    destroy = kiln(settings, "sync-keys", "destroy", "acme")
+
+    assert destroy.returncode == 1
+    assert destroy.stderr == (
+        "kiln sync-keys: destroy needs the id of a drained key: `kiln sync-keys rotate ORG` names them\n"
+    )
+
+
 def test_a_database_without_the_schema_is_named_with_the_way_out(settings: Settings, tmp_path: Path) -> None:
     unmigrated = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'empty.db'}"})
 
@@ -694,6 +703,21 @@ def test_a_restore_into_a_folder_it_cannot_write_is_refused_in_one_line(
     assert restore.returncode == 1
     assert restore.stderr.startswith("kiln restore: ") and "/proc" in restore.stderr
     assert "Traceback" not in restore.stderr
+
+
+def test_a_backup_of_a_store_a_writer_keeps_locked_gives_up_after_the_database_timeout(
+    central_settings: Settings, org_id: str, plant_store: Path
+) -> None:
+    with closing(sqlite3.connect(plant_store, isolation_level=None)) as writer:
+        writer.execute("BEGIN EXCLUSIVE")
+        writer.execute("DELETE FROM readings")
+        backup = kiln(central_settings.model_copy(update={"database_timeout_s": 1}), "backup", org_id, str(plant_store))
+
+    assert backup.returncode == 1
+    assert backup.stderr == (
+        f"kiln backup: {plant_store} stayed locked by a writer for 1 s (KILN_DATABASE_TIMEOUT_S): back it up once "
+        "the writer commits\n"
+    )
 
 
 def test_a_restore_refuses_a_backup_id_that_is_no_backup_id(central_settings: Settings, org_id: str) -> None:

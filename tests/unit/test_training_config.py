@@ -150,7 +150,7 @@ def test_a_positive_class_keeps_its_json_type(positive: object) -> None:
 def test_a_positive_class_is_refused_for_a_multiclass_objective() -> None:
     body = {**SEED_EXAMPLE, "hyperparameters": {"objective": "multiclass"}, "positiveClass": "failure"}
 
-    with pytest.raises(ValidationError, match="positiveClass applies to the binary objective only") as raised:
+    with pytest.raises(ValidationError, match="a positive class applies to the binary objective only") as raised:
         TrainingConfig.model_validate(body)
 
     assert raised.value.errors()[0]["loc"] == ("positiveClass",)
