@@ -921,7 +921,7 @@ def test_a_second_source_of_the_same_sqlite_file_is_refused_whatever_its_urls_sp
     ("first", "second", "status"),
     [
         ("postgresql+psycopg2://plant@DB.example.org:5432/records", "postgresql://plant@db.example.org/records", 409),
-        ("postgresql://plant@db.example.org/records", "postgresql+psycopg://reader@Db.Example.Org/records", 409),
+        ("postgresql://plant@db.example.org/records", "postgresql+psycopg2://reader@Db.Example.Org/records", 409),
         ("postgresql://plant@localhost/records", "postgresql+psycopg2://plant@127.0.0.1:5432/records", 409),
         ("postgresql://plant@[::1]/records", "postgresql://plant@localhost:5432/records?sslmode=disable", 409),
         ("postgresql://plant@127.0.0.1/records", "postgresql://plant@[::ffff:127.0.0.1]/records", 409),
