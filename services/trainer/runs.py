@@ -23,7 +23,7 @@ from shared.errors import KilnError
 from shared.org_lock import lock_org
 from shared.outbox import KIND_TRAIN_TASK, add_message
 from shared.retries import gave_up
-from shared.schemas import OrgConfig, TrainingConfig
+from shared.schemas import NUL, OrgConfig, TrainingConfig
 
 TERMINAL = ("succeeded", "rejected", "failed", "cancelled")
 # A run's error is stored, logged and returned by every listing of runs: whatever a reason quotes (a path a script
@@ -261,9 +261,11 @@ def _write_uncancelled(session: Session, attempt: Attempt, **values: Any) -> Non
     raise _lost(attempt)
 
 
-def _cancel_flag(session: Session, attempt: Attempt) -> bool:
-    """Whether a cancel was asked for; raises LeaseLost when the attempt no longer holds the run."""
-    flag = session.scalar(select(TrainingRun.cancel_requested).where(*_holds(session, attempt)))
+def _cancel_flag(session: Session, attempt: Attempt, *, lock: bool = False) -> bool:
+    """Whether a cancel was asked for; raises LeaseLost when the attempt no longer holds the run. With `lock`, the
+    row stays locked until the commit, so no cancel lands meanwhile."""
+    query = select(TrainingRun.cancel_requested).where(*_holds(session, attempt))
+    flag = session.scalar(query.with_for_update() if lock else query)
     if flag is None:
         raise _lost(attempt)
     return bool(flag)
@@ -280,21 +282,38 @@ def set_progress(
     sessions: SessionFactory, attempt: Attempt, stage: str, percent: int, *, log: str | None = None
 ) -> None:
     """The run's stage and percent done; with `log`, a log line of that stage in the same transaction."""
+    stage = _storable(stage)
     with session_scope(sessions) as session:
         _write_fenced(session, attempt, progress={"stage": stage, "percent": percent})
         if log is not None:
-            session.add(RunLog(run_id=attempt.run_id, attempt=attempt.number, level="info", stage=stage, message=log))
+            message = _storable(log)
+            session.add(
+                RunLog(run_id=attempt.run_id, attempt=attempt.number, level="info", stage=stage, message=message)
+            )
 
 
 def log(sessions: SessionFactory, attempt: Attempt, stage: str, message: str, *, level: str = "info") -> None:
     with session_scope(sessions) as session:
-        session.add(RunLog(run_id=attempt.run_id, attempt=attempt.number, level=level, stage=stage, message=message))
+        session.add(
+            RunLog(
+                run_id=attempt.run_id,
+                attempt=attempt.number,
+                level=level,
+                stage=_storable(stage),
+                message=_storable(message),
+            )
+        )
 
 
-def finish(sessions: SessionFactory, attempt: Attempt, status: str, reason: str | None) -> None:
-    """End the run as failed or cancelled, with the reason."""
-    reason = reason and _bounded(reason)
+def finish(sessions: SessionFactory, attempt: Attempt, status: str, reason: str | None) -> str:
+    """End the run as failed or cancelled, with the reason, and return how it ended. A run failing after a cancel was
+    accepted ends cancelled, as the 202 promised, its failure kept as the reason: the row is locked first, so a
+    cancel comes either before (and counts) or after (and finds the run ended: 409)."""
     with session_scope(sessions) as session:
+        hold_sqlite_write_lock(session, TrainingRun.id)
+        if status != "cancelled" and _cancel_flag(session, attempt, lock=True):
+            status, reason = "cancelled", f"cancelled on request; the attempt had failed: {reason}"
+        reason = reason and _bounded(reason)
         _write_fenced(
             session,
             attempt,
@@ -314,6 +333,7 @@ def finish(sessions: SessionFactory, attempt: Attempt, status: str, reason: str 
             )
         )
         wake_waiting(session, attempt.org_id)
+    return status
 
 
 def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdown_s: float) -> None:
@@ -461,11 +481,18 @@ def _hand_back(session: Session, run: TrainingRun, max_attempts: int) -> str | N
 
 
 def _bounded(reason: str) -> str:
-    """`reason`, cut to MAX_REASON_CHARS in its middle when longer."""
+    """`reason`, storable and cut to MAX_REASON_CHARS in its middle when longer."""
+    reason = _storable(reason)
     if len(reason) <= MAX_REASON_CHARS:
         return reason
     half = (MAX_REASON_CHARS - len(_CUT)) // 2
     return reason[:half] + _CUT + reason[-half:]
+
+
+def _storable(text: str) -> str:
+    """`text` with each NUL written as the four characters \\x00: what a script prints may hold one, which PostgreSQL's
+    text refuses (the write failed, and the failed run read running until its lease ran out)."""
+    return text.replace(NUL, "\\x00")
 
 
 def _after_lost_worker(run: TrainingRun, max_attempts: int, *, cancel: bool) -> tuple[str, str]:

@@ -15,6 +15,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sqlalchemy import select
+from sqlalchemy.exc import DataError, IntegrityError
 
 import services.trainer.scripts
 from services.trainer import artifacts, runs
@@ -36,6 +37,7 @@ from shared.errors import InvalidInput, KilnError, TransientError
 from shared.layout import MODEL_FILE, model_prefix
 from shared.outbox import relay
 from shared.retries import gave_up
+from shared.schemas import unfit_text
 from shared.store_access import StoreRules
 from shared.stored_secrets import datasource_context
 from shared.versions import new_version
@@ -88,23 +90,22 @@ def _carry_out(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -
     except TransientError as error:
         return _retry_or_fail(attempt, context, error.message)
     except KilnError as error:
-        runs.finish(context.sessions, attempt, "failed", error.message)
+        return runs.finish(context.sessions, attempt, "failed", error.message)
     except Exception as error:
         log.exception("run %s failed", attempt.run_id)
-        runs.finish(context.sessions, attempt, "failed", _short_reason(error))
-    return "failed"
+        return runs.finish(context.sessions, attempt, "failed", _short_reason(error))
 
 
 def _cancel(attempt: Attempt, context: WorkerContext) -> str:
-    runs.finish(context.sessions, attempt, "cancelled", "cancelled on request")
-    return "cancelled"
+    return runs.finish(context.sessions, attempt, "cancelled", "cancelled on request")
 
 
 def _register(attempt: Attempt, context: WorkerContext, trained: TrainedVersion) -> str:
     try:
         status = runs.register_version(context.sessions, attempt, trained)
-    except (LeaseLost, Cancelled):
-        # Not registered: nothing may refer to these artifacts, and nothing ever will.
+    except (LeaseLost, Cancelled, DataError, IntegrityError):
+        # Not registered (the database refused the version before anything committed): nothing may refer to these
+        # artifacts, and nothing ever will.
         artifacts.remove_version(trained.artifact_prefix, context.store, context.holdout_store(attempt.org_config))
         raise
     runs.log(context.sessions, attempt, status, f"registered version {trained.version}: {status}")
@@ -114,8 +115,7 @@ def _register(attempt: Attempt, context: WorkerContext, trained: TrainedVersion)
 def _retry_or_fail(attempt: Attempt, context: WorkerContext, reason: str) -> str:
     settings = context.settings
     if attempt.number >= settings.run_max_attempts:
-        runs.finish(context.sessions, attempt, "failed", gave_up(reason, attempt.number))
-        return "failed"
+        return runs.finish(context.sessions, attempt, "failed", gave_up(reason, attempt.number))
     backoff = settings.run_retry_backoff_s * 2 ** (attempt.number - 1)
     try:
         runs.requeue(context.sessions, attempt, f"attempt {attempt.number}: {reason}", countdown_s=backoff)
@@ -397,13 +397,19 @@ def _parse_metrics(raw: bytes) -> dict[str, Any]:
         )
     try:
         metrics = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        metrics = None
+    except orjson.JSONDecodeError as error:
+        raise InvalidInput(
+            f"the training script's metrics.json is not JSON ({error}); NaN and Infinity are not JSON: write null",
+            field="trainingScript",
+        ) from None
     if not isinstance(metrics, dict) or _nested_deeper(metrics, MAX_METRICS_DEPTH):
         raise InvalidInput(
             f"the training script's metrics.json is not a JSON object nested at most {MAX_METRICS_DEPTH} deep",
             field="trainingScript",
         )
+    unfit = unfit_text(metrics, max_nesting=MAX_METRICS_DEPTH)
+    if unfit is not None:
+        raise InvalidInput(f"the training script's metrics.json cannot be stored: {unfit}", field="trainingScript")
     return metrics
 
 

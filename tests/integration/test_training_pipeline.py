@@ -150,6 +150,23 @@ def test_a_cancel_accepted_before_a_retry_is_queued_ends_the_run_cancelled(
     assert (run["status"], run["error"], run["attempts"]) == ("cancelled", "cancelled on request", 1)
 
 
+def test_a_cancel_accepted_while_the_last_attempt_fails_ends_the_run_cancelled(
+    api: TestClient, org: OrgKeys, worker: WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 202 promised the run would stop: it ends cancelled, the failure it met kept as the reason."""
+    url = f"postgresql+psycopg2://historian:pw@127.0.0.1:{free_port()}/plant"
+    api.put(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin, json={"url": url, "table": "readings"})
+    run_id = submit(api, org, None)
+    assert run_training(run_id, worker) == "retrying"
+    assert run_training(run_id, worker) == "retrying"
+    cancel_just_before(monkeypatch, "finish", api, org)
+    assert run_training(run_id, worker) == "cancelled"
+    run = run_of(api, org, run_id)
+    assert (run["status"], run["attempts"], run["cancelRequested"]) == ("cancelled", 3, True)
+    assert run["error"].startswith("cancelled on request; the attempt had failed: ")
+    assert "unreachable" in run["error"] and "gave up after 3 attempts" in run["error"]
+
+
 def test_a_missing_column_fails_at_once_without_a_retry(
     api: TestClient, org: OrgKeys, worker: WorkerContext, plant_database: str
 ) -> None:
@@ -317,8 +334,10 @@ def test_an_org_runs_its_operators_script_and_a_crash_fails_the_run_with_its_tra
         ('{"padding": "' + "x" * 2_000_000 + '"}', "metrics.json is over the limit of 1048576 bytes"),
         ("[0.98, 0.97]", "metrics.json is not a JSON object"),
         ('{"a": ' * 9 + "1" + "}" * 9, "nested at most 8 deep"),
+        ('{"auc": NaN}', "NaN and Infinity are not JSON"),
+        ('{"note": "a\\u0000b"}', "metrics.json cannot be stored: must not contain the NUL character"),
     ],
-    ids=["2 MB", "a list", "9 deep"],
+    ids=["2 MB", "a list", "9 deep", "NaN", "a NUL"],
 )
 def test_a_scripts_metrics_too_big_or_of_the_wrong_shape_fail_the_run(
     api: TestClient,
@@ -349,6 +368,30 @@ def test_a_scripts_metrics_too_big_or_of_the_wrong_shape_fail_the_run(
     assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
     assert len(api.get(f"/v1/orgs/{org.org_id}/trainings", headers=org.viewer).content) < 10_000
     assert open_object_store(settings).list(f"orgs/{org.org_id}/models/") == []
+
+
+def test_a_script_printing_nul_characters_fails_at_once_with_its_words_kept(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    """PostgreSQL's text takes no NUL: the failure could not be written, and the run read running until its lease ran
+    out, then was retried as if its worker were lost."""
+    script = install_script(
+        scripts_dir,
+        "nul.py",
+        """
+        import json, sys
+        print(json.dumps({"stage": "load\\u0000ing"}), flush=True)
+        sys.stderr.write("bad value: a\\x00b\\n")
+        sys.exit(3)
+    """,
+    )
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    assert run_training(run_id, script_worker) == "failed"
+    run = run_of(api, org, run_id)
+    assert (run["status"], run["attempts"]) == ("failed", 1)
+    assert "bad value: a\\x00b" in run["error"]
+    assert "load\\x00ing" in [line["stage"] for line in logs(api, org, run_id)]
 
 
 def test_a_script_outside_the_operators_folder_is_refused(
