@@ -82,9 +82,9 @@ def read_model(store: ObjectStore, prefix: str, sha256: str) -> bytes:
     return get_verified_bytes(store, prefix + MODEL_FILE, sha256)
 
 
-def read_native_model(store: ObjectStore, prefix: str) -> str | None:
+def read_native_model(store: ObjectStore, prefix: str) -> bytes | None:
     key = prefix + NATIVE_MODEL_FILE
-    return store.get_bytes(key).decode() if store.exists(key) else None
+    return store.get_bytes(key) if store.exists(key) else None
 
 
 def remove_version(prefix: str, *stores: ObjectStore) -> None:

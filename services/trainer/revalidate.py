@@ -17,7 +17,9 @@ from sqlalchemy.orm import Session
 
 from services.trainer import artifacts
 from services.trainer.context import WorkerContext
+from services.trainer.native_scores import score_natively
 from services.trainer.pipeline.validate import Gates
+from services.trainer.sandbox import Limits
 from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large, unhealthy
 from shared.audit import record_change
 from shared.db.models import ModelVersion, Organization
@@ -144,4 +146,9 @@ def _judge_stored(
         model = artifacts.read_model(context.store, prefix, sha256)
     except (ArtifactIntegrityError, NotFound) as error:
         return unhealthy(size, gates, f"cannot be read back: {error.message}")
-    return judge(model, artifacts.read_native_model(context.store, prefix), holdout, gates)
+    native_model = artifacts.read_native_model(context.store, prefix)
+    native = None
+    if native_model is not None:
+        limits = Limits.for_org(context.settings, org_config)
+        native = score_natively(context.sandbox, native_model, holdout.features, len(holdout.classes), limits)
+    return judge(model, native, holdout, gates)

@@ -48,6 +48,7 @@ from services.trainer.disk_usage import DiskUsage, HiddenFiles, TooDeep
 from services.trainer.zygote import STDERR_LOG, STDOUT_LOG, Message, MessageReader, send
 from shared import workspaces
 from shared.errors import InvalidInput, TransientError
+from shared.schemas import OrgConfig
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,11 @@ class Limits:
             max_open_files=settings.training_max_open_files,
             disk_mb=settings.training_disk_mb,
         )
+
+    @classmethod
+    def for_org(cls, settings: Settings, org_config: OrgConfig) -> Limits:
+        """The workers' limits with the org's own (`config.training`) in their place."""
+        return cls.from_settings(settings).with_overrides(org_config.training.limit_overrides())
 
     def with_overrides(self, overrides: Mapping[str, object]) -> Limits:
         """These limits with some replaced, named in camelCase as an org's config names them (e.g. "timeoutS")."""

@@ -22,6 +22,7 @@ from services.trainer import artifacts, runs
 from services.trainer.context import WorkerContext
 from services.trainer.extract import extract_database, extract_dataset
 from services.trainer.heartbeat import Heartbeat
+from services.trainer.native_scores import NativeScores, score_natively
 from services.trainer.outputs import SCRIPT_METRICS_FILE, collect_outputs
 from services.trainer.pipeline.data import TrainingData, load_training_data, split_holdout, with_positive_class
 from services.trainer.pipeline.train import check_objective, check_trainable, rows_fitted
@@ -159,11 +160,14 @@ class _Steps:
         runs.log(self.context.sessions, self.attempt, stage, message, level=level)
 
     def enter(self, stage: str, percent: int) -> None:
+        self.stop_if_asked()
+        runs.set_progress(self.context.sessions, self.attempt, stage, percent)
+
+    def stop_if_asked(self) -> None:
         if self.heartbeat.lost.is_set():
             raise LeaseLost(f"run {self.attempt.run_id} was taken over")
         if self.heartbeat.cancelled.is_set():
             raise Cancelled("cancelled")
-        runs.set_progress(self.context.sessions, self.attempt, stage, percent)
 
     def extract(self, workdir: Path) -> TrainingData:
         self.enter("extracting", 5)
@@ -232,9 +236,7 @@ class _Steps:
         config_file = workdir / "config.json"
         config_file.write_bytes(orjson.dumps(self._script_config(train, train_file, outputs)))
         script = self._script()
-        limits = Limits.from_settings(self.context.settings).with_overrides(
-            self.attempt.org_config.training.limit_overrides()
-        )
+        limits = Limits.for_org(self.context.settings, self.attempt.org_config)
         with ProgressWriter(self._script_progress) as progress:
             result = self.context.sandbox.run(
                 script, config_file, workdir, limits, should_stop=self.heartbeat.should_stop, on_output=progress.feed
@@ -352,7 +354,7 @@ class _Steps:
         self, prefix: str, sha256: str, holdout: TrainingData, gates: Gates, footprint: FootprintProbe
     ) -> Verdict:
         stored = artifacts.read_model(self.context.store, prefix, sha256)
-        native = artifacts.read_native_model(self.context.store, prefix)
+        native = self._native_scores(prefix, holdout)
         verdict = judge(stored, native, holdout, gates, footprint=footprint)
         for gate in verdict.report["gates"]:
             outcome = "passed" if gate["passed"] else "FAILED"
@@ -361,7 +363,24 @@ class _Steps:
                 f"gate {gate['name']}: {gate['value']} against {gate['threshold']}: {outcome}",
                 level="info" if gate["passed"] else "warning",
             )
+        if "note" in verdict.report:
+            self.log("validating", verdict.report["note"], level="warning")
         return verdict
+
+    def _native_scores(self, prefix: str, holdout: TrainingData) -> NativeScores | None:
+        native_model = artifacts.read_native_model(self.context.store, prefix)
+        if native_model is None:
+            return None
+        native = score_natively(
+            self.context.sandbox,
+            native_model,
+            holdout.features,
+            len(holdout.classes),
+            Limits.for_org(self.context.settings, self.attempt.org_config),
+            should_stop=self.heartbeat.should_stop,
+        )
+        self.stop_if_asked()
+        return native
 
     def _stored_config(self) -> dict[str, Any]:
         config = self.attempt.config

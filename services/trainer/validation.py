@@ -8,13 +8,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import lightgbm
 import numpy as np
 import onnxruntime
 
+from services.trainer.native_scores import NativeScores
 from services.trainer.pipeline.data import TrainingData
 from services.trainer.pipeline.export import INPUT_NAME, PROBABILITIES_OUTPUT
-from services.trainer.pipeline.train import predict_proba
 from services.trainer.pipeline.validate import (
     MB,
     FootprintProbe,
@@ -53,16 +52,17 @@ def too_large(model_size_bytes: int, gates: Gates) -> bool:
 
 def judge(
     model: bytes,
-    native_model: str | None,
+    native: NativeScores | None,
     holdout: TrainingData,
     gates: Gates,
     *,
     footprint: FootprintProbe | None = None,
 ) -> Verdict:
-    """Every gate on `model` (bytes read back from the store): health, holdout metrics, parity, size, cost.
+    """Every gate on `model` (bytes read back from the store): health, holdout metrics, parity against `native`
+    (the booster's answers on the held-out rows; None when the version has no model.txt), size, cost.
 
-    `footprint` is a memory probe of these bytes started earlier, while the caller had a core to spare; without
-    one, the probe starts here and loads while this process does the rest."""
+        `footprint` is a memory probe of these bytes started earlier, while the caller had a core to spare; without
+        one, the probe starts here and loads while this process does the rest."""
     with footprint or FootprintProbe.start(model, holdout.features.shape[1]) as probe:
         try:
             served = _served_probabilities(model, holdout.features)
@@ -72,14 +72,15 @@ def judge(
         if len(holdout.classes) > 2:
             metrics["perClass"] = per_class_metrics(holdout.labels, served, list(holdout.classes))
         parity_diff = None
-        if native_model is not None:
-            booster = lightgbm.Booster(model_str=native_model)
-            parity_diff = max_abs_difference(predict_proba(booster, holdout.features), served)
+        if native is not None and native.probabilities is not None:
+            parity_diff = max_abs_difference(native.probabilities, served)
         report: dict[str, Any] = dict(
             apply_gates(
                 metrics=metrics, model_size_bytes=len(model), parity_diff=parity_diff, onnx_loads=True, gates=gates
             )
         )
+        if native is not None and native.problem is not None:
+            report["note"] = f"the stored model.txt {native.problem}"
         report["serving"] = measure_serving(model, holdout.features, footprint=probe)
     return Verdict(metrics=metrics, report=report)
 

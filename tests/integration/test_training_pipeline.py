@@ -512,6 +512,34 @@ def test_an_output_that_is_no_regular_file_fails_the_run_and_is_never_read(
     assert run["version"] is None
 
 
+def test_a_model_txt_that_aborts_lightgbm_rejects_the_version_and_the_worker_lives_on(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    """LightGBM parses a model inside an OpenMP region, where a malformed one ends the process (std::terminate): read
+    by the worker itself, this model.txt killed it, and every retry of the run killed another."""
+    from services.trainer.revalidate import revalidate
+
+    garble = (
+        'import re; text = open(out + "/model.txt").read(); '
+        'open(out + "/model.txt", "w").write(re.sub(r"split_feature=\\S+", "split_feature=99999999", text))'
+    )
+    script = install_script(scripts_dir, "garbled.py", then(garble))
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+
+    assert run_training(run_id, script_worker) == "rejected"
+
+    run = run_of(api, org, run_id)
+    model = api.get(f"/v1/orgs/{org.org_id}/models/{run['version']}", headers=org.viewer).json()
+    assert run["attempts"] == 1 and "parity" in model["validation"]["failed"]
+    note = model["validation"]["note"]
+    assert note.startswith("the stored model.txt does not run in LightGBM: killed by SIGABRT"), note
+    assert note in [line["message"] for line in logs(api, org, run_id)]
+    assert revalidate(org.org_id, run["version"], script_worker) == "rejected"
+    again = api.get(f"/v1/orgs/{org.org_id}/models/{run['version']}", headers=org.viewer).json()["validation"]
+    assert again["note"].startswith("the stored model.txt does not run in LightGBM: killed by SIGABRT")
+
+
 def test_a_link_planted_where_the_worker_writes_the_held_out_rows_is_never_followed(
     api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
 ) -> None:

@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session
 
 from deploy.local import ai4i
 from services.trainer.artifacts import save_holdout
+from services.trainer.native_scores import NativeScores
 from services.trainer.pipeline.data import TrainingData, load_training_data
 from services.trainer.pipeline.export import booster_to_onnx
-from services.trainer.pipeline.train import fit_booster
+from services.trainer.pipeline.train import fit_booster, predict_proba
 from services.trainer.pipeline.validate import Gates
 from services.trainer.validation import judge
 from shared.db.models import ModelVersion
@@ -74,7 +75,8 @@ def register_judgeable(engine: Engine, store: ObjectStore, org_id: str, gates: d
     """A version as a finished run leaves it, judged under `gates` (validated or rejected, with that report), with
     everything a later judgement reads in the store: model.onnx, model.txt and the held-out rows."""
     booster, model, holdout = _judgeable()
-    verdict = judge(model, booster.model_to_string(), holdout, Gates().with_overrides(gates))
+    native = NativeScores(predict_proba(booster, holdout.features))
+    verdict = judge(model, native, holdout, Gates().with_overrides(gates))
     version = register_model(engine, store, org_id, model, passed=verdict.passed)
     prefix = model_prefix(org_id, version)
     store.put_bytes(prefix + NATIVE_MODEL_FILE, booster.model_to_string().encode())
