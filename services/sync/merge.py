@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
-from decimal import Decimal
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy import Table
 
@@ -82,16 +85,31 @@ def last_writer_wins(*, local: Version, central: Version) -> Resolution:
 
 
 def as_json(value: Any) -> Any:
-    """A value as a conflict record, an audit row or a base keeps it (JSON): times and decimals as text, bytes as
-    base64, and the floats JSON has no number for as their names. Fields are compared in this form, so that a field
-    read back from its base compares equal to the value it was saved from."""
-    if isinstance(value, Decimal):
+    """A value as a conflict record, an audit row or a base keeps it (JSON): times, decimals and UUIDs as text,
+    durations (PostgreSQL's interval) as `P<days>DT<seconds>.<microseconds>S`, bytes as base64, and the floats JSON
+    has no number for as their names. Fields are compared in this form, so that a field read back from its base
+    compares equal to the value it was saved from."""
+    if isinstance(value, Decimal | UUID):
         return str(value)
+    if isinstance(value, timedelta):
+        return f"P{value.days}DT{value.seconds}.{value.microseconds:06d}S"
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # "inf", "-inf", "nan": float() reads them back
     return value.isoformat() if isinstance(value, date | time) else value
+
+
+_DURATION = re.compile(r"P(-?\d+)DT(\d+)\.(\d{6})S")
+
+
+def _duration(text: str) -> timedelta | str:
+    """A duration as as_json wrote it; other text as it is."""
+    found = _DURATION.fullmatch(text)
+    if found is None:
+        return text
+    days, seconds, microseconds = map(int, found.groups())
+    return timedelta(days=days, seconds=seconds, microseconds=microseconds)
 
 
 _FROM_TEXT: dict[type, Callable[[str], Any]] = {
@@ -101,6 +119,8 @@ _FROM_TEXT: dict[type, Callable[[str], Any]] = {
     Decimal: Decimal,
     bytes: base64.b64decode,
     float: float,
+    UUID: UUID,
+    timedelta: _duration,
 }
 
 
@@ -128,15 +148,24 @@ def merge_fields(*, local: Version, central: Version, base: dict[str, Any]) -> R
     for name in local.row.keys() | central.row.keys():
         mine, theirs = local.row.get(name), central.row.get(name)
         before = base.get(name)
-        if as_json(mine) == as_json(theirs) or as_json(theirs) == before:
+        if _same(mine, as_json(theirs)) or _same(theirs, before):
             merged[name] = mine
-        elif as_json(mine) == before:
+        elif _same(mine, before):
             merged[name] = theirs
         else:
             overlapping.append(name)
             merged[name] = newer.row.get(name)
     stamp = after_both(local.stamp, central.stamp, node="central")
     return Resolution(MERGED, Version(merged, stamp), sorted(overlapping))
+
+
+def _same(value: Any, kept: Any) -> bool:
+    """Whether `value` equals `kept`, a value in as_json's form; a decimal by its number, not its text: a SQLite file
+    gives back 12.5 for the 12.50 a central NUMERIC(10,2) keeps, which no side changed."""
+    if isinstance(value, Decimal) and isinstance(kept, str):
+        with suppress(InvalidOperation):
+            return value == Decimal(kept)
+    return bool(as_json(value) == kept)
 
 
 def jsonable(row: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,36 @@ def test_field_merge_keeps_both_sides_changes_to_different_fields(
 
     assert sync.local("SELECT device, value, patient FROM readings WHERE id = 1") == [("pump-9", 1.0, "Ada King")]
     assert sync.central(f"SELECT device FROM {sync.central_table} WHERE id = 1") == [("pump-9",)]
+    [conflict] = sync.conflicts()
+    assert conflict["outcome"] == "merged"
+
+
+def test_field_merge_takes_a_sqlite_numeric_read_back_at_another_scale_as_unchanged(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """A SQLite file gives back 12.5 for the 12.50 its central NUMERIC(10,2) copy (and so the base) keeps. Compared
+    as text, the local field looked changed, and the central change to it was dropped as overlapping."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, name TEXT, amount NUMERIC(10, 2))",
+        "INSERT INTO t VALUES (1, 'a', 12.5)",
+        policy="field-merge",
+    )
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET amount = 12.50 WHERE id = 1")
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET amount = 13.00 WHERE id = 1")
+    time.sleep(0.05)
+    sync.local("UPDATE t SET name = 'b' WHERE id = 1")
+
+    sync.run()
+    sync.run()
+
+    assert sync.local("SELECT id, name, amount FROM t") == [(1, "b", 13)]
+    assert sync.central(f"SELECT id, name, amount FROM {sync.central_table}") == [(1, "b", Decimal("13.00"))]
     [conflict] = sync.conflicts()
     assert conflict["outcome"] == "merged"
 

@@ -123,6 +123,44 @@ def test_field_merge_compares_timestamp_and_numeric_fields_with_their_base(
     assert (conflict["outcome"], datetime.fromisoformat(conflict["localVersion"]["taken"]).year) == ("merged", 2026)
 
 
+@pytest.mark.parametrize("policy", ["last-writer-wins", "field-merge"])
+def test_uuid_and_interval_fields_pass_through_deletions_conflicts_and_bases(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str, policy: str
+) -> None:
+    """Kept as JSON (a deletion's audit row, a conflict, a field-merge base), a UUID or a timedelta had no JSON form:
+    the job failed, and every job after it, for good."""
+    sync = open_postgres_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        local_url,
+        policy,
+        "CREATE TABLE notes (id integer PRIMARY KEY, ref uuid, span interval, body text)",
+        "INSERT INTO notes VALUES (1, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '1 hour', 'x'), "
+        "(2, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12', '1 day 2 hours 0.000005 seconds', 'y')",
+        **NOTES,
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.local("DELETE FROM notes WHERE id = 1")
+    sync.local("UPDATE notes SET body = 'local' WHERE id = 2")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET span = interval '3 hours' WHERE id = 2")
+
+    jobs = [sync.run(), sync.run()]
+
+    assert [(job["status"], error_of(job)) for job in jobs] == [("succeeded", ""), ("succeeded", "")]
+    # Last writer wins: the later central edit, whole; field-merge: each side's change.
+    expected_body = "local" if policy == "field-merge" else "y"
+    [(span,)] = sync.central("SELECT interval '3 hours'")
+    ref = UUID("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12")
+    assert sync.local("SELECT id, ref, span, body FROM notes") == [(2, ref, span, expected_body)]
+    assert sync.central(f"SELECT id, ref, span, body FROM {sync.central_table}") == [(2, ref, span, expected_body)]
+    [conflict] = sync.conflicts()
+    assert conflict["localVersion"]["ref"] == str(ref)
+    assert conflict["localVersion"]["span"] == "P1DT7200.000005S"
+    assert conflict["centralVersion"]["span"] == "P0DT10800.000000S"
+
+
 def test_field_merge_keeps_a_local_change_to_a_sensitive_timestamp_beside_a_later_central_one(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
 ) -> None:
