@@ -56,6 +56,11 @@ class Heartbeat:
                 self.lost.set()
                 return
             except Exception:
-                # The database may come back before the lease runs out; until then the attempt goes on.
+                # The database may come back before the lease runs out; until then the attempt goes on. After it,
+                # by this process's own clock (started once the last renewal had returned), another worker may
+                # have taken the run over already.
                 log.warning("run %s: lease renewal failed", self.attempt.run_id, exc_info=True)
+                if time.monotonic() - renewed >= self.lease_s:
+                    self.lost.set()
+                    return
                 time.sleep(CHECK_S)

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, event, text, update
 
 from services.trainer import runs
+from services.trainer.heartbeat import Heartbeat
 from shared.cancellation import request_cancel
 from shared.db.migrate import upgrade
 from shared.db.models import Dataset, Organization, TrainingRun
@@ -25,6 +26,7 @@ from shared.schemas import TrainingConfig
 from shared.settings import Settings
 from shared.submissions import queue_run
 from tests.integration.conftest import OrgKeys, config
+from tests.support.servers import free_port
 
 
 @pytest.fixture
@@ -105,6 +107,20 @@ def test_an_attempt_whose_lease_ran_out_cannot_renew_it_once_its_slot_went_to_an
     assert [run_of(api, org, run_id)["status"] for run_id in (first, second)] == ["queued", "running"]
     queue = api.get(f"/v1/orgs/{org.org_id}/queue", headers=org.viewer).json()
     assert (queue["running"], queue["maxConcurrentTrainings"]) == (1, 1)
+
+
+def test_an_attempt_cut_off_from_the_database_for_its_lease_stops(sessions: SessionFactory, run_id: str) -> None:
+    """Past its lease another worker may have taken the run over: two scripts of one run would run at once."""
+    attempt = runs.claim_run(sessions, run_id, worker="w1", lease_s=2)
+    assert attempt is not None
+    unreachable = make_session_factory(
+        create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/kiln", pool_pre_ping=False)
+    )
+
+    with Heartbeat(unreachable, attempt, lease_s=2) as heartbeat:
+        lost = heartbeat.lost.wait(timeout=30)
+
+    assert lost and not heartbeat.cancelled.is_set()
 
 
 def test_a_lost_worker_hands_the_run_back_until_the_attempts_run_out(
