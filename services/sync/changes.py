@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -470,10 +470,25 @@ def forget(connection: Connection, log: ChangeLog, *, table: str, keys: Iterable
         )
 
 
-def log_merges(connection: Connection, log: ChangeLog, *, table: str, keys: Iterable[str], at_ms: int) -> None:
-    rows = [{"t": table, "k": key, "o": ORIGIN_MERGE, "at": at_ms} for key in keys]
+def log_merges(
+    connection: Connection,
+    log: ChangeLog,
+    *,
+    table: str,
+    keys: Iterable[str],
+    at_ms: int,
+    held: Mapping[str, str] | None = None,
+) -> None:
+    """Log central records the local store must take from the central one. `held` names, by key, the stamp of the
+    version the local store holds until then (kept as the row's `replaced`): what a local edit made before the pull
+    was made against."""
+    held = held or {}
+    rows = [{"t": table, "k": key, "o": ORIGIN_MERGE, "at": at_ms, "r": held.get(key)} for key in keys]
     if rows:
-        connection.execute(text(f"INSERT INTO {log.log} (tbl, pk, origin, at_ms) VALUES (:t, :k, :o, :at)"), rows)
+        columns, values = ("tbl, pk, origin, at_ms, replaced", ":t, :k, :o, :at, :r")
+        if not log.stamps:
+            columns, values = ("tbl, pk, origin, at_ms", ":t, :k, :o, :at")
+        connection.execute(text(f"INSERT INTO {log.log} ({columns}) VALUES ({values})"), rows)
 
 
 def _quoted(connection: Connection, name: str) -> str:

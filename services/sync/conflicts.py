@@ -68,11 +68,12 @@ def apply_choices(pair: TablePair) -> None:
         connection = session.connection()
         begin_applying(connection, CENTRAL_LOG)
         current = read(connection, pair.central_table, pair.key, [conflict.record_key for conflict in chosen])
-        writes, deletes, keys = [], {}, []
+        writes, deletes, keys, going_down = [], {}, [], []
         for conflict in chosen:
             existing = current.get(conflict.record_key)
             if conflict.outcome == KEPT_CENTRAL:
                 _keep_central_as_it_is(pair, conflict, existing)
+                going_down.append(conflict.record_key)
             elif _central_moved(conflict, existing):
                 _reopen(session, pair, conflict, existing)
                 continue
@@ -89,7 +90,9 @@ def apply_choices(pair: TablePair) -> None:
         upsert(connection, pair.central_table, pair.key, writes)
         delete_centrally(session, connection, pair, deletes)
         forget(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, after=watermark(session, pair, DOWN))
-        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, at_ms=wall_clock_ms())
+        # A local version kept is the one the local store holds (or an edit of it since, which goes up as a copy):
+        # only a central one has to go down. Logged, a kept local one made that edit a conflict again, held anew.
+        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=going_down, at_ms=wall_clock_ms())
         end_applying(connection, CENTRAL_LOG)
 
 

@@ -150,12 +150,19 @@ def _push(
         moves.conflicts += 1
         if resolution.kept is not None:
             forget(connection, CENTRAL_LOG, table=pair.central_name, keys=[key], after=down_after)
-            moves.settle(pair, key, resolution.kept, row, existing)
+            moves.settle(pair, key, resolution.kept, mine, existing)
     upsert(connection, pair.central_table, pair.key, moves.writes)
     _save_bases(session, pair, moves.bases)
     delete_centrally(session, connection, pair, moves.deletes)
     if pair.spec.sends_down:
-        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=moves.merged, at_ms=wall_clock_ms())
+        log_merges(
+            connection,
+            CENTRAL_LOG,
+            table=pair.central_name,
+            keys=moves.merged,
+            at_ms=wall_clock_ms(),
+            held=moves.merged,
+        )
     return moves
 
 
@@ -168,8 +175,9 @@ class _Moves:
     deletes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Central records to put back in the local store, which deleted them and lost.
     restores: list[dict[str, Any]] = field(default_factory=list)
-    # Records whose central version differs from the local one after the batch: they go down.
-    merged: list[str] = field(default_factory=list)
+    # Records whose central version differs from the local one after the batch: they go down. By key, the stamp of
+    # the local version, which the local store holds until they do.
+    merged: dict[str, str] = field(default_factory=dict)
     # The bases to save (services/sync/merge.py), as the central store holds a record: sealed.
     bases: list[dict[str, Any]] = field(default_factory=list)
     copies: int = 0
@@ -190,15 +198,14 @@ class _Moves:
         if base:
             self.bases.append(row)
 
-    def settle(
-        self, pair: TablePair, key: str, kept: Version, row: dict[str, Any] | None, existing: dict[str, Any] | None
-    ) -> None:
+    def settle(self, pair: TablePair, key: str, kept: Version, mine: Version, existing: dict[str, Any] | None) -> None:
         """A conflict's outcome, written where it is not yet: the deleting side restored, if its deletion lost."""
+        row = None if mine.deleted else mine.row
         if kept.deleted:
             if existing is not None:
                 self.deletes[key] = existing
             if row is not None:
-                self.merged.append(key)  # deleted centrally, and that won: the pull deletes it locally
+                self.merged[key] = mine.stamp.encode()  # deleted centrally, and that won: the pull deletes it locally
         elif row is None:
             self.restores.append(kept.row)  # before the central commit: both stores hold it once the batch has
             if existing is None or pair.plain(existing) != kept.row:
@@ -208,7 +215,7 @@ class _Moves:
         elif kept.row == row:
             self.write(_central_row(pair, kept, existing), base=True)
         else:
-            self.merged.append(key)
+            self.merged[key] = mine.stamp.encode()
             # Until the pull brings the kept version down, the local store still holds `row`: the version the
             # kept one was made from, so the one both sides agree on. Were the kept one the base, a local edit
             # made before that pull (or after a job cut off between the two) would find the local store's values
@@ -237,12 +244,15 @@ def _central_version(pair: TablePair, existing: dict[str, Any] | None, change: C
 def _stamp_before_central_edits(
     connection: Connection, pair: TablePair, key: str, existing: dict[str, Any] | None, after: int
 ) -> Stamp | None:
-    """The stamp of the version a local edit was made against: the one the central edits since `after` replaced.
-    The central record's own stamp is already that of its latest edit (set at capture)."""
+    """The stamp of the version a local edit was made against: the one the first central change since `after`
+    replaced. Of an application's edit, that is the version both sides last agreed on; of a merge a batch logged,
+    the local version the local store still held (the central record's stamp, that of the settled version, made
+    any such local edit win however much older). The central record's own stamp is already that of its latest edit
+    (set at capture)."""
     first = first_change(connection, CENTRAL_LOG, table=pair.central_name, key=key, after=after)
-    if first is not None and first.origin == ORIGIN_APP:
-        return Stamp.parse(first.replaced) if first.replaced else None
-    return stamp_of(existing)
+    if first is None:
+        return stamp_of(existing)
+    return Stamp.parse(first.replaced) if first.replaced else None
 
 
 def pull_batch(pair: TablePair) -> bool:

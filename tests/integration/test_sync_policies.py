@@ -37,6 +37,7 @@ from tests.integration.sync_support import (
     Sync,
     allow_connections,
     central_copies,
+    hold_a_conflict,
     make_local_store,
     many_readings,
     open_down_only_vitals,
@@ -75,6 +76,53 @@ def test_last_writer_wins_keeps_the_later_edit_and_the_loser(
     [conflict] = sync.conflicts()
     assert (conflict["outcome"], conflict["localVersion"]["value"]) == ("central-won", 10.0)
     assert "sync.conflict" in sync.audit_actions()
+
+
+def test_last_writer_wins_keeps_a_later_central_edit_over_a_local_one_split_across_batches(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Record 1 edited locally in the first batch and again in the second, the central edit the latest of all. The
+    first batch found the central edit later; the second was stamped past the central record's stamp and won."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "last-writer-wins")
+    sync.run()
+    more = [(n,) for n in range(100, 100 + sync.context.settings.sync_batch_size)]
+    with sqlite3.connect(sync.local_path) as local:
+        local.execute("UPDATE readings SET value = 10.0 WHERE id = 1")
+        local.executemany("INSERT INTO readings VALUES (?, 'pump', 0.0, NULL)", more)
+        local.execute("UPDATE readings SET value = 11.0 WHERE id = 1")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+
+    sync.run()
+    sync.run()
+
+    assert sync.local("SELECT value FROM readings WHERE id = 1") == [(99.0,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 1") == [(99.0,)]
+    assert {(c["outcome"], c["localVersion"]["value"]) for c in sync.conflicts()} == {("central-won", 11.0)}
+
+
+def test_last_writer_wins_keeps_a_later_central_edit_over_a_local_one_made_between_the_push_and_the_pull(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "last-writer-wins")
+    sync.run()
+    edit_both(sync, local="value = 10.0", central="value = 99.0")
+    batches: list[Tally] = []
+
+    def edit_both_after_the_push(tally: Tally) -> None:
+        if not batches:
+            batches.append(tally)
+            edit_both(sync, local="value = 20.0", central="value = 30.0")
+
+    assert run_job(sync.context, sync.submit(), after_batch=edit_both_after_the_push) == "succeeded"
+    sync.run()
+
+    assert sync.local("SELECT value FROM readings WHERE id = 1") == [(30.0,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 1") == [(30.0,)]
+    outcomes = sorted(
+        (c["outcome"], c["localVersion"]["value"], c["centralVersion"]["value"]) for c in sync.conflicts()
+    )
+    assert outcomes == [("central-won", 10.0, 99.0), ("central-won", 20.0, 30.0)]
 
 
 @pytest.fixture
@@ -260,6 +308,23 @@ def choose(sync: Sync, conflict_id: int, keep: str) -> None:
         f"/v1/orgs/{sync.org.org_id}/conflicts/{conflict_id}", json={"keep": keep}, headers=sync.org.admin
     )
     assert decided.status_code == 200, decided.text
+
+
+def test_manual_keeping_local_then_editing_it_again_sends_the_edit_up_without_a_new_conflict(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """The local store holds the version kept: logged to go down, it made the next local edit a conflict again."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    held = hold_a_conflict(sync)
+    choose(sync, held["conflictId"], "local")
+    sync.local("UPDATE readings SET value = 11.0 WHERE id = 1")
+
+    sync.run()
+    sync.run()
+
+    assert sync.local("SELECT value FROM readings WHERE id = 1") == [(11.0,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 1") == [(11.0,)]
+    assert [(c["status"], c["outcome"]) for c in sync.conflicts()] == [("resolved", "kept-local")]
 
 
 def test_manual_keeping_central_keeps_the_central_edits_made_while_the_conflict_was_held(
