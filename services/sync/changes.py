@@ -470,25 +470,16 @@ def forget(connection: Connection, log: ChangeLog, *, table: str, keys: Iterable
         )
 
 
-def log_merges(
-    connection: Connection,
-    log: ChangeLog,
-    *,
-    table: str,
-    keys: Iterable[str],
-    at_ms: int,
-    held: Mapping[str, str] | None = None,
-) -> None:
-    """Log central records the local store must take from the central one. `held` names, by key, the stamp of the
-    version the local store holds until then (kept as the row's `replaced`): what a local edit made before the pull
-    was made against."""
-    held = held or {}
-    rows = [{"t": table, "k": key, "o": ORIGIN_MERGE, "at": at_ms, "r": held.get(key)} for key in keys]
+def log_merges(connection: Connection, *, table: str, merges: Mapping[str, str | None], at_ms: int) -> None:
+    """Log in the central log the records the local store must take from the central one. `merges` maps each key to
+    the stamp of the version the local store holds until then, or None: kept as the row's `replaced`, it is what a
+    local edit made before the pull was made against."""
+    rows = [{"t": table, "k": key, "o": ORIGIN_MERGE, "at": at_ms, "r": held} for key, held in merges.items()]
     if rows:
-        columns, values = ("tbl, pk, origin, at_ms, replaced", ":t, :k, :o, :at, :r")
-        if not log.stamps:
-            columns, values = ("tbl, pk, origin, at_ms", ":t, :k, :o, :at")
-        connection.execute(text(f"INSERT INTO {log.log} ({columns}) VALUES ({values})"), rows)
+        connection.execute(
+            text(f"INSERT INTO {CENTRAL_LOG.log} (tbl, pk, origin, at_ms, replaced) VALUES (:t, :k, :o, :at, :r)"),
+            rows,
+        )
 
 
 def _quoted(connection: Connection, name: str) -> str:

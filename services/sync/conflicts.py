@@ -92,7 +92,7 @@ def apply_choices(pair: TablePair) -> None:
         forget(connection, CENTRAL_LOG, table=pair.central_name, keys=keys, after=watermark(session, pair, DOWN))
         # A local version kept is the one the local store holds (or an edit of it since, which goes up as a copy):
         # only a central one has to go down. Logged, a kept local one made that edit a conflict again, held anew.
-        log_merges(connection, CENTRAL_LOG, table=pair.central_name, keys=going_down, at_ms=wall_clock_ms())
+        log_merges(connection, table=pair.central_name, merges=dict.fromkeys(going_down), at_ms=wall_clock_ms())
         end_applying(connection, CENTRAL_LOG)
 
 

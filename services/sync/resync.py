@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, Text, cast, func, insert, literal, select
 from sqlalchemy.orm import Session
 
-from services.sync.changes import CENTRAL_LOG, LOCAL_LOG, ORIGIN_MERGE, log_merges, pending
+from services.sync.changes import LOCAL_LOG, ORIGIN_MERGE, log_merges, pending
 from services.sync.hlc import wall_clock_ms
 from services.sync.pair import TablePair
 from services.sync.store_marks import LOG, taken_position
@@ -118,5 +118,8 @@ def _log_records_gone_centrally(session: Session, local: Connection, pair: Table
         gone = {key_text(value) for value in values} - kept
         edited = pending(local, LOCAL_LOG, table=pair.spec.name, keys=gone, after=edited_after)
         log_merges(
-            session.connection(), CENTRAL_LOG, table=pair.central_name, keys=gone - edited.keys(), at_ms=wall_clock_ms()
+            session.connection(),
+            table=pair.central_name,
+            merges=dict.fromkeys(gone - edited.keys()),
+            at_ms=wall_clock_ms(),
         )

@@ -155,14 +155,7 @@ def _push(
     _save_bases(session, pair, moves.bases)
     delete_centrally(session, connection, pair, moves.deletes)
     if pair.spec.sends_down:
-        log_merges(
-            connection,
-            CENTRAL_LOG,
-            table=pair.central_name,
-            keys=moves.merged,
-            at_ms=wall_clock_ms(),
-            held=moves.merged,
-        )
+        log_merges(connection, table=pair.central_name, merges=moves.merged, at_ms=wall_clock_ms())
     return moves
 
 
@@ -246,9 +239,9 @@ def _stamp_before_central_edits(
 ) -> Stamp | None:
     """The stamp of the version a local edit was made against: the one the first central change since `after`
     replaced. Of an application's edit, that is the version both sides last agreed on; of a merge a batch logged,
-    the local version the local store still held (the central record's stamp, that of the settled version, made
-    any such local edit win however much older). The central record's own stamp is already that of its latest edit
-    (set at capture)."""
+    the local version the local store still held. (Taking the central record's stamp there, that of the settled
+    version, made such a local edit win, however much older.) The central record's own stamp is already that of its
+    latest edit (set at capture)."""
     first = first_change(connection, CENTRAL_LOG, table=pair.central_name, key=key, after=after)
     if first is None:
         return stamp_of(existing)

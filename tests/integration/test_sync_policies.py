@@ -125,6 +125,22 @@ def test_last_writer_wins_keeps_a_later_central_edit_over_a_local_one_made_betwe
     assert outcomes == [("central-won", 10.0, 99.0), ("central-won", 20.0, 30.0)]
 
 
+def test_a_one_way_tables_receiving_side_is_a_copy_its_own_edits_overwritten(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """As the README says of `direction`: a central edit of an `up` table is written over by the next local change of
+    the record, later or not, with no conflict."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "last-writer-wins", direction="up")
+    sync.run()
+    edit_both(sync, local="value = 10.0", central="value = 99.0")
+
+    job = sync.run()
+
+    assert (job["pushed"], job["conflicts"]) == (1, 0)
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 1") == [(10.0,)]
+    assert sync.conflicts() == []
+
+
 @pytest.fixture
 def local_clock_an_hour_fast(tmp_path: Path) -> Iterator[None]:
     """Every connection to the local store reads a clock one hour ahead, as on a machine whose clock runs fast."""

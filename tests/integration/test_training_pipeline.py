@@ -22,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sklearn.datasets import load_breast_cancer
 from sqlalchemy import Column, DateTime, Float, Integer, MetaData, Table, create_engine, insert
+from sqlalchemy.exc import DataError
 
 from deploy.local import ai4i
 from services.trainer import runs
@@ -121,12 +122,17 @@ def test_a_run_reads_the_orgs_own_database(
     assert any("read 20000 rows from table readings" in line["message"] for line in logs(api, org, run_id))
 
 
+def submit_against_an_unreachable_database(api: TestClient, org: OrgKeys) -> str:
+    """A run of an org whose datasource is a PostgreSQL server nothing listens for: each attempt fails transiently."""
+    url = f"postgresql+psycopg2://historian:pw@127.0.0.1:{free_port()}/plant"
+    api.put(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin, json={"url": url, "table": "readings"})
+    return submit(api, org, None)
+
+
 def test_an_unreachable_database_is_retried_then_fails_with_every_attempt_recorded(
     api: TestClient, org: OrgKeys, worker: WorkerContext
 ) -> None:
-    url = f"postgresql+psycopg2://historian:pw@127.0.0.1:{free_port()}/plant"
-    api.put(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin, json={"url": url, "table": "readings"})
-    run_id = submit(api, org, None)
+    run_id = submit_against_an_unreachable_database(api, org)
     assert run_training(run_id, worker) == "retrying"
     assert run_of(api, org, run_id)["status"] == "queued"
     assert run_training(run_id, worker) == "retrying"
@@ -141,9 +147,7 @@ def test_a_cancel_accepted_before_a_retry_is_queued_ends_the_run_cancelled(
     api: TestClient, org: OrgKeys, worker: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No worker claims a queued run that was asked to cancel: put back in the queue, it would read queued for good."""
-    url = f"postgresql+psycopg2://historian:pw@127.0.0.1:{free_port()}/plant"
-    api.put(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin, json={"url": url, "table": "readings"})
-    run_id = submit(api, org, None)
+    run_id = submit_against_an_unreachable_database(api, org)
     cancel_just_before(monkeypatch, "requeue", api, org)
     assert run_training(run_id, worker) == "cancelled"
     run = run_of(api, org, run_id)
@@ -154,9 +158,7 @@ def test_a_cancel_accepted_while_the_last_attempt_fails_ends_the_run_cancelled(
     api: TestClient, org: OrgKeys, worker: WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The 202 promised the run would stop: it ends cancelled, the failure it met kept as the reason."""
-    url = f"postgresql+psycopg2://historian:pw@127.0.0.1:{free_port()}/plant"
-    api.put(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin, json={"url": url, "table": "readings"})
-    run_id = submit(api, org, None)
+    run_id = submit_against_an_unreachable_database(api, org)
     assert run_training(run_id, worker) == "retrying"
     assert run_training(run_id, worker) == "retrying"
     cancel_just_before(monkeypatch, "finish", api, org)
@@ -367,6 +369,28 @@ def test_a_scripts_metrics_too_big_or_of_the_wrong_shape_fail_the_run(
     assert words in run_of(api, org, run_id)["error"]
     assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
     assert len(api.get(f"/v1/orgs/{org.org_id}/trainings", headers=org.viewer).content) < 10_000
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/models/") == []
+
+
+def test_a_version_the_database_refuses_leaves_no_artifacts_behind(
+    api: TestClient,
+    org: OrgKeys,
+    worker: WorkerContext,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused before anything committed, the version has no row: no erasure could ever reach its artifacts."""
+
+    def refused(*_args: Any, **_kwargs: Any) -> str:
+        raise DataError("INSERT INTO model_versions ...", {}, ValueError("value out of range"))
+
+    monkeypatch.setattr(runs, "register_version", refused)
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(5_000, seed=1), tmp_path))
+
+    assert run_training(run_id, worker) == "failed"
+
+    assert "value out of range" in run_of(api, org, run_id)["error"]
     assert open_object_store(settings).list(f"orgs/{org.org_id}/models/") == []
 
 
