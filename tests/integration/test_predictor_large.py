@@ -92,6 +92,8 @@ def test_another_org_is_answered_while_a_large_batch_runs_on_the_same_worker(
         client.join()
 
     assert answer.status_code == 200, answer.text[:500]
-    # On the event loop, a request arriving while the batch is scored waits for all of it: most of batch_s.
-    assert max(latencies) < batch_s / 3, (max(latencies), batch_s, len(latencies))
+    # On the event loop, a request arriving while the batch is scored waits for all of it: most of batch_s (0.83-0.85
+    # of it, measured with the batch kept on the loop). Off it, the longest wait was 0.04-0.18 of batch_s alone and
+    # 0.38 once beside the whole suite on 2 cores, so half of batch_s tells the two apart without timing the machine.
+    assert max(latencies) < batch_s / 2, (max(latencies), batch_s, len(latencies))
     assert len(latencies) >= 20
