@@ -42,6 +42,13 @@ MAX_REASON = 1000
 Row = TypeVar("Row", Schedule, SyncSchedule)
 
 
+def fires_to_come(schedule: Schedule | SyncSchedule, now: datetime, count: int = 1) -> list[datetime]:
+    """The schedule's next `count` fire times as of `now`: after it, and after its last fire. An api clock a few
+    seconds behind beat's would otherwise store again the fire beat has just done, and it would fire twice."""
+    start = now if schedule.last_fired_at is None else max(now, schedule.last_fired_at)
+    return next_fire_times(schedule.pattern, schedule.timezone, after=start, count=count)
+
+
 def fire_each_due(
     sessions: SessionFactory,
     model: type[Row],

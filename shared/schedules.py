@@ -41,32 +41,43 @@ _FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
 
 
 def check_pattern(pattern: str) -> str:
+    """The pattern as croniter is to read it, or ScheduleError saying why it cannot be scheduled."""
     if len(pattern.split()) != 5 or not croniter.is_valid(pattern):
         raise ScheduleError(f"pattern {pattern!r} is not a 5-field cron pattern such as '0 2 * * 0'")
-    _refuse_backward_ranges(pattern)
-    if not _ever_fires(pattern):
+    read = " ".join(
+        ",".join(_cron_atom(pattern, atom, spec) for atom in field.split(","))
+        for field, spec in zip(pattern.split(), _FIELDS, strict=True)
+    )
+    if not _ever_fires(read):
         raise ScheduleError(f"pattern {pattern!r} never fires: no date has that day in that month")
-    return pattern
+    return read
 
 
-def _refuse_backward_ranges(pattern: str) -> None:
-    """A range from high to low (`1-0`, `22-2`, `fri-mon`) is refused, as cron refuses it: croniter reads it as
-    wrapping round, so `1-0 * * * *` fires every minute."""
-    for field, (name, lowest, highest, names) in zip(pattern.split(), _FIELDS, strict=True):
-        for atom in field.split(","):
-            span, slash, step = atom.partition("/")
-            ends = span.split("-")
-            if len(ends) != 2:
-                continue
-            low, high = (int(end) if end.isdigit() else names.get(end.lower()) for end in ends)
-            if low is None or high is None or low <= high:
-                continue  # `L` and the like are croniter's to judge
-            top = highest - 1 if name == "day-of-week" else highest  # 7 is Sunday again
-            wrapped = ",".join(f"{a}-{b}{slash}{step}" if a < b else str(a) for a, b in ((low, top), (lowest, high)))
-            raise ScheduleError(
-                f"pattern {pattern!r}: the range {span} in its {name} field runs backwards; a cron range "
-                f"goes from low to high (for {low} round to {high}, write {wrapped})"
-            )
+def _cron_atom(pattern: str, atom: str, field: tuple[str, int, int, dict[str, int]]) -> str:
+    """One comma-separated part of a field, as cron means it. croniter reads any range whose end is not above its
+    start as wrapping round the whole field: `1-0`, but also `5-5` and `mon-mon`, fired every minute or day. cron
+    refuses the first and reads the second as its one value, and so does Kiln."""
+    name, lowest, highest, names = field
+    span, slash, step = atom.partition("/")
+    ends = span.split("-")
+    if len(ends) != 2:
+        return atom
+    low, high = (int(end) if end.isdigit() else names.get(end.lower()) for end in ends)
+    if name == "day-of-month" and low is not None and ends[1].upper() == "L" and low > 28:
+        raise ScheduleError(
+            f"pattern {pattern!r}: the range {span} in its {name} field runs backwards in a month shorter than "
+            f"{low} days, where croniter would fire every day; write {low}-31 (a month without a day skips it)"
+        )
+    if low is None or high is None or low < high:
+        return atom  # `L` and the like are croniter's to judge
+    if low == high:
+        return str(low)  # `5-5/2` too: a range of one value holds that value alone, whatever its step
+    top = highest - 1 if name == "day-of-week" else highest  # 7 is Sunday again
+    wrapped = ",".join(f"{a}-{b}{slash}{step}" if a < b else str(a) for a, b in ((low, top), (lowest, high)))
+    raise ScheduleError(
+        f"pattern {pattern!r}: the range {span} in its {name} field runs backwards; a cron range "
+        f"goes from low to high (for {low} round to {high}, write {wrapped})"
+    )
 
 
 def _ever_fires(pattern: str) -> bool:
@@ -85,12 +96,11 @@ def zone(name: str) -> ZoneInfo:
         raise ScheduleError(f"timezone {name!r} is not an IANA timezone such as 'America/New_York'") from None
 
 
-def _refuse_random(pattern: str) -> str:
+def _refuse_random(pattern: str) -> None:
     """A random field would give another fire time at each reading: beat and the schedule's view would disagree."""
     atoms = (atom for field in pattern.split() for atom in re.split(r"[,/-]", field))
     if any(_RANDOM.match(atom) for atom in atoms):
         raise ScheduleError(f"pattern {pattern!r} picks a random time (R): name the minute, hour and days instead")
-    return pattern
 
 
 def check_schedule(pattern: str, timezone: str) -> None:
@@ -100,7 +110,8 @@ def check_schedule(pattern: str, timezone: str) -> None:
     before they were refused still fires (at random). A range running backwards is refused in `check_pattern`, so
     a schedule stored with one before fails at its next fire and is disabled, recorded (shared/beat.py)."""
     try:
-        _refuse_random(check_pattern(pattern))
+        check_pattern(pattern)
+        _refuse_random(pattern)
     except ScheduleError as error:
         raise InvalidInput(str(error), field="pattern") from None
     try:

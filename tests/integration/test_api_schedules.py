@@ -3,13 +3,16 @@ is stored; the beats fire them alike."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, text, update
 
+from services.api.routers import schedule as schedule_router
 from services.sync.beat import fire_due_sync_schedules
 from services.trainer.beat import fire_due_schedules
 from shared.db.models import Schedule, SyncSchedule
@@ -273,3 +276,63 @@ def test_a_schedule_stored_with_a_backward_range_is_shown_then_disabled_at_its_n
     [failed] = audited(api, org, "schedule.failed")
     assert "runs backwards" in failed["detail"]["error"] and failed["detail"]["enabled"] is False
     assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).json()["enabled"] is False
+
+
+def test_a_schedule_set_again_by_an_api_whose_clock_is_behind_beats_does_not_fire_twice(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set with a clock reading a second before a fire beat has just done, the schedule once stored that fire again."""
+    assert put_training_schedule(api, org, dataset_id, pattern="* * * * *", timezone="UTC").status_code == 200
+    sessions = make_session_factory(engine)
+    with session_scope(sessions) as session:
+        due = session.get_one(Schedule, org.org_id).next_fire_at
+    assert due is not None
+    assert len(fire_due_schedules(sessions, now=due + timedelta(seconds=1))) == 1
+    monkeypatch.setattr(schedule_router, "utcnow", lambda: due - timedelta(seconds=1))
+    assert put_training_schedule(api, org, dataset_id, pattern="* * * * *", timezone="UTC").status_code == 200
+    monkeypatch.undo()
+
+    shown = api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).json()
+    assert fire_due_schedules(sessions, now=due + timedelta(seconds=6)) == []
+    assert shown["lastFiredAt"] is not None and shown["nextFireTimes"][0] > shown["lastFiredAt"]
+
+
+def test_a_schedule_set_while_its_dataset_is_erased_is_refused_or_the_erasure_is(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine
+) -> None:
+    """Both wait on the org's lock: the one that goes second sees what the first did, so no schedule is left
+    naming an erased dataset (each week's run would fail)."""
+    answers: dict[str, int] = {}
+
+    def erase() -> None:
+        answers["erase"] = api.delete(f"/v1/orgs/{org.org_id}/datasets/{dataset_id}", headers=org.trainer).status_code
+
+    def schedule() -> None:
+        answers["schedule"] = put_training_schedule(api, org, dataset_id, pattern="0 2 * * 1").status_code
+
+    with engine.connect() as holder, holder.begin() as held:
+        holder.execute(text("SELECT 1 FROM organizations WHERE id = :org FOR NO KEY UPDATE"), {"org": org.org_id})
+        first, second = threading.Thread(target=erase), threading.Thread(target=schedule)
+        first.start()
+        wait_for_lock_waiters(engine, 1)
+        second.start()
+        wait_for_lock_waiters(engine, 2)
+        held.rollback()
+    first.join(30)
+    second.join(30)
+
+    assert answers == {"erase": 200, "schedule": 409}, answers
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404
+
+
+def wait_for_lock_waiters(engine: Engine, count: int) -> None:
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 10
+    while True:
+        with engine.connect() as connection:
+            if connection.scalar(query) >= count:
+                return
+        assert time.monotonic() < deadline, f"fewer than {count} requests wait for the org's lock"
+        time.sleep(0.05)

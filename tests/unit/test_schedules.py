@@ -110,3 +110,36 @@ def test_a_range_running_backwards_is_refused_naming_it_and_how_to_write_it(
 )
 def test_ranges_going_up_are_kept(pattern: str) -> None:
     check_schedule(pattern, "UTC")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "as_written"),
+    [
+        ("5-5 * * * *", "5 * * * *"),
+        ("5-5/2 * * * *", "5 * * * *"),
+        ("0 3-3 * * *", "0 3 * * *"),
+        ("0 2 * * 1-1", "0 2 * * 1"),
+        ("0 2 * * mon-mon", "0 2 * * 1"),
+        ("0 2 * * sun-sun", "0 2 * * 0"),
+        ("0 0 1 feb-feb *", "0 0 1 2 *"),
+        ("0 0 1,10-10 * *", "0 0 1,10 * *"),
+    ],
+)
+def test_a_range_of_one_value_fires_as_that_value_alone(pattern: str, as_written: str) -> None:
+    """croniter wraps such a range round the whole field: `5-5 * * * *` fired every minute, `0 2 * * 1-1` daily."""
+    check_schedule(pattern, "UTC")
+    after = utc(2026, 3, 1)
+    assert next_fire_times(pattern, "UTC", after=after, count=6) == next_fire_times(
+        as_written, "UTC", after=after, count=6
+    )
+
+
+def test_a_range_to_the_last_day_from_past_the_28th_is_refused_naming_how_to_write_it() -> None:
+    """In February, croniter reads `29-L` as 29 round to 28, every day of the month."""
+    with pytest.raises(InvalidInput) as refused:
+        check_schedule("0 0 29-L * *", "UTC")
+    assert refused.value.field == "pattern"
+    assert "runs backwards in a month shorter than 29 days" in refused.value.message
+    assert "write 29-31" in refused.value.message
+    fires = next_fire_times("0 0 29-31 * *", "UTC", after=utc(2027, 1, 30), count=3)
+    assert fires == [utc(2027, 1, 31), utc(2027, 3, 29), utc(2027, 3, 30)]

@@ -10,11 +10,12 @@ from services.api.deps import OrgAdmin, OrgViewer, SessionDep
 from services.api.schemas import ScheduleIn, ScheduleOut
 from services.api.training_checks import check_source
 from shared.audit import record_change
+from shared.beat import fires_to_come
 from shared.db.models import Schedule
 from shared.db.types import utcnow
 from shared.errors import NotFound
 from shared.org_lock import lock_org
-from shared.schedules import DST_POLICY, ScheduleError, check_schedule, next_fire_times
+from shared.schedules import DST_POLICY, ScheduleError, check_schedule
 
 router = APIRouter(prefix="/v1/orgs/{org}/schedule", tags=["schedule"])
 
@@ -25,12 +26,14 @@ SHOWN_FIRES = 5
 def put_schedule(body: ScheduleIn, access: OrgAdmin, session: SessionDep) -> ScheduleOut:
     """Set the schedule; beat picks the change up at its next tick, without a restart."""
     check_schedule(body.pattern, body.timezone)
-    check_source(session, body.training_config, org_id=access.org_id)
     lock_org(session, access.org_id)  # the first two at once: the second finds the row the first made, and sets it
-    row = session.get(Schedule, access.org_id) or Schedule(org_id=access.org_id)
+    # Under the org's lock, as a dataset's erasure checks for a schedule under it: one of the two is refused.
+    check_source(session, body.training_config, org_id=access.org_id)
+    # Locked, so a beat firing it now either fires first (and its last fire is seen here) or after the change.
+    row = session.get(Schedule, access.org_id, with_for_update=True) or Schedule(org_id=access.org_id)
     row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
     row.training_config = body.training_config.to_wire()
-    row.next_fire_at = _upcoming(row, utcnow(), 1)[0] if body.enabled else None
+    row.next_fire_at = fires_to_come(row, utcnow())[0] if body.enabled else None
     row.updated_at = utcnow()
     session.add(row)
     session.flush()
@@ -67,15 +70,11 @@ def _existing(session: SessionDep, org_id: str) -> Schedule:
     return row
 
 
-def _upcoming(row: Schedule, after: datetime, count: int) -> list[datetime]:
-    return next_fire_times(row.pattern, row.timezone, after=after, count=count)
-
-
 def _shown(row: Schedule) -> list[datetime]:
     """The next fire times; none for a schedule stored before a rule its pattern breaks (beat disables it at its
     next fire, recording why), which can still be read and set again."""
     try:
-        return _upcoming(row, utcnow(), SHOWN_FIRES) if row.enabled else []
+        return fires_to_come(row, utcnow(), SHOWN_FIRES) if row.enabled else []
     except ScheduleError:
         return []
 

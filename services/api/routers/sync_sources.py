@@ -29,12 +29,13 @@ from services.api.sync_schemas import (
     SyncSourceOut,
 )
 from shared.audit import record_change
+from shared.beat import fires_to_come
 from shared.db.models import Organization, SyncResync, SyncSchedule, SyncSource
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound, SourceBeingDeleted
 from shared.org_lock import lock_org
 from shared.queues import sync_queue
-from shared.schedules import ScheduleError, check_schedule, next_fire_times
+from shared.schedules import ScheduleError, check_schedule
 from shared.schemas import OrgConfig
 from shared.source_lock import one_job_per_source
 from shared.store_access import store_identity
@@ -192,9 +193,12 @@ def put_schedule(source_id: str, body: SyncScheduleIn, access: OrgAdmin, session
     check_schedule(body.pattern, body.timezone)
     lock_org(session, access.org_id)  # the first two at once: the second finds the row the first made, and sets it
     source = active_source(session, source_id, org_id=access.org_id)
-    row = session.get(SyncSchedule, source.id) or SyncSchedule(source_id=source.id, org_id=access.org_id)
+    # Locked, so a beat firing it now either fires first (and its last fire is seen here) or after the change.
+    row = session.get(SyncSchedule, source.id, with_for_update=True) or SyncSchedule(
+        source_id=source.id, org_id=access.org_id
+    )
     row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
-    row.next_fire_at = _upcoming(row, utcnow(), 1)[0] if body.enabled else None
+    row.next_fire_at = fires_to_come(row, utcnow())[0] if body.enabled else None
     row.updated_at = utcnow()
     session.add(row)
     session.flush()
@@ -295,15 +299,11 @@ def _existing_schedule(session: Session, source_id: str, org_id: str) -> SyncSch
     return row
 
 
-def _upcoming(row: SyncSchedule, after: datetime, count: int) -> list[datetime]:
-    return next_fire_times(row.pattern, row.timezone, after=after, count=count)
-
-
 def _shown(row: SyncSchedule) -> list[datetime]:
     """The next fire times; none for a schedule stored before a rule its pattern breaks (the sync beat disables it
     at its next fire, recording why), which can still be read and set again."""
     try:
-        return _upcoming(row, utcnow(), SHOWN_FIRES) if row.enabled else []
+        return fires_to_come(row, utcnow(), SHOWN_FIRES) if row.enabled else []
     except ScheduleError:
         return []
 
