@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from services.api.lookups import get_owned
@@ -74,18 +74,24 @@ def refuse_in_service(session: Session, *, org_id: str, version: str) -> None:
     pointer = session.get_one(Deployment, current.deployment_id)
     if pointer.version is None or pointer.status == DEPLOYMENT_FAILED or pointer.loaded_at is not None:
         return
-    before = session.scalar(
-        select(Deployment)
-        .where(Deployment.org_id == org_id, Deployment.id < pointer.id, Deployment.status != DEPLOYMENT_FAILED)
-        .order_by(Deployment.id.desc())
-        .limit(1)
-    )
-    if before is not None and before.version == version:
+    if _serving_until_loaded(session, pointer) == version:
         raise Conflict(
             f"version {version} still serves organization {org_id} until deployment {pointer.id} of version "
             f"{pointer.version} has loaded on a predictor (and again if a predictor refuses it): try again once it "
             f"has, or undeploy (DELETE /v1/orgs/{org_id}/deployment) first"
         )
+
+
+def _serving_until_loaded(session: Session, pointer: Deployment) -> str | None:
+    """The version predictors serve until `pointer` has loaded: the newest one before it that loaded, however
+    many deployments since have not (an undeploy since: none). With no load on record, the one just before it."""
+    earlier = select(Deployment).where(
+        Deployment.org_id == pointer.org_id, Deployment.id < pointer.id, Deployment.status != DEPLOYMENT_FAILED
+    )
+    newest_first = earlier.order_by(Deployment.id.desc()).limit(1)
+    settled = session.scalar(newest_first.where(or_(Deployment.loaded_at.is_not(None), Deployment.version.is_(None))))
+    before = settled if settled is not None else session.scalar(newest_first)
+    return before.version if before is not None else None
 
 
 def failed_gates(row: ModelVersion) -> list[str]:

@@ -414,6 +414,30 @@ def test_the_version_serving_until_a_new_deployment_loads_is_not_erased(
     assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["rollbackAvailable"] is False
 
 
+def test_the_version_serving_while_two_newer_deployments_wait_to_load_is_not_erased(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore
+) -> None:
+    """Predictors serve the last version they loaded however many deployments since wait to load: erasing it let
+    them serve a version that could never come back."""
+    served, waiting, newest = (stored_version(engine, store, org.org_id) for _ in range(3))
+    for version in (served, waiting, newest):
+        deployed = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
+        assert deployed.status_code == 201
+        if version == served:  # as a predictor records its first load
+            with Session(engine) as session, session.begin():
+                session.execute(
+                    update(Deployment).where(Deployment.version == served).values(loaded_at=datetime.now(UTC))
+                )
+
+    refused = erase(api, org, served)
+
+    assert refused.status_code == 409, refused.text
+    assert f"still serves organization {org.org_id} until deployment" in refused.json()["error"]
+    assert f"of version {newest} has loaded" in refused.json()["error"]
+    assert store.list(model_prefix(org.org_id, served)) != []
+    assert erase(api, org, waiting).status_code == 200  # superseded before any predictor loaded it
+
+
 def test_a_version_is_erased_by_the_orgs_admins_only(
     api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, org_id: str
 ) -> None:
