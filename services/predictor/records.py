@@ -20,9 +20,10 @@ from shared.db.types import utcnow
 log = logging.getLogger(__name__)
 
 BATCH_ROWS = 5_000
-# Beyond this many requests waiting (the database is down or slow), new records are dropped and counted rather
-# than letting memory grow without end.
-MAX_WAITING = 50_000
+# Beyond this many rows waiting (the database is down or slow), new records are dropped and counted rather than
+# letting memory grow without end: ~220 bytes a row here, so ~110 MB. Counted in rows, not requests: one request
+# may carry 200,000 rows.
+MAX_WAITING_ROWS = 500_000
 
 
 @dataclass(frozen=True)
@@ -49,18 +50,23 @@ class Answered:
 
 
 class PredictionRecorder(threading.Thread):
-    def __init__(self, sessions: SessionFactory, flush_s: float) -> None:
+    def __init__(self, sessions: SessionFactory, flush_s: float, max_waiting_rows: int = MAX_WAITING_ROWS) -> None:
         super().__init__(name="prediction-records", daemon=True)
         self.sessions = sessions
         self.flush_s = flush_s
+        self.max_waiting_rows = max_waiting_rows
         self.dropped = 0
         self._queue: queue.SimpleQueue[Answered] = queue.SimpleQueue()
+        self._waiting_rows = 0
+        self._counting = threading.Lock()  # requests add from their threads, this thread takes
         self._stopping = threading.Event()
 
     def add(self, *, org_id: str, version: str, answers: list[dict[str, Any]], latency_ms: float) -> None:
-        if self._queue.qsize() >= MAX_WAITING:
-            self.dropped += len(answers)
-            return
+        with self._counting:
+            if self._waiting_rows + len(answers) > self.max_waiting_rows:
+                self.dropped += len(answers)
+                return
+            self._waiting_rows += len(answers)
         self._queue.put(Answered(org_id, version, answers, latency_ms, utcnow()))
 
     def run(self) -> None:
@@ -82,8 +88,7 @@ class PredictionRecorder(threading.Thread):
                 written += self._write(batch)
             except (OperationalError, InterfaceError, TimeoutError):
                 log.warning("could not write prediction records; retrying later", exc_info=True)
-                for answered in batch:
-                    self._queue.put(answered)
+                self._put_back(batch)
                 break
             except DBAPIError:
                 written += self._write_each(batch)
@@ -100,8 +105,7 @@ class PredictionRecorder(threading.Thread):
             try:
                 written += self._write([answered])
             except (OperationalError, InterfaceError, TimeoutError):
-                for waiting in batch[index:]:
-                    self._queue.put(waiting)
+                self._put_back(batch[index:])
                 break
             except DBAPIError as error:
                 self.dropped += len(answered.answers)
@@ -124,4 +128,13 @@ class PredictionRecorder(threading.Thread):
                 break
             batch.append(answered)
             rows += len(answered.answers)
+        with self._counting:
+            self._waiting_rows -= rows
         return batch
+
+    def _put_back(self, batch: list[Answered]) -> None:
+        """Records the database could not take now, queued again whatever is waiting: they were counted in once."""
+        with self._counting:
+            self._waiting_rows += sum(len(answered.answers) for answered in batch)
+        for answered in batch:
+            self._queue.put(answered)

@@ -12,10 +12,12 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 
 from services.predictor.app import create_app
 from services.predictor.records import PredictionRecorder
+from shared.db.models import Prediction
 from shared.db.session import make_session_factory
 from shared.layout import model_key
 from shared.settings import Settings
@@ -231,6 +233,22 @@ def test_a_record_the_database_refuses_is_dropped_and_counted_and_holds_back_no_
     assert (recorder.flush(), recorder.dropped) == (4, 2)
     assert sorted(record["label"] for record in records_of(api, org)) == ["failure", "failure", "ok", "ok"]
     assert recorder.flush() == 0
+
+
+def test_records_waiting_for_the_database_are_capped_by_rows_not_requests(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    """Capped by requests, 50,000 of 1000 rows waited through an outage: ~11 GB before the first was dropped."""
+    recorder = PredictionRecorder(make_session_factory(engine), flush_s=60, max_waiting_rows=1000)
+    answer = {"score": 0.9, "label": "failure", "riskLevel": "high"}
+    for _ in range(3):
+        recorder.add(org_id=org.org_id, version="v1", answers=[answer] * 400, latency_ms=1.0)
+
+    assert (recorder.flush(), recorder.dropped) == (800, 400)
+    recorder.add(org_id=org.org_id, version="v1", answers=[answer] * 1000, latency_ms=1.0)
+    assert (recorder.flush(), recorder.dropped) == (1000, 400)
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).where(Prediction.org_id == org.org_id)) == 1800
 
 
 def test_an_org_that_keeps_no_records_leaves_none(
