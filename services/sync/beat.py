@@ -14,13 +14,13 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from services.sync.celery_app import LONGEST_JOB_S
 from shared.audit import record_change
 from shared.beat import DatabaseBeat, fire_each_due
-from shared.db.models import Organization, SyncSchedule, SyncSource
+from shared.db.models import Organization, Prediction, SyncSchedule, SyncSource
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
 from shared.outbox import KIND_DELETE_SOURCE_TASK, KIND_SYNC_TASK, relay
@@ -31,7 +31,6 @@ from shared.queues import (
     send_purge_task,
     send_sync_task,
 )
-from shared.schemas import OrgConfig
 from shared.sync_jobs import deletion_refusal, queue_source_deletion, queue_sync_job
 
 log = logging.getLogger(__name__)
@@ -105,17 +104,15 @@ def _queue_deletion_again(session: Session, source: SyncSource, *, now: datetime
 
 
 def orgs_to_purge(sessions: SessionFactory) -> list[str]:
-    """The orgs with records to keep within their retention period: synced ones, or prediction records."""
+    """The orgs with records to keep within their retention period: synced ones, or prediction records. Those
+    holding prediction records, not those recording now: records kept before recording was turned off age too."""
+    holding_predictions = exists().where(Prediction.org_id == Organization.id)  # by ix_predictions_org_id_id
     with session_scope(sessions) as session:
         with_sources = set(
             session.scalars(select(SyncSource.org_id).where(SyncSource.deletion_requested_at.is_(None)).distinct())
         )
-        recording = {
-            org.id
-            for org in session.scalars(select(Organization))
-            if OrgConfig.model_validate(org.config).predictions.record
-        }
-    return sorted(with_sources | recording)
+        with_predictions = set(session.scalars(select(Organization.id).where(holding_predictions)))
+    return sorted(with_sources | with_predictions)
 
 
 class SyncScheduler(DatabaseBeat):

@@ -607,6 +607,32 @@ def test_retention_purges_prediction_records_older_than_it_with_an_audit_row(
     assert org_id in orgs_to_purge(sync_context.sessions)  # the beat purges it, though it has no sync source
 
 
+def test_prediction_records_kept_before_recording_was_turned_off_are_still_purged(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str
+) -> None:
+    """The beat chose the orgs recording now: records from before the switch were kept past retention for good."""
+    create_org_with_keys(sync_api, org_id)
+    config = {"retentionDays": 30, "predictions": {"record": True}}
+    assert sync_api.patch(f"/v1/orgs/{org_id}", json={"config": config}, headers=ADMIN).status_code == 200
+    with session_scope(sync_context.sessions) as session:
+        session.add(
+            Prediction(
+                org_id=org_id,
+                version="v1",
+                score=0.9,
+                label="1",
+                risk_level="high",
+                latency_ms=0.2,
+                at=utcnow() - timedelta(days=400),
+            )
+        )
+    stopped = {"config": {"predictions": {"record": False}}}
+    assert sync_api.patch(f"/v1/orgs/{org_id}", json=stopped, headers=ADMIN).status_code == 200
+
+    assert org_id in orgs_to_purge(sync_context.sessions)
+    assert purge_expired(sync_context, org_id) == 1
+
+
 def test_a_store_out_of_reach_is_audited_and_the_orgs_other_records_are_purged(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
