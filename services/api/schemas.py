@@ -137,7 +137,10 @@ class DataSourceIn(CamelModel):
     url: str = Field(min_length=1, description="SQLAlchemy URL; its password is stored encrypted")
     table: str = Field(min_length=1, max_length=200)
     timestamp_column: str | None = Field(None, min_length=1, max_length=200)
-    column_map: dict[str, str] = Field(default_factory=dict, description="source column -> name used in trainings")
+    column_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="source column -> name used in trainings; one column per name; a renamed one goes by its new name",
+    )
 
 
 class DataSourceOut(CamelOut):

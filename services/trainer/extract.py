@@ -3,18 +3,20 @@ org's own database read in chunks, only the columns and the date range the run n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, func, select, sql, types
+from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, func, select, sql, type_coerce, types
 from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
 
 from services.trainer.runs import DatabaseSource
+from shared.column_map import source_columns
 from shared.db.answers import NoAnswer
 from shared.db.session import make_org_engine, with_shipped_driver
 from shared.errors import InvalidInput, TransientError
@@ -80,8 +82,7 @@ def _query(
         table = Table(source.table, MetaData(), autoload_with=connection)
     except NoSuchTableError:
         raise InvalidInput(f"table {source.table!r} does not exist in the data source", field="datasource") from None
-    source_names = {kiln: original for original, kiln in source.column_map.items()}
-    wanted = {name: source_names.get(name, name) for name in columns}
+    wanted = source_columns(source.column_map, columns)
     missing = sorted(
         f"{original} (for {name})" if original != name else name
         for name, original in wanted.items()
@@ -89,10 +90,28 @@ def _query(
     )
     if missing:
         raise InvalidInput(f"table {source.table!r} has no column {', '.join(missing)}", field="datasource")
-    query = select(*(table.c[original].label(name) for name, original in wanted.items()))
+    query = select(*(_as_read(table.c[original]).label(name) for name, original in wanted.items()))
     if start is not None or end is not None:
         query = query.where(*_in_range(table, source, connection.dialect.name, start, end))
     return query
+
+
+class _BooleanAsStored(types.TypeDecorator[Any]):
+    """A BOOLEAN cell as the driver gives it: SQLAlchemy would read a SQLite cell through bool(), making 2, 'no' and
+    'false' True. PostgreSQL gives True and False; _column checks the rest."""
+
+    impl = types.NullType
+    cache_ok = True
+
+
+def _as_read(column: Column[Any]) -> ColumnElement[Any]:
+    """A source column as the worker reads it. Decimals as float64, the features' type (the model sees float32): each
+    chunk would otherwise infer its own decimal precision and scale, and a wider one later could not join the file."""
+    if isinstance(column.type, types.Boolean):
+        return type_coerce(column, _BooleanAsStored())
+    if isinstance(column.type, types.Numeric):
+        return type_coerce(column, types.Numeric(asdecimal=False))
+    return column
 
 
 def _in_range(
@@ -105,7 +124,10 @@ def _in_range(
             f"table {source.table!r} has no timestamp column {source.timestamp_column!r}", field="datasource"
         )
     stamp: Column[object] = table.c[source.timestamp_column]
-    if not isinstance(stamp.type, types.DateTime):
+    # SQLite has no timestamp type: a column declared DATETIME or TIMESTAMP holds text like any other, which
+    # SQLAlchemy's DateTime would compare as text: "2024-01-02 00:00:00" sorts before the bound it writes,
+    # "2024-01-02 00:00:00.000000", and a "T" or an offset sorts by its characters, not its instant.
+    if dialect == "sqlite" or not isinstance(stamp.type, types.DateTime):
         return _text_in_range(stamp, dialect, start, end)
     aware = bool(stamp.type.timezone)
     # A column without a zone holds UTC by Kiln's convention, so it is compared with naive UTC bounds.
@@ -116,8 +138,9 @@ def _in_range(
 def _text_in_range(
     stamp: Column[object], dialect: str, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
-    """Timestamps kept as ISO 8601 text (a SQLite store's, or their synced central copy), compared as instants:
-    text with an offset at that offset, text without one as UTC (the connection's zone, see _connect_args)."""
+    """Timestamps kept as ISO 8601 text (a SQLite store's, whatever its declared type, or their synced central copy),
+    compared as instants: text with an offset at that offset, text without one as UTC (the connection's zone, see
+    _open)."""
     conditions = []
     for bound, later in ((start, True), (end, False)):
         if bound is None:
@@ -171,13 +194,13 @@ def _failed_while_reading(error: OperationalError) -> TransientError:
 
 
 def _arrow_type(column_type: types.TypeEngine[Any]) -> pa.DataType | None:
-    """The Arrow type a column's declared type reads as; None where the values decide (decimals, timestamps with or
-    without a zone, a SQLite column declared without a type)."""
-    if isinstance(column_type, types.Boolean):
+    """The Arrow type of a column as _as_read selects it; None where the values decide (timestamps with or without a
+    zone, a SQLite column declared without a type)."""
+    if isinstance(column_type, _BooleanAsStored):
         return pa.bool_()
     if isinstance(column_type, types.Integer):
         return pa.int64()
-    if isinstance(column_type, types.Float):
+    if isinstance(column_type, types.Float | types.Numeric):
         return pa.float64()
     if isinstance(column_type, types.String):
         return pa.string()
@@ -187,13 +210,53 @@ def _arrow_type(column_type: types.TypeEngine[Any]) -> pa.DataType | None:
 def _column(chunk: Sequence[Row[Any]], index: int, name: str, kind: pa.DataType | None) -> pa.Array:
     """One column of a chunk. Its values are the org's records (a patient's name in a mistyped cell): an error
     names the column and never quotes one."""
+    exact = _EXACT.get(kind)
     try:
-        return pa.array([row[index] for row in chunk], type=kind)
+        cells = pa.array([row[index] for row in chunk], type=kind if exact is None else None)
     except (pa.ArrowInvalid, pa.ArrowTypeError):
-        expected = f"its declared type ({kind})" if kind is not None else "one type"
-        raise InvalidInput(
-            f"column {name!r} of the data source holds values that do not all read as {expected}", field="datasource"
-        ) from None
+        raise _mistyped(name, kind, because=None if exact is None else exact.otherwise) from None
+    if exact is None:
+        return cells
+    if not exact.holds(cells):
+        raise _mistyped(name, kind, because=exact.otherwise)
+    return cells.cast(kind)
+
+
+class _Exact(NamedTuple):
+    """A kind whose cells are read as they are, then checked: pyarrow's own conversion to it changes values."""
+
+    holds: Callable[[pa.Array], bool]
+    otherwise: str
+
+
+def _booleans(cells: pa.Array) -> bool:
+    """SQLite keeps a boolean as the integer 0 or 1; any other cell (2, 'no', 0.5) is no boolean Kiln can read."""
+    if cells.type in (pa.bool_(), pa.null()):
+        return True
+    if not pa.types.is_integer(cells.type):
+        return False
+    low, high = (bound.as_py() for bound in pc.min_max(cells).values())
+    return low in (0, 1) and high in (0, 1)
+
+
+def _integers(cells: pa.Array) -> bool:
+    """A SQLite INTEGER column keeps 1.5 as REAL, which pyarrow's conversion would cut to 1."""
+    return cells.type in (pa.int64(), pa.null())
+
+
+_EXACT = {
+    pa.bool_(): _Exact(_booleans, "values other than 0 and 1"),
+    pa.int64(): _Exact(_integers, "values that are not whole numbers"),
+}
+
+
+def _mistyped(name: str, kind: pa.DataType | None, *, because: str | None) -> InvalidInput:
+    expected = f"its declared type ({kind})" if kind is not None else "one type"
+    reason = f": it holds {because}" if because is not None else ""
+    return InvalidInput(
+        f"column {name!r} of the data source holds values that do not all read as {expected}{reason}",
+        field="datasource",
+    )
 
 
 def _as_first_chunk(table: pa.Table, schema: pa.Schema) -> pa.Table:

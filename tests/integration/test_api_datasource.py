@@ -79,6 +79,17 @@ def test_a_password_given_as_a_query_parameter_is_refused_and_not_stored(api: Te
     assert api.get(f"/v1/orgs/{org.org_id}/datasource", headers=org.viewer).status_code == 404
 
 
+def test_a_column_map_giving_two_source_columns_one_name_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys
+) -> None:
+    response = put(api, org, {**SOURCE, "columnMap": {"TT_101": "temperature", "TT_102": "temperature"}})
+
+    assert response.status_code == 422
+    assert response.json()["field"] == "columnMap"
+    assert "renames both 'TT_101' and 'TT_102' to 'temperature'" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasource", headers=org.viewer).status_code == 404
+
+
 def test_only_an_org_admin_sets_the_datasource(api: TestClient, org: OrgKeys) -> None:
     assert put(api, org, SOURCE, headers=org.trainer).status_code == 403
 

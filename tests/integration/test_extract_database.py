@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table, create_engine, insert
+from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table, create_engine, insert, text
 from sqlalchemy.engine import make_url
 
 from services.trainer import extract
@@ -234,10 +234,12 @@ def sqlite_store(tmp_path: Path, schema: str, rows: Sequence[tuple[object, ...]]
     return f"sqlite:///{path}"
 
 
-def read_columns(url: str, tmp_path: Path, columns: list[str]) -> dict[str, list[object]]:
+def read_columns(
+    url: str, tmp_path: Path, columns: list[str], column_map: dict[str, str] | None = None
+) -> dict[str, list[object]]:
     target = tmp_path / "out.parquet"
     extract_database(
-        source(url, column_map={}, timestamp_column=None),
+        source(url, column_map=column_map or {}, timestamp_column=None),
         None,
         columns=columns,
         start=None,
@@ -364,3 +366,149 @@ def test_timestamps_kept_as_text_in_sqlite_select_the_range_as_instants(tmp_path
         rules=rules(tmp_path),
     )
     assert rows == 2 and pq.read_table(tmp_path / "out.parquet").column("id").to_pylist() == [3, 5]
+
+
+def test_a_target_renamed_by_column_map_cannot_come_back_as_a_feature_under_its_source_name(tmp_path: Path) -> None:
+    """{"FAULT": "machine_failure"}: the feature FAULT would be the target itself, and the model learn its label."""
+    rows = [(1, 70.5, 0), (2, 71.5, 1)]
+    url = sqlite_store(
+        tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, temperature REAL, FAULT INTEGER)", rows
+    )
+
+    with pytest.raises(InvalidInput) as raised:
+        read_columns(url, tmp_path, ["temperature", "FAULT", "machine_failure"], {"FAULT": "machine_failure"})
+
+    assert str(raised.value) == (
+        "column 'FAULT' is renamed by columnMap to 'machine_failure': a renamed column is read only by its new name"
+    )
+    assert raised.value.field == "columnMap"
+
+
+def test_a_name_column_map_gives_reads_the_renamed_column_and_hides_the_source_column_of_that_name(
+    tmp_path: Path,
+) -> None:
+    """{"a": "b"} on a table holding a and b: b is the source column a; the source column b cannot be read."""
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, a REAL, b REAL)", [(1, 1.0, 9.0)])
+
+    assert read_columns(url, tmp_path, ["id", "b"], {"a": "b"}) == {"id": [1], "b": [1.0]}
+    with pytest.raises(InvalidInput, match="column 'a' is renamed by columnMap to 'b'"):
+        read_columns(url, tmp_path, ["a", "b"], {"a": "b"})
+
+
+def test_a_column_map_giving_two_columns_one_name_fails_the_run_naming_both(tmp_path: Path) -> None:
+    """A map stored before the api refused it: x would silently have read one of a and b."""
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, a REAL, b REAL)", [(1, 1.0, 9.0)])
+
+    with pytest.raises(InvalidInput, match="columnMap renames both 'a' and 'b' to 'x'"):
+        read_columns(url, tmp_path, ["x"], {"a": "x", "b": "x"})
+
+
+def read_ids_in_range(url: str, tmp_path: Path, start: datetime, end: datetime) -> list[object]:
+    extract_database(
+        source(url, column_map={}),
+        None,
+        columns=["id"],
+        start=start,
+        end=end,
+        target=tmp_path / "out.parquet",
+        rules=rules(tmp_path),
+    )
+    ids: list[object] = pq.read_table(tmp_path / "out.parquet").column("id").to_pylist()
+    return ids
+
+
+def test_sqlite_timestamps_in_a_datetime_column_select_the_range_as_instants(tmp_path: Path) -> None:
+    """SQLite keeps a DATETIME column's values as the text it was given: compared as text, "T" and offsets misorder."""
+    rows = [
+        (1, "2024-01-01 23:30:00"),
+        (2, "2024-01-02T01:30:00+02:00"),  # the 1st in UTC
+        (3, "2024-01-02 12:00:00.5"),
+        (4, "2024-01-02 23:30:00-05:00"),  # the 3rd in UTC
+        (5, "2024-01-02T18:00:00Z"),
+    ]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, recorded_at DATETIME)", rows)
+
+    ids = read_ids_in_range(url, tmp_path, datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 2, 23, 59, tzinfo=UTC))
+
+    assert ids == [3, 5]
+
+
+def test_a_sqlite_timestamp_column_keeps_the_rows_exactly_at_the_range_bounds(tmp_path: Path) -> None:
+    rows = [
+        (1, "2024-01-01 23:59:59"),
+        (2, "2024-01-02 00:00:00"),
+        (3, "2024-01-02 06:00:00"),
+        (4, "2024-01-02 06:00:01"),
+    ]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, recorded_at TIMESTAMP)", rows)
+
+    ids = read_ids_in_range(url, tmp_path, datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 2, 6, tzinfo=UTC))
+
+    assert ids == [2, 3]
+
+
+@pytest.mark.parametrize("cell", ["false", "no", 2, 0.5, "MRN-778812"])
+def test_a_sqlite_boolean_cell_other_than_0_or_1_fails_the_read_naming_its_column(tmp_path: Path, cell: object) -> None:
+    """SQLAlchemy reads a SQLite BOOLEAN through bool(): 'false', 'no' and 2 would all have been True."""
+    rows = [(1, 1), (2, cell), (3, 0)]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, failed BOOLEAN)", rows)
+
+    with pytest.raises(InvalidInput) as raised:
+        read_columns(url, tmp_path, ["failed"])
+
+    assert str(raised.value) == (
+        "column 'failed' of the data source holds values that do not all read as its declared type (bool): "
+        "it holds values other than 0 and 1"
+    )
+
+
+def test_a_sqlite_boolean_column_of_0_and_1_reads_as_booleans(tmp_path: Path) -> None:
+    rows = [(1, 1), (2, 0), (3, None), (4, True)]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, failed BOOLEAN)", rows)
+
+    assert read_columns(url, tmp_path, ["failed"]) == {"failed": [True, False, None, True]}
+
+
+def test_a_fraction_in_a_sqlite_integer_column_fails_the_read_naming_its_column(tmp_path: Path) -> None:
+    """SQLite keeps 1.5 in an INTEGER column as REAL; read as an integer it would have become 1."""
+    rows = [(1, 1), (2, 1.5), (3, 3)]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, count INTEGER)", rows)
+
+    with pytest.raises(InvalidInput) as raised:
+        read_columns(url, tmp_path, ["count"])
+
+    assert str(raised.value) == (
+        "column 'count' of the data source holds values that do not all read as its declared type (int64): "
+        "it holds values that are not whole numbers"
+    )
+
+
+def test_sqlite_decimals_that_widen_after_the_first_chunk_read_as_floats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extract, "CHUNK_ROWS", 2)
+    rows = [(1, 1), (2, 2), (3, 1000.25), (4, 2.5)]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, price NUMERIC(10, 2))", rows)
+
+    assert read_columns(url, tmp_path, ["price"]) == {"price": [1.0, 2.0, 1000.25, 2.5]}
+    assert pq.read_schema(tmp_path / "out.parquet").field("price").type == "double"
+
+
+def test_postgresql_decimals_that_widen_after_the_first_chunk_read_as_floats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(extract, "CHUNK_ROWS", 2)
+    with fresh_postgres_database() as url:
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(
+                text("CREATE TABLE readings (id serial PRIMARY KEY, amount numeric, price numeric(10, 2))")
+            )
+            connection.execute(
+                text("INSERT INTO readings (amount, price) VALUES (1, 1), (2, 2), (1000.25, 1000.25), (2.5, 2.5)")
+            )
+        engine.dispose()
+
+        read = read_columns(url, tmp_path, ["amount", "price"])
+
+    assert read == {"amount": [1.0, 2.0, 1000.25, 2.5], "price": [1.0, 2.0, 1000.25, 2.5]}

@@ -11,6 +11,7 @@ from sqlalchemy.exc import ArgumentError
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
 from services.api.schemas import DataSourceIn, DataSourceOut
 from shared.audit import record_change
+from shared.column_map import check_column_map
 from shared.db.models import DataSource
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, NotFound
@@ -28,6 +29,7 @@ MASK = "***"
 @router.put("", response_model=DataSourceOut)
 def put_datasource(body: DataSourceIn, access: OrgAdmin, session: SessionDep, resources: ResourcesDep) -> DataSourceOut:
     url = checked_url(body.url)
+    check_column_map(body.column_map)
     context = datasource_context(access.org_id)
     password = None if url.password is None else resources.secrets.encrypt(str(url.password), context=context)
     lock_org(session, access.org_id)  # the first two at once: the second finds the row the first made, and sets it
