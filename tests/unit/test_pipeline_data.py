@@ -322,3 +322,21 @@ def test_a_target_value_that_is_no_class_is_refused_naming_the_column(
         load_training_data(path, feature_columns=["x"], target_column="y")
 
     assert raised.value.field == "targetColumn" and raised.value.detail == {"column": "y"}
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), 1e39, -3.5e38])
+def test_a_feature_value_beyond_float32_is_refused_naming_the_column(tmp_path: Path, value: float) -> None:
+    """It became an infinity, silently: a model trained and judged on rows the predictor refuses."""
+    path = _write(tmp_path, {"x": [1.0, value, 3.0, float("nan")], "y": [0, 1, 0, 1]})
+
+    with pytest.raises(InvalidInput, match=re.escape("feature column 'x' has 1 values that are infinite or beyond")):
+        load_training_data(path, feature_columns=["x"], target_column="y")
+
+
+def test_a_feature_at_float32s_largest_value_and_a_missing_one_are_kept(tmp_path: Path) -> None:
+    largest = float(np.finfo(np.float32).max)
+    path = _write(tmp_path, {"x": [largest, -largest, float("nan"), 1.0], "y": [0, 1, 0, 1]})
+
+    features = load_training_data(path, feature_columns=["x"], target_column="y").features[:, 0]
+
+    assert features[:2].tolist() == [largest, -largest] and np.isnan(features[2])

@@ -257,12 +257,30 @@ def _count(matches: pa.ChunkedArray) -> int:
     return int(pc.sum(matches).as_py() or 0)
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _feature_matrix(table: pa.Table, feature_columns: list[str]) -> np.ndarray:
     """Each column via float64, so float32 rounding happens once, in numpy, as it will at serving time."""
     matrix = np.empty((table.num_rows, len(feature_columns)), dtype=np.float32)
     for index, name in enumerate(feature_columns):
-        matrix[:, index] = pc.cast(table[name], pa.float64(), safe=False).to_numpy()
+        values = pc.cast(table[name], pa.float64(), safe=False).to_numpy()
+        _refuse_beyond_float32(values, name)
+        matrix[:, index] = values
     return matrix
+
+
+def _refuse_beyond_float32(values: np.ndarray, name: str) -> None:
+    """The model runs on float32 and the predictor refuses a value beyond its range: such a value would become an
+    infinity here, and the model be trained and judged on rows it can never be asked about. NaN is a missing value."""
+    beyond = int(np.count_nonzero(np.abs(values) > FLOAT32_MAX))
+    if beyond:
+        raise _column_error(
+            f"feature column {name!r} has {beyond} values that are infinite or beyond float32's range (±3.4e38), "
+            "which the model cannot take: leave them empty (a missing value) or scale the column",
+            name,
+            "featureColumns",
+        )
 
 
 def _subset(data: TrainingData, rows: np.ndarray) -> TrainingData:
