@@ -108,6 +108,12 @@ def three_classes(rows: int = 300) -> dict[str, Any]:
             "objective binary needs a target with 2 classes; this one has 3: use multiclass",
         ),
         (
+            failures_when_hot(100),
+            {"hyperparameters": {"objective": "multiclass"}},
+            "objective multiclass needs a target with 3 or more classes; this one has 2: use binary, with "
+            "positiveClass naming the class that counts",
+        ),
+        (
             {"x": [0.0, 1.0, 2.0], "y": ["ok", "failure", "ok"]},
             {"validationSplit": 0.5, "hyperparameters": {"earlyStoppingRounds": 5}},
             "earlyStoppingRounds watches 10% of the rows trained on, and 1 row cannot be split: leave "

@@ -20,10 +20,18 @@ _MULTICLASS_OBJECTIVES = frozenset({"multiclass", "softmax", "multiclassova", "m
 
 
 def check_objective(hyperparameters: Hyperparameters, n_classes: int) -> None:
-    """Refuse, before a script runs, a binary objective on a target of more classes."""
+    """Refuse, before a script runs, a binary objective on a target of more classes, and a multiclass one on a
+    target of two: a model of two classes is judged as binary (precision and recall of the positive class), so a
+    multiclass run would have got neither macro averages nor a way to name the class that counts."""
     if hyperparameters.objective == "binary" and n_classes != 2:
         raise InvalidInput(
             f"objective binary needs a target with 2 classes; this one has {n_classes}: use multiclass",
+            field="hyperparameters.objective",
+        )
+    if hyperparameters.objective == "multiclass" and n_classes == 2:
+        raise InvalidInput(
+            "objective multiclass needs a target with 3 or more classes; this one has 2: use binary, with "
+            "positiveClass naming the class that counts",
             field="hyperparameters.objective",
         )
 
