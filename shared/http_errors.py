@@ -31,6 +31,15 @@ def refuse_nul_in_url(request: Request) -> None:
             raise InvalidInput(f"{name} must not contain the NUL character {NUL!r}", field=name)
 
 
+class BodyTooLarge(HTTPException):
+    """A request body found over its limit while FastAPI reads it: an HTTPException, which FastAPI passes on to the
+    handlers here, where any other error raised while it reads a body becomes its own 400."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(413, detail=message)
+        self.field = field
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(KilnError, _kiln_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -50,7 +59,9 @@ async def _http_error(_request: Request, error: Exception) -> JSONResponse:
     """Starlette's and FastAPI's own 4xx: an unknown route or method, a body they could not parse."""
     assert isinstance(error, HTTPException)
     payload: dict[str, Any] = {"error": str(error.detail), "status": error.status_code}
-    if error.status_code == 400:
+    if isinstance(error, BodyTooLarge):
+        payload["field"] = error.field
+    elif error.status_code == 400:
         # The only 400 they raise: a body they could not read (not UTF-8, nested past the JSON parser's limit, a
         # broken multipart form). Kiln's own 400s are KilnErrors, which name their field themselves.
         payload["field"] = "body"

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
+from services.api.body_limits import BodyLimits
 from services.api.outbox_relay import sweep_until
 from services.api.resources import Resources
 from services.api.routers import (
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(refuse_nul_in_url)],
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimits, upload_limit=settings.max_upload_mb * 1024 * 1024)
     for module in (
         health,
         orgs,

@@ -147,6 +147,27 @@ def test_an_upload_over_the_size_limit_is_refused_with_413(settings: Settings, o
     assert response.json()["field"] == "file"
 
 
+def test_an_upload_sent_without_its_length_is_refused_once_past_the_limit_and_nothing_is_stored(
+    settings: Settings, org_id: str
+) -> None:
+    """Sent chunked, with no length to check first, an upload is counted as it is read, and refused past the limit."""
+    from services.api.app import create_app
+    from tests.integration.conftest import create_org_with_keys
+
+    boundary = "kilnboundary"
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="d.csv"\r\n\r\n'.encode()
+    rows = [b"a,y\n"] + [b"1.0,0\n" * 50_000] * 6
+    body = iter([head, *rows, f"\r\n--{boundary}--\r\n".encode()])
+    small = settings.model_copy(update={"max_upload_mb": 1})
+    with TestClient(create_app(small)) as api:
+        org = create_org_with_keys(api, org_id)
+        headers = {**org.trainer, "content-type": f"multipart/form-data; boundary={boundary}"}
+        response = api.post(f"/v1/orgs/{org.org_id}/datasets", content=body, headers=headers)
+        assert response.status_code == 413, response.text
+        assert response.json()["field"] == "file" and "over 1 MB" in response.json()["error"]
+        assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+
+
 def test_a_viewer_cannot_upload(api: TestClient, org: OrgKeys) -> None:
     response = api.post(f"/v1/orgs/{org.org_id}/datasets", files={"file": ("d.csv", CSV)}, headers=org.viewer)
     assert response.status_code == 403

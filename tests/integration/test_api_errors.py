@@ -229,3 +229,13 @@ def test_a_surrogate_pair_is_one_character_and_is_kept(api: TestClient, org: Org
     response = send_json(api, "PUT", f"/v1/orgs/{org.org_id}/datasource", body, org.admin)
     assert response.status_code == 200, response.text
     assert response.json()["columnMap"] == {"TT_101": "\U0001f600"}
+
+
+@pytest.mark.parametrize("sent", ["with its length", "chunked"])
+def test_a_json_body_over_a_megabyte_is_refused_before_anything_reads_it(api: TestClient, sent: str) -> None:
+    """FastAPI reads a body before checking the key: with no key at all, any size was read and parsed first."""
+    body = b'{"targetColumn": "' + b"a" * (2 * 1024 * 1024) + b'", "featureColumns": ["x"]}'
+    content = body if sent == "with its length" else iter([body[:1000], body[1000:]])
+    response = api.post("/v1/orgs/no-such-org/trainings", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert response.json() == {"error": "the request's body is over 1 MB", "field": "body", "status": 413}

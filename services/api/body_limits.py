@@ -1,0 +1,70 @@
+"""How large a request body the api takes, enforced before the route reads it.
+
+FastAPI reads and parses a body (JSON in memory, a multipart form spooled to disk) before any dependency runs,
+authentication included: without a bound, anyone, with no key, could make the api hold any amount. A dataset upload
+may be as large as KILN_MAX_UPLOAD_MB; every other body is a few kilobytes of JSON (a training config, a source's
+tables), so one over BODY_LIMIT is refused. A body is refused with 413 from its Content-Length before a byte is
+read, or, sent without one (chunked), as soon as the bytes read pass the limit.
+"""
+
+from __future__ import annotations
+
+import re
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import PayloadTooLarge
+from shared.http_errors import BodyTooLarge
+
+BODY_LIMIT = 1024 * 1024
+_UPLOAD = re.compile(r"^/v1/orgs/[^/]+/datasets/?$")
+
+
+class BodyLimits:
+    def __init__(self, app: ASGIApp, *, upload_limit: int) -> None:
+        self.app = app
+        self.upload_limit = upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, what = self._limit(scope["path"])
+        if _declared_length(scope) > limit:
+            refused = PayloadTooLarge(_too_large(what, limit), field=what)
+            await JSONResponse(refused.to_payload(), status_code=int(refused.status))(scope, receive, send)
+            return
+        await self.app(scope, _counted(receive, limit, what), send)
+
+    def _limit(self, path: str) -> tuple[int, str]:
+        if _UPLOAD.match(path):
+            return self.upload_limit, "file"
+        return BODY_LIMIT, "body"
+
+
+def _declared_length(scope: Scope) -> int:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else 0
+    return 0
+
+
+def _counted(receive: Receive, limit: int, what: str) -> Receive:
+    """`receive`, raising BodyTooLarge (a 413) once the body read passes `limit`."""
+    seen = 0
+
+    async def receive_counted() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(_too_large(what, limit), field=what)
+        return message
+
+    return receive_counted
+
+
+def _too_large(what: str, limit: int) -> str:
+    return f"the request's {what} is over {limit // (1024 * 1024)} MB"
