@@ -67,6 +67,11 @@ class Gone(KilnError):
     status = HTTPStatus.GONE
 
 
+class NotOnPremises(Conflict):
+    """Work that needs an org's premises (its folder of held-out rows) reached a worker not started for the org
+    (KILN_WORKER_ORGS): it holds none of the org's files, so it can neither remove them nor say they are gone."""
+
+
 class SourceBeingDeleted(Conflict):
     """A sync source whose deletion was asked for: it takes no new job, resync, URL or schedule change."""
 

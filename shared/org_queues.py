@@ -1,8 +1,11 @@
-"""A consumer step that keeps a worker consuming exactly the per-org queues (`train.<org>`, `sync.<org>`) it is for.
+"""A consumer step that keeps a worker consuming exactly the per-org queues (`train.<org>`, `sync.<org>`,
+`premises.<org>`) it is for.
 
 A worker started with KILN_WORKER_ORGS takes only those orgs (how a hospital trains on its own machine); any other
-worker takes every org that keeps no data on its premises (config dataResidency "central"). The api broadcasts
-`kiln_sync_queues` when orgs change; this sweep, every few seconds, catches a worker that was down or missed it.
+worker takes every org that keeps no data on its premises (config dataResidency "central"). A premises queue is
+taken by the first kind only, whatever the org's residency: what waits there needs the org's own machine. The api
+broadcasts `kiln_sync_queues` when orgs change; this sweep, every few seconds, catches a worker that was down or
+missed it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from sqlalchemy.pool import NullPool
 
 from shared.db.models import Organization
 from shared.db.session import make_central_engine
-from shared.queues import ORG_QUEUE_PREFIX, SYNC_QUEUE_PREFIX, SYNC_QUEUES_COMMAND
+from shared.queues import ORG_QUEUE_PREFIX, PREMISES_QUEUE_PREFIX, SYNC_QUEUE_PREFIX, SYNC_QUEUES_COMMAND
 from shared.schemas import OrgConfig
 from shared.settings import build_settings
 
@@ -82,6 +85,16 @@ class TrainQueues(OrgQueues):
 
 class SyncQueues(OrgQueues):
     prefix = SYNC_QUEUE_PREFIX
+
+
+class PremisesQueues(OrgQueues):
+    """The queues of the orgs this worker was started for (KILN_WORKER_ORGS), and none on any other worker: an org
+    that moved its data to the central store still has rows on its premises until its own worker removes them."""
+
+    prefix = PREMISES_QUEUE_PREFIX
+
+    def org_ids(self) -> list[str]:
+        return super().org_ids() if self.only_orgs else []
 
 
 @control_command(name=SYNC_QUEUES_COMMAND)  # type: ignore[untyped-decorator]

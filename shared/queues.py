@@ -12,6 +12,7 @@ SYNC_PURGE_TASK = "kiln.sync.purge"
 SYNC_ROTATE_TASK = "kiln.sync.rotate"
 SYNC_DELETE_SOURCE_TASK = "kiln.sync.delete_source"
 ORG_QUEUE_PREFIX = "train."
+PREMISES_QUEUE_PREFIX = "premises."
 SYNC_QUEUE_PREFIX = "sync."
 # The broadcast that makes workers look at the orgs again; it names queues, not the sync service.
 SYNC_QUEUES_COMMAND = "kiln_sync_queues"
@@ -23,6 +24,11 @@ def train_queue(org_id: str) -> str:
 
 def sync_queue(org_id: str) -> str:
     return f"{SYNC_QUEUE_PREFIX}{org_id}"
+
+
+def premises_queue(org_id: str) -> str:
+    """Work only the org's own workers (KILN_WORKER_ORGS) may do, whatever its residency is today."""
+    return f"{PREMISES_QUEUE_PREFIX}{org_id}"
 
 
 class TaskSender(Protocol):
@@ -48,10 +54,11 @@ def send_validate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
 
 
 def send_erase_task(sender: TaskSender, payload: dict[str, Any]) -> None:
-    """Remove an erased version's files from the org's premises folder, on its org's queue: only the org's own
-    workers, on its premises, reach that folder."""
+    """Remove an erased version's files from the org's premises folder, on the org's premises queue: only the
+    org's own workers, on its premises, reach that folder. Not on `train.<org>`, which the central workers take
+    once the org keeps its data centrally: one of them would find nothing in its own folder and say so."""
     args = [payload["org_id"], payload["version"], payload.get("actor")]
-    sender.send_task(ERASE_TASK, args=args, queue=train_queue(payload["org_id"]))
+    sender.send_task(ERASE_TASK, args=args, queue=premises_queue(payload["org_id"]))
 
 
 def send_sync_task(sender: TaskSender, payload: dict[str, Any]) -> None:

@@ -327,8 +327,13 @@ def org_data_store(settings: Settings, org_config: OrgConfig, *, central: Object
     keeps its data on its premises (dataResidency "local"), a folder on this machine, `data_dir/premises`, since the
     machine that works with that data is on the premises too; for any other, the central one."""
     if org_config.data_residency == "local":
-        return LocalObjectStore(settings.data_dir / "premises")
+        return premises_store(settings)
     return central
+
+
+def premises_store(settings: Settings) -> LocalObjectStore:
+    """This machine's folder for the data of the orgs that keep theirs on their premises (`data_dir/premises`)."""
+    return LocalObjectStore(settings.data_dir / "premises")
 
 
 def _http_client() -> urllib3.PoolManager:

@@ -12,7 +12,7 @@ from services.trainer.context import worker_context
 from services.trainer.protection import refuse_inspection
 from services.trainer.reaper import RunReaper, cancel_revoked
 from services.trainer.sandbox import OPENMP_SPINCOUNT
-from shared.org_queues import TrainQueues
+from shared.org_queues import PremisesQueues, TrainQueues
 from shared.queues import TRAIN_TASK, celery_config
 from shared.settings import build_settings
 
@@ -22,6 +22,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPINCOUNT)
 
 app = Celery("kiln-trainer", include=["services.trainer.tasks"])
 app.steps["consumer"].add(TrainQueues)
+app.steps["consumer"].add(PremisesQueues)
 app.steps["consumer"].add(RunReaper)
 
 

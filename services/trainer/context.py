@@ -19,9 +19,8 @@ from services.trainer.sandbox import Sandbox
 from shared.db.session import SessionFactory, make_central_engine, make_session_factory
 from shared.outbox import KIND_TRAIN_TASK, Sender
 from shared.queues import celery_config, send_train_task
-from shared.schemas import OrgConfig
 from shared.settings import Settings, build_settings
-from shared.storage import ObjectStore, open_object_store, org_data_store
+from shared.storage import ObjectStore, open_object_store, premises_store
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +52,16 @@ class WorkerContext:
         self.sandbox.close()
         self.engine.dispose()
 
-    def holdout_store(self, org_config: OrgConfig) -> ObjectStore:
+    def holdout_store(self, *, on_premises: bool) -> ObjectStore:
         """Where held-out rows are kept: a folder on this worker when the org's data stays on its premises (only
-        the model and its metrics leave), else the central store beside the version."""
-        return org_data_store(self.settings, org_config, central=self.store)
+        the model and its metrics leave), else the central store beside the version. A version records which
+        (ModelVersion.holdout_on_premises): its org may have changed its residency since."""
+        return premises_store(self.settings) if on_premises else self.store
+
+    def on_premises_of(self, org_id: str) -> bool:
+        """Whether this worker was started for the org (KILN_WORKER_ORGS): only such a worker is on the premises
+        of an org that keeps its data there, and holds its folder."""
+        return org_id in self.settings.worker_org_ids
 
     def outbox_senders(self) -> dict[str, Sender]:
         def send(payload: dict[str, Any]) -> None:

@@ -45,6 +45,7 @@ def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | N
         if row is None or row.org_id != org_id:
             raise NotFound(f"model version {version!r} not found")
         prefix, sha256, size, erased = row.artifact_prefix, row.sha256, row.size_bytes, row.status == ERASED
+        on_premises = row.holdout_on_premises
         org_config = OrgConfig.model_validate(session.get_one(Organization, org_id).config)
     if erased:  # asked for before the erasure, run after it: nothing is left to judge
         return _not_judged_erased(context, org_id, version, actor)
@@ -53,7 +54,7 @@ def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | N
         verdict = (
             size_rejection(size, gates)
             if too_large(size, gates)
-            else _judge_stored(context, org_config, prefix, sha256, size, gates)
+            else _judge_stored(context, org_config, prefix, sha256, size, gates, holdout_on_premises=on_premises)
         )
     except Exception as error:
         if _erased_since(context, version):  # its files went while it was judged
@@ -136,11 +137,19 @@ def judged(
 
 
 def _judge_stored(
-    context: WorkerContext, org_config: OrgConfig, prefix: str, sha256: str, size: int, gates: Gates
+    context: WorkerContext,
+    org_config: OrgConfig,
+    prefix: str,
+    sha256: str,
+    size: int,
+    gates: Gates,
+    *,
+    holdout_on_premises: bool,
 ) -> Verdict:
     with tempfile.TemporaryDirectory(prefix="kiln-validate-") as folder:
         holdout_file = Path(folder) / HOLDOUT_FILE
-        context.holdout_store(org_config).get_file(prefix + HOLDOUT_FILE, holdout_file)
+        # Where the run wrote them (the version records it), whatever the org's residency says today.
+        context.holdout_store(on_premises=holdout_on_premises).get_file(prefix + HOLDOUT_FILE, holdout_file)
         holdout = artifacts.load_holdout(holdout_file)
     try:
         model = artifacts.read_model(context.store, prefix, sha256)

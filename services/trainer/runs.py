@@ -67,6 +67,12 @@ class Attempt:
     org_config: OrgConfig
     source: DatasetSource | DatabaseSource
 
+    @property
+    def holdout_on_premises(self) -> bool:
+        """Where this attempt writes its held-out rows, and what its version records: by the org's config as the
+        run was claimed, which a change to the org's residency later does not move."""
+        return self.org_config.data_residency == "local"
+
 
 class NoSlot(KilnError):
     """The org already runs as many trainings as it may; the run waits, marked, until a slot frees."""
@@ -416,6 +422,7 @@ def register_version(sessions: SessionFactory, attempt: Attempt, trained: Traine
                 metrics=trained.metrics,
                 validation=trained.validation,
                 validated_at=utcnow(),
+                holdout_on_premises=attempt.holdout_on_premises,
             )
         )
         wake_waiting(session, attempt.org_id)

@@ -6,7 +6,7 @@ from celery import Task
 
 from services.trainer.celery_app import app
 from services.trainer.context import worker_context
-from services.trainer.erasure import erase_on_premises
+from services.trainer.erasure import erase_here_or_forward
 from services.trainer.revalidate import revalidate
 from services.trainer.training import run_training
 from shared.queues import ERASE_TASK, TRAIN_TASK, VALIDATE_TASK
@@ -27,4 +27,4 @@ def validate(org_id: str, version: str, actor: str | None = None) -> str:
 @app.task(name=ERASE_TASK)  # type: ignore[untyped-decorator]
 def erase_premises(org_id: str, version: str, actor: str | None = None) -> int:
     """An erased version's files on the org's premises; returns how many were removed."""
-    return len(erase_on_premises(org_id, version, worker_context(), actor=actor))
+    return erase_here_or_forward(org_id, version, worker_context(), actor=actor)

@@ -107,7 +107,9 @@ def _register(attempt: Attempt, context: WorkerContext, trained: TrainedVersion)
     except (LeaseLost, Cancelled, DataError, IntegrityError):
         # Not registered (the database refused the version before anything committed): nothing may refer to these
         # artifacts, and nothing ever will.
-        artifacts.remove_version(trained.artifact_prefix, context.store, context.holdout_store(attempt.org_config))
+        artifacts.remove_version(
+            trained.artifact_prefix, context.store, context.holdout_store(on_premises=attempt.holdout_on_premises)
+        )
         raise
     runs.log(context.sessions, attempt, status, f"registered version {trained.version}: {status}")
     return status
@@ -321,7 +323,9 @@ class _Steps:
             )
             self.log("stored", f"artifacts of {version} stored under {prefix}")
         except BaseException:
-            artifacts.remove_version(prefix, store, self.context.holdout_store(self.attempt.org_config))
+            artifacts.remove_version(
+                prefix, store, self.context.holdout_store(on_premises=self.attempt.holdout_on_premises)
+            )
             raise
         return TrainedVersion(
             version=version,
@@ -346,7 +350,7 @@ class _Steps:
             prefix,
             outputs=outputs,
             holdout=holdout_file,
-            holdout_store=self.context.holdout_store(self.attempt.org_config),
+            holdout_store=self.context.holdout_store(on_premises=self.attempt.holdout_on_premises),
             with_model=with_model,
         )
 

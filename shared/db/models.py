@@ -150,6 +150,10 @@ class ModelVersion(Base):
     # DELETE /v1/orgs/{org}/models/{version}/artifacts: status "erased", every stored artifact removed; the row, its
     # metrics and report stay, as the deployment history and the audit trail name it.
     erased_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Where the run wrote its held-out rows: the org's premises folder (its config said dataResidency "local" when
+    # the run was claimed) or the central store. An erasure follows this, never the org's config of the day, which
+    # may have changed since.
+    holdout_on_premises: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (Index("ix_model_versions_org_created", "org_id", "created_at"),)
 

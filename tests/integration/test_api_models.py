@@ -14,15 +14,18 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
+from deploy.local import ai4i
 from services.api.app import create_app
 from services.trainer.context import WorkerContext
 from services.trainer.erasure import erase_on_premises
+from services.trainer.training import run_training
 from shared.db.models import Deployment, ModelVersion, OutboxMessage
-from shared.errors import TransientError
+from shared.errors import NotOnPremises, TransientError
 from shared.layout import (
     HOLDOUT_FILE,
     METRICS_FILE,
@@ -34,10 +37,10 @@ from shared.layout import (
     model_prefix,
 )
 from shared.outbox import KIND_ERASE_TASK
-from shared.queues import ERASE_TASK, send_erase_task, train_queue
+from shared.queues import ERASE_TASK, premises_queue, send_erase_task
 from shared.settings import Settings
 from shared.storage import LocalObjectStore, ObjectStore, open_object_store
-from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
+from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys, run_of, submit, upload_table
 from tests.support.judgements import judge_queued
 from tests.support.models import FEATURES, register_judgeable, register_model, tiny_model
 from tests.support.seed import seed_version, seed_versions
@@ -485,7 +488,7 @@ def premises_version(
         api.patch(f"/v1/orgs/{org.org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN).status_code
         == 200
     )
-    version = register_model(engine, store, org.org_id, tiny_model())
+    version = register_model(engine, store, org.org_id, tiny_model(), holdout_on_premises=True)
     prefix = model_prefix(org.org_id, version)
     store.put_bytes(prefix + METRICS_FILE, b"{}")
     premises = LocalObjectStore(settings.data_dir / "premises")
@@ -494,11 +497,11 @@ def premises_version(
 
 
 def test_an_org_keeping_its_data_on_its_premises_has_its_held_out_rows_erased_there_by_its_own_worker(
-    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext, settings: Settings
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, own_worker: WorkerContext, settings: Settings
 ) -> None:
     """The api cannot reach the premises folder (it is on the org's own worker): it erases the central artifacts
-    and queues the rest on the org's queue, which only the org's own workers consume. (The same through a real
-    worker process: test_premises_worker.py.)"""
+    and queues the rest on the org's premises queue, which only the org's own workers consume. (The same through a
+    real worker process: test_premises_worker.py.)"""
     version, premises = premises_version(api, org, engine, store, settings)
     prefix = model_prefix(org.org_id, version)
 
@@ -513,10 +516,10 @@ def test_an_org_keeping_its_data_on_its_premises_has_its_held_out_rows_erased_th
     sent = _Sent()
     send_erase_task(sent, payload)
     [(name, args, queue)] = sent.calls
-    assert (name, queue) == (ERASE_TASK, train_queue(org.org_id))
+    assert (name, queue) == (ERASE_TASK, premises_queue(org.org_id))
 
     queued_org, queued_version, actor = args
-    assert erase_on_premises(queued_org, queued_version, worker, actor=actor) == [prefix + HOLDOUT_FILE]
+    assert erase_on_premises(queued_org, queued_version, own_worker, actor=actor) == [prefix + HOLDOUT_FILE]
 
     assert premises.list(prefix) == [] and not (settings.data_dir / "premises" / prefix).exists()
     [entry] = audit_of(api, org, "model.erased.premises")
@@ -529,15 +532,129 @@ def test_an_org_keeping_its_data_on_its_premises_has_its_held_out_rows_erased_th
 
 
 def test_the_premises_erasure_leaves_a_version_that_was_not_erased_alone(
-    org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext, settings: Settings
+    org: OrgKeys, engine: Engine, store: ObjectStore, own_worker: WorkerContext, settings: Settings
 ) -> None:
-    version = register_model(engine, store, org.org_id, tiny_model())
+    version = register_model(engine, store, org.org_id, tiny_model(), holdout_on_premises=True)
     premises = LocalObjectStore(settings.data_dir / "premises")
     premises.put_bytes(model_prefix(org.org_id, version) + HOLDOUT_FILE, b"rows")
 
-    assert erase_on_premises(org.org_id, version, worker, actor="someone") == []
+    assert erase_on_premises(org.org_id, version, own_worker, actor="someone") == []
 
     assert premises.exists(model_prefix(org.org_id, version) + HOLDOUT_FILE)
+
+
+@pytest.fixture
+def own_worker(settings: Settings, org: OrgKeys) -> Iterator[WorkerContext]:
+    """The org's own worker (KILN_WORKER_ORGS), the one on its premises, in-process."""
+    context = WorkerContext.open(settings.model_copy(update={"worker_orgs": org.org_id}))
+    yield context
+    context.close()
+
+
+def set_residency(api: TestClient, org: OrgKeys, residency: str) -> None:
+    patched = api.patch(f"/v1/orgs/{org.org_id}", json={"config": {"dataResidency": residency}}, headers=ADMIN)
+    assert patched.status_code == 200, patched.text
+
+
+def queued_for_premises(settings: Settings, org: OrgKeys) -> int:
+    """Messages waiting on the org's premises queue, which only its own workers take."""
+    with redis.Redis.from_url(settings.redis_url) as broker:
+        return int(broker.llen(premises_queue(org.org_id)))
+
+
+def test_a_version_trained_on_the_premises_has_its_held_out_rows_erased_there_after_the_org_moved_to_central(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, own_worker: WorkerContext, settings: Settings
+) -> None:
+    """The rows stay where the run wrote them when the org changes its residency: the erasure follows them."""
+    version, premises = premises_version(api, org, engine, store, settings)
+    prefix = model_prefix(org.org_id, version)
+    set_residency(api, org, "central")
+
+    erased = erase(api, org, version)
+
+    assert erased.status_code == 202, erased.text
+    assert (erased.json()["removed"], erased.json()["premises"]) == ([METRICS_FILE, MODEL_FILE], "queued")
+    assert audit_of(api, org, "model.erased")[0]["detail"]["premises"] is True
+    assert queued_for_premises(settings, org) == 1
+    assert premises.exists(prefix + HOLDOUT_FILE)  # until the org's own worker takes the message
+    assert erase_on_premises(org.org_id, version, own_worker, actor="a") == [prefix + HOLDOUT_FILE]
+    assert premises.list(prefix) == []
+    [entry] = audit_of(api, org, "model.erased.premises")
+    assert entry["detail"] == {"removed": [HOLDOUT_FILE]}
+
+
+def test_a_run_claimed_while_the_org_kept_its_data_home_leaves_its_rows_there_until_its_own_worker_erases_them(
+    api: TestClient, org: OrgKeys, engine: Engine, own_worker: WorkerContext, settings: Settings, tmp_path: Path
+) -> None:
+    """A real run: the org's residency as the run was claimed decides where its held-out rows go, and its version
+    keeps that, whatever the org says by the time the version is erased."""
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(5_000, seed=3), tmp_path))
+    set_residency(api, org, "local")
+    assert run_training(run_id, own_worker) in {"succeeded", "rejected"}
+    version = run_of(api, org, run_id)["version"]
+    prefix = model_prefix(org.org_id, version)
+    premises = LocalObjectStore(settings.data_dir / "premises")
+    assert premises.list(prefix) == [prefix + HOLDOUT_FILE]
+    set_residency(api, org, "central")
+
+    erased = erase(api, org, version)
+
+    assert erased.status_code == 202, erased.text
+    assert HOLDOUT_FILE not in erased.json()["removed"] and erased.json()["premises"] == "queued"
+    assert erase_on_premises(org.org_id, version, own_worker, actor="a") == [prefix + HOLDOUT_FILE]
+    assert premises.list(prefix) == []
+
+
+def test_a_premises_erasure_queued_before_the_org_moved_to_central_still_removes_the_rows_and_says_so(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, own_worker: WorkerContext, settings: Settings
+) -> None:
+    version, premises = premises_version(api, org, engine, store, settings)
+    prefix = model_prefix(org.org_id, version)
+    assert erase(api, org, version).status_code == 202
+    set_residency(api, org, "central")  # before the org's worker took the message
+
+    removed = erase_on_premises(org.org_id, version, own_worker, actor=key_id(api, org, "admin"))
+
+    assert removed == [prefix + HOLDOUT_FILE]
+    assert premises.list(prefix) == []
+    [entry] = audit_of(api, org, "model.erased.premises")
+    assert entry["detail"] == {"removed": [HOLDOUT_FILE]}
+
+
+def test_a_worker_not_on_the_orgs_premises_never_confirms_its_held_out_rows_are_gone(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext, settings: Settings
+) -> None:
+    """Once the org keeps its data centrally, the central workers take its training queue: one of them, handed the
+    premises erasure, finds nothing in its own folder, which says nothing of the org's premises."""
+    version, premises = premises_version(api, org, engine, store, settings)
+    assert erase(api, org, version).status_code == 202
+    set_residency(api, org, "central")
+
+    with pytest.raises(NotOnPremises):
+        erase_on_premises(org.org_id, version, worker, actor="a")
+
+    assert premises.exists(model_prefix(org.org_id, version) + HOLDOUT_FILE)
+    assert audit_of(api, org, "model.erased.premises") == []
+
+
+def test_a_version_trained_centrally_has_its_held_out_rows_erased_centrally_after_the_org_moved_to_its_premises(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    """Its rows were written beside the model: the api removes them at once, and queues nothing for a premises
+    that never held them."""
+    version = stored_version(engine, store, org.org_id)
+    set_residency(api, org, "local")
+
+    erased = erase(api, org, version)
+
+    assert erased.status_code == 200, erased.text
+    assert (erased.json()["removed"], erased.json()["premises"]) == (ARTIFACTS, None)
+    assert store.list(model_prefix(org.org_id, version)) == []
+    assert audit_of(api, org, "model.erased")[0]["detail"]["premises"] is False
+    assert queued_for_premises(settings, org) == 0
+    with Session(engine) as session:
+        kinds = session.scalars(select(OutboxMessage.payload).where(OutboxMessage.kind == KIND_ERASE_TASK)).all()
+    assert not [payload for payload in kinds if payload["org_id"] == org.org_id]
 
 
 def test_an_erasure_the_object_store_cuts_short_leaves_the_version_erased_and_a_second_one_finishes_it(

@@ -342,3 +342,68 @@ def test_downgrading_source_deletion_is_refused_while_a_source_is_being_deleted(
         return
     with fresh_postgres_database() as url:
         check(url)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_versions_of_an_org_that_kept_its_data_on_its_premises_are_taken_to_have_their_rows_there(
+    backend: str, tmp_path: Path
+) -> None:
+    """Nothing recorded where an older version's held-out rows went: those of an org local now, or once by its audit
+    trail, are taken to be on its premises (an erasure then queues the premises half, which finds nothing at worst);
+    those of an org that never was, central."""
+    orgs = [("now", '{"dataResidency": "local"}'), ("once", '{"dataResidency": "central"}'), ("never", "{}")]
+    audit = [
+        ("once", "org.created", '{"name": "Once", "config": {"dataResidency": "local"}}'),
+        ("once", "org.updated", '{"config": {"dataResidency": "central"}}'),
+        ("never", "org.updated", '{"config": {"maxConcurrentTrainings": 2}}'),
+    ]
+
+    def check(url: str) -> None:
+        upgrade(url, "0018")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            for org, config in orgs:
+                connection.execute(
+                    text("INSERT INTO organizations (id, name, config, created_at) VALUES (:o, :o, :c, :at)"),
+                    {"o": org, "c": config, "at": EARLY},
+                )
+                connection.execute(
+                    text(
+                        "INSERT INTO training_runs (id, org_id, status, config, attempts, progress, created_at) "
+                        "VALUES (:r, :o, 'succeeded', '{}', 1, '{}', :at)"
+                    ),
+                    {"r": f"run_{org}", "o": org, "at": EARLY},
+                )
+                connection.execute(
+                    text(
+                        "INSERT INTO model_versions (version, org_id, run_id, status, sha256, size_bytes, "
+                        "artifact_prefix, feature_columns, target_column, classes, metrics, validation, created_at) "
+                        "VALUES (:v, :o, :r, 'validated', '0', 1, 'p/', '[]', 'y', '[0, 1]', '{}', '{}', :at)"
+                    ),
+                    {"v": f"v_{org}", "o": org, "r": f"run_{org}", "at": EARLY},
+                )
+            for org, action, detail in audit:
+                connection.execute(
+                    text(
+                        "INSERT INTO audit_log (org_id, actor, action, target, detail, at) "
+                        "VALUES (:o, 'admin-token', :a, :o, :d, :at)"
+                    ),
+                    {"o": org, "a": action, "d": detail, "at": EARLY},
+                )
+        upgrade(url)
+        with engine.connect() as connection:
+            located = connection.execute(text("SELECT version, holdout_on_premises FROM model_versions")).all()
+        assert sorted((version, bool(on_premises)) for version, on_premises in located) == [
+            ("v_never", False),
+            ("v_now", True),
+            ("v_once", True),
+        ]
+        engine.dispose()
+        command.downgrade(alembic_config(url), "0018")
+        assert "holdout_on_premises" not in tables_and_columns(url)["model_versions"]
+
+    if backend == "sqlite":
+        check(f"sqlite:///{tmp_path / 'holdouts.db'}")
+        return
+    with fresh_postgres_database() as url:
+        check(url)

@@ -1,7 +1,7 @@
 """An org's own trainer worker, a real process (`celery -A services.trainer.celery_app worker` with
 KILN_WORKER_ORGS) on real Redis, doing the premises half of a version's erasure asked over HTTP: the held-out rows
 kept in its folder removed and the removal audited; the same message delivered again removes nothing more, and the
-worker carries on."""
+worker carries on; an erasure queued before the org moved its data to the central store is still done there."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from shared.outbox import KIND_ERASE_TASK, relay
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import OrgKeys
-from tests.integration.test_api_models import audit_of, erase, key_id, model_of, premises_version
+from tests.integration.test_api_models import audit_of, erase, key_id, model_of, premises_version, set_residency
 from tests.support.workers import celery_worker
 
 
@@ -95,3 +95,20 @@ def test_an_erasure_delivered_twice_removes_the_rows_once_and_the_worker_carries
     assert premises.list(model_prefix(org.org_id, version)) == []
     assert len(audit_of(api, org, "model.erased")) == 1
     assert model_of(api, org, version)["status"] == "erased"
+
+
+def test_an_erasure_queued_before_the_org_moved_to_central_is_done_by_its_own_worker_when_it_starts(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings, tmp_path: Path
+) -> None:
+    """The org's own worker was down when the erasure was asked for, and the org keeps its data centrally by the
+    time it is back: the message waited for it, and it removes the rows the run left on its premises."""
+    version, premises = premises_version(api, org, engine, store, settings)
+    assert erase(api, org, version).status_code == 202
+    set_residency(api, org, "central")
+    log = tmp_path / "premises-worker.log"
+
+    with celery_worker("services.trainer.celery_app", settings, log, orgs=org.org_id):
+        [done] = confirmations(api, org, 1, log)
+
+    assert done["detail"] == {"removed": [HOLDOUT_FILE]}
+    assert premises.list(model_prefix(org.org_id, version)) == []

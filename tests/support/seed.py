@@ -25,9 +25,11 @@ def seed_version(
     feature_columns: list[str] | None = None,
     classes: list[Any] | None = None,
     dataset_id: str | None = None,
+    holdout_on_premises: bool = False,
 ) -> str:
     """A finished run and its version, as the trainer leaves them (without training anything); the run reads
-    `dataset_id`, or a dataset of its own."""
+    `dataset_id`, or a dataset of its own. `holdout_on_premises`: the run wrote its held-out rows to the org's
+    premises folder (its org kept its data there), not beside the model."""
     created_at = created_at or datetime.now(UTC)
     version = new_version(created_at)
     failed = [] if passed else ["accuracy", "recall"]
@@ -73,6 +75,7 @@ def seed_version(
                 metrics={"accuracy": 0.9},
                 validation={"passed": passed, "failed": failed, "gates": []},
                 created_at=created_at,
+                holdout_on_premises=holdout_on_premises,
             )
         )
     return version

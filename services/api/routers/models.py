@@ -13,13 +13,12 @@ from services.api.outbox_relay import commit_and_send
 from services.api.registry import failed_gates, refuse_erased, refuse_in_service
 from services.api.schemas import ArtifactOut, ModelErased, ModelOut, ValidationAccepted
 from shared.audit import record_change
-from shared.db.models import ModelVersion, Organization, OutboxMessage
+from shared.db.models import ModelVersion, OutboxMessage
 from shared.db.types import utcnow
 from shared.errors import Gone, KilnError, NotFound, TransientError
 from shared.layout import METRICS_FILE, MODEL_FILE, NATIVE_MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE
 from shared.org_lock import lock_org
 from shared.outbox import KIND_ERASE_TASK, KIND_VALIDATE_TASK, add_message
-from shared.schemas import OrgConfig
 from shared.storage import get_verified_bytes
 from shared.verdicts import ERASED, REJECTED
 
@@ -151,16 +150,16 @@ def download_artifact(
 def erase_artifacts(
     version: str, access: OrgAdmin, session: SessionDep, resources: ResourcesDep, response: Response
 ) -> ModelErased:
-    """Erase the version's stored artifacts: every object under its prefix, the held-out rows included (for an org
-    keeping its data on its premises, those are removed there by its own worker: 202). The version reads `erased`
-    and can never be deployed, rolled back to, judged or downloaded again; its row, metrics and report stay.
-    Refused (409) while it serves. Asking again finishes an erasure the object store cut short, and changes nothing
-    else."""
+    """Erase the version's stored artifacts: every object under its prefix, the held-out rows included (for a
+    version trained while its org kept its data on its premises, those are removed there by the org's own worker:
+    202; where they went is recorded on the version, since the org may have changed its residency). The version
+    reads `erased` and can never be deployed, rolled back to, judged or downloaded again; its row, metrics and report
+    stay. Refused (409) while it serves. Asking again finishes an erasure the object store cut short, and changes
+    nothing else."""
     get_owned(session, ModelVersion, version, org_id=access.org_id)
     lock_org(session, access.org_id)  # a deploy of it, or of another version, waits for this one's commit
     row = session.get_one(ModelVersion, version, populate_existing=True)
-    org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
-    on_premises = org_config.data_residency == "local"
+    on_premises = row.holdout_on_premises  # where the run wrote its held-out rows, not where the org keeps data now
     actor = access.principal.key_id
     if row.status != ERASED:
         refuse_in_service(session, org_id=access.org_id, version=row.version)

@@ -1,0 +1,58 @@
+"""Where the premises half of a version's erasure goes: the org's premises queue, which only workers started for
+the org (KILN_WORKER_ORGS) take, whatever its residency is now; a central worker handed it (a message an older api
+queued on the org's training queue) sends it on instead of confirming anything."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from services.trainer.context import WorkerContext
+from services.trainer.erasure import erase_here_or_forward
+from shared.layout import HOLDOUT_FILE, model_prefix
+from shared.org_queues import OrgQueues, PremisesQueues, TrainQueues
+from shared.settings import Settings
+from shared.storage import ObjectStore
+from tests.integration.conftest import OrgKeys
+from tests.integration.test_api_models import (
+    audit_of,
+    erase,
+    premises_version,
+    queued_for_premises,
+    set_residency,
+)
+
+
+def queues_step(kind: type[OrgQueues], engine: Engine, *, orgs: frozenset[str] = frozenset()) -> OrgQueues:
+    """The consumer step of a worker started for `orgs` (KILN_WORKER_ORGS), or for none, without the worker."""
+    step = kind(None)
+    step.engine, step.only_orgs = engine, orgs
+    return step
+
+
+def test_an_org_moved_to_central_has_its_premises_queue_taken_by_its_own_workers_only(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    set_residency(api, org, "local")
+    set_residency(api, org, "central")
+    own = frozenset({org.org_id})
+
+    assert org.org_id in queues_step(TrainQueues, engine).org_ids()  # the central workers train for it now
+    assert org.org_id not in queues_step(PremisesQueues, engine).org_ids()
+    assert queues_step(PremisesQueues, engine, orgs=own).org_ids() == [org.org_id]
+    assert queues_step(TrainQueues, engine, orgs=own).org_ids() == [org.org_id]
+
+
+def test_a_central_worker_handed_a_premises_erasure_sends_it_on_to_the_orgs_own_workers(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, worker: WorkerContext, settings: Settings
+) -> None:
+    version, premises = premises_version(api, org, engine, store, settings)
+    assert erase(api, org, version).status_code == 202
+    set_residency(api, org, "central")
+    waiting = queued_for_premises(settings, org)
+
+    assert erase_here_or_forward(org.org_id, version, worker, actor="a") == 0
+
+    assert queued_for_premises(settings, org) == waiting + 1
+    assert premises.exists(model_prefix(org.org_id, version) + HOLDOUT_FILE)
+    assert audit_of(api, org, "model.erased.premises") == []
