@@ -12,7 +12,8 @@ WINDOW_S = 60
 
 
 def take_submission(client: redis.Redis, org_id: str, per_minute: int) -> None:
-    """Count one submission in the current minute; refuse with the seconds until the next one when over."""
+    """Count one submission (a training, or a judgement of a stored version: both keep a worker busy) in the current
+    minute; refuse with the seconds until the next one when over."""
     now = time.time()
     window = int(now // WINDOW_S)
     key = f"kiln:submissions:{org_id}:{window}"
@@ -23,7 +24,8 @@ def take_submission(client: redis.Redis, org_id: str, per_minute: int) -> None:
     if int(count) > per_minute:
         retry_after = max(1, int((window + 1) * WINDOW_S - now) + 1)
         raise TooManyRequests(
-            f"organization {org_id} may submit {per_minute} trainings a minute; try again in {retry_after} s",
+            f"organization {org_id} may submit {per_minute} trainings and judgements a minute; try again in "
+            f"{retry_after} s",
             detail={"retryAfter": retry_after},
             headers={"Retry-After": str(retry_after)},
         )

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import Engine, create_engine, select, update
 
 from services.trainer import runs
 from services.trainer.beat import fire_due_schedules
@@ -19,6 +19,7 @@ from shared.db.session import SessionFactory, make_session_factory, session_scop
 from shared.db.types import utcnow
 from shared.settings import Settings
 from tests.integration.conftest import ADMIN, OrgKeys, config, upload
+from tests.support.seed import seed_versions
 
 
 @pytest.fixture
@@ -57,7 +58,21 @@ def test_submissions_over_the_orgs_rate_are_refused_with_retry_after(
     refused = answers[3]
     assert refused.status_code == 429
     assert 1 <= int(refused.headers["retry-after"]) <= 61
-    assert "3 trainings a minute" in refused.json()["error"]
+    assert "3 trainings and judgements a minute" in refused.json()["error"]
+
+
+def test_judgements_count_against_the_orgs_rate_with_its_trainings(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine
+) -> None:
+    """A judgement keeps a worker busy as a training does: 50 of them were queued past a rate of 1 a minute."""
+    set_config(api, org, submissionsPerMinute=2)
+    (version,) = seed_versions(engine, org.org_id, 1)
+    assert submit(api, org, dataset_id).status_code == 202
+    judge = f"/v1/orgs/{org.org_id}/models/{version}/validate"
+    answers = [api.post(judge, headers=org.trainer) for _ in range(2)]
+    assert [answer.status_code for answer in answers] == [202, 429]
+    assert "2 trainings and judgements a minute" in answers[1].json()["error"]
+    assert answers[1].headers["retry-after"].isdigit()
 
 
 def test_a_slot_is_taken_once_across_workers_and_freed_for_the_next_run(

@@ -10,15 +10,17 @@ from fastapi import APIRouter, Query, Response, status
 from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.lookups import get_owned, newest_first
 from services.api.outbox_relay import commit_and_send
+from services.api.ratelimit import take_submission
 from services.api.registry import failed_gates, refuse_erased, refuse_in_service
 from services.api.schemas import ArtifactOut, ModelErased, ModelOut, ValidationAccepted
 from shared.audit import record_change
-from shared.db.models import ModelVersion, OutboxMessage
+from shared.db.models import ModelVersion, Organization, OutboxMessage
 from shared.db.types import utcnow
 from shared.errors import Gone, KilnError, NotFound, TransientError
 from shared.layout import METRICS_FILE, MODEL_FILE, NATIVE_MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE
 from shared.org_lock import lock_org
 from shared.outbox import KIND_ERASE_TASK, KIND_VALIDATE_TASK, add_message
+from shared.schemas import OrgConfig
 from shared.storage import get_verified_bytes
 from shared.verdicts import ERASED, REJECTED
 
@@ -71,6 +73,8 @@ def validate_model(
     whatever its new report says. The request is audited here, its outcome by the worker, both with the key."""
     row = get_owned(session, ModelVersion, version, org_id=access.org_id)
     refuse_erased(row, "judged again")
+    org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
+    take_submission(resources.redis, access.org_id, org_config.submissions_per_minute)
     actor = access.principal.key_id
     payload = {"org_id": access.org_id, "version": row.version, "actor": actor}
     message = add_message(session, kind=KIND_VALIDATE_TASK, payload=payload)
