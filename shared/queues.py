@@ -47,10 +47,13 @@ def send_train_task(sender: TaskSender, payload: dict[str, Any]) -> None:
 
 
 def send_validate_task(sender: TaskSender, payload: dict[str, Any]) -> None:
-    """Judge a stored version again, on its org's queue (where the org's workers, and its data, are)."""
+    """Judge a stored version again where its held-out rows are: on the org's premises queue for a version whose
+    run wrote them there (whatever the org's residency is now: a central worker would not find them), else on its
+    org's queue."""
     # The key that asked rides along, for the audit row of the judgement.
     args = [payload["org_id"], payload["version"], payload.get("actor")]
-    sender.send_task(VALIDATE_TASK, args=args, queue=train_queue(payload["org_id"]))
+    queue = premises_queue if payload.get("on_premises") else train_queue
+    sender.send_task(VALIDATE_TASK, args=args, queue=queue(payload["org_id"]))
 
 
 def send_erase_task(sender: TaskSender, payload: dict[str, Any]) -> None:

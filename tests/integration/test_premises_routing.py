@@ -56,3 +56,17 @@ def test_a_central_worker_handed_a_premises_erasure_sends_it_on_to_the_orgs_own_
     assert queued_for_premises(settings, org) == waiting + 1
     assert premises.exists(model_prefix(org.org_id, version) + HOLDOUT_FILE)
     assert audit_of(api, org, "model.erased.premises") == []
+
+
+def test_a_judgement_of_a_version_whose_rows_stayed_on_the_premises_goes_to_the_orgs_own_workers(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    """On the org's training queue, which central workers take once it moved to central, it could not find them."""
+    version, _premises = premises_version(api, org, engine, store, settings)
+    set_residency(api, org, "central")
+    waiting = queued_for_premises(settings, org)
+
+    judged = api.post(f"/v1/orgs/{org.org_id}/models/{version}/validate", headers=org.trainer)
+
+    assert judged.status_code == 202, judged.text
+    assert queued_for_premises(settings, org) == waiting + 1

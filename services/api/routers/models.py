@@ -76,7 +76,7 @@ def validate_model(
     org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
     take_submission(resources.redis, access.org_id, org_config.submissions_per_minute)
     actor = access.principal.key_id
-    payload = {"org_id": access.org_id, "version": row.version, "actor": actor}
+    payload = {"org_id": access.org_id, "version": row.version, "actor": actor, "on_premises": row.holdout_on_premises}
     message = add_message(session, kind=KIND_VALIDATE_TASK, payload=payload)
     record_change(
         session,
