@@ -5,7 +5,6 @@ from __future__ import annotations
 from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from services.api.lookups import get_owned
 from shared.db.models import (
     ACTION_UNDEPLOY,
     DEPLOYMENT_FAILED,
@@ -18,6 +17,7 @@ from shared.db.models import (
 )
 from shared.deployments import serving_deployment
 from shared.errors import Conflict, NotFound
+from shared.lookups import get_owned
 from shared.org_lock import lock_org
 from shared.outbox import KIND_DEPLOY_EVENT, add_message
 from shared.verdicts import ERASED, VALIDATED, locked_version, rejected_gates

@@ -19,6 +19,7 @@ from shared.outbox import KIND_TRAIN_TASK, relay
 from shared.queues import send_train_task
 from shared.schemas import TrainingConfig
 from shared.submissions import queue_run
+from shared.training_checks import check_source
 
 
 def fire_due_schedules(sessions: SessionFactory, *, now: datetime) -> list[int]:
@@ -27,12 +28,15 @@ def fire_due_schedules(sessions: SessionFactory, *, now: datetime) -> list[int]:
 
 
 def _queue_run(session: Session, schedule: Schedule) -> int:
+    """A run of the stored config, checked as a POST is against what the org has now (a dataset erased since, a
+    datasource changed since): one a POST would refuse fails the fire, recorded, instead of failing at its start."""
     config = TrainingConfig.model_validate(schedule.training_config)
+    dataset_id = check_source(session, config, org_id=schedule.org_id)
     _run, message = queue_run(
         session,
         org_id=schedule.org_id,
         config=config,
-        dataset_id=config.dataset_id,
+        dataset_id=dataset_id,
         actor="schedule",
         trigger="schedule",
     )

@@ -13,9 +13,9 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from services.api import registry
-from services.api.lookups import get_owned
 from services.trainer.context import WorkerContext
 from shared.db.models import CurrentDeployment, Deployment, ModelVersion, OutboxMessage
+from shared.lookups import get_owned
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys

@@ -336,3 +336,24 @@ def wait_for_lock_waiters(engine: Engine, count: int) -> None:
                 return
         assert time.monotonic() < deadline, f"fewer than {count} requests wait for the org's lock"
         time.sleep(0.05)
+
+
+def test_a_schedule_whose_datasource_no_longer_fits_its_config_fails_its_fire_recorded_and_queues_nothing(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    """Checked by its schema alone, it queued a run a POST refuses (dataRange without a timestampColumn) at every
+    fire, each failing when it started."""
+    datasource = {"url": "postgresql://plant@db.example:5432/plant", "table": "readings", "timestampColumn": "ts"}
+    assert api.put(f"/v1/orgs/{org.org_id}/datasource", json=datasource, headers=org.admin).status_code == 200
+    ranged = {"startDate": "2024-01-01T00:00:00Z", "endDate": "2024-02-01T00:00:00Z"}
+    body = {"pattern": "0 2 * * 1", "trainingConfig": config("", datasetId=None, dataRange=ranged)}
+    assert api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin).status_code == 200
+    without_stamps = {key: value for key, value in datasource.items() if key != "timestampColumn"}
+    assert api.put(f"/v1/orgs/{org.org_id}/datasource", json=without_stamps, headers=org.admin).status_code == 200
+    break_and_make_due(engine, org)
+
+    fire_due_schedules(make_session_factory(engine), now=utcnow())
+
+    assert scheduled_runs(api, org) == []
+    [failed] = audited(api, org, "schedule.failed")
+    assert "dataRange needs the datasource's timestampColumn" in failed["detail"]["error"]

@@ -14,9 +14,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from services.api.routers import trainings
-from services.api.training_checks import check_source
 from shared.queues import train_queue
 from shared.settings import Settings
+from shared.training_checks import check_source
 from tests.integration.conftest import ADMIN, OrgKeys, config, upload
 
 

@@ -15,13 +15,13 @@ from sqlalchemy.orm import Session
 
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.ingest import ingest
-from services.api.lookups import get_owned
 from services.api.schemas import DatasetErased, DatasetOut
 from shared.audit import record_change
 from shared.db.models import Dataset, ModelVersion, Organization, Schedule, TrainingRun
 from shared.db.types import utcnow
 from shared.errors import Conflict, InvalidInput, KilnError, TransientError
 from shared.layout import dataset_key
+from shared.lookups import get_owned
 from shared.org_lock import lock_org
 from shared.schemas import NUL, OrgConfig
 from shared.storage import CHUNK, sha256_file

@@ -8,7 +8,6 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Response, status
 
 from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, SessionDep
-from services.api.lookups import get_owned, newest_first
 from services.api.outbox_relay import commit_and_send
 from services.api.ratelimit import take_submission
 from services.api.registry import failed_gates, refuse_erased, refuse_in_service
@@ -18,6 +17,7 @@ from shared.db.models import ModelVersion, Organization, OutboxMessage
 from shared.db.types import utcnow
 from shared.errors import Gone, KilnError, NotFound, TransientError
 from shared.layout import METRICS_FILE, MODEL_FILE, NATIVE_MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE
+from shared.lookups import get_owned, newest_first
 from shared.org_lock import lock_org
 from shared.outbox import KIND_ERASE_TASK, KIND_VALIDATE_TASK, add_message
 from shared.schemas import OrgConfig

@@ -8,7 +8,6 @@ from fastapi import APIRouter, Response, status
 
 from services.api.deps import OrgAdmin, OrgViewer, SessionDep
 from services.api.schemas import ScheduleIn, ScheduleOut
-from services.api.training_checks import check_source
 from shared.audit import record_change
 from shared.beat import fires_to_come
 from shared.db.models import Schedule
@@ -16,6 +15,7 @@ from shared.db.types import utcnow
 from shared.errors import NotFound
 from shared.org_lock import lock_org
 from shared.schedules import DST_POLICY, ScheduleError, check_schedule
+from shared.training_checks import check_source
 
 router = APIRouter(prefix="/v1/orgs/{org}/schedule", tags=["schedule"])
 

@@ -12,17 +12,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
-from services.api.lookups import get_owned, newest_first
 from services.api.outbox_relay import commit_and_send
 from services.api.ratelimit import take_submission
 from services.api.schemas import MAX_ROW_ID, RunAccepted, RunLogOut, RunOut
-from services.api.training_checks import check_source
 from shared.audit import record_change
 from shared.cancellation import request_cancel
 from shared.db.models import ModelVersion, Organization, RunLog, TrainingRun
 from shared.errors import Conflict
+from shared.lookups import get_owned, newest_first
 from shared.schemas import OrgConfig, TrainingConfigInput
 from shared.submissions import queue_run
+from shared.training_checks import check_source
 
 router = APIRouter(prefix="/v1/orgs/{org}/trainings", tags=["trainings"])
 

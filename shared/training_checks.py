@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from services.api.lookups import get_owned
 from shared.db.models import Dataset, DataSource
 from shared.errors import Conflict, InvalidInput
+from shared.lookups import get_owned
 from shared.schemas import TrainingConfig
 
 
