@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import re
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import PayloadTooLarge
 from shared.http_errors import BodyTooLarge
 
 BODY_LIMIT = 1024 * 1024
@@ -31,11 +29,7 @@ class BodyLimits:
             await self.app(scope, receive, send)
             return
         limit, what = self._limit(scope["path"])
-        if _declared_length(scope) > limit:
-            refused = PayloadTooLarge(_too_large(what, limit), field=what)
-            await JSONResponse(refused.to_payload(), status_code=int(refused.status))(scope, receive, send)
-            return
-        await self.app(scope, _counted(receive, limit, what), send)
+        await self.app(scope, _limited(receive, limit, what, declared=_declared_length(scope)), send)
 
     def _limit(self, path: str) -> tuple[int, str]:
         if _UPLOAD.match(path):
@@ -50,20 +44,24 @@ def _declared_length(scope: Scope) -> int:
     return 0
 
 
-def _counted(receive: Receive, limit: int, what: str) -> Receive:
-    """`receive`, raising BodyTooLarge (a 413) once the body read passes `limit`."""
-    seen = 0
+def _limited(receive: Receive, limit: int, what: str, *, declared: int) -> Receive:
+    """`receive`, raising BodyTooLarge (a 413) at its first call when the Content-Length is over `limit`, so no byte
+    is read, or once the bytes read pass it (a body sent chunked). Raised where the route reads the body, the
+    app's handler answers it (shared/http_errors.py)."""
+    read = 0
 
-    async def receive_counted() -> Message:
-        nonlocal seen
+    async def receive_limited() -> Message:
+        nonlocal read
+        if declared > limit:
+            raise BodyTooLarge(_too_large(what, limit), field=what)
         message = await receive()
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
+            read += len(message.get("body", b""))
+            if read > limit:
                 raise BodyTooLarge(_too_large(what, limit), field=what)
         return message
 
-    return receive_counted
+    return receive_limited
 
 
 def _too_large(what: str, limit: int) -> str:
