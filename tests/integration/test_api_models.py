@@ -39,7 +39,7 @@ from shared.layout import (
 from shared.outbox import KIND_ERASE_TASK
 from shared.queues import ERASE_TASK, premises_queue, send_erase_task
 from shared.settings import Settings
-from shared.storage import LocalObjectStore, ObjectStore, open_object_store
+from shared.storage import LocalObjectStore, ObjectStore, open_object_store, premises_store
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys, run_of, submit, upload_table
 from tests.support.judgements import judge_queued
 from tests.support.models import FEATURES, register_judgeable, register_model, tiny_model
@@ -491,7 +491,7 @@ def premises_version(
     version = register_model(engine, store, org.org_id, tiny_model(), holdout_on_premises=True)
     prefix = model_prefix(org.org_id, version)
     store.put_bytes(prefix + METRICS_FILE, b"{}")
-    premises = LocalObjectStore(settings.data_dir / "premises")
+    premises = premises_store(settings)
     premises.put_bytes(prefix + HOLDOUT_FILE, b"PAR1 the hospital's own records")
     return version, premises
 
@@ -535,7 +535,7 @@ def test_the_premises_erasure_leaves_a_version_that_was_not_erased_alone(
     org: OrgKeys, engine: Engine, store: ObjectStore, own_worker: WorkerContext, settings: Settings
 ) -> None:
     version = register_model(engine, store, org.org_id, tiny_model(), holdout_on_premises=True)
-    premises = LocalObjectStore(settings.data_dir / "premises")
+    premises = premises_store(settings)
     premises.put_bytes(model_prefix(org.org_id, version) + HOLDOUT_FILE, b"rows")
 
     assert erase_on_premises(org.org_id, version, own_worker, actor="someone") == []
@@ -593,7 +593,7 @@ def test_a_run_claimed_while_the_org_kept_its_data_home_leaves_its_rows_there_un
     assert run_training(run_id, own_worker) in {"succeeded", "rejected"}
     version = run_of(api, org, run_id)["version"]
     prefix = model_prefix(org.org_id, version)
-    premises = LocalObjectStore(settings.data_dir / "premises")
+    premises = premises_store(settings)
     assert premises.list(prefix) == [prefix + HOLDOUT_FILE]
     set_residency(api, org, "central")
 

@@ -4,7 +4,6 @@ is stored; the beats fire them alike."""
 from __future__ import annotations
 
 import threading
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +18,7 @@ from shared.db.models import Schedule, SyncSchedule
 from shared.db.session import make_session_factory, session_scope
 from shared.db.types import utcnow
 from tests.integration.conftest import TRAINING_CSV, OrgKeys, config, create_org_with_keys, upload
+from tests.support.polling import eventually
 
 SOURCE: dict[str, Any] = {"url": "sqlite:////srv/plant.db", "tables": [{"name": "readings", "primaryKey": "id"}]}
 NEVER_FIRES = ["0 0 31 2 *", "0 0 30 2 *", "15 3 31 4,6,9,11 *"]
@@ -329,13 +329,12 @@ def wait_for_lock_waiters(engine: Engine, count: int) -> None:
     query = text(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
     )
-    deadline = time.monotonic() + 10
-    while True:
+
+    def waiting() -> bool:
         with engine.connect() as connection:
-            if connection.scalar(query) >= count:
-                return
-        assert time.monotonic() < deadline, f"fewer than {count} requests wait for the org's lock"
-        time.sleep(0.05)
+            return int(connection.scalar(query) or 0) >= count
+
+    assert eventually(waiting), f"fewer than {count} requests wait for the org's lock"
 
 
 def test_a_schedule_whose_datasource_no_longer_fits_its_config_fails_its_fire_recorded_and_queues_nothing(

@@ -6,7 +6,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -574,6 +574,14 @@ def test_retention_keeps_a_record_edited_locally_since_its_last_sync(
     assert [e["detail"]["records"] for e in entries if e["action"] == "sync.purge"] == [1]
 
 
+def add_prediction_records(sync_context: SyncContext, org_id: str, times: list[datetime]) -> None:
+    """One answered row of the org's per time, as a predictor records it."""
+    with session_scope(sync_context.sessions) as session:
+        for at in times:
+            record = {"version": "v1", "score": 0.9, "label": "1", "risk_level": "high", "latency_ms": 0.2}
+            session.add(Prediction(org_id=org_id, at=at, **record))
+
+
 def test_retention_purges_prediction_records_older_than_it_with_an_audit_row(
     sync_api: TestClient, sync_context: SyncContext, org_id: str
 ) -> None:
@@ -582,19 +590,7 @@ def test_retention_purges_prediction_records_older_than_it_with_an_audit_row(
     config = {"retentionDays": 30, "predictions": {"record": True}}
     assert sync_api.patch(f"/v1/orgs/{org_id}", json={"config": config}, headers=ADMIN).status_code == 200
     now = utcnow()
-    with session_scope(sync_context.sessions) as session:
-        for age_days in (45, 31, 29, 1):
-            session.add(
-                Prediction(
-                    org_id=org_id,
-                    version="v1",
-                    score=0.9,
-                    label="1",
-                    risk_level="high",
-                    latency_ms=0.2,
-                    at=now - timedelta(days=age_days),
-                )
-            )
+    add_prediction_records(sync_context, org_id, [now - timedelta(days=age) for age in (45, 31, 29, 1)])
 
     purged = purge_expired(sync_context, org_id, now=now)
 
@@ -614,18 +610,7 @@ def test_prediction_records_kept_before_recording_was_turned_off_are_still_purge
     create_org_with_keys(sync_api, org_id)
     config = {"retentionDays": 30, "predictions": {"record": True}}
     assert sync_api.patch(f"/v1/orgs/{org_id}", json={"config": config}, headers=ADMIN).status_code == 200
-    with session_scope(sync_context.sessions) as session:
-        session.add(
-            Prediction(
-                org_id=org_id,
-                version="v1",
-                score=0.9,
-                label="1",
-                risk_level="high",
-                latency_ms=0.2,
-                at=utcnow() - timedelta(days=400),
-            )
-        )
+    add_prediction_records(sync_context, org_id, [utcnow() - timedelta(days=400)])
     stopped = {"config": {"predictions": {"record": False}}}
     assert sync_api.patch(f"/v1/orgs/{org_id}", json=stopped, headers=ADMIN).status_code == 200
 
@@ -642,12 +627,7 @@ def test_a_store_out_of_reach_is_audited_and_the_orgs_other_records_are_purged(
     (tmp_path / org_id).mkdir()
     a, b = (registered_store(sync_api, sync_context, org, tmp_path / org_id / f"{name}.db") for name in "ab")
     a.run(), b.run()
-    with session_scope(sync_context.sessions) as session:
-        session.add(
-            Prediction(
-                org_id=org_id, version="v1", score=0.9, label="1", risk_level="high", latency_ms=0.2, at=utcnow()
-            )
-        )
+    add_prediction_records(sync_context, org_id, [utcnow()])
     a.local_path.rename(tmp_path / "a-moved.db")
 
     purged = purge_expired(sync_context, org_id, now=utcnow() + timedelta(days=10))
