@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     )
     predictor_reconcile_s: float = Field(30.0, gt=0, description="Predictor's sweep of the deployments table.")
     predictor_key_cache_s: float = Field(30.0, ge=0, description="How long the predictor trusts a key lookup.")
+    predictor_load_wait_s: float = Field(
+        30.0,
+        gt=0,
+        description="How long a request waits for its org's model to load before a 503 (the load goes on), and a "
+        "predictor starting waits for the deployed models before it is ready.",
+    )
     predictor_memory_mb: float = Field(1024.0, gt=0, description="Budget of loaded models per predictor process.")
     predictor_record_flush_s: float = Field(1.0, gt=0, description="How often prediction records are written.")
     predictor_max_body_mb: float = Field(32.0, gt=0, description="Largest inference request body.")

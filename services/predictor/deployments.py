@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
-from contextlib import suppress
+from concurrent.futures import wait
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import select, update
 
 from services.predictor.models import DeployedVersion, LoadedModel, ModelCache, load_model
+from services.predictor.org_follows import OrgFollows
 from shared.db.models import DEPLOYMENT_FAILED, CurrentDeployment, Deployment, ModelVersion, Organization
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
@@ -130,35 +131,48 @@ class Synchronizer:
     naming the cause, and the next request after that, the next event or the next reconcile tries again.
     """
 
-    def __init__(self, sessions: SessionFactory, store: ObjectStore, cache: ModelCache) -> None:
+    def __init__(self, sessions: SessionFactory, store: ObjectStore, cache: ModelCache, *, load_wait_s: float) -> None:
         self.sessions = sessions
         self.store = store
         self.cache = cache
+        self.load_wait_s = load_wait_s
         self.synced_once = threading.Event()
-        self._org_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        # Each org's follows run one at a time, in a thread of the org's own: that is what orders them.
+        self.follows = OrgFollows(self.sync_org)
         # Per org: the deployment whose load last failed for a passing cause, when to try again, and the cause.
         self._failed_loads: dict[str, tuple[int, float, str]] = {}
 
     def sync_all(self) -> None:
         """Every org already loaded follows the database; others are loaded while the budget lasts. An undeployed
-        org's model is unloaded."""
+        org's model is unloaded. The first time, it waits for those follows, up to `load_wait_s` (then the process
+        is ready); later, it only starts them."""
         room = self.cache.budget_mb - self.cache.used_mb()
+        follows = []
         for wanted in read_deployments(self.sessions):
             if isinstance(wanted, Undeployed):
-                self._undeploy(wanted)
+                follows.append(self.follows.after_now(wanted.org_id, partial(self._undeploy, wanted)))
                 continue
-            if self.cache.peek(wanted.deployed.org_id) is None:
+            org_id = wanted.deployed.org_id
+            current = self.cache.peek(org_id)
+            if current is not None and current.deployed == wanted.deployed:
+                continue  # the most common case by far, which needs no thread
+            if current is None:
                 if wanted.deployed.memory_mb > room:
                     continue
                 room -= wanted.deployed.memory_mb
-            with suppress(TransientError):  # logged where it failed; one org's outage stops no other
-                self._follow(wanted)
-        self.synced_once.set()
+            follows.append(self.follows.after_now(org_id, partial(self._follow, wanted)))
+        if not self.synced_once.is_set():
+            wait(follows, timeout=self.load_wait_s)
+            self.synced_once.set()
+
+    def follow_event(self, org_id: str) -> None:
+        """A deploy event: the org follows its deployment row as it is after the event, in the org's own thread."""
+        self.follows.after_now(org_id)
 
     def sync_org(self, org_id: str) -> LoadedModel | None:
         """Follow the org's deployment row; the model it serves then, or None when it has none (the cache then says
         whether it was undeployed). A request uses that model itself: another org's install may already have
-        evicted it from the cache."""
+        evicted it from the cache. Runs as one of the org's follows."""
         for wanted in read_deployments(self.sessions, org_id):
             if isinstance(wanted, Undeployed):
                 self._undeploy(wanted)
@@ -174,36 +188,34 @@ class Synchronizer:
         return model
 
     def _undeploy(self, undeployed: Undeployed) -> None:
-        with self._org_locks[undeployed.org_id]:
-            self._failed_loads.pop(undeployed.org_id, None)
-            self.cache.undeploy(undeployed.org_id, undeployed.deployment_id)
+        self._failed_loads.pop(undeployed.org_id, None)
+        self.cache.undeploy(undeployed.org_id, undeployed.deployment_id)
 
     def _apply(self, wanted: Wanted) -> LoadedModel | None:
         """The org's model once `wanted` serves; None when `wanted` was refused and the org has nothing loaded, or
         the org was undeployed after `wanted`."""
         deployed = wanted.deployed
-        with self._org_locks[deployed.org_id]:
-            undeployed = self.cache.undeployed(deployed.org_id)
-            if undeployed is not None and undeployed > deployed.deployment_id:
-                return None  # read before the org was undeployed: it serves nothing
-            current = self.cache.peek(deployed.org_id)
-            if current is not None and current.deployed.deployment_id > deployed.deployment_id:
-                return current  # read before a newer deployment was loaded: the request gets the newer one
-            if current is not None and current.version == deployed.version:
-                if current.deployed != deployed:  # the org's prediction settings changed
-                    current = current.with_policy(deployed)
-                    self.cache.install(current)
-                return current
-            try:
-                model = self._load(wanted)
-            except TransientError:
-                if current is None:
-                    raise
-                return current
-            if model is None:  # refused: what the org had serves on
-                return current
-            self.cache.install(model)
-            return model
+        undeployed = self.cache.undeployed(deployed.org_id)
+        if undeployed is not None and undeployed > deployed.deployment_id:
+            return None  # read before the org was undeployed: it serves nothing
+        current = self.cache.peek(deployed.org_id)
+        if current is not None and current.deployed.deployment_id > deployed.deployment_id:
+            return current  # read before a newer deployment was loaded: the request gets the newer one
+        if current is not None and current.version == deployed.version:
+            if current.deployed != deployed:  # the org's prediction settings changed
+                current = current.with_policy(deployed)
+                self.cache.install(current)
+            return current
+        try:
+            model = self._load(wanted)
+        except TransientError:
+            if current is None:
+                raise
+            return current
+        if model is None:  # refused: what the org had serves on
+            return current
+        self.cache.install(model)
+        return model
 
     def _load(self, wanted: Wanted) -> LoadedModel | None:
         """`wanted` loaded and warmed, or None once it is refused; TransientError when it failed for a passing cause."""

@@ -61,10 +61,7 @@ class DeployListener(threading.Thread):
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring a malformed deploy event: %r", data[:200])
             return
-        try:
-            self.synchronizer.sync_org(event.org_id)
-        except Exception:
-            log.warning("org %s: could not follow the deploy event; the reconcile will", event.org_id, exc_info=True)
+        self.synchronizer.follow_event(event.org_id)
 
     def _reconcile(self) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -15,14 +16,14 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from services.predictor.auth import KeyCache, check_org
-from services.predictor.deployments import Synchronizer
+from services.predictor.deployments import LOAD_RETRY_S, Synchronizer
 from services.predictor.listener import DeployListener
 from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, ServingMetrics
 from services.predictor.models import LoadedModel, ModelCache
 from services.predictor.outage import DatabaseOutage
 from services.predictor.records import PredictionRecorder
 from shared.db.session import check_answers, make_central_engine, make_session_factory
-from shared.errors import KilnError, NotFound, PayloadTooLarge
+from shared.errors import KilnError, NotFound, PayloadTooLarge, TransientError
 from shared.http_errors import refuse_nul_in_url
 from shared.keys import Principal, bearer_token
 from shared.settings import Settings
@@ -47,7 +48,9 @@ class PredictorState:
         engine = make_central_engine(settings, bound_answers=True)
         sessions = make_session_factory(engine)
         cache = ModelCache(settings.predictor_memory_mb)
-        synchronizer = Synchronizer(sessions, open_object_store(settings), cache)
+        synchronizer = Synchronizer(
+            sessions, open_object_store(settings), cache, load_wait_s=settings.predictor_load_wait_s
+        )
         listener = DeployListener(
             redis.Redis.from_url(settings.redis_url),
             settings.deploy_channel,
@@ -92,11 +95,29 @@ class PredictorState:
     def ready(self) -> bool:
         return self.synchronizer.synced_once.is_set()
 
-    def load_on_request(self, org_id: str) -> LoadedModel | None:
-        """An org not loaded yet, loaded for its request; DatabaseUnavailable at once while the database is out of
-        reach."""
+    async def load_on_request(self, org_id: str) -> LoadedModel | None:
+        """An org not loaded yet, loaded for its request (or the load under way awaited), without holding a thread:
+        a 503 once that takes over KILN_PREDICTOR_LOAD_WAIT_S, and DatabaseUnavailable at once while the database is
+        out of reach."""
+        follow = self.synchronizer.follows.under_way_or_new(org_id, partial(self._follow_for_request, org_id))
+        waiting = asyncio.wrap_future(follow)
+        waiting.add_done_callback(_outcome_taken)
+        done, _ = await asyncio.wait({waiting}, timeout=self.settings.predictor_load_wait_s)
+        if not done:
+            raise TransientError(
+                f"the model of {org_id!r} is still loading, try again", headers={"Retry-After": str(LOAD_RETRY_S)}
+            )
+        return waiting.result()
+
+    def _follow_for_request(self, org_id: str) -> LoadedModel | None:
         with self.outage.attempt():
             return self.synchronizer.sync_org(org_id)
+
+
+def _outcome_taken(waiting: asyncio.Future[LoadedModel | None]) -> None:
+    """Marks the outcome seen: a request that stopped waiting leaves it to the follow, which has said it."""
+    if not waiting.cancelled():
+        waiting.exception()
 
 
 def _replica() -> str:
@@ -127,7 +148,7 @@ async def model_for(state: PredictorState, org_id: str) -> LoadedModel:
     was undeployed, names nothing to load)."""
     model = state.cache.get(org_id)
     if model is None:
-        model = await run_in_threadpool(state.load_on_request, org_id)
+        model = await state.load_on_request(org_id)
     if model is None:
         undeployed = state.cache.undeployed(org_id)
         if undeployed is not None:

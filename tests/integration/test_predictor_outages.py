@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import httpx2
@@ -22,6 +24,7 @@ from tests.integration.test_predictor import becomes_ready, deploy_quietly, serv
 from tests.integration.test_predictor_deployments import current_deployment, deploy, start_predictor
 from tests.support.models import ai4i_row, register_model, tiny_model
 from tests.support.polling import eventually
+from tests.support.proxy import FreezableLink
 from tests.support.servers import silent_server
 from tests.support.threaded_server import serving_in_thread
 
@@ -33,6 +36,70 @@ def history(api: TestClient, org: OrgKeys) -> list[tuple[str, str]]:
 
 def predict(predictor: TestClient, org: OrgKeys) -> httpx2.Response:
     return predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
+
+
+@contextmanager
+def store_hanging_on(settings: Settings, key: str) -> Iterator[Settings]:
+    """Settings whose S3 server, reached through a link, never answers a request for `key` and answers the rest."""
+    host, port = settings.s3_endpoint.rsplit(":", 1)
+    link = FreezableLink((host, int(port)))
+    link.trap(key.encode())
+    try:
+        yield settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{link.port}", "predictor_load_wait_s": 3.0})
+    finally:
+        link.close()  # which ends the read that hangs
+
+
+def test_while_one_orgs_model_read_hangs_the_predictor_gets_ready_and_follows_the_other_orgs_deploys(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings, org_id: str
+) -> None:
+    other = create_org_with_keys(api, "x" + org_id)
+    hanging = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy_quietly(engine, org.org_id, hanging)
+    first = register_model(engine, store, other.org_id, tiny_model(seed=2))
+    deploy_quietly(engine, other.org_id, first)
+    with store_hanging_on(settings, model_key(org.org_id, hanging)) as hangs, start_predictor(hangs) as predictor:
+        assert becomes_ready(predictor)
+        assert served_version(predictor, other) == first
+        # Loaded already, so only the deploy event or a reconcile can bring the new version in.
+        second = register_model(engine, store, other.org_id, tiny_model(seed=3))
+        deploy(api, other, second)
+        assert eventually(lambda: served_version(predictor, other) == second)
+
+        waiting = predict(predictor, org)
+    assert waiting.status_code == 503, waiting.text
+    assert waiting.json()["error"] == f"the model of {org.org_id!r} is still loading, try again"
+    assert waiting.headers["retry-after"] == str(LOAD_RETRY_S)
+
+
+def test_requests_waiting_on_a_model_read_that_hangs_hold_no_thread_another_orgs_new_key_is_answered_meanwhile(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings, org_id: str
+) -> None:
+    other = create_org_with_keys(api, "x" + org_id)
+    hanging = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, hanging)
+    deploy(api, other, register_model(engine, store, other.org_id, tiny_model(seed=2)))
+
+    def ask(address: str, keys: OrgKeys) -> httpx.Response:
+        url = f"http://{address}/v1/orgs/{keys.org_id}/predict"
+        return httpx.post(url, json={"rows": [ai4i_row()]}, headers=keys.viewer, timeout=20)
+
+    with store_hanging_on(settings, model_key(org.org_id, hanging)) as hangs:
+        tuned = hangs.model_copy(update={"predictor_load_wait_s": 8.0})
+        # More requests waiting on the hanging org than a worker process has threads (40).
+        with serving_in_thread(create_app(tuned)) as predictor, ThreadPoolExecutor(max_workers=50) as pool:
+            waiting = [pool.submit(ask, predictor, org) for _ in range(48)]
+            time.sleep(1)  # for them to arrive
+            # The other org's model is not loaded, nor its key checked, in this process: both are done now.
+            answered = ask(predictor, other)
+            still_waiting = sum(not request.done() for request in waiting)
+            answers = [request.result() for request in waiting]
+
+    assert answered.status_code == 200, answered.text
+    assert still_waiting == 48
+    assert {(answer.status_code, answer.json()["error"]) for answer in answers} == {
+        (503, f"the model of {org.org_id!r} is still loading, try again")
+    }
 
 
 def test_a_deployment_that_served_answers_503_while_the_store_has_lost_its_file_and_serves_once_it_is_back(
