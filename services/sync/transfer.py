@@ -57,7 +57,7 @@ from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
 from services.sync.merge import Version, deletion, from_json, jsonable, resolve
 from services.sync.pair import TablePair, Tally, hold_sealing_key
 from services.sync.records import Records
-from services.sync.store_marks import note_pulled
+from services.sync.store_marks import note_pulled, taken_position
 from services.sync.stores import (
     STAMP,
     VERSION,
@@ -97,12 +97,13 @@ def push_batch(pair: TablePair) -> bool:
         refuse_unnamed_keys(local, pair.local_table, pair.key)
         latest = {change.key: change for change in changes}
         rows = read(local, pair.local_table, pair.key, latest)
+        taken = taken_position(local, pair) if pair.spec.sends_down else None
     with Session(pair.central) as session, session.begin():
         connection = session.connection()
         shut_out_writers(connection, CENTRAL_LOG)
         hold_sealing_key(session, pair)
         begin_applying(connection, CENTRAL_LOG)
-        moves = _push(session, connection, pair, latest, rows)
+        moves = _push(session, connection, pair, latest, rows, taken or 0)
         set_watermark(session, pair, UP, changes[-1].seq, logged=changes[-1])
         count_moves(session, pair, pushed=moves.copies, conflicts=moves.conflicts)
         end_applying(connection, CENTRAL_LOG)
@@ -118,9 +119,14 @@ def _push(
     pair: TablePair,
     latest: dict[str, Change],
     rows: dict[str, dict[str, Any]],
+    taken: int,
 ) -> _Moves:
+    """`taken`: the central log position the local store says it has taken. A pull cut off after the local store
+    committed it, before the central store acknowledged it, leaves that ahead of the `down` watermark: the central
+    changes in between are in the local store already, and a local edit since was made against them, not in
+    conflict with them."""
     current = read(connection, pair.central_table, pair.key, latest)
-    down_after = watermark(session, pair, DOWN)
+    down_after = max(watermark(session, pair, DOWN), taken)
     changed_centrally = (
         pending(connection, CENTRAL_LOG, table=pair.central_name, keys=latest, after=down_after)
         if pair.spec.sends_down

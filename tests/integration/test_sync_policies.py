@@ -15,8 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+import services.sync.transfer as transfer
 from services.sync.beat import orgs_to_purge
 from services.sync.context import SyncContext
 from services.sync.envelope import hold_active_key, load_keyring
@@ -287,6 +289,40 @@ def test_field_merge_keeps_central_changes_when_a_local_edit_lands_between_the_p
         expected
     )
     assert [conflict["outcome"] for conflict in sync.conflicts()] == ["merged", "merged"]
+
+
+@pytest.mark.parametrize("policy", ["last-writer-wins", "field-merge", "manual"])
+def test_a_local_edit_after_a_pull_whose_acknowledgement_was_cut_off_goes_up_with_no_conflict(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: str,
+) -> None:
+    """The local store committed the pull, the central store lost the connection before acknowledging it: the
+    application's edit of the record it brought down is made against the central version, not in conflict with it."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, policy)
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
+
+    def connection_lost(*args: object, **kwargs: object) -> None:
+        raise OperationalError("UPDATE sync_watermarks", {}, Exception("server closed the connection unexpectedly"))
+
+    with monkeypatch.context() as cut:
+        cut.setattr(transfer, "_acknowledge_pull", connection_lost)
+        job_id = sync.submit()
+        with pytest.raises(TransientError):
+            run_job(sync_context, job_id)
+    assert sync.local("SELECT value FROM readings WHERE id = 2") == [(20.0,)]
+    sync.local("UPDATE readings SET value = 2.5 WHERE id = 2")
+
+    assert run_job(sync_context, job_id) == "succeeded"  # the worker's retry
+    sync.run()
+
+    assert sync.local("SELECT value FROM readings WHERE id = 2") == [(2.5,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 2") == [(2.5,)]
+    assert sync.conflicts() == []
 
 
 def test_manual_holds_the_conflict_for_review_until_someone_decides(
