@@ -13,10 +13,10 @@ from typing import Any, Literal
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from services.sync.changes import LOCAL_LOG, begin_applying, end_applying
+from services.sync.changes import LOCAL_LOG, begin_applying, end_applying, pending, shut_out_writers
 from services.sync.merge import jsonable
 from services.sync.pair import TablePair
-from services.sync.stores import delete, read, upsert
+from services.sync.stores import delete, key_text, read, upsert
 from shared.audit import record_change
 from shared.db.models import SyncBase
 
@@ -41,13 +41,18 @@ def delete_locally(local: Connection, pair: TablePair, keys: Iterable[str]) -> d
     return found
 
 
-def restore_locally(pair: TablePair, rows: list[dict[str, Any]]) -> None:
-    """Put back local records whose deletion lost to the central version (or was refused), without logging them."""
+def restore_locally(pair: TablePair, rows: list[dict[str, Any]], *, read_up_to: int) -> None:
+    """Put back local records whose deletion lost to the central version (or was refused), without logging them.
+    A record the application has written again since the batch read the local log (up to `read_up_to`) keeps that
+    write, which goes up in a later batch: other writers are shut out while this looks for such writes."""
     if not rows:
         return
     with pair.local.begin() as local:
+        shut_out_writers(local, LOCAL_LOG)
+        by_key = {key_text(row[pair.key]): row for row in rows}
+        written_since = pending(local, LOCAL_LOG, table=pair.spec.name, keys=by_key, after=read_up_to)
         begin_applying(local, LOCAL_LOG)
-        upsert(local, pair.local_table, pair.key, rows)
+        upsert(local, pair.local_table, pair.key, [row for key, row in by_key.items() if key not in written_since])
         end_applying(local, LOCAL_LOG)
 
 

@@ -108,7 +108,7 @@ def push_batch(pair: TablePair) -> bool:
         count_moves(session, pair, pushed=moves.copies, conflicts=moves.conflicts)
         end_applying(connection, CENTRAL_LOG)
         # Before the central commit: a batch replayed after this one was cut off finds the records back, as edits.
-        restore_locally(pair, moves.restores)
+        restore_locally(pair, moves.restores, read_up_to=changes[-1].seq)
     _after_batch(pair, pushed=moves.copies, conflicts=moves.conflicts)
     return True
 

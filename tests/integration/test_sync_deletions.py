@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+import services.sync.transfer as transfer
 from services.sync.context import SyncContext
 from services.sync.envelope import load_keyring
 from services.sync.jobs import run_job
-from services.sync.pair import Tally
+from services.sync.pair import TablePair, Tally
 from services.sync.rotation import rotate_org_key
 from shared.db.session import session_scope
 from shared.errors import TransientError
@@ -176,6 +177,30 @@ def test_a_central_edit_after_a_local_deletion_wins_and_the_record_comes_back(
     assert sync.local("SELECT patient FROM readings WHERE id = 1") == [("Ada Lovelace",)]
     [conflict] = sync.conflicts()
     assert (conflict["outcome"], conflict["localVersion"]["_kiln_deleted"]) == ("central-won", True)
+
+
+def test_a_record_written_again_locally_while_its_losing_deletion_is_pushed_keeps_that_write(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The push finds the local deletion lost and puts the central record back locally; the application wrote the
+    record again after the push read the store, and that later write is what both sides end with."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "last-writer-wins")
+    sync.run()
+    sync.local("DELETE FROM readings WHERE id = 1")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+    restore = transfer.restore_locally
+
+    def written_again_first(pair: TablePair, rows: list[dict[str, Any]], **position: int) -> None:
+        sync.local("INSERT INTO readings VALUES (1, 'pump-1', 7.0, 'Ada Lovelace')")
+        restore(pair, rows, **position)
+
+    with monkeypatch.context() as between:
+        between.setattr(transfer, "restore_locally", written_again_first)
+        sync.run()
+    sync.run()
+
+    assert both_sides(sync) == ([(7.0,)], [(7.0,)])
 
 
 def test_a_central_deletion_against_a_local_edit_goes_to_the_later_stamp(
