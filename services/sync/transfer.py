@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError
@@ -72,6 +72,8 @@ from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, water
 from shared.db.models import SyncBase, SyncConflict
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def sync_table(pair: TablePair) -> Tally:
@@ -289,9 +291,9 @@ def pull_batch(pair: TablePair) -> bool:
         hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
         _hold_central_edits(pair, held, changes, current)
         _acknowledge_pull(session, pair, changes[-1].seq, current, pulled, deleted)
-        _restore_all_refused(session, pair, {**refusals.restore, **kept})
+        _restore_all_refused(session, pair, _unless_edited_since(session, pair, {**refusals.restore, **kept}, changes))
         _hold_refused(session, pair, refusals.hold)
-        _drop_refused_inserts(session, pair, refusals.inserts)
+        _drop_refused_inserts(session, pair, _unless_edited_since(session, pair, refusals.inserts, changes))
         session.commit()
     _after_batch(pair, pulled=len(pulled) + len(deleted), conflicts=len(refusals) + len(kept))
     return True
@@ -329,6 +331,20 @@ def _acknowledge_pull(
     audit_local_deletions(session, pair, deleted)
     set_watermark(session, pair, DOWN, seq)
     count_moves(session, pair, pulled=len(pulled) + len(deleted))
+
+
+def _unless_edited_since(
+    session: Session, pair: TablePair, refused: dict[str, T], changes: list[Change]
+) -> dict[str, T]:
+    """The refused records no central edit has replaced since the batch read them: those it settles centrally. The
+    central log is locked from here to the batch's commit; a record edited before, a fix perhaps, is left as it is
+    and comes down in the next batch, where the local store takes or refuses it anew."""
+    if not refused:
+        return refused
+    connection = session.connection()
+    shut_out_writers(connection, CENTRAL_LOG)
+    edited = pending(connection, CENTRAL_LOG, table=pair.central_name, keys=refused, after=changes[-1].seq)
+    return {key: record for key, record in refused.items() if key not in edited}
 
 
 def _restore_all_refused(session: Session, pair: TablePair, refused: Refused) -> None:

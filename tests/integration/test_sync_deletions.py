@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+import services.sync.deletions as deletions
 import services.sync.transfer as transfer
 from services.sync.context import SyncContext
 from services.sync.envelope import load_keyring
@@ -189,7 +190,7 @@ def test_a_record_written_again_locally_while_its_losing_deletion_is_pushed_keep
     sync.local("DELETE FROM readings WHERE id = 1")
     time.sleep(0.05)
     sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
-    restore = transfer.restore_locally
+    restore = deletions.restore_locally
 
     def written_again_first(pair: TablePair, rows: list[dict[str, Any]], **position: int) -> None:
         sync.local("INSERT INTO readings VALUES (1, 'pump-1', 7.0, 'Ada Lovelace')")

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+import services.sync.transfer as transfer
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
@@ -1091,6 +1092,59 @@ def test_a_central_insert_the_local_store_refuses_leaves_both_stores_and_is_kept
     assert kept == [("7", "insert-refused", None), ("8", "insert-refused", "a")]
     assert sync.audit_actions().count("sync.delete") == 2
     assert sync.run()["status"] == "succeeded"  # nothing is left to go down again
+
+
+@pytest.mark.parametrize(
+    ("refused", "fix", "fixed"),
+    [
+        ("UPDATE {t} SET n = -5 WHERE id = 2", "UPDATE {t} SET n = 7 WHERE id = 2", [(2, "b", 7)]),
+        (
+            "INSERT INTO {t} (id, v, n) VALUES (3, NULL, 3)",
+            "UPDATE {t} SET v = 'fixed' WHERE id = 3",
+            [(3, "fixed", 3)],
+        ),
+    ],
+    ids=["update", "insert"],
+)
+def test_a_central_fix_made_while_the_pull_writes_what_the_local_store_refuses_is_kept_and_goes_down(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    refused: str,
+    fix: str,
+    fixed: list[tuple[Any, ...]],
+) -> None:
+    """The pull read the refused version and the local store refused it; the central application fixed the record
+    before the pull settled the refusal. Settling it over the fix would lose the fix: the fix comes down instead."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER CHECK (n >= 0))",
+        "INSERT INTO t VALUES (1, 'a', 1), (2, 'b', 2)",
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.central(refused.format(t=sync.central_table))
+    acknowledge = transfer._acknowledge_pull
+    fixes = [fix.format(t=sync.central_table)]
+
+    def fixed_centrally_meanwhile(*args: Any) -> None:
+        if fixes:  # once: every edit is one more central change to pull
+            sync.central(fixes.pop())
+        acknowledge(*args)
+
+    with monkeypatch.context() as meanwhile:
+        meanwhile.setattr(transfer, "_acknowledge_pull", fixed_centrally_meanwhile)
+        assert sync.run()["status"] == "succeeded"
+    assert sync.run()["status"] == "succeeded"
+
+    record = fixed[0][0]
+    assert sync.local(f"SELECT id, v, n FROM t WHERE id = {record}") == fixed
+    assert sync.central(f"SELECT id, v, n FROM {sync.central_table} WHERE id = {record}") == fixed
+    assert sync.conflicts() == []
 
 
 def test_a_down_only_table_holds_a_central_edit_its_local_store_refuses_without_sending_the_local_record(
