@@ -26,7 +26,9 @@ BACKUP_REWRAPPED_ACTION = "backup.rewrapped"
 # a command misused, as for every `kiln` command).
 ALL_UNDER_CURRENT_KEY = 0
 LEFT_TO_REWRAP = 3  # under a retired key or in the old format: `kiln secrets rewrap` moves them
-UNDER_A_KEY_NOT_CONFIGURED = 4  # they do not open: a rewrap cannot move them either
+UNDER_A_KEY_NOT_CONFIGURED = 4  # they do not open, or a damaged manifest hides their key: a rewrap cannot move them
+# Counted in place of a key for a backup whose manifest does not read: it may be under any key, retired ones too.
+DAMAGED = "damaged manifest"
 
 
 def print_status(context: SyncContext) -> int:
@@ -34,7 +36,7 @@ def print_status(context: SyncContext) -> int:
     counted is under KILN_SECRET_KEY, so that a retired key may go."""
     box = context.secrets
     counts = count_by_key(context.sessions)
-    counts[BACKUPS], elsewhere = _backups_by_key(context)
+    counts[BACKUPS], damaged, elsewhere = _backups_by_key(context)
     retired = ", ".join(box.retired_ids) or "none"
     print(f"KILN_SECRET_KEY {box.current_id} (current); KILN_SECRET_KEY_RETIRED: {retired}")
     for kind, by_key in counts.items():
@@ -42,10 +44,16 @@ def print_status(context: SyncContext) -> int:
         print(f"{kind}: {shown}")
     total = sum(counts.values(), Counter[str]())
     for key in box.retired_ids:
-        left = f"{total[key]} still under it: `kiln secrets rewrap` moves them" if total[key] else "nothing under it"
-        print(f"retired key {key}: {left}")
+        print(f"retired key {key}: {_left_under(key, total)}")
     if total[OLD_FORMAT]:
         print(f"{total[OLD_FORMAT]} in the old format name no key: keep every retired key until a rewrap moved them")
+    if total[DAMAGED]:
+        print(
+            f"{total[DAMAGED]} under a damaged manifest name no key: keep every retired key until each is mended "
+            "or removed"
+        )
+    for problem in damaged:
+        print(f"kiln secrets: {problem}", file=sys.stderr)
     if elsewhere:
         print(
             f"not counted here: the backups of {', '.join(elsewhere)}, kept on their premises (dataResidency local): "
@@ -55,7 +63,8 @@ def print_status(context: SyncContext) -> int:
 
 
 def rewrap(context: SyncContext, *, actor: str) -> int:
-    """Move every stored secret and backup under the current key; 1 if any could not be opened."""
+    """Move every stored secret and backup under the current key; 1 if any could not be opened, or a backup's
+    manifest is damaged (its key unknown, it may be under a retired one)."""
     done = rewrap_stored_secrets(context.sessions, context.secrets, actor=actor)
     done[BACKUPS] = _rewrap_backups(context, actor=actor)
     current = context.secrets.current_id
@@ -66,9 +75,17 @@ def rewrap(context: SyncContext, *, actor: str) -> int:
     return 1 if any(rewrapped.unreadable for rewrapped in done.values()) else 0
 
 
+def _left_under(key: str, total: Counter[str]) -> str:
+    if total[key]:
+        return f"{total[key]} still under it: `kiln secrets rewrap` moves them"
+    if total[DAMAGED]:  # those may be under it
+        return "nothing counted under it"
+    return "nothing under it"
+
+
 def _status_code(box: SecretBox, total: Counter[str]) -> int:
     held = {key for key, count in total.items() if count}
-    if held - {box.current_id, *box.retired_ids, OLD_FORMAT}:
+    if held - {box.current_id, *box.retired_ids, OLD_FORMAT}:  # DAMAGED among them
         return UNDER_A_KEY_NOT_CONFIGURED
     if held - {box.current_id}:
         return LEFT_TO_REWRAP
@@ -82,20 +99,26 @@ def _label(box: SecretBox, key: str) -> str:
         return f"{key} (retired)"
     if key == OLD_FORMAT:
         return "the old format (no key named)"
+    if key == DAMAGED:
+        return "a key unknown (their manifest is damaged)"
     return f"{key} (not configured: they do not open)"
 
 
-def _backups_by_key(context: SyncContext) -> tuple[Counter[str], list[str]]:
-    """How many backups each key id (or OLD_FORMAT) holds, read from their manifests; and the orgs whose backups
-    are on premises other than this machine."""
+def _backups_by_key(context: SyncContext) -> tuple[Counter[str], list[str], list[str]]:
+    """How many backups each key id (or OLD_FORMAT, or DAMAGED) holds, read from their manifests; why each damaged
+    manifest does not read; and the orgs whose backups are on premises other than this machine."""
     by_key: Counter[str] = Counter()
+    damaged: list[str] = []
     elsewhere = []
     for org_id, store in _backup_stores(context):
         if store is None:
             elsewhere.append(org_id)
             continue
-        by_key.update(manifest.sealed_under or OLD_FORMAT for manifest in list_backups(store, org_id).manifests)
-    return by_key, elsewhere
+        listed = list_backups(store, org_id)
+        by_key.update(manifest.sealed_under or OLD_FORMAT for manifest in listed.manifests)
+        by_key.update(DAMAGED for _ in listed.damaged)
+        damaged.extend(listed.damaged)
+    return by_key, damaged, elsewhere
 
 
 def _rewrap_backups(context: SyncContext, *, actor: str) -> Rewrapped:
@@ -103,7 +126,9 @@ def _rewrap_backups(context: SyncContext, *, actor: str) -> Rewrapped:
     for org_id, store in _backup_stores(context):
         if store is None:  # on its premises, where a rewrap run there re-seals them
             continue
-        for manifest in list_backups(store, org_id).manifests:
+        listed = list_backups(store, org_id)
+        done.unreadable.extend(listed.damaged)  # its key unknown: it may hold a retired key back
+        for manifest in listed.manifests:
             if manifest.sealed_under == context.secrets.current_id:
                 done.current += 1
                 continue

@@ -251,6 +251,40 @@ def test_secrets_an_earlier_kiln_sealed_are_counted_as_the_old_format_and_moved_
     assert_every_kind_reads(keyed(central_settings, KEY_B), stored, "without-a")
 
 
+def test_a_backup_whose_manifest_is_damaged_is_named_and_keeps_the_retired_key_from_being_called_free(
+    central_settings: Settings, stored: Stored, sync_context: SyncContext
+) -> None:
+    """Its manifest does not say which key the backup is under: it may be the retired one, so neither command may
+    let that key go."""
+    org_id = stored.org.org_id
+    damaged = backup_store(
+        sync_context.store,
+        sync_context.secrets,
+        rules=sync_context.store_rules(org_id),
+        source=str(stored.folder / "plant.db"),
+    ).backup_id
+    sync_context.store.put_bytes(f"orgs/{org_id}/backups/{damaged}.json", b"{bad")
+    rotated = keyed(central_settings, KEY_B, KEY_A)
+    named = (
+        f"kiln secrets: backup {damaged} cannot be restored: its manifest orgs/{org_id}/backups/{damaged}.json is "
+        "damaged (not JSON: "
+    )
+
+    rewrap = kiln(rotated, "secrets", "rewrap")
+    status = kiln(rotated, "secrets", "status")
+
+    assert rewrap.returncode == 1
+    assert f"backups: 1 moved under {B}, 0 under it already" in rewrap.stdout.splitlines()
+    assert [line.startswith(named) for line in rewrap.stderr.splitlines()] == [True]
+    assert status.returncode == 4, (status.stdout, status.stderr)
+    assert f"backups: 1 under {B} (current), 1 under a key unknown (their manifest is damaged)" in status.stdout
+    assert f"retired key {A}: nothing counted under it" in status.stdout.splitlines()
+    assert "1 under a damaged manifest name no key: keep every retired key until each is mended or removed" in (
+        status.stdout
+    )
+    assert [line.startswith(named) for line in status.stderr.splitlines()] == [True]
+
+
 def test_secrets_under_a_key_no_longer_configured_fail_saying_so_without_a_traceback(
     central_settings: Settings, stored: Stored
 ) -> None:
