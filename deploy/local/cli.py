@@ -5,6 +5,7 @@ of KILN_SECRET_KEY."""
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -265,7 +266,7 @@ def _starting_options() -> argparse.ArgumentParser:
         options.add_argument(
             f"--{name}-port", type=_port, default=default, help="preferred port, another if taken (0: any)"
         )
-    options.add_argument("--timeout", type=float, default=90.0, help="seconds each process may take to answer")
+    options.add_argument("--timeout", type=_seconds, default=90.0, help="seconds each process may take to answer")
     return options
 
 
@@ -280,6 +281,20 @@ def _at_least(lowest: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def _seconds(given: str) -> float:
+    """A number of seconds, 0 or more: anything else is refused while parsing, as `_at_least` refuses, rather than
+    once processes run (a deadline of nan never comes: every comparison with it is false)."""
+    try:
+        value = float(given)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{given!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{given!r} is not a number of seconds")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 seconds, not {given}")
+    return value
 
 
 def _port(given: str) -> int:
@@ -298,7 +313,7 @@ def _whole_number(given: str) -> int:
 
 def _stopping_options() -> argparse.ArgumentParser:
     options = argparse.ArgumentParser(add_help=False)
-    options.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    options.add_argument("--grace", type=_seconds, default=10.0, help="seconds between SIGTERM and SIGKILL")
     return options
 
 

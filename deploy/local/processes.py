@@ -16,6 +16,9 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 
 POLL_S = 0.2
+# How long a group SIGKILLed may take to be gone, whatever the grace before it (which may be 0): the signal cannot be
+# refused, but a process holding much memory takes a moment to release it.
+REAP_AFTER_KILL_S = 5.0
 _PROC = Path("/proc")
 # Index of /proc/PID/stat's field 22, starttime, among the fields after `pid (comm)`.
 _START_TIME = 19
@@ -108,7 +111,8 @@ def _answers_signal_zero(send: Callable[[int, int], None], target: int) -> bool:
 
 
 def stop_groups(pgids: Collection[int], *, grace_s: float) -> None:
-    """SIGTERM every group, give them `grace_s` to exit together, then SIGKILL whatever is left."""
+    """SIGTERM every group, give them `grace_s` to exit together, then SIGKILL whatever is left and wait for it to
+    go (REAP_AFTER_KILL_S at most)."""
     _signal_groups(pgids, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while _reap_and_list_alive(pgids) and time.monotonic() < deadline:
@@ -117,7 +121,7 @@ def stop_groups(pgids: Collection[int], *, grace_s: float) -> None:
     if not survivors:
         return
     _signal_groups(survivors, signal.SIGKILL)
-    deadline = time.monotonic() + grace_s
+    deadline = time.monotonic() + REAP_AFTER_KILL_S
     while _reap_and_list_alive(survivors):
         if time.monotonic() > deadline:
             raise StackError(f"process groups {sorted(survivors)} survived SIGKILL")

@@ -154,6 +154,35 @@ def test_a_pid_file_line_cut_short_is_passed_over_and_down_still_stops_the_rest(
     assert not group_alive(stray) and not (data_dir / "stack.pid").exists()
 
 
+# A process only SIGKILL stops, and that takes a moment to go once killed, as a worker holding a model does: the
+# kernel first frees the memory it holds.
+SLOW_TO_DIE = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); held = b'x' * 300_000_000; "
+    "print('ready', flush=True); time.sleep(120)"
+)
+
+
+@pytest.fixture
+def slow_to_die(data_dir: Path) -> Iterator[int]:
+    """Such a process, in the pid file as the launcher records one."""
+    data_dir.mkdir(parents=True)
+    command = [sys.executable, "-c", SLOW_TO_DIE]
+    with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        (data_dir / "stack.pid").write_text(f"trainer {process.pid} {start_time(process.pid)}\n")
+        yield process.pid
+        process.kill()
+
+
+def test_down_with_no_grace_kills_at_once_and_still_waits_for_the_killed_to_go(
+    kiln_env: dict[str, str], data_dir: Path, slow_to_die: int
+) -> None:
+    down = kiln(kiln_env, "down", "--grace", "0")
+
+    assert (down.returncode, down.stdout.strip()) == (0, "stopped trainer"), down.stderr
+    assert not group_alive(slow_to_die) and not (data_dir / "stack.pid").exists()
+
+
 def test_a_stack_file_missing_fields_is_named_in_one_line_and_down_still_stops_the_stack(
     kiln_env: dict[str, str], data_dir: Path, stray: int
 ) -> None:

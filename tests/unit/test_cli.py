@@ -31,6 +31,11 @@ def exit_code_of(*args: str) -> int | str | None:
         (["demo", "--seed", "-1"], "argument --seed: must be at least 0, not -1"),
         (["up", "--api-port", "70000"], "argument --api-port: a port is 0 to 65535 (0: any free one), not 70000"),
         (["up", "--flower-port", "-1"], "argument --flower-port: a port is 0 to 65535 (0: any free one), not -1"),
+        (["down", "--grace", "-1"], "argument --grace: must be at least 0 seconds, not -1"),
+        (["down", "--grace", "nan"], "argument --grace: 'nan' is not a number of seconds"),
+        (["up", "--timeout", "-0.5"], "argument --timeout: must be at least 0 seconds, not -0.5"),
+        (["demo", "--timeout", "inf"], "argument --timeout: 'inf' is not a number of seconds"),
+        (["demo", "--grace", "soon"], "argument --grace: 'soon' is not a number of seconds"),
     ],
 )
 def test_a_number_out_of_range_is_refused_before_anything_starts(
