@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 import httpx
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
-from deploy.local.processes import spawn, start_time, wait_until
+from deploy.local.processes import StackError, spawn, start_time, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A line of the pid file: `name pid start-time`, the start time `-` where unknown (Launch.spawn writes them).
@@ -127,7 +128,11 @@ def worker_ready(broker_url: str, node: str, pid: int) -> Callable[[], bool]:
 
     def answers() -> bool:
         with _celery_client(broker_url) as client:
-            replies: dict[str, Any] = client.control.inspect(destination=[node], timeout=1.0, limit=1).stats() or {}
+            try:
+                inspect = client.control.inspect(destination=[node], timeout=1.0, limit=1)
+                replies: dict[str, Any] = inspect.stats() or {}
+            except OperationalError as error:  # no worker can answer through a broker out of reach: say so now
+                raise StackError(f"Redis (KILN_REDIS_URL) cannot be reached: {error}") from None
         return bool(replies.get(node, {}).get("pid") == pid)
 
     return answers

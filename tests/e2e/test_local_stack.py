@@ -118,6 +118,32 @@ def environment_of(pid: int) -> dict[str, str]:
     return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
+def test_up_with_a_redis_out_of_reach_says_so_in_one_line_and_leaves_nothing_running(
+    kiln_env: dict[str, str], data_dir: Path
+) -> None:
+    up = kiln({**kiln_env, "KILN_REDIS_URL": "redis://127.0.0.1:1/0"}, "up", *ANY_FREE_PORTS, "--timeout", "60")
+
+    assert up.returncode == 1
+    assert up.stderr.splitlines() == [
+        "kiln up: Redis (KILN_REDIS_URL) cannot be reached: Error 111 connecting to 127.0.0.1:1. Connection refused."
+    ]
+    assert not (data_dir / "stack.json").exists() and not (data_dir / "stack.pid").exists()
+    assert processes_started_with(data_dir) == []
+
+
+def processes_started_with(data_dir: Path) -> list[int]:
+    """The running processes whose environment names `data_dir`: every one the stack starts inherits it."""
+    named = f"KILN_DATA_DIR={data_dir}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and named in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return found
+
+
 def test_down_with_nothing_running_says_so(kiln_env: dict[str, str]) -> None:
     down = kiln(kiln_env, "down")
     assert down.returncode == 0, down.stderr
