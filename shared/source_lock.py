@@ -5,7 +5,7 @@ takes it too, to change a source's URL between its jobs."""
 from __future__ import annotations
 
 import fcntl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,35 +18,51 @@ class SourceBusy(Conflict):
     """A job of the source holds its lock now."""
 
 
+# Raises if the lock is no longer held; a holder calls it between steps that must not run beside another job.
+ConfirmHeld = Callable[[], None]
+
+
 @contextmanager
-def one_job_per_source(central: Engine, source_id: str, *, wait: bool = True) -> Iterator[None]:
+def one_job_per_source(central: Engine, source_id: str, *, wait: bool = True) -> Iterator[ConfirmHeld]:
     """Hold the source's job lock, released should the process die: an advisory lock on a PostgreSQL connection of
     its own, or, for the embedded default's SQLite file, a file lock beside it (the api and any sync worker of the
     embedded stack run on the machine that holds that file). Without `wait`, SourceBusy is raised at once if a job
-    of the source holds it."""
+    of the source holds it. Yields what confirms the lock is still held."""
     if central.dialect.name == "postgresql":
-        with _advisory_lock(central, f"sync-source:{source_id}", source_id, wait=wait):
-            yield
+        with _advisory_lock(central, f"sync-source:{source_id}", source_id, wait=wait) as confirm_held:
+            yield confirm_held
     elif central.url.database and central.url.database != ":memory:":
         with _file_lock(Path(f"{central.url.database}.sync-{source_id}.lock"), source_id, wait=wait):
-            yield
+            yield _held_while_open
     else:
-        yield
+        yield _held_while_open
+
+
+def _held_while_open() -> None:
+    """A file lock (or none) cannot be lost while this process holds its file open."""
 
 
 @contextmanager
-def _advisory_lock(central: Engine, name: str, source_id: str, *, wait: bool) -> Iterator[None]:
+def _advisory_lock(central: Engine, name: str, source_id: str, *, wait: bool) -> Iterator[ConfirmHeld]:
     with central.connect() as connection:
         function = "pg_advisory_lock" if wait else "pg_try_advisory_lock"
         taken = connection.execute(text(f"SELECT {function}(hashtext(:k))"), {"k": name}).scalar() is not False
         connection.commit()
         if not taken:
             raise _busy(source_id)
-        try:
-            yield
-        finally:
-            connection.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
+
+        def confirm_held() -> None:
+            """The lock lives as long as its connection: one that was closed (the server's idle_session_timeout, a
+            proxy, an administrator) raises OperationalError here, and another job may hold the lock by now."""
+            connection.execute(text("SELECT 1"))
             connection.commit()
+
+        try:
+            yield confirm_held
+        finally:
+            if not connection.invalidated:  # a connection found closed took the lock with it
+                connection.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": name})
+                connection.commit()
 
 
 @contextmanager

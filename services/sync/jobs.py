@@ -48,7 +48,7 @@ from shared.db.types import utcnow
 from shared.errors import InvalidInput, KilnError, TransientError
 from shared.retries import gave_up
 from shared.schemas import OrgConfig
-from shared.source_lock import one_job_per_source
+from shared.source_lock import ConfirmHeld, one_job_per_source
 from shared.sync_jobs import (
     FAILED,
     FINISHED,
@@ -83,13 +83,25 @@ def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None
         source_id = _source_id(context, job_id)
         if source_id is None:
             return "missing"
-        with one_job_per_source(context.engine, source_id):
-            return _run(context, job_id, after_batch, last_try=last_try)
+        with one_job_per_source(context.engine, source_id) as confirm_held:
+            return _run(context, job_id, _confirming(confirm_held, after_batch), last_try=last_try)
     except OperationalError as error:
         raise TransientError(f"sync job {job_id}: the central store is unreachable") from error
 
 
-def _run(context: SyncContext, job_id: str, after_batch: AfterBatch | None, *, last_try: bool) -> str:
+def _confirming(confirm_held: ConfirmHeld, after_batch: AfterBatch | None) -> AfterBatch:
+    """After each batch, the job goes on only while it still holds the source's lock: once it is lost, the job
+    stops as if the central store were out of reach, and is retried."""
+
+    def confirmed(tally: Tally) -> None:
+        if after_batch is not None:
+            after_batch(tally)
+        confirm_held()
+
+    return confirmed
+
+
+def _run(context: SyncContext, job_id: str, after_batch: AfterBatch, *, last_try: bool) -> str:
     started = _start(context, job_id)
     if started is None:
         return _status(context, job_id)
@@ -188,9 +200,7 @@ def _last_attempt(job: SyncJob) -> str:
     return str(job.errors[-1]["error"])
 
 
-def _sync_tables(
-    context: SyncContext, local: Engine, source: SyncSource, job_id: str, after_batch: AfterBatch | None
-) -> None:
+def _sync_tables(context: SyncContext, local: Engine, source: SyncSource, job_id: str, after_batch: AfterBatch) -> None:
     refuse_kiln_database(local, context.store_rules(source.org_id))
     check_same_store(context.engine, local, source)
     recognize_store(context.engine, local, source)

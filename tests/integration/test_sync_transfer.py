@@ -42,6 +42,7 @@ from tests.integration.sync_support import (
     open_sync,
     open_table_sync,
     register,
+    run_sql,
     run_twice_at_once,
 )
 
@@ -291,6 +292,36 @@ def test_a_job_run_twice_at_once_runs_once_and_moves_each_record_once(
     job = sync.job(job_id)
     assert (job["pushed"], job["attempts"]) == (2000, 1)
     assert sync.central(f"SELECT count(*), max(_kiln_version) FROM {sync.central_table}") == [(2000, 1)]
+
+
+def test_a_job_whose_source_lock_is_lost_stops_after_the_batch_and_its_retry_ends_the_work(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """The lock lives as long as its connection: closed under the job (the server's idle_session_timeout, a proxy,
+    an administrator), another job may take the source. The job goes no further than the batch under way."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(1500))  # batches of 500
+    database = make_url(sync.central_url).database
+    admin = make_url(sync.central_url).set(database="postgres").render_as_string(hide_password=False)
+
+    def close_the_locks_connection(tally: Tally) -> None:
+        if tally.pushed == 500:
+            run_sql(
+                admin,
+                "SELECT pg_terminate_backend(pid) FROM pg_locks JOIN pg_stat_activity USING (pid) "
+                "WHERE locktype = 'advisory' AND datname = :database",
+                {"database": database},
+            )
+
+    job_id = sync.submit()
+    with pytest.raises(TransientError):
+        run_job(sync_context, job_id, after_batch=close_the_locks_connection)
+    stopped = sync.job(job_id)
+    assert (stopped["status"], stopped["pushed"]) == ("retrying", 500)
+    assert "a store was unreachable, retrying" in error_of(stopped)
+
+    assert run_job(sync_context, job_id) == "succeeded"
+    assert sync.job(job_id)["pushed"] == 1500
+    assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(1500,)]
 
 
 def test_a_sync_store_must_be_a_file_in_the_orgs_folder_and_never_kilns_database(
