@@ -54,11 +54,13 @@ class ObjectStore(Protocol):
 
 class LocalObjectStore:
     """A folder. Writes go to a temporary file and are renamed into place, so a reader never sees half a file; the
-    temporary file of a writer killed half-way is removed by the next write into its folder."""
+    temporary file of a writer killed half-way is removed by the next write into its folder. With `create` False the
+    folder is left to the first write to make: reading a folder that is not there finds nothing."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, create: bool = True) -> None:
         self.root = root.resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
         path = (self.root / key).resolve()
@@ -332,8 +334,10 @@ def org_data_store(settings: Settings, org_config: OrgConfig, *, central: Object
 
 
 def premises_store(settings: Settings) -> LocalObjectStore:
-    """This machine's folder for the data of the orgs that keep theirs on their premises (`data_dir/premises`)."""
-    return LocalObjectStore(settings.data_dir / "premises")
+    """This machine's folder for the data of the orgs that keep theirs on their premises (`data_dir/premises`). Only
+    a write makes it: the folder being there says this machine is on some org's premises (`kiln secrets` counts the
+    backups in it as that org's), so a listing or a lookup before a restore must not make it."""
+    return LocalObjectStore(settings.data_dir / "premises", create=False)
 
 
 def _http_client() -> urllib3.PoolManager:

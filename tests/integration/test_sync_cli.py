@@ -169,6 +169,22 @@ def test_an_org_keeping_its_data_local_is_backed_up_on_this_machine_and_never_ce
         assert connection.execute("SELECT * FROM readings ORDER BY id").fetchall() == TWO_READINGS
 
 
+def test_listing_the_backups_of_an_org_keeping_its_data_local_leaves_secrets_status_naming_it_as_elsewhere(
+    central_settings: Settings, sync_api: TestClient, org_id: str
+) -> None:
+    """A listing writes nothing: this machine does not become the org's premises by looking for its backups."""
+    sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN)
+    elsewhere = f"not counted here: the backups of {org_id}, kept on their premises"
+
+    before = kiln(central_settings, "secrets", "status")
+    listed = kiln(central_settings, "backups", org_id)
+    after = kiln(central_settings, "secrets", "status")
+
+    assert elsewhere in before.stdout, (before.stdout, before.stderr)
+    assert (listed.returncode, listed.stdout) == (0, f"no backups of {org_id}\n"), listed.stderr
+    assert elsewhere in after.stdout, (after.stdout, after.stderr)
+
+
 def test_a_backup_says_where_it_went_and_an_org_the_central_database_does_not_know_is_refused(
     central_settings: Settings, org_id: str, plant_store: Path
 ) -> None:
