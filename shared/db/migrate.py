@@ -8,13 +8,17 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.util.exc import CommandError
+from sqlalchemy import inspect
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from shared.db.session import driver_message
+from shared.db.session import driver_message, make_engine
 from shared.errors import MigrationError
 from shared.settings import Settings, build_settings, make_private_folder
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# How many of another application's tables a refusal names: enough to recognise the application.
+TABLES_NAMED = 3
 
 
 def alembic_config(database_url: str) -> Config:
@@ -26,8 +30,9 @@ def alembic_config(database_url: str) -> Config:
 
 def upgrade(database_url: str, revision: str = "head") -> None:
     """Bring the database to `revision` in one transaction (migrations/env.py): all of it, or, raising
-    MigrationError, none of it."""
+    MigrationError, none of it. A database holding tables but no Kiln schema is refused before anything is made."""
     try:
+        refuse_another_applications_database(database_url)
         command.upgrade(alembic_config(database_url), revision)
     except CommandError as error:  # alembic_version names a revision this Kiln has no migration for
         raise MigrationError(
@@ -39,6 +44,24 @@ def upgrade(database_url: str, revision: str = "head") -> None:
             "migrating the database (KILN_DATABASE_URL) failed, and none of it was applied (it must be reachable, "
             f"and Kiln's own, where Kiln may create tables): {driver_message(error)}"
         ) from None
+
+
+def refuse_another_applications_database(database_url: str) -> None:
+    """Raise MigrationError for a database with tables but no alembic_version: another application's, where Kiln's
+    tables would be made beside its own, unless a name clashed."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            tables = sorted(inspect(connection).get_table_names())  # in the schema Kiln's tables would go to
+    finally:
+        engine.dispose()
+    if not tables or "alembic_version" in tables:
+        return
+    named = ", ".join(tables[:TABLES_NAMED]) + (", …" if len(tables) > TABLES_NAMED else "")
+    raise MigrationError(
+        f"the database {make_url(database_url).database} (KILN_DATABASE_URL) holds tables and no Kiln schema "
+        f"({named}): it is another application's; give Kiln a database of its own"
+    )
 
 
 def prepare_embedded_database(settings: Settings) -> None:
