@@ -183,6 +183,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"Kiln runs on PostgreSQL (postgresql+psycopg2://) or SQLite (sqlite:///PATH), not {driver}"
             )
+        if _is_in_memory_sqlite(url):  # migrated in one connection, gone with it: every other process finds no tables
+            raise ValueError(
+                "names an in-memory SQLite database, private to the connection that opens it, while every Kiln "
+                "process shares one database: name a file, sqlite:///PATH"
+            )
         return url
 
     @model_validator(mode="after")
@@ -238,6 +243,16 @@ class Settings(BaseSettings):
     @property
     def resolved_object_store(self) -> str:
         return self.object_store or f"{FILE_STORE}{(self.data_dir / 'objects').resolve()}"
+
+
+def _is_in_memory_sqlite(url: str) -> bool:
+    """Whether a database URL names an in-memory SQLite database: no file, `:memory:`, or a URI filename asking
+    for memory."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return False
+    database = str(parsed.database or "")
+    return database in {"", ":memory:"} or database.startswith("file::memory:") or parsed.query.get("mode") == "memory"
 
 
 def _absolute_sqlite_url(url: str) -> str:

@@ -115,7 +115,7 @@ def run_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def run_migrate(settings: Settings, _args: argparse.Namespace) -> int:
-    migrate.prepare_embedded_database(settings)
+    migrate.prepare_sqlite_database(settings)
     migrate.upgrade(settings.resolved_database_url)
     print(f"database at the newest schema: {shown_database(settings.resolved_database_url)}")
     return 0

