@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import suppress
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from shared.db.session import driver_message, make_engine
-from shared.errors import MigrationError
+from shared.errors import KilnError, MigrationError
 from shared.settings import Settings, build_settings, make_private_folder
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -97,9 +98,15 @@ def _sqlite_file(database_url: str) -> Path | None:
 
 
 def main() -> None:
-    settings = build_settings()
-    prepare_sqlite_database(settings)
-    upgrade(settings.resolved_database_url)
+    """docker-compose's migrate service: a refusal (settings, a foreign database, a failed migration) in one line and
+    exit 1, as `kiln migrate` says it."""
+    try:
+        settings = build_settings()
+        prepare_sqlite_database(settings)
+        upgrade(settings.resolved_database_url)
+    except KilnError as error:
+        print(f"migrate: {error.message}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"database at head: {settings.resolved_database_url.split('@')[-1]}")
 
 

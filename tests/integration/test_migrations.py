@@ -73,11 +73,14 @@ def test_migrations_downgrade_to_nothing_and_back(tmp_path: Path) -> None:
     assert "model_versions" in tables_and_columns(url)
 
 
-def kiln_migrate(tmp_path: Path, **variables: str) -> subprocess.CompletedProcess[str]:
-    """`kiln migrate` as an operator runs it, with only the KILN_* variables given (the data dir in tmp_path)."""
+def kiln_migrate(
+    tmp_path: Path, module: tuple[str, ...] = ("deploy.local.cli", "migrate"), **variables: str
+) -> subprocess.CompletedProcess[str]:
+    """`kiln migrate` as an operator runs it (or another `module`), with only the KILN_* variables given (the data
+    dir in tmp_path)."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("KILN_")}
     env |= {"KILN_DATA_DIR": str(tmp_path / "kiln"), **variables}
-    command = [sys.executable, "-m", "deploy.local.cli", "migrate"]
+    command = [sys.executable, "-m", *module]
     return subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -129,6 +132,22 @@ def test_a_postgresql_database_holding_another_applications_tables_is_refused_an
         "(accounts, invoices, orders, …): it is another application's; give Kiln a database of its own"
     )
     assert tables == ["accounts", "invoices", "orders", "users"]
+
+
+def test_the_compose_migrate_service_refuses_another_applications_database_in_one_line(tmp_path: Path) -> None:
+    """docker-compose runs `python -m shared.db.migrate`, not the kiln command: its refusal reads the same."""
+    with fresh_postgres_database() as url:
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE users (id INTEGER PRIMARY KEY)"))
+        engine.dispose()
+        migrate = kiln_migrate(tmp_path, ("shared.db.migrate",), KILN_DATABASE_URL=url)
+
+    assert migrate.returncode == 1
+    assert migrate.stderr.strip() == (
+        f"migrate: the database {make_url(url).database} (KILN_DATABASE_URL) holds tables and no Kiln schema "
+        "(users): it is another application's; give Kiln a database of its own"
+    )
 
 
 def test_a_database_migrated_by_a_kiln_unknown_to_this_one_is_named_without_a_traceback(tmp_path: Path) -> None:
