@@ -113,41 +113,31 @@ def test_a_migration_failing_half_way_leaves_a_sqlite_database_as_it_was(tmp_pat
     assert dump(other) == before
 
 
+@pytest.mark.parametrize(
+    ("module", "said"),
+    [(("deploy.local.cli", "migrate"), "kiln migrate"), (("shared.db.migrate",), "migrate")],
+    ids=["kiln-migrate", "compose-migrate-service"],
+)
 def test_a_postgresql_database_holding_another_applications_tables_is_refused_and_left_as_it_was(
-    tmp_path: Path,
+    tmp_path: Path, module: tuple[str, ...], said: str
 ) -> None:
+    """By `kiln migrate`, and by docker-compose's migrate service (`python -m shared.db.migrate`) in the same line."""
     with fresh_postgres_database() as url:
         engine = create_engine(url)
         with engine.begin() as connection:
             for table in ("users", "orders", "invoices", "accounts"):
                 connection.execute(text(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY)"))
 
-        migrate = kiln_migrate(tmp_path, KILN_DATABASE_URL=url)
+        migrate = kiln_migrate(tmp_path, module, KILN_DATABASE_URL=url)
 
         tables = sorted(inspect(engine).get_table_names())
         engine.dispose()
     assert migrate.returncode == 1
     assert migrate.stderr.strip() == (
-        f"kiln migrate: the database {make_url(url).database} (KILN_DATABASE_URL) holds tables and no Kiln schema "
+        f"{said}: the database {make_url(url).database} (KILN_DATABASE_URL) holds tables and no Kiln schema "
         "(accounts, invoices, orders, …): it is another application's; give Kiln a database of its own"
     )
     assert tables == ["accounts", "invoices", "orders", "users"]
-
-
-def test_the_compose_migrate_service_refuses_another_applications_database_in_one_line(tmp_path: Path) -> None:
-    """docker-compose runs `python -m shared.db.migrate`, not the kiln command: its refusal reads the same."""
-    with fresh_postgres_database() as url:
-        engine = create_engine(url)
-        with engine.begin() as connection:
-            connection.execute(text("CREATE TABLE users (id INTEGER PRIMARY KEY)"))
-        engine.dispose()
-        migrate = kiln_migrate(tmp_path, ("shared.db.migrate",), KILN_DATABASE_URL=url)
-
-    assert migrate.returncode == 1
-    assert migrate.stderr.strip() == (
-        f"migrate: the database {make_url(url).database} (KILN_DATABASE_URL) holds tables and no Kiln schema "
-        "(users): it is another application's; give Kiln a database of its own"
-    )
 
 
 def test_a_database_migrated_by_a_kiln_unknown_to_this_one_is_named_without_a_traceback(tmp_path: Path) -> None:

@@ -1072,6 +1072,10 @@ def test_a_synced_sqlite_tables_text_timestamps_select_a_training_runs_date_rang
     assert pq.read_table(target).column("id").to_pylist() == [3]
 
 
+# A local table with rules its central copy does not carry: the local store refuses some writes the central one took.
+RULED_TABLE = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER CHECK (n >= 0))"
+
+
 @pytest.mark.parametrize("policy", ["last-writer-wins", "field-merge"])
 def test_a_central_edit_the_local_stores_rules_refuse_is_kept_in_a_conflict_and_the_rest_goes_down(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, policy: str
@@ -1081,7 +1085,7 @@ def test_a_central_edit_the_local_stores_rules_refuse_is_kept_in_a_conflict_and_
         sync_context,
         org_id,
         tmp_path,
-        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER CHECK (n >= 0))",
+        RULED_TABLE,
         "INSERT INTO t VALUES (1, 'a', 1), (2, 'b', 2), (3, 'c', 3)",
         policy=policy,
     )
@@ -1154,7 +1158,7 @@ def test_a_central_fix_made_while_the_pull_writes_what_the_local_store_refuses_i
         sync_context,
         org_id,
         tmp_path,
-        "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL, n INTEGER CHECK (n >= 0))",
+        RULED_TABLE,
         "INSERT INTO t VALUES (1, 'a', 1), (2, 'b', 2)",
     )
     assert sync.run()["status"] == "succeeded"
