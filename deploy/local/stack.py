@@ -165,7 +165,9 @@ def _start_redis(launch: Launch) -> str:
     password = secrets.token_urlsafe(18)
     config = launch.files.data_dir / "redis.conf"
     write_private(config, f"requirepass {password}\n")
-    options = ["--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    # The queues are on disk (the append-only file, in the data dir): a run or sync job queued when the stack goes
+    # down is still queued in Redis when `kiln up` starts it again, as the database says it is.
+    options = ["--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "yes"]
     command = [__redis_executable__, str(config), *options, "--dir", str(launch.files.data_dir)]
     launch.spawn("redis", command, {"PATH": os.environ.get("PATH", "")})
     url = f"redis://:{password}@127.0.0.1:{port}/0"

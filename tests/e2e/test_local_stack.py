@@ -16,7 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from deploy.local import ai4i
 from deploy.local.processes import group_alive, pid_alive, start_time
+from tests.support.polling import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -85,6 +87,59 @@ def test_a_stack_with_a_dead_process_is_reported_degraded_and_up_says_how_to_res
     assert (again.returncode, again.stdout, again.stderr) == (1, "", f"kiln up: {degraded}\n")
     assert down.returncode == 0, down.stderr
     assert [name for name, pid in stack["pids"].items() if group_alive(pid)] == []
+
+
+def test_a_run_queued_when_the_stack_goes_down_is_trained_once_it_is_up_again(
+    kiln_env: dict[str, str], data_dir: Path, tmp_path: Path
+) -> None:
+    """Its message waits in Redis while no trainer runs; `kiln down` stops Redis too, and `kiln up` starts it again
+    holding the message."""
+    csv = tmp_path / "ai4i.csv"
+    ai4i.write_csv(ai4i.generate(50_000, seed=1), csv)
+    up = kiln(kiln_env, "up", *ANY_FREE_PORTS)
+    try:
+        assert up.returncode == 0, up.stderr
+        stack = json.loads((data_dir / "stack.json").read_text())
+        os.killpg(stack["pids"]["trainer"], signal.SIGKILL)
+        api = httpx.Client(base_url=stack["api"], headers={"Authorization": f"Bearer {stack['adminToken']}"})
+        run_id = submit_training(api, csv)
+        assert api.get(f"/v1/orgs/acme/trainings/{run_id}").json()["status"] == "queued"
+        api.close()
+        down = kiln(kiln_env, "down")
+        assert down.returncode == 0, down.stderr
+
+        again = kiln(kiln_env, "up", *ANY_FREE_PORTS)
+        assert again.returncode == 0, again.stderr
+        stack = json.loads((data_dir / "stack.json").read_text())
+        api = httpx.Client(base_url=stack["api"], headers={"Authorization": f"Bearer {stack['adminToken']}"})
+        run = eventually(lambda: finished(api, run_id), seconds=120)
+        api.close()
+    finally:
+        down = kiln(kiln_env, "down")
+
+    assert down.returncode == 0, down.stderr
+    assert run is not None, "the run is still queued"
+    assert (run["status"], run["attempts"]) == ("succeeded", 1), run
+
+
+def submit_training(api: httpx.Client, csv: Path) -> str:
+    assert api.post("/v1/orgs", json={"id": "acme", "name": "Acme"}).status_code == 201
+    with csv.open("rb") as handle:
+        uploaded = api.post("/v1/orgs/acme/datasets", files={"file": ("ai4i.csv", handle)}, timeout=30)
+    assert uploaded.status_code == 201, uploaded.text
+    config = {
+        "datasetId": uploaded.json()["datasetId"],
+        "targetColumn": ai4i.TARGET,
+        "featureColumns": list(ai4i.FEATURES),
+    }
+    submitted = api.post("/v1/orgs/acme/trainings", json=config)
+    assert submitted.status_code == 202, submitted.text
+    return str(submitted.json()["runId"])
+
+
+def finished(api: httpx.Client, run_id: str) -> dict[str, Any] | None:
+    run: dict[str, Any] = api.get(f"/v1/orgs/acme/trainings/{run_id}").json()
+    return run if run["status"] not in ("queued", "running") else None
 
 
 def test_relative_paths_name_the_operators_folder_in_every_process_of_the_stack(
