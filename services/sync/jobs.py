@@ -26,7 +26,7 @@ from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
 from services.sync.envelope import KeyNotHeld, Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
-from services.sync.resync import resync_if_asked
+from services.sync.resync import resync_asked, resync_if_asked
 from services.sync.store_marks import check_positions, check_same_store, create_marks, recognize_store
 from services.sync.stores import (
     add_new_columns,
@@ -275,6 +275,7 @@ def open_pair(
     local_dialect = local.dialect.name
     with context.engine.connect() as connection:
         first_copy = not connection.dialect.has_table(connection, central_name)
+    resyncing = resync_asked(context.engine, source.id, spec.name)
     logged_before: Change | None = None
     with local.begin() as connection:
         create_log(connection, LOCAL_LOG)
@@ -289,7 +290,10 @@ def open_pair(
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
         if first_copy and spec.sends_up:
             logged_before = log_existing_again(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key)
-        elif not installed:
+        elif not installed and not resyncing:
+            # Not when a resync waits (a store put back from a backup taken before its first sync): its records are
+            # the backup's, which the resync brings back together with the central copy. Logged now as edits, they
+            # would win over every central change made since the backup.
             log_existing(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
     with context.engine.begin() as connection:
         central_table = ensure_central_table(connection, reflected, spec, central_name, local_dialect=local_dialect)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Text, cast, func, insert, literal, select
+from sqlalchemy import BigInteger, Connection, Engine, Text, cast, func, insert, literal, select
 from sqlalchemy.orm import Session
 
 from services.sync.changes import LOCAL_LOG, ORIGIN_MERGE, log_merges, pending
@@ -35,6 +35,11 @@ from services.sync.watermarks import DOWN, UP, set_watermark, watermark
 from shared.audit import record_change
 from shared.db.models import SyncChange, SyncResync, SyncWatermark
 from shared.db.types import utcnow
+
+
+def resync_asked(central: Engine, source_id: str, table: str) -> bool:
+    with Session(central) as session:
+        return session.get(SyncResync, (source_id, table)) is not None
 
 
 def resync_if_asked(pair: TablePair) -> bool:

@@ -124,6 +124,32 @@ def test_after_a_resync_both_sides_hold_the_same_records_with_the_edits_made_sin
     assert {"sync.resync.requested", "sync.resync.applied"} <= set(sync.audit_actions())
 
 
+def test_a_backup_taken_before_the_first_sync_undoes_no_central_change_once_resynced(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Such a backup holds no change capture: its records are the backup's, not edits made since the restore."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(20))
+    backup = snapshot(sync.local_path, tmp_path / "before-the-first-sync.db")
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET value = 500.0 WHERE id = 5")
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 6")
+    sync.local("UPDATE readings SET value = 700.0 WHERE id = 7")
+    assert sync.run()["status"] == "succeeded"
+    put_back(backup, sync.local_path)
+    assert sync.run()["status"] == "failed"
+
+    job = resync(sync)
+    sync.local("UPDATE readings SET value = -8.0 WHERE id = 8")
+    after = sync.run()
+    local, central = both_sides(sync)
+
+    assert (job["status"], job["conflicts"], after["status"], after["pushed"]) == ("succeeded", 0, "succeeded", 1)
+    assert local == central and len(local) == 19
+    values = {row[0]: row[2] for row in local}
+    assert [values[n] for n in (5, 7, 8)] == [500.0, 700.0, -8.0]
+    assert 6 not in values
+
+
 def test_a_store_put_back_by_kiln_restore_is_known_and_resynced(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
