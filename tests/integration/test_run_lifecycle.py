@@ -167,6 +167,24 @@ def test_cancelling_a_queued_run_means_it_never_starts(
     assert again.status_code == 409 and "already cancelled" in again.json()["error"]
 
 
+def test_a_cancel_that_meets_the_run_ending_says_how_it_ended(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, settings: Settings, run_id: str
+) -> None:
+    """The run succeeds after the cancel read it running, before the cancel's update gets its row."""
+    assert runs.claim_run(sessions, run_id, worker="w1", lease_s=30) is not None
+    ending = create_engine(settings.database_url)
+    with ThreadPoolExecutor(max_workers=1) as pool, ending.begin() as connection:
+        connection.execute(text("SELECT 1 FROM training_runs WHERE id = :id FOR UPDATE"), {"id": run_id})
+        cancelling = pool.submit(api.post, f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer)
+        while not waiting_for_a_row_lock(ending):
+            time.sleep(0.05)
+        connection.execute(text("UPDATE training_runs SET status = 'succeeded' WHERE id = :id"), {"id": run_id})
+    ending.dispose()
+
+    response = cancelling.result(timeout=30)
+    assert (response.status_code, response.json()["error"]) == (409, f"run {run_id} is already succeeded")
+
+
 def test_a_run_cancelled_while_queued_says_so_in_its_log(api: TestClient, org: OrgKeys, run_id: str) -> None:
     """Every run keeps a training log, a run that never started too: its one line is the cancel."""
     assert api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer).status_code == 202
