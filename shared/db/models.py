@@ -115,6 +115,24 @@ class RunLog(Base):
     message: Mapped[str] = mapped_column(Text)
 
 
+class CandidateFolder(Base):
+    """The folder of a version an attempt is uploading and has not registered yet, recorded before its first upload:
+    were the attempt to die or the store to fail its clean-up, nothing else would name the folder, its held-out rows
+    (a share of the org's rows) included. Deleted with the version's registration or the folder's removal; a sweep
+    removes a folder whose attempt no longer holds its run (services/trainer/candidates.py)."""
+
+    __tablename__ = "candidate_folders"
+
+    prefix: Mapped[str] = mapped_column(String(300), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id"), index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    # The attempt's claim token: the folder is the attempt's while the run's token is still this one.
+    claim_token: Mapped[int] = mapped_column(Integer)
+    # Whether the held-out rows went to the org's premises folder, which only the org's own workers reach.
+    holdout_on_premises: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class DataSource(Base):
     """An org's own database to train from (the seed's scadaDbConfig + schemaConfig). The URL is kept without its
     password, which is stored encrypted."""
