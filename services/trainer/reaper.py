@@ -1,6 +1,7 @@
 """A consumer step that hands back runs whose worker died (their lease ran out, so another worker takes them, or
-they fail once out of attempts) and wakes runs waiting for a slot that is free. Every worker runs it; conditional
-updates let only one win a run."""
+they fail once out of attempts), wakes runs waiting for a slot that is free, and removes the files of candidates no
+attempt will register (services/trainer/candidates.py). Every worker runs it; conditional updates and row locks let
+only one win a run or a folder."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from celery import bootsteps
 from sqlalchemy.pool import NullPool
 
+from services.trainer.candidates import CandidateStores, remove_abandoned
 from services.trainer.runs import reap_expired, wake_all_waiting
 from shared.cancellation import request_cancel
 from shared.db.session import make_central_engine, make_session_factory, session_scope
@@ -35,6 +37,7 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
         self.engine = make_central_engine(settings, bound_answers=True, poolclass=NullPool)
         self.sessions = make_session_factory(self.engine)
         self.max_attempts = settings.run_max_attempts
+        self.stores = CandidateStores.open(settings)
         self.timer_ref = consumer.timer.call_repeatedly(SWEEP_SECONDS, self.sweep, (consumer,), priority=10)
 
     def stop(self, consumer: Any) -> None:
@@ -51,6 +54,8 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
             if handed_back or woken:
                 senders = {KIND_TRAIN_TASK: lambda payload: send_train_task(consumer.app, payload)}
                 relay(self.sessions, senders, ids=[*handed_back, *woken])
+            for prefix in remove_abandoned(self.sessions, self.stores):
+                log.warning("removed %s, the candidate of an attempt that registered no version", prefix)
         except Exception:
             log.warning("run reaper pass failed; trying again in %.0f s", SWEEP_SECONDS, exc_info=True)
 

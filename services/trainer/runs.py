@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Interval, func, literal, select, update
+from sqlalchemy import ColumnElement, Interval, delete, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from shared.cancellation import request_cancel
-from shared.db.models import Dataset, DataSource, ModelVersion, Organization, RunLog, TrainingRun
+from shared.db.models import CandidateFolder, Dataset, DataSource, ModelVersion, Organization, RunLog, TrainingRun
 from shared.db.row_locks import hold_sqlite_write_lock
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import UTCDateTime, utcnow
@@ -224,8 +224,17 @@ def _holds(session: Session, attempt: Attempt) -> list[ColumnElement[bool]]:
         TrainingRun.id == attempt.run_id,
         TrainingRun.claim_token == attempt.token,
         TrainingRun.status == "running",
-        TrainingRun.lease_expires_at > _clock(session),
+        lease_live(session),
     ]
+
+
+def lease_live(session: Session) -> ColumnElement[bool]:
+    return TrainingRun.lease_expires_at > _clock(session)
+
+
+def check_held(session: Session, attempt: Attempt) -> None:
+    """Raises LeaseLost when the attempt no longer holds its run."""
+    _cancel_flag(session, attempt)
 
 
 def _fenced(session: Session, attempt: Attempt, **values: Any) -> Any:
@@ -425,8 +434,14 @@ def register_version(sessions: SessionFactory, attempt: Attempt, trained: Traine
                 holdout_on_premises=attempt.holdout_on_premises,
             )
         )
+        forget_candidate(session, trained.artifact_prefix)
         wake_waiting(session, attempt.org_id)
     return status
+
+
+def forget_candidate(session: Session, prefix: str) -> None:
+    """The candidate's folder (CandidateFolder) is a registered version's, or gone: nothing is left to remove."""
+    session.execute(delete(CandidateFolder).where(CandidateFolder.prefix == prefix))
 
 
 def reap_expired(sessions: SessionFactory, *, max_attempts: int) -> list[int]:

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DataError, IntegrityError
 
 import services.trainer.scripts
-from services.trainer import artifacts, runs
+from services.trainer import artifacts, candidates, runs
 from services.trainer.context import WorkerContext
 from services.trainer.extract import extract_database, extract_dataset
 from services.trainer.heartbeat import Heartbeat
@@ -39,6 +39,7 @@ from shared.layout import MODEL_FILE, model_prefix
 from shared.outbox import relay
 from shared.retries import gave_up
 from shared.schemas import unfit_text
+from shared.storage import ObjectStore
 from shared.store_access import StoreRules
 from shared.stored_secrets import datasource_context
 from shared.versions import new_version
@@ -107,12 +108,15 @@ def _register(attempt: Attempt, context: WorkerContext, trained: TrainedVersion)
     except (LeaseLost, Cancelled, DataError, IntegrityError):
         # Not registered (the database refused the version before anything committed): nothing may refer to these
         # artifacts, and nothing ever will.
-        artifacts.remove_version(
-            trained.artifact_prefix, context.store, context.holdout_store(on_premises=attempt.holdout_on_premises)
-        )
+        candidates.remove(context.sessions, trained.artifact_prefix, _candidate_stores(attempt, context))
         raise
     runs.log(context.sessions, attempt, status, f"registered version {trained.version}: {status}")
     return status
+
+
+def _candidate_stores(attempt: Attempt, context: WorkerContext) -> tuple[ObjectStore, ObjectStore]:
+    """Where the attempt's candidate went: the central store, and where its held-out rows were written."""
+    return context.store, context.holdout_store(on_premises=attempt.holdout_on_premises)
 
 
 def _retry_or_fail(attempt: Attempt, context: WorkerContext, reason: str) -> str:
@@ -129,6 +133,7 @@ def _retry_or_fail(attempt: Attempt, context: WorkerContext, reason: str) -> str
 
 def _train(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> TrainedVersion:
     step = _Steps(attempt, context, heartbeat)
+    _remove_earlier_candidates(attempt, context)
     with context.sandbox.workspace() as workdir:
         step.log("started", f"attempt {attempt.number} on {socket.gethostname()} (pid {os.getpid()})")
         config = attempt.config
@@ -140,6 +145,16 @@ def _train(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> Tr
         step.log("extracted", _split_summary(data, train, holdout))
         outputs = step.run_script(workdir, train)
         return step.judge_and_store(outputs, data, holdout)
+
+
+def _remove_earlier_candidates(attempt: Attempt, context: WorkerContext) -> None:
+    """An earlier attempt of the run that died while storing (or whose store failed its clean-up) left its folder:
+    removed now rather than at the next sweep, so the run ends with no folder but its version's."""
+    stores = candidates.CandidateStores(
+        context.store, context.holdout_store(on_premises=True), context.settings.worker_org_ids
+    )
+    for prefix in candidates.remove_abandoned(context.sessions, stores, run_id=attempt.run_id):
+        log.warning("run %s: removed %s, the unregistered candidate of an earlier attempt", attempt.run_id, prefix)
 
 
 def _split_summary(data: TrainingData, train: TrainingData, holdout: TrainingData) -> str:
@@ -299,6 +314,7 @@ class _Steps:
         artifacts.save_holdout(holdout, holdout_file)
         sha256 = hashlib.sha256(model_file.read_bytes()).hexdigest()
         store = self.context.store
+        candidates.record(self.context.sessions, self.attempt, prefix)
         try:
             if too_large(size, gates):
                 self.log(
@@ -323,9 +339,7 @@ class _Steps:
             )
             self.log("stored", f"artifacts of {version} stored under {prefix}")
         except BaseException:
-            artifacts.remove_version(
-                prefix, store, self.context.holdout_store(on_premises=self.attempt.holdout_on_premises)
-            )
+            candidates.remove(self.context.sessions, prefix, _candidate_stores(self.attempt, self.context))
             raise
         return TrainedVersion(
             version=version,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -12,9 +13,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from deploy.local import ai4i
-from services.trainer import runs
+from services.trainer import artifacts, candidates, runs
+from services.trainer.candidates import CandidateStores
 from services.trainer.context import WorkerContext
 from services.trainer.training import run_training
+from shared.errors import TransientError
 from shared.layout import (
     HOLDOUT_FILE,
     METRICS_FILE,
@@ -166,3 +169,56 @@ def test_an_attempt_whose_lease_ran_out_before_it_registered_leaves_no_version_a
     assert runs.reap_expired(worker.sessions, max_attempts=3)
     run = run_of(api, org, run_id)
     assert (run["status"], run["version"]) == ("queued", None) and "attempt 1 stopped renewing" in run["error"]
+
+
+def unreachable(*_args: Any, **_kwargs: Any) -> None:
+    raise TransientError("the object store does not answer")
+
+
+def test_a_store_lost_while_storing_leaves_no_object_that_no_version_names_once_the_retry_succeeded(
+    api: TestClient,
+    org: OrgKeys,
+    worker: WorkerContext,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store stops answering once the candidate's model and held-out rows are up, before its reports: the
+    attempt cannot remove what it uploaded, and the run is retried under another version. Its held-out rows are a
+    share of the org's rows that no version names, so no erasure would ever reach them: they must go."""
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(20_000, seed=1), tmp_path))
+    monkeypatch.setattr(artifacts, "upload_reports", unreachable)
+    monkeypatch.setattr(artifacts, "remove_version", unreachable)
+    assert run_training(run_id, worker) == "retrying"
+    monkeypatch.undo()  # the store answers again
+
+    assert run_training(run_id, worker) == "succeeded"
+    assert run_of(api, org, run_id)["attempts"] == 2
+    registered = {model["version"] for model in api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json()}
+    stored = open_object_store(settings).list(f"orgs/{org.org_id}/models/")
+    assert [key for key in stored if key.split("/")[3] not in registered] == []
+
+
+def test_a_cancelled_run_whose_clean_up_the_store_failed_leaves_no_object_once_a_sweep_passes(
+    api: TestClient,
+    org: OrgKeys,
+    worker: WorkerContext,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No attempt comes after a cancelled run to remove what its last one left: the workers' sweep does, once the
+    store answers again, and keeps the folder to remove until then."""
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(20_000, seed=1), tmp_path))
+    cancel_just_before(monkeypatch, "register_version", api, org)
+    monkeypatch.setattr(artifacts, "remove_version", unreachable)
+    assert run_training(run_id, worker) == "cancelled"
+    stores = CandidateStores.open(settings)
+    left = open_object_store(settings).list(f"orgs/{org.org_id}/models/")
+    assert left and candidates.remove_abandoned(worker.sessions, stores) == []
+    monkeypatch.undo()  # the store answers again
+
+    assert {key.split("/")[3] for key in left} <= {
+        prefix.split("/")[3] for prefix in candidates.remove_abandoned(worker.sessions, stores)
+    }
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/models/") == []
