@@ -36,8 +36,9 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
         # Its own engine, in the worker's main process: the pool's children never inherit its connections.
         self.engine = make_central_engine(settings, bound_answers=True, poolclass=NullPool)
         self.sessions = make_session_factory(self.engine)
+        self.settings = settings
         self.max_attempts = settings.run_max_attempts
-        self.stores = CandidateStores.open(settings)
+        self.stores: CandidateStores | None = None
         self.timer_ref = consumer.timer.call_repeatedly(SWEEP_SECONDS, self.sweep, (consumer,), priority=10)
 
     def stop(self, consumer: Any) -> None:
@@ -54,10 +55,17 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
             if handed_back or woken:
                 senders = {KIND_TRAIN_TASK: lambda payload: send_train_task(consumer.app, payload)}
                 relay(self.sessions, senders, ids=[*handed_back, *woken])
-            for prefix in remove_abandoned(self.sessions, self.stores):
+            for prefix in remove_abandoned(self.sessions, self._candidate_stores()):
                 log.warning("removed %s, the candidate of an attempt that registered no version", prefix)
         except Exception:
             log.warning("run reaper pass failed; trying again in %.0f s", SWEEP_SECONDS, exc_info=True)
+
+    def _candidate_stores(self) -> CandidateStores:
+        # Opened by a pass, not at start (opening an S3 store asks it for its bucket): a store down as the worker
+        # starts must not keep it from handing runs back.
+        if self.stores is None:
+            self.stores = CandidateStores.open(self.settings)
+        return self.stores
 
 
 def cancel_revoked(run_id: str) -> None:
