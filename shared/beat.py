@@ -22,21 +22,23 @@ from typing import Any, TypeVar
 
 from celery.beat import Scheduler
 from sqlalchemy import select, update
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from shared.audit import record_change
 from shared.db.models import Schedule, SyncSchedule
-from shared.db.session import SessionFactory, make_central_engine, make_session_factory, session_scope
+from shared.db.session import (
+    DATABASE_TROUBLE,
+    SessionFactory,
+    make_central_engine,
+    make_session_factory,
+    session_scope,
+)
 from shared.schedules import next_fire_times
 from shared.settings import Settings, build_settings
 
 log = logging.getLogger(__name__)
 
 GRACE = timedelta(minutes=10)
-# The database, not a schedule, at fault: the schedule stays due and the next tick tries again.
-DATABASE_TROUBLE = (OperationalError, InterfaceError, PoolTimeout)
 MAX_REASON = 1000
 
 Row = TypeVar("Row", Schedule, SyncSchedule)
@@ -69,7 +71,7 @@ def fire_each_due(
         try:
             with session_scope(sessions) as session:
                 message = _fire(session, model, schedule_key, now=now, kind=kind, queue=queue, detail=detail)
-        except DATABASE_TROUBLE:
+        except DATABASE_TROUBLE:  # the database, not the schedule, at fault: it stays due for the next tick
             log.warning("%s %s: the database failed; the next tick tries again", kind, schedule_key, exc_info=True)
             break
         except Exception as error:

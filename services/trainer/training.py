@@ -33,7 +33,7 @@ from services.trainer.sandbox import Limits
 from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large
 from shared.crypto import SecretBox
 from shared.db.models import Dataset, TrainingRun
-from shared.db.session import session_scope
+from shared.db.session import DATABASE_TROUBLE, driver_message, session_scope
 from shared.errors import InvalidInput, KilnError, TransientError
 from shared.layout import MODEL_FILE, model_prefix
 from shared.outbox import relay
@@ -79,6 +79,11 @@ def _attempt(run_id: str, context: WorkerContext, worker: str) -> str:
             # Also when ending the run found it so: the run is no longer this attempt's to end.
             log.warning("run %s: attempt %s lost its lease; the run is not its own any more", run_id, attempt.number)
             return "lost"
+        except DATABASE_TROUBLE:
+            # Kiln's database is still failing as the attempt's end is to be written: as after a lost worker, the
+            # lease runs out and a sweep hands the run back (or ends it once its attempts are used up).
+            log.warning("run %s: attempt %s could not record its end; left to the sweep", run_id, attempt.number)
+            return "unrecorded"
 
 
 def _carry_out(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> str:
@@ -91,6 +96,10 @@ def _carry_out(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -
         return _cancel(attempt, context)
     except TransientError as error:
         return _retry_or_fail(attempt, context, error.message)
+    except DATABASE_TROUBLE as error:
+        # Kiln's own database, not the run, at fault (a failover, a blip of its link): as transient as an org's
+        # database out of reach. Its error is one line: SQLAlchemy's would quote the statement and its parameters.
+        return _retry_or_fail(attempt, context, f"Kiln's database failed: {driver_message(error)}")
     except KilnError as error:
         return runs.finish(context.sessions, attempt, "failed", error.message)
     except Exception as error:

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -31,6 +32,9 @@ DATABASE_TIMEOUT_S = 15.0
 # With bounded answers, the server cancels a statement at the bound (statement_timeout) and the client gives up on
 # the connection this much later: a server that runs answers with the cancel first, and the connection stays usable.
 ANSWER_GRACE_S = 2.0
+# The database, not the work, at fault: it did not answer, dropped the connection, or had none free. Trying again once
+# it is back may work; any other error would be the same on every try.
+DATABASE_TROUBLE = (OperationalError, InterfaceError, PoolTimeout)
 
 
 def with_shipped_driver(url: str | URL) -> URL:

@@ -20,11 +20,14 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from deploy.local import ai4i
 from services.api.app import create_app
 from services.predictor.app import create_app as create_predictor
 from services.predictor.auth import KeyCache
 from services.predictor.outage import DatabaseOutage
 from services.predictor.state import PredictorState
+from services.trainer.context import WorkerContext
+from services.trainer.training import run_training
 from shared.db.session import (
     ANSWER_GRACE_S,
     CONNECT_TIMEOUT_S,
@@ -36,7 +39,7 @@ from shared.errors import Unavailable
 from shared.keys import KEY_PREFIX, PLATFORM_ADMIN
 from shared.settings import Settings
 from shared.storage import ObjectStore
-from tests.integration.conftest import ADMIN, OrgKeys
+from tests.integration.conftest import ADMIN, OrgKeys, run_of, submit, upload_table
 from tests.integration.test_predictor import becomes_ready, deploy_quietly
 from tests.integration.test_predictor_deployments import deploy
 from tests.support.models import ai4i_row, register_model, tiny_model
@@ -81,6 +84,27 @@ def test_a_statement_through_a_frozen_link_fails_within_the_bound_and_the_engine
             assert select_one(engine) == 1
         finally:
             engine.dispose()
+
+
+def test_a_run_whose_statement_to_kilns_database_gets_no_answer_is_retried_saying_so_in_one_line(
+    api: TestClient, org: OrgKeys, settings: Settings, tmp_path: Path
+) -> None:
+    """A failover or a blip of the link to Kiln's own database is no fault of the run: it is retried like an org's
+    database out of reach, and its error names the fault without SQL or a traceback."""
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    with through_link(settings) as (link, linked):
+        # The attempt's read of its dataset's row (the statement with the run's id bound) never gets an answer.
+        link.trap(b"datasets.id \nWHERE training_runs.id = 'run_")
+        worker = WorkerContext.open(linked)
+        try:
+            outcome = link.outcome_within(OUTER_TIMEOUT_S, lambda: run_training(run_id, worker))
+        finally:
+            worker.close()
+
+    run = run_of(api, org, run_id)
+    assert (outcome, run["status"], run["attempts"]) == ("retrying", "queued", 1), run["error"]
+    bound_s = TIMEOUT_S + ANSWER_GRACE_S
+    assert run["error"] == f"attempt 1: Kiln's database failed: the database did not answer within {bound_s:g} s"
 
 
 def test_the_server_cancels_a_long_statement_of_a_bounded_engine_and_a_worker_engine_lets_it_run(
