@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from types import TracebackType
 
 from services.trainer.runs import Attempt, LeaseLost, cancel_requested, renew_lease
@@ -19,7 +20,11 @@ class Heartbeat:
     """A thread that reads the attempt's cancel flag every CHECK_S seconds and renews its lease every third of
     the lease: a write only every few seconds, a cancel noticed within one check. A lease that ran out (the worker
     stalled past it, or could not reach the database for that long) or was taken over sets `lost`, and the attempt
-    stops: its script is killed and it writes nothing more."""
+    stops: its script is killed and it writes nothing more.
+
+    The lease is judged by this process's clock while each look waits for the database: a look the database does not
+    answer holds the heartbeat only until the lease has passed since the last renewal was sent (the database set the
+    lease from no earlier a moment), not for the whole KILN_DATABASE_TIMEOUT_S."""
 
     def __init__(self, sessions: SessionFactory, attempt: Attempt, *, lease_s: float) -> None:
         self.sessions = sessions
@@ -29,6 +34,8 @@ class Heartbeat:
         self.lost = threading.Event()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{attempt.run_id}", daemon=True)
+        # Each look runs on this thread, so that the heartbeat can give up on one the database does not answer.
+        self._looks = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"heartbeat-look-{attempt.run_id}")
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -37,6 +44,8 @@ class Heartbeat:
     def __exit__(self, *_exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self._done.set()
         self._thread.join()
+        # A look given up on ends within the database's own bound; nothing waits for it.
+        self._looks.shutdown(wait=False, cancel_futures=True)
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or self.lost.is_set()
@@ -44,23 +53,37 @@ class Heartbeat:
     def _beat(self) -> None:
         renewed = time.monotonic()
         while not self._done.wait(CHECK_S):
+            sent = time.monotonic()
+            renewing = sent - renewed >= self.lease_s / 3
             try:
-                if time.monotonic() - renewed >= self.lease_s / 3:
-                    cancel = renew_lease(self.sessions, self.attempt, lease_s=self.lease_s)
-                    renewed = time.monotonic()
-                else:
-                    cancel = cancel_requested(self.sessions, self.attempt)
-                if cancel:
-                    self.cancelled.set()
+                cancel = self._look(renewing, deadline=renewed + self.lease_s)
             except LeaseLost:
                 self.lost.set()
                 return
             except Exception:
-                # The database may come back before the lease runs out; until then the attempt goes on. After it,
-                # by this process's own clock (started once the last renewal had returned), another worker may
-                # have taken the run over already.
+                # The database may come back before the lease runs out; until then the attempt goes on.
                 log.warning("run %s: lease renewal failed", self.attempt.run_id, exc_info=True)
                 if time.monotonic() - renewed >= self.lease_s:
                     self.lost.set()
                     return
                 time.sleep(CHECK_S)
+                continue
+            if cancel is None:
+                # Past the lease by this process's clock, another worker may have taken the run over already.
+                log.warning("run %s: no answer from the database before the lease ran out", self.attempt.run_id)
+                self.lost.set()
+                return
+            if renewing:
+                renewed = sent
+            if cancel:
+                self.cancelled.set()
+
+    def _look(self, renewing: bool, *, deadline: float) -> bool | None:
+        """Renew the lease or read the cancel flag; whether a cancel was asked for, or None when the database had
+        not answered by `deadline`. Raises what the look raised."""
+        if renewing:
+            look = self._looks.submit(renew_lease, self.sessions, self.attempt, lease_s=self.lease_s)
+        else:
+            look = self._looks.submit(cancel_requested, self.sessions, self.attempt)
+        answered, _ = wait([look], timeout=max(0.0, deadline - time.monotonic()))
+        return look.result() if answered else None

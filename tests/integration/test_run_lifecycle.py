@@ -19,13 +19,15 @@ from services.trainer.heartbeat import Heartbeat
 from shared.cancellation import request_cancel
 from shared.db.migrate import upgrade
 from shared.db.models import Dataset, Organization, TrainingRun
-from shared.db.session import SessionFactory, make_engine, make_session_factory, session_scope
+from shared.db.session import SessionFactory, make_central_engine, make_engine, make_session_factory, session_scope
 from shared.db.types import utcnow
 from shared.org_lock import lock_org
 from shared.schemas import TrainingConfig
 from shared.settings import Settings
 from shared.submissions import queue_run
 from tests.integration.conftest import OrgKeys, config
+from tests.support.polling import eventually
+from tests.support.proxy import freezable_link_to
 from tests.support.servers import free_port
 
 
@@ -133,6 +135,39 @@ def test_an_attempt_cut_off_from_the_database_for_its_lease_stops(sessions: Sess
         end_run(sessions, run_id)  # as a sweep would: no later test's sweep may find it expired
 
     assert lost and not heartbeat.cancelled.is_set()
+
+
+def lease_of(sessions: SessionFactory, run_id: str) -> object:
+    with sessions() as session:
+        return session.get_one(TrainingRun, run_id).lease_expires_at
+
+
+def test_an_attempt_whose_database_stops_answering_stops_once_its_lease_has_passed(
+    settings: Settings, sessions: SessionFactory, run_id: str
+) -> None:
+    """A database that takes the heartbeat's statements and never answers (a frozen server, a partition that still
+    acknowledges): however long a look would wait for its answer, the attempt stops once the lease has passed by its
+    own clock, since by then a sweep may have handed the run to another worker."""
+    lease_s = 3.0
+    attempt = runs.claim_run(sessions, run_id, worker="w1", lease_s=lease_s)
+    assert attempt is not None
+    claimed = lease_of(sessions, run_id)
+    with freezable_link_to(settings.database_url) as (link, url):
+        # Each look on the heartbeat's connection would wait a minute for its answer: many leases.
+        silent = make_central_engine(
+            settings.model_copy(update={"database_url": url, "database_timeout_s": 60.0}), bound_answers=True
+        )
+        try:
+            with Heartbeat(make_session_factory(silent), attempt, lease_s=lease_s) as heartbeat:
+                assert eventually(lambda: lease_of(sessions, run_id) != claimed)  # its connection is open, renewing
+                link.freeze()
+                lost = heartbeat.lost.wait(timeout=lease_s + 15)
+                link.thaw()
+        finally:
+            silent.dispose()
+            end_run(sessions, run_id)  # as a sweep would: no later test's sweep may find it expired
+
+    assert lost and heartbeat.should_stop() and not heartbeat.cancelled.is_set()
 
 
 def test_a_lost_worker_hands_the_run_back_until_the_attempts_run_out(
