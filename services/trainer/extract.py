@@ -3,7 +3,10 @@ org's own database read in chunks, only the columns and the date range the run n
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -17,13 +20,19 @@ from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
 
 from services.trainer.runs import DatabaseSource
 from shared.column_map import source_columns
-from shared.db.answers import NoAnswer
+from shared.db.answers import NoAnswer, cutter
 from shared.db.session import make_org_engine, with_shipped_driver
-from shared.errors import InvalidInput, TransientError
+from shared.errors import InvalidInput, KilnError, TransientError
 from shared.storage import ObjectStore
 from shared.store_access import StoreRules
 
 CHUNK_ROWS = 50_000
+# How often an extraction looks whether its attempt was asked to stop: the heartbeat notices a cancel within 0.5 s.
+STOP_CHECK_S = 0.1
+
+
+class Stopped(KilnError):
+    """The attempt was asked to stop (a cancel, a lost lease) while it read its data source: nothing it read counts."""
 
 
 def extract_dataset(store: ObjectStore, object_key: str, target: Path) -> None:
@@ -39,24 +48,65 @@ def extract_database(
     end: datetime | None,
     target: Path,
     rules: StoreRules,
+    should_stop: Callable[[], bool] = lambda: False,
 ) -> int:
     """Write the named columns (Kiln's names, after columnMap) of the rows in [start, end] to `target`; returns
     how many rows. Unreachable, or a wait for its answer past `rules.timeout_s` (a server stopped or stuck, a link
     frozen: the run is not held for ever): TransientError. A missing table or column, or a database the org may not
-    read: InvalidInput naming it."""
+    read: InvalidInput naming it. `should_stop()` turning true (a cancel, a lost lease) stops the reading within
+    STOP_CHECK_S, a wait for the source's answer included: Stopped."""
     url = with_shipped_driver(source.url)
     url = url.set(password=password) if password is not None else url
     url = rules.check_before_opening(url, field="datasource")
     engine = _open(url, rules.timeout_s)
     try:
-        with _connect(engine, where=_describe(source.url)) as connection:
+        with (
+            _connect(engine, where=_describe(source.url)) as connection,
+            _cut_off_once(should_stop, connection),
+        ):
             rules.check_opened(connection, table=source.table, field="datasource")
             query = _query(connection, source, columns, start, end)
-            return _stream_to_parquet(connection, query, target)
-    except OperationalError as error:
-        raise _failed_while_reading(error) from error
+            return _stream_to_parquet(connection, query, target, should_stop)
+    except Exception as error:
+        if should_stop():  # whatever failed, it failed because the attempt cut its connection off, or stopped reading
+            raise Stopped("the attempt was asked to stop while reading its data source") from error
+        if isinstance(error, OperationalError):
+            raise _failed_while_reading(error) from error
+        raise
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _cut_off_once(should_stop: Callable[[], bool], connection: Connection) -> Iterator[None]:
+    """While the block reads, cut the connection off as soon as `should_stop()`: a cancel is honoured within
+    seconds, not once a wait on a source that stopped answering reaches its bound. The watcher ends before the block
+    does, so it never touches a connection closed meanwhile."""
+    cut_off = _cutter(connection)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(STOP_CHECK_S):
+            if should_stop():
+                cut_off()
+                return
+
+    watcher = threading.Thread(target=watch, name="extract-stop-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
+def _cutter(connection: Connection) -> Callable[[], None]:
+    """What ends the connection's wait on its source from another thread: SQLite's own interrupt, or the socket of a
+    PostgreSQL connection shut down."""
+    dbapi_connection: Any = connection.connection.dbapi_connection  # sqlite3's or psycopg2's (untyped)
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        return dbapi_connection.interrupt
+    return cutter(dbapi_connection.fileno())
 
 
 def _open(url: URL, timeout_s: float) -> Engine:
@@ -162,13 +212,17 @@ def _as_column_time(moment: datetime | None, aware: bool) -> datetime | None:
     return moment.replace(tzinfo=None)
 
 
-def _stream_to_parquet(connection: Connection, query: sql.Select[tuple[object, ...]], target: Path) -> int:
+def _stream_to_parquet(
+    connection: Connection, query: sql.Select[tuple[object, ...]], target: Path, should_stop: Callable[[], bool]
+) -> int:
     rows = 0
     writer: pq.ParquetWriter | None = None
     columns = [(column.name, _arrow_type(column.type)) for column in query.selected_columns]
     try:
         result = connection.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(query)
         for chunk in result.partitions():
+            if should_stop():  # SQLite's interrupt ends only a statement running: none between two fetches
+                raise Stopped("the attempt was asked to stop while reading its data source")
             table = pa.table({name: _column(chunk, i, name, kind) for i, (name, kind) in enumerate(columns)})
             if writer is None:
                 writer = pq.ParquetWriter(target, table.schema)

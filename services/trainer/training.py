@@ -20,7 +20,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 import services.trainer.scripts
 from services.trainer import artifacts, candidates, runs
 from services.trainer.context import WorkerContext
-from services.trainer.extract import extract_database, extract_dataset
+from services.trainer.extract import Stopped, extract_database, extract_dataset
 from services.trainer.heartbeat import Heartbeat
 from services.trainer.native_scores import NativeScores, score_natively
 from services.trainer.outputs import SCRIPT_METRICS_FILE, collect_outputs
@@ -190,10 +190,14 @@ class _Steps:
         runs.set_progress(self.context.sessions, self.attempt, stage, percent)
 
     def stop_if_asked(self) -> None:
+        if self.heartbeat.should_stop():
+            raise self._stopped()
+
+    def _stopped(self) -> KilnError:
+        """Why the attempt stops, once the heartbeat says it must: its lease lost, or a cancel."""
         if self.heartbeat.lost.is_set():
-            raise LeaseLost(f"run {self.attempt.run_id} was taken over")
-        if self.heartbeat.cancelled.is_set():
-            raise Cancelled("cancelled")
+            return LeaseLost(f"run {self.attempt.run_id} was taken over")
+        return Cancelled("cancelled")
 
     def extract(self, workdir: Path) -> TrainingData:
         self.enter("extracting", 5)
@@ -203,15 +207,19 @@ class _Steps:
         start = config.data_range.start_date if config.data_range else None
         end = config.data_range.end_date if config.data_range else None
         if isinstance(source, DatabaseSource):
-            rows = extract_database(
-                source,
-                self._password(source),
-                columns=columns,
-                start=start,
-                end=end,
-                target=target,
-                rules=self._store_rules(),
-            )
+            try:
+                rows = extract_database(
+                    source,
+                    self._password(source),
+                    columns=columns,
+                    start=start,
+                    end=end,
+                    target=target,
+                    rules=self._store_rules(),
+                    should_stop=self.heartbeat.should_stop,
+                )
+            except Stopped:
+                raise self._stopped() from None
             self.log("extracted", f"read {rows} rows from table {source.table}")
             return load_training_data(
                 target, feature_columns=config.feature_columns, target_column=config.target_column
@@ -268,7 +276,7 @@ class _Steps:
                 script, config_file, workdir, limits, should_stop=self.heartbeat.should_stop, on_output=progress.feed
             )
         if result.cancelled:
-            raise LeaseLost("taken over") if self.heartbeat.lost.is_set() else Cancelled("cancelled")
+            raise self._stopped()
         if not result.ok:
             raise InvalidInput(f"the training script failed: {result.reason()}", field="trainingScript")
         outputs = collect_outputs(outputs, workdir)

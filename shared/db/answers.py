@@ -110,7 +110,7 @@ class Watchdog:
                         wait.deadline = time.monotonic() + self.bound_s
                     elif wait in self._waits:
                         wait.cut = True
-                        _shut_down(wait)
+                        _shut_down(wait.fd, wait.socket_id)
                 if self._waits:
                     idle_since = now
                 elif now - idle_since >= IDLE_S:
@@ -137,13 +137,19 @@ def _answers(peer: Any) -> bool:
         return False
 
 
-def _shut_down(wait: _Wait) -> None:
-    """Shut the wait's socket down for reading and writing: every blocked read on it returns end-of-file. Left alone
+def cutter(fd: int) -> Callable[[], None]:
+    """What cuts off, from any thread, the connection whose socket is `fd` now: every wait on it ends at once, and
+    libpq reports the connection lost (an OperationalError)."""
+    return partial(_shut_down, fd, os.fstat(fd).st_ino)
+
+
+def _shut_down(fd: int, socket_id: int) -> None:
+    """Shut the socket `fd` down for reading and writing: every blocked read on it returns end-of-file. Left alone
     when libpq closed it meanwhile (an error of its own) and its number now names another file."""
     with suppress(OSError):
-        if os.fstat(wait.fd).st_ino != wait.socket_id:
+        if os.fstat(fd).st_ino != socket_id:
             return
-        with socket.socket(fileno=os.dup(wait.fd)) as duplicate:  # closing the duplicate leaves libpq's socket open
+        with socket.socket(fileno=os.dup(fd)) as duplicate:  # closing the duplicate leaves libpq's socket open
             duplicate.shutdown(socket.SHUT_RDWR)
 
 

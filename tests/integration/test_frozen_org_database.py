@@ -6,6 +6,7 @@ test rather than hanging it."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -29,11 +30,14 @@ from tests.integration.sync_support import Sync, error_of
 from tests.integration.test_frozen_database import OUTER_TIMEOUT_S, TIMEOUT_S
 from tests.integration.test_sync_postgres_local import READINGS, TWO_READINGS, open_postgres_sync
 from tests.integration.test_training_pipeline import write_scada_table
+from tests.support.polling import eventually
 from tests.support.proxy import FreezableLink, freezable_link_to
 from tests.support.servers import fresh_postgres_database
 
 # What psycopg2 sends for each chunk a server-side cursor reads: the extraction's waits after its query.
 CHUNK_FETCH = b"FETCH FORWARD"
+# What a user is promised for a cancel of a running run.
+CANCEL_WITHIN_S = 5.0
 
 
 @pytest.fixture
@@ -43,15 +47,20 @@ def org_database() -> Iterator[tuple[FreezableLink, str]]:
         yield link, linked
 
 
-def test_a_run_whose_data_source_stops_answering_mid_extraction_is_retried_then_fails_saying_so(
-    api: TestClient, org: OrgKeys, settings: Settings, org_database: tuple[FreezableLink, str]
-) -> None:
-    link, url = org_database
+def submit_reading(api: TestClient, org: OrgKeys, url: str) -> str:
+    """A run of the org's, its datasource a table of readings in the database at `url`."""
     write_scada_table(url, ai4i.generate(200, seed=3, start=datetime(2024, 1, 1, tzinfo=UTC), interval=timedelta(1)))
     column_map = {f"TAG_{name.upper()}": name for name in ai4i.FEATURES} | {"failure": ai4i.TARGET}
     body = {"url": url, "table": "readings", "columnMap": column_map}
     assert api.put(f"/v1/orgs/{org.org_id}/datasource", headers=org.admin, json=body).status_code == 200
-    run_id = submit(api, org, None)
+    return submit(api, org, None)
+
+
+def test_a_run_whose_data_source_stops_answering_mid_extraction_is_retried_then_fails_saying_so(
+    api: TestClient, org: OrgKeys, settings: Settings, org_database: tuple[FreezableLink, str]
+) -> None:
+    link, url = org_database
+    run_id = submit_reading(api, org, url)
     # Each attempt connects, checks the table and declares its cursor, then waits for its first chunk for ever.
     link.trap(CHUNK_FETCH)
     worker = WorkerContext.open(settings.model_copy(update={"database_timeout_s": TIMEOUT_S}))
@@ -65,6 +74,32 @@ def test_a_run_whose_data_source_stops_answering_mid_extraction_is_retried_then_
     assert (run["status"], run["attempts"]) == ("failed", 3)
     assert "gave up after 3 attempts" in run["error"]
     assert "the data source did not answer within 3 s" in run["error"]  # the bound: TIMEOUT_S + ANSWER_GRACE_S
+
+
+def test_a_run_cancelled_while_its_data_source_does_not_answer_ends_cancelled_within_seconds(
+    api: TestClient, org: OrgKeys, settings: Settings, org_database: tuple[FreezableLink, str]
+) -> None:
+    """A cancel of a running run is honoured within 5 s, even while its extraction waits on a data source that
+    stopped answering: it is not held until the wait's bound (KILN_DATABASE_TIMEOUT_S, 15 s, and 2 s more)."""
+    link, url = org_database
+    run_id = submit_reading(api, org, url)
+    link.trap(CHUNK_FETCH)
+    worker = WorkerContext.open(settings)
+    with ThreadPoolExecutor(max_workers=1) as attempts:
+        try:
+            outcome = attempts.submit(run_training, run_id, worker)
+            assert eventually(lambda: run_of(api, org, run_id)["progress"]["stage"] == "extracting", seconds=30)
+            cancel = api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer)
+            assert cancel.status_code == 202, cancel.text
+            status = eventually(lambda: run_of(api, org, run_id)["status"] == "cancelled", seconds=CANCEL_WITHIN_S)
+        finally:
+            link.close()  # ends any wait on the source still going on
+            ended = outcome.result(timeout=OUTER_TIMEOUT_S)
+            worker.close()
+
+    run = run_of(api, org, run_id)
+    assert status and ended == "cancelled", (ended, run["status"], run["error"])
+    assert (run["attempts"], run["error"]) == (1, "cancelled on request")
 
 
 def test_a_sync_job_whose_postgresql_store_stops_answering_mid_job_is_retried_instead_of_hanging(
