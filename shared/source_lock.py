@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
 from shared.errors import Conflict
 
@@ -29,13 +30,48 @@ def one_job_per_source(central: Engine, source_id: str, *, wait: bool = True) ->
     embedded stack run on the machine that holds that file). Without `wait`, SourceBusy is raised at once if a job
     of the source holds it. Yields what confirms the lock is still held."""
     if central.dialect.name == "postgresql":
-        with _advisory_lock(central, f"sync-source:{source_id}", source_id, wait=wait) as confirm_held:
+        with _advisory_lock(central, _lock_name(source_id), source_id, wait=wait) as confirm_held:
             yield confirm_held
-    elif central.url.database and central.url.database != ":memory:":
-        with _file_lock(Path(f"{central.url.database}.sync-{source_id}.lock"), source_id, wait=wait):
-            yield _held_while_open
     else:
-        yield _held_while_open
+        with _file_lock_beside(central.url.database, source_id, wait=wait):
+            yield _held_while_open
+
+
+@contextmanager
+def refused_while_a_job_runs(session: Session, source_id: str) -> Iterator[None]:
+    """Raise SourceBusy if a job of the source holds its lock, and keep one from starting until the session's
+    commit, made inside this block. The lock is taken shared: requests holding it at once (each made its change
+    under the org's lock) never refuse each other, a job's exclusive hold refuses them all. On PostgreSQL it is
+    taken for the session's transaction, on its connection: a request that waited for a second pooled connection
+    while holding its first (and the org's lock on it) could wait for good, with the pool's connections all held by
+    requests queued behind that lock."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        with _file_lock_beside(connection.engine.url.database, source_id, wait=False, shared=True):
+            yield
+        return
+    taken = connection.execute(
+        text("SELECT pg_try_advisory_xact_lock_shared(hashtext(:k))"), {"k": _lock_name(source_id)}
+    )
+    if not taken.scalar():
+        raise _busy(source_id)
+    yield
+
+
+def _lock_name(source_id: str) -> str:
+    """An advisory lock's name; the session's (a job's) and the transaction's (an api request's) share one space."""
+    return f"sync-source:{source_id}"
+
+
+@contextmanager
+def _file_lock_beside(database: str | None, source_id: str, *, wait: bool, shared: bool = False) -> Iterator[None]:
+    """The source's file lock beside the embedded default's SQLite file; none for a database in memory, which no
+    other process reaches."""
+    if not database or database == ":memory:":
+        yield
+        return
+    with _file_lock(Path(f"{database}.sync-{source_id}.lock"), source_id, wait=wait, shared=shared):
+        yield
 
 
 def _held_while_open() -> None:
@@ -66,11 +102,12 @@ def _advisory_lock(central: Engine, name: str, source_id: str, *, wait: bool) ->
 
 
 @contextmanager
-def _file_lock(path: Path, source_id: str, *, wait: bool) -> Iterator[None]:
+def _file_lock(path: Path, source_id: str, *, wait: bool, shared: bool = False) -> Iterator[None]:
     """flock: held by this open file, so it also keeps out another thread of this process."""
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     with path.open("a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, mode if wait else mode | fcntl.LOCK_NB)
         except BlockingIOError:
             raise _busy(source_id) from None
         try:

@@ -11,24 +11,39 @@ from typing import Any
 import httpx2
 from fastapi.testclient import TestClient
 
-from tests.integration.conftest import ADMIN, TRAINING_CSV, config, create_org_with_keys, upload
+from tests.integration.conftest import ADMIN, TRAINING_CSV, OrgKeys, config, create_org_with_keys, upload
 
 AT_ONCE = 6
+# More requests than the api's pool has connections (5 + 10).
+MORE_THAN_THE_POOL = 20
 
 
-def at_once(send: Callable[[int], httpx2.Response]) -> list[httpx2.Response]:
-    start = threading.Barrier(AT_ONCE)
+def at_once(send: Callable[[int], httpx2.Response], count: int = AT_ONCE) -> list[httpx2.Response]:
+    start = threading.Barrier(count)
 
     def when_all_are_ready(attempt: int) -> httpx2.Response:
         start.wait()
         return send(attempt)
 
-    with ThreadPoolExecutor(AT_ONCE) as pool:
-        return list(pool.map(when_all_are_ready, range(AT_ONCE)))
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(when_all_are_ready, range(count)))
 
 
 def statuses(responses: list[httpx2.Response]) -> list[int]:
     return [response.status_code for response in responses]
+
+
+def audited(api: TestClient, org: OrgKeys, action: str) -> list[str]:
+    """The targets of the org's audit rows of `action`."""
+    trail = api.get(f"/v1/orgs/{org.org_id}/audit?limit=1000", headers=org.admin).json()
+    return [entry["target"] for entry in trail if entry["action"] == action]
+
+
+def created_source(api: TestClient, org: OrgKeys) -> str:
+    body = {"url": "postgresql://plant@db.example.org/records", "tables": [{"name": "readings", "primaryKey": "id"}]}
+    created = api.post(f"/v1/orgs/{org.org_id}/sync-sources", json=body, headers=org.admin)
+    assert created.status_code == 201, created.text
+    return f"/v1/orgs/{org.org_id}/sync-sources/{created.json()['sourceId']}"
 
 
 def test_config_patches_sent_at_once_each_keep_their_change(backend_api: TestClient, org_id: str) -> None:
@@ -96,3 +111,16 @@ def test_a_sources_first_schedule_and_resyncs_asked_at_once_are_each_taken(
     answers = at_once(lambda _attempt: backend_api.post(f"{url}/resync", headers=org.admin))
     assert statuses(answers) == [202] * AT_ONCE, [answer.text for answer in answers]
     assert len({answer.json()["jobId"] for answer in answers}) == AT_ONCE
+
+
+def test_url_changes_sent_at_once_each_answer_without_a_503(backend_api: TestClient, org_id: str) -> None:
+    """More at once than the pool has connections: none may wait for a second connection while it holds one."""
+    org = create_org_with_keys(backend_api, org_id)
+    url = created_source(backend_api, org)
+    urls = [f"postgresql://plant@db{attempt}.example.org/records" for attempt in range(MORE_THAN_THE_POOL)]
+    answers = at_once(
+        lambda attempt: backend_api.patch(url, json={"url": urls[attempt]}, headers=org.admin), MORE_THAN_THE_POOL
+    )
+    assert statuses(answers) == [200] * MORE_THAN_THE_POOL, [a.text for a in answers if a.status_code != 200]
+    assert backend_api.get(url, headers=org.admin).json()["url"] in urls
+    assert len(audited(backend_api, org, "sync.source.url.changed")) == MORE_THAN_THE_POOL

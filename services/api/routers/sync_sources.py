@@ -37,7 +37,7 @@ from shared.org_lock import lock_org
 from shared.queues import sync_queue
 from shared.schedules import ScheduleError, check_schedule
 from shared.schemas import OrgConfig
-from shared.source_lock import one_job_per_source
+from shared.source_lock import refused_while_a_job_runs
 from shared.store_access import store_identity
 from shared.stored_secrets import sync_source_context
 from shared.sync_jobs import deletion_refusal, queue_source_deletion, queue_sync_job, residency_refusal, source_tables
@@ -154,8 +154,8 @@ def change_source_url(
         target=source.id,
         detail={"url": shown.url, "previousUrl": before},
     )
-    # A job reads the URL when it starts, under this lock: one running now would go on with the old one.
-    with one_job_per_source(resources.engine, source.id, wait=False):
+    # A job reads the URL when it starts, under its lock: one running now would go on with the old one.
+    with refused_while_a_job_runs(session, source.id):
         session.commit()
     return shown
 
