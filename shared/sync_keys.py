@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from shared.audit import record_change
 from shared.db.models import SyncKey
+from shared.db.row_locks import lock_row
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 
@@ -27,7 +28,10 @@ def org_keys(session: Session, org_id: str) -> Sequence[SyncKey]:
 
 def destroy_key(session: Session, org_id: str, key_id: str, *, actor: str) -> None:
     """Remove a drained key's material for good; any other state is refused (409), a destroyed key as not found."""
-    row = session.get(SyncKey, key_id)
+    # Destructions take turns, and with a rotation's (which locks the org's keys): two at once each read the key
+    # drained, and both were audited.
+    lock_row(session, SyncKey.id, key_id, unchanged=SyncKey.status)
+    row = session.get(SyncKey, key_id, populate_existing=True)
     if row is None or row.org_id != org_id:
         raise NotFound(f"key {key_id!r} not found", field="keyId")
     if row.status == DESTROYED:  # still 404, as before: the key, as something to destroy, is gone

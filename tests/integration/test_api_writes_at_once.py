@@ -10,10 +10,16 @@ from typing import Any
 
 import httpx2
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
+from shared.db.models import SyncKey
+from shared.sync_keys import DRAINED
 from tests.integration.conftest import ADMIN, TRAINING_CSV, OrgKeys, config, create_org_with_keys, upload
 
 AT_ONCE = 6
+# Races that end well by luck now and then: each is run this many times.
+ROUNDS = 5
 # More requests than the api's pool has connections (5 + 10).
 MORE_THAN_THE_POOL = 20
 
@@ -31,6 +37,10 @@ def at_once(send: Callable[[int], httpx2.Response], count: int = AT_ONCE) -> lis
 
 def statuses(responses: list[httpx2.Response]) -> list[int]:
     return [response.status_code for response in responses]
+
+
+def deletes_at_once(api: TestClient, url: str, org: OrgKeys) -> list[httpx2.Response]:
+    return at_once(lambda _attempt: api.delete(url, headers=org.admin))
 
 
 def audited(api: TestClient, org: OrgKeys, action: str) -> list[str]:
@@ -124,3 +134,59 @@ def test_url_changes_sent_at_once_each_answer_without_a_503(backend_api: TestCli
     assert statuses(answers) == [200] * MORE_THAN_THE_POOL, [a.text for a in answers if a.status_code != 200]
     assert backend_api.get(url, headers=org.admin).json()["url"] in urls
     assert len(audited(backend_api, org, "sync.source.url.changed")) == MORE_THAN_THE_POOL
+
+
+def test_a_key_revoked_by_requests_at_once_is_revoked_and_audited_once(backend_api: TestClient, org_id: str) -> None:
+    """As a second revocation after the first: 204, and no second `key.revoked`."""
+    org = create_org_with_keys(backend_api, org_id)
+    keys_url = f"/v1/orgs/{org_id}/keys"
+    victims = [
+        backend_api.post(keys_url, json={"role": "viewer"}, headers=org.admin).json()["keyId"] for _ in range(ROUNDS)
+    ]
+    for victim in victims:
+        answers = deletes_at_once(backend_api, f"{keys_url}/{victim}", org)
+        assert statuses(answers) == [204] * AT_ONCE, [answer.text for answer in answers]
+    assert sorted(audited(backend_api, org, "key.revoked")) == sorted(victims)
+
+
+def test_a_schedule_deleted_by_requests_at_once_is_deleted_and_audited_once(
+    backend_api: TestClient, org_id: str
+) -> None:
+    """One 204; the others answer 404, as a second deletion after the first."""
+    org = create_org_with_keys(backend_api, org_id)
+    uploaded = upload(backend_api, org, TRAINING_CSV, timestampColumn="timestamp")
+    assert uploaded.status_code == 201, uploaded.text
+    url = f"/v1/orgs/{org_id}/schedule"
+    for attempt in range(ROUNDS):
+        body = {"pattern": f"{attempt} 3 * * *", "trainingConfig": config(uploaded.json()["datasetId"])}
+        assert backend_api.put(url, json=body, headers=org.admin).status_code == 200
+        answers = deletes_at_once(backend_api, url, org)
+        assert sorted(statuses(answers)) == [204] + [404] * (AT_ONCE - 1), [answer.text for answer in answers]
+    assert len(audited(backend_api, org, "schedule.deleted")) == ROUNDS
+
+
+def test_a_sources_schedule_deleted_by_requests_at_once_is_deleted_and_audited_once(
+    backend_api: TestClient, org_id: str
+) -> None:
+    org = create_org_with_keys(backend_api, org_id)
+    url = f"{created_source(backend_api, org)}/schedule"
+    for attempt in range(ROUNDS):
+        assert backend_api.put(url, json={"pattern": f"{attempt} 4 * * *"}, headers=org.admin).status_code == 200
+        answers = deletes_at_once(backend_api, url, org)
+        assert sorted(statuses(answers)) == [204] + [404] * (AT_ONCE - 1), [answer.text for answer in answers]
+    assert len(audited(backend_api, org, "sync.schedule.deleted")) == ROUNDS
+
+
+def test_a_drained_sync_key_destroyed_by_requests_at_once_is_destroyed_and_audited_once(
+    backend_api: TestClient, backend_engine: Engine, org_id: str
+) -> None:
+    """One 204; the others answer 404 ("destroyed already"), as a second destruction after the first."""
+    org = create_org_with_keys(backend_api, org_id)
+    keys = [f"ek{org_id}{attempt}"[:40] for attempt in range(ROUNDS)]
+    with Session(backend_engine) as session:  # drained, as a rotation leaves the keys before it
+        session.add_all(SyncKey(id=key, org_id=org_id, status=DRAINED, wrapped="sealed") for key in keys)
+        session.commit()
+    for key in keys:
+        answers = deletes_at_once(backend_api, f"/v1/orgs/{org_id}/sync-keys/{key}", org)
+        assert sorted(statuses(answers)) == [204] + [404] * (AT_ONCE - 1), [answer.text for answer in answers]
+    assert sorted(audited(backend_api, org, "sync.key.destroyed")) == sorted(keys)

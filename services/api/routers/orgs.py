@@ -16,6 +16,7 @@ from services.api.registry import deploy_event
 from services.api.schemas import KeyCreate, KeyCreated, KeyOut, OrgCreate, OrgOut, OrgUpdate
 from shared.audit import record_change
 from shared.db.models import ApiKey, CurrentDeployment, Organization
+from shared.db.row_locks import lock_row
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
 from shared.keys import PLATFORM_ADMIN, hash_key, new_key, new_key_id
@@ -117,7 +118,9 @@ def list_keys(access: OrgAdmin, session: SessionDep) -> list[KeyOut]:
 def revoke_key(api_key_id: str, access: OrgAdmin, session: SessionDep) -> Response:
     """Refuse the key from now on (the api at once; a predictor once its lookup expires,
     KILN_PREDICTOR_KEY_CACHE_S). Revoking a revoked key changes nothing."""
-    row = session.get(ApiKey, api_key_id)
+    # Revocations of the key take turns: two at once each read it unrevoked, and both were audited.
+    lock_row(session, ApiKey.id, api_key_id, unchanged=ApiKey.role)
+    row = session.get(ApiKey, api_key_id, populate_existing=True)
     if row is None or row.org_id != access.org_id:
         raise NotFound(f"key {api_key_id!r} not found")
     if row.revoked_at is None:

@@ -55,6 +55,8 @@ def get_schedule(access: OrgViewer, session: SessionDep) -> ScheduleOut:
 
 @router.delete("", status_code=status.HTTP_204_NO_CONTENT)
 def delete_schedule(access: OrgAdmin, session: SessionDep) -> Response:
+    # Deletions take turns with each other and with a PUT: two at once each found the row, and both were audited.
+    lock_org(session, access.org_id)
     row = _existing(session, access.org_id)
     session.delete(row)
     record_change(
@@ -64,7 +66,7 @@ def delete_schedule(access: OrgAdmin, session: SessionDep) -> Response:
 
 
 def _existing(session: SessionDep, org_id: str) -> Schedule:
-    row = session.get(Schedule, org_id)
+    row = session.get(Schedule, org_id, populate_existing=True)  # as it is now, should the org's lock be held
     if row is None:
         raise NotFound(f"organization {org_id!r} has no schedule")
     return row

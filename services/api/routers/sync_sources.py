@@ -220,6 +220,8 @@ def get_schedule(source_id: str, access: OrgViewer, session: SessionDep) -> Sync
 
 @router.delete("/{source_id}/schedule", status_code=status.HTTP_204_NO_CONTENT)
 def delete_schedule(source_id: str, access: OrgAdmin, session: SessionDep) -> Response:
+    # Deletions take turns with each other and with a PUT: two at once each found the row, and both were audited.
+    lock_org(session, access.org_id)
     active_source(session, source_id, org_id=access.org_id)
     row = _existing_schedule(session, source_id, access.org_id)
     session.delete(row)
@@ -293,7 +295,7 @@ def _refuse_tables_synced_already(session: Session, source: SyncSource) -> None:
 
 def _existing_schedule(session: Session, source_id: str, org_id: str) -> SyncSchedule:
     source = owned_source(session, source_id, org_id=org_id)
-    row = session.get(SyncSchedule, source.id)
+    row = session.get(SyncSchedule, source.id, populate_existing=True)  # as it is now, should the org's lock be held
     if row is None:
         raise NotFound(f"sync source {source_id!r} has no schedule")
     return row
