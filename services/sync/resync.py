@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Engine, Text, cast, func, insert, literal, select
+from sqlalchemy import BigInteger, Connection, Engine, Text, cast, delete, func, insert, literal, select
 from sqlalchemy.orm import Session
 
 from services.sync.changes import LOCAL_LOG, ORIGIN_MERGE, log_merges, pending
@@ -52,7 +52,7 @@ def resync_if_asked(pair: TablePair) -> bool:
         with pair.local.connect() as local:
             up = _restart_up(session, local, pair) if pair.spec.sends_up else None
             down = _restart_down(session, local, pair, edited_after=up or 0) if pair.spec.sends_down else None
-        session.delete(asked)
+        drop_request(session, asked)
         record_change(
             session,
             org_id=pair.org_id,
@@ -62,6 +62,18 @@ def resync_if_asked(pair: TablePair) -> bool:
             detail={"requestedBy": asked.requested_by, "upFrom": up, "downFrom": down},
         )
     return True
+
+
+def drop_request(session: Session, asked: SyncResync) -> None:
+    """Delete the request applied, unless it was renewed meanwhile (the api does not wait for this transaction):
+    the store may have been restored again since it was read, and the renewed request is for the next job."""
+    session.execute(
+        delete(SyncResync).where(
+            SyncResync.source_id == asked.source_id,
+            SyncResync.table_name == asked.table_name,
+            SyncResync.requested_at == asked.requested_at,
+        )
+    )
 
 
 def _restart_up(session: Session, local: Connection, pair: TablePair) -> int:

@@ -4,16 +4,21 @@ one of them made is lost to another's. On PostgreSQL and on SQLite."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
-from shared.db.models import SyncKey
+from services.api.routers import sync_sources
+from services.sync.resync import drop_request, resync_asked
+from shared.audit import record_change
+from shared.db.models import SyncKey, SyncResync
 from shared.sync_keys import DRAINED
 from tests.integration.conftest import ADMIN, TRAINING_CSV, OrgKeys, config, create_org_with_keys, upload
 
@@ -190,3 +195,47 @@ def test_a_drained_sync_key_destroyed_by_requests_at_once_is_destroyed_and_audit
         answers = deletes_at_once(backend_api, f"/v1/orgs/{org_id}/sync-keys/{key}", org)
         assert sorted(statuses(answers)) == [204] + [404] * (AT_ONCE - 1), [answer.text for answer in answers]
     assert sorted(audited(backend_api, org, "sync.key.destroyed")) == sorted(keys)
+
+
+def test_a_resync_asked_while_a_worker_applies_the_previous_one_is_taken(
+    api: TestClient, org_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL: a sync worker applying the pending resync deletes its row without the org's lock. Here it
+    does so in the request's transaction, once the request has renewed the row, and is let on until it either ends or
+    waits for the request's commit."""
+    org = create_org_with_keys(api, org_id)
+    source_url = created_source(api, org)
+    assert api.post(f"{source_url}/resync", headers=org.admin).status_code == 202  # pending: no worker applied it
+    with Session(engine, expire_on_commit=False) as session:
+        asked = select(SyncResync).where(SyncResync.source_id == source_url.rsplit("/", 1)[1])
+        pending = session.scalars(asked).one()  # as the worker reads it
+    worker = threading.Thread(target=applied_by_a_worker, args=(engine, pending))
+
+    def worker_applies_it_meanwhile(*args: Any, **kwargs: Any) -> None:
+        if kwargs.get("action") == "sync.resync.requested":
+            worker.start()
+            while worker.is_alive() and not waiting_for_a_lock(engine):
+                time.sleep(0.01)
+        record_change(*args, **kwargs)
+
+    monkeypatch.setattr(sync_sources, "record_change", worker_applies_it_meanwhile)
+    again = api.post(f"{source_url}/resync", headers=org.admin)
+    worker.join()
+    assert again.status_code == 202, again.text
+    assert resync_asked(engine, pending.source_id, "readings")  # for the job the request queued
+
+
+def applied_by_a_worker(engine: Engine, asked: SyncResync) -> None:
+    with Session(engine) as session, session.begin():
+        drop_request(session, asked)
+
+
+def waiting_for_a_lock(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        waiting = connection.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE 'DELETE FROM sync_resyncs%'"
+            )
+        )
+        return bool(waiting.scalar())

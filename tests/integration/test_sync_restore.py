@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
+from services.sync import resync as resync_steps
 from services.sync.backup import backup_store, restore_store
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
@@ -122,6 +123,32 @@ def test_after_a_resync_both_sides_hold_the_same_records_with_the_edits_made_sin
     assert replaced == {"50": ("local-won", 50.0), "51": ("local-won", 51.0)}
     assert [(j["status"], j["pushed"], j["pulled"]) for j in after] == [("succeeded", 0, 0)] * 2
     assert {"sync.resync.requested", "sync.resync.applied"} <= set(sync.audit_actions())
+
+
+def test_a_resync_asked_again_while_a_job_applies_the_first_is_applied_by_the_next_job(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store restored again while the job applying the first resync ran: the second request, made while that
+    job's transaction was open, is not deleted with the first."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(20))
+    sync.run()
+    url = f"/v1/orgs/{org_id}/sync-sources/{sync.source_id}/resync"
+    asked_again: list[Any] = []
+    restart_up = resync_steps._restart_up
+
+    def asked_again_meanwhile(*args: Any) -> int:
+        if not asked_again:
+            asked_again.append(sync_api.post(url, headers=sync.org.admin))
+        return restart_up(*args)
+
+    monkeypatch.setattr(resync_steps, "_restart_up", asked_again_meanwhile)
+    first = resync(sync)
+    [again] = asked_again
+    assert (first["status"], again.status_code) == ("succeeded", 202), again.text
+    run_job(sync.context, again.json()["jobId"])
+
+    assert sync.job(again.json()["jobId"])["status"] == "succeeded"
+    assert sync.audit_actions().count("sync.resync.applied") == 2
 
 
 def test_a_backup_taken_before_the_first_sync_undoes_no_central_change_once_resynced(

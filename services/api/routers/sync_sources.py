@@ -32,6 +32,7 @@ from shared.audit import record_change
 from shared.beat import fires_to_come
 from shared.db.models import Organization, SyncResync, SyncSchedule, SyncSource
 from shared.db.types import utcnow
+from shared.db.upsert import upsert
 from shared.errors import Conflict, NotFound, SourceBeingDeleted
 from shared.org_lock import lock_org
 from shared.queues import sync_queue
@@ -164,7 +165,7 @@ def change_source_url(
 def resync(source_id: str, access: OrgAdmin, session: SessionDep, resources: ResourcesDep) -> SyncResyncOut:
     """The source's local store was restored from a backup or replaced (its jobs fail saying so): the job queued
     here brings both sides back together, keeping the edits made since the restore (README, "Restoring a store")."""
-    lock_org(session, access.org_id)  # two at once: the second's merge finds the marks the first made, and renews them
+    lock_org(session, access.org_id)  # two at once: the second renews the marks the first made
     source = active_source(session, source_id, org_id=access.org_id)
     org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id, populate_existing=True).config)
     refusal = residency_refusal(org_config, source)
@@ -172,8 +173,11 @@ def resync(source_id: str, access: OrgAdmin, session: SessionDep, resources: Res
         raise Conflict(refusal)
     actor = access.principal.key_id
     tables = [table.name for table in source_tables(source)]
+    # In one statement: a worker applying the previous request deletes its row without the org's lock, and may do so
+    # between a read and a write of it.
     for name in tables:
-        session.merge(SyncResync(source_id=source.id, table_name=name, requested_at=utcnow(), requested_by=actor))
+        values = {"source_id": source.id, "table_name": name, "requested_at": utcnow(), "requested_by": actor}
+        upsert(session, SyncResync, values, key=["source_id", "table_name"])
     record_change(
         session,
         org_id=access.org_id,
