@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +32,8 @@ from tests.conftest import ADMIN_TOKEN
 from tests.support.servers import fresh_postgres_database
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+# The api's database connections: SQLAlchemy's pool of 5 and its overflow of 10.
+API_CONNECTIONS = 15
 
 
 @pytest.fixture
@@ -154,6 +159,32 @@ def cancel_just_before(monkeypatch: pytest.MonkeyPatch, write: str, api: TestCli
         return original(sessions, attempt, *args, **kwargs)
 
     monkeypatch.setattr(runs, write, cancelled_first)
+
+
+@contextmanager
+def held_at_the_store(
+    api: TestClient, monkeypatch: pytest.MonkeyPatch, method: str, send: Callable[[], httpx2.Response]
+) -> Iterator[list[Future[httpx2.Response]]]:
+    """`send` as many times at once as the api has database connections, each request held in the object store's
+    `method` (as on a large file or a remote S3) until the block ends; their answers are the futures yielded."""
+    served = api.app.state.resources.store  # type: ignore[attr-defined]
+    call = getattr(served, method)
+    arrived, go_on = threading.Semaphore(0), threading.Event()
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        arrived.release()
+        go_on.wait(timeout=60)
+        return call(*args, **kwargs)
+
+    monkeypatch.setattr(served, method, slow)
+    with ThreadPoolExecutor(API_CONNECTIONS) as pool:
+        answers = [pool.submit(send) for _ in range(API_CONNECTIONS)]
+        try:
+            for _ in answers:
+                assert arrived.acquire(timeout=60), "a request never reached the object store"
+            yield answers
+        finally:
+            go_on.set()
 
 
 def stall_past_lease(sessions: SessionFactory, run_id: str) -> None:

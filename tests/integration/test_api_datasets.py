@@ -26,9 +26,11 @@ from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
 from tests.integration.conftest import (
     ADMIN,
+    API_CONNECTIONS,
     OrgKeys,
     config,
     create_org_with_keys,
+    held_at_the_store,
     run_of,
     submit,
     upload,
@@ -366,6 +368,43 @@ def test_an_upload_is_audited_with_the_key_its_rows_size_and_sha256(
     stored = store.get_bytes(dataset_key(org.org_id, body["datasetId"]))
     assert (entry["actor"], entry["target"]) == (key_id(api, org, "trainer"), body["datasetId"])
     assert entry["detail"] == {"rows": 2, "sizeBytes": len(stored), "sha256": hashlib.sha256(stored).hexdigest()}
+
+
+def test_uploads_waiting_on_a_slow_object_store_leave_other_orgs_requests_a_database_connection(
+    api: TestClient, org: OrgKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = create_org_with_keys(api, org.org_id + "-other")
+
+    def send() -> httpx2.Response:
+        return upload(api, org, CSV, timestampColumn="timestamp")
+
+    with held_at_the_store(api, monkeypatch, "put_file", send) as uploads:
+        meanwhile = api.get(f"/v1/orgs/{other.org_id}", headers=other.viewer)
+
+    assert meanwhile.status_code == 200, meanwhile.text
+    assert [upload.result().status_code for upload in uploads] == [201] * API_CONNECTIONS
+    assert len(api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json()) == API_CONNECTIONS
+
+
+def test_an_upload_finishing_after_its_org_began_keeping_its_data_on_premises_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served: ObjectStore = api.app.state.resources.store  # type: ignore[attr-defined]
+    put_file = served.put_file
+
+    def residency_changed_meanwhile(key: str, path: Path) -> None:
+        local = api.patch(f"/v1/orgs/{org.org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN)
+        assert local.status_code == 200, local.text
+        put_file(key, path)
+
+    monkeypatch.setattr(served, "put_file", residency_changed_meanwhile)
+    response = upload(api, org, CSV, timestampColumn="timestamp")
+
+    assert response.status_code == 409, response.text
+    assert "dataResidency local" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+    assert open_object_store(settings).list(f"orgs/{org.org_id}/") == []
+    assert audit_of(api, org, "dataset.uploaded") == []
 
 
 def test_erasing_a_dataset_removes_its_object_and_keeps_its_row_as_a_tombstone(

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.ingest import ingest
+from services.api.resources import Resources
 from services.api.schemas import DatasetErased, DatasetOut
 from shared.audit import record_change
 from shared.db.models import Dataset, ModelVersion, Organization, Schedule, TrainingRun
@@ -48,32 +49,15 @@ def upload_dataset(
     _one_file: Annotated[None, Depends(one_file_part)],
     timestamp_column: Annotated[str | None, Form(alias="timestampColumn", max_length=200)] = None,
 ) -> DatasetOut:
-    if OrgConfig.model_validate(session.get_one(Organization, access.org_id).config).data_residency == "local":
-        raise Conflict(
-            f"organization {access.org_id} keeps its data on its premises (dataResidency local): train from its "
-            "datasource on a worker of its own instead of uploading",
-            field="file",
-        )
-    filename = _stored_filename(file)
+    _refuse_data_kept_on_premises(session, access.org_id)
+    # Held through the ingest and the put, the connection the key check took stayed out of the pool for as long as
+    # the store took: a few slow uploads held all of it, and every org's requests answered 503.
+    session.commit()
     with tempfile.TemporaryDirectory(prefix="kiln-upload-") as folder:  # its size is bounded by BodyLimits
-        upload = Path(folder) / "upload"
-        with upload.open("wb") as sink:
-            shutil.copyfileobj(file.file, sink, CHUNK)
-        dataset = ingest(upload, Path(folder) / "dataset.parquet", timestamp_column=timestamp_column or None)
-        row = Dataset(
-            id="ds_" + secrets.token_hex(8),
-            org_id=access.org_id,
-            filename=filename,
-            row_count=dataset.rows,
-            columns=dataset.columns,
-            timestamp_column=timestamp_column or None,
-            size_bytes=dataset.path.stat().st_size,
-            sha256=sha256_file(dataset.path),
-            object_key="",
-        )
-        row.object_key = dataset_key(access.org_id, row.id)
-        resources.store.put_file(row.object_key, dataset.path)
+        row = _stored_dataset(file, Path(folder), resources, org_id=access.org_id, timestamp_column=timestamp_column)
     try:
+        lock_org(session, access.org_id)  # a residency change committed meanwhile is seen; one asked now waits
+        _refuse_data_kept_on_premises(session, access.org_id)
         session.add(row)
         session.flush()
         record_change(
@@ -89,6 +73,41 @@ def upload_dataset(
         resources.store.delete(row.object_key)
         raise
     return _dataset_out(row)
+
+
+def _refuse_data_kept_on_premises(session: Session, org_id: str) -> None:
+    org = session.get_one(Organization, org_id, populate_existing=True)
+    if OrgConfig.model_validate(org.config).data_residency == "local":
+        raise Conflict(
+            f"organization {org_id} keeps its data on its premises (dataResidency local): train from its "
+            "datasource on a worker of its own instead of uploading",
+            field="file",
+        )
+
+
+def _stored_dataset(
+    file: UploadFile, folder: Path, resources: Resources, *, org_id: str, timestamp_column: str | None
+) -> Dataset:
+    """Check the upload, store it as Parquet, and return its row, not yet added to any session."""
+    filename = _stored_filename(file)
+    upload = folder / "upload"
+    with upload.open("wb") as sink:
+        shutil.copyfileobj(file.file, sink, CHUNK)
+    dataset = ingest(upload, folder / "dataset.parquet", timestamp_column=timestamp_column or None)
+    dataset_id = "ds_" + secrets.token_hex(8)
+    row = Dataset(
+        id=dataset_id,
+        org_id=org_id,
+        filename=filename,
+        row_count=dataset.rows,
+        columns=dataset.columns,
+        timestamp_column=timestamp_column or None,
+        size_bytes=dataset.path.stat().st_size,
+        sha256=sha256_file(dataset.path),
+        object_key=dataset_key(org_id, dataset_id),
+    )
+    resources.store.put_file(row.object_key, dataset.path)
+    return row
 
 
 @router.get("", response_model=list[DatasetOut])
