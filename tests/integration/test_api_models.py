@@ -40,7 +40,16 @@ from shared.outbox import KIND_ERASE_TASK
 from shared.queues import ERASE_TASK, premises_queue, send_erase_task
 from shared.settings import Settings
 from shared.storage import LocalObjectStore, ObjectStore, open_object_store, premises_store
-from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys, run_of, submit, upload_table
+from tests.integration.conftest import (
+    ADMIN,
+    API_CONNECTIONS,
+    OrgKeys,
+    create_org_with_keys,
+    held_at_the_store,
+    run_of,
+    submit,
+    upload_table,
+)
 from tests.support.judgements import judge_queued
 from tests.support.models import FEATURES, register_judgeable, register_model, tiny_model
 from tests.support.seed import seed_version, seed_versions
@@ -104,6 +113,49 @@ def test_artifacts_are_for_the_orgs_trainers_and_a_missing_model_is_named(
     assert missing.status_code == 404
     assert "a model over the size gate is never stored" in missing.json()["error"]
     assert api.get(f"/v1/orgs/{org.org_id}/models/{version}/artifacts", headers=org.trainer).json() == []
+
+
+@pytest.mark.parametrize(("artifacts", "read"), [("artifacts", "list"), (f"artifacts/{METRICS_FILE}", "get_bytes")])
+def test_artifacts_listed_or_downloaded_from_a_slow_object_store_leave_other_orgs_requests_a_database_connection(
+    api: TestClient,
+    org: OrgKeys,
+    engine: Engine,
+    store: ObjectStore,
+    org_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+    artifacts: str,
+    read: str,
+) -> None:
+    version = register_model(engine, store, org.org_id, tiny_model())
+    store.put_bytes(model_prefix(org.org_id, version) + METRICS_FILE, b'{"auc": 0.97}')
+    url = f"/v1/orgs/{org.org_id}/models/{version}/{artifacts}"
+    other = create_org_with_keys(api, "x" + org_id)
+
+    with held_at_the_store(api, monkeypatch, read, lambda: api.get(url, headers=org.trainer)) as answers:
+        meanwhile = api.get(f"/v1/orgs/{other.org_id}", headers=other.viewer)
+
+    assert meanwhile.status_code == 200, meanwhile.text
+    assert [answer.result().status_code for answer in answers] == [200] * API_CONNECTIONS
+
+
+def test_a_download_whose_version_is_erased_while_its_bytes_are_read_is_refused(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    version = register_model(engine, store, org.org_id, tiny_model())
+    served: ObjectStore = api.app.state.resources.store  # type: ignore[attr-defined]
+    get_bytes = served.get_bytes
+
+    def erased_meanwhile(key: str) -> bytes:
+        data = get_bytes(key)
+        assert erase(api, org, version).status_code == 200
+        return data
+
+    monkeypatch.setattr(served, "get_bytes", erased_meanwhile)
+    response = api.get(f"/v1/orgs/{org.org_id}/models/{version}/artifacts/{MODEL_FILE}", headers=org.trainer)
+
+    assert response.status_code == 410, response.text
+    assert "was erased" in response.json()["error"]
+    assert audit_of(api, org, "model.downloaded") == []
 
 
 def test_a_version_shows_when_it_was_last_validated(

@@ -11,6 +11,7 @@ from services.api.deps import OrgAdmin, OrgTrainer, OrgViewer, ResourcesDep, Ses
 from services.api.outbox_relay import commit_and_send
 from services.api.ratelimit import take_submission
 from services.api.registry import failed_gates, refuse_erased, refuse_in_service
+from services.api.resources import Resources
 from services.api.schemas import ArtifactOut, ModelErased, ModelOut, ValidationAccepted
 from shared.audit import record_change
 from shared.db.models import ModelVersion, Organization, OutboxMessage
@@ -101,6 +102,7 @@ def validate_model(
 def list_artifacts(version: str, access: OrgTrainer, session: SessionDep, resources: ResourcesDep) -> list[ArtifactOut]:
     """The version's files that can be downloaded (a model over the size gate was never stored)."""
     row = _not_erased(get_owned(session, ModelVersion, version, org_id=access.org_id))
+    session.commit()  # the connection goes back to the pool for the store's listing, as for a download's read
     stored = {key.removeprefix(row.artifact_prefix) for key in resources.store.list(row.artifact_prefix)}
     return [
         ArtifactOut(
@@ -122,15 +124,12 @@ def download_artifact(
     row = _not_erased(get_owned(session, ModelVersion, version, org_id=access.org_id))
     if name not in DOWNLOADABLE:
         raise NotFound(f"no artifact {name!r}; a version has {', '.join(DOWNLOADABLE)}", field="name")
-    key = row.artifact_prefix + name
-    try:
-        data = (
-            get_verified_bytes(resources.store, key, row.sha256)
-            if name == MODEL_FILE
-            else resources.store.get_bytes(key)
-        )
-    except NotFound:
-        raise NotFound(f"version {row.version} has no {name}: a model over the size gate is never stored") from None
+    # Held through the read, the connection the key check took stayed out of the pool for as long as the store
+    # took: a few slow downloads held all of it, and every org's requests answered 503.
+    session.commit()
+    data = _artifact_bytes(resources, row, name)
+    # Read again: the bytes of a version whose erasure committed during the read are not handed out or audited.
+    _not_erased(session.get_one(ModelVersion, row.version, populate_existing=True))
     record_change(
         session,
         org_id=access.org_id,
@@ -206,6 +205,17 @@ def erase_artifacts(
         removed=[key.removeprefix(row.artifact_prefix) for key in removed],
         premises="queued" if on_premises else None,
     )
+
+
+def _artifact_bytes(resources: Resources, row: ModelVersion, name: str) -> bytes:
+    """The artifact's bytes; the model's only when they match its registered sha256."""
+    key = row.artifact_prefix + name
+    try:
+        if name == MODEL_FILE:
+            return get_verified_bytes(resources.store, key, row.sha256)
+        return resources.store.get_bytes(key)
+    except NotFound:
+        raise NotFound(f"version {row.version} has no {name}: a model over the size gate is never stored") from None
 
 
 def _not_erased(row: ModelVersion) -> ModelVersion:
