@@ -13,6 +13,8 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from services.api import registry
+from services.api.outbox_relay import commit_and_send
+from services.api.routers import deployments
 from services.trainer.context import WorkerContext
 from shared.db.models import CurrentDeployment, Deployment, ModelVersion, OutboxMessage
 from shared.lookups import get_owned
@@ -181,6 +183,29 @@ def test_concurrent_deploys_leave_one_unbroken_history(
     assert links == [(earlier["version"], later["version"]) for earlier, later in pairwise(history)]
     assert all(previous != version for previous, version in links)
     assert api.get(f"/v1/orgs/{org_id}/deployment", headers=org.viewer).json()["version"] == history[-1]["version"]
+
+
+@pytest.mark.parametrize(("path", "names_the_version"), [("deployments", True), ("rollback", False)])
+def test_a_deploy_or_rollback_answered_as_another_deploy_commits_describes_its_own_deployment(
+    api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch, path: str, names_the_version: bool
+) -> None:
+    older, newer, another = seed_versions(engine, org.org_id, 3)
+    assert deploy(api, org, older).status_code == 201 and deploy(api, org, newer).status_code == 201
+
+    def another_deploy_commits_right_after(*args: Any) -> None:
+        commit_and_send(*args)
+        monkeypatch.setattr(deployments, "commit_and_send", commit_and_send)
+        assert deploy(api, org, another).status_code == 201
+
+    monkeypatch.setattr(deployments, "commit_and_send", another_deploy_commits_right_after)
+    named = {"version": older} if names_the_version else {}
+    answer = api.post(f"/v1/orgs/{org.org_id}/{path}", json=named, headers=org.admin)
+
+    assert answer.status_code in (200, 201), answer.text
+    history = api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()
+    assert [entry["version"] for entry in history] == [another, older, newer, older]
+    assert answer.json()["deploymentId"] == history[1]["deploymentId"]
+    assert (answer.json()["version"], answer.json()["servingVersion"]) == (older, older)
 
 
 def test_deploying_the_version_already_deployed_changes_and_audits_nothing(

@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session
 from services.api import registry
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
+from services.api.resources import Resources
 from services.api.schemas import DeploymentOut, DeploymentRecord, DeployRequest, RollbackRequest
 from shared.audit import record_change
-from shared.db.models import CurrentDeployment, Deployment, ModelVersion
+from shared.db.models import CurrentDeployment, Deployment, ModelVersion, OutboxMessage
 from shared.deployments import serving_deployment
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["deployments"])
@@ -34,8 +35,7 @@ def deploy(body: DeployRequest, access: OrgAdmin, session: SessionDep, resources
             target=version.version,
             detail=_from_to(session, current),
         )
-        commit_and_send(session, resources, message)
-    return _deployment_out(session, current)
+    return _answer_and_commit(session, resources, current, message)
 
 
 @router.post("/rollback", response_model=DeploymentOut)
@@ -53,8 +53,7 @@ def rollback(body: RollbackRequest, access: OrgAdmin, session: SessionDep, resou
             target=target,
             detail=_from_to(session, current),
         )
-        commit_and_send(session, resources, message)
-    return _deployment_out(session, current)
+    return _answer_and_commit(session, resources, current, message)
 
 
 @router.delete("/deployment", status_code=status.HTTP_204_NO_CONTENT)
@@ -103,6 +102,17 @@ def deployment_history(
         )
         for row in rows
     ]
+
+
+def _answer_and_commit(
+    session: Session, resources: Resources, current: CurrentDeployment, message: OutboxMessage | None
+) -> DeploymentOut:
+    """The deployment as this request left it, read while the org's lock still holds: read after the commit, its
+    servingVersion and rollbackAvailable could already be another deploy's, beside this one's version and status."""
+    answer = _deployment_out(session, current)
+    if message is not None:  # nothing changed otherwise: the session's own commit ends the request
+        commit_and_send(session, resources, message)
+    return answer
 
 
 def _deployment_out(session: Session, current: CurrentDeployment) -> DeploymentOut:
