@@ -202,22 +202,23 @@ def _probes_running() -> list[int]:
 
 @pytest.fixture
 def probe_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The temporary folder where memory probes put their copy of the model."""
+    """The temporary folder, where a memory probe once put its copy of the model."""
     folder = tmp_path / "tmp"
     folder.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
     return folder
 
 
-def test_a_memory_probe_whose_figure_is_not_wanted_is_stopped_and_leaves_no_file(
+def test_a_memory_probe_whose_figure_is_not_wanted_is_stopped_and_writes_no_copy_of_the_model(
     ai4i_data: AI4IData, probe_folder: Path
 ) -> None:
+    """No copy at any time, so a worker killed while its probe runs leaves none behind either."""
     data = ai4i_data(2000)
     model_bytes = booster_to_onnx(fit_booster(data, DEFAULT_HYPERPARAMETERS), len(data.feature_columns))
 
     with FootprintProbe.start(model_bytes, len(data.feature_columns)):
         assert _probes_running()
-        assert list(probe_folder.iterdir())
+        assert list(probe_folder.iterdir()) == []
 
     assert _probes_running() == []
     assert list(probe_folder.iterdir()) == []

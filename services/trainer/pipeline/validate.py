@@ -3,16 +3,16 @@ booster, serving cost, and the gates those figures must clear."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
-from typing import TypedDict
+from typing import BinaryIO, TypedDict
 
 import lightgbm
 import numpy as np
@@ -52,8 +52,7 @@ def load(model, n_features):
     return session
 
 n_features, input_name = int(sys.argv[1]), sys.argv[2]
-with open(sys.argv[3], "rb") as model_file:
-    model = model_file.read()
+model = sys.stdin.buffer.read()
 first = load(model, n_features)
 before = resident()
 second = load(model, n_features)
@@ -160,22 +159,28 @@ def measure_serving(
 class FootprintProbe:
     """The memory one more session of a model takes, measured in a fresh interpreter (see measure_serving)."""
 
-    def __init__(self, process: subprocess.Popen[bytes] | None, model_file: Path | None) -> None:
+    def __init__(self, process: subprocess.Popen[bytes] | None, feeder: threading.Thread | None) -> None:
         self._process = process
-        self._model_file = model_file
+        self._feeder = feeder
 
     @classmethod
     def start(cls, model_bytes: bytes, n_features: int) -> FootprintProbe:
-        handle, name = tempfile.mkstemp(prefix="kiln-footprint-", suffix=".onnx")
-        with os.fdopen(handle, "wb") as model_file:
-            model_file.write(model_bytes)
-        command = [sys.executable, "-c", _FOOTPRINT_PROBE, str(n_features), INPUT_NAME, name]
+        """The model goes to the probe through a pipe, not a file: a worker killed meanwhile leaves no copy of it."""
+        command = [sys.executable, "-c", _FOOTPRINT_PROBE, str(n_features), INPUT_NAME]
+        # A pipe of its own rather than stdin=PIPE: communicate() would close that under the feeding thread.
+        read_end, write_end = os.pipe()
         try:
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            process = subprocess.Popen(command, stdin=read_end, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         except OSError:
-            Path(name).unlink(missing_ok=True)
+            os.close(write_end)
             return cls(None, None)
-        return cls(process, Path(name))
+        finally:
+            os.close(read_end)
+        # Fed from a thread: the probe reads only once its interpreter is up, and the caller goes on meanwhile.
+        sink = os.fdopen(write_end, "wb")
+        feeder = threading.Thread(target=_feed, args=(sink, model_bytes), name="footprint-feed", daemon=True)
+        feeder.start()
+        return cls(process, feeder)
 
     def __enter__(self) -> FootprintProbe:
         return self
@@ -184,15 +189,15 @@ class FootprintProbe:
         self.close()
 
     def close(self) -> None:
-        """Stop the probe if it still runs, its figure unwanted, and remove its copy of the model."""
+        """Stop the probe if it still runs, its figure unwanted."""
         if self._process is not None:
             if self._process.poll() is None:
                 self._process.kill()
             self._process.wait()
             if self._process.stdout is not None:
                 self._process.stdout.close()
-        if self._model_file is not None:
-            self._model_file.unlink(missing_ok=True)
+        if self._feeder is not None:
+            self._feeder.join()
 
     def result(self) -> int | None:
         """Bytes of resident-set growth, or None when the probe could not measure it."""
@@ -205,6 +210,11 @@ class FootprintProbe:
             return None
         finally:
             self.close()
+
+
+def _feed(sink: BinaryIO, model_bytes: bytes) -> None:
+    with contextlib.suppress(OSError), sink:  # a probe that died or was killed reads no more
+        sink.write(model_bytes)
 
 
 @dataclass(frozen=True)
