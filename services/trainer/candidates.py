@@ -17,6 +17,7 @@ from services.trainer import artifacts, runs
 from services.trainer.runs import Attempt
 from shared.db.models import CandidateFolder, TrainingRun
 from shared.db.session import SessionFactory, session_scope
+from shared.errors import TransientError
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store, premises_store
 
@@ -74,7 +75,7 @@ def remove(sessions: SessionFactory, prefix: str, stores: Sequence[ObjectStore])
 def remove_abandoned(sessions: SessionFactory, stores: CandidateStores, *, run_id: str | None = None) -> list[str]:
     """Remove the folders whose attempt no longer holds its run (of `run_id` alone, if given) and return them. Each
     is locked as it is taken (SKIP LOCKED), so one worker alone acts on it; the pass stops at the first the store
-    fails to remove, which stays recorded for the next."""
+    cannot reach (an outage); a folder it refuses to remove stays recorded, and the pass goes on with the others."""
     removed: list[str] = []
     with session_scope(sessions) as session:
         query = select(CandidateFolder).where(_abandoned(session), stores.reachable())
@@ -86,9 +87,12 @@ def remove_abandoned(sessions: SessionFactory, stores: CandidateStores, *, run_i
         for folder in folders:
             try:
                 artifacts.remove_version(folder.prefix, *stores.holding(folder))
-            except Exception:  # an outage, a refusal: whatever the store says, the folder waits for a later pass
+            except TransientError:  # the store out of reach: the others would wait as long, for nothing
                 log.warning("the files of unregistered %s could not be removed yet", folder.prefix, exc_info=True)
                 break
+            except Exception:  # this folder refused (a permission, a held object): it waits, the others go on
+                log.warning("the store refused to remove unregistered %s", folder.prefix, exc_info=True)
+                continue
             runs.forget_candidate(session, folder.prefix)
             removed.append(folder.prefix)
     return removed

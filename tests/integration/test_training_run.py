@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from deploy.local import ai4i
 from services.trainer import artifacts, candidates, runs
@@ -18,6 +19,9 @@ from services.trainer.candidates import CandidateStores
 from services.trainer.context import WorkerContext
 from services.trainer.reaper import SWEEP_SECONDS
 from services.trainer.training import run_training
+from shared.db.models import CandidateFolder
+from shared.db.session import session_scope
+from shared.db.types import utcnow
 from shared.errors import TransientError
 from shared.layout import (
     HOLDOUT_FILE,
@@ -30,7 +34,7 @@ from shared.layout import (
     model_prefix,
 )
 from shared.settings import Settings
-from shared.storage import open_object_store
+from shared.storage import ObjectStore, open_object_store
 from tests.integration.conftest import OrgKeys, cancel_just_before, run_of, stall_just_before, submit, upload_table
 from tests.support.polling import eventually
 from tests.support.workers import celery_worker
@@ -223,3 +227,47 @@ def test_a_cancelled_run_whose_clean_up_the_store_failed_leaves_no_object_once_a
 
     with celery_worker("services.trainer.celery_app", settings, tmp_path / "worker.log"):
         assert eventually(lambda: open_object_store(settings).list(models) == [], seconds=3 * SWEEP_SECONDS)
+
+
+def test_a_candidate_the_store_refuses_to_remove_keeps_no_other_from_being_removed(
+    api: TestClient,
+    org: OrgKeys,
+    worker: WorkerContext,
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A held object or a permission refuses one folder for good: it stays recorded, and the sweep goes on."""
+    run_id = submit(
+        api, org, upload_table(api, org, ai4i.generate(200, seed=1), tmp_path)
+    )  # queued: no attempt holds it
+    refused, other = model_prefix(org.org_id, "vrefused"), model_prefix(org.org_id, "vother")
+    store = open_object_store(settings)
+    with session_scope(worker.sessions) as session:
+        for age_s, prefix in ((120, refused), (60, other)):  # the refused one first, as the sweep takes the oldest
+            store.put_bytes(prefix + HOLDOUT_FILE, b"rows")
+            created_at = utcnow() - timedelta(seconds=age_s)
+            session.add(
+                CandidateFolder(
+                    prefix=prefix,
+                    run_id=run_id,
+                    org_id=org.org_id,
+                    claim_token=0,
+                    holdout_on_premises=False,
+                    created_at=created_at,
+                )
+            )
+    remove_version = artifacts.remove_version
+
+    def refusing_one(prefix: str, *stores: ObjectStore) -> None:
+        if prefix == refused:
+            raise PermissionError(f"the store refuses to remove {prefix}")
+        remove_version(prefix, *stores)
+
+    monkeypatch.setattr(artifacts, "remove_version", refusing_one)
+
+    removed = candidates.remove_abandoned(worker.sessions, CandidateStores.open(settings))
+
+    assert (removed, store.list(other), store.list(refused)) == ([other], [], [refused + HOLDOUT_FILE])
+    with session_scope(worker.sessions) as session:
+        assert session.scalars(select(CandidateFolder.prefix)).all() == [refused]
