@@ -138,14 +138,19 @@ def test_artifacts_listed_or_downloaded_from_a_slow_object_store_leave_other_org
     assert [answer.result().status_code for answer in answers] == [200] * API_CONNECTIONS
 
 
+@pytest.mark.parametrize("erased", ["after its bytes were read", "before its bytes were read"])
 def test_a_download_whose_version_is_erased_while_its_bytes_are_read_is_refused(
-    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, monkeypatch: pytest.MonkeyPatch, erased: str
 ) -> None:
+    """The download holds no database connection while the store answers; before, the erasure leaves no bytes."""
     version = register_model(engine, store, org.org_id, tiny_model())
     served: ObjectStore = api.app.state.resources.store  # type: ignore[attr-defined]
     get_bytes = served.get_bytes
 
     def erased_meanwhile(key: str) -> bytes:
+        if erased.startswith("before"):
+            assert erase(api, org, version).status_code == 200
+            return get_bytes(key)
         data = get_bytes(key)
         assert erase(api, org, version).status_code == 200
         return data

@@ -127,7 +127,11 @@ def download_artifact(
     # Held through the read, the connection the key check took stayed out of the pool for as long as the store
     # took: a few slow downloads held all of it, and every org's requests answered 503.
     session.commit()
-    data = _artifact_bytes(resources, row, name)
+    try:
+        data = _artifact_bytes(resources, row, name)
+    except NotFound:
+        _not_erased(session.get_one(ModelVersion, row.version, populate_existing=True))  # erased meanwhile: 410
+        raise
     # Read again: the bytes of a version whose erasure committed during the read are not handed out or audited.
     _not_erased(session.get_one(ModelVersion, row.version, populate_existing=True))
     record_change(
