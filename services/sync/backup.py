@@ -74,6 +74,8 @@ Sealing = Literal["whole", "stream"]
 WHOLE: Final = "whole"
 STREAM: Final = "stream"
 _TOOL_TIMEOUT_S = 3600
+# Files SQLite keeps beside a store and reads as that store's when it opens it.
+_LEFTOVERS: Final = ("-wal", "-shm", "-journal")
 # What backup_store names a backup: its time, then 8 random hex digits.
 _BACKUP_ID = re.compile(r"\d{8}T\d{6}Z_[0-9a-f]{8}")
 # Relations a database holds once anything was made in it: a restore goes only into a database without any.
@@ -194,6 +196,8 @@ def restore_store(
         raise _exists(location)
     elif not location.parent.is_dir():  # found out before the download, not after
         raise InvalidInput(f"{location.parent} is not a folder: make it, or restore into one that is", field="target")
+    else:
+        _refuse_leftovers(location)
     with _working_folder() as folder:
         sealed, snapshot = Path(folder) / "sealed", Path(folder) / "snapshot"
         store.get_file(sealed_key(manifest), sealed)
@@ -227,11 +231,24 @@ def _place_new_file(snapshot: Path, target: Path) -> None:
         shutil.move(snapshot, staged)
         # The store holds the org's records in the clear: its owner's alone, as its backups and Kiln's files are.
         staged.chmod(0o600)
+        _refuse_leftovers(target)  # again: a writer may have left one while the backup downloaded
         os.link(staged, target)
     except FileExistsError:
         raise _exists(target) from None
     finally:
         staged.unlink(missing_ok=True)
+
+
+def _refuse_leftovers(target: Path) -> None:
+    """SQLite takes a -wal or -journal file beside a store for that store's, and would replay an earlier store's
+    uncommitted or uncheckpointed writes into the restored one: the operator must move them away first."""
+    left = sorted(name for name in (target.name + suffix for suffix in _LEFTOVERS) if target.with_name(name).exists())
+    if left:
+        raise InvalidInput(
+            f"{target} has files of an earlier store beside it ({', '.join(left)}), which SQLite would replay into "
+            "the restored one: move them away, or restore into a new path",
+            field="target",
+        )
 
 
 def _exists(target: Path) -> InvalidInput:

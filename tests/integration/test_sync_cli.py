@@ -10,7 +10,9 @@ import shutil
 import signal
 import sqlite3
 import stat
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -327,25 +329,34 @@ def test_a_backup_sealed_whole_by_an_earlier_kiln_still_restores(
         assert connection.execute("SELECT * FROM readings ORDER BY id").fetchall() == TWO_READINGS
 
 
-def test_a_restore_never_replaces_a_file_made_while_it_downloads(
-    sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path, monkeypatch: pytest.MonkeyPatch
+def restore_while(
+    written: Callable[[Path], object], sync_context: SyncContext, org_id: str, source: Path, target: Path
 ) -> None:
+    """Back `source` up and restore it into `target`, calling `written(target)` once the backup is downloaded: a file
+    the operator or a writer makes there while the restore runs."""
     rules = sync_context.store_rules(org_id)
-    manifest = backup_store(sync_context.store, sync_context.secrets, rules=rules, source=str(plant_store))
-    target = tmp_path / "restore" / "race.db"
-    target.parent.mkdir()
+    manifest = backup_store(sync_context.store, sync_context.secrets, rules=rules, source=str(source))
     download = sync_context.store.get_file
 
-    def download_while_the_operator_writes_the_target(key: str, path: Path) -> None:
+    def download_then_write(key: str, path: Path) -> None:
         download(key, path)
-        target.write_text("the operator's notes")
+        written(target)
 
-    monkeypatch.setattr(sync_context.store, "get_file", download_while_the_operator_writes_the_target)
-
-    with pytest.raises(InvalidInput, match=f"{target} exists; restore into a new path"):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(sync_context.store, "get_file", download_then_write)
         restore_store(
             sync_context.store, sync_context.secrets, org_id=org_id, backup_id=manifest.backup_id, target=str(target)
         )
+
+
+def test_a_restore_never_replaces_a_file_made_while_it_downloads(
+    sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path
+) -> None:
+    target = tmp_path / "restore" / "race.db"
+    target.parent.mkdir()
+
+    with pytest.raises(InvalidInput, match=f"{target} exists; restore into a new path"):
+        restore_while(lambda path: path.write_text("the operator's notes"), sync_context, org_id, plant_store, target)
     assert target.read_text() == "the operator's notes"
     assert [path.name for path in target.parent.iterdir()] == ["race.db"]  # nothing left beside it
 
@@ -686,6 +697,52 @@ def test_a_sealed_backup_cut_short_is_refused_and_nothing_is_restored(
         restore.stderr.startswith(f"kiln restore: backup {backup_id} does not open") and "too short" in restore.stderr
     )
     assert not (tmp_path / "r.db").exists()
+
+
+def crash_after_writing(store: Path, sql: str) -> None:
+    """A writer that commits to a WAL-mode store and dies before closing it, leaving its -wal file behind."""
+    code = (
+        "import os, sqlite3, sys\n"
+        "c = sqlite3.connect(sys.argv[1]); c.execute('PRAGMA wal_autocheckpoint = 0')\n"
+        "c.execute(sys.argv[2]); c.commit(); os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(store), sql], check=True)
+
+
+def test_a_restore_beside_a_lost_stores_wal_file_is_refused_naming_it_and_writes_nothing(
+    central_settings: Settings, org_id: str, plant_store: Path
+) -> None:
+    """The store's writer died, leaving plant.db-wal; the operator removed plant.db alone. SQLite would replay that
+    file's stale writes into a store restored at plant.db, after the restore said its checksum was verified."""
+    with closing(sqlite3.connect(plant_store)) as connection:
+        connection.execute("PRAGMA journal_mode = WAL")
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
+    crash_after_writing(plant_store, "UPDATE readings SET value = -1.0")
+    plant_store.unlink()
+    left = sorted(path.name for path in plant_store.parent.iterdir())
+
+    restore = kiln(central_settings, "restore", org_id, backup_id, str(plant_store))
+
+    assert restore.returncode == 1
+    assert restore.stderr == (
+        f"kiln restore: {plant_store} has files of an earlier store beside it (plant.db-shm, plant.db-wal), which "
+        "SQLite would replay into the restored one: move them away, or restore into a new path\n"
+    )
+    assert sorted(path.name for path in plant_store.parent.iterdir()) == left == ["plant.db-shm", "plant.db-wal"]
+
+
+def test_a_restore_is_refused_when_a_journal_appears_beside_its_target_while_it_downloads(
+    sync_context: SyncContext, org_id: str, tmp_path: Path, plant_store: Path
+) -> None:
+    target = tmp_path / "restore" / "race.db"
+    target.parent.mkdir()
+
+    def journal(path: Path) -> None:
+        path.with_name("race.db-journal").write_bytes(b"a writer's rollback journal")
+
+    with pytest.raises(InvalidInput, match=r"has files of an earlier store beside it \(race.db-journal\)"):
+        restore_while(journal, sync_context, org_id, plant_store, target)
+    assert [path.name for path in target.parent.iterdir()] == ["race.db-journal"]  # nothing written beside it
 
 
 @pytest.mark.parametrize(
