@@ -333,6 +333,18 @@ def org_data_store(settings: Settings, org_config: OrgConfig, *, central: Object
     return central
 
 
+def backup_stores(settings: Settings, *, central: ObjectStore) -> list[ObjectStore]:
+    """Every store this machine sees that may hold an org's backups, whatever its dataResidency says today: an org
+    that moved keeps the backups it took before where they were written then. The central store always, and this
+    machine's premises folder when it holds one (looking never makes it)."""
+    return [central, premises_store(settings)] if on_premises(settings) else [central]
+
+
+def on_premises(settings: Settings) -> bool:
+    """Whether this machine holds a premises folder: it is then on some org's premises."""
+    return (settings.data_dir / "premises").is_dir()
+
+
 def premises_store(settings: Settings) -> LocalObjectStore:
     """This machine's folder for the data of the orgs that keep theirs on their premises (`data_dir/premises`). Only
     a write makes it: the folder being there says this machine is on some org's premises (`kiln secrets` counts the

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from deploy.local import demo, secrets, stack
 from deploy.local.processes import StackError, pid_alive
-from services.sync.backup import backup_store, list_backups, restore_store, sealed_key
+from services.sync.backup import backup_store, list_backups_in, restore_store, sealed_key, store_holding
 from services.sync.context import SyncContext
 from services.sync.rotation import rotate_org_key
 from shared.db import migrate
@@ -133,7 +133,7 @@ def run_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 def run_backups(settings: Settings, args: argparse.Namespace) -> int:
     with closing(SyncContext.open(settings)) as context:
-        manifests, damaged = list_backups(context.org_data_store(args.org), args.org)
+        manifests, damaged = list_backups_in(context.org_backup_stores(args.org), args.org)
     if not manifests and not damaged:
         print(f"no backups of {args.org}")
     for manifest in manifests:
@@ -149,7 +149,7 @@ def run_backups(settings: Settings, args: argparse.Namespace) -> int:
 def run_restore(settings: Settings, args: argparse.Namespace) -> int:
     with closing(SyncContext.open(settings)) as context:
         manifest = restore_store(
-            context.org_data_store(args.org),
+            store_holding(context.org_backup_stores(args.org), args.org, args.backup_id),
             context.secrets,
             org_id=args.org,
             backup_id=args.backup_id,

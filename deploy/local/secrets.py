@@ -17,7 +17,7 @@ from shared.db.models import Organization
 from shared.db.session import session_scope
 from shared.errors import KilnError
 from shared.schemas import OrgConfig
-from shared.storage import ObjectStore, org_data_store
+from shared.storage import ObjectStore, backup_stores, on_premises
 from shared.stored_secrets import OLD_FORMAT, Rewrapped, count_by_key, rewrap_stored_secrets
 
 BACKUPS = "backups"
@@ -156,15 +156,14 @@ def _audit_backup(context: SyncContext, manifest: BackupManifest, *, actor: str)
 
 
 def _backup_stores(context: SyncContext) -> Iterator[tuple[str, ObjectStore | None]]:
-    """Each org and the store its backups are in, as this machine sees it: None for an org keeping its data on its
-    premises when this machine holds no premises folder (`kiln backup` keeps such an org's backups on the machine
-    that ran it)."""
-    premises_here = (context.settings.data_dir / "premises").is_dir()
+    """Each org and each store this machine sees that may hold its backups (shared/storage.py, backup_stores), those
+    taken before its dataResidency changed among them; and None for an org keeping its data on its premises when
+    this machine holds no premises folder (`kiln backup` keeps such an org's backups on the machine that ran it)."""
+    stores = backup_stores(context.settings, central=context.store)
     with session_scope(context.sessions) as session:
         orgs = session.execute(select(Organization.id, Organization.config).order_by(Organization.id)).all()
     for org_id, config in orgs:
-        org_config = OrgConfig.model_validate(config)
-        if org_config.data_residency == "local" and not premises_here:
+        for store in stores:
+            yield org_id, store
+        if OrgConfig.model_validate(config).data_residency == "local" and not on_premises(context.settings):
             yield org_id, None
-        else:
-            yield org_id, org_data_store(context.settings, org_config, central=context.store)

@@ -34,7 +34,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -354,6 +354,24 @@ def list_backups(store: ObjectStore, org_id: str) -> Backups:
                 damaged.append(str(error))
     manifests.sort(key=lambda manifest: datetime.fromisoformat(manifest.created_at), reverse=True)
     return Backups(manifests, damaged)
+
+
+def list_backups_in(stores: Sequence[ObjectStore], org_id: str) -> Backups:
+    """The org's backups in all of `stores`, newest first, as list_backups."""
+    listed = [list_backups(store, org_id) for store in stores]
+    manifests = [manifest for backups in listed for manifest in backups.manifests]
+    manifests.sort(key=lambda manifest: datetime.fromisoformat(manifest.created_at), reverse=True)
+    return Backups(manifests, [problem for backups in listed for problem in backups.damaged])
+
+
+def store_holding(stores: Sequence[ObjectStore], org_id: str, backup_id: str) -> ObjectStore:
+    """The store of `stores` that holds the backup; the first when none does, or `backup_id` is no backup id, for
+    restore_store to say so."""
+    if _BACKUP_ID.fullmatch(backup_id):
+        for store in stores:
+            if store.exists(_manifest_key(org_id, backup_id)):
+                return store
+    return stores[0]
 
 
 def _read_manifest(store: ObjectStore, org_id: str, backup_id: str) -> BackupManifest:

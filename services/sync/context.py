@@ -13,7 +13,7 @@ from shared.db.session import SessionFactory, make_central_engine, make_session_
 from shared.errors import NotFound
 from shared.schemas import OrgConfig
 from shared.settings import Settings, build_settings
-from shared.storage import ObjectStore, open_object_store, org_data_store
+from shared.storage import ObjectStore, backup_stores, open_object_store, org_data_store
 from shared.store_access import StoreRules
 from shared.stored_secrets import sync_source_context
 
@@ -38,15 +38,24 @@ class SyncContext:
         )
 
     def org_data_store(self, org_id: str) -> ObjectStore:
-        """Where the org's data may be kept, its local stores' backups among it: read from its dataResidency in the
-        central database (shared/storage.py, org_data_store). NotFound for an org that database does not know, as
+        """Where the org's data may be kept, its new local stores' backups among it: read from its dataResidency in
+        the central database (shared/storage.py, org_data_store). NotFound for an org that database does not know, as
         where its data may go is not known either."""
+        return org_data_store(self.settings, self._org_config(org_id), central=self.store)
+
+    def org_backup_stores(self, org_id: str) -> list[ObjectStore]:
+        """Every store this machine sees that may hold the org's backups, those taken before its dataResidency
+        changed among them (shared/storage.py, backup_stores). NotFound for an org the central database does not
+        know, as org_data_store."""
+        self._org_config(org_id)
+        return backup_stores(self.settings, central=self.store)
+
+    def _org_config(self, org_id: str) -> OrgConfig:
         with session_scope(self.sessions) as session:
             org = session.get(Organization, org_id)
             if org is None:
                 raise NotFound(f"organization {org_id!r} not found", field="org")
-            org_config = OrgConfig.model_validate(org.config)
-        return org_data_store(self.settings, org_config, central=self.store)
+            return OrgConfig.model_validate(org.config)
 
     def source_password(self, source: SyncSource) -> str | None:
         """The source's password, opened; SecretUnreadable, saying why, when it does not open."""

@@ -44,6 +44,7 @@ from tests.integration.sync_support import (
     run_sql,
     signalled_once_there,
 )
+from tests.integration.test_secret_rotation import KEY_A, KEY_B, A, B, keyed
 from tests.support.servers import fresh_postgres_database
 
 # The plain snapshot of a backup or restore run with TMPDIR=scratch, in its workspace (shared/workspaces.py).
@@ -185,6 +186,44 @@ def test_listing_the_backups_of_an_org_keeping_its_data_local_leaves_secrets_sta
     assert elsewhere in before.stdout, (before.stdout, before.stderr)
     assert (listed.returncode, listed.stdout) == (0, f"no backups of {org_id}\n"), listed.stderr
     assert elsewhere in after.stdout, (after.stdout, after.stderr)
+
+
+def test_backups_taken_before_an_org_moved_its_data_local_are_still_listed_and_restored(
+    central_settings: Settings, sync_api: TestClient, org_id: str, tmp_path: Path, plant_store: Path
+) -> None:
+    """They stay in the central object store, where they were taken: the move writes new backups elsewhere."""
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
+    sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN)
+
+    listed = kiln(central_settings, "backups", org_id)
+    restore = kiln(central_settings, "restore", org_id, backup_id, str(tmp_path / "restored.db"))
+
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == [backup_id], listed.stderr
+    assert restore.returncode == 0, restore.stderr
+    with closing(sqlite3.connect(tmp_path / "restored.db")) as connection:
+        assert connection.execute("SELECT * FROM readings ORDER BY id").fetchall() == TWO_READINGS
+
+
+def test_a_backup_taken_before_an_org_moved_its_data_local_keeps_the_retired_key_until_it_is_rewrapped(
+    central_settings: Settings, sync_api: TestClient, org_id: str, plant_store: Path
+) -> None:
+    """Counted on the central machine and on a premises machine alike: `kiln secrets status` may not exit 0 while
+    the backup is under the retired key, or the key goes and the backup no longer opens."""
+    backed_up(central_settings, org_id, str(plant_store))
+    sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN)
+    rotated = keyed(central_settings, KEY_B, KEY_A)
+    on_premises = rotated.model_copy(update={"data_dir": rotated.data_dir.parent / "premises-machine"})
+    (on_premises.data_dir / "premises").mkdir(parents=True)  # this machine holds some org's premises data
+
+    before = [kiln(machine, "secrets", "status") for machine in (rotated, on_premises)]
+    rewrap = kiln(rotated, "secrets", "rewrap")
+    after = [kiln(machine, "secrets", "status") for machine in (rotated, on_premises)]
+
+    assert [status.returncode for status in before] == [3, 3], [status.stdout for status in before]
+    assert all(f"backups: 1 under {A} (retired)" in status.stdout.splitlines() for status in before)
+    assert f"backups: 1 moved under {B}, 0 under it already" in rewrap.stdout.splitlines(), rewrap.stderr
+    assert [status.returncode for status in after] == [0, 0], [status.stdout for status in after]
+    assert f"not counted here: the backups of {org_id}, kept on their premises" in after[0].stdout
 
 
 def test_a_backup_says_where_it_went_and_an_org_the_central_database_does_not_know_is_refused(
