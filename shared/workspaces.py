@@ -6,7 +6,8 @@ process holds (flock) for as long as it uses it. A process that ends normally re
 leaves them, and its lock with it: the sweep at the next worker's start, backup, restore or rewrap removes every
 workspace whose lock no live process holds, and leaves those of the processes still running on the machine. A
 workspace that could not be removed keeps its lock file, for the next sweep to try again: a workspace's lock file
-is there whenever its folder is.
+is there whenever its folder is. A file a process must keep outside its workspace (a restore's store, staged on its
+target's filesystem) is claimed by its workspace (claim_outside, a link beside the workspace) and removed with it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 LOCK_SUFFIX = ".lock"
 # tempfile.mkstemp's names for the lock files, and so for the workspaces beside them.
 _PREFIX = "run-"
+# What follows a workspace's name in the names of its claims: links beside it (never in it, where a training script
+# could make one) to the files outside it that it claims.
+_CLAIM_INFIX = ".outside-"
 
 
 class WorkspaceError(KilnError):
@@ -51,6 +56,13 @@ def workspace(root: Path) -> Iterator[Path]:
             _remove_or_leave(path)  # never raises: the run's own error, if any, is what the caller sees
 
 
+def claim_outside(folder: Path, path: Path) -> None:
+    """Make `path`, a file not made yet outside the workspace `folder`, part of that workspace: whoever removes the
+    workspace (its process, or a sweep once that process was killed) removes `path` first. Claimed before it is made,
+    so that no moment finds the file there and its claim not."""
+    folder.with_name(f"{folder.name}{_CLAIM_INFIX}{secrets.token_hex(8)}").symlink_to(path)
+
+
 def sweep(root: Path) -> list[Path]:
     """Remove the workspaces in `root` that no live process holds, and return them."""
     if not root.exists():
@@ -63,11 +75,20 @@ def sweep(root: Path) -> list[Path]:
 def _remove_or_leave(path: Path) -> bool:
     """Remove a workspace; whether it did. When it cannot, its lock file stays, for the next sweep to find."""
     try:
+        _remove_claimed(path)
         remove_tree(path)
     except OSError:
         log.exception("could not remove the workspace %s; the next sweep will try again", path)
         return False
     return True
+
+
+def _remove_claimed(path: Path) -> None:
+    """Remove the files outside the workspace `path` that it claims, then its claims: before the workspace itself,
+    so that a claim is there only while its workspace (and so its lock file) is."""
+    for claim in path.parent.glob(path.name + _CLAIM_INFIX + "*"):
+        Path(os.readlink(claim)).unlink(missing_ok=True)
+        claim.unlink()
 
 
 def _lockless(root: Path) -> list[Path]:

@@ -8,9 +8,9 @@ bound in, at `orgs/{org}/backups/{id}.db.sealed` (SQLite) or `{id}.dump.sealed` 
 holds the sha256 of the snapshot itself. Backup and restore go through temporary files, one chunk at a time, so a
 store of any size passes through bounded memory; the plain snapshot is in a workspace of the user's alone under
 TMPDIR (shared/workspaces.py), which the next backup, restore or rewrap removes when a process killed outright left
-it behind. A restore goes ahead only when the opened snapshot's sha256
-matches, and only into a new SQLite file or an empty PostgreSQL database (pg_restore in one transaction), so it
-never overwrites a store and never leaves a half-restored one.
+it behind, with the copy a restore stages beside its target, which that workspace claims. A restore goes ahead
+only when the opened snapshot's sha256 matches, and only into a new SQLite file or an empty PostgreSQL database
+(pg_restore in one transaction), so it never overwrites a store and never leaves a half-restored one.
 
 The manifest names the platform key the backup is sealed under (`sealed_under`, a key id; absent from manifests
 written before keys had ids). Once KILN_SECRET_KEY is rotated, `kiln secrets rewrap` re-seals each backup under the
@@ -32,7 +32,6 @@ import secrets
 import shutil
 import sqlite3
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -205,7 +204,7 @@ def restore_store(
         if isinstance(location, URL):
             _restore_postgresql(snapshot, location, timeout_s)
         else:
-            _place_new_file(snapshot, location)
+            _place_new_file(snapshot, location, folder)
     return manifest
 
 
@@ -220,13 +219,14 @@ def _working_folder() -> Iterator[Path]:
         yield folder
 
 
-def _place_new_file(snapshot: Path, target: Path) -> None:
+def _place_new_file(snapshot: Path, target: Path, folder: Path) -> None:
     """Put the snapshot at `target` only if nothing is there, even a file made since the restore began. It is
     staged in the target's folder under a name made for it (never an operator's file's), then linked to `target`:
-    a link fails where the path exists, which a rename would replace."""
-    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".restoring")
-    os.close(handle)
-    staged = Path(name)
+    a link fails where the path exists, which a rename would replace. The staged copy is claimed by the restore's
+    workspace `folder`, so that a sweep removes it when the restore is killed outright."""
+    staged = target.with_name(f".{target.name}.{secrets.token_hex(4)}.restoring")
+    workspaces.claim_outside(folder, staged)
+    os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         shutil.move(snapshot, staged)
         # The store holds the org's records in the clear: its owner's alone, as its backups and Kiln's files are.

@@ -353,6 +353,52 @@ def test_a_restore_stopped_by_a_signal_leaves_no_snapshot_behind(
     assert not Path(restored).exists()
 
 
+@pytest.fixture
+def other_filesystem_scratch() -> Iterator[Path]:
+    """A TMPDIR on another filesystem than the restore's target (a tmpfs /tmp, the common case): the snapshot is
+    copied beside the target, not renamed there, which takes long enough to be killed half-way."""
+    scratch = Path("/dev/shm") / f"kiln-test-{secrets.token_hex(4)}"
+    scratch.mkdir()
+    yield scratch
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_the_copy_a_restore_killed_outright_left_beside_its_target_is_removed_by_the_next_restore(
+    central_settings: Settings,
+    sync_context: SyncContext,
+    org_id: str,
+    org_folder: Path,
+    tmp_path: Path,
+    other_filesystem_scratch: Path,
+) -> None:
+    """SIGKILL while the snapshot is staged beside the target: that plain copy of the org's records belongs to the
+    killed restore's workspace, and goes with it at the next run on the machine."""
+    store, folder = org_folder / "plant.db", tmp_path / "restore"
+    make_large_store(store, 120)
+    folder.mkdir()
+    manifest = backup_store(
+        sync_context.store, sync_context.secrets, rules=sync_context.store_rules(org_id), source=str(store)
+    )
+    arguments = ("restore", org_id, manifest.backup_id)
+
+    killed = signalled_once_there(
+        central_settings,
+        other_filesystem_scratch,
+        signal.SIGKILL,
+        *arguments,
+        str(folder / "p.db"),
+        watched=folder,
+        pattern=".p.db.*.restoring",
+    )
+    left_by_the_kill = sorted(path.name for path in folder.iterdir())
+    again = kiln(central_settings, *arguments, str(folder / "q.db"), tmpdir=other_filesystem_scratch)
+
+    assert killed.returncode == -signal.SIGKILL and left_by_the_kill != []
+    assert again.returncode == 0, again.stderr
+    assert sorted(path.name for path in folder.iterdir()) == ["q.db"]
+    assert files_in(other_filesystem_scratch) == []
+
+
 def test_a_backup_sealed_whole_by_an_earlier_kiln_still_restores(
     central_settings: Settings, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:

@@ -57,6 +57,21 @@ def test_a_tree_of_any_depth_is_removed_and_the_runs_own_error_stays(tmp_path: P
     assert outside.read_text() == "not the workspace's"
 
 
+def test_a_file_a_workspace_claims_outside_it_goes_with_the_workspace_and_its_neighbours_stay(tmp_path: Path) -> None:
+    """As a restore's store staged beside its target, on the target's filesystem."""
+    root, staged, notes = tmp_path / "workspaces", tmp_path / ".p.db.0a1b.restoring", tmp_path / "p.db.partial"
+    notes.write_text("the operator's notes")
+
+    def prepare(path: Path) -> None:
+        workspaces.claim_outside(path, staged)
+        staged.write_bytes(b"an org's records")
+
+    fail_in_workspace(root, prepare)
+
+    assert not staged.exists() and notes.read_text() == "the operator's notes"
+    assert list(root.iterdir()) == []
+
+
 def test_a_workspace_that_could_not_be_removed_keeps_its_lock_for_the_next_sweep(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
