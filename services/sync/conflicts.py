@@ -28,17 +28,20 @@ from services.sync.stores import STAMP, VERSION, read, stamp_of, upsert
 from services.sync.watermarks import DOWN, watermark
 from shared.audit import record_change
 from shared.db.models import SyncConflict
+from shared.db.row_locks import hold_sqlite_write_lock
 from shared.db.types import utcnow
 from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, CONFLICT_RESOLVED, REFUSAL, WITHHELD
 
 # What the review queue's choice sets a conflict's outcome to (services/api/routers/sync_jobs.py).
 KEPT_CENTRAL = "kept-central"
+# Records held for review: a conflict open, or chosen and not yet written (the next job writes the choice).
+_HELD = (CONFLICT_OPEN, CONFLICT_CHOSEN)
 # Asked by every batch of a table that holds conflicts for review: made once (services/sync/watermarks.py says why).
-_ANY_OPEN = (
+_ANY_HELD = (
     select(SyncConflict.id)
     .where(
         SyncConflict.org_id == bindparam("org"),
-        SyncConflict.status == CONFLICT_OPEN,
+        SyncConflict.status.in_(_HELD),
         SyncConflict.source_id == bindparam("source"),
         SyncConflict.table_name == bindparam("table"),
     )
@@ -113,6 +116,10 @@ def _central_moved(conflict: SyncConflict, existing: dict[str, Any] | None) -> b
 
 def _reopen(session: Session, pair: TablePair, conflict: SyncConflict, existing: dict[str, Any] | None) -> None:
     conflict.central_version = version_json(pair, _as_version(pair, conflict, existing))
+    _open_again(session, pair, conflict, reason="the central record changed after the choice")
+
+
+def _open_again(session: Session, pair: TablePair, conflict: SyncConflict, *, reason: str) -> None:
     conflict.status, conflict.outcome, conflict.kept = CONFLICT_OPEN, HELD, None
     conflict.resolved_at = conflict.resolved_by = None
     record_change(
@@ -121,7 +128,7 @@ def _reopen(session: Session, pair: TablePair, conflict: SyncConflict, existing:
         actor="sync",
         action="sync.conflict.reopened",
         target=f"{pair.spec.name}/{conflict.record_key}",
-        detail={"conflictId": conflict.id, "reason": "the central record changed after the choice"},
+        detail={"conflictId": conflict.id, "reason": reason},
     )
 
 
@@ -151,26 +158,45 @@ def holds_for_review(pair: TablePair) -> bool:
     return pair.spec.policy == "manual" or not pair.spec.sends_up
 
 
-def open_conflicts(session: Session, pair: TablePair, keys: Any) -> dict[str, SyncConflict]:
-    """Records held for review: neither side's version moves until someone resolves them."""
-    if not holds_for_review(pair) or not _any_open(session, pair):
+def held_conflicts(session: Session, pair: TablePair, keys: Any, *, lock: bool = False) -> dict[str, SyncConflict]:
+    """Records held for review: neither side's version moves until someone resolves them. With `lock`, each is read
+    as it is now and locked until the commit, as the review queue's choice locks it (services/api/routers/sync_jobs.py):
+    an edit joining a conflict then either comes before the choice, which is made from the versions it wrote, or
+    after, and opens the conflict again (join_conflict)."""
+    if not holds_for_review(pair) or not _any_held(session, pair):
         return {}
-    rows = session.scalars(
-        select(SyncConflict).where(
-            SyncConflict.source_id == pair.source_id,
-            SyncConflict.table_name == pair.spec.name,
-            SyncConflict.status == CONFLICT_OPEN,
-            SyncConflict.record_key.in_(list(keys)),
-        )
+    query = select(SyncConflict).where(
+        SyncConflict.source_id == pair.source_id,
+        SyncConflict.table_name == pair.spec.name,
+        SyncConflict.status.in_(_HELD),
+        SyncConflict.record_key.in_(list(keys)),
     )
-    return {row.record_key: row for row in rows}
+    if lock:
+        hold_sqlite_write_lock(session, SyncConflict.status)  # SQLite ignores FOR UPDATE
+        query = query.with_for_update().execution_options(populate_existing=True)
+    return {row.record_key: row for row in session.scalars(query)}
 
 
-def _any_open(session: Session, pair: TablePair) -> bool:
-    """One cheap look first (the org's open conflicts are indexed): most batches meet none, and the look-up by key
-    binds a parameter per record of the batch, which was a fifth of a down-only table's pull."""
+def join_conflict(
+    session: Session, pair: TablePair, conflict: SyncConflict, *, local: Any = None, central: Any = None
+) -> None:
+    """An edit of a held record joins its conflict as that side's version (`local` or `central`, as conflicts keep
+    them). A conflict chosen while the batch ran opens again: the reviewer never saw that edit, and the choice,
+    written by the next job, would undo it (a local edit after a choice of `local`) or hide it (a central one)."""
+    if local is not None:
+        conflict.local_version = local
+    if central is not None:
+        conflict.central_version = central
+    if conflict.status == CONFLICT_CHOSEN:
+        side = "local" if local is not None else "central"
+        _open_again(session, pair, conflict, reason=f"the {side} record changed before the choice was written")
+
+
+def _any_held(session: Session, pair: TablePair) -> bool:
+    """One cheap look first (the org's conflicts are indexed by status): most batches meet none, and the look-up by
+    key binds a parameter per record of the batch, which was a fifth of a down-only table's pull."""
     this_table = {"org": pair.org_id, "source": pair.source_id, "table": pair.spec.name}
-    return session.connection().scalar(_ANY_OPEN, this_table) is not None
+    return session.connection().scalar(_ANY_HELD, this_table) is not None
 
 
 def record_conflict(

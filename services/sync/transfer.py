@@ -38,9 +38,10 @@ from services.sync.changes import (
 )
 from services.sync.conflicts import (
     apply_choices,
+    held_conflicts,
     hold_refused_central_update,
     holds_for_review,
-    open_conflicts,
+    join_conflict,
     record_conflict,
     record_refused_central_insert,
     record_refused_central_update,
@@ -134,13 +135,14 @@ def _push(
         if pair.spec.sends_down
         else {}
     )
-    held = open_conflicts(session, pair, latest)
+    held = held_conflicts(session, pair, latest, lock=True)
     firsts = _first_versions(session, pair, latest)
     moves = _Moves()
     for key, change in latest.items():
         row, existing = rows.get(key), current.get(key)
         if key in held:
-            held[key].local_version = version_json(pair, _local_version(pair, row, change, None))  # the newest
+            newest = version_json(pair, _local_version(pair, row, change, None))
+            join_conflict(session, pair, held[key], local=newest)
             continue
         first = firsts.get(key)
         # Append-only: a record written before, on either side, takes no change; the policy restores it.
@@ -273,7 +275,7 @@ def pull_batch(pair: TablePair) -> bool:
         # Read before the key is held (so it locks nothing while the local store writes); a record looked up is
         # under the active key, as the bases, conflicts and audit rows this batch copies it into must be.
         current = _changed_records(session, pair, after=after, last=changes[-1].seq).each_as(pair.under_active_key)
-        held = open_conflicts(session, pair, (change.key for change in changes))
+        held = held_conflicts(session, pair, (change.key for change in changes))
         with pair.local.begin() as local:
             shut_out_writers(local, LOCAL_LOG)
             if pair.spec.sends_up:
@@ -289,7 +291,7 @@ def pull_batch(pair: TablePair) -> bool:
             note_pulled(local, pair, changes[-1].seq)
         pulled = [key for key in latest if key not in refusals]
         hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
-        _hold_central_edits(pair, held, changes, current)
+        _hold_central_edits(session, pair, held, changes, current)
         _acknowledge_pull(session, pair, changes[-1].seq, current, pulled, deleted)
         _restore_all_refused(session, pair, _unless_edited_since(session, pair, {**refusals.restore, **kept}, changes))
         _hold_refused(session, pair, refusals.hold)
@@ -300,14 +302,18 @@ def pull_batch(pair: TablePair) -> bool:
 
 
 def _hold_central_edits(
-    pair: TablePair, held: dict[str, SyncConflict], changes: list[Change], current: Records
+    session: Session, pair: TablePair, held: dict[str, SyncConflict], changes: list[Change], current: Records
 ) -> None:
     """A central edit of a record held for review joins its conflict, as a local one does in a push: the batch is
-    acknowledged past it, and the review queue shows (and a choice of `central` keeps) the central record as it is."""
+    acknowledged past it, and the review queue shows (and a choice of `central` keeps) the central record as it is.
+    The conflicts were read before the local store wrote, locking nothing; they are locked now, as they are."""
+    if not held:
+        return
+    conflicts = held_conflicts(session, pair, held, lock=True)
     for change in changes:
-        if change.key in held:
+        if change.key in conflicts:
             version = _central_version(pair, current.get(change.key), change)
-            held[change.key].central_version = version_json(pair, version)
+            join_conflict(session, pair, conflicts[change.key], central=version_json(pair, version))
 
 
 def _changed_records(session: Session, pair: TablePair, *, after: int, last: int) -> Records:

@@ -429,6 +429,71 @@ def test_manual_reopens_a_conflict_whose_central_record_changed_after_the_choice
     assert (resolved["status"], resolved["centralVersion"]["device"]) == ("resolved", "pump-9")
 
 
+def choose_as_a_batch_reads_the_conflicts(
+    monkeypatch: pytest.MonkeyPatch, sync: Sync, conflict_id: int, keep: str
+) -> threading.Thread:
+    """The reviewer's choice, made from another thread once a batch has read the held conflicts: let on until it is
+    made, or waits for a lock the batch holds."""
+    original = transfer.held_conflicts
+    choosing = threading.Thread(target=choose, args=(sync, conflict_id, keep))
+
+    def then_the_reviewer_chooses(*args: Any, **kwargs: Any) -> Any:
+        held = original(*args, **kwargs)
+        if held and choosing.ident is None:
+            choosing.start()
+            wait_until(lambda: not choosing.is_alive() or waiting_for_locks(sync) > 0)
+        return held
+
+    monkeypatch.setattr(transfer, "held_conflicts", then_the_reviewer_chooses)
+    return choosing
+
+
+def test_manual_a_choice_of_local_made_while_a_push_brings_a_newer_local_edit_keeps_that_edit(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The choice waits for the batch, and is made from the version the batch wrote: the edit is neither lost
+    centrally nor undone by the choice."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    held = hold_a_conflict(sync)
+    sync.local("UPDATE readings SET value = 12.0 WHERE id = 1")
+    choosing = choose_as_a_batch_reads_the_conflicts(monkeypatch, sync, held["conflictId"], "local")
+
+    sync.run()
+    choosing.join(timeout=30)
+    monkeypatch.undo()
+    sync.run()
+
+    assert sync.local("SELECT value FROM readings WHERE id = 1") == [(12.0,)]
+    assert sync.central(f"SELECT value FROM {sync.central_table} WHERE id = 1") == [(12.0,)]
+    [resolved] = sync.conflicts()
+    assert (resolved["status"], resolved["outcome"], resolved["localVersion"]["value"]) == (
+        "resolved",
+        "kept-local",
+        12.0,
+    )
+
+
+def test_manual_a_central_edit_pulled_while_local_is_chosen_opens_the_conflict_again(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reviewer chose without seeing that edit, which the choice would write over."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    held = hold_a_conflict(sync)
+    sync.central(f"UPDATE {sync.central_table} SET device = 'pump-9' WHERE id = 1")
+    choosing = choose_as_a_batch_reads_the_conflicts(monkeypatch, sync, held["conflictId"], "local")
+
+    sync.run()
+    choosing.join(timeout=30)
+    monkeypatch.undo()
+    sync.run()
+
+    [reopened] = sync.conflicts("open")
+    assert (reopened["conflictId"], reopened["centralVersion"]["device"]) == (held["conflictId"], "pump-9")
+    assert sync.central(f"SELECT device FROM {sync.central_table} WHERE id = 1") == [("pump-9",)]
+    assert sync.local("SELECT device, value FROM readings WHERE id = 1") == [("pump-1", 10.0)]
+    assert "sync.conflict.reopened" in sync.audit_actions()
+
+
 def test_a_down_only_tables_refusal_is_settled_by_keeping_central_and_never_by_keeping_local(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
