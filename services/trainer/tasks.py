@@ -9,12 +9,26 @@ from services.trainer.context import worker_context
 from services.trainer.erasure import erase_here_or_forward
 from services.trainer.revalidate import revalidate
 from services.trainer.training import run_training
+from shared.db.session import DATABASE_TROUBLE
 from shared.queues import ERASE_TASK, TRAIN_TASK, VALIDATE_TASK
 
+# Kiln's database failing before the run was claimed: the message comes back this long after, doubling up to
+# DATABASE_RETRY_MAX_S, for as long as the database fails. Dropped, it would leave the run queued for good.
+DATABASE_RETRY_S = 5
+DATABASE_RETRY_MAX_S = 300
 
-@app.task(name=TRAIN_TASK, bind=True)  # type: ignore[untyped-decorator]
+
+@app.task(
+    name=TRAIN_TASK,
+    bind=True,
+    autoretry_for=DATABASE_TROUBLE,
+    retry_backoff=DATABASE_RETRY_S,
+    retry_backoff_max=DATABASE_RETRY_MAX_S,
+    max_retries=None,
+)  # type: ignore[untyped-decorator]
 def train(self: Task, run_id: str, org_id: str | None = None) -> str:
-    """`org_id` is only there for operators: Flower shows it beside each task."""
+    """`org_id` is only there for operators: Flower shows it beside each task. A message that comes back for a
+    run claimed meanwhile (its attempt ended unrecorded, or another worker took it) does nothing."""
     return run_training(run_id, worker_context(), worker=self.request.hostname)
 
 

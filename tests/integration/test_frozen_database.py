@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,6 +38,7 @@ from shared.db.session import (
 )
 from shared.errors import Unavailable
 from shared.keys import KEY_PREFIX, PLATFORM_ADMIN
+from shared.queues import TRAIN_TASK
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, run_of, submit, upload_table
@@ -46,6 +48,7 @@ from tests.support.models import ai4i_row, register_model, tiny_model
 from tests.support.polling import eventually
 from tests.support.proxy import FreezableLink, freezable_link_to
 from tests.support.servers import free_port, wait_for_http
+from tests.support.workers import celery_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 1.0
@@ -105,6 +108,28 @@ def test_a_run_whose_statement_to_kilns_database_gets_no_answer_is_retried_sayin
     assert (outcome, run["status"], run["attempts"]) == ("retrying", "queued", 1), run["error"]
     bound_s = TIMEOUT_S + ANSWER_GRACE_S
     assert run["error"] == f"attempt 1: Kiln's database failed: the database did not answer within {bound_s:g} s"
+
+
+def test_a_run_whose_worker_finds_kilns_database_not_answering_is_trained_once_it_answers(
+    api: TestClient, org: OrgKeys, settings: Settings, tmp_path: Path
+) -> None:
+    """The worker takes the run's message and cannot claim the run: dropped then, the message would leave the run
+    queued for good, as the database says it is."""
+    dataset_id = upload_table(api, org, ai4i.generate(20_000, seed=1), tmp_path)
+    log = tmp_path / "worker.log"
+    with through_link(settings) as (link, linked), celery_worker("services.trainer.celery_app", linked, log):
+        link.freeze()
+        run_id = submit(api, org, dataset_id)
+        assert eventually(lambda: f"{TRAIN_TASK}[" in log.read_text() and "OperationalError" in log.read_text(), 60)
+        link.thaw()
+        run = eventually(lambda: finished(run_of(api, org, run_id)), 120)
+
+    assert run is not None, run_of(api, org, run_id)
+    assert (run["status"], run["attempts"]) == ("succeeded", 1)
+
+
+def finished(run: dict[str, Any]) -> dict[str, Any] | None:
+    return run if run["status"] not in ("queued", "running") else None
 
 
 def test_the_server_cancels_a_long_statement_of_a_bounded_engine_and_a_worker_engine_lets_it_run(
