@@ -72,6 +72,10 @@ class NotOnPremises(Conflict):
     (KILN_WORKER_ORGS): it holds none of the org's files, so it can neither remove them nor say they are gone."""
 
 
+class KeptOnPremises(Conflict):
+    """An org keeping its data on its premises (dataResidency 'local'): no record of it goes up to the central store."""
+
+
 class SourceBeingDeleted(Conflict):
     """A sync source whose deletion was asked for: it takes no new job, resync, URL or schedule change."""
 

@@ -45,7 +45,7 @@ from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
 from shared.db.session import session_scope
 from shared.db.types import utcnow
-from shared.errors import InvalidInput, KilnError, TransientError
+from shared.errors import InvalidInput, KeptOnPremises, KilnError, TransientError
 from shared.retries import gave_up
 from shared.schemas import OrgConfig
 from shared.source_lock import ConfirmHeld, one_job_per_source
@@ -117,6 +117,8 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch, *, last_try
             return _finish(context, job_id, FAILED, gave_up(f"a store was unreachable: {_first_line(error)}", attempt))
         _finish(context, job_id, RETRYING, f"a store was unreachable, retrying: {_first_line(error)}")
         raise TransientError(f"sync job {job_id}: a store is unreachable") from error
+    except KeptOnPremises as refusal:
+        return _finish(context, job_id, REFUSED, refusal.message)  # the org turned local while the job ran
     except Exception as error:
         # Anything else would fail again on the same batch: the job ends, and says why, rather than stay running.
         reason = failure_reason(error)

@@ -14,6 +14,10 @@ from services.sync.changes import CENTRAL_LOG, shut_out_writers
 from services.sync.column_types import Check, refuse_unstorable
 from services.sync.envelope import Keyring, hold_active_key
 from services.sync.stores import META_COLUMNS
+from shared.db.models import SyncSource
+from shared.errors import KeptOnPremises
+from shared.org_lock import org_config_held
+from shared.sync_jobs import residency_refusal
 from shared.sync_tables import SyncTable
 
 
@@ -103,3 +107,13 @@ def hold_sealing_key(session: Session, pair: TablePair) -> None:
         # No row locks: the database's one write lock, taken before the check, keeps a rotation out instead.
         shut_out_writers(session.connection(), CENTRAL_LOG)
     hold_active_key(session, pair.keyring)
+
+
+def hold_residency(session: Session, pair: TablePair) -> None:
+    """First in a transaction that sends local records up: KeptOnPremises if the org keeps its data local now, and
+    its residency stays so until the commit (a PATCH switching it waits). A job checks residency as it starts; an
+    org switched while it runs sends nothing more up from the switch on. Taken before the central log's lock and
+    the sealing key's: the api takes the org's lock first in its transactions, never after those."""
+    refusal = residency_refusal(org_config_held(session, pair.org_id), session.get_one(SyncSource, pair.source_id))
+    if refusal is not None:
+        raise KeptOnPremises(refusal)

@@ -56,7 +56,7 @@ from services.sync.deletions import (
 )
 from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
 from services.sync.merge import Version, deletion, from_json, jsonable, resolve
-from services.sync.pair import TablePair, Tally, hold_sealing_key
+from services.sync.pair import TablePair, Tally, hold_residency, hold_sealing_key
 from services.sync.records import Records
 from services.sync.store_marks import note_pulled, taken_position
 from services.sync.stores import (
@@ -102,6 +102,7 @@ def push_batch(pair: TablePair) -> bool:
         rows = read(local, pair.local_table, pair.key, latest)
         taken = taken_position(local, pair) if pair.spec.sends_down else None
     with Session(pair.central) as session, session.begin():
+        hold_residency(session, pair)
         connection = session.connection()
         shut_out_writers(connection, CENTRAL_LOG)
         hold_sealing_key(session, pair)

@@ -262,6 +262,21 @@ def run_twice_at_once(context: SyncContext, job_id: str) -> tuple[str, list[str]
     return first_run, second_run, twin_waited
 
 
+def run_turning_local_after_the_first_batch(sync: Sync) -> tuple[str, dict[str, Any]]:
+    """Run a job of `sync`, 2,000 records to send up, whose org the operator switches to dataResidency 'local' once
+    its first batch of 500 is up; returns what run_job answered and the job as the api shows it."""
+
+    def turn_local_once(_tally: Tally) -> None:
+        if sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(500,)]:
+            patch = {"config": {"dataResidency": "local"}}
+            patched = sync.api.patch(f"/v1/orgs/{sync.org.org_id}", json=patch, headers=ADMIN)
+            assert patched.status_code == 200, patched.text
+
+    job_id = sync.submit()
+    status = run_job(sync.context, job_id, after_batch=turn_local_once)
+    return status, sync.job(job_id)
+
+
 # Column names text() took for bound parameters (`:id`) or that a driver taking `%s` could (`%s`, `%(x)s`), with
 # quotes, a backslash before a colon, and PostgreSQL's cast.
 ODD_COLUMNS = (":id", "a:b", '"q"', "%s", "%(x)s", "100%", "x::text", "a\\:b")

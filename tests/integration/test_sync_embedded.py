@@ -31,6 +31,7 @@ from tests.integration.sync_support import (
     oddly_named,
     open_sync,
     open_table_sync,
+    run_turning_local_after_the_first_batch,
     run_twice_at_once,
 )
 
@@ -187,3 +188,14 @@ def test_a_choice_and_a_rotations_batch_of_conflicts_hold_the_write_lock_from_be
     assert decided.status_code == 200, decided.text
     assert locked_after_reading == {"choice": True, "rotation": True}
     assert (job["status"], value, patient.startswith(summary["activeKey"] + ":")) == ("succeeded", 10.0, True)
+
+
+def test_a_job_running_when_its_org_turns_local_sends_nothing_more_up_on_the_embedded_default_too(
+    settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    """The switch waits for the batch going up, under the database's write lock; the next batch finds the org local."""
+    with embedded(settings, org_id, tmp_path, rows=many_readings(2000)) as sync:
+        status, job = run_turning_local_after_the_first_batch(sync)
+
+        assert (status, job["pushed"]) == ("refused", 500)
+        assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(500,)]

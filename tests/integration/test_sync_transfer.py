@@ -43,6 +43,7 @@ from tests.integration.sync_support import (
     open_table_sync,
     register,
     run_sql,
+    run_turning_local_after_the_first_batch,
     run_twice_at_once,
 )
 
@@ -193,6 +194,19 @@ def test_an_org_keeping_its_data_local_is_refused_with_the_reason(
     assert response.status_code == 409
     assert "dataResidency 'local'" in response.json()["error"]
     assert response.json()["field"] == "sourceId"
+
+
+def test_a_job_running_when_its_org_turns_local_stops_refused_having_sent_nothing_more_up(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """The operator switches the org to dataResidency 'local' after the job's first batch: the rest stays local."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(2000))
+
+    status, job = run_turning_local_after_the_first_batch(sync)
+
+    assert (status, job["status"], job["pushed"]) == ("refused", "refused", 500)
+    assert "dataResidency 'local'" in job["errors"][-1]["error"]
+    assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(500,)]
 
 
 def test_bad_sources_are_refused_naming_the_field(
