@@ -30,15 +30,17 @@ from services.sync.store_marks import check_same_store
 from services.sync.stores import STAMP, delete, key_text, key_value, open_local, reflect
 from services.sync.watermarks import UP
 from shared.audit import record_change
-from shared.db.models import Organization, Prediction, SyncBase, SyncSource, SyncWatermark
+from shared.db.models import Organization, Prediction, SyncBase, SyncConflict, SyncSource, SyncWatermark
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.schemas import OrgConfig
 from shared.source_lock import one_job_per_source
-from shared.sync_jobs import source_tables
+from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, CONFLICT_RESOLVED, source_tables
 from shared.sync_tables import SyncTable, central_table_name
 
 PREDICTIONS_PER_BATCH = 10_000
+# A conflict whose record was purged while it waited for review, or for its choice to be written.
+PURGED = "purged"
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ def _purge_table_between_jobs(
         begin_applying(connection, CENTRAL_LOG)
         removed = _delete_expired(connection, central, spec.primary_key, keys, cutoff)
         _forget_bases(session, source.id, spec.name, keys)
+        _settle_conflicts(session, source, spec.name, keys)
         end_applying(connection, CENTRAL_LOG)
         record_change(
             session,
@@ -212,3 +215,31 @@ def _forget_bases(session: Session, source_id: str, table: str, keys: list[str])
             SyncBase.table_name == table,
             SyncBase.record_key.in_(keys[start : start + 500]),
         ).delete(synchronize_session=False)
+
+
+def _settle_conflicts(session: Session, source: SyncSource, table: str, keys: list[str]) -> None:
+    """The purged records' conflicts still open or chosen are settled as purged, each audited: a choice written
+    later would bring its record back centrally alone (keeping `local` sends nothing down), past its retention.
+    Read under their rows' locks, which a choice takes too: one made meanwhile is settled all the same."""
+    for start in range(0, len(keys), 500):
+        waiting = session.scalars(
+            select(SyncConflict)
+            .where(
+                SyncConflict.source_id == source.id,
+                SyncConflict.table_name == table,
+                SyncConflict.status.in_((CONFLICT_OPEN, CONFLICT_CHOSEN)),
+                SyncConflict.record_key.in_(keys[start : start + 500]),
+            )
+            .with_for_update()
+        ).all()
+        for conflict in waiting:
+            conflict.status, conflict.outcome, conflict.kept = CONFLICT_RESOLVED, PURGED, None
+            conflict.resolved_at, conflict.resolved_by = utcnow(), "retention"
+            record_change(
+                session,
+                org_id=source.org_id,
+                actor="retention",
+                action="sync.conflict.purged",
+                target=f"{table}/{conflict.record_key}",
+                detail={"conflictId": conflict.id},
+            )

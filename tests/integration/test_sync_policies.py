@@ -675,6 +675,32 @@ def test_retention_keeps_a_record_edited_locally_since_its_last_sync(
     assert [e["detail"]["records"] for e in entries if e["action"] == "sync.purge"] == [1]
 
 
+def test_a_record_purged_while_held_for_review_settles_its_conflict_and_no_choice_brings_it_back(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Past its retention the record goes from both sides, and its conflict leaves the review queue, settled as
+    purged: keeping either version later is refused, and no job writes the record back on either side."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    held = hold_a_conflict(sync)
+
+    purged = purge_expired(sync_context, org_id, now=utcnow() + timedelta(days=3000))
+    choice = sync_api.post(
+        f"/v1/orgs/{org_id}/conflicts/{held['conflictId']}", json={"keep": "local"}, headers=sync.org.admin
+    )
+    job = sync.run()
+
+    assert (purged, choice.status_code, job["status"]) == (2, 409, "succeeded")
+    assert sync.conflicts("open") == []
+    [settled] = sync.conflicts()
+    assert (settled["status"], settled["outcome"], settled["resolvedBy"]) == ("resolved", "purged", "retention")
+    assert sync.local("SELECT id FROM readings") == sync.central(f"SELECT id FROM {sync.central_table}") == []
+    entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=sync.org.admin).json()
+    settling = [entry for entry in entries if entry["action"] == "sync.conflict.purged"]
+    assert [(e["actor"], e["target"], e["detail"]["conflictId"]) for e in settling] == [
+        ("retention", "readings/1", held["conflictId"])
+    ]
+
+
 def add_prediction_records(sync_context: SyncContext, org_id: str, times: list[datetime]) -> None:
     """One answered row of the org's per time, as a predictor records it."""
     with session_scope(sync_context.sessions) as session:
