@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+import services.sync.conflicts as conflicts
 import services.sync.transfer as transfer
 from services.sync.beat import orgs_to_purge
 from services.sync.context import SyncContext
@@ -434,7 +435,7 @@ def choose_as_a_batch_reads_the_conflicts(
 ) -> threading.Thread:
     """The reviewer's choice, made from another thread once a batch has read the held conflicts: let on until it is
     made, or waits for a lock the batch holds."""
-    original = transfer.held_conflicts
+    original = conflicts.held_conflicts
     choosing = threading.Thread(target=choose, args=(sync, conflict_id, keep))
 
     def then_the_reviewer_chooses(*args: Any, **kwargs: Any) -> Any:
