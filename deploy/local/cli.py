@@ -16,7 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from deploy.local import demo, secrets, stack
-from deploy.local.processes import StackError, pid_alive
+from deploy.local.processes import StackError
 from services.sync.backup import backup_store, list_backups_in, restore_store, sealed_key, store_holding
 from services.sync.context import SyncContext
 from services.sync.rotation import rotate_org_key
@@ -82,7 +82,7 @@ def _exit_on_signal(number: int, _frame: FrameType | None) -> None:
 def up(settings: Settings, args: argparse.Namespace) -> int:
     running = stack.find_running(settings.data_dir)
     if running is not None:
-        stack.check_healthy(running)
+        stack.check_healthy(running, stack.processes_alive(settings.data_dir, running))
         print(f"the stack is already up (api {running.api}); `kiln status` shows it, `kiln down` stops it")
         return 0
     started = stack.start(settings, ports=_ports(args), timeout_s=args.timeout, grace_s=args.grace)
@@ -103,9 +103,10 @@ def status(settings: Settings, _args: argparse.Namespace) -> int:
         print("the stack is not running")
         return 0
     print_urls(running)
+    alive = stack.processes_alive(settings.data_dir, running)
     for name, pid in running.pids.items():
-        print(f"  {name:<10} pid {pid:<8} {'running' if pid_alive(pid) else 'NOT RUNNING'}")
-    stack.check_healthy(running)
+        print(f"  {name:<10} pid {pid:<8} {'running' if alive[name] else 'NOT RUNNING'}")
+    stack.check_healthy(running, alive)
     return 0
 
 

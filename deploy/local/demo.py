@@ -67,7 +67,7 @@ def run(settings: Settings, options: DemoOptions, *, ports: dict[str, int], time
         print(f"  up in {time.monotonic() - started:.1f} s, logs in {running.logs}")
         owned = True
     else:
-        stack.check_healthy(running)
+        stack.check_healthy(running, stack.processes_alive(settings.data_dir, running))
         print(f"using the stack already up at {running.api}")
         owned = False
     try:

