@@ -14,15 +14,16 @@ from shared.outbox import KIND_DELETE_SOURCE_TASK, KIND_SYNC_TASK, add_message
 from shared.schemas import OrgConfig
 from shared.sync_tables import SyncTable
 
-QUEUED, RUNNING, RETRYING, SUCCEEDED, FAILED, REFUSED = (
+QUEUED, RUNNING, RETRYING, SUCCEEDED, FAILED, REFUSED, CANCELLED = (
     "queued",
     "running",
     "retrying",
     "succeeded",
     "failed",
     "refused",
+    "cancelled",  # its task revoked by an operator in Flower (services/sync/revocation.py)
 )
-FINISHED = (SUCCEEDED, FAILED, REFUSED)
+FINISHED = (SUCCEEDED, FAILED, REFUSED, CANCELLED)
 # A conflict: held for review, a version chosen there (the next job writes it), or settled.
 CONFLICT_OPEN, CONFLICT_CHOSEN, CONFLICT_RESOLVED = "open", "chosen", "resolved"
 # A conflict's local version when its table syncs down only: the local record never reaches the central store, so the

@@ -7,10 +7,11 @@ import gc
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import task_revoked, worker_process_init
 
+from services.sync.revocation import cancel_revoked
 from shared.org_queues import SyncQueues
-from shared.queues import celery_config
+from shared.queues import SYNC_TASK, celery_config
 from shared.settings import build_settings
 
 # A sync job holds its message (acks_late) while it runs; an hour is far beyond any batch loop seen here.
@@ -26,6 +27,14 @@ def _configure(sender: Celery, **_kwargs: Any) -> None:
     sender.conf.update(celery_config(settings.redis_url, longest_training_s=LONGEST_JOB_S))
     sender.conf.beat_scheduler = "services.sync.beat:SyncScheduler"
     sender.conf.beat_max_loop_interval = settings.beat_tick_s
+
+
+@task_revoked.connect  # type: ignore[untyped-decorator]
+def _cancel_revoked_job(sender: Any, request: Any, **_kwargs: Any) -> None:
+    """An operator revoked a sync job in Flower: the job reads cancelled, however far it had gone."""
+    # The sender is the task; the request is its execution context, which carries the arguments but not the name.
+    if sender.name == SYNC_TASK and request.args:
+        cancel_revoked(str(request.args[0]))
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]

@@ -50,6 +50,7 @@ from shared.retries import gave_up
 from shared.schemas import OrgConfig
 from shared.source_lock import ConfirmHeld, one_job_per_source
 from shared.sync_jobs import (
+    CANCELLED,
     FAILED,
     FINISHED,
     REFUSED,
@@ -353,6 +354,16 @@ def _close(session: Session, job: SyncJob, status: str, error: str | None) -> No
     if error is not None:
         detail["error"] = error
     record_change(session, org_id=job.org_id, actor="sync", action=f"sync.job.{status}", target=job.id, detail=detail)
+
+
+def cancel_job(session: Session, job_id: str, reason: str) -> bool:
+    """End the job `cancelled`, saying why, and audit it as every job's end is; False if it had ended already. Its
+    row is read locked, so a worker's end of it committed meanwhile is seen here rather than overwritten."""
+    job = session.get(SyncJob, job_id, with_for_update=True)
+    if job is None or job.status in FINISHED:
+        return False
+    _close(session, job, CANCELLED, reason)
+    return True
 
 
 def _status(context: SyncContext, job_id: str) -> str:

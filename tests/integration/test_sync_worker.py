@@ -3,13 +3,18 @@ the sync task run here, eagerly (its retries at once, not over half an hour), en
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from celery import Celery
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from services.sync import tasks
 from services.sync.context import SyncContext
@@ -102,6 +107,52 @@ def test_a_source_deletion_asked_over_http_is_done_by_a_sync_worker(
         "SELECT count(*) FROM information_schema.tables WHERE table_name = :t", {"t": sync.central_table}
     ) == [(0,)]
     assert sync.audit_actions()[:2] == ["sync.source.deleted", "sync.source.deletion.requested"]  # newest first
+
+
+def queued_task_id(central_settings: Settings, org_id: str, job_id: str) -> str | None:
+    """The id of the task waiting in the org's sync queue for `job_id`: what an operator sees in Flower."""
+    broker = redis.Redis.from_url(central_settings.redis_url)
+    waiting = [json.loads(message)["headers"] for message in broker.lrange(f"sync.{org_id}", 0, -1)]
+    return next((str(headers["id"]) for headers in waiting if job_id in str(headers.get("argsrepr"))), None)
+
+
+def test_a_sync_job_revoked_in_flower_reads_cancelled_and_its_message_coming_again_runs_nothing(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    central_settings: Settings,
+    org_id: str,
+    tmp_path: Path,
+    sync_task_here: None,
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    log_path = tmp_path / "worker.log"
+    source_lock = {"k": f"sync-source:{sync.source_id}"}
+    holder = create_engine(central_settings.database_url, poolclass=NullPool)
+    with celery_worker("services.sync.celery_app", central_settings, log_path, pool="prefork"):
+        # The source's lock held, as a long job of the source would hold it: the worker's first job waits for it,
+        # and the second job's message waits in the org's queue, where an operator revokes it in Flower.
+        with holder.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(hashtext(:k))"), source_lock)
+            first = sync.submit()
+            assert eventually(lambda: queued_task_id(central_settings, org_id, first) is None, seconds=30)
+            second = sync.submit()
+            task_id = eventually(lambda: queued_task_id(central_settings, org_id, second), seconds=30)
+            with Celery(broker=central_settings.redis_url) as flower:
+                flower.control.revoke(task_id)  # what Flower's revoke sends
+            assert eventually(lambda: "Tasks flagged as revoked" in log_path.read_text(), seconds=30)
+            connection.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), source_lock)
+        holder.dispose()
+        eventually(lambda: sync.job(second)["status"] not in ("queued", "running"), seconds=60)
+        job = sync.job(second)
+    redelivered = tasks.sync.apply(args=[second, org_id])
+
+    assert "Discarding revoked task" in log_path.read_text()
+    assert (job["status"], job["attempts"], error_of(job)) == ("cancelled", 0, "revoked by an operator in Flower")
+    assert job["finishedAt"] is not None
+    assert sync.job(first)["status"] == "succeeded", log_path.read_text()
+    assert (redelivered.result, sync.job(second)) == ("cancelled", job)
+    actions = sync.central("SELECT action FROM audit_log WHERE target = :j ORDER BY id", {"j": second})
+    assert [action for (action,) in actions] == ["sync.job.queued", "sync.job.cancelled"]
 
 
 # A job's attempts: its first and the worker's retries.
