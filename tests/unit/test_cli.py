@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local.cli import main
-from deploy.local.processes import start_time
+from deploy.local.processes import group_alive, start_time
 
 
 @pytest.fixture(autouse=True)
@@ -104,6 +107,38 @@ def test_status_calls_a_stack_process_dead_once_another_process_has_its_pid(
         f"kiln status: the stack is degraded: api not running (logs in {data_dir / 'logs'}); `kiln down`, then "
         "`kiln up`, restarts it\n"
     )
+
+
+def test_status_calls_a_worker_whose_main_process_died_not_running_though_its_child_runs_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A prefork worker's child outlives its main process (SIGKILL, the OOM killer): nothing takes messages now."""
+    redis = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    sync = subprocess.Popen(
+        ["sh", "-c", "sleep 60 & echo started; wait"], stdout=subprocess.PIPE, start_new_session=True
+    )
+    output = sync.stdout
+    assert output is not None
+    try:
+        assert output.readline() == b"started\n"
+        data_dir = tmp_path / "kiln"
+        record_stack(data_dir, {"redis": (redis.pid, start_time(redis.pid)), "sync": (sync.pid, start_time(sync.pid))})
+        sync.kill()
+        sync.wait()
+        assert group_alive(sync.pid)  # its child runs on
+
+        code = exit_code_of("status")
+        shown = capsys.readouterr()
+    finally:
+        for group in (redis.pid, sync.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        redis.wait()
+        output.close()
+
+    assert code == 1
+    assert f"  sync       pid {sync.pid:<8} NOT RUNNING\n" in shown.out
+    assert f"  redis      pid {redis.pid:<8} running\n" in shown.out
 
 
 def test_up_refuses_a_stack_whose_dead_process_pid_another_process_has(
