@@ -24,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from services.sync.records import Records
 from services.sync.stores import STAMP, VERSION, key_text, quote_in_text
+from shared.db.session import undecodable
 
 logger = logging.getLogger(__name__)
 
@@ -354,11 +355,6 @@ def changes_after(connection: Connection, log: ChangeLog, *, table: str, after: 
         _drop_undecodable(connection, log, table=table, after=after, limit=limit)
         rows = connection.execute(query, bound).all()
     return [Change(*row) for row in rows]
-
-
-def undecodable(error: OperationalError) -> bool:
-    """Python's sqlite3 reading text that is not UTF-8, which SQLite holds as it was given: the same on every try."""
-    return str(error.orig).startswith("Could not decode to UTF-8")
 
 
 def _drop_undecodable(connection: Connection, log: ChangeLog, *, table: str, after: int, limit: int) -> None:

@@ -20,7 +20,6 @@ from services.sync.changes import (
     log_existing,
     log_existing_again,
     now_ms,
-    undecodable,
 )
 from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
@@ -43,7 +42,7 @@ from services.sync.transfer import sync_table
 from services.sync.watermarks import start_up_after
 from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
-from shared.db.session import session_scope
+from shared.db.session import out_of_reach, session_scope
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, KeptOnPremises, KilnError, TransientError
 from shared.retries import gave_up
@@ -141,20 +140,13 @@ def _naming_the_table(table: str) -> Iterator[None]:
     try:
         yield
     except OperationalError as error:
-        if _unreachable(error):
+        if out_of_reach(error):
             raise
         raise TableFailed(f"table {table!r}: {failure_reason(error)}") from error
     except KilnError:
         raise
     except Exception as error:
         raise TableFailed(f"table {table!r}: {failure_reason(error)}") from error
-
-
-def _unreachable(error: OperationalError) -> bool:
-    """SQLite reports a statement it cannot run (SQLITE_ERROR: a syntax error, a missing table or column) as an
-    OperationalError too, and Python's sqlite3 text that is not UTF-8; those fail the same way on every retry. Any
-    other is a store out of reach or busy."""
-    return getattr(error.orig, "sqlite_errorname", None) != "SQLITE_ERROR" and not undecodable(error)
 
 
 def failure_reason(error: Exception) -> str:

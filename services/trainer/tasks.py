@@ -3,33 +3,35 @@
 from __future__ import annotations
 
 from celery import Task
+from celery.utils.time import get_exponential_backoff_interval
 
 from services.trainer.celery_app import app
 from services.trainer.context import worker_context
 from services.trainer.erasure import erase_here_or_forward
 from services.trainer.revalidate import revalidate
 from services.trainer.training import run_training
-from shared.db.session import DATABASE_TROUBLE
+from shared.db.session import DATABASE_TROUBLE, out_of_reach
 from shared.queues import ERASE_TASK, TRAIN_TASK, VALIDATE_TASK
 
-# Kiln's database failing before the run was claimed: the message comes back this long after, doubling up to
-# DATABASE_RETRY_MAX_S, for as long as the database fails. Dropped, it would leave the run queued for good.
+# Kiln's database out of reach before the run was claimed: the message comes back this long after, doubling up to
+# DATABASE_RETRY_MAX_S, for as long as it is. Dropped, it would leave the run queued for good.
 DATABASE_RETRY_S = 5
 DATABASE_RETRY_MAX_S = 300
 
 
-@app.task(
-    name=TRAIN_TASK,
-    bind=True,
-    autoretry_for=DATABASE_TROUBLE,
-    retry_backoff=DATABASE_RETRY_S,
-    retry_backoff_max=DATABASE_RETRY_MAX_S,
-    max_retries=None,
-)  # type: ignore[untyped-decorator]
+@app.task(name=TRAIN_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def train(self: Task, run_id: str, org_id: str | None = None) -> str:
     """`org_id` is only there for operators: Flower shows it beside each task. A message that comes back for a
     run claimed meanwhile (its attempt ended unrecorded, or another worker took it) does nothing."""
-    return run_training(run_id, worker_context(), worker=self.request.hostname)
+    try:
+        return run_training(run_id, worker_context(), worker=self.request.hostname)
+    except DATABASE_TROUBLE as error:
+        if not out_of_reach(error):  # a statement the database cannot run fails alike on every try
+            raise
+        countdown = get_exponential_backoff_interval(
+            DATABASE_RETRY_S, self.request.retries, DATABASE_RETRY_MAX_S, full_jitter=False
+        )
+        raise self.retry(exc=error, countdown=countdown) from error
 
 
 @app.task(name=VALIDATE_TASK)  # type: ignore[untyped-decorator]

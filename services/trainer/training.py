@@ -33,7 +33,7 @@ from services.trainer.sandbox import Limits
 from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large
 from shared.crypto import SecretBox
 from shared.db.models import Dataset, TrainingRun
-from shared.db.session import DATABASE_TROUBLE, driver_message, session_scope
+from shared.db.session import DATABASE_TROUBLE, driver_message, out_of_reach, session_scope
 from shared.errors import InvalidInput, KilnError, TransientError
 from shared.layout import MODEL_FILE, model_prefix
 from shared.outbox import relay
@@ -98,8 +98,12 @@ def _carry_out(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -
         return _retry_or_fail(attempt, context, error.message)
     except DATABASE_TROUBLE as error:
         # Kiln's own database, not the run, at fault (a failover, a blip of its link): as transient as an org's
-        # database out of reach. Its error is one line: SQLAlchemy's would quote the statement and its parameters.
-        return _retry_or_fail(attempt, context, f"Kiln's database failed: {driver_message(error)}")
+        # database out of reach, unless it cannot run the statement at all. Its error is one line: SQLAlchemy's
+        # would quote the statement and its parameters.
+        reason = f"Kiln's database failed: {driver_message(error)}"
+        if out_of_reach(error):
+            return _retry_or_fail(attempt, context, reason)
+        return runs.finish(context.sessions, attempt, "failed", reason)
     except KilnError as error:
         return runs.finish(context.sessions, attempt, "failed", error.message)
     except Exception as error:

@@ -136,6 +136,21 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def out_of_reach(error: BaseException) -> bool:
+    """Whether a database error is worth another try: the database out of reach, busy, or with no connection free.
+    SQLite reports a statement it cannot run (SQLITE_ERROR: a syntax error, a missing table or column) as an
+    OperationalError too, and Python's sqlite3 text that is not UTF-8; those fail the same way on every try."""
+    if not isinstance(error, DATABASE_TROUBLE):
+        return False
+    said = error.orig if isinstance(error, DBAPIError) else None
+    return getattr(said, "sqlite_errorname", None) != "SQLITE_ERROR" and not undecodable(error)
+
+
+def undecodable(error: SQLAlchemyError) -> bool:
+    """Python's sqlite3 reading text that is not UTF-8, which SQLite holds as it was given: the same on every try."""
+    return isinstance(error, DBAPIError) and str(error.orig).startswith("Could not decode to UTF-8")
+
+
 def driver_message(error: SQLAlchemyError) -> str:
     """What the database or its driver said, in one line: SQLAlchemy's own text adds the statement, its
     parameters (which may hold records) and a link."""
