@@ -144,8 +144,8 @@ def _purge_table_between_jobs(
         connection = session.connection()
         begin_applying(connection, CENTRAL_LOG)
         removed = _delete_expired(connection, central, spec.primary_key, keys, cutoff)
-        _forget_bases(session, source.id, spec.name, keys)
-        _settle_conflicts(session, source, spec.name, keys)
+        _forget_bases(session, source.id, spec.name, removed)
+        _settle_conflicts(session, source, spec.name, removed)
         end_applying(connection, CENTRAL_LOG)
         record_change(
             session,
@@ -153,9 +153,9 @@ def _purge_table_between_jobs(
             actor="retention",
             action="sync.purge",
             target=f"{source.id}/{spec.name}",
-            detail={"records": removed, "cutoff": cutoff.isoformat(), "retentionDays": days},
+            detail={"records": len(removed), "cutoff": cutoff.isoformat(), "retentionDays": days},
         )
-    return removed
+    return len(removed)
 
 
 def _expired(central: Table, cutoff: datetime) -> ColumnElement[bool]:
@@ -196,15 +196,18 @@ def _purge_local(
         local.dispose()
 
 
-def _delete_expired(connection: Connection, central: Table, column: str, keys: list[str], cutoff: datetime) -> int:
-    """Delete the central records among `keys` still expired: one edited since the purge looked stays, and the
-    change log sends it down to the local store, which has just deleted its copy."""
+def _delete_expired(
+    connection: Connection, central: Table, column: str, keys: list[str], cutoff: datetime
+) -> list[str]:
+    """Delete the central records among `keys` still expired, and return their keys: one edited since the purge
+    looked stays, its base and conflict with it, and the change log sends it down to the local store, which has
+    just deleted its copy."""
     values = [key_value(central, key, column) for key in keys]
-    removed = 0
+    removed: list[str] = []
     for start in range(0, len(values), 500):
         chunk = values[start : start + 500]
-        result = connection.execute(central.delete().where(central.c[column].in_(chunk), _expired(central, cutoff)))
-        removed += result.rowcount
+        deleted = central.delete().where(central.c[column].in_(chunk), _expired(central, cutoff))
+        removed += [key_text(value) for value in connection.execute(deleted.returning(central.c[column])).scalars()]
     return removed
 
 

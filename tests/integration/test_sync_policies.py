@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 import services.sync.conflicts as conflicts
+import services.sync.retention as retention
 import services.sync.transfer as transfer
 from services.sync.beat import orgs_to_purge
 from services.sync.context import SyncContext
@@ -651,19 +652,24 @@ def test_retention_purges_expired_records_on_both_sides_with_an_audit_row(
     assert [(p["detail"]["records"], p["detail"]["retentionDays"]) for p in purges] == [(2, 30)]
 
 
+def kept_30_days_and_changed_40_days_ago(sync: Sync) -> None:
+    """The org keeps records 30 days, and the central records were last changed 40 days ago: stamped so by hand,
+    the central triggers told not to log it."""
+    config = {"config": {"retentionDays": 30}}
+    assert sync.api.patch(f"/v1/orgs/{sync.org.org_id}", json=config, headers=ADMIN).status_code == 200
+    forty_days_ago = Stamp(int((utcnow() - timedelta(days=40)).timestamp() * 1000), 0, "local").encode()
+    sync.central(
+        f"SET LOCAL kiln.applying = 'on'; UPDATE {sync.central_table} SET _kiln_hlc = :at", {"at": forty_days_ago}
+    )
+
+
 def test_retention_keeps_a_record_edited_locally_since_its_last_sync(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
     """Its last change is the local edit, not the central stamp: it is kept on both sides, and the edit goes up."""
     sync = open_sync(sync_api, sync_context, org_id, tmp_path)
     sync.run()
-    assert (
-        sync_api.patch(f"/v1/orgs/{org_id}", json={"config": {"retentionDays": 30}}, headers=ADMIN).status_code == 200
-    )
-    synced_40_days_ago = Stamp(int((utcnow() - timedelta(days=40)).timestamp() * 1000), 0, "local").encode()
-    sync.central(
-        f"SET LOCAL kiln.applying = 'on'; UPDATE {sync.central_table} SET _kiln_hlc = :s", {"s": synced_40_days_ago}
-    )
+    kept_30_days_and_changed_40_days_ago(sync)
     sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
 
     purged = purge_expired(sync_context, org_id)
@@ -700,6 +706,30 @@ def test_a_record_purged_while_held_for_review_settles_its_conflict_and_no_choic
     assert [(e["actor"], e["target"], e["detail"]["conflictId"]) for e in settling] == [
         ("retention", "readings/1", held["conflictId"])
     ]
+
+
+def test_a_held_record_edited_centrally_while_the_purge_runs_stays_with_its_conflict_open(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edit lands after the purge listed the record as expired, before its central delete: no longer expired,
+    the record stays, and its conflict stays in the review queue."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    held = hold_a_conflict(sync)
+    purge_local = retention._purge_local
+
+    def edited_meanwhile(*args: Any, **kwargs: Any) -> list[str]:
+        purged_locally = purge_local(*args, **kwargs)
+        sync.central(f"UPDATE {sync.central_table} SET value = 77.0 WHERE id = 1")
+        return purged_locally
+
+    monkeypatch.setattr(retention, "_purge_local", edited_meanwhile)
+    kept_30_days_and_changed_40_days_ago(sync)
+    purged = purge_expired(sync_context, org_id)
+
+    assert purged == 1  # record 2
+    assert sync.central(f"SELECT id, value FROM {sync.central_table}") == [(1, 77.0)]
+    assert [c["conflictId"] for c in sync.conflicts("open")] == [held["conflictId"]]
+    assert "sync.conflict.purged" not in sync.audit_actions()
 
 
 def add_prediction_records(sync_context: SyncContext, org_id: str, times: list[datetime]) -> None:
