@@ -173,7 +173,8 @@ def held_conflicts(session: Session, pair: TablePair, keys: Any, *, lock: bool =
     )
     if lock:
         hold_sqlite_write_lock(session, SyncConflict.status)  # SQLite ignores FOR UPDATE
-        query = query.with_for_update().execution_options(populate_existing=True)
+        # By id, as a rotation's reseal and a purge lock them: taken in one order, their locks never deadlock.
+        query = query.order_by(SyncConflict.id).with_for_update().execution_options(populate_existing=True)
     return {row.record_key: row for row in session.scalars(query)}
 
 

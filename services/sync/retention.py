@@ -233,6 +233,7 @@ def _settle_conflicts(session: Session, source: SyncSource, table: str, keys: li
                 SyncConflict.status.in_((CONFLICT_OPEN, CONFLICT_CHOSEN)),
                 SyncConflict.record_key.in_(keys[start : start + 500]),
             )
+            .order_by(SyncConflict.id)  # as a rotation's reseal and a batch lock them, so that none deadlock
             .with_for_update()
         ).all()
         for conflict in waiting:
