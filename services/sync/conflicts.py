@@ -3,9 +3,10 @@ a `manual` table (records held until someone chooses), and the choices written b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
 from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying, forget, log_merges
@@ -159,23 +160,34 @@ def holds_for_review(pair: TablePair) -> bool:
 
 
 def held_conflicts(session: Session, pair: TablePair, keys: Any, *, lock: bool = False) -> dict[str, SyncConflict]:
-    """Records held for review: neither side's version moves until someone resolves them. With `lock`, each is read
-    as it is now and locked until the commit, as the review queue's choice locks it (services/api/routers/sync_jobs.py):
-    an edit joining a conflict then either comes before the choice, which is made from the versions it wrote, or
-    after, and opens the conflict again (join_conflict)."""
+    """Records held for review: neither side's version moves until someone resolves them. With `lock`, as
+    locked_held_conflicts reads them: an edit joining a conflict then either comes before the choice, which is made
+    from the versions it wrote, or after, and opens the conflict again (join_conflict)."""
     if not holds_for_review(pair) or not _any_held(session, pair):
         return {}
-    query = select(SyncConflict).where(
-        SyncConflict.source_id == pair.source_id,
-        SyncConflict.table_name == pair.spec.name,
+    if lock:
+        rows = locked_held_conflicts(session, source_id=pair.source_id, table=pair.spec.name, keys=keys)
+    else:
+        rows = session.scalars(_held_of(pair.source_id, pair.spec.name, keys)).all()
+    return {row.record_key: row for row in rows}
+
+
+def locked_held_conflicts(session: Session, *, source_id: str, table: str, keys: Any) -> Sequence[SyncConflict]:
+    """The conflicts of `keys` held for review, each read as it is now and locked until the commit, as the review
+    queue's choice locks it (services/api/routers/sync_jobs.py). By id, as a rotation's reseal locks them: taken in
+    one order, their locks never deadlock."""
+    hold_sqlite_write_lock(session, SyncConflict.status)  # SQLite ignores FOR UPDATE
+    query = _held_of(source_id, table, keys).order_by(SyncConflict.id).with_for_update()
+    return session.scalars(query.execution_options(populate_existing=True)).all()
+
+
+def _held_of(source_id: str, table: str, keys: Any) -> Select[SyncConflict]:
+    return select(SyncConflict).where(
+        SyncConflict.source_id == source_id,
+        SyncConflict.table_name == table,
         SyncConflict.status.in_(_HELD),
         SyncConflict.record_key.in_(list(keys)),
     )
-    if lock:
-        hold_sqlite_write_lock(session, SyncConflict.status)  # SQLite ignores FOR UPDATE
-        # By id, as a rotation's reseal and a purge lock them: taken in one order, their locks never deadlock.
-        query = query.order_by(SyncConflict.id).with_for_update().execution_options(populate_existing=True)
-    return {row.record_key: row for row in session.scalars(query)}
 
 
 def join_conflict(

@@ -23,6 +23,7 @@ from sqlalchemy import ColumnElement, Connection, Table, select
 from sqlalchemy.orm import Session
 
 from services.sync.changes import CENTRAL_LOG, LOCAL_LOG, begin_applying, end_applying, pending, shut_out_writers
+from services.sync.conflicts import locked_held_conflicts
 from services.sync.context import SyncContext
 from services.sync.hlc import Stamp
 from services.sync.jobs import failure_reason
@@ -30,12 +31,12 @@ from services.sync.store_marks import check_same_store
 from services.sync.stores import STAMP, delete, key_text, key_value, open_local, reflect
 from services.sync.watermarks import UP
 from shared.audit import record_change
-from shared.db.models import Organization, Prediction, SyncBase, SyncConflict, SyncSource, SyncWatermark
+from shared.db.models import Organization, Prediction, SyncBase, SyncSource, SyncWatermark
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.schemas import OrgConfig
 from shared.source_lock import one_job_per_source
-from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, CONFLICT_RESOLVED, source_tables
+from shared.sync_jobs import CONFLICT_RESOLVED, source_tables
 from shared.sync_tables import SyncTable, central_table_name
 
 PREDICTIONS_PER_BATCH = 10_000
@@ -225,18 +226,8 @@ def _settle_conflicts(session: Session, source: SyncSource, table: str, keys: li
     later would bring its record back centrally alone (keeping `local` sends nothing down), past its retention.
     Read under their rows' locks, which a choice takes too: one made meanwhile is settled all the same."""
     for start in range(0, len(keys), 500):
-        waiting = session.scalars(
-            select(SyncConflict)
-            .where(
-                SyncConflict.source_id == source.id,
-                SyncConflict.table_name == table,
-                SyncConflict.status.in_((CONFLICT_OPEN, CONFLICT_CHOSEN)),
-                SyncConflict.record_key.in_(keys[start : start + 500]),
-            )
-            .order_by(SyncConflict.id)  # as a rotation's reseal and a batch lock them, so that none deadlock
-            .with_for_update()
-        ).all()
-        for conflict in waiting:
+        chunk = keys[start : start + 500]
+        for conflict in locked_held_conflicts(session, source_id=source.id, table=table, keys=chunk):
             conflict.status, conflict.outcome, conflict.kept = CONFLICT_RESOLVED, PURGED, None
             conflict.resolved_at, conflict.resolved_by = utcnow(), "retention"
             record_change(
