@@ -129,11 +129,10 @@ def download_artifact(
     session.commit()
     try:
         data = _artifact_bytes(resources, row, name)
-    except NotFound:
-        _not_erased(session.get_one(ModelVersion, row.version, populate_existing=True))  # erased meanwhile: 410
-        raise
-    # Read again: the bytes of a version whose erasure committed during the read are not handed out or audited.
-    _not_erased(session.get_one(ModelVersion, row.version, populate_existing=True))
+    finally:
+        # Read again: a version whose erasure committed during the read answers 410, its bytes neither handed out
+        # nor audited, and the objects the erasure removed first are not taken for a model never stored.
+        _not_erased(session.get_one(ModelVersion, row.version, populate_existing=True))
     record_change(
         session,
         org_id=access.org_id,
