@@ -342,7 +342,7 @@ def backup_stores(settings: Settings, *, central: ObjectStore) -> list[ObjectSto
 
 def on_premises(settings: Settings) -> bool:
     """Whether this machine holds a premises folder: it is then on some org's premises."""
-    return (settings.data_dir / "premises").is_dir()
+    return premises_store(settings).root.is_dir()
 
 
 def premises_store(settings: Settings) -> LocalObjectStore:

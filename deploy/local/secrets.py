@@ -159,11 +159,11 @@ def _backup_stores(context: SyncContext) -> Iterator[tuple[str, ObjectStore | No
     """Each org and each store this machine sees that may hold its backups (shared/storage.py, backup_stores), those
     taken before its dataResidency changed among them; and None for an org keeping its data on its premises when
     this machine holds no premises folder (`kiln backup` keeps such an org's backups on the machine that ran it)."""
-    stores = backup_stores(context.settings, central=context.store)
+    stores, premises_here = backup_stores(context.settings, central=context.store), on_premises(context.settings)
     with session_scope(context.sessions) as session:
         orgs = session.execute(select(Organization.id, Organization.config).order_by(Organization.id)).all()
     for org_id, config in orgs:
         for store in stores:
             yield org_id, store
-        if OrgConfig.model_validate(config).data_residency == "local" and not on_premises(context.settings):
+        if OrgConfig.model_validate(config).data_residency == "local" and not premises_here:
             yield org_id, None
