@@ -33,6 +33,11 @@ class KilnError(Exception):
         return payload
 
 
+class Stopped(KilnError):
+    """Work was asked to stop (a training attempt cancelled, or its lease lost) while it waited on a data source or
+    the object store: nothing it read counts."""
+
+
 class InvalidInput(KilnError):
     status = HTTPStatus.UNPROCESSABLE_ENTITY
 

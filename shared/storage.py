@@ -9,8 +9,9 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
@@ -20,7 +21,8 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
-from shared.errors import ArtifactIntegrityError, ConfigurationError, NotFound, TransientError
+from shared.cut_off import cut_off_when, never
+from shared.errors import ArtifactIntegrityError, ConfigurationError, NotFound, Stopped, TransientError
 from shared.schemas import OrgConfig
 from shared.settings import FILE_STORE, Settings
 
@@ -35,7 +37,11 @@ class ObjectStore(Protocol):
     def put_file(self, key: str, path: Path) -> None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
-    def get_file(self, key: str, path: Path) -> None: ...
+    def get_file(self, key: str, path: Path, *, should_stop: Callable[[], bool] = never) -> None:
+        """Download to `path`, removed again if the download fails. `should_stop()` turning true cuts the download
+        off within cut_off's STOP_CHECK_S, a wait on a store that stopped answering included: Stopped."""
+        ...
+
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...
     def delete(self, key: str) -> None: ...
@@ -94,11 +100,13 @@ class LocalObjectStore:
         except FileNotFoundError:
             raise NotFound(f"no object at {key}") from None
 
-    def get_file(self, key: str, path: Path) -> None:
+    def get_file(self, key: str, path: Path, *, should_stop: Callable[[], bool] = never) -> None:
         try:
-            shutil.copyfile(self._path(key), path)
+            source = self._path(key).open("rb")
         except FileNotFoundError:
             raise NotFound(f"no object at {key}") from None
+        with source:
+            _write_whole(iter(partial(source.read, CHUNK), b""), path, should_stop)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -217,9 +225,20 @@ class S3ObjectStore:
                 response.close()
                 response.release_conn()
 
-    def get_file(self, key: str, path: Path) -> None:
+    def get_file(self, key: str, path: Path, *, should_stop: Callable[[], bool] = never) -> None:
         with _reachable(self.endpoint), _missing_as_not_found(key):
-            self.client.fget_object(self.bucket, key, str(path))
+            response = self.client.get_object(self.bucket, key)
+            try:
+                # shutdown() ends a read blocked on the socket from another thread, close() would not.
+                with cut_off_when(should_stop, response.shutdown):
+                    _write_whole(response.stream(CHUNK), path, should_stop)
+            except urllib3.exceptions.HTTPError as error:
+                if should_stop():  # the read failed because it was cut off
+                    raise Stopped(f"asked to stop while downloading {key}") from error
+                raise
+            finally:
+                response.close()
+                response.release_conn()
 
     def exists(self, key: str) -> bool:
         try:
@@ -271,6 +290,20 @@ def _folder_prefix(prefix: str) -> str:
     if not prefix.endswith("/") or not prefix.strip("/"):
         raise ValueError(f"a prefix to remove must name a folder, ending in '/': {prefix!r}")
     return prefix
+
+
+def _write_whole(chunks: Iterator[bytes], path: Path, should_stop: Callable[[], bool]) -> None:
+    """Write the chunks to `path`, looking between them whether to stop; a download that fails or stops leaves no
+    file behind."""
+    try:
+        with path.open("wb") as file:
+            for chunk in chunks:
+                if should_stop():
+                    raise Stopped(f"asked to stop while downloading to {path.name}")
+                file.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager

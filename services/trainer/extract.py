@@ -4,9 +4,7 @@ org's own database read in chunks, only the columns and the date range the run n
 from __future__ import annotations
 
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,23 +18,22 @@ from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
 
 from services.trainer.runs import DatabaseSource
 from shared.column_map import source_columns
+from shared.cut_off import cut_off_when, never
 from shared.db.answers import NoAnswer, cutter
 from shared.db.session import make_org_engine, with_shipped_driver
-from shared.errors import InvalidInput, KilnError, TransientError
+from shared.errors import InvalidInput, Stopped, TransientError
 from shared.storage import ObjectStore
 from shared.store_access import StoreRules
 
 CHUNK_ROWS = 50_000
-# How often an extraction looks whether its attempt was asked to stop: the heartbeat notices a cancel within 0.5 s.
-STOP_CHECK_S = 0.1
 
 
-class Stopped(KilnError):
-    """The attempt was asked to stop (a cancel, a lost lease) while it read its data source: nothing it read counts."""
-
-
-def extract_dataset(store: ObjectStore, object_key: str, target: Path) -> None:
-    store.get_file(object_key, target)
+def extract_dataset(
+    store: ObjectStore, object_key: str, target: Path, *, should_stop: Callable[[], bool] = never
+) -> None:
+    """Download the dataset to `target`. `should_stop()` turning true (a cancel, a lost lease) cuts the download
+    off within STOP_CHECK_S (shared/cut_off.py), a wait on a store that stopped answering included: Stopped."""
+    store.get_file(object_key, target, should_stop=should_stop)
 
 
 def extract_database(
@@ -48,13 +45,13 @@ def extract_database(
     end: datetime | None,
     target: Path,
     rules: StoreRules,
-    should_stop: Callable[[], bool] = lambda: False,
+    should_stop: Callable[[], bool] = never,
 ) -> int:
     """Write the named columns (Kiln's names, after columnMap) of the rows in [start, end] to `target`; returns
     how many rows. Unreachable, or a wait for its answer past `rules.timeout_s` (a server stopped or stuck, a link
     frozen: the run is not held for ever): TransientError. A missing table or column, or a database the org may not
     read: InvalidInput naming it. `should_stop()` turning true (a cancel, a lost lease) stops the reading within
-    STOP_CHECK_S, a wait for the source's answer included: Stopped."""
+    STOP_CHECK_S (shared/cut_off.py), a wait for the source's answer included: Stopped."""
     url = with_shipped_driver(source.url)
     url = url.set(password=password) if password is not None else url
     url = rules.check_before_opening(url, field="datasource")
@@ -62,7 +59,7 @@ def extract_database(
     try:
         with (
             _connect(engine, where=_describe(source.url)) as connection,
-            _cut_off_once(should_stop, connection),
+            cut_off_when(should_stop, _cutter(connection)),
         ):
             rules.check_opened(connection, table=source.table, field="datasource")
             query = _query(connection, source, columns, start, end)
@@ -75,29 +72,6 @@ def extract_database(
         raise
     finally:
         engine.dispose()
-
-
-@contextmanager
-def _cut_off_once(should_stop: Callable[[], bool], connection: Connection) -> Iterator[None]:
-    """While the block reads, cut the connection off as soon as `should_stop()`: a cancel is honoured within
-    seconds, not once a wait on a source that stopped answering reaches its bound. The watcher ends before the block
-    does, so it never touches a connection closed meanwhile."""
-    cut_off = _cutter(connection)
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(STOP_CHECK_S):
-            if should_stop():
-                cut_off()
-                return
-
-    watcher = threading.Thread(target=watch, name="extract-stop-watch", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        watcher.join()
 
 
 def _cutter(connection: Connection) -> Callable[[], None]:

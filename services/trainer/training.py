@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import traceback
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 import services.trainer.scripts
 from services.trainer import artifacts, candidates, runs
 from services.trainer.context import WorkerContext
-from services.trainer.extract import Stopped, extract_database, extract_dataset
+from services.trainer.extract import extract_database, extract_dataset
 from services.trainer.heartbeat import Heartbeat
 from services.trainer.native_scores import NativeScores, score_natively
 from services.trainer.outputs import SCRIPT_METRICS_FILE, collect_outputs
@@ -28,17 +29,17 @@ from services.trainer.pipeline.data import TrainingData, load_training_data, spl
 from services.trainer.pipeline.train import check_objective, check_trainable, rows_fitted
 from services.trainer.pipeline.validate import FootprintProbe, Gates
 from services.trainer.progress import ProgressWriter
-from services.trainer.runs import Attempt, Cancelled, DatabaseSource, LeaseLost, TrainedVersion
+from services.trainer.runs import Attempt, Cancelled, DatabaseSource, DatasetSource, LeaseLost, TrainedVersion
 from services.trainer.sandbox import Limits
 from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large
 from shared.crypto import SecretBox
 from shared.db.models import Dataset, TrainingRun
 from shared.db.session import DATABASE_TROUBLE, driver_message, out_of_reach, session_scope
-from shared.errors import InvalidInput, KilnError, TransientError
+from shared.errors import InvalidInput, KilnError, Stopped, TransientError
 from shared.layout import MODEL_FILE, model_prefix
 from shared.outbox import relay
 from shared.retries import gave_up
-from shared.schemas import unfit_text
+from shared.schemas import DataRange, unfit_text
 from shared.storage import ObjectStore
 from shared.store_access import StoreRules
 from shared.stored_secrets import datasource_context
@@ -205,31 +206,35 @@ class _Steps:
 
     def extract(self, workdir: Path) -> TrainingData:
         self.enter("extracting", 5)
-        config, source = self.attempt.config, self.attempt.source
-        target = workdir / "source.parquet"
-        columns = [*config.feature_columns, config.target_column]
-        start = config.data_range.start_date if config.data_range else None
-        end = config.data_range.end_date if config.data_range else None
-        if isinstance(source, DatabaseSource):
-            try:
-                rows = extract_database(
-                    source,
-                    self._password(source),
-                    columns=columns,
-                    start=start,
-                    end=end,
-                    target=target,
-                    rules=self._store_rules(),
-                    should_stop=self.heartbeat.should_stop,
-                )
-            except Stopped:
-                raise self._stopped() from None
-            self.log("extracted", f"read {rows} rows from table {source.table}")
-            return load_training_data(
-                target, feature_columns=config.feature_columns, target_column=config.target_column
-            )
+        source, target = self.attempt.source, workdir / "source.parquet"
+        try:
+            if isinstance(source, DatabaseSource):
+                return self._read_database(source, target)
+            return self._read_dataset(source, target)
+        except Stopped:
+            raise self._stopped() from None
+
+    def _read_database(self, source: DatabaseSource, target: Path) -> TrainingData:
+        config = self.attempt.config
+        start, end = _bounds(config.data_range)
+        rows = extract_database(
+            source,
+            self._password(source),
+            columns=[*config.feature_columns, config.target_column],
+            start=start,
+            end=end,
+            target=target,
+            rules=self._store_rules(),
+            should_stop=self.heartbeat.should_stop,
+        )
+        self.log("extracted", f"read {rows} rows from table {source.table}")
+        return load_training_data(target, feature_columns=config.feature_columns, target_column=config.target_column)
+
+    def _read_dataset(self, source: DatasetSource, target: Path) -> TrainingData:
+        config = self.attempt.config
+        start, end = _bounds(config.data_range)
         self._refuse_erased_dataset()
-        extract_dataset(self.context.store, source.object_key, target)
+        extract_dataset(self.context.store, source.object_key, target, should_stop=self.heartbeat.should_stop)
         return load_training_data(
             target,
             feature_columns=config.feature_columns,
@@ -483,3 +488,9 @@ def _short_reason(error: Exception) -> str:
     # An error's message may quote what a script made (a path of any length): both parts are cut.
     frames = traceback.format_exception(error, limit=-3)
     return f"{type(error).__name__}: {error}"[:_MAX_MESSAGE_CHARS] + "\n" + "".join(frames)[-2000:]
+
+
+def _bounds(data_range: DataRange | None) -> tuple[datetime | None, datetime | None]:
+    if data_range is None:
+        return None, None
+    return data_range.start_date, data_range.end_date

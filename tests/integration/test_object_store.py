@@ -5,15 +5,17 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import secrets
+import time
 from pathlib import Path
 
 import pytest
 from minio import Minio
 from pydantic import SecretStr
 
-from shared.errors import ArtifactIntegrityError, NotFound, TransientError
+from shared.errors import ArtifactIntegrityError, NotFound, Stopped, TransientError
 from shared.settings import Settings
 from shared.storage import LocalObjectStore, ObjectStore, S3ObjectStore, get_verified_bytes, open_object_store
+from tests.support.proxy import FreezableLink
 from tests.support.servers import S3Server, free_port
 
 
@@ -170,3 +172,51 @@ def test_a_folder_store_write_removes_what_a_killed_writer_left_and_leaves_a_run
     assert listed == []
     assert left == [".incoming-running", "b.json"]
     assert store.list("orgs/a/") == ["orgs/a/backups/b.json"]
+
+
+def test_a_download_asked_to_stop_stops_and_leaves_no_file(store: ObjectStore, tmp_path: Path) -> None:
+    """Between chunks: the second look at `should_stop` says stop, and what was written is removed."""
+    store.put_bytes("orgs/a/datasets/d1/data.parquet", secrets.token_bytes(3 * 1024 * 1024))
+    looks: list[bool] = []
+
+    def stop_after_the_first_chunk() -> bool:
+        looks.append(len(looks) >= 1)
+        return looks[-1]
+
+    target = tmp_path / "data.parquet"
+    with pytest.raises(Stopped):
+        store.get_file("orgs/a/datasets/d1/data.parquet", target, should_stop=stop_after_the_first_chunk)
+    assert not target.exists()
+
+
+def test_a_download_from_an_s3_server_that_stopped_answering_is_cut_off_when_asked_to_stop(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    """Mid-download the link freezes: the read blocked on it ends as soon as the download is asked to stop, not at
+    the client's read timeout (60 s); a cancelled training is promised to end within 5 s."""
+    settings = Settings(
+        object_store="s3://kiln-" + secrets.token_hex(4),
+        s3_endpoint=s3_server.endpoint,
+        s3_access_key=s3_server.access_key,
+        s3_secret_key=SecretStr(s3_server.secret_key),
+    )
+    open_object_store(settings).put_bytes("orgs/a/big", secrets.token_bytes(64 * 1024 * 1024))
+    host, port = s3_server.endpoint.rsplit(":", 1)
+    link = FreezableLink((host, int(port)))
+    linked = open_object_store(settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{link.port}"}))
+    asked: list[float] = []
+
+    def stop_a_moment_after_the_link_froze() -> bool:
+        if not asked:
+            link.freeze()  # the first chunk is in: the rest of the body stays in the link
+            asked.append(time.monotonic() + 0.5)
+        return time.monotonic() > asked[0]
+
+    try:
+        outcome = link.outcome_within(
+            10, lambda: linked.get_file("orgs/a/big", tmp_path / "big", should_stop=stop_a_moment_after_the_link_froze)
+        )
+    finally:
+        link.close()
+    assert isinstance(outcome, Stopped), outcome
+    assert not (tmp_path / "big").exists()
