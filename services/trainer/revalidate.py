@@ -25,7 +25,7 @@ from shared.audit import record_change
 from shared.db.models import ModelVersion, Organization
 from shared.db.session import session_scope
 from shared.db.types import utcnow
-from shared.errors import ArtifactIntegrityError, NotFound
+from shared.errors import ArtifactIntegrityError, NotFound, TransientError
 from shared.layout import HOLDOUT_FILE
 from shared.schemas import OrgConfig
 from shared.verdicts import ERASED, REJECTED, VALIDATED, locked_version, rejected_gates
@@ -36,9 +36,13 @@ log = logging.getLogger(__name__)
 UNKNOWN_ACTOR = "unknown"
 
 
-def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | None = None) -> str:
+def revalidate(
+    org_id: str, version: str, context: WorkerContext, actor: str | None = None, *, last_try: bool = True
+) -> str:
     """Judge the stored version again and record the report and the judgement's audit row. A validated version
-    that now fails a gate becomes rejected; a rejected one stays rejected, whatever its new report says."""
+    that now fails a gate becomes rejected; a rejected one stays rejected, whatever its new report says. A store
+    out of reach (TransientError) is audited as `model.validation.retrying` unless this is the `last_try`, when it is
+    `model.validation.errored` like any other failure; the error is raised either way."""
     actor = actor or UNKNOWN_ACTOR
     with context.sessions() as session:
         row = session.get(ModelVersion, version)
@@ -59,12 +63,13 @@ def revalidate(org_id: str, version: str, context: WorkerContext, actor: str | N
     except Exception as error:
         if _erased_since(context, version):  # its files went while it was judged
             return _not_judged_erased(context, org_id, version, actor)
+        retrying = isinstance(error, TransientError) and not last_try
         with session_scope(context.sessions) as session:
             record_change(
                 session,
                 org_id=org_id,
                 actor=actor,
-                action="model.validation.errored",
+                action="model.validation.retrying" if retrying else "model.validation.errored",
                 target=version,
                 detail={"error": f"{type(error).__name__}: {error}"[:1000]},
             )

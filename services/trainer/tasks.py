@@ -11,6 +11,7 @@ from services.trainer.erasure import erase_here_or_forward
 from services.trainer.revalidate import revalidate
 from services.trainer.training import run_training
 from shared.db.session import DATABASE_TROUBLE, out_of_reach
+from shared.errors import TransientError
 from shared.queues import ERASE_TASK, TRAIN_TASK, VALIDATE_TASK
 
 # Kiln's database out of reach before the run was claimed: the message comes back this long after, doubling up to
@@ -34,10 +35,21 @@ def train(self: Task, run_id: str, org_id: str | None = None) -> str:
         raise self.retry(exc=error, countdown=countdown) from error
 
 
-@app.task(name=VALIDATE_TASK)  # type: ignore[untyped-decorator]
-def validate(org_id: str, version: str, actor: str | None = None) -> str:
-    """`actor` is the key that asked, for the audit row (absent from a task an older api queued)."""
-    return revalidate(org_id, version, worker_context(), actor=actor)
+@app.task(name=VALIDATE_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def validate(self: Task, org_id: str, version: str, actor: str | None = None) -> str:
+    """`actor` is the key that asked, for the audit row (absent from a task an older api queued). A store out of
+    reach is tried again as a run's attempt is: up to KILN_RUN_MAX_ATTEMPTS in all, the waits doubling from
+    KILN_RUN_RETRY_BACKOFF_S."""
+    context = worker_context()
+    settings = context.settings
+    last_try = self.request.retries + 1 >= settings.run_max_attempts
+    try:
+        return revalidate(org_id, version, context, actor=actor, last_try=last_try)
+    except TransientError as error:
+        if last_try:
+            raise
+        countdown = settings.run_retry_backoff_s * 2**self.request.retries
+        raise self.retry(exc=error, countdown=countdown) from error
 
 
 @app.task(name=ERASE_TASK)  # type: ignore[untyped-decorator]

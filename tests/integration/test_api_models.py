@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from deploy.local import ai4i
 from services.api.app import create_app
+from services.trainer import tasks as trainer_tasks
 from services.trainer.context import WorkerContext
 from services.trainer.erasure import erase_on_premises
 from services.trainer.training import run_training
@@ -50,8 +51,9 @@ from tests.integration.conftest import (
     submit,
     upload_table,
 )
-from tests.support.judgements import judge_queued
+from tests.support.judgements import judge_queued, queued_judgement
 from tests.support.models import FEATURES, register_judgeable, register_model, tiny_model
+from tests.support.proxy import FreezableLink
 from tests.support.seed import seed_version, seed_versions
 
 
@@ -305,6 +307,67 @@ def test_a_judgement_that_cannot_be_made_is_audited_and_changes_nothing(
     errored = [entry for entry in audit if entry["action"] == "model.validation.errored"]
     assert [(entry["actor"], entry["target"]) for entry in errored] == [(key_id(api, org, "trainer"), version)]
     assert "holdout" in errored[0]["detail"]["error"]
+
+
+@pytest.fixture
+def store_out_of_reach(settings: Settings) -> Iterator[WorkerContext]:
+    """A worker whose object store stopped answering after it started: its connections are refused."""
+    host, port = settings.s3_endpoint.rsplit(":", 1)
+    link = FreezableLink((host, int(port)))
+    context = WorkerContext.open(settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{link.port}"}))
+    link.close()
+    yield context
+    context.close()
+
+
+def test_a_judgement_that_meets_the_store_out_of_reach_is_tried_again_then_errors(
+    api: TestClient,
+    org: OrgKeys,
+    engine: Engine,
+    store: ObjectStore,
+    store_out_of_reach: WorkerContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    version = register_judgeable(engine, store, org.org_id, {"minRecall": 0.1})
+    assert api.post(f"/v1/orgs/{org.org_id}/models/{version}/validate", headers=org.trainer).status_code == 202
+    monkeypatch.setattr(trainer_tasks, "worker_context", lambda: store_out_of_reach)
+
+    outcome = trainer_tasks.validate.apply(args=queued_judgement(engine, org.org_id, version))
+
+    assert outcome.state == "FAILURE" and isinstance(outcome.result, TransientError)
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.admin).json()[::-1]
+    judgements = [entry["action"] for entry in audit if entry["action"].startswith("model.validation.")]
+    assert judgements == [
+        "model.validation.requested",
+        "model.validation.retrying",
+        "model.validation.retrying",
+        "model.validation.errored",
+    ]
+    assert model_of(api, org, version)["status"] == "validated"
+
+
+def test_a_judgement_that_met_the_store_out_of_reach_judges_once_it_is_back(
+    api: TestClient,
+    org: OrgKeys,
+    engine: Engine,
+    store: ObjectStore,
+    worker: WorkerContext,
+    store_out_of_reach: WorkerContext,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    set_gates(api, org, {"minRecall": 0.1})
+    version = register_judgeable(engine, store, org.org_id, {"minRecall": 0.1})
+    set_gates(api, org, {"minRecall": 0.9})
+    assert api.post(f"/v1/orgs/{org.org_id}/models/{version}/validate", headers=org.trainer).status_code == 202
+    contexts = iter([store_out_of_reach, worker])
+    monkeypatch.setattr(trainer_tasks, "worker_context", lambda: next(contexts))
+
+    outcome = trainer_tasks.validate.apply(args=queued_judgement(engine, org.org_id, version))
+
+    assert (outcome.state, outcome.result) == ("SUCCESS", "rejected")
+    [retrying] = audit_of(api, org, "model.validation.retrying")
+    assert "unreachable" in retrying["detail"]["error"]
+    assert model_of(api, org, version)["status"] == "rejected"
 
 
 def test_versions_come_in_pages_newest_first(api: TestClient, org: OrgKeys, engine: Engine) -> None:

@@ -22,8 +22,9 @@ class _Sent:
         return None
 
 
-def judge_queued(engine: Engine, worker: WorkerContext, org_id: str, version: str) -> str:
-    """Run the newest judgement of `version` queued over the api (`POST .../validate`), as the task sent for it."""
+def queued_judgement(engine: Engine, org_id: str, version: str) -> list[Any]:
+    """The arguments of the newest judgement of `version` queued over the api (`POST .../validate`), as the task
+    gets them: the org, the version, and the key that asked."""
     with engine.connect() as connection:
         payloads = connection.scalars(
             select(OutboxMessage.payload).where(OutboxMessage.kind == KIND_VALIDATE_TASK).order_by(OutboxMessage.id)
@@ -31,5 +32,10 @@ def judge_queued(engine: Engine, worker: WorkerContext, org_id: str, version: st
     payload = [p for p in payloads if (p["org_id"], p["version"]) == (org_id, version)][-1]
     sent = _Sent()
     send_validate_task(sent, payload)
-    queued_org, queued_version, *actor = sent.args  # the key that asked, after the org and the version
+    return sent.args
+
+
+def judge_queued(engine: Engine, worker: WorkerContext, org_id: str, version: str) -> str:
+    """Run the newest judgement of `version` queued over the api (`POST .../validate`), as the task sent for it."""
+    queued_org, queued_version, *actor = queued_judgement(engine, org_id, version)
     return revalidate(queued_org, queued_version, worker, *actor)
