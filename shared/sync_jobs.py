@@ -6,6 +6,8 @@ from __future__ import annotations
 import secrets
 from datetime import datetime
 
+from sqlalchemy import update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from shared.audit import record_change
@@ -62,22 +64,60 @@ def source_tables(source: SyncSource) -> list[SyncTable]:
     return [SyncTable.model_validate(table) for table in source.tables]
 
 
-def queue_sync_job(session: Session, *, source: SyncSource, actor: str, trigger: str) -> tuple[SyncJob, OutboxMessage]:
-    job = SyncJob(
-        id="sj" + secrets.token_hex(8), org_id=source.org_id, source_id=source.id, status=QUEUED, trigger=trigger
+def queue_sync_job(
+    session: Session, *, source: SyncSource, actor: str, trigger: str
+) -> tuple[SyncJob, list[OutboxMessage]]:
+    """The source's job waiting to start, or a new one queued; with the outbox messages to send (none for a job
+    already waiting, whose message is on its way).
+
+    A job syncs all there is when it starts, so one waiting does what another would: a retried POST, or a schedule
+    firing while the sync workers are down, piles up no jobs with nothing left to do. A resync and a review choice
+    join it too: each is recorded before the commit (a SyncResync row, a conflict `chosen`) and read by the job as
+    it reaches each table, after it started. Once a job runs, a new one is queued, for what changed since it looked.
+    """
+    while True:
+        waiting = _hold_waiting_job(session, source.id)
+        if waiting is not None:
+            _audit(session, waiting, actor=actor, action="sync.job.coalesced", trigger=trigger)
+            return waiting, []
+        job = _queue_unless_one_waits(session, source, trigger)
+        if job is not None:
+            _audit(session, job, actor=actor, action="sync.job.queued", trigger=trigger)
+            message = add_message(session, kind=KIND_SYNC_TASK, payload={"job_id": job.id, "org_id": source.org_id})
+            return job, [message]
+        # Another request queued one between the two statements: it is the one waiting, unless it started already.
+
+
+def _hold_waiting_job(session: Session, source_id: str) -> SyncJob | None:
+    """The source's queued job, its row write-locked until the commit. A worker starting it (services/sync/jobs.py,
+    _start) writes `running` to that row, so it waits for this commit, and what the request wrote with it is there
+    when the job reads it; a job started first is no longer `queued` when this statement gets the row."""
+    held = session.scalar(
+        update(SyncJob)
+        .where(SyncJob.source_id == source_id, SyncJob.status == QUEUED)
+        .values(status=SyncJob.status)
+        .returning(SyncJob.id)
+        .execution_options(synchronize_session=False)
     )
-    session.add(job)
-    session.flush()
-    record_change(
-        session,
-        org_id=source.org_id,
-        actor=actor,
-        action="sync.job.queued",
-        target=job.id,
-        detail={"sourceId": source.id, "trigger": trigger},
+    return None if held is None else session.get_one(SyncJob, held, populate_existing=True)
+
+
+def _queue_unless_one_waits(session: Session, source: SyncSource, trigger: str) -> SyncJob | None:
+    """A new queued job, or None if one of the source is queued already: the index uq_sync_jobs_one_queued_per_source
+    refuses a second (one another request inserted and has not committed is waited for)."""
+    insert = sqlite.insert if session.connection().dialect.name == "sqlite" else postgresql.insert
+    job_id = "sj" + secrets.token_hex(8)
+    values = {"id": job_id, "org_id": source.org_id, "source_id": source.id, "status": QUEUED, "trigger": trigger}
+    statement = insert(SyncJob).values(values)
+    inserted = session.execute(
+        statement.on_conflict_do_nothing(index_elements=["source_id"], index_where=SyncJob.status == QUEUED)
     )
-    message = add_message(session, kind=KIND_SYNC_TASK, payload={"job_id": job.id, "org_id": source.org_id})
-    return job, message
+    return session.get_one(SyncJob, job_id) if inserted.rowcount == 1 else None  # type: ignore[attr-defined]
+
+
+def _audit(session: Session, job: SyncJob, *, actor: str, action: str, trigger: str) -> None:
+    detail = {"sourceId": job.source_id, "trigger": trigger}
+    record_change(session, org_id=job.org_id, actor=actor, action=action, target=job.id, detail=detail)
 
 
 def queue_source_deletion(session: Session, *, source: SyncSource, at: datetime) -> OutboxMessage:

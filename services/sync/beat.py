@@ -71,8 +71,8 @@ def _queue_job(session: Session, schedule: SyncSchedule) -> int | None:
     source = session.get_one(SyncSource, schedule.source_id)
     if deletion_refusal(source) is not None:
         return None  # its deletion removes the schedule; until then it fires nothing
-    _job, message = queue_sync_job(session, source=source, actor="schedule", trigger="schedule")
-    return message.id
+    _job, messages = queue_sync_job(session, source=source, actor="schedule", trigger="schedule")
+    return messages[0].id if messages else None  # none when a job of the source waits already
 
 
 def resend_lost_deletions(sessions: SessionFactory, *, now: datetime) -> list[int]:

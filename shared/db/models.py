@@ -326,7 +326,18 @@ class SyncJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
-    __table_args__ = (Index("ix_sync_jobs_org_created", "org_id", "created_at"),)
+    # A job syncs all there is when it starts: a second one waiting beside it would have nothing left to do, so the
+    # database refuses it, and queue_sync_job (shared/sync_jobs.py) answers the waiting one instead.
+    __table_args__ = (
+        Index("ix_sync_jobs_org_created", "org_id", "created_at"),
+        Index(
+            "uq_sync_jobs_one_queued_per_source",
+            "source_id",
+            unique=True,
+            postgresql_where=text("status = 'queued'"),
+            sqlite_where=text("status = 'queued'"),
+        ),
+    )
 
 
 class SyncWatermark(Base):

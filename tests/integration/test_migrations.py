@@ -470,3 +470,58 @@ def test_versions_of_an_org_that_kept_its_data_on_its_premises_are_taken_to_have
         return
     with fresh_postgres_database() as url:
         check(url)
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_a_source_keeps_its_oldest_queued_sync_job_and_a_second_queued_one_is_then_refused(
+    backend: str, tmp_path: Path
+) -> None:
+    """A database from before the index, where a source piled up queued jobs: the oldest stays queued (its message
+    comes first), the others end cancelled saying why, a running one is left as it is."""
+    add_job = text(
+        'INSERT INTO sync_jobs (id, org_id, source_id, status, "trigger", pushed, pulled, conflicts, errors, '
+        "attempts, created_at) VALUES (:i, 'h', 'src_a', :s, 'api', 0, 0, 0, '[]', 0, :at)"
+    )
+
+    def check(url: str) -> None:
+        upgrade(url, "0020")
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(
+                text("INSERT INTO organizations (id, name, config, created_at) VALUES ('h', 'H', '{}', :at)"),
+                {"at": EARLY},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO sync_sources (id, org_id, url, tables, created_at) "
+                    "VALUES ('src_a', 'h', 'sqlite:////s/h/a.db', '[]', :at)"
+                ),
+                {"at": EARLY},
+            )
+            connection.execute(
+                add_job,
+                [
+                    {"i": "sj_running", "s": "running", "at": EARLY},
+                    {"i": "sj_old", "s": "queued", "at": EARLY},
+                    {"i": "sj_new", "s": "queued", "at": LATER},
+                ],
+            )
+        upgrade(url)
+        with engine.connect() as connection:
+            jobs = {row.id: (row.status, row.errors) for row in connection.execute(text("SELECT * FROM sync_jobs"))}
+        assert {job: status for job, (status, _) in jobs.items()} == {
+            "sj_running": "running",
+            "sj_old": "queued",
+            "sj_new": "cancelled",
+        }
+        errors = jobs["sj_new"][1]
+        assert "a job of the same source queued before it" in str(errors)
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(add_job, {"i": "sj_third", "s": "queued", "at": LATER})
+        engine.dispose()
+
+    if backend == "sqlite":
+        check(f"sqlite:///{tmp_path / 'jobs.db'}")
+        return
+    with fresh_postgres_database() as url:
+        check(url)

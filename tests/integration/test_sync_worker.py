@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from services.sync import tasks
 from services.sync.context import SyncContext
 from shared.settings import Settings
 from tests.integration.conftest import create_org_with_keys
-from tests.integration.sync_support import Sync, error_of, open_sync
+from tests.integration.sync_support import TWO_READINGS, Sync, error_of, make_local_store, open_sync, register
 from tests.support.polling import eventually
 from tests.support.workers import celery_worker
 
@@ -125,17 +126,24 @@ def test_a_sync_job_revoked_in_flower_reads_cancelled_and_its_message_coming_aga
     sync_task_here: None,
 ) -> None:
     sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    # Another source of the org: the first source's job, queued still while it waits for the lock, would be the one
+    # a second request of that source answers.
+    make_local_store(tmp_path / org_id / "other.db", TWO_READINGS)
+    other = replace(
+        sync, source_id=register(sync_api, sync.org, f"sqlite:///{tmp_path / org_id / 'other.db'}", "manual")
+    )
     log_path = tmp_path / "worker.log"
     source_lock = {"k": f"sync-source:{sync.source_id}"}
     holder = create_engine(central_settings.database_url, poolclass=NullPool)
     with celery_worker("services.sync.celery_app", central_settings, log_path, pool="prefork"):
         # The source's lock held, as a long job of the source would hold it: the worker's first job waits for it,
-        # and the second job's message waits in the org's queue, where an operator revokes it in Flower.
+        # and the second job's message (the other source's) waits in the org's queue, where an operator revokes it
+        # in Flower.
         with holder.connect() as connection:
             connection.execute(text("SELECT pg_advisory_lock(hashtext(:k))"), source_lock)
             first = sync.submit()
             assert eventually(lambda: queued_task_id(central_settings, org_id, first) is None, seconds=30)
-            second = sync.submit()
+            second = other.submit()
             task_id = eventually(lambda: queued_task_id(central_settings, org_id, second), seconds=30)
             with Celery(broker=central_settings.redis_url) as flower:
                 flower.control.revoke(task_id)  # what Flower's revoke sends

@@ -32,8 +32,8 @@ def submit_job(body: SyncJobIn, access: OrgTrainer, session: SessionDep, resourc
     refusal = residency_refusal(org_config, source)
     if refusal is not None:
         raise Conflict(refusal, field="sourceId")
-    job, message = queue_sync_job(session, source=source, actor=access.principal.key_id, trigger="api")
-    commit_and_send(session, resources, message)
+    job, messages = queue_sync_job(session, source=source, actor=access.principal.key_id, trigger="api")
+    commit_and_send(session, resources, *messages)
     return _job_out(job)
 
 
@@ -99,8 +99,8 @@ def resolve_conflict(
         target=f"{row.table_name}/{row.record_key}",
         detail={"conflictId": row.id, "keep": body.keep},
     )
-    _job, message = queue_sync_job(session, source=source, actor=access.principal.key_id, trigger="review")
-    commit_and_send(session, resources, message)
+    _job, messages = queue_sync_job(session, source=source, actor=access.principal.key_id, trigger="review")
+    commit_and_send(session, resources, *messages)
     return _conflict_out(row)
 
 

@@ -186,8 +186,8 @@ def resync(source_id: str, access: OrgAdmin, session: SessionDep, resources: Res
         target=source.id,
         detail={"tables": tables},
     )
-    job, message = queue_sync_job(session, source=source, actor=actor, trigger="resync")
-    commit_and_send(session, resources, message)
+    job, messages = queue_sync_job(session, source=source, actor=actor, trigger="resync")
+    commit_and_send(session, resources, *messages)
     return SyncResyncOut(source_id=source.id, tables=tables, job_id=job.id)
 
 
