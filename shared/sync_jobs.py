@@ -4,7 +4,7 @@ outbox message together."""
 from __future__ import annotations
 
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -12,7 +12,9 @@ from sqlalchemy.orm import Session
 
 from shared.audit import record_change
 from shared.db.models import OutboxMessage, SyncJob, SyncSource
+from shared.db.types import utcnow
 from shared.outbox import KIND_DELETE_SOURCE_TASK, KIND_SYNC_TASK, add_message
+from shared.queues import broker_transport_options
 from shared.schemas import OrgConfig
 from shared.sync_tables import SyncTable
 
@@ -31,6 +33,17 @@ CONFLICT_OPEN, CONFLICT_CHOSEN, CONFLICT_RESOLVED = "open", "chosen", "resolved"
 # A conflict's local version when its table syncs down only: the local record never reaches the central store, so the
 # conflict holds this marker in its place, with the local store's reason for refusing the central version.
 WITHHELD, REFUSAL = "_kiln_withheld", "_kiln_refusal"
+
+# A sync job holds its message (acks_late) while it runs; an hour is far beyond any batch loop seen here.
+LONGEST_JOB_S = 3600.0
+# A queued job whose message was lost (Redis restarted empty, the queue purged) would be joined by every later
+# request, and never run. One still queued after the broker's visibility timeout (past which a fetched message is
+# handed out again) is presumed lost: it ends `cancelled`, and a new job is queued in its place. One only kept
+# waiting (the sync workers down that long) costs a message that finds its job finished, once per timeout at most.
+PRESUMED_LOST_AFTER = timedelta(seconds=broker_transport_options(LONGEST_JOB_S)["visibility_timeout"])
+MESSAGE_PRESUMED_LOST = (
+    "still queued long after it was queued, its message presumed lost: a new job of the source was queued in its place"
+)
 
 
 def residency_refusal(org_config: OrgConfig, source: SyncSource) -> str | None:
@@ -73,11 +86,15 @@ def queue_sync_job(
     A job syncs all there is when it starts, so one waiting does what another would: a retried POST, or a schedule
     firing while the sync workers are down, piles up no jobs with nothing left to do. A resync and a review choice
     join it too: each is recorded before the commit (a SyncResync row, a conflict `chosen`) and read by the job as
-    it reaches each table, after it started. Once a job runs, a new one is queued, for what changed since it looked.
+    it reaches each table, after it started. Once a job runs, a new one is queued, for what changed since it looked;
+    so is one in place of a job queued longer than PRESUMED_LOST_AFTER.
     """
     while True:
         waiting = _hold_waiting_job(session, source.id)
-        if waiting is not None:
+        if waiting is not None and waiting.created_at < utcnow() - PRESUMED_LOST_AFTER:
+            close_job(session, waiting, CANCELLED, MESSAGE_PRESUMED_LOST)
+            session.flush()  # out of the index of queued jobs before another is inserted
+        elif waiting is not None:
             _audit(session, waiting, actor=actor, action="sync.job.coalesced", trigger=trigger)
             return waiting, []
         job = _queue_unless_one_waits(session, source, trigger)
@@ -90,8 +107,9 @@ def queue_sync_job(
 
 def _hold_waiting_job(session: Session, source_id: str) -> SyncJob | None:
     """The source's queued job, its row write-locked until the commit. A worker starting it (services/sync/jobs.py,
-    _start) writes `running` to that row, so it waits for this commit, and what the request wrote with it is there
-    when the job reads it; a job started first is no longer `queued` when this statement gets the row."""
+    _start) reads that row locked, so it waits for this commit: what the request wrote with it is there when the
+    job reads it, and a job ended here does not start. A job started first is no longer `queued` when this
+    statement gets the row."""
     held = session.scalar(
         update(SyncJob)
         .where(SyncJob.source_id == source_id, SyncJob.status == QUEUED)
@@ -113,6 +131,19 @@ def _queue_unless_one_waits(session: Session, source: SyncSource, trigger: str) 
         statement.on_conflict_do_nothing(index_elements=["source_id"], index_where=SyncJob.status == QUEUED)
     )
     return session.get_one(SyncJob, job_id) if inserted.rowcount == 1 else None  # type: ignore[attr-defined]
+
+
+def close_job(session: Session, job: SyncJob, status: str, error: str | None) -> None:
+    """Set the job's status (its end, if one of FINISHED), noting the error, and audit it as `sync.job.<status>`."""
+    job.status = status
+    if error is not None:
+        job.errors = [*job.errors, {"at": utcnow().isoformat(), "error": error}]
+    if status in FINISHED:
+        job.finished_at = utcnow()
+    detail = {"status": status, "pushed": job.pushed, "pulled": job.pulled, "conflicts": job.conflicts}
+    if error is not None:
+        detail["error"] = error
+    record_change(session, org_id=job.org_id, actor="sync", action=f"sync.job.{status}", target=job.id, detail=detail)
 
 
 def _audit(session: Session, job: SyncJob, *, actor: str, action: str, trigger: str) -> None:

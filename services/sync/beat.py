@@ -17,7 +17,6 @@ from typing import Any
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from services.sync.celery_app import LONGEST_JOB_S
 from shared.audit import record_change
 from shared.beat import DatabaseBeat, fire_each_due
 from shared.db.models import Organization, Prediction, SyncSchedule, SyncSource
@@ -31,7 +30,7 @@ from shared.queues import (
     send_purge_task,
     send_sync_task,
 )
-from shared.sync_jobs import deletion_refusal, queue_source_deletion, queue_sync_job
+from shared.sync_jobs import LONGEST_JOB_S, deletion_refusal, queue_source_deletion, queue_sync_job
 
 log = logging.getLogger(__name__)
 

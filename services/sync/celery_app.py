@@ -13,9 +13,7 @@ from services.sync.revocation import cancel_revoked
 from shared.org_queues import SyncQueues
 from shared.queues import SYNC_TASK, celery_config
 from shared.settings import build_settings
-
-# A sync job holds its message (acks_late) while it runs; an hour is far beyond any batch loop seen here.
-LONGEST_JOB_S = 3600.0
+from shared.sync_jobs import LONGEST_JOB_S
 
 app = Celery("kiln-sync", include=["services.sync.tasks"])
 app.steps["consumer"].add(SyncQueues)

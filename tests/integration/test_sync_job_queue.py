@@ -21,8 +21,8 @@ from services.sync.pair import Tally
 from shared.db.models import SyncSchedule, SyncSource
 from shared.db.session import session_scope
 from shared.db.types import utcnow
-from shared.sync_jobs import queue_sync_job
-from tests.integration.sync_support import Sync, open_sync
+from shared.sync_jobs import MESSAGE_PRESUMED_LOST, PRESUMED_LOST_AFTER, queue_sync_job
+from tests.integration.sync_support import Sync, error_of, open_sync
 
 
 def queued(sync: Sync) -> list[tuple[Any, ...]]:
@@ -155,3 +155,24 @@ def test_a_job_starting_while_a_request_joins_it_waits_for_that_requests_commit(
     assert (joined.id, messages) == (waiting, [])
     assert still_waiting == (True, "queued")
     assert statuses == ["succeeded"]
+
+
+def test_a_job_queued_past_the_brokers_visibility_timeout_is_presumed_lost_and_replaced(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Its message gone (Redis restarted empty), a job joined by every later request would never run: one queued
+    that long ends cancelled, saying why, and its message, should it come after all, runs nothing."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    lost = sync.submit()
+    sync.central(
+        "UPDATE sync_jobs SET created_at = :at WHERE id = :j",
+        {"at": utcnow() - PRESUMED_LOST_AFTER - timedelta(minutes=1), "j": lost},
+    )
+
+    replacement = sync.submit()
+
+    assert replacement != lost
+    assert (sync.job(lost)["status"], error_of(sync.job(lost))) == ("cancelled", MESSAGE_PRESUMED_LOST)
+    assert queued(sync) == [(replacement, 1)]
+    assert (run_job(sync_context, lost), run_job(sync_context, replacement)) == ("cancelled", "succeeded")
+    assert sync.job(replacement)["pushed"] == 2

@@ -21,7 +21,6 @@ from sqlalchemy import Engine, select
 
 from services.sync import source_deletion
 from services.sync.beat import DELETION_RESEND_AFTER, fire_due_sync_schedules, send_due
-from services.sync.celery_app import LONGEST_JOB_S
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
@@ -33,7 +32,7 @@ from shared.queues import celery_config, sync_queue
 from shared.schemas import OrgConfig
 from shared.settings import Settings
 from shared.source_lock import SourceBusy, one_job_per_source
-from shared.sync_jobs import residency_refusal
+from shared.sync_jobs import LONGEST_JOB_S, residency_refusal
 from tests.integration.conftest import ADMIN, create_org_with_keys
 from tests.integration.sync_support import (
     Sync,
