@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, func, select, sql, type_coerce, types
 from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
-from sqlalchemy.exc import NoSuchTableError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DataError, NoSuchTableError, OperationalError, SQLAlchemyError
 
 from services.trainer.runs import DatabaseSource
 from shared.column_map import source_columns
@@ -63,7 +63,8 @@ def extract_database(
         ):
             rules.check_opened(connection, table=source.table, field="datasource")
             query = _query(connection, source, columns, start, end)
-            return _stream_to_parquet(connection, query, target, should_stop)
+            ranged_by = source.timestamp_column if start is not None or end is not None else None
+            return _stream_to_parquet(connection, query, target, should_stop, ranged_by=ranged_by)
     except Exception as error:
         if should_stop():  # whatever failed, it failed because the attempt cut its connection off, or stopped reading
             raise Stopped("the attempt was asked to stop while reading its data source") from error
@@ -187,7 +188,12 @@ def _as_column_time(moment: datetime | None, aware: bool) -> datetime | None:
 
 
 def _stream_to_parquet(
-    connection: Connection, query: sql.Select[tuple[object, ...]], target: Path, should_stop: Callable[[], bool]
+    connection: Connection,
+    query: sql.Select[tuple[object, ...]],
+    target: Path,
+    should_stop: Callable[[], bool],
+    *,
+    ranged_by: str | None,
 ) -> int:
     rows = 0
     writer: pq.ParquetWriter | None = None
@@ -205,6 +211,10 @@ def _stream_to_parquet(
     except OperationalError as error:
         raise _failed_while_reading(error) from error
     except SQLAlchemyError as error:
+        if isinstance(error, DataError) and ranged_by is not None:
+            # The one value the server converts is a timestamp kept as text (_comparable's cast), and PostgreSQL's
+            # message quotes the cell it could not read, which may be a patient's name.
+            raise _not_timestamps(ranged_by) from None
         raise InvalidInput(f"the data source refused the query: {_first_line(error)}", field="datasource") from None
     finally:
         if writer is not None:
@@ -212,6 +222,14 @@ def _stream_to_parquet(
     if rows == 0:
         raise InvalidInput("the data source has no rows in the requested range", field="dataRange")
     return rows
+
+
+def _not_timestamps(name: str) -> InvalidInput:
+    return InvalidInput(
+        f"timestamp column {name!r} of the data source holds values that are not timestamps (a timestamp type, or "
+        "ISO 8601 text)",
+        field="datasource",
+    )
 
 
 def _failed_while_reading(error: OperationalError) -> TransientError:

@@ -234,6 +234,14 @@ def sqlite_store(tmp_path: Path, schema: str, rows: Sequence[tuple[object, ...]]
     return f"sqlite:///{path}"
 
 
+def postgres_store(url: str, *statements: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        for statement in statements:
+            connection.execute(text(statement))
+    engine.dispose()
+
+
 def read_columns(
     url: str, tmp_path: Path, columns: list[str], column_map: dict[str, str] | None = None
 ) -> dict[str, list[object]]:
@@ -512,3 +520,22 @@ def test_postgresql_decimals_that_widen_after_the_first_chunk_read_as_floats(
         read = read_columns(url, tmp_path, ["amount", "price"])
 
     assert read == {"amount": [1.0, 2.0, 1000.25, 2.5], "price": [1.0, 2.0, 1000.25, 2.5]}
+
+
+def test_a_postgresql_text_timestamp_that_is_no_timestamp_fails_naming_its_column_without_quoting_it(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL casts a timestamp kept as text to select dataRange; its refusal quotes the cell it could not read."""
+    with fresh_postgres_database() as url:
+        postgres_store(
+            url,
+            "CREATE TABLE readings (id serial PRIMARY KEY, recorded_at text)",
+            "INSERT INTO readings (recorded_at) VALUES ('2024-01-02 10:00'), ('MRN-778812 Jane Roe')",
+        )
+        with pytest.raises(InvalidInput) as raised:
+            read_ids_in_range(url, tmp_path, datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 3, tzinfo=UTC))
+
+    assert str(raised.value) == (
+        "timestamp column 'recorded_at' of the data source holds values that are not timestamps "
+        "(a timestamp type, or ISO 8601 text)"
+    )
