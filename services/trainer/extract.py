@@ -117,7 +117,7 @@ def _query(
         raise InvalidInput(f"table {source.table!r} has no column {', '.join(missing)}", field="datasource")
     query = select(*(_as_read(table.c[original]).label(name) for name, original in wanted.items()))
     if start is not None or end is not None:
-        query = query.where(*_in_range(table, source, connection.dialect.name, start, end))
+        query = query.where(*_in_range(connection, table, source, start, end))
     return query
 
 
@@ -140,7 +140,7 @@ def _as_read(column: Column[Any]) -> ColumnElement[Any]:
 
 
 def _in_range(
-    table: Table, source: DatabaseSource, dialect: str, start: datetime | None, end: datetime | None
+    connection: Connection, table: Table, source: DatabaseSource, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
     if source.timestamp_column is None:
         raise InvalidInput("dataRange needs the datasource's timestampColumn, and none is set", field="dataRange")
@@ -149,6 +149,12 @@ def _in_range(
             f"table {source.table!r} has no timestamp column {source.timestamp_column!r}", field="datasource"
         )
     stamp: Column[object] = table.c[source.timestamp_column]
+    if isinstance(stamp.type, types.Integer | types.Numeric):
+        # Epoch seconds, milliseconds or Julian days: no declared type says which, and PostgreSQL casts none of them.
+        raise _not_timestamps(stamp.name)
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        _refuse_unreadable_sqlite_timestamps(connection, stamp)
     # SQLite has no timestamp type: a column declared DATETIME or TIMESTAMP holds text like any other, which
     # SQLAlchemy's DateTime would compare as text: "2024-01-02 00:00:00" sorts before the bound it writes,
     # "2024-01-02 00:00:00.000000", and a "T" or an offset sorts by its characters, not its instant.
@@ -158,6 +164,22 @@ def _in_range(
     # A column without a zone holds UTC by Kiln's convention, so it is compared with naive UTC bounds.
     bounds = [(start, stamp >= _as_column_time(start, aware)), (end, stamp <= _as_column_time(end, aware))]
     return [condition for bound, condition in bounds if bound is not None]
+
+
+def _refuse_unreadable_sqlite_timestamps(connection: Connection, stamp: Column[object]) -> None:
+    """julianday() gives NULL for text it cannot read (a US date, a name), so the range would silently leave its row
+    out where PostgreSQL fails the run; and it reads a number, or text of one, as a Julian day. A cell other than
+    text beginning with a year fails the run as on PostgreSQL, wherever it is in the table, since PostgreSQL's cast
+    meets every row too."""
+    text = type_coerce(stamp, types.String())
+    unreadable = sql.exists().where(
+        stamp.is_not(None),
+        sql.or_(
+            sql.not_(text.op("GLOB", is_comparison=True)("[0-9][0-9][0-9][0-9]-*")), func.julianday(text).is_(None)
+        ),
+    )
+    if connection.scalar(select(unreadable)):
+        raise _not_timestamps(stamp.name)
 
 
 def _text_in_range(

@@ -411,6 +411,13 @@ def test_a_column_map_giving_two_columns_one_name_fails_the_run_naming_both(tmp_
         read_columns(url, tmp_path, ["x"], {"a": "x", "b": "x"})
 
 
+NOT_TIMESTAMPS = (
+    "timestamp column 'recorded_at' of the data source holds values that are not timestamps "
+    "(a timestamp type, or ISO 8601 text)"
+)
+JAN_2 = (datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 3, tzinfo=UTC))
+
+
 def read_ids_in_range(url: str, tmp_path: Path, start: datetime, end: datetime) -> list[object]:
     extract_database(
         source(url, column_map={}),
@@ -533,9 +540,44 @@ def test_a_postgresql_text_timestamp_that_is_no_timestamp_fails_naming_its_colum
             "INSERT INTO readings (recorded_at) VALUES ('2024-01-02 10:00'), ('MRN-778812 Jane Roe')",
         )
         with pytest.raises(InvalidInput) as raised:
-            read_ids_in_range(url, tmp_path, datetime(2024, 1, 2, tzinfo=UTC), datetime(2024, 1, 3, tzinfo=UTC))
+            read_ids_in_range(url, tmp_path, *JAN_2)
 
-    assert str(raised.value) == (
-        "timestamp column 'recorded_at' of the data source holds values that are not timestamps "
-        "(a timestamp type, or ISO 8601 text)"
-    )
+    assert str(raised.value) == NOT_TIMESTAMPS
+
+
+@pytest.mark.parametrize(
+    "cell",
+    ["01/02/2024 11:00", "MRN-778812 Jane Roe", 1704189600, 2460311.5, "2460311.5"],
+    ids=["us-date", "name", "epoch-seconds", "julian-day", "julian-day-as-text"],
+)
+def test_a_sqlite_timestamp_other_than_iso_8601_text_fails_naming_its_column_rather_than_leaving_its_row_out(
+    tmp_path: Path, cell: object
+) -> None:
+    """julianday() gives NULL for a US date, a name or epoch seconds, which the range left out where PostgreSQL fails
+    the run; and it reads a Julian day number as an instant, which PostgreSQL does not."""
+    rows = [(1, "2024-01-02 10:00:00"), (2, cell)]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, recorded_at DATETIME)", rows)
+
+    with pytest.raises(InvalidInput) as raised:
+        read_ids_in_range(url, tmp_path, *JAN_2)
+
+    assert str(raised.value) == NOT_TIMESTAMPS
+
+
+def test_a_timestamp_column_declared_as_numbers_is_refused_on_both_databases(tmp_path: Path) -> None:
+    """Epoch seconds in an INTEGER column: SQLite read every row as out of range, PostgreSQL refused the cast."""
+    rows = [(1, 1704189600), (2, 1704189700)]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, recorded_at INTEGER)", rows)
+    with pytest.raises(InvalidInput) as from_sqlite:
+        read_ids_in_range(url, tmp_path, *JAN_2)
+
+    with fresh_postgres_database() as url:
+        postgres_store(
+            url,
+            "CREATE TABLE readings (id serial PRIMARY KEY, recorded_at bigint)",
+            "INSERT INTO readings (recorded_at) VALUES (1704189600), (1704189700)",
+        )
+        with pytest.raises(InvalidInput) as from_postgresql:
+            read_ids_in_range(url, tmp_path, *JAN_2)
+
+    assert str(from_sqlite.value) == str(from_postgresql.value) == NOT_TIMESTAMPS
