@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, func, select, sql, type_coerce, types
+from sqlalchemy.dialects.postgresql import DOMAIN
 from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import DataError, NoSuchTableError, OperationalError, SQLAlchemyError
 
@@ -132,11 +133,22 @@ class _BooleanAsStored(types.TypeDecorator[Any]):
 def _as_read(column: Column[Any]) -> ColumnElement[Any]:
     """A source column as the worker reads it. Decimals as float64, the features' type (the model sees float32): each
     chunk would otherwise infer its own decimal precision and scale, and a wider one later could not join the file."""
-    if isinstance(column.type, types.Boolean):
+    declared = _as_declared(column)
+    if isinstance(declared.type, types.Boolean):
         return type_coerce(column, _BooleanAsStored())
-    if isinstance(column.type, types.Numeric):
+    if isinstance(declared.type, types.Numeric):
         return type_coerce(column, types.Numeric(asdecimal=False))
-    return column
+    return declared
+
+
+def _as_declared(column: Column[Any]) -> ColumnElement[Any]:
+    """A PostgreSQL domain's column (CREATE DOMAIN celsius AS numeric(8, 2)) as the type the domain is over, a domain
+    over a domain included: SQLAlchemy reflects it as DOMAIN, which is no Numeric, no Integer, no DateTime, and
+    which it warns of comparing."""
+    declared = column.type
+    while isinstance(declared, DOMAIN):
+        declared = declared.data_type
+    return column if declared is column.type else type_coerce(column, declared)
 
 
 def _in_range(
@@ -148,25 +160,26 @@ def _in_range(
         raise InvalidInput(
             f"table {source.table!r} has no timestamp column {source.timestamp_column!r}", field="datasource"
         )
-    stamp: Column[object] = table.c[source.timestamp_column]
-    if isinstance(stamp.type, types.Integer | types.Numeric):
+    stamp = _as_declared(table.c[source.timestamp_column])
+    declared = stamp.type
+    if isinstance(declared, types.Integer | types.Numeric):
         # Epoch seconds, milliseconds or Julian days: no declared type says which, and PostgreSQL casts none of them.
-        raise _not_timestamps(stamp.name)
+        raise _not_timestamps(source.timestamp_column)
     dialect = connection.dialect.name
     if dialect == "sqlite":
-        _refuse_unreadable_sqlite_timestamps(connection, stamp)
+        _refuse_unreadable_sqlite_timestamps(connection, stamp, source.timestamp_column)
     # SQLite has no timestamp type: a column declared DATETIME or TIMESTAMP holds text like any other, which
     # SQLAlchemy's DateTime would compare as text: "2024-01-02 00:00:00" sorts before the bound it writes,
     # "2024-01-02 00:00:00.000000", and a "T" or an offset sorts by its characters, not its instant.
-    if dialect == "sqlite" or not isinstance(stamp.type, types.DateTime):
+    if dialect == "sqlite" or not isinstance(declared, types.DateTime):
         return _text_in_range(stamp, dialect, start, end)
-    aware = bool(stamp.type.timezone)
+    aware = bool(declared.timezone)
     # A column without a zone holds UTC by Kiln's convention, so it is compared with naive UTC bounds.
     bounds = [(start, stamp >= _as_column_time(start, aware)), (end, stamp <= _as_column_time(end, aware))]
     return [condition for bound, condition in bounds if bound is not None]
 
 
-def _refuse_unreadable_sqlite_timestamps(connection: Connection, stamp: Column[object]) -> None:
+def _refuse_unreadable_sqlite_timestamps(connection: Connection, stamp: ColumnElement[Any], name: str) -> None:
     """julianday() gives NULL for text it cannot read (a US date, a name), so the range would silently leave its row
     out where PostgreSQL fails the run; and it reads a number, or text of one, as a Julian day. A cell other than
     text beginning with a year fails the run as on PostgreSQL, wherever it is in the table, since PostgreSQL's cast
@@ -179,11 +192,11 @@ def _refuse_unreadable_sqlite_timestamps(connection: Connection, stamp: Column[o
         ),
     )
     if connection.scalar(select(unreadable)):
-        raise _not_timestamps(stamp.name)
+        raise _not_timestamps(name)
 
 
 def _text_in_range(
-    stamp: Column[object], dialect: str, start: datetime | None, end: datetime | None
+    stamp: ColumnElement[Any], dialect: str, start: datetime | None, end: datetime | None
 ) -> list[ColumnElement[bool]]:
     """Timestamps kept as ISO 8601 text (a SQLite store's, whatever its declared type, or their synced central copy),
     compared as instants: text with an offset at that offset, text without one as UTC (the connection's zone, see
@@ -197,7 +210,7 @@ def _text_in_range(
     return conditions
 
 
-def _comparable(stamp: Column[object], bound: datetime, dialect: str) -> tuple[ColumnElement[Any], Any]:
+def _comparable(stamp: ColumnElement[Any], bound: datetime, dialect: str) -> tuple[ColumnElement[Any], Any]:
     if dialect == "sqlite":  # julianday reads ISO 8601 text, offset included, as a UTC day number
         return func.julianday(stamp), func.julianday(bound.astimezone(UTC).isoformat(sep=" "))
     return cast(stamp, types.DateTime(timezone=True)), bound
@@ -227,6 +240,7 @@ def _stream_to_parquet(
                 raise Stopped("the attempt was asked to stop while reading its data source")
             table = pa.table({name: _column(chunk, i, name, kind) for i, (name, kind) in enumerate(columns)})
             if writer is None:
+                table = _with_empty_columns_typed(connection, query, table)
                 writer = pq.ParquetWriter(target, table.schema)
             writer.write_table(_as_first_chunk(table, writer.schema))
             rows += table.num_rows
@@ -244,6 +258,29 @@ def _stream_to_parquet(
     if rows == 0:
         raise InvalidInput("the data source has no rows in the requested range", field="dataRange")
     return rows
+
+
+def _with_empty_columns_typed(
+    connection: Connection, query: sql.Select[tuple[object, ...]], first_chunk: pa.Table
+) -> pa.Table:
+    """The first chunk sets the file's schema (ParquetWriter takes it up front), and a column whose values decide its
+    type, with none in that chunk, would be set as null, which no later value fits. Such a column takes the type of
+    its first value in the range, read by a query of one row: holding chunks back until one shows a value would hold
+    the whole range of a column empty throughout."""
+    table = first_chunk
+    for index, field in enumerate(first_chunk.schema):
+        if pa.types.is_null(field.type):
+            table = table.set_column(
+                index, field.name, pa.nulls(table.num_rows, _first_value_type(connection, query, field.name))
+            )
+    return table
+
+
+def _first_value_type(connection: Connection, query: sql.Select[tuple[object, ...]], name: str) -> pa.DataType:
+    """Read as the chunks read it (_column); null when the range holds no value for the column at all."""
+    read = query.subquery()
+    first = connection.execute(select(read.c[name]).where(read.c[name].is_not(None)).limit(1)).first()
+    return pa.null() if first is None else _column([first], 0, name, None).type
 
 
 def _not_timestamps(name: str) -> InvalidInput:

@@ -581,3 +581,43 @@ def test_a_timestamp_column_declared_as_numbers_is_refused_on_both_databases(tmp
             read_ids_in_range(url, tmp_path, *JAN_2)
 
     assert str(from_sqlite.value) == str(from_postgresql.value) == NOT_TIMESTAMPS
+
+
+@pytest.mark.parametrize(
+    "domains",
+    [
+        ["CREATE DOMAIN celsius AS numeric(8, 2)"],
+        ["CREATE DOMAIN reading AS double precision", "CREATE DOMAIN celsius AS reading"],
+    ],
+    ids=["over-numeric", "over-a-domain-over-double-precision"],
+)
+def test_a_postgresql_domain_column_reads_as_the_type_the_domain_is_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, domains: list[str]
+) -> None:
+    """SQLAlchemy reflects a domain as DOMAIN, no Numeric: its values read as each chunk inferred them, null for a
+    chunk without one, and a later chunk could not join the file."""
+    monkeypatch.setattr(extract, "CHUNK_ROWS", 2)
+    with fresh_postgres_database() as url:
+        postgres_store(
+            url,
+            *domains,
+            "CREATE TABLE readings (id serial PRIMARY KEY, temp celsius)",
+            "INSERT INTO readings (temp) VALUES (NULL), (NULL), (1000.25), (2.5)",
+        )
+
+        read = read_columns(url, tmp_path, ["temp"])
+
+    assert read == {"temp": [None, None, 1000.25, 2.5]}
+    assert pq.read_schema(tmp_path / "out.parquet").field("temp").type == "double"
+
+
+def test_a_column_without_a_declared_type_empty_in_the_first_chunk_takes_the_type_of_its_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first chunk sets the file's schema: the column was set as null, which the later values could not join."""
+    monkeypatch.setattr(extract, "CHUNK_ROWS", 2)
+    rows = [(1, None), (2, None), (3, 70.5), (4, None), (5, 71.5)]
+    url = sqlite_store(tmp_path, "CREATE TABLE readings (id INTEGER PRIMARY KEY, temp)", rows)
+
+    assert read_columns(url, tmp_path, ["temp"]) == {"temp": [None, None, 70.5, None, 71.5]}
+    assert pq.read_schema(tmp_path / "out.parquet").field("temp").type == "double"
