@@ -207,11 +207,14 @@ class StoreRules:
             )
         return url.update_query_dict({"hostaddr": str(addresses[0])})
 
-    def check_opened(self, connection: Connection, *, table: str | None, field: str) -> None:
-        """Kiln's own database, reached by any URL, gives up only the tables in `kiln_tables`."""
-        if not set(inspect(connection).get_table_names()) >= KILN_TABLES:
+    def check_opened(self, connection: Connection, *, table: str | None, field: str, schema: str | None = None) -> None:
+        """Kiln's own database, reached by any URL, gives up only the tables in `kiln_tables`, named without a schema.
+        It is known by Kiln's tables in the connection's default schema, or in the `schema` a table is read from:
+        a user whose search_path leads elsewhere would not see them in the default one."""
+        inspector = inspect(connection)
+        if not any(set(inspector.get_table_names(schema=where)) >= KILN_TABLES for where in {None, schema}):
             return
-        if table is None or table not in self.kiln_tables:
+        if table is None or schema is not None or table not in self.kiln_tables:
             raise InvalidInput(
                 "the database is Kiln's own: an organization may read only its own synced tables there "
                 "(sync_<sourceId>_<table>), and may not sync with it",

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, func, select, sql, type_coerce, types
+from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, func, inspect, select, sql, type_coerce, types
 from sqlalchemy.dialects.postgresql import DOMAIN
 from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import DataError, NoSuchTableError, OperationalError, SQLAlchemyError
@@ -62,8 +62,9 @@ def extract_database(
             _connect(engine, where=_describe(source.url)) as connection,
             cut_off_when(should_stop, _cutter(connection)),
         ):
-            rules.check_opened(connection, table=source.table, field="datasource")
-            query = _query(connection, source, columns, start, end)
+            located = _located(connection, source.table)
+            rules.check_opened(connection, table=located.name, schema=located.schema, field="datasource")
+            query = _query(connection, located, source, columns, start, end)
             ranged_by = source.timestamp_column if start is not None or end is not None else None
             return _stream_to_parquet(connection, query, target, should_stop, ranged_by=ranged_by)
     except Exception as error:
@@ -101,11 +102,31 @@ def _connect(engine: Engine, *, where: str) -> Connection:
         raise TransientError(f"the data source {where} is unreachable: {_first_line(error)}") from error
 
 
+class _Located(NamedTuple):
+    name: str
+    schema: str | None
+
+
+def _located(connection: Connection, table: str) -> _Located:
+    """The table as named when one bears that name (a dot in it included); else a dotted name is schema.table, split at
+    its first dot ("historian.readings") when that schema exists."""
+    schema, dot, name = table.partition(".")
+    inspector = inspect(connection)
+    if not dot or inspector.has_table(table) or schema not in inspector.get_schema_names():
+        return _Located(table, None)
+    return _Located(name, schema)
+
+
 def _query(
-    connection: Connection, source: DatabaseSource, columns: list[str], start: datetime | None, end: datetime | None
+    connection: Connection,
+    located: _Located,
+    source: DatabaseSource,
+    columns: list[str],
+    start: datetime | None,
+    end: datetime | None,
 ) -> sql.Select[tuple[object, ...]]:
     try:
-        table = Table(source.table, MetaData(), autoload_with=connection)
+        table = Table(located.name, MetaData(), schema=located.schema, autoload_with=connection)
     except NoSuchTableError:
         raise InvalidInput(f"table {source.table!r} does not exist in the data source", field="datasource") from None
     wanted = source_columns(source.column_map, columns)

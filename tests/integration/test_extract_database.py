@@ -19,7 +19,7 @@ from services.trainer.extract import extract_database
 from services.trainer.runs import DatabaseSource
 from shared.db.migrate import upgrade
 from shared.errors import InvalidInput, TransientError
-from shared.store_access import StoreRules
+from shared.store_access import KILN_TABLES, StoreRules
 from tests.support.servers import free_port, fresh_postgres_database
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
@@ -621,3 +621,32 @@ def test_a_column_without_a_declared_type_empty_in_the_first_chunk_takes_the_typ
 
     assert read_columns(url, tmp_path, ["temp"]) == {"temp": [None, None, 70.5, None, 71.5]}
     assert pq.read_schema(tmp_path / "out.parquet").field("temp").type == "double"
+
+
+def test_a_dotted_table_name_is_the_table_bearing_it_or_else_schema_dot_table(tmp_path: Path) -> None:
+    """A historian's tables often live in a schema of their own; "historian.readings" was looked up as one name."""
+    with fresh_postgres_database() as url:
+        postgres_store(
+            url,
+            "CREATE SCHEMA historian",
+            "CREATE TABLE historian.readings (id integer)",
+            "INSERT INTO historian.readings VALUES (1), (2)",
+            'CREATE TABLE "line.3" (id integer)',
+            'INSERT INTO "line.3" VALUES (3)',
+        )
+
+        assert read_all(url, tmp_path, rules(tmp_path), table="historian.readings") == 2
+        assert read_all(url, tmp_path, rules(tmp_path), table="line.3") == 1
+
+
+def test_kilns_own_tables_in_a_schema_of_their_own_are_refused_when_named_with_it(tmp_path: Path) -> None:
+    """Kiln's database was known by its tables in the default schema, where a table named with a schema need not be."""
+    with fresh_postgres_database() as url:
+        postgres_store(
+            url,
+            "CREATE SCHEMA kiln",
+            *(f"CREATE TABLE kiln.{name} (id integer)" for name in sorted(KILN_TABLES)),
+        )
+
+        with pytest.raises(InvalidInput, match="Kiln's own"):
+            read_all(url, tmp_path, rules(tmp_path), table="kiln.api_keys")
