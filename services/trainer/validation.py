@@ -65,7 +65,9 @@ def judge(
         one, the probe starts here and loads while this process does the rest."""
     with footprint or FootprintProbe.start(model, holdout.features.shape[1]) as probe:
         try:
-            served = _served_probabilities(model, holdout.features)
+            served = _served_probabilities(model, holdout.features, len(holdout.classes))
+        except BrokenOutputContract as error:
+            return unhealthy(len(model), gates, f"breaks the output contract: {error}")
         except Exception as error:
             return unhealthy(len(model), gates, f"does not run in onnxruntime: {type(error).__name__}: {error}")
         metrics = _finite(classification_metrics(holdout.labels, served))
@@ -105,16 +107,43 @@ def _unmeasured(model_size_bytes: int, gates: Gates, note: str) -> Verdict:
     return Verdict(metrics={}, report={**checks, "note": note})
 
 
-def _served_probabilities(model: bytes, features: np.ndarray) -> np.ndarray:
+class BrokenOutputContract(ValueError):
+    """The model runs, but what it answers is not the `probabilities` every reader of it expects."""
+
+
+def _served_probabilities(model: bytes, features: np.ndarray, n_classes: int) -> np.ndarray:
     """The model's answers on every held-out row, on as many threads as the machine has: this is a batch job."""
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
-    parts = [
-        session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: features[start : start + CHUNK_ROWS]})[0]
-        for start in range(0, features.shape[0], CHUNK_ROWS)
-    ]
+    parts = []
+    for start in range(0, features.shape[0], CHUNK_ROWS):
+        chunk = features[start : start + CHUNK_ROWS]
+        answer = session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: chunk})[0]
+        parts.append(_checked_probabilities(answer, chunk.shape[0], n_classes))
     return np.concatenate(parts)
+
+
+def _checked_probabilities(answer: object, rows: int, n_classes: int) -> np.ndarray:
+    """`answer` if it is a finite float array [rows, n_classes], else BrokenOutputContract saying what it is.
+
+    The metrics, parity and the predictor index it so: anything else (a custom script's one column a row, a column
+    too many, NaN, onnxmltools' default ZipMap of dicts) would fail them deep inside rather than fail the gate."""
+    wanted = f"probabilities must be a float tensor [N, {n_classes}]"
+    if not isinstance(answer, np.ndarray):
+        raise BrokenOutputContract(f"{wanted}, got {_described(answer)}")
+    if not np.issubdtype(answer.dtype, np.floating) or answer.shape != (rows, n_classes):
+        raise BrokenOutputContract(f"{wanted}, got {answer.dtype} {list(answer.shape)} for {rows} rows")
+    non_finite = int((~np.isfinite(answer)).any(axis=1).sum())
+    if non_finite:
+        raise BrokenOutputContract(f"{wanted} of finite values, got NaN or infinity in {non_finite} of {rows} rows")
+    return answer
+
+
+def _described(answer: object) -> str:
+    if isinstance(answer, list) and answer and isinstance(answer[0], dict):
+        return f"a list of {len(answer)} maps (onnxmltools' default ZipMap: convert with zipmap=False)"
+    return f"a {type(answer).__name__}"
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, Any]:

@@ -564,6 +564,40 @@ def test_a_model_txt_that_aborts_lightgbm_rejects_the_version_and_the_worker_liv
     assert again["note"].startswith("the stored model.txt does not run in LightGBM: killed by SIGABRT")
 
 
+def test_a_stock_onnxmltools_export_is_rejected_for_its_zipmap_when_trained_and_when_judged_again(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    """onnxmltools' default export answers `probabilities` as a list of maps (a ZipMap): the run used to fail with an
+    IndexError from the metrics, leaving no version; it is a version rejected for onnx_health, saying why."""
+    from services.trainer.revalidate import revalidate
+
+    export = "; ".join(
+        [
+            "import lightgbm, onnxmltools",
+            "from onnxmltools.convert.common.data_types import FloatTensorType",
+            'features = len(json.load(open(sys.argv[1]))["featureColumns"])',
+            'booster = lightgbm.Booster(model_file=out + "/model.txt")',
+            'types = [("input", FloatTensorType([None, features]))]',
+            "stock = onnxmltools.convert_lightgbm(booster, initial_types=types)",
+            'open(out + "/model.onnx", "wb").write(stock.SerializeToString())',
+        ]
+    )
+    script = install_script(scripts_dir, "stock_export.py", then(export))
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+
+    assert run_training(run_id, script_worker) == "rejected"
+
+    run = run_of(api, org, run_id)
+    model = api.get(f"/v1/orgs/{org.org_id}/models/{run['version']}", headers=org.viewer).json()
+    zipmap = "probabilities must be a float tensor [N, 2], got a list of 400 maps"
+    assert "onnx_health" in model["validation"]["failed"] and zipmap in model["validation"]["note"]
+    assert "onnx_health" in run["error"]
+    assert revalidate(org.org_id, run["version"], script_worker) == "rejected"
+    again = api.get(f"/v1/orgs/{org.org_id}/models/{run['version']}", headers=org.viewer).json()["validation"]
+    assert "onnx_health" in again["failed"] and zipmap in again["note"]
+
+
 def test_a_link_planted_where_the_worker_writes_the_held_out_rows_is_never_followed(
     api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
 ) -> None:

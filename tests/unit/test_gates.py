@@ -10,7 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxmltools
 import pytest
+from onnxmltools.convert.common.data_types import FloatTensorType
 from sklearn.metrics import accuracy_score, precision_score, recall_score
 
 from services.trainer.pipeline.data import TrainingData, split_holdout
@@ -236,3 +239,83 @@ def test_judging_a_model_onnxruntime_cannot_run_stops_the_memory_probe_handed_to
     assert "does not run in onnxruntime" in verdict.report["note"]
     assert _probes_running() == []
     assert list(probe_folder.iterdir()) == []
+
+
+_CONSTANTS = {"from0": 0, "to2": 2, "to3": 3, "axis1": 1}
+
+
+def _graph_answering(nodes: list[onnx.NodeProto], *, dtype: int = onnx.TensorProto.FLOAT) -> bytes:
+    """A model from "input" to "probabilities" through `nodes`, as a custom training script might export one."""
+    constants = [onnx.numpy_helper.from_array(np.array([v], np.int64), name) for name, v in _CONSTANTS.items()]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "answers",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, None])],
+        [onnx.helper.make_tensor_value_info("probabilities", dtype, None)],
+        initializer=[*constants, onnx.numpy_helper.from_array(np.array([math.nan], np.float32), "nan")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def _first_columns(n_columns: int) -> onnx.NodeProto:
+    return onnx.helper.make_node("Slice", ["input", "from0", f"to{n_columns}", "axis1"], ["columns"])
+
+
+def _contract_breakers() -> dict[str, tuple[bytes, str]]:
+    """Models that load and run yet answer something else than [N, 2] finite floats, with the words that say so."""
+    make_node = onnx.helper.make_node
+    return {
+        "one figure a row": (
+            _graph_answering([make_node("ReduceMax", ["input"], ["probabilities"], axes=[1], keepdims=0)]),
+            "got float32 [400] for 400 rows",
+        ),
+        "three columns for two classes": (
+            _graph_answering([_first_columns(3), make_node("Softmax", ["columns"], ["probabilities"], axis=1)]),
+            "got float32 [400, 3] for 400 rows",
+        ),
+        "integers": (
+            _graph_answering(
+                [_first_columns(2), make_node("Cast", ["columns"], ["probabilities"], to=onnx.TensorProto.INT64)],
+                dtype=onnx.TensorProto.INT64,
+            ),
+            "got int64 [400, 2] for 400 rows",
+        ),
+        "NaN": (
+            _graph_answering([_first_columns(2), make_node("Mul", ["columns", "nan"], ["probabilities"])]),
+            "of finite values, got NaN or infinity in 400 of 400 rows",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_contract_breakers()))
+def test_a_model_answering_other_than_finite_probabilities_per_class_fails_onnx_health_saying_what_it_gave(
+    ai4i_data: AI4IData, case: str
+) -> None:
+    model, words = _contract_breakers()[case]
+    holdout = ai4i_data(400)
+
+    verdict = judge(model, None, holdout, Gates())
+
+    assert verdict.report["failed"] == ["accuracy", "precision", "recall", "onnx_health", "parity"]
+    assert verdict.report["note"].startswith(
+        "the stored model.onnx breaks the output contract: probabilities must be a float tensor [N, 2]"
+    )
+    assert verdict.report["note"].endswith(words), verdict.report["note"]
+
+
+def test_onnxmltools_default_export_with_a_zipmap_fails_onnx_health_naming_the_option_that_avoids_it(
+    ai4i_data: AI4IData,
+) -> None:
+    data = ai4i_data(400)
+    booster = fit_booster(data, DEFAULT_HYPERPARAMETERS)
+    initial_types = [("input", FloatTensorType([None, len(data.feature_columns)]))]
+    model = onnxmltools.convert_lightgbm(booster, initial_types=initial_types, target_opset=15)
+
+    verdict = judge(model.SerializeToString(), None, data, Gates())
+
+    assert "onnx_health" in verdict.report["failed"]
+    assert verdict.report["note"].endswith(
+        "got a list of 400 maps (onnxmltools' default ZipMap: convert with zipmap=False)"
+    ), verdict.report["note"]
