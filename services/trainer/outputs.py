@@ -4,7 +4,9 @@ A script may leave anything in outputPath: a link to the worker's secrets or to 
 worker, reading as itself, would upload as the model), or a FIFO that blocks whoever opens it. Each file the
 worker uses is opened inside the outputs folder (not followed if that is a link), without following a link and
 without blocking, must be a regular file, and is copied into a folder the worker makes after the script is gone;
-only those copies are read, judged and uploaded.
+only those copies are read, judged and uploaded. A model.onnx over the size gate is not copied at all: a script can
+make one as large as its largest file allows without spending its disk quota (a sparse file), and its size is all
+the gate needs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import shutil
 import stat
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import InvalidInput
@@ -23,9 +26,18 @@ SCRIPT_METRICS_FILE = "metrics.json"
 COLLECTED = (MODEL_FILE, NATIVE_MODEL_FILE, SCRIPT_METRICS_FILE)
 
 
-def collect_outputs(outputs: Path, workdir: Path) -> Path:
+@dataclass(frozen=True)
+class Collected:
+    """The worker's copies of the script's output files, and the size of the model.onnx the script wrote."""
+
+    folder: Path
+    model_size: int | None  # None when the script wrote no model.onnx
+
+
+def collect_outputs(outputs: Path, workdir: Path, *, max_model_bytes: int) -> Collected:
     """A new folder under `workdir`, named at random so that the script cannot have made it, holding copies of the
-    script's output files that exist. InvalidInput naming a file that is a link or not a regular file."""
+    script's output files that exist, but for a model.onnx over `max_model_bytes`. InvalidInput naming a file that
+    is a link or not a regular file."""
     collected = Path(tempfile.mkdtemp(prefix="collected-", dir=workdir))
     try:
         folder = os.open(outputs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -34,30 +46,36 @@ def collect_outputs(outputs: Path, workdir: Path) -> Path:
             "the training script replaced its outputPath folder (by a link, or removed it)", field="trainingScript"
         ) from None
     try:
+        model_size = _copy_regular_file(folder, MODEL_FILE, collected / MODEL_FILE, max_bytes=max_model_bytes)
         for name in COLLECTED:
-            _copy_regular_file(folder, name, collected / name)
+            if name != MODEL_FILE:
+                _copy_regular_file(folder, name, collected / name)
     finally:
         os.close(folder)
-    return collected
+    return Collected(collected, model_size)
 
 
-def _copy_regular_file(folder: int, name: str, target: Path) -> None:
+def _copy_regular_file(folder: int, name: str, target: Path, *, max_bytes: int | None = None) -> int | None:
+    """The file's size, or None when there is none; copied to `target` unless over `max_bytes`."""
     try:
         source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
     except FileNotFoundError:
-        return
+        return None
     except OSError as error:
         kind = "a link" if error.errno == errno.ELOOP else f"unreadable ({error.strerror})"
         raise InvalidInput(
             f"the training script's {name} is {kind}; outputPath must hold regular files", field="trainingScript"
         ) from None
     try:
-        if not stat.S_ISREG(os.fstat(source).st_mode):
+        status = os.fstat(source)
+        if not stat.S_ISREG(status.st_mode):
             raise InvalidInput(
                 f"the training script's {name} is not a regular file; outputPath must hold regular files",
                 field="trainingScript",
             )
-        with open(source, "rb", closefd=False) as reader, target.open("xb") as writer:
-            shutil.copyfileobj(reader, writer)
+        if max_bytes is None or status.st_size <= max_bytes:
+            with open(source, "rb", closefd=False) as reader, target.open("xb") as writer:
+                shutil.copyfileobj(reader, writer)
+        return status.st_size
     finally:
         os.close(source)

@@ -31,7 +31,7 @@ from services.trainer.pipeline.validate import FootprintProbe, Gates
 from services.trainer.progress import ProgressWriter
 from services.trainer.runs import Attempt, Cancelled, DatabaseSource, DatasetSource, LeaseLost, TrainedVersion
 from services.trainer.sandbox import Limits
-from services.trainer.validation import Verdict, gates_for, judge, size_rejection, too_large
+from services.trainer.validation import Verdict, gates_for, judge, size_gate_bytes, size_rejection, too_large
 from shared.crypto import SecretBox
 from shared.db.models import Dataset, TrainingRun
 from shared.db.session import DATABASE_TROUBLE, driver_message, out_of_reach, session_scope
@@ -40,7 +40,7 @@ from shared.layout import MODEL_FILE, model_prefix
 from shared.outbox import relay
 from shared.retries import gave_up
 from shared.schemas import DataRange, unfit_text
-from shared.storage import ObjectStore
+from shared.storage import ObjectStore, sha256_file
 from shared.store_access import StoreRules
 from shared.stored_secrets import datasource_context
 from shared.versions import new_version
@@ -51,6 +51,8 @@ BUILT_IN_SCRIPT = Path(services.trainer.scripts.__file__).parent / "train_lightg
 MAX_METRICS_BYTES = 1024 * 1024
 MAX_METRICS_DEPTH = 8
 _MAX_MESSAGE_CHARS = 1000
+# The sha256 a version over the size gate records: that of the bytes the worker read of its model.onnx, none.
+UNREAD_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 def run_training(run_id: str, context: WorkerContext, *, worker: str | None = None) -> str:
@@ -157,8 +159,8 @@ def _train(attempt: Attempt, context: WorkerContext, heartbeat: Heartbeat) -> Tr
         train, holdout = split_holdout(data, config.validation_split)
         check_trainable(config.hyperparameters, len(train.labels))
         step.log("extracted", _split_summary(data, train, holdout))
-        outputs = step.run_script(workdir, train)
-        return step.judge_and_store(outputs, data, holdout)
+        outputs, model_size = step.run_script(workdir, train)
+        return step.judge_and_store(outputs, model_size, data, holdout)
 
 
 def _remove_earlier_candidates(attempt: Attempt, context: WorkerContext) -> None:
@@ -270,7 +272,8 @@ class _Steps:
         box = SecretBox.from_settings(self.context.settings)
         return box.decrypt(source.password_encrypted, context=datasource_context(self.attempt.org_id))
 
-    def run_script(self, workdir: Path, train: TrainingData) -> Path:
+    def run_script(self, workdir: Path, train: TrainingData) -> tuple[Path, int]:
+        """The worker's copies of the script's outputs, and the size of its model.onnx."""
         self.enter("training", 20)
         outputs = workdir / "outputs"
         outputs.mkdir()
@@ -288,15 +291,17 @@ class _Steps:
             raise self._stopped()
         if not result.ok:
             raise InvalidInput(f"the training script failed: {result.reason()}", field="trainingScript")
-        outputs = collect_outputs(outputs, workdir)
-        if not (outputs / MODEL_FILE).exists():
+        collected = collect_outputs(
+            outputs, workdir, max_model_bytes=size_gate_bytes(gates_for(self.attempt.org_config))
+        )
+        if collected.model_size is None:
             raise InvalidInput(f"the training script wrote no {MODEL_FILE} into outputPath", field="trainingScript")
         self.log(
             "exported",
-            f"{MODEL_FILE}: {(outputs / MODEL_FILE).stat().st_size} bytes; script used "
+            f"{MODEL_FILE}: {collected.model_size} bytes; script used "
             f"{result.cpu_s:.1f} s CPU, {result.max_rss_mb:.0f} MB, {result.duration_s:.1f} s",
         )
-        return outputs
+        return collected.folder, collected.model_size
 
     def _script_progress(self, stage: str, percent: int, message: str | None) -> None:
         # Called from the progress writer's thread: a lost lease stops the script through should_stop.
@@ -328,27 +333,26 @@ class _Steps:
             "outputPath": str(outputs),
         }
 
-    def judge_and_store(self, outputs: Path, data: TrainingData, holdout: TrainingData) -> TrainedVersion:
-        """Judge and store the model in `outputs`, the worker's own copies of what the script wrote."""
+    def judge_and_store(self, outputs: Path, size: int, data: TrainingData, holdout: TrainingData) -> TrainedVersion:
+        """Judge and store the model in `outputs`, the worker's own copies of what the script wrote; the script's
+        model.onnx is `size` bytes (not copied when that is over the size gate)."""
         self.enter("validating", 75)
         gates = gates_for(self.attempt.org_config)
         model_file = outputs / MODEL_FILE
-        size = model_file.stat().st_size
         version = new_version()
         prefix = model_prefix(self.attempt.org_id, version)
         holdout_file = outputs / "holdout.parquet"
         artifacts.save_holdout(holdout, holdout_file)
-        sha256 = hashlib.sha256(model_file.read_bytes()).hexdigest()
         store = self.context.store
         candidates.record(self.context.sessions, self.attempt, prefix)
         try:
             if too_large(size, gates):
-                self.log(
-                    "validating", f"{MODEL_FILE} is {size} bytes, over the size gate: not uploaded", level="warning"
-                )
+                self.log("validating", f"{MODEL_FILE} is {size} bytes, over the size gate: not read", level="warning")
                 self._upload_candidate(prefix, outputs, holdout_file, with_model=False)
                 verdict = size_rejection(size, gates)
+                sha256 = UNREAD_SHA256
             else:
+                sha256 = sha256_file(model_file)
                 # The memory probe's interpreter starts up (~0.3 s) while the artifacts upload and are read back,
                 # rather than wholly beside the holdout pass, which keeps every core busy.
                 with FootprintProbe.start(model_file.read_bytes(), holdout.features.shape[1]) as footprint:

@@ -27,6 +27,7 @@ from services.trainer.pipeline.validate import (
 from shared.schemas import OrgConfig
 
 CHUNK_ROWS = 100_000
+_LARGEST_FILE_BYTES = 2**63
 UNMEASURED = {"accuracy": math.nan, "precision": math.nan, "recall": math.nan}
 
 
@@ -47,7 +48,13 @@ def gates_for(org_config: OrgConfig) -> Gates:
 
 def too_large(model_size_bytes: int, gates: Gates) -> bool:
     """The size gate, checked before anything is uploaded."""
-    return model_size_bytes / MB > gates.max_model_mb
+    return model_size_bytes > size_gate_bytes(gates)
+
+
+def size_gate_bytes(gates: Gates) -> int:
+    """The most bytes a model may have and pass the size gate."""
+    # An org's gate may be any finite figure, even one whose bytes overflow a float: no file is larger than this.
+    return math.floor(min(gates.max_model_mb * MB, _LARGEST_FILE_BYTES))
 
 
 def judge(

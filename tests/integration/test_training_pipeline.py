@@ -3,6 +3,7 @@ interface and its sandbox, retries, cancellation, the training log, validation a
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import secrets
@@ -241,6 +242,43 @@ def test_a_model_over_the_size_gate_is_rejected_before_it_is_uploaded(
     run = run_of(api, org, run_id)
     assert "model_size_mb" in run["error"]
     assert not open_object_store(settings).exists(model_key(org.org_id, run["version"]))
+
+
+def bytes_moved_by_this_process() -> int:
+    """Bytes this process (every thread of it) has read and written through system calls, sparse holes included."""
+    counters = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(counters["rchar"]) + int(counters["wchar"])
+
+
+def test_a_sparse_model_over_the_size_gate_is_rejected_without_the_worker_copying_or_reading_it(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, settings: Settings, scripts_dir: Path, tmp_path: Path
+) -> None:
+    """A script can truncate() model.onnx up to its largest file (4 GB by default) at no cost to its disk quota: the
+    worker copied it and read it whole to hash it, and a worker killed for its memory was retried as a lost one."""
+    sparse_size = 256 * 1024 * 1024
+    script = install_script(scripts_dir, "sparse.py", then(f'open(out + "/model.onnx", "r+b").truncate({sparse_size})'))
+    set_org_config(api, org, {"training": {"scriptPath": script}, "gates": {"maxModelMb": 1}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    before = bytes_moved_by_this_process()
+
+    assert run_training(run_id, script_worker) == "rejected"
+
+    assert bytes_moved_by_this_process() - before < sparse_size / 4
+    run = run_of(api, org, run_id)
+    model = api.get(f"/v1/orgs/{org.org_id}/models/{run['version']}", headers=org.viewer).json()
+    assert model["validation"]["failed"] == [
+        "accuracy",
+        "precision",
+        "recall",
+        "model_size_mb",
+        "onnx_health",
+        "parity",
+    ]
+    assert model["sizeBytes"] == sparse_size and model["sha256"] == hashlib.sha256(b"").hexdigest()  # of no bytes
+    assert not open_object_store(settings).exists(model_key(org.org_id, run["version"]))
+    assert f"model.onnx is {sparse_size} bytes, over the size gate: not read" in [
+        line["message"] for line in logs(api, org, run_id)
+    ]
 
 
 def test_validating_again_reads_the_stored_artifact_and_rejects_a_tampered_one(
