@@ -202,7 +202,11 @@ class Synchronizer:
         if current is not None and current.deployed.deployment_id > deployed.deployment_id:
             return current  # read before a newer deployment was loaded: the request gets the newer one
         if current is not None and current.version == deployed.version:
-            if current.deployed != deployed:  # the org's prediction settings changed
+            if not wanted.loaded_before:
+                # A rollback to the version loaded here: it serves once installed, so it is recorded as loaded
+                # first, as a load is, and no worker refuses it later.
+                record_loaded(self.sessions, deployed.deployment_id)
+            if current.deployed != deployed:  # the org's prediction settings changed, or a rollback to it
                 current = current.with_policy(deployed)
                 self.cache.install(current)
             return current

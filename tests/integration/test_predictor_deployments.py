@@ -438,3 +438,37 @@ def test_an_undeploy_before_any_predictor_tried_a_broken_deploy_names_and_rolls_
         assert served_version(predictor, org) == good
     current = current_deployment(api, org)
     assert (current["status"], current["servingVersion"]) == ("deployed", good)
+
+
+def serving_deployment(predictor: TestClient, org: OrgKeys) -> int | None:
+    response = predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
+    return int(response.headers["x-deployment-id"]) if response.status_code == 200 else None
+
+
+def test_a_rollback_to_the_version_still_loaded_is_recorded_as_loaded_so_no_worker_refuses_it_later(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    """The predictor that refused the broken deploy still holds the good version: the rollback serves at once, with
+    no load, and must be known to have served like any deployment that loaded."""
+    good = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, good)
+    with start_predictor(settings) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == good)
+        broken = refuse(api, org, engine, store, "corrupt ONNX")
+        back = api.post(f"/v1/orgs/{org.org_id}/rollback", json={"version": good}, headers=org.admin)
+        assert back.status_code == 200, back.text
+        rollback_id = back.json()["deploymentId"]
+        assert eventually(lambda: serving_deployment(predictor, org) == rollback_id)
+    store.put_bytes(model_key(org.org_id, good), tiny_model(seed=3))  # its file changes since (a bad restore, say)
+    with start_predictor(settings) as restarted:  # a worker that must load it again, from a file no longer its own
+        assert becomes_ready(restarted)
+        answer = restarted.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
+    assert answer.status_code == 503 and "does not match the recorded" in answer.json()["error"]
+    undeploy(api, org)
+    history = api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()
+    assert [(row["action"], row["version"], row["previousVersion"], row["status"]) for row in history] == [
+        ("undeploy", None, good, "undeployed"),
+        ("rollback", good, broken, "deployed"),
+        ("deploy", broken, good, "failed"),
+        ("deploy", good, None, "deployed"),
+    ]
