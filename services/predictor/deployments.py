@@ -183,7 +183,8 @@ class Synchronizer:
     def _follow(self, wanted: Wanted) -> LoadedModel | None:
         model = self._apply(wanted)
         if model is None and self.cache.undeployed(wanted.deployed.org_id) is None:
-            # Refused, with nothing loaded: the database now names the deployment before it.
+            # Refused, or read before a newer deployment since evicted, with nothing loaded: the database now names
+            # the deployment to serve.
             return self.sync_org(wanted.deployed.org_id)
         return model
 
@@ -199,8 +200,9 @@ class Synchronizer:
         if undeployed is not None and undeployed > deployed.deployment_id:
             return None  # read before the org was undeployed: it serves nothing
         current = self.cache.peek(deployed.org_id)
-        if current is not None and current.deployed.deployment_id > deployed.deployment_id:
-            return current  # read before a newer deployment was loaded: the request gets the newer one
+        if self.cache.newest(deployed.org_id) > deployed.deployment_id:
+            # Read before a newer deployment was installed: the request gets that one, read again once evicted.
+            return current
         if current is not None and current.version == deployed.version:
             if not wanted.loaded_before:
                 # A rollback to the version loaded here: it serves once installed, so it is recorded as loaded

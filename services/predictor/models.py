@@ -147,9 +147,10 @@ class ModelCache:
 
     Readers take an org's model without a lock: a swap is one dict assignment, so a request in flight finishes on
     the model it started with. Installs are ordered by deployment id, so a slow load of an older deployment can
-    never replace a newer one. When the budget is exceeded the least recently used orgs are unloaded; their next
-    request loads them again. An undeployed org's model is unloaded, and the undeploy's deployment id kept: no
-    load of a deployment before it is installed after it.
+    never replace a newer one, nor come in after the newer one was evicted: the newest deployment id installed is
+    kept per org (one int for each org this process ever served). When the budget is exceeded the least recently
+    used orgs are unloaded; their next request loads them again. An undeployed org's model is unloaded, and the
+    undeploy's deployment id kept: no load of a deployment before it is installed after it.
     """
 
     def __init__(self, budget_mb: float) -> None:
@@ -157,6 +158,7 @@ class ModelCache:
         self._models: dict[str, LoadedModel] = {}
         self._last_used: dict[str, float] = {}
         self._undeployed: dict[str, int] = {}
+        self._newest: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def get(self, org_id: str) -> LoadedModel | None:
@@ -179,11 +181,15 @@ class ModelCache:
         """The deployment id of the org's undeploy, while no deployment after it has been installed."""
         return self._undeployed.get(org_id)
 
+    def newest(self, org_id: str) -> int:
+        """The newest deployment id ever installed for the org, evicted since or not; 0 for none."""
+        return self._newest.get(org_id, 0)
+
     def undeploy(self, org_id: str, deployment_id: int) -> bool:
-        """Unload the org's model unless a newer deployment is already there; whether the org is undeployed now."""
+        """Unload the org's model unless a newer deployment has been installed; whether the org is undeployed now."""
         with self._lock:
             current = self._models.get(org_id)
-            if current is not None and current.deployed.deployment_id > deployment_id:
+            if self.newest(org_id) > deployment_id:
                 return False
             known = self._undeployed.get(org_id)
             self._undeployed[org_id] = max(deployment_id, known or 0)
@@ -199,16 +205,16 @@ class ModelCache:
         return True
 
     def install(self, model: LoadedModel) -> bool:
-        """Put a loaded model in its org's slot unless a newer deployment (or undeploy) is already there; evict to
-        the budget."""
+        """Put a loaded model in its org's slot unless a newer deployment (or undeploy) has been installed, even if
+        evicted since; evict to the budget."""
         org_id = model.deployed.org_id
+        deployment_id = model.deployed.deployment_id
         with self._lock:
             current = self._models.get(org_id)
-            if current is not None and current.deployed.deployment_id > model.deployed.deployment_id:
-                return False
-            if self._undeployed.get(org_id, 0) > model.deployed.deployment_id:
+            if self.newest(org_id) > deployment_id or self._undeployed.get(org_id, 0) > deployment_id:
                 return False
             self._undeployed.pop(org_id, None)
+            self._newest[org_id] = deployment_id
             self._models[org_id] = model
             self._last_used[org_id] = time.monotonic()
             evicted = self._evict_beyond_budget(keep=org_id)

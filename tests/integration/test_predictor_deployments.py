@@ -4,6 +4,7 @@ orgs share a process within a memory budget, and orgs that ask for it get a reco
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +16,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
+from services.predictor import deployments
 from services.predictor.app import create_app
 from services.predictor.records import PredictionRecorder
 from shared.db.models import Prediction
-from shared.db.session import make_session_factory
+from shared.db.session import SessionFactory, make_session_factory
 from shared.layout import model_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -472,3 +474,56 @@ def test_a_rollback_to_the_version_still_loaded_is_recorded_as_loaded_so_no_work
         ("deploy", broken, good, "failed"),
         ("deploy", good, None, "deployed"),
     ]
+
+
+def test_a_reconcile_read_before_a_deploy_never_brings_the_older_deployment_back_after_the_newer_was_evicted(
+    api: TestClient,
+    org: OrgKeys,
+    engine: Engine,
+    store: ObjectStore,
+    settings: Settings,
+    org_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Within one process versions only go forward, whatever a reconcile read before the deploy and whatever the
+    memory budget unloaded meanwhile."""
+    leaving, *others = [create_org_with_keys(api, prefix + org_id) for prefix in ("b", "c", "d")]
+    deploy_quietly(engine, leaving.org_id, register_model(engine, store, leaving.org_id, tiny_model(seed=3)))
+    deploy(api, org, register_model(engine, store, org.org_id, tiny_model(seed=1)))
+    second = register_model(engine, store, org.org_id, tiny_model(seed=2))
+    # Room for two orgs' models, the two deployed last (whatever earlier tests left deployed); reconciles only when
+    # the test runs one.
+    with start_predictor(settings, predictor_memory_mb=2.5, predictor_reconcile_s=600) as predictor:
+        state = predictor.app.state.predictor  # type: ignore[attr-defined]
+        assert becomes_ready(predictor)
+        first_id = serving_deployment(predictor, org)
+        undeploy(api, leaving)  # room for one more model when the reconcile starts, so that it loads the org
+        assert eventually(lambda: undeployed(predictor, leaving))
+        for seed, other in enumerate(others, start=4):
+            deploy_quietly(engine, other.org_id, register_model(engine, store, other.org_id, tiny_model(seed=seed)))
+        read, go_on = threading.Event(), threading.Event()
+        read_deployments = deployments.read_deployments
+
+        def read_then_wait(sessions: SessionFactory, org_id: str | None = None) -> list[Any]:
+            """A reconcile's read of every org returns, and its follows start, only once the test says so."""
+            wanted = read_deployments(sessions, org_id)
+            if org_id is None:
+                read.set()
+                go_on.wait(30)
+            return wanted
+
+        monkeypatch.setattr(deployments, "read_deployments", read_then_wait)
+        reconcile = threading.Thread(target=state.synchronizer.sync_all)
+        reconcile.start()
+        assert read.wait(10)
+
+        deploy(api, org, second)  # its event loads it
+        assert eventually(lambda: serving_deployment(predictor, org) not in (None, first_id))
+        newer_id = serving_deployment(predictor, org)
+        for other in others:  # the org, now the least recently used, is unloaded
+            assert serving_deployment(predictor, other) is not None
+        assert state.cache.peek(org.org_id) is None
+        go_on.set()
+        reconcile.join(10)
+
+        assert [serving_deployment(predictor, org) for _ in range(5)] == [newer_id] * 5

@@ -66,3 +66,18 @@ def test_an_undeploy_unloads_the_org_and_no_late_load_from_before_it_comes_back(
     assert cache.undeployed("acme") is None and cache.versions() == {"acme": "v7", "other": "v1"}
     assert not cache.undeploy("acme", 6)  # an undeploy read before the deploy after it
     assert cache.versions()["acme"] == "v7"
+
+
+def test_a_late_load_of_an_older_deployment_never_comes_back_once_the_newer_one_was_evicted() -> None:
+    cache = ModelCache(budget_mb=1)
+    assert cache.install(loaded("acme", 7))
+    cache.install(loaded("other", 1))  # over budget: acme, the least recently used, is unloaded
+    assert cache.peek("acme") is None
+
+    assert not cache.install(loaded("acme", 6))  # a reconcile's read from before deployment 7, finishing late
+    assert not cache.undeploy("acme", 5)  # an undeploy read before it too
+    assert cache.peek("acme") is None and cache.undeployed("acme") is None
+    assert cache.install(loaded("acme", 7))  # its next request loads the newest one again
+    assert cache.undeploy("acme", 8)
+    assert cache.install(loaded("acme", 9))  # deployed again after the undeploy
+    assert cache.versions() == {"acme": "v9"}
