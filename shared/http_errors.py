@@ -8,9 +8,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import exc
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from shared.errors import DatabaseUnavailable, InvalidInput, KilnError
 from shared.schemas import NUL, printable
@@ -18,6 +19,9 @@ from shared.schemas import NUL, printable
 log = logging.getLogger(__name__)
 
 REQUEST_PARTS = {"body", "query", "path", "header", "form", "cookie"}
+# nginx's status for a request whose client closed the connection first: no HTTP status says it, and no client
+# receives it; access logs show it.
+CLIENT_CLOSED_REQUEST = 499
 
 
 def refuse_nul_in_url(request: Request) -> None:
@@ -47,6 +51,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(exc.OperationalError, _database_unavailable)
     # No pooled connection came free in time: the database is too slow to answer, which a client should wait out too.
     app.add_exception_handler(exc.TimeoutError, _database_unavailable)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected_error)
 
 
@@ -80,6 +85,12 @@ async def _database_unavailable(request: Request, error: Exception) -> JSONRespo
     log.error("database unavailable on %s %s", request.method, request.url.path, exc_info=error)
     unavailable = DatabaseUnavailable()
     return JSONResponse(unavailable.to_payload(), status_code=int(unavailable.status), headers=unavailable.headers)
+
+
+async def _client_gone(request: Request, _error: Exception) -> Response:
+    """The client hung up while its body was read: nothing failed here, and the answer has no one to go to."""
+    log.info("client hung up during %s %s before its body had come", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:

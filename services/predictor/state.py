@@ -14,11 +14,12 @@ import redis
 from fastapi import Request
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from services.predictor.auth import KeyCache, check_org
 from services.predictor.deployments import LOAD_RETRY_S, Synchronizer
 from services.predictor.listener import DeployListener
-from services.predictor.metrics import FAILURE, REFUSED, SUCCESS, ServingMetrics
+from services.predictor.metrics import DISCONNECTED, FAILURE, REFUSED, SUCCESS, ServingMetrics
 from services.predictor.models import LoadedModel, ModelCache
 from services.predictor.outage import DatabaseOutage
 from services.predictor.records import PredictionRecorder
@@ -188,11 +189,16 @@ def count_answer(state: PredictorState, model: LoadedModel, rows: int, started: 
 
 
 def count_refusal(state: PredictorState, model: LoadedModel | None, error: Exception, started: float) -> None:
-    """A request that ended in an error: refused (4xx) or failed (5xx). Counted under its org only once its model
-    was found, so that made-up org names in URLs cannot add series."""
-    outcome = REFUSED if isinstance(error, KilnError) and error.status < 500 else FAILURE
+    """A request that ended in an error: refused (4xx), failed (5xx), or left by its client. Counted under its org
+    only once its model was found, so that made-up org names in URLs cannot add series."""
     org, version = (model.deployed.org_id, model.version) if model is not None else ("", "")
-    state.metrics.count(org, version, outcome, 0, time.perf_counter() - started)
+    state.metrics.count(org, version, _outcome(error), 0, time.perf_counter() - started)
+
+
+def _outcome(error: Exception) -> str:
+    if isinstance(error, ClientDisconnect):  # the client's doing, not the predictor's: no failure to alert on
+        return DISCONNECTED
+    return REFUSED if isinstance(error, KilnError) and error.status < 500 else FAILURE
 
 
 def served_by(state: PredictorState, model: LoadedModel) -> dict[str, str]:

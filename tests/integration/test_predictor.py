@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
@@ -22,6 +25,7 @@ from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.support.metrics import parse_samples, sample
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
 from tests.support.polling import eventually
+from tests.support.threaded_server import serving_in_thread
 
 METRICS_TOKEN = "kiln-metrics-for-prometheus"
 SCRAPER = {"Authorization": f"Bearer {METRICS_TOKEN}"}
@@ -362,6 +366,53 @@ def test_metrics_count_each_orgs_answers_rows_and_refusals_for_the_admin_only(
     assert not any(("org", "made-up-org") in labels for _name, labels in after)
     assert predictor.get("/metrics").status_code == 401
     assert predictor.get("/metrics", headers=serving.admin).status_code == 403
+
+
+def hang_up_mid_body(address: str, org: OrgKeys) -> None:
+    """Send a predict request's headers and the start of its body, then close the connection."""
+    host, port = address.split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(
+            (
+                f"POST /v1/orgs/{org.org_id}/predict HTTP/1.1\r\nHost: predictor\r\n"
+                f"Authorization: {org.viewer['Authorization']}\r\n"
+                'Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"rows": ['
+            ).encode()
+        )
+        time.sleep(0.2)  # the predictor has started reading the body
+
+
+def test_a_client_that_hangs_up_mid_body_is_counted_as_disconnected_not_as_a_failure_nor_logged_as_one(
+    serving: OrgKeys, fast: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serving_in_thread(create_app(fast)) as address, httpx.Client(base_url=f"http://{address}") as client:
+        body = {"rows": [ai4i_row()]}
+        assert eventually(
+            lambda: client.post(f"/v1/orgs/{serving.org_id}/predict", json=body, headers=serving.viewer).is_success
+        )
+        version = client.post(f"/v1/orgs/{serving.org_id}/predict", json=body, headers=serving.viewer).headers[
+            "x-model-version"
+        ]
+        before = parse_samples(client.get("/metrics", headers=ADMIN).text)
+        for _ in range(3):
+            hang_up_mid_body(address, serving)
+
+        def disconnected() -> float:
+            after = parse_samples(client.get("/metrics", headers=ADMIN).text)
+            return sample(
+                after, "kiln_inference_requests_total", org=serving.org_id, version=version, outcome="disconnected"
+            )
+
+        assert eventually(lambda: disconnected() == 3)
+        after = parse_samples(client.get("/metrics", headers=ADMIN).text)
+
+    failures = {
+        labels: value - before.get((name, labels), 0.0)
+        for (name, labels), value in after.items()
+        if name == "kiln_inference_requests_total" and ("outcome", "failure") in labels
+    }
+    assert not any(failures.values()), failures
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
 
 
 def test_the_metrics_token_reads_metrics_and_nothing_else(serving: OrgKeys, predictor: TestClient) -> None:
