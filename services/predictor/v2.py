@@ -123,7 +123,8 @@ async def _infer(org: str, version: str | None, request: Request) -> Response:
     model: LoadedModel | None = None
     try:
         await authorize(state, request, org)
-        model = served = await _served(state, org, version)
+        model = served = await model_for(state, org)  # found: a refusal from here on counts under the org
+        _check_version(served, org, version)
         body = await _request_body(state, request)
         header_length = request.headers.get(oip.HEADER_LENGTH)
         answer = await run_sized(len(body), lambda: _answer(org, served, body, header_length))
@@ -161,9 +162,13 @@ def _answer(org: str, model: LoadedModel, body: bytes, header_length: str | None
 async def _served(state: PredictorState, org: str, version: str | None) -> LoadedModel:
     """The org's serving model; with a version in the path, only if that is the version being served."""
     model = await model_for(state, org)
+    _check_version(model, org, version)
+    return model
+
+
+def _check_version(model: LoadedModel, org: str, version: str | None) -> None:
     if version is not None and version != model.version:
         raise NotFound(f"version {version!r} of model {org!r} is not served; {model.version!r} is")
-    return model
 
 
 class UnsupportedEncoding(KilnError):

@@ -368,6 +368,26 @@ def test_metrics_count_each_orgs_answers_rows_and_refusals_for_the_admin_only(
     assert predictor.get("/metrics", headers=serving.admin).status_code == 403
 
 
+def test_a_v2_infer_for_a_version_not_served_is_counted_under_its_org(serving: OrgKeys, predictor: TestClient) -> None:
+    version = served_version(predictor, serving)
+    before = parse_samples(predictor.get("/metrics", headers=ADMIN).text)
+    tensor = {"name": "input", "shape": [1, len(FEATURES)], "datatype": "FP32", "data": [1.0] * len(FEATURES)}
+
+    wrong = predictor.post(
+        f"/v2/models/{serving.org_id}/versions/v-old/infer", json={"inputs": [tensor]}, headers=serving.viewer
+    )
+    after = parse_samples(predictor.get("/metrics", headers=ADMIN).text)
+
+    def grew(**labels: str) -> float:
+        return sample(after, "kiln_inference_requests_total", **labels) - sample(
+            before, "kiln_inference_requests_total", **labels
+        )
+
+    assert wrong.status_code == 404 and "is not served" in wrong.json()["error"]
+    assert grew(org=serving.org_id, version=str(version), outcome="refused") == 1
+    assert grew(org="", version="", outcome="refused") == 0
+
+
 def hang_up_mid_body(address: str, org: OrgKeys) -> None:
     """Send a predict request's headers and the start of its body, then close the connection."""
     host, port = address.split(":")
