@@ -26,8 +26,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await state.metrics.stop()
-            state.close()
+            try:
+                await state.metrics.stop()
+            finally:  # the connections, threads and listener are let go of, whatever the last flush met
+                state.close()
 
     app = FastAPI(title="Kiln predictor", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -4,7 +4,8 @@ nv_inference_* metrics count them), and what each worker process has loaded.
 A request pays a few additions to plain dicts in its own worker process: no lock, no write. Every
 KILN_PREDICTOR_METRICS_FLUSH_S each worker writes its totals to a file of its own in KILN_PREDICTOR_METRICS_DIR.
 /metrics, whichever worker answers it, writes its own file first and then adds up every file there: all the
-predictor's workers, the answering one up to the moment, the others at most one flush behind. Reading only the
+predictor's workers, the answering one up to the moment, the others at most one flush behind (a worker that cannot
+write its file adds its live totals to the others' files instead). Reading only the
 files keeps each counter from ever going back from one scrape to the next, whichever worker answers each (a worker
 adding its live totals to the others' files would not: Prometheus takes a counter that goes back for a restart).
 Files of workers that have ended stay, so totals never go back either, but their gauges (the models a worker holds)
@@ -132,7 +133,7 @@ class ServingMetrics:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            self.flush()
+            self._flush_or_warn()
 
     def flush(self) -> None:
         if self._folder is None:
@@ -147,8 +148,15 @@ class ServingMetrics:
         if self._folder is None:
             current = self._current()
             return _families([current], live=[current])
-        self.flush()
+        written = self._flush_or_warn()
         flushed = list(self._flushed())
+        if not written:
+            # This worker's file is missing or behind: its live totals stand in for it, beside the others' files.
+            current = self._current()
+            flushed = [
+                *((totals, live) for totals, live in flushed if totals.worker != current.worker),
+                (current, True),
+            ]
         return _families([totals for totals, _ in flushed], live=[totals for totals, live in flushed if live])
 
     def _current(self) -> WorkerTotals:
@@ -173,11 +181,17 @@ class ServingMetrics:
     async def _flush_forever(self) -> None:
         while True:
             await asyncio.sleep(self._flush_s)
-            try:
-                self.flush()
-            except OSError:
-                # A full disk, say: the next flush tries again, rather than this worker's counts freezing for good.
-                log.warning("could not write this worker's metrics to %s", self._folder, exc_info=True)
+            self._flush_or_warn()
+
+    def _flush_or_warn(self) -> bool:
+        """Whether this worker's file is written. A full disk or a folder removed is logged, not raised: the next
+        flush tries again, rather than this worker's counts freezing for good or a scrape failing."""
+        try:
+            self.flush()
+        except OSError:
+            log.warning("could not write this worker's metrics to %s", self._folder, exc_info=True)
+            return False
+        return True
 
 
 class _Exposed(Collector):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -433,6 +435,24 @@ def test_a_client_that_hangs_up_mid_body_is_counted_as_disconnected_not_as_a_fai
     }
     assert not any(failures.values()), failures
     assert [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR] == []
+
+
+def test_a_predictor_whose_metrics_folder_has_gone_still_answers_metrics_and_shuts_down_whole(
+    serving: OrgKeys, fast: Settings, tmp_path: Path
+) -> None:
+    folder = tmp_path / "metrics"
+    with TestClient(create_app(fast.model_copy(update={"predictor_metrics_dir": folder}))) as predictor:
+        state = predictor.app.state.predictor  # type: ignore[attr-defined]
+        assert eventually(lambda: served_version(predictor, serving) is not None)
+        version = served_version(predictor, serving)
+        shutil.rmtree(folder)
+
+        scraped = predictor.get("/metrics", headers=ADMIN)
+
+        assert scraped.status_code == 200
+        mine = {"org": serving.org_id, "version": str(version), "outcome": "success"}
+        assert sample(parse_samples(scraped.text), "kiln_inference_requests_total", **mine) >= 1
+    assert not state.listener.is_alive() and not state.recorder.is_alive()
 
 
 def test_the_metrics_token_reads_metrics_and_nothing_else(serving: OrgKeys, predictor: TestClient) -> None:

@@ -109,6 +109,24 @@ def test_a_worker_that_could_not_write_its_totals_once_writes_them_at_the_next_f
     assert written.requests == {("acme", "v1", SUCCESS): [1, 1]}
 
 
+def test_a_scrape_while_this_worker_cannot_write_its_file_adds_its_live_totals_to_the_others_files(
+    tmp_path: Path,
+) -> None:
+    metrics = metrics_in(tmp_path, "host:1")
+    metrics.count("acme", "v1", SUCCESS, 1, 0.001)
+    metrics.flush()
+    metrics.count("acme", "v1", SUCCESS, 1, 0.001)  # in no file: the next write fails
+    (tmp_path / "host_1.partial").mkdir()  # where this worker writes before it renames: every write fails
+    (tmp_path / "host_2.json").write_bytes(
+        WorkerTotals(worker="host:2", requests={("acme", "v1", SUCCESS): [5, 5]}).to_json()
+    )
+
+    samples = scrape(metrics)
+
+    assert sample(samples, "kiln_inference_requests_total", org="acme", version="v1", outcome="success") == 7
+    assert sample(samples, "kiln_models_loaded", worker="host:1") == 0
+
+
 def test_a_worker_that_has_ended_still_counts_in_the_counters_but_no_longer_in_the_gauges(tmp_path: Path) -> None:
     """Sums of the gauges over workers must not count the models of a killed worker; its answers did happen."""
     metrics = metrics_in(tmp_path, "host:1")  # flushes every second
