@@ -101,23 +101,33 @@ def _memory_mb(version: ModelVersion) -> float:
 
 
 def record_refusal(sessions: SessionFactory, deployment_id: int, reason: str) -> None:
-    """Mark the deployment failed with the first replica's reason; the org's last good deployment serves."""
+    """Mark the deployment failed with the first replica's reason; the org's last good deployment serves. One that
+    another replica has loaded meanwhile serves there, and is not refused: a process never serves a deployment the
+    database then says to step back from."""
     with session_scope(sessions) as session:
         session.execute(
             update(Deployment)
-            .where(Deployment.id == deployment_id, Deployment.status != DEPLOYMENT_FAILED)
+            .where(
+                Deployment.id == deployment_id,
+                Deployment.status != DEPLOYMENT_FAILED,
+                Deployment.loaded_at.is_(None),
+            )
             .values(status=DEPLOYMENT_FAILED, error=reason[:2000])
         )
 
 
-def record_loaded(sessions: SessionFactory, deployment_id: int) -> None:
-    """The deployment's first load by any process: from now on no failure to load it is a refusal."""
+def record_loaded(sessions: SessionFactory, deployment_id: int) -> bool:
+    """The deployment's first load by any process: from now on no failure to load it is a refusal. False when
+    another replica refused it first: it does not serve here either."""
     with session_scope(sessions) as session:
         session.execute(
             update(Deployment)
             .where(Deployment.id == deployment_id, Deployment.loaded_at.is_(None))
+            .where(Deployment.status != DEPLOYMENT_FAILED)
             .values(loaded_at=utcnow())
         )
+        status = session.scalar(select(Deployment.status).where(Deployment.id == deployment_id))
+    return status != DEPLOYMENT_FAILED
 
 
 class Synchronizer:
@@ -204,10 +214,10 @@ class Synchronizer:
             # Read before a newer deployment was installed: the request gets that one, read again once evicted.
             return current
         if current is not None and current.version == deployed.version:
-            if not wanted.loaded_before:
-                # A rollback to the version loaded here: it serves once installed, so it is recorded as loaded
-                # first, as a load is, and no worker refuses it later.
-                record_loaded(self.sessions, deployed.deployment_id)
+            if not wanted.loaded_before and not record_loaded(self.sessions, deployed.deployment_id):
+                # A rollback to the version loaded here serves once installed, so it is recorded as loaded first,
+                # as a load is; refused meanwhile by another replica, it serves nowhere.
+                return current
             if current.deployed != deployed:  # the org's prediction settings changed, or a rollback to it
                 current = current.with_policy(deployed)
                 self.cache.install(current)
@@ -235,8 +245,8 @@ class Synchronizer:
                 return None
             raise self._passing_failure(deployed, error) from error
         self._failed_loads.pop(deployed.org_id, None)
-        if not wanted.loaded_before:
-            record_loaded(self.sessions, deployed.deployment_id)
+        if not wanted.loaded_before and not record_loaded(self.sessions, deployed.deployment_id):
+            return None  # another replica refused it while this one loaded it: the org's last good one serves
         return model
 
     def _refuse(self, deployed: DeployedVersion, error: ArtifactIntegrityError) -> None:

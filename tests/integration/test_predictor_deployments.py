@@ -527,3 +527,50 @@ def test_a_reconcile_read_before_a_deploy_never_brings_the_older_deployment_back
         reconcile.join(10)
 
         assert [serving_deployment(predictor, org) for _ in range(5)] == [newer_id] * 5
+
+
+def test_a_deployment_one_replica_has_loaded_is_not_refused_by_another(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    """A replica that failed to read the file (changed under it, say) cannot make the database step back from a
+    deployment another replica serves: that one would then serve what the database no longer names."""
+    good = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, good)
+    with start_predictor(settings) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == good)
+    loaded = current_deployment(api, org)
+
+    deployments.record_refusal(make_session_factory(engine), loaded["deploymentId"], "sha256 mismatch")
+
+    assert current_deployment(api, org)["status"] == "deployed"
+
+
+def test_a_deployment_another_replica_refused_while_this_one_loaded_it_is_not_served(
+    api: TestClient,
+    org: OrgKeys,
+    engine: Engine,
+    store: ObjectStore,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loading takes time; a replica that refused the same deployment meanwhile wins, and this one serves the org's
+    last good deployment, as every replica then does."""
+    good = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy(api, org, good)
+    second = register_model(engine, store, org.org_id, tiny_model(seed=2))
+    load_model = deployments.load_model
+
+    def refused_elsewhere_meanwhile(store: ObjectStore, deployed: Any) -> Any:
+        model = load_model(store, deployed)
+        if deployed.version == second:
+            deployments.record_refusal(make_session_factory(engine), deployed.deployment_id, "corrupt ONNX")
+        return model
+
+    monkeypatch.setattr(deployments, "load_model", refused_elsewhere_meanwhile)
+    with start_predictor(settings) as predictor:
+        assert eventually(lambda: served_version(predictor, org) == good)
+        deploy(api, org, second)
+        assert eventually(lambda: current_deployment(api, org)["status"] == "failed")
+        answers = [served_version(predictor, org) for _ in range(5)]
+
+    assert answers == [good] * 5
