@@ -3,6 +3,7 @@ queue's state, schedules fired once, data that stays on its premises, and the au
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -18,7 +19,7 @@ from shared.db.models import OutboxMessage, Schedule, TrainingRun
 from shared.db.session import SessionFactory, make_session_factory, session_scope
 from shared.db.types import utcnow
 from shared.settings import Settings
-from tests.integration.conftest import ADMIN, OrgKeys, config, upload
+from tests.integration.conftest import ADMIN, TRAINING_CSV, OrgKeys, config, create_org_with_keys, upload
 from tests.support.seed import seed_versions
 
 
@@ -107,12 +108,20 @@ def test_a_dead_workers_slot_is_free_once_its_lease_runs_out(
 
 
 def test_two_orgs_slots_are_their_own(api: TestClient, org: OrgKeys, dataset_id: str, sessions: SessionFactory) -> None:
-    set_config(api, org, maxConcurrentTrainings=2)
+    """Another org's running trainings take none of this org's slots, and this org's take none of its."""
+    other = create_org_with_keys(api, org.org_id + "-other")
+    other_dataset = upload(api, other, TRAINING_CSV, timestampColumn="timestamp").json()["datasetId"]
+    for each in (org, other):
+        set_config(api, each, maxConcurrentTrainings=2)
+    others = [submit(api, other, other_dataset).json()["runId"] for _ in range(3)]
+    assert runs.claim_run(sessions, others[0], worker="w1", lease_s=30) is not None
+    assert runs.claim_run(sessions, others[1], worker="w2", lease_s=30) is not None
     ids = [submit(api, org, dataset_id).json()["runId"] for _ in range(3)]
-    assert runs.claim_run(sessions, ids[0], worker="w1", lease_s=30) is not None
-    assert runs.claim_run(sessions, ids[1], worker="w2", lease_s=30) is not None
-    with pytest.raises(runs.NoSlot):
-        runs.claim_run(sessions, ids[2], worker="w3", lease_s=30)
+    assert runs.claim_run(sessions, ids[0], worker="w3", lease_s=30) is not None
+    assert runs.claim_run(sessions, ids[1], worker="w4", lease_s=30) is not None
+    for org_at_its_limit, run_id in ((org, ids[2]), (other, others[2])):
+        with pytest.raises(runs.NoSlot, match=f"organization {re.escape(org_at_its_limit.org_id)} has"):
+            runs.claim_run(sessions, run_id, worker="w5", lease_s=30)
 
 
 SCHEDULE = {"pattern": "0 2 * * 0", "timezone": "America/New_York", "enabled": True}
