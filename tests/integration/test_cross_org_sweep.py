@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import pytest
+from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
@@ -111,8 +112,16 @@ def call(api: TestClient, method: str, path: str, org: str, ids: dict[str, str],
     return api.request(method, url, json=body, headers=headers).status_code
 
 
+def served_org_routes(api: TestClient) -> list[tuple[str, str]]:
+    """Every (method, path) the app serves with an {org} in its path, published in the OpenAPI document or not. HEAD
+    is left out: it is answered wherever GET is."""
+    routes = iter_route_contexts(api.app.routes)  # type: ignore[attr-defined]
+    org_scoped = [route for route in routes if "org" in getattr(route, "param_convertors", {})]
+    return sorted((method, str(route.path)) for route in org_scoped for method in (route.methods or set()) - {"HEAD"})
+
+
 def test_the_sweep_covers_every_org_route(api: TestClient) -> None:
-    assert len(org_routes(api)) >= 12
+    assert org_routes(api) == served_org_routes(api)
 
 
 def test_another_orgs_key_gets_404_on_every_route(
