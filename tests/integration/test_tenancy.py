@@ -84,9 +84,13 @@ def test_a_slot_is_taken_once_across_workers_and_freed_for_the_next_run(
     assert attempt is not None
     with pytest.raises(runs.NoSlot):
         runs.claim_run(sessions, second, worker="w2", lease_s=30)
+    with session_scope(sessions) as session:  # the waiting run was submitted five minutes ago
+        session.execute(
+            update(TrainingRun).where(TrainingRun.id == second).values(created_at=utcnow() - timedelta(minutes=5))
+        )
     queue = api.get(f"/v1/orgs/{org.org_id}/queue", headers=org.viewer).json()
     assert (queue["running"], queue["queued"], queue["waitingForSlot"], queue["maxConcurrentTrainings"]) == (1, 1, 1, 1)
-    assert queue["oldestWaitS"] >= 0
+    assert 300 <= queue["oldestWaitS"] < 330  # five minutes, and under half a minute more for this test to ask
     runs.finish(sessions, attempt, "failed", "done with it")
     with sessions() as session:
         woken = session.scalars(select(OutboxMessage).where(OutboxMessage.payload["run_id"].as_string() == second))
