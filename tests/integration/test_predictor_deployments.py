@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from services.predictor import deployments
+from services.predictor import deployments, models
 from services.predictor.app import create_app
 from services.predictor.records import PredictionRecorder
 from shared.db.models import Prediction
@@ -558,10 +558,8 @@ def test_a_deployment_another_replica_refused_while_this_one_loaded_it_is_not_se
     good = register_model(engine, store, org.org_id, tiny_model(seed=1))
     deploy(api, org, good)
     second = register_model(engine, store, org.org_id, tiny_model(seed=2))
-    load_model = deployments.load_model
-
     def refused_elsewhere_meanwhile(store: ObjectStore, deployed: Any) -> Any:
-        model = load_model(store, deployed)
+        model = models.load_model(store, deployed)
         if deployed.version == second:
             deployments.record_refusal(make_session_factory(engine), deployed.deployment_id, "corrupt ONNX")
         return model
