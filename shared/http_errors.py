@@ -75,10 +75,19 @@ async def _http_error(_request: Request, error: Exception) -> JSONResponse:
 
 async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
+    if any(item.get("type") == "json_invalid" for item in error.errors()):
+        return _unparsable_body()
     problems = [_describe(item) for item in error.errors()]
     first = problems[0]
     payload = {"error": first["message"], "field": first["field"], "status": 422, "problems": problems}
     return _answer(payload, status_code=422)
+
+
+def _unparsable_body() -> JSONResponse:
+    """Broken JSON syntax is a body that cannot be parsed at all, as one not UTF-8 is: no field of it can be named,
+    so a 400 naming `body`, as the predictor answers the same body, not a 422 of the schema."""
+    payload = {"error": "the request body is not valid JSON", "field": "body", "status": 400}
+    return _answer(payload, status_code=400)
 
 
 async def _database_unavailable(request: Request, error: Exception) -> JSONResponse:
@@ -112,8 +121,6 @@ def _describe(item: Any) -> dict[str, str]:
     if kind == "extra_forbidden":
         noun = "hyperparameter" if location[:1] == ["hyperparameters"] else "field"
         message = f"unknown {noun} {location[-1]!r}"
-    elif kind == "json_invalid":
-        field, message = "body", "the request body is not valid JSON"
     elif kind == "missing":
         message = f"{field} is required"
     else:

@@ -62,6 +62,7 @@ def test_a_method_a_route_lacks_is_a_405_in_kilns_format_with_allow(api: TestCli
     ("route", "content_type", "content", "words"),
     [
         ("", "application/json", b'{"id": "abce", "name": "\xff\xfe"}', "error parsing the body"),
+        ("", "application/json", b'{"id": "abce", "name": "x",}', "not valid JSON"),
         # Past the JSON parser's own nesting limit (Python's recursion limit): it raises, FastAPI answers 400.
         (
             "",

@@ -117,14 +117,14 @@ def test_non_finite_numbers_are_refused(api: TestClient, org: OrgKeys, dataset_i
     assert response.json()["field"] == "hyperparameters.learningRate"
 
 
-def test_a_body_that_is_not_json_is_refused(api: TestClient, org: OrgKeys) -> None:
+def test_a_body_that_is_not_json_is_a_400_naming_the_body(api: TestClient, org: OrgKeys) -> None:
     response = api.post(
         f"/v1/orgs/{org.org_id}/trainings",
         content=b"{not json",
         headers={**org.trainer, "content-type": "application/json"},
     )
-    assert response.status_code == 422
-    assert "not valid JSON" in response.json()["error"]
+    assert response.status_code == 400
+    assert response.json() == {"error": "the request body is not valid JSON", "field": "body", "status": 400}
 
 
 @pytest.mark.parametrize(("key", "words"), [("", "at least 1 character"), ("k" * 201, "at most 200 characters")])
