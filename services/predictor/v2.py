@@ -79,8 +79,12 @@ async def live() -> Response:
 
 @router.get("/health/ready")
 async def ready(request: Request) -> Response:
-    is_ready = state_of(request).ready
-    return _json({"ready": is_ready}, status_code=200 if is_ready else 503)
+    """The protocol's `{"ready": true}` while ready; its 503 also has `error` and `status`, as every error body of
+    Kiln does (the protocol's error body is `{"error": ...}`, and a client reading only the status is unaffected)."""
+    if state_of(request).ready:
+        return _json({"ready": True})
+    error = "not ready: the deployed models are not loaded yet"
+    return _json({"ready": False, "error": error, "status": 503}, status_code=503)
 
 
 @router.get("/models/{org}")

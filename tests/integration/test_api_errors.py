@@ -15,6 +15,7 @@ from services.api.routers import health
 from shared.db.session import CONNECT_TIMEOUT_S
 from shared.settings import Settings
 from tests.integration.conftest import ADMIN, OrgKeys, config
+from tests.support.proxy import FreezableLink
 from tests.support.servers import silent_server
 
 BEYOND_INT64 = str(2**63)
@@ -157,8 +158,30 @@ def test_a_database_that_never_answers_costs_a_bounded_wait_then_a_503(
     assert (org.status_code, org.headers["retry-after"]) == (503, "1")
     # Readiness answers anyone: the driver's error, naming the database's address, goes to the log only.
     assert ready.status_code == 503 and ready.json()["checks"]["database"] == "unavailable: OperationalError"
+    assert ready.json()["error"] == "not ready: database unavailable"
     assert any("timeout expired" in str(record.exc_info[1]) for record in caplog.records if record.exc_info)
     assert waited < 2 * CONNECT_TIMEOUT_S + 3  # hung, each took 30 s: until the server hung up
+
+
+def test_readiness_refused_for_an_object_store_out_of_reach_is_a_503_in_kilns_error_format_naming_it(
+    settings: Settings,
+) -> None:
+    host, port = settings.s3_endpoint.rsplit(":", 1)
+    link = FreezableLink((host, int(port)))
+    linked = settings.model_copy(update={"s3_endpoint": f"127.0.0.1:{link.port}"})
+    with TestClient(create_app(linked), raise_server_exceptions=False) as api:
+        link.close()  # after the start, which needs the store: from now on it refuses connections
+        ready = api.get("/readyz")
+
+    assert ready.status_code == 503, ready.text
+    body = ready.json()
+    assert body["checks"]["objectStore"].startswith("unavailable: ")
+    assert body == {
+        "ready": False,
+        "checks": {"database": "ok", "redis": "ok", "objectStore": body["checks"]["objectStore"]},
+        "error": "not ready: objectStore unavailable",
+        "status": 503,
+    }
 
 
 LONE = "\ud800"  # a UTF-16 surrogate without its pair: JSON can escape it, no UTF-8 text can hold it

@@ -72,6 +72,25 @@ def test_while_one_orgs_model_read_hangs_the_predictor_gets_ready_and_follows_th
     assert waiting.headers["retry-after"] == str(LOAD_RETRY_S)
 
 
+def test_readiness_while_the_deployed_models_load_is_a_503_in_kilns_error_format_and_the_protocols_200_after(
+    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
+) -> None:
+    hanging = register_model(engine, store, org.org_id, tiny_model(seed=1))
+    deploy_quietly(engine, org.org_id, hanging)
+    with store_hanging_on(settings, model_key(org.org_id, hanging)) as hangs, start_predictor(hangs) as predictor:
+        loading = predictor.get("/v2/health/ready")
+        assert becomes_ready(predictor)
+        ready = predictor.get("/v2/health/ready")
+
+    assert loading.status_code == 503, loading.text
+    assert loading.json() == {
+        "ready": False,
+        "error": "not ready: the deployed models are not loaded yet",
+        "status": 503,
+    }
+    assert ready.json() == {"ready": True}
+
+
 def test_requests_waiting_on_a_model_read_that_hangs_hold_no_thread_another_orgs_new_key_is_answered_meanwhile(
     api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings, org_id: str
 ) -> None:

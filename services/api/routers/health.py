@@ -25,8 +25,12 @@ def healthz() -> dict[str, str]:
 def readyz(resources: ResourcesDep) -> JSONResponse:
     """Ready when the database, Redis and the object store all answer; the body names any that does not."""
     checks = {name: _probe(resources, name) for name in ("database", "redis", "objectStore")}
-    ready = all(result == "ok" for result in checks.values())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    unavailable = [name for name, result in checks.items() if result != "ok"]
+    if not unavailable:
+        return JSONResponse({"ready": True, "checks": checks})
+    # A 503 is an error like any other: its body has `error` and `status` too, as every error body of Kiln does.
+    error = f"not ready: {', '.join(unavailable)} unavailable"
+    return JSONResponse({"ready": False, "checks": checks, "error": error, "status": 503}, status_code=503)
 
 
 def _probe(resources: Resources, name: str) -> str:
