@@ -152,6 +152,14 @@ def unfit_class(value: ClassValue | None) -> str | None:
     return None
 
 
+def one_class_value(value: Any, name: str) -> Any:
+    """`value` if it is one class value (or None), for a field's mode="before" check: checked before the ClassValue
+    union is, which would otherwise name each of its types as a field of its own (`positiveClass.str`, ….int)."""
+    if value is None or isinstance(value, str | int) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    raise ValueError(f"{name} must be one class value, as the data holds it: a string, number or boolean")
+
+
 def same_class(value: ClassValue, given: ClassValue) -> bool:
     """Equal as JSON values: Python's True == 1 would match a boolean class to a number, and back."""
     same_kind = isinstance(value, bool) == isinstance(given, bool) and isinstance(value, str) == isinstance(given, str)
@@ -286,6 +294,11 @@ class TrainingConfig(CamelModel):
             raise ValueError(f"targetColumn {target!r} is also in featureColumns")
         return value
 
+    @field_validator("positive_class", mode="before")
+    @classmethod
+    def _one_class_value(cls, value: Any) -> Any:
+        return one_class_value(value, "positiveClass")
+
     @field_validator("positive_class")
     @classmethod
     def _positive_class_is_binary(cls, value: ClassValue | None, info: ValidationInfo) -> ClassValue | None:
@@ -379,10 +392,7 @@ class PredictionPolicy(CamelModel):
     @field_validator("normal_class", mode="before")
     @classmethod
     def _one_class_value(cls, value: Any) -> Any:
-        # Checked before the union is, which would otherwise name each of its types as a field of its own.
-        if value is None or isinstance(value, str | int) or (isinstance(value, float) and math.isfinite(value)):
-            return value
-        raise ValueError("normalClass must be one class value, as the data holds it: a string, number or boolean")
+        return one_class_value(value, "normalClass")
 
     @field_validator("risk_bands")
     @classmethod

@@ -241,6 +241,20 @@ def test_an_integer_positive_class_beyond_64_bits_is_refused_naming_it_and_queue
     assert runs(api, org) == []
 
 
+@pytest.mark.parametrize("positive", [[1], {"class": 1}])
+def test_a_positive_class_that_is_no_class_value_is_refused_naming_positive_class_alone(
+    api: TestClient, org: OrgKeys, dataset_id: str, positive: Any
+) -> None:
+    """The union of class types named each of its members as a field: `positiveClass.str`, `positiveClass.int`…"""
+    body = config(dataset_id, positiveClass=positive)
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+    assert response.status_code == 422, response.text
+    message = "positiveClass: positiveClass must be one class value, as the data holds it: a string, number or boolean"
+    assert response.json()["error"] == message
+    assert response.json()["problems"] == [{"field": "positiveClass", "message": message}]
+    assert runs(api, org) == []
+
+
 @pytest.mark.parametrize("positive", [2**64 - 1, -(2**63)])
 def test_an_integer_positive_class_of_64_bits_signed_or_unsigned_is_queued(
     api: TestClient, org: OrgKeys, dataset_id: str, positive: int
