@@ -248,9 +248,27 @@ class Hyperparameters(CamelModel):
         return params
 
 
+ISO_8601_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+"""How an ISO 8601 date or date-time begins: YYYY-MM-DD."""
+
+
 class DataRange(CamelModel):
+    # Not strict, so that ISO 8601 text (JSON's only way to give a date) is parsed; _iso_8601_text keeps the rest of
+    # lax parsing out.
     start_date: datetime = Field(strict=False)
     end_date: datetime = Field(strict=False)
+
+    @field_validator("start_date", "end_date", mode="before")
+    @classmethod
+    def _iso_8601_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # Lax parsing read a number, or text of digits ("20240101"), as Unix epoch seconds: another JSON type
+        # converted, and a date read as a moment of 1970. Stored configs hold text written by to_wire, so pass.
+        if isinstance(value, str) and ISO_8601_DATE.match(value):
+            return value
+        name = to_camel(info.field_name or "date")
+        raise ValueError(
+            f'{name} must be an ISO 8601 date or date-time as text, such as "2024-01-01" or "2024-01-01T00:00:00Z"'
+        )
 
     @field_validator("start_date", "end_date")
     @classmethod

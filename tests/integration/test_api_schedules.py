@@ -116,6 +116,7 @@ def test_a_sync_schedule_longer_than_its_columns_is_refused_and_not_stored(
         ({"positiveClass": -(2**63) - 1}, "trainingConfig.positiveClass", "64-bit integer"),
         ({"positiveClass": "f" * 201}, "trainingConfig.positiveClass", "at most 200 characters"),
         ({"targetColumn": "t" * 201}, "trainingConfig.targetColumn", "at most 200 characters"),
+        ({"dataRange": {"startDate": 0, "endDate": "2024-01-01"}}, "trainingConfig.dataRange.startDate", "ISO 8601"),
     ],
 )
 def test_a_schedule_whose_config_a_submission_refuses_is_refused_and_not_stored(
