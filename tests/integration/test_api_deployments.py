@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from services.api import registry
 from services.api.outbox_relay import commit_and_send
 from services.api.routers import deployments
+from services.api.schemas import MAX_ROW_ID
 from services.trainer.context import WorkerContext
 from shared.db.models import CurrentDeployment, Deployment, ModelVersion, OutboxMessage
 from shared.lookups import get_owned
@@ -158,6 +159,22 @@ def test_every_deploy_and_rollback_is_kept_in_the_history(api: TestClient, org: 
         ("deploy", second, first),
         ("rollback", first, second),
     ]
+
+
+def test_the_history_pages_back_by_deployment_id_with_before(api: TestClient, org: OrgKeys, engine: Engine) -> None:
+    first, second = seed_versions(engine, org.org_id, 2)
+    deploy(api, org, first)
+    deploy(api, org, second)
+    api.post(f"/v1/orgs/{org.org_id}/rollback", json={}, headers=org.admin)
+    url = f"/v1/orgs/{org.org_id}/deployments"
+
+    newest = api.get(url, params={"limit": 2}, headers=org.viewer).json()
+    older = api.get(url, params={"limit": 2, "before": newest[-1]["deploymentId"]}, headers=org.viewer).json()
+
+    assert [(row["action"], row["version"]) for row in newest] == [("rollback", first), ("deploy", second)]
+    assert [(row["action"], row["version"]) for row in older] == [("deploy", first)]
+    assert api.get(url, params={"before": older[-1]["deploymentId"]}, headers=org.viewer).json() == []
+    assert api.get(url, params={"before": MAX_ROW_ID}, headers=org.viewer).json() == newest + older
 
 
 def test_a_trainer_key_cannot_deploy(api: TestClient, org: OrgKeys, engine: Engine) -> None:

@@ -21,7 +21,7 @@ from tests.support.servers import silent_server
 BEYOND_INT64 = str(2**63)
 
 
-@pytest.mark.parametrize("listing", ["predictions", "audit"])
+@pytest.mark.parametrize("listing", ["predictions", "audit", "deployments"])
 @pytest.mark.parametrize(
     ("before", "words"),
     [

@@ -12,7 +12,7 @@ from services.api import registry
 from services.api.deps import OrgAdmin, OrgViewer, ResourcesDep, SessionDep
 from services.api.outbox_relay import commit_and_send
 from services.api.resources import Resources
-from services.api.schemas import DeploymentOut, DeploymentRecord, DeployRequest, RollbackRequest
+from services.api.schemas import MAX_ROW_ID, DeploymentOut, DeploymentRecord, DeployRequest, RollbackRequest
 from shared.audit import record_change
 from shared.db.models import CurrentDeployment, Deployment, ModelVersion, OutboxMessage
 from shared.deployments import serving_deployment
@@ -82,13 +82,19 @@ def current_deployment(access: OrgViewer, session: SessionDep) -> DeploymentOut:
 
 @router.get("/deployments", response_model=list[DeploymentRecord])
 def deployment_history(
-    access: OrgViewer, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    access: OrgViewer,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_ROW_ID, description="only deployments older than this id, to page back")
+    ] = None,
 ) -> list[DeploymentRecord]:
     """Every deploy, rollback and undeploy, newest first: who, when, from which version to which (none for an
-    undeploy), and how it went."""
-    rows = session.scalars(
-        select(Deployment).where(Deployment.org_id == access.org_id).order_by(Deployment.id.desc()).limit(limit)
-    )
+    undeploy), and how it went; paged back by deploymentId, as the audit trail and prediction records are."""
+    query = select(Deployment).where(Deployment.org_id == access.org_id)
+    if before is not None:
+        query = query.where(Deployment.id < before)
+    rows = session.scalars(query.order_by(Deployment.id.desc()).limit(limit))
     return [
         DeploymentRecord(
             deployment_id=row.id,
