@@ -558,6 +558,7 @@ def test_a_deployment_another_replica_refused_while_this_one_loaded_it_is_not_se
     good = register_model(engine, store, org.org_id, tiny_model(seed=1))
     deploy(api, org, good)
     second = register_model(engine, store, org.org_id, tiny_model(seed=2))
+
     def refused_elsewhere_meanwhile(store: ObjectStore, deployed: Any) -> Any:
         model = models.load_model(store, deployed)
         if deployed.version == second:
