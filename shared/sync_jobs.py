@@ -36,14 +36,13 @@ WITHHELD, REFUSAL = "_kiln_withheld", "_kiln_refusal"
 
 # A sync job holds its message (acks_late) while it runs; an hour is far beyond any batch loop seen here.
 LONGEST_JOB_S = 3600.0
-# A queued job whose message was lost (Redis restarted empty, the queue purged) would be joined by every later
-# request, and never run. One still queued after the broker's visibility timeout (past which a fetched message is
-# handed out again) is presumed lost: it ends `cancelled`, and a new job is queued in its place. One only kept
-# waiting (the sync workers down that long) costs a message that finds its job finished, once per timeout at most.
-PRESUMED_LOST_AFTER = timedelta(seconds=broker_transport_options(LONGEST_JOB_S)["visibility_timeout"])
-MESSAGE_PRESUMED_LOST = (
-    "still queued long after it was queued, its message presumed lost: a new job of the source was queued in its place"
-)
+# A job's message waits in the org's sync queue; fetched, a worker holds it unacknowledged while the job runs
+# (LONGEST_JOB_S at most), and the broker hands it out again only after its visibility timeout. A job still queued
+# that long after its message was queued may have lost it (Redis restarted empty, the queue purged), and would be
+# joined by every later request and never run: a request joining it then queues its message again. A copy that
+# comes once the job has started or ended finds it so and does nothing; the job is never cancelled for waiting,
+# since a message only kept waiting behind a long backlog is not lost.
+REQUEUE_AFTER = timedelta(seconds=broker_transport_options(LONGEST_JOB_S)["visibility_timeout"])
 
 
 def residency_refusal(org_config: OrgConfig, source: SyncSource) -> str | None:
@@ -86,30 +85,40 @@ def queue_sync_job(
     A job syncs all there is when it starts, so one waiting does what another would: a retried POST, or a schedule
     firing while the sync workers are down, piles up no jobs with nothing left to do. A resync and a review choice
     join it too: each is recorded before the commit (a SyncResync row, a conflict `chosen`) and read by the job as
-    it reaches each table, after it started. Once a job runs, a new one is queued, for what changed since it looked;
-    so is one in place of a job queued longer than PRESUMED_LOST_AFTER.
+    it reaches each table, after it started. Once a job runs, a new one is queued, for what changed since it looked.
+    A job waiting past REQUEUE_AFTER has its message queued again.
     """
     while True:
         waiting = _hold_waiting_job(session, source.id)
-        if waiting is not None and waiting.created_at < utcnow() - PRESUMED_LOST_AFTER:
-            close_job(session, waiting, CANCELLED, MESSAGE_PRESUMED_LOST)
-            session.flush()  # out of the index of queued jobs before another is inserted
-        elif waiting is not None:
-            _audit(session, waiting, actor=actor, action="sync.job.coalesced", trigger=trigger)
-            return waiting, []
+        if waiting is not None:
+            return waiting, _join(session, waiting, actor=actor, trigger=trigger)
         job = _queue_unless_one_waits(session, source, trigger)
         if job is not None:
             _audit(session, job, actor=actor, action="sync.job.queued", trigger=trigger)
-            message = add_message(session, kind=KIND_SYNC_TASK, payload={"job_id": job.id, "org_id": source.org_id})
-            return job, [message]
+            return job, [_message_for(session, job)]
         # Another request queued one between the two statements: it is the one waiting, unless it started already.
+
+
+def _join(session: Session, job: SyncJob, *, actor: str, trigger: str) -> list[OutboxMessage]:
+    """What a request joining the waiting `job` sends: nothing, or, once its message may be lost, that again."""
+    now = utcnow()
+    if (job.requeued_at or job.created_at) > now - REQUEUE_AFTER:
+        _audit(session, job, actor=actor, action="sync.job.coalesced", trigger=trigger)
+        return []
+    job.requeued_at = now
+    _audit(session, job, actor=actor, action="sync.job.requeued", trigger=trigger)
+    return [_message_for(session, job)]
+
+
+def _message_for(session: Session, job: SyncJob) -> OutboxMessage:
+    return add_message(session, kind=KIND_SYNC_TASK, payload={"job_id": job.id, "org_id": job.org_id})
 
 
 def _hold_waiting_job(session: Session, source_id: str) -> SyncJob | None:
     """The source's queued job, its row write-locked until the commit. A worker starting it (services/sync/jobs.py,
-    _start) reads that row locked, so it waits for this commit: what the request wrote with it is there when the
-    job reads it, and a job ended here does not start. A job started first is no longer `queued` when this
-    statement gets the row."""
+    _start) locks that row too, so it waits for this commit (on SQLite, for the database's write lock this takes):
+    what the request wrote with it is there when the job reads it. A job started first is no longer `queued` when
+    this statement gets the row."""
     held = session.scalar(
         update(SyncJob)
         .where(SyncJob.source_id == source_id, SyncJob.status == QUEUED)
@@ -131,19 +140,6 @@ def _queue_unless_one_waits(session: Session, source: SyncSource, trigger: str) 
         statement.on_conflict_do_nothing(index_elements=["source_id"], index_where=SyncJob.status == QUEUED)
     )
     return session.get_one(SyncJob, job_id) if inserted.rowcount == 1 else None  # type: ignore[attr-defined]
-
-
-def close_job(session: Session, job: SyncJob, status: str, error: str | None) -> None:
-    """Set the job's status (its end, if one of FINISHED), noting the error, and audit it as `sync.job.<status>`."""
-    job.status = status
-    if error is not None:
-        job.errors = [*job.errors, {"at": utcnow().isoformat(), "error": error}]
-    if status in FINISHED:
-        job.finished_at = utcnow()
-    detail = {"status": status, "pushed": job.pushed, "pulled": job.pulled, "conflicts": job.conflicts}
-    if error is not None:
-        detail["error"] = error
-    record_change(session, org_id=job.org_id, actor="sync", action=f"sync.job.{status}", target=job.id, detail=detail)
 
 
 def _audit(session: Session, job: SyncJob, *, actor: str, action: str, trigger: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import exists, select
@@ -25,20 +25,20 @@ from shared.db.types import utcnow
 from shared.outbox import KIND_DELETE_SOURCE_TASK, KIND_SYNC_TASK, relay
 from shared.queues import (
     TaskSender,
-    broker_transport_options,
     send_delete_source_task,
     send_purge_task,
     send_sync_task,
 )
-from shared.sync_jobs import LONGEST_JOB_S, deletion_refusal, queue_source_deletion, queue_sync_job
+from shared.sync_jobs import REQUEUE_AFTER, deletion_refusal, queue_source_deletion, queue_sync_job
 
 log = logging.getLogger(__name__)
 
 # A deletion's message waits in the org's sync queue, then, fetched and unacknowledged, for the source's running job
 # to end (LONGEST_JOB_S at most). The broker hands a fetched message out again only after its visibility timeout:
 # a deletion still pending that long after it was queued is presumed lost (Redis restarted empty, the queue purged)
-# and queued again. Sooner, a copy could hold a second sync worker waiting on the same running job for nothing.
-DELETION_RESEND_AFTER = timedelta(seconds=broker_transport_options(LONGEST_JOB_S)["visibility_timeout"])
+# and queued again, as a waiting job's message is. Sooner, a copy could hold a second sync worker waiting on the
+# same running job for nothing.
+DELETION_RESEND_AFTER = REQUEUE_AFTER
 
 
 def send_due(app: TaskSender, sessions: SessionFactory, *, now: datetime) -> int:

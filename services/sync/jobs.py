@@ -40,7 +40,9 @@ from services.sync.stores import (
 )
 from services.sync.transfer import sync_table
 from services.sync.watermarks import start_up_after
+from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
+from shared.db.row_locks import lock_row
 from shared.db.session import out_of_reach, session_scope
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, KeptOnPremises, KilnError, TransientError
@@ -55,7 +57,6 @@ from shared.sync_jobs import (
     RETRYING,
     RUNNING,
     SUCCEEDED,
-    close_job,
     deletion_refusal,
     residency_refusal,
     source_tables,
@@ -168,21 +169,20 @@ def _start(context: SyncContext, job_id: str) -> tuple[SyncSource, int] | None:
     """Mark the job running and return its source and the attempt's number; None if it is finished already,
     refused now, or out of attempts (failed now). The job's row is read locked, so a request on the queued job
     (shared/sync_jobs.py, queue_sync_job) is seen: one joining it commits first, and what it wrote with it is there
-    for the job to read; one ending it (its message presumed lost) leaves it finished; one coming after finds it
-    running, and queues another."""
+    for the job to read; one coming after finds it running, and queues another."""
     with session_scope(context.sessions) as session:
-        job = session.get(SyncJob, job_id, with_for_update=True)
+        job = _locked_job(session, job_id)
         if job is None or job.status in FINISHED:
             return None
         if job.attempts >= MAX_ATTEMPTS:
-            close_job(session, job, FAILED, gave_up(_last_attempt(job), job.attempts))
+            _close(session, job, FAILED, gave_up(_last_attempt(job), job.attempts))
             return None
         source = session.get_one(SyncSource, job.source_id)
         org_config = OrgConfig.model_validate(session.get_one(Organization, job.org_id).config)
         # A source being deleted runs nothing more: its deletion waits for this lock, then removes what a job uses.
         refusal = deletion_refusal(source) or residency_refusal(org_config, source)
         if refusal is not None:
-            close_job(session, job, REFUSED, refusal)
+            _close(session, job, REFUSED, refusal)
             return None
         job.status, job.attempts = RUNNING, job.attempts + 1
         job.started_at = job.started_at or utcnow()
@@ -333,19 +333,38 @@ def _clock_offset(local: Engine, central: Engine) -> int:
 def _finish(context: SyncContext, job_id: str, status: str, error: str | None) -> str:
     try:
         with session_scope(context.sessions) as session:
-            close_job(session, session.get_one(SyncJob, job_id), status, error)
+            _close(session, session.get_one(SyncJob, job_id), status, error)
     except OperationalError:
         log.warning("sync job %s: cannot record status %s now", job_id, status, exc_info=True)
     return status
 
 
+def _locked_job(session: Session, job_id: str) -> SyncJob | None:
+    """The job's row, held until the commit, on SQLite too (which ignores FOR UPDATE): a request that joined it, or
+    another end of it, committed first is seen, never overwritten."""
+    lock_row(session, SyncJob.id, job_id, unchanged=SyncJob.status)
+    return session.get(SyncJob, job_id, populate_existing=True)
+
+
+def _close(session: Session, job: SyncJob, status: str, error: str | None) -> None:
+    job.status = status
+    if error is not None:
+        job.errors = [*job.errors, {"at": utcnow().isoformat(), "error": error}]
+    if status in FINISHED:
+        job.finished_at = utcnow()
+    detail = {"status": status, "pushed": job.pushed, "pulled": job.pulled, "conflicts": job.conflicts}
+    if error is not None:
+        detail["error"] = error
+    record_change(session, org_id=job.org_id, actor="sync", action=f"sync.job.{status}", target=job.id, detail=detail)
+
+
 def cancel_job(session: Session, job_id: str, reason: str) -> bool:
     """End the job `cancelled`, saying why, and audit it as every job's end is; False if it had ended already. Its
     row is read locked, so a worker's end of it committed meanwhile is seen here rather than overwritten."""
-    job = session.get(SyncJob, job_id, with_for_update=True)
+    job = _locked_job(session, job_id)
     if job is None or job.status in FINISHED:
         return False
-    close_job(session, job, CANCELLED, reason)
+    _close(session, job, CANCELLED, reason)
     return True
 
 

@@ -325,6 +325,8 @@ class SyncJob(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When its message was last queued, if again since created_at (shared/sync_jobs.py, REQUEUE_AFTER).
+    requeued_at: Mapped[datetime | None] = mapped_column(default=None)
 
     # A job syncs all there is when it starts: a second one waiting beside it would have nothing left to do, so the
     # database refuses it, and queue_sync_job (shared/sync_jobs.py) answers the waiting one instead.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -11,13 +12,14 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 from services.api.app import create_app
 from services.api.routers import sync_jobs, sync_sources
-from services.sync import reseal
+from services.sync import jobs, reseal
 from services.sync.context import SyncContext
 from services.sync.envelope import Keyring
-from services.sync.jobs import run_job
+from services.sync.jobs import cancel_job, run_job
 from services.sync.pair import Tally
 from services.sync.rotation import rotate_org_key
 from shared.db.migrate import upgrade
@@ -199,3 +201,23 @@ def test_a_job_running_when_its_org_turns_local_sends_nothing_more_up_on_the_emb
 
         assert (status, job["pushed"]) == ("refused", 500)
         assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(500,)]
+
+
+def test_a_job_cancelled_while_a_worker_starts_it_stays_cancelled_on_the_embedded_default_too(
+    embedded_sync: Sync,
+) -> None:
+    """SQLite ignores FOR UPDATE: a worker starting the job must still wait for a cancel (revoked in Flower) that
+    holds the job's row, then find it ended, rather than read it queued and write `running` over the cancel."""
+    sync = embedded_sync
+    job_id = sync.submit()
+    started: list[object] = []
+    with Session(sync.context.engine) as session:
+        assert cancel_job(session, job_id, "revoked by an operator")
+        worker = threading.Thread(target=lambda: started.append(jobs._start(sync.context, job_id)))
+        worker.start()
+        worker.join(timeout=1)  # it reads, and waits for the cancel's commit
+        session.commit()
+    worker.join(timeout=30)
+
+    assert started == [None]
+    assert sync.job(job_id)["status"] == "cancelled"

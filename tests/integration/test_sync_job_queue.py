@@ -21,8 +21,8 @@ from services.sync.pair import Tally
 from shared.db.models import SyncSchedule, SyncSource
 from shared.db.session import session_scope
 from shared.db.types import utcnow
-from shared.sync_jobs import MESSAGE_PRESUMED_LOST, PRESUMED_LOST_AFTER, queue_sync_job
-from tests.integration.sync_support import Sync, error_of, open_sync
+from shared.sync_jobs import REQUEUE_AFTER, queue_sync_job
+from tests.integration.sync_support import Sync, open_sync
 
 
 def queued(sync: Sync) -> list[tuple[Any, ...]]:
@@ -157,22 +157,24 @@ def test_a_job_starting_while_a_request_joins_it_waits_for_that_requests_commit(
     assert statuses == ["succeeded"]
 
 
-def test_a_job_queued_past_the_brokers_visibility_timeout_is_presumed_lost_and_replaced(
+def test_a_request_joining_a_job_queued_past_the_visibility_timeout_queues_its_message_again_and_it_runs_once(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
-    """Its message gone (Redis restarted empty), a job joined by every later request would never run: one queued
-    that long ends cancelled, saying why, and its message, should it come after all, runs nothing."""
+    """Its message perhaps gone (Redis restarted empty), the job joined by every later request would never run: one
+    waiting that long has its message queued again, and is never cancelled for waiting (its first message may only
+    be behind a long backlog). The second copy finds it finished and runs nothing."""
     sync = open_sync(sync_api, sync_context, org_id, tmp_path)
-    lost = sync.submit()
+    waiting = sync.submit()
     sync.central(
         "UPDATE sync_jobs SET created_at = :at WHERE id = :j",
-        {"at": utcnow() - PRESUMED_LOST_AFTER - timedelta(minutes=1), "j": lost},
+        {"at": utcnow() - REQUEUE_AFTER - timedelta(minutes=1), "j": waiting},
     )
 
-    replacement = sync.submit()
+    again, soon_after = sync.submit(), sync.submit()
 
-    assert replacement != lost
-    assert (sync.job(lost)["status"], error_of(sync.job(lost))) == ("cancelled", MESSAGE_PRESUMED_LOST)
-    assert queued(sync) == [(replacement, 1)]
-    assert (run_job(sync_context, lost), run_job(sync_context, replacement)) == ("cancelled", "succeeded")
-    assert sync.job(replacement)["pushed"] == 2
+    assert again == soon_after == waiting
+    assert queued(sync) == [(waiting, 2)]  # its first message and one more, not one per request
+    assert [target for _, target, _ in audited(sync, "sync.job.requeued")] == [waiting]
+    assert [target for _, target, _ in audited(sync, "sync.job.coalesced")] == [waiting]
+    assert (run_job(sync_context, waiting), run_job(sync_context, waiting)) == ("succeeded", "succeeded")
+    assert (sync.job(waiting)["attempts"], sync.job(waiting)["pushed"]) == (1, 2)

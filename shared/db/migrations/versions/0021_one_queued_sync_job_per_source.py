@@ -1,4 +1,5 @@
-"""one queued sync job per source: a partial unique index, after ending all but the oldest of any extra queued jobs
+"""one queued sync job per source: a partial unique index, after ending all but the oldest of any extra queued jobs;
+and when a queued job's message was last queued again
 
 Revision ID: 0021
 Revises: 0020
@@ -39,6 +40,7 @@ def upgrade() -> None:
             sa.bindparam("errors", [{"at": now.isoformat(), "error": CANCELLED_BY_UPGRADE}], type_=sa.JSON),
         ),
     )
+    op.add_column('sync_jobs', sa.Column('requeued_at', sa.DateTime(timezone=True), nullable=True))
     op.create_index(
         'uq_sync_jobs_one_queued_per_source',
         'sync_jobs',
@@ -52,3 +54,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     """Downgrade schema."""
     op.drop_index('uq_sync_jobs_one_queued_per_source', table_name='sync_jobs')
+    with op.batch_alter_table('sync_jobs') as batch:
+        batch.drop_column('requeued_at')
