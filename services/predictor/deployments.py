@@ -183,9 +183,15 @@ class Synchronizer:
         """Follow the org's deployment row; the model it serves then, or None when it has none (the cache then says
         whether it was undeployed). A request uses that model itself: another org's install may already have
         evicted it from the cache. Runs as one of the org's follows."""
+        return self._read_and_follow(org_id, unless=None)
+
+    def _read_and_follow(self, org_id: str, *, unless: int | None) -> LoadedModel | None:
+        """sync_org, except that a deployment row read again that is still `unless` is not followed again."""
         for wanted in read_deployments(self.sessions, org_id):
             if isinstance(wanted, Undeployed):
                 self._undeploy(wanted)
+                return None
+            if wanted.deployed.deployment_id == unless:
                 return None
             return self._follow(wanted)
         return None
@@ -194,8 +200,9 @@ class Synchronizer:
         model = self._apply(wanted)
         if model is None and self.cache.undeployed(wanted.deployed.org_id) is None:
             # Refused, or read before a newer deployment since evicted, with nothing loaded: the database now names
-            # the deployment to serve.
-            return self.sync_org(wanted.deployed.org_id)
+            # the deployment to serve. Only another one is followed: the same one again (deployment ids gone back
+            # below one this process installed, as after a restore of Kiln's database) is not read round for ever.
+            return self._read_and_follow(wanted.deployed.org_id, unless=wanted.deployed.deployment_id)
         return model
 
     def _undeploy(self, undeployed: Undeployed) -> None:

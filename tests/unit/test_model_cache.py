@@ -4,7 +4,9 @@ least recently used org."""
 from __future__ import annotations
 
 import onnxruntime as ort
+import pytest
 
+from services.predictor import deployments
 from services.predictor.models import DeployedVersion, LoadedModel, ModelCache
 from tests.support.models import FEATURES, tiny_model
 
@@ -81,3 +83,25 @@ def test_a_late_load_of_an_older_deployment_never_comes_back_once_the_newer_one_
     assert cache.undeploy("acme", 8)
     assert cache.install(loaded("acme", 9))  # deployed again after the undeploy
     assert cache.versions() == {"acme": "v9"}
+
+
+def test_a_deployment_read_again_below_the_newest_installed_is_not_followed_round_for_ever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deployment ids gone back (Kiln's database restored from a backup) while the org's newer model was evicted:
+    the database keeps naming a deployment this process will not install. It reads it once more, then answers
+    none, rather than reading the table until Python's recursion limit."""
+    cache = ModelCache(budget_mb=1)
+    assert cache.install(loaded("acme", 9))
+    assert cache.install(loaded("other", 10))  # over the budget: acme's model is unloaded
+    reads: list[str | None] = []
+
+    def restored(_sessions: object, org_id: str | None = None) -> list[deployments.Wanted]:
+        reads.append(org_id)
+        return [deployments.Wanted(loaded("acme", 5).deployed, loaded_before=True)]
+
+    monkeypatch.setattr(deployments, "read_deployments", restored)
+    synchronizer = deployments.Synchronizer(None, None, cache, load_wait_s=1)  # type: ignore[arg-type]
+
+    assert synchronizer.sync_org("acme") is None
+    assert reads == ["acme", "acme"]
