@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import fcntl
 import hashlib
 import io
@@ -229,8 +230,7 @@ class S3ObjectStore:
         with _reachable(self.endpoint), _missing_as_not_found(key):
             response = self.client.get_object(self.bucket, key)
             try:
-                # shutdown() ends a read blocked on the socket from another thread, close() would not.
-                with cut_off_when(should_stop, response.shutdown):
+                with cut_off_when(should_stop, partial(_shut_down, response)):
                     _write_whole(response.stream(CHUNK), path, should_stop)
             except urllib3.exceptions.HTTPError as error:
                 if should_stop():  # the read failed because it was cut off
@@ -290,6 +290,13 @@ def _folder_prefix(prefix: str) -> str:
     if not prefix.endswith("/") or not prefix.strip("/"):
         raise ValueError(f"a prefix to remove must name a folder, ending in '/': {prefix!r}")
     return prefix
+
+
+def _shut_down(response: urllib3.BaseHTTPResponse) -> None:
+    """End a read blocked on the response's socket, from another thread (close() would not). Once the whole body is
+    read, urllib3 has handed the connection back to its pool, and refuses: the download has ended anyway."""
+    with contextlib.suppress(RuntimeError, ValueError, OSError):
+        response.shutdown()
 
 
 def _write_whole(chunks: Iterator[bytes], path: Path, should_stop: Callable[[], bool]) -> None:
