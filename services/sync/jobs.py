@@ -85,19 +85,28 @@ def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None
         if source_id is None:
             return "missing"
         with one_job_per_source(context.engine, source_id) as confirm_held:
-            return _run(context, job_id, _confirming(confirm_held, after_batch), last_try=last_try)
+            return _run(context, job_id, _confirming(context, job_id, confirm_held, after_batch), last_try=last_try)
     except OperationalError as error:
         raise TransientError(f"sync job {job_id}: the central store is unreachable") from error
 
 
-def _confirming(confirm_held: ConfirmHeld, after_batch: AfterBatch | None) -> AfterBatch:
+class JobCancelled(KilnError):
+    """The job was cancelled (its task revoked in Flower) while it ran."""
+
+
+def _confirming(
+    context: SyncContext, job_id: str, confirm_held: ConfirmHeld, after_batch: AfterBatch | None
+) -> AfterBatch:
     """After each batch, the job goes on only while it still holds the source's lock: once it is lost, the job
-    stops as if the central store were out of reach, and is retried."""
+    stops as if the central store were out of reach, and is retried. Once it is cancelled, it stops: JobCancelled,
+    the batches acknowledged so far kept, as after any batch."""
 
     def confirmed(tally: Tally) -> None:
         if after_batch is not None:
             after_batch(tally)
         confirm_held()
+        if _status(context, job_id) == CANCELLED:
+            raise JobCancelled(f"sync job {job_id} was cancelled")
 
     return confirmed
 
@@ -120,6 +129,8 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch, *, last_try
         raise TransientError(f"sync job {job_id}: a store is unreachable") from error
     except KeptOnPremises as refusal:
         return _finish(context, job_id, REFUSED, refusal.message)  # the org turned local while the job ran
+    except JobCancelled:
+        return CANCELLED  # ended so by the cancel, which said why
     except Exception as error:
         # Anything else would fail again on the same batch: the job ends, and says why, rather than stay running.
         reason = failure_reason(error)
@@ -331,9 +342,14 @@ def _clock_offset(local: Engine, central: Engine) -> int:
 
 
 def _finish(context: SyncContext, job_id: str, status: str, error: str | None) -> str:
+    """Record how the attempt ended; returns the job's status. A job cancelled meanwhile (after its last batch)
+    stays cancelled."""
     try:
         with session_scope(context.sessions) as session:
-            _close(session, session.get_one(SyncJob, job_id), status, error)
+            job = _locked_job(session, job_id)
+            if job is None or job.status in FINISHED:
+                return job.status if job is not None else "missing"
+            _close(session, job, status, error)
     except OperationalError:
         log.warning("sync job %s: cannot record status %s now", job_id, status, exc_info=True)
     return status

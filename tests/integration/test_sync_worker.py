@@ -19,9 +19,21 @@ from sqlalchemy.pool import NullPool
 
 from services.sync import tasks
 from services.sync.context import SyncContext
+from services.sync.jobs import cancel_job, run_job
+from services.sync.pair import Tally
+from services.sync.revocation import REVOKED
+from shared.db.session import session_scope
 from shared.settings import Settings
 from tests.integration.conftest import create_org_with_keys
-from tests.integration.sync_support import TWO_READINGS, Sync, error_of, make_local_store, open_sync, register
+from tests.integration.sync_support import (
+    TWO_READINGS,
+    Sync,
+    error_of,
+    make_local_store,
+    many_readings,
+    open_sync,
+    register,
+)
 from tests.support.polling import eventually
 from tests.support.workers import celery_worker
 
@@ -243,3 +255,22 @@ def test_a_job_whose_worker_died_in_its_last_attempt_fails_when_its_message_come
         f"attempt {MAX_ATTEMPTS} never ended (its worker was lost, or the central store out of reach); "
         f"gave up after {MAX_ATTEMPTS} attempts"
     )
+
+
+def test_a_running_job_revoked_without_terminate_stops_after_its_batch_and_stays_cancelled(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """Revoked in Flower while it runs (the job cancelled, its worker left alone): it stops at the end of the batch
+    under way, that batch and those before it kept, and its end does not write `succeeded` over the cancel."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(2000))
+    job_id = sync.submit()
+
+    def revoked_after_the_first_batch(_tally: Tally) -> None:
+        with session_scope(sync_context.sessions) as session:
+            cancel_job(session, job_id, REVOKED)
+
+    status = run_job(sync_context, job_id, after_batch=revoked_after_the_first_batch)
+
+    job = sync.job(job_id)
+    assert (status, job["status"], job["pushed"], error_of(job)) == ("cancelled", "cancelled", 500, REVOKED)
+    assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(500,)]
