@@ -51,6 +51,7 @@ from typing import IO, Any, NoReturn
 import numpy
 
 from services.trainer.confinement import confine_files
+from services.trainer.unix_sockets import forbid_unix_sockets
 
 PRELOADED = (
     "numpy",
@@ -237,6 +238,7 @@ def _become_script(request: Message) -> NoReturn:
         _redirect_files(request["workdir"])
         if request["network"] == "none":
             _leave_the_network()
+            forbid_unix_sockets()  # socket files stay reachable from a network namespace
         os.chdir(request["workdir"])
         _replace_environment(request["env"])
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)

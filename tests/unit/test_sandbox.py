@@ -238,6 +238,38 @@ def test_a_script_reaches_no_network_unless_the_worker_allows_it(sandbox: Sandbo
     assert connected.lines == ["connected"]
 
 
+UNIX_CONNECT = """
+    import socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(2)
+            client.connect("SOCKET")
+        print("connected")
+    except OSError as error:
+        print(f"refused: {type(error).__name__}")
+    left, right = socket.socketpair()
+    left.sendall(b"x")
+    print("socketpair", right.recv(1).decode())
+"""
+
+
+def test_a_script_without_the_network_reaches_no_unix_socket_file_either(sandbox: Sandbox, tmp_path: Path) -> None:
+    """A service listening on a socket file, as a database or a container runtime beside the worker would be: a
+    network namespace does not cut it off, the filter does; a socketpair, which reaches nothing, still works."""
+    path = tmp_path / "service.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen()
+        connect = UNIX_CONNECT.replace("SOCKET", str(path))
+        cut_off = run(sandbox, tmp_path, connect)
+        with Sandbox(network="host") as on_the_host:
+            connected = run(on_the_host, tmp_path, connect)
+
+    assert cut_off.result.ok and connected.result.ok, cut_off.result.reason() + connected.result.reason()
+    assert cut_off.lines == ["refused: PermissionError", "socketpair x"]
+    assert connected.lines == ["connected", "socketpair x"]
+
+
 REACH = """
     import json, os, signal
     def attempt(action):

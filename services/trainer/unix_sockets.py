@@ -1,0 +1,87 @@
+"""Keeping a training script off the UNIX sockets of the worker's machine, with a seccomp filter.
+
+A network namespace of its own cuts the script off every TCP/IP network, but not off socket files: a database, a
+broker or a container runtime listening on one (/var/run/postgresql/.s.PGSQL.5432, /var/run/docker.sock) stays
+reachable by path, and Landlock does not govern connecting to one. After `forbid_unix_sockets()` the process, and
+whatever it starts, cannot make a UNIX socket at all (socket(2) fails with EACCES), nor set up io_uring, which
+could make one without the system call. Pipes and socketpair(2), which reach nothing outside, still work. Nothing
+the process does can lift the filter.
+
+Called in the zygote's child (zygote.py) when the script runs without a network. The calls go through ctypes: Python
+has no binding for seccomp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_SECCOMP_RET_ALLOW = 0x7FFF0000
+_SECCOMP_RET_ERRNO = 0x00050000
+_AF_UNIX = 1
+_IO_URING_SETUP = 425  # the same on every architecture, as it came after the tables were unified
+# x86-64's system calls of the x32 ABI carry this bit: the same calls by other numbers, refused whole.
+_X32_SYSCALL_BIT = 0x40000000
+# By machine: the audit architecture a system call of its native ABI reports, and socket(2)'s number there.
+_NATIVE = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+
+# Classic BPF, as seccomp runs it over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}.
+_LOAD_WORD = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_JUMP_IF_EQUAL = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JUMP_IF_AT_LEAST = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+_RETURN = 0x06  # BPF_RET | BPF_K
+_NR, _ARCH, _FIRST_ARGUMENT = 0, 4, 16  # the first argument's low 32 bits: little-endian machines only
+
+
+class _Instruction(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _Program(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_Instruction))]
+
+
+class FilterUnavailable(OSError):
+    """This machine's kind, or its kernel, takes no such filter."""
+
+
+def forbid_unix_sockets() -> None:
+    """From now on this process, and whatever it starts, can make no UNIX socket; FilterUnavailable if the filter
+    cannot be installed."""
+    machine = platform.machine()
+    if machine not in _NATIVE:
+        raise FilterUnavailable(errno.ENOSYS, f"no UNIX socket filter for {machine} machines")
+    arch, socket_call = _NATIVE[machine]
+    instructions = (_Instruction * 11)(*_program(arch, socket_call))
+    program = _Program(len(instructions), instructions)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # Without it only a process holding CAP_SYS_ADMIN may install a filter; the script gains no privilege later.
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.prctl(
+        _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(program), 0, 0
+    ):
+        error = ctypes.get_errno()
+        raise FilterUnavailable(error, f"cannot keep the training script off UNIX sockets: {os.strerror(error)}")
+
+
+def _program(arch: int, socket_call: int) -> list[_Instruction]:
+    """Refuse socket(AF_UNIX, ...), io_uring_setup, x32 calls and calls of another ABI (32-bit ones on a 64-bit
+    kernel, which have their own numbers); allow the rest. A jump's offsets count from the next instruction."""
+    refuse = _SECCOMP_RET_ERRNO | errno.EACCES
+    return [
+        _Instruction(_LOAD_WORD, 0, 0, _ARCH),  # 0
+        _Instruction(_JUMP_IF_EQUAL, 1, 0, arch),  # 1: native: 3, else 2
+        _Instruction(_RETURN, 0, 0, refuse),  # 2
+        _Instruction(_LOAD_WORD, 0, 0, _NR),  # 3
+        _Instruction(_JUMP_IF_AT_LEAST, 4, 0, _X32_SYSCALL_BIT),  # 4: x32: 9
+        _Instruction(_JUMP_IF_EQUAL, 3, 0, _IO_URING_SETUP),  # 5: 9
+        _Instruction(_JUMP_IF_EQUAL, 0, 3, socket_call),  # 6: socket: 7, else 10
+        _Instruction(_LOAD_WORD, 0, 0, _FIRST_ARGUMENT),  # 7
+        _Instruction(_JUMP_IF_EQUAL, 0, 1, _AF_UNIX),  # 8: AF_UNIX: 9, else 10
+        _Instruction(_RETURN, 0, 0, refuse),  # 9
+        _Instruction(_RETURN, 0, 0, _SECCOMP_RET_ALLOW),  # 10
+    ]
