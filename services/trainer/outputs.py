@@ -23,7 +23,9 @@ from shared.errors import InvalidInput
 from shared.layout import MODEL_FILE, NATIVE_MODEL_FILE
 
 SCRIPT_METRICS_FILE = "metrics.json"
-COLLECTED = (MODEL_FILE, NATIVE_MODEL_FILE, SCRIPT_METRICS_FILE)
+# LightGBM's text dump of a model runs ~1.5 times its ONNX form (100 trees of 31 leaves, 1,000 of 255): a model.txt
+# may be up to this many times the size gate.
+NATIVE_PER_MODEL_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,11 @@ class Collected:
     model_size: int | None  # None when the script wrote no model.onnx
 
 
-def collect_outputs(outputs: Path, workdir: Path, *, max_model_bytes: int) -> Collected:
+def collect_outputs(outputs: Path, workdir: Path, *, max_model_bytes: int, max_metrics_bytes: int) -> Collected:
     """A new folder under `workdir`, named at random so that the script cannot have made it, holding copies of the
     script's output files that exist, but for a model.onnx over `max_model_bytes`. InvalidInput naming a file that
-    is a link or not a regular file."""
+    is a link or not a regular file, a model.txt over NATIVE_PER_MODEL_BYTES times `max_model_bytes`, or a
+    metrics.json over `max_metrics_bytes`: each is read whole later, and a sparse file costs its script no quota."""
     collected = Path(tempfile.mkdtemp(prefix="collected-", dir=workdir))
     try:
         folder = os.open(outputs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -47,16 +50,19 @@ def collect_outputs(outputs: Path, workdir: Path, *, max_model_bytes: int) -> Co
         ) from None
     try:
         model_size = _copy_regular_file(folder, MODEL_FILE, collected / MODEL_FILE, max_bytes=max_model_bytes)
-        for name in COLLECTED:
-            if name != MODEL_FILE:
-                _copy_regular_file(folder, name, collected / name)
+        native_limit = NATIVE_PER_MODEL_BYTES * max_model_bytes
+        _copy_regular_file(folder, NATIVE_MODEL_FILE, collected / NATIVE_MODEL_FILE, refuse_over=native_limit)
+        _copy_regular_file(folder, SCRIPT_METRICS_FILE, collected / SCRIPT_METRICS_FILE, refuse_over=max_metrics_bytes)
     finally:
         os.close(folder)
     return Collected(collected, model_size)
 
 
-def _copy_regular_file(folder: int, name: str, target: Path, *, max_bytes: int | None = None) -> int | None:
-    """The file's size, or None when there is none; copied to `target` unless over `max_bytes`."""
+def _copy_regular_file(
+    folder: int, name: str, target: Path, *, max_bytes: int | None = None, refuse_over: int | None = None
+) -> int | None:
+    """The file's size, or None when there is none; copied to `target` unless over `max_bytes`, and refused
+    (InvalidInput) over `refuse_over`."""
     try:
         source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=folder)
     except FileNotFoundError:
@@ -71,6 +77,11 @@ def _copy_regular_file(folder: int, name: str, target: Path, *, max_bytes: int |
         if not stat.S_ISREG(status.st_mode):
             raise InvalidInput(
                 f"the training script's {name} is not a regular file; outputPath must hold regular files",
+                field="trainingScript",
+            )
+        if refuse_over is not None and status.st_size > refuse_over:
+            raise InvalidInput(
+                f"the training script's {name} is {status.st_size} bytes, over the limit of {refuse_over} bytes",
                 field="trainingScript",
             )
         if max_bytes is None or status.st_size <= max_bytes:

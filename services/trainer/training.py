@@ -291,9 +291,8 @@ class _Steps:
             raise self._stopped()
         if not result.ok:
             raise InvalidInput(f"the training script failed: {result.reason()}", field="trainingScript")
-        collected = collect_outputs(
-            outputs, workdir, max_model_bytes=size_gate_bytes(gates_for(self.attempt.org_config))
-        )
+        gate = size_gate_bytes(gates_for(self.attempt.org_config))
+        collected = collect_outputs(outputs, workdir, max_model_bytes=gate, max_metrics_bytes=MAX_METRICS_BYTES)
         if collected.model_size is None:
             raise InvalidInput(f"the training script wrote no {MODEL_FILE} into outputPath", field="trainingScript")
         self.log(
@@ -451,17 +450,13 @@ def _script_metrics(outputs: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     with path.open("rb") as metrics:
-        return _parse_metrics(metrics.read(MAX_METRICS_BYTES + 1))  # enough to tell one over the limit
+        return _parse_metrics(metrics.read())  # collect_outputs refused one over MAX_METRICS_BYTES
 
 
 def _parse_metrics(raw: bytes) -> dict[str, Any]:
     """The script's own figures, kept in the version's row and shown with every run and model listed: a few KB is
-    what a script has to say, so a file over MAX_METRICS_BYTES fails the run rather than every listing after it."""
-    if len(raw) > MAX_METRICS_BYTES:
-        raise InvalidInput(
-            f"the training script's metrics.json is over the limit of {MAX_METRICS_BYTES} bytes",
-            field="trainingScript",
-        )
+    what a script has to say, so a file over MAX_METRICS_BYTES fails the run (collect_outputs) rather than every
+    listing after it."""
     try:
         metrics = orjson.loads(raw)
     except orjson.JSONDecodeError as error:

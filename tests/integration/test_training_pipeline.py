@@ -281,6 +281,34 @@ def test_a_sparse_model_over_the_size_gate_is_rejected_without_the_worker_copyin
     ]
 
 
+@pytest.mark.parametrize(
+    ("name", "limit"),
+    [("model.txt", 4 * 1024 * 1024), ("metrics.json", 1024 * 1024)],
+    ids=["model.txt over 4 times the size gate", "metrics.json over 1 MB"],
+)
+def test_a_sparse_native_model_or_metrics_file_fails_the_run_without_the_worker_copying_it(
+    api: TestClient,
+    org: OrgKeys,
+    script_worker: WorkerContext,
+    scripts_dir: Path,
+    tmp_path: Path,
+    name: str,
+    limit: int,
+) -> None:
+    """Both are read whole later (the parity check loads model.txt, a download of it too): the sizes are checked
+    before any copy, as model.onnx's is."""
+    sparse_size = 256 * 1024 * 1024
+    script = install_script(scripts_dir, "sparse.py", then(f'open(out + "/{name}", "a+b").truncate({sparse_size})'))
+    set_org_config(api, org, {"training": {"scriptPath": script}, "gates": {"maxModelMb": 1}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+    before = bytes_moved_by_this_process()
+
+    assert run_training(run_id, script_worker) == "failed"
+
+    assert bytes_moved_by_this_process() - before < sparse_size / 4
+    assert f"{name} is {sparse_size} bytes, over the limit of {limit} bytes" in run_of(api, org, run_id)["error"]
+
+
 def test_validating_again_reads_the_stored_artifact_and_rejects_a_tampered_one(
     api: TestClient, org: OrgKeys, worker: WorkerContext, settings: Settings, tmp_path: Path
 ) -> None:
@@ -371,7 +399,7 @@ def test_an_org_runs_its_operators_script_and_a_crash_fails_the_run_with_its_tra
 @pytest.mark.parametrize(
     ("metrics", "words"),
     [
-        ('{"padding": "' + "x" * 2_000_000 + '"}', "metrics.json is over the limit of 1048576 bytes"),
+        ('{"padding": "' + "x" * 2_000_000 + '"}', "metrics.json is 2000015 bytes, over the limit of 1048576 bytes"),
         ("[0.98, 0.97]", "metrics.json is not a JSON object"),
         ('{"a": ' * 9 + "1" + "}" * 9, "nested at most 8 deep"),
         ('{"auc": NaN}', "NaN and Infinity are not JSON"),
