@@ -22,6 +22,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     Double,
+    Enum,
     Float,
     Integer,
     LargeBinary,
@@ -31,6 +32,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
 )
+from sqlalchemy.dialects.postgresql import DOMAIN
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import NullType, TypeEngine
 
@@ -47,7 +49,7 @@ def central_type(table: str, column: Column[Any], *, local_dialect: str) -> Type
     if isinstance(declared, Integer):
         return BigInteger()
     if local_dialect != "sqlite":
-        return declared.as_generic()
+        return _generic(table, column, declared)
     if isinstance(declared, NullType):
         raise InvalidInput(
             f"table {table!r} column {column.name!r} has no declared type: SQLite lets it hold any value, which no "
@@ -63,6 +65,27 @@ def central_type(table: str, column: Column[Any], *, local_dialect: str) -> Type
     if isinstance(declared, LargeBinary):
         return LargeBinary()
     return Text()
+
+
+def _generic(table: str, column: Column[Any], declared: TypeEngine[Any]) -> TypeEngine[Any]:
+    """A PostgreSQL store's type as the central store declares it: a domain as the type it is over; an enum as
+    text, since the central copy of a named enum type would be one type in Kiln's schema for every org's copies
+    (another org's enum of the same name, or labels, would clash with it); a type with no generic form (inet,
+    money, ranges, bit strings) refused naming the column, rather than failing the job with SQLAlchemy's words."""
+    while isinstance(declared, DOMAIN):
+        declared = declared.data_type
+    if isinstance(declared, Integer):
+        return BigInteger()
+    if isinstance(declared, Enum):
+        return Text()
+    try:
+        return declared.as_generic()
+    except NotImplementedError:
+        raise InvalidInput(
+            f"table {table!r} column {column.name!r} is of type {type(declared).__name__.lower()}, which the central "
+            "copy has no type for; store it as text or another standard SQL type",
+            field="tables",
+        ) from None
 
 
 # SQLite's INTEGER: a whole number outside it is a REAL in a NUMERIC column (1e20, or '100000000000000000000').

@@ -411,3 +411,48 @@ def test_a_down_only_table_holds_a_refused_central_edit_with_postgresqls_reason_
         "_kiln_refusal": 'new row for relation "notes" violates check constraint "notes_n_check"',
     }
     assert LOCAL_ONLY not in central_copies(sync)
+
+
+def test_enum_and_domain_columns_sync_as_text_and_their_base_type_and_no_type_is_made_centrally(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    """An enum's central copy as a named type would be one type in Kiln's schema for every org: another org's enum
+    of the same name would clash with it, and it would outlive the source."""
+    run_sql(local_url, "CREATE TYPE mood AS ENUM ('ok', 'bad')")
+    run_sql(local_url, "CREATE DOMAIN celsius AS numeric(5, 2)")
+    run_sql(local_url, "CREATE TABLE notes (id integer PRIMARY KEY, mood mood, temperature celsius)")
+    run_sql(local_url, "INSERT INTO notes VALUES (1, 'ok', 36.60)")
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", **NOTES)
+
+    first = sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET mood = 'bad', temperature = 39.20 WHERE id = 1")
+    second = sync.run()
+
+    assert [(job["status"], job["pushed"], job["pulled"]) for job in (first, second)] == [
+        ("succeeded", 1, 0),
+        ("succeeded", 0, 1),
+    ]
+    assert sync.local("SELECT mood::text, temperature FROM notes") == [("bad", Decimal("39.20"))]
+    types = sync.central(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = :t AND column_name IN "
+        "('mood', 'temperature') ORDER BY column_name",
+        {"t": sync.central_table},
+    )
+    assert types == [("mood", "text"), ("temperature", "numeric")]
+    assert sync.central("SELECT count(*) FROM pg_type WHERE typname = 'mood'") == [(0,)]
+
+
+def test_a_column_of_a_type_the_central_copy_has_none_for_fails_the_job_naming_it(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    run_sql(local_url, "CREATE TABLE notes (id integer PRIMARY KEY, address inet)")
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", **NOTES)
+
+    job = sync.run()
+
+    assert (job["status"], error_of(job)) == (
+        "failed",
+        "table 'notes' column 'address' is of type inet, which the central copy has no type for; store it as text "
+        "or another standard SQL type",
+    )
+    assert sync.central("SELECT to_regclass(:t) IS NULL", {"t": sync.central_table}) == [(True,)]
