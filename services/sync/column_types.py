@@ -32,10 +32,10 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
 )
-from sqlalchemy.dialects.postgresql import DOMAIN
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import NullType, TypeEngine
 
+from shared.db.types import beneath_domains
 from shared.errors import InvalidInput
 from shared.sync_tables import SyncTable
 
@@ -72,8 +72,7 @@ def _generic(table: str, column: Column[Any], declared: TypeEngine[Any]) -> Type
     text, since the central copy of a named enum type would be one type in Kiln's schema for every org's copies
     (another org's enum of the same name, or labels, would clash with it); a type with no generic form (inet,
     money, ranges, bit strings) refused naming the column, rather than failing the job with SQLAlchemy's words."""
-    while isinstance(declared, DOMAIN):
-        declared = declared.data_type
+    declared = beneath_domains(declared)
     if isinstance(declared, Integer):
         return BigInteger()
     if isinstance(declared, Enum):

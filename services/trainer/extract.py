@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import Column, ColumnElement, MetaData, Table, cast, func, inspect, select, sql, type_coerce, types
-from sqlalchemy.dialects.postgresql import DOMAIN
 from sqlalchemy.engine import URL, Connection, Engine, Row, make_url
 from sqlalchemy.exc import DataError, NoSuchTableError, OperationalError, SQLAlchemyError
 
@@ -22,6 +21,7 @@ from shared.column_map import source_columns
 from shared.cut_off import cut_off_when, never
 from shared.db.answers import NoAnswer, cutter
 from shared.db.session import make_org_engine, with_shipped_driver
+from shared.db.types import beneath_domains
 from shared.errors import InvalidInput, Stopped, TransientError
 from shared.storage import ObjectStore
 from shared.store_access import StoreRules
@@ -163,12 +163,9 @@ def _as_read(column: Column[Any]) -> ColumnElement[Any]:
 
 
 def _as_declared(column: Column[Any]) -> ColumnElement[Any]:
-    """A PostgreSQL domain's column (CREATE DOMAIN celsius AS numeric(8, 2)) as the type the domain is over, a domain
-    over a domain included: SQLAlchemy reflects it as DOMAIN, which is no Numeric, no Integer, no DateTime, and
-    which it warns of comparing."""
-    declared = column.type
-    while isinstance(declared, DOMAIN):
-        declared = declared.data_type
+    """A PostgreSQL domain's column as of the type the domain is over, which SQLAlchemy also compares without a
+    warning."""
+    declared = beneath_domains(column.type)
     return column if declared is column.type else type_coerce(column, declared)
 
 

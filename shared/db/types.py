@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Dialect
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.dialects.postgresql import DOMAIN, JSONB
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -34,3 +34,12 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def beneath_domains(declared: TypeEngine[Any]) -> TypeEngine[Any]:
+    """A PostgreSQL domain's type (CREATE DOMAIN celsius AS numeric(8, 2)) as the type it is over, a domain over a
+    domain included: SQLAlchemy reflects it as DOMAIN, which is no Numeric, no Integer, no DateTime. Other types
+    as they are."""
+    while isinstance(declared, DOMAIN):
+        declared = declared.data_type
+    return declared
