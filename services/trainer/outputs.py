@@ -24,8 +24,9 @@ from shared.layout import MODEL_FILE, NATIVE_MODEL_FILE
 
 SCRIPT_METRICS_FILE = "metrics.json"
 # LightGBM's text dump of a model runs ~1.5 times its ONNX form (100 trees of 31 leaves, 1,000 of 255): a model.txt
-# may be up to this many times the size gate.
+# may be up to this many times its model.onnx (counted up to the size gate), and NATIVE_SLACK_BYTES more.
 NATIVE_PER_MODEL_BYTES = 4
+NATIVE_SLACK_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class Collected:
 def collect_outputs(outputs: Path, workdir: Path, *, max_model_bytes: int, max_metrics_bytes: int) -> Collected:
     """A new folder under `workdir`, named at random so that the script cannot have made it, holding copies of the
     script's output files that exist, but for a model.onnx over `max_model_bytes`. InvalidInput naming a file that
-    is a link or not a regular file, a model.txt over NATIVE_PER_MODEL_BYTES times `max_model_bytes`, or a
-    metrics.json over `max_metrics_bytes`: each is read whole later, and a sparse file costs its script no quota."""
+    is a link or not a regular file, a model.txt over NATIVE_PER_MODEL_BYTES times the model.onnx (up to
+    `max_model_bytes`) and NATIVE_SLACK_BYTES more, or a metrics.json over `max_metrics_bytes`: each is read whole
+    later, and a sparse file costs its script no quota."""
     collected = Path(tempfile.mkdtemp(prefix="collected-", dir=workdir))
     try:
         folder = os.open(outputs, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -50,7 +52,7 @@ def collect_outputs(outputs: Path, workdir: Path, *, max_model_bytes: int, max_m
         ) from None
     try:
         model_size = _copy_regular_file(folder, MODEL_FILE, collected / MODEL_FILE, max_bytes=max_model_bytes)
-        native_limit = NATIVE_PER_MODEL_BYTES * max_model_bytes
+        native_limit = NATIVE_PER_MODEL_BYTES * min(model_size or 0, max_model_bytes) + NATIVE_SLACK_BYTES
         _copy_regular_file(folder, NATIVE_MODEL_FILE, collected / NATIVE_MODEL_FILE, refuse_over=native_limit)
         _copy_regular_file(folder, SCRIPT_METRICS_FILE, collected / SCRIPT_METRICS_FILE, refuse_over=max_metrics_bytes)
     finally:
