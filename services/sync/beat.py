@@ -33,13 +33,6 @@ from shared.sync_jobs import REQUEUE_AFTER, deletion_refusal, queue_source_delet
 
 log = logging.getLogger(__name__)
 
-# A deletion's message waits in the org's sync queue, then, fetched and unacknowledged, for the source's running job
-# to end (LONGEST_JOB_S at most). The broker hands a fetched message out again only after its visibility timeout:
-# a deletion still pending that long after it was queued is presumed lost (Redis restarted empty, the queue purged)
-# and queued again, as a waiting job's message is. Sooner, a copy could hold a second sync worker waiting on the
-# same running job for nothing.
-DELETION_RESEND_AFTER = REQUEUE_AFTER
-
 
 def send_due(app: TaskSender, sessions: SessionFactory, *, now: datetime) -> int:
     """Queue the jobs of the sync schedules due at `now` and, again, the deletions presumed lost; send their
@@ -75,13 +68,16 @@ def _queue_job(session: Session, schedule: SyncSchedule) -> int | None:
 
 
 def resend_lost_deletions(sessions: SessionFactory, *, now: datetime) -> list[int]:
-    """Queue again, through the outbox, each deletion still pending DELETION_RESEND_AFTER after it was last queued;
-    returns the outbox message ids to send. A deletion being done holds its source's row and is skipped, as is one
-    another beat is queueing; a copy that comes after the deletion was done finds it done and does nothing."""
+    """Queue again, through the outbox, each deletion still pending REQUEUE_AFTER after it was last queued; returns
+    the outbox message ids to send. Its message waits fetched for the source's running job to end, and the broker
+    hands it out again only after its visibility timeout: pending past that, it is presumed lost, as a waiting job's
+    message is (sooner, a copy could hold a second sync worker waiting on the same running job for nothing). A
+    deletion being done holds its source's row and is skipped, as is one another beat is queueing; a copy that comes
+    after the deletion was done finds it done and does nothing."""
     with session_scope(sessions) as session:
         lost = session.scalars(
             select(SyncSource)
-            .where(SyncSource.deleted_at.is_(None), SyncSource.deletion_queued_at <= now - DELETION_RESEND_AFTER)
+            .where(SyncSource.deleted_at.is_(None), SyncSource.deletion_queued_at <= now - REQUEUE_AFTER)
             .order_by(SyncSource.deletion_queued_at)
             .with_for_update(skip_locked=True)
         ).all()

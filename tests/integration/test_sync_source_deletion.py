@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
 from services.sync import source_deletion
-from services.sync.beat import DELETION_RESEND_AFTER, fire_due_sync_schedules, send_due
+from services.sync.beat import fire_due_sync_schedules, send_due
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
@@ -32,7 +32,7 @@ from shared.queues import celery_config, sync_queue
 from shared.schemas import OrgConfig
 from shared.settings import Settings
 from shared.source_lock import SourceBusy, one_job_per_source
-from shared.sync_jobs import LONGEST_JOB_S, residency_refusal
+from shared.sync_jobs import LONGEST_JOB_S, REQUEUE_AFTER, residency_refusal
 from tests.integration.conftest import ADMIN, create_org_with_keys
 from tests.integration.sync_support import (
     Sync,
@@ -762,7 +762,7 @@ def test_a_deletion_whose_message_was_lost_is_queued_again_by_the_sync_beat_and_
 
     with celery_worker("services.sync.celery_app", central_settings, worker_log):
         assert sync_api.get(source, headers=sync.org.viewer).json()["status"] == "deleting"
-        sent = send_due(producer, sync_context.sessions, now=deletion_queued_at(sync) + DELETION_RESEND_AFTER)
+        sent = send_due(producer, sync_context.sessions, now=deletion_queued_at(sync) + REQUEUE_AFTER)
         deadline = time.monotonic() + 60
         while sync_api.get(source, headers=sync.org.viewer).status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -783,7 +783,7 @@ def test_a_deletion_queued_recently_or_queued_again_already_is_not_queued_again(
     sync = open_sync(sync_api, sync_context, org_id, tmp_path)
     ask_deletion(sync)
     asked = deletion_queued_at(sync)
-    late = asked + DELETION_RESEND_AFTER
+    late = asked + REQUEUE_AFTER
 
     recent = [send_due(producer, sync_context.sessions, now=now) for now in (utcnow(), late - timedelta(seconds=1))]
     queued_while_recent = broker.llen(sync_queue(org_id))
@@ -807,7 +807,7 @@ def test_a_deletion_being_done_or_done_is_not_queued_again(
 ) -> None:
     sync = open_sync(sync_api, sync_context, org_id, tmp_path)
     ask_deletion(sync)
-    much_later = deletion_queued_at(sync) + 3 * DELETION_RESEND_AFTER
+    much_later = deletion_queued_at(sync) + 3 * REQUEUE_AFTER
     drop_table = source_deletion._drop_table
     sent_meanwhile: list[int] = []
 

@@ -3,7 +3,6 @@ interface and its sandbox, retries, cancellation, the training log, validation a
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import secrets
@@ -29,7 +28,7 @@ from deploy.local import ai4i
 from services.trainer import runs
 from services.trainer.artifacts import load_holdout
 from services.trainer.context import WorkerContext
-from services.trainer.training import BUILT_IN_SCRIPT, run_training
+from services.trainer.training import BUILT_IN_SCRIPT, UNREAD_SHA256, run_training
 from shared.layout import HOLDOUT_FILE, model_key, model_prefix
 from shared.settings import Settings
 from shared.storage import open_object_store
@@ -274,7 +273,7 @@ def test_a_sparse_model_over_the_size_gate_is_rejected_without_the_worker_copyin
         "onnx_health",
         "parity",
     ]
-    assert model["sizeBytes"] == sparse_size and model["sha256"] == hashlib.sha256(b"").hexdigest()  # of no bytes
+    assert model["sizeBytes"] == sparse_size and model["sha256"] == UNREAD_SHA256
     assert not open_object_store(settings).exists(model_key(org.org_id, run["version"]))
     assert f"model.onnx is {sparse_size} bytes, over the size gate: not read" in [
         line["message"] for line in logs(api, org, run_id)
