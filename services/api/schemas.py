@@ -119,6 +119,11 @@ class ModelOut(CamelOut):
     created_at: datetime
     validated_at: datetime | None = Field(description="when the validation report was last written")
     erased_at: datetime | None = Field(None, description="when its artifacts were erased (status `erased`)")
+    holdout_on_premises: bool = Field(
+        description="where its run wrote the held-out rows: true, on the org's premises (its own worker's folder), "
+        "as its org kept its data then; a judgement or an erasure of the version goes there, whatever the org "
+        "keeps now"
+    )
 
 
 class ModelErased(CamelOut):

@@ -447,6 +447,7 @@ def test_erasing_a_version_removes_every_artifact_and_it_is_never_deployed_judge
     assert store.list(model_prefix(org.org_id, version)) == []
     body = erased.json()
     assert body["removed"] == ARTIFACTS and body["status"] == "erased" and body["premises"] is None
+    assert before["holdoutOnPremises"] is False
     model = model_of(api, org, version)
     assert model["status"] == "erased" and model["erasedAt"] == body["erasedAt"]
     assert (model["metrics"], model["validation"], model["sha256"]) == (
@@ -689,6 +690,7 @@ def test_a_version_trained_on_the_premises_has_its_held_out_rows_erased_there_af
     version, premises = premises_version(api, org, engine, store, settings)
     prefix = model_prefix(org.org_id, version)
     set_residency(api, org, "central")
+    assert api.get(f"/v1/orgs/{org.org_id}/models/{version}", headers=org.viewer).json()["holdoutOnPremises"] is True
 
     erased = erase(api, org, version)
 

@@ -243,4 +243,5 @@ def _model_out(row: ModelVersion) -> ModelOut:
         created_at=row.created_at,
         validated_at=row.validated_at,
         erased_at=row.erased_at,
+        holdout_on_premises=row.holdout_on_premises,
     )
