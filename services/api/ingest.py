@@ -51,7 +51,9 @@ def _read(upload: Path) -> pa.Table:
         return pq.read_table(upload) if is_parquet else pacsv.read_csv(upload)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
         kind = "Parquet" if is_parquet else "CSV"
-        raise InvalidInput(f"the file is not readable {kind}: {error}", field="file") from None
+        # Arrow names the file it could not open: the api's temporary path, which is no business of the client's.
+        reason = str(error).replace(str(upload), "the upload")
+        raise InvalidInput(f"the file is not readable {kind}: {reason}", field="file") from None
 
 
 def _column_names(table: pa.Table) -> list[str]:

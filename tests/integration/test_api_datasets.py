@@ -64,6 +64,20 @@ def test_a_parquet_upload_is_accepted(api: TestClient, org: OrgKeys) -> None:
     assert response.json()["rows"] == 3
 
 
+def test_a_damaged_parquet_file_is_refused_with_the_parser_reason_and_no_server_path(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"a": [1.0, 2.0, 3.0], "y": [0, 1, 0]}), sink)
+    damaged = sink.getvalue()[:4] + sink.getvalue()[-8:]  # the magic, and a footer claiming what is not there
+
+    response = upload(api, org, damaged, name="data.parquet")
+
+    assert_refused_storing_nothing(api, org, settings, response, field="file", words="not readable Parquet")
+    assert response.json()["error"].startswith("the file is not readable Parquet: Could not open Parquet input source")
+    assert "'the upload'" in response.json()["error"] and "/" not in response.json()["error"]
+
+
 def test_an_empty_file_is_refused_and_nothing_is_stored(api: TestClient, org: OrgKeys, settings: Settings) -> None:
     response = upload(api, org, b"")
     assert response.status_code == 422
