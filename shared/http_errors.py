@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic.alias_generators import to_camel
 from sqlalchemy import exc
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -27,7 +28,7 @@ CLIENT_CLOSED_REQUEST = 499
 def refuse_nul_in_url(request: Request) -> None:
     """PostgreSQL cannot compare text holding a NUL character: an id with one, in the path or the query (a list's
     `before`), failed its lookup with a 500. Refused with a 422 naming the parameter."""
-    parameters = list(request.path_params.items())
+    parameters = [(to_camel(name), value) for name, value in request.path_params.items()]  # as the docs name them
     if b"%00" in request.scope.get("query_string", b""):  # a NUL reaches a query only so: parsed only then
         parameters += request.query_params.multi_items()
     for name, value in parameters:
@@ -73,14 +74,27 @@ async def _http_error(_request: Request, error: Exception) -> JSONResponse:
     return _answer(payload, status_code=error.status_code, headers=error.headers)
 
 
-async def _validation_error(_request: Request, error: Exception) -> JSONResponse:
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     if any(item.get("type") == "json_invalid" for item in error.errors()):
         return _unparsable_body()
     problems = [_describe(item) for item in error.errors()]
+    if _not_sent_as_json(request, error):
+        problems[0]["message"] = f"body: {_NOT_JSON} (it came as {request.headers.get('content-type') or 'no type'})"
     first = problems[0]
     payload = {"error": first["message"], "field": first["field"], "status": 422, "problems": problems}
     return _answer(payload, status_code=422)
+
+
+_NOT_JSON = "send a JSON object with the header Content-Type: application/json"
+
+
+def _not_sent_as_json(request: Request, error: RequestValidationError) -> bool:
+    """FastAPI parses a body as JSON only when it says it is (curl's `-d` alone sends it as a form): the schema then
+    meets text where it wants an object, and says only that, which does not tell the client what to change."""
+    first = error.errors()[0]
+    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return tuple(first.get("loc", ())) == ("body",) and sent != "application/json" and not sent.endswith("+json")
 
 
 def _unparsable_body() -> JSONResponse:

@@ -59,6 +59,24 @@ def test_a_method_a_route_lacks_is_a_405_in_kilns_format_with_allow(api: TestCli
     assert "GET" in response.headers["allow"].split(", ")
 
 
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "text/plain", None])
+def test_json_sent_without_its_content_type_is_refused_saying_which_header_to_send(
+    api: TestClient, content_type: str | None
+) -> None:
+    """curl's `-d` alone sends a body as a form: the schema then finds text where it wants an object."""
+    headers = ADMIN if content_type is None else {**ADMIN, "content-type": content_type}
+
+    response = api.post("/v1/orgs", content=b'{"id": "abce", "name": "x"}', headers=headers)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "body"
+    assert response.json()["error"] == (
+        "body: send a JSON object with the header Content-Type: application/json "
+        f"(it came as {content_type or 'no type'})"
+    )
+    assert api.get("/v1/orgs/abce", headers=ADMIN).status_code == 404
+
+
 @pytest.mark.parametrize(
     ("route", "content_type", "content", "words"),
     [
@@ -93,8 +111,8 @@ def test_a_body_that_cannot_be_parsed_is_a_400_in_kilns_format_naming_the_body(
     [
         ("/v1/orgs/acme%00", "org"),
         ("/v1/orgs/{org}/models/v%00", "version"),
-        ("/v1/orgs/{org}/trainings/run_%00/logs", "run_id"),
-        ("/v1/orgs/{org}/sync-sources/src%00/schedule", "source_id"),
+        ("/v1/orgs/{org}/trainings/run_%00/logs", "runId"),
+        ("/v1/orgs/{org}/sync-sources/src%00/schedule", "sourceId"),
     ],
 )
 def test_an_id_in_the_path_with_a_nul_character_is_refused_naming_it(
