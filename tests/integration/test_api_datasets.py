@@ -464,9 +464,9 @@ def test_a_submission_or_schedule_naming_an_erased_dataset_is_refused_naming_it(
     body = {"pattern": "0 2 * * 0", "trainingConfig": config(dataset_id)}
     scheduled = api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin)
 
-    for refused in (submitted, scheduled):
+    for refused, field in ((submitted, "datasetId"), (scheduled, "trainingConfig.datasetId")):
         assert refused.status_code == 409, refused.text
-        assert refused.json()["field"] == "datasetId"
+        assert refused.json()["field"] == field
         assert f"dataset {dataset_id} was erased" in refused.json()["error"]
     assert api.get(f"/v1/orgs/{org.org_id}/trainings", headers=org.viewer).json() == []
     assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404

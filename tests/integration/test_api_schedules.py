@@ -117,6 +117,9 @@ def test_a_sync_schedule_longer_than_its_columns_is_refused_and_not_stored(
         ({"positiveClass": "f" * 201}, "trainingConfig.positiveClass", "at most 200 characters"),
         ({"targetColumn": "t" * 201}, "trainingConfig.targetColumn", "at most 200 characters"),
         ({"dataRange": {"startDate": 0, "endDate": "2024-01-01"}}, "trainingConfig.dataRange.startDate", "ISO 8601"),
+        # Checked against the dataset rather than by the schema: named inside the config all the same.
+        ({"targetColumn": "nope"}, "trainingConfig.targetColumn", "is not a column of dataset"),
+        ({"featureColumns": ["nope"]}, "trainingConfig.featureColumns", "featureColumns not in dataset"),
     ],
 )
 def test_a_schedule_whose_config_a_submission_refuses_is_refused_and_not_stored(

@@ -28,7 +28,7 @@ def put_schedule(body: ScheduleIn, access: OrgAdmin, session: SessionDep) -> Sch
     check_schedule(body.pattern, body.timezone)
     lock_org(session, access.org_id)  # the first two at once: the second finds the row the first made, and sets it
     # Under the org's lock, as a dataset's erasure checks for a schedule under it: one of the two is refused.
-    check_source(session, body.training_config, org_id=access.org_id)
+    check_source(session, body.training_config, org_id=access.org_id, within="trainingConfig.")
     # Locked, so a beat firing it now either fires first (and its last fire is seen here) or after the change.
     row = session.get(Schedule, access.org_id, with_for_update=True) or Schedule(org_id=access.org_id)
     row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
