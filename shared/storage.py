@@ -28,6 +28,7 @@ from shared.schemas import OrgConfig
 from shared.settings import FILE_STORE, Settings
 
 CHUNK = 1024 * 1024
+BUCKET_MADE_ALREADY = {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}
 # The temporary files a folder store's writes go through, renamed into place once whole.
 INCOMING = ".incoming-"
 
@@ -206,8 +207,14 @@ class S3ObjectStore:
 
     def ensure_bucket(self) -> None:
         with _reachable(self.endpoint):
-            if not self.client.bucket_exists(self.bucket):
+            if self.client.bucket_exists(self.bucket):
+                return
+            try:
                 self.client.make_bucket(self.bucket)
+            except S3Error as error:
+                # A first start runs every service at once: another made it since this one looked.
+                if error.code not in BUCKET_MADE_ALREADY:
+                    raise
 
     def put_file(self, key: str, path: Path) -> None:
         with _reachable(self.endpoint):

@@ -87,6 +87,24 @@ def test_s3_refuses_a_wrong_secret(s3_server: S3Server) -> None:
         store.check()
 
 
+def test_a_bucket_another_process_made_after_this_one_looked_is_taken_as_made(
+    s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every service makes the bucket as it starts, and on a first start they all start at once."""
+    settings = Settings(
+        object_store="s3://kiln-" + secrets.token_hex(4),
+        s3_endpoint=s3_server.endpoint,
+        s3_access_key=s3_server.access_key,
+        s3_secret_key=SecretStr(s3_server.secret_key),
+    )
+    open_object_store(settings).put_bytes("made-first", b"kept")
+    monkeypatch.setattr(Minio, "bucket_exists", lambda _client, _bucket: False)  # looked before the other made it
+
+    store = open_object_store(settings)
+
+    assert store.get_bytes("made-first") == b"kept"
+
+
 def test_an_unreachable_s3_server_is_a_transient_error_not_a_missing_object() -> None:
     settings = Settings(
         object_store="s3://kiln",
