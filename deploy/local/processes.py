@@ -167,6 +167,9 @@ def _group_of(stat: list[str]) -> int:
     return int(stat[2])
 
 
+DEFAULT_PORTS = {"api": 8000, "predictor": 8001, "flower": 5555}
+
+
 def pick_port(preferred: int, taken: Collection[int]) -> int:
     """`preferred` if it is free on 127.0.0.1 (0 means no preference), else any free port not in `taken`."""
     if preferred and preferred not in taken and _port_is_free(preferred):

