@@ -51,6 +51,38 @@ def fires_to_come(schedule: Schedule | SyncSchedule, now: datetime, count: int =
     return next_fire_times(schedule.pattern, schedule.timezone, after=start, count=count)
 
 
+def reschedule(schedule: Schedule | SyncSchedule, *, pattern: str, timezone: str, enabled: bool, now: datetime) -> None:
+    """Set the schedule's pattern, timezone and `enabled` at `now`, and its next fire time. A fire due and not yet
+    fired is kept when the new pattern and timezone fire at it too: a PUT landing a second after the due moment,
+    before beat's tick, would otherwise move the schedule on to its next fire, and this one would never happen.
+    Beat then fires it with the new settings."""
+    pending = _pending_fire(schedule, now)
+    schedule.pattern, schedule.timezone, schedule.enabled = pattern, timezone, enabled
+    if not enabled:
+        schedule.next_fire_at = None
+    elif pending is not None and _fires_at(pattern, timezone, pending):
+        schedule.next_fire_at = pending
+    else:
+        schedule.next_fire_at = fires_to_come(schedule, now)[0]
+
+
+def _pending_fire(schedule: Schedule | SyncSchedule, now: datetime) -> datetime | None:
+    """The stored fire time beat has yet to fire at `now`: due, not missed (within GRACE), and after the last fire."""
+    due_at = schedule.next_fire_at
+    if not schedule.enabled or due_at is None or due_at > now or not within_grace(due_at, now):
+        return None
+    return due_at if schedule.last_fired_at is None or due_at > schedule.last_fired_at else None
+
+
+def _fires_at(pattern: str, timezone: str, instant: datetime) -> bool:
+    return next_fire_times(pattern, timezone, after=instant - timedelta(microseconds=1))[0] == instant
+
+
+def within_grace(due_at: datetime, now: datetime) -> bool:
+    """Whether a fire due at `due_at` is still to be fired at `now`; one older was missed (no beat was running)."""
+    return now - due_at <= GRACE
+
+
 def fire_each_due(
     sessions: SessionFactory,
     model: type[Row],
@@ -172,7 +204,7 @@ def missed(
     """Whether the fire due at `due_at` was missed by more than GRACE, no beat running then. Such a fire is skipped,
     not made up (a beat back after a day does not start a day's work at once); the skip is logged and audited as
     `action`."""
-    if now - due_at <= GRACE:
+    if within_grace(due_at, now):
         return False
     log.warning("org %s: skipped the fire due at %s (%s), missed while no beat ran", org_id, due_at, action)
     record_change(session, org_id=org_id, actor="schedule", action=action, target=due_at.isoformat(), detail=detail)

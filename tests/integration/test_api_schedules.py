@@ -4,7 +4,7 @@ is stored; the beats fire them alike."""
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text, update
 
 from services.api.routers import schedule as schedule_router
+from services.api.routers import sync_sources as sync_router
 from services.sync.beat import fire_due_sync_schedules
 from services.trainer.beat import fire_due_schedules
 from shared.db.models import Schedule, SyncSchedule
@@ -360,3 +361,64 @@ def test_a_schedule_whose_datasource_no_longer_fits_its_config_fails_its_fire_re
     assert scheduled_runs(api, org) == []
     [failed] = audited(api, org, "schedule.failed")
     assert "dataRange needs the datasource's timestampColumn" in failed["detail"]["error"]
+
+
+SUNDAY_TWO = datetime(2026, 12, 6, 2, 0, tzinfo=UTC)  # a Sunday, when `0 2 * * 0` fires in UTC
+
+
+def set_training_schedule_at(
+    api: TestClient, org: OrgKeys, monkeypatch: pytest.MonkeyPatch, at: datetime, **body: Any
+) -> None:
+    monkeypatch.setattr(schedule_router, "utcnow", lambda: at)
+    response = api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin)
+    monkeypatch.undo()
+    assert response.status_code == 200, response.text
+
+
+def test_a_schedule_set_again_just_after_its_due_moment_before_beats_tick_still_fires_it_with_the_new_config(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Set again two seconds after 02:00, before beat's next tick, the schedule moved on to next Sunday: that week's
+    run never happened."""
+    weekly = {"pattern": "0 2 * * 0", "timezone": "UTC"}
+    set_training_schedule_at(
+        api, org, monkeypatch, SUNDAY_TWO - timedelta(days=1), **weekly, trainingConfig=config(dataset_id)
+    )
+    changed = config(dataset_id, validationSplit=0.5)
+    set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO + timedelta(seconds=2), **weekly, trainingConfig=changed)
+
+    fire_due_schedules(make_session_factory(engine), now=SUNDAY_TWO + timedelta(seconds=4))
+
+    runs = api.get(f"/v1/orgs/{org.org_id}/trainings", headers=org.viewer).json()
+    assert [(run["trigger"], run["config"]["validationSplit"]) for run in runs] == [("schedule", 0.5)]
+
+
+def test_a_due_fire_the_new_pattern_does_not_fire_at_is_dropped_by_setting_the_schedule(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_training_schedule_at(
+        api, org, monkeypatch, SUNDAY_TWO - timedelta(days=1), pattern="0 2 * * 0", trainingConfig=config(dataset_id)
+    )
+    set_training_schedule_at(
+        api, org, monkeypatch, SUNDAY_TWO + timedelta(seconds=2), pattern="0 3 * * 0", trainingConfig=config(dataset_id)
+    )
+
+    assert fire_due_schedules(make_session_factory(engine), now=SUNDAY_TWO + timedelta(seconds=4)) == []
+    assert scheduled_runs(api, org) == []
+    with session_scope(make_session_factory(engine)) as session:
+        assert session.get_one(Schedule, org.org_id).next_fire_at == SUNDAY_TWO + timedelta(hours=1)
+
+
+def test_a_sync_schedule_set_again_just_after_its_due_moment_before_the_beats_tick_still_fires_it(
+    api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{sync_source(api, org)}/schedule"
+    for at in (SUNDAY_TWO - timedelta(minutes=5), SUNDAY_TWO + timedelta(seconds=2)):
+        monkeypatch.setattr(sync_router, "utcnow", lambda at=at: at)
+        assert api.put(url, json={"pattern": "*/15 * * * *"}, headers=org.admin).status_code == 200
+        monkeypatch.undo()
+
+    assert len(fire_due_sync_schedules(make_session_factory(engine), now=SUNDAY_TWO + timedelta(seconds=4))) == 1
+    assert [job["trigger"] for job in api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json()] == [
+        "schedule"
+    ]

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response, status
 from services.api.deps import OrgAdmin, OrgViewer, SessionDep
 from services.api.schemas import ScheduleIn, ScheduleOut
 from shared.audit import record_change
-from shared.beat import fires_to_come
+from shared.beat import fires_to_come, reschedule
 from shared.db.models import Schedule
 from shared.db.types import utcnow
 from shared.errors import NotFound
@@ -31,9 +31,8 @@ def put_schedule(body: ScheduleIn, access: OrgAdmin, session: SessionDep) -> Sch
     check_source(session, body.training_config, org_id=access.org_id, within="trainingConfig.")
     # Locked, so a beat firing it now either fires first (and its last fire is seen here) or after the change.
     row = session.get(Schedule, access.org_id, with_for_update=True) or Schedule(org_id=access.org_id)
-    row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
+    reschedule(row, pattern=body.pattern, timezone=body.timezone, enabled=body.enabled, now=utcnow())
     row.training_config = body.training_config.to_wire()
-    row.next_fire_at = fires_to_come(row, utcnow())[0] if body.enabled else None
     row.updated_at = utcnow()
     session.add(row)
     session.flush()

@@ -29,7 +29,7 @@ from services.api.sync_schemas import (
     SyncSourceOut,
 )
 from shared.audit import record_change
-from shared.beat import fires_to_come
+from shared.beat import fires_to_come, reschedule
 from shared.db.models import Organization, SyncResync, SyncSchedule, SyncSource
 from shared.db.types import utcnow
 from shared.db.upsert import upsert
@@ -201,8 +201,7 @@ def put_schedule(source_id: str, body: SyncScheduleIn, access: OrgAdmin, session
     row = session.get(SyncSchedule, source.id, with_for_update=True) or SyncSchedule(
         source_id=source.id, org_id=access.org_id
     )
-    row.pattern, row.timezone, row.enabled = body.pattern, body.timezone, body.enabled
-    row.next_fire_at = fires_to_come(row, utcnow())[0] if body.enabled else None
+    reschedule(row, pattern=body.pattern, timezone=body.timezone, enabled=body.enabled, now=utcnow())
     row.updated_at = utcnow()
     session.add(row)
     session.flush()
