@@ -5,7 +5,9 @@ retention purges); `fire_each_due` fires their schedules the same way:
 
 - each due schedule in a transaction of its own, its fire time taken with a conditional update, so two beats
   running at once never fire the same moment twice;
-- a fire time missed by more than GRACE (no beat was running) is skipped and audited (`<kind>.missed`), not made up;
+- of the fire times passed since the schedule's stored one (more than one when no beat was running), the latest is
+  fired if missed by no more than GRACE; the others, and that one when older, are skipped, not made up, and audited
+  in one row (`<kind>.missed`);
 - a schedule that cannot fire (a stored config or pattern that no longer validates) is logged and audited
   (`<kind>.failed`) and moved on to its next fire time, or disabled when its pattern gives none: it never holds
   up the other orgs' schedules.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from itertools import takewhile
 from typing import Any, TypeVar
 
 from celery.beat import Scheduler
@@ -33,7 +36,7 @@ from shared.db.session import (
     make_session_factory,
     session_scope,
 )
-from shared.schedules import next_fire_times
+from shared.schedules import fire_times, next_fire_times
 from shared.settings import Settings, build_settings
 
 log = logging.getLogger(__name__)
@@ -147,17 +150,36 @@ def _fire(
     if schedule is None or schedule.next_fire_at is None:
         return None
     due_at = schedule.next_fire_at
+    passed = _passed_fires(schedule, due_at, now)
+    latest = passed[-1]
     following = next_fire_times(schedule.pattern, schedule.timezone, after=now)[0]
-    if not _move_on(session, model, schedule_key, due_at, next_fire_at=following, last_fired_at=due_at):
+    if not _move_on(session, model, schedule_key, due_at, next_fire_at=following, last_fired_at=latest):
         return None  # another beat fired it
-    if missed(
-        session, org_id=schedule.org_id, due_at=due_at, now=now, action=f"{kind}.missed", detail=detail(schedule)
-    ):
+    fires = within_grace(latest, now)
+    skipped = passed[:-1] if fires else passed
+    if skipped:
+        _audit_missed(
+            session,
+            org_id=schedule.org_id,
+            skipped=skipped,
+            fired_at=latest if fires else None,
+            action=f"{kind}.missed",
+            detail=detail(schedule),
+        )
+    if not fires:
         return None
     message = queue(session, schedule)
     if message is not None:
-        log.info("%s %s: fired the time due at %s", kind, schedule_key, due_at)
+        log.info("%s %s: fired the time due at %s", kind, schedule_key, latest)
     return message
+
+
+def _passed_fires(schedule: Schedule | SyncSchedule, due_at: datetime, now: datetime) -> list[datetime]:
+    """The schedule's fire times from the stored `due_at` up to `now`, oldest first: more than one when no beat ran
+    at the time of the others. Only the last is fired, if still within GRACE: the work it queues does what the
+    earlier ones would have (a training on the data there is now, a sync of all there is to sync)."""
+    later = fire_times(schedule.pattern, schedule.timezone, after=due_at)
+    return [due_at, *takewhile(lambda instant: instant <= now, later)]
 
 
 def _failed(
@@ -198,17 +220,37 @@ def _failed(
     )
 
 
-def missed(
-    session: Session, *, org_id: str, due_at: datetime, now: datetime, action: str, detail: dict[str, Any] | None = None
-) -> bool:
-    """Whether the fire due at `due_at` was missed by more than GRACE, no beat running then. Such a fire is skipped,
-    not made up (a beat back after a day does not start a day's work at once); the skip is logged and audited as
-    `action`."""
-    if within_grace(due_at, now):
-        return False
-    log.warning("org %s: skipped the fire due at %s (%s), missed while no beat ran", org_id, due_at, action)
-    record_change(session, org_id=org_id, actor="schedule", action=action, target=due_at.isoformat(), detail=detail)
-    return True
+def _audit_missed(
+    session: Session,
+    *,
+    org_id: str,
+    skipped: list[datetime],
+    fired_at: datetime | None,
+    action: str,
+    detail: dict[str, Any],
+) -> None:
+    """Log and audit, as `action`, the fire times `skipped` (oldest first) by a beat that fired `fired_at`, the last
+    one due, or nothing when that too was missed by more than GRACE. A fire missed while no beat ran is not made up
+    (a beat back after a day does not start a day's work at once), and one superseded by a later due fire is that
+    fire. One row for them all, with their count and the first and last: a day without a beat would otherwise write
+    96 rows for a `*/15` schedule, and the times between follow from the pattern."""
+    log.warning(
+        "org %s: skipped %d fire(s) due from %s to %s (%s)", org_id, len(skipped), skipped[0], skipped[-1], action
+    )
+    record_change(
+        session,
+        org_id=org_id,
+        actor="schedule",
+        action=action,
+        target=skipped[0].isoformat(),
+        detail={
+            **detail,
+            "missed": len(skipped),
+            "firstMissedAt": skipped[0].isoformat(),
+            "lastMissedAt": skipped[-1].isoformat(),
+            "firedAt": fired_at.isoformat() if fired_at else None,
+        },
+    )
 
 
 class DatabaseBeat(Scheduler):  # type: ignore[misc]

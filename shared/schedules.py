@@ -8,7 +8,9 @@ occurrence. Several skipped times of one night fire once between them.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
@@ -122,15 +124,20 @@ def check_schedule(pattern: str, timezone: str) -> None:
 
 def next_fire_times(pattern: str, timezone: str, *, after: datetime, count: int = 1) -> list[datetime]:
     """The next `count` UTC instants strictly after `after` at which the schedule fires."""
+    return list(islice(fire_times(pattern, timezone, after=after), count))
+
+
+def fire_times(pattern: str, timezone: str, *, after: datetime) -> Iterator[datetime]:
+    """The UTC instants strictly after `after` at which the schedule fires, one after the other, without end."""
     tz = zone(timezone)
     local_start = after.astimezone(tz).replace(tzinfo=None) - timedelta(hours=3)  # covers a repeated hour
     walk = croniter(check_pattern(pattern), local_start)
-    fires: list[datetime] = []
-    while len(fires) < count:
+    last = after
+    while True:
         instant = _instant(walk.get_next(datetime), tz)
-        if instant > after and (not fires or instant > fires[-1]):
-            fires.append(instant)
-    return fires
+        if instant > last:
+            last = instant
+            yield instant
 
 
 def _instant(wall_clock: datetime, tz: ZoneInfo) -> datetime:

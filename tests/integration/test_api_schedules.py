@@ -23,6 +23,7 @@ from tests.support.polling import eventually
 
 SOURCE: dict[str, Any] = {"url": "sqlite:////srv/plant.db", "tables": [{"name": "readings", "primaryKey": "id"}]}
 NEVER_FIRES = ["0 0 31 2 *", "0 0 30 2 *", "15 3 31 4,6,9,11 *"]
+SUNDAY_TWO = datetime(2026, 12, 6, 2, 0, tzinfo=UTC)  # a Sunday, when `0 2 * * 0` fires in UTC
 
 
 def put_training_schedule(api: TestClient, org: OrgKeys, dataset_id: str, **schedule: Any) -> Any:
@@ -145,24 +146,23 @@ def make_sync_schedule_due(engine: Engine, source_id: str, *, minutes_ago: float
 
 
 def test_a_sync_fire_missed_while_no_sync_beat_ran_is_skipped_and_audited_like_a_training_one(
-    api: TestClient, org: OrgKeys, engine: Engine
+    api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A sync beat back after a day starts no day-old job; it takes up the schedule at its next fire time."""
+    """A sync beat back after most of a day starts no day-old job; it takes up the schedule at its next fire time."""
     source_id = sync_source(api, org)
-    url = f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule"
-    assert api.put(url, json={"pattern": "0 2 * * *"}, headers=org.admin).status_code == 200
-    make_sync_schedule_due(engine, source_id, minutes_ago=24 * 60)
-    assert fire_due_sync_schedules(make_session_factory(engine), now=utcnow()) == []
+    set_sync_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(hours=1), source_id, pattern="0 2 * * *")
+    sessions = make_session_factory(engine)
+    fire_due_sync_schedules(sessions, now=SUNDAY_TWO + timedelta(hours=23))
     assert api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json() == []
-    missed = [
-        entry
-        for entry in api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.viewer).json()
-        if entry["action"] == "sync.schedule.missed"
-    ]
-    assert len(missed) == 1 and missed[0]["detail"] == {"sourceId": source_id}
-    assert api.get(url, headers=org.viewer).json()["nextFireTimes"][0] > utcnow().isoformat()
-    make_sync_schedule_due(engine, source_id, minutes_ago=0.1)  # a fire just due is no missed one
-    assert len(fire_due_sync_schedules(make_session_factory(engine), now=utcnow())) == 1
+    [missed] = audited(api, org, "sync.schedule.missed")
+    assert missed["detail"] == {
+        "sourceId": source_id,
+        "missed": 1,
+        "firstMissedAt": SUNDAY_TWO.isoformat(),
+        "lastMissedAt": SUNDAY_TWO.isoformat(),
+        "firedAt": None,
+    }
+    fire_due_sync_schedules(sessions, now=SUNDAY_TWO + timedelta(days=1, seconds=6))  # the next 02:00
     assert [job["trigger"] for job in api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json()] == [
         "schedule"
     ]
@@ -363,14 +363,21 @@ def test_a_schedule_whose_datasource_no_longer_fits_its_config_fails_its_fire_re
     assert "dataRange needs the datasource's timestampColumn" in failed["detail"]["error"]
 
 
-SUNDAY_TWO = datetime(2026, 12, 6, 2, 0, tzinfo=UTC)  # a Sunday, when `0 2 * * 0` fires in UTC
-
-
 def set_training_schedule_at(
     api: TestClient, org: OrgKeys, monkeypatch: pytest.MonkeyPatch, at: datetime, **body: Any
 ) -> None:
     monkeypatch.setattr(schedule_router, "utcnow", lambda: at)
     response = api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin)
+    monkeypatch.undo()
+    assert response.status_code == 200, response.text
+
+
+def set_sync_schedule_at(
+    api: TestClient, org: OrgKeys, monkeypatch: pytest.MonkeyPatch, at: datetime, source_id: str, **body: Any
+) -> None:
+    monkeypatch.setattr(sync_router, "utcnow", lambda: at)
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule"
+    response = api.put(url, json=body, headers=org.admin)
     monkeypatch.undo()
     assert response.status_code == 200, response.text
 
@@ -403,7 +410,7 @@ def test_a_due_fire_the_new_pattern_does_not_fire_at_is_dropped_by_setting_the_s
         api, org, monkeypatch, SUNDAY_TWO + timedelta(seconds=2), pattern="0 3 * * 0", trainingConfig=config(dataset_id)
     )
 
-    assert fire_due_schedules(make_session_factory(engine), now=SUNDAY_TWO + timedelta(seconds=4)) == []
+    fire_due_schedules(make_session_factory(engine), now=SUNDAY_TWO + timedelta(seconds=4))
     assert scheduled_runs(api, org) == []
     with session_scope(make_session_factory(engine)) as session:
         assert session.get_one(Schedule, org.org_id).next_fire_at == SUNDAY_TWO + timedelta(hours=1)
@@ -412,13 +419,68 @@ def test_a_due_fire_the_new_pattern_does_not_fire_at_is_dropped_by_setting_the_s
 def test_a_sync_schedule_set_again_just_after_its_due_moment_before_the_beats_tick_still_fires_it(
     api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = f"/v1/orgs/{org.org_id}/sync-sources/{sync_source(api, org)}/schedule"
+    source_id = sync_source(api, org)
     for at in (SUNDAY_TWO - timedelta(minutes=5), SUNDAY_TWO + timedelta(seconds=2)):
-        monkeypatch.setattr(sync_router, "utcnow", lambda at=at: at)
-        assert api.put(url, json={"pattern": "*/15 * * * *"}, headers=org.admin).status_code == 200
-        monkeypatch.undo()
+        set_sync_schedule_at(api, org, monkeypatch, at, source_id, pattern="*/15 * * * *")
 
-    assert len(fire_due_sync_schedules(make_session_factory(engine), now=SUNDAY_TWO + timedelta(seconds=4))) == 1
+    fire_due_sync_schedules(make_session_factory(engine), now=SUNDAY_TWO + timedelta(seconds=4))
     assert [job["trigger"] for job in api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json()] == [
         "schedule"
     ]
+
+
+def test_a_beat_back_within_grace_of_a_fire_fires_it_and_audits_the_one_missed_before(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beat down from 29 November to 13 December 02:03: the 6 December fire is a week old, the 13 December one
+    three minutes late. Beat judged the schedule by its oldest due time alone and skipped both."""
+    weekly = {"pattern": "0 2 * * 0", "timezone": "UTC", "trainingConfig": config(dataset_id)}
+    set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(days=7), **weekly)
+    back = SUNDAY_TWO + timedelta(days=7, minutes=3)
+
+    fire_due_schedules(make_session_factory(engine), now=back)
+
+    assert len(scheduled_runs(api, org)) == 1
+    [missed] = audited(api, org, "schedule.missed")
+    assert missed["detail"] == {
+        "missed": 1,
+        "firstMissedAt": SUNDAY_TWO.isoformat(),
+        "lastMissedAt": SUNDAY_TWO.isoformat(),
+        "firedAt": (SUNDAY_TWO + timedelta(days=7)).isoformat(),
+    }
+    shown = api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).json()
+    assert shown["lastFiredAt"].startswith("2026-12-13T02:00")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "down", "missed", "fired_at"),
+    [
+        ("*/15 * * * *", timedelta(minutes=20), 1, SUNDAY_TWO + timedelta(minutes=15)),  # 02:00 missed, 02:15 late
+        ("* * * * *", timedelta(minutes=3), 3, SUNDAY_TWO + timedelta(minutes=3)),  # 02:00-02:02 superseded
+    ],
+    ids=["missed", "superseded"],
+)
+def test_a_sync_beat_back_fires_the_last_fire_due_within_grace_once_and_audits_those_before_it(
+    api: TestClient,
+    org: OrgKeys,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    pattern: str,
+    down: timedelta,
+    missed: int,
+    fired_at: datetime,
+) -> None:
+    """A sync beat restarted for 20 minutes (a deploy) skipped the 02:15 fire, 5 minutes late, with the 02:00 one:
+    the source went 30 minutes unsynced. Fires late within GRACE but followed by a later one are that one."""
+    source_id = sync_source(api, org)
+    set_sync_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(minutes=1), source_id, pattern=pattern)
+
+    fire_due_sync_schedules(make_session_factory(engine), now=SUNDAY_TWO + down)
+
+    assert len(api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json()) == 1
+    [row] = audited(api, org, "sync.schedule.missed")
+    assert (row["detail"]["missed"], row["detail"]["firstMissedAt"], row["detail"]["firedAt"]) == (
+        missed,
+        SUNDAY_TWO.isoformat(),
+        fired_at.isoformat(),
+    )
