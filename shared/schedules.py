@@ -1,14 +1,17 @@
 """When a weekly (or any 5-field cron) schedule fires, in an org's own timezone, across daylight-saving changes.
 
 The policy is cron's own (ISC cron / cronie): a time the spring-forward change skips fires once, at the moment
-the clocks jump (02:30 on that night fires at 03:00); a time the fall-back change repeats fires once, at its first
-occurrence. Several skipped times of one night fire once between them.
+the clocks jump (02:30 on that night fires at 03:00); several skipped times of one night fire once between them.
+In the hour the fall-back change repeats, a pattern whose minute or hour field holds a wildcard or a step
+(`*/15 * * * *`, `0 * * * *`, `*/10 2 * * *`) keeps firing by real time, at both occurrences of its times; a
+fixed-time pattern (`30 1 * * *`, `0 2 * * 0`) fires once, at the first occurrence.
 """
 
 from __future__ import annotations
 
+import heapq
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -21,8 +24,9 @@ MINUTE = timedelta(minutes=1)
 # croniter's "R" (or "R(1-5)"), a random value in the field's range, drawn anew at every reading of the pattern.
 _RANDOM = re.compile(r"R(\(|$)", re.IGNORECASE)
 DST_POLICY = (
-    "a time skipped by a daylight-saving change fires once, when the clocks jump; a time repeated by one fires once, "
-    "at its first occurrence"
+    "a time skipped by a daylight-saving change fires once, when the clocks jump; in a repeated hour, a pattern whose "
+    "minute or hour field holds a wildcard or a step fires at both occurrences, and a fixed time fires once, at its "
+    "first occurrence"
 )
 
 
@@ -132,12 +136,43 @@ def fire_times(pattern: str, timezone: str, *, after: datetime) -> Iterator[date
     tz = zone(timezone)
     local_start = after.astimezone(tz).replace(tzinfo=None) - timedelta(hours=3)  # covers a repeated hour
     walk = croniter(check_pattern(pattern), local_start)
+    repeats = _fires_by_real_time(pattern)
+    # Second occurrences of a repeated hour come an hour (the change) after the first ones, so they wait here until
+    # the walk's first occurrences have passed them: the instants come out in order.
+    later: list[datetime] = []
     last = after
     while True:
-        instant = _instant(walk.get_next(datetime), tz)
-        if instant > last:
-            last = instant
-            yield instant
+        wall_clock = walk.get_next(datetime)
+        instant = _instant(wall_clock, tz)
+        while later and later[0] <= instant:
+            last = yield from _after(heapq.heappop(later), last)
+        last = yield from _after(instant, last)
+        second = _second_occurrence(wall_clock, tz) if repeats else None
+        if second is not None:
+            heapq.heappush(later, second)
+
+
+def _after(instant: datetime, last: datetime) -> Generator[datetime, None, datetime]:
+    """Yield `instant` if it comes after `last` (several skipped times of a night fire once, at the jump); returns
+    the last instant yielded."""
+    if instant <= last:
+        return last
+    yield instant
+    return instant
+
+
+def _fires_by_real_time(pattern: str) -> bool:
+    """Whether the pattern fires through a repeated hour by real time, as cron's do: one whose minute or hour field
+    holds a wildcard or a step (`*/15 * * * *`, `0 * * * *`, `*/10 2 * * *`). A fixed time fires once."""
+    minute, hour = pattern.split()[:2]
+    return any("*" in field or "/" in field for field in (minute, hour))
+
+
+def _second_occurrence(wall_clock: datetime, tz: ZoneInfo) -> datetime | None:
+    """The UTC instant of a local wall-clock time's second occurrence, when a fall-back change repeats it."""
+    first, second = (wall_clock.replace(tzinfo=tz, fold=fold).astimezone(UTC) for fold in (0, 1))
+    repeated = second != first and second.astimezone(tz).replace(tzinfo=None) == wall_clock
+    return second if repeated else None
 
 
 def _instant(wall_clock: datetime, tz: ZoneInfo) -> datetime:

@@ -374,12 +374,14 @@ def set_training_schedule_at(
 
 def set_sync_schedule_at(
     api: TestClient, org: OrgKeys, monkeypatch: pytest.MonkeyPatch, at: datetime, source_id: str, **body: Any
-) -> None:
+) -> dict[str, Any]:
+    """The schedule as the PUT at `at` answers it."""
     monkeypatch.setattr(sync_router, "utcnow", lambda: at)
     url = f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule"
     response = api.put(url, json=body, headers=org.admin)
     monkeypatch.undo()
     assert response.status_code == 200, response.text
+    return dict(response.json())
 
 
 def test_a_schedule_set_again_just_after_its_due_moment_before_beats_tick_still_fires_it_with_the_new_config(
@@ -484,3 +486,17 @@ def test_a_sync_beat_back_fires_the_last_fire_due_within_grace_once_and_audits_t
         SUNDAY_TWO.isoformat(),
         fired_at.isoformat(),
     )
+
+
+def test_an_every_15_minutes_sync_keeps_firing_every_15_minutes_through_the_fall_back_hour(
+    api: TestClient, org: OrgKeys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paris falls back on 25 October 2026 at 01:00 UTC (03:00 CEST to 02:00 CET): the schedule fired at 00:45 UTC,
+    then at 02:00 UTC, 75 minutes without a sync. cron runs such patterns through the repeated hour."""
+    before = datetime(2026, 10, 25, 0, 40, tzinfo=UTC)
+    shown = set_sync_schedule_at(
+        api, org, monkeypatch, before, sync_source(api, org), pattern="*/15 * * * *", timezone="Europe/Paris"
+    )
+    assert shown["nextFireTimes"] == [
+        f"2026-10-25T{time}:00Z" for time in ("00:45", "01:00", "01:15", "01:30", "01:45")
+    ]

@@ -1,9 +1,10 @@
 """Schedule fire times in an org's timezone, and the daylight-saving policy (cron's): a skipped time fires once
-when the clocks jump, a repeated time fires once, at its first occurrence."""
+when the clocks jump; in a repeated hour, a pattern with a wildcard or step minute or hour fires by real time, a
+fixed time once, at its first occurrence."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -40,6 +41,30 @@ def test_a_time_repeated_in_november_fires_once_at_its_first_occurrence() -> Non
     # 1 November 2026: 02:00 EDT falls back to 01:00 EST, so 01:30 happens twice.
     fires = next_fire_times("30 1 * * *", NEW_YORK, after=utc(2026, 10, 31, 12), count=2)
     assert fires == [utc(2026, 11, 1, 5, 30), utc(2026, 11, 2, 6, 30)]  # 01:30 EDT, then 01:30 EST next day
+
+
+def test_an_interval_pattern_keeps_firing_every_quarter_hour_when_the_clocks_jump_forward() -> None:
+    fires = next_fire_times("*/15 * * * *", NEW_YORK, after=utc(2026, 3, 8, 6, 40), count=3)
+    assert fires == [utc(2026, 3, 8, 6, 45), utc(2026, 3, 8, 7), utc(2026, 3, 8, 7, 15)]  # 01:45 EST, 03:00 EDT
+
+
+def test_an_interval_pattern_keeps_firing_every_quarter_hour_through_the_repeated_hour() -> None:
+    # 25 October 2026 in Paris: 03:00 CEST falls back to 02:00 CET (01:00 UTC); it fell silent from 00:45 to 02:00 UTC.
+    fires = next_fire_times("*/15 * * * *", "Europe/Paris", after=utc(2026, 10, 25, 0, 40), count=7)
+    assert fires == [utc(2026, 10, 25, 0, 45) + n * timedelta(minutes=15) for n in range(7)]  # to 02:15 UTC
+
+
+@pytest.mark.parametrize(
+    ("pattern", "fires"),
+    [
+        ("0 * * * *", [utc(2026, 11, 1, 5), utc(2026, 11, 1, 6), utc(2026, 11, 1, 7)]),  # 01:00 EDT, 01:00 EST, 02:00
+        ("*/30 1 * * *", [utc(2026, 11, 1, 5), utc(2026, 11, 1, 5, 30), utc(2026, 11, 1, 6), utc(2026, 11, 1, 6, 30)]),
+    ],
+)
+def test_a_wildcard_or_step_minute_or_hour_fires_at_both_occurrences_of_a_repeated_time(
+    pattern: str, fires: list[datetime]
+) -> None:
+    assert next_fire_times(pattern, NEW_YORK, after=utc(2026, 11, 1, 4, 30), count=len(fires)) == fires
 
 
 def test_asking_during_the_repeated_hour_does_not_fire_its_second_occurrence() -> None:
