@@ -500,3 +500,18 @@ def test_an_every_15_minutes_sync_keeps_firing_every_15_minutes_through_the_fall
     assert shown["nextFireTimes"] == [
         f"2026-10-25T{time}:00Z" for time in ("00:45", "01:00", "01:15", "01:30", "01:45")
     ]
+
+
+def test_a_schedule_set_is_audited_with_the_training_config_it_runs(
+    api: TestClient, org: OrgKeys, dataset_id: str
+) -> None:
+    """Repointed at another config, the schedule left two identical `schedule.set` rows: pattern, timezone, enabled."""
+    for split in (0.2, 0.5):
+        body = {"pattern": "0 2 * * 0", "trainingConfig": config(dataset_id, validationSplit=split)}
+        assert api.put(f"/v1/orgs/{org.org_id}/schedule", json=body, headers=org.admin).status_code == 200
+    rows = audited(api, org, "schedule.set")
+    assert sorted((row["detail"]["pattern"], row["detail"]["trainingConfig"]["validationSplit"]) for row in rows) == [
+        ("0 2 * * 0", 0.2),
+        ("0 2 * * 0", 0.5),
+    ]
+    assert all(row["detail"]["trainingConfig"]["datasetId"] == dataset_id for row in rows)

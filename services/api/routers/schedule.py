@@ -42,7 +42,13 @@ def put_schedule(body: ScheduleIn, access: OrgAdmin, session: SessionDep) -> Sch
         actor=access.principal.key_id,
         action="schedule.set",
         target=body.pattern,
-        detail={"timezone": body.timezone, "enabled": body.enabled},
+        # What it trains, as stored: the audit trail says who pointed the schedule at another config.
+        detail={
+            "pattern": body.pattern,
+            "timezone": body.timezone,
+            "enabled": body.enabled,
+            "trainingConfig": row.training_config,
+        },
     )
     return _schedule_out(row)
 
