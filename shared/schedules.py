@@ -13,8 +13,9 @@ import heapq
 import re
 from collections.abc import Generator, Iterator
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from itertools import islice
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, available_timezones
 
 from croniter import CroniterBadDateError, croniter
 
@@ -96,10 +97,19 @@ def _ever_fires(pattern: str) -> bool:
 
 
 def zone(name: str) -> ZoneInfo:
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ScheduleError(f"timezone {name!r} is not an IANA timezone such as 'America/New_York'") from None
+    """The IANA timezone `name`, or ScheduleError. ZoneInfo reads any zone file of the host's zoneinfo folder, and
+    some name no IANA zone: `localtime`, `posixrules`, `right/...`, `posix/...` mean what the host reading them
+    says, so a schedule in one would fire at one time on the api's host and at another on beat's, and fail on a
+    host with the tzdata wheel, which has none of them."""
+    if name not in _iana_names():
+        raise ScheduleError(f"timezone {name!r} is not an IANA timezone such as 'America/New_York'")
+    return ZoneInfo(name)
+
+
+@cache
+def _iana_names() -> frozenset[str]:
+    """available_timezones() leaves out right/, posix/ and posixrules already, but lists the host's `localtime`."""
+    return frozenset(available_timezones() - {"localtime"})
 
 
 def _refuse_random(pattern: str) -> None:

@@ -88,6 +88,22 @@ TOO_LONG = [
 ]
 
 
+@pytest.mark.parametrize("timezone", ["localtime", "posixrules", "right/UTC", "posix/Europe/Paris"])
+def test_a_timezone_naming_a_file_of_the_hosts_zoneinfo_folder_not_an_iana_zone_is_refused_and_not_stored(
+    api: TestClient, org: OrgKeys, dataset_id: str, timezone: str
+) -> None:
+    """ZoneInfo reads them, but they mean what the host says (`localtime` is its own setting): the api showed one
+    time and beat, on another host, fired at another."""
+    schedule = {"pattern": "0 2 * * 0", "timezone": timezone}
+    training = put_training_schedule(api, org, dataset_id, **schedule)
+    sync_url = f"/v1/orgs/{org.org_id}/sync-sources/{sync_source(api, org)}/schedule"
+    sync = api.put(sync_url, json=schedule, headers=org.admin)
+    for response, url in [(training, f"/v1/orgs/{org.org_id}/schedule"), (sync, sync_url)]:
+        assert response.status_code == 422, response.text
+        assert response.json()["field"] == "timezone" and "IANA" in response.json()["error"]
+        assert api.get(url, headers=org.viewer).status_code == 404
+
+
 @pytest.mark.parametrize(("schedule", "field", "words"), TOO_LONG)
 def test_a_training_schedule_longer_than_its_columns_is_refused_and_not_stored(
     api: TestClient, org: OrgKeys, dataset_id: str, schedule: dict[str, str], field: str, words: str
