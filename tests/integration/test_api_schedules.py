@@ -15,7 +15,7 @@ from services.api.routers import schedule as schedule_router
 from services.api.routers import sync_sources as sync_router
 from services.sync.beat import fire_due_sync_schedules
 from services.trainer.beat import fire_due_schedules
-from shared.db.models import Schedule, SyncSchedule
+from shared.db.models import Schedule, SyncSchedule, TrainingRun
 from shared.db.session import make_session_factory, session_scope
 from shared.db.types import utcnow
 from tests.integration.conftest import TRAINING_CSV, OrgKeys, config, create_org_with_keys, upload
@@ -531,3 +531,25 @@ def test_a_schedule_set_is_audited_with_the_training_config_it_runs(
         ("0 2 * * 0", 0.5),
     ]
     assert all(row["detail"]["trainingConfig"]["datasetId"] == dataset_id for row in rows)
+
+
+def test_a_fire_queues_no_run_while_the_run_the_schedule_queued_before_waits_and_does_once_it_runs(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the workers down, or runs longer than the schedule's period, each fire queued one more run: they piled
+    up, to train on the same data one after the other."""
+    weekly = {"pattern": "0 2 * * 0", "timezone": "UTC", "trainingConfig": config(dataset_id)}
+    set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(days=1), **weekly)
+    sessions = make_session_factory(engine)
+    fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=4))
+    [waiting] = scheduled_runs(api, org)
+
+    fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(days=7, seconds=4))  # the run has not started
+
+    assert scheduled_runs(api, org) == [waiting]
+    [skipped] = audited(api, org, "schedule.skipped")
+    assert (skipped["target"], skipped["actor"]) == (waiting, "schedule")
+    with session_scope(sessions) as session:  # a worker starts it
+        session.execute(update(TrainingRun).where(TrainingRun.id == waiting).values(status="running"))
+    fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(days=14, seconds=4))
+    assert len(scheduled_runs(api, org)) == 2 and len(audited(api, org, "schedule.skipped")) == 1
