@@ -361,11 +361,11 @@ def _drop_undecodable(connection: Connection, log: ChangeLog, *, table: str, aft
     """A SQLite key held as a BLOB that is no UTF-8 (X'FF') is logged as text that is none either, which no read of
     the log gets past. Such a row names no record the central store can hold: the record, while its key is a BLOB,
     fails the job naming it (stores.refuse_unnamed_keys), and goes up once its key is text, logged anew by that edit.
-    So the row is dropped from the log, in a transaction of its own (the caller's connection only reads), and the
-    edits logged around it go on."""
-    dropped = _undecodable_rows(connection, log, table=table, after=after, limit=limit)
-    with connection.engine.begin() as writer:
-        _drop_rows(writer, log, table=table, seqs=dropped)
+    So the row is dropped from the log, and the edits logged around it go on. It is dropped in the caller's
+    transaction: the push reads the log with other writers shut out, so a writer of its own would wait for it."""
+    _drop_rows(
+        connection, log, table=table, seqs=_undecodable_rows(connection, log, table=table, after=after, limit=limit)
+    )
 
 
 def _undecodable_rows(

@@ -92,13 +92,16 @@ def push_batch(pair: TablePair) -> bool:
     """One batch of local changes into the central store; False when there was none."""
     with Session(pair.central) as session:
         after = watermark(session, pair, UP)
-    with pair.local.connect() as local:
+    # Writers are shut out while the log and then the records are read: a write landing between the two would send
+    # a record whose content is newer than the change it is stamped from.
+    with pair.local.begin() as local:
+        shut_out_writers(local, LOCAL_LOG)
         changes = changes_after(local, LOCAL_LOG, table=pair.spec.name, after=after, limit=pair.batch_size)
         if not changes:
             return False
         # A key written since the job looked that the log cannot name (a SQLite BLOB) fails it, not taken for deleted.
         refuse_unnamed_keys(local, pair.local_table, pair.key)
-        latest = {change.key: change for change in changes}
+        latest = _last_changes_in_batch(local, pair, changes)
         rows = read(local, pair.local_table, pair.key, latest)
         taken = taken_position(local, pair) if pair.spec.sends_down else None
     with Session(pair.central) as session, session.begin():
@@ -115,6 +118,18 @@ def push_batch(pair: TablePair) -> bool:
         restore_locally(pair, moves.restores, read_up_to=changes[-1].seq)
     _after_batch(pair, pushed=moves.copies, conflicts=moves.conflicts)
     return True
+
+
+def _last_changes_in_batch(local: Connection, pair: TablePair, changes: list[Change]) -> dict[str, Change]:
+    """Each record of the batch by its last change in it, less those changed again past the batch's end: read now,
+    such a record holds that later change, which goes up in a later batch, stamped from it. Only a batch cut off at
+    its size can have one (writers are shut out), and the log is finite, so each record goes up in the batch holding
+    its last change."""
+    latest = {change.key: change for change in changes}
+    if len(changes) < pair.batch_size:
+        return latest
+    later = pending(local, LOCAL_LOG, table=pair.spec.name, keys=latest, after=changes[-1].seq)
+    return {key: change for key, change in latest.items() if key not in later}
 
 
 def _push(

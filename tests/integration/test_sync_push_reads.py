@@ -1,0 +1,173 @@
+"""What a push reads of the local store: the change log and the records it names, as one, so that each record goes
+up stamped from the change that left it as it is; on a SQLite and on a PostgreSQL local store."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Connection, Table, create_engine, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+
+import services.sync.transfer as transfer
+from services.sync.context import SyncContext
+from services.sync.stores import refuse_unnamed_keys
+from tests.integration.sync_support import Sync, open_sync
+from tests.integration.test_sync_postgres_local import READINGS as PG_READINGS
+from tests.integration.test_sync_postgres_local import TWO_READINGS as PG_TWO_READINGS
+from tests.integration.test_sync_postgres_local import open_postgres_sync
+from tests.support.servers import fresh_postgres_database
+
+# The tests' batch size is 500: the first batch of a push after `edit_then_insert_499` ends just before the record's
+# second edit.
+NEW_RECORDS = ", ".join(f"({n}, 'pump-{n}', {n}.0, 'patient {n}')" for n in range(3, 502))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, store: str
+) -> Iterator[Callable[[str], Sync]]:
+    """An org syncing `readings` (records 1 and 2) of a local store of the kind `store` names, under a policy."""
+    if store == "sqlite":
+        yield lambda policy: open_sync(sync_api, sync_context, org_id, tmp_path, policy)
+        return
+    with fresh_postgres_database() as url:
+        yield lambda policy: open_postgres_sync(
+            sync_api, sync_context, org_id, url, policy, PG_READINGS, PG_TWO_READINGS
+        )
+
+
+def edit_then_insert_499(sync: Sync, edit: str) -> None:
+    """Edit record 1 locally, then insert 499 records: the first push batch takes the edit and fills up."""
+    sync.local(f"UPDATE readings SET {edit} WHERE id = 1")
+    sync.local(f"INSERT INTO readings (id, device, value, patient) VALUES {NEW_RECORDS}")
+    time.sleep(0.05)
+
+
+def edit_centrally_between_two_local_edits_a_batch_apart(sync: Sync, first: str, central: str, second: str) -> None:
+    """Record 1 edited locally (`first`), then centrally, then locally again (`second`) past the end of the first
+    push batch; synced until both sides agree."""
+    sync.run()
+    edit_then_insert_499(sync, first)
+    sync.central(f"UPDATE {sync.central_table} SET {central} WHERE id = 1")
+    time.sleep(0.05)
+    sync.local(f"UPDATE readings SET {second} WHERE id = 1")
+    sync.run()
+    sync.run()
+
+
+def record_1(sync: Sync) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    return (
+        sync.local("SELECT device, value FROM readings WHERE id = 1"),
+        sync.central(f"SELECT device, value FROM {sync.central_table} WHERE id = 1"),
+    )
+
+
+def outcomes(sync: Sync) -> list[tuple[str, Any, Any]]:
+    """Each conflict of record 1 as (outcome, the local value, the central value); a deletion's value is None."""
+    return [
+        (c["outcome"], c["localVersion"].get("value"), c["centralVersion"].get("value"))
+        for c in sync.conflicts()
+        if c["recordKey"] == "1"
+    ]
+
+
+def test_field_merge_keeps_a_local_field_edit_made_after_a_central_one_and_past_the_end_of_a_push_batch(
+    open_store: Callable[[str], Sync],
+) -> None:
+    """The first batch read record 1 holding its second edit (value 10.0) and stamped it from its first: the central
+    value, edited in between, won the field, and the base saved made the local value look unchanged after."""
+    sync = open_store("field-merge")
+
+    edit_centrally_between_two_local_edits_a_batch_apart(sync, "device = 'pump-L'", "value = 99.0", "value = 10.0")
+
+    assert record_1(sync) == ([("pump-L", 10.0)], [("pump-L", 10.0)])
+    assert outcomes(sync) == [("merged", 10.0, 99.0)]
+
+
+def test_last_writer_wins_records_no_conflict_lost_by_a_local_edit_past_the_end_of_a_push_batch_that_won(
+    open_store: Callable[[str], Sync],
+) -> None:
+    """The first batch sent the second edit (20.0) stamped from the first: it lost to the central edit made in
+    between, a conflict saying 20.0 lost though both sides end with it."""
+    sync = open_store("last-writer-wins")
+
+    edit_centrally_between_two_local_edits_a_batch_apart(sync, "value = 10.0", "value = 99.0", "value = 20.0")
+
+    assert record_1(sync) == ([("pump-1", 20.0)], [("pump-1", 20.0)])
+    assert outcomes(sync) == [("local-won", 20.0, 99.0)]
+
+
+def test_last_writer_wins_keeps_a_central_edit_made_after_a_local_deletion_past_the_end_of_a_push_batch(
+    open_store: Callable[[str], Sync],
+) -> None:
+    """The first batch found record 1 deleted and stamped the deletion from the edit before it: it lost to the later
+    central edit, the record was not put back (written locally since), and the next batch deleted it centrally."""
+    sync = open_store("last-writer-wins")
+    sync.run()
+    edit_then_insert_499(sync, "value = 10.0")
+    sync.local("DELETE FROM readings WHERE id = 1")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+
+    sync.run()
+    sync.run()
+
+    assert record_1(sync) == ([("pump-1", 99.0)], [("pump-1", 99.0)])
+    assert outcomes(sync) == [("central-won", None, 99.0)]
+
+
+def write_without_waiting(sync: Sync, store: str, sql: str) -> str:
+    """Run `sql` as the application would, except that it does not wait for a lock: "" once it ran, or why not."""
+    if store == "sqlite":
+        with sqlite3.connect(sync.local_path, timeout=0) as connection:
+            try:
+                connection.execute(sql)
+            except sqlite3.OperationalError as error:
+                return str(error)
+        return ""
+    engine = create_engine(sync.local_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("SET LOCAL lock_timeout = '100ms'"))
+            connection.execute(text(sql))
+    except OperationalError as error:
+        return str(error.orig)
+    finally:
+        engine.dispose()
+    return ""
+
+
+def test_an_application_write_waits_while_a_push_reads_the_local_store_so_no_record_is_sent_newer_than_its_stamp(
+    open_store: Callable[[str], Sync], store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write landing between the push's read of the log and its read of the records would go up stamped from an
+    earlier change; one that kept landing there would keep its record from going up at all, had such records
+    been left for a later batch."""
+    sync = open_store("last-writer-wins")
+    sync.run()
+    sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
+    refused: list[str] = []
+
+    def write_between_the_reads(connection: Connection, table: Table, column: str) -> None:
+        if not refused:
+            refused.append(write_without_waiting(sync, store, "UPDATE readings SET value = 20.0 WHERE id = 1"))
+        refuse_unnamed_keys(connection, table, column)
+
+    monkeypatch.setattr(transfer, "refuse_unnamed_keys", write_between_the_reads)
+    sync.run()
+
+    [reason] = refused
+    assert "lock" in reason  # SQLite: "database is locked"; PostgreSQL: "canceling statement due to lock timeout"
+    assert record_1(sync) == ([("pump-1", 10.0)], [("pump-1", 10.0)])
