@@ -41,12 +41,13 @@ def delete_locally(local: Connection, pair: TablePair, keys: Iterable[str]) -> d
     return found
 
 
-def restore_locally(pair: TablePair, rows: list[dict[str, Any]], *, read_up_to: int) -> None:
+def restore_locally(pair: TablePair, rows: list[dict[str, Any]], *, read_up_to: int) -> set[str]:
     """Put back local records whose deletion lost to the central version (or was refused), without logging them.
     A record the application has written again since the batch read the local log (up to `read_up_to`) keeps that
-    write, which goes up in a later batch: other writers are shut out while this looks for such writes."""
+    write, which goes up in a later batch: other writers are shut out while this looks for such writes. Returns the
+    keys of those records."""
     if not rows:
-        return
+        return set()
     with pair.local.begin() as local:
         shut_out_writers(local, LOCAL_LOG)
         by_key = {key_text(row[pair.key]): row for row in rows}
@@ -54,6 +55,7 @@ def restore_locally(pair: TablePair, rows: list[dict[str, Any]], *, read_up_to: 
         begin_applying(local, LOCAL_LOG)
         upsert(local, pair.local_table, pair.key, [row for key, row in by_key.items() if key not in written_since])
         end_applying(local, LOCAL_LOG)
+    return set(written_since)
 
 
 def audit_local_deletions(session: Session, pair: TablePair, deleted: dict[str, dict[str, Any]]) -> None:

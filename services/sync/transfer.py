@@ -115,7 +115,8 @@ def push_batch(pair: TablePair) -> bool:
         count_moves(session, pair, pushed=moves.copies, conflicts=moves.conflicts)
         end_applying(connection, CENTRAL_LOG)
         # Before the central commit: a batch replayed after this one was cut off finds the records back, as edits.
-        restore_locally(pair, moves.restores, read_up_to=changes[-1].seq)
+        written_again = restore_locally(pair, moves.restores, read_up_to=changes[-1].seq)
+        _log_written_again(connection, pair, {key: moves.lost_deletions[key] for key in written_again})
     _after_batch(pair, pushed=moves.copies, conflicts=moves.conflicts)
     return True
 
@@ -130,6 +131,14 @@ def _last_changes_in_batch(local: Connection, pair: TablePair, changes: list[Cha
         return latest
     later = pending(local, LOCAL_LOG, table=pair.spec.name, keys=latest, after=changes[-1].seq)
     return {key: change for key, change in latest.items() if key not in later}
+
+
+def _log_written_again(connection: Connection, pair: TablePair, written_again: dict[str, str]) -> None:
+    """Records the application wrote again after the push read their deletion, which lost: not restored, they go up
+    in a later batch. Logged as changed centrally since (a merge the local store holds the deletion against), they go
+    through the policy there, against the central version that won, rather than copied over it."""
+    if pair.spec.sends_down:
+        log_merges(connection, table=pair.central_name, merges=written_again, at_ms=wall_clock_ms())
 
 
 def _push(
@@ -194,6 +203,8 @@ class _Moves:
     deletes: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Central records to put back in the local store, which deleted them and lost.
     restores: list[dict[str, Any]] = field(default_factory=list)
+    # By key, the stamp of each such deletion: what a local write made since, which the restore leaves, replaced.
+    lost_deletions: dict[str, str] = field(default_factory=dict)
     # Records whose central version differs from the local one after the batch: they go down. By key, the stamp of
     # the local version, which the local store holds until they do.
     merged: dict[str, str] = field(default_factory=dict)
@@ -227,6 +238,7 @@ class _Moves:
                 self.merged[key] = mine.stamp.encode()  # deleted centrally, and that won: the pull deletes it locally
         elif row is None:
             self.restores.append(kept.row)  # before the central commit: both stores hold it once the batch has
+            self.lost_deletions[key] = mine.stamp.encode()
             if existing is None or pair.plain(existing) != kept.row:
                 self.write(_central_row(pair, kept, existing), base=True)  # append-only: the first version, back
             elif pair.spec.policy == "field-merge":

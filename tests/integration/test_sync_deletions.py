@@ -192,9 +192,9 @@ def test_a_record_written_again_locally_while_its_losing_deletion_is_pushed_keep
     sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
     restore = deletions.restore_locally
 
-    def written_again_first(pair: TablePair, rows: list[dict[str, Any]], **position: int) -> None:
+    def written_again_first(pair: TablePair, rows: list[dict[str, Any]], **position: int) -> set[str]:
         sync.local("INSERT INTO readings VALUES (1, 'pump-1', 7.0, 'Ada Lovelace')")
-        restore(pair, rows, **position)
+        return restore(pair, rows, **position)
 
     with monkeypatch.context() as between:
         between.setattr(transfer, "restore_locally", written_again_first)

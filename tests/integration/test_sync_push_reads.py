@@ -1,5 +1,6 @@
-"""What a push reads of the local store: the change log and the records it names, as one, so that each record goes
-up stamped from the change that left it as it is; on a SQLite and on a PostgreSQL local store."""
+"""What a push reads of the local store, the change log and the records it names, read as one so that each record
+goes up stamped from the change that left it as it is; and local writes made after that read, which go up next,
+through the table's policy. On a SQLite and on a PostgreSQL local store."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Connection, Table, create_engine, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 import services.sync.transfer as transfer
 from services.sync.context import SyncContext
+from services.sync.pair import TablePair, hold_residency
 from services.sync.stores import refuse_unnamed_keys
 from tests.integration.sync_support import Sync, open_sync
 from tests.integration.test_sync_postgres_local import READINGS as PG_READINGS
@@ -75,7 +78,8 @@ def record_1(sync: Sync) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
 
 
 def outcomes(sync: Sync) -> list[tuple[str, Any, Any]]:
-    """Each conflict of record 1 as (outcome, the local value, the central value); a deletion's value is None."""
+    """Each conflict of record 1, the newest first, as (outcome, the local value, the central value); a deletion's
+    value is None."""
     return [
         (c["outcome"], c["localVersion"].get("value"), c["centralVersion"].get("value"))
         for c in sync.conflicts()
@@ -171,3 +175,31 @@ def test_an_application_write_waits_while_a_push_reads_the_local_store_so_no_rec
     [reason] = refused
     assert "lock" in reason  # SQLite: "database is locked"; PostgreSQL: "canceling statement due to lock timeout"
     assert record_1(sync) == ([("pump-1", 10.0)], [("pump-1", 10.0)])
+
+
+def test_last_writer_wins_keeps_a_central_edit_made_after_a_local_reinsert_that_followed_a_deletion_the_push_read(
+    open_store: Callable[[str], Sync], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The push read record 1 deleted; the application inserted it again, then the central store edited it. The
+    deletion lost, the insert kept the record from being restored, and the next push copied that older insert over
+    the central edit, with no conflict."""
+    sync = open_store("last-writer-wins")
+    sync.run()
+    sync.local("DELETE FROM readings WHERE id = 1")
+    time.sleep(0.05)
+    written: list[bool] = []
+
+    def inserted_again_then_edited_centrally(session: Session, pair: TablePair) -> None:
+        if not written:
+            written.append(True)
+            sync.local("INSERT INTO readings VALUES (1, 'pump-R', 5.0, 'Grace Hopper')")
+            time.sleep(0.05)
+            sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id = 1")
+        hold_residency(session, pair)
+
+    monkeypatch.setattr(transfer, "hold_residency", inserted_again_then_edited_centrally)
+    sync.run()
+    sync.run()
+
+    assert record_1(sync) == ([("pump-1", 99.0)], [("pump-1", 99.0)])
+    assert outcomes(sync) == [("central-won", 5.0, 99.0), ("central-won", None, 99.0)]  # the newest first
