@@ -312,14 +312,17 @@ def _unnamed_key(kind: str, hexed: str, *, integer: bool) -> str | None:
     return f"{logged}: {shown} cannot be synced: {holds}"
 
 
-def read(connection: Connection, table: Table, column: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """The records with these keys, by key text; a key without a record is absent."""
+def read(
+    connection: Connection, table: Table, column: str, keys: Iterable[str], *, lock: bool = True
+) -> dict[str, dict[str, Any]]:
+    """The records with these keys, by key text; a key without a record is absent. On PostgreSQL each is locked for
+    update until the transaction ends, unless `lock` is False."""
     values = [key_value(table, key, column) for key in keys]
     found: dict[str, dict[str, Any]] = {}
     for start in range(0, len(values), READ_CHUNK):
         chunk = values[start : start + READ_CHUNK]
         query = select(table).where(table.c[column].in_(chunk))
-        if connection.dialect.name == "postgresql":
+        if lock and connection.dialect.name == "postgresql":
             query = query.with_for_update()
         for row in connection.execute(query).mappings():
             found[key_text(row[column])] = dict(row)

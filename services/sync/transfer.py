@@ -102,7 +102,9 @@ def push_batch(pair: TablePair) -> bool:
         # A key written since the job looked that the log cannot name (a SQLite BLOB) fails it, not taken for deleted.
         refuse_unnamed_keys(local, pair.local_table, pair.key)
         latest = _last_changes_in_batch(local, pair, changes)
-        rows = read(local, pair.local_table, pair.key, latest)
+        # Unlocked: an application write holds its record as it waits for the log, which this holds; locking the
+        # record too would deadlock the two. Such a write is not committed, so not read.
+        rows = read(local, pair.local_table, pair.key, latest, lock=False)
         taken = taken_position(local, pair) if pair.spec.sends_down else None
     with Session(pair.central) as session, session.begin():
         hold_residency(session, pair)

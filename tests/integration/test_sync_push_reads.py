@@ -5,6 +5,7 @@ through the table's policy. On a SQLite and on a PostgreSQL local store."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from services.sync.context import SyncContext
 from services.sync.pair import TablePair, hold_residency
 from services.sync.stores import refuse_unnamed_keys
 from tests.integration.sync_support import Sync, open_sync
+from tests.integration.test_sync_policies import wait_until
 from tests.integration.test_sync_postgres_local import READINGS as PG_READINGS
 from tests.integration.test_sync_postgres_local import TWO_READINGS as PG_TWO_READINGS
 from tests.integration.test_sync_postgres_local import open_postgres_sync
@@ -175,6 +177,46 @@ def test_an_application_write_waits_while_a_push_reads_the_local_store_so_no_rec
     [reason] = refused
     assert "lock" in reason  # SQLite: "database is locked"; PostgreSQL: "canceling statement due to lock timeout"
     assert record_1(sync) == ([("pump-1", 10.0)], [("pump-1", 10.0)])
+
+
+def waiting_for_the_log(sync: Sync) -> int:
+    """How many connections to the local PostgreSQL database wait for an advisory lock: the change log's."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'advisory'"
+    return int(sync.local(query)[0][0])
+
+
+@pytest.mark.parametrize("store", ["postgresql"])
+def test_an_application_write_of_a_record_a_push_is_reading_waits_for_the_read_and_lands(
+    open_store: Callable[[str], Sync], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL the write locks its record, then waits for the change log the push holds while it reads: had
+    the push's read locked the record too, each would have waited for the other, and the server failed one."""
+    sync = open_store("last-writer-wins")
+    sync.run()
+    sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
+    failed: list[Exception] = []
+
+    def application_write() -> None:
+        try:
+            sync.local("UPDATE readings SET value = 20.0 WHERE id = 1")
+        except Exception as error:
+            failed.append(error)
+
+    application = threading.Thread(target=application_write)
+
+    def written_while_the_log_is_held(connection: Connection, table: Table, column: str) -> None:
+        if not application.is_alive() and application.ident is None:
+            application.start()
+            wait_until(lambda: waiting_for_the_log(sync) == 1 or not application.is_alive())
+        refuse_unnamed_keys(connection, table, column)
+
+    monkeypatch.setattr(transfer, "refuse_unnamed_keys", written_while_the_log_is_held)
+    job = sync.run()
+    application.join()
+    sync.run()
+
+    assert (job["status"], failed) == ("succeeded", [])
+    assert record_1(sync) == ([("pump-1", 20.0)], [("pump-1", 20.0)])
 
 
 def test_last_writer_wins_keeps_a_central_edit_made_after_a_local_reinsert_that_followed_a_deletion_the_push_read(
