@@ -440,19 +440,24 @@ def first_change(connection: Connection, log: ChangeLog, *, table: str, key: str
 def pending(
     connection: Connection, log: ChangeLog, *, table: str, keys: Iterable[str], after: int
 ) -> dict[str, Change]:
-    """The latest change after `after` of each of `keys` that has one: records changed since that position."""
+    """The latest change after `after` of each of `keys` that has one: records changed since that position.
+
+    Unordered, so that SQLite looks each key up by its index rather than walking the log from `after` in order: a
+    push batch asks of the changes past its end, the whole backlog behind it (30 ms against 1 ms for 500 keys
+    ahead of 100,000 changes)."""
     found: dict[str, Change] = {}
     key_list = list(keys)
     for start in range(0, len(key_list), 500):
         rows = connection.execute(
             text(
                 f"SELECT seq, pk, origin, at_ms FROM {log.log} WHERE tbl = :t AND seq > :after "
-                f"AND pk IN ({_placeholders(len(key_list[start : start + 500]))}) ORDER BY seq"
+                f"AND pk IN ({_placeholders(len(key_list[start : start + 500]))})"
             ),
             {"t": table, "after": after, **_bind(key_list[start : start + 500])},
         )
         for seq, key, origin, at_ms in rows:
-            found[key] = Change(seq, key, origin, at_ms)
+            if key not in found or seq > found[key].seq:
+                found[key] = Change(seq, key, origin, at_ms)
     return found
 
 
