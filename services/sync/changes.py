@@ -219,15 +219,19 @@ def _sqlite_stamp(replaced: str) -> str:
     )
 
 
+# On PostgreSQL, the sync service's own writes set `kiln.applying` for their transaction: no trigger acts on them.
+_NOT_APPLYING = "WHEN (current_setting('kiln.applying', true) IS DISTINCT FROM 'on')"
+
+
 def _postgresql_triggers(connection: Connection, log: ChangeLog, *, table: str, key: str, logged_as: str) -> None:
-    not_applying = "WHEN (current_setting('kiln.applying', true) IS DISTINCT FROM 'on')"
     on = _quoted(connection, table)
     _number_in_commit_order(connection, log)
+    take_log_before_records(connection, log, table)
     connection.execute(text(_capture_function(log)))
     connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_capture ON {on}"))
     connection.execute(
         text(
-            f"CREATE TRIGGER _kiln_capture AFTER INSERT OR UPDATE OR DELETE ON {on} FOR EACH ROW {not_applying} "
+            f"CREATE TRIGGER _kiln_capture AFTER INSERT OR UPDATE OR DELETE ON {on} FOR EACH ROW {_NOT_APPLYING} "
             f"EXECUTE FUNCTION {log.log}_capture('{logged_as}', '{key}')"
         )
     )
@@ -236,10 +240,42 @@ def _postgresql_triggers(connection: Connection, log: ChangeLog, *, table: str, 
         connection.execute(text(f"DROP TRIGGER IF EXISTS _kiln_stamp ON {on}"))
         connection.execute(
             text(
-                f"CREATE TRIGGER _kiln_stamp BEFORE INSERT OR UPDATE ON {on} FOR EACH ROW {not_applying} "
+                f"CREATE TRIGGER _kiln_stamp BEFORE INSERT OR UPDATE ON {on} FOR EACH ROW {_NOT_APPLYING} "
                 "EXECUTE FUNCTION kiln_stamp_edit()"
             )
         )
+
+
+def take_log_before_records(connection: Connection, log: ChangeLog, table: str) -> None:
+    """Each statement writing to `table` takes the log's lock before it locks a record (PostgreSQL; safe to run again).
+
+    A sync batch holds the log (shut_out_writers) and then locks the records it writes. The log's lock taken only
+    as a change is logged, after the record is locked, would let an application's write and a batch each wait for
+    the other, and the server would fail one of them; taken first, the write waits for the batch and then lands.
+    A transaction that locks a record (SELECT ... FOR UPDATE) before its first write to the table still can."""
+    if connection.dialect.name != "postgresql":
+        return
+    on = _quoted(connection, table)
+    query = "SELECT 1 FROM pg_trigger WHERE tgname = '_kiln_log_first' AND tgrelid = CAST(:t AS regclass)"
+    if connection.execute(text(query), {"t": on}).first() is not None:
+        return
+    connection.execute(
+        text(
+            f"""
+            CREATE OR REPLACE FUNCTION {log.log}_first() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                PERFORM pg_advisory_xact_lock(hashtext('{log.log}'));
+                RETURN NULL;
+            END $$
+            """
+        )
+    )
+    connection.execute(
+        text(
+            f"CREATE TRIGGER _kiln_log_first BEFORE INSERT OR UPDATE OR DELETE ON {on} FOR EACH STATEMENT "
+            f"{_NOT_APPLYING} EXECUTE FUNCTION {log.log}_first()"
+        )
+    )
 
 
 def _number_in_commit_order(connection: Connection, log: ChangeLog) -> None:

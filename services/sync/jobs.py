@@ -20,6 +20,7 @@ from services.sync.changes import (
     log_existing,
     log_existing_again,
     now_ms,
+    take_log_before_records,
 )
 from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
@@ -297,6 +298,7 @@ def open_pair(
         installed = has_triggers(connection, LOCAL_LOG, spec.name)
         if first_copy or not installed:
             install_triggers(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key, logged_as=spec.name)
+        take_log_before_records(connection, LOCAL_LOG, spec.name)  # a store whose triggers an older Kiln made
         if first_copy and spec.sends_up:
             logged_before = log_existing_again(connection, LOCAL_LOG, table=spec.name, key=spec.primary_key)
         elif not installed and not resyncing:
@@ -315,6 +317,7 @@ def open_pair(
         # An embedded central store's triggers name the columns they watch: a column added needs them made again.
         if added or not has_triggers(connection, CENTRAL_LOG, central_name):
             install_triggers(connection, CENTRAL_LOG, table=central_name, key=spec.primary_key, logged_as=central_name)
+        take_log_before_records(connection, CENTRAL_LOG, central_name)
     return TablePair(
         spec=spec,
         org_id=source.org_id,

@@ -102,8 +102,8 @@ def push_batch(pair: TablePair) -> bool:
         # A key written since the job looked that the log cannot name (a SQLite BLOB) fails it, not taken for deleted.
         refuse_unnamed_keys(local, pair.local_table, pair.key)
         latest = _last_changes_in_batch(local, pair, changes)
-        # Unlocked: an application write holds its record as it waits for the log, which this holds; locking the
-        # record too would deadlock the two. Such a write is not committed, so not read.
+        # Unlocked: the log held keeps writers out already, and an application transaction that locked the record
+        # before its first write (SELECT ... FOR UPDATE) would wait for the log while this waited for the record.
         rows = read(local, pair.local_table, pair.key, latest, lock=False)
         taken = taken_position(local, pair) if pair.spec.sends_down else None
     with Session(pair.central) as session, session.begin():

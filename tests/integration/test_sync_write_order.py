@@ -1,0 +1,116 @@
+"""An application's write to a record a sync batch is writing, on a PostgreSQL store: the write waits for the batch
+and then lands, and neither fails. The batch holds the store's change log and then locks the records it writes; a
+write that locked its record first and then waited for the log would have made each wait for the other, and the
+server would have failed one of them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+import services.sync.transfer as transfer
+from services.sync.context import SyncContext
+from tests.integration.sync_support import Sync, run_sql
+from tests.integration.test_sync_postgres_local import READINGS, TWO_READINGS, open_postgres_sync
+from tests.support.polling import eventually
+from tests.support.servers import fresh_postgres_database
+
+
+@pytest.fixture
+def sync(sync_api: TestClient, sync_context: SyncContext, org_id: str) -> Iterator[Sync]:
+    """An org syncing `readings` (records 1 and 2) of a local PostgreSQL database, both ways, last writer wins."""
+    with fresh_postgres_database() as url:
+        synced = open_postgres_sync(sync_api, sync_context, org_id, url, "last-writer-wins", READINGS, TWO_READINGS)
+        synced.run()
+        yield synced
+
+
+def waiting_for_a_log(url: str) -> int:
+    """How many connections to the database at `url` wait for an advisory lock: a change log's."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'advisory'"
+    return int(run_sql(url, query)[0][0])
+
+
+def application_write(url: str, sql: str, failed: list[Exception]) -> threading.Thread:
+    """The application's `sql` on the database at `url`, in a thread yet to start; an error it ends with goes
+    into `failed`."""
+
+    def write() -> None:
+        try:
+            run_sql(url, sql)
+        except Exception as error:
+            failed.append(error)
+
+    return threading.Thread(target=write)
+
+
+def start_until_it_waits_for_the_log(write: threading.Thread, url: str) -> None:
+    write.start()
+    eventually(lambda: waiting_for_a_log(url) == 1 or not write.is_alive())
+
+
+def records(sync: Sync) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    local = sync.local("SELECT id, value FROM readings ORDER BY id")
+    central = sync.central(f"SELECT id, value FROM {sync.central_table} ORDER BY id")
+    return local, central
+
+
+def test_a_local_write_of_a_record_a_pull_is_writing_waits_for_the_pull_and_lands(
+    sync: Sync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync.central(f"UPDATE {sync.central_table} SET value = 10.0 WHERE id = 1")
+    failed: list[Exception] = []
+    write = application_write(sync.local_url, "UPDATE readings SET value = 20.0 WHERE id = 1", failed)
+    pull = transfer._pull
+
+    def pull_once_the_write_waits(*args: Any) -> Any:
+        start_until_it_waits_for_the_log(write, sync.local_url)
+        return pull(*args)
+
+    monkeypatch.setattr(transfer, "_pull", pull_once_the_write_waits)
+    job = sync.run()
+    write.join()
+    monkeypatch.undo()
+    sync.run()
+
+    assert (job["status"], job["pulled"], failed) == ("succeeded", 1, [])
+    assert records(sync) == ([(1, 20.0), (2, 2.0)], [(1, 20.0), (2, 2.0)])
+
+
+def test_a_central_write_of_a_record_a_push_is_writing_waits_for_the_push_and_lands(
+    sync: Sync, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
+    failed: list[Exception] = []
+    write = application_write(sync.central_url, f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 1", failed)
+    push = transfer._push
+
+    def push_once_the_write_waits(*args: Any) -> Any:
+        start_until_it_waits_for_the_log(write, sync.central_url)
+        return push(*args)
+
+    monkeypatch.setattr(transfer, "_push", push_once_the_write_waits)
+    job = sync.run()
+    write.join()
+    monkeypatch.undo()
+    sync.run()
+
+    assert (job["status"], job["pushed"], failed) == ("succeeded", 1, [])
+    assert records(sync) == ([(1, 20.0), (2, 2.0)], [(1, 20.0), (2, 2.0)])
+
+
+def test_a_job_gives_tables_whose_triggers_an_older_kiln_made_the_lock_first_trigger_without_sending_them_again(
+    sync: Sync,
+) -> None:
+    sync.local("DROP TRIGGER _kiln_log_first ON readings")
+    sync.central(f"DROP TRIGGER _kiln_log_first ON {sync.central_table}")
+    job = sync.run()
+
+    trigger = "SELECT count(*) FROM pg_trigger WHERE tgname = '_kiln_log_first' AND tgrelid = CAST(:t AS regclass)"
+    assert sync.local(trigger, {"t": "readings"}) == [(1,)]
+    assert sync.central(trigger, {"t": sync.central_table}) == [(1,)]
+    assert (job["status"], job["pushed"], job["pulled"]) == ("succeeded", 0, 0)
