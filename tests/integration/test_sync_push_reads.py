@@ -23,7 +23,7 @@ from services.sync.context import SyncContext
 from services.sync.pair import TablePair, hold_residency
 from services.sync.stores import refuse_unnamed_keys
 from tests.integration.sync_support import Sync, open_sync
-from tests.integration.test_sync_policies import wait_until
+from tests.integration.test_sync_policies import choose, wait_until
 from tests.integration.test_sync_postgres_local import READINGS as PG_READINGS
 from tests.integration.test_sync_postgres_local import TWO_READINGS as PG_TWO_READINGS
 from tests.integration.test_sync_postgres_local import open_postgres_sync
@@ -60,16 +60,17 @@ def edit_then_insert_499(sync: Sync, edit: str) -> None:
     time.sleep(0.05)
 
 
-def edit_centrally_between_two_local_edits_a_batch_apart(sync: Sync, first: str, central: str, second: str) -> None:
-    """Record 1 edited locally (`first`), then centrally, then locally again (`second`) past the end of the first
-    push batch; synced until both sides agree."""
+def edit_centrally_between_two_local_edits_a_batch_apart(
+    sync: Sync, first: str, central: str, second: str
+) -> list[dict[str, Any]]:
+    """Record 1 edited locally (`first`), then centrally, then locally again (`second`: the columns to set, or a
+    DELETE statement) past the end of the first push batch; synced until both sides agree. Returns the two jobs."""
     sync.run()
     edit_then_insert_499(sync, first)
     sync.central(f"UPDATE {sync.central_table} SET {central} WHERE id = 1")
     time.sleep(0.05)
-    sync.local(f"UPDATE readings SET {second} WHERE id = 1")
-    sync.run()
-    sync.run()
+    sync.local(second if second.startswith("DELETE") else f"UPDATE readings SET {second} WHERE id = 1")
+    return [sync.run(), sync.run()]
 
 
 def record_1(sync: Sync) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -77,6 +78,24 @@ def record_1(sync: Sync) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         sync.local("SELECT device, value FROM readings WHERE id = 1"),
         sync.central(f"SELECT device, value FROM {sync.central_table} WHERE id = 1"),
     )
+
+
+def the_other_records(sync: Sync) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Every record but 1, (id, device, value), on each side."""
+    return (
+        sync.local("SELECT id, device, value FROM readings WHERE id <> 1 ORDER BY id"),
+        sync.central(f"SELECT id, device, value FROM {sync.central_table} WHERE id <> 1 ORDER BY id"),
+    )
+
+
+# Records 2 to 501 as `edit_then_insert_499` leaves them: neither policy has any reason to touch them.
+OTHER_RECORDS = [(2, "pump-2", 2.0)] + [(n, f"pump-{n}", float(n)) for n in range(3, 502)]
+
+
+def audited_conflicts(sync: Sync) -> list[tuple[str, str]]:
+    """The `sync.conflict` audit rows, as (target, outcome)."""
+    entries = sync.api.get(f"/v1/orgs/{sync.org.org_id}/audit", headers=sync.org.admin).json()
+    return [(e["target"], e["detail"]["outcome"]) for e in entries if e["action"] == "sync.conflict"]
 
 
 def outcomes(sync: Sync) -> list[tuple[str, Any, Any]]:
@@ -113,6 +132,75 @@ def test_last_writer_wins_records_no_conflict_lost_by_a_local_edit_past_the_end_
 
     assert record_1(sync) == ([("pump-1", 20.0)], [("pump-1", 20.0)])
     assert outcomes(sync) == [("local-won", 20.0, 99.0)]
+
+
+@pytest.mark.parametrize("keep", ["local", "central"])
+@pytest.mark.parametrize(
+    ("second", "latest"),
+    [("value = 20.0", 20.0), ("DELETE FROM readings WHERE id = 1", None)],
+    ids=["update", "deletion"],
+)
+def test_manual_holds_one_conflict_with_a_local_change_made_past_the_end_of_a_push_batch_until_a_choice_settles_it(
+    open_store: Callable[[str], Sync], second: str, latest: float | None, keep: str
+) -> None:
+    """Record 1 edited locally (10.0), centrally (99.0), then changed locally again past the end of the first push
+    batch (20.0, or deleted): one conflict waits for review holding the local store's latest version against the
+    central one, neither side moving and no record lost, until the reviewer's choice is written to both sides.
+    (Had the first batch sent the record, the conflict held there would have taken in the later change as it joined:
+    what the user sees is the same, so it is the append-only test below that pins the record being left out.)"""
+    sync = open_store("manual")
+
+    jobs = edit_centrally_between_two_local_edits_a_batch_apart(sync, "value = 10.0", "value = 99.0", second)
+
+    [held] = sync.conflicts("open")
+    assert (held["recordKey"], held["outcome"]) == ("1", "held")
+    assert outcomes(sync) == [("held", latest, 99.0)]
+    assert [job["conflicts"] for job in jobs] == [1, 0]
+    local_latest = [] if latest is None else [("pump-1", latest)]
+    assert record_1(sync) == (local_latest, [("pump-1", 99.0)])
+    assert the_other_records(sync) == (OTHER_RECORDS, OTHER_RECORDS)
+
+    choose(sync, held["conflictId"], keep)
+    sync.run()
+    sync.run()
+
+    kept = local_latest if keep == "local" else [("pump-1", 99.0)]
+    assert record_1(sync) == (kept, kept)
+    assert the_other_records(sync) == (OTHER_RECORDS, OTHER_RECORDS)
+    assert outcomes(sync) == [(f"kept-{keep}", latest, 99.0)]  # the version not kept stays in the conflict
+    assert sync.conflicts("open") == []
+    assert audited_conflicts(sync) == [("readings/1", "held")]
+
+
+@pytest.mark.parametrize(
+    ("second", "outcome", "refused"),
+    [("value = 20.0", "update-refused", 20.0), ("DELETE FROM readings WHERE id = 1", "delete-refused", None)],
+    ids=["update", "deletion"],
+)
+def test_append_only_refuses_local_changes_around_a_central_edit_and_past_the_end_of_a_push_batch_in_one_conflict(
+    open_store: Callable[[str], Sync], second: str, outcome: str, refused: float | None
+) -> None:
+    """Record 1 updated locally (10.0), centrally (99.0), then changed locally again past the end of the first push
+    batch: refused once, with the local store's latest change and the central edit kept in the conflict and
+    audited, and the first version back on both sides. (Sent by the first batch, stamped from the first edit, the
+    record was refused there and then again in the next batch, against the first version the first had restored.)"""
+    sync = open_store("append-only")
+
+    jobs = edit_centrally_between_two_local_edits_a_batch_apart(sync, "value = 10.0", "value = 99.0", second)
+
+    assert record_1(sync) == ([("pump-1", 1.0)], [("pump-1", 1.0)])
+    assert sync.local("SELECT patient FROM readings WHERE id = 1") == [("Ada Lovelace",)]
+    assert the_other_records(sync) == (OTHER_RECORDS, OTHER_RECORDS)
+    [conflict] = sync.conflicts()
+    assert (conflict["recordKey"], conflict["status"], conflict["outcome"], conflict["kept"]["value"]) == (
+        "1",
+        "resolved",
+        outcome,
+        1.0,
+    )
+    assert outcomes(sync) == [(outcome, refused, 99.0)]
+    assert [job["conflicts"] for job in jobs] == [1, 0]
+    assert audited_conflicts(sync) == [("readings/1", outcome)]
 
 
 def test_last_writer_wins_keeps_a_central_edit_made_after_a_local_deletion_past_the_end_of_a_push_batch(
