@@ -9,6 +9,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from shared.db.models import Dataset, ModelVersion, TrainingRun
+from shared.db.row_locks import hold_sqlite_write_lock
 from shared.errors import NotFound
 
 Owned = TypeVar("Owned", Dataset, TrainingRun, ModelVersion)
@@ -17,8 +18,15 @@ Listed = TypeVar("Listed", TrainingRun, ModelVersion)
 NOUNS = {Dataset: "dataset", TrainingRun: "training run", ModelVersion: "model version"}
 
 
-def get_owned(session: Session, model: type[Owned], key: str, *, org_id: str, field: str | None = None) -> Owned:
-    row = session.get(model, key)
+def get_owned(
+    session: Session, model: type[Owned], key: str, *, org_id: str, field: str | None = None, held: bool = False
+) -> Owned:
+    """`held`: kept as read until the commit, for a check the caller acts on. A change of the row (an erasure, say)
+    committed before is what this reads, and one not yet made waits for this transaction: PostgreSQL's FOR SHARE,
+    SQLite's database write lock (it ignores FOR SHARE)."""
+    if held:
+        hold_sqlite_write_lock(session, model.org_id)
+    row = session.get(model, key, with_for_update={"read": True} if held else None, populate_existing=held)
     if row is None or row.org_id != org_id:
         raise NotFound(f"{NOUNS[model]} {key!r} not found", field=field)
     return row

@@ -29,7 +29,8 @@ def check_source(session: Session, config: TrainingConfig, *, org_id: str, withi
 
 def _dataset_for(session: Session, config: TrainingConfig, *, org_id: str, within: str) -> Dataset:
     assert config.dataset_id is not None
-    dataset = get_owned(session, Dataset, config.dataset_id, org_id=org_id, field=f"{within}datasetId")
+    # Held: an erasure committing after this check would leave the run queued on rows that are gone.
+    dataset = get_owned(session, Dataset, config.dataset_id, org_id=org_id, field=f"{within}datasetId", held=True)
     if dataset.erased_at is not None:
         raise Conflict(
             f"dataset {dataset.id} was erased at {dataset.erased_at.isoformat()}: its rows are gone; upload them "

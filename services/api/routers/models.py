@@ -72,7 +72,8 @@ def validate_model(
     """Run every gate again on the stored artifact, on the org's workers; the report replaces the version's. A
     validated version that fails a gate is rejected; a rejected one stays rejected, and can never be deployed,
     whatever its new report says. The request is audited here, its outcome by the worker, both with the key."""
-    row = get_owned(session, ModelVersion, version, org_id=access.org_id)
+    # Held: an erasure committing after this check would leave a judgement queued of artifacts that are gone.
+    row = get_owned(session, ModelVersion, version, org_id=access.org_id, held=True)
     refuse_erased(row, "judged again")
     org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
     take_submission(resources.redis, access.org_id, org_config.submissions_per_minute)

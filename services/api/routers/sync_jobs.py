@@ -15,11 +15,11 @@ from services.api.routers.sync_sources import active_source
 from services.api.schemas import MAX_ROW_ID
 from services.api.sync_schemas import ConflictOut, ConflictResolution, SyncJobIn, SyncJobOut
 from shared.audit import record_change
-from shared.db.models import Organization, SyncConflict, SyncJob
+from shared.db.models import SyncConflict, SyncJob
 from shared.db.row_locks import lock_row
 from shared.db.types import utcnow
 from shared.errors import Conflict, NotFound
-from shared.schemas import OrgConfig
+from shared.org_lock import org_config_held
 from shared.sync_jobs import CONFLICT_CHOSEN, CONFLICT_OPEN, WITHHELD, queue_sync_job, residency_refusal
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["sync"])
@@ -27,8 +27,10 @@ router = APIRouter(prefix="/v1/orgs/{org}", tags=["sync"])
 
 @router.post("/sync-jobs", status_code=status.HTTP_202_ACCEPTED, response_model=SyncJobOut)
 def submit_job(body: SyncJobIn, access: OrgTrainer, session: SessionDep, resources: ResourcesDep) -> SyncJobOut:
+    # Held first: a switch to local residency or a source's deletion (both under lock_org) committing after these
+    # checks would leave a job queued that the api should have refused.
+    org_config = org_config_held(session, access.org_id)
     source = active_source(session, body.source_id, org_id=access.org_id, field="sourceId")
-    org_config = OrgConfig.model_validate(session.get_one(Organization, access.org_id).config)
     refusal = residency_refusal(org_config, source)
     if refusal is not None:
         raise Conflict(refusal, field="sourceId")
