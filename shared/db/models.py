@@ -35,6 +35,9 @@ class Organization(Base):
     name: Mapped[str] = mapped_column(String(200))
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The last fire of the org's schedule when it was deleted: one set again starts from it, as a schedule set
+    # again without being deleted does, so an api clock behind beat's never stores that fire again.
+    schedule_last_fired_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiKey(Base):

@@ -553,3 +553,25 @@ def test_a_fire_queues_no_run_while_the_run_the_schedule_queued_before_waits_and
         session.execute(update(TrainingRun).where(TrainingRun.id == waiting).values(status="running"))
     fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(days=14, seconds=4))
     assert len(scheduled_runs(api, org)) == 2 and len(audited(api, org, "schedule.skipped")) == 1
+
+
+def test_a_schedule_deleted_and_set_again_by_an_api_whose_clock_is_behind_beats_does_not_fire_its_last_fire_again(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting the schedule forgot its last fire: set again from a clock a second behind beat's, it stored the fire
+    beat had just done, and beat queued a second run for it."""
+    weekly = {"pattern": "0 2 * * 0", "timezone": "UTC", "trainingConfig": config(dataset_id)}
+    set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(days=1), **weekly)
+    sessions = make_session_factory(engine)
+    fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=1))
+    [fired] = scheduled_runs(api, org)
+    with session_scope(sessions) as session:  # a worker starts it, so a second fire would queue another
+        session.execute(update(TrainingRun).where(TrainingRun.id == fired).values(status="running"))
+    assert api.delete(f"/v1/orgs/{org.org_id}/schedule", headers=org.admin).status_code == 204
+
+    set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(seconds=1), **weekly)
+    fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=6))
+
+    assert scheduled_runs(api, org) == [fired]
+    shown = api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).json()
+    assert shown["nextFireTimes"][0] == (SUNDAY_TWO + timedelta(days=7)).isoformat().replace("+00:00", "Z")

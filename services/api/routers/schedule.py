@@ -10,7 +10,7 @@ from services.api.deps import OrgAdmin, OrgViewer, SessionDep
 from services.api.schemas import ScheduleIn, ScheduleOut
 from shared.audit import record_change
 from shared.beat import fires_to_come, reschedule
-from shared.db.models import Schedule
+from shared.db.models import Organization, Schedule
 from shared.db.types import utcnow
 from shared.errors import NotFound
 from shared.org_lock import lock_org
@@ -30,7 +30,7 @@ def put_schedule(body: ScheduleIn, access: OrgAdmin, session: SessionDep) -> Sch
     # Under the org's lock, as a dataset's erasure checks for a schedule under it: one of the two is refused.
     check_source(session, body.training_config, org_id=access.org_id, within="trainingConfig.")
     # Locked, so a beat firing it now either fires first (and its last fire is seen here) or after the change.
-    row = session.get(Schedule, access.org_id, with_for_update=True) or Schedule(org_id=access.org_id)
+    row = session.get(Schedule, access.org_id, with_for_update=True) or _recreated(session, access.org_id)
     reschedule(row, pattern=body.pattern, timezone=body.timezone, enabled=body.enabled, now=utcnow())
     row.training_config = body.training_config.to_wire()
     row.updated_at = utcnow()
@@ -63,11 +63,19 @@ def delete_schedule(access: OrgAdmin, session: SessionDep) -> Response:
     # Deletions take turns with each other and with a PUT: two at once each found the row, and both were audited.
     lock_org(session, access.org_id)
     row = _existing(session, access.org_id)
+    session.get_one(Organization, access.org_id).schedule_last_fired_at = row.last_fired_at
     session.delete(row)
     record_change(
         session, org_id=access.org_id, actor=access.principal.key_id, action="schedule.deleted", target=row.pattern
     )
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _recreated(session: SessionDep, org_id: str) -> Schedule:
+    """A new schedule, remembering the last fire of one deleted before: it next fires after that, as one set again
+    without being deleted does (shared.beat.fires_to_come)."""
+    last_fired_at = session.get_one(Organization, org_id).schedule_last_fired_at
+    return Schedule(org_id=org_id, last_fired_at=last_fired_at)
 
 
 def _existing(session: SessionDep, org_id: str) -> Schedule:
