@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from itertools import takewhile
 from typing import Any, TypeVar
 
 from celery.beat import Scheduler
@@ -36,7 +36,7 @@ from shared.db.session import (
     make_session_factory,
     session_scope,
 )
-from shared.schedules import fire_times, next_fire_times
+from shared.schedules import fires_between, next_fire_times
 from shared.settings import Settings, build_settings
 
 log = logging.getLogger(__name__)
@@ -150,19 +150,18 @@ def _fire(
     if schedule is None or schedule.next_fire_at is None:
         return None
     due_at = schedule.next_fire_at
-    passed = _passed_fires(schedule, due_at, now)
-    latest = passed[-1]
+    passed = passed_fires(schedule, due_at, now)
     following = next_fire_times(schedule.pattern, schedule.timezone, after=now)[0]
-    if not _move_on(session, model, schedule_key, due_at, next_fire_at=following, last_fired_at=latest):
+    if not _move_on(session, model, schedule_key, due_at, next_fire_at=following, last_fired_at=passed.latest):
         return None  # another beat fired it
-    fires = within_grace(latest, now)
-    skipped = passed[:-1] if fires else passed
-    if skipped:
+    fires = within_grace(passed.latest, now)
+    skipped = passed.skipped(fired=fires)
+    if skipped is not None:
         _audit_missed(
             session,
             org_id=schedule.org_id,
             skipped=skipped,
-            fired_at=latest if fires else None,
+            fired_at=passed.latest if fires else None,
             action=f"{kind}.missed",
             detail=detail(schedule),
         )
@@ -170,16 +169,47 @@ def _fire(
         return None
     message = queue(session, schedule)
     if message is not None:
-        log.info("%s %s: fired the time due at %s", kind, schedule_key, latest)
+        log.info("%s %s: fired the time due at %s", kind, schedule_key, passed.latest)
     return message
 
 
-def _passed_fires(schedule: Schedule | SyncSchedule, due_at: datetime, now: datetime) -> list[datetime]:
-    """The schedule's fire times from the stored `due_at` up to `now`, oldest first: more than one when no beat ran
-    at the time of the others. Only the last is fired, if still within GRACE: the work it queues does what the
-    earlier ones would have (a training on the data there is now, a sync of all there is to sync)."""
-    later = fire_times(schedule.pattern, schedule.timezone, after=due_at)
-    return [due_at, *takewhile(lambda instant: instant <= now, later)]
+@dataclass(frozen=True)
+class Missed:
+    """Fire times skipped, oldest first: how many, the first and the last; the times between follow from the
+    pattern."""
+
+    count: int
+    first: datetime
+    last: datetime
+
+
+@dataclass(frozen=True)
+class Passed:
+    """A schedule's fire times from its stored one (`first`) up to now, oldest first: `count` of them, `latest` the
+    last and `before_latest` the one before it (None when `first` is the only one)."""
+
+    first: datetime
+    count: int
+    latest: datetime
+    before_latest: datetime | None
+
+    def skipped(self, *, fired: bool) -> Missed | None:
+        """The ones not fired: all when the latest is not (missed by more than GRACE), else all but it."""
+        if fired:
+            if self.before_latest is None:
+                return None
+            return Missed(self.count - 1, self.first, self.before_latest)
+        return Missed(self.count, self.first, self.latest)
+
+
+def passed_fires(schedule: Schedule | SyncSchedule, due_at: datetime, now: datetime) -> Passed:
+    """The schedule's fire times from the stored `due_at` up to `now`: more than one when no beat ran at the time
+    of the others. Only the last is fired, if still within GRACE: the work it queues does what the earlier ones
+    would have (a training on the data there is now, a sync of all there is to sync). Counted, not listed: a beat
+    back after a month would otherwise walk each of a `* * * * *` schedule's 43,000 fires."""
+    later = fires_between(schedule.pattern, schedule.timezone, after=due_at, until=now)
+    ends = (due_at, *later.last)[-2:]
+    return Passed(due_at, 1 + later.count, ends[-1], ends[0] if len(ends) == 2 else None)
 
 
 def _failed(
@@ -224,30 +254,30 @@ def _audit_missed(
     session: Session,
     *,
     org_id: str,
-    skipped: list[datetime],
+    skipped: Missed,
     fired_at: datetime | None,
     action: str,
     detail: dict[str, Any],
 ) -> None:
-    """Log and audit, as `action`, the fire times `skipped` (oldest first) by a beat that fired `fired_at`, the last
-    one due, or nothing when that too was missed by more than GRACE. A fire missed while no beat ran is not made up
-    (a beat back after a day does not start a day's work at once), and one superseded by a later due fire is that
-    fire. One row for them all, with their count and the first and last: a day without a beat would otherwise write
-    96 rows for a `*/15` schedule, and the times between follow from the pattern."""
+    """Log and audit, as `action`, the fire times `skipped` by a beat that fired `fired_at`, the last one due, or
+    nothing when that too was missed by more than GRACE. A fire missed while no beat ran is not made up (a beat
+    back after a day does not start a day's work at once), and one superseded by a later due fire is that fire. One
+    row for them all, with their count and the first and last: a day without a beat would otherwise write 96 rows
+    for a `*/15` schedule, and the times between follow from the pattern."""
     log.warning(
-        "org %s: skipped %d fire(s) due from %s to %s (%s)", org_id, len(skipped), skipped[0], skipped[-1], action
+        "org %s: skipped %d fire(s) due from %s to %s (%s)", org_id, skipped.count, skipped.first, skipped.last, action
     )
     record_change(
         session,
         org_id=org_id,
         actor="schedule",
         action=action,
-        target=skipped[0].isoformat(),
+        target=skipped.first.isoformat(),
         detail={
             **detail,
-            "missed": len(skipped),
-            "firstMissedAt": skipped[0].isoformat(),
-            "lastMissedAt": skipped[-1].isoformat(),
+            "missed": skipped.count,
+            "firstMissedAt": skipped.first.isoformat(),
+            "lastMissedAt": skipped.last.isoformat(),
             "firedAt": fired_at.isoformat() if fired_at else None,
         },
     )

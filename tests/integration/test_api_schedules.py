@@ -575,3 +575,23 @@ def test_a_schedule_deleted_and_set_again_by_an_api_whose_clock_is_behind_beats_
     assert scheduled_runs(api, org) == [fired]
     shown = api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).json()
     assert shown["nextFireTimes"][0] == (SUNDAY_TWO + timedelta(days=7)).isoformat().replace("+00:00", "Z")
+
+
+def test_a_beat_back_after_a_month_fires_an_every_minute_schedules_latest_fire_and_audits_the_others_in_one_row(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beat counts the month's 43,000 fires rather than walking each one: the row says as many, and which."""
+    every_minute = {"pattern": "* * * * *", "timezone": "UTC", "trainingConfig": config(dataset_id)}
+    set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(seconds=30), **every_minute)
+    back = SUNDAY_TWO + timedelta(days=30, minutes=3, seconds=20)
+
+    fire_due_schedules(make_session_factory(engine), now=back)
+
+    assert len(scheduled_runs(api, org)) == 1
+    [missed] = audited(api, org, "schedule.missed")
+    assert missed["detail"] == {
+        "missed": 30 * 24 * 60 + 3,  # 02:00 on 6 December to 02:02 on 5 January
+        "firstMissedAt": SUNDAY_TWO.isoformat(),
+        "lastMissedAt": (SUNDAY_TWO + timedelta(days=30, minutes=2)).isoformat(),
+        "firedAt": (SUNDAY_TWO + timedelta(days=30, minutes=3)).isoformat(),
+    }

@@ -5,11 +5,12 @@ fixed time once, at its first occurrence."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from itertools import takewhile
 
 import pytest
 
 from shared.errors import InvalidInput
-from shared.schedules import ScheduleError, check_schedule, next_fire_times
+from shared.schedules import ScheduleError, check_schedule, fire_times, fires_between, next_fire_times
 
 NEW_YORK = "America/New_York"
 
@@ -168,3 +169,47 @@ def test_a_range_to_the_last_day_from_past_the_28th_is_refused_naming_how_to_wri
     assert "write 29-31" in refused.value.message
     fires = next_fire_times("0 0 29-31 * *", "UTC", after=utc(2027, 1, 30), count=3)
     assert fires == [utc(2027, 1, 31), utc(2027, 3, 29), utc(2027, 3, 30)]
+
+
+CLOCK_CHANGES = [
+    (NEW_YORK, utc(2026, 3, 8, 7)),
+    (NEW_YORK, utc(2026, 11, 1, 6)),
+    ("Europe/Paris", utc(2026, 10, 25, 1)),
+]
+# Spans about a change of the clocks, as (its start, its end) from the change.
+SPANS_ABOUT_A_CHANGE = {
+    "whole days about it": (-timedelta(days=2, seconds=-17), timedelta(days=3)),
+    "within its night": (-timedelta(minutes=50), timedelta(minutes=70)),
+    "ending in it": (-timedelta(days=40), timedelta(seconds=30)),
+}
+
+
+@pytest.mark.parametrize(("timezone", "change"), CLOCK_CHANGES)
+@pytest.mark.parametrize(("start", "end"), SPANS_ABOUT_A_CHANGE.values(), ids=SPANS_ABOUT_A_CHANGE.keys())
+@pytest.mark.parametrize(
+    "pattern",
+    ["* * * * *", "*/15 * * * *", "0 * * * *", "*/30 1 * * *", "*/15 2 * * *", "30 1 * * *", "30 2 * * *", "0 2 * * 0"],
+)
+def test_fires_between_counts_and_ends_as_walking_each_fire_does_across_a_change_of_the_clocks(
+    pattern: str, timezone: str, change: datetime, start: timedelta, end: timedelta
+) -> None:
+    """Beat counts a span's fires by day rather than walking each one: skipped times firing once at the jump, a
+    repeated hour's times firing twice or once, are counted as `fire_times` gives them."""
+    after, until = change + start, change + end
+    walked = list(takewhile(lambda instant: instant <= until, fire_times(pattern, timezone, after=after)))
+    span = fires_between(pattern, timezone, after=after, until=until)
+    assert (span.count, span.last) == (len(walked), tuple(walked[-2:]))
+
+
+def test_a_month_of_an_every_minute_schedule_counts_every_minute_and_the_repeated_hour_twice() -> None:
+    """Paris falls back on 25 October 2026: 30 days of real time are 43,200 minutes, all fired."""
+    span = fires_between("* * * * *", "Europe/Paris", after=utc(2026, 10, 1), until=utc(2026, 10, 31))
+    assert span.count == 30 * 24 * 60
+    assert span.last == (utc(2026, 10, 30, 23, 59), utc(2026, 10, 31))
+
+
+def test_fires_between_names_only_the_days_the_pattern_fires_on() -> None:
+    """The first and fifteenth, or a Monday (cron's either-day rule), at 03:15: January 2026 has 4 Mondays beside."""
+    span = fires_between("15 3 1,15 * mon", "UTC", after=utc(2026, 1, 1), until=utc(2026, 2, 1))
+    assert span.count == 6
+    assert span.last == (utc(2026, 1, 19, 3, 15), utc(2026, 1, 26, 3, 15))
