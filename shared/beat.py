@@ -147,29 +147,26 @@ def _fire(
     detail: Callable[[Row], dict[str, Any]],
 ) -> int | None:
     schedule = _due(session, model, schedule_key, now)
-    if schedule is None or schedule.next_fire_at is None:
+    due = None if schedule is None else due_fires(schedule, now)
+    if schedule is None or due is None:
         return None
-    due_at = schedule.next_fire_at
-    passed = passed_fires(schedule, due_at, now)
     following = next_fire_times(schedule.pattern, schedule.timezone, after=now)[0]
-    if not _move_on(session, model, schedule_key, due_at, next_fire_at=following, last_fired_at=passed.latest):
+    if not _move_on(session, model, schedule_key, due.first, next_fire_at=following, last_fired_at=due.latest):
         return None  # another beat fired it
-    fires = within_grace(passed.latest, now)
-    skipped = passed.skipped(fired=fires)
-    if skipped is not None:
+    if due.missed is not None:
         _audit_missed(
             session,
             org_id=schedule.org_id,
-            skipped=skipped,
-            fired_at=passed.latest if fires else None,
+            skipped=due.missed,
+            fired_at=due.fire_at,
             action=f"{kind}.missed",
             detail=detail(schedule),
         )
-    if not fires:
+    if due.fire_at is None:
         return None
     message = queue(session, schedule)
     if message is not None:
-        log.info("%s %s: fired the time due at %s", kind, schedule_key, passed.latest)
+        log.info("%s %s: fired the time due at %s", kind, schedule_key, due.fire_at)
     return message
 
 
@@ -184,32 +181,33 @@ class Missed:
 
 
 @dataclass(frozen=True)
-class Passed:
-    """A schedule's fire times from its stored one (`first`) up to now, oldest first: `count` of them, `latest` the
-    last and `before_latest` the one before it (None when `first` is the only one)."""
+class Due:
+    """What a beat's tick does with a due schedule: of its fire times from the stored one (`first`) to the latest
+    passed (`latest`), it fires `fire_at`, the latest, unless missed by more than GRACE (None), and skips `missed`
+    (None when it skips none)."""
 
     first: datetime
-    count: int
     latest: datetime
-    before_latest: datetime | None
-
-    def skipped(self, *, fired: bool) -> Missed | None:
-        """The ones not fired: all when the latest is not (missed by more than GRACE), else all but it."""
-        if fired:
-            if self.before_latest is None:
-                return None
-            return Missed(self.count - 1, self.first, self.before_latest)
-        return Missed(self.count, self.first, self.latest)
+    fire_at: datetime | None
+    missed: Missed | None
 
 
-def passed_fires(schedule: Schedule | SyncSchedule, due_at: datetime, now: datetime) -> Passed:
-    """The schedule's fire times from the stored `due_at` up to `now`: more than one when no beat ran at the time
-    of the others. Only the last is fired, if still within GRACE: the work it queues does what the earlier ones
-    would have (a training on the data there is now, a sync of all there is to sync). Counted, not listed: a beat
-    back after a month would otherwise walk each of a `* * * * *` schedule's 43,000 fires."""
-    later = fires_between(schedule.pattern, schedule.timezone, after=due_at, until=now)
-    ends = (due_at, *later.last)[-2:]
-    return Passed(due_at, 1 + later.count, ends[-1], ends[0] if len(ends) == 2 else None)
+def due_fires(schedule: Schedule | SyncSchedule, now: datetime) -> Due | None:
+    """What a tick at `now` does with the schedule, None when nothing is due: beat's and the schedule's view's
+    answer, so a schedule read while beat is down shows the fire beat makes when it is back. Of the fire times
+    passed since the stored one (more than one when no beat ran at the time of the others) only the last is fired,
+    if still within GRACE: the work it queues does what the earlier ones would have (a training on the data there
+    is now, a sync of all there is to sync). Counted, not listed: a beat back after a month would otherwise walk
+    each of a `* * * * *` schedule's 43,000 fires."""
+    first = schedule.next_fire_at
+    if not schedule.enabled or first is None or first > now:
+        return None
+    later = fires_between(schedule.pattern, schedule.timezone, after=first, until=now)
+    count, ends = 1 + later.count, (first, *later.last)[-2:]
+    if not within_grace(ends[-1], now):
+        return Due(first, ends[-1], None, Missed(count, first, ends[-1]))
+    missed = Missed(count - 1, first, ends[0]) if count > 1 else None
+    return Due(first, ends[-1], ends[-1], missed)
 
 
 def _failed(

@@ -260,6 +260,11 @@ class ScheduleOut(CamelOut):
     enabled: bool
     training_config: dict[str, Any]
     next_fire_times: list[datetime]
+    due_fire_at: datetime | None = Field(
+        description="a fire time passed and not fired yet (beat down, or not yet ticked): beat fires it at its next "
+        "tick; it heads nextFireTimes"
+    )
+    missed_fires: int = Field(description="fire times passed that beat skips at its next tick, recording them missed")
     last_fired_at: datetime | None
     dst_policy: str
 

@@ -18,6 +18,7 @@ from services.trainer.beat import fire_due_schedules
 from shared.db.models import Schedule, SyncSchedule, TrainingRun
 from shared.db.session import make_session_factory, session_scope
 from shared.db.types import utcnow
+from shared.schedules import next_fire_times
 from tests.integration.conftest import TRAINING_CSV, OrgKeys, config, create_org_with_keys, upload
 from tests.support.polling import eventually
 
@@ -595,3 +596,51 @@ def test_a_beat_back_after_a_month_fires_an_every_minute_schedules_latest_fire_a
         "lastMissedAt": (SUNDAY_TWO + timedelta(days=30, minutes=2)).isoformat(),
         "firedAt": (SUNDAY_TWO + timedelta(days=30, minutes=3)).isoformat(),
     }
+
+
+def read_training_schedule_at(api: TestClient, org: OrgKeys, monkeypatch: pytest.MonkeyPatch, at: datetime) -> Any:
+    monkeypatch.setattr(schedule_router, "utcnow", lambda: at)
+    response = api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer)
+    monkeypatch.undo()
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def iso(instant: datetime) -> str:
+    return instant.isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "down", "due", "missed"),
+    [
+        ("0 2 * * 0", timedelta(minutes=3), SUNDAY_TWO, 0),  # beat down over the fire, back within GRACE
+        ("*/15 * * * *", timedelta(minutes=20), SUNDAY_TWO + timedelta(minutes=15), 1),  # 02:00 missed, 02:15 late
+        ("0 2 * * 0", timedelta(hours=1), None, 1),  # missed by more than GRACE: beat skips it
+    ],
+    ids=["due", "due-after-a-missed-one", "missed"],
+)
+def test_a_schedule_read_while_beat_is_down_shows_the_overdue_fire_and_the_missed_ones_beat_then_fires_and_skips(
+    api: TestClient,
+    org: OrgKeys,
+    dataset_id: str,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    pattern: str,
+    down: timedelta,
+    due: datetime | None,
+    missed: int,
+) -> None:
+    """The schedule showed only the fire times to come: the fire beat was to make at its next tick, past already,
+    was hidden behind them, as if it would never happen."""
+    schedule = {"pattern": pattern, "timezone": "UTC", "trainingConfig": config(dataset_id)}
+    set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(minutes=1), **schedule)
+    now = SUNDAY_TWO + down
+
+    shown = read_training_schedule_at(api, org, monkeypatch, now)
+
+    assert (shown["dueFireAt"], shown["missedFires"]) == (due and iso(due), missed)
+    upcoming = next_fire_times(pattern, "UTC", after=now, count=5)
+    assert shown["nextFireTimes"] == [iso(fire) for fire in ([due] if due else []) + upcoming][:5]
+    fire_due_schedules(make_session_factory(engine), now=now)  # beat's tick does as the schedule showed
+    assert len(scheduled_runs(api, org)) == (1 if due else 0)
+    assert [row["detail"]["missed"] for row in audited(api, org, "schedule.missed")] == ([missed] if missed else [])
