@@ -1,8 +1,9 @@
 """Retention: synced records whose last change is older than the org's retention period are purged, on both sides,
 and so are the org's prediction records (scores and risk levels of its patients' or machines' rows) older than it.
 
-A record's last change is the newer of its central stamp and its local edits not yet pushed: one edited locally
-since its last sync is judged by that edit, so a fresh edit is never purged before it is synced. The purge of a
+A record's last change is the newest of its central stamp, its local edits not yet pushed, and, while it is held
+for review, the versions its conflict holds: one edited locally since its last sync, or whose edit went up into
+its conflict alone, is judged by that edit, so a fresh edit is never purged. The purge of a
 source holds its job lock, so no job moves a record between the two looks; the local store's writers are shut
 out while its side is judged and deleted, and the central delete checks each stamp again, so a central edit made
 meanwhile stays (and goes down). One audit row per purge (per table), naming how many records went and the cutoff.
@@ -115,7 +116,10 @@ def _purge_predictions(context: SyncContext, org_id: str, cutoff: datetime, days
 
 def _purge_table(context: SyncContext, source: SyncSource, spec: SyncTable, cutoff: datetime, days: int) -> int:
     with one_job_per_source(context.engine, source.id):
-        return _purge_table_between_jobs(context, _as_it_is_now(context, source.id), spec, cutoff, days)
+        source = _as_it_is_now(context, source.id)
+        if source.deletion_requested_at is not None:
+            return 0  # its deletion was asked since the purge listed it: its central copies go whole
+        return _purge_table_between_jobs(context, source, spec, cutoff, days)
 
 
 def _as_it_is_now(context: SyncContext, source_id: str) -> SyncSource:
@@ -138,6 +142,7 @@ def _purge_table_between_jobs(
         rows = connection.execute(select(central.c[spec.primary_key]).where(_expired(central, cutoff)))
         keys = [key_text(value) for (value,) in rows]
         up_watermark = _up_watermark(connection, source.id, spec.name)
+    keys = _unless_held_with_an_edit_since(context, source.id, spec.name, keys, cutoff)
     if not keys:
         return 0
     keys = _purge_local(context, source, spec, keys, after=up_watermark, cutoff=cutoff)
@@ -157,6 +162,24 @@ def _purge_table_between_jobs(
             detail={"records": len(removed), "cutoff": cutoff.isoformat(), "retentionDays": days},
         )
     return len(removed)
+
+
+def _unless_held_with_an_edit_since(
+    context: SyncContext, source_id: str, table: str, keys: list[str], cutoff: datetime
+) -> list[str]:
+    """The keys but those of records held for review with a version stamped since the cutoff. An edit of a held
+    record joins its conflict alone: the push moves past a local one, and the central record keeps its stamp, so
+    judged by that stamp the record would go with an edit made today."""
+    since = Stamp(_ms(cutoff), 0, "").encode()
+    recent: set[str] = set()
+    with session_scope(context.sessions) as session:
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            for conflict in locked_held_conflicts(session, source_id=source_id, table=table, keys=chunk):
+                stamps = (conflict.local_version.get(STAMP), conflict.central_version.get(STAMP))
+                if any(stamp is not None and stamp >= since for stamp in stamps):
+                    recent.add(conflict.record_key)
+    return [key for key in keys if key not in recent]
 
 
 def _expired(central: Table, cutoff: datetime) -> ColumnElement[bool]:

@@ -292,8 +292,9 @@ def pull_batch(pair: TablePair) -> bool:
     """One batch of central changes into the local store; False when there was none, or a local edit came first.
 
     One central transaction reads the batch and, once the local store has committed it, acknowledges it. Until
-    then it only reads (central edits were versioned and stamped as they were made), so it locks nothing while
-    the local store writes."""
+    then it only reads (central edits were versioned and stamped as they were made), and holds nothing but the
+    org's sealing key: a rotation switching keys waits for the batch rather than falling between its two commits,
+    where the batch would be redone with its local deletions done already and their audit rows lost."""
     with Session(pair.central) as session:
         positions = watermarks(session, pair)
         after, local_after = positions.get(DOWN, 0), positions.get(UP, 0)
@@ -306,6 +307,7 @@ def pull_batch(pair: TablePair) -> bool:
         # under the active key, as the bases, conflicts and audit rows this batch copies it into must be.
         current = _changed_records(session, pair, after=after, last=changes[-1].seq).each_as(pair.under_active_key)
         held = held_conflicts(session, pair, (change.key for change in changes))
+        hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
         with pair.local.begin() as local:
             shut_out_writers(local, LOCAL_LOG)
             if pair.spec.sends_up:
@@ -320,7 +322,6 @@ def pull_batch(pair: TablePair) -> bool:
             end_applying(local, LOCAL_LOG)
             note_pulled(local, pair, changes[-1].seq)
         pulled = [key for key in latest if key not in refusals]
-        hold_sealing_key(session, pair)  # the records read are sealed under it, and go into bases and the audit
         _hold_central_edits(session, pair, held, changes, current)
         _acknowledge_pull(session, pair, changes[-1].seq, current, pulled, deleted)
         _restore_all_refused(session, pair, _unless_edited_since(session, pair, {**refusals.restore, **kept}, changes))

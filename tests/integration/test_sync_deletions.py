@@ -3,6 +3,7 @@ audited with the version they removed, and replayed batches change nothing."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from tests.integration.sync_support import (
     open_down_only_vitals,
     open_sync,
 )
+from tests.support.polling import eventually
 
 
 def deletions_audited(sync: Sync) -> list[tuple[str, str]]:
@@ -87,6 +89,39 @@ def test_a_deleted_records_audit_copy_still_opens_after_its_key_is_rotated_and_d
         opened = {target: keyring.open(row["patient"], column="readings.patient") for target, row in copies.items()}
     assert opened == {"readings/1": "Ada Lovelace", "readings/2": "Alan Turing"}
     assert summary["resealedValues"] == 2
+
+
+def rotating_keys(sync: Sync) -> bool:
+    """Whether a connection to the central database waits for a lock, as a rotation's switch does for a batch."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    return bool(sync.central(query)[0][0])
+
+
+def test_a_central_deletion_pulled_while_the_key_rotates_is_audited_once_the_batch_lets_the_rotation_switch(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rotation asked while a pull writes its batch locally waits for the batch: had it switched keys between
+    the batch's local commit and its central one, the batch would have been redone with its deletion done, and the
+    audit row holding the deleted record (its only copy) never written."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+    rotation = threading.Thread(target=lambda: rotate_org_key(sync_context, org_id, actor="operator"))
+    pull_deletions = transfer._pull_deletions
+
+    def rotate_while_deleting(*args: Any) -> Any:
+        if rotation.ident is None:
+            rotation.start()
+            eventually(lambda: not rotation.is_alive() or rotating_keys(sync))
+        return pull_deletions(*args)
+
+    monkeypatch.setattr(transfer, "_pull_deletions", rotate_while_deleting)
+    job = sync.run()
+    rotation.join()
+
+    assert (job["status"], job["pulled"]) == ("succeeded", 1)
+    assert deletions_audited(sync) == [("readings/2", "down")]
+    assert sync.local("SELECT id FROM readings ORDER BY id") == [(1,)]
 
 
 def test_a_central_deletion_comes_down(

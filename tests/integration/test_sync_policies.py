@@ -33,6 +33,7 @@ from shared.db.models import Prediction
 from shared.db.session import session_scope
 from shared.db.types import utcnow
 from shared.errors import TransientError
+from shared.source_lock import one_job_per_source
 from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
 from tests.integration.sync_support import (
@@ -680,6 +681,44 @@ def test_retention_keeps_a_record_edited_locally_since_its_last_sync(
     assert sync.central(f"SELECT id, value FROM {sync.central_table}") == [(1, 10.0)]
     entries = sync_api.get(f"/v1/orgs/{org_id}/audit", headers=sync.org.admin).json()
     assert [e["detail"]["records"] for e in entries if e["action"] == "sync.purge"] == [1]
+
+
+def test_retention_keeps_a_record_held_for_review_whose_local_edit_went_up_into_its_conflict_since_the_cutoff(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """The push moves past a local edit of a held record, which only joins the conflict, and the central record
+    keeps its old stamp: the record is judged by that edit all the same, on both sides."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    held = hold_a_conflict(sync)
+    kept_30_days_and_changed_40_days_ago(sync)
+    sync.local("UPDATE readings SET value = 123.0 WHERE id = 1")
+    sync.run()
+
+    purged = purge_expired(sync_context, org_id)
+
+    assert purged == 1  # record 2
+    assert sync.local("SELECT id, value FROM readings") == [(1, 123.0)]
+    assert sync.central(f"SELECT id, value FROM {sync.central_table}") == [(1, 99.0)]
+    assert [conflict["conflictId"] for conflict in sync.conflicts("open")] == [held["conflictId"]]
+
+
+def test_retention_leaves_a_source_whose_deletion_is_asked_while_the_purge_waits_for_its_job(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    kept_30_days_and_changed_40_days_ago(sync)
+
+    def deletion_asked_meanwhile(engine: Engine, source_id: str) -> Any:
+        deleted = sync_api.delete(f"/v1/orgs/{org_id}/sync-sources/{source_id}", headers=sync.org.admin)
+        assert deleted.status_code == 202, deleted.text
+        return one_job_per_source(engine, source_id)
+
+    monkeypatch.setattr(retention, "one_job_per_source", deletion_asked_meanwhile)
+    purged = purge_expired(sync_context, org_id)
+
+    assert purged == 0
+    assert sync.local("SELECT id FROM readings ORDER BY id") == [(1,), (2,)]
 
 
 def test_a_record_purged_while_held_for_review_settles_its_conflict_and_no_choice_brings_it_back(
