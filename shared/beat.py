@@ -36,13 +36,14 @@ from shared.db.session import (
     make_session_factory,
     session_scope,
 )
-from shared.schedules import fires_between, next_fire_times
+from shared.schedules import ScheduleError, fires_between, next_fire_times
 from shared.settings import Settings, build_settings
 
 log = logging.getLogger(__name__)
 
 GRACE = timedelta(minutes=10)
 MAX_REASON = 1000
+SHOWN_FIRES = 5  # the fire times a schedule's view lists
 
 Row = TypeVar("Row", Schedule, SyncSchedule)
 
@@ -208,6 +209,34 @@ def due_fires(schedule: Schedule | SyncSchedule, now: datetime) -> Due | None:
         return Due(first, ends[-1], None, Missed(count, first, ends[-1]))
     missed = Missed(count - 1, first, ends[0]) if count > 1 else None
     return Due(first, ends[-1], ends[-1], missed)
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """A schedule as its view shows it (the training and the sync schedules' GET, and their PUT's answer): what a
+    beat's tick does with it now, from due_fires, and the fires after. `next_fire_times` is headed by `due_fire_at`,
+    a passed fire not yet fired that the tick fires (None when none); `missed_fires` counts those it skips."""
+
+    next_fire_times: list[datetime]
+    due_fire_at: datetime | None
+    missed_fires: int
+
+
+def outlook(schedule: Schedule | SyncSchedule, now: datetime, count: int = SHOWN_FIRES) -> Outlook:
+    """The schedule's view at `now`, `count` fire times in all: none for a disabled schedule, nor for one stored
+    before a rule its pattern breaks (its beat disables it at its next fire, recording why), which can still be read
+    and set again."""
+    if not schedule.enabled:
+        return Outlook([], None, 0)
+    try:
+        due = due_fires(schedule, now)
+        overdue = [due.fire_at] if due is not None and due.fire_at is not None else []
+        fires = overdue + fires_to_come(schedule, now, count - len(overdue))
+    except ScheduleError:
+        return Outlook([], None, 0)
+    if due is None:
+        return Outlook(fires, None, 0)
+    return Outlook(fires, due.fire_at, due.missed.count if due.missed is not None else 0)
 
 
 def _failed(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -17,6 +17,19 @@ MAX_ROW_ID = 2**63 - 1
 
 class CamelOut(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True)
+
+
+# What a schedule's view shows of its beat's next tick (shared.beat.outlook), training and sync schedules alike.
+DueFireAt = Annotated[
+    datetime | None,
+    Field(
+        description="a fire time passed and not fired yet (beat down, or not yet ticked): beat fires it at its next "
+        "tick; it heads nextFireTimes"
+    ),
+]
+MissedFires = Annotated[
+    int, Field(description="fire times passed that beat skips at its next tick, recording them missed")
+]
 
 
 class OrgCreate(CamelModel):
@@ -260,11 +273,8 @@ class ScheduleOut(CamelOut):
     enabled: bool
     training_config: dict[str, Any]
     next_fire_times: list[datetime]
-    due_fire_at: datetime | None = Field(
-        description="a fire time passed and not fired yet (beat down, or not yet ticked): beat fires it at its next "
-        "tick; it heads nextFireTimes"
-    )
-    missed_fires: int = Field(description="fire times passed that beat skips at its next tick, recording them missed")
+    due_fire_at: DueFireAt
+    missed_fires: MissedFires
     last_fired_at: datetime | None
     dst_policy: str
 

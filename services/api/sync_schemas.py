@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from services.api.schemas import CamelOut
+from services.api.schemas import CamelOut, DueFireAt, MissedFires
 from shared.schemas import CamelModel
 
 
@@ -103,6 +103,8 @@ class SyncScheduleOut(CamelOut):
     timezone: str
     enabled: bool
     next_fire_times: list[datetime]
+    due_fire_at: DueFireAt
+    missed_fires: MissedFires
     last_fired_at: datetime | None
 
 

@@ -644,3 +644,55 @@ def test_a_schedule_read_while_beat_is_down_shows_the_overdue_fire_and_the_misse
     fire_due_schedules(make_session_factory(engine), now=now)  # beat's tick does as the schedule showed
     assert len(scheduled_runs(api, org)) == (1 if due else 0)
     assert [row["detail"]["missed"] for row in audited(api, org, "schedule.missed")] == ([missed] if missed else [])
+
+
+def scheduled_sync_jobs(api: TestClient, org: OrgKeys) -> list[str]:
+    jobs = api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json()
+    return [job["jobId"] for job in jobs if job["trigger"] == "schedule"]
+
+
+def read_sync_schedule_at(
+    api: TestClient, org: OrgKeys, monkeypatch: pytest.MonkeyPatch, at: datetime, source_id: str
+) -> Any:
+    monkeypatch.setattr(sync_router, "utcnow", lambda: at)
+    response = api.get(f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule", headers=org.viewer)
+    monkeypatch.undo()
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize(
+    ("pattern", "down", "due", "missed"),
+    [
+        ("0 2 * * 0", timedelta(minutes=3), SUNDAY_TWO, 0),  # the sync beat down over the fire, back within GRACE
+        ("*/15 * * * *", timedelta(minutes=20), SUNDAY_TWO + timedelta(minutes=15), 1),  # 02:00 missed, 02:15 late
+        ("0 2 * * 0", timedelta(hours=1), None, 1),  # missed by more than GRACE: the sync beat skips it
+    ],
+    ids=["due", "due-after-a-missed-one", "missed"],
+)
+def test_a_sync_schedule_read_while_its_beat_is_down_shows_the_overdue_fire_and_the_missed_ones_it_then_fires_and_skips(
+    api: TestClient,
+    org: OrgKeys,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    pattern: str,
+    down: timedelta,
+    due: datetime | None,
+    missed: int,
+) -> None:
+    """A source's schedule showed only the fire times to come: the fire the sync beat was to make at its next tick,
+    past already, was hidden behind them, as if the source would go unsynced until the next one."""
+    source_id = sync_source(api, org)
+    set_sync_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(minutes=1), source_id, pattern=pattern)
+    now = SUNDAY_TWO + down
+
+    shown = read_sync_schedule_at(api, org, monkeypatch, now, source_id)
+
+    assert (shown["dueFireAt"], shown["missedFires"]) == (due and iso(due), missed)
+    upcoming = next_fire_times(pattern, "UTC", after=now, count=5)
+    assert shown["nextFireTimes"] == [iso(fire) for fire in ([due] if due else []) + upcoming][:5]
+    fire_due_sync_schedules(make_session_factory(engine), now=now)  # the sync beat's tick does as the schedule showed
+    assert len(scheduled_sync_jobs(api, org)) == (1 if due else 0)
+    assert [row["detail"]["missed"] for row in audited(api, org, "sync.schedule.missed")] == (
+        [missed] if missed else []
+    )

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from fastapi import APIRouter, Response, status
 
 from services.api.deps import OrgAdmin, OrgViewer, SessionDep
 from services.api.schemas import ScheduleIn, ScheduleOut
 from shared.audit import record_change
-from shared.beat import Due, due_fires, fires_to_come, reschedule
+from shared.beat import outlook, reschedule
 from shared.db.models import Organization, Schedule
 from shared.db.types import utcnow
 from shared.errors import NotFound
 from shared.org_lock import lock_org
-from shared.schedules import DST_POLICY, ScheduleError, check_schedule
+from shared.schedules import DST_POLICY, check_schedule
 from shared.training_checks import check_source
 
 router = APIRouter(prefix="/v1/orgs/{org}/schedule", tags=["schedule"])
-
-SHOWN_FIRES = 5
 
 
 @router.put("", response_model=ScheduleOut)
@@ -85,30 +81,16 @@ def _existing(session: SessionDep, org_id: str) -> Schedule:
     return row
 
 
-def _shown(row: Schedule, now: datetime) -> tuple[list[datetime], Due | None]:
-    """The next fire times, headed by a passed one beat fires at its next tick, and what that tick does; none for a
-    schedule stored before a rule its pattern breaks (beat disables it at its next fire, recording why), which can
-    still be read and set again."""
-    if not row.enabled:
-        return [], None
-    try:
-        due = due_fires(row, now)
-        overdue = [due.fire_at] if due is not None and due.fire_at is not None else []
-        return overdue + fires_to_come(row, now, SHOWN_FIRES - len(overdue)), due
-    except ScheduleError:
-        return [], None
-
-
 def _schedule_out(row: Schedule) -> ScheduleOut:
-    fires, due = _shown(row, utcnow())
+    shown = outlook(row, utcnow())
     return ScheduleOut(
         pattern=row.pattern,
         timezone=row.timezone,
         enabled=row.enabled,
         training_config=row.training_config,
-        next_fire_times=fires,
-        due_fire_at=due.fire_at if due is not None else None,
-        missed_fires=due.missed.count if due is not None and due.missed is not None else 0,
+        next_fire_times=shown.next_fire_times,
+        due_fire_at=shown.due_fire_at,
+        missed_fires=shown.missed_fires,
         last_fired_at=row.last_fired_at,
         dst_policy=DST_POLICY,
     )

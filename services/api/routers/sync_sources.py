@@ -9,7 +9,6 @@ names it."""
 from __future__ import annotations
 
 import secrets
-from datetime import datetime
 
 from fastapi import APIRouter, Response, status
 from sqlalchemy import select
@@ -29,14 +28,14 @@ from services.api.sync_schemas import (
     SyncSourceOut,
 )
 from shared.audit import record_change
-from shared.beat import fires_to_come, reschedule
+from shared.beat import outlook, reschedule
 from shared.db.models import Organization, SyncResync, SyncSchedule, SyncSource
 from shared.db.types import utcnow
 from shared.db.upsert import upsert
 from shared.errors import Conflict, NotFound, SourceBeingDeleted
 from shared.org_lock import lock_org
 from shared.queues import sync_queue
-from shared.schedules import ScheduleError, check_schedule
+from shared.schedules import check_schedule
 from shared.schemas import OrgConfig
 from shared.source_lock import refused_while_a_job_runs
 from shared.store_access import store_identity
@@ -45,8 +44,6 @@ from shared.sync_jobs import deletion_refusal, queue_source_deletion, queue_sync
 from shared.sync_tables import SyncSourceSpec, central_table_name
 
 router = APIRouter(prefix="/v1/orgs/{org}/sync-sources", tags=["sync"])
-
-SHOWN_FIRES = 5
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SyncSourceOut)
@@ -304,22 +301,16 @@ def _existing_schedule(session: Session, source_id: str, org_id: str) -> SyncSch
     return row
 
 
-def _shown(row: SyncSchedule) -> list[datetime]:
-    """The next fire times; none for a schedule stored before a rule its pattern breaks (the sync beat disables it
-    at its next fire, recording why), which can still be read and set again."""
-    try:
-        return fires_to_come(row, utcnow(), SHOWN_FIRES) if row.enabled else []
-    except ScheduleError:
-        return []
-
-
 def _schedule_out(row: SyncSchedule) -> SyncScheduleOut:
+    shown = outlook(row, utcnow())
     return SyncScheduleOut(
         source_id=row.source_id,
         pattern=row.pattern,
         timezone=row.timezone,
         enabled=row.enabled,
-        next_fire_times=_shown(row),
+        next_fire_times=shown.next_fire_times,
+        due_fire_at=shown.due_fire_at,
+        missed_fires=shown.missed_fires,
         last_fired_at=row.last_fired_at,
     )
 
