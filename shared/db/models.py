@@ -308,6 +308,9 @@ class SyncSource(Base):
     # PATCH /v1/orgs/{org}/sync-sources/{id} changed the URL: until a sync worker has found the source's own store
     # there (its marks, services/sync/store_marks.py), a job on it moves nothing and a resync does not let it through.
     url_changed_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The last fire of the source's schedule when it was deleted: one set again starts from it, as a schedule set
+    # again without being deleted does, so an api clock behind the sync beat's never stores that fire again.
+    schedule_last_fired_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class SyncJob(Base):

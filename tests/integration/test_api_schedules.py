@@ -15,7 +15,7 @@ from services.api.routers import schedule as schedule_router
 from services.api.routers import sync_sources as sync_router
 from services.sync.beat import fire_due_sync_schedules
 from services.trainer.beat import fire_due_schedules
-from shared.db.models import Schedule, SyncSchedule, TrainingRun
+from shared.db.models import Schedule, SyncJob, SyncSchedule, TrainingRun
 from shared.db.session import make_session_factory, session_scope
 from shared.db.types import utcnow
 from shared.schedules import next_fire_times
@@ -649,6 +649,31 @@ def test_a_schedule_read_while_beat_is_down_shows_the_overdue_fire_and_the_misse
 def scheduled_sync_jobs(api: TestClient, org: OrgKeys) -> list[str]:
     jobs = api.get(f"/v1/orgs/{org.org_id}/sync-jobs", headers=org.viewer).json()
     return [job["jobId"] for job in jobs if job["trigger"] == "schedule"]
+
+
+def test_a_sync_schedule_deleted_and_set_again_by_an_api_whose_clock_is_behind_beats_does_not_fire_its_last_fire_again(
+    api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting a source's schedule forgot its last fire: set again from a clock a second behind the sync beat's, it
+    stored the fire the beat had just done, and the beat queued a second job for it."""
+    source_id = sync_source(api, org)
+    weekly = {"pattern": "0 2 * * 0", "timezone": "UTC"}
+    set_sync_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(days=1), source_id, **weekly)
+    sessions = make_session_factory(engine)
+    fire_due_sync_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=1))
+    [fired] = scheduled_sync_jobs(api, org)
+    with session_scope(sessions) as session:  # a sync worker starts it, so a second fire would queue another
+        session.execute(update(SyncJob).where(SyncJob.id == fired).values(status="running"))
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule"
+    assert api.delete(url, headers=org.admin).status_code == 204
+
+    set_again = set_sync_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(seconds=1), source_id, **weekly)
+    fire_due_sync_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=6))
+
+    assert scheduled_sync_jobs(api, org) == [fired]
+    assert set_again["lastFiredAt"] == iso(SUNDAY_TWO)
+    shown = api.get(url, headers=org.viewer).json()
+    assert shown["nextFireTimes"][0] == iso(SUNDAY_TWO + timedelta(days=7))
 
 
 def read_sync_schedule_at(

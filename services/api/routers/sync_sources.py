@@ -195,8 +195,10 @@ def put_schedule(source_id: str, body: SyncScheduleIn, access: OrgAdmin, session
     lock_org(session, access.org_id)  # the first two at once: the second finds the row the first made, and sets it
     source = active_source(session, source_id, org_id=access.org_id)
     # Locked, so a beat firing it now either fires first (and its last fire is seen here) or after the change.
+    # One deleted before left its last fire on the source: the new one next fires after it, as one set again without
+    # being deleted does (shared.beat.fires_to_come).
     row = session.get(SyncSchedule, source.id, with_for_update=True) or SyncSchedule(
-        source_id=source.id, org_id=access.org_id
+        source_id=source.id, org_id=access.org_id, last_fired_at=source.schedule_last_fired_at
     )
     reschedule(row, pattern=body.pattern, timezone=body.timezone, enabled=body.enabled, now=utcnow())
     row.updated_at = utcnow()
@@ -222,8 +224,9 @@ def get_schedule(source_id: str, access: OrgViewer, session: SessionDep) -> Sync
 def delete_schedule(source_id: str, access: OrgAdmin, session: SessionDep) -> Response:
     # Deletions take turns with each other and with a PUT: two at once each found the row, and both were audited.
     lock_org(session, access.org_id)
-    active_source(session, source_id, org_id=access.org_id)
+    source = active_source(session, source_id, org_id=access.org_id)
     row = _existing_schedule(session, source_id, access.org_id)
+    source.schedule_last_fired_at = row.last_fired_at
     session.delete(row)
     record_change(
         session, org_id=access.org_id, actor=access.principal.key_id, action="sync.schedule.deleted", target=source_id
