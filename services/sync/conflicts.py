@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import Session
 
-from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying, forget, log_merges
+from services.sync.changes import CENTRAL_LOG, begin_applying, end_applying, forget, log_merges, shut_out_writers
 from services.sync.deletions import delete_centrally
 from services.sync.hlc import ORIGIN, Stamp, after_both, stamp_edit, wall_clock_ms
 from services.sync.merge import (
@@ -57,6 +57,9 @@ def apply_choices(pair: TablePair) -> None:
     the local version chosen, unless the central record changed after the choice: the reviewer never saw that edit,
     so it joins the conflict, which is open again for a new choice."""
     with Session(pair.central) as session, session.begin():
+        # The central log first, as an application's write takes it: the records are written before the merges
+        # are logged, and a write waiting for one of them while holding the log would deadlock with this.
+        shut_out_writers(session.connection(), CENTRAL_LOG)
         # Held before the conflicts are read: their sealed versions, copied into the central copy, are then as a
         # rotation has left them (it re-encrypts them while no batch holds the key).
         hold_sealing_key(session, pair)

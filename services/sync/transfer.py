@@ -294,7 +294,9 @@ def pull_batch(pair: TablePair) -> bool:
     One central transaction reads the batch and, once the local store has committed it, acknowledges it. Until
     then it only reads (central edits were versioned and stamped as they were made), and holds nothing but the
     org's sealing key: a rotation switching keys waits for the batch rather than falling between its two commits,
-    where the batch would be redone with its local deletions done already and their audit rows lost."""
+    where the batch would be redone with its local deletions done already and their audit rows lost. (On an
+    embedded SQLite central store, holding the key is holding its one write lock, as a push holds it while it
+    writes locally: the other writers there wait for the batch.)"""
     with Session(pair.central) as session:
         positions = watermarks(session, pair)
         after, local_after = positions.get(DOWN, 0), positions.get(UP, 0)

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+import services.sync.conflicts as conflicts
 import services.sync.transfer as transfer
+from services.sync.changes import log_merges
 from services.sync.context import SyncContext
-from tests.integration.sync_support import Sync, run_sql
+from tests.integration.sync_support import Sync, open_sync, run_sql
 from tests.integration.test_sync_postgres_local import READINGS, TWO_READINGS, open_postgres_sync
 from tests.support.polling import eventually
 from tests.support.servers import fresh_postgres_database
@@ -29,9 +32,9 @@ def sync(sync_api: TestClient, sync_context: SyncContext, org_id: str) -> Iterat
         yield synced
 
 
-def waiting_for_a_log(url: str) -> int:
-    """How many connections to the database at `url` wait for an advisory lock: a change log's."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event = 'advisory'"
+def waiting_for_a_lock(url: str) -> int:
+    """How many connections to the database at `url` wait for a lock: a change log's, or a record's."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
     return int(run_sql(url, query)[0][0])
 
 
@@ -48,9 +51,9 @@ def application_write(url: str, sql: str, failed: list[Exception]) -> threading.
     return threading.Thread(target=write)
 
 
-def start_until_it_waits_for_the_log(write: threading.Thread, url: str) -> None:
+def start_until_it_waits_for_a_lock(write: threading.Thread, url: str) -> None:
     write.start()
-    eventually(lambda: waiting_for_a_log(url) == 1 or not write.is_alive())
+    eventually(lambda: waiting_for_a_lock(url) == 1 or not write.is_alive())
 
 
 def records(sync: Sync) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -68,7 +71,7 @@ def test_a_local_write_of_a_record_a_pull_is_writing_waits_for_the_pull_and_land
     pull = transfer._pull
 
     def pull_once_the_write_waits(*args: Any) -> Any:
-        start_until_it_waits_for_the_log(write, sync.local_url)
+        start_until_it_waits_for_a_lock(write, sync.local_url)
         return pull(*args)
 
     monkeypatch.setattr(transfer, "_pull", pull_once_the_write_waits)
@@ -90,7 +93,7 @@ def test_a_central_write_of_a_record_a_push_is_writing_waits_for_the_push_and_la
     push = transfer._push
 
     def push_once_the_write_waits(*args: Any) -> Any:
-        start_until_it_waits_for_the_log(write, sync.central_url)
+        start_until_it_waits_for_a_lock(write, sync.central_url)
         return push(*args)
 
     monkeypatch.setattr(transfer, "_push", push_once_the_write_waits)
@@ -101,6 +104,40 @@ def test_a_central_write_of_a_record_a_push_is_writing_waits_for_the_push_and_la
 
     assert (job["status"], job["pushed"], failed) == ("succeeded", 1, [])
     assert records(sync) == ([(1, 20.0), (2, 2.0)], [(1, 20.0), (2, 2.0)])
+
+
+def test_a_central_write_of_a_record_whose_chosen_version_is_being_written_waits_for_the_choices_and_lands(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Record 1's local version chosen, record 2's central one: the job writes record 1 centrally, then logs record
+    2 to go down. A central write of record 1 in between waits for the job, rather than hold the log while it
+    waits for the record, which the job's logging would then wait for."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual")
+    sync.run()
+    sync.local("UPDATE readings SET value = 10.0 WHERE id IN (1, 2)")
+    sync.central(f"UPDATE {sync.central_table} SET value = 99.0 WHERE id IN (1, 2)")
+    sync.run()
+    held = {int(conflict["recordKey"]): conflict["conflictId"] for conflict in sync.conflicts("open")}
+    for record, keep in ((1, "local"), (2, "central")):
+        chosen = sync_api.post(
+            f"/v1/orgs/{org_id}/conflicts/{held[record]}", json={"keep": keep}, headers=sync.org.admin
+        )
+        assert chosen.status_code == 200, chosen.text
+    failed: list[Exception] = []
+    write = application_write(sync.central_url, f"UPDATE {sync.central_table} SET value = 30.0 WHERE id = 1", failed)
+
+    def log_once_the_write_waits(*args: Any, **kwargs: Any) -> Any:
+        start_until_it_waits_for_a_lock(write, sync.central_url)
+        return log_merges(*args, **kwargs)
+
+    monkeypatch.setattr(conflicts, "log_merges", log_once_the_write_waits)
+    job = sync.run()
+    write.join()
+    monkeypatch.undo()
+    sync.run()
+
+    assert (job["status"], failed) == ("succeeded", [])
+    assert records(sync) == ([(1, 30.0), (2, 99.0)], [(1, 30.0), (2, 99.0)])
 
 
 def test_a_job_gives_tables_whose_triggers_an_older_kiln_made_the_lock_first_trigger_without_sending_them_again(
