@@ -177,6 +177,8 @@ def fires_between(pattern: str, timezone: str, *, after: datetime, until: dateti
     days of the span rather than its fires (a month of `* * * * *` is 43,000 of them): a day whose UTC offset holds
     fires at its times of day, counted and picked by bisection; a day the clocks change on is walked fire by fire,
     as `fire_times` walks it. Only the days the pattern's day fields name are looked at."""
+    if until <= after:
+        return FireSpan(0, ())
     tz = zone(timezone)
     read = check_pattern(pattern)
     minutes = _times_of_day(read)
@@ -186,6 +188,8 @@ def fires_between(pattern: str, timezone: str, *, after: datetime, until: dateti
     for day in takewhile(lambda day: day <= last_day, _days(read, first_day)):
         span = _fires_of_day(pattern, tz, minutes, day, after=after, until=until)
         count, last = count + span.count, (*last, *span.last)[-2:]
+        # A day's walk may count a fire at the next midnight (see _fires_of_day): the next day counts after it.
+        after = max((after, *span.last))
     return FireSpan(count, last)
 
 
@@ -214,7 +218,9 @@ def _fires_of_day(
     offset = midnight.utcoffset()
     if offset is None or offset != next_midnight.utcoffset():  # a change of the clocks: skipped or repeated times
         start = max(after, midnight.astimezone(UTC) - timedelta(microseconds=1))
-        walked = list(takewhile(lambda f: f < next_midnight and f <= until, fire_times(pattern, tz.key, after=start)))
+        # Up to the next midnight included: times skipped at the day's end (America/Nuuk's 23:00 to 24:00) fire
+        # at the jump, which is that midnight, and are not among the next day's own times.
+        walked = list(takewhile(lambda f: f <= next_midnight and f <= until, fire_times(pattern, tz.key, after=start)))
         return FireSpan(len(walked), tuple(walked[-2:]))
     # One offset all day: each time of day is one instant, and the span's ends read on this day's clock.
     low, high = (bisect_right(minutes, _minute_of_day(instant, midnight, offset)) for instant in (after, until))

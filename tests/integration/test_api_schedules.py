@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text, update
+from sqlalchemy.orm import Session
 
+import services.trainer.beat as trainer_beat
 from services.api.routers import schedule as schedule_router
 from services.api.routers import sync_sources as sync_router
 from services.sync.beat import fire_due_sync_schedules
@@ -380,6 +382,12 @@ def test_a_schedule_whose_datasource_no_longer_fits_its_config_fails_its_fire_re
     assert "dataRange needs the datasource's timestampColumn" in failed["detail"]["error"]
 
 
+def waiting_for_a_lock(engine: Engine) -> bool:
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    with engine.connect() as connection:
+        return int(connection.execute(text(query)).scalar_one()) > 0
+
+
 def set_training_schedule_at(
     api: TestClient, org: OrgKeys, monkeypatch: pytest.MonkeyPatch, at: datetime, **body: Any
 ) -> None:
@@ -576,6 +584,38 @@ def test_a_schedule_deleted_and_set_again_by_an_api_whose_clock_is_behind_beats_
     assert scheduled_runs(api, org) == [fired]
     shown = api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).json()
     assert shown["nextFireTimes"][0] == (SUNDAY_TWO + timedelta(days=7)).isoformat().replace("+00:00", "Z")
+
+
+def test_a_schedule_deleted_while_beat_fires_it_keeps_that_fire_so_one_set_again_does_not_fire_it_again(
+    api: TestClient, org: OrgKeys, dataset_id: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DELETE waits for the fire under way, and the last fire it keeps is that one, not the one before."""
+    weekly = {"pattern": "0 2 * * 0", "timezone": "UTC", "trainingConfig": config(dataset_id)}
+    set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(days=1), **weekly)
+    sessions = make_session_factory(engine)
+    queue_run = trainer_beat._queue_run
+    deleted: list[int] = []
+    deleting = threading.Thread(
+        target=lambda: deleted.append(api.delete(f"/v1/orgs/{org.org_id}/schedule", headers=org.admin).status_code)
+    )
+
+    def delete_while_firing(session: Session, schedule: Schedule) -> int | None:
+        deleting.start()
+        eventually(lambda: not deleting.is_alive() or waiting_for_a_lock(engine))
+        return queue_run(session, schedule)
+
+    monkeypatch.setattr(trainer_beat, "_queue_run", delete_while_firing)
+    fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=1))
+    deleting.join()
+    [fired] = scheduled_runs(api, org)
+    with session_scope(sessions) as session:  # a worker starts it, so a second fire would queue another
+        session.execute(update(TrainingRun).where(TrainingRun.id == fired).values(status="running"))
+
+    set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(seconds=1), **weekly)
+    fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=6))
+
+    assert deleted == [204]
+    assert scheduled_runs(api, org) == [fired]
 
 
 def test_a_beat_back_after_a_month_fires_an_every_minute_schedules_latest_fire_and_audits_the_others_in_one_row(

@@ -10,7 +10,7 @@ from itertools import takewhile
 import pytest
 
 from shared.errors import InvalidInput
-from shared.schedules import ScheduleError, check_schedule, fire_times, fires_between, next_fire_times
+from shared.schedules import FireSpan, ScheduleError, check_schedule, fire_times, fires_between, next_fire_times
 
 NEW_YORK = "America/New_York"
 
@@ -175,6 +175,8 @@ CLOCK_CHANGES = [
     (NEW_YORK, utc(2026, 3, 8, 7)),
     (NEW_YORK, utc(2026, 11, 1, 6)),
     ("Europe/Paris", utc(2026, 10, 25, 1)),
+    ("America/Nuuk", utc(2026, 3, 29, 1)),  # Saturday 23:00 to 24:00 skipped: its times fire at Sunday's midnight
+    ("America/Havana", utc(2026, 3, 8, 5)),  # Sunday's midnight skipped
 ]
 # Spans about a change of the clocks, as (its start, its end) from the change.
 SPANS_ABOUT_A_CHANGE = {
@@ -188,7 +190,19 @@ SPANS_ABOUT_A_CHANGE = {
 @pytest.mark.parametrize(("start", "end"), SPANS_ABOUT_A_CHANGE.values(), ids=SPANS_ABOUT_A_CHANGE.keys())
 @pytest.mark.parametrize(
     "pattern",
-    ["* * * * *", "*/15 * * * *", "0 * * * *", "*/30 1 * * *", "*/15 2 * * *", "30 1 * * *", "30 2 * * *", "0 2 * * 0"],
+    [
+        "* * * * *",
+        "*/15 * * * *",
+        "0 * * * *",
+        "*/30 1 * * *",
+        "*/15 2 * * *",
+        "30 1 * * *",
+        "30 2 * * *",
+        "0 2 * * 0",
+        "15 23 * * *",
+        "0 0 * * *",
+        "15 23 * * 6",
+    ],
 )
 def test_fires_between_counts_and_ends_as_walking_each_fire_does_across_a_change_of_the_clocks(
     pattern: str, timezone: str, change: datetime, start: timedelta, end: timedelta
@@ -213,3 +227,7 @@ def test_fires_between_names_only_the_days_the_pattern_fires_on() -> None:
     span = fires_between("15 3 1,15 * mon", "UTC", after=utc(2026, 1, 1), until=utc(2026, 2, 1))
     assert span.count == 6
     assert span.last == (utc(2026, 1, 19, 3, 15), utc(2026, 1, 26, 3, 15))
+
+
+def test_fires_between_counts_none_in_a_span_that_ends_before_it_starts() -> None:
+    assert fires_between("*/15 * * * *", "UTC", after=utc(2026, 1, 1, 10), until=utc(2026, 1, 1, 9)) == FireSpan(0, ())

@@ -58,7 +58,8 @@ def get_schedule(access: OrgViewer, session: SessionDep) -> ScheduleOut:
 def delete_schedule(access: OrgAdmin, session: SessionDep) -> Response:
     # Deletions take turns with each other and with a PUT: two at once each found the row, and both were audited.
     lock_org(session, access.org_id)
-    row = _existing(session, access.org_id)
+    # Locked, as a PUT locks it: a beat firing it now commits first, and its fire is the last one kept.
+    row = _existing(session, access.org_id, locked=True)
     session.get_one(Organization, access.org_id).schedule_last_fired_at = row.last_fired_at
     session.delete(row)
     record_change(
@@ -70,12 +71,15 @@ def delete_schedule(access: OrgAdmin, session: SessionDep) -> Response:
 def _recreated(session: SessionDep, org_id: str) -> Schedule:
     """A new schedule, remembering the last fire of one deleted before: it next fires after that, as one set again
     without being deleted does (shared.beat.fires_to_come)."""
-    last_fired_at = session.get_one(Organization, org_id).schedule_last_fired_at
+    # As it is now, under the org's lock: a copy the session still held from the request's authentication would
+    # predate a DELETE that committed since.
+    last_fired_at = session.get_one(Organization, org_id, populate_existing=True).schedule_last_fired_at
     return Schedule(org_id=org_id, last_fired_at=last_fired_at)
 
 
-def _existing(session: SessionDep, org_id: str) -> Schedule:
-    row = session.get(Schedule, org_id, populate_existing=True)  # as it is now, should the org's lock be held
+def _existing(session: SessionDep, org_id: str, *, locked: bool = False) -> Schedule:
+    # As it is now, should the org's lock be held.
+    row = session.get(Schedule, org_id, populate_existing=True, with_for_update=locked or None)
     if row is None:
         raise NotFound(f"organization {org_id!r} has no schedule")
     return row

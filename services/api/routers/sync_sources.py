@@ -225,7 +225,8 @@ def delete_schedule(source_id: str, access: OrgAdmin, session: SessionDep) -> Re
     # Deletions take turns with each other and with a PUT: two at once each found the row, and both were audited.
     lock_org(session, access.org_id)
     source = active_source(session, source_id, org_id=access.org_id)
-    row = _existing_schedule(session, source_id, access.org_id)
+    # Locked, as a PUT locks it: a beat firing it now commits first, and its fire is the last one kept.
+    row = _existing_schedule(session, source_id, access.org_id, locked=True)
     source.schedule_last_fired_at = row.last_fired_at
     session.delete(row)
     record_change(
@@ -296,9 +297,10 @@ def _refuse_tables_synced_already(session: Session, source: SyncSource) -> None:
             )
 
 
-def _existing_schedule(session: Session, source_id: str, org_id: str) -> SyncSchedule:
+def _existing_schedule(session: Session, source_id: str, org_id: str, *, locked: bool = False) -> SyncSchedule:
     source = owned_source(session, source_id, org_id=org_id)
-    row = session.get(SyncSchedule, source.id, populate_existing=True)  # as it is now, should the org's lock be held
+    # As it is now, should the org's lock be held.
+    row = session.get(SyncSchedule, source.id, populate_existing=True, with_for_update=locked or None)
     if row is None:
         raise NotFound(f"sync source {source_id!r} has no schedule")
     return row
