@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text, update
 from sqlalchemy.orm import Session
 
+import services.sync.beat as sync_beat
 import services.trainer.beat as trainer_beat
 from services.api.routers import schedule as schedule_router
 from services.api.routers import sync_sources as sync_router
@@ -714,6 +715,38 @@ def test_a_sync_schedule_deleted_and_set_again_by_an_api_whose_clock_is_behind_b
     assert set_again["lastFiredAt"] == iso(SUNDAY_TWO)
     shown = api.get(url, headers=org.viewer).json()
     assert shown["nextFireTimes"][0] == iso(SUNDAY_TWO + timedelta(days=7))
+
+
+def test_a_sync_schedule_deleted_while_its_beat_fires_it_keeps_that_fire_so_one_set_again_does_not_fire_it_again(
+    api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DELETE waits for the fire under way, and the last fire it keeps on the source is that one."""
+    source_id = sync_source(api, org)
+    weekly = {"pattern": "0 2 * * 0", "timezone": "UTC"}
+    set_sync_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(days=1), source_id, **weekly)
+    sessions = make_session_factory(engine)
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule"
+    queue_job = sync_beat._queue_job
+    deleted: list[int] = []
+    deleting = threading.Thread(target=lambda: deleted.append(api.delete(url, headers=org.admin).status_code))
+
+    def delete_while_firing(session: Session, schedule: SyncSchedule) -> int | None:
+        deleting.start()
+        eventually(lambda: not deleting.is_alive() or waiting_for_a_lock(engine))
+        return queue_job(session, schedule)
+
+    monkeypatch.setattr(sync_beat, "_queue_job", delete_while_firing)
+    fire_due_sync_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=1))
+    deleting.join()
+    [fired] = scheduled_sync_jobs(api, org)
+    with session_scope(sessions) as session:  # a sync worker starts it, so a second fire would queue another
+        session.execute(update(SyncJob).where(SyncJob.id == fired).values(status="running"))
+
+    set_sync_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(seconds=1), source_id, **weekly)
+    fire_due_sync_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=6))
+
+    assert deleted == [204]
+    assert scheduled_sync_jobs(api, org) == [fired]
 
 
 def read_sync_schedule_at(
