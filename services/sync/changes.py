@@ -264,7 +264,7 @@ def take_log_before_records(connection: Connection, log: ChangeLog, table: str) 
             f"""
             CREATE OR REPLACE FUNCTION {log.log}_first() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                PERFORM pg_advisory_xact_lock(hashtext('{log.log}'));
+                PERFORM {_log_lock(log)};
                 RETURN NULL;
             END $$
             """
@@ -276,6 +276,11 @@ def take_log_before_records(connection: Connection, log: ChangeLog, table: str) 
             f"{_NOT_APPLYING} EXECUTE FUNCTION {log.log}_first()"
         )
     )
+
+
+def _log_lock(log: ChangeLog) -> str:
+    """The SQL taking the log's lock until the transaction ends: the one lock batches and writers take in turn."""
+    return f"pg_advisory_xact_lock(hashtext('{log.log}'))"
 
 
 def _number_in_commit_order(connection: Connection, log: ChangeLog) -> None:
@@ -290,7 +295,7 @@ def _number_in_commit_order(connection: Connection, log: ChangeLog) -> None:
             f"""
             CREATE OR REPLACE FUNCTION {log.log}_in_commit_order() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                PERFORM pg_advisory_xact_lock(hashtext('{log.log}'));
+                PERFORM {_log_lock(log)};
                 NEW.seq := nextval(pg_get_serial_sequence('{log.log}', 'seq'));
                 RETURN NEW;
             END $$
@@ -361,7 +366,7 @@ def shut_out_writers(connection: Connection, log: ChangeLog) -> None:
     takes it now; on PostgreSQL, edits log under the lock that keeps the log in commit order.
     """
     if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:log))"), {"log": log.log})
+        connection.execute(text(f"SELECT {_log_lock(log)}"))
     else:
         connection.execute(text(f"DELETE FROM {log.applying} WHERE 0 = 1"))
 

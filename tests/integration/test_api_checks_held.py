@@ -12,20 +12,14 @@ from typing import Any
 import httpx2
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from services.api.routers import models, sync_jobs, trainings
 from tests.integration.conftest import ADMIN, OrgKeys, config
-from tests.support.polling import eventually
+from tests.support.polling import start_until_it_waits_for_a_lock
 from tests.support.seed import seed_versions
 
 SOURCE = {"url": "postgresql://plant@db.example.org/records", "tables": [{"name": "readings", "primaryKey": "id"}]}
-
-
-def waiting_for_a_lock(engine: Engine) -> bool:
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    with engine.connect() as connection:
-        return int(connection.execute(text(query)).scalar_one()) > 0
 
 
 def change_while_acting(
@@ -45,8 +39,7 @@ def change_while_acting(
 
     def change_then_act(*args: Any, **kwargs: Any) -> Any:
         if changing.ident is None:
-            changing.start()
-            eventually(lambda: not changing.is_alive() or waiting_for_a_lock(engine))
+            start_until_it_waits_for_a_lock(changing, engine.url)
             answered["first"] = not changing.is_alive()
         return act(*args, **kwargs)
 

@@ -4,13 +4,14 @@ is stored; the beats fire them alike."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text, update
-from sqlalchemy.orm import Session
 
 import services.sync.beat as sync_beat
 import services.trainer.beat as trainer_beat
@@ -23,7 +24,7 @@ from shared.db.session import make_session_factory, session_scope
 from shared.db.types import utcnow
 from shared.schedules import next_fire_times
 from tests.integration.conftest import TRAINING_CSV, OrgKeys, config, create_org_with_keys, upload
-from tests.support.polling import eventually
+from tests.support.polling import eventually, start_until_it_waits_for_a_lock
 
 SOURCE: dict[str, Any] = {"url": "sqlite:////srv/plant.db", "tables": [{"name": "readings", "primaryKey": "id"}]}
 NEVER_FIRES = ["0 0 31 2 *", "0 0 30 2 *", "15 3 31 4,6,9,11 *"]
@@ -383,10 +384,30 @@ def test_a_schedule_whose_datasource_no_longer_fits_its_config_fails_its_fire_re
     assert "dataRange needs the datasource's timestampColumn" in failed["detail"]["error"]
 
 
-def waiting_for_a_lock(engine: Engine) -> bool:
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    with engine.connect() as connection:
-        return int(connection.execute(text(query)).scalar_one()) > 0
+def fire_while_deleting(
+    monkeypatch: pytest.MonkeyPatch,
+    engine: Engine,
+    queueing: tuple[Any, str],
+    fire: Callable[[], object],
+    delete: Callable[[], httpx2.Response],
+) -> int:
+    """`fire` the due schedules; as the beat queues a fire's work (at the call of `queueing`, a beat module and its
+    queueing function's name), `delete` the schedule from another thread, let on until it answers or waits for a
+    lock. The DELETE's status."""
+    module, name = queueing
+    queue = getattr(module, name)
+    deleted: list[int] = []
+    deleting = threading.Thread(target=lambda: deleted.append(delete().status_code))
+
+    def delete_while_queueing(*args: Any) -> Any:
+        start_until_it_waits_for_a_lock(deleting, engine.url)
+        return queue(*args)
+
+    monkeypatch.setattr(module, name, delete_while_queueing)
+    fire()
+    deleting.join()
+    [status] = deleted
+    return status
 
 
 def set_training_schedule_at(
@@ -594,20 +615,13 @@ def test_a_schedule_deleted_while_beat_fires_it_keeps_that_fire_so_one_set_again
     weekly = {"pattern": "0 2 * * 0", "timezone": "UTC", "trainingConfig": config(dataset_id)}
     set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(days=1), **weekly)
     sessions = make_session_factory(engine)
-    queue_run = trainer_beat._queue_run
-    deleted: list[int] = []
-    deleting = threading.Thread(
-        target=lambda: deleted.append(api.delete(f"/v1/orgs/{org.org_id}/schedule", headers=org.admin).status_code)
+    deleted = fire_while_deleting(
+        monkeypatch,
+        engine,
+        (trainer_beat, "_queue_run"),
+        lambda: fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=1)),
+        lambda: api.delete(f"/v1/orgs/{org.org_id}/schedule", headers=org.admin),
     )
-
-    def delete_while_firing(session: Session, schedule: Schedule) -> int | None:
-        deleting.start()
-        eventually(lambda: not deleting.is_alive() or waiting_for_a_lock(engine))
-        return queue_run(session, schedule)
-
-    monkeypatch.setattr(trainer_beat, "_queue_run", delete_while_firing)
-    fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=1))
-    deleting.join()
     [fired] = scheduled_runs(api, org)
     with session_scope(sessions) as session:  # a worker starts it, so a second fire would queue another
         session.execute(update(TrainingRun).where(TrainingRun.id == fired).values(status="running"))
@@ -615,7 +629,7 @@ def test_a_schedule_deleted_while_beat_fires_it_keeps_that_fire_so_one_set_again
     set_training_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(seconds=1), **weekly)
     fire_due_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=6))
 
-    assert deleted == [204]
+    assert deleted == 204
     assert scheduled_runs(api, org) == [fired]
 
 
@@ -726,18 +740,13 @@ def test_a_sync_schedule_deleted_while_its_beat_fires_it_keeps_that_fire_so_one_
     set_sync_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(days=1), source_id, **weekly)
     sessions = make_session_factory(engine)
     url = f"/v1/orgs/{org.org_id}/sync-sources/{source_id}/schedule"
-    queue_job = sync_beat._queue_job
-    deleted: list[int] = []
-    deleting = threading.Thread(target=lambda: deleted.append(api.delete(url, headers=org.admin).status_code))
-
-    def delete_while_firing(session: Session, schedule: SyncSchedule) -> int | None:
-        deleting.start()
-        eventually(lambda: not deleting.is_alive() or waiting_for_a_lock(engine))
-        return queue_job(session, schedule)
-
-    monkeypatch.setattr(sync_beat, "_queue_job", delete_while_firing)
-    fire_due_sync_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=1))
-    deleting.join()
+    deleted = fire_while_deleting(
+        monkeypatch,
+        engine,
+        (sync_beat, "_queue_job"),
+        lambda: fire_due_sync_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=1)),
+        lambda: api.delete(url, headers=org.admin),
+    )
     [fired] = scheduled_sync_jobs(api, org)
     with session_scope(sessions) as session:  # a sync worker starts it, so a second fire would queue another
         session.execute(update(SyncJob).where(SyncJob.id == fired).values(status="running"))
@@ -745,7 +754,7 @@ def test_a_sync_schedule_deleted_while_its_beat_fires_it_keeps_that_fire_so_one_
     set_sync_schedule_at(api, org, monkeypatch, SUNDAY_TWO - timedelta(seconds=1), source_id, **weekly)
     fire_due_sync_schedules(sessions, now=SUNDAY_TWO + timedelta(seconds=6))
 
-    assert deleted == [204]
+    assert deleted == 204
     assert scheduled_sync_jobs(api, org) == [fired]
 
 

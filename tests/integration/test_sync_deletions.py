@@ -30,7 +30,7 @@ from tests.integration.sync_support import (
     open_down_only_vitals,
     open_sync,
 )
-from tests.support.polling import eventually
+from tests.support.polling import start_until_it_waits_for_a_lock
 
 
 def deletions_audited(sync: Sync) -> list[tuple[str, str]]:
@@ -91,12 +91,6 @@ def test_a_deleted_records_audit_copy_still_opens_after_its_key_is_rotated_and_d
     assert summary["resealedValues"] == 2
 
 
-def rotating_keys(sync: Sync) -> bool:
-    """Whether a connection to the central database waits for a lock, as a rotation's switch does for a batch."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    return bool(sync.central(query)[0][0])
-
-
 def test_a_central_deletion_pulled_while_the_key_rotates_is_audited_once_the_batch_lets_the_rotation_switch(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -111,8 +105,7 @@ def test_a_central_deletion_pulled_while_the_key_rotates_is_audited_once_the_bat
 
     def rotate_while_deleting(*args: Any) -> Any:
         if rotation.ident is None:
-            rotation.start()
-            eventually(lambda: not rotation.is_alive() or rotating_keys(sync))
+            start_until_it_waits_for_a_lock(rotation, sync.central_url)  # the switch waits for the batch
         return pull_deletions(*args)
 
     monkeypatch.setattr(transfer, "_pull_deletions", rotate_while_deleting)

@@ -15,11 +15,10 @@ from fastapi.testclient import TestClient
 
 import services.sync.conflicts as conflicts
 import services.sync.transfer as transfer
-from services.sync.changes import log_merges
 from services.sync.context import SyncContext
 from tests.integration.sync_support import Sync, open_sync, run_sql
 from tests.integration.test_sync_postgres_local import READINGS, TWO_READINGS, open_postgres_sync
-from tests.support.polling import eventually
+from tests.support.polling import start_until_it_waits_for_a_lock
 from tests.support.servers import fresh_postgres_database
 
 
@@ -32,28 +31,34 @@ def sync(sync_api: TestClient, sync_context: SyncContext, org_id: str) -> Iterat
         yield synced
 
 
-def waiting_for_a_lock(url: str) -> int:
-    """How many connections to the database at `url` wait for a lock: a change log's, or a record's."""
-    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    return int(run_sql(url, query)[0][0])
+def job_with_a_write_waiting(
+    sync: Sync, monkeypatch: pytest.MonkeyPatch, at: tuple[Any, str], url: str, sql: str
+) -> tuple[dict[str, Any], list[Exception]]:
+    """A job whose call of `at` (a module, and the name of a function it calls holding a batch's locks) first starts
+    the application's `sql` on the database at `url`, let on until it waits for a lock; then, once that write has
+    ended, one more job. The first job, and the errors the write ended with."""
+    failed: list[Exception] = []
 
-
-def application_write(url: str, sql: str, failed: list[Exception]) -> threading.Thread:
-    """The application's `sql` on the database at `url`, in a thread yet to start; an error it ends with goes
-    into `failed`."""
-
-    def write() -> None:
+    def application_write() -> None:
         try:
             run_sql(url, sql)
         except Exception as error:
             failed.append(error)
 
-    return threading.Thread(target=write)
+    write = threading.Thread(target=application_write)
+    module, name = at
+    act = getattr(module, name)
 
+    def act_once_the_write_waits(*args: Any, **kwargs: Any) -> Any:
+        start_until_it_waits_for_a_lock(write, url)
+        return act(*args, **kwargs)
 
-def start_until_it_waits_for_a_lock(write: threading.Thread, url: str) -> None:
-    write.start()
-    eventually(lambda: waiting_for_a_lock(url) == 1 or not write.is_alive())
+    monkeypatch.setattr(module, name, act_once_the_write_waits)
+    job = sync.run()
+    write.join()
+    monkeypatch.undo()
+    sync.run()
+    return job, failed
 
 
 def records(sync: Sync) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
@@ -66,19 +71,8 @@ def test_a_local_write_of_a_record_a_pull_is_writing_waits_for_the_pull_and_land
     sync: Sync, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sync.central(f"UPDATE {sync.central_table} SET value = 10.0 WHERE id = 1")
-    failed: list[Exception] = []
-    write = application_write(sync.local_url, "UPDATE readings SET value = 20.0 WHERE id = 1", failed)
-    pull = transfer._pull
-
-    def pull_once_the_write_waits(*args: Any) -> Any:
-        start_until_it_waits_for_a_lock(write, sync.local_url)
-        return pull(*args)
-
-    monkeypatch.setattr(transfer, "_pull", pull_once_the_write_waits)
-    job = sync.run()
-    write.join()
-    monkeypatch.undo()
-    sync.run()
+    local_write = "UPDATE readings SET value = 20.0 WHERE id = 1"
+    job, failed = job_with_a_write_waiting(sync, monkeypatch, (transfer, "_pull"), sync.local_url, local_write)
 
     assert (job["status"], job["pulled"], failed) == ("succeeded", 1, [])
     assert records(sync) == ([(1, 20.0), (2, 2.0)], [(1, 20.0), (2, 2.0)])
@@ -88,19 +82,8 @@ def test_a_central_write_of_a_record_a_push_is_writing_waits_for_the_push_and_la
     sync: Sync, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sync.local("UPDATE readings SET value = 10.0 WHERE id = 1")
-    failed: list[Exception] = []
-    write = application_write(sync.central_url, f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 1", failed)
-    push = transfer._push
-
-    def push_once_the_write_waits(*args: Any) -> Any:
-        start_until_it_waits_for_a_lock(write, sync.central_url)
-        return push(*args)
-
-    monkeypatch.setattr(transfer, "_push", push_once_the_write_waits)
-    job = sync.run()
-    write.join()
-    monkeypatch.undo()
-    sync.run()
+    central_write = f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 1"
+    job, failed = job_with_a_write_waiting(sync, monkeypatch, (transfer, "_push"), sync.central_url, central_write)
 
     assert (job["status"], job["pushed"], failed) == ("succeeded", 1, [])
     assert records(sync) == ([(1, 20.0), (2, 2.0)], [(1, 20.0), (2, 2.0)])
@@ -123,18 +106,10 @@ def test_a_central_write_of_a_record_whose_chosen_version_is_being_written_waits
             f"/v1/orgs/{org_id}/conflicts/{held[record]}", json={"keep": keep}, headers=sync.org.admin
         )
         assert chosen.status_code == 200, chosen.text
-    failed: list[Exception] = []
-    write = application_write(sync.central_url, f"UPDATE {sync.central_table} SET value = 30.0 WHERE id = 1", failed)
-
-    def log_once_the_write_waits(*args: Any, **kwargs: Any) -> Any:
-        start_until_it_waits_for_a_lock(write, sync.central_url)
-        return log_merges(*args, **kwargs)
-
-    monkeypatch.setattr(conflicts, "log_merges", log_once_the_write_waits)
-    job = sync.run()
-    write.join()
-    monkeypatch.undo()
-    sync.run()
+    central_write = f"UPDATE {sync.central_table} SET value = 30.0 WHERE id = 1"
+    job, failed = job_with_a_write_waiting(
+        sync, monkeypatch, (conflicts, "log_merges"), sync.central_url, central_write
+    )
 
     assert (job["status"], failed) == ("succeeded", [])
     assert records(sync) == ([(1, 30.0), (2, 99.0)], [(1, 30.0), (2, 99.0)])
