@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from sqlalchemy import Connection
+import orjson
+from sqlalchemy import BigInteger, Column, Connection, Index, Integer, MetaData, String, Table, Text, bindparam, select
 from sqlalchemy.orm import Session
 
 from services.sync.changes import LOCAL_LOG, begin_applying, end_applying, pending, shut_out_writers
+from services.sync.envelope import from_typed_text, typed_text
 from services.sync.merge import jsonable
 from services.sync.pair import TablePair
 from services.sync.stores import delete, key_text, read, upsert
@@ -64,6 +66,92 @@ def audit_local_deletions(session: Session, pair: TablePair, deleted: dict[str, 
     of a key the local store held apart deletes it), so its audit rows name the key and direction alone."""
     for key, row in deleted.items():
         audit_deletion(session, pair, key, pair.sealed(row) if pair.spec.sends_up else None, direction="down")
+
+
+# A pull deletes local records in the local store's transaction and audits them in the central one that acknowledges
+# the batch, after it: a batch cut off between the two commits is redone with those records gone already, and would
+# audit nothing. So the deleting transaction notes each deletion in the local store, under the central log position
+# of the batch carrying it, until a batch whose acknowledgement the `down` watermark shows has audited it.
+_NOTES = MetaData()
+DELETIONS_NOTED = Table(
+    "_kiln_deleted",
+    _NOTES,
+    Column("id", Integer, primary_key=True),
+    Column("source_id", String(40), nullable=False),
+    Column("tbl", String(64), nullable=False),
+    Column("pk", Text, nullable=False),
+    Column("seq", BigInteger, nullable=False),
+    # The record as the store held it, each value as typed_text; none for a table that does not send up.
+    Column("record", Text),
+    Index("_kiln_deleted_by_table", "source_id", "tbl"),
+)
+_THIS_TABLE = (DELETIONS_NOTED.c.source_id == bindparam("source"), DELETIONS_NOTED.c.tbl == bindparam("table"))
+# Run by every pulled batch: made once (services/sync/watermarks.py says why).
+_NOTED = (
+    select(DELETIONS_NOTED.c.seq, DELETIONS_NOTED.c.pk, DELETIONS_NOTED.c.record)
+    .where(*_THIS_TABLE)
+    .order_by(DELETIONS_NOTED.c.id)
+)
+_FORGET = DELETIONS_NOTED.delete().where(*_THIS_TABLE, DELETIONS_NOTED.c.seq <= bindparam("acknowledged"))
+_CARRY = DELETIONS_NOTED.update().where(*_THIS_TABLE).values(seq=bindparam("batch"))
+
+NotedDeletion = tuple[str, dict[str, Any] | None]
+
+
+def create_deletion_notes(connection: Connection) -> None:
+    """The local store's notes of deletions not audited yet, made with its change log."""
+    _NOTES.create_all(connection, checkfirst=True)
+
+
+def note_local_deletions(local: Connection, pair: TablePair, deleted: dict[str, dict[str, Any]], *, batch: int) -> None:
+    """In the transaction that deleted them: the records this pulled batch (`batch`, its last position) deleted."""
+    if not deleted:
+        return
+    notes = [
+        {
+            "source_id": pair.source_id,
+            "tbl": pair.spec.name,
+            "pk": key,
+            "seq": batch,
+            "record": _record_text(row) if pair.spec.sends_up else None,
+        }
+        for key, row in deleted.items()
+    ]
+    local.execute(DELETIONS_NOTED.insert(), notes)
+
+
+def unaudited_deletions(local: Connection, pair: TablePair, *, acknowledged: int, batch: int) -> list[NotedDeletion]:
+    """Deletions a batch noted whose acknowledgement (with their audit rows) was cut off, each with its record as the
+    store held it (None for a table that does not send up). This batch (`batch`, its last position) carries them
+    from here, so they wait for its acknowledgement; those a batch acknowledged already (up to `acknowledged`) are
+    forgotten."""
+    this = {"source": pair.source_id, "table": pair.spec.name}
+    noted = local.execute(_NOTED, this).all()
+    if not noted:
+        return []
+    local.execute(_FORGET, {**this, "acknowledged": acknowledged})
+    local.execute(_CARRY, {**this, "batch": batch})
+    return [(key, None if record is None else _record(record)) for seq, key, record in noted if seq > acknowledged]
+
+
+def forget_audited_deletions(pair: TablePair, *, acknowledged: int) -> None:
+    """After the central commit that audited them (a later batch forgets them otherwise)."""
+    with pair.local.begin() as local:
+        local.execute(_FORGET, {"source": pair.source_id, "table": pair.spec.name, "acknowledged": acknowledged})
+
+
+def audit_noted_deletions(session: Session, pair: TablePair, noted: list[NotedDeletion]) -> None:
+    for key, row in noted:
+        audit_deletion(session, pair, key, None if row is None else pair.sealed(row), direction="down")
+
+
+def _record_text(row: dict[str, Any]) -> str:
+    # Column names come as SQLAlchemy's quoted_name, a str subclass orjson refuses as a key.
+    return orjson.dumps({str(name): typed_text(value) for name, value in row.items()}).decode()
+
+
+def _record(text: str) -> dict[str, Any]:
+    return {name: from_typed_text(value) for name, value in orjson.loads(text).items()}
 
 
 def audit_deletion(

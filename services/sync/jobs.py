@@ -24,6 +24,7 @@ from services.sync.changes import (
 )
 from services.sync.column_types import as_stored, value_checks
 from services.sync.context import SyncContext
+from services.sync.deletions import create_deletion_notes
 from services.sync.envelope import KeyNotHeld, Keyring, KeyRotated, load_keyring
 from services.sync.pair import TablePair, Tally
 from services.sync.resync import resync_asked, resync_if_asked
@@ -290,6 +291,7 @@ def open_pair(
     with local.begin() as connection:
         create_log(connection, LOCAL_LOG)
         create_marks(connection)
+        create_deletion_notes(connection)
         reflected = reflect(connection, spec.name)
         central_dialect = context.engine.dialect.name
         check_key(reflected, spec, local=connection.dialect, central_dialect=central_dialect)

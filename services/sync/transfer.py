@@ -48,11 +48,16 @@ from services.sync.conflicts import (
     version_json,
 )
 from services.sync.deletions import (
+    NotedDeletion,
     audit_local_deletions,
+    audit_noted_deletions,
     delete_centrally,
     delete_locally,
+    forget_audited_deletions,
     forget_bases,
+    note_local_deletions,
     restore_locally,
+    unaudited_deletions,
 )
 from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
 from services.sync.merge import Version, deletion, from_json, jsonable, resolve
@@ -316,21 +321,27 @@ def pull_batch(pair: TablePair) -> bool:
                 changes = _before_local_edits(local, pair, changes, local_after)
                 if not changes:
                     return False  # a local edit of one of these records goes up first, through the policy
+            last = changes[-1].seq
+            unaudited = unaudited_deletions(local, pair, acknowledged=after, batch=last)
             latest = {change.key: change for change in changes if change.key not in held and change.key in current}
             gone = {change.key for change in changes if change.key not in held and change.key not in current}
             begin_applying(local, LOCAL_LOG)
             refusals = _pull(local, pair, latest, current, _first_versions(session, pair, latest))
             deleted, kept = _pull_deletions(local, pair, gone)
             end_applying(local, LOCAL_LOG)
-            note_pulled(local, pair, changes[-1].seq)
+            note_local_deletions(local, pair, deleted, batch=last)
+            note_pulled(local, pair, last)
         pulled = [key for key in latest if key not in refusals]
         _hold_central_edits(session, pair, held, changes, current)
-        _acknowledge_pull(session, pair, changes[-1].seq, current, pulled, deleted)
+        _acknowledge_pull(session, pair, last, current, pulled, deleted, unaudited)
         _restore_all_refused(session, pair, _unless_edited_since(session, pair, {**refusals.restore, **kept}, changes))
         _hold_refused(session, pair, refusals.hold)
         _drop_refused_inserts(session, pair, _unless_edited_since(session, pair, refusals.inserts, changes))
         session.commit()
-    _after_batch(pair, pulled=len(pulled) + len(deleted), conflicts=len(refusals) + len(kept))
+    if deleted or unaudited:
+        forget_audited_deletions(pair, acknowledged=last)
+    moved = len(pulled) + len(deleted) + len(unaudited)
+    _after_batch(pair, pulled=moved, conflicts=len(refusals) + len(kept))
     return True
 
 
@@ -362,14 +373,23 @@ def _changed_records(session: Session, pair: TablePair, *, after: int, last: int
 
 
 def _acknowledge_pull(
-    session: Session, pair: TablePair, seq: int, current: Records, pulled: list[str], deleted: dict[str, dict[str, Any]]
+    session: Session,
+    pair: TablePair,
+    seq: int,
+    current: Records,
+    pulled: list[str],
+    deleted: dict[str, dict[str, Any]],
+    unaudited: list[NotedDeletion],
 ) -> None:
+    """`unaudited`: the deletions of a batch cut off before this acknowledgement, audited and counted here; a record
+    this batch brought back since keeps its base."""
     if _keeps_bases(pair):
         _save_bases(session, pair, [current[key] for key in pulled])
-    forget_bases(session, pair, deleted)
+    forget_bases(session, pair, [*deleted, *(key for key, _ in unaudited if key not in current)])
+    audit_noted_deletions(session, pair, unaudited)
     audit_local_deletions(session, pair, deleted)
     set_watermark(session, pair, DOWN, seq)
-    count_moves(session, pair, pulled=len(pulled) + len(deleted))
+    count_moves(session, pair, pulled=len(pulled) + len(deleted) + len(unaudited))
 
 
 def _unless_edited_since(

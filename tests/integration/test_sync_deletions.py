@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 import services.sync.deletions as deletions
 import services.sync.transfer as transfer
@@ -115,6 +116,90 @@ def test_a_central_deletion_pulled_while_the_key_rotates_is_audited_once_the_bat
     assert (job["status"], job["pulled"]) == ("succeeded", 1)
     assert deletions_audited(sync) == [("readings/2", "down")]
     assert sync.local("SELECT id FROM readings ORDER BY id") == [(1,)]
+
+
+def _acknowledgement_cut_off(*args: object) -> None:
+    raise OperationalError("UPDATE sync_watermarks", {}, Exception("server closed the connection unexpectedly"))
+
+
+def test_a_central_deletion_whose_pull_was_cut_off_before_its_acknowledgement_is_audited_once_by_the_retry(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local store committed the deletion, the central store lost the connection before the audit row landed:
+    the retry finds the record gone, and audits it from the note the deletion left, sealed as the central store
+    holds it."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+    job_id = sync.submit()
+    with monkeypatch.context() as cut:
+        cut.setattr(transfer, "_acknowledge_pull", _acknowledgement_cut_off)
+        with pytest.raises(TransientError):
+            run_job(sync_context, job_id)
+    assert sync.local("SELECT id FROM readings") == [(1,)]
+
+    assert run_job(sync_context, job_id) == "succeeded"  # the worker's retry
+    sync.run()
+
+    assert sync.job(job_id)["pulled"] == 1
+    assert deletions_audited(sync) == [("readings/2", "down")]
+    [(detail,)] = sync.central(
+        "SELECT detail FROM audit_log WHERE org_id = :o AND action = 'sync.delete'", {"o": sync.org.org_id}
+    )
+    with session_scope(sync_context.sessions) as session:
+        keyring = load_keyring(session, sync_context.secrets, org_id)
+    assert (detail["deleted"]["device"], detail["deleted"]["value"]) == ("pump-2", 2.0)
+    assert keyring.open(detail["deleted"]["patient"], column="readings.patient") == "Alan Turing"
+    assert sync.local("SELECT count(*) FROM _kiln_deleted") == [(0,)]
+
+
+def test_a_central_deletion_on_a_down_only_table_cut_off_before_its_acknowledgement_is_audited_by_key(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = open_down_only_vitals(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"INSERT INTO {sync.central_table} (id, diagnosis, temperature) VALUES (2, 'central', 36.0)")
+    sync.run()
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+    job_id = sync.submit()
+    with monkeypatch.context() as cut:
+        cut.setattr(transfer, "_acknowledge_pull", _acknowledgement_cut_off)
+        with pytest.raises(TransientError):
+            run_job(sync_context, job_id)
+
+    assert run_job(sync_context, job_id) == "succeeded"
+
+    assert sync.local("SELECT id FROM vitals") == [(1,)]
+    [(detail,)] = sync.central(
+        "SELECT detail FROM audit_log WHERE org_id = :o AND action = 'sync.delete'", {"o": sync.org.org_id}
+    )
+    assert detail == {"direction": "down"}
+
+
+def test_a_deletion_audited_before_the_local_store_could_forget_its_note_is_not_audited_again(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut off from the local store right after the central commit: the note outlives its audit row, and the
+    next batch, seeing the batch acknowledged, forgets it."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+
+    def local_store_cut_off(*args: object, **kwargs: object) -> None:
+        raise OperationalError("DELETE FROM _kiln_deleted", {}, Exception("disk I/O error"))
+
+    job_id = sync.submit()
+    with monkeypatch.context() as cut:
+        cut.setattr(transfer, "forget_audited_deletions", local_store_cut_off)
+        with pytest.raises(TransientError):
+            run_job(sync_context, job_id)
+    assert sync.local("SELECT count(*) FROM _kiln_deleted") == [(1,)]
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 1")
+
+    assert run_job(sync_context, job_id) == "succeeded"
+
+    assert deletions_audited(sync) == [("readings/2", "down"), ("readings/1", "down")]
+    assert sync.local("SELECT count(*) FROM _kiln_deleted") == [(0,)]
 
 
 def test_a_central_deletion_comes_down(

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.sync.envelope import Keyring
+from services.sync.envelope import Keyring, from_typed_text, typed_text
 
 KEYRING = Keyring(org_id="acme", active_id="k1", keys={"k1": AESGCM(secrets.token_bytes(32))})
 
@@ -37,6 +37,16 @@ column_values = st.one_of(
 def test_a_sealed_value_opens_as_the_same_value_of_the_same_type(value: Any) -> None:
     opened = KEYRING.open(KEYRING.seal(value, column="readings.patient"), column="readings.patient")
 
+    assert_same_value(opened, value)
+
+
+@given(column_values)
+def test_a_value_kept_as_typed_text_comes_back_as_the_same_value_of_the_same_type(value: Any) -> None:
+    """As a pull's note of a deleted record keeps it in the local store until its audit row is written."""
+    assert_same_value(from_typed_text(typed_text(value)), value)
+
+
+def assert_same_value(opened: Any, value: Any) -> None:
     assert type(opened) is type(value)
     if isinstance(value, datetime) and value.tzinfo is not None:
         # The offset travels, the zone's name does not; and PEP 495 makes a time a zone repeats (fall back) unequal
