@@ -265,6 +265,14 @@ def renew_lease(sessions: SessionFactory, attempt: Attempt, *, lease_s: float) -
         return bool(session.get_one(TrainingRun, attempt.run_id).cancel_requested)
 
 
+def _lock_org_before_the_run(session: Session, attempt: Attempt) -> None:
+    """First in a transaction that ends an attempt (and wakes the org's waiting runs, which takes the org's lock):
+    the org's lock before the run's row, the order the attempt's own heartbeat takes them in as it renews the lease
+    (a share of the org's row, then the run's). In the other order the two could wait for each other, and
+    PostgreSQL would fail one of them: perhaps the registration of a version trained and judged."""
+    lock_org(session, attempt.org_id)
+
+
 def _write_uncancelled(session: Session, attempt: Attempt, **values: Any) -> None:
     """A fenced write that lands only while no cancel was asked for. A cancel accepted first wins: the update
     waits for its row lock and then finds the flag set. Raises Cancelled, or LeaseLost when the run was taken over."""
@@ -322,10 +330,10 @@ def log(sessions: SessionFactory, attempt: Attempt, stage: str, message: str, *,
 
 def finish(sessions: SessionFactory, attempt: Attempt, status: str, reason: str | None) -> str:
     """End the run as failed or cancelled, with the reason, and return how it ended. A run failing after a cancel was
-    accepted ends cancelled, as the 202 promised, its failure kept as the reason: the row is locked first, so a
+    accepted ends cancelled, as the 202 promised, its failure kept as the reason: the row is locked as it is read, so a
     cancel comes either before (and counts) or after (and finds the run ended: 409)."""
     with session_scope(sessions) as session:
-        hold_sqlite_write_lock(session, TrainingRun.id)
+        _lock_org_before_the_run(session, attempt)
         if status != "cancelled" and _cancel_flag(session, attempt, lock=True):
             status, reason = "cancelled", f"cancelled on request; the attempt had failed: {reason}"
         reason = reason and _bounded(reason)
@@ -357,6 +365,7 @@ def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdow
     Raises Cancelled when a cancel was asked for: no worker would claim the run again, and it would stay queued."""
     reason = _bounded(reason)
     with session_scope(sessions) as session:
+        _lock_org_before_the_run(session, attempt)
         _write_uncancelled(
             session,
             attempt,
@@ -406,6 +415,7 @@ def register_version(sessions: SessionFactory, attempt: Attempt, trained: Traine
     status = "succeeded" if trained.passed else "rejected"
     error = None if trained.passed else "validation failed: " + ", ".join(trained.validation["failed"])
     with session_scope(sessions) as session:
+        _lock_org_before_the_run(session, attempt)
         _write_uncancelled(
             session,
             attempt,

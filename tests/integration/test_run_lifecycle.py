@@ -26,7 +26,7 @@ from shared.schemas import TrainingConfig
 from shared.settings import Settings
 from shared.submissions import queue_run
 from tests.integration.conftest import OrgKeys, config
-from tests.support.polling import eventually
+from tests.support.polling import eventually, waiting_for_a_lock
 from tests.support.proxy import freezable_link_to
 from tests.support.servers import free_port
 
@@ -267,6 +267,82 @@ def test_a_queued_run_left_flagged_to_cancel_ends_cancelled_when_claimed_or_swep
         assert run_of(api, org, run_id)["status"] == "cancelled"
         lines = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json()
         assert [line["message"] for line in lines] == ["cancelled before it started"]
+
+
+@pytest.mark.parametrize("end", ["register", "fail", "retry"])
+def test_a_lease_renewed_while_the_attempt_ends_waits_for_the_end_and_never_undoes_it(
+    sessions: SessionFactory, settings: Settings, org: OrgKeys, run_id: str, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    """The heartbeat renews the lease (the org's row, then the run's) while the attempt's end has written the run's
+    row and is about to wake the org's waiting runs: the renewal waits, the end lands. Were the end to take the
+    org's lock after the run's row, the two would wait for each other and PostgreSQL would fail one of them, here
+    the end, which waited first: a trained and judged version thrown away."""
+    attempt = runs.claim_run(sessions, run_id, worker="w1", lease_s=30)
+    assert attempt is not None
+    version = "v2024-01-15T10-30-00-000Z_a1b2c3d4"
+    trained = runs.TrainedVersion(
+        version=version,
+        sha256="0" * 64,
+        size_bytes=1,
+        artifact_prefix=f"orgs/{org.org_id}/models/{version}/",
+        feature_columns=["temperature"],
+        target_column="failed",
+        classes=[0, 1],
+        metrics={},
+        validation={"passed": True, "failed": []},
+    )
+    endings: dict[str, Callable[[], object]] = {
+        "register": lambda: runs.register_version(sessions, attempt, trained),
+        "fail": lambda: runs.finish(sessions, attempt, "failed", "the script crashed"),
+        "retry": lambda: runs.requeue(sessions, attempt, "the data source is out of reach", countdown_s=5),
+    }
+    ending_holds_the_run, go_on_ending, renewal_holds_the_org, go_on_renewing = (threading.Event() for _ in range(4))
+    wake_waiting, write_fenced = runs.wake_waiting, runs._write_fenced
+
+    def ending_pauses(session: Any, org_id: str) -> list[int]:
+        if threading.current_thread().name == "ending":
+            ending_holds_the_run.set()
+            go_on_ending.wait(10)
+        return wake_waiting(session, org_id)
+
+    def renewal_pauses(session: Any, attempt: runs.Attempt, **values: Any) -> None:
+        if threading.current_thread().name == "renewal":
+            renewal_holds_the_org.set()
+            go_on_renewing.wait(10)
+        write_fenced(session, attempt, **values)
+
+    monkeypatch.setattr(runs, "wake_waiting", ending_pauses)
+    monkeypatch.setattr(runs, "_write_fenced", renewal_pauses)
+    outcome: dict[str, object] = {}
+
+    def outcome_of(name: str, step: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                outcome[name] = step()
+            except Exception as error:
+                outcome[name] = error
+
+        return run
+
+    ending = threading.Thread(target=outcome_of("end", endings[end]), name="ending")
+    renewal = threading.Thread(
+        target=outcome_of("renewal", lambda: runs.renew_lease(sessions, attempt, lease_s=30)), name="renewal"
+    )
+    ending.start()
+    assert ending_holds_the_run.wait(10)
+    renewal.start()
+    assert eventually(lambda: renewal_holds_the_org.is_set() or waiting_for_a_lock(settings.database_url))
+    go_on_ending.set()
+    assert eventually(lambda: not ending.is_alive() or waiting_for_a_lock(settings.database_url))
+    go_on_renewing.set()
+    ending.join(30)
+    renewal.join(30)
+
+    assert not isinstance(outcome["end"], Exception), outcome
+    assert isinstance(outcome["renewal"], runs.LeaseLost)
+    with sessions() as session:
+        run = session.get_one(TrainingRun, run_id)
+        assert run.status == {"register": "succeeded", "fail": "failed", "retry": "queued"}[end]
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
