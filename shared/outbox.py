@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from shared.db.models import OutboxMessage
@@ -42,8 +42,15 @@ FIRST_BACKOFF = timedelta(seconds=1)
 LONGEST_BACKOFF = timedelta(minutes=1)
 
 
-def add_message(session: Session, *, kind: str, payload: dict[str, Any]) -> OutboxMessage:
+def add_message(
+    session: Session, *, kind: str, payload: dict[str, Any], send_after: timedelta | None = None
+) -> OutboxMessage:
+    """With `send_after`, the message waits here that long, and a sweep sends it once due: a delay left to the broker
+    (Celery's countdown) is held unacknowledged by the one worker that received it, behind its own task, or until
+    the broker's visibility timeout if that worker dies."""
     message = OutboxMessage(kind=kind, payload=payload)
+    if send_after is not None:
+        message.next_send_at = utcnow() + send_after
     session.add(message)
     session.flush()
     return message
@@ -58,7 +65,8 @@ def relay(
     limit: int = 100,
 ) -> int:
     """Send pending messages (all, or the given ids), those that failed fewest times first, oldest first among
-    equals; return how many were sent.
+    equals; return how many were sent. `min_age` spares the messages a request or a worker is about to send itself,
+    not those waiting for their time (delayed, or backing off after a failed send), whose time is their own.
 
     Rows are locked with SKIP LOCKED where the database has it, so two relays never send the same row at once.
     A failing send stops the pass and waits its backoff; what was sent before it stays marked.
@@ -72,8 +80,10 @@ def relay(
             select(OutboxMessage)
             .where(
                 OutboxMessage.published_at.is_(None),
-                OutboxMessage.created_at <= now - min_age,
-                or_(OutboxMessage.next_send_at.is_(None), OutboxMessage.next_send_at <= now),
+                or_(
+                    OutboxMessage.next_send_at <= now,
+                    and_(OutboxMessage.next_send_at.is_(None), OutboxMessage.created_at <= now - min_age),
+                ),
                 OutboxMessage.kind.in_(list(senders)),
             )
             .order_by(OutboxMessage.failed_sends, OutboxMessage.id)

@@ -32,18 +32,14 @@ def premises_queue(org_id: str) -> str:
 
 
 class TaskSender(Protocol):
-    def send_task(self, name: str, args: list[Any], queue: str, countdown: float | None = None) -> object: ...
+    def send_task(self, name: str, args: list[Any], queue: str) -> object: ...
 
 
 def send_train_task(sender: TaskSender, payload: dict[str, Any]) -> None:
-    """The message behind an outbox row of kind train_task: run `run_id` on its org's queue, maybe later."""
+    """The message behind an outbox row of kind train_task: run `run_id` on its org's queue (a retry's row waits in
+    the outbox for its backoff: shared/outbox.py says why)."""
     # The org rides along in the arguments so that operators see it beside each task in Flower.
-    sender.send_task(
-        TRAIN_TASK,
-        args=[payload["run_id"], payload["org_id"]],
-        queue=train_queue(payload["org_id"]),
-        countdown=payload.get("countdown"),
-    )
+    sender.send_task(TRAIN_TASK, args=[payload["run_id"], payload["org_id"]], queue=train_queue(payload["org_id"]))
 
 
 def send_validate_task(sender: TaskSender, payload: dict[str, Any]) -> None:

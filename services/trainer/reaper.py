@@ -1,11 +1,12 @@
 """A consumer step that hands back runs whose worker died (their lease ran out, so another worker takes them, or
-they fail once out of attempts), wakes runs waiting for a slot that is free, and removes the files of candidates no
-attempt will register (services/trainer/candidates.py). Every worker runs it; conditional updates and row locks let
-only one win a run or a folder."""
+they fail once out of attempts), wakes runs waiting for a slot that is free, sends the messages of retries whose
+backoff is over, and removes the files of candidates no attempt will register (services/trainer/candidates.py).
+Every worker runs it; conditional updates and row locks let only one win a run or a folder."""
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from celery import bootsteps
@@ -52,9 +53,11 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
             if handed_back:
                 log.warning("handing back %d run(s) whose worker was lost", len(handed_back))
             woken = wake_all_waiting(self.sessions)
+            senders = {KIND_TRAIN_TASK: lambda payload: send_train_task(consumer.app, payload)}
             if handed_back or woken:
-                senders = {KIND_TRAIN_TASK: lambda payload: send_train_task(consumer.app, payload)}
                 relay(self.sessions, senders, ids=[*handed_back, *woken])
+            # Retries whose backoff is over, and messages a process that died after its commit never sent.
+            relay(self.sessions, senders, min_age=timedelta(seconds=2 * SWEEP_SECONDS))
             for prefix in remove_abandoned(self.sessions, self._candidate_stores()):
                 log.warning("removed %s, the candidate of an attempt that registered no version", prefix)
         except Exception:

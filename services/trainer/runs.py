@@ -360,7 +360,8 @@ def finish(sessions: SessionFactory, attempt: Attempt, status: str, reason: str 
 
 
 def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdown_s: float) -> None:
-    """Put the run back in the queue for another attempt after `countdown_s` (its message waits in the outbox).
+    """Put the run back in the queue for another attempt after `countdown_s`: its message waits in the outbox that
+    long, and a sweep (any worker's, or the api's) sends it then, for whichever worker is free.
 
     Raises Cancelled when a cancel was asked for: no worker would claim the run again, and it would stay queued."""
     reason = _bounded(reason)
@@ -387,7 +388,8 @@ def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdow
         add_message(
             session,
             kind=KIND_TRAIN_TASK,
-            payload={"run_id": attempt.run_id, "org_id": attempt.org_id, "countdown": countdown_s},
+            payload={"run_id": attempt.run_id, "org_id": attempt.org_id},
+            send_after=timedelta(seconds=countdown_s),
         )
 
 

@@ -595,7 +595,7 @@ class _Sent:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[Any], str]] = []
 
-    def send_task(self, name: str, args: list[Any], queue: str, countdown: float | None = None) -> object:
+    def send_task(self, name: str, args: list[Any], queue: str) -> object:
         self.calls.append((name, args, queue))
         return None
 

@@ -50,6 +50,24 @@ def test_a_failed_send_leaves_the_message_pending_and_a_pass_after_its_backoff_s
     engine.dispose()
 
 
+def test_a_delayed_message_waits_for_its_time_and_then_any_sweep_sends_it(settings: Settings) -> None:
+    """A sweep leaves alone the messages a request is about to send itself (younger than `min_age`), but not a
+    delayed one whose time has come: nobody else will send it."""
+    engine = create_engine(settings.database_url)
+    sessions = make_session_factory(engine)
+    delay = timedelta(seconds=1)
+    with session_scope(sessions) as session:
+        message_id = add_message(session, kind="test_kind", payload={"n": 1}, send_after=delay).id
+    sent: list[dict[str, Any]] = []
+
+    assert relay(sessions, {"test_kind": sent.append}, ids=[message_id]) == 0  # sent after its commit: not yet
+    time.sleep(delay.total_seconds())
+    assert relay(sessions, {"test_kind": sent.append}, min_age=timedelta(hours=1)) == 1
+
+    assert sent == [{"n": 1}]
+    engine.dispose()
+
+
 def test_a_message_that_can_never_be_sent_holds_back_no_message_after_it(settings: Settings) -> None:
     """Once a payload no sender can take stopped every pass at itself, and nothing after it was ever sent."""
     engine = create_engine(settings.database_url)

@@ -35,7 +35,16 @@ from shared.layout import (
 )
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
-from tests.integration.conftest import OrgKeys, cancel_just_before, run_of, stall_just_before, submit, upload_table
+from tests.integration.conftest import (
+    ADMIN,
+    OrgKeys,
+    cancel_just_before,
+    create_org_with_keys,
+    run_of,
+    stall_just_before,
+    submit,
+    upload_table,
+)
 from tests.support.polling import eventually
 from tests.support.workers import celery_worker
 
@@ -227,6 +236,42 @@ def test_a_cancelled_run_whose_clean_up_the_store_failed_leaves_no_object_once_a
 
     with celery_worker("services.trainer.celery_app", settings, tmp_path / "worker.log"):
         assert eventually(lambda: open_object_store(settings).list(models) == [], seconds=3 * SWEEP_SECONDS)
+
+
+def test_a_retry_starts_after_its_backoff_on_an_idle_worker_while_the_worker_that_failed_it_is_busy(
+    api: TestClient, settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    """The retry's message waits in the outbox, not in a worker: sent with a countdown, it was held by the worker
+    that received it, behind that worker's next training (and for the broker's visibility timeout, 70 minutes by
+    default, had that worker died), while another worker stood idle."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "slow.py").write_text("import time\ntime.sleep(30)\n")
+    backoff_s = 3.0
+    settings = settings.model_copy(update={"training_scripts_dir": scripts, "run_retry_backoff_s": backoff_s})
+    flaky, slow = create_org_with_keys(api, f"{org_id}-flaky"), create_org_with_keys(api, f"{org_id}-slow")
+    slow_script = {"config": {"training": {"scriptPath": str(scripts / "slow.py")}}}
+    busy = api.patch(f"/v1/orgs/{slow.org_id}", json=slow_script, headers=ADMIN)
+    unreachable = api.put(
+        f"/v1/orgs/{flaky.org_id}/datasource",
+        json={"url": "postgresql://nobody@127.0.0.1:1/nothing", "table": "readings"},
+        headers=flaky.admin,
+    )
+    assert (busy.status_code, unreachable.status_code) == (200, 200), (busy.text, unreachable.text)
+    slow_dataset = upload_table(api, slow, ai4i.generate(2_000, seed=1), tmp_path)
+
+    with celery_worker("services.trainer.celery_app", settings, tmp_path / "first.log") as first:
+        flaky_run = submit(api, flaky, None)
+        assert eventually(lambda: run_of(api, flaky, flaky_run)["attempts"] == 1, seconds=60)
+        assert eventually(lambda: run_of(api, flaky, flaky_run)["status"] == "queued", seconds=30)
+        slow_run = submit(api, slow, slow_dataset)
+        assert eventually(lambda: run_of(api, slow, slow_run)["status"] == "running", seconds=30)
+        with celery_worker("services.trainer.celery_app", settings, tmp_path / "second.log") as second:
+            assert eventually(lambda: run_of(api, flaky, flaky_run)["attempts"] == 2, seconds=backoff_s + 20)
+
+            assert run_of(api, flaky, flaky_run)["worker"] == second
+            assert run_of(api, slow, slow_run)["status"] == "running"
+            assert run_of(api, slow, slow_run)["worker"] == first
 
 
 def test_a_candidate_the_store_refuses_to_remove_keeps_no_other_from_being_removed(

@@ -17,7 +17,7 @@ class _Sent:
     def __init__(self) -> None:
         self.args: list[Any] = []
 
-    def send_task(self, name: str, args: list[Any], queue: str, countdown: float | None = None) -> object:
+    def send_task(self, name: str, args: list[Any], queue: str) -> object:
         self.args = args
         return None
 
