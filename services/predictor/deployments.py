@@ -15,7 +15,14 @@ from sqlalchemy import select, update
 
 from services.predictor.models import DeployedVersion, LoadedModel, ModelCache, load_model
 from services.predictor.org_follows import OrgFollows
-from shared.db.models import DEPLOYMENT_FAILED, CurrentDeployment, Deployment, ModelVersion, Organization
+from shared.db.models import (
+    DEPLOYMENT_DEPLOYED,
+    DEPLOYMENT_FAILED,
+    CurrentDeployment,
+    Deployment,
+    ModelVersion,
+    Organization,
+)
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
 from shared.deployments import serving_deployment_id
@@ -103,13 +110,14 @@ def _memory_mb(version: ModelVersion) -> float:
 def record_refusal(sessions: SessionFactory, deployment_id: int, reason: str) -> None:
     """Mark the deployment failed with the first replica's reason; the org's last good deployment serves. One that
     another replica has loaded meanwhile serves there, and is not refused: a process never serves a deployment the
-    database then says to step back from."""
+    database then says to step back from. One an undeploy superseded before any process loaded it stays so: it never
+    served, and its history says why."""
     with session_scope(sessions) as session:
         session.execute(
             update(Deployment)
             .where(
                 Deployment.id == deployment_id,
-                Deployment.status != DEPLOYMENT_FAILED,
+                Deployment.status == DEPLOYMENT_DEPLOYED,
                 Deployment.loaded_at.is_(None),
             )
             .values(status=DEPLOYMENT_FAILED, error=reason[:2000])
@@ -118,16 +126,17 @@ def record_refusal(sessions: SessionFactory, deployment_id: int, reason: str) ->
 
 def record_loaded(sessions: SessionFactory, deployment_id: int) -> bool:
     """The deployment's first load by any process: from now on no failure to load it is a refusal. False when
-    another replica refused it first: it does not serve here either."""
+    another replica refused it first, or an undeploy superseded it while it loaded (the undeploy waits for none:
+    it answers 204 once it has marked what no process had loaded yet): it serves nowhere."""
     with session_scope(sessions) as session:
         session.execute(
             update(Deployment)
             .where(Deployment.id == deployment_id, Deployment.loaded_at.is_(None))
-            .where(Deployment.status != DEPLOYMENT_FAILED)
+            .where(Deployment.status == DEPLOYMENT_DEPLOYED)
             .values(loaded_at=utcnow())
         )
         status = session.scalar(select(Deployment.status).where(Deployment.id == deployment_id))
-    return status != DEPLOYMENT_FAILED
+    return status == DEPLOYMENT_DEPLOYED
 
 
 class Synchronizer:
@@ -160,7 +169,7 @@ class Synchronizer:
         follows = []
         for wanted in read_deployments(self.sessions):
             if isinstance(wanted, Undeployed):
-                follows.append(self.follows.after_now(wanted.org_id, partial(self._undeploy, wanted)))
+                follows.append(self.follows.after_now(wanted.org_id, partial(self._undeploy_as_read, wanted)))
                 continue
             org_id = wanted.deployed.org_id
             current = self.cache.peek(org_id)
@@ -198,16 +207,29 @@ class Synchronizer:
 
     def _follow(self, wanted: Wanted) -> LoadedModel | None:
         model = self._apply(wanted)
-        if model is None and self.cache.undeployed(wanted.deployed.org_id) is None:
-            # Refused, or read before a newer deployment since evicted, with nothing loaded: the database now names
-            # the deployment to serve. Only another one is followed: the same one again (deployment ids gone back
-            # below one this process installed, as after a restore of Kiln's database) is not read round for ever.
-            return self._read_and_follow(wanted.deployed.org_id, unless=wanted.deployed.deployment_id)
+        org_id, deployment_id = wanted.deployed.org_id, wanted.deployed.deployment_id
+        if (model is None or model.deployed.deployment_id != deployment_id) and self.cache.undeployed(org_id) is None:
+            # Refused (what the org had serves meanwhile), superseded by an undeploy while it loaded, or read before
+            # a newer deployment since evicted: the database now names what to serve, which a process that hears no
+            # events would otherwise reach only at its next reconcile. Only another deployment is followed: the same
+            # one again (deployment ids gone back below one this process installed, as after a restore of Kiln's
+            # database) is not read round for ever, and what the org had serves on.
+            again = self._read_and_follow(org_id, unless=deployment_id)
+            return again if again is not None or self.cache.undeployed(org_id) is not None else model
         return model
 
-    def _undeploy(self, undeployed: Undeployed) -> None:
+    def _undeploy(self, undeployed: Undeployed) -> bool:
+        """Whether the org is undeployed now: not when a deployment after the undeploy was installed."""
         self._failed_loads.pop(undeployed.org_id, None)
-        self.cache.undeploy(undeployed.org_id, undeployed.deployment_id)
+        return self.cache.undeploy(undeployed.org_id, undeployed.deployment_id)
+
+    def _undeploy_as_read(self, undeployed: Undeployed) -> LoadedModel | None:
+        """An undeploy a reconcile read, followed in the org's turn. A deployment installed since is newer, and may
+        have been evicted since: a request waiting for this follow gets what the database says serves now, not a
+        404 for an org that is deployed."""
+        if self._undeploy(undeployed):
+            return None
+        return self._read_and_follow(undeployed.org_id, unless=None)
 
     def _apply(self, wanted: Wanted) -> LoadedModel | None:
         """The org's model once `wanted` serves; None when `wanted` was refused and the org has nothing loaded, or

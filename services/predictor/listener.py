@@ -34,7 +34,9 @@ class DeployListener(threading.Thread):
         while not self._stopping.is_set():
             try:
                 self._follow()
-            except (redis.ConnectionError, redis.TimeoutError, OSError):
+            except Exception:
+                # Not only a connection lost: any error (Redis refusing the SUBSCRIBE, say, an ACL without it) that
+                # ended this thread would end the reconciles too, while the process stays ready.
                 log.warning("deploy events unavailable; reconciling from the database meanwhile", exc_info=True)
                 self._reconcile()
                 self._stopping.wait(1.0)

@@ -202,6 +202,7 @@ class Deployment(Base):
     loaded_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+DEPLOYMENT_DEPLOYED = "deployed"
 DEPLOYMENT_FAILED = "failed"
 DEPLOYMENT_UNDEPLOYED = "undeployed"
 DEPLOYMENT_SUPERSEDED = "superseded"
