@@ -34,3 +34,14 @@ def serving_deployment(session: Session, org_id: str) -> Deployment | None:
         .join(Deployment, Deployment.id == serving_deployment_id())
         .where(CurrentDeployment.org_id == org_id)
     )
+
+
+def serving_as_of(session: Session, org_id: str, pointer: int) -> Deployment | None:
+    """What serves while the org's pointer is at deployment `pointer`, by the same rule: for a view that read the
+    pointer already, and must not mix it with one a deploy or undeploy committed since."""
+    return session.scalar(
+        select(Deployment)
+        .where(Deployment.org_id == org_id, Deployment.id <= pointer, Deployment.status != DEPLOYMENT_FAILED)
+        .order_by(Deployment.id.desc())
+        .limit(1)
+    )

@@ -225,6 +225,27 @@ def test_a_deploy_or_rollback_answered_as_another_deploy_commits_describes_its_o
     assert (answer.json()["version"], answer.json()["servingVersion"]) == (older, older)
 
 
+def test_the_current_deployment_read_as_an_undeploy_commits_describes_one_state(
+    api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GET read the pointer, then what serves by the pointer as it was a statement later: an undeploy committed
+    in between made it say the version was deployed and that nothing served it."""
+    (version,) = seed_versions(engine, org.org_id, 1)
+    assert deploy(api, org, version).status_code == 201
+    rollback_default = registry.rollback_default
+
+    def undeploy_commits_meanwhile(*args: Any) -> Any:
+        monkeypatch.setattr(registry, "rollback_default", rollback_default)
+        assert api.delete(f"/v1/orgs/{org.org_id}/deployment", headers=org.admin).status_code == 204
+        return rollback_default(*args)
+
+    monkeypatch.setattr(registry, "rollback_default", undeploy_commits_meanwhile)
+    answer = api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()
+
+    assert (answer["version"], answer["status"], answer["servingVersion"]) == (version, "deployed", version)
+    assert api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json()["servingVersion"] is None
+
+
 def test_deploying_the_version_already_deployed_changes_and_audits_nothing(
     api: TestClient, org: OrgKeys, engine: Engine
 ) -> None:

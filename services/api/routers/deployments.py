@@ -15,7 +15,7 @@ from services.api.resources import Resources
 from services.api.schemas import MAX_ROW_ID, DeploymentOut, DeploymentRecord, DeployRequest, RollbackRequest
 from shared.audit import record_change
 from shared.db.models import CurrentDeployment, Deployment, ModelVersion, OutboxMessage
-from shared.deployments import serving_deployment
+from shared.deployments import serving_as_of
 
 router = APIRouter(prefix="/v1/orgs/{org}", tags=["deployments"])
 
@@ -134,7 +134,7 @@ def _deployment_out(session: Session, current: CurrentDeployment) -> DeploymentO
         error=history.error,
         version_status=version.status if version is not None else None,
         failed_gates=registry.failed_gates(version) if version is not None else [],
-        serving_version=serving.version if (serving := serving_deployment(session, current.org_id)) else None,
+        serving_version=serving.version if (serving := serving_as_of(session, current.org_id, history.id)) else None,
     )
 
 
