@@ -120,9 +120,13 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
                     waiting_for_slot=False,
                     progress={"stage": "starting", "percent": 0},
                 )
-            )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
+                # The claim's own number and token: read after the commit, they could be a later claim's, had the
+                # lease run out meanwhile and another worker taken the run over.
+                .returning(TrainingRun.attempts, TrainingRun.claim_token)
+            ).first()
+            if claimed is None:
                 return None
+            number, token = claimed
     if raise_after_commit is not None:
         raise raise_after_commit
     with sessions() as session:
@@ -130,10 +134,10 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
         return Attempt(
             run_id=run.id,
             org_id=run.org_id,
-            number=run.attempts,
-            token=run.claim_token,
+            number=number,
+            token=token,
             config=TrainingConfig.model_validate(run.config),
-            org_config=OrgConfig.model_validate(session.get_one(Organization, run.org_id).config),
+            org_config=org_config,
             source=_source(session, run),
         )
 

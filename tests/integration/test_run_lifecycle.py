@@ -89,6 +89,37 @@ def test_an_attempt_whose_lease_was_taken_over_can_write_nothing(
     assert run_of(api, org, run_id)["status"] == "running"
 
 
+def test_a_claim_whose_run_was_taken_over_before_it_read_its_attempt_keeps_its_own_token(
+    settings: Settings, sessions: SessionFactory, run_id: str
+) -> None:
+    """The claim committed; before it read its attempt back, its lease ran out and another worker took the run. It
+    read the other claim's number and token, and the two attempts could then both write the run."""
+    slow_engine = create_engine(settings.database_url)
+    taken_over: list[runs.Attempt | None] = []
+
+    @event.listens_for(slow_engine, "before_cursor_execute")
+    def taken_over_before_the_read_back(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("SELECT training_runs") and not taken_over and claimed_once():
+            expire_lease(sessions, run_id)
+            assert runs.reap_expired(sessions, max_attempts=3)
+            taken_over.append(runs.claim_run(sessions, run_id, worker="w2", lease_s=30))
+
+    def claimed_once() -> bool:
+        with sessions() as session:
+            return session.get_one(TrainingRun, run_id).status == "running"
+
+    try:
+        first = runs.claim_run(make_session_factory(slow_engine), run_id, worker="w1", lease_s=30)
+    finally:
+        slow_engine.dispose()
+
+    [second] = taken_over
+    assert first is not None and second is not None
+    assert (first.number, first.token, second.number, second.token) == (1, 1, 2, 2)
+    with pytest.raises(runs.LeaseLost):
+        runs.renew_lease(sessions, first, lease_s=30)
+
+
 def test_an_attempt_whose_lease_ran_out_cannot_renew_it_once_its_slot_went_to_another_run(
     api: TestClient, org: OrgKeys, dataset_id: str, sessions: SessionFactory
 ) -> None:
