@@ -1,5 +1,5 @@
-"""A local store (a SQLite file, or a PostgreSQL database), the central PostgreSQL in a fresh database, and the api,
-for the sync tests."""
+"""A local store (a SQLite file, or a PostgreSQL database), the central PostgreSQL in a fresh database (or, on the
+embedded default, a SQLite file), and the api, for the sync tests."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
+from services.api.app import create_app
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
+from shared.db.migrate import upgrade
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
@@ -383,3 +386,28 @@ def signalled_once_there(
         cli.send_signal(number)
         _, stderr = cli.communicate(timeout=60)
     return subprocess.CompletedProcess(command, cli.returncode, stderr=stderr)
+
+
+@contextmanager
+def embedded_stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[TestClient, SyncContext]]:
+    """The api and a sync worker's context on the embedded default: a SQLite file as the central store."""
+    central_url = f"sqlite:///{tmp_path / 'kiln.db'}"
+    upgrade(central_url)
+    embedded = settings.model_copy(update={"database_url": central_url, "sync_batch_size": 500})
+    context = SyncContext.open(embedded)
+    with TestClient(create_app(embedded), raise_server_exceptions=False) as api:
+        yield api, context
+    context.close()
+
+
+@contextmanager
+def embedded(settings: Settings, org_id: str, tmp_path: Path, **options: Any) -> Iterator[Sync]:
+    with embedded_stack(settings, tmp_path) as (api, context):
+        yield open_sync(api, context, org_id, tmp_path, **options)
+
+
+def choose(sync: Sync, conflict_id: int, keep: str) -> None:
+    decided = sync.api.post(
+        f"/v1/orgs/{sync.org.org_id}/conflicts/{conflict_id}", json={"keep": keep}, headers=sync.org.admin
+    )
+    assert decided.status_code == 200, decided.text

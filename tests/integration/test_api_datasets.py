@@ -36,9 +36,8 @@ from tests.integration.conftest import (
     upload,
     upload_table,
 )
+from tests.integration.dataset_support import CSV
 from tests.support.seed import seed_version
-
-CSV = b"timestamp,temperature,pressure,failed\n2024-01-01T00:00:00Z,70.5,1.2,0\n2024-01-02T00:00:00Z,71.0,1.3,1\n"
 
 
 def test_a_csv_upload_reports_rows_and_typed_columns_and_is_stored_as_parquet(

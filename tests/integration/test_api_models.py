@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
@@ -40,7 +39,7 @@ from shared.layout import (
 from shared.outbox import KIND_ERASE_TASK
 from shared.queues import ERASE_TASK, premises_queue, send_erase_task
 from shared.settings import Settings
-from shared.storage import LocalObjectStore, ObjectStore, open_object_store, premises_store
+from shared.storage import ObjectStore, open_object_store, premises_store
 from tests.integration.conftest import (
     ADMIN,
     API_CONNECTIONS,
@@ -50,6 +49,15 @@ from tests.integration.conftest import (
     run_of,
     submit,
     upload_table,
+)
+from tests.integration.model_versions_support import (
+    audit_of,
+    erase,
+    key_id,
+    model_of,
+    premises_version,
+    queued_for_premises,
+    set_residency,
 )
 from tests.support.judgements import judge_queued, queued_judgement
 from tests.support.models import FEATURES, register_judgeable, register_model, tiny_model
@@ -193,15 +201,6 @@ def validate_again(api: TestClient, engine: Engine, worker: WorkerContext, org: 
     accepted = api.post(f"/v1/orgs/{org.org_id}/models/{version}/validate", headers=org.trainer)
     assert accepted.status_code == 202, accepted.text
     return judge_queued(engine, worker, org.org_id, version)
-
-
-def model_of(api: TestClient, org: OrgKeys, version: str) -> dict[str, Any]:
-    return dict(api.get(f"/v1/orgs/{org.org_id}/models/{version}", headers=org.viewer).json())
-
-
-def key_id(api: TestClient, org: OrgKeys, role: str) -> str:
-    keys = api.get(f"/v1/orgs/{org.org_id}/keys", headers=org.admin).json()
-    return str(next(key["keyId"] for key in keys if key["role"] == role))
 
 
 def test_a_rejected_version_stays_rejected_when_judged_again_under_relaxed_gates(
@@ -396,10 +395,6 @@ def test_versions_come_in_pages_newest_first(api: TestClient, org: OrgKeys, engi
 ARTIFACTS = [HOLDOUT_FILE, METRICS_FILE, MODEL_FILE, NATIVE_MODEL_FILE, TRAINING_CONFIG_FILE, VALIDATION_FILE]
 
 
-def erase(api: TestClient, org: OrgKeys, version: str, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-    return api.delete(f"/v1/orgs/{org.org_id}/models/{version}/artifacts", headers=headers or org.admin)
-
-
 def stored_version(engine: Engine, store: ObjectStore, org_id: str) -> str:
     """A validated version with every artifact a run stores, the held-out rows among them."""
     version = register_judgeable(engine, store, org_id, {"minRecall": 0.1})
@@ -408,14 +403,6 @@ def stored_version(engine: Engine, store: ObjectStore, org_id: str) -> str:
         store.put_bytes(prefix + name, b"{}")
     assert store.list(prefix) == [prefix + name for name in ARTIFACTS]
     return version
-
-
-def audit_of(api: TestClient, org: OrgKeys, action: str) -> list[dict[str, Any]]:
-    return [
-        entry
-        for entry in api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.admin).json()
-        if entry["action"] == action
-    ]
 
 
 @pytest.fixture(params=["s3", "folder"])
@@ -600,23 +587,6 @@ class _Sent:
         return None
 
 
-def premises_version(
-    api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, settings: Settings
-) -> tuple[str, LocalObjectStore]:
-    """The org, made one that keeps its data on its premises, and a version of it: its model and metrics in the
-    central store, its held-out rows in the org's worker's own folder for the org's data (returned)."""
-    assert (
-        api.patch(f"/v1/orgs/{org.org_id}", json={"config": {"dataResidency": "local"}}, headers=ADMIN).status_code
-        == 200
-    )
-    version = register_model(engine, store, org.org_id, tiny_model(), holdout_on_premises=True)
-    prefix = model_prefix(org.org_id, version)
-    store.put_bytes(prefix + METRICS_FILE, b"{}")
-    premises = premises_store(settings)
-    premises.put_bytes(prefix + HOLDOUT_FILE, b"PAR1 the hospital's own records")
-    return version, premises
-
-
 def test_an_org_keeping_its_data_on_its_premises_has_its_held_out_rows_erased_there_by_its_own_worker(
     api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, own_worker: WorkerContext, settings: Settings
 ) -> None:
@@ -670,17 +640,6 @@ def own_worker(settings: Settings, org: OrgKeys) -> Iterator[WorkerContext]:
     context = WorkerContext.open(settings.model_copy(update={"worker_orgs": org.org_id}))
     yield context
     context.close()
-
-
-def set_residency(api: TestClient, org: OrgKeys, residency: str) -> None:
-    patched = api.patch(f"/v1/orgs/{org.org_id}", json={"config": {"dataResidency": residency}}, headers=ADMIN)
-    assert patched.status_code == 200, patched.text
-
-
-def queued_for_premises(settings: Settings, org: OrgKeys) -> int:
-    """Messages waiting on the org's premises queue, which only its own workers take."""
-    with redis.Redis.from_url(settings.redis_url) as broker:
-        return int(broker.llen(premises_queue(org.org_id)))
 
 
 def test_a_version_trained_on_the_premises_has_its_held_out_rows_erased_there_after_the_org_moved_to_central(

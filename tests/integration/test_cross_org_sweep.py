@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from shared.db.models import SyncConflict, SyncKey
 from shared.settings import Settings
 from tests.integration.conftest import OrgKeys, create_org_with_keys, upload
-from tests.integration.test_api_datasets import CSV
+from tests.integration.dataset_support import CSV
 from tests.support.seed import seed_versions
 
 BODIES: dict[str, dict[str, Any]] = {

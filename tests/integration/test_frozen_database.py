@@ -42,8 +42,8 @@ from shared.queues import TRAIN_TASK
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, run_of, submit, upload_table
-from tests.integration.test_predictor import becomes_ready, deploy_quietly
-from tests.integration.test_predictor_deployments import deploy
+from tests.integration.frozen_database_support import OUTER_TIMEOUT_S, TIMEOUT_S
+from tests.integration.predictor_support import becomes_ready, deploy, deploy_quietly
 from tests.support.models import ai4i_row, register_model, tiny_model
 from tests.support.polling import eventually
 from tests.support.proxy import FreezableLink, freezable_link_to
@@ -51,9 +51,6 @@ from tests.support.servers import free_port, wait_for_http
 from tests.support.workers import celery_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 1.0
-# Generous: a bounded wait ends well within it, one without end never does.
-OUTER_TIMEOUT_S = 60.0
 
 
 @contextmanager

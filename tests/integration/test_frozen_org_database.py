@@ -26,10 +26,10 @@ from shared.errors import InvalidInput, TransientError
 from shared.settings import Settings
 from shared.store_access import StoreRules
 from tests.integration.conftest import OrgKeys, run_of, submit
+from tests.integration.frozen_database_support import OUTER_TIMEOUT_S, TIMEOUT_S
+from tests.integration.plant_database_support import write_scada_table
+from tests.integration.postgres_sync_support import READINGS, TWO_READINGS, open_postgres_sync
 from tests.integration.sync_support import Sync, error_of
-from tests.integration.test_frozen_database import OUTER_TIMEOUT_S, TIMEOUT_S
-from tests.integration.test_sync_postgres_local import READINGS, TWO_READINGS, open_postgres_sync
-from tests.integration.test_training_pipeline import write_scada_table
 from tests.support.polling import eventually
 from tests.support.proxy import FreezableLink, freezable_link_to
 from tests.support.servers import fresh_postgres_database

@@ -17,13 +17,11 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
-from services.api import registry
 from services.predictor.app import create_app
-from shared.db.session import make_session_factory, session_scope
-from shared.db.types import utcnow
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
+from tests.integration.predictor_support import becomes_ready, deploy_quietly, served_version
 from tests.support.metrics import parse_samples, sample
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
 from tests.support.polling import eventually
@@ -48,25 +46,6 @@ def fast(settings: Settings) -> Settings:
 def predictor(fast: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(fast), raise_server_exceptions=False) as client:
         yield client
-
-
-def deploy_quietly(engine: Engine, org_id: str, version: str) -> None:
-    """Write a deployment the way the api does, its event sent as far as the outbox knows but heard by no one: as if
-    pub/sub lost it. (Left pending, the event would be sent later by any api's outbox sweep: into the deploy channel
-    of whichever test runs one next.)"""
-    with session_scope(make_session_factory(engine)) as session:
-        _, event = registry.record_deployment(session, org_id=org_id, version=version, action="deploy", actor="test")
-        if event is not None:
-            event.published_at = utcnow()
-
-
-def becomes_ready(predictor: TestClient) -> bool:
-    return bool(eventually(lambda: predictor.get("/v2/health/ready").status_code == 200))
-
-
-def served_version(predictor: TestClient, org: OrgKeys) -> str | None:
-    response = predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
-    return response.headers.get("x-model-version") if response.status_code == 200 else None
 
 
 def test_a_deployed_version_serves_both_protocols(

@@ -25,23 +25,18 @@ from shared.layout import model_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
-from tests.integration.test_predictor import becomes_ready, deploy_quietly, served_version
+from tests.integration.predictor_support import (
+    becomes_ready,
+    current_deployment,
+    deploy,
+    deploy_quietly,
+    records_of,
+    served_version,
+    start_predictor,
+)
 from tests.support.models import FEATURES, ai4i_row, nan_model, register_model, tiny_model
 from tests.support.polling import eventually
 from tests.support.threaded_server import serving_in_thread
-
-
-def start_predictor(settings: Settings, **changes: object) -> TestClient:
-    tuned = settings.model_copy(update={"predictor_reconcile_s": 0.5, "predictor_record_flush_s": 0.2, **changes})
-    return TestClient(create_app(tuned), raise_server_exceptions=False)
-
-
-def current_deployment(api: TestClient, org: OrgKeys) -> dict[str, Any]:
-    return dict(api.get(f"/v1/orgs/{org.org_id}/deployment", headers=org.viewer).json())
-
-
-def records_of(api: TestClient, org: OrgKeys) -> list[dict[str, Any]]:
-    return list(api.get(f"/v1/orgs/{org.org_id}/predictions", headers=org.viewer).json())
 
 
 def tampered(engine: Engine, store: ObjectStore, org_id: str) -> str:
@@ -89,11 +84,6 @@ def test_a_broken_candidate_is_refused_the_old_version_serves_on_and_the_deploym
             assert predictor.get("/v2/health/ready").status_code == 200
         history = api.get(f"/v1/orgs/{org.org_id}/deployments", headers=org.viewer).json()
         assert [(row["version"], row["status"]) for row in history] == [(broken, "failed"), (good, "deployed")]
-
-
-def deploy(api: TestClient, org: OrgKeys, version: str) -> None:
-    response = api.post(f"/v1/orgs/{org.org_id}/deployments", json={"version": version}, headers=org.admin)
-    assert response.status_code == 201, response.text
 
 
 def refuse(api: TestClient, org: OrgKeys, engine: Engine, store: ObjectStore, kind: str) -> str:

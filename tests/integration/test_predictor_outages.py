@@ -20,8 +20,14 @@ from shared.layout import model_key
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
-from tests.integration.test_predictor import becomes_ready, deploy_quietly, served_version
-from tests.integration.test_predictor_deployments import current_deployment, deploy, start_predictor
+from tests.integration.predictor_support import (
+    becomes_ready,
+    current_deployment,
+    deploy,
+    deploy_quietly,
+    served_version,
+    start_predictor,
+)
 from tests.support.models import ai4i_row, register_model, tiny_model
 from tests.support.polling import eventually
 from tests.support.proxy import FreezableLink

@@ -25,7 +25,7 @@ from services.predictor.app import create_app
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import OrgKeys
-from tests.integration.test_predictor import deploy_quietly
+from tests.integration.predictor_support import deploy_quietly
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model
 from tests.support.polling import eventually
 

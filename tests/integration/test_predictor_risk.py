@@ -14,8 +14,7 @@ from services.predictor.inference import risk_level
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys
-from tests.integration.test_predictor import becomes_ready, deploy_quietly
-from tests.integration.test_predictor_deployments import records_of, start_predictor
+from tests.integration.predictor_support import becomes_ready, deploy_quietly, records_of, start_predictor
 from tests.support.models import FEATURES, ai4i_row, register_model, tiny_model, tiny_multiclass_model
 from tests.support.polling import eventually
 

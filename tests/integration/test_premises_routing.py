@@ -14,7 +14,7 @@ from shared.org_queues import OrgQueues, PremisesQueues, TrainQueues
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import OrgKeys
-from tests.integration.test_api_models import (
+from tests.integration.model_versions_support import (
     audit_of,
     erase,
     premises_version,

@@ -22,7 +22,7 @@ from shared.outbox import KIND_ERASE_TASK, relay
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import OrgKeys
-from tests.integration.test_api_models import audit_of, erase, key_id, model_of, premises_version, set_residency
+from tests.integration.model_versions_support import audit_of, erase, key_id, model_of, premises_version, set_residency
 from tests.support.workers import celery_worker
 
 

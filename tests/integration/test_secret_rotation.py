@@ -6,8 +6,6 @@ run, the job or the command saying so, without a traceback."""
 
 from __future__ import annotations
 
-import base64
-import secrets
 import signal
 import sqlite3
 from collections.abc import Iterator
@@ -18,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 from sqlalchemy import update
 from sqlalchemy.engine import make_url
 
@@ -29,13 +26,14 @@ from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.trainer.context import WorkerContext
 from services.trainer.training import run_training
-from shared.crypto import FORMAT, SecretBox, key_id, platform_key
+from shared.crypto import FORMAT, SecretBox
 from shared.db.models import DataSource
 from shared.db.session import session_scope
 from shared.settings import Settings
 from shared.stored_secrets import datasource_context
-from tests.conftest import SECRET_KEY
 from tests.integration.conftest import OrgKeys, create_org_with_keys, run_of, submit
+from tests.integration.plant_database_support import START, write_scada_table
+from tests.integration.secret_keys_support import KEY_A, KEY_B, A, B, keyed
 from tests.integration.sync_support import (
     TWO_READINGS,
     an_earlier_kilns_backup,
@@ -47,21 +45,10 @@ from tests.integration.sync_support import (
     run_sql,
     signalled_once_there,
 )
-from tests.integration.test_training_pipeline import START, write_scada_table
 from tests.support.servers import fresh_postgres_database
 
-KEY_A = SECRET_KEY  # what every secret below is first sealed under
-KEY_B = base64.b64encode(secrets.token_bytes(32)).decode()
-A, B = key_id(platform_key(KEY_A)), key_id(platform_key(KEY_B))
 ROWS = 3000
 KINDS = ("datasource passwords", "sync-source passwords", "sync envelope keys", "backups")
-
-
-def keyed(settings: Settings, current: str, *retired: str) -> Settings:
-    """These settings with KILN_SECRET_KEY `current` and KILN_SECRET_KEY_RETIRED `retired`."""
-    return settings.model_copy(
-        update={"secret_key": SecretStr(current), "secret_key_retired": SecretStr(",".join(retired))}
-    )
 
 
 def with_password(url: str, password: str) -> str:

@@ -33,6 +33,7 @@ from shared.errors import ArtifactIntegrityError, InvalidInput
 from shared.settings import Settings
 from shared.sync_keys import destroy_key
 from tests.integration.conftest import ADMIN
+from tests.integration.secret_keys_support import KEY_A, KEY_B, A, B, keyed
 from tests.integration.sync_support import (
     READINGS,
     TWO_READINGS,
@@ -44,7 +45,6 @@ from tests.integration.sync_support import (
     run_sql,
     signalled_once_there,
 )
-from tests.integration.test_secret_rotation import KEY_A, KEY_B, A, B, keyed
 from tests.support.servers import fresh_postgres_database
 
 # The plain snapshot of a backup or restore run with TMPDIR=scratch, in its workspace (shared/workspaces.py).

@@ -5,55 +5,34 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from services.api.app import create_app
 from services.api.routers import sync_jobs, sync_sources
 from services.sync import jobs, reseal
-from services.sync.context import SyncContext
 from services.sync.envelope import Keyring
 from services.sync.jobs import cancel_job, run_job
 from services.sync.pair import Tally
 from services.sync.rotation import rotate_org_key
-from shared.db.migrate import upgrade
 from shared.settings import Settings
 from tests.integration.sync_support import (
     ODDLY_NAMED_SYNCED,
     ODDLY_NAMED_TABLE,
     Sync,
+    embedded,
+    embedded_stack,
     hold_a_conflict,
     many_readings,
     oddly_named,
-    open_sync,
     open_table_sync,
     run_turning_local_after_the_first_batch,
     run_twice_at_once,
 )
-
-
-@contextmanager
-def embedded_stack(settings: Settings, tmp_path: Path) -> Iterator[tuple[TestClient, SyncContext]]:
-    """The api and a sync worker's context on the embedded default: a SQLite file as the central store."""
-    central_url = f"sqlite:///{tmp_path / 'kiln.db'}"
-    upgrade(central_url)
-    embedded = settings.model_copy(update={"database_url": central_url, "sync_batch_size": 500})
-    context = SyncContext.open(embedded)
-    with TestClient(create_app(embedded), raise_server_exceptions=False) as api:
-        yield api, context
-    context.close()
-
-
-@contextmanager
-def embedded(settings: Settings, org_id: str, tmp_path: Path, **options: Any) -> Iterator[Sync]:
-    with embedded_stack(settings, tmp_path) as (api, context):
-        yield open_sync(api, context, org_id, tmp_path, **options)
 
 
 @pytest.fixture

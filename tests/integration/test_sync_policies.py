@@ -42,6 +42,7 @@ from tests.integration.sync_support import (
     Sync,
     allow_connections,
     central_copies,
+    choose,
     hold_a_conflict,
     make_local_store,
     many_readings,
@@ -50,6 +51,7 @@ from tests.integration.sync_support import (
     open_table_sync,
     register,
 )
+from tests.support.polling import wait_until
 
 
 def edit_both(sync: Sync, *, local: str, central: str) -> None:
@@ -356,13 +358,6 @@ def test_manual_holds_the_conflict_for_review_until_someone_decides(
         f"/v1/orgs/{org_id}/conflicts/{held[0]['conflictId']}", json={"keep": "central"}, headers=sync.org.admin
     )
     assert again.status_code == 409
-
-
-def choose(sync: Sync, conflict_id: int, keep: str) -> None:
-    decided = sync.api.post(
-        f"/v1/orgs/{sync.org.org_id}/conflicts/{conflict_id}", json={"keep": keep}, headers=sync.org.admin
-    )
-    assert decided.status_code == 200, decided.text
 
 
 def test_manual_keeping_local_then_editing_it_again_sends_the_edit_up_without_a_new_conflict(
@@ -1038,13 +1033,6 @@ def waiting_for_locks(sync: Sync) -> int:
     """How many connections to the central database wait for a lock."""
     query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
     return int(sync.central(query)[0][0])
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 BLOB_TABLE = "CREATE TABLE t (id INTEGER PRIMARY KEY, img BLOB, reading REAL, note TEXT)"

@@ -14,11 +14,9 @@ from fastapi.testclient import TestClient
 
 from services.sync.context import SyncContext
 from tests.integration.conftest import create_org_with_keys
+from tests.integration.postgres_sync_support import READINGS, TWO_READINGS, open_postgres_sync
 from tests.integration.sync_support import LOCAL_ONLY, Sync, central_copies, error_of, register, run_sql
 from tests.support.servers import fresh_postgres_database
-
-READINGS = "CREATE TABLE readings (id integer PRIMARY KEY, device text, value double precision, patient text)"
-TWO_READINGS = "INSERT INTO readings VALUES (1, 'pump-1', 1.0, 'Ada Lovelace'), (2, 'pump-2', 2.0, 'Alan Turing')"
 
 
 @pytest.fixture
@@ -29,19 +27,6 @@ def local_url() -> Iterator[str]:
 
 
 NOTES: dict[str, Any] = {"name": "notes", "primaryKey": "id", "sensitiveColumns": []}
-
-
-def open_postgres_sync(
-    api: TestClient, context: SyncContext, org_id: str, local_url: str, policy: str, *statements: str, **table: Any
-) -> Sync:
-    """An org syncing a table of the local database that `statements` make (`readings`, unless `table` names
-    another, with its key and sensitive columns)."""
-    for statement in statements:
-        run_sql(local_url, statement)
-    org = create_org_with_keys(api, org_id)
-    source_id = register(api, org, local_url, policy, **table)
-    name = table.get("name", "readings")
-    return Sync(api, context, org, local_url, source_id, context.settings.resolved_database_url, name)
 
 
 def test_records_go_both_ways_between_a_postgresql_local_store_and_the_central_one(

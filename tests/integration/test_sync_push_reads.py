@@ -22,11 +22,11 @@ import services.sync.transfer as transfer
 from services.sync.context import SyncContext
 from services.sync.pair import TablePair, hold_residency
 from services.sync.stores import refuse_unnamed_keys
-from tests.integration.sync_support import Sync, open_sync
-from tests.integration.test_sync_policies import choose, wait_until
-from tests.integration.test_sync_postgres_local import READINGS as PG_READINGS
-from tests.integration.test_sync_postgres_local import TWO_READINGS as PG_TWO_READINGS
-from tests.integration.test_sync_postgres_local import open_postgres_sync
+from tests.integration.postgres_sync_support import READINGS as PG_READINGS
+from tests.integration.postgres_sync_support import TWO_READINGS as PG_TWO_READINGS
+from tests.integration.postgres_sync_support import open_postgres_sync
+from tests.integration.sync_support import Sync, choose, open_sync
+from tests.support.polling import wait_until
 from tests.support.servers import fresh_postgres_database
 
 # The tests' batch size is 500: the first batch of a push after `edit_then_insert_499` ends just before the record's

@@ -21,9 +21,16 @@ from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from shared.errors import TransientError
 from shared.settings import Settings
-from tests.integration.sync_support import Sync, allow_connections, error_of, many_readings, open_sync, open_table_sync
-from tests.integration.test_sync_embedded import embedded
-from tests.integration.test_sync_postgres_local import READINGS, open_postgres_sync
+from tests.integration.postgres_sync_support import READINGS, open_postgres_sync
+from tests.integration.sync_support import (
+    Sync,
+    allow_connections,
+    embedded,
+    error_of,
+    many_readings,
+    open_sync,
+    open_table_sync,
+)
 from tests.support.servers import fresh_postgres_database
 
 # The store refusing to take a new token, as if the job were cut off between the central write and the local one.

@@ -34,8 +34,12 @@ from shared.settings import Settings
 from shared.source_lock import SourceBusy, one_job_per_source
 from shared.sync_jobs import LONGEST_JOB_S, REQUEUE_AFTER, residency_refusal
 from tests.integration.conftest import ADMIN, create_org_with_keys
+from tests.integration.postgres_sync_support import READINGS as PG_READINGS
+from tests.integration.postgres_sync_support import TWO_READINGS as PG_TWO_READINGS
+from tests.integration.postgres_sync_support import open_postgres_sync
 from tests.integration.sync_support import (
     Sync,
+    embedded,
     error_of,
     many_readings,
     open_sync,
@@ -43,10 +47,6 @@ from tests.integration.sync_support import (
     register,
     run_sql,
 )
-from tests.integration.test_sync_embedded import embedded
-from tests.integration.test_sync_postgres_local import READINGS as PG_READINGS
-from tests.integration.test_sync_postgres_local import TWO_READINGS as PG_TWO_READINGS
-from tests.integration.test_sync_postgres_local import open_postgres_sync
 from tests.support.polling import eventually
 from tests.support.servers import fresh_postgres_database
 from tests.support.workers import celery_worker

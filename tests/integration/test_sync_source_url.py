@@ -27,6 +27,7 @@ from shared.settings import Settings
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import (
     Sync,
+    embedded,
     error_of,
     make_local_store,
     many_readings,
@@ -34,7 +35,6 @@ from tests.integration.sync_support import (
     register,
     run_sql,
 )
-from tests.integration.test_sync_embedded import embedded
 from tests.support.servers import password_checking_postgres
 
 OLD_PASSWORD, NEW_PASSWORD = "old-Pw-4f1c", "new-Pw-9b2e"

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 import services.sync.conflicts as conflicts
 import services.sync.transfer as transfer
 from services.sync.context import SyncContext
+from tests.integration.postgres_sync_support import READINGS, TWO_READINGS, open_postgres_sync
 from tests.integration.sync_support import Sync, open_sync, run_sql
-from tests.integration.test_sync_postgres_local import READINGS, TWO_READINGS, open_postgres_sync
 from tests.support.polling import start_until_it_waits_for_a_lock
 from tests.support.servers import fresh_postgres_database
 

@@ -11,7 +11,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 from sklearn.datasets import load_breast_cancer
-from sqlalchemy import Column, DateTime, Float, Integer, MetaData, Table, create_engine, insert
 from sqlalchemy.exc import DataError
 
 from deploy.local import ai4i
@@ -43,10 +42,9 @@ from tests.integration.conftest import (
     upload,
     upload_table,
 )
+from tests.integration.plant_database_support import START, write_scada_table
 from tests.support.servers import free_port, fresh_postgres_database
 from tests.support.workspaces import workspace_holder
-
-START = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def logs(api: TestClient, org: OrgKeys, run_id: str) -> list[dict[str, Any]]:
@@ -56,32 +54,6 @@ def logs(api: TestClient, org: OrgKeys, run_id: str) -> list[dict[str, Any]]:
 def set_org_config(api: TestClient, org: OrgKeys, config: dict[str, Any]) -> None:
     response = api.patch(f"/v1/orgs/{org.org_id}", json={"config": config}, headers=ADMIN)
     assert response.status_code == 200, response.text
-
-
-def write_scada_table(url: str, table: pa.Table) -> None:
-    """AI4I rows as a plant's historian keeps them: tag names, and a timestamp column."""
-    engine = create_engine(url)
-    readings = Table(
-        "readings",
-        MetaData(),
-        Column("id", Integer, primary_key=True),
-        Column("recorded_at", DateTime(timezone=url.startswith("postgresql"))),
-        *(Column(f"TAG_{name.upper()}", Float) for name in ai4i.FEATURES),
-        Column("failure", Integer),
-    )
-    readings.metadata.create_all(engine)
-    naive = not url.startswith("postgresql")
-    rows = [
-        {
-            "recorded_at": row["timestamp"].replace(tzinfo=None) if naive else row["timestamp"],
-            **{f"TAG_{name.upper()}": row[name] for name in ai4i.FEATURES},
-            "failure": row[ai4i.TARGET],
-        }
-        for row in table.to_pylist()
-    ]
-    with engine.begin() as connection:
-        connection.execute(insert(readings), rows)
-    engine.dispose()
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])

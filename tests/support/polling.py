@@ -36,3 +36,10 @@ def start_until_it_waits_for_a_lock(thread: threading.Thread, url: str | URL) ->
     """Start `thread`, and return once it waits for a lock in the database at `url`, or has ended (it never did)."""
     thread.start()
     eventually(lambda: not thread.is_alive() or waiting_for_a_lock(url))
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
