@@ -26,17 +26,17 @@ from shared.db.types import utcnow
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import OrgKeys, create_org_with_keys
-from tests.integration.test_predictor import becomes_ready, served_version
-from tests.integration.test_predictor_deployments import (
-    BROKEN,
+from tests.integration.predictor_support import (
+    becomes_ready,
     current_deployment,
     deploy,
+    served_version,
     start_predictor,
-    undeploy,
-    undeployed,
 )
 from tests.support.models import register_model, tiny_model
 from tests.support.polling import eventually
+
+CORRUPT_ONNX = b"\x08\x07 not a model"
 
 
 def undeploy_with_its_event_lost(engine: Engine, org_id: str) -> None:
@@ -121,7 +121,7 @@ def test_a_broken_deployment_an_undeploy_supersedes_while_it_loads_stays_superse
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     first = register_model(engine, store, org.org_id, tiny_model(seed=1))
-    broken = BROKEN["corrupt ONNX"](engine, store, org.org_id)
+    broken = register_model(engine, store, org.org_id, CORRUPT_ONNX)
     deploy(api, org, first)
     with (
         loading_held(monkeypatch, broken) as (loading, release),
@@ -147,7 +147,7 @@ def test_a_replica_that_hears_no_events_goes_from_a_refused_deployment_to_the_la
     then serves v2, the org's last good deployment, rather than v1 until the next reconcile."""
     first = register_model(engine, store, org.org_id, tiny_model(seed=1))
     second = register_model(engine, store, org.org_id, tiny_model(seed=2))
-    broken = BROKEN["corrupt ONNX"](engine, store, org.org_id)
+    broken = register_model(engine, store, org.org_id, CORRUPT_ONNX)
     deploy(api, org, first)
     deaf = {"deploy_channel": f"{settings.deploy_channel}:never-published", "predictor_reconcile_s": 600}
     with start_predictor(settings, **deaf) as predictor:
@@ -230,8 +230,8 @@ def test_a_request_waiting_for_an_undeploy_a_reconcile_read_before_a_deploy_gets
     with start_predictor(settings, predictor_memory_mb=1.5, predictor_reconcile_s=600) as predictor:
         state = state_of(predictor)
         assert becomes_ready(predictor) and served_version(predictor, org) == first
-        undeploy(api, org)
-        assert eventually(lambda: undeployed(predictor, org))
+        assert api.delete(f"/v1/orgs/{org.org_id}/deployment", headers=org.admin).status_code == 204
+        assert eventually(lambda: state.cache.undeployed(org.org_id) is not None)
         read, go_on = threading.Event(), threading.Event()
         read_deployments = deployments.read_deployments
 
