@@ -13,8 +13,10 @@ import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from services.api.routers import models, sync_jobs, trainings
+from shared.db.models import SyncConflict
 from tests.integration.conftest import ADMIN, OrgKeys, config
 from tests.support.polling import start_until_it_waits_for_a_lock
 from tests.support.seed import seed_versions
@@ -99,3 +101,34 @@ def test_an_org_turning_local_or_a_source_deleted_while_a_sync_job_is_submitted_
     )
 
     assert answered == (202, {"residency": 200, "deletion": 202}[change], False)
+
+
+def test_a_source_deleted_while_one_of_its_conflicts_is_decided_waits_for_the_decision(
+    api: TestClient, org: OrgKeys, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source_id = api.post(f"/v1/orgs/{org.org_id}/sync-sources", json=SOURCE, headers=org.admin).json()["sourceId"]
+    with Session(engine) as session, session.begin():
+        conflict = SyncConflict(
+            org_id=org.org_id,
+            source_id=source_id,
+            table_name="readings",
+            record_key="1",
+            policy="manual",
+            status="open",
+            outcome="held",
+            local_version={"id": 1, "value": 1.0},
+            central_version={"id": 1, "value": 2.0},
+        )
+        session.add(conflict)
+        session.flush()
+        conflict_id = conflict.id
+
+    answered = change_while_acting(
+        monkeypatch,
+        engine,
+        (sync_jobs, "queue_sync_job"),
+        lambda: api.post(f"/v1/orgs/{org.org_id}/conflicts/{conflict_id}", json={"keep": "central"}, headers=org.admin),
+        lambda: api.delete(f"/v1/orgs/{org.org_id}/sync-sources/{source_id}", headers=org.admin),
+    )
+
+    assert answered == (200, 202, False)

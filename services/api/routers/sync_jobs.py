@@ -77,6 +77,9 @@ def resolve_conflict(
     resources: ResourcesDep,
 ) -> ConflictOut:
     """Decide a held conflict. The choice is written to both sides by a sync job, queued here."""
+    # Held first, as a job's submission holds it: a source's deletion (under lock_org) committing after the check of
+    # the source would leave a choice recorded and a job queued for a source the api answered as deleted.
+    org_config_held(session, access.org_id)
     row = _locked_conflict(session, conflict_id)
     if row is None or row.org_id != access.org_id:
         raise NotFound(f"conflict {conflict_id} not found")
