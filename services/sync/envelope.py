@@ -17,7 +17,7 @@ import re
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -93,15 +93,23 @@ class Keyring:
 
 
 # A sealed value is its JSON, or, for a type JSON would turn into a string, this marker (never JSON's first byte),
-# the type's letter and its text: so a NUMERIC, a timestamp or a BYTEA column opens as the type it was sealed from,
-# and NaN or an infinity (which JSON has no word for: orjson writes null) opens as that float.
+# the type's letter and its text: so a NUMERIC, a timestamp, an INTERVAL or a BYTEA column opens as the type it was
+# sealed from, and NaN or an infinity (which JSON has no word for: orjson writes null) opens as that float.
 _TYPED = b"\x00"
+
+
+def _duration(text: str) -> timedelta:
+    days, seconds, microseconds = (int(part) for part in text.split())
+    return timedelta(days=days, seconds=seconds, microseconds=microseconds)
+
+
 _DECODERS: dict[bytes, Callable[[str], Any]] = {
     b"F": float,
     b"N": Decimal,
     b"T": datetime.fromisoformat,
     b"D": date.fromisoformat,
     b"t": time.fromisoformat,
+    b"I": _duration,
 }
 
 
@@ -118,6 +126,8 @@ def _plaintext(value: Any) -> bytes:
         return _TYPED + b"D" + value.isoformat().encode()
     if isinstance(value, time):
         return _TYPED + b"t" + value.isoformat().encode()
+    if isinstance(value, timedelta):
+        return _TYPED + b"I" + f"{value.days} {value.seconds} {value.microseconds}".encode()
     if isinstance(value, (bytes, memoryview)):
         return _TYPED + b"B" + bytes(value)
     return orjson.dumps(value)

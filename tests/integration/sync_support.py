@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from services.api.app import create_app
@@ -411,3 +412,9 @@ def choose(sync: Sync, conflict_id: int, keep: str) -> None:
         f"/v1/orgs/{sync.org.org_id}/conflicts/{conflict_id}", json={"keep": keep}, headers=sync.org.admin
     )
     assert decided.status_code == 200, decided.text
+
+
+def acknowledgement_cut_off(*args: object) -> None:
+    """In place of a pull's acknowledgement (services/sync/transfer.py, _acknowledge_pull): the central store lost
+    the connection after the local store committed the batch."""
+    raise OperationalError("UPDATE sync_watermarks", {}, Exception("server closed the connection unexpectedly"))

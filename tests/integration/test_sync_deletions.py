@@ -25,6 +25,7 @@ from shared.sync_keys import destroy_key
 from tests.integration.sync_support import (
     LOCAL_ONLY,
     Sync,
+    acknowledgement_cut_off,
     allow_connections,
     central_copies,
     many_readings,
@@ -118,10 +119,6 @@ def test_a_central_deletion_pulled_while_the_key_rotates_is_audited_once_the_bat
     assert sync.local("SELECT id FROM readings ORDER BY id") == [(1,)]
 
 
-def _acknowledgement_cut_off(*args: object) -> None:
-    raise OperationalError("UPDATE sync_watermarks", {}, Exception("server closed the connection unexpectedly"))
-
-
 def test_a_central_deletion_whose_pull_was_cut_off_before_its_acknowledgement_is_audited_once_by_the_retry(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -133,7 +130,7 @@ def test_a_central_deletion_whose_pull_was_cut_off_before_its_acknowledgement_is
     sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
     job_id = sync.submit()
     with monkeypatch.context() as cut:
-        cut.setattr(transfer, "_acknowledge_pull", _acknowledgement_cut_off)
+        cut.setattr(transfer, "_acknowledge_pull", acknowledgement_cut_off)
         with pytest.raises(TransientError):
             run_job(sync_context, job_id)
     assert sync.local("SELECT id FROM readings") == [(1,)]
@@ -163,7 +160,7 @@ def test_a_central_deletion_on_a_down_only_table_cut_off_before_its_acknowledgem
     sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
     job_id = sync.submit()
     with monkeypatch.context() as cut:
-        cut.setattr(transfer, "_acknowledge_pull", _acknowledgement_cut_off)
+        cut.setattr(transfer, "_acknowledge_pull", acknowledgement_cut_off)
         with pytest.raises(TransientError):
             run_job(sync_context, job_id)
 

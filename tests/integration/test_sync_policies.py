@@ -15,7 +15,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 import services.sync.conflicts as conflicts
@@ -40,6 +39,7 @@ from tests.integration.sync_support import (
     LOCAL_ONLY,
     TWO_READINGS,
     Sync,
+    acknowledgement_cut_off,
     allow_connections,
     central_copies,
     choose,
@@ -311,11 +311,8 @@ def test_a_local_edit_after_a_pull_whose_acknowledgement_was_cut_off_goes_up_wit
     sync.run()
     sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
 
-    def connection_lost(*args: object, **kwargs: object) -> None:
-        raise OperationalError("UPDATE sync_watermarks", {}, Exception("server closed the connection unexpectedly"))
-
     with monkeypatch.context() as cut:
-        cut.setattr(transfer, "_acknowledge_pull", connection_lost)
+        cut.setattr(transfer, "_acknowledge_pull", acknowledgement_cut_off)
         job_id = sync.submit()
         with pytest.raises(TransientError):
             run_job(sync_context, job_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -12,10 +12,23 @@ from uuid import UUID
 import pytest
 from fastapi.testclient import TestClient
 
+import services.sync.transfer as transfer
 from services.sync.context import SyncContext
+from services.sync.envelope import load_keyring
+from services.sync.jobs import run_job
+from shared.db.session import session_scope
+from shared.errors import TransientError
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.postgres_sync_support import READINGS, TWO_READINGS, open_postgres_sync
-from tests.integration.sync_support import LOCAL_ONLY, Sync, central_copies, error_of, register, run_sql
+from tests.integration.sync_support import (
+    LOCAL_ONLY,
+    Sync,
+    acknowledgement_cut_off,
+    central_copies,
+    error_of,
+    register,
+    run_sql,
+)
 from tests.support.servers import fresh_postgres_database
 
 
@@ -144,6 +157,47 @@ def test_uuid_and_interval_fields_pass_through_deletions_conflicts_and_bases(
     assert conflict["localVersion"]["ref"] == str(ref)
     assert conflict["localVersion"]["span"] == "P1DT7200.000005S"
     assert conflict["centralVersion"]["span"] == "P0DT10800.000000S"
+
+
+def test_a_central_deletion_cut_off_before_its_audit_is_audited_with_its_uuid_and_interval_fields_as_they_were(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    local_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pull's note of the deleted record keeps each value's type until the retry audits it: an interval had no
+    form there, and every pull of the table failed from then on."""
+    sync = open_postgres_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        local_url,
+        "last-writer-wins",
+        "CREATE TABLE notes (id integer PRIMARY KEY, ref uuid, span interval, body text)",
+        "INSERT INTO notes VALUES (1, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '1 hour', 'x'), "
+        "(2, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12', '1 day 2 hours 0.000005 seconds', 'y')",
+        **{**NOTES, "sensitiveColumns": ["span"]},
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+    job_id = sync.submit()
+    with monkeypatch.context() as cut:
+        cut.setattr(transfer, "_acknowledge_pull", acknowledgement_cut_off)
+        with pytest.raises(TransientError):
+            run_job(sync_context, job_id)
+
+    assert run_job(sync_context, job_id) == "succeeded"
+
+    assert sync.local("SELECT id FROM notes") == [(1,)]
+    [(detail,)] = sync.central(
+        "SELECT detail FROM audit_log WHERE org_id = :o AND action = 'sync.delete'", {"o": sync.org.org_id}
+    )
+    with session_scope(sync_context.sessions) as session:
+        keyring = load_keyring(session, sync_context.secrets, org_id)
+    deleted = detail["deleted"]
+    assert (deleted["ref"], deleted["body"]) == ("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12", "y")
+    assert keyring.open(deleted["span"], column="notes.span") == timedelta(days=1, hours=2, microseconds=5)
 
 
 def test_field_merge_keeps_a_local_change_to_a_sensitive_timestamp_beside_a_later_central_one(
