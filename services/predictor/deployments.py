@@ -169,7 +169,8 @@ class Synchronizer:
         follows = []
         for wanted in read_deployments(self.sessions):
             if isinstance(wanted, Undeployed):
-                follows.append(self.follows.after_now(wanted.org_id, partial(self._undeploy_as_read, wanted)))
+                if self.cache.undeployed(wanted.org_id) != wanted.deployment_id:  # else nothing is loaded since
+                    follows.append(self.follows.after_now(wanted.org_id, partial(self._undeploy_as_read, wanted)))
                 continue
             org_id = wanted.deployed.org_id
             current = self.cache.peek(org_id)

@@ -266,3 +266,31 @@ def test_a_request_waiting_for_an_undeploy_a_reconcile_read_before_a_deploy_gets
             release.set()
             assert asking.result(timeout=10) == second
         reconcile.join(10)
+
+
+def test_a_reconcile_starts_no_follow_for_an_org_that_stands_undeployed_already(
+    api: TestClient,
+    org: OrgKeys,
+    engine: Engine,
+    store: ObjectStore,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each reconcile started a thread for every undeployed org, every interval, to find nothing to do."""
+    deploy(api, org, register_model(engine, store, org.org_id, tiny_model(seed=1)))
+    with start_predictor(settings, predictor_reconcile_s=600) as predictor:
+        state = state_of(predictor)
+        assert becomes_ready(predictor)
+        assert api.delete(f"/v1/orgs/{org.org_id}/deployment", headers=org.admin).status_code == 204
+        assert eventually(lambda: state.cache.undeployed(org.org_id) is not None)
+        started: list[str] = []
+        after_now = state.synchronizer.follows.after_now
+
+        def counted(org_id: str, *job: Any) -> Any:
+            started.append(org_id)
+            return after_now(org_id, *job)
+
+        monkeypatch.setattr(state.synchronizer.follows, "after_now", counted)
+        state.synchronizer.sync_all()
+
+        assert org.org_id not in started
