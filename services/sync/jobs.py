@@ -41,7 +41,7 @@ from services.sync.stores import (
     widen_old_columns,
 )
 from services.sync.transfer import sync_table
-from services.sync.watermarks import start_up_after
+from services.sync.watermarks import WatermarkMoved, start_up_after
 from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
 from shared.db.row_locks import lock_row
@@ -129,6 +129,11 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch, *, last_try
             return _finish(context, job_id, FAILED, gave_up(f"a store was unreachable: {_first_line(error)}", attempt))
         _finish(context, job_id, RETRYING, f"a store was unreachable, retrying: {_first_line(error)}")
         raise TransientError(f"sync job {job_id}: a store is unreachable") from error
+    except WatermarkMoved as error:  # another job's batch was let in beside this one's: nothing is lost, it retries
+        if last_try or attempt >= MAX_ATTEMPTS:
+            return _finish(context, job_id, FAILED, gave_up(error.message, attempt))
+        _finish(context, job_id, RETRYING, error.message)
+        raise TransientError(f"sync job {job_id}: {error.message}") from error
     except KeptOnPremises as refusal:
         return _finish(context, job_id, REFUSED, refusal.message)  # the org turned local while the job ran
     except JobCancelled:

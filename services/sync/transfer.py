@@ -74,7 +74,15 @@ from services.sync.stores import (
     upsert,
     upsert_values,
 )
-from services.sync.watermarks import DOWN, UP, count_moves, set_watermark, watermark, watermarks
+from services.sync.watermarks import (
+    DOWN,
+    UP,
+    count_moves,
+    move_watermark_on,
+    set_watermark,
+    watermark,
+    watermarks,
+)
 from shared.db.models import SyncBase, SyncConflict
 
 log = logging.getLogger(__name__)
@@ -333,7 +341,7 @@ def pull_batch(pair: TablePair) -> bool:
             note_pulled(local, pair, last)
         pulled = [key for key in latest if key not in refusals]
         _hold_central_edits(session, pair, held, changes, current)
-        _acknowledge_pull(session, pair, last, current, pulled, deleted, unaudited)
+        _acknowledge_pull(session, pair, (after, last), current, pulled, deleted, unaudited)
         _restore_all_refused(session, pair, _unless_edited_since(session, pair, {**refusals.restore, **kept}, changes))
         _hold_refused(session, pair, refusals.hold)
         _drop_refused_inserts(session, pair, _unless_edited_since(session, pair, refusals.inserts, changes))
@@ -375,20 +383,22 @@ def _changed_records(session: Session, pair: TablePair, *, after: int, last: int
 def _acknowledge_pull(
     session: Session,
     pair: TablePair,
-    seq: int,
+    batch: tuple[int, int],
     current: Records,
     pulled: list[str],
     deleted: dict[str, dict[str, Any]],
     unaudited: list[NotedDeletion],
 ) -> None:
-    """`unaudited`: the deletions of a batch cut off before this acknowledgement, audited and counted here; a record
-    this batch brought back since keeps its base."""
+    """The batch's changes, `batch` its positions (after, last) in the central log, acknowledged; `unaudited`: the
+    deletions of a batch cut off before its acknowledgement, audited and counted here (a record this batch brought
+    back since keeps its base)."""
     if _keeps_bases(pair):
         _save_bases(session, pair, [current[key] for key in pulled])
     forget_bases(session, pair, [*deleted, *(key for key, _ in unaudited if key not in current)])
     audit_noted_deletions(session, pair, unaudited)
     audit_local_deletions(session, pair, deleted)
-    set_watermark(session, pair, DOWN, seq)
+    after, last = batch
+    move_watermark_on(session, pair, DOWN, after=after, seq=last)
     count_moves(session, pair, pulled=len(pulled) + len(deleted) + len(unaudited))
 
 

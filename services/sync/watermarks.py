@@ -12,6 +12,7 @@ from services.sync.changes import Change
 from services.sync.pair import TablePair
 from shared.db.models import SyncJob, SyncWatermark
 from shared.db.types import utcnow
+from shared.errors import TransientError
 
 UP: Final = "up"
 DOWN: Final = "down"
@@ -27,6 +28,7 @@ _MOVE = (
     .values(seq=bindparam("new_seq"), updated_at=bindparam("now"))
 )
 _MOVE_LOGGED = _MOVE.values(logged_key=bindparam("key"), logged_at_ms=bindparam("at_ms"))
+_MOVE_ON = _MOVE.where(SyncWatermark.seq == bindparam("old_seq"))
 _COUNT = (
     update(SyncJob)
     .where(SyncJob.id == bindparam("job"))
@@ -63,6 +65,28 @@ def set_watermark(session: Session, pair: TablePair, direction: str, seq: int, *
         )
     if moved.rowcount == 0:
         session.add(SyncWatermark(source_id=pair.source_id, table_name=pair.spec.name, direction=direction, **values))
+
+
+class WatermarkMoved(TransientError):
+    """Another batch of the table was acknowledged while this one ran (its job's lock lost, and a second job let
+    in): this one is undone centrally and the job tries again, from where the other left off."""
+
+
+def move_watermark_on(session: Session, pair: TablePair, direction: str, *, after: int, seq: int) -> None:
+    """From `after`, where the batch started, to `seq`; WatermarkMoved if it is not at `after` any more. A pull
+    commits locally first and is acknowledged after: two batches between those commits would both audit what the
+    first one deleted and count what both moved."""
+    this = {"source": pair.source_id, "table": pair.spec.name, "way": direction}
+    moved = session.connection().execute(_MOVE_ON, {**this, "old_seq": after, "new_seq": seq, "now": utcnow()})
+    if moved.rowcount == 1:
+        return
+    if after == 0 and direction not in watermarks(session, pair):
+        session.add(SyncWatermark(source_id=pair.source_id, table_name=pair.spec.name, direction=direction, seq=seq))
+        return
+    raise WatermarkMoved(
+        f"table {pair.spec.name!r}: its {direction} changes were acknowledged up to another position while this batch "
+        f"ran from {after}; the batch is redone from there"
+    )
 
 
 def count_moves(session: Session, pair: TablePair, *, pushed: int = 0, pulled: int = 0, conflicts: int = 0) -> None:

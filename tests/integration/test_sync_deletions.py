@@ -199,6 +199,37 @@ def test_a_deletion_audited_before_the_local_store_could_forget_its_note_is_not_
     assert sync.local("SELECT count(*) FROM _kiln_deleted") == [(0,)]
 
 
+def test_a_pull_batch_run_between_another_batchs_two_commits_leaves_one_audit_row_and_one_count(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches of one table at once (a job whose lock was lost, and a second job let in): the second, run while
+    the first sat between its local and central commits, audited the first's deletion from its note, and the first
+    audited it again. The first, acknowledged after the second, is now undone centrally and its job tries again."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+    acknowledge_pull = transfer._acknowledge_pull
+    second_batch: list[bool] = []
+
+    def second_batch_between_the_commits(session: Any, pair: TablePair, *args: Any) -> None:
+        if not second_batch:
+            second_batch.append(True)
+            assert transfer.pull_batch(pair)
+        acknowledge_pull(session, pair, *args)
+
+    job_id = sync.submit()
+    with monkeypatch.context() as twice:
+        twice.setattr(transfer, "_acknowledge_pull", second_batch_between_the_commits)
+        with pytest.raises(TransientError):
+            run_job(sync_context, job_id)
+    assert "acknowledged up to another position" in sync.job(job_id)["errors"][-1]["error"]
+
+    assert run_job(sync_context, job_id) == "succeeded"
+    assert deletions_audited(sync) == [("readings/2", "down")]
+    assert sync.job(job_id)["pulled"] == 1
+    assert sync.local("SELECT id FROM readings") == [(1,)]
+
+
 def test_a_central_deletion_comes_down(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
