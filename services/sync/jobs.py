@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -20,6 +20,7 @@ from services.sync.changes import (
     log_existing,
     log_existing_again,
     now_ms,
+    shut_out_writers,
     take_log_before_records,
 )
 from services.sync.column_types import as_stored, value_checks
@@ -294,9 +295,7 @@ def open_pair(
     resyncing = resync_asked(context.engine, source.id, spec.name)
     logged_before: Change | None = None
     with local.begin() as connection:
-        create_log(connection, LOCAL_LOG)
-        create_marks(connection)
-        create_deletion_notes(connection)
+        make_kiln_tables(connection)
         reflected = reflect(connection, spec.name)
         central_dialect = context.engine.dialect.name
         check_key(reflected, spec, local=connection.dialect, central_dialect=central_dialect)
@@ -340,6 +339,21 @@ def open_pair(
         batch_size=context.settings.sync_batch_size,
         checks=value_checks(reflected, spec, local_dialect=local_dialect, central_dialect=context.engine.dialect.name),
     )
+
+
+def make_kiln_tables(connection: Connection) -> None:
+    """The store's change log, marks and deletion notes, each made if missing, taking turns with another job doing
+    the same (two sources' first jobs on one store): a second CREATE of a table made meanwhile failed its job. On
+    PostgreSQL the turns are the log's lock (a CREATE ... IF NOT EXISTS there may still collide); on SQLite its
+    write lock, which the log's own IF NOT EXISTS statements leave to take."""
+    postgresql = connection.dialect.name == "postgresql"
+    if postgresql:
+        shut_out_writers(connection, LOCAL_LOG)
+    create_log(connection, LOCAL_LOG)
+    if not postgresql:
+        shut_out_writers(connection, LOCAL_LOG)
+    create_marks(connection)
+    create_deletion_notes(connection)
 
 
 def _clock_offset(local: Engine, central: Engine) -> int:

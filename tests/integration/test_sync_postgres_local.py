@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta
@@ -11,8 +12,11 @@ from uuid import UUID
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Connection, create_engine
+from sqlalchemy.pool import NullPool
 
 import services.sync.transfer as transfer
+from services.sync import deletions, jobs
 from services.sync.context import SyncContext
 from services.sync.envelope import load_keyring
 from services.sync.jobs import run_job
@@ -29,6 +33,7 @@ from tests.integration.sync_support import (
     register,
     run_sql,
 )
+from tests.support.polling import start_until_it_waits_for_a_lock
 from tests.support.servers import fresh_postgres_database
 
 
@@ -495,3 +500,41 @@ def test_a_column_of_a_type_the_central_copy_has_none_for_fails_the_job_naming_i
         "or another standard SQL type",
     )
     assert sync.central("SELECT to_regclass(:t) IS NULL", {"t": sync.central_table}) == [(True,)]
+
+
+def test_two_first_jobs_making_kilns_tables_in_one_store_at_once_both_go_on(
+    local_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sources on one store, their first jobs (or their first since an upgrade added a table) at once: the
+    second looked for a table the first had made but not committed, made it again, and failed for good."""
+    made, go_on = threading.Event(), threading.Event()
+    create_deletion_notes = deletions.create_deletion_notes
+    failures: list[BaseException] = []
+
+    def first_holds_its_tables(connection: Connection) -> None:
+        create_deletion_notes(connection)
+        if threading.current_thread().name == "first":
+            made.set()
+            go_on.wait(10)
+
+    def make_tables() -> None:
+        engine = create_engine(local_url, poolclass=NullPool)
+        try:
+            with engine.begin() as connection:
+                jobs.make_kiln_tables(connection)
+        except BaseException as error:
+            failures.append(error)
+        finally:
+            engine.dispose()
+
+    monkeypatch.setattr(jobs, "create_deletion_notes", first_holds_its_tables)
+    first, second = (threading.Thread(target=make_tables, name=name) for name in ("first", "second"))
+    first.start()
+    assert made.wait(10)
+    start_until_it_waits_for_a_lock(second, local_url)
+    go_on.set()
+    first.join(10)
+    second.join(10)
+
+    assert failures == []
+    assert run_sql(local_url, "SELECT count(*) FROM _kiln_deleted") == [(0,)]
