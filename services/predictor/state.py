@@ -165,7 +165,9 @@ async def read_body(state: PredictorState, request: Request) -> bytes:
     """The body, refused with 413 as soon as it passes KILN_PREDICTOR_MAX_BODY_MB, before it is all in memory."""
     limit_mb = state.settings.predictor_max_body_mb
     limit = int(limit_mb * 1024 * 1024)
-    if int(request.headers.get("content-length") or 0) > limit:
+    declared = request.headers.get("content-length", "")
+    # Not a byte count (uvicorn refuses such a request itself; another server may pass it on): the body read counts.
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is over {limit_mb} MB", field="body")
     parts: list[bytes] = []
     size = 0

@@ -321,6 +321,14 @@ def test_a_body_over_the_limit_is_refused(served: Served) -> None:
     assert_still_serving(served)
 
 
+@pytest.mark.parametrize("length", ["abc", "1e3", "0x10"])
+def test_a_content_length_that_is_no_byte_count_is_no_server_error(served: Served, length: str) -> None:
+    """The body's own bytes count against the limit instead (uvicorn refuses such a header before the app)."""
+    response = served.post(valid_body(1), {"Content-Length": length})
+    assert response.status_code == 200, response.text
+    assert_still_serving(served)
+
+
 def test_every_input_form_gives_the_same_answer(served: Served) -> None:
     reference = served.post(valid_body(3)).json()
     expected = next(o for o in reference["outputs"] if o["name"] == "probabilities")["data"]
