@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
@@ -26,11 +27,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
+import services.sync.transfer as transfer
 from services.api.app import create_app
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
 from shared.db.migrate import upgrade
+from shared.errors import TransientError
 from shared.settings import Settings
 from shared.storage import ObjectStore
 from tests.integration.conftest import ADMIN, OrgKeys, create_org_with_keys
@@ -414,7 +417,16 @@ def choose(sync: Sync, conflict_id: int, keep: str) -> None:
     assert decided.status_code == 200, decided.text
 
 
-def acknowledgement_cut_off(*args: object) -> None:
-    """In place of a pull's acknowledgement (services/sync/transfer.py, _acknowledge_pull): the central store lost
-    the connection after the local store committed the batch."""
-    raise OperationalError("UPDATE sync_watermarks", {}, Exception("server closed the connection unexpectedly"))
+def a_job_cut_off_before_its_pull_is_acknowledged(sync: Sync, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Queue a job and run it once, the central store losing the connection after the local store committed the
+    job's first pulled batch and before that batch's acknowledgement; returns the job's id, for its retry."""
+
+    def acknowledgement_cut_off(*args: object) -> None:
+        raise OperationalError("UPDATE sync_watermarks", {}, Exception("server closed the connection unexpectedly"))
+
+    job_id = sync.submit()
+    with monkeypatch.context() as cut:
+        cut.setattr(transfer, "_acknowledge_pull", acknowledgement_cut_off)
+        with pytest.raises(TransientError):
+            run_job(sync.context, job_id)
+    return job_id

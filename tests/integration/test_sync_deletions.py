@@ -25,7 +25,7 @@ from shared.sync_keys import destroy_key
 from tests.integration.sync_support import (
     LOCAL_ONLY,
     Sync,
-    acknowledgement_cut_off,
+    a_job_cut_off_before_its_pull_is_acknowledged,
     allow_connections,
     central_copies,
     many_readings,
@@ -128,11 +128,7 @@ def test_a_central_deletion_whose_pull_was_cut_off_before_its_acknowledgement_is
     sync = open_sync(sync_api, sync_context, org_id, tmp_path)
     sync.run()
     sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
-    job_id = sync.submit()
-    with monkeypatch.context() as cut:
-        cut.setattr(transfer, "_acknowledge_pull", acknowledgement_cut_off)
-        with pytest.raises(TransientError):
-            run_job(sync_context, job_id)
+    job_id = a_job_cut_off_before_its_pull_is_acknowledged(sync, monkeypatch)
     assert sync.local("SELECT id FROM readings") == [(1,)]
 
     assert run_job(sync_context, job_id) == "succeeded"  # the worker's retry
@@ -158,11 +154,7 @@ def test_a_central_deletion_on_a_down_only_table_cut_off_before_its_acknowledgem
     sync.central(f"INSERT INTO {sync.central_table} (id, diagnosis, temperature) VALUES (2, 'central', 36.0)")
     sync.run()
     sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
-    job_id = sync.submit()
-    with monkeypatch.context() as cut:
-        cut.setattr(transfer, "_acknowledge_pull", acknowledgement_cut_off)
-        with pytest.raises(TransientError):
-            run_job(sync_context, job_id)
+    job_id = a_job_cut_off_before_its_pull_is_acknowledged(sync, monkeypatch)
 
     assert run_job(sync_context, job_id) == "succeeded"
 

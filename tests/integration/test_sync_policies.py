@@ -39,7 +39,7 @@ from tests.integration.sync_support import (
     LOCAL_ONLY,
     TWO_READINGS,
     Sync,
-    acknowledgement_cut_off,
+    a_job_cut_off_before_its_pull_is_acknowledged,
     allow_connections,
     central_copies,
     choose,
@@ -311,11 +311,7 @@ def test_a_local_edit_after_a_pull_whose_acknowledgement_was_cut_off_goes_up_wit
     sync.run()
     sync.central(f"UPDATE {sync.central_table} SET value = 20.0 WHERE id = 2")
 
-    with monkeypatch.context() as cut:
-        cut.setattr(transfer, "_acknowledge_pull", acknowledgement_cut_off)
-        job_id = sync.submit()
-        with pytest.raises(TransientError):
-            run_job(sync_context, job_id)
+    job_id = a_job_cut_off_before_its_pull_is_acknowledged(sync, monkeypatch)
     assert sync.local("SELECT value FROM readings WHERE id = 2") == [(20.0,)]
     sync.local("UPDATE readings SET value = 2.5 WHERE id = 2")
 

@@ -15,19 +15,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine
 from sqlalchemy.pool import NullPool
 
-import services.sync.transfer as transfer
 from services.sync import deletions, jobs
 from services.sync.context import SyncContext
 from services.sync.envelope import load_keyring
 from services.sync.jobs import run_job
 from shared.db.session import session_scope
-from shared.errors import TransientError
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.postgres_sync_support import READINGS, TWO_READINGS, open_postgres_sync
 from tests.integration.sync_support import (
     LOCAL_ONLY,
     Sync,
-    acknowledgement_cut_off,
+    a_job_cut_off_before_its_pull_is_acknowledged,
     central_copies,
     error_of,
     register,
@@ -186,11 +184,7 @@ def test_a_central_deletion_cut_off_before_its_audit_is_audited_with_its_uuid_an
     )
     assert sync.run()["status"] == "succeeded"
     sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
-    job_id = sync.submit()
-    with monkeypatch.context() as cut:
-        cut.setattr(transfer, "_acknowledge_pull", acknowledgement_cut_off)
-        with pytest.raises(TransientError):
-            run_job(sync_context, job_id)
+    job_id = a_job_cut_off_before_its_pull_is_acknowledged(sync, monkeypatch)
 
     assert run_job(sync_context, job_id) == "succeeded"
 
