@@ -7,11 +7,26 @@ every write of the service is, so a deletion carried over is not sent back.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
-from sqlalchemy import BigInteger, Column, Connection, Index, Integer, MetaData, String, Table, Text, bindparam, select
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    bindparam,
+    or_,
+    select,
+)
 from sqlalchemy.orm import Session
 
 from services.sync.changes import LOCAL_LOG, begin_applying, end_applying, pending, shut_out_writers
@@ -71,7 +86,9 @@ def audit_local_deletions(session: Session, pair: TablePair, deleted: dict[str, 
 # A pull deletes local records in the local store's transaction and audits them in the central one that acknowledges
 # the batch, after it: a batch cut off between the two commits is redone with those records gone already, and would
 # audit nothing. So the deleting transaction notes each deletion in the local store, under the central log position
-# of the batch carrying it, until a batch whose acknowledgement the `down` watermark shows has audited it.
+# of the batch carrying it and that batch's token, until a batch whose acknowledgement the `down` watermark shows
+# has audited it. The batch that audits a note forgets it by its token: a batch it overlapped (two jobs let in at
+# once) may have carried the note past that batch's own position meanwhile.
 _NOTES = MetaData()
 DELETIONS_NOTED = Table(
     "_kiln_deleted",
@@ -81,6 +98,8 @@ DELETIONS_NOTED = Table(
     Column("tbl", String(64), nullable=False),
     Column("pk", Text, nullable=False),
     Column("seq", BigInteger, nullable=False),
+    # The token of the batch that wrote the note: only that batch, or one carrying the note, forgets it by it.
+    Column("batch", String(32), nullable=False),
     # The record as the store held it, each value as typed_text; none for a table that does not send up.
     Column("record", Text),
     Index("_kiln_deleted_by_table", "source_id", "tbl"),
@@ -88,14 +107,29 @@ DELETIONS_NOTED = Table(
 _THIS_TABLE = (DELETIONS_NOTED.c.source_id == bindparam("source"), DELETIONS_NOTED.c.tbl == bindparam("table"))
 # Run by every pulled batch: made once (services/sync/watermarks.py says why).
 _NOTED = (
-    select(DELETIONS_NOTED.c.seq, DELETIONS_NOTED.c.pk, DELETIONS_NOTED.c.record)
+    select(DELETIONS_NOTED.c.seq, DELETIONS_NOTED.c.pk, DELETIONS_NOTED.c.record, DELETIONS_NOTED.c.batch)
     .where(*_THIS_TABLE)
     .order_by(DELETIONS_NOTED.c.id)
 )
-_FORGET = DELETIONS_NOTED.delete().where(*_THIS_TABLE, DELETIONS_NOTED.c.seq <= bindparam("acknowledged"))
-_CARRY = DELETIONS_NOTED.update().where(*_THIS_TABLE).values(seq=bindparam("batch"))
+_ACKNOWLEDGED = DELETIONS_NOTED.c.seq <= bindparam("acknowledged")
+_FORGET_ACKNOWLEDGED = DELETIONS_NOTED.delete().where(*_THIS_TABLE, _ACKNOWLEDGED)
+_FORGET_AUDITED = DELETIONS_NOTED.delete().where(
+    *_THIS_TABLE, or_(_ACKNOWLEDGED, DELETIONS_NOTED.c.batch.in_(bindparam("batches", expanding=True)))
+)
+_CARRY = DELETIONS_NOTED.update().where(*_THIS_TABLE).values(seq=bindparam("carried_to"))
 
 NotedDeletion = tuple[str, dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class BatchNotes:
+    """A pulled batch's notes: its own token, the deletions it carries from batches cut off before their audit
+    (each with its record as the store held it, None for a table that does not send up), and the tokens whose
+    notes it forgets once acknowledged (its own and those it carries)."""
+
+    token: str
+    unaudited: list[NotedDeletion]
+    tokens: frozenset[str]
 
 
 def create_deletion_notes(connection: Connection) -> None:
@@ -103,41 +137,47 @@ def create_deletion_notes(connection: Connection) -> None:
     _NOTES.create_all(connection, checkfirst=True)
 
 
-def note_local_deletions(local: Connection, pair: TablePair, deleted: dict[str, dict[str, Any]], *, batch: int) -> None:
+def take_notes(local: Connection, pair: TablePair, *, acknowledged: int, batch: int) -> BatchNotes:
+    """At a pulled batch's start (`batch`, its last position), in its local transaction: the deletions a batch noted
+    whose acknowledgement (with their audit rows) was cut off, carried to this batch's position so they wait for its
+    acknowledgement; those a batch acknowledged already (up to `acknowledged`) are forgotten."""
+    token = secrets.token_hex(16)
+    this = {"source": pair.source_id, "table": pair.spec.name}
+    noted = local.execute(_NOTED, this).all()
+    if not noted:
+        return BatchNotes(token, [], frozenset([token]))
+    local.execute(_FORGET_ACKNOWLEDGED, {**this, "acknowledged": acknowledged})
+    local.execute(_CARRY, {**this, "carried_to": batch})
+    carried = [note for note in noted if note.seq > acknowledged]
+    unaudited = [(note.pk, None if note.record is None else _record(note.record)) for note in carried]
+    return BatchNotes(token, unaudited, frozenset([token, *(note.batch for note in carried)]))
+
+
+def note_local_deletions(
+    local: Connection, pair: TablePair, deleted: dict[str, dict[str, Any]], *, batch: int, notes: BatchNotes
+) -> None:
     """In the transaction that deleted them: the records this pulled batch (`batch`, its last position) deleted."""
     if not deleted:
         return
-    notes = [
+    rows = [
         {
             "source_id": pair.source_id,
             "tbl": pair.spec.name,
             "pk": key,
             "seq": batch,
+            "batch": notes.token,
             "record": _record_text(row) if pair.spec.sends_up else None,
         }
         for key, row in deleted.items()
     ]
-    local.execute(DELETIONS_NOTED.insert(), notes)
+    local.execute(DELETIONS_NOTED.insert(), rows)
 
 
-def unaudited_deletions(local: Connection, pair: TablePair, *, acknowledged: int, batch: int) -> list[NotedDeletion]:
-    """Deletions a batch noted whose acknowledgement (with their audit rows) was cut off, each with its record as the
-    store held it (None for a table that does not send up). This batch (`batch`, its last position) carries them
-    from here, so they wait for its acknowledgement; those a batch acknowledged already (up to `acknowledged`) are
-    forgotten."""
-    this = {"source": pair.source_id, "table": pair.spec.name}
-    noted = local.execute(_NOTED, this).all()
-    if not noted:
-        return []
-    local.execute(_FORGET, {**this, "acknowledged": acknowledged})
-    local.execute(_CARRY, {**this, "batch": batch})
-    return [(key, None if record is None else _record(record)) for seq, key, record in noted if seq > acknowledged]
-
-
-def forget_audited_deletions(pair: TablePair, *, acknowledged: int) -> None:
+def forget_audited_deletions(pair: TablePair, *, acknowledged: int, notes: BatchNotes) -> None:
     """After the central commit that audited them (a later batch forgets them otherwise)."""
+    this = {"source": pair.source_id, "table": pair.spec.name}
     with pair.local.begin() as local:
-        local.execute(_FORGET, {"source": pair.source_id, "table": pair.spec.name, "acknowledged": acknowledged})
+        local.execute(_FORGET_AUDITED, {**this, "acknowledged": acknowledged, "batches": sorted(notes.tokens)})
 
 
 def audit_noted_deletions(session: Session, pair: TablePair, noted: list[NotedDeletion]) -> None:

@@ -57,7 +57,7 @@ from services.sync.deletions import (
     forget_bases,
     note_local_deletions,
     restore_locally,
-    unaudited_deletions,
+    take_notes,
 )
 from services.sync.hlc import ORIGIN, Stamp, stamp_edit, wall_clock_ms
 from services.sync.merge import Version, deletion, from_json, jsonable, resolve
@@ -330,25 +330,25 @@ def pull_batch(pair: TablePair) -> bool:
                 if not changes:
                     return False  # a local edit of one of these records goes up first, through the policy
             last = changes[-1].seq
-            unaudited = unaudited_deletions(local, pair, acknowledged=after, batch=last)
+            notes = take_notes(local, pair, acknowledged=after, batch=last)
             latest = {change.key: change for change in changes if change.key not in held and change.key in current}
             gone = {change.key for change in changes if change.key not in held and change.key not in current}
             begin_applying(local, LOCAL_LOG)
             refusals = _pull(local, pair, latest, current, _first_versions(session, pair, latest))
             deleted, kept = _pull_deletions(local, pair, gone)
             end_applying(local, LOCAL_LOG)
-            note_local_deletions(local, pair, deleted, batch=last)
+            note_local_deletions(local, pair, deleted, batch=last, notes=notes)
             note_pulled(local, pair, last)
         pulled = [key for key in latest if key not in refusals]
         _hold_central_edits(session, pair, held, changes, current)
-        _acknowledge_pull(session, pair, (after, last), current, pulled, deleted, unaudited)
+        _acknowledge_pull(session, pair, (after, last), current, pulled, deleted, notes.unaudited)
         _restore_all_refused(session, pair, _unless_edited_since(session, pair, {**refusals.restore, **kept}, changes))
         _hold_refused(session, pair, refusals.hold)
         _drop_refused_inserts(session, pair, _unless_edited_since(session, pair, refusals.inserts, changes))
         session.commit()
-    if deleted or unaudited:
-        forget_audited_deletions(pair, acknowledged=last)
-    moved = len(pulled) + len(deleted) + len(unaudited)
+    if deleted or notes.unaudited:
+        forget_audited_deletions(pair, acknowledged=last, notes=notes)
+    moved = len(pulled) + len(deleted) + len(notes.unaudited)
     _after_batch(pair, pulled=moved, conflicts=len(refusals) + len(kept))
     return True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.sync.changes import Change
@@ -80,13 +81,18 @@ def move_watermark_on(session: Session, pair: TablePair, direction: str, *, afte
     moved = session.connection().execute(_MOVE_ON, {**this, "old_seq": after, "new_seq": seq, "now": utcnow()})
     if moved.rowcount == 1:
         return
-    if after == 0 and direction not in watermarks(session, pair):
-        session.add(SyncWatermark(source_id=pair.source_id, table_name=pair.spec.name, direction=direction, seq=seq))
-        return
-    raise WatermarkMoved(
+    moved_meanwhile = WatermarkMoved(
         f"table {pair.spec.name!r}: its {direction} changes were acknowledged up to another position while this batch "
         f"ran from {after}; the batch is redone from there"
     )
+    if after != 0 or direction in watermarks(session, pair):
+        raise moved_meanwhile
+    first = SyncWatermark(source_id=pair.source_id, table_name=pair.spec.name, direction=direction, seq=seq)
+    try:
+        with session.begin_nested():  # the table's first position: another batch may be inserting it too
+            session.add(first)
+    except IntegrityError:
+        raise moved_meanwhile from None
 
 
 def count_moves(session: Session, pair: TablePair, *, pushed: int = 0, pulled: int = 0, conflicts: int = 0) -> None:

@@ -222,6 +222,51 @@ def test_a_pull_batch_run_between_another_batchs_two_commits_leaves_one_audit_ro
     assert sync.local("SELECT id FROM readings") == [(1,)]
 
 
+def test_a_pull_batch_acknowledged_before_another_that_carried_its_note_forgets_that_note(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other order: the second batch, its local transaction run between the first's two commits, carried the
+    first's note on to its own, later, position; the first was acknowledged first and forgot only the notes up to
+    its position, and its job's next batch audited the deletion again."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    sync.run()
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+    acknowledge_pull, forget_audited_deletions = transfer._acknowledge_pull, deletions.forget_audited_deletions
+    second_waits, first_acknowledged = threading.Event(), threading.Event()
+    second_batch: list[object] = []
+
+    def run_second_batch(pair: TablePair) -> None:
+        try:
+            second_batch.append(transfer.pull_batch(pair))
+        except Exception as error:
+            second_batch.append(error)
+
+    def batches_overlap(session: Any, pair: TablePair, *args: Any) -> None:
+        if threading.current_thread().name == "second":
+            second_waits.set()
+            assert first_acknowledged.wait(20)
+        elif not second_waits.is_set():
+            sync.central(f"UPDATE {sync.central_table} SET value = 10.0 WHERE id = 1")  # past the first's batch
+            threading.Thread(target=run_second_batch, args=(pair,), name="second").start()
+            assert second_waits.wait(20)
+        acknowledge_pull(session, pair, *args)
+
+    def forget_then_let_the_second_on(pair: TablePair, **kwargs: Any) -> None:
+        forget_audited_deletions(pair, **kwargs)
+        first_acknowledged.set()
+
+    monkeypatch.setattr(transfer, "_acknowledge_pull", batches_overlap)
+    monkeypatch.setattr(transfer, "forget_audited_deletions", forget_then_let_the_second_on)
+    job_id = sync.submit()
+
+    assert run_job(sync_context, job_id) == "succeeded"
+    [refused] = second_batch
+    assert isinstance(refused, TransientError) and "another position" in refused.message
+    assert deletions_audited(sync) == [("readings/2", "down")]
+    assert sync.job(job_id)["pulled"] == 2
+    assert sync.local("SELECT id, value FROM readings") == [(1, 10.0)]
+
+
 def test_a_central_deletion_comes_down(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
