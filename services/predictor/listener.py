@@ -25,6 +25,8 @@ class DeployListener(threading.Thread):
         self.synchronizer = synchronizer
         self.reconcile_s = reconcile_s
         self._stopping = threading.Event()
+        self._reconciles = 0  # how many this thread has run
+        self._failures = 0  # in a row, since events last came through
 
     def stop(self) -> None:
         self._stopping.set()
@@ -32,13 +34,21 @@ class DeployListener(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.is_set():
+            reconciles = self._reconciles
             try:
                 self._follow()
             except Exception:
                 # Not only a connection lost: any error (Redis refusing the SUBSCRIBE, say, an ACL without it) that
-                # ended this thread would end the reconciles too, while the process stays ready.
-                log.warning("deploy events unavailable; reconciling from the database meanwhile", exc_info=True)
-                self._reconcile()
+                # ended this thread would end the reconciles too, while the process stays ready. The traceback once,
+                # then a line a second.
+                self._failures += 1
+                log.warning(
+                    "deploy events unavailable (%d in a row); reconciling from the database meanwhile",
+                    self._failures,
+                    exc_info=self._failures == 1,
+                )
+                if self._reconciles == reconciles:  # not after _follow's own, which it got to before the error
+                    self._reconcile()
                 self._stopping.wait(1.0)
 
     def _follow(self) -> None:
@@ -49,6 +59,7 @@ class DeployListener(threading.Thread):
             next_reconcile = time.monotonic() + self.reconcile_s
             while not self._stopping.is_set():
                 message = pubsub.get_message(timeout=0.5)
+                self._failures = 0
                 if message is not None and message["type"] == "message":
                     self._on_event(message["data"])
                 if time.monotonic() >= next_reconcile:
@@ -66,6 +77,7 @@ class DeployListener(threading.Thread):
         self.synchronizer.follow_event(event.org_id)
 
     def _reconcile(self) -> None:
+        self._reconciles += 1
         try:
             self.synchronizer.sync_all()
         except Exception:

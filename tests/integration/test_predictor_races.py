@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
+from unittest.mock import ANY
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -198,14 +199,17 @@ def test_a_predictor_refused_its_subscription_keeps_reconciling_and_follows_depl
     second = register_model(engine, store, org.org_id, tiny_model(seed=2))
     third = register_model(engine, store, org.org_id, tiny_model(seed=3))
     deploy(api, org, first)
-    refused = settings.model_copy(update={"redis_url": f"redis://{name}:secret@127.0.0.1:6379/0"})
-    with start_predictor(refused, predictor_reconcile_s=1) as predictor:
+    as_the_user = urlsplit(settings.redis_url)._replace(netloc=f"{name}:secret@{urlsplit(settings.redis_url).netloc}")
+    refused = settings.model_copy(update={"redis_url": urlunsplit(as_the_user)})
+    with start_predictor(refused, predictor_reconcile_s=600) as predictor:
         assert becomes_ready(predictor) and served_version(predictor, org) == first
         deploy(api, org, second)
         assert eventually(lambda: served_version(predictor, org) == second, seconds=10)  # by its reconciles
 
+        [(_, others)] = admin.pubsub_numsub(settings.deploy_channel)
         admin.acl_setuser(name, enabled=True, commands=["+subscribe"])
-        deploy(api, org, third)
+        assert eventually(lambda: admin.pubsub_numsub(settings.deploy_channel) == [(ANY, others + 1)])
+        deploy(api, org, third)  # with its reconciles 600 s apart again, the event alone can bring it
 
         assert eventually(lambda: served_version(predictor, org) == third, seconds=10)
         assert state_of(predictor).listener.is_alive()
@@ -258,11 +262,20 @@ def test_a_request_waiting_for_an_undeploy_a_reconcile_read_before_a_deploy_gets
             return undeploy_from_cache(cache, org_id, deployment_id)
 
         monkeypatch.setattr(models.ModelCache, "undeploy", undeploy_held)
+        waiting = threading.Event()
+        under_way_or_new = state.synchronizer.follows.under_way_or_new
+
+        def request_waits(org_id: str, job: Any) -> Any:
+            follow = under_way_or_new(org_id, job)
+            waiting.set()
+            return follow
+
+        monkeypatch.setattr(state.synchronizer.follows, "under_way_or_new", request_waits)
         go_on.set()
         assert undeploying.wait(10)
         with ThreadPoolExecutor(max_workers=1) as pool:
             asking = pool.submit(served_version, predictor, org)
-            time.sleep(0.5)  # the request waits for the follow under way
+            assert waiting.wait(10)
             release.set()
             assert asking.result(timeout=10) == second
         reconcile.join(10)
