@@ -246,8 +246,8 @@ def test_a_retry_starts_after_its_backoff_on_an_idle_worker_while_the_worker_tha
     default, had that worker died), while another worker stood idle."""
     scripts = tmp_path / "scripts"
     scripts.mkdir()
-    (scripts / "slow.py").write_text("import time\ntime.sleep(30)\n")
-    backoff_s = 3.0
+    (scripts / "slow.py").write_text("import time\ntime.sleep(60)\n")
+    backoff_s = 10.0  # far longer than the first worker takes to claim the slow run once it is submitted
     settings = settings.model_copy(update={"training_scripts_dir": scripts, "run_retry_backoff_s": backoff_s})
     flaky, slow = create_org_with_keys(api, f"{org_id}-flaky"), create_org_with_keys(api, f"{org_id}-slow")
     slow_script = {"config": {"training": {"scriptPath": str(scripts / "slow.py")}}}
