@@ -4,10 +4,17 @@ pointer has passed one, nothing from before it ever serves again."""
 
 from __future__ import annotations
 
-from sqlalchemy import ScalarSelect, func, select
+from typing import Any
+
+from sqlalchemy import ColumnElement, ScalarSelect, func, select
 from sqlalchemy.orm import Session, aliased
 
 from shared.db.models import DEPLOYMENT_FAILED, CurrentDeployment, Deployment
+
+
+def _may_serve(candidate: type[Deployment], org_id: Any, pointer: Any) -> tuple[ColumnElement[bool], ...]:
+    """The rule: the org's deployments up to its pointer that were not refused; the newest of them serves."""
+    return candidate.org_id == org_id, candidate.id <= pointer, candidate.status != DEPLOYMENT_FAILED
 
 
 def serving_deployment_id() -> ScalarSelect[int]:
@@ -15,11 +22,7 @@ def serving_deployment_id() -> ScalarSelect[int]:
     candidate = aliased(Deployment)
     return (
         select(func.max(candidate.id))
-        .where(
-            candidate.org_id == CurrentDeployment.org_id,
-            candidate.id <= CurrentDeployment.deployment_id,
-            candidate.status != DEPLOYMENT_FAILED,
-        )
+        .where(*_may_serve(candidate, CurrentDeployment.org_id, CurrentDeployment.deployment_id))
         .correlate(CurrentDeployment)
         .scalar_subquery()
     )
@@ -40,8 +43,5 @@ def serving_as_of(session: Session, org_id: str, pointer: int) -> Deployment | N
     """What serves while the org's pointer is at deployment `pointer`, by the same rule: for a view that read the
     pointer already, and must not mix it with one a deploy or undeploy committed since."""
     return session.scalar(
-        select(Deployment)
-        .where(Deployment.org_id == org_id, Deployment.id <= pointer, Deployment.status != DEPLOYMENT_FAILED)
-        .order_by(Deployment.id.desc())
-        .limit(1)
+        select(Deployment).where(*_may_serve(Deployment, org_id, pointer)).order_by(Deployment.id.desc()).limit(1)
     )

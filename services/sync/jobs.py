@@ -126,15 +126,11 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch, *, last_try
     try:
         _sync_tables(context, local, source, job_id, after_batch)
     except OperationalError as error:
-        if last_try or attempt >= MAX_ATTEMPTS:
-            return _finish(context, job_id, FAILED, gave_up(f"a store was unreachable: {_first_line(error)}", attempt))
-        _finish(context, job_id, RETRYING, f"a store was unreachable, retrying: {_first_line(error)}")
-        raise TransientError(f"sync job {job_id}: a store is unreachable") from error
+        said = _first_line(error)
+        retrying, failing = f"a store was unreachable, retrying: {said}", f"a store was unreachable: {said}"
+        return _retry_or_fail(context, job_id, attempt, retrying, failing, last_try=last_try, error=error)
     except WatermarkMoved as error:  # another job's batch was let in beside this one's: nothing is lost, it retries
-        if last_try or attempt >= MAX_ATTEMPTS:
-            return _finish(context, job_id, FAILED, gave_up(error.message, attempt))
-        _finish(context, job_id, RETRYING, error.message)
-        raise TransientError(f"sync job {job_id}: {error.message}") from error
+        return _retry_or_fail(context, job_id, attempt, error.message, error.message, last_try=last_try, error=error)
     except KeptOnPremises as refusal:
         return _finish(context, job_id, REFUSED, refusal.message)  # the org turned local while the job ran
     except JobCancelled:
@@ -147,6 +143,23 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch, *, last_try
     finally:
         local.dispose()
     return _finish(context, job_id, SUCCEEDED, None)
+
+
+def _retry_or_fail(
+    context: SyncContext,
+    job_id: str,
+    attempt: int,
+    retrying: str,
+    failing: str,
+    *,
+    last_try: bool,
+    error: Exception,
+) -> str:
+    """The job reads `retrying`, and TransientError has its task tried again; on its last attempt it fails."""
+    if last_try or attempt >= MAX_ATTEMPTS:
+        return _finish(context, job_id, FAILED, gave_up(failing, attempt))
+    _finish(context, job_id, RETRYING, retrying)
+    raise TransientError(f"sync job {job_id}: {retrying}") from error
 
 
 class TableFailed(KilnError):
