@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
+from services.sync.merge import as_json
 from shared.crypto import NONCE_BYTES, SecretBox
 from shared.db.models import SyncKey
 from shared.db.types import utcnow
@@ -130,7 +131,8 @@ def _plaintext(value: Any) -> bytes:
         return _TYPED + b"I" + f"{value.days} {value.seconds} {value.microseconds}".encode()
     if isinstance(value, (bytes, memoryview)):
         return _TYPED + b"B" + bytes(value)
-    return orjson.dumps(value)
+    # A PostgreSQL array: its items as JSON keeps them (pair.py reads them back as the column's item type).
+    return orjson.dumps(value, default=as_json)
 
 
 def _value(plaintext: bytes) -> Any:

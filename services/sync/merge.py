@@ -18,6 +18,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy import Table
+from sqlalchemy.types import TypeEngine
 
 from services.sync.hlc import Stamp, after_both
 from shared.sync_tables import Policy
@@ -88,7 +89,9 @@ def as_json(value: Any) -> Any:
     """A value as a conflict record, an audit row or a base keeps it (JSON): times, decimals and UUIDs as text,
     durations (PostgreSQL's interval) as `P<days>DT<seconds>.<microseconds>S`, bytes as base64, and the floats JSON
     has no number for as their names. Fields are compared in this form, so that a field read back from its base
-    compares equal to the value it was saved from."""
+    compares equal to the value it was saved from. A PostgreSQL array's items, each so."""
+    if isinstance(value, list):
+        return [as_json(item) for item in value]
     if isinstance(value, Decimal | UUID):
         return str(value)
     if isinstance(value, timedelta):
@@ -130,10 +133,19 @@ def from_json(table: Table, row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _typed(table: Table, name: str, value: Any) -> Any:
-    if not isinstance(value, str) or name not in table.c:
+    return read_back(table.c[name].type, value) if name in table.c else value
+
+
+def read_back(column_type: TypeEngine[Any], value: Any) -> Any:
+    """A value as_json made text, read back as `column_type` holds it; an array's items (at any depth) as its item
+    type holds them."""
+    if isinstance(value, list):
+        item_type = getattr(column_type, "item_type", column_type)
+        return [read_back(item_type, item) for item in value]
+    if not isinstance(value, str):
         return value
     try:
-        parse = _FROM_TEXT.get(table.c[name].type.python_type)
+        parse = _FROM_TEXT.get(column_type.python_type)
     except NotImplementedError:
         return value
     return parse(value) if parse is not None else value

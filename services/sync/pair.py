@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from services.sync.changes import CENTRAL_LOG, shut_out_writers
 from services.sync.column_types import Check, refuse_unstorable
 from services.sync.envelope import Keyring, hold_active_key
+from services.sync.merge import read_back
 from services.sync.stores import META_COLUMNS
 from shared.db.models import SyncSource
 from shared.errors import KeptOnPremises
@@ -81,7 +82,7 @@ class TablePair:
             opened.pop(name, None)
         for name in self.spec.sensitive_columns:
             if name in opened:
-                opened[name] = self.keyring.open(opened[name], column=self._column(name))
+                opened[name] = self._opened(name, opened[name])
         return opened
 
     def plain_values(self, rows: list[list[Any]], names: list[str]) -> list[list[Any]]:
@@ -92,7 +93,15 @@ class TablePair:
                 index, column = names.index(name), self._column(name)
                 for values in rows:
                     values[index] = self.keyring.open(values[index], column=column)
+                    if isinstance(values[index], list):
+                        values[index] = read_back(self.local_table.c[name].type, values[index])
         return rows
+
+    def _opened(self, name: str, sealed: str | None) -> Any:
+        """A sealed value opened as the local column holds it: a PostgreSQL array's items, sealed as JSON keeps
+        them, read back as its item type."""
+        value = self.keyring.open(sealed, column=self._column(name))
+        return read_back(self.local_table.c[name].type, value) if isinstance(value, list) else value
 
     def _column(self, name: str) -> str:
         return f"{self.spec.name}.{name}"

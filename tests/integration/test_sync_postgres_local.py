@@ -199,6 +199,42 @@ def test_a_central_deletion_cut_off_before_its_audit_is_audited_with_its_uuid_an
     assert keyring.open(deleted["span"], column="notes.span") == timedelta(days=1, hours=2, microseconds=5)
 
 
+@pytest.mark.parametrize("policy", ["last-writer-wins", "field-merge"])
+def test_arrays_of_numbers_and_intervals_sync_through_bases_conflicts_and_deletions_sealed_or_not(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str, policy: str
+) -> None:
+    """A numeric[] or interval[] field had no JSON form in a base, a conflict, an audit row or a deletion's note:
+    the table's jobs failed for good; sealed, its items came back as text the column refused."""
+    sync = open_postgres_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        local_url,
+        policy,
+        "CREATE TABLE notes (id integer PRIMARY KEY, amounts numeric[], spans interval[], body text)",
+        "INSERT INTO notes VALUES (1, '{1.5,2.25}', '{{1 hour},{2 days}}', 'x'), (2, '{3.5}', '{2 hours}', 'y')",
+        **{**NOTES, "sensitiveColumns": ["amounts"]},
+    )
+    assert sync.run()["status"] == "succeeded"
+    sync.local("UPDATE notes SET body = 'local' WHERE id = 1")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET spans = '{{{{3 hours}},{{1 day}}}}' WHERE id = 1")
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 2")
+
+    jobs = [sync.run(), sync.run()]
+
+    assert [(job["status"], error_of(job)) for job in jobs] == [("succeeded", ""), ("succeeded", "")]
+    body = "local" if policy == "field-merge" else "x"
+    spans = [[timedelta(hours=3)], [timedelta(days=1)]]
+    assert sync.local("SELECT id, amounts, spans, body FROM notes") == [
+        (1, [Decimal("1.5"), Decimal("2.25")], spans, body)
+    ]
+    [(deleted,)] = sync.central(
+        "SELECT detail -> 'deleted' FROM audit_log WHERE org_id = :o AND action = 'sync.delete'", {"o": sync.org.org_id}
+    )
+    assert deleted["spans"] == ["P0DT7200.000000S"]
+
+
 def test_field_merge_keeps_a_local_change_to_a_sensitive_timestamp_beside_a_later_central_one(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
 ) -> None:
