@@ -43,6 +43,12 @@ def _dataset_for(session: Session, config: TrainingConfig, *, org_id: str, withi
             f"targetColumn {config.target_column!r} is not a column of dataset {dataset.id}",
             field=f"{within}targetColumn",
         )
+    if config.target_column == dataset.timestamp_column:
+        raise InvalidInput(
+            f"targetColumn {config.target_column!r} is dataset {dataset.id}'s timestampColumn: the time of a row is "
+            "no label to learn",
+            field=f"{within}targetColumn",
+        )
     missing = [name for name in config.feature_columns if name not in columns]
     if missing:
         raise InvalidInput(

@@ -64,6 +64,7 @@ def test_a_valid_config_is_queued_on_the_orgs_queue(
         ({"dataRange": {"startDate": "2024-01-01", "endDate": 1.7e9}}, "dataRange.endDate", "endDate must be an ISO"),
         ({"dataRange": {"startDate": "20240101", "endDate": "2024-02-01"}}, "dataRange.startDate", "ISO 8601"),
         ({"targetColumn": "broken"}, "targetColumn", "not a column"),
+        ({"targetColumn": "timestamp"}, "targetColumn", "timestampColumn: the time of a row is no label"),
         ({"featureColumns": ["temperature", "vibration"]}, "featureColumns", "vibration"),
         ({"featureColumns": ["temperature", "site"]}, "featureColumns", "non-numeric values: site"),
         ({"featureColumns": []}, "featureColumns", "at least 1"),
