@@ -14,6 +14,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 from sqlalchemy import Connection, inspect, select
 from sqlalchemy.engine import URL, make_url
@@ -69,6 +70,34 @@ def refuse_unsafe_parameters(url: URL, *, field: str) -> None:
             f"{', '.join(sorted(POSTGRESQL_PARAMETERS))}",
             field=field,
         )
+
+
+def refuse_malformed_host(url: URL, *, field: str) -> None:
+    """A host name no resolver can be asked for (an empty label, `a..b`, or one over 63 characters): the idna
+    codec refuses it before any lookup, so it would never resolve."""
+    try:
+        (url.host or "").encode("idna")
+    except UnicodeError:
+        raise InvalidInput(
+            f"{field}: {url.host!r} is not a host name (each dot-separated label 1 to 63 characters)", field=field
+        ) from None
+
+
+def refuse_dropped_query(given: str, url: URL, *, field: str) -> None:
+    """SQLAlchemy drops a query parameter without a value, silently: a SQLite file named `a?b.db` would be `a`,
+    and `?sslmode` would set nothing. Both are refused instead (a `?` in a file's name is written %3F)."""
+    if url.get_backend_name() == "sqlite":
+        if "?" in given:
+            raise InvalidInput(
+                f"{field}: a SQLite store's URL takes no query parameters; write a ? in the file's name as %3F",
+                field=field,
+            )
+        return
+    # The query starts at the first ? past the credentials (a password may hold a ?, never a raw @).
+    query = given.rpartition("@")[2].partition("?")[2]
+    blank = [name for name, value in parse_qsl(query, keep_blank_values=True) if not value]
+    if blank:
+        raise InvalidInput(f"{field}: the query parameters {', '.join(blank)} have no value", field=field)
 
 
 def refuse_nul(url: URL, *, field: str) -> None:
@@ -198,7 +227,7 @@ class StoreRules:
         if not self.networks or (url.host or "").lower() in self.networks:
             return url
         networks = [ipaddress.ip_network(entry) for entry in self.networks if "/" in entry]
-        addresses = _addresses(url)
+        addresses = _addresses(url, field=field)
         if not addresses or not all(any(address in network for network in networks) for address in addresses):
             raise InvalidInput(
                 f"{field}: the database server {url.host or '(this machine, by socket)'} is not on the networks "
@@ -228,10 +257,11 @@ class StoreRules:
         return Path(url.database).resolve() == Path(kiln.database).resolve()
 
 
-def _addresses(url: URL) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def _addresses(url: URL, *, field: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """What the server's name resolves to; none for a server reached by a socket of this machine."""
     if not url.host:
         return []
+    refuse_malformed_host(url, field=field)
     try:
         found = socket.getaddrinfo(url.host, url.port or 5432, proto=socket.IPPROTO_TCP)
     except socket.gaierror as error:

@@ -60,7 +60,13 @@ from shared.errors import (
 )
 from shared.schemas import problems
 from shared.storage import ObjectStore, sha256_file
-from shared.store_access import StoreRules, refuse_nul, refuse_unsafe_parameters
+from shared.store_access import (
+    StoreRules,
+    refuse_dropped_query,
+    refuse_malformed_host,
+    refuse_nul,
+    refuse_unsafe_parameters,
+)
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -403,6 +409,8 @@ def store_location(given: str, *, field: str) -> URL | Path:
         raise InvalidInput(f"{field} is not a database URL", field=field) from None
     refuse_nul(url, field=field)
     refuse_unsafe_parameters(url, field=field)  # a restore's target too, which no store rules check
+    refuse_dropped_query(given, url, field=field)
+    refuse_malformed_host(url, field=field)
     if url.get_backend_name() == POSTGRESQL:
         return url
     if url.get_backend_name() == SQLITE and url.database:

@@ -57,6 +57,10 @@ def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> Non
         ("sqlite:///relative.db", "absolute path"),
         # The driver would open "records.db?mode=ro", a file the org's folder rule never checked.
         ("sqlite:////srv/stores/records.db?uri=true&mode=ro", "takes no query parameters (mode, uri)"),
+        # SQLAlchemy drops a parameter without a value: the file read would have been /srv/stores/records.
+        ("sqlite:////srv/stores/records?2024.db", "write a ? in the file's name as %3F"),
+        ("postgresql+psycopg2://historian@scada/historian?sslmode", "the query parameters sslmode have no value"),
+        ("postgresql+psycopg2://historian@scada..plant/historian", "'scada..plant' is not a host name"),
         ("postgresql+psycopg2://historian@scada/historian?sslkey=/srv/kiln/other.key", "sslkey are not accepted"),
         ("sqlite:////srv/plant/sca%00da.db", "NUL (%00)"),
         ("postgresql+psycopg2://historian@scada:-1/historian", "port -1 is not a TCP port"),

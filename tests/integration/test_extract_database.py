@@ -309,6 +309,14 @@ def test_a_server_outside_the_store_networks_is_refused_before_connecting(tmp_pa
             read_all(url, tmp_path, plant_only)
 
 
+def test_a_server_name_no_resolver_takes_is_refused_naming_the_field(tmp_path: Path) -> None:
+    """An empty or 64-character label: the idna codec's UnicodeError came out as a traceback of `kiln backup`."""
+    plant_only = StoreRules(ORG, tmp_path, "sqlite:////nonexistent/kiln.db", networks=("10.20.0.0/16",))
+    for host in ("scada..plant", "a" * 64 + ".plant"):
+        with pytest.raises(InvalidInput, match=f"datasource: '{host}' is not a host name"):
+            plant_only.check_before_opening(make_url(f"postgresql+psycopg2://u:pw@{host}/db"), field="datasource")
+
+
 def test_a_server_on_the_store_networks_is_reached_at_the_address_checked(tmp_path: Path) -> None:
     with fresh_postgres_database() as url:
         fill_scada_table(url, 10, aware=True)

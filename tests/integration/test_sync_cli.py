@@ -888,6 +888,39 @@ def test_a_restore_refuses_a_backup_id_that_is_no_backup_id(central_settings: Se
     )
 
 
+def test_a_store_url_whose_query_would_be_dropped_is_refused_in_one_line(
+    central_settings: Settings, org_id: str, plant_store: Path, tmp_path: Path
+) -> None:
+    """SQLAlchemy drops a query parameter without a value: `plant.db?x` backed up plant.db, and a restore into
+    `restored?copy.db` wrote `restored`."""
+    backup_id = backed_up(central_settings, org_id, str(plant_store))
+
+    backup = kiln(central_settings, "backup", org_id, f"sqlite:///{plant_store}?x")
+    restore = kiln(central_settings, "restore", org_id, backup_id, f"sqlite:///{tmp_path}/restored?copy.db")
+
+    assert [backup.returncode, restore.returncode] == [1, 1]
+    assert backup.stderr == (
+        "kiln backup: source: a SQLite store's URL takes no query parameters; write a ? in the file's name as %3F\n"
+    )
+    assert "write a ? in the file's name as %3F" in restore.stderr and len(restore.stderr.splitlines()) == 1
+    assert not (tmp_path / "restored").exists()
+
+
+def test_a_store_url_whose_host_no_resolver_takes_is_refused_in_one_line(
+    central_settings: Settings, org_id: str
+) -> None:
+    """With KILN_STORE_NETWORKS set, the idna codec's error on an empty label came out as a traceback."""
+    plants_only = central_settings.model_copy(update={"store_networks": "10.20.0.0/16"})
+
+    backup = kiln(plants_only, "backup", org_id, "postgresql://plant:pw@scada..plant/records")
+
+    assert backup.returncode == 1
+    assert (
+        backup.stderr
+        == "kiln backup: source: 'scada..plant' is not a host name (each dot-separated label 1 to 63 characters)\n"
+    )
+
+
 def test_a_restore_into_a_folder_that_does_not_exist_is_refused_in_one_line(
     central_settings: Settings, org_id: str, tmp_path: Path, plant_store: Path
 ) -> None:

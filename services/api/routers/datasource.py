@@ -17,7 +17,7 @@ from shared.db.types import utcnow
 from shared.errors import InvalidInput, NotFound
 from shared.org_lock import lock_org
 from shared.settings import SHIPPED_DRIVERS
-from shared.store_access import refuse_nul, refuse_unsafe_parameters
+from shared.store_access import refuse_dropped_query, refuse_malformed_host, refuse_nul, refuse_unsafe_parameters
 from shared.stored_secrets import datasource_context
 
 router = APIRouter(prefix="/v1/orgs/{org}/datasource", tags=["datasource"])
@@ -80,6 +80,8 @@ def checked_url(text: str) -> URL:
             field="url",
         )
     refuse_unsafe_parameters(url, field="url")
+    refuse_dropped_query(text, url, field="url")
+    refuse_malformed_host(url, field="url")
     if url.port is not None and not 1 <= url.port <= 65535:
         raise InvalidInput(f"url: port {url.port} is not a TCP port (1 to 65535)", field="url")
     refuse_nul(url, field="url")
