@@ -12,12 +12,19 @@ import orjson
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, select
 
+from services.api.app import create_app
 from services.api.routers import trainings
+from shared.db.models import OutboxMessage
+from shared.outbox import KIND_TRAIN_TASK, KIND_VALIDATE_TASK
 from shared.queues import train_queue
 from shared.settings import Settings
+from shared.storage import ObjectStore
 from shared.training_checks import check_source
 from tests.integration.conftest import ADMIN, OrgKeys, config, upload
+from tests.support.models import register_model, tiny_model
+from tests.support.servers import free_port
 
 
 def runs(api: TestClient, org: OrgKeys) -> list[dict[str, Any]]:
@@ -306,3 +313,25 @@ def test_a_text_positive_class_longer_than_a_prediction_label_is_refused_and_que
     assert response.json()["field"] == "positiveClass"
     assert "at most 200 characters" in response.json()["error"]
     assert runs(api, org) == []
+
+
+def test_submissions_made_while_redis_is_out_of_reach_are_accepted_and_their_messages_wait_in_the_outbox(
+    settings: Settings, org: OrgKeys, dataset_id: str, engine: Engine, store: ObjectStore
+) -> None:
+    """The rate limit's counter lives in Redis: with Redis down, a training and a judgement answered 500, though the
+    outbox is there to keep their messages until the broker (the same Redis) is back."""
+    version = register_model(engine, store, org.org_id, tiny_model())
+    cut_off = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with TestClient(create_app(cut_off), raise_server_exceptions=False) as api:
+        training = api.post(f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=org.trainer)
+        judgement = api.post(f"/v1/orgs/{org.org_id}/models/{version}/validate", headers=org.trainer)
+
+    assert (training.status_code, judgement.status_code) == (202, 202), (training.text, judgement.text)
+    with engine.connect() as connection:
+        waiting = connection.execute(
+            select(OutboxMessage.kind, OutboxMessage.payload).where(
+                OutboxMessage.published_at.is_(None), OutboxMessage.failed_sends > 0
+            )
+        )
+        kinds = sorted(kind for kind, payload in waiting if payload["org_id"] == org.org_id)
+    assert kinds == sorted([KIND_TRAIN_TASK, KIND_VALIDATE_TASK])
