@@ -230,10 +230,13 @@ def _binary_data_size(parameters: dict[str, Any], field: str) -> int | None:
 def _json_values(data: Any, datatype: str, shape: list[int], field: str, booleans: bool) -> np.ndarray:
     """Numbers, flat or nested, row-major, never booleans (as V1 refuses them); whole numbers within range for the
     integer datatypes, numbers within range for FP16."""
+    dtype = NUMERIC_TYPES[datatype]
     values = None
     if isinstance(data, list):
         try:
             values = np.asarray(data)
+            if dtype.kind in "iu" and values.dtype.kind in "fO" and _holds_only_integers(data, values.ndim):
+                values = _integers(data, dtype)
         except (ValueError, TypeError, OverflowError, RecursionError):
             values = None  # ragged nesting, or deeper than numpy goes
     if values is None or values.dtype.kind not in "iuf" or (booleans and _holds_boolean(data, values.ndim)):
@@ -244,7 +247,6 @@ def _json_values(data: Any, datatype: str, shape: list[int], field: str, boolean
             "it flat",
             field=f"{field}.data",
         )
-    dtype = NUMERIC_TYPES[datatype]
     if not _fits(values, dtype):
         numbers = "numbers" if dtype.kind == "f" else "whole numbers"
         raise InvalidInput(
@@ -256,10 +258,27 @@ def _json_values(data: Any, datatype: str, shape: list[int], field: str, boolean
 def _holds_boolean(data: list[Any], depth: int) -> bool:
     """Whether a true or false hides among numbers, which numpy took for 1 and 0 (the nesting is even: numpy read
     it as an array of `depth` dimensions)."""
+    return bool in set(map(type, _items(data, depth)))
+
+
+def _holds_only_integers(data: list[Any], depth: int) -> bool:
+    return set(map(type, _items(data, depth))) == {int}
+
+
+def _items(data: list[Any], depth: int) -> Iterable[Any]:
     items: Iterable[Any] = data
     for _ in range(depth - 1):
         items = itertools.chain.from_iterable(items)
-    return bool in set(map(type, items))
+    return items
+
+
+def _integers(data: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
+    """Whole numbers as the integer datatype holds them: numpy reads one past INT64's range, beside smaller ones, as
+    a float (losing it) and one past UINT64's as an object. Past the datatype's range, a float that _fits refuses."""
+    try:
+        return np.asarray(data, dtype=dtype)
+    except OverflowError:
+        return np.asarray(data, dtype=np.float64)
 
 
 def _fits(values: np.ndarray, dtype: np.dtype) -> bool:

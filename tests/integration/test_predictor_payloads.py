@@ -577,6 +577,31 @@ def test_fp16_data_is_refused_exactly_when_fp16_cannot_hold_it(served: Served, c
         assert "FP16 (±65504)" in response.json()["error"]
 
 
+INTEGER_EDGES = st.sampled_from([-(2**63), -129, -1, 0, 127, 128, 255, 256, 2**63 - 1, 2**63, 2**64 - 1])
+
+
+@PROPERTY
+@given(
+    datatype=st.sampled_from(["INT8", "UINT8", "INT64", "UINT64"]),
+    cells=st.lists(st.integers(-(2**63), 2**64 - 1) | INTEGER_EDGES, min_size=6, max_size=6),
+)
+def test_whole_numbers_are_taken_exactly_when_their_integer_datatype_holds_them(
+    served: Served, datatype: str, cells: list[int]
+) -> None:
+    """numpy reads an integer past INT64's range beside smaller ones as a float: UINT64 data holding 2^63 or more
+    was refused as "not whole numbers within the range of UINT64"."""
+    limits = np.iinfo(np.dtype(datatype.lower()))
+    tensor = {"name": "input", "shape": [1, len(FEATURES)], "datatype": datatype, "data": cells}
+
+    response = served.post(orjson.dumps({"inputs": [tensor]}))
+
+    if all(limits.min <= cell <= limits.max for cell in cells):
+        assert response.status_code == 200, response.text
+    else:
+        assert (response.status_code, response.json().get("field")) == (422, "inputs[0].data"), response.text
+        assert f"within the range of {datatype}" in response.json()["error"]
+
+
 # V1 bodies written as text, where a key can be given twice (JSON parsers keep the last one)
 
 Member = tuple[str, str]  # a key and its value, as JSON text
