@@ -49,9 +49,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check $(LINTED)
 	$(VENV)/bin/mypy $(TYPED)
 
+# What `make setup` makes, never the data: the data folder holds the database, the secret key, the object store and
+# the orgs' local stores, and only its owner deletes it.
 clean:
 	if [ -x $(VENV)/bin/kiln ]; then $(VENV)/bin/kiln down; fi
-	rm -rf .kiln
+	rm -rf $(VENV) $(TOOLS)
 
 # Serving, then training benchmarks; each prints its figures (README, "What serving costs" and "What the platform
 # costs"). wrk, the load generator of bench/serve.py, is a Debian package: installed here when missing (as root).
