@@ -49,6 +49,12 @@ def _dataset_for(session: Session, config: TrainingConfig, *, org_id: str, withi
             "no label to learn",
             field=f"{within}targetColumn",
         )
+    if columns[config.target_column].get("label") is False:  # datasets uploaded before 2026-11-28 do not say
+        raise InvalidInput(
+            f"targetColumn {config.target_column!r} is {columns[config.target_column]['type']}: a target's classes "
+            "are integers, floats, booleans or text",
+            field=f"{within}targetColumn",
+        )
     missing = [name for name in config.feature_columns if name not in columns]
     if missing:
         raise InvalidInput(

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from shared.column_kinds import is_label, is_numeric
 from shared.errors import InvalidInput
 from shared.schemas import NUL, holds_nul, repeated
 
@@ -37,7 +38,10 @@ def ingest(upload: Path, output: Path, *, timestamp_column: str | None) -> Inges
     _refuse_repeated_names(_column_names(table))
     if timestamp_column is not None:
         table = _with_utc_timestamps(table, timestamp_column)
-    columns = [{"name": f.name, "type": str(f.type), "numeric": _is_numeric(f.type)} for f in table.schema]
+    columns = [
+        {"name": f.name, "type": str(f.type), "numeric": is_numeric(f.type), "label": is_label(f.type)}
+        for f in table.schema
+    ]
     if holds_nul(columns):  # a nested field's name or a zone, in a type stored in the dataset's row as a name is
         raise InvalidInput(f"the file's column types must not contain the NUL character {NUL!r}", field="file")
     pq.write_table(table, output, compression="zstd")
@@ -171,13 +175,3 @@ def _instant(text: str | None, index: int) -> datetime | None:
         return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except OverflowError:  # its zone takes it past year 1 or 9999 in UTC
         raise OutsideYears(index) from None
-
-
-def _is_numeric(kind: pa.DataType) -> bool:
-    """What the worker can turn into model input (it reads decimals as floats): the two checks must agree."""
-    return bool(
-        pa.types.is_integer(kind)
-        or pa.types.is_floating(kind)
-        or pa.types.is_boolean(kind)
-        or pa.types.is_decimal(kind)
-    )

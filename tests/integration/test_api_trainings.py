@@ -3,12 +3,17 @@ and leaves no run behind."""
 
 from __future__ import annotations
 
+import io
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -335,3 +340,31 @@ def test_submissions_made_while_redis_is_out_of_reach_are_accepted_and_their_mes
         )
         kinds = sorted(kind for kind, payload in waiting if payload["org_id"] == org.org_id)
     assert kinds == sorted([KIND_TRAIN_TASK, KIND_VALIDATE_TASK])
+
+
+@pytest.mark.parametrize(
+    ("target", "kind"),
+    [
+        (pa.array([Decimal("0.1"), Decimal("1.0")]), "decimal128(2, 1)"),
+        (pa.array([[0], [1]]), "list<element: int64>"),
+        (pa.array([None, None], type=pa.null()), "null"),
+        (pa.array([timedelta(1), timedelta(2)]), "duration[us]"),
+    ],
+)
+def test_a_target_column_of_a_type_no_class_is_made_of_is_refused_at_submission(
+    api: TestClient, org: OrgKeys, target: pa.Array, kind: str
+) -> None:
+    """Accepted with a 202, such a run failed in the worker: the api knows the uploaded columns' types."""
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"x": [0.5, 1.5], "y": target}), sink)
+    uploaded = upload(api, org, sink.getvalue(), name="data.parquet")
+    assert uploaded.status_code == 201, uploaded.text
+    body = {"datasetId": uploaded.json()["datasetId"], "targetColumn": "y", "featureColumns": ["x"]}
+
+    response = api.post(f"/v1/orgs/{org.org_id}/trainings", json=body, headers=org.trainer)
+
+    assert (response.status_code, response.json()["field"]) == (422, "targetColumn"), response.text
+    assert response.json()["error"] == (
+        f"targetColumn 'y' is {kind}: a target's classes are integers, floats, booleans or text"
+    )
+    assert runs(api, org) == []

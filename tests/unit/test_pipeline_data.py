@@ -76,7 +76,7 @@ def test_missing_feature_values_become_nan(tmp_path: Path) -> None:
         ({"x": [1.0, 2.0], "y": [1, 1]}, ["x"], "y", "targetColumn", "y", "at least 2 distinct"),
         ({"x": [1.0, 2.0, 3.0], "y": [0, None, 1]}, ["x"], "y", "targetColumn", "y", "1 missing"),
         ({"x": [1.0, 2.0, 3.0], "y": [0.0, float("nan"), 1.0]}, ["x"], "y", "targetColumn", "y", "1 missing"),
-        ({"x": [1.0, 2.0], "y": [[0], [1]]}, ["x"], "y", "targetColumn", "y", "integers, strings or booleans"),
+        ({"x": [1.0, 2.0], "y": [[0], [1]]}, ["x"], "y", "targetColumn", "y", "integers, floats, booleans or text"),
     ],
 )
 def test_data_errors_name_the_column(

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from shared.column_kinds import is_label, is_numeric
 from shared.errors import InvalidInput
 from shared.schemas import ClassValue, same_class
 
@@ -149,12 +150,13 @@ def with_positive_class(data: TrainingData, positive: ClassValue | None) -> Trai
 def _check_columns(schema: pa.Schema, feature_columns: list[str], target_column: str) -> None:
     for name in feature_columns:
         column_type = _column_type(schema, name, field="featureColumns")
-        if not _is_numeric(column_type):
+        if not is_numeric(column_type):
             raise _column_error(f"feature column {name!r} is {column_type}, not numeric", name, "featureColumns")
     target_type = _column_type(schema, target_column, field="targetColumn")
-    if not _is_categorical(target_type):
+    if not is_label(target_type):
         raise _column_error(
-            f"target column {target_column!r} is {target_type}; use integers, strings or booleans",
+            f"target column {target_column!r} is {target_type}; a target's classes are integers, floats, booleans "
+            "or text",
             target_column,
             "targetColumn",
         )
@@ -168,27 +170,6 @@ def _column_type(schema: pa.Schema, name: str, *, field: str) -> pa.DataType:
 
 def _column_error(message: str, column: str, field: str) -> InvalidInput:
     return InvalidInput(message, field=field, detail={"column": column})
-
-
-def _is_numeric(column_type: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_integer(column_type)
-        or pa.types.is_floating(column_type)
-        or pa.types.is_boolean(column_type)
-        or pa.types.is_decimal(column_type)
-    )
-
-
-def _is_categorical(column_type: pa.DataType) -> bool:
-    if pa.types.is_dictionary(column_type):
-        return _is_categorical(column_type.value_type)
-    return bool(
-        pa.types.is_integer(column_type)
-        or pa.types.is_floating(column_type)
-        or pa.types.is_boolean(column_type)
-        or pa.types.is_string(column_type)
-        or pa.types.is_large_string(column_type)
-    )
 
 
 def _timestamp_type(schema: pa.Schema, name: str) -> pa.TimestampType:
