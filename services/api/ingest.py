@@ -87,7 +87,8 @@ def _with_utc_timestamps(table: pa.Table, name: str) -> pa.Table:
     # UnicodeDecodeError: Arrow's Parquet reader takes text that is not UTF-8 as it is, and fails only to read it.
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, UnicodeDecodeError):
         raise InvalidInput(
-            f"timestampColumn {name!r} holds values that are not timestamps (e.g. 2024-01-31T12:00:00Z)",
+            f"timestampColumn {name!r} holds values that are not timestamps; write them as ISO 8601, such as "
+            "2024-01-31T12:00:00Z",
             field="timestampColumn",
         ) from None
     except OutsideYears as outside:
@@ -100,7 +101,8 @@ def _with_utc_timestamps(table: pa.Table, name: str) -> pa.Table:
             field="timestampColumn",
         ) from None
     if stamps.null_count:
-        raise InvalidInput(f"timestampColumn {name!r} has {stamps.null_count} empty values", field="timestampColumn")
+        empty = "1 empty value" if stamps.null_count == 1 else f"{stamps.null_count} empty values"
+        raise InvalidInput(f"timestampColumn {name!r} has {empty}", field="timestampColumn")
     return table.set_column(table.column_names.index(name), name, stamps)
 
 

@@ -124,12 +124,18 @@ def _refuse_feature_names(given: Any, expected: set[str], field: str) -> None:
 
 def _finite_number(value: Any, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"{field} must be a number, not {value!r}", field=field)
+        raise InvalidInput(f"{field} must be a number, not {_as_json(value)}", field=field)
     if not math.isfinite(value):
         raise InvalidInput(f"{field} must be finite", field=field)
     if abs(value) > FP32_MAX:  # the model runs on FP32, where it would be ±Inf: refused, as V2 refuses it
         raise InvalidInput(f"{field} is {value!r}, beyond FP32's range (±3.4e38), which the model runs on", field=field)
     return float(value)
+
+
+def _as_json(value: Any) -> str:
+    """A value as the client wrote it (true, null, "text"), for an error message, at most 60 characters of it."""
+    text = orjson.dumps(value, default=str).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def predictions(model: LoadedModel, probabilities: np.ndarray, bands: tuple[float, float]) -> list[dict[str, Any]]:

@@ -144,6 +144,16 @@ def test_a_timestamp_column_that_holds_no_timestamps_is_named(api: TestClient, o
     assert "not timestamps" in response.json()["error"]
 
 
+@pytest.mark.parametrize(("empty", "words"), [(1, "has 1 empty value"), (2, "has 2 empty values")])
+def test_empty_timestamps_are_counted_in_words(api: TestClient, org: OrgKeys, empty: int, words: str) -> None:
+    rows = ["2024-01-01T00:00:00Z,1.0", *[",2.0"] * empty]
+    content = "\n".join(["time,temperature", *rows]).encode()
+
+    response = upload(api, org, content, timestampColumn="time")
+
+    assert response.json() == {"error": f"timestampColumn 'time' {words}", "field": "timestampColumn", "status": 422}
+
+
 def test_a_missing_file_field_is_named(api: TestClient, org: OrgKeys) -> None:
     response = api.post(f"/v1/orgs/{org.org_id}/datasets", data={"x": "1"}, headers=org.trainer)
     assert response.status_code == 422

@@ -144,6 +144,20 @@ def test_bad_rows_are_refused_naming_the_field(
     assert served_version(predictor, serving) is not None
 
 
+@pytest.mark.parametrize(
+    ("value", "written"), [(True, "true"), (None, "null"), ("high", '"high"'), ({"k": 1}, '{"k":1}')]
+)
+def test_a_value_that_is_no_number_is_named_as_the_client_wrote_it(
+    serving: OrgKeys, predictor: TestClient, value: Any, written: str
+) -> None:
+    """The message said `not True`, `not None`, `not 'high'`: Python's words, not the client's JSON."""
+    body = {"rows": [{**ai4i_row(), "torque": value}]}
+
+    response = predictor.post(f"/v1/orgs/{serving.org_id}/predict", json=body, headers=serving.viewer)
+
+    assert response.json()["error"] == f"rows[0].torque must be a number, not {written}"
+
+
 def row_text(row: dict[str, float], *members: str) -> str:
     """A row as JSON text, with `"name": value` members appended as given: a repeated key, say."""
     return "{" + ", ".join([*(f'"{name}": {value}' for name, value in row.items()), *members]) + "}"
