@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from operator import itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     CHAR,
@@ -46,6 +46,8 @@ VERSION = "_kiln_version"
 STAMP = "_kiln_hlc"
 META_COLUMNS = (VERSION, STAMP)
 READ_CHUNK = 500
+
+T = TypeVar("T")
 
 
 def open_local(url: str, password: str | None, rules: StoreRules) -> Engine:
@@ -295,6 +297,21 @@ def refuse_unnamed_keys(connection: Connection, table: Table, column: str) -> No
         refusal = _unnamed_key(found[0], found[1], integer=integer)
         if refusal is not None:
             raise InvalidInput(f"table {table.name!r} column {column!r} record {refusal}", field="tables")
+
+
+def without_keys_holding_nul(table: str, column: str, latest: dict[str, T], records: dict[str, Any]) -> dict[str, T]:
+    """`latest` less the keys holding a NUL, which SQLite text may and PostgreSQL text may not: such a key fails the
+    job naming its record while the record is there; once it is gone (deleted, or its key put right), its change
+    has nothing to delete centrally, where no such key can be."""
+    held = [key for key in latest if "\x00" in key]
+    for key in held:
+        if key in records:
+            raise InvalidInput(
+                f"table {table!r} column {column!r} record {key!r}: a key holding a NUL character cannot be synced: "
+                "PostgreSQL text cannot hold one",
+                field="tables",
+            )
+    return {key: change for key, change in latest.items() if key not in held} if held else latest
 
 
 def _unnamed_key(kind: str, hexed: str, *, integer: bool) -> str | None:

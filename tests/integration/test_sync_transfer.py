@@ -690,6 +690,41 @@ def test_a_blob_key_written_to_a_synced_text_key_fails_the_job_naming_it_and_its
     assert sync.central(f"SELECT k, v FROM {sync.central_table} ORDER BY k DESC") == records
 
 
+def test_a_text_key_holding_a_nul_fails_every_job_naming_the_record_until_its_key_is_put_right(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """SQLite text may hold a NUL, PostgreSQL text may not: every job failed on the driver's "A string literal
+    cannot contain NUL (0x00) characters", naming neither the column nor the record. Once the key is put right,
+    its old key's change has nothing to delete centrally and the record goes up under its new key."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)",
+        "INSERT INTO t VALUES ('plain', 'a'), ('a' || char(0) || 'b', 'b')",
+        key="k",
+    )
+
+    jobs = [sync.run(), sync.run()]
+    sync.local("UPDATE t SET k = 'fixed' WHERE k = 'a' || char(0) || 'b'")
+    jobs.append(sync.run())
+
+    failed = (
+        "failed",
+        0,
+        1,
+        "table 't' column 'k' record 'a\\x00b': a key holding a NUL character cannot be synced: PostgreSQL text "
+        "cannot hold one",
+    )
+    assert [(job["status"], job["pushed"], job["attempts"], error_of(job)) for job in jobs] == [
+        failed,
+        failed,
+        ("succeeded", 2, 1, ""),
+    ]
+    assert sync.central(f"SELECT k, v FROM {sync.central_table} ORDER BY v") == [("plain", "a"), ("fixed", "b")]
+
+
 @pytest.mark.parametrize("declared", ["TEXT", "VARCHAR(20)", "CHAR(5)", "BIGINT"])
 def test_integer_and_text_keys_of_any_declared_type_sync_both_ways(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path, declared: str
