@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import NoSuchTableError
+from sqlalchemy.exc import ArgumentError, NoSuchTableError
 from sqlalchemy.types import NullType, TypeEngine
 
 from services.sync.column_types import central_type
@@ -78,6 +78,14 @@ def reflect(connection: Connection, name: str, *, field: str = "tables") -> Tabl
         return Table(name, MetaData(), autoload_with=connection)
     except NoSuchTableError:
         raise InvalidInput(f"table {name!r} is not in the store", field=field) from None
+    except ArgumentError:
+        # SQLite lets a column be named "", which SQLAlchemy cannot build a Table with, and PostgreSQL cannot name.
+        if any(not column["name"] for column in inspect(connection).get_columns(name)):
+            raise InvalidInput(
+                f"table {name!r} has a column named with empty text, which the central copy cannot have; rename it",
+                field=field,
+            ) from None
+        raise
 
 
 def check_key(table: Table, spec: SyncTable, *, local: Dialect, central_dialect: str) -> None:

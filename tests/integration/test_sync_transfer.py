@@ -870,6 +870,27 @@ def test_a_local_column_name_longer_than_postgresqls_63_bytes_fails_the_job_nami
     assert sync.central("SELECT to_regclass(:t) IS NULL", {"t": sync.central_table}) == [(True,)]
 
 
+def test_a_local_column_named_with_empty_text_fails_the_job_naming_the_table(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """SQLite takes `""` for a name; the job failed with SQLAlchemy's "Column must be constructed with a non-blank
+    name"."""
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        'CREATE TABLE t (id INTEGER PRIMARY KEY, "" REAL)',
+        "INSERT INTO t VALUES (1, 1.5)",
+    )
+
+    job = sync.run()
+
+    reason = "table 't' has a column named with empty text, which the central copy cannot have; rename it"
+    assert (job["status"], job["pushed"], error_of(job)) == ("failed", 0, reason)
+    assert sync.local("SELECT name FROM sqlite_master WHERE type = 'trigger'") == []
+
+
 def test_a_column_named_in_63_bytes_syncs_and_one_added_with_a_longer_name_waits_for_its_renaming(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
