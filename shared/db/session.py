@@ -67,6 +67,8 @@ def make_engine(
     On PostgreSQL, a connection whose peer stops acknowledging packets ends within about `timeout_s`, and each wait
     for an answer is bounded as `answers` says."""
     url = with_shipped_driver(url)
+    # A failed statement's error would quote its parameters, an org's records among them, into logs and job errors.
+    kwargs.setdefault("hide_parameters", True)
     if url.get_backend_name() == "sqlite":
         # The api, workers and predictor all open the same file: WAL lets readers run beside one writer,
         # and the busy timeout makes a second writer wait instead of failing.
@@ -89,7 +91,7 @@ def make_org_engine(url: URL, *, timeout_s: float) -> Engine:
     mode, a backup's snapshot among them. A PostgreSQL server with every wait on it bounded by `timeout_s`
     (Answers.BOUNDED): one that stops answering fails the work instead of holding its worker for ever."""
     if url.get_backend_name() == "sqlite":
-        return create_engine(url, poolclass=NullPool)
+        return create_engine(url, poolclass=NullPool, hide_parameters=True)
     return make_engine(url, timeout_s=timeout_s, answers=Answers.BOUNDED, poolclass=NullPool)
 
 
