@@ -56,11 +56,15 @@ def collect(writes: Writes) -> progress.Write:
 
 def test_a_flood_of_lines_is_a_few_writes_the_latest_last_and_the_log_says_so() -> None:
     writes: Writes = []
+    started = time.monotonic()
     with ProgressWriter(collect(writes)) as writer:
         for i in range(100_000):
             writer.feed(line(stage=f"s{i}"))
+    fed_for = time.monotonic() - started
 
-    assert len(writes) <= 4
+    # One write at the start and one each WRITE_EVERY_S while the lines came, then the latest and the note: on a
+    # busy machine the lines take longer to feed, and rightly get more writes.
+    assert len(writes) <= 2 + fed_for / progress.WRITE_EVERY_S + 2
     assert writes[-2][:2] == ("s99999", progress.TRAINING_START)
     assert writes[-1][2] is not None and writes[-1][2].startswith("the script printed 100000 progress lines;")
 
