@@ -85,15 +85,20 @@ class LocalObjectStore:
 
     def _write(self, key: str, source: BinaryIO) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_writes(target.parent)
-        handle, temp = _locked_incoming_file(target.parent)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_abandoned_writes(target.parent)
+            handle, temp = _locked_incoming_file(target.parent)
+        except OSError as error:
+            raise _refused_write(key, error) from error
         try:
             with os.fdopen(handle, "wb") as sink:
                 shutil.copyfileobj(source, sink, CHUNK)
                 os.replace(temp, target)  # while still locked: the file is never seen unlocked under its own name
-        except BaseException:
+        except BaseException as error:
             temp.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise _refused_write(key, error) from error
             raise
 
     def get_bytes(self, key: str) -> bytes:
@@ -328,6 +333,12 @@ def _missing_as_not_found(key: str) -> Iterator[None]:
         if error.code in MISSING_CODES:
             raise NotFound(f"no object at {key}") from None
         raise
+
+
+def _refused_write(key: str, error: OSError) -> TransientError:
+    """The folder refused a write (its disk full, a folder made read-only or not a folder): as an S3 store out of
+    reach, what a request answers 503 for and a run retries; the error's words, never the server's paths."""
+    return TransientError(f"the object store cannot write {key}: {error.strerror or type(error).__name__}")
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from deploy.local import ai4i
+from services.api.app import create_app
 from services.trainer import runs
 from services.trainer.context import WorkerContext
 from services.trainer.training import run_training
@@ -161,9 +162,6 @@ def test_a_missing_file_field_is_named(api: TestClient, org: OrgKeys) -> None:
 
 
 def test_an_upload_over_the_size_limit_is_refused_with_413(settings: Settings, org_id: str) -> None:
-    from services.api.app import create_app
-    from tests.integration.conftest import create_org_with_keys
-
     small = settings.model_copy(update={"max_upload_mb": 1})
     with TestClient(create_app(small)) as api:
         org = create_org_with_keys(api, org_id)
@@ -191,6 +189,25 @@ def test_an_upload_sent_without_its_length_is_refused_once_past_the_limit_and_no
         assert response.status_code == 413, response.text
         assert response.json()["field"] == "file" and "over 1 MB" in response.json()["error"]
         assert api.get(f"/v1/orgs/{org.org_id}/datasets", headers=org.viewer).json() == []
+
+
+def test_an_upload_a_folder_store_cannot_write_is_a_503_and_registers_nothing(
+    settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    """A folder store whose disk is full, or made read-only, refused the write with an OSError, answered as a 500."""
+    folder = tmp_path / "objects"
+    with TestClient(create_app(settings.model_copy(update={"object_store": f"file://{folder}"}))) as api:
+        org = create_org_with_keys(api, org_id)
+        (folder / "orgs" / org_id).mkdir(parents=True)
+        (folder / "orgs" / org_id / "datasets").write_text("a file where the datasets' folder goes")
+
+        response = upload(api, org, CSV)
+        listed = api.get(f"/v1/orgs/{org_id}/datasets", headers=org.viewer).json()
+
+    assert response.status_code == 503, response.text
+    assert response.json()["error"].startswith(f"the object store cannot write orgs/{org_id}/datasets/ds_")
+    assert response.json()["error"].endswith(": File exists") and str(tmp_path) not in response.text
+    assert listed == []
 
 
 def test_a_viewer_cannot_upload(api: TestClient, org: OrgKeys) -> None:
