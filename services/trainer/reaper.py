@@ -1,7 +1,8 @@
 """A consumer step that hands back runs whose worker died (their lease ran out, so another worker takes them, or
-they fail once out of attempts), wakes runs waiting for a slot that is free, sends the messages of retries whose
-backoff is over, and removes the files of candidates no attempt will register (services/trainer/candidates.py).
-Every worker runs it; conditional updates and row locks let only one win a run or a folder."""
+they fail once out of attempts), wakes runs waiting for a slot that is free, queues again the message of a run
+queued so long that the broker may have lost it, sends the messages of retries whose backoff is over, and removes
+the files of candidates no attempt will register (services/trainer/candidates.py). Every worker runs it;
+conditional updates and row locks let only one win a run or a folder."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from celery import bootsteps
 from sqlalchemy.pool import NullPool
 
 from services.trainer.candidates import CandidateStores, remove_abandoned
-from services.trainer.runs import reap_expired, wake_all_waiting
+from services.trainer.runs import reap_expired, requeue_lost, wake_all_waiting
 from shared.cancellation import request_cancel
 from shared.db.session import make_central_engine, make_session_factory, session_scope
 from shared.outbox import KIND_TRAIN_TASK, relay
-from shared.queues import send_train_task
+from shared.queues import broker_transport_options, send_train_task
 from shared.settings import build_settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
         self.sessions = make_session_factory(self.engine)
         self.settings = settings
         self.max_attempts = settings.run_max_attempts
+        # What the broker takes for a lost fetch: a run still queued this long after its message may have lost it.
+        self.requeue_after = timedelta(
+            seconds=broker_transport_options(settings.training_timeout_s)["visibility_timeout"]
+        )
         self.stores: CandidateStores | None = None
         self.timer_ref = consumer.timer.call_repeatedly(SWEEP_SECONDS, self.sweep, (consumer,), priority=10)
 
@@ -53,9 +58,14 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
             if handed_back:
                 log.warning("handing back %d run(s) whose worker was lost", len(handed_back))
             woken = wake_all_waiting(self.sessions)
+            requeued = requeue_lost(self.sessions, after=self.requeue_after)
+            if requeued:
+                log.warning(
+                    "queued the messages of %d run(s) again: queued that long, they may have lost them", len(requeued)
+                )
             senders = {KIND_TRAIN_TASK: lambda payload: send_train_task(consumer.app, payload)}
-            if handed_back or woken:
-                relay(self.sessions, senders, ids=[*handed_back, *woken])
+            if handed_back or woken or requeued:
+                relay(self.sessions, senders, ids=[*handed_back, *woken, *requeued])
             # Retries whose backoff is over, and messages a process that died after its commit never sent.
             relay(self.sessions, senders, min_age=timedelta(seconds=2 * SWEEP_SECONDS))
             for prefix in remove_abandoned(self.sessions, self._candidate_stores()):

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Interval, delete, func, literal, select, update
 from sqlalchemy.orm import Session
 
+from shared.audit import record_change
 from shared.cancellation import request_cancel
 from shared.db.models import CandidateFolder, Dataset, DataSource, ModelVersion, Organization, RunLog, TrainingRun
 from shared.db.row_locks import hold_sqlite_write_lock
@@ -21,15 +22,17 @@ from shared.db.session import SessionFactory, session_scope
 from shared.db.types import UTCDateTime, utcnow
 from shared.errors import KilnError
 from shared.org_lock import lock_org
-from shared.outbox import KIND_TRAIN_TASK, add_message
 from shared.retries import gave_up
 from shared.schemas import NUL, OrgConfig, TrainingConfig
+from shared.submissions import message_for
 
 TERMINAL = ("succeeded", "rejected", "failed", "cancelled")
 # A run's error is stored, logged and returned by every listing of runs: whatever a reason quotes (a path a script
 # made, a traceback), it is cut to this many characters, its start and end kept.
 MAX_REASON_CHARS = 4000
 _CUT = " […] "
+# Runs whose lost message a sweep queues again, at most, oldest first: a pass stays short whatever the backlog.
+REQUEUE_AT_ONCE = 100
 
 
 class LeaseLost(KilnError):
@@ -190,7 +193,7 @@ def wake_waiting(session: Session, org_id: str) -> list[int]:
     messages = []
     for run in waiting:
         run.waiting_for_slot = False
-        messages.append(add_message(session, kind=KIND_TRAIN_TASK, payload={"run_id": run.id, "org_id": org_id}).id)
+        messages.append(message_for(session, run.id, org_id).id)
     return messages
 
 
@@ -389,12 +392,7 @@ def requeue(sessions: SessionFactory, attempt: Attempt, reason: str, *, countdow
             )
         )
         wake_waiting(session, attempt.org_id)
-        add_message(
-            session,
-            kind=KIND_TRAIN_TASK,
-            payload={"run_id": attempt.run_id, "org_id": attempt.org_id},
-            send_after=timedelta(seconds=countdown_s),
-        )
+        message_for(session, attempt.run_id, attempt.org_id, send_after=timedelta(seconds=countdown_s))
 
 
 @dataclass(frozen=True)
@@ -474,9 +472,42 @@ def reap_expired(sessions: SessionFactory, *, max_attempts: int) -> list[int]:
         for run in expired:
             status = _hand_back(session, run, max_attempts)
             if status == "queued":
-                payload = {"run_id": run.id, "org_id": run.org_id}
-                messages.append(add_message(session, kind=KIND_TRAIN_TASK, payload=payload).id)
+                messages.append(message_for(session, run.id, run.org_id).id)
         _cancel_stranded(session)
+    return messages
+
+
+def requeue_lost(sessions: SessionFactory, *, after: timedelta) -> list[int]:
+    """Queue again the message of each run still queued `after` its message was (the broker's visibility timeout):
+    Redis restarted without its append-only file, or its queue purged, loses messages, and a run whose message is
+    gone would wait for ever. Not one waiting for a slot, which has no message by design. A copy of a message that
+    was only waiting behind a long backlog is harmless: a run is claimed once, and the later copy does nothing.
+    Returns the outbox message ids."""
+    messages = []
+    with session_scope(sessions) as session:
+        lost = session.scalars(
+            select(TrainingRun)
+            .where(
+                TrainingRun.status == "queued",
+                TrainingRun.waiting_for_slot.is_(False),
+                TrainingRun.cancel_requested.is_(False),
+                func.coalesce(TrainingRun.message_queued_at, TrainingRun.created_at) < utcnow() - after,
+            )
+            .order_by(TrainingRun.created_at)
+            .limit(REQUEUE_AT_ONCE)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for run in lost:
+            last = run.message_queued_at or run.created_at
+            messages.append(message_for(session, run.id, run.org_id).id)
+            record_change(
+                session,
+                org_id=run.org_id,
+                actor="trainer",
+                action="training.requeued",
+                target=run.id,
+                detail={"messageQueuedAt": last.isoformat()},
+            )
     return messages
 
 

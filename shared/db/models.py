@@ -95,6 +95,9 @@ class TrainingRun(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # When its latest message was queued (a retry's: when its backoff ends): a run still queued long after may have
+    # lost it, and a worker's sweep queues it again (services/trainer/runs.py, requeue_lost). None: its created_at.
+    message_queued_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (
         Index("ix_training_runs_org_created", "org_id", "created_at"),

@@ -338,7 +338,7 @@ def test_submissions_made_while_redis_is_out_of_reach_are_accepted_and_their_mes
                 OutboxMessage.published_at.is_(None), OutboxMessage.failed_sends > 0
             )
         )
-        kinds = sorted(kind for kind, payload in waiting if payload["org_id"] == org.org_id)
+        kinds = sorted(kind for kind, payload in waiting if payload.get("org_id") == org.org_id)
     assert kinds == sorted([KIND_TRAIN_TASK, KIND_VALIDATE_TASK])
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, event, text, update
 
@@ -18,10 +19,11 @@ from services.trainer import runs
 from services.trainer.heartbeat import Heartbeat
 from shared.cancellation import request_cancel
 from shared.db.migrate import upgrade
-from shared.db.models import Dataset, Organization, TrainingRun
+from shared.db.models import Dataset, Organization, OutboxMessage, TrainingRun
 from shared.db.session import SessionFactory, make_central_engine, make_engine, make_session_factory, session_scope
 from shared.db.types import utcnow
 from shared.org_lock import lock_org
+from shared.queues import train_queue
 from shared.schemas import TrainingConfig
 from shared.settings import Settings
 from shared.submissions import queue_run
@@ -577,3 +579,43 @@ def test_a_message_delivered_twice_whose_second_claim_waited_for_the_first_leave
     finally:
         first_engine.dispose()
         second_engine.dispose()
+
+
+def backdate_message(sessions: SessionFactory, run_id: str, by: timedelta) -> None:
+    with session_scope(sessions) as session:
+        session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(message_queued_at=utcnow() - by))
+
+
+def test_a_run_still_queued_long_after_its_message_has_it_queued_again_once_a_while(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, settings: Settings, run_id: str
+) -> None:
+    """Redis restarted without its append-only file: the run's message was gone, nothing sent it again, and the run
+    stayed queued for good, even across a restart of the whole stack."""
+    broker = redis.Redis.from_url(settings.redis_url)
+    broker.delete(train_queue(org.org_id))  # as a Redis restarted empty leaves it
+    backdate_message(sessions, run_id, timedelta(hours=2))
+
+    requeued = runs.requeue_lost(sessions, after=timedelta(hours=1))
+    again = runs.requeue_lost(sessions, after=timedelta(hours=1))
+
+    with sessions() as session:
+        messages = [session.get_one(OutboxMessage, message_id).payload for message_id in requeued]
+    assert messages == [{"run_id": run_id, "org_id": org.org_id}] and again == []
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.admin).json()
+    assert [row["target"] for row in audit if row["action"] == "training.requeued"] == [run_id]
+    assert run_of(api, org, run_id)["status"] == "queued"
+
+
+def test_a_run_waiting_for_a_slot_or_out_its_retry_s_backoff_is_not_queued_again(
+    sessions: SessionFactory, run_id: str
+) -> None:
+    """One waiting for a slot has no message by design; a retry's message is queued when its backoff ends."""
+    backdate_message(sessions, run_id, timedelta(hours=2))
+    with session_scope(sessions) as session:
+        session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(waiting_for_slot=True))
+    waiting = runs.requeue_lost(sessions, after=timedelta(hours=1))
+    attempt = runs.claim_run(sessions, run_id, worker="w1", lease_s=30)
+    assert attempt is not None
+    runs.requeue(sessions, attempt, "the object store is unreachable", countdown_s=7200)
+
+    assert waiting == [] and runs.requeue_lost(sessions, after=timedelta(hours=1)) == []
