@@ -15,6 +15,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from shared.errors import ArtifactIntegrityError
 from shared.layout import MODEL_FILE
+from shared.onnx_external import external_data_of, keeps_data_outside
 from shared.schemas import ClassValue, same_class
 from shared.storage import ObjectStore, get_verified_bytes
 
@@ -103,6 +104,9 @@ def load_model(store: ObjectStore, deployed: DeployedVersion) -> LoadedModel:
     that answers wrong. Anything else (the store out of reach, no object at the key) is no verdict on the version.
     """
     data = get_verified_bytes(store, deployed.artifact_prefix + MODEL_FILE, deployed.sha256)
+    outside = external_data_of(data)
+    if outside:
+        raise ArtifactIntegrityError(f"{deployed.version}: {keeps_data_outside(outside)}, which Kiln does not load")
     try:
         session = ort.InferenceSession(data, _session_options(), providers=["CPUExecutionProvider"])
         model = LoadedModel(deployed=deployed, session=session, size_bytes=len(data))

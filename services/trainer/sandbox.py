@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -40,7 +41,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal
+from typing import IO, Any, BinaryIO, Literal
 
 from pydantic.alias_generators import to_camel
 
@@ -541,12 +542,12 @@ class _OutputTail:
         return True
 
     def _next_chunk(self) -> bytes:
-        try:
-            with self._path.open("rb") as file:
-                file.seek(self._offset)
-                chunk = file.read(_CHUNK_BYTES)
-        except FileNotFoundError:
+        file = _open_log(self._path)
+        if file is None:
             return b""
+        with file:
+            file.seek(self._offset)
+            chunk = file.read(_CHUNK_BYTES)
         self._offset += len(chunk)
         return chunk
 
@@ -561,12 +562,28 @@ class _OutputTail:
 
 def _file_tail(path: Path) -> str:
     """The end of a file, from its first whole line within the last few KB."""
-    with suppress(FileNotFoundError), path.open("rb") as file:
+    file = _open_log(path)
+    if file is None:
+        return ""
+    with file:
         size = file.seek(0, os.SEEK_END)
         file.seek(max(0, size - _STDERR_TAIL_BYTES))
-        text = file.read().decode(errors="replace")
+        text = file.read(_STDERR_TAIL_BYTES).decode(errors="replace")
         return text if size <= _STDERR_TAIL_BYTES else text.partition("\n")[2]
-    return ""
+
+
+def _open_log(path: Path) -> BinaryIO | None:
+    """A log the script writes, in the folder it may write: opened only while it is still a regular file, never
+    through a link (the worker would read, into the run's error, any file it may: its secret key), a FIFO (it
+    would wait on it for good) or a device (/dev/zero, without end). None for a log missing or so replaced."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        return None
+    return os.fdopen(descriptor, "rb")
 
 
 def _confinement(script: Path, workdir: Path) -> dict[str, list[str]]:

@@ -37,6 +37,7 @@ from shared.db.models import Dataset, TrainingRun
 from shared.db.session import DATABASE_TROUBLE, driver_message, out_of_reach, session_scope
 from shared.errors import InvalidInput, KilnError, Stopped, TransientError
 from shared.layout import MODEL_FILE, model_prefix
+from shared.onnx_external import external_data_of, keeps_data_outside
 from shared.outbox import relay
 from shared.retries import gave_up
 from shared.schemas import DataRange, unfit_text
@@ -295,6 +296,14 @@ class _Steps:
         collected = collect_outputs(outputs, workdir, max_model_bytes=gate, max_metrics_bytes=MAX_METRICS_BYTES)
         if collected.model_size is None:
             raise InvalidInput(f"the training script wrote no {MODEL_FILE} into outputPath", field="trainingScript")
+        model_file = collected.folder / MODEL_FILE
+        outside = external_data_of(model_file.read_bytes()) if model_file.is_file() else []  # over the size gate
+        if outside:
+            raise InvalidInput(
+                f"the training script's {MODEL_FILE} {keeps_data_outside(outside)}: Kiln takes self-contained models "
+                "only, which it never reads a file for",
+                field="trainingScript",
+            )
         self.log(
             "exported",
             f"{MODEL_FILE}: {collected.model_size} bytes; script used "

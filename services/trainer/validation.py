@@ -24,6 +24,7 @@ from services.trainer.pipeline.validate import (
     measure_serving,
     per_class_metrics,
 )
+from shared.onnx_external import external_data_of, keeps_data_outside
 from shared.schemas import OrgConfig
 
 CHUNK_ROWS = 100_000
@@ -70,6 +71,9 @@ def judge(
 
         `footprint` is a memory probe of these bytes started earlier, while the caller had a core to spare; without
         one, the probe starts here and loads while this process does the rest."""
+    outside = external_data_of(model)
+    if outside:  # before any process loads it, the memory probe's included
+        return unhealthy(len(model), gates, f"{keeps_data_outside(outside)}, which Kiln does not load")
     with footprint or FootprintProbe.start(model, holdout.features.shape[1]) as probe:
         try:
             served = _served_probabilities(model, holdout.features, len(holdout.classes))

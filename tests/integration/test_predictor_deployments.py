@@ -34,7 +34,7 @@ from tests.integration.predictor_support import (
     served_version,
     start_predictor,
 )
-from tests.support.models import FEATURES, ai4i_row, nan_model, register_model, tiny_model
+from tests.support.models import FEATURES, ai4i_row, model_reading_a_file, nan_model, register_model, tiny_model
 from tests.support.polling import eventually
 from tests.support.threaded_server import serving_in_thread
 
@@ -52,12 +52,14 @@ BROKEN: dict[str, Callable[[Engine, ObjectStore, str], str]] = {
     ),
     "sha256 mismatch": tampered,
     "NaN on warm-up": lambda engine, store, org_id: register_model(engine, store, org_id, nan_model()),
+    "external data": lambda engine, store, org_id: register_model(engine, store, org_id, model_reading_a_file()),
 }
 REASONS = {
     "corrupt ONNX": "InvalidProtobuf|INVALID_PROTOBUF|Failed to load",
     "wrong input signature": "expected one input",
     "sha256 mismatch": "does not match the recorded",
     "NaN on warm-up": "warm-up gave",
+    "external data": r"keeps tensor data in files outside it \('secret_key'\), which Kiln does not load",
 }
 
 

@@ -43,6 +43,7 @@ from tests.integration.conftest import (
     upload_table,
 )
 from tests.integration.plant_database_support import START, write_scada_table
+from tests.support.models import model_reading_a_file
 from tests.support.servers import free_port, fresh_postgres_database
 from tests.support.workspaces import workspace_holder
 
@@ -570,6 +571,28 @@ def test_an_output_that_is_no_regular_file_fails_the_run_and_is_never_read(
 
     run = run_of(api, org, run_id)
     assert f"the training script's {reason}; outputPath must hold regular files" in run["error"]
+    assert run["version"] is None
+
+
+def test_a_model_whose_tensors_name_files_fails_the_run_before_any_process_loads_it(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    """onnxruntime reads an external-data tensor from the working directory of the process loading the model (the
+    worker, its memory probe, a predictor): a script read the embedded stack's .kiln/secret_key out that way, 7
+    bytes a run, through the validation note."""
+    model = model_reading_a_file(".kiln/secret_key")
+    action = f'open(out + "/model.onnx", "wb").write({model!r})'
+    script = install_script(scripts_dir, "outside.py", then(action))
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+
+    assert run_training(run_id, script_worker) == "failed"
+
+    run = run_of(api, org, run_id)
+    assert run["error"] == (
+        "the training script's model.onnx keeps tensor data in files outside it ('.kiln/secret_key'): Kiln takes "
+        "self-contained models only, which it never reads a file for"
+    )
     assert run["version"] is None
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 import lightgbm
+import onnx
 from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session
 
@@ -49,6 +50,18 @@ def tiny_multiclass_model(trees: int = 10) -> tuple[bytes, list[str]]:
         data = load_training_data(path, feature_columns=FEATURES, target_column="failure_type")
     params = {"objective": "multiclass", "num_iterations": trees, "num_leaves": 7, "verbosity": -1}
     return booster_to_onnx(fit_booster(data, params), len(FEATURES)), [str(label) for label in data.classes]
+
+
+def model_reading_a_file(location: str = "secret_key") -> bytes:
+    """A tiny model given one more initializer whose values ONNX external data keeps in the file `location`, which
+    onnxruntime would read from its process's working directory."""
+    model = onnx.load_model_from_string(tiny_model(seed=4))
+    outside = onnx.TensorProto(name="outside", data_type=onnx.TensorProto.UINT8, dims=[7])
+    outside.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "7")):
+        outside.external_data.add(key=key, value=value)
+    model.graph.initializer.append(outside)
+    return bytes(model.SerializeToString())
 
 
 def register_model(engine: Engine, store: ObjectStore, org_id: str, model: bytes, **kwargs: object) -> str:

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -407,6 +408,43 @@ def test_a_flood_of_output_does_not_keep_a_script_past_its_timeout(sandbox: Sand
 
     assert outcome.result.reason() == "timed out after 2 s (the org's limit)"
     assert time.monotonic() - started < 2 + STOP_WITHIN_S
+
+
+WORKER_SECRET = "worker-only-0123456789"
+LOG_REPLACEMENTS = {
+    "stderr-link-to-a-worker-file": ("stderr.log", "os.symlink({secret!r}, 'stderr.log')"),
+    "stdout-link-to-a-worker-file": ("stdout.log", "os.symlink({secret!r}, 'stdout.log')"),
+    "stderr-fifo": ("stderr.log", "os.mkfifo('stderr.log')"),
+    "stdout-fifo": ("stdout.log", "os.mkfifo('stdout.log')"),
+    "stderr-link-to-dev-zero": ("stderr.log", "os.symlink('/dev/zero', 'stderr.log')"),
+    "stdout-link-to-dev-zero": ("stdout.log", "os.symlink('/dev/zero', 'stdout.log')"),
+}
+
+
+@pytest.mark.parametrize(("log", "replacement"), LOG_REPLACEMENTS.values(), ids=LOG_REPLACEMENTS.keys())
+def test_a_log_the_script_replaces_is_read_as_no_output(
+    sandbox: Sandbox, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, log: str, replacement: str
+) -> None:
+    """The worker read the script's logs by their names, in the folder the script writes: a link had it read any
+    file it may into the run's error (its secret key), a FIFO held it for good, /dev/zero filled its memory."""
+    secret = tmp_path_factory.mktemp("worker") / "secret_key"  # beside, not beneath, the script's readable folder
+    secret.write_text(WORKER_SECRET + "\n")
+    source = f"""
+        import os, sys
+        print("started", flush=True)
+        os.remove({log!r})
+        {replacement.format(secret=str(secret))}
+        sys.exit(3)
+    """
+    finished: list[Outcome] = []
+    running = threading.Thread(target=lambda: finished.append(run(sandbox, tmp_path, source)), daemon=True)
+    running.start()
+    running.join(LIMITS.timeout_s + STOP_WITHIN_S)
+
+    assert finished, "the worker was still reading the script's log"
+    assert finished[0].result.reason() == "exited with 3: (nothing on stderr)"
+    assert WORKER_SECRET not in str(finished[0])
+    assert_runs_a_good_script(sandbox, tmp_path)
 
 
 def test_nothing_a_script_started_outlives_its_run(sandbox: Sandbox, tmp_path: Path) -> None:
