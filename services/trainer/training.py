@@ -208,6 +208,8 @@ class _Steps:
         return Cancelled("cancelled")
 
     def extract(self, workdir: Path) -> TrainingData:
+        """The org's rows, read into memory; their file is gone before the script runs in the same folder: it holds
+        the held-out rows too, which a script that read them could fit to, and pass the gates with."""
         self.enter("extracting", 5)
         source, target = self.attempt.source, workdir / "source.parquet"
         try:
@@ -216,6 +218,8 @@ class _Steps:
             return self._read_dataset(source, target)
         except Stopped:
             raise self._stopped() from None
+        finally:
+            target.unlink(missing_ok=True)
 
     def _read_database(self, source: DatabaseSource, target: Path) -> TrainingData:
         config = self.attempt.config

@@ -574,6 +574,26 @@ def test_an_output_that_is_no_regular_file_fails_the_run_and_is_never_read(
     assert run["version"] is None
 
 
+def test_a_script_finds_no_held_out_row_in_its_folder(
+    api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
+) -> None:
+    """The extracted rows, held-out ones included, stayed in source.parquet beside train.parquet, where a script
+    could read the held-out rows and fit to them, passing the gates with a model that had seen its judges' data."""
+    look = """
+        import os, sys
+        folder = os.path.dirname(sys.argv[1])
+        others = sorted(name for name in os.listdir(folder) if name.endswith(".parquet") and name != "train.parquet")
+        if others:
+            sys.exit("found " + ", ".join(others))
+    """
+    script = install_script(scripts_dir, "curious.py", textwrap.dedent(look) + textwrap.dedent(then("pass")))
+    set_org_config(api, org, {"training": {"scriptPath": script}})
+    run_id = submit(api, org, upload_table(api, org, ai4i.generate(2_000, seed=1), tmp_path))
+
+    # Judged, whatever the gates made of 2,000 rows: the script found nothing to exit for.
+    assert run_training(run_id, script_worker) in ("succeeded", "rejected"), run_of(api, org, run_id)["error"]
+
+
 def test_a_model_whose_tensors_name_files_fails_the_run_before_any_process_loads_it(
     api: TestClient, org: OrgKeys, script_worker: WorkerContext, scripts_dir: Path, tmp_path: Path
 ) -> None:
