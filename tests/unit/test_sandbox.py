@@ -131,6 +131,17 @@ MISBEHAVIOURS = {
         replace(LIMITS, max_file_mb=2, disk_mb=20),
         "filled its workspace past the disk quota (limit 20 MB)",
     ),
+    "holds memory in a memory file": (  # which no address-space limit counts
+        """
+        import os, sys
+        try:
+            os.memfd_create("hoard")
+        except PermissionError as error:
+            sys.exit(f"refused: {error.strerror}")
+        """,
+        LIMITS,
+        "exited with 1: refused: Permission denied",
+    ),
     "segfaults": ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", LIMITS, "killed by SIGSEGV"),
     "raises": (RAISES, LIMITS, "exited with 1: "),
     "exits with a message": ("import sys\nsys.exit('bad config')", LIMITS, "exited with 1: bad config"),

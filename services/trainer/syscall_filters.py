@@ -1,14 +1,17 @@
-"""Keeping a training script off the UNIX sockets of the worker's machine, with a seccomp filter.
+"""Seccomp filters the zygote's child installs before it runs a training script: off the machine's UNIX sockets
+when the script has no network, and off memory-backed files always.
 
 A network namespace of its own cuts the script off every TCP/IP network, but not off socket files: a database, a
 broker or a container runtime listening on one (/var/run/postgresql/.s.PGSQL.5432, /var/run/docker.sock) stays
 reachable by path, and Landlock does not govern connecting to one. After `forbid_unix_sockets()` the process, and
 whatever it starts, cannot make a UNIX socket at all (socket(2) fails with EACCES), nor set up io_uring, which
-could make one without the system call. Pipes and socketpair(2), which reach nothing outside, still work. Nothing
-the process does can lift the filter.
+could make one without the system call. Pipes and socketpair(2), which reach nothing outside, still work.
 
-Called in the zygote's child (zygote.py) when the script runs without a network. The calls go through ctypes: Python
-has no binding for seccomp.
+A file made by memfd_create(2) lives in memory that no address-space limit counts: three of 1 GB each held 3 GB
+of a machine's memory under a script limited to 300 MB. After `forbid_memory_files()` the call fails with EACCES.
+(The script's other files are on the workspace's disk, measured against its quota; /dev/shm is out of its reach.)
+
+Nothing the process does can lift a filter. The calls go through ctypes: Python has no binding for seccomp.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ _AF_UNIX = 1
 _IO_URING_SETUP = 425  # the same on every architecture, as it came after the tables were unified
 # x86-64's system calls of the x32 ABI carry this bit: the same calls by other numbers, refused whole.
 _X32_SYSCALL_BIT = 0x40000000
-# By machine: the audit architecture a system call of its native ABI reports, and socket(2)'s number there.
-_NATIVE = {"x86_64": (0xC000003E, 41), "aarch64": (0xC00000B7, 198)}
+# By machine: the audit architecture a system call of its native ABI reports, and the numbers of socket(2) and
+# memfd_create(2) there.
+_NATIVE = {"x86_64": (0xC000003E, 41, 319), "aarch64": (0xC00000B7, 198, 279)}
 
 # Classic BPF, as seccomp runs it over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}.
 _LOAD_WORD = 0x20  # BPF_LD | BPF_W | BPF_ABS
@@ -53,19 +57,49 @@ class FilterUnavailable(OSError):
 def forbid_unix_sockets() -> None:
     """From now on this process, and whatever it starts, can make no UNIX socket; FilterUnavailable if the filter
     cannot be installed."""
+    arch, socket_call, _ = _native_calls("UNIX socket")
+    _install(_program(arch, socket_call), "cannot keep the training script off UNIX sockets")
+
+
+def forbid_memory_files() -> None:
+    """From now on this process, and whatever it starts, can make no memfd_create(2) file; FilterUnavailable if the
+    filter cannot be installed."""
+    arch, _, memfd_call = _native_calls("memory file")
+    _install(_memory_files_program(arch, memfd_call), "cannot keep the training script off memory files")
+
+
+def _native_calls(what: str) -> tuple[int, int, int]:
     machine = platform.machine()
     if machine not in _NATIVE:
-        raise FilterUnavailable(errno.ENOSYS, f"no UNIX socket filter for {machine} machines")
-    arch, socket_call = _NATIVE[machine]
-    instructions = (_Instruction * 11)(*_program(arch, socket_call))
-    program = _Program(len(instructions), instructions)
+        raise FilterUnavailable(errno.ENOSYS, f"no {what} filter for {machine} machines")
+    return _NATIVE[machine]
+
+
+def _install(program: list[_Instruction], failure: str) -> None:
+    instructions = (_Instruction * len(program))(*program)
+    compiled = _Program(len(instructions), instructions)
     libc = ctypes.CDLL(None, use_errno=True)
     # Without it only a process holding CAP_SYS_ADMIN may install a filter; the script gains no privilege later.
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.prctl(
-        _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(program), 0, 0
+        _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(compiled), 0, 0
     ):
         error = ctypes.get_errno()
-        raise FilterUnavailable(error, f"cannot keep the training script off UNIX sockets: {os.strerror(error)}")
+        raise FilterUnavailable(error, f"{failure}: {os.strerror(error)}")
+
+
+def _memory_files_program(arch: int, memfd_call: int) -> list[_Instruction]:
+    """Refuse memfd_create, x32 calls and calls of another ABI (where it has other numbers); allow the rest."""
+    refuse = _SECCOMP_RET_ERRNO | errno.EACCES
+    return [
+        _Instruction(_LOAD_WORD, 0, 0, _ARCH),  # 0
+        _Instruction(_JUMP_IF_EQUAL, 1, 0, arch),  # 1: native: 3, else 2
+        _Instruction(_RETURN, 0, 0, refuse),  # 2
+        _Instruction(_LOAD_WORD, 0, 0, _NR),  # 3
+        _Instruction(_JUMP_IF_AT_LEAST, 1, 0, _X32_SYSCALL_BIT),  # 4: x32: 6
+        _Instruction(_JUMP_IF_EQUAL, 0, 1, memfd_call),  # 5: memfd_create: 6, else 7
+        _Instruction(_RETURN, 0, 0, refuse),  # 6
+        _Instruction(_RETURN, 0, 0, _SECCOMP_RET_ALLOW),  # 7
+    ]
 
 
 def _program(arch: int, socket_call: int) -> list[_Instruction]:
