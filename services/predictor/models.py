@@ -57,7 +57,15 @@ class DeployedVersion:
     def normal_column(self) -> int | None:
         """A multiclass model's column of the probabilities for the org's normal class, if it names one the model
         has. Told at serving time only: the org's config names a class for every version to come."""
-        if len(self.classes) == 2 or self.normal_class is None:
+        if len(self.classes) == 2:
+            return None
+        if self.normal_class is None:
+            log.warning(
+                "org %s: %s is multiclass and the org names no normalClass (config.predictions.normalClass): its "
+                "answers have no riskLevel",
+                self.org_id,
+                self.version,
+            )
             return None
         column = next((i for i, value in enumerate(self.classes) if same_class(value, self.normal_class)), None)
         if column is None:

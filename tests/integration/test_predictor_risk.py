@@ -4,12 +4,14 @@ the class the org names normal (`config.predictions.normalClass`), and no risk l
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
+from services.predictor import models
 from services.predictor.inference import risk_level
 from shared.settings import Settings
 from shared.storage import ObjectStore
@@ -72,19 +74,30 @@ def test_a_healthy_row_of_a_multiclass_model_is_low_risk_when_the_org_names_its_
 
 
 @pytest.mark.parametrize("normal", [None, "healthy", 0], ids=["none named", "not a class", "of another type"])
-def test_a_multiclass_model_without_its_orgs_normal_class_answers_no_risk_level(
-    api: TestClient, multiclass: OrgKeys, settings: Settings, normal: str | int | None
+def test_a_multiclass_model_without_its_orgs_normal_class_answers_no_risk_level_and_the_log_says_why(
+    api: TestClient,
+    multiclass: OrgKeys,
+    settings: Settings,
+    normal: str | int | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """No telling a risk from the winning class: null, in the answer and in the record, rather than a guess."""
+    """No telling a risk from the winning class: null, in the answer and in the record, rather than a guess. An
+    org upgraded from before normalClass lost its risk levels with no word in the log when it named none."""
     configure(api, multiclass, {"record": True, "normalClass": normal})
-    with start_predictor(settings) as predictor:
-        assert becomes_ready(predictor)
-        answered = answers(predictor, multiclass)
-        assert eventually(lambda: len(records_of(api, multiclass)) == 2)
+    logging.getLogger(models.__name__).addHandler(caplog.handler)  # Kiln's loggers do not propagate to the root
+    try:
+        with start_predictor(settings) as predictor:
+            assert becomes_ready(predictor)
+            answered = answers(predictor, multiclass)
+            assert eventually(lambda: len(records_of(api, multiclass)) == 2)
+    finally:
+        logging.getLogger(models.__name__).removeHandler(caplog.handler)
 
     assert answered[0]["label"] == "none"
     assert [answer["riskLevel"] for answer in answered] == [None, None]
     assert [record["riskLevel"] for record in records_of(api, multiclass)] == [None, None]
+    why = "names no normalClass" if normal is None else "is not a class of"
+    assert any(why in record.getMessage() and multiclass.org_id in record.getMessage() for record in caplog.records)
 
 
 def test_a_binary_model_grades_its_positive_class_whatever_normal_class_is_named(
