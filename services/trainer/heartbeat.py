@@ -52,6 +52,7 @@ class Heartbeat:
 
     def _beat(self) -> None:
         renewed = time.monotonic()
+        failures = 0  # since the lease was last renewed: the traceback once, then a line each
         while not self._done.wait(CHECK_S):
             sent = time.monotonic()
             renewing = sent - renewed >= self.lease_s / 3
@@ -60,9 +61,16 @@ class Heartbeat:
             except LeaseLost:
                 self.lost.set()
                 return
-            except Exception:
+            except Exception as error:
                 # The database may come back before the lease runs out; until then the attempt goes on.
-                log.warning("run %s: lease renewal failed", self.attempt.run_id, exc_info=True)
+                failures += 1
+                log.warning(
+                    "run %s: lease renewal failed (%d since it was last renewed): %s",
+                    self.attempt.run_id,
+                    failures,
+                    type(error).__name__,
+                    exc_info=failures == 1,
+                )
                 if time.monotonic() - renewed >= self.lease_s:
                     self.lost.set()
                     return
@@ -74,7 +82,7 @@ class Heartbeat:
                 self.lost.set()
                 return
             if renewing:
-                renewed = sent
+                renewed, failures = sent, 0
             if cancel:
                 self.cancelled.set()
 

@@ -565,7 +565,7 @@ def _storable(text: str) -> str:
 
 
 def _after_lost_worker(run: TrainingRun, max_attempts: int, *, cancel: bool) -> tuple[str, str]:
-    lost = f"attempt {run.attempts} stopped renewing its lease (worker {run.worker} lost)"
+    lost = f"attempt {run.attempts} stopped renewing its lease (worker {run.worker} lost, or cut off from the database)"
     if cancel:
         return "cancelled", f"cancelled; {lost}"
     if run.attempts >= max_attempts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, event, text, update
 
+from services.trainer import heartbeat as heartbeat_module
 from services.trainer import runs
 from services.trainer.heartbeat import Heartbeat
 from shared.cancellation import request_cancel
@@ -153,21 +155,30 @@ def test_an_attempt_whose_lease_ran_out_cannot_renew_it_once_its_slot_went_to_an
     assert (queue["running"], queue["maxConcurrentTrainings"]) == (1, 1)
 
 
-def test_an_attempt_cut_off_from_the_database_for_its_lease_stops(sessions: SessionFactory, run_id: str) -> None:
-    """Past its lease another worker may have taken the run over: two scripts of one run would run at once."""
+def test_an_attempt_cut_off_from_the_database_for_its_lease_stops_logging_one_traceback(
+    sessions: SessionFactory, run_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past its lease another worker may have taken the run over: two scripts of one run would run at once. Each
+    failed look logged a whole traceback, one a second for as long as an outage lasted."""
     attempt = runs.claim_run(sessions, run_id, worker="w1", lease_s=2)
     assert attempt is not None
     unreachable = make_session_factory(
         create_engine(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/kiln", pool_pre_ping=False)
     )
 
+    logging.getLogger(heartbeat_module.__name__).addHandler(caplog.handler)  # Kiln's loggers do not propagate
     try:
         with Heartbeat(unreachable, attempt, lease_s=2) as heartbeat:
             lost = heartbeat.lost.wait(timeout=30)
     finally:
+        logging.getLogger(heartbeat_module.__name__).removeHandler(caplog.handler)
         end_run(sessions, run_id)  # as a sweep would: no later test's sweep may find it expired
 
     assert lost and not heartbeat.cancelled.is_set()
+    # Each record once: the handler hears it directly, and again through the root where logging propagates.
+    logged = {id(record): record for record in caplog.records if "lease renewal failed" in record.getMessage()}
+    tracebacks = [bool(record.exc_info) for record in logged.values()]
+    assert len(tracebacks) >= 2 and tracebacks.count(True) == 1
 
 
 def lease_of(sessions: SessionFactory, run_id: str) -> object:
