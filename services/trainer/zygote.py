@@ -44,7 +44,7 @@ import sys
 import tempfile
 import traceback
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from typing import IO, Any, NoReturn
 
@@ -189,27 +189,50 @@ def _become_subreaper() -> None:
 
 
 def _kill_strays() -> None:
-    """Kill and reap every child the zygote has once a run's script has ended: one run at a time, so each is
-    something that run left behind. Killing one hands its own children to the zygote, so this goes on until none
-    is left."""
-    while strays := _children():
+    """Kill and reap everything the zygote's runs left, once a run's script has ended: one run at a time, so each
+    descendant is something that run left behind. All of them are killed at once, from one look at the process
+    table: killing them a generation at a time took one look per generation, and a chain of 2,500 processes
+    outlasted the worker's patience, which then killed the zygote and left most of them running. Killed together,
+    the ones whose parents die too come to the zygote (a subreaper) as zombies; the next look reaps those, and
+    kills anything forked meanwhile."""
+    while strays := _descendants():
         for pid in strays:
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        for pid in strays:
+        for pid in set(_children()).intersection(strays):  # not one forked since the look: it lives until the next
             with suppress(ChildProcessError):
                 os.waitpid(pid, 0)
 
 
-def _children() -> list[int]:
-    me, found = os.getpid(), []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with suppress(OSError, IndexError, ValueError), open(f"/proc/{entry.name}/stat", "rb") as stat:
-                # After the command's closing parenthesis (the command may hold any character): state, ppid.
-                if int(stat.read().rsplit(b")", 1)[1].split()[1]) == me:
-                    found.append(int(entry.name))
+def _descendants() -> list[int]:
+    """Every process below the zygote, from one look at /proc."""
+    children: dict[int, list[int]] = {}
+    for pid, parent in _parents():
+        children.setdefault(parent, []).append(pid)
+    found, below = [], children.get(os.getpid(), [])
+    while below:
+        found.extend(below)
+        below = [child for pid in below for child in children.get(pid, [])]
     return found
+
+
+def _children() -> list[int]:
+    me = os.getpid()
+    return [pid for pid, parent in _parents() if parent == me]
+
+
+def _parents() -> Iterator[tuple[int, int]]:
+    """Each process's pid and its parent's; a process gone meanwhile is left out."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                # After the command's closing parenthesis (the command may hold any character): state, ppid.
+                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        yield int(entry.name), parent
 
 
 def _kill_group(child: int) -> None:

@@ -22,6 +22,7 @@ from shared.errors import InvalidInput
 from shared.schemas import LIMIT_MAXIMA, OrgConfig, TrainingPolicyInput
 from shared.settings import Settings
 from shared.workspaces import WorkspaceError
+from tests.support.polling import eventually
 from tests.support.workspaces import workspace_holder
 
 LIMITS = Limits(timeout_s=30, cpu_s=30, memory_mb=2048, max_file_mb=10, max_open_files=64, disk_mb=1024)
@@ -487,6 +488,44 @@ def test_what_a_script_started_in_a_session_of_its_own_does_not_outlive_the_run_
     assert escaped == "True"
     assert _gone(int(pid))
     assert_runs_a_good_script(sandbox, tmp_path)
+
+
+CHAIN = 1500
+
+
+def test_a_deep_chain_of_processes_a_script_leaves_is_killed_whole(sandbox: Sandbox, tmp_path: Path) -> None:
+    """Each link starts the next in the background and becomes a sleep: the zygote killed them a generation at a
+    time, one look at the process table each, which outlasted the worker's patience; the worker then killed the
+    zygote and most of the chain lived on, past every limit of the run."""
+    (tmp_path / "chain.sh").write_text(
+        'n=$1; if [ "$n" -gt 0 ]; then sh "$0" $((n-1)) & else echo done > chain.done; fi; exec sleep 987654\n'
+    )
+    source = f"""
+        import os, subprocess, sys, time
+        if os.fork() == 0:
+            os.setsid()
+            subprocess.Popen(["sh", {str(tmp_path / "chain.sh")!r}, "{CHAIN}"])
+            os._exit(0)
+        while not os.path.exists("chain.done"):  # in its workspace, where the chain runs
+            time.sleep(0.1)
+        print("chained", flush=True)
+        time.sleep(600)
+    """
+    outcome = run(sandbox, tmp_path, source, limits=replace(LIMITS, timeout_s=20))
+
+    # Stopped, the zygote has the worker's grace of some seconds to kill and reap what the run left.
+    assert outcome.lines == ["chained"] and outcome.result.reason() == "timed out after 20 s (the org's limit)"
+    assert eventually(lambda: _sleepers() == [], seconds=10), f"{len(_sleepers())} of the chain live on"
+    assert_runs_a_good_script(sandbox, tmp_path)
+
+
+def _sleepers() -> list[int]:
+    found = []
+    for entry in os.scandir("/proc"):
+        with suppress(OSError):
+            if entry.name.isdigit() and b"987654" in Path(f"/proc/{entry.name}/cmdline").read_bytes():
+                found.append(int(entry.name))
+    return found
 
 
 def test_the_workspace_is_removed_however_the_run_ended(sandbox: Sandbox, tmp_path: Path) -> None:
