@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, select
+from sqlalchemy import Engine, create_engine, select, update
 
 from services.api.app import create_app
 from shared import schemas
@@ -350,6 +350,25 @@ def test_a_training_limit_over_its_maximum_is_refused_naming_it_and_changes_noth
         assert f"less than or equal to {schemas.LIMIT_MAXIMA[limit]}" in response.json()["error"]
     assert (stored_config(api, org), api.get(f"/v1/orgs/{org.org_id}/audit", headers=ADMIN).json()) == before
     assert api.get(f"/v1/orgs/x{org_id}", headers=ADMIN).status_code == 404
+
+
+def test_a_stored_limit_over_a_maximum_set_since_is_named_as_stored_when_another_setting_is_patched(
+    api: TestClient, org: OrgKeys, engine: Engine
+) -> None:
+    """An org configured by an older Kiln, before the maximum: patching a gate was refused for cpuS, with no word
+    that the patch had not sent it, nor how to put it right."""
+    with engine.begin() as connection:
+        connection.execute(
+            update(Organization).where(Organization.id == org.org_id).values(config={"training": {"cpuS": 10**13}})
+        )
+
+    refused = patch_config(api, org, {"gates": {"minRecall": 0.5}})
+    fixed = patch_config(api, org, {"gates": {"minRecall": 0.5}, "training": {"cpuS": None}})
+
+    assert (refused.status_code, refused.json()["field"]) == (422, "config.training.cpuS"), refused.text
+    assert refused.json()["error"].endswith("(the stored value: send one within bounds, or null for the default)")
+    assert fixed.status_code == 200, fixed.text
+    assert stored_config(api, org)["gates"]["minRecall"] == 0.5
 
 
 def test_each_training_limit_may_be_set_to_its_maximum(api: TestClient, org: OrgKeys) -> None:

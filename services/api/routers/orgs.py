@@ -150,10 +150,25 @@ def _patched_config(current: dict[str, Any], patch: dict[str, Any] | None) -> di
     try:
         config = OrgConfigInput.model_validate(merged)
     except ValidationError as error:
-        raise RequestValidationError(
-            [{**problem, "loc": ("body", "config", *problem["loc"])} for problem in error.errors()]
-        ) from None
+        raise RequestValidationError([_as_patched(problem, patch) for problem in error.errors()]) from None
     return config.model_dump(by_alias=True, exclude_none=True)
+
+
+def _as_patched(problem: Any, patch: dict[str, Any] | None) -> Any:
+    """A problem of the merged config, placed in the body; one with a value the patch did not send is the stored
+    one (set before a bound it now breaks existed, by an older Kiln): the message says how to put it right."""
+    located = {**problem, "loc": ("body", "config", *problem["loc"])}
+    if _sends(patch, problem["loc"]):
+        return located
+    return {**located, "msg": f"{problem['msg']} (the stored value: send one within bounds, or null for the default)"}
+
+
+def _sends(patch: Any, loc: tuple[Any, ...]) -> bool:
+    for name in loc:
+        if not isinstance(patch, dict) or name not in patch:
+            return False
+        patch = patch[name]
+    return True
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
