@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -133,8 +134,12 @@ def _finite_number(value: Any, field: str) -> float:
 
 
 def _as_json(value: Any) -> str:
-    """A value as the client wrote it (true, null, "text"), for an error message, at most 60 characters of it."""
-    text = orjson.dumps(value, default=str).decode()
+    """A value as the client wrote it (true, null, "text"), for an error message, at most 60 characters of it.
+    orjson writes no list nested past 254 levels, which it reads up to 1024: such a value is shown as Python's."""
+    try:
+        text = orjson.dumps(value, default=str).decode()
+    except TypeError:
+        text = reprlib.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -145,7 +146,15 @@ def test_bad_rows_are_refused_naming_the_field(
 
 
 @pytest.mark.parametrize(
-    ("value", "written"), [(True, "true"), (None, "null"), ("high", '"high"'), ({"k": 1}, '{"k":1}')]
+    ("value", "written"),
+    [
+        (True, "true"),
+        (None, "null"),
+        ("high", '"high"'),
+        ({"k": 1}, '{"k":1}'),
+        (functools.reduce(lambda inner, _: [inner], range(300), 1), "[[[[[[[...]]]]]]]"),  # past what orjson writes
+    ],
+    ids=["true", "null", "text", "object", "nested-300-deep"],
 )
 def test_a_value_that_is_no_number_is_named_as_the_client_wrote_it(
     serving: OrgKeys, predictor: TestClient, value: Any, written: str
