@@ -307,10 +307,15 @@ def refuse_unnamed_keys(connection: Connection, table: Table, column: str) -> No
             raise InvalidInput(f"table {table.name!r} column {column!r} record {refusal}", field="tables")
 
 
-def without_keys_holding_nul(table: str, column: str, latest: dict[str, T], records: dict[str, Any]) -> dict[str, T]:
-    """`latest` less the keys holding a NUL, which SQLite text may and PostgreSQL text may not: such a key fails the
-    job naming its record while the record is there; once it is gone (deleted, or its key put right), its change
-    has nothing to delete centrally, where no such key can be."""
+def without_keys_holding_nul(
+    table: str, column: str, latest: dict[str, T], records: dict[str, Any], *, central_dialect: str
+) -> dict[str, T]:
+    """`latest` less the keys holding a NUL, which SQLite text may and PostgreSQL text may not: with a PostgreSQL
+    central store such a key fails the job naming its record while the record is there; once it is gone (deleted,
+    or its key put right), its change has nothing to delete centrally, where no such key can be. A SQLite central
+    store (the embedded default) holds such keys as they are: `latest` whole."""
+    if central_dialect != "postgresql":
+        return latest
     held = [key for key in latest if "\x00" in key]
     for key in held:
         if key in records:

@@ -119,7 +119,9 @@ def push_batch(pair: TablePair) -> bool:
         # Unlocked: the log held keeps writers out already, and an application transaction that locked the record
         # before its first write (SELECT ... FOR UPDATE) would wait for the log while this waited for the record.
         rows = read(local, pair.local_table, pair.key, latest, lock=False)
-        latest = without_keys_holding_nul(pair.spec.name, pair.key, latest, rows)
+        latest = without_keys_holding_nul(
+            pair.spec.name, pair.key, latest, rows, central_dialect=pair.central.dialect.name
+        )
         taken = taken_position(local, pair) if pair.spec.sends_down else None
     with Session(pair.central) as session, session.begin():
         hold_residency(session, pair)

@@ -200,3 +200,28 @@ def test_a_job_cancelled_while_a_worker_starts_it_stays_cancelled_on_the_embedde
 
     assert started == [None]
     assert sync.job(job_id)["status"] == "cancelled"
+
+
+def test_a_text_key_holding_a_nul_syncs_both_ways_with_a_sqlite_central_store(
+    settings: Settings, org_id: str, tmp_path: Path
+) -> None:
+    """SQLite text holds a NUL on both sides: only a PostgreSQL central store refuses such a key, and the embedded
+    default synced it, and its deletion, until a check meant for PostgreSQL refused it here too."""
+    with embedded_stack(settings, tmp_path) as (api, context):
+        sync = open_table_sync(
+            api,
+            context,
+            org_id,
+            tmp_path,
+            "CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)",
+            "INSERT INTO t VALUES ('a' || char(0) || 'b', 'x')",
+            key="k",
+        )
+        first = sync.run()
+        copied = sync.central(f"SELECT hex(k), v FROM {sync.central_table}")
+        sync.local("DELETE FROM t")
+        second = sync.run()
+        left = sync.central(f"SELECT count(*) FROM {sync.central_table}")
+
+    assert [(job["status"], job["pushed"]) for job in (first, second)] == [("succeeded", 1), ("succeeded", 1)]
+    assert copied == [("610062", "x")] and left == [(0,)]
