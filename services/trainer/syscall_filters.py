@@ -8,8 +8,10 @@ whatever it starts, cannot make a UNIX socket at all (socket(2) fails with EACCE
 could make one without the system call. Pipes and socketpair(2), which reach nothing outside, still work.
 
 A file made by memfd_create(2) lives in memory that no address-space limit counts: three of 1 GB each held 3 GB
-of a machine's memory under a script limited to 300 MB. After `forbid_memory_files()` the call fails with EACCES.
-(The script's other files are on the workspace's disk, measured against its quota; /dev/shm is out of its reach.)
+of a machine's memory under a script limited to 300 MB. A SysV shared memory segment, once detached, is not
+counted either, and outlives the script (until ipcrm). After `forbid_memory_files()` both calls, memfd_create and
+shmget, fail with EACCES. (The script's other files are on the workspace's disk, measured against its quota;
+/dev/shm is out of its reach with KILN_TRAINING_FILESYSTEM=private.)
 
 Nothing the process does can lift a filter. The calls go through ctypes: Python has no binding for seccomp.
 """
@@ -30,9 +32,9 @@ _AF_UNIX = 1
 _IO_URING_SETUP = 425  # the same on every architecture, as it came after the tables were unified
 # x86-64's system calls of the x32 ABI carry this bit: the same calls by other numbers, refused whole.
 _X32_SYSCALL_BIT = 0x40000000
-# By machine: the audit architecture a system call of its native ABI reports, and the numbers of socket(2) and
-# memfd_create(2) there.
-_NATIVE = {"x86_64": (0xC000003E, 41, 319), "aarch64": (0xC00000B7, 198, 279)}
+# By machine: the audit architecture a system call of its native ABI reports, and the numbers of socket(2),
+# memfd_create(2) and shmget(2) there.
+_NATIVE = {"x86_64": (0xC000003E, 41, 319, 29), "aarch64": (0xC00000B7, 198, 279, 194)}
 
 # Classic BPF, as seccomp runs it over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}.
 _LOAD_WORD = 0x20  # BPF_LD | BPF_W | BPF_ABS
@@ -57,18 +59,19 @@ class FilterUnavailable(OSError):
 def forbid_unix_sockets() -> None:
     """From now on this process, and whatever it starts, can make no UNIX socket; FilterUnavailable if the filter
     cannot be installed."""
-    arch, socket_call, _ = _native_calls("UNIX socket")
+    arch, socket_call, _, _ = _native_calls("UNIX socket")
     _install(_program(arch, socket_call), "cannot keep the training script off UNIX sockets")
 
 
 def forbid_memory_files() -> None:
-    """From now on this process, and whatever it starts, can make no memfd_create(2) file; FilterUnavailable if the
-    filter cannot be installed."""
-    arch, _, memfd_call = _native_calls("memory file")
-    _install(_memory_files_program(arch, memfd_call), "cannot keep the training script off memory files")
+    """From now on this process, and whatever it starts, can make no memfd_create(2) file nor SysV shared memory
+    segment; FilterUnavailable if the filter cannot be installed."""
+    arch, _, memfd_call, shmget_call = _native_calls("memory file")
+    program = _memory_files_program(arch, memfd_call, shmget_call)
+    _install(program, "cannot keep the training script off memory files")
 
 
-def _native_calls(what: str) -> tuple[int, int, int]:
+def _native_calls(what: str) -> tuple[int, int, int, int]:
     machine = platform.machine()
     if machine not in _NATIVE:
         raise FilterUnavailable(errno.ENOSYS, f"no {what} filter for {machine} machines")
@@ -87,18 +90,20 @@ def _install(program: list[_Instruction], failure: str) -> None:
         raise FilterUnavailable(error, f"{failure}: {os.strerror(error)}")
 
 
-def _memory_files_program(arch: int, memfd_call: int) -> list[_Instruction]:
-    """Refuse memfd_create, x32 calls and calls of another ABI (where it has other numbers); allow the rest."""
+def _memory_files_program(arch: int, memfd_call: int, shmget_call: int) -> list[_Instruction]:
+    """Refuse memfd_create, shmget, x32 calls and calls of another ABI (where they have other numbers); allow the
+    rest."""
     refuse = _SECCOMP_RET_ERRNO | errno.EACCES
     return [
         _Instruction(_LOAD_WORD, 0, 0, _ARCH),  # 0
         _Instruction(_JUMP_IF_EQUAL, 1, 0, arch),  # 1: native: 3, else 2
         _Instruction(_RETURN, 0, 0, refuse),  # 2
         _Instruction(_LOAD_WORD, 0, 0, _NR),  # 3
-        _Instruction(_JUMP_IF_AT_LEAST, 1, 0, _X32_SYSCALL_BIT),  # 4: x32: 6
-        _Instruction(_JUMP_IF_EQUAL, 0, 1, memfd_call),  # 5: memfd_create: 6, else 7
-        _Instruction(_RETURN, 0, 0, refuse),  # 6
-        _Instruction(_RETURN, 0, 0, _SECCOMP_RET_ALLOW),  # 7
+        _Instruction(_JUMP_IF_AT_LEAST, 2, 0, _X32_SYSCALL_BIT),  # 4: x32: 7
+        _Instruction(_JUMP_IF_EQUAL, 1, 0, memfd_call),  # 5: memfd_create: 7, else 6
+        _Instruction(_JUMP_IF_EQUAL, 0, 1, shmget_call),  # 6: shmget: 7, else 8
+        _Instruction(_RETURN, 0, 0, refuse),  # 7
+        _Instruction(_RETURN, 0, 0, _SECCOMP_RET_ALLOW),  # 8
     ]
 
 

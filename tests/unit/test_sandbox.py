@@ -143,6 +143,18 @@ MISBEHAVIOURS = {
         LIMITS,
         "exited with 1: refused: Permission denied",
     ),
+    "holds memory in a SysV segment": (  # which outlives the script, too
+        """
+        import ctypes, os, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        segment = libc.shmget(0, 2**20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+        if segment == -1:
+            sys.exit(f"refused: {os.strerror(ctypes.get_errno())}")
+        libc.shmctl(segment, 0, None)  # IPC_RMID: the test leaves nothing behind
+        """,
+        LIMITS,
+        "exited with 1: refused: Permission denied",
+    ),
     "segfaults": ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", LIMITS, "killed by SIGSEGV"),
     "raises": (RAISES, LIMITS, "exited with 1: "),
     "exits with a message": ("import sys\nsys.exit('bad config')", LIMITS, "exited with 1: bad config"),
