@@ -371,6 +371,13 @@ def test_a_stored_limit_over_a_maximum_set_since_is_named_as_stored_when_another
     assert stored_config(api, org)["gates"]["minRecall"] == 0.5
 
 
+def test_a_bad_item_of_a_list_the_patch_sends_is_not_called_stored(api: TestClient, org: OrgKeys) -> None:
+    refused = patch_config(api, org, {"predictions": {"riskBands": [0.5, "x"]}})
+
+    assert (refused.status_code, refused.json()["field"]) == (422, "config.predictions.riskBands.1"), refused.text
+    assert "stored value" not in refused.json()["error"]
+
+
 def test_each_training_limit_may_be_set_to_its_maximum(api: TestClient, org: OrgKeys) -> None:
     response = patch_config(api, org, {"training": dict(schemas.LIMIT_MAXIMA)})
     assert response.status_code == 200, response.text

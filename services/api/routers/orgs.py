@@ -164,8 +164,12 @@ def _as_patched(problem: Any, patch: dict[str, Any] | None) -> Any:
 
 
 def _sends(patch: Any, loc: tuple[Any, ...]) -> bool:
+    """Whether the patch sent the value at `loc`: what is below a value it sent that is no object (a list, whose
+    items pydantic locates by index) is its own too."""
     for name in loc:
-        if not isinstance(patch, dict) or name not in patch:
+        if not isinstance(patch, dict):
+            return patch is not None
+        if name not in patch:
             return False
         patch = patch[name]
     return True
