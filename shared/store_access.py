@@ -14,10 +14,10 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 from sqlalchemy import Connection, inspect, select
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine.url import _parse_url
 from sqlalchemy.orm import Session
 
 from shared.db.models import ApiKey, Organization, SyncSource, TrainingRun
@@ -72,15 +72,17 @@ def refuse_unsafe_parameters(url: URL, *, field: str) -> None:
         )
 
 
+# The most a label of a host name holds (RFC 1035).
+DNS_LABEL_BYTES = 63
+
+
 def refuse_malformed_host(url: URL, *, field: str) -> None:
-    """A host name no resolver can be asked for (an empty label, `a..b`, or one over 63 characters): the idna
-    codec refuses it before any lookup, so it would never resolve."""
-    try:
-        (url.host or "").encode("idna")
-    except UnicodeError:
+    """A host name no resolver can be asked for: an empty label (`a..b`), or one over DNS's 63 bytes."""
+    labels = (url.host or "").removesuffix(".").split(".") if url.host and ":" not in url.host else []
+    if any(not label or len(label.encode()) > DNS_LABEL_BYTES for label in labels):
         raise InvalidInput(
-            f"{field}: {url.host!r} is not a host name (each dot-separated label 1 to 63 characters)", field=field
-        ) from None
+            f"{field}: {url.host!r} is not a host name (each dot-separated label 1 to 63 bytes)", field=field
+        )
 
 
 def refuse_dropped_query(given: str, url: URL, *, field: str) -> None:
@@ -93,9 +95,9 @@ def refuse_dropped_query(given: str, url: URL, *, field: str) -> None:
                 field=field,
             )
         return
-    # The query starts at the first ? past the credentials (a password may hold a ?, never a raw @).
-    query = given.rpartition("@")[2].partition("?")[2]
-    blank = [name for name, value in parse_qsl(query, keep_blank_values=True) if not value]
+    # SQLAlchemy's own reading of the URL, keeping what make_url drops: the same grammar finds the same query.
+    parsed = _parse_url(given, keep_blank_values=True)
+    blank = [name for name, value in parsed.query.items() if "" in ((value,) if isinstance(value, str) else value)]
     if blank:
         raise InvalidInput(f"{field}: the query parameters {', '.join(blank)} have no value", field=field)
 
@@ -266,6 +268,8 @@ def _addresses(url: URL, *, field: str) -> list[ipaddress.IPv4Address | ipaddres
         found = socket.getaddrinfo(url.host, url.port or 5432, proto=socket.IPPROTO_TCP)
     except socket.gaierror as error:
         raise TransientError(f"the database server {url.host} does not resolve: {error.strerror}") from None
+    except UnicodeError:  # a name Python's IDNA codec refuses before any lookup
+        raise InvalidInput(f"{field}: {url.host!r} is not a host name the resolver takes", field=field) from None
     return [ipaddress.ip_address(info[4][0]) for info in found]
 
 

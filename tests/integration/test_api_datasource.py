@@ -60,6 +60,10 @@ def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> Non
         # SQLAlchemy drops a parameter without a value: the file read would have been /srv/stores/records.
         ("sqlite:////srv/stores/records?2024.db", "write a ? in the file's name as %3F"),
         ("postgresql+psycopg2://historian@scada/historian?sslmode", "the query parameters sslmode have no value"),
+        (  # an @ in a value is the query's own, past the credentials
+            "postgresql+psycopg2://historian@scada/historian?sslmode&application_name=etl@plant",
+            "the query parameters sslmode have no value",
+        ),
         ("postgresql+psycopg2://historian@scada..plant/historian", "'scada..plant' is not a host name"),
         ("postgresql+psycopg2://historian@scada/historian?sslkey=/srv/kiln/other.key", "sslkey are not accepted"),
         ("sqlite:////srv/plant/sca%00da.db", "NUL (%00)"),

@@ -917,7 +917,7 @@ def test_a_store_url_whose_host_no_resolver_takes_is_refused_in_one_line(
     assert backup.returncode == 1
     assert (
         backup.stderr
-        == "kiln backup: source: 'scada..plant' is not a host name (each dot-separated label 1 to 63 characters)\n"
+        == "kiln backup: source: 'scada..plant' is not a host name (each dot-separated label 1 to 63 bytes)\n"
     )
 
 
