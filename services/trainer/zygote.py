@@ -196,12 +196,38 @@ def _kill_strays() -> None:
     the ones whose parents die too come to the zygote (a subreaper) as zombies; the next look reaps those, and
     kills anything forked meanwhile."""
     while strays := _descendants():
+        below = {os.getpid(), *strays}
         for pid in strays:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            _kill_if_below(pid, below)
         for pid in set(_children()).intersection(strays):  # not one forked since the look: it lives until the next
             with suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+
+
+def _kill_if_below(pid: int, below: set[int]) -> None:
+    """SIGKILL through a pidfd, once the process it holds is seen to have its parent among `below`: a process the
+    look saw may have ended since (reaped by its own parent, one of the run's) and its pid gone to another, which
+    the pidfd then holds, and whose parent is none of the run's. A zygote's own child cannot be so replaced."""
+    try:
+        handle = os.pidfd_open(pid)
+    except OSError:  # gone
+        return
+    try:
+        if _parent_of(pid) in below:
+            signal.pidfd_send_signal(handle, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # After the command's closing parenthesis (the command may hold any character): state, ppid.
+            return int(stat.read().rsplit(b")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _descendants() -> list[int]:
@@ -224,15 +250,8 @@ def _children() -> list[int]:
 def _parents() -> Iterator[tuple[int, int]]:
     """Each process's pid and its parent's; a process gone meanwhile is left out."""
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                # After the command's closing parenthesis (the command may hold any character): state, ppid.
-                parent = int(stat.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        yield int(entry.name), parent
+        if entry.name.isdigit() and (parent := _parent_of(int(entry.name))) is not None:
+            yield int(entry.name), parent
 
 
 def _kill_group(child: int) -> None:
