@@ -31,8 +31,10 @@ TERMINAL = ("succeeded", "rejected", "failed", "cancelled")
 # made, a traceback), it is cut to this many characters, its start and end kept.
 MAX_REASON_CHARS = 4000
 _CUT = " […] "
-# Runs whose lost message a sweep queues again, at most, oldest first: a pass stays short whatever the backlog.
+# Runs whose lost message a sweep queues again, at most, oldest first, of as many looked at: a pass stays short
+# whatever the backlog.
 REQUEUE_AT_ONCE = 100
+REQUEUE_LOOKED_AT = 1000
 
 
 class LeaseLost(KilnError):
@@ -478,27 +480,33 @@ def reap_expired(sessions: SessionFactory, *, max_attempts: int) -> list[int]:
 
 
 def requeue_lost(sessions: SessionFactory, *, after: timedelta) -> list[int]:
-    """Queue again the message of each run still queued `after` its message was (the broker's visibility timeout):
-    Redis restarted without its append-only file, or its queue purged, loses messages, and a run whose message is
-    gone would wait for ever. Not one waiting for a slot, which has no message by design. A copy of a message that
-    was only waiting behind a long backlog is harmless: a run is claimed once, and the later copy does nothing.
+    """Queue again the message of each run still queued `after` its message was (the broker's visibility timeout),
+    or, for a run queued again before, as long again as it had waited: Redis restarted without its append-only
+    file, or its queue purged, loses messages, and a run whose message is gone would wait for ever. Waits that
+    double keep an org whose own workers are offline for a weekend from getting a copy of each run's message, and
+    an audit row, every timeout. Not a run waiting for a slot, which has no message by design. A copy of a message
+    that was only waiting behind a long backlog is harmless: a run is claimed once, and the later copy does nothing.
     Returns the outbox message ids."""
-    messages = []
+    messages: list[int] = []
+    now = utcnow()
     with session_scope(sessions) as session:
-        lost = session.scalars(
+        queued_at = func.coalesce(TrainingRun.message_queued_at, TrainingRun.created_at)
+        candidates = session.scalars(
             select(TrainingRun)
             .where(
                 TrainingRun.status == "queued",
                 TrainingRun.waiting_for_slot.is_(False),
                 TrainingRun.cancel_requested.is_(False),
-                func.coalesce(TrainingRun.message_queued_at, TrainingRun.created_at) < utcnow() - after,
+                queued_at < now - after,
             )
-            .order_by(TrainingRun.created_at)
-            .limit(REQUEUE_AT_ONCE)
+            .order_by(queued_at)
+            .limit(REQUEUE_LOOKED_AT)
             .with_for_update(skip_locked=True)
         ).all()
-        for run in lost:
+        for run in candidates:
             last = run.message_queued_at or run.created_at
+            if now - last < max(after, last - run.created_at) or len(messages) == REQUEUE_AT_ONCE:
+                continue
             messages.append(message_for(session, run.id, run.org_id).id)
             record_change(
                 session,

@@ -630,3 +630,26 @@ def test_a_run_waiting_for_a_slot_or_out_its_retry_s_backoff_is_not_queued_again
     runs.requeue(sessions, attempt, "the object store is unreachable", countdown_s=7200)
 
     assert waiting == [] and runs.requeue_lost(sessions, after=timedelta(hours=1)) == []
+
+
+def test_a_run_queued_again_before_waits_as_long_again_before_the_next_copy(
+    sessions: SessionFactory, run_id: str
+) -> None:
+    """An org whose own workers were offline for a weekend got a copy of each queued run's message, and an audit
+    row, every visibility timeout: the waits now double."""
+
+    def queued(created_ago: timedelta, message_ago: timedelta) -> None:
+        now = utcnow()
+        with session_scope(sessions) as session:
+            session.execute(
+                update(TrainingRun)
+                .where(TrainingRun.id == run_id)
+                .values(created_at=now - created_ago, message_queued_at=now - message_ago)
+            )
+
+    queued(timedelta(hours=3), timedelta(hours=1.2))  # it had waited 1.8 h before its last copy
+    early = runs.requeue_lost(sessions, after=timedelta(hours=1))
+    queued(timedelta(hours=3), timedelta(hours=1.9))  # it had waited 1.1 h, and has waited 1.9 h since
+    due = runs.requeue_lost(sessions, after=timedelta(hours=1))
+
+    assert early == [] and len(due) == 1
