@@ -28,6 +28,7 @@ _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 _SECCOMP_RET_ALLOW = 0x7FFF0000
 _SECCOMP_RET_ERRNO = 0x00050000
+_REFUSE = _SECCOMP_RET_ERRNO | errno.EACCES
 _AF_UNIX = 1
 _IO_URING_SETUP = 425  # the same on every architecture, as it came after the tables were unified
 # x86-64's system calls of the x32 ABI carry this bit: the same calls by other numbers, refused whole.
@@ -60,7 +61,7 @@ def forbid_unix_sockets() -> None:
     """From now on this process, and whatever it starts, can make no UNIX socket; FilterUnavailable if the filter
     cannot be installed."""
     arch, socket_call, _, _ = _native_calls("UNIX socket")
-    _install(_program(arch, socket_call), "cannot keep the training script off UNIX sockets")
+    _install(_unix_sockets_program(arch, socket_call), "cannot keep the training script off UNIX sockets")
 
 
 def forbid_memory_files() -> None:
@@ -93,34 +94,37 @@ def _install(program: list[_Instruction], failure: str) -> None:
 def _memory_files_program(arch: int, memfd_call: int, shmget_call: int) -> list[_Instruction]:
     """Refuse memfd_create, shmget, x32 calls and calls of another ABI (where they have other numbers); allow the
     rest."""
-    refuse = _SECCOMP_RET_ERRNO | errno.EACCES
     return [
-        _Instruction(_LOAD_WORD, 0, 0, _ARCH),  # 0
-        _Instruction(_JUMP_IF_EQUAL, 1, 0, arch),  # 1: native: 3, else 2
-        _Instruction(_RETURN, 0, 0, refuse),  # 2
-        _Instruction(_LOAD_WORD, 0, 0, _NR),  # 3
+        *_native_calls_only(arch),  # 0 to 3
         _Instruction(_JUMP_IF_AT_LEAST, 2, 0, _X32_SYSCALL_BIT),  # 4: x32: 7
         _Instruction(_JUMP_IF_EQUAL, 1, 0, memfd_call),  # 5: memfd_create: 7, else 6
         _Instruction(_JUMP_IF_EQUAL, 0, 1, shmget_call),  # 6: shmget: 7, else 8
-        _Instruction(_RETURN, 0, 0, refuse),  # 7
+        _Instruction(_RETURN, 0, 0, _REFUSE),  # 7
         _Instruction(_RETURN, 0, 0, _SECCOMP_RET_ALLOW),  # 8
     ]
 
 
-def _program(arch: int, socket_call: int) -> list[_Instruction]:
+def _unix_sockets_program(arch: int, socket_call: int) -> list[_Instruction]:
     """Refuse socket(AF_UNIX, ...), io_uring_setup, x32 calls and calls of another ABI (32-bit ones on a 64-bit
-    kernel, which have their own numbers); allow the rest. A jump's offsets count from the next instruction."""
-    refuse = _SECCOMP_RET_ERRNO | errno.EACCES
+    kernel, which have their own numbers); allow the rest."""
     return [
-        _Instruction(_LOAD_WORD, 0, 0, _ARCH),  # 0
-        _Instruction(_JUMP_IF_EQUAL, 1, 0, arch),  # 1: native: 3, else 2
-        _Instruction(_RETURN, 0, 0, refuse),  # 2
-        _Instruction(_LOAD_WORD, 0, 0, _NR),  # 3
+        *_native_calls_only(arch),  # 0 to 3
         _Instruction(_JUMP_IF_AT_LEAST, 4, 0, _X32_SYSCALL_BIT),  # 4: x32: 9
         _Instruction(_JUMP_IF_EQUAL, 3, 0, _IO_URING_SETUP),  # 5: 9
         _Instruction(_JUMP_IF_EQUAL, 0, 3, socket_call),  # 6: socket: 7, else 10
         _Instruction(_LOAD_WORD, 0, 0, _FIRST_ARGUMENT),  # 7
         _Instruction(_JUMP_IF_EQUAL, 0, 1, _AF_UNIX),  # 8: AF_UNIX: 9, else 10
-        _Instruction(_RETURN, 0, 0, refuse),  # 9
+        _Instruction(_RETURN, 0, 0, _REFUSE),  # 9
         _Instruction(_RETURN, 0, 0, _SECCOMP_RET_ALLOW),  # 10
+    ]
+
+
+def _native_calls_only(arch: int) -> list[_Instruction]:
+    """The start of each program: a call of another ABI is refused, and a native one's number loaded. A jump's
+    offsets count from the next instruction."""
+    return [
+        _Instruction(_LOAD_WORD, 0, 0, _ARCH),  # 0
+        _Instruction(_JUMP_IF_EQUAL, 1, 0, arch),  # 1: native: 3, else 2
+        _Instruction(_RETURN, 0, 0, _REFUSE),  # 2
+        _Instruction(_LOAD_WORD, 0, 0, _NR),  # 3
     ]

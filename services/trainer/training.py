@@ -300,14 +300,6 @@ class _Steps:
         collected = collect_outputs(outputs, workdir, max_model_bytes=gate, max_metrics_bytes=MAX_METRICS_BYTES)
         if collected.model_size is None:
             raise InvalidInput(f"the training script wrote no {MODEL_FILE} into outputPath", field="trainingScript")
-        model_file = collected.folder / MODEL_FILE
-        outside = external_data_of(model_file.read_bytes()) if model_file.is_file() else []  # over the size gate
-        if outside:
-            raise InvalidInput(
-                f"the training script's {MODEL_FILE} {keeps_data_outside(outside)}: Kiln takes self-contained models "
-                "only, which it never reads a file for",
-                field="trainingScript",
-            )
         self.log(
             "exported",
             f"{MODEL_FILE}: {collected.model_size} bytes; script used "
@@ -365,9 +357,11 @@ class _Steps:
                 sha256 = UNREAD_SHA256
             else:
                 sha256 = sha256_file(model_file)
+                model = model_file.read_bytes()
+                _refuse_external_data(model)  # before the memory probe's process loads it
                 # The memory probe's interpreter starts up (~0.3 s) while the artifacts upload and are read back,
                 # rather than wholly beside the holdout pass, which keeps every core busy.
-                with FootprintProbe.start(model_file.read_bytes(), holdout.features.shape[1]) as footprint:
+                with FootprintProbe.start(model, holdout.features.shape[1]) as footprint:
                     self._upload_candidate(prefix, outputs, holdout_file, with_model=True)
                     verdict = self._judge(prefix, sha256, holdout, gates, footprint)
             self.enter("storing", 95)
@@ -494,6 +488,16 @@ def _nested_deeper(value: object, levels: int) -> bool:
         return False
     children = value.values() if isinstance(value, dict) else value
     return levels == 0 or any(_nested_deeper(child, levels - 1) for child in children)
+
+
+def _refuse_external_data(model: bytes) -> None:
+    outside = external_data_of(model)
+    if outside:
+        raise InvalidInput(
+            f"the training script's {MODEL_FILE} {keeps_data_outside(outside)}: Kiln takes self-contained models "
+            "only, which it never reads a file for",
+            field="trainingScript",
+        )
 
 
 def _short_reason(error: Exception) -> str:
