@@ -51,7 +51,7 @@ from typing import IO, Any, NoReturn
 import numpy
 
 from services.trainer.confinement import confine_files
-from services.trainer.syscall_filters import forbid_memory_files, forbid_unix_sockets
+from services.trainer.syscall_filters import forbid_memory_files_and_user_namespaces, forbid_unix_sockets
 
 PRELOADED = (
     "numpy",
@@ -281,7 +281,7 @@ def _become_script(request: Message) -> NoReturn:
         if request["network"] == "none":
             _leave_the_network()
             forbid_unix_sockets()  # socket files stay reachable from a network namespace
-        forbid_memory_files()
+        forbid_memory_files_and_user_namespaces()
         os.chdir(request["workdir"])
         _replace_environment(request["env"])
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)

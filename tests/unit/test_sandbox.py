@@ -155,6 +155,28 @@ MISBEHAVIOURS = {
         LIMITS,
         "exited with 1: refused: Permission denied",
     ),
+    "makes a user namespace": (  # root there, it could mount memory no limit counts
+        """
+        import ctypes, os, platform, sys, threading
+        thread = threading.Thread(target=print)  # made through clone(2), once clone3(2) is refused
+        thread.start()
+        thread.join()
+        libc = ctypes.CDLL(None, use_errno=True)
+        clone = {"x86_64": 56, "aarch64": 220}[platform.machine()]
+        child = libc.syscall(clone, 0x10000000 | 17, 0, 0, 0, 0)  # CLONE_NEWUSER | SIGCHLD
+        if child == 0:
+            os._exit(0)
+        clone_error = os.strerror(ctypes.get_errno())
+        if child > 0:
+            os.waitpid(child, 0)
+        # clone first: unshared into a namespace with no user mapped, a process can make no other in it.
+        unshared = libc.unshare(0x10000000)  # CLONE_NEWUSER
+        unshare_error = os.strerror(ctypes.get_errno())
+        sys.exit(f"unshare: {unshared} ({unshare_error}), clone: {child} ({clone_error})")
+        """,
+        LIMITS,
+        "exited with 1: unshare: -1 (Operation not permitted), clone: -1 (Operation not permitted)",
+    ),
     "segfaults": ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", LIMITS, "killed by SIGSEGV"),
     "raises": (RAISES, LIMITS, "exited with 1: "),
     "exits with a message": ("import sys\nsys.exit('bad config')", LIMITS, "exited with 1: bad config"),
