@@ -95,7 +95,7 @@ def queue_sync_job(
         job = _queue_unless_one_waits(session, source, trigger)
         if job is not None:
             _audit(session, job, actor=actor, action="sync.job.queued", trigger=trigger)
-            return job, [_message_for(session, job)]
+            return job, [message_for(session, job)]
         # Another request queued one between the two statements: it is the one waiting, unless it started already.
 
 
@@ -107,10 +107,11 @@ def _join(session: Session, job: SyncJob, *, actor: str, trigger: str) -> list[O
         return []
     job.requeued_at = now
     _audit(session, job, actor=actor, action="sync.job.requeued", trigger=trigger)
-    return [_message_for(session, job)]
+    return [message_for(session, job)]
 
 
-def _message_for(session: Session, job: SyncJob) -> OutboxMessage:
+def message_for(session: Session, job: SyncJob) -> OutboxMessage:
+    """The job's task message, added to the outbox (flushed: its id is known), sent once the session commits."""
     return add_message(session, kind=KIND_SYNC_TASK, payload={"job_id": job.id, "org_id": job.org_id})
 
 

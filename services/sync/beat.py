@@ -1,6 +1,6 @@
 """The sync beat: `celery -A services.sync.celery_app beat`. Each tick queues the sync jobs whose schedules are due
-and, again, the source deletions whose message was lost; every KILN_SYNC_PURGE_INTERVAL_S it sends a retention purge
-to each org with sources or prediction records.
+and, again, the jobs whose worker died and the source deletions whose message was lost; every
+KILN_SYNC_PURGE_INTERVAL_S it sends a retention purge to each org with sources or prediction records.
 
 Schedules fire as training ones do (shared/beat.py): each due time once across beats, a fire time missed by more
 than shared.beat.GRACE (no sync beat was running) skipped and audited, not made up, and a schedule that cannot
@@ -14,12 +14,13 @@ import time
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import Engine, exists, select
 from sqlalchemy.orm import Session
 
+from services.sync.jobs import requeue_if_orphaned
 from shared.audit import record_change
 from shared.beat import DatabaseBeat, fire_each_due
-from shared.db.models import Organization, Prediction, SyncSchedule, SyncSource
+from shared.db.models import Organization, Prediction, SyncJob, SyncSchedule, SyncSource
 from shared.db.session import SessionFactory, session_scope
 from shared.db.types import utcnow
 from shared.outbox import KIND_DELETE_SOURCE_TASK, KIND_SYNC_TASK, relay
@@ -29,15 +30,20 @@ from shared.queues import (
     send_purge_task,
     send_sync_task,
 )
-from shared.sync_jobs import REQUEUE_AFTER, deletion_refusal, queue_source_deletion, queue_sync_job
+from shared.sync_jobs import REQUEUE_AFTER, RUNNING, deletion_refusal, queue_source_deletion, queue_sync_job
 
 log = logging.getLogger(__name__)
 
 
-def send_due(app: TaskSender, sessions: SessionFactory, *, now: datetime) -> int:
-    """Queue the jobs of the sync schedules due at `now` and, again, the deletions presumed lost; send their
-    messages (a send that fails is left in the outbox, for the api's sweep). Returns how many were sent."""
-    messages = [*fire_due_sync_schedules(sessions, now=now), *resend_lost_deletions(sessions, now=now)]
+def send_due(app: TaskSender, central: Engine, sessions: SessionFactory, *, now: datetime) -> int:
+    """Queue the jobs of the sync schedules due at `now` and, again, the jobs whose worker died and the deletions
+    presumed lost; send their messages (a send that fails is left in the outbox, for the api's sweep). Returns how
+    many were sent."""
+    messages = [
+        *fire_due_sync_schedules(sessions, now=now),
+        *requeue_orphaned_jobs(central, sessions),
+        *resend_lost_deletions(sessions, now=now),
+    ]
     if not messages:
         return 0
     senders = {
@@ -65,6 +71,15 @@ def _queue_job(session: Session, schedule: SyncSchedule) -> int | None:
         return None  # its deletion removes the schedule; until then it fires nothing
     _job, messages = queue_sync_job(session, source=source, actor="schedule", trigger="schedule")
     return messages[0].id if messages else None  # none when a job of the source waits already
+
+
+def requeue_orphaned_jobs(central: Engine, sessions: SessionFactory) -> list[int]:
+    """Queue again, through the outbox, each job left `running` by a worker killed whole (services/sync/jobs.py,
+    requeue_if_orphaned); returns the outbox message ids to send."""
+    with session_scope(sessions) as session:  # by ix_sync_jobs_running: few rows, however many jobs ended
+        running = session.execute(select(SyncJob.id, SyncJob.source_id).where(SyncJob.status == RUNNING)).all()
+    requeued = (requeue_if_orphaned(central, sessions, job_id, source_id) for job_id, source_id in running)
+    return [message for message in requeued if message is not None]
 
 
 def resend_lost_deletions(sessions: SessionFactory, *, now: datetime) -> list[int]:
@@ -118,7 +133,7 @@ class SyncScheduler(DatabaseBeat):
         self.next_purge = time.monotonic()
 
     def fire_due(self) -> None:
-        send_due(self.app, self.sessions, now=utcnow())
+        send_due(self.app, self.engine, self.sessions, now=utcnow())
         if time.monotonic() >= self.next_purge:
             for org_id in orgs_to_purge(self.sessions):
                 send_purge_task(self.app, org_id)

@@ -46,12 +46,12 @@ from services.sync.watermarks import WatermarkMoved, start_up_after
 from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
 from shared.db.row_locks import lock_row
-from shared.db.session import out_of_reach, session_scope
+from shared.db.session import SessionFactory, out_of_reach, session_scope
 from shared.db.types import utcnow
 from shared.errors import InvalidInput, KeptOnPremises, KilnError, TransientError
 from shared.retries import gave_up
 from shared.schemas import OrgConfig
-from shared.source_lock import ConfirmHeld, one_job_per_source
+from shared.source_lock import ConfirmHeld, SourceBusy, one_job_per_source
 from shared.sync_jobs import (
     CANCELLED,
     FAILED,
@@ -61,6 +61,7 @@ from shared.sync_jobs import (
     RUNNING,
     SUCCEEDED,
     deletion_refusal,
+    message_for,
     residency_refusal,
     source_tables,
 )
@@ -91,6 +92,26 @@ def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None
             return _run(context, job_id, _confirming(context, job_id, confirm_held, after_batch), last_try=last_try)
     except OperationalError as error:
         raise TransientError(f"sync job {job_id}: the central store is unreachable") from error
+
+
+def requeue_if_orphaned(central: Engine, sessions: SessionFactory, job_id: str, source_id: str) -> int | None:
+    """Queue the job again, through the outbox, if it reads `running` while its source's lock is free; returns the
+    message's id, or None (it runs, or ended). A job holds that lock for as long as it runs, and the death of its
+    worker's process releases it (the PostgreSQL connection or the file closed with it): a job found so was left by
+    a worker killed whole, whose message the broker would hand out again only after its visibility timeout (70
+    minutes). The job reads `retrying`, saying so; or `failed`, out of attempts, as its next start would fail it."""
+    try:
+        with one_job_per_source(central, source_id, wait=False), session_scope(sessions) as session:
+            job = _locked_job(session, job_id)
+            if job is None or job.status != RUNNING:
+                return None  # it ended while the lock was free, before this look took it
+            if job.attempts >= MAX_ATTEMPTS:
+                _close(session, job, FAILED, gave_up(_last_attempt(job), job.attempts))
+                return None
+            _close(session, job, RETRYING, f"{_last_attempt(job)}; queued again")
+            return message_for(session, job).id
+    except SourceBusy:
+        return None
 
 
 class JobCancelled(KilnError):

@@ -349,6 +349,13 @@ class SyncJob(Base):
             postgresql_where=text("status = 'queued'"),
             sqlite_where=text("status = 'queued'"),
         ),
+        # The sync beat looks for running jobs whose worker died (services/sync/beat.py) every tick.
+        Index(
+            "ix_sync_jobs_running",
+            "source_id",
+            postgresql_where=text("status = 'running'"),
+            sqlite_where=text("status = 'running'"),
+        ),
     )
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import httpx2
 import pyarrow as pa
 import pytest
+import redis
+from celery import Celery
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, update
 
@@ -26,8 +28,10 @@ from shared.db.migrate import upgrade
 from shared.db.models import TrainingRun
 from shared.db.session import SessionFactory, make_engine, session_scope
 from shared.db.types import utcnow
+from shared.queues import celery_config
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_object_store
+from shared.sync_jobs import LONGEST_JOB_S
 from tests.conftest import ADMIN_TOKEN
 from tests.support.servers import fresh_postgres_database
 
@@ -220,6 +224,22 @@ def sync_context(central_settings: Settings) -> Iterator[SyncContext]:
     context = SyncContext.open(central_settings)
     yield context
     context.close()
+
+
+@pytest.fixture
+def producer(central_settings: Settings) -> Iterator[Celery]:
+    """What the sync beat sends its tasks with, on the tests' Redis."""
+    app = Celery("kiln-test-sync-beat", set_as_current=False)
+    app.conf.update(celery_config(central_settings.redis_url, longest_training_s=LONGEST_JOB_S))
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def broker(central_settings: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(central_settings.redis_url)
+    yield client
+    client.close()
 
 
 @pytest.fixture

@@ -16,10 +16,12 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
@@ -29,6 +31,7 @@ from sqlalchemy.pool import NullPool
 
 import services.sync.transfer as transfer
 from services.api.app import create_app
+from services.sync.beat import send_due
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
@@ -430,3 +433,8 @@ def a_job_cut_off_before_its_pull_is_acknowledged(sync: Sync, monkeypatch: pytes
         with pytest.raises(TransientError):
             run_job(sync.context, job_id)
     return job_id
+
+
+def beat_tick(producer: Celery, sync_context: SyncContext, *, now: datetime) -> int:
+    """What the sync beat sends on a tick at `now`."""
+    return send_due(producer, sync_context.engine, sync_context.sessions, now=now)

@@ -15,11 +15,13 @@ from sqlalchemy.orm import Session
 
 from services.api.routers import sync_jobs, sync_sources
 from services.sync import jobs, reseal
+from services.sync.beat import requeue_orphaned_jobs
 from services.sync.envelope import Keyring
 from services.sync.jobs import cancel_job, run_job
 from services.sync.pair import Tally
 from services.sync.rotation import rotate_org_key
 from shared.settings import Settings
+from shared.source_lock import one_job_per_source
 from tests.integration.sync_support import (
     ODDLY_NAMED_SYNCED,
     ODDLY_NAMED_TABLE,
@@ -225,3 +227,18 @@ def test_a_text_key_holding_a_nul_syncs_both_ways_with_a_sqlite_central_store(
 
     assert [(job["status"], job["pushed"]) for job in (first, second)] == [("succeeded", 1), ("succeeded", 1)]
     assert copied == [("610062", "x")] and left == [(0,)]
+
+
+def test_a_job_left_running_by_a_dead_worker_is_queued_again_once_no_worker_holds_its_sources_file_lock(
+    embedded_sync: Sync,
+) -> None:
+    sync, context = embedded_sync, embedded_sync.context
+    job_id = sync.submit()
+    sync.central("UPDATE sync_jobs SET status = 'running', attempts = 1 WHERE id = :j", {"j": job_id})
+
+    with one_job_per_source(context.engine, sync.source_id):  # as its live worker holds it
+        while_held = requeue_orphaned_jobs(context.engine, context.sessions)
+    once_free = requeue_orphaned_jobs(context.engine, context.sessions)
+
+    assert (while_held, len(once_free), sync.job(job_id)["status"]) == ([], 1, "retrying")
+    assert (run_job(context, job_id), sync.job(job_id)["attempts"]) == ("succeeded", 2)

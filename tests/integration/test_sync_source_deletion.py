@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, select
 
 from services.sync import source_deletion
-from services.sync.beat import fire_due_sync_schedules, send_due
+from services.sync.beat import fire_due_sync_schedules
 from services.sync.context import SyncContext
 from services.sync.jobs import run_job
 from services.sync.pair import Tally
@@ -28,17 +28,18 @@ from services.sync.rotation import rotate_org_key
 from services.sync.source_deletion import delete_source
 from shared.db.models import SyncSource
 from shared.db.types import utcnow
-from shared.queues import celery_config, sync_queue
+from shared.queues import sync_queue
 from shared.schemas import OrgConfig
 from shared.settings import Settings
 from shared.source_lock import SourceBusy, one_job_per_source
-from shared.sync_jobs import LONGEST_JOB_S, REQUEUE_AFTER, residency_refusal
+from shared.sync_jobs import REQUEUE_AFTER, residency_refusal
 from tests.integration.conftest import ADMIN, create_org_with_keys
 from tests.integration.postgres_sync_support import READINGS as PG_READINGS
 from tests.integration.postgres_sync_support import TWO_READINGS as PG_TWO_READINGS
 from tests.integration.postgres_sync_support import open_postgres_sync
 from tests.integration.sync_support import (
     Sync,
+    beat_tick,
     embedded,
     error_of,
     many_readings,
@@ -67,22 +68,6 @@ def local_url() -> Iterator[str]:
     """A PostgreSQL local store: a second, fresh database beside the central one."""
     with fresh_postgres_database() as url:
         yield url
-
-
-@pytest.fixture
-def producer(central_settings: Settings) -> Iterator[Celery]:
-    """What the sync beat sends its tasks with, on the tests' Redis."""
-    app = Celery("kiln-test-sync-beat", set_as_current=False)
-    app.conf.update(celery_config(central_settings.redis_url, longest_training_s=LONGEST_JOB_S))
-    yield app
-    app.close()
-
-
-@pytest.fixture
-def broker(central_settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(central_settings.redis_url)
-    yield client
-    client.close()
 
 
 def ask_deletion(sync: Sync, source_id: str | None = None) -> dict[str, Any]:
@@ -762,7 +747,7 @@ def test_a_deletion_whose_message_was_lost_is_queued_again_by_the_sync_beat_and_
 
     with celery_worker("services.sync.celery_app", central_settings, worker_log):
         assert sync_api.get(source, headers=sync.org.viewer).json()["status"] == "deleting"
-        sent = send_due(producer, sync_context.sessions, now=deletion_queued_at(sync) + REQUEUE_AFTER)
+        sent = beat_tick(producer, sync_context, now=deletion_queued_at(sync) + REQUEUE_AFTER)
         deadline = time.monotonic() + 60
         while sync_api.get(source, headers=sync.org.viewer).status_code == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -785,9 +770,9 @@ def test_a_deletion_queued_recently_or_queued_again_already_is_not_queued_again(
     asked = deletion_queued_at(sync)
     late = asked + REQUEUE_AFTER
 
-    recent = [send_due(producer, sync_context.sessions, now=now) for now in (utcnow(), late - timedelta(seconds=1))]
+    recent = [beat_tick(producer, sync_context, now=now) for now in (utcnow(), late - timedelta(seconds=1))]
     queued_while_recent = broker.llen(sync_queue(org_id))
-    again = [send_due(producer, sync_context.sessions, now=now) for now in (late, late + timedelta(minutes=1))]
+    again = [beat_tick(producer, sync_context, now=now) for now in (late, late + timedelta(minutes=1))]
 
     assert (recent, queued_while_recent) == ([0, 0], 1)
     assert (again, broker.llen(sync_queue(org_id))) == ([1, 0], 2)  # once; the bound runs again from then
@@ -812,12 +797,12 @@ def test_a_deletion_being_done_or_done_is_not_queued_again(
     sent_meanwhile: list[int] = []
 
     def beat_ticks_first(session: Any, name: str) -> None:
-        sent_meanwhile.append(send_due(producer, sync_context.sessions, now=much_later))
+        sent_meanwhile.append(beat_tick(producer, sync_context, now=much_later))
         drop_table(session, name)
 
     monkeypatch.setattr(source_deletion, "_drop_table", beat_ticks_first)
     delete_source(sync_context, sync.source_id, org_id=org_id)
-    sent_after = send_due(producer, sync_context.sessions, now=much_later)
+    sent_after = beat_tick(producer, sync_context, now=much_later)
 
     assert (sent_meanwhile, sent_after) == ([0], 0)
     assert broker.llen(sync_queue(org_id)) == 1  # the api's message only

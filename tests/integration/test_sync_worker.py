@@ -23,11 +23,15 @@ from services.sync.jobs import cancel_job, run_job
 from services.sync.pair import Tally
 from services.sync.revocation import REVOKED
 from shared.db.session import session_scope
+from shared.db.types import utcnow
+from shared.queues import sync_queue
 from shared.settings import Settings
+from shared.source_lock import one_job_per_source
 from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import (
     TWO_READINGS,
     Sync,
+    beat_tick,
     error_of,
     make_local_store,
     many_readings,
@@ -274,3 +278,77 @@ def test_a_running_job_revoked_without_terminate_stops_after_its_batch_and_stays
     job = sync.job(job_id)
     assert (status, job["status"], job["pushed"], error_of(job)) == ("cancelled", "cancelled", 500, REVOKED)
     assert sync.central(f"SELECT count(*) FROM {sync.central_table}") == [(500,)]
+
+
+def left_running_by_a_dead_worker(sync: Sync, broker: redis.Redis, *, attempts: int) -> str:
+    """A job as a worker killed whole leaves it: `running`, its source's lock gone with the worker's process, and its
+    message held unacknowledged by the broker until its visibility timeout (70 minutes), out of the queue."""
+    job_id = sync.submit()
+    broker.delete(sync_queue(sync.org.org_id))
+    sync.central("UPDATE sync_jobs SET status = 'running', attempts = :n WHERE id = :j", {"j": job_id, "n": attempts})
+    return job_id
+
+
+def test_a_job_whose_worker_was_killed_whole_is_queued_again_by_the_sync_beats_next_tick_and_finished(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    central_settings: Settings,
+    org_id: str,
+    tmp_path: Path,
+    producer: Celery,
+    broker: redis.Redis,
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    job_id = left_running_by_a_dead_worker(sync, broker, attempts=1)
+    worker_log = tmp_path / "worker.log"
+
+    with celery_worker("services.sync.celery_app", central_settings, worker_log):
+        sent = beat_tick(producer, sync_context, now=utcnow())
+        job = finished(sync, job_id, worker_log)
+
+    assert sent == 1
+    assert (job["attempts"], job["pushed"]) == (2, 2)
+    assert job["errors"][0]["error"] == (
+        "attempt 1 never ended (its worker was lost, or the central store out of reach); queued again"
+    )
+    assert sync.audit_actions()[:2] == ["sync.job.succeeded", "sync.job.retrying"]  # newest first
+
+
+def test_a_running_job_whose_worker_holds_its_sources_lock_is_left_alone(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    producer: Celery,
+    broker: redis.Redis,
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    job_id = left_running_by_a_dead_worker(sync, broker, attempts=1)
+
+    with one_job_per_source(sync_context.engine, sync.source_id):  # as its live worker holds it
+        sent = beat_tick(producer, sync_context, now=utcnow())
+
+    assert (sent, broker.llen(sync_queue(org_id))) == (0, 0)
+    assert (sync.job(job_id)["status"], sync.job(job_id)["errors"]) == ("running", [])
+
+
+def test_a_job_left_running_in_its_last_attempt_is_failed_by_the_sync_beat_and_not_queued_again(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    producer: Celery,
+    broker: redis.Redis,
+) -> None:
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path)
+    job_id = left_running_by_a_dead_worker(sync, broker, attempts=MAX_ATTEMPTS)
+
+    sent = beat_tick(producer, sync_context, now=utcnow())
+
+    job = sync.job(job_id)
+    assert (sent, broker.llen(sync_queue(org_id))) == (0, 0)
+    assert (job["status"], job["finishedAt"] is not None) == ("failed", True)
+    assert error_of(job) == (
+        f"attempt {MAX_ATTEMPTS} never ended (its worker was lost, or the central store out of reach); "
+        f"gave up after {MAX_ATTEMPTS} attempts"
+    )
