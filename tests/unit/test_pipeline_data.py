@@ -18,6 +18,14 @@ from services.trainer.pipeline.data import TrainingData, load_training_data, spl
 from shared.errors import InvalidInput
 
 
+def _not_utf8(values: list[str]) -> pa.Array:
+    """Text as a Parquet file may hold it: bytes no UTF-8 reader accepts, written under a string type."""
+    encoded = [value.encode("utf-8", "surrogateescape") for value in values]
+    offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int32)
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), len(values), buffers)
+
+
 def _write(tmp_path: Path, columns: dict[str, Any]) -> Path:
     path = tmp_path / "data.parquet"
     pq.write_table(pa.table(columns), path)
@@ -296,6 +304,14 @@ def test_a_positive_class_is_matched_as_json_types_it_not_as_python_equality(cla
     assert raised.value.field == "positiveClass"
 
 
+def test_a_half_float_target_becomes_classes_of_its_values(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"x": [1.0, 2.0, 3.0], "y": pa.array(np.array([1.5, 0.0, 1.5], dtype=np.float16))})
+
+    data = load_training_data(path, feature_columns=["x"], target_column="y")
+
+    assert (json.dumps(data.classes), data.labels.tolist()) == ("[0.0, 1.5]", [1, 0, 1])
+
+
 def test_minus_zero_and_zero_are_one_class(tmp_path: Path) -> None:
     path = _write(tmp_path, {"x": [1.0, 2.0, 3.0, 4.0], "y": [0.0, -0.0, 1.0, -0.0]})
 
@@ -311,6 +327,9 @@ def test_minus_zero_and_zero_are_one_class(tmp_path: Path) -> None:
         ([0.0, float("inf"), 1.0, float("-inf")], "target column 'y' has 2 infinite values; classes must be finite"),
         (["ok", "", "fail", ""], "target column 'y' has 2 missing values (empty text counts as missing)"),
         (pa.array(["ok", "", "fail", None]).dictionary_encode(), "target column 'y' has 2 missing values"),
+        (["ok", "a\x00b", "fail", "ok"], "target column 'y' has 1 values holding a NUL"),
+        (["ok", "é" * 201, "fail", "é" * 200], "target column 'y' has 1 values over 200 characters"),
+        (_not_utf8(["ok", "\udcff\udcfe", "fail", "ok"]), "target column 'y' holds text that is not UTF-8"),
     ],
 )
 def test_a_target_value_that_is_no_class_is_refused_naming_the_column(

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from shared.column_kinds import is_label, is_numeric
 from shared.errors import InvalidInput
-from shared.schemas import ClassValue, same_class
+from shared.schemas import MAX_CLASS_LENGTH, ClassValue, same_class
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,8 @@ def _as_utc(moment: datetime) -> datetime:
 def _encode_target(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, list[ClassValue]]:
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
+    if pa.types.is_float16(column.type):
+        column = column.cast(pa.float32())  # exactly: no comparison takes halffloat
     _check_target_values(column, name)
     if pa.types.is_floating(column.type):
         # -0.0 == 0.0, yet unique() keeps both: they would be two classes of one value.
@@ -220,6 +222,8 @@ def _check_target_values(column: pa.ChunkedArray, name: str) -> None:
     null), and empty text, which is what a CSV's empty cell of a text column is read as."""
     missing = column.null_count
     text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    if text:
+        _check_text_classes(column, name)
     if pa.types.is_floating(column.type):
         missing += _count(pc.is_nan(column))
         infinite = _count(pc.is_inf(column))
@@ -232,6 +236,27 @@ def _check_target_values(column: pa.ChunkedArray, name: str) -> None:
     if missing:
         empty = " (empty text counts as missing)" if text else ""
         raise _column_error(f"target column {name!r} has {missing} missing values{empty}", name, "targetColumn")
+
+
+def _check_text_classes(column: pa.ChunkedArray, name: str) -> None:
+    """Refuse text that no version or prediction record could keep as a class: bytes that are not UTF-8 (a Parquet
+    file may hold them), a NUL (which PostgreSQL refuses in text and JSON), or more than MAX_CLASS_LENGTH
+    characters (a prediction record keeps its label in that many)."""
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        raise _column_error(f"target column {name!r} holds text that is not UTF-8", name, "targetColumn") from None
+    with_nul = _count(pc.match_substring(column, "\x00"))
+    if with_nul:
+        raise _column_error(f"target column {name!r} has {with_nul} values holding a NUL", name, "targetColumn")
+    too_long = _count(pc.greater(pc.utf8_length(column), MAX_CLASS_LENGTH))
+    if too_long:
+        raise _column_error(
+            f"target column {name!r} has {too_long} values over {MAX_CLASS_LENGTH} characters; a prediction record "
+            f"keeps its label in {MAX_CLASS_LENGTH}",
+            name,
+            "targetColumn",
+        )
 
 
 def _count(matches: pa.ChunkedArray) -> int:
