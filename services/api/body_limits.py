@@ -2,8 +2,9 @@
 
 FastAPI reads and parses a body (JSON in memory, a multipart form spooled to disk) before any dependency runs,
 authentication included: without a bound, anyone, with no key, could make the api hold any amount. A dataset upload
-may be as large as KILN_MAX_UPLOAD_MB; every other body is a few kilobytes of JSON (a training config, a source's
-tables), so one over BODY_LIMIT is refused. A body is refused with 413 from its Content-Length before a byte is
+may be as large as KILN_MAX_UPLOAD_MB, but only as a multipart form: any other form is parsed whole in memory, so
+an upload's route takes one only up to BODY_LIMIT. Every other body is a few kilobytes of JSON (a training config, a
+source's tables), so one over BODY_LIMIT is refused. A body is refused with 413 from its Content-Length before a byte is
 read, or, sent without one (chunked), as soon as the bytes read pass the limit.
 """
 
@@ -28,20 +29,25 @@ class BodyLimits:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit, what = self._limit(scope["path"])
+        limit, what = self._limit(scope)
         await self.app(scope, _limited(receive, limit, what, declared=_declared_length(scope)), send)
 
-    def _limit(self, path: str) -> tuple[int, str]:
-        if _UPLOAD.match(path):
+    def _limit(self, scope: Scope) -> tuple[int, str]:
+        if _UPLOAD.match(scope["path"]) and _header(scope, b"content-type").lower().startswith(b"multipart/form-data"):
             return self.upload_limit, "file"
         return BODY_LIMIT, "body"
 
 
 def _declared_length(scope: Scope) -> int:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
-            return int(value) if value.isdigit() else 0
-    return 0
+    value = _header(scope, b"content-length")
+    return int(value) if value.isdigit() else 0
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return b""
 
 
 def _limited(receive: Receive, limit: int, what: str, *, declared: int) -> Receive:
