@@ -15,6 +15,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from shared.errors import ArtifactIntegrityError
 from shared.layout import MODEL_FILE
+from shared.model_contract import INPUT_NAME, PROBABILITIES_OUTPUT, signature_problem
 from shared.onnx_external import external_data_of, keeps_data_outside
 from shared.schemas import ClassValue, same_class
 from shared.storage import ObjectStore, get_verified_bytes
@@ -31,10 +32,6 @@ ONNXRUNTIME_REFUSALS = (
     ort_errors.NoModel,
     ort_errors.NotImplemented,
 )
-
-INPUT_NAME = "input"
-LABEL_OUTPUT = "label"
-PROBABILITIES_OUTPUT = "probabilities"
 
 
 @dataclass(frozen=True)
@@ -136,15 +133,9 @@ def _session_options() -> ort.SessionOptions:
 
 
 def _check_signature(model: LoadedModel) -> None:
-    inputs = model.session.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != INPUT_NAME or inputs[0].shape[-1] != model.n_features:
-        raise ArtifactIntegrityError(
-            f"{model.version}: expected one input {INPUT_NAME!r} with {model.n_features} features, "
-            f"found {[(i.name, i.shape) for i in inputs]}"
-        )
-    outputs = {output.name for output in model.session.get_outputs()}
-    if PROBABILITIES_OUTPUT not in outputs:
-        raise ArtifactIntegrityError(f"{model.version}: no {PROBABILITIES_OUTPUT!r} output in {sorted(outputs)}")
+    problem = signature_problem(model.session.get_inputs(), model.session.get_outputs(), model.n_features)
+    if problem is not None:
+        raise ArtifactIntegrityError(f"{model.version}: {problem}")
 
 
 def _warm_up(model: LoadedModel) -> None:

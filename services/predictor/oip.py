@@ -23,8 +23,9 @@ import numpy as np
 import orjson
 
 from services.predictor.inference import keys_within, parse_json, refuse_repeated_keys
-from services.predictor.models import INPUT_NAME, LABEL_OUTPUT, PROBABILITIES_OUTPUT, LoadedModel
+from services.predictor.models import LoadedModel
 from shared.errors import BadRequest, InvalidInput
+from shared.model_contract import INPUT_NAME, LABEL_OUTPUT, PROBABILITIES_OUTPUT
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OUTPUTS = (LABEL_OUTPUT, PROBABILITIES_OUTPUT)

@@ -13,7 +13,6 @@ import onnxruntime
 
 from services.trainer.native_scores import NativeScores
 from services.trainer.pipeline.data import TrainingData
-from services.trainer.pipeline.export import INPUT_NAME, PROBABILITIES_OUTPUT
 from services.trainer.pipeline.validate import (
     MB,
     FootprintProbe,
@@ -24,6 +23,7 @@ from services.trainer.pipeline.validate import (
     measure_serving,
     per_class_metrics,
 )
+from shared.model_contract import INPUT_NAME, PROBABILITIES_OUTPUT, signature_problem
 from shared.onnx_external import external_data_of, keeps_data_outside
 from shared.schemas import OrgConfig
 
@@ -77,8 +77,8 @@ def judge(
     with footprint or FootprintProbe.start(model, holdout.features.shape[1]) as probe:
         try:
             served = _served_probabilities(model, holdout.features, len(holdout.classes))
-        except BrokenOutputContract as error:
-            return unhealthy(len(model), gates, f"breaks the output contract: {error}")
+        except BrokenServingContract as error:
+            return unhealthy(len(model), gates, f"breaks the serving contract: {error}")
         except Exception as error:
             return unhealthy(len(model), gates, f"does not run in onnxruntime: {type(error).__name__}: {error}")
         metrics = _finite(classification_metrics(holdout.labels, served))
@@ -118,8 +118,9 @@ def _unmeasured(model_size_bytes: int, gates: Gates, note: str) -> Verdict:
     return Verdict(metrics={}, report={**checks, "note": note})
 
 
-class BrokenOutputContract(ValueError):
-    """The model runs, but what it answers is not the `probabilities` every reader of it expects."""
+class BrokenServingContract(ValueError):
+    """The model runs, but its signature (shared/model_contract.py) or what it answers is not what every reader of it
+    expects: `probabilities` of the held-out rows."""
 
 
 def _served_probabilities(model: bytes, features: np.ndarray, n_classes: int) -> np.ndarray:
@@ -127,6 +128,9 @@ def _served_probabilities(model: bytes, features: np.ndarray, n_classes: int) ->
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    problem = signature_problem(session.get_inputs(), session.get_outputs(), features.shape[1])
+    if problem is not None:
+        raise BrokenServingContract(problem)  # the predictor would refuse to load it
     parts = []
     for start in range(0, features.shape[0], CHUNK_ROWS):
         chunk = features[start : start + CHUNK_ROWS]
@@ -136,18 +140,18 @@ def _served_probabilities(model: bytes, features: np.ndarray, n_classes: int) ->
 
 
 def _checked_probabilities(answer: object, rows: int, n_classes: int) -> np.ndarray:
-    """`answer` if it is a finite float array [rows, n_classes], else BrokenOutputContract saying what it is.
+    """`answer` if it is a finite float array [rows, n_classes], else BrokenServingContract saying what it is.
 
     The metrics, parity and the predictor index it so: anything else (a custom script's one column a row, a column
     too many, NaN, onnxmltools' default ZipMap of dicts) would fail them deep inside rather than fail the gate."""
     wanted = f"probabilities must be a float tensor [N, {n_classes}]"
     if not isinstance(answer, np.ndarray):
-        raise BrokenOutputContract(f"{wanted}, got {_described(answer)}")
+        raise BrokenServingContract(f"{wanted}, got {_described(answer)}")
     if not np.issubdtype(answer.dtype, np.floating) or answer.shape != (rows, n_classes):
-        raise BrokenOutputContract(f"{wanted}, got {answer.dtype} {list(answer.shape)} for {rows} rows")
+        raise BrokenServingContract(f"{wanted}, got {answer.dtype} {list(answer.shape)} for {rows} rows")
     non_finite = int((~np.isfinite(answer)).any(axis=1).sum())
     if non_finite:
-        raise BrokenOutputContract(f"{wanted} of finite values, got NaN or infinity in {non_finite} of {rows} rows")
+        raise BrokenServingContract(f"{wanted} of finite values, got NaN or infinity in {non_finite} of {rows} rows")
     return answer
 
 

@@ -17,6 +17,7 @@ import pytest
 from onnxmltools.convert.common.data_types import FloatTensorType
 from sklearn.metrics import accuracy_score, precision_score, recall_score
 
+from deploy.local import ai4i
 from services.trainer.pipeline import validate
 from services.trainer.pipeline.data import TrainingData, split_holdout
 from services.trainer.pipeline.export import booster_to_onnx, onnx_session
@@ -258,13 +259,16 @@ def test_judging_a_model_onnxruntime_cannot_run_stops_the_memory_probe_handed_to
 _CONSTANTS = {"from0": 0, "to2": 2, "to3": 3, "axis1": 1}
 
 
-def _graph_answering(nodes: list[onnx.NodeProto], *, dtype: int = onnx.TensorProto.FLOAT) -> bytes:
-    """A model from "input" to "probabilities" through `nodes`, as a custom training script might export one."""
+def _graph_answering(
+    nodes: list[onnx.NodeProto], *, dtype: int = onnx.TensorProto.FLOAT, width: int | str = len(ai4i.FEATURES)
+) -> bytes:
+    """A model from "input" ([rows, width]) to "probabilities" through `nodes`, as a custom training script might
+    export one."""
     constants = [onnx.numpy_helper.from_array(np.array([v], np.int64), name) for name, v in _CONSTANTS.items()]
     graph = onnx.helper.make_graph(
         nodes,
         "answers",
-        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, None])],
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, width])],
         [onnx.helper.make_tensor_value_info("probabilities", dtype, None)],
         initializer=[*constants, onnx.numpy_helper.from_array(np.array([math.nan], np.float32), "nan")],
     )
@@ -314,9 +318,26 @@ def test_a_model_answering_other_than_finite_probabilities_per_class_fails_onnx_
 
     assert verdict.report["failed"] == ["accuracy", "precision", "recall", "onnx_health", "parity"]
     assert verdict.report["note"].startswith(
-        "the stored model.onnx breaks the output contract: probabilities must be a float tensor [N, 2]"
+        "the stored model.onnx breaks the serving contract: probabilities must be a float tensor [N, 2]"
     )
     assert verdict.report["note"].endswith(words), verdict.report["note"]
+
+
+@pytest.mark.parametrize("width", ["features", len(ai4i.FEATURES) + 1])
+def test_a_model_whose_input_is_not_as_wide_as_the_features_fails_onnx_health_as_a_predictor_would_refuse_it(
+    ai4i_data: AI4IData, width: int | str
+) -> None:
+    """A width by name ran on every held-out row, and the version passed its gates; no predictor would load it."""
+    make_node = onnx.helper.make_node
+    nodes = [_first_columns(2), make_node("Softmax", ["columns"], ["probabilities"], axis=1)]
+
+    verdict = judge(_graph_answering(nodes, width=width), None, ai4i_data(400), Gates())
+
+    assert "onnx_health" in verdict.report["failed"]
+    assert verdict.report["note"] == (
+        "the stored model.onnx breaks the serving contract: expected one input 'input' with "
+        f"{len(ai4i.FEATURES)} features, found [('input', [None, {width!r}])]"
+    )
 
 
 def test_onnxmltools_default_export_with_a_zipmap_fails_onnx_health_naming_the_option_that_avoids_it(

@@ -20,10 +20,7 @@ import onnxruntime
 from onnxmltools.convert.common.data_types import FloatTensorType
 
 from shared.errors import InvalidInput
-
-INPUT_NAME = "input"
-LABEL_OUTPUT = "label"
-PROBABILITIES_OUTPUT = "probabilities"
+from shared.model_contract import INPUT_NAME, LABEL_OUTPUT, PROBABILITIES_OUTPUT
 
 _SUPPORTED_OBJECTIVES = frozenset({"binary", "multiclass"})
 _DOC = (

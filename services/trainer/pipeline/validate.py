@@ -19,9 +19,10 @@ import numpy as np
 import onnxruntime
 from sklearn.metrics import roc_auc_score
 
-from services.trainer.pipeline.export import INPUT_NAME, PROBABILITIES_OUTPUT, onnx_session
+from services.trainer.pipeline.export import onnx_session
 from services.trainer.pipeline.train import predict_proba
 from shared.errors import InvalidInput
+from shared.model_contract import INPUT_NAME, PROBABILITIES_OUTPUT
 
 MB = 1024 * 1024
 _PARITY_CHUNK_ROWS = 100_000
