@@ -50,6 +50,10 @@ class PayloadTooLarge(KilnError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
 
 
+class UnsupportedEncoding(KilnError):
+    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
 class Unauthorized(KilnError):
     status = HTTPStatus.UNAUTHORIZED
 

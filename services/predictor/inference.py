@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import reprlib
 from collections.abc import Iterable
 from typing import Any
@@ -180,4 +181,22 @@ def parse_json(body: bytes) -> object:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise BadRequest(f"the request body is not valid JSON: {error}", field="body") from None
+        raise BadRequest(f"the request body is not valid JSON: {_what_is_wrong(body, error)}", field="body") from None
+
+
+# What Python's json.dumps writes for a float that is missing or infinite, which JSON has no word for.
+_NOT_JSON_NUMBERS = (b"NaN", b"Infinity")
+# The key whose value starts where a body's JSON broke: `"name": ` and perhaps a sign, before it.
+_KEY_BEFORE = re.compile(rb'"((?:[^"\\]|\\.){1,200})"\s*:\s*-?$')
+
+
+def _what_is_wrong(body: bytes, error: orjson.JSONDecodeError) -> str:
+    """orjson's words, or, for a NaN or Infinity, what it is, naming its key if it has one (the character offset
+    alone leaves a user counting)."""
+    token = next((word for word in _NOT_JSON_NUMBERS if body.startswith(word, error.pos)), None)
+    if token is None:
+        return str(error)
+    key = _KEY_BEFORE.search(body[max(0, error.pos - 256) : error.pos])
+    value_of = f" as the value of {key.group(1).decode(errors='replace')!r}" if key else ""
+    where = f"line {error.lineno} column {error.colno}"
+    return f"{token.decode()}{value_of} ({where}) is no JSON number, and each feature must be a finite number"

@@ -24,7 +24,7 @@ from services.predictor.models import LoadedModel, ModelCache
 from services.predictor.outage import DatabaseOutage
 from services.predictor.records import PredictionRecorder
 from shared.db.session import check_answers, make_central_engine, make_session_factory
-from shared.errors import KilnError, NotFound, PayloadTooLarge, TransientError
+from shared.errors import KilnError, NotFound, PayloadTooLarge, TransientError, UnsupportedEncoding
 from shared.http_errors import refuse_nul_in_url
 from shared.keys import Principal, bearer_token
 from shared.settings import Settings
@@ -162,7 +162,14 @@ async def model_for(state: PredictorState, org_id: str) -> LoadedModel:
 
 
 async def read_body(state: PredictorState, request: Request) -> bytes:
-    """The body, refused with 413 as soon as it passes KILN_PREDICTOR_MAX_BODY_MB, before it is all in memory."""
+    """The body, refused with 413 as soon as it passes KILN_PREDICTOR_MAX_BODY_MB, before it is all in memory; or
+    with 415 if it is compressed: decompressing would let a small body grow past that bound (tritonclient compresses
+    only when asked to), and read as it came it would be refused as broken JSON, which it is not."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedEncoding(
+            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed", field="Content-Encoding"
+        )
     limit_mb = state.settings.predictor_max_body_mb
     limit = int(limit_mb * 1024 * 1024)
     declared = request.headers.get("content-length", "")

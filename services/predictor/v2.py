@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -28,7 +27,7 @@ from services.predictor.state import (
     served_by,
     state_of,
 )
-from shared.errors import KilnError, NotFound
+from shared.errors import NotFound
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 
@@ -129,7 +128,7 @@ async def _infer(org: str, version: str | None, request: Request) -> Response:
         await authorize(state, request, org)
         model = served = await model_for(state, org)  # found: a refusal from here on counts under the org
         _check_version(served, org, version)
-        body = await _request_body(state, request)
+        body = await read_body(state, request)
         header_length = request.headers.get(oip.HEADER_LENGTH)
         answer = await run_sized(len(body), lambda: _answer(org, served, body, header_length))
         if answer.records is not None:
@@ -173,18 +172,3 @@ async def _served(state: PredictorState, org: str, version: str | None) -> Loade
 def _check_version(model: LoadedModel, org: str, version: str | None) -> None:
     if version is not None and version != model.version:
         raise NotFound(f"version {version!r} of model {org!r} is not served; {model.version!r} is")
-
-
-class UnsupportedEncoding(KilnError):
-    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-
-
-async def _request_body(state: PredictorState, request: Request) -> bytes:
-    # Decompressing would let a small body grow past KILN_PREDICTOR_MAX_BODY_MB; tritonclient only compresses when
-    # asked to, so compressed bodies are refused rather than misread as broken JSON.
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise UnsupportedEncoding(
-            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed", field="Content-Encoding"
-        )
-    return await read_body(state, request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import shutil
@@ -303,6 +304,38 @@ def test_a_body_that_is_not_json_or_too_large_is_refused(serving: OrgKeys, predi
     huge = predictor.post(url, json={"rows": [ai4i_row()] * 10_000}, headers=serving.viewer)
     assert huge.status_code == 413 and huge.json()["field"] == "body"
     assert served_version(predictor, serving) is not None
+
+
+@pytest.mark.parametrize("path", ["/v1/orgs/{org}/predict", "/v2/models/{org}/infer"])
+def test_a_compressed_body_is_refused_naming_content_encoding_by_both_protocols(
+    serving: OrgKeys, predictor: TestClient, path: str
+) -> None:
+    """V1 read gzip's bytes as JSON, and said the body was not valid JSON."""
+    body = gzip.compress(json.dumps({"rows": [ai4i_row()]}).encode())
+    headers = {**serving.viewer, "content-type": "application/json", "content-encoding": "gzip"}
+    response = predictor.post(path.format(org=serving.org_id), content=body, headers=headers)
+    assert response.status_code == 415
+    assert response.json() == {
+        "error": "Content-Encoding 'gzip' is not supported; send the body uncompressed",
+        "field": "Content-Encoding",
+        "status": 415,
+    }
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [("NaN", "NaN as the value of 'torque' (line 1 column 22)"), ("-Infinity", "Infinity as the value of 'torque'")],
+)
+def test_nan_or_infinity_written_by_pythons_json_is_refused_naming_its_key(
+    serving: OrgKeys, predictor: TestClient, value: str, named: str
+) -> None:
+    """json.dumps writes a float NaN so; orjson's own words gave only a character offset."""
+    body = b'{"rows": [{"torque": ' + value.encode() + b"}]}"
+    response = predictor.post(f"/v1/orgs/{serving.org_id}/predict", content=body, headers=serving.viewer)
+    assert response.status_code == 400
+    assert response.json()["field"] == "body"
+    assert response.json()["error"].startswith(f"the request body is not valid JSON: {named}")
+    assert response.json()["error"].endswith("is no JSON number, and each feature must be a finite number")
 
 
 def test_keys_are_checked_and_other_orgs_are_not_found(
