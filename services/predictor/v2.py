@@ -16,6 +16,7 @@ from services.predictor import oip
 from services.predictor.inference import predictions
 from services.predictor.models import LoadedModel
 from services.predictor.offload import run_sized
+from services.predictor.records import PredictionRecorder
 from services.predictor.state import (
     PredictorState,
     authorize,
@@ -130,7 +131,7 @@ async def _infer(org: str, version: str | None, request: Request) -> Response:
         _check_version(served, org, version)
         body = await read_body(state, request)
         header_length = request.headers.get(oip.HEADER_LENGTH)
-        answer = await run_sized(len(body), lambda: _answer(org, served, body, header_length))
+        answer = await run_sized(len(body), lambda: _answer(org, served, body, header_length, state.recorder))
         if answer.records is not None:
             keep_record(state, served, answer.records, started)
     except Exception as error:
@@ -150,13 +151,16 @@ class _Answer:
     records: list[dict[str, Any]] | None  # each row's score, label and risk level, for an org that keeps records
 
 
-def _answer(org: str, model: LoadedModel, body: bytes, header_length: str | None) -> _Answer:
+def _answer(
+    org: str, model: LoadedModel, body: bytes, header_length: str | None, recorder: PredictionRecorder
+) -> _Answer:
     """All the work of an infer request that is not HTTP."""
     inference = oip.parse_request(body, header_length)
     features = oip.request_features(model, inference.tensors)
     probabilities = model.probabilities(features)
     records = None
-    if model.deployed.record_predictions:  # the answers V2 sends are tensors: scores are made only for records
+    # The answers V2 sends are tensors: scores are made only for records, and only for records with room to wait.
+    if model.deployed.record_predictions and recorder.takes(model.deployed.org_id, len(features)):
         records = predictions(model, probabilities, model.deployed.risk_bands)
     content, media_type, headers = oip.encode_answer(org, model, probabilities, inference)
     return _Answer(len(features), content, media_type, headers, records)

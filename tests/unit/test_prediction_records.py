@@ -86,3 +86,29 @@ def test_a_batch_gives_light_orgs_all_they_wait_for_and_heavy_ones_the_rest_in_e
     assert records.fair_shares({"alpha": 10, "beta": 1}, 5000) == {"beta": 1, "alpha": 10}
     # More orgs waiting than a batch has rows: the first in turn get one each, the others come first next time.
     assert records.fair_shares({"alpha": 9, "beta": 1, "gamma": 1}, 2) == {"beta": 1, "alpha": 1}
+
+
+def test_records_with_no_room_are_refused_before_a_request_makes_them_and_counted() -> None:
+    """A V2 request makes its records for them alone: 1.39M rows over the limit took 370 MB, to be dropped."""
+    full = recorder(max_waiting_rows=100)
+    add(full, "alpha", 100)
+
+    assert (full.takes("alpha", 50), full.takes("beta", 40), full.takes("beta", 60)) == (False, True, False)
+    assert full.dropped == 110
+
+
+def test_records_a_stopping_predictor_could_not_write_are_logged_and_counted_as_lost(
+    logged: list[logging.LogRecord],
+) -> None:
+    """They went with the process, with no word and no count."""
+    away = recorder(max_waiting_rows=100)  # its database has no predictions table: every write fails, and is kept
+    away.flush_s = 0.01
+    away.start()
+    add(away, "alpha", 30)
+
+    away.stop()
+
+    assert away.dropped == 30
+    assert [(r.levelno, r.getMessage()) for r in logged if r.getMessage().startswith("stopping")] == [
+        (logging.ERROR, "stopping: 30 prediction records were not written and are lost (the database is away)")
+    ]
