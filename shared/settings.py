@@ -285,6 +285,16 @@ def build_settings(**overrides: object) -> Settings:
     return settings.model_copy(update=generated) if generated else settings
 
 
+def settings_for(process: str) -> Settings:
+    """A service process's settings; if they are wrong, its exit, with one line naming the variable. SystemExit goes
+    through what would have caught a ConfigurationError: Celery's signal dispatch (the beats then ran on Celery's
+    defaults, saying nothing) and uvicorn's loading of the app's factory (a 40-line traceback)."""
+    try:
+        return build_settings()
+    except ConfigurationError as error:
+        raise SystemExit(f"{process}: {error.message}") from None
+
+
 def _check_generated_key(path: Path, key: SecretStr) -> None:
     """A key file altered since it was made: named, rather than failing the first secret sealed or opened."""
     try:

@@ -30,11 +30,11 @@ from services.api.routers import (
 )
 from shared.http_errors import install_error_handlers, refuse_nul_in_url
 from shared.logs import configure_logging
-from shared.settings import Settings, build_settings
+from shared.settings import Settings, settings_for
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or build_settings()
+    settings = settings or settings_for("api")
     configure_logging(settings.log_level)
 
     @contextlib.asynccontextmanager

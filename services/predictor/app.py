@@ -11,11 +11,11 @@ from services.predictor import monitoring, v1, v2
 from services.predictor.state import PredictorState
 from shared.http_errors import install_error_handlers
 from shared.logs import configure_logging
-from shared.settings import Settings, build_settings
+from shared.settings import Settings, settings_for
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or build_settings()
+    settings = settings or settings_for("predictor")
     configure_logging(settings.log_level)
 
     @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ from celery.signals import task_revoked, worker_process_init
 from services.sync.revocation import cancel_revoked
 from shared.org_queues import SyncQueues
 from shared.queues import SYNC_TASK, celery_config
-from shared.settings import build_settings
+from shared.settings import settings_for
 from shared.sync_jobs import LONGEST_JOB_S
 
 app = Celery("kiln-sync", include=["services.sync.tasks"])
@@ -21,7 +21,7 @@ app.steps["consumer"].add(SyncQueues)
 
 @app.on_configure.connect  # type: ignore[untyped-decorator]
 def _configure(sender: Celery, **_kwargs: Any) -> None:
-    settings = build_settings()
+    settings = settings_for(sender.main)
     sender.conf.update(celery_config(settings.redis_url, longest_training_s=LONGEST_JOB_S))
     sender.conf.beat_scheduler = "services.sync.beat:SyncScheduler"
     sender.conf.beat_max_loop_interval = settings.beat_tick_s

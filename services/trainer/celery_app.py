@@ -14,7 +14,7 @@ from services.trainer.reaper import RunReaper, cancel_revoked
 from services.trainer.sandbox import OPENMP_SPINCOUNT
 from shared.org_queues import PremisesQueues, TrainQueues
 from shared.queues import TRAIN_TASK, celery_config
-from shared.settings import build_settings
+from shared.settings import settings_for
 
 # For the worker's own LightGBM work (parity), as for scripts (sandbox.py says why). libgomp reads it when LightGBM
 # loads, which is after this module.
@@ -28,7 +28,7 @@ app.steps["consumer"].add(RunReaper)
 
 @app.on_configure.connect  # type: ignore[untyped-decorator]
 def _configure(sender: Celery, **_kwargs: Any) -> None:
-    settings = build_settings()
+    settings = settings_for(sender.main)
     sender.conf.update(celery_config(settings.redis_url, longest_training_s=settings.training_timeout_s))
     sender.conf.beat_scheduler = "services.trainer.beat:DatabaseScheduler"
     sender.conf.beat_max_loop_interval = settings.beat_tick_s
