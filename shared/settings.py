@@ -27,7 +27,9 @@ FILE_STORE = "file://"
 class Settings(BaseSettings):
     """Every knob of every Kiln process. Defaults are the embedded ones, so a fresh checkout runs as is."""
 
-    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", allow_inf_nan=False)
+    # An empty variable (`KEY=` in an env file, compose's ${VAR:-}) is as if unset: an empty path read as the
+    # working folder put the data dir, the orgs' stores and the scripts folder there.
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", allow_inf_nan=False, env_ignore_empty=True)
 
     env: Literal["dev", "prod"] = Field("dev", description="prod refuses embedded defaults for secrets.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of Kiln's own logs.")

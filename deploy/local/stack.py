@@ -142,7 +142,7 @@ def _start_services(settings: Settings, launch: Launch, preferred: dict[str, int
     trainer = launch.spawn("trainer", _celery(worker), env)
     # No access log on the hot path: at thousands of requests a second it costs more than the inference.
     predictor = _uvicorn("services.predictor.app:create_app", urls["predictor"], "--workers", "2", "--no-access-log")
-    launch.spawn("predictor", predictor, {**env, "KILN_PREDICTOR_METRICS_DIR": str(_fresh_metrics_dir(settings))})
+    launch.spawn("predictor", predictor, {**env, "KILN_PREDICTOR_METRICS_DIR": str(fresh_metrics_dir(settings))})
     launch.spawn("beat", _celery("beat --loglevel INFO"), env)
     sync_worker = f"worker --loglevel INFO --concurrency 1 --hostname {SYNC_NAME}@%h"
     sync = launch.spawn("sync", _celery(sync_worker, app=SYNC_APP), env)
@@ -186,10 +186,11 @@ def _start_redis(launch: Launch) -> str:
     return url
 
 
-def _fresh_metrics_dir(settings: Settings) -> Path:
-    """Where the predictor's two workers share their metrics: its own folder, emptied, unless one is configured."""
+def fresh_metrics_dir(settings: Settings) -> Path:
+    """Where the predictor's two workers share their metrics: its own folder, emptied, unless one is configured
+    (made absolute, as every path a child is handed: the predictor runs in the repository)."""
     if settings.predictor_metrics_dir is not None:
-        return settings.predictor_metrics_dir
+        return settings.predictor_metrics_dir.resolve()
     folder = settings.data_dir.resolve() / "predictor-metrics"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from deploy.local import stack
 from shared.errors import ConfigurationError
 from shared.settings import Settings, build_settings
 from shared.storage import open_object_store
@@ -27,6 +28,16 @@ def test_kiln_variables_override_the_defaults(monkeypatch: pytest.MonkeyPatch) -
     assert settings.resolved_database_url == "postgresql+psycopg2://kiln@db/kiln"
     assert settings.resolved_object_store == "s3://models"
     assert settings.predictor_reconcile_s == 5
+
+
+@pytest.mark.parametrize(
+    "variable", ["DATA_DIR", "LOCAL_STORES_DIR", "TRAINING_SCRIPTS_DIR", "PREDICTOR_METRICS_DIR", "REDIS_URL"]
+)
+def test_a_variable_set_empty_is_as_if_unset(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    """`KEY=` in an env file: an empty path was read as the working folder, and the secrets were written there."""
+    unset = Settings()
+    monkeypatch.setenv(f"KILN_{variable}", "")
+    assert getattr(Settings(), variable.lower()) == getattr(unset, variable.lower())
 
 
 def test_dev_generates_an_admin_token_once_and_reuses_it(tmp_path: Path) -> None:
@@ -90,6 +101,15 @@ def test_every_path_is_made_absolute_for_processes_started_in_another_folder(
     assert env["KILN_DATABASE_URL"] == f"sqlite:///{tmp_path / 'db/kiln.db'}"
     assert remote.with_absolute_paths().as_env()["KILN_DATABASE_URL"] == remote.database_url
     assert remote.with_absolute_paths().as_env()["KILN_OBJECT_STORE"] == "s3://models"
+
+
+def test_kiln_up_hands_the_predictor_its_configured_metrics_folder_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The predictor runs in the repository: a relative folder put its workers' metrics there."""
+    monkeypatch.chdir(tmp_path)
+    settings = Settings(data_dir=tmp_path / "data", predictor_metrics_dir=Path("metrics"))
+    assert stack.fresh_metrics_dir(settings) == tmp_path / "metrics"
 
 
 @pytest.mark.parametrize("folder", ["why?", "hash#tag", "percent%41"])
