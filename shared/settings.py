@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -143,6 +144,35 @@ class Settings(BaseSettings):
                     ipaddress.ip_network(entry)
                 except ValueError:
                     raise ValueError(f"{entry!r} is not a network such as 10.20.0.0/16") from None
+        return value
+
+    @field_validator("object_store")
+    @classmethod
+    def _a_store_kiln_opens(cls, value: str) -> str:
+        if value and not (value.startswith("file://") or (value.startswith("s3://") and len(value) > len("s3://"))):
+            raise ValueError("must be file://PATH or s3://BUCKET")
+        return value
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _a_host_and_port(cls, value: str) -> str:
+        """The minio SDK's own check, made when a process opens the store, came as a traceback after the stack had
+        started: a URL (http://minio:9000) is the usual slip."""
+        refusal = ValueError("must be host[:port], such as minio:9000, with no scheme or path")
+        parsed = urlsplit(f"//{value}")
+        try:
+            parsed.port  # noqa: B018 (reading it checks it)
+        except ValueError:
+            raise refusal from None
+        if not parsed.hostname or parsed.path or parsed.query or parsed.fragment or "@" in value:
+            raise refusal
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _a_redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
     @field_validator("secret_key")

@@ -152,11 +152,16 @@ def test_a_generated_secret_key_file_altered_since_is_named(tmp_path: Path, held
     ("settings", "named"),
     [
         ({"object_store": "s3://Bad_Bucket!"}, "KILN_OBJECT_STORE names no valid bucket"),
-        ({"object_store": "s3://models", "s3_endpoint": "http://127.0.0.1:9000"}, "KILN_S3_ENDPOINT is not host"),
-        ({"object_store": "s3://models", "s3_endpoint": "127.0.0.1:notaport"}, "KILN_S3_ENDPOINT is not host"),
+        ({"object_store": "s3://models", "s3_endpoint": "http://127.0.0.1:9000"}, "KILN_S3_ENDPOINT: must be host"),
+        ({"object_store": "s3://models", "s3_endpoint": "127.0.0.1:notaport"}, "KILN_S3_ENDPOINT: must be host"),
+        ({"object_store": "s3://models", "s3_endpoint": "minio:9000/kiln"}, "KILN_S3_ENDPOINT: must be host"),
+        ({"object_store": "ftp://models"}, "KILN_OBJECT_STORE: must be file://PATH or s3://BUCKET"),
+        ({"redis_url": "127.0.0.1:6379"}, "KILN_REDIS_URL: must be a redis://, rediss:// or unix:// URL"),
     ],
 )
 def test_an_object_store_setting_the_sdk_refuses_is_named(tmp_path: Path, settings: dict[str, str], named: str) -> None:
+    """Those the settings can tell are refused as they are read, before `kiln up` starts a process: they came as a
+    traceback from each process as it opened the store."""
     with pytest.raises(ConfigurationError, match=f"^{named}"):
         open_object_store(build_settings(data_dir=tmp_path, **settings))
 
