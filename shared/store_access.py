@@ -49,9 +49,24 @@ POSTGRESQL_PARAMETERS = frozenset(
 )
 
 
+# libpq's own choices for the parameters that take a word, and those that take a whole number (a C int). Refused
+# here, a bad value is a 422 naming the URL; libpq refused it only as a run or a job connected, which was retried as
+# a server out of reach.
+PARAMETER_CHOICES = {
+    "channel_binding": ("disable", "prefer", "require"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+}
+WHOLE_NUMBER_PARAMETERS = frozenset(
+    {"connect_timeout", "keepalives", "keepalives_count", "keepalives_idle", "keepalives_interval", "tcp_user_timeout"}
+)
+_LARGEST_C_INT = 2**31 - 1
+
+
 def refuse_unsafe_parameters(url: URL, *, field: str) -> None:
     """A SQLite URL takes no query (the driver would open another file, named with it); a PostgreSQL URL only the
-    parameters above."""
+    parameters above, each with a value libpq takes."""
     names = sorted(url.query)
     if not names:
         return
@@ -70,6 +85,20 @@ def refuse_unsafe_parameters(url: URL, *, field: str) -> None:
             f"{', '.join(sorted(POSTGRESQL_PARAMETERS))}",
             field=field,
         )
+    for name in names:
+        _refuse_bad_value(name, url.query[name], field=field)
+
+
+def _refuse_bad_value(name: str, given: str | tuple[str, ...], *, field: str) -> None:
+    values = (given,) if isinstance(given, str) else given
+    if len(values) > 1:
+        raise InvalidInput(f"{field}: the query parameter {name} is given {len(values)} times", field=field)
+    value = values[0]
+    if name in PARAMETER_CHOICES and value not in PARAMETER_CHOICES[name]:
+        choices = ", ".join(PARAMETER_CHOICES[name])
+        raise InvalidInput(f"{field}: {name} must be one of {choices}, not {value[:40]!r}", field=field)
+    if name in WHOLE_NUMBER_PARAMETERS and not (value.isascii() and value.isdigit() and int(value) <= _LARGEST_C_INT):
+        raise InvalidInput(f"{field}: {name} must be a whole number of 0 to {_LARGEST_C_INT}", field=field)
 
 
 # The most a label of a host name holds (RFC 1035).

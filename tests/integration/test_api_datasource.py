@@ -66,6 +66,12 @@ def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> Non
         ),
         ("postgresql+psycopg2://historian@scada..plant/historian", "'scada..plant' is not a host name"),
         ("postgresql+psycopg2://historian@scada/historian?sslkey=/srv/kiln/other.key", "sslkey are not accepted"),
+        # libpq refused these only as a run connected, and each run was retried as a server out of reach.
+        ("postgresql+psycopg2://historian@scada/historian?sslmode=bogus", "sslmode must be one of disable, allow"),
+        ("postgresql+psycopg2://historian@scada/historian?connect_timeout=abc", "connect_timeout must be a whole"),
+        ("postgresql+psycopg2://historian@scada/historian?keepalives_idle=99999999999", "must be a whole number"),
+        ("postgresql+psycopg2://historian@scada/historian?target_session_attrs=x", "target_session_attrs must be"),
+        ("postgresql+psycopg2://historian@scada/historian?sslmode=require&sslmode=disable", "given 2 times"),
         ("sqlite:////srv/plant/sca%00da.db", "NUL (%00)"),
         ("postgresql+psycopg2://historian@scada:-1/historian", "port -1 is not a TCP port"),
         ("postgresql+psycopg2://historian@scada:99999999999999999999/historian", "is not a TCP port (1 to 65535)"),
