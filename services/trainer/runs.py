@@ -83,8 +83,24 @@ class NoSlot(KilnError):
     """The org already runs as many trainings as it may; the run waits, marked, until a slot frees."""
 
 
-def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: float) -> Attempt | None:
+class NotOnPremises(KilnError):
+    """The run's org keeps its data on its premises, and this worker is not one of its own: the run's message is
+    queued again for them."""
+
+
+# How long a run a worker may not take waits before its message is queued again: its org's own workers may not be
+# listening yet, and a worker still on the org's queue would otherwise take it back at once.
+NOT_HERE_WAIT = timedelta(seconds=5)
+
+
+def claim_run(
+    sessions: SessionFactory, run_id: str, *, worker: str, lease_s: float, premises_orgs: frozenset[str] = frozenset()
+) -> Attempt | None:
     """Take a queued run for this worker; None when it is not queued (a repeated message, a cancelled run).
+
+    Raises NotOnPremises when the run's org keeps its data on its premises and this worker is not one of its own
+    (`premises_orgs`, KILN_WORKER_ORGS): a central worker fetched its message before the org turned local. The run
+    stays queued, and its message is queued again, for the org's own workers.
 
     Raises NoSlot when the org's maxConcurrentTrainings are all taken across the workers: the run is marked as
     waiting, and whoever frees a slot sends it a message again.
@@ -104,7 +120,13 @@ def claim_run(sessions: SessionFactory, run_id: str, *, worker: str, lease_s: fl
         session.refresh(run)
         if run.status != "queued":
             return None
-        if running_count(session, run.org_id) >= org_config.max_concurrent_trainings:
+        raise_after_commit: KilnError | None
+        if org_config.data_residency == "local" and run.org_id not in premises_orgs:
+            message_for(session, run_id, run.org_id, send_after=NOT_HERE_WAIT)
+            raise_after_commit = NotOnPremises(
+                f"organization {run.org_id} keeps its data on its premises: left to its own workers"
+            )
+        elif running_count(session, run.org_id) >= org_config.max_concurrent_trainings:
             run.waiting_for_slot = True
             raise_after_commit = NoSlot(f"organization {run.org_id} has no free training slot")
         else:

@@ -69,10 +69,19 @@ def run_training(run_id: str, context: WorkerContext, *, worker: str | None = No
 def _attempt(run_id: str, context: WorkerContext, worker: str) -> str:
     settings = context.settings
     try:
-        attempt = runs.claim_run(context.sessions, run_id, worker=worker, lease_s=settings.run_lease_s)
+        attempt = runs.claim_run(
+            context.sessions,
+            run_id,
+            worker=worker,
+            lease_s=settings.run_lease_s,
+            premises_orgs=settings.worker_org_ids,
+        )
     except runs.NoSlot:
         log.info("run %s waits: its organization has no free training slot", run_id)
         return "waiting"
+    except runs.NotOnPremises as refusal:
+        log.warning("run %s: %s", run_id, refusal.message)
+        return "not here"
     if attempt is None:
         log.info("run %s is not queued; nothing to do", run_id)
         return "skipped"
