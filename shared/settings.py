@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -28,9 +28,7 @@ FILE_STORE = "file://"
 class Settings(BaseSettings):
     """Every knob of every Kiln process. Defaults are the embedded ones, so a fresh checkout runs as is."""
 
-    # An empty variable (`KEY=` in an env file, compose's ${VAR:-}) is as if unset: an empty path read as the
-    # working folder put the data dir, the orgs' stores and the scripts folder there.
-    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", allow_inf_nan=False, env_ignore_empty=True)
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", allow_inf_nan=False)
 
     env: Literal["dev", "prod"] = Field("dev", description="prod refuses embedded defaults for secrets.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Level of Kiln's own logs.")
@@ -144,6 +142,16 @@ class Settings(BaseSettings):
                     ipaddress.ip_network(entry)
                 except ValueError:
                     raise ValueError(f"{entry!r} is not a network such as 10.20.0.0/16") from None
+        return value
+
+    @field_validator("data_dir", "training_scripts_dir", "local_stores_dir", "predictor_metrics_dir", mode="before")
+    @classmethod
+    def _empty_path_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        """A folder set empty (`KEY=` in an env file, compose's ${VAR:-}) is its default: read as a path, it was the
+        working folder, and the data dir's secrets, the orgs' stores or the scripts folder went there. Only paths:
+        an empty KILN_S3_REGION, say, means something (the bucket's own region)."""
+        if value == "" and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
         return value
 
     @field_validator("object_store")

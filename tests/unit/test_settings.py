@@ -30,14 +30,19 @@ def test_kiln_variables_override_the_defaults(monkeypatch: pytest.MonkeyPatch) -
     assert settings.predictor_reconcile_s == 5
 
 
-@pytest.mark.parametrize(
-    "variable", ["DATA_DIR", "LOCAL_STORES_DIR", "TRAINING_SCRIPTS_DIR", "PREDICTOR_METRICS_DIR", "REDIS_URL"]
-)
-def test_a_variable_set_empty_is_as_if_unset(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+@pytest.mark.parametrize("variable", ["DATA_DIR", "LOCAL_STORES_DIR", "TRAINING_SCRIPTS_DIR", "PREDICTOR_METRICS_DIR"])
+def test_a_folder_set_empty_is_as_if_unset(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
     """`KEY=` in an env file: an empty path was read as the working folder, and the secrets were written there."""
     unset = Settings()
     monkeypatch.setenv(f"KILN_{variable}", "")
     assert getattr(Settings(), variable.lower()) == getattr(unset, variable.lower())
+
+
+def test_an_empty_environment_is_refused_not_taken_for_dev(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dev skips prod's checks of the secrets: only folders take an empty value as their default."""
+    monkeypatch.setenv("KILN_ENV", "")
+    with pytest.raises(ConfigurationError, match=r"^KILN_ENV: "):
+        build_settings()
 
 
 def test_dev_generates_an_admin_token_once_and_reuses_it(tmp_path: Path) -> None:
