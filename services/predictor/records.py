@@ -28,9 +28,9 @@ BATCH_ROWS = 5_000
 # no more room than its fair share: ~220 bytes a row (measured once by hand), so ~110 MB. Counted in rows, not
 # requests: one request may carry 200,000 rows.
 MAX_WAITING_ROWS = 500_000
-# How long a stopping predictor waits for its last records to be written: past the database's own bound on a wait
-# (KILN_DATABASE_TIMEOUT_S, 15 s, plus the connection's 2 s), so one more try can end within it.
-STOP_WAIT_S = 20.0
+# How long a stopping predictor waits for its last records to be written: within the 10 s that `kiln down` and
+# docker-compose give a process before SIGKILL, so that what is lost is said before then.
+STOP_WAIT_S = 8.0
 # An org refused room is told at most this often: every refused request of a flood logged would flood the log.
 DROP_WARNING_INTERVAL_S = 60.0
 
@@ -170,8 +170,8 @@ class PredictionRecorder(threading.Thread):
         self.flush()
 
     def stop(self) -> None:
-        """Write what waits, for up to STOP_WAIT_S; what is still waiting then (the database slow or away) is lost
-        with the process, and said so."""
+        """Write what waits, for up to STOP_WAIT_S; what is not written by then (the database slow or away), the
+        batch being written among it, is lost with the process, and said so."""
         self._stopping.set()
         self.join(timeout=STOP_WAIT_S)
         with self._lock:
@@ -188,6 +188,7 @@ class PredictionRecorder(threading.Thread):
         while batch := self._take():
             try:
                 written += self._write(batch)
+                self._written(batch)
             except (OperationalError, InterfaceError, TimeoutError):
                 log.warning("could not write prediction records; retrying later", exc_info=True)
                 self._put_back(batch)
@@ -229,10 +230,12 @@ class PredictionRecorder(threading.Thread):
         for index, answered in enumerate(batch):
             try:
                 written += self._write([answered])
+                self._written([answered])
             except (OperationalError, InterfaceError, TimeoutError):
                 self._put_back(batch[index:])
                 break
             except DBAPIError as error:
+                self._written([answered])
                 with self._lock:
                     self.dropped += answered.size
                 log.error(
@@ -255,16 +258,20 @@ class PredictionRecorder(threading.Thread):
                 batch += queue.take(rows)
                 if queue.rows:
                     self._queues[org_id] = queue
-                self._waiting_rows -= rows
         return batch
+
+    def _written(self, parts: list[Answered]) -> None:
+        """Rows taken are counted as waiting until they are written (or refused): while a write hangs on a database
+        that is away, they are still in memory, and not yet written when the predictor stops."""
+        with self._lock:
+            self._waiting_rows -= sum(part.size for part in parts)
 
     def _put_back(self, batch: list[Answered]) -> None:
         """Records the database could not take now, queued again ahead of their orgs' later ones, whatever is
-        waiting: they were counted in once."""
+        waiting: they were counted in once, and are still counted."""
         parts: dict[str, list[Answered]] = {}
         for answered in batch:
             parts.setdefault(answered.org_id, []).append(answered)
         with self._lock:
             for org_id, taken in parts.items():
                 self._queues.setdefault(org_id, OrgQueue()).put_back(taken)
-                self._waiting_rows += sum(answered.size for answered in taken)

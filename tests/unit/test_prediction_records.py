@@ -4,10 +4,12 @@ and what it tells the operator when it refuses an org room. Nothing here is writ
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from services.predictor import records
 from services.predictor.records import PredictionRecorder
@@ -111,4 +113,32 @@ def test_records_a_stopping_predictor_could_not_write_are_logged_and_counted_as_
     assert away.dropped == 30
     assert [(r.levelno, r.getMessage()) for r in logged if r.getMessage().startswith("stopping")] == [
         (logging.ERROR, "stopping: 30 prediction records were not written and are lost (the database is away)")
+    ]
+
+
+class Hanging(PredictionRecorder):
+    """A recorder whose database takes its writes, then fails them, after `hang_s`: as one that went away does."""
+
+    hang_s = 1.0
+
+    def _write(self, batch: list[records.Answered]) -> int:
+        time.sleep(self.hang_s)
+        raise OperationalError("INSERT", {}, Exception("the database is away"))
+
+
+def test_records_in_a_write_still_hanging_when_the_predictor_stops_are_counted_as_lost(
+    logged: list[logging.LogRecord], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taken out of the count as the write began, they were neither written nor said to be lost."""
+    monkeypatch.setattr(records, "STOP_WAIT_S", 0.2)
+    away = Hanging(make_session_factory(make_engine("sqlite://")), 0.01, 100)
+    away.start()
+    add(away, "alpha", 30)
+    time.sleep(0.1)  # the write under way
+
+    away.stop()
+
+    assert away.dropped == 30
+    assert [r.getMessage() for r in logged if r.getMessage().startswith("stopping")] == [
+        "stopping: 30 prediction records were not written and are lost (the database is away)"
     ]
