@@ -62,6 +62,7 @@ WHOLE_NUMBER_PARAMETERS = frozenset(
     {"connect_timeout", "keepalives", "keepalives_count", "keepalives_idle", "keepalives_interval", "tcp_user_timeout"}
 )
 _LARGEST_C_INT = 2**31 - 1
+_C_INT = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)[ \t\n\v\f\r]*")
 
 
 def refuse_unsafe_parameters(url: URL, *, field: str) -> None:
@@ -97,8 +98,14 @@ def _refuse_bad_value(name: str, given: str | tuple[str, ...], *, field: str) ->
     if name in PARAMETER_CHOICES and value not in PARAMETER_CHOICES[name]:
         choices = ", ".join(PARAMETER_CHOICES[name])
         raise InvalidInput(f"{field}: {name} must be one of {choices}, not {value[:40]!r}", field=field)
-    if name in WHOLE_NUMBER_PARAMETERS and not (value.isascii() and value.isdigit() and int(value) <= _LARGEST_C_INT):
-        raise InvalidInput(f"{field}: {name} must be a whole number of 0 to {_LARGEST_C_INT}", field=field)
+    if name in WHOLE_NUMBER_PARAMETERS and not _a_c_int(value):
+        raise InvalidInput(f"{field}: {name} must be a whole number (a C int, as libpq reads it)", field=field)
+
+
+def _a_c_int(value: str) -> bool:
+    """As libpq's parse_int_param reads it: strtol (spaces before, a sign), then only spaces, and an int's range."""
+    match = _C_INT.fullmatch(value)
+    return match is not None and -_LARGEST_C_INT - 1 <= int(match.group(1)) <= _LARGEST_C_INT
 
 
 # The most a label of a host name holds (RFC 1035).

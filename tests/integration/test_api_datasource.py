@@ -70,6 +70,7 @@ def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> Non
         ("postgresql+psycopg2://historian@scada/historian?sslmode=bogus", "sslmode must be one of disable, allow"),
         ("postgresql+psycopg2://historian@scada/historian?connect_timeout=abc", "connect_timeout must be a whole"),
         ("postgresql+psycopg2://historian@scada/historian?keepalives_idle=99999999999", "must be a whole number"),
+        ("postgresql+psycopg2://historian@scada/historian?keepalives=1x", "keepalives must be a whole number"),
         ("postgresql+psycopg2://historian@scada/historian?target_session_attrs=x", "target_session_attrs must be"),
         ("postgresql+psycopg2://historian@scada/historian?sslmode=require&sslmode=disable", "given 2 times"),
         ("sqlite:////srv/plant/sca%00da.db", "NUL (%00)"),
@@ -82,6 +83,13 @@ def test_urls_kiln_cannot_read_are_refused(api: TestClient, org: OrgKeys) -> Non
         response = put(api, org, {**SOURCE, "url": url})
         assert response.status_code == 422, url
         assert response.json()["field"] == "url" and words in response.json()["error"]
+
+
+def test_option_values_libpq_takes_are_taken(api: TestClient, org: OrgKeys) -> None:
+    """libpq reads a number as strtol does (spaces, a sign): refusing more would fail a source registered before."""
+    query = "?sslmode=verify-full&connect_timeout=%2010&keepalives=1&keepalives_idle=-1&tcp_user_timeout=%2B5"
+    response = put(api, org, {**SOURCE, "url": f"postgresql+psycopg2://historian@scada/historian{query}"})
+    assert response.status_code == 200, response.text
 
 
 def test_a_password_given_as_a_query_parameter_is_refused_and_not_stored(api: TestClient, org: OrgKeys) -> None:
