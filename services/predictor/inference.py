@@ -185,18 +185,20 @@ def parse_json(body: bytes) -> object:
 
 
 # What Python's json.dumps writes for a float that is missing or infinite, which JSON has no word for.
-_NOT_JSON_NUMBERS = (b"NaN", b"Infinity")
-# The key whose value starts where a body's JSON broke: `"name": ` and perhaps a sign, before it.
-_KEY_BEFORE = re.compile(rb'"((?:[^"\\]|\\.){1,200})"\s*:\s*-?$')
+_NOT_JSON_NUMBERS = ("NaN", "-Infinity", "Infinity")
+# The key whose value starts where a body's JSON broke: `"name": ` before it.
+_KEY_BEFORE = re.compile(r'"((?:[^"\\]|\\.){1,200})"\s*:\s*$')
 
 
 def _what_is_wrong(body: bytes, error: orjson.JSONDecodeError) -> str:
     """orjson's words, or, for a NaN or Infinity, what it is, naming its key if it has one (the character offset
     alone leaves a user counting)."""
-    token = next((word for word in _NOT_JSON_NUMBERS if body.startswith(word, error.pos)), None)
+    text = body.decode(errors="replace")  # orjson counts characters, not bytes
+    at = error.pos - 1 if text[error.pos - 1 : error.pos] == "-" else error.pos  # past a sign, for -Infinity
+    token = next((word for word in _NOT_JSON_NUMBERS if text.startswith(word, at)), None)
     if token is None:
         return str(error)
-    key = _KEY_BEFORE.search(body[max(0, error.pos - 256) : error.pos])
-    value_of = f" as the value of {key.group(1).decode(errors='replace')!r}" if key else ""
+    key = _KEY_BEFORE.search(text[max(0, at - 256) : at])
+    value_of = f" as the value of {key.group(1)!r}" if key else ""
     where = f"line {error.lineno} column {error.colno}"
-    return f"{token.decode()}{value_of} ({where}) is no JSON number, and each feature must be a finite number"
+    return f"{token}{value_of} ({where}) is no JSON number, and each feature must be a finite number"

@@ -324,7 +324,11 @@ def test_a_compressed_body_is_refused_naming_content_encoding_by_both_protocols(
 
 @pytest.mark.parametrize(
     ("value", "named"),
-    [("NaN", "NaN as the value of 'torque' (line 1 column 22)"), ("-Infinity", "Infinity as the value of 'torque'")],
+    [
+        ("NaN", "NaN as the value of 'torque' (line 1 column 22)"),
+        ("-Infinity", "-Infinity as the value of 'torque'"),
+        ("[1, Infinity]", "Infinity (line 1 column 26)"),  # no key to name
+    ],
 )
 def test_nan_or_infinity_written_by_pythons_json_is_refused_naming_its_key(
     serving: OrgKeys, predictor: TestClient, value: str, named: str
@@ -336,6 +340,13 @@ def test_nan_or_infinity_written_by_pythons_json_is_refused_naming_its_key(
     assert response.json()["field"] == "body"
     assert response.json()["error"].startswith(f"the request body is not valid JSON: {named}")
     assert response.json()["error"].endswith("is no JSON number, and each feature must be a finite number")
+
+
+def test_a_nan_after_text_that_is_not_ascii_is_named_all_the_same(serving: OrgKeys, predictor: TestClient) -> None:
+    """orjson counts characters, not the body's bytes: the key was looked for in the wrong place."""
+    body = '{"note": "température", "rows": [{"torque": NaN}]}'.encode()
+    response = predictor.post(f"/v1/orgs/{serving.org_id}/predict", content=body, headers=serving.viewer)
+    assert response.json()["error"].startswith("the request body is not valid JSON: NaN as the value of 'torque'")
 
 
 def test_keys_are_checked_and_other_orgs_are_not_found(
