@@ -16,8 +16,9 @@ against its quota; /dev/shm is out of its reach with KILN_TRAINING_FILESYSTEM=pr
 A user namespace of its own would make the script root there: free to mount a tmpfs (memory no limit counts, where
 Landlock does not forbid mounting) and to reach kernel code that only root reaches otherwise. The same filter makes
 unshare(2) and clone(2) fail with EPERM when asked for one, as a kernel that allows no user namespaces does, and
-clone3(2) fail with ENOSYS: its flags are in memory, out of a filter's sight, and the C library falls back to
-clone(2) on a kernel without it. Threads and processes are made as before.
+setns(2) too (joining another process's namespaces, which a script never needs); clone3(2) fails with ENOSYS: its
+flags are in memory, out of a filter's sight, and the C library falls back to clone(2) on a kernel without it.
+Threads and processes are made as before.
 
 Nothing the process does can lift a filter. The calls go through ctypes: Python has no binding for seccomp.
 """
@@ -44,8 +45,8 @@ _CLONE_NEWUSER = 0x10000000
 # x86-64's system calls of the x32 ABI carry this bit: the same calls by other numbers, refused whole.
 _X32_SYSCALL_BIT = 0x40000000
 # By machine: the audit architecture a system call of its native ABI reports, and the numbers of socket(2),
-# memfd_create(2), shmget(2), unshare(2) and clone(2) there (whose first argument, on both, is the flags).
-_NATIVE = {"x86_64": (0xC000003E, 41, 319, 29, 272, 56), "aarch64": (0xC00000B7, 198, 279, 194, 97, 220)}
+# memfd_create(2), shmget(2), unshare(2), clone(2) (whose first argument, on both, is the flags) and setns(2) there.
+_NATIVE = {"x86_64": (0xC000003E, 41, 319, 29, 272, 56, 308), "aarch64": (0xC00000B7, 198, 279, 194, 97, 220, 268)}
 
 # Classic BPF, as seccomp runs it over struct seccomp_data {int nr; u32 arch; u64 ip; u64 args[6]}.
 _LOAD_WORD = 0x20  # BPF_LD | BPF_W | BPF_ABS
@@ -78,12 +79,12 @@ def forbid_unix_sockets() -> None:
 def forbid_memory_files_and_user_namespaces() -> None:
     """From now on this process, and whatever it starts, can make no memfd_create(2) file, SysV shared memory
     segment nor user namespace; FilterUnavailable if the filter cannot be installed."""
-    arch, _, memfd_call, shmget_call, unshare_call, clone_call = _native_calls("memory file")
-    program = _memory_files_and_user_namespaces_program(arch, memfd_call, shmget_call, unshare_call, clone_call)
+    arch, _, memfd_call, shmget_call, *namespace_calls = _native_calls("memory file")
+    program = _memory_files_and_user_namespaces_program(arch, memfd_call, shmget_call, *namespace_calls)
     _install(program, "cannot keep the training script off memory files and user namespaces")
 
 
-def _native_calls(what: str) -> tuple[int, int, int, int, int, int]:
+def _native_calls(what: str) -> tuple[int, int, int, int, int, int, int]:
     machine = platform.machine()
     if machine not in _NATIVE:
         raise FilterUnavailable(errno.ENOSYS, f"no {what} filter for {machine} machines")
@@ -103,24 +104,25 @@ def _install(program: list[_Instruction], failure: str) -> None:
 
 
 def _memory_files_and_user_namespaces_program(
-    arch: int, memfd_call: int, shmget_call: int, unshare_call: int, clone_call: int
+    arch: int, memfd_call: int, shmget_call: int, unshare_call: int, clone_call: int, setns_call: int
 ) -> list[_Instruction]:
-    """Refuse memfd_create, shmget, unshare and clone asking for a user namespace, clone3, x32 calls and calls of
-    another ABI (where they have other numbers); allow the rest."""
+    """Refuse memfd_create, shmget, unshare and clone asking for a user namespace, setns (joining one of another
+    process's), clone3, x32 calls and calls of another ABI (where they have other numbers); allow the rest."""
     return [
         *_native_calls_only(arch),  # 0 to 3
-        _Instruction(_JUMP_IF_AT_LEAST, 8, 0, _X32_SYSCALL_BIT),  # 4: x32: 13
-        _Instruction(_JUMP_IF_EQUAL, 7, 0, memfd_call),  # 5: memfd_create: 13
-        _Instruction(_JUMP_IF_EQUAL, 6, 0, shmget_call),  # 6: shmget: 13
-        _Instruction(_JUMP_IF_EQUAL, 7, 0, _CLONE3),  # 7: clone3: 15
-        _Instruction(_JUMP_IF_EQUAL, 1, 0, unshare_call),  # 8: unshare: 10
-        _Instruction(_JUMP_IF_EQUAL, 0, 2, clone_call),  # 9: clone: 10, else 12
-        _Instruction(_LOAD_WORD, 0, 0, _FIRST_ARGUMENT),  # 10: the flags
-        _Instruction(_JUMP_IF_ANY_BIT, 2, 0, _CLONE_NEWUSER),  # 11: a user namespace: 14, else 12
-        _Instruction(_RETURN, 0, 0, _SECCOMP_RET_ALLOW),  # 12
-        _Instruction(_RETURN, 0, 0, _REFUSE),  # 13
-        _Instruction(_RETURN, 0, 0, _REFUSE_NAMESPACE),  # 14
-        _Instruction(_RETURN, 0, 0, _UNKNOWN_CALL),  # 15
+        _Instruction(_JUMP_IF_AT_LEAST, 9, 0, _X32_SYSCALL_BIT),  # 4: x32: 14
+        _Instruction(_JUMP_IF_EQUAL, 8, 0, memfd_call),  # 5: memfd_create: 14
+        _Instruction(_JUMP_IF_EQUAL, 7, 0, shmget_call),  # 6: shmget: 14
+        _Instruction(_JUMP_IF_EQUAL, 8, 0, _CLONE3),  # 7: clone3: 16
+        _Instruction(_JUMP_IF_EQUAL, 6, 0, setns_call),  # 8: setns: 15
+        _Instruction(_JUMP_IF_EQUAL, 1, 0, unshare_call),  # 9: unshare: 11
+        _Instruction(_JUMP_IF_EQUAL, 0, 2, clone_call),  # 10: clone: 11, else 13
+        _Instruction(_LOAD_WORD, 0, 0, _FIRST_ARGUMENT),  # 11: the flags
+        _Instruction(_JUMP_IF_ANY_BIT, 2, 0, _CLONE_NEWUSER),  # 12: a user namespace: 15, else 13
+        _Instruction(_RETURN, 0, 0, _SECCOMP_RET_ALLOW),  # 13
+        _Instruction(_RETURN, 0, 0, _REFUSE),  # 14
+        _Instruction(_RETURN, 0, 0, _REFUSE_NAMESPACE),  # 15
+        _Instruction(_RETURN, 0, 0, _UNKNOWN_CALL),  # 16
     ]
 
 

@@ -169,13 +169,19 @@ MISBEHAVIOURS = {
         clone_error = os.strerror(ctypes.get_errno())
         if child > 0:
             os.waitpid(child, 0)
+        # Joining its own network namespace would fail only for want of the privilege: refused first, whatever it is.
+        with open("/proc/self/ns/net") as namespace:
+            joined = libc.setns(namespace.fileno(), 0)
+        setns_error = os.strerror(ctypes.get_errno())
         # clone first: unshared into a namespace with no user mapped, a process can make no other in it.
         unshared = libc.unshare(0x10000000)  # CLONE_NEWUSER
         unshare_error = os.strerror(ctypes.get_errno())
-        sys.exit(f"unshare: {unshared} ({unshare_error}), clone: {child} ({clone_error})")
+        setns = f"setns: {joined} ({setns_error})"
+        sys.exit(f"unshare: {unshared} ({unshare_error}), clone: {child} ({clone_error}), {setns}")
         """,
         LIMITS,
-        "exited with 1: unshare: -1 (Operation not permitted), clone: -1 (Operation not permitted)",
+        "exited with 1: unshare: -1 (Operation not permitted), clone: -1 (Operation not permitted), "
+        "setns: -1 (Operation not permitted)",
     ),
     "segfaults": ("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", LIMITS, "killed by SIGSEGV"),
     "raises": (RAISES, LIMITS, "exited with 1: "),
