@@ -8,7 +8,7 @@ is live, and a lease a claim counted as free is one its attempt can no longer re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Interval, delete, func, literal, select, update
@@ -525,10 +525,9 @@ def requeue_lost(sessions: SessionFactory, *, after: timedelta) -> list[int]:
             .limit(REQUEUE_LOOKED_AT)
             .with_for_update(skip_locked=True)
         ).all()
-        for run in candidates:
+        due = [run for run in candidates if _waited_as_long_again(run, now=now, after=after)]
+        for run in due[:REQUEUE_AT_ONCE]:
             last = run.message_queued_at or run.created_at
-            if now - last < max(after, last - run.created_at) or len(messages) == REQUEUE_AT_ONCE:
-                continue
             messages.append(message_for(session, run.id, run.org_id).id)
             record_change(
                 session,
@@ -592,6 +591,12 @@ def _storable(text: str) -> str:
     """`text` with each NUL written as the four characters \\x00: what a script prints may hold one, which PostgreSQL's
     text refuses (the write failed, and the failed run read running until its lease ran out)."""
     return text.replace(NUL, "\\x00")
+
+
+def _waited_as_long_again(run: TrainingRun, *, now: datetime, after: timedelta) -> bool:
+    """Whether the run's message has waited `after`, and as long as the run had waited before it was queued."""
+    last = run.message_queued_at or run.created_at
+    return now - last >= max(after, last - run.created_at)
 
 
 def _after_lost_worker(run: TrainingRun, max_attempts: int, *, cancel: bool) -> tuple[str, str]:
