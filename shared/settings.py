@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     )
     deploy_channel: str = Field("kiln:deployments", description="Redis pub/sub channel of deploy events.")
     max_upload_mb: int = Field(512, gt=0, description="Largest dataset upload accepted by the api.")
+    max_dataset_mb: int = Field(
+        2048, gt=0, description="Largest dataset the api accepts, as its columns take in memory once read."
+    )
     outbox_interval_s: float = Field(1.0, gt=0, description="How often the api republishes pending events.")
     run_lease_s: float = Field(30.0, gt=0, description="How long a worker holds a run without renewing it.")
     run_max_attempts: int = Field(3, ge=1, description="Attempts of a run: the first and its automatic retries.")

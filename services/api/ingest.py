@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from services.api.bounded_read import read_parquet, refuse_larger_than
 from shared.column_kinds import is_label, is_numeric
 from shared.errors import InvalidInput
 from shared.schemas import NUL, holds_nul, repeated
@@ -26,16 +27,18 @@ class IngestedDataset:
     columns: list[dict[str, Any]]
 
 
-def ingest(upload: Path, output: Path, *, timestamp_column: str | None) -> IngestedDataset:
-    """Read the upload, check it, normalise the timestamp column to UTC and write it as Parquet."""
+def ingest(upload: Path, output: Path, *, timestamp_column: str | None, max_bytes: int) -> IngestedDataset:
+    """Read the upload (refused once it takes more than `max_bytes` in memory), check it, normalise the timestamp
+    column to UTC and write it as Parquet."""
     if upload.stat().st_size == 0:
         raise InvalidInput("the uploaded file is empty", field="file")
-    table = _read(upload)
+    table = _read(upload, max_bytes)
     if table.num_columns == 0:
         raise InvalidInput("the uploaded file has no columns", field="file")
     if table.num_rows == 0:
         raise InvalidInput("the uploaded file has a header but no rows", field="file")
     _refuse_repeated_names(_column_names(table))
+    refuse_larger_than(table, max_bytes)
     if timestamp_column is not None:
         table = _with_utc_timestamps(table, timestamp_column)
     columns = [
@@ -48,11 +51,11 @@ def ingest(upload: Path, output: Path, *, timestamp_column: str | None) -> Inges
     return IngestedDataset(path=output, rows=table.num_rows, columns=columns)
 
 
-def _read(upload: Path) -> pa.Table:
+def _read(upload: Path, max_bytes: int) -> pa.Table:
     with upload.open("rb") as handle:
         is_parquet = handle.read(4) == PARQUET_MAGIC
     try:
-        return pq.read_table(upload) if is_parquet else pacsv.read_csv(upload)
+        return read_parquet(upload, max_bytes=max_bytes) if is_parquet else pacsv.read_csv(upload)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
         kind = "Parquet" if is_parquet else "CSV"
         # Arrow names the file it could not open: the api's temporary path, which is no business of the client's.

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from services.api.bounded_read import MIB
 from services.api.deps import OrgTrainer, OrgViewer, ResourcesDep, SessionDep
 from services.api.ingest import ingest
 from services.api.resources import Resources
@@ -93,7 +94,12 @@ def _stored_dataset(
     upload = folder / "upload"
     with upload.open("wb") as sink:
         shutil.copyfileobj(file.file, sink, CHUNK)
-    dataset = ingest(upload, folder / "dataset.parquet", timestamp_column=timestamp_column or None)
+    dataset = ingest(
+        upload,
+        folder / "dataset.parquet",
+        timestamp_column=timestamp_column or None,
+        max_bytes=resources.settings.max_dataset_mb * MIB,
+    )
     dataset_id = "ds_" + secrets.token_hex(8)
     row = Dataset(
         id=dataset_id,
