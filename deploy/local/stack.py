@@ -137,11 +137,11 @@ def _start_services(settings: Settings, launch: Launch, preferred: dict[str, int
     env = _child_env(settings, redis_url)
     urls = _pick_urls(preferred, taken=launch.ports)
     flower_user, flower_password = settings.flower_user, settings.flower_password.get_secret_value()
-    launch.spawn("api", _uvicorn("services.api.app:create_app", urls["api"]), env)
+    launch.spawn("api", _serving(["uvicorn", "--factory", "services.api.app:create_app"], urls["api"]), env)
     worker = f"worker --loglevel INFO --concurrency 1 --hostname {TRAINER_NAME}@%h"
     trainer = launch.spawn("trainer", _celery(worker), env)
     # No access log on the hot path: at thousands of requests a second it costs more than the inference.
-    predictor = _uvicorn("services.predictor.app:create_app", urls["predictor"], "--workers", "2", "--no-access-log")
+    predictor = _serving(["services.predictor"], urls["predictor"], "--workers", "2", "--no-access-log")
     launch.spawn("predictor", predictor, {**env, "KILN_PREDICTOR_METRICS_DIR": str(fresh_metrics_dir(settings))})
     launch.spawn("beat", _celery("beat --loglevel INFO"), env)
     sync_worker = f"worker --loglevel INFO --concurrency 1 --hostname {SYNC_NAME}@%h"
@@ -222,9 +222,9 @@ def _celery(arguments: str, app: str = TRAINER_APP) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", app, *arguments.split()]
 
 
-def _uvicorn(factory: str, url: str, *options: str) -> list[str]:
-    address = ["--host", "127.0.0.1", "--port", _port_of(url)]
-    return [sys.executable, "-m", "uvicorn", "--factory", factory, *address, *options]
+def _serving(module: list[str], url: str, *options: str) -> list[str]:
+    """`python -m MODULE` (uvicorn's command line) listening on `url`'s port on loopback."""
+    return [sys.executable, "-m", *module, "--host", "127.0.0.1", "--port", _port_of(url), *options]
 
 
 def _port_of(url: str) -> str:

@@ -1,4 +1,5 @@
-"""The predictor's composition root: `uvicorn --factory services.predictor.app:create_app`."""
+"""The predictor's composition root: `uvicorn --factory services.predictor.app:create_app`, which
+`python -m services.predictor` runs once the settings are checked."""
 
 from __future__ import annotations
 

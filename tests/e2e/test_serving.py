@@ -49,9 +49,7 @@ class Predictor:
         command = [
             sys.executable,
             "-m",
-            "uvicorn",
-            "--factory",
-            "services.predictor.app:create_app",
+            "services.predictor",
             "--host",
             "127.0.0.1",
             "--port",

@@ -11,7 +11,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# As docker-compose starts each (the predictor as one worker: with several, uvicorn's parent outlives its workers).
+# As docker-compose starts each.
 SERVICES = {
     "trainer beat": (["celery", "-A", "services.trainer.celery_app", "beat"], "kiln-trainer"),
     "trainer worker": (["celery", "-A", "services.trainer.celery_app", "worker"], "kiln-trainer"),
@@ -19,7 +19,7 @@ SERVICES = {
     "sync beat": (["celery", "-A", "services.sync.celery_app", "beat"], "kiln-sync"),
     "sync worker": (["celery", "-A", "services.sync.celery_app", "worker"], "kiln-sync"),
     "api": (["uvicorn", "--factory", "services.api.app:create_app", "--port", "0"], "api"),
-    "predictor": (["uvicorn", "--factory", "services.predictor.app:create_app", "--port", "0"], "predictor"),
+    "predictor": (["services.predictor", "--port", "0", "--workers", "2"], "predictor"),
 }
 
 
