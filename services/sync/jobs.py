@@ -78,7 +78,8 @@ MAX_ATTEMPTS = 9
 
 def run_job(context: SyncContext, job_id: str, *, after_batch: AfterBatch | None = None, last_try: bool = False) -> str:
     """Run the job and return its status. A store unreachable: the job reads `retrying` and TransientError is
-    raised, to be retried; the job then starts again from the watermarks its acknowledged batches left. Its last
+    raised, to be retried (or, the central store unable to record it, the job is left `running` for the sync beat);
+    the job then starts again from the watermarks its acknowledged batches left. Its last
     attempt (the MAX_ATTEMPTS-th, or `last_try`: the worker retries no more) ends it `failed` instead, with the
     error and the number of attempts; so does starting a job whose MAX_ATTEMPTS-th attempt never ended.
 
@@ -176,10 +177,14 @@ def _retry_or_fail(
     last_try: bool,
     error: Exception,
 ) -> str:
-    """The job reads `retrying`, and TransientError has its task tried again; on its last attempt it fails."""
+    """The job reads `retrying`, and TransientError has its task tried again; on its last attempt it fails. If the
+    central store cannot record the retry, the job is left `running` for the sync beat to queue again once the store
+    answers: a retry of the task's besides would run it twice."""
     if last_try or attempt >= MAX_ATTEMPTS:
         return _finish(context, job_id, FAILED, gave_up(failing, attempt))
-    _finish(context, job_id, RETRYING, retrying)
+    status = _record_end(context, job_id, RETRYING, retrying)
+    if status != RETRYING:
+        return status or RUNNING
     raise TransientError(f"sync job {job_id}: {retrying}") from error
 
 
@@ -402,15 +407,22 @@ def _clock_offset(local: Engine, central: Engine) -> int:
 def _finish(context: SyncContext, job_id: str, status: str, error: str | None) -> str:
     """Record how the attempt ended; returns the job's status. A job cancelled meanwhile (after its last batch)
     stays cancelled."""
+    return _record_end(context, job_id, status, error) or status
+
+
+def _record_end(context: SyncContext, job_id: str, status: str, error: str | None) -> str | None:
+    """The job's status once the attempt's end is recorded, or None if the central store could not record it: the
+    job then reads `running` with its source's lock free, which the sync beat ends or queues again."""
     try:
         with session_scope(context.sessions) as session:
             job = _locked_job(session, job_id)
             if job is None or job.status in FINISHED:
                 return job.status if job is not None else "missing"
             _close(session, job, status, error)
+            return status
     except OperationalError:
         log.warning("sync job %s: cannot record status %s now", job_id, status, exc_info=True)
-    return status
+        return None
 
 
 def _locked_job(session: Session, job_id: str) -> SyncJob | None:

@@ -14,7 +14,7 @@ import pytest
 import redis
 from celery import Celery
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from services.sync import tasks
@@ -31,6 +31,7 @@ from tests.integration.conftest import create_org_with_keys
 from tests.integration.sync_support import (
     TWO_READINGS,
     Sync,
+    allow_connections,
     beat_tick,
     error_of,
     make_local_store,
@@ -259,6 +260,44 @@ def test_a_job_whose_worker_died_in_its_last_attempt_fails_when_its_message_come
         f"attempt {MAX_ATTEMPTS} never ended (its worker was lost, or the central store out of reach); "
         f"gave up after {MAX_ATTEMPTS} attempts"
     )
+
+
+def test_a_job_whose_retry_the_central_store_cannot_record_is_left_to_the_sync_beat_and_not_retried_twice(
+    sync_api: TestClient,
+    sync_context: SyncContext,
+    org_id: str,
+    tmp_path: Path,
+    sync_task_here: None,
+    monkeypatch: pytest.MonkeyPatch,
+    producer: Celery,
+    broker: redis.Redis,
+) -> None:
+    """Cut off from the central store mid-job, the worker could not record the job's retry; Celery's retry went
+    out, and the sync beat, finding the job `running` with its lock free, queued it again too: it ran twice over."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, rows=many_readings(1200))
+    job_id = sync.submit()
+    broker.delete(sync_queue(org_id))  # the message the task below stands for
+    database = make_url(sync.central_url).database
+
+    def cut_after_a_batch(tally: Tally) -> None:
+        if tally.pushed == 500:
+            allow_connections(database, allowed=False)
+
+    def run_cut_off(context: SyncContext, job: str, *, last_try: bool) -> str:
+        return run_job(context, job, after_batch=cut_after_a_batch, last_try=last_try)
+
+    monkeypatch.setattr(tasks, "run_job", run_cut_off)
+    try:
+        outcome = tasks.sync.apply(args=[job_id, org_id])
+    finally:
+        allow_connections(database, allowed=True)
+    sent = beat_tick(producer, sync_context, now=utcnow())
+
+    assert (outcome.state, outcome.result) == ("SUCCESS", "running")  # no retry of the task's own
+    assert (sent, broker.llen(sync_queue(org_id))) == (1, 1)
+    job = sync.job(job_id)
+    assert (job["status"], job["attempts"], job["pushed"]) == ("retrying", 1, 500)
+    assert error_of(job).startswith("attempt 1 never ended") and error_of(job).endswith("; queued again")
 
 
 def test_a_running_job_revoked_without_terminate_stops_after_its_batch_and_stays_cancelled(
