@@ -6,8 +6,8 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy.exc import DBAPIError, NoSuchTableError, OperationalError
 from sqlalchemy.orm import Session
 
 from services.sync.changes import (
@@ -263,7 +263,7 @@ def _sync_tables(context: SyncContext, local: Engine, source: SyncSource, job_id
     offset_ms = _clock_offset(local, context.engine)
     keyring = _keyring(context, source.org_id)
     refusals = []
-    for spec in source_tables(source):
+    for spec in _referenced_first(local, source_tables(source)):
         with _naming_the_table(spec.name):
             try:
                 pair = open_pair(context, local, source, spec, keyring=keyring, offset_ms=offset_ms, job_id=job_id)
@@ -281,6 +281,29 @@ def _sync_tables(context: SyncContext, local: Engine, source: SyncSource, job_id
     recognize_store(context.engine, local, source)
     if refusals:
         raise InvalidInput("; ".join(refusals), field="tables")
+
+
+def _referenced_first(local: Engine, specs: list[SyncTable]) -> list[SyncTable]:
+    """The source's tables, each after those its foreign keys point at (else, and within a cycle, in the order they
+    were registered): a central record and another pointing at it, inserted together, come down in an order the
+    local store's checks take. Listed the other way, the second was refused, and left the central store."""
+    names = {spec.name for spec in specs}
+    inspector = inspect(local)
+    pointed_at: dict[str, set[str]] = {}
+    for spec in specs:
+        try:
+            keys = inspector.get_foreign_keys(spec.name)
+        except NoSuchTableError:
+            keys = []  # refused, naming it, when its turn comes
+        pointed_at[spec.name] = {key["referred_table"] for key in keys} & names - {spec.name}
+    ordered: list[SyncTable] = []
+    waiting = list(specs)
+    while waiting:
+        placed = {spec.name for spec in ordered}
+        ready = next((spec for spec in waiting if pointed_at[spec.name] <= placed), waiting[0])
+        ordered.append(ready)
+        waiting.remove(ready)
+    return ordered
 
 
 def _sync_through_rotations(context: SyncContext, pair: TablePair) -> None:

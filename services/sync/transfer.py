@@ -555,11 +555,35 @@ def _reason(refusal: IntegrityError) -> str:
 
 
 def _pull_deletions(local: Connection, pair: TablePair, keys: set[str]) -> tuple[dict[str, dict[str, Any]], Refused]:
-    """Delete locally the records deleted centrally; returns those deleted and, under append-only, those whose
-    deletion is refused (the local version, to be restored centrally), each as the local store has it."""
+    """Delete locally the records deleted centrally; returns those deleted and those whose deletion is refused (the
+    local version, to be restored centrally), each as the local store has it: under append-only, every one; else
+    those the local store's own rules refuse to delete, in a table that sends up (a foreign key of a record of
+    another table pointing at it). One that does not send up cannot put the record back centrally: the job fails
+    on the refusal, naming the table."""
     if pair.spec.policy == "append-only" and pair.spec.sends_up:
         return {}, {key: (row, None) for key, row in read(local, pair.local_table, pair.key, keys).items()}
-    return delete_locally(local, pair, keys), {}
+    try:
+        with local.begin_nested():
+            return delete_locally(local, pair, keys), {}
+    except IntegrityError:
+        if not pair.spec.sends_up:
+            raise
+    deleted: dict[str, dict[str, Any]] = {}
+    refused: Refused = {}
+    for key in sorted(keys):
+        try:
+            with local.begin_nested():
+                deleted.update(delete_locally(local, pair, [key]))
+        except IntegrityError as refusal:
+            log.warning(
+                "source %s table %s record %s: the local store refuses the central deletion: %s",
+                pair.source_id,
+                pair.spec.name,
+                key,
+                _reason(refusal),
+            )
+            refused.update({key: (row, None) for key, row in read(local, pair.local_table, pair.key, [key]).items()})
+    return deleted, refused
 
 
 def _refused_updates(

@@ -568,3 +568,54 @@ def test_two_first_jobs_making_kilns_tables_in_one_store_at_once_both_go_on(
 
     assert failures == []
     assert run_sql(local_url, "SELECT count(*) FROM _kiln_deleted") == [(0,)]
+
+
+def wards_and_patients(api: TestClient, context: SyncContext, org_id: str, local_url: str, order: list[str]) -> Sync:
+    """Two tables of a PostgreSQL store, a patient's ward_id a foreign key to wards, registered in `order`."""
+    run_sql(local_url, "CREATE TABLE wards (id integer PRIMARY KEY, name text)")
+    run_sql(local_url, "CREATE TABLE patients (id integer PRIMARY KEY, ward_id integer REFERENCES wards, name text)")
+    run_sql(local_url, "INSERT INTO wards VALUES (1, 'A')")
+    run_sql(local_url, "INSERT INTO patients VALUES (1, 1, 'Ada')")
+    org = create_org_with_keys(api, org_id)
+    tables = [{"name": name, "primaryKey": "id", "policy": "last-writer-wins"} for name in order]
+    created = api.post(f"/v1/orgs/{org_id}/sync-sources", json={"url": local_url, "tables": tables}, headers=org.admin)
+    assert created.status_code == 201, created.text
+    source_id = created.json()["sourceId"]
+    return Sync(api, context, org, local_url, source_id, context.settings.resolved_database_url, "patients")
+
+
+def test_a_central_record_and_one_pointing_at_it_come_down_whichever_table_was_registered_first(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    """Tables synced in the order registered: the patient came down before its ward, was refused by the foreign key,
+    and left the central store as `insert-refused`."""
+    sync = wards_and_patients(sync_api, sync_context, org_id, local_url, ["patients", "wards"])
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"INSERT INTO sync_{sync.source_id}_wards (id, name) VALUES (2, 'B')")
+    sync.central(f"INSERT INTO sync_{sync.source_id}_patients (id, ward_id, name) VALUES (2, 2, 'Alan')")
+
+    job = sync.run()
+
+    assert (job["status"], job["pulled"], job["conflicts"]) == ("succeeded", 2, 0)
+    assert sync.local("SELECT id, ward_id, name FROM patients ORDER BY id") == [(1, 1, "Ada"), (2, 2, "Alan")]
+    assert sync.central(f"SELECT id FROM {sync.central_table} ORDER BY id") == [(1,), (2,)]
+    assert sync.conflicts() == []
+
+
+def test_a_central_deletion_the_local_foreign_keys_refuse_puts_the_record_back_centrally_and_the_job_goes_on(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
+) -> None:
+    """A ward and its patient deleted centrally: the ward's deletion, pulled first, was refused by the patient
+    still pointing at it, and every job failed on that batch from then on."""
+    sync = wards_and_patients(sync_api, sync_context, org_id, local_url, ["wards", "patients"])
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 1")
+    sync.central(f"DELETE FROM sync_{sync.source_id}_wards WHERE id = 1")
+
+    first, second = sync.run(), sync.run()
+
+    assert [(job["status"], job["conflicts"]) for job in (first, second)] == [("succeeded", 1), ("succeeded", 0)]
+    assert sync.local("SELECT count(*) FROM patients") == [(0,)]
+    assert sync.local("SELECT id, name FROM wards") == [(1, "A")]
+    assert sync.central(f"SELECT id, name FROM sync_{sync.source_id}_wards") == [(1, "A")]
+    assert [(c["table"], c["recordKey"], c["outcome"]) for c in sync.conflicts()] == [("wards", "1", "delete-refused")]
