@@ -82,6 +82,10 @@ def send_purge_task(sender: TaskSender, org_id: str) -> None:
     sender.send_task(SYNC_PURGE_TASK, args=[org_id], queue=sync_queue(org_id))
 
 
+# How long a command to the broker may wait for its answer.
+BROKER_SOCKET_TIMEOUT_S = 5.0
+
+
 def celery_config(broker_url: str, *, longest_training_s: float) -> dict[str, Any]:
     """Celery settings every Kiln Celery app shares, so producers and consumers agree on the broker."""
     return {
@@ -100,10 +104,13 @@ def celery_config(broker_url: str, *, longest_training_s: float) -> dict[str, An
         "task_send_sent_event": True,
         "result_backend": None,
         "broker_transport_options": broker_transport_options(longest_training_s),
+        # A publish that gets no answer is given up after one more try: what sends through the outbox (the api's
+        # requests, the beats, the workers' sweeps) leaves the message there for the next sweep.
+        "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
     }
 
 
-def broker_transport_options(longest_training_s: float) -> dict[str, float]:
+def broker_transport_options(longest_training_s: float) -> dict[str, float | bool]:
     """Redis keeps a fetched message in its "unacked" set until the task returns; after visibility_timeout it
     gives the message to another worker. With acks_late, a training is unacked for as long as it runs, so the
     timeout outlasts the worker's wall-clock limit (plus queueing and judging), or a healthy run's message would be
@@ -118,4 +125,10 @@ def broker_transport_options(longest_training_s: float) -> dict[str, float]:
         "visibility_timeout": longest_training_s + 600,
         "unacked_restore_interval": 10,
         "unacked_restore_throttle": 1,
+        # A Redis that takes connections and never answers (paused, overloaded, a half-open link) held each publish,
+        # and so each submission and the database connection under it, for ever: 15 such requests took the api's
+        # pool, and every org's requests answered 503. (Well above the worker's 1 s BRPOP, which it must outlast.)
+        "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": BROKER_SOCKET_TIMEOUT_S,
+        "socket_keepalive": True,
     }

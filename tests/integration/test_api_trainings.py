@@ -3,9 +3,12 @@ and leaves no run behind."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import secrets
+import socket
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
@@ -340,6 +343,48 @@ def test_submissions_made_while_redis_is_out_of_reach_are_accepted_and_their_mes
         )
         kinds = sorted(kind for kind, payload in waiting if payload.get("org_id") == org.org_id)
     assert kinds == sorted([KIND_TRAIN_TASK, KIND_VALIDATE_TASK])
+
+
+@pytest.fixture
+def silent_redis() -> Iterator[str]:
+    """A Redis URL whose server takes connections and never answers: paused, overloaded, or a half-open link."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def take_connections() -> None:
+        with contextlib.suppress(OSError):  # the server closed
+            while True:
+                held.append(server.accept()[0])
+
+    threading.Thread(target=take_connections, daemon=True).start()
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    server.close()
+    for connection in held:
+        connection.close()
+
+
+def test_a_submission_while_redis_takes_connections_but_never_answers_is_accepted_its_message_left_in_the_outbox(
+    settings: Settings, org: OrgKeys, dataset_id: str, engine: Engine, silent_redis: str
+) -> None:
+    """The publish waited for an answer for ever: the request never answered, and held its database connection."""
+    pool = ThreadPoolExecutor(1)  # not waited for: on the old code its request never ends
+    try:
+        with TestClient(create_app(settings.model_copy(update={"redis_url": silent_redis}))) as api:
+            submitted = pool.submit(
+                api.post, f"/v1/orgs/{org.org_id}/trainings", json=config(dataset_id), headers=org.trainer
+            )
+            response = submitted.result(timeout=120)
+    finally:
+        pool.shutdown(wait=False)
+
+    assert response.status_code == 202, response.text
+    with engine.connect() as connection:
+        waiting = connection.execute(
+            select(OutboxMessage.payload).where(
+                OutboxMessage.published_at.is_(None), OutboxMessage.kind == KIND_TRAIN_TASK
+            )
+        )
+        assert [payload["run_id"] for (payload,) in waiting] == [response.json()["runId"]]
 
 
 @pytest.mark.parametrize(
