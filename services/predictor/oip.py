@@ -33,6 +33,8 @@ OUTPUTS = (LABEL_OUTPUT, PROBABILITIES_OUTPUT)
 _LARGEST_DIMENSION = 2**31 - 1
 # Integer classes go back in the first of these that holds them all.
 INTEGER_LABELS: dict[str, np.dtype[Any]] = {"INT64": np.dtype("<i8"), "UINT64": np.dtype("<u8")}
+# Every label datatype but BYTES, as its values are packed: a BOOL is one byte, 1 for true and 0 for false.
+LABEL_TYPES: dict[str, np.dtype[Any]] = {"BOOL": np.dtype("?"), **INTEGER_LABELS, "FP64": np.dtype("<f8")}
 # Binary tensors are packed little-endian (the extension's layout); JSON numbers are checked against the same types.
 NUMERIC_TYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),
@@ -481,10 +483,10 @@ def _output_values(model: LoadedModel, name: str, probabilities: np.ndarray) -> 
         return "FP32", np.ascontiguousarray(probabilities, dtype="<f4")
     classes = model.deployed.classes
     winners = probabilities.argmax(axis=1)
-    datatype = _label_datatype(tuple(classes))
-    if datatype in INTEGER_LABELS:
-        return datatype, np.asarray(classes, dtype=INTEGER_LABELS[datatype])[winners]
-    return "BYTES", np.asarray([str(label) for label in classes], dtype=object)[winners]
+    datatype = _label_datatype(classes)
+    if datatype == "BYTES":
+        return datatype, np.asarray([str(label) for label in classes], dtype=object)[winners]
+    return datatype, np.asarray(classes, dtype=LABEL_TYPES[datatype])[winners]
 
 
 def _bytes_tensor(values: np.ndarray) -> bytes:
@@ -493,11 +495,21 @@ def _bytes_tensor(values: np.ndarray) -> bytes:
     return b"".join(len(item).to_bytes(4, "little") + item for item in encoded)
 
 
+def _label_datatype(classes: list[Any]) -> str:
+    # The classes' types are part of the cache's key: Python finds (False, True), (0, 1) and (0.0, 1.0) equal.
+    return _datatype_of_classes(tuple(classes), frozenset(map(type, classes)))
+
+
 @functools.lru_cache(maxsize=1024)  # asked on every answer: the scan over the classes is done once per class set
-def _label_datatype(classes: tuple[Any, ...]) -> str:
-    """The first integer type that holds every class (a uint64 target can have classes of 2^63 and more), else
-    BYTES, which holds any label as text."""
-    if all(type(label) is int for label in classes):
+def _datatype_of_classes(classes: tuple[Any, ...], types: frozenset[type]) -> str:
+    """BOOL for a boolean target's classes and FP64 for a float one's, so a client reads them as the values they
+    are (as text, `b'False'` is true to any truthiness test); for integer classes the first integer type that holds
+    them all (a uint64 target can have classes of 2^63 and more); else BYTES, which holds any label as text."""
+    if types == {bool}:
+        return "BOOL"
+    if types == {float}:
+        return "FP64"
+    if types == {int}:
         for datatype, dtype in INTEGER_LABELS.items():
             limits = np.iinfo(dtype)
             if all(limits.min <= label <= limits.max for label in classes):
@@ -522,7 +534,7 @@ def model_metadata(org: str, model: LoadedModel) -> dict[str, Any]:
             }
         ],
         "outputs": [
-            {"name": LABEL_OUTPUT, "datatype": _label_datatype(tuple(classes)), "shape": [-1]},
+            {"name": LABEL_OUTPUT, "datatype": _label_datatype(classes), "shape": [-1]},
             {"name": PROBABILITIES_OUTPUT, "datatype": "FP32", "shape": [-1, len(classes)]},
         ],
         "parameters": {"classes": classes},

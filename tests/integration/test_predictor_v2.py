@@ -186,6 +186,38 @@ def test_classes_beyond_int64_come_back_as_uint64_labels(
     assert {p["label"] for p in v1_predictions(address, served)} <= set(classes)
 
 
+@pytest.mark.parametrize(
+    ("classes", "datatype", "dtype"), [([False, True], "BOOL", np.bool_), ([0.0, 1.5], "FP64", np.float64)]
+)
+def test_boolean_and_float_classes_come_back_as_bool_and_fp64_labels(
+    org: OrgKeys,
+    engine: Engine,
+    store: ObjectStore,
+    client: triton.InferenceServerClient,
+    address: str,
+    classes: list[object],
+    datatype: str,
+    dtype: type,
+) -> None:
+    """As text (b'False', b'0.0'), every label of a boolean target would read True to `astype(bool)`; then a model
+    with the integer classes equal to them in Python (0 == False == 0.0) still answers INT64."""
+    version = register_model(engine, store, org.org_id, tiny_model(), classes=classes)
+    deploy_quietly(engine, org.org_id, version)
+    served = Served(org, version)
+    assert eventually(lambda: client.is_model_ready(org.org_id, version, headers=served.auth()))
+    metadata = client.get_model_metadata(served.name, headers=served.auth())
+    assert metadata["outputs"][0] == {"name": "label", "datatype": datatype, "shape": [-1]}
+    for binary in (True, False):
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("label", "probabilities")]
+        result = client.infer(served.name, [matrix_input()], outputs=outputs, headers=served.auth())
+        assert result.as_numpy("label").dtype == dtype
+        assert_same_as_v1(result, address, served)
+    integers = register_model(engine, store, org.org_id, tiny_model(), classes=[0, 1])
+    deploy_quietly(engine, org.org_id, integers)
+    assert eventually(lambda: client.is_model_ready(org.org_id, integers, headers=served.auth()))
+    assert client.get_model_metadata(served.name, headers=served.auth())["outputs"][0]["datatype"] == "INT64"
+
+
 def test_a_feature_named_input_still_takes_one_tensor_per_feature(
     org: OrgKeys, engine: Engine, store: ObjectStore, client: triton.InferenceServerClient, address: str
 ) -> None:
