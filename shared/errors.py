@@ -55,7 +55,17 @@ class UnsupportedEncoding(KilnError):
 
 
 class Unauthorized(KilnError):
+    """No bearer key, or a header that is no `Authorization: Bearer <key>`."""
+
     status = HTTPStatus.UNAUTHORIZED
+
+
+class InvalidKey(Unauthorized):
+    """A bearer key was sent and is no live key: RFC 6750's `invalid_token`, which tells a client to get a new key
+    rather than to send the one it has."""
+
+    def __init__(self) -> None:
+        super().__init__("the key is not valid", field="Authorization")
 
 
 class Forbidden(KilnError):

@@ -14,7 +14,7 @@ from sqlalchemy import exc
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from shared.errors import DatabaseUnavailable, InvalidInput, KilnError
+from shared.errors import DatabaseUnavailable, InvalidInput, InvalidKey, KilnError, Unauthorized
 from shared.schemas import NUL, printable
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,10 @@ REQUEST_PARTS = {"body", "query", "path", "header", "form", "cookie"}
 # nginx's status for a request whose client closed the connection first: no HTTP status says it, and no client
 # receives it; access logs show it.
 CLIENT_CLOSED_REQUEST = 499
+# The challenge every 401 carries (RFC 9110 §15.5.2), in the Bearer scheme of RFC 6750 §3: it names the scheme a
+# client should answer with, and says when the key it sent is at fault rather than missing.
+CHALLENGE = 'Bearer realm="kiln"'
+INVALID_KEY_CHALLENGE = CHALLENGE + ', error="invalid_token"'
 
 
 def refuse_nul_in_url(request: Request) -> None:
@@ -58,7 +62,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def _kiln_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, KilnError)
-    return _answer(error.to_payload(), status_code=int(error.status), headers=error.headers)
+    return _answer(error.to_payload(), status_code=int(error.status), headers=_headers_of(error))
+
+
+def _headers_of(error: KilnError) -> dict[str, str]:
+    if isinstance(error, Unauthorized):
+        challenge = INVALID_KEY_CHALLENGE if isinstance(error, InvalidKey) else CHALLENGE
+        return {**error.headers, "WWW-Authenticate": challenge}
+    return error.headers
 
 
 async def _http_error(_request: Request, error: Exception) -> JSONResponse:

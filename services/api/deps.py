@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from services.api.resources import Resources
 from shared.db.models import Organization
-from shared.errors import Forbidden, NotFound, Unauthorized
+from shared.errors import Forbidden, InvalidKey, NotFound
 from shared.keys import ROLES, Principal, bearer_token, find_principal
 
 
@@ -47,7 +47,7 @@ def get_principal(
     admin_token = resources.settings.admin_token.get_secret_value()
     principal = find_principal(session, token=token, admin_token=admin_token)
     if principal is None:
-        raise Unauthorized("the key is not valid", field="Authorization")
+        raise InvalidKey()
     return principal
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError, TimeoutError
 from sqlalchemy.orm import Session
 
 from services.predictor.outage import DatabaseOutage
-from shared.errors import DatabaseUnavailable, NotFound, Unauthorized
+from shared.errors import DatabaseUnavailable, InvalidKey, NotFound
 from shared.keys import Principal, find_principal, principal_without_lookup
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,6 @@ def _bounded(entries: dict[str, Any], max_entries: int) -> dict[str, Any]:
 
 def check_org(principal: Principal | None, org_id: str) -> None:
     if principal is None:
-        raise Unauthorized("the key is not valid", field="Authorization")
+        raise InvalidKey()
     if not principal.is_platform_admin and principal.org_id != org_id:
         raise NotFound(f"model {org_id!r} not found")

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client.exposition import choose_encoder
 
 from services.predictor.state import PredictorState, principal_of, state_of
-from shared.errors import Forbidden, Unauthorized
+from shared.errors import Forbidden, InvalidKey
 from shared.keys import bearer_token, is_metrics_token
 
 router = APIRouter(tags=["monitoring"])
@@ -20,7 +20,7 @@ async def metrics(request: Request) -> Response:
     if not _is_metrics_token(state, request):
         principal = await principal_of(state, request)
         if principal is None:
-            raise Unauthorized("the key is not valid", field="Authorization")
+            raise InvalidKey()
         if not principal.is_platform_admin:
             raise Forbidden("metrics are for KILN_METRICS_TOKEN or the platform admin's token", field="Authorization")
     # The format Prometheus asks for in Accept (OpenMetrics, or the text format of the version it reads).

@@ -30,6 +30,18 @@ def test_admin_token_creates_an_org_and_a_second_create_is_a_conflict(api: TestC
     assert again.json()["field"] == "id"
 
 
+def test_a_401_names_the_bearer_scheme_and_an_invalid_token_when_a_key_was_sent(api: TestClient, org: OrgKeys) -> None:
+    """RFC 9110 §15.5.2: a 401 carries WWW-Authenticate; RFC 6750 §3: invalid_token for a key sent but not valid."""
+    missing = api.get(f"/v1/orgs/{org.org_id}")
+    invalid = api.get(f"/v1/orgs/{org.org_id}", headers={"Authorization": "Bearer kiln_nope"})
+
+    assert (missing.status_code, missing.headers["www-authenticate"]) == (401, 'Bearer realm="kiln"')
+    assert (invalid.status_code, invalid.headers["www-authenticate"]) == (
+        401,
+        'Bearer realm="kiln", error="invalid_token"',
+    )
+
+
 def test_org_ids_that_cannot_name_a_queue_are_refused(api: TestClient) -> None:
     response = api.post("/v1/orgs", json={"id": "Bad Org!", "name": "x"}, headers=ADMIN)
     assert response.status_code == 422

@@ -368,6 +368,35 @@ def test_keys_are_checked_and_other_orgs_are_not_found(
         assert predictor.request(method, path, json={}, headers=intruder.viewer).status_code == 404, path
 
 
+CHALLENGE = 'Bearer realm="kiln"'
+INVALID_KEY = 'Bearer realm="kiln", error="invalid_token"'
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/v1/orgs/{org}/predict"),
+        ("POST", "/v2/models/{org}/infer"),
+        ("GET", "/v2/models/{org}"),
+        ("GET", "/metrics"),
+    ],
+)
+def test_every_401_names_the_bearer_scheme_and_an_invalid_token_when_a_key_was_sent(
+    serving: OrgKeys, predictor: TestClient, method: str, path: str
+) -> None:
+    """RFC 9110 §15.5.2: a 401 carries WWW-Authenticate; RFC 6750 §3: invalid_token for a key sent but not valid."""
+    url = path.format(org=serving.org_id)
+    for headers, challenge in [
+        ({}, CHALLENGE),
+        ({"Authorization": "Basic a2lsbjpraWxu"}, CHALLENGE),
+        ({"Authorization": "Bearer kiln_nope"}, INVALID_KEY),
+        ({"Authorization": "Bearer nope"}, INVALID_KEY),
+    ]:
+        response = predictor.request(method, url, json={}, headers=headers)
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"] == challenge, headers
+
+
 def test_an_org_with_nothing_deployed_is_not_found(org: OrgKeys, predictor: TestClient) -> None:
     response = predictor.post(f"/v1/orgs/{org.org_id}/predict", json={"rows": [ai4i_row()]}, headers=org.viewer)
     assert response.status_code == 404
