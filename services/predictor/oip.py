@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import math
 import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import orjson
@@ -77,7 +78,7 @@ class InferRequest:
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     """Framing, JSON, input tensors and requested outputs: everything that does not depend on the model."""
     header, binary = _split(body, header_length)
-    payload = parse_json(header)
+    payload = _parse_header(header, header_length)
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object with `inputs`", field="body")
     refuse_repeated_keys(header, _keys_of(payload))
@@ -127,6 +128,41 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
             field=HEADER_LENGTH,
         )
     return body[:length], memoryview(body)[length:]
+
+
+def _parse_header(header: bytes, header_length: str | None) -> object:
+    """The JSON header. A body that breaks as JSON only where one whole JSON object ends most likely carries binary
+    tensor data without the header that says where the JSON ends: that header is named, not the bytes after it."""
+    try:
+        return parse_json(header)
+    except BadRequest:
+        if header_length is None and _continues_past_a_json_object(header):
+            raise BadRequest(
+                f"the body goes on after its JSON object: binary tensor data needs the {HEADER_LENGTH} header, the "
+                "JSON's length in bytes",
+                field=HEADER_LENGTH,
+            ) from None
+        raise
+
+
+def _continues_past_a_json_object(body: bytes) -> bool:
+    """Whether the body starts with a whole JSON object and holds more than whitespace after it. Read by the standard
+    library, which (unlike orjson) stops where the object ends; the binary after it needs not be UTF-8."""
+    text = body.decode(errors="replace")
+    start = len(text) - len(text.lstrip())
+    try:
+        value, end = _STRICT_JSON.raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, dict) and bool(text[end:].strip())
+
+
+def _refuse_constant(word: str) -> NoReturn:
+    raise ValueError(f"{word} is no JSON number")
+
+
+# Python's reader takes NaN and Infinity, which JSON (and orjson) refuse.
+_STRICT_JSON = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _parameters(value: Any, field: str) -> dict[str, Any]:

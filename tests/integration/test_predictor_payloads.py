@@ -313,6 +313,18 @@ def test_each_bad_request_is_refused_naming_the_field(served: Served) -> None:
     assert mismatches == {}
 
 
+@pytest.mark.parametrize("binary", [AI4I[:2].tobytes(), b"xx"], ids=["not UTF-8", "UTF-8"])
+def test_binary_data_without_the_header_length_is_refused_naming_that_header(served: Served, binary: bytes) -> None:
+    """Without it the whole body is JSON: the binary bytes after the JSON header read as broken JSON (or text that
+    is not UTF-8), which told the client nothing of the header it left out."""
+    body, headers = valid_draft(binary=True).encode()
+    del headers[HEADER_LENGTH]
+    response = served.post(body[: -AI4I[:2].nbytes] + binary, headers)
+    assert (response.status_code, response.json()["field"]) == (400, HEADER_LENGTH), response.text
+    assert HEADER_LENGTH in response.json()["error"] and "binary" in response.json()["error"]
+    assert_still_serving(served)
+
+
 def test_a_body_over_the_limit_is_refused(served: Served) -> None:
     rows = int(MAX_BODY_MB * 1024 * 1024 / (4 * len(FEATURES))) + 1
     response = served.post(*draft_of(np.ones((rows, len(FEATURES)), np.float32), binary=True).encode())
