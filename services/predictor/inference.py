@@ -16,6 +16,8 @@ from services.predictor.models import LoadedModel
 from shared.errors import BadRequest, InvalidInput
 
 FP32_MAX = float(np.finfo(np.float32).max)
+# Why a number too large is refused, whether FP32 or even FP64 (the JSON parser's) cannot hold it.
+BEYOND_FP32 = "beyond FP32's range (±3.4e38), which the model runs on"
 
 
 def v1_features(model: LoadedModel, body: bytes) -> np.ndarray:
@@ -130,7 +132,7 @@ def _finite_number(value: Any, field: str) -> float:
     if not math.isfinite(value):
         raise InvalidInput(f"{field} must be finite", field=field)
     if abs(value) > FP32_MAX:  # the model runs on FP32, where it would be ±Inf: refused, as V2 refuses it
-        raise InvalidInput(f"{field} is {value!r}, beyond FP32's range (±3.4e38), which the model runs on", field=field)
+        raise InvalidInput(f"{field} is {value!r}, {BEYOND_FP32}", field=field)
     return float(value)
 
 
@@ -141,6 +143,10 @@ def _as_json(value: Any) -> str:
         text = orjson.dumps(value, default=str).decode()
     except TypeError:
         text = reprlib.repr(value)
+    return _shortened(text)
+
+
+def _shortened(text: str) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -181,24 +187,41 @@ def parse_json(body: bytes) -> object:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as error:
-        raise BadRequest(f"the request body is not valid JSON: {_what_is_wrong(body, error)}", field="body") from None
+        raise BadRequest(_what_is_wrong(body, error), field="body") from None
 
 
+_NOT_JSON = "the request body is not valid JSON: "
 # What Python's json.dumps writes for a float that is missing or infinite, which JSON has no word for.
 _NOT_JSON_NUMBERS = ("NaN", "-Infinity", "Infinity")
-# The key whose value starts where a body's JSON broke: `"name": ` before it.
+# A JSON number: orjson reads each as a double, and refuses one past even FP64's range (1e400) as infinity.
+_NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+# What stands between a key and a number within its value: other numbers, and the lists that hold them.
+_WITHIN_NUMBERS = "0123456789.eE+-, \t\r\n[]"
+# The key of a value: `"name": ` before it.
 _KEY_BEFORE = re.compile(r'"((?:[^"\\]|\\.){1,200})"\s*:\s*$')
 
 
 def _what_is_wrong(body: bytes, error: orjson.JSONDecodeError) -> str:
-    """orjson's words, or, for a NaN or Infinity, what it is, naming its key if it has one (the character offset
-    alone leaves a user counting)."""
+    """orjson's words, or, for a NaN, an Infinity or a number past FP64's range, what it is and the key it is the
+    value of, or among the value of, if any (the character offset alone leaves a user counting)."""
     text = body.decode(errors="replace")  # orjson counts characters, not bytes
     at = error.pos - 1 if text[error.pos - 1 : error.pos] == "-" else error.pos  # past a sign, for -Infinity
+    where = f"{_held_by(text, at)} (line {error.lineno} column {error.colno})"
     token = next((word for word in _NOT_JSON_NUMBERS if text.startswith(word, at)), None)
-    if token is None:
-        return str(error)
-    key = _KEY_BEFORE.search(text[max(0, at - 256) : at])
-    value_of = f" as the value of {key.group(1)!r}" if key else ""
-    where = f"line {error.lineno} column {error.colno}"
-    return f"{token}{value_of} ({where}) is no JSON number, and each feature must be a finite number"
+    if token is not None:
+        return f"{_NOT_JSON}{token}{where} is no JSON number, and each feature must be a finite number"
+    number = _NUMBER.match(text, at)
+    if number is not None and math.isinf(float(number.group())):
+        return f"the request body holds {_shortened(number.group())}{where}, {BEYOND_FP32}"
+    return _NOT_JSON + str(error)
+
+
+def _held_by(text: str, at: int) -> str:
+    """` as the value of 'torque'` for the value that starts at `at`, ` in the value of 'data'` for one among
+    numbers in lists (a V2 tensor's data), or nothing when no key holds it."""
+    value_of = text[max(0, at - 4096) : at].rstrip()
+    before = value_of.rstrip(_WITHIN_NUMBERS)
+    key = _KEY_BEFORE.search(before[-256:])
+    if key is None:
+        return ""
+    return f" {'as' if before == value_of else 'in'} the value of {key.group(1)!r}"

@@ -327,7 +327,7 @@ def test_a_compressed_body_is_refused_naming_content_encoding_by_both_protocols(
     [
         ("NaN", "NaN as the value of 'torque' (line 1 column 22)"),
         ("-Infinity", "-Infinity as the value of 'torque'"),
-        ("[1, Infinity]", "Infinity (line 1 column 26)"),  # no key to name
+        ("[1, Infinity]", "Infinity in the value of 'torque' (line 1 column 26)"),  # among numbers in a list
     ],
 )
 def test_nan_or_infinity_written_by_pythons_json_is_refused_naming_its_key(
@@ -340,6 +340,25 @@ def test_nan_or_infinity_written_by_pythons_json_is_refused_naming_its_key(
     assert response.json()["field"] == "body"
     assert response.json()["error"].startswith(f"the request body is not valid JSON: {named}")
     assert response.json()["error"].endswith("is no JSON number, and each feature must be a finite number")
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1" + "0" * 400])
+def test_a_number_past_even_fp64_is_refused_naming_its_key_and_fp32s_range(
+    serving: OrgKeys, predictor: TestClient, number: str
+) -> None:
+    """1e39 is refused naming its field as beyond FP32's range; 1e400, past what the JSON parser reads, gave only the
+    parser's words and a character offset."""
+    row = row_text({name: value for name, value in ai4i_row().items() if name != "torque"}, f'"torque": {number}')
+    v1 = predictor.post(f"/v1/orgs/{serving.org_id}/predict", content=rows_text([row]), headers=serving.viewer)
+    data = "[[" + ", ".join(["1.5"] * (len(FEATURES) - 1) + [number]) + "]]"
+    tensor = '{"name": "input", "shape": [1, 6], "datatype": "FP64", "data": ' + data + "}"
+    v2 = predictor.post(
+        f"/v2/models/{serving.org_id}/infer", content='{"inputs": [' + tensor + "]}", headers=serving.viewer
+    )
+    for response, key in ((v1, "as the value of 'torque'"), (v2, "in the value of 'data'")):
+        assert (response.status_code, response.json()["field"]) == (400, "body"), response.text
+        assert response.json()["error"].startswith(f"the request body holds {number[:20]}"), response.text
+        assert key in response.json()["error"] and "beyond FP32's range (±3.4e38)" in response.json()["error"]
 
 
 def test_a_nan_after_text_that_is_not_ascii_is_named_all_the_same(serving: OrgKeys, predictor: TestClient) -> None:
