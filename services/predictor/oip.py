@@ -207,8 +207,8 @@ def _tensor(spec: Any, field: str, binary: memoryview, offset: int, booleans: bo
     name = spec.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"{field}.name must be a non-empty string", field=f"{field}.name")
-    datatype = _datatype(spec.get("datatype"), field)
-    shape = _shape(spec.get("shape"), field)
+    datatype = _datatype(_required(spec, "datatype", field), field)
+    shape = _shape(_required(spec, "shape", field), field)
     size = _binary_data_size(_parameters(spec.get("parameters"), f"{field}.parameters"), field)
     if size is None:
         return Tensor(name, field, _json_values(spec.get("data"), datatype, shape, field, booleans)), offset
@@ -222,6 +222,14 @@ def _tensor(spec: Any, field: str, binary: memoryview, offset: int, booleans: bo
             field=f"{field}.parameters.binary_data_size",
         )
     return Tensor(name, field, _binary_values(binary[offset:end], datatype, shape, field)), end
+
+
+def _required(spec: dict[str, Any], member: str, field: str) -> Any:
+    """A member every tensor has: left out (or null), it is said to be required, not shown as Python's None."""
+    value = spec.get(member)
+    if value is None:
+        raise InvalidInput(f"{field}.{member} is required", field=f"{field}.{member}")
+    return value
 
 
 def _datatype(datatype: Any, field: str) -> str:

@@ -297,6 +297,19 @@ def test_bad_tensors_are_refused_naming_the_field(
     assert response.json()["field"] == field
 
 
+@pytest.mark.parametrize("member", ["datatype", "shape"])
+def test_a_tensor_without_its_datatype_or_shape_is_told_it_is_required(
+    serving: OrgKeys, predictor: TestClient, member: str
+) -> None:
+    """The message said `inputs[0].datatype None is not numeric`: Python's None, for a member the client left out."""
+    tensor = {"name": "input", "shape": [1, 6], "datatype": "FP32", "data": [1.0] * 6}
+    del tensor[member]
+    response = predictor.post(f"/v2/models/{serving.org_id}/infer", json={"inputs": [tensor]}, headers=serving.viewer)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == f"inputs[0].{member}"
+    assert response.json()["error"] == f"inputs[0].{member} is required"
+
+
 def test_a_body_that_is_not_json_or_too_large_is_refused(serving: OrgKeys, predictor: TestClient) -> None:
     url = f"/v1/orgs/{serving.org_id}/predict"
     garbage = predictor.post(url, content=b"{rows:", headers=serving.viewer)
