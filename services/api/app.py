@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import Depends, FastAPI
 
 from services.api.body_limits import BodyLimits
+from services.api.deps import refuse_repeated_json_keys
 from services.api.outbox_relay import sweep_until
 from services.api.resources import Resources
 from services.api.routers import (
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Per-organization LightGBM training, validation, versioning and deployment.",
         version="0.1.0",
         lifespan=lifespan,
-        dependencies=[Depends(refuse_nul_in_url)],
+        dependencies=[Depends(refuse_nul_in_url), Depends(refuse_repeated_json_keys)],
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimits, upload_limit=settings.max_upload_mb * 1024 * 1024)

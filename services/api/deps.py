@@ -6,13 +6,36 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Request, params
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from services.api.resources import Resources
 from shared.db.models import Organization
 from shared.errors import Forbidden, InvalidKey, NotFound
+from shared.json_keys import dotted, keys_within, refuse_repeated_keys
 from shared.keys import ROLES, Principal, bearer_token, find_principal
+
+
+async def refuse_repeated_json_keys(request: Request) -> None:
+    """A JSON body with a key given twice in one object (`{"role": "viewer", "role": "admin"}`), which the parser
+    would read as its last: refused naming the key's field. Only a body FastAPI has parsed as JSON already, so its
+    text and its parse are both at hand and nothing more is read (an upload's route parses no JSON)."""
+    if not _parsed_as_json(request):
+        return
+    body = await request.body()
+    if body:
+        refuse_repeated_keys(body, keys_within([await request.json()]), field_of=dotted)
+
+
+def _parsed_as_json(request: Request) -> bool:
+    """Whether FastAPI read this request's body as JSON: a route taking one (not a form), sent as JSON."""
+    route = request.scope.get("route")
+    body_field = route.body_field if isinstance(route, APIRoute) else None
+    if body_field is None or isinstance(body_field.field_info, params.Form):
+        return False
+    sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return sent.startswith("application/") and (sent == "application/json" or sent.endswith("+json"))
 
 
 def get_resources(request: Request) -> Resources:

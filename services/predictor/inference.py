@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import reprlib
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -14,6 +12,7 @@ import orjson
 
 from services.predictor.models import LoadedModel
 from shared.errors import BadRequest, InvalidInput
+from shared.json_keys import keys_within, refuse_repeated_keys
 
 FP32_MAX = float(np.finfo(np.float32).max)
 # Why a number too large is refused, whether FP32 or even FP64 (the JSON parser's) cannot hold it.
@@ -53,68 +52,6 @@ def _refuse_repeated_keys(body: bytes, payload: dict[str, Any], rows: int, colum
     if len(payload) > 1:  # members beside the rows, and the keys within them
         keys += keys_within(value for name, value in payload.items() if name != "rows")
     refuse_repeated_keys(body, keys)
-
-
-def refuse_repeated_keys(body: bytes, keys: int) -> None:
-    """orjson keeps the last value of a repeated key, so `{"torque": 1, "torque": 99}` would be scored as 99: refused.
-    Outside strings, a colon follows each key and nothing else; so when the body holds no more colons than `keys`,
-    the keys parsed (or fewer: a count that skips some only sends the body the slow way), no key was repeated, at the
-    cost of one count of a byte. Only another body (a key repeated, a string holding a colon, or any escape, since
-    `\\u003a` is a colon once parsed and none before) is parsed again, keeping every key."""
-    if b"\\" not in body and body.count(b":") == keys:
-        return
-    repeated = _first_repeated_key(body)
-    if repeated is not None:
-        raise InvalidInput(f"{repeated} is given more than once in its object", field=repeated)
-
-
-def keys_within(values: Iterable[Any]) -> int:
-    """How many keys the objects within these JSON values hold."""
-    count, pending = 0, list(values)
-    while pending:
-        value = pending.pop()
-        if isinstance(value, dict):
-            count += len(value)
-            pending.extend(value.values())
-        elif isinstance(value, list):
-            pending.extend(value)
-    return count
-
-
-class _Pairs(list[tuple[str, Any]]):
-    """A JSON object as its (key, value) pairs, every one of them, in order."""
-
-
-def _first_repeated_key(body: bytes) -> str | None:
-    """The field (`rows[0].torque`) of a key that appears twice in one object, if any: in an object, the first to
-    repeat one before it; outer objects before those they hold."""
-    try:
-        pending: list[tuple[str, Any]] = [("", json.loads(body, object_pairs_hook=_Pairs))]
-    except RecursionError:  # deeper than the standard library's parser goes; no V1 request comes near
-        raise BadRequest("the request body is nested too deeply", field="body") from None
-    while pending:
-        path, value = pending.pop()
-        if isinstance(value, _Pairs):
-            repeated = _repeated(name for name, _ in value)
-            if repeated is not None:
-                return _field(path, repeated)
-            pending.extend((_field(path, name), item) for name, item in reversed(value))
-        elif isinstance(value, list):
-            pending.extend((f"{path}[{index}]", item) for index, item in reversed(list(enumerate(value))))
-    return None
-
-
-def _repeated(names: Iterable[str]) -> str | None:
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            return name
-        seen.add(name)
-    return None
-
-
-def _field(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
 
 
 def _refuse_feature_names(given: Any, expected: set[str], field: str) -> None:

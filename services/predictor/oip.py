@@ -23,9 +23,10 @@ from typing import Any, NoReturn
 import numpy as np
 import orjson
 
-from services.predictor.inference import keys_within, parse_json, refuse_repeated_keys
+from services.predictor.inference import parse_json
 from services.predictor.models import LoadedModel
 from shared.errors import BadRequest, InvalidInput
+from shared.json_keys import keys_within, refuse_repeated_keys
 from shared.model_contract import INPUT_NAME, LABEL_OUTPUT, PROBABILITIES_OUTPUT
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

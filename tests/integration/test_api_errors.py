@@ -291,3 +291,43 @@ def test_an_uploads_route_takes_a_form_over_a_megabyte_only_as_a_multipart_one(a
     response = api.post("/v1/orgs/no-such-org/datasets", content=body, headers=headers)
     assert response.status_code == 413, response.text
     assert response.json() == {"error": "the request's body is over 1 MB", "field": "body", "status": 413}
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "field"),
+    [
+        ("/v1/orgs/{org}/keys", '{"role": "viewer", "role": "admin"}', "role"),
+        ("/v1/orgs", '{"id": "{org}-x", "name": "ok", "id": "{org}-y"}', "id"),
+        (
+            "/v1/orgs",
+            '{"id": "{org}-x", "name": "ok", "config": {"predictions": {}, "predictions": {}}}',
+            "config.predictions",
+        ),
+        ("/v1/orgs", '{"id": "{org}-x", "name": "ok", "config": {"gates": [{"a": 1, "a": 2}]}}', "config.gates.0.a"),
+        ("/v1/orgs", '{"id": "{org}-x", "name": "a:b", "name": "c\\u003a"}', "name"),
+    ],
+)
+def test_a_json_body_with_a_key_given_twice_in_one_object_is_refused_naming_it_and_nothing_is_made(
+    api: TestClient, org: OrgKeys, path: str, text: str, field: str
+) -> None:
+    """The JSON parser keeps the last of a repeated key: `{"role": "viewer", "role": "admin"}` made an admin key,
+    `{"id": "x-1", "name": "ok", "id": "x-2"}` the org x-2."""
+    headers = {**ADMIN, "content-type": "application/json"}
+    keys_before = api.get(f"/v1/orgs/{org.org_id}/keys", headers=org.admin).json()
+
+    response = api.post(path.replace("{org}", org.org_id), content=text.replace("{org}", org.org_id), headers=headers)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field
+    assert response.json()["error"] == f"{field} is given more than once in its object"
+    assert api.get(f"/v1/orgs/{org.org_id}/keys", headers=org.admin).json() == keys_before
+    made = [api.get(f"/v1/orgs/{org.org_id}-{end}", headers=ADMIN).status_code for end in "xy"]
+    assert made == [404, 404]
+
+
+def test_colons_and_escapes_in_a_json_bodys_strings_are_no_repeated_keys(api: TestClient, org_id: str) -> None:
+    """The check counts colons outside strings first: a colon or an escape within one must not refuse a good body."""
+    text = f'{{"id": "{org_id}", "name": "Plant 2: line \\u003a 4"}}'
+    response = api.post("/v1/orgs", content=text, headers={**ADMIN, "content-type": "application/json"})
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == "Plant 2: line : 4"
