@@ -117,6 +117,32 @@ def test_a_form_with_two_file_parts_is_refused_and_nothing_is_stored(
     assert_refused_storing_nothing(api, org, settings, response, field="file", words="2 file parts")
 
 
+@pytest.mark.parametrize(
+    ("field", "words"),
+    [
+        ("timestamp_column", "unknown form field 'timestamp_column' (did you mean 'timestampColumn'?)"),
+        ("ts", "unknown form field 'ts'; an upload takes only file and timestampColumn"),
+    ],
+)
+def test_an_unknown_form_field_is_refused_naming_it_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings, field: str, words: str
+) -> None:
+    """FastAPI drops the fields a route does not name: a mistyped timestampColumn stored the dataset without it."""
+    response = upload(api, org, CSV, **{field: "timestamp"})
+    assert_refused_storing_nothing(api, org, settings, response, field=field, words=words)
+
+
+def test_a_timestamp_column_given_twice_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    """FastAPI takes the last of a repeated field: the first, which the client may mean, went unsaid."""
+    files = {"file": ("a.csv", CSV, "text/csv")}
+    data = {"timestampColumn": ["timestamp", "temperature"]}
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", files=files, data=data, headers=org.trainer)
+    words = "the form gives timestampColumn 2 times; give it once"
+    assert_refused_storing_nothing(api, org, settings, response, field="timestampColumn", words=words)
+
+
 # Starlette closes a part's temporary file when the form is closed or its parsing fails, and neither reaches the
 # part that never ended: it is closed when collected, as the request ends, with a ResourceWarning.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -159,7 +185,7 @@ def test_empty_timestamps_are_counted_in_words(api: TestClient, org: OrgKeys, em
 
 
 def test_a_missing_file_field_is_named(api: TestClient, org: OrgKeys) -> None:
-    response = api.post(f"/v1/orgs/{org.org_id}/datasets", data={"x": "1"}, headers=org.trainer)
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", data={"timestampColumn": "t"}, headers=org.trainer)
     assert response.status_code == 422
     assert response.json()["field"] == "file"
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import secrets
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -34,11 +36,30 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/orgs/{org}/datasets", tags=["datasets"])
 
 
-async def one_file_part(request: Request) -> None:
-    """FastAPI hands the handler the last of several `file` parts and drops the others unread."""
-    parts = (await request.form()).getlist("file")  # the form FastAPI already parsed, not read again
-    if len(parts) > 1:
-        raise InvalidInput(f"the form has {len(parts)} file parts; upload one file at a time", field="file")
+FORM_FIELDS = ("file", "timestampColumn")
+
+
+async def only_known_form_fields_once(request: Request) -> None:
+    """FastAPI takes the form fields a route names and drops the others unread: a mistyped `timestamp_column` was
+    accepted and the dataset stored without its timestamps. Of a field given twice it takes the last, dropping the
+    others (a second file part unread, an earlier timestampColumn unsaid)."""
+    given = Counter(name for name, _ in (await request.form()).multi_items())  # the form FastAPI parsed, not re-read
+    for name, times in given.items():
+        if name not in FORM_FIELDS:
+            raise InvalidInput(f"unknown form field {name!r}{_did_you_mean(name)}", field=name)
+        if times > 1:
+            raise InvalidInput(_given_more_than_once(name, times), field=name)
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, FORM_FIELDS, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f"; an upload takes only {' and '.join(FORM_FIELDS)}"
+
+
+def _given_more_than_once(name: str, times: int) -> str:
+    if name == "file":
+        return f"the form has {times} file parts; upload one file at a time"
+    return f"the form gives {name} {times} times; give it once"
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=DatasetOut)
@@ -47,7 +68,7 @@ def upload_dataset(
     session: SessionDep,
     resources: ResourcesDep,
     file: Annotated[UploadFile, File(description="CSV with a header row, or Parquet")],
-    _one_file: Annotated[None, Depends(one_file_part)],
+    _fields: Annotated[None, Depends(only_known_form_fields_once)],
     timestamp_column: Annotated[str | None, Form(alias="timestampColumn", max_length=200)] = None,
 ) -> DatasetOut:
     _refuse_data_kept_on_premises(session, access.org_id)
