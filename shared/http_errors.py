@@ -148,6 +148,14 @@ def _describe(item: Any) -> dict[str, str]:
         message = f"unknown {noun} {location[-1]!r}"
     elif kind == "missing":
         message = f"{field} is required"
+    elif _text_where_a_file_goes(item):
+        message = f"{field} must be a file part of a multipart form (curl -F {field}=@path)"
     else:
         message = f"{field}: {str(item.get('msg', 'invalid value')).removeprefix('Value error, ')}"
     return {"field": field, "message": message}
+
+
+def _text_where_a_file_goes(item: Any) -> bool:
+    """A file field sent as text (`curl -F 'file=ts,x'`, or a urlencoded form): FastAPI says only `Expected
+    UploadFile, received: <class 'str'>`, which does not tell the client what to send instead."""
+    return isinstance(item.get("input"), str) and "Expected UploadFile" in str(item.get("msg", ""))

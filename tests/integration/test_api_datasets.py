@@ -190,6 +190,16 @@ def test_a_missing_file_field_is_named(api: TestClient, org: OrgKeys) -> None:
     assert response.json()["field"] == "file"
 
 
+def test_a_file_field_sent_as_text_is_refused_saying_to_send_a_file_part(
+    api: TestClient, org: OrgKeys, settings: Settings
+) -> None:
+    """`curl -F 'file=ts,x'` (no @) sends text where the file goes: the api said `Expected UploadFile, received:
+    <class 'str'>`."""
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", files={"file": (None, "ts,x")}, headers=org.trainer)
+    words = "file must be a file part of a multipart form (curl -F file=@path)"
+    assert_refused_storing_nothing(api, org, settings, response, field="file", words=words)
+
+
 def test_an_upload_over_the_size_limit_is_refused_with_413(settings: Settings, org_id: str) -> None:
     small = settings.model_copy(update={"max_upload_mb": 1})
     with TestClient(create_app(small)) as api:
