@@ -304,6 +304,11 @@ class TrainingConfig(CamelModel):
     @field_validator("feature_columns")
     @classmethod
     def _features_unique_and_not_the_target(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        # Checked here, not as the items' min_length: pydantic's constrained text refuses a lone surrogate as "unable
+        # to parse raw data", before _storable_text can say what it is.
+        unnamed = [str(index) for index, name in enumerate(value) if not name]
+        if unnamed:
+            raise ValueError(f"item {unnamed[0]} is empty: a feature is a column of the dataset, and each has a name")
         twice = repeated(value)
         if twice:
             raise ValueError(f"feature columns named more than once: {', '.join(twice)}")

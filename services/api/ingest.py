@@ -37,7 +37,9 @@ def ingest(upload: Path, output: Path, *, timestamp_column: str | None, max_byte
         raise InvalidInput("the uploaded file has no columns", field="file")
     if table.num_rows == 0:
         raise InvalidInput("the uploaded file has a header but no rows", field="file")
-    _refuse_repeated_names(_column_names(table))
+    names = _column_names(table)
+    _refuse_unnamed_columns(names)  # first: two unnamed columns are named twice too, which would say less
+    _refuse_repeated_names(names)
     refuse_larger_than(table, max_bytes)
     if timestamp_column is not None:
         table = _with_utc_timestamps(table, timestamp_column)
@@ -78,6 +80,15 @@ def _refuse_repeated_names(names: list[str]) -> None:
     twice = repeated(names)
     if twice:
         raise InvalidInput(f"column names appear more than once: {', '.join(map(repr, twice))}", field="file")
+
+
+def _refuse_unnamed_columns(names: list[str]) -> None:
+    """A CSV header `,x,y` names its first column with empty text: stored so, it could be neither a training's
+    target nor a V2 tensor's name, and nothing would say why."""
+    unnamed = [str(position) for position, name in enumerate(names, start=1) if not name]
+    if unnamed:
+        where = f"column {unnamed[0]} has" if len(unnamed) == 1 else f"columns {', '.join(unnamed)} have"
+        raise InvalidInput(f"the file's {where} no name; name every column in the header row", field="file")
 
 
 def _with_utc_timestamps(table: pa.Table, name: str) -> pa.Table:

@@ -101,12 +101,24 @@ def test_ragged_csv_is_refused_with_the_parser_reason(api: TestClient, org: OrgK
     assert response.json()["field"] == "file" and "CSV" in response.json()["error"]
 
 
-@pytest.mark.parametrize(("header", "named"), [(b"a,b,a\n", "'a'"), (b",\n", "''")], ids=["a-twice", "unnamed-twice"])
+@pytest.mark.parametrize(("header", "named"), [(b"a,b,a,b\n", "'a', 'b'"), (b"a,b,a\n", "'a'")])
 def test_repeated_column_names_are_refused_quoting_each_and_nothing_is_stored(
     api: TestClient, org: OrgKeys, settings: Settings, header: bytes, named: str
 ) -> None:
     response = upload(api, org, header + b"1,2" + b",3" * (header.count(b",") - 1) + b"\n")
     assert_refused_storing_nothing(api, org, settings, response, field="file", words=f"more than once: {named}")
+
+
+@pytest.mark.parametrize(
+    ("header", "words"),
+    [(b",x,y\n", "the file's column 1 has no name"), (b"a,,b,\n", "the file's columns 2, 4 have no name")],
+)
+def test_a_column_without_a_name_is_refused_and_nothing_is_stored(
+    api: TestClient, org: OrgKeys, settings: Settings, header: bytes, words: str
+) -> None:
+    """Stored with an empty name, the column could be neither a training's target nor a V2 tensor's name."""
+    response = upload(api, org, header + b"1" + b",2" * header.count(b",") + b"\n")
+    assert_refused_storing_nothing(api, org, settings, response, field="file", words=words)
 
 
 def test_a_form_with_two_file_parts_is_refused_and_nothing_is_stored(

@@ -108,6 +108,13 @@ def test_a_feature_named_twice_or_used_as_target_is_refused() -> None:
         TrainingConfig.model_validate({**SEED_EXAMPLE, "featureColumns": ["failure_indicator"]})
 
 
+def test_a_feature_column_with_an_empty_name_is_refused_naming_its_item() -> None:
+    """No dataset column has an empty name (an upload refuses one), so no feature can be one."""
+    with pytest.raises(ValidationError, match="item 1 is empty") as refused:
+        TrainingConfig.model_validate({**SEED_EXAMPLE, "featureColumns": ["pressure", ""]})
+    assert [error["loc"] for error in refused.value.errors()] == [("featureColumns",)]
+
+
 def test_the_options_beyond_the_seed_map_to_lightgbm_names() -> None:
     hyperparameters = Hyperparameters.model_validate(
         {"earlyStoppingRounds": 20, "scalePosWeight": 25.0, "lambdaL1": 0.5, "lambdaL2": 1.0, "seed": 7}
