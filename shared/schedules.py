@@ -51,8 +51,10 @@ _FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
 
 def check_pattern(pattern: str) -> str:
     """The pattern as croniter is to read it, or ScheduleError saying why it cannot be scheduled."""
-    if len(pattern.split()) != 5 or not croniter.is_valid(pattern):
+    if len(pattern.split()) != len(_FIELDS):
         raise ScheduleError(f"pattern {pattern!r} is not a 5-field cron pattern such as '0 2 * * 0'")
+    if not croniter.is_valid(pattern):
+        raise ScheduleError(f"pattern {pattern!r}: {_what_is_wrong(pattern)}")
     read = " ".join(
         ",".join(_cron_atom(pattern, atom, spec) for atom in field.split(","))
         for field, spec in zip(pattern.split(), _FIELDS, strict=True)
@@ -60,6 +62,27 @@ def check_pattern(pattern: str) -> str:
     if not _ever_fires(read):
         raise ScheduleError(f"pattern {pattern!r} never fires: no date has that day in that month")
     return read
+
+
+def _what_is_wrong(pattern: str) -> str:
+    """Why croniter refuses a pattern of 5 fields: of the first field it refuses alone (the others `*`), a value
+    outside the field's range, or else the field as written. "Not a 5-field pattern" sent users counting fields
+    that were all there."""
+    fields = pattern.split()
+    for index, (text, field) in enumerate(zip(fields, _FIELDS, strict=True)):
+        alone = " ".join(text if position == index else "*" for position in range(len(fields)))
+        if not croniter.is_valid(alone):
+            return _field_problem(text, field)
+    return "it is not a cron pattern such as '0 2 * * 0'"
+
+
+def _field_problem(text: str, field: tuple[str, int, int, dict[str, int]]) -> str:
+    name, lowest, highest, _names = field
+    for atom in text.split(","):
+        for end in atom.partition("/")[0].split("-"):  # a step's size is no value of the field
+            if end.isdigit() and not lowest <= int(end) <= highest:
+                return f"{name} {int(end)} is outside {lowest}-{highest}"
+    return f"{name} {text!r} is not a value, range or step within {lowest}-{highest}"
 
 
 def _cron_atom(pattern: str, atom: str, field: tuple[str, int, int, dict[str, int]]) -> str:

@@ -80,6 +80,20 @@ def test_a_random_pattern_is_refused_and_not_stored(
     assert api.get(url, headers=org.viewer).status_code == 404
 
 
+def test_a_pattern_with_a_value_outside_its_field_is_refused_naming_the_field_and_not_stored(
+    api: TestClient, org: OrgKeys, dataset_id: str
+) -> None:
+    """It was called "not a 5-field cron pattern", which sent users counting five fields that were there."""
+    response = put_training_schedule(api, org, dataset_id, pattern="61 * * * *")
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "pattern"
+    assert response.json()["error"] == "pattern '61 * * * *': minute 61 is outside 0-59"
+    assert api.get(f"/v1/orgs/{org.org_id}/schedule", headers=org.viewer).status_code == 404
+    url = f"/v1/orgs/{org.org_id}/sync-sources/{sync_source(api, org)}/schedule"
+    response = api.put(url, json={"pattern": "0 2-25 * * *"}, headers=org.admin)
+    assert (response.status_code, response.json()["error"]) == (422, "pattern '0 2-25 * * *': hour 25 is outside 0-23")
+
+
 def test_a_pattern_that_fires_only_in_leap_years_is_kept(api: TestClient, org: OrgKeys, dataset_id: str) -> None:
     response = put_training_schedule(api, org, dataset_id, pattern="0 0 29 2 *")
     assert response.status_code == 200, response.text

@@ -82,11 +82,30 @@ def test_the_weekly_schedule_on_the_fall_back_sunday_fires_once() -> None:
 
 @pytest.mark.parametrize(
     ("pattern", "timezone", "words"),
-    [("0 2 * *", "UTC", "5-field"), ("61 2 * * *", "UTC", "5-field"), ("0 2 * * 0", "Mars/Olympus", "IANA")],
+    [("0 2 * *", "UTC", "5-field"), ("61 2 * * *", "UTC", "minute 61"), ("0 2 * * 0", "Mars/Olympus", "IANA")],
 )
 def test_bad_patterns_and_zones_are_named(pattern: str, timezone: str, words: str) -> None:
     with pytest.raises(ScheduleError, match=words):
         next_fire_times(pattern, timezone, after=utc(2026, 1, 1))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "words"),
+    [
+        ("61 * * * *", "pattern '61 * * * *': minute 61 is outside 0-59"),
+        ("0 2-25/2 * * *", "pattern '0 2-25/2 * * *': hour 25 is outside 0-23"),
+        ("0 0 0 * *", "pattern '0 0 0 * *': day-of-month 0 is outside 1-31"),
+        ("0 0 * 1,13 *", "pattern '0 0 * 1,13 *': month 13 is outside 1-12"),
+        ("0 0 * * 8", "pattern '0 0 * * 8': day-of-week 8 is outside 0-7"),
+        ("29-L * * * *", "pattern '29-L * * * *': minute '29-L' is not a value, range or step within 0-59"),
+        ("*/0 * * * *", "pattern '*/0 * * * *': minute '*/0' is not a value, range or step within 0-59"),
+    ],
+)
+def test_a_5_field_pattern_with_a_value_cron_refuses_is_refused_naming_its_field(pattern: str, words: str) -> None:
+    """ "Not a 5-field cron pattern" sent users counting fields that were all there."""
+    with pytest.raises(InvalidInput) as refused:
+        check_schedule(pattern, "UTC")
+    assert (str(refused.value), refused.value.field) == (words, "pattern")
 
 
 @pytest.mark.parametrize("pattern", ["0 0 31 2 *", "0 0 30 2 *", "15 3 31 4,6,9,11 *"])
