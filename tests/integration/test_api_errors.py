@@ -331,3 +331,16 @@ def test_colons_and_escapes_in_a_json_bodys_strings_are_no_repeated_keys(api: Te
     response = api.post("/v1/orgs", content=text, headers={**ADMIN, "content-type": "application/json"})
     assert response.status_code == 201, response.text
     assert response.json()["name"] == "Plant 2: line : 4"
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", "application/json", None])
+def test_a_body_to_the_uploads_route_that_is_no_form_is_refused_as_no_file_unread_whatever_its_size(
+    api: TestClient, org: OrgKeys, content_type: str | None
+) -> None:
+    """Only a form is parsed on the uploads route: any other body is never read, so it meets no size bound (no 413
+    even past 1 MB), and the form it is not has no file."""
+    headers = org.trainer if content_type is None else {**org.trainer, "content-type": content_type}
+    body = b"a" * (2 * 1024 * 1024)
+    response = api.post(f"/v1/orgs/{org.org_id}/datasets", content=body, headers=headers)
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "file" and response.json()["error"] == "file is required"
