@@ -95,11 +95,22 @@ def _open(url: URL, timeout_s: float) -> Engine:
     return make_org_engine(url, timeout_s=timeout_s)
 
 
+# What a server that answered says when it refuses the login itself (libpq hands on its words after "FATAL:"): a
+# password, role or database that is wrong. Anything else, a server starting up or out of connections included, is
+# taken for an outage.
+_LOGIN_REFUSED = ("password authentication failed", "does not exist", "no pg_hba.conf entry")
+
+
 def _connect(engine: Engine, *, where: str) -> Connection:
+    """A connection, or TransientError for a source out of reach; a login the server refuses is the datasource's to
+    put right, not retried (each attempt of a run would try it again, and might lock the account)."""
     try:
         return engine.connect()
     except OperationalError as error:
-        raise TransientError(f"the data source {where} is unreachable: {_first_line(error)}") from error
+        said = _first_line(error)
+        if "FATAL:" in said and any(words in said for words in _LOGIN_REFUSED):
+            raise InvalidInput(f"the data source {where} refuses the login: {said}", field="datasource") from None
+        raise TransientError(f"the data source {where} is unreachable: {said}") from error
 
 
 class _Located(NamedTuple):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import Column, DateTime, Float, Integer, MetaData, String, Table, create_engine, insert, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from services.trainer import extract
 from services.trainer.extract import extract_database
@@ -20,7 +20,7 @@ from services.trainer.runs import DatabaseSource
 from shared.db.migrate import upgrade
 from shared.errors import InvalidInput, TransientError
 from shared.store_access import KILN_TABLES, StoreRules
-from tests.support.servers import free_port, fresh_postgres_database
+from tests.support.servers import free_port, fresh_postgres_database, password_checking_postgres
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
 COLUMN_MAP = {"TT_101": "temperature", "PT_7": "pressure"}
@@ -178,6 +178,39 @@ def test_an_unreachable_database_is_a_transient_error(tmp_path: Path) -> None:
             rules=rules(tmp_path),
         )
     assert "secret" not in str(raised.value)
+
+
+def test_a_login_the_server_refuses_fails_naming_the_datasource_and_is_not_retried(tmp_path: Path) -> None:
+    """A wrong password, role or database was taken for an outage: retried twice, three logins a run."""
+    with password_checking_postgres() as url:
+        refusals = [
+            _refusal(make_url(url).set(password="not-the-password"), tmp_path),
+            _refusal(make_url(url).set(database="no_such_database"), tmp_path),
+        ]
+    trusting = make_url("postgresql+psycopg2://no_such_role@127.0.0.1:5432/postgres")  # names a missing role
+    refusals.append(_refusal(trusting, tmp_path))
+
+    assert [refusal.field for refusal in refusals] == ["datasource"] * 3
+    messages = [refusal.message for refusal in refusals]
+    assert 'password authentication failed for user "postgres"' in messages[0]
+    assert 'database "no_such_database" does not exist' in messages[1]
+    assert 'role "no_such_role" does not exist' in messages[2]
+    assert all(" refuses the login: " in message and "not-the-password" not in message for message in messages)
+
+
+def _refusal(url: URL, tmp_path: Path) -> InvalidInput:
+    password = url.password
+    with pytest.raises(InvalidInput) as raised:
+        extract_database(
+            source(url.set(password=None).render_as_string(), table="readings"),
+            str(password) if password else None,
+            columns=["temperature"],
+            start=None,
+            end=None,
+            target=tmp_path / "out.parquet",
+            rules=rules(tmp_path),
+        )
+    return raised.value
 
 
 def read_all(url: str, tmp_path: Path, store_rules: StoreRules, table: str = "readings") -> int:
