@@ -54,7 +54,9 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def sweep(self, consumer: Any) -> None:
         try:
-            handed_back = reap_expired(self.sessions, max_attempts=self.max_attempts)
+            handed_back = reap_expired(
+                self.sessions, max_attempts=self.max_attempts, retry_backoff_s=self.settings.run_retry_backoff_s
+            )
             if handed_back:
                 log.warning("handing back %d run(s) whose worker was lost", len(handed_back))
             woken = wake_all_waiting(self.sessions)

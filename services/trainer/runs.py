@@ -482,10 +482,11 @@ def forget_candidate(session: Session, prefix: str) -> None:
     session.execute(delete(CandidateFolder).where(CandidateFolder.prefix == prefix))
 
 
-def reap_expired(sessions: SessionFactory, *, max_attempts: int) -> list[int]:
+def reap_expired(sessions: SessionFactory, *, max_attempts: int, retry_backoff_s: float) -> list[int]:
     """Runs whose worker stopped renewing its lease: back to the queue (returns the outbox message ids), failed
     once out of attempts, or cancelled when a cancel was asked for. Queued runs asked to cancel, which no worker
-    would claim, end cancelled too."""
+    would claim, end cancelled too. A run queued again waits the backoff of any other retry: a script that takes
+    its worker down (out of memory, say) would otherwise spend its attempts back to back."""
     messages = []
     with session_scope(sessions) as session:
         expired = session.scalars(
@@ -494,9 +495,10 @@ def reap_expired(sessions: SessionFactory, *, max_attempts: int) -> list[int]:
             .with_for_update(skip_locked=True)
         ).all()
         for run in expired:
-            status = _hand_back(session, run, max_attempts)
+            status = _hand_back(session, run, max_attempts, retry_backoff_s)
             if status == "queued":
-                messages.append(message_for(session, run.id, run.org_id).id)
+                backoff = timedelta(seconds=retry_backoff(retry_backoff_s, run.attempts))
+                messages.append(message_for(session, run.id, run.org_id, send_after=backoff).id)
         _cancel_stranded(session)
     return messages
 
@@ -540,14 +542,19 @@ def requeue_lost(sessions: SessionFactory, *, after: timedelta) -> list[int]:
     return messages
 
 
-def _hand_back(session: Session, run: TrainingRun, max_attempts: int) -> str | None:
+def retry_backoff(first_s: float, attempt: int) -> float:
+    """How long a run waits before the attempt after `attempt`: `first_s`, doubled for each attempt since the first."""
+    return first_s * 2.0 ** (attempt - 1)
+
+
+def _hand_back(session: Session, run: TrainingRun, max_attempts: int, retry_backoff_s: float) -> str | None:
     """End a lost attempt: queued again, failed, or cancelled; None when the run is no longer that attempt's.
 
     A cancel may land between the read above and this write (SQLite has no row lock to keep it out): the update
     lands only on the cancel flag it was decided on, and is decided again when the flag changed."""
     cancel = run.cancel_requested
     while True:
-        status, reason = _after_lost_worker(run, max_attempts, cancel=cancel)
+        status, reason = _after_lost_worker(run, max_attempts, retry_backoff_s, cancel=cancel)
         taken = session.execute(
             update(TrainingRun)
             .where(
@@ -599,13 +606,13 @@ def _waited_as_long_again(run: TrainingRun, *, now: datetime, after: timedelta) 
     return now - last >= max(after, last - run.created_at)
 
 
-def _after_lost_worker(run: TrainingRun, max_attempts: int, *, cancel: bool) -> tuple[str, str]:
+def _after_lost_worker(run: TrainingRun, max_attempts: int, retry_backoff_s: float, *, cancel: bool) -> tuple[str, str]:
     lost = f"attempt {run.attempts} stopped renewing its lease (worker {run.worker} lost, or cut off from the database)"
     if cancel:
         return "cancelled", f"cancelled; {lost}"
     if run.attempts >= max_attempts:
         return "failed", gave_up(lost, run.attempts)
-    return "queued", lost
+    return "queued", f"{lost}; retrying in {retry_backoff(retry_backoff_s, run.attempts):g} s"
 
 
 def _cancel_stranded(session: Session) -> None:

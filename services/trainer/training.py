@@ -149,7 +149,7 @@ def _retry_or_fail(attempt: Attempt, context: WorkerContext, reason: str) -> str
     settings = context.settings
     if attempt.number >= settings.run_max_attempts:
         return runs.finish(context.sessions, attempt, "failed", gave_up(reason, attempt.number))
-    backoff = settings.run_retry_backoff_s * 2 ** (attempt.number - 1)
+    backoff = runs.retry_backoff(settings.run_retry_backoff_s, attempt.number)
     try:
         runs.requeue(context.sessions, attempt, f"attempt {attempt.number}: {reason}", countdown_s=backoff)
     except Cancelled:

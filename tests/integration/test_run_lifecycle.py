@@ -80,7 +80,7 @@ def test_an_attempt_whose_lease_was_taken_over_can_write_nothing(
     stale = runs.claim_run(sessions, run_id, worker="w1", lease_s=30)
     assert stale is not None
     expire_lease(sessions, run_id)
-    assert runs.reap_expired(sessions, max_attempts=3)
+    assert runs.reap_expired(sessions, max_attempts=3, retry_backoff_s=0)
     fresh = runs.claim_run(sessions, run_id, worker="w2", lease_s=30)
     assert fresh is not None and fresh.token == stale.token + 1 and fresh.number == 2
     for write in (
@@ -91,6 +91,25 @@ def test_an_attempt_whose_lease_was_taken_over_can_write_nothing(
         with pytest.raises(runs.LeaseLost):
             write()
     assert run_of(api, org, run_id)["status"] == "running"
+
+
+def test_a_run_whose_worker_was_lost_is_queued_again_after_the_retry_backoff(
+    api: TestClient, org: OrgKeys, sessions: SessionFactory, run_id: str
+) -> None:
+    """Its message went out at once, each time: a script that took its worker down spent its attempts back to back."""
+    delays = []
+    for attempt in (1, 2):
+        assert runs.claim_run(sessions, run_id, worker=f"w{attempt}", lease_s=30) is not None
+        expire_lease(sessions, run_id)
+        (message_id,) = runs.reap_expired(sessions, max_attempts=3, retry_backoff_s=5)
+        with session_scope(sessions) as session:
+            message = session.get_one(OutboxMessage, message_id)
+            assert message.next_send_at is not None
+            delays.append((message.next_send_at - utcnow()).total_seconds())
+
+    assert 4 < delays[0] <= 5 and 9 < delays[1] <= 10
+    run = run_of(api, org, run_id)
+    assert run["status"] == "queued" and run["error"].endswith("; retrying in 10 s")
 
 
 def test_a_claim_whose_run_was_taken_over_before_it_read_its_attempt_keeps_its_own_token(
@@ -105,7 +124,7 @@ def test_a_claim_whose_run_was_taken_over_before_it_read_its_attempt_keeps_its_o
     def taken_over_before_the_read_back(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         if statement.startswith("SELECT training_runs") and not taken_over and claimed_once():
             expire_lease(sessions, run_id)
-            assert runs.reap_expired(sessions, max_attempts=3)
+            assert runs.reap_expired(sessions, max_attempts=3, retry_backoff_s=0)
             taken_over.append(runs.claim_run(sessions, run_id, worker="w2", lease_s=30))
 
     def claimed_once() -> bool:
@@ -149,7 +168,7 @@ def test_an_attempt_whose_lease_ran_out_cannot_renew_it_once_its_slot_went_to_an
     with sessions() as session:
         assert runs.running_count(session, org.org_id) == 1
     assert run_of(api, org, first)["progress"] == {"stage": "starting", "percent": 0}
-    assert len(runs.reap_expired(sessions, max_attempts=3)) == 1
+    assert len(runs.reap_expired(sessions, max_attempts=3, retry_backoff_s=0)) == 1
     assert [run_of(api, org, run_id)["status"] for run_id in (first, second)] == ["queued", "running"]
     queue = api.get(f"/v1/orgs/{org.org_id}/queue", headers=org.viewer).json()
     assert (queue["running"], queue["maxConcurrentTrainings"]) == (1, 1)
@@ -220,19 +239,19 @@ def test_a_lost_worker_hands_the_run_back_until_the_attempts_run_out(
     for attempt in (1, 2):
         assert runs.claim_run(sessions, run_id, worker=f"w{attempt}", lease_s=30) is not None
         expire_lease(sessions, run_id)
-        assert len(runs.reap_expired(sessions, max_attempts=3)) == 1
+        assert len(runs.reap_expired(sessions, max_attempts=3, retry_backoff_s=0)) == 1
         run = run_of(api, org, run_id)
         assert run["status"] == "queued" and f"attempt {attempt} stopped renewing" in run["error"]
     assert runs.claim_run(sessions, run_id, worker="w3", lease_s=30) is not None
     expire_lease(sessions, run_id)
-    assert runs.reap_expired(sessions, max_attempts=3) == []
+    assert runs.reap_expired(sessions, max_attempts=3, retry_backoff_s=0) == []
     run = run_of(api, org, run_id)
     assert run["status"] == "failed" and run["attempts"] == 3 and "gave up after 3 attempts" in run["error"]
 
 
 def test_a_live_lease_is_not_reaped(sessions: SessionFactory, run_id: str) -> None:
     assert runs.claim_run(sessions, run_id, worker="w1", lease_s=30) is not None
-    assert runs.reap_expired(sessions, max_attempts=3) == []
+    assert runs.reap_expired(sessions, max_attempts=3, retry_backoff_s=0) == []
 
 
 def test_cancelling_a_queued_run_means_it_never_starts(
@@ -290,7 +309,7 @@ def test_a_dead_workers_run_that_was_asked_to_cancel_ends_cancelled(
     assert runs.claim_run(sessions, run_id, worker="w1", lease_s=30) is not None
     api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer)
     expire_lease(sessions, run_id)
-    assert runs.reap_expired(sessions, max_attempts=3) == []
+    assert runs.reap_expired(sessions, max_attempts=3, retry_backoff_s=0) == []
     assert run_of(api, org, run_id)["status"] == "cancelled"
 
 
@@ -306,7 +325,7 @@ def test_a_queued_run_left_flagged_to_cancel_ends_cancelled_when_claimed_or_swep
     with session_scope(sessions) as session:
         session.execute(update(TrainingRun).where(TrainingRun.id.in_([claimed, swept])).values(cancel_requested=True))
     assert runs.claim_run(sessions, claimed, worker="w1", lease_s=30) is None
-    assert runs.reap_expired(sessions, max_attempts=3) == []
+    assert runs.reap_expired(sessions, max_attempts=3, retry_backoff_s=0) == []
     for run_id in (claimed, swept):
         assert run_of(api, org, run_id)["status"] == "cancelled"
         lines = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json()
@@ -442,7 +461,7 @@ def test_a_cancel_that_lands_while_the_sweep_hands_the_run_back_ends_the_run_can
                     assert time.monotonic() < deadline, "the cancel neither ended nor waited for the row"
                     time.sleep(0.01)
 
-        runs.reap_expired(sweeper, max_attempts=3)
+        runs.reap_expired(sweeper, max_attempts=3, retry_backoff_s=0)
         cancelling.join(timeout=10)
         assert answers and answers[0] in ("running", "cancelled")  # POST .../cancel answers 202
         assert runs.claim_run(api, run_id, worker="w2", lease_s=30) is None

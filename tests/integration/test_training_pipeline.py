@@ -768,7 +768,7 @@ def test_a_worker_that_stalled_past_its_lease_kills_its_script_and_registers_not
         with pytest.raises(ProcessLookupError):
             os.killpg(script_pid, signal.SIG_DFL)
         assert api.get(f"/v1/orgs/{org.org_id}/models", headers=org.viewer).json() == []
-        assert runs.reap_expired(script_worker.sessions, max_attempts=3)
+        assert runs.reap_expired(script_worker.sessions, max_attempts=3, retry_backoff_s=0)
         assert run_of(api, org, run_id)["status"] == "queued"
     finally:
         if worker.is_alive():  # the attempt went on: stop it, so the test ends

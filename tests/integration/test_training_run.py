@@ -182,7 +182,7 @@ def test_an_attempt_whose_lease_ran_out_before_it_registered_leaves_no_version_a
     assert open_object_store(settings).list(f"orgs/{org.org_id}/models/") == []
     lines = api.get(f"/v1/orgs/{org.org_id}/trainings/{run_id}/logs", headers=org.viewer).json()
     assert not any("registered" in line["message"] for line in lines)
-    assert runs.reap_expired(worker.sessions, max_attempts=3)
+    assert runs.reap_expired(worker.sessions, max_attempts=3, retry_backoff_s=0)
     run = run_of(api, org, run_id)
     assert (run["status"], run["version"]) == ("queued", None) and "attempt 1 stopped renewing" in run["error"]
 
