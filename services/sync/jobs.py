@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -160,7 +161,7 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch, *, last_try
     except Exception as error:
         # Anything else would fail again on the same batch: the job ends, and says why, rather than stay running.
         reason = failure_reason(error)
-        log.exception("sync job %s failed: %s", job_id, reason)
+        log.error("sync job %s failed: %s\n%s", job_id, reason, traceback_of(error))
         return _finish(context, job_id, FAILED, reason)
     finally:
         local.dispose()
@@ -215,6 +216,22 @@ def failure_reason(error: Exception) -> str:
     if isinstance(error, DBAPIError) and isinstance(error.orig, Exception):
         error = error.orig  # the driver's words, without SQLAlchemy's wrapping and the statement
     return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def traceback_of(error: BaseException) -> str:
+    """`error`'s traceback, causes first, each exception of the chain by its first line: the rest of a driver's
+    message (PostgreSQL's DETAIL line) quotes the values of the row it refused, sensitive ones in plain text."""
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and link not in chain:
+        chain.insert(0, link)
+        link = link.__cause__ or (None if link.__suppress_context__ else link.__context__)
+    return "\nThe above exception led to the following one:\n\n".join(_frames_of(each) for each in chain)
+
+
+def _frames_of(error: BaseException) -> str:
+    frames = "".join(traceback.format_tb(error.__traceback__))
+    return f"Traceback (most recent call last):\n{frames}{type(error).__name__}: {_first_line(error)}\n"
 
 
 def _source_id(context: SyncContext, job_id: str) -> str | None:
@@ -483,5 +500,5 @@ def _status(context: SyncContext, job_id: str) -> str:
         return job.status if job is not None else "missing"
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -27,7 +27,7 @@ from services.sync.changes import CENTRAL_LOG, LOCAL_LOG, begin_applying, end_ap
 from services.sync.conflicts import locked_held_conflicts
 from services.sync.context import SyncContext
 from services.sync.hlc import Stamp
-from services.sync.jobs import failure_reason
+from services.sync.jobs import failure_reason, traceback_of
 from services.sync.store_marks import check_same_store
 from services.sync.stores import STAMP, delete, key_text, key_value, open_local, reflect
 from services.sync.watermarks import UP
@@ -77,7 +77,7 @@ def _on_its_own(
         return purge()
     except Exception as error:
         reason = failure_reason(error)
-        log.exception("retention purge of %s (org %s) failed: %s", target, org_id, reason)
+        log.error("retention purge of %s (org %s) failed: %s\n%s", target, org_id, reason, traceback_of(error))
         with session_scope(context.sessions) as session:
             record_change(
                 session,

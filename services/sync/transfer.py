@@ -537,7 +537,7 @@ def _settle_refusals(
             pair.spec.name,
             key,
             "update" if key in originals else "insert",
-            refusal.orig,
+            _reason(refusal),
         )
     settled = _Refusals(inserts={key: records[key] for key in refusals if key not in originals})
     updated = [key for key in refusals if key in originals]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -485,6 +486,45 @@ def test_a_down_only_table_holds_a_refused_central_edit_with_postgresqls_reason_
         "_kiln_refusal": 'new row for relation "notes" violates check constraint "notes_n_check"',
     }
     assert LOCAL_ONLY not in central_copies(sync)
+
+
+def test_a_central_edit_a_postgresql_local_store_refuses_is_logged_without_the_row_its_detail_quotes(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL's DETAIL line quotes the row it refused, its sensitive values opened: the log keeps the rest."""
+    checked = READINGS.replace("double precision", "double precision CHECK (value < 50)")
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", checked, TWO_READINGS)
+    assert sync.run()["status"] == "succeeded"
+    sync.central(f"UPDATE {sync.central_table} SET value = 99 WHERE id = 1")
+
+    with caplog.at_level(logging.WARNING):
+        job = sync.run()
+
+    assert (job["status"], job["conflicts"]) == ("succeeded", 1), job
+    [logged] = [record.getMessage() for record in caplog.records if "refuses the central" in record.getMessage()]
+    assert logged.endswith('violates check constraint "readings_value_check"'), logged
+    assert "Ada Lovelace" not in logged
+
+
+def test_a_job_a_postgresql_local_store_fails_logs_its_traceback_without_the_row_its_detail_quotes(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    sync = open_postgres_sync(sync_api, sync_context, org_id, local_url, "last-writer-wins", READINGS, TWO_READINGS)
+    assert sync.run()["status"] == "succeeded"
+    run_sql(
+        local_url,
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "RAISE EXCEPTION 'readings are kept as read' USING DETAIL = 'patient ' || OLD.patient; END $$",
+    )
+    run_sql(local_url, "CREATE TRIGGER refuse BEFORE UPDATE ON readings FOR EACH ROW EXECUTE FUNCTION refuse()")
+    sync.central(f"UPDATE {sync.central_table} SET value = 9 WHERE id = 1")
+
+    with caplog.at_level(logging.ERROR):
+        job = sync.run()
+
+    assert (job["status"], error_of(job)) == ("failed", "table 'readings': RaiseException: readings are kept as read")
+    assert "Traceback" in caplog.text and "RaiseException: readings are kept as read" in caplog.text
+    assert "Ada Lovelace" not in caplog.text, caplog.text
 
 
 def test_enum_and_domain_columns_sync_as_text_and_their_base_type_and_no_type_is_made_centrally(
