@@ -144,14 +144,14 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch, *, last_try
     source, attempt = started
     try:
         local = open_local(source.url, context.source_password(source), context.store_rules(source.org_id))
+    except TransientError as error:  # the server's name does not resolve now, checked against KILN_STORE_NETWORKS
+        return _retry_unreachable(context, job_id, attempt, error.message, last_try=last_try, error=error)
     except Exception as error:  # refused by the rules, a password under a key not configured, a driver not installed
         return _finish(context, job_id, FAILED, failure_reason(error))
     try:
         _sync_tables(context, local, source, job_id, after_batch)
     except OperationalError as error:
-        said = _first_line(error)
-        retrying, failing = f"a store was unreachable, retrying: {said}", f"a store was unreachable: {said}"
-        return _retry_or_fail(context, job_id, attempt, retrying, failing, last_try=last_try, error=error)
+        return _retry_unreachable(context, job_id, attempt, _first_line(error), last_try=last_try, error=error)
     except WatermarkMoved as error:  # another job's batch was let in beside this one's: nothing is lost, it retries
         return _retry_or_fail(context, job_id, attempt, error.message, error.message, last_try=last_try, error=error)
     except KeptOnPremises as refusal:
@@ -166,6 +166,14 @@ def _run(context: SyncContext, job_id: str, after_batch: AfterBatch, *, last_try
     finally:
         local.dispose()
     return _finish(context, job_id, SUCCEEDED, None)
+
+
+def _retry_unreachable(
+    context: SyncContext, job_id: str, attempt: int, said: str, *, last_try: bool, error: Exception
+) -> str:
+    """A store out of reach, as `said`: the job is retried, unless this was its last attempt."""
+    retrying, failing = f"a store was unreachable, retrying: {said}", f"a store was unreachable: {said}"
+    return _retry_or_fail(context, job_id, attempt, retrying, failing, last_try=last_try, error=error)
 
 
 def _retry_or_fail(

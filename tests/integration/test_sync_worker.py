@@ -239,6 +239,33 @@ def test_a_job_whose_worker_died_fails_when_its_redelivered_last_try_fails(
     assert error_of(job).endswith("; gave up after 4 attempts")
 
 
+@pytest.fixture
+def plants_only_task_here(central_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The worker's task, run in this process, with KILN_STORE_NETWORKS set: a store's name is resolved first."""
+    context = SyncContext.open(central_settings.model_copy(update={"store_networks": "10.20.0.0/16"}))
+    monkeypatch.setattr(tasks, "worker_context", lambda: context)
+    yield
+    context.close()
+
+
+def test_a_job_whose_stores_name_does_not_resolve_is_retried_as_a_store_out_of_reach(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, plants_only_task_here: None
+) -> None:
+    """A DNS outage is over once the resolver answers again: it must not fail the job on its first attempt."""
+    org = create_org_with_keys(sync_api, org_id)
+    unresolved = "postgresql+psycopg2://plant@records-db.invalid:5432/records"  # `.invalid` never resolves
+    source_id = register(sync_api, org, unresolved, "last-writer-wins")
+    sync = Sync(sync_api, sync_context, org, unresolved, source_id, sync_context.settings.resolved_database_url)
+    job_id = sync.submit()
+
+    outcome = tasks.sync.apply(args=[job_id, org_id])
+
+    job = sync.job(job_id)
+    assert (job["status"], job["attempts"], outcome.result) == ("failed", MAX_ATTEMPTS, "failed")
+    assert all(error["error"].startswith("a store was unreachable, retrying: ") for error in job["errors"][:-1])
+    assert error_of(job).startswith("a store was unreachable: the database server records-db.invalid does not ")
+
+
 def test_a_job_whose_worker_died_in_its_last_attempt_fails_when_its_message_comes_again(
     unreachable_store: Sync, sync_task_here: None
 ) -> None:
