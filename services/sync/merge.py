@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from uuid import UUID
@@ -86,10 +86,12 @@ def last_writer_wins(*, local: Version, central: Version) -> Resolution:
 
 
 def as_json(value: Any) -> Any:
-    """A value as a conflict record, an audit row or a base keeps it (JSON): times, decimals and UUIDs as text,
-    durations (PostgreSQL's interval) as `P<days>DT<seconds>.<microseconds>S`, bytes as base64, and the floats JSON
-    has no number for as their names. Fields are compared in this form, so that a field read back from its base
-    compares equal to the value it was saved from. A PostgreSQL array's items, each so."""
+    """A value as a conflict record, an audit row or a base keeps it (JSON): times, decimals and UUIDs as text (a
+    time with a zone at UTC, whatever TimeZone the server that read it shows times in), durations (PostgreSQL's
+    interval) as `P<days>DT<seconds>.<microseconds>S`, bytes as base64, and the floats JSON has no number for as
+    their names. Fields are compared in this form, so that a field read back from its base compares equal to the
+    value it was saved from, and one instant read from two servers compares equal. A PostgreSQL array's items, each
+    so."""
     if isinstance(value, list):
         return [as_json(item) for item in value]
     if isinstance(value, Decimal | UUID):
@@ -100,6 +102,8 @@ def as_json(value: Any) -> Any:
         return base64.b64encode(value).decode()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # "inf", "-inf", "nan": float() reads them back
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).isoformat()
     return value.isoformat() if isinstance(value, date | time) else value
 
 

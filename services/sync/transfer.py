@@ -640,12 +640,14 @@ def _central_row(pair: TablePair, version: Version, existing: dict[str, Any] | N
 
 
 def _base(session: Session, pair: TablePair, key: str) -> dict[str, Any] | None:
-    """The record as both sides last agreed on it, in the JSON form merge_fields compares in: its sealed columns
-    open as their types, which as_json turns back to text like every other field of the base."""
+    """The record as both sides last agreed on it, in the JSON form merge_fields compares in: its fields read back
+    as their types, sealed ones opened, which as_json turns back to text. A base kept before as_json wrote times at
+    UTC has them at the offset of the server that read them: so written again, they compare as the instants they
+    are."""
     if pair.spec.policy != "field-merge":
         return None
     row = session.get(SyncBase, (pair.source_id, pair.spec.name, key))
-    return jsonable(pair.plain(row.row)) if row is not None else None
+    return jsonable(pair.plain(from_json(pair.central_table, row.row))) if row is not None else None
 
 
 def _keeps_bases(pair: TablePair) -> bool:

@@ -14,6 +14,7 @@ from uuid import UUID
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from services.sync import deletions, jobs
@@ -123,6 +124,70 @@ def test_field_merge_compares_timestamp_and_numeric_fields_with_their_base(
     assert sync.central(f"SELECT dose, note FROM {sync.central_table}") == [(Decimal("2.25"), "checked")]
     [conflict] = sync.conflicts()
     assert (conflict["outcome"], datetime.fromisoformat(conflict["localVersion"]["taken"]).year) == ("merged", 2026)
+
+
+@pytest.fixture
+def tokyo_local_url(local_url: str) -> str:
+    """The local store, on a server that reads times in Tokyo's zone (the central one reads them at UTC)."""
+    run_sql(local_url, f"ALTER DATABASE \"{make_url(local_url).database}\" SET timezone TO 'Asia/Tokyo'")
+    return local_url
+
+
+def a_field_merged_reading(sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str) -> Sync:
+    """A reading synced both ways, its base saved from the central record that came down."""
+    sync = open_postgres_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        local_url,
+        "field-merge",
+        "CREATE TABLE readings (id text PRIMARY KEY, taken timestamptz, dose numeric(6, 2), note text, patient text)",
+        "INSERT INTO readings VALUES ('r-1', '2026-01-02T03:04:05Z', 1.50, 'first', 'Ada Lovelace')",
+    )
+    sync.run()
+    sync.central(f"UPDATE {sync.central_table} SET note = 'central' WHERE id = 'r-1'")
+    assert sync.run()["pulled"] == 1
+    return sync
+
+
+def edit_both_sides_and_sync(sync: Sync) -> None:
+    """The central side changes the time, the local one the dose, later."""
+    sync.central(f"UPDATE {sync.central_table} SET taken = '2030-05-05T05:05:05Z' WHERE id = 'r-1'")
+    sync.local("UPDATE readings SET dose = 9.99 WHERE id = 'r-1'")
+    sync.run()
+    sync.run()
+
+
+def test_field_merge_keeps_a_central_time_edit_when_the_local_server_reads_times_in_another_zone(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tokyo_local_url: str
+) -> None:
+    """The local time, unchanged, reads 12:04:05+09:00 where its base says 03:04:05+00:00: the same instant."""
+    sync = a_field_merged_reading(sync_api, sync_context, org_id, tokyo_local_url)
+
+    edit_both_sides_and_sync(sync)
+
+    expected = [(datetime.fromisoformat("2030-05-05T05:05:05+00:00"), Decimal("9.99"), "central")]
+    assert sync.local("SELECT taken, dose, note FROM readings") == expected
+    assert sync.central(f"SELECT taken, dose, note FROM {sync.central_table}") == expected
+    [conflict] = sync.conflicts()
+    assert conflict["outcome"] == "merged", conflict
+
+
+def test_field_merge_compares_a_base_kept_with_another_zones_offset_as_the_instant_it_names(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tokyo_local_url: str
+) -> None:
+    """Bases saved before times were kept at UTC have them at the offset of the server that read them."""
+    sync = a_field_merged_reading(sync_api, sync_context, org_id, tokyo_local_url)
+    sync.central(
+        "UPDATE sync_bases SET row = jsonb_set(row, '{taken}', '\"2026-01-02T12:04:05+09:00\"') WHERE source_id = :s",
+        {"s": sync.source_id},
+    )
+
+    edit_both_sides_and_sync(sync)
+
+    expected = [(datetime.fromisoformat("2030-05-05T05:05:05+00:00"), Decimal("9.99"), "central")]
+    assert sync.local("SELECT taken, dose, note FROM readings") == expected
+    assert sync.central(f"SELECT taken, dose, note FROM {sync.central_table}") == expected
 
 
 @pytest.mark.parametrize("policy", ["last-writer-wins", "field-merge"])
