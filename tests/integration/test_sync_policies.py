@@ -351,6 +351,36 @@ def test_manual_holds_the_conflict_for_review_until_someone_decides(
     assert again.status_code == 409
 
 
+def test_the_review_queue_pages_back_by_id_through_every_open_conflict_newest_first(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    """It showed the newest 500 and no more: a page holds `limit` conflicts, and `before` a page's last id reads on."""
+    sync = open_sync(sync_api, sync_context, org_id, tmp_path, "manual", rows=many_readings(5))
+    sync.run()
+    sync.local("UPDATE readings SET value = value + 1000")
+    time.sleep(0.05)
+    sync.central(f"UPDATE {sync.central_table} SET value = value + 2000")
+    sync.run()
+    newest_first = [conflict["conflictId"] for conflict in sync.conflicts("open")]
+    choose(sync, newest_first[0], "local")  # chosen: out of the queue
+
+    def open_page(**query: int) -> list[int]:
+        response = sync_api.get(
+            f"/v1/orgs/{org_id}/conflicts", params={"status": "open", **query}, headers=sync.org.viewer
+        )
+        assert response.status_code == 200, response.text
+        return [conflict["conflictId"] for conflict in response.json()]
+
+    first = open_page(limit=2)
+    second = open_page(limit=2, before=first[-1])
+
+    assert (len(newest_first), first, second) == (5, newest_first[1:3], newest_first[3:5])
+    assert open_page(limit=2, before=second[-1]) == []
+    for refused in ({"limit": 0}, {"limit": 1001}, {"before": 0}):
+        response = sync_api.get(f"/v1/orgs/{org_id}/conflicts", params=refused, headers=sync.org.viewer)
+        assert response.status_code == 422, (refused, response.text)
+
+
 def test_manual_keeping_local_then_editing_it_again_sends_the_edit_up_without_a_new_conflict(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:

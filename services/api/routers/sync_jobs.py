@@ -60,12 +60,18 @@ def list_conflicts(
     access: OrgViewer,
     session: SessionDep,
     state: Annotated[Literal["open", "chosen", "resolved"] | None, Query(alias="status")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_ROW_ID, description="only conflicts older than this id, to page back")
+    ] = None,
 ) -> list[ConflictOut]:
-    """Every conflict met, newest first; `?status=open` is the manual review queue."""
+    """Every conflict met, newest first, a page at a time; `?status=open` is the manual review queue."""
     query = select(SyncConflict).where(SyncConflict.org_id == access.org_id)
     if state is not None:
         query = query.where(SyncConflict.status == state)
-    return [_conflict_out(row) for row in session.scalars(query.order_by(SyncConflict.id.desc()).limit(500))]
+    if before is not None:
+        query = query.where(SyncConflict.id < before)
+    return [_conflict_out(row) for row in session.scalars(query.order_by(SyncConflict.id.desc()).limit(limit))]
 
 
 @router.post("/conflicts/{conflictId}", response_model=ConflictOut)
