@@ -35,6 +35,7 @@ from services.sync.stores import (
     add_new_columns,
     check_central_copy,
     check_key,
+    check_written_down,
     ensure_central_table,
     open_local,
     reflect,
@@ -387,6 +388,7 @@ def open_pair(
         central_dialect = context.engine.dialect.name
         check_key(reflected, spec, local=connection.dialect, central_dialect=central_dialect)
         check_central_copy(reflected, spec, local_dialect=local_dialect, central_dialect=central_dialect)
+        check_written_down(reflected, spec)
         refuse_unnamed_keys(connection, reflected, spec.primary_key)
         installed = has_triggers(connection, LOCAL_LOG, spec.name)
         if first_copy or not installed:

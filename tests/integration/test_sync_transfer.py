@@ -537,6 +537,30 @@ def test_a_table_keyed_by_a_type_the_change_log_cannot_name_exactly_fails_its_jo
     assert sync.central("SELECT to_regclass(:t) IS NULL", {"t": sync.central_table}) == [(True,)]
 
 
+def test_a_sqlite_table_syncing_down_with_a_generated_column_fails_the_job_naming_it_and_installs_nothing(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
+) -> None:
+    sync = open_table_sync(
+        sync_api,
+        sync_context,
+        org_id,
+        tmp_path,
+        "CREATE TABLE t (id INTEGER PRIMARY KEY, price REAL, qty INTEGER, total REAL AS (price * qty))",
+        "INSERT INTO t (id, price, qty) VALUES (1, 2.5, 4)",
+    )
+
+    job = sync.run()
+
+    assert (job["status"], error_of(job)) == (
+        "failed",
+        "table 't' column 'total' is a generated column: the store computes its values and refuses any written to "
+        "it, so central records could not be written down; make it a plain column, or sync the table up only "
+        '(direction "up")',
+    )
+    assert sync.local("SELECT name FROM sqlite_master WHERE type = 'trigger'") == []
+    assert sync.central("SELECT to_regclass(:t) IS NULL", {"t": sync.central_table}) == [(True,)]
+
+
 def test_a_table_refused_up_front_fails_the_job_naming_it_while_the_sources_other_tables_sync(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, tmp_path: Path
 ) -> None:
