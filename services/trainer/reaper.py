@@ -11,11 +11,14 @@ from datetime import timedelta
 from typing import Any
 
 from celery import bootsteps
+from sqlalchemy import select
 from sqlalchemy.pool import NullPool
 
 from services.trainer.candidates import CandidateStores, remove_abandoned
 from services.trainer.runs import reap_expired, requeue_lost, wake_all_waiting
+from shared.audit import record_change
 from shared.cancellation import request_cancel
+from shared.db.models import TrainingRun
 from shared.db.session import make_central_engine, make_session_factory, session_scope
 from shared.outbox import KIND_TRAIN_TASK, relay
 from shared.queues import broker_transport_options, send_train_task
@@ -83,13 +86,26 @@ class RunReaper(bootsteps.StartStopStep):  # type: ignore[misc]
         return self.stores
 
 
+REVOKED = "revoked by an operator in Flower"
+
+
 def cancel_revoked(run_id: str) -> None:
     """Cancel the run of a revoked task: at once if queued; a running one is stopped by its own worker's heartbeat
-    (or, if a terminate killed that worker, ends cancelled when the reaper finds its lease gone)."""
+    (or, if a terminate killed that worker, ends cancelled when the reaper finds its lease gone). Audited as a cancel
+    over the api is, by `flower`: Flower's basic auth names no key."""
     settings = build_settings()
     engine = make_central_engine(settings, bound_answers=True, poolclass=NullPool)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            request_cancel(session, run_id)
+            if request_cancel(session, run_id) is not None:
+                org_id = session.scalar(select(TrainingRun.org_id).where(TrainingRun.id == run_id))
+                record_change(
+                    session,
+                    org_id=str(org_id),
+                    actor="flower",
+                    action="training.cancelled",
+                    target=run_id,
+                    detail={"reason": REVOKED},
+                )
     finally:
         engine.dispose()

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, event, text, update
 
 from services.trainer import heartbeat as heartbeat_module
-from services.trainer import runs
+from services.trainer import reaper, runs
 from services.trainer.heartbeat import Heartbeat
 from shared.cancellation import request_cancel
 from shared.db.migrate import upgrade
@@ -110,6 +110,21 @@ def test_a_run_whose_worker_was_lost_is_queued_again_after_the_retry_backoff(
     assert 4 < delays[0] <= 5 and 9 < delays[1] <= 10
     run = run_of(api, org, run_id)
     assert run["status"] == "queued" and run["error"].endswith("; retrying in 10 s")
+
+
+def test_a_run_revoked_in_flower_is_cancelled_and_audited_as_flowers_cancel(
+    api: TestClient, org: OrgKeys, settings: Settings, run_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled by a revoke, a run left no audit row, though every other cancel does."""
+    monkeypatch.setattr(reaper, "build_settings", lambda: settings)
+
+    reaper.cancel_revoked(run_id)  # what the worker's task_revoked handler calls
+    reaper.cancel_revoked(run_id)  # a second revoke, of a run ended already
+
+    assert run_of(api, org, run_id)["status"] == "cancelled"
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.admin).json()
+    cancels = [(row["actor"], row["target"], row["detail"]) for row in audit if row["action"] == "training.cancelled"]
+    assert cancels == [("flower", run_id, {"reason": "revoked by an operator in Flower"})]
 
 
 def test_a_claim_whose_run_was_taken_over_before_it_read_its_attempt_keeps_its_own_token(
