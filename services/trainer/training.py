@@ -418,7 +418,10 @@ class _Steps:
     ) -> Verdict:
         stored = artifacts.read_model(self.context.store, prefix, sha256)
         native = self._native_scores(prefix, holdout)
-        verdict = judge(stored, native, holdout, gates, footprint=footprint)
+        try:
+            verdict = judge(stored, native, holdout, gates, footprint=footprint, should_stop=self.heartbeat.should_stop)
+        except Stopped:
+            raise self._stopped() from None
         for gate in verdict.report["gates"]:
             outcome = "passed" if gate["passed"] else "FAILED"
             self.log(

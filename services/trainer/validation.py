@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from services.trainer.pipeline.validate import (
     measure_serving,
     per_class_metrics,
 )
+from shared.cut_off import never
+from shared.errors import Stopped
 from shared.model_contract import INPUT_NAME, PROBABILITIES_OUTPUT, signature_problem
 from shared.onnx_external import external_data_of, keeps_data_outside
 from shared.schemas import OrgConfig
@@ -65,18 +68,22 @@ def judge(
     gates: Gates,
     *,
     footprint: FootprintProbe | None = None,
+    should_stop: Callable[[], bool] = never,
 ) -> Verdict:
     """Every gate on `model` (bytes read back from the store): health, holdout metrics, parity against `native`
     (the booster's answers on the held-out rows; None when the version has no model.txt), size, cost.
 
         `footprint` is a memory probe of these bytes started earlier, while the caller had a core to spare; without
-        one, the probe starts here and loads while this process does the rest."""
+        one, the probe starts here and loads while this process does the rest. Stopped (raised) between the
+        model's calls once `should_stop()`: a cancel waited for the whole judgement of a model slow to run."""
     outside = external_data_of(model)
     if outside:  # before any process loads it, the memory probe's included
         return unhealthy(len(model), gates, f"{keeps_data_outside(outside)}, which Kiln does not load")
     with footprint or FootprintProbe.start(model, holdout.features.shape[1]) as probe:
         try:
-            served = _served_probabilities(model, holdout.features, len(holdout.classes))
+            served = _served_probabilities(model, holdout.features, len(holdout.classes), should_stop)
+        except Stopped:
+            raise
         except BrokenServingContract as error:
             return unhealthy(len(model), gates, f"breaks the serving contract: {error}")
         except Exception as error:
@@ -94,7 +101,7 @@ def judge(
         )
         if native is not None and native.problem is not None:
             report["note"] = f"the stored model.txt {native.problem}"
-        report["serving"] = measure_serving(model, holdout.features, footprint=probe)
+        report["serving"] = measure_serving(model, holdout.features, footprint=probe, should_stop=should_stop)
     return Verdict(metrics=metrics, report=report)
 
 
@@ -123,7 +130,9 @@ class BrokenServingContract(ValueError):
     expects: `probabilities` of the held-out rows."""
 
 
-def _served_probabilities(model: bytes, features: np.ndarray, n_classes: int) -> np.ndarray:
+def _served_probabilities(
+    model: bytes, features: np.ndarray, n_classes: int, should_stop: Callable[[], bool]
+) -> np.ndarray:
     """The model's answers on every held-out row, on as many threads as the machine has: this is a batch job."""
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
@@ -133,6 +142,8 @@ def _served_probabilities(model: bytes, features: np.ndarray, n_classes: int) ->
         raise BrokenServingContract(problem)  # the predictor would refuse to load it
     parts = []
     for start in range(0, features.shape[0], CHUNK_ROWS):
+        if should_stop():
+            raise Stopped("stopped while the held-out rows were scored")
         chunk = features[start : start + CHUNK_ROWS]
         answer = session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: chunk})[0]
         parts.append(_checked_probabilities(answer, chunk.shape[0], n_classes))

@@ -33,7 +33,7 @@ from services.trainer.pipeline.validate import (
     parity,
 )
 from services.trainer.validation import judge
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, Stopped
 
 AI4IData = Callable[..., TrainingData]
 DEFAULT_HYPERPARAMETERS = {"objective": "binary", "num_iterations": 100, "num_leaves": 31, "learning_rate": 0.1}
@@ -305,6 +305,25 @@ def _contract_breakers() -> dict[str, tuple[bytes, str]]:
             "of finite values, got NaN or infinity in 400 of 400 rows",
         ),
     }
+
+
+@pytest.mark.parametrize("calls_before_the_stop", [0, 1, 100, 230])  # holdout, warm-up, latency, batches
+def test_a_judgement_asked_to_stop_stops_between_the_models_calls(
+    ai4i_data: AI4IData, calls_before_the_stop: int
+) -> None:
+    """A cancel waited for the whole judgement: the holdout pass, then hundreds of latency and batch calls, which
+    for a model slow to run took as long as the model made them."""
+    data = ai4i_data(2_000)
+    model_bytes = booster_to_onnx(fit_booster(data, DEFAULT_HYPERPARAMETERS), len(data.feature_columns))
+    looks: list[bool] = []
+
+    def stop_after_some_calls() -> bool:
+        looks.append(len(looks) >= calls_before_the_stop)
+        return looks[-1]
+
+    with pytest.raises(Stopped):
+        judge(model_bytes, None, data, Gates(), should_stop=stop_after_some_calls)
+    assert looks.count(True) == 1
 
 
 @pytest.mark.parametrize("case", sorted(_contract_breakers()))

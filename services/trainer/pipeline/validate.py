@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import BinaryIO, TypedDict
 
@@ -21,7 +21,8 @@ from sklearn.metrics import roc_auc_score
 
 from services.trainer.pipeline.export import onnx_session
 from services.trainer.pipeline.train import predict_proba
-from shared.errors import InvalidInput
+from shared.cut_off import never
+from shared.errors import InvalidInput, Stopped
 from shared.model_contract import INPUT_NAME, PROBABILITIES_OUTPUT
 
 MB = 1024 * 1024
@@ -129,7 +130,11 @@ def parity(booster: lightgbm.Booster, model_bytes: bytes, features: np.ndarray) 
 
 
 def measure_serving(
-    model_bytes: bytes, features: np.ndarray, *, footprint: FootprintProbe | None = None
+    model_bytes: bytes,
+    features: np.ndarray,
+    *,
+    footprint: FootprintProbe | None = None,
+    should_stop: Callable[[], bool] = never,
 ) -> dict[str, float]:
     """Single-row latency, 1000-row batch throughput and memory of one session, as the predictor runs it.
 
@@ -137,13 +142,14 @@ def measure_serving(
     interpreter that already holds one session, so it is this model's own cost, not onnxruntime's start-up;
     in this process freed memory gets reused and the growth reads near zero. Without /proc, the model's
     size stands in ("memory_mb_model_size"). A probe started earlier may be passed in, so that its interpreter
-    starts while other work runs.
+    starts while other work runs. Stopped between calls once `should_stop()`: a model slow to run makes hundreds of
+    slow calls.
     """
     if features.shape[0] == 0:
         raise ValueError("serving cost needs at least one row to send")
     with footprint or FootprintProbe.start(model_bytes, features.shape[1]) as probe:
         session = onnx_session(model_bytes)
-        latencies_ms = _single_row_latencies_ms(session, features)
+        latencies_ms = _single_row_latencies_ms(_stopping(session, should_stop), features)
         growth = probe.result()
     if growth is None:
         memory = {"memory_mb_model_size": len(model_bytes) / MB}
@@ -152,7 +158,7 @@ def measure_serving(
     return {
         "latency_p50_ms": float(np.percentile(latencies_ms, 50)),
         "latency_p99_ms": float(np.percentile(latencies_ms, 99)),
-        "batch_rows_per_s": _batch_rows_per_s(session, features),
+        "batch_rows_per_s": _batch_rows_per_s(_stopping(session, should_stop), features),
         **memory,
     }
 
@@ -284,30 +290,40 @@ def _auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
 
 
-def _run(session: onnxruntime.InferenceSession, rows: np.ndarray) -> None:
-    session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: rows})
+Run = Callable[[np.ndarray], object]
 
 
-def _single_row_latencies_ms(session: onnxruntime.InferenceSession, features: np.ndarray) -> np.ndarray:
+def _stopping(session: onnxruntime.InferenceSession, should_stop: Callable[[], bool]) -> Run:
+    """One call of the session on some rows, each raising Stopped first once `should_stop()`."""
+
+    def run(rows: np.ndarray) -> object:
+        if should_stop():
+            raise Stopped("stopped while measuring the serving cost")
+        return session.run([PROBABILITIES_OUTPUT], {INPUT_NAME: rows})
+
+    return run
+
+
+def _single_row_latencies_ms(run: Run, features: np.ndarray) -> np.ndarray:
     n_rows = features.shape[0]
     for call in range(_WARMUP_CALLS):
-        _run(session, features[call % n_rows : call % n_rows + 1])
+        run(features[call % n_rows : call % n_rows + 1])
     latencies_ns = np.empty(_TIMED_CALLS)
     for call in range(_TIMED_CALLS):
         row = features[call % n_rows : call % n_rows + 1]
         started = time.perf_counter_ns()
-        _run(session, row)
+        run(row)
         latencies_ns[call] = time.perf_counter_ns() - started
     return latencies_ns / 1e6
 
 
-def _batch_rows_per_s(session: onnxruntime.InferenceSession, features: np.ndarray) -> float:
+def _batch_rows_per_s(run: Run, features: np.ndarray) -> float:
     # A holdout smaller than a batch is repeated to fill it, so every figure is for the same batch size.
     batch = np.ascontiguousarray(np.resize(features[:_BATCH_ROWS], (_BATCH_ROWS, features.shape[1])))
-    _run(session, batch)
+    run(batch)
     started = time.perf_counter()
     for _ in range(_TIMED_BATCHES):
-        _run(session, batch)
+        run(batch)
     return _BATCH_ROWS * _TIMED_BATCHES / (time.perf_counter() - started)
 
 
