@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from shared.schemas import CamelModel, OrgConfigInput, TrainingConfigInput
@@ -197,6 +197,14 @@ class OrgUpdate(CamelModel):
         description="a JSON merge patch (RFC 7396) of the config: objects merge, any other value (a list too) "
         "replaces, null puts a setting back to its default; the result is validated as a whole",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_kept(cls, name: str | None) -> str | None:
+        """In a merge patch null removes: answered 200 and changing nothing, it read as done."""
+        if name is None:
+            raise ValueError("an organization keeps its name; give a new one instead of null")
+        return name
 
 
 class DeployRequest(CamelModel):

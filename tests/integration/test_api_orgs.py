@@ -207,6 +207,20 @@ def test_a_patch_with_a_nul_character_is_refused_and_changes_nothing(
     assert api.get(f"/v1/orgs/{org.org_id}", headers=org.viewer).json() == before
 
 
+def test_a_patch_setting_the_name_to_null_is_refused_naming_it_and_changes_nothing(
+    api: TestClient, org: OrgKeys
+) -> None:
+    """A merge patch's null removes: it answered 200 and changed nothing, which read as done."""
+    before = api.get(f"/v1/orgs/{org.org_id}", headers=org.viewer).json()
+
+    response = api.patch(f"/v1/orgs/{org.org_id}", json={"name": None}, headers=ADMIN)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "name"
+    assert "keeps its name" in response.json()["error"]
+    assert api.get(f"/v1/orgs/{org.org_id}", headers=org.viewer).json() == before
+
+
 LONE = "\ud800"  # a UTF-16 surrogate without its pair: JSON can escape it, no UTF-8 text can hold it
 
 
