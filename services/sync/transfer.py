@@ -560,6 +560,8 @@ def _pull_deletions(local: Connection, pair: TablePair, keys: set[str]) -> tuple
     those the local store's own rules refuse to delete, in a table that sends up (a foreign key of a record of
     another table pointing at it). One that does not send up cannot put the record back centrally: the job fails
     on the refusal, naming the table."""
+    if not keys:
+        return {}, {}  # most batches: no savepoint for them
     if pair.spec.policy == "append-only" and pair.spec.sends_up:
         return {}, {key: (row, None) for key, row in read(local, pair.local_table, pair.key, keys).items()}
     try:
