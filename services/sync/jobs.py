@@ -43,7 +43,7 @@ from services.sync.stores import (
     refuse_unnamed_keys,
     widen_old_columns,
 )
-from services.sync.transfer import sync_table
+from services.sync.transfer import DeletionPutOff, sync_table
 from services.sync.watermarks import WatermarkMoved, start_up_after
 from shared.audit import record_change
 from shared.db.models import Organization, SyncJob, SyncSource
@@ -289,6 +289,7 @@ def _sync_tables(context: SyncContext, local: Engine, source: SyncSource, job_id
     offset_ms = _clock_offset(local, context.engine)
     keyring = _keyring(context, source.org_id)
     refusals = []
+    put_off: list[TablePair] = []
     for spec in _referenced_first(local, source_tables(source)):
         with _naming_the_table(spec.name):
             try:
@@ -301,8 +302,17 @@ def _sync_tables(context: SyncContext, local: Engine, source: SyncSource, job_id
             if not resync_if_asked(pair):
                 check_positions(pair)
             pair.after_batch = after_batch
-            _sync_through_rotations(context, pair)
+            try:
+                _sync_through_rotations(context, pair)
+            except DeletionPutOff as refused:
+                log.info("source %s: a deletion is put off until the other tables synced: %s", source.id, refused)
+                put_off.append(pair)
         keyring = pair.keyring  # the new one, if a rotation came meanwhile
+    for pair in put_off:  # tables synced after them may have deleted what pointed at the records they deleted
+        with _naming_the_table(pair.spec.name):
+            pair.keyring, pair.settle_refused_deletions = keyring, True
+            _sync_through_rotations(context, pair)
+            keyring = pair.keyring
     # A new token at the end too: a backup taken while this job ran holds the one it started with.
     recognize_store(context.engine, local, source)
     if refusals:

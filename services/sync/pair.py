@@ -47,6 +47,9 @@ class TablePair:
     batch_size: int
     after_batch: Callable[[Tally], None] | None = None
     tally: Tally = field(default_factory=Tally)
+    # A central deletion the local store refuses (a record of another table still points at the one deleted) is
+    # put off on the job's first pass, whose other tables may delete what points at it; settled on the second.
+    settle_refused_deletions: bool = False
     # What each column's central copy cannot hold (services/sync/column_types.py); none for a PostgreSQL store.
     checks: dict[str, Check] = field(default_factory=dict)
 

@@ -85,6 +85,7 @@ from services.sync.watermarks import (
     watermarks,
 )
 from shared.db.models import SyncBase, SyncConflict
+from shared.errors import KilnError
 
 log = logging.getLogger(__name__)
 
@@ -554,12 +555,17 @@ def _reason(refusal: IntegrityError) -> str:
     return lines[0] if lines else type(refusal.orig).__name__
 
 
+class DeletionPutOff(KilnError):
+    """A pulled batch held a deletion the local store refused: the batch rolled back, for the job's second pass."""
+
+
 def _pull_deletions(local: Connection, pair: TablePair, keys: set[str]) -> tuple[dict[str, dict[str, Any]], Refused]:
     """Delete locally the records deleted centrally; returns those deleted and those whose deletion is refused (the
     local version, to be restored centrally), each as the local store has it: under append-only, every one; else
-    those the local store's own rules refuse to delete, in a table that sends up (a foreign key of a record of
-    another table pointing at it). One that does not send up cannot put the record back centrally: the job fails
-    on the refusal, naming the table."""
+    those the local store's own rules refuse to delete (a foreign key of a record of another table pointing at it).
+    Such a refusal is put off on the job's first pass (DeletionPutOff): the record pointing at it may be deleted
+    centrally too, in a table synced later. On the second pass it is settled, in a table that sends up; one that
+    does not cannot put the record back centrally: the job fails on the refusal, naming the table."""
     if not keys:
         return {}, {}  # most batches: no savepoint for them
     if pair.spec.policy == "append-only" and pair.spec.sends_up:
@@ -567,7 +573,9 @@ def _pull_deletions(local: Connection, pair: TablePair, keys: set[str]) -> tuple
     try:
         with local.begin_nested():
             return delete_locally(local, pair, keys), {}
-    except IntegrityError:
+    except IntegrityError as refusal:
+        if not pair.settle_refused_deletions:
+            raise DeletionPutOff(f"table {pair.spec.name!r}: {_reason(refusal)}") from refusal
         if not pair.spec.sends_up:
             raise
     deleted: dict[str, dict[str, Any]] = {}

@@ -725,14 +725,18 @@ def test_two_first_jobs_making_kilns_tables_in_one_store_at_once_both_go_on(
     assert run_sql(local_url, "SELECT count(*) FROM _kiln_deleted") == [(0,)]
 
 
-def wards_and_patients(api: TestClient, context: SyncContext, org_id: str, local_url: str, order: list[str]) -> Sync:
+def wards_and_patients(
+    api: TestClient, context: SyncContext, org_id: str, local_url: str, order: list[str], direction: str = "both"
+) -> Sync:
     """Two tables of a PostgreSQL store, a patient's ward_id a foreign key to wards, registered in `order`."""
     run_sql(local_url, "CREATE TABLE wards (id integer PRIMARY KEY, name text)")
     run_sql(local_url, "CREATE TABLE patients (id integer PRIMARY KEY, ward_id integer REFERENCES wards, name text)")
     run_sql(local_url, "INSERT INTO wards VALUES (1, 'A')")
     run_sql(local_url, "INSERT INTO patients VALUES (1, 1, 'Ada')")
     org = create_org_with_keys(api, org_id)
-    tables = [{"name": name, "primaryKey": "id", "policy": "last-writer-wins"} for name in order]
+    tables = [
+        {"name": name, "primaryKey": "id", "policy": "last-writer-wins", "direction": direction} for name in order
+    ]
     created = api.post(f"/v1/orgs/{org_id}/sync-sources", json={"url": local_url, "tables": tables}, headers=org.admin)
     assert created.status_code == 201, created.text
     source_id = created.json()["sourceId"]
@@ -757,20 +761,43 @@ def test_a_central_record_and_one_pointing_at_it_come_down_whichever_table_was_r
     assert sync.conflicts() == []
 
 
-def test_a_central_deletion_the_local_foreign_keys_refuse_puts_the_record_back_centrally_and_the_job_goes_on(
+@pytest.mark.parametrize("order", [["wards", "patients"], ["patients", "wards"]])
+@pytest.mark.parametrize("direction", ["both", "down"])
+def test_a_central_record_and_one_pointing_at_it_deleted_together_both_go_whichever_table_was_registered_first(
+    sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str, order: list[str], direction: str
+) -> None:
+    """The ward's deletion, pulled first, was refused by the patient still pointing at it: the job failed on that
+    batch, every time. It is now put off until the patients' table has synced, and then goes."""
+    sync = wards_and_patients(sync_api, sync_context, org_id, local_url, order, direction)
+    assert sync.run()["status"] == "succeeded"
+    if direction == "down":  # a down table's central copy holds only what was made centrally
+        sync.central(f"INSERT INTO sync_{sync.source_id}_wards (id, name) VALUES (2, 'B')")
+        sync.central(f"INSERT INTO {sync.central_table} (id, ward_id, name) VALUES (2, 2, 'Alan')")
+        assert sync.run()["status"] == "succeeded"
+    ward = 1 if direction == "both" else 2
+    sync.central(f"DELETE FROM {sync.central_table} WHERE ward_id = {ward}")
+    sync.central(f"DELETE FROM sync_{sync.source_id}_wards WHERE id = {ward}")
+
+    job = sync.run()
+
+    assert (job["status"], job["conflicts"]) == ("succeeded", 0), error_of(job)
+    assert sync.local(f"SELECT count(*) FROM patients WHERE ward_id = {ward}") == [(0,)]
+    assert sync.local(f"SELECT count(*) FROM wards WHERE id = {ward}") == [(0,)]
+    assert sync.conflicts() == []
+
+
+def test_a_central_deletion_the_local_foreign_keys_still_refuse_puts_the_record_back_centrally_and_the_job_goes_on(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
 ) -> None:
-    """A ward and its patient deleted centrally: the ward's deletion, pulled first, was refused by the patient
-    still pointing at it, and every job failed on that batch from then on."""
+    """A ward deleted centrally while a patient points at it, centrally and locally: the job failed on that batch,
+    every time."""
     sync = wards_and_patients(sync_api, sync_context, org_id, local_url, ["wards", "patients"])
     assert sync.run()["status"] == "succeeded"
-    sync.central(f"DELETE FROM {sync.central_table} WHERE id = 1")
     sync.central(f"DELETE FROM sync_{sync.source_id}_wards WHERE id = 1")
 
     first, second = sync.run(), sync.run()
 
     assert [(job["status"], job["conflicts"]) for job in (first, second)] == [("succeeded", 1), ("succeeded", 0)]
-    assert sync.local("SELECT count(*) FROM patients") == [(0,)]
-    assert sync.local("SELECT id, name FROM wards") == [(1, "A")]
+    assert sync.local("SELECT id, ward_id FROM patients") == [(1, 1)]
     assert sync.central(f"SELECT id, name FROM sync_{sync.source_id}_wards") == [(1, "A")]
     assert [(c["table"], c["recordKey"], c["outcome"]) for c in sync.conflicts()] == [("wards", "1", "delete-refused")]
