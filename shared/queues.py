@@ -104,9 +104,6 @@ def celery_config(broker_url: str, *, longest_training_s: float) -> dict[str, An
         "task_send_sent_event": True,
         "result_backend": None,
         "broker_transport_options": broker_transport_options(longest_training_s),
-        # A publish that gets no answer is given up after one more try: what sends through the outbox (the api's
-        # requests, the beats, the workers' sweeps) leaves the message there for the next sweep.
-        "task_publish_retry_policy": {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2},
     }
 
 

@@ -11,7 +11,6 @@ from datetime import timedelta
 from typing import Any
 
 from celery import bootsteps
-from sqlalchemy import select
 from sqlalchemy.pool import NullPool
 
 from services.trainer.candidates import CandidateStores, remove_abandoned
@@ -97,11 +96,13 @@ def cancel_revoked(run_id: str) -> None:
     engine = make_central_engine(settings, bound_answers=True, poolclass=NullPool)
     try:
         with session_scope(make_session_factory(engine)) as session:
-            if request_cancel(session, run_id) is not None:
-                org_id = session.scalar(select(TrainingRun.org_id).where(TrainingRun.id == run_id))
+            run = session.get(TrainingRun, run_id)
+            asked_before = run is None or run.cancel_requested  # over the api, or by an earlier revoke: audited then
+            if request_cancel(session, run_id) is not None and not asked_before:
+                assert run is not None
                 record_change(
                     session,
-                    org_id=str(org_id),
+                    org_id=run.org_id,
                     actor="flower",
                     action="training.cancelled",
                     target=run_id,

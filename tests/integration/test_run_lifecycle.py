@@ -127,6 +127,24 @@ def test_a_run_revoked_in_flower_is_cancelled_and_audited_as_flowers_cancel(
     assert cancels == [("flower", run_id, {"reason": "revoked by an operator in Flower"})]
 
 
+def test_a_running_run_cancelled_over_the_api_then_revoked_in_flower_is_audited_once(
+    api: TestClient,
+    org: OrgKeys,
+    settings: Settings,
+    sessions: SessionFactory,
+    run_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(reaper, "build_settings", lambda: settings)
+    assert runs.claim_run(sessions, run_id, worker="w1", lease_s=30) is not None
+    assert api.post(f"/v1/orgs/{org.org_id}/trainings/{run_id}/cancel", headers=org.trainer).status_code == 202
+
+    reaper.cancel_revoked(run_id)  # the run still running, its worker yet to stop it
+
+    audit = api.get(f"/v1/orgs/{org.org_id}/audit", headers=org.admin).json()
+    assert [row["actor"] != "flower" for row in audit if row["action"] == "training.cancelled"] == [True]
+
+
 def test_a_claim_whose_run_was_taken_over_before_it_read_its_attempt_keeps_its_own_token(
     settings: Settings, sessions: SessionFactory, run_id: str
 ) -> None:
