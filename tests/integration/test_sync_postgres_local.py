@@ -100,6 +100,13 @@ def test_last_writer_wins_between_a_postgresql_local_store_and_the_central_one(
     assert outcomes == {"1": ("central-won", 10.0, 99.0), "2": ("local-won", 22.0, 77.0)}
 
 
+# A table with a time and a decimal, and one reading in it.
+TIMED_READING = (
+    "CREATE TABLE readings (id text PRIMARY KEY, taken timestamptz, dose numeric(6, 2), note text, patient text)",
+    "INSERT INTO readings VALUES ('r-1', '2026-01-02T03:04:05Z', 1.50, 'first', 'Ada Lovelace')",
+)
+
+
 def test_field_merge_compares_timestamp_and_numeric_fields_with_their_base(
     sync_api: TestClient, sync_context: SyncContext, org_id: str, local_url: str
 ) -> None:
@@ -109,8 +116,7 @@ def test_field_merge_compares_timestamp_and_numeric_fields_with_their_base(
         org_id,
         local_url,
         "field-merge",
-        "CREATE TABLE readings (id text PRIMARY KEY, taken timestamptz, dose numeric(6, 2), note text, patient text)",
-        "INSERT INTO readings VALUES ('r-1', '2026-01-02T03:04:05Z', 1.50, 'first', 'Ada Lovelace')",
+        *TIMED_READING,
     )
     sync.run()
     sync.local("UPDATE readings SET note = 'checked' WHERE id = 'r-1'")
@@ -141,8 +147,7 @@ def a_field_merged_reading(sync_api: TestClient, sync_context: SyncContext, org_
         org_id,
         local_url,
         "field-merge",
-        "CREATE TABLE readings (id text PRIMARY KEY, taken timestamptz, dose numeric(6, 2), note text, patient text)",
-        "INSERT INTO readings VALUES ('r-1', '2026-01-02T03:04:05Z', 1.50, 'first', 'Ada Lovelace')",
+        *TIMED_READING,
     )
     sync.run()
     sync.central(f"UPDATE {sync.central_table} SET note = 'central' WHERE id = 'r-1'")
